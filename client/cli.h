@@ -1,0 +1,21 @@
+/* Shared pieces of the `fasa` command-line tool. Each command is a function taking its
+ * own argv (argv[0] is the command name) and returning the process exit status. */
+#ifndef FASA_CLIENT_CLI_H
+#define FASA_CLIENT_CLI_H
+
+#include <stdint.h>
+
+int cmd_calibrate(int argc, char **argv);
+int cmd_replay(int argc, char **argv);
+int cmd_demo(int argc, char **argv);
+
+/* Prints "fasa CMD: message" to stderr (one line) and returns 2 (usage) or 1 (failure). */
+int cli_fail(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Parses a decimal integer in [lo, hi] from text; 0 on success, -1 otherwise. */
+int cli_parse_int(const char *text, long lo, long hi, long *out_p);
+/* Parses "A:B" or "A:B:S" (S defaults to 1); 0 on success, -1 otherwise. */
+int cli_parse_range(const char *text, long *a_p, long *b_p, long *s_p);
+
+#endif

@@ -1,0 +1,333 @@
+/* fasa replay: the real decode loop over recorded activations. For each position t in the
+ * range, in every layer, append k[t], v[t] and attend with q[t] over keys 0..t. */
+#include <getopt.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+#include "engine.h"
+#include "npy.h"
+#include "progress.h"
+#include "qkv.h"
+
+static const char usage[] =
+    "usage: fasa replay --qkv FILE --method fasa|dense|oracle --budget B --out OUT.npy [options]\n"
+    "\n"
+    "Creates a session with the dump's geometry, appends the keys and values of the positions\n"
+    "below A in one bulk append, then for each position t in A:B:S appends position t (and the\n"
+    "positions skipped by S) and attends with q[t] over keys 0..t in every layer.\n"
+    "OUT.npy is float32 (n_positions, n_layers, n_heads, head_dim).\n"
+    "\n"
+    "  --qkv FILE           a QKV1 dump or a directory with q.npy k.npy v.npy\n"
+    "  --method M           fasa (needs --profile), dense or oracle (exact top-B)\n"
+    "  --budget B           tokens kept per query head (per KV head with --gqa shared); when\n"
+    "                       t+1 <= B every token is used\n"
+    "  --out OUT.npy        attention outputs\n"
+    "  --profile PROFILE    calibration profile from 'fasa calibrate'\n"
+    "  --dense-layers LIST  comma-separated layers kept dense under fasa, or none (default 0)\n"
+    "  --positions A:B[:S]  decode positions (default: the last quarter of the dump)\n"
+    "  --gqa G              per-head (default) or shared: one token set per KV head\n"
+    "  --pairing P          interleaved (default) or half; taken from the profile if given\n"
+    "  --selected SEL.npy   int32 (n_positions, n_layers, n_heads, B): chosen positions,\n"
+    "                       best first, -1 padded; all -1 where a layer ran dense\n"
+    "  --compare            also print per layer the recall of the exact top-B and the\n"
+    "                       relative error of the output against dense attention\n"
+    "  --shards N           in-process shards (default 1; outputs do not depend on it)\n"
+    "  --block N            tokens per placement block (default 2048)\n"
+    "  --help               this text\n";
+
+typedef struct replay_opts {
+    const char *qkv, *out, *profile, *selected, *dense_layers, *positions;
+    fasa_method method;
+    int have_method, compare;
+    long budget, shards, block;
+    fasa_gqa gqa;
+    fc_pairing pairing;
+} replay_opts;
+
+static int s_parse(int argc, char **argv, replay_opts *o)
+{
+    static const struct option opts[] = {
+        {"qkv", required_argument, 0, 'q'},     {"method", required_argument, 0, 'm'},
+        {"budget", required_argument, 0, 'b'},  {"out", required_argument, 0, 'o'},
+        {"profile", required_argument, 0, 'p'}, {"dense-layers", required_argument, 0, 'D'},
+        {"positions", required_argument, 0, 'r'}, {"gqa", required_argument, 0, 'g'},
+        {"pairing", required_argument, 0, 'P'}, {"selected", required_argument, 0, 's'},
+        {"compare", no_argument, 0, 'c'},       {"shards", required_argument, 0, 'S'},
+        {"block", required_argument, 0, 'B'},   {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
+    memset(o, 0, sizeof(*o));
+    o->shards = 1;
+    o->block = FASA_DEFAULT_BLOCK;
+    optind = 1;
+    opterr = 0;
+    int c;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (c) {
+        case 'q': o->qkv = optarg; break;
+        case 'o': o->out = optarg; break;
+        case 'p': o->profile = optarg; break;
+        case 's': o->selected = optarg; break;
+        case 'D': o->dense_layers = optarg; break;
+        case 'r': o->positions = optarg; break;
+        case 'c': o->compare = 1; break;
+        case 'm':
+            if (fasa_method_parse(optarg, &o->method))
+                return cli_usage_error("replay", "--method '%s' is not fasa, dense or oracle", optarg);
+            o->have_method = 1;
+            break;
+        case 'b':
+            if (cli_parse_int(optarg, 1, 1 << 20, &o->budget))
+                return cli_usage_error("replay", "--budget '%s' must be an integer >= 1", optarg);
+            break;
+        case 'g':
+            if (fasa_gqa_parse(optarg, &o->gqa))
+                return cli_usage_error("replay", "--gqa '%s' is not per-head or shared", optarg);
+            break;
+        case 'P':
+            if (fc_pairing_parse(optarg, &o->pairing))
+                return cli_usage_error("replay", "--pairing '%s' is not interleaved or half", optarg);
+            break;
+        case 'S':
+            if (cli_parse_int(optarg, 1, 1024, &o->shards))
+                return cli_usage_error("replay", "--shards '%s' must be in [1, 1024]", optarg);
+            break;
+        case 'B':
+            if (cli_parse_int(optarg, 1, 1 << 30, &o->block))
+                return cli_usage_error("replay", "--block '%s' must be a positive integer", optarg);
+            break;
+        case 'h': fputs(usage, stdout); return -1;
+        default: return cli_usage_error("replay", "unknown or incomplete option '%s'", argv[optind - 1]);
+        }
+    }
+    if (optind < argc) return cli_usage_error("replay", "unexpected argument '%s'", argv[optind]);
+    if (!o->qkv) return cli_usage_error("replay", "--qkv FILE is required");
+    if (!o->have_method) return cli_usage_error("replay", "--method is required");
+    if (!o->budget) return cli_usage_error("replay", "--budget B is required (B >= 1)");
+    if (!o->out) return cli_usage_error("replay", "--out OUT.npy is required");
+    if (o->method == FASA_METHOD_FASA && !o->profile)
+        return cli_usage_error("replay", "--method fasa needs --profile (see 'fasa calibrate')");
+    return 0;
+}
+
+/* Parses "none" or a comma-separated list of layers into flags; -1 on a bad entry. */
+static int s_dense_layers(const char *text, int n_layers, uint8_t *flags)
+{
+    memset(flags, 0, (size_t)n_layers);
+    if (!text) {
+        flags[0] = 1;
+        return 0;
+    }
+    if (strcmp(text, "none") == 0) return 0;
+    char buf[1024];
+    snprintf(buf, sizeof(buf), "%s", text);
+    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        long l;
+        if (cli_parse_int(tok, 0, n_layers - 1, &l)) return -1;
+        flags[l] = 1;
+    }
+    return 0;
+}
+
+/* Appends positions [from, to) of every layer in one call. */
+static fasa_status s_append_range(fasa_engine_t *e, const char *id, const fasa_activations *a,
+                                  int from, int to, float *kbuf, float *vbuf, fasa_error *err)
+{
+    if (to <= from) return FASA_OK;
+    const size_t row = (size_t)a->n_kv_heads * a->head_dim, n = (size_t)(to - from);
+    for (int l = 0; l < a->n_layers; l++) {
+        memcpy(kbuf + l * n * row, a->k[l] + from * row, n * row * sizeof(float));
+        memcpy(vbuf + l * n * row, a->v[l] + from * row, n * row * sizeof(float));
+    }
+    return fasa_engine_append(e, id, -1, from, (int)n, kbuf, vbuf, err);
+}
+
+typedef struct layer_cmp {
+    double recall_sum, err_sum, err_max;
+    long n;
+} layer_cmp;
+
+int cmd_replay(int argc, char **argv)
+{
+    replay_opts o;
+    int rc = s_parse(argc, argv, &o);
+    if (rc) return rc < 0 ? 0 : rc;
+
+    char err[512];
+    fasa_qkv x;
+    if (fasa_qkv_load(o.qkv, &x, err, sizeof(err))) return cli_fail("replay", "%s", err);
+    const fasa_activations *a = &x.act;
+    const int L = a->n_layers, H = a->n_heads, d = a->head_dim, T = a->n_tokens;
+    const int B = (int)o.budget;
+    fasa_profile *prof = NULL;
+    fasa_engine_t *eng = NULL;
+    float *out = NULL, *ref = NULL, *kbuf = NULL, *vbuf = NULL;
+    int32_t *sel = NULL, *osel = NULL, *stepsel = NULL;
+    uint8_t *dense = NULL, *mark = NULL;
+    layer_cmp *cmp = NULL;
+    rc = 1;
+
+    long pa = T - T / 4, pb = T, ps = 1;
+    if (pa >= pb) pa = 0;
+    if (o.positions && (cli_parse_range(o.positions, &pa, &pb, &ps) || pb > T)) {
+        rc = cli_usage_error("replay", "--positions '%s' must be A:B[:S] with 0 <= A < B <= %d",
+                             o.positions, T);
+        goto done;
+    }
+    if (o.profile) {
+        if (!(prof = fasa_profile_load(o.profile, err, sizeof(err)))) {
+            cli_fail("replay", "%s", err);
+            goto done;
+        }
+        if (fasa_profile_check(prof, L, H, a->n_kv_heads, d, prof->pairing, err, sizeof(err))) {
+            cli_fail("replay", "%s (dump %s)", err, o.qkv);
+            goto done;
+        }
+        o.pairing = prof->pairing;
+    }
+    dense = malloc((size_t)L);
+    if (!dense || s_dense_layers(o.dense_layers, L, dense)) {
+        rc = cli_usage_error("replay", "--dense-layers '%s' must be none or layers in [0, %d)",
+                             o.dense_layers, L);
+        goto done;
+    }
+
+    const long n_pos = (pb - pa + ps - 1) / ps;
+    const size_t out_n = (size_t)n_pos * L * H * d, sel_n = (size_t)n_pos * L * H * B;
+    const size_t row = (size_t)a->n_kv_heads * d;
+    out = malloc(out_n * sizeof(float));
+    kbuf = malloc((size_t)L * (pa > ps ? pa : ps) * row * sizeof(float));
+    vbuf = malloc((size_t)L * (pa > ps ? pa : ps) * row * sizeof(float));
+    stepsel = malloc((size_t)H * B * sizeof(int32_t));
+    if (o.selected || o.compare) sel = malloc(sel_n * sizeof(int32_t));
+    if (o.compare) {
+        ref = malloc(2 * (size_t)H * d * sizeof(float)); /* dense, then oracle */
+        osel = malloc((size_t)H * B * sizeof(int32_t));
+        mark = calloc((size_t)T, 1);
+        cmp = calloc((size_t)L, sizeof(*cmp));
+    }
+    eng = fasa_engine_new((int)o.shards, (int)o.block);
+    if (!out || !kbuf || !vbuf || !stepsel || ((o.selected || o.compare) && !sel) ||
+        (o.compare && (!ref || !osel || !mark || !cmp)) || !eng) {
+        cli_fail("replay", "out of memory for %ld positions", n_pos);
+        goto done;
+    }
+
+    fasa_session_config cfg = {.n_layers = L, .n_heads = H, .n_kv_heads = a->n_kv_heads,
+                               .head_dim = d, .pairing = o.pairing, .profile = prof,
+                               .method = o.method, .budget = B, .gqa = o.gqa,
+                               .dense_layers = dense};
+    static const char *const ids[3] = {"replay", "dense", "oracle"};
+    const int n_sessions = o.compare ? 3 : 1;
+    fasa_error fe;
+    for (int i = 0; i < n_sessions; i++) {
+        fasa_session_config c = cfg;
+        if (i > 0) c.method = i == 1 ? FASA_METHOD_DENSE : FASA_METHOD_ORACLE;
+        if (fasa_engine_create(eng, ids[i], &c, &fe) ||
+            s_append_range(eng, ids[i], a, 0, (int)pa, kbuf, vbuf, &fe)) {
+            cli_fail("replay", "%s", fe.msg);
+            goto done;
+        }
+    }
+
+    progress bar;
+    progress_init(&bar, "replay", n_pos);
+    long k = 0;
+    for (long t = pa; t < pb; t += ps, k++) {
+        for (int i = 0; i < n_sessions; i++) {
+            /* Positions the step skipped over still belong to the context. */
+            const int32_t have = fasa_engine_length(eng, ids[i], 0);
+            if (s_append_range(eng, ids[i], a, have, (int)t, kbuf, vbuf, &fe)) {
+                cli_fail("replay", "%s", fe.msg);
+                goto done;
+            }
+        }
+        for (int l = 0; l < L; l++) {
+            fasa_attend_req req = {.layer = l, .q = a->q[l] + (size_t)t * H * d,
+                                   .k_new = a->k[l] + (size_t)t * row, .v_new = a->v[l] + (size_t)t * row,
+                                   .method = -1, .budget = 0, .gqa = -1, .max_pos = -1};
+            float *o_t = out + ((size_t)k * L + l) * H * d;
+            int32_t *s_t = sel ? sel + ((size_t)k * L + l) * H * B : stepsel;
+            if (fasa_engine_attend(eng, ids[0], &req, o_t, s_t, NULL, &fe)) {
+                cli_fail("replay", "position %ld layer %d: %s", t, l, fe.msg);
+                goto done;
+            }
+            if (!o.compare) continue;
+            if (fasa_engine_attend(eng, ids[1], &req, ref, NULL, NULL, &fe) ||
+                fasa_engine_attend(eng, ids[2], &req, ref + (size_t)H * d, osel, NULL, &fe)) {
+                cli_fail("replay", "position %ld layer %d: %s", t, l, fe.msg);
+                goto done;
+            }
+            for (int h = 0; h < H; h++) {
+                double num = 0, den = 0;
+                for (int c = 0; c < d; c++) {
+                    const double diff = o_t[h * d + c] - ref[h * d + c];
+                    num += diff * diff;
+                    den += (double)ref[h * d + c] * ref[h * d + c];
+                }
+                const double rel = den > 0 ? sqrt(num / den) : sqrt(num);
+                cmp[l].err_sum += rel;
+                if (rel > cmp[l].err_max) cmp[l].err_max = rel;
+                /* Recall of the exact top-B: a step that used every token recalls all. */
+                const int32_t *mine = s_t + (size_t)h * B, *best = osel + (size_t)h * B;
+                double recall = 1.0;
+                if (mine[0] >= 0 && best[0] >= 0) {
+                    int n_best = 0, hit = 0;
+                    for (int i = 0; i < B && mine[i] >= 0; i++) mark[mine[i]] = 1;
+                    for (int i = 0; i < B && best[i] >= 0; i++) n_best++, hit += mark[best[i]];
+                    for (int i = 0; i < B && mine[i] >= 0; i++) mark[mine[i]] = 0;
+                    recall = n_best ? (double)hit / n_best : 1.0;
+                }
+                cmp[l].recall_sum += recall;
+                cmp[l].n++;
+            }
+        }
+        progress_update(&bar, k + 1);
+    }
+    progress_done(&bar);
+
+    int64_t shape[4] = {n_pos, L, H, d};
+    if (npy_write(o.out, "<f4", 4, shape, out, err, sizeof(err))) {
+        cli_fail("replay", "%s", err);
+        goto done;
+    }
+    if (o.selected) {
+        shape[3] = B;
+        if (npy_write(o.selected, "<i4", 4, shape, sel, err, sizeof(err))) {
+            cli_fail("replay", "%s", err);
+            goto done;
+        }
+    }
+    printf("replayed %ld positions (%ld:%ld:%ld) x %d layers, method %s, budget %d, gqa %s, "
+           "%ld shard(s): wrote %s\n",
+           n_pos, pa, pb, ps, L, fasa_method_name(o.method), B,
+           o.gqa == FASA_GQA_SHARED ? "shared" : "per-head", o.shards, o.out);
+    if (o.compare) {
+        printf("%-6s %-8s %-10s %-14s %-14s\n", "layer", "mode", "recall", "rel_err_mean",
+               "rel_err_max");
+        for (int l = 0; l < L; l++) {
+            const int is_dense = o.method == FASA_METHOD_DENSE ||
+                                 (o.method == FASA_METHOD_FASA && dense[l]);
+            printf("%-6d %-8s %-10.4f %-14.3e %-14.3e\n", l, is_dense ? "dense" : "sparse",
+                   cmp[l].recall_sum / cmp[l].n, cmp[l].err_sum / cmp[l].n, cmp[l].err_max);
+        }
+    }
+    rc = 0;
+done:
+    fasa_engine_destroy(&eng);
+    fasa_profile_destroy(&prof);
+    fasa_qkv_cleanup(&x);
+    free(out);
+    free(ref);
+    free(kbuf);
+    free(vbuf);
+    free(sel);
+    free(osel);
+    free(stepsel);
+    free(dense);
+    free(mark);
+    free(cmp);
+    return rc;
+}

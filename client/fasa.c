@@ -1,0 +1,97 @@
+/* fasa: the command-line client. Without --server every command runs on the embedded
+ * in-process engine (the same worker and coordinator code the server runs). */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+
+static const char usage[] =
+    "usage: fasa COMMAND [OPTIONS]\n"
+    "\n"
+    "Frequency-Aware Sparse Attention over long KV caches (arXiv 2602.03152).\n"
+    "\n"
+    "commands:\n"
+    "  demo       synthetic long-context decode: calibrate, then fasa vs dense (no files needed)\n"
+    "  calibrate  choose each head's dominant frequency chunks from recorded q/k activations\n"
+    "  replay     re-run the decode loop of recorded activations with fasa, dense or oracle\n"
+    "\n"
+    "Run 'fasa COMMAND --help' for a command's options.\n";
+
+int cli_fail(const char *cmd, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "fasa %s: ", cmd);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    return 1;
+}
+
+int cli_usage_error(const char *cmd, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "fasa %s: ", cmd);
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, " (see 'fasa %s --help')\n", cmd);
+    va_end(ap);
+    return 2;
+}
+
+int cli_parse_int(const char *text, long lo, long hi, long *out_p)
+{
+    if (!text || !*text) return -1;
+    char *end;
+    errno = 0;
+    const long v = strtol(text, &end, 10);
+    if (errno || *end || v < lo || v > hi) return -1;
+    *out_p = v;
+    return 0;
+}
+
+int cli_parse_range(const char *text, long *a_p, long *b_p, long *s_p)
+{
+    char *end;
+    errno = 0;
+    const long a = strtol(text, &end, 10);
+    if (end == text || *end != ':') return -1;
+    const char *t = end + 1;
+    const long b = strtol(t, &end, 10);
+    if (end == t) return -1;
+    long s = 1;
+    if (*end == ':') {
+        t = end + 1;
+        s = strtol(t, &end, 10);
+        if (end == t) return -1;
+    }
+    if (*end || errno || a < 0 || b <= a || s < 1) return -1;
+    *a_p = a;
+    *b_p = b;
+    *s_p = s;
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
+        strcmp(argv[1], "help") == 0) {
+        fputs(usage, argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    if (strcmp(argv[1], "--version") == 0) {
+        puts("fasa 0.1.0");
+        return 0;
+    }
+    static const struct {
+        const char *name;
+        int (*fn)(int, char **);
+    } cmds[] = {{"demo", cmd_demo}, {"calibrate", cmd_calibrate}, {"replay", cmd_replay}};
+    for (size_t i = 0; i < sizeof(cmds) / sizeof(*cmds); i++)
+        if (strcmp(argv[1], cmds[i].name) == 0) return cmds[i].fn(argc - 1, argv + 1);
+    fprintf(stderr, "fasa: unknown command '%s' (see 'fasa --help')\n", argv[1]);
+    return 2;
+}

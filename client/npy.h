@@ -1,0 +1,21 @@
+/* Minimal NumPy .npy files: little-endian float32 and int32 arrays in C order. */
+#ifndef FASA_CLIENT_NPY_H
+#define FASA_CLIENT_NPY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define NPY_MAX_DIMS 8
+
+/* Writes an array of n_dims dims; dtype "<f4" (float) or "<i4" (int32_t). Returns 0, or -1
+ * with a reason in err. */
+int npy_write(const char *path, const char *dtype, int n_dims, const int64_t *shape,
+              const void *data, char *err, size_t err_len);
+
+/* Reads a "<f4" array. On success *data_p (caller frees) holds the values, shape_p[0..*n_dims_p)
+ * the shape. Returns 0, or -1 with a reason in err (missing file, bad magic, dtype, order,
+ * truncated data). */
+int npy_read_f32(const char *path, float **data_p, int *n_dims_p, int64_t *shape_p, char *err,
+                 size_t err_len);
+
+#endif

@@ -1,0 +1,492 @@
+/* Sessions, placement and the step plan. See engine.h. */
+#include "engine.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "attn.h"
+#include "topk.h"
+
+#define MAX_LAYERS 1024
+#define MAX_HEADS 1024
+#define MAX_HEAD_DIM 1024
+#define MAX_BUDGET (1 << 20)
+
+typedef struct session {
+    char id[FASA_ID_MAX + 1];
+    int sid;                   /* transport's session number */
+    fasa_session_config cfg;   /* profile and dense_layers point at the copies below */
+    fasa_profile *profile;     /* owned copy or NULL */
+    uint8_t *dense_layers;     /* (n_layers) */
+    int32_t *n_appended;       /* (n_layers) */
+    struct session *next;
+} session;
+
+struct fasa_engine {
+    fasa_transport tr;
+    int block;         /* placement block, tokens */
+    int next_sid;
+    session *sessions; /* singly linked; a service holds few sessions */
+    /* Step scratch, grow-only. */
+    topk_cand *cands;  /* (n_shards, units, budget) */
+    int *n_cands;      /* (n_shards, units) */
+    topk_cand *merged; /* (units, n_shards * budget) */
+    topk_cand *thr;    /* (units) */
+    uint8_t *have_thr; /* (units) */
+    float *m;          /* (n_shards, n_heads) partial maxima */
+    double *l, *o;     /* (n_shards, n_heads [, head_dim]) partial sums */
+    size_t cap_cands, cap_ncands, cap_merged, cap_units, cap_heads, cap_m, cap_l, cap_o;
+};
+
+static const char *const s_status_names[] = {
+    "OK", "INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED",
+    "UNAUTHENTICATED", "FAILED_PRECONDITION", "INTERNAL", "UNAVAILABLE"};
+
+const char *fasa_status_name(fasa_status code)
+{
+    return (unsigned)code < sizeof(s_status_names) / sizeof(*s_status_names) ? s_status_names[code]
+                                                                             : "UNKNOWN";
+}
+
+static const char *const s_method_names[] = {"fasa", "dense", "oracle"};
+
+const char *fasa_method_name(fasa_method m)
+{
+    return (unsigned)m < 3 ? s_method_names[m] : "unknown";
+}
+
+int fasa_method_parse(const char *name, fasa_method *out_p)
+{
+    for (int i = 0; i < 3; i++)
+        if (strcmp(name, s_method_names[i]) == 0) {
+            *out_p = (fasa_method)i;
+            return 0;
+        }
+    return -1;
+}
+
+int fasa_gqa_parse(const char *name, fasa_gqa *out_p)
+{
+    if (strcmp(name, "per-head") == 0) *out_p = FASA_GQA_PER_HEAD;
+    else if (strcmp(name, "shared") == 0) *out_p = FASA_GQA_SHARED;
+    else return -1;
+    return 0;
+}
+
+static fasa_status s_fail(fasa_error *err, fasa_status code, const char *fmt, ...)
+{
+    if (err) {
+        err->code = code;
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
+        va_end(ap);
+    }
+    return code;
+}
+
+fasa_engine_t *fasa_engine_new_with(const fasa_transport *transport, int block_tokens)
+{
+    fasa_engine_t *e = calloc(1, sizeof(*e));
+    if (!e) return NULL;
+    e->tr = *transport;
+    e->block = block_tokens > 0 ? block_tokens : FASA_DEFAULT_BLOCK;
+    return e;
+}
+
+fasa_engine_t *fasa_engine_new(int n_shards, int block_tokens)
+{
+    fasa_transport t;
+    if (n_shards < 1 || fasa_transport_local(&t, n_shards)) return NULL;
+    fasa_engine_t *e = fasa_engine_new_with(&t, block_tokens);
+    if (!e) t.destroy(t.ctx);
+    return e;
+}
+
+static void s_session_free(session *s)
+{
+    fasa_profile_destroy(&s->profile);
+    free(s->dense_layers);
+    free(s->n_appended);
+    free(s);
+}
+
+void fasa_engine_destroy(fasa_engine_t **engine_p)
+{
+    fasa_engine_t *e = *engine_p;
+    if (!e) return;
+    while (e->sessions) {
+        session *s = e->sessions;
+        e->sessions = s->next;
+        e->tr.session_drop(e->tr.ctx, s->sid);
+        s_session_free(s);
+    }
+    e->tr.destroy(e->tr.ctx);
+    free(e->cands);
+    free(e->n_cands);
+    free(e->merged);
+    free(e->thr);
+    free(e->have_thr);
+    free(e->m);
+    free(e->l);
+    free(e->o);
+    free(e);
+    *engine_p = NULL;
+}
+
+static session *s_find(const fasa_engine_t *e, const char *id)
+{
+    for (session *s = e->sessions; s; s = s->next)
+        if (strcmp(s->id, id) == 0) return s;
+    return NULL;
+}
+
+int32_t fasa_engine_length(const fasa_engine_t *e, const char *id, int layer)
+{
+    const session *s = s_find(e, id);
+    if (!s || layer < 0 || layer >= s->cfg.n_layers) return -1;
+    return s->n_appended[layer];
+}
+
+/* Packs each KV head's keys by the union of its query heads' dominant FCs (shard.h). */
+static int s_layout_from_profile(shard_layout *lay, const fasa_session_config *c,
+                                 const fasa_profile *p)
+{
+    if (shard_layout_plain(lay, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim)) return -1;
+    if (!p) return 0;
+    const int d = c->head_dim, grp = c->n_heads / c->n_kv_heads;
+    uint8_t in_union[MAX_HEAD_DIM], own[MAX_HEAD_DIM];
+    for (int l = 0; l < c->n_layers; l++)
+        for (int g = 0; g < c->n_kv_heads; g++) {
+            memset(in_union, 0, (size_t)d);
+            for (int i = 0; i < grp; i++)
+                for (int t = 0; t < p->ntip; t++) {
+                    int d0, d1;
+                    fc_dims(c->pairing, d, p->fcs[((size_t)l * c->n_heads + g * grp + i) * p->ntip + t],
+                            &d0, &d1);
+                    in_union[d0] = in_union[d1] = 1;
+                }
+            int *perm = lay->perm + ((size_t)l * c->n_kv_heads + g) * d, u = 0;
+            for (int x = 0; x < d; x++)
+                if (in_union[x]) perm[u++] = x;
+            lay->n_dom[l * c->n_kv_heads + g] = u;
+            for (int x = 0, r = u; x < d; x++)
+                if (!in_union[x]) perm[r++] = x;
+            for (int i = 0; i < grp; i++) {
+                const int h = g * grp + i;
+                memset(own, 0, (size_t)d);
+                for (int t = 0; t < p->ntip; t++) {
+                    int d0, d1;
+                    fc_dims(c->pairing, d, p->fcs[((size_t)l * c->n_heads + h) * p->ntip + t], &d0,
+                            &d1);
+                    own[d0] = own[d1] = 1;
+                }
+                uint8_t *mask = lay->qmask + ((size_t)l * c->n_heads + h) * d;
+                for (int x = 0; x < u; x++) mask[x] = own[perm[x]];
+            }
+        }
+    return 0;
+}
+
+static fasa_status s_check_config(const fasa_session_config *c, fasa_error *err)
+{
+    if (c->n_layers < 1 || c->n_layers > MAX_LAYERS)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "n_layers %d out of range [1, %d]", c->n_layers,
+                      MAX_LAYERS);
+    if (c->n_kv_heads < 1 || c->n_kv_heads > MAX_HEADS)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "n_kv_heads %d out of range [1, %d]",
+                      c->n_kv_heads, MAX_HEADS);
+    if (c->n_heads < c->n_kv_heads || c->n_heads > MAX_HEADS || c->n_heads % c->n_kv_heads)
+        return s_fail(err, FASA_INVALID_ARGUMENT,
+                      "n_heads %d must be a multiple of n_kv_heads %d and at most %d", c->n_heads,
+                      c->n_kv_heads, MAX_HEADS);
+    if (c->head_dim < 2 || c->head_dim > MAX_HEAD_DIM || c->head_dim % 2)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "head_dim %d must be even and in [2, %d]",
+                      c->head_dim, MAX_HEAD_DIM);
+    if (!fc_pairing_name(c->pairing))
+        return s_fail(err, FASA_INVALID_ARGUMENT, "pairing %d is not interleaved or half",
+                      (int)c->pairing);
+    if ((unsigned)c->method > FASA_METHOD_ORACLE)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "method %d is unknown", (int)c->method);
+    if (c->gqa != FASA_GQA_PER_HEAD && c->gqa != FASA_GQA_SHARED)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "gqa %d is unknown", (int)c->gqa);
+    if (c->budget < 1 || c->budget > MAX_BUDGET)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "budget %d out of range [1, %d]", c->budget,
+                      MAX_BUDGET);
+    if (c->method == FASA_METHOD_FASA && !c->profile)
+        return s_fail(err, FASA_FAILED_PRECONDITION,
+                      "method fasa needs a calibration profile (fasa calibrate)");
+    if (c->profile) {
+        char why[200];
+        if (fasa_profile_check(c->profile, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim,
+                               c->pairing, why, sizeof(why)))
+            return s_fail(err, FASA_INVALID_ARGUMENT, "%s", why);
+    }
+    return FASA_OK;
+}
+
+fasa_status fasa_engine_create(fasa_engine_t *e, const char *id, const fasa_session_config *cfg,
+                               fasa_error *err)
+{
+    const size_t id_len = id ? strlen(id) : 0;
+    if (id_len == 0 || id_len > FASA_ID_MAX)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "session id must be 1..%d bytes", FASA_ID_MAX);
+    for (size_t i = 0; i < id_len; i++)
+        if (id[i] < 0x21 || id[i] > 0x7e)
+            return s_fail(err, FASA_INVALID_ARGUMENT, "session id must be printable ASCII");
+    fasa_status st = s_check_config(cfg, err);
+    if (st) return st;
+    if (s_find(e, id))
+        return s_fail(err, FASA_ALREADY_EXISTS, "session '%s' already exists", id);
+
+    session *s = calloc(1, sizeof(*s));
+    shard_layout lay = {0};
+    if (!s) goto oom;
+    memcpy(s->id, id, id_len + 1);
+    s->cfg = *cfg;
+    s->dense_layers = calloc((size_t)cfg->n_layers, 1);
+    s->n_appended = calloc((size_t)cfg->n_layers, sizeof(int32_t));
+    if (!s->dense_layers || !s->n_appended) goto oom;
+    if (cfg->dense_layers) memcpy(s->dense_layers, cfg->dense_layers, (size_t)cfg->n_layers);
+    else s->dense_layers[0] = 1;
+    if (cfg->profile && !(s->profile = fasa_profile_clone(cfg->profile))) goto oom;
+    s->cfg.profile = s->profile;
+    s->cfg.dense_layers = s->dense_layers;
+    if (s_layout_from_profile(&lay, cfg, s->profile)) goto oom;
+    s->sid = e->next_sid++;
+    if (e->tr.session_new(e->tr.ctx, s->sid, &lay)) goto oom;
+    shard_layout_cleanup(&lay);
+    s->next = e->sessions;
+    e->sessions = s;
+    return FASA_OK;
+oom:
+    shard_layout_cleanup(&lay);
+    if (s) s_session_free(s);
+    return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory creating session '%s'", id);
+}
+
+fasa_status fasa_engine_drop(fasa_engine_t *e, const char *id, fasa_error *err)
+{
+    for (session **pp = &e->sessions; *pp; pp = &(*pp)->next)
+        if (strcmp((*pp)->id, id) == 0) {
+            session *s = *pp;
+            *pp = s->next;
+            e->tr.session_drop(e->tr.ctx, s->sid);
+            s_session_free(s);
+            return FASA_OK;
+        }
+    return s_fail(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
+}
+
+/* Index of the first non-finite value, or -1. */
+static long s_nonfinite(size_t n, const float *x)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(x[i])) return (long)i;
+    return -1;
+}
+
+/* Hands rows pos0 .. pos0 + n - 1 of one layer to their shards, one block run at a time. */
+static int s_place(fasa_engine_t *e, session *s, int layer, int32_t pos0, int n, const float *k,
+                   const float *v)
+{
+    const size_t row = (size_t)s->cfg.n_kv_heads * s->cfg.head_dim;
+    int32_t pos[1024];
+    for (int i = 0; i < n;) {
+        const int32_t p = pos0 + i;
+        const int shard = (int)((p / e->block) % e->tr.n_shards);
+        int run = (int)(e->block - p % e->block);
+        if (run > n - i) run = n - i;
+        if (run > 1024) run = 1024;
+        for (int j = 0; j < run; j++) pos[j] = p + j;
+        if (e->tr.append(e->tr.ctx, s->sid, shard, layer, run, pos, k + (size_t)i * row,
+                         v + (size_t)i * row))
+            return -1;
+        i += run;
+    }
+    return 0;
+}
+
+fasa_status fasa_engine_append(fasa_engine_t *e, const char *id, int layer, int32_t pos0, int n,
+                               const float *k, const float *v, fasa_error *err)
+{
+    session *s = s_find(e, id);
+    if (!s) return s_fail(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
+    const fasa_session_config *c = &s->cfg;
+    if (layer < -1 || layer >= c->n_layers)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "layer %d out of range [-1, %d)", layer,
+                      c->n_layers);
+    if (n < 1) return s_fail(err, FASA_INVALID_ARGUMENT, "n_tokens %d must be at least 1", n);
+    const int l0 = layer < 0 ? 0 : layer, l1 = layer < 0 ? c->n_layers : layer + 1;
+    for (int l = l0; l < l1; l++)
+        if (pos0 != s->n_appended[l])
+            return s_fail(err, FASA_INVALID_ARGUMENT,
+                          "start_pos %d: layer %d expects position %d next (appends are in order)",
+                          (int)pos0, l, (int)s->n_appended[l]);
+    if ((int64_t)pos0 + n > INT32_MAX)
+        return s_fail(err, FASA_RESOURCE_EXHAUSTED, "n_tokens: a session holds at most %d tokens",
+                      INT32_MAX);
+    const size_t per_layer = (size_t)n * c->n_kv_heads * c->head_dim;
+    const size_t total = per_layer * (size_t)(l1 - l0);
+    long bad;
+    if ((bad = s_nonfinite(total, k)) >= 0)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "k[%ld] is not finite", bad);
+    if ((bad = s_nonfinite(total, v)) >= 0)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "v[%ld] is not finite", bad);
+    for (int l = l0; l < l1; l++) {
+        const size_t off = per_layer * (size_t)(l - l0);
+        if (s_place(e, s, l, pos0, n, k + off, v + off))
+            return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory appending to '%s'", id);
+        s->n_appended[l] += n;
+    }
+    return FASA_OK;
+}
+
+static int s_grow(void **buf, size_t *cap, size_t bytes)
+{
+    if (bytes <= *cap) return 0;
+    void *p = realloc(*buf, bytes);
+    if (!p) return -1;
+    *buf = p;
+    *cap = bytes;
+    return 0;
+}
+
+static int s_scratch(fasa_engine_t *e, int units, int budget, int n_heads, int d)
+{
+    const size_t ns = (size_t)e->tr.n_shards;
+    return s_grow((void **)&e->cands, &e->cap_cands, ns * units * budget * sizeof(topk_cand)) ||
+           s_grow((void **)&e->n_cands, &e->cap_ncands, ns * units * sizeof(int)) ||
+           s_grow((void **)&e->merged, &e->cap_merged, ns * units * budget * sizeof(topk_cand)) ||
+           s_grow((void **)&e->thr, &e->cap_units, (size_t)units * sizeof(topk_cand)) ||
+           s_grow((void **)&e->have_thr, &e->cap_heads, (size_t)units) ||
+           s_grow((void **)&e->m, &e->cap_m, ns * n_heads * sizeof(float)) ||
+           s_grow((void **)&e->l, &e->cap_l, ns * n_heads * sizeof(double)) ||
+           s_grow((void **)&e->o, &e->cap_o, ns * n_heads * d * sizeof(double));
+}
+
+fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_attend_req *req,
+                               float *out, int32_t *selected, fasa_step_stats *stats,
+                               fasa_error *err)
+{
+    session *s = s_find(e, id);
+    if (!s) return s_fail(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
+    const fasa_session_config *c = &s->cfg;
+    const int d = c->head_dim, nh = c->n_heads, grp = nh / c->n_kv_heads;
+
+    /* Validate everything before touching state. */
+    if (req->layer < 0 || req->layer >= c->n_layers)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "layer %d out of range [0, %d)", req->layer,
+                      c->n_layers);
+    const fasa_method method = req->method < 0 ? c->method : (fasa_method)req->method;
+    if ((unsigned)method > FASA_METHOD_ORACLE)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "method %d is unknown", req->method);
+    if (method == FASA_METHOD_FASA && !s->profile)
+        return s_fail(err, FASA_FAILED_PRECONDITION,
+                      "method fasa: session '%s' has no calibration profile", id);
+    const int budget = req->budget ? req->budget : c->budget;
+    if (budget < 1 || budget > MAX_BUDGET)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "budget %d out of range [1, %d]", budget,
+                      MAX_BUDGET);
+    const fasa_gqa gqa = req->gqa < 0 ? c->gqa : (fasa_gqa)req->gqa;
+    if (gqa != FASA_GQA_PER_HEAD && gqa != FASA_GQA_SHARED)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "gqa %d is unknown", req->gqa);
+    if (!req->q) return s_fail(err, FASA_INVALID_ARGUMENT, "q is missing");
+    long bad;
+    if ((bad = s_nonfinite((size_t)nh * d, req->q)) >= 0)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "q[%ld] is not finite", bad);
+    if (!req->k_new != !req->v_new)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "k_new and v_new come together");
+    const size_t kv_row = (size_t)c->n_kv_heads * d;
+    if (req->k_new && (bad = s_nonfinite(kv_row, req->k_new)) >= 0)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "k_new[%ld] is not finite", bad);
+    if (req->v_new && (bad = s_nonfinite(kv_row, req->v_new)) >= 0)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "v_new[%ld] is not finite", bad);
+    const int32_t length = s->n_appended[req->layer] + (req->k_new ? 1 : 0);
+    const int32_t max_pos = req->max_pos < 0 ? length - 1 : req->max_pos;
+    if (max_pos >= length)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "max_pos %d beyond the %d tokens appended",
+                      (int)max_pos, (int)length);
+    if (length == 0)
+        return s_fail(err, FASA_FAILED_PRECONDITION, "layer %d of '%s' holds no tokens yet",
+                      req->layer, id);
+    const int units = gqa == FASA_GQA_SHARED ? c->n_kv_heads : nh;
+    if (s_scratch(e, units, budget, nh, d))
+        return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory for a step of budget %d",
+                      budget);
+
+    if (req->k_new && s_place(e, s, req->layer, length - 1, 1, req->k_new, req->v_new))
+        return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory appending to '%s'", id);
+    if (req->k_new) s->n_appended[req->layer]++;
+
+    const int n_vis = max_pos + 1;
+    const int dense = method == FASA_METHOD_DENSE ||
+                      (method == FASA_METHOD_FASA && s->dense_layers[req->layer]) ||
+                      n_vis <= budget;
+    shard_step st = {.layer = req->layer,
+                     .method = dense ? SHARD_DENSE
+                                     : (method == FASA_METHOD_ORACLE ? SHARD_ORACLE : SHARD_FASA),
+                     .gqa = gqa == FASA_GQA_SHARED ? SHARD_GQA_SHARED : SHARD_GQA_PER_HEAD,
+                     .budget = budget,
+                     .max_pos = max_pos,
+                     .scale = 1.0f / sqrtf((float)d),
+                     .q = req->q};
+    const int ns = e->tr.n_shards;
+    int64_t bytes = 0;
+    if (selected)
+        for (size_t i = 0; i < (size_t)nh * budget; i++) selected[i] = -1;
+
+    if (!dense) {
+        /* Phase 1: local candidates; merge them into each unit's global top-B. */
+        if (e->tr.score(e->tr.ctx, s->sid, &st, e->cands, e->n_cands)) goto oom;
+        for (int u = 0; u < units; u++) {
+            topk_cand *mu = e->merged + (size_t)u * ns * budget;
+            int n = 0;
+            for (int sh = 0; sh < ns; sh++) {
+                const int nc = e->n_cands[sh * units + u];
+                memcpy(mu + n, e->cands + ((size_t)sh * units + u) * budget,
+                       (size_t)nc * sizeof(topk_cand));
+                n += nc;
+            }
+            n = topk_select(n, budget, mu);
+            topk_sort(n, mu);
+            e->have_thr[u] = n > 0;
+            if (n > 0) e->thr[u] = mu[n - 1];
+            if (selected)
+                for (int i = 0; i < n; i++) {
+                    const int h0 = gqa == FASA_GQA_SHARED ? u * grp : u;
+                    const int h1 = gqa == FASA_GQA_SHARED ? h0 + grp : u + 1;
+                    for (int h = h0; h < h1; h++) selected[(size_t)h * budget + i] = mu[i].pos;
+                }
+        }
+    } else if (selected && method != FASA_METHOD_DENSE && n_vis <= budget) {
+        for (int h = 0; h < nh; h++)
+            for (int i = 0; i < n_vis; i++) selected[(size_t)h * budget + i] = i;
+    }
+
+    /* Phase 2: partials on every shard, merged exactly per head. */
+    if (e->tr.attend(e->tr.ctx, s->sid, &st, e->thr, e->have_thr, e->m, e->l, e->o, &bytes))
+        goto oom;
+    for (int h = 0; h < nh; h++) {
+        float mp[ns], mh;
+        double lp[ns], lh, op[(size_t)ns * d], oh[d];
+        for (int sh = 0; sh < ns; sh++) {
+            mp[sh] = e->m[sh * nh + h];
+            lp[sh] = e->l[sh * nh + h];
+            memcpy(op + (size_t)sh * d, e->o + ((size_t)sh * nh + h) * d, (size_t)d * sizeof(double));
+        }
+        attn_merge(ns, d, mp, lp, op, &mh, &lh, oh);
+        attn_finalize(d, lh, oh, out + (size_t)h * d);
+    }
+    if (stats) {
+        stats->method_used = dense ? FASA_METHOD_DENSE : method;
+        stats->n_visible = n_vis;
+        stats->bytes_read = bytes;
+    }
+    return FASA_OK;
+oom:
+    return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory during a step of '%s'", id);
+}

@@ -1,0 +1,104 @@
+/* The fasa engine: sessions, their placement over shards, and the decode step plan
+ *   score (each shard's local top-B) -> global top-B -> attention over the selected rows
+ *   on each shard -> exact log-sum-exp merge
+ * driven over a transport (transport.h): in-process shards for the embedded engine, MPI
+ * ranks for the server. Selection uses the total order of topk.h and the merge is exact,
+ * so outputs do not depend on the number of shards beyond float rounding.
+ *
+ * Every call validates its input first and on error changes nothing, returning a status
+ * and a one-line message naming the field at fault. */
+#ifndef FASA_COORD_ENGINE_H
+#define FASA_COORD_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "profile.h"
+#include "transport.h"
+
+#define FASA_ID_MAX 128            /* session id bytes */
+#define FASA_DEFAULT_BLOCK 2048    /* tokens per placement block */
+
+typedef enum fasa_status {
+    FASA_OK = 0,
+    FASA_INVALID_ARGUMENT,
+    FASA_NOT_FOUND,
+    FASA_ALREADY_EXISTS,
+    FASA_RESOURCE_EXHAUSTED,
+    FASA_UNAUTHENTICATED,
+    FASA_FAILED_PRECONDITION,
+    FASA_INTERNAL,
+    FASA_UNAVAILABLE,
+} fasa_status;
+
+typedef struct fasa_error {
+    fasa_status code;
+    char msg[256];
+} fasa_error;
+
+typedef enum fasa_method { FASA_METHOD_FASA = 0, FASA_METHOD_DENSE, FASA_METHOD_ORACLE } fasa_method;
+typedef enum fasa_gqa { FASA_GQA_PER_HEAD = 0, FASA_GQA_SHARED = 1 } fasa_gqa;
+
+const char *fasa_status_name(fasa_status code);
+const char *fasa_method_name(fasa_method m);
+int fasa_method_parse(const char *name, fasa_method *out_p);
+int fasa_gqa_parse(const char *name, fasa_gqa *out_p);
+
+typedef struct fasa_session_config {
+    int n_layers, n_heads, n_kv_heads, head_dim;
+    fc_pairing pairing;
+    const fasa_profile *profile; /* borrowed, copied; NULL: no profile (fasa unavailable) */
+    fasa_method method;          /* default method */
+    int budget;                  /* default B, tokens per selection unit */
+    fasa_gqa gqa;                /* default token selection: per query head or per KV head */
+    const uint8_t *dense_layers; /* (n_layers) 1 = always dense under fasa; NULL: layer 0 */
+} fasa_session_config;
+
+typedef struct fasa_attend_req {
+    int layer;
+    const float *q;      /* (n_heads, head_dim) post-RoPE queries */
+    const float *k_new;  /* (n_kv_heads, head_dim) or NULL: appended at the next position first */
+    const float *v_new;  /* (n_kv_heads, head_dim), with k_new */
+    int method;          /* fasa_method, or -1 for the session default */
+    int budget;          /* B, or 0 for the session default */
+    int gqa;             /* fasa_gqa, or -1 for the session default */
+    int32_t max_pos;     /* highest visible position, or -1 for all appended */
+} fasa_attend_req;
+
+typedef struct fasa_step_stats {
+    int method_used;     /* fasa_method actually run (dense when every token fits B) */
+    int n_visible;       /* tokens visible to the step */
+    int64_t bytes_read;  /* KV bytes read on all shards */
+} fasa_step_stats;
+
+typedef struct fasa_engine fasa_engine_t;
+
+/* A new engine over in-process shards. n_shards >= 1; block_tokens >= 1 tokens per
+ * placement block (block-cyclic). NULL when out of memory. */
+fasa_engine_t *fasa_engine_new(int n_shards, int block_tokens);
+/* An engine over a caller-made transport (the engine owns it from now on). */
+fasa_engine_t *fasa_engine_new_with(const fasa_transport *transport, int block_tokens);
+void fasa_engine_destroy(fasa_engine_t **engine_p);
+
+fasa_status fasa_engine_create(fasa_engine_t *e, const char *id, const fasa_session_config *cfg,
+                               fasa_error *err);
+fasa_status fasa_engine_drop(fasa_engine_t *e, const char *id, fasa_error *err);
+
+/* Appends keys and values of positions pos0 .. pos0 + n - 1 (pos0 must be the next
+ * position). layer >= 0: k, v are (n, n_kv_heads, head_dim) for that layer; layer = -1:
+ * (n_layers, n, n_kv_heads, head_dim) for every layer, which must all be at pos0. */
+fasa_status fasa_engine_append(fasa_engine_t *e, const char *id, int layer, int32_t pos0, int n,
+                               const float *k, const float *v, fasa_error *err);
+
+/* One decode step of one layer. out (n_heads, head_dim) gets the attention outputs.
+ * selected, if not NULL, is (n_heads, budget): each head's chosen positions best-first
+ * (all visible positions ascending when every token fits the budget), -1 padded; for a
+ * dense step it is all -1. stats may be NULL. */
+fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_attend_req *req,
+                               float *out, int32_t *selected, fasa_step_stats *stats,
+                               fasa_error *err);
+
+/* Positions appended so far to a layer of a session, or -1 if there is no such session. */
+int32_t fasa_engine_length(const fasa_engine_t *e, const char *id, int layer);
+
+#endif

@@ -1,0 +1,445 @@
+/* The engine: shard-count independence, bad input, profiles; and the same on the recorded
+ * stories260K activations (golden suite) against exact attention computed here. */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "attn.h"
+#include "ca.h"
+#include "calib.h"
+#include "engine.h"
+#include "qkv.h"
+#include "test_util.h"
+
+/* A profile with pseudo-random distinct FCs per head (shared: per KV head). */
+static fasa_profile *s_random_profile(int nl, int nh, int nkv, int d, int ntip, int shared,
+                                      uint64_t seed)
+{
+    fasa_profile *p = fasa_profile_new(nl, nh, nkv, d, ntip);
+    ck_assert_ptr_nonnull(p);
+    test_rng r = {seed};
+    const int n_fc = d / 2, grp = nh / nkv;
+    for (int l = 0; l < nl; l++)
+        for (int h = 0; h < nh; h++) {
+            double *ca = p->ca + ((size_t)l * nh + h) * n_fc;
+            test_rng rr = {shared ? seed * 1000 + l * 64 + h / grp : test_next(&r)};
+            for (int i = 0; i < n_fc; i++) ca[i] = (double)(test_next(&rr) % 1000) / 1000.0;
+            ca_select(n_fc, ntip, ca, p->fcs + ((size_t)l * nh + h) * ntip);
+        }
+    p->gqa_shared = shared;
+    p->window = 32;
+    return p;
+}
+
+typedef struct run_cfg {
+    int nl, nh, nkv, d, T, prefix, block;
+    fasa_method method;
+    fasa_gqa gqa;
+    int budget;
+    const fasa_profile *profile;
+    const float *const *q, *const *k, *const *v; /* per layer, (T, heads, d) */
+    int pos_step;
+} run_cfg;
+
+/* Replays positions prefix..T-1 (step pos_step) on an engine with n_shards; writes outputs
+ * (n_steps, nl, nh, d) and selections (n_steps, nl, nh, budget). */
+static void s_run(const run_cfg *c, int n_shards, float *out, int32_t *sel)
+{
+    fasa_engine_t *e = fasa_engine_new(n_shards, c->block);
+    ck_assert_ptr_nonnull(e);
+    fasa_session_config cfg = {.n_layers = c->nl, .n_heads = c->nh, .n_kv_heads = c->nkv,
+                               .head_dim = c->d, .pairing = FC_PAIRING_INTERLEAVED,
+                               .profile = c->profile, .method = c->method, .budget = c->budget,
+                               .gqa = c->gqa};
+    fasa_error err;
+    ck_assert_int_eq(fasa_engine_create(e, "s", &cfg, &err), FASA_OK);
+    const size_t row = (size_t)c->nkv * c->d;
+    for (int l = 0; l < c->nl; l++)
+        ck_assert_int_eq(fasa_engine_append(e, "s", l, 0, c->prefix, c->k[l], c->v[l], &err), FASA_OK);
+    int step = 0;
+    for (int t = c->prefix; t < c->T; t++) {
+        const int attend = (t - c->prefix) % c->pos_step == 0;
+        for (int l = 0; l < c->nl; l++) {
+            if (!attend) {
+                ck_assert_int_eq(fasa_engine_append(e, "s", l, t, 1, c->k[l] + t * row,
+                                                    c->v[l] + t * row, &err), FASA_OK);
+                continue;
+            }
+            fasa_attend_req req = {.layer = l, .q = c->q[l] + (size_t)t * c->nh * c->d,
+                                   .k_new = c->k[l] + t * row, .v_new = c->v[l] + t * row,
+                                   .method = -1, .gqa = -1, .max_pos = -1};
+            const size_t o = (size_t)step * c->nl + l;
+            ck_assert_int_eq(fasa_engine_attend(e, "s", &req, out + o * c->nh * c->d,
+                                                sel ? sel + o * c->nh * c->budget : NULL, NULL, &err),
+                             FASA_OK);
+        }
+        step += attend;
+    }
+    fasa_engine_destroy(&e);
+}
+
+/* 1, 2, 3 and 7 shards agree: selections exactly, outputs to rounding. */
+START_TEST(test_engine_shards_agree)
+{
+    enum { NL = 2, NH = 8, NKV = 2, D = 16, T = 700 };
+    test_rng r = {21};
+    float *buf[3][NL];
+    for (int l = 0; l < NL; l++) {
+        buf[0][l] = test_alloc((size_t)T * NH * D * 4);
+        buf[1][l] = test_alloc((size_t)T * NKV * D * 4);
+        buf[2][l] = test_alloc((size_t)T * NKV * D * 4);
+        test_fill(&r, (size_t)T * NH * D, buf[0][l], 1.0f);
+        test_fill(&r, (size_t)T * NKV * D, buf[1][l], 1.0f);
+        test_fill(&r, (size_t)T * NKV * D, buf[2][l], 1.0f);
+        /* A few exact duplicates of key rows force score ties across shards. */
+        for (int t = 300; t < T; t += 50) memcpy(buf[1][l] + (size_t)t * NKV * D, buf[1][l], NKV * D * 4);
+    }
+    for (int shared = 0; shared < 2; shared++) {
+        fasa_profile *p = s_random_profile(NL, NH, NKV, D, 3, shared, 5 + shared);
+        for (int m = 0; m < 3; m++) {
+            run_cfg c = {NL, NH, NKV, D, T, 600, 16, (fasa_method)m, (fasa_gqa)shared, 24, p,
+                         (const float *const *)buf[0], (const float *const *)buf[1],
+                         (const float *const *)buf[2], 7};
+            const int steps = (T - c.prefix + c.pos_step - 1) / c.pos_step;
+            const size_t no = (size_t)steps * NL * NH * D, ns = (size_t)steps * NL * NH * c.budget;
+            float *o1 = test_alloc(no * 4), *on = test_alloc(no * 4);
+            int32_t *s1 = test_alloc(ns * 4), *sn = test_alloc(ns * 4);
+            s_run(&c, 1, o1, s1);
+            const int counts[3] = {2, 3, 7};
+            for (int i = 0; i < 3; i++) {
+                s_run(&c, counts[i], on, sn);
+                ck_assert_double_le(test_max_abs_diff(no, on, o1), 1e-6);
+                ck_assert_mem_eq(sn, s1, ns * 4);
+            }
+            if (m != FASA_METHOD_DENSE) ck_assert_int_ge(s1[(size_t)NH * c.budget + c.budget - 1], 0); /* layer 1, head 0 */
+            free(o1), free(on), free(s1), free(sn);
+        }
+        fasa_profile_destroy(&p);
+    }
+    for (int l = 0; l < NL; l++) free(buf[0][l]), free(buf[1][l]), free(buf[2][l]);
+}
+END_TEST
+
+/* Bad input gets the right status and a message naming the field, and changes nothing. */
+START_TEST(test_engine_bad_input)
+{
+    enum { NH = 4, NKV = 2, D = 8, N = 50 };
+    fasa_engine_t *e = fasa_engine_new(2, 8);
+    fasa_session_config cfg = {.n_layers = 2, .n_heads = NH, .n_kv_heads = NKV, .head_dim = D,
+                               .method = FASA_METHOD_DENSE, .budget = 8};
+    fasa_error err;
+    ck_assert_int_eq(fasa_engine_create(e, "a", &cfg, &err), FASA_OK);
+    ck_assert_int_eq(fasa_engine_create(e, "a", &cfg, &err), FASA_ALREADY_EXISTS);
+    fasa_session_config bad = cfg;
+    bad.head_dim = 7;
+    ck_assert_int_eq(fasa_engine_create(e, "b", &bad, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "head_dim"));
+    bad = cfg;
+    bad.n_heads = 5;
+    ck_assert_int_eq(fasa_engine_create(e, "b", &bad, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "n_heads"));
+    bad = cfg;
+    bad.budget = 0;
+    ck_assert_int_eq(fasa_engine_create(e, "b", &bad, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "budget"));
+    bad = cfg;
+    bad.method = FASA_METHOD_FASA;
+    ck_assert_int_eq(fasa_engine_create(e, "b", &bad, &err), FASA_FAILED_PRECONDITION);
+    ck_assert_int_eq(fasa_engine_create(e, "", &cfg, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_int_eq(fasa_engine_create(e, "has space", &cfg, &err), FASA_INVALID_ARGUMENT);
+
+    test_rng r = {31};
+    float k[N * NKV * D], v[N * NKV * D], q[NH * D], o1[NH * D], o2[NH * D];
+    test_fill(&r, N * NKV * D, k, 1.0f);
+    test_fill(&r, N * NKV * D, v, 1.0f);
+    test_fill(&r, NH * D, q, 1.0f);
+    ck_assert_int_eq(fasa_engine_append(e, "a", 0, 0, N, k, v, &err), FASA_OK);
+    fasa_attend_req req = {.layer = 0, .q = q, .method = -1, .gqa = -1, .max_pos = -1};
+    ck_assert_int_eq(fasa_engine_attend(e, "a", &req, o1, NULL, NULL, &err), FASA_OK);
+
+    /* Each of these fails and leaves the session as it was. */
+    ck_assert_int_eq(fasa_engine_append(e, "nope", 0, N, 1, k, v, &err), FASA_NOT_FOUND);
+    ck_assert_int_eq(fasa_engine_append(e, "a", 0, N + 1, 1, k, v, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "start_pos"));
+    ck_assert_int_eq(fasa_engine_append(e, "a", 0, 3, 1, k, v, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_int_eq(fasa_engine_append(e, "a", 2, N, 1, k, v, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "layer"));
+    ck_assert_int_eq(fasa_engine_append(e, "a", -1, N, 1, k, v, &err), FASA_INVALID_ARGUMENT);
+    float kn[NKV * D];
+    memcpy(kn, k, sizeof(kn));
+    kn[5] = NAN;
+    ck_assert_int_eq(fasa_engine_append(e, "a", 0, N, 1, kn, v, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "k[5]"));
+    fasa_attend_req br = req;
+    br.k_new = kn;
+    br.v_new = v;
+    ck_assert_int_eq(fasa_engine_attend(e, "a", &br, o2, NULL, NULL, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "k_new"));
+    float qn[NH * D];
+    memcpy(qn, q, sizeof(qn));
+    qn[9] = INFINITY;
+    br = req;
+    br.q = qn;
+    ck_assert_int_eq(fasa_engine_attend(e, "a", &br, o2, NULL, NULL, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "q[9]"));
+    br = req;
+    br.budget = -3;
+    ck_assert_int_eq(fasa_engine_attend(e, "a", &br, o2, NULL, NULL, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "budget"));
+    br = req;
+    br.method = FASA_METHOD_FASA;
+    ck_assert_int_eq(fasa_engine_attend(e, "a", &br, o2, NULL, NULL, &err), FASA_FAILED_PRECONDITION);
+    br = req;
+    br.max_pos = N;
+    ck_assert_int_eq(fasa_engine_attend(e, "a", &br, o2, NULL, NULL, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "max_pos"));
+    br = req;
+    br.layer = 1; /* nothing appended to layer 1 yet */
+    ck_assert_int_eq(fasa_engine_attend(e, "a", &br, o2, NULL, NULL, &err), FASA_FAILED_PRECONDITION);
+    ck_assert_int_eq(fasa_engine_attend(e, "zz", &req, o2, NULL, NULL, &err), FASA_NOT_FOUND);
+
+    ck_assert_int_eq(fasa_engine_length(e, "a", 0), N);
+    ck_assert_int_eq(fasa_engine_length(e, "a", 1), 0);
+    ck_assert_int_eq(fasa_engine_attend(e, "a", &req, o2, NULL, NULL, &err), FASA_OK);
+    ck_assert_mem_eq(o1, o2, sizeof(o1));
+    /* A visible range below the end sees exactly that prefix. */
+    br = req;
+    br.max_pos = 9;
+    ck_assert_int_eq(fasa_engine_attend(e, "a", &br, o2, NULL, NULL, &err), FASA_OK);
+    float want[D];
+    attn_ref(10, D, 1.0f / sqrtf(D), q, k, NKV * D, v, NKV * D, want);
+    ck_assert_double_le(test_max_abs_diff(D, o2, want), 1e-5);
+
+    ck_assert_int_eq(fasa_engine_drop(e, "a", &err), FASA_OK);
+    ck_assert_int_eq(fasa_engine_drop(e, "a", &err), FASA_NOT_FOUND);
+    ck_assert_int_eq(fasa_engine_length(e, "a", 0), -1);
+    fasa_engine_destroy(&e);
+}
+END_TEST
+
+START_TEST(test_profile_roundtrip)
+{
+    fasa_profile *p = s_random_profile(3, 4, 2, 10, 2, 0, 9);
+    snprintf(p->samples, sizeof(p->samples), "1:9:2");
+    char path[] = "/tmp/fasa_profile_XXXXXX", err[256];
+    const int fd = mkstemp(path);
+    ck_assert_int_ge(fd, 0);
+    close(fd);
+    ck_assert_int_eq(fasa_profile_save(p, path, err, sizeof(err)), 0);
+    fasa_profile *q = fasa_profile_load(path, err, sizeof(err));
+    ck_assert_msg(q != NULL, "%s", err);
+    ck_assert_int_eq(q->n_layers, 3);
+    ck_assert_int_eq(q->head_dim, 10);
+    ck_assert_str_eq(q->samples, "1:9:2");
+    ck_assert_mem_eq(q->fcs, p->fcs, 3 * 4 * 2 * sizeof(int));
+    for (int i = 0; i < 3 * 4 * 5; i++) ck_assert_double_eq_tol(q->ca[i], p->ca[i], 1e-6);
+    ck_assert_int_eq(fasa_profile_check(q, 3, 4, 2, 10, FC_PAIRING_INTERLEAVED, err, sizeof(err)), 0);
+    ck_assert_int_eq(fasa_profile_check(q, 4, 4, 2, 10, FC_PAIRING_INTERLEAVED, err, sizeof(err)), -1);
+    ck_assert_ptr_nonnull(strstr(err, "n_layers"));
+    /* A damaged row is refused with its line number. */
+    FILE *f = fopen(path, "a");
+    fclose(f);
+    f = fopen(path, "w");
+    fasa_profile_write(p, f);
+    fprintf(f, "garbage\n");
+    fclose(f);
+    fasa_profile_destroy(&q);
+    q = fasa_profile_load(path, err, sizeof(err));
+    ck_assert_ptr_nonnull(q); /* trailing lines after the table are ignored */
+    fasa_profile_destroy(&q);
+    f = fopen(path, "w");
+    fputs("fasa-profile 1\nn_layers 1\nn_heads 1\nn_kv_heads 1\nhead_dim 4\npairing interleaved\n"
+          "gqa per-head\nntip 1\nwindow 8\nsamples -\n0 0 : 5 : 0.1 0.2\n", f);
+    fclose(f);
+    ck_assert_ptr_null(fasa_profile_load(path, err, sizeof(err)));
+    ck_assert_ptr_nonnull(strstr(err, "line 11"));
+    unlink(path);
+    fasa_profile_destroy(&p);
+}
+END_TEST
+
+Suite *engine_suite(void)
+{
+    Suite *s = suite_create("engine");
+    TCase *tc = tcase_create("engine");
+    tcase_set_timeout(tc, 300);
+    tcase_add_test(tc, test_engine_shards_agree);
+    tcase_add_test(tc, test_engine_bad_input);
+    tcase_add_test(tc, test_profile_roundtrip);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+/* ---- golden: the recorded stories260K activations ---- */
+
+static fasa_qkv s_dump;
+
+static void s_golden_setup(void)
+{
+    char path[1024], err[512];
+    snprintf(path, sizeof(path), "%s/data/models/stories260K/golden/tinystories_T2048.qkv",
+             test_shared_dir());
+    ck_assert_msg(fasa_qkv_load(path, &s_dump, err, sizeof(err)) == 0, "%s", err);
+}
+
+static void s_golden_teardown(void)
+{
+    fasa_qkv_cleanup(&s_dump);
+}
+
+static run_cfg s_dump_cfg(fasa_method m, int budget, const fasa_profile *p, fasa_gqa gqa)
+{
+    const fasa_activations *a = &s_dump.act;
+    return (run_cfg){a->n_layers, a->n_heads, a->n_kv_heads, a->head_dim, a->n_tokens, 1024, 64,
+                     m, gqa, budget, p, a->q, a->k, a->v, 64};
+}
+
+/* dense through the engine equals exact attention computed here in double precision. */
+START_TEST(test_golden_dense_exact)
+{
+    const fasa_activations *a = &s_dump.act;
+    ck_assert_int_eq(a->n_tokens, 2048);
+    ck_assert_int_eq(a->head_dim, 8);
+    run_cfg c = s_dump_cfg(FASA_METHOD_DENSE, 32, NULL, FASA_GQA_PER_HEAD);
+    const int steps = 16, L = a->n_layers, H = a->n_heads, d = a->head_dim;
+    float *out = test_alloc((size_t)steps * L * H * d * 4), want[8];
+    s_run(&c, 1, out, NULL);
+    const int grp = H / a->n_kv_heads, ld = a->n_kv_heads * d;
+    double worst = 0;
+    for (int s = 0; s < steps; s++) {
+        const int t = 1024 + 64 * s;
+        for (int l = 0; l < L; l++)
+            for (int h = 0; h < H; h++) {
+                attn_ref(t + 1, d, 1.0f / sqrtf(d), a->q[l] + ((size_t)t * H + h) * d,
+                         a->k[l] + (h / grp) * d, ld, a->v[l] + (h / grp) * d, ld, want);
+                const double e = test_rel_err(d, out + (((size_t)s * L + l) * H + h) * d, want);
+                if (e > worst) worst = e;
+            }
+    }
+    ck_assert_double_le(worst, 1e-5);
+    free(out);
+}
+END_TEST
+
+/* oracle with B >= t+1 equals dense: through the engine (which then attends every token)
+ * and through the sparse path itself (shard_score + shard_attend with B covering all rows). */
+START_TEST(test_golden_oracle_full_budget)
+{
+    const fasa_activations *a = &s_dump.act;
+    const int steps = 16, L = a->n_layers, H = a->n_heads, d = a->head_dim;
+    const size_t no = (size_t)steps * L * H * d;
+    float *od = test_alloc(no * 4), *oo = test_alloc(no * 4);
+    run_cfg c = s_dump_cfg(FASA_METHOD_DENSE, 2048, NULL, FASA_GQA_PER_HEAD);
+    s_run(&c, 1, od, NULL);
+    c.method = FASA_METHOD_ORACLE;
+    s_run(&c, 3, oo, NULL);
+    ck_assert_double_le(test_max_abs_diff(no, oo, od), 1e-6);
+
+    shard_layout lay;
+    ck_assert_int_eq(shard_layout_plain(&lay, L, H, a->n_kv_heads, d), 0);
+    shard_t *sh = shard_new(&lay);
+    int32_t *pos = test_alloc(2048 * 4);
+    for (int i = 0; i < 2048; i++) pos[i] = i;
+    for (int l = 0; l < L; l++) ck_assert_int_eq(shard_append(sh, l, 2048, pos, a->k[l], a->v[l]), 0);
+    const int B = 2048, grp = H / a->n_kv_heads;
+    topk_cand *cands = test_alloc((size_t)H * B * sizeof(topk_cand)), thr[8];
+    int n_c[8];
+    uint8_t have[8];
+    float m[8], out[8], want[8];
+    double lsum[8], o[64];
+    for (int t = 1023; t < 2048; t += 128)
+        for (int l = 0; l < L; l++) {
+            shard_step st = {l, SHARD_ORACLE, SHARD_GQA_PER_HEAD, B, t, 1.0f / sqrtf(d),
+                             a->q[l] + (size_t)t * H * d};
+            ck_assert_int_eq(shard_score(sh, &st, cands, n_c), 0);
+            for (int h = 0; h < H; h++) {
+                ck_assert_int_eq(n_c[h], t + 1);
+                thr[h] = cands[(size_t)h * B + n_c[h] - 1];
+                have[h] = 1;
+            }
+            ck_assert_int_eq(shard_attend(sh, &st, thr, have, m, lsum, o), 0);
+            for (int h = 0; h < H; h++) {
+                attn_finalize(d, lsum[h], o + h * d, out);
+                attn_ref(t + 1, d, st.scale, st.q + h * d, a->k[l] + (h / grp) * d,
+                         a->n_kv_heads * d, a->v[l] + (h / grp) * d, a->n_kv_heads * d, want);
+                ck_assert_double_le(test_rel_err(d, out, want), 1e-5);
+            }
+        }
+    shard_destroy(&sh);
+    shard_layout_cleanup(&lay);
+    free(pos), free(cands), free(od), free(oo);
+}
+END_TEST
+
+/* Calibrated fasa, oracle and dense give the same outputs and selections on 1 and 3 shards. */
+START_TEST(test_golden_shards_agree)
+{
+    const fasa_activations *a = &s_dump.act;
+    char err[256];
+    for (int shared = 0; shared < 2; shared++) {
+        fasa_calib_opts co = {.ntip = 2, .window = 32, .pos_begin = 256, .pos_end = 2048,
+                              .pos_step = 128, .pairing = FC_PAIRING_INTERLEAVED,
+                              .gqa_shared = shared};
+        fasa_profile *p = fasa_calibrate(a, &co, err, sizeof(err));
+        ck_assert_msg(p != NULL, "%s", err);
+        for (int m = 0; m < 3; m++) {
+            run_cfg c = s_dump_cfg((fasa_method)m, 32, p, (fasa_gqa)shared);
+            const size_t no = (size_t)16 * a->n_layers * a->n_heads * a->head_dim;
+            const size_t ns = (size_t)16 * a->n_layers * a->n_heads * 32;
+            float *o1 = test_alloc(no * 4), *o3 = test_alloc(no * 4);
+            int32_t *s1 = test_alloc(ns * 4), *s3 = test_alloc(ns * 4);
+            s_run(&c, 1, o1, s1);
+            s_run(&c, 3, o3, s3);
+            ck_assert_double_le(test_max_abs_diff(no, o1, o3), 1e-6);
+            ck_assert_mem_eq(s1, s3, ns * 4);
+            free(o1), free(o3), free(s1), free(s3);
+        }
+        fasa_profile_destroy(&p);
+    }
+}
+END_TEST
+
+/* The profile's mean CA equals the naive CA kernel averaged by hand. */
+START_TEST(test_golden_calibration)
+{
+    const fasa_activations *a = &s_dump.act;
+    char err[256];
+    fasa_calib_opts co = {.ntip = 2, .window = 32, .pos_begin = 100, .pos_end = 2048,
+                          .pos_step = 250, .pairing = FC_PAIRING_HALF};
+    fasa_profile *p = fasa_calibrate(a, &co, err, sizeof(err));
+    ck_assert_msg(p != NULL, "%s", err);
+    const int d = a->head_dim, H = a->n_heads, grp = H / a->n_kv_heads;
+    const int checks[3][2] = {{0, 0}, {2, 5}, {4, 7}};
+    for (int i = 0; i < 3; i++) {
+        const int l = checks[i][0], h = checks[i][1];
+        double ca[4] = {0};
+        int n = 0;
+        for (int t = 100; t < 2048; t += 250, n++)
+            ca_accumulate_ref(t + 1, d, FC_PAIRING_HALF, 32, a->q[l] + ((size_t)t * H + h) * d,
+                              a->k[l] + (h / grp) * d, a->n_kv_heads * d, ca);
+        for (int f = 0; f < 4; f++)
+            ck_assert_double_eq_tol(p->ca[((size_t)l * H + h) * 4 + f], ca[f] / n, 1e-12);
+        int fcs[2];
+        for (int f = 0; f < 4; f++) ca[f] /= n;
+        ca_select(4, 2, ca, fcs);
+        ck_assert_int_eq(p->fcs[((size_t)l * H + h) * 2], fcs[0]);
+        ck_assert_int_eq(p->fcs[((size_t)l * H + h) * 2 + 1], fcs[1]);
+    }
+    fasa_profile_destroy(&p);
+}
+END_TEST
+
+Suite *golden_suite(void)
+{
+    Suite *s = suite_create("golden");
+    TCase *tc = tcase_create("stories260K");
+    tcase_add_unchecked_fixture(tc, s_golden_setup, s_golden_teardown);
+    tcase_set_timeout(tc, 600);
+    tcase_add_test(tc, test_golden_dense_exact);
+    tcase_add_test(tc, test_golden_oracle_full_budget);
+    tcase_add_test(tc, test_golden_shards_agree);
+    tcase_add_test(tc, test_golden_calibration);
+    suite_add_tcase(s, tc);
+    return s;
+}

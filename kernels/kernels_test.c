@@ -1,0 +1,311 @@
+/* Every optimised kernel against its naive reference. */
+#include <math.h>
+#include <string.h>
+
+#include "attn.h"
+#include "ca.h"
+#include "score.h"
+#include "test_util.h"
+#include "topk.h"
+
+/* score_tiles vs score_tiles_ref over head counts that hit every grouping (4, 2, 1). */
+START_TEST(test_score_tiles)
+{
+    test_rng r = {1};
+    const int dims[] = {0, 2, 8, 32, 33, 128};
+    for (size_t di = 0; di < sizeof(dims) / sizeof(*dims); di++)
+        for (int n_q = 1; n_q <= 8; n_q++) {
+            const int nd = dims[di], n_tiles = 5, ld = n_tiles * SCORE_TILE + 3;
+            float *q = test_alloc((size_t)n_q * nd * 4 + 4);
+            float *tiles = test_alloc((size_t)n_tiles * nd * SCORE_TILE * 4 + 4);
+            float *a = test_alloc((size_t)n_q * ld * 4), *b = test_alloc((size_t)n_q * ld * 4);
+            test_fill(&r, (size_t)n_q * nd, q, 2.0f);
+            test_fill(&r, (size_t)n_tiles * nd * SCORE_TILE, tiles, 3.0f);
+            score_tiles(n_tiles, nd, n_q, a, ld, q, tiles);
+            score_tiles_ref(n_tiles, nd, n_q, b, ld, q, tiles);
+            for (int h = 0; h < n_q; h++)
+                for (int j = 0; j < n_tiles * SCORE_TILE; j++)
+                    ck_assert_float_eq_tol(a[h * ld + j], b[h * ld + j], 1e-5f * (nd + 1) * 6);
+            free(q), free(tiles), free(a), free(b);
+        }
+}
+END_TEST
+
+START_TEST(test_score_rows)
+{
+    test_rng r = {2};
+    const int dims[] = {1, 2, 15, 16, 17, 96, 128};
+    for (size_t di = 0; di < sizeof(dims) / sizeof(*dims); di++)
+        for (int n_q = 1; n_q <= 5; n_q += 2)
+            for (int acc = 0; acc < 2; acc++) {
+                const int nd = dims[di], n = 37, ldr = nd + 5, ld = n + 1;
+                float *q = test_alloc((size_t)n_q * nd * 4);
+                float *rows = test_alloc((size_t)n * ldr * 4);
+                float *a = test_alloc((size_t)n_q * ld * 4), *b = test_alloc((size_t)n_q * ld * 4);
+                test_fill(&r, (size_t)n_q * nd, q, 1.0f);
+                test_fill(&r, (size_t)n * ldr, rows, 1.0f);
+                test_fill(&r, (size_t)n_q * ld, a, 1.0f);
+                memcpy(b, a, (size_t)n_q * ld * 4);
+                score_rows(n, nd, n_q, a, ld, q, rows, ldr, acc);
+                score_rows_ref(n, nd, n_q, b, ld, q, rows, ldr, acc);
+                ck_assert_double_le(test_max_abs_diff((size_t)n_q * ld, a, b), 1e-5 * (nd + 1));
+                free(q), free(rows), free(a), free(b);
+            }
+}
+END_TEST
+
+/* Checks topk_select against topk_ref: the same set (compared after sorting). */
+static void s_check_topk(int n, int k, const topk_cand *in)
+{
+    topk_cand *a = test_alloc((size_t)(n + 1) * sizeof(*a)), *b = test_alloc((size_t)(n + 1) * sizeof(*b));
+    memcpy(a, in, (size_t)n * sizeof(*a));
+    const int m = topk_select(n, k, a);
+    const int mr = topk_ref(n, k, in, b);
+    ck_assert_int_eq(m, mr);
+    topk_sort(m, a);
+    for (int i = 0; i < m; i++) {
+        ck_assert_int_eq(a[i].pos, b[i].pos);
+        ck_assert(a[i].score == b[i].score || (a[i].score != a[i].score && b[i].score != b[i].score));
+    }
+    free(a), free(b);
+}
+
+START_TEST(test_topk_cases)
+{
+    test_rng r = {3};
+    const int ns[] = {1, 2, 3, 4, 5, 17, 100, 1000, 5000};
+    for (size_t ni = 0; ni < sizeof(ns) / sizeof(*ns); ni++) {
+        const int n = ns[ni];
+        topk_cand *c = test_alloc((size_t)n * sizeof(*c));
+        const int ks[] = {1, 2, n / 2, n - 1, n, n + 5};
+        for (int mode = 0; mode < 5; mode++) {
+            for (int i = 0; i < n; i++) {
+                float s;
+                switch (mode) {
+                case 0: s = test_uniform(&r); break;                       /* distinct */
+                case 1: s = (float)(test_next(&r) % 4); break;             /* many ties */
+                case 2: s = 1.5f; break;                                   /* all equal */
+                case 3: s = (i % 7 == 0) ? NAN : test_uniform(&r); break;  /* NaN ranks last */
+                default: s = (float)(n - i); break;                        /* sorted */
+                }
+                c[i] = (topk_cand){s, i};
+            }
+            /* Shuffle positions so that ties are not resolved by input order. */
+            for (int i = n - 1; i > 0; i--) {
+                const int j = (int)(test_next(&r) % (uint64_t)(i + 1));
+                const int32_t t = c[i].pos;
+                c[i].pos = c[j].pos;
+                c[j].pos = t;
+            }
+            for (size_t ki = 0; ki < sizeof(ks) / sizeof(*ks); ki++)
+                if (ks[ki] >= 1) s_check_topk(n, ks[ki], c);
+        }
+        free(c);
+    }
+    /* Ties break to the lower position; k <= 0 selects nothing. */
+    topk_cand t[4] = {{1.0f, 9}, {2.0f, 5}, {2.0f, 3}, {1.0f, 2}};
+    ck_assert_int_eq(topk_select(4, 2, t), 2);
+    topk_sort(2, t);
+    ck_assert_int_eq(t[0].pos, 3);
+    ck_assert_int_eq(t[1].pos, 5);
+    ck_assert_int_eq(topk_select(4, 0, t), 0);
+    ck_assert(topk_better((topk_cand){-INFINITY, 9}, (topk_cand){NAN, 0}));
+}
+END_TEST
+
+/* The running top-k over blocks equals one selection over everything. */
+START_TEST(test_topk_acc)
+{
+    test_rng r = {4};
+    const int n = 20000, block = 1000;
+    float *s = test_alloc((size_t)n * 4);
+    topk_cand *all = test_alloc((size_t)n * sizeof(*all));
+    for (int i = 0; i < n; i++) {
+        s[i] = (float)(test_next(&r) % 50); /* heavy ties */
+        all[i] = (topk_cand){s[i], i};
+    }
+    const int ks[] = {1, 7, 256, 5000, 20000};
+    for (size_t ki = 0; ki < 5; ki++) {
+        const int k = ks[ki], cap = 2 * k + block;
+        topk_cand *buf = test_alloc((size_t)cap * sizeof(*buf)), *ref = test_alloc((size_t)k * sizeof(*ref));
+        topk_acc acc;
+        topk_acc_init(&acc, k, buf, cap);
+        for (int i = 0; i < n; i += block) topk_acc_push(&acc, block, s + i, NULL, i);
+        const int m = topk_acc_finish(&acc);
+        ck_assert_int_eq(m, topk_ref(n, k, all, ref));
+        for (int i = 0; i < m; i++) ck_assert_int_eq(buf[i].pos, ref[i].pos);
+        free(buf), free(ref);
+    }
+    free(s), free(all);
+}
+END_TEST
+
+/* Blocked online-softmax attention against the double-precision reference. */
+START_TEST(test_attn_dense)
+{
+    test_rng r = {5};
+    const int ns[] = {1, 7, 255, 256, 257, 1000};
+    const int ds[] = {2, 8, 128};
+    const float qscale[] = {0.1f, 1.0f, 30.0f}; /* near-uniform to very peaky */
+    for (size_t ni = 0; ni < 6; ni++)
+        for (size_t di = 0; di < 3; di++)
+            for (size_t qi = 0; qi < 3; qi++) {
+                const int n = ns[ni], d = ds[di], n_q = 3;
+                float *q = test_alloc((size_t)n_q * d * 4), *k = test_alloc((size_t)n * d * 4);
+                float *v = test_alloc((size_t)n * d * 4), *o = test_alloc((size_t)n_q * d * 4);
+                float *ref = test_alloc((size_t)d * 4), *scr = test_alloc((size_t)n_q * ATTN_BLOCK * 4);
+                test_fill(&r, (size_t)n_q * d, q, qscale[qi]);
+                test_fill(&r, (size_t)n * d, k, 1.0f);
+                test_fill(&r, (size_t)n * d, v, 1.0f);
+                const float scale = 1.0f / sqrtf((float)d);
+                attn_dense(n, d, n_q, scale, q, k, d, v, d, o, scr);
+                for (int h = 0; h < n_q; h++) {
+                    attn_ref(n, d, scale, q + h * d, k, d, v, d, ref);
+                    ck_assert_double_le(test_max_abs_diff((size_t)d, o + h * d, ref), 2e-5);
+                }
+                free(q), free(k), free(v), free(o), free(ref), free(scr);
+            }
+}
+END_TEST
+
+/* Logits of +-1e30 and a single row: no overflow, NaN or division by zero. */
+START_TEST(test_attn_extreme_logits)
+{
+    const int d = 2;
+    float m[1];
+    double l[1], o[2];
+    const float v[3 * 2] = {1, 2, 3, 4, 5, 6};
+    const float big[3] = {1e30f, -1e30f, 1e30f};
+    attn_state_init(1, d, m, l, o);
+    attn_accum(3, d, 1, big, 3, v, d, m, l, o);
+    float out[2];
+    attn_finalize(d, l[0], o, out);
+    ck_assert_float_eq_tol(out[0], 3.0f, 1e-6f); /* the two +1e30 rows share the weight */
+    ck_assert_float_eq_tol(out[1], 4.0f, 1e-6f);
+    const float neg[3] = {-1e30f, -1e30f, -3e30f};
+    attn_state_init(1, d, m, l, o);
+    attn_accum(3, d, 1, neg, 3, v, d, m, l, o);
+    attn_finalize(d, l[0], o, out);
+    ck_assert_float_eq_tol(out[0], 2.0f, 1e-6f);
+    ck_assert(isfinite(out[1]));
+    const float one[1] = {-5e29f};
+    attn_state_init(1, d, m, l, o);
+    attn_accum(1, d, 1, one, 1, v + 4, d, m, l, o);
+    attn_finalize(d, l[0], o, out);
+    ck_assert_float_eq(out[0], 5.0f);
+    ck_assert_float_eq(out[1], 6.0f);
+}
+END_TEST
+
+/* Partials over disjoint parts merge to the partial of the whole; empty parts are skipped. */
+START_TEST(test_attn_merge)
+{
+    test_rng r = {6};
+    const int n = 300, d = 16, parts = 4;
+    float *lg = test_alloc(n * 4), *v = test_alloc((size_t)n * d * 4);
+    test_fill(&r, n, lg, 20.0f);
+    test_fill(&r, (size_t)n * d, v, 1.0f);
+    float m1, out1[16];
+    double l1, o1[16];
+    attn_state_init(1, d, &m1, &l1, o1);
+    attn_accum(n, d, 1, lg, n, v, d, &m1, &l1, o1);
+    attn_finalize(d, l1, o1, out1);
+    float pm[5];
+    double pl[5], po[5 * 16];
+    const int cut[5] = {0, 10, 10, 200, 300}; /* part 1 is empty */
+    for (int p = 0; p < parts; p++) {
+        attn_state_init(1, d, &pm[p], &pl[p], po + p * d);
+        attn_accum(cut[p + 1] - cut[p], d, 1, lg + cut[p], n, v + (size_t)cut[p] * d, d, &pm[p],
+                   &pl[p], po + p * d);
+    }
+    float mm, outm[16];
+    double lm, om[16];
+    attn_merge(parts, d, pm, pl, po, &mm, &lm, om);
+    attn_finalize(d, lm, om, outm);
+    ck_assert_double_le(test_max_abs_diff(d, outm, out1), 1e-6);
+    ck_assert_float_eq(mm, m1);
+    /* All parts empty: the empty partial and zero output. */
+    float em[2] = {-INFINITY, -INFINITY};
+    double el[2] = {0, 0}, eo[32] = {0};
+    attn_merge(2, d, em, el, eo, &mm, &lm, om);
+    ck_assert(lm == 0.0 && mm == -INFINITY);
+    attn_finalize(d, lm, om, outm);
+    ck_assert_float_eq(outm[0], 0.0f);
+    free(lg), free(v);
+}
+END_TEST
+
+/* Contextual agreement: the fast kernel equals the naive one exactly, both pairings. */
+START_TEST(test_ca)
+{
+    test_rng r = {7};
+    const int ns[] = {1, 5, 64, 300};
+    const int ds[] = {2, 8, 16};
+    for (int pairing = 0; pairing < 2; pairing++)
+        for (size_t ni = 0; ni < 4; ni++)
+            for (size_t di = 0; di < 3; di++)
+                for (int w = 1; w <= 64; w *= 4) {
+                    const int n = ns[ni], d = ds[di], ld = d + 2;
+                    float *q = test_alloc((size_t)d * 4), *k = test_alloc((size_t)n * ld * 4);
+                    test_fill(&r, (size_t)d, q, 1.0f);
+                    for (int i = 0; i < n * ld; i++) /* coarse values make ties common */
+                        k[i] = (float)((int)(test_next(&r) % 5) - 2);
+                    double a[8] = {0}, b[8] = {0};
+                    void *scr = test_alloc(ca_scratch_bytes(n));
+                    ca_accumulate(n, d, (fc_pairing)pairing, w, q, k, ld, a, scr);
+                    ca_accumulate_ref(n, d, (fc_pairing)pairing, w, q, k, ld, b);
+                    for (int i = 0; i < d / 2; i++) {
+                        ck_assert_double_eq(a[i], b[i]);
+                        ck_assert(a[i] >= 0.0 && a[i] <= 1.0);
+                    }
+                    free(q), free(k), free(scr);
+                }
+    /* A key set where FC 1 alone carries the ranking: its agreement is 1. */
+    const int n = 50, d = 4;
+    float q[4] = {0, 0, 1, 0}, k[50 * 4];
+    for (int j = 0; j < n; j++) {
+        k[j * 4 + 0] = 0.001f * (float)(j % 3);
+        k[j * 4 + 1] = 0;
+        k[j * 4 + 2] = (float)j;
+        k[j * 4 + 3] = 0;
+    }
+    double ca[2] = {0, 0};
+    void *scr = test_alloc(ca_scratch_bytes(n));
+    ca_accumulate(n, d, FC_PAIRING_INTERLEAVED, 10, q, k, d, ca, scr);
+    ck_assert_double_eq(ca[1], 1.0);
+    free(scr);
+}
+END_TEST
+
+START_TEST(test_ca_select)
+{
+    const double ca[6] = {0.5, 0.9, 0.5, 0.1, 0.9, 0.5};
+    int fcs[6];
+    ca_select(6, 3, ca, fcs); /* 1 and 4 tie at the top; then 0 wins the tie at 0.5 */
+    ck_assert_int_eq(fcs[0], 0);
+    ck_assert_int_eq(fcs[1], 1);
+    ck_assert_int_eq(fcs[2], 4);
+    ca_select(6, 6, ca, fcs);
+    for (int i = 0; i < 6; i++) ck_assert_int_eq(fcs[i], i);
+    ca_select(6, 1, ca, fcs);
+    ck_assert_int_eq(fcs[0], 1);
+}
+END_TEST
+
+Suite *kernels_suite(void)
+{
+    Suite *s = suite_create("kernels");
+    TCase *tc = tcase_create("core");
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, test_score_tiles);
+    tcase_add_test(tc, test_score_rows);
+    tcase_add_test(tc, test_topk_cases);
+    tcase_add_test(tc, test_topk_acc);
+    tcase_add_test(tc, test_attn_dense);
+    tcase_add_test(tc, test_attn_extreme_logits);
+    tcase_add_test(tc, test_attn_merge);
+    tcase_add_test(tc, test_ca);
+    tcase_add_test(tc, test_ca_select);
+    suite_add_tcase(s, tc);
+    return s;
+}

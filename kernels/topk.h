@@ -1,0 +1,58 @@
+/* Top-k selection of (score, position) candidates under one total order: a higher score
+ * first, then a lower position; NaN ranks below every number. Positions are unique
+ * within one selection, so the order is strict and every selection is reproducible,
+ * whatever order the candidates arrive in or how they are split across shards. */
+#ifndef FASA_KERNELS_TOPK_H
+#define FASA_KERNELS_TOPK_H
+
+#include <stdint.h>
+
+typedef struct topk_cand {
+    float score; /* ranking score (unscaled partial or full dot product) */
+    int32_t pos; /* absolute token position */
+} topk_cand;
+
+/* 1 when a ranks strictly before b in the total order. */
+static inline int topk_better(topk_cand a, topk_cand b)
+{
+    if (a.score > b.score) return 1;
+    if (a.score < b.score) return 0;
+    if (a.score == b.score) return a.pos < b.pos;
+    const int a_nan = a.score != a.score, b_nan = b.score != b.score;
+    if (a_nan != b_nan) return b_nan;
+    return a.pos < b.pos;
+}
+
+/* Reorders items so that items[0..min(k, n)) are the k best (in no particular order).
+ * Expected O(n) (quickselect with median-of-three pivots, falling back to a heap-free
+ * sort when partitions keep coming out lopsided). Returns min(k, n); k <= 0 gives 0. */
+int topk_select(int n, int k, topk_cand *items);
+
+/* Sorts items best-first. */
+void topk_sort(int n, topk_cand *items);
+
+/* Naive reference: copies in, sorts it fully, writes the best min(k, n) to out best-first.
+ * Returns min(k, n). */
+int topk_ref(int n, int k, const topk_cand *in, topk_cand *out);
+
+/* A running top-k over candidates pushed in blocks, for scans longer than memory allows to
+ * keep every score. Holds at most cap candidates, cap >= 2 * k + the largest block pushed;
+ * once it has seen k candidates, a candidate that cannot beat the current k-th best is
+ * dropped without being stored, so the expected cost is O(1) per candidate. */
+typedef struct topk_acc {
+    topk_cand *items; /* (cap) caller-owned buffer */
+    int n;            /* candidates held now */
+    int cap;          /* capacity of items */
+    int k;            /* how many to keep */
+    int have_thr;     /* 1 once thr is the k-th best of everything seen */
+    topk_cand thr;    /* the k-th best so far, valid when have_thr */
+} topk_acc;
+
+void topk_acc_init(topk_acc *acc, int k, topk_cand *buf, int cap);
+/* Offers n candidates: scores[i] at position pos0 + i (pos == NULL) or pos[i]. n must be
+ * at most cap - 2 * k. */
+void topk_acc_push(topk_acc *acc, int n, const float *scores, const int32_t *pos, int32_t pos0);
+/* Leaves the best min(k, seen) candidates in items[0..return), sorted best-first. */
+int topk_acc_finish(topk_acc *acc);
+
+#endif

@@ -1,0 +1,456 @@
+/* Shard store and the two local phases of a step. See shard.h for the layout. */
+#include "shard.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "attn.h"
+#include "score.h"
+
+typedef struct kv_chunk {
+    float *kdom;  /* (SHARD_CHUNK / SCORE_TILE, n_dom, SCORE_TILE) */
+    float *krest; /* (SHARD_CHUNK, head_dim - n_dom) */
+    float *v;     /* (SHARD_CHUNK, head_dim) */
+} kv_chunk;
+
+typedef struct layer_store {
+    int n_rows;        /* rows held */
+    int n_chunks;      /* chunks allocated */
+    int cap_chunks;    /* capacity of chunks */
+    kv_chunk **chunks; /* (cap_chunks) each an array of n_kv_heads */
+    int32_t *pos;      /* (pos_cap) position of each row, ascending */
+    int pos_cap;
+} layer_store;
+
+struct shard {
+    shard_layout lay;
+    layer_store *layers; /* (n_layers) */
+    /* Per-step state and grow-only scratch; the hot path allocates only on growth. */
+    topk_cand *kept;     /* (units, kept_budget) candidates of the last shard_score */
+    int *n_kept;         /* (units) */
+    int kept_budget;
+    size_t kept_cap;
+    topk_cand *acc_buf; /* (n_q, 2 * budget + SHARD_CHUNK) running top-k buffers */
+    size_t acc_cap;
+    float *gather; /* (2 * budget * head_dim) gathered K and V rows, permuted K order */
+    size_t gather_cap;
+    int64_t bytes_read_last; /* KV bytes read by the last score + attend */
+    float scores[]; /* flexible tail: see shard_new */
+};
+
+/* The per-step query scratch that lives in the flexible tail of struct shard:
+ * scores (group, SHARD_CHUNK), qd (group, head_dim), qr (group, head_dim),
+ * logits (group, max(ATTN_BLOCK, SHARD_CHUNK)). */
+static size_t s_tail_floats(const shard_layout *lay)
+{
+    const int g = lay->n_heads / lay->n_kv_heads;
+    return (size_t)g * SHARD_CHUNK + 2 * (size_t)g * lay->head_dim + (size_t)g * SHARD_CHUNK;
+}
+
+static void *s_xrealloc(void *p, size_t bytes)
+{
+    return realloc(p, bytes ? bytes : 1);
+}
+
+void shard_layout_cleanup(shard_layout *lay)
+{
+    free(lay->n_dom);
+    free(lay->perm);
+    free(lay->qmask);
+    lay->n_dom = NULL;
+    lay->perm = NULL;
+    lay->qmask = NULL;
+}
+
+static int s_layout_alloc(shard_layout *dst, int n_layers, int n_heads, int n_kv_heads,
+                          int head_dim)
+{
+    dst->n_layers = n_layers;
+    dst->n_heads = n_heads;
+    dst->n_kv_heads = n_kv_heads;
+    dst->head_dim = head_dim;
+    dst->n_dom = calloc((size_t)n_layers * n_kv_heads, sizeof(int));
+    dst->perm = calloc((size_t)n_layers * n_kv_heads * head_dim, sizeof(int));
+    dst->qmask = calloc((size_t)n_layers * n_heads * head_dim, 1);
+    if (!dst->n_dom || !dst->perm || !dst->qmask) {
+        shard_layout_cleanup(dst);
+        return -1;
+    }
+    return 0;
+}
+
+int shard_layout_copy(shard_layout *dst, const shard_layout *src)
+{
+    if (s_layout_alloc(dst, src->n_layers, src->n_heads, src->n_kv_heads, src->head_dim))
+        return -1;
+    const size_t lk = (size_t)src->n_layers * src->n_kv_heads;
+    memcpy(dst->n_dom, src->n_dom, lk * sizeof(int));
+    memcpy(dst->perm, src->perm, lk * src->head_dim * sizeof(int));
+    memcpy(dst->qmask, src->qmask, (size_t)src->n_layers * src->n_heads * src->head_dim);
+    return 0;
+}
+
+int shard_layout_plain(shard_layout *dst, int n_layers, int n_heads, int n_kv_heads,
+                       int head_dim)
+{
+    if (s_layout_alloc(dst, n_layers, n_heads, n_kv_heads, head_dim)) return -1;
+    for (size_t i = 0; i < (size_t)n_layers * n_kv_heads; i++)
+        for (int c = 0; c < head_dim; c++) dst->perm[i * head_dim + c] = c;
+    return 0;
+}
+
+shard_t *shard_new(const shard_layout *layout)
+{
+    shard_t *s = calloc(1, sizeof(*s) + s_tail_floats(layout) * sizeof(float));
+    if (!s) return NULL;
+    if (shard_layout_copy(&s->lay, layout)) goto err_free;
+    s->layers = calloc((size_t)layout->n_layers, sizeof(*s->layers));
+    s->n_kept = calloc((size_t)layout->n_heads, sizeof(int));
+    if (!s->layers || !s->n_kept) goto err_layout;
+    return s;
+err_layout:
+    free(s->layers);
+    free(s->n_kept);
+    shard_layout_cleanup(&s->lay);
+err_free:
+    free(s);
+    return NULL;
+}
+
+void shard_destroy(shard_t **shard_p)
+{
+    shard_t *s = *shard_p;
+    if (!s) return;
+    for (int l = 0; l < s->lay.n_layers; l++) {
+        layer_store *ls = &s->layers[l];
+        for (int c = 0; c < ls->n_chunks; c++) {
+            for (int g = 0; g < s->lay.n_kv_heads; g++) {
+                free(ls->chunks[c][g].kdom);
+                free(ls->chunks[c][g].krest);
+                free(ls->chunks[c][g].v);
+            }
+            free(ls->chunks[c]);
+        }
+        free(ls->chunks);
+        free(ls->pos);
+    }
+    free(s->layers);
+    free(s->kept);
+    free(s->n_kept);
+    free(s->acc_buf);
+    free(s->gather);
+    shard_layout_cleanup(&s->lay);
+    free(s);
+    *shard_p = NULL;
+}
+
+static kv_chunk *s_chunk_new(const shard_layout *lay, int layer)
+{
+    const int d = lay->head_dim;
+    kv_chunk *ch = calloc((size_t)lay->n_kv_heads, sizeof(*ch));
+    if (!ch) return NULL;
+    for (int g = 0; g < lay->n_kv_heads; g++) {
+        const int u = lay->n_dom[layer * lay->n_kv_heads + g];
+        /* calloc: padding rows of a partial tile must score as zeros, not garbage. */
+        ch[g].kdom = calloc((size_t)SHARD_CHUNK * (u ? u : 1), sizeof(float));
+        ch[g].krest = calloc((size_t)SHARD_CHUNK * (d - u ? d - u : 1), sizeof(float));
+        ch[g].v = malloc((size_t)SHARD_CHUNK * d * sizeof(float));
+        if (!ch[g].kdom || !ch[g].krest || !ch[g].v) {
+            for (int i = 0; i <= g; i++) {
+                free(ch[i].kdom);
+                free(ch[i].krest);
+                free(ch[i].v);
+            }
+            free(ch);
+            return NULL;
+        }
+    }
+    return ch;
+}
+
+/* Makes room for n more rows in a layer; all or nothing. */
+static int s_reserve(shard_t *s, int layer, int n)
+{
+    layer_store *ls = &s->layers[layer];
+    const int need_rows = ls->n_rows + n;
+    if (need_rows > ls->pos_cap) {
+        int cap = ls->pos_cap ? ls->pos_cap : 1024;
+        while (cap < need_rows) cap *= 2;
+        int32_t *p = s_xrealloc(ls->pos, (size_t)cap * sizeof(*p));
+        if (!p) return -1;
+        ls->pos = p;
+        ls->pos_cap = cap;
+    }
+    const int need_chunks = (need_rows + SHARD_CHUNK - 1) / SHARD_CHUNK;
+    if (need_chunks > ls->cap_chunks) {
+        int cap = ls->cap_chunks ? ls->cap_chunks * 2 : 4;
+        while (cap < need_chunks) cap *= 2;
+        kv_chunk **c = s_xrealloc(ls->chunks, (size_t)cap * sizeof(*c));
+        if (!c) return -1;
+        ls->chunks = c;
+        ls->cap_chunks = cap;
+    }
+    while (ls->n_chunks < need_chunks) {
+        kv_chunk *ch = s_chunk_new(&s->lay, layer);
+        if (!ch) return -1; /* chunks made so far stay for later appends */
+        ls->chunks[ls->n_chunks++] = ch;
+    }
+    return 0;
+}
+
+int shard_append(shard_t *s, int layer, int n, const int32_t *pos, const float *k, const float *v)
+{
+    if (n <= 0) return 0;
+    if (s_reserve(s, layer, n)) return -1;
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads;
+    layer_store *ls = &s->layers[layer];
+    for (int i = 0; i < n; i++) {
+        const int r = ls->n_rows + i;
+        kv_chunk *ch = ls->chunks[r / SHARD_CHUNK];
+        const int rr = r % SHARD_CHUNK, tile = rr / SCORE_TILE, lane = rr % SCORE_TILE;
+        for (int g = 0; g < hkv; g++) {
+            const int u = lay->n_dom[layer * hkv + g];
+            const int *perm = lay->perm + ((size_t)layer * hkv + g) * d;
+            const float *kr = k + ((size_t)i * hkv + g) * d;
+            float *kd = ch[g].kdom + (size_t)tile * u * SCORE_TILE + lane;
+            for (int p = 0; p < u; p++) kd[(size_t)p * SCORE_TILE] = kr[perm[p]];
+            float *kx = ch[g].krest + (size_t)rr * (d - u);
+            for (int p = u; p < d; p++) kx[p - u] = kr[perm[p]];
+            memcpy(ch[g].v + (size_t)rr * d, v + ((size_t)i * hkv + g) * d, (size_t)d * 4);
+        }
+        ls->pos[r] = pos[i];
+    }
+    ls->n_rows += n;
+    return 0;
+}
+
+const shard_layout *shard_layout_of(const shard_t *s)
+{
+    return &s->lay;
+}
+
+int shard_rows(const shard_t *s, int layer)
+{
+    return s->layers[layer].n_rows;
+}
+
+int shard_visible(const shard_t *s, int layer, int32_t max_pos)
+{
+    const layer_store *ls = &s->layers[layer];
+    int lo = 0, hi = ls->n_rows; /* first row with pos > max_pos */
+    while (lo < hi) {
+        const int mid = lo + (hi - lo) / 2;
+        if (ls->pos[mid] <= max_pos) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+int shard_units(const shard_t *s, shard_gqa gqa)
+{
+    return gqa == SHARD_GQA_SHARED ? s->lay.n_kv_heads : s->lay.n_heads;
+}
+
+/* Packs the queries of KV head g's group into permuted order: qd (n_q, u) the dominant
+ * part, qr (n_q, d - u) the rest. FASA masks each head to its own FCs; shared GQA sums
+ * the group into one query (scores are linear in q). Returns n_q. */
+static int s_pack_queries(const shard_t *s, const shard_step *st, int g, float *qd, float *qr)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, grp = lay->n_heads / lay->n_kv_heads;
+    const int u = lay->n_dom[st->layer * lay->n_kv_heads + g];
+    const int *perm = lay->perm + ((size_t)st->layer * lay->n_kv_heads + g) * d;
+    const int shared = st->gqa == SHARD_GQA_SHARED;
+    const int n_q = shared ? 1 : grp;
+    memset(qd, 0, (size_t)n_q * d * sizeof(float));
+    memset(qr, 0, (size_t)n_q * d * sizeof(float));
+    for (int i = 0; i < grp; i++) {
+        const int h = g * grp + i;
+        const float *qh = st->q + (size_t)h * d;
+        const uint8_t *mask = lay->qmask + ((size_t)st->layer * lay->n_heads + h) * d;
+        float *qdi = qd + (size_t)(shared ? 0 : i) * u;
+        float *qri = qr + (size_t)(shared ? 0 : i) * (d - u);
+        for (int p = 0; p < u; p++)
+            if (st->method != SHARD_FASA || mask[p]) qdi[p] += qh[perm[p]];
+        for (int p = u; p < d; p++) qri[p - u] += qh[perm[p]];
+    }
+    return n_q;
+}
+
+static int s_grow(void **buf, size_t *cap, size_t bytes)
+{
+    if (bytes <= *cap) return 0;
+    void *p = realloc(*buf, bytes);
+    if (!p) return -1;
+    *buf = p;
+    *cap = bytes;
+    return 0;
+}
+
+int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads, grp = lay->n_heads / hkv;
+    const int units = shard_units(s, st->gqa), b = st->budget;
+    const layer_store *ls = &s->layers[st->layer];
+    const int n_vis = shard_visible(s, st->layer, st->max_pos);
+    const size_t acc_one = 2 * (size_t)b + SHARD_CHUNK;
+    if (s_grow((void **)&s->kept, &s->kept_cap, (size_t)units * b * sizeof(topk_cand)) ||
+        s_grow((void **)&s->acc_buf, &s->acc_cap, (size_t)grp * acc_one * sizeof(topk_cand)))
+        return -1;
+    s->kept_budget = b;
+
+    float *sc = s->scores, *qd = sc + (size_t)grp * SHARD_CHUNK, *qr = qd + (size_t)grp * d;
+    int64_t bytes = 0;
+    for (int g = 0; g < hkv; g++) {
+        const int u = lay->n_dom[st->layer * hkv + g];
+        const int n_q = s_pack_queries(s, st, g, qd, qr);
+        const int oracle = st->method == SHARD_ORACLE;
+        topk_acc acc[n_q];
+        for (int i = 0; i < n_q; i++) topk_acc_init(&acc[i], b, s->acc_buf + i * acc_one, (int)acc_one);
+        for (int r0 = 0; r0 < n_vis; r0 += SHARD_CHUNK) {
+            const int nr = n_vis - r0 < SHARD_CHUNK ? n_vis - r0 : SHARD_CHUNK;
+            const kv_chunk *ch = &ls->chunks[r0 / SHARD_CHUNK][g];
+            score_tiles((nr + SCORE_TILE - 1) / SCORE_TILE, u, n_q, sc, SHARD_CHUNK, qd, ch->kdom);
+            if (oracle) score_rows(nr, d - u, n_q, sc, SHARD_CHUNK, qr, ch->krest, d - u, 1);
+            for (int i = 0; i < n_q; i++)
+                topk_acc_push(&acc[i], nr, sc + (size_t)i * SHARD_CHUNK, ls->pos + r0, 0);
+        }
+        bytes += (int64_t)n_vis * (oracle ? d : u) * (int64_t)sizeof(float);
+        for (int i = 0; i < n_q; i++) {
+            const int unit = st->gqa == SHARD_GQA_SHARED ? g : g * grp + i;
+            const int n = topk_acc_finish(&acc[i]);
+            memcpy(s->kept + (size_t)unit * b, acc[i].items, (size_t)n * sizeof(topk_cand));
+            s->n_kept[unit] = n;
+            if (cands) memcpy(cands + (size_t)unit * b, acc[i].items, (size_t)n * sizeof(topk_cand));
+            if (n_cands) n_cands[unit] = n;
+        }
+    }
+    s->bytes_read_last = bytes;
+    return 0;
+}
+
+/* Row index of a position this shard holds (binary search; the caller knows it is here). */
+static int s_row_of(const layer_store *ls, int32_t pos)
+{
+    int lo = 0, hi = ls->n_rows - 1;
+    while (lo < hi) {
+        const int mid = lo + (hi - lo) / 2;
+        if (ls->pos[mid] < pos) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+/* Dense phase 2 for KV head g: every visible row, in blocks of ATTN_BLOCK, online softmax. */
+static void s_attend_dense(shard_t *s, const shard_step *st, int g, int n_vis, const float *qf,
+                           float *m, double *l, double *o)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads, grp = lay->n_heads / hkv;
+    const int u = lay->n_dom[st->layer * hkv + g];
+    const layer_store *ls = &s->layers[st->layer];
+    float *lg = s->scores + (size_t)grp * SHARD_CHUNK + 2 * (size_t)grp * d;
+    /* qf is (grp, d) in permuted order: the dominant part first, then the rest. */
+    float qdp[grp * (u ? u : 1)], qrp[grp * (d - u ? d - u : 1)];
+    for (int i = 0; i < grp; i++) {
+        memcpy(qdp + i * u, qf + (size_t)i * d, (size_t)u * sizeof(float));
+        memcpy(qrp + i * (d - u), qf + (size_t)i * d + u, (size_t)(d - u) * sizeof(float));
+    }
+    for (int r0 = 0; r0 < n_vis; r0 += ATTN_BLOCK) {
+        const int nb = n_vis - r0 < ATTN_BLOCK ? n_vis - r0 : ATTN_BLOCK;
+        const kv_chunk *ch = &ls->chunks[r0 / SHARD_CHUNK][g];
+        const int rr = r0 % SHARD_CHUNK;
+        score_tiles((nb + SCORE_TILE - 1) / SCORE_TILE, u, grp, lg, ATTN_BLOCK, qdp,
+                    ch->kdom + (size_t)(rr / SCORE_TILE) * u * SCORE_TILE);
+        score_rows(nb, d - u, grp, lg, ATTN_BLOCK, qrp, ch->krest + (size_t)rr * (d - u), d - u, 1);
+        for (int i = 0; i < grp; i++)
+            for (int j = 0; j < nb; j++) lg[i * ATTN_BLOCK + j] *= st->scale;
+        attn_accum(nb, d, grp, lg, ATTN_BLOCK, ch->v + (size_t)rr * d, d, m, l, o);
+    }
+    s->bytes_read_last += (int64_t)n_vis * 2 * d * (int64_t)sizeof(float);
+}
+
+/* Sparse phase 2 for one unit: gathers the kept rows not worse than thr and attends the
+ * unit's n_q heads (queries qf (n_q, d), permuted order) over them. */
+static void s_attend_rows(shard_t *s, const shard_step *st, int g, int unit, topk_cand thr,
+                          int n_q, const float *qf, float *m, double *l, double *o)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, u = lay->n_dom[st->layer * lay->n_kv_heads + g];
+    const layer_store *ls = &s->layers[st->layer];
+    const topk_cand *kept = s->kept + (size_t)unit * s->kept_budget;
+    float *kg = s->gather, *vg = kg + (size_t)s->kept_budget * d;
+    float *lg = vg + (size_t)s->kept_budget * d;
+    int n = 0;
+    for (int i = 0; i < s->n_kept[unit]; i++) {
+        if (topk_better(thr, kept[i])) continue;
+        const int r = s_row_of(ls, kept[i].pos);
+        const kv_chunk *ch = &ls->chunks[r / SHARD_CHUNK][g];
+        const int rr = r % SHARD_CHUNK;
+        const float *kd = ch->kdom + (size_t)(rr / SCORE_TILE) * u * SCORE_TILE + rr % SCORE_TILE;
+        float *krow = kg + (size_t)n * d;
+        for (int p = 0; p < u; p++) krow[p] = kd[(size_t)p * SCORE_TILE];
+        memcpy(krow + u, ch->krest + (size_t)rr * (d - u), (size_t)(d - u) * sizeof(float));
+        memcpy(vg + (size_t)n * d, ch->v + (size_t)rr * d, (size_t)d * sizeof(float));
+        n++;
+    }
+    if (n == 0) return;
+    score_rows(n, d, n_q, lg, s->kept_budget, qf, kg, d, 0);
+    for (int i = 0; i < n_q; i++)
+        for (int j = 0; j < n; j++) lg[(size_t)i * s->kept_budget + j] *= st->scale;
+    attn_accum(n, d, n_q, lg, s->kept_budget, vg, d, m, l, o);
+    s->bytes_read_last += (int64_t)n * 2 * d * (int64_t)sizeof(float);
+}
+
+int shard_attend(shard_t *s, const shard_step *st, const topk_cand *thr, const uint8_t *have_thr,
+                 float *m, double *l, double *o)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads, grp = lay->n_heads / hkv;
+    attn_state_init(lay->n_heads, d, m, l, o);
+    if (st->method == SHARD_DENSE) s->bytes_read_last = 0;
+    else if (s_grow((void **)&s->gather, &s->gather_cap,
+                    ((size_t)2 * s->kept_budget * d + (size_t)grp * s->kept_budget) *
+                        sizeof(float)))
+        return -1;
+    const int n_vis = shard_visible(s, st->layer, st->max_pos);
+    float qf[grp * d];
+    for (int g = 0; g < hkv; g++) {
+        const int *perm = lay->perm + ((size_t)st->layer * hkv + g) * d;
+        for (int i = 0; i < grp; i++)
+            for (int p = 0; p < d; p++) qf[i * d + p] = st->q[(size_t)(g * grp + i) * d + perm[p]];
+        float *mg = m + g * grp;
+        double *lgp = l + g * grp, *og = o + (size_t)g * grp * d;
+        if (st->method == SHARD_DENSE) {
+            s_attend_dense(s, st, g, n_vis, qf, mg, lgp, og);
+        } else if (st->gqa == SHARD_GQA_SHARED) {
+            if (have_thr[g]) s_attend_rows(s, st, g, g, thr[g], grp, qf, mg, lgp, og);
+        } else {
+            for (int i = 0; i < grp; i++) {
+                const int h = g * grp + i;
+                if (have_thr[h])
+                    s_attend_rows(s, st, g, h, thr[h], 1, qf + (size_t)i * d, mg + i, lgp + i,
+                                  og + (size_t)i * d);
+            }
+        }
+    }
+    return 0;
+}
+
+int64_t shard_bytes_read(const shard_t *s)
+{
+    return s->bytes_read_last;
+}
+
+size_t shard_bytes_held(const shard_t *s)
+{
+    size_t total = 0;
+    const size_t per_chunk = (size_t)SHARD_CHUNK * s->lay.head_dim * 2 * sizeof(float);
+    for (int l = 0; l < s->lay.n_layers; l++)
+        total += (size_t)s->layers[l].n_chunks * s->lay.n_kv_heads * per_chunk +
+                 (size_t)s->layers[l].pos_cap * sizeof(int32_t);
+    return total;
+}
