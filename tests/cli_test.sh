@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The fasa CLI end to end: --help everywhere, calibrate + replay on the recorded dump,
+# and bad input that must exit non-zero with one clear line naming the problem.
+# usage: cli_test.sh FASA_BINARY SHARED_DIR
+set -u
+fasa=$1
+shared=$2
+dump=$shared/data/models/stories260K/golden/tinystories_T2048.qkv
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+pass=0
+fail=0
+
+ok() { pass=$((pass + 1)); }
+bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
+
+# expect_error NAME PATTERN CMD...: non-zero exit, exactly one stderr line matching PATTERN.
+expect_error() {
+    local name=$1 pattern=$2
+    shift 2
+    "$@" >"$tmp/out" 2>"$tmp/err"
+    local rc=$? lines
+    lines=$(wc -l <"$tmp/err")
+    if [ $rc -eq 0 ]; then bad "$name: exit 0"; return; fi
+    if [ "$lines" -ne 1 ]; then bad "$name: $lines stderr lines: $(cat "$tmp/err")"; return; fi
+    if ! grep -q -- "$pattern" "$tmp/err"; then bad "$name: '$(cat "$tmp/err")' lacks '$pattern'"; return; fi
+    ok
+}
+
+# le32 N: N as 4 little-endian bytes.
+le32() { printf "\\x$(printf %02x $(($1 & 255)))\\x$(printf %02x $((($1 >> 8) & 255)))\\x$(printf %02x $((($1 >> 16) & 255)))\\x$(printf %02x $((($1 >> 24) & 255)))"; }
+
+# make_dump FILE T L H HKV D: a valid QKV1 dump of zeros with that geometry (vocab 0).
+make_dump() {
+    local f=$1 T=$2 L=$3 H=$4 HKV=$5 D=$6
+    { printf 'QKV1'; le32 1; le32 "$T"; le32 "$L"; le32 "$H"; le32 "$HKV"; le32 "$D"; le32 0; le32 0; le32 0
+      head -c $((4 * T)) /dev/zero
+      head -c $((4 * L * T * (H + 2 * HKV) * D)) /dev/zero; } >"$f"
+}
+
+for cmd in "" calibrate replay demo; do
+    if $fasa $cmd --help >"$tmp/out" 2>&1 && grep -q usage "$tmp/out"; then ok; else bad "fasa $cmd --help"; fi
+done
+
+# A real calibrate + replay round on the dump.
+if $fasa calibrate --qkv "$dump" --ntip 2 --window 32 --positions 1024:2048:64 --out "$tmp/p.profile" >"$tmp/out" 2>&1 &&
+   grep -q '^ntip 2$' "$tmp/p.profile" && [ "$(grep -c '^[0-9]* [0-9]* :' "$tmp/p.profile")" -eq 40 ]; then ok
+else bad "calibrate: $(cat "$tmp/out")"; fi
+if $fasa replay --qkv "$dump" --method fasa --budget 16 --profile "$tmp/p.profile" --positions 1984:2048:16 \
+      --out "$tmp/o.npy" --selected "$tmp/s.npy" --compare >"$tmp/out" 2>&1 &&
+   [ "$(stat -c %s "$tmp/o.npy")" -eq $((128 + 4 * 4 * 5 * 8 * 8)) ] &&
+   [ "$(stat -c %s "$tmp/s.npy")" -eq $((128 + 4 * 4 * 5 * 8 * 16)) ] &&
+   grep -q '^0 *dense' "$tmp/out" && grep -q '^4 *sparse' "$tmp/out"; then ok
+else bad "replay: $(cat "$tmp/out")"; fi
+
+# Bad input.
+make_dump "$tmp/odd.qkv" 4 1 2 1 7
+make_dump "$tmp/small.qkv" 4 1 2 1 4
+head -c 100000 "$dump" >"$tmp/trunc.qkv"
+printf 'NOPE0000000000000000000000000000000000000000' >"$tmp/magic.qkv"
+$fasa calibrate --qkv "$tmp/small.qkv" --ntip 1 --out "$tmp/small.profile" >/dev/null 2>&1 || bad "calibrate small dump"
+
+expect_error "missing file" "cannot open" $fasa calibrate --qkv "$tmp/none.qkv" --ntip 2 --out "$tmp/x"
+expect_error "wrong magic" "magic" $fasa calibrate --qkv "$tmp/magic.qkv" --ntip 2 --out "$tmp/x"
+expect_error "truncated dump" "truncated" $fasa replay --qkv "$tmp/trunc.qkv" --method dense --budget 8 --out "$tmp/x.npy"
+expect_error "budget 0" "budget" $fasa replay --qkv "$dump" --method dense --budget 0 --out "$tmp/x.npy"
+expect_error "ntip too large" "ntip 5 exceeds the 4 FCs" $fasa calibrate --qkv "$dump" --ntip 5 --out "$tmp/x"
+expect_error "odd head_dim" "head_dim 7" $fasa calibrate --qkv "$tmp/odd.qkv" --ntip 1 --out "$tmp/x"
+expect_error "profile mismatch" "profile does not match" $fasa replay --qkv "$dump" --method fasa --budget 8 --profile "$tmp/small.profile" --out "$tmp/x.npy"
+expect_error "fasa without profile" "needs --profile" $fasa replay --qkv "$dump" --method fasa --budget 8 --out "$tmp/x.npy"
+expect_error "unknown method" "method" $fasa replay --qkv "$dump" --method magic --budget 8 --out "$tmp/x.npy"
+expect_error "bad positions" "positions" $fasa replay --qkv "$dump" --method dense --budget 8 --positions 10:5 --out "$tmp/x.npy"
+expect_error "unknown command" "unknown command" $fasa frobnicate
+expect_error "missing profile file" "cannot open profile" $fasa replay --qkv "$dump" --method fasa --budget 8 --profile "$tmp/none" --out "$tmp/x.npy"
+
+echo "$pass passed, $fail failed"
+[ "$fail" -eq 0 ]
