@@ -29,12 +29,15 @@ static const char usage[] =
 
 int cmd_calibrate(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"qkv", required_argument, 0, 'q'},  {"ntip", required_argument, 0, 'n'},
-        {"out", required_argument, 0, 'o'},  {"window", required_argument, 0, 'w'},
-        {"positions", required_argument, 0, 'p'}, {"pairing", required_argument, 0, 'P'},
-        {"gqa", required_argument, 0, 'g'},  {"help", no_argument, 0, 'h'},
-        {0, 0, 0, 0}};
+    static const struct option opts[] = {{"qkv", required_argument, 0, 'q'},
+                                         {"ntip", required_argument, 0, 'n'},
+                                         {"out", required_argument, 0, 'o'},
+                                         {"window", required_argument, 0, 'w'},
+                                         {"positions", required_argument, 0, 'p'},
+                                         {"pairing", required_argument, 0, 'P'},
+                                         {"gqa", required_argument, 0, 'g'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
     const char *qkv_path = NULL, *out = NULL, *positions = NULL;
     long ntip = 0, window = 256;
     fasa_calib_opts co = {.pairing = FC_PAIRING_INTERLEAVED};
@@ -43,32 +46,45 @@ int cmd_calibrate(int argc, char **argv)
     int c;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (c) {
-        case 'q': qkv_path = optarg; break;
-        case 'o': out = optarg; break;
-        case 'p': positions = optarg; break;
+        case 'q':
+            qkv_path = optarg;
+            break;
+        case 'o':
+            out = optarg;
+            break;
+        case 'p':
+            positions = optarg;
+            break;
         case 'n':
             if (cli_parse_int(optarg, 1, 1 << 20, &ntip))
-                return cli_usage_error("calibrate", "--ntip '%s' is not a positive integer", optarg);
+                return cli_usage_error("calibrate", "--ntip '%s' is not a positive integer",
+                                       optarg);
             break;
         case 'w':
             if (cli_parse_int(optarg, 1, 1 << 30, &window))
-                return cli_usage_error("calibrate", "--window '%s' is not a positive integer", optarg);
+                return cli_usage_error("calibrate", "--window '%s' is not a positive integer",
+                                       optarg);
             break;
         case 'P':
             if (fc_pairing_parse(optarg, &co.pairing))
-                return cli_usage_error("calibrate", "--pairing '%s' is not interleaved or half", optarg);
+                return cli_usage_error("calibrate", "--pairing '%s' is not interleaved or half",
+                                       optarg);
             break;
         case 'g':
             if (strcmp(optarg, "per-head") && strcmp(optarg, "shared"))
                 return cli_usage_error("calibrate", "--gqa '%s' is not per-head or shared", optarg);
             co.gqa_shared = strcmp(optarg, "shared") == 0;
             break;
-        case 'h': fputs(usage, stdout); return 0;
+        case 'h':
+            fputs(usage, stdout);
+            return 0;
         default:
-            return cli_usage_error("calibrate", "unknown or incomplete option '%s'", argv[optind - 1]);
+            return cli_usage_error("calibrate", "unknown or incomplete option '%s'",
+                                   argv[optind - 1]);
         }
     }
-    if (optind < argc) return cli_usage_error("calibrate", "unexpected argument '%s'", argv[optind]);
+    if (optind < argc)
+        return cli_usage_error("calibrate", "unexpected argument '%s'", argv[optind]);
     if (!qkv_path) return cli_usage_error("calibrate", "--qkv FILE is required");
     if (!ntip) return cli_usage_error("calibrate", "--ntip N is required");
     if (!out) return cli_usage_error("calibrate", "--out PROFILE is required");
@@ -79,8 +95,9 @@ int cmd_calibrate(int argc, char **argv)
     long a = 0, b = x.act.n_tokens, s = 1;
     if (positions && (cli_parse_range(positions, &a, &b, &s) || b > x.act.n_tokens)) {
         fasa_qkv_cleanup(&x);
-        return cli_usage_error("calibrate", "--positions '%s' must be A:B[:S] with 0 <= A < B <= %d",
-                               positions, x.act.n_tokens);
+        return cli_usage_error("calibrate",
+                               "--positions '%s' must be A:B[:S] with 0 <= A < B <= %d", positions,
+                               x.act.n_tokens);
     }
     if (ntip > x.act.head_dim / 2) {
         const int d = x.act.head_dim;

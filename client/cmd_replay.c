@@ -49,15 +49,21 @@ typedef struct replay_opts {
 
 static int s_parse(int argc, char **argv, replay_opts *o)
 {
-    static const struct option opts[] = {
-        {"qkv", required_argument, 0, 'q'},     {"method", required_argument, 0, 'm'},
-        {"budget", required_argument, 0, 'b'},  {"out", required_argument, 0, 'o'},
-        {"profile", required_argument, 0, 'p'}, {"dense-layers", required_argument, 0, 'D'},
-        {"positions", required_argument, 0, 'r'}, {"gqa", required_argument, 0, 'g'},
-        {"pairing", required_argument, 0, 'P'}, {"selected", required_argument, 0, 's'},
-        {"compare", no_argument, 0, 'c'},       {"shards", required_argument, 0, 'S'},
-        {"block", required_argument, 0, 'B'},   {"help", no_argument, 0, 'h'},
-        {0, 0, 0, 0}};
+    static const struct option opts[] = {{"qkv", required_argument, 0, 'q'},
+                                         {"method", required_argument, 0, 'm'},
+                                         {"budget", required_argument, 0, 'b'},
+                                         {"out", required_argument, 0, 'o'},
+                                         {"profile", required_argument, 0, 'p'},
+                                         {"dense-layers", required_argument, 0, 'D'},
+                                         {"positions", required_argument, 0, 'r'},
+                                         {"gqa", required_argument, 0, 'g'},
+                                         {"pairing", required_argument, 0, 'P'},
+                                         {"selected", required_argument, 0, 's'},
+                                         {"compare", no_argument, 0, 'c'},
+                                         {"shards", required_argument, 0, 'S'},
+                                         {"block", required_argument, 0, 'B'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
     memset(o, 0, sizeof(*o));
     o->shards = 1;
     o->block = FASA_DEFAULT_BLOCK;
@@ -66,16 +72,31 @@ static int s_parse(int argc, char **argv, replay_opts *o)
     int c;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (c) {
-        case 'q': o->qkv = optarg; break;
-        case 'o': o->out = optarg; break;
-        case 'p': o->profile = optarg; break;
-        case 's': o->selected = optarg; break;
-        case 'D': o->dense_layers = optarg; break;
-        case 'r': o->positions = optarg; break;
-        case 'c': o->compare = 1; break;
+        case 'q':
+            o->qkv = optarg;
+            break;
+        case 'o':
+            o->out = optarg;
+            break;
+        case 'p':
+            o->profile = optarg;
+            break;
+        case 's':
+            o->selected = optarg;
+            break;
+        case 'D':
+            o->dense_layers = optarg;
+            break;
+        case 'r':
+            o->positions = optarg;
+            break;
+        case 'c':
+            o->compare = 1;
+            break;
         case 'm':
             if (fasa_method_parse(optarg, &o->method))
-                return cli_usage_error("replay", "--method '%s' is not fasa, dense or oracle", optarg);
+                return cli_usage_error("replay", "--method '%s' is not fasa, dense or oracle",
+                                       optarg);
             o->have_method = 1;
             break;
         case 'b':
@@ -88,7 +109,8 @@ static int s_parse(int argc, char **argv, replay_opts *o)
             break;
         case 'P':
             if (fc_pairing_parse(optarg, &o->pairing))
-                return cli_usage_error("replay", "--pairing '%s' is not interleaved or half", optarg);
+                return cli_usage_error("replay", "--pairing '%s' is not interleaved or half",
+                                       optarg);
             break;
         case 'S':
             if (cli_parse_int(optarg, 1, 1024, &o->shards))
@@ -98,8 +120,11 @@ static int s_parse(int argc, char **argv, replay_opts *o)
             if (cli_parse_int(optarg, 1, 1 << 30, &o->block))
                 return cli_usage_error("replay", "--block '%s' must be a positive integer", optarg);
             break;
-        case 'h': fputs(usage, stdout); return -1;
-        default: return cli_usage_error("replay", "unknown or incomplete option '%s'", argv[optind - 1]);
+        case 'h':
+            fputs(usage, stdout);
+            return -1;
+        default:
+            return cli_usage_error("replay", "unknown or incomplete option '%s'", argv[optind - 1]);
         }
     }
     if (optind < argc) return cli_usage_error("replay", "unexpected argument '%s'", argv[optind]);
@@ -123,7 +148,8 @@ static int s_dense_layers(const char *text, int n_layers, uint8_t *flags)
     if (strcmp(text, "none") == 0) return 0;
     char buf[1024];
     snprintf(buf, sizeof(buf), "%s", text);
-    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok;
+         tok = strtok_r(NULL, ",", &save)) {
         long l;
         if (cli_parse_int(tok, 0, n_layers - 1, &l)) return -1;
         flags[l] = 1;
@@ -215,9 +241,15 @@ int cmd_replay(int argc, char **argv)
         goto done;
     }
 
-    fasa_session_config cfg = {.n_layers = L, .n_heads = H, .n_kv_heads = a->n_kv_heads,
-                               .head_dim = d, .pairing = o.pairing, .profile = prof,
-                               .method = o.method, .budget = B, .gqa = o.gqa,
+    fasa_session_config cfg = {.n_layers = L,
+                               .n_heads = H,
+                               .n_kv_heads = a->n_kv_heads,
+                               .head_dim = d,
+                               .pairing = o.pairing,
+                               .profile = prof,
+                               .method = o.method,
+                               .budget = B,
+                               .gqa = o.gqa,
                                .dense_layers = dense};
     static const char *const ids[3] = {"replay", "dense", "oracle"};
     const int n_sessions = o.compare ? 3 : 1;
@@ -245,9 +277,14 @@ int cmd_replay(int argc, char **argv)
             }
         }
         for (int l = 0; l < L; l++) {
-            fasa_attend_req req = {.layer = l, .q = a->q[l] + (size_t)t * H * d,
-                                   .k_new = a->k[l] + (size_t)t * row, .v_new = a->v[l] + (size_t)t * row,
-                                   .method = -1, .budget = 0, .gqa = -1, .max_pos = -1};
+            fasa_attend_req req = {.layer = l,
+                                   .q = a->q[l] + (size_t)t * H * d,
+                                   .k_new = a->k[l] + (size_t)t * row,
+                                   .v_new = a->v[l] + (size_t)t * row,
+                                   .method = -1,
+                                   .budget = 0,
+                                   .gqa = -1,
+                                   .max_pos = -1};
             float *o_t = out + ((size_t)k * L + l) * H * d;
             int32_t *s_t = sel ? sel + ((size_t)k * L + l) * H * B : stepsel;
             if (fasa_engine_attend(eng, ids[0], &req, o_t, s_t, NULL, &fe)) {
@@ -308,8 +345,8 @@ int cmd_replay(int argc, char **argv)
         printf("%-6s %-8s %-10s %-14s %-14s\n", "layer", "mode", "recall", "rel_err_mean",
                "rel_err_max");
         for (int l = 0; l < L; l++) {
-            const int is_dense = o.method == FASA_METHOD_DENSE ||
-                                 (o.method == FASA_METHOD_FASA && dense[l]);
+            const int is_dense =
+                o.method == FASA_METHOD_DENSE || (o.method == FASA_METHOD_FASA && dense[l]);
             printf("%-6d %-8s %-10.4f %-14.3e %-14.3e\n", l, is_dense ? "dense" : "sparse",
                    cmp[l].recall_sum / cmp[l].n, cmp[l].err_sum / cmp[l].n, cmp[l].err_max);
         }

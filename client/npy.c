@@ -9,7 +9,8 @@ int npy_write(const char *path, const char *dtype, int n_dims, const int64_t *sh
               const void *data, char *err, size_t err_len)
 {
     char hdr[512];
-    int len = snprintf(hdr, sizeof(hdr), "{'descr': '%s', 'fortran_order': False, 'shape': (", dtype);
+    int len =
+        snprintf(hdr, sizeof(hdr), "{'descr': '%s', 'fortran_order': False, 'shape': (", dtype);
     size_t n = 1;
     for (int i = 0; i < n_dims; i++) {
         len += snprintf(hdr + len, sizeof(hdr) - len, "%lld,%s", (long long)shape[i],
@@ -26,7 +27,15 @@ int npy_write(const char *path, const char *dtype, int n_dims, const int64_t *sh
         snprintf(err, err_len, "cannot write %s: %s", path, strerror(errno));
         return -1;
     }
-    const unsigned char pre[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, (unsigned char)(len & 0xff),
+    const unsigned char pre[10] = {0x93,
+                                   'N',
+                                   'U',
+                                   'M',
+                                   'P',
+                                   'Y',
+                                   1,
+                                   0,
+                                   (unsigned char)(len & 0xff),
                                    (unsigned char)(len >> 8)};
     int ok = fwrite(pre, 1, 10, f) == 10 && fwrite(hdr, 1, (size_t)len, f) == (size_t)len &&
              fwrite(data, 4, n, f) == n;

@@ -5,8 +5,8 @@
 typedef struct progress {
     const char *label;
     long total;
-    int tty;        /* 1 when stderr is a terminal */
-    int last_pct;   /* last percentage drawn */
+    int tty;      /* 1 when stderr is a terminal */
+    int last_pct; /* last percentage drawn */
 } progress;
 
 void progress_init(progress *p, const char *label, long total);

@@ -20,9 +20,8 @@ static int s_geometry(const char *path, fasa_activations *a, char *err, size_t e
 {
     if (a->n_layers < 1 || a->n_layers > 1024 || a->n_tokens < 1 || a->n_heads < 1 ||
         a->n_heads > 1024 || a->n_kv_heads < 1 || a->n_heads % a->n_kv_heads) {
-        snprintf(err, err_len,
-                 "%s: bad geometry (n_layers %d, T %d, n_heads %d, n_kv_heads %d)", path,
-                 a->n_layers, a->n_tokens, a->n_heads, a->n_kv_heads);
+        snprintf(err, err_len, "%s: bad geometry (n_layers %d, T %d, n_heads %d, n_kv_heads %d)",
+                 path, a->n_layers, a->n_tokens, a->n_heads, a->n_kv_heads);
         return -1;
     }
     if (a->head_dim < 2 || a->head_dim > 1024 || a->head_dim % 2) {
@@ -97,8 +96,8 @@ static int s_load_dump(const char *path, fasa_qkv *x, char *err, size_t err_len)
     }
     if (fread(x->tokens, 4, T, f) != T || fseek(f, 4L * x->vocab, SEEK_CUR) != 0) goto truncated;
     for (int l = 0; l < a->n_layers; l++)
-        if (fread(x->buf[0] + nq * l, 4, nq, f) != nq || fread(x->buf[1] + nk * l, 4, nk, f) != nk ||
-            fread(x->buf[2] + nk * l, 4, nk, f) != nk)
+        if (fread(x->buf[0] + nq * l, 4, nq, f) != nq ||
+            fread(x->buf[1] + nk * l, 4, nk, f) != nk || fread(x->buf[2] + nk * l, 4, nk, f) != nk)
             goto truncated;
     fclose(f);
     return s_views(x, err, err_len);

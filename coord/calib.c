@@ -57,7 +57,8 @@ fasa_profile *fasa_calibrate(const fasa_activations *a, const fasa_calib_opts *o
         for (int g = 0; g < a->n_kv_heads; g++) {
             for (int i = 0; i < n_fc; i++) {
                 double s = 0.0;
-                for (int j = 0; j < grp; j++) s += p->ca[((size_t)l * a->n_heads + g * grp + j) * n_fc + i];
+                for (int j = 0; j < grp; j++)
+                    s += p->ca[((size_t)l * a->n_heads + g * grp + j) * n_fc + i];
                 grp_ca[i] = s / grp;
             }
             for (int j = 0; j < grp; j++) {

@@ -16,11 +16,11 @@ typedef struct fasa_activations {
 } fasa_activations;
 
 typedef struct fasa_calib_opts {
-    int ntip;            /* dominant FCs per head, 1..head_dim/2 */
-    int window;          /* CA window K */
+    int ntip;                         /* dominant FCs per head, 1..head_dim/2 */
+    int window;                       /* CA window K */
     int pos_begin, pos_end, pos_step; /* sample decode positions t in [begin, end) by step */
     fc_pairing pairing;
-    int gqa_shared;      /* 1: one FC set per KV head by the group's mean CA */
+    int gqa_shared; /* 1: one FC set per KV head by the group's mean CA */
     /* Called after each sample position with (done, total), or NULL. */
     void (*progress)(void *arg, long done, long total);
     void *progress_arg;

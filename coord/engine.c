@@ -17,17 +17,17 @@
 
 typedef struct session {
     char id[FASA_ID_MAX + 1];
-    int sid;                   /* transport's session number */
-    fasa_session_config cfg;   /* profile and dense_layers point at the copies below */
-    fasa_profile *profile;     /* owned copy or NULL */
-    uint8_t *dense_layers;     /* (n_layers) */
-    int32_t *n_appended;       /* (n_layers) */
+    int sid;                 /* transport's session number */
+    fasa_session_config cfg; /* profile and dense_layers point at the copies below */
+    fasa_profile *profile;   /* owned copy or NULL */
+    uint8_t *dense_layers;   /* (n_layers) */
+    int32_t *n_appended;     /* (n_layers) */
     struct session *next;
 } session;
 
 struct fasa_engine {
     fasa_transport tr;
-    int block;         /* placement block, tokens */
+    int block; /* placement block, tokens */
     int next_sid;
     session *sessions; /* singly linked; a service holds few sessions */
     /* Step scratch, grow-only. */
@@ -41,9 +41,15 @@ struct fasa_engine {
     size_t cap_cands, cap_ncands, cap_merged, cap_units, cap_heads, cap_m, cap_l, cap_o;
 };
 
-static const char *const s_status_names[] = {
-    "OK", "INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED",
-    "UNAUTHENTICATED", "FAILED_PRECONDITION", "INTERNAL", "UNAVAILABLE"};
+static const char *const s_status_names[] = {"OK",
+                                             "INVALID_ARGUMENT",
+                                             "NOT_FOUND",
+                                             "ALREADY_EXISTS",
+                                             "RESOURCE_EXHAUSTED",
+                                             "UNAUTHENTICATED",
+                                             "FAILED_PRECONDITION",
+                                             "INTERNAL",
+                                             "UNAVAILABLE"};
 
 const char *fasa_status_name(fasa_status code)
 {
@@ -70,9 +76,12 @@ int fasa_method_parse(const char *name, fasa_method *out_p)
 
 int fasa_gqa_parse(const char *name, fasa_gqa *out_p)
 {
-    if (strcmp(name, "per-head") == 0) *out_p = FASA_GQA_PER_HEAD;
-    else if (strcmp(name, "shared") == 0) *out_p = FASA_GQA_SHARED;
-    else return -1;
+    if (strcmp(name, "per-head") == 0)
+        *out_p = FASA_GQA_PER_HEAD;
+    else if (strcmp(name, "shared") == 0)
+        *out_p = FASA_GQA_SHARED;
+    else
+        return -1;
     return 0;
 }
 
@@ -165,8 +174,8 @@ static int s_layout_from_profile(shard_layout *lay, const fasa_session_config *c
             for (int i = 0; i < grp; i++)
                 for (int t = 0; t < p->ntip; t++) {
                     int d0, d1;
-                    fc_dims(c->pairing, d, p->fcs[((size_t)l * c->n_heads + g * grp + i) * p->ntip + t],
-                            &d0, &d1);
+                    fc_dims(c->pairing, d,
+                            p->fcs[((size_t)l * c->n_heads + g * grp + i) * p->ntip + t], &d0, &d1);
                     in_union[d0] = in_union[d1] = 1;
                 }
             int *perm = lay->perm + ((size_t)l * c->n_kv_heads + g) * d, u = 0;
@@ -239,8 +248,7 @@ fasa_status fasa_engine_create(fasa_engine_t *e, const char *id, const fasa_sess
             return s_fail(err, FASA_INVALID_ARGUMENT, "session id must be printable ASCII");
     fasa_status st = s_check_config(cfg, err);
     if (st) return st;
-    if (s_find(e, id))
-        return s_fail(err, FASA_ALREADY_EXISTS, "session '%s' already exists", id);
+    if (s_find(e, id)) return s_fail(err, FASA_ALREADY_EXISTS, "session '%s' already exists", id);
 
     session *s = calloc(1, sizeof(*s));
     shard_layout lay = {0};
@@ -250,8 +258,10 @@ fasa_status fasa_engine_create(fasa_engine_t *e, const char *id, const fasa_sess
     s->dense_layers = calloc((size_t)cfg->n_layers, 1);
     s->n_appended = calloc((size_t)cfg->n_layers, sizeof(int32_t));
     if (!s->dense_layers || !s->n_appended) goto oom;
-    if (cfg->dense_layers) memcpy(s->dense_layers, cfg->dense_layers, (size_t)cfg->n_layers);
-    else s->dense_layers[0] = 1;
+    if (cfg->dense_layers)
+        memcpy(s->dense_layers, cfg->dense_layers, (size_t)cfg->n_layers);
+    else
+        s->dense_layers[0] = 1;
     if (cfg->profile && !(s->profile = fasa_profile_clone(cfg->profile))) goto oom;
     s->cfg.profile = s->profile;
     s->cfg.dense_layers = s->dense_layers;
@@ -476,7 +486,8 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
         for (int sh = 0; sh < ns; sh++) {
             mp[sh] = e->m[sh * nh + h];
             lp[sh] = e->l[sh * nh + h];
-            memcpy(op + (size_t)sh * d, e->o + ((size_t)sh * nh + h) * d, (size_t)d * sizeof(double));
+            memcpy(op + (size_t)sh * d, e->o + ((size_t)sh * nh + h) * d,
+                   (size_t)d * sizeof(double));
         }
         attn_merge(ns, d, mp, lp, op, &mh, &lh, oh);
         attn_finalize(d, lh, oh, out + (size_t)h * d);

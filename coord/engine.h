@@ -16,8 +16,8 @@
 #include "profile.h"
 #include "transport.h"
 
-#define FASA_ID_MAX 128            /* session id bytes */
-#define FASA_DEFAULT_BLOCK 2048    /* tokens per placement block */
+#define FASA_ID_MAX 128         /* session id bytes */
+#define FASA_DEFAULT_BLOCK 2048 /* tokens per placement block */
 
 typedef enum fasa_status {
     FASA_OK = 0,
@@ -36,7 +36,11 @@ typedef struct fasa_error {
     char msg[256];
 } fasa_error;
 
-typedef enum fasa_method { FASA_METHOD_FASA = 0, FASA_METHOD_DENSE, FASA_METHOD_ORACLE } fasa_method;
+typedef enum fasa_method {
+    FASA_METHOD_FASA = 0,
+    FASA_METHOD_DENSE,
+    FASA_METHOD_ORACLE
+} fasa_method;
 typedef enum fasa_gqa { FASA_GQA_PER_HEAD = 0, FASA_GQA_SHARED = 1 } fasa_gqa;
 
 const char *fasa_status_name(fasa_status code);
@@ -56,19 +60,19 @@ typedef struct fasa_session_config {
 
 typedef struct fasa_attend_req {
     int layer;
-    const float *q;      /* (n_heads, head_dim) post-RoPE queries */
-    const float *k_new;  /* (n_kv_heads, head_dim) or NULL: appended at the next position first */
-    const float *v_new;  /* (n_kv_heads, head_dim), with k_new */
-    int method;          /* fasa_method, or -1 for the session default */
-    int budget;          /* B, or 0 for the session default */
-    int gqa;             /* fasa_gqa, or -1 for the session default */
-    int32_t max_pos;     /* highest visible position, or -1 for all appended */
+    const float *q;     /* (n_heads, head_dim) post-RoPE queries */
+    const float *k_new; /* (n_kv_heads, head_dim) or NULL: appended at the next position first */
+    const float *v_new; /* (n_kv_heads, head_dim), with k_new */
+    int method;         /* fasa_method, or -1 for the session default */
+    int budget;         /* B, or 0 for the session default */
+    int gqa;            /* fasa_gqa, or -1 for the session default */
+    int32_t max_pos;    /* highest visible position, or -1 for all appended */
 } fasa_attend_req;
 
 typedef struct fasa_step_stats {
-    int method_used;     /* fasa_method actually run (dense when every token fits B) */
-    int n_visible;       /* tokens visible to the step */
-    int64_t bytes_read;  /* KV bytes read on all shards */
+    int method_used;    /* fasa_method actually run (dense when every token fits B) */
+    int n_visible;      /* tokens visible to the step */
+    int64_t bytes_read; /* KV bytes read on all shards */
 } fasa_step_stats;
 
 typedef struct fasa_engine fasa_engine_t;

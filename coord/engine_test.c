@@ -48,30 +48,42 @@ static void s_run(const run_cfg *c, int n_shards, float *out, int32_t *sel)
 {
     fasa_engine_t *e = fasa_engine_new(n_shards, c->block);
     ck_assert_ptr_nonnull(e);
-    fasa_session_config cfg = {.n_layers = c->nl, .n_heads = c->nh, .n_kv_heads = c->nkv,
-                               .head_dim = c->d, .pairing = FC_PAIRING_INTERLEAVED,
-                               .profile = c->profile, .method = c->method, .budget = c->budget,
+    fasa_session_config cfg = {.n_layers = c->nl,
+                               .n_heads = c->nh,
+                               .n_kv_heads = c->nkv,
+                               .head_dim = c->d,
+                               .pairing = FC_PAIRING_INTERLEAVED,
+                               .profile = c->profile,
+                               .method = c->method,
+                               .budget = c->budget,
                                .gqa = c->gqa};
     fasa_error err;
     ck_assert_int_eq(fasa_engine_create(e, "s", &cfg, &err), FASA_OK);
     const size_t row = (size_t)c->nkv * c->d;
     for (int l = 0; l < c->nl; l++)
-        ck_assert_int_eq(fasa_engine_append(e, "s", l, 0, c->prefix, c->k[l], c->v[l], &err), FASA_OK);
+        ck_assert_int_eq(fasa_engine_append(e, "s", l, 0, c->prefix, c->k[l], c->v[l], &err),
+                         FASA_OK);
     int step = 0;
     for (int t = c->prefix; t < c->T; t++) {
         const int attend = (t - c->prefix) % c->pos_step == 0;
         for (int l = 0; l < c->nl; l++) {
             if (!attend) {
-                ck_assert_int_eq(fasa_engine_append(e, "s", l, t, 1, c->k[l] + t * row,
-                                                    c->v[l] + t * row, &err), FASA_OK);
+                ck_assert_int_eq(
+                    fasa_engine_append(e, "s", l, t, 1, c->k[l] + t * row, c->v[l] + t * row, &err),
+                    FASA_OK);
                 continue;
             }
-            fasa_attend_req req = {.layer = l, .q = c->q[l] + (size_t)t * c->nh * c->d,
-                                   .k_new = c->k[l] + t * row, .v_new = c->v[l] + t * row,
-                                   .method = -1, .gqa = -1, .max_pos = -1};
+            fasa_attend_req req = {.layer = l,
+                                   .q = c->q[l] + (size_t)t * c->nh * c->d,
+                                   .k_new = c->k[l] + t * row,
+                                   .v_new = c->v[l] + t * row,
+                                   .method = -1,
+                                   .gqa = -1,
+                                   .max_pos = -1};
             const size_t o = (size_t)step * c->nl + l;
             ck_assert_int_eq(fasa_engine_attend(e, "s", &req, out + o * c->nh * c->d,
-                                                sel ? sel + o * c->nh * c->budget : NULL, NULL, &err),
+                                                sel ? sel + o * c->nh * c->budget : NULL, NULL,
+                                                &err),
                              FASA_OK);
         }
         step += attend;
@@ -93,14 +105,27 @@ START_TEST(test_engine_shards_agree)
         test_fill(&r, (size_t)T * NKV * D, buf[1][l], 1.0f);
         test_fill(&r, (size_t)T * NKV * D, buf[2][l], 1.0f);
         /* A few exact duplicates of key rows force score ties across shards. */
-        for (int t = 300; t < T; t += 50) memcpy(buf[1][l] + (size_t)t * NKV * D, buf[1][l], NKV * D * 4);
+        for (int t = 300; t < T; t += 50)
+            memcpy(buf[1][l] + (size_t)t * NKV * D, buf[1][l], NKV * D * 4);
     }
     for (int shared = 0; shared < 2; shared++) {
         fasa_profile *p = s_random_profile(NL, NH, NKV, D, 3, shared, 5 + shared);
         for (int m = 0; m < 3; m++) {
-            run_cfg c = {NL, NH, NKV, D, T, 600, 16, (fasa_method)m, (fasa_gqa)shared, 24, p,
-                         (const float *const *)buf[0], (const float *const *)buf[1],
-                         (const float *const *)buf[2], 7};
+            run_cfg c = {NL,
+                         NH,
+                         NKV,
+                         D,
+                         T,
+                         600,
+                         16,
+                         (fasa_method)m,
+                         (fasa_gqa)shared,
+                         24,
+                         p,
+                         (const float *const *)buf[0],
+                         (const float *const *)buf[1],
+                         (const float *const *)buf[2],
+                         7};
             const int steps = (T - c.prefix + c.pos_step - 1) / c.pos_step;
             const size_t no = (size_t)steps * NL * NH * D, ns = (size_t)steps * NL * NH * c.budget;
             float *o1 = test_alloc(no * 4), *on = test_alloc(no * 4);
@@ -112,7 +137,8 @@ START_TEST(test_engine_shards_agree)
                 ck_assert_double_le(test_max_abs_diff(no, on, o1), 1e-6);
                 ck_assert_mem_eq(sn, s1, ns * 4);
             }
-            if (m != FASA_METHOD_DENSE) ck_assert_int_ge(s1[(size_t)NH * c.budget + c.budget - 1], 0); /* layer 1, head 0 */
+            if (m != FASA_METHOD_DENSE)
+                ck_assert_int_ge(s1[(size_t)NH * c.budget + c.budget - 1], 0); /* layer 1, head 0 */
             free(o1), free(on), free(s1), free(sn);
         }
         fasa_profile_destroy(&p);
@@ -126,8 +152,12 @@ START_TEST(test_engine_bad_input)
 {
     enum { NH = 4, NKV = 2, D = 8, N = 50 };
     fasa_engine_t *e = fasa_engine_new(2, 8);
-    fasa_session_config cfg = {.n_layers = 2, .n_heads = NH, .n_kv_heads = NKV, .head_dim = D,
-                               .method = FASA_METHOD_DENSE, .budget = 8};
+    fasa_session_config cfg = {.n_layers = 2,
+                               .n_heads = NH,
+                               .n_kv_heads = NKV,
+                               .head_dim = D,
+                               .method = FASA_METHOD_DENSE,
+                               .budget = 8};
     fasa_error err;
     ck_assert_int_eq(fasa_engine_create(e, "a", &cfg, &err), FASA_OK);
     ck_assert_int_eq(fasa_engine_create(e, "a", &cfg, &err), FASA_ALREADY_EXISTS);
@@ -189,14 +219,16 @@ START_TEST(test_engine_bad_input)
     ck_assert_ptr_nonnull(strstr(err.msg, "budget"));
     br = req;
     br.method = FASA_METHOD_FASA;
-    ck_assert_int_eq(fasa_engine_attend(e, "a", &br, o2, NULL, NULL, &err), FASA_FAILED_PRECONDITION);
+    ck_assert_int_eq(fasa_engine_attend(e, "a", &br, o2, NULL, NULL, &err),
+                     FASA_FAILED_PRECONDITION);
     br = req;
     br.max_pos = N;
     ck_assert_int_eq(fasa_engine_attend(e, "a", &br, o2, NULL, NULL, &err), FASA_INVALID_ARGUMENT);
     ck_assert_ptr_nonnull(strstr(err.msg, "max_pos"));
     br = req;
     br.layer = 1; /* nothing appended to layer 1 yet */
-    ck_assert_int_eq(fasa_engine_attend(e, "a", &br, o2, NULL, NULL, &err), FASA_FAILED_PRECONDITION);
+    ck_assert_int_eq(fasa_engine_attend(e, "a", &br, o2, NULL, NULL, &err),
+                     FASA_FAILED_PRECONDITION);
     ck_assert_int_eq(fasa_engine_attend(e, "zz", &req, o2, NULL, NULL, &err), FASA_NOT_FOUND);
 
     ck_assert_int_eq(fasa_engine_length(e, "a", 0), N);
@@ -234,8 +266,10 @@ START_TEST(test_profile_roundtrip)
     ck_assert_str_eq(q->samples, "1:9:2");
     ck_assert_mem_eq(q->fcs, p->fcs, 3 * 4 * 2 * sizeof(int));
     for (int i = 0; i < 3 * 4 * 5; i++) ck_assert_double_eq_tol(q->ca[i], p->ca[i], 1e-6);
-    ck_assert_int_eq(fasa_profile_check(q, 3, 4, 2, 10, FC_PAIRING_INTERLEAVED, err, sizeof(err)), 0);
-    ck_assert_int_eq(fasa_profile_check(q, 4, 4, 2, 10, FC_PAIRING_INTERLEAVED, err, sizeof(err)), -1);
+    ck_assert_int_eq(fasa_profile_check(q, 3, 4, 2, 10, FC_PAIRING_INTERLEAVED, err, sizeof(err)),
+                     0);
+    ck_assert_int_eq(fasa_profile_check(q, 4, 4, 2, 10, FC_PAIRING_INTERLEAVED, err, sizeof(err)),
+                     -1);
     ck_assert_ptr_nonnull(strstr(err, "n_layers"));
     /* A damaged row is refused with its line number. */
     FILE *f = fopen(path, "a");
@@ -250,7 +284,8 @@ START_TEST(test_profile_roundtrip)
     fasa_profile_destroy(&q);
     f = fopen(path, "w");
     fputs("fasa-profile 1\nn_layers 1\nn_heads 1\nn_kv_heads 1\nhead_dim 4\npairing interleaved\n"
-          "gqa per-head\nntip 1\nwindow 8\nsamples -\n0 0 : 5 : 0.1 0.2\n", f);
+          "gqa per-head\nntip 1\nwindow 8\nsamples -\n0 0 : 5 : 0.1 0.2\n",
+          f);
     fclose(f);
     ck_assert_ptr_null(fasa_profile_load(path, err, sizeof(err)));
     ck_assert_ptr_nonnull(strstr(err, "line 11"));
@@ -292,7 +327,8 @@ static run_cfg s_dump_cfg(fasa_method m, int budget, const fasa_profile *p, fasa
 {
     const fasa_activations *a = &s_dump.act;
     return (run_cfg){a->n_layers, a->n_heads, a->n_kv_heads, a->head_dim, a->n_tokens, 1024, 64,
-                     m, gqa, budget, p, a->q, a->k, a->v, 64};
+                     m,           gqa,        budget,        p,           a->q,        a->k, a->v,
+                     64};
 }
 
 /* dense through the engine equals exact attention computed here in double precision. */
@@ -341,7 +377,8 @@ START_TEST(test_golden_oracle_full_budget)
     shard_t *sh = shard_new(&lay);
     int32_t *pos = test_alloc(2048 * 4);
     for (int i = 0; i < 2048; i++) pos[i] = i;
-    for (int l = 0; l < L; l++) ck_assert_int_eq(shard_append(sh, l, 2048, pos, a->k[l], a->v[l]), 0);
+    for (int l = 0; l < L; l++)
+        ck_assert_int_eq(shard_append(sh, l, 2048, pos, a->k[l], a->v[l]), 0);
     const int B = 2048, grp = H / a->n_kv_heads;
     topk_cand *cands = test_alloc((size_t)H * B * sizeof(topk_cand)), thr[8];
     int n_c[8];
@@ -350,8 +387,8 @@ START_TEST(test_golden_oracle_full_budget)
     double lsum[8], o[64];
     for (int t = 1023; t < 2048; t += 128)
         for (int l = 0; l < L; l++) {
-            shard_step st = {l, SHARD_ORACLE, SHARD_GQA_PER_HEAD, B, t, 1.0f / sqrtf(d),
-                             a->q[l] + (size_t)t * H * d};
+            shard_step st = {l, SHARD_ORACLE,    SHARD_GQA_PER_HEAD,         B,
+                             t, 1.0f / sqrtf(d), a->q[l] + (size_t)t * H * d};
             ck_assert_int_eq(shard_score(sh, &st, cands, n_c), 0);
             for (int h = 0; h < H; h++) {
                 ck_assert_int_eq(n_c[h], t + 1);
@@ -378,8 +415,12 @@ START_TEST(test_golden_shards_agree)
     const fasa_activations *a = &s_dump.act;
     char err[256];
     for (int shared = 0; shared < 2; shared++) {
-        fasa_calib_opts co = {.ntip = 2, .window = 32, .pos_begin = 256, .pos_end = 2048,
-                              .pos_step = 128, .pairing = FC_PAIRING_INTERLEAVED,
+        fasa_calib_opts co = {.ntip = 2,
+                              .window = 32,
+                              .pos_begin = 256,
+                              .pos_end = 2048,
+                              .pos_step = 128,
+                              .pairing = FC_PAIRING_INTERLEAVED,
                               .gqa_shared = shared};
         fasa_profile *p = fasa_calibrate(a, &co, err, sizeof(err));
         ck_assert_msg(p != NULL, "%s", err);
@@ -405,8 +446,12 @@ START_TEST(test_golden_calibration)
 {
     const fasa_activations *a = &s_dump.act;
     char err[256];
-    fasa_calib_opts co = {.ntip = 2, .window = 32, .pos_begin = 100, .pos_end = 2048,
-                          .pos_step = 250, .pairing = FC_PAIRING_HALF};
+    fasa_calib_opts co = {.ntip = 2,
+                          .window = 32,
+                          .pos_begin = 100,
+                          .pos_end = 2048,
+                          .pos_step = 250,
+                          .pairing = FC_PAIRING_HALF};
     fasa_profile *p = fasa_calibrate(a, &co, err, sizeof(err));
     ck_assert_msg(p != NULL, "%s", err);
     const int d = a->head_dim, H = a->n_heads, grp = H / a->n_kv_heads;

@@ -48,8 +48,8 @@ fasa_profile *fasa_profile_clone(const fasa_profile *src)
 
 int fasa_profile_write(const fasa_profile *p, FILE *f)
 {
-    fprintf(f, "fasa-profile 1\nn_layers %d\nn_heads %d\nn_kv_heads %d\nhead_dim %d\n",
-            p->n_layers, p->n_heads, p->n_kv_heads, p->head_dim);
+    fprintf(f, "fasa-profile 1\nn_layers %d\nn_heads %d\nn_kv_heads %d\nhead_dim %d\n", p->n_layers,
+            p->n_heads, p->n_kv_heads, p->head_dim);
     fprintf(f, "pairing %s\ngqa %s\nntip %d\nwindow %d\nsamples %s\n", fc_pairing_name(p->pairing),
             p->gqa_shared ? "shared" : "per-head", p->ntip, p->window,
             p->samples[0] ? p->samples : "-");
@@ -177,7 +177,8 @@ fasa_profile *fasa_profile_load(const char *path, char *err, size_t err_len)
             char *s = line, *end;
             const long ll = strtol(s, &end, 10), hh = strtol(end, &s, 10);
             if (end == line || ll != l || hh != h) {
-                snprintf(e, sizeof(e), "line %d: expected the row of layer %d head %d", lineno, l, h);
+                snprintf(e, sizeof(e), "line %d: expected the row of layer %d head %d", lineno, l,
+                         h);
                 goto fail;
             }
             const size_t lh = (size_t)l * nh + h;
@@ -219,11 +220,14 @@ int fasa_profile_check(const fasa_profile *p, int n_layers, int n_heads, int n_k
 {
     const char *field = NULL;
     int want = 0, have = 0;
-    if (p->n_layers != n_layers) field = "n_layers", want = n_layers, have = p->n_layers;
-    else if (p->n_heads != n_heads) field = "n_heads", want = n_heads, have = p->n_heads;
+    if (p->n_layers != n_layers)
+        field = "n_layers", want = n_layers, have = p->n_layers;
+    else if (p->n_heads != n_heads)
+        field = "n_heads", want = n_heads, have = p->n_heads;
     else if (p->n_kv_heads != n_kv_heads)
         field = "n_kv_heads", want = n_kv_heads, have = p->n_kv_heads;
-    else if (p->head_dim != head_dim) field = "head_dim", want = head_dim, have = p->head_dim;
+    else if (p->head_dim != head_dim)
+        field = "head_dim", want = head_dim, have = p->head_dim;
     if (field) {
         snprintf(err, err_len, "profile does not match: %s is %d in the profile, %d here", field,
                  have, want);

@@ -26,18 +26,17 @@
 typedef struct fasa_profile {
     int n_layers, n_heads, n_kv_heads, head_dim;
     fc_pairing pairing;
-    int gqa_shared;     /* 1: one FC set per KV head */
-    int ntip;           /* dominant FCs per head */
-    int window;         /* CA window K */
-    char samples[64];   /* the positions calibrated on, as A:B:S */
-    int *fcs;           /* (n_layers, n_heads, ntip) ascending FC indices */
-    double *ca;         /* (n_layers, n_heads, head_dim / 2) mean CA */
+    int gqa_shared;   /* 1: one FC set per KV head */
+    int ntip;         /* dominant FCs per head */
+    int window;       /* CA window K */
+    char samples[64]; /* the positions calibrated on, as A:B:S */
+    int *fcs;         /* (n_layers, n_heads, ntip) ascending FC indices */
+    double *ca;       /* (n_layers, n_heads, head_dim / 2) mean CA */
 } fasa_profile;
 
 /* Allocates the arrays of a profile with the given geometry (fields set, fcs and ca
  * zeroed). Returns NULL when out of memory. Free with fasa_profile_destroy. */
-fasa_profile *fasa_profile_new(int n_layers, int n_heads, int n_kv_heads, int head_dim,
-                               int ntip);
+fasa_profile *fasa_profile_new(int n_layers, int n_heads, int n_kv_heads, int head_dim, int ntip);
 void fasa_profile_destroy(fasa_profile **profile_p);
 fasa_profile *fasa_profile_clone(const fasa_profile *src);
 

@@ -6,7 +6,7 @@
 
 typedef struct local_ctx {
     int n_shards;
-    int cap;          /* capacity of sessions */
+    int cap;             /* capacity of sessions */
     shard_t ***sessions; /* (cap) each NULL or (n_shards) shards */
 } local_ctx;
 

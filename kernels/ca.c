@@ -52,8 +52,8 @@ void ca_accumulate(int n, int d, fc_pairing pairing, int window, const float *q,
     }
 }
 
-void ca_accumulate_ref(int n, int d, fc_pairing pairing, int window, const float *q,
-                       const float *k, int ld_k, double *ca)
+void ca_accumulate_ref(int n, int d, fc_pairing pairing, int window, const float *q, const float *k,
+                       int ld_k, double *ca)
 {
     if (n <= 0 || window <= 0) return;
     const int k_eff = window < n ? window : n;

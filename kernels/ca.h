@@ -22,8 +22,8 @@ void ca_accumulate(int n, int d, fc_pairing pairing, int window, const float *q,
                    int ld_k, double *ca, void *scratch);
 
 /* Naive reference of ca_accumulate: full sorts and a quadratic intersection. */
-void ca_accumulate_ref(int n, int d, fc_pairing pairing, int window, const float *q,
-                       const float *k, int ld_k, double *ca);
+void ca_accumulate_ref(int n, int d, fc_pairing pairing, int window, const float *q, const float *k,
+                       int ld_k, double *ca);
 
 /* The ntip FCs with the highest ca (ties to the lower FC index), written to fcs_out in
  * ascending FC order. Requires 1 <= ntip <= n_fc. */

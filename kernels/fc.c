@@ -5,9 +5,12 @@
 const char *fc_pairing_name(int pairing)
 {
     switch (pairing) {
-    case FC_PAIRING_INTERLEAVED: return "interleaved";
-    case FC_PAIRING_HALF: return "half";
-    default: return NULL;
+    case FC_PAIRING_INTERLEAVED:
+        return "interleaved";
+    case FC_PAIRING_HALF:
+        return "half";
+    default:
+        return NULL;
     }
 }
 

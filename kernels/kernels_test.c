@@ -57,7 +57,8 @@ END_TEST
 /* Checks topk_select against topk_ref: the same set (compared after sorting). */
 static void s_check_topk(int n, int k, const topk_cand *in)
 {
-    topk_cand *a = test_alloc((size_t)(n + 1) * sizeof(*a)), *b = test_alloc((size_t)(n + 1) * sizeof(*b));
+    topk_cand *a = test_alloc((size_t)(n + 1) * sizeof(*a)),
+              *b = test_alloc((size_t)(n + 1) * sizeof(*b));
     memcpy(a, in, (size_t)n * sizeof(*a));
     const int m = topk_select(n, k, a);
     const int mr = topk_ref(n, k, in, b);
@@ -65,7 +66,8 @@ static void s_check_topk(int n, int k, const topk_cand *in)
     topk_sort(m, a);
     for (int i = 0; i < m; i++) {
         ck_assert_int_eq(a[i].pos, b[i].pos);
-        ck_assert(a[i].score == b[i].score || (a[i].score != a[i].score && b[i].score != b[i].score));
+        ck_assert(a[i].score == b[i].score ||
+                  (a[i].score != a[i].score && b[i].score != b[i].score));
     }
     free(a), free(b);
 }
@@ -82,11 +84,21 @@ START_TEST(test_topk_cases)
             for (int i = 0; i < n; i++) {
                 float s;
                 switch (mode) {
-                case 0: s = test_uniform(&r); break;                       /* distinct */
-                case 1: s = (float)(test_next(&r) % 4); break;             /* many ties */
-                case 2: s = 1.5f; break;                                   /* all equal */
-                case 3: s = (i % 7 == 0) ? NAN : test_uniform(&r); break;  /* NaN ranks last */
-                default: s = (float)(n - i); break;                        /* sorted */
+                case 0:
+                    s = test_uniform(&r);
+                    break; /* distinct */
+                case 1:
+                    s = (float)(test_next(&r) % 4);
+                    break; /* many ties */
+                case 2:
+                    s = 1.5f;
+                    break; /* all equal */
+                case 3:
+                    s = (i % 7 == 0) ? NAN : test_uniform(&r);
+                    break; /* NaN ranks last */
+                default:
+                    s = (float)(n - i);
+                    break; /* sorted */
                 }
                 c[i] = (topk_cand){s, i};
             }
@@ -127,7 +139,8 @@ START_TEST(test_topk_acc)
     const int ks[] = {1, 7, 256, 5000, 20000};
     for (size_t ki = 0; ki < 5; ki++) {
         const int k = ks[ki], cap = 2 * k + block;
-        topk_cand *buf = test_alloc((size_t)cap * sizeof(*buf)), *ref = test_alloc((size_t)k * sizeof(*ref));
+        topk_cand *buf = test_alloc((size_t)cap * sizeof(*buf)),
+                  *ref = test_alloc((size_t)k * sizeof(*ref));
         topk_acc acc;
         topk_acc_init(&acc, k, buf, cap);
         for (int i = 0; i < n; i += block) topk_acc_push(&acc, block, s + i, NULL, i);
@@ -153,7 +166,8 @@ START_TEST(test_attn_dense)
                 const int n = ns[ni], d = ds[di], n_q = 3;
                 float *q = test_alloc((size_t)n_q * d * 4), *k = test_alloc((size_t)n * d * 4);
                 float *v = test_alloc((size_t)n * d * 4), *o = test_alloc((size_t)n_q * d * 4);
-                float *ref = test_alloc((size_t)d * 4), *scr = test_alloc((size_t)n_q * ATTN_BLOCK * 4);
+                float *ref = test_alloc((size_t)d * 4),
+                      *scr = test_alloc((size_t)n_q * ATTN_BLOCK * 4);
                 test_fill(&r, (size_t)n_q * d, q, qscale[qi]);
                 test_fill(&r, (size_t)n * d, k, 1.0f);
                 test_fill(&r, (size_t)n * d, v, 1.0f);

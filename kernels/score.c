@@ -13,22 +13,20 @@
 
 /* Scores NQ query heads against one tile. NQ is a compile-time constant in each expansion
  * so the accumulators stay in registers. */
-#define SCORE_TILE_NQ(NQ)                                                                      \
-    static inline void s_tile_##NQ(int n_dims, float *restrict out, int ld_out,               \
-                                   const float *restrict q, int ld_q,                         \
-                                   const float *restrict tile)                                \
-    {                                                                                          \
-        float acc[NQ][SCORE_TILE];                                                             \
-        memset(acc, 0, sizeof(acc));                                                           \
-        for (int c = 0; c < n_dims; c++) {                                                     \
-            const float *kr = tile + (size_t)c * SCORE_TILE;                                   \
-            for (int h = 0; h < NQ; h++) {                                                     \
-                const float qv = q[(size_t)h * ld_q + c];                                      \
-                for (int l = 0; l < SCORE_TILE; l++) acc[h][l] += qv * kr[l];                  \
-            }                                                                                  \
-        }                                                                                      \
-        for (int h = 0; h < NQ; h++)                                                           \
-            memcpy(out + (size_t)h * ld_out, acc[h], sizeof(acc[h]));                          \
+#define SCORE_TILE_NQ(NQ)                                                                          \
+    static inline void s_tile_##NQ(int n_dims, float *restrict out, int ld_out,                    \
+                                   const float *restrict q, int ld_q, const float *restrict tile)  \
+    {                                                                                              \
+        float acc[NQ][SCORE_TILE];                                                                 \
+        memset(acc, 0, sizeof(acc));                                                               \
+        for (int c = 0; c < n_dims; c++) {                                                         \
+            const float *kr = tile + (size_t)c * SCORE_TILE;                                       \
+            for (int h = 0; h < NQ; h++) {                                                         \
+                const float qv = q[(size_t)h * ld_q + c];                                          \
+                for (int l = 0; l < SCORE_TILE; l++) acc[h][l] += qv * kr[l];                      \
+            }                                                                                      \
+        }                                                                                          \
+        for (int h = 0; h < NQ; h++) memcpy(out + (size_t)h * ld_out, acc[h], sizeof(acc[h]));     \
     }
 
 SCORE_TILE_NQ(1)

@@ -36,8 +36,10 @@ static int s_partition(topk_cand *items, int lo, int hi)
     const topk_cand pivot = items[hi - 1];
     int i = lo, j = hi - 1;
     for (;;) {
-        while (topk_better(items[++i], pivot)) {}
-        while (topk_better(pivot, items[--j])) {}
+        while (topk_better(items[++i], pivot)) {
+        }
+        while (topk_better(pivot, items[--j])) {
+        }
         if (i >= j) break;
         s_swap(&items[i], &items[j]);
     }
@@ -60,8 +62,10 @@ int topk_select(int n, int k, topk_cand *items)
         }
         const int p = s_partition(items, lo, hi);
         if (p == k || p == k - 1) break;
-        if (p < k) lo = p + 1;
-        else hi = p - 1;
+        if (p < k)
+            lo = p + 1;
+        else
+            hi = p - 1;
     }
     return k;
 }

@@ -19,7 +19,8 @@ int main(void)
     Suite *(*const suites[])(void) = {kernels_suite, shard_suite, engine_suite, golden_suite,
                                       io_suite};
     SRunner *sr = srunner_create(NULL);
-    for (size_t i = 0; i < sizeof(suites) / sizeof(*suites); i++) srunner_add_suite(sr, suites[i]());
+    for (size_t i = 0; i < sizeof(suites) / sizeof(*suites); i++)
+        srunner_add_suite(sr, suites[i]());
     srunner_run_all(sr, CK_NORMAL);
     const int failed = srunner_ntests_failed(sr);
     srunner_free(sr);

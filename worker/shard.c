@@ -27,8 +27,8 @@ struct shard {
     shard_layout lay;
     layer_store *layers; /* (n_layers) */
     /* Per-step state and grow-only scratch; the hot path allocates only on growth. */
-    topk_cand *kept;     /* (units, kept_budget) candidates of the last shard_score */
-    int *n_kept;         /* (units) */
+    topk_cand *kept; /* (units, kept_budget) candidates of the last shard_score */
+    int *n_kept;     /* (units) */
     int kept_budget;
     size_t kept_cap;
     topk_cand *acc_buf; /* (n_q, 2 * budget + SHARD_CHUNK) running top-k buffers */
@@ -36,7 +36,7 @@ struct shard {
     float *gather; /* (2 * budget * head_dim) gathered K and V rows, permuted K order */
     size_t gather_cap;
     int64_t bytes_read_last; /* KV bytes read by the last score + attend */
-    float scores[]; /* flexible tail: see shard_new */
+    float scores[];          /* flexible tail: see shard_new */
 };
 
 /* The per-step query scratch that lives in the flexible tail of struct shard:
@@ -82,8 +82,7 @@ static int s_layout_alloc(shard_layout *dst, int n_layers, int n_heads, int n_kv
 
 int shard_layout_copy(shard_layout *dst, const shard_layout *src)
 {
-    if (s_layout_alloc(dst, src->n_layers, src->n_heads, src->n_kv_heads, src->head_dim))
-        return -1;
+    if (s_layout_alloc(dst, src->n_layers, src->n_heads, src->n_kv_heads, src->head_dim)) return -1;
     const size_t lk = (size_t)src->n_layers * src->n_kv_heads;
     memcpy(dst->n_dom, src->n_dom, lk * sizeof(int));
     memcpy(dst->perm, src->perm, lk * src->head_dim * sizeof(int));
@@ -91,8 +90,7 @@ int shard_layout_copy(shard_layout *dst, const shard_layout *src)
     return 0;
 }
 
-int shard_layout_plain(shard_layout *dst, int n_layers, int n_heads, int n_kv_heads,
-                       int head_dim)
+int shard_layout_plain(shard_layout *dst, int n_layers, int n_heads, int n_kv_heads, int head_dim)
 {
     if (s_layout_alloc(dst, n_layers, n_heads, n_kv_heads, head_dim)) return -1;
     for (size_t i = 0; i < (size_t)n_layers * n_kv_heads; i++)
@@ -242,8 +240,10 @@ int shard_visible(const shard_t *s, int layer, int32_t max_pos)
     int lo = 0, hi = ls->n_rows; /* first row with pos > max_pos */
     while (lo < hi) {
         const int mid = lo + (hi - lo) / 2;
-        if (ls->pos[mid] <= max_pos) lo = mid + 1;
-        else hi = mid;
+        if (ls->pos[mid] <= max_pos)
+            lo = mid + 1;
+        else
+            hi = mid;
     }
     return lo;
 }
@@ -309,7 +309,8 @@ int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands
         const int n_q = s_pack_queries(s, st, g, qd, qr);
         const int oracle = st->method == SHARD_ORACLE;
         topk_acc acc[n_q];
-        for (int i = 0; i < n_q; i++) topk_acc_init(&acc[i], b, s->acc_buf + i * acc_one, (int)acc_one);
+        for (int i = 0; i < n_q; i++)
+            topk_acc_init(&acc[i], b, s->acc_buf + i * acc_one, (int)acc_one);
         for (int r0 = 0; r0 < n_vis; r0 += SHARD_CHUNK) {
             const int nr = n_vis - r0 < SHARD_CHUNK ? n_vis - r0 : SHARD_CHUNK;
             const kv_chunk *ch = &ls->chunks[r0 / SHARD_CHUNK][g];
@@ -324,7 +325,8 @@ int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands
             const int n = topk_acc_finish(&acc[i]);
             memcpy(s->kept + (size_t)unit * b, acc[i].items, (size_t)n * sizeof(topk_cand));
             s->n_kept[unit] = n;
-            if (cands) memcpy(cands + (size_t)unit * b, acc[i].items, (size_t)n * sizeof(topk_cand));
+            if (cands)
+                memcpy(cands + (size_t)unit * b, acc[i].items, (size_t)n * sizeof(topk_cand));
             if (n_cands) n_cands[unit] = n;
         }
     }
@@ -338,8 +340,10 @@ static int s_row_of(const layer_store *ls, int32_t pos)
     int lo = 0, hi = ls->n_rows - 1;
     while (lo < hi) {
         const int mid = lo + (hi - lo) / 2;
-        if (ls->pos[mid] < pos) lo = mid + 1;
-        else hi = mid;
+        if (ls->pos[mid] < pos)
+            lo = mid + 1;
+        else
+            hi = mid;
     }
     return lo;
 }
@@ -375,8 +379,8 @@ static void s_attend_dense(shard_t *s, const shard_step *st, int g, int n_vis, c
 
 /* Sparse phase 2 for one unit: gathers the kept rows not worse than thr and attends the
  * unit's n_q heads (queries qf (n_q, d), permuted order) over them. */
-static void s_attend_rows(shard_t *s, const shard_step *st, int g, int unit, topk_cand thr,
-                          int n_q, const float *qf, float *m, double *l, double *o)
+static void s_attend_rows(shard_t *s, const shard_step *st, int g, int unit, topk_cand thr, int n_q,
+                          const float *qf, float *m, double *l, double *o)
 {
     const shard_layout *lay = &s->lay;
     const int d = lay->head_dim, u = lay->n_dom[st->layer * lay->n_kv_heads + g];
@@ -411,7 +415,8 @@ int shard_attend(shard_t *s, const shard_step *st, const topk_cand *thr, const u
     const shard_layout *lay = &s->lay;
     const int d = lay->head_dim, hkv = lay->n_kv_heads, grp = lay->n_heads / hkv;
     attn_state_init(lay->n_heads, d, m, l, o);
-    if (st->method == SHARD_DENSE) s->bytes_read_last = 0;
+    if (st->method == SHARD_DENSE)
+        s->bytes_read_last = 0;
     else if (s_grow((void **)&s->gather, &s->gather_cap,
                     ((size_t)2 * s->kept_budget * d + (size_t)grp * s->kept_budget) *
                         sizeof(float)))

@@ -43,10 +43,10 @@ typedef struct shard_step {
     int layer;
     shard_method method;
     shard_gqa gqa;
-    int budget;       /* B: tokens per unit, >= 1 */
-    int32_t max_pos;  /* highest visible position (inclusive) */
-    float scale;      /* logit scale, 1/sqrt(head_dim) */
-    const float *q;   /* (n_heads, head_dim) queries, original dim order */
+    int budget;      /* B: tokens per unit, >= 1 */
+    int32_t max_pos; /* highest visible position (inclusive) */
+    float scale;     /* logit scale, 1/sqrt(head_dim) */
+    const float *q;  /* (n_heads, head_dim) queries, original dim order */
 } shard_step;
 
 typedef struct shard shard_t;
@@ -56,8 +56,7 @@ typedef struct shard shard_t;
 int shard_layout_copy(shard_layout *dst, const shard_layout *src);
 void shard_layout_cleanup(shard_layout *layout);
 /* The layout that packs nothing (no profile yet): every dim in the rest part. */
-int shard_layout_plain(shard_layout *dst, int n_layers, int n_heads, int n_kv_heads,
-                       int head_dim);
+int shard_layout_plain(shard_layout *dst, int n_layers, int n_heads, int n_kv_heads, int head_dim);
 
 /* A new empty shard with its own copy of layout; NULL when out of memory. */
 shard_t *shard_new(const shard_layout *layout);

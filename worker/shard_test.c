@@ -39,8 +39,9 @@ START_TEST(test_shard_oracle_dense)
     for (int i = 0; i < n; i++) pos[i] = 3 * i + 1; /* a shard holds a sparse subset */
     for (int i0 = 0; i0 < n; i0 += 777) { /* appends of odd sizes straddle chunks and tiles */
         const int m = n - i0 < 777 ? n - i0 : 777;
-        ck_assert_int_eq(shard_append(sh, 1, m, pos + i0, k + (size_t)i0 * nkv * d,
-                                      v + (size_t)i0 * nkv * d), 0);
+        ck_assert_int_eq(
+            shard_append(sh, 1, m, pos + i0, k + (size_t)i0 * nkv * d, v + (size_t)i0 * nkv * d),
+            0);
     }
     ck_assert_int_eq(shard_rows(sh, 1), n);
     ck_assert_int_eq(shard_rows(sh, 0), 0);
@@ -50,8 +51,13 @@ START_TEST(test_shard_oracle_dense)
     float q[4 * 8];
     test_fill(&r, sizeof(q) / 4, q, 1.0f);
     const int n_vis = 4500, B = 40;
-    shard_step st = {.layer = 1, .method = SHARD_ORACLE, .gqa = SHARD_GQA_PER_HEAD, .budget = B,
-                     .max_pos = 3 * (n_vis - 1) + 1, .scale = 1.0f / sqrtf(d), .q = q};
+    shard_step st = {.layer = 1,
+                     .method = SHARD_ORACLE,
+                     .gqa = SHARD_GQA_PER_HEAD,
+                     .budget = B,
+                     .max_pos = 3 * (n_vis - 1) + 1,
+                     .scale = 1.0f / sqrtf(d),
+                     .q = q};
     topk_cand cands[4 * 40], all[4500], ref[40];
     int n_c[4];
     ck_assert_int_eq(shard_score(sh, &st, cands, n_c), 0);
@@ -59,7 +65,8 @@ START_TEST(test_shard_oracle_dense)
         const int g = h / grp;
         for (int j = 0; j < n_vis; j++) {
             double s = 0;
-            for (int c = 0; c < d; c++) s += (double)q[h * d + c] * k[((size_t)j * nkv + g) * d + c];
+            for (int c = 0; c < d; c++)
+                s += (double)q[h * d + c] * k[((size_t)j * nkv + g) * d + c];
             all[j] = (topk_cand){(float)s, pos[j]};
         }
         ck_assert_int_eq(n_c[h], B);
@@ -106,8 +113,13 @@ START_TEST(test_shard_fasa_scores)
     test_fill(&r, sizeof(q) / 4, q, 1.0f);
     const int B = n; /* every row comes back, so scores can be checked one by one */
     for (int shared = 0; shared < 2; shared++) {
-        shard_step st = {.layer = 0, .method = SHARD_FASA, .gqa = shared, .budget = B,
-                         .max_pos = n - 1, .scale = 1.0f / sqrtf(d), .q = q};
+        shard_step st = {.layer = 0,
+                         .method = SHARD_FASA,
+                         .gqa = shared,
+                         .budget = B,
+                         .max_pos = n - 1,
+                         .scale = 1.0f / sqrtf(d),
+                         .q = q};
         topk_cand *c = test_alloc((size_t)nh * B * sizeof(*c));
         int n_c[4];
         ck_assert_int_eq(shard_score(sh, &st, c, n_c), 0);
