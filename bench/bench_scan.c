@@ -17,6 +17,7 @@
 #include <cblas.h>
 
 #include "score.h"
+#include "timing.h"
 
 #define DIMS 32    /* 2 * ntip, ntip 16 */
 #define N_Q 4      /* query heads of one GQA group */
@@ -31,25 +32,6 @@
 static const char usage[] = "usage: bench_scan [--tokens N] [--repeats R] [--help]\n"
                             "  --tokens N    tokens in the packed block (default 1048576)\n"
                             "  --repeats R   runs per figure, the median is printed (default 7)\n";
-
-static double s_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int s_cmp(const void *a, const void *b)
-{
-    const double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double s_median(int n, double *x)
-{
-    qsort(x, (size_t)n, sizeof(double), s_cmp);
-    return n % 2 ? x[n / 2] : 0.5 * (x[n / 2 - 1] + x[n / 2]);
-}
 
 /* Sum of n floats (n a multiple of 16) with 16 independent accumulators. */
 BENCH_CLONES
@@ -120,20 +102,20 @@ int main(int argc, char **argv)
     volatile float sink = 0.0f;
     sink += s_stream_sum(n, tiles) + s_scan((int)tokens, tiles, q, scores); /* warm-up */
     for (long r = 0; r < repeats; r++) {
-        double t0 = s_now();
+        double t0 = timing_now();
         sink += s_stream_sum(n, tiles);
-        t_sum[r] = s_now() - t0;
-        t0 = s_now();
+        t_sum[r] = timing_now() - t0;
+        t0 = timing_now();
         sink += cblas_sasum((blasint)n, tiles, 1);
-        t_blas[r] = s_now() - t0;
-        t0 = s_now();
+        t_blas[r] = timing_now() - t0;
+        t0 = timing_now();
         sink += s_scan((int)tokens, tiles, q, scores);
-        t_scan[r] = s_now() - t0;
+        t_scan[r] = timing_now() - t0;
     }
     (void)sink;
-    const double gb_sum = bytes / s_median((int)repeats, t_sum) / 1e9;
-    const double gb_blas = bytes / s_median((int)repeats, t_blas) / 1e9;
-    const double ts = s_median((int)repeats, t_scan), gb_scan = bytes / ts / 1e9;
+    const double gb_sum = bytes / timing_median((int)repeats, t_sum) / 1e9;
+    const double gb_blas = bytes / timing_median((int)repeats, t_blas) / 1e9;
+    const double ts = timing_median((int)repeats, t_scan), gb_scan = bytes / ts / 1e9;
     const double bw = gb_sum > gb_blas ? gb_sum : gb_blas;
 
     printf("bench_scan: %ld tokens x %d dims (ntip %d) x %d query heads, %.1f MiB, median of "

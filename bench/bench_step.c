@@ -14,6 +14,7 @@
 #include "calib.h"
 #include "engine.h"
 #include "synth.h"
+#include "timing.h"
 
 static const char usage[] =
     "usage: bench_step [--tokens N] [--steps S] [--shards N] [--calibrate] [--help]\n"
@@ -22,25 +23,6 @@ static const char usage[] =
     "  --shards N    in-process shards (default 1)\n"
     "  --calibrate   profile from fasa_calibrate on a 4096-token sample (default: the true\n"
     "                signal FCs of the generator)\n";
-
-static double s_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int s_cmp(const void *a, const void *b)
-{
-    const double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double s_median(int n, double *x)
-{
-    qsort(x, (size_t)n, sizeof(double), s_cmp);
-    return n % 2 ? x[n / 2] : 0.5 * (x[n / 2 - 1] + x[n / 2]);
-}
 
 static int s_arg_long(const char *text, long lo, long hi, long *out)
 {
@@ -132,7 +114,7 @@ int main(int argc, char **argv)
                                    .dense_layers = &no_dense};
         if (fasa_engine_create(eng, ids[i], &cfg, &fe)) goto engine_err;
     }
-    double t0 = s_now();
+    double t0 = timing_now();
     for (int p0 = 0; p0 < n_ctx; p0 += (int)chunk) {
         const int n = n_ctx - p0 < (int)chunk ? n_ctx - p0 : (int)chunk;
         synth_kv(&syn, p0, n, k, v);
@@ -141,7 +123,7 @@ int main(int argc, char **argv)
     }
     printf("bench_step: %d tokens, %d query heads / %d KV heads, head_dim %d, ntip 16, B %d, "
            "1 layer, %ld shard(s), profile %s (%.1f s to build the context)\n",
-           T, H, G, d, B, shards, calibrate ? "calibrated" : "true signal FCs", s_now() - t0);
+           T, H, G, d, B, shards, calibrate ? "calibrated" : "true signal FCs", timing_now() - t0);
 
     /* Step s (s = 0 is the warm-up) decodes position n_ctx + s in both sessions. */
     for (int s = 0; s <= S; s++) {
@@ -158,14 +140,14 @@ int main(int argc, char **argv)
                                    .gqa = -1,
                                    .max_pos = -1};
             fasa_step_stats st;
-            t0 = s_now();
+            t0 = timing_now();
             if (fasa_engine_attend(eng, ids[i], &req, out, NULL, &st, &fe)) goto engine_err;
-            const double dt = 1e3 * (s_now() - t0);
+            const double dt = 1e3 * (timing_now() - t0);
             if (s > 0) ms[i * S + s - 1] = dt;
             bytes[i] = st.bytes_read;
         }
     }
-    const double mf = s_median(S, ms), md = s_median(S, ms + S);
+    const double mf = timing_median(S, ms), md = timing_median(S, ms + S);
     const double mib = 1024.0 * 1024.0;
     printf("fasa   step: %8.2f ms (median of %d), %8.1f MiB read, %6.2f GB/s effective\n", mf, S,
            bytes[0] / mib, bytes[0] / (mf * 1e6));

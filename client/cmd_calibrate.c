@@ -105,6 +105,12 @@ int cmd_calibrate(int argc, char **argv)
         return cli_usage_error("calibrate", "--ntip %ld exceeds the %d FCs of head_dim %d", ntip,
                                d / 2, d);
     }
+    if (b <= window)
+        fprintf(stderr,
+                "fasa calibrate: warning: every sample position t has t+1 <= window %ld, so every "
+                "FC agrees fully and the choice falls to the lowest FC indices; use later "
+                "--positions or a smaller --window\n",
+                window);
     co.ntip = (int)ntip;
     co.window = (int)window;
     co.pos_begin = (int)a;

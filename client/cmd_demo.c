@@ -20,6 +20,7 @@
 #include "score.h"
 #include "synth.h"
 #include "topk.h"
+#include "timing.h"
 
 static const char usage[] =
     "usage: fasa demo [options]\n"
@@ -130,27 +131,6 @@ static int s_parse(int argc, char **argv, demo_opts *o)
     return 0;
 }
 
-static double s_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int s_cmp_double(const void *a, const void *b)
-{
-    const double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double s_median(int n, const double *x)
-{
-    double tmp[n];
-    memcpy(tmp, x, (size_t)n * sizeof(double));
-    qsort(tmp, (size_t)n, sizeof(double), s_cmp_double);
-    return n % 2 ? tmp[n / 2] : 0.5 * (tmp[n / 2 - 1] + tmp[n / 2]);
-}
-
 /* Relative L2 error of a against reference r over H heads of d dims, mean over heads. */
 static double s_rel_err(int H, int d, const float *a, const float *r)
 {
@@ -251,12 +231,12 @@ int cmd_demo(int argc, char **argv)
     /* 1. Calibration on a short sample of the same stream. */
     int n_sample = 16 * B > 4096 ? 16 * B : 4096;
     if (n_sample > n_ctx) n_sample = n_ctx;
-    double t0 = s_now();
+    double t0 = timing_now();
     if (synth_sample_make(&syn, n_sample, 16, &sample, err, sizeof(err))) {
         cli_fail("demo", "%s", err);
         goto done;
     }
-    const double t_sample = s_now() - t0;
+    const double t_sample = timing_now() - t0;
     progress bar;
     progress_init(&bar, "calibrate", 16);
     fasa_calib_opts co = {.ntip = (int)o.ntip,
@@ -268,14 +248,14 @@ int cmd_demo(int argc, char **argv)
                           .gqa_shared = 0,
                           .progress = progress_callback,
                           .progress_arg = &bar};
-    t0 = s_now();
+    t0 = timing_now();
     prof = fasa_calibrate(&sample.act, &co, err, sizeof(err));
     progress_done(&bar);
     if (!prof) {
         cli_fail("demo", "calibration: %s", err);
         goto done;
     }
-    const double t_calib = s_now() - t0;
+    const double t_calib = timing_now() - t0;
     synth_sample_free(&sample);
     printf("calibrate: sample of %d tokens, positions %s, window %d: generated in %.2f s, "
            "calibrated in %.2f s\n",
@@ -353,13 +333,13 @@ int cmd_demo(int argc, char **argv)
     progress_init(&bar, "context", n_ctx + 1);
     for (int p0 = 0; p0 <= n_ctx; p0 += GEN_CHUNK) {
         const int n = n_ctx + 1 - p0 < GEN_CHUNK ? n_ctx + 1 - p0 : GEN_CHUNK;
-        t0 = s_now();
+        t0 = timing_now();
         synth_kv(&syn, p0, n, kbuf, vbuf);
-        const double t1 = s_now();
+        const double t1 = timing_now();
         for (int g = 0; g < G; g++)
             score_rows(n, d, grp, logit + (size_t)g * grp * (n_ctx + 1) + p0, n_ctx + 1,
                        q + (size_t)g * grp * d, kbuf + (size_t)g * d, (int)kv_row, 0);
-        const double t2 = s_now();
+        const double t2 = timing_now();
         const int n_app = p0 + n > n_ctx ? n_ctx - p0 : n; /* position n_ctx is step 0's */
         for (int i = 0; i < 3 && n_app > 0; i++)
             if (fasa_engine_append(eng, ids[i], 0, p0, n_app, kbuf, vbuf, &fe)) {
@@ -369,7 +349,7 @@ int cmd_demo(int argc, char **argv)
             }
         t_gen += t1 - t0;
         t_log += t2 - t1;
-        t_app += s_now() - t2;
+        t_app += timing_now() - t2;
         progress_update(&bar, p0 + n);
     }
     progress_done(&bar);
@@ -416,12 +396,12 @@ int cmd_demo(int argc, char **argv)
         fasa_step_stats *sts[3] = {&sf, &sd, &so};
         double ms[3];
         for (int i = 0; i < 3; i++) {
-            t0 = s_now();
+            t0 = timing_now();
             if (fasa_engine_attend(eng, ids[i], &req, outs[i], sels[i], sts[i], &fe)) {
                 cli_fail("demo", "step %d (%s): %s", s + 1, ids[i], fe.msg);
                 goto done;
             }
-            ms[i] = 1e3 * (s_now() - t0);
+            ms[i] = 1e3 * (timing_now() - t0);
         }
         ms_f[s] = ms[0];
         ms_d[s] = ms[1];
@@ -439,10 +419,10 @@ int cmd_demo(int argc, char **argv)
                    fasa_method_name((fasa_method)sf.method_used));
         fflush(stdout);
     }
-    const double mf = s_median(S, ms_f), md = s_median(S, ms_d);
+    const double mf = timing_median(S, ms_f), md = timing_median(S, ms_d);
     printf("%-5s %-8s %9.2f %9.2f %7.1fx %10.1f %10.1f %7.4f %9.2e %10.2e %9.2f\n", "median", "",
-           mf, md, md / mf, s_median(S, mb_f), s_median(S, mb_d), s_median(S, rec),
-           s_median(S, err_f), s_median(S, err_o), s_median(S, ms_o));
+           mf, md, md / mf, timing_median(S, mb_f), timing_median(S, mb_d), timing_median(S, rec),
+           timing_median(S, err_f), timing_median(S, err_o), timing_median(S, ms_o));
     printf("\nrecall: share of the exact top-%d (oracle session) that fasa selected, mean over "
            "heads; err_*: relative L2 error of the output against dense, mean over heads "
            "(err_oracle is what the exact top-%d itself loses).\n",
