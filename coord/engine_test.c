@@ -272,9 +272,7 @@ START_TEST(test_profile_roundtrip)
                      -1);
     ck_assert_ptr_nonnull(strstr(err, "n_layers"));
     /* A damaged row is refused with its line number. */
-    FILE *f = fopen(path, "a");
-    fclose(f);
-    f = fopen(path, "w");
+    FILE *f = fopen(path, "w");
     fasa_profile_write(p, f);
     fprintf(f, "garbage\n");
     fclose(f);
