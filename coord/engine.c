@@ -160,6 +160,37 @@ int32_t fasa_engine_length(const fasa_engine_t *e, const char *id, int layer)
     return s->n_appended[layer];
 }
 
+const fasa_session_config *fasa_engine_config(const fasa_engine_t *e, const char *id)
+{
+    const session *s = s_find(e, id);
+    return s ? &s->cfg : NULL;
+}
+
+int fasa_engine_count(const fasa_engine_t *e)
+{
+    int n = 0;
+    for (const session *s = e->sessions; s; s = s->next) n++;
+    return n;
+}
+
+static int64_t s_kv_bytes(const session *s)
+{
+    int64_t rows = 0;
+    for (int l = 0; l < s->cfg.n_layers; l++) rows += s->n_appended[l];
+    return rows * 2 * s->cfg.n_kv_heads * s->cfg.head_dim * (int64_t)sizeof(float);
+}
+
+int64_t fasa_engine_kv_bytes(const fasa_engine_t *e, const char *id)
+{
+    if (id) {
+        const session *s = s_find(e, id);
+        return s ? s_kv_bytes(s) : -1;
+    }
+    int64_t total = 0;
+    for (const session *s = e->sessions; s; s = s->next) total += s_kv_bytes(s);
+    return total;
+}
+
 /* Packs each KV head's keys by the union of its query heads' dominant FCs (shard.h). */
 static int s_layout_from_profile(shard_layout *lay, const fasa_session_config *c,
                                  const fasa_profile *p)
@@ -278,6 +309,41 @@ oom:
     return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory creating session '%s'", id);
 }
 
+fasa_status fasa_engine_set_profile(fasa_engine_t *e, const char *id, const fasa_profile *profile,
+                                    fasa_error *err)
+{
+    session *s = s_find(e, id);
+    if (!s) return s_fail(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
+    for (int l = 0; l < s->cfg.n_layers; l++)
+        if (s->n_appended[l])
+            return s_fail(err, FASA_FAILED_PRECONDITION,
+                          "session '%s' already holds tokens; its profile can only be set "
+                          "before the first append",
+                          id);
+    fasa_session_config c = s->cfg;
+    c.profile = profile;
+    fasa_status st = s_check_config(&c, err);
+    if (st) return st;
+    fasa_profile *copy = NULL;
+    shard_layout lay = {0};
+    if ((profile && !(copy = fasa_profile_clone(profile))) || s_layout_from_profile(&lay, &c, copy))
+        goto oom;
+    /* A fresh transport session with the new layout; the old one goes once it exists. */
+    const int sid = e->next_sid++;
+    if (e->tr.session_new(e->tr.ctx, sid, &lay)) goto oom;
+    shard_layout_cleanup(&lay);
+    e->tr.session_drop(e->tr.ctx, s->sid);
+    s->sid = sid;
+    fasa_profile_destroy(&s->profile);
+    s->profile = copy;
+    s->cfg.profile = copy;
+    return FASA_OK;
+oom:
+    shard_layout_cleanup(&lay);
+    fasa_profile_destroy(&copy);
+    return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory setting the profile of '%s'", id);
+}
+
 fasa_status fasa_engine_drop(fasa_engine_t *e, const char *id, fasa_error *err)
 {
     for (session **pp = &e->sessions; *pp; pp = &(*pp)->next)
@@ -291,9 +357,17 @@ fasa_status fasa_engine_drop(fasa_engine_t *e, const char *id, fasa_error *err)
     return s_fail(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
 }
 
-/* Index of the first non-finite value, or -1. */
+/* Index of the first non-finite value, or -1. The first pass only tests the exponent bits
+ * (all ones for NaN and infinity) and vectorises; the index is looked for only on failure. */
 static long s_nonfinite(size_t n, const float *x)
 {
+    uint32_t bad = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t b;
+        memcpy(&b, x + i, sizeof(b));
+        bad |= (b & 0x7f800000u) == 0x7f800000u;
+    }
+    if (!bad) return -1;
     for (size_t i = 0; i < n; i++)
         if (!isfinite(x[i])) return (long)i;
     return -1;

@@ -105,4 +105,18 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
 /* Positions appended so far to a layer of a session, or -1 if there is no such session. */
 int32_t fasa_engine_length(const fasa_engine_t *e, const char *id, int layer);
 
+/* A session's configuration (borrowed; profile and dense_layers point at the engine's
+ * copies), or NULL if there is no such session. */
+const fasa_session_config *fasa_engine_config(const fasa_engine_t *e, const char *id);
+
+/* Replaces a session's profile (NULL: none). The key layout depends on the profile, so
+ * this is allowed only while the session holds no tokens (FAILED_PRECONDITION). */
+fasa_status fasa_engine_set_profile(fasa_engine_t *e, const char *id, const fasa_profile *profile,
+                                    fasa_error *err);
+
+/* Sessions held, and the bytes of keys and values held by one session (id) or by all
+ * (id NULL); -1 for an unknown id. */
+int fasa_engine_count(const fasa_engine_t *e);
+int64_t fasa_engine_kv_bytes(const fasa_engine_t *e, const char *id);
+
 #endif

@@ -1,6 +1,7 @@
 #include "profile.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -120,12 +121,20 @@ static int s_header_word(FILE *f, const char *key, char *out, int *lineno, char 
 
 fasa_profile *fasa_profile_load(const char *path, char *err, size_t err_len)
 {
-    char e[200] = "", word[64];
     FILE *f = fopen(path, "r");
     if (!f) {
         snprintf(err, err_len, "cannot open profile %s: %s", path, strerror(errno));
         return NULL;
     }
+    fasa_profile *p = fasa_profile_read(f, path, SIZE_MAX, err, err_len);
+    fclose(f);
+    return p;
+}
+
+fasa_profile *fasa_profile_read(FILE *f, const char *name, size_t max_cells, char *err,
+                                size_t err_len)
+{
+    char e[200] = "", word[64];
     fasa_profile *p = NULL;
     int lineno = 0, version, nl, nh, nkv, hd, ntip, window;
     char *line = NULL;
@@ -154,6 +163,10 @@ fasa_profile *fasa_profile_load(const char *path, char *err, size_t err_len)
     if (s_header_int(f, "ntip", 1, hd / 2, &ntip, &lineno, e, sizeof(e)) ||
         s_header_int(f, "window", 1, 1 << 30, &window, &lineno, e, sizeof(e)))
         goto fail;
+    if ((size_t)nl * nh * (size_t)(ntip + hd / 2) > max_cells) {
+        snprintf(e, sizeof(e), "its geometry needs more rows than the text holds");
+        goto fail;
+    }
     p = fasa_profile_new(nl, nh, nkv, hd, ntip);
     if (!p) {
         snprintf(e, sizeof(e), "out of memory");
@@ -201,17 +214,15 @@ fasa_profile *fasa_profile_load(const char *path, char *err, size_t err_len)
             }
         }
     free(line);
-    fclose(f);
     return p;
 bad_row:
     snprintf(e, sizeof(e),
              "line %d: a row is 'layer head : %d ascending FCs in [0,%d) : %d CA values in [0,1]'",
              lineno, ntip, n_fc, n_fc);
 fail:
-    snprintf(err, err_len, "profile %s: %s", path, e);
+    snprintf(err, err_len, "profile %s: %s", name, e);
     free(line);
     fasa_profile_destroy(&p);
-    fclose(f);
     return NULL;
 }
 

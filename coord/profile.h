@@ -46,6 +46,11 @@ int fasa_profile_save(const fasa_profile *p, const char *path, char *err, size_t
 
 /* Reads a profile file; NULL with a one-line reason in err (naming the line) on failure. */
 fasa_profile *fasa_profile_load(const char *path, char *err, size_t err_len);
+/* Reads a profile from a stream; name is for messages. A profile whose header claims more
+ * than max_cells FC and CA values is refused before anything is allocated (a text of n
+ * bytes cannot hold more than n / 2 of them). */
+fasa_profile *fasa_profile_read(FILE *f, const char *name, size_t max_cells, char *err,
+                                size_t err_len);
 
 /* 0 when the profile fits this geometry, else -1 with a reason in err naming the field. */
 int fasa_profile_check(const fasa_profile *p, int n_layers, int n_heads, int n_kv_heads,
