@@ -64,6 +64,7 @@ Suite *shard_suite(void);
 Suite *engine_suite(void);
 Suite *golden_suite(void);
 Suite *io_suite(void);
+Suite *service_suite(void);
 
 /* ../shared as seen from the source tree (tests may read the recorded data there). */
 const char *test_shared_dir(void);

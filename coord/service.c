@@ -1,0 +1,604 @@
+/* Requests to engine calls and back. See service.h. */
+#include "service.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "calib.h"
+#include "edge.h"
+#include "fasa.pb-c.h"
+
+#define VERSION_STRING "fasa-server 0.1.0"
+
+typedef struct named_profile {
+    char name[EDGE_MAX_ID + 1];
+    fasa_profile *profile;
+} named_profile;
+
+struct fasa_service {
+    fasa_engine_t *engine;
+    int n_ranks, n_shards;
+    size_t max_message;
+    struct timespec start;
+    uint64_t requests, errors, steps;
+    named_profile profiles[FASA_SERVICE_MAX_PROFILES];
+    int n_profiles;
+};
+
+/* What one handler produced: a status, a message, and the response body it filled. */
+typedef struct reply {
+    fasa_status code;
+    char msg[320];
+    Fasa__V1__Response *resp;
+} reply;
+
+static fasa_status s_fail(reply *r, fasa_status code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static fasa_status s_fail(reply *r, fasa_status code, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(r->msg, sizeof(r->msg), fmt, ap);
+    va_end(ap);
+    r->code = code;
+    return code;
+}
+
+static double s_now(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+fasa_service *fasa_service_new(fasa_engine_t *engine, int n_shards, const fasa_service_opts *o)
+{
+    fasa_service *s = calloc(1, sizeof(*s));
+    if (!s) return NULL;
+    s->engine = engine;
+    s->n_ranks = o->n_ranks;
+    s->n_shards = n_shards;
+    s->max_message = o->max_message ? o->max_message : EDGE_DEFAULT_MAX_MESSAGE;
+    clock_gettime(CLOCK_MONOTONIC, &s->start);
+    return s;
+}
+
+void fasa_service_destroy(fasa_service **service_p)
+{
+    fasa_service *s = *service_p;
+    if (!s) return;
+    fasa_engine_destroy(&s->engine);
+    for (int i = 0; i < s->n_profiles; i++) fasa_profile_destroy(&s->profiles[i].profile);
+    free(s);
+    *service_p = NULL;
+}
+
+/* Proto enums to engine values; 0 (unspecified) becomes -1, the session default. */
+static int s_method(int m)
+{
+    return m == FASA__V1__METHOD__FASA     ? FASA_METHOD_FASA
+           : m == FASA__V1__METHOD__DENSE  ? FASA_METHOD_DENSE
+           : m == FASA__V1__METHOD__ORACLE ? FASA_METHOD_ORACLE
+                                           : -1;
+}
+
+static Fasa__V1__Method s_method_out(int m)
+{
+    return m == FASA_METHOD_FASA    ? FASA__V1__METHOD__FASA
+           : m == FASA_METHOD_DENSE ? FASA__V1__METHOD__DENSE
+                                    : FASA__V1__METHOD__ORACLE;
+}
+
+static int s_gqa(int g)
+{
+    return g == FASA__V1__GQA__PER_HEAD ? FASA_GQA_PER_HEAD
+           : g == FASA__V1__GQA__SHARED ? FASA_GQA_SHARED
+                                        : -1;
+}
+
+static fc_pairing s_pairing(int p)
+{
+    return p == FASA__V1__PAIRING__HALF ? FC_PAIRING_HALF : FC_PAIRING_INTERLEAVED;
+}
+
+static named_profile *s_find_profile(fasa_service *s, const char *name)
+{
+    for (int i = 0; i < s->n_profiles; i++)
+        if (strcmp(s->profiles[i].name, name) == 0) return &s->profiles[i];
+    return NULL;
+}
+
+/* The profile a request names: parsed from its text (caller owns *owned_p) or borrowed from
+ * the store. NULL, with r set, when neither works; NULL with r OK when none was given. */
+static const fasa_profile *s_profile_of(fasa_service *s, const char *text, const char *name,
+                                        const char *field, fasa_profile **owned_p, reply *r)
+{
+    *owned_p = NULL;
+    if (name) {
+        named_profile *np = s_find_profile(s, name);
+        if (!np) s_fail(r, FASA_NOT_FOUND, "%s.profile_name '%s' is not stored here", field, name);
+        return np ? np->profile : NULL;
+    }
+    if (!text) return NULL;
+    const size_t len = strlen(text);
+    FILE *f = fmemopen((void *)text, len ? len : 1, "r");
+    if (!f) {
+        s_fail(r, FASA_RESOURCE_EXHAUSTED, "%s.profile_text: out of memory", field);
+        return NULL;
+    }
+    char err[256], what[64];
+    snprintf(what, sizeof(what), "%s.profile_text", field);
+    *owned_p = fasa_profile_read(f, what, len / 2, err, sizeof(err));
+    fclose(f);
+    if (!*owned_p) s_fail(r, FASA_INVALID_ARGUMENT, "%s", err);
+    return *owned_p;
+}
+
+static fasa_status s_create(fasa_service *s, const edge_create *c, reply *r)
+{
+    if (fasa_engine_count(s->engine) >= FASA_SERVICE_MAX_SESSIONS &&
+        !fasa_engine_config(s->engine, c->session_id))
+        return s_fail(r, FASA_RESOURCE_EXHAUSTED,
+                      "create_session: the server holds its limit of %d sessions",
+                      FASA_SERVICE_MAX_SESSIONS);
+    fasa_profile *owned;
+    const fasa_profile *prof =
+        s_profile_of(s, c->profile_text, c->profile_name, "create_session", &owned, r);
+    if (r->code) return r->code;
+    uint8_t *dense = NULL;
+    if (c->has_dense_layers) {
+        if (!(dense = calloc((size_t)c->n_layers, 1))) {
+            fasa_profile_destroy(&owned);
+            return s_fail(r, FASA_RESOURCE_EXHAUSTED, "create_session: out of memory");
+        }
+        for (int i = 0; i < c->n_dense_layers; i++) dense[c->dense_layers[i]] = 1;
+    }
+    const int method = s_method(c->method), gqa = s_gqa(c->gqa);
+    fasa_session_config cfg = {.n_layers = c->n_layers,
+                               .n_heads = c->n_heads,
+                               .n_kv_heads = c->n_kv_heads,
+                               .head_dim = c->head_dim,
+                               .pairing =
+                                   prof && !c->pairing ? prof->pairing : s_pairing(c->pairing),
+                               .profile = prof,
+                               .method = method >= 0 ? (fasa_method)method
+                                         : prof      ? FASA_METHOD_FASA
+                                                     : FASA_METHOD_DENSE,
+                               .budget = c->budget ? c->budget : 256,
+                               .gqa = gqa >= 0 ? (fasa_gqa)gqa : FASA_GQA_PER_HEAD,
+                               .dense_layers = dense};
+    fasa_error fe;
+    fasa_status st = fasa_engine_create(s->engine, c->session_id, &cfg, &fe);
+    free(dense);
+    fasa_profile_destroy(&owned);
+    if (st) return s_fail(r, st, "create_session: %s", fe.msg);
+    static Fasa__V1__CreateSessionResult res;
+    fasa__v1__create_session_result__init(&res);
+    res.n_shards = (uint32_t)s->n_shards;
+    r->resp->body_case = FASA__V1__RESPONSE__BODY_CREATE_SESSION;
+    r->resp->create_session = &res;
+    return FASA_OK;
+}
+
+static fasa_status s_shape_err(reply *r, const char *field, const edge_tensor *t, const char *want,
+                               const char *id)
+{
+    char dims[96];
+    size_t o = 0;
+    for (int i = 0; i < t->rank; i++)
+        o += (size_t)snprintf(dims + o, sizeof(dims) - o, "%s%lld", i ? ", " : "",
+                              (long long)t->shape[i]);
+    return s_fail(r, FASA_INVALID_ARGUMENT, "%s.shape [%s] must be %s of session '%s'", field, dims,
+                  want, id);
+}
+
+static fasa_status s_append(fasa_service *s, const edge_append *a, reply *r)
+{
+    const fasa_session_config *c = fasa_engine_config(s->engine, a->session_id);
+    if (!c)
+        return s_fail(r, FASA_NOT_FOUND, "append.session_id: session '%s' not found",
+                      a->session_id);
+    if (a->layer >= c->n_layers)
+        return s_fail(r, FASA_INVALID_ARGUMENT,
+                      "append.layer %d out of range [-1, %d) for session '%s'", a->layer,
+                      c->n_layers, a->session_id);
+    const int off = a->layer < 0 ? 1 : 0;
+    const int64_t *sh = a->k.shape;
+    if ((off && sh[0] != c->n_layers) || sh[off + 1] != c->n_kv_heads ||
+        sh[off + 2] != c->head_dim) {
+        char want[96];
+        if (off)
+            snprintf(want, sizeof(want), "[n_layers %d, n, n_kv_heads %d, head_dim %d]",
+                     c->n_layers, c->n_kv_heads, c->head_dim);
+        else
+            snprintf(want, sizeof(want), "[n, n_kv_heads %d, head_dim %d]", c->n_kv_heads,
+                     c->head_dim);
+        return s_shape_err(r, "append.k", &a->k, want, a->session_id);
+    }
+    const int32_t have = fasa_engine_length(s->engine, a->session_id, a->layer < 0 ? 0 : a->layer);
+    if (a->start_pos != have)
+        return s_fail(r, FASA_INVALID_ARGUMENT,
+                      "append.start_pos %lld: session '%s' layer %d expects position %d next "
+                      "(appends are contiguous and in order)",
+                      (long long)a->start_pos, a->session_id, a->layer < 0 ? 0 : a->layer,
+                      (int)have);
+    fasa_error fe;
+    const fasa_status st =
+        fasa_engine_append(s->engine, a->session_id, a->layer, (int32_t)a->start_pos, (int)sh[off],
+                           a->k.data, a->v.data, &fe);
+    if (st) return s_fail(r, st, "append: %s", fe.msg);
+    static Fasa__V1__AppendResult res;
+    fasa__v1__append_result__init(&res);
+    res.length =
+        (uint64_t)fasa_engine_length(s->engine, a->session_id, a->layer < 0 ? 0 : a->layer);
+    r->resp->body_case = FASA__V1__RESPONSE__BODY_APPEND;
+    r->resp->append = &res;
+    return FASA_OK;
+}
+
+/* The result of one Attend, with its own buffers (freed by s_attend_free). */
+typedef struct attend_out {
+    Fasa__V1__AttendResult res;
+    Fasa__V1__Tensor out, sel;
+    Fasa__V1__StepStats stats;
+    uint64_t out_shape[2], sel_shape[2];
+    float *o;
+    int32_t *selected;
+} attend_out;
+
+static void s_attend_free(attend_out *a)
+{
+    free(a->o);
+    free(a->selected);
+    a->o = NULL;
+    a->selected = NULL;
+}
+
+static fasa_status s_attend(fasa_service *s, const edge_attend *a, const char *field,
+                            attend_out *ao, reply *r)
+{
+    const fasa_session_config *c = fasa_engine_config(s->engine, a->session_id);
+    if (!c)
+        return s_fail(r, FASA_NOT_FOUND, "%s.session_id: session '%s' not found", field,
+                      a->session_id);
+    if (a->layer >= c->n_layers)
+        return s_fail(r, FASA_INVALID_ARGUMENT, "%s.layer %d out of range [0, %d) for session '%s'",
+                      field, a->layer, c->n_layers, a->session_id);
+    char f[96], want[64];
+    if (a->q.shape[0] != c->n_heads || a->q.shape[1] != c->head_dim) {
+        snprintf(f, sizeof(f), "%s.q", field);
+        snprintf(want, sizeof(want), "[n_heads %d, head_dim %d]", c->n_heads, c->head_dim);
+        return s_shape_err(r, f, &a->q, want, a->session_id);
+    }
+    if (a->k_new.rank && (a->k_new.shape[0] != c->n_kv_heads || a->k_new.shape[1] != c->head_dim)) {
+        snprintf(f, sizeof(f), "%s.k_new", field);
+        snprintf(want, sizeof(want), "[n_kv_heads %d, head_dim %d]", c->n_kv_heads, c->head_dim);
+        return s_shape_err(r, f, &a->k_new, want, a->session_id);
+    }
+    const int budget = a->budget ? a->budget : c->budget;
+    memset(ao, 0, sizeof(*ao));
+    ao->o = malloc((size_t)c->n_heads * c->head_dim * sizeof(float));
+    if (a->return_selected) ao->selected = malloc((size_t)c->n_heads * budget * sizeof(int32_t));
+    if (!ao->o || (a->return_selected && !ao->selected)) {
+        s_attend_free(ao);
+        return s_fail(r, FASA_RESOURCE_EXHAUSTED, "%s: out of memory for the outputs", field);
+    }
+    const fasa_attend_req req = {.layer = a->layer,
+                                 .q = a->q.data,
+                                 .k_new = a->k_new.rank ? a->k_new.data : NULL,
+                                 .v_new = a->v_new.rank ? a->v_new.data : NULL,
+                                 .method = s_method(a->method),
+                                 .budget = a->budget,
+                                 .gqa = s_gqa(a->gqa),
+                                 .max_pos = (int32_t)a->max_pos};
+    fasa_step_stats st;
+    fasa_error fe;
+    const double t0 = s_now();
+    const fasa_status code =
+        fasa_engine_attend(s->engine, a->session_id, &req, ao->o, ao->selected, &st, &fe);
+    const double t1 = s_now();
+    if (code) {
+        s_attend_free(ao);
+        return s_fail(r, code, "%s: %s", field, fe.msg);
+    }
+    s->steps++;
+    fasa__v1__attend_result__init(&ao->res);
+    fasa__v1__tensor__init(&ao->out);
+    fasa__v1__step_stats__init(&ao->stats);
+    ao->out_shape[0] = (uint64_t)c->n_heads;
+    ao->out_shape[1] = (uint64_t)c->head_dim;
+    ao->out.dtype = FASA__V1__DTYPE__F32;
+    ao->out.n_shape = 2;
+    ao->out.shape = ao->out_shape;
+    ao->out.data.data = (uint8_t *)ao->o;
+    ao->out.data.len = (size_t)c->n_heads * c->head_dim * sizeof(float);
+    ao->res.out = &ao->out;
+    if (ao->selected) {
+        fasa__v1__tensor__init(&ao->sel);
+        ao->sel_shape[0] = (uint64_t)c->n_heads;
+        ao->sel_shape[1] = (uint64_t)budget;
+        ao->sel.dtype = FASA__V1__DTYPE__I32;
+        ao->sel.n_shape = 2;
+        ao->sel.shape = ao->sel_shape;
+        ao->sel.data.data = (uint8_t *)ao->selected;
+        ao->sel.data.len = (size_t)c->n_heads * budget * sizeof(int32_t);
+        ao->res.selected = &ao->sel;
+    }
+    ao->stats.method_used = s_method_out(st.method_used);
+    ao->stats.n_visible = (uint32_t)st.n_visible;
+    ao->stats.bytes_read = (uint64_t)st.bytes_read;
+    ao->stats.server_us = (uint64_t)((t1 - t0) * 1e6);
+    ao->res.stats = &ao->stats;
+    return FASA_OK;
+}
+
+static fasa_status s_calibrate(fasa_service *s, const edge_calibrate *c, reply *r, char **text_p)
+{
+    if (c->profile_name && !s_find_profile(s, c->profile_name) &&
+        s->n_profiles >= FASA_SERVICE_MAX_PROFILES)
+        return s_fail(r, FASA_RESOURCE_EXHAUSTED,
+                      "calibrate.profile_name: the server stores at most %d profiles",
+                      FASA_SERVICE_MAX_PROFILES);
+    const int L = (int)c->q.shape[0], T = (int)c->q.shape[1], H = (int)c->q.shape[2];
+    const int Hkv = (int)c->k.shape[2], d = (int)c->q.shape[3];
+    const float **ptrs = malloc(2 * (size_t)L * sizeof(*ptrs));
+    if (!ptrs) return s_fail(r, FASA_RESOURCE_EXHAUSTED, "calibrate: out of memory");
+    for (int l = 0; l < L; l++) {
+        ptrs[l] = c->q.data + (size_t)l * T * H * d;
+        ptrs[L + l] = c->k.data + (size_t)l * T * Hkv * d;
+    }
+    const fasa_activations act = {.n_layers = L,
+                                  .n_tokens = T,
+                                  .n_heads = H,
+                                  .n_kv_heads = Hkv,
+                                  .head_dim = d,
+                                  .q = ptrs,
+                                  .k = ptrs + L,
+                                  .v = ptrs + L};
+    fasa_calib_opts o = {.ntip = c->ntip ? c->ntip : (d / 8 > 0 ? d / 8 : 1),
+                         .window = c->window ? c->window : 32,
+                         .pos_begin = c->pos_begin >= 0 ? c->pos_begin : T / 2,
+                         .pos_end = c->pos_end ? c->pos_end : T,
+                         .pos_step = c->pos_step ? c->pos_step : 1,
+                         .pairing = s_pairing(c->pairing),
+                         .gqa_shared = c->gqa == FASA__V1__GQA__SHARED};
+    if (o.pos_begin >= o.pos_end) {
+        free(ptrs);
+        return s_fail(r, FASA_INVALID_ARGUMENT, "calibrate.pos_begin %d must be below pos_end %d",
+                      o.pos_begin, o.pos_end);
+    }
+    char err[256];
+    fasa_profile *p = fasa_calibrate(&act, &o, err, sizeof(err));
+    free(ptrs);
+    if (!p) return s_fail(r, FASA_INVALID_ARGUMENT, "calibrate: %s", err);
+    char *text = NULL;
+    size_t text_len = 0;
+    FILE *f = open_memstream(&text, &text_len);
+    if (!f || fasa_profile_write(p, f) || fclose(f)) {
+        free(text);
+        fasa_profile_destroy(&p);
+        return s_fail(r, FASA_RESOURCE_EXHAUSTED, "calibrate: out of memory writing the profile");
+    }
+    if (c->profile_name) {
+        named_profile *np = s_find_profile(s, c->profile_name);
+        if (!np) {
+            np = &s->profiles[s->n_profiles++];
+            snprintf(np->name, sizeof(np->name), "%s", c->profile_name);
+        } else {
+            fasa_profile_destroy(&np->profile);
+        }
+        np->profile = p;
+    } else {
+        fasa_profile_destroy(&p);
+    }
+    static Fasa__V1__CalibrateResult res;
+    fasa__v1__calibrate_result__init(&res);
+    res.profile_text = text;
+    *text_p = text;
+    r->resp->body_case = FASA__V1__RESPONSE__BODY_CALIBRATE;
+    r->resp->calibrate = &res;
+    return FASA_OK;
+}
+
+static fasa_status s_set_profile(fasa_service *s, const edge_set_profile *p, reply *r)
+{
+    if (!fasa_engine_config(s->engine, p->session_id))
+        return s_fail(r, FASA_NOT_FOUND, "set_profile.session_id: session '%s' not found",
+                      p->session_id);
+    fasa_profile *owned;
+    const fasa_profile *prof =
+        s_profile_of(s, p->profile_text, p->profile_name, "set_profile", &owned, r);
+    if (r->code) return r->code;
+    fasa_error fe;
+    const fasa_status st = fasa_engine_set_profile(s->engine, p->session_id, prof, &fe);
+    fasa_profile_destroy(&owned);
+    if (st) return s_fail(r, st, "set_profile: %s", fe.msg);
+    return FASA_OK;
+}
+
+static fasa_status s_stats(fasa_service *s, const char *id, reply *r)
+{
+    static Fasa__V1__StatsResult res;
+    static Fasa__V1__SessionInfo info;
+    static char id_copy[EDGE_MAX_ID + 1];
+    fasa__v1__stats_result__init(&res);
+    if (id) {
+        const fasa_session_config *c = fasa_engine_config(s->engine, id);
+        if (!c) return s_fail(r, FASA_NOT_FOUND, "stats.session_id: session '%s' not found", id);
+        fasa__v1__session_info__init(&info);
+        snprintf(id_copy, sizeof(id_copy), "%s", id);
+        info.session_id = id_copy;
+        info.n_layers = (uint32_t)c->n_layers;
+        info.n_heads = (uint32_t)c->n_heads;
+        info.n_kv_heads = (uint32_t)c->n_kv_heads;
+        info.head_dim = (uint32_t)c->head_dim;
+        info.length = (uint64_t)fasa_engine_length(s->engine, id, 0);
+        info.kv_bytes = (uint64_t)fasa_engine_kv_bytes(s->engine, id);
+        info.has_profile = c->profile != NULL;
+        info.method = s_method_out(c->method);
+        info.budget = (uint32_t)c->budget;
+        res.session = &info;
+    }
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    res.n_ranks = (uint32_t)s->n_ranks;
+    res.n_shards = (uint32_t)s->n_shards;
+    res.n_sessions = (uint32_t)fasa_engine_count(s->engine);
+    res.requests = s->requests;
+    res.errors = s->errors;
+    res.attend_steps = s->steps;
+    res.uptime_s =
+        (double)(now.tv_sec - s->start.tv_sec) + 1e-9 * (double)(now.tv_nsec - s->start.tv_nsec);
+    res.kv_bytes = (uint64_t)fasa_engine_kv_bytes(s->engine, NULL);
+    res.n_profiles = (uint32_t)s->n_profiles;
+    r->resp->body_case = FASA__V1__RESPONSE__BODY_STATS;
+    r->resp->stats = &res;
+    return FASA_OK;
+}
+
+static int s_pack(Fasa__V1__Response *resp, uint8_t **reply_p, size_t *reply_len_p)
+{
+    const size_t n = fasa__v1__response__get_packed_size(resp);
+    uint8_t *buf = malloc(n ? n : 1);
+    if (!buf) return -1;
+    fasa__v1__response__pack(resp, buf);
+    *reply_p = buf;
+    *reply_len_p = n;
+    return 0;
+}
+
+int fasa_service_error(uint64_t request_id, fasa_status code, const char *msg, uint8_t **reply_p,
+                       size_t *reply_len_p)
+{
+    Fasa__V1__Response resp;
+    fasa__v1__response__init(&resp);
+    resp.protocol_version = EDGE_PROTOCOL_VERSION;
+    resp.request_id = request_id;
+    resp.status = (Fasa__V1__Status)code;
+    resp.message = (char *)msg;
+    return s_pack(&resp, reply_p, reply_len_p);
+}
+
+int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **reply_p,
+                        size_t *reply_len_p, int *shutdown_p)
+{
+    Fasa__V1__Response resp;
+    fasa__v1__response__init(&resp);
+    reply r = {.code = FASA_OK, .resp = &resp};
+    edge_request req;
+    uint64_t rid;
+    attend_out one = {0}, *many = NULL;
+    Fasa__V1__BatchAttendResult batch_res;
+    Fasa__V1__BatchAttendItem *items = NULL, **item_ptrs = NULL;
+    Fasa__V1__PingResult ping_res;
+    char *text = NULL;
+    int n_many = 0;
+
+    s->requests++;
+    const int code = edge_decode(buf, len, s->max_message, &req, &rid, r.msg, sizeof(r.msg));
+    if (code) {
+        r.code = (fasa_status)code;
+        goto reply;
+    }
+    switch (req.kind) {
+    case EDGE_PING:
+        fasa__v1__ping_result__init(&ping_res);
+        if (req.u.ping.payload) {
+            ping_res.has_payload = 1;
+            ping_res.payload.data = (uint8_t *)req.u.ping.payload;
+            ping_res.payload.len = req.u.ping.len;
+        }
+        ping_res.n_ranks = (uint32_t)s->n_ranks;
+        ping_res.n_shards = (uint32_t)s->n_shards;
+        ping_res.version = (char *)VERSION_STRING;
+        resp.body_case = FASA__V1__RESPONSE__BODY_PING;
+        resp.ping = &ping_res;
+        break;
+    case EDGE_CREATE:
+        s_create(s, &req.u.create, &r);
+        break;
+    case EDGE_APPEND:
+        s_append(s, &req.u.append, &r);
+        break;
+    case EDGE_ATTEND:
+        if (s_attend(s, &req.u.attend, "attend", &one, &r) == FASA_OK) {
+            resp.body_case = FASA__V1__RESPONSE__BODY_ATTEND;
+            resp.attend = &one.res;
+        }
+        break;
+    case EDGE_BATCH_ATTEND: {
+        n_many = req.u.batch.n;
+        many = calloc((size_t)n_many, sizeof(*many));
+        items = calloc((size_t)n_many, sizeof(*items));
+        item_ptrs = calloc((size_t)n_many, sizeof(*item_ptrs));
+        if (!many || !items || !item_ptrs) {
+            n_many = 0;
+            s_fail(&r, FASA_RESOURCE_EXHAUSTED, "batch_attend: out of memory");
+            break;
+        }
+        for (int i = 0; i < n_many; i++) {
+            char f[48];
+            reply ri = {.code = FASA_OK, .resp = &resp};
+            snprintf(f, sizeof(f), "batch_attend.items[%d]", i);
+            fasa__v1__batch_attend_item__init(&items[i]);
+            item_ptrs[i] = &items[i];
+            if (s_attend(s, &req.u.batch.items[i], f, &many[i], &ri) == FASA_OK) {
+                items[i].result = &many[i].res;
+            } else {
+                s->errors++;
+                items[i].message = strdup(ri.msg);
+            }
+            items[i].status = (Fasa__V1__Status)ri.code;
+        }
+        fasa__v1__batch_attend_result__init(&batch_res);
+        batch_res.n_items = (size_t)n_many;
+        batch_res.items = item_ptrs;
+        resp.body_case = FASA__V1__RESPONSE__BODY_BATCH_ATTEND;
+        resp.batch_attend = &batch_res;
+        break;
+    }
+    case EDGE_CALIBRATE:
+        s_calibrate(s, &req.u.calibrate, &r, &text);
+        break;
+    case EDGE_SET_PROFILE:
+        s_set_profile(s, &req.u.set_profile, &r);
+        break;
+    case EDGE_DROP: {
+        fasa_error fe;
+        const fasa_status st = fasa_engine_drop(s->engine, req.u.session_id, &fe);
+        if (st) s_fail(&r, st, "drop_session.session_id: %s", fe.msg);
+        break;
+    }
+    case EDGE_STATS:
+        s_stats(s, req.u.session_id, &r);
+        break;
+    case EDGE_SHUTDOWN:
+        *shutdown_p = 1;
+        break;
+    }
+
+reply:
+    resp.protocol_version = EDGE_PROTOCOL_VERSION;
+    resp.request_id = rid;
+    resp.status = (Fasa__V1__Status)r.code;
+    if (r.code) {
+        s->errors++;
+        resp.body_case = FASA__V1__RESPONSE__BODY__NOT_SET;
+        resp.message = r.msg;
+    }
+    const int rc = s_pack(&resp, reply_p, reply_len_p);
+    s_attend_free(&one);
+    for (int i = 0; i < n_many; i++) {
+        s_attend_free(&many[i]);
+        free(items[i].message);
+    }
+    free(many);
+    free(items);
+    free(item_ptrs);
+    free(text);
+    if (code == 0) edge_request_free(&req);
+    return rc;
+}

@@ -1,0 +1,42 @@
+/* The request handler of fasa-server: one serialised fasa.v1.Request in, one serialised
+ * Response out, over an engine (in-process shards, or MPI workers). It knows nothing of
+ * ZeroMQ or MPI, so tests drive it directly with bytes.
+ *
+ * Every request is decoded at the edge (proto/edge.h), then checked against the session it
+ * names (shapes, layer, next position) before the engine runs; a request that fails changes
+ * no stored state and gets a status with a message naming the field. */
+#ifndef FASA_COORD_SERVICE_H
+#define FASA_COORD_SERVICE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine.h"
+
+#define FASA_SERVICE_MAX_SESSIONS 1024
+#define FASA_SERVICE_MAX_PROFILES 256
+
+typedef struct fasa_service fasa_service;
+
+typedef struct fasa_service_opts {
+    int n_ranks;        /* MPI ranks of the job, for Ping and Stats */
+    size_t max_message; /* largest request accepted, bytes */
+} fasa_service_opts;
+
+/* A service over engine (which it owns from now on). NULL when out of memory. */
+fasa_service *fasa_service_new(fasa_engine_t *engine, int n_shards, const fasa_service_opts *o);
+void fasa_service_destroy(fasa_service **service_p);
+
+/* Handles one request of len bytes. *reply_p gets a malloc'd serialised Response of
+ * *reply_len_p bytes (the caller frees it). *shutdown_p is set to 1 when the request was a
+ * Shutdown. Returns 0, or -1 when not even an error response could be built (out of
+ * memory). */
+int fasa_service_handle(fasa_service *s, const void *req, size_t len, uint8_t **reply_p,
+                        size_t *reply_len_p, int *shutdown_p);
+
+/* A serialised error Response (for a request the caller refused before decoding it, e.g.
+ * a malformed envelope). Same ownership as above; -1 when out of memory. */
+int fasa_service_error(uint64_t request_id, fasa_status code, const char *msg, uint8_t **reply_p,
+                       size_t *reply_len_p);
+
+#endif

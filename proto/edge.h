@@ -1,0 +1,125 @@
+/* The edge: decodes the untrusted bytes of a Request (fasa.proto) into plain structs.
+ *
+ * Every client-controlled size is bounded before anything is allocated: the message length
+ * (checked before unpacking), the memory protobuf-c may use while unpacking (a bounded
+ * allocator), and after decoding every count, dimension and string. Tensors must be F32
+ * (I32 never comes from clients), with a shape whose element count matches the bytes, and
+ * finite values. Checks that need a session's geometry (shapes against the session, the
+ * next position of an append) belong to the service, which has the session.
+ *
+ * Status codes are the proto's Status numbers (0 OK, 1 INVALID_ARGUMENT, ...), which are
+ * also the engine's fasa_status values. */
+#ifndef FASA_PROTO_EDGE_H
+#define FASA_PROTO_EDGE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define EDGE_PROTOCOL_VERSION 1
+#define EDGE_DEFAULT_MAX_MESSAGE ((size_t)256 << 20)
+#define EDGE_MAX_LAYERS 1024
+#define EDGE_MAX_HEADS 1024
+#define EDGE_MAX_HEAD_DIM 1024
+#define EDGE_MAX_ID 128
+#define EDGE_MAX_BATCH 4096
+#define EDGE_MAX_BUDGET (1 << 20)
+#define EDGE_MAX_PAYLOAD 4096
+#define EDGE_MAX_PROFILE_TEXT ((size_t)4 << 20)
+
+typedef enum edge_kind {
+    EDGE_PING = 1,
+    EDGE_CREATE,
+    EDGE_APPEND,
+    EDGE_ATTEND,
+    EDGE_BATCH_ATTEND,
+    EDGE_CALIBRATE,
+    EDGE_SET_PROFILE,
+    EDGE_DROP,
+    EDGE_STATS,
+    EDGE_SHUTDOWN
+} edge_kind;
+
+/* A decoded F32 tensor: data points into the request (4-byte aligned), valid until
+ * edge_request_free. rank 0 means absent. */
+typedef struct edge_tensor {
+    int rank;
+    int64_t shape[4];
+    const float *data;
+    size_t n; /* elements */
+} edge_tensor;
+
+/* Options use the proto's enum numbers; 0 = unspecified (the session's default). */
+typedef struct edge_create {
+    const char *session_id;
+    int n_layers, n_heads, n_kv_heads, head_dim;
+    int pairing;                             /* 0 unspecified, 1 interleaved, 2 half */
+    const char *profile_text, *profile_name; /* each NULL when absent */
+    int method, gqa;
+    int budget; /* 0: unspecified */
+    int has_dense_layers;
+    int n_dense_layers;
+    const uint32_t *dense_layers; /* each < n_layers */
+} edge_create;
+
+typedef struct edge_append {
+    const char *session_id;
+    int layer; /* -1: every layer */
+    int64_t start_pos;
+    edge_tensor k, v; /* same shape: rank 3 (n, Hkv, d) or rank 4 (L, n, Hkv, d) */
+} edge_append;
+
+typedef struct edge_attend {
+    const char *session_id;
+    int layer;
+    edge_tensor q;            /* rank 2 (H, d) */
+    edge_tensor k_new, v_new; /* rank 2 (Hkv, d) or both absent */
+    int method, gqa;
+    int budget;      /* 0: unspecified */
+    int64_t max_pos; /* -1: all appended */
+    int return_selected;
+} edge_attend;
+
+typedef struct edge_calibrate {
+    edge_tensor q, k; /* rank 4: (L, T, H, d) and (L, T, Hkv, d) */
+    int pairing, gqa;
+    int ntip, window;                 /* 0: default */
+    int pos_begin, pos_end, pos_step; /* -1, 0, 0: default */
+    const char *profile_name;         /* NULL: not stored */
+} edge_calibrate;
+
+typedef struct edge_set_profile {
+    const char *session_id;
+    const char *profile_text, *profile_name; /* exactly one */
+} edge_set_profile;
+
+typedef struct edge_request {
+    uint64_t request_id;
+    edge_kind kind;
+    union {
+        struct {
+            const uint8_t *payload;
+            size_t len;
+        } ping;
+        edge_create create;
+        edge_append append;
+        edge_attend attend;
+        struct {
+            int n;
+            edge_attend *items;
+        } batch;
+        edge_calibrate calibrate;
+        edge_set_profile set_profile;
+        const char *session_id; /* drop; stats (NULL: server-wide) */
+    } u;
+    void *msg_;   /* the unpacked message, owner of every pointer above */
+    void *alloc_; /* its bounded allocator */
+} edge_request;
+
+/* Decodes len bytes. Returns 0 and fills req, or a Status number with a one-line message
+ * naming the field at fault in msg; *request_id_p gets the request id whenever it could be
+ * read (else 0), so the error response can carry it. On failure nothing needs freeing. */
+int edge_decode(const void *buf, size_t len, size_t max_message, edge_request *req,
+                uint64_t *request_id_p, char *msg, size_t msg_len);
+void edge_request_free(edge_request *req);
+
+#endif

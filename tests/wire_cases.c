@@ -1,0 +1,396 @@
+/* Bad input at the protocol level, shared by two drivers: socket_test sends the bytes to a
+ * live fasa-server over ZeroMQ, and the service suite of fasa_tests hands them straight to
+ * fasa_service_handle (so the same cases also run under LeakSanitizer without MPI).
+ *
+ * Garbage bytes, a truncated protobuf, a wrong protocol version, shapes that disagree with
+ * the session, NaN in q, an unknown session, appends out of order, budget 0, a shape that
+ * claims 2 GiB: each must get an error response naming the field, and the session's state
+ * must be unchanged afterwards: its length, and an Attend whose output is checked against
+ * exact attention computed here and must come back bit-identical. */
+#include "wire_cases.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "test_util.h"
+
+#define L WIRE_L
+#define H WIRE_H
+#define HKV WIRE_HKV
+#define D WIRE_D
+#define N WIRE_N
+
+static wire_rt_fn s_rt;
+static uint64_t s_next_id = 1;
+static float s_k[L][N][HKV][D], s_v[L][N][HKV][D], s_q[H][D];
+
+void wire_set_roundtrip(wire_rt_fn rt)
+{
+    s_rt = rt;
+}
+
+Fasa__V1__Response *wire_send(Fasa__V1__Request *req)
+{
+    if (!req->request_id) req->request_id = s_next_id++;
+    if (!req->protocol_version) req->protocol_version = 1;
+    const size_t n = fasa__v1__request__get_packed_size(req);
+    uint8_t *buf = test_alloc(n);
+    fasa__v1__request__pack(req, buf);
+    Fasa__V1__Response *r = s_rt(buf, n);
+    free(buf);
+    ck_assert_msg(r != NULL, "no reply");
+    ck_assert_uint_eq(r->request_id, req->request_id);
+    return r;
+}
+
+/* Asserts an error status whose message mentions field. */
+void wire_expect_error(Fasa__V1__Response *r, Fasa__V1__Status code, const char *field)
+{
+    ck_assert_msg(r->status == code, "status %d, expected %d (%s)", r->status, code,
+                  r->message ? r->message : "");
+    ck_assert_ptr_nonnull(r->message);
+    ck_assert_msg(strstr(r->message, field) != NULL, "message '%s' does not name '%s'", r->message,
+                  field);
+    fasa__v1__response__free_unpacked(r, NULL);
+}
+
+static void s_tensor(Fasa__V1__Tensor *t, uint64_t *shape, int rank, const float *data, size_t n)
+{
+    fasa__v1__tensor__init(t);
+    t->dtype = FASA__V1__DTYPE__F32;
+    t->n_shape = (size_t)rank;
+    t->shape = shape;
+    t->data.data = (uint8_t *)data;
+    t->data.len = n * sizeof(float);
+}
+
+static Fasa__V1__Response *s_attend_q(const char *id, const float *q, uint64_t *shape, int budget)
+{
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Attend a = FASA__V1__ATTEND__INIT;
+    Fasa__V1__Tensor tq;
+    s_tensor(&tq, shape, 2, q, (size_t)(shape[0] * shape[1]));
+    a.session_id = (char *)id;
+    a.layer = 1;
+    a.q = &tq;
+    if (budget >= 0) {
+        a.has_budget = 1;
+        a.budget = (uint32_t)budget;
+    }
+    req.body_case = FASA__V1__REQUEST__BODY_ATTEND;
+    req.attend = &a;
+    return wire_send(&req);
+}
+
+static Fasa__V1__Response *s_append(const char *id, uint64_t start, uint64_t *shape, int rank,
+                                    const float *k, const float *v, size_t n)
+{
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Append a = FASA__V1__APPEND__INIT;
+    Fasa__V1__Tensor tk, tv;
+    s_tensor(&tk, shape, rank, k, n);
+    s_tensor(&tv, shape, rank, v, n);
+    a.session_id = (char *)id;
+    a.start_pos = start;
+    a.k = &tk;
+    a.v = &tv;
+    req.body_case = FASA__V1__REQUEST__BODY_APPEND;
+    req.append = &a;
+    return wire_send(&req);
+}
+
+static uint64_t s_length(const char *id)
+{
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Stats st = FASA__V1__STATS__INIT;
+    st.session_id = (char *)id;
+    req.body_case = FASA__V1__REQUEST__BODY_STATS;
+    req.stats = &st;
+    Fasa__V1__Response *r = wire_send(&req);
+    ck_assert_int_eq(r->status, FASA__V1__STATUS__OK);
+    ck_assert_ptr_nonnull(r->stats->session);
+    const uint64_t n = r->stats->session->length;
+    fasa__v1__response__free_unpacked(r, NULL);
+    return n;
+}
+
+/* The reference: exact attention of layer 1 over every position, in double. */
+static void s_reference(float out[H][D])
+{
+    for (int h = 0; h < H; h++) {
+        const int g = h / (H / HKV);
+        double s[N], m = -INFINITY, l = 0, o[D] = {0};
+        for (int t = 0; t < N; t++) {
+            double dot = 0;
+            for (int i = 0; i < D; i++) dot += (double)s_q[h][i] * s_k[1][t][g][i];
+            s[t] = dot / sqrt((double)D);
+            if (s[t] > m) m = s[t];
+        }
+        for (int t = 0; t < N; t++) {
+            const double p = exp(s[t] - m);
+            l += p;
+            for (int i = 0; i < D; i++) o[i] += p * s_v[1][t][g][i];
+        }
+        for (int i = 0; i < D; i++) out[h][i] = (float)(o[i] / l);
+    }
+}
+
+static float s_base[H][D];
+
+/* Creates session "bad" (dense, 40 tokens in both layers) and records its attend output. */
+void wire_make_session(void)
+{
+    test_rng rng = {42};
+    test_fill(&rng, sizeof(s_k) / sizeof(float), &s_k[0][0][0][0], 1.0f);
+    test_fill(&rng, sizeof(s_v) / sizeof(float), &s_v[0][0][0][0], 1.0f);
+    test_fill(&rng, sizeof(s_q) / sizeof(float), &s_q[0][0], 2.0f);
+
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    Fasa__V1__DropSession drop = FASA__V1__DROP_SESSION__INIT;
+    drop.session_id = "bad";
+    req.body_case = FASA__V1__REQUEST__BODY_DROP_SESSION;
+    req.drop_session = &drop;
+    fasa__v1__response__free_unpacked(wire_send(&req), NULL); /* from an earlier run */
+
+    Fasa__V1__Request cr = FASA__V1__REQUEST__INIT;
+    Fasa__V1__CreateSession c = FASA__V1__CREATE_SESSION__INIT;
+    c.session_id = "bad";
+    c.n_layers = L;
+    c.n_heads = H;
+    c.n_kv_heads = HKV;
+    c.head_dim = D;
+    cr.body_case = FASA__V1__REQUEST__BODY_CREATE_SESSION;
+    cr.create_session = &c;
+    Fasa__V1__Response *r = wire_send(&cr);
+    ck_assert_msg(r->status == 0, "create: %s", r->message);
+    fasa__v1__response__free_unpacked(r, NULL);
+
+    uint64_t shape[4] = {L, N, HKV, D};
+    r = s_append("bad", 0, shape, 4, &s_k[0][0][0][0], &s_v[0][0][0][0], sizeof(s_k) / 4);
+    ck_assert_msg(r->status == 0, "append: %s", r->message);
+    ck_assert_uint_eq(r->append->length, N);
+    fasa__v1__response__free_unpacked(r, NULL);
+
+    uint64_t qs[2] = {H, D};
+    r = s_attend_q("bad", &s_q[0][0], qs, -1);
+    ck_assert_msg(r->status == 0, "attend: %s", r->message);
+    ck_assert_uint_eq(r->attend->out->data.len, sizeof(s_base));
+    memcpy(s_base, r->attend->out->data.data, sizeof(s_base));
+    ck_assert_int_eq(r->attend->stats->n_visible, N);
+    fasa__v1__response__free_unpacked(r, NULL);
+    float ref[H][D];
+    s_reference(ref);
+    for (int h = 0; h < H; h++)
+        for (int i = 0; i < D; i++) ck_assert_float_eq_tol(s_base[h][i], ref[h][i], 1e-5);
+}
+
+/* The session is as it was: same length, bit-identical output. */
+void wire_check_unchanged(void)
+{
+    ck_assert_uint_eq(s_length("bad"), N);
+    uint64_t qs[2] = {H, D};
+    Fasa__V1__Response *r = s_attend_q("bad", &s_q[0][0], qs, -1);
+    ck_assert_msg(r->status == 0, "attend: %s", r->message);
+    ck_assert_int_eq(memcmp(r->attend->out->data.data, s_base, sizeof(s_base)), 0);
+    fasa__v1__response__free_unpacked(r, NULL);
+}
+
+START_TEST(test_bad_bytes)
+{
+    wire_make_session();
+    /* Garbage. */
+    uint8_t junk[64];
+    test_rng rng = {7};
+    for (size_t i = 0; i < sizeof(junk); i++) junk[i] = (uint8_t)test_next(&rng);
+    junk[0] = 0xff; /* not a valid first key */
+    Fasa__V1__Response *r = s_rt(junk, sizeof(junk));
+    ck_assert_ptr_nonnull(r);
+    ck_assert_uint_eq(r->request_id, 0);
+    wire_expect_error(r, FASA__V1__STATUS__INVALID_ARGUMENT, "request");
+
+    /* A valid Append cut short: refused, and the request id is still recovered. */
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Append a = FASA__V1__APPEND__INIT;
+    Fasa__V1__Tensor tk, tv;
+    uint64_t shape[3] = {1, HKV, D};
+    s_tensor(&tk, shape, 3, &s_k[0][0][0][0], HKV * D);
+    s_tensor(&tv, shape, 3, &s_v[0][0][0][0], HKV * D);
+    a.session_id = "bad";
+    a.has_layer = 1;
+    a.layer = 0;
+    a.start_pos = N;
+    a.k = &tk;
+    a.v = &tv;
+    req.protocol_version = 1;
+    req.request_id = 4242;
+    req.body_case = FASA__V1__REQUEST__BODY_APPEND;
+    req.append = &a;
+    uint8_t buf[1024];
+    const size_t n = fasa__v1__request__pack(&req, buf);
+    r = s_rt(buf, n / 2);
+    ck_assert_ptr_nonnull(r);
+    ck_assert_uint_eq(r->request_id, 4242);
+    wire_expect_error(r, FASA__V1__STATUS__INVALID_ARGUMENT, "request");
+
+    /* Wrong protocol version. */
+    Fasa__V1__Request v = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Ping p = FASA__V1__PING__INIT;
+    v.protocol_version = 99;
+    v.body_case = FASA__V1__REQUEST__BODY_PING;
+    v.ping = &p;
+    wire_expect_error(wire_send(&v), FASA__V1__STATUS__INVALID_ARGUMENT, "protocol_version");
+
+    /* No body at all. */
+    Fasa__V1__Request e = FASA__V1__REQUEST__INIT;
+    wire_expect_error(wire_send(&e), FASA__V1__STATUS__INVALID_ARGUMENT, "request.body");
+
+    wire_check_unchanged();
+}
+END_TEST
+
+START_TEST(test_bad_fields)
+{
+    wire_make_session();
+    uint64_t good[2] = {H, D}, wrong[2] = {H, D - 2}, huge[2] = {1u << 15, 1u << 14};
+    float q[H * D];
+    memcpy(q, s_q, sizeof(q));
+
+    /* A q shape that disagrees with the session. */
+    wire_expect_error(s_attend_q("bad", q, wrong, -1), FASA__V1__STATUS__INVALID_ARGUMENT,
+                      "attend.q.shape");
+    /* A shape that claims 2 GiB with 128 bytes behind it. */
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Attend a = FASA__V1__ATTEND__INIT;
+    Fasa__V1__Tensor tq;
+    s_tensor(&tq, huge, 2, q, H * D);
+    a.session_id = "bad";
+    a.layer = 1;
+    a.q = &tq;
+    req.body_case = FASA__V1__REQUEST__BODY_ATTEND;
+    req.attend = &a;
+    wire_expect_error(wire_send(&req), FASA__V1__STATUS__INVALID_ARGUMENT, "attend.q.shape");
+    /* A dtype the server does not take. */
+    tq.dtype = FASA__V1__DTYPE__F16;
+    tq.shape = good;
+    wire_expect_error(wire_send(&req), FASA__V1__STATUS__INVALID_ARGUMENT, "attend.q.dtype");
+    /* NaN and infinity in q. */
+    q[5] = NAN;
+    wire_expect_error(s_attend_q("bad", q, good, -1), FASA__V1__STATUS__INVALID_ARGUMENT,
+                      "attend.q[5]");
+    q[5] = INFINITY;
+    wire_expect_error(s_attend_q("bad", q, good, -1), FASA__V1__STATUS__INVALID_ARGUMENT,
+                      "attend.q[5]");
+    q[5] = s_q[0][5];
+    /* Budget 0. */
+    wire_expect_error(s_attend_q("bad", q, good, 0), FASA__V1__STATUS__INVALID_ARGUMENT,
+                      "attend.budget");
+    /* An unknown session. */
+    wire_expect_error(s_attend_q("nobody", q, good, -1), FASA__V1__STATUS__NOT_FOUND, "session_id");
+    /* A layer beyond the session's. */
+    a.layer = L;
+    tq.dtype = FASA__V1__DTYPE__F32;
+    wire_expect_error(wire_send(&req), FASA__V1__STATUS__INVALID_ARGUMENT, "attend.layer");
+    /* method fasa on a session without a profile. */
+    a.layer = 1;
+    a.has_method = 1;
+    a.method = FASA__V1__METHOD__FASA;
+    wire_expect_error(wire_send(&req), FASA__V1__STATUS__FAILED_PRECONDITION, "profile");
+    /* An unknown method number. */
+    a.method = (Fasa__V1__Method)17;
+    wire_expect_error(wire_send(&req), FASA__V1__STATUS__INVALID_ARGUMENT, "attend.method");
+    a.has_method = 0;
+    /* k_new without v_new. */
+    Fasa__V1__Tensor tk;
+    uint64_t kshape[2] = {HKV, D};
+    s_tensor(&tk, kshape, 2, &s_k[1][0][0][0], HKV * D);
+    a.k_new = &tk;
+    wire_expect_error(wire_send(&req), FASA__V1__STATUS__INVALID_ARGUMENT, "v_new");
+    a.k_new = NULL;
+
+    /* Appends out of order (position 50, the session expects 40), and into the past. */
+    uint64_t ashape[4] = {L, 1, HKV, D};
+    wire_expect_error(
+        s_append("bad", 50, ashape, 4, &s_k[0][0][0][0], &s_v[0][0][0][0], L * HKV * D),
+        FASA__V1__STATUS__INVALID_ARGUMENT, "append.start_pos");
+    wire_expect_error(
+        s_append("bad", 3, ashape, 4, &s_k[0][0][0][0], &s_v[0][0][0][0], L * HKV * D),
+        FASA__V1__STATUS__INVALID_ARGUMENT, "append.start_pos");
+    /* An append whose head count disagrees with the session. */
+    uint64_t bshape[4] = {L, 2, 1, D};
+    wire_expect_error(s_append("bad", N, bshape, 4, &s_k[0][0][0][0], &s_v[0][0][0][0], L * 2 * D),
+                      FASA__V1__STATUS__INVALID_ARGUMENT, "append.k.shape");
+    /* NaN in an append's values. */
+    float kv[L][1][HKV][D];
+    memcpy(kv, s_k, sizeof(kv));
+    kv[1][0][1][3] = NAN;
+    wire_expect_error(s_append("bad", N, ashape, 4, &kv[0][0][0][0], &kv[0][0][0][0], L * HKV * D),
+                      FASA__V1__STATUS__INVALID_ARGUMENT, "append.k[");
+    /* An append to an unknown session. */
+    wire_expect_error(
+        s_append("ghost", 0, ashape, 4, &s_k[0][0][0][0], &s_v[0][0][0][0], L * HKV * D),
+        FASA__V1__STATUS__NOT_FOUND, "session_id");
+
+    /* A duplicate create, a session id with a space, and an unknown drop. */
+    Fasa__V1__Request cr = FASA__V1__REQUEST__INIT;
+    Fasa__V1__CreateSession c = FASA__V1__CREATE_SESSION__INIT;
+    c.session_id = "bad";
+    c.n_layers = L;
+    c.n_heads = H;
+    c.n_kv_heads = HKV;
+    c.head_dim = D;
+    cr.body_case = FASA__V1__REQUEST__BODY_CREATE_SESSION;
+    cr.create_session = &c;
+    wire_expect_error(wire_send(&cr), FASA__V1__STATUS__ALREADY_EXISTS, "bad");
+    c.session_id = "has space";
+    wire_expect_error(wire_send(&cr), FASA__V1__STATUS__INVALID_ARGUMENT,
+                      "create_session.session_id");
+    c.session_id = "odd";
+    c.head_dim = 7;
+    wire_expect_error(wire_send(&cr), FASA__V1__STATUS__INVALID_ARGUMENT, "head_dim");
+    c.head_dim = D;
+    c.profile_text = "fasa-profile 1\nn_layers 99999999\n";
+    wire_expect_error(wire_send(&cr), FASA__V1__STATUS__INVALID_ARGUMENT, "profile_text");
+    Fasa__V1__Request dr = FASA__V1__REQUEST__INIT;
+    Fasa__V1__DropSession d = FASA__V1__DROP_SESSION__INIT;
+    d.session_id = "ghost";
+    dr.body_case = FASA__V1__REQUEST__BODY_DROP_SESSION;
+    dr.drop_session = &d;
+    wire_expect_error(wire_send(&dr), FASA__V1__STATUS__NOT_FOUND, "ghost");
+
+    /* A batch: one good item and one bad; the good one runs, the bad one names itself. */
+    Fasa__V1__Request br = FASA__V1__REQUEST__INIT;
+    Fasa__V1__BatchAttend b = FASA__V1__BATCH_ATTEND__INIT;
+    Fasa__V1__Attend ok = FASA__V1__ATTEND__INIT, bad = FASA__V1__ATTEND__INIT;
+    Fasa__V1__Tensor tq_ok, tq_bad;
+    s_tensor(&tq_ok, good, 2, &s_q[0][0], H * D);
+    s_tensor(&tq_bad, wrong, 2, &s_q[0][0], H * (D - 2));
+    ok.session_id = bad.session_id = "bad";
+    ok.layer = bad.layer = 1;
+    ok.q = &tq_ok;
+    bad.q = &tq_bad;
+    Fasa__V1__Attend *items[2] = {&ok, &bad};
+    b.n_items = 2;
+    b.items = items;
+    br.body_case = FASA__V1__REQUEST__BODY_BATCH_ATTEND;
+    br.batch_attend = &b;
+    Fasa__V1__Response *r = wire_send(&br);
+    ck_assert_int_eq(r->status, 0);
+    ck_assert_uint_eq(r->batch_attend->n_items, 2);
+    ck_assert_int_eq(r->batch_attend->items[0]->status, 0);
+    ck_assert_int_eq(
+        memcmp(r->batch_attend->items[0]->result->out->data.data, s_base, sizeof(s_base)), 0);
+    ck_assert_int_eq(r->batch_attend->items[1]->status, FASA__V1__STATUS__INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(r->batch_attend->items[1]->message, "batch_attend.items[1].q"));
+    fasa__v1__response__free_unpacked(r, NULL);
+
+    wire_check_unchanged();
+}
+END_TEST
+
+void wire_cases_add(TCase *tc)
+{
+    tcase_add_test(tc, test_bad_bytes);
+    tcase_add_test(tc, test_bad_fields);
+}

@@ -1,0 +1,34 @@
+/* Protocol-level bad-input cases (wire_cases.c), run over any way of delivering bytes. */
+#ifndef FASA_TESTS_WIRE_CASES_H
+#define FASA_TESTS_WIRE_CASES_H
+
+#include <stddef.h>
+
+#include <check.h>
+
+#include "fasa.pb-c.h"
+
+/* The session the cases use: "bad", dense, WIRE_N tokens in each of WIRE_L layers. */
+#define WIRE_L 2
+#define WIRE_H 4
+#define WIRE_HKV 2
+#define WIRE_D 8
+#define WIRE_N 40
+
+/* Delivers one request's bytes; returns the decoded Response (caller frees it with
+ * fasa__v1__response__free_unpacked) or NULL when no reply came. */
+typedef Fasa__V1__Response *(*wire_rt_fn)(const void *buf, size_t len);
+
+void wire_set_roundtrip(wire_rt_fn rt);
+/* Packs and sends req (request id and version filled in when 0); asserts a reply. */
+Fasa__V1__Response *wire_send(Fasa__V1__Request *req);
+/* Asserts an error status whose message names field, then frees r. */
+void wire_expect_error(Fasa__V1__Response *r, Fasa__V1__Status code, const char *field);
+/* (Re)creates session "bad" and checks its attend output against exact attention. */
+void wire_make_session(void);
+/* Asserts the session is as wire_make_session left it. */
+void wire_check_unchanged(void);
+/* Adds the shared cases (bad bytes, bad fields) to tc. */
+void wire_cases_add(TCase *tc);
+
+#endif
