@@ -1,0 +1,341 @@
+/* The MPI transport: the engine's shard operations (transport.h) as point-to-point
+ * messages from rank 0 to the worker ranks (worker_mpi.c); message format in
+ * worker_mpi_wire.h. It behaves like the in-process transport (transport_local.c): the same
+ * results in the same caller arrays, -1 where a shard runs out of memory.
+ *
+ * An operation on all shards packs its command once, pre-posts every worker's reply
+ * receive, sends the command to all workers and then waits for everything, so the workers
+ * compute in parallel. The wait polls with short sleeps (wmpi_waitall): on a machine with
+ * fewer cores than ranks, a coordinator spinning in a blocking MPI wait would take the CPU
+ * from the workers it is waiting for. Appends go to one shard and wait for their reply, so
+ * a worker out of memory fails the append that hit it. All MPI calls happen on the calling
+ * thread (MPI_THREAD_FUNNELED is enough). */
+#include "transport_mpi.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "worker_mpi_wire.h"
+
+/* The coordinator's wait sleeps at most this long between polls: a step's phases are
+ * short, so it must notice replies quickly. */
+#define COORD_MAX_SLEEP_NS 100000L
+
+typedef struct mpi_session {
+    int live;                                    /* 1 between session_new and session_drop */
+    int n_layers, n_heads, n_kv_heads, head_dim; /* geometry, to size commands and replies */
+} mpi_session;
+
+typedef struct mpi_ctx {
+    MPI_Comm comm;
+    int n_shards;          /* shard i lives on rank i + 1 */
+    int cap;               /* capacity of sessions */
+    mpi_session *sessions; /* (cap) indexed by sid */
+    uint8_t *cmd;          /* the command being sent, grow-only */
+    size_t cmd_cap;
+    uint8_t **reply;   /* (n_shards) each worker's reply buffer, grow-only */
+    size_t *reply_cap; /* (n_shards) */
+    int *status;       /* (n_shards) wmpi_status of each worker's last reply */
+    MPI_Request *reqs; /* (2 * n_shards) receives then sends */
+    MPI_Status *stats; /* (2 * n_shards) */
+} mpi_ctx;
+
+static int s_grow(uint8_t **buf, size_t *cap, size_t bytes)
+{
+    if (bytes <= *cap) return 0;
+    uint8_t *p = realloc(*buf, bytes);
+    if (!p) return -1;
+    *buf = p;
+    *cap = bytes;
+    return 0;
+}
+
+static const mpi_session *s_session(const mpi_ctx *c, int sid)
+{
+    return sid >= 0 && sid < c->cap && c->sessions[sid].live ? &c->sessions[sid] : NULL;
+}
+
+/* Makes room for a command with payload bytes of payload and writes its header; returns
+ * the payload pointer, or NULL when the message would be too big or memory is short. */
+static uint8_t *s_cmd_begin(mpi_ctx *c, wmpi_cmd_code code, int sid, const mpi_session *s,
+                            int64_t payload)
+{
+    if (payload < 0 || payload > WMPI_MAX_MSG - (int64_t)sizeof(wmpi_cmd)) return NULL;
+    if (s_grow(&c->cmd, &c->cmd_cap, sizeof(wmpi_cmd) + (size_t)payload)) return NULL;
+    wmpi_cmd h = {.magic = WMPI_MAGIC, .cmd = code, .sid = sid, .payload_bytes = payload};
+    if (s) {
+        h.n_layers = s->n_layers;
+        h.n_heads = s->n_heads;
+        h.n_kv_heads = s->n_kv_heads;
+        h.head_dim = s->head_dim;
+    }
+    memcpy(c->cmd, &h, sizeof(h));
+    return c->cmd + sizeof(wmpi_cmd);
+}
+
+static wmpi_cmd *s_cmd_header(mpi_ctx *c)
+{
+    return (wmpi_cmd *)c->cmd;
+}
+
+/* Sends the packed command to the workers of shards [s0, s1) and, unless it is STOP,
+ * receives each one's reply (at most reply_payload bytes after the header) into
+ * c->reply[i], setting c->status[i]. A reply that is short, too long for its status or
+ * answers another command counts as WMPI_EINVAL. Returns 0 when every reply is WMPI_OK. */
+static int s_exchange(mpi_ctx *c, int s0, int s1, int64_t reply_payload)
+{
+    const wmpi_cmd *h = s_cmd_header(c);
+    const int want_reply = h->cmd != WMPI_STOP, n = s1 - s0;
+    const size_t reply_bytes = sizeof(wmpi_reply) + (size_t)reply_payload;
+    /* Until a reply says otherwise: the rollback in s_session_new reads these. */
+    for (int i = s0; i < s1; i++) c->status[i] = WMPI_ENOMEM;
+    if (reply_payload < 0 || reply_payload > WMPI_MAX_MSG - (int64_t)sizeof(wmpi_reply)) return -1;
+    if (want_reply)
+        for (int i = s0; i < s1; i++)
+            if (s_grow(&c->reply[i], &c->reply_cap[i], reply_bytes)) return -1;
+    /* Receives first, so that replies land in place rather than in MPI's unexpected queue. */
+    MPI_Request *rreq = c->reqs, *sreq = c->reqs + n;
+    for (int i = s0; i < s1; i++) {
+        rreq[i - s0] = MPI_REQUEST_NULL;
+        if (want_reply)
+            MPI_Irecv(c->reply[i], (int)reply_bytes, MPI_BYTE, i + 1, WMPI_TAG_REPLY, c->comm,
+                      &rreq[i - s0]);
+    }
+    const int cmd_bytes = (int)(sizeof(wmpi_cmd) + (size_t)h->payload_bytes);
+    /* Every send reads the same buffer, which MPI-3 allows while they are pending. */
+    for (int i = s0; i < s1; i++)
+        MPI_Isend(c->cmd, cmd_bytes, MPI_BYTE, i + 1, WMPI_TAG_CMD, c->comm, &sreq[i - s0]);
+    wmpi_waitall(2 * n, c->reqs, c->stats, COORD_MAX_SLEEP_NS);
+    if (!want_reply) return 0;
+
+    int rc = 0;
+    for (int i = s0; i < s1; i++) {
+        int count = 0;
+        MPI_Get_count(&c->stats[i - s0], MPI_BYTE, &count);
+        wmpi_reply r = {.status = WMPI_EINVAL};
+        if ((size_t)count >= sizeof(r)) memcpy(&r, c->reply[i], sizeof(r));
+        if (r.cmd != h->cmd || (r.status == WMPI_OK && (size_t)count != reply_bytes))
+            r.status = WMPI_EINVAL;
+        c->status[i] = r.status;
+        if (r.status != WMPI_OK) rc = -1;
+    }
+    return rc;
+}
+
+static int64_t s_reply_bytes_read(const mpi_ctx *c, int shard)
+{
+    wmpi_reply r;
+    memcpy(&r, c->reply[shard], sizeof(r));
+    return r.bytes_read;
+}
+
+static int s_session_new(void *ctx, int sid, const shard_layout *lay)
+{
+    mpi_ctx *c = ctx;
+    if (sid < 0 || sid >= WMPI_MAX_SID || s_session(c, sid)) return -1;
+    if (sid >= c->cap) {
+        int cap = c->cap ? c->cap : 8;
+        while (cap <= sid) cap *= 2;
+        mpi_session *p = realloc(c->sessions, (size_t)cap * sizeof(*p));
+        if (!p) return -1;
+        memset(p + c->cap, 0, (size_t)(cap - c->cap) * sizeof(*p));
+        c->sessions = p;
+        c->cap = cap;
+    }
+    const mpi_session s = {1, lay->n_layers, lay->n_heads, lay->n_kv_heads, lay->head_dim};
+    const int64_t lk = (int64_t)s.n_layers * s.n_kv_heads, d = s.head_dim;
+    const int64_t mask_bytes = (int64_t)s.n_layers * s.n_heads * d;
+    uint8_t *p = s_cmd_begin(c, WMPI_SESSION_NEW, sid, &s, lk * 4 + lk * d * 4 + mask_bytes);
+    if (!p) return -1;
+    memcpy(p, lay->n_dom, (size_t)lk * 4);
+    memcpy(p + lk * 4, lay->perm, (size_t)(lk * d) * 4);
+    memcpy(p + lk * 4 + lk * d * 4, lay->qmask, (size_t)mask_bytes);
+    if (s_exchange(c, 0, c->n_shards, 0) == 0) {
+        c->sessions[sid] = s;
+        return 0;
+    }
+    /* All or nothing, as in-process: drop the shards that were made. */
+    int made[c->n_shards];
+    for (int i = 0; i < c->n_shards; i++) made[i] = c->status[i] == WMPI_OK;
+    s_cmd_begin(c, WMPI_SESSION_DROP, sid, &s, 0);
+    for (int i = 0; i < c->n_shards; i++)
+        if (made[i]) s_exchange(c, i, i + 1, 0);
+    return -1;
+}
+
+static void s_session_drop(void *ctx, int sid)
+{
+    mpi_ctx *c = ctx;
+    const mpi_session *s = s_session(c, sid);
+    if (!s) return;
+    s_cmd_begin(c, WMPI_SESSION_DROP, sid, s, 0);
+    s_exchange(c, 0, c->n_shards, 0);
+    c->sessions[sid].live = 0;
+}
+
+/* One APPEND of n rows to one shard. */
+static int s_append_run(mpi_ctx *c, int sid, const mpi_session *s, int shard, int layer, int n,
+                        const int32_t *pos, const float *k, const float *v)
+{
+    const size_t kv_bytes = (size_t)n * s->n_kv_heads * s->head_dim * sizeof(float);
+    uint8_t *p = s_cmd_begin(c, WMPI_APPEND, sid, s, (int64_t)n * 4 + 2 * (int64_t)kv_bytes);
+    if (!p) return -1;
+    wmpi_cmd *h = s_cmd_header(c);
+    h->layer = layer;
+    h->n = n;
+    memcpy(p, pos, (size_t)n * 4);
+    memcpy(p + (size_t)n * 4, k, kv_bytes);
+    memcpy(p + (size_t)n * 4 + kv_bytes, v, kv_bytes);
+    return s_exchange(c, shard, shard + 1, 0);
+}
+
+static int s_append(void *ctx, int sid, int shard, int layer, int n, const int32_t *pos,
+                    const float *k, const float *v)
+{
+    mpi_ctx *c = ctx;
+    const mpi_session *s = s_session(c, sid);
+    if (!s || shard < 0 || shard >= c->n_shards) return -1;
+    /* One message per append; only a run too big for one message is split by rows. */
+    const size_t row = (size_t)s->n_kv_heads * s->head_dim;
+    const int64_t row_bytes = 4 + 2 * (int64_t)row * (int64_t)sizeof(float);
+    const int per_msg = (int)((WMPI_MAX_MSG - (int64_t)sizeof(wmpi_cmd)) / row_bytes);
+    for (int i = 0; i < n; i += per_msg) {
+        const int m = n - i < per_msg ? n - i : per_msg;
+        if (s_append_run(c, sid, s, shard, layer, m, pos + i, k + (size_t)i * row,
+                         v + (size_t)i * row))
+            return -1;
+    }
+    return 0;
+}
+
+/* Packs a SCORE or ATTEND header and the queries; returns the payload pointer after q. */
+static uint8_t *s_step_begin(mpi_ctx *c, wmpi_cmd_code code, int sid, const mpi_session *s,
+                             const shard_step *st, int units, int64_t extra)
+{
+    const size_t q_bytes = (size_t)s->n_heads * s->head_dim * sizeof(float);
+    uint8_t *p = s_cmd_begin(c, code, sid, s, (int64_t)q_bytes + extra);
+    if (!p) return NULL;
+    wmpi_cmd *h = s_cmd_header(c);
+    h->layer = st->layer;
+    h->method = st->method;
+    h->gqa = st->gqa;
+    h->budget = st->budget;
+    h->max_pos = st->max_pos;
+    h->scale = st->scale;
+    h->n_units = units;
+    memcpy(p, st->q, q_bytes);
+    return p + q_bytes;
+}
+
+static int s_score(void *ctx, int sid, const shard_step *st, topk_cand *cands, int *n_cands)
+{
+    mpi_ctx *c = ctx;
+    const mpi_session *s = s_session(c, sid);
+    if (!s) return -1;
+    const int units = st->gqa == SHARD_GQA_SHARED ? s->n_kv_heads : s->n_heads, b = st->budget;
+    const int64_t cand_bytes = (int64_t)units * b * (int64_t)sizeof(topk_cand);
+    if (!s_step_begin(c, WMPI_SCORE, sid, s, st, units, 0) ||
+        s_exchange(c, 0, c->n_shards, cand_bytes + (int64_t)units * 4))
+        return -1;
+    for (int i = 0; i < c->n_shards; i++) {
+        /* Shard i fills block i, as in-process: n_cands[i][u] best-first candidates each. */
+        const uint8_t *r = c->reply[i] + sizeof(wmpi_reply);
+        int *nc = n_cands + (size_t)i * units;
+        memcpy(nc, r + cand_bytes, (size_t)units * sizeof(int));
+        for (int u = 0; u < units; u++) {
+            if (nc[u] < 0 || nc[u] > b) return -1;
+            memcpy(cands + ((size_t)i * units + u) * b, r + (size_t)u * b * sizeof(topk_cand),
+                   (size_t)nc[u] * sizeof(topk_cand));
+        }
+    }
+    return 0;
+}
+
+static int s_attend(void *ctx, int sid, const shard_step *st, const topk_cand *thr,
+                    const uint8_t *have_thr, float *m, double *l, double *o, int64_t *bytes_p)
+{
+    mpi_ctx *c = ctx;
+    const mpi_session *s = s_session(c, sid);
+    if (!s) return -1;
+    const int units = st->gqa == SHARD_GQA_SHARED ? s->n_kv_heads : s->n_heads;
+    /* A dense step reads no thresholds (the engine leaves them unset), so none are sent. */
+    const int64_t thr_bytes =
+        st->method == SHARD_DENSE ? 0 : (int64_t)units * (int64_t)(sizeof(topk_cand) + 1);
+    uint8_t *p = s_step_begin(c, WMPI_ATTEND, sid, s, st, units, thr_bytes);
+    if (!p) return -1;
+    if (thr_bytes) {
+        memcpy(p, thr, (size_t)units * sizeof(topk_cand));
+        memcpy(p + (size_t)units * sizeof(topk_cand), have_thr, (size_t)units);
+    }
+    const size_t nh = (size_t)s->n_heads, d = (size_t)s->head_dim;
+    if (s_exchange(c, 0, c->n_shards, (int64_t)(nh * 8 + nh * d * 8 + nh * 4))) return -1;
+    int64_t bytes = 0;
+    for (int i = 0; i < c->n_shards; i++) {
+        /* Shard i writes block i of (m, l, o). */
+        const uint8_t *r = c->reply[i] + sizeof(wmpi_reply);
+        memcpy(l + i * nh, r, nh * sizeof(double));
+        memcpy(o + i * nh * d, r + nh * 8, nh * d * sizeof(double));
+        memcpy(m + i * nh, r + nh * 8 + nh * d * 8, nh * sizeof(float));
+        bytes += s_reply_bytes_read(c, i);
+    }
+    *bytes_p = bytes;
+    return 0;
+}
+
+static void s_ctx_free(mpi_ctx *c)
+{
+    if (c->reply)
+        for (int i = 0; i < c->n_shards; i++) free(c->reply[i]);
+    free(c->reply);
+    free(c->reply_cap);
+    free(c->status);
+    free(c->reqs);
+    free(c->stats);
+    free(c->sessions);
+    free(c->cmd);
+    free(c);
+}
+
+/* Tells every worker to stop; they free their shards on the way out. */
+static void s_destroy(void *ctx)
+{
+    mpi_ctx *c = ctx;
+    if (s_cmd_begin(c, WMPI_STOP, -1, NULL, 0)) {
+        s_exchange(c, 0, c->n_shards, 0);
+    } else {
+        /* No memory even for a header: send one from the stack so the workers still stop. */
+        const wmpi_cmd h = {.magic = WMPI_MAGIC, .cmd = WMPI_STOP, .sid = -1};
+        for (int i = 0; i < c->n_shards; i++)
+            MPI_Send(&h, (int)sizeof(h), MPI_BYTE, i + 1, WMPI_TAG_CMD, c->comm);
+    }
+    s_ctx_free(c);
+}
+
+int fasa_transport_mpi(fasa_transport *t, MPI_Comm comm)
+{
+    int size = 0;
+    MPI_Comm_size(comm, &size);
+    if (size < 2) return -1;
+    mpi_ctx *c = calloc(1, sizeof(*c));
+    if (!c) return -1;
+    c->comm = comm;
+    c->n_shards = size - 1;
+    c->reply = calloc((size_t)c->n_shards, sizeof(*c->reply));
+    c->reply_cap = calloc((size_t)c->n_shards, sizeof(*c->reply_cap));
+    c->status = calloc((size_t)c->n_shards, sizeof(*c->status));
+    c->reqs = calloc(2 * (size_t)c->n_shards, sizeof(*c->reqs));
+    c->stats = calloc(2 * (size_t)c->n_shards, sizeof(*c->stats));
+    if (!c->reply || !c->reply_cap || !c->status || !c->reqs || !c->stats) goto err_free;
+    *t = (fasa_transport){.ctx = c,
+                          .n_shards = c->n_shards,
+                          .session_new = s_session_new,
+                          .session_drop = s_session_drop,
+                          .append = s_append,
+                          .score = s_score,
+                          .attend = s_attend,
+                          .destroy = s_destroy};
+    return 0;
+err_free:
+    s_ctx_free(c);
+    return -1;
+}

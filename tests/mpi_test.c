@@ -1,0 +1,781 @@
+/* The MPI transport against the in-process one. Run under mpiexec with N >= 2 ranks: rank 0
+ * runs the Check suite over an engine whose shards are ranks 1..N-1 (N - 1 shards), and the
+ * other ranks serve it with worker_mpi_loop. Every test replays the same steps on that
+ * engine and on in-process engines with N - 1 shards and with 1 shard, and holds them to
+ * the same selections and outputs within float rounding (DESIGN.md "One decode step across
+ * ranks").
+ *
+ * Check must run in no-fork mode here: a forked child touching Open MPI's shared-memory
+ * state crashes (ecosystem-notes §5.3), so the code sets it rather than the environment.
+ *
+ * With FASA_MPI_IDLE_SECONDS=S set, the binary runs no tests: rank 0 makes the transport,
+ * sleeps S seconds and destroys it, and every rank prints the CPU it used meanwhile, which
+ * measures what idle workers cost. */
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <mpi.h>
+
+#include "attn.h"
+#include "ca.h"
+#include "engine.h"
+#include "qkv.h"
+#include "test_util.h"
+#include "transport_mpi.h"
+#include "worker_mpi.h"
+#include "worker_mpi_wire.h"
+
+#ifndef FASA_SHARED_DIR
+#define FASA_SHARED_DIR "../shared"
+#endif
+
+/* Small placement blocks, so every worker holds many blocks of every sequence. */
+#define MPI_TEST_BLOCK 64
+
+static MPI_Comm s_comm;             /* the transport's communicator (a dup of MPI_COMM_WORLD) */
+static int s_n_workers;             /* ranks - 1: shards of the MPI engine */
+static fasa_engine_t *s_mpi;        /* rank 0: the engine over the workers, shared by the tests */
+static double s_worst_n, s_worst_1; /* largest output differences seen, for the summary */
+
+/* The MPI engine's transport is the MPI one behind this counter, so a test can tell
+ * whether an engine call reached the workers at all. */
+typedef struct counted {
+    fasa_transport inner; /* the MPI transport, owned */
+    long ops;             /* operations forwarded so far */
+} counted;
+
+static counted s_counted;
+
+static int s_c_session_new(void *ctx, int sid, const shard_layout *layout)
+{
+    counted *c = ctx;
+    c->ops++;
+    return c->inner.session_new(c->inner.ctx, sid, layout);
+}
+
+static void s_c_session_drop(void *ctx, int sid)
+{
+    counted *c = ctx;
+    c->ops++;
+    c->inner.session_drop(c->inner.ctx, sid);
+}
+
+static int s_c_append(void *ctx, int sid, int shard, int layer, int n, const int32_t *pos,
+                      const float *k, const float *v)
+{
+    counted *c = ctx;
+    c->ops++;
+    return c->inner.append(c->inner.ctx, sid, shard, layer, n, pos, k, v);
+}
+
+static int s_c_score(void *ctx, int sid, const shard_step *st, topk_cand *cands, int *n_cands)
+{
+    counted *c = ctx;
+    c->ops++;
+    return c->inner.score(c->inner.ctx, sid, st, cands, n_cands);
+}
+
+static int s_c_attend(void *ctx, int sid, const shard_step *st, const topk_cand *thr,
+                      const uint8_t *have_thr, float *m, double *l, double *o, int64_t *bytes_p)
+{
+    counted *c = ctx;
+    c->ops++;
+    return c->inner.attend(c->inner.ctx, sid, st, thr, have_thr, m, l, o, bytes_p);
+}
+
+static void s_c_destroy(void *ctx)
+{
+    counted *c = ctx;
+    c->inner.destroy(c->inner.ctx);
+}
+
+static const char *s_shared_dir(void)
+{
+    const char *env = getenv("FASA_SHARED_DIR");
+    return env && *env ? env : FASA_SHARED_DIR;
+}
+
+/* ---- replaying decode steps on an engine ---- */
+
+typedef struct replay {
+    int nl, nh, nkv, d, T; /* geometry; tokens available */
+    fc_pairing pairing;
+    fasa_method method; /* session default */
+    fasa_gqa gqa;
+    int budget;
+    const fasa_profile *profile;                 /* NULL: calibration-free session */
+    const float *const *q, *const *k, *const *v; /* (nl) -> (T, heads, d) */
+    int prefix;                                  /* positions appended before the first step */
+    int pos_step; /* steps at t = prefix, prefix + pos_step, ... < T */
+    int back;     /* each step also attends with max_pos = t - back, nothing appended */
+} replay;
+
+typedef struct replay_out {
+    int n_att;      /* attends recorded: steps * nl * 2 */
+    float *out;     /* (n_att, nh, d) */
+    int32_t *sel;   /* (n_att, nh, budget) */
+    int64_t *bytes; /* (n_att) KV bytes read */
+} replay_out;
+
+static void s_out_init(const replay *c, replay_out *o)
+{
+    const int steps = (c->T - c->prefix + c->pos_step - 1) / c->pos_step;
+    o->n_att = steps * c->nl * 2;
+    o->out = test_alloc((size_t)o->n_att * c->nh * c->d * sizeof(float));
+    o->sel = test_alloc((size_t)o->n_att * c->nh * c->budget * sizeof(int32_t));
+    o->bytes = test_alloc((size_t)o->n_att * sizeof(int64_t));
+}
+
+static void s_out_cleanup(replay_out *o)
+{
+    free(o->out);
+    free(o->sel);
+    free(o->bytes);
+}
+
+static void s_create(fasa_engine_t *e, const char *id, const replay *c)
+{
+    const fasa_session_config cfg = {.n_layers = c->nl,
+                                     .n_heads = c->nh,
+                                     .n_kv_heads = c->nkv,
+                                     .head_dim = c->d,
+                                     .pairing = c->pairing,
+                                     .profile = c->profile,
+                                     .method = c->method,
+                                     .budget = c->budget,
+                                     .gqa = c->gqa};
+    fasa_error err;
+    ck_assert_msg(fasa_engine_create(e, id, &cfg, &err) == FASA_OK, "create %s: %s", id, err.msg);
+}
+
+/* Appends positions from .. to - 1 of layer l. */
+static void s_append(fasa_engine_t *e, const char *id, const replay *c, int l, int from, int to)
+{
+    if (to <= from) return;
+    const size_t row = (size_t)c->nkv * c->d;
+    fasa_error err;
+    ck_assert_msg(fasa_engine_append(e, id, l, from, to - from, c->k[l] + from * row,
+                                     c->v[l] + from * row, &err) == FASA_OK,
+                  "append %s: %s", id, err.msg);
+}
+
+/* One attend of layer l at position t into slot a of o: with k_new (position t appended
+ * first) or with the visible range cut at max_pos. */
+static void s_attend(fasa_engine_t *e, const char *id, const replay *c, int l, int t, int k_new,
+                     int32_t max_pos, replay_out *o, int a)
+{
+    const size_t row = (size_t)c->nkv * c->d;
+    const fasa_attend_req req = {.layer = l,
+                                 .q = c->q[l] + (size_t)t * c->nh * c->d,
+                                 .k_new = k_new ? c->k[l] + t * row : NULL,
+                                 .v_new = k_new ? c->v[l] + t * row : NULL,
+                                 .method = -1,
+                                 .gqa = -1,
+                                 .max_pos = max_pos};
+    fasa_step_stats stats;
+    fasa_error err;
+    ck_assert_msg(fasa_engine_attend(e, id, &req, o->out + (size_t)a * c->nh * c->d,
+                                     o->sel + (size_t)a * c->nh * c->budget, &stats,
+                                     &err) == FASA_OK,
+                  "attend %s layer %d t %d: %s", id, l, t, err.msg);
+    o->bytes[a] = stats.bytes_read;
+}
+
+/* Creates session id, replays c's steps into o, drops the session. */
+static void s_replay(fasa_engine_t *e, const char *id, const replay *c, replay_out *o)
+{
+    s_create(e, id, c);
+    for (int l = 0; l < c->nl; l++) s_append(e, id, c, l, 0, c->prefix);
+    int a = 0;
+    for (int t = c->prefix; t < c->T; t += c->pos_step)
+        for (int l = 0; l < c->nl; l++) {
+            s_append(e, id, c, l, fasa_engine_length(e, id, l), t);
+            s_attend(e, id, c, l, t, 1, -1, o, a++);
+            s_attend(e, id, c, l, t, 0, t - c->back > 0 ? t - c->back : 0, o, a++);
+        }
+    ck_assert_int_eq(a, o->n_att);
+    fasa_error err;
+    ck_assert_int_eq(fasa_engine_drop(e, id, &err), FASA_OK);
+}
+
+/* Replays c over MPI and in process with n_workers and with 1 shard: selections and bytes
+ * read agree exactly, outputs within 1e-6. */
+static void s_check_agree(const replay *c, const char *what)
+{
+    replay_out om, on, o1;
+    s_out_init(c, &om);
+    s_out_init(c, &on);
+    s_out_init(c, &o1);
+    s_replay(s_mpi, "agree", c, &om);
+    fasa_engine_t *e = fasa_engine_new(s_n_workers, MPI_TEST_BLOCK);
+    ck_assert_ptr_nonnull(e);
+    s_replay(e, "agree", c, &on);
+    fasa_engine_destroy(&e);
+    e = fasa_engine_new(1, MPI_TEST_BLOCK);
+    ck_assert_ptr_nonnull(e);
+    s_replay(e, "agree", c, &o1);
+    fasa_engine_destroy(&e);
+
+    const size_t no = (size_t)om.n_att * c->nh * c->d, ns = (size_t)om.n_att * c->nh * c->budget;
+    const double dn = test_max_abs_diff(no, om.out, on.out);
+    const double d1 = test_max_abs_diff(no, om.out, o1.out);
+    printf("mpi %d workers, %s: max |diff| %.3g vs %d in-process shards, %.3g vs 1\n", s_n_workers,
+           what, dn, s_n_workers, d1);
+    ck_assert_double_le(dn, 1e-6);
+    ck_assert_double_le(d1, 1e-6);
+    ck_assert_mem_eq(om.sel, on.sel, ns * sizeof(int32_t));
+    ck_assert_mem_eq(om.sel, o1.sel, ns * sizeof(int32_t));
+    ck_assert_mem_eq(om.bytes, on.bytes, (size_t)om.n_att * sizeof(int64_t));
+    if (dn > s_worst_n) s_worst_n = dn;
+    if (d1 > s_worst_1) s_worst_1 = d1;
+
+    /* Not vacuous: the outputs carry signal, and a sparse step selected something. */
+    double mag = 0;
+    for (size_t i = 0; i < no; i++) mag = fmax(mag, fabs(om.out[i]));
+    ck_assert_double_gt(mag, 1e-3);
+    int selected = 0;
+    for (size_t i = 0; i < ns; i++) selected += om.sel[i] >= 0;
+    if (c->method != FASA_METHOD_DENSE) ck_assert_int_gt(selected, 0);
+    s_out_cleanup(&om);
+    s_out_cleanup(&on);
+    s_out_cleanup(&o1);
+}
+
+/* ---- random data ---- */
+
+typedef struct dataset {
+    int nl;
+    float *q[4], *k[4], *v[4]; /* (nl) -> (T, heads, d) */
+} dataset;
+
+static void s_data_init(dataset *ds, int nl, int nh, int nkv, int d, int T, uint64_t seed)
+{
+    test_rng r = {seed};
+    ds->nl = nl;
+    for (int l = 0; l < nl; l++) {
+        const size_t nq = (size_t)T * nh * d, nk = (size_t)T * nkv * d;
+        ds->q[l] = test_alloc(nq * sizeof(float));
+        ds->k[l] = test_alloc(nk * sizeof(float));
+        ds->v[l] = test_alloc(nk * sizeof(float));
+        test_fill(&r, nq, ds->q[l], 1.0f);
+        test_fill(&r, nk, ds->k[l], 1.0f);
+        test_fill(&r, nk, ds->v[l], 1.0f);
+        /* Exact copies of the first key row, on many shards: score ties across ranks. */
+        for (int t = 97; t < T; t += 61)
+            memcpy(ds->k[l] + (size_t)t * nkv * d, ds->k[l], (size_t)nkv * d * sizeof(float));
+    }
+}
+
+static void s_data_cleanup(dataset *ds)
+{
+    for (int l = 0; l < ds->nl; l++) free(ds->q[l]), free(ds->k[l]), free(ds->v[l]);
+}
+
+static replay s_replay_of(const dataset *ds, int nh, int nkv, int d, int T)
+{
+    return (replay){.nl = ds->nl,
+                    .nh = nh,
+                    .nkv = nkv,
+                    .d = d,
+                    .T = T,
+                    .q = (const float *const *)ds->q,
+                    .k = (const float *const *)ds->k,
+                    .v = (const float *const *)ds->v};
+}
+
+/* A profile whose dominant FCs come from a seeded pseudo-random CA per head (per KV group
+ * when shared, as calibration would make them). */
+static fasa_profile *s_profile(int nl, int nh, int nkv, int d, int ntip, fc_pairing pairing,
+                               int shared, uint64_t seed)
+{
+    fasa_profile *p = fasa_profile_new(nl, nh, nkv, d, ntip);
+    ck_assert_ptr_nonnull(p);
+    const int n_fc = d / 2, grp = nh / nkv;
+    test_rng r = {seed};
+    for (int l = 0; l < nl; l++)
+        for (int h = 0; h < nh; h++) {
+            double *ca = p->ca + ((size_t)l * nh + h) * n_fc;
+            if (shared && h % grp)
+                memcpy(ca, ca - (size_t)(h % grp) * n_fc, (size_t)n_fc * sizeof(double));
+            else
+                for (int f = 0; f < n_fc; f++) ca[f] = (double)(test_next(&r) % 1000) / 1000.0;
+            ca_select(n_fc, ntip, ca, p->fcs + ((size_t)l * nh + h) * ntip);
+        }
+    p->pairing = pairing;
+    p->gqa_shared = shared;
+    p->window = 32;
+    return p;
+}
+
+/* (a) Calibration-free sessions: dense and oracle, per-head and shared GQA, budgets below,
+ * between and above the visible tokens, each step with k_new and with max_pos cut back. */
+START_TEST(test_mpi_plain_agree)
+{
+    enum { NL = 2, NH = 8, NKV = 2, D = 16, T = 700 };
+    dataset ds;
+    s_data_init(&ds, NL, NH, NKV, D, T, 41);
+    const int budgets[] = {24, 400, 4096};
+    for (int m = FASA_METHOD_DENSE; m <= FASA_METHOD_ORACLE; m++)
+        for (int g = 0; g < 2; g++)
+            for (int b = 0; b < 3; b++) {
+                replay c = s_replay_of(&ds, NH, NKV, D, T);
+                c.method = (fasa_method)m;
+                c.gqa = (fasa_gqa)g;
+                c.budget = budgets[b];
+                c.prefix = 563;
+                c.pos_step = 10;
+                c.back = 350;
+                char what[96];
+                snprintf(what, sizeof(what), "%s %s B=%d", fasa_method_name(c.method),
+                         g ? "shared" : "per-head", c.budget);
+                s_check_agree(&c, what);
+            }
+    s_data_cleanup(&ds);
+}
+END_TEST
+
+/* (b) fasa with a profile (dominant FCs packed on the workers), next to oracle and dense on
+ * the same session layout; both pairings, per-head and shared GQA. */
+START_TEST(test_mpi_fasa_agree)
+{
+    enum { NL = 3, NH = 4, NKV = 2, D = 16, T = 600 };
+    dataset ds;
+    s_data_init(&ds, NL, NH, NKV, D, T, 43);
+    for (int shared = 0; shared < 2; shared++) {
+        const fc_pairing pairing = shared ? FC_PAIRING_HALF : FC_PAIRING_INTERLEAVED;
+        fasa_profile *p = s_profile(NL, NH, NKV, D, 3, pairing, shared, 7 + shared);
+        for (int m = 0; m <= FASA_METHOD_ORACLE; m++)
+            for (int budget = 20; budget <= 300; budget += 280) {
+                replay c = s_replay_of(&ds, NH, NKV, D, T);
+                c.pairing = pairing;
+                c.profile = p;
+                c.method = (fasa_method)m;
+                c.gqa = (fasa_gqa)shared;
+                c.budget = budget;
+                c.prefix = 450;
+                c.pos_step = 13;
+                c.back = 200;
+                char what[96];
+                snprintf(what, sizeof(what), "profile %s %s B=%d", fasa_method_name(c.method),
+                         shared ? "shared" : "per-head", budget);
+                s_check_agree(&c, what);
+            }
+        fasa_profile_destroy(&p);
+    }
+    s_data_cleanup(&ds);
+}
+END_TEST
+
+/* (c) The recorded stories260K activations, positions 1024..2047 every 128: dense and
+ * oracle B=32. Skipped when the dump is not there. */
+START_TEST(test_mpi_golden)
+{
+    char path[1024], err[512];
+    snprintf(path, sizeof(path), "%s/data/models/stories260K/golden/tinystories_T2048.qkv",
+             s_shared_dir());
+    if (access(path, R_OK) != 0) {
+        printf("mpi golden: %s not readable, skipped\n", path);
+        return;
+    }
+    fasa_qkv dump;
+    ck_assert_msg(fasa_qkv_load(path, &dump, err, sizeof(err)) == 0, "%s", err);
+    const fasa_activations *a = &dump.act;
+    ck_assert_int_eq(a->n_tokens, 2048);
+    for (int m = FASA_METHOD_DENSE; m <= FASA_METHOD_ORACLE; m++) {
+        replay c = {.nl = a->n_layers,
+                    .nh = a->n_heads,
+                    .nkv = a->n_kv_heads,
+                    .d = a->head_dim,
+                    .T = a->n_tokens,
+                    .method = (fasa_method)m,
+                    .budget = 32,
+                    .q = a->q,
+                    .k = a->k,
+                    .v = a->v,
+                    .prefix = 1024,
+                    .pos_step = 128,
+                    .back = 500};
+        s_check_agree(&c, m == FASA_METHOD_DENSE ? "golden dense" : "golden oracle B=32");
+    }
+    fasa_qkv_cleanup(&dump);
+}
+END_TEST
+
+/* Attends layer l of session id at position t (appending it) on both engines and holds
+ * them to each other. */
+static void s_attend_both(fasa_engine_t *loc, const char *id, const replay *c, int l, int t)
+{
+    replay_out om = {.n_att = 1}, ol = {.n_att = 1};
+    om.out = test_alloc((size_t)c->nh * c->d * sizeof(float));
+    ol.out = test_alloc((size_t)c->nh * c->d * sizeof(float));
+    om.sel = test_alloc((size_t)c->nh * c->budget * sizeof(int32_t));
+    ol.sel = test_alloc((size_t)c->nh * c->budget * sizeof(int32_t));
+    om.bytes = test_alloc(sizeof(int64_t));
+    ol.bytes = test_alloc(sizeof(int64_t));
+    s_attend(s_mpi, id, c, l, t, 1, -1, &om, 0);
+    s_attend(loc, id, c, l, t, 1, -1, &ol, 0);
+    ck_assert_double_le(test_max_abs_diff((size_t)c->nh * c->d, om.out, ol.out), 1e-6);
+    ck_assert_mem_eq(om.sel, ol.sel, (size_t)c->nh * c->budget * sizeof(int32_t));
+    s_out_cleanup(&om);
+    s_out_cleanup(&ol);
+}
+
+/* (d) Two sessions of different geometry interleaved on the same workers; one dropped
+ * while the other carries on; the dropped id re-created with another geometry. */
+START_TEST(test_mpi_sessions_interleaved)
+{
+    dataset da, db;
+    s_data_init(&da, 2, 4, 2, 8, 400, 51);
+    s_data_init(&db, 1, 6, 3, 12, 400, 52);
+    replay ca = s_replay_of(&da, 4, 2, 8, 400), cb = s_replay_of(&db, 6, 3, 12, 400);
+    ca.method = FASA_METHOD_ORACLE;
+    ca.budget = 16;
+    cb.method = FASA_METHOD_ORACLE;
+    cb.gqa = FASA_GQA_SHARED;
+    cb.budget = 40;
+    fasa_engine_t *loc = fasa_engine_new(s_n_workers, MPI_TEST_BLOCK);
+    ck_assert_ptr_nonnull(loc);
+    fasa_engine_t *both[2] = {s_mpi, loc};
+    for (int i = 0; i < 2; i++) {
+        s_create(both[i], "x", &ca);
+        s_create(both[i], "y", &cb);
+    }
+    /* Runs of 37 tokens each, alternating sessions, with a step after each run. */
+    int t = 0;
+    for (; t + 38 <= 300; t += 38) {
+        for (int i = 0; i < 2; i++) {
+            for (int l = 0; l < ca.nl; l++) s_append(both[i], "x", &ca, l, t, t + 37);
+            s_append(both[i], "y", &cb, 0, t, t + 37);
+        }
+        for (int l = 0; l < ca.nl; l++) s_attend_both(loc, "x", &ca, l, t + 37);
+        s_attend_both(loc, "y", &cb, 0, t + 37);
+    }
+    fasa_error err;
+    for (int i = 0; i < 2; i++) ck_assert_int_eq(fasa_engine_drop(both[i], "x", &err), FASA_OK);
+    /* y is untouched by x's drop. */
+    s_append(s_mpi, "y", &cb, 0, t, t + 20);
+    s_append(loc, "y", &cb, 0, t, t + 20);
+    s_attend_both(loc, "y", &cb, 0, t + 20);
+    /* x again, now with y's geometry and data, from position 0. */
+    replay cx = cb;
+    cx.gqa = FASA_GQA_PER_HEAD;
+    cx.budget = 25;
+    for (int i = 0; i < 2; i++) {
+        s_create(both[i], "x", &cx);
+        ck_assert_int_eq(fasa_engine_length(both[i], "x", 0), 0);
+        s_append(both[i], "x", &cx, 0, 0, 150);
+    }
+    for (int p = 150; p < 400; p += 50) {
+        s_attend_both(loc, "x", &cx, 0, p);
+        s_attend_both(loc, "y", &cb, 0, fasa_engine_length(s_mpi, "y", 0));
+        for (int i = 0; i < 2; i++) s_append(both[i], "x", &cx, 0, p + 1, p + 50);
+    }
+    for (int i = 0; i < 2; i++) {
+        ck_assert_int_eq(fasa_engine_drop(both[i], "x", &err), FASA_OK);
+        ck_assert_int_eq(fasa_engine_drop(both[i], "y", &err), FASA_OK);
+    }
+    fasa_engine_destroy(&loc);
+    s_data_cleanup(&da);
+    s_data_cleanup(&db);
+}
+END_TEST
+
+/* (e) A dropped session is gone at the engine: NOT_FOUND without a message to the workers,
+ * and the workers stay in step. */
+START_TEST(test_mpi_after_drop)
+{
+    dataset ds;
+    s_data_init(&ds, 1, 4, 2, 8, 64, 61);
+    replay c = s_replay_of(&ds, 4, 2, 8, 64);
+    c.method = FASA_METHOD_DENSE;
+    c.budget = 8;
+    fasa_error err;
+    s_create(s_mpi, "gone", &c);
+    s_append(s_mpi, "gone", &c, 0, 0, 40);
+    ck_assert_int_eq(fasa_engine_drop(s_mpi, "gone", &err), FASA_OK);
+    const long ops = s_counted.ops;
+    ck_assert_int_eq(fasa_engine_append(s_mpi, "gone", 0, 40, 1, ds.k[0], ds.v[0], &err),
+                     FASA_NOT_FOUND);
+    ck_assert_ptr_nonnull(strstr(err.msg, "gone"));
+    float out[4 * 8];
+    const fasa_attend_req req = {.q = ds.q[0], .method = -1, .gqa = -1, .max_pos = -1};
+    ck_assert_int_eq(fasa_engine_attend(s_mpi, "gone", &req, out, NULL, NULL, &err),
+                     FASA_NOT_FOUND);
+    ck_assert_int_eq(fasa_engine_drop(s_mpi, "gone", &err), FASA_NOT_FOUND);
+    ck_assert_int_eq(fasa_engine_length(s_mpi, "gone", 0), -1);
+    ck_assert_int_eq(s_counted.ops, ops); /* none of that reached the workers */
+    /* The same id starts afresh and works. */
+    s_create(s_mpi, "gone", &c);
+    s_append(s_mpi, "gone", &c, 0, 0, 64);
+    ck_assert_int_eq(fasa_engine_attend(s_mpi, "gone", &req, out, NULL, NULL, &err), FASA_OK);
+    float want[8];
+    attn_ref(64, 8, 1.0f / sqrtf(8), ds.q[0], ds.k[0], 2 * 8, ds.v[0], 2 * 8, want);
+    ck_assert_double_le(test_max_abs_diff(8, out, want), 1e-5);
+    ck_assert_int_eq(fasa_engine_drop(s_mpi, "gone", &err), FASA_OK);
+    s_data_cleanup(&ds);
+}
+END_TEST
+
+/* ---- commands sent by hand to worker rank 1 ---- */
+
+/* Sends bytes as a command to rank 1 and returns its reply's status (cmd_p: the command
+ * it answers). */
+static int s_raw(const void *msg, int bytes, int *cmd_p)
+{
+    MPI_Send(msg, bytes, MPI_BYTE, 1, WMPI_TAG_CMD, s_comm);
+    MPI_Status st;
+    MPI_Probe(1, WMPI_TAG_REPLY, s_comm, &st);
+    int count = 0;
+    MPI_Get_count(&st, MPI_BYTE, &count);
+    uint8_t *buf = test_alloc((size_t)count);
+    MPI_Recv(buf, count, MPI_BYTE, 1, WMPI_TAG_REPLY, s_comm, MPI_STATUS_IGNORE);
+    ck_assert_int_ge(count, (int)sizeof(wmpi_reply));
+    wmpi_reply r;
+    memcpy(&r, buf, sizeof(r));
+    free(buf);
+    if (cmd_p) *cmd_p = r.cmd;
+    return r.status;
+}
+
+/* A command header with payload bytes of payload from p, in one buffer. */
+static int s_raw_cmd(const wmpi_cmd *h, const void *p, int64_t payload)
+{
+    uint8_t *buf = test_alloc(sizeof(*h) + (size_t)payload);
+    memcpy(buf, h, sizeof(*h));
+    if (payload) memcpy(buf + sizeof(*h), p, (size_t)payload);
+    const int st = s_raw(buf, (int)(sizeof(*h) + payload), NULL);
+    free(buf);
+    return st;
+}
+
+/* Malformed commands get an error reply and change nothing; the worker keeps serving. */
+START_TEST(test_mpi_bad_commands)
+{
+    enum { SID = 50000, D = 2 };
+    int cmd = 0;
+    ck_assert_int_eq(s_raw("junk", 5, &cmd), WMPI_EINVAL);
+    ck_assert_int_eq(cmd, -1);
+    wmpi_cmd h = {.magic = WMPI_MAGIC ^ 1, .cmd = WMPI_SESSION_DROP, .sid = SID};
+    ck_assert_int_eq(s_raw_cmd(&h, NULL, 0), WMPI_EINVAL);
+    h = (wmpi_cmd){.magic = WMPI_MAGIC, .cmd = 42, .sid = SID};
+    ck_assert_int_eq(s_raw_cmd(&h, NULL, 0), WMPI_EINVAL);
+    h.cmd = WMPI_SESSION_DROP;
+    ck_assert_int_eq(s_raw_cmd(&h, NULL, 0), WMPI_ENOENT);
+    h.payload_bytes = 100; /* but none sent */
+    ck_assert_int_eq(s_raw_cmd(&h, NULL, 0), WMPI_EINVAL);
+
+    /* SESSION_NEW of 1 layer, 1 head, head_dim 2: n_dom, perm (2), qmask (2 bytes). */
+    struct {
+        int32_t n_dom, perm[D];
+        uint8_t qmask[D];
+    } lay = {1, {1, 1}, {1, 0}};
+    const int64_t lay_bytes = 4 + 4 * D + D;
+    h = (wmpi_cmd){.magic = WMPI_MAGIC,
+                   .cmd = WMPI_SESSION_NEW,
+                   .sid = SID,
+                   .n_layers = 1,
+                   .n_heads = 1,
+                   .n_kv_heads = 1,
+                   .head_dim = D,
+                   .payload_bytes = lay_bytes};
+    ck_assert_int_eq(s_raw_cmd(&h, &lay, lay_bytes), WMPI_EINVAL); /* perm repeats 1 */
+    lay.perm[0] = 0;
+    lay.n_dom = 3;
+    ck_assert_int_eq(s_raw_cmd(&h, &lay, lay_bytes), WMPI_EINVAL); /* n_dom > head_dim */
+    lay.n_dom = 1;
+    h.n_heads = 3; /* a valid geometry, but the qmask sent is for one head */
+    ck_assert_int_eq(s_raw_cmd(&h, &lay, lay_bytes), WMPI_EINVAL);
+    h.n_heads = 1;
+    ck_assert_int_eq(s_raw_cmd(&h, &lay, lay_bytes), WMPI_OK);
+    ck_assert_int_eq(s_raw_cmd(&h, &lay, lay_bytes), WMPI_EEXIST);
+
+    /* APPEND: two rows, checked for size, geometry and order. */
+    struct {
+        int32_t pos[2];
+        float k[2 * D], v[2 * D];
+    } ap = {{5, 9}, {1, 2, 3, 4}, {5, 6, 7, 8}};
+    const int64_t ap_bytes = 8 + 16 + 16;
+    h.cmd = WMPI_APPEND;
+    h.layer = 0;
+    h.n = 2;
+    h.payload_bytes = ap_bytes;
+    ck_assert_int_eq(s_raw_cmd(&h, &ap, ap_bytes), WMPI_OK);
+    ck_assert_int_eq(s_raw_cmd(&h, &ap, ap_bytes), WMPI_EINVAL); /* not above the rows */
+    ap.pos[0] = 12, ap.pos[1] = 11;
+    ck_assert_int_eq(s_raw_cmd(&h, &ap, ap_bytes), WMPI_EINVAL); /* not ascending */
+    ap.pos[1] = 13;
+    h.layer = 1;
+    ck_assert_int_eq(s_raw_cmd(&h, &ap, ap_bytes), WMPI_EINVAL); /* no layer 1 */
+    h.layer = 0;
+    h.head_dim = 4;
+    ck_assert_int_eq(s_raw_cmd(&h, &ap, ap_bytes), WMPI_EINVAL); /* other geometry */
+    h.head_dim = D;
+    h.n = 3;
+    ck_assert_int_eq(s_raw_cmd(&h, &ap, ap_bytes), WMPI_EINVAL); /* n does not fit */
+    h.n = 2;
+    ck_assert_int_eq(s_raw_cmd(&h, &ap, ap_bytes), WMPI_OK);
+
+    /* ATTEND: a sparse one needs its SCORE; a dense one answers with (l, o, m). */
+    struct {
+        float q[D];
+        topk_cand thr;
+        uint8_t have;
+    } at = {{1, 0}, {0, 0}, 1};
+    h.cmd = WMPI_ATTEND;
+    h.n = 0;
+    h.method = SHARD_ORACLE;
+    h.budget = 2;
+    h.max_pos = 100;
+    h.scale = 1;
+    h.n_units = 1;
+    h.payload_bytes = 4 * D + 9;
+    ck_assert_int_eq(s_raw_cmd(&h, &at, h.payload_bytes), WMPI_EINVAL);
+    h.n_units = 2;
+    ck_assert_int_eq(s_raw_cmd(&h, &at, h.payload_bytes), WMPI_EINVAL);
+    h.n_units = 1;
+    h.method = 7;
+    ck_assert_int_eq(s_raw_cmd(&h, &at, h.payload_bytes), WMPI_EINVAL);
+    h.method = SHARD_DENSE;
+    h.payload_bytes = 4 * D;
+    ck_assert_int_eq(s_raw_cmd(&h, &at, h.payload_bytes), WMPI_OK);
+    h.cmd = WMPI_SCORE;
+    h.method = SHARD_ORACLE;
+    ck_assert_int_eq(s_raw_cmd(&h, &at, h.payload_bytes), WMPI_OK);
+    h.cmd = WMPI_ATTEND;
+    h.payload_bytes = 4 * D + 9;
+    ck_assert_int_eq(s_raw_cmd(&h, &at, h.payload_bytes), WMPI_OK);
+
+    h = (wmpi_cmd){.magic = WMPI_MAGIC, .cmd = WMPI_SESSION_DROP, .sid = SID};
+    ck_assert_int_eq(s_raw_cmd(&h, NULL, 0), WMPI_OK);
+    ck_assert_int_eq(s_raw_cmd(&h, NULL, 0), WMPI_ENOENT);
+    h.cmd = WMPI_SCORE;
+    ck_assert_int_eq(s_raw_cmd(&h, NULL, 0), WMPI_ENOENT);
+
+    /* The engine over the same workers still works. */
+    dataset ds;
+    s_data_init(&ds, 1, 2, 1, 4, 300, 71);
+    replay c = s_replay_of(&ds, 2, 1, 4, 300);
+    c.method = FASA_METHOD_ORACLE;
+    c.budget = 10;
+    c.prefix = 250;
+    c.pos_step = 17;
+    c.back = 100;
+    s_check_agree(&c, "after bad commands");
+    s_data_cleanup(&ds);
+}
+END_TEST
+
+static Suite *s_mpi_suite(void)
+{
+    Suite *s = suite_create("mpi_transport");
+    TCase *tc = tcase_create("mpi");
+    tcase_add_test(tc, test_mpi_plain_agree);
+    tcase_add_test(tc, test_mpi_fasa_agree);
+    tcase_add_test(tc, test_mpi_golden);
+    tcase_add_test(tc, test_mpi_sessions_interleaved);
+    tcase_add_test(tc, test_mpi_after_drop);
+    tcase_add_test(tc, test_mpi_bad_commands);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+/* Rank 0: the suite over an engine on the workers; destroying it stops them. */
+static int s_run_suite(void)
+{
+    if (fasa_transport_mpi(&s_counted.inner, s_comm)) {
+        fprintf(stderr, "rank 0: out of memory making the MPI transport\n");
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    const fasa_transport t = {.ctx = &s_counted,
+                              .n_shards = s_counted.inner.n_shards,
+                              .session_new = s_c_session_new,
+                              .session_drop = s_c_session_drop,
+                              .append = s_c_append,
+                              .score = s_c_score,
+                              .attend = s_c_attend,
+                              .destroy = s_c_destroy};
+    s_mpi = fasa_engine_new_with(&t, MPI_TEST_BLOCK);
+    if (!s_mpi) {
+        t.destroy(t.ctx);
+        return 1;
+    }
+    SRunner *sr = srunner_create(s_mpi_suite());
+    srunner_set_fork_status(sr, CK_NOFORK);
+    srunner_run_all(sr, CK_NORMAL);
+    const int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    printf("mpi %d workers: largest |diff| %.3g vs in-process with as many shards, %.3g vs 1\n",
+           s_n_workers, s_worst_n, s_worst_1);
+    fasa_engine_destroy(&s_mpi);
+    return failed;
+}
+
+static double s_seconds(struct timeval tv)
+{
+    return (double)tv.tv_sec + tv.tv_usec * 1e-6;
+}
+
+/* FASA_MPI_IDLE_SECONDS: the CPU each rank uses while the workers wait for commands. */
+static void s_idle_run(int rank, double seconds)
+{
+    struct rusage r0, r1;
+    struct timespec w0, w1;
+    getrusage(RUSAGE_SELF, &r0);
+    clock_gettime(CLOCK_MONOTONIC, &w0);
+    if (rank == 0) {
+        fasa_transport t;
+        if (fasa_transport_mpi(&t, s_comm)) MPI_Abort(MPI_COMM_WORLD, 1);
+        struct timespec left = {(time_t)seconds, (long)((seconds - floor(seconds)) * 1e9)};
+        while (nanosleep(&left, &left) != 0 && errno == EINTR) continue;
+        t.destroy(t.ctx);
+    } else if (worker_mpi_loop(s_comm)) {
+        MPI_Abort(MPI_COMM_WORLD, 2);
+    }
+    getrusage(RUSAGE_SELF, &r1);
+    clock_gettime(CLOCK_MONOTONIC, &w1);
+    const double user = s_seconds(r1.ru_utime) - s_seconds(r0.ru_utime);
+    const double sys = s_seconds(r1.ru_stime) - s_seconds(r0.ru_stime);
+    const double wall = (double)(w1.tv_sec - w0.tv_sec) + (w1.tv_nsec - w0.tv_nsec) * 1e-9;
+    printf("rank %d (%s): %.3f s cpu (user %.3f, sys %.3f) over %.3f s idle\n", rank,
+           rank ? "worker" : "coordinator", user + sys, user, sys, wall);
+    fflush(stdout);
+}
+
+int main(int argc, char **argv)
+{
+    int provided = 0, rank = 0, size = 0;
+    MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
+    if (provided < MPI_THREAD_FUNNELED) {
+        fprintf(stderr, "MPI gives thread level %d, below MPI_THREAD_FUNNELED\n", provided);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    if (size < 2) {
+        fprintf(stderr, "fasa_mpi_tests needs at least 2 ranks (mpiexec -n 3 ...)\n");
+        MPI_Finalize();
+        return EXIT_FAILURE;
+    }
+    s_n_workers = size - 1;
+    /* The transport's own communicator keeps its tags apart from anything else. */
+    MPI_Comm_dup(MPI_COMM_WORLD, &s_comm);
+    int failed = 0;
+    const char *idle = getenv("FASA_MPI_IDLE_SECONDS");
+    if (idle && *idle)
+        s_idle_run(rank, atof(idle));
+    else if (rank == 0)
+        failed = s_run_suite();
+    else if (worker_mpi_loop(s_comm))
+        MPI_Abort(MPI_COMM_WORLD, 2);
+    /* Every rank exits with the suite's verdict. */
+    MPI_Allreduce(MPI_IN_PLACE, &failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    MPI_Comm_free(&s_comm);
+    MPI_Finalize();
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

@@ -1,0 +1,359 @@
+/* The command loop of a worker rank: rank 0's shard commands (worker_mpi_wire.h) executed
+ * on this rank's shards, one shard_t per session, in a table indexed by the engine's
+ * session number (small increasing integers).
+ *
+ * The loop spends most of its life idle between decode steps, so it must not hold a core:
+ * a blocking MPI_Recv busy-polls in Open MPI, so it polls with MPI_Iprobe and sleeps
+ * between polls instead (wmpi_backoff: a short spin after each command, so the next
+ * command of a burst is picked up at once, then sleeps growing to WORKER_MAX_SLEEP_NS).
+ *
+ * Every command is checked before it is used: its size against its header, the header's
+ * geometry against the session it names, positions against the rows held. A bad command
+ * gets an error reply and changes nothing; the worker keeps serving. */
+#include "worker_mpi.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "shard.h"
+#include "worker_mpi_wire.h"
+
+/* Longest sleep between polls while idle: the latency a command can wait for a sleeping
+ * worker, against about one wakeup per WORKER_MAX_SLEEP_NS of CPU while idle. */
+#define WORKER_MAX_SLEEP_NS 200000L
+/* The replies a worker sends are at most a few MiB, but start with room for any header. */
+#define WORKER_REPLY0 4096
+
+typedef struct worker_session {
+    shard_t *shard; /* NULL: no such session */
+    /* The last successful SCORE; a sparse ATTEND must be its second half. */
+    int scored;
+    shard_step last;
+} worker_session;
+
+typedef struct worker {
+    MPI_Comm comm;
+    int rank;
+    int cap;               /* capacity of sessions */
+    worker_session *table; /* (cap) indexed by sid */
+    uint8_t *rx;           /* the command being served, grow-only */
+    size_t rx_cap;
+    uint8_t *tx; /* the reply being built: header, then payload built in place */
+    size_t tx_cap;
+} worker;
+
+static int s_grow(uint8_t **buf, size_t *cap, size_t bytes)
+{
+    if (bytes <= *cap) return 0;
+    uint8_t *p = realloc(*buf, bytes);
+    if (!p) return -1;
+    /* Zeroed, so reply slots a step leaves unwritten never carry stale heap bytes. */
+    memset(p + *cap, 0, bytes - *cap);
+    *buf = p;
+    *cap = bytes;
+    return 0;
+}
+
+/* Logs a rejected command once, here where the reason is known, and returns its status. */
+static wmpi_status s_reject(const worker *w, wmpi_status st, const wmpi_cmd *h, const char *why)
+{
+    fprintf(stderr, "worker rank %d: command %d sid %d rejected: %s\n", w->rank, h ? h->cmd : -1,
+            h ? h->sid : -1, why);
+    return st;
+}
+
+/* Sends the reply header in w->tx with payload bytes after it, without spinning. */
+static void s_reply(worker *w, wmpi_status status, int cmd, int64_t bytes_read, size_t payload)
+{
+    const wmpi_reply r = {.status = status, .cmd = cmd, .bytes_read = bytes_read};
+    memcpy(w->tx, &r, sizeof(r));
+    if (status != WMPI_OK) payload = 0;
+    MPI_Request req;
+    MPI_Isend(w->tx, (int)(sizeof(r) + payload), MPI_BYTE, 0, WMPI_TAG_REPLY, w->comm, &req);
+    wmpi_waitall(1, &req, MPI_STATUSES_IGNORE, WORKER_MAX_SLEEP_NS);
+}
+
+/* The live session a command names whose geometry matches the header, or NULL. */
+static worker_session *s_find(worker *w, const wmpi_cmd *h)
+{
+    if (h->sid < 0 || h->sid >= w->cap || !w->table[h->sid].shard) return NULL;
+    return &w->table[h->sid];
+}
+
+static int s_same_geometry(const shard_layout *lay, const wmpi_cmd *h)
+{
+    return lay->n_layers == h->n_layers && lay->n_heads == h->n_heads &&
+           lay->n_kv_heads == h->n_kv_heads && lay->head_dim == h->head_dim;
+}
+
+static wmpi_status s_session_new(worker *w, const wmpi_cmd *h, const uint8_t *p)
+{
+    const int nl = h->n_layers, nh = h->n_heads, nkv = h->n_kv_heads, d = h->head_dim;
+    if (h->sid < 0 || h->sid >= WMPI_MAX_SID)
+        return s_reject(w, WMPI_EINVAL, h, "sid out of range");
+    if (nl < 1 || nl > WMPI_MAX_LAYERS || nkv < 1 || nh < nkv || nh > WMPI_MAX_HEADS || nh % nkv ||
+        d < 1 || d > WMPI_MAX_HEAD_DIM)
+        return s_reject(w, WMPI_EINVAL, h, "bad geometry");
+    const int64_t lk = (int64_t)nl * nkv;
+    if (h->payload_bytes != lk * 4 + lk * d * 4 + (int64_t)nl * nh * d)
+        return s_reject(w, WMPI_EINVAL, h, "layout size does not match the geometry");
+    if (h->sid < w->cap && w->table[h->sid].shard)
+        return s_reject(w, WMPI_EEXIST, h, "session exists");
+    shard_layout lay = {.n_layers = nl,
+                        .n_heads = nh,
+                        .n_kv_heads = nkv,
+                        .head_dim = d,
+                        .n_dom = (int *)p,
+                        .perm = (int *)(p + lk * 4),
+                        .qmask = (uint8_t *)(p + lk * 4 + lk * d * 4)};
+    /* The shard indexes keys by n_dom and perm: they must be in range and a permutation. */
+    uint8_t seen[WMPI_MAX_HEAD_DIM];
+    for (int64_t i = 0; i < lk; i++) {
+        if (lay.n_dom[i] < 0 || lay.n_dom[i] > d)
+            return s_reject(w, WMPI_EINVAL, h, "n_dom out of range");
+        memset(seen, 0, (size_t)d);
+        for (int x = 0; x < d; x++) {
+            const int v = lay.perm[i * d + x];
+            if (v < 0 || v >= d || seen[v])
+                return s_reject(w, WMPI_EINVAL, h, "perm is not a permutation");
+            seen[v] = 1;
+        }
+    }
+    if (h->sid >= w->cap) {
+        int cap = w->cap ? w->cap : 8;
+        while (cap <= h->sid) cap *= 2;
+        worker_session *t = realloc(w->table, (size_t)cap * sizeof(*t));
+        if (!t) return s_reject(w, WMPI_ENOMEM, h, "out of memory for the session table");
+        memset(t + w->cap, 0, (size_t)(cap - w->cap) * sizeof(*t));
+        w->table = t;
+        w->cap = cap;
+    }
+    shard_t *sh = shard_new(&lay);
+    if (!sh) return s_reject(w, WMPI_ENOMEM, h, "out of memory for a shard");
+    w->table[h->sid] = (worker_session){.shard = sh};
+    return WMPI_OK;
+}
+
+static wmpi_status s_session_drop(worker *w, const wmpi_cmd *h)
+{
+    worker_session *s = s_find(w, h);
+    if (!s) return s_reject(w, WMPI_ENOENT, h, "no such session");
+    if (h->payload_bytes != 0) return s_reject(w, WMPI_EINVAL, h, "payload on a drop");
+    shard_destroy(&s->shard);
+    *s = (worker_session){0};
+    return WMPI_OK;
+}
+
+static wmpi_status s_append(worker *w, const wmpi_cmd *h, const uint8_t *p)
+{
+    worker_session *s = s_find(w, h);
+    if (!s) return s_reject(w, WMPI_ENOENT, h, "no such session");
+    const shard_layout *lay = shard_layout_of(s->shard);
+    if (!s_same_geometry(lay, h)) return s_reject(w, WMPI_EINVAL, h, "geometry differs");
+    if (h->layer < 0 || h->layer >= lay->n_layers)
+        return s_reject(w, WMPI_EINVAL, h, "layer out of range");
+    const int64_t kv = (int64_t)h->n * lay->n_kv_heads * lay->head_dim * (int64_t)sizeof(float);
+    if (h->n < 1 || h->payload_bytes != (int64_t)h->n * 4 + 2 * kv)
+        return s_reject(w, WMPI_EINVAL, h, "append size does not match n");
+    /* Rows are append-only and ascending (shard.h); anything else would corrupt lookups. */
+    const int32_t *pos = (const int32_t *)p;
+    const int rows = shard_rows(s->shard, h->layer);
+    if (pos[0] < 0 || shard_visible(s->shard, h->layer, pos[0] - 1) != rows)
+        return s_reject(w, WMPI_EINVAL, h, "positions not above the rows held");
+    for (int i = 1; i < h->n; i++)
+        if (pos[i] <= pos[i - 1]) return s_reject(w, WMPI_EINVAL, h, "positions not ascending");
+    const float *k = (const float *)(p + (size_t)h->n * 4);
+    const float *v = (const float *)(p + (size_t)h->n * 4 + (size_t)kv);
+    if (shard_append(s->shard, h->layer, h->n, pos, k, v))
+        return s_reject(w, WMPI_ENOMEM, h, "out of memory appending");
+    return WMPI_OK;
+}
+
+/* Checks a SCORE or ATTEND header against its session and fills the step (q aside). */
+static worker_session *s_step_check(worker *w, const wmpi_cmd *h, shard_step *st,
+                                    wmpi_status *status_p)
+{
+    worker_session *s = s_find(w, h);
+    const char *why = NULL;
+    *status_p = WMPI_EINVAL;
+    if (!s) {
+        *status_p = WMPI_ENOENT;
+        why = "no such session";
+    } else if (!s_same_geometry(shard_layout_of(s->shard), h)) {
+        why = "geometry differs";
+    } else if (h->layer < 0 || h->layer >= h->n_layers) {
+        why = "layer out of range";
+    } else if (h->method < SHARD_FASA || h->method > SHARD_ORACLE) {
+        why = "unknown method";
+    } else if (h->gqa != SHARD_GQA_PER_HEAD && h->gqa != SHARD_GQA_SHARED) {
+        why = "unknown gqa";
+    } else if (h->budget < 1 || h->budget > WMPI_MAX_BUDGET) {
+        why = "budget out of range";
+    } else if (h->n_units != shard_units(s->shard, (shard_gqa)h->gqa)) {
+        why = "n_units does not match gqa";
+    } else if (!isfinite(h->scale)) {
+        why = "scale is not finite";
+    }
+    if (why) {
+        s_reject(w, *status_p, h, why);
+        return NULL;
+    }
+    *st = (shard_step){.layer = h->layer,
+                       .method = (shard_method)h->method,
+                       .gqa = (shard_gqa)h->gqa,
+                       .budget = h->budget,
+                       .max_pos = h->max_pos,
+                       .scale = h->scale};
+    *status_p = WMPI_OK;
+    return s;
+}
+
+/* Phase 1; the reply payload (cands, n_cands) is written in place in w->tx. */
+static wmpi_status s_score(worker *w, const wmpi_cmd *h, const uint8_t *p, size_t *payload_p)
+{
+    shard_step st;
+    wmpi_status status;
+    worker_session *s = s_step_check(w, h, &st, &status);
+    if (!s) return status;
+    const size_t units = (size_t)h->n_units, q_bytes = (size_t)h->n_heads * h->head_dim * 4;
+    if (h->payload_bytes != (int64_t)q_bytes)
+        return s_reject(w, WMPI_EINVAL, h, "score size does not match the geometry");
+    const size_t cand_bytes = units * (size_t)st.budget * sizeof(topk_cand);
+    const size_t payload = cand_bytes + units * sizeof(int);
+    if ((int64_t)payload > WMPI_MAX_MSG - (int64_t)sizeof(wmpi_reply))
+        return s_reject(w, WMPI_ENOMEM, h, "candidates too big for one reply");
+    if (s_grow(&w->tx, &w->tx_cap, sizeof(wmpi_reply) + payload))
+        return s_reject(w, WMPI_ENOMEM, h, "out of memory for the reply");
+    st.q = (const float *)p;
+    s->scored = 0;
+    uint8_t *r = w->tx + sizeof(wmpi_reply);
+    if (shard_score(s->shard, &st, (topk_cand *)r, (int *)(r + cand_bytes)))
+        return s_reject(w, WMPI_ENOMEM, h, "out of memory scoring");
+    s->scored = 1;
+    s->last = st;
+    *payload_p = payload;
+    return WMPI_OK;
+}
+
+/* Phase 2; the reply payload (l, o, m) is written in place in w->tx. */
+static wmpi_status s_attend(worker *w, const wmpi_cmd *h, const uint8_t *p, size_t *payload_p,
+                            int64_t *bytes_p)
+{
+    shard_step st;
+    wmpi_status status;
+    worker_session *s = s_step_check(w, h, &st, &status);
+    if (!s) return status;
+    const size_t units = (size_t)h->n_units, nh = (size_t)h->n_heads, d = (size_t)h->head_dim;
+    const int dense = st.method == SHARD_DENSE;
+    const size_t q_bytes = nh * d * 4, thr_bytes = dense ? 0 : units * (sizeof(topk_cand) + 1);
+    if (h->payload_bytes != (int64_t)(q_bytes + thr_bytes))
+        return s_reject(w, WMPI_EINVAL, h, "attend size does not match the geometry");
+    /* A sparse attend selects from what the last score kept: it must be that step's. */
+    if (!dense &&
+        (!s->scored || s->last.layer != st.layer || s->last.method != st.method ||
+         s->last.gqa != st.gqa || s->last.budget != st.budget || s->last.max_pos != st.max_pos))
+        return s_reject(w, WMPI_EINVAL, h, "sparse attend without its score");
+    const size_t payload = nh * 8 + nh * d * 8 + nh * 4;
+    if (s_grow(&w->tx, &w->tx_cap, sizeof(wmpi_reply) + payload))
+        return s_reject(w, WMPI_ENOMEM, h, "out of memory for the reply");
+    st.q = (const float *)p;
+    const topk_cand *thr = dense ? NULL : (const topk_cand *)(p + q_bytes);
+    const uint8_t *have_thr = dense ? NULL : p + q_bytes + units * sizeof(topk_cand);
+    uint8_t *r = w->tx + sizeof(wmpi_reply);
+    if (shard_attend(s->shard, &st, thr, have_thr, (float *)(r + nh * 8 + nh * d * 8), (double *)r,
+                     (double *)(r + nh * 8)))
+        return s_reject(w, WMPI_ENOMEM, h, "out of memory attending");
+    *bytes_p = shard_bytes_read(s->shard);
+    *payload_p = payload;
+    return WMPI_OK;
+}
+
+/* Serves one received command of count bytes in w->rx. Returns 1 on a valid STOP. */
+static int s_serve(worker *w, int count)
+{
+    wmpi_cmd h;
+    if ((size_t)count < sizeof(h)) {
+        s_reject(w, WMPI_EINVAL, NULL, "message shorter than a header");
+        s_reply(w, WMPI_EINVAL, -1, 0, 0);
+        return 0;
+    }
+    memcpy(&h, w->rx, sizeof(h));
+    const uint8_t *p = w->rx + sizeof(h);
+    size_t payload = 0;
+    int64_t bytes_read = 0;
+    wmpi_status st;
+    if (h.magic != WMPI_MAGIC) {
+        st = s_reject(w, WMPI_EINVAL, &h, "bad magic");
+    } else if (h.payload_bytes != (int64_t)count - (int64_t)sizeof(h)) {
+        st = s_reject(w, WMPI_EINVAL, &h, "payload_bytes does not match the message size");
+    } else {
+        switch (h.cmd) {
+        case WMPI_STOP:
+            if (h.payload_bytes == 0) return 1;
+            st = s_reject(w, WMPI_EINVAL, &h, "payload on a stop");
+            break;
+        case WMPI_SESSION_NEW:
+            st = s_session_new(w, &h, p);
+            break;
+        case WMPI_SESSION_DROP:
+            st = s_session_drop(w, &h);
+            break;
+        case WMPI_APPEND:
+            st = s_append(w, &h, p);
+            break;
+        case WMPI_SCORE:
+            st = s_score(w, &h, p, &payload);
+            break;
+        case WMPI_ATTEND:
+            st = s_attend(w, &h, p, &payload, &bytes_read);
+            break;
+        default:
+            st = s_reject(w, WMPI_EINVAL, &h, "unknown command");
+            break;
+        }
+    }
+    s_reply(w, st, h.cmd, bytes_read, payload);
+    return 0;
+}
+
+int worker_mpi_loop(MPI_Comm comm)
+{
+    worker w = {.comm = comm};
+    int rc = 0;
+    MPI_Comm_rank(comm, &w.rank);
+    if (s_grow(&w.tx, &w.tx_cap, WORKER_REPLY0)) {
+        fprintf(stderr, "worker rank %d: out of memory starting\n", w.rank);
+        return -1;
+    }
+    wmpi_backoff idle;
+    wmpi_backoff_reset(&idle);
+    for (;;) {
+        int flag = 0;
+        MPI_Status status;
+        MPI_Iprobe(0, WMPI_TAG_CMD, comm, &flag, &status);
+        if (!flag) {
+            wmpi_backoff_pause(&idle, WORKER_MAX_SLEEP_NS);
+            continue;
+        }
+        int count = 0;
+        MPI_Get_count(&status, MPI_BYTE, &count);
+        /* Without room for the command it cannot even be received, so it cannot be
+         * answered either: give up and let the caller abort the job (fail-stop). */
+        if (s_grow(&w.rx, &w.rx_cap, count > 0 ? (size_t)count : 1)) {
+            fprintf(stderr, "worker rank %d: out of memory receiving a %d-byte command\n", w.rank,
+                    count);
+            rc = -1;
+            break;
+        }
+        MPI_Recv(w.rx, count, MPI_BYTE, 0, WMPI_TAG_CMD, comm, MPI_STATUS_IGNORE);
+        if (s_serve(&w, count)) break;
+        wmpi_backoff_reset(&idle);
+    }
+    for (int i = 0; i < w.cap; i++) shard_destroy(&w.table[i].shard);
+    free(w.table);
+    free(w.rx);
+    free(w.tx);
+    return rc;
+}

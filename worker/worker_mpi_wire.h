@@ -1,0 +1,146 @@
+/* The messages of the MPI transport between the coordinator (rank 0, coord/transport_mpi.c)
+ * and the worker ranks (worker/worker_mpi.c), and the polling wait both ends use.
+ *
+ * Both ends are the same build on one homogeneous cluster, so headers and arrays travel as
+ * raw bytes (MPI_BYTE) in host byte order. Every message is one MPI message, so a command
+ * costs one send and (but for STOP) one reply, whatever its size.
+ *
+ * A command (tag WMPI_TAG_CMD, from rank 0) is a wmpi_cmd header followed by payload_bytes
+ * of payload, whose sections depend on the command:
+ *   SESSION_NEW  n_dom int32 (n_layers, n_kv_heads), perm int32 (n_layers, n_kv_heads,
+ *                head_dim), qmask uint8 (n_layers, n_heads, head_dim)
+ *   DROP, STOP   nothing
+ *   APPEND       pos int32 (n), k float (n, n_kv_heads, head_dim), v float (the same)
+ *   SCORE        q float (n_heads, head_dim)
+ *   ATTEND       q float (n_heads, head_dim), then unless method is dense thr topk_cand
+ *                (n_units) and have_thr uint8 (n_units)
+ * Sections follow each other unpadded in that order. The header is a multiple of 8 bytes
+ * and the byte-sized sections come last, so every section is aligned for its type in a
+ * malloc'd buffer and the receiver uses the payload in place.
+ *
+ * Every command but STOP gets exactly one reply (tag WMPI_TAG_REPLY): a wmpi_reply header
+ * and, when status is WMPI_OK,
+ *   SCORE   cands topk_cand (n_units, budget) (the first n_cands[u] of unit u are valid),
+ *           n_cands int32 (n_units)
+ *   ATTEND  l double (n_heads), o double (n_heads, head_dim), m float (n_heads)
+ * A worker serves commands in order and sends nothing else, so the coordinator has at most
+ * one reply outstanding per worker and MPI's non-overtaking rule pairs them up. */
+#ifndef FASA_WORKER_WORKER_MPI_WIRE_H
+#define FASA_WORKER_WORKER_MPI_WIRE_H
+
+#include <stdint.h>
+#include <time.h>
+
+#include <mpi.h>
+
+#include "topk.h"
+
+#define WMPI_TAG_CMD 0x4641    /* rank 0 -> worker */
+#define WMPI_TAG_REPLY 0x4642  /* worker -> rank 0 */
+#define WMPI_MAGIC 0x31414d57u /* "WMA1" little-endian: wire version 1 */
+
+/* Largest message either end builds. MPI counts are int; staying well under INT_MAX also
+ * keeps one message's buffer reasonable. Appends bigger than this are split by rows. */
+#define WMPI_MAX_MSG ((int64_t)1 << 30)
+/* Largest session number a worker accepts (its table is indexed by sid). */
+#define WMPI_MAX_SID (1 << 24)
+/* Geometry bounds a worker accepts (the engine's own limits, engine.c). */
+#define WMPI_MAX_LAYERS 1024
+#define WMPI_MAX_HEADS 1024
+#define WMPI_MAX_HEAD_DIM 1024
+#define WMPI_MAX_BUDGET (1 << 20)
+
+typedef enum wmpi_cmd_code {
+    WMPI_STOP = 1,
+    WMPI_SESSION_NEW = 2,
+    WMPI_SESSION_DROP = 3,
+    WMPI_APPEND = 4,
+    WMPI_SCORE = 5,
+    WMPI_ATTEND = 6,
+} wmpi_cmd_code;
+
+typedef enum wmpi_status {
+    WMPI_OK = 0,
+    WMPI_ENOMEM = 1, /* the worker ran out of memory; nothing changed */
+    WMPI_EINVAL = 2, /* malformed command (a coordinator bug); nothing changed */
+    WMPI_ENOENT = 3, /* no such session */
+    WMPI_EEXIST = 4, /* SESSION_NEW for a session the worker already holds */
+} wmpi_status;
+
+/* Command header. The geometry fields travel with every session command, so the worker can
+ * check them against the session it holds. Unused fields are 0. */
+typedef struct wmpi_cmd {
+    uint32_t magic;                                  /* WMPI_MAGIC */
+    int32_t cmd;                                     /* wmpi_cmd_code */
+    int32_t sid;                                     /* the engine's session number */
+    int32_t n_layers, n_heads, n_kv_heads, head_dim; /* session geometry */
+    int32_t layer;                                   /* APPEND, SCORE, ATTEND */
+    int32_t n;                                       /* APPEND: rows */
+    int32_t method;                                  /* SCORE, ATTEND: shard_method */
+    int32_t gqa;                                     /* shard_gqa */
+    int32_t budget;                                  /* tokens per unit */
+    int32_t max_pos;                                 /* highest visible position */
+    float scale;                                     /* logit scale */
+    int32_t n_units;                                 /* the step's selection units */
+    int32_t reserved;                                /* 0; keeps payload_bytes 8-aligned */
+    int64_t payload_bytes;                           /* bytes after this header */
+} wmpi_cmd;
+
+typedef struct wmpi_reply {
+    int32_t status;     /* wmpi_status */
+    int32_t cmd;        /* the command answered, or -1 when it could not be read */
+    int64_t bytes_read; /* ATTEND: KV bytes the shard read for this step (score + attend) */
+} wmpi_reply;
+
+_Static_assert(sizeof(wmpi_cmd) == 72 && sizeof(wmpi_cmd) % 8 == 0, "wmpi_cmd layout");
+_Static_assert(sizeof(wmpi_reply) == 16, "wmpi_reply layout");
+_Static_assert(sizeof(topk_cand) == 8, "topk_cand travels as 8 raw bytes");
+
+/* Waiting without holding a core. Open MPI's blocking calls busy-poll, and it has no
+ * progress thread, so something must keep calling into MPI; on a box with fewer cores than
+ * ranks a spinning rank takes the CPU from the ranks doing the work (ecosystem-notes §1.3:
+ * 5.1 s vs 0.8 s of CPU per idle worker). So: poll freely for WMPI_SPIN_NS after the last
+ * activity (back-to-back commands stay fast), then sleep between polls, doubling the sleep
+ * from WMPI_SLEEP0_NS up to a cap. */
+#define WMPI_SPIN_NS 50000L
+#define WMPI_SLEEP0_NS 2000L
+
+typedef struct wmpi_backoff {
+    struct timespec since; /* last activity */
+    long sleep_ns;         /* next sleep, once past the spin phase */
+} wmpi_backoff;
+
+static inline void wmpi_backoff_reset(wmpi_backoff *b)
+{
+    clock_gettime(CLOCK_MONOTONIC, &b->since);
+    b->sleep_ns = WMPI_SLEEP0_NS;
+}
+
+/* Called between two polls that found nothing: returns at once during the spin phase,
+ * otherwise sleeps and lengthens the next sleep up to max_sleep_ns. */
+static inline void wmpi_backoff_pause(wmpi_backoff *b, long max_sleep_ns)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    const long spent =
+        (long)(now.tv_sec - b->since.tv_sec) * 1000000000L + (now.tv_nsec - b->since.tv_nsec);
+    if (spent < WMPI_SPIN_NS) return;
+    const struct timespec ts = {0, b->sleep_ns};
+    nanosleep(&ts, NULL);
+    b->sleep_ns = b->sleep_ns * 2 < max_sleep_ns ? b->sleep_ns * 2 : max_sleep_ns;
+}
+
+/* MPI_Waitall that polls with wmpi_backoff instead of spinning. */
+static inline void wmpi_waitall(int n, MPI_Request *reqs, MPI_Status *statuses, long max_sleep_ns)
+{
+    wmpi_backoff b;
+    wmpi_backoff_reset(&b);
+    for (;;) {
+        int done = 0;
+        MPI_Testall(n, reqs, &done, statuses);
+        if (done) return;
+        wmpi_backoff_pause(&b, max_sleep_ns);
+    }
+}
+
+#endif
