@@ -8,6 +8,14 @@
 int cmd_calibrate(int argc, char **argv);
 int cmd_replay(int argc, char **argv);
 int cmd_demo(int argc, char **argv);
+/* Commands that need a server (client/cmd_server.c). */
+int cmd_ping(int argc, char **argv);
+int cmd_stats(int argc, char **argv);
+int cmd_create(int argc, char **argv);
+int cmd_append(int argc, char **argv);
+int cmd_attend(int argc, char **argv);
+int cmd_drop(int argc, char **argv);
+int cmd_shutdown(int argc, char **argv);
 
 /* Prints "fasa CMD: message" to stderr (one line) and returns 2 (usage) or 1 (failure). */
 int cli_fail(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -1,10 +1,14 @@
 /* fasa calibrate: dominant FCs per head from recorded activations (FASA Eq. 4-5). */
+#include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "calib.h"
+#include "backend.h"
 #include "cli.h"
+#include "fasa_client.h"
 #include "progress.h"
 #include "qkv.h"
 
@@ -25,7 +29,64 @@ static const char usage[] =
     "  --pairing P         interleaved (dims 2i,2i+1; default) or half (dims i, i+d/2)\n"
     "  --gqa G             per-head (default: each query head its own chunks) or shared\n"
     "                      (one set per KV head, by the mean agreement of its query heads)\n"
+    "  --server ENDPOINT   calibrate on a fasa-server instead of in-process: sends the q and\n"
+    "                      k of every layer for tokens [0, B) and writes the profile it returns\n"
+    "                      (FASA_TIMEOUT_MS: the wait for the reply, default 120000)\n"
+    "  --profile-name NAME with --server: also store the profile on the server by this name\n"
+    "                      (for 'fasa create --profile-name NAME')\n"
     "  --help              this text\n";
+
+/* Sends the activations of tokens [0, co->pos_end) to a server, writes the profile text it
+ * returns to out. Returns 0, or -1 with the reason in err. */
+static int s_calibrate_remote(const char *server, const char *name, const fasa_activations *a,
+                              const fasa_calib_opts *co, const char *out, char *err, size_t err_len)
+{
+    const size_t T = (size_t)co->pos_end, L = (size_t)a->n_layers;
+    const size_t qrow = (size_t)a->n_heads * a->head_dim,
+                 krow = (size_t)a->n_kv_heads * a->head_dim;
+    float *q = malloc(L * T * qrow * sizeof(float)), *k = malloc(L * T * krow * sizeof(float));
+    char *text = NULL;
+    fasa_client *c = NULL;
+    fasa_client_error ce;
+    int rc = -1;
+    if (!q || !k) {
+        snprintf(err, err_len, "out of memory for %zu tokens of %zu layers", T, L);
+        goto done;
+    }
+    for (size_t l = 0; l < L; l++) {
+        memcpy(q + l * T * qrow, a->q[l], T * qrow * sizeof(float));
+        memcpy(k + l * T * krow, a->k[l], T * krow * sizeof(float));
+    }
+    const fasa_client_geometry g = {(uint32_t)a->n_layers, (uint32_t)a->n_heads,
+                                    (uint32_t)a->n_kv_heads, (uint32_t)a->head_dim};
+    const fasa_client_calib_opts o = {
+        .pairing = co->pairing == FC_PAIRING_HALF ? FASA_CLIENT_PAIRING_HALF
+                                                  : FASA_CLIENT_PAIRING_INTERLEAVED,
+        .ntip = (uint32_t)co->ntip,
+        .window = (uint32_t)co->window,
+        .pos_begin = (uint32_t)co->pos_begin,
+        .pos_end = (uint32_t)co->pos_end,
+        .pos_step = (uint32_t)co->pos_step,
+        .gqa = co->gqa_shared ? FASA_CLIENT_GQA_SHARED : FASA_CLIENT_GQA_PER_HEAD,
+        .profile_name = name};
+    if (!(c = backend_connect(server, BACKEND_TIMEOUT_MS, NULL, err, err_len))) goto done;
+    if (fasa_client_calibrate(c, &g, (uint32_t)T, q, k, &o, &text, &ce)) {
+        snprintf(err, err_len, "%s", ce.msg);
+        goto done;
+    }
+    FILE *f = fopen(out, "w");
+    if (!f || fputs(text, f) == EOF || fclose(f) != 0) {
+        snprintf(err, err_len, "cannot write profile %s: %s", out, strerror(errno));
+        goto done;
+    }
+    rc = 0;
+done:
+    fasa_client_close(&c);
+    free(text);
+    free(q);
+    free(k);
+    return rc;
+}
 
 int cmd_calibrate(int argc, char **argv)
 {
@@ -36,9 +97,11 @@ int cmd_calibrate(int argc, char **argv)
                                          {"positions", required_argument, 0, 'p'},
                                          {"pairing", required_argument, 0, 'P'},
                                          {"gqa", required_argument, 0, 'g'},
+                                         {"server", required_argument, 0, 'E'},
+                                         {"profile-name", required_argument, 0, 'N'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
-    const char *qkv_path = NULL, *out = NULL, *positions = NULL;
+    const char *qkv_path = NULL, *out = NULL, *positions = NULL, *server = NULL, *name = NULL;
     long ntip = 0, window = 256;
     fasa_calib_opts co = {.pairing = FC_PAIRING_INTERLEAVED};
     optind = 1;
@@ -54,6 +117,12 @@ int cmd_calibrate(int argc, char **argv)
             break;
         case 'p':
             positions = optarg;
+            break;
+        case 'E':
+            server = optarg;
+            break;
+        case 'N':
+            name = optarg;
             break;
         case 'n':
             if (cli_parse_int(optarg, 1, 1 << 20, &ntip))
@@ -88,6 +157,9 @@ int cmd_calibrate(int argc, char **argv)
     if (!qkv_path) return cli_usage_error("calibrate", "--qkv FILE is required");
     if (!ntip) return cli_usage_error("calibrate", "--ntip N is required");
     if (!out) return cli_usage_error("calibrate", "--out PROFILE is required");
+    if (name && !server)
+        return cli_usage_error("calibrate", "--profile-name stores the profile on a server; it "
+                                            "needs --server");
 
     char err[512];
     fasa_qkv x;
@@ -116,6 +188,19 @@ int cmd_calibrate(int argc, char **argv)
     co.pos_begin = (int)a;
     co.pos_end = (int)b;
     co.pos_step = (int)s;
+    if (server) {
+        const int rrc = s_calibrate_remote(server, name, &x.act, &co, out, err, sizeof(err));
+        fasa_qkv_cleanup(&x);
+        if (rrc) return cli_fail("calibrate", "%s", err);
+        fasa_profile *p = fasa_profile_load(out, err, sizeof(err));
+        if (!p) return cli_fail("calibrate", "the server's profile: %s", err);
+        printf("wrote %s: %d layers x %d heads, ntip %d of %d FCs, window %d, positions %s, %s "
+               "(calibrated on %s)\n",
+               out, p->n_layers, p->n_heads, p->ntip, p->head_dim / 2, p->window, p->samples,
+               p->gqa_shared ? "shared per KV head" : "per query head", server);
+        fasa_profile_destroy(&p);
+        return 0;
+    }
     progress bar;
     progress_init(&bar, "calibrate", (b - a + s - 1) / s);
     co.progress = progress_callback;

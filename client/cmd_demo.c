@@ -13,6 +13,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "backend.h"
 #include "calib.h"
 #include "cli.h"
 #include "engine.h"
@@ -32,7 +33,8 @@ static const char usage[] =
     "recall of the exact top-B and the relative L2 error of the output against dense.\n"
     "Memory: about 3 x tokens x kv-heads x head-dim x 8 bytes (6 GiB at the defaults).\n"
     "\n"
-    "  --tokens N      context length (default 262144; 1024 .. 16777216)\n"
+    "  --tokens N      context length (default 262144, or 32768 with --server;\n"
+    "                  1024 .. 16777216)\n"
     "  --steps S       decode steps (default 8)\n"
     "  --heads H       query heads (default 32)\n"
     "  --kv-heads G    KV heads (default 8; must divide --heads)\n"
@@ -41,25 +43,29 @@ static const char usage[] =
     "  --budget B      tokens attended per query head (default 256); also the CA window\n"
     "  --shards N      in-process shards (default 1)\n"
     "  --seed S        generator seed (default 1)\n"
+    "  --server E      run the three sessions on a fasa-server at endpoint E instead of the\n"
+    "                  embedded engine (calibration stays local; the profile travels with\n"
+    "                  the session). Step times then include the round trip, and the context\n"
+    "                  crosses the socket (3 x tokens x kv-heads x head-dim x 8 bytes), hence\n"
+    "                  the smaller default --tokens. Sessions are named cli-<pid>-fasa etc.\n"
+    "                  and dropped at exit (FASA_TIMEOUT_MS: the wait per reply, default\n"
+    "                  120000)\n"
     "  --help          this text\n";
 
 typedef struct demo_opts {
     long tokens, steps, heads, kv_heads, head_dim, ntip, budget, shards, seed;
+    const char *server;
 } demo_opts;
 
 static int s_parse(int argc, char **argv, demo_opts *o)
 {
-    static const struct option opts[] = {{"tokens", required_argument, 0, 't'},
-                                         {"steps", required_argument, 0, 's'},
-                                         {"heads", required_argument, 0, 'H'},
-                                         {"kv-heads", required_argument, 0, 'G'},
-                                         {"head-dim", required_argument, 0, 'D'},
-                                         {"ntip", required_argument, 0, 'n'},
-                                         {"budget", required_argument, 0, 'b'},
-                                         {"shards", required_argument, 0, 'S'},
-                                         {"seed", required_argument, 0, 'r'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
+    static const struct option opts[] = {
+        {"tokens", required_argument, 0, 't'},   {"steps", required_argument, 0, 's'},
+        {"heads", required_argument, 0, 'H'},    {"kv-heads", required_argument, 0, 'G'},
+        {"head-dim", required_argument, 0, 'D'}, {"ntip", required_argument, 0, 'n'},
+        {"budget", required_argument, 0, 'b'},   {"shards", required_argument, 0, 'S'},
+        {"seed", required_argument, 0, 'r'},     {"server", required_argument, 0, 'E'},
+        {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
     *o = (demo_opts){.tokens = 262144,
                      .steps = 8,
                      .heads = 32,
@@ -71,12 +77,16 @@ static int s_parse(int argc, char **argv, demo_opts *o)
                      .seed = 1};
     optind = 1;
     opterr = 0;
-    int c;
+    int c, have_tokens = 0;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (c) {
         case 't':
             if (cli_parse_int(optarg, 1024, 1L << 24, &o->tokens))
                 return cli_usage_error("demo", "--tokens '%s' must be in [1024, 16777216]", optarg);
+            have_tokens = 1;
+            break;
+        case 'E':
+            o->server = optarg;
             break;
         case 's':
             if (cli_parse_int(optarg, 1, 4096, &o->steps))
@@ -119,6 +129,7 @@ static int s_parse(int argc, char **argv, demo_opts *o)
         }
     }
     if (optind < argc) return cli_usage_error("demo", "unexpected argument '%s'", argv[optind]);
+    if (o->server && !have_tokens) o->tokens = 32768;
     if (o->heads % o->kv_heads)
         return cli_usage_error("demo", "--heads %ld must be a multiple of --kv-heads %ld", o->heads,
                                o->kv_heads);
@@ -199,7 +210,7 @@ int cmd_demo(int argc, char **argv)
     synth_sample sample;
     memset(&sample, 0, sizeof(sample));
     fasa_profile *prof = NULL;
-    fasa_engine_t *eng = NULL;
+    backend *eng = NULL;
     float *kbuf = NULL, *vbuf = NULL, *q = NULL, *out_f = NULL, *out_d = NULL, *out_o = NULL;
     float *logit = NULL;
     int32_t *sel_f = NULL, *sel_o = NULL;
@@ -215,12 +226,17 @@ int cmd_demo(int argc, char **argv)
     sc.seed = (uint64_t)o.seed;
     sc.n_signal = d / 8; /* a quarter of the FCs: 16 of 64 at head_dim 128 */
     if (synth_init(&syn, &sc, err, sizeof(err))) return cli_fail("demo", "%s", err);
+    fasa_error fe;
+    if (!(eng = backend_open(o.server, (int)o.shards, FASA_DEFAULT_BLOCK, &fe))) {
+        synth_free(&syn);
+        return cli_fail("demo", "%s", fe.msg);
+    }
 
     const double gib = 1024.0 * 1024.0 * 1024.0;
     const double sess_bytes = (double)T * G * d * 2 * sizeof(float);
     printf("fasa demo: %d tokens, %d query heads / %d KV heads, head_dim %d, ntip %ld, budget %d, "
-           "%ld shard(s), seed %ld\n",
-           T, H, G, d, o.ntip, B, o.shards, o.seed);
+           "%s, seed %ld\n",
+           T, H, G, d, o.ntip, B, backend_describe(eng), o.seed);
     printf("synthetic context: RoPE base 10000, interleaved pairs; %d of %d FCs per KV head carry "
            "the signal (low-frequency half), ~1 needle per 2048 tokens per KV head\n",
            sc.n_signal, n_fc);
@@ -287,7 +303,6 @@ int cmd_demo(int argc, char **argv)
     }
 
     /* 2. Three sessions; stream the context into all of them. */
-    eng = fasa_engine_new((int)o.shards, FASA_DEFAULT_BLOCK);
     dense_layers = calloc(1, 1);
     const size_t kv_row = (size_t)G * d;
     kbuf = malloc(GEN_CHUNK * kv_row * sizeof(float));
@@ -302,13 +317,12 @@ int cmd_demo(int argc, char **argv)
     logit = malloc((size_t)H * (n_ctx + 1) * sizeof(float));
     cand = malloc((size_t)(n_ctx + 1) * sizeof(topk_cand));
     st = malloc((size_t)8 * S * sizeof(double));
-    if (!eng || !dense_layers || !kbuf || !vbuf || !q || !out_f || !out_d || !out_o || !sel_f ||
-        !sel_o || !mark || !logit || !cand || !st) {
+    if (!dense_layers || !kbuf || !vbuf || !q || !out_f || !out_d || !out_o || !sel_f || !sel_o ||
+        !mark || !logit || !cand || !st) {
         cli_fail("demo", "out of memory");
         goto done;
     }
     static const char *const ids[3] = {"fasa", "dense", "oracle"};
-    fasa_error fe;
     for (int i = 0; i < 3; i++) {
         fasa_session_config cfg = {.n_layers = 1,
                                    .n_heads = H,
@@ -320,7 +334,7 @@ int cmd_demo(int argc, char **argv)
                                    .budget = B,
                                    .gqa = FASA_GQA_PER_HEAD,
                                    .dense_layers = dense_layers};
-        if (fasa_engine_create(eng, ids[i], &cfg, &fe)) {
+        if (backend_create(eng, ids[i], &cfg, &fe)) {
             cli_fail("demo", "%s", fe.msg);
             goto done;
         }
@@ -342,7 +356,7 @@ int cmd_demo(int argc, char **argv)
         const double t2 = timing_now();
         const int n_app = p0 + n > n_ctx ? n_ctx - p0 : n; /* position n_ctx is step 0's */
         for (int i = 0; i < 3 && n_app > 0; i++)
-            if (fasa_engine_append(eng, ids[i], 0, p0, n_app, kbuf, vbuf, &fe)) {
+            if (backend_append(eng, ids[i], 0, p0, n_app, kbuf, vbuf, &fe)) {
                 progress_done(&bar);
                 cli_fail("demo", "appending to '%s': %s", ids[i], fe.msg);
                 goto done;
@@ -397,7 +411,7 @@ int cmd_demo(int argc, char **argv)
         double ms[3];
         for (int i = 0; i < 3; i++) {
             t0 = timing_now();
-            if (fasa_engine_attend(eng, ids[i], &req, outs[i], sels[i], sts[i], &fe)) {
+            if (backend_attend(eng, ids[i], &req, outs[i], sels[i], sts[i], &fe)) {
                 cli_fail("demo", "step %d (%s): %s", s + 1, ids[i], fe.msg);
                 goto done;
             }
@@ -429,7 +443,7 @@ int cmd_demo(int argc, char **argv)
            B, B);
     rc = 0;
 done:
-    fasa_engine_destroy(&eng);
+    backend_close(&eng);
     fasa_profile_destroy(&prof);
     synth_sample_free(&sample);
     synth_free(&syn);

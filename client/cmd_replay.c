@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend.h"
 #include "cli.h"
 #include "engine.h"
 #include "npy.h"
@@ -36,10 +37,14 @@ static const char usage[] =
     "                       relative error of the output against dense attention\n"
     "  --shards N           in-process shards (default 1; outputs do not depend on it)\n"
     "  --block N            tokens per placement block (default 2048)\n"
+    "  --server ENDPOINT    run the sessions on a fasa-server (e.g. tcp://127.0.0.1:5555)\n"
+    "                       instead of the embedded engine: the same numbers, over the wire;\n"
+    "                       the sessions are named cli-<pid>-... and dropped at exit\n"
+    "                       (FASA_TIMEOUT_MS: the wait for each reply, default 120000)\n"
     "  --help               this text\n";
 
 typedef struct replay_opts {
-    const char *qkv, *out, *profile, *selected, *dense_layers, *positions;
+    const char *qkv, *out, *profile, *selected, *dense_layers, *positions, *server;
     fasa_method method;
     int have_method, compare;
     long budget, shards, block;
@@ -62,6 +67,7 @@ static int s_parse(int argc, char **argv, replay_opts *o)
                                          {"compare", no_argument, 0, 'c'},
                                          {"shards", required_argument, 0, 'S'},
                                          {"block", required_argument, 0, 'B'},
+                                         {"server", required_argument, 0, 'E'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     memset(o, 0, sizeof(*o));
@@ -89,6 +95,9 @@ static int s_parse(int argc, char **argv, replay_opts *o)
             break;
         case 'r':
             o->positions = optarg;
+            break;
+        case 'E':
+            o->server = optarg;
             break;
         case 'c':
             o->compare = 1;
@@ -157,17 +166,25 @@ static int s_dense_layers(const char *text, int n_layers, uint8_t *flags)
     return 0;
 }
 
-/* Appends positions [from, to) of every layer in one call. */
-static fasa_status s_append_range(fasa_engine_t *e, const char *id, const fasa_activations *a,
-                                  int from, int to, float *kbuf, float *vbuf, fasa_error *err)
+/* Appends positions [from, to) of every layer, in calls of at most 64 MiB of keys and
+ * values (one call for small ranges; a server refuses over-large messages). */
+static fasa_status s_append_range(backend *be, const char *id, const fasa_activations *a, int from,
+                                  int to, float *kbuf, float *vbuf, fasa_error *err)
 {
-    if (to <= from) return FASA_OK;
-    const size_t row = (size_t)a->n_kv_heads * a->head_dim, n = (size_t)(to - from);
-    for (int l = 0; l < a->n_layers; l++) {
-        memcpy(kbuf + l * n * row, a->k[l] + from * row, n * row * sizeof(float));
-        memcpy(vbuf + l * n * row, a->v[l] + from * row, n * row * sizeof(float));
+    const size_t row = (size_t)a->n_kv_heads * a->head_dim;
+    size_t chunk = ((size_t)64 << 20) / (2 * sizeof(float) * row * (size_t)a->n_layers);
+    if (chunk < 1) chunk = 1;
+    while (from < to) {
+        const size_t n = (size_t)(to - from) < chunk ? (size_t)(to - from) : chunk;
+        for (int l = 0; l < a->n_layers; l++) {
+            memcpy(kbuf + l * n * row, a->k[l] + from * row, n * row * sizeof(float));
+            memcpy(vbuf + l * n * row, a->v[l] + from * row, n * row * sizeof(float));
+        }
+        const fasa_status st = backend_append(be, id, -1, from, (int)n, kbuf, vbuf, err);
+        if (st) return st;
+        from += (int)n;
     }
-    return fasa_engine_append(e, id, -1, from, (int)n, kbuf, vbuf, err);
+    return FASA_OK;
 }
 
 typedef struct layer_cmp {
@@ -188,7 +205,7 @@ int cmd_replay(int argc, char **argv)
     const int L = a->n_layers, H = a->n_heads, d = a->head_dim, T = a->n_tokens;
     const int B = (int)o.budget;
     fasa_profile *prof = NULL;
-    fasa_engine_t *eng = NULL;
+    backend *eng = NULL;
     float *out = NULL, *ref = NULL, *kbuf = NULL, *vbuf = NULL;
     int32_t *sel = NULL, *osel = NULL, *stepsel = NULL;
     uint8_t *dense = NULL, *mark = NULL;
@@ -234,10 +251,14 @@ int cmd_replay(int argc, char **argv)
         mark = calloc((size_t)T, 1);
         cmp = calloc((size_t)L, sizeof(*cmp));
     }
-    eng = fasa_engine_new((int)o.shards, (int)o.block);
     if (!out || !kbuf || !vbuf || !stepsel || ((o.selected || o.compare) && !sel) ||
-        (o.compare && (!ref || !osel || !mark || !cmp)) || !eng) {
+        (o.compare && (!ref || !osel || !mark || !cmp))) {
         cli_fail("replay", "out of memory for %ld positions", n_pos);
+        goto done;
+    }
+    fasa_error fe;
+    if (!(eng = backend_open(o.server, (int)o.shards, (int)o.block, &fe))) {
+        cli_fail("replay", "%s", fe.msg);
         goto done;
     }
 
@@ -253,11 +274,10 @@ int cmd_replay(int argc, char **argv)
                                .dense_layers = dense};
     static const char *const ids[3] = {"replay", "dense", "oracle"};
     const int n_sessions = o.compare ? 3 : 1;
-    fasa_error fe;
     for (int i = 0; i < n_sessions; i++) {
         fasa_session_config c = cfg;
         if (i > 0) c.method = i == 1 ? FASA_METHOD_DENSE : FASA_METHOD_ORACLE;
-        if (fasa_engine_create(eng, ids[i], &c, &fe) ||
+        if (backend_create(eng, ids[i], &c, &fe) ||
             s_append_range(eng, ids[i], a, 0, (int)pa, kbuf, vbuf, &fe)) {
             cli_fail("replay", "%s", fe.msg);
             goto done;
@@ -270,7 +290,7 @@ int cmd_replay(int argc, char **argv)
     for (long t = pa; t < pb; t += ps, k++) {
         for (int i = 0; i < n_sessions; i++) {
             /* Positions the step skipped over still belong to the context. */
-            const int32_t have = fasa_engine_length(eng, ids[i], 0);
+            const int32_t have = backend_length(eng, ids[i], 0);
             if (s_append_range(eng, ids[i], a, have, (int)t, kbuf, vbuf, &fe)) {
                 cli_fail("replay", "%s", fe.msg);
                 goto done;
@@ -287,13 +307,13 @@ int cmd_replay(int argc, char **argv)
                                    .max_pos = -1};
             float *o_t = out + ((size_t)k * L + l) * H * d;
             int32_t *s_t = sel ? sel + ((size_t)k * L + l) * H * B : stepsel;
-            if (fasa_engine_attend(eng, ids[0], &req, o_t, s_t, NULL, &fe)) {
+            if (backend_attend(eng, ids[0], &req, o_t, s_t, NULL, &fe)) {
                 cli_fail("replay", "position %ld layer %d: %s", t, l, fe.msg);
                 goto done;
             }
             if (!o.compare) continue;
-            if (fasa_engine_attend(eng, ids[1], &req, ref, NULL, NULL, &fe) ||
-                fasa_engine_attend(eng, ids[2], &req, ref + (size_t)H * d, osel, NULL, &fe)) {
+            if (backend_attend(eng, ids[1], &req, ref, NULL, NULL, &fe) ||
+                backend_attend(eng, ids[2], &req, ref + (size_t)H * d, osel, NULL, &fe)) {
                 cli_fail("replay", "position %ld layer %d: %s", t, l, fe.msg);
                 goto done;
             }
@@ -338,9 +358,9 @@ int cmd_replay(int argc, char **argv)
         }
     }
     printf("replayed %ld positions (%ld:%ld:%ld) x %d layers, method %s, budget %d, gqa %s, "
-           "%ld shard(s): wrote %s\n",
+           "%s: wrote %s\n",
            n_pos, pa, pb, ps, L, fasa_method_name(o.method), B,
-           o.gqa == FASA_GQA_SHARED ? "shared" : "per-head", o.shards, o.out);
+           o.gqa == FASA_GQA_SHARED ? "shared" : "per-head", backend_describe(eng), o.out);
     if (o.compare) {
         printf("%-6s %-8s %-10s %-14s %-14s\n", "layer", "mode", "recall", "rel_err_mean",
                "rel_err_max");
@@ -353,7 +373,7 @@ int cmd_replay(int argc, char **argv)
     }
     rc = 0;
 done:
-    fasa_engine_destroy(&eng);
+    backend_close(&eng);
     fasa_profile_destroy(&prof);
     fasa_qkv_cleanup(&x);
     free(out);

@@ -1,5 +1,7 @@
-/* fasa: the command-line client. Without --server every command runs on the embedded
- * in-process engine (the same worker and coordinator code the server runs). */
+/* fasa: the command-line client. Without --server, demo, calibrate and replay run on the
+ * embedded in-process engine (the same worker and coordinator code the server runs); with
+ * --server ENDPOINT they run against a fasa-server. The remaining commands always talk to a
+ * server. */
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -18,6 +20,19 @@ static const char usage[] =
     "  calibrate  choose each head's dominant frequency chunks from recorded q/k activations\n"
     "  replay     re-run the decode loop of recorded activations with fasa, dense or oracle\n"
     "\n"
+    "These run in-process, or on a fasa-server with --server ENDPOINT (same numbers).\n"
+    "\n"
+    "server commands (need --server ENDPOINT, or FASA_SERVER in the environment):\n"
+    "  ping       check that a server answers: version, ranks, shards, round trip\n"
+    "  stats      server statistics, and one session's with --session\n"
+    "  create     create a session with its geometry (and profile, method, budget)\n"
+    "  append     append keys and values from .npy files to a session\n"
+    "  attend     one decode step of one layer: queries from .npy, outputs to .npy\n"
+    "  drop       drop a session\n"
+    "  shutdown   stop the server\n"
+    "\n"
+    "FASA_TIMEOUT_MS: the wait for each server reply in milliseconds (default 120000, and\n"
+    "5000 for the ping that first checks the server answers).\n"
     "Run 'fasa COMMAND --help' for a command's options.\n";
 
 int cli_fail(const char *cmd, const char *fmt, ...)
@@ -89,7 +104,10 @@ int main(int argc, char **argv)
     static const struct {
         const char *name;
         int (*fn)(int, char **);
-    } cmds[] = {{"demo", cmd_demo}, {"calibrate", cmd_calibrate}, {"replay", cmd_replay}};
+    } cmds[] = {{"demo", cmd_demo},        {"calibrate", cmd_calibrate}, {"replay", cmd_replay},
+                {"ping", cmd_ping},        {"stats", cmd_stats},         {"create", cmd_create},
+                {"append", cmd_append},    {"attend", cmd_attend},       {"drop", cmd_drop},
+                {"shutdown", cmd_shutdown}};
     for (size_t i = 0; i < sizeof(cmds) / sizeof(*cmds); i++)
         if (strcmp(argv[1], cmds[i].name) == 0) return cmds[i].fn(argc - 1, argv + 1);
     fprintf(stderr, "fasa: unknown command '%s' (see 'fasa --help')\n", argv[1]);

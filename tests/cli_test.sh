@@ -38,9 +38,14 @@ make_dump() {
       head -c $((4 * L * T * (H + 2 * HKV) * D)) /dev/zero; } >"$f"
 }
 
-for cmd in "" calibrate replay demo; do
+for cmd in "" calibrate replay demo ping stats create append attend drop shutdown; do
     if $fasa $cmd --help >"$tmp/out" 2>&1 && grep -q usage "$tmp/out"; then ok; else bad "fasa $cmd --help"; fi
 done
+# The commands that can run on a server say so in their --help.
+for cmd in calibrate replay demo; do
+    if $fasa $cmd --help | grep -q -- '--server'; then ok; else bad "fasa $cmd --help lacks --server"; fi
+done
+if $fasa --help | grep -q '^  ping'; then ok; else bad "fasa --help lacks the server commands"; fi
 
 # A real calibrate + replay round on the dump.
 if $fasa calibrate --qkv "$dump" --ntip 2 --window 32 --positions 1024:2048:64 --out "$tmp/p.profile" >"$tmp/out" 2>&1 &&
@@ -72,6 +77,16 @@ expect_error "unknown method" "method" $fasa replay --qkv "$dump" --method magic
 expect_error "bad positions" "positions" $fasa replay --qkv "$dump" --method dense --budget 8 --positions 10:5 --out "$tmp/x.npy"
 expect_error "unknown command" "unknown command" $fasa frobnicate
 expect_error "missing profile file" "cannot open profile" $fasa replay --qkv "$dump" --method fasa --budget 8 --profile "$tmp/none" --out "$tmp/x.npy"
+
+# Server-only commands without a server: a usage error (exit 2) naming the need.
+for cmd in ping stats drop shutdown; do
+    expect_error "$cmd without --server" "talks to a server" env -u FASA_SERVER $fasa $cmd
+done
+expect_error "create without --server" "talks to a server" env -u FASA_SERVER $fasa create --session s --layers 1 --heads 1 --kv-heads 1 --head-dim 2
+env -u FASA_SERVER $fasa attend --session s --layer 0 --q "$tmp/q.npy" --out "$tmp/x.npy" >/dev/null 2>&1
+if [ $? -eq 2 ]; then ok; else bad "attend without --server: exit status not 2"; fi
+expect_error "option of another command" "does not apply" $fasa drop --server tcp://127.0.0.1:1 --session s --layers 3
+expect_error "profile-name without server" "needs --server" $fasa calibrate --qkv "$dump" --ntip 2 --out "$tmp/x" --profile-name p
 
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]

@@ -1,0 +1,62 @@
+/* Where a `fasa` command runs its sessions: the embedded in-process engine (coord/engine.h)
+ * or a fasa-server reached through libfasa. Both take the engine's types and give the
+ * same numbers (the server runs the same engine code).
+ *
+ * With a server, session ids are made unique per process ("cli-<pid>-ID"), the sessions
+ * a command created are dropped by backend_close (also after an error), and SIGINT or
+ * SIGTERM abort a wait for the server so that the cleanup still runs. */
+#ifndef FASA_CLIENT_BACKEND_H
+#define FASA_CLIENT_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine.h"
+
+typedef struct backend backend;
+
+/* Default wait for each server reply, unless FASA_TIMEOUT_MS says otherwise; the first
+ * request (a ping: is anyone there?) waits BACKEND_PING_TIMEOUT_MS. */
+#define BACKEND_TIMEOUT_MS 120000
+#define BACKEND_PING_TIMEOUT_MS 5000
+
+/* The reply timeout to use: FASA_TIMEOUT_MS from the environment (milliseconds, > 0) or
+ * dflt. */
+int backend_timeout_ms(int dflt);
+
+struct fasa_client;
+struct fasa_client_server_info;
+/* Connects a libfasa client to server and checks that it answers a ping within
+ * backend_timeout_ms(BACKEND_PING_TIMEOUT_MS) (info, if not NULL, gets its answer); then
+ * sets the reply timeout to backend_timeout_ms(timeout_ms). NULL with a one-line reason in
+ * msg on failure. */
+struct fasa_client *backend_connect(const char *server, int timeout_ms,
+                                    struct fasa_client_server_info *info, char *msg,
+                                    size_t msg_len);
+
+/* Opens a backend: server == NULL runs an embedded engine over shards in-process shards
+ * and block-token placement blocks; otherwise connects to server (a ZeroMQ endpoint) and
+ * checks that it answers a ping. NULL with err filled on failure. */
+backend *backend_open(const char *server, int shards, int block, fasa_error *err);
+
+/* Drops every session this backend created on a server, then frees it. NULL is a no-op. */
+void backend_close(backend **b_p);
+
+/* 1 when the sessions live on a server. */
+int backend_is_remote(const backend *b);
+
+/* "N in-process shard(s)" or "server ENDPOINT (N rank(s), M shard(s))", for reports. */
+const char *backend_describe(const backend *b);
+
+/* As fasa_engine_create / drop / append / attend / length (engine.h), for the backend's
+ * engine or server. stats->bytes_read etc. as the engine's. */
+fasa_status backend_create(backend *b, const char *id, const fasa_session_config *cfg,
+                           fasa_error *err);
+fasa_status backend_drop(backend *b, const char *id, fasa_error *err);
+fasa_status backend_append(backend *b, const char *id, int layer, int32_t pos0, int n,
+                           const float *k, const float *v, fasa_error *err);
+fasa_status backend_attend(backend *b, const char *id, const fasa_attend_req *req, float *out,
+                           int32_t *selected, fasa_step_stats *stats, fasa_error *err);
+int32_t backend_length(const backend *b, const char *id, int layer);
+
+#endif

@@ -1,0 +1,648 @@
+/* The commands that talk to a fasa-server through libfasa, one request each: ping, stats,
+ * create, append, attend, drop, shutdown. Session ids are used as given (no prefix): these
+ * commands manage sessions that outlive the command. */
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "cli.h"
+#include "engine.h"
+#include "fasa_client.h"
+#include "npy.h"
+#include "timing.h"
+
+#define SERVER_HELP                                                                                \
+    "  --server ENDPOINT   the server, e.g. tcp://127.0.0.1:5555 (default: $FASA_SERVER)\n"
+
+#define COMMON_HELP                                                                                \
+    "  --help              this text\n"                                                            \
+    "\n"                                                                                           \
+    "FASA_TIMEOUT_MS sets the wait for each reply (default 120000; 5000 for the ping that\n"       \
+    "first checks the server answers). Errors print 'fasa CMD: message' (the server's\n"           \
+    "message) and exit 1; usage errors exit 2.\n"
+
+static const char ping_usage[] =
+    "usage: fasa ping --server ENDPOINT\n"
+    "\n"
+    "Checks that a fasa-server answers; prints its version, MPI ranks, shards per session and\n"
+    "the round trip of a ping (the first one includes connecting).\n"
+    "\n" SERVER_HELP COMMON_HELP;
+
+static const char stats_usage[] =
+    "usage: fasa stats --server ENDPOINT [--session ID]\n"
+    "\n"
+    "Prints the server's statistics as 'key value' lines: ranks, shards, sessions, profiles,\n"
+    "requests and errors answered, attend steps, KV bytes held, uptime; with --session also\n"
+    "that session's geometry, length, KV bytes, profile, default method and budget.\n"
+    "\n" SERVER_HELP "  --session ID        also report this session\n" COMMON_HELP;
+
+static const char create_usage[] =
+    "usage: fasa create --server ENDPOINT --session ID --layers L --heads H --kv-heads K\n"
+    "                   --head-dim D [options]\n"
+    "\n"
+    "Creates a session (one sequence) on the server with this geometry.\n"
+    "\n" SERVER_HELP "  --session ID        1..128 printable ASCII bytes, unique on the server\n"
+    "  --layers L          layers (1..1024)\n"
+    "  --heads H           query heads, a multiple of --kv-heads\n"
+    "  --kv-heads K        KV heads\n"
+    "  --head-dim D        head dim (even)\n"
+    "  --pairing P         interleaved (default) or half\n"
+    "  --profile FILE      calibration profile from 'fasa calibrate' (sent as text)\n"
+    "  --profile-name NAME a profile stored on the server ('fasa calibrate --profile-name')\n"
+    "  --method M          default method: fasa, dense or oracle (default: fasa with a profile,\n"
+    "                      else dense)\n"
+    "  --budget B          default tokens kept per selection unit (default 256)\n"
+    "  --gqa G             per-head (default) or shared\n"
+    "  --dense-layers LIST comma-separated layers kept dense under fasa, or none (default "
+    "0)\n" COMMON_HELP;
+
+static const char append_usage[] =
+    "usage: fasa append --server ENDPOINT --session ID [--layer N] --k K.npy --v V.npy\n"
+    "                   [--start-pos P]\n"
+    "\n"
+    "Appends post-RoPE keys and values to a session: float32 .npy arrays of shape\n"
+    "(n, kv_heads, head_dim) for one layer (--layer N), or (layers, n, kv_heads, head_dim) for\n"
+    "every layer (no --layer).\n"
+    "\n" SERVER_HELP "  --session ID        the session\n"
+    "  --layer N           the layer (default: every layer)\n"
+    "  --k K.npy           keys\n"
+    "  --v V.npy           values (the same shape)\n"
+    "  --start-pos P       the first position (default: the session's current length, that\n"
+    "                      of layer 0; give it when the layers' lengths differ)\n" COMMON_HELP;
+
+static const char attend_usage[] =
+    "usage: fasa attend --server ENDPOINT --session ID --layer N --q Q.npy --out OUT.npy\n"
+    "                   [options]\n"
+    "\n"
+    "One decode step of one layer: attends with the queries Q (float32 (heads, head_dim)) over\n"
+    "the session's keys and writes the outputs, float32 (heads, head_dim), to OUT.npy.\n"
+    "\n" SERVER_HELP "  --session ID        the session\n"
+    "  --layer N           the layer\n"
+    "  --q Q.npy           post-RoPE queries, (heads, head_dim)\n"
+    "  --k-new K.npy       key of the new position, (kv_heads, head_dim), appended first\n"
+    "  --v-new V.npy       its value (with --k-new)\n"
+    "  --method M          fasa, dense or oracle (default: the session's)\n"
+    "  --budget B          tokens kept per selection unit (default: the session's)\n"
+    "  --gqa G             per-head or shared (default: the session's)\n"
+    "  --max-pos P         highest visible key position (default: every appended one)\n"
+    "  --out OUT.npy       the attention outputs\n"
+    "  --selected SEL.npy  int32 (heads, budget): each head's chosen positions, best first,\n"
+    "                      -1 padded; all -1 when the step ran dense\n"
+    "  --stats             print the step's statistics as 'key value' lines\n" COMMON_HELP;
+
+static const char drop_usage[] = "usage: fasa drop --server ENDPOINT --session ID\n"
+                                 "\n"
+                                 "Drops a session and frees its keys and values on the server.\n"
+                                 "\n" SERVER_HELP "  --session ID        the session\n" COMMON_HELP;
+
+static const char shutdown_usage[] = "usage: fasa shutdown --server ENDPOINT\n"
+                                     "\n"
+                                     "Stops the server cleanly (every rank) after it answers.\n"
+                                     "\n" SERVER_HELP COMMON_HELP;
+
+typedef struct srv_opts {
+    const char *server, *session, *profile, *profile_name, *k, *v, *q, *k_new, *v_new, *out,
+        *selected, *dense_layers;
+    long layers, heads, kv_heads, head_dim, budget, layer, start_pos, max_pos;
+    int have_layer, have_start_pos, stats;
+    fasa_method method;
+    int have_method;
+    fasa_gqa gqa;
+    int have_gqa;
+    fc_pairing pairing;
+    int have_pairing;
+} srv_opts;
+
+/* Parses argv for cmd, accepting only the options whose codes are in allowed. Returns 0,
+ * -1 after printing --help, or the usage error status. */
+static int s_parse(const char *cmd, const char *usage, const char *allowed, int argc, char **argv,
+                   srv_opts *o)
+{
+    static const struct option opts[] = {{"server", required_argument, 0, 'E'},
+                                         {"session", required_argument, 0, 'i'},
+                                         {"layers", required_argument, 0, 'L'},
+                                         {"heads", required_argument, 0, 'H'},
+                                         {"kv-heads", required_argument, 0, 'K'},
+                                         {"head-dim", required_argument, 0, 'D'},
+                                         {"pairing", required_argument, 0, 'P'},
+                                         {"profile", required_argument, 0, 'p'},
+                                         {"profile-name", required_argument, 0, 'n'},
+                                         {"method", required_argument, 0, 'm'},
+                                         {"budget", required_argument, 0, 'b'},
+                                         {"gqa", required_argument, 0, 'g'},
+                                         {"dense-layers", required_argument, 0, 'd'},
+                                         {"layer", required_argument, 0, 'l'},
+                                         {"k", required_argument, 0, 'k'},
+                                         {"v", required_argument, 0, 'v'},
+                                         {"start-pos", required_argument, 0, 's'},
+                                         {"q", required_argument, 0, 'q'},
+                                         {"k-new", required_argument, 0, 'a'},
+                                         {"v-new", required_argument, 0, 'w'},
+                                         {"max-pos", required_argument, 0, 'x'},
+                                         {"out", required_argument, 0, 'o'},
+                                         {"selected", required_argument, 0, 'S'},
+                                         {"stats", no_argument, 0, 't'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
+    memset(o, 0, sizeof(*o));
+    o->max_pos = -1;
+    optind = 1;
+    opterr = 0;
+    int c, li = 0;
+    while ((c = getopt_long(argc, argv, "", opts, &li)) != -1) {
+        if (c != 'h' && c != '?' && c != ':' && !strchr(allowed, c))
+            return cli_usage_error(cmd, "option '--%s' does not apply to '%s'", opts[li].name, cmd);
+        switch (c) {
+        case 'E':
+            o->server = optarg;
+            break;
+        case 'i':
+            o->session = optarg;
+            break;
+        case 'p':
+            o->profile = optarg;
+            break;
+        case 'n':
+            o->profile_name = optarg;
+            break;
+        case 'd':
+            o->dense_layers = optarg;
+            break;
+        case 'k':
+            o->k = optarg;
+            break;
+        case 'v':
+            o->v = optarg;
+            break;
+        case 'q':
+            o->q = optarg;
+            break;
+        case 'a':
+            o->k_new = optarg;
+            break;
+        case 'w':
+            o->v_new = optarg;
+            break;
+        case 'o':
+            o->out = optarg;
+            break;
+        case 'S':
+            o->selected = optarg;
+            break;
+        case 't':
+            o->stats = 1;
+            break;
+        case 'L':
+            if (cli_parse_int(optarg, 1, 1024, &o->layers))
+                return cli_usage_error(cmd, "--layers '%s' must be in [1, 1024]", optarg);
+            break;
+        case 'H':
+            if (cli_parse_int(optarg, 1, 1024, &o->heads))
+                return cli_usage_error(cmd, "--heads '%s' must be in [1, 1024]", optarg);
+            break;
+        case 'K':
+            if (cli_parse_int(optarg, 1, 1024, &o->kv_heads))
+                return cli_usage_error(cmd, "--kv-heads '%s' must be in [1, 1024]", optarg);
+            break;
+        case 'D':
+            if (cli_parse_int(optarg, 2, 1024, &o->head_dim) || o->head_dim % 2)
+                return cli_usage_error(cmd, "--head-dim '%s' must be even, in [2, 1024]", optarg);
+            break;
+        case 'b':
+            if (cli_parse_int(optarg, 1, 1 << 20, &o->budget))
+                return cli_usage_error(cmd, "--budget '%s' must be in [1, 1048576]", optarg);
+            break;
+        case 'l':
+            if (cli_parse_int(optarg, 0, 1023, &o->layer))
+                return cli_usage_error(cmd, "--layer '%s' must be in [0, 1023]", optarg);
+            o->have_layer = 1;
+            break;
+        case 's':
+            if (cli_parse_int(optarg, 0, 1L << 40, &o->start_pos))
+                return cli_usage_error(cmd, "--start-pos '%s' must be a position >= 0", optarg);
+            o->have_start_pos = 1;
+            break;
+        case 'x':
+            if (cli_parse_int(optarg, -1, 1L << 40, &o->max_pos))
+                return cli_usage_error(cmd, "--max-pos '%s' must be a position >= 0 (or -1)",
+                                       optarg);
+            break;
+        case 'm':
+            if (fasa_method_parse(optarg, &o->method))
+                return cli_usage_error(cmd, "--method '%s' is not fasa, dense or oracle", optarg);
+            o->have_method = 1;
+            break;
+        case 'g':
+            if (fasa_gqa_parse(optarg, &o->gqa))
+                return cli_usage_error(cmd, "--gqa '%s' is not per-head or shared", optarg);
+            o->have_gqa = 1;
+            break;
+        case 'P':
+            if (fc_pairing_parse(optarg, &o->pairing))
+                return cli_usage_error(cmd, "--pairing '%s' is not interleaved or half", optarg);
+            o->have_pairing = 1;
+            break;
+        case 'h':
+            fputs(usage, stdout);
+            return -1;
+        default:
+            return cli_usage_error(cmd, "unknown or incomplete option '%s'", argv[optind - 1]);
+        }
+    }
+    if (optind < argc) return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
+    if (!o->server) {
+        const char *env = getenv("FASA_SERVER");
+        if (env && *env) o->server = env;
+    }
+    if (!o->server)
+        return cli_usage_error(cmd,
+                               "'fasa %s' talks to a server: give --server ENDPOINT (or set "
+                               "FASA_SERVER)",
+                               cmd);
+    return 0;
+}
+
+/* Connects and checks that the server answers (a ping, waiting 5 s unless FASA_TIMEOUT_MS
+ * says otherwise); on failure prints "fasa CMD: message" and returns NULL. */
+static fasa_client *s_connect(const char *cmd, const char *server, int timeout_ms)
+{
+    char msg[FASA_CLIENT_MSG_MAX];
+    fasa_client *c = backend_connect(server, timeout_ms, NULL, msg, sizeof(msg));
+    if (!c) cli_fail(cmd, "%s", msg);
+    return c;
+}
+
+static const char *s_method_name(fasa_client_method m)
+{
+    static const char *const names[] = {"default", "fasa", "dense", "oracle"};
+    return (unsigned)m < 4 ? names[m] : "unknown";
+}
+
+int cmd_ping(int argc, char **argv)
+{
+    srv_opts o;
+    int rc = s_parse("ping", ping_usage, "E", argc, argv, &o);
+    if (rc) return rc < 0 ? 0 : rc;
+    fasa_client *c = NULL;
+    fasa_client_error ce;
+    if (fasa_client_connect(o.server, backend_timeout_ms(BACKEND_PING_TIMEOUT_MS), &c, &ce))
+        return cli_fail("ping", "%s", ce.msg);
+    fasa_client_server_info info;
+    double rtt[4];
+    rc = 0;
+    for (int i = 0; i < 4 && !rc; i++) {
+        const double t0 = timing_now();
+        if (fasa_client_ping(c, &info, &ce)) rc = cli_fail("ping", "%s", ce.msg);
+        rtt[i] = 1e3 * (timing_now() - t0);
+    }
+    if (!rc) {
+        double best = rtt[1];
+        for (int i = 2; i < 4; i++)
+            if (rtt[i] < best) best = rtt[i];
+        printf("%s at %s: %u rank(s), %u shard(s), round trip %.3f ms (first, with connect: "
+               "%.3f ms)\n",
+               info.version, o.server, info.n_ranks, info.n_shards, best, rtt[0]);
+    }
+    fasa_client_close(&c);
+    return rc;
+}
+
+int cmd_stats(int argc, char **argv)
+{
+    srv_opts o;
+    int rc = s_parse("stats", stats_usage, "Ei", argc, argv, &o);
+    if (rc) return rc < 0 ? 0 : rc;
+    fasa_client *c = s_connect("stats", o.server, BACKEND_TIMEOUT_MS);
+    if (!c) return 1;
+    fasa_client_stats st;
+    fasa_client_error ce;
+    if (fasa_client_get_stats(c, o.session, &st, &ce)) {
+        fasa_client_close(&c);
+        return cli_fail("stats", "%s", ce.msg);
+    }
+    fasa_client_close(&c);
+    printf("server %s\nn_ranks %u\nn_shards %u\nn_sessions %u\nn_profiles %u\nrequests %llu\n"
+           "errors %llu\nattend_steps %llu\nkv_bytes %llu\nuptime_s %.3f\n",
+           o.server, st.n_ranks, st.n_shards, st.n_sessions, st.n_profiles,
+           (unsigned long long)st.requests, (unsigned long long)st.errors,
+           (unsigned long long)st.attend_steps, (unsigned long long)st.kv_bytes, st.uptime_s);
+    if (st.has_session) {
+        const fasa_client_session_info *s = &st.session;
+        printf("session %s\nsession.n_layers %u\nsession.n_heads %u\nsession.n_kv_heads %u\n"
+               "session.head_dim %u\nsession.length %llu\nsession.kv_bytes %llu\n"
+               "session.has_profile %s\nsession.method %s\nsession.budget %u\n",
+               s->session_id, s->n_layers, s->n_heads, s->n_kv_heads, s->head_dim,
+               (unsigned long long)s->length, (unsigned long long)s->kv_bytes,
+               s->has_profile ? "yes" : "no", s_method_name(s->method), s->budget);
+    }
+    return 0;
+}
+
+/* Reads a whole text file (at most 64 MiB) into a malloc'd string; NULL with err filled. */
+static char *s_read_text(const char *path, char *err, size_t err_len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        snprintf(err, err_len, "cannot open profile %s: %s", path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 4096, len = 0;
+    char *buf = malloc(cap);
+    while (buf) {
+        if (len + 1 >= cap) {
+            if (cap >= (size_t)64 << 20) {
+                snprintf(err, err_len, "profile %s is over 64 MiB", path);
+                free(buf);
+                fclose(f);
+                return NULL;
+            }
+            char *grown = realloc(buf, cap *= 2);
+            if (!grown) {
+                free(buf);
+                buf = NULL;
+                break;
+            }
+            buf = grown;
+        }
+        const size_t got = fread(buf + len, 1, cap - 1 - len, f);
+        len += got;
+        if (got == 0) break;
+    }
+    const int bad = ferror(f);
+    fclose(f);
+    if (!buf) {
+        snprintf(err, err_len, "out of memory reading %s", path);
+        return NULL;
+    }
+    if (bad) {
+        snprintf(err, err_len, "cannot read profile %s", path);
+        free(buf);
+        return NULL;
+    }
+    buf[len] = '\0';
+    return buf;
+}
+
+int cmd_create(int argc, char **argv)
+{
+    srv_opts o;
+    int rc = s_parse("create", create_usage, "EiLHKDPpnmbgd", argc, argv, &o);
+    if (rc) return rc < 0 ? 0 : rc;
+    if (!o.session) return cli_usage_error("create", "--session ID is required");
+    if (!o.layers || !o.heads || !o.kv_heads || !o.head_dim)
+        return cli_usage_error("create",
+                               "--layers, --heads, --kv-heads and --head-dim are required");
+    if (o.profile && o.profile_name)
+        return cli_usage_error("create", "give --profile or --profile-name, not both");
+    uint32_t dense[1024];
+    size_t n_dense = 0;
+    if (o.dense_layers && strcmp(o.dense_layers, "none") != 0) {
+        char buf[8192];
+        snprintf(buf, sizeof(buf), "%s", o.dense_layers);
+        for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok;
+             tok = strtok_r(NULL, ",", &save)) {
+            long l;
+            if (n_dense == 1024 || cli_parse_int(tok, 0, o.layers - 1, &l))
+                return cli_usage_error("create",
+                                       "--dense-layers '%s' must be none or layers in [0, %ld)",
+                                       o.dense_layers, o.layers);
+            dense[n_dense++] = (uint32_t)l;
+        }
+    }
+    char err[512];
+    char *text = NULL;
+    if (o.profile && !(text = s_read_text(o.profile, err, sizeof(err))))
+        return cli_fail("create", "%s", err);
+    fasa_client_session_config cfg = {
+        .geom = {(uint32_t)o.layers, (uint32_t)o.heads, (uint32_t)o.kv_heads, (uint32_t)o.head_dim},
+        .pairing = !o.have_pairing                ? FASA_CLIENT_PAIRING_DEFAULT
+                   : o.pairing == FC_PAIRING_HALF ? FASA_CLIENT_PAIRING_HALF
+                                                  : FASA_CLIENT_PAIRING_INTERLEAVED,
+        .profile_text = text,
+        .profile_name = o.profile_name,
+        .method = o.have_method ? (fasa_client_method)(o.method + 1) : FASA_CLIENT_METHOD_DEFAULT,
+        .budget = (uint32_t)o.budget,
+        .gqa = o.have_gqa ? (fasa_client_gqa)(o.gqa + 1) : FASA_CLIENT_GQA_DEFAULT,
+        .dense_layers_set = o.dense_layers != NULL,
+        .dense_layers = dense,
+        .n_dense_layers = n_dense};
+    fasa_client *c = s_connect("create", o.server, BACKEND_TIMEOUT_MS);
+    if (!c) {
+        free(text);
+        return 1;
+    }
+    uint32_t n_shards = 0;
+    fasa_client_error ce;
+    if (fasa_client_create_session(c, o.session, &cfg, &n_shards, &ce))
+        rc = cli_fail("create", "%s", ce.msg);
+    else
+        printf("created session %s: %ld layers, %ld query heads / %ld KV heads, head_dim %ld, "
+               "%s, %u shard(s)\n",
+               o.session, o.layers, o.heads, o.kv_heads, o.head_dim,
+               text || o.profile_name ? "with a profile" : "no profile", n_shards);
+    fasa_client_close(&c);
+    free(text);
+    return rc;
+}
+
+int cmd_append(int argc, char **argv)
+{
+    srv_opts o;
+    int rc = s_parse("append", append_usage, "Eilkvs", argc, argv, &o);
+    if (rc) return rc < 0 ? 0 : rc;
+    if (!o.session) return cli_usage_error("append", "--session ID is required");
+    if (!o.k || !o.v) return cli_usage_error("append", "--k K.npy and --v V.npy are required");
+    const int layer = o.have_layer ? (int)o.layer : -1;
+    const int want_dims = o.have_layer ? 3 : 4;
+    char err[512];
+    float *k = NULL, *v = NULL;
+    int64_t ks[NPY_MAX_DIMS], vs[NPY_MAX_DIMS];
+    int knd = 0, vnd = 0;
+    fasa_client *c = NULL;
+    rc = 1;
+    if (npy_read_f32(o.k, &k, &knd, ks, err, sizeof(err)) ||
+        npy_read_f32(o.v, &v, &vnd, vs, err, sizeof(err))) {
+        cli_fail("append", "%s", err);
+        goto done;
+    }
+    if (knd != want_dims) {
+        cli_fail("append", "--k %s: %d dims, expected %s", o.k, knd,
+                 o.have_layer ? "(n, kv_heads, head_dim) with --layer"
+                              : "(layers, n, kv_heads, head_dim) without --layer");
+        goto done;
+    }
+    if (vnd != knd || memcmp(ks, vs, (size_t)knd * sizeof(*ks)) != 0) {
+        cli_fail("append", "--v %s: shape differs from --k %s", o.v, o.k);
+        goto done;
+    }
+    const int off = o.have_layer ? 0 : 1;
+    const fasa_client_geometry g = {o.have_layer ? 0 : (uint32_t)ks[0], 0, (uint32_t)ks[off + 1],
+                                    (uint32_t)ks[off + 2]};
+    const uint64_t n = (uint64_t)ks[off];
+    if (!(c = s_connect("append", o.server, BACKEND_TIMEOUT_MS))) goto done;
+    fasa_client_error ce;
+    uint64_t start = (uint64_t)o.start_pos, length = 0;
+    if (!o.have_start_pos) {
+        fasa_client_stats st;
+        if (fasa_client_get_stats(c, o.session, &st, &ce)) {
+            cli_fail("append", "%s", ce.msg);
+            goto done;
+        }
+        start = st.session.length;
+    }
+    if (fasa_client_append(c, o.session, &g, layer, start, n, k, v, &length, &ce)) {
+        cli_fail("append", "%s", ce.msg);
+        goto done;
+    }
+    if (o.have_layer)
+        printf("appended positions %llu..%llu to layer %d of session %s: length %llu\n",
+               (unsigned long long)start, (unsigned long long)(start + n - 1), layer, o.session,
+               (unsigned long long)length);
+    else
+        printf("appended positions %llu..%llu to every layer of session %s: length %llu\n",
+               (unsigned long long)start, (unsigned long long)(start + n - 1), o.session,
+               (unsigned long long)length);
+    rc = 0;
+done:
+    fasa_client_close(&c);
+    free(k);
+    free(v);
+    return rc;
+}
+
+int cmd_attend(int argc, char **argv)
+{
+    srv_opts o;
+    int rc = s_parse("attend", attend_usage, "EilqawmbgxoSt", argc, argv, &o);
+    if (rc) return rc < 0 ? 0 : rc;
+    if (!o.session) return cli_usage_error("attend", "--session ID is required");
+    if (!o.have_layer) return cli_usage_error("attend", "--layer N is required");
+    if (!o.q) return cli_usage_error("attend", "--q Q.npy is required");
+    if (!o.out) return cli_usage_error("attend", "--out OUT.npy is required");
+    if (!o.k_new != !o.v_new) return cli_usage_error("attend", "--k-new and --v-new go together");
+    char err[512];
+    float *q = NULL, *kn = NULL, *vn = NULL, *out = NULL;
+    int32_t *sel = NULL;
+    int64_t qs[NPY_MAX_DIMS], ks[NPY_MAX_DIMS], vs[NPY_MAX_DIMS];
+    int qnd = 0, knd = 0, vnd = 0;
+    fasa_client *c = NULL;
+    fasa_client_error ce;
+    rc = 1;
+    if (npy_read_f32(o.q, &q, &qnd, qs, err, sizeof(err)) ||
+        (o.k_new && npy_read_f32(o.k_new, &kn, &knd, ks, err, sizeof(err))) ||
+        (o.v_new && npy_read_f32(o.v_new, &vn, &vnd, vs, err, sizeof(err)))) {
+        cli_fail("attend", "%s", err);
+        goto done;
+    }
+    if (qnd != 2) {
+        cli_fail("attend", "--q %s: %d dims, expected (heads, head_dim)", o.q, qnd);
+        goto done;
+    }
+    if (o.k_new && (knd != 2 || vnd != 2 || ks[0] != vs[0] || ks[1] != vs[1] || ks[1] != qs[1])) {
+        cli_fail("attend",
+                 "--k-new %s and --v-new %s must both be (kv_heads, head_dim) with the head_dim "
+                 "%lld of --q",
+                 o.k_new, o.v_new, (long long)qs[1]);
+        goto done;
+    }
+    if (!(c = s_connect("attend", o.server, BACKEND_TIMEOUT_MS))) goto done;
+    /* The session's geometry and default budget (for the shapes the reply must have). */
+    fasa_client_stats st;
+    if (fasa_client_get_stats(c, o.session, &st, &ce)) {
+        cli_fail("attend", "%s", ce.msg);
+        goto done;
+    }
+    const uint32_t H = (uint32_t)qs[0], d = (uint32_t)qs[1];
+    const uint32_t B = o.budget ? (uint32_t)o.budget : st.session.budget;
+    out = malloc((size_t)H * d * sizeof(float) + 1);
+    if (o.selected) sel = malloc((size_t)H * B * sizeof(int32_t) + 1);
+    if (!out || (o.selected && !sel)) {
+        cli_fail("attend", "out of memory");
+        goto done;
+    }
+    fasa_client_step_stats ss;
+    fasa_client_attend_req r = FASA_CLIENT_ATTEND_REQ_INIT;
+    r.session_id = o.session;
+    /* Shapes as given: the server names any mismatch with the session. */
+    r.geom = (fasa_client_geometry){st.session.n_layers, H,
+                                    o.k_new ? (uint32_t)ks[0] : st.session.n_kv_heads, d};
+    r.layer = (uint32_t)o.layer;
+    r.q = q;
+    r.k_new = kn;
+    r.v_new = vn;
+    r.method = o.have_method ? (fasa_client_method)(o.method + 1) : FASA_CLIENT_METHOD_DEFAULT;
+    r.budget = (uint32_t)o.budget;
+    r.gqa = o.have_gqa ? (fasa_client_gqa)(o.gqa + 1) : FASA_CLIENT_GQA_DEFAULT;
+    r.max_pos = o.max_pos;
+    r.out = out;
+    r.selected = sel;
+    r.selected_budget = B;
+    r.stats = &ss;
+    if (fasa_client_attend(c, &r, &ce)) {
+        cli_fail("attend", "%s", ce.msg);
+        goto done;
+    }
+    int64_t shape[2] = {H, d};
+    if (npy_write(o.out, "<f4", 2, shape, out, err, sizeof(err))) {
+        cli_fail("attend", "%s", err);
+        goto done;
+    }
+    if (o.selected) {
+        shape[1] = B;
+        if (npy_write(o.selected, "<i4", 2, shape, sel, err, sizeof(err))) {
+            cli_fail("attend", "%s", err);
+            goto done;
+        }
+    }
+    printf("attended layer %ld of session %s: wrote %s (%u x %u)%s%s\n", o.layer, o.session, o.out,
+           H, d, o.selected ? " and " : "", o.selected ? o.selected : "");
+    if (o.stats)
+        printf("method_used %s\nn_visible %u\nbytes_read %llu\nserver_us %llu\n",
+               s_method_name(ss.method_used), ss.n_visible, (unsigned long long)ss.bytes_read,
+               (unsigned long long)ss.server_us);
+    rc = 0;
+done:
+    fasa_client_close(&c);
+    free(q);
+    free(kn);
+    free(vn);
+    free(out);
+    free(sel);
+    return rc;
+}
+
+int cmd_drop(int argc, char **argv)
+{
+    srv_opts o;
+    int rc = s_parse("drop", drop_usage, "Ei", argc, argv, &o);
+    if (rc) return rc < 0 ? 0 : rc;
+    if (!o.session) return cli_usage_error("drop", "--session ID is required");
+    fasa_client *c = s_connect("drop", o.server, BACKEND_TIMEOUT_MS);
+    if (!c) return 1;
+    fasa_client_error ce;
+    if (fasa_client_drop_session(c, o.session, &ce))
+        rc = cli_fail("drop", "%s", ce.msg);
+    else
+        printf("dropped session %s\n", o.session);
+    fasa_client_close(&c);
+    return rc;
+}
+
+int cmd_shutdown(int argc, char **argv)
+{
+    srv_opts o;
+    int rc = s_parse("shutdown", shutdown_usage, "E", argc, argv, &o);
+    if (rc) return rc < 0 ? 0 : rc;
+    fasa_client *c = s_connect("shutdown", o.server, BACKEND_TIMEOUT_MS);
+    if (!c) return 1;
+    fasa_client_error ce;
+    if (fasa_client_shutdown(c, &ce))
+        rc = cli_fail("shutdown", "%s", ce.msg);
+    else
+        printf("server at %s is shutting down\n", o.server);
+    fasa_client_close(&c);
+    return rc;
+}

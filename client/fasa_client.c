@@ -1,0 +1,920 @@
+/* libfasa: requests over a ZeroMQ DEALER socket, one in flight at a time, replies matched
+ * by request_id and checked (status, body, tensor dtype/shape/size) before anything is
+ * copied out to the caller. */
+#include "fasa_client.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <zmq.h>
+
+#include "fasa.pb-c.h"
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "libfasa sends tensors in host byte order and supports little-endian hosts only"
+#endif
+
+#define PROTOCOL_VERSION 1
+#define CLIENT_MAX_BYTES ((uint64_t)2 << 30) /* refuse requests over 2 GiB locally */
+#define SERVER_DEFAULT_MAX ((uint64_t)256 << 20)
+
+struct fasa_client {
+    void *ctx, *sock;
+    char *endpoint;
+    int timeout_ms;
+    uint64_t next_id;
+    volatile sig_atomic_t *interrupt;
+};
+
+static const char *const s_status_names[] = {"OK",
+                                             "INVALID_ARGUMENT",
+                                             "NOT_FOUND",
+                                             "ALREADY_EXISTS",
+                                             "RESOURCE_EXHAUSTED",
+                                             "UNAUTHENTICATED",
+                                             "FAILED_PRECONDITION",
+                                             "INTERNAL",
+                                             "UNAVAILABLE"};
+
+const char *fasa_client_status_name(fasa_client_status status)
+{
+    return (unsigned)status < sizeof(s_status_names) / sizeof(*s_status_names)
+               ? s_status_names[status]
+               : "UNKNOWN";
+}
+
+__attribute__((format(printf, 3, 4))) static fasa_client_status
+s_fail(fasa_client_error *err, fasa_client_status code, const char *fmt, ...)
+{
+    if (err) {
+        va_list ap;
+        va_start(ap, fmt);
+        err->code = code;
+        vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
+        va_end(ap);
+        /* One line, whatever the text was made of. */
+        for (char *p = err->msg; *p; p++)
+            if (*p == '\n' || *p == '\r') *p = ' ';
+    }
+    return code;
+}
+
+static void s_ok(fasa_client_error *err)
+{
+    if (err) {
+        err->code = FASA_CLIENT_OK;
+        err->msg[0] = '\0';
+    }
+}
+
+/* ---------------------------------------------------------------- connection ---- */
+
+static int s_open_socket(fasa_client *c)
+{
+    c->sock = zmq_socket(c->ctx, ZMQ_DEALER);
+    if (!c->sock) return -1;
+    const int linger = 0;
+    const int rcvtimeo = c->timeout_ms > 0 ? c->timeout_ms : -1;
+    const int sndtimeo = c->timeout_ms > 0 ? c->timeout_ms : -1;
+    if (zmq_setsockopt(c->sock, ZMQ_LINGER, &linger, sizeof(linger)) ||
+        zmq_setsockopt(c->sock, ZMQ_RCVTIMEO, &rcvtimeo, sizeof(rcvtimeo)) ||
+        zmq_setsockopt(c->sock, ZMQ_SNDTIMEO, &sndtimeo, sizeof(sndtimeo)) ||
+        zmq_connect(c->sock, c->endpoint)) {
+        const int e = errno;
+        zmq_close(c->sock);
+        c->sock = NULL;
+        errno = e;
+        return -1;
+    }
+    return 0;
+}
+
+/* Drops the socket (and any reply still on its way to it) and connects a fresh one. */
+static void s_reconnect(fasa_client *c)
+{
+    if (c->sock) zmq_close(c->sock);
+    c->sock = NULL;
+    (void)s_open_socket(c); /* a NULL socket fails the next request with a clear message */
+}
+
+fasa_client_status fasa_client_connect(const char *endpoint, int timeout_ms, fasa_client **client_p,
+                                       fasa_client_error *err)
+{
+    if (!client_p) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "client_p: NULL");
+    *client_p = NULL;
+    if (!endpoint || !*endpoint)
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "endpoint: empty");
+    fasa_client *c = calloc(1, sizeof(*c));
+    if (!c || !(c->endpoint = strdup(endpoint)) || !(c->ctx = zmq_ctx_new())) {
+        if (c) free(c->endpoint);
+        free(c);
+        return s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED, "out of memory connecting to %s",
+                      endpoint);
+    }
+    c->timeout_ms = timeout_ms > 0 ? timeout_ms : 0;
+    c->next_id = 1;
+    if (s_open_socket(c)) {
+        const int e = errno;
+        zmq_ctx_term(c->ctx);
+        free(c->endpoint);
+        free(c);
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "cannot connect to '%s': %s", endpoint,
+                      zmq_strerror(e));
+    }
+    *client_p = c;
+    s_ok(err);
+    return FASA_CLIENT_OK;
+}
+
+void fasa_client_close(fasa_client **client_p)
+{
+    if (!client_p || !*client_p) return;
+    fasa_client *c = *client_p;
+    if (c->sock) zmq_close(c->sock);
+    zmq_ctx_term(c->ctx);
+    free(c->endpoint);
+    free(c);
+    *client_p = NULL;
+}
+
+void fasa_client_set_timeout(fasa_client *c, int timeout_ms)
+{
+    if (!c) return;
+    c->timeout_ms = timeout_ms > 0 ? timeout_ms : 0;
+    const int t = c->timeout_ms > 0 ? c->timeout_ms : -1;
+    if (c->sock) {
+        zmq_setsockopt(c->sock, ZMQ_RCVTIMEO, &t, sizeof(t));
+        zmq_setsockopt(c->sock, ZMQ_SNDTIMEO, &t, sizeof(t));
+    }
+}
+
+void fasa_client_set_interrupt_flag(fasa_client *c, volatile sig_atomic_t *flag)
+{
+    if (c) c->interrupt = flag;
+}
+
+const char *fasa_client_endpoint(const fasa_client *c)
+{
+    return c ? c->endpoint : "";
+}
+
+static int64_t s_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void s_free_buf(void *data, void *hint)
+{
+    (void)hint;
+    free(data);
+}
+
+/* The name of a request body, for messages. */
+static const char *s_body_name(Fasa__V1__Request__BodyCase body)
+{
+    switch (body) {
+    case FASA__V1__REQUEST__BODY_PING:
+        return "ping";
+    case FASA__V1__REQUEST__BODY_CREATE_SESSION:
+        return "create_session";
+    case FASA__V1__REQUEST__BODY_APPEND:
+        return "append";
+    case FASA__V1__REQUEST__BODY_ATTEND:
+        return "attend";
+    case FASA__V1__REQUEST__BODY_BATCH_ATTEND:
+        return "batch_attend";
+    case FASA__V1__REQUEST__BODY_CALIBRATE:
+        return "calibrate";
+    case FASA__V1__REQUEST__BODY_SET_PROFILE:
+        return "set_profile";
+    case FASA__V1__REQUEST__BODY_DROP_SESSION:
+        return "drop_session";
+    case FASA__V1__REQUEST__BODY_STATS:
+        return "stats";
+    case FASA__V1__REQUEST__BODY_SHUTDOWN:
+        return "shutdown";
+    default:
+        return "request";
+    }
+}
+
+/* Sends req (version and id filled here) and waits for its reply. On OK, *resp_p is the
+ * unpacked Response (status OK, body == want; want NOT_SET accepts any body), to be freed
+ * with fasa__v1__response__free_unpacked. */
+static fasa_client_status s_call(fasa_client *c, Fasa__V1__Request *req,
+                                 Fasa__V1__Response__BodyCase want, Fasa__V1__Response **resp_p,
+                                 fasa_client_error *err)
+{
+    *resp_p = NULL;
+    const char *what = s_body_name(req->body_case);
+    if (!c) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "client: NULL");
+    if (!c->sock) {
+        s_reconnect(c);
+        if (!c->sock)
+            return s_fail(err, FASA_CLIENT_UNAVAILABLE, "cannot reconnect to %s: %s", c->endpoint,
+                          zmq_strerror(errno));
+    }
+    req->protocol_version = PROTOCOL_VERSION;
+    req->request_id = c->next_id++;
+    const size_t size = fasa__v1__request__get_packed_size(req);
+    if ((uint64_t)size > CLIENT_MAX_BYTES)
+        return s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED,
+                      "%s: request of %zu bytes exceeds the client limit of 2 GiB; send less "
+                      "per request",
+                      what, size);
+    uint8_t *buf = malloc(size ? size : 1);
+    if (!buf)
+        return s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED, "%s: out of memory for %zu bytes", what,
+                      size);
+    fasa__v1__request__pack(req, buf);
+    zmq_msg_t msg;
+    if (zmq_msg_init_data(&msg, buf, size, s_free_buf, NULL)) {
+        free(buf);
+        return s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED, "%s: out of memory for %zu bytes", what,
+                      size);
+    }
+    if (zmq_msg_send(&msg, c->sock, 0) < 0) {
+        const int e = errno;
+        zmq_msg_close(&msg);
+        s_reconnect(c);
+        return s_fail(err, FASA_CLIENT_UNAVAILABLE, "cannot send to %s: %s", c->endpoint,
+                      zmq_strerror(e));
+    }
+
+    const int64_t deadline = c->timeout_ms > 0 ? s_now_ms() + c->timeout_ms : 0;
+    for (;;) {
+        long wait = -1;
+        if (c->timeout_ms > 0) {
+            wait = (long)(deadline - s_now_ms());
+            if (wait < 0) wait = 0;
+        }
+        zmq_pollitem_t item = {c->sock, 0, ZMQ_POLLIN, 0};
+        const int rc = zmq_poll(&item, 1, wait);
+        if (rc < 0 && errno == EINTR) {
+            if (c->interrupt && *c->interrupt) {
+                s_reconnect(c);
+                return s_fail(err, FASA_CLIENT_UNAVAILABLE,
+                              "interrupted while waiting for a reply from %s", c->endpoint);
+            }
+            continue;
+        }
+        if (rc < 0) {
+            const int e = errno;
+            s_reconnect(c);
+            return s_fail(err, FASA_CLIENT_UNAVAILABLE, "waiting for %s: %s", c->endpoint,
+                          zmq_strerror(e));
+        }
+        if (rc == 0) {
+            s_reconnect(c);
+            if ((uint64_t)size > SERVER_DEFAULT_MAX)
+                return s_fail(err, FASA_CLIENT_UNAVAILABLE,
+                              "no reply from %s within %d ms (the %s request was %zu bytes; a "
+                              "server drops messages over its --max-message, 256 MiB by default)",
+                              c->endpoint, c->timeout_ms, what, size);
+            return s_fail(err, FASA_CLIENT_UNAVAILABLE, "no reply from %s within %d ms",
+                          c->endpoint, c->timeout_ms);
+        }
+        /* Read every frame of the message; the last one is the Response (a REQ-shaped
+         * reply would carry an empty delimiter first). */
+        zmq_msg_t part;
+        zmq_msg_init(&part);
+        int more = 1, failed = 0;
+        while (more) {
+            zmq_msg_close(&part);
+            zmq_msg_init(&part);
+            if (zmq_msg_recv(&part, c->sock, ZMQ_DONTWAIT) < 0) {
+                failed = errno;
+                break;
+            }
+            more = zmq_msg_more(&part);
+        }
+        if (failed) {
+            zmq_msg_close(&part);
+            if (failed == EAGAIN || failed == EINTR) continue;
+            s_reconnect(c);
+            return s_fail(err, FASA_CLIENT_UNAVAILABLE, "receiving from %s: %s", c->endpoint,
+                          zmq_strerror(failed));
+        }
+        Fasa__V1__Response *resp =
+            fasa__v1__response__unpack(NULL, zmq_msg_size(&part), zmq_msg_data(&part));
+        const size_t got = zmq_msg_size(&part);
+        zmq_msg_close(&part);
+        if (!resp) {
+            s_reconnect(c);
+            return s_fail(err, FASA_CLIENT_INTERNAL,
+                          "bad reply from %s: %zu bytes that do not decode as a Response",
+                          c->endpoint, got);
+        }
+        /* A reply to an earlier request (given up on, then answered late): drop it. Id 0
+         * is the server's answer to bytes it could not read, and only ours are in flight. */
+        if (resp->request_id != req->request_id &&
+            !(resp->request_id == 0 && resp->status != FASA__V1__STATUS__OK)) {
+            fasa__v1__response__free_unpacked(resp, NULL);
+            continue;
+        }
+        if (resp->protocol_version != PROTOCOL_VERSION) {
+            const unsigned v = resp->protocol_version;
+            fasa__v1__response__free_unpacked(resp, NULL);
+            return s_fail(err, FASA_CLIENT_INTERNAL,
+                          "bad reply from %s: protocol_version %u, expected %d", c->endpoint, v,
+                          PROTOCOL_VERSION);
+        }
+        if (resp->status != FASA__V1__STATUS__OK) {
+            const unsigned st = (unsigned)resp->status;
+            fasa_client_status code =
+                st <= FASA_CLIENT_UNAVAILABLE ? (fasa_client_status)st : FASA_CLIENT_INTERNAL;
+            if (resp->message && *resp->message)
+                s_fail(err, code, "%s%s",
+                       st == (unsigned)code ? "" : "unknown status: ", resp->message);
+            else
+                s_fail(err, code, "%s from %s (no message)",
+                       fasa_client_status_name((fasa_client_status)st), c->endpoint);
+            fasa__v1__response__free_unpacked(resp, NULL);
+            return code;
+        }
+        if (want != FASA__V1__RESPONSE__BODY__NOT_SET && resp->body_case != want) {
+            const int bc = (int)resp->body_case;
+            fasa__v1__response__free_unpacked(resp, NULL);
+            return s_fail(err, FASA_CLIENT_INTERNAL,
+                          "bad reply from %s: body %d answers the %s request (expected %d)",
+                          c->endpoint, bc, what, (int)want);
+        }
+        *resp_p = resp;
+        s_ok(err);
+        return FASA_CLIENT_OK;
+    }
+}
+
+/* ---------------------------------------------------------------- tensors ---- */
+
+typedef struct tensor_buf {
+    Fasa__V1__Tensor t;
+    uint64_t shape[4];
+} tensor_buf;
+
+/* Fills tb as a tensor viewing data (not copied; it is only read while packing). */
+static fasa_client_status s_tensor(tensor_buf *tb, Fasa__V1__DType dtype, int n_dims,
+                                   const uint64_t *shape, const void *data, const char *field,
+                                   fasa_client_error *err)
+{
+    fasa__v1__tensor__init(&tb->t);
+    uint64_t bytes = 4;
+    for (int i = 0; i < n_dims; i++) {
+        tb->shape[i] = shape[i];
+        if (shape[i] && bytes > CLIENT_MAX_BYTES / shape[i])
+            return s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED,
+                          "%s: tensor over 2 GiB, the client limit; send less per request", field);
+        bytes *= shape[i];
+    }
+    if (bytes > CLIENT_MAX_BYTES)
+        return s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED,
+                      "%s: tensor of %llu bytes exceeds the client limit of 2 GiB", field,
+                      (unsigned long long)bytes);
+    if (bytes && !data) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "%s: NULL", field);
+    tb->t.dtype = dtype;
+    tb->t.n_shape = (size_t)n_dims;
+    tb->t.shape = tb->shape;
+    tb->t.data.len = (size_t)bytes;
+    tb->t.data.data = (uint8_t *)(uintptr_t)data; /* packing only reads it */
+    return FASA_CLIENT_OK;
+}
+
+static void s_shape_text(char *buf, size_t len, size_t n, const uint64_t *shape)
+{
+    size_t k = (size_t)snprintf(buf, len, "[");
+    for (size_t i = 0; i < n && k < len; i++)
+        k += (size_t)snprintf(buf + k, len - k, "%s%llu", i ? ", " : "",
+                              (unsigned long long)shape[i]);
+    if (k < len) snprintf(buf + k, len - k, "]");
+}
+
+/* Checks a reply tensor: present, dtype, shape and data size as expected. */
+static fasa_client_status s_check_tensor(const fasa_client *c, const Fasa__V1__Tensor *t,
+                                         Fasa__V1__DType dtype, int n_dims, const uint64_t *shape,
+                                         const char *field, fasa_client_error *err)
+{
+    char want[96], got[96];
+    s_shape_text(want, sizeof(want), (size_t)n_dims, shape);
+    if (!t)
+        return s_fail(err, FASA_CLIENT_INTERNAL, "bad reply from %s: no %s", c->endpoint, field);
+    if (t->dtype != dtype)
+        return s_fail(err, FASA_CLIENT_INTERNAL, "bad reply from %s: %s has dtype %d, expected %s",
+                      c->endpoint, field, (int)t->dtype,
+                      dtype == FASA__V1__DTYPE__F32 ? "F32" : "I32");
+    int same = t->n_shape == (size_t)n_dims;
+    for (int i = 0; same && i < n_dims; i++) same = t->shape[i] == shape[i];
+    if (!same) {
+        s_shape_text(got, sizeof(got), t->n_shape < 8 ? t->n_shape : 8, t->shape);
+        return s_fail(err, FASA_CLIENT_INTERNAL, "bad reply from %s: %s has shape %s, expected %s",
+                      c->endpoint, field, got, want);
+    }
+    uint64_t bytes = 4;
+    for (int i = 0; i < n_dims; i++) bytes *= shape[i];
+    if (t->data.len != bytes || (bytes && !t->data.data))
+        return s_fail(err, FASA_CLIENT_INTERNAL,
+                      "bad reply from %s: %s %s holds %zu bytes, expected %llu", c->endpoint, field,
+                      want, t->data.len, (unsigned long long)bytes);
+    return FASA_CLIENT_OK;
+}
+
+static fasa_client_status s_check_id(const char *id, const char *field, fasa_client_error *err)
+{
+    if (!id) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "%s: NULL", field);
+    return FASA_CLIENT_OK;
+}
+
+static int s_method_ok(fasa_client_method m)
+{
+    return (unsigned)m <= FASA_CLIENT_METHOD_ORACLE;
+}
+static int s_gqa_ok(fasa_client_gqa g)
+{
+    return (unsigned)g <= FASA_CLIENT_GQA_SHARED;
+}
+static int s_pairing_ok(fasa_client_pairing p)
+{
+    return (unsigned)p <= FASA_CLIENT_PAIRING_HALF;
+}
+
+/* ---------------------------------------------------------------- requests ---- */
+
+fasa_client_status fasa_client_ping(fasa_client *c, fasa_client_server_info *info,
+                                    fasa_client_error *err)
+{
+    Fasa__V1__Ping ping = FASA__V1__PING__INIT;
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    uint8_t payload[16];
+    const uint64_t nonce = c ? c->next_id : 0;
+    snprintf((char *)payload, sizeof(payload), "%015llx", (unsigned long long)nonce);
+    ping.has_payload = 1;
+    ping.payload.len = 15;
+    ping.payload.data = payload;
+    req.body_case = FASA__V1__REQUEST__BODY_PING;
+    req.ping = &ping;
+    Fasa__V1__Response *resp;
+    fasa_client_status st = s_call(c, &req, FASA__V1__RESPONSE__BODY_PING, &resp, err);
+    if (st) return st;
+    const Fasa__V1__PingResult *r = resp->ping;
+    if (!r->has_payload || r->payload.len != 15 || memcmp(r->payload.data, payload, 15) != 0)
+        st = s_fail(err, FASA_CLIENT_INTERNAL, "bad reply from %s: ping payload not echoed",
+                    c->endpoint);
+    else if (info) {
+        info->n_ranks = r->n_ranks;
+        info->n_shards = r->n_shards;
+        snprintf(info->version, sizeof(info->version), "%s", r->version ? r->version : "");
+    }
+    fasa__v1__response__free_unpacked(resp, NULL);
+    return st;
+}
+
+fasa_client_status fasa_client_create_session(fasa_client *c, const char *session_id,
+                                              const fasa_client_session_config *cfg,
+                                              uint32_t *n_shards_p, fasa_client_error *err)
+{
+    const fasa_client_status st0 = s_check_id(session_id, "create_session.session_id", err);
+    if (st0) return st0;
+    if (!cfg) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "create_session: config NULL");
+    if (!s_pairing_ok(cfg->pairing))
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "create_session.pairing: %d unknown",
+                      (int)cfg->pairing);
+    if (!s_method_ok(cfg->method))
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "create_session.method: %d unknown",
+                      (int)cfg->method);
+    if (!s_gqa_ok(cfg->gqa))
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "create_session.gqa: %d unknown",
+                      (int)cfg->gqa);
+    if (cfg->dense_layers_set && cfg->n_dense_layers && !cfg->dense_layers)
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "create_session.dense_layers: NULL");
+    Fasa__V1__CreateSession cs = FASA__V1__CREATE_SESSION__INIT;
+    Fasa__V1__DenseLayers dl = FASA__V1__DENSE_LAYERS__INIT;
+    cs.session_id = (char *)(uintptr_t)session_id;
+    cs.n_layers = cfg->geom.n_layers;
+    cs.n_heads = cfg->geom.n_heads;
+    cs.n_kv_heads = cfg->geom.n_kv_heads;
+    cs.head_dim = cfg->geom.head_dim;
+    if (cfg->pairing) {
+        cs.has_pairing = 1;
+        cs.pairing = (Fasa__V1__Pairing)cfg->pairing;
+    }
+    cs.has_dtype = 1;
+    cs.dtype = FASA__V1__DTYPE__F32;
+    cs.profile_text = (char *)(uintptr_t)cfg->profile_text;
+    cs.profile_name = (char *)(uintptr_t)cfg->profile_name;
+    if (cfg->method) {
+        cs.has_method = 1;
+        cs.method = (Fasa__V1__Method)cfg->method;
+    }
+    if (cfg->budget) {
+        cs.has_budget = 1;
+        cs.budget = cfg->budget;
+    }
+    if (cfg->gqa) {
+        cs.has_gqa = 1;
+        cs.gqa = (Fasa__V1__Gqa)cfg->gqa;
+    }
+    if (cfg->dense_layers_set) {
+        dl.n_layers = cfg->n_dense_layers;
+        dl.layers = (uint32_t *)(uintptr_t)cfg->dense_layers;
+        cs.dense_layers = &dl;
+    }
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    req.body_case = FASA__V1__REQUEST__BODY_CREATE_SESSION;
+    req.create_session = &cs;
+    Fasa__V1__Response *resp;
+    const fasa_client_status st =
+        s_call(c, &req, FASA__V1__RESPONSE__BODY_CREATE_SESSION, &resp, err);
+    if (st) return st;
+    if (n_shards_p) *n_shards_p = resp->create_session->n_shards;
+    fasa__v1__response__free_unpacked(resp, NULL);
+    return FASA_CLIENT_OK;
+}
+
+fasa_client_status fasa_client_drop_session(fasa_client *c, const char *session_id,
+                                            fasa_client_error *err)
+{
+    const fasa_client_status st0 = s_check_id(session_id, "drop_session.session_id", err);
+    if (st0) return st0;
+    Fasa__V1__DropSession ds = FASA__V1__DROP_SESSION__INIT;
+    ds.session_id = (char *)(uintptr_t)session_id;
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    req.body_case = FASA__V1__REQUEST__BODY_DROP_SESSION;
+    req.drop_session = &ds;
+    Fasa__V1__Response *resp;
+    const fasa_client_status st = s_call(c, &req, FASA__V1__RESPONSE__BODY__NOT_SET, &resp, err);
+    if (st) return st;
+    fasa__v1__response__free_unpacked(resp, NULL);
+    return FASA_CLIENT_OK;
+}
+
+fasa_client_status fasa_client_append(fasa_client *c, const char *session_id,
+                                      const fasa_client_geometry *geom, int32_t layer,
+                                      uint64_t start_pos, uint64_t n, const float *k,
+                                      const float *v, uint64_t *length_p, fasa_client_error *err)
+{
+    const fasa_client_status st0 = s_check_id(session_id, "append.session_id", err);
+    if (st0) return st0;
+    if (!geom) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "append: geometry NULL");
+    if (layer < -1) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "append.layer: %d", layer);
+    uint64_t shape[4];
+    int nd = 0;
+    if (layer < 0) shape[nd++] = geom->n_layers;
+    shape[nd++] = n;
+    shape[nd++] = geom->n_kv_heads;
+    shape[nd++] = geom->head_dim;
+    tensor_buf tk, tv;
+    fasa_client_status st;
+    if ((st = s_tensor(&tk, FASA__V1__DTYPE__F32, nd, shape, k, "append.k", err)) ||
+        (st = s_tensor(&tv, FASA__V1__DTYPE__F32, nd, shape, v, "append.v", err)))
+        return st;
+    Fasa__V1__Append ap = FASA__V1__APPEND__INIT;
+    ap.session_id = (char *)(uintptr_t)session_id;
+    ap.has_layer = 1;
+    ap.layer = layer;
+    ap.start_pos = start_pos;
+    ap.k = &tk.t;
+    ap.v = &tv.t;
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    req.body_case = FASA__V1__REQUEST__BODY_APPEND;
+    req.append = &ap;
+    Fasa__V1__Response *resp;
+    if ((st = s_call(c, &req, FASA__V1__RESPONSE__BODY_APPEND, &resp, err))) return st;
+    if (length_p) *length_p = resp->append->length;
+    fasa__v1__response__free_unpacked(resp, NULL);
+    return FASA_CLIENT_OK;
+}
+
+/* Fills the Attend message of one request (tensors in tq, tk, tv). */
+static fasa_client_status s_attend_msg(const fasa_client_attend_req *r, Fasa__V1__Attend *m,
+                                       tensor_buf *tq, tensor_buf *tk, tensor_buf *tv,
+                                       const char *field, fasa_client_error *err)
+{
+    char f[64];
+    fasa__v1__attend__init(m);
+    if (!r) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "%s: NULL", field);
+    snprintf(f, sizeof(f), "%s.session_id", field);
+    const fasa_client_status st0 = s_check_id(r->session_id, f, err);
+    if (st0) return st0;
+    if (!r->out) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "%s.out: NULL", field);
+    if (!r->k_new != !r->v_new)
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "%s.k_new, %s.v_new: give both or neither",
+                      field, field);
+    if (!s_method_ok(r->method))
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "%s.method: %d unknown", field,
+                      (int)r->method);
+    if (!s_gqa_ok(r->gqa))
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "%s.gqa: %d unknown", field, (int)r->gqa);
+    if (r->max_pos < -1)
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "%s.max_pos: %lld (-1 for all)", field,
+                      (long long)r->max_pos);
+    if (r->selected && !r->selected_budget && !r->budget)
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT,
+                      "%s.selected_budget: 0 with the session's default budget; set the "
+                      "columns of selected",
+                      field);
+    const uint64_t qs[2] = {r->geom.n_heads, r->geom.head_dim};
+    const uint64_t ks[2] = {r->geom.n_kv_heads, r->geom.head_dim};
+    fasa_client_status st;
+    snprintf(f, sizeof(f), "%s.q", field);
+    if ((st = s_tensor(tq, FASA__V1__DTYPE__F32, 2, qs, r->q, f, err))) return st;
+    if (!r->q) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "%s: NULL", f);
+    m->session_id = (char *)(uintptr_t)r->session_id;
+    m->layer = r->layer;
+    m->q = &tq->t;
+    if (r->k_new) {
+        snprintf(f, sizeof(f), "%s.k_new", field);
+        if ((st = s_tensor(tk, FASA__V1__DTYPE__F32, 2, ks, r->k_new, f, err))) return st;
+        snprintf(f, sizeof(f), "%s.v_new", field);
+        if ((st = s_tensor(tv, FASA__V1__DTYPE__F32, 2, ks, r->v_new, f, err))) return st;
+        m->k_new = &tk->t;
+        m->v_new = &tv->t;
+    }
+    if (r->method) {
+        m->has_method = 1;
+        m->method = (Fasa__V1__Method)r->method;
+    }
+    if (r->budget) {
+        m->has_budget = 1;
+        m->budget = r->budget;
+    }
+    if (r->gqa) {
+        m->has_gqa = 1;
+        m->gqa = (Fasa__V1__Gqa)r->gqa;
+    }
+    if (r->max_pos != -1) {
+        m->has_max_pos = 1;
+        m->max_pos = r->max_pos;
+    }
+    if (r->selected) {
+        m->has_return_selected = 1;
+        m->return_selected = 1;
+    }
+    return FASA_CLIENT_OK;
+}
+
+/* Checks one AttendResult against its request and copies it out. */
+static fasa_client_status s_attend_out(const fasa_client *c, const fasa_client_attend_req *r,
+                                       const Fasa__V1__AttendResult *res, const char *field,
+                                       fasa_client_error *err)
+{
+    char f[64];
+    if (!res)
+        return s_fail(err, FASA_CLIENT_INTERNAL, "bad reply from %s: no %s result", c->endpoint,
+                      field);
+    const uint64_t os[2] = {r->geom.n_heads, r->geom.head_dim};
+    const uint64_t cols = r->selected_budget ? r->selected_budget : r->budget;
+    const uint64_t ss[2] = {r->geom.n_heads, cols};
+    fasa_client_status st;
+    snprintf(f, sizeof(f), "%s.out", field);
+    if ((st = s_check_tensor(c, res->out, FASA__V1__DTYPE__F32, 2, os, f, err))) return st;
+    if (r->selected) {
+        snprintf(f, sizeof(f), "%s.selected", field);
+        if ((st = s_check_tensor(c, res->selected, FASA__V1__DTYPE__I32, 2, ss, f, err))) return st;
+    }
+    if (!res->stats)
+        return s_fail(err, FASA_CLIENT_INTERNAL, "bad reply from %s: no %s.stats", c->endpoint,
+                      field);
+    memcpy(r->out, res->out->data.data, res->out->data.len);
+    if (r->selected) memcpy(r->selected, res->selected->data.data, res->selected->data.len);
+    if (r->stats) {
+        r->stats->method_used = (fasa_client_method)res->stats->method_used;
+        r->stats->n_visible = res->stats->n_visible;
+        r->stats->bytes_read = res->stats->bytes_read;
+        r->stats->server_us = res->stats->server_us;
+    }
+    return FASA_CLIENT_OK;
+}
+
+fasa_client_status fasa_client_attend(fasa_client *c, const fasa_client_attend_req *r,
+                                      fasa_client_error *err)
+{
+    Fasa__V1__Attend m;
+    tensor_buf tq, tk, tv;
+    fasa_client_status st = s_attend_msg(r, &m, &tq, &tk, &tv, "attend", err);
+    if (st) return st;
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    req.body_case = FASA__V1__REQUEST__BODY_ATTEND;
+    req.attend = &m;
+    Fasa__V1__Response *resp;
+    if ((st = s_call(c, &req, FASA__V1__RESPONSE__BODY_ATTEND, &resp, err))) return st;
+    st = s_attend_out(c, r, resp->attend, "attend", err);
+    fasa__v1__response__free_unpacked(resp, NULL);
+    return st;
+}
+
+fasa_client_status fasa_client_batch_attend(fasa_client *c, size_t n_items,
+                                            const fasa_client_attend_req *items,
+                                            fasa_client_error *item_errs, fasa_client_error *err)
+{
+    if (n_items < 1 || n_items > 4096)
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT,
+                      "batch_attend.items: %zu items, expected 1..4096", n_items);
+    if (!items || !item_errs)
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "batch_attend: items or item_errs NULL");
+    Fasa__V1__Attend *msgs = malloc(n_items * sizeof(*msgs));
+    Fasa__V1__Attend **ptrs = malloc(n_items * sizeof(*ptrs));
+    tensor_buf *tb = malloc(3 * n_items * sizeof(*tb));
+    fasa_client_status st = FASA_CLIENT_OK;
+    Fasa__V1__Response *resp = NULL;
+    if (!msgs || !ptrs || !tb) {
+        st = s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED, "batch_attend: out of memory");
+        goto done;
+    }
+    for (size_t i = 0; i < n_items; i++) {
+        char field[48];
+        snprintf(field, sizeof(field), "batch_attend.items[%zu]", i);
+        if ((st = s_attend_msg(&items[i], &msgs[i], &tb[3 * i], &tb[3 * i + 1], &tb[3 * i + 2],
+                               field, err)))
+            goto done;
+        ptrs[i] = &msgs[i];
+        s_ok(&item_errs[i]);
+    }
+    Fasa__V1__BatchAttend ba = FASA__V1__BATCH_ATTEND__INIT;
+    ba.n_items = n_items;
+    ba.items = ptrs;
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    req.body_case = FASA__V1__REQUEST__BODY_BATCH_ATTEND;
+    req.batch_attend = &ba;
+    if ((st = s_call(c, &req, FASA__V1__RESPONSE__BODY_BATCH_ATTEND, &resp, err))) goto done;
+    const Fasa__V1__BatchAttendResult *br = resp->batch_attend;
+    if (br->n_items != n_items) {
+        st = s_fail(err, FASA_CLIENT_INTERNAL,
+                    "bad reply from %s: %zu batch items answer %zu requested", c->endpoint,
+                    br->n_items, n_items);
+        goto done;
+    }
+    for (size_t i = 0; i < n_items; i++) {
+        char field[48];
+        snprintf(field, sizeof(field), "batch_attend.items[%zu]", i);
+        const Fasa__V1__BatchAttendItem *it = br->items[i];
+        const unsigned code = (unsigned)it->status;
+        if (code != FASA__V1__STATUS__OK) {
+            s_fail(&item_errs[i],
+                   code <= FASA_CLIENT_UNAVAILABLE ? (fasa_client_status)code
+                                                   : FASA_CLIENT_INTERNAL,
+                   "%s", it->message && *it->message ? it->message : fasa_client_status_name(code));
+            continue;
+        }
+        if (s_attend_out(c, &items[i], it->result, field, &item_errs[i])) {
+            /* The item's reply is unusable: the batch as a whole is a bad reply. */
+            st = s_fail(err, FASA_CLIENT_INTERNAL, "%s", item_errs[i].msg);
+        }
+    }
+done:
+    if (resp) fasa__v1__response__free_unpacked(resp, NULL);
+    free(msgs);
+    free(ptrs);
+    free(tb);
+    return st;
+}
+
+fasa_client_status fasa_client_calibrate(fasa_client *c, const fasa_client_geometry *geom,
+                                         uint32_t n_tokens, const float *q, const float *k,
+                                         const fasa_client_calib_opts *opts, char **profile_text_p,
+                                         fasa_client_error *err)
+{
+    if (!profile_text_p)
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "calibrate: profile_text_p NULL");
+    *profile_text_p = NULL;
+    if (!geom) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "calibrate: geometry NULL");
+    const fasa_client_calib_opts none = {0};
+    if (!opts) opts = &none;
+    if (!s_pairing_ok(opts->pairing))
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "calibrate.pairing: %d unknown",
+                      (int)opts->pairing);
+    if (!s_gqa_ok(opts->gqa))
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "calibrate.gqa: %d unknown",
+                      (int)opts->gqa);
+    const uint64_t qs[4] = {geom->n_layers, n_tokens, geom->n_heads, geom->head_dim};
+    const uint64_t ks[4] = {geom->n_layers, n_tokens, geom->n_kv_heads, geom->head_dim};
+    tensor_buf tq, tk;
+    fasa_client_status st;
+    if ((st = s_tensor(&tq, FASA__V1__DTYPE__F32, 4, qs, q, "calibrate.q", err)) ||
+        (st = s_tensor(&tk, FASA__V1__DTYPE__F32, 4, ks, k, "calibrate.k", err)))
+        return st;
+    Fasa__V1__Calibrate cm = FASA__V1__CALIBRATE__INIT;
+    cm.q = &tq.t;
+    cm.k = &tk.t;
+    if (opts->pairing) {
+        cm.has_pairing = 1;
+        cm.pairing = (Fasa__V1__Pairing)opts->pairing;
+    }
+    if (opts->ntip) {
+        cm.has_ntip = 1;
+        cm.ntip = opts->ntip;
+    }
+    if (opts->window) {
+        cm.has_window = 1;
+        cm.window = opts->window;
+    }
+    if (opts->pos_end) {
+        cm.has_pos_begin = cm.has_pos_end = cm.has_pos_step = 1;
+        cm.pos_begin = opts->pos_begin;
+        cm.pos_end = opts->pos_end;
+        cm.pos_step = opts->pos_step ? opts->pos_step : 1;
+    }
+    if (opts->gqa) {
+        cm.has_gqa = 1;
+        cm.gqa = (Fasa__V1__Gqa)opts->gqa;
+    }
+    cm.profile_name = (char *)(uintptr_t)opts->profile_name;
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    req.body_case = FASA__V1__REQUEST__BODY_CALIBRATE;
+    req.calibrate = &cm;
+    Fasa__V1__Response *resp;
+    if ((st = s_call(c, &req, FASA__V1__RESPONSE__BODY_CALIBRATE, &resp, err))) return st;
+    const char *text = resp->calibrate->profile_text;
+    if (!text || !*text)
+        st =
+            s_fail(err, FASA_CLIENT_INTERNAL, "bad reply from %s: empty profile_text", c->endpoint);
+    else if (!(*profile_text_p = strdup(text)))
+        st = s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED, "calibrate: out of memory");
+    fasa__v1__response__free_unpacked(resp, NULL);
+    return st;
+}
+
+fasa_client_status fasa_client_set_profile(fasa_client *c, const char *session_id,
+                                           const char *profile_text, const char *profile_name,
+                                           fasa_client_error *err)
+{
+    const fasa_client_status st0 = s_check_id(session_id, "set_profile.session_id", err);
+    if (st0) return st0;
+    if (!profile_text == !profile_name)
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT,
+                      "set_profile: give exactly one of profile_text and profile_name");
+    Fasa__V1__SetProfile sp = FASA__V1__SET_PROFILE__INIT;
+    sp.session_id = (char *)(uintptr_t)session_id;
+    sp.profile_text = (char *)(uintptr_t)profile_text;
+    sp.profile_name = (char *)(uintptr_t)profile_name;
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    req.body_case = FASA__V1__REQUEST__BODY_SET_PROFILE;
+    req.set_profile = &sp;
+    Fasa__V1__Response *resp;
+    const fasa_client_status st = s_call(c, &req, FASA__V1__RESPONSE__BODY__NOT_SET, &resp, err);
+    if (st) return st;
+    fasa__v1__response__free_unpacked(resp, NULL);
+    return FASA_CLIENT_OK;
+}
+
+fasa_client_status fasa_client_get_stats(fasa_client *c, const char *session_id,
+                                         fasa_client_stats *stats, fasa_client_error *err)
+{
+    if (!stats) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "stats: NULL");
+    Fasa__V1__Stats sm = FASA__V1__STATS__INIT;
+    sm.session_id = (char *)(uintptr_t)session_id;
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    req.body_case = FASA__V1__REQUEST__BODY_STATS;
+    req.stats = &sm;
+    Fasa__V1__Response *resp;
+    fasa_client_status st = s_call(c, &req, FASA__V1__RESPONSE__BODY_STATS, &resp, err);
+    if (st) return st;
+    const Fasa__V1__StatsResult *r = resp->stats;
+    memset(stats, 0, sizeof(*stats));
+    stats->n_ranks = r->n_ranks;
+    stats->n_shards = r->n_shards;
+    stats->n_sessions = r->n_sessions;
+    stats->n_profiles = r->n_profiles;
+    stats->requests = r->requests;
+    stats->errors = r->errors;
+    stats->attend_steps = r->attend_steps;
+    stats->kv_bytes = r->kv_bytes;
+    stats->uptime_s = r->uptime_s;
+    if (session_id && !r->session)
+        st = s_fail(err, FASA_CLIENT_INTERNAL, "bad reply from %s: no stats.session for '%s'",
+                    c->endpoint, session_id);
+    else if (r->session) {
+        const Fasa__V1__SessionInfo *s = r->session;
+        fasa_client_session_info *o = &stats->session;
+        stats->has_session = 1;
+        snprintf(o->session_id, sizeof(o->session_id), "%s", s->session_id ? s->session_id : "");
+        o->n_layers = s->n_layers;
+        o->n_heads = s->n_heads;
+        o->n_kv_heads = s->n_kv_heads;
+        o->head_dim = s->head_dim;
+        o->length = s->length;
+        o->kv_bytes = s->kv_bytes;
+        o->has_profile = s->has_profile != 0;
+        o->method = (fasa_client_method)s->method;
+        o->budget = s->budget;
+    }
+    fasa__v1__response__free_unpacked(resp, NULL);
+    return st;
+}
+
+fasa_client_status fasa_client_shutdown(fasa_client *c, fasa_client_error *err)
+{
+    Fasa__V1__Shutdown sd = FASA__V1__SHUTDOWN__INIT;
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    req.body_case = FASA__V1__REQUEST__BODY_SHUTDOWN;
+    req.shutdown = &sd;
+    Fasa__V1__Response *resp;
+    const fasa_client_status st = s_call(c, &req, FASA__V1__RESPONSE__BODY__NOT_SET, &resp, err);
+    if (st) return st;
+    fasa__v1__response__free_unpacked(resp, NULL);
+    return FASA_CLIENT_OK;
+}

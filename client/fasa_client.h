@@ -1,0 +1,266 @@
+/* libfasa: the C client of a fasa-server (the wire protocol is proto/fasa.proto, v1).
+ *
+ * An inference engine creates a session per sequence, appends the post-RoPE keys and
+ * values of its prompt, and at every decode step sends each layer's queries (optionally
+ * with the step's new key and value) and gets the attention outputs back.
+ *
+ *   fasa_client *c;
+ *   fasa_client_error err;
+ *   if (fasa_client_connect("tcp://127.0.0.1:5555", 30000, &c, &err)) die(err.msg);
+ *   fasa_client_session_config cfg = {.geom = {32, 32, 8, 128}, .profile_text = text};
+ *   fasa_client_create_session(c, "seq-1", &cfg, NULL, &err);
+ *   fasa_client_append(c, "seq-1", &cfg.geom, -1, 0, n_prompt, k, v, NULL, &err);
+ *   fasa_client_attend_req r = FASA_CLIENT_ATTEND_REQ_INIT;
+ *   r.session_id = "seq-1"; r.geom = cfg.geom; r.layer = l; r.q = q; r.out = out;
+ *   fasa_client_attend(c, &r, &err);
+ *   fasa_client_close(&c);
+ *
+ * Every call returns a fasa_client_status (the values of the protocol's Status) and, when
+ * it is not FASA_CLIENT_OK and err is not NULL, fills err with the code and a one-line
+ * message (the server's message, or the client's own for local and transport failures).
+ *
+ * Tensors are float32 (selected positions int32) in the host's byte order, row-major;
+ * the library supports little-endian hosts only (as the wire format).
+ *
+ * Thread safety: a fasa_client handle must be used by one thread at a time; give each
+ * thread its own handle (handles share nothing). Requests on one handle are synchronous:
+ * one request in flight, answered before the call returns. */
+#ifndef FASA_CLIENT_H
+#define FASA_CLIENT_H
+
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Status codes, equal to the protocol's Status values. */
+typedef enum fasa_client_status {
+    FASA_CLIENT_OK = 0,
+    FASA_CLIENT_INVALID_ARGUMENT = 1,    /* a field is malformed or disagrees with the session */
+    FASA_CLIENT_NOT_FOUND = 2,           /* no such session or profile */
+    FASA_CLIENT_ALREADY_EXISTS = 3,      /* a session with this id exists */
+    FASA_CLIENT_RESOURCE_EXHAUSTED = 4,  /* out of memory or a limit (here or on the server) */
+    FASA_CLIENT_UNAUTHENTICATED = 5,     /* the client is not allowed in */
+    FASA_CLIENT_FAILED_PRECONDITION = 6, /* valid, but not in this state */
+    FASA_CLIENT_INTERNAL = 7,            /* a server bug, or a reply this client cannot use */
+    FASA_CLIENT_UNAVAILABLE = 8,         /* no reply in time, or the server is shutting down */
+} fasa_client_status;
+
+#define FASA_CLIENT_MSG_MAX 512
+
+/* The code and one-line message of a failed call. */
+typedef struct fasa_client_error {
+    fasa_client_status code;
+    char msg[FASA_CLIENT_MSG_MAX];
+} fasa_client_error;
+
+/* Attention methods; DEFAULT means the session's default (or the server's, at create). */
+typedef enum fasa_client_method {
+    FASA_CLIENT_METHOD_DEFAULT = 0,
+    FASA_CLIENT_METHOD_FASA = 1,   /* dominant-FC scoring, top-B, exact attention */
+    FASA_CLIENT_METHOD_DENSE = 2,  /* exact attention over every visible key */
+    FASA_CLIENT_METHOD_ORACLE = 3, /* exact top-B by the full score */
+} fasa_client_method;
+
+/* Token selection under GQA; DEFAULT means the session's (per-head at create). */
+typedef enum fasa_client_gqa {
+    FASA_CLIENT_GQA_DEFAULT = 0,
+    FASA_CLIENT_GQA_PER_HEAD = 1, /* each query head its own top-B */
+    FASA_CLIENT_GQA_SHARED = 2,   /* one token set per KV head */
+} fasa_client_gqa;
+
+/* RoPE pairing of a head's dims into frequency chunks; DEFAULT is INTERLEAVED. */
+typedef enum fasa_client_pairing {
+    FASA_CLIENT_PAIRING_DEFAULT = 0,
+    FASA_CLIENT_PAIRING_INTERLEAVED = 1, /* FC i = dims (2i, 2i+1) */
+    FASA_CLIENT_PAIRING_HALF = 2,        /* FC i = dims (i, i + head_dim/2) */
+} fasa_client_pairing;
+
+/* A session's geometry: it sizes every tensor the client sends or receives. */
+typedef struct fasa_client_geometry {
+    uint32_t n_layers, n_heads, n_kv_heads, head_dim;
+} fasa_client_geometry;
+
+typedef struct fasa_client fasa_client;
+
+/* "OK", "INVALID_ARGUMENT", ... for a status; "UNKNOWN" for anything else. */
+const char *fasa_client_status_name(fasa_client_status status);
+
+/* Connects a DEALER socket to endpoint (e.g. "tcp://127.0.0.1:5555"). timeout_ms bounds the
+ * wait for each reply (<= 0: wait forever); a request unanswered in time fails with
+ * UNAVAILABLE "no reply from ENDPOINT within N ms" and the socket is reconnected, so a late
+ * reply is never taken for the next one. Connecting does not contact the server (use
+ * fasa_client_ping). On success *client_p is a new handle; free it with fasa_client_close. */
+fasa_client_status fasa_client_connect(const char *endpoint, int timeout_ms, fasa_client **client_p,
+                                       fasa_client_error *err);
+
+/* Changes the wait for each reply from now on (<= 0: wait forever). */
+void fasa_client_set_timeout(fasa_client *c, int timeout_ms);
+
+/* Closes the connection and frees the handle; sets *client_p to NULL. NULL is a no-op. */
+void fasa_client_close(fasa_client **client_p);
+
+/* Lets a signal handler abort a wait: when a signal interrupts the wait for a reply and
+ * *flag is then non-zero, the call fails with UNAVAILABLE "interrupted" (and the socket is
+ * reconnected). Without a flag (NULL, the default) interrupted waits simply go on. */
+void fasa_client_set_interrupt_flag(fasa_client *c, volatile sig_atomic_t *flag);
+
+/* The endpoint the handle was connected to. */
+const char *fasa_client_endpoint(const fasa_client *c);
+
+/* What a server says about itself. */
+typedef struct fasa_client_server_info {
+    uint32_t n_ranks;  /* MPI ranks in the job (1: the coordinator holds the shard) */
+    uint32_t n_shards; /* shards each session is spread over */
+    char version[64];  /* e.g. "fasa-server 0.1.0" (truncated to fit) */
+} fasa_client_server_info;
+
+/* Liveness check: a Ping whose payload the server must echo. info may be NULL. */
+fasa_client_status fasa_client_ping(fasa_client *c, fasa_client_server_info *info,
+                                    fasa_client_error *err);
+
+/* Everything CreateSession takes. Zero-initialise, then set geom and what you need. */
+typedef struct fasa_client_session_config {
+    fasa_client_geometry geom;    /* n_layers 1..1024; n_heads a multiple of n_kv_heads */
+    fasa_client_pairing pairing;  /* DEFAULT: interleaved */
+    const char *profile_text;     /* the text of a profile file, or NULL */
+    const char *profile_name;     /* a profile stored on the server, or NULL (not both) */
+    fasa_client_method method;    /* DEFAULT: fasa with a profile, else dense */
+    uint32_t budget;              /* default tokens kept per selection unit; 0: server's (256) */
+    fasa_client_gqa gqa;          /* DEFAULT: per-head */
+    int dense_layers_set;         /* 0: the server's default dense layers (layer 0 only) */
+    const uint32_t *dense_layers; /* with dense_layers_set: n_dense_layers layer indices */
+    size_t n_dense_layers;        /* (0 with dense_layers_set: no layer stays dense) */
+} fasa_client_session_config;
+
+/* Creates session session_id (1..128 printable ASCII bytes). n_shards_p, if not NULL, gets
+ * the number of shards the session spans. */
+fasa_client_status fasa_client_create_session(fasa_client *c, const char *session_id,
+                                              const fasa_client_session_config *cfg,
+                                              uint32_t *n_shards_p, fasa_client_error *err);
+
+/* Drops a session and frees its keys and values on the server. */
+fasa_client_status fasa_client_drop_session(fasa_client *c, const char *session_id,
+                                            fasa_client_error *err);
+
+/* Appends the keys and values of positions start_pos .. start_pos + n - 1 (start_pos must
+ * be the layer's current length). layer >= 0: k and v are [n, n_kv_heads, head_dim];
+ * layer -1: [n_layers, n, n_kv_heads, head_dim] for every layer (geom sizes them).
+ * length_p, if not NULL, gets the layer's (layer 0's for -1) length afterwards. */
+fasa_client_status fasa_client_append(fasa_client *c, const char *session_id,
+                                      const fasa_client_geometry *geom, int32_t layer,
+                                      uint64_t start_pos, uint64_t n, const float *k,
+                                      const float *v, uint64_t *length_p, fasa_client_error *err);
+
+/* Statistics of one attention step. */
+typedef struct fasa_client_step_stats {
+    fasa_client_method method_used; /* DENSE when every visible token fits the budget */
+    uint32_t n_visible;             /* tokens visible to the step */
+    uint64_t bytes_read;            /* KV bytes read on all shards */
+    uint64_t server_us;             /* microseconds the server spent on the step */
+} fasa_client_step_stats;
+
+/* One decode step of one layer: inputs, then where the results go. Start from
+ * FASA_CLIENT_ATTEND_REQ_INIT (all defaults, max_pos -1). */
+typedef struct fasa_client_attend_req {
+    const char *session_id;
+    fasa_client_geometry geom; /* the session's (n_heads, n_kv_heads, head_dim are used) */
+    uint32_t layer;
+    const float *q;                /* [n_heads, head_dim] post-RoPE queries of position t */
+    const float *k_new;            /* [n_kv_heads, head_dim] appended first, or NULL */
+    const float *v_new;            /* [n_kv_heads, head_dim], with k_new */
+    fasa_client_method method;     /* DEFAULT: the session's */
+    uint32_t budget;               /* 0: the session's */
+    fasa_client_gqa gqa;           /* DEFAULT: the session's */
+    int64_t max_pos;               /* highest visible position; -1: every appended one */
+    float *out;                    /* [n_heads, head_dim]: the attention outputs (required) */
+    int32_t *selected;             /* NULL, or [n_heads, selected_budget]: chosen positions */
+    uint32_t selected_budget;      /* columns of selected; 0: budget (then budget must be set) */
+    fasa_client_step_stats *stats; /* NULL, or the step's statistics */
+} fasa_client_attend_req;
+
+#define FASA_CLIENT_ATTEND_REQ_INIT                                                                \
+    {                                                                                              \
+        NULL, {0, 0, 0, 0}, 0, NULL, NULL, NULL, FASA_CLIENT_METHOD_DEFAULT, 0,                    \
+            FASA_CLIENT_GQA_DEFAULT, -1, NULL, NULL, 0, NULL                                       \
+    }
+
+/* Runs one step (see fasa_client_attend_req). selected gets each head's positions best
+ * first (every visible position ascending when they fit the budget), -1 padded; all -1
+ * when the step ran dense. */
+fasa_client_status fasa_client_attend(fasa_client *c, const fasa_client_attend_req *req,
+                                      fasa_client_error *err);
+
+/* Runs n_items steps (1..4096, e.g. the layers of one step) in one round trip, in order.
+ * Returns the status of the round trip; each item's own status and message go to
+ * item_errs[i] (code FASA_CLIENT_OK and an empty message on success). A failed item writes
+ * nothing to its buffers and changes nothing on the server. */
+fasa_client_status fasa_client_batch_attend(fasa_client *c, size_t n_items,
+                                            const fasa_client_attend_req *items,
+                                            fasa_client_error *item_errs, fasa_client_error *err);
+
+/* Calibration options. Zero-initialise; zero fields take the server's defaults. */
+typedef struct fasa_client_calib_opts {
+    fasa_client_pairing pairing; /* DEFAULT: interleaved */
+    uint32_t ntip;               /* dominant FCs per head; 0: head_dim / 8 (at least 1) */
+    uint32_t window;             /* CA window K; 0: 32 */
+    uint32_t pos_begin;          /* sample positions [pos_begin, pos_end) by pos_step; */
+    uint32_t pos_end;            /* pos_end 0: the last half of the tokens, step 1 */
+    uint32_t pos_step;           /* 0: 1 */
+    fasa_client_gqa gqa;         /* SHARED: one FC set per KV head; DEFAULT: per-head */
+    const char *profile_name;    /* also store the profile on the server by this name */
+} fasa_client_calib_opts;
+
+/* Computes a profile from sample activations: q [n_layers, n_tokens, n_heads, head_dim]
+ * and k [n_layers, n_tokens, n_kv_heads, head_dim]. On success *profile_text_p is the
+ * profile file's text (malloc'd, NUL-terminated; the caller frees it). opts may be NULL. */
+fasa_client_status fasa_client_calibrate(fasa_client *c, const fasa_client_geometry *geom,
+                                         uint32_t n_tokens, const float *q, const float *k,
+                                         const fasa_client_calib_opts *opts, char **profile_text_p,
+                                         fasa_client_error *err);
+
+/* Gives a session that holds no tokens yet a profile: exactly one of profile_text and
+ * profile_name (a profile stored on the server) is not NULL. */
+fasa_client_status fasa_client_set_profile(fasa_client *c, const char *session_id,
+                                           const char *profile_text, const char *profile_name,
+                                           fasa_client_error *err);
+
+/* One session as the server holds it. */
+typedef struct fasa_client_session_info {
+    char session_id[129];
+    uint32_t n_layers, n_heads, n_kv_heads, head_dim;
+    uint64_t length;   /* tokens held by layer 0 */
+    uint64_t kv_bytes; /* bytes of keys and values, all layers */
+    int has_profile;
+    fasa_client_method method; /* default method */
+    uint32_t budget;           /* default budget */
+} fasa_client_session_info;
+
+/* Server-wide statistics, and one session's when asked for. */
+typedef struct fasa_client_stats {
+    uint32_t n_ranks, n_shards, n_sessions, n_profiles;
+    uint64_t requests;     /* answered since start */
+    uint64_t errors;       /* of which not OK */
+    uint64_t attend_steps; /* batch items count one each */
+    uint64_t kv_bytes;     /* keys and values held, all sessions */
+    double uptime_s;
+    int has_session; /* 1 when session below is filled */
+    fasa_client_session_info session;
+} fasa_client_stats;
+
+/* Server statistics into *stats; with session_id (or NULL), also that session's geometry
+ * and length (NOT_FOUND when there is no such session). */
+fasa_client_status fasa_client_get_stats(fasa_client *c, const char *session_id,
+                                         fasa_client_stats *stats, fasa_client_error *err);
+
+/* Asks the server to stop cleanly (every rank) once it has answered. */
+fasa_client_status fasa_client_shutdown(fasa_client *c, fasa_client_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
