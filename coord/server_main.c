@@ -1,0 +1,338 @@
+/* fasa-server: rank 0 serves fasa.v1 requests on a ZeroMQ ROUTER socket and drives the
+ * worker ranks over MPI; ranks 1..N-1 hold the shards. Started without a launcher (one
+ * rank), the coordinator holds the only shard itself.
+ *
+ * Every MPI call happens on the main thread of each rank (MPI_THREAD_FUNNELED). Rank 0
+ * handles one request at a time, in arrival order; clients match replies by request id.
+ * SIGTERM, SIGINT and a Shutdown request all stop every rank cleanly. */
+#include <errno.h>
+#include <getopt.h>
+#include <malloc.h>
+#include <mpi.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include "edge.h"
+#include "service.h"
+#include "transport_mpi.h"
+#include "worker_mpi.h"
+
+#define DEFAULT_BIND "tcp://127.0.0.1:5555"
+
+static const char usage[] =
+    "usage: fasa-server [options]\n"
+    "       mpirun -n N fasa-server [options]     (rank 0 coordinates, ranks 1..N-1 hold shards)\n"
+    "\n"
+    "Serves the fasa.v1 protocol (proto/fasa.proto) on a ZeroMQ ROUTER socket.\n"
+    "Started without a launcher it runs as one rank that also holds the KV cache.\n"
+    "\n"
+    "  --bind ENDPOINT       where to listen (default " DEFAULT_BIND "; loopback unless told\n"
+    "                        otherwise; tcp://127.0.0.1:* picks a free port)\n"
+    "  --endpoint-file FILE  write the bound endpoint to FILE once listening\n"
+    "  --pid-file FILE       write the coordinator's PID to FILE once listening\n"
+    "  --block N             tokens per placement block (default 2048)\n"
+    "  --max-message BYTES   largest request accepted (default 268435456)\n"
+    "  --quiet               no start and stop lines on stderr\n"
+    "  --version             print the version\n"
+    "  --help                this text\n"
+    "\n"
+    "Stop it with SIGTERM (deploy/stop-local.sh) or a Shutdown request (fasa shutdown).\n";
+
+typedef struct server_opts {
+    const char *bind, *endpoint_file, *pid_file;
+    long block;
+    long long max_message;
+    int quiet;
+} server_opts;
+
+static volatile sig_atomic_t s_stop;
+
+static void s_on_signal(int sig)
+{
+    (void)sig;
+    s_stop = 1;
+}
+
+/* Parses argv on every rank (all ranks see the same arguments). Returns 0 to run, 1 when
+ * done (help, version), 2 on a usage error (message printed by rank 0). */
+static int s_parse(int argc, char **argv, server_opts *o, int rank)
+{
+    static const struct option opts[] = {{"bind", required_argument, 0, 'b'},
+                                         {"endpoint-file", required_argument, 0, 'e'},
+                                         {"pid-file", required_argument, 0, 'p'},
+                                         {"block", required_argument, 0, 'B'},
+                                         {"max-message", required_argument, 0, 'm'},
+                                         {"quiet", no_argument, 0, 'q'},
+                                         {"version", no_argument, 0, 'V'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
+    *o = (server_opts){
+        .bind = DEFAULT_BIND, .block = 2048, .max_message = (long long)EDGE_DEFAULT_MAX_MESSAGE};
+    opterr = 0;
+    int c;
+    char *end;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (c) {
+        case 'b':
+            o->bind = optarg;
+            break;
+        case 'e':
+            o->endpoint_file = optarg;
+            break;
+        case 'p':
+            o->pid_file = optarg;
+            break;
+        case 'B':
+            o->block = strtol(optarg, &end, 10);
+            if (*end || o->block < 1 || o->block > (1L << 24)) {
+                if (!rank)
+                    fprintf(stderr, "fasa-server: --block '%s' must be in [1, 16777216]\n", optarg);
+                return 2;
+            }
+            break;
+        case 'm':
+            o->max_message = strtoll(optarg, &end, 10);
+            if (*end || o->max_message < 1024 || o->max_message > (1LL << 31)) {
+                if (!rank)
+                    fprintf(stderr, "fasa-server: --max-message '%s' must be in [1024, 2^31]\n",
+                            optarg);
+                return 2;
+            }
+            break;
+        case 'q':
+            o->quiet = 1;
+            break;
+        case 'V':
+            if (!rank) puts("fasa-server 0.1.0");
+            return 1;
+        case 'h':
+            if (!rank) fputs(usage, stdout);
+            return 1;
+        default:
+            if (!rank)
+                fprintf(stderr, "fasa-server: unknown or incomplete option '%s' (see --help)\n",
+                        argv[optind - 1]);
+            return 2;
+        }
+    }
+    if (optind < argc) {
+        if (!rank) fprintf(stderr, "fasa-server: unexpected argument '%s'\n", argv[optind]);
+        return 2;
+    }
+    return 0;
+}
+
+static int s_write_file(const char *path, const char *text)
+{
+    FILE *f = fopen(path, "w");
+    if (!f) return -1;
+    const int bad = fputs(text, f) < 0 || fputc('\n', f) == EOF;
+    return fclose(f) || bad ? -1 : 0;
+}
+
+/* Receives one message (all its frames). Frames: [routing id][empty delimiter, REQ
+ * peers only][payload]. Returns 0 with the parts filled (payload may be NULL when the
+ * shape is wrong: *bad_shape_p is then 1), or -1 when nothing could be read. */
+typedef struct inbound {
+    zmq_msg_t id, payload;
+    int has_id, has_payload, has_delim, bad_shape;
+} inbound;
+
+static int s_recv(void *sock, inbound *in)
+{
+    memset(in, 0, sizeof(*in));
+    int frame = 0, more = 1;
+    while (more) {
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        if (zmq_msg_recv(&m, sock, frame ? 0 : ZMQ_DONTWAIT) < 0) {
+            zmq_msg_close(&m);
+            if (frame == 0) return -1;
+            in->bad_shape = 1;
+            break;
+        }
+        more = zmq_msg_more(&m);
+        if (frame == 0) {
+            in->id = m;
+            in->has_id = 1;
+        } else if (frame == 1 && more && zmq_msg_size(&m) == 0) {
+            in->has_delim = 1;
+            zmq_msg_close(&m);
+        } else if (!in->has_payload && !more) {
+            in->payload = m;
+            in->has_payload = 1;
+        } else {
+            in->bad_shape = 1; /* extra frames: drained and refused */
+            zmq_msg_close(&m);
+        }
+        frame++;
+    }
+    if (!in->has_payload) in->bad_shape = 1;
+    return 0;
+}
+
+static void s_inbound_close(inbound *in)
+{
+    if (in->has_id) zmq_msg_close(&in->id);
+    if (in->has_payload) zmq_msg_close(&in->payload);
+}
+
+/* Sends a reply in the envelope the request came in. A peer that has gone away
+ * (EHOSTUNREACH) or cannot take more (EAGAIN) loses its reply; the server goes on. */
+static void s_send(void *sock, inbound *in, const uint8_t *buf, size_t len)
+{
+    if (zmq_send(sock, zmq_msg_data(&in->id), zmq_msg_size(&in->id), ZMQ_SNDMORE | ZMQ_DONTWAIT) <
+        0)
+        return;
+    if (in->has_delim && zmq_send(sock, "", 0, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0) return;
+    zmq_send(sock, buf, len, ZMQ_DONTWAIT);
+}
+
+static int s_serve(fasa_service *svc, const server_opts *o, int n_ranks)
+{
+    void *ctx = zmq_ctx_new();
+    void *sock = ctx ? zmq_socket(ctx, ZMQ_ROUTER) : NULL;
+    if (!sock) {
+        fprintf(stderr, "fasa-server: cannot create a ZeroMQ socket: %s\n", zmq_strerror(errno));
+        if (ctx) zmq_ctx_term(ctx);
+        return 1;
+    }
+    const int64_t maxmsg = o->max_message;
+    const int one = 1, linger = 1000, hwm = 1000;
+    zmq_setsockopt(sock, ZMQ_MAXMSGSIZE, &maxmsg, sizeof(maxmsg));
+    zmq_setsockopt(sock, ZMQ_ROUTER_MANDATORY, &one, sizeof(one));
+    zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof(linger));
+    zmq_setsockopt(sock, ZMQ_RCVHWM, &hwm, sizeof(hwm));
+    zmq_setsockopt(sock, ZMQ_SNDHWM, &hwm, sizeof(hwm));
+    int rc = 0;
+    if (zmq_bind(sock, o->bind) != 0) {
+        fprintf(stderr, "fasa-server: cannot bind %s: %s\n", o->bind, zmq_strerror(errno));
+        rc = 1;
+        goto done;
+    }
+    char endpoint[256] = "";
+    size_t ep_len = sizeof(endpoint);
+    zmq_getsockopt(sock, ZMQ_LAST_ENDPOINT, endpoint, &ep_len);
+    char pid[32];
+    snprintf(pid, sizeof(pid), "%ld", (long)getpid());
+    if ((o->endpoint_file && s_write_file(o->endpoint_file, endpoint)) ||
+        (o->pid_file && s_write_file(o->pid_file, pid))) {
+        fprintf(stderr, "fasa-server: cannot write %s: %s\n",
+                o->endpoint_file ? o->endpoint_file : o->pid_file, strerror(errno));
+        rc = 1;
+        goto done;
+    }
+    if (!o->quiet)
+        fprintf(stderr, "fasa-server: listening on %s (%d rank%s: %s, block %ld, pid %s)\n",
+                endpoint, n_ranks, n_ranks > 1 ? "s" : "",
+                n_ranks > 1 ? "coordinator + workers" : "one rank holds the shard", o->block, pid);
+
+    int shutdown = 0;
+    while (!shutdown && !s_stop) {
+        zmq_pollitem_t item = {sock, 0, ZMQ_POLLIN, 0};
+        /* Blocks (no spinning) until a request or a signal arrives. */
+        if (zmq_poll(&item, 1, 1000) < 0) {
+            if (errno == EINTR) continue;
+            fprintf(stderr, "fasa-server: zmq_poll: %s\n", zmq_strerror(errno));
+            rc = 1;
+            break;
+        }
+        if (!(item.revents & ZMQ_POLLIN)) continue;
+        inbound in;
+        if (s_recv(sock, &in)) continue;
+        uint8_t *reply = NULL;
+        size_t reply_len = 0;
+        int failed;
+        if (in.bad_shape)
+            failed = fasa_service_error(0, FASA_INVALID_ARGUMENT,
+                                        "request: expected exactly one payload frame", &reply,
+                                        &reply_len);
+        else
+            failed = fasa_service_handle(svc, zmq_msg_data(&in.payload), zmq_msg_size(&in.payload),
+                                         &reply, &reply_len, &shutdown);
+        if (!failed) s_send(sock, &in, reply, reply_len);
+        free(reply);
+        s_inbound_close(&in);
+    }
+    if (!o->quiet)
+        fprintf(stderr, "fasa-server: stopping (%s)\n", s_stop ? "signal" : "shutdown request");
+done:
+    zmq_close(sock);
+    zmq_ctx_term(ctx);
+    if (o->pid_file) unlink(o->pid_file);
+    if (o->endpoint_file) unlink(o->endpoint_file);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    int provided, rank, size;
+    if (MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS) {
+        fprintf(stderr, "fasa-server: MPI_Init_thread failed\n");
+        return 1;
+    }
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    if (provided < MPI_THREAD_FUNNELED) {
+        if (!rank) fprintf(stderr, "fasa-server: MPI gives no MPI_THREAD_FUNNELED support\n");
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    server_opts o;
+    const int parsed = s_parse(argc, argv, &o, rank);
+    if (parsed) {
+        MPI_Finalize();
+        return parsed == 1 ? 0 : 2;
+    }
+
+    if (rank != 0) {
+        /* Workers leave signals to rank 0, which stops them in order. */
+        signal(SIGTERM, SIG_IGN);
+        signal(SIGINT, SIG_IGN);
+        const int rc = worker_mpi_loop(MPI_COMM_WORLD);
+        if (rc) MPI_Abort(MPI_COMM_WORLD, 1);
+        MPI_Finalize();
+        return 0;
+    }
+
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = s_on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    /* Requests of up to tens of MB are allocated and freed all the time (the ZeroMQ frame,
+     * the decoded copy, the reply). Serving them from the heap instead of fresh mmaps saves
+     * the page faults and munmaps that otherwise dominate an append's cost. */
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    mallopt(M_TRIM_THRESHOLD, 512 << 20);
+
+    fasa_engine_t *engine = NULL;
+    if (size == 1) {
+        engine = fasa_engine_new(1, (int)o.block);
+    } else {
+        fasa_transport t;
+        if (fasa_transport_mpi(&t, MPI_COMM_WORLD) == 0) {
+            engine = fasa_engine_new_with(&t, (int)o.block);
+            if (!engine) t.destroy(t.ctx);
+        }
+    }
+    if (!engine) {
+        fprintf(stderr, "fasa-server: out of memory starting the engine\n");
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    const fasa_service_opts so = {.n_ranks = size, .max_message = (size_t)o.max_message};
+    fasa_service *svc = fasa_service_new(engine, size == 1 ? 1 : size - 1, &so);
+    if (!svc) {
+        fprintf(stderr, "fasa-server: out of memory starting the service\n");
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    const int rc = s_serve(svc, &o, size);
+    fasa_service_destroy(&svc); /* the engine's transport tells the workers to stop */
+    MPI_Finalize();
+    return rc;
+}

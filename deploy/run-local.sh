@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Starts fasa-server with N ranks under mpirun on this machine (rank 0 coordinates, ranks
+# 1..N-1 hold the shards; N=1 runs without a launcher), waits until it answers ping, and
+# prints the endpoint and the PID file. Stop it with deploy/stop-local.sh.
+#
+#   deploy/run-local.sh N [--bind ENDPOINT] [--run-dir DIR] [-- extra fasa-server options]
+#
+# Environment: FASA_BUILD (build directory, default ./build), FASA_RUN_DIR (where the PID,
+# endpoint and log files go, default /tmp/fasa-local). Root-safe: sets Open MPI's
+# run-as-root and oversubscription variables, and one OpenBLAS thread per rank.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+
+[ $# -ge 1 ] || { usage >&2; exit 2; }
+case "$1" in -h|--help) usage; exit 0 ;; esac
+n=$1; shift
+[[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "run-local: N must be a positive integer, got '$n'" >&2; exit 2; }
+bind="tcp://127.0.0.1:5555"
+run_dir=${FASA_RUN_DIR:-/tmp/fasa-local}
+extra=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --bind) bind=${2:?--bind needs an endpoint}; shift 2 ;;
+        --run-dir) run_dir=${2:?--run-dir needs a directory}; shift 2 ;;
+        --) shift; extra=("$@"); break ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "run-local: unknown option '$1' (see --help)" >&2; exit 2 ;;
+    esac
+done
+build=${FASA_BUILD:-$here/build}
+server=$build/fasa-server
+client=$build/fasa
+[ -x "$server" ] || { echo "run-local: $server not found; build first (cmake -S . -B build && cmake --build build -j)" >&2; exit 1; }
+mkdir -p "$run_dir"
+pid_file=$run_dir/fasa-server.pid          # rank 0 (the coordinator)
+launcher_pid_file=$run_dir/launcher.pid    # mpirun, or rank 0 itself when N=1
+endpoint_file=$run_dir/endpoint
+log=$run_dir/fasa-server.log
+if [ -f "$launcher_pid_file" ] && kill -0 "$(cat "$launcher_pid_file")" 2>/dev/null; then
+    echo "run-local: a server is already running (PID $(cat "$launcher_pid_file"), $run_dir); stop it with deploy/stop-local.sh" >&2
+    exit 1
+fi
+rm -f "$pid_file" "$endpoint_file"
+
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export OMPI_MCA_rmaps_base_oversubscribe=1 OPENBLAS_NUM_THREADS=1
+args=(--bind "$bind" --pid-file "$pid_file" --endpoint-file "$endpoint_file" "${extra[@]}")
+if [ "$n" -eq 1 ]; then
+    setsid "$server" "${args[@]}" >"$log" 2>&1 < /dev/null &
+else
+    setsid mpirun -n "$n" -x OPENBLAS_NUM_THREADS "$server" "${args[@]}" >"$log" 2>&1 < /dev/null &
+fi
+launcher=$!
+echo "$launcher" > "$launcher_pid_file"
+
+# Wait for the endpoint file, then for a ping answer.
+for _ in $(seq 1 300); do
+    if ! kill -0 "$launcher" 2>/dev/null; then
+        echo "run-local: fasa-server exited during start-up; its log ($log):" >&2
+        cat "$log" >&2
+        rm -f "$launcher_pid_file"
+        exit 1
+    fi
+    if [ -s "$endpoint_file" ]; then
+        endpoint=$(cat "$endpoint_file")
+        if [ ! -x "$client" ] || FASA_TIMEOUT_MS=2000 "$client" ping --server "$endpoint" >/dev/null 2>&1; then
+            echo "fasa-server: $n rank(s) answering on $endpoint"
+            echo "endpoint: $endpoint"
+            echo "pid file: $pid_file (launcher $launcher_pid_file, log $log)"
+            exit 0
+        fi
+    fi
+    sleep 0.1
+done
+echo "run-local: fasa-server did not answer within 30 s; see $log" >&2
+exit 1

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# fasa-server end to end with N ranks: start it with deploy/run-local.sh, check that idle
+# ranks do not spin a core, send bad input over the socket (socket_test), check that
+# `fasa replay --server` gives the embedded engine's numbers on the recorded stories260K dump
+# (fasa, dense, oracle), then stop it (odd N: a Shutdown request, even N: SIGTERM through
+# deploy/stop-local.sh) and check every rank is gone.
+# usage: server_test.sh N BUILD_DIR SHARED_DIR
+set -u
+n=$1
+build=$2
+shared=$3
+root=$(cd "$(dirname "$0")/.." && pwd)
+fasa=$build/fasa
+dump=$shared/data/models/stories260K/golden/tinystories_T2048.qkv
+tmp=$(mktemp -d)
+export FASA_BUILD=$build FASA_RUN_DIR=$tmp/run
+# The server (MPI) runs with the environment's ASAN_OPTIONS; clients check leaks.
+client_asan=${ASAN_OPTIONS:-}
+client_asan=${client_asan//detect_leaks=0/detect_leaks=1}
+pass=0
+fail=0
+ok() { pass=$((pass + 1)); echo "ok: $*"; }
+bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
+cleanup() {
+    bash "$root/deploy/stop-local.sh" >/dev/null 2>&1 || true
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+max_message=8388608
+if ! bash "$root/deploy/run-local.sh" "$n" --bind 'tcp://127.0.0.1:*' -- --max-message $max_message --block 64; then
+    echo "FAIL: the server did not start"
+    exit 1
+fi
+ep=$(cat "$FASA_RUN_DIR/endpoint")
+launcher=$(cat "$FASA_RUN_DIR/launcher.pid")
+ranks=$(pgrep -P "$launcher" | tr '\n' ' ')
+[ "$n" -eq 1 ] && ranks=$launcher
+nranks=$(echo $ranks | wc -w)
+[ "$nranks" -eq "$n" ] && ok "$n rank process(es): $ranks" || bad "expected $n ranks, found '$ranks'"
+
+# Idle ranks must not spin: CPU seconds per rank over 2 idle seconds.
+tck=$(getconf CLK_TCK)
+cpu() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+declare -A before
+for p in $ranks; do before[$p]=$(cpu "$p"); done
+sleep 2
+for p in $ranks; do
+    used=$(( $(cpu "$p") - ${before[$p]} ))
+    secs=$(awk -v t="$used" -v c="$tck" 'BEGIN { printf "%.2f", t / c }')
+    if [ "$used" -le $((tck * 2 / 5)) ]; then ok "rank pid $p idle CPU ${secs} s over 2 s"
+    else bad "rank pid $p used ${secs} s of CPU in 2 idle seconds"; fi
+done
+
+# Bad input over the socket.
+if ASAN_OPTIONS=$client_asan FASA_ENDPOINT=$ep FASA_MAX_MESSAGE=$max_message "$build/socket_test"; then ok "socket_test"
+else bad "socket_test"; fi
+
+# replay --server equals the embedded engine.
+if [ -f "$dump" ]; then
+    if "$fasa" calibrate --qkv "$dump" --ntip 2 --window 32 --out "$tmp/p.profile" >/dev/null 2>&1; then
+        for m in fasa dense oracle; do
+            prof=()
+            [ $m = fasa ] && prof=(--profile "$tmp/p.profile")
+            common=(replay --qkv "$dump" --method $m --budget 32 --positions 1024:2048:64 "${prof[@]}")
+            if ! "$fasa" "${common[@]}" --out "$tmp/e_$m.npy" --selected "$tmp/e_$m.sel.npy" >/dev/null 2>"$tmp/err"; then
+                bad "embedded replay $m: $(cat "$tmp/err")"; continue
+            fi
+            if ! ASAN_OPTIONS=$client_asan "$fasa" "${common[@]}" --server "$ep" --out "$tmp/s_$m.npy" --selected "$tmp/s_$m.sel.npy" >/dev/null 2>"$tmp/err"; then
+                bad "replay --server $m: $(cat "$tmp/err")"; continue
+            fi
+            if d=$("$build/npy_diff" "$tmp/e_$m.npy" "$tmp/s_$m.npy" 1e-6); then ok "replay $m server vs embedded: $d"
+            else bad "replay $m server vs embedded: $d"; fi
+            if cmp -s "$tmp/e_$m.sel.npy" "$tmp/s_$m.sel.npy"; then ok "replay $m: identical selections"
+            else bad "replay $m: selections differ"; fi
+        done
+    else
+        bad "calibrate failed"
+    fi
+else
+    echo "skip: $dump not found"
+fi
+
+# The server is still serving, then it stops cleanly and every rank goes.
+"$fasa" ping --server "$ep" >/dev/null 2>&1 && ok "still answering ping" || bad "ping after the tests"
+if [ $((n % 2)) -eq 1 ]; then
+    how="Shutdown request"
+    "$fasa" shutdown --server "$ep" >/dev/null 2>&1 || bad "fasa shutdown"
+else
+    how="SIGTERM (stop-local.sh)"
+    bash "$root/deploy/stop-local.sh" >/dev/null || bad "stop-local.sh"
+fi
+gone=0
+for _ in $(seq 1 200); do
+    alive=0
+    for p in $launcher $ranks; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ $alive -eq 0 ] && { gone=1; break; }
+    sleep 0.1
+done
+[ $gone -eq 1 ] && ok "every rank gone after a $how" || bad "ranks still running after a $how"
+grep -q "fasa-server: stopping" "$FASA_RUN_DIR/fasa-server.log" && ok "clean stop logged" ||
+    bad "no clean stop in the log: $(tail -5 "$FASA_RUN_DIR/fasa-server.log")"
+
+echo "server_test ($n ranks): $pass passed, $fail failed"
+[ $fail -eq 0 ]

@@ -1,0 +1,178 @@
+/* Against a live fasa-server (FASA_ENDPOINT): the protocol-level bad-input cases of
+ * wire_cases.c over the socket, plus what only a socket has: pipelined DEALER requests
+ * matched by id, a REQ peer, extra frames, and a message over --max-message (the peer is
+ * disconnected; nobody else notices). The server must keep serving throughout and the
+ * session's state must stay unchanged.
+ *
+ * Raw ZeroMQ and the generated protobuf-c code, not libfasa, so the bytes can be wrong. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zmq.h>
+
+#include "fasa.pb-c.h"
+#include "test_util.h"
+#include "wire_cases.h"
+
+static void *s_ctx, *s_sock;
+static const char *s_endpoint;
+
+static void *s_connect(int type)
+{
+    void *sock = zmq_socket(s_ctx, type);
+    ck_assert_ptr_nonnull(sock);
+    const int linger = 0, timeout = 20000;
+    zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof(linger));
+    zmq_setsockopt(sock, ZMQ_RCVTIMEO, &timeout, sizeof(timeout));
+    ck_assert_int_eq(zmq_connect(sock, s_endpoint), 0);
+    return sock;
+}
+
+/* Sends raw bytes, returns the decoded Response (caller frees) or NULL on timeout. */
+static Fasa__V1__Response *s_roundtrip_on(void *sock, const void *buf, size_t len)
+{
+    ck_assert_int_ge(zmq_send(sock, buf, len, 0), 0);
+    zmq_msg_t m;
+    zmq_msg_init(&m);
+    if (zmq_msg_recv(&m, sock, 0) < 0) {
+        zmq_msg_close(&m);
+        return NULL;
+    }
+    Fasa__V1__Response *r = fasa__v1__response__unpack(NULL, zmq_msg_size(&m), zmq_msg_data(&m));
+    zmq_msg_close(&m);
+    ck_assert_msg(r != NULL, "the server's reply is not a Response");
+    return r;
+}
+
+static Fasa__V1__Response *s_rt(const void *buf, size_t len)
+{
+    return s_roundtrip_on(s_sock, buf, len);
+}
+
+static void s_setup(void)
+{
+    s_endpoint = getenv("FASA_ENDPOINT");
+    ck_assert_msg(s_endpoint && *s_endpoint, "set FASA_ENDPOINT");
+    s_ctx = zmq_ctx_new();
+    s_sock = s_connect(ZMQ_DEALER);
+    wire_set_roundtrip(s_rt);
+}
+
+static void s_teardown(void)
+{
+    zmq_close(s_sock);
+    zmq_ctx_term(s_ctx);
+}
+
+START_TEST(test_ping_and_pipelining)
+{
+    /* Ten pipelined pings on a DEALER come back with their ids and payloads. */
+    for (int i = 0; i < 10; i++) {
+        Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+        Fasa__V1__Ping p = FASA__V1__PING__INIT;
+        char payload[16];
+        snprintf(payload, sizeof(payload), "ping-%d", i);
+        p.has_payload = 1;
+        p.payload.data = (uint8_t *)payload;
+        p.payload.len = strlen(payload);
+        req.protocol_version = 1;
+        req.request_id = 1000 + (uint64_t)i;
+        req.body_case = FASA__V1__REQUEST__BODY_PING;
+        req.ping = &p;
+        uint8_t buf[128];
+        const size_t n = fasa__v1__request__pack(&req, buf);
+        ck_assert_int_ge(zmq_send(s_sock, buf, n, 0), 0);
+    }
+    for (int i = 0; i < 10; i++) {
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        ck_assert_int_ge(zmq_msg_recv(&m, s_sock, 0), 0);
+        Fasa__V1__Response *r =
+            fasa__v1__response__unpack(NULL, zmq_msg_size(&m), zmq_msg_data(&m));
+        zmq_msg_close(&m);
+        ck_assert_ptr_nonnull(r);
+        ck_assert_int_eq(r->status, 0);
+        ck_assert_uint_eq(r->request_id, 1000 + (uint64_t)i);
+        char want[16];
+        snprintf(want, sizeof(want), "ping-%d", i);
+        ck_assert_uint_eq(r->ping->payload.len, strlen(want));
+        ck_assert_int_eq(memcmp(r->ping->payload.data, want, strlen(want)), 0);
+        ck_assert_uint_ge(r->ping->n_ranks, 1);
+        fasa__v1__response__free_unpacked(r, NULL);
+    }
+    /* A REQ peer (with its empty delimiter frame) is answered too. */
+    void *req_sock = s_connect(ZMQ_REQ);
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Ping p = FASA__V1__PING__INIT;
+    req.protocol_version = 1;
+    req.request_id = 77;
+    req.body_case = FASA__V1__REQUEST__BODY_PING;
+    req.ping = &p;
+    uint8_t buf[64];
+    const size_t n = fasa__v1__request__pack(&req, buf);
+    Fasa__V1__Response *r = s_roundtrip_on(req_sock, buf, n);
+    ck_assert_ptr_nonnull(r);
+    ck_assert_uint_eq(r->request_id, 77);
+    ck_assert_int_eq(r->status, 0);
+    fasa__v1__response__free_unpacked(r, NULL);
+    zmq_close(req_sock);
+}
+END_TEST
+
+START_TEST(test_frames)
+{
+    wire_make_session();
+    /* Two payload frames. */
+    ck_assert_int_ge(zmq_send(s_sock, "a", 1, ZMQ_SNDMORE), 0);
+    ck_assert_int_ge(zmq_send(s_sock, "b", 1, 0), 0);
+    zmq_msg_t m;
+    zmq_msg_init(&m);
+    ck_assert_int_ge(zmq_msg_recv(&m, s_sock, 0), 0);
+    Fasa__V1__Response *r = fasa__v1__response__unpack(NULL, zmq_msg_size(&m), zmq_msg_data(&m));
+    zmq_msg_close(&m);
+    ck_assert_ptr_nonnull(r);
+    wire_expect_error(r, FASA__V1__STATUS__INVALID_ARGUMENT, "frame");
+    wire_check_unchanged();
+}
+END_TEST
+
+START_TEST(test_oversized)
+{
+    /* Over --max-message (the test server runs with 1 MiB): ZeroMQ drops it and
+     * disconnects that peer; nobody else notices. FASA_MAX_MESSAGE says the limit. */
+    const char *lim = getenv("FASA_MAX_MESSAGE");
+    if (!lim) return;
+    wire_make_session();
+    const size_t n = (size_t)atol(lim) + 1;
+    uint8_t *big = test_alloc(n);
+    memset(big, 0x0a, n);
+    void *other = s_connect(ZMQ_DEALER);
+    const int short_timeout = 1500;
+    zmq_setsockopt(other, ZMQ_RCVTIMEO, &short_timeout, sizeof(short_timeout));
+    Fasa__V1__Response *r = s_roundtrip_on(other, big, n);
+    ck_assert_msg(r == NULL, "an oversized message got a reply");
+    zmq_close(other);
+    free(big);
+    wire_check_unchanged();
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("socket");
+    TCase *tc = tcase_create("socket");
+    tcase_add_checked_fixture(tc, s_setup, s_teardown);
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, test_ping_and_pipelining);
+    wire_cases_add(tc);
+    tcase_add_test(tc, test_frames);
+    tcase_add_test(tc, test_oversized);
+    suite_add_tcase(s, tc);
+    SRunner *sr = srunner_create(s);
+    srunner_set_fork_status(sr, CK_NOFORK);
+    srunner_run_all(sr, CK_NORMAL);
+    const int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
