@@ -351,6 +351,17 @@ static fasa_client_status s_call(fasa_client *c, Fasa__V1__Request *req,
     }
 }
 
+/* A request whose OK response carries no body (DropSession, SetProfile, Shutdown). */
+static fasa_client_status s_call_no_body(fasa_client *c, Fasa__V1__Request *req,
+                                         fasa_client_error *err)
+{
+    Fasa__V1__Response *resp;
+    const fasa_client_status st = s_call(c, req, FASA__V1__RESPONSE__BODY__NOT_SET, &resp, err);
+    if (st) return st;
+    fasa__v1__response__free_unpacked(resp, NULL);
+    return FASA_CLIENT_OK;
+}
+
 /* ---------------------------------------------------------------- tensors ---- */
 
 typedef struct tensor_buf {
@@ -545,11 +556,7 @@ fasa_client_status fasa_client_drop_session(fasa_client *c, const char *session_
     Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
     req.body_case = FASA__V1__REQUEST__BODY_DROP_SESSION;
     req.drop_session = &ds;
-    Fasa__V1__Response *resp;
-    const fasa_client_status st = s_call(c, &req, FASA__V1__RESPONSE__BODY__NOT_SET, &resp, err);
-    if (st) return st;
-    fasa__v1__response__free_unpacked(resp, NULL);
-    return FASA_CLIENT_OK;
+    return s_call_no_body(c, &req, err);
 }
 
 fasa_client_status fasa_client_append(fasa_client *c, const char *session_id,
@@ -854,11 +861,7 @@ fasa_client_status fasa_client_set_profile(fasa_client *c, const char *session_i
     Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
     req.body_case = FASA__V1__REQUEST__BODY_SET_PROFILE;
     req.set_profile = &sp;
-    Fasa__V1__Response *resp;
-    const fasa_client_status st = s_call(c, &req, FASA__V1__RESPONSE__BODY__NOT_SET, &resp, err);
-    if (st) return st;
-    fasa__v1__response__free_unpacked(resp, NULL);
-    return FASA_CLIENT_OK;
+    return s_call_no_body(c, &req, err);
 }
 
 fasa_client_status fasa_client_get_stats(fasa_client *c, const char *session_id,
@@ -912,9 +915,5 @@ fasa_client_status fasa_client_shutdown(fasa_client *c, fasa_client_error *err)
     Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
     req.body_case = FASA__V1__REQUEST__BODY_SHUTDOWN;
     req.shutdown = &sd;
-    Fasa__V1__Response *resp;
-    const fasa_client_status st = s_call(c, &req, FASA__V1__RESPONSE__BODY__NOT_SET, &resp, err);
-    if (st) return st;
-    fasa__v1__response__free_unpacked(resp, NULL);
-    return FASA_CLIENT_OK;
+    return s_call_no_body(c, &req, err);
 }

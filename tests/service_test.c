@@ -53,7 +53,7 @@ static void s_tensor(Fasa__V1__Tensor *t, uint64_t *shape, const float *data, si
 
 START_TEST(test_calibrate_profile_stats_shutdown)
 {
-    enum { L = 2, T = 96, H = 4, HKV = 2, D = 8 };
+    enum { L = WIRE_L, T = 96, H = WIRE_H, HKV = WIRE_HKV, D = WIRE_D };
     test_rng rng = {5};
     float *q = test_alloc(sizeof(float) * L * T * H * D);
     float *k = test_alloc(sizeof(float) * L * T * HKV * D);
@@ -104,15 +104,9 @@ START_TEST(test_calibrate_profile_stats_shutdown)
     fasa__v1__response__free_unpacked(r, NULL);
 
     /* A session created without a profile gets the stored one; then fasa runs. */
-    Fasa__V1__Request cr = FASA__V1__REQUEST__INIT;
-    Fasa__V1__CreateSession cs = FASA__V1__CREATE_SESSION__INIT;
-    cs.session_id = "cal";
-    cs.n_layers = L;
-    cs.n_heads = H;
-    cs.n_kv_heads = HKV;
-    cs.head_dim = D;
-    cr.body_case = FASA__V1__REQUEST__BODY_CREATE_SESSION;
-    cr.create_session = &cs;
+    Fasa__V1__Request cr;
+    Fasa__V1__CreateSession cs;
+    wire_create_init(&cr, &cs, "cal");
     r = wire_send(&cr);
     ck_assert_int_eq(r->status, 0);
     ck_assert_uint_eq(r->create_session->n_shards, 2);
@@ -236,20 +230,13 @@ START_TEST(test_mutated_requests)
     Fasa__V1__BatchAttend b = FASA__V1__BATCH_ATTEND__INIT;
     b.n_items = 2;
     b.items = items;
-    Fasa__V1__CreateSession c = FASA__V1__CREATE_SESSION__INIT;
-    c.session_id = "m";
-    c.n_layers = 2;
-    c.n_heads = H;
-    c.n_kv_heads = HKV;
-    c.head_dim = D;
-    Fasa__V1__Request r1 = FASA__V1__REQUEST__INIT, r2 = FASA__V1__REQUEST__INIT,
-                      r3 = FASA__V1__REQUEST__INIT;
+    Fasa__V1__CreateSession c;
+    Fasa__V1__Request r1 = FASA__V1__REQUEST__INIT, r2 = FASA__V1__REQUEST__INIT, r3;
+    wire_create_init(&r3, &c, "m");
     r1.body_case = FASA__V1__REQUEST__BODY_ATTEND;
     r1.attend = &a;
     r2.body_case = FASA__V1__REQUEST__BODY_BATCH_ATTEND;
     r2.batch_attend = &b;
-    r3.body_case = FASA__V1__REQUEST__BODY_CREATE_SESSION;
-    r3.create_session = &c;
     size_t len[3];
     uint8_t *good[3] = {s_pack(&r1, &len[0]), s_pack(&r2, &len[1]), s_pack(&r3, &len[2])};
     int n_ok = 0;

@@ -26,6 +26,19 @@ static wire_rt_fn s_rt;
 static uint64_t s_next_id = 1;
 static float s_k[L][N][HKV][D], s_v[L][N][HKV][D], s_q[H][D];
 
+void wire_create_init(Fasa__V1__Request *req, Fasa__V1__CreateSession *c, const char *id)
+{
+    fasa__v1__request__init(req);
+    fasa__v1__create_session__init(c);
+    c->session_id = (char *)id;
+    c->n_layers = L;
+    c->n_heads = H;
+    c->n_kv_heads = HKV;
+    c->head_dim = D;
+    req->body_case = FASA__V1__REQUEST__BODY_CREATE_SESSION;
+    req->create_session = c;
+}
+
 void wire_set_roundtrip(wire_rt_fn rt)
 {
     s_rt = rt;
@@ -154,15 +167,9 @@ void wire_make_session(void)
     req.drop_session = &drop;
     fasa__v1__response__free_unpacked(wire_send(&req), NULL); /* from an earlier run */
 
-    Fasa__V1__Request cr = FASA__V1__REQUEST__INIT;
-    Fasa__V1__CreateSession c = FASA__V1__CREATE_SESSION__INIT;
-    c.session_id = "bad";
-    c.n_layers = L;
-    c.n_heads = H;
-    c.n_kv_heads = HKV;
-    c.head_dim = D;
-    cr.body_case = FASA__V1__REQUEST__BODY_CREATE_SESSION;
-    cr.create_session = &c;
+    Fasa__V1__Request cr;
+    Fasa__V1__CreateSession c;
+    wire_create_init(&cr, &c, "bad");
     Fasa__V1__Response *r = wire_send(&cr);
     ck_assert_msg(r->status == 0, "create: %s", r->message);
     fasa__v1__response__free_unpacked(r, NULL);
@@ -333,15 +340,9 @@ START_TEST(test_bad_fields)
         FASA__V1__STATUS__NOT_FOUND, "session_id");
 
     /* A duplicate create, a session id with a space, and an unknown drop. */
-    Fasa__V1__Request cr = FASA__V1__REQUEST__INIT;
-    Fasa__V1__CreateSession c = FASA__V1__CREATE_SESSION__INIT;
-    c.session_id = "bad";
-    c.n_layers = L;
-    c.n_heads = H;
-    c.n_kv_heads = HKV;
-    c.head_dim = D;
-    cr.body_case = FASA__V1__REQUEST__BODY_CREATE_SESSION;
-    cr.create_session = &c;
+    Fasa__V1__Request cr;
+    Fasa__V1__CreateSession c;
+    wire_create_init(&cr, &c, "bad");
     wire_expect_error(wire_send(&cr), FASA__V1__STATUS__ALREADY_EXISTS, "bad");
     c.session_id = "has space";
     wire_expect_error(wire_send(&cr), FASA__V1__STATUS__INVALID_ARGUMENT,

@@ -20,6 +20,8 @@
 typedef Fasa__V1__Response *(*wire_rt_fn)(const void *buf, size_t len);
 
 void wire_set_roundtrip(wire_rt_fn rt);
+/* A CreateSession request for id with the geometry above (no profile: dense). */
+void wire_create_init(Fasa__V1__Request *req, Fasa__V1__CreateSession *c, const char *id);
 /* Packs and sends req (request id and version filled in when 0); asserts a reply. */
 Fasa__V1__Response *wire_send(Fasa__V1__Request *req);
 /* Asserts an error status whose message names field, then frees r. */
