@@ -14,6 +14,13 @@
 #define MAX_HEADS 1024
 #define MAX_HEAD_DIM 1024
 #define MAX_BUDGET (1 << 20)
+/* Bounds on what one session may make the engine and every shard allocate up front:
+ * layout cells (n_layers x n_heads x head_dim: key permutation and query masks), and
+ * step candidates (selection units x budget, per shard). */
+#define MAX_LAYOUT_CELLS (1 << 24)
+#define MAX_STEP_CANDS (1 << 24)
+/* Transport session numbers are never reused (the MPI workers index tables by them). */
+#define MAX_SESSION_NUMBERS (1 << 24)
 
 typedef struct session {
     char id[FASA_ID_MAX + 1];
@@ -256,6 +263,15 @@ static fasa_status s_check_config(const fasa_session_config *c, fasa_error *err)
     if (c->budget < 1 || c->budget > MAX_BUDGET)
         return s_fail(err, FASA_INVALID_ARGUMENT, "budget %d out of range [1, %d]", c->budget,
                       MAX_BUDGET);
+    const int64_t cells = (int64_t)c->n_layers * c->n_heads * c->head_dim;
+    if (cells > MAX_LAYOUT_CELLS)
+        return s_fail(err, FASA_RESOURCE_EXHAUSTED,
+                      "n_layers x n_heads x head_dim = %lld is over the limit of %d",
+                      (long long)cells, MAX_LAYOUT_CELLS);
+    if ((int64_t)c->n_heads * c->budget > MAX_STEP_CANDS)
+        return s_fail(err, FASA_RESOURCE_EXHAUSTED,
+                      "budget %d x n_heads %d = %lld candidates per step is over the limit of %d",
+                      c->budget, c->n_heads, (long long)c->n_heads * c->budget, MAX_STEP_CANDS);
     if (c->method == FASA_METHOD_FASA && !c->profile)
         return s_fail(err, FASA_FAILED_PRECONDITION,
                       "method fasa needs a calibration profile (fasa calibrate)");
@@ -280,6 +296,10 @@ fasa_status fasa_engine_create(fasa_engine_t *e, const char *id, const fasa_sess
     fasa_status st = s_check_config(cfg, err);
     if (st) return st;
     if (s_find(e, id)) return s_fail(err, FASA_ALREADY_EXISTS, "session '%s' already exists", id);
+    if (e->next_sid >= MAX_SESSION_NUMBERS)
+        return s_fail(err, FASA_RESOURCE_EXHAUSTED,
+                      "this engine has used all its %d session numbers; restart it",
+                      MAX_SESSION_NUMBERS);
 
     session *s = calloc(1, sizeof(*s));
     shard_layout lay = {0};
@@ -320,6 +340,10 @@ fasa_status fasa_engine_set_profile(fasa_engine_t *e, const char *id, const fasa
                           "session '%s' already holds tokens; its profile can only be set "
                           "before the first append",
                           id);
+    if (e->next_sid >= MAX_SESSION_NUMBERS)
+        return s_fail(err, FASA_RESOURCE_EXHAUSTED,
+                      "this engine has used all its %d session numbers; restart it",
+                      MAX_SESSION_NUMBERS);
     fasa_session_config c = s->cfg;
     c.profile = profile;
     fasa_status st = s_check_config(&c, err);
@@ -373,10 +397,13 @@ static long s_nonfinite(size_t n, const float *x)
     return -1;
 }
 
-/* Hands rows pos0 .. pos0 + n - 1 of one layer to their shards, one block run at a time. */
+/* Hands rows pos0 .. pos0 + n - 1 of one layer to their shards, one block run at a time.
+ * Each run is added whole or not at all, so on failure the rows placed so far (*placed_p)
+ * are a prefix, and the session stays consistent once its length counts them. */
 static int s_place(fasa_engine_t *e, session *s, int layer, int32_t pos0, int n, const float *k,
-                   const float *v)
+                   const float *v, int *placed_p)
 {
+    *placed_p = 0;
     const size_t row = (size_t)s->cfg.n_kv_heads * s->cfg.head_dim;
     int32_t pos[1024];
     for (int i = 0; i < n;) {
@@ -390,6 +417,7 @@ static int s_place(fasa_engine_t *e, session *s, int layer, int32_t pos0, int n,
                          v + (size_t)i * row))
             return -1;
         i += run;
+        *placed_p = i;
     }
     return 0;
 }
@@ -422,9 +450,15 @@ fasa_status fasa_engine_append(fasa_engine_t *e, const char *id, int layer, int3
         return s_fail(err, FASA_INVALID_ARGUMENT, "v[%ld] is not finite", bad);
     for (int l = l0; l < l1; l++) {
         const size_t off = per_layer * (size_t)(l - l0);
-        if (s_place(e, s, l, pos0, n, k + off, v + off))
-            return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory appending to '%s'", id);
-        s->n_appended[l] += n;
+        int placed;
+        const int failed = s_place(e, s, l, pos0, n, k + off, v + off, &placed);
+        s->n_appended[l] += placed;
+        if (failed)
+            return s_fail(err, FASA_RESOURCE_EXHAUSTED,
+                          "out of memory appending to '%s': layer %d now holds %d tokens (%d of "
+                          "the %d sent)%s",
+                          id, l, (int)s->n_appended[l], placed, n,
+                          l > l0 ? "; the layers before it took them all" : "");
     }
     return FASA_OK;
 }
@@ -475,6 +509,10 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
     if (budget < 1 || budget > MAX_BUDGET)
         return s_fail(err, FASA_INVALID_ARGUMENT, "budget %d out of range [1, %d]", budget,
                       MAX_BUDGET);
+    if ((int64_t)nh * budget > MAX_STEP_CANDS)
+        return s_fail(err, FASA_RESOURCE_EXHAUSTED,
+                      "budget %d x n_heads %d = %lld candidates per step is over the limit of %d",
+                      budget, nh, (long long)nh * budget, MAX_STEP_CANDS);
     const fasa_gqa gqa = req->gqa < 0 ? c->gqa : (fasa_gqa)req->gqa;
     if (gqa != FASA_GQA_PER_HEAD && gqa != FASA_GQA_SHARED)
         return s_fail(err, FASA_INVALID_ARGUMENT, "gqa %d is unknown", req->gqa);
@@ -502,9 +540,10 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
         return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory for a step of budget %d",
                       budget);
 
-    if (req->k_new && s_place(e, s, req->layer, length - 1, 1, req->k_new, req->v_new))
-        return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory appending to '%s'", id);
-    if (req->k_new) s->n_appended[req->layer]++;
+    int placed = 0;
+    if (req->k_new && s_place(e, s, req->layer, length - 1, 1, req->k_new, req->v_new, &placed))
+        return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory appending k_new to '%s'", id);
+    s->n_appended[req->layer] += placed;
 
     const int n_vis = max_pos + 1;
     const int dense = method == FASA_METHOD_DENSE ||
@@ -573,5 +612,7 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
     }
     return FASA_OK;
 oom:
-    return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory during a step of '%s'", id);
+    return s_fail(err, FASA_RESOURCE_EXHAUSTED,
+                  "a shard failed (out of memory) during a step of '%s'%s", id,
+                  req->k_new ? "; k_new and v_new were appended before the step" : "");
 }

@@ -6,7 +6,10 @@
  * so outputs do not depend on the number of shards beyond float rounding.
  *
  * Every call validates its input first and on error changes nothing, returning a status
- * and a one-line message naming the field at fault. */
+ * and a one-line message naming the field at fault. The one exception is running out of
+ * memory on a shard part-way through an append (or the step after an Attend's k_new): the
+ * rows placed so far stay, the session's length counts them, and the message says so, so a
+ * client can resume from the new length. */
 #ifndef FASA_COORD_ENGINE_H
 #define FASA_COORD_ENGINE_H
 

@@ -202,7 +202,9 @@ static int s_serve(fasa_service *svc, const server_opts *o, int n_ranks)
         return 1;
     }
     const int64_t maxmsg = o->max_message;
-    const int one = 1, linger = 1000, hwm = 1000;
+    /* A bounded queue: 64 requests of up to --max-message bytes wait at most; beyond that
+     * ZeroMQ stops reading from the peers (backpressure) instead of buffering. */
+    const int one = 1, linger = 1000, hwm = 64;
     zmq_setsockopt(sock, ZMQ_MAXMSGSIZE, &maxmsg, sizeof(maxmsg));
     zmq_setsockopt(sock, ZMQ_ROUTER_MANDATORY, &one, sizeof(one));
     zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof(linger));

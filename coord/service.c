@@ -12,6 +12,8 @@
 #include "fasa.pb-c.h"
 
 #define VERSION_STRING "fasa-server 0.1.0"
+/* Calibration cost bound: multiply-adds of the sample positions' score rows. */
+#define MAX_CALIB_WORK 8e9
 
 typedef struct named_profile {
     char name[EDGE_MAX_ID + 1];
@@ -257,8 +259,9 @@ static void s_attend_free(attend_out *a)
     a->selected = NULL;
 }
 
+/* reply_left: bytes the reply may still grow by; the step's outputs are charged to it. */
 static fasa_status s_attend(fasa_service *s, const edge_attend *a, const char *field,
-                            attend_out *ao, reply *r)
+                            attend_out *ao, size_t *reply_left, reply *r)
 {
     const fasa_session_config *c = fasa_engine_config(s->engine, a->session_id);
     if (!c)
@@ -279,6 +282,14 @@ static fasa_status s_attend(fasa_service *s, const edge_attend *a, const char *f
         return s_shape_err(r, f, &a->k_new, want, a->session_id);
     }
     const int budget = a->budget ? a->budget : c->budget;
+    const size_t out_bytes =
+        (size_t)c->n_heads * c->head_dim * sizeof(float) +
+        (a->return_selected ? (size_t)c->n_heads * budget * sizeof(int32_t) : 0) + 256;
+    if (out_bytes > *reply_left)
+        return s_fail(r, FASA_RESOURCE_EXHAUSTED,
+                      "%s: the reply would exceed %zu bytes (n_heads x budget selected "
+                      "positions%s); ask for fewer",
+                      field, s->max_message, a->return_selected ? " with return_selected" : "");
     memset(ao, 0, sizeof(*ao));
     ao->o = malloc((size_t)c->n_heads * c->head_dim * sizeof(float));
     if (a->return_selected) ao->selected = malloc((size_t)c->n_heads * budget * sizeof(int32_t));
@@ -304,6 +315,7 @@ static fasa_status s_attend(fasa_service *s, const edge_attend *a, const char *f
         s_attend_free(ao);
         return s_fail(r, code, "%s: %s", field, fe.msg);
     }
+    *reply_left -= out_bytes;
     s->steps++;
     fasa__v1__attend_result__init(&ao->res);
     fasa__v1__tensor__init(&ao->out);
@@ -367,8 +379,27 @@ static fasa_status s_calibrate(fasa_service *s, const edge_calibrate *c, reply *
                          .gqa_shared = c->gqa == FASA__V1__GQA__SHARED};
     if (o.pos_begin >= o.pos_end) {
         free(ptrs);
-        return s_fail(r, FASA_INVALID_ARGUMENT, "calibrate.pos_begin %d must be below pos_end %d",
-                      o.pos_begin, o.pos_end);
+        return s_fail(r, FASA_INVALID_ARGUMENT,
+                      "calibrate: sample positions [%d, %d) are empty (pos_begin %s, pos_end %s)",
+                      o.pos_begin, o.pos_end, c->pos_begin >= 0 ? "given" : "default T/2",
+                      c->pos_end ? "given" : "default T");
+    }
+    if (o.window > o.pos_begin) {
+        free(ptrs);
+        return s_fail(r, FASA_INVALID_ARGUMENT,
+                      "calibrate.window %d must be at most pos_begin %d: with no more keys than "
+                      "the window, every FC agrees fully",
+                      o.window, o.pos_begin);
+    }
+    /* Each sample position t scores t + 1 keys with every head's full dot product. */
+    const double n_pos = (double)((o.pos_end - o.pos_begin + o.pos_step - 1) / o.pos_step);
+    const double work = (double)L * H * d * n_pos * ((o.pos_begin + o.pos_end) / 2.0 + 1);
+    if (work > MAX_CALIB_WORK) {
+        free(ptrs);
+        return s_fail(r, FASA_RESOURCE_EXHAUSTED,
+                      "calibrate: %.3g multiply-adds is over the limit of %.3g; use fewer sample "
+                      "positions (pos_step) or tokens",
+                      work, MAX_CALIB_WORK);
     }
     char err[256];
     fasa_profile *p = fasa_calibrate(&act, &o, err, sizeof(err));
@@ -377,7 +408,8 @@ static fasa_status s_calibrate(fasa_service *s, const edge_calibrate *c, reply *
     char *text = NULL;
     size_t text_len = 0;
     FILE *f = open_memstream(&text, &text_len);
-    if (!f || fasa_profile_write(p, f) || fclose(f)) {
+    const int bad = !f || fasa_profile_write(p, f);
+    if ((f && fclose(f)) || bad) {
         free(text);
         fasa_profile_destroy(&p);
         return s_fail(r, FASA_RESOURCE_EXHAUSTED, "calibrate: out of memory writing the profile");
@@ -496,6 +528,7 @@ int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **
     Fasa__V1__PingResult ping_res;
     char *text = NULL;
     int n_many = 0;
+    size_t reply_left = s->max_message - 1024;
 
     s->requests++;
     const int code = edge_decode(buf, len, s->max_message, &req, &rid, r.msg, sizeof(r.msg));
@@ -524,7 +557,7 @@ int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **
         s_append(s, &req.u.append, &r);
         break;
     case EDGE_ATTEND:
-        if (s_attend(s, &req.u.attend, "attend", &one, &r) == FASA_OK) {
+        if (s_attend(s, &req.u.attend, "attend", &one, &reply_left, &r) == FASA_OK) {
             resp.body_case = FASA__V1__RESPONSE__BODY_ATTEND;
             resp.attend = &one.res;
         }
@@ -545,7 +578,7 @@ int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **
             snprintf(f, sizeof(f), "batch_attend.items[%d]", i);
             fasa__v1__batch_attend_item__init(&items[i]);
             item_ptrs[i] = &items[i];
-            if (s_attend(s, &req.u.batch.items[i], f, &many[i], &ri) == FASA_OK) {
+            if (s_attend(s, &req.u.batch.items[i], f, &many[i], &reply_left, &ri) == FASA_OK) {
                 items[i].result = &many[i].res;
             } else {
                 s->errors++;
@@ -589,7 +622,10 @@ reply:
         resp.body_case = FASA__V1__RESPONSE__BODY__NOT_SET;
         resp.message = r.msg;
     }
-    const int rc = s_pack(&resp, reply_p, reply_len_p);
+    int rc = s_pack(&resp, reply_p, reply_len_p);
+    if (rc) /* the full reply did not fit in memory: a short one still tells the client */
+        rc = fasa_service_error(rid, FASA_RESOURCE_EXHAUSTED, "out of memory building the reply",
+                                reply_p, reply_len_p);
     s_attend_free(&one);
     for (int i = 0; i < n_many; i++) {
         s_attend_free(&many[i]);

@@ -281,6 +281,71 @@ START_TEST(test_mutated_requests)
 }
 END_TEST
 
+START_TEST(test_limits)
+{
+    /* A few bytes must not make the server allocate gigabytes: geometry whose layout is
+     * too large, and a reply that would be too large, are refused up front. */
+    Fasa__V1__Request cr;
+    Fasa__V1__CreateSession c;
+    wire_create_init(&cr, &c, "big");
+    c.n_layers = c.n_heads = c.n_kv_heads = c.head_dim = 1024;
+    wire_expect_error(wire_send(&cr), FASA__V1__STATUS__RESOURCE_EXHAUSTED,
+                      "n_layers x n_heads x head_dim");
+    c.n_layers = 2;
+    c.n_heads = c.n_kv_heads = 64;
+    c.head_dim = 8;
+    c.has_budget = 1;
+    c.budget = 1 << 20;
+    wire_expect_error(wire_send(&cr), FASA__V1__STATUS__RESOURCE_EXHAUSTED, "budget");
+
+    wire_make_session();
+    float q[WIRE_H * WIRE_D] = {0};
+    uint64_t qs[2] = {WIRE_H, WIRE_D};
+    Fasa__V1__Tensor tq;
+    fasa__v1__tensor__init(&tq);
+    tq.dtype = FASA__V1__DTYPE__F32;
+    tq.n_shape = 2;
+    tq.shape = qs;
+    tq.data.data = (uint8_t *)q;
+    tq.data.len = sizeof(q);
+    Fasa__V1__Attend a = FASA__V1__ATTEND__INIT;
+    a.session_id = "bad";
+    a.layer = 1;
+    a.q = &tq;
+    a.has_budget = a.has_return_selected = 1;
+    a.budget = 1 << 20; /* 16 MiB of selected positions; this service replies at most 1 MiB */
+    a.return_selected = 1;
+    Fasa__V1__Request ar = FASA__V1__REQUEST__INIT;
+    ar.body_case = FASA__V1__REQUEST__BODY_ATTEND;
+    ar.attend = &a;
+    wire_expect_error(wire_send(&ar), FASA__V1__STATUS__RESOURCE_EXHAUSTED, "return_selected");
+    a.return_selected = 0; /* without the positions the same step is fine */
+    Fasa__V1__Response *r = wire_send(&ar);
+    ck_assert_msg(r->status == 0, "%s", r->message);
+    fasa__v1__response__free_unpacked(r, NULL);
+    wire_check_unchanged();
+
+    /* Calibration with a window that holds every key of the first sample position. */
+    enum { T = 40 };
+    float *x = test_alloc(sizeof(float) * WIRE_L * T * WIRE_H * WIRE_D);
+    uint64_t s4[4] = {WIRE_L, T, WIRE_H, WIRE_D};
+    Fasa__V1__Tensor t4;
+    fasa__v1__tensor__init(&t4);
+    t4.dtype = FASA__V1__DTYPE__F32;
+    t4.n_shape = 4;
+    t4.shape = s4;
+    t4.data.data = (uint8_t *)x;
+    t4.data.len = sizeof(float) * WIRE_L * T * WIRE_H * WIRE_D;
+    Fasa__V1__Calibrate cal = FASA__V1__CALIBRATE__INIT;
+    cal.q = cal.k = &t4; /* k with n_kv_heads = n_heads */
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    req.body_case = FASA__V1__REQUEST__BODY_CALIBRATE;
+    req.calibrate = &cal;
+    wire_expect_error(wire_send(&req), FASA__V1__STATUS__INVALID_ARGUMENT, "calibrate.window");
+    free(x);
+}
+END_TEST
+
 Suite *service_suite(void)
 {
     Suite *s = suite_create("service");
@@ -290,6 +355,7 @@ Suite *service_suite(void)
     wire_cases_add(tc);
     tcase_add_test(tc, test_calibrate_profile_stats_shutdown);
     tcase_add_test(tc, test_mutated_requests);
+    tcase_add_test(tc, test_limits);
     suite_add_tcase(s, tc);
     return s;
 }
