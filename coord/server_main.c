@@ -6,7 +6,6 @@
  * handles one request at a time, in arrival order; clients match replies by request id.
  * SIGTERM, SIGINT and a Shutdown request all stop every rank cleanly. */
 #include <errno.h>
-#include <getopt.h>
 #include <malloc.h>
 #include <mpi.h>
 #include <signal.h>
@@ -17,37 +16,11 @@
 #include <zmq.h>
 
 #include "edge.h"
+#include "log.h"
+#include "server_config.h"
 #include "service.h"
 #include "transport_mpi.h"
 #include "worker_mpi.h"
-
-#define DEFAULT_BIND "tcp://127.0.0.1:5555"
-
-static const char usage[] =
-    "usage: fasa-server [options]\n"
-    "       mpirun -n N fasa-server [options]     (rank 0 coordinates, ranks 1..N-1 hold shards)\n"
-    "\n"
-    "Serves the fasa.v1 protocol (proto/fasa.proto) on a ZeroMQ ROUTER socket.\n"
-    "Started without a launcher it runs as one rank that also holds the KV cache.\n"
-    "\n"
-    "  --bind ENDPOINT       where to listen (default " DEFAULT_BIND "; loopback unless told\n"
-    "                        otherwise; tcp://127.0.0.1:* picks a free port)\n"
-    "  --endpoint-file FILE  write the bound endpoint to FILE once listening\n"
-    "  --pid-file FILE       write the coordinator's PID to FILE once listening\n"
-    "  --block N             tokens per placement block (default 2048)\n"
-    "  --max-message BYTES   largest request accepted (default 268435456)\n"
-    "  --quiet               no start and stop lines on stderr\n"
-    "  --version             print the version\n"
-    "  --help                this text\n"
-    "\n"
-    "Stop it with SIGTERM (deploy/stop-local.sh) or a Shutdown request (fasa shutdown).\n";
-
-typedef struct server_opts {
-    const char *bind, *endpoint_file, *pid_file;
-    long block;
-    long long max_message;
-    int quiet;
-} server_opts;
 
 static volatile sig_atomic_t s_stop;
 
@@ -55,75 +28,6 @@ static void s_on_signal(int sig)
 {
     (void)sig;
     s_stop = 1;
-}
-
-/* Parses argv on every rank (all ranks see the same arguments). Returns 0 to run, 1 when
- * done (help, version), 2 on a usage error (message printed by rank 0). */
-static int s_parse(int argc, char **argv, server_opts *o, int rank)
-{
-    static const struct option opts[] = {{"bind", required_argument, 0, 'b'},
-                                         {"endpoint-file", required_argument, 0, 'e'},
-                                         {"pid-file", required_argument, 0, 'p'},
-                                         {"block", required_argument, 0, 'B'},
-                                         {"max-message", required_argument, 0, 'm'},
-                                         {"quiet", no_argument, 0, 'q'},
-                                         {"version", no_argument, 0, 'V'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
-    *o = (server_opts){
-        .bind = DEFAULT_BIND, .block = 2048, .max_message = (long long)EDGE_DEFAULT_MAX_MESSAGE};
-    opterr = 0;
-    int c;
-    char *end;
-    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        switch (c) {
-        case 'b':
-            o->bind = optarg;
-            break;
-        case 'e':
-            o->endpoint_file = optarg;
-            break;
-        case 'p':
-            o->pid_file = optarg;
-            break;
-        case 'B':
-            o->block = strtol(optarg, &end, 10);
-            if (*end || o->block < 1 || o->block > (1L << 24)) {
-                if (!rank)
-                    fprintf(stderr, "fasa-server: --block '%s' must be in [1, 16777216]\n", optarg);
-                return 2;
-            }
-            break;
-        case 'm':
-            o->max_message = strtoll(optarg, &end, 10);
-            if (*end || o->max_message < 1024 || o->max_message > (1LL << 31)) {
-                if (!rank)
-                    fprintf(stderr, "fasa-server: --max-message '%s' must be in [1024, 2^31]\n",
-                            optarg);
-                return 2;
-            }
-            break;
-        case 'q':
-            o->quiet = 1;
-            break;
-        case 'V':
-            if (!rank) puts("fasa-server 0.1.0");
-            return 1;
-        case 'h':
-            if (!rank) fputs(usage, stdout);
-            return 1;
-        default:
-            if (!rank)
-                fprintf(stderr, "fasa-server: unknown or incomplete option '%s' (see --help)\n",
-                        argv[optind - 1]);
-            return 2;
-        }
-    }
-    if (optind < argc) {
-        if (!rank) fprintf(stderr, "fasa-server: unexpected argument '%s'\n", argv[optind]);
-        return 2;
-    }
-    return 0;
 }
 
 static int s_write_file(const char *path, const char *text)
@@ -192,12 +96,28 @@ static void s_send(void *sock, inbound *in, const uint8_t *buf, size_t len)
     zmq_send(sock, buf, len, ZMQ_DONTWAIT);
 }
 
-static int s_serve(fasa_service *svc, const server_opts *o, int n_ranks)
+/* One line per request: debug when it went well, info when the client's request was
+ * refused, warn when the server could not do it. */
+static void s_log_event(const fasa_service_event *ev)
+{
+    const fasa_log_level level = ev->status == FASA_OK ? FASA_LOG_DEBUG
+                                 : ev->status == FASA_RESOURCE_EXHAUSTED ||
+                                         ev->status == FASA_INTERNAL ||
+                                         ev->status == FASA_UNAVAILABLE
+                                     ? FASA_LOG_WARN
+                                     : FASA_LOG_INFO;
+    if (!fasa_log_enabled(level)) return;
+    fasa_log(level, ev->request_id, "%s%s%s %s %.3f ms in=%zu out=%zu%s%s", ev->kind,
+             *ev->session_id ? " session=" : "", ev->session_id, fasa_status_name(ev->status),
+             ev->ms, ev->bytes_in, ev->bytes_out, *ev->msg ? ": " : "", ev->msg);
+}
+
+static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
 {
     void *ctx = zmq_ctx_new();
     void *sock = ctx ? zmq_socket(ctx, ZMQ_ROUTER) : NULL;
     if (!sock) {
-        fprintf(stderr, "fasa-server: cannot create a ZeroMQ socket: %s\n", zmq_strerror(errno));
+        fasa_log(FASA_LOG_ERROR, 0, "cannot create a ZeroMQ socket: %s", zmq_strerror(errno));
         if (ctx) zmq_ctx_term(ctx);
         return 1;
     }
@@ -212,7 +132,7 @@ static int s_serve(fasa_service *svc, const server_opts *o, int n_ranks)
     zmq_setsockopt(sock, ZMQ_SNDHWM, &hwm, sizeof(hwm));
     int rc = 0;
     if (zmq_bind(sock, o->bind) != 0) {
-        fprintf(stderr, "fasa-server: cannot bind %s: %s\n", o->bind, zmq_strerror(errno));
+        fasa_log(FASA_LOG_ERROR, 0, "cannot bind %s: %s", o->bind, zmq_strerror(errno));
         rc = 1;
         goto done;
     }
@@ -221,17 +141,18 @@ static int s_serve(fasa_service *svc, const server_opts *o, int n_ranks)
     zmq_getsockopt(sock, ZMQ_LAST_ENDPOINT, endpoint, &ep_len);
     char pid[32];
     snprintf(pid, sizeof(pid), "%ld", (long)getpid());
-    if ((o->endpoint_file && s_write_file(o->endpoint_file, endpoint)) ||
-        (o->pid_file && s_write_file(o->pid_file, pid))) {
-        fprintf(stderr, "fasa-server: cannot write %s: %s\n",
-                o->endpoint_file ? o->endpoint_file : o->pid_file, strerror(errno));
+    if ((*o->endpoint_file && s_write_file(o->endpoint_file, endpoint)) ||
+        (*o->pid_file && s_write_file(o->pid_file, pid))) {
+        fasa_log(FASA_LOG_ERROR, 0, "cannot write %s: %s",
+                 *o->endpoint_file ? o->endpoint_file : o->pid_file, strerror(errno));
         rc = 1;
         goto done;
     }
-    if (!o->quiet)
-        fprintf(stderr, "fasa-server: listening on %s (%d rank%s: %s, block %ld, pid %s)\n",
-                endpoint, n_ranks, n_ranks > 1 ? "s" : "",
-                n_ranks > 1 ? "coordinator + workers" : "one rank holds the shard", o->block, pid);
+    char settings[1600];
+    server_config_describe(o, settings, sizeof(settings));
+    fasa_log(FASA_LOG_INFO, 0, "fasa-server: listening on %s (%d rank%s: %s, pid %s; %s)", endpoint,
+             n_ranks, n_ranks > 1 ? "s" : "",
+             n_ranks > 1 ? "coordinator + workers" : "one rank holds the shard", pid, settings);
 
     int shutdown = 0;
     while (!shutdown && !s_stop) {
@@ -239,7 +160,7 @@ static int s_serve(fasa_service *svc, const server_opts *o, int n_ranks)
         /* Blocks (no spinning) until a request or a signal arrives. */
         if (zmq_poll(&item, 1, 1000) < 0) {
             if (errno == EINTR) continue;
-            fprintf(stderr, "fasa-server: zmq_poll: %s\n", zmq_strerror(errno));
+            fasa_log(FASA_LOG_ERROR, 0, "zmq_poll: %s", zmq_strerror(errno));
             rc = 1;
             break;
         }
@@ -259,14 +180,18 @@ static int s_serve(fasa_service *svc, const server_opts *o, int n_ranks)
         if (!failed) s_send(sock, &in, reply, reply_len);
         free(reply);
         s_inbound_close(&in);
+        if (in.bad_shape)
+            fasa_log(FASA_LOG_INFO, 0, "refused a message that is not one payload frame");
+        else
+            s_log_event(fasa_service_last_event(svc));
     }
-    if (!o->quiet)
-        fprintf(stderr, "fasa-server: stopping (%s)\n", s_stop ? "signal" : "shutdown request");
+    fasa_log(FASA_LOG_INFO, 0, "fasa-server: stopping (%s)",
+             s_stop ? "signal" : "shutdown request");
 done:
     zmq_close(sock);
     zmq_ctx_term(ctx);
-    if (o->pid_file) unlink(o->pid_file);
-    if (o->endpoint_file) unlink(o->endpoint_file);
+    if (*o->pid_file) unlink(o->pid_file);
+    if (*o->endpoint_file) unlink(o->endpoint_file);
     return rc;
 }
 
@@ -283,19 +208,33 @@ int main(int argc, char **argv)
         if (!rank) fprintf(stderr, "fasa-server: MPI gives no MPI_THREAD_FUNNELED support\n");
         MPI_Abort(MPI_COMM_WORLD, 1);
     }
-    server_opts o;
-    const int parsed = s_parse(argc, argv, &o, rank);
-    if (parsed) {
-        MPI_Finalize();
-        return parsed == 1 ? 0 : 2;
+    /* Rank 0 reads the settings and tells the workers whether to run. */
+    server_config o;
+    int go[2] = {0, FASA_LOG_INFO};
+    if (rank == 0) {
+        char err[600];
+        go[0] = server_config_load(&o, argc, argv, stdout, err, sizeof(err));
+        if (go[0] == 2) fprintf(stderr, "fasa-server: %s\n", err);
+        go[1] = (int)o.log_level;
     }
+    MPI_Bcast(go, 2, MPI_INT, 0, MPI_COMM_WORLD);
+    if (go[0]) {
+        MPI_Finalize();
+        return go[0] == 1 ? 0 : 2;
+    }
+    fasa_log_setup(rank, (fasa_log_level)go[1]);
 
     if (rank != 0) {
         /* Workers leave signals to rank 0, which stops them in order. */
         signal(SIGTERM, SIG_IGN);
         signal(SIGINT, SIG_IGN);
+        fasa_log(FASA_LOG_DEBUG, 0, "worker up");
         const int rc = worker_mpi_loop(MPI_COMM_WORLD);
-        if (rc) MPI_Abort(MPI_COMM_WORLD, 1);
+        if (rc) {
+            fasa_log(FASA_LOG_ERROR, 0, "worker protocol failure; aborting the job");
+            MPI_Abort(MPI_COMM_WORLD, 1);
+        }
+        fasa_log(FASA_LOG_DEBUG, 0, "worker stopped");
         MPI_Finalize();
         return 0;
     }
@@ -324,13 +263,13 @@ int main(int argc, char **argv)
         }
     }
     if (!engine) {
-        fprintf(stderr, "fasa-server: out of memory starting the engine\n");
+        fasa_log(FASA_LOG_ERROR, 0, "out of memory starting the engine");
         MPI_Abort(MPI_COMM_WORLD, 1);
     }
     const fasa_service_opts so = {.n_ranks = size, .max_message = (size_t)o.max_message};
     fasa_service *svc = fasa_service_new(engine, size == 1 ? 1 : size - 1, &so);
     if (!svc) {
-        fprintf(stderr, "fasa-server: out of memory starting the service\n");
+        fasa_log(FASA_LOG_ERROR, 0, "out of memory starting the service");
         MPI_Abort(MPI_COMM_WORLD, 1);
     }
     const int rc = s_serve(svc, &o, size);

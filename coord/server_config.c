@@ -1,0 +1,250 @@
+/* See server_config.h. */
+#include "server_config.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "edge.h"
+
+typedef enum { K_STRING, K_INT, K_LEVEL, K_FLAG } key_kind;
+
+typedef struct key {
+    const char *name, *env, *def, *arg, *help;
+    key_kind kind;
+    long long lo, hi;
+} key;
+
+static const key s_keys[] = {
+    {"bind", "FASA_BIND", "tcp://127.0.0.1:5555", "ENDPOINT",
+     "where to listen (loopback unless told; port * = any free one)", K_STRING, 0, 0},
+    {"endpoint-file", "FASA_ENDPOINT_FILE", "", "FILE",
+     "write the bound endpoint to FILE once listening", K_STRING, 0, 0},
+    {"pid-file", "FASA_PID_FILE", "", "FILE", "write the coordinator's PID to FILE once listening",
+     K_STRING, 0, 0},
+    {"block", "FASA_BLOCK", "2048", "N", "tokens per placement block (dealt to workers in turn)",
+     K_INT, 1, 1 << 24},
+    {"max-message", "FASA_MAX_MESSAGE", "268435456", "BYTES", "largest request and reply, in bytes",
+     K_INT, 1024, 1LL << 31},
+    {"log-level", "FASA_LOG_LEVEL", "info", "LEVEL",
+     "error, warn, info (+ start, stop, refusals), debug (+ all)", K_LEVEL, 0, 0},
+    {"quiet", "FASA_QUIET", "", "", "the same as --log-level warn", K_FLAG, 0, 0},
+};
+#define N_KEYS (sizeof(s_keys) / sizeof(*s_keys))
+
+static int s_err(char *err, size_t len, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int s_err(char *err, size_t len, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, len, fmt, ap);
+    va_end(ap);
+    return 2;
+}
+
+static const key *s_find(const char *name)
+{
+    for (size_t i = 0; i < N_KEYS; i++) {
+        const char *a = s_keys[i].name, *b = name;
+        while (*a && (*a == *b || (*a == '-' && *b == '_'))) a++, b++;
+        if (!*a && !*b) return &s_keys[i];
+    }
+    return NULL;
+}
+
+static int s_copy(char *dst, size_t cap, const char *value, const char *where, char *err,
+                  size_t len)
+{
+    if (strlen(value) >= cap)
+        return s_err(err, len, "%s: value is longer than %zu bytes", where, cap - 1);
+    memcpy(dst, value, strlen(value) + 1);
+    return 0;
+}
+
+/* Applies one setting; where says where it came from ("--block", "FASA_BLOCK", "f:3"). */
+static int s_set(server_config *c, const key *k, const char *value, const char *where, char *err,
+                 size_t len)
+{
+    if (k->kind == K_INT) {
+        char *end;
+        errno = 0;
+        const long long v = strtoll(value, &end, 10);
+        if (!*value || *end || errno || v < k->lo || v > k->hi)
+            return s_err(err, len, "%s: '%s' must be an integer in [%lld, %lld]", where, value,
+                         k->lo, k->hi);
+        if (strcmp(k->name, "block") == 0)
+            c->block = (long)v;
+        else
+            c->max_message = v;
+        return 0;
+    }
+    if (k->kind == K_LEVEL) {
+        if (fasa_log_level_parse(value, &c->log_level))
+            return s_err(err, len, "%s: '%s' is not error, warn, info or debug", where, value);
+        return 0;
+    }
+    if (k->kind == K_FLAG) {
+        if (!strcmp(value, "1") || !strcmp(value, "true") || !strcmp(value, "yes"))
+            c->log_level = FASA_LOG_WARN;
+        else if (*value && strcmp(value, "0") && strcmp(value, "false") && strcmp(value, "no"))
+            return s_err(err, len, "%s: '%s' is not true or false", where, value);
+        return 0;
+    }
+    if (strcmp(k->name, "bind") == 0) {
+        if (!*value) return s_err(err, len, "%s: the endpoint is empty", where);
+        return s_copy(c->bind, sizeof(c->bind), value, where, err, len);
+    }
+    if (strcmp(k->name, "endpoint-file") == 0)
+        return s_copy(c->endpoint_file, sizeof(c->endpoint_file), value, where, err, len);
+    return s_copy(c->pid_file, sizeof(c->pid_file), value, where, err, len);
+}
+
+static char *s_trim(char *s)
+{
+    while (*s == ' ' || *s == '\t') s++;
+    char *e = s + strlen(s);
+    while (e > s && (e[-1] == ' ' || e[-1] == '\t' || e[-1] == '\n' || e[-1] == '\r')) *--e = 0;
+    return s;
+}
+
+static int s_read_file(server_config *c, const char *path, char *err, size_t len)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) return s_err(err, len, "config %s: %s", path, strerror(errno));
+    char line[1024], where[600];
+    int lineno = 0, rc = 0;
+    while (!rc && fgets(line, sizeof(line), f)) {
+        lineno++;
+        snprintf(where, sizeof(where), "config %s line %d", path, lineno);
+        if (!strchr(line, '\n') && !feof(f)) {
+            rc = s_err(err, len, "%s: line too long", where);
+            break;
+        }
+        char *hash = strchr(line, '#');
+        if (hash) *hash = 0;
+        char *t = s_trim(line);
+        if (!*t) continue;
+        char *eq = strchr(t, '=');
+        if (!eq) {
+            rc = s_err(err, len, "%s: expected 'name = value'", where);
+            break;
+        }
+        *eq = 0;
+        const char *name = s_trim(t), *value = s_trim(eq + 1);
+        const key *k = s_find(name);
+        if (!k || strcmp(k->name, "config") == 0)
+            rc = s_err(err, len, "%s: unknown setting '%s' (see fasa-server --help)", where, name);
+        else
+            rc = s_set(c, k, value, where, err, len);
+    }
+    fclose(f);
+    return rc;
+}
+
+static void s_usage(FILE *out)
+{
+    fputs("usage: fasa-server [options]\n"
+          "       mpirun -n N fasa-server [options]   (rank 0 coordinates, ranks 1..N-1 hold "
+          "shards)\n"
+          "\n"
+          "Serves the fasa.v1 protocol (proto/fasa.proto) on a ZeroMQ ROUTER socket. Started\n"
+          "without a launcher it runs as one rank that also holds the KV cache.\n"
+          "\n"
+          "Each setting: --name VALUE, or FASA_<NAME> in the environment, or 'name = value' in\n"
+          "the --config file; the command line wins over the environment, which wins over the\n"
+          "file.\n\n",
+          out);
+    for (size_t i = 0; i < N_KEYS; i++) {
+        const key *k = &s_keys[i];
+        char opt[64];
+        snprintf(opt, sizeof(opt), "--%s%s%s", k->name, *k->arg ? " " : "", k->arg);
+        fprintf(out, "  %-26s %s\n  %-26s (env %s; default %s)\n", opt, k->help, "", k->env,
+                *k->def ? k->def : "none");
+    }
+    fputs("  --config FILE              read settings from FILE (env FASA_CONFIG)\n"
+          "  --version                  print the version\n"
+          "  --help                     this text\n"
+          "\n"
+          "Stop it with SIGTERM (deploy/stop-local.sh) or a Shutdown request (fasa shutdown).\n",
+          out);
+}
+
+int server_config_load(server_config *c, int argc, char **argv, FILE *out, char *err,
+                       size_t err_len)
+{
+    memset(c, 0, sizeof(*c));
+    for (size_t i = 0; i < N_KEYS; i++)
+        if (s_keys[i].kind != K_FLAG &&
+            s_set(c, &s_keys[i], s_keys[i].def, "default", err, err_len))
+            return 2;
+
+    /* The command line is read twice: first for --help, --version and --config, at the
+     * end for everything else, so that it wins. */
+    const char *config = getenv("FASA_CONFIG");
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            s_usage(out);
+            return 1;
+        }
+        if (strcmp(a, "--version") == 0) {
+            fputs("fasa-server 0.1.0\n", out);
+            return 1;
+        }
+        if (strcmp(a, "--config") == 0) {
+            if (i + 1 >= argc) return s_err(err, err_len, "--config needs a FILE");
+            config = argv[++i];
+        } else if (strncmp(a, "--config=", 9) == 0) {
+            config = a + 9;
+        }
+    }
+    int rc;
+    if (config && *config) {
+        if ((rc = s_copy(c->config, sizeof(c->config), config, "--config", err, err_len)) ||
+            (rc = s_read_file(c, config, err, err_len)))
+            return rc;
+    }
+    for (size_t i = 0; i < N_KEYS; i++) {
+        const char *v = getenv(s_keys[i].env);
+        if (v && (rc = s_set(c, &s_keys[i], v, s_keys[i].env, err, err_len))) return rc;
+    }
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strncmp(a, "--", 2) != 0)
+            return s_err(err, err_len, "unexpected argument '%s' (see --help)", a);
+        char name[64];
+        const char *eq = strchr(a + 2, '='), *value;
+        const size_t n = eq ? (size_t)(eq - a - 2) : strlen(a + 2);
+        if (n >= sizeof(name)) return s_err(err, err_len, "unknown option '%s'", a);
+        memcpy(name, a + 2, n);
+        name[n] = 0;
+        if (strcmp(name, "config") == 0) {
+            if (!eq) i++;
+            continue;
+        }
+        const key *k = s_find(name);
+        if (!k) return s_err(err, err_len, "unknown option '%s' (see --help)", a);
+        if (k->kind == K_FLAG) {
+            value = eq ? eq + 1 : "1";
+        } else if (eq) {
+            value = eq + 1;
+        } else {
+            if (i + 1 >= argc) return s_err(err, err_len, "--%s needs a %s", k->name, k->arg);
+            value = argv[++i];
+        }
+        char where[80];
+        snprintf(where, sizeof(where), "--%s", k->name);
+        if ((rc = s_set(c, k, value, where, err, err_len))) return rc;
+    }
+    return 0;
+}
+
+void server_config_describe(const server_config *c, char *buf, size_t len)
+{
+    snprintf(buf, len, "bind=%s block=%ld max-message=%lld log-level=%s%s%s%s%s%s%s", c->bind,
+             c->block, c->max_message, fasa_log_level_name(c->log_level),
+             *c->endpoint_file ? " endpoint-file=" : "", c->endpoint_file,
+             *c->pid_file ? " pid-file=" : "", c->pid_file, *c->config ? " config=" : "",
+             c->config);
+}

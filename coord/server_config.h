@@ -1,0 +1,32 @@
+/* fasa-server's settings. Every setting can come from four places; a later one wins:
+ *   the default  <  the config file (--config FILE or FASA_CONFIG)  <  the environment
+ *   (FASA_<NAME>)  <  the command line (--name VALUE).
+ * The config file has one `name = value` per line ('#' starts a comment; names as the long
+ * options, '-' or '_'). Every error names where the bad value came from. */
+#ifndef FASA_COORD_SERVER_CONFIG_H
+#define FASA_COORD_SERVER_CONFIG_H
+
+#include <stddef.h>
+#include <stdio.h>
+
+#include "log.h"
+
+typedef struct server_config {
+    char bind[256];
+    char endpoint_file[512]; /* "" = none */
+    char pid_file[512];      /* "" = none */
+    char config[512];        /* the config file read, "" = none */
+    long block;
+    long long max_message;
+    fasa_log_level log_level;
+} server_config;
+
+/* Fills c from defaults, the config file, env (getenv) and argv. Returns 0 to run, 1 when
+ * --help or --version was handled (text written to out), 2 on an error (one line in err). */
+int server_config_load(server_config *c, int argc, char **argv, FILE *out, char *err,
+                       size_t err_len);
+
+/* Writes the settings as a config file would hold them (for the start-up log). */
+void server_config_describe(const server_config *c, char *buf, size_t len);
+
+#endif
