@@ -32,12 +32,24 @@ static const char ping_usage[] =
     "\n" SERVER_HELP COMMON_HELP;
 
 static const char stats_usage[] =
-    "usage: fasa stats --server ENDPOINT [--session ID]\n"
+    "usage: fasa stats --server ENDPOINT [--session ID] [--format text|prometheus]\n"
     "\n"
-    "Prints the server's statistics as 'key value' lines: ranks, shards, sessions, profiles,\n"
-    "requests and errors answered, attend steps, KV bytes held, uptime; with --session also\n"
-    "that session's geometry, length, KV bytes, profile, default method and budget.\n"
-    "\n" SERVER_HELP "  --session ID        also report this session\n" COMMON_HELP;
+    "Prints the server's statistics. The text format (the default) has 'key value' lines:\n"
+    "ranks, shards, sessions, profiles, requests and errors answered, attend steps, batch\n"
+    "items, KV bytes held, uptime, then requests.TYPE (requests by type, failed ones included;\n"
+    "a batch counts once as batch_attend, its items in batch_items and, when they ran, in\n"
+    "attend_steps) and errors.CODE (responses and batch items by status); then two tables:\n"
+    "the server-side step times per method actually run (steps, p50/p90/p99/max/mean in\n"
+    "microseconds; percentiles within about 2%), and what each MPI rank holds (shards,\n"
+    "sessions, tokens of layer 0, rows of every layer, bytes of the dominant key dims (kdom),\n"
+    "the other key dims (krest) and the values (v), and bytes allocated). Rank 0 of a\n"
+    "multi-rank server is the coordinator and holds no shard. With --session also that\n"
+    "session's geometry, length, KV bytes, profile, default method and budget, and what each\n"
+    "rank holds of it.\n"
+    "The prometheus format prints the same numbers in the Prometheus text exposition format\n"
+    "(metrics named fasa_*; step times as the summary fasa_step_seconds).\n"
+    "\n" SERVER_HELP "  --session ID        also report this session\n"
+    "  --format F          text (default) or prometheus\n" COMMON_HELP;
 
 static const char create_usage[] =
     "usage: fasa create --server ENDPOINT --session ID --layers L --heads H --kv-heads K\n"
@@ -114,6 +126,7 @@ typedef struct srv_opts {
     int have_gqa;
     fc_pairing pairing;
     int have_pairing;
+    int prometheus; /* stats --format prometheus */
 } srv_opts;
 
 /* Parses argv for cmd, accepting only the options whose codes are in allowed. Returns 0,
@@ -145,6 +158,7 @@ static int s_parse(const char *cmd, const char *usage, const char *allowed, int 
                                          {"out", required_argument, 0, 'o'},
                                          {"selected", required_argument, 0, 'S'},
                                          {"stats", no_argument, 0, 't'},
+                                         {"format", required_argument, 0, 'F'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     memset(o, 0, sizeof(*o));
@@ -194,6 +208,11 @@ static int s_parse(const char *cmd, const char *usage, const char *allowed, int 
             break;
         case 't':
             o->stats = 1;
+            break;
+        case 'F':
+            if (strcmp(optarg, "text") && strcmp(optarg, "prometheus"))
+                return cli_usage_error(cmd, "--format '%s' is not text or prometheus", optarg);
+            o->prometheus = optarg[0] == 'p';
             break;
         case 'L':
             if (cli_parse_int(optarg, 1, 1024, &o->layers))
@@ -310,10 +329,205 @@ int cmd_ping(int argc, char **argv)
     return rc;
 }
 
+static const char *const s_kinds[] = {"kdom", "krest", "v"};
+
+static uint64_t s_kind_bytes(const fasa_client_rank_stats *r, int kind)
+{
+    return kind == 0 ? r->kdom_bytes : kind == 1 ? r->krest_bytes : r->v_bytes;
+}
+
+/* The step times and rank holdings tables of the text format. */
+static void s_print_latency(const fasa_client_stats *st)
+{
+    printf("%-8s %10s %12s %12s %12s %12s %12s\n", "latency", "steps", "p50_us", "p90_us", "p99_us",
+           "max_us", "mean_us");
+    for (int m = FASA_CLIENT_METHOD_FASA; m <= FASA_CLIENT_METHOD_ORACLE; m++) {
+        const fasa_client_latency *l = &st->latency[m];
+        printf("%-8s %10llu %12.1f %12.1f %12.1f %12.1f %12.1f\n",
+               s_method_name((fasa_client_method)m), (unsigned long long)l->count, l->p50_us,
+               l->p90_us, l->p99_us, l->max_us, l->count ? l->sum_us / (double)l->count : 0.0);
+    }
+}
+
+static void s_print_ranks(const char *title, size_t n, const fasa_client_rank_stats *r)
+{
+    printf("%-12s %6s %8s %12s %12s %14s %14s %14s %14s\n", title, "shards", "sessions", "tokens",
+           "rows", "kdom_bytes", "krest_bytes", "v_bytes", "alloc_bytes");
+    for (size_t i = 0; i < n; i++)
+        printf("%-12u %6u %8u %12llu %12llu %14llu %14llu %14llu %14llu\n", r[i].rank, r[i].shards,
+               r[i].sessions, (unsigned long long)r[i].tokens, (unsigned long long)r[i].rows,
+               (unsigned long long)r[i].kdom_bytes, (unsigned long long)r[i].krest_bytes,
+               (unsigned long long)r[i].v_bytes, (unsigned long long)r[i].alloc_bytes);
+}
+
+static void s_print_text(const char *server, const fasa_client_stats *st)
+{
+    printf("server %s\nn_ranks %u\nn_shards %u\nn_sessions %u\nn_profiles %u\nrequests %llu\n"
+           "errors %llu\nattend_steps %llu\nbatch_items %llu\nkv_bytes %llu\nuptime_s %.3f\n",
+           server, st->n_ranks, st->n_shards, st->n_sessions, st->n_profiles,
+           (unsigned long long)st->requests, (unsigned long long)st->errors,
+           (unsigned long long)st->attend_steps, (unsigned long long)st->batch_items,
+           (unsigned long long)st->kv_bytes, st->uptime_s);
+    for (size_t i = 0; i < st->n_request_types; i++)
+        printf("requests.%s %llu\n", st->requests_by_type[i].type,
+               (unsigned long long)st->requests_by_type[i].count);
+    for (int c = FASA_CLIENT_INVALID_ARGUMENT; c <= FASA_CLIENT_UNAVAILABLE; c++)
+        printf("errors.%s %llu\n", fasa_client_status_name((fasa_client_status)c),
+               (unsigned long long)st->errors_by_code[c]);
+    s_print_latency(st);
+    s_print_ranks("rank", st->n_rank_stats, st->rank_stats);
+    if (st->has_session) {
+        const fasa_client_session_info *s = &st->session;
+        printf("session %s\nsession.n_layers %u\nsession.n_heads %u\nsession.n_kv_heads %u\n"
+               "session.head_dim %u\nsession.length %llu\nsession.kv_bytes %llu\n"
+               "session.has_profile %s\nsession.method %s\nsession.budget %u\n",
+               s->session_id, s->n_layers, s->n_heads, s->n_kv_heads, s->head_dim,
+               (unsigned long long)s->length, (unsigned long long)s->kv_bytes,
+               s->has_profile ? "yes" : "no", s_method_name(s->method), s->budget);
+        s_print_ranks("session.rank", s->n_rank_stats, s->rank_stats);
+    }
+}
+
+/* A Prometheus metric family's HELP and TYPE lines. */
+static void s_prom_family(const char *name, const char *type, const char *help)
+{
+    printf("# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+/* A label value with \, " and newline escaped (text exposition format). */
+static void s_prom_escaped(const char *v)
+{
+    for (; *v; v++) {
+        if (*v == '\\' || *v == '"')
+            printf("\\%c", *v);
+        else if (*v == '\n')
+            fputs("\\n", stdout);
+        else
+            putchar(*v);
+    }
+}
+
+/* One per-rank number: 0 shards, 1 sessions, 2 tokens, 3 rows, 4 bytes of kind (s_kinds),
+ * 5 allocated bytes. */
+static uint64_t s_rank_value(const fasa_client_rank_stats *r, int field, int kind)
+{
+    const uint64_t v[] = {r->shards, r->sessions,           r->tokens,
+                          r->rows,   s_kind_bytes(r, kind), r->alloc_bytes};
+    return v[field];
+}
+
+/* The per-rank gauges of a holdings array, named PREFIX_*; with a session label (and the
+ * help text prefixed by what) when session is not NULL. */
+static void s_prom_ranks(const char *prefix, const char *what, const char *session, size_t n,
+                         const fasa_client_rank_stats *r)
+{
+    static const struct {
+        const char *name, *help;
+    } g[] = {{"shards", "Shards the rank holds (0: the coordinator of a multi-rank server)"},
+             {"sessions", "Sessions with a shard on the rank"},
+             {"tokens", "Token positions of layer 0 held on the rank"},
+             {"rows", "Rows held on the rank, every layer"},
+             {"kv_bytes",
+              "Bytes of the rows held on the rank by kind: kdom (the dominant key dims), "
+              "krest (the other key dims), v (the values)"},
+             {"alloc_bytes", "Bytes allocated on the rank for the rows (whole chunks)"}};
+    char name[96], help[256];
+    for (int f = 0; f < 6; f++) {
+        if (session && f == 1) continue; /* 1 on every rank holding a shard of it */
+        snprintf(name, sizeof(name), "%s_%s", prefix, g[f].name);
+        snprintf(help, sizeof(help), "%s%s", what, g[f].help);
+        s_prom_family(name, "gauge", help);
+        for (size_t i = 0; i < n; i++)
+            for (int kind = 0; kind < (f == 4 ? 3 : 1); kind++) {
+                printf("%s{", name);
+                if (session) {
+                    fputs("session=\"", stdout);
+                    s_prom_escaped(session);
+                    fputs("\",", stdout);
+                }
+                printf("rank=\"%u\"", r[i].rank);
+                if (f == 4) printf(",kind=\"%s\"", s_kinds[kind]);
+                printf("} %llu\n", (unsigned long long)s_rank_value(&r[i], f, kind));
+            }
+    }
+}
+
+static void s_print_prometheus(const fasa_client_stats *st)
+{
+    s_prom_family("fasa_ranks", "gauge", "MPI ranks in the job");
+    printf("fasa_ranks %u\n", st->n_ranks);
+    s_prom_family("fasa_shards", "gauge", "Shards each session is spread over");
+    printf("fasa_shards %u\n", st->n_shards);
+    s_prom_family("fasa_sessions", "gauge", "Sessions held");
+    printf("fasa_sessions %u\n", st->n_sessions);
+    s_prom_family("fasa_profiles", "gauge", "Profiles stored on the server");
+    printf("fasa_profiles %u\n", st->n_profiles);
+    s_prom_family("fasa_kv_bytes", "gauge", "Bytes of keys and values held, every session");
+    printf("fasa_kv_bytes %llu\n", (unsigned long long)st->kv_bytes);
+    s_prom_family("fasa_uptime_seconds", "gauge", "Seconds since the server started");
+    printf("fasa_uptime_seconds %.3f\n", st->uptime_s);
+    s_prom_family("fasa_requests_total", "counter",
+                  "Requests answered by type, failed ones included (a batch counts once as "
+                  "batch_attend)");
+    for (size_t i = 0; i < st->n_request_types; i++) {
+        fputs("fasa_requests_total{type=\"", stdout);
+        s_prom_escaped(st->requests_by_type[i].type);
+        printf("\"} %llu\n", (unsigned long long)st->requests_by_type[i].count);
+    }
+    s_prom_family("fasa_errors_total", "counter",
+                  "Responses and batch items with a status other than OK, by status");
+    for (int c = FASA_CLIENT_INVALID_ARGUMENT; c <= FASA_CLIENT_UNAVAILABLE; c++)
+        printf("fasa_errors_total{code=\"%s\"} %llu\n",
+               fasa_client_status_name((fasa_client_status)c),
+               (unsigned long long)st->errors_by_code[c]);
+    s_prom_family("fasa_attend_steps_total", "counter",
+                  "Attend steps run (Attend requests and batch items)");
+    printf("fasa_attend_steps_total %llu\n", (unsigned long long)st->attend_steps);
+    s_prom_family("fasa_batch_items_total", "counter", "BatchAttend items received");
+    printf("fasa_batch_items_total %llu\n", (unsigned long long)st->batch_items);
+    s_prom_family("fasa_step_seconds", "summary",
+                  "Server-side time of attend steps by the method run (quantiles within about "
+                  "2%)");
+    static const double qs[] = {0.5, 0.9, 0.99};
+    for (int m = FASA_CLIENT_METHOD_FASA; m <= FASA_CLIENT_METHOD_ORACLE; m++) {
+        const fasa_client_latency *l = &st->latency[m];
+        const double v[] = {l->p50_us, l->p90_us, l->p99_us};
+        const char *name = s_method_name((fasa_client_method)m);
+        for (int q = 0; q < 3; q++) {
+            printf("fasa_step_seconds{method=\"%s\",quantile=\"%g\"} ", name, qs[q]);
+            if (l->count)
+                printf("%.9g\n", v[q] * 1e-6);
+            else
+                puts("NaN");
+        }
+        printf("fasa_step_seconds_sum{method=\"%s\"} %.9g\n", name, l->sum_us * 1e-6);
+        printf("fasa_step_seconds_count{method=\"%s\"} %llu\n", name, (unsigned long long)l->count);
+    }
+    s_prom_family("fasa_step_seconds_max", "gauge", "Longest attend step by the method run");
+    for (int m = FASA_CLIENT_METHOD_FASA; m <= FASA_CLIENT_METHOD_ORACLE; m++)
+        printf("fasa_step_seconds_max{method=\"%s\"} %.9g\n", s_method_name((fasa_client_method)m),
+               st->latency[m].max_us * 1e-6);
+    s_prom_ranks("fasa_rank", "", NULL, st->n_rank_stats, st->rank_stats);
+    if (st->has_session) {
+        const fasa_client_session_info *s = &st->session;
+        s_prom_family("fasa_session_tokens", "gauge", "Tokens held by layer 0 of the session");
+        fputs("fasa_session_tokens{session=\"", stdout);
+        s_prom_escaped(s->session_id);
+        printf("\"} %llu\n", (unsigned long long)s->length);
+        s_prom_family("fasa_session_kv_bytes", "gauge",
+                      "Bytes of keys and values the session holds");
+        fputs("fasa_session_kv_bytes{session=\"", stdout);
+        s_prom_escaped(s->session_id);
+        printf("\"} %llu\n", (unsigned long long)s->kv_bytes);
+        s_prom_ranks("fasa_session_rank", "Of the session: ", s->session_id, s->n_rank_stats,
+                     s->rank_stats);
+    }
+}
+
 int cmd_stats(int argc, char **argv)
 {
     srv_opts o;
-    int rc = s_parse("stats", stats_usage, "Ei", argc, argv, &o);
+    int rc = s_parse("stats", stats_usage, "EiF", argc, argv, &o);
     if (rc) return rc < 0 ? 0 : rc;
     fasa_client *c = s_connect("stats", o.server, BACKEND_TIMEOUT_MS);
     if (!c) return 1;
@@ -324,20 +538,11 @@ int cmd_stats(int argc, char **argv)
         return cli_fail("stats", "%s", ce.msg);
     }
     fasa_client_close(&c);
-    printf("server %s\nn_ranks %u\nn_shards %u\nn_sessions %u\nn_profiles %u\nrequests %llu\n"
-           "errors %llu\nattend_steps %llu\nkv_bytes %llu\nuptime_s %.3f\n",
-           o.server, st.n_ranks, st.n_shards, st.n_sessions, st.n_profiles,
-           (unsigned long long)st.requests, (unsigned long long)st.errors,
-           (unsigned long long)st.attend_steps, (unsigned long long)st.kv_bytes, st.uptime_s);
-    if (st.has_session) {
-        const fasa_client_session_info *s = &st.session;
-        printf("session %s\nsession.n_layers %u\nsession.n_heads %u\nsession.n_kv_heads %u\n"
-               "session.head_dim %u\nsession.length %llu\nsession.kv_bytes %llu\n"
-               "session.has_profile %s\nsession.method %s\nsession.budget %u\n",
-               s->session_id, s->n_layers, s->n_heads, s->n_kv_heads, s->head_dim,
-               (unsigned long long)s->length, (unsigned long long)s->kv_bytes,
-               s->has_profile ? "yes" : "no", s_method_name(s->method), s->budget);
-    }
+    if (o.prometheus)
+        s_print_prometheus(&st);
+    else
+        s_print_text(o.server, &st);
+    fasa_client_stats_free(&st);
     return 0;
 }
 
@@ -492,6 +697,7 @@ int cmd_append(int argc, char **argv)
             goto done;
         }
         start = st.session.length;
+        fasa_client_stats_free(&st);
     }
     if (fasa_client_append(c, o.session, &g, layer, start, n, k, v, &length, &ce)) {
         cli_fail("append", "%s", ce.msg);
@@ -557,6 +763,7 @@ int cmd_attend(int argc, char **argv)
     }
     const uint32_t H = (uint32_t)qs[0], d = (uint32_t)qs[1];
     const uint32_t B = o.budget ? (uint32_t)o.budget : st.session.budget;
+    fasa_client_stats_free(&st);
     out = malloc((size_t)H * d * sizeof(float) + 1);
     if (o.selected) sel = malloc((size_t)H * B * sizeof(int32_t) + 1);
     if (!out || (o.selected && !sel)) {

@@ -864,10 +864,35 @@ fasa_client_status fasa_client_set_profile(fasa_client *c, const char *session_i
     return s_call_no_body(c, &req, err);
 }
 
+/* Copies a reply's per-rank holdings into a new array; -1 when out of memory. */
+static int s_rank_stats(size_t n, Fasa__V1__RankStats *const *in, size_t *n_p,
+                        fasa_client_rank_stats **out_p)
+{
+    *n_p = 0;
+    *out_p = NULL;
+    if (!n) return 0;
+    fasa_client_rank_stats *o = calloc(n, sizeof(*o));
+    if (!o) return -1;
+    for (size_t i = 0; i < n; i++)
+        o[i] = (fasa_client_rank_stats){.rank = in[i]->rank,
+                                        .shards = in[i]->shards,
+                                        .sessions = in[i]->sessions,
+                                        .tokens = in[i]->tokens,
+                                        .rows = in[i]->rows,
+                                        .kdom_bytes = in[i]->kdom_bytes,
+                                        .krest_bytes = in[i]->krest_bytes,
+                                        .v_bytes = in[i]->v_bytes,
+                                        .alloc_bytes = in[i]->alloc_bytes};
+    *n_p = n;
+    *out_p = o;
+    return 0;
+}
+
 fasa_client_status fasa_client_get_stats(fasa_client *c, const char *session_id,
                                          fasa_client_stats *stats, fasa_client_error *err)
 {
     if (!stats) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "stats: NULL");
+    memset(stats, 0, sizeof(*stats));
     Fasa__V1__Stats sm = FASA__V1__STATS__INIT;
     sm.session_id = (char *)(uintptr_t)session_id;
     Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
@@ -877,7 +902,6 @@ fasa_client_status fasa_client_get_stats(fasa_client *c, const char *session_id,
     fasa_client_status st = s_call(c, &req, FASA__V1__RESPONSE__BODY_STATS, &resp, err);
     if (st) return st;
     const Fasa__V1__StatsResult *r = resp->stats;
-    memset(stats, 0, sizeof(*stats));
     stats->n_ranks = r->n_ranks;
     stats->n_shards = r->n_shards;
     stats->n_sessions = r->n_sessions;
@@ -885,9 +909,32 @@ fasa_client_status fasa_client_get_stats(fasa_client *c, const char *session_id,
     stats->requests = r->requests;
     stats->errors = r->errors;
     stats->attend_steps = r->attend_steps;
+    stats->batch_items = r->batch_items;
     stats->kv_bytes = r->kv_bytes;
     stats->uptime_s = r->uptime_s;
-    if (session_id && !r->session)
+    for (size_t i = 0; i < r->n_requests_by_type && i < FASA_CLIENT_STATS_MAX_TYPES; i++) {
+        fasa_client_request_count *o = &stats->requests_by_type[i];
+        snprintf(o->type, sizeof(o->type), "%s",
+                 r->requests_by_type[i]->type ? r->requests_by_type[i]->type : "");
+        o->count = r->requests_by_type[i]->count;
+        stats->n_request_types = i + 1;
+    }
+    for (size_t i = 0; i < r->n_errors_by_code; i++)
+        if ((unsigned)r->errors_by_code[i]->code < FASA_CLIENT_STATS_MAX_CODES)
+            stats->errors_by_code[r->errors_by_code[i]->code] = r->errors_by_code[i]->count;
+    for (size_t i = 0; i < r->n_latency; i++) {
+        const Fasa__V1__LatencySummary *l = r->latency[i];
+        if (l->method < FASA__V1__METHOD__FASA || l->method > FASA__V1__METHOD__ORACLE) continue;
+        stats->latency[l->method] = (fasa_client_latency){.count = l->count,
+                                                          .sum_us = l->sum_us,
+                                                          .p50_us = l->p50_us,
+                                                          .p90_us = l->p90_us,
+                                                          .p99_us = l->p99_us,
+                                                          .max_us = l->max_us};
+    }
+    if (s_rank_stats(r->n_rank_stats, r->rank_stats, &stats->n_rank_stats, &stats->rank_stats))
+        st = s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED, "stats: out of memory");
+    else if (session_id && !r->session)
         st = s_fail(err, FASA_CLIENT_INTERNAL, "bad reply from %s: no stats.session for '%s'",
                     c->endpoint, session_id);
     else if (r->session) {
@@ -904,9 +951,21 @@ fasa_client_status fasa_client_get_stats(fasa_client *c, const char *session_id,
         o->has_profile = s->has_profile != 0;
         o->method = (fasa_client_method)s->method;
         o->budget = s->budget;
+        if (s_rank_stats(s->n_rank_stats, s->rank_stats, &o->n_rank_stats, &o->rank_stats))
+            st = s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED, "stats: out of memory");
     }
     fasa__v1__response__free_unpacked(resp, NULL);
+    if (st) fasa_client_stats_free(stats);
     return st;
+}
+
+void fasa_client_stats_free(fasa_client_stats *stats)
+{
+    if (!stats) return;
+    free(stats->rank_stats);
+    free(stats->session.rank_stats);
+    stats->rank_stats = stats->session.rank_stats = NULL;
+    stats->n_rank_stats = stats->session.n_rank_stats = 0;
 }
 
 fasa_client_status fasa_client_shutdown(fasa_client *c, fasa_client_error *err)

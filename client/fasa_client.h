@@ -228,6 +228,44 @@ fasa_client_status fasa_client_set_profile(fasa_client *c, const char *session_i
                                            const char *profile_text, const char *profile_name,
                                            fasa_client_error *err);
 
+/* What one server rank holds (of every session, or of one: fasa_client_stats). Shard i of
+ * every session lives on rank i + 1 of a multi-rank server, whose rank 0 (the coordinator)
+ * holds no shard; a one-rank server is rank 0 holding the shard. Bytes count the rows
+ * stored, by part: kdom_bytes + krest_bytes = v_bytes = rows x n_kv_heads x head_dim x 4,
+ * and summed over the ranks they equal kv_bytes. */
+typedef struct fasa_client_rank_stats {
+    uint32_t rank;
+    uint32_t shards;      /* shards the rank holds: 1 on a worker, 0 on a coordinator */
+    uint32_t sessions;    /* sessions with a shard on the rank */
+    uint64_t tokens;      /* rows (token positions) of layer 0 held */
+    uint64_t rows;        /* rows held, every layer */
+    uint64_t kdom_bytes;  /* the profile's dominant key dims (what a fasa step scans) */
+    uint64_t krest_bytes; /* the other key dims (all of K without a profile) */
+    uint64_t v_bytes;     /* the values */
+    uint64_t alloc_bytes; /* memory allocated for them (whole chunks of rows) */
+} fasa_client_rank_stats;
+
+/* Server-side times of the attend steps that ran one method (the method actually run, as
+ * fasa_client_step_stats.method_used), in microseconds, as fasa_client_step_stats.server_us
+ * measures them. p50/p90/p99 are nearest-rank estimates from a log-bucket histogram (about
+ * 2% relative error); sum and max are exact. All 0 while count is 0. */
+typedef struct fasa_client_latency {
+    uint64_t count; /* steps timed */
+    double sum_us, p50_us, p90_us, p99_us, max_us;
+} fasa_client_latency;
+
+/* Requests answered since start of one type: "ping", "create_session", "append", "attend",
+ * "batch_attend", "calibrate", "set_profile", "drop_session", "stats", "shutdown", or
+ * "undecodable" (bytes whose request type could not be told). Failed requests count too; a
+ * batch counts once as "batch_attend" (its items: fasa_client_stats.batch_items). */
+typedef struct fasa_client_request_count {
+    char type[32]; /* NUL-terminated */
+    uint64_t count;
+} fasa_client_request_count;
+
+#define FASA_CLIENT_STATS_MAX_TYPES 32 /* request types kept (the server sends 11) */
+#define FASA_CLIENT_STATS_MAX_CODES 16 /* status codes counted (the protocol has 0..8) */
+
 /* One session as the server holds it. */
 typedef struct fasa_client_session_info {
     char session_id[129];
@@ -235,26 +273,49 @@ typedef struct fasa_client_session_info {
     uint64_t length;   /* tokens held by layer 0 */
     uint64_t kv_bytes; /* bytes of keys and values, all layers */
     int has_profile;
-    fasa_client_method method; /* default method */
-    uint32_t budget;           /* default budget */
+    fasa_client_method method;          /* default method */
+    uint32_t budget;                    /* default budget */
+    size_t n_rank_stats;                /* entries of rank_stats */
+    fasa_client_rank_stats *rank_stats; /* what each rank holds of the session, by rank
+                                           (malloc'd: fasa_client_stats_free) */
 } fasa_client_session_info;
 
 /* Server-wide statistics, and one session's when asked for. */
 typedef struct fasa_client_stats {
     uint32_t n_ranks, n_shards, n_sessions, n_profiles;
     uint64_t requests;     /* answered since start */
-    uint64_t errors;       /* of which not OK */
-    uint64_t attend_steps; /* batch items count one each */
+    uint64_t errors;       /* of which not OK (failed batch items count one each) */
+    uint64_t attend_steps; /* steps run; batch items count one each */
+    uint64_t batch_items;  /* batch attend items received (run or failed) */
     uint64_t kv_bytes;     /* keys and values held, all sessions */
     double uptime_s;
+    /* Requests by type (n_request_types entries, in the server's order). */
+    size_t n_request_types;
+    fasa_client_request_count requests_by_type[FASA_CLIENT_STATS_MAX_TYPES];
+    /* Errors by status, indexed by fasa_client_status ([FASA_CLIENT_OK] is 0); they add up
+     * to errors. */
+    uint64_t errors_by_code[FASA_CLIENT_STATS_MAX_CODES];
+    /* Step times, indexed by fasa_client_method: [FASA_CLIENT_METHOD_FASA], [..._DENSE],
+     * [..._ORACLE] ([FASA_CLIENT_METHOD_DEFAULT] stays 0). */
+    fasa_client_latency latency[4];
+    /* What each rank holds, every session: n_rank_stats entries by rank (n_ranks on a
+     * multi-rank server, 1 on a one-rank server), malloc'd: fasa_client_stats_free. */
+    size_t n_rank_stats;
+    fasa_client_rank_stats *rank_stats;
     int has_session; /* 1 when session below is filled */
     fasa_client_session_info session;
 } fasa_client_stats;
 
-/* Server statistics into *stats; with session_id (or NULL), also that session's geometry
- * and length (NOT_FOUND when there is no such session). */
+/* Server statistics into *stats; with session_id (or NULL), also that session's geometry,
+ * length and holdings per rank (NOT_FOUND when there is no such session). The per-rank
+ * arrays are allocated: release them with fasa_client_stats_free once done, whatever the
+ * call returned (stats is zeroed first, so that is always safe). */
 fasa_client_status fasa_client_get_stats(fasa_client *c, const char *session_id,
                                          fasa_client_stats *stats, fasa_client_error *err);
+
+/* Frees the arrays fasa_client_get_stats allocated in stats and zeroes their counts; stats
+ * stays usable otherwise. NULL, a zeroed stats or one already freed is a no-op. */
+void fasa_client_stats_free(fasa_client_stats *stats);
 
 /* Asks the server to stop cleanly (every rank) once it has answered. */
 fasa_client_status fasa_client_shutdown(fasa_client *c, fasa_client_error *err);

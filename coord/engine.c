@@ -198,6 +198,16 @@ int64_t fasa_engine_kv_bytes(const fasa_engine_t *e, const char *id)
     return total;
 }
 
+fasa_status fasa_engine_shard_stats(fasa_engine_t *e, const char *id, fasa_shard_stats *out,
+                                    fasa_error *err)
+{
+    const session *s = id ? s_find(e, id) : NULL;
+    if (id && !s) return s_fail(err, FASA_NOT_FOUND, "session '%s' not found", id);
+    if (!e->tr.shard_stats || e->tr.shard_stats(e->tr.ctx, s ? s->sid : -1, out))
+        return s_fail(err, FASA_INTERNAL, "a shard did not report what it holds");
+    return FASA_OK;
+}
+
 /* Packs each KV head's keys by the union of its query heads' dominant FCs (shard.h). */
 static int s_layout_from_profile(shard_layout *lay, const fasa_session_config *c,
                                  const fasa_profile *p)

@@ -122,4 +122,10 @@ fasa_status fasa_engine_set_profile(fasa_engine_t *e, const char *id, const fasa
 int fasa_engine_count(const fasa_engine_t *e);
 int64_t fasa_engine_kv_bytes(const fasa_engine_t *e, const char *id);
 
+/* What every shard holds (transport.h fasa_shard_stats): out has one entry per shard of the
+ * engine (shard i in out[i]), for session id, or summed over every session (id NULL).
+ * NOT_FOUND for an unknown id; INTERNAL when a shard did not report. */
+fasa_status fasa_engine_shard_stats(fasa_engine_t *e, const char *id, fasa_shard_stats *out,
+                                    fasa_error *err);
+
 #endif

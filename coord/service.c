@@ -1,6 +1,7 @@
 /* Requests to engine calls and back. See service.h. */
 #include "service.h"
 
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,6 +16,19 @@
 /* Calibration cost bound: multiply-adds of the sample positions' score rows. */
 #define MAX_CALIB_WORK 8e9
 
+/* Step times per method for Stats: a log-bucket histogram of bounded size. Bucket 0 holds
+ * [0, 1) us, bucket b >= 1 holds [G^(b-1), G^b) us with G = LAT_GROWTH (4% wide, so the
+ * geometric middle of a bucket is within 2% of any value in it), the last one everything
+ * above (G^638 us is about 7.4e10 us, 20 hours). */
+#define LAT_BUCKETS 640
+#define LAT_GROWTH 1.04
+
+typedef struct lat_hist {
+    uint64_t count;
+    double sum, min, max; /* microseconds, exact */
+    uint64_t bucket[LAT_BUCKETS];
+} lat_hist;
+
 typedef struct named_profile {
     char name[EDGE_MAX_ID + 1];
     fasa_profile *profile;
@@ -28,7 +42,58 @@ struct fasa_service {
     uint64_t requests, errors, steps;
     named_profile profiles[FASA_SERVICE_MAX_PROFILES];
     int n_profiles;
+    /* Stats: requests by edge_kind (0: undecodable), responses and batch items by status,
+     * batch items received, step times by fasa_method; the per-rank holdings' buffers. */
+    uint64_t by_kind[EDGE_SHUTDOWN + 1], by_code[FASA_UNAVAILABLE + 1], batch_items;
+    lat_hist lat[FASA_METHOD_ORACLE + 1];
+    fasa_shard_stats *shard_buf;                 /* (n_shards) */
+    Fasa__V1__RankStats *rank_msgs, **rank_ptrs; /* (2 x s_rank_entries): all, then session */
+    fasa_service_event last;
+    char last_session[EDGE_MAX_ID + 1];
 };
+
+const fasa_service_event *fasa_service_last_event(const fasa_service *s)
+{
+    return &s->last;
+}
+
+static const char *s_kind_name(int kind)
+{
+    static const char *const names[] = {
+        "undecodable", "ping",        "create_session", "append", "attend",  "batch_attend",
+        "calibrate",   "set_profile", "drop_session",   "stats",  "shutdown"};
+    return kind >= 0 && kind <= EDGE_SHUTDOWN ? names[kind] : "undecodable";
+}
+
+/* The session a decoded request names, or "". */
+static const char *s_session_of(const edge_request *q)
+{
+    const char *id = NULL;
+    switch (q->kind) {
+    case EDGE_CREATE:
+        id = q->u.create.session_id;
+        break;
+    case EDGE_APPEND:
+        id = q->u.append.session_id;
+        break;
+    case EDGE_ATTEND:
+        id = q->u.attend.session_id;
+        break;
+    case EDGE_BATCH_ATTEND:
+        id = q->u.batch.n ? q->u.batch.items[0].session_id : NULL;
+        break;
+    case EDGE_SET_PROFILE:
+        id = q->u.set_profile.session_id;
+        break;
+    case EDGE_DROP:
+    case EDGE_STATS:
+        id = q->u.session_id;
+        break;
+    default:
+        break;
+    }
+    return id ? id : "";
+}
 
 /* What one handler produced: a status, a message, and the response body it filled. */
 typedef struct reply {
@@ -56,6 +121,19 @@ static double s_now(void)
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
+/* Whether shard i lives on rank i + 1 (a multi-rank server); otherwise every shard is in
+ * rank 0 (one rank, or the embedded engine). */
+static int s_on_workers(const fasa_service *s)
+{
+    return s->n_ranks >= 2 && s->n_shards == s->n_ranks - 1;
+}
+
+/* Entries of StatsResult.rank_stats (and SessionInfo.rank_stats). */
+static int s_rank_entries(const fasa_service *s)
+{
+    return s_on_workers(s) ? s->n_ranks : 1;
+}
+
 fasa_service *fasa_service_new(fasa_engine_t *engine, int n_shards, const fasa_service_opts *o)
 {
     fasa_service *s = calloc(1, sizeof(*s));
@@ -63,6 +141,17 @@ fasa_service *fasa_service_new(fasa_engine_t *engine, int n_shards, const fasa_s
     s->engine = engine;
     s->n_ranks = o->n_ranks;
     s->n_shards = n_shards;
+    const size_t n_rank_msgs = 2 * (size_t)s_rank_entries(s);
+    s->shard_buf = calloc((size_t)(n_shards > 0 ? n_shards : 1), sizeof(*s->shard_buf));
+    s->rank_msgs = calloc(n_rank_msgs, sizeof(*s->rank_msgs));
+    s->rank_ptrs = calloc(n_rank_msgs, sizeof(*s->rank_ptrs));
+    if (!s->shard_buf || !s->rank_msgs || !s->rank_ptrs) {
+        free(s->shard_buf);
+        free(s->rank_msgs);
+        free(s->rank_ptrs);
+        free(s);
+        return NULL;
+    }
     s->max_message = o->max_message ? o->max_message : EDGE_DEFAULT_MAX_MESSAGE;
     clock_gettime(CLOCK_MONOTONIC, &s->start);
     return s;
@@ -74,6 +163,9 @@ void fasa_service_destroy(fasa_service **service_p)
     if (!s) return;
     fasa_engine_destroy(&s->engine);
     for (int i = 0; i < s->n_profiles; i++) fasa_profile_destroy(&s->profiles[i].profile);
+    free(s->shard_buf);
+    free(s->rank_msgs);
+    free(s->rank_ptrs);
     free(s);
     *service_p = NULL;
 }
@@ -241,6 +333,34 @@ static fasa_status s_append(fasa_service *s, const edge_append *a, reply *r)
     return FASA_OK;
 }
 
+static void s_lat_add(lat_hist *h, double us)
+{
+    if (!(us >= 0)) us = 0;
+    int b = 0;
+    if (us >= 1) {
+        const double x = floor(log(us) / log(LAT_GROWTH));
+        b = x >= LAT_BUCKETS - 2 ? LAT_BUCKETS - 1 : 1 + (int)x;
+    }
+    h->bucket[b]++;
+    if (h->count == 0 || us < h->min) h->min = us;
+    if (us > h->max) h->max = us;
+    h->count++;
+    h->sum += us;
+}
+
+/* The nearest-rank q-quantile: the geometric middle of the bucket holding the
+ * ceil(q x count)-th smallest time, kept within [min, max]; 0 when empty. */
+static double s_lat_quantile(const lat_hist *h, double q)
+{
+    if (h->count == 0) return 0;
+    uint64_t rank = (uint64_t)ceil(q * (double)h->count), seen = 0;
+    if (rank < 1) rank = 1;
+    int b = 0;
+    while (b < LAT_BUCKETS - 1 && (seen += h->bucket[b]) < rank) b++;
+    const double est = b == 0 ? 0.5 : pow(LAT_GROWTH, b - 0.5);
+    return est < h->min ? h->min : est > h->max ? h->max : est;
+}
+
 /* The result of one Attend, with its own buffers (freed by s_attend_free). */
 typedef struct attend_out {
     Fasa__V1__AttendResult res;
@@ -317,6 +437,7 @@ static fasa_status s_attend(fasa_service *s, const edge_attend *a, const char *f
     }
     *reply_left -= out_bytes;
     s->steps++;
+    s_lat_add(&s->lat[st.method_used], (t1 - t0) * 1e6);
     fasa__v1__attend_result__init(&ao->res);
     fasa__v1__tensor__init(&ao->out);
     fasa__v1__step_stats__init(&ao->stats);
@@ -451,11 +572,101 @@ static fasa_status s_set_profile(fasa_service *s, const edge_set_profile *p, rep
     return FASA_OK;
 }
 
+/* Reads a varint at *i; -1 when the bytes end first or it is over 64 bits. */
+static int s_varint(const uint8_t *p, size_t len, size_t *i, uint64_t *v_p)
+{
+    uint64_t v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+        if (*i >= len) return -1;
+        const uint8_t b = p[(*i)++];
+        v |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80)) {
+            *v_p = v;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+/* The body a request's bytes name (its top-level field 10..19 as an edge_kind), read
+ * without decoding them, to count by type the requests the edge refused; 0 when none. */
+static int s_body_kind(const void *buf, size_t len)
+{
+    const uint8_t *p = buf;
+    size_t i = 0;
+    int kind = 0;
+    uint64_t key, v;
+    while (i < len && s_varint(p, len, &i, &key) == 0) {
+        const uint64_t field = key >> 3;
+        switch (key & 7) {
+        case 0:
+            if (s_varint(p, len, &i, &v)) return kind;
+            break;
+        case 1:
+            if (len - i < 8) return kind;
+            i += 8;
+            break;
+        case 2:
+            if (field >= 10 && field <= 19) kind = (int)field - 9;
+            if (s_varint(p, len, &i, &v) || v > len - i) return kind;
+            i += (size_t)v;
+            break;
+        case 5:
+            if (len - i < 4) return kind;
+            i += 4;
+            break;
+        default:
+            return kind;
+        }
+    }
+    return kind;
+}
+
+static void s_count_error(fasa_service *s, fasa_status code)
+{
+    if ((unsigned)code <= FASA_UNAVAILABLE) s->by_code[code]++;
+}
+
+/* What every rank holds of session id, or of every session (id NULL), into msgs and ptrs
+ * (s_rank_entries each): StatsResult.rank_stats or SessionInfo.rank_stats. */
+static fasa_status s_ranks(fasa_service *s, const char *id, Fasa__V1__RankStats *msgs,
+                           Fasa__V1__RankStats **ptrs, reply *r)
+{
+    fasa_error fe;
+    const fasa_status st = fasa_engine_shard_stats(s->engine, id, s->shard_buf, &fe);
+    if (st) return s_fail(r, st, "stats: %s", fe.msg);
+    const int n = s_rank_entries(s), workers = s_on_workers(s);
+    for (int k = 0; k < n; k++) {
+        fasa__v1__rank_stats__init(&msgs[k]);
+        msgs[k].rank = (uint32_t)k;
+        ptrs[k] = &msgs[k];
+    }
+    for (int i = 0; i < s->n_shards; i++) {
+        const fasa_shard_stats *x = &s->shard_buf[i];
+        Fasa__V1__RankStats *m = &msgs[workers ? i + 1 : 0];
+        m->shards++;
+        /* Every session has a shard on every shard index: a rank's count is any one's. */
+        if ((uint64_t)x->sessions > m->sessions) m->sessions = (uint32_t)x->sessions;
+        m->tokens += (uint64_t)x->tokens;
+        m->rows += (uint64_t)x->rows;
+        m->kdom_bytes += (uint64_t)x->kdom_bytes;
+        m->krest_bytes += (uint64_t)x->krest_bytes;
+        m->v_bytes += (uint64_t)x->v_bytes;
+        m->alloc_bytes += (uint64_t)x->alloc_bytes;
+    }
+    return FASA_OK;
+}
+
 static fasa_status s_stats(fasa_service *s, const char *id, reply *r)
 {
     static Fasa__V1__StatsResult res;
     static Fasa__V1__SessionInfo info;
     static char id_copy[EDGE_MAX_ID + 1];
+    static Fasa__V1__RequestCount req_msgs[EDGE_SHUTDOWN + 1], *req_ptrs[EDGE_SHUTDOWN + 1];
+    static Fasa__V1__ErrorCount err_msgs[FASA_UNAVAILABLE], *err_ptrs[FASA_UNAVAILABLE];
+    static Fasa__V1__LatencySummary lat_msgs[FASA_METHOD_ORACLE + 1],
+        *lat_ptrs[FASA_METHOD_ORACLE + 1];
+    const int n_ranks = s_rank_entries(s);
     fasa__v1__stats_result__init(&res);
     if (id) {
         const fasa_session_config *c = fasa_engine_config(s->engine, id);
@@ -472,8 +683,47 @@ static fasa_status s_stats(fasa_service *s, const char *id, reply *r)
         info.has_profile = c->profile != NULL;
         info.method = s_method_out(c->method);
         info.budget = (uint32_t)c->budget;
+        if (s_ranks(s, id, s->rank_msgs + n_ranks, s->rank_ptrs + n_ranks, r)) return r->code;
+        info.n_rank_stats = (size_t)n_ranks;
+        info.rank_stats = s->rank_ptrs + n_ranks;
         res.session = &info;
     }
+    if (s_ranks(s, NULL, s->rank_msgs, s->rank_ptrs, r)) return r->code;
+    res.n_rank_stats = (size_t)n_ranks;
+    res.rank_stats = s->rank_ptrs;
+    for (int k = 0; k <= EDGE_SHUTDOWN; k++) {
+        fasa__v1__request_count__init(&req_msgs[k]);
+        req_msgs[k].type = (char *)s_kind_name(k); /* the log's names (kind 0: undecodable) */
+        req_msgs[k].count = s->by_kind[k];
+        req_ptrs[k] = &req_msgs[k];
+    }
+    res.n_requests_by_type = EDGE_SHUTDOWN + 1;
+    res.requests_by_type = req_ptrs;
+    for (int c = 1; c <= FASA_UNAVAILABLE; c++) {
+        fasa__v1__error_count__init(&err_msgs[c - 1]);
+        err_msgs[c - 1].code = (Fasa__V1__Status)c;
+        err_msgs[c - 1].count = s->by_code[c];
+        err_ptrs[c - 1] = &err_msgs[c - 1];
+    }
+    res.n_errors_by_code = FASA_UNAVAILABLE;
+    res.errors_by_code = err_ptrs;
+    for (int m = 0; m <= FASA_METHOD_ORACLE; m++) {
+        const lat_hist *h = &s->lat[m];
+        Fasa__V1__LatencySummary *l = &lat_msgs[m];
+        fasa__v1__latency_summary__init(l);
+        l->method = s_method_out(m);
+        l->count = h->count;
+        l->sum_us = h->sum;
+        l->p50_us = s_lat_quantile(h, 0.50);
+        l->p90_us = s_lat_quantile(h, 0.90);
+        l->p99_us = s_lat_quantile(h, 0.99);
+        l->max_us = h->max;
+        lat_ptrs[m] = l;
+    }
+    res.n_latency = FASA_METHOD_ORACLE + 1;
+    res.latency = lat_ptrs;
+    res.has_batch_items = 1;
+    res.batch_items = s->batch_items;
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
     res.n_ranks = (uint32_t)s->n_ranks;
@@ -530,8 +780,12 @@ int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **
     int n_many = 0;
     size_t reply_left = s->max_message - 1024;
 
+    const double t_start = s_now();
     s->requests++;
     const int code = edge_decode(buf, len, s->max_message, &req, &rid, r.msg, sizeof(r.msg));
+    s->by_kind[code ? s_body_kind(buf, len) : (int)req.kind]++;
+    s->last.kind = s_kind_name(code ? 0 : (int)req.kind);
+    snprintf(s->last_session, sizeof(s->last_session), "%s", code ? "" : s_session_of(&req));
     if (code) {
         r.code = (fasa_status)code;
         goto reply;
@@ -564,6 +818,7 @@ int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **
         break;
     case EDGE_BATCH_ATTEND: {
         n_many = req.u.batch.n;
+        s->batch_items += (uint64_t)n_many;
         many = calloc((size_t)n_many, sizeof(*many));
         items = calloc((size_t)n_many, sizeof(*items));
         item_ptrs = calloc((size_t)n_many, sizeof(*item_ptrs));
@@ -582,6 +837,7 @@ int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **
                 items[i].result = &many[i].res;
             } else {
                 s->errors++;
+                s_count_error(s, ri.code);
                 items[i].message = strdup(ri.msg);
             }
             items[i].status = (Fasa__V1__Status)ri.code;
@@ -619,9 +875,15 @@ reply:
     resp.status = (Fasa__V1__Status)r.code;
     if (r.code) {
         s->errors++;
+        s_count_error(s, r.code);
         resp.body_case = FASA__V1__RESPONSE__BODY__NOT_SET;
         resp.message = r.msg;
     }
+    s->last.request_id = rid;
+    s->last.session_id = s->last_session;
+    s->last.status = r.code;
+    snprintf(s->last.msg, sizeof(s->last.msg), "%s", r.code ? r.msg : "");
+    s->last.bytes_in = len;
     int rc = s_pack(&resp, reply_p, reply_len_p);
     if (rc) /* the full reply did not fit in memory: a short one still tells the client */
         rc = fasa_service_error(rid, FASA_RESOURCE_EXHAUSTED, "out of memory building the reply",
@@ -636,5 +898,7 @@ reply:
     free(item_ptrs);
     free(text);
     if (code == 0) edge_request_free(&req);
+    s->last.bytes_out = rc ? 0 : *reply_len_p;
+    s->last.ms = 1e3 * (s_now() - t_start);
     return rc;
 }

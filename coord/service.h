@@ -34,6 +34,19 @@ void fasa_service_destroy(fasa_service **service_p);
 int fasa_service_handle(fasa_service *s, const void *req, size_t len, uint8_t **reply_p,
                         size_t *reply_len_p, int *shutdown_p);
 
+/* What the last fasa_service_handle did, for the server's log. */
+typedef struct fasa_service_event {
+    uint64_t request_id;
+    const char *kind;       /* "ping", "create_session", ..., or "undecodable" */
+    const char *session_id; /* the request's session, "" when none (valid until the next call) */
+    fasa_status status;
+    char msg[320]; /* the error message, "" on OK */
+    double ms;     /* time spent handling it */
+    size_t bytes_in, bytes_out;
+} fasa_service_event;
+
+const fasa_service_event *fasa_service_last_event(const fasa_service *s);
+
 /* A serialised error Response (for a request the caller refused before decoding it, e.g.
  * a malformed envelope). Same ownership as above; -1 when out of memory. */
 int fasa_service_error(uint64_t request_id, fasa_status code, const char *msg, uint8_t **reply_p,

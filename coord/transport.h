@@ -9,6 +9,16 @@
 
 #include "shard.h"
 
+/* What one shard holds (for Stats): sessions with a shard here, tokens (rows of layer 0)
+ * and rows (all layers) held, the bytes of those rows by part (shard.h: kdom the dominant
+ * key dims, krest the other key dims, v the values; stored elements, so kdom + krest = v),
+ * and the bytes allocated for them (whole chunks and position tables). */
+typedef struct fasa_shard_stats {
+    int64_t sessions, tokens, rows;
+    int64_t kdom_bytes, krest_bytes, v_bytes;
+    int64_t alloc_bytes;
+} fasa_shard_stats;
+
 typedef struct fasa_transport {
     void *ctx;
     int n_shards;
@@ -24,6 +34,9 @@ typedef struct fasa_transport {
      * bytes_p gets the KV bytes all shards read for this step. */
     int (*attend)(void *ctx, int sid, const shard_step *step, const topk_cand *thr,
                   const uint8_t *have_thr, float *m, double *l, double *o, int64_t *bytes_p);
+    /* Every shard's holdings: out (n_shards), shard i in out[i], for session sid or, with
+     * sid -1, summed over every session. 0, or -1 (no such session, or a shard failed). */
+    int (*shard_stats)(void *ctx, int sid, fasa_shard_stats *out);
     void (*destroy)(void *ctx);
 } fasa_transport;
 

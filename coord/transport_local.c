@@ -81,6 +81,33 @@ static int s_attend(void *ctx, int sid, const shard_step *st, const topk_cand *t
     return 0;
 }
 
+/* Adds what one shard of a session holds to *st. */
+static void s_add_shard(fasa_shard_stats *st, const shard_t *sh)
+{
+    int64_t kdom, krest, v;
+    shard_bytes_by_kind(sh, &kdom, &krest, &v);
+    const shard_layout *lay = shard_layout_of(sh);
+    st->sessions++;
+    st->tokens += shard_rows(sh, 0);
+    for (int l = 0; l < lay->n_layers; l++) st->rows += shard_rows(sh, l);
+    st->kdom_bytes += kdom;
+    st->krest_bytes += krest;
+    st->v_bytes += v;
+    st->alloc_bytes += (int64_t)shard_bytes_held(sh);
+}
+
+static int s_shard_stats(void *ctx, int sid, fasa_shard_stats *out)
+{
+    local_ctx *c = ctx;
+    if (sid >= 0 && (sid >= c->cap || !c->sessions[sid])) return -1;
+    for (int i = 0; i < c->n_shards; i++) {
+        out[i] = (fasa_shard_stats){0};
+        for (int s = sid >= 0 ? sid : 0; s < (sid >= 0 ? sid + 1 : c->cap); s++)
+            if (c->sessions[s]) s_add_shard(&out[i], c->sessions[s][i]);
+    }
+    return 0;
+}
+
 static void s_destroy(void *ctx)
 {
     local_ctx *c = ctx;
@@ -101,6 +128,7 @@ int fasa_transport_local(fasa_transport *t, int n_shards)
                           .append = s_append,
                           .score = s_score,
                           .attend = s_attend,
+                          .shard_stats = s_shard_stats,
                           .destroy = s_destroy};
     return 0;
 }

@@ -282,6 +282,28 @@ static int s_attend(void *ctx, int sid, const shard_step *st, const topk_cand *t
     return 0;
 }
 
+static int s_shard_stats(void *ctx, int sid, fasa_shard_stats *out)
+{
+    mpi_ctx *c = ctx;
+    const mpi_session *s = NULL;
+    if (sid >= 0 && !(s = s_session(c, sid))) return -1;
+    if (!s_cmd_begin(c, WMPI_STATS, sid >= 0 ? sid : -1, s, 0) ||
+        s_exchange(c, 0, c->n_shards, (int64_t)sizeof(wmpi_stats)))
+        return -1;
+    for (int i = 0; i < c->n_shards; i++) {
+        wmpi_stats w;
+        memcpy(&w, c->reply[i] + sizeof(wmpi_reply), sizeof(w));
+        out[i] = (fasa_shard_stats){.sessions = w.sessions,
+                                    .tokens = w.tokens,
+                                    .rows = w.rows,
+                                    .kdom_bytes = w.kdom_bytes,
+                                    .krest_bytes = w.krest_bytes,
+                                    .v_bytes = w.v_bytes,
+                                    .alloc_bytes = w.alloc_bytes};
+    }
+    return 0;
+}
+
 static void s_ctx_free(mpi_ctx *c)
 {
     if (c->reply)
@@ -333,6 +355,7 @@ int fasa_transport_mpi(fasa_transport *t, MPI_Comm comm)
                           .append = s_append,
                           .score = s_score,
                           .attend = s_attend,
+                          .shard_stats = s_shard_stats,
                           .destroy = s_destroy};
     return 0;
 err_free:

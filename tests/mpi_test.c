@@ -89,6 +89,13 @@ static int s_c_attend(void *ctx, int sid, const shard_step *st, const topk_cand 
     return c->inner.attend(c->inner.ctx, sid, st, thr, have_thr, m, l, o, bytes_p);
 }
 
+static int s_c_shard_stats(void *ctx, int sid, fasa_shard_stats *out)
+{
+    counted *c = ctx;
+    c->ops++;
+    return c->inner.shard_stats(c->inner.ctx, sid, out);
+}
+
 static void s_c_destroy(void *ctx)
 {
     counted *c = ctx;
@@ -522,11 +529,132 @@ START_TEST(test_mpi_after_drop)
 }
 END_TEST
 
+/* Holds the MPI engine's per-shard holdings (of session id, or of all for NULL) to those of
+ * an in-process engine with as many shards; returns the MPI ones in got. */
+static void s_stats_agree(fasa_engine_t *loc, const char *id, fasa_shard_stats *got)
+{
+    fasa_shard_stats want[s_n_workers];
+    fasa_error err;
+    ck_assert_msg(fasa_engine_shard_stats(s_mpi, id, got, &err) == FASA_OK, "%s", err.msg);
+    ck_assert_msg(fasa_engine_shard_stats(loc, id, want, &err) == FASA_OK, "%s", err.msg);
+    for (int i = 0; i < s_n_workers; i++)
+        ck_assert_msg(memcmp(&got[i], &want[i], sizeof(want[i])) == 0,
+                      "%s shard %d: mpi sessions %lld rows %lld kdom %lld krest %lld v %lld alloc "
+                      "%lld, in-process %lld %lld %lld %lld %lld %lld",
+                      id ? id : "(all)", i, (long long)got[i].sessions, (long long)got[i].rows,
+                      (long long)got[i].kdom_bytes, (long long)got[i].krest_bytes,
+                      (long long)got[i].v_bytes, (long long)got[i].alloc_bytes,
+                      (long long)want[i].sessions, (long long)want[i].rows,
+                      (long long)want[i].kdom_bytes, (long long)want[i].krest_bytes,
+                      (long long)want[i].v_bytes, (long long)want[i].alloc_bytes);
+}
+
+/* Dominant dims per (layer, KV head) of a profile: the union of its group's FCs' dims. */
+static int s_n_dom(const fasa_profile *p, int l, int g)
+{
+    const int grp = p->n_heads / p->n_kv_heads, d = p->head_dim;
+    uint8_t in[64] = {0};
+    for (int h = g * grp; h < (g + 1) * grp; h++)
+        for (int t = 0; t < p->ntip; t++) {
+            int d0, d1;
+            fc_dims(p->pairing, d, p->fcs[((size_t)l * p->n_heads + h) * p->ntip + t], &d0, &d1);
+            in[d0] = in[d1] = 1;
+        }
+    int n = 0;
+    for (int x = 0; x < d; x++) n += in[x];
+    return n;
+}
+
+/* (f) Stats over MPI: what each worker holds (sessions, tokens, rows, bytes by kind and
+ * allocated) equals what the in-process shards hold, for each session and for all, as
+ * sessions grow, get a k_new and go; the totals match the sessions' geometry. */
+START_TEST(test_mpi_stats)
+{
+    enum { NL = 3, NH = 4, NKV = 2, D = 16, T = 600 };
+    ck_assert_int_eq(fasa_engine_count(s_mpi), 0);
+    dataset da, db;
+    s_data_init(&da, NL, NH, NKV, D, T, 81);
+    s_data_init(&db, 1, 6, 3, 12, 400, 82);
+    fasa_profile *p = s_profile(NL, NH, NKV, D, 3, FC_PAIRING_INTERLEAVED, 0, 83);
+    replay ca = s_replay_of(&da, NH, NKV, D, T), cb = s_replay_of(&db, 6, 3, 12, 400);
+    ca.profile = p;
+    ca.method = FASA_METHOD_FASA;
+    ca.budget = 20;
+    cb.method = FASA_METHOD_ORACLE;
+    cb.budget = 30;
+    fasa_engine_t *loc = fasa_engine_new(s_n_workers, MPI_TEST_BLOCK);
+    ck_assert_ptr_nonnull(loc);
+    fasa_engine_t *both[2] = {s_mpi, loc};
+    fasa_shard_stats got[s_n_workers];
+    for (int i = 0; i < 2; i++) {
+        s_create(both[i], "sa", &ca);
+        s_create(both[i], "sb", &cb);
+    }
+    s_stats_agree(loc, NULL, got);
+    for (int i = 0; i < s_n_workers; i++) {
+        ck_assert_int_eq(got[i].sessions, 2);
+        ck_assert_int_eq(got[i].rows + got[i].v_bytes + got[i].alloc_bytes, 0);
+    }
+    const int len[NL] = {300, 150, 517};
+    for (int i = 0; i < 2; i++) {
+        for (int l = 0; l < NL; l++) s_append(both[i], "sa", &ca, l, 0, len[l]);
+        s_append(both[i], "sb", &cb, 0, 0, 399);
+    }
+    s_attend_both(loc, "sa", &ca, 2, len[2]); /* k_new: layer 2 now holds 518 */
+    s_attend_both(loc, "sb", &cb, 0, 399);
+    for (int k = 0; k < 3; k++) s_stats_agree(loc, k == 0 ? "sa" : k == 1 ? "sb" : NULL, got);
+
+    /* The totals of "sa" over the workers: from its lengths and the profile's FCs. */
+    s_stats_agree(loc, "sa", got);
+    int64_t tokens = 0, rows = 0, kdom = 0, krest = 0, v = 0, want_kdom = 0;
+    for (int i = 0; i < s_n_workers; i++) {
+        ck_assert_int_eq(got[i].sessions, 1);
+        ck_assert_int_gt(got[i].tokens, 0); /* 300 tokens in blocks of 64 reach every worker */
+        ck_assert_int_ge(got[i].alloc_bytes,
+                         got[i].kdom_bytes + got[i].krest_bytes + got[i].v_bytes);
+        tokens += got[i].tokens;
+        rows += got[i].rows;
+        kdom += got[i].kdom_bytes;
+        krest += got[i].krest_bytes;
+        v += got[i].v_bytes;
+    }
+    for (int l = 0; l < NL; l++)
+        for (int g = 0; g < NKV; g++)
+            want_kdom += (int64_t)(len[l] + (l == 2)) * s_n_dom(p, l, g) * 4;
+    ck_assert_int_eq(tokens, len[0]);
+    ck_assert_int_eq(rows, len[0] + len[1] + len[2] + 1);
+    ck_assert_int_eq(kdom, want_kdom);
+    ck_assert_int_gt(krest, 0);
+    ck_assert_int_eq(kdom + krest, v);
+    ck_assert_int_eq(v, rows * NKV * D * 4);
+    ck_assert_int_eq(kdom + krest + v, fasa_engine_kv_bytes(s_mpi, "sa"));
+
+    /* An unknown id is refused at the engine, without a message to the workers. */
+    fasa_error err;
+    const long ops = s_counted.ops;
+    ck_assert_int_eq(fasa_engine_shard_stats(s_mpi, "none", got, &err), FASA_NOT_FOUND);
+    ck_assert_int_eq(s_counted.ops, ops);
+
+    /* Dropped sessions leave nothing behind. */
+    for (int i = 0; i < 2; i++) ck_assert_int_eq(fasa_engine_drop(both[i], "sb", &err), FASA_OK);
+    s_stats_agree(loc, NULL, got);
+    for (int i = 0; i < s_n_workers; i++) ck_assert_int_eq(got[i].sessions, 1);
+    for (int i = 0; i < 2; i++) ck_assert_int_eq(fasa_engine_drop(both[i], "sa", &err), FASA_OK);
+    s_stats_agree(loc, NULL, got);
+    for (int i = 0; i < s_n_workers; i++)
+        ck_assert_int_eq(got[i].sessions + got[i].rows + got[i].alloc_bytes, 0);
+    fasa_engine_destroy(&loc);
+    fasa_profile_destroy(&p);
+    s_data_cleanup(&da);
+    s_data_cleanup(&db);
+}
+END_TEST
+
 /* ---- commands sent by hand to worker rank 1 ---- */
 
 /* Sends bytes as a command to rank 1 and returns its reply's status (cmd_p: the command
- * it answers). */
-static int s_raw(const void *msg, int bytes, int *cmd_p)
+ * it answers); with out, the reply's payload must be out_len bytes and goes there. */
+static int s_raw_reply(const void *msg, int bytes, int *cmd_p, void *out, size_t out_len)
 {
     MPI_Send(msg, bytes, MPI_BYTE, 1, WMPI_TAG_CMD, s_comm);
     MPI_Status st;
@@ -538,9 +666,18 @@ static int s_raw(const void *msg, int bytes, int *cmd_p)
     ck_assert_int_ge(count, (int)sizeof(wmpi_reply));
     wmpi_reply r;
     memcpy(&r, buf, sizeof(r));
+    if (out && r.status == WMPI_OK) {
+        ck_assert_int_eq(count, (int)(sizeof(r) + out_len));
+        memcpy(out, buf + sizeof(r), out_len);
+    }
     free(buf);
     if (cmd_p) *cmd_p = r.cmd;
     return r.status;
+}
+
+static int s_raw(const void *msg, int bytes, int *cmd_p)
+{
+    return s_raw_reply(msg, bytes, cmd_p, NULL, 0);
 }
 
 /* A command header with payload bytes of payload from p, in one buffer. */
@@ -651,6 +788,41 @@ START_TEST(test_mpi_bad_commands)
     h.payload_bytes = 4 * D + 9;
     ck_assert_int_eq(s_raw_cmd(&h, &at, h.payload_bytes), WMPI_OK);
 
+    /* STATS: of the session (4 rows of 1 dominant dim and 1 other), of every session (sid
+     * -1), nothing of a session it does not hold or with a payload. */
+    wmpi_stats ws;
+    const wmpi_cmd sh = {.magic = WMPI_MAGIC,
+                         .cmd = WMPI_STATS,
+                         .sid = SID,
+                         .n_layers = 1,
+                         .n_heads = 1,
+                         .n_kv_heads = 1,
+                         .head_dim = D};
+    ck_assert_int_eq(s_raw_reply(&sh, sizeof(sh), &cmd, &ws, sizeof(ws)), WMPI_OK);
+    ck_assert_int_eq(cmd, WMPI_STATS);
+    ck_assert_int_eq(ws.sessions, 1);
+    ck_assert_int_eq(ws.tokens, 4);
+    ck_assert_int_eq(ws.rows, 4);
+    ck_assert_int_eq(ws.kdom_bytes, 16);
+    ck_assert_int_eq(ws.krest_bytes, 16);
+    ck_assert_int_eq(ws.v_bytes, 32);
+    ck_assert_int_gt(ws.alloc_bytes, 64);
+    h = sh;
+    h.sid = -1;
+    h.n_layers = h.n_heads = h.n_kv_heads = h.head_dim = 0;
+    ck_assert_int_eq(s_raw_reply(&h, sizeof(h), NULL, &ws, sizeof(ws)), WMPI_OK);
+    ck_assert_int_eq(ws.sessions, 1); /* the engine's sessions are all dropped by now */
+    ck_assert_int_eq(ws.v_bytes, 32);
+    h = sh;
+    h.head_dim = 4;
+    ck_assert_int_eq(s_raw_cmd(&h, NULL, 0), WMPI_EINVAL); /* other geometry */
+    h = sh;
+    h.sid = SID + 1;
+    ck_assert_int_eq(s_raw_cmd(&h, NULL, 0), WMPI_ENOENT);
+    h = sh;
+    h.payload_bytes = 4;
+    ck_assert_int_eq(s_raw_cmd(&h, &ws, 4), WMPI_EINVAL);
+
     h = (wmpi_cmd){.magic = WMPI_MAGIC, .cmd = WMPI_SESSION_DROP, .sid = SID};
     ck_assert_int_eq(s_raw_cmd(&h, NULL, 0), WMPI_OK);
     ck_assert_int_eq(s_raw_cmd(&h, NULL, 0), WMPI_ENOENT);
@@ -680,6 +852,7 @@ static Suite *s_mpi_suite(void)
     tcase_add_test(tc, test_mpi_golden);
     tcase_add_test(tc, test_mpi_sessions_interleaved);
     tcase_add_test(tc, test_mpi_after_drop);
+    tcase_add_test(tc, test_mpi_stats);
     tcase_add_test(tc, test_mpi_bad_commands);
     suite_add_tcase(s, tc);
     return s;
@@ -699,6 +872,7 @@ static int s_run_suite(void)
                               .append = s_c_append,
                               .score = s_c_score,
                               .attend = s_c_attend,
+                              .shard_stats = s_c_shard_stats,
                               .destroy = s_c_destroy};
     s_mpi = fasa_engine_new_with(&t, MPI_TEST_BLOCK);
     if (!s_mpi) {

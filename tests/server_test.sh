@@ -81,6 +81,69 @@ else
     echo "skip: $dump not found"
 fi
 
+# ---- fasa stats: a small dense session made with create / append / attend and a request
+# that fails, then the text and the Prometheus formats of the same Stats. ----
+# npy_zeros FILE SHAPE N: a float32 .npy of N zeros with shape SHAPE ("2, 100, 2, 8").
+npy_zeros() {
+    local hdr="{'descr': '<f4', 'fortran_order': False, 'shape': ($2), }"
+    while [ $(((10 + ${#hdr} + 1) % 64)) -ne 0 ]; do hdr="$hdr "; done
+    local len=$((${#hdr} + 1))
+    { printf '\x93NUMPY\x01\x00'; printf "\\x$(printf %02x $((len & 255)))\\x$(printf %02x $((len >> 8)))"
+      printf '%s\n' "$hdr"; head -c $((4 * $3)) /dev/zero; } >"$1"
+}
+st_run() { ASAN_OPTIONS=$client_asan "$fasa" "$@" --server "$ep"; }
+npy_zeros "$tmp/k.npy" "2, 100, 2, 8" 3200
+npy_zeros "$tmp/q.npy" "4, 8" 32
+if st_run create --session st-stats --layers 2 --heads 4 --kv-heads 2 --head-dim 8 >/dev/null 2>"$tmp/err" &&
+   st_run append --session st-stats --k "$tmp/k.npy" --v "$tmp/k.npy" >/dev/null 2>"$tmp/err" &&
+   st_run attend --session st-stats --layer 1 --q "$tmp/q.npy" --out "$tmp/o.npy" >/dev/null 2>"$tmp/err" &&
+   st_run attend --session st-stats --layer 0 --q "$tmp/q.npy" --out "$tmp/o.npy" >/dev/null 2>"$tmp/err"; then
+    ok "stats workload: create, append, 2 attends"
+else
+    bad "stats workload: $(cat "$tmp/err")"
+fi
+st_run attend --session st-none --layer 0 --q "$tmp/q.npy" --out "$tmp/o.npy" >/dev/null 2>&1 &&
+    bad "attend to a missing session succeeded"
+# The text format: key value lines, then the latency and rank tables (global, session).
+if st_run stats --session st-stats >"$tmp/stats.txt" 2>"$tmp/err"; then
+    grep -Eq '^requests\.attend [1-9][0-9]*$' "$tmp/stats.txt" &&
+    grep -Eq '^errors\.NOT_FOUND [1-9][0-9]*$' "$tmp/stats.txt" &&
+    grep -Eq '^dense +[1-9][0-9]* ' "$tmp/stats.txt" &&
+    grep -Eq '^session\.kv_bytes 25600$' "$tmp/stats.txt" &&
+    [ "$(grep -Ec '^[0-9]+ ' "$tmp/stats.txt")" -eq $((2 * n)) ] &&
+    ok "stats text format" || bad "stats text format: $(cat "$tmp/stats.txt")"
+else
+    bad "fasa stats: $(cat "$tmp/err")"
+fi
+# The Prometheus format: every sample of a declared family, the counters and the summary
+# there, and the session's 25600 bytes (krest and v: no profile) spread over the ranks.
+if st_run stats --session st-stats --format prometheus >"$tmp/stats.prom" 2>"$tmp/err"; then
+    p=$tmp/stats.prom
+    undeclared=$(awk '/^# TYPE / { t[$3] = $4; next } /^#/ { next }
+        { name = $1; sub(/\{.*/, "", name); base = name; sub(/_(sum|count)$/, "", base)
+          if (!(name in t) && !(t[base] == "summary") ) print }' "$p")
+    malformed=$(grep -Ev '^# (HELP|TYPE) fasa_[a-z_]+ .+$|^fasa_[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? ([0-9.e+-]+|NaN)$' "$p")
+    sumkind() { awk -v k="$1" -F'[ ]' '$1 ~ /^fasa_session_rank_kv_bytes\{/ && $1 ~ "kind=\"" k "\"" { s += $2 } END { print s + 0 }' "$p"; }
+    shard0=$(sed -n 's/^fasa_rank_shards{rank="0"} //p' "$p")
+    if [ -z "$undeclared" ] && [ -z "$malformed" ] &&
+       grep -Eq '^fasa_requests_total\{type="attend"\} [1-9][0-9]*$' "$p" &&
+       grep -Eq '^fasa_errors_total\{code="NOT_FOUND"\} [1-9][0-9]*$' "$p" &&
+       grep -q '^# TYPE fasa_step_seconds summary$' "$p" &&
+       grep -Eq '^fasa_step_seconds\{method="dense",quantile="0.99"\} [0-9.e-]+$' "$p" &&
+       grep -Eq '^fasa_step_seconds_count\{method="dense"\} [1-9][0-9]*$' "$p" &&
+       [ "$(grep -c '^fasa_rank_kv_bytes{rank="[0-9]*",kind="kdom"}' "$p")" -eq "$n" ] &&
+       [ "$shard0" = "$([ "$n" -eq 1 ] && echo 1 || echo 0)" ] &&
+       [ "$(sumkind kdom)" -eq 0 ] && [ "$(sumkind krest)" -eq 12800 ] && [ "$(sumkind v)" -eq 12800 ]; then
+        ok "stats prometheus format ($(grep -c '^fasa_' "$p") samples)"
+    else
+        bad "stats prometheus format: undeclared '$undeclared' malformed '$malformed' kdom $(sumkind kdom) krest $(sumkind krest) v $(sumkind v) rank 0 shards '$shard0'"
+    fi
+else
+    bad "fasa stats --format prometheus: $(cat "$tmp/err")"
+fi
+st_run drop --session st-stats >/dev/null 2>&1 || bad "drop st-stats"
+# ---- end of the stats checks ----
+
 # The server is still serving, then it stops cleanly and every rank goes.
 "$fasa" ping --server "$ep" >/dev/null 2>&1 && ok "still answering ping" || bad "ping after the tests"
 if [ $((n % 2)) -eq 1 ]; then

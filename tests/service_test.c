@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "calib.h"
+#include "fc.h"
 #include "service.h"
 #include "test_util.h"
 #include "wire_cases.h"
@@ -346,6 +347,489 @@ START_TEST(test_limits)
 }
 END_TEST
 
+/* ---- Stats: exact counts after a known sequence of requests ---- */
+
+enum { ST_L = 2, ST_T = 64, ST_H = 4, ST_HKV = 2, ST_D = 16, ST_B = 8, ST_LOOP = 30 };
+
+/* An Attend of session id (ST_* geometry) at layer; method 0: the session's; k_new, v_new
+ * optional. With bad_q the q tensor's data is one float short (refused at the edge). */
+static void s_attend_init(Fasa__V1__Attend *a, Fasa__V1__Tensor *tq, Fasa__V1__Tensor *tk,
+                          Fasa__V1__Tensor *tv, uint64_t *qs, uint64_t *ks, const char *id,
+                          int layer, int method, const float *q, const float *kv)
+{
+    fasa__v1__attend__init(a);
+    fasa__v1__tensor__init(tq);
+    qs[0] = ST_H, qs[1] = ST_D, ks[0] = ST_HKV, ks[1] = ST_D;
+    tq->dtype = FASA__V1__DTYPE__F32;
+    tq->n_shape = 2;
+    tq->shape = qs;
+    tq->data.data = (uint8_t *)q;
+    tq->data.len = sizeof(float) * ST_H * ST_D;
+    a->session_id = (char *)id;
+    a->layer = (uint32_t)layer;
+    a->q = tq;
+    if (method) {
+        a->has_method = 1;
+        a->method = (Fasa__V1__Method)method;
+    }
+    if (kv) {
+        *tk = *tq;
+        tk->shape = ks;
+        tk->data.data = (uint8_t *)kv;
+        tk->data.len = sizeof(float) * ST_HKV * ST_D;
+        *tv = *tk;
+        a->k_new = tk;
+        a->v_new = tv;
+    }
+}
+
+/* Step times seen in the replies, by method_used. */
+typedef struct seen_steps {
+    int n[4];
+    uint64_t us[4][64];
+} seen_steps;
+
+static void s_seen(seen_steps *st, const Fasa__V1__AttendResult *res)
+{
+    const int m = (int)res->stats->method_used;
+    ck_assert_int_ge(m, 1);
+    ck_assert_int_le(m, 3);
+    ck_assert_int_lt(st->n[m], 64);
+    st->us[m][st->n[m]++] = res->stats->server_us;
+}
+
+static Fasa__V1__Response *s_attend_ok(const char *id, int layer, int method, const float *q,
+                                       const float *kv, seen_steps *st)
+{
+    Fasa__V1__Attend a;
+    Fasa__V1__Tensor tq, tk, tv;
+    uint64_t qs[2], ks[2];
+    s_attend_init(&a, &tq, &tk, &tv, qs, ks, id, layer, method, q, kv);
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    req.body_case = FASA__V1__REQUEST__BODY_ATTEND;
+    req.attend = &a;
+    Fasa__V1__Response *r = wire_send(&req);
+    if (r->status == 0) s_seen(st, r->attend);
+    return r;
+}
+
+static int s_cmp_u64(const void *a, const void *b)
+{
+    const uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+static uint64_t s_count_of(const Fasa__V1__StatsResult *r, const char *type)
+{
+    for (size_t i = 0; i < r->n_requests_by_type; i++)
+        if (strcmp(r->requests_by_type[i]->type, type) == 0) return r->requests_by_type[i]->count;
+    ck_abort_msg("no requests_by_type entry '%s'", type);
+    return 0;
+}
+
+static uint64_t s_errors_of(const Fasa__V1__StatsResult *r, Fasa__V1__Status code)
+{
+    for (size_t i = 0; i < r->n_errors_by_code; i++)
+        if (r->errors_by_code[i]->code == code) return r->errors_by_code[i]->count;
+    ck_abort_msg("no errors_by_code entry for %d", code);
+    return 0;
+}
+
+/* Checks one method's latency summary against the server_us values of its steps: the count
+ * exactly; max and sum to the microsecond server_us rounds down to; each percentile within
+ * the histogram's 2% (plus that microsecond) of the nearest-rank value. */
+static void s_check_latency(const Fasa__V1__LatencySummary *l, int n, uint64_t *us)
+{
+    ck_assert_uint_eq(l->count, (uint64_t)n);
+    qsort(us, (size_t)n, sizeof(*us), s_cmp_u64);
+    uint64_t sum = 0;
+    for (int i = 0; i < n; i++) sum += us[i];
+    ck_assert_uint_eq((uint64_t)l->max_us, us[n - 1]);
+    ck_assert_double_ge(l->sum_us, (double)sum);
+    ck_assert_double_lt(l->sum_us, (double)(sum + (uint64_t)n));
+    const double qs[3] = {0.5, 0.9, 0.99}, est[3] = {l->p50_us, l->p90_us, l->p99_us};
+    for (int k = 0; k < 3; k++) {
+        int rank = (int)ceil(qs[k] * n);
+        if (rank < 1) rank = 1;
+        const double want = (double)us[rank - 1];
+        ck_assert_msg(fabs(est[k] - want) <= 0.021 * want + 1.1,
+                      "method %d q %.2f: %.2f us, nearest-rank %.0f us", l->method, qs[k], est[k],
+                      want);
+    }
+    ck_assert_double_le(l->p50_us, l->p90_us);
+    ck_assert_double_le(l->p90_us, l->p99_us);
+    ck_assert_double_le(l->p99_us, l->max_us);
+}
+
+/* The bytes by kind one session's rows take: rows (n_layers) per layer, n_dom (n_layers,
+ * n_kv_heads) dominant dims per KV head. */
+static void s_bytes_by_kind(const int64_t *rows, const int *n_dom, uint64_t *kdom, uint64_t *krest,
+                            uint64_t *v)
+{
+    *kdom = *krest = *v = 0;
+    for (int l = 0; l < ST_L; l++)
+        for (int g = 0; g < ST_HKV; g++) {
+            *kdom += (uint64_t)rows[l] * n_dom[l * ST_HKV + g] * 4;
+            *krest += (uint64_t)rows[l] * (ST_D - n_dom[l * ST_HKV + g]) * 4;
+            *v += (uint64_t)rows[l] * ST_D * 4;
+        }
+}
+
+START_TEST(test_stats_counts)
+{
+    test_rng rng = {23};
+    float *q = test_alloc(sizeof(float) * ST_L * ST_T * ST_H * ST_D);
+    float *k = test_alloc(sizeof(float) * ST_L * ST_T * ST_HKV * ST_D);
+    float *v = test_alloc(sizeof(float) * ST_L * ST_T * ST_HKV * ST_D);
+    test_fill(&rng, (size_t)ST_L * ST_T * ST_H * ST_D, q, 1.0f);
+    test_fill(&rng, (size_t)ST_L * ST_T * ST_HKV * ST_D, k, 1.0f);
+    test_fill(&rng, (size_t)ST_L * ST_T * ST_HKV * ST_D, v, 1.0f);
+    seen_steps seen;
+    memset(&seen, 0, sizeof(seen));
+    Fasa__V1__Response *r;
+
+    /* 2 pings. */
+    Fasa__V1__Request pr = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Ping ping = FASA__V1__PING__INIT;
+    pr.body_case = FASA__V1__REQUEST__BODY_PING;
+    pr.ping = &ping;
+    for (int i = 0; i < 2; i++) {
+        pr.request_id = 0;
+        r = wire_send(&pr);
+        ck_assert_int_eq(r->status, 0);
+        fasa__v1__response__free_unpacked(r, NULL);
+    }
+
+    /* A calibration stored as "p"; its dominant FCs give the key layout. */
+    Fasa__V1__Request cal = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Calibrate c = FASA__V1__CALIBRATE__INIT;
+    Fasa__V1__Tensor tq, tk;
+    uint64_t qs4[4] = {ST_L, ST_T, ST_H, ST_D}, ks4[4] = {ST_L, ST_T, ST_HKV, ST_D};
+    s_tensor(&tq, qs4, q, (size_t)ST_L * ST_T * ST_H * ST_D);
+    s_tensor(&tk, ks4, k, (size_t)ST_L * ST_T * ST_HKV * ST_D);
+    c.q = &tq;
+    c.k = &tk;
+    c.has_ntip = c.has_window = c.has_pos_begin = c.has_pos_step = 1;
+    c.ntip = 2;
+    c.window = 8;
+    c.pos_begin = 32;
+    c.pos_step = 4;
+    c.profile_name = "p";
+    cal.body_case = FASA__V1__REQUEST__BODY_CALIBRATE;
+    cal.calibrate = &c;
+    r = wire_send(&cal);
+    ck_assert_msg(r->status == 0, "calibrate: %s", r->message);
+    const char *text = r->calibrate->profile_text;
+    FILE *f = fmemopen((void *)text, strlen(text), "r");
+    char err[256];
+    fasa_profile *prof = fasa_profile_read(f, "reply", strlen(text), err, sizeof(err));
+    fclose(f);
+    ck_assert_msg(prof != NULL, "%s", err);
+    fasa__v1__response__free_unpacked(r, NULL);
+    int n_dom[ST_L * ST_HKV];
+    const int grp = ST_H / ST_HKV;
+    for (int l = 0; l < ST_L; l++)
+        for (int g = 0; g < ST_HKV; g++) {
+            uint8_t in[ST_D] = {0};
+            for (int h = g * grp; h < (g + 1) * grp; h++)
+                for (int t = 0; t < prof->ntip; t++) {
+                    int d0, d1;
+                    fc_dims(prof->pairing, ST_D, prof->fcs[(l * ST_H + h) * prof->ntip + t], &d0,
+                            &d1);
+                    in[d0] = in[d1] = 1;
+                }
+            n_dom[l * ST_HKV + g] = 0;
+            for (int x = 0; x < ST_D; x++) n_dom[l * ST_HKV + g] += in[x];
+            /* At least one FC, at most the group's 2 x ntip FCs: never all of K. */
+            ck_assert_int_ge(n_dom[l * ST_HKV + g], 2);
+            ck_assert_int_le(n_dom[l * ST_HKV + g], 2 * grp * prof->ntip);
+        }
+    fasa_profile_destroy(&prof);
+
+    /* 4 creates: "st" with the profile, the same again, one naming no stored profile, and
+     * an empty session "e" without a profile. */
+    Fasa__V1__Request cr;
+    Fasa__V1__CreateSession cs;
+    wire_create_init(&cr, &cs, "st");
+    cs.n_heads = ST_H;
+    cs.n_kv_heads = ST_HKV;
+    cs.head_dim = ST_D;
+    cs.n_layers = ST_L;
+    cs.profile_name = "p";
+    cs.has_budget = 1;
+    cs.budget = ST_B;
+    r = wire_send(&cr);
+    ck_assert_msg(r->status == 0, "create: %s", r->message);
+    fasa__v1__response__free_unpacked(r, NULL);
+    cr.request_id = 0;
+    wire_expect_error(wire_send(&cr), FASA__V1__STATUS__ALREADY_EXISTS, "st");
+    cr.request_id = 0;
+    cs.session_id = "x";
+    cs.profile_name = "nope";
+    wire_expect_error(wire_send(&cr), FASA__V1__STATUS__NOT_FOUND, "profile_name");
+    cr.request_id = 0;
+    cs.session_id = "e";
+    cs.profile_name = NULL;
+    r = wire_send(&cr);
+    ck_assert_int_eq(r->status, 0);
+    fasa__v1__response__free_unpacked(r, NULL);
+
+    /* 2 appends: every layer's T tokens, then the same start again. */
+    Fasa__V1__Request ar = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Append a = FASA__V1__APPEND__INIT;
+    Fasa__V1__Tensor ak, av;
+    s_tensor(&ak, ks4, k, (size_t)ST_L * ST_T * ST_HKV * ST_D);
+    s_tensor(&av, ks4, v, (size_t)ST_L * ST_T * ST_HKV * ST_D);
+    a.session_id = "st";
+    a.k = &ak;
+    a.v = &av;
+    ar.body_case = FASA__V1__REQUEST__BODY_APPEND;
+    ar.append = &a;
+    r = wire_send(&ar);
+    ck_assert_msg(r->status == 0, "append: %s", r->message);
+    fasa__v1__response__free_unpacked(r, NULL);
+    ar.request_id = 0;
+    wire_expect_error(wire_send(&ar), FASA__V1__STATUS__INVALID_ARGUMENT, "start_pos");
+
+    /* 8 attends: ST_LOOP on layer 1 cycling fasa, dense, oracle; layer 0 (dense under fasa);
+     * one with k_new (layer 1 now holds T + 1 rows); an unknown session; a layer out of
+     * range; a q one float short (refused at the edge, still counted as an attend). */
+    for (int i = 0; i < ST_LOOP; i++) {
+        r = s_attend_ok("st", 1, 1 + i % 3, q + (size_t)i * ST_H * ST_D, NULL, &seen);
+        ck_assert_msg(r->status == 0, "attend %d: %s", i, r->message);
+        ck_assert_int_eq(r->attend->stats->method_used, 1 + i % 3);
+        fasa__v1__response__free_unpacked(r, NULL);
+    }
+    r = s_attend_ok("st", 0, 0, q, NULL, &seen);
+    ck_assert_int_eq(r->status, 0);
+    ck_assert_int_eq(r->attend->stats->method_used, FASA__V1__METHOD__DENSE);
+    fasa__v1__response__free_unpacked(r, NULL);
+    r = s_attend_ok("st", 1, 0, q, k, &seen);
+    ck_assert_int_eq(r->status, 0);
+    ck_assert_int_eq(r->attend->stats->method_used, FASA__V1__METHOD__FASA);
+    fasa__v1__response__free_unpacked(r, NULL);
+    wire_expect_error(s_attend_ok("nope", 1, 0, q, NULL, &seen), FASA__V1__STATUS__NOT_FOUND,
+                      "session_id");
+    wire_expect_error(s_attend_ok("st", 5, 0, q, NULL, &seen), FASA__V1__STATUS__INVALID_ARGUMENT,
+                      "layer");
+    {
+        Fasa__V1__Attend ba;
+        Fasa__V1__Tensor bq, bk, bv;
+        uint64_t bqs[2], bks[2];
+        s_attend_init(&ba, &bq, &bk, &bv, bqs, bks, "st", 1, 0, q, NULL);
+        bq.data.len -= sizeof(float);
+        Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+        req.body_case = FASA__V1__REQUEST__BODY_ATTEND;
+        req.attend = &ba;
+        r = wire_send(&req);
+        ck_assert_int_eq(r->status, FASA__V1__STATUS__INVALID_ARGUMENT);
+        fasa__v1__response__free_unpacked(r, NULL);
+    }
+
+    /* 1 batch of 3 items: fasa on layer 1, layer 0 (dense), an unknown session. */
+    {
+        Fasa__V1__Attend items[3], *ptrs[3];
+        Fasa__V1__Tensor bq[3], bk[3], bv[3];
+        uint64_t bqs[3][2], bks[3][2];
+        const char *ids[3] = {"st", "st", "nope"};
+        const int layers[3] = {1, 0, 1};
+        for (int i = 0; i < 3; i++) {
+            s_attend_init(&items[i], &bq[i], &bk[i], &bv[i], bqs[i], bks[i], ids[i], layers[i], 0,
+                          q + (size_t)(7 + i) * ST_H * ST_D, NULL);
+            ptrs[i] = &items[i];
+        }
+        Fasa__V1__BatchAttend b = FASA__V1__BATCH_ATTEND__INIT;
+        b.n_items = 3;
+        b.items = ptrs;
+        Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+        req.body_case = FASA__V1__REQUEST__BODY_BATCH_ATTEND;
+        req.batch_attend = &b;
+        r = wire_send(&req);
+        ck_assert_int_eq(r->status, 0);
+        ck_assert_uint_eq(r->batch_attend->n_items, 3);
+        for (int i = 0; i < 2; i++) {
+            ck_assert_int_eq(r->batch_attend->items[i]->status, 0);
+            s_seen(&seen, r->batch_attend->items[i]->result);
+        }
+        ck_assert_int_eq(r->batch_attend->items[2]->status, FASA__V1__STATUS__NOT_FOUND);
+        fasa__v1__response__free_unpacked(r, NULL);
+    }
+
+    /* 1 undecodable message, 1 set_profile refused (the session holds tokens). */
+    const uint8_t junk[] = {0xff, 0xff, 0xff, 0x01};
+    wire_expect_error(s_rt(junk, sizeof(junk)), FASA__V1__STATUS__INVALID_ARGUMENT, "request");
+    Fasa__V1__Request sr = FASA__V1__REQUEST__INIT;
+    Fasa__V1__SetProfile sp = FASA__V1__SET_PROFILE__INIT;
+    sp.session_id = "st";
+    sp.profile_name = "p";
+    sr.body_case = FASA__V1__REQUEST__BODY_SET_PROFILE;
+    sr.set_profile = &sp;
+    wire_expect_error(wire_send(&sr), FASA__V1__STATUS__FAILED_PRECONDITION, "holds tokens");
+
+    /* The 21st request: Stats of "st". */
+    Fasa__V1__Request st = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Stats sb = FASA__V1__STATS__INIT;
+    sb.session_id = "st";
+    st.body_case = FASA__V1__REQUEST__BODY_STATS;
+    st.stats = &sb;
+    r = wire_send(&st);
+    ck_assert_msg(r->status == 0, "stats: %s", r->message);
+    const Fasa__V1__StatsResult *res = r->stats;
+
+    /* Requests by type, errors by code: exact, and adding up to the totals. */
+    ck_assert_uint_eq(res->n_requests_by_type, 11);
+    ck_assert_uint_eq(s_count_of(res, "undecodable"), 1);
+    ck_assert_uint_eq(s_count_of(res, "ping"), 2);
+    ck_assert_uint_eq(s_count_of(res, "calibrate"), 1);
+    ck_assert_uint_eq(s_count_of(res, "create_session"), 4);
+    ck_assert_uint_eq(s_count_of(res, "append"), 2);
+    ck_assert_uint_eq(s_count_of(res, "attend"), ST_LOOP + 5);
+    ck_assert_uint_eq(s_count_of(res, "batch_attend"), 1);
+    ck_assert_uint_eq(s_count_of(res, "set_profile"), 1);
+    ck_assert_uint_eq(s_count_of(res, "stats"), 1);
+    ck_assert_uint_eq(s_count_of(res, "drop_session"), 0);
+    ck_assert_uint_eq(s_count_of(res, "shutdown"), 0);
+    uint64_t total = 0;
+    for (size_t i = 0; i < res->n_requests_by_type; i++) total += res->requests_by_type[i]->count;
+    ck_assert_uint_eq(total, res->requests);
+    ck_assert_uint_eq(res->requests, 13 + ST_LOOP + 5);
+    ck_assert_uint_eq(res->n_errors_by_code, 8);
+    ck_assert_uint_eq(s_errors_of(res, FASA__V1__STATUS__INVALID_ARGUMENT), 4);
+    ck_assert_uint_eq(s_errors_of(res, FASA__V1__STATUS__NOT_FOUND), 3);
+    ck_assert_uint_eq(s_errors_of(res, FASA__V1__STATUS__ALREADY_EXISTS), 1);
+    ck_assert_uint_eq(s_errors_of(res, FASA__V1__STATUS__FAILED_PRECONDITION), 1);
+    ck_assert_uint_eq(s_errors_of(res, FASA__V1__STATUS__RESOURCE_EXHAUSTED), 0);
+    ck_assert_uint_eq(s_errors_of(res, FASA__V1__STATUS__INTERNAL), 0);
+    ck_assert_uint_eq(res->errors, 9);
+    ck_assert_uint_eq(res->batch_items, 3);
+    ck_assert_uint_eq(res->attend_steps, ST_LOOP + 2 + 2);
+
+    /* Latency: one summary per method, counting exactly the steps that ran it. */
+    ck_assert_int_eq(seen.n[FASA__V1__METHOD__FASA], ST_LOOP / 3 + 2);
+    ck_assert_int_eq(seen.n[FASA__V1__METHOD__DENSE], ST_LOOP / 3 + 2);
+    ck_assert_int_eq(seen.n[FASA__V1__METHOD__ORACLE], ST_LOOP / 3);
+    ck_assert_uint_eq(res->n_latency, 3);
+    for (size_t i = 0; i < res->n_latency; i++) {
+        const int m = (int)res->latency[i]->method;
+        ck_assert_int_eq(m, (int)i + 1);
+        s_check_latency(res->latency[i], seen.n[m], seen.us[m]);
+    }
+
+    /* Holdings: one rank (the service was told 1) holding both shards. "st" holds T rows
+     * in layer 0 and T + 1 in layer 1; "e" none. */
+    const int64_t rows[ST_L] = {ST_T, ST_T + 1};
+    uint64_t kdom, krest, vb;
+    s_bytes_by_kind(rows, n_dom, &kdom, &krest, &vb);
+    ck_assert_uint_gt(kdom, 0);
+    ck_assert_uint_gt(krest, 0);
+    ck_assert_uint_eq(kdom + krest, vb);
+    ck_assert_uint_eq(vb, (uint64_t)(2 * ST_T + 1) * ST_HKV * ST_D * 4);
+    const Fasa__V1__SessionInfo *si = res->session;
+    ck_assert_uint_eq(si->kv_bytes, 2 * vb);
+    ck_assert_uint_eq(res->kv_bytes, 2 * vb);
+    ck_assert_uint_eq(res->n_rank_stats, 1);
+    ck_assert_uint_eq(si->n_rank_stats, 1);
+    for (int w = 0; w < 2; w++) {
+        const Fasa__V1__RankStats *rk = w ? si->rank_stats[0] : res->rank_stats[0];
+        ck_assert_uint_eq(rk->rank, 0);
+        ck_assert_uint_eq(rk->shards, 2);
+        ck_assert_uint_eq(rk->sessions, w ? 1 : 2);
+        ck_assert_uint_eq(rk->tokens, ST_T);
+        ck_assert_uint_eq(rk->rows, 2 * ST_T + 1);
+        ck_assert_uint_eq(rk->kdom_bytes, kdom);
+        ck_assert_uint_eq(rk->krest_bytes, krest);
+        ck_assert_uint_eq(rk->v_bytes, vb);
+        ck_assert_uint_eq(rk->kdom_bytes + rk->krest_bytes + rk->v_bytes, si->kv_bytes);
+        ck_assert_uint_ge(rk->alloc_bytes, si->kv_bytes);
+    }
+    fasa__v1__response__free_unpacked(r, NULL);
+    free(q);
+    free(k);
+    free(v);
+}
+END_TEST
+
+static Fasa__V1__Response *s_stats_of(const char *id)
+{
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Stats sb = FASA__V1__STATS__INIT;
+    sb.session_id = (char *)id;
+    req.body_case = FASA__V1__REQUEST__BODY_STATS;
+    req.stats = &sb;
+    Fasa__V1__Response *r = wire_send(&req);
+    ck_assert_msg(r->status == 0, "stats: %s", r->message);
+    return r;
+}
+
+START_TEST(test_stats_ranks)
+{
+    /* As a 3-rank server sees it: shard i on rank i + 1, rank 0 the coordinator holding
+     * nothing. Session "bad" holds 40 tokens per layer in blocks of 16: shard 0 (rank 1)
+     * positions 0..15 and 32..39, shard 1 (rank 2) 16..31. */
+    fasa_service_destroy(&s_svc);
+    fasa_engine_t *e = fasa_engine_new(2, 16);
+    ck_assert_ptr_nonnull(e);
+    const fasa_service_opts o = {.n_ranks = 3, .max_message = 1 << 20};
+    s_svc = fasa_service_new(e, 2, &o);
+    ck_assert_ptr_nonnull(s_svc);
+    wire_make_session();
+    Fasa__V1__Response *r = s_stats_of("bad");
+    const uint64_t row_bytes = WIRE_HKV * WIRE_D * 4, tokens[3] = {0, 24, 16};
+    ck_assert_uint_eq(r->stats->n_rank_stats, 3);
+    ck_assert_uint_eq(r->stats->session->n_rank_stats, 3);
+    uint64_t sum = 0;
+    for (int k = 0; k < 3; k++) {
+        const Fasa__V1__RankStats *rk = r->stats->rank_stats[k];
+        ck_assert_uint_eq(rk->rank, (uint32_t)k);
+        ck_assert_uint_eq(rk->shards, k ? 1 : 0);
+        ck_assert_uint_eq(rk->sessions, k ? 1 : 0);
+        ck_assert_uint_eq(rk->tokens, tokens[k]);
+        ck_assert_uint_eq(rk->rows, WIRE_L * tokens[k]);
+        ck_assert_uint_eq(rk->kdom_bytes, 0); /* no profile: all of K is the rest */
+        ck_assert_uint_eq(rk->krest_bytes, WIRE_L * tokens[k] * row_bytes);
+        ck_assert_uint_eq(rk->v_bytes, WIRE_L * tokens[k] * row_bytes);
+        ck_assert(k ? rk->alloc_bytes > 0 : rk->alloc_bytes == 0);
+        const Fasa__V1__RankStats *sk = r->stats->session->rank_stats[k];
+        ck_assert_uint_eq(sk->rank, rk->rank);
+        ck_assert_uint_eq(sk->tokens, rk->tokens);
+        ck_assert_uint_eq(sk->v_bytes, rk->v_bytes);
+        ck_assert_uint_eq(sk->alloc_bytes, rk->alloc_bytes);
+        sum += rk->kdom_bytes + rk->krest_bytes + rk->v_bytes;
+    }
+    ck_assert_uint_eq(sum, r->stats->session->kv_bytes);
+    ck_assert_uint_eq(sum, r->stats->kv_bytes);
+    fasa__v1__response__free_unpacked(r, NULL);
+
+    /* Dropped, the session's rows are gone from every rank. */
+    Fasa__V1__Request dr = FASA__V1__REQUEST__INIT;
+    Fasa__V1__DropSession drop = FASA__V1__DROP_SESSION__INIT;
+    drop.session_id = "bad";
+    dr.body_case = FASA__V1__REQUEST__BODY_DROP_SESSION;
+    dr.drop_session = &drop;
+    r = wire_send(&dr);
+    ck_assert_int_eq(r->status, 0);
+    fasa__v1__response__free_unpacked(r, NULL);
+    r = s_stats_of(NULL);
+    ck_assert_ptr_null(r->stats->session);
+    for (int k = 0; k < 3; k++) {
+        const Fasa__V1__RankStats *rk = r->stats->rank_stats[k];
+        ck_assert_uint_eq(rk->sessions + rk->tokens + rk->rows + rk->v_bytes + rk->alloc_bytes, 0);
+    }
+    fasa__v1__response__free_unpacked(r, NULL);
+    wire_expect_error(wire_send(&dr), FASA__V1__STATUS__NOT_FOUND, "bad");
+    r = s_stats_of(NULL);
+    ck_assert_uint_eq(s_count_of(r->stats, "drop_session"), 3); /* with wire_make_session's */
+    ck_assert_uint_eq(s_errors_of(r->stats, FASA__V1__STATUS__NOT_FOUND), 2);
+    fasa__v1__response__free_unpacked(r, NULL);
+    Fasa__V1__Request bad = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Stats sb = FASA__V1__STATS__INIT;
+    sb.session_id = "gone";
+    bad.body_case = FASA__V1__REQUEST__BODY_STATS;
+    bad.stats = &sb;
+    wire_expect_error(wire_send(&bad), FASA__V1__STATUS__NOT_FOUND, "stats.session_id");
+}
+END_TEST
+
 Suite *service_suite(void)
 {
     Suite *s = suite_create("service");
@@ -356,6 +840,8 @@ Suite *service_suite(void)
     tcase_add_test(tc, test_calibrate_profile_stats_shutdown);
     tcase_add_test(tc, test_mutated_requests);
     tcase_add_test(tc, test_limits);
+    tcase_add_test(tc, test_stats_counts);
+    tcase_add_test(tc, test_stats_ranks);
     suite_add_tcase(s, tc);
     return s;
 }

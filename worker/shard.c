@@ -459,3 +459,17 @@ size_t shard_bytes_held(const shard_t *s)
                  (size_t)s->layers[l].pos_cap * sizeof(int32_t);
     return total;
 }
+
+void shard_bytes_by_kind(const shard_t *s, int64_t *kdom_p, int64_t *krest_p, int64_t *v_p)
+{
+    const int hkv = s->lay.n_kv_heads, d = s->lay.head_dim;
+    int64_t dom = 0, all = 0; /* dims held: dominant ones, and all of them */
+    for (int l = 0; l < s->lay.n_layers; l++) {
+        const int64_t rows = s->layers[l].n_rows;
+        for (int g = 0; g < hkv; g++) dom += rows * s->lay.n_dom[l * hkv + g];
+        all += rows * hkv * d;
+    }
+    *kdom_p = dom * (int64_t)sizeof(float);
+    *krest_p = (all - dom) * (int64_t)sizeof(float);
+    *v_p = all * (int64_t)sizeof(float);
+}

@@ -94,5 +94,9 @@ int shard_attend(shard_t *shard, const shard_step *step, const topk_cand *thr,
 int64_t shard_bytes_read(const shard_t *shard);
 /* Bytes held in the KV store. */
 size_t shard_bytes_held(const shard_t *shard);
+/* Bytes of the rows held, all layers, by part (the layout above): kdom (the dominant key
+ * dims), krest (the other key dims) and v (the values). They count stored elements, not
+ * chunk capacity, so kdom + krest = v = rows x n_kv_heads x head_dim x 4 bytes. */
+void shard_bytes_by_kind(const shard_t *shard, int64_t *kdom_p, int64_t *krest_p, int64_t *v_p);
 
 #endif

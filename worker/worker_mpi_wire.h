@@ -14,6 +14,8 @@
  *   SCORE        q float (n_heads, head_dim)
  *   ATTEND       q float (n_heads, head_dim), then unless method is dense thr topk_cand
  *                (n_units) and have_thr uint8 (n_units)
+ *   STATS        nothing; sid is a session (its geometry in the header, as for the other
+ *                session commands) or -1 for every session the worker holds
  * Sections follow each other unpadded in that order. The header is a multiple of 8 bytes
  * and the byte-sized sections come last, so every section is aligned for its type in a
  * malloc'd buffer and the receiver uses the payload in place.
@@ -23,6 +25,7 @@
  *   SCORE   cands topk_cand (n_units, budget) (the first n_cands[u] of unit u are valid),
  *           n_cands int32 (n_units)
  *   ATTEND  l double (n_heads), o double (n_heads, head_dim), m float (n_heads)
+ *   STATS   one wmpi_stats: what the worker's shard of sid (or of every session) holds
  * A worker serves commands in order and sends nothing else, so the coordinator has at most
  * one reply outstanding per worker and MPI's non-overtaking rule pairs them up. */
 #ifndef FASA_WORKER_WORKER_MPI_WIRE_H
@@ -57,6 +60,7 @@ typedef enum wmpi_cmd_code {
     WMPI_APPEND = 4,
     WMPI_SCORE = 5,
     WMPI_ATTEND = 6,
+    WMPI_STATS = 7,
 } wmpi_cmd_code;
 
 typedef enum wmpi_status {
@@ -92,8 +96,18 @@ typedef struct wmpi_reply {
     int64_t bytes_read; /* ATTEND: KV bytes the shard read for this step (score + attend) */
 } wmpi_reply;
 
+/* The STATS reply payload (coord/transport.h fasa_shard_stats, field for field): sessions
+ * with a shard here, tokens (rows of layer 0) and rows (all layers) held, the bytes of those
+ * rows by part (shard.h), and the bytes allocated for them. */
+typedef struct wmpi_stats {
+    int64_t sessions, tokens, rows;
+    int64_t kdom_bytes, krest_bytes, v_bytes;
+    int64_t alloc_bytes;
+} wmpi_stats;
+
 _Static_assert(sizeof(wmpi_cmd) == 72 && sizeof(wmpi_cmd) % 8 == 0, "wmpi_cmd layout");
 _Static_assert(sizeof(wmpi_reply) == 16, "wmpi_reply layout");
+_Static_assert(sizeof(wmpi_stats) == 56, "wmpi_stats layout");
 _Static_assert(sizeof(topk_cand) == 8, "topk_cand travels as 8 raw bytes");
 
 /* Waiting without holding a core. Open MPI's blocking calls busy-poll, and it has no
