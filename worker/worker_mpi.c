@@ -17,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "log.h"
+
 #include "shard.h"
 #include "worker_mpi_wire.h"
 
@@ -59,8 +61,9 @@ static int s_grow(uint8_t **buf, size_t *cap, size_t bytes)
 /* Logs a rejected command once, here where the reason is known, and returns its status. */
 static wmpi_status s_reject(const worker *w, wmpi_status st, const wmpi_cmd *h, const char *why)
 {
-    fprintf(stderr, "worker rank %d: command %d sid %d rejected: %s\n", w->rank, h ? h->cmd : -1,
-            h ? h->sid : -1, why);
+    (void)w;
+    fasa_log(FASA_LOG_WARN, 0, "worker: command %d sid %d rejected: %s", h ? h->cmd : -1,
+             h ? h->sid : -1, why);
     return st;
 }
 
@@ -365,7 +368,7 @@ int worker_mpi_loop(MPI_Comm comm)
     int rc = 0;
     MPI_Comm_rank(comm, &w.rank);
     if (s_grow(&w.tx, &w.tx_cap, WORKER_REPLY0)) {
-        fprintf(stderr, "worker rank %d: out of memory starting\n", w.rank);
+        fasa_log(FASA_LOG_ERROR, 0, "worker: out of memory starting");
         return -1;
     }
     wmpi_backoff idle;
@@ -383,8 +386,7 @@ int worker_mpi_loop(MPI_Comm comm)
         /* Without room for the command it cannot even be received, so it cannot be
          * answered either: give up and let the caller abort the job (fail-stop). */
         if (s_grow(&w.rx, &w.rx_cap, count > 0 ? (size_t)count : 1)) {
-            fprintf(stderr, "worker rank %d: out of memory receiving a %d-byte command\n", w.rank,
-                    count);
+            fasa_log(FASA_LOG_ERROR, 0, "worker: out of memory receiving a %d-byte command", count);
             rc = -1;
             break;
         }
