@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds fasa twice (Release, and AddressSanitizer + UBSan) and runs every test in both.
+# Builds fasa twice (Release, and AddressSanitizer + UBSan) and runs every test in both,
+# then the Slurm selftest (deploy/slurm/selftest.sh) on the Release build.
 # This is the README's test command and what CI runs after deploy/install-deps.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,3 +20,12 @@ for variant in plain sanitize; do
     echo "=== $variant tests"
     ctest --test-dir "$dir" --output-on-failure
 done
+
+# A real single-node Slurm (installed with apt-get when missing) running both batch scripts
+# of deploy/slurm/ against the plain build; FASA_SKIP_SLURM=1 skips it.
+if [ "${FASA_SKIP_SLURM:-0}" = 1 ]; then
+    echo "=== slurm selftest skipped (FASA_SKIP_SLURM=1)"
+else
+    echo "=== slurm selftest"
+    bash deploy/slurm/selftest.sh build
+fi
