@@ -505,12 +505,12 @@ static fasa_status s_calibrate(fasa_service *s, const edge_calibrate *c, reply *
                       o.pos_begin, o.pos_end, c->pos_begin >= 0 ? "given" : "default T/2",
                       c->pos_end ? "given" : "default T");
     }
-    if (o.window > o.pos_begin) {
+    if (o.window >= o.pos_end) {
         free(ptrs);
         return s_fail(r, FASA_INVALID_ARGUMENT,
-                      "calibrate.window %d must be at most pos_begin %d: with no more keys than "
-                      "the window, every FC agrees fully",
-                      o.window, o.pos_begin);
+                      "calibrate.window %d covers every sample position (the last is %d): with "
+                      "no more keys than the window, every FC agrees fully",
+                      o.window, o.pos_end - 1);
     }
     /* Each sample position t scores t + 1 keys with every head's full dot product. */
     const double n_pos = (double)((o.pos_end - o.pos_begin + o.pos_step - 1) / o.pos_step);

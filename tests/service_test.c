@@ -339,6 +339,8 @@ START_TEST(test_limits)
     t4.data.len = sizeof(float) * WIRE_L * T * WIRE_H * WIRE_D;
     Fasa__V1__Calibrate cal = FASA__V1__CALIBRATE__INIT;
     cal.q = cal.k = &t4; /* k with n_kv_heads = n_heads */
+    cal.has_window = 1;
+    cal.window = T; /* the last sample position, T - 1, has T keys */
     Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
     req.body_case = FASA__V1__REQUEST__BODY_CALIBRATE;
     req.calibrate = &cal;
