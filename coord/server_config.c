@@ -138,6 +138,7 @@ static int s_read_file(server_config *c, const char *path, char *err, size_t len
         else
             rc = s_set(c, k, value, where, err, len);
     }
+    if (!rc && ferror(f)) rc = s_err(err, len, "config %s: cannot read it", path);
     fclose(f);
     return rc;
 }

@@ -84,6 +84,10 @@ START_TEST(test_precedence)
     ck_assert_int_eq(s_load(&c, with_file, err), 2);
     ck_assert_ptr_nonnull(strstr(err, path));
 
+    char *dir[] = {"fasa-server", "--config", "/tmp", NULL};
+    ck_assert_int_eq(s_load(&c, dir, err), 2);
+    ck_assert_ptr_nonnull(strstr(err, "/tmp"));
+
     setenv("FASA_LOG_LEVEL", "chatty", 1);
     ck_assert_int_eq(s_load(&c, plain, err), 2);
     ck_assert_ptr_nonnull(strstr(err, "FASA_LOG_LEVEL"));

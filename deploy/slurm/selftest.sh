@@ -239,12 +239,22 @@ if [ "$missing" -eq 1 ]; then
         if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo=sudo
         else bad "Slurm is not installed, and installing it needs root or sudo"; finish; fi
     fi
-    say "installing slurmctld slurmd slurm-client munge (apt-get)"
+    say "installing slurmctld slurmd slurm-client munge libpmix-dev (apt-get)"
+    # The packages' scripts would start system munge/slurm services that outlive this test:
+    # a policy-rc.d that denies every start, in place only during the install, stops that.
+    own_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d > /dev/null &&
+            $sudo chmod 755 /usr/sbin/policy-rc.d && own_policy=1
+    fi
+    # libpmix-dev holds the libpmix.so that Slurm's mpi_pmix plugin loads.
     if $sudo apt-get update -q > /tmp/fasa-slurm-selftest.apt.log 2>&1 &&
        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends \
-           slurmctld slurmd slurm-client munge >> /tmp/fasa-slurm-selftest.apt.log 2>&1; then
-        :
+           -o DPkg::Lock::Timeout=120 slurmctld slurmd slurm-client munge libpmix-dev \
+           >> /tmp/fasa-slurm-selftest.apt.log 2>&1; then
+        [ "$own_policy" -eq 1 ] && $sudo rm -f /usr/sbin/policy-rc.d
     else
+        [ "$own_policy" -eq 1 ] && $sudo rm -f /usr/sbin/policy-rc.d
         tail -n 30 /tmp/fasa-slurm-selftest.apt.log
         bad "apt-get install of Slurm failed (log above)"; finish
     fi
@@ -442,9 +452,25 @@ expand() { local s=$1; echo "${s//'{out}'/"$2"}"; }
 
 # --- 3b. started first: the time-limit job (its TERM comes from slurmctld within ~30 s) -------
 say "submitting the time-limit job (fasa-server.sbatch --time=1, --signal=B:TERM@60)"
-submit timelimit --time=1 --export=ALL,FASA_ENDPOINT_FILE="$S/timelimit.endpoint",FASA_RUN_DIR="$S/timelimit-run" \
+submit timelimit --time=1 --ntasks=$ranks --overcommit --export=ALL,FASA_ENDPOINT_FILE="$S/timelimit.endpoint",FASA_RUN_DIR="$S/timelimit-run" \
     "$here/fasa-server.sbatch"
 tl_pid=$last_bg
+# Checked now, while it serves: slurmctld's first time-limit pass comes about 30 s after it
+# started, and the job stops (removing its endpoint file) soon after. At the end only its
+# state, its output and leftover processes are checked.
+if [ -s "$S/timelimit.endpoint" ] || wait_endpoint "$S/timelimit.endpoint" "$tl_pid"; then
+    ep=$(cat "$S/timelimit.endpoint" 2>/dev/null)
+    n_ranks=$(fasa_pids_of_job timelimit | wc -l)
+    if [ -n "$ep" ] && FASA_TIMEOUT_MS=5000 "$build/fasa" ping --server "$ep" >/dev/null 2>&1; then
+        ok "time-limit job serves on $ep ($n_ranks fasa-server processes of the job found)"
+    elif ! kill -0 "$tl_pid" 2>/dev/null; then
+        ok "time-limit job published its endpoint (already stopped)"
+    else
+        bad "time-limit job: no ping answer on '$ep'"
+    fi
+else
+    bad "time-limit job: no endpoint file"
+fi
 
 # --- reference: the workload on the embedded engine -----------------------------------------
 say "running workload.example on the embedded engine (reference)"
@@ -547,19 +573,6 @@ fi
 
 # --- 3b. the time-limit job, continued ---------------------------------------------------------
 say "waiting for the time-limit job (slurmctld sends TERM to its batch shell)"
-if [ -s "$S/timelimit.endpoint" ] || wait_endpoint "$S/timelimit.endpoint" "$tl_pid"; then
-    ep=$(cat "$S/timelimit.endpoint" 2>/dev/null)
-    n_ranks=$(fasa_pids_of_job timelimit | wc -l)
-    if [ -n "$ep" ] && FASA_TIMEOUT_MS=5000 "$build/fasa" ping --server "$ep" >/dev/null 2>&1; then
-        ok "time-limit job serves on $ep ($n_ranks fasa-server processes of the job found)"
-    elif ! kill -0 "$tl_pid" 2>/dev/null; then
-        ok "time-limit job published its endpoint (already stopped)"
-    else
-        bad "time-limit job: no ping answer on '$ep'"
-    fi
-else
-    bad "time-limit job: no endpoint file"
-fi
 check_job timelimit "$tl_pid" "time-limit job stopped by --signal=B:TERM@60"
 tl_out=$(ls "$S"/jobs/timelimit-*.out 2>/dev/null | head -n 1)
 if [ -n "$tl_out" ] && grep -q 'TERM received' "$tl_out" && grep -q 'srun exit status 0' "$tl_out"; then
