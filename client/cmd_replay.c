@@ -14,7 +14,7 @@
 #include "qkv.h"
 
 static const char usage[] =
-    "usage: fasa replay --qkv FILE --method fasa|dense|oracle --budget B --out OUT.npy [options]\n"
+    "usage: fasa replay --qkv FILE --method M --budget B --out OUT.npy [options]\n"
     "\n"
     "Creates a session with the dump's geometry, appends the keys and values of the positions\n"
     "below A in one bulk append, then for each position t in A:B:S appends position t (and the\n"
@@ -22,7 +22,10 @@ static const char usage[] =
     "OUT.npy is float32 (n_positions, n_layers, n_heads, head_dim).\n"
     "\n"
     "  --qkv FILE           a QKV1 dump or a directory with q.npy k.npy v.npy\n"
-    "  --method M           fasa (needs --profile), dense or oracle (exact top-B)\n"
+    "  --method M           fasa (needs --profile), dense, oracle (exact top-B), or the\n"
+    "                       baselines stream (8 sinks + recent), quest (pages of 16;\n"
+    "                       --block must be a multiple of 16) and sparq (r = 2 ntip\n"
+    "                       dims with --profile, else head_dim/4; per-head gqa only)\n"
     "  --budget B           tokens kept per query head (per KV head with --gqa shared); when\n"
     "                       t+1 <= B every token is used\n"
     "  --out OUT.npy        attention outputs\n"
@@ -104,8 +107,9 @@ static int s_parse(int argc, char **argv, replay_opts *o)
             break;
         case 'm':
             if (fasa_method_parse(optarg, &o->method))
-                return cli_usage_error("replay", "--method '%s' is not fasa, dense or oracle",
-                                       optarg);
+                return cli_usage_error(
+                    "replay", "--method '%s' is not fasa, dense, oracle, stream, quest or sparq",
+                    optarg);
             o->have_method = 1;
             break;
         case 'b':

@@ -64,8 +64,8 @@ static const char create_usage[] =
     "  --pairing P         interleaved (default) or half\n"
     "  --profile FILE      calibration profile from 'fasa calibrate' (sent as text)\n"
     "  --profile-name NAME a profile stored on the server ('fasa calibrate --profile-name')\n"
-    "  --method M          default method: fasa, dense or oracle (default: fasa with a profile,\n"
-    "                      else dense)\n"
+    "  --method M          default method: fasa, dense, oracle, stream, quest or sparq\n"
+    "                      (default: fasa with a profile, else dense)\n"
     "  --budget B          default tokens kept per selection unit (default 256)\n"
     "  --gqa G             per-head (default) or shared\n"
     "  --dense-layers LIST comma-separated layers kept dense under fasa, or none (default "
@@ -96,7 +96,8 @@ static const char attend_usage[] =
     "  --q Q.npy           post-RoPE queries, (heads, head_dim)\n"
     "  --k-new K.npy       key of the new position, (kv_heads, head_dim), appended first\n"
     "  --v-new V.npy       its value (with --k-new)\n"
-    "  --method M          fasa, dense or oracle (default: the session's)\n"
+    "  --method M          fasa, dense, oracle, stream, quest or sparq (default: the\n"
+    "                      session's)\n"
     "  --budget B          tokens kept per selection unit (default: the session's)\n"
     "  --gqa G             per-head or shared (default: the session's)\n"
     "  --max-pos P         highest visible key position (default: every appended one)\n"
@@ -251,7 +252,9 @@ static int s_parse(const char *cmd, const char *usage, const char *allowed, int 
             break;
         case 'm':
             if (fasa_method_parse(optarg, &o->method))
-                return cli_usage_error(cmd, "--method '%s' is not fasa, dense or oracle", optarg);
+                return cli_usage_error(
+                    cmd, "--method '%s' is not fasa, dense, oracle, stream, quest or sparq",
+                    optarg);
             o->have_method = 1;
             break;
         case 'g':
@@ -296,8 +299,9 @@ static fasa_client *s_connect(const char *cmd, const char *server, int timeout_m
 
 static const char *s_method_name(fasa_client_method m)
 {
-    static const char *const names[] = {"default", "fasa", "dense", "oracle"};
-    return (unsigned)m < 4 ? names[m] : "unknown";
+    static const char *const names[] = {"default", "fasa",  "dense", "oracle",
+                                        "stream",  "quest", "sparq"};
+    return (unsigned)m <= FASA_CLIENT_METHOD_LAST ? names[m] : "unknown";
 }
 
 int cmd_ping(int argc, char **argv)
@@ -341,7 +345,7 @@ static void s_print_latency(const fasa_client_stats *st)
 {
     printf("%-8s %10s %12s %12s %12s %12s %12s\n", "latency", "steps", "p50_us", "p90_us", "p99_us",
            "max_us", "mean_us");
-    for (int m = FASA_CLIENT_METHOD_FASA; m <= FASA_CLIENT_METHOD_ORACLE; m++) {
+    for (int m = FASA_CLIENT_METHOD_FASA; m <= FASA_CLIENT_METHOD_LAST; m++) {
         const fasa_client_latency *l = &st->latency[m];
         printf("%-8s %10llu %12.1f %12.1f %12.1f %12.1f %12.1f\n",
                s_method_name((fasa_client_method)m), (unsigned long long)l->count, l->p50_us,
@@ -489,7 +493,7 @@ static void s_print_prometheus(const fasa_client_stats *st)
                   "Server-side time of attend steps by the method run (quantiles within about "
                   "2%)");
     static const double qs[] = {0.5, 0.9, 0.99};
-    for (int m = FASA_CLIENT_METHOD_FASA; m <= FASA_CLIENT_METHOD_ORACLE; m++) {
+    for (int m = FASA_CLIENT_METHOD_FASA; m <= FASA_CLIENT_METHOD_LAST; m++) {
         const fasa_client_latency *l = &st->latency[m];
         const double v[] = {l->p50_us, l->p90_us, l->p99_us};
         const char *name = s_method_name((fasa_client_method)m);
@@ -504,7 +508,7 @@ static void s_print_prometheus(const fasa_client_stats *st)
         printf("fasa_step_seconds_count{method=\"%s\"} %llu\n", name, (unsigned long long)l->count);
     }
     s_prom_family("fasa_step_seconds_max", "gauge", "Longest attend step by the method run");
-    for (int m = FASA_CLIENT_METHOD_FASA; m <= FASA_CLIENT_METHOD_ORACLE; m++)
+    for (int m = FASA_CLIENT_METHOD_FASA; m <= FASA_CLIENT_METHOD_LAST; m++)
         printf("fasa_step_seconds_max{method=\"%s\"} %.9g\n", s_method_name((fasa_client_method)m),
                st->latency[m].max_us * 1e-6);
     s_prom_ranks("fasa_rank", "", NULL, st->n_rank_stats, st->rank_stats);

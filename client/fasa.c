@@ -18,7 +18,7 @@ static const char usage[] =
     "commands:\n"
     "  demo       synthetic long-context decode: calibrate, then fasa vs dense (no files needed)\n"
     "  calibrate  choose each head's dominant frequency chunks from recorded q/k activations\n"
-    "  replay     re-run the decode loop of recorded activations with fasa, dense or oracle\n"
+    "  replay     re-run recorded activations with fasa, dense, oracle or a baseline\n"
     "\n"
     "These run in-process, or on a fasa-server with --server ENDPOINT (same numbers).\n"
     "\n"

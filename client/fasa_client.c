@@ -442,7 +442,7 @@ static fasa_client_status s_check_id(const char *id, const char *field, fasa_cli
 
 static int s_method_ok(fasa_client_method m)
 {
-    return (unsigned)m <= FASA_CLIENT_METHOD_ORACLE;
+    return (unsigned)m <= FASA_CLIENT_METHOD_LAST;
 }
 static int s_gqa_ok(fasa_client_gqa g)
 {
@@ -924,7 +924,8 @@ fasa_client_status fasa_client_get_stats(fasa_client *c, const char *session_id,
             stats->errors_by_code[r->errors_by_code[i]->code] = r->errors_by_code[i]->count;
     for (size_t i = 0; i < r->n_latency; i++) {
         const Fasa__V1__LatencySummary *l = r->latency[i];
-        if (l->method < FASA__V1__METHOD__FASA || l->method > FASA__V1__METHOD__ORACLE) continue;
+        if (l->method < FASA__V1__METHOD__FASA || (int)l->method > (int)FASA_CLIENT_METHOD_LAST)
+            continue;
         stats->latency[l->method] = (fasa_client_latency){.count = l->count,
                                                           .sum_us = l->sum_us,
                                                           .p50_us = l->p50_us,

@@ -63,7 +63,11 @@ typedef enum fasa_client_method {
     FASA_CLIENT_METHOD_FASA = 1,   /* dominant-FC scoring, top-B, exact attention */
     FASA_CLIENT_METHOD_DENSE = 2,  /* exact attention over every visible key */
     FASA_CLIENT_METHOD_ORACLE = 3, /* exact top-B by the full score */
+    FASA_CLIENT_METHOD_STREAM = 4, /* baseline: 8 sink tokens + the B - 8 most recent */
+    FASA_CLIENT_METHOD_QUEST = 5,  /* baseline: top ceil(B/16) pages of 16 by key min/max */
+    FASA_CLIENT_METHOD_SPARQ = 6,  /* baseline: top-B by the r largest |q| dims, mean value */
 } fasa_client_method;
+#define FASA_CLIENT_METHOD_LAST FASA_CLIENT_METHOD_SPARQ
 
 /* Token selection under GQA; DEFAULT means the session's (per-head at create). */
 typedef enum fasa_client_gqa {
@@ -295,9 +299,9 @@ typedef struct fasa_client_stats {
     /* Errors by status, indexed by fasa_client_status ([FASA_CLIENT_OK] is 0); they add up
      * to errors. */
     uint64_t errors_by_code[FASA_CLIENT_STATS_MAX_CODES];
-    /* Step times, indexed by fasa_client_method: [FASA_CLIENT_METHOD_FASA], [..._DENSE],
-     * [..._ORACLE] ([FASA_CLIENT_METHOD_DEFAULT] stays 0). */
-    fasa_client_latency latency[4];
+    /* Step times, indexed by fasa_client_method: [FASA_CLIENT_METHOD_FASA] ..
+     * [FASA_CLIENT_METHOD_LAST] ([FASA_CLIENT_METHOD_DEFAULT] stays 0). */
+    fasa_client_latency latency[FASA_CLIENT_METHOD_LAST + 1];
     /* What each rank holds, every session: n_rank_stats entries by rank (n_ranks on a
      * multi-rank server, 1 on a one-rank server), malloc'd: fasa_client_stats_free. */
     size_t n_rank_stats;

@@ -45,7 +45,10 @@ struct fasa_engine {
     uint8_t *have_thr; /* (units) */
     float *m;          /* (n_shards, n_heads) partial maxima */
     double *l, *o;     /* (n_shards, n_heads [, head_dim]) partial sums */
+    double *aux;       /* (n_shards, n_heads, SHARD_SPARQ_AUX(head_dim)) sparq sums */
+    int *n_sel;        /* (units) tokens each unit selected */
     size_t cap_cands, cap_ncands, cap_merged, cap_units, cap_heads, cap_m, cap_l, cap_o;
+    size_t cap_aux, cap_nsel;
 };
 
 static const char *const s_status_names[] = {"OK",
@@ -64,16 +67,16 @@ const char *fasa_status_name(fasa_status code)
                                                                              : "UNKNOWN";
 }
 
-static const char *const s_method_names[] = {"fasa", "dense", "oracle"};
+static const char *const s_method_names[] = {"fasa", "dense", "oracle", "stream", "quest", "sparq"};
 
 const char *fasa_method_name(fasa_method m)
 {
-    return (unsigned)m < 3 ? s_method_names[m] : "unknown";
+    return (unsigned)m <= FASA_METHOD_LAST ? s_method_names[m] : "unknown";
 }
 
 int fasa_method_parse(const char *name, fasa_method *out_p)
 {
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i <= FASA_METHOD_LAST; i++)
         if (strcmp(name, s_method_names[i]) == 0) {
             *out_p = (fasa_method)i;
             return 0;
@@ -149,6 +152,8 @@ void fasa_engine_destroy(fasa_engine_t **engine_p)
     free(e->m);
     free(e->l);
     free(e->o);
+    free(e->aux);
+    free(e->n_sel);
     free(e);
     *engine_p = NULL;
 }
@@ -266,10 +271,12 @@ static fasa_status s_check_config(const fasa_session_config *c, fasa_error *err)
     if (!fc_pairing_name(c->pairing))
         return s_fail(err, FASA_INVALID_ARGUMENT, "pairing %d is not interleaved or half",
                       (int)c->pairing);
-    if ((unsigned)c->method > FASA_METHOD_ORACLE)
+    if ((unsigned)c->method > FASA_METHOD_LAST)
         return s_fail(err, FASA_INVALID_ARGUMENT, "method %d is unknown", (int)c->method);
     if (c->gqa != FASA_GQA_PER_HEAD && c->gqa != FASA_GQA_SHARED)
         return s_fail(err, FASA_INVALID_ARGUMENT, "gqa %d is unknown", (int)c->gqa);
+    if (c->method == FASA_METHOD_SPARQ && c->gqa == FASA_GQA_SHARED)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "method sparq supports gqa per-head only");
     if (c->budget < 1 || c->budget > MAX_BUDGET)
         return s_fail(err, FASA_INVALID_ARGUMENT, "budget %d out of range [1, %d]", c->budget,
                       MAX_BUDGET);
@@ -305,6 +312,11 @@ fasa_status fasa_engine_create(fasa_engine_t *e, const char *id, const fasa_sess
             return s_fail(err, FASA_INVALID_ARGUMENT, "session id must be printable ASCII");
     fasa_status st = s_check_config(cfg, err);
     if (st) return st;
+    if (cfg->method == FASA_METHOD_QUEST && e->block % FASA_QUEST_PAGE)
+        return s_fail(err, FASA_FAILED_PRECONDITION,
+                      "method quest needs a placement block that is a multiple of %d tokens "
+                      "(this engine places blocks of %d)",
+                      FASA_QUEST_PAGE, e->block);
     if (s_find(e, id)) return s_fail(err, FASA_ALREADY_EXISTS, "session '%s' already exists", id);
     if (e->next_sid >= MAX_SESSION_NUMBERS)
         return s_fail(err, FASA_RESOURCE_EXHAUSTED,
@@ -493,7 +505,10 @@ static int s_scratch(fasa_engine_t *e, int units, int budget, int n_heads, int d
            s_grow((void **)&e->have_thr, &e->cap_heads, (size_t)units) ||
            s_grow((void **)&e->m, &e->cap_m, ns * n_heads * sizeof(float)) ||
            s_grow((void **)&e->l, &e->cap_l, ns * n_heads * sizeof(double)) ||
-           s_grow((void **)&e->o, &e->cap_o, ns * n_heads * d * sizeof(double));
+           s_grow((void **)&e->o, &e->cap_o, ns * n_heads * d * sizeof(double)) ||
+           s_grow((void **)&e->aux, &e->cap_aux,
+                  ns * n_heads * SHARD_SPARQ_AUX(d) * sizeof(double)) ||
+           s_grow((void **)&e->n_sel, &e->cap_nsel, (size_t)units * sizeof(int));
 }
 
 fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_attend_req *req,
@@ -510,8 +525,13 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
         return s_fail(err, FASA_INVALID_ARGUMENT, "layer %d out of range [0, %d)", req->layer,
                       c->n_layers);
     const fasa_method method = req->method < 0 ? c->method : (fasa_method)req->method;
-    if ((unsigned)method > FASA_METHOD_ORACLE)
+    if ((unsigned)method > FASA_METHOD_LAST)
         return s_fail(err, FASA_INVALID_ARGUMENT, "method %d is unknown", req->method);
+    if (method == FASA_METHOD_QUEST && e->block % FASA_QUEST_PAGE)
+        return s_fail(err, FASA_FAILED_PRECONDITION,
+                      "method quest needs a placement block that is a multiple of %d tokens "
+                      "(this engine places blocks of %d)",
+                      FASA_QUEST_PAGE, e->block);
     if (method == FASA_METHOD_FASA && !s->profile)
         return s_fail(err, FASA_FAILED_PRECONDITION,
                       "method fasa: session '%s' has no calibration profile", id);
@@ -526,6 +546,8 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
     const fasa_gqa gqa = req->gqa < 0 ? c->gqa : (fasa_gqa)req->gqa;
     if (gqa != FASA_GQA_PER_HEAD && gqa != FASA_GQA_SHARED)
         return s_fail(err, FASA_INVALID_ARGUMENT, "gqa %d is unknown", req->gqa);
+    if (method == FASA_METHOD_SPARQ && gqa == FASA_GQA_SHARED)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "method sparq supports gqa per-head only");
     if (!req->q) return s_fail(err, FASA_INVALID_ARGUMENT, "q is missing");
     long bad;
     if ((bad = s_nonfinite((size_t)nh * d, req->q)) >= 0)
@@ -546,7 +568,10 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
         return s_fail(err, FASA_FAILED_PRECONDITION, "layer %d of '%s' holds no tokens yet",
                       req->layer, id);
     const int units = gqa == FASA_GQA_SHARED ? c->n_kv_heads : nh;
-    if (s_scratch(e, units, budget, nh, d))
+    /* The shards' budget: tokens, or for quest whole pages (ceil(B/16)). */
+    const int sbudget =
+        method == FASA_METHOD_QUEST ? (budget + FASA_QUEST_PAGE - 1) / FASA_QUEST_PAGE : budget;
+    if (s_scratch(e, units, sbudget, nh, d))
         return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory for a step of budget %d",
                       budget);
 
@@ -559,14 +584,19 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
     const int dense = method == FASA_METHOD_DENSE ||
                       (method == FASA_METHOD_FASA && s->dense_layers[req->layer]) ||
                       n_vis <= budget;
+    static const shard_method s_shard_methods[] = {SHARD_FASA,   SHARD_DENSE, SHARD_ORACLE,
+                                                   SHARD_STREAM, SHARD_QUEST, SHARD_SPARQ};
+    /* sparq's r: the dims fasa would use (2 ntip) with a profile, else head_dim / 4. */
+    int sparq_r = s->profile ? 2 * s->profile->ntip : d / 4;
+    sparq_r = sparq_r < 1 ? 1 : sparq_r > d ? d : sparq_r;
     shard_step st = {.layer = req->layer,
-                     .method = dense ? SHARD_DENSE
-                                     : (method == FASA_METHOD_ORACLE ? SHARD_ORACLE : SHARD_FASA),
+                     .method = dense ? SHARD_DENSE : s_shard_methods[method],
                      .gqa = gqa == FASA_GQA_SHARED ? SHARD_GQA_SHARED : SHARD_GQA_PER_HEAD,
-                     .budget = budget,
+                     .budget = sbudget,
                      .max_pos = max_pos,
                      .scale = 1.0f / sqrtf((float)d),
-                     .q = req->q};
+                     .q = req->q,
+                     .sparq_r = !dense && method == FASA_METHOD_SPARQ ? sparq_r : 0};
     const int ns = e->tr.n_shards;
     int64_t bytes = 0;
     if (selected)
@@ -576,24 +606,36 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
         /* Phase 1: local candidates; merge them into each unit's global top-B. */
         if (e->tr.score(e->tr.ctx, s->sid, &st, e->cands, e->n_cands)) goto oom;
         for (int u = 0; u < units; u++) {
-            topk_cand *mu = e->merged + (size_t)u * ns * budget;
+            topk_cand *mu = e->merged + (size_t)u * ns * sbudget;
             int n = 0;
             for (int sh = 0; sh < ns; sh++) {
                 const int nc = e->n_cands[sh * units + u];
-                memcpy(mu + n, e->cands + ((size_t)sh * units + u) * budget,
+                memcpy(mu + n, e->cands + ((size_t)sh * units + u) * sbudget,
                        (size_t)nc * sizeof(topk_cand));
                 n += nc;
             }
-            n = topk_select(n, budget, mu);
+            n = topk_select(n, sbudget, mu);
             topk_sort(n, mu);
+            e->n_sel[u] = n;
             e->have_thr[u] = n > 0;
             if (n > 0) e->thr[u] = mu[n - 1];
-            if (selected)
-                for (int i = 0; i < n; i++) {
-                    const int h0 = gqa == FASA_GQA_SHARED ? u * grp : u;
-                    const int h1 = gqa == FASA_GQA_SHARED ? h0 + grp : u + 1;
-                    for (int h = h0; h < h1; h++) selected[(size_t)h * budget + i] = mu[i].pos;
+            if (selected) {
+                const int h0 = gqa == FASA_GQA_SHARED ? u * grp : u;
+                const int h1 = gqa == FASA_GQA_SHARED ? h0 + grp : u + 1;
+                for (int h = h0; h < h1; h++) {
+                    int32_t *sh = selected + (size_t)h * budget;
+                    if (method != FASA_METHOD_QUEST) {
+                        for (int i = 0; i < n; i++) sh[i] = mu[i].pos;
+                        continue;
+                    }
+                    /* A quest candidate is a page: list its visible tokens. */
+                    int k = 0;
+                    for (int i = 0; i < n && k < budget; i++)
+                        for (int32_t p = mu[i].pos;
+                             p < mu[i].pos + FASA_QUEST_PAGE && p <= max_pos && k < budget; p++)
+                            sh[k++] = p;
                 }
+            }
         }
     } else if (selected && method != FASA_METHOD_DENSE && n_vis <= budget) {
         for (int h = 0; h < nh; h++)
@@ -601,8 +643,9 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
     }
 
     /* Phase 2: partials on every shard, merged exactly per head. */
-    if (e->tr.attend(e->tr.ctx, s->sid, &st, e->thr, e->have_thr, e->m, e->l, e->o, &bytes))
+    if (e->tr.attend(e->tr.ctx, s->sid, &st, e->thr, e->have_thr, e->m, e->l, e->o, e->aux, &bytes))
         goto oom;
+    const size_t na = SHARD_SPARQ_AUX(d);
     for (int h = 0; h < nh; h++) {
         float mp[ns], mh;
         double lp[ns], lh, op[(size_t)ns * d], oh[d];
@@ -614,6 +657,28 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
         }
         attn_merge(ns, d, mp, lp, op, &mh, &lh, oh);
         attn_finalize(d, lh, oh, out + (size_t)h * d);
+        if (st.method == SHARD_SPARQ) {
+            /* Mean-value reallocation: the global softmax normaliser of z, the selected
+             * tokens' share alpha of it, and the mean of every visible value. */
+            double zmax = -INFINITY, z = 0, count = 0, vbar[d], alpha = 0;
+            for (int sh = 0; sh < ns; sh++) {
+                const double *a = e->aux + ((size_t)sh * nh + h) * na;
+                if (a[0] > zmax) zmax = a[0];
+            }
+            for (int c = 0; c < d; c++) vbar[c] = 0;
+            for (int sh = 0; sh < ns; sh++) {
+                const double *a = e->aux + ((size_t)sh * nh + h) * na;
+                if (a[2] > 0) z += a[1] * exp(a[0] - zmax);
+                count += a[2];
+                for (int c = 0; c < d; c++) vbar[c] += a[3 + c];
+            }
+            const topk_cand *mu = e->merged + (size_t)h * ns * sbudget;
+            for (int i = 0; i < e->n_sel[h]; i++) alpha += exp((double)mu[i].score - zmax);
+            alpha = z > 0 ? alpha / z : 1.0;
+            for (int c = 0; c < d; c++)
+                out[(size_t)h * d + c] =
+                    (float)(alpha * (oh[c] / lh) + (1.0 - alpha) * vbar[c] / count);
+        }
     }
     if (stats) {
         stats->method_used = dense ? FASA_METHOD_DENSE : method;

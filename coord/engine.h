@@ -39,11 +39,30 @@ typedef struct fasa_error {
     char msg[256];
 } fasa_error;
 
+/* Methods. The baselines (fasa-algorithm.md §6) run on the same step plan as fasa:
+ *   stream  8 sink tokens (positions 0..7) + the B - 8 most recent visible tokens; with
+ *           B <= 8 only the first B sinks;
+ *   quest   pages of 16 tokens aligned to absolute positions, page score
+ *           sum_c max(q_c min_c, q_c max_c) (shared GQA: summed over the group's heads),
+ *           exact attention over every visible token of the top ceil(B/16) pages. Needs a
+ *           placement block that is a multiple of 16 (pages never straddle shards).
+ *   sparq   per query head: the r largest |q_c| (r = 2 ntip, the dims fasa uses, with a
+ *           profile; head_dim / 4 without, at least 1), approximate scores
+ *           softmax(q[i1].K[:,i1] / tau), tau = sqrt(d |q[i1]|_1 / |q|_1), exact attention over
+ *           the top B, output alpha * attn + (1 - alpha) * mean of the visible values with
+ *           alpha the approximate softmax mass of the selected tokens. Per-head GQA only
+ *           (INVALID_ARGUMENT with shared).
+ * Like oracle, the baselines ignore dense_layers (that applies to fasa only). */
 typedef enum fasa_method {
     FASA_METHOD_FASA = 0,
     FASA_METHOD_DENSE,
-    FASA_METHOD_ORACLE
+    FASA_METHOD_ORACLE,
+    FASA_METHOD_STREAM,
+    FASA_METHOD_QUEST,
+    FASA_METHOD_SPARQ
 } fasa_method;
+#define FASA_METHOD_LAST FASA_METHOD_SPARQ
+#define FASA_QUEST_PAGE 16 /* tokens per quest page (SHARD_QUEST_PAGE) */
 typedef enum fasa_gqa { FASA_GQA_PER_HEAD = 0, FASA_GQA_SHARED = 1 } fasa_gqa;
 
 const char *fasa_status_name(fasa_status code);
@@ -100,7 +119,9 @@ fasa_status fasa_engine_append(fasa_engine_t *e, const char *id, int layer, int3
 /* One decode step of one layer. out (n_heads, head_dim) gets the attention outputs.
  * selected, if not NULL, is (n_heads, budget): each head's chosen positions best-first
  * (all visible positions ascending when every token fits the budget), -1 padded; for a
- * dense step it is all -1. stats may be NULL. */
+ * dense step it is all -1. For quest it lists the tokens of the selected pages, best page
+ * first and ascending within a page, cut at budget entries (ceil(B/16) pages can hold up
+ * to 15 tokens more than B; they are attended but not listed). stats may be NULL. */
 fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_attend_req *req,
                                float *out, int32_t *selected, fasa_step_stats *stats,
                                fasa_error *err);

@@ -91,6 +91,194 @@ static void s_run(const run_cfg *c, int n_shards, float *out, int32_t *sel)
     fasa_engine_destroy(&e);
 }
 
+/* Naive reference of one stream, quest or sparq step, straight from fasa-algorithm.md §6 over all
+ * keys of the layer in one array: head h at position t of layer l (keys 0..t visible).
+ * sel (budget) gets the positions as the engine reports them, -1 padded; out (d) the
+ * exact attention over the chosen tokens, in double. */
+static void s_ref_baseline(const run_cfg *c, int l, int t, int h, float *out, int32_t *sel)
+{
+    const int d = c->d, nkv = c->nkv, grp = c->nh / nkv, g = h / grp, B = c->budget;
+    const int n_vis = t + 1;
+    const float *K = c->k[l], *V = c->v[l], *q = c->q[l] + ((size_t)t * c->nh + h) * d;
+    uint8_t *use = test_alloc((size_t)n_vis);
+    for (int i = 0; i < B; i++) sel[i] = -1;
+    double alpha = 1, vbar[d]; /* sparq's mean-value reallocation */
+    if (n_vis <= B) {
+        for (int i = 0; i < n_vis; i++) use[i] = 1, sel[i] = i;
+    } else if (c->method == FASA_METHOD_STREAM) {
+        const int ns = B < 8 ? B : 8;
+        for (int i = 0; i < ns; i++) use[i] = 1, sel[i] = i;
+        for (int i = 0; i < B - ns; i++) use[t - i] = 1, sel[ns + i] = t - i;
+    } else if (c->method == FASA_METHOD_SPARQ) {
+        int r = c->profile ? 2 * c->profile->ntip : d / 4;
+        r = r < 1 ? 1 : r;
+        uint8_t keep[d];
+        double l1 = 0, l1_sel = 0;
+        for (int cc = 0; cc < d; cc++) { /* i1: the r largest |q_c|, ties to the lower dim */
+            int above = 0;
+            for (int x = 0; x < d; x++)
+                above += fabsf(q[x]) > fabsf(q[cc]) || (fabsf(q[x]) == fabsf(q[cc]) && x < cc);
+            keep[cc] = above < r;
+            l1 += fabsf(q[cc]);
+            l1_sel += keep[cc] ? fabsf(q[cc]) : 0;
+        }
+        const double tau = sqrt(d * l1_sel / l1);
+        double *z = test_alloc((size_t)n_vis * sizeof(double)), zmax = -INFINITY, zsum = 0;
+        topk_cand *all = test_alloc((size_t)n_vis * sizeof(topk_cand));
+        topk_cand *best = test_alloc((size_t)B * sizeof(topk_cand));
+        for (int j = 0; j < n_vis; j++) {
+            z[j] = 0;
+            for (int cc = 0; cc < d; cc++)
+                if (keep[cc]) z[j] += (double)q[cc] * K[((size_t)j * nkv + g) * d + cc];
+            z[j] /= tau;
+            zmax = z[j] > zmax ? z[j] : zmax;
+            all[j] = (topk_cand){(float)z[j], j};
+        }
+        for (int j = 0; j < n_vis; j++) zsum += exp(z[j] - zmax);
+        ck_assert_int_eq(topk_ref(n_vis, B, all, best), B);
+        alpha = 0;
+        for (int i = 0; i < B; i++) {
+            use[best[i].pos] = 1, sel[i] = best[i].pos;
+            alpha += exp(z[best[i].pos] - zmax) / zsum;
+        }
+        for (int cc = 0; cc < d; cc++) {
+            vbar[cc] = 0;
+            for (int j = 0; j < n_vis; j++) vbar[cc] += V[((size_t)j * nkv + g) * d + cc];
+            vbar[cc] /= n_vis;
+        }
+        free(z), free(all), free(best);
+    } else { /* quest */
+        const int n_pages = (n_vis + 15) / 16, P = (B + 15) / 16;
+        const int h0 = c->gqa == FASA_GQA_SHARED ? g * grp : h;
+        const int h1 = c->gqa == FASA_GQA_SHARED ? h0 + grp : h + 1;
+        topk_cand *pg = test_alloc((size_t)n_pages * sizeof(topk_cand)), best[64];
+        ck_assert_int_le(P, 64);
+        for (int p = 0; p < n_pages; p++) {
+            double score = 0;
+            for (int cc = 0; cc < d; cc++) {
+                double mn = INFINITY, mx = -INFINITY;
+                for (int j = 16 * p; j < 16 * p + 16 && j < n_vis; j++) {
+                    const double x = K[((size_t)j * nkv + g) * d + cc];
+                    mn = x < mn ? x : mn, mx = x > mx ? x : mx;
+                }
+                for (int hh = h0; hh < h1; hh++) {
+                    const double qc = c->q[l][((size_t)t * c->nh + hh) * d + cc];
+                    score += qc * mn > qc * mx ? qc * mn : qc * mx;
+                }
+            }
+            pg[p] = (topk_cand){(float)score, 16 * p};
+        }
+        const int np = topk_ref(n_pages, P, pg, best);
+        for (int i = 0, k = 0; i < np; i++)
+            for (int j = best[i].pos; j < best[i].pos + 16 && j < n_vis; j++) {
+                use[j] = 1;
+                if (k < B) sel[k++] = j;
+            }
+        free(pg);
+    }
+    const double scale = 1.0f / sqrtf((float)d);
+    double mx = -INFINITY, den = 0, acc[d];
+    for (int j = 0; j < n_vis; j++)
+        if (use[j]) {
+            double x = 0;
+            for (int cc = 0; cc < d; cc++) x += (double)q[cc] * K[((size_t)j * nkv + g) * d + cc];
+            mx = x * scale > mx ? x * scale : mx;
+        }
+    for (int cc = 0; cc < d; cc++) acc[cc] = 0;
+    for (int j = 0; j < n_vis; j++)
+        if (use[j]) {
+            double x = 0;
+            for (int cc = 0; cc < d; cc++) x += (double)q[cc] * K[((size_t)j * nkv + g) * d + cc];
+            const double w = exp(x * scale - mx);
+            den += w;
+            for (int cc = 0; cc < d; cc++) acc[cc] += w * V[((size_t)j * nkv + g) * d + cc];
+        }
+    for (int cc = 0; cc < d; cc++)
+        out[cc] = (float)(alpha * (acc[cc] / den) + (alpha < 1 ? (1 - alpha) * vbar[cc] : 0));
+    free(use);
+}
+
+/* Runs a stream, quest or sparq config on each shard count in counts[n_counts] and checks every
+ * step against s_ref_baseline: selections exactly, outputs to tol. Returns the largest
+ * absolute output error seen. */
+static double s_check_baseline(const run_cfg *c, const int *counts, int n_counts, double tol)
+{
+    const int steps = (c->T - c->prefix + c->pos_step - 1) / c->pos_step;
+    const size_t no = (size_t)steps * c->nl * c->nh * c->d;
+    const size_t ns = (size_t)steps * c->nl * c->nh * c->budget;
+    float *out = test_alloc(no * 4), *want = test_alloc(no * 4);
+    int32_t *sel = test_alloc(ns * 4), *wsel = test_alloc(ns * 4);
+    for (int s = 0; s < steps; s++)
+        for (int l = 0; l < c->nl; l++)
+            for (int h = 0; h < c->nh; h++) {
+                const size_t o = ((size_t)s * c->nl + l) * c->nh + h;
+                s_ref_baseline(c, l, c->prefix + s * c->pos_step, h, want + o * c->d,
+                               wsel + o * c->budget);
+            }
+    double worst = 0;
+    for (int i = 0; i < n_counts; i++) {
+        s_run(c, counts[i], out, sel);
+        ck_assert_mem_eq(sel, wsel, ns * 4);
+        const double e = test_max_abs_diff(no, out, want);
+        ck_assert_msg(e <= tol, "%s on %d shards: max abs error %g", fasa_method_name(c->method),
+                      counts[i], e);
+        if (e > worst) worst = e;
+    }
+    free(out), free(want), free(sel), free(wsel);
+    return worst;
+}
+
+/* stream, quest and sparq through the engine against the naive reference, on 1, 2, 3 and 7
+ * shards (blocks of 16 and 48 tokens), per-head and shared GQA (sparq: per-head, without a
+ * profile and with one), budgets below and above the 8 sinks and not a multiple of the
+ * 16-token page. */
+START_TEST(test_engine_baselines_ref)
+{
+    enum { NL = 2, NH = 8, NKV = 2, D = 16, T = 700 };
+    test_rng r = {23};
+    float *buf[3][NL];
+    for (int l = 0; l < NL; l++) {
+        buf[0][l] = test_alloc((size_t)T * NH * D * 4);
+        buf[1][l] = test_alloc((size_t)T * NKV * D * 4);
+        buf[2][l] = test_alloc((size_t)T * NKV * D * 4);
+        test_fill(&r, (size_t)T * NH * D, buf[0][l], 1.0f);
+        test_fill(&r, (size_t)T * NKV * D, buf[1][l], 1.0f);
+        test_fill(&r, (size_t)T * NKV * D, buf[2][l], 1.0f);
+    }
+    const int counts[4] = {1, 2, 3, 7}, budgets[3] = {5, 24, 64}, blocks[2] = {16, 48};
+    double worst[3] = {0, 0, 0};
+    fasa_profile *p = s_random_profile(NL, NH, NKV, D, 3, 0, 8);
+    for (int m = FASA_METHOD_STREAM; m <= FASA_METHOD_SPARQ; m++)
+        for (int shared = 0; shared < 2; shared++)
+            for (int bi = 0; bi < 3; bi++)
+                for (int bl = 0; bl < 2; bl++) {
+                    if (m == FASA_METHOD_SPARQ && shared) continue; /* per-head only */
+                    run_cfg c = {NL,
+                                 NH,
+                                 NKV,
+                                 D,
+                                 T,
+                                 600,
+                                 blocks[bl],
+                                 (fasa_method)m,
+                                 (fasa_gqa)shared,
+                                 budgets[bi],
+                                 m == FASA_METHOD_SPARQ && bl ? p : NULL, /* r = 6, else 4 */
+                                 (const float *const *)buf[0],
+                                 (const float *const *)buf[1],
+                                 (const float *const *)buf[2],
+                                 13};
+                    const double e = s_check_baseline(&c, counts, 4, 1e-6);
+                    if (e > worst[m - FASA_METHOD_STREAM]) worst[m - FASA_METHOD_STREAM] = e;
+                }
+    printf("engine stream: max abs error vs reference %.3g\n", worst[0]);
+    printf("engine quest: max abs error vs reference %.3g\n", worst[1]);
+    printf("engine sparq: max abs error vs reference %.3g\n", worst[2]);
+    fasa_profile_destroy(&p);
+    for (int l = 0; l < NL; l++) free(buf[0][l]), free(buf[1][l]), free(buf[2][l]);
+}
+END_TEST
+
 /* 1, 2, 3 and 7 shards agree: selections exactly, outputs to rounding. */
 START_TEST(test_engine_shards_agree)
 {
@@ -110,7 +298,8 @@ START_TEST(test_engine_shards_agree)
     }
     for (int shared = 0; shared < 2; shared++) {
         fasa_profile *p = s_random_profile(NL, NH, NKV, D, 3, shared, 5 + shared);
-        for (int m = 0; m < 3; m++) {
+        for (int m = 0; m <= FASA_METHOD_LAST; m++) {
+            if (m == FASA_METHOD_SPARQ && shared) continue; /* sparq: per-head only */
             run_cfg c = {NL,
                          NH,
                          NKV,
@@ -230,6 +419,31 @@ START_TEST(test_engine_bad_input)
     ck_assert_int_eq(fasa_engine_attend(e, "a", &br, o2, NULL, NULL, &err),
                      FASA_FAILED_PRECONDITION);
     ck_assert_int_eq(fasa_engine_attend(e, "zz", &req, o2, NULL, NULL, &err), FASA_NOT_FOUND);
+    br = req;
+    br.method = FASA_METHOD_LAST + 1;
+    ck_assert_int_eq(fasa_engine_attend(e, "a", &br, o2, NULL, NULL, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "method"));
+    /* quest pages must not straddle shards: this engine's blocks of 8 tokens can't hold them. */
+    br.method = FASA_METHOD_QUEST;
+    ck_assert_int_eq(fasa_engine_attend(e, "a", &br, o2, NULL, NULL, &err),
+                     FASA_FAILED_PRECONDITION);
+    ck_assert_ptr_nonnull(strstr(err.msg, "multiple of 16"));
+    bad = cfg;
+    bad.method = FASA_METHOD_QUEST;
+    ck_assert_int_eq(fasa_engine_create(e, "b", &bad, &err), FASA_FAILED_PRECONDITION);
+    ck_assert_ptr_nonnull(strstr(err.msg, "quest"));
+    br.method = FASA_METHOD_SPARQ;
+    br.gqa = FASA_GQA_SHARED;
+    ck_assert_int_eq(fasa_engine_attend(e, "a", &br, o2, NULL, NULL, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "sparq"));
+    bad = cfg;
+    bad.method = FASA_METHOD_SPARQ;
+    bad.gqa = FASA_GQA_SHARED;
+    ck_assert_int_eq(fasa_engine_create(e, "b", &bad, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "per-head"));
+    br.gqa = -1;
+    br.method = FASA_METHOD_STREAM; /* stream has no such constraint */
+    ck_assert_int_eq(fasa_engine_attend(e, "a", &br, o2, NULL, NULL, &err), FASA_OK);
 
     ck_assert_int_eq(fasa_engine_length(e, "a", 0), N);
     ck_assert_int_eq(fasa_engine_length(e, "a", 1), 0);
@@ -298,6 +512,7 @@ Suite *engine_suite(void)
     TCase *tc = tcase_create("engine");
     tcase_set_timeout(tc, 300);
     tcase_add_test(tc, test_engine_shards_agree);
+    tcase_add_test(tc, test_engine_baselines_ref);
     tcase_add_test(tc, test_engine_bad_input);
     tcase_add_test(tc, test_profile_roundtrip);
     suite_add_tcase(s, tc);
@@ -385,8 +600,8 @@ START_TEST(test_golden_oracle_full_budget)
     double lsum[8], o[64];
     for (int t = 1023; t < 2048; t += 128)
         for (int l = 0; l < L; l++) {
-            shard_step st = {l, SHARD_ORACLE,    SHARD_GQA_PER_HEAD,         B,
-                             t, 1.0f / sqrtf(d), a->q[l] + (size_t)t * H * d};
+            shard_step st = {l, SHARD_ORACLE,    SHARD_GQA_PER_HEAD,          B,
+                             t, 1.0f / sqrtf(d), a->q[l] + (size_t)t * H * d, 0};
             ck_assert_int_eq(shard_score(sh, &st, cands, n_c), 0);
             for (int h = 0; h < H; h++) {
                 ck_assert_int_eq(n_c[h], t + 1);
@@ -439,6 +654,26 @@ START_TEST(test_golden_shards_agree)
 }
 END_TEST
 
+/* stream, quest and sparq on the recorded activations: 1 and 3 shards against the naive
+ * reference, per-head and shared GQA (sparq: per-head). */
+START_TEST(test_golden_baselines)
+{
+    const int counts[2] = {1, 3}, budgets[2] = {64, 100};
+    for (int m = FASA_METHOD_STREAM; m <= FASA_METHOD_SPARQ; m++) {
+        double worst = 0;
+        for (int shared = 0; shared < 2; shared++)
+            for (int bi = 0; bi < 2; bi++) {
+                if (m == FASA_METHOD_SPARQ && shared) continue; /* per-head only */
+                run_cfg c = s_dump_cfg((fasa_method)m, budgets[bi], NULL, (fasa_gqa)shared);
+                const double e = s_check_baseline(&c, counts, 2, 1e-5);
+                if (e > worst) worst = e;
+            }
+        printf("golden %s: max abs error vs reference %.3g\n", fasa_method_name((fasa_method)m),
+               worst);
+    }
+}
+END_TEST
+
 /* The profile's mean CA equals the naive CA kernel averaged by hand. */
 START_TEST(test_golden_calibration)
 {
@@ -482,6 +717,7 @@ Suite *golden_suite(void)
     tcase_add_test(tc, test_golden_dense_exact);
     tcase_add_test(tc, test_golden_oracle_full_budget);
     tcase_add_test(tc, test_golden_shards_agree);
+    tcase_add_test(tc, test_golden_baselines);
     tcase_add_test(tc, test_golden_calibration);
     suite_add_tcase(s, tc);
     return s;

@@ -45,7 +45,7 @@ struct fasa_service {
     /* Stats: requests by edge_kind (0: undecodable), responses and batch items by status,
      * batch items received, step times by fasa_method; the per-rank holdings' buffers. */
     uint64_t by_kind[EDGE_SHUTDOWN + 1], by_code[FASA_UNAVAILABLE + 1], batch_items;
-    lat_hist lat[FASA_METHOD_ORACLE + 1];
+    lat_hist lat[FASA_METHOD_LAST + 1];
     fasa_shard_stats *shard_buf;                 /* (n_shards) */
     Fasa__V1__RankStats *rank_msgs, **rank_ptrs; /* (2 x s_rank_entries): all, then session */
     fasa_service_event last;
@@ -176,14 +176,20 @@ static int s_method(int m)
     return m == FASA__V1__METHOD__FASA     ? FASA_METHOD_FASA
            : m == FASA__V1__METHOD__DENSE  ? FASA_METHOD_DENSE
            : m == FASA__V1__METHOD__ORACLE ? FASA_METHOD_ORACLE
+           : m == FASA__V1__METHOD__STREAM ? FASA_METHOD_STREAM
+           : m == FASA__V1__METHOD__QUEST  ? FASA_METHOD_QUEST
+           : m == FASA__V1__METHOD__SPARQ  ? FASA_METHOD_SPARQ
                                            : -1;
 }
 
 static Fasa__V1__Method s_method_out(int m)
 {
-    return m == FASA_METHOD_FASA    ? FASA__V1__METHOD__FASA
-           : m == FASA_METHOD_DENSE ? FASA__V1__METHOD__DENSE
-                                    : FASA__V1__METHOD__ORACLE;
+    return m == FASA_METHOD_FASA     ? FASA__V1__METHOD__FASA
+           : m == FASA_METHOD_DENSE  ? FASA__V1__METHOD__DENSE
+           : m == FASA_METHOD_STREAM ? FASA__V1__METHOD__STREAM
+           : m == FASA_METHOD_QUEST  ? FASA__V1__METHOD__QUEST
+           : m == FASA_METHOD_SPARQ  ? FASA__V1__METHOD__SPARQ
+                                     : FASA__V1__METHOD__ORACLE;
 }
 
 static int s_gqa(int g)
@@ -664,8 +670,7 @@ static fasa_status s_stats(fasa_service *s, const char *id, reply *r)
     static char id_copy[EDGE_MAX_ID + 1];
     static Fasa__V1__RequestCount req_msgs[EDGE_SHUTDOWN + 1], *req_ptrs[EDGE_SHUTDOWN + 1];
     static Fasa__V1__ErrorCount err_msgs[FASA_UNAVAILABLE], *err_ptrs[FASA_UNAVAILABLE];
-    static Fasa__V1__LatencySummary lat_msgs[FASA_METHOD_ORACLE + 1],
-        *lat_ptrs[FASA_METHOD_ORACLE + 1];
+    static Fasa__V1__LatencySummary lat_msgs[FASA_METHOD_LAST + 1], *lat_ptrs[FASA_METHOD_LAST + 1];
     const int n_ranks = s_rank_entries(s);
     fasa__v1__stats_result__init(&res);
     if (id) {
@@ -707,7 +712,7 @@ static fasa_status s_stats(fasa_service *s, const char *id, reply *r)
     }
     res.n_errors_by_code = FASA_UNAVAILABLE;
     res.errors_by_code = err_ptrs;
-    for (int m = 0; m <= FASA_METHOD_ORACLE; m++) {
+    for (int m = 0; m <= FASA_METHOD_LAST; m++) {
         const lat_hist *h = &s->lat[m];
         Fasa__V1__LatencySummary *l = &lat_msgs[m];
         fasa__v1__latency_summary__init(l);
@@ -720,7 +725,7 @@ static fasa_status s_stats(fasa_service *s, const char *id, reply *r)
         l->max_us = h->max;
         lat_ptrs[m] = l;
     }
-    res.n_latency = FASA_METHOD_ORACLE + 1;
+    res.n_latency = FASA_METHOD_LAST + 1;
     res.latency = lat_ptrs;
     res.has_batch_items = 1;
     res.batch_items = s->batch_items;

@@ -64,7 +64,8 @@ static int s_score(void *ctx, int sid, const shard_step *st, topk_cand *cands, i
 }
 
 static int s_attend(void *ctx, int sid, const shard_step *st, const topk_cand *thr,
-                    const uint8_t *have_thr, float *m, double *l, double *o, int64_t *bytes_p)
+                    const uint8_t *have_thr, float *m, double *l, double *o, double *aux,
+                    int64_t *bytes_p)
 {
     local_ctx *c = ctx;
     shard_t **sh = c->sessions[sid];
@@ -75,6 +76,8 @@ static int s_attend(void *ctx, int sid, const shard_step *st, const topk_cand *t
         /* Shard i writes block i of (m, l, o). */
         if (shard_attend(sh[i], st, thr, have_thr, m + i * nh, l + i * nh, o + i * nh * d))
             return -1;
+        if (st->method == SHARD_SPARQ)
+            shard_sparq_aux(sh[i], st, aux + i * nh * SHARD_SPARQ_AUX(d));
         bytes += shard_bytes_read(sh[i]);
     }
     *bytes_p = bytes;

@@ -223,6 +223,7 @@ static uint8_t *s_step_begin(mpi_ctx *c, wmpi_cmd_code code, int sid, const mpi_
     h->max_pos = st->max_pos;
     h->scale = st->scale;
     h->n_units = units;
+    h->sparq_r = st->sparq_r;
     memcpy(p, st->q, q_bytes);
     return p + q_bytes;
 }
@@ -252,7 +253,8 @@ static int s_score(void *ctx, int sid, const shard_step *st, topk_cand *cands, i
 }
 
 static int s_attend(void *ctx, int sid, const shard_step *st, const topk_cand *thr,
-                    const uint8_t *have_thr, float *m, double *l, double *o, int64_t *bytes_p)
+                    const uint8_t *have_thr, float *m, double *l, double *o, double *aux,
+                    int64_t *bytes_p)
 {
     mpi_ctx *c = ctx;
     const mpi_session *s = s_session(c, sid);
@@ -268,14 +270,17 @@ static int s_attend(void *ctx, int sid, const shard_step *st, const topk_cand *t
         memcpy(p + (size_t)units * sizeof(topk_cand), have_thr, (size_t)units);
     }
     const size_t nh = (size_t)s->n_heads, d = (size_t)s->head_dim;
-    if (s_exchange(c, 0, c->n_shards, (int64_t)(nh * 8 + nh * d * 8 + nh * 4))) return -1;
+    const size_t aux_n = st->method == SHARD_SPARQ ? nh * SHARD_SPARQ_AUX(d) : 0;
+    if (s_exchange(c, 0, c->n_shards, (int64_t)(nh * 8 + nh * d * 8 + aux_n * 8 + nh * 4)))
+        return -1;
     int64_t bytes = 0;
     for (int i = 0; i < c->n_shards; i++) {
         /* Shard i writes block i of (m, l, o). */
         const uint8_t *r = c->reply[i] + sizeof(wmpi_reply);
         memcpy(l + i * nh, r, nh * sizeof(double));
         memcpy(o + i * nh * d, r + nh * 8, nh * d * sizeof(double));
-        memcpy(m + i * nh, r + nh * 8 + nh * d * 8, nh * sizeof(float));
+        if (aux_n) memcpy(aux + i * aux_n, r + nh * 8 + nh * d * 8, aux_n * sizeof(double));
+        memcpy(m + i * nh, r + nh * 8 + nh * d * 8 + aux_n * 8, nh * sizeof(float));
         bytes += s_reply_bytes_read(c, i);
     }
     *bytes_p = bytes;

@@ -82,11 +82,12 @@ static int s_c_score(void *ctx, int sid, const shard_step *st, topk_cand *cands,
 }
 
 static int s_c_attend(void *ctx, int sid, const shard_step *st, const topk_cand *thr,
-                      const uint8_t *have_thr, float *m, double *l, double *o, int64_t *bytes_p)
+                      const uint8_t *have_thr, float *m, double *l, double *o, double *aux,
+                      int64_t *bytes_p)
 {
     counted *c = ctx;
     c->ops++;
-    return c->inner.attend(c->inner.ctx, sid, st, thr, have_thr, m, l, o, bytes_p);
+    return c->inner.attend(c->inner.ctx, sid, st, thr, have_thr, m, l, o, aux, bytes_p);
 }
 
 static int s_c_shard_stats(void *ctx, int sid, fasa_shard_stats *out)
@@ -320,7 +321,8 @@ static fasa_profile *s_profile(int nl, int nh, int nkv, int d, int ntip, fc_pair
     return p;
 }
 
-/* (a) Calibration-free sessions: dense and oracle, per-head and shared GQA, budgets below,
+/* (a) Calibration-free sessions: dense, oracle and the stream, quest and sparq baselines,
+ * per-head and shared GQA (sparq: per-head only), budgets below,
  * between and above the visible tokens, each step with k_new and with max_pos cut back. */
 START_TEST(test_mpi_plain_agree)
 {
@@ -328,9 +330,10 @@ START_TEST(test_mpi_plain_agree)
     dataset ds;
     s_data_init(&ds, NL, NH, NKV, D, T, 41);
     const int budgets[] = {24, 400, 4096};
-    for (int m = FASA_METHOD_DENSE; m <= FASA_METHOD_ORACLE; m++)
+    for (int m = FASA_METHOD_DENSE; m <= FASA_METHOD_LAST; m++)
         for (int g = 0; g < 2; g++)
             for (int b = 0; b < 3; b++) {
+                if (m == FASA_METHOD_SPARQ && g) continue; /* sparq: per-head gqa only */
                 replay c = s_replay_of(&ds, NH, NKV, D, T);
                 c.method = (fasa_method)m;
                 c.gqa = (fasa_gqa)g;
@@ -379,8 +382,8 @@ START_TEST(test_mpi_fasa_agree)
 }
 END_TEST
 
-/* (c) The recorded stories260K activations, positions 1024..2047 every 128: dense and
- * oracle B=32. Skipped when the dump is not there. */
+/* (c) The recorded stories260K activations, positions 1024..2047 every 128: dense, and
+ * oracle, stream, quest and sparq B=32. Skipped when the dump is not there. */
 START_TEST(test_mpi_golden)
 {
     char path[1024], err[512];
@@ -394,7 +397,7 @@ START_TEST(test_mpi_golden)
     ck_assert_msg(fasa_qkv_load(path, &dump, err, sizeof(err)) == 0, "%s", err);
     const fasa_activations *a = &dump.act;
     ck_assert_int_eq(a->n_tokens, 2048);
-    for (int m = FASA_METHOD_DENSE; m <= FASA_METHOD_ORACLE; m++) {
+    for (int m = FASA_METHOD_DENSE; m <= FASA_METHOD_LAST; m++) {
         replay c = {.nl = a->n_layers,
                     .nh = a->n_heads,
                     .nkv = a->n_kv_heads,
@@ -408,7 +411,9 @@ START_TEST(test_mpi_golden)
                     .prefix = 1024,
                     .pos_step = 128,
                     .back = 500};
-        s_check_agree(&c, m == FASA_METHOD_DENSE ? "golden dense" : "golden oracle B=32");
+        char what[64];
+        snprintf(what, sizeof(what), "golden %s B=32", fasa_method_name(c.method));
+        s_check_agree(&c, what);
     }
     fasa_qkv_cleanup(&dump);
 }

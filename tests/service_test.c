@@ -387,15 +387,15 @@ static void s_attend_init(Fasa__V1__Attend *a, Fasa__V1__Tensor *tq, Fasa__V1__T
 
 /* Step times seen in the replies, by method_used. */
 typedef struct seen_steps {
-    int n[4];
-    uint64_t us[4][64];
+    int n[7];
+    uint64_t us[7][64];
 } seen_steps;
 
 static void s_seen(seen_steps *st, const Fasa__V1__AttendResult *res)
 {
     const int m = (int)res->stats->method_used;
     ck_assert_int_ge(m, 1);
-    ck_assert_int_le(m, 3);
+    ck_assert_int_le(m, 6);
     ck_assert_int_lt(st->n[m], 64);
     st->us[m][st->n[m]++] = res->stats->server_us;
 }
@@ -710,11 +710,17 @@ START_TEST(test_stats_counts)
     ck_assert_int_eq(seen.n[FASA__V1__METHOD__FASA], ST_LOOP / 3 + 2);
     ck_assert_int_eq(seen.n[FASA__V1__METHOD__DENSE], ST_LOOP / 3 + 2);
     ck_assert_int_eq(seen.n[FASA__V1__METHOD__ORACLE], ST_LOOP / 3);
-    ck_assert_uint_eq(res->n_latency, 3);
+    ck_assert_int_eq(seen.n[FASA__V1__METHOD__STREAM], 0);
+    ck_assert_int_eq(seen.n[FASA__V1__METHOD__QUEST], 0);
+    ck_assert_int_eq(seen.n[FASA__V1__METHOD__SPARQ], 0);
+    ck_assert_uint_eq(res->n_latency, 6); /* FASA, DENSE, ORACLE, STREAM, QUEST, SPARQ */
     for (size_t i = 0; i < res->n_latency; i++) {
         const int m = (int)res->latency[i]->method;
         ck_assert_int_eq(m, (int)i + 1);
-        s_check_latency(res->latency[i], seen.n[m], seen.us[m]);
+        if (seen.n[m] == 0)
+            ck_assert_uint_eq(res->latency[i]->count, 0);
+        else
+            s_check_latency(res->latency[i], seen.n[m], seen.us[m]);
     }
 
     /* Holdings: one rank (the service was told 1) holding both shards. "st" holds T rows

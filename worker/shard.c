@@ -21,6 +21,13 @@ typedef struct layer_store {
     kv_chunk **chunks; /* (cap_chunks) each an array of n_kv_heads */
     int32_t *pos;      /* (pos_cap) position of each row, ascending */
     int pos_cap;
+    /* QUEST page bounds, one entry per page (SHARD_QUEST_PAGE aligned positions) with a
+     * row here, in row order. */
+    int n_pages, page_cap;
+    int32_t *page_pos; /* (page_cap) first position of the page (a multiple of the page) */
+    int *page_row0;    /* (page_cap) first row of the page here */
+    float *pbound;     /* (page_cap, n_kv_heads, 2, head_dim) min then max, original dims */
+    double *vsum;      /* (n_kv_heads, head_dim) SPARQ: sum of every row's value */
 } layer_store;
 
 struct shard {
@@ -35,6 +42,8 @@ struct shard {
     size_t acc_cap;
     float *gather; /* (2 * budget * head_dim) gathered K and V rows, permuted K order */
     size_t gather_cap;
+    double *aux; /* (n_heads, SHARD_SPARQ_AUX(head_dim)) of the last SPARQ score */
+    size_t aux_cap;
     int64_t bytes_read_last; /* KV bytes read by the last score + attend */
     float scores[];          /* flexible tail: see shard_new */
 };
@@ -132,12 +141,17 @@ void shard_destroy(shard_t **shard_p)
         }
         free(ls->chunks);
         free(ls->pos);
+        free(ls->page_pos);
+        free(ls->page_row0);
+        free(ls->pbound);
+        free(ls->vsum);
     }
     free(s->layers);
     free(s->kept);
     free(s->n_kept);
     free(s->acc_buf);
     free(s->gather);
+    free(s->aux);
     shard_layout_cleanup(&s->lay);
     free(s);
     *shard_p = NULL;
@@ -167,10 +181,41 @@ static kv_chunk *s_chunk_new(const shard_layout *lay, int layer)
     return ch;
 }
 
-/* Makes room for n more rows in a layer; all or nothing. */
-static int s_reserve(shard_t *s, int layer, int n)
+/* Pages that n new rows at pos[n] (ascending) would start in a layer. */
+static int s_new_pages(const layer_store *ls, int n, const int32_t *pos)
+{
+    int32_t last = ls->n_pages ? ls->page_pos[ls->n_pages - 1] : -1;
+    int count = 0;
+    for (int i = 0; i < n; i++) {
+        const int32_t pp = pos[i] - pos[i] % SHARD_QUEST_PAGE;
+        if (pp != last) count++, last = pp;
+    }
+    return count;
+}
+
+/* Makes room for n more rows at pos[n] in a layer; all or nothing. */
+static int s_reserve(shard_t *s, int layer, int n, const int32_t *pos)
 {
     layer_store *ls = &s->layers[layer];
+    if (!ls->vsum &&
+        !(ls->vsum = calloc((size_t)s->lay.n_kv_heads * s->lay.head_dim, sizeof(double))))
+        return -1;
+    const int need_pages = ls->n_pages + s_new_pages(ls, n, pos);
+    if (need_pages > ls->page_cap) {
+        int cap = ls->page_cap ? ls->page_cap : 64;
+        while (cap < need_pages) cap *= 2;
+        const size_t bound = (size_t)s->lay.n_kv_heads * 2 * s->lay.head_dim;
+        int32_t *pp = s_xrealloc(ls->page_pos, (size_t)cap * sizeof(*pp));
+        if (!pp) return -1;
+        ls->page_pos = pp;
+        int *pr = s_xrealloc(ls->page_row0, (size_t)cap * sizeof(*pr));
+        if (!pr) return -1;
+        ls->page_row0 = pr;
+        float *pb = s_xrealloc(ls->pbound, (size_t)cap * bound * sizeof(*pb));
+        if (!pb) return -1;
+        ls->pbound = pb;
+        ls->page_cap = cap;
+    }
     const int need_rows = ls->n_rows + n;
     if (need_rows > ls->pos_cap) {
         int cap = ls->pos_cap ? ls->pos_cap : 1024;
@@ -200,7 +245,7 @@ static int s_reserve(shard_t *s, int layer, int n)
 int shard_append(shard_t *s, int layer, int n, const int32_t *pos, const float *k, const float *v)
 {
     if (n <= 0) return 0;
-    if (s_reserve(s, layer, n)) return -1;
+    if (s_reserve(s, layer, n, pos)) return -1;
     const shard_layout *lay = &s->lay;
     const int d = lay->head_dim, hkv = lay->n_kv_heads;
     layer_store *ls = &s->layers[layer];
@@ -217,8 +262,27 @@ int shard_append(shard_t *s, int layer, int n, const int32_t *pos, const float *
             float *kx = ch[g].krest + (size_t)rr * (d - u);
             for (int p = u; p < d; p++) kx[p - u] = kr[perm[p]];
             memcpy(ch[g].v + (size_t)rr * d, v + ((size_t)i * hkv + g) * d, (size_t)d * 4);
+            for (int c = 0; c < d; c++)
+                ls->vsum[(size_t)g * d + c] += v[((size_t)i * hkv + g) * d + c];
         }
         ls->pos[r] = pos[i];
+        /* QUEST page bounds: a new page starts at its first row here. */
+        const int32_t pp = pos[i] - pos[i] % SHARD_QUEST_PAGE;
+        const int fresh = ls->n_pages == 0 || ls->page_pos[ls->n_pages - 1] != pp;
+        if (fresh) {
+            ls->page_pos[ls->n_pages] = pp;
+            ls->page_row0[ls->n_pages] = r;
+            ls->n_pages++;
+        }
+        float *pb = ls->pbound + (size_t)(ls->n_pages - 1) * hkv * 2 * d;
+        for (int g = 0; g < hkv; g++) {
+            const float *kr = k + ((size_t)i * hkv + g) * d;
+            float *mn = pb + (size_t)g * 2 * d, *mx = mn + d;
+            for (int c = 0; c < d; c++) {
+                if (fresh || kr[c] < mn[c]) mn[c] = kr[c];
+                if (fresh || kr[c] > mx[c]) mx[c] = kr[c];
+            }
+        }
     }
     ls->n_rows += n;
     return 0;
@@ -289,6 +353,181 @@ static int s_grow(void **buf, size_t *cap, size_t bytes)
     return 0;
 }
 
+/* Key row r of KV head g of a layer in the original dim order. */
+static void s_row_key(const shard_t *s, int layer, int g, int r, float *out)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, u = lay->n_dom[layer * lay->n_kv_heads + g];
+    const int *perm = lay->perm + ((size_t)layer * lay->n_kv_heads + g) * d;
+    const layer_store *ls = &s->layers[layer];
+    const kv_chunk *ch = &ls->chunks[r / SHARD_CHUNK][g];
+    const int rr = r % SHARD_CHUNK;
+    const float *kd = ch->kdom + (size_t)(rr / SCORE_TILE) * u * SCORE_TILE + rr % SCORE_TILE;
+    const float *kx = ch->krest + (size_t)rr * (d - u);
+    for (int p = 0; p < u; p++) out[perm[p]] = kd[(size_t)p * SCORE_TILE];
+    for (int p = u; p < d; p++) out[perm[p]] = kx[p - u];
+}
+
+/* STREAM phase 1: the sinks and the last B visible rows are the only rows that can make a
+ * unit's local top-B (any other row has B rows here that rank before it); every unit gets
+ * the same candidates. */
+static void s_score_stream(shard_t *s, const shard_step *st, int units, int n_vis, topk_cand *cands,
+                           int *n_cands)
+{
+    const layer_store *ls = &s->layers[st->layer];
+    const int b = st->budget;
+    topk_cand *buf = s->acc_buf;
+    int n = 0;
+    const int w0 = n_vis > b ? n_vis - b : 0;
+    for (int r = 0; r < w0 && ls->pos[r] < SHARD_STREAM_SINKS; r++)
+        buf[n++] = (topk_cand){1.0f, ls->pos[r]};
+    for (int r = w0; r < n_vis; r++)
+        buf[n++] =
+            (topk_cand){ls->pos[r] < SHARD_STREAM_SINKS ? 1.0f : -(float)(st->max_pos - ls->pos[r]),
+                        ls->pos[r]};
+    n = topk_select(n, b, buf);
+    topk_sort(n, buf);
+    for (int unit = 0; unit < units; unit++) {
+        memcpy(s->kept + (size_t)unit * b, buf, (size_t)n * sizeof(topk_cand));
+        s->n_kept[unit] = n;
+        if (cands) memcpy(cands + (size_t)unit * b, buf, (size_t)n * sizeof(topk_cand));
+        if (n_cands) n_cands[unit] = n;
+    }
+    s->bytes_read_last = 0;
+}
+
+/* QUEST phase 1 for KV head g: page scores of the visible pages into the n_q running
+ * top-k accumulators. Returns the bound bytes read. */
+static int64_t s_score_quest(shard_t *s, const shard_step *st, int g, int n_vis, float *sc,
+                             topk_acc *acc)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads, grp = lay->n_heads / hkv;
+    const layer_store *ls = &s->layers[st->layer];
+    const int shared = st->gqa == SHARD_GQA_SHARED, n_q = shared ? 1 : grp;
+    int n_pages = 0; /* pages with a visible row */
+    while (n_pages < ls->n_pages && ls->page_row0[n_pages] < n_vis) n_pages++;
+    float part[2 * d], krow[d];
+    for (int p0 = 0; p0 < n_pages; p0 += SHARD_CHUNK) {
+        const int np = n_pages - p0 < SHARD_CHUNK ? n_pages - p0 : SHARD_CHUNK;
+        for (int j = 0; j < np; j++) {
+            const int pi = p0 + j;
+            const int end = pi + 1 < ls->n_pages ? ls->page_row0[pi + 1] : ls->n_rows;
+            const float *mn = ls->pbound + ((size_t)pi * hkv + g) * 2 * d;
+            if (end > n_vis) { /* max_pos falls inside: bounds of the visible rows only */
+                for (int r = ls->page_row0[pi]; r < n_vis; r++) {
+                    s_row_key(s, st->layer, g, r, krow);
+                    for (int c = 0; c < d; c++) {
+                        const int first = r == ls->page_row0[pi];
+                        if (first || krow[c] < part[c]) part[c] = krow[c];
+                        if (first || krow[c] > part[d + c]) part[d + c] = krow[c];
+                    }
+                }
+                mn = part;
+            }
+            const float *mx = mn + d;
+            double tot = 0;
+            for (int i = 0; i < grp; i++) {
+                const float *q = st->q + (size_t)(g * grp + i) * d;
+                double u = 0;
+                for (int c = 0; c < d; c++) {
+                    const double a = (double)q[c] * mn[c], b = (double)q[c] * mx[c];
+                    u += a > b ? a : b;
+                }
+                if (shared)
+                    tot += u;
+                else
+                    sc[(size_t)i * SHARD_CHUNK + j] = (float)u;
+            }
+            if (shared) sc[j] = (float)tot;
+        }
+        for (int i = 0; i < n_q; i++)
+            topk_acc_push(&acc[i], np, sc + (size_t)i * SHARD_CHUNK, ls->page_pos + p0, 0);
+    }
+    return (int64_t)n_pages * 2 * d * (int64_t)sizeof(float);
+}
+
+/* SPARQ (per-head GQA): keeps in the packed queries qd, qr of KV head g's grp heads only
+ * each head's r dims of largest |q_c| (ties: the lower dim) and sets its 1 / tau; starts
+ * the running normaliser of z. */
+static void s_sparq_queries(const shard_t *s, const shard_step *st, int g, float *qd, float *qr,
+                            float *inv_tau, float *zm, double *zs)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads, grp = lay->n_heads / hkv;
+    const int u = lay->n_dom[st->layer * hkv + g];
+    const int *perm = lay->perm + ((size_t)st->layer * hkv + g) * d;
+    uint8_t keep[d];
+    for (int i = 0; i < grp; i++) {
+        const float *q = st->q + (size_t)(g * grp + i) * d;
+        double l1 = 0, l1_sel = 0;
+        for (int c = 0; c < d; c++) {
+            const float a = fabsf(q[c]);
+            int above = 0; /* dims ranking before c: larger |q|, or equal and lower */
+            for (int x = 0; x < d && above < st->sparq_r; x++)
+                above += fabsf(q[x]) > a || (fabsf(q[x]) == a && x < c);
+            keep[c] = above < st->sparq_r;
+            l1 += a;
+            if (keep[c]) l1_sel += a;
+        }
+        for (int p = 0; p < d; p++)
+            if (!keep[perm[p]]) {
+                if (p < u)
+                    qd[(size_t)i * u + p] = 0;
+                else
+                    qr[(size_t)i * (d - u) + p - u] = 0;
+            }
+        inv_tau[i] = l1 > 0 ? (float)(1.0 / sqrt(d * l1_sel / l1)) : 1.0f;
+        zm[i] = -INFINITY;
+        zs[i] = 0;
+    }
+}
+
+/* SPARQ: scales n rows of raw partial scores into z (in place) and folds them into each
+ * head's running max zm and sum of exp(z - zm). */
+static void s_sparq_fold(int n_q, int n, float *sc, const float *inv_tau, float *zm, double *zs)
+{
+    for (int i = 0; i < n_q; i++) {
+        float *z = sc + (size_t)i * SHARD_CHUNK, cm = -INFINITY;
+        for (int j = 0; j < n; j++) {
+            z[j] *= inv_tau[i];
+            if (z[j] > cm) cm = z[j];
+        }
+        if (cm > zm[i]) {
+            zs[i] *= exp((double)zm[i] - cm);
+            zm[i] = cm;
+        }
+        for (int j = 0; j < n; j++) zs[i] += exp((double)z[j] - zm[i]);
+    }
+}
+
+/* SPARQ: the aux entries of KV head g's heads: the normaliser, and the visible values'
+ * count and sum (the running sum less the rows past max_pos). */
+static void s_sparq_aux_of(shard_t *s, const shard_step *st, int g, int n_vis, const float *zm,
+                           const double *zs)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads, grp = lay->n_heads / hkv;
+    const layer_store *ls = &s->layers[st->layer];
+    for (int i = 0; i < grp; i++) {
+        double *a = s->aux + (size_t)(g * grp + i) * SHARD_SPARQ_AUX(d);
+        a[0] = zm[i];
+        a[1] = zs[i];
+        a[2] = n_vis;
+        for (int c = 0; c < d; c++) a[3 + c] = ls->vsum ? ls->vsum[(size_t)g * d + c] : 0;
+        for (int r = n_vis; r < ls->n_rows; r++) {
+            const float *v = ls->chunks[r / SHARD_CHUNK][g].v + (size_t)(r % SHARD_CHUNK) * d;
+            for (int c = 0; c < d; c++) a[3 + c] -= v[c];
+        }
+    }
+}
+
+void shard_sparq_aux(const shard_t *s, const shard_step *st, double *aux)
+{
+    (void)st;
+    memcpy(aux, s->aux, (size_t)s->lay.n_heads * SHARD_SPARQ_AUX(s->lay.head_dim) * sizeof(double));
+}
+
 int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands)
 {
     const shard_layout *lay = &s->lay;
@@ -301,25 +540,41 @@ int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands
         s_grow((void **)&s->acc_buf, &s->acc_cap, (size_t)grp * acc_one * sizeof(topk_cand)))
         return -1;
     s->kept_budget = b;
+    const int sparq = st->method == SHARD_SPARQ;
+    if (sparq && s_grow((void **)&s->aux, &s->aux_cap,
+                        (size_t)lay->n_heads * SHARD_SPARQ_AUX(d) * sizeof(double)))
+        return -1;
+
+    if (st->method == SHARD_STREAM) {
+        s_score_stream(s, st, units, n_vis, cands, n_cands);
+        return 0;
+    }
 
     float *sc = s->scores, *qd = sc + (size_t)grp * SHARD_CHUNK, *qr = qd + (size_t)grp * d;
     int64_t bytes = 0;
     for (int g = 0; g < hkv; g++) {
         const int u = lay->n_dom[st->layer * hkv + g];
         const int n_q = s_pack_queries(s, st, g, qd, qr);
-        const int oracle = st->method == SHARD_ORACLE;
+        const int oracle = st->method == SHARD_ORACLE || sparq;
+        float inv_tau[n_q], zm[n_q];
+        double zs[n_q];
+        if (sparq) s_sparq_queries(s, st, g, qd, qr, inv_tau, zm, zs);
         topk_acc acc[n_q];
         for (int i = 0; i < n_q; i++)
             topk_acc_init(&acc[i], b, s->acc_buf + i * acc_one, (int)acc_one);
-        for (int r0 = 0; r0 < n_vis; r0 += SHARD_CHUNK) {
+        if (st->method == SHARD_QUEST) bytes += s_score_quest(s, st, g, n_vis, sc, acc);
+        for (int r0 = 0; st->method != SHARD_QUEST && r0 < n_vis; r0 += SHARD_CHUNK) {
             const int nr = n_vis - r0 < SHARD_CHUNK ? n_vis - r0 : SHARD_CHUNK;
             const kv_chunk *ch = &ls->chunks[r0 / SHARD_CHUNK][g];
             score_tiles((nr + SCORE_TILE - 1) / SCORE_TILE, u, n_q, sc, SHARD_CHUNK, qd, ch->kdom);
             if (oracle) score_rows(nr, d - u, n_q, sc, SHARD_CHUNK, qr, ch->krest, d - u, 1);
+            if (sparq) s_sparq_fold(n_q, nr, sc, inv_tau, zm, zs);
             for (int i = 0; i < n_q; i++)
                 topk_acc_push(&acc[i], nr, sc + (size_t)i * SHARD_CHUNK, ls->pos + r0, 0);
         }
-        bytes += (int64_t)n_vis * (oracle ? d : u) * (int64_t)sizeof(float);
+        if (st->method != SHARD_QUEST)
+            bytes += (int64_t)n_vis * (oracle ? d : u) * (int64_t)sizeof(float);
+        if (sparq) s_sparq_aux_of(s, st, g, n_vis, zm, zs);
         for (int i = 0; i < n_q; i++) {
             const int unit = st->gqa == SHARD_GQA_SHARED ? g : g * grp + i;
             const int n = topk_acc_finish(&acc[i]);
@@ -377,35 +632,69 @@ static void s_attend_dense(shard_t *s, const shard_step *st, int g, int n_vis, c
     s->bytes_read_last += (int64_t)n_vis * 2 * d * (int64_t)sizeof(float);
 }
 
-/* Sparse phase 2 for one unit: gathers the kept rows not worse than thr and attends the
- * unit's n_q heads (queries qf (n_q, d), permuted order) over them. */
+/* Rows a sparse step may attend per kept candidate (a QUEST candidate is a page). */
+static int s_rows_per_cand(const shard_step *st)
+{
+    return st->method == SHARD_QUEST ? SHARD_QUEST_PAGE : 1;
+}
+
+/* Index of the page starting at position pp (binary search; the caller knows it is here). */
+static int s_page_of(const layer_store *ls, int32_t pp)
+{
+    int lo = 0, hi = ls->n_pages - 1;
+    while (lo < hi) {
+        const int mid = lo + (hi - lo) / 2;
+        if (ls->page_pos[mid] < pp)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* Sparse phase 2 for one unit: gathers the kept rows not worse than thr (QUEST: the visible
+ * rows of the kept pages not worse than thr) and attends the unit's n_q heads (queries
+ * qf (n_q, d), permuted order) over them. */
 static void s_attend_rows(shard_t *s, const shard_step *st, int g, int unit, topk_cand thr, int n_q,
-                          const float *qf, float *m, double *l, double *o)
+                          int n_vis, const float *qf, float *m, double *l, double *o)
 {
     const shard_layout *lay = &s->lay;
     const int d = lay->head_dim, u = lay->n_dom[st->layer * lay->n_kv_heads + g];
     const layer_store *ls = &s->layers[st->layer];
     const topk_cand *kept = s->kept + (size_t)unit * s->kept_budget;
-    float *kg = s->gather, *vg = kg + (size_t)s->kept_budget * d;
-    float *lg = vg + (size_t)s->kept_budget * d;
+    const size_t cap = (size_t)s->kept_budget * s_rows_per_cand(st);
+    float *kg = s->gather, *vg = kg + cap * d;
+    float *lg = vg + cap * d;
     int n = 0;
     for (int i = 0; i < s->n_kept[unit]; i++) {
         if (topk_better(thr, kept[i])) continue;
-        const int r = s_row_of(ls, kept[i].pos);
-        const kv_chunk *ch = &ls->chunks[r / SHARD_CHUNK][g];
-        const int rr = r % SHARD_CHUNK;
-        const float *kd = ch->kdom + (size_t)(rr / SCORE_TILE) * u * SCORE_TILE + rr % SCORE_TILE;
-        float *krow = kg + (size_t)n * d;
-        for (int p = 0; p < u; p++) krow[p] = kd[(size_t)p * SCORE_TILE];
-        memcpy(krow + u, ch->krest + (size_t)rr * (d - u), (size_t)(d - u) * sizeof(float));
-        memcpy(vg + (size_t)n * d, ch->v + (size_t)rr * d, (size_t)d * sizeof(float));
-        n++;
+        int r0, r1;
+        if (st->method == SHARD_QUEST) {
+            const int pi = s_page_of(ls, kept[i].pos);
+            r0 = ls->page_row0[pi];
+            r1 = pi + 1 < ls->n_pages ? ls->page_row0[pi + 1] : ls->n_rows;
+            if (r1 > n_vis) r1 = n_vis;
+        } else {
+            r0 = s_row_of(ls, kept[i].pos);
+            r1 = r0 + 1;
+        }
+        for (int r = r0; r < r1; r++) {
+            const kv_chunk *ch = &ls->chunks[r / SHARD_CHUNK][g];
+            const int rr = r % SHARD_CHUNK;
+            const float *kd =
+                ch->kdom + (size_t)(rr / SCORE_TILE) * u * SCORE_TILE + rr % SCORE_TILE;
+            float *krow = kg + (size_t)n * d;
+            for (int p = 0; p < u; p++) krow[p] = kd[(size_t)p * SCORE_TILE];
+            memcpy(krow + u, ch->krest + (size_t)rr * (d - u), (size_t)(d - u) * sizeof(float));
+            memcpy(vg + (size_t)n * d, ch->v + (size_t)rr * d, (size_t)d * sizeof(float));
+            n++;
+        }
     }
     if (n == 0) return;
-    score_rows(n, d, n_q, lg, s->kept_budget, qf, kg, d, 0);
+    score_rows(n, d, n_q, lg, (int)cap, qf, kg, d, 0);
     for (int i = 0; i < n_q; i++)
-        for (int j = 0; j < n; j++) lg[(size_t)i * s->kept_budget + j] *= st->scale;
-    attn_accum(n, d, n_q, lg, s->kept_budget, vg, d, m, l, o);
+        for (int j = 0; j < n; j++) lg[(size_t)i * cap + j] *= st->scale;
+    attn_accum(n, d, n_q, lg, (int)cap, vg, d, m, l, o);
     s->bytes_read_last += (int64_t)n * 2 * d * (int64_t)sizeof(float);
 }
 
@@ -418,8 +707,7 @@ int shard_attend(shard_t *s, const shard_step *st, const topk_cand *thr, const u
     if (st->method == SHARD_DENSE)
         s->bytes_read_last = 0;
     else if (s_grow((void **)&s->gather, &s->gather_cap,
-                    ((size_t)2 * s->kept_budget * d + (size_t)grp * s->kept_budget) *
-                        sizeof(float)))
+                    ((size_t)2 * d + grp) * s->kept_budget * s_rows_per_cand(st) * sizeof(float)))
         return -1;
     const int n_vis = shard_visible(s, st->layer, st->max_pos);
     float qf[grp * d];
@@ -432,13 +720,13 @@ int shard_attend(shard_t *s, const shard_step *st, const topk_cand *thr, const u
         if (st->method == SHARD_DENSE) {
             s_attend_dense(s, st, g, n_vis, qf, mg, lgp, og);
         } else if (st->gqa == SHARD_GQA_SHARED) {
-            if (have_thr[g]) s_attend_rows(s, st, g, g, thr[g], grp, qf, mg, lgp, og);
+            if (have_thr[g]) s_attend_rows(s, st, g, g, thr[g], grp, n_vis, qf, mg, lgp, og);
         } else {
             for (int i = 0; i < grp; i++) {
                 const int h = g * grp + i;
                 if (have_thr[h])
-                    s_attend_rows(s, st, g, h, thr[h], 1, qf + (size_t)i * d, mg + i, lgp + i,
-                                  og + (size_t)i * d);
+                    s_attend_rows(s, st, g, h, thr[h], 1, n_vis, qf + (size_t)i * d, mg + i,
+                                  lgp + i, og + (size_t)i * d);
             }
         }
     }
@@ -456,7 +744,10 @@ size_t shard_bytes_held(const shard_t *s)
     const size_t per_chunk = (size_t)SHARD_CHUNK * s->lay.head_dim * 2 * sizeof(float);
     for (int l = 0; l < s->lay.n_layers; l++)
         total += (size_t)s->layers[l].n_chunks * s->lay.n_kv_heads * per_chunk +
-                 (size_t)s->layers[l].pos_cap * sizeof(int32_t);
+                 (size_t)s->layers[l].pos_cap * sizeof(int32_t) +
+                 (size_t)s->layers[l].page_cap *
+                     (sizeof(int32_t) + sizeof(int) +
+                      (size_t)s->lay.n_kv_heads * 2 * s->lay.head_dim * sizeof(float));
     return total;
 }
 

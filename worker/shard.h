@@ -26,7 +26,52 @@
 
 #define SHARD_CHUNK 4096
 
-typedef enum shard_method { SHARD_FASA = 0, SHARD_DENSE = 1, SHARD_ORACLE = 2 } shard_method;
+/* Methods (fasa-algorithm.md §6 for the baselines):
+ *   FASA    dominant-FC partial scores, top-B tokens, exact attention over them;
+ *   DENSE   exact attention over every visible token;
+ *   ORACLE  exact top-B tokens by the full score;
+ *   STREAM  the SHARD_STREAM_SINKS first positions (sinks) and the most recent visible ones.
+ *           Scores are position-based: a sink scores +1 (ties: lower position first),
+ *           another token -(max_pos - pos), so the global top-B under the usual total order
+ *           is the sinks plus the B - SHARD_STREAM_SINKS most recent tokens (with B <= 8:
+ *           the B first sinks only). No key is read to score. Distances up to 2^24 are
+ *           exact in a float, far beyond any budget, so the window is always exact.
+ *   QUEST   pages of SHARD_QUEST_PAGE tokens aligned to absolute positions (page p holds
+ *           positions 16p .. 16p + 15); the shard keeps per (layer, KV head, page) the
+ *           per-channel min m and max M of the page's keys, updated on append. A page's
+ *           score is U = sum_c max(q_c m_c, q_c M_c) per query head (shared GQA: the sum
+ *           of U over the group's heads). The selection unit is the page: a candidate is
+ *           (U, first position of the page), the step's budget counts pages, and
+ *           shard_attend attends over every visible token of each selected page. A page
+ *           only partly visible (max_pos inside it) gets its bounds from its visible rows.
+ *           Pages must not straddle shards (the engine's placement block is a multiple of
+ *           SHARD_QUEST_PAGE).
+ *   SPARQ   per query head (per-head GQA only): i1 = the step's sparq_r dims of largest |q_c|
+ *           (ties: the lower dim), approximate logits z_j = q[i1].k_j[i1] / tau with
+ *           tau = sqrt(head_dim * |q[i1]|_1 / |q|_1) (tau = 1 for q = 0), top-B tokens by z,
+ *           exact attention over them. The mean-value reallocation needs global sums, which
+ *           shard_sparq_aux gives after shard_score: the softmax normaliser of z over the
+ *           visible rows (max and sum of exponentials) and the sum and count of the visible
+ *           values; the coordinator combines y = alpha * attn + (1 - alpha) * mean(v) with
+ *           alpha = the softmax(z) mass of the selected tokens. The store keeps a running
+ *           sum of each layer's values per KV head for this. i1 is found by counting, per
+ *           dim, the dims ranking before it (O(head_dim^2) per head and step). This store
+ *           keeps keys by rows, so scoring reads (and shard_bytes_read counts) whole key
+ *           rows, as oracle does; SparQ's column-major copy would read r dims of each. */
+typedef enum shard_method {
+    SHARD_FASA = 0,
+    SHARD_DENSE = 1,
+    SHARD_ORACLE = 2,
+    SHARD_STREAM = 3,
+    SHARD_QUEST = 4,
+    SHARD_SPARQ = 5
+} shard_method;
+#define SHARD_METHOD_LAST SHARD_SPARQ
+/* Doubles per query head that shard_sparq_aux writes: z max, sum of exp(z - max) over the
+ * visible rows, their count, then the sum of their values (head_dim). */
+#define SHARD_SPARQ_AUX(head_dim) (3 + (head_dim))
+#define SHARD_STREAM_SINKS 8
+#define SHARD_QUEST_PAGE 16
 typedef enum shard_gqa { SHARD_GQA_PER_HEAD = 0, SHARD_GQA_SHARED = 1 } shard_gqa;
 
 /* How a session's keys are packed; derived from its calibration profile. Plain value type. */
@@ -43,10 +88,11 @@ typedef struct shard_step {
     int layer;
     shard_method method;
     shard_gqa gqa;
-    int budget;      /* B: tokens per unit, >= 1 */
+    int budget;      /* B: tokens per unit, >= 1 (QUEST: pages per unit) */
     int32_t max_pos; /* highest visible position (inclusive) */
     float scale;     /* logit scale, 1/sqrt(head_dim) */
     const float *q;  /* (n_heads, head_dim) queries, original dim order */
+    int sparq_r;     /* SPARQ: query dims kept per head, 1..head_dim; 0 otherwise */
 } shard_step;
 
 typedef struct shard shard_t;
@@ -77,7 +123,7 @@ int shard_visible(const shard_t *shard, int layer, int32_t max_pos);
 /* Selection units of a step: n_heads for per-head GQA, n_kv_heads for shared. */
 int shard_units(const shard_t *shard, shard_gqa gqa);
 
-/* Phase 1 (fasa and oracle): for each unit u, the local best min(budget, visible) candidates
+/* Phase 1 (every method but dense): for each unit u, the local best min(budget, visible) candidates
  * are written to cands[u * budget ..], best first, and their count to n_cands[u]. They are
  * also kept for shard_attend. Returns 0, or -1 when out of memory. */
 int shard_score(shard_t *shard, const shard_step *step, topk_cand *cands, int *n_cands);
@@ -90,9 +136,14 @@ int shard_score(shard_t *shard, const shard_step *step, topk_cand *cands, int *n
 int shard_attend(shard_t *shard, const shard_step *step, const topk_cand *thr,
                  const uint8_t *have_thr, float *m, double *l, double *o);
 
-/* Bytes the last shard_score + shard_attend read from the KV store (for stats). */
+/* After shard_score of a SPARQ step: aux (n_heads, SHARD_SPARQ_AUX(head_dim)) for the
+ * visible rows of this shard (an empty shard gives max -inf and zero sums). */
+void shard_sparq_aux(const shard_t *shard, const shard_step *step, double *aux);
+
+/* Bytes the last shard_score + shard_attend read from the KV store (for stats); for QUEST
+ * the page bounds read count too. */
 int64_t shard_bytes_read(const shard_t *shard);
-/* Bytes held in the KV store. */
+/* Bytes held in the KV store (chunks, position tables and the QUEST page bounds). */
 size_t shard_bytes_held(const shard_t *shard);
 /* Bytes of the rows held, all layers, by part (the layout above): kdom (the dominant key
  * dims), krest (the other key dims) and v (the values). They count stored elements, not

@@ -1,5 +1,6 @@
 /* The shard store against brute force over the same rows. */
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "attn.h"
@@ -161,6 +162,289 @@ START_TEST(test_shard_fasa_scores)
 }
 END_TEST
 
+/* Exact attention of query q over the rows idx[n] of k, v ((rows, nkv, d), KV head g),
+ * in double (the naive reference of a sparse step's output). */
+static void s_ref_attend(int n, const int *idx, int d, int nkv, int g, float scale, const float *q,
+                         const float *k, const float *v, float *out)
+{
+    double mx = -INFINITY, s[n ? n : 1], acc[d], den = 0;
+    for (int i = 0; i < n; i++) {
+        double x = 0;
+        for (int c = 0; c < d; c++) x += (double)q[c] * k[((size_t)idx[i] * nkv + g) * d + c];
+        s[i] = x * scale;
+        if (s[i] > mx) mx = s[i];
+    }
+    for (int c = 0; c < d; c++) acc[c] = 0;
+    for (int i = 0; i < n; i++) {
+        const double w = exp(s[i] - mx);
+        den += w;
+        for (int c = 0; c < d; c++) acc[c] += w * v[((size_t)idx[i] * nkv + g) * d + c];
+    }
+    for (int c = 0; c < d; c++) out[c] = n ? (float)(acc[c] / den) : 0.0f;
+}
+
+/* A shard's sparse rows: positions in runs of 32 every 64 (shard 0 of 2, block 32), so
+ * pages are whole here but positions have gaps; rows straddle a chunk. */
+typedef struct s_data {
+    int n, nh, nkv, d;
+    float *k, *v, q[4 * 8];
+    int32_t *pos;
+    shard_t *sh;
+    shard_layout lay;
+} s_data;
+
+static void s_data_make(s_data *x, uint64_t seed)
+{
+    x->n = SHARD_CHUNK + 300, x->nh = 4, x->nkv = 2, x->d = 8;
+    s_layout(&x->lay, 1, x->nh, x->nkv, x->d);
+    x->sh = shard_new(&x->lay);
+    ck_assert_ptr_nonnull(x->sh);
+    test_rng r = {seed};
+    const size_t kv = (size_t)x->n * x->nkv * x->d;
+    x->k = test_alloc(kv * 4), x->v = test_alloc(kv * 4);
+    x->pos = test_alloc((size_t)x->n * 4);
+    test_fill(&r, kv, x->k, 1.0f);
+    test_fill(&r, kv, x->v, 1.0f);
+    test_fill(&r, sizeof(x->q) / 4, x->q, 1.0f);
+    for (int i = 0; i < x->n; i++) x->pos[i] = (i / 32) * 64 + i % 32;
+    for (int i0 = 0; i0 < x->n; i0 += 333) { /* appends that split pages */
+        const int m = x->n - i0 < 333 ? x->n - i0 : 333;
+        const size_t o = (size_t)i0 * x->nkv * x->d;
+        ck_assert_int_eq(shard_append(x->sh, 0, m, x->pos + i0, x->k + o, x->v + o), 0);
+    }
+}
+
+static void s_data_free(s_data *x)
+{
+    shard_destroy(&x->sh);
+    shard_layout_cleanup(&x->lay);
+    free(x->k), free(x->v), free(x->pos);
+}
+
+/* stream: candidates are the sinks and the most recent rows, against a reference that
+ * scores every visible row; attention over them against s_ref_attend. */
+START_TEST(test_shard_stream)
+{
+    s_data x;
+    s_data_make(&x, 31);
+    const int d = x.d, nh = x.nh, grp = nh / x.nkv, n_vis = 4100;
+    const int32_t max_pos = x.pos[n_vis - 1];
+    topk_cand *all = test_alloc((size_t)n_vis * sizeof(topk_cand)), ref[40], cands[4 * 40];
+    const int budgets[3] = {20, 8, 5};
+    double worst = 0;
+    for (int bi = 0; bi < 3; bi++)
+        for (int shared = 0; shared < 2; shared++) {
+            const int B = budgets[bi], units = shared ? x.nkv : nh;
+            shard_step st = {0, SHARD_STREAM, shared, B, max_pos, 1.0f / sqrtf(d), x.q, 0};
+            int n_c[4];
+            ck_assert_int_eq(shard_score(x.sh, &st, cands, n_c), 0);
+            for (int j = 0; j < n_vis; j++)
+                all[j] = (topk_cand){x.pos[j] < 8 ? 1.0f : -(float)(max_pos - x.pos[j]), x.pos[j]};
+            ck_assert_int_eq(topk_ref(n_vis, B, all, ref), B);
+            /* The reference set by hand: the first min(B, 8) sinks, then the most recent. */
+            for (int i = 0; i < B; i++)
+                ck_assert_int_eq(ref[i].pos, i < 8 ? i : x.pos[n_vis - 1 - (i - 8)]);
+            topk_cand thr[4];
+            uint8_t have[4];
+            for (int u = 0; u < units; u++) {
+                ck_assert_int_eq(n_c[u], B);
+                for (int i = 0; i < B; i++) {
+                    ck_assert_int_eq(cands[u * B + i].pos, ref[i].pos);
+                    ck_assert_float_eq(cands[u * B + i].score, ref[i].score);
+                }
+                thr[u] = ref[B - 1], have[u] = 1;
+            }
+            float m[4], out[8], want[8];
+            double l[4], o[32];
+            ck_assert_int_eq(shard_attend(x.sh, &st, thr, have, m, l, o), 0);
+            int idx[40];
+            for (int i = 0; i < B; i++) {
+                int j = 0;
+                while (x.pos[j] != ref[i].pos) j++;
+                idx[i] = j;
+            }
+            for (int h = 0; h < nh; h++) {
+                attn_finalize(d, l[h], o + h * d, out);
+                s_ref_attend(B, idx, d, x.nkv, h / grp, st.scale, x.q + h * d, x.k, x.v, want);
+                const double e = test_max_abs_diff(d, out, want);
+                if (e > worst) worst = e;
+            }
+            /* Scoring reads no key; attention reads the B rows of every unit. */
+            ck_assert_int_eq(shard_bytes_read(x.sh), (int64_t)units * B * 2 * d * 4);
+        }
+    printf("shard stream: max abs error vs reference %.3g\n", worst);
+    ck_assert_double_le(worst, 1e-6);
+    free(all);
+    s_data_free(&x);
+}
+END_TEST
+
+/* quest: page bounds computed from scratch over the visible rows, pages picked directly,
+ * attention over every visible row of the picked pages. max_pos falls inside a page. */
+START_TEST(test_shard_quest)
+{
+    s_data x;
+    s_data_make(&x, 32);
+    const int d = x.d, nh = x.nh, nkv = x.nkv, grp = nh / nkv, n_vis = 4100, P = 5;
+    const int32_t max_pos = x.pos[n_vis - 1];
+    ck_assert_int_ne(max_pos % 16, 15); /* the last visible page is partial */
+    const int n_pages = (max_pos / 16) + 1;
+    double *mn = test_alloc((size_t)n_pages * nkv * d * 8),
+           *mx = test_alloc((size_t)n_pages * nkv * d * 8);
+    int *count = test_alloc((size_t)n_pages * sizeof(int));
+    for (int j = 0; j < n_vis; j++) {
+        const int p = x.pos[j] / 16;
+        for (int g = 0; g < nkv; g++)
+            for (int c = 0; c < d; c++) {
+                const double kv = x.k[((size_t)j * nkv + g) * d + c];
+                double *a = mn + ((size_t)p * nkv + g) * d + c,
+                       *b = mx + ((size_t)p * nkv + g) * d + c;
+                if (!count[p] || kv < *a) *a = kv;
+                if (!count[p] || kv > *b) *b = kv;
+            }
+        count[p]++;
+    }
+    topk_cand *all = test_alloc((size_t)n_pages * sizeof(topk_cand)), ref[8], cands[4 * 8];
+    int *idx = test_alloc((size_t)P * 16 * sizeof(int));
+    double worst = 0;
+    for (int shared = 0; shared < 2; shared++) {
+        const int units = shared ? nkv : nh;
+        shard_step st = {0, SHARD_QUEST, shared, P, max_pos, 1.0f / sqrtf(d), x.q, 0};
+        int n_c[4];
+        ck_assert_int_eq(shard_score(x.sh, &st, cands, n_c), 0);
+        int64_t bytes = 0;
+        topk_cand thr[4];
+        uint8_t have[4];
+        for (int u = 0; u < units; u++) {
+            const int g = shared ? u : u / grp, h0 = shared ? u * grp : u;
+            const int h1 = shared ? h0 + grp : u + 1;
+            int n_all = 0;
+            for (int p = 0; p < n_pages; p++) {
+                if (!count[p]) continue;
+                double score = 0;
+                for (int h = h0; h < h1; h++)
+                    for (int c = 0; c < d; c++) {
+                        const double a = x.q[h * d + c] * mn[((size_t)p * nkv + g) * d + c];
+                        const double b = x.q[h * d + c] * mx[((size_t)p * nkv + g) * d + c];
+                        score += a > b ? a : b;
+                    }
+                all[n_all++] = (topk_cand){(float)score, p * 16};
+            }
+            ck_assert_int_eq(topk_ref(n_all, P, all, ref), P);
+            ck_assert_int_eq(n_c[u], P);
+            for (int i = 0; i < P; i++) {
+                ck_assert_int_eq(cands[u * P + i].pos, ref[i].pos);
+                ck_assert_float_eq_tol(cands[u * P + i].score, ref[i].score, 1e-5);
+            }
+            thr[u] = ref[P - 1], have[u] = 1;
+        }
+        bytes += (int64_t)(n_vis / 32 * 2 + 1) * nkv * 2 * d * 4; /* bounds of visible pages */
+        float m[4], out[8], want[8];
+        double l[4], o[32];
+        ck_assert_int_eq(shard_attend(x.sh, &st, thr, have, m, l, o), 0);
+        for (int h = 0; h < nh; h++) {
+            /* The reference pages of h's unit: its top P, again from scratch. */
+            const int u = shared ? h / grp : h;
+            const int g = h / grp, h0 = shared ? u * grp : u, h1 = shared ? h0 + grp : u + 1;
+            int n_all = 0;
+            for (int p = 0; p < n_pages; p++) {
+                if (!count[p]) continue;
+                double score = 0;
+                for (int hh = h0; hh < h1; hh++)
+                    for (int c = 0; c < d; c++) {
+                        const double a = x.q[hh * d + c] * mn[((size_t)p * nkv + g) * d + c];
+                        const double b = x.q[hh * d + c] * mx[((size_t)p * nkv + g) * d + c];
+                        score += a > b ? a : b;
+                    }
+                all[n_all++] = (topk_cand){(float)score, p * 16};
+            }
+            topk_ref(n_all, P, all, ref);
+            int n = 0;
+            for (int j = 0; j < n_vis; j++)
+                for (int i = 0; i < P; i++)
+                    if (x.pos[j] / 16 * 16 == ref[i].pos) idx[n++] = j;
+            if (!shared || h == h0) bytes += (int64_t)n * 2 * d * 4;
+            attn_finalize(d, l[h], o + h * d, out);
+            s_ref_attend(n, idx, d, nkv, g, st.scale, x.q + h * d, x.k, x.v, want);
+            const double e = test_max_abs_diff(d, out, want);
+            if (e > worst) worst = e;
+        }
+        ck_assert_int_eq(shard_bytes_read(x.sh), bytes);
+    }
+    printf("shard quest: max abs error vs reference %.3g\n", worst);
+    ck_assert_double_le(worst, 1e-6);
+    free(mn), free(mx), free(count), free(all), free(idx);
+    s_data_free(&x);
+}
+END_TEST
+
+/* sparq: candidates by the approximate logits z over the r largest |q| dims, and the sums
+ * for the mean-value reallocation, against a reference over every visible row; rows past
+ * max_pos are held and must not count. */
+START_TEST(test_shard_sparq)
+{
+    s_data x;
+    s_data_make(&x, 33);
+    const int d = x.d, nh = x.nh, nkv = x.nkv, grp = nh / nkv, n_vis = 4100, B = 30, r = 3;
+    const int32_t max_pos = x.pos[n_vis - 1];
+    shard_step st = {0, SHARD_SPARQ, SHARD_GQA_PER_HEAD, B, max_pos, 1.0f / sqrtf(d), x.q, r};
+    topk_cand cands[4 * 30], ref[30];
+    topk_cand *all = test_alloc((size_t)n_vis * sizeof(topk_cand));
+    int n_c[4];
+    ck_assert_int_eq(shard_score(x.sh, &st, cands, n_c), 0);
+    double aux[4 * SHARD_SPARQ_AUX(8)];
+    shard_sparq_aux(x.sh, &st, aux);
+    double worst = 0;
+    for (int h = 0; h < nh; h++) {
+        const int g = h / grp;
+        const float *q = x.q + h * d;
+        uint8_t keep[8];
+        double l1 = 0, l1_sel = 0;
+        int kept = 0;
+        for (int c = 0; c < d; c++) {
+            int above = 0;
+            for (int y = 0; y < d; y++)
+                above += fabsf(q[y]) > fabsf(q[c]) || (fabsf(q[y]) == fabsf(q[c]) && y < c);
+            keep[c] = above < r;
+            kept += keep[c];
+            l1 += fabsf(q[c]);
+            l1_sel += keep[c] ? fabsf(q[c]) : 0;
+        }
+        ck_assert_int_eq(kept, r);
+        const double tau = sqrt(d * l1_sel / l1);
+        double zmax = -INFINITY, zsum = 0, vs[8] = {0};
+        for (int j = 0; j < n_vis; j++) {
+            double z = 0;
+            for (int c = 0; c < d; c++)
+                if (keep[c]) z += (double)q[c] * x.k[((size_t)j * nkv + g) * d + c];
+            z /= tau;
+            all[j] = (topk_cand){(float)z, x.pos[j]};
+            zmax = z > zmax ? z : zmax;
+            for (int c = 0; c < d; c++) vs[c] += x.v[((size_t)j * nkv + g) * d + c];
+        }
+        for (int j = 0; j < n_vis; j++) zsum += exp((double)all[j].score - zmax);
+        ck_assert_int_eq(topk_ref(n_vis, B, all, ref), B);
+        ck_assert_int_eq(n_c[h], B);
+        for (int i = 0; i < B; i++) {
+            ck_assert_int_eq(cands[h * B + i].pos, ref[i].pos);
+            ck_assert_float_eq_tol(cands[h * B + i].score, ref[i].score, 1e-5);
+        }
+        const double *a = aux + (size_t)h * SHARD_SPARQ_AUX(d);
+        ck_assert_double_eq_tol(a[0], zmax, 1e-5);
+        ck_assert_double_eq_tol(a[1] * exp(a[0] - zmax), zsum, 1e-5 * zsum);
+        ck_assert_double_eq(a[2], n_vis);
+        for (int c = 0; c < d; c++) {
+            const double e = fabs(a[3 + c] - vs[c]);
+            if (e > worst) worst = e;
+        }
+    }
+    printf("shard sparq: max abs error of the value sums %.3g\n", worst);
+    ck_assert_double_le(worst, 1e-9);
+    free(all);
+    s_data_free(&x);
+}
+END_TEST
+
 Suite *shard_suite(void)
 {
     Suite *s = suite_create("shard");
@@ -168,6 +452,9 @@ Suite *shard_suite(void)
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_shard_oracle_dense);
     tcase_add_test(tc, test_shard_fasa_scores);
+    tcase_add_test(tc, test_shard_stream);
+    tcase_add_test(tc, test_shard_quest);
+    tcase_add_test(tc, test_shard_sparq);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -188,7 +188,7 @@ static worker_session *s_step_check(worker *w, const wmpi_cmd *h, shard_step *st
         why = "geometry differs";
     } else if (h->layer < 0 || h->layer >= h->n_layers) {
         why = "layer out of range";
-    } else if (h->method < SHARD_FASA || h->method > SHARD_ORACLE) {
+    } else if (h->method < SHARD_FASA || h->method > SHARD_METHOD_LAST) {
         why = "unknown method";
     } else if (h->gqa != SHARD_GQA_PER_HEAD && h->gqa != SHARD_GQA_SHARED) {
         why = "unknown gqa";
@@ -198,6 +198,9 @@ static worker_session *s_step_check(worker *w, const wmpi_cmd *h, shard_step *st
         why = "n_units does not match gqa";
     } else if (!isfinite(h->scale)) {
         why = "scale is not finite";
+    } else if (h->method == SHARD_SPARQ &&
+               (h->sparq_r < 1 || h->sparq_r > h->head_dim || h->gqa != SHARD_GQA_PER_HEAD)) {
+        why = "sparq needs r in [1, head_dim] and per-head gqa";
     }
     if (why) {
         s_reject(w, *status_p, h, why);
@@ -208,7 +211,8 @@ static worker_session *s_step_check(worker *w, const wmpi_cmd *h, shard_step *st
                        .gqa = (shard_gqa)h->gqa,
                        .budget = h->budget,
                        .max_pos = h->max_pos,
-                       .scale = h->scale};
+                       .scale = h->scale,
+                       .sparq_r = h->sparq_r};
     *status_p = WMPI_OK;
     return s;
 }
@@ -254,20 +258,22 @@ static wmpi_status s_attend(worker *w, const wmpi_cmd *h, const uint8_t *p, size
     if (h->payload_bytes != (int64_t)(q_bytes + thr_bytes))
         return s_reject(w, WMPI_EINVAL, h, "attend size does not match the geometry");
     /* A sparse attend selects from what the last score kept: it must be that step's. */
-    if (!dense &&
-        (!s->scored || s->last.layer != st.layer || s->last.method != st.method ||
-         s->last.gqa != st.gqa || s->last.budget != st.budget || s->last.max_pos != st.max_pos))
+    if (!dense && (!s->scored || s->last.layer != st.layer || s->last.method != st.method ||
+                   s->last.gqa != st.gqa || s->last.budget != st.budget ||
+                   s->last.max_pos != st.max_pos || s->last.sparq_r != st.sparq_r))
         return s_reject(w, WMPI_EINVAL, h, "sparse attend without its score");
-    const size_t payload = nh * 8 + nh * d * 8 + nh * 4;
+    const size_t aux_n = st.method == SHARD_SPARQ ? nh * SHARD_SPARQ_AUX(d) : 0;
+    const size_t payload = nh * 8 + nh * d * 8 + aux_n * 8 + nh * 4;
     if (s_grow(&w->tx, &w->tx_cap, sizeof(wmpi_reply) + payload))
         return s_reject(w, WMPI_ENOMEM, h, "out of memory for the reply");
     st.q = (const float *)p;
     const topk_cand *thr = dense ? NULL : (const topk_cand *)(p + q_bytes);
     const uint8_t *have_thr = dense ? NULL : p + q_bytes + units * sizeof(topk_cand);
     uint8_t *r = w->tx + sizeof(wmpi_reply);
-    if (shard_attend(s->shard, &st, thr, have_thr, (float *)(r + nh * 8 + nh * d * 8), (double *)r,
-                     (double *)(r + nh * 8)))
+    if (shard_attend(s->shard, &st, thr, have_thr, (float *)(r + nh * 8 + nh * d * 8 + aux_n * 8),
+                     (double *)r, (double *)(r + nh * 8)))
         return s_reject(w, WMPI_ENOMEM, h, "out of memory attending");
+    if (aux_n) shard_sparq_aux(s->shard, &st, (double *)(r + nh * 8 + nh * d * 8));
     *bytes_p = shard_bytes_read(s->shard);
     *payload_p = payload;
     return WMPI_OK;

@@ -24,7 +24,8 @@
  * and, when status is WMPI_OK,
  *   SCORE   cands topk_cand (n_units, budget) (the first n_cands[u] of unit u are valid),
  *           n_cands int32 (n_units)
- *   ATTEND  l double (n_heads), o double (n_heads, head_dim), m float (n_heads)
+ *   ATTEND  l double (n_heads), o double (n_heads, head_dim), for SPARQ aux double
+ *           (n_heads, SHARD_SPARQ_AUX(head_dim)) (shard_sparq_aux), m float (n_heads)
  *   STATS   one wmpi_stats: what the worker's shard of sid (or of every session) holds
  * A worker serves commands in order and sends nothing else, so the coordinator has at most
  * one reply outstanding per worker and MPI's non-overtaking rule pairs them up. */
@@ -86,7 +87,7 @@ typedef struct wmpi_cmd {
     int32_t max_pos;                                 /* highest visible position */
     float scale;                                     /* logit scale */
     int32_t n_units;                                 /* the step's selection units */
-    int32_t reserved;                                /* 0; keeps payload_bytes 8-aligned */
+    int32_t sparq_r;                                 /* SCORE, ATTEND: SPARQ's r, else 0 */
     int64_t payload_bytes;                           /* bytes after this header */
 } wmpi_cmd;
 
