@@ -187,6 +187,22 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
     }
     fasa_log(FASA_LOG_INFO, 0, "fasa-server: stopping (%s)",
              s_stop ? "signal" : "shutdown request");
+    /* Requests already queued get UNAVAILABLE rather than silence, so clients retry
+     * elsewhere instead of waiting out their timeout. */
+    for (int drained = 0; drained < 1000; drained++) {
+        inbound in;
+        if (s_recv(sock, &in)) break;
+        uint8_t *reply = NULL;
+        size_t reply_len = 0;
+        uint64_t rid = 0;
+        if (!in.bad_shape)
+            rid = fasa_service_request_id(zmq_msg_data(&in.payload), zmq_msg_size(&in.payload));
+        if (!fasa_service_error(rid, FASA_UNAVAILABLE, "the server is shutting down", &reply,
+                                &reply_len))
+            s_send(sock, &in, reply, reply_len);
+        free(reply);
+        s_inbound_close(&in);
+    }
 done:
     zmq_close(sock);
     zmq_ctx_term(ctx);

@@ -757,6 +757,11 @@ static int s_pack(Fasa__V1__Response *resp, uint8_t **reply_p, size_t *reply_len
     return 0;
 }
 
+uint64_t fasa_service_request_id(const void *req, size_t len)
+{
+    return edge_scan_request_id(req, len);
+}
+
 int fasa_service_error(uint64_t request_id, fasa_status code, const char *msg, uint8_t **reply_p,
                        size_t *reply_len_p)
 {

@@ -47,6 +47,9 @@ typedef struct fasa_service_event {
 
 const fasa_service_event *fasa_service_last_event(const fasa_service *s);
 
+/* The request id in a request's bytes, if it can be read without decoding the rest (else 0). */
+uint64_t fasa_service_request_id(const void *req, size_t len);
+
 /* A serialised error Response (for a request the caller refused before decoding it, e.g.
  * a malformed envelope). Same ownership as above; -1 when out of memory. */
 int fasa_service_error(uint64_t request_id, fasa_status code, const char *msg, uint8_t **reply_p,

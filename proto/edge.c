@@ -68,8 +68,9 @@ static int s_varint(const uint8_t **p, const uint8_t *end, uint64_t *v)
 }
 
 /* The request id of a message that may not unpack: scans the top level for field 2. */
-static uint64_t s_scan_request_id(const uint8_t *p, size_t len)
+uint64_t edge_scan_request_id(const void *buf, size_t len)
 {
+    const uint8_t *p = buf;
     const uint8_t *end = p + len;
     uint64_t key, v, id = 0;
     while (p < end && s_varint(&p, end, &key) == 0) {
@@ -466,7 +467,7 @@ int edge_decode(const void *buf, size_t len, size_t max_message, edge_request *r
         return s_err(msg, msg_len, ST_INVALID, "request: %zu bytes is over the %zu-byte limit", len,
                      max_message);
     if (!buf || len == 0) return s_err(msg, msg_len, ST_INVALID, "request: empty message");
-    *request_id_p = s_scan_request_id(buf, len);
+    *request_id_p = edge_scan_request_id(buf, len);
 
     bounded_alloc *a = calloc(1, sizeof(*a));
     if (!a) return s_err(msg, msg_len, ST_EXHAUSTED, "request: out of memory");

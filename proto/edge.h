@@ -122,4 +122,7 @@ int edge_decode(const void *buf, size_t len, size_t max_message, edge_request *r
                 uint64_t *request_id_p, char *msg, size_t msg_len);
 void edge_request_free(edge_request *req);
 
+/* The request id (field 2) of bytes that may not decode as a whole; 0 when not found. */
+uint64_t edge_scan_request_id(const void *buf, size_t len);
+
 #endif

@@ -147,8 +147,12 @@ st_run drop --session st-stats >/dev/null 2>&1 || bad "drop st-stats"
 # The server is still serving, then it stops cleanly and every rank goes.
 "$fasa" ping --server "$ep" >/dev/null 2>&1 && ok "still answering ping" || bad "ping after the tests"
 if [ $((n % 2)) -eq 1 ]; then
-    how="Shutdown request"
-    "$fasa" shutdown --server "$ep" >/dev/null 2>&1 || bad "fasa shutdown"
+    how="Shutdown request (with pings queued behind it)"
+    if d=$(ASAN_OPTIONS=$client_asan FASA_SOCKET_SHUTDOWN=1 FASA_ENDPOINT=$ep "$build/socket_test" 2>&1); then
+        ok "$(echo "$d" | grep '^shutdown:')"
+    else
+        bad "Shutdown with queued requests: $d"
+    fi
 else
     how="SIGTERM (stop-local.sh)"
     bash "$root/deploy/stop-local.sh" >/dev/null || bad "stop-local.sh"
