@@ -8,6 +8,9 @@
 int cmd_calibrate(int argc, char **argv);
 int cmd_replay(int argc, char **argv);
 int cmd_demo(int argc, char **argv);
+/* A llama2.c-format model with fasa attention (client/cmd_model.c). */
+int cmd_ppl(int argc, char **argv);
+int cmd_generate(int argc, char **argv);
 /* Commands that need a server (client/cmd_server.c). */
 int cmd_ping(int argc, char **argv);
 int cmd_stats(int argc, char **argv);

@@ -19,6 +19,8 @@ static const char usage[] =
     "  demo       synthetic long-context decode: calibrate, then fasa vs dense (no files needed)\n"
     "  calibrate  choose each head's dominant frequency chunks from recorded q/k activations\n"
     "  replay     re-run recorded activations with fasa, dense, oracle or a baseline\n"
+    "  ppl        perplexity of a llama2.c-format model over a text, attention by fasa\n"
+    "  generate   text from a llama2.c-format model, attention by fasa\n"
     "\n"
     "These run in-process, or on a fasa-server with --server ENDPOINT (same numbers).\n"
     "\n"
@@ -104,10 +106,10 @@ int main(int argc, char **argv)
     static const struct {
         const char *name;
         int (*fn)(int, char **);
-    } cmds[] = {{"demo", cmd_demo},        {"calibrate", cmd_calibrate}, {"replay", cmd_replay},
-                {"ping", cmd_ping},        {"stats", cmd_stats},         {"create", cmd_create},
-                {"append", cmd_append},    {"attend", cmd_attend},       {"drop", cmd_drop},
-                {"shutdown", cmd_shutdown}};
+    } cmds[] = {{"demo", cmd_demo},     {"calibrate", cmd_calibrate}, {"replay", cmd_replay},
+                {"ppl", cmd_ppl},       {"generate", cmd_generate},   {"ping", cmd_ping},
+                {"stats", cmd_stats},   {"create", cmd_create},       {"append", cmd_append},
+                {"attend", cmd_attend}, {"drop", cmd_drop},           {"shutdown", cmd_shutdown}};
     for (size_t i = 0; i < sizeof(cmds) / sizeof(*cmds); i++)
         if (strcmp(argv[1], cmds[i].name) == 0) return cmds[i].fn(argc - 1, argv + 1);
     fprintf(stderr, "fasa: unknown command '%s' (see 'fasa --help')\n", argv[1]);

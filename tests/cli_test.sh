@@ -38,11 +38,11 @@ make_dump() {
       head -c $((4 * L * T * (H + 2 * HKV) * D)) /dev/zero; } >"$f"
 }
 
-for cmd in "" calibrate replay demo ping stats create append attend drop shutdown; do
+for cmd in "" calibrate replay demo ppl generate ping stats create append attend drop shutdown; do
     if $fasa $cmd --help >"$tmp/out" 2>&1 && grep -q usage "$tmp/out"; then ok; else bad "fasa $cmd --help"; fi
 done
 # The commands that can run on a server say so in their --help.
-for cmd in calibrate replay demo; do
+for cmd in calibrate replay demo ppl generate; do
     if $fasa $cmd --help | grep -q -- '--server'; then ok; else bad "fasa $cmd --help lacks --server"; fi
 done
 if $fasa --help | grep -q '^  ping'; then ok; else bad "fasa --help lacks the server commands"; fi
@@ -77,6 +77,41 @@ expect_error "unknown method" "method" $fasa replay --qkv "$dump" --method magic
 expect_error "bad positions" "positions" $fasa replay --qkv "$dump" --method dense --budget 8 --positions 10:5 --out "$tmp/x.npy"
 expect_error "unknown command" "unknown command" $fasa frobnicate
 expect_error "missing profile file" "cannot open profile" $fasa replay --qkv "$dump" --method fasa --budget 8 --profile "$tmp/none" --out "$tmp/x.npy"
+
+# The llama2.c-format model: fasa dense against the runner's built-in full attention,
+# greedy generation, and bad input.
+model=$shared/data/models/stories260K/stories260K.bin
+tokz=$shared/data/models/stories260K/tok512.bin
+text=$shared/data/text/tinystories_train_head.txt
+if $fasa ppl --model "$model" --tokenizer "$tokz" --text "$text" --tokens 128 --method dense >"$tmp/ppl_d" 2>&1 &&
+   $fasa ppl --model "$model" --tokenizer "$tokz" --text "$text" --tokens 128 --reference >"$tmp/ppl_r" 2>&1 &&
+   awk 'FNR == 1 { f++ } /^perplexity/ { p[f] = $2 }
+        END { d = p[1] - p[2]; if (d < 0) d = -d; exit !(p[2] > 2 && p[2] < 8 && d <= 1e-4 * p[2]) }' \
+       "$tmp/ppl_d" "$tmp/ppl_r" && grep -q '^positions 0-511: perplexity' "$tmp/ppl_d"; then ok
+else bad "ppl dense vs reference: $(cat "$tmp/ppl_d" "$tmp/ppl_r")"; fi
+if $fasa generate --model "$model" --tokenizer "$tokz" --steps 20 --method dense >"$tmp/gen" 2>&1 &&
+   grep -q '^Once upon a time, there was a little girl named Lily\.' "$tmp/gen"; then ok
+else bad "generate: $(cat "$tmp/gen")"; fi
+head -c 1000 "$model" >"$tmp/trunc.bin"
+mg=(--model "$model" --tokenizer "$tokz")
+expect_error "ppl without --model" "--model CKPT is required" $fasa ppl --tokenizer "$tokz" --text "$text"
+expect_error "ppl without --text" "--text FILE is required" $fasa ppl "${mg[@]}"
+expect_error "ppl missing model" "cannot open model" $fasa ppl --model "$tmp/none.bin" --tokenizer "$tokz" --text "$text"
+expect_error "ppl truncated model" "1000 bytes" $fasa ppl --model "$tmp/trunc.bin" --tokenizer "$tokz" --text "$text"
+expect_error "ppl model as tokenizer" "tokenizer" $fasa ppl --model "$model" --tokenizer "$model" --text "$text"
+expect_error "ppl missing text" "cannot open text" $fasa ppl "${mg[@]}" --text "$tmp/none.txt"
+expect_error "ppl tokens 1" "--tokens" $fasa ppl "${mg[@]}" --text "$text" --tokens 1
+expect_error "ppl fasa without profile" "needs --profile or --calibrate-on" $fasa ppl "${mg[@]}" --text "$text" --method fasa --budget 8
+expect_error "ppl oracle without budget" "needs --budget" $fasa ppl "${mg[@]}" --text "$text" --method oracle
+expect_error "ppl profile mismatch" "profile does not match" $fasa ppl "${mg[@]}" --text "$text" --method fasa --budget 8 --profile "$tmp/small.profile"
+expect_error "ppl profile and calibrate" "alternatives" $fasa ppl "${mg[@]}" --text "$text" --method fasa --budget 8 --profile "$tmp/p.profile" --calibrate-on "$text"
+expect_error "ppl ntip too large" "ntip 5 exceeds" $fasa ppl "${mg[@]}" --text "$text" --tokens 8 --method fasa --budget 8 --calibrate-on "$text" --ntip 5
+expect_error "ppl reference with method" "--reference" $fasa ppl "${mg[@]}" --text "$text" --reference --method oracle --budget 8
+expect_error "ppl option of generate" "does not apply" $fasa ppl "${mg[@]}" --text "$text" --steps 3
+expect_error "generate without --steps" "--steps N is required" $fasa generate "${mg[@]}"
+expect_error "generate bad temperature" "--temperature" $fasa generate "${mg[@]}" --steps 3 --temperature -1
+expect_error "generate option of ppl" "does not apply" $fasa generate "${mg[@]}" --steps 3 --text "$text"
+expect_error "generate bad method" "method" $fasa generate "${mg[@]}" --steps 3 --method magic
 
 # Server-only commands without a server: a usage error (exit 2) naming the need.
 for cmd in ping stats drop shutdown; do

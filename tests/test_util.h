@@ -66,6 +66,7 @@ Suite *golden_suite(void);
 Suite *io_suite(void);
 Suite *service_suite(void);
 Suite *config_suite(void);
+Suite *model_suite(void);
 
 /* ../shared as seen from the source tree (tests may read the recorded data there). */
 const char *test_shared_dir(void);

@@ -1,0 +1,672 @@
+/* fasa ppl and fasa generate: a llama2.c-format model (client/llama.h) decoding token by
+ * token with its attention done by fasa, on the embedded engine or a server: one attend
+ * per layer per token, carrying that token's key and value. */
+#include <errno.h>
+#include <getopt.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "calib.h"
+#include "cli.h"
+#include "engine.h"
+#include "llama.h"
+#include "progress.h"
+
+static const char ppl_usage[] =
+    "usage: fasa ppl --model CKPT --tokenizer TOK --text FILE [options]\n"
+    "\n"
+    "Perplexity of a llama2.c-format model over the first N tokens of a text (BOS included;\n"
+    "tokens 1..N-1 are predicted), decoding one token at a time: every layer of every token\n"
+    "is one fasa attend carrying that token's key and value. Prints the overall perplexity\n"
+    "and one line per 512-position bucket (by the position of the predicted token).\n"
+    "\n"
+    "  --model CKPT         llama2.c legacy (version 0) checkpoint, e.g. stories260K.bin\n"
+    "  --tokenizer TOK      llama2.c tokenizer.bin, e.g. tok512.bin\n"
+    "  --text FILE          UTF-8 text (fewer than N tokens: all of it)\n"
+    "  --offset BYTES       start the text at this byte (moved on to a character start),\n"
+    "                       e.g. 573 to skip the Gutenberg header and contents of Alice\n"
+    "  --tokens N           tokens to decode, BOS included (default 512; RoPE runs past the\n"
+    "                       model's seq_len, as extrapolation)\n"
+    "  --reference          use the runner's built-in full attention instead of fasa\n"
+    "                       (the independent reference for --method dense)\n";
+static const char common_usage[] =
+    "  --method M           fasa (needs --profile or --calibrate-on), dense (default), oracle\n"
+    "                       (exact top-B), stream, quest or sparq (see 'fasa replay --help')\n"
+    "  --budget B           tokens kept per query head (per KV head with --gqa shared);\n"
+    "                       required unless the method is dense\n"
+    "  --profile PROFILE    calibration profile from 'fasa calibrate' (interleaved pairing)\n"
+    "  --calibrate-on FILE  calibrate a profile first: run the model with full attention over\n"
+    "                       the first --calib-tokens tokens of FILE, record q and k, and\n"
+    "                       choose each head's dominant FCs\n"
+    "  --calib-tokens N     tokens for --calibrate-on (default 512)\n"
+    "  --ntip N             dominant FCs per head for --calibrate-on (default 2)\n"
+    "  --window K           agreement window for --calibrate-on (default 32)\n"
+    "  --save-profile FILE  also write the calibrated profile\n"
+    "  --dense-layers LIST  comma-separated layers kept dense under fasa, or none (default 0)\n"
+    "  --gqa G              per-head (default) or shared\n"
+    "  --shards N           in-process shards (default 1; outputs do not depend on it)\n"
+    "  --block N            tokens per placement block (default 2048)\n"
+    "  --server ENDPOINT    attend on a fasa-server (e.g. tcp://127.0.0.1:5555) instead of the\n"
+    "                       embedded engine: the same numbers; the session is named\n"
+    "                       cli-<pid>-... and dropped at exit (FASA_TIMEOUT_MS: the wait for\n"
+    "                       each reply, default 120000)\n"
+    "  --help               this text\n";
+static const char gen_usage[] =
+    "usage: fasa generate --model CKPT --tokenizer TOK --steps N [options]\n"
+    "\n"
+    "Generates N tokens with a llama2.c-format model after BOS and the prompt, one token at a\n"
+    "time with fasa doing the attention (one attend per layer per token), and prints the\n"
+    "text. Stops early at BOS or EOS.\n"
+    "\n"
+    "  --model CKPT         llama2.c legacy (version 0) checkpoint\n"
+    "  --tokenizer TOK      llama2.c tokenizer.bin\n"
+    "  --prompt TEXT        text to start from (default: none, BOS only)\n"
+    "  --steps N            tokens to generate\n"
+    "  --temperature T      0 (default): greedy; else sample softmax(logits / T)\n"
+    "  --seed S             seed for sampling (default 1)\n"
+    "  --reference          use the runner's built-in full attention instead of fasa\n";
+
+typedef struct model_opts {
+    const char *model, *tokenizer, *text, *prompt, *profile, *calib_text, *save_profile;
+    const char *dense_layers, *server;
+    long offset, tokens, steps, budget, calib_tokens, ntip, window, shards, block, seed;
+    double temperature;
+    fasa_method method;
+    fasa_gqa gqa;
+    int reference;
+} model_opts;
+
+static int s_parse(const char *cmd, int argc, char **argv, model_opts *o)
+{
+    const int gen = strcmp(cmd, "generate") == 0;
+    static const struct option opts[] = {{"model", required_argument, 0, 'M'},
+                                         {"tokenizer", required_argument, 0, 'T'},
+                                         {"text", required_argument, 0, 'x'},
+                                         {"tokens", required_argument, 0, 'n'},
+                                         {"offset", required_argument, 0, 'O'},
+                                         {"prompt", required_argument, 0, 'p'},
+                                         {"steps", required_argument, 0, 's'},
+                                         {"temperature", required_argument, 0, 't'},
+                                         {"seed", required_argument, 0, 'r'},
+                                         {"reference", no_argument, 0, 'R'},
+                                         {"method", required_argument, 0, 'm'},
+                                         {"budget", required_argument, 0, 'b'},
+                                         {"profile", required_argument, 0, 'P'},
+                                         {"calibrate-on", required_argument, 0, 'c'},
+                                         {"calib-tokens", required_argument, 0, 'C'},
+                                         {"ntip", required_argument, 0, 'i'},
+                                         {"window", required_argument, 0, 'w'},
+                                         {"save-profile", required_argument, 0, 'o'},
+                                         {"dense-layers", required_argument, 0, 'D'},
+                                         {"gqa", required_argument, 0, 'g'},
+                                         {"shards", required_argument, 0, 'S'},
+                                         {"block", required_argument, 0, 'B'},
+                                         {"server", required_argument, 0, 'E'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
+    memset(o, 0, sizeof(*o));
+    o->method = FASA_METHOD_DENSE;
+    o->tokens = 512;
+    o->calib_tokens = 512;
+    o->ntip = 2;
+    o->window = 32;
+    o->shards = 1;
+    o->block = FASA_DEFAULT_BLOCK;
+    o->seed = 1;
+    optind = 1;
+    opterr = 0;
+    int c;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        /* Options that belong to the other command. */
+        if ((gen && (c == 'x' || c == 'n' || c == 'O')) ||
+            (!gen && (c == 'p' || c == 's' || c == 't' || c == 'r')))
+            return cli_usage_error(cmd, "option '%s' does not apply to %s", argv[optind - 1], cmd);
+        switch (c) {
+        case 'M':
+            o->model = optarg;
+            break;
+        case 'T':
+            o->tokenizer = optarg;
+            break;
+        case 'x':
+            o->text = optarg;
+            break;
+        case 'p':
+            o->prompt = optarg;
+            break;
+        case 'P':
+            o->profile = optarg;
+            break;
+        case 'c':
+            o->calib_text = optarg;
+            break;
+        case 'o':
+            o->save_profile = optarg;
+            break;
+        case 'D':
+            o->dense_layers = optarg;
+            break;
+        case 'E':
+            o->server = optarg;
+            break;
+        case 'R':
+            o->reference = 1;
+            break;
+        case 'O':
+            if (cli_parse_int(optarg, 0, 1L << 30, &o->offset))
+                return cli_usage_error(cmd, "--offset '%s' must be a byte offset >= 0", optarg);
+            break;
+        case 'n':
+            if (cli_parse_int(optarg, 2, 1 << 24, &o->tokens))
+                return cli_usage_error(cmd, "--tokens '%s' must be an integer >= 2", optarg);
+            break;
+        case 's':
+            if (cli_parse_int(optarg, 1, 1 << 24, &o->steps))
+                return cli_usage_error(cmd, "--steps '%s' must be an integer >= 1", optarg);
+            break;
+        case 'C':
+            if (cli_parse_int(optarg, 2, 1 << 24, &o->calib_tokens))
+                return cli_usage_error(cmd, "--calib-tokens '%s' must be an integer >= 2", optarg);
+            break;
+        case 'r':
+            if (cli_parse_int(optarg, 0, 0x7fffffffL, &o->seed))
+                return cli_usage_error(cmd, "--seed '%s' must be a non-negative integer", optarg);
+            break;
+        case 't': {
+            char *end;
+            errno = 0;
+            o->temperature = strtod(optarg, &end);
+            if (!*optarg || *end || errno || !(o->temperature >= 0) || o->temperature > 1e6)
+                return cli_usage_error(cmd, "--temperature '%s' must be a number >= 0", optarg);
+            break;
+        }
+        case 'm':
+            if (fasa_method_parse(optarg, &o->method))
+                return cli_usage_error(
+                    cmd, "--method '%s' is not fasa, dense, oracle, stream, quest or sparq",
+                    optarg);
+            break;
+        case 'b':
+            if (cli_parse_int(optarg, 1, 1 << 20, &o->budget))
+                return cli_usage_error(cmd, "--budget '%s' must be an integer >= 1", optarg);
+            break;
+        case 'i':
+            if (cli_parse_int(optarg, 1, 1 << 20, &o->ntip))
+                return cli_usage_error(cmd, "--ntip '%s' is not a positive integer", optarg);
+            break;
+        case 'w':
+            if (cli_parse_int(optarg, 1, 1 << 30, &o->window))
+                return cli_usage_error(cmd, "--window '%s' is not a positive integer", optarg);
+            break;
+        case 'g':
+            if (fasa_gqa_parse(optarg, &o->gqa))
+                return cli_usage_error(cmd, "--gqa '%s' is not per-head or shared", optarg);
+            break;
+        case 'S':
+            if (cli_parse_int(optarg, 1, 1024, &o->shards))
+                return cli_usage_error(cmd, "--shards '%s' must be in [1, 1024]", optarg);
+            break;
+        case 'B':
+            if (cli_parse_int(optarg, 1, 1 << 30, &o->block))
+                return cli_usage_error(cmd, "--block '%s' must be a positive integer", optarg);
+            break;
+        case 'h':
+            fputs(gen ? gen_usage : ppl_usage, stdout);
+            fputs(common_usage, stdout);
+            return -1;
+        default:
+            return cli_usage_error(cmd, "unknown or incomplete option '%s'", argv[optind - 1]);
+        }
+    }
+    if (optind < argc) return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
+    if (!o->model) return cli_usage_error(cmd, "--model CKPT is required");
+    if (!o->tokenizer) return cli_usage_error(cmd, "--tokenizer TOK is required");
+    if (!gen && !o->text) return cli_usage_error(cmd, "--text FILE is required");
+    if (gen && !o->steps) return cli_usage_error(cmd, "--steps N is required");
+    if (o->profile && o->calib_text)
+        return cli_usage_error(cmd, "--profile and --calibrate-on are alternatives; give one");
+    if (o->save_profile && !o->calib_text)
+        return cli_usage_error(cmd, "--save-profile needs --calibrate-on");
+    if (o->reference &&
+        (o->server || o->profile || o->calib_text || o->budget || o->method != FASA_METHOD_DENSE))
+        return cli_usage_error(cmd, "--reference runs the built-in full attention; it takes "
+                                    "no --method, --budget, --profile, --calibrate-on or --server");
+    if (o->method != FASA_METHOD_DENSE && !o->budget)
+        return cli_usage_error(cmd, "--method %s needs --budget B (B >= 1)",
+                               fasa_method_name(o->method));
+    if (o->method == FASA_METHOD_FASA && !o->profile && !o->calib_text)
+        return cli_usage_error(cmd, "--method fasa needs --profile or --calibrate-on FILE");
+    if (!o->budget) o->budget = 1; /* dense: unused */
+    return 0;
+}
+
+/* Reads a whole file (NUL-terminated). NULL with err on failure. */
+static char *s_read_file(const char *path, size_t *len_p, char *err, size_t err_len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        snprintf(err, err_len, "cannot open text %s: %s", path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 1 << 16, len = 0;
+    char *buf = malloc(cap + 1);
+    while (buf) {
+        len += fread(buf + len, 1, cap - len, f);
+        if (len < cap) break;
+        if (cap >= ((size_t)1 << 30)) break; /* 1 GiB is plenty */
+        char *nb = realloc(buf, 2 * cap + 1);
+        if (!nb) free(buf);
+        buf = nb, cap *= 2;
+    }
+    const int bad = ferror(f);
+    fclose(f);
+    if (!buf || bad) {
+        snprintf(err, err_len, "cannot read text %s: %s", path, buf ? "read error" : "no memory");
+        free(buf);
+        return NULL;
+    }
+    buf[len] = 0;
+    *len_p = len;
+    return buf;
+}
+
+/* The first (up to) max_tokens tokens of a text file, BOS first. Encodes a prefix only
+ * (a piece covers at most max_token_length bytes, so 8 bytes a token is plenty), cut
+ * after a whitespace byte so that no merge straddles the cut; doubles it if short. */
+static int s_encode_file(const llama_tokenizer *tok, const char *path, long offset, long max_tokens,
+                         int **tokens_p, int *n_p, char *err, size_t err_len)
+{
+    size_t len;
+    char *buf = s_read_file(path, &len, err, err_len);
+    if (!buf) return -1;
+    if ((size_t)offset > len) {
+        snprintf(err, err_len, "--offset %ld is past the end of %s (%zu bytes)", offset, path, len);
+        free(buf);
+        return -1;
+    }
+    const char *text = buf + offset;
+    len -= (size_t)offset;
+    while (len > 0 && ((unsigned char)*text & 0xC0) == 0x80) text++, len--;
+    size_t want = (size_t)max_tokens * ((size_t)tok->max_token_length + 1) + 64;
+    for (;;) {
+        size_t cut = want < len ? want : len;
+        if (cut < len) {
+            size_t c = cut;
+            while (c > cut / 2 && !strchr(" \n\t\r", text[c - 1])) c--;
+            if (c > cut / 2) cut = c;
+            while (cut < len && ((unsigned char)text[cut] & 0xC0) == 0x80) cut++;
+        }
+        if (llama_encode(tok, text, cut, 1, tokens_p, n_p)) {
+            snprintf(err, err_len, "out of memory encoding %s", path);
+            free(buf);
+            return -1;
+        }
+        if (*n_p >= max_tokens || cut == len) break;
+        free(*tokens_p);
+        want *= 2;
+    }
+    free(buf);
+    if (*n_p > max_tokens) *n_p = (int)max_tokens;
+    return 0;
+}
+
+/* ---- attention through the backend --------------------------------------------- */
+
+typedef struct fasa_attn {
+    backend *be;
+    const char *id;
+    fasa_error fe;
+    int failed_layer, failed_pos;
+} fasa_attn;
+
+static int s_fasa_attend(void *ctx, int layer, int pos, const float *q, const float *k,
+                         const float *v, float *out)
+{
+    fasa_attn *a = ctx;
+    const fasa_attend_req req = {.layer = layer,
+                                 .q = q,
+                                 .k_new = k,
+                                 .v_new = v,
+                                 .method = -1,
+                                 .budget = 0,
+                                 .gqa = -1,
+                                 .max_pos = -1};
+    if (backend_attend(a->be, a->id, &req, out, NULL, NULL, &a->fe)) {
+        a->failed_layer = layer, a->failed_pos = pos;
+        return -1;
+    }
+    return 0;
+}
+
+/* Reference attention that also records post-RoPE q, k and v (for calibration). */
+typedef struct rec_attn {
+    llama_ref_attn ref;
+    int n_layers, T, qrow, kvrow;
+    float **q, **k, **v; /* (n_layers) -> (T, row) */
+} rec_attn;
+
+static int s_rec_attend(void *ctx, int layer, int pos, const float *q, const float *k,
+                        const float *v, float *out)
+{
+    rec_attn *r = ctx;
+    if (pos < r->T) {
+        memcpy(r->q[layer] + (size_t)pos * r->qrow, q, (size_t)r->qrow * sizeof(float));
+        memcpy(r->k[layer] + (size_t)pos * r->kvrow, k, (size_t)r->kvrow * sizeof(float));
+        memcpy(r->v[layer] + (size_t)pos * r->kvrow, v, (size_t)r->kvrow * sizeof(float));
+    }
+    return llama_ref_attend(&r->ref, layer, pos, q, k, v, out);
+}
+
+static void s_rec_free(rec_attn *r)
+{
+    for (int l = 0; l < r->n_layers; l++) {
+        if (r->q) free(r->q[l]);
+        if (r->k) free(r->k[l]);
+        if (r->v) free(r->v[l]);
+    }
+    free(r->q), free(r->k), free(r->v);
+    llama_ref_attn_free(&r->ref);
+}
+
+/* Runs the model with full attention over the first calib_tokens tokens of o->calib_text
+ * and calibrates a profile on the recorded q and k. NULL with err on failure. */
+static fasa_profile *s_calibrate(const model_opts *o, const llama_model *m,
+                                 const llama_tokenizer *tok, char *err, size_t err_len)
+{
+    const llama_config *c = &m->cfg;
+    int *tokens = NULL, n = 0;
+    fasa_profile *p = NULL;
+    rec_attn r = {0};
+    llama_ppl ppl = {0};
+    if (o->ntip > c->head_dim / 2) {
+        snprintf(err, err_len, "--ntip %ld exceeds the %d FCs of head_dim %d", o->ntip,
+                 c->head_dim / 2, c->head_dim);
+        return NULL;
+    }
+    if (s_encode_file(tok, o->calib_text, 0, o->calib_tokens, &tokens, &n, err, err_len))
+        return NULL;
+    if (n <= o->window + 1) {
+        snprintf(err, err_len,
+                 "--calibrate-on %s: %d tokens, not more than the window %ld + 1 (every FC would "
+                 "agree fully)",
+                 o->calib_text, n, o->window);
+        goto done;
+    }
+    r.n_layers = c->n_layers, r.T = n, r.qrow = c->dim, r.kvrow = c->kv_dim;
+    r.q = calloc((size_t)c->n_layers, sizeof(float *));
+    r.k = calloc((size_t)c->n_layers, sizeof(float *));
+    r.v = calloc((size_t)c->n_layers, sizeof(float *));
+    int oom = !r.q || !r.k || !r.v || llama_ref_attn_init(&r.ref, c);
+    for (int l = 0; !oom && l < c->n_layers; l++) {
+        r.q[l] = malloc((size_t)n * r.qrow * sizeof(float));
+        r.k[l] = malloc((size_t)n * r.kvrow * sizeof(float));
+        r.v[l] = malloc((size_t)n * r.kvrow * sizeof(float));
+        oom = !r.q[l] || !r.k[l] || !r.v[l];
+    }
+    if (oom) {
+        snprintf(err, err_len, "out of memory recording %d tokens for calibration", n);
+        goto done;
+    }
+    progress bar;
+    progress_init(&bar, "calib-run", n);
+    if (llama_perplexity(m, tokens, n, s_rec_attend, &r, progress_callback, &bar, &ppl)) {
+        progress_done(&bar);
+        snprintf(err, err_len, "calibration run failed (out of memory)");
+        goto done;
+    }
+    progress_done(&bar);
+    const fasa_activations act = {.n_layers = c->n_layers,
+                                  .n_tokens = n,
+                                  .n_heads = c->n_heads,
+                                  .n_kv_heads = c->n_kv_heads,
+                                  .head_dim = c->head_dim,
+                                  .q = (const float *const *)r.q,
+                                  .k = (const float *const *)r.k,
+                                  .v = (const float *const *)r.v};
+    fasa_calib_opts co = {.ntip = (int)o->ntip,
+                          .window = (int)o->window,
+                          .pos_begin = (int)o->window,
+                          .pos_end = n,
+                          .pos_step = 1,
+                          .pairing = FC_PAIRING_INTERLEAVED,
+                          .gqa_shared = o->gqa == FASA_GQA_SHARED};
+    progress_init(&bar, "calibrate", n - o->window);
+    co.progress = progress_callback;
+    co.progress_arg = &bar;
+    p = fasa_calibrate(&act, &co, err, err_len);
+    progress_done(&bar);
+    if (p)
+        fprintf(stderr,
+                "calibrated on %d tokens of %s (perplexity %.4f): ntip %ld, window %ld, "
+                "positions %s\n",
+                n, o->calib_text, exp(ppl.total / (double)ppl.n), o->ntip, o->window, p->samples);
+    if (p && o->save_profile && fasa_profile_save(p, o->save_profile, err, err_len))
+        fasa_profile_destroy(&p);
+done:
+    llama_ppl_free(&ppl);
+    s_rec_free(&r);
+    free(tokens);
+    return p;
+}
+
+/* Parses "none" or a comma-separated list of layers into flags (default: layer 0). */
+static int s_dense_layers(const char *text, int n_layers, uint8_t *flags)
+{
+    memset(flags, 0, (size_t)n_layers);
+    if (!text) {
+        flags[0] = 1;
+        return 0;
+    }
+    if (strcmp(text, "none") == 0) return 0;
+    char buf[1024];
+    snprintf(buf, sizeof(buf), "%s", text);
+    for (char *save = NULL, *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        long l;
+        if (cli_parse_int(t, 0, n_layers - 1, &l)) return -1;
+        flags[l] = 1;
+    }
+    return 0;
+}
+
+/* What a command runs on: the model, its tokenizer, and the attention. */
+typedef struct model_run {
+    llama_model m;
+    llama_tokenizer tok;
+    fasa_profile *prof;
+    uint8_t *dense;
+    backend *be;
+    fasa_attn fa;
+    llama_ref_attn ref;
+    llama_attn_fn attn;
+    void *ctx;
+} model_run;
+
+static void s_run_free(model_run *r)
+{
+    backend_close(&r->be);
+    fasa_profile_destroy(&r->prof);
+    free(r->dense);
+    llama_ref_attn_free(&r->ref);
+    llama_tokenizer_free(&r->tok);
+    llama_model_free(&r->m);
+}
+
+/* Loads the model and tokenizer, the profile (or calibrates one), and opens the attention:
+ * the reference, or a backend session named id. Returns 0, or the exit status. */
+static int s_run_open(const char *cmd, const model_opts *o, const char *id, model_run *r)
+{
+    char err[512];
+    memset(r, 0, sizeof(*r));
+    if (llama_model_load(o->model, &r->m, err, sizeof(err))) return cli_fail(cmd, "%s", err);
+    const llama_config *c = &r->m.cfg;
+    if (llama_tokenizer_load(o->tokenizer, c->vocab_size, &r->tok, err, sizeof(err)))
+        return cli_fail(cmd, "%s", err);
+    if (o->reference) {
+        if (llama_ref_attn_init(&r->ref, c)) return cli_fail(cmd, "out of memory");
+        r->attn = llama_ref_attend, r->ctx = &r->ref;
+        return 0;
+    }
+    if (!(r->dense = malloc((size_t)c->n_layers))) return cli_fail(cmd, "out of memory");
+    if (s_dense_layers(o->dense_layers, c->n_layers, r->dense))
+        return cli_usage_error(cmd, "--dense-layers '%s' must be none or layers in [0, %d)",
+                               o->dense_layers, c->n_layers);
+    if (o->profile) {
+        if (!(r->prof = fasa_profile_load(o->profile, err, sizeof(err))))
+            return cli_fail(cmd, "%s", err);
+        if (fasa_profile_check(r->prof, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim,
+                               FC_PAIRING_INTERLEAVED, err, sizeof(err)))
+            return cli_fail(cmd, "%s (model %s, RoPE pairs interleaved)", err, o->model);
+    } else if (o->calib_text && !(r->prof = s_calibrate(o, &r->m, &r->tok, err, sizeof(err))))
+        return cli_fail(cmd, "%s", err);
+    fasa_error fe;
+    if (!(r->be = backend_open(o->server, (int)o->shards, (int)o->block, &fe)))
+        return cli_fail(cmd, "%s", fe.msg);
+    const fasa_session_config cfg = {.n_layers = c->n_layers,
+                                     .n_heads = c->n_heads,
+                                     .n_kv_heads = c->n_kv_heads,
+                                     .head_dim = c->head_dim,
+                                     .pairing = FC_PAIRING_INTERLEAVED,
+                                     .profile = r->prof,
+                                     .method = o->method,
+                                     .budget = (int)o->budget,
+                                     .gqa = o->gqa,
+                                     .dense_layers = r->dense};
+    if (backend_create(r->be, id, &cfg, &fe)) return cli_fail(cmd, "%s", fe.msg);
+    r->fa.be = r->be, r->fa.id = id;
+    r->attn = s_fasa_attend, r->ctx = &r->fa;
+    return 0;
+}
+
+/* One line naming what did the attention. */
+static void s_describe(const model_opts *o, const model_run *r, char *buf, size_t len)
+{
+    if (o->reference) {
+        snprintf(buf, len, "built-in full attention (reference)");
+        return;
+    }
+    char b[32] = "", dl[160] = "";
+    if (o->method != FASA_METHOD_DENSE) snprintf(b, sizeof(b), ", budget %ld", o->budget);
+    if (o->method == FASA_METHOD_FASA) {
+        size_t n = (size_t)snprintf(dl, sizeof(dl), ", dense layers:");
+        for (int l = 0; l < r->m.cfg.n_layers && n < sizeof(dl); l++)
+            if (r->dense[l]) n += (size_t)snprintf(dl + n, sizeof(dl) - n, " %d", l);
+        if (n < sizeof(dl) - 6 && strcmp(dl, ", dense layers:") == 0) strcat(dl, " none");
+    }
+    snprintf(buf, len, "fasa, method %s%s%s%s, on %s%s", fasa_method_name(o->method), b, dl,
+             o->gqa == FASA_GQA_SHARED ? ", gqa shared" : "",
+             backend_is_remote(r->be) ? "" : "the embedded engine, ", backend_describe(r->be));
+}
+
+/* Reports a failed attend (the backend's reason) or another failure. */
+static int s_attn_fail(const char *cmd, const model_opts *o, const model_run *r)
+{
+    if (o->reference) return cli_fail(cmd, "out of memory in the reference attention");
+    return cli_fail(cmd, "position %d layer %d: %s", r->fa.failed_pos, r->fa.failed_layer,
+                    r->fa.fe.msg);
+}
+
+int cmd_ppl(int argc, char **argv)
+{
+    model_opts o;
+    int rc = s_parse("ppl", argc, argv, &o);
+    if (rc) return rc < 0 ? 0 : rc;
+    model_run r;
+    int *tokens = NULL, n = 0;
+    llama_ppl ppl = {0};
+    char err[512];
+    if ((rc = s_run_open("ppl", &o, "ppl", &r))) goto done;
+    rc = 1;
+    if (s_encode_file(&r.tok, o.text, o.offset, o.tokens, &tokens, &n, err, sizeof(err))) {
+        cli_fail("ppl", "%s", err);
+        goto done;
+    }
+    if (n < 2) {
+        cli_fail("ppl", "text %s holds no tokens to predict", o.text);
+        goto done;
+    }
+    progress bar;
+    progress_init(&bar, "ppl", n);
+    const int prc = llama_perplexity(&r.m, tokens, n, r.attn, r.ctx, progress_callback, &bar, &ppl);
+    progress_done(&bar);
+    if (prc) {
+        if (ppl.n_buckets == 0)
+            cli_fail("ppl", "out of memory");
+        else
+            s_attn_fail("ppl", &o, &r);
+        goto done;
+    }
+    char what[256];
+    s_describe(&o, &r, what, sizeof(what));
+    const llama_config *c = &r.m.cfg;
+    printf("model %s: dim %d, %d layers, %d heads (%d kv), head_dim %d, vocab %d, seq_len %d\n",
+           o.model, c->dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->vocab_size,
+           c->seq_len);
+    char from[48] = "";
+    if (o.offset) snprintf(from, sizeof(from), " from byte %ld", o.offset);
+    printf("text %s%s: %d tokens (BOS + %ld predicted)%s\n", o.text, from, n, ppl.n,
+           n < o.tokens ? ", all of the text" : "");
+    printf("attention: %s\n", what);
+    printf("perplexity %.6f (mean nll %.6f nats/token over %ld tokens)\n",
+           exp(ppl.total / (double)ppl.n), ppl.total / (double)ppl.n, ppl.n);
+    for (int b = 0; b < ppl.n_buckets; b++)
+        if (ppl.count[b])
+            printf("positions %d-%d: perplexity %.6f over %ld tokens\n", b * LLAMA_PPL_BUCKET,
+                   (b + 1) * LLAMA_PPL_BUCKET - 1, exp(ppl.nll[b] / (double)ppl.count[b]),
+                   ppl.count[b]);
+    rc = 0;
+done:
+    llama_ppl_free(&ppl);
+    free(tokens);
+    s_run_free(&r);
+    return rc;
+}
+
+int cmd_generate(int argc, char **argv)
+{
+    model_opts o;
+    int rc = s_parse("generate", argc, argv, &o);
+    if (rc) return rc < 0 ? 0 : rc;
+    model_run r;
+    llama_state st = {0};
+    int *prompt = NULL, n_prompt = 0;
+    if ((rc = s_run_open("generate", &o, "generate", &r))) goto done;
+    rc = 1;
+    const char *ptext = o.prompt ? o.prompt : "";
+    if (llama_encode(&r.tok, ptext, strlen(ptext), 1, &prompt, &n_prompt) ||
+        llama_state_init(&st, &r.m)) {
+        cli_fail("generate", "out of memory");
+        goto done;
+    }
+    unsigned long long rng = (unsigned long long)o.seed * 0x9E3779B97F4A7C15ULL + 1;
+    int token = prompt[0];
+    long generated = 0;
+    for (int pos = 0; generated < o.steps; pos++) {
+        if (llama_forward(&st, token, pos, r.attn, r.ctx)) {
+            s_attn_fail("generate", &o, &r);
+            goto done;
+        }
+        const int forced = pos + 1 < n_prompt;
+        const int next =
+            forced ? prompt[pos + 1]
+                   : llama_sample(st.logits, r.m.cfg.vocab_size, (float)o.temperature, &rng);
+        if (!forced) {
+            if (next == LLAMA_TOKEN_BOS || next == LLAMA_TOKEN_EOS) break;
+            generated++;
+        }
+        size_t len;
+        const char *piece = llama_decode(&r.tok, token, next, &len);
+        fwrite(piece, 1, len, stdout);
+        fflush(stdout);
+        token = next;
+    }
+    fputc('\n', stdout);
+    rc = 0;
+done:
+    llama_state_free(&st);
+    free(prompt);
+    s_run_free(&r);
+    return rc;
+}
