@@ -1,0 +1,238 @@
+/* record_qkv: runs a llama2.c-format model (client/llama.h) with its built-in full
+ * attention over the first N tokens of a text and writes the post-RoPE q, k and v of
+ * every layer and token as a QKV1 dump (format in
+ * shared/data/models/stories260K/README.md), readable by 'fasa calibrate' and
+ * 'fasa replay'. The text is encoded as 'fasa ppl' encodes it (BOS, then a prefix of the
+ * file cut after whitespace), so the dump and a 'fasa ppl --tokens N' run see the same
+ * tokens. */
+#include <errno.h>
+#include <getopt.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "llama.h"
+
+static const char usage[] =
+    "usage: record_qkv --model CKPT --tokenizer TOK --text FILE --tokens N --out DUMP.qkv\n"
+    "\n"
+    "Decodes the first N tokens of FILE (BOS first; fewer if the text is shorter) with the\n"
+    "runner's built-in full attention and writes q (post-RoPE, unscaled), k (post-RoPE) and\n"
+    "v of every layer and position, the tokens and the logits at the last position as a\n"
+    "QKV1 dump.\n";
+
+/* Reads a whole file, NUL-terminated. NULL on failure (message printed). */
+static char *s_read_file(const char *path, size_t *len_p)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "record_qkv: cannot open %s: %s\n", path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 1 << 16, len = 0;
+    char *buf = malloc(cap + 1);
+    while (buf) {
+        len += fread(buf + len, 1, cap - len, f);
+        if (len < cap || cap >= ((size_t)1 << 30)) break;
+        char *nb = realloc(buf, 2 * cap + 1);
+        if (!nb) free(buf);
+        buf = nb, cap *= 2;
+    }
+    const int bad = ferror(f);
+    fclose(f);
+    if (!buf || bad) {
+        fprintf(stderr, "record_qkv: cannot read %s\n", path);
+        free(buf);
+        return NULL;
+    }
+    buf[len] = 0;
+    *len_p = len;
+    return buf;
+}
+
+/* The first (up to) max_tokens tokens of the text, BOS first: the same prefix cut as
+ * 'fasa ppl' (after a whitespace byte, so that no merge straddles the cut). */
+static int s_encode(const llama_tokenizer *tok, const char *text, size_t len, long max_tokens,
+                    int **tokens_p, int *n_p)
+{
+    size_t want = (size_t)max_tokens * ((size_t)tok->max_token_length + 1) + 64;
+    for (;;) {
+        size_t cut = want < len ? want : len;
+        if (cut < len) {
+            size_t c = cut;
+            while (c > cut / 2 && !strchr(" \n\t\r", text[c - 1])) c--;
+            if (c > cut / 2) cut = c;
+            while (cut < len && ((unsigned char)text[cut] & 0xC0) == 0x80) cut++;
+        }
+        if (llama_encode(tok, text, cut, 1, tokens_p, n_p)) return -1;
+        if (*n_p >= max_tokens || cut == len) break;
+        free(*tokens_p);
+        want *= 2;
+    }
+    if (*n_p > max_tokens) *n_p = (int)max_tokens;
+    return 0;
+}
+
+/* Full attention that also keeps each token's q, k and v. */
+typedef struct recorder {
+    llama_ref_attn ref;
+    int T, qrow, kvrow;
+    float **q, **k, **v; /* (n_layers) -> (T, row) */
+} recorder;
+
+static int s_record(void *ctx, int layer, int pos, const float *q, const float *k, const float *v,
+                    float *out)
+{
+    recorder *r = ctx;
+    if (pos < r->T) {
+        memcpy(r->q[layer] + (size_t)pos * r->qrow, q, (size_t)r->qrow * sizeof(float));
+        memcpy(r->k[layer] + (size_t)pos * r->kvrow, k, (size_t)r->kvrow * sizeof(float));
+        memcpy(r->v[layer] + (size_t)pos * r->kvrow, v, (size_t)r->kvrow * sizeof(float));
+    }
+    return llama_ref_attend(&r->ref, layer, pos, q, k, v, out);
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                         {"tokenizer", required_argument, 0, 't'},
+                                         {"text", required_argument, 0, 'x'},
+                                         {"tokens", required_argument, 0, 'n'},
+                                         {"out", required_argument, 0, 'o'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
+    const char *model = NULL, *tokp = NULL, *textp = NULL, *outp = NULL;
+    long n_tokens = 0;
+    int c;
+    opterr = 0;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm':
+            model = optarg;
+            break;
+        case 't':
+            tokp = optarg;
+            break;
+        case 'x':
+            textp = optarg;
+            break;
+        case 'o':
+            outp = optarg;
+            break;
+        case 'n': {
+            char *end;
+            errno = 0;
+            n_tokens = strtol(optarg, &end, 10);
+            if (errno || *end || n_tokens < 2 || n_tokens > (1 << 24)) {
+                fprintf(stderr, "record_qkv: --tokens '%s' must be an integer in [2, 2^24]\n",
+                        optarg);
+                return 2;
+            }
+            break;
+        }
+        case 'h':
+            fputs(usage, stdout);
+            return 0;
+        default:
+            fprintf(stderr, "record_qkv: unknown or incomplete option '%s'\n%s", argv[optind - 1],
+                    usage);
+            return 2;
+        }
+    }
+    if (optind < argc || !model || !tokp || !textp || !outp || !n_tokens) {
+        fprintf(stderr,
+                "record_qkv: --model, --tokenizer, --text, --tokens and --out are "
+                "required\n%s",
+                usage);
+        return 2;
+    }
+
+    char err[512];
+    int rc = 1;
+    llama_model m = {0};
+    llama_tokenizer tok = {0};
+    llama_state st = {0};
+    recorder r = {0};
+    char *text = NULL;
+    int *tokens = NULL, n = 0;
+    FILE *f = NULL;
+    if (llama_model_load(model, &m, err, sizeof(err))) {
+        fprintf(stderr, "record_qkv: %s\n", err);
+        goto done;
+    }
+    const llama_config *cfg = &m.cfg;
+    if (llama_tokenizer_load(tokp, cfg->vocab_size, &tok, err, sizeof(err))) {
+        fprintf(stderr, "record_qkv: %s\n", err);
+        goto done;
+    }
+    size_t len;
+    if (!(text = s_read_file(textp, &len))) goto done;
+    if (s_encode(&tok, text, len, n_tokens, &tokens, &n)) {
+        fprintf(stderr, "record_qkv: out of memory encoding %s\n", textp);
+        goto done;
+    }
+    const int L = cfg->n_layers;
+    r.T = n, r.qrow = cfg->dim, r.kvrow = cfg->kv_dim;
+    r.q = calloc((size_t)L, sizeof(float *));
+    r.k = calloc((size_t)L, sizeof(float *));
+    r.v = calloc((size_t)L, sizeof(float *));
+    int oom = !r.q || !r.k || !r.v || llama_ref_attn_init(&r.ref, cfg) || llama_state_init(&st, &m);
+    for (int l = 0; !oom && l < L; l++) {
+        r.q[l] = malloc((size_t)n * r.qrow * sizeof(float));
+        r.k[l] = malloc((size_t)n * r.kvrow * sizeof(float));
+        r.v[l] = malloc((size_t)n * r.kvrow * sizeof(float));
+        oom = !r.q[l] || !r.k[l] || !r.v[l];
+    }
+    if (oom) {
+        fprintf(stderr, "record_qkv: out of memory for %d tokens\n", n);
+        goto done;
+    }
+    for (int pos = 0; pos < n; pos++)
+        if (llama_forward(&st, tokens[pos], pos, s_record, &r)) {
+            fprintf(stderr, "record_qkv: forward failed at position %d\n", pos);
+            goto done;
+        }
+
+    if (!(f = fopen(outp, "wb"))) {
+        fprintf(stderr, "record_qkv: cannot create %s: %s\n", outp, strerror(errno));
+        goto done;
+    }
+    const int32_t hdr[10] = {1, n, L, cfg->n_heads, cfg->n_kv_heads, cfg->head_dim, cfg->vocab_size,
+                             0, 0, 0};
+    int ok = fwrite("QKV1", 1, 4, f) == 4 && fwrite(hdr, sizeof(int32_t), 9, f) == 9;
+    for (int i = 0; ok && i < n; i++) {
+        const int32_t t = tokens[i];
+        ok = fwrite(&t, sizeof(t), 1, f) == 1;
+    }
+    ok = ok &&
+         fwrite(st.logits, sizeof(float), (size_t)cfg->vocab_size, f) == (size_t)cfg->vocab_size;
+    for (int l = 0; ok && l < L; l++) {
+        const size_t nq = (size_t)n * r.qrow, nkv = (size_t)n * r.kvrow;
+        ok = fwrite(r.q[l], sizeof(float), nq, f) == nq &&
+             fwrite(r.k[l], sizeof(float), nkv, f) == nkv &&
+             fwrite(r.v[l], sizeof(float), nkv, f) == nkv;
+    }
+    if (fclose(f) || !ok) {
+        f = NULL;
+        fprintf(stderr, "record_qkv: write error on %s\n", outp);
+        goto done;
+    }
+    f = NULL;
+    printf("record_qkv: %d tokens of %s, %d layers x %d heads (%d kv) x %d dims: wrote %s\n", n,
+           textp, L, cfg->n_heads, cfg->n_kv_heads, cfg->head_dim, outp);
+    rc = 0;
+done:
+    if (f) fclose(f);
+    for (int l = 0; r.q && l < m.cfg.n_layers; l++) free(r.q[l]);
+    for (int l = 0; r.k && l < m.cfg.n_layers; l++) free(r.k[l]);
+    for (int l = 0; r.v && l < m.cfg.n_layers; l++) free(r.v[l]);
+    free(r.q), free(r.k), free(r.v);
+    llama_ref_attn_free(&r.ref);
+    llama_state_free(&st);
+    free(tokens);
+    free(text);
+    llama_tokenizer_free(&tok);
+    llama_model_free(&m);
+    return rc;
+}
