@@ -26,6 +26,9 @@ int cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format
 
 /* Parses a decimal integer in [lo, hi] from text; 0 on success, -1 otherwise. */
 int cli_parse_int(const char *text, long lo, long hi, long *out_p);
+/* Parses "none" or a comma-separated list of layers below n_layers into flags[n_layers];
+ * NULL means layer 0 only (the default). 0, or -1 on a bad entry. */
+int cli_parse_dense_layers(const char *text, int n_layers, uint8_t *flags);
 /* Parses "A:B" or "A:B:S" (S defaults to 1); 0 on success, -1 otherwise. */
 int cli_parse_range(const char *text, long *a_p, long *b_p, long *s_p);
 

@@ -452,25 +452,6 @@ done:
     return p;
 }
 
-/* Parses "none" or a comma-separated list of layers into flags (default: layer 0). */
-static int s_dense_layers(const char *text, int n_layers, uint8_t *flags)
-{
-    memset(flags, 0, (size_t)n_layers);
-    if (!text) {
-        flags[0] = 1;
-        return 0;
-    }
-    if (strcmp(text, "none") == 0) return 0;
-    char buf[1024];
-    snprintf(buf, sizeof(buf), "%s", text);
-    for (char *save = NULL, *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
-        long l;
-        if (cli_parse_int(t, 0, n_layers - 1, &l)) return -1;
-        flags[l] = 1;
-    }
-    return 0;
-}
-
 /* What a command runs on: the model, its tokenizer, and the attention. */
 typedef struct model_run {
     llama_model m;
@@ -510,7 +491,7 @@ static int s_run_open(const char *cmd, const model_opts *o, const char *id, mode
         return 0;
     }
     if (!(r->dense = malloc((size_t)c->n_layers))) return cli_fail(cmd, "out of memory");
-    if (s_dense_layers(o->dense_layers, c->n_layers, r->dense))
+    if (cli_parse_dense_layers(o->dense_layers, c->n_layers, r->dense))
         return cli_usage_error(cmd, "--dense-layers '%s' must be none or layers in [0, %d)",
                                o->dense_layers, c->n_layers);
     if (o->profile) {

@@ -150,26 +150,6 @@ static int s_parse(int argc, char **argv, replay_opts *o)
     return 0;
 }
 
-/* Parses "none" or a comma-separated list of layers into flags; -1 on a bad entry. */
-static int s_dense_layers(const char *text, int n_layers, uint8_t *flags)
-{
-    memset(flags, 0, (size_t)n_layers);
-    if (!text) {
-        flags[0] = 1;
-        return 0;
-    }
-    if (strcmp(text, "none") == 0) return 0;
-    char buf[1024];
-    snprintf(buf, sizeof(buf), "%s", text);
-    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok;
-         tok = strtok_r(NULL, ",", &save)) {
-        long l;
-        if (cli_parse_int(tok, 0, n_layers - 1, &l)) return -1;
-        flags[l] = 1;
-    }
-    return 0;
-}
-
 /* Appends positions [from, to) of every layer, in calls of at most 64 MiB of keys and
  * values (one call for small ranges; a server refuses over-large messages). */
 static fasa_status s_append_range(backend *be, const char *id, const fasa_activations *a, int from,
@@ -235,7 +215,7 @@ int cmd_replay(int argc, char **argv)
         o.pairing = prof->pairing;
     }
     dense = malloc((size_t)L);
-    if (!dense || s_dense_layers(o.dense_layers, L, dense)) {
+    if (!dense || cli_parse_dense_layers(o.dense_layers, L, dense)) {
         rc = cli_usage_error("replay", "--dense-layers '%s' must be none or layers in [0, %d)",
                              o.dense_layers, L);
         goto done;

@@ -70,6 +70,26 @@ int cli_parse_int(const char *text, long lo, long hi, long *out_p)
     return 0;
 }
 
+/* Parses "none" or a comma-separated list of layers into flags; -1 on a bad entry. */
+int cli_parse_dense_layers(const char *text, int n_layers, uint8_t *flags)
+{
+    memset(flags, 0, (size_t)n_layers);
+    if (!text) {
+        flags[0] = 1;
+        return 0;
+    }
+    if (strcmp(text, "none") == 0) return 0;
+    char buf[1024];
+    snprintf(buf, sizeof(buf), "%s", text);
+    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok;
+         tok = strtok_r(NULL, ",", &save)) {
+        long l;
+        if (cli_parse_int(tok, 0, n_layers - 1, &l)) return -1;
+        flags[l] = 1;
+    }
+    return 0;
+}
+
 int cli_parse_range(const char *text, long *a_p, long *b_p, long *s_p)
 {
     char *end;
