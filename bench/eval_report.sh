@@ -59,10 +59,17 @@ task() {
     while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || failed=1; done
     ("$@" >"$work/res/$key.txt" 2>"$work/res/$key.err" || {
         echo "eval_report: FAILED $key: $(tail -n 1 "$work/res/$key.err")" >&2
+        touch "$work/res/$key.failed"
         exit 1
     }) &
 }
-drain() { while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || failed=1; done; wait || failed=1; }
+# Waits for every task; a task's failure is also recorded in a file, so none can be missed
+# whatever order the waits see them in.
+drain() {
+    while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || failed=1; done
+    wait || failed=1
+    if compgen -G "$work/res/*.failed" >/dev/null; then failed=1; fi
+}
 
 # 1. The texts and the activation dumps.
 # Held out: the body of Alice in Wonderland (from "CHAPTER I." at byte 573: the Gutenberg

@@ -2,6 +2,7 @@
 #include "llama.h"
 
 #include <errno.h>
+#include <ctype.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -37,7 +38,9 @@ int llama_model_load(const char *path, llama_model *m, char *err, size_t err_len
     }
     llama_config *c = &m->cfg;
     c->dim = h[0], c->hidden_dim = h[1], c->n_layers = h[2], c->n_heads = h[3];
-    c->n_kv_heads = h[4], c->vocab_size = h[5] < 0 ? -h[5] : h[5], c->seq_len = h[6];
+    /* (A vocab_size of INT32_MIN has no positive counterpart: leave it to the check below.) */
+    c->n_kv_heads = h[4], c->vocab_size = h[5] == INT32_MIN ? 0 : h[5] < 0 ? -h[5] : h[5];
+    c->seq_len = h[6];
     c->shared_classifier = h[5] > 0;
     const char *bad = NULL;
     if (c->dim < 1 || c->dim > LLAMA_MAX_DIM)
@@ -50,8 +53,8 @@ int llama_model_load(const char *path, llama_model *m, char *err, size_t err_len
         bad = "n_heads";
     else if (c->n_kv_heads < 1 || c->n_heads % c->n_kv_heads)
         bad = "n_kv_heads";
-    else if (h[5] == 0 || c->vocab_size > (1 << 24))
-        bad = "vocab_size";
+    else if (c->vocab_size < 259 || c->vocab_size > (1 << 24))
+        bad = "vocab_size"; /* at least <unk>, BOS, EOS and the 256 byte tokens */
     else if (c->seq_len < 1 || c->seq_len > (1 << 24))
         bad = "seq_len";
     if (bad) {
@@ -319,7 +322,9 @@ const char *llama_decode(const llama_tokenizer *t, int prev, int token, size_t *
     if (prev == LLAMA_TOKEN_BOS && piece[0] == ' ') piece++;
     unsigned int b;
     char tail;
-    if (strlen(piece) == 6 && sscanf(piece, "<0x%2X%c", &b, &tail) == 2 && tail == '>') {
+    if (strlen(piece) == 6 && isxdigit((unsigned char)piece[3]) &&
+        isxdigit((unsigned char)piece[4]) && sscanf(piece, "<0x%2X%c", &b, &tail) == 2 &&
+        tail == '>' && b < 256) {
         for (int i = 0; i < 256; i++) bytes[i] = (char)i;
         *len_p = 1;
         return bytes + b;

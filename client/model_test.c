@@ -5,6 +5,7 @@
  *
  * The runner is compiled into this suite directly (it is a source of the fasa CLI, not of
  * a library the test runner links). */
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -388,6 +389,19 @@ START_TEST(test_bad_files)
     fclose(f);
     ck_assert_int_eq(llama_model_load(path, &m, err, sizeof(err)), -1);
     ck_assert_msg(strstr(err, "n_heads") != NULL, "%s", err);
+    /* A vocabulary too small for the byte tokens, and one of INT32_MIN (no negation). */
+    const int32_t h3[7] = {64, 172, 5, 8, 4, 100, 512};
+    f = fopen(path, "wb");
+    fwrite(h3, sizeof(h3), 1, f);
+    fclose(f);
+    ck_assert_int_eq(llama_model_load(path, &m, err, sizeof(err)), -1);
+    ck_assert_msg(strstr(err, "vocab_size") != NULL, "%s", err);
+    const int32_t h4[7] = {64, 172, 5, 8, 4, INT32_MIN, 512};
+    f = fopen(path, "wb");
+    fwrite(h4, sizeof(h4), 1, f);
+    fclose(f);
+    ck_assert_int_eq(llama_model_load(path, &m, err, sizeof(err)), -1);
+    ck_assert_msg(strstr(err, "vocab_size") != NULL, "%s", err);
     /* A truncated tokenizer. */
     const int32_t tk[3] = {7, 0, 3};
     f = fopen(path, "wb");

@@ -447,6 +447,18 @@ static int64_t s_score_quest(shard_t *s, const shard_step *st, int g, int n_vis,
     return (int64_t)n_pages * 2 * d * (int64_t)sizeof(float);
 }
 
+typedef struct s_mag {
+    float a;
+    int dim;
+} s_mag;
+
+static int s_mag_cmp(const void *x, const void *y)
+{
+    const s_mag *a = x, *b = y;
+    if (a->a != b->a) return a->a > b->a ? -1 : 1;
+    return (a->dim > b->dim) - (a->dim < b->dim);
+}
+
 /* SPARQ (per-head GQA): keeps in the packed queries qd, qr of KV head g's grp heads only
  * each head's r dims of largest |q_c| (ties: the lower dim) and sets its 1 / tau; starts
  * the running normaliser of z. */
@@ -460,15 +472,19 @@ static void s_sparq_queries(const shard_t *s, const shard_step *st, int g, float
     uint8_t keep[d];
     for (int i = 0; i < grp; i++) {
         const float *q = st->q + (size_t)(g * grp + i) * d;
+        /* Rank the dims by |q| (larger first, ties to the lower dim) with one sort, and
+         * keep the first r. */
+        s_mag mag[d];
         double l1 = 0, l1_sel = 0;
         for (int c = 0; c < d; c++) {
-            const float a = fabsf(q[c]);
-            int above = 0; /* dims ranking before c: larger |q|, or equal and lower */
-            for (int x = 0; x < d && above < st->sparq_r; x++)
-                above += fabsf(q[x]) > a || (fabsf(q[x]) == a && x < c);
-            keep[c] = above < st->sparq_r;
-            l1 += a;
-            if (keep[c]) l1_sel += a;
+            mag[c] = (s_mag){fabsf(q[c]), c};
+            l1 += mag[c].a;
+            keep[c] = 0;
+        }
+        qsort(mag, (size_t)d, sizeof(*mag), s_mag_cmp);
+        for (int k = 0; k < st->sparq_r && k < d; k++) {
+            keep[mag[k].dim] = 1;
+            l1_sel += mag[k].a;
         }
         for (int p = 0; p < d; p++)
             if (!keep[perm[p]]) {
