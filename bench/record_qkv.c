@@ -51,48 +51,6 @@ static char *s_read_file(const char *path, size_t *len_p)
     return buf;
 }
 
-/* The first (up to) max_tokens tokens of the text, BOS first: the same prefix cut as
- * 'fasa ppl' (after a whitespace byte, so that no merge straddles the cut). */
-static int s_encode(const llama_tokenizer *tok, const char *text, size_t len, long max_tokens,
-                    int **tokens_p, int *n_p)
-{
-    size_t want = (size_t)max_tokens * ((size_t)tok->max_token_length + 1) + 64;
-    for (;;) {
-        size_t cut = want < len ? want : len;
-        if (cut < len) {
-            size_t c = cut;
-            while (c > cut / 2 && !strchr(" \n\t\r", text[c - 1])) c--;
-            if (c > cut / 2) cut = c;
-            while (cut < len && ((unsigned char)text[cut] & 0xC0) == 0x80) cut++;
-        }
-        if (llama_encode(tok, text, cut, 1, tokens_p, n_p)) return -1;
-        if (*n_p >= max_tokens || cut == len) break;
-        free(*tokens_p);
-        want *= 2;
-    }
-    if (*n_p > max_tokens) *n_p = (int)max_tokens;
-    return 0;
-}
-
-/* Full attention that also keeps each token's q, k and v. */
-typedef struct recorder {
-    llama_ref_attn ref;
-    int T, qrow, kvrow;
-    float **q, **k, **v; /* (n_layers) -> (T, row) */
-} recorder;
-
-static int s_record(void *ctx, int layer, int pos, const float *q, const float *k, const float *v,
-                    float *out)
-{
-    recorder *r = ctx;
-    if (pos < r->T) {
-        memcpy(r->q[layer] + (size_t)pos * r->qrow, q, (size_t)r->qrow * sizeof(float));
-        memcpy(r->k[layer] + (size_t)pos * r->kvrow, k, (size_t)r->kvrow * sizeof(float));
-        memcpy(r->v[layer] + (size_t)pos * r->kvrow, v, (size_t)r->kvrow * sizeof(float));
-    }
-    return llama_ref_attend(&r->ref, layer, pos, q, k, v, out);
-}
-
 int main(int argc, char **argv)
 {
     static const struct option opts[] = {{"model", required_argument, 0, 'm'},
@@ -153,7 +111,7 @@ int main(int argc, char **argv)
     llama_model m = {0};
     llama_tokenizer tok = {0};
     llama_state st = {0};
-    recorder r = {0};
+    llama_rec_attn r = {0};
     char *text = NULL;
     int *tokens = NULL, n = 0;
     FILE *f = NULL;
@@ -168,28 +126,18 @@ int main(int argc, char **argv)
     }
     size_t len;
     if (!(text = s_read_file(textp, &len))) goto done;
-    if (s_encode(&tok, text, len, n_tokens, &tokens, &n)) {
+    if (llama_encode_prefix(&tok, text, len, n_tokens, &tokens, &n)) {
         fprintf(stderr, "record_qkv: out of memory encoding %s\n", textp);
         goto done;
     }
     const int L = cfg->n_layers;
-    r.T = n, r.qrow = cfg->dim, r.kvrow = cfg->kv_dim;
-    r.q = calloc((size_t)L, sizeof(float *));
-    r.k = calloc((size_t)L, sizeof(float *));
-    r.v = calloc((size_t)L, sizeof(float *));
-    int oom = !r.q || !r.k || !r.v || llama_ref_attn_init(&r.ref, cfg) || llama_state_init(&st, &m);
-    for (int l = 0; !oom && l < L; l++) {
-        r.q[l] = malloc((size_t)n * r.qrow * sizeof(float));
-        r.k[l] = malloc((size_t)n * r.kvrow * sizeof(float));
-        r.v[l] = malloc((size_t)n * r.kvrow * sizeof(float));
-        oom = !r.q[l] || !r.k[l] || !r.v[l];
-    }
+    int oom = llama_rec_attn_init(&r, cfg, n) || llama_state_init(&st, &m);
     if (oom) {
         fprintf(stderr, "record_qkv: out of memory for %d tokens\n", n);
         goto done;
     }
     for (int pos = 0; pos < n; pos++)
-        if (llama_forward(&st, tokens[pos], pos, s_record, &r)) {
+        if (llama_forward(&st, tokens[pos], pos, llama_rec_attend, &r)) {
             fprintf(stderr, "record_qkv: forward failed at position %d\n", pos);
             goto done;
         }
@@ -224,11 +172,7 @@ int main(int argc, char **argv)
     rc = 0;
 done:
     if (f) fclose(f);
-    for (int l = 0; r.q && l < m.cfg.n_layers; l++) free(r.q[l]);
-    for (int l = 0; r.k && l < m.cfg.n_layers; l++) free(r.k[l]);
-    for (int l = 0; r.v && l < m.cfg.n_layers; l++) free(r.v[l]);
-    free(r.q), free(r.k), free(r.v);
-    llama_ref_attn_free(&r.ref);
+    llama_rec_attn_free(&r);
     llama_state_free(&st);
     free(tokens);
     free(text);

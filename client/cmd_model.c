@@ -273,9 +273,8 @@ static char *s_read_file(const char *path, size_t *len_p, char *err, size_t err_
     return buf;
 }
 
-/* The first (up to) max_tokens tokens of a text file, BOS first. Encodes a prefix only
- * (a piece covers at most max_token_length bytes, so 8 bytes a token is plenty), cut
- * after a whitespace byte so that no merge straddles the cut; doubles it if short. */
+/* The first (up to) max_tokens tokens of a text file from byte offset, BOS first
+ * (llama_encode_prefix). */
 static int s_encode_file(const llama_tokenizer *tok, const char *path, long offset, long max_tokens,
                          int **tokens_p, int *n_p, char *err, size_t err_len)
 {
@@ -290,26 +289,12 @@ static int s_encode_file(const llama_tokenizer *tok, const char *path, long offs
     const char *text = buf + offset;
     len -= (size_t)offset;
     while (len > 0 && ((unsigned char)*text & 0xC0) == 0x80) text++, len--;
-    size_t want = (size_t)max_tokens * ((size_t)tok->max_token_length + 1) + 64;
-    for (;;) {
-        size_t cut = want < len ? want : len;
-        if (cut < len) {
-            size_t c = cut;
-            while (c > cut / 2 && !strchr(" \n\t\r", text[c - 1])) c--;
-            if (c > cut / 2) cut = c;
-            while (cut < len && ((unsigned char)text[cut] & 0xC0) == 0x80) cut++;
-        }
-        if (llama_encode(tok, text, cut, 1, tokens_p, n_p)) {
-            snprintf(err, err_len, "out of memory encoding %s", path);
-            free(buf);
-            return -1;
-        }
-        if (*n_p >= max_tokens || cut == len) break;
-        free(*tokens_p);
-        want *= 2;
+    if (llama_encode_prefix(tok, text, len, max_tokens, tokens_p, n_p)) {
+        snprintf(err, err_len, "out of memory encoding %s", path);
+        free(buf);
+        return -1;
     }
     free(buf);
-    if (*n_p > max_tokens) *n_p = (int)max_tokens;
     return 0;
 }
 
@@ -341,36 +326,6 @@ static int s_fasa_attend(void *ctx, int layer, int pos, const float *q, const fl
     return 0;
 }
 
-/* Reference attention that also records post-RoPE q, k and v (for calibration). */
-typedef struct rec_attn {
-    llama_ref_attn ref;
-    int n_layers, T, qrow, kvrow;
-    float **q, **k, **v; /* (n_layers) -> (T, row) */
-} rec_attn;
-
-static int s_rec_attend(void *ctx, int layer, int pos, const float *q, const float *k,
-                        const float *v, float *out)
-{
-    rec_attn *r = ctx;
-    if (pos < r->T) {
-        memcpy(r->q[layer] + (size_t)pos * r->qrow, q, (size_t)r->qrow * sizeof(float));
-        memcpy(r->k[layer] + (size_t)pos * r->kvrow, k, (size_t)r->kvrow * sizeof(float));
-        memcpy(r->v[layer] + (size_t)pos * r->kvrow, v, (size_t)r->kvrow * sizeof(float));
-    }
-    return llama_ref_attend(&r->ref, layer, pos, q, k, v, out);
-}
-
-static void s_rec_free(rec_attn *r)
-{
-    for (int l = 0; l < r->n_layers; l++) {
-        if (r->q) free(r->q[l]);
-        if (r->k) free(r->k[l]);
-        if (r->v) free(r->v[l]);
-    }
-    free(r->q), free(r->k), free(r->v);
-    llama_ref_attn_free(&r->ref);
-}
-
 /* Runs the model with full attention over the first calib_tokens tokens of o->calib_text
  * and calibrates a profile on the recorded q and k. NULL with err on failure. */
 static fasa_profile *s_calibrate(const model_opts *o, const llama_model *m,
@@ -379,7 +334,7 @@ static fasa_profile *s_calibrate(const model_opts *o, const llama_model *m,
     const llama_config *c = &m->cfg;
     int *tokens = NULL, n = 0;
     fasa_profile *p = NULL;
-    rec_attn r = {0};
+    llama_rec_attn r = {0};
     llama_ppl ppl = {0};
     if (o->ntip > c->head_dim / 2) {
         snprintf(err, err_len, "--ntip %ld exceeds the %d FCs of head_dim %d", o->ntip,
@@ -395,24 +350,13 @@ static fasa_profile *s_calibrate(const model_opts *o, const llama_model *m,
                  o->calib_text, n, o->window);
         goto done;
     }
-    r.n_layers = c->n_layers, r.T = n, r.qrow = c->dim, r.kvrow = c->kv_dim;
-    r.q = calloc((size_t)c->n_layers, sizeof(float *));
-    r.k = calloc((size_t)c->n_layers, sizeof(float *));
-    r.v = calloc((size_t)c->n_layers, sizeof(float *));
-    int oom = !r.q || !r.k || !r.v || llama_ref_attn_init(&r.ref, c);
-    for (int l = 0; !oom && l < c->n_layers; l++) {
-        r.q[l] = malloc((size_t)n * r.qrow * sizeof(float));
-        r.k[l] = malloc((size_t)n * r.kvrow * sizeof(float));
-        r.v[l] = malloc((size_t)n * r.kvrow * sizeof(float));
-        oom = !r.q[l] || !r.k[l] || !r.v[l];
-    }
-    if (oom) {
+    if (llama_rec_attn_init(&r, c, n)) {
         snprintf(err, err_len, "out of memory recording %d tokens for calibration", n);
         goto done;
     }
     progress bar;
     progress_init(&bar, "calib-run", n);
-    if (llama_perplexity(m, tokens, n, s_rec_attend, &r, progress_callback, &bar, &ppl)) {
+    if (llama_perplexity(m, tokens, n, llama_rec_attend, &r, progress_callback, &bar, &ppl)) {
         progress_done(&bar);
         snprintf(err, err_len, "calibration run failed (out of memory)");
         goto done;
@@ -447,7 +391,7 @@ static fasa_profile *s_calibrate(const model_opts *o, const llama_model *m,
         fasa_profile_destroy(&p);
 done:
     llama_ppl_free(&ppl);
-    s_rec_free(&r);
+    llama_rec_attn_free(&r);
     free(tokens);
     return p;
 }

@@ -311,6 +311,27 @@ int llama_encode(const llama_tokenizer *t, const char *text, size_t len, int bos
     return 0;
 }
 
+int llama_encode_prefix(const llama_tokenizer *t, const char *text, size_t len, long max_tokens,
+                        int **tokens_p, int *n_p)
+{
+    size_t want = (size_t)max_tokens * ((size_t)t->max_token_length + 1) + 64;
+    for (;;) {
+        size_t cut = want < len ? want : len;
+        if (cut < len) {
+            size_t c = cut;
+            while (c > cut / 2 && !strchr(" \n\t\r", text[c - 1])) c--;
+            if (c > cut / 2) cut = c;
+            while (cut < len && ((unsigned char)text[cut] & 0xC0) == 0x80) cut++;
+        }
+        if (llama_encode(t, text, cut, 1, tokens_p, n_p)) return -1;
+        if (*n_p >= max_tokens || cut == len) break;
+        free(*tokens_p);
+        want *= 2;
+    }
+    if (*n_p > max_tokens) *n_p = (int)max_tokens;
+    return 0;
+}
+
 const char *llama_decode(const llama_tokenizer *t, int prev, int token, size_t *len_p)
 {
     static char bytes[256]; /* byte b at bytes[b] */
@@ -411,6 +432,48 @@ int llama_ref_attend(void *ctx, int layer, int pos, const float *q, const float 
         }
     }
     return 0;
+}
+
+int llama_rec_attn_init(llama_rec_attn *r, const llama_config *c, int T)
+{
+    memset(r, 0, sizeof(*r));
+    r->n_layers = c->n_layers, r->T = T, r->qrow = c->dim, r->kvrow = c->kv_dim;
+    r->q = calloc((size_t)c->n_layers, sizeof(float *));
+    r->k = calloc((size_t)c->n_layers, sizeof(float *));
+    r->v = calloc((size_t)c->n_layers, sizeof(float *));
+    int oom = !r->q || !r->k || !r->v || llama_ref_attn_init(&r->ref, c);
+    for (int l = 0; !oom && l < c->n_layers; l++) {
+        r->q[l] = malloc((size_t)T * r->qrow * sizeof(float));
+        r->k[l] = malloc((size_t)T * r->kvrow * sizeof(float));
+        r->v[l] = malloc((size_t)T * r->kvrow * sizeof(float));
+        oom = !r->q[l] || !r->k[l] || !r->v[l];
+    }
+    if (oom) llama_rec_attn_free(r);
+    return oom ? -1 : 0;
+}
+
+void llama_rec_attn_free(llama_rec_attn *r)
+{
+    for (int l = 0; l < r->n_layers; l++) {
+        if (r->q) free(r->q[l]);
+        if (r->k) free(r->k[l]);
+        if (r->v) free(r->v[l]);
+    }
+    free(r->q), free(r->k), free(r->v);
+    llama_ref_attn_free(&r->ref);
+    memset(r, 0, sizeof(*r));
+}
+
+int llama_rec_attend(void *ctx, int layer, int pos, const float *q, const float *k, const float *v,
+                     float *out)
+{
+    llama_rec_attn *r = ctx;
+    if (pos < r->T) {
+        memcpy(r->q[layer] + (size_t)pos * r->qrow, q, (size_t)r->qrow * sizeof(float));
+        memcpy(r->k[layer] + (size_t)pos * r->kvrow, k, (size_t)r->kvrow * sizeof(float));
+        memcpy(r->v[layer] + (size_t)pos * r->kvrow, v, (size_t)r->kvrow * sizeof(float));
+    }
+    return llama_ref_attend(&r->ref, layer, pos, q, k, v, out);
 }
 
 /* ---- forward pass --------------------------------------------------------------- */

@@ -62,6 +62,12 @@ int llama_encode(const llama_tokenizer *t, const char *text, size_t len, int bos
  * may be 0). Returns a pointer into the tokenizer. */
 const char *llama_decode(const llama_tokenizer *t, int prev, int token, size_t *len_p);
 
+/* The first (up to) max_tokens tokens of text, BOS first. Encodes a prefix only (a piece
+ * covers at most max_token_length bytes), cut after a whitespace byte so that no merge
+ * straddles the cut, and doubles it while it comes out short. 0, or -1 when out of memory. */
+int llama_encode_prefix(const llama_tokenizer *t, const char *text, size_t len, long max_tokens,
+                        int **tokens_p, int *n_p);
+
 /* Attention for one layer at position pos: q (n_heads, head_dim) post-RoPE and unscaled,
  * k and v (n_kv_heads, head_dim) of this token, which the callee appends at pos;
  * out (n_heads, head_dim) gets softmax(q.K^T / sqrt(head_dim)) V over positions 0..pos,
@@ -81,6 +87,21 @@ int llama_ref_attn_init(llama_ref_attn *r, const llama_config *c);
 void llama_ref_attn_free(llama_ref_attn *r);
 /* A llama_attn_fn; ctx is a llama_ref_attn. pos must be the next position of the layer. */
 int llama_ref_attend(void *ctx, int layer, int pos, const float *q, const float *k, const float *v,
+                     float *out);
+
+/* The reference attention that also keeps the post-RoPE q, k and v of positions below T
+ * (for calibration and activation dumps). */
+typedef struct llama_rec_attn {
+    llama_ref_attn ref;
+    int n_layers, T, qrow, kvrow;
+    float **q, **k, **v; /* (n_layers) -> (T, n_heads or n_kv_heads, head_dim) */
+} llama_rec_attn;
+
+/* 0, or -1 when out of memory (nothing left to free). */
+int llama_rec_attn_init(llama_rec_attn *r, const llama_config *c, int T);
+void llama_rec_attn_free(llama_rec_attn *r);
+/* A llama_attn_fn; ctx is a llama_rec_attn. */
+int llama_rec_attend(void *ctx, int layer, int pos, const float *q, const float *k, const float *v,
                      float *out);
 
 typedef struct llama_state {

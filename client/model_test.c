@@ -171,44 +171,6 @@ START_TEST(test_tokenizer)
 }
 END_TEST
 
-/* Records q, k, v of the first T positions while attending with the reference. */
-typedef struct rec {
-    llama_ref_attn ref;
-    int T, qrow, kvrow;
-    float *q[8], *k[8], *v[8];
-} rec;
-
-static int s_rec_attend(void *ctx, int layer, int pos, const float *q, const float *k,
-                        const float *v, float *out)
-{
-    rec *r = ctx;
-    if (pos < r->T) {
-        memcpy(r->q[layer] + (size_t)pos * r->qrow, q, (size_t)r->qrow * sizeof(float));
-        memcpy(r->k[layer] + (size_t)pos * r->kvrow, k, (size_t)r->kvrow * sizeof(float));
-        memcpy(r->v[layer] + (size_t)pos * r->kvrow, v, (size_t)r->kvrow * sizeof(float));
-    }
-    return llama_ref_attend(&r->ref, layer, pos, q, k, v, out);
-}
-
-static void s_rec_init(rec *r, const llama_config *c, int T)
-{
-    memset(r, 0, sizeof(*r));
-    ck_assert_int_le(c->n_layers, 8);
-    ck_assert_int_eq(llama_ref_attn_init(&r->ref, c), 0);
-    r->T = T, r->qrow = c->dim, r->kvrow = c->kv_dim;
-    for (int l = 0; l < c->n_layers; l++) {
-        r->q[l] = test_alloc((size_t)T * r->qrow * sizeof(float));
-        r->k[l] = test_alloc((size_t)T * r->kvrow * sizeof(float));
-        r->v[l] = test_alloc((size_t)T * r->kvrow * sizeof(float));
-    }
-}
-
-static void s_rec_free(rec *r)
-{
-    for (int l = 0; l < 8; l++) free(r->q[l]), free(r->k[l]), free(r->v[l]);
-    llama_ref_attn_free(&r->ref);
-}
-
 START_TEST(test_forward_golden)
 {
     llama_model m;
@@ -220,10 +182,10 @@ START_TEST(test_forward_golden)
     ck_assert_msg(fasa_qkv_load(gp, &x, err, sizeof(err)) == 0, "%s", err);
     /* q, k, v of every layer at positions 0..T-1 against the independent numpy pass. */
     const int T = 128;
-    rec r;
-    s_rec_init(&r, &m.cfg, T);
+    llama_rec_attn r;
+    ck_assert_int_eq(llama_rec_attn_init(&r, &m.cfg, T), 0);
     llama_ppl p;
-    ck_assert_int_eq(llama_perplexity(&m, x.tokens, T, s_rec_attend, &r, NULL, NULL, &p), 0);
+    ck_assert_int_eq(llama_perplexity(&m, x.tokens, T, llama_rec_attend, &r, NULL, NULL, &p), 0);
     llama_ppl_free(&p);
     for (int l = 0; l < m.cfg.n_layers; l++) {
         const double eq = test_rel_err((size_t)T * r.qrow, r.q[l], x.act.q[l]);
@@ -232,7 +194,7 @@ START_TEST(test_forward_golden)
         ck_assert_msg(eq < 1e-4 && ek < 1e-4 && ev < 1e-4, "layer %d: rel err q %g k %g v %g", l,
                       eq, ek, ev);
     }
-    s_rec_free(&r);
+    llama_rec_attn_free(&r);
     fasa_qkv_cleanup(&x);
 out:
     llama_tokenizer_free(&t);
@@ -322,9 +284,9 @@ START_TEST(test_fasa_calibrated)
     int *tok = s_text_tokens(&t, "text/tinystories_train_head.txt", 256, &n);
     if (!tok) goto out;
     /* Calibrate on the first 256 tokens with full attention, as `fasa ppl --calibrate-on`. */
-    rec r;
-    s_rec_init(&r, c, n);
-    const double p_ref = s_ppl(&m, tok, n, s_rec_attend, &r, "calibration run");
+    llama_rec_attn r;
+    ck_assert_int_eq(llama_rec_attn_init(&r, c, n), 0);
+    const double p_ref = s_ppl(&m, tok, n, llama_rec_attend, &r, "calibration run");
     const fasa_activations act = {.n_layers = c->n_layers,
                                   .n_tokens = n,
                                   .n_heads = c->n_heads,
@@ -342,7 +304,7 @@ START_TEST(test_fasa_calibrated)
     char err[256];
     fasa_profile *prof = fasa_calibrate(&act, &co, err, sizeof(err));
     ck_assert_msg(prof != NULL, "%s", err);
-    s_rec_free(&r);
+    llama_rec_attn_free(&r);
 
     /* A budget that holds every token: fasa is dense. */
     engine_attn a;
