@@ -42,16 +42,6 @@ static void s_teardown(void)
     fasa_service_destroy(&s_svc);
 }
 
-static void s_tensor(Fasa__V1__Tensor *t, uint64_t *shape, const float *data, size_t n)
-{
-    fasa__v1__tensor__init(t);
-    t->dtype = FASA__V1__DTYPE__F32;
-    t->n_shape = 4;
-    t->shape = shape;
-    t->data.data = (uint8_t *)data;
-    t->data.len = n * sizeof(float);
-}
-
 START_TEST(test_calibrate_profile_stats_shutdown)
 {
     enum { L = WIRE_L, T = 96, H = WIRE_H, HKV = WIRE_HKV, D = WIRE_D };
@@ -66,8 +56,8 @@ START_TEST(test_calibrate_profile_stats_shutdown)
     Fasa__V1__Calibrate c = FASA__V1__CALIBRATE__INIT;
     Fasa__V1__Tensor tq, tk;
     uint64_t qs[4] = {L, T, H, D}, ks[4] = {L, T, HKV, D};
-    s_tensor(&tq, qs, q, (size_t)L * T * H * D);
-    s_tensor(&tk, ks, k, (size_t)L * T * HKV * D);
+    wire_tensor(&tq, qs, 4, q, (size_t)L * T * H * D);
+    wire_tensor(&tk, ks, 4, k, (size_t)L * T * HKV * D);
     c.q = &tq;
     c.k = &tk;
     c.has_ntip = c.has_window = c.has_pos_begin = c.has_pos_end = c.has_pos_step = 1;
@@ -143,8 +133,8 @@ START_TEST(test_calibrate_profile_stats_shutdown)
     Fasa__V1__Append a = FASA__V1__APPEND__INIT;
     Fasa__V1__Tensor ak, av;
     uint64_t as[4] = {L, T, HKV, D};
-    s_tensor(&ak, as, k, (size_t)L * T * HKV * D);
-    s_tensor(&av, as, k, (size_t)L * T * HKV * D);
+    wire_tensor(&ak, as, 4, k, (size_t)L * T * HKV * D);
+    wire_tensor(&av, as, 4, k, (size_t)L * T * HKV * D);
     a.session_id = "cal";
     a.k = &ak;
     a.v = &av;
@@ -208,16 +198,8 @@ START_TEST(test_mutated_requests)
     test_fill(&rng, HKV * D, kv, 1.0f);
     uint64_t qs[2] = {H, D}, ks[2] = {HKV, D};
     Fasa__V1__Tensor tq, tk, tv;
-    fasa__v1__tensor__init(&tq);
-    tq.dtype = FASA__V1__DTYPE__F32;
-    tq.n_shape = 2;
-    tq.shape = qs;
-    tq.data.data = (uint8_t *)q;
-    tq.data.len = sizeof(q);
-    tk = tq;
-    tk.shape = ks;
-    tk.data.data = (uint8_t *)kv;
-    tk.data.len = sizeof(kv);
+    wire_tensor(&tq, qs, 2, q, H * D);
+    wire_tensor(&tk, ks, 2, kv, HKV * D);
     tv = tk;
     Fasa__V1__Attend a = FASA__V1__ATTEND__INIT;
     a.session_id = "bad";
@@ -303,12 +285,7 @@ START_TEST(test_limits)
     float q[WIRE_H * WIRE_D] = {0};
     uint64_t qs[2] = {WIRE_H, WIRE_D};
     Fasa__V1__Tensor tq;
-    fasa__v1__tensor__init(&tq);
-    tq.dtype = FASA__V1__DTYPE__F32;
-    tq.n_shape = 2;
-    tq.shape = qs;
-    tq.data.data = (uint8_t *)q;
-    tq.data.len = sizeof(q);
+    wire_tensor(&tq, qs, 2, q, WIRE_H * WIRE_D);
     Fasa__V1__Attend a = FASA__V1__ATTEND__INIT;
     a.session_id = "bad";
     a.layer = 1;
@@ -331,12 +308,7 @@ START_TEST(test_limits)
     float *x = test_alloc(sizeof(float) * WIRE_L * T * WIRE_H * WIRE_D);
     uint64_t s4[4] = {WIRE_L, T, WIRE_H, WIRE_D};
     Fasa__V1__Tensor t4;
-    fasa__v1__tensor__init(&t4);
-    t4.dtype = FASA__V1__DTYPE__F32;
-    t4.n_shape = 4;
-    t4.shape = s4;
-    t4.data.data = (uint8_t *)x;
-    t4.data.len = sizeof(float) * WIRE_L * T * WIRE_H * WIRE_D;
+    wire_tensor(&t4, s4, 4, x, (size_t)WIRE_L * T * WIRE_H * WIRE_D);
     Fasa__V1__Calibrate cal = FASA__V1__CALIBRATE__INIT;
     cal.q = cal.k = &t4; /* k with n_kv_heads = n_heads */
     cal.has_window = 1;
@@ -354,19 +326,14 @@ END_TEST
 enum { ST_L = 2, ST_T = 64, ST_H = 4, ST_HKV = 2, ST_D = 16, ST_B = 8, ST_LOOP = 30 };
 
 /* An Attend of session id (ST_* geometry) at layer; method 0: the session's; k_new, v_new
- * optional. With bad_q the q tensor's data is one float short (refused at the edge). */
+ * when kv is not NULL. */
 static void s_attend_init(Fasa__V1__Attend *a, Fasa__V1__Tensor *tq, Fasa__V1__Tensor *tk,
                           Fasa__V1__Tensor *tv, uint64_t *qs, uint64_t *ks, const char *id,
                           int layer, int method, const float *q, const float *kv)
 {
     fasa__v1__attend__init(a);
-    fasa__v1__tensor__init(tq);
     qs[0] = ST_H, qs[1] = ST_D, ks[0] = ST_HKV, ks[1] = ST_D;
-    tq->dtype = FASA__V1__DTYPE__F32;
-    tq->n_shape = 2;
-    tq->shape = qs;
-    tq->data.data = (uint8_t *)q;
-    tq->data.len = sizeof(float) * ST_H * ST_D;
+    wire_tensor(tq, qs, 2, q, ST_H * ST_D);
     a->session_id = (char *)id;
     a->layer = (uint32_t)layer;
     a->q = tq;
@@ -375,10 +342,7 @@ static void s_attend_init(Fasa__V1__Attend *a, Fasa__V1__Tensor *tq, Fasa__V1__T
         a->method = (Fasa__V1__Method)method;
     }
     if (kv) {
-        *tk = *tq;
-        tk->shape = ks;
-        tk->data.data = (uint8_t *)kv;
-        tk->data.len = sizeof(float) * ST_HKV * ST_D;
+        wire_tensor(tk, ks, 2, kv, ST_HKV * ST_D);
         *tv = *tk;
         a->k_new = tk;
         a->v_new = tv;
@@ -507,8 +471,8 @@ START_TEST(test_stats_counts)
     Fasa__V1__Calibrate c = FASA__V1__CALIBRATE__INIT;
     Fasa__V1__Tensor tq, tk;
     uint64_t qs4[4] = {ST_L, ST_T, ST_H, ST_D}, ks4[4] = {ST_L, ST_T, ST_HKV, ST_D};
-    s_tensor(&tq, qs4, q, (size_t)ST_L * ST_T * ST_H * ST_D);
-    s_tensor(&tk, ks4, k, (size_t)ST_L * ST_T * ST_HKV * ST_D);
+    wire_tensor(&tq, qs4, 4, q, (size_t)ST_L * ST_T * ST_H * ST_D);
+    wire_tensor(&tk, ks4, 4, k, (size_t)ST_L * ST_T * ST_HKV * ST_D);
     c.q = &tq;
     c.k = &tk;
     c.has_ntip = c.has_window = c.has_pos_begin = c.has_pos_step = 1;
@@ -580,8 +544,8 @@ START_TEST(test_stats_counts)
     Fasa__V1__Request ar = FASA__V1__REQUEST__INIT;
     Fasa__V1__Append a = FASA__V1__APPEND__INIT;
     Fasa__V1__Tensor ak, av;
-    s_tensor(&ak, ks4, k, (size_t)ST_L * ST_T * ST_HKV * ST_D);
-    s_tensor(&av, ks4, v, (size_t)ST_L * ST_T * ST_HKV * ST_D);
+    wire_tensor(&ak, ks4, 4, k, (size_t)ST_L * ST_T * ST_HKV * ST_D);
+    wire_tensor(&av, ks4, 4, v, (size_t)ST_L * ST_T * ST_HKV * ST_D);
     a.session_id = "st";
     a.k = &ak;
     a.v = &av;

@@ -69,7 +69,7 @@ void wire_expect_error(Fasa__V1__Response *r, Fasa__V1__Status code, const char 
     fasa__v1__response__free_unpacked(r, NULL);
 }
 
-static void s_tensor(Fasa__V1__Tensor *t, uint64_t *shape, int rank, const float *data, size_t n)
+void wire_tensor(Fasa__V1__Tensor *t, uint64_t *shape, int rank, const float *data, size_t n)
 {
     fasa__v1__tensor__init(t);
     t->dtype = FASA__V1__DTYPE__F32;
@@ -84,7 +84,7 @@ static Fasa__V1__Response *s_attend_q(const char *id, const float *q, uint64_t *
     Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
     Fasa__V1__Attend a = FASA__V1__ATTEND__INIT;
     Fasa__V1__Tensor tq;
-    s_tensor(&tq, shape, 2, q, (size_t)(shape[0] * shape[1]));
+    wire_tensor(&tq, shape, 2, q, (size_t)(shape[0] * shape[1]));
     a.session_id = (char *)id;
     a.layer = 1;
     a.q = &tq;
@@ -103,8 +103,8 @@ static Fasa__V1__Response *s_append(const char *id, uint64_t start, uint64_t *sh
     Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
     Fasa__V1__Append a = FASA__V1__APPEND__INIT;
     Fasa__V1__Tensor tk, tv;
-    s_tensor(&tk, shape, rank, k, n);
-    s_tensor(&tv, shape, rank, v, n);
+    wire_tensor(&tk, shape, rank, k, n);
+    wire_tensor(&tv, shape, rank, v, n);
     a.session_id = (char *)id;
     a.start_pos = start;
     a.k = &tk;
@@ -222,8 +222,8 @@ START_TEST(test_bad_bytes)
     Fasa__V1__Append a = FASA__V1__APPEND__INIT;
     Fasa__V1__Tensor tk, tv;
     uint64_t shape[3] = {1, HKV, D};
-    s_tensor(&tk, shape, 3, &s_k[0][0][0][0], HKV * D);
-    s_tensor(&tv, shape, 3, &s_v[0][0][0][0], HKV * D);
+    wire_tensor(&tk, shape, 3, &s_k[0][0][0][0], HKV * D);
+    wire_tensor(&tv, shape, 3, &s_v[0][0][0][0], HKV * D);
     a.session_id = "bad";
     a.has_layer = 1;
     a.layer = 0;
@@ -271,7 +271,7 @@ START_TEST(test_bad_fields)
     Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
     Fasa__V1__Attend a = FASA__V1__ATTEND__INIT;
     Fasa__V1__Tensor tq;
-    s_tensor(&tq, huge, 2, q, H * D);
+    wire_tensor(&tq, huge, 2, q, H * D);
     a.session_id = "bad";
     a.layer = 1;
     a.q = &tq;
@@ -311,7 +311,7 @@ START_TEST(test_bad_fields)
     /* k_new without v_new. */
     Fasa__V1__Tensor tk;
     uint64_t kshape[2] = {HKV, D};
-    s_tensor(&tk, kshape, 2, &s_k[1][0][0][0], HKV * D);
+    wire_tensor(&tk, kshape, 2, &s_k[1][0][0][0], HKV * D);
     a.k_new = &tk;
     wire_expect_error(wire_send(&req), FASA__V1__STATUS__INVALID_ARGUMENT, "v_new");
     a.k_new = NULL;
@@ -365,8 +365,8 @@ START_TEST(test_bad_fields)
     Fasa__V1__BatchAttend b = FASA__V1__BATCH_ATTEND__INIT;
     Fasa__V1__Attend ok = FASA__V1__ATTEND__INIT, bad = FASA__V1__ATTEND__INIT;
     Fasa__V1__Tensor tq_ok, tq_bad;
-    s_tensor(&tq_ok, good, 2, &s_q[0][0], H * D);
-    s_tensor(&tq_bad, wrong, 2, &s_q[0][0], H * (D - 2));
+    wire_tensor(&tq_ok, good, 2, &s_q[0][0], H * D);
+    wire_tensor(&tq_bad, wrong, 2, &s_q[0][0], H * (D - 2));
     ok.session_id = bad.session_id = "bad";
     ok.layer = bad.layer = 1;
     ok.q = &tq_ok;

@@ -20,6 +20,8 @@
 typedef Fasa__V1__Response *(*wire_rt_fn)(const void *buf, size_t len);
 
 void wire_set_roundtrip(wire_rt_fn rt);
+/* An F32 tensor of n floats at data with shape[rank] (borrowed). */
+void wire_tensor(Fasa__V1__Tensor *t, uint64_t *shape, int rank, const float *data, size_t n);
 /* A CreateSession request for id with the geometry above (no profile: dense). */
 void wire_create_init(Fasa__V1__Request *req, Fasa__V1__CreateSession *c, const char *id);
 /* Packs and sends req (request id and version filled in when 0); asserts a reply. */
