@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "attn.h"
+#include "dtype.h"
 #include "topk.h"
 
 #define MAX_LAYERS 1024
@@ -277,6 +278,11 @@ static fasa_status s_check_config(const fasa_session_config *c, fasa_error *err)
         return s_fail(err, FASA_INVALID_ARGUMENT, "gqa %d is unknown", (int)c->gqa);
     if (c->method == FASA_METHOD_SPARQ && c->gqa == FASA_GQA_SHARED)
         return s_fail(err, FASA_INVALID_ARGUMENT, "method sparq supports gqa per-head only");
+    if (!fasa_dtype_name(c->dtype))
+        return s_fail(err, FASA_INVALID_ARGUMENT, "dtype %d is not f32, f16 or bf16", c->dtype);
+    if (c->dtype != FASA_DTYPE_F32)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "dtype %s is not supported yet (f32 only)",
+                      fasa_dtype_name(c->dtype));
     if (c->budget < 1 || c->budget > MAX_BUDGET)
         return s_fail(err, FASA_INVALID_ARGUMENT, "budget %d out of range [1, %d]", c->budget,
                       MAX_BUDGET);

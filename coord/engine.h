@@ -78,6 +78,8 @@ typedef struct fasa_session_config {
     int budget;                  /* default B, tokens per selection unit */
     fasa_gqa gqa;                /* default token selection: per query head or per KV head */
     const uint8_t *dense_layers; /* (n_layers) 1 = always dense under fasa; NULL: layer 0 */
+    int dtype;                   /* fasa_dtype (kernels/dtype.h) of the stored keys and values;
+                                    0 = f32 */
 } fasa_session_config;
 
 typedef struct fasa_attend_req {
