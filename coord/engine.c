@@ -23,6 +23,15 @@
 /* Transport session numbers are never reused (the MPI workers index tables by them). */
 #define MAX_SESSION_NUMBERS (1 << 24)
 
+/* What one shard holds of one layer of a session: rows, distinct QUEST pages, and the last
+ * page (pages are aligned positions / SHARD_QUEST_PAGE), from which shard_layer_bytes gives
+ * the bytes the shard allocates for them. The engine keeps these so that it can refuse an
+ * append that would take a shard over the memory limit before it sends any row. */
+typedef struct acct {
+    int64_t rows, pages;
+    int32_t last_page;
+} acct;
+
 typedef struct session {
     char id[FASA_ID_MAX + 1];
     int sid;                 /* transport's session number */
@@ -30,12 +39,15 @@ typedef struct session {
     fasa_profile *profile;   /* owned copy or NULL */
     uint8_t *dense_layers;   /* (n_layers) */
     int32_t *n_appended;     /* (n_layers) */
+    acct *held;              /* (n_shards, n_layers) what each shard holds of each layer */
     struct session *next;
 } session;
 
 struct fasa_engine {
     fasa_transport tr;
-    int block; /* placement block, tokens */
+    int block;            /* placement block, tokens */
+    int64_t mem_limit;    /* bytes per shard, 0 = none */
+    int64_t *shard_bytes; /* (n_shards) KV store bytes each shard allocates */
     int next_sid;
     session *sessions; /* singly linked; a service holds few sessions */
     /* Step scratch, grow-only. */
@@ -114,6 +126,10 @@ fasa_engine_t *fasa_engine_new_with(const fasa_transport *transport, int block_t
     if (!e) return NULL;
     e->tr = *transport;
     e->block = block_tokens > 0 ? block_tokens : FASA_DEFAULT_BLOCK;
+    if (!(e->shard_bytes = calloc((size_t)transport->n_shards, sizeof(int64_t)))) {
+        free(e);
+        return NULL;
+    }
     return e;
 }
 
@@ -131,6 +147,7 @@ static void s_session_free(session *s)
     fasa_profile_destroy(&s->profile);
     free(s->dense_layers);
     free(s->n_appended);
+    free(s->held);
     free(s);
 }
 
@@ -155,6 +172,7 @@ void fasa_engine_destroy(fasa_engine_t **engine_p)
     free(e->o);
     free(e->aux);
     free(e->n_sel);
+    free(e->shard_bytes);
     free(e);
     *engine_p = NULL;
 }
@@ -336,7 +354,9 @@ fasa_status fasa_engine_create(fasa_engine_t *e, const char *id, const fasa_sess
     s->cfg = *cfg;
     s->dense_layers = calloc((size_t)cfg->n_layers, 1);
     s->n_appended = calloc((size_t)cfg->n_layers, sizeof(int32_t));
-    if (!s->dense_layers || !s->n_appended) goto oom;
+    s->held = calloc((size_t)e->tr.n_shards * cfg->n_layers, sizeof(acct));
+    if (!s->dense_layers || !s->n_appended || !s->held) goto oom;
+    for (size_t i = 0; i < (size_t)e->tr.n_shards * cfg->n_layers; i++) s->held[i].last_page = -1;
     if (cfg->dense_layers)
         memcpy(s->dense_layers, cfg->dense_layers, (size_t)cfg->n_layers);
     else
@@ -396,6 +416,74 @@ oom:
     return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory setting the profile of '%s'", id);
 }
 
+static int64_t s_acct_bytes(const session *s, const acct *a)
+{
+    const shard_layout lay = {.n_kv_heads = s->cfg.n_kv_heads, .head_dim = s->cfg.head_dim};
+    return (int64_t)shard_layer_bytes(&lay, a->rows, a->pages);
+}
+
+/* Rows p0 .. p0 + n - 1 join a shard's layer (as shard.c's s_new_pages counts pages). */
+static void s_acct_add(acct *a, int32_t p0, int n)
+{
+    const int32_t first = p0 / SHARD_QUEST_PAGE, last = (p0 + n - 1) / SHARD_QUEST_PAGE;
+    a->rows += n;
+    a->pages += last - first + 1 - (first == a->last_page);
+    a->last_page = last;
+}
+
+/* Tokens [p, p + n) of one layer in runs that stay on one shard and one placement block. */
+static int s_run_len(const fasa_engine_t *e, int32_t p, int n)
+{
+    const int run = (int)(e->block - p % e->block);
+    return run < n ? run : n;
+}
+
+/* Refuses (RESOURCE_EXHAUSTED, nothing sent) an append of tokens pos0 .. pos0 + n - 1 to
+ * layers l0 .. l1 - 1 that would take a shard's KV store over the memory limit. */
+static fasa_status s_check_limit(fasa_engine_t *e, const session *s, int l0, int l1, int32_t pos0,
+                                 int n, fasa_error *err)
+{
+    if (e->mem_limit <= 0) return FASA_OK;
+    const int S = e->tr.n_shards, L = s->cfg.n_layers;
+    int64_t *grow = calloc((size_t)S, sizeof(int64_t));
+    if (!grow) return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory");
+    for (int l = l0; l < l1; l++) {
+        /* Each shard's rows change once per run; simulate on copies, shard by shard. */
+        for (int sh = 0; sh < S; sh++) {
+            acct a = s->held[sh * L + l];
+            const int64_t before = s_acct_bytes(s, &a);
+            int touched = 0;
+            for (int i = 0; i < n;) {
+                const int32_t p = pos0 + i;
+                const int run = s_run_len(e, p, n - i);
+                if ((int)((p / e->block) % S) == sh) s_acct_add(&a, p, run), touched = 1;
+                i += run;
+            }
+            if (touched) grow[sh] += s_acct_bytes(s, &a) - before;
+        }
+    }
+    fasa_status st = FASA_OK;
+    for (int sh = 0; sh < S && !st; sh++)
+        if (grow[sh] > 0 && e->shard_bytes[sh] + grow[sh] > e->mem_limit)
+            st = s_fail(err, FASA_RESOURCE_EXHAUSTED,
+                        "memory limit: %d tokens would take shard %d to %lld bytes, "
+                        "over the limit of %lld bytes per shard (--memory-limit; it holds %lld)",
+                        n, sh, (long long)(e->shard_bytes[sh] + grow[sh]),
+                        (long long)e->mem_limit, (long long)e->shard_bytes[sh]);
+    free(grow);
+    return st;
+}
+
+void fasa_engine_set_memory_limit(fasa_engine_t *e, int64_t bytes_per_shard)
+{
+    e->mem_limit = bytes_per_shard > 0 ? bytes_per_shard : 0;
+}
+
+int64_t fasa_engine_shard_bytes(const fasa_engine_t *e, int shard)
+{
+    return shard >= 0 && shard < e->tr.n_shards ? e->shard_bytes[shard] : -1;
+}
+
 fasa_status fasa_engine_drop(fasa_engine_t *e, const char *id, fasa_error *err)
 {
     for (session **pp = &e->sessions; *pp; pp = &(*pp)->next)
@@ -403,6 +491,9 @@ fasa_status fasa_engine_drop(fasa_engine_t *e, const char *id, fasa_error *err)
             session *s = *pp;
             *pp = s->next;
             e->tr.session_drop(e->tr.ctx, s->sid);
+            for (int sh = 0; sh < e->tr.n_shards; sh++)
+                for (int l = 0; l < s->cfg.n_layers; l++)
+                    e->shard_bytes[sh] -= s_acct_bytes(s, &s->held[sh * s->cfg.n_layers + l]);
             s_session_free(s);
             return FASA_OK;
         }
@@ -444,6 +535,10 @@ static int s_place(fasa_engine_t *e, session *s, int layer, int32_t pos0, int n,
         if (e->tr.append(e->tr.ctx, s->sid, shard, layer, run, pos, k + (size_t)i * row,
                          v + (size_t)i * row))
             return -1;
+        acct *a = &s->held[shard * s->cfg.n_layers + layer];
+        const int64_t before = s_acct_bytes(s, a);
+        s_acct_add(a, p, run);
+        e->shard_bytes[shard] += s_acct_bytes(s, a) - before;
         i += run;
         *placed_p = i;
     }
@@ -476,6 +571,8 @@ fasa_status fasa_engine_append(fasa_engine_t *e, const char *id, int layer, int3
         return s_fail(err, FASA_INVALID_ARGUMENT, "k[%ld] is not finite", bad);
     if ((bad = s_nonfinite(total, v)) >= 0)
         return s_fail(err, FASA_INVALID_ARGUMENT, "v[%ld] is not finite", bad);
+    fasa_status st = s_check_limit(e, s, l0, l1, pos0, n, err);
+    if (st) return st;
     for (int l = l0; l < l1; l++) {
         const size_t off = per_layer * (size_t)(l - l0);
         int placed;
@@ -582,6 +679,10 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
                       budget);
 
     int placed = 0;
+    if (req->k_new) {
+        fasa_status st = s_check_limit(e, s, req->layer, req->layer + 1, length - 1, 1, err);
+        if (st) return st;
+    }
     if (req->k_new && s_place(e, s, req->layer, length - 1, 1, req->k_new, req->v_new, &placed))
         return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory appending k_new to '%s'", id);
     s->n_appended[req->layer] += placed;

@@ -145,6 +145,16 @@ fasa_status fasa_engine_set_profile(fasa_engine_t *e, const char *id, const fasa
 int fasa_engine_count(const fasa_engine_t *e);
 int64_t fasa_engine_kv_bytes(const fasa_engine_t *e, const char *id);
 
+/* The memory limit (--memory-limit): an append (or an Attend's k_new) that would take a
+ * shard's KV store past bytes_per_shard allocated bytes (shard_bytes_held: chunks, position
+ * tables and QUEST page bounds, over every session) is refused with RESOURCE_EXHAUSTED
+ * before any row is sent, so it changes nothing. 0 = no limit. In the server a shard is a
+ * worker rank (shard i on rank i + 1; with one rank, rank 0 holds shard 0). */
+void fasa_engine_set_memory_limit(fasa_engine_t *e, int64_t bytes_per_shard);
+/* The KV store bytes shard `shard` allocates, as the engine accounts them (equal to the
+ * shard's own shard_bytes_held), or -1 for a shard out of range. */
+int64_t fasa_engine_shard_bytes(const fasa_engine_t *e, int shard);
+
 /* What every shard holds (transport.h fasa_shard_stats): out has one entry per shard of the
  * engine (shard i in out[i]), for session id, or summed over every session (id NULL).
  * NOT_FOUND for an unknown id; INTERNAL when a shard did not report. */

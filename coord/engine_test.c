@@ -336,6 +336,84 @@ START_TEST(test_engine_shards_agree)
 }
 END_TEST
 
+/* The memory limit: the engine's accounting equals what each shard allocates, an append or
+ * an Attend's k_new that would pass the limit is refused and changes nothing, and dropping
+ * a session gives its bytes back. Block 5 makes QUEST pages straddle blocks and shards. */
+START_TEST(test_engine_memory_limit)
+{
+    enum { NH = 4, NKV = 2, D = 8, S = 3, N = 5000 };
+    fasa_engine_t *e = fasa_engine_new(S, 5);
+    fasa_session_config cfg = {.n_layers = 2,
+                               .n_heads = NH,
+                               .n_kv_heads = NKV,
+                               .head_dim = D,
+                               .method = FASA_METHOD_DENSE,
+                               .budget = 8};
+    fasa_error err;
+    ck_assert_int_eq(fasa_engine_create(e, "a", &cfg, &err), FASA_OK);
+    ck_assert_int_eq(fasa_engine_create(e, "b", &cfg, &err), FASA_OK);
+    test_rng r = {77};
+    float *k = malloc(sizeof(float) * 2 * N * NKV * D),
+          *v = malloc(sizeof(float) * 2 * N * NKV * D);
+    float q[NH * D], o[NH * D];
+    test_fill(&r, 2 * N * NKV * D, k, 1.0f);
+    test_fill(&r, 2 * N * NKV * D, v, 1.0f);
+    test_fill(&r, NH * D, q, 1.0f);
+    /* Uneven appends: one layer at a time, then both layers at once. */
+    ck_assert_int_eq(fasa_engine_append(e, "a", 0, 0, 1234, k, v, &err), FASA_OK);
+    ck_assert_int_eq(fasa_engine_append(e, "a", 1, 0, 77, k, v, &err), FASA_OK);
+    ck_assert_int_eq(fasa_engine_append(e, "b", -1, 0, 333, k, v, &err), FASA_OK);
+    fasa_shard_stats st[S], st2[S];
+    ck_assert_int_eq(fasa_engine_shard_stats(e, NULL, st, &err), FASA_OK);
+    int64_t held = 0;
+    for (int i = 0; i < S; i++) {
+        ck_assert_int_gt(st[i].alloc_bytes, 0);
+        ck_assert_int_eq(fasa_engine_shard_bytes(e, i), st[i].alloc_bytes);
+        if (st[i].alloc_bytes > held) held = st[i].alloc_bytes;
+    }
+    /* A limit just above the fullest shard: growing into a new chunk does not fit. */
+    fasa_engine_set_memory_limit(e, held + 1);
+    ck_assert_int_eq(fasa_engine_append(e, "a", 0, 1234, N, k, v, &err), FASA_RESOURCE_EXHAUSTED);
+    ck_assert_ptr_nonnull(strstr(err.msg, "memory-limit"));
+    ck_assert_int_eq(fasa_engine_append(e, "b", -1, 333, N, k, v, &err), FASA_RESOURCE_EXHAUSTED);
+    ck_assert_int_eq(fasa_engine_length(e, "a", 0), 1234);
+    ck_assert_int_eq(fasa_engine_length(e, "b", 0), 333);
+    ck_assert_int_eq(fasa_engine_length(e, "b", 1), 333);
+    ck_assert_int_eq(fasa_engine_shard_stats(e, NULL, st2, &err), FASA_OK);
+    ck_assert_mem_eq(st, st2, sizeof(st));
+    /* A few rows that stay inside the chunks, tables and pages already held still fit. */
+    ck_assert_int_eq(fasa_engine_append(e, "a", 0, 1234, 2, k, v, &err), FASA_OK);
+    /* An Attend whose k_new needs a new chunk fails before the step and leaves the length;
+     * the growth is counted, not what is held already: a row that allocates nothing fits
+     * even above the limit. */
+    fasa_attend_req req = {
+        .layer = 0, .q = q, .k_new = k, .v_new = v, .method = -1, .gqa = -1, .max_pos = -1};
+    ck_assert_int_eq(fasa_engine_create(e, "c", &cfg, &err), FASA_OK);
+    fasa_engine_set_memory_limit(e, held);
+    ck_assert_int_eq(fasa_engine_attend(e, "c", &req, o, NULL, NULL, &err),
+                     FASA_RESOURCE_EXHAUSTED);
+    ck_assert_int_eq(fasa_engine_length(e, "c", 0), 0);
+    fasa_engine_set_memory_limit(e, 1);
+    ck_assert_int_eq(fasa_engine_attend(e, "a", &req, o, NULL, NULL, &err), FASA_OK);
+    ck_assert_int_eq(fasa_engine_length(e, "a", 0), 1237);
+    fasa_engine_set_memory_limit(e, 0);
+    ck_assert_int_eq(fasa_engine_attend(e, "c", &req, o, NULL, NULL, &err), FASA_OK);
+    ck_assert_int_eq(fasa_engine_length(e, "c", 0), 1);
+    ck_assert_int_eq(fasa_engine_shard_stats(e, NULL, st, &err), FASA_OK);
+    for (int i = 0; i < S; i++) ck_assert_int_eq(fasa_engine_shard_bytes(e, i), st[i].alloc_bytes);
+    /* Without a limit a large append goes through and the accounting still matches. */
+    ck_assert_int_eq(fasa_engine_append(e, "b", -1, 333, N, k, v, &err), FASA_OK);
+    ck_assert_int_eq(fasa_engine_shard_stats(e, NULL, st, &err), FASA_OK);
+    for (int i = 0; i < S; i++) ck_assert_int_eq(fasa_engine_shard_bytes(e, i), st[i].alloc_bytes);
+    ck_assert_int_eq(fasa_engine_drop(e, "a", &err), FASA_OK);
+    ck_assert_int_eq(fasa_engine_drop(e, "b", &err), FASA_OK);
+    ck_assert_int_eq(fasa_engine_drop(e, "c", &err), FASA_OK);
+    for (int i = 0; i < S; i++) ck_assert_int_eq(fasa_engine_shard_bytes(e, i), 0);
+    free(k), free(v);
+    fasa_engine_destroy(&e);
+}
+END_TEST
+
 /* Bad input gets the right status and a message naming the field, and changes nothing. */
 START_TEST(test_engine_bad_input)
 {
@@ -514,6 +592,7 @@ Suite *engine_suite(void)
     tcase_add_test(tc, test_engine_shards_agree);
     tcase_add_test(tc, test_engine_baselines_ref);
     tcase_add_test(tc, test_engine_bad_input);
+    tcase_add_test(tc, test_engine_memory_limit);
     tcase_add_test(tc, test_profile_roundtrip);
     suite_add_tcase(s, tc);
     return s;

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "edge.h"
+#include "service.h"
 
 typedef enum { K_STRING, K_INT, K_LEVEL, K_FLAG } key_kind;
 
@@ -27,6 +28,11 @@ static const key s_keys[] = {
      K_INT, 1, 1 << 24},
     {"max-message", "FASA_MAX_MESSAGE", "268435456", "BYTES", "largest request and reply, in bytes",
      K_INT, 1024, 1LL << 31},
+    {"memory-limit", "FASA_MEMORY_LIMIT", "0", "BYTES",
+     "KV store bytes per rank (suffix K, M, G, T: powers of 1024); 0 = no limit", K_INT, 0,
+     1LL << 50},
+    {"max-sessions", "FASA_MAX_SESSIONS", "1024", "N", "sessions held at once", K_INT, 1,
+     FASA_SERVICE_MAX_SESSIONS},
     {"log-level", "FASA_LOG_LEVEL", "info", "LEVEL",
      "error, warn, info (+ start, stop, refusals), debug (+ all)", K_LEVEL, 0, 0},
     {"quiet", "FASA_QUIET", "", "", "the same as --log-level warn", K_FLAG, 0, 0},
@@ -69,12 +75,24 @@ static int s_set(server_config *c, const key *k, const char *value, const char *
     if (k->kind == K_INT) {
         char *end;
         errno = 0;
-        const long long v = strtoll(value, &end, 10);
+        long long v = strtoll(value, &end, 10);
+        /* A BYTES setting may end in K, M, G or T (KiB, MiB, GiB, TiB). */
+        const char *units = "KMGT", *u = *end && !end[1] && !strcmp(k->arg, "BYTES")
+                                             ? strchr(units, end[0] & ~0x20)
+                                             : NULL;
+        if (u && *u && v >= 0 && v <= (k->hi >> (10 * (u - units + 1)))) {
+            v <<= 10 * (u - units + 1);
+            end++;
+        }
         if (!*value || *end || errno || v < k->lo || v > k->hi)
             return s_err(err, len, "%s: '%s' must be an integer in [%lld, %lld]", where, value,
                          k->lo, k->hi);
         if (strcmp(k->name, "block") == 0)
             c->block = (long)v;
+        else if (strcmp(k->name, "memory-limit") == 0)
+            c->memory_limit = v;
+        else if (strcmp(k->name, "max-sessions") == 0)
+            c->max_sessions = (int)v;
         else
             c->max_message = v;
         return 0;
@@ -243,9 +261,11 @@ int server_config_load(server_config *c, int argc, char **argv, FILE *out, char 
 
 void server_config_describe(const server_config *c, char *buf, size_t len)
 {
-    snprintf(buf, len, "bind=%s block=%ld max-message=%lld log-level=%s%s%s%s%s%s%s", c->bind,
-             c->block, c->max_message, fasa_log_level_name(c->log_level),
-             *c->endpoint_file ? " endpoint-file=" : "", c->endpoint_file,
-             *c->pid_file ? " pid-file=" : "", c->pid_file, *c->config ? " config=" : "",
-             c->config);
+    snprintf(buf, len,
+             "bind=%s block=%ld max-message=%lld memory-limit=%lld max-sessions=%d "
+             "log-level=%s%s%s%s%s%s%s",
+             c->bind, c->block, c->max_message, c->memory_limit, c->max_sessions,
+             fasa_log_level_name(c->log_level), *c->endpoint_file ? " endpoint-file=" : "",
+             c->endpoint_file, *c->pid_file ? " pid-file=" : "", c->pid_file,
+             *c->config ? " config=" : "", c->config);
 }

@@ -18,6 +18,8 @@ typedef struct server_config {
     char config[512];        /* the config file read, "" = none */
     long block;
     long long max_message;
+    long long memory_limit; /* KV store bytes per rank, 0 = none */
+    int max_sessions;
     fasa_log_level log_level;
 } server_config;
 

@@ -282,7 +282,9 @@ int main(int argc, char **argv)
         fasa_log(FASA_LOG_ERROR, 0, "out of memory starting the engine");
         MPI_Abort(MPI_COMM_WORLD, 1);
     }
-    const fasa_service_opts so = {.n_ranks = size, .max_message = (size_t)o.max_message};
+    fasa_engine_set_memory_limit(engine, o.memory_limit);
+    const fasa_service_opts so = {
+        .n_ranks = size, .max_message = (size_t)o.max_message, .max_sessions = o.max_sessions};
     fasa_service *svc = fasa_service_new(engine, size == 1 ? 1 : size - 1, &so);
     if (!svc) {
         fasa_log(FASA_LOG_ERROR, 0, "out of memory starting the service");

@@ -38,6 +38,7 @@ struct fasa_service {
     fasa_engine_t *engine;
     int n_ranks, n_shards;
     size_t max_message;
+    int max_sessions;
     struct timespec start;
     uint64_t requests, errors, steps;
     named_profile profiles[FASA_SERVICE_MAX_PROFILES];
@@ -153,6 +154,9 @@ fasa_service *fasa_service_new(fasa_engine_t *engine, int n_shards, const fasa_s
         return NULL;
     }
     s->max_message = o->max_message ? o->max_message : EDGE_DEFAULT_MAX_MESSAGE;
+    s->max_sessions = o->max_sessions > 0 && o->max_sessions < FASA_SERVICE_MAX_SESSIONS
+                          ? o->max_sessions
+                          : FASA_SERVICE_MAX_SESSIONS;
     clock_gettime(CLOCK_MONOTONIC, &s->start);
     return s;
 }
@@ -239,11 +243,11 @@ static const fasa_profile *s_profile_of(fasa_service *s, const char *text, const
 
 static fasa_status s_create(fasa_service *s, const edge_create *c, reply *r)
 {
-    if (fasa_engine_count(s->engine) >= FASA_SERVICE_MAX_SESSIONS &&
+    if (fasa_engine_count(s->engine) >= s->max_sessions &&
         !fasa_engine_config(s->engine, c->session_id))
         return s_fail(r, FASA_RESOURCE_EXHAUSTED,
-                      "create_session: the server holds its limit of %d sessions",
-                      FASA_SERVICE_MAX_SESSIONS);
+                      "create_session: the server holds its limit of %d sessions (--max-sessions)",
+                      s->max_sessions);
     fasa_profile *owned;
     const fasa_profile *prof =
         s_profile_of(s, c->profile_text, c->profile_name, "create_session", &owned, r);

@@ -21,6 +21,7 @@ typedef struct fasa_service fasa_service;
 typedef struct fasa_service_opts {
     int n_ranks;        /* MPI ranks of the job, for Ping and Stats */
     size_t max_message; /* largest request accepted, bytes */
+    int max_sessions;   /* sessions held at once, 1..FASA_SERVICE_MAX_SESSIONS; 0 = the most */
 } fasa_service_opts;
 
 /* A service over engine (which it owns from now on). NULL when out of memory. */

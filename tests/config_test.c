@@ -20,8 +20,9 @@ static int s_load(server_config *c, char **argv, char *err)
 
 static void s_clear_env(void)
 {
-    const char *vars[] = {"FASA_BIND",        "FASA_ENDPOINT_FILE", "FASA_PID_FILE", "FASA_BLOCK",
-                          "FASA_MAX_MESSAGE", "FASA_LOG_LEVEL",     "FASA_QUIET",    "FASA_CONFIG"};
+    const char *vars[] = {"FASA_BIND",         "FASA_ENDPOINT_FILE", "FASA_PID_FILE", "FASA_BLOCK",
+                          "FASA_MAX_MESSAGE",  "FASA_LOG_LEVEL",     "FASA_QUIET",    "FASA_CONFIG",
+                          "FASA_MEMORY_LIMIT", "FASA_MAX_SESSIONS"};
     for (size_t i = 0; i < sizeof(vars) / sizeof(*vars); i++) unsetenv(vars[i]);
 }
 
@@ -100,6 +101,25 @@ START_TEST(test_precedence)
     ck_assert_ptr_nonnull(strstr(err, "--blocks"));
     char *missing[] = {"fasa-server", "--bind", NULL};
     ck_assert_int_eq(s_load(&c, missing, err), 2);
+    /* Byte sizes take K, M, G and T (powers of 1024); other suffixes and overflows fail. */
+    ck_assert_int_eq(c.memory_limit, 0);
+    char *lim[] = {"fasa-server", "--memory-limit", "3G", "--max-sessions", "5", NULL};
+    ck_assert_int_eq(s_load(&c, lim, err), 0);
+    ck_assert_int_eq(c.memory_limit, 3LL << 30);
+    ck_assert_int_eq(c.max_sessions, 5);
+    setenv("FASA_MEMORY_LIMIT", "1536k", 1);
+    ck_assert_int_eq(s_load(&c, plain, err), 0);
+    ck_assert_int_eq(c.memory_limit, 1536 << 10);
+    ck_assert_int_eq(c.max_sessions, 1024);
+    setenv("FASA_MEMORY_LIMIT", "2X", 1);
+    ck_assert_int_eq(s_load(&c, plain, err), 2);
+    ck_assert_ptr_nonnull(strstr(err, "FASA_MEMORY_LIMIT"));
+    setenv("FASA_MEMORY_LIMIT", "9000T", 1);
+    ck_assert_int_eq(s_load(&c, plain, err), 2);
+    s_clear_env();
+    char *lim0[] = {"fasa-server", "--max-sessions", "0", NULL};
+    ck_assert_int_eq(s_load(&c, lim0, err), 2);
+    ck_assert_ptr_nonnull(strstr(err, "--max-sessions"));
     char *help[] = {"fasa-server", "--block", "3", "--help", NULL};
     ck_assert_int_eq(s_load(&c, help, err), 1);
 }

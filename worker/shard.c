@@ -754,16 +754,28 @@ int64_t shard_bytes_read(const shard_t *s)
     return s->bytes_read_last;
 }
 
+/* The growth rule of s_reserve: capacity first0, doubled until it holds need (0 for none). */
+static int64_t s_cap(int64_t need, int64_t first)
+{
+    if (need <= 0) return 0;
+    int64_t cap = first;
+    while (cap < need) cap *= 2;
+    return cap;
+}
+
+size_t shard_layer_bytes(const shard_layout *lay, int64_t rows, int64_t pages)
+{
+    const int64_t chunks = (rows + SHARD_CHUNK - 1) / SHARD_CHUNK;
+    const int64_t row = (int64_t)lay->n_kv_heads * lay->head_dim * 2 * (int64_t)sizeof(float);
+    return (size_t)(chunks * SHARD_CHUNK * row + s_cap(rows, 1024) * (int64_t)sizeof(int32_t) +
+                    s_cap(pages, 64) * ((int64_t)sizeof(int32_t) + (int64_t)sizeof(int) + row));
+}
+
 size_t shard_bytes_held(const shard_t *s)
 {
     size_t total = 0;
-    const size_t per_chunk = (size_t)SHARD_CHUNK * s->lay.head_dim * 2 * sizeof(float);
     for (int l = 0; l < s->lay.n_layers; l++)
-        total += (size_t)s->layers[l].n_chunks * s->lay.n_kv_heads * per_chunk +
-                 (size_t)s->layers[l].pos_cap * sizeof(int32_t) +
-                 (size_t)s->layers[l].page_cap *
-                     (sizeof(int32_t) + sizeof(int) +
-                      (size_t)s->lay.n_kv_heads * 2 * s->lay.head_dim * sizeof(float));
+        total += shard_layer_bytes(&s->lay, s->layers[l].n_rows, s->layers[l].n_pages);
     return total;
 }
 

@@ -145,6 +145,11 @@ void shard_sparq_aux(const shard_t *shard, const shard_step *step, double *aux);
 int64_t shard_bytes_read(const shard_t *shard);
 /* Bytes held in the KV store (chunks, position tables and the QUEST page bounds). */
 size_t shard_bytes_held(const shard_t *shard);
+/* What one layer's store allocates once it holds `rows` rows on `pages` distinct QUEST pages
+ * (pages of SHARD_QUEST_PAGE aligned positions); shard_bytes_held is its sum over the layers.
+ * It depends on nothing else, so the coordinator can account a shard's memory before it
+ * sends rows there (the engine's --memory-limit). */
+size_t shard_layer_bytes(const shard_layout *layout, int64_t rows, int64_t pages);
 /* Bytes of the rows held, all layers, by part (the layout above): kdom (the dominant key
  * dims), krest (the other key dims) and v (the values). They count stored elements, not
  * chunk capacity, so kdom + krest = v = rows x n_kv_heads x head_dim x 4 bytes. */

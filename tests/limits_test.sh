@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# fasa-server's limits end to end with N ranks: --memory-limit refuses an append that would
+# take a rank's KV store over it and leaves the session and every rank's holdings as they
+# were, a dense step over the kept rows still gives the exact answer, dropping a session
+# gives its memory back, and --max-sessions refuses one session too many.
+# usage: limits_test.sh N BUILD_DIR
+set -u
+n=$1
+build=$2
+root=$(cd "$(dirname "$0")/.." && pwd)
+fasa=$build/fasa
+tmp=$(mktemp -d)
+export FASA_BUILD=$build FASA_RUN_DIR=$tmp/run
+pass=0
+fail=0
+ok() { pass=$((pass + 1)); echo "ok: $*"; }
+bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
+cleanup() {
+    bash "$root/deploy/stop-local.sh" >/dev/null 2>&1 || true
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+# A float32 .npy of the given shape with every value the same (4 little-endian bytes as
+# printf escapes): npy FILE 'SHAPE' COUNT BYTES.
+npy() {
+    local hdr="{'descr': '<f4', 'fortran_order': False, 'shape': ($2), }"
+    while [ $(( (10 + ${#hdr} + 1) % 64 )) -ne 0 ]; do hdr="$hdr "; done
+    local hl=$((${#hdr} + 1))
+    {
+        printf '\x93NUMPY\x01\x00'
+        printf "\\x$(printf %02x $((hl % 256)))\\x$(printf %02x $((hl / 256)))"
+        printf '%s\n' "$hdr"
+        local one=$4 block="" i
+        for i in $(seq 64); do block="$block$one"; done
+        for i in $(seq $(($3 / 64))); do printf "$block"; done
+        for i in $(seq $(($3 % 64))); do printf "$one"; done
+    } >"$1"
+}
+rows=4096
+npy "$tmp/k.npy" "$rows, 1, 8" $((rows * 8)) '\x00\x00\x80\x3e' # 0.25
+npy "$tmp/v.npy" "$rows, 1, 8" $((rows * 8)) '\x00\x00\x00\x3f' # 0.5
+npy "$tmp/q.npy" "2, 8" 16 '\x00\x00\x80\x3f'                   # 1.0
+npy "$tmp/want.npy" "2, 8" 16 '\x00\x00\x00\x3f'                # dense output: 0.5
+
+# One chunk of 4096 rows of this geometry is 4096 x 8 x 2 x 4 = 256 KiB, plus small tables.
+if ! bash "$root/deploy/run-local.sh" "$n" --bind 'tcp://127.0.0.1:*' -- --memory-limit 700K \
+    --max-sessions 2 --block 64 >"$tmp/start" 2>&1; then
+    cat "$tmp/start"
+    echo "FAIL: the server did not start"
+    exit 1
+fi
+export FASA_SERVER=$(cat "$FASA_RUN_DIR/endpoint")
+geom=(--layers 1 --heads 2 --kv-heads 1 --head-dim 8 --method dense --budget 16)
+"$fasa" create --session a "${geom[@]}" >/dev/null || bad "create a"
+
+# Append 4096 rows at a time until the limit refuses one.
+held=0
+refused=0
+for i in $(seq 12); do
+    "$fasa" stats >"$tmp/before" 2>&1
+    if "$fasa" append --session a --layer 0 --k "$tmp/k.npy" --v "$tmp/v.npy" >"$tmp/out" 2>&1; then
+        held=$((held + rows))
+        continue
+    fi
+    refused=1
+    break
+done
+if [ $refused = 1 ] && grep -q "RESOURCE_EXHAUSTED\|memory-limit" "$tmp/out" && grep -q "memory-limit" "$tmp/out"; then
+    ok "append refused after $held tokens: $(head -c 200 "$tmp/out")"
+else
+    bad "no memory-limit refusal after $held tokens: $(cat "$tmp/out")"
+fi
+[ $held -gt 0 ] && ok "$held tokens fit under the limit" || bad "nothing fit under the limit"
+"$fasa" stats >"$tmp/after" 2>&1
+# Everything but counters of requests and uptime must be unchanged: the rank table and KV bytes.
+keep() { grep -E '^(kv_bytes|n_sessions|rank|[0-9]+ )' "$1"; }
+if [ -n "$(keep "$tmp/after")" ] && diff <(keep "$tmp/before") <(keep "$tmp/after") >/dev/null; then
+    ok "the refused append changed no rank's holdings"
+else
+    bad "holdings changed: $(diff <(keep "$tmp/before") <(keep "$tmp/after") | head -5)"
+fi
+len=$("$fasa" stats --session a 2>/dev/null | awk '$1 == "session.length" || $1 == "length" {print $2; exit}')
+[ "$len" = "$held" ] && ok "session length $len" || bad "session length '$len', expected $held"
+if "$fasa" attend --session a --layer 0 --q "$tmp/q.npy" --method dense --out "$tmp/o.npy" >/dev/null 2>"$tmp/err" &&
+    d=$("$build/npy_diff" "$tmp/want.npy" "$tmp/o.npy" 0); then
+    ok "dense step over the kept rows: $d"
+else
+    bad "dense step: $(cat "$tmp/err") $d"
+fi
+
+# --max-sessions 2.
+"$fasa" create --session b "${geom[@]}" >/dev/null || bad "create b"
+if "$fasa" create --session c "${geom[@]}" >"$tmp/out" 2>&1; then
+    bad "a third session was created"
+elif grep -q "max-sessions" "$tmp/out"; then
+    ok "third session refused: $(cat "$tmp/out")"
+else
+    bad "third session: $(cat "$tmp/out")"
+fi
+
+# Dropping a gives its memory back: b takes as many rows as a held.
+"$fasa" drop --session a >/dev/null || bad "drop a"
+got=0
+for i in $(seq $((held / rows))); do
+    "$fasa" append --session b --layer 0 --k "$tmp/k.npy" --v "$tmp/v.npy" >"$tmp/out" 2>&1 && got=$((got + rows))
+done
+[ $got = $held ] && ok "after the drop, b took $got tokens" || bad "after the drop b took $got of $held: $(cat "$tmp/out")"
+
+echo "limits ($n ranks): $pass passed, $fail failed"
+[ $fail -eq 0 ]
