@@ -33,6 +33,9 @@ static const key s_keys[] = {
      1LL << 50},
     {"max-sessions", "FASA_MAX_SESSIONS", "1024", "N", "sessions held at once", K_INT, 1,
      FASA_SERVICE_MAX_SESSIONS},
+    {"deadline", "FASA_DEADLINE", "0", "MS",
+     "requests that give no deadline_ms may wait this long in the queue; 0 = no deadline", K_INT, 0,
+     86400000},
     {"log-level", "FASA_LOG_LEVEL", "info", "LEVEL",
      "error, warn, info (+ start, stop, refusals), debug (+ all)", K_LEVEL, 0, 0},
     {"quiet", "FASA_QUIET", "", "", "the same as --log-level warn", K_FLAG, 0, 0},
@@ -93,6 +96,8 @@ static int s_set(server_config *c, const key *k, const char *value, const char *
             c->memory_limit = v;
         else if (strcmp(k->name, "max-sessions") == 0)
             c->max_sessions = (int)v;
+        else if (strcmp(k->name, "deadline") == 0)
+            c->deadline_ms = (long)v;
         else
             c->max_message = v;
         return 0;
@@ -262,9 +267,9 @@ int server_config_load(server_config *c, int argc, char **argv, FILE *out, char 
 void server_config_describe(const server_config *c, char *buf, size_t len)
 {
     snprintf(buf, len,
-             "bind=%s block=%ld max-message=%lld memory-limit=%lld max-sessions=%d "
+             "bind=%s block=%ld max-message=%lld memory-limit=%lld max-sessions=%d deadline=%ld "
              "log-level=%s%s%s%s%s%s%s",
-             c->bind, c->block, c->max_message, c->memory_limit, c->max_sessions,
+             c->bind, c->block, c->max_message, c->memory_limit, c->max_sessions, c->deadline_ms,
              fasa_log_level_name(c->log_level), *c->endpoint_file ? " endpoint-file=" : "",
              c->endpoint_file, *c->pid_file ? " pid-file=" : "", c->pid_file,
              *c->config ? " config=" : "", c->config);

@@ -20,6 +20,7 @@ typedef struct server_config {
     long long max_message;
     long long memory_limit; /* KV store bytes per rank, 0 = none */
     int max_sessions;
+    long deadline_ms; /* default queue deadline, 0 = none */
     fasa_log_level log_level;
 } server_config;
 

@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #include <zmq.h>
 
@@ -112,6 +113,45 @@ static void s_log_event(const fasa_service_event *ev)
              ev->ms, ev->bytes_in, ev->bytes_out, *ev->msg ? ": " : "", ev->msg);
 }
 
+/* Requests read off the socket and not yet handled, with the time each was read, so that
+ * a request's wait (for its deadline_ms) is measured. The server reads every request that
+ * is ready before and after each one it handles; QUEUE_MAX bounds what it holds, and
+ * beyond that ZeroMQ's own bounded queue (ZMQ_RCVHWM) holds the rest. */
+#define QUEUE_MAX 32
+typedef struct queue {
+    inbound in[QUEUE_MAX];
+    double at[QUEUE_MAX];
+    int head, len;
+} queue;
+
+static double s_now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return 1e3 * (double)t.tv_sec + 1e-6 * (double)t.tv_nsec;
+}
+
+/* Takes the oldest request out of the queue into *in (the caller closes it). */
+static void s_queue_pop(queue *q, inbound *in)
+{
+    inbound *src = &q->in[q->head];
+    *in = *src;
+    if (src->has_id) zmq_msg_init(&in->id), zmq_msg_move(&in->id, &src->id);
+    if (src->has_payload) zmq_msg_init(&in->payload), zmq_msg_move(&in->payload, &src->payload);
+    q->head = (q->head + 1) % QUEUE_MAX;
+    q->len--;
+}
+
+static void s_queue_fill(queue *q, void *sock)
+{
+    while (q->len < QUEUE_MAX) {
+        const int at = (q->head + q->len) % QUEUE_MAX;
+        if (s_recv(sock, &q->in[at])) break;
+        q->at[at] = s_now_ms();
+        q->len++;
+    }
+}
+
 static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
 {
     void *ctx = zmq_ctx_new();
@@ -155,18 +195,21 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
              n_ranks > 1 ? "coordinator + workers" : "one rank holds the shard", pid, settings);
 
     int shutdown = 0;
+    static queue q;
     while (!shutdown && !s_stop) {
         zmq_pollitem_t item = {sock, 0, ZMQ_POLLIN, 0};
-        /* Blocks (no spinning) until a request or a signal arrives. */
-        if (zmq_poll(&item, 1, 1000) < 0) {
+        /* Blocks (no spinning) until a request or a signal arrives, unless requests wait. */
+        if (zmq_poll(&item, 1, q.len ? 0 : 1000) < 0) {
             if (errno == EINTR) continue;
             fasa_log(FASA_LOG_ERROR, 0, "zmq_poll: %s", zmq_strerror(errno));
             rc = 1;
             break;
         }
-        if (!(item.revents & ZMQ_POLLIN)) continue;
+        if (item.revents & ZMQ_POLLIN) s_queue_fill(&q, sock);
+        if (!q.len) continue;
         inbound in;
-        if (s_recv(sock, &in)) continue;
+        fasa_service_set_wait(svc, s_now_ms() - q.at[q.head]);
+        s_queue_pop(&q, &in);
         uint8_t *reply = NULL;
         size_t reply_len = 0;
         int failed;
@@ -191,7 +234,11 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
      * elsewhere instead of waiting out their timeout. */
     for (int drained = 0; drained < 1000; drained++) {
         inbound in;
-        if (s_recv(sock, &in)) break;
+        if (q.len) {
+            s_queue_pop(&q, &in);
+        } else if (s_recv(sock, &in)) {
+            break;
+        }
         uint8_t *reply = NULL;
         size_t reply_len = 0;
         uint64_t rid = 0;
@@ -283,8 +330,10 @@ int main(int argc, char **argv)
         MPI_Abort(MPI_COMM_WORLD, 1);
     }
     fasa_engine_set_memory_limit(engine, o.memory_limit);
-    const fasa_service_opts so = {
-        .n_ranks = size, .max_message = (size_t)o.max_message, .max_sessions = o.max_sessions};
+    const fasa_service_opts so = {.n_ranks = size,
+                                  .max_message = (size_t)o.max_message,
+                                  .max_sessions = o.max_sessions,
+                                  .deadline_ms = (uint32_t)o.deadline_ms};
     fasa_service *svc = fasa_service_new(engine, size == 1 ? 1 : size - 1, &so);
     if (!svc) {
         fasa_log(FASA_LOG_ERROR, 0, "out of memory starting the service");

@@ -39,6 +39,8 @@ struct fasa_service {
     int n_ranks, n_shards;
     size_t max_message;
     int max_sessions;
+    uint32_t deadline_ms; /* default queue deadline, 0 = none */
+    double waited_ms;     /* of the next request (fasa_service_set_wait) */
     struct timespec start;
     uint64_t requests, errors, steps;
     named_profile profiles[FASA_SERVICE_MAX_PROFILES];
@@ -52,6 +54,11 @@ struct fasa_service {
     fasa_service_event last;
     char last_session[EDGE_MAX_ID + 1];
 };
+
+void fasa_service_set_wait(fasa_service *s, double waited_ms)
+{
+    s->waited_ms = waited_ms > 0 ? waited_ms : 0;
+}
 
 const fasa_service_event *fasa_service_last_event(const fasa_service *s)
 {
@@ -154,6 +161,7 @@ fasa_service *fasa_service_new(fasa_engine_t *engine, int n_shards, const fasa_s
         return NULL;
     }
     s->max_message = o->max_message ? o->max_message : EDGE_DEFAULT_MAX_MESSAGE;
+    s->deadline_ms = o->deadline_ms;
     s->max_sessions = o->max_sessions > 0 && o->max_sessions < FASA_SERVICE_MAX_SESSIONS
                           ? o->max_sessions
                           : FASA_SERVICE_MAX_SESSIONS;
@@ -800,8 +808,18 @@ int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **
     s->by_kind[code ? s_body_kind(buf, len) : (int)req.kind]++;
     s->last.kind = s_kind_name(code ? 0 : (int)req.kind);
     snprintf(s->last_session, sizeof(s->last_session), "%s", code ? "" : s_session_of(&req));
+    const double waited = s->waited_ms;
+    s->waited_ms = 0;
     if (code) {
         r.code = (fasa_status)code;
+        goto reply;
+    }
+    const uint32_t deadline = req.deadline_ms ? req.deadline_ms : s->deadline_ms;
+    if (deadline && req.kind != EDGE_SHUTDOWN && waited > deadline) {
+        s_fail(&r, FASA_UNAVAILABLE,
+               "deadline_ms: the request waited %.0f ms in the server's queue, past its "
+               "deadline of %u ms, and did not run",
+               waited, deadline);
         goto reply;
     }
     switch (req.kind) {

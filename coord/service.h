@@ -19,9 +19,10 @@
 typedef struct fasa_service fasa_service;
 
 typedef struct fasa_service_opts {
-    int n_ranks;        /* MPI ranks of the job, for Ping and Stats */
-    size_t max_message; /* largest request accepted, bytes */
-    int max_sessions;   /* sessions held at once, 1..FASA_SERVICE_MAX_SESSIONS; 0 = the most */
+    int n_ranks;          /* MPI ranks of the job, for Ping and Stats */
+    size_t max_message;   /* largest request accepted, bytes */
+    int max_sessions;     /* sessions held at once, 1..FASA_SERVICE_MAX_SESSIONS; 0 = the most */
+    uint32_t deadline_ms; /* queue deadline of requests that give none; 0 = none */
 } fasa_service_opts;
 
 /* A service over engine (which it owns from now on). NULL when out of memory. */
@@ -34,6 +35,12 @@ void fasa_service_destroy(fasa_service **service_p);
  * memory). */
 int fasa_service_handle(fasa_service *s, const void *req, size_t len, uint8_t **reply_p,
                         size_t *reply_len_p, int *shutdown_p);
+
+/* How long the next request handled has waited in the server's queue, in milliseconds
+ * (the server measures it from when it read the request off the socket). The request's
+ * deadline_ms (or the server's default) is checked against it: past it, the request is
+ * answered UNAVAILABLE without running. The next fasa_service_handle consumes it. */
+void fasa_service_set_wait(fasa_service *s, double waited_ms);
 
 /* What the last fasa_service_handle did, for the server's log. */
 typedef struct fasa_service_event {

@@ -488,6 +488,7 @@ int edge_decode(const void *buf, size_t len, size_t max_message, edge_request *r
     req->msg_ = m;
     req->alloc_ = a;
     req->request_id = m->request_id;
+    req->deadline_ms = m->has_deadline_ms ? m->deadline_ms : 0;
     *request_id_p = m->request_id;
     int st = ST_OK;
     if (!protobuf_c_message_check(&m->base))

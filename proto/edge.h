@@ -94,6 +94,7 @@ typedef struct edge_set_profile {
 
 typedef struct edge_request {
     uint64_t request_id;
+    uint32_t deadline_ms; /* 0: none given */
     edge_kind kind;
     union {
         struct {

@@ -802,6 +802,84 @@ START_TEST(test_stats_ranks)
 }
 END_TEST
 
+/* Deadlines: a request that waited in the queue past its deadline_ms (or the server's
+ * default) is answered UNAVAILABLE without running and changes nothing; Shutdown always runs. */
+START_TEST(test_deadline)
+{
+    wire_make_session();
+    Fasa__V1__Request pr = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Ping ping = FASA__V1__PING__INIT;
+    pr.body_case = FASA__V1__REQUEST__BODY_PING;
+    pr.ping = &ping;
+    pr.has_deadline_ms = 1;
+    pr.deadline_ms = 100;
+    fasa_service_set_wait(s_svc, 250);
+    wire_expect_error(wire_send(&pr), FASA__V1__STATUS__UNAVAILABLE, "deadline_ms");
+    fasa_service_set_wait(s_svc, 50);
+    Fasa__V1__Response *r = wire_send(&pr);
+    ck_assert_int_eq(r->status, 0);
+    fasa__v1__response__free_unpacked(r, NULL);
+    /* The wait is used once: the next request has waited 0 ms. */
+    r = wire_send(&pr);
+    ck_assert_int_eq(r->status, 0);
+    fasa__v1__response__free_unpacked(r, NULL);
+    /* No deadline anywhere: any wait is fine. */
+    pr.has_deadline_ms = 0;
+    fasa_service_set_wait(s_svc, 1e7);
+    r = wire_send(&pr);
+    ck_assert_int_eq(r->status, 0);
+    fasa__v1__response__free_unpacked(r, NULL);
+
+    /* A late Attend with k_new does not append. */
+    float q[WIRE_H * WIRE_D] = {0}, kv[WIRE_HKV * WIRE_D] = {0};
+    uint64_t qs[2] = {WIRE_H, WIRE_D}, ks[2] = {WIRE_HKV, WIRE_D};
+    Fasa__V1__Tensor tq, tk, tv;
+    wire_tensor(&tq, qs, 2, q, WIRE_H * WIRE_D);
+    wire_tensor(&tk, ks, 2, kv, WIRE_HKV * WIRE_D);
+    wire_tensor(&tv, ks, 2, kv, WIRE_HKV * WIRE_D);
+    Fasa__V1__Attend a = FASA__V1__ATTEND__INIT;
+    a.session_id = "bad";
+    a.layer = 1;
+    a.q = &tq;
+    a.k_new = &tk;
+    a.v_new = &tv;
+    Fasa__V1__Request ar = FASA__V1__REQUEST__INIT;
+    ar.body_case = FASA__V1__REQUEST__BODY_ATTEND;
+    ar.attend = &a;
+    ar.has_deadline_ms = 1;
+    ar.deadline_ms = 5;
+    fasa_service_set_wait(s_svc, 6);
+    wire_expect_error(wire_send(&ar), FASA__V1__STATUS__UNAVAILABLE, "deadline_ms");
+    wire_check_unchanged();
+
+    /* The server's default (--deadline) applies to requests that give none. */
+    fasa_engine_t *e = fasa_engine_new(1, 16);
+    const fasa_service_opts o = {.n_ranks = 1, .max_message = 1 << 20, .deadline_ms = 100};
+    fasa_service *keep = s_svc;
+    s_svc = fasa_service_new(e, 1, &o);
+    pr.has_deadline_ms = 0;
+    fasa_service_set_wait(s_svc, 150);
+    wire_expect_error(wire_send(&pr), FASA__V1__STATUS__UNAVAILABLE, "deadline of 100 ms");
+    pr.has_deadline_ms = 1;
+    pr.deadline_ms = 1000;
+    fasa_service_set_wait(s_svc, 150);
+    r = wire_send(&pr);
+    ck_assert_int_eq(r->status, 0);
+    fasa__v1__response__free_unpacked(r, NULL);
+    Fasa__V1__Request sr = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Shutdown sd = FASA__V1__SHUTDOWN__INIT;
+    sr.body_case = FASA__V1__REQUEST__BODY_SHUTDOWN;
+    sr.shutdown = &sd;
+    fasa_service_set_wait(s_svc, 1e6);
+    r = wire_send(&sr);
+    ck_assert_int_eq(r->status, 0);
+    ck_assert_int_eq(s_shutdown, 1);
+    fasa__v1__response__free_unpacked(r, NULL);
+    fasa_service_destroy(&s_svc);
+    s_svc = keep;
+}
+END_TEST
+
 Suite *service_suite(void)
 {
     Suite *s = suite_create("service");
@@ -812,6 +890,7 @@ Suite *service_suite(void)
     tcase_add_test(tc, test_calibrate_profile_stats_shutdown);
     tcase_add_test(tc, test_mutated_requests);
     tcase_add_test(tc, test_limits);
+    tcase_add_test(tc, test_deadline);
     tcase_add_test(tc, test_stats_counts);
     tcase_add_test(tc, test_stats_ranks);
     suite_add_tcase(s, tc);
