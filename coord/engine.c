@@ -468,8 +468,8 @@ static fasa_status s_check_limit(fasa_engine_t *e, const session *s, int l0, int
             st = s_fail(err, FASA_RESOURCE_EXHAUSTED,
                         "memory limit: %d tokens would take shard %d to %lld bytes, "
                         "over the limit of %lld bytes per shard (--memory-limit; it holds %lld)",
-                        n, sh, (long long)(e->shard_bytes[sh] + grow[sh]),
-                        (long long)e->mem_limit, (long long)e->shard_bytes[sh]);
+                        n, sh, (long long)(e->shard_bytes[sh] + grow[sh]), (long long)e->mem_limit,
+                        (long long)e->shard_bytes[sh]);
     free(grow);
     return st;
 }
