@@ -46,6 +46,7 @@ typedef struct session {
 struct fasa_engine {
     fasa_transport tr;
     int block;            /* placement block, tokens */
+    int pipeline;         /* batches pipelined (FASA_PIPELINE=0 in the environment: not) */
     int64_t mem_limit;    /* bytes per shard, 0 = none */
     int64_t *shard_bytes; /* (n_shards) KV store bytes each shard allocates */
     int next_sid;
@@ -126,6 +127,8 @@ fasa_engine_t *fasa_engine_new_with(const fasa_transport *transport, int block_t
     if (!e) return NULL;
     e->tr = *transport;
     e->block = block_tokens > 0 ? block_tokens : FASA_DEFAULT_BLOCK;
+    const char *pipe = getenv("FASA_PIPELINE");
+    e->pipeline = !(pipe && !strcmp(pipe, "0"));
     if (!(e->shard_bytes = calloc((size_t)transport->n_shards, sizeof(int64_t)))) {
         free(e);
         return NULL;
@@ -614,14 +617,33 @@ static int s_scratch(fasa_engine_t *e, int units, int budget, int n_heads, int d
            s_grow((void **)&e->n_sel, &e->cap_nsel, (size_t)units * sizeof(int));
 }
 
-fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_attend_req *req,
-                               float *out, int32_t *selected, fasa_step_stats *stats,
-                               fasa_error *err)
+/* One step as planned: what the checks decided, the shard step, and where its phases put
+ * their results (the engine's scratch for a single step, the batch's own for a batch). */
+typedef struct step_plan {
+    session *s;
+    const char *id;
+    const fasa_attend_req *req;
+    fasa_method method;
+    fasa_gqa gqa;
+    int budget, sbudget, units, n_vis, dense;
+    shard_step st;
+    topk_cand *cands, *merged, *thr; /* (ns, units, sbudget), (units, ns * sbudget), (units) */
+    int *n_cands, *n_sel;            /* (ns, units), (units) */
+    uint8_t *have_thr;               /* (units) */
+    float *m;                        /* (ns, n_heads) */
+    double *l, *o, *aux;             /* (ns, n_heads [, head_dim | SHARD_SPARQ_AUX]) */
+    int64_t bytes;
+} step_plan;
+
+/* Checks a step and fills the plan; changes nothing (k_new is appended by s_plan_commit). */
+static fasa_status s_plan_check(fasa_engine_t *e, const char *id, const fasa_attend_req *req,
+                                step_plan *p, fasa_error *err)
 {
+    memset(p, 0, sizeof(*p));
     session *s = s_find(e, id);
     if (!s) return s_fail(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
     const fasa_session_config *c = &s->cfg;
-    const int d = c->head_dim, nh = c->n_heads, grp = nh / c->n_kv_heads;
+    const int d = c->head_dim, nh = c->n_heads;
 
     /* Validate everything before touching state. */
     if (req->layer < 0 || req->layer >= c->n_layers)
@@ -670,117 +692,135 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
     if (length == 0)
         return s_fail(err, FASA_FAILED_PRECONDITION, "layer %d of '%s' holds no tokens yet",
                       req->layer, id);
-    const int units = gqa == FASA_GQA_SHARED ? c->n_kv_heads : nh;
-    /* The shards' budget: tokens, or for quest whole pages (ceil(B/16)). */
-    const int sbudget =
-        method == FASA_METHOD_QUEST ? (budget + FASA_QUEST_PAGE - 1) / FASA_QUEST_PAGE : budget;
-    if (s_scratch(e, units, sbudget, nh, d))
-        return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory for a step of budget %d",
-                      budget);
-
-    int placed = 0;
     if (req->k_new) {
         fasa_status st = s_check_limit(e, s, req->layer, req->layer + 1, length - 1, 1, err);
         if (st) return st;
     }
-    if (req->k_new && s_place(e, s, req->layer, length - 1, 1, req->k_new, req->v_new, &placed))
-        return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory appending k_new to '%s'", id);
-    s->n_appended[req->layer] += placed;
-
-    const int n_vis = max_pos + 1;
-    const int dense = method == FASA_METHOD_DENSE ||
-                      (method == FASA_METHOD_FASA && s->dense_layers[req->layer]) ||
-                      n_vis <= budget;
+    p->s = s;
+    p->id = s->id;
+    p->req = req;
+    p->method = method;
+    p->gqa = gqa;
+    p->budget = budget;
+    p->units = gqa == FASA_GQA_SHARED ? c->n_kv_heads : nh;
+    /* The shards' budget: tokens, or for quest whole pages (ceil(B/16)). */
+    p->sbudget =
+        method == FASA_METHOD_QUEST ? (budget + FASA_QUEST_PAGE - 1) / FASA_QUEST_PAGE : budget;
+    p->n_vis = max_pos + 1;
+    p->dense = method == FASA_METHOD_DENSE ||
+               (method == FASA_METHOD_FASA && s->dense_layers[req->layer]) || p->n_vis <= budget;
     static const shard_method s_shard_methods[] = {SHARD_FASA,   SHARD_DENSE, SHARD_ORACLE,
                                                    SHARD_STREAM, SHARD_QUEST, SHARD_SPARQ};
     /* sparq's r: the dims fasa would use (2 ntip) with a profile, else head_dim / 4. */
     int sparq_r = s->profile ? 2 * s->profile->ntip : d / 4;
     sparq_r = sparq_r < 1 ? 1 : sparq_r > d ? d : sparq_r;
-    shard_step st = {.layer = req->layer,
-                     .method = dense ? SHARD_DENSE : s_shard_methods[method],
-                     .gqa = gqa == FASA_GQA_SHARED ? SHARD_GQA_SHARED : SHARD_GQA_PER_HEAD,
-                     .budget = sbudget,
-                     .max_pos = max_pos,
-                     .scale = 1.0f / sqrtf((float)d),
-                     .q = req->q,
-                     .sparq_r = !dense && method == FASA_METHOD_SPARQ ? sparq_r : 0};
-    const int ns = e->tr.n_shards;
-    int64_t bytes = 0;
+    p->st = (shard_step){.layer = req->layer,
+                         .method = p->dense ? SHARD_DENSE : s_shard_methods[method],
+                         .gqa = gqa == FASA_GQA_SHARED ? SHARD_GQA_SHARED : SHARD_GQA_PER_HEAD,
+                         .budget = p->sbudget,
+                         .max_pos = max_pos,
+                         .scale = 1.0f / sqrtf((float)d),
+                         .q = req->q,
+                         .sparq_r = !p->dense && method == FASA_METHOD_SPARQ ? sparq_r : 0};
+    return FASA_OK;
+}
+
+/* Appends the step's k_new (the one state change of a step, made after every check). */
+static fasa_status s_plan_commit(fasa_engine_t *e, step_plan *p, fasa_error *err)
+{
+    const fasa_attend_req *req = p->req;
+    if (!req->k_new) return FASA_OK;
+    int placed = 0;
+    const int32_t pos = p->s->n_appended[req->layer];
+    const int failed = s_place(e, p->s, req->layer, pos, 1, req->k_new, req->v_new, &placed);
+    p->s->n_appended[req->layer] += placed;
+    if (failed)
+        return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory appending k_new to '%s'", p->id);
+    return FASA_OK;
+}
+
+/* Phase 1's merge (after the shards' candidates are in p->cands): each unit's global top-B,
+ * its threshold, and the selected positions. Also fills selected for a dense step. */
+static void s_plan_select(const fasa_engine_t *e, step_plan *p, int32_t *selected)
+{
+    const int ns = e->tr.n_shards, units = p->units, sbudget = p->sbudget, budget = p->budget;
+    const int nh = p->s->cfg.n_heads, grp = nh / p->s->cfg.n_kv_heads;
     if (selected)
         for (size_t i = 0; i < (size_t)nh * budget; i++) selected[i] = -1;
-
-    if (!dense) {
-        /* Phase 1: local candidates; merge them into each unit's global top-B. */
-        if (e->tr.score(e->tr.ctx, s->sid, &st, e->cands, e->n_cands)) goto oom;
-        for (int u = 0; u < units; u++) {
-            topk_cand *mu = e->merged + (size_t)u * ns * sbudget;
-            int n = 0;
-            for (int sh = 0; sh < ns; sh++) {
-                const int nc = e->n_cands[sh * units + u];
-                memcpy(mu + n, e->cands + ((size_t)sh * units + u) * sbudget,
-                       (size_t)nc * sizeof(topk_cand));
-                n += nc;
-            }
-            n = topk_select(n, sbudget, mu);
-            topk_sort(n, mu);
-            e->n_sel[u] = n;
-            e->have_thr[u] = n > 0;
-            if (n > 0) e->thr[u] = mu[n - 1];
-            if (selected) {
-                const int h0 = gqa == FASA_GQA_SHARED ? u * grp : u;
-                const int h1 = gqa == FASA_GQA_SHARED ? h0 + grp : u + 1;
-                for (int h = h0; h < h1; h++) {
-                    int32_t *sh = selected + (size_t)h * budget;
-                    if (method != FASA_METHOD_QUEST) {
-                        for (int i = 0; i < n; i++) sh[i] = mu[i].pos;
-                        continue;
-                    }
-                    /* A quest candidate is a page: list its visible tokens. */
-                    int k = 0;
-                    for (int i = 0; i < n && k < budget; i++)
-                        for (int32_t p = mu[i].pos;
-                             p < mu[i].pos + FASA_QUEST_PAGE && p <= max_pos && k < budget; p++)
-                            sh[k++] = p;
+    if (p->dense) {
+        if (selected && p->method != FASA_METHOD_DENSE && p->n_vis <= budget)
+            for (int h = 0; h < nh; h++)
+                for (int i = 0; i < p->n_vis; i++) selected[(size_t)h * budget + i] = i;
+        return;
+    }
+    for (int u = 0; u < units; u++) {
+        topk_cand *mu = p->merged + (size_t)u * ns * sbudget;
+        int n = 0;
+        for (int sh = 0; sh < ns; sh++) {
+            const int nc = p->n_cands[sh * units + u];
+            memcpy(mu + n, p->cands + ((size_t)sh * units + u) * sbudget,
+                   (size_t)nc * sizeof(topk_cand));
+            n += nc;
+        }
+        n = topk_select(n, sbudget, mu);
+        topk_sort(n, mu);
+        p->n_sel[u] = n;
+        p->have_thr[u] = n > 0;
+        if (n > 0) p->thr[u] = mu[n - 1];
+        if (selected) {
+            const int h0 = p->gqa == FASA_GQA_SHARED ? u * grp : u;
+            const int h1 = p->gqa == FASA_GQA_SHARED ? h0 + grp : u + 1;
+            for (int h = h0; h < h1; h++) {
+                int32_t *sh = selected + (size_t)h * budget;
+                if (p->method != FASA_METHOD_QUEST) {
+                    for (int i = 0; i < n; i++) sh[i] = mu[i].pos;
+                    continue;
                 }
+                /* A quest candidate is a page: list its visible tokens. */
+                int k = 0;
+                for (int i = 0; i < n && k < budget; i++)
+                    for (int32_t q = mu[i].pos;
+                         q < mu[i].pos + FASA_QUEST_PAGE && q <= p->st.max_pos && k < budget; q++)
+                        sh[k++] = q;
             }
         }
-    } else if (selected && method != FASA_METHOD_DENSE && n_vis <= budget) {
-        for (int h = 0; h < nh; h++)
-            for (int i = 0; i < n_vis; i++) selected[(size_t)h * budget + i] = i;
     }
+}
 
-    /* Phase 2: partials on every shard, merged exactly per head. */
-    if (e->tr.attend(e->tr.ctx, s->sid, &st, e->thr, e->have_thr, e->m, e->l, e->o, e->aux, &bytes))
-        goto oom;
+/* Phase 2's merge (after the shards' partials are in p->m, l, o, aux): the outputs. */
+static void s_plan_finish(const fasa_engine_t *e, const step_plan *p, float *out,
+                          fasa_step_stats *stats)
+{
+    const int ns = e->tr.n_shards, nh = p->s->cfg.n_heads, d = p->s->cfg.head_dim;
     const size_t na = SHARD_SPARQ_AUX(d);
     for (int h = 0; h < nh; h++) {
         float mp[ns], mh;
         double lp[ns], lh, op[(size_t)ns * d], oh[d];
         for (int sh = 0; sh < ns; sh++) {
-            mp[sh] = e->m[sh * nh + h];
-            lp[sh] = e->l[sh * nh + h];
-            memcpy(op + (size_t)sh * d, e->o + ((size_t)sh * nh + h) * d,
+            mp[sh] = p->m[sh * nh + h];
+            lp[sh] = p->l[sh * nh + h];
+            memcpy(op + (size_t)sh * d, p->o + ((size_t)sh * nh + h) * d,
                    (size_t)d * sizeof(double));
         }
         attn_merge(ns, d, mp, lp, op, &mh, &lh, oh);
         attn_finalize(d, lh, oh, out + (size_t)h * d);
-        if (st.method == SHARD_SPARQ) {
+        if (p->st.method == SHARD_SPARQ) {
             /* Mean-value reallocation: the global softmax normaliser of z, the selected
              * tokens' share alpha of it, and the mean of every visible value. */
             double zmax = -INFINITY, z = 0, count = 0, vbar[d], alpha = 0;
             for (int sh = 0; sh < ns; sh++) {
-                const double *a = e->aux + ((size_t)sh * nh + h) * na;
+                const double *a = p->aux + ((size_t)sh * nh + h) * na;
                 if (a[0] > zmax) zmax = a[0];
             }
             for (int c = 0; c < d; c++) vbar[c] = 0;
             for (int sh = 0; sh < ns; sh++) {
-                const double *a = e->aux + ((size_t)sh * nh + h) * na;
+                const double *a = p->aux + ((size_t)sh * nh + h) * na;
                 if (a[2] > 0) z += a[1] * exp(a[0] - zmax);
                 count += a[2];
                 for (int c = 0; c < d; c++) vbar[c] += a[3 + c];
             }
-            const topk_cand *mu = e->merged + (size_t)h * ns * sbudget;
-            for (int i = 0; i < e->n_sel[h]; i++) alpha += exp((double)mu[i].score - zmax);
+            const topk_cand *mu = p->merged + (size_t)h * ns * p->sbudget;
+            for (int i = 0; i < p->n_sel[h]; i++) alpha += exp((double)mu[i].score - zmax);
             alpha = z > 0 ? alpha / z : 1.0;
             for (int c = 0; c < d; c++)
                 out[(size_t)h * d + c] =
@@ -788,13 +828,150 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
         }
     }
     if (stats) {
-        stats->method_used = dense ? FASA_METHOD_DENSE : method;
-        stats->n_visible = n_vis;
-        stats->bytes_read = bytes;
+        stats->method_used = p->dense ? FASA_METHOD_DENSE : p->method;
+        stats->n_visible = p->n_vis;
+        stats->bytes_read = p->bytes;
     }
-    return FASA_OK;
-oom:
+}
+
+static fasa_status s_step_failed(const step_plan *p, fasa_error *err)
+{
     return s_fail(err, FASA_RESOURCE_EXHAUSTED,
-                  "a shard failed (out of memory) during a step of '%s'%s", id,
-                  req->k_new ? "; k_new and v_new were appended before the step" : "");
+                  "a shard failed (out of memory) during a step of '%s'%s", p->id,
+                  p->req->k_new ? "; k_new and v_new were appended before the step" : "");
+}
+
+fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_attend_req *req,
+                               float *out, int32_t *selected, fasa_step_stats *stats,
+                               fasa_error *err)
+{
+    step_plan p;
+    fasa_status st = s_plan_check(e, id, req, &p, err);
+    if (st) return st;
+    if (s_scratch(e, p.units, p.sbudget, p.s->cfg.n_heads, p.s->cfg.head_dim))
+        return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory for a step of budget %d",
+                      p.budget);
+    p.cands = e->cands, p.merged = e->merged, p.thr = e->thr, p.n_cands = e->n_cands;
+    p.n_sel = e->n_sel, p.have_thr = e->have_thr, p.m = e->m, p.l = e->l, p.o = e->o;
+    p.aux = e->aux;
+    if ((st = s_plan_commit(e, &p, err))) return st;
+    if (!p.dense && e->tr.score(e->tr.ctx, p.s->sid, &p.st, p.cands, p.n_cands))
+        return s_step_failed(&p, err);
+    s_plan_select(e, &p, selected);
+    if (e->tr.attend(e->tr.ctx, p.s->sid, &p.st, p.thr, p.have_thr, p.m, p.l, p.o, p.aux, &p.bytes))
+        return s_step_failed(&p, err);
+    s_plan_finish(e, &p, out, stats);
+    return FASA_OK;
+}
+
+/* A plan's own scratch, one block (freed with free); NULL when out of memory. */
+static void *s_plan_alloc(const fasa_engine_t *e, step_plan *p)
+{
+    const size_t ns = (size_t)e->tr.n_shards, u = (size_t)p->units, b = (size_t)p->sbudget;
+    const size_t nh = (size_t)p->s->cfg.n_heads, d = (size_t)p->s->cfg.head_dim;
+    const size_t sizes[] = {ns * u * b * sizeof(topk_cand), ns * u * b * sizeof(topk_cand),
+                            u * sizeof(topk_cand),          ns * nh * sizeof(double),
+                            ns * nh * d * sizeof(double),   ns * nh * SHARD_SPARQ_AUX(d) * 8,
+                            ns * u * sizeof(int),           u * sizeof(int),
+                            ns * nh * sizeof(float),        u};
+    size_t off[10], total = 0;
+    for (int i = 0; i < 10; i++) {
+        off[i] = total;
+        total += (sizes[i] + 15) & ~(size_t)15;
+    }
+    uint8_t *m = malloc(total);
+    if (!m) return NULL;
+    p->cands = (topk_cand *)(m + off[0]);
+    p->merged = (topk_cand *)(m + off[1]);
+    p->thr = (topk_cand *)(m + off[2]);
+    p->l = (double *)(m + off[3]);
+    p->o = (double *)(m + off[4]);
+    p->aux = (double *)(m + off[5]);
+    p->n_cands = (int *)(m + off[6]);
+    p->n_sel = (int *)(m + off[7]);
+    p->m = (float *)(m + off[8]);
+    p->have_thr = m + off[9];
+    return m;
+}
+
+int fasa_engine_attend_batch(fasa_engine_t *e, int n, const char *const *ids,
+                             const fasa_attend_req *reqs, float *const *outs,
+                             int32_t *const *selected, fasa_step_stats *stats, fasa_error *errs)
+{
+    int n_ok = 0;
+    if (!e->pipeline || !e->tr.score_start || !e->tr.attend_start || !e->tr.wait || n <= 1) {
+        for (int i = 0; i < n; i++) {
+            errs[i].code =
+                fasa_engine_attend(e, ids[i], &reqs[i], outs[i], selected ? selected[i] : NULL,
+                                   stats ? &stats[i] : NULL, &errs[i]);
+            n_ok += errs[i].code == FASA_OK;
+        }
+        return n_ok;
+    }
+    enum { WAVE = FASA_PIPE_MAX / 2 };
+    step_plan plans[WAVE];
+    void *mem[WAVE];
+    int idx[WAVE];
+    for (int i = 0; i < n;) {
+        /* A wave: the items from i on up to the first one whose session is already in it
+         * (its steps must see the ones before it), each checked and its k_new appended in
+         * order, exactly as one by one. */
+        int nw = 0, j = i;
+        for (; j < n && nw < WAVE; j++) {
+            const session *s = s_find(e, ids[j]);
+            int again = 0;
+            for (int w = 0; w < nw && s; w++) again |= plans[w].s == s;
+            if (again) break;
+            step_plan *p = &plans[nw];
+            if ((errs[j].code = s_plan_check(e, ids[j], &reqs[j], p, &errs[j]))) continue;
+            if (!(mem[nw] = s_plan_alloc(e, p))) {
+                s_fail(&errs[j], FASA_RESOURCE_EXHAUSTED, "out of memory for a step of budget %d",
+                       p->budget);
+                continue;
+            }
+            if ((errs[j].code = s_plan_commit(e, p, &errs[j]))) {
+                free(mem[nw]);
+                continue;
+            }
+            idx[nw++] = j;
+        }
+        i = j;
+        /* Phase 1 of every sparse step, then as each one's candidates come back: its merge
+         * and its phase 2 (while the shards still score the later ones), then the outputs. */
+        uint8_t scoring[WAVE], attending[WAVE];
+        for (int w = 0; w < nw; w++) {
+            step_plan *p = &plans[w];
+            scoring[w] =
+                !p->dense && !e->tr.score_start(e->tr.ctx, p->s->sid, &p->st, p->cands, p->n_cands);
+            if (!p->dense && !scoring[w]) s_step_failed(p, &errs[idx[w]]);
+        }
+        for (int w = 0; w < nw; w++) {
+            step_plan *p = &plans[w];
+            attending[w] = 0;
+            if (!p->dense && !scoring[w]) continue;
+            if (scoring[w] && e->tr.wait(e->tr.ctx)) {
+                s_step_failed(p, &errs[idx[w]]);
+                continue;
+            }
+            s_plan_select(e, p, selected ? selected[idx[w]] : NULL);
+            attending[w] = !e->tr.attend_start(e->tr.ctx, p->s->sid, &p->st, p->thr, p->have_thr,
+                                               p->m, p->l, p->o, p->aux, &p->bytes);
+            if (!attending[w]) s_step_failed(p, &errs[idx[w]]);
+        }
+        for (int w = 0; w < nw; w++) {
+            step_plan *p = &plans[w];
+            if (attending[w]) {
+                if (e->tr.wait(e->tr.ctx)) {
+                    s_step_failed(p, &errs[idx[w]]);
+                } else {
+                    s_plan_finish(e, p, outs[idx[w]], stats ? &stats[idx[w]] : NULL);
+                    errs[idx[w]].code = FASA_OK;
+                    errs[idx[w]].msg[0] = 0;
+                    n_ok++;
+                }
+            }
+            free(mem[w]);
+        }
+    }
+    return n_ok;
 }

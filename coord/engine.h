@@ -128,6 +128,19 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
                                float *out, int32_t *selected, fasa_step_stats *stats,
                                fasa_error *err);
 
+/* A batch of steps with the same outcome as fasa_engine_attend on each item in order (the
+ * same outputs, statuses and state changes; errs[i].code is item i's status), but the
+ * shards' phases of steps of different sessions are pipelined: the engine merges one step's
+ * candidates while the shards score the next, and a step's attention is sent as soon as its
+ * candidates are merged. Items are taken in waves of steps of different sessions (a session
+ * seen again starts the next wave). selected and stats may be NULL, as may selected[i].
+ * FASA_PIPELINE=0 in the environment when the engine is made turns the pipelining off (the
+ * items then run one by one), for comparisons.
+ * Returns the number of items that succeeded. */
+int fasa_engine_attend_batch(fasa_engine_t *e, int n, const char *const *ids,
+                             const fasa_attend_req *reqs, float *const *outs,
+                             int32_t *const *selected, fasa_step_stats *stats, fasa_error *errs);
+
 /* Positions appended so far to a layer of a session, or -1 if there is no such session. */
 int32_t fasa_engine_length(const fasa_engine_t *e, const char *id, int layer);
 

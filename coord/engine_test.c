@@ -414,6 +414,119 @@ START_TEST(test_engine_memory_limit)
 }
 END_TEST
 
+/* A batch gives what the same steps give one by one, bit for bit (outputs, selections,
+ * statuses, lengths): waves of different sessions pipelined, a session seen again, dense,
+ * oracle, quest, sparq and fasa steps, k_new, and failing items among them. */
+START_TEST(test_engine_batch)
+{
+    enum { NL = 2, NH = 4, NKV = 2, D = 16, T = 300, NS = 5, B = 24, NI = 12 };
+    fasa_profile *prof = s_random_profile(NL, NH, NKV, D, 2, 0, 5);
+    test_rng r = {99};
+    const size_t row = (size_t)NKV * D;
+    float *k = test_alloc(sizeof(float) * NS * NL * (T + NI) * row);
+    float *v = test_alloc(sizeof(float) * NS * NL * (T + NI) * row);
+    float *q = test_alloc(sizeof(float) * NI * NH * D);
+    test_fill(&r, NS * NL * (T + NI) * row, k, 1.0f);
+    test_fill(&r, NS * NL * (T + NI) * row, v, 1.0f);
+    test_fill(&r, NI * NH * D, q, 1.0f);
+    for (int shards = 1; shards <= 3; shards += 2) {
+        fasa_engine_t *e[2] = {fasa_engine_new(shards, 16), fasa_engine_new(shards, 16)};
+        fasa_error err;
+        const char *names[NS] = {"a", "b", "c", "d", "e"};
+        for (int x = 0; x < 2; x++)
+            for (int si = 0; si < NS; si++) {
+                fasa_session_config cfg = {.n_layers = NL,
+                                           .n_heads = NH,
+                                           .n_kv_heads = NKV,
+                                           .head_dim = D,
+                                           .profile = prof,
+                                           .method = FASA_METHOD_FASA,
+                                           .budget = B};
+                ck_assert_int_eq(fasa_engine_create(e[x], names[si], &cfg, &err), FASA_OK);
+                const float *ks = k + (size_t)si * NL * (T + NI) * row;
+                const float *vs = v + (size_t)si * NL * (T + NI) * row;
+                for (int l = 0; l < NL; l++)
+                    ck_assert_int_eq(fasa_engine_append(e[x], names[si], l, 0, T - si * 7,
+                                                        ks + (size_t)l * (T + NI) * row,
+                                                        vs + (size_t)l * (T + NI) * row, &err),
+                                     FASA_OK);
+            }
+        /* Items: session, layer, method (-1 default), budget, k_new. */
+        const struct {
+            const char *id;
+            int layer, method, budget, knew;
+        } it[NI] = {{"a", 1, -1, 0, 1},
+                    {"b", 1, FASA_METHOD_DENSE, 0, 1},
+                    {"c", 0, FASA_METHOD_ORACLE, 0, 0},
+                    {"nope", 0, -1, 0, 0},
+                    {"d", 1, FASA_METHOD_QUEST, 40, 1},
+                    {"a", 1, -1, 0, 1}, /* again: a new wave, after the first a */
+                    {"e", 0, FASA_METHOD_SPARQ, 0, 0},
+                    {"b", 0, -1, -5, 0}, /* bad budget */
+                    {"c", 1, FASA_METHOD_STREAM, 0, 1},
+                    {"e", 1, -1, 0, 1},
+                    {"d", 0, -1, 400, 0}, /* every token fits: dense */
+                    {"a", 0, -1, 0, 1}};
+        fasa_attend_req reqs[NI];
+        const char *ids[NI];
+        float *outs[2][NI];
+        int32_t *sels[2][NI];
+        fasa_step_stats st[2][NI];
+        fasa_error errs[2][NI];
+        for (int i = 0; i < NI; i++) {
+            const int si = it[i].id[0] - 'a';
+            const size_t at = ((size_t)(si < NS ? si : 0) * NL + it[i].layer) * (T + NI) + T + i;
+            reqs[i] = (fasa_attend_req){.layer = it[i].layer,
+                                        .q = q + (size_t)i * NH * D,
+                                        .k_new = it[i].knew ? k + at * row : NULL,
+                                        .v_new = it[i].knew ? v + at * row : NULL,
+                                        .method = it[i].method,
+                                        .budget = it[i].budget,
+                                        .gqa = -1,
+                                        .max_pos = -1};
+            ids[i] = it[i].id;
+            for (int x = 0; x < 2; x++) {
+                outs[x][i] = test_alloc(sizeof(float) * NH * D);
+                sels[x][i] = test_alloc(sizeof(int32_t) * NH * 400);
+            }
+        }
+        /* One by one on e[0]; the batch on e[1]. */
+        for (int i = 0; i < NI; i++)
+            errs[0][i].code = fasa_engine_attend(e[0], ids[i], &reqs[i], outs[0][i], sels[0][i],
+                                                 &st[0][i], &errs[0][i]);
+        const int n_ok =
+            fasa_engine_attend_batch(e[1], NI, ids, reqs, outs[1], sels[1], st[1], errs[1]);
+        int want_ok = 0;
+        for (int i = 0; i < NI; i++) {
+            ck_assert_int_eq(errs[1][i].code, errs[0][i].code);
+            if (errs[0][i].code) {
+                ck_assert_str_eq(errs[1][i].msg, errs[0][i].msg);
+                continue;
+            }
+            want_ok++;
+            const int budget = it[i].budget ? it[i].budget : B;
+            ck_assert_mem_eq(outs[1][i], outs[0][i], sizeof(float) * NH * D);
+            ck_assert_mem_eq(sels[1][i], sels[0][i], sizeof(int32_t) * NH * budget);
+            ck_assert_int_eq(st[1][i].method_used, st[0][i].method_used);
+            ck_assert_int_eq(st[1][i].n_visible, st[0][i].n_visible);
+            ck_assert_int_eq(st[1][i].bytes_read, st[0][i].bytes_read);
+        }
+        ck_assert_int_eq(n_ok, want_ok);
+        ck_assert_int_eq(want_ok, 10);
+        for (int si = 0; si < NS; si++)
+            for (int l = 0; l < NL; l++)
+                ck_assert_int_eq(fasa_engine_length(e[1], names[si], l),
+                                 fasa_engine_length(e[0], names[si], l));
+        for (int i = 0; i < NI; i++)
+            for (int x = 0; x < 2; x++) free(outs[x][i]), free(sels[x][i]);
+        fasa_engine_destroy(&e[0]);
+        fasa_engine_destroy(&e[1]);
+    }
+    free(k), free(v), free(q);
+    fasa_profile_destroy(&prof);
+}
+END_TEST
+
 /* Bad input gets the right status and a message naming the field, and changes nothing. */
 START_TEST(test_engine_bad_input)
 {
@@ -592,6 +705,7 @@ Suite *engine_suite(void)
     tcase_add_test(tc, test_engine_shards_agree);
     tcase_add_test(tc, test_engine_baselines_ref);
     tcase_add_test(tc, test_engine_bad_input);
+    tcase_add_test(tc, test_engine_batch);
     tcase_add_test(tc, test_engine_memory_limit);
     tcase_add_test(tc, test_profile_roundtrip);
     suite_add_tcase(s, tc);

@@ -387,6 +387,11 @@ typedef struct attend_out {
     uint64_t out_shape[2], sel_shape[2];
     float *o;
     int32_t *selected;
+    /* Between s_attend_prepare and s_attend_finish: */
+    fasa_attend_req req;
+    const fasa_session_config *cfg;
+    int budget;
+    size_t out_bytes;
 } attend_out;
 
 static void s_attend_free(attend_out *a)
@@ -398,8 +403,10 @@ static void s_attend_free(attend_out *a)
 }
 
 /* reply_left: bytes the reply may still grow by; the step's outputs are charged to it. */
-static fasa_status s_attend(fasa_service *s, const edge_attend *a, const char *field,
-                            attend_out *ao, size_t *reply_left, reply *r)
+/* The service's checks of one Attend (against its session) and its outputs' memory;
+ * ao->req is then the engine's request. */
+static fasa_status s_attend_prepare(fasa_service *s, const edge_attend *a, const char *field,
+                                    attend_out *ao, const size_t *reply_left, reply *r)
 {
     const fasa_session_config *c = fasa_engine_config(s->engine, a->session_id);
     if (!c)
@@ -435,27 +442,35 @@ static fasa_status s_attend(fasa_service *s, const edge_attend *a, const char *f
         s_attend_free(ao);
         return s_fail(r, FASA_RESOURCE_EXHAUSTED, "%s: out of memory for the outputs", field);
     }
-    const fasa_attend_req req = {.layer = a->layer,
-                                 .q = a->q.data,
-                                 .k_new = a->k_new.rank ? a->k_new.data : NULL,
-                                 .v_new = a->v_new.rank ? a->v_new.data : NULL,
-                                 .method = s_method(a->method),
-                                 .budget = a->budget,
-                                 .gqa = s_gqa(a->gqa),
-                                 .max_pos = (int32_t)a->max_pos};
-    fasa_step_stats st;
-    fasa_error fe;
-    const double t0 = s_now();
-    const fasa_status code =
-        fasa_engine_attend(s->engine, a->session_id, &req, ao->o, ao->selected, &st, &fe);
-    const double t1 = s_now();
+    ao->req = (fasa_attend_req){.layer = a->layer,
+                                .q = a->q.data,
+                                .k_new = a->k_new.rank ? a->k_new.data : NULL,
+                                .v_new = a->v_new.rank ? a->v_new.data : NULL,
+                                .method = s_method(a->method),
+                                .budget = a->budget,
+                                .gqa = s_gqa(a->gqa),
+                                .max_pos = (int32_t)a->max_pos};
+    ao->cfg = c;
+    ao->budget = budget;
+    ao->out_bytes = out_bytes;
+    return FASA_OK;
+}
+
+/* After the engine ran the step (code, fe, st; us: its server time): the reply's result. */
+static fasa_status s_attend_finish(fasa_service *s, const char *field, attend_out *ao,
+                                   fasa_status code, const fasa_error *fe,
+                                   const fasa_step_stats *st, double us, size_t *reply_left,
+                                   reply *r)
+{
     if (code) {
         s_attend_free(ao);
-        return s_fail(r, code, "%s: %s", field, fe.msg);
+        return s_fail(r, code, "%s: %s", field, fe->msg);
     }
-    *reply_left -= out_bytes;
+    const fasa_session_config *c = ao->cfg;
+    const int budget = ao->budget;
+    *reply_left -= ao->out_bytes;
     s->steps++;
-    s_lat_add(&s->lat[st.method_used], (t1 - t0) * 1e6);
+    s_lat_add(&s->lat[st->method_used], us);
     fasa__v1__attend_result__init(&ao->res);
     fasa__v1__tensor__init(&ao->out);
     fasa__v1__step_stats__init(&ao->stats);
@@ -478,12 +493,84 @@ static fasa_status s_attend(fasa_service *s, const edge_attend *a, const char *f
         ao->sel.data.len = (size_t)c->n_heads * budget * sizeof(int32_t);
         ao->res.selected = &ao->sel;
     }
-    ao->stats.method_used = s_method_out(st.method_used);
-    ao->stats.n_visible = (uint32_t)st.n_visible;
-    ao->stats.bytes_read = (uint64_t)st.bytes_read;
-    ao->stats.server_us = (uint64_t)((t1 - t0) * 1e6);
+    ao->stats.method_used = s_method_out(st->method_used);
+    ao->stats.n_visible = (uint32_t)st->n_visible;
+    ao->stats.bytes_read = (uint64_t)st->bytes_read;
+    ao->stats.server_us = (uint64_t)us;
     ao->res.stats = &ao->stats;
     return FASA_OK;
+}
+
+static fasa_status s_attend(fasa_service *s, const edge_attend *a, const char *field,
+                            attend_out *ao, size_t *reply_left, reply *r)
+{
+    if (s_attend_prepare(s, a, field, ao, reply_left, r)) return r->code;
+    fasa_step_stats st;
+    fasa_error fe;
+    const double t0 = s_now();
+    const fasa_status code =
+        fasa_engine_attend(s->engine, a->session_id, &ao->req, ao->o, ao->selected, &st, &fe);
+    return s_attend_finish(s, field, ao, code, &fe, &st, (s_now() - t0) * 1e6, reply_left, r);
+}
+
+static void s_count_error(fasa_service *s, fasa_status code);
+
+/* A BatchAttend: every item checked by the service in order (the reply budget counts the
+ * items before it), then the engine runs the good ones as one pipelined batch. Each
+ * item's server_us is the batch's time shared evenly among the items that ran. */
+static void s_batch(fasa_service *s, const edge_attend *items_in, int n, attend_out *many,
+                    Fasa__V1__BatchAttendItem *items, size_t *reply_left, reply *top)
+{
+    reply *ri = calloc((size_t)n, sizeof(*ri));
+    int *go = calloc((size_t)n, sizeof(int));
+    const char **ids = calloc((size_t)n, sizeof(*ids));
+    fasa_attend_req *reqs = calloc((size_t)n, sizeof(*reqs));
+    float **outs = calloc((size_t)n, sizeof(*outs));
+    int32_t **sels = calloc((size_t)n, sizeof(*sels));
+    fasa_step_stats *st = calloc((size_t)n, sizeof(*st));
+    fasa_error *errs = calloc((size_t)n, sizeof(*errs));
+    if (!ri || !go || !ids || !reqs || !outs || !sels || !st || !errs) {
+        s_fail(top, FASA_RESOURCE_EXHAUSTED, "batch_attend: out of memory");
+        goto done;
+    }
+    /* Reply budget: the items checked so far claim theirs as if they all succeed. */
+    size_t left = *reply_left;
+    int m = 0;
+    for (int i = 0; i < n; i++) {
+        char f[48];
+        snprintf(f, sizeof(f), "batch_attend.items[%d]", i);
+        ri[i] = (reply){.code = FASA_OK, .resp = top->resp};
+        if (s_attend_prepare(s, &items_in[i], f, &many[i], &left, &ri[i])) continue;
+        left -= many[i].out_bytes;
+        go[i] = 1;
+        ids[m] = items_in[i].session_id;
+        reqs[m] = many[i].req;
+        outs[m] = many[i].o;
+        sels[m] = many[i].selected;
+        m++;
+    }
+    const double t0 = s_now();
+    fasa_engine_attend_batch(s->engine, m, ids, reqs, outs, sels, st, errs);
+    const double us = m ? (s_now() - t0) * 1e6 / m : 0;
+    for (int i = 0, j = 0; i < n; i++) {
+        char f[48];
+        snprintf(f, sizeof(f), "batch_attend.items[%d]", i);
+        fasa__v1__batch_attend_item__init(&items[i]);
+        if (go[i]) {
+            s_attend_finish(s, f, &many[i], errs[j].code, &errs[j], &st[j], us, reply_left, &ri[i]);
+            j++;
+        }
+        if (ri[i].code == FASA_OK) {
+            items[i].result = &many[i].res;
+        } else {
+            s->errors++;
+            s_count_error(s, ri[i].code);
+            items[i].message = strdup(ri[i].msg);
+        }
+        items[i].status = (Fasa__V1__Status)ri[i].code;
+    }
+done:
+    free(ri), free(go), free(ids), free(reqs), free(outs), free(sels), free(st), free(errs);
 }
 
 static fasa_status s_calibrate(fasa_service *s, const edge_calibrate *c, reply *r, char **text_p)
@@ -859,20 +946,11 @@ int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **
             s_fail(&r, FASA_RESOURCE_EXHAUSTED, "batch_attend: out of memory");
             break;
         }
-        for (int i = 0; i < n_many; i++) {
-            char f[48];
-            reply ri = {.code = FASA_OK, .resp = &resp};
-            snprintf(f, sizeof(f), "batch_attend.items[%d]", i);
-            fasa__v1__batch_attend_item__init(&items[i]);
-            item_ptrs[i] = &items[i];
-            if (s_attend(s, &req.u.batch.items[i], f, &many[i], &reply_left, &ri) == FASA_OK) {
-                items[i].result = &many[i].res;
-            } else {
-                s->errors++;
-                s_count_error(s, ri.code);
-                items[i].message = strdup(ri.msg);
-            }
-            items[i].status = (Fasa__V1__Status)ri.code;
+        for (int i = 0; i < n_many; i++) item_ptrs[i] = &items[i];
+        s_batch(s, req.u.batch.items, n_many, many, items, &reply_left, &r);
+        if (r.code) {
+            n_many = 0;
+            break;
         }
         fasa__v1__batch_attend_result__init(&batch_res);
         batch_res.n_items = (size_t)n_many;

@@ -19,6 +19,8 @@ typedef struct fasa_shard_stats {
     int64_t alloc_bytes;
 } fasa_shard_stats;
 
+#define FASA_PIPE_MAX 64 /* phases in flight at once (score_start / attend_start) */
+
 typedef struct fasa_transport {
     void *ctx;
     int n_shards;
@@ -40,6 +42,19 @@ typedef struct fasa_transport {
     /* Every shard's holdings: out (n_shards), shard i in out[i], for session sid or, with
      * sid -1, summed over every session. 0, or -1 (no such session, or a shard failed). */
     int (*shard_stats)(void *ctx, int sid, fasa_shard_stats *out);
+    /* Pipelined phases, for batches (NULL: not offered; the engine then runs the steps one
+     * by one). score_start and attend_start begin what score and attend do (everything they
+     * read, the step, its queries and the thresholds, is read before they return) and
+     * wait completes the oldest phase begun and not yet completed, filling the outputs
+     * given to its start. So the coordinator can merge one step's candidates while the
+     * shards work on the next. Phases in flight together are of different sessions, and
+     * at most FASA_PIPE_MAX are in flight. Each returns 0, or -1 when that phase failed
+     * (a start that fails begins nothing). */
+    int (*score_start)(void *ctx, int sid, const shard_step *step, topk_cand *cands, int *n_cands);
+    int (*attend_start)(void *ctx, int sid, const shard_step *step, const topk_cand *thr,
+                        const uint8_t *have_thr, float *m, double *l, double *o, double *aux,
+                        int64_t *bytes_p);
+    int (*wait)(void *ctx);
     void (*destroy)(void *ctx);
 } fasa_transport;
 

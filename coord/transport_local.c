@@ -8,6 +8,8 @@ typedef struct local_ctx {
     int n_shards;
     int cap;             /* capacity of sessions */
     shard_t ***sessions; /* (cap) each NULL or (n_shards) shards */
+    /* Pipelined phases run at once; their results wait here for wait(), oldest first. */
+    int done[FASA_PIPE_MAX], head, len;
 } local_ctx;
 
 static int s_session_new(void *ctx, int sid, const shard_layout *layout)
@@ -85,6 +87,39 @@ static int s_attend(void *ctx, int sid, const shard_step *st, const topk_cand *t
 }
 
 /* Adds what one shard of a session holds to *st. */
+static int s_push(local_ctx *c, int rc)
+{
+    if (c->len == FASA_PIPE_MAX) return -1;
+    c->done[(c->head + c->len++) % FASA_PIPE_MAX] = rc;
+    return 0;
+}
+
+static int s_score_start(void *ctx, int sid, const shard_step *st, topk_cand *cands, int *n_cands)
+{
+    local_ctx *c = ctx;
+    return c->len == FASA_PIPE_MAX ? -1 : s_push(c, s_score(ctx, sid, st, cands, n_cands));
+}
+
+static int s_attend_start(void *ctx, int sid, const shard_step *st, const topk_cand *thr,
+                          const uint8_t *have_thr, float *m, double *l, double *o, double *aux,
+                          int64_t *bytes_p)
+{
+    local_ctx *c = ctx;
+    return c->len == FASA_PIPE_MAX
+               ? -1
+               : s_push(c, s_attend(ctx, sid, st, thr, have_thr, m, l, o, aux, bytes_p));
+}
+
+static int s_wait(void *ctx)
+{
+    local_ctx *c = ctx;
+    if (!c->len) return -1;
+    const int rc = c->done[c->head];
+    c->head = (c->head + 1) % FASA_PIPE_MAX;
+    c->len--;
+    return rc;
+}
+
 static void s_add_shard(fasa_shard_stats *st, const shard_t *sh)
 {
     int64_t kdom, krest, v;
@@ -132,6 +167,9 @@ int fasa_transport_local(fasa_transport *t, int n_shards)
                           .score = s_score,
                           .attend = s_attend,
                           .shard_stats = s_shard_stats,
+                          .score_start = s_score_start,
+                          .attend_start = s_attend_start,
+                          .wait = s_wait,
                           .destroy = s_destroy};
     return 0;
 }

@@ -33,12 +33,34 @@ typedef struct mpi_ctx {
     mpi_session *sessions; /* (cap) indexed by sid */
     uint8_t *cmd;          /* the command being sent, grow-only */
     size_t cmd_cap;
-    uint8_t **reply;   /* (n_shards) each worker's reply buffer, grow-only */
+    uint8_t **reply;     /* (n_shards) each worker's reply buffer, grow-only */
+    size_t *reply_cap;   /* (n_shards) */
+    int *status;         /* (n_shards) wmpi_status of each worker's last reply */
+    MPI_Request *reqs;   /* (2 * n_shards) receives then sends */
+    MPI_Status *stats;   /* (2 * n_shards) */
+    struct pipe_op *ops; /* (FASA_PIPE_MAX) a ring of phases in flight, made on first use */
+    int op_head, op_len;
+} mpi_ctx;
+
+/* A SCORE or ATTEND in flight: its own command and reply buffers and requests, and where
+ * its results go once it completes. */
+typedef struct pipe_op {
+    wmpi_cmd_code code;
+    uint8_t *cmd; /* the packed command (swapped in from mpi_ctx.cmd), grow-only */
+    size_t cmd_cap;
+    uint8_t **reply;   /* (n_shards) grow-only */
     size_t *reply_cap; /* (n_shards) */
-    int *status;       /* (n_shards) wmpi_status of each worker's last reply */
+    size_t reply_bytes;
     MPI_Request *reqs; /* (2 * n_shards) receives then sends */
     MPI_Status *stats; /* (2 * n_shards) */
-} mpi_ctx;
+    int units, budget, n_heads, head_dim;
+    size_t aux_n;
+    topk_cand *cands;
+    int *n_cands;
+    float *m;
+    double *l, *o, *aux;
+    int64_t *bytes_p;
+} pipe_op;
 
 static int s_grow(uint8_t **buf, size_t *cap, size_t bytes)
 {
@@ -120,13 +142,6 @@ static int s_exchange(mpi_ctx *c, int s0, int s1, int64_t reply_payload)
         if (r.status != WMPI_OK) rc = -1;
     }
     return rc;
-}
-
-static int64_t s_reply_bytes_read(const mpi_ctx *c, int shard)
-{
-    wmpi_reply r;
-    memcpy(&r, c->reply[shard], sizeof(r));
-    return r.bytes_read;
 }
 
 static int s_session_new(void *ctx, int sid, const shard_layout *lay)
@@ -228,37 +243,84 @@ static uint8_t *s_step_begin(mpi_ctx *c, wmpi_cmd_code code, int sid, const mpi_
     return p + q_bytes;
 }
 
-static int s_score(void *ctx, int sid, const shard_step *st, topk_cand *cands, int *n_cands)
+/* The next free slot of the ring, its buffers made; NULL when full or out of memory. */
+static pipe_op *s_op_slot(mpi_ctx *c)
 {
-    mpi_ctx *c = ctx;
-    const mpi_session *s = s_session(c, sid);
-    if (!s) return -1;
-    const int units = st->gqa == SHARD_GQA_SHARED ? s->n_kv_heads : s->n_heads, b = st->budget;
-    const int64_t cand_bytes = (int64_t)units * b * (int64_t)sizeof(topk_cand);
-    if (!s_step_begin(c, WMPI_SCORE, sid, s, st, units, 0) ||
-        s_exchange(c, 0, c->n_shards, cand_bytes + (int64_t)units * 4))
-        return -1;
-    for (int i = 0; i < c->n_shards; i++) {
-        /* Shard i fills block i, as in-process: n_cands[i][u] best-first candidates each. */
-        const uint8_t *r = c->reply[i] + sizeof(wmpi_reply);
-        int *nc = n_cands + (size_t)i * units;
-        memcpy(nc, r + cand_bytes, (size_t)units * sizeof(int));
-        for (int u = 0; u < units; u++) {
-            if (nc[u] < 0 || nc[u] > b) return -1;
-            memcpy(cands + ((size_t)i * units + u) * b, r + (size_t)u * b * sizeof(topk_cand),
-                   (size_t)nc[u] * sizeof(topk_cand));
+    if (!c->ops && !(c->ops = calloc(FASA_PIPE_MAX, sizeof(*c->ops)))) return NULL;
+    if (c->op_len == FASA_PIPE_MAX) return NULL;
+    pipe_op *op = &c->ops[(c->op_head + c->op_len) % FASA_PIPE_MAX];
+    const size_t n = (size_t)c->n_shards;
+    if (!op->reply) {
+        op->reply = calloc(n, sizeof(*op->reply));
+        op->reply_cap = calloc(n, sizeof(*op->reply_cap));
+        op->reqs = calloc(2 * n, sizeof(*op->reqs));
+        op->stats = calloc(2 * n, sizeof(*op->stats));
+        if (!op->reply || !op->reply_cap || !op->reqs || !op->stats) {
+            free(op->reply), free(op->reply_cap), free(op->reqs), free(op->stats);
+            op->reply = NULL, op->reply_cap = NULL, op->reqs = NULL, op->stats = NULL;
+            return NULL;
         }
     }
+    return op;
+}
+
+static void s_op_free(pipe_op *op, int n_shards)
+{
+    if (op->reply)
+        for (int i = 0; i < n_shards; i++) free(op->reply[i]);
+    free(op->reply), free(op->reply_cap), free(op->reqs), free(op->stats), free(op->cmd);
+}
+
+/* Sends the command packed in c->cmd to every worker with every reply receive posted
+ * first, as s_exchange does, but returns at once: the command buffer moves into the op,
+ * which joins the ring. */
+static int s_op_post(mpi_ctx *c, pipe_op *op, int64_t reply_payload)
+{
+    if (reply_payload < 0 || reply_payload > WMPI_MAX_MSG - (int64_t)sizeof(wmpi_reply)) return -1;
+    const int n = c->n_shards;
+    op->reply_bytes = sizeof(wmpi_reply) + (size_t)reply_payload;
+    for (int i = 0; i < n; i++)
+        if (s_grow(&op->reply[i], &op->reply_cap[i], op->reply_bytes)) return -1;
+    uint8_t *cmd = c->cmd;
+    const size_t cmd_cap = c->cmd_cap;
+    c->cmd = op->cmd, c->cmd_cap = op->cmd_cap;
+    op->cmd = cmd, op->cmd_cap = cmd_cap;
+    const wmpi_cmd *h = (const wmpi_cmd *)op->cmd;
+    op->code = (wmpi_cmd_code)h->cmd;
+    for (int i = 0; i < n; i++)
+        MPI_Irecv(op->reply[i], (int)op->reply_bytes, MPI_BYTE, i + 1, WMPI_TAG_REPLY, c->comm,
+                  &op->reqs[i]);
+    const int cmd_bytes = (int)(sizeof(wmpi_cmd) + (size_t)h->payload_bytes);
+    for (int i = 0; i < n; i++)
+        MPI_Isend(op->cmd, cmd_bytes, MPI_BYTE, i + 1, WMPI_TAG_CMD, c->comm, &op->reqs[n + i]);
+    c->op_len++;
     return 0;
 }
 
-static int s_attend(void *ctx, int sid, const shard_step *st, const topk_cand *thr,
-                    const uint8_t *have_thr, float *m, double *l, double *o, double *aux,
-                    int64_t *bytes_p)
+static int s_score_start(void *ctx, int sid, const shard_step *st, topk_cand *cands, int *n_cands)
 {
     mpi_ctx *c = ctx;
     const mpi_session *s = s_session(c, sid);
-    if (!s) return -1;
+    pipe_op *op = s ? s_op_slot(c) : NULL;
+    if (!op) return -1;
+    const int units = st->gqa == SHARD_GQA_SHARED ? s->n_kv_heads : s->n_heads, b = st->budget;
+    const int64_t cand_bytes = (int64_t)units * b * (int64_t)sizeof(topk_cand);
+    if (!s_step_begin(c, WMPI_SCORE, sid, s, st, units, 0)) return -1;
+    op->units = units;
+    op->budget = b;
+    op->cands = cands;
+    op->n_cands = n_cands;
+    return s_op_post(c, op, cand_bytes + (int64_t)units * 4);
+}
+
+static int s_attend_start(void *ctx, int sid, const shard_step *st, const topk_cand *thr,
+                          const uint8_t *have_thr, float *m, double *l, double *o, double *aux,
+                          int64_t *bytes_p)
+{
+    mpi_ctx *c = ctx;
+    const mpi_session *s = s_session(c, sid);
+    pipe_op *op = s ? s_op_slot(c) : NULL;
+    if (!op) return -1;
     const int units = st->gqa == SHARD_GQA_SHARED ? s->n_kv_heads : s->n_heads;
     /* A dense step reads no thresholds (the engine leaves them unset), so none are sent. */
     const int64_t thr_bytes =
@@ -270,21 +332,80 @@ static int s_attend(void *ctx, int sid, const shard_step *st, const topk_cand *t
         memcpy(p + (size_t)units * sizeof(topk_cand), have_thr, (size_t)units);
     }
     const size_t nh = (size_t)s->n_heads, d = (size_t)s->head_dim;
-    const size_t aux_n = st->method == SHARD_SPARQ ? nh * SHARD_SPARQ_AUX(d) : 0;
-    if (s_exchange(c, 0, c->n_shards, (int64_t)(nh * 8 + nh * d * 8 + aux_n * 8 + nh * 4)))
-        return -1;
-    int64_t bytes = 0;
-    for (int i = 0; i < c->n_shards; i++) {
-        /* Shard i writes block i of (m, l, o). */
-        const uint8_t *r = c->reply[i] + sizeof(wmpi_reply);
-        memcpy(l + i * nh, r, nh * sizeof(double));
-        memcpy(o + i * nh * d, r + nh * 8, nh * d * sizeof(double));
-        if (aux_n) memcpy(aux + i * aux_n, r + nh * 8 + nh * d * 8, aux_n * sizeof(double));
-        memcpy(m + i * nh, r + nh * 8 + nh * d * 8 + aux_n * 8, nh * sizeof(float));
-        bytes += s_reply_bytes_read(c, i);
+    op->n_heads = s->n_heads;
+    op->head_dim = s->head_dim;
+    op->aux_n = st->method == SHARD_SPARQ ? nh * SHARD_SPARQ_AUX(d) : 0;
+    op->m = m, op->l = l, op->o = o, op->aux = aux, op->bytes_p = bytes_p;
+    return s_op_post(c, op, (int64_t)(nh * 8 + nh * d * 8 + op->aux_n * 8 + nh * 4));
+}
+
+/* Completes the oldest phase in flight: every reply checked as s_exchange checks them,
+ * then unpacked into the outputs given to its start. */
+static int s_wait(void *ctx)
+{
+    mpi_ctx *c = ctx;
+    if (!c->op_len) return -1;
+    pipe_op *op = &c->ops[c->op_head];
+    c->op_head = (c->op_head + 1) % FASA_PIPE_MAX;
+    c->op_len--;
+    const int n = c->n_shards;
+    wmpi_waitall(2 * n, op->reqs, op->stats, COORD_MAX_SLEEP_NS);
+    int rc = 0;
+    for (int i = 0; i < n; i++) {
+        int count = 0;
+        MPI_Get_count(&op->stats[i], MPI_BYTE, &count);
+        wmpi_reply r = {.status = WMPI_EINVAL};
+        if ((size_t)count >= sizeof(r)) memcpy(&r, op->reply[i], sizeof(r));
+        if (r.cmd != (int)op->code || r.status != WMPI_OK || (size_t)count != op->reply_bytes)
+            rc = -1;
     }
-    *bytes_p = bytes;
+    if (rc) return -1;
+    if (op->code == WMPI_SCORE) {
+        const int units = op->units, b = op->budget;
+        const size_t cand_bytes = (size_t)units * b * sizeof(topk_cand);
+        for (int i = 0; i < n; i++) {
+            /* Shard i fills block i, as in-process: n_cands[i][u] best-first candidates. */
+            const uint8_t *r = op->reply[i] + sizeof(wmpi_reply);
+            int *nc = op->n_cands + (size_t)i * units;
+            memcpy(nc, r + cand_bytes, (size_t)units * sizeof(int));
+            for (int u = 0; u < units; u++) {
+                if (nc[u] < 0 || nc[u] > b) return -1;
+                memcpy(op->cands + ((size_t)i * units + u) * b,
+                       r + (size_t)u * b * sizeof(topk_cand), (size_t)nc[u] * sizeof(topk_cand));
+            }
+        }
+        return 0;
+    }
+    const size_t nh = (size_t)op->n_heads, d = (size_t)op->head_dim, aux_n = op->aux_n;
+    int64_t bytes = 0;
+    for (int i = 0; i < n; i++) {
+        /* Shard i writes block i of (m, l, o). */
+        const uint8_t *r = op->reply[i] + sizeof(wmpi_reply);
+        memcpy(op->l + i * nh, r, nh * sizeof(double));
+        memcpy(op->o + i * nh * d, r + nh * 8, nh * d * sizeof(double));
+        if (aux_n) memcpy(op->aux + i * aux_n, r + nh * 8 + nh * d * 8, aux_n * sizeof(double));
+        memcpy(op->m + i * nh, r + nh * 8 + nh * d * 8 + aux_n * 8, nh * sizeof(float));
+        wmpi_reply h;
+        memcpy(&h, op->reply[i], sizeof(h));
+        bytes += h.bytes_read;
+    }
+    *op->bytes_p = bytes;
     return 0;
+}
+
+/* One phase on its own: begun and completed at once (nothing else is in flight then). */
+static int s_score(void *ctx, int sid, const shard_step *st, topk_cand *cands, int *n_cands)
+{
+    if (s_score_start(ctx, sid, st, cands, n_cands)) return -1;
+    return s_wait(ctx);
+}
+
+static int s_attend(void *ctx, int sid, const shard_step *st, const topk_cand *thr,
+                    const uint8_t *have_thr, float *m, double *l, double *o, double *aux,
+                    int64_t *bytes_p)
+{
+    if (s_attend_start(ctx, sid, st, thr, have_thr, m, l, o, aux, bytes_p)) return -1;
+    return s_wait(ctx);
 }
 
 static int s_shard_stats(void *ctx, int sid, fasa_shard_stats *out)
@@ -320,6 +441,9 @@ static void s_ctx_free(mpi_ctx *c)
     free(c->stats);
     free(c->sessions);
     free(c->cmd);
+    if (c->ops)
+        for (int i = 0; i < FASA_PIPE_MAX; i++) s_op_free(&c->ops[i], c->n_shards);
+    free(c->ops);
     free(c);
 }
 
@@ -361,6 +485,9 @@ int fasa_transport_mpi(fasa_transport *t, MPI_Comm comm)
                           .score = s_score,
                           .attend = s_attend,
                           .shard_stats = s_shard_stats,
+                          .score_start = s_score_start,
+                          .attend_start = s_attend_start,
+                          .wait = s_wait,
                           .destroy = s_destroy};
     return 0;
 err_free:

@@ -498,6 +498,93 @@ START_TEST(test_mpi_sessions_interleaved)
 }
 END_TEST
 
+/* (d2) A batch over MPI, its phases pipelined across the workers, gives what the same
+ * steps give one by one in process: 4 sessions (fasa, oracle, quest, dense by default),
+ * 30 items in waves (sessions repeat), with k_new, and two failing items. */
+START_TEST(test_mpi_batch)
+{
+    enum { NL = 2, NH = 4, NKV = 2, D = 16, T = 600, NSES = 4, NI = 30 };
+    dataset ds;
+    s_data_init(&ds, NL, NH, NKV, D, T, 77);
+    fasa_profile *prof = s_profile(NL, NH, NKV, D, 2, FC_PAIRING_INTERLEAVED, 0, 78);
+    fasa_engine_t *loc = fasa_engine_new(s_n_workers, MPI_TEST_BLOCK);
+    ck_assert_ptr_nonnull(loc);
+    fasa_engine_t *both[2] = {s_mpi, loc};
+    const char *ids_s[NSES] = {"bf", "bo", "bq", "bd"};
+    const fasa_method methods[NSES] = {FASA_METHOD_FASA, FASA_METHOD_ORACLE, FASA_METHOD_QUEST,
+                                       FASA_METHOD_DENSE};
+    replay c = s_replay_of(&ds, NH, NKV, D, T);
+    c.budget = 32;
+    c.profile = prof;
+    for (int x = 0; x < 2; x++)
+        for (int si = 0; si < NSES; si++) {
+            c.method = methods[si];
+            s_create(both[x], ids_s[si], &c);
+            for (int l = 0; l < NL; l++) s_append(both[x], ids_s[si], &c, l, 0, 400 + si * 10);
+        }
+    const size_t row = (size_t)NKV * D;
+    const char *ids[NI];
+    fasa_attend_req reqs[NI];
+    float *out[2];
+    int32_t *sel[2];
+    for (int x = 0; x < 2; x++) {
+        out[x] = test_alloc(sizeof(float) * NI * NH * D);
+        sel[x] = test_alloc(sizeof(int32_t) * NI * NH * c.budget);
+    }
+    float *outs[2][NI];
+    int32_t *sels[2][NI];
+    int next[NSES][NL];
+    for (int si = 0; si < NSES; si++)
+        for (int l = 0; l < NL; l++) next[si][l] = 400 + si * 10;
+    for (int i = 0; i < NI; i++) {
+        const int si = (i * 7 + i / 5) % NSES, l = i % NL, knew = i % 3 != 2;
+        ids[i] = i == 11 ? "missing" : ids_s[si];
+        const int t = next[si][l];
+        if (knew && i != 11) next[si][l]++;
+        reqs[i] = (fasa_attend_req){.layer = l,
+                                    .q = ds.q[l] + (size_t)t * NH * D,
+                                    .k_new = knew ? ds.k[l] + t * row : NULL,
+                                    .v_new = knew ? ds.v[l] + t * row : NULL,
+                                    .method = -1,
+                                    .budget = i == 17 ? -1 : 0,
+                                    .gqa = -1,
+                                    .max_pos = -1};
+        for (int x = 0; x < 2; x++) {
+            outs[x][i] = out[x] + (size_t)i * NH * D;
+            sels[x][i] = sel[x] + (size_t)i * NH * c.budget;
+        }
+    }
+    fasa_error errs[2][NI];
+    fasa_step_stats st[2][NI];
+    const int n_ok =
+        fasa_engine_attend_batch(s_mpi, NI, ids, reqs, outs[0], sels[0], st[0], errs[0]);
+    int want = 0;
+    for (int i = 0; i < NI; i++) {
+        errs[1][i].code = fasa_engine_attend(loc, ids[i], &reqs[i], outs[1][i], sels[1][i],
+                                             &st[1][i], &errs[1][i]);
+        ck_assert_int_eq(errs[0][i].code, errs[1][i].code);
+        if (errs[1][i].code) continue;
+        want++;
+        ck_assert_double_le(test_max_abs_diff((size_t)NH * D, outs[0][i], outs[1][i]), 1e-6);
+        ck_assert_mem_eq(sels[0][i], sels[1][i], sizeof(int32_t) * NH * c.budget);
+        ck_assert_int_eq(st[0][i].bytes_read, st[1][i].bytes_read);
+    }
+    ck_assert_int_eq(want, NI - 2);
+    ck_assert_int_eq(n_ok, want);
+    fasa_error err;
+    for (int si = 0; si < NSES; si++)
+        for (int x = 0; x < 2; x++) {
+            for (int l = 0; l < NL; l++)
+                ck_assert_int_eq(fasa_engine_length(both[x], ids_s[si], l), next[si][l]);
+            ck_assert_int_eq(fasa_engine_drop(both[x], ids_s[si], &err), FASA_OK);
+        }
+    for (int x = 0; x < 2; x++) free(out[x]), free(sel[x]);
+    fasa_engine_destroy(&loc);
+    fasa_profile_destroy(&prof);
+    s_data_cleanup(&ds);
+}
+END_TEST
+
 /* (e) A dropped session is gone at the engine: NOT_FOUND without a message to the workers,
  * and the workers stay in step. */
 START_TEST(test_mpi_after_drop)
@@ -856,6 +943,7 @@ static Suite *s_mpi_suite(void)
     tcase_add_test(tc, test_mpi_fasa_agree);
     tcase_add_test(tc, test_mpi_golden);
     tcase_add_test(tc, test_mpi_sessions_interleaved);
+    tcase_add_test(tc, test_mpi_batch);
     tcase_add_test(tc, test_mpi_after_drop);
     tcase_add_test(tc, test_mpi_stats);
     tcase_add_test(tc, test_mpi_bad_commands);
