@@ -19,6 +19,9 @@ typedef struct server_config {
     long block;
     long long max_message;
     fasa_log_level log_level;
+    char state_dir[512];    /* snapshots go here and --restore reads them; "" = none */
+    int restore;            /* 1: reload every snapshotted session at start */
+    long snapshot_interval; /* seconds between snapshots of changed sessions; 0 = never */
 } server_config;
 
 /* Fills c from defaults, the config file, env (getenv) and argv. Returns 0 to run, 1 when

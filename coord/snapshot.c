@@ -627,3 +627,132 @@ int fasa_snapshot_restore_all(fasa_engine_t *e, const char *dir, int *n_failed_p
     closedir(d);
     return n_ok;
 }
+
+void fasa_snapshot_remove(const char *dir, const char *id)
+{
+    char stem[64], mpath[4200];
+    fasa_snapshot_stem(id, stem, sizeof(stem));
+    snprintf(mpath, sizeof(mpath), "%.3000s/%s.manifest", dir, stem);
+    size_t len;
+    char *text = s_slurp(mpath, MANIFEST_MAX_BYTES, &len), why[200];
+    if (!text) return;
+    manifest m;
+    /* The manifest goes first: a restore never finds it listing files that are gone. */
+    const int ok = s_manifest_parse(&m, text, len, why, sizeof(why)) == 0;
+    free(text);
+    unlink(mpath);
+    s_sync_dir(dir);
+    for (int i = 0; ok && i < m.n_shards; i++) {
+        char p[4400];
+        snprintf(p, sizeof(p), "%.3000s/%s", dir, m.files[i]);
+        unlink(p);
+    }
+    if (ok) s_manifest_cleanup(&m);
+}
+
+fasa_status fasa_snapshot_save_profile(const char *dir, const char *name, const fasa_profile *p,
+                                       fasa_error *err)
+{
+    char stem[64], path[4200];
+    fasa_snapshot_stem(name, stem, sizeof(stem));
+    snprintf(path, sizeof(path), "%.3000s/%s.profile", dir, stem);
+    char *pt = NULL, *buf = NULL;
+    size_t pl = 0, bl = 0;
+    FILE *pf = open_memstream(&pt, &pl);
+    int bad = !pf || fasa_profile_write(p, pf);
+    if (pf) bad |= fclose(pf) != 0;
+    FILE *f = bad ? NULL : open_memstream(&buf, &bl);
+    if (f) {
+        fprintf(f, "fasa-profile-snapshot 1\nname %s\nprofile %zu\n", name, pl);
+        fwrite(pt, 1, pl, f);
+        bad |= fclose(f) != 0;
+    }
+    free(pt);
+    fasa_status st = FASA_OK;
+    if (bad || !f)
+        st = s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory saving profile '%s'", name);
+    else if (s_write_atomic(dir, path, buf, bl))
+        st = s_fail(err, FASA_INTERNAL, "cannot write %s: %s", path, strerror(errno));
+    free(buf);
+    return st;
+}
+
+/* Reads one saved profile; NULL with why on failure. name gets its name. */
+static fasa_profile *s_read_profile(const char *path, char *name, char *why, size_t why_len)
+{
+    size_t len;
+    char *text = s_slurp(path, MANIFEST_MAX_BYTES, &len);
+    if (!text) return snprintf(why, why_len, "cannot read it: %s", strerror(errno)), NULL;
+    fasa_profile *p = NULL;
+    char *last = text + len, *cur = text, *v;
+    long x;
+    unsigned long long sum;
+    if (len < 2 || text[len - 1] != '\n') {
+        snprintf(why, why_len, "truncated");
+        goto out;
+    }
+    last--;
+    while (last > text && last[-1] != '\n') last--;
+    if (sscanf(last, "checksum %16llx", &sum) != 1 || strlen(last) != 26 ||
+        shard_snap_fnv(SHARD_SNAP_FNV0, text, (size_t)(last - text)) != sum) {
+        snprintf(why, why_len, "checksum mismatch or missing: damaged");
+        goto out;
+    }
+    v = s_next_line(&cur, last);
+    if (!v || strcmp(v, "fasa-profile-snapshot 1") || !(v = s_expect(&cur, last, "name")) || !*v ||
+        strlen(v) > FASA_ID_MAX) {
+        snprintf(why, why_len, "not a profile snapshot");
+        goto out;
+    }
+    strcpy(name, v);
+    if (!(v = s_expect(&cur, last, "profile")) || s_int(v, 1, (long)(last - cur), &x) ||
+        cur + x != last) {
+        snprintf(why, why_len, "bad profile size");
+        goto out;
+    }
+    FILE *pf = fmemopen(cur, (size_t)x, "r");
+    if (!pf) {
+        snprintf(why, why_len, "out of memory");
+        goto out;
+    }
+    p = fasa_profile_read(pf, path, (size_t)x, why, why_len);
+    fclose(pf);
+out:
+    free(text);
+    return p;
+}
+
+int fasa_snapshot_load_profiles(const char *dir,
+                                int (*add)(void *ctx, const char *name, fasa_profile *p), void *ctx,
+                                int *n_failed_p)
+{
+    *n_failed_p = 0;
+    DIR *d = opendir(dir);
+    if (!d) {
+        fasa_log(FASA_LOG_ERROR, 0, "restore: cannot read %s: %s", dir, strerror(errno));
+        return -1;
+    }
+    int n = 0;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (!s_has_suffix(de->d_name, ".profile")) continue;
+        char path[4400], name[FASA_ID_MAX + 1] = "", why[256];
+        snprintf(path, sizeof(path), "%.3000s/%s", dir, de->d_name);
+        fasa_profile *p = s_read_profile(path, name, why, sizeof(why));
+        if (!p) {
+            fasa_log(FASA_LOG_ERROR, 0, "restore: profile file %s refused: %s", path, why);
+            (*n_failed_p)++;
+            continue;
+        }
+        if (add(ctx, name, p)) {
+            fasa_profile_destroy(&p);
+            fasa_log(FASA_LOG_ERROR, 0, "restore: profile %s (%s) not added", name, path);
+            (*n_failed_p)++;
+            continue;
+        }
+        fasa_log(FASA_LOG_INFO, 0, "restore: profile %s", name);
+        n++;
+    }
+    closedir(d);
+    return n;
+}

@@ -69,4 +69,23 @@ int fasa_snapshot_restore_all(fasa_engine_t *e, const char *dir, int *n_failed_p
 /* The stem of a session id's files (see above): stem gets at most 60 bytes. */
 void fasa_snapshot_stem(const char *id, char *stem, size_t len);
 
+/* Removes the snapshot of session id from dir (its manifest and the shard files it lists);
+ * nothing to remove is not an error. */
+void fasa_snapshot_remove(const char *dir, const char *id);
+
+/* Named calibration profiles, one file each: <dir>/<stem of the name>.profile holding
+ *   fasa-profile-snapshot 1
+ *   name <name>
+ *   profile <bytes>, then exactly that many bytes of profile text (coord/profile.h)
+ *   checksum <16 hex digits>    64-bit FNV-1a of every byte before this line
+ * written atomically like a manifest. */
+fasa_status fasa_snapshot_save_profile(const char *dir, const char *name, const fasa_profile *p,
+                                       fasa_error *err);
+/* Loads every *.profile in dir, handing each to add (which takes the profile, returning 0,
+ * or -1 to refuse it: then it is freed). A damaged file is logged and skipped. Returns the
+ * count loaded (*n_failed_p the count skipped), or -1 when dir cannot be read. */
+int fasa_snapshot_load_profiles(const char *dir,
+                                int (*add)(void *ctx, const char *name, fasa_profile *p), void *ctx,
+                                int *n_failed_p);
+
 #endif
