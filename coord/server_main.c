@@ -6,6 +6,7 @@
  * handles one request at a time, in arrival order; clients match replies by request id.
  * SIGTERM, SIGINT and a Shutdown request all stop every rank cleanly. */
 #include <errno.h>
+#include <limits.h>
 #include <malloc.h>
 #include <mpi.h>
 #include <signal.h>
@@ -301,6 +302,12 @@ int main(int argc, char **argv)
         fasa_log(FASA_LOG_ERROR, 0, "out of memory starting the engine");
         MPI_Abort(MPI_COMM_WORLD, 1);
     }
+    /* Workers open the files by the path rank 0 gives them: make it absolute, so a rank
+     * started in another directory (srun, a remote host) finds the same place. */
+    char cwd[PATH_MAX], abs_dir[sizeof(o.state_dir)];
+    if (*o.state_dir && o.state_dir[0] != '/' && getcwd(cwd, sizeof(cwd)) &&
+        snprintf(abs_dir, sizeof(abs_dir), "%s/%s", cwd, o.state_dir) < (int)sizeof(abs_dir))
+        memcpy(o.state_dir, abs_dir, sizeof(abs_dir));
     const fasa_service_opts so = {
         .n_ranks = size, .max_message = (size_t)o.max_message, .state_dir = o.state_dir};
     fasa_service *svc = fasa_service_new(engine, size == 1 ? 1 : size - 1, &so);

@@ -60,6 +60,13 @@ struct fasa_service {
         uint64_t rev;
     } * revs;
     int n_revs, cap_revs;
+    /* Sessions a restore refused, so requests for them say why instead of NOT_FOUND (until
+     * a session of that id is created). */
+    struct refused_session {
+        char id[EDGE_MAX_ID + 1];
+        char why[200];
+    } * refused;
+    int n_refused;
 };
 
 const fasa_service_event *fasa_service_last_event(const fasa_service *s)
@@ -181,6 +188,7 @@ void fasa_service_destroy(fasa_service **service_p)
     free(s->rank_msgs);
     free(s->rank_ptrs);
     free(s->revs);
+    free(s->refused);
     free(s);
     *service_p = NULL;
 }
@@ -887,13 +895,43 @@ static int s_add_profile(void *ctx, const char *name, fasa_profile *p)
     return 0;
 }
 
+static void s_on_refused(void *ctx, const char *id, const char *why)
+{
+    fasa_service *s = ctx;
+    struct refused_session *p = realloc(s->refused, (size_t)(s->n_refused + 1) * sizeof(*p));
+    if (!p) return; /* requests for it then get a plain NOT_FOUND */
+    s->refused = p;
+    snprintf(p[s->n_refused].id, sizeof(p->id), "%s", id);
+    snprintf(p[s->n_refused].why, sizeof(p->why), "%s", why);
+    s->n_refused++;
+}
+
+/* A NOT_FOUND for a session a restore refused becomes FAILED_PRECONDITION saying why; a
+ * session created under that id ends it. */
+static void s_refused_reply(fasa_service *s, reply *r)
+{
+    const char *id = s->last_session;
+    for (int i = 0; *id && i < s->n_refused; i++) {
+        if (strcmp(s->refused[i].id, id)) continue;
+        if (r->code == FASA_OK && fasa_engine_config(s->engine, id)) {
+            s->refused[i] = s->refused[--s->n_refused];
+        } else if (r->code == FASA_NOT_FOUND) {
+            char why[sizeof(s->refused[i].why)];
+            snprintf(why, sizeof(why), "%s", s->refused[i].why);
+            s_fail(r, FASA_FAILED_PRECONDITION, "session '%s' could not be restored: %s", id, why);
+        }
+        return;
+    }
+}
+
 int fasa_service_restore(fasa_service *s, int *n_failed_p)
 {
     *n_failed_p = 0;
     if (!*s->state_dir) return -1;
     int pf = 0;
     if (fasa_snapshot_load_profiles(s->state_dir, s_add_profile, s, &pf) < 0) return -1;
-    const int n = fasa_snapshot_restore_all(s->engine, s->state_dir, n_failed_p);
+    const int n =
+        fasa_snapshot_restore_all_cb(s->engine, s->state_dir, n_failed_p, s_on_refused, s);
     *n_failed_p += pf;
     /* What was just loaded is what is on disk: the interval need not write it again. */
     const int count = fasa_engine_count(s->engine);
@@ -1075,6 +1113,7 @@ int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **
         break;
     }
 
+    if (s->n_refused) s_refused_reply(s, &r);
 reply:
     resp.protocol_version = EDGE_PROTOCOL_VERSION;
     resp.request_id = rid;

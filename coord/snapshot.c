@@ -597,6 +597,13 @@ static int s_has_suffix(const char *s, const char *suffix)
 
 int fasa_snapshot_restore_all(fasa_engine_t *e, const char *dir, int *n_failed_p)
 {
+    return fasa_snapshot_restore_all_cb(e, dir, n_failed_p, NULL, NULL);
+}
+
+int fasa_snapshot_restore_all_cb(fasa_engine_t *e, const char *dir, int *n_failed_p,
+                                 void (*refused)(void *ctx, const char *id, const char *why),
+                                 void *ctx)
+{
     *n_failed_p = 0;
     DIR *d = opendir(dir);
     if (!d) {
@@ -616,6 +623,7 @@ int fasa_snapshot_restore_all(fasa_engine_t *e, const char *dir, int *n_failed_p
             fasa_log(FASA_LOG_ERROR, 0, "restore: session %s refused: %s",
                      *id ? id : "(unreadable)", fe.msg);
             (*n_failed_p)++;
+            if (refused && *id) refused(ctx, id, fe.msg);
             continue;
         }
         clock_gettime(CLOCK_MONOTONIC, &t1);

@@ -65,6 +65,11 @@ fasa_status fasa_snapshot_restore(fasa_engine_t *e, const char *manifest_path, c
  * ones) and an error line for each one refused. *n_failed_p gets the count refused.
  * Returns the count restored, or -1 when dir cannot be read. */
 int fasa_snapshot_restore_all(fasa_engine_t *e, const char *dir, int *n_failed_p);
+/* The same, also calling refused(ctx, id, why) for each session refused whose id could be
+ * read (refused may be NULL). */
+int fasa_snapshot_restore_all_cb(fasa_engine_t *e, const char *dir, int *n_failed_p,
+                                 void (*refused)(void *ctx, const char *id, const char *why),
+                                 void *ctx);
 
 /* The stem of a session id's files (see above): stem gets at most 60 bytes. */
 void fasa_snapshot_stem(const char *id, char *stem, size_t len);

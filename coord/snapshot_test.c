@@ -271,6 +271,12 @@ START_TEST(test_snapshot_damage)
     snprintf(mpath, sizeof(mpath), "%s/%s.manifest", s_dir, stem);
     ck_assert_int_eq(fasa_snapshot_restore(a, mpath, id, &err), FASA_ALREADY_EXISTS);
     ck_assert_int_eq(fasa_engine_length(a, "a/b:c", 1), T0 + T1);
+    /* A directory that cannot be written: the error names the file and errno. */
+    ck_assert_int_eq(fasa_snapshot_session(a, "/nonexistent-fasa-dir", "plain", NULL, &err),
+                     FASA_INTERNAL);
+    ck_assert_msg(strstr(err.msg, "could not write /nonexistent-fasa-dir/plain-") &&
+                      strstr(err.msg, "No such file or directory"),
+                  "%s", err.msg);
     /* And an unknown session cannot be snapshotted. */
     ck_assert_int_eq(fasa_snapshot_session(a, s_dir, "nope", NULL, &err), FASA_NOT_FOUND);
     fasa_engine_destroy(&b);

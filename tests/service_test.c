@@ -5,10 +5,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "calib.h"
 #include "fc.h"
 #include "service.h"
+#include "snapshot.h"
 #include "test_util.h"
 #include "wire_cases.h"
 
@@ -913,12 +915,36 @@ START_TEST(test_snapshot_requests)
     Fasa__V1__Request dr = FASA__V1__REQUEST__INIT;
     dr.body_case = FASA__V1__REQUEST__BODY_DROP_SESSION;
     dr.drop_session = &drop;
-    drop.session_id = "bad";
-    fasa__v1__response__free_unpacked(wire_send(&dr), NULL);
     drop.session_id = "fresh";
     fasa__v1__response__free_unpacked(wire_send(&dr), NULL);
+    /* A damaged manifest: "bad" is refused, and requests for it say why until a session of
+     * that id is created again. */
+    char stem[64], mpath[128];
+    fasa_snapshot_stem("bad", stem, sizeof(stem));
+    snprintf(mpath, sizeof(mpath), "%s/%s.manifest", dir, stem);
+    ck_assert_int_eq(truncate(mpath, 40), 0);
     s_service_with(dir, 1);
     ck_assert_int_eq(fasa_service_restore(s_svc, &failed), 0);
+    ck_assert_int_eq(failed, 1);
+    Fasa__V1__Request sr = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Stats sb = FASA__V1__STATS__INIT;
+    sb.session_id = "bad";
+    sr.body_case = FASA__V1__REQUEST__BODY_STATS;
+    sr.stats = &sb;
+    wire_expect_error(wire_send(&sr), FASA__V1__STATUS__FAILED_PRECONDITION,
+                      "session 'bad' could not be restored: ");
+    sb.session_id = "other";
+    wire_expect_error(wire_send(&sr), FASA__V1__STATUS__NOT_FOUND, "'other' not found");
+    wire_make_session(); /* creates "bad" afresh */
+    drop.session_id = "bad";
+    r = wire_send(&dr);
+    ck_assert_int_eq(r->status, 0);
+    fasa__v1__response__free_unpacked(r, NULL);
+    r = wire_send(&dr);
+    wire_expect_error(r, FASA__V1__STATUS__NOT_FOUND, "'bad' not found");
+    s_service_with(dir, 1);
+    ck_assert_int_eq(fasa_service_restore(s_svc, &failed), 0);
+    ck_assert_int_eq(failed, 0);
     char cmd[64];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
     ck_assert_int_eq(system(cmd), 0);

@@ -9,7 +9,8 @@
 #     the pre-kill outputs within 1e-6 (npy_diff): across shard counts outputs agree only to
 #     rounding, as the log-sum-exp merge order follows the shards.
 # Then one byte of a shard file of the dense session is flipped: on restart that session is
-# refused with a message naming the file (and attends to it get NOT_FOUND) while the other
+# refused with a message naming the file (and requests for it get FAILED_PRECONDITION saying
+# so) while the other
 # restores. --snapshot-interval writes a changed session by itself.
 # usage: snapshot_test.sh BUILD_DIR
 set -u
@@ -192,7 +193,8 @@ else
 fi
 f attend --session s2 --layer 0 --q "$tmp/q0.npy" --out "$tmp/x.npy" >/dev/null 2>"$tmp/err" &&
     bad "attend to the refused s2 succeeded" ||
-    { grep -q "NOT_FOUND\|not found" "$tmp/err" && ok "s2 refused: $(cat "$tmp/err")" || bad "s2: $(cat "$tmp/err")"; }
+    { grep -q "session 's2' could not be restored: .*s2-.*\.shard: checksum mismatch" "$tmp/err" &&
+        ok "requests for s2 say why: $(cat "$tmp/err")" || bad "s2: $(cat "$tmp/err")"; }
 attends s1 "$tmp/e"
 r=$(same "$tmp/e" "$tmp/a" 0) && ok "s1 restored beside the refused s2: $r" || bad "s1 beside refused s2: $r"
 kill9
