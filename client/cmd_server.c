@@ -1,6 +1,6 @@
 /* The commands that talk to a fasa-server through libfasa, one request each: ping, stats,
- * create, append, attend, drop, shutdown. Session ids are used as given (no prefix): these
- * commands manage sessions that outlive the command. */
+ * create, append, attend, drop, shutdown, snapshot. Session ids are used as given (no prefix):
+ * these commands manage sessions that outlive the command. */
 #include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
@@ -116,6 +116,17 @@ static const char shutdown_usage[] = "usage: fasa shutdown --server ENDPOINT\n"
                                      "Stops the server cleanly (every rank) after it answers.\n"
                                      "\n" SERVER_HELP COMMON_HELP;
 
+static const char snapshot_usage[] =
+    "usage: fasa snapshot --server ENDPOINT SESSION\n"
+    "       fasa snapshot --server ENDPOINT --all\n"
+    "\n"
+    "Writes a snapshot of one session (or of every session and the named profiles) into the\n"
+    "server's --state-dir: each rank its shard files, then a manifest. A server started later\n"
+    "with --state-dir DIR --restore loads them back, on any number of ranks. Prints one line\n"
+    "per session: id, tokens, bytes, manifest file.\n"
+    "\n" SERVER_HELP "  SESSION, --session ID  the session\n"
+    "  --all               every session and the named profiles\n" COMMON_HELP;
+
 typedef struct srv_opts {
     const char *server, *session, *profile, *profile_name, *k, *v, *q, *k_new, *v_new, *out,
         *selected, *dense_layers;
@@ -128,6 +139,7 @@ typedef struct srv_opts {
     fc_pairing pairing;
     int have_pairing;
     int prometheus; /* stats --format prometheus */
+    int all;        /* snapshot --all */
 } srv_opts;
 
 /* Parses argv for cmd, accepting only the options whose codes are in allowed. Returns 0,
@@ -160,6 +172,7 @@ static int s_parse(const char *cmd, const char *usage, const char *allowed, int 
                                          {"selected", required_argument, 0, 'S'},
                                          {"stats", no_argument, 0, 't'},
                                          {"format", required_argument, 0, 'F'},
+                                         {"all", no_argument, 0, 'A'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     memset(o, 0, sizeof(*o));
@@ -209,6 +222,9 @@ static int s_parse(const char *cmd, const char *usage, const char *allowed, int 
             break;
         case 't':
             o->stats = 1;
+            break;
+        case 'A':
+            o->all = 1;
             break;
         case 'F':
             if (strcmp(optarg, "text") && strcmp(optarg, "prometheus"))
@@ -854,6 +870,47 @@ int cmd_shutdown(int argc, char **argv)
         rc = cli_fail("shutdown", "%s", ce.msg);
     else
         printf("server at %s is shutting down\n", o.server);
+    fasa_client_close(&c);
+    return rc;
+}
+
+int cmd_snapshot(int argc, char **argv)
+{
+    /* fasa snapshot SESSION [options]: the session may come first, without --session. */
+    const char *positional = NULL;
+    if (argc >= 2 && argv[1][0] != '-') {
+        positional = argv[1];
+        argv[1] = argv[0];
+        argv++;
+        argc--;
+    }
+    srv_opts o;
+    int rc = s_parse("snapshot", snapshot_usage, "EiA", argc, argv, &o);
+    if (rc) return rc < 0 ? 0 : rc;
+    if (positional && o.session)
+        return cli_usage_error("snapshot", "give the session once (SESSION or --session ID)");
+    if (positional) o.session = positional;
+    if (!o.session == !o.all)
+        return cli_usage_error("snapshot", "give exactly one of SESSION and --all");
+    fasa_client *c = s_connect("snapshot", o.server, BACKEND_TIMEOUT_MS);
+    if (!c) return 1;
+    fasa_client_error ce;
+    enum { CAP = 1024 };
+    fasa_client_snapshot_info *infos = calloc(CAP, sizeof(*infos));
+    size_t n = 0;
+    uint32_t n_profiles = 0;
+    if (!infos)
+        rc = cli_fail("snapshot", "out of memory");
+    else if (fasa_client_snapshot(c, o.session, infos, CAP, &n, &n_profiles, &ce))
+        rc = cli_fail("snapshot", "%s", ce.msg);
+    else {
+        for (size_t i = 0; i < n && i < CAP; i++)
+            printf("snapshot %s tokens %llu bytes %llu manifest %s\n", infos[i].session_id,
+                   (unsigned long long)infos[i].length, (unsigned long long)infos[i].bytes,
+                   infos[i].manifest);
+        if (o.all) printf("profiles %u\n", n_profiles);
+    }
+    free(infos);
     fasa_client_close(&c);
     return rc;
 }

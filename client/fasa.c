@@ -32,6 +32,7 @@ static const char usage[] =
     "  attend     one decode step of one layer: queries from .npy, outputs to .npy\n"
     "  drop       drop a session\n"
     "  shutdown   stop the server\n"
+    "  snapshot   write a session (or --all) to the server's --state-dir\n"
     "\n"
     "FASA_TIMEOUT_MS: the wait for each server reply in milliseconds (default 120000, and\n"
     "5000 for the ping that first checks the server answers).\n"
@@ -126,10 +127,11 @@ int main(int argc, char **argv)
     static const struct {
         const char *name;
         int (*fn)(int, char **);
-    } cmds[] = {{"demo", cmd_demo},     {"calibrate", cmd_calibrate}, {"replay", cmd_replay},
-                {"ppl", cmd_ppl},       {"generate", cmd_generate},   {"ping", cmd_ping},
-                {"stats", cmd_stats},   {"create", cmd_create},       {"append", cmd_append},
-                {"attend", cmd_attend}, {"drop", cmd_drop},           {"shutdown", cmd_shutdown}};
+    } cmds[] = {{"demo", cmd_demo},        {"calibrate", cmd_calibrate}, {"replay", cmd_replay},
+                {"ppl", cmd_ppl},          {"generate", cmd_generate},   {"ping", cmd_ping},
+                {"stats", cmd_stats},      {"create", cmd_create},       {"append", cmd_append},
+                {"attend", cmd_attend},    {"drop", cmd_drop},           {"shutdown", cmd_shutdown},
+                {"snapshot", cmd_snapshot}};
     for (size_t i = 0; i < sizeof(cmds) / sizeof(*cmds); i++)
         if (strcmp(argv[1], cmds[i].name) == 0) return cmds[i].fn(argc - 1, argv + 1);
     fprintf(stderr, "fasa: unknown command '%s' (see 'fasa --help')\n", argv[1]);

@@ -199,6 +199,8 @@ static const char *s_body_name(Fasa__V1__Request__BodyCase body)
         return "stats";
     case FASA__V1__REQUEST__BODY_SHUTDOWN:
         return "shutdown";
+    case FASA__V1__REQUEST__BODY_SNAPSHOT:
+        return "snapshot";
     default:
         return "request";
     }
@@ -976,4 +978,32 @@ fasa_client_status fasa_client_shutdown(fasa_client *c, fasa_client_error *err)
     req.body_case = FASA__V1__REQUEST__BODY_SHUTDOWN;
     req.shutdown = &sd;
     return s_call_no_body(c, &req, err);
+}
+
+fasa_client_status fasa_client_snapshot(fasa_client *c, const char *session_id,
+                                        fasa_client_snapshot_info *infos, size_t cap, size_t *n_p,
+                                        uint32_t *n_profiles_p, fasa_client_error *err)
+{
+    Fasa__V1__Snapshot sn = FASA__V1__SNAPSHOT__INIT;
+    sn.session_id = (char *)(uintptr_t)session_id;
+    sn.has_all = !session_id;
+    sn.all = !session_id;
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    req.body_case = FASA__V1__REQUEST__BODY_SNAPSHOT;
+    req.snapshot = &sn;
+    Fasa__V1__Response *resp;
+    const fasa_client_status st = s_call(c, &req, FASA__V1__RESPONSE__BODY_SNAPSHOT, &resp, err);
+    if (st) return st;
+    const Fasa__V1__SnapshotResult *r = resp->snapshot;
+    for (size_t i = 0; i < r->n_sessions && i < cap; i++) {
+        fasa_client_snapshot_info *o = &infos[i];
+        snprintf(o->session_id, sizeof(o->session_id), "%s", r->sessions[i]->session_id);
+        o->length = r->sessions[i]->length;
+        o->bytes = r->sessions[i]->bytes;
+        snprintf(o->manifest, sizeof(o->manifest), "%s", r->sessions[i]->manifest);
+    }
+    *n_p = r->n_sessions;
+    if (n_profiles_p) *n_profiles_p = r->n_profiles;
+    fasa__v1__response__free_unpacked(resp, NULL);
+    return FASA_CLIENT_OK;
 }

@@ -259,7 +259,7 @@ typedef struct fasa_client_latency {
 } fasa_client_latency;
 
 /* Requests answered since start of one type: "ping", "create_session", "append", "attend",
- * "batch_attend", "calibrate", "set_profile", "drop_session", "stats", "shutdown", or
+ * "batch_attend", "calibrate", "set_profile", "drop_session", "stats", "shutdown", "snapshot", or
  * "undecodable" (bytes whose request type could not be told). Failed requests count too; a
  * batch counts once as "batch_attend" (its items: fasa_client_stats.batch_items). */
 typedef struct fasa_client_request_count {
@@ -267,7 +267,7 @@ typedef struct fasa_client_request_count {
     uint64_t count;
 } fasa_client_request_count;
 
-#define FASA_CLIENT_STATS_MAX_TYPES 32 /* request types kept (the server sends 11) */
+#define FASA_CLIENT_STATS_MAX_TYPES 32 /* request types kept (the server sends 12) */
 #define FASA_CLIENT_STATS_MAX_CODES 16 /* status codes counted (the protocol has 0..8) */
 
 /* One session as the server holds it. */
@@ -323,6 +323,22 @@ void fasa_client_stats_free(fasa_client_stats *stats);
 
 /* Asks the server to stop cleanly (every rank) once it has answered. */
 fasa_client_status fasa_client_shutdown(fasa_client *c, fasa_client_error *err);
+
+/* One session written by fasa_client_snapshot. */
+typedef struct fasa_client_snapshot_info {
+    char session_id[129]; /* the session */
+    uint64_t length;      /* tokens of layer 0 in the snapshot */
+    uint64_t bytes;       /* bytes of its shard files */
+    char manifest[96];    /* the manifest's file name in the server's --state-dir */
+} fasa_client_snapshot_info;
+
+/* Asks the server to snapshot session_id, or with session_id NULL every session and the
+ * named profiles, into its --state-dir (FAILED_PRECONDITION when it runs without one). The
+ * first min(n, cap) sessions written go to infos (may be NULL with cap 0); *n_p gets n and
+ * *n_profiles_p (may be NULL) the named profiles saved. */
+fasa_client_status fasa_client_snapshot(fasa_client *c, const char *session_id,
+                                        fasa_client_snapshot_info *infos, size_t cap, size_t *n_p,
+                                        uint32_t *n_profiles_p, fasa_client_error *err);
 
 #ifdef __cplusplus
 }

@@ -1,6 +1,7 @@
 /* Sessions, placement and the step plan. See engine.h. */
 #include "engine.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -974,4 +975,57 @@ int fasa_engine_attend_batch(fasa_engine_t *e, int n, const char *const *ids,
         }
     }
     return n_ok;
+}
+
+/* Snapshots (coord/snapshot.h) */
+
+int fasa_engine_n_shards(const fasa_engine_t *e)
+{
+    return e->tr.n_shards;
+}
+
+int fasa_engine_block(const fasa_engine_t *e)
+{
+    return e->block;
+}
+
+int fasa_engine_ids(const fasa_engine_t *e, const char **ids, int cap)
+{
+    int n = 0;
+    for (const session *s = e->sessions; s; s = s->next, n++)
+        if (n < cap) ids[n] = s->id;
+    return n;
+}
+
+uint64_t fasa_engine_revision(const fasa_engine_t *e, const char *id)
+{
+    const session *s = s_find(e, id);
+    if (!s) return 0;
+    /* A transport session number is never reused and changes with the profile; rows are
+     * append-only: (sid, lengths) names the content. */
+    uint64_t h = 0xcbf29ce484222325ull ^ (uint64_t)s->sid;
+    h *= 0x100000001b3ull;
+    for (int l = 0; l < s->cfg.n_layers; l++) {
+        h ^= (uint64_t)(uint32_t)s->n_appended[l];
+        h *= 0x100000001b3ull;
+    }
+    return h ? h : 1;
+}
+
+fasa_status fasa_engine_write_shards(fasa_engine_t *e, const char *id, const char *path_prefix,
+                                     shard_snap_info *out, fasa_error *err)
+{
+    const session *s = s_find(e, id);
+    if (!s) return s_fail(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
+    if (!e->tr.snapshot)
+        return s_fail(err, FASA_FAILED_PRECONDITION, "this engine's transport cannot snapshot");
+    for (int i = 0; i < e->tr.n_shards; i++) out[i] = (shard_snap_info){.err_no = EIO};
+    if (e->tr.snapshot(e->tr.ctx, s->sid, path_prefix, id, s->cfg.dtype, out)) {
+        for (int i = 0; i < e->tr.n_shards; i++)
+            if (out[i].err_no)
+                return s_fail(err, FASA_INTERNAL, "shard %d could not write %s.s%d.shard: %s", i,
+                              path_prefix, i, strerror(out[i].err_no));
+        return s_fail(err, FASA_INTERNAL, "a shard could not write its snapshot file");
+    }
+    return FASA_OK;
 }

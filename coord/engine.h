@@ -174,4 +174,22 @@ int64_t fasa_engine_shard_bytes(const fasa_engine_t *e, int shard);
 fasa_status fasa_engine_shard_stats(fasa_engine_t *e, const char *id, fasa_shard_stats *out,
                                     fasa_error *err);
 
+/* Snapshots (coord/snapshot.h drives them; these are its handles on the engine). */
+
+/* Shards of this engine, and its placement block in tokens. */
+int fasa_engine_n_shards(const fasa_engine_t *e);
+int fasa_engine_block(const fasa_engine_t *e);
+/* The ids of the sessions held (borrowed, valid until the next create or drop): the first
+ * min(count, cap) go to ids; returns the count. */
+int fasa_engine_ids(const fasa_engine_t *e, const char **ids, int cap);
+/* A value that changes whenever a session's content (rows, profile) changes; 0 for an
+ * unknown id. */
+uint64_t fasa_engine_revision(const fasa_engine_t *e, const char *id);
+/* Every shard of session id writes its snapshot file (shard_snap.h) to path_prefix +
+ * ".s<i>.shard"; out (n_shards) gets each file's checksum and size. NOT_FOUND, or INTERNAL
+ * naming the shard and the error when a shard could not write (files of the others may
+ * exist: the caller removes them). */
+fasa_status fasa_engine_write_shards(fasa_engine_t *e, const char *id, const char *path_prefix,
+                                     shard_snap_info *out, fasa_error *err);
+
 #endif

@@ -39,6 +39,14 @@ static const key s_keys[] = {
     {"log-level", "FASA_LOG_LEVEL", "info", "LEVEL",
      "error, warn, info (+ start, stop, refusals), debug (+ all)", K_LEVEL, 0, 0},
     {"quiet", "FASA_QUIET", "", "", "the same as --log-level warn", K_FLAG, 0, 0},
+    {"state-dir", "FASA_STATE_DIR", "", "DIR",
+     "where snapshots go (fasa snapshot, --snapshot-interval); every rank must reach it", K_STRING,
+     0, 0},
+    {"restore", "FASA_RESTORE", "", "",
+     "at start, reload every session snapshotted in --state-dir (any rank count)", K_FLAG, 0, 0},
+    {"snapshot-interval", "FASA_SNAPSHOT_INTERVAL", "0", "SECONDS",
+     "snapshot every changed session this often (0: only on request); needs --state-dir", K_INT, 0,
+     1 << 30},
 };
 #define N_KEYS (sizeof(s_keys) / sizeof(*s_keys))
 
@@ -98,6 +106,8 @@ static int s_set(server_config *c, const key *k, const char *value, const char *
             c->max_sessions = (int)v;
         else if (strcmp(k->name, "deadline") == 0)
             c->deadline_ms = (long)v;
+        else if (strcmp(k->name, "snapshot-interval") == 0)
+            c->snapshot_interval = (long)v;
         else
             c->max_message = v;
         return 0;
@@ -108,10 +118,13 @@ static int s_set(server_config *c, const key *k, const char *value, const char *
         return 0;
     }
     if (k->kind == K_FLAG) {
-        if (!strcmp(value, "1") || !strcmp(value, "true") || !strcmp(value, "yes"))
-            c->log_level = FASA_LOG_WARN;
-        else if (*value && strcmp(value, "0") && strcmp(value, "false") && strcmp(value, "no"))
+        const int on = !strcmp(value, "1") || !strcmp(value, "true") || !strcmp(value, "yes");
+        if (!on && *value && strcmp(value, "0") && strcmp(value, "false") && strcmp(value, "no"))
             return s_err(err, len, "%s: '%s' is not true or false", where, value);
+        if (strcmp(k->name, "restore") == 0)
+            c->restore = on;
+        else if (on)
+            c->log_level = FASA_LOG_WARN;
         return 0;
     }
     if (strcmp(k->name, "bind") == 0) {
@@ -120,6 +133,8 @@ static int s_set(server_config *c, const key *k, const char *value, const char *
     }
     if (strcmp(k->name, "endpoint-file") == 0)
         return s_copy(c->endpoint_file, sizeof(c->endpoint_file), value, where, err, len);
+    if (strcmp(k->name, "state-dir") == 0)
+        return s_copy(c->state_dir, sizeof(c->state_dir), value, where, err, len);
     return s_copy(c->pid_file, sizeof(c->pid_file), value, where, err, len);
 }
 
@@ -261,16 +276,23 @@ int server_config_load(server_config *c, int argc, char **argv, FILE *out, char 
         snprintf(where, sizeof(where), "--%s", k->name);
         if ((rc = s_set(c, k, value, where, err, err_len))) return rc;
     }
+    if ((c->restore || c->snapshot_interval) && !*c->state_dir)
+        return s_err(err, err_len, "%s needs --state-dir DIR",
+                     c->restore ? "--restore" : "--snapshot-interval");
     return 0;
 }
 
 void server_config_describe(const server_config *c, char *buf, size_t len)
 {
-    snprintf(buf, len,
-             "bind=%s block=%ld max-message=%lld memory-limit=%lld max-sessions=%d deadline=%ld "
-             "log-level=%s%s%s%s%s%s%s",
-             c->bind, c->block, c->max_message, c->memory_limit, c->max_sessions, c->deadline_ms,
-             fasa_log_level_name(c->log_level), *c->endpoint_file ? " endpoint-file=" : "",
-             c->endpoint_file, *c->pid_file ? " pid-file=" : "", c->pid_file,
-             *c->config ? " config=" : "", c->config);
+    const int n = snprintf(buf, len,
+                           "bind=%s block=%ld max-message=%lld memory-limit=%lld max-sessions=%d "
+                           "deadline=%ld log-level=%s%s%s%s%s%s%s",
+                           c->bind, c->block, c->max_message, c->memory_limit, c->max_sessions,
+                           c->deadline_ms, fasa_log_level_name(c->log_level),
+                           *c->endpoint_file ? " endpoint-file=" : "", c->endpoint_file,
+                           *c->pid_file ? " pid-file=" : "", c->pid_file,
+                           *c->config ? " config=" : "", c->config);
+    if (*c->state_dir && n >= 0 && (size_t)n < len)
+        snprintf(buf + n, len - (size_t)n, " state-dir=%s restore=%d snapshot-interval=%ld",
+                 c->state_dir, c->restore, c->snapshot_interval);
 }

@@ -22,6 +22,9 @@ typedef struct server_config {
     int max_sessions;
     long deadline_ms; /* default queue deadline, 0 = none */
     fasa_log_level log_level;
+    char state_dir[512];    /* snapshots go here and --restore reads them; "" = none */
+    int restore;            /* 1: reload every snapshotted session at start */
+    long snapshot_interval; /* seconds between snapshots of changed sessions; 0 = never */
 } server_config;
 
 /* Fills c from defaults, the config file, env (getenv) and argv. Returns 0 to run, 1 when

@@ -6,12 +6,14 @@
  * handles one request at a time, in arrival order; clients match replies by request id.
  * SIGTERM, SIGINT and a Shutdown request all stop every rank cleanly. */
 #include <errno.h>
+#include <limits.h>
 #include <malloc.h>
 #include <mpi.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 #include <zmq.h>
@@ -152,6 +154,20 @@ static void s_queue_fill(queue *q, void *sock)
     }
 }
 
+/* --snapshot-interval: between requests (rank 0 drives MPI from this one thread), every
+ * session changed since its last snapshot is written once the interval has passed. */
+static void s_snapshot_due(fasa_service *svc, const server_config *o, struct timespec *last)
+{
+    if (o->snapshot_interval <= 0) return;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    if (now.tv_sec - last->tv_sec < o->snapshot_interval) return;
+    *last = now;
+    const int n = fasa_service_snapshot_changed(svc);
+    if (n > 0)
+        fasa_log(FASA_LOG_INFO, 0, "snapshot: %d changed session%s written", n, n > 1 ? "s" : "");
+}
+
 static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
 {
     void *ctx = zmq_ctx_new();
@@ -196,7 +212,10 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
 
     int shutdown = 0;
     static queue q;
+    struct timespec last_snap;
+    clock_gettime(CLOCK_MONOTONIC, &last_snap);
     while (!shutdown && !s_stop) {
+        s_snapshot_due(svc, o, &last_snap);
         zmq_pollitem_t item = {sock, 0, ZMQ_POLLIN, 0};
         /* Blocks (no spinning) until a request or a signal arrives, unless requests wait. */
         if (zmq_poll(&item, 1, q.len ? 0 : 1000) < 0) {
@@ -330,14 +349,37 @@ int main(int argc, char **argv)
         MPI_Abort(MPI_COMM_WORLD, 1);
     }
     fasa_engine_set_memory_limit(engine, o.memory_limit);
+    /* Workers open the files by the path rank 0 gives them: make it absolute, so a rank
+     * started in another directory (srun, a remote host) finds the same place. */
+    char cwd[PATH_MAX], abs_dir[sizeof(o.state_dir)];
+    if (*o.state_dir && o.state_dir[0] != '/' && getcwd(cwd, sizeof(cwd)) &&
+        snprintf(abs_dir, sizeof(abs_dir), "%s/%s", cwd, o.state_dir) < (int)sizeof(abs_dir))
+        memcpy(o.state_dir, abs_dir, sizeof(abs_dir));
     const fasa_service_opts so = {.n_ranks = size,
                                   .max_message = (size_t)o.max_message,
                                   .max_sessions = o.max_sessions,
-                                  .deadline_ms = (uint32_t)o.deadline_ms};
+                                  .deadline_ms = (uint32_t)o.deadline_ms,
+                                  .state_dir = o.state_dir};
     fasa_service *svc = fasa_service_new(engine, size == 1 ? 1 : size - 1, &so);
     if (!svc) {
         fasa_log(FASA_LOG_ERROR, 0, "out of memory starting the service");
         MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    struct stat sd;
+    if (*o.state_dir && (stat(o.state_dir, &sd) || !S_ISDIR(sd.st_mode))) {
+        fasa_log(FASA_LOG_ERROR, 0, "--state-dir %s: not a directory (create it first)",
+                 o.state_dir);
+        fasa_service_destroy(&svc);
+        MPI_Finalize();
+        return 2;
+    }
+    if (o.restore) {
+        int failed = 0;
+        const int n = fasa_service_restore(svc, &failed);
+        fasa_log(failed ? FASA_LOG_WARN : FASA_LOG_INFO, 0,
+                 "restore: %d session%s from %s onto %d shard%s, %d refused", n < 0 ? 0 : n,
+                 n == 1 ? "" : "s", o.state_dir, size == 1 ? 1 : size - 1, size <= 2 ? "" : "s",
+                 failed);
     }
     const int rc = s_serve(svc, &o, size);
     fasa_service_destroy(&svc); /* the engine's transport tells the workers to stop */

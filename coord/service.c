@@ -11,6 +11,8 @@
 #include "calib.h"
 #include "edge.h"
 #include "fasa.pb-c.h"
+#include "log.h"
+#include "snapshot.h"
 
 #define VERSION_STRING "fasa-server 0.1.0"
 /* Calibration cost bound: multiply-adds of the sample positions' score rows. */
@@ -47,12 +49,27 @@ struct fasa_service {
     int n_profiles;
     /* Stats: requests by edge_kind (0: undecodable), responses and batch items by status,
      * batch items received, step times by fasa_method; the per-rank holdings' buffers. */
-    uint64_t by_kind[EDGE_SHUTDOWN + 1], by_code[FASA_UNAVAILABLE + 1], batch_items;
+    uint64_t by_kind[EDGE_KIND_LAST + 1], by_code[FASA_UNAVAILABLE + 1], batch_items;
     lat_hist lat[FASA_METHOD_LAST + 1];
     fasa_shard_stats *shard_buf;                 /* (n_shards) */
     Fasa__V1__RankStats *rank_msgs, **rank_ptrs; /* (2 x s_rank_entries): all, then session */
     fasa_service_event last;
     char last_session[EDGE_MAX_ID + 1];
+    /* Snapshots: the state dir ("" = none) and each session's engine revision when it was
+     * last written (fasa_engine_revision), so the interval writes only what changed. */
+    char state_dir[4096];
+    struct snap_rev {
+        char id[EDGE_MAX_ID + 1];
+        uint64_t rev;
+    } * revs;
+    int n_revs, cap_revs;
+    /* Sessions a restore refused, so requests for them say why instead of NOT_FOUND (until
+     * a session of that id is created). */
+    struct refused_session {
+        char id[EDGE_MAX_ID + 1];
+        char why[200];
+    } * refused;
+    int n_refused;
 };
 
 void fasa_service_set_wait(fasa_service *s, double waited_ms)
@@ -68,9 +85,9 @@ const fasa_service_event *fasa_service_last_event(const fasa_service *s)
 static const char *s_kind_name(int kind)
 {
     static const char *const names[] = {
-        "undecodable", "ping",        "create_session", "append", "attend",  "batch_attend",
-        "calibrate",   "set_profile", "drop_session",   "stats",  "shutdown"};
-    return kind >= 0 && kind <= EDGE_SHUTDOWN ? names[kind] : "undecodable";
+        "undecodable", "ping",        "create_session", "append", "attend",   "batch_attend",
+        "calibrate",   "set_profile", "drop_session",   "stats",  "shutdown", "snapshot"};
+    return kind >= 0 && kind <= EDGE_KIND_LAST ? names[kind] : "undecodable";
 }
 
 /* The session a decoded request names, or "". */
@@ -96,6 +113,9 @@ static const char *s_session_of(const edge_request *q)
     case EDGE_DROP:
     case EDGE_STATS:
         id = q->u.session_id;
+        break;
+    case EDGE_SNAPSHOT:
+        id = q->u.snapshot.session_id;
         break;
     default:
         break;
@@ -165,6 +185,7 @@ fasa_service *fasa_service_new(fasa_engine_t *engine, int n_shards, const fasa_s
     s->max_sessions = o->max_sessions > 0 && o->max_sessions < FASA_SERVICE_MAX_SESSIONS
                           ? o->max_sessions
                           : FASA_SERVICE_MAX_SESSIONS;
+    if (o->state_dir) snprintf(s->state_dir, sizeof(s->state_dir), "%.3000s", o->state_dir);
     clock_gettime(CLOCK_MONOTONIC, &s->start);
     return s;
 }
@@ -178,6 +199,8 @@ void fasa_service_destroy(fasa_service **service_p)
     free(s->shard_buf);
     free(s->rank_msgs);
     free(s->rank_ptrs);
+    free(s->revs);
+    free(s->refused);
     free(s);
     *service_p = NULL;
 }
@@ -712,7 +735,7 @@ static int s_body_kind(const void *buf, size_t len)
             i += 8;
             break;
         case 2:
-            if (field >= 10 && field <= 19) kind = (int)field - 9;
+            if (field >= 10 && field <= 9 + EDGE_KIND_LAST) kind = (int)field - 9;
             if (s_varint(p, len, &i, &v) || v > len - i) return kind;
             i += (size_t)v;
             break;
@@ -767,7 +790,7 @@ static fasa_status s_stats(fasa_service *s, const char *id, reply *r)
     static Fasa__V1__StatsResult res;
     static Fasa__V1__SessionInfo info;
     static char id_copy[EDGE_MAX_ID + 1];
-    static Fasa__V1__RequestCount req_msgs[EDGE_SHUTDOWN + 1], *req_ptrs[EDGE_SHUTDOWN + 1];
+    static Fasa__V1__RequestCount req_msgs[EDGE_KIND_LAST + 1], *req_ptrs[EDGE_KIND_LAST + 1];
     static Fasa__V1__ErrorCount err_msgs[FASA_UNAVAILABLE], *err_ptrs[FASA_UNAVAILABLE];
     static Fasa__V1__LatencySummary lat_msgs[FASA_METHOD_LAST + 1], *lat_ptrs[FASA_METHOD_LAST + 1];
     const int n_ranks = s_rank_entries(s);
@@ -795,13 +818,13 @@ static fasa_status s_stats(fasa_service *s, const char *id, reply *r)
     if (s_ranks(s, NULL, s->rank_msgs, s->rank_ptrs, r)) return r->code;
     res.n_rank_stats = (size_t)n_ranks;
     res.rank_stats = s->rank_ptrs;
-    for (int k = 0; k <= EDGE_SHUTDOWN; k++) {
+    for (int k = 0; k <= EDGE_KIND_LAST; k++) {
         fasa__v1__request_count__init(&req_msgs[k]);
         req_msgs[k].type = (char *)s_kind_name(k); /* the log's names (kind 0: undecodable) */
         req_msgs[k].count = s->by_kind[k];
         req_ptrs[k] = &req_msgs[k];
     }
-    res.n_requests_by_type = EDGE_SHUTDOWN + 1;
+    res.n_requests_by_type = EDGE_KIND_LAST + 1;
     res.requests_by_type = req_ptrs;
     for (int c = 1; c <= FASA_UNAVAILABLE; c++) {
         fasa__v1__error_count__init(&err_msgs[c - 1]);
@@ -856,6 +879,202 @@ static int s_pack(Fasa__V1__Response *resp, uint8_t **reply_p, size_t *reply_len
     return 0;
 }
 
+/* Snapshots (coord/snapshot.h). */
+
+static struct snap_rev *s_rev_find(fasa_service *s, const char *id)
+{
+    for (int i = 0; i < s->n_revs; i++)
+        if (strcmp(s->revs[i].id, id) == 0) return &s->revs[i];
+    return NULL;
+}
+
+/* Records that id was written (or restored) at its current revision. */
+static void s_rev_note(fasa_service *s, const char *id)
+{
+    struct snap_rev *r = s_rev_find(s, id);
+    if (!r) {
+        if (s->n_revs == s->cap_revs) {
+            const int cap = s->cap_revs ? 2 * s->cap_revs : 16;
+            struct snap_rev *p = realloc(s->revs, (size_t)cap * sizeof(*p));
+            if (!p) return; /* only costs a rewrite at the next interval */
+            s->revs = p;
+            s->cap_revs = cap;
+        }
+        r = &s->revs[s->n_revs++];
+        snprintf(r->id, sizeof(r->id), "%s", id);
+    }
+    r->rev = fasa_engine_revision(s->engine, id);
+}
+
+static void s_rev_forget(fasa_service *s, const char *id)
+{
+    struct snap_rev *r = s_rev_find(s, id);
+    if (r) *r = s->revs[--s->n_revs];
+}
+
+/* One SnapshotInfo and the strings it points at. */
+typedef struct snap_out {
+    Fasa__V1__SnapshotInfo info;
+    char id[EDGE_MAX_ID + 1];
+    char manifest[80];
+} snap_out;
+
+static int s_save_profiles(fasa_service *s, fasa_error *fe)
+{
+    for (int i = 0; i < s->n_profiles; i++)
+        if (fasa_snapshot_save_profile(s->state_dir, s->profiles[i].name, s->profiles[i].profile,
+                                       fe))
+            return -1;
+    return 0;
+}
+
+/* Snapshot of one session (id) or of every session and the named profiles (id NULL). */
+static fasa_status s_snapshot(fasa_service *s, const char *id, reply *r,
+                              Fasa__V1__SnapshotResult *res, snap_out **outs_p,
+                              Fasa__V1__SnapshotInfo ***ptrs_p)
+{
+    if (!*s->state_dir)
+        return s_fail(r, FASA_FAILED_PRECONDITION,
+                      "snapshot: this server runs without --state-dir, so it has nowhere to write "
+                      "snapshots");
+    const int n = id ? 1 : fasa_engine_count(s->engine);
+    const char **ids = calloc((size_t)(n ? n : 1), sizeof(*ids));
+    snap_out *outs = calloc((size_t)(n ? n : 1), sizeof(*outs));
+    Fasa__V1__SnapshotInfo **ptrs = calloc((size_t)(n ? n : 1), sizeof(*ptrs));
+    *outs_p = outs;
+    *ptrs_p = ptrs;
+    if (!ids || !outs || !ptrs) {
+        free(ids);
+        return s_fail(r, FASA_RESOURCE_EXHAUSTED, "snapshot: out of memory");
+    }
+    if (id)
+        ids[0] = id;
+    else
+        fasa_engine_ids(s->engine, ids, n);
+    fasa__v1__snapshot_result__init(res);
+    for (int i = 0; i < n; i++) {
+        fasa_snapshot_result sr;
+        fasa_error fe;
+        const fasa_status st = fasa_snapshot_session(s->engine, s->state_dir, ids[i], &sr, &fe);
+        if (st) {
+            s_fail(r, st, "snapshot%s: %s%s", id ? ".session_id" : " (all)", fe.msg,
+                   id || !i ? "" : "; the sessions before it were written");
+            free(ids);
+            return st;
+        }
+        s_rev_note(s, ids[i]);
+        snap_out *o = &outs[i];
+        fasa__v1__snapshot_info__init(&o->info);
+        snprintf(o->id, sizeof(o->id), "%s", ids[i]);
+        snprintf(o->manifest, sizeof(o->manifest), "%s", sr.manifest);
+        o->info.session_id = o->id;
+        o->info.length = (uint64_t)sr.length;
+        o->info.bytes = (uint64_t)sr.bytes;
+        o->info.manifest = o->manifest;
+        ptrs[i] = &o->info;
+    }
+    free(ids);
+    res->n_sessions = (size_t)n;
+    res->sessions = ptrs;
+    if (!id) {
+        fasa_error fe;
+        if (s_save_profiles(s, &fe)) return s_fail(r, fe.code, "snapshot (all): %s", fe.msg);
+        res->n_profiles = (uint32_t)s->n_profiles;
+    }
+    return FASA_OK;
+}
+
+static int s_add_profile(void *ctx, const char *name, fasa_profile *p)
+{
+    fasa_service *s = ctx;
+    if (s_find_profile(s, name) || s->n_profiles >= FASA_SERVICE_MAX_PROFILES) return -1;
+    named_profile *np = &s->profiles[s->n_profiles++];
+    snprintf(np->name, sizeof(np->name), "%s", name);
+    np->profile = p;
+    return 0;
+}
+
+static void s_on_refused(void *ctx, const char *id, const char *why)
+{
+    fasa_service *s = ctx;
+    struct refused_session *p = realloc(s->refused, (size_t)(s->n_refused + 1) * sizeof(*p));
+    if (!p) return; /* requests for it then get a plain NOT_FOUND */
+    s->refused = p;
+    snprintf(p[s->n_refused].id, sizeof(p->id), "%s", id);
+    snprintf(p[s->n_refused].why, sizeof(p->why), "%s", why);
+    s->n_refused++;
+}
+
+/* A NOT_FOUND for a session a restore refused becomes FAILED_PRECONDITION saying why; a
+ * session created under that id ends it. */
+static void s_refused_reply(fasa_service *s, reply *r)
+{
+    const char *id = s->last_session;
+    for (int i = 0; *id && i < s->n_refused; i++) {
+        if (strcmp(s->refused[i].id, id)) continue;
+        if (r->code == FASA_OK && fasa_engine_config(s->engine, id)) {
+            s->refused[i] = s->refused[--s->n_refused];
+        } else if (r->code == FASA_NOT_FOUND) {
+            char why[sizeof(s->refused[i].why)];
+            snprintf(why, sizeof(why), "%s", s->refused[i].why);
+            s_fail(r, FASA_FAILED_PRECONDITION, "session '%s' could not be restored: %s", id, why);
+        }
+        return;
+    }
+}
+
+int fasa_service_restore(fasa_service *s, int *n_failed_p)
+{
+    *n_failed_p = 0;
+    if (!*s->state_dir) return -1;
+    int pf = 0;
+    if (fasa_snapshot_load_profiles(s->state_dir, s_add_profile, s, &pf) < 0) return -1;
+    const int n =
+        fasa_snapshot_restore_all_cb(s->engine, s->state_dir, n_failed_p, s_on_refused, s);
+    *n_failed_p += pf;
+    /* What was just loaded is what is on disk: the interval need not write it again. */
+    const int count = fasa_engine_count(s->engine);
+    const char **ids = calloc((size_t)(count ? count : 1), sizeof(*ids));
+    if (ids) {
+        fasa_engine_ids(s->engine, ids, count);
+        for (int i = 0; i < count; i++) s_rev_note(s, ids[i]);
+        free(ids);
+    }
+    return n;
+}
+
+int fasa_service_snapshot_changed(fasa_service *s)
+{
+    if (!*s->state_dir) return 0;
+    const int count = fasa_engine_count(s->engine);
+    const char **ids = calloc((size_t)(count ? count : 1), sizeof(*ids));
+    if (!ids) return -1;
+    fasa_engine_ids(s->engine, ids, count);
+    int n = 0, failed = 0;
+    for (int i = 0; i < count; i++) {
+        const struct snap_rev *r = s_rev_find(s, ids[i]);
+        if (r && r->rev == fasa_engine_revision(s->engine, ids[i])) continue;
+        fasa_snapshot_result sr;
+        fasa_error fe;
+        if (fasa_snapshot_session(s->engine, s->state_dir, ids[i], &sr, &fe)) {
+            fasa_log(FASA_LOG_WARN, 0, "snapshot: session %s: %s", ids[i], fe.msg);
+            failed = 1;
+            continue;
+        }
+        fasa_log(FASA_LOG_DEBUG, 0, "snapshot: session %s: %lld tokens, %lld bytes", ids[i],
+                 (long long)sr.length, (long long)sr.bytes);
+        s_rev_note(s, ids[i]);
+        n++;
+    }
+    free(ids);
+    fasa_error fe;
+    if (s->n_profiles && s_save_profiles(s, &fe)) {
+        fasa_log(FASA_LOG_WARN, 0, "snapshot: %s", fe.msg);
+        failed = 1;
+    }
+    return failed ? -1 : n;
+}
+
 uint64_t fasa_service_request_id(const void *req, size_t len)
 {
     return edge_scan_request_id(req, len);
@@ -887,6 +1106,9 @@ int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **
     Fasa__V1__PingResult ping_res;
     char *text = NULL;
     int n_many = 0;
+    Fasa__V1__SnapshotResult snap_res;
+    snap_out *snaps = NULL;
+    Fasa__V1__SnapshotInfo **snap_ptrs = NULL;
     size_t reply_left = s->max_message - 1024;
 
     const double t_start = s_now();
@@ -969,6 +1191,11 @@ int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **
         fasa_error fe;
         const fasa_status st = fasa_engine_drop(s->engine, req.u.session_id, &fe);
         if (st) s_fail(&r, st, "drop_session.session_id: %s", fe.msg);
+        /* A dropped session must not come back on the next restore. */
+        if (!st && *s->state_dir) {
+            fasa_snapshot_remove(s->state_dir, req.u.session_id);
+            s_rev_forget(s, req.u.session_id);
+        }
         break;
     }
     case EDGE_STATS:
@@ -977,8 +1204,16 @@ int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **
     case EDGE_SHUTDOWN:
         *shutdown_p = 1;
         break;
+    case EDGE_SNAPSHOT:
+        if (s_snapshot(s, req.u.snapshot.session_id, &r, &snap_res, &snaps, &snap_ptrs) ==
+            FASA_OK) {
+            resp.body_case = FASA__V1__RESPONSE__BODY_SNAPSHOT;
+            resp.snapshot = &snap_res;
+        }
+        break;
     }
 
+    if (s->n_refused) s_refused_reply(s, &r);
 reply:
     resp.protocol_version = EDGE_PROTOCOL_VERSION;
     resp.request_id = rid;
@@ -1007,6 +1242,8 @@ reply:
     free(items);
     free(item_ptrs);
     free(text);
+    free(snaps);
+    free(snap_ptrs);
     if (code == 0) edge_request_free(&req);
     s->last.bytes_out = rc ? 0 : *reply_len_p;
     s->last.ms = 1e3 * (s_now() - t_start);

@@ -19,10 +19,11 @@
 typedef struct fasa_service fasa_service;
 
 typedef struct fasa_service_opts {
-    int n_ranks;          /* MPI ranks of the job, for Ping and Stats */
-    size_t max_message;   /* largest request accepted, bytes */
-    int max_sessions;     /* sessions held at once, 1..FASA_SERVICE_MAX_SESSIONS; 0 = the most */
-    uint32_t deadline_ms; /* queue deadline of requests that give none; 0 = none */
+    int n_ranks;           /* MPI ranks of the job, for Ping and Stats */
+    size_t max_message;    /* largest request accepted, bytes */
+    int max_sessions;      /* sessions held at once, 1..FASA_SERVICE_MAX_SESSIONS; 0 = the most */
+    uint32_t deadline_ms;  /* queue deadline of requests that give none; 0 = none */
+    const char *state_dir; /* where Snapshot writes and restore reads; NULL or "": none */
 } fasa_service_opts;
 
 /* A service over engine (which it owns from now on). NULL when out of memory. */
@@ -62,5 +63,14 @@ uint64_t fasa_service_request_id(const void *req, size_t len);
  * a malformed envelope). Same ownership as above; -1 when out of memory. */
 int fasa_service_error(uint64_t request_id, fasa_status code, const char *msg, uint8_t **reply_p,
                        size_t *reply_len_p);
+
+/* Snapshots (coord/snapshot.h) in the state dir. fasa_service_restore loads the saved
+ * named profiles and every snapshotted session, logging each one refused (a damaged or
+ * missing file); returns the sessions restored (*n_failed_p: sessions and profiles
+ * refused), or -1 without a state dir or when it cannot be read. fasa_service_snapshot_changed
+ * writes every session changed since its last snapshot (and the named profiles), for
+ * --snapshot-interval; returns the sessions written, or -1 when one failed (logged). */
+int fasa_service_restore(fasa_service *s, int *n_failed_p);
+int fasa_service_snapshot_changed(fasa_service *s);
 
 #endif

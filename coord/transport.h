@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "shard.h"
+#include "shard_snap.h"
 
 /* What one shard holds (for Stats): sessions with a shard here, tokens (rows of layer 0)
  * and rows (all layers) held, the bytes of those rows by part (shard.h: kdom the dominant
@@ -55,6 +56,12 @@ typedef struct fasa_transport {
                         const uint8_t *have_thr, float *m, double *l, double *o, double *aux,
                         int64_t *bytes_p);
     int (*wait)(void *ctx);
+    /* Every shard of session sid writes its snapshot file (shard_snap.h): shard i to
+     * path_prefix + ".s<i>.shard", naming session id and storage dtype; out (n_shards) gets
+     * each file's checksum and size. 0, or -1 when a shard failed (out[i].err_no: its errno,
+     * or EIO when it did not say). The prefix must name a place every shard can reach. */
+    int (*snapshot)(void *ctx, int sid, const char *path_prefix, const char *id, int dtype,
+                    shard_snap_info *out);
     void (*destroy)(void *ctx);
 } fasa_transport;
 

@@ -1,5 +1,6 @@
 /* The in-process transport of the embedded engine: shards are plain shard_t objects
  * called one after another. */
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "transport.h"
@@ -146,6 +147,22 @@ static int s_shard_stats(void *ctx, int sid, fasa_shard_stats *out)
     return 0;
 }
 
+static int s_snapshot(void *ctx, int sid, const char *prefix, const char *id, int dtype,
+                      shard_snap_info *out)
+{
+    local_ctx *c = ctx;
+    if (sid < 0 || sid >= c->cap || !c->sessions[sid]) return -1;
+    int rc = 0;
+    for (int i = 0; i < c->n_shards; i++) {
+        char path[4200], why[300];
+        snprintf(path, sizeof(path), "%s.s%d.shard", prefix, i);
+        if (shard_snap_write(c->sessions[sid][i], path, id, i, c->n_shards, dtype, &out[i], why,
+                             sizeof(why)))
+            rc = -1;
+    }
+    return rc;
+}
+
 static void s_destroy(void *ctx)
 {
     local_ctx *c = ctx;
@@ -170,6 +187,7 @@ int fasa_transport_local(fasa_transport *t, int n_shards)
                           .score_start = s_score_start,
                           .attend_start = s_attend_start,
                           .wait = s_wait,
+                          .snapshot = s_snapshot,
                           .destroy = s_destroy};
     return 0;
 }

@@ -12,6 +12,7 @@
  * thread (MPI_THREAD_FUNNELED is enough). */
 #include "transport_mpi.h"
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -430,6 +431,34 @@ static int s_shard_stats(void *ctx, int sid, fasa_shard_stats *out)
     return 0;
 }
 
+static int s_snapshot(void *ctx, int sid, const char *prefix, const char *id, int dtype,
+                      shard_snap_info *out)
+{
+    mpi_ctx *c = ctx;
+    const mpi_session *s = s_session(c, sid);
+    if (!s) return -1;
+    const wmpi_snap q = {.dtype = dtype,
+                         .n_shards = c->n_shards,
+                         .prefix_len = (int32_t)strlen(prefix),
+                         .id_len = (int32_t)strlen(id)};
+    uint8_t *p =
+        s_cmd_begin(c, WMPI_SNAPSHOT, sid, s, (int64_t)sizeof(q) + q.prefix_len + q.id_len);
+    if (!p) return -1;
+    memcpy(p, &q, sizeof(q));
+    memcpy(p + sizeof(q), prefix, (size_t)q.prefix_len);
+    memcpy(p + sizeof(q) + q.prefix_len, id, (size_t)q.id_len);
+    const int failed = s_exchange(c, 0, c->n_shards, (int64_t)sizeof(shard_snap_info));
+    int rc = 0;
+    for (int i = 0; i < c->n_shards; i++) {
+        if (c->status[i] == WMPI_OK)
+            memcpy(&out[i], c->reply[i] + sizeof(wmpi_reply), sizeof(out[i]));
+        else
+            out[i] = (shard_snap_info){.err_no = EIO};
+        if (out[i].err_no) rc = -1;
+    }
+    return failed ? -1 : rc;
+}
+
 static void s_ctx_free(mpi_ctx *c)
 {
     if (c->reply)
@@ -488,6 +517,7 @@ int fasa_transport_mpi(fasa_transport *t, MPI_Comm comm)
                           .score_start = s_score_start,
                           .attend_start = s_attend_start,
                           .wait = s_wait,
+                          .snapshot = s_snapshot,
                           .destroy = s_destroy};
     return 0;
 err_free:

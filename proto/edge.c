@@ -452,6 +452,18 @@ static int s_body(const Fasa__V1__Request *m, edge_request *r, char *msg, size_t
     case FASA__V1__REQUEST__BODY_SHUTDOWN:
         r->kind = EDGE_SHUTDOWN;
         return ST_OK;
+    case FASA__V1__REQUEST__BODY_SNAPSHOT: {
+        r->kind = EDGE_SNAPSHOT;
+        const Fasa__V1__Snapshot *p = m->snapshot;
+        const int all = p->has_all && p->all;
+        if (!p->session_id == !all)
+            return s_err(msg, len, ST_INVALID,
+                         "snapshot: give exactly one of session_id and all (got %s)",
+                         all ? "both" : "neither");
+        r->u.snapshot.session_id = p->session_id;
+        r->u.snapshot.all = all;
+        return p->session_id ? s_id(p->session_id, "snapshot.session_id", msg, len) : ST_OK;
+    }
     default:
         return s_err(msg, len, ST_INVALID, "request.body is missing or of an unknown kind (%d)",
                      (int)m->body_case);

@@ -36,8 +36,10 @@ typedef enum edge_kind {
     EDGE_SET_PROFILE,
     EDGE_DROP,
     EDGE_STATS,
-    EDGE_SHUTDOWN
+    EDGE_SHUTDOWN,
+    EDGE_SNAPSHOT
 } edge_kind;
+#define EDGE_KIND_LAST EDGE_SNAPSHOT
 
 /* A decoded F32 tensor: data points into the request (4-byte aligned), valid until
  * edge_request_free. rank 0 means absent. */
@@ -111,6 +113,10 @@ typedef struct edge_request {
         edge_calibrate calibrate;
         edge_set_profile set_profile;
         const char *session_id; /* drop; stats (NULL: server-wide) */
+        struct {
+            const char *session_id; /* NULL with all */
+            int all;
+        } snapshot;
     } u;
     void *msg_;   /* the unpacked message, owner of every pointer above */
     void *alloc_; /* its bounded allocator */

@@ -26,6 +26,7 @@
 #include "ca.h"
 #include "engine.h"
 #include "qkv.h"
+#include "snapshot.h"
 #include "test_util.h"
 #include "transport_mpi.h"
 #include "worker_mpi.h"
@@ -95,6 +96,14 @@ static int s_c_shard_stats(void *ctx, int sid, fasa_shard_stats *out)
     counted *c = ctx;
     c->ops++;
     return c->inner.shard_stats(c->inner.ctx, sid, out);
+}
+
+static int s_c_snapshot(void *ctx, int sid, const char *prefix, const char *id, int dtype,
+                        shard_snap_info *out)
+{
+    counted *c = ctx;
+    c->ops++;
+    return c->inner.snapshot(c->inner.ctx, sid, prefix, id, dtype, out);
 }
 
 static void s_c_destroy(void *ctx)
@@ -935,6 +944,88 @@ START_TEST(test_mpi_bad_commands)
 }
 END_TEST
 
+/* Every attend of layer l at the last position, methods fasa, oracle and dense, into out
+ * (3, nl, nh, d). */
+static void s_snap_attends(fasa_engine_t *e, const replay *c, float *out)
+{
+    const int methods[] = {FASA_METHOD_FASA, FASA_METHOD_ORACLE, FASA_METHOD_DENSE};
+    for (int m = 0; m < 3; m++)
+        for (int l = 0; l < c->nl; l++) {
+            const fasa_attend_req req = {.layer = l,
+                                         .q = c->q[l] + (size_t)(c->T - 1) * c->nh * c->d,
+                                         .method = methods[m],
+                                         .gqa = -1,
+                                         .max_pos = -1};
+            fasa_error err;
+            ck_assert_msg(fasa_engine_attend(e, "snap", &req,
+                                             out + ((size_t)m * c->nl + l) * c->nh * c->d, NULL,
+                                             NULL, &err) == FASA_OK,
+                          "%s", err.msg);
+        }
+}
+
+/* The workers write their shards of a session; it restores into in-process engines of 1,
+ * N - 1 and N shards (each answering as a fresh engine of that count fed the same rows, bit
+ * for bit, and as the MPI engine within 1e-6) and back into the MPI engine (bit for bit). */
+START_TEST(test_mpi_snapshot)
+{
+    enum { NL = 2, NH = 4, NKV = 2, D = 16, T = 600 };
+    dataset ds;
+    s_data_init(&ds, NL, NH, NKV, D, T, 31);
+    fasa_profile *p = s_profile(NL, NH, NKV, D, 2, FC_PAIRING_INTERLEAVED, 0, 5);
+    replay c = s_replay_of(&ds, NH, NKV, D, T);
+    c.method = FASA_METHOD_FASA;
+    c.budget = 48;
+    c.profile = p;
+    char dir[] = "/tmp/fasa-mpisnap-XXXXXX";
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    const size_t n_out = 3 * NL * NH * D;
+    float *om = test_alloc(n_out * 4), *ob = test_alloc(n_out * 4), *oc = test_alloc(n_out * 4);
+    s_create(s_mpi, "snap", &c);
+    for (int l = 0; l < NL; l++) s_append(s_mpi, "snap", &c, l, 0, T - l * 50);
+    s_snap_attends(s_mpi, &c, om);
+    fasa_error err;
+    fasa_snapshot_result res;
+    ck_assert_msg(fasa_snapshot_session(s_mpi, dir, "snap", &res, &err) == FASA_OK, "%s", err.msg);
+    ck_assert_int_eq(res.length, T);
+    const int counts[] = {1, s_n_workers, s_n_workers + 1};
+    for (int i = 0; i < 3; i++) {
+        fasa_engine_t *b = fasa_engine_new(counts[i], MPI_TEST_BLOCK);
+        fasa_engine_t *f = fasa_engine_new(counts[i], MPI_TEST_BLOCK);
+        int failed = -1;
+        ck_assert_int_eq(fasa_snapshot_restore_all(b, dir, &failed), 1);
+        ck_assert_int_eq(failed, 0);
+        ck_assert_int_eq(fasa_engine_length(b, "snap", 1), T - 50);
+        s_create(f, "snap", &c);
+        for (int l = 0; l < NL; l++) s_append(f, "snap", &c, l, 0, T - l * 50);
+        s_snap_attends(b, &c, ob);
+        s_snap_attends(f, &c, oc);
+        ck_assert_mem_eq(ob, oc, n_out * 4);
+        const double diff = test_max_abs_diff(n_out, ob, om);
+        printf("mpi %d workers: snapshot restored on %d in-process shards: max |diff| %.3g\n",
+               s_n_workers, counts[i], diff);
+        ck_assert_double_le(diff, 1e-6);
+        fasa_engine_destroy(&b);
+        fasa_engine_destroy(&f);
+    }
+    /* Back into the MPI engine, after dropping the session there. */
+    ck_assert_int_eq(fasa_engine_drop(s_mpi, "snap", &err), FASA_OK);
+    int failed = -1;
+    ck_assert_int_eq(fasa_snapshot_restore_all(s_mpi, dir, &failed), 1);
+    s_snap_attends(s_mpi, &c, ob);
+    ck_assert_mem_eq(ob, om, n_out * 4);
+    ck_assert_int_eq(fasa_engine_drop(s_mpi, "snap", &err), FASA_OK);
+    char cmd[128];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    ck_assert_int_eq(system(cmd), 0);
+    free(om);
+    free(ob);
+    free(oc);
+    fasa_profile_destroy(&p);
+    s_data_cleanup(&ds);
+}
+END_TEST
+
 static Suite *s_mpi_suite(void)
 {
     Suite *s = suite_create("mpi_transport");
@@ -947,6 +1038,7 @@ static Suite *s_mpi_suite(void)
     tcase_add_test(tc, test_mpi_after_drop);
     tcase_add_test(tc, test_mpi_stats);
     tcase_add_test(tc, test_mpi_bad_commands);
+    tcase_add_test(tc, test_mpi_snapshot);
     suite_add_tcase(s, tc);
     return s;
 }
@@ -966,6 +1058,7 @@ static int s_run_suite(void)
                               .score = s_c_score,
                               .attend = s_c_attend,
                               .shard_stats = s_c_shard_stats,
+                              .snapshot = s_c_snapshot,
                               .destroy = s_c_destroy};
     s_mpi = fasa_engine_new_with(&t, MPI_TEST_BLOCK);
     if (!s_mpi) {

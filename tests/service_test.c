@@ -5,10 +5,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "calib.h"
 #include "fc.h"
 #include "service.h"
+#include "snapshot.h"
 #include "test_util.h"
 #include "wire_cases.h"
 
@@ -643,7 +645,7 @@ START_TEST(test_stats_counts)
     const Fasa__V1__StatsResult *res = r->stats;
 
     /* Requests by type, errors by code: exact, and adding up to the totals. */
-    ck_assert_uint_eq(res->n_requests_by_type, 11);
+    ck_assert_uint_eq(res->n_requests_by_type, 12);
     ck_assert_uint_eq(s_count_of(res, "undecodable"), 1);
     ck_assert_uint_eq(s_count_of(res, "ping"), 2);
     ck_assert_uint_eq(s_count_of(res, "calibrate"), 1);
@@ -880,6 +882,156 @@ START_TEST(test_deadline)
 }
 END_TEST
 
+/* Snapshot requests: refused without --state-dir, with a bad body; with a state dir the
+ * sessions and named profiles written come back in a restarted service, and a dropped
+ * session's snapshot is gone. */
+static Fasa__V1__Response *s_snapshot_req(const char *id, int all)
+{
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Snapshot sn = FASA__V1__SNAPSHOT__INIT;
+    sn.session_id = (char *)id;
+    sn.has_all = all >= 0;
+    sn.all = all > 0;
+    req.body_case = FASA__V1__REQUEST__BODY_SNAPSHOT;
+    req.snapshot = &sn;
+    return wire_send(&req);
+}
+
+static void s_service_with(const char *dir, int n_shards)
+{
+    fasa_service_destroy(&s_svc);
+    fasa_engine_t *e = fasa_engine_new(n_shards, 16);
+    ck_assert_ptr_nonnull(e);
+    const fasa_service_opts o = {.n_ranks = 1, .max_message = 1 << 20, .state_dir = dir};
+    s_svc = fasa_service_new(e, n_shards, &o);
+    ck_assert_ptr_nonnull(s_svc);
+}
+
+START_TEST(test_snapshot_requests)
+{
+    wire_make_session();
+    Fasa__V1__Response *r = s_snapshot_req("bad", -1);
+    wire_expect_error(r, FASA__V1__STATUS__FAILED_PRECONDITION, "--state-dir");
+    wire_expect_error(s_snapshot_req(NULL, -1), FASA__V1__STATUS__INVALID_ARGUMENT,
+                      "snapshot: give exactly one");
+    wire_expect_error(s_snapshot_req("bad", 1), FASA__V1__STATUS__INVALID_ARGUMENT,
+                      "snapshot: give exactly one");
+    wire_expect_error(s_snapshot_req(NULL, 0), FASA__V1__STATUS__INVALID_ARGUMENT,
+                      "snapshot: give exactly one");
+    wire_expect_error(s_snapshot_req("a b", -1), FASA__V1__STATUS__INVALID_ARGUMENT,
+                      "snapshot.session_id");
+
+    char dir[] = "/tmp/fasa-svcsnap-XXXXXX";
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    s_service_with(dir, 2);
+    wire_make_session();
+    wire_expect_error(s_snapshot_req("nope", -1), FASA__V1__STATUS__NOT_FOUND,
+                      "snapshot.session_id");
+    r = s_snapshot_req("bad", -1);
+    ck_assert_msg(r->status == 0, "%s", r->message);
+    ck_assert_int_eq(r->body_case, FASA__V1__RESPONSE__BODY_SNAPSHOT);
+    ck_assert_uint_eq(r->snapshot->n_sessions, 1);
+    ck_assert_str_eq(r->snapshot->sessions[0]->session_id, "bad");
+    ck_assert_uint_eq(r->snapshot->sessions[0]->length, WIRE_N);
+    /* Two shard files: headers plus WIRE_L x WIRE_N rows of pos, K and V. */
+    const uint64_t body = (uint64_t)WIRE_L * WIRE_N * (4 + 2 * WIRE_HKV * WIRE_D * 4);
+    ck_assert_uint_gt(r->snapshot->sessions[0]->bytes, body);
+    ck_assert_uint_lt(r->snapshot->sessions[0]->bytes, body + 2 * 256);
+    fasa__v1__response__free_unpacked(r, NULL);
+    /* A named profile, saved with all. */
+    enum { L = WIRE_L, T = 64, H = WIRE_H, HKV = WIRE_HKV, D = WIRE_D };
+    test_rng rng = {9};
+    float *q = test_alloc(sizeof(float) * L * T * H * D);
+    float *k = test_alloc(sizeof(float) * L * T * HKV * D);
+    test_fill(&rng, (size_t)L * T * H * D, q, 1.0f);
+    test_fill(&rng, (size_t)L * T * HKV * D, k, 1.0f);
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Calibrate c = FASA__V1__CALIBRATE__INIT;
+    Fasa__V1__Tensor tq, tk;
+    uint64_t qs[4] = {L, T, H, D}, ks[4] = {L, T, HKV, D};
+    wire_tensor(&tq, qs, 4, q, (size_t)L * T * H * D);
+    wire_tensor(&tk, ks, 4, k, (size_t)L * T * HKV * D);
+    c.q = &tq;
+    c.k = &tk;
+    c.profile_name = "p1";
+    req.body_case = FASA__V1__REQUEST__BODY_CALIBRATE;
+    req.calibrate = &c;
+    r = wire_send(&req);
+    ck_assert_msg(r->status == 0, "%s", r->message);
+    char *text = strdup(r->calibrate->profile_text);
+    fasa__v1__response__free_unpacked(r, NULL);
+    r = s_snapshot_req(NULL, 1);
+    ck_assert_msg(r->status == 0, "%s", r->message);
+    ck_assert_uint_eq(r->snapshot->n_sessions, 1);
+    ck_assert_uint_eq(r->snapshot->n_profiles, 1);
+    fasa__v1__response__free_unpacked(r, NULL);
+
+    /* A fresh service restores both; with as many shards, "bad" answers bit for bit. */
+    s_service_with(dir, 2);
+    int failed = -1;
+    ck_assert_int_eq(fasa_service_restore(s_svc, &failed), 1);
+    ck_assert_int_eq(failed, 0);
+    wire_check_unchanged();
+    Fasa__V1__SetProfile sp = FASA__V1__SET_PROFILE__INIT;
+    Fasa__V1__Request spr = FASA__V1__REQUEST__INIT;
+    Fasa__V1__CreateSession cs;
+    wire_create_init(&spr, &cs, "fresh");
+    fasa__v1__response__free_unpacked(wire_send(&spr), NULL);
+    spr = (Fasa__V1__Request)FASA__V1__REQUEST__INIT;
+    sp.session_id = "fresh";
+    sp.profile_name = "p1";
+    spr.body_case = FASA__V1__REQUEST__BODY_SET_PROFILE;
+    spr.set_profile = &sp;
+    r = wire_send(&spr);
+    ck_assert_msg(r->status == 0, "the restored profile p1: %s", r->message);
+    fasa__v1__response__free_unpacked(r, NULL);
+    /* Nothing changed since: the interval writes nothing of "bad" but the new "fresh". */
+    ck_assert_int_eq(fasa_service_snapshot_changed(s_svc), 1);
+    ck_assert_int_eq(fasa_service_snapshot_changed(s_svc), 0);
+    /* Dropped sessions leave no snapshot behind. */
+    Fasa__V1__DropSession drop = FASA__V1__DROP_SESSION__INIT;
+    Fasa__V1__Request dr = FASA__V1__REQUEST__INIT;
+    dr.body_case = FASA__V1__REQUEST__BODY_DROP_SESSION;
+    dr.drop_session = &drop;
+    drop.session_id = "fresh";
+    fasa__v1__response__free_unpacked(wire_send(&dr), NULL);
+    /* A damaged manifest: "bad" is refused, and requests for it say why until a session of
+     * that id is created again. */
+    char stem[64], mpath[128];
+    fasa_snapshot_stem("bad", stem, sizeof(stem));
+    snprintf(mpath, sizeof(mpath), "%s/%s.manifest", dir, stem);
+    ck_assert_int_eq(truncate(mpath, 40), 0);
+    s_service_with(dir, 1);
+    ck_assert_int_eq(fasa_service_restore(s_svc, &failed), 0);
+    ck_assert_int_eq(failed, 1);
+    Fasa__V1__Request sr = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Stats sb = FASA__V1__STATS__INIT;
+    sb.session_id = "bad";
+    sr.body_case = FASA__V1__REQUEST__BODY_STATS;
+    sr.stats = &sb;
+    wire_expect_error(wire_send(&sr), FASA__V1__STATUS__FAILED_PRECONDITION,
+                      "session 'bad' could not be restored: ");
+    sb.session_id = "other";
+    wire_expect_error(wire_send(&sr), FASA__V1__STATUS__NOT_FOUND, "'other' not found");
+    wire_make_session(); /* creates "bad" afresh */
+    drop.session_id = "bad";
+    r = wire_send(&dr);
+    ck_assert_int_eq(r->status, 0);
+    fasa__v1__response__free_unpacked(r, NULL);
+    r = wire_send(&dr);
+    wire_expect_error(r, FASA__V1__STATUS__NOT_FOUND, "'bad' not found");
+    s_service_with(dir, 1);
+    ck_assert_int_eq(fasa_service_restore(s_svc, &failed), 0);
+    ck_assert_int_eq(failed, 0);
+    char cmd[64];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    ck_assert_int_eq(system(cmd), 0);
+    free(text);
+    free(q);
+    free(k);
+}
+END_TEST
+
 Suite *service_suite(void)
 {
     Suite *s = suite_create("service");
@@ -893,6 +1045,7 @@ Suite *service_suite(void)
     tcase_add_test(tc, test_deadline);
     tcase_add_test(tc, test_stats_counts);
     tcase_add_test(tc, test_stats_ranks);
+    tcase_add_test(tc, test_snapshot_requests);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -792,3 +792,30 @@ void shard_bytes_by_kind(const shard_t *s, int64_t *kdom_p, int64_t *krest_p, in
     *krest_p = (all - dom) * (int64_t)sizeof(float);
     *v_p = all * (int64_t)sizeof(float);
 }
+
+int shard_read_rows(const shard_t *s, int layer, int row0, int n, int32_t *pos, float *k, float *v)
+{
+    const layer_store *ls = &s->layers[layer];
+    if (row0 < 0 || n < 0 || row0 > ls->n_rows || n > ls->n_rows - row0) return -1;
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads;
+    for (int i = 0; i < n; i++) {
+        const int r = row0 + i;
+        const kv_chunk *ch = ls->chunks[r / SHARD_CHUNK];
+        const int rr = r % SHARD_CHUNK, tile = rr / SCORE_TILE, lane = rr % SCORE_TILE;
+        if (pos) pos[i] = ls->pos[r];
+        for (int g = 0; k && g < hkv; g++) {
+            /* Undo the packing of shard_append: dims perm[p] back to their places. */
+            const int u = lay->n_dom[layer * hkv + g];
+            const int *perm = lay->perm + ((size_t)layer * hkv + g) * d;
+            float *kr = k + ((size_t)i * hkv + g) * d;
+            const float *kd = ch[g].kdom + (size_t)tile * u * SCORE_TILE + lane;
+            for (int p = 0; p < u; p++) kr[perm[p]] = kd[(size_t)p * SCORE_TILE];
+            const float *kx = ch[g].krest + (size_t)rr * (d - u);
+            for (int p = u; p < d; p++) kr[perm[p]] = kx[p - u];
+        }
+        for (int g = 0; v && g < hkv; g++)
+            memcpy(v + ((size_t)i * hkv + g) * d, ch[g].v + (size_t)rr * d, (size_t)d * 4);
+    }
+    return 0;
+}

@@ -140,6 +140,14 @@ int shard_attend(shard_t *shard, const shard_step *step, const topk_cand *thr,
  * visible rows of this shard (an empty shard gives max -inf and zero sums). */
 void shard_sparq_aux(const shard_t *shard, const shard_step *step, double *aux);
 
+/* Reads rows row0 .. row0 + n - 1 of a layer back as appended: pos[n] their positions,
+ * k and v (n, n_kv_heads, head_dim) as f32 in the original dim order (each of pos, k, v may
+ * be NULL to skip it). The one reader of stored rows for snapshots (shard_snap.h): a
+ * storage dtype other than f32 converts here. Returns 0, or -1 when the range is out of
+ * the rows held. */
+int shard_read_rows(const shard_t *shard, int layer, int row0, int n, int32_t *pos, float *k,
+                    float *v);
+
 /* Bytes the last shard_score + shard_attend read from the KV store (for stats); for QUEST
  * the page bounds read count too. */
 int64_t shard_bytes_read(const shard_t *shard);

@@ -20,6 +20,7 @@
 #include "log.h"
 
 #include "shard.h"
+#include "shard_snap.h"
 #include "worker_mpi_wire.h"
 
 /* Longest sleep between polls while idle: the latency a command can wait for a sleeping
@@ -38,6 +39,7 @@ typedef struct worker_session {
 typedef struct worker {
     MPI_Comm comm;
     int rank;
+    int size;              /* ranks in comm: shards are ranks 1 .. size - 1 */
     int cap;               /* capacity of sessions */
     worker_session *table; /* (cap) indexed by sid */
     uint8_t *rx;           /* the command being served, grow-only */
@@ -317,6 +319,36 @@ static wmpi_status s_stats(worker *w, const wmpi_cmd *h, size_t *payload_p)
     return WMPI_OK;
 }
 
+/* Writes this worker's shard of a session to its snapshot file; the reply payload (one
+ * shard_snap_info, err_no set when the write failed) is written in place in w->tx. */
+static wmpi_status s_snapshot(worker *w, const wmpi_cmd *h, const uint8_t *p, size_t *payload_p)
+{
+    const worker_session *s = s_find(w, h);
+    if (!s) return s_reject(w, WMPI_ENOENT, h, "no such session");
+    if (!s_same_geometry(shard_layout_of(s->shard), h))
+        return s_reject(w, WMPI_EINVAL, h, "geometry differs");
+    wmpi_snap q;
+    if (h->payload_bytes < (int64_t)sizeof(q)) return s_reject(w, WMPI_EINVAL, h, "short snapshot");
+    memcpy(&q, p, sizeof(q));
+    if (q.prefix_len < 1 || q.prefix_len > 4000 || q.id_len < 1 || q.id_len > SHARD_SNAP_MAX_ID ||
+        h->payload_bytes != (int64_t)sizeof(q) + q.prefix_len + q.id_len ||
+        q.n_shards != w->size - 1)
+        return s_reject(w, WMPI_EINVAL, h, "snapshot sizes do not match");
+    char path[4100], id[SHARD_SNAP_MAX_ID + 1], why[300];
+    const char *text = (const char *)p + sizeof(q);
+    snprintf(path, sizeof(path), "%.*s.s%d.shard", q.prefix_len, text, w->rank - 1);
+    snprintf(id, sizeof(id), "%.*s", q.id_len, text + q.prefix_len);
+    if (s_grow(&w->tx, &w->tx_cap, sizeof(wmpi_reply) + sizeof(shard_snap_info)))
+        return s_reject(w, WMPI_ENOMEM, h, "out of memory for the reply");
+    shard_snap_info info;
+    if (shard_snap_write(s->shard, path, id, w->rank - 1, q.n_shards, q.dtype, &info, why,
+                         sizeof(why)))
+        fasa_log(FASA_LOG_ERROR, 0, "worker: snapshot of session %s: %s", id, why);
+    memcpy(w->tx + sizeof(wmpi_reply), &info, sizeof(info));
+    *payload_p = sizeof(info);
+    return WMPI_OK;
+}
+
 /* Serves one received command of count bytes in w->rx. Returns 1 on a valid STOP. */
 static int s_serve(worker *w, int count)
 {
@@ -359,6 +391,9 @@ static int s_serve(worker *w, int count)
         case WMPI_STATS:
             st = s_stats(w, &h, &payload);
             break;
+        case WMPI_SNAPSHOT:
+            st = s_snapshot(w, &h, p, &payload);
+            break;
         default:
             st = s_reject(w, WMPI_EINVAL, &h, "unknown command");
             break;
@@ -373,6 +408,7 @@ int worker_mpi_loop(MPI_Comm comm)
     worker w = {.comm = comm};
     int rc = 0;
     MPI_Comm_rank(comm, &w.rank);
+    MPI_Comm_size(comm, &w.size);
     if (s_grow(&w.tx, &w.tx_cap, WORKER_REPLY0)) {
         fasa_log(FASA_LOG_ERROR, 0, "worker: out of memory starting");
         return -1;

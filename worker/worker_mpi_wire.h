@@ -16,6 +16,9 @@
  *                (n_units) and have_thr uint8 (n_units)
  *   STATS        nothing; sid is a session (its geometry in the header, as for the other
  *                session commands) or -1 for every session the worker holds
+ *   SNAPSHOT     one wmpi_snap, then the path prefix (prefix_len bytes) and the session id
+ *                (id_len bytes), no NULs: the worker writes its shard of sid to
+ *                prefix + ".s<rank - 1>.shard" (worker/shard_snap.h)
  * Sections follow each other unpadded in that order. The header is a multiple of 8 bytes
  * and the byte-sized sections come last, so every section is aligned for its type in a
  * malloc'd buffer and the receiver uses the payload in place.
@@ -27,6 +30,8 @@
  *   ATTEND  l double (n_heads), o double (n_heads, head_dim), for SPARQ aux double
  *           (n_heads, SHARD_SPARQ_AUX(head_dim)) (shard_sparq_aux), m float (n_heads)
  *   STATS   one wmpi_stats: what the worker's shard of sid (or of every session) holds
+ *   SNAPSHOT  one shard_snap_info: the file's checksum and size, or err_no != 0 when the
+ *           file could not be written (the worker logs why)
  * A worker serves commands in order and sends nothing else, so the coordinator has at most
  * one reply outstanding per worker and MPI's non-overtaking rule pairs them up. */
 #ifndef FASA_WORKER_WORKER_MPI_WIRE_H
@@ -62,6 +67,7 @@ typedef enum wmpi_cmd_code {
     WMPI_SCORE = 5,
     WMPI_ATTEND = 6,
     WMPI_STATS = 7,
+    WMPI_SNAPSHOT = 8,
 } wmpi_cmd_code;
 
 typedef enum wmpi_status {
@@ -106,6 +112,15 @@ typedef struct wmpi_stats {
     int64_t alloc_bytes;
 } wmpi_stats;
 
+/* The SNAPSHOT payload's head. */
+typedef struct wmpi_snap {
+    int32_t dtype;      /* the session's storage dtype (kernels/dtype.h) */
+    int32_t n_shards;   /* shards of the engine (ranks - 1) */
+    int32_t prefix_len; /* bytes of the path prefix that follows */
+    int32_t id_len;     /* bytes of the session id after it */
+} wmpi_snap;
+
+_Static_assert(sizeof(wmpi_snap) == 16, "wmpi_snap layout");
 _Static_assert(sizeof(wmpi_cmd) == 72 && sizeof(wmpi_cmd) % 8 == 0, "wmpi_cmd layout");
 _Static_assert(sizeof(wmpi_reply) == 16, "wmpi_reply layout");
 _Static_assert(sizeof(wmpi_stats) == 56, "wmpi_stats layout");

@@ -1,0 +1,298 @@
+/* Snapshots: a session written by an engine of one shard count and restored into engines
+ * of other shard counts answers exactly as a fresh engine of that count fed the same rows
+ * (bit for bit), and as the original to float rounding; damaged files are refused. */
+#include <dirent.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "ca.h"
+#include "engine.h"
+#include "shard_snap.h"
+#include "snapshot.h"
+#include "test_util.h"
+
+#define NL 3
+#define NH 4
+#define NKV 2
+#define D 16
+#define T0 500 /* tokens appended to every layer at once */
+#define T1 37  /* then to layer 1 alone, so the layers' lengths differ */
+#define BLOCK 64
+
+static float s_k[NL][T0 + T1][NKV * D], s_v[NL][T0 + T1][NKV * D];
+
+static fasa_profile *s_profile(void)
+{
+    fasa_profile *p = fasa_profile_new(NL, NH, NKV, D, 2);
+    ck_assert_ptr_nonnull(p);
+    test_rng r = {7};
+    for (int l = 0; l < NL; l++)
+        for (int h = 0; h < NH; h++) {
+            double *ca = p->ca + ((size_t)l * NH + h) * (D / 2);
+            for (int i = 0; i < D / 2; i++) ca[i] = (double)(test_next(&r) % 1000) / 1000.0;
+            ca_select(D / 2, 2, ca, p->fcs + ((size_t)l * NH + h) * 2);
+        }
+    p->window = 32;
+    return p;
+}
+
+/* Sessions "a/b:c" (fasa with a profile) and "plain" (dense, no profile), the same rows. */
+static fasa_engine_t *s_fed_engine(int n_shards, const fasa_profile *p)
+{
+    test_rng r = {42};
+    for (int l = 0; l < NL; l++) {
+        test_fill(&r, (size_t)(T0 + T1) * NKV * D, &s_k[l][0][0], 1.0f);
+        test_fill(&r, (size_t)(T0 + T1) * NKV * D, &s_v[l][0][0], 1.0f);
+    }
+    fasa_engine_t *e = fasa_engine_new(n_shards, BLOCK);
+    ck_assert_ptr_nonnull(e);
+    fasa_session_config c = {.n_layers = NL,
+                             .n_heads = NH,
+                             .n_kv_heads = NKV,
+                             .head_dim = D,
+                             .profile = p,
+                             .method = FASA_METHOD_FASA,
+                             .budget = 40};
+    fasa_error err;
+    ck_assert_int_eq(fasa_engine_create(e, "a/b:c", &c, &err), FASA_OK);
+    c.profile = NULL;
+    c.method = FASA_METHOD_DENSE;
+    ck_assert_int_eq(fasa_engine_create(e, "plain", &c, &err), FASA_OK);
+    static float k[NL][T0][NKV * D], v[NL][T0][NKV * D];
+    for (int l = 0; l < NL; l++) {
+        memcpy(k[l], s_k[l], sizeof(k[l]));
+        memcpy(v[l], s_v[l], sizeof(v[l]));
+    }
+    for (int i = 0; i < 2; i++) {
+        const char *id = i ? "plain" : "a/b:c";
+        ck_assert_int_eq(fasa_engine_append(e, id, -1, 0, T0, &k[0][0][0], &v[0][0][0], &err),
+                         FASA_OK);
+        ck_assert_int_eq(fasa_engine_append(e, id, 1, T0, T1, &s_k[1][T0][0], &s_v[1][T0][0], &err),
+                         FASA_OK);
+    }
+    return e;
+}
+
+/* out (n_methods, NL, NH, D) and sel (n_methods, NL, NH, 40) of every method and layer. */
+static const fasa_method s_methods[] = {FASA_METHOD_FASA, FASA_METHOD_DENSE, FASA_METHOD_ORACLE,
+                                        FASA_METHOD_QUEST, FASA_METHOD_STREAM};
+#define N_METHODS 5
+static void s_attend_all(fasa_engine_t *e, const char *id, float *out, int32_t *sel)
+{
+    test_rng r = {99};
+    float q[NH * D];
+    for (int m = 0; m < N_METHODS; m++)
+        for (int l = 0; l < NL; l++) {
+            test_fill(&r, NH * D, q, 1.0f);
+            const int method = !strcmp(id, "plain") && m == 0 ? FASA_METHOD_DENSE : s_methods[m];
+            fasa_attend_req req = {.layer = l, .q = q, .method = method, .gqa = -1, .max_pos = -1};
+            fasa_error err;
+            const size_t at = (size_t)m * NL + l;
+            ck_assert_msg(fasa_engine_attend(e, id, &req, out + at * NH * D, sel + at * NH * 40,
+                                             NULL, &err) == FASA_OK,
+                          "%s", err.msg);
+        }
+}
+
+static char s_dir[64];
+
+static void s_mkdir(void)
+{
+    snprintf(s_dir, sizeof(s_dir), "/tmp/fasa-snap-XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(s_dir));
+}
+
+static void s_rmdir(void)
+{
+    DIR *d = opendir(s_dir);
+    struct dirent *de;
+    while (d && (de = readdir(d))) {
+        char p[400];
+        snprintf(p, sizeof(p), "%s/%s", s_dir, de->d_name);
+        if (de->d_name[0] != '.') unlink(p);
+    }
+    if (d) closedir(d);
+    rmdir(s_dir);
+}
+
+static int s_count_files(const char *suffix)
+{
+    DIR *d = opendir(s_dir);
+    struct dirent *de;
+    int n = 0;
+    while ((de = readdir(d))) {
+        const size_t a = strlen(de->d_name), b = strlen(suffix);
+        n += a > b && !strcmp(de->d_name + a - b, suffix);
+    }
+    closedir(d);
+    return n;
+}
+
+START_TEST(test_snapshot_reshard)
+{
+    static float out_a[N_METHODS * NL * NH * D], out_b[N_METHODS * NL * NH * D],
+        out_c[N_METHODS * NL * NH * D];
+    static int32_t sel_a[N_METHODS * NL * NH * 40], sel_b[N_METHODS * NL * NH * 40],
+        sel_c[N_METHODS * NL * NH * 40];
+    fasa_profile *p = s_profile();
+    s_mkdir();
+    fasa_engine_t *a = s_fed_engine(3, p);
+    fasa_error err;
+    fasa_snapshot_result res;
+    ck_assert_msg(fasa_snapshot_session(a, s_dir, "a/b:c", &res, &err) == FASA_OK, "%s", err.msg);
+    ck_assert_int_eq(res.length, T0);
+    /* Written twice: the second generation replaces the first, whose files are gone. */
+    ck_assert_int_eq(fasa_snapshot_session(a, s_dir, "plain", NULL, &err), FASA_OK);
+    ck_assert_int_eq(fasa_snapshot_session(a, s_dir, "a/b:c", &res, &err), FASA_OK);
+    ck_assert_int_eq(s_count_files(".manifest"), 2);
+    ck_assert_int_eq(s_count_files(".shard"), 2 * 3);
+    ck_assert_int_eq(s_count_files(".tmp"), 0);
+    /* File bytes: header + rows x (pos + K + V). */
+    const int64_t rows = NL * T0 + T1, row_bytes = 4 + 2 * NKV * D * 4;
+    ck_assert_int_gt(res.bytes, rows * row_bytes);
+    ck_assert_int_lt(res.bytes, rows * row_bytes + 3 * 512);
+
+    for (int s = 0; s < 2; s++) {
+        const char *id = s ? "plain" : "a/b:c";
+        s_attend_all(a, id, out_a, sel_a);
+        for (int ns = 1; ns <= 4; ns++) {
+            fasa_engine_t *b = fasa_engine_new(ns, BLOCK), *c = s_fed_engine(ns, p);
+            int failed = -1;
+            ck_assert_int_eq(fasa_snapshot_restore_all(b, s_dir, &failed), 2);
+            ck_assert_int_eq(failed, 0);
+            for (int l = 0; l < NL; l++)
+                ck_assert_int_eq(fasa_engine_length(b, id, l), l == 1 ? T0 + T1 : T0);
+            const fasa_session_config *cb = fasa_engine_config(b, id);
+            ck_assert_int_eq(cb->method, s ? FASA_METHOD_DENSE : FASA_METHOD_FASA);
+            ck_assert_int_eq(cb->budget, 40);
+            ck_assert_int_eq(cb->dense_layers[0], 1);
+            ck_assert_int_eq(cb->dense_layers[1], 0);
+            ck_assert(s ? !cb->profile
+                        : cb->profile &&
+                              !memcmp(cb->profile->fcs, p->fcs, NL * NH * 2 * sizeof(int)));
+            s_attend_all(b, id, out_b, sel_b);
+            s_attend_all(c, id, out_c, sel_c);
+            /* Same shard count, same rows: the same bits. */
+            ck_assert_msg(!memcmp(out_b, out_c, sizeof(out_b)), "%s on %d shards differs", id, ns);
+            ck_assert(!memcmp(sel_b, sel_c, sizeof(sel_b)));
+            /* Another shard count: the merge order differs, so only to rounding. */
+            const double diff = test_max_abs_diff(N_METHODS * NL * NH * D, out_b, out_a);
+            ck_assert_msg(diff <= 1e-6, "%s: %d shards vs 3: %g", id, ns, diff);
+            if (ns == 3) ck_assert(!memcmp(out_b, out_a, sizeof(out_a)));
+            fasa_engine_destroy(&b);
+            fasa_engine_destroy(&c);
+        }
+    }
+    fasa_engine_destroy(&a);
+    fasa_profile_destroy(&p);
+    s_rmdir();
+}
+END_TEST
+
+/* The manifest's name of shard file i of a session. */
+static void s_shard_path(const char *id, int i, char *path, size_t len)
+{
+    char stem[64];
+    fasa_snapshot_stem(id, stem, sizeof(stem));
+    DIR *d = opendir(s_dir);
+    struct dirent *de;
+    char want[80];
+    snprintf(want, sizeof(want), ".s%d.shard", i);
+    while ((de = readdir(d)))
+        if (!strncmp(de->d_name, stem, strlen(stem)) && strstr(de->d_name, want))
+            snprintf(path, len, "%s/%s", s_dir, de->d_name);
+    closedir(d);
+}
+
+START_TEST(test_snapshot_damage)
+{
+    fasa_profile *p = s_profile();
+    s_mkdir();
+    fasa_engine_t *a = s_fed_engine(2, p);
+    fasa_error err;
+    ck_assert_int_eq(fasa_snapshot_session(a, s_dir, "a/b:c", NULL, &err), FASA_OK);
+    ck_assert_int_eq(fasa_snapshot_session(a, s_dir, "plain", NULL, &err), FASA_OK);
+    char path[400] = "", mpath[400];
+    char stem[64];
+
+    /* One flipped byte in the body of a shard file of "a/b:c". */
+    s_shard_path("a/b:c", 1, path, sizeof(path));
+    ck_assert(*path);
+    FILE *f = fopen(path, "r+b");
+    ck_assert_ptr_nonnull(f);
+    fseek(f, 5000, SEEK_SET);
+    int ch = fgetc(f);
+    fseek(f, 5000, SEEK_SET);
+    fputc(ch ^ 0x10, f);
+    fclose(f);
+    fasa_engine_t *b = fasa_engine_new(3, BLOCK);
+    fasa_snapshot_stem("a/b:c", stem, sizeof(stem));
+    snprintf(mpath, sizeof(mpath), "%s/%s.manifest", s_dir, stem);
+    char id[FASA_ID_MAX + 1];
+    ck_assert_int_eq(fasa_snapshot_restore(b, mpath, id, &err), FASA_FAILED_PRECONDITION);
+    ck_assert_str_eq(id, "a/b:c");
+    ck_assert_msg(strstr(err.msg, "checksum mismatch") && strstr(err.msg, path), "%s", err.msg);
+    ck_assert_ptr_null(fasa_engine_config(b, "a/b:c"));
+    int failed = -1;
+    ck_assert_int_eq(fasa_snapshot_restore_all(b, s_dir, &failed), 1); /* plain only */
+    ck_assert_int_eq(failed, 1);
+    ck_assert_ptr_null(fasa_engine_config(b, "a/b:c"));
+    ck_assert_int_eq(fasa_engine_length(b, "plain", 1), T0 + T1);
+    fasa_engine_destroy(&b);
+
+    /* A truncated shard file of "plain". */
+    s_shard_path("plain", 0, path, sizeof(path));
+    ck_assert_int_eq(truncate(path, 3000), 0);
+    fasa_snapshot_stem("plain", stem, sizeof(stem));
+    snprintf(mpath, sizeof(mpath), "%s/%s.manifest", s_dir, stem);
+    b = fasa_engine_new(1, BLOCK);
+    ck_assert_int_eq(fasa_snapshot_restore(b, mpath, id, &err), FASA_FAILED_PRECONDITION);
+    ck_assert_msg(strstr(err.msg, "truncated") && strstr(err.msg, path), "%s", err.msg);
+    ck_assert_int_eq(fasa_engine_count(b), 0);
+    /* A damaged manifest: one changed digit. */
+    f = fopen(mpath, "r+b");
+    fseek(f, 30, SEEK_SET);
+    ch = fgetc(f);
+    fseek(f, 30, SEEK_SET);
+    fputc(ch ^ 1, f);
+    fclose(f);
+    ck_assert_int_eq(fasa_snapshot_restore(b, mpath, id, &err), FASA_FAILED_PRECONDITION);
+    ck_assert_msg(strstr(err.msg, "checksum mismatch"), "%s", err.msg);
+    /* A missing shard file. */
+    unlink(path);
+    ck_assert_int_eq(fasa_snapshot_restore_all(b, s_dir, &failed), 0);
+    ck_assert_int_eq(failed, 2);
+    ck_assert_int_eq(fasa_engine_count(b), 0);
+    /* A session that exists already is refused, the one there untouched. */
+    fasa_snapshot_stem("a/b:c", stem, sizeof(stem));
+    ck_assert_int_eq(fasa_snapshot_session(a, s_dir, "a/b:c", NULL, &err), FASA_OK);
+    snprintf(mpath, sizeof(mpath), "%s/%s.manifest", s_dir, stem);
+    ck_assert_int_eq(fasa_snapshot_restore(a, mpath, id, &err), FASA_ALREADY_EXISTS);
+    ck_assert_int_eq(fasa_engine_length(a, "a/b:c", 1), T0 + T1);
+    /* A directory that cannot be written: the error names the file and errno. */
+    ck_assert_int_eq(fasa_snapshot_session(a, "/nonexistent-fasa-dir", "plain", NULL, &err),
+                     FASA_INTERNAL);
+    ck_assert_msg(strstr(err.msg, "could not write /nonexistent-fasa-dir/plain-") &&
+                      strstr(err.msg, "No such file or directory"),
+                  "%s", err.msg);
+    /* And an unknown session cannot be snapshotted. */
+    ck_assert_int_eq(fasa_snapshot_session(a, s_dir, "nope", NULL, &err), FASA_NOT_FOUND);
+    fasa_engine_destroy(&b);
+    fasa_engine_destroy(&a);
+    fasa_profile_destroy(&p);
+    s_rmdir();
+}
+END_TEST
+
+Suite *snapshot_suite(void)
+{
+    Suite *s = suite_create("snapshot");
+    TCase *tc = tcase_create("snapshot");
+    tcase_set_timeout(tc, 300);
+    tcase_add_test(tc, test_snapshot_reshard);
+    tcase_add_test(tc, test_snapshot_damage);
+    suite_add_tcase(s, tc);
+    return s;
+}
