@@ -594,6 +594,19 @@ static double s_max_abs_diff(size_t n, const float *a, const float *b)
     return w;
 }
 
+/* One decode step of method m over the whole context of session "bench"; 0, or 1 with the
+ * error printed. */
+static int s_step(backend *b, const char *where, int m, const float *q, float *out,
+                  fasa_step_stats *st)
+{
+    const fasa_attend_req req = {
+        .layer = 0, .q = q, .method = (int)s_method_ids[m], .budget = 0, .gqa = -1, .max_pos = -1};
+    fasa_error fe;
+    if (!backend_attend(b, "bench", &req, out, NULL, st, &fe)) return 0;
+    return cli_fail("bench attend", "attend %s (%s): %s: %s", s_method_names[m], where,
+                    fasa_status_name(fe.code), fe.msg);
+}
+
 /* Runs one context length on one target: appends rows (one per timed method) to rows. */
 static int s_attend_one(const bench_opts *o, const bench_target *tg, int ti, const synth_t *sy,
                         const fasa_profile *prof, naive_ref *nr, int fill_ref, bench_row *rows,
@@ -653,17 +666,7 @@ static int s_attend_one(const bench_opts *o, const bench_target *tg, int ti, con
 
     /* Warm-up and check: query of position T - 1, every method (dense always). */
     for (int m = 0; m < BENCH_N_METHODS; m++) {
-        const fasa_attend_req req = {.layer = 0,
-                                     .q = q,
-                                     .method = (int)s_method_ids[m],
-                                     .budget = 0,
-                                     .gqa = -1,
-                                     .max_pos = -1};
-        if (backend_attend(b, "bench", &req, out + m * qn, NULL, NULL, &fe)) {
-            cli_fail(cmd, "attend %s (%s): %s: %s", s_method_names[m], where,
-                     fasa_status_name(fe.code), fe.msg);
-            goto done;
-        }
+        if (s_step(b, where, m, q, out + m * qn, NULL)) goto done;
         for (size_t i = 0; i < qn; i++)
             if (!isfinite(out[m * qn + i])) {
                 cli_fail(cmd, "attend %s (%s): output %zu is not finite", s_method_names[m], where,
@@ -699,19 +702,9 @@ static int s_attend_one(const bench_opts *o, const bench_target *tg, int ti, con
         synth_query(sy, T - 2 - r, q);
         for (int m = 0; m < BENCH_N_METHODS; m++) {
             if (!o->timed[m]) continue;
-            const fasa_attend_req req = {.layer = 0,
-                                         .q = q,
-                                         .method = (int)s_method_ids[m],
-                                         .budget = 0,
-                                         .gqa = -1,
-                                         .max_pos = -1};
             fasa_step_stats st;
             const double t0 = timing_now();
-            if (backend_attend(b, "bench", &req, out, NULL, &st, &fe)) {
-                cli_fail(cmd, "attend %s (%s): %s: %s", s_method_names[m], where,
-                         fasa_status_name(fe.code), fe.msg);
-                goto done;
-            }
+            if (s_step(b, where, m, q, out, &st)) goto done;
             ms[m * R + r] = 1e3 * (timing_now() - t0);
             bytes[m] = st.bytes_read;
         }
