@@ -1,8 +1,8 @@
 /* bench_scan: the FASA scoring scan against the machine's read bandwidth, in one run.
  *
  * (a) read bandwidth over the very bytes the scan reads: the faster of a streaming sum
- *     with 16 independent accumulators (plain C that GCC vectorises; AVX-512 / AVX2 / plain
- *     clones) and OpenBLAS cblas_sasum, one thread;
+ *     with independent accumulators (readbw.h: AVX2 when the CPU has it) and OpenBLAS
+ *     cblas_sasum, one thread;
  * (b) the scan: score_tiles over a packed dominant-dim block of N tokens x 32 dims (ntip
  *     16) of one KV head, with the 4 query heads of its GQA group, in 4096-row chunks into
  *     a small score buffer, as a shard scans it.
@@ -16,6 +16,7 @@
 
 #include <cblas.h>
 
+#include "readbw.h"
 #include "score.h"
 #include "timing.h"
 
@@ -23,27 +24,9 @@
 #define N_Q 4      /* query heads of one GQA group */
 #define CHUNK 4096 /* rows scored per call, as shard.c's SHARD_CHUNK */
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(FASA_NO_CLONES)
-#define BENCH_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define BENCH_CLONES
-#endif
-
 static const char usage[] = "usage: bench_scan [--tokens N] [--repeats R] [--help]\n"
                             "  --tokens N    tokens in the packed block (default 1048576)\n"
                             "  --repeats R   runs per figure, the median is printed (default 7)\n";
-
-/* Sum of n floats (n a multiple of 16) with 16 independent accumulators. */
-BENCH_CLONES
-static float s_stream_sum(size_t n, const float *restrict x)
-{
-    float acc[16] = {0};
-    for (size_t i = 0; i < n; i += 16)
-        for (int j = 0; j < 16; j++) acc[j] += x[i + j];
-    float s = 0.0f;
-    for (int j = 0; j < 16; j++) s += acc[j];
-    return s;
-}
 
 /* The scan as shard_score runs it: chunks of CHUNK rows into one score buffer. */
 static float s_scan(int n_tokens, const float *tiles, const float *q, float *scores)
@@ -100,10 +83,10 @@ int main(int argc, char **argv)
 
     /* Interleave the three so that drift in the machine affects all alike. */
     volatile float sink = 0.0f;
-    sink += s_stream_sum(n, tiles) + s_scan((int)tokens, tiles, q, scores); /* warm-up */
+    sink += readbw_sum(n, tiles) + s_scan((int)tokens, tiles, q, scores); /* warm-up */
     for (long r = 0; r < repeats; r++) {
         double t0 = timing_now();
-        sink += s_stream_sum(n, tiles);
+        sink += readbw_sum(n, tiles);
         t_sum[r] = timing_now() - t0;
         t0 = timing_now();
         sink += cblas_sasum((blasint)n, tiles, 1);
@@ -121,7 +104,7 @@ int main(int argc, char **argv)
     printf("bench_scan: %ld tokens x %d dims (ntip %d) x %d query heads, %.1f MiB, median of "
            "%ld, 1 thread\n",
            tokens, DIMS, DIMS / 2, N_Q, bytes / (1024.0 * 1024.0), repeats);
-    printf("read bandwidth, streaming sum (16 acc): %7.2f GB/s\n", gb_sum);
+    printf("read bandwidth, streaming sum (%s): %7.2f GB/s\n", readbw_sum_name(), gb_sum);
     printf("read bandwidth, OpenBLAS cblas_sasum:   %7.2f GB/s\n", gb_blas);
     printf("read bandwidth (the faster):            %7.2f GB/s\n", bw);
     printf("scoring scan score_tiles:               %7.2f GB/s  (%.2f ms, %.2f ns/token)\n",

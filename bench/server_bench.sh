@@ -7,7 +7,6 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 n=${1:-3}
 [ $# -gt 0 ] && shift
-export FASA_BUILD=${FASA_BUILD:-$root/build} FASA_RUN_DIR=$(mktemp -d)
-trap 'bash "$root/deploy/stop-local.sh" >/dev/null 2>&1 || true; rm -rf "$FASA_RUN_DIR"' EXIT
-bash "$root/deploy/run-local.sh" "$n" --bind 'tcp://127.0.0.1:*'
-"$FASA_BUILD/bench/bench_server" --server "$(cat "$FASA_RUN_DIR/endpoint")" "$@"
+source "$root/bench/local_servers.sh"
+start_server "$n"
+"$FASA_BUILD/bench/bench_server" --server "$SERVER_ENDPOINT" "$@"

@@ -343,3 +343,24 @@ int32_t backend_length(const backend *b, const char *id, int layer)
     if (!s || layer < 0 || layer >= (int)s->geom.n_layers) return -1;
     return s->len[layer];
 }
+
+int64_t backend_kv_bytes(backend *b, const char *id, fasa_error *err)
+{
+    if (b->eng) {
+        const int64_t n = fasa_engine_kv_bytes(b->eng, id);
+        if (n < 0) s_fail(err, FASA_NOT_FOUND, "no session '%s'", id);
+        return n;
+    }
+    const remote_session *s = s_find(b, id);
+    if (!s) return s_fail(err, FASA_NOT_FOUND, "no session '%s'", id), -1;
+    fasa_client_stats st;
+    fasa_client_error ce;
+    const fasa_client_status cst = fasa_client_get_stats(b->cli, s->wire_id, &st, &ce);
+    const int64_t n = cst || !st.has_session ? -1 : (int64_t)st.session.kv_bytes;
+    fasa_client_stats_free(&st);
+    if (cst)
+        s_from_client(&ce, err);
+    else if (n < 0)
+        s_fail(err, FASA_INTERNAL, "the server's stats lack session '%s'", id);
+    return n;
+}

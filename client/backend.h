@@ -58,5 +58,8 @@ fasa_status backend_append(backend *b, const char *id, int layer, int32_t pos0, 
 fasa_status backend_attend(backend *b, const char *id, const fasa_attend_req *req, float *out,
                            int32_t *selected, fasa_step_stats *stats, fasa_error *err);
 int32_t backend_length(const backend *b, const char *id, int layer);
+/* Bytes of keys and values a session holds, all layers (fasa_engine_kv_bytes; on a server
+ * its Stats), or -1 with err filled. */
+int64_t backend_kv_bytes(backend *b, const char *id, fasa_error *err);
 
 #endif

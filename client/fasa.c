@@ -21,6 +21,7 @@ static const char usage[] =
     "  replay     re-run recorded activations with fasa, dense, oracle or a baseline\n"
     "  ppl        perplexity of a llama2.c-format model over a text, attention by fasa\n"
     "  generate   text from a llama2.c-format model, attention by fasa\n"
+    "  bench      benchmarks printed with their targets: bench scan, bench attend\n"
     "\n"
     "These run in-process, or on a fasa-server with --server ENDPOINT (same numbers).\n"
     "\n"
@@ -124,6 +125,7 @@ int main(int argc, char **argv)
         puts("fasa 0.1.0");
         return 0;
     }
+    if (strcmp(argv[1], "bench") == 0) return cmd_bench(argc - 1, argv + 1);
     static const struct {
         const char *name;
         int (*fn)(int, char **);

@@ -1,0 +1,912 @@
+/* fasa bench: the figures the project is judged by, printed with their targets
+ * (shared/docs/targets.md) in one run on this machine.
+ *
+ *   scan    the scoring scan of a real shard (shard_score, method fasa, ntip 16 of 64 FCs)
+ *           against the read bandwidth of the same number of bytes: the faster of a SIMD
+ *           streaming sum with independent accumulators (bench/readbw.h) and OpenBLAS
+ *           cblas_sasum, one thread;
+ *   attend  decode step time per method (dense, fasa, oracle) through the embedded engine or
+ *           fasa-servers, for one or more context lengths; the ratio dense/fasa, the bytes
+ *           each step reads, the RAM per token each storage tier holds, and (with a 1- and a
+ *           2-worker server) the dense scaling from 1 to 2 workers. CSV and a gnuplot PNG.
+ *
+ * Both run on client/synth.h data (32 query heads, 8 KV heads, head_dim 128, 16 signal FCs
+ * per KV head); the fasa profile names the generator's true signal FCs. `attend` checks its
+ * own work before timing it: every output finite, and dense equal to a naive attention in
+ * double on a few heads. */
+#include <getopt.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cblas.h>
+
+#include "backend.h"
+#include "cli.h"
+#include "dtype.h"
+#include "engine.h"
+#include "fasa_client.h"
+#include "progress.h"
+#include "readbw.h"
+#include "shard.h"
+#include "synth.h"
+#include "timing.h"
+
+#define BENCH_MAX_SIZES 16
+#define BENCH_MAX_SERVERS 8
+#define BENCH_N_METHODS 3
+#define BENCH_MIN_TOKENS 1024
+#define BENCH_MAX_TOKENS (1L << 24)
+#define BENCH_1M 1048576L
+
+/* Targets (shared/docs/targets.md). */
+#define TARGET_SCAN_OVER_READ 0.80
+#define TARGET_DENSE_OVER_FASA 5.0
+#define TARGET_TWO_OVER_ONE 1.7
+#define TARGET_DISK_OVER_F16 0.30
+
+static const char usage_bench[] =
+    "usage: fasa bench scan|attend [options]\n"
+    "\n"
+    "Benchmarks that print each figure next to its target (shared/docs/targets.md) and\n"
+    "whether it is met, on synthetic data (32 query heads, 8 KV heads, head_dim 128, ntip 16\n"
+    "of 64 FCs, B 256). One OpenBLAS thread.\n"
+    "\n"
+    "  scan     the scoring scan's GB/s against the machine's read bandwidth of the same bytes\n"
+    "  attend   decode step time per method (dense, fasa, oracle), dense/fasa, RAM per token\n"
+    "\n"
+    "Run 'fasa bench scan --help' or 'fasa bench attend --help' for the options.\n";
+
+static const char usage_scan[] =
+    "usage: fasa bench scan [--tokens N] [--reps R] [--seed S] [--csv FILE]\n"
+    "\n"
+    "Builds one shard (worker/shard.h) of N synthetic tokens whose key layout packs each KV\n"
+    "head's 16 signal FCs (32 of 128 key dims: ntip 16 of 64 FCs), and times its scoring scan,\n"
+    "shard_score with method fasa and B 256 (score_tiles over the packed dims and the running\n"
+    "top-B, exactly what a fasa step's first phase runs), as GB/s = the bytes the scan reads\n"
+    "(shard_bytes_read) / time. The read-bandwidth reference reads as many bytes from a buffer\n"
+    "of that size with a SIMD streaming sum with independent accumulators (AVX2 where the CPU\n"
+    "has it, portable C otherwise) and with OpenBLAS cblas_sasum, and takes the faster. The\n"
+    "three are interleaved, one thread; each figure is the median (p50) of R runs after a\n"
+    "warm-up, with the fastest run (min). The sums are checked against a sum in double.\n"
+    "Prints 'scan/read = X (target >= 0.80: met|not met)'.\n"
+    "Memory: about N x 9 KiB (the shard's keys and values, and the reference buffer).\n"
+    "\n"
+    "  --tokens N   tokens (default 131072; 1024 .. 16777216; suffixes K = 1024, M = 1048576,\n"
+    "               e.g. 128K, 1M). Keep N x 1 KiB (the bytes scanned) well above the last-level\n"
+    "               cache, or the reference is not a memory bandwidth\n"
+    "  --reps R     timed runs per figure (default 7)\n"
+    "  --seed S     generator seed (default 1)\n"
+    "  --csv FILE   also write the figures as CSV: figure,tokens,bytes,reps,p50_ms,min_ms,gb_s\n"
+    "               (figures read_simd, read_sasum, read (the faster), scan)\n"
+    "  --help       this text\n";
+
+static const char usage_attend[] =
+    "usage: fasa bench attend [--tokens N[,N...]] [options]\n"
+    "\n"
+    "For each context length: creates one session (32 query heads, 8 KV heads, head_dim 128,\n"
+    "1 layer, profile = the generator's 16 signal FCs per KV head, no dense layer), appends\n"
+    "the synthetic context in chunks (--chunk), checks the outputs (finite; dense equal\n"
+    "to a naive attention in double on query heads 0, 17 and 31, max error printed; the run\n"
+    "fails above 1e-4 for f32), then times R decode steps per method over the whole context\n"
+    "(after one warm-up) and prints p50 and min step time, the bytes each step reads and\n"
+    "their GB/s, dense/fasa (target >= 5 at 1M tokens) and the RAM per token of each storage\n"
+    "tier (target for a disk tier: <= 30% of f16 K+V). With a 1-worker and a 2-worker\n"
+    "server: the dense step's speed-up from 1 to 2 workers (target >= 1.7 at 1M tokens).\n"
+    "One session exists at a time. Memory (f32): tokens x 8 KiB on the engine or the server\n"
+    "(8 GiB at 1M); the client holds one chunk of tokens at a time.\n"
+    "\n"
+    "  --tokens N[,N...]  context lengths (default 131072); suffixes K and M, e.g. the sweep\n"
+    "                     --tokens 128K,512K,1M (1024 .. 16777216 each, at most 16)\n"
+    "  --methods LIST     timed methods, comma-separated, of dense, fasa, oracle (default all)\n"
+    "  --reps R           timed steps per method (default 5); p50 and min are printed\n"
+    "  --dtype T          storage dtype of keys and values: f32 (default), f16, bf16 (the\n"
+    "                     engine refuses what it does not support yet, and so does this)\n"
+    "  --shards K         in-process shards of the embedded engine (default 1)\n"
+    "  --server E[,E...]  run on fasa-servers at these endpoints instead, one after another\n"
+    "                     (step times are round trips); bench/attend_bench.sh starts a\n"
+    "                     1-worker and a 2-worker server and runs this with both. f32 only\n"
+    "  --chunk N          tokens per append request (default 2048: 16 MiB of f32 keys and\n"
+    "                     values; keep N x 8 KiB under a server's --max-message, which\n"
+    "                     otherwise drops the request and the append times out)\n"
+    "  --budget B         tokens kept per query head (default 256)\n"
+    "  --seed S           generator seed (default 1)\n"
+    "  --csv FILE         also write every row as CSV: tokens,backend,workers,dtype,tier,method,\n"
+    "                     reps,p50_ms,min_ms,bytes_read,gb_s,kv_bytes_per_token,max_err\n"
+    "                     (max_err: dense against the naive reference, the others against dense)\n"
+    "  --png FILE         plot p50 step time against context length per method (log-log),\n"
+    "                     with gnuplot where installed (otherwise a note, and no file)\n"
+    "  --help             this text\n";
+
+static const char *const s_method_names[BENCH_N_METHODS] = {"dense", "fasa", "oracle"};
+static const fasa_method s_method_ids[BENCH_N_METHODS] = {FASA_METHOD_DENSE, FASA_METHOD_FASA,
+                                                          FASA_METHOD_ORACLE};
+
+typedef struct bench_opts {
+    long sizes[BENCH_MAX_SIZES];
+    int n_sizes;
+    long reps, shards, budget, seed, chunk;
+    fasa_dtype dtype;
+    int timed[BENCH_N_METHODS]; /* 1: time this method */
+    char *servers[BENCH_MAX_SERVERS];
+    int n_servers;
+    char server_buf[1024];
+    const char *csv, *png;
+} bench_opts;
+
+static const char *s_dtype(const bench_opts *o)
+{
+    const char *name = fasa_dtype_name(o->dtype);
+    return name ? name : "?";
+}
+
+/* One token count: decimal, with an optional K (x 1024) or M (x 1048576) suffix. */
+static int s_parse_tokens(const char *text, long *out_p)
+{
+    char buf[32];
+    const size_t n = strlen(text);
+    if (n == 0 || n >= sizeof(buf)) return -1;
+    memcpy(buf, text, n + 1);
+    long mul = 1;
+    const char last = buf[n - 1];
+    if (last == 'K' || last == 'k') mul = 1024;
+    if (last == 'M' || last == 'm') mul = 1048576;
+    if (mul > 1) buf[n - 1] = '\0';
+    long v;
+    if (cli_parse_int(buf, 1, BENCH_MAX_TOKENS, &v) || v > BENCH_MAX_TOKENS / mul) return -1;
+    v *= mul;
+    if (v < BENCH_MIN_TOKENS) return -1;
+    *out_p = v;
+    return 0;
+}
+
+/* Splits text (copied into buf) at commas into at most max parts; the count, or -1. */
+static int s_split(const char *text, char *buf, size_t buf_len, char **parts, int max)
+{
+    if (strlen(text) >= buf_len) return -1;
+    strcpy(buf, text);
+    int n = 0;
+    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok;
+         tok = strtok_r(NULL, ",", &save)) {
+        if (n == max) return -1;
+        parts[n++] = tok;
+    }
+    return n;
+}
+
+/* Parses the options of `bench CMD` (argv[0] is CMD). 0, -1 for --help (printed), or the
+ * exit status of an error (printed). */
+static int s_parse(const char *cmd, int argc, char **argv, bench_opts *o)
+{
+    static const struct option opts[] = {{"tokens", required_argument, 0, 't'},
+                                         {"reps", required_argument, 0, 'r'},
+                                         {"seed", required_argument, 0, 's'},
+                                         {"csv", required_argument, 0, 'c'},
+                                         {"png", required_argument, 0, 'p'},
+                                         {"methods", required_argument, 0, 'm'},
+                                         {"dtype", required_argument, 0, 'd'},
+                                         {"shards", required_argument, 0, 'S'},
+                                         {"server", required_argument, 0, 'E'},
+                                         {"budget", required_argument, 0, 'b'},
+                                         {"chunk", required_argument, 0, 'C'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
+    const int scan = strcmp(cmd, "bench scan") == 0;
+    memset(o, 0, sizeof(*o));
+    o->sizes[0] = 131072;
+    o->n_sizes = 1;
+    o->reps = scan ? 7 : 5;
+    o->shards = 1;
+    o->budget = 256;
+    o->seed = 1;
+    o->chunk = 2048;
+    for (int m = 0; m < BENCH_N_METHODS; m++) o->timed[m] = 1;
+    optind = 1;
+    opterr = 0;
+    /* The integer options: their field and range. */
+    const struct {
+        int c;
+        long *field, lo, hi;
+    } ints[] = {{'r', &o->reps, 1, 1000},
+                {'s', &o->seed, 0, 0x7fffffffL},
+                {'S', &o->shards, 1, 64},
+                {'C', &o->chunk, 1, 65536},
+                {'b', &o->budget, 1, 65536}};
+    int c, li = -1;
+    while ((c = getopt_long(argc, argv, "", opts, &li)) != -1) {
+        /* scan takes only --tokens (one size), --reps, --seed and --csv. */
+        if (scan &&
+            (c == 'p' || c == 'm' || c == 'd' || c == 'S' || c == 'E' || c == 'b' || c == 'C'))
+            return cli_usage_error(cmd, "option '--%s' is for 'fasa bench attend'", opts[li].name);
+        for (size_t i = 0; i < sizeof(ints) / sizeof(*ints); i++)
+            if (c == ints[i].c && cli_parse_int(optarg, ints[i].lo, ints[i].hi, ints[i].field))
+                return cli_usage_error(cmd, "--%s '%s' must be in [%ld, %ld]", opts[li].name,
+                                       optarg, ints[i].lo, ints[i].hi);
+        char buf[512], *parts[BENCH_MAX_SIZES];
+        int n;
+        switch (c) {
+        case 'h':
+            fputs(scan ? usage_scan : usage_attend, stdout);
+            return -1;
+        case 't':
+            n = s_split(optarg, buf, sizeof(buf), parts, scan ? 1 : BENCH_MAX_SIZES);
+            for (int i = 0; i < n; i++)
+                if (s_parse_tokens(parts[i], &o->sizes[i])) n = -1;
+            if (n < 1)
+                return cli_usage_error(cmd,
+                                       scan ? "--tokens '%s' must be one count in [1024, "
+                                              "16777216] (suffix K or M allowed)"
+                                            : "--tokens '%s' must be up to 16 comma-separated "
+                                              "counts in [1024, 16777216] (suffix K or M allowed)",
+                                       optarg);
+            o->n_sizes = n;
+            break;
+        case 'r': /* the integer options, parsed above */
+        case 's':
+        case 'S':
+        case 'C':
+        case 'b':
+            break;
+        case 'c':
+            o->csv = optarg;
+            break;
+        case 'p':
+            o->png = optarg;
+            break;
+        case 'm':
+            memset(o->timed, 0, sizeof(o->timed));
+            n = s_split(optarg, buf, sizeof(buf), parts, BENCH_MAX_SIZES);
+            for (int i = 0; i < n; i++) {
+                int found = 0;
+                for (int m = 0; m < BENCH_N_METHODS; m++)
+                    if (strcmp(parts[i], s_method_names[m]) == 0) o->timed[m] = found = 1;
+                if (!found) n = -1;
+            }
+            if (n < 1)
+                return cli_usage_error(
+                    cmd, "--methods '%s' must be a comma-separated list of dense, fasa, oracle",
+                    optarg);
+            break;
+        case 'd':
+            if (fasa_dtype_parse(optarg, &o->dtype))
+                return cli_usage_error(cmd, "--dtype '%s' must be f32, f16 or bf16", optarg);
+            break;
+        case 'E':
+            o->n_servers = s_split(optarg, o->server_buf, sizeof(o->server_buf), o->servers,
+                                   BENCH_MAX_SERVERS);
+            if (o->n_servers < 1)
+                return cli_usage_error(
+                    cmd, "--server '%s' must be 1 to 8 comma-separated endpoints", optarg);
+            break;
+        default:
+            return cli_usage_error(cmd, "unknown or incomplete option '%s'", argv[optind - 1]);
+        }
+    }
+    if (optind < argc) return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
+    if (!scan && o->n_servers > 0 && o->dtype != FASA_DTYPE_F32)
+        return cli_fail(cmd,
+                        "--dtype %s with --server: the wire protocol carries no storage "
+                        "dtype yet (f32 only)",
+                        s_dtype(o));
+    return 0;
+}
+
+static FILE *s_open_csv(const char *cmd, const char *path, const char *header)
+{
+    FILE *f = fopen(path, "w");
+    if (!f) {
+        cli_fail(cmd, "--csv '%s': cannot open for writing", path);
+        return NULL;
+    }
+    fprintf(f, "%s\n", header);
+    return f;
+}
+
+static const char *s_met(double value, double target)
+{
+    return value >= target ? "met" : "not met";
+}
+
+/* ---- scan ---------------------------------------------------------------------------- */
+
+/* The key layout a fasa profile of the generator's signal FCs gives (what the engine
+ * derives from synth_true_profile): per KV head, the dims of its signal FCs packed first;
+ * every query head of the group uses all of them (the generator's heads share their FCs). */
+static int s_signal_layout(const synth_t *sy, shard_layout *lay)
+{
+    const synth_cfg *c = &sy->cfg;
+    const int d = c->head_dim, grp = c->n_heads / c->n_kv_heads;
+    if (shard_layout_plain(lay, 1, c->n_heads, c->n_kv_heads, d)) return -1;
+    uint8_t dom[1024];
+    for (int g = 0; g < c->n_kv_heads; g++) {
+        memset(dom, 0, (size_t)d);
+        for (int i = 0; i < d / 2; i++) {
+            int d0, d1;
+            fc_dims(c->pairing, d, i, &d0, &d1);
+            dom[d0] = dom[d1] = (uint8_t)synth_is_signal(sy, g, i);
+        }
+        int *perm = lay->perm + (size_t)g * d, u = 0;
+        for (int x = 0; x < d; x++)
+            if (dom[x]) perm[u++] = x;
+        lay->n_dom[g] = u;
+        for (int x = 0, r = u; x < d; x++)
+            if (!dom[x]) perm[r++] = x;
+        for (int i = 0; i < grp; i++) memset(lay->qmask + (size_t)(g * grp + i) * d, 1, (size_t)u);
+    }
+    return 0;
+}
+
+static int s_scan(const bench_opts *o)
+{
+    static const char *const cmd = "bench scan";
+    const int T = (int)o->sizes[0], B = 256;
+    char err[256];
+    synth_cfg sc = synth_cfg_default(T);
+    sc.seed = (uint64_t)o->seed;
+    synth_t sy;
+    if (synth_init(&sy, &sc, err, sizeof(err))) return cli_fail(cmd, "%s", err);
+    const int H = sc.n_heads, G = sc.n_kv_heads, d = sc.head_dim;
+    const size_t row = (size_t)G * d;
+    shard_layout lay = {0};
+    shard_t *sh = NULL;
+    float *k = malloc(SHARD_CHUNK * row * sizeof(float));
+    float *v = malloc(SHARD_CHUNK * row * sizeof(float));
+    float *q = malloc((size_t)H * d * sizeof(float));
+    int32_t *pos = malloc(SHARD_CHUNK * sizeof(int32_t));
+    topk_cand *cands = malloc((size_t)H * B * sizeof(topk_cand));
+    int *n_cands = malloc((size_t)H * sizeof(int));
+    double *t_simd = malloc((size_t)o->reps * sizeof(double));
+    double *t_blas = malloc((size_t)o->reps * sizeof(double));
+    double *t_scan = malloc((size_t)o->reps * sizeof(double));
+    float *buf = NULL;
+    FILE *csv = NULL;
+    int rc = 1;
+    if (!k || !v || !q || !pos || !cands || !n_cands || !t_simd || !t_blas || !t_scan ||
+        s_signal_layout(&sy, &lay) || !(sh = shard_new(&lay))) {
+        cli_fail(cmd, "out of memory");
+        goto done;
+    }
+    const double t_build = timing_now();
+    progress pr;
+    progress_init(&pr, "building the shard", T);
+    for (int p0 = 0; p0 < T; p0 += SHARD_CHUNK) {
+        const int n = T - p0 < SHARD_CHUNK ? T - p0 : SHARD_CHUNK;
+        synth_kv(&sy, p0, n, k, v);
+        for (int i = 0; i < n; i++) pos[i] = p0 + i;
+        if (shard_append(sh, 0, n, pos, k, v)) {
+            cli_fail(cmd, "out of memory for %d tokens (about %.1f GiB)", T,
+                     (double)T * row * 8 / (1u << 30));
+            goto done;
+        }
+        progress_update(&pr, p0 + n);
+    }
+    progress_done(&pr);
+    synth_query(&sy, T - 1, q);
+    const shard_step st = {.layer = 0,
+                           .method = SHARD_FASA,
+                           .gqa = SHARD_GQA_PER_HEAD,
+                           .budget = B,
+                           .max_pos = T - 1,
+                           .scale = 1.0f / sqrtf((float)d),
+                           .q = q};
+    if (shard_score(sh, &st, cands, n_cands)) { /* warm-up; also sizes the bytes */
+        cli_fail(cmd, "out of memory in shard_score");
+        goto done;
+    }
+    const int64_t bytes = shard_bytes_read(sh);
+    const size_t n = (size_t)bytes / sizeof(float);
+    if (!(buf = aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64))) {
+        cli_fail(cmd, "out of memory for the %.1f MiB reference buffer", bytes / 1048576.0);
+        goto done;
+    }
+    /* Positive values, so that sasum (a sum of |x|) is the same sum; checked in double. */
+    uint64_t x = 0x9e3779b97f4a7c15ULL ^ (uint64_t)o->seed;
+    double ref = 0;
+    for (size_t i = 0; i < n; i++) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        buf[i] = 0.5f + (float)(x >> 40) * (1.0f / 16777216.0f);
+        ref += buf[i];
+    }
+    /* Also a length that is no multiple of any vector width (the tail loops). */
+    const size_t n_odd = n - 37;
+    double ref_odd = ref;
+    for (size_t i = n_odd; i < n; i++) ref_odd -= buf[i];
+    const double sums[4] = {readbw_sum(n, buf), readbw_sum_portable(n, buf),
+                            cblas_sasum((blasint)n, buf, 1), readbw_sum(n_odd, buf)};
+    static const char *const sum_names[4] = {"SIMD sum", "portable sum", "cblas_sasum",
+                                             "SIMD sum of all but the last 37"};
+    for (int i = 0; i < 4; i++) {
+        const double want = i == 3 ? ref_odd : ref;
+        if (fabs(sums[i] - want) > 1e-3 * want) {
+            cli_fail(cmd, "%s of the reference buffer is %.6g, a sum in double %.6g: wrong",
+                     sum_names[i], sums[i], want);
+            goto done;
+        }
+    }
+
+    volatile float sink = 0.0f;
+    for (long r = 0; r < o->reps; r++) { /* interleaved: drift hits all three alike */
+        double t0 = timing_now();
+        sink += readbw_sum(n, buf);
+        t_simd[r] = timing_now() - t0;
+        t0 = timing_now();
+        sink += cblas_sasum((blasint)n, buf, 1);
+        t_blas[r] = timing_now() - t0;
+        t0 = timing_now();
+        if (shard_score(sh, &st, cands, n_cands)) {
+            cli_fail(cmd, "out of memory in shard_score");
+            goto done;
+        }
+        t_scan[r] = timing_now() - t0;
+    }
+    (void)sink;
+    const int R = (int)o->reps;
+    const double p_simd = timing_median(R, t_simd), p_blas = timing_median(R, t_blas);
+    const double p_scan = timing_median(R, t_scan);
+    const double gb = (double)bytes / 1e9, gb_simd = gb / p_simd, gb_blas = gb / p_blas;
+    const double gb_read = gb_simd > gb_blas ? gb_simd : gb_blas, gb_scan = gb / p_scan;
+    double m_simd = t_simd[0], m_blas = t_blas[0], m_scan = t_scan[0];
+    for (int r = 1; r < R; r++) {
+        m_simd = fmin(m_simd, t_simd[r]);
+        m_blas = fmin(m_blas, t_blas[r]);
+        m_scan = fmin(m_scan, t_scan[r]);
+    }
+    printf("bench scan: %d tokens, %d KV heads x %d of %d key dims (ntip %d of %d FCs), %d query "
+           "heads per KV head, B %d; %.1f MiB scanned per step; 1 thread, p50 of %d (+1 warm-up); "
+           "shard built in %.1f s\n",
+           T, G, lay.n_dom[0], d, lay.n_dom[0] / 2, d / 2, H / G, B, bytes / 1048576.0, R,
+           timing_now() - t_build);
+    if (bytes < 64L << 20)
+        printf("note: %.1f MiB may fit in the last-level cache; use --tokens >= 64K for a "
+               "memory bandwidth\n",
+               bytes / 1048576.0);
+    printf("read bandwidth, SIMD sum (%s): p50 %7.2f GB/s (%.3f ms, min %.3f ms)\n",
+           readbw_sum_name(), gb_simd, 1e3 * p_simd, 1e3 * m_simd);
+    printf("read bandwidth, OpenBLAS cblas_sasum: p50 %7.2f GB/s (%.3f ms, min %.3f ms)\n", gb_blas,
+           1e3 * p_blas, 1e3 * m_blas);
+    printf("read bandwidth (the faster): %.2f GB/s\n", gb_read);
+    printf("scoring scan (shard_score, fasa): p50 %7.2f GB/s (%.3f ms, min %.3f ms, %.2f ns per "
+           "token)\n",
+           gb_scan, 1e3 * p_scan, 1e3 * m_scan, 1e9 * p_scan / T);
+    printf("scan/read = %.2f (target >= %.2f: %s)\n", gb_scan / gb_read, TARGET_SCAN_OVER_READ,
+           s_met(gb_scan / gb_read, TARGET_SCAN_OVER_READ));
+    if (o->csv) {
+        if (!(csv = s_open_csv(cmd, o->csv, "figure,tokens,bytes,reps,p50_ms,min_ms,gb_s")))
+            goto done;
+        const struct {
+            const char *name;
+            double p50, min;
+        } rows[4] = {
+            {"read_simd", p_simd, m_simd},
+            {"read_sasum", p_blas, m_blas},
+            {"read", gb_simd > gb_blas ? p_simd : p_blas, gb_simd > gb_blas ? m_simd : m_blas},
+            {"scan", p_scan, m_scan}};
+        for (int i = 0; i < 4; i++)
+            fprintf(csv, "%s,%d,%lld,%d,%.4f,%.4f,%.3f\n", rows[i].name, T, (long long)bytes, R,
+                    1e3 * rows[i].p50, 1e3 * rows[i].min, gb / rows[i].p50);
+        if (fclose(csv)) {
+            csv = NULL;
+            cli_fail(cmd, "--csv '%s': write failed", o->csv);
+            goto done;
+        }
+        csv = NULL;
+    }
+    rc = 0;
+done:
+    if (csv) fclose(csv);
+    shard_destroy(&sh);
+    shard_layout_cleanup(&lay);
+    synth_free(&sy);
+    free(k);
+    free(v);
+    free(q);
+    free(pos);
+    free(cands);
+    free(n_cands);
+    free(t_simd);
+    free(t_blas);
+    free(t_scan);
+    free(buf);
+    return rc;
+}
+
+/* ---- attend -------------------------------------------------------------------------- */
+
+#define BENCH_N_CHECK 3 /* query heads checked against the naive reference */
+
+/* One row of the results. */
+typedef struct bench_row {
+    long tokens;
+    int target; /* index into the targets */
+    int method; /* index into s_method_names */
+    double p50_ms, min_ms, max_err;
+    int64_t bytes_read;
+    double kv_per_token;
+} bench_row;
+
+typedef struct bench_target {
+    const char *server; /* NULL: embedded */
+    int workers;        /* shards the session spans */
+    char label[64];     /* "embedded" or "server" */
+} bench_target;
+
+/* The naive reference: softmax(q k / sqrt(d)) v of a few query heads over every token, in
+ * double, accumulated chunk by chunk with a running maximum. */
+typedef struct naive_ref {
+    int heads[BENCH_N_CHECK];
+    double m[BENCH_N_CHECK], l[BENCH_N_CHECK];
+    double *o; /* (BENCH_N_CHECK, head_dim) */
+} naive_ref;
+
+static void s_naive_add(naive_ref *nr, const synth_cfg *c, const float *q, int n, const float *k,
+                        const float *v)
+{
+    const int d = c->head_dim, grp = c->n_heads / c->n_kv_heads;
+    const double scale = 1.0 / sqrt((double)d);
+    for (int i = 0; i < BENCH_N_CHECK; i++) {
+        const int h = nr->heads[i], g = h / grp;
+        const float *qh = q + (size_t)h * d;
+        double *o = nr->o + (size_t)i * d;
+        for (int j = 0; j < n; j++) {
+            const float *kj = k + ((size_t)j * c->n_kv_heads + g) * d;
+            const float *vj = v + ((size_t)j * c->n_kv_heads + g) * d;
+            double s = 0;
+            for (int x = 0; x < d; x++) s += (double)qh[x] * kj[x];
+            s *= scale;
+            if (s > nr->m[i]) {
+                const double f = exp(nr->m[i] - s);
+                nr->l[i] *= f;
+                for (int x = 0; x < d; x++) o[x] *= f;
+                nr->m[i] = s;
+            }
+            const double w = exp(s - nr->m[i]);
+            nr->l[i] += w;
+            for (int x = 0; x < d; x++) o[x] += w * vj[x];
+        }
+    }
+}
+
+/* Appends the synthetic context to a session in chunks; feeds the naive reference too when
+ * nr is not NULL. */
+static fasa_status s_fill(backend *b, const char *id, const synth_t *sy, int chunk, float *k,
+                          float *v, naive_ref *nr, const float *q0, fasa_error *fe)
+{
+    const int T = sy->cfg.n_tokens;
+    progress pr;
+    progress_init(&pr, "appending", T);
+    for (int p0 = 0; p0 < T; p0 += chunk) {
+        const int n = T - p0 < chunk ? T - p0 : chunk;
+        synth_kv(sy, p0, n, k, v);
+        if (nr) s_naive_add(nr, &sy->cfg, q0, n, k, v);
+        fasa_status st = backend_append(b, id, 0, p0, n, k, v, fe);
+        if (st) return st;
+        progress_update(&pr, p0 + n);
+    }
+    progress_done(&pr);
+    return FASA_OK;
+}
+
+static double s_max_abs_diff(size_t n, const float *a, const float *b)
+{
+    double w = 0;
+    for (size_t i = 0; i < n; i++) w = fmax(w, fabs((double)a[i] - b[i]));
+    return w;
+}
+
+/* One decode step of method m over the whole context of session "bench"; 0, or 1 with the
+ * error printed. */
+static int s_step(backend *b, const char *where, int m, const float *q, float *out,
+                  fasa_step_stats *st)
+{
+    const fasa_attend_req req = {
+        .layer = 0, .q = q, .method = (int)s_method_ids[m], .budget = 0, .gqa = -1, .max_pos = -1};
+    fasa_error fe;
+    if (!backend_attend(b, "bench", &req, out, NULL, st, &fe)) return 0;
+    return cli_fail("bench attend", "attend %s (%s): %s: %s", s_method_names[m], where,
+                    fasa_status_name(fe.code), fe.msg);
+}
+
+/* Runs one context length on one target: appends rows (one per timed method) to rows. */
+static int s_attend_one(const bench_opts *o, const bench_target *tg, int ti, const synth_t *sy,
+                        const fasa_profile *prof, naive_ref *nr, int fill_ref, bench_row *rows,
+                        int *n_rows)
+{
+    static const char *const cmd = "bench attend";
+    const synth_cfg *c = &sy->cfg;
+    const int T = c->n_tokens, H = c->n_heads, G = c->n_kv_heads, d = c->head_dim;
+    const size_t row = (size_t)G * d, qn = (size_t)H * d;
+    const int R = (int)o->reps;
+    fasa_error fe = {0};
+    backend *b = backend_open(tg->server, (int)o->shards, FASA_DEFAULT_BLOCK, &fe);
+    if (!b) return cli_fail(cmd, "%s: %s", tg->server ? tg->server : "embedded engine", fe.msg);
+    const char *where = backend_describe(b);
+    float *k = malloc((size_t)o->chunk * row * sizeof(float));
+    float *v = malloc((size_t)o->chunk * row * sizeof(float));
+    float *q = malloc(qn * sizeof(float));
+    float *out = malloc(BENCH_N_METHODS * qn * sizeof(float));
+    double *ms = malloc((size_t)BENCH_N_METHODS * R * sizeof(double));
+    int64_t bytes[BENCH_N_METHODS] = {0};
+    double err[BENCH_N_METHODS] = {0};
+    int rc = 1;
+    if (!k || !v || !q || !out || !ms) {
+        cli_fail(cmd, "out of memory");
+        goto done;
+    }
+    const uint8_t no_dense = 0;
+    const fasa_session_config cfg = {.n_layers = 1,
+                                     .n_heads = H,
+                                     .n_kv_heads = G,
+                                     .head_dim = d,
+                                     .pairing = c->pairing,
+                                     .profile = prof,
+                                     .method = FASA_METHOD_FASA,
+                                     .budget = (int)o->budget,
+                                     .gqa = FASA_GQA_PER_HEAD,
+                                     .dense_layers = &no_dense,
+                                     .dtype = o->dtype};
+    if (backend_create(b, "bench", &cfg, &fe)) {
+        cli_fail(cmd, "cannot create the session (%s, dtype %s): %s: %s", where, s_dtype(o),
+                 fasa_status_name(fe.code), fe.msg);
+        goto done;
+    }
+    const double t_fill = timing_now();
+    synth_query(sy, T - 1, q);
+    if (s_fill(b, "bench", sy, (int)o->chunk, k, v, fill_ref ? nr : NULL, q, &fe)) {
+        cli_fail(cmd, "append (%s, %ld tokens per request; see --chunk): %s: %s", where, o->chunk,
+                 fasa_status_name(fe.code), fe.msg);
+        goto done;
+    }
+    const double fill_s = timing_now() - t_fill;
+    const int64_t kv = backend_kv_bytes(b, "bench", &fe);
+    if (kv < 0) {
+        cli_fail(cmd, "KV bytes held (%s): %s", where, fe.msg);
+        goto done;
+    }
+
+    /* Warm-up and check: query of position T - 1, every method (dense always). */
+    for (int m = 0; m < BENCH_N_METHODS; m++) {
+        if (s_step(b, where, m, q, out + m * qn, NULL)) goto done;
+        for (size_t i = 0; i < qn; i++)
+            if (!isfinite(out[m * qn + i])) {
+                cli_fail(cmd, "attend %s (%s): output %zu is not finite", s_method_names[m], where,
+                         i);
+                goto done;
+            }
+    }
+    for (int i = 0; i < BENCH_N_CHECK; i++)
+        for (int x = 0; x < d; x++) {
+            const double want = nr->o[(size_t)i * d + x] / nr->l[i];
+            err[0] = fmax(err[0], fabs(out[(size_t)nr->heads[i] * d + x] - want));
+        }
+    for (int m = 1; m < BENCH_N_METHODS; m++) err[m] = s_max_abs_diff(qn, out + m * qn, out);
+    const double tol = o->dtype == FASA_DTYPE_F32 ? 1e-4 : o->dtype == FASA_DTYPE_F16 ? 2e-3 : 2e-2;
+    printf("\nattend: %d tokens on %s%s, dtype %s, %d query / %d KV heads, head_dim %d, ntip 16, "
+           "B %ld; p50 of %d (+1 warm-up); context appended in %.1f s\n",
+           T, tg->server ? "" : "the embedded engine, ", where, s_dtype(o), H, G, d, o->budget, R,
+           fill_s);
+    printf("check: outputs finite; max |dense - naive| on heads %d, %d, %d = %.2e (tolerance "
+           "%.0e: %s); max |fasa - dense| = %.3g, max |oracle - dense| = %.3g\n",
+           nr->heads[0], nr->heads[1], nr->heads[2], err[0], tol, err[0] <= tol ? "ok" : "FAILED",
+           err[1], err[2]);
+    if (!(err[0] <= tol)) {
+        cli_fail(cmd,
+                 "dense output differs from the naive reference by %.3g (> %.0e): the "
+                 "benchmark would time wrong work",
+                 err[0], tol);
+        goto done;
+    }
+
+    /* Timed steps: rep r uses the query of position T - 2 - r, over the whole context. */
+    for (int r = 0; r < R; r++) {
+        synth_query(sy, T - 2 - r, q);
+        for (int m = 0; m < BENCH_N_METHODS; m++) {
+            if (!o->timed[m]) continue;
+            fasa_step_stats st;
+            const double t0 = timing_now();
+            if (s_step(b, where, m, q, out, &st)) goto done;
+            ms[m * R + r] = 1e3 * (timing_now() - t0);
+            bytes[m] = st.bytes_read;
+        }
+    }
+    double p50[BENCH_N_METHODS] = {0};
+    for (int m = 0; m < BENCH_N_METHODS; m++) {
+        if (!o->timed[m]) continue;
+        double mn = ms[m * R];
+        for (int r = 1; r < R; r++) mn = fmin(mn, ms[m * R + r]);
+        p50[m] = timing_median(R, ms + m * R);
+        rows[*n_rows] = (bench_row){.tokens = T,
+                                    .target = ti,
+                                    .method = m,
+                                    .p50_ms = p50[m],
+                                    .min_ms = mn,
+                                    .max_err = err[m],
+                                    .bytes_read = bytes[m],
+                                    .kv_per_token = (double)kv / T};
+        printf("tier ram  %-6s  p50 %10.3f ms  min %10.3f ms  read %9.1f MiB  %6.2f GB/s\n",
+               s_method_names[m], p50[m], mn, bytes[m] / 1048576.0, bytes[m] / (p50[m] * 1e6));
+        (*n_rows)++;
+    }
+    if (o->timed[0] && o->timed[1]) {
+        const double ratio = p50[0] / p50[1];
+        if (T >= BENCH_1M)
+            printf("dense/fasa = %.2f (target >= %.1f at 1M tokens: %s); bytes ratio %.2f\n", ratio,
+                   TARGET_DENSE_OVER_FASA, s_met(ratio, TARGET_DENSE_OVER_FASA),
+                   (double)bytes[0] / (double)bytes[1]);
+        else
+            printf("dense/fasa = %.2f (target >= %.1f applies at 1M tokens); bytes ratio %.2f\n",
+                   ratio, TARGET_DENSE_OVER_FASA, (double)bytes[0] / (double)bytes[1]);
+    }
+    const double f16_kv = (double)row * 2 * 2;
+    printf("RAM per token: tier ram %.0f B (%s K+V, %.2f of f16 K+V = %.0f B); tier disk: none "
+           "(target <= %.0f%% of f16 K+V = %.0f B)\n",
+           (double)kv / T, s_dtype(o), (double)kv / T / f16_kv, f16_kv, 100 * TARGET_DISK_OVER_F16,
+           TARGET_DISK_OVER_F16 * f16_kv);
+    fflush(stdout);
+    rc = 0;
+done:
+    backend_close(&b); /* drops the server session */
+    free(k);
+    free(v);
+    free(q);
+    free(out);
+    free(ms);
+    return rc;
+}
+
+/* p50 step time against context length, one line per (target, method), log-log. */
+static void s_plot(const bench_opts *o, const bench_target *tg, int n_targets,
+                   const bench_row *rows, int n_rows)
+{
+    if (system("command -v gnuplot >/dev/null 2>&1") != 0) {
+        printf("png: gnuplot is not installed; no plot written (the CSV has the figures)\n");
+        return;
+    }
+    FILE *gp = popen("gnuplot", "w");
+    if (!gp) {
+        printf("png: cannot run gnuplot; no plot written\n");
+        return;
+    }
+    fprintf(gp, "set terminal pngcairo size 900,600 noenhanced\nset output '%s'\n", o->png);
+    fprintf(gp, "set logscale xy\nset grid\nset key top left\nset xlabel 'context length "
+                "(tokens)'\nset ylabel 'p50 step time (ms)'\n");
+    fprintf(gp,
+            "set title 'fasa bench attend: one decode step, 32 query / 8 KV heads, "
+            "head_dim 128, B %ld, dtype %s'\n",
+            o->budget, s_dtype(o));
+    int first = 1;
+    for (int t = 0; t < n_targets; t++)
+        for (int m = 0; m < BENCH_N_METHODS; m++) {
+            if (!o->timed[m]) continue;
+            fprintf(gp, "%s'-' using 1:2 with linespoints title '%s, %s (%d shard%s)'",
+                    first ? "plot " : ", ", s_method_names[m], tg[t].label, tg[t].workers,
+                    tg[t].workers == 1 ? "" : "s");
+            first = 0;
+        }
+    fprintf(gp, "\n");
+    for (int t = 0; t < n_targets; t++)
+        for (int m = 0; m < BENCH_N_METHODS; m++) {
+            if (!o->timed[m]) continue;
+            for (int i = 0; i < n_rows; i++)
+                if (rows[i].target == t && rows[i].method == m)
+                    fprintf(gp, "%ld %.4f\n", rows[i].tokens, rows[i].p50_ms);
+            fprintf(gp, "e\n");
+        }
+    if (pclose(gp) != 0)
+        printf("png: gnuplot failed; see its message above\n");
+    else
+        printf("png: %s\n", o->png);
+}
+
+static int s_attend(const bench_opts *o)
+{
+    static const char *const cmd = "bench attend";
+    bench_target tg[BENCH_MAX_SERVERS];
+    int n_targets = 0;
+    if (o->n_servers == 0) {
+        tg[n_targets++] = (bench_target){.server = NULL, .workers = (int)o->shards};
+        snprintf(tg[0].label, sizeof(tg[0].label), "embedded");
+    }
+    for (int i = 0; i < o->n_servers; i++) {
+        fasa_client_server_info info;
+        char msg[256];
+        fasa_client *cl =
+            backend_connect(o->servers[i], BACKEND_PING_TIMEOUT_MS, &info, msg, sizeof(msg));
+        if (!cl) return cli_fail(cmd, "--server %s: %s", o->servers[i], msg);
+        fasa_client_close(&cl);
+        tg[n_targets] = (bench_target){.server = o->servers[i], .workers = (int)info.n_shards};
+        snprintf(tg[n_targets].label, sizeof(tg[n_targets].label), "server");
+        n_targets++;
+    }
+    bench_row *rows = calloc((size_t)o->n_sizes * n_targets * BENCH_N_METHODS, sizeof(*rows));
+    FILE *csv = NULL;
+    int rc = 1, n_rows = 0;
+    if (!rows) return cli_fail(cmd, "out of memory");
+    for (int si = 0; si < o->n_sizes; si++) {
+        char err[256];
+        synth_cfg sc = synth_cfg_default((int)o->sizes[si]);
+        sc.seed = (uint64_t)o->seed;
+        synth_t sy;
+        if (synth_init(&sy, &sc, err, sizeof(err))) {
+            cli_fail(cmd, "%s", err);
+            goto done;
+        }
+        fasa_profile *prof = synth_true_profile(&sy, (int)o->budget);
+        naive_ref nr = {.heads = {0, sc.n_heads / 2 + 1, sc.n_heads - 1}};
+        nr.o = calloc((size_t)BENCH_N_CHECK * sc.head_dim, sizeof(double));
+        for (int i = 0; i < BENCH_N_CHECK; i++) nr.m[i] = -INFINITY;
+        int fail = !prof || !nr.o;
+        if (fail) cli_fail(cmd, "out of memory");
+        for (int t = 0; t < n_targets && !fail; t++)
+            fail = s_attend_one(o, &tg[t], t, &sy, prof, &nr, t == 0, rows, &n_rows);
+        free(nr.o);
+        fasa_profile_destroy(&prof);
+        synth_free(&sy);
+        if (fail) goto done;
+    }
+
+    /* The dense step from 1 to 2 workers, where both were measured. */
+    for (int si = 0; si < o->n_sizes && o->timed[0]; si++) {
+        double one = 0, two = 0;
+        for (int i = 0; i < n_rows; i++)
+            if (rows[i].tokens == o->sizes[si] && rows[i].method == 0 &&
+                tg[rows[i].target].server) {
+                if (tg[rows[i].target].workers == 1) one = rows[i].p50_ms;
+                if (tg[rows[i].target].workers == 2) two = rows[i].p50_ms;
+            }
+        if (one > 0 && two > 0) {
+            const double s = one / two;
+            if (o->sizes[si] >= BENCH_1M)
+                printf("dense step, 2 workers against 1 at %ld tokens = %.2f (target >= %.1f: "
+                       "%s)\n",
+                       o->sizes[si], s, TARGET_TWO_OVER_ONE, s_met(s, TARGET_TWO_OVER_ONE));
+            else
+                printf("dense step, 2 workers against 1 at %ld tokens = %.2f (target >= %.1f "
+                       "applies at 1M tokens)\n",
+                       o->sizes[si], s, TARGET_TWO_OVER_ONE);
+        }
+    }
+    if (o->csv) {
+        if (!(csv = s_open_csv(cmd, o->csv,
+                               "tokens,backend,workers,dtype,tier,method,reps,p50_ms,min_ms,"
+                               "bytes_read,gb_s,kv_bytes_per_token,max_err")))
+            goto done;
+        for (int i = 0; i < n_rows; i++) {
+            const bench_row *r = &rows[i];
+            fprintf(csv, "%ld,%s,%d,%s,ram,%s,%ld,%.4f,%.4f,%lld,%.3f,%.1f,%.3g\n", r->tokens,
+                    tg[r->target].label, tg[r->target].workers, s_dtype(o),
+                    s_method_names[r->method], o->reps, r->p50_ms, r->min_ms,
+                    (long long)r->bytes_read, r->bytes_read / (r->p50_ms * 1e6), r->kv_per_token,
+                    r->max_err);
+        }
+        const int bad = fclose(csv);
+        csv = NULL;
+        if (bad) {
+            cli_fail(cmd, "--csv '%s': write failed", o->csv);
+            goto done;
+        }
+        printf("csv: %s\n", o->csv);
+    }
+    if (o->png) s_plot(o, tg, n_targets, rows, n_rows);
+    rc = 0;
+done:
+    if (csv) fclose(csv);
+    free(rows);
+    return rc;
+}
+
+int cmd_bench(int argc, char **argv)
+{
+    if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
+        fputs(usage_bench, argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    const int scan = strcmp(argv[1], "scan") == 0;
+    if (!scan && strcmp(argv[1], "attend") != 0)
+        return cli_usage_error("bench", "unknown benchmark '%s' (scan or attend)", argv[1]);
+    bench_opts o;
+    const int prc = s_parse(scan ? "bench scan" : "bench attend", argc - 1, argv + 1, &o);
+    if (prc) return prc < 0 ? 0 : prc;
+    openblas_set_num_threads(1);
+    return scan ? s_scan(&o) : s_attend(&o);
+}
