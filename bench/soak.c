@@ -33,6 +33,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -107,6 +108,7 @@ typedef struct soak_shared {
     char *profile_text;     /* from Calibrate */
     fasa_profile *profile;  /* the same, parsed, for the embedded engines */
     pthread_barrier_t gate; /* phase changes: the main thread reads memory in between */
+    atomic_long done;       /* soak requests done, all clients */
 } soak_shared;
 
 typedef struct soak_session {
@@ -666,7 +668,11 @@ static void *s_client_main(void *arg)
     pthread_barrier_wait(gate); /* warm-up done: memory before */
     pthread_barrier_wait(gate);
     cl->timed = 1;
-    for (int i = 0; i < sh->o.requests; i++) s_step(cl);
+    atomic_long *done = (atomic_long *)&sh->done;
+    for (int i = 0; i < sh->o.requests; i++) {
+        s_step(cl);
+        atomic_fetch_add(done, 1);
+    }
     cl->timed = 0;
     pthread_barrier_wait(gate); /* soak done: memory after */
     pthread_barrier_wait(gate);
@@ -794,7 +800,7 @@ static void s_usage(FILE *f)
     fputs("usage: bench_soak --server ENDPOINT [options]\n"
           "  --clients N       concurrent clients, each its own connection (8)\n"
           "  --requests R      requests per client in the soak (2000)\n"
-          "  --warmup W        requests per client before the first memory reading (200)\n"
+          "  --warmup W        requests per client before the first memory reading (500)\n"
           "  --seed S          seed of the request mix (1)\n"
           "  --pids P0,P1,..   PIDs of the server's ranks in rank order, for VmRSS\n"
           "  --max-message B   the server's --max-message (0: no oversized requests; 0)\n"
@@ -811,7 +817,7 @@ int main(int argc, char **argv)
     soak_opts *o = &sh.o;
     *o = (soak_opts){.clients = 8,
                      .requests = 2000,
-                     .warmup = 200,
+                     .warmup = 500,
                      .max_tokens = 256,
                      .block = FASA_DEFAULT_BLOCK,
                      .timeout_ms = 30000,
@@ -954,9 +960,35 @@ int main(int argc, char **argv)
         s_print_held(&st0);
     const double t0 = timing_now();
     pthread_barrier_wait(&sh.gate);
+    /* Memory along the way: at every tenth of the requests. */
+    enum { N_MARKS = 10 };
+    long mark_kb[N_MARKS][MAX_PIDS], mark_tot[N_MARKS] = {0};
+    const long n_req = (long)o->clients * o->requests;
+    for (int m = 0; m < N_MARKS - 1 && o->n_pids;) {
+        if (atomic_load(&sh.done) >= n_req * (m + 1) / N_MARKS) {
+            for (int i = 0; i < o->n_pids; i++) {
+                mark_kb[m][i] = s_rss_kb(o->pids[i]);
+                mark_tot[m] += mark_kb[m][i] > 0 ? mark_kb[m][i] : 0;
+            }
+            m++;
+        } else {
+            nanosleep(&(struct timespec){0, 20000000}, NULL);
+        }
+    }
     pthread_barrier_wait(&sh.gate); /* soak done */
     const double wall = timing_now() - t0;
     tot[1] = s_print_rss(o, "after the soak:", rss[1]);
+    if (o->n_pids) {
+        for (int i = 0; i < o->n_pids; i++) mark_kb[N_MARKS - 1][i] = rss[1][i];
+        mark_tot[N_MARKS - 1] = tot[1];
+        printf("  during the soak, at 10%%, 20%%, .. 100%% of the requests (MiB):\n    all ranks:");
+        for (int m = 0; m < N_MARKS; m++) printf(" %.1f", mark_tot[m] / 1024.0);
+        for (int i = 0; i < o->n_pids; i++) {
+            printf("\n    rank %d:   ", i);
+            for (int m = 0; m < N_MARKS; m++) printf(" %.1f", mark_kb[m][i] / 1024.0);
+        }
+        printf("\n");
+    }
     if (fasa_client_get_stats(c, NULL, &st1, &e))
         fprintf(stderr, "bench_soak: stats: %s\n", e.msg);
     else

@@ -58,7 +58,11 @@ if [ "${#by_rank[@]}" -ne "$n" ]; then
 fi
 echo "ranks (pid by rank): $pids"
 
-timeout "${FASA_SOAK_TIMEOUT:-900}" "$bench" --server "$ep" --clients "$clients" \
+# Under a sanitizer build the server (MPI) runs with the environment's ASAN_OPTIONS; the
+# client checks leaks.
+client_asan=${ASAN_OPTIONS:-}
+client_asan=${client_asan//detect_leaks=0/detect_leaks=1}
+ASAN_OPTIONS=$client_asan timeout "${FASA_SOAK_TIMEOUT:-900}" "$bench" --server "$ep" --clients "$clients" \
     --requests "$requests" --pids "$pids" --max-message $max_message --block $block "$@"
 rc=$?
 [ $rc -eq 124 ] && echo "soak: bench_soak ran past ${FASA_SOAK_TIMEOUT:-900} s" >&2
