@@ -121,7 +121,7 @@ typedef struct soak_session {
 #define SOAK_FIRST 5
 typedef struct soak_client {
     int idx;
-    const soak_shared *sh;
+    soak_shared *sh;
     uint64_t rng;
     fasa_client *c;
     void *zctx, *raw;
@@ -129,6 +129,7 @@ typedef struct soak_client {
     soak_session s[MAX_LIVE];
     int serial;
     int timed; /* 1 during the soak phase */
+    int final; /* 1 while dropping the sessions at the end */
     /* results */
     long count[K_N], bad_count[B_N];
     long bad_at_server; /* bad requests of the soak phase that the server answers */
@@ -175,7 +176,9 @@ static void s_unexpected(soak_client *cl, const char *fmt, ...)
         cl->unexpected_warmup++;
     if (cl->n_first < SOAK_FIRST) {
         int n = snprintf(cl->first[cl->n_first], sizeof(cl->first[0]), "client %d%s: ", cl->idx,
-                         cl->timed ? "" : " (warm-up)");
+                         cl->timed   ? ""
+                         : cl->final ? " (final drops)"
+                                     : " (warm-up)");
         va_list ap;
         va_start(ap, fmt);
         vsnprintf(cl->first[cl->n_first] + n, sizeof(cl->first[0]) - (size_t)n, fmt, ap);
@@ -662,20 +665,20 @@ static void s_step(soak_client *cl)
 static void *s_client_main(void *arg)
 {
     soak_client *cl = arg;
-    const soak_shared *sh = cl->sh;
-    pthread_barrier_t *gate = (pthread_barrier_t *)&sh->gate;
+    soak_shared *sh = cl->sh;
+    pthread_barrier_t *gate = &sh->gate;
     for (int i = 0; i < sh->o.warmup; i++) s_step(cl);
     pthread_barrier_wait(gate); /* warm-up done: memory before */
     pthread_barrier_wait(gate);
     cl->timed = 1;
-    atomic_long *done = (atomic_long *)&sh->done;
     for (int i = 0; i < sh->o.requests; i++) {
         s_step(cl);
-        atomic_fetch_add(done, 1);
+        atomic_fetch_add(&sh->done, 1);
     }
     cl->timed = 0;
     pthread_barrier_wait(gate); /* soak done: memory after */
     pthread_barrier_wait(gate);
+    cl->final = 1;
     for (int i = 0; i < MAX_LIVE; i++)
         if (cl->s[i].live) {
             fasa_client_error e;
@@ -1083,7 +1086,8 @@ int main(int argc, char **argv)
                     shown++;
                 }
     }
-    if (unexpected_w) printf("warm-up: %ld unexpected errors\n", unexpected_w);
+    if (unexpected_w)
+        printf("outside the soak (warm-up, final drops): %ld unexpected errors\n", unexpected_w);
     printf("soak: %ld requests, %ld unexpected errors\n", total, unexpected + unexpected_w);
 
     fasa_client_stats_free(&st0);
