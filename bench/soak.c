@@ -56,6 +56,7 @@ typedef enum soak_kind {
     K_ATTEND_FASA,
     K_ATTEND_DENSE,
     K_ATTEND_ORACLE,
+    K_BATCH,
     K_STATS,
     K_PING,
     K_CREATE,
@@ -63,9 +64,9 @@ typedef enum soak_kind {
     K_BAD,
     K_N
 } soak_kind;
-static const char *const s_kind_name[K_N] = {"append",        "attend.fasa", "attend.dense",
-                                             "attend.oracle", "stats",       "ping",
-                                             "create",        "drop",        "bad"};
+static const char *const s_kind_name[K_N] = {
+    "append", "attend.fasa", "attend.dense", "attend.oracle", "batch",
+    "stats",  "ping",        "create",       "drop",          "bad"};
 
 typedef enum soak_bad {
     B_SHAPE,
@@ -133,6 +134,7 @@ typedef struct soak_client {
     /* results */
     long count[K_N], bad_count[B_N];
     long bad_at_server; /* bad requests of the soak phase that the server answers */
+    long bad_items;     /* bad batch items of the soak phase */
     double *lat[K_N];   /* ms, soak phase only */
     long n_lat[K_N];
     long unexpected, unexpected_warmup, verified, dense_checked;
@@ -140,8 +142,8 @@ typedef struct soak_client {
     int n_first;
     char first[SOAK_FIRST][400];
     /* scratch */
-    float *k, *v, *q, *out, *ref;
-    int32_t *sel, *sel_ref;
+    float *k, *v, *q, *out, *ref, *bq, *bout;
+    int32_t *sel, *sel_ref, *bsel;
     double *logit;
 } soak_client;
 
@@ -365,11 +367,55 @@ static double s_naive_dense(soak_client *cl, const soak_session *s, int layer, i
     return worst;
 }
 
+static const fasa_method s_engine_method[3] = {FASA_METHOD_FASA, FASA_METHOD_DENSE,
+                                               FASA_METHOD_ORACLE};
+
+/* Runs the request er (method fasa, dense or oracle) on the embedded engine, which holds the
+ * same data, and compares what the server answered: out, the selected positions (sel, budget
+ * columns) and the step statistics; a dense output also against naive exact attention. */
+static void s_verify(soak_client *cl, const soak_session *s, const fasa_attend_req *er,
+                     const char *what, int budget, const float *out, const int32_t *sel,
+                     const fasa_client_step_stats *st)
+{
+    fasa_step_stats est;
+    fasa_error fe;
+    if (fasa_engine_attend(cl->eng, s->id, er, cl->ref, cl->sel_ref, &est, &fe)) {
+        fprintf(stderr, "bench_soak: embedded attend: %s\n", fe.msg);
+        exit(1);
+    }
+    const int layer = er->layer, mi = er->method;
+    const int n_vis = er->max_pos >= 0 ? er->max_pos + 1 : s->len[layer];
+    const char *method = fasa_method_name(s_engine_method[mi]);
+    cl->verified++;
+    double worst = 0;
+    for (int i = 0; i < NH * HD; i++) {
+        const double d = fabs((double)out[i] - cl->ref[i]);
+        if (!(d <= worst)) worst = d; /* NaN sticks */
+    }
+    if (worst > cl->max_diff || isnan(worst)) cl->max_diff = worst;
+    if (!(worst <= SOAK_TOL))
+        s_unexpected(cl, "%s %s layer %d %s at %d tokens: max |server - embedded| %.3g", what,
+                     s->id, layer, method, n_vis, worst);
+    else if (memcmp(sel, cl->sel_ref, (size_t)NH * budget * sizeof(int32_t)))
+        s_unexpected(cl, "%s %s layer %d %s at %d tokens: selected positions differ", what, s->id,
+                     layer, method, n_vis);
+    else if ((int)st->n_visible != n_vis || (int)st->method_used != est.method_used + 1)
+        s_unexpected(cl, "%s %s layer %d: n_visible %u method_used %d, expected %d and %d", what,
+                     s->id, layer, st->n_visible, (int)st->method_used, n_vis, est.method_used + 1);
+    if (er->method == FASA_METHOD_DENSE) {
+        const double dd = s_naive_dense(cl, s, layer, n_vis, er->q, out);
+        cl->dense_checked++;
+        if (dd > cl->max_dense_diff || isnan(dd)) cl->max_dense_diff = dd;
+        if (!(dd <= SOAK_TOL))
+            s_unexpected(cl, "%s %s layer %d dense at %d tokens: max |server - naive| %.3g", what,
+                         s->id, layer, n_vis, dd);
+    }
+}
+
 static void s_op_attend(soak_client *cl, soak_session *s)
 {
     static const fasa_client_method cm[3] = {FASA_CLIENT_METHOD_FASA, FASA_CLIENT_METHOD_DENSE,
                                              FASA_CLIENT_METHOD_ORACLE};
-    static const fasa_method em[3] = {FASA_METHOD_FASA, FASA_METHOD_DENSE, FASA_METHOD_ORACLE};
     const int mi = s_rand(cl, 3);
     const int layer = s_rand(cl, NL);
     const int len = s->len[layer];
@@ -380,7 +426,6 @@ static void s_op_attend(soak_client *cl, soak_session *s)
     const int budget = s_rand(cl, 3) == 0 ? 0 : (s_rand(cl, 2) ? 8 : 32);
     const int eff_budget = budget ? budget : 16;
     const int max_pos = !with_new && s_rand(cl, 6) == 0 ? s_rand(cl, len) : -1;
-    const int n_vis = max_pos >= 0 ? max_pos + 1 : n_all;
     synth_query(&cl->sh->synth[layer], s->offset + n_all - 1, cl->q);
 
     fasa_client_step_stats st;
@@ -413,39 +458,70 @@ static void s_op_attend(soak_client *cl, soak_session *s)
                           .q = cl->q,
                           .k_new = with_new ? knew : NULL,
                           .v_new = with_new ? vnew : NULL,
-                          .method = em[mi],
+                          .method = s_engine_method[mi],
                           .budget = budget,
                           .gqa = -1,
                           .max_pos = max_pos};
-    fasa_step_stats est;
-    fasa_error fe;
-    if (fasa_engine_attend(cl->eng, s->id, &er, cl->ref, cl->sel_ref, &est, &fe)) {
-        fprintf(stderr, "bench_soak: embedded attend: %s\n", fe.msg);
-        exit(1);
+    s_verify(cl, s, &er, "attend", eff_budget, cl->out, cl->sel, &st);
+}
+
+/* One BatchAttend: every layer of the session, each item its own method and budget; now
+ * and then one item is bad and must fail alone while the others run: a q shape that
+ * disagrees with the session (INVALID_ARGUMENT) or an unknown session (NOT_FOUND). (Not NaN:
+ * the server refuses the whole batch for a NaN in one item, see bench/README.md.) */
+static void s_op_batch(soak_client *cl, soak_session *s)
+{
+    fasa_client_attend_req it[NL];
+    fasa_client_error item_err[NL];
+    fasa_client_step_stats st[NL];
+    int mi[NL], budget[NL];
+    const int bad = s_rand(cl, 4) == 0 ? s_rand(cl, NL) : -1;
+    const int bad_shape = s_rand(cl, 2);
+    for (int l = 0; l < NL; l++) {
+        float *q = cl->bq + (size_t)l * NH * HD;
+        synth_query(&cl->sh->synth[l], s->offset + s->len[l] - 1, q);
+        mi[l] = s_rand(cl, 3);
+        budget[l] = s_rand(cl, 2) ? 8 : 32;
+        it[l] = (fasa_client_attend_req)FASA_CLIENT_ATTEND_REQ_INIT;
+        it[l].session_id = s->id;
+        it[l].geom = s_geom;
+        it[l].layer = (uint32_t)l;
+        it[l].q = q;
+        it[l].method = (fasa_client_method)(FASA_CLIENT_METHOD_FASA + mi[l]);
+        it[l].budget = (uint32_t)budget[l];
+        it[l].out = cl->bout + (size_t)l * NH * HD;
+        it[l].selected = cl->bsel + (size_t)l * NH * 64;
+        it[l].stats = &st[l];
+        if (l == bad && bad_shape)
+            it[l].geom.head_dim = HD - 2;
+        else if (l == bad)
+            it[l].session_id = "soak-nobody";
     }
-    cl->verified++;
-    double worst = 0;
-    for (int i = 0; i < NH * HD; i++) {
-        const double d = fabs((double)cl->out[i] - cl->ref[i]);
-        if (!(d <= worst)) worst = d; /* NaN sticks */
+    if (bad >= 0 && cl->timed) {
+        cl->bad_at_server++;
+        cl->bad_items++;
     }
-    if (worst > cl->max_diff || isnan(worst)) cl->max_diff = worst;
-    if (!(worst <= SOAK_TOL))
-        s_unexpected(cl, "attend %s layer %d %s at %d tokens: max |server - embedded| %.3g", s->id,
-                     layer, s_kind_name[K_ATTEND_FASA + mi], n_vis, worst);
-    else if (memcmp(cl->sel, cl->sel_ref, (size_t)NH * eff_budget * sizeof(int32_t)))
-        s_unexpected(cl, "attend %s layer %d %s at %d tokens: selected positions differ", s->id,
-                     layer, s_kind_name[K_ATTEND_FASA + mi], n_vis);
-    else if ((int)st.n_visible != n_vis || (int)st.method_used != est.method_used + 1)
-        s_unexpected(cl, "attend %s layer %d: n_visible %u method_used %d, expected %d and %d",
-                     s->id, layer, st.n_visible, (int)st.method_used, n_vis, est.method_used + 1);
-    if (mi == 1) {
-        const double dd = s_naive_dense(cl, s, layer, n_vis, cl->q, cl->out);
-        cl->dense_checked++;
-        if (dd > cl->max_dense_diff || isnan(dd)) cl->max_dense_diff = dd;
-        if (!(dd <= SOAK_TOL))
-            s_unexpected(cl, "attend %s layer %d dense at %d tokens: max |server - naive| %.3g",
-                         s->id, layer, n_vis, dd);
+    fasa_client_error e;
+    const double t0 = timing_now();
+    const fasa_client_status rc = fasa_client_batch_attend(cl->c, NL, it, item_err, &e);
+    s_record(cl, K_BATCH, t0);
+    if (!s_expect(cl, "batch_attend", rc, FASA_CLIENT_OK, &e)) return;
+    for (int l = 0; l < NL; l++) {
+        if (l == bad) {
+            s_expect(
+                cl, bad_shape ? "batch item with a wrong q shape" : "batch item, unknown session",
+                item_err[l].code, bad_shape ? FASA_CLIENT_INVALID_ARGUMENT : FASA_CLIENT_NOT_FOUND,
+                &item_err[l]);
+            continue;
+        }
+        if (!s_expect(cl, "batch item", item_err[l].code, FASA_CLIENT_OK, &item_err[l])) continue;
+        fasa_attend_req er = {.layer = l,
+                              .q = it[l].q,
+                              .method = s_engine_method[mi[l]],
+                              .budget = budget[l],
+                              .gqa = -1,
+                              .max_pos = -1};
+        s_verify(cl, s, &er, "batch item", budget[l], it[l].out, it[l].selected, &st[l]);
     }
 }
 
@@ -646,8 +722,16 @@ static void s_step(soak_client *cl)
             s_op_drop(cl, s);
         else
             s_op_append(cl, s);
-    } else if (r < 600) {
+    } else if (r < 560) {
         s_op_attend(cl, s);
+    } else if (r < 600) {
+        /* Batches need a token in every layer. */
+        int empty = 0;
+        for (int l = 0; l < NL; l++) empty |= s->len[l] == 0;
+        if (empty)
+            s_op_attend(cl, s);
+        else
+            s_op_batch(cl, s);
     } else if (r < 680) {
         s_op_stats(cl, s);
     } else if (r < 740) {
@@ -938,6 +1022,9 @@ int main(int argc, char **argv)
         cl->ref = s_alloc((size_t)NH * HD * sizeof(float));
         cl->sel = s_alloc((size_t)NH * 64 * sizeof(int32_t));
         cl->sel_ref = s_alloc((size_t)NH * 64 * sizeof(int32_t));
+        cl->bq = s_alloc((size_t)NL * NH * HD * sizeof(float));
+        cl->bout = s_alloc((size_t)NL * NH * HD * sizeof(float));
+        cl->bsel = s_alloc((size_t)NL * NH * 64 * sizeof(int32_t));
         cl->logit = s_alloc((size_t)(o->max_tokens + 32) * sizeof(double));
         cl->eng = fasa_engine_new(sh.n_shards, o->block);
         cl->zctx = zmq_ctx_new();
@@ -1024,7 +1111,8 @@ int main(int argc, char **argv)
 
     /* Aggregate. */
     long count[K_N] = {0}, bad[B_N] = {0}, n_lat[K_N] = {0}, unexpected = extra_unexpected,
-         unexpected_w = 0, verified = 0, dense_checked = 0, total = 0, bad_at_server = 0;
+         unexpected_w = 0, verified = 0, dense_checked = 0, total = 0, bad_at_server = 0,
+         bad_items = 0;
     double max_diff = 0, max_dense = 0;
     double *lat[K_N], *all = s_alloc((size_t)o->clients * o->requests * sizeof(double));
     long n_all = 0;
@@ -1042,6 +1130,7 @@ int main(int argc, char **argv)
         for (int b = 0; b < B_N; b++) bad[b] += cl->bad_count[b];
         unexpected += cl->unexpected;
         bad_at_server += cl->bad_at_server;
+        bad_items += cl->bad_items;
         unexpected_w += cl->unexpected_warmup;
         verified += cl->verified;
         dense_checked += cl->dense_checked;
@@ -1056,6 +1145,7 @@ int main(int argc, char **argv)
     for (int k = 0; k < K_N; k++) s_print_lat(s_kind_name[k], count[k], n_lat[k], lat[k]);
     printf("bad requests by case:");
     for (int b = 0; b < B_N; b++) printf("%s %s %ld", b ? "," : "", s_bad_name[b], bad[b]);
+    printf("; and %ld batch items that fail alone (wrong q shape, unknown session)", bad_items);
     printf("\nthroughput: %ld requests in %.2f s = %.0f requests/s (%d clients)\n", total, wall,
            total / wall, o->clients);
     printf("checked (warm-up included): %ld attend outputs against the embedded engine (max |diff| "
@@ -1107,6 +1197,9 @@ int main(int argc, char **argv)
         free(cl->ref);
         free(cl->sel);
         free(cl->sel_ref);
+        free(cl->bq);
+        free(cl->bout);
+        free(cl->bsel);
         free(cl->logit);
     }
     for (int k = 0; k < K_N; k++) free(lat[k]);
