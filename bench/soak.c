@@ -9,6 +9,7 @@
  *               that holds the same data (same shard count and block, so the outputs and the
  *               selected positions must agree), and every dense output also against a naive
  *               exact attention in double precision over the same keys and values;
+ *   batch       BatchAttend over every layer, each item checked like an attend;
  *   stats       the session's length and kv_bytes must be what the client appended;
  *   ping;
  *   create/drop sessions come and go (at most 2 live per client, at most --max-tokens
@@ -16,17 +17,19 @@
  *   bad         requests that must fail with one status: wrong q shape, NaN in q, infinity
  *               in an appended value, an unknown session, an append at the wrong position,
  *               a duplicate create, a layer out of range, a drop of an unknown session
- *               (INVALID_ARGUMENT, NOT_FOUND or ALREADY_EXISTS), garbage bytes on a raw
- *               ZeroMQ socket (INVALID_ARGUMENT) and a message over --max-message (no reply:
- *               the server drops that peer).
+ *               (INVALID_ARGUMENT, NOT_FOUND or ALREADY_EXISTS), garbage bytes and a
+ *               cut-short Ping on a raw ZeroMQ socket (INVALID_ARGUMENT, the Ping's request id
+ *               recovered), and a message over --max-message (no reply: the server drops that
+ *               peer); one BatchAttend in four has an item that must fail alone.
  * An unexpected error is any status other than the one expected, a timeout, or a wrong
  * result. The sessions use a real calibration profile: Calibrate on the server over a
  * synthetic sample (client/synth.h, one generator per layer), stored there as "soak".
  *
  * Phases: warm-up (--warmup requests per client, checked, not timed), then the soak
  * (timed), then every client drops its sessions. The resident memory (VmRSS) of every
- * server rank (--pids, in rank order) is read after the warm-up, after the soak and after
- * the drops. Exit status 1 when there was any unexpected error.
+ * server rank (--pids, in rank order) is read after the warm-up, at every tenth of the soak,
+ * after the soak and after the drops; the server's error counter must equal the number of
+ * bad requests (and items) it was sent. Exit status 1 when there was any unexpected error.
  *
  * bench/soak.sh starts a 3-rank server, runs this and stops the server. */
 #include <getopt.h>
@@ -78,6 +81,7 @@ typedef enum soak_bad {
     B_LAYER,
     B_DROP_UNKNOWN,
     B_GARBAGE,
+    B_TRUNCATED,
     B_OVERSIZED,
     B_N
 } soak_bad;
@@ -90,6 +94,7 @@ static const char *const s_bad_name[B_N] = {"q shape (INVALID_ARGUMENT)",
                                             "layer out of range (INVALID_ARGUMENT)",
                                             "drop unknown (NOT_FOUND)",
                                             "garbage bytes (INVALID_ARGUMENT)",
+                                            "truncated request (INVALID_ARGUMENT, its id)",
                                             "oversized (no reply)"};
 
 typedef struct soak_opts {
@@ -616,7 +621,7 @@ static void s_op_bad(soak_client *cl, soak_session *s)
     r.out = cl->out;
     synth_query(&cl->sh->synth[0], s->offset + s->len[0], cl->q);
     const int start = s->len[0];
-    char what[64];
+    char what[96];
     snprintf(what, sizeof(what), "bad request: %s", s_bad_name[b]);
     double t0 = timing_now();
     switch (b) {
@@ -681,6 +686,30 @@ static void s_op_bad(soak_client *cl, soak_session *s)
         if (st != FASA__V1__STATUS__INVALID_ARGUMENT || id != 0)
             s_unexpected(cl, "%s: status %d request_id %llu (-1: no reply)", what, st,
                          (unsigned long long)id);
+        return;
+    }
+    case B_TRUNCATED: {
+        /* A valid Ping cut inside its payload: refused, with the request id recovered. */
+        Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+        Fasa__V1__Ping ping = FASA__V1__PING__INIT;
+        uint8_t payload[64], buf[128];
+        for (size_t i = 0; i < sizeof(payload); i++) payload[i] = (uint8_t)s_next(&cl->rng);
+        ping.has_payload = 1;
+        ping.payload.data = payload;
+        ping.payload.len = sizeof(payload);
+        req.protocol_version = 1;
+        req.request_id = 1 + (s_next(&cl->rng) >> 1);
+        req.body_case = FASA__V1__REQUEST__BODY_PING;
+        req.ping = &ping;
+        const size_t n = fasa__v1__request__pack(&req, buf);
+        uint64_t id = 0;
+        t0 = timing_now();
+        const int st =
+            s_raw_roundtrip(cl, cl->raw, buf, n - 1 - (size_t)s_rand(cl, 32), o->timeout_ms, &id);
+        s_record(cl, K_BAD, t0);
+        if (st != FASA__V1__STATUS__INVALID_ARGUMENT || id != req.request_id)
+            s_unexpected(cl, "%s: status %d request_id %llu, sent %llu (-1: no reply)", what, st,
+                         (unsigned long long)id, (unsigned long long)req.request_id);
         return;
     }
     case B_OVERSIZED: {
