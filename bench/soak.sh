@@ -51,6 +51,11 @@ else
         [ -n "$r" ] && by_rank[$r]=$p
     done
 fi
+if [ "${#by_rank[@]}" -ne "$n" ]; then
+    # No readable environment: rank 0 from its PID file, the workers in PID order.
+    by_rank=("$(cat "$FASA_RUN_DIR/fasa-server.pid")")
+    for p in $(pgrep -P "$launcher"); do [ "$p" != "${by_rank[0]}" ] && by_rank+=("$p"); done
+fi
 pids=$(IFS=,; echo "${by_rank[*]}")
 if [ "${#by_rank[@]}" -ne "$n" ]; then
     echo "soak: expected $n rank processes under launcher $launcher, found '${by_rank[*]}'" >&2
