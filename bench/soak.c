@@ -566,9 +566,9 @@ static void s_op_ping(soak_client *cl)
         s_unexpected(cl, "ping: %u shards, expected %d", info.n_shards, cl->sh->n_shards);
 }
 
-/* Raw bytes on the client's own DEALER socket: the reply's status, or -1 with no reply
+/* Raw bytes on a DEALER socket: the reply's status, or -1 with no reply
  * within wait_ms. */
-static int s_raw_roundtrip(soak_client *cl, void *sock, const void *buf, size_t n, int wait_ms,
+static int s_raw_roundtrip(void *sock, const void *buf, size_t n, int wait_ms,
                            uint64_t *request_id_p)
 {
     zmq_setsockopt(sock, ZMQ_RCVTIMEO, &wait_ms, sizeof(wait_ms));
@@ -585,7 +585,6 @@ static int s_raw_roundtrip(soak_client *cl, void *sock, const void *buf, size_t 
     const int st = (int)r->status;
     *request_id_p = r->request_id;
     fasa__v1__response__free_unpacked(r, NULL);
-    (void)cl;
     return st;
 }
 
@@ -681,7 +680,7 @@ static void s_op_bad(soak_client *cl, soak_session *s)
         junk[0] = 0xff; /* not a valid first key */
         uint64_t id = 1;
         t0 = timing_now();
-        const int st = s_raw_roundtrip(cl, cl->raw, junk, n, o->timeout_ms, &id);
+        const int st = s_raw_roundtrip(cl->raw, junk, n, o->timeout_ms, &id);
         s_record(cl, K_BAD, t0);
         if (st != FASA__V1__STATUS__INVALID_ARGUMENT || id != 0)
             s_unexpected(cl, "%s: status %d request_id %llu (-1: no reply)", what, st,
@@ -705,7 +704,7 @@ static void s_op_bad(soak_client *cl, soak_session *s)
         uint64_t id = 0;
         t0 = timing_now();
         const int st =
-            s_raw_roundtrip(cl, cl->raw, buf, n - 1 - (size_t)s_rand(cl, 32), o->timeout_ms, &id);
+            s_raw_roundtrip(cl->raw, buf, n - 1 - (size_t)s_rand(cl, 32), o->timeout_ms, &id);
         s_record(cl, K_BAD, t0);
         if (st != FASA__V1__STATUS__INVALID_ARGUMENT || id != req.request_id)
             s_unexpected(cl, "%s: status %d request_id %llu, sent %llu (-1: no reply)", what, st,
@@ -719,7 +718,7 @@ static void s_op_bad(soak_client *cl, soak_session *s)
         memset(big, 0x0a, n);
         void *sock = s_dealer(cl);
         uint64_t id = 0;
-        const int st = s_raw_roundtrip(cl, sock, big, n, 300, &id);
+        const int st = s_raw_roundtrip(sock, big, n, 300, &id);
         cl->count[K_BAD] += cl->timed; /* not timed: the wait is ours */
         zmq_close(sock);
         free(big);
