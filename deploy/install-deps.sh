@@ -7,7 +7,8 @@ set -euo pipefail
 pkgs=(build-essential cmake pkg-config
       libopenblas-dev check
       libopenmpi-dev openmpi-bin
-      libzmq3-dev libprotobuf-c-dev protobuf-c-compiler)
+      libzmq3-dev libprotobuf-c-dev protobuf-c-compiler
+      clang clang-14 libclang-rt-14-dev)  # clang + libFuzzer for tests/fuzz.sh
 
 missing=()
 for p in "${pkgs[@]}"; do

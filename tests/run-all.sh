@@ -21,6 +21,15 @@ for variant in plain sanitize; do
     ctest --test-dir "$dir" --output-on-failure
 done
 
+# libFuzzer over the request path (clang, build-fuzz) for a fixed number of executions;
+# FASA_SKIP_FUZZ=1 skips it.
+if [ "${FASA_SKIP_FUZZ:-0}" = 1 ]; then
+    echo "=== fuzz skipped (FASA_SKIP_FUZZ=1)"
+else
+    echo "=== fuzz"
+    bash tests/fuzz.sh
+fi
+
 # A real single-node Slurm (installed with apt-get when missing) running both batch scripts
 # of deploy/slurm/ against the plain build; FASA_SKIP_SLURM=1 skips it.
 if [ "${FASA_SKIP_SLURM:-0}" = 1 ]; then

@@ -1,0 +1,163 @@
+/* The fuzz target's starting state. See fixture.h. */
+#include "fixture.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void s_die(const char *what, const Fasa__V1__Response *r)
+{
+    fprintf(stderr, "fuzz fixture: %s failed: status %d %s\n", what, r ? (int)r->status : -1,
+            r && r->message ? r->message : "");
+    abort();
+}
+
+void fuzz_fill(uint64_t *state, size_t n, float *x, float scale)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint64_t z = (*state += 0x9e3779b97f4a7c15ULL);
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+        z ^= z >> 31;
+        x[i] = scale * (float)((double)(z >> 40) * (1.0 / 8388608.0) - 1.0);
+    }
+}
+
+uint8_t *fuzz_pack(const Fasa__V1__Request *req, size_t *len_p)
+{
+    const size_t n = fasa__v1__request__get_packed_size(req);
+    uint8_t *buf = malloc(n ? n : 1);
+    if (!buf) {
+        fprintf(stderr, "fuzz: out of memory packing a request\n");
+        abort();
+    }
+    *len_p = fasa__v1__request__pack(req, buf);
+    return buf;
+}
+
+Fasa__V1__Response *fuzz_roundtrip(fuzz_fixture *fx, const void *buf, size_t len)
+{
+    uint8_t *reply = NULL;
+    size_t n = 0;
+    int shutdown = 0;
+    if (fasa_service_handle(fx->svc, buf, len, &reply, &n, &shutdown)) s_die("handle", NULL);
+    Fasa__V1__Response *r = fasa__v1__response__unpack(NULL, n, reply);
+    free(reply);
+    if (!r) s_die("decoding the response", NULL);
+    return r;
+}
+
+/* Sends req and insists on OK; returns the response (caller frees). */
+static Fasa__V1__Response *s_send_ok(fuzz_fixture *fx, Fasa__V1__Request *req, const char *what)
+{
+    static uint64_t next_id = 1;
+    req->protocol_version = 1;
+    req->request_id = next_id++;
+    size_t len;
+    uint8_t *buf = fuzz_pack(req, &len);
+    Fasa__V1__Response *r = fuzz_roundtrip(fx, buf, len);
+    free(buf);
+    if (r->status != FASA__V1__STATUS__OK) s_die(what, r);
+    return r;
+}
+
+static void s_tensor(Fasa__V1__Tensor *t, uint64_t *shape, int rank, const float *data, size_t n)
+{
+    fasa__v1__tensor__init(t);
+    t->dtype = FASA__V1__DTYPE__F32;
+    t->n_shape = (size_t)rank;
+    t->shape = shape;
+    t->data.data = (uint8_t *)data;
+    t->data.len = n * sizeof(float);
+}
+
+/* Calibrates profile "p" from random activations; keeps its text. */
+static void s_calibrate(fuzz_fixture *fx, uint64_t *rng)
+{
+    enum { NQ = FUZZ_L * FUZZ_T * FUZZ_H * FUZZ_D, NK = FUZZ_L * FUZZ_T * FUZZ_HKV * FUZZ_D };
+    static float q[NQ], k[NK];
+    fuzz_fill(rng, NQ, q, 1.0f);
+    fuzz_fill(rng, NK, k, 1.0f);
+    uint64_t qs[4] = {FUZZ_L, FUZZ_T, FUZZ_H, FUZZ_D}, ks[4] = {FUZZ_L, FUZZ_T, FUZZ_HKV, FUZZ_D};
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Calibrate c = FASA__V1__CALIBRATE__INIT;
+    Fasa__V1__Tensor tq, tk;
+    s_tensor(&tq, qs, 4, q, NQ);
+    s_tensor(&tk, ks, 4, k, NK);
+    c.q = &tq;
+    c.k = &tk;
+    c.has_window = c.has_pos_step = 1;
+    c.window = 8;
+    c.pos_step = 2;
+    c.profile_name = "p";
+    req.body_case = FASA__V1__REQUEST__BODY_CALIBRATE;
+    req.calibrate = &c;
+    Fasa__V1__Response *r = s_send_ok(fx, &req, "calibrate 'p'");
+    fx->profile_text = strdup(r->calibrate->profile_text);
+    fasa__v1__response__free_unpacked(r, NULL);
+    if (!fx->profile_text) s_die("strdup", NULL);
+}
+
+/* Creates session id (with profile "p" when profile is set) and appends n tokens to every
+ * layer. */
+static void s_session(fuzz_fixture *fx, const char *id, int profile, int n, uint64_t *rng)
+{
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    Fasa__V1__CreateSession c = FASA__V1__CREATE_SESSION__INIT;
+    c.session_id = (char *)id;
+    c.n_layers = FUZZ_L;
+    c.n_heads = FUZZ_H;
+    c.n_kv_heads = FUZZ_HKV;
+    c.head_dim = FUZZ_D;
+    if (profile) c.profile_name = "p";
+    req.body_case = FASA__V1__REQUEST__BODY_CREATE_SESSION;
+    req.create_session = &c;
+    fasa__v1__response__free_unpacked(s_send_ok(fx, &req, "create_session"), NULL);
+    if (n == 0) return;
+
+    const size_t nf = (size_t)FUZZ_L * n * FUZZ_HKV * FUZZ_D;
+    float *k = malloc(2 * nf * sizeof(float));
+    if (!k) s_die("malloc", NULL);
+    fuzz_fill(rng, 2 * nf, k, 1.0f);
+    uint64_t shape[4] = {FUZZ_L, (uint64_t)n, FUZZ_HKV, FUZZ_D};
+    Fasa__V1__Request ar = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Append a = FASA__V1__APPEND__INIT;
+    Fasa__V1__Tensor tk, tv;
+    s_tensor(&tk, shape, 4, k, nf);
+    s_tensor(&tv, shape, 4, k + nf, nf);
+    a.session_id = (char *)id;
+    a.start_pos = 0;
+    a.k = &tk;
+    a.v = &tv;
+    ar.body_case = FASA__V1__REQUEST__BODY_APPEND;
+    ar.append = &a;
+    fasa__v1__response__free_unpacked(s_send_ok(fx, &ar, "append"), NULL);
+    free(k);
+}
+
+fuzz_fixture *fuzz_fixture_new(void)
+{
+    fuzz_fixture *fx = calloc(1, sizeof(*fx));
+    if (!fx) s_die("calloc", NULL);
+    fx->engine = fasa_engine_new(FUZZ_SHARDS, FUZZ_BLOCK);
+    if (!fx->engine) s_die("fasa_engine_new", NULL);
+    const fasa_service_opts o = {.n_ranks = 1, .max_message = 0}; /* 0: the default limit */
+    fx->svc = fasa_service_new(fx->engine, FUZZ_SHARDS, &o);
+    if (!fx->svc) s_die("fasa_service_new", NULL);
+    uint64_t rng = 1234;
+    s_calibrate(fx, &rng);
+    s_session(fx, "d", 0, FUZZ_N, &rng);
+    s_session(fx, "f", 1, FUZZ_N, &rng);
+    s_session(fx, "e", 0, 0, &rng);
+    return fx;
+}
+
+void fuzz_fixture_destroy(fuzz_fixture **fx_p)
+{
+    fuzz_fixture *fx = *fx_p;
+    if (!fx) return;
+    fasa_service_destroy(&fx->svc);
+    free(fx->profile_text);
+    free(fx);
+    *fx_p = NULL;
+}

@@ -1,0 +1,53 @@
+/* The state the fuzz target starts from, shared by the target (fuzz_request.c) and the seed
+ * corpus generator (gen_corpus.c): a service over an embedded engine of FUZZ_SHARDS
+ * in-process shards with a small placement block (so a few dozen tokens already span both
+ * shards), with the service's default limits, and a few sessions and a profile put there
+ * through the same request path a client uses:
+ *
+ *   profile "p"   stored by a Calibrate of FUZZ_L x FUZZ_T random activations;
+ *   session "d"   dense (no profile), FUZZ_N tokens in every layer;
+ *   session "f"   with profile "p" (method fasa), FUZZ_N tokens in every layer;
+ *   session "e"   no profile and no tokens (SetProfile is allowed on it).
+ *
+ * Every session has the geometry FUZZ_L layers, FUZZ_H query heads, FUZZ_HKV KV heads,
+ * head_dim FUZZ_D. Seeds name these ids so that a single request already reaches the engine. */
+#ifndef FASA_FUZZ_FIXTURE_H
+#define FASA_FUZZ_FIXTURE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "fasa.pb-c.h"
+#include "service.h"
+
+#define FUZZ_SHARDS 2
+#define FUZZ_BLOCK 16 /* tokens per placement block: a multiple of 16 so quest runs */
+#define FUZZ_L 2
+#define FUZZ_H 4
+#define FUZZ_HKV 2
+#define FUZZ_D 8
+#define FUZZ_N 40 /* tokens of "d" and "f": blocks of 16 on shards 0, 1, 0 */
+#define FUZZ_T 48 /* tokens of the calibration sample of profile "p" */
+
+typedef struct fuzz_fixture {
+    fasa_service *svc;     /* owns engine */
+    fasa_engine_t *engine; /* borrowed from svc, for the target's state checks */
+    char *profile_text;    /* (malloc'd) the text of profile "p", as Calibrate returned it */
+} fuzz_fixture;
+
+/* A fixture as described above. Aborts with a message when any step fails (the service is
+ * broken, not the input). */
+fuzz_fixture *fuzz_fixture_new(void);
+void fuzz_fixture_destroy(fuzz_fixture **fx_p);
+
+/* Packs req (malloc'd bytes, caller frees) into *len_p. Aborts when out of memory. */
+uint8_t *fuzz_pack(const Fasa__V1__Request *req, size_t *len_p);
+
+/* Sends len bytes through the service; returns the decoded Response (caller frees it with
+ * fasa__v1__response__free_unpacked). Aborts when no decodable response comes back. */
+Fasa__V1__Response *fuzz_roundtrip(fuzz_fixture *fx, const void *buf, size_t len);
+
+/* Fills n floats with deterministic values in [-scale, scale) from *state. */
+void fuzz_fill(uint64_t *state, size_t n, float *x, float scale);
+
+#endif
