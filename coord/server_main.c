@@ -16,11 +16,13 @@
 #include <zmq.h>
 
 #include "edge.h"
+#include "keyfile.h"
 #include "log.h"
 #include "server_config.h"
 #include "service.h"
 #include "transport_mpi.h"
 #include "worker_mpi.h"
+#include "zap.h"
 
 static volatile sig_atomic_t s_stop;
 
@@ -112,6 +114,28 @@ static void s_log_event(const fasa_service_event *ev)
              ev->ms, ev->bytes_in, ev->bytes_out, *ev->msg ? ": " : "", ev->msg);
 }
 
+/* Reads the secret key and the allow-list, starts the ZAP handler and makes sock a CURVE
+ * server. 0, or -1 after logging why. */
+static int s_curve_setup(void *ctx, void *sock, const server_config *o, fasa_zap **zap_p)
+{
+    char err[1200], secret[FASA_KEY_Z85_LEN + 1];
+    fasa_zap *zap = NULL;
+    if (fasa_keyfile_read(o->curve_secret, 1, secret, err, sizeof(err)) ||
+        !(zap = fasa_zap_load(o->authorized_keys, err, sizeof(err))) ||
+        fasa_zap_bind(zap, ctx, err, sizeof(err)) ||
+        fasa_zap_curve_server(sock, secret, err, sizeof(err))) {
+        fasa_log(FASA_LOG_ERROR, 0, "%s", err);
+        fasa_zap_destroy(&zap);
+        memset(secret, 0, sizeof(secret));
+        return -1;
+    }
+    memset(secret, 0, sizeof(secret));
+    fasa_log(FASA_LOG_INFO, 0, "curve: on; %zu authorized client key%s from %s",
+             fasa_zap_n_keys(zap), fasa_zap_n_keys(zap) == 1 ? "" : "s", o->authorized_keys);
+    *zap_p = zap;
+    return 0;
+}
+
 static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
 {
     void *ctx = zmq_ctx_new();
@@ -131,6 +155,12 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
     zmq_setsockopt(sock, ZMQ_RCVHWM, &hwm, sizeof(hwm));
     zmq_setsockopt(sock, ZMQ_SNDHWM, &hwm, sizeof(hwm));
     int rc = 0;
+    /* CURVE: the ZAP handler binds before the ROUTER, so no client slips in unchecked. */
+    fasa_zap *zap = NULL;
+    if (*o->curve_secret && s_curve_setup(ctx, sock, o, &zap)) {
+        rc = 1;
+        goto done;
+    }
     if (zmq_bind(sock, o->bind) != 0) {
         fasa_log(FASA_LOG_ERROR, 0, "cannot bind %s: %s", o->bind, zmq_strerror(errno));
         rc = 1;
@@ -156,15 +186,17 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
 
     int shutdown = 0;
     while (!shutdown && !s_stop) {
-        zmq_pollitem_t item = {sock, 0, ZMQ_POLLIN, 0};
-        /* Blocks (no spinning) until a request or a signal arrives. */
-        if (zmq_poll(&item, 1, 1000) < 0) {
+        zmq_pollitem_t items[2] = {{sock, 0, ZMQ_POLLIN, 0},
+                                   {fasa_zap_socket(zap), 0, ZMQ_POLLIN, 0}};
+        /* Blocks (no spinning) until a request, a ZAP request or a signal arrives. */
+        if (zmq_poll(items, zap ? 2 : 1, 1000) < 0) {
             if (errno == EINTR) continue;
             fasa_log(FASA_LOG_ERROR, 0, "zmq_poll: %s", zmq_strerror(errno));
             rc = 1;
             break;
         }
-        if (!(item.revents & ZMQ_POLLIN)) continue;
+        if (zap && (items[1].revents & ZMQ_POLLIN)) fasa_zap_serve(zap);
+        if (!(items[0].revents & ZMQ_POLLIN)) continue;
         inbound in;
         if (s_recv(sock, &in)) continue;
         uint8_t *reply = NULL;
@@ -205,6 +237,7 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
     }
 done:
     zmq_close(sock);
+    fasa_zap_destroy(&zap);
     zmq_ctx_term(ctx);
     if (*o->pid_file) unlink(o->pid_file);
     if (*o->endpoint_file) unlink(o->endpoint_file);
