@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "fasa_client.h"
+#include "keyfile.h"
 
 typedef struct remote_session {
     char id[FASA_ID_MAX + 1];      /* the command's name for it */
@@ -66,18 +67,76 @@ int backend_timeout_ms(int dflt)
     return dflt;
 }
 
+int backend_take_curve_args(int *argc_p, char **argv)
+{
+    static const struct {
+        const char *opt, *env;
+    } flags[] = {{"--curve-server-key", BACKEND_ENV_SERVER_KEY},
+                 {"--curve-secret", BACKEND_ENV_SECRET}};
+    int out = 1;
+    for (int i = 1; i < *argc_p; i++) {
+        int taken = 0;
+        for (size_t f = 0; f < sizeof(flags) / sizeof(*flags) && !taken; f++) {
+            const size_t n = strlen(flags[f].opt);
+            if (strncmp(argv[i], flags[f].opt, n) != 0 || (argv[i][n] && argv[i][n] != '='))
+                continue;
+            const char *value = argv[i][n] ? argv[i] + n + 1 : (i + 1 < *argc_p ? argv[++i] : NULL);
+            if (!value || !*value) {
+                fprintf(stderr, "fasa: %s needs a FILE (see 'fasa --help')\n", flags[f].opt);
+                return 2;
+            }
+            setenv(flags[f].env, value, 1);
+            taken = 1;
+        }
+        if (!taken) argv[out++] = argv[i];
+    }
+    argv[out] = NULL;
+    *argc_p = out;
+    return 0;
+}
+
+int backend_client_curve(fasa_client *c, char *msg, size_t msg_len)
+{
+    const char *server_key = getenv(BACKEND_ENV_SERVER_KEY), *secret = getenv(BACKEND_ENV_SECRET);
+    const int has_server = server_key && *server_key, has_secret = secret && *secret;
+    if (!has_server && !has_secret) return 0;
+    if (has_server != has_secret) {
+        snprintf(msg, msg_len,
+                 "%s needs %s too (the server's public key and this client's secret key)",
+                 has_server ? "--curve-server-key" : "--curve-secret",
+                 has_server ? "--curve-secret" : "--curve-server-key");
+        return -1;
+    }
+    char server_z85[FASA_KEY_Z85_LEN + 1], secret_z85[FASA_KEY_Z85_LEN + 1];
+    fasa_client_error ce;
+    int rc = -1;
+    if (fasa_keyfile_read(server_key, 0, server_z85, msg, msg_len) ||
+        fasa_keyfile_read(secret, 1, secret_z85, msg, msg_len))
+        return -1;
+    if (fasa_client_set_curve(c, server_z85, secret_z85, NULL, &ce))
+        snprintf(msg, msg_len, "%s", ce.msg);
+    else
+        rc = 0;
+    memset(secret_z85, 0, sizeof(secret_z85));
+    return rc;
+}
+
 fasa_client *backend_connect(const char *server, int timeout_ms, fasa_client_server_info *info,
                              char *msg, size_t msg_len)
 {
     fasa_client *c = NULL;
     fasa_client_error ce;
     fasa_client_server_info dummy;
-    if (fasa_client_connect(server, backend_timeout_ms(BACKEND_PING_TIMEOUT_MS), &c, &ce) ||
-        fasa_client_ping(c, info ? info : &dummy, &ce)) {
-        size_t n = strlen(ce.msg);
-        if (n >= msg_len) n = msg_len - 1;
-        memcpy(msg, ce.msg, n);
-        msg[n] = '\0';
+    if (fasa_client_connect(server, backend_timeout_ms(BACKEND_PING_TIMEOUT_MS), &c, &ce)) {
+        snprintf(msg, msg_len, "%s", ce.msg);
+        return NULL;
+    }
+    if (backend_client_curve(c, msg, msg_len)) {
+        fasa_client_close(&c);
+        return NULL;
+    }
+    if (fasa_client_ping(c, info ? info : &dummy, &ce)) {
+        snprintf(msg, msg_len, "%s", ce.msg);
         fasa_client_close(&c);
         return NULL;
     }

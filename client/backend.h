@@ -26,13 +26,30 @@ int backend_timeout_ms(int dflt);
 
 struct fasa_client;
 struct fasa_client_server_info;
-/* Connects a libfasa client to server and checks that it answers a ping within
- * backend_timeout_ms(BACKEND_PING_TIMEOUT_MS) (info, if not NULL, gets its answer); then
- * sets the reply timeout to backend_timeout_ms(timeout_ms). NULL with a one-line reason in
- * msg on failure. */
+/* Connects a libfasa client to server (with CURVE keys: backend_client_curve) and checks that it
+ * answers a ping within backend_timeout_ms(BACKEND_PING_TIMEOUT_MS) (info, if not NULL, gets its
+ * answer); then sets the reply timeout to backend_timeout_ms(timeout_ms). NULL with a one-line
+ * reason in msg on failure. */
 struct fasa_client *backend_connect(const char *server, int timeout_ms,
                                     struct fasa_client_server_info *info, char *msg,
                                     size_t msg_len);
+
+/* CURVE (a fasa-server with --curve-secret): every command that talks to a server takes
+ * --curve-server-key FILE (the server's public key, a `fasa keygen` NAME.pub) and
+ * --curve-secret FILE (this client's secret key, NAME.key, mode 0600; its public key is
+ * derived from it), or the same files from these environment variables. The variables
+ * are not FASA_CURVE_SECRET: that one is fasa-server's own secret key setting. */
+#define BACKEND_ENV_SERVER_KEY "FASA_CURVE_SERVER_KEY"
+#define BACKEND_ENV_SECRET "FASA_CURVE_CLIENT_SECRET"
+
+/* Takes --curve-server-key FILE and --curve-secret FILE (or --opt=FILE) out of argv
+ * (argv[0] stays; *argc_p shrinks) and puts them in the environment variables above, so
+ * that every command takes them. 0, or 2 after printing a usage error. */
+int backend_take_curve_args(int *argc_p, char **argv);
+
+/* Gives c the CURVE keys named by the environment variables above (nothing when neither is
+ * set). 0, or -1 with one line naming the file or flag at fault in msg. */
+int backend_client_curve(struct fasa_client *c, char *msg, size_t msg_len);
 
 /* Opens a backend: server == NULL runs an embedded engine over shards in-process shards
  * and block-token placement blocks; otherwise connects to server (a ZeroMQ endpoint) and

@@ -22,6 +22,8 @@ int cmd_attend(int argc, char **argv);
 int cmd_drop(int argc, char **argv);
 int cmd_shutdown(int argc, char **argv);
 int cmd_snapshot(int argc, char **argv);
+/* A CURVE key pair for the server and its clients (client/cmd_keygen.c). */
+int cmd_keygen(int argc, char **argv);
 
 /* Prints "fasa CMD: message" to stderr (one line) and returns 2 (usage) or 1 (failure). */
 int cli_fail(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

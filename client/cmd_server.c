@@ -15,7 +15,12 @@
 #include "timing.h"
 
 #define SERVER_HELP                                                                                \
-    "  --server ENDPOINT   the server, e.g. tcp://127.0.0.1:5555 (default: $FASA_SERVER)\n"
+    "  --server ENDPOINT   the server, e.g. tcp://127.0.0.1:5555 (default: $FASA_SERVER)\n"        \
+    "  --curve-server-key FILE  a server with CURVE: its public key ('fasa keygen' NAME.pub;\n"    \
+    "                      default: $FASA_CURVE_SERVER_KEY)\n"                                     \
+    "  --curve-secret FILE this client's secret key (NAME.key, mode 0600; its NAME.pub must\n"     \
+    "                      be in the server's --authorized-keys; default:\n"                       \
+    "                      $FASA_CURVE_CLIENT_SECRET)\n"
 
 #define COMMON_HELP                                                                                \
     "  --help              this text\n"                                                            \
@@ -329,6 +334,11 @@ int cmd_ping(int argc, char **argv)
     fasa_client_error ce;
     if (fasa_client_connect(o.server, backend_timeout_ms(BACKEND_PING_TIMEOUT_MS), &c, &ce))
         return cli_fail("ping", "%s", ce.msg);
+    char msg[FASA_CLIENT_MSG_MAX];
+    if (backend_client_curve(c, msg, sizeof(msg))) {
+        fasa_client_close(&c);
+        return cli_fail("ping", "%s", msg);
+    }
     fasa_client_server_info info;
     double rtt[4];
     rc = 0;

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend.h"
 #include "cli.h"
 
 static const char usage[] =
@@ -34,6 +35,12 @@ static const char usage[] =
     "  drop       drop a session\n"
     "  shutdown   stop the server\n"
     "  snapshot   write a session (or --all) to the server's --state-dir\n"
+    "\n"
+    "  keygen     write a CURVE key pair (NAME.key, NAME.pub) for a server or a client\n"
+    "\n"
+    "A server started with --curve-secret (see README, Authentication) needs, with any\n"
+    "command: --curve-server-key FILE (its public key) and --curve-secret FILE (this\n"
+    "client's secret key), or FASA_CURVE_SERVER_KEY and FASA_CURVE_CLIENT_SECRET.\n"
     "\n"
     "FASA_TIMEOUT_MS: the wait for each server reply in milliseconds (default 120000, and\n"
     "5000 for the ping that first checks the server answers).\n"
@@ -129,11 +136,18 @@ int main(int argc, char **argv)
     static const struct {
         const char *name;
         int (*fn)(int, char **);
-    } cmds[] = {{"demo", cmd_demo},        {"calibrate", cmd_calibrate}, {"replay", cmd_replay},
-                {"ppl", cmd_ppl},          {"generate", cmd_generate},   {"ping", cmd_ping},
-                {"stats", cmd_stats},      {"create", cmd_create},       {"append", cmd_append},
-                {"attend", cmd_attend},    {"drop", cmd_drop},           {"shutdown", cmd_shutdown},
-                {"snapshot", cmd_snapshot}};
+    } cmds[] = {
+        {"demo", cmd_demo},         {"calibrate", cmd_calibrate}, {"replay", cmd_replay},
+        {"ppl", cmd_ppl},           {"generate", cmd_generate},   {"ping", cmd_ping},
+        {"stats", cmd_stats},       {"create", cmd_create},       {"append", cmd_append},
+        {"attend", cmd_attend},     {"drop", cmd_drop},           {"shutdown", cmd_shutdown},
+        {"snapshot", cmd_snapshot}, {"keygen", cmd_keygen}};
+    const int rc = backend_take_curve_args(&argc, argv); /* CURVE flags, for every command */
+    if (rc) return rc;
+    if (argc < 2) {
+        fputs(usage, stderr);
+        return 2;
+    }
     for (size_t i = 0; i < sizeof(cmds) / sizeof(*cmds); i++)
         if (strcmp(argv[1], cmds[i].name) == 0) return cmds[i].fn(argc - 1, argv + 1);
     fprintf(stderr, "fasa: unknown command '%s' (see 'fasa --help')\n", argv[1]);

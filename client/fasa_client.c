@@ -22,12 +22,21 @@
 #define CLIENT_MAX_BYTES ((uint64_t)2 << 30) /* refuse requests over 2 GiB locally */
 #define SERVER_DEFAULT_MAX ((uint64_t)256 << 20)
 
+#define KEY_Z85_LEN 40 /* a Z85-encoded CURVE key */
+
 struct fasa_client {
     void *ctx, *sock;
+    void *mon; /* PAIR receiving sock's connection and handshake events, or NULL */
     char *endpoint;
     int timeout_ms;
     uint64_t next_id;
     volatile sig_atomic_t *interrupt;
+    int curve;                        /* 1: CURVE keys below are set */
+    char server_key[KEY_Z85_LEN + 1]; /* the server's public key */
+    char public_key[KEY_Z85_LEN + 1]; /* this client's */
+    char secret_key[KEY_Z85_LEN + 1]; /* this client's */
+    int connected, handshaken;        /* seen on the current socket (monitor events) */
+    unsigned serial;                  /* numbers the monitor endpoints */
 };
 
 static const char *const s_status_names[] = {"OK",
@@ -73,32 +82,109 @@ static void s_ok(fasa_client_error *err)
 
 /* ---------------------------------------------------------------- connection ---- */
 
+static void s_close_socket(fasa_client *c);
+
+/* The events the client watches: whether a connection was made and how its security
+ * handshake went, to tell "no server" from "the server does not let us in". */
+#define MON_EVENTS                                                                                 \
+    (ZMQ_EVENT_CONNECTED | ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL |  \
+     ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH)
+
+/* Starts the monitor of c->sock on a PAIR socket (before the socket connects, so that no
+ * event is missed). Without it the client still works, with plainer messages. */
+static void s_open_monitor(fasa_client *c)
+{
+    char addr[64];
+    snprintf(addr, sizeof(addr), "inproc://fasa-client-monitor-%u", c->serial++);
+    if (zmq_socket_monitor(c->sock, addr, MON_EVENTS)) return;
+    c->mon = zmq_socket(c->ctx, ZMQ_PAIR);
+    const int linger = 0;
+    if (!c->mon || zmq_setsockopt(c->mon, ZMQ_LINGER, &linger, sizeof(linger)) ||
+        zmq_connect(c->mon, addr)) {
+        if (c->mon) zmq_close(c->mon);
+        c->mon = NULL;
+        zmq_socket_monitor(c->sock, NULL, 0);
+    }
+}
+
 static int s_open_socket(fasa_client *c)
 {
     c->sock = zmq_socket(c->ctx, ZMQ_DEALER);
     if (!c->sock) return -1;
+    c->connected = c->handshaken = 0;
     const int linger = 0;
     const int rcvtimeo = c->timeout_ms > 0 ? c->timeout_ms : -1;
     const int sndtimeo = c->timeout_ms > 0 ? c->timeout_ms : -1;
     if (zmq_setsockopt(c->sock, ZMQ_LINGER, &linger, sizeof(linger)) ||
         zmq_setsockopt(c->sock, ZMQ_RCVTIMEO, &rcvtimeo, sizeof(rcvtimeo)) ||
         zmq_setsockopt(c->sock, ZMQ_SNDTIMEO, &sndtimeo, sizeof(sndtimeo)) ||
-        zmq_connect(c->sock, c->endpoint)) {
+        (c->curve &&
+         (zmq_setsockopt(c->sock, ZMQ_CURVE_SERVERKEY, c->server_key, KEY_Z85_LEN + 1) ||
+          zmq_setsockopt(c->sock, ZMQ_CURVE_PUBLICKEY, c->public_key, KEY_Z85_LEN + 1) ||
+          zmq_setsockopt(c->sock, ZMQ_CURVE_SECRETKEY, c->secret_key, KEY_Z85_LEN + 1)))) {
         const int e = errno;
         zmq_close(c->sock);
         c->sock = NULL;
         errno = e;
         return -1;
     }
+    s_open_monitor(c);
+    if (zmq_connect(c->sock, c->endpoint)) {
+        const int e = errno;
+        s_close_socket(c);
+        errno = e;
+        return -1;
+    }
     return 0;
 }
 
-/* Drops the socket (and any reply still on its way to it) and connects a fresh one. */
-static void s_reconnect(fasa_client *c)
+/* Reads one monitor event, never blocking: 1 with *event_p and *value_p, 0 when none. */
+static int s_read_event(fasa_client *c, uint16_t *event_p, uint32_t *value_p)
 {
+    if (!c->mon) return 0;
+    zmq_msg_t m;
+    zmq_msg_init(&m);
+    if (zmq_msg_recv(&m, c->mon, ZMQ_DONTWAIT) < 0) {
+        zmq_msg_close(&m);
+        return 0;
+    }
+    int ok = zmq_msg_size(&m) >= 6;
+    if (ok) {
+        memcpy(event_p, zmq_msg_data(&m), 2);
+        memcpy(value_p, (const uint8_t *)zmq_msg_data(&m) + 2, 4);
+    }
+    while (zmq_msg_more(&m)) { /* the endpoint frame */
+        zmq_msg_close(&m);
+        zmq_msg_init(&m);
+        if (zmq_msg_recv(&m, c->mon, ZMQ_DONTWAIT) < 0) break;
+    }
+    zmq_msg_close(&m);
+    return ok;
+}
+
+/* Closes the socket and its monitor. The monitor is drained and stopped first: libzmq's
+ * I/O thread would otherwise block on a full monitor queue. */
+static void s_close_socket(fasa_client *c)
+{
+    uint16_t ev;
+    uint32_t val;
+    while (s_read_event(c, &ev, &val)) {
+    }
+    if (c->mon) {
+        zmq_socket_monitor(c->sock, NULL, 0);
+        zmq_close(c->mon);
+        c->mon = NULL;
+    }
     if (c->sock) zmq_close(c->sock);
     c->sock = NULL;
-    (void)s_open_socket(c); /* a NULL socket fails the next request with a clear message */
+}
+
+/* Drops the socket (and any reply still on its way to it); the next request connects a
+ * fresh one. Nothing stays connected in between, so a server that refuses this client is
+ * not retried while the caller does something else. */
+static void s_reconnect(fasa_client *c)
+{
+    s_close_socket(c);
 }
 
 fasa_client_status fasa_client_connect(const char *endpoint, int timeout_ms, fasa_client **client_p,
@@ -134,11 +220,51 @@ void fasa_client_close(fasa_client **client_p)
 {
     if (!client_p || !*client_p) return;
     fasa_client *c = *client_p;
-    if (c->sock) zmq_close(c->sock);
+    s_close_socket(c);
     zmq_ctx_term(c->ctx);
+    memset(c->secret_key, 0, sizeof(c->secret_key));
     free(c->endpoint);
     free(c);
     *client_p = NULL;
+}
+
+static int s_key_ok(const char *k)
+{
+    static const char z85[] = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                              ".-:+=^!/*?&<>()[]{}@%$#";
+    if (!k || strlen(k) != KEY_Z85_LEN) return 0;
+    for (const char *p = k; *p; p++)
+        if (!strchr(z85, *p)) return 0;
+    return 1;
+}
+
+fasa_client_status fasa_client_set_curve(fasa_client *c, const char *server_key,
+                                         const char *client_secret, const char *client_public,
+                                         fasa_client_error *err)
+{
+    if (!c) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "client: NULL");
+    const char *bad = !s_key_ok(server_key)                       ? "server_key"
+                      : !s_key_ok(client_secret)                  ? "client_secret"
+                      : client_public && !s_key_ok(client_public) ? "client_public"
+                                                                  : NULL;
+    if (bad)
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT,
+                      "%s: not a CURVE key (40 Z85 characters, as 'fasa keygen' writes)", bad);
+    char derived[KEY_Z85_LEN + 1];
+    if (!client_public) {
+        if (zmq_curve_public(derived, client_secret))
+            return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT,
+                          "client_secret: cannot derive the public key: %s", zmq_strerror(errno));
+        client_public = derived;
+    }
+    memcpy(c->server_key, server_key, KEY_Z85_LEN + 1);
+    memcpy(c->secret_key, client_secret, KEY_Z85_LEN + 1);
+    memcpy(c->public_key, client_public, KEY_Z85_LEN + 1);
+    c->curve = 1;
+    /* The socket made by fasa_client_connect is plain: the next request opens a CURVE one. */
+    s_reconnect(c);
+    s_ok(err);
+    return FASA_CLIENT_OK;
 }
 
 void fasa_client_set_timeout(fasa_client *c, int timeout_ms)
@@ -206,6 +332,52 @@ static const char *s_body_name(Fasa__V1__Request__BodyCase body)
     }
 }
 
+/* Reads the monitor's events; a handshake the server refused (or one between a CURVE and
+ * a plain peer) fails the request at once, with UNAUTHENTICATED, instead of waiting out
+ * the timeout while ZeroMQ retries. */
+static fasa_client_status s_check_events(fasa_client *c, fasa_client_error *err)
+{
+    uint16_t ev;
+    uint32_t val;
+    while (s_read_event(c, &ev, &val)) {
+        if (ev == ZMQ_EVENT_CONNECTED) c->connected = 1;
+        if (ev == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) c->handshaken = 1;
+        if (ev == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH)
+            return s_fail(err, FASA_CLIENT_UNAUTHENTICATED,
+                          "%s refused this client (ZAP status %u): %s", c->endpoint, (unsigned)val,
+                          c->curve ? "its public key is not in the server's --authorized-keys"
+                                   : "the server requires CURVE keys (--curve-server-key, "
+                                     "--curve-secret)");
+        if (ev == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL &&
+            val == ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH)
+            return s_fail(err, FASA_CLIENT_UNAUTHENTICATED, "%s: %s", c->endpoint,
+                          c->curve ? "the server does not use CURVE; connect without "
+                                     "--curve-server-key/--curve-secret"
+                                   : "the server requires CURVE: give --curve-server-key FILE "
+                                     "(the server's public key) and --curve-secret FILE (this "
+                                     "client's authorised key)");
+        if (ev == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL)
+            return s_fail(err, FASA_CLIENT_UNAUTHENTICATED,
+                          "%s: the security handshake failed (protocol error 0x%x)%s", c->endpoint,
+                          (unsigned)val,
+                          c->curve ? "; check --curve-server-key: it must be the server's "
+                                     "public key"
+                                   : "");
+        /* NO_DETAIL: the server dropped the connection mid-handshake. It does that to a
+         * plain client (it requires CURVE) and to a CURVE client whose server key is
+         * wrong (it cannot decrypt the hello). */
+        if (ev == ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+            return s_fail(err, FASA_CLIENT_UNAUTHENTICATED,
+                          "%s closed the connection during the security handshake (%s): %s",
+                          c->endpoint, zmq_strerror((int)val),
+                          c->curve ? "check --curve-server-key: it must be the server's public "
+                                     "key (its 'fasa keygen' NAME.pub)"
+                                   : "the server probably requires CURVE: give "
+                                     "--curve-server-key FILE and --curve-secret FILE");
+    }
+    return FASA_CLIENT_OK;
+}
+
 /* Sends req (version and id filled here) and waits for its reply. On OK, *resp_p is the
  * unpacked Response (status OK, body == want; want NOT_SET accepts any body), to be freed
  * with fasa__v1__response__free_unpacked. */
@@ -216,12 +388,9 @@ static fasa_client_status s_call(fasa_client *c, Fasa__V1__Request *req,
     *resp_p = NULL;
     const char *what = s_body_name(req->body_case);
     if (!c) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "client: NULL");
-    if (!c->sock) {
-        s_reconnect(c);
-        if (!c->sock)
-            return s_fail(err, FASA_CLIENT_UNAVAILABLE, "cannot reconnect to %s: %s", c->endpoint,
-                          zmq_strerror(errno));
-    }
+    if (!c->sock && s_open_socket(c))
+        return s_fail(err, FASA_CLIENT_UNAVAILABLE, "cannot reconnect to %s: %s", c->endpoint,
+                      zmq_strerror(errno));
     req->protocol_version = PROTOCOL_VERSION;
     req->request_id = c->next_id++;
     const size_t size = fasa__v1__request__get_packed_size(req);
@@ -256,8 +425,8 @@ static fasa_client_status s_call(fasa_client *c, Fasa__V1__Request *req,
             wait = (long)(deadline - s_now_ms());
             if (wait < 0) wait = 0;
         }
-        zmq_pollitem_t item = {c->sock, 0, ZMQ_POLLIN, 0};
-        const int rc = zmq_poll(&item, 1, wait);
+        zmq_pollitem_t items[2] = {{c->sock, 0, ZMQ_POLLIN, 0}, {c->mon, 0, ZMQ_POLLIN, 0}};
+        const int rc = zmq_poll(items, c->mon ? 2 : 1, wait);
         if (rc < 0 && errno == EINTR) {
             if (c->interrupt && *c->interrupt) {
                 s_reconnect(c);
@@ -272,7 +441,23 @@ static fasa_client_status s_call(fasa_client *c, Fasa__V1__Request *req,
             return s_fail(err, FASA_CLIENT_UNAVAILABLE, "waiting for %s: %s", c->endpoint,
                           zmq_strerror(e));
         }
+        if (c->mon && (items[1].revents & ZMQ_POLLIN)) {
+            const fasa_client_status st = s_check_events(c, err);
+            if (st != FASA_CLIENT_OK) {
+                s_reconnect(c);
+                return st;
+            }
+            if (!(items[0].revents & ZMQ_POLLIN)) continue;
+        }
         if (rc == 0) {
+            if (c->connected && !c->handshaken) {
+                s_reconnect(c);
+                return s_fail(err, FASA_CLIENT_UNAVAILABLE,
+                              "no reply from %s within %d ms: connected, but the security "
+                              "handshake did not complete (if the server requires CURVE, check "
+                              "--curve-server-key/--curve-secret: the server's public key)",
+                              c->endpoint, c->timeout_ms);
+            }
             s_reconnect(c);
             if ((uint64_t)size > SERVER_DEFAULT_MAX)
                 return s_fail(err, FASA_CLIENT_UNAVAILABLE,

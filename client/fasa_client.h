@@ -7,6 +7,7 @@
  *   fasa_client *c;
  *   fasa_client_error err;
  *   if (fasa_client_connect("tcp://127.0.0.1:5555", 30000, &c, &err)) die(err.msg);
+ *   (a server with --curve-secret: fasa_client_set_curve(c, server_pub, my_secret, NULL, &err))
  *   fasa_client_session_config cfg = {.geom = {32, 32, 8, 128}, .profile_text = text};
  *   fasa_client_create_session(c, "seq-1", &cfg, NULL, &err);
  *   fasa_client_append(c, "seq-1", &cfg.geom, -1, 0, n_prompt, k, v, NULL, &err);
@@ -95,11 +96,29 @@ const char *fasa_client_status_name(fasa_client_status status);
 
 /* Connects a DEALER socket to endpoint (e.g. "tcp://127.0.0.1:5555"). timeout_ms bounds the
  * wait for each reply (<= 0: wait forever); a request unanswered in time fails with
- * UNAVAILABLE "no reply from ENDPOINT within N ms" and the socket is reconnected, so a late
- * reply is never taken for the next one. Connecting does not contact the server (use
- * fasa_client_ping). On success *client_p is a new handle; free it with fasa_client_close. */
+ * UNAVAILABLE "no reply from ENDPOINT within N ms" and the socket is reconnected (by the next
+ * request), so a late reply is never taken for the next one. Connecting does not contact the server
+ * (use fasa_client_ping). On success *client_p is a new handle; free it with fasa_client_close. */
 fasa_client_status fasa_client_connect(const char *endpoint, int timeout_ms, fasa_client **client_p,
                                        fasa_client_error *err);
+
+/* Turns on CURVE encryption and authentication for this handle, as a fasa-server started
+ * with --curve-secret and --authorized-keys requires; call it right after
+ * fasa_client_connect, before the first request. Keys are 40-character Z85 strings (the
+ * one line of a `fasa keygen` file): server_key is the server's public key (its NAME.pub),
+ * client_secret this client's secret key (its NAME.key) and client_public this client's
+ * public key, or NULL to derive it from client_secret. The server admits the client when
+ * its public key is one of the server's authorised keys.
+ *
+ * A server that refuses the handshake gets no request through: a call then fails with
+ * UNAUTHENTICATED and a message saying why (key not authorised, CURVE on one side only, a
+ * failed handshake), or, when the handshake just never completes (e.g. a wrong server_key),
+ * with UNAVAILABLE "no reply ... the security handshake did not complete". A handle
+ * without CURVE talking to a CURVE server fails the same way. INVALID_ARGUMENT when a key
+ * is not Z85. */
+fasa_client_status fasa_client_set_curve(fasa_client *c, const char *server_key,
+                                         const char *client_secret, const char *client_public,
+                                         fasa_client_error *err);
 
 /* Changes the wait for each reply from now on (<= 0: wait forever). */
 void fasa_client_set_timeout(fasa_client *c, int timeout_ms);

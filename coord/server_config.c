@@ -19,7 +19,8 @@ typedef struct key {
 
 static const key s_keys[] = {
     {"bind", "FASA_BIND", "tcp://127.0.0.1:5555", "ENDPOINT",
-     "where to listen (loopback unless told; port * = any free one)", K_STRING, 0, 0},
+     "where to listen (port * = any free one); anything but loopback needs --curve-secret",
+     K_STRING, 0, 0},
     {"endpoint-file", "FASA_ENDPOINT_FILE", "", "FILE",
      "write the bound endpoint to FILE once listening", K_STRING, 0, 0},
     {"pid-file", "FASA_PID_FILE", "", "FILE", "write the coordinator's PID to FILE once listening",
@@ -38,6 +39,12 @@ static const key s_keys[] = {
      86400000},
     {"log-level", "FASA_LOG_LEVEL", "info", "LEVEL",
      "error, warn, info (+ start, stop, refusals), debug (+ all)", K_LEVEL, 0, 0},
+    {"curve-secret", "FASA_CURVE_SECRET", "", "FILE",
+     "the server's CURVE secret key ('fasa keygen'; mode 0600): encrypt and authenticate "
+     "clients",
+     K_STRING, 0, 0},
+    {"authorized-keys", "FASA_AUTHORIZED_KEYS", "", "DIR",
+     "with --curve-secret: admit only clients whose NAME.pub is in DIR", K_STRING, 0, 0},
     {"quiet", "FASA_QUIET", "", "", "the same as --log-level warn", K_FLAG, 0, 0},
     {"state-dir", "FASA_STATE_DIR", "", "DIR",
      "where snapshots go (fasa snapshot, --snapshot-interval); every rank must reach it", K_STRING,
@@ -131,6 +138,10 @@ static int s_set(server_config *c, const key *k, const char *value, const char *
         if (!*value) return s_err(err, len, "%s: the endpoint is empty", where);
         return s_copy(c->bind, sizeof(c->bind), value, where, err, len);
     }
+    if (strcmp(k->name, "curve-secret") == 0)
+        return s_copy(c->curve_secret, sizeof(c->curve_secret), value, where, err, len);
+    if (strcmp(k->name, "authorized-keys") == 0)
+        return s_copy(c->authorized_keys, sizeof(c->authorized_keys), value, where, err, len);
     if (strcmp(k->name, "endpoint-file") == 0)
         return s_copy(c->endpoint_file, sizeof(c->endpoint_file), value, where, err, len);
     if (strcmp(k->name, "state-dir") == 0)
@@ -209,6 +220,50 @@ static void s_usage(FILE *out)
           out);
 }
 
+int server_config_bind_is_loopback(const char *ep)
+{
+    if (strncmp(ep, "ipc://", 6) == 0 || strncmp(ep, "inproc://", 9) == 0) return 1;
+    if (strncmp(ep, "tcp://", 6) != 0) return 0;
+    const char *host = ep + 6, *colon = strrchr(host, ':');
+    if (!colon) return 0;
+    const size_t n = (size_t)(colon - host);
+    if ((n == 9 && strncmp(host, "localhost", 9) == 0) ||
+        (n == 5 && strncmp(host, "[::1]", 5) == 0))
+        return 1;
+    /* 127.a.b.c: four decimal parts of at most three digits, each <= 255. */
+    if (n < 9 || strncmp(host, "127.", 4) != 0) return 0;
+    int parts = 1, digits = 0, value = 0;
+    for (const char *p = host + 4; p < colon; p++) {
+        if (*p == '.') {
+            if (!digits) return 0;
+            parts++, digits = 0, value = 0;
+        } else if (*p >= '0' && *p <= '9' && digits < 3) {
+            value = value * 10 + (*p - '0');
+            digits++;
+            if (value > 255) return 0;
+        } else {
+            return 0;
+        }
+    }
+    return parts == 3 && digits > 0; /* three parts after "127." */
+}
+
+/* CURVE needs both settings; without it only loopback is served. */
+static int s_check_auth(const server_config *c, char *err, size_t len)
+{
+    const int secret = *c->curve_secret != 0, keys = *c->authorized_keys != 0;
+    if (secret != keys)
+        return s_err(err, len, "--%s needs --%s too (CURVE encrypts, the allow-list admits)",
+                     secret ? "curve-secret" : "authorized-keys",
+                     secret ? "authorized-keys" : "curve-secret");
+    if (!secret && !server_config_bind_is_loopback(c->bind))
+        return s_err(err, len,
+                     "--bind %s is not loopback: to serve other hosts give --curve-secret FILE "
+                     "and --authorized-keys DIR (see 'fasa keygen'), or bind tcp://127.0.0.1",
+                     c->bind);
+    return 0;
+}
+
 int server_config_load(server_config *c, int argc, char **argv, FILE *out, char *err,
                        size_t err_len)
 {
@@ -279,19 +334,20 @@ int server_config_load(server_config *c, int argc, char **argv, FILE *out, char 
     if ((c->restore || c->snapshot_interval) && !*c->state_dir)
         return s_err(err, err_len, "%s needs --state-dir DIR",
                      c->restore ? "--restore" : "--snapshot-interval");
-    return 0;
+    return s_check_auth(c, err, err_len);
 }
 
 void server_config_describe(const server_config *c, char *buf, size_t len)
 {
-    const int n = snprintf(buf, len,
-                           "bind=%s block=%ld max-message=%lld memory-limit=%lld max-sessions=%d "
-                           "deadline=%ld log-level=%s%s%s%s%s%s%s",
-                           c->bind, c->block, c->max_message, c->memory_limit, c->max_sessions,
-                           c->deadline_ms, fasa_log_level_name(c->log_level),
-                           *c->endpoint_file ? " endpoint-file=" : "", c->endpoint_file,
-                           *c->pid_file ? " pid-file=" : "", c->pid_file,
-                           *c->config ? " config=" : "", c->config);
+    int n = snprintf(buf, len,
+                     "bind=%s block=%ld max-message=%lld memory-limit=%lld max-sessions=%d "
+                     "deadline=%ld log-level=%s%s%s%s%s%s%s%s%s%s%s",
+                     c->bind, c->block, c->max_message, c->memory_limit, c->max_sessions,
+                     c->deadline_ms, fasa_log_level_name(c->log_level),
+                     *c->endpoint_file ? " endpoint-file=" : "", c->endpoint_file,
+                     *c->pid_file ? " pid-file=" : "", c->pid_file, *c->config ? " config=" : "",
+                     c->config, *c->curve_secret ? " curve-secret=" : "", c->curve_secret,
+                     *c->authorized_keys ? " authorized-keys=" : "", c->authorized_keys);
     if (*c->state_dir && n >= 0 && (size_t)n < len)
         snprintf(buf + n, len - (size_t)n, " state-dir=%s restore=%d snapshot-interval=%ld",
                  c->state_dir, c->restore, c->snapshot_interval);

@@ -13,9 +13,11 @@
 
 typedef struct server_config {
     char bind[256];
-    char endpoint_file[512]; /* "" = none */
-    char pid_file[512];      /* "" = none */
-    char config[512];        /* the config file read, "" = none */
+    char endpoint_file[512];   /* "" = none */
+    char pid_file[512];        /* "" = none */
+    char config[512];          /* the config file read, "" = none */
+    char curve_secret[512];    /* the server's CURVE secret key file, "" = no CURVE */
+    char authorized_keys[512]; /* directory of the clients' NAME.pub keys, "" = none */
     long block;
     long long max_message;
     long long memory_limit; /* KV store bytes per rank, 0 = none */
@@ -31,6 +33,11 @@ typedef struct server_config {
  * --help or --version was handled (text written to out), 2 on an error (one line in err). */
 int server_config_load(server_config *c, int argc, char **argv, FILE *out, char *err,
                        size_t err_len);
+
+/* 1 when endpoint listens on this host only: tcp:// on 127.x.y.z, localhost or [::1], or
+ * ipc:// or inproc://. Without CURVE (curve-secret and authorized-keys) the server binds
+ * nothing else. */
+int server_config_bind_is_loopback(const char *endpoint);
 
 /* Writes the settings as a config file would hold them (for the start-up log). */
 void server_config_describe(const server_config *c, char *buf, size_t len);

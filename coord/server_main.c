@@ -19,11 +19,13 @@
 #include <zmq.h>
 
 #include "edge.h"
+#include "keyfile.h"
 #include "log.h"
 #include "server_config.h"
 #include "service.h"
 #include "transport_mpi.h"
 #include "worker_mpi.h"
+#include "zap.h"
 
 static volatile sig_atomic_t s_stop;
 
@@ -168,6 +170,28 @@ static void s_snapshot_due(fasa_service *svc, const server_config *o, struct tim
         fasa_log(FASA_LOG_INFO, 0, "snapshot: %d changed session%s written", n, n > 1 ? "s" : "");
 }
 
+/* Reads the secret key and the allow-list, starts the ZAP handler and makes sock a CURVE
+ * server. 0, or -1 after logging why. */
+static int s_curve_setup(void *ctx, void *sock, const server_config *o, fasa_zap **zap_p)
+{
+    char err[1200], secret[FASA_KEY_Z85_LEN + 1];
+    fasa_zap *zap = NULL;
+    if (fasa_keyfile_read(o->curve_secret, 1, secret, err, sizeof(err)) ||
+        !(zap = fasa_zap_load(o->authorized_keys, err, sizeof(err))) ||
+        fasa_zap_bind(zap, ctx, err, sizeof(err)) ||
+        fasa_zap_curve_server(sock, secret, err, sizeof(err))) {
+        fasa_log(FASA_LOG_ERROR, 0, "%s", err);
+        fasa_zap_destroy(&zap);
+        memset(secret, 0, sizeof(secret));
+        return -1;
+    }
+    memset(secret, 0, sizeof(secret));
+    fasa_log(FASA_LOG_INFO, 0, "curve: on; %zu authorized client key%s from %s",
+             fasa_zap_n_keys(zap), fasa_zap_n_keys(zap) == 1 ? "" : "s", o->authorized_keys);
+    *zap_p = zap;
+    return 0;
+}
+
 static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
 {
     void *ctx = zmq_ctx_new();
@@ -187,6 +211,12 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
     zmq_setsockopt(sock, ZMQ_RCVHWM, &hwm, sizeof(hwm));
     zmq_setsockopt(sock, ZMQ_SNDHWM, &hwm, sizeof(hwm));
     int rc = 0;
+    /* CURVE: the ZAP handler binds before the ROUTER, so no client slips in unchecked. */
+    fasa_zap *zap = NULL;
+    if (*o->curve_secret && s_curve_setup(ctx, sock, o, &zap)) {
+        rc = 1;
+        goto done;
+    }
     if (zmq_bind(sock, o->bind) != 0) {
         fasa_log(FASA_LOG_ERROR, 0, "cannot bind %s: %s", o->bind, zmq_strerror(errno));
         rc = 1;
@@ -216,15 +246,18 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
     clock_gettime(CLOCK_MONOTONIC, &last_snap);
     while (!shutdown && !s_stop) {
         s_snapshot_due(svc, o, &last_snap);
-        zmq_pollitem_t item = {sock, 0, ZMQ_POLLIN, 0};
-        /* Blocks (no spinning) until a request or a signal arrives, unless requests wait. */
-        if (zmq_poll(&item, 1, q.len ? 0 : 1000) < 0) {
+        zmq_pollitem_t items[2] = {{sock, 0, ZMQ_POLLIN, 0},
+                                   {fasa_zap_socket(zap), 0, ZMQ_POLLIN, 0}};
+        /* Blocks (no spinning) until a request, a ZAP request or a signal arrives, unless
+         * requests wait in the queue. */
+        if (zmq_poll(items, zap ? 2 : 1, q.len ? 0 : 1000) < 0) {
             if (errno == EINTR) continue;
             fasa_log(FASA_LOG_ERROR, 0, "zmq_poll: %s", zmq_strerror(errno));
             rc = 1;
             break;
         }
-        if (item.revents & ZMQ_POLLIN) s_queue_fill(&q, sock);
+        if (zap && (items[1].revents & ZMQ_POLLIN)) fasa_zap_serve(zap);
+        if (items[0].revents & ZMQ_POLLIN) s_queue_fill(&q, sock);
         if (!q.len) continue;
         inbound in;
         fasa_service_set_wait(svc, s_now_ms() - q.at[q.head]);
@@ -271,6 +304,7 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
     }
 done:
     zmq_close(sock);
+    fasa_zap_destroy(&zap);
     zmq_ctx_term(ctx);
     if (*o->pid_file) unlink(o->pid_file);
     if (*o->endpoint_file) unlink(o->endpoint_file);

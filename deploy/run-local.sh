@@ -8,9 +8,12 @@
 # Environment: FASA_BUILD (build directory, default ./build), FASA_RUN_DIR (where the PID,
 # endpoint and log files go, default /tmp/fasa-local). Root-safe: sets Open MPI's
 # run-as-root and oversubscription variables, and one OpenBLAS thread per rank.
+# CURVE: pass -- --curve-secret FILE --authorized-keys DIR (needed for a --bind beyond
+# loopback); the start-up ping then uses FASA_CURVE_SERVER_KEY and FASA_CURVE_CLIENT_SECRET,
+# and without them the script only waits for the endpoint file (the server is bound).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
 
 [ $# -ge 1 ] || { usage >&2; exit 2; }
 case "$1" in -h|--help) usage; exit 0 ;; esac
@@ -54,7 +57,12 @@ fi
 launcher=$!
 echo "$launcher" > "$launcher_pid_file"
 
-# Wait for the endpoint file, then for a ping answer.
+# Wait for the endpoint file, then for a ping answer (with CURVE and no client key: none).
+curve=0
+[ -n "${FASA_CURVE_SECRET:-}" ] && curve=1
+for a in "${extra[@]}"; do case "$a" in --curve-secret|--curve-secret=*) curve=1 ;; esac; done
+no_ping=0
+[ "$curve" -eq 1 ] && [ -z "${FASA_CURVE_CLIENT_SECRET:-}" ] && no_ping=1
 for _ in $(seq 1 300); do
     if ! kill -0 "$launcher" 2>/dev/null; then
         echo "run-local: fasa-server exited during start-up; its log ($log):" >&2
@@ -64,7 +72,8 @@ for _ in $(seq 1 300); do
     fi
     if [ -s "$endpoint_file" ]; then
         endpoint=$(cat "$endpoint_file")
-        if [ ! -x "$client" ] || FASA_TIMEOUT_MS=2000 "$client" ping --server "$endpoint" >/dev/null 2>&1; then
+        if [ ! -x "$client" ] || [ "$no_ping" -eq 1 ] ||
+           FASA_TIMEOUT_MS=2000 "$client" ping --server "$endpoint" >/dev/null 2>&1; then
             echo "fasa-server: $n rank(s) answering on $endpoint"
             echo "endpoint: $endpoint"
             echo "pid file: $pid_file (launcher $launcher_pid_file, log $log)"
@@ -74,4 +83,5 @@ for _ in $(seq 1 300); do
     sleep 0.1
 done
 echo "run-local: fasa-server did not answer within 30 s; see $log" >&2
+[ "$curve" -eq 1 ] && echo "run-local: (CURVE is on: FASA_CURVE_SERVER_KEY and FASA_CURVE_CLIENT_SECRET must name the server's public key and an authorised client's secret key)" >&2
 exit 1
