@@ -141,6 +141,8 @@ fasa_client *backend_connect(const char *server, int timeout_ms, fasa_client_ser
         return NULL;
     }
     fasa_client_set_timeout(c, backend_timeout_ms(timeout_ms));
+    const char *dl = getenv("FASA_DEADLINE_MS");
+    if (dl && *dl) fasa_client_set_deadline(c, (uint32_t)strtoul(dl, NULL, 10));
     return c;
 }
 

@@ -43,7 +43,9 @@ static const char usage[] =
     "client's secret key), or FASA_CURVE_SERVER_KEY and FASA_CURVE_CLIENT_SECRET.\n"
     "\n"
     "FASA_TIMEOUT_MS: the wait for each server reply in milliseconds (default 120000, and\n"
-    "5000 for the ping that first checks the server answers).\n"
+    "5000 for the ping that first checks the server answers). FASA_DEADLINE_MS: a deadline\n"
+    "sent with each request; one that waits longer in the server's queue is not run\n"
+    "(UNAVAILABLE).\n"
     "Run 'fasa COMMAND --help' for a command's options.\n";
 
 int cli_fail(const char *cmd, const char *fmt, ...)

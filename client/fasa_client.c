@@ -29,6 +29,7 @@ struct fasa_client {
     void *mon; /* PAIR receiving sock's connection and handshake events, or NULL */
     char *endpoint;
     int timeout_ms;
+    uint32_t deadline_ms; /* sent with every request; 0: none */
     uint64_t next_id;
     volatile sig_atomic_t *interrupt;
     int curve;                        /* 1: CURVE keys below are set */
@@ -267,6 +268,11 @@ fasa_client_status fasa_client_set_curve(fasa_client *c, const char *server_key,
     return FASA_CLIENT_OK;
 }
 
+void fasa_client_set_deadline(fasa_client *c, uint32_t deadline_ms)
+{
+    if (c) c->deadline_ms = deadline_ms;
+}
+
 void fasa_client_set_timeout(fasa_client *c, int timeout_ms)
 {
     if (!c) return;
@@ -393,6 +399,8 @@ static fasa_client_status s_call(fasa_client *c, Fasa__V1__Request *req,
                       zmq_strerror(errno));
     req->protocol_version = PROTOCOL_VERSION;
     req->request_id = c->next_id++;
+    req->has_deadline_ms = c->deadline_ms > 0;
+    req->deadline_ms = c->deadline_ms;
     const size_t size = fasa__v1__request__get_packed_size(req);
     if ((uint64_t)size > CLIENT_MAX_BYTES)
         return s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED,

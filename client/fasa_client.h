@@ -102,6 +102,12 @@ const char *fasa_client_status_name(fasa_client_status status);
 fasa_client_status fasa_client_connect(const char *endpoint, int timeout_ms, fasa_client **client_p,
                                        fasa_client_error *err);
 
+/* A deadline sent with every later request (0: none, the default): a request that has
+ * waited longer than deadline_ms in the server's queue is answered UNAVAILABLE without
+ * running (the server's --deadline applies to requests without one). Useful with a reply
+ * timeout: the server then skips work whose caller has given up. */
+void fasa_client_set_deadline(fasa_client *c, uint32_t deadline_ms);
+
 /* Turns on CURVE encryption and authentication for this handle, as a fasa-server started
  * with --curve-secret and --authorized-keys requires; call it right after
  * fasa_client_connect, before the first request. Keys are 40-character Z85 strings (the

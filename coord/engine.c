@@ -64,6 +64,9 @@ struct fasa_engine {
     int *n_sel;        /* (units) tokens each unit selected */
     size_t cap_cands, cap_ncands, cap_merged, cap_units, cap_heads, cap_m, cap_l, cap_o;
     size_t cap_aux, cap_nsel;
+    double *merge;  /* (ns + ns * head_dim + 2 * head_dim) one head's partials, for the merge */
+    float *merge_m; /* (ns) */
+    size_t cap_merge, cap_merge_m;
 };
 
 static const char *const s_status_names[] = {"OK",
@@ -177,6 +180,8 @@ void fasa_engine_destroy(fasa_engine_t **engine_p)
     free(e->aux);
     free(e->n_sel);
     free(e->shard_bytes);
+    free(e->merge);
+    free(e->merge_m);
     free(e);
     *engine_p = NULL;
 }
@@ -789,14 +794,18 @@ static void s_plan_select(const fasa_engine_t *e, step_plan *p, int32_t *selecte
 }
 
 /* Phase 2's merge (after the shards' partials are in p->m, l, o, aux): the outputs. */
-static void s_plan_finish(const fasa_engine_t *e, const step_plan *p, float *out,
-                          fasa_step_stats *stats)
+static int s_plan_finish(fasa_engine_t *e, const step_plan *p, float *out, fasa_step_stats *stats)
 {
     const int ns = e->tr.n_shards, nh = p->s->cfg.n_heads, d = p->s->cfg.head_dim;
     const size_t na = SHARD_SPARQ_AUX(d);
+    /* On the heap: with many shards and a large head_dim these would not fit a stack. */
+    if (s_grow((void **)&e->merge, &e->cap_merge,
+               ((size_t)ns + (size_t)ns * d + 2 * (size_t)d) * sizeof(double)) ||
+        s_grow((void **)&e->merge_m, &e->cap_merge_m, (size_t)ns * sizeof(float)))
+        return -1;
+    float *mp = e->merge_m, mh;
+    double *lp = e->merge, *op = lp + ns, *oh = op + (size_t)ns * d, *vbar = oh + d, lh;
     for (int h = 0; h < nh; h++) {
-        float mp[ns], mh;
-        double lp[ns], lh, op[(size_t)ns * d], oh[d];
         for (int sh = 0; sh < ns; sh++) {
             mp[sh] = p->m[sh * nh + h];
             lp[sh] = p->l[sh * nh + h];
@@ -808,7 +817,7 @@ static void s_plan_finish(const fasa_engine_t *e, const step_plan *p, float *out
         if (p->st.method == SHARD_SPARQ) {
             /* Mean-value reallocation: the global softmax normaliser of z, the selected
              * tokens' share alpha of it, and the mean of every visible value. */
-            double zmax = -INFINITY, z = 0, count = 0, vbar[d], alpha = 0;
+            double zmax = -INFINITY, z = 0, count = 0, alpha = 0;
             for (int sh = 0; sh < ns; sh++) {
                 const double *a = p->aux + ((size_t)sh * nh + h) * na;
                 if (a[0] > zmax) zmax = a[0];
@@ -833,6 +842,7 @@ static void s_plan_finish(const fasa_engine_t *e, const step_plan *p, float *out
         stats->n_visible = p->n_vis;
         stats->bytes_read = p->bytes;
     }
+    return 0;
 }
 
 static fasa_status s_step_failed(const step_plan *p, fasa_error *err)
@@ -861,7 +871,8 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
     s_plan_select(e, &p, selected);
     if (e->tr.attend(e->tr.ctx, p.s->sid, &p.st, p.thr, p.have_thr, p.m, p.l, p.o, p.aux, &p.bytes))
         return s_step_failed(&p, err);
-    s_plan_finish(e, &p, out, stats);
+    if (s_plan_finish(e, &p, out, stats))
+        return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory merging a step of '%s'", id);
     return FASA_OK;
 }
 
@@ -964,8 +975,10 @@ int fasa_engine_attend_batch(fasa_engine_t *e, int n, const char *const *ids,
             if (attending[w]) {
                 if (e->tr.wait(e->tr.ctx)) {
                     s_step_failed(p, &errs[idx[w]]);
+                } else if (s_plan_finish(e, p, outs[idx[w]], stats ? &stats[idx[w]] : NULL)) {
+                    s_fail(&errs[idx[w]], FASA_RESOURCE_EXHAUSTED,
+                           "out of memory merging a step of '%s'", p->id);
                 } else {
-                    s_plan_finish(e, p, outs[idx[w]], stats ? &stats[idx[w]] : NULL);
                     errs[idx[w]].code = FASA_OK;
                     errs[idx[w]].msg[0] = 0;
                     n_ok++;
