@@ -97,6 +97,8 @@ int backend_take_curve_args(int *argc_p, char **argv)
 
 int backend_client_curve(fasa_client *c, char *msg, size_t msg_len)
 {
+    const char *dl = getenv("FASA_DEADLINE_MS");
+    if (dl && *dl) fasa_client_set_deadline(c, (uint32_t)strtoul(dl, NULL, 10));
     const char *server_key = getenv(BACKEND_ENV_SERVER_KEY), *secret = getenv(BACKEND_ENV_SECRET);
     const int has_server = server_key && *server_key, has_secret = secret && *secret;
     if (!has_server && !has_secret) return 0;
@@ -141,8 +143,6 @@ fasa_client *backend_connect(const char *server, int timeout_ms, fasa_client_ser
         return NULL;
     }
     fasa_client_set_timeout(c, backend_timeout_ms(timeout_ms));
-    const char *dl = getenv("FASA_DEADLINE_MS");
-    if (dl && *dl) fasa_client_set_deadline(c, (uint32_t)strtoul(dl, NULL, 10));
     return c;
 }
 

@@ -48,7 +48,9 @@ struct fasa_client *backend_connect(const char *server, int timeout_ms,
 int backend_take_curve_args(int *argc_p, char **argv);
 
 /* Gives c the CURVE keys named by the environment variables above (nothing when neither is
- * set). 0, or -1 with one line naming the file or flag at fault in msg. */
+ * set), and the deadline of FASA_DEADLINE_MS when set (fasa_client_set_deadline): every
+ * connection of the CLI passes here. 0, or -1 with one line naming the file or flag at
+ * fault in msg. */
 int backend_client_curve(struct fasa_client *c, char *msg, size_t msg_len);
 
 /* Opens a backend: server == NULL runs an embedded engine over shards in-process shards

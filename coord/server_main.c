@@ -4,10 +4,15 @@
  *
  * Every MPI call happens on the main thread of each rank (MPI_THREAD_FUNNELED). Rank 0
  * handles one request at a time, in arrival order; clients match replies by request id.
+ * A second thread of rank 0 owns the ROUTER socket (and the ZAP handler): it reads every
+ * request as it arrives, stamps it with the time, and hands it to the main thread over an
+ * inproc PAIR, so that a request's wait for its deadline_ms counts from its arrival even
+ * while the main thread is busy with a long step, and clients are admitted meanwhile.
  * SIGTERM, SIGINT and a Shutdown request all stop every rank cleanly. */
 #include <errno.h>
 #include <limits.h>
 #include <malloc.h>
+#include <pthread.h>
 #include <mpi.h>
 #include <signal.h>
 #include <stdio.h>
@@ -43,24 +48,27 @@ static int s_write_file(const char *path, const char *text)
     return fclose(f) || bad ? -1 : 0;
 }
 
-/* Receives one message (all its frames). Frames: [routing id][empty delimiter, REQ
- * peers only][payload]. Returns 0 with the parts filled (payload may be NULL when the
- * shape is wrong: *bad_shape_p is then 1), or -1 when nothing could be read. */
+/* Receives one request from the I/O thread (all its frames): [arrival time, 8 bytes][routing
+ * id][empty delimiter, REQ peers only][payload]. Returns 0 with the parts filled (payload
+ * may be NULL when the shape is wrong: bad_shape is then 1), or -1 when nothing could be
+ * read. */
 typedef struct inbound {
     zmq_msg_t id, payload;
     int has_id, has_payload, has_delim, bad_shape;
+    double at_ms; /* when the I/O thread read it (CLOCK_MONOTONIC) */
 } inbound;
 
 static int s_recv(void *sock, inbound *in)
 {
     memset(in, 0, sizeof(*in));
+    if (zmq_recv(sock, &in->at_ms, sizeof(in->at_ms), ZMQ_DONTWAIT) != (int)sizeof(in->at_ms))
+        return -1;
     int frame = 0, more = 1;
     while (more) {
         zmq_msg_t m;
         zmq_msg_init(&m);
-        if (zmq_msg_recv(&m, sock, frame ? 0 : ZMQ_DONTWAIT) < 0) {
+        if (zmq_msg_recv(&m, sock, 0) < 0) {
             zmq_msg_close(&m);
-            if (frame == 0) return -1;
             in->bad_shape = 1;
             break;
         }
@@ -117,17 +125,6 @@ static void s_log_event(const fasa_service_event *ev)
              ev->ms, ev->bytes_in, ev->bytes_out, *ev->msg ? ": " : "", ev->msg);
 }
 
-/* Requests read off the socket and not yet handled, with the time each was read, so that
- * a request's wait (for its deadline_ms) is measured. The server reads every request that
- * is ready before and after each one it handles; QUEUE_MAX bounds what it holds, and
- * beyond that ZeroMQ's own bounded queue (ZMQ_RCVHWM) holds the rest. */
-#define QUEUE_MAX 32
-typedef struct queue {
-    inbound in[QUEUE_MAX];
-    double at[QUEUE_MAX];
-    int head, len;
-} queue;
-
 static double s_now_ms(void)
 {
     struct timespec t;
@@ -135,24 +132,98 @@ static double s_now_ms(void)
     return 1e3 * (double)t.tv_sec + 1e-6 * (double)t.tv_nsec;
 }
 
-/* Takes the oldest request out of the queue into *in (the caller closes it). */
-static void s_queue_pop(queue *q, inbound *in)
+/* The I/O thread: the ROUTER (clients), its end of the PAIR to the main thread, and the
+ * ZAP handler. Requests go to the main thread only while the PAIR can take them (its
+ * high-water mark, IO_HWM, bounds what waits there; beyond it ZeroMQ's own queue on the
+ * ROUTER does, and then TCP backpressure), so memory stays bounded. */
+#define IO_ENDPOINT "inproc://fasa-io"
+#define IO_HWM 16
+typedef struct io_thread {
+    void *router, *pair;
+    fasa_zap *zap;
+    pthread_t th;
+} io_thread;
+
+/* One request from the ROUTER to the main thread, stamped; -1 when none is waiting. */
+static int s_io_request(io_thread *io)
 {
-    inbound *src = &q->in[q->head];
-    *in = *src;
-    if (src->has_id) zmq_msg_init(&in->id), zmq_msg_move(&in->id, &src->id);
-    if (src->has_payload) zmq_msg_init(&in->payload), zmq_msg_move(&in->payload, &src->payload);
-    q->head = (q->head + 1) % QUEUE_MAX;
-    q->len--;
+    zmq_msg_t m;
+    zmq_msg_init(&m);
+    if (zmq_msg_recv(&m, io->router, ZMQ_DONTWAIT) < 0) {
+        zmq_msg_close(&m);
+        return -1;
+    }
+    const double at = s_now_ms();
+    zmq_send(io->pair, &at, sizeof(at), ZMQ_SNDMORE);
+    for (;;) {
+        const int more = zmq_msg_more(&m);
+        zmq_msg_send(&m, io->pair, more ? ZMQ_SNDMORE : 0);
+        zmq_msg_close(&m);
+        if (!more) return 0;
+        zmq_msg_init(&m);
+        if (zmq_msg_recv(&m, io->router, 0) < 0) {
+            zmq_msg_close(&m);
+            zmq_send(io->pair, "", 0, 0); /* ends the message; the main thread refuses it */
+            return 0;
+        }
+    }
 }
 
-static void s_queue_fill(queue *q, void *sock)
+/* One reply from the main thread to the ROUTER: 0; 1 for the stop message (one empty
+ * frame); -1 when none is waiting. A peer gone away or too slow loses its reply. */
+static int s_io_reply(io_thread *io)
 {
-    while (q->len < QUEUE_MAX) {
-        const int at = (q->head + q->len) % QUEUE_MAX;
-        if (s_recv(sock, &q->in[at])) break;
-        q->at[at] = s_now_ms();
-        q->len++;
+    zmq_msg_t m;
+    zmq_msg_init(&m);
+    if (zmq_msg_recv(&m, io->pair, ZMQ_DONTWAIT) < 0) {
+        zmq_msg_close(&m);
+        return -1;
+    }
+    if (!zmq_msg_more(&m) && zmq_msg_size(&m) == 0) {
+        zmq_msg_close(&m);
+        return 1;
+    }
+    int ok = 1;
+    for (;;) {
+        const int more = zmq_msg_more(&m);
+        if (ok && zmq_msg_send(&m, io->router, (more ? ZMQ_SNDMORE : 0) | ZMQ_DONTWAIT) < 0) ok = 0;
+        zmq_msg_close(&m);
+        if (!more) return 0;
+        zmq_msg_init(&m);
+        if (zmq_msg_recv(&m, io->pair, 0) < 0) {
+            zmq_msg_close(&m);
+            return 0;
+        }
+    }
+}
+
+static void *s_io_main(void *arg)
+{
+    io_thread *io = arg;
+    int blocked = 0; /* the PAIR was full: wait until it can take a request */
+    for (;;) {
+        zmq_pollitem_t it[3] = {{io->router, 0, blocked ? 0 : ZMQ_POLLIN, 0},
+                                {io->pair, 0, ZMQ_POLLIN | (blocked ? ZMQ_POLLOUT : 0), 0},
+                                {fasa_zap_socket(io->zap), 0, ZMQ_POLLIN, 0}};
+        if (zmq_poll(it, io->zap ? 3 : 2, -1) < 0) {
+            if (errno == EINTR) continue;
+            fasa_log(FASA_LOG_ERROR, 0, "I/O thread: zmq_poll: %s", zmq_strerror(errno));
+            return NULL;
+        }
+        if (io->zap && (it[2].revents & ZMQ_POLLIN)) fasa_zap_serve(io->zap);
+        for (int r; (r = s_io_reply(io)) >= 0;)
+            if (r == 1) return NULL;
+        blocked = 0;
+        for (;;) {
+            int ev = 0;
+            size_t ev_len = sizeof(ev);
+            zmq_getsockopt(io->pair, ZMQ_EVENTS, &ev, &ev_len);
+            if (!(ev & ZMQ_POLLOUT)) {
+                blocked = 1;
+                break;
+            }
+            if (s_io_request(io)) break;
+        }
     }
 }
 
@@ -240,28 +311,49 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
              n_ranks, n_ranks > 1 ? "s" : "",
              n_ranks > 1 ? "coordinator + workers" : "one rank holds the shard", pid, settings);
 
+    /* The I/O thread takes the ROUTER and the ZAP handler from here on; it never sees
+     * SIGTERM or SIGINT (they stop this thread's loop). */
+    io_thread io = {.router = sock, .zap = zap};
+    void *pair = zmq_socket(ctx, ZMQ_PAIR);
+    io.pair = zmq_socket(ctx, ZMQ_PAIR);
+    const int io_hwm = IO_HWM, zero = 0;
+    if (pair) zmq_setsockopt(pair, ZMQ_RCVHWM, &io_hwm, sizeof(io_hwm));
+    if (io.pair) zmq_setsockopt(io.pair, ZMQ_SNDHWM, &io_hwm, sizeof(io_hwm));
+    if (pair) zmq_setsockopt(pair, ZMQ_LINGER, &zero, sizeof(zero));
+    if (io.pair) zmq_setsockopt(io.pair, ZMQ_LINGER, &zero, sizeof(zero));
+    sigset_t block, old;
+    sigemptyset(&block);
+    sigaddset(&block, SIGTERM);
+    sigaddset(&block, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &block, &old);
+    const int started = pair && io.pair && zmq_bind(pair, IO_ENDPOINT) == 0 &&
+                        zmq_connect(io.pair, IO_ENDPOINT) == 0 &&
+                        pthread_create(&io.th, NULL, s_io_main, &io) == 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (!started) {
+        fasa_log(FASA_LOG_ERROR, 0, "cannot start the I/O thread: %s", zmq_strerror(errno));
+        if (pair) zmq_close(pair);
+        if (io.pair) zmq_close(io.pair);
+        rc = 1;
+        goto done;
+    }
+
     int shutdown = 0;
-    static queue q;
     struct timespec last_snap;
     clock_gettime(CLOCK_MONOTONIC, &last_snap);
     while (!shutdown && !s_stop) {
         s_snapshot_due(svc, o, &last_snap);
-        zmq_pollitem_t items[2] = {{sock, 0, ZMQ_POLLIN, 0},
-                                   {fasa_zap_socket(zap), 0, ZMQ_POLLIN, 0}};
-        /* Blocks (no spinning) until a request, a ZAP request or a signal arrives, unless
-         * requests wait in the queue. */
-        if (zmq_poll(items, zap ? 2 : 1, q.len ? 0 : 1000) < 0) {
+        zmq_pollitem_t item = {pair, 0, ZMQ_POLLIN, 0};
+        /* Blocks (no spinning) until a request or a signal arrives. */
+        if (zmq_poll(&item, 1, 1000) < 0) {
             if (errno == EINTR) continue;
             fasa_log(FASA_LOG_ERROR, 0, "zmq_poll: %s", zmq_strerror(errno));
             rc = 1;
             break;
         }
-        if (zap && (items[1].revents & ZMQ_POLLIN)) fasa_zap_serve(zap);
-        if (items[0].revents & ZMQ_POLLIN) s_queue_fill(&q, sock);
-        if (!q.len) continue;
         inbound in;
-        fasa_service_set_wait(svc, s_now_ms() - q.at[q.head]);
-        s_queue_pop(&q, &in);
+        if (!(item.revents & ZMQ_POLLIN) || s_recv(pair, &in)) continue;
+        fasa_service_set_wait(svc, s_now_ms() - in.at_ms);
         uint8_t *reply = NULL;
         size_t reply_len = 0;
         int failed;
@@ -272,7 +364,7 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
         else
             failed = fasa_service_handle(svc, zmq_msg_data(&in.payload), zmq_msg_size(&in.payload),
                                          &reply, &reply_len, &shutdown);
-        if (!failed) s_send(sock, &in, reply, reply_len);
+        if (!failed) s_send(pair, &in, reply, reply_len);
         free(reply);
         s_inbound_close(&in);
         if (in.bad_shape)
@@ -283,14 +375,12 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
     fasa_log(FASA_LOG_INFO, 0, "fasa-server: stopping (%s)",
              s_stop ? "signal" : "shutdown request");
     /* Requests already queued get UNAVAILABLE rather than silence, so clients retry
-     * elsewhere instead of waiting out their timeout. */
+     * elsewhere instead of waiting out their timeout: whatever the I/O thread hands over
+     * until none has come for 100 ms. */
     for (int drained = 0; drained < 1000; drained++) {
+        zmq_pollitem_t item = {pair, 0, ZMQ_POLLIN, 0};
         inbound in;
-        if (q.len) {
-            s_queue_pop(&q, &in);
-        } else if (s_recv(sock, &in)) {
-            break;
-        }
+        if (zmq_poll(&item, 1, 100) <= 0 || s_recv(pair, &in)) break;
         uint8_t *reply = NULL;
         size_t reply_len = 0;
         uint64_t rid = 0;
@@ -298,10 +388,14 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
             rid = fasa_service_request_id(zmq_msg_data(&in.payload), zmq_msg_size(&in.payload));
         if (!fasa_service_error(rid, FASA_UNAVAILABLE, "the server is shutting down", &reply,
                                 &reply_len))
-            s_send(sock, &in, reply, reply_len);
+            s_send(pair, &in, reply, reply_len);
         free(reply);
         s_inbound_close(&in);
     }
+    zmq_send(pair, "", 0, 0); /* stop */
+    pthread_join(io.th, NULL);
+    zmq_close(pair);
+    zmq_close(io.pair);
 done:
     zmq_close(sock);
     fasa_zap_destroy(&zap);

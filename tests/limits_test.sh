@@ -107,5 +107,41 @@ for i in $(seq $((held / rows))); do
 done
 [ $got = $held ] && ok "after the drop, b took $got tokens" || bad "after the drop b took $got of $held: $(cat "$tmp/out")"
 
+# Deadlines: three slow dense steps (1024 query heads x 512 dims over 4096 tokens each) queue
+# up; a ping that may wait 50 ms behind them is answered UNAVAILABLE without running, one
+# that may wait a minute is served.
+bash "$root/deploy/stop-local.sh" >/dev/null 2>&1
+if ! bash "$root/deploy/run-local.sh" "$n" --bind 'tcp://127.0.0.1:*' >"$tmp/start" 2>&1; then
+    bad "the second server did not start: $(cat "$tmp/start")"
+else
+    export FASA_SERVER=$(cat "$FASA_RUN_DIR/endpoint")
+    npyz() { # a float32 .npy of zeros: npyz FILE 'SHAPE' BYTES
+        local hdr="{'descr': '<f4', 'fortran_order': False, 'shape': ($2), }"
+        while [ $(( (10 + ${#hdr} + 1) % 64 )) -ne 0 ]; do hdr="$hdr "; done
+        local hl=$((${#hdr} + 1))
+        { printf '\x93NUMPY\x01\x00'; printf "\\x$(printf %02x $((hl % 256)))\\x$(printf %02x $((hl / 256)))"
+          printf '%s\n' "$hdr"; head -c "$3" /dev/zero; } >"$1"
+    }
+    npyz "$tmp/bk.npy" "4096, 1, 512" $((4096 * 512 * 4))
+    npyz "$tmp/bq.npy" "1024, 512" $((1024 * 512 * 4))
+    "$fasa" create --session slow --layers 1 --heads 1024 --kv-heads 1 --head-dim 512 --method dense >/dev/null &&
+        "$fasa" append --session slow --layer 0 --k "$tmp/bk.npy" --v "$tmp/bk.npy" >/dev/null || bad "slow session"
+    for i in 1 2 3; do
+        "$fasa" attend --session slow --layer 0 --q "$tmp/bq.npy" --out "$tmp/bo$i.npy" >/dev/null 2>&1 &
+    done
+    sleep 0.2
+    if FASA_DEADLINE_MS=50 "$fasa" ping >"$tmp/out" 2>&1; then
+        bad "a ping with a 50 ms deadline behind three slow steps was served"
+    elif grep -q "deadline" "$tmp/out"; then
+        ok "a ping past its deadline was not run: $(head -c 200 "$tmp/out")"
+    else
+        bad "ping past its deadline: $(cat "$tmp/out")"
+    fi
+    FASA_DEADLINE_MS=60000 "$fasa" ping >/dev/null 2>&1 && ok "a ping with a 60 s deadline was served" ||
+        bad "a ping with a 60 s deadline failed"
+    wait
+    for i in 1 2 3; do [ -s "$tmp/bo$i.npy" ] || bad "slow step $i gave no output"; done
+fi
+
 echo "limits ($n ranks): $pass passed, $fail failed"
 [ $fail -eq 0 ]
