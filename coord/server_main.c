@@ -123,7 +123,8 @@ static int s_curve_setup(void *ctx, void *sock, const server_config *o, fasa_zap
     if (fasa_keyfile_read(o->curve_secret, 1, secret, err, sizeof(err)) ||
         !(zap = fasa_zap_load(o->authorized_keys, err, sizeof(err))) ||
         fasa_zap_bind(zap, ctx, err, sizeof(err)) ||
-        fasa_zap_curve_server(sock, secret, err, sizeof(err))) {
+        fasa_zap_curve_server(sock, secret, err, sizeof(err)) ||
+        fasa_zap_watch(zap, ctx, sock, err, sizeof(err))) {
         fasa_log(FASA_LOG_ERROR, 0, "%s", err);
         fasa_zap_destroy(&zap);
         memset(secret, 0, sizeof(secret));
@@ -186,16 +187,17 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
 
     int shutdown = 0;
     while (!shutdown && !s_stop) {
-        zmq_pollitem_t items[2] = {{sock, 0, ZMQ_POLLIN, 0},
-                                   {fasa_zap_socket(zap), 0, ZMQ_POLLIN, 0}};
+        zmq_pollitem_t items[3] = {{sock, 0, ZMQ_POLLIN, 0},
+                                   {fasa_zap_socket(zap), 0, ZMQ_POLLIN, 0},
+                                   {fasa_zap_watch_socket(zap), 0, ZMQ_POLLIN, 0}};
         /* Blocks (no spinning) until a request, a ZAP request or a signal arrives. */
-        if (zmq_poll(items, zap ? 2 : 1, 1000) < 0) {
+        if (zmq_poll(items, zap ? 3 : 1, 1000) < 0) {
             if (errno == EINTR) continue;
             fasa_log(FASA_LOG_ERROR, 0, "zmq_poll: %s", zmq_strerror(errno));
             rc = 1;
             break;
         }
-        if (zap && (items[1].revents & ZMQ_POLLIN)) fasa_zap_serve(zap);
+        if (zap && ((items[1].revents | items[2].revents) & ZMQ_POLLIN)) fasa_zap_serve(zap);
         if (!(items[0].revents & ZMQ_POLLIN)) continue;
         inbound in;
         if (s_recv(sock, &in)) continue;
