@@ -213,6 +213,15 @@ START_TEST(test_bind_rule)
     ck_assert_int_eq(server_config_load(&c, 3, plain, out, err, sizeof(err)), 2);
     ck_assert_ptr_nonnull(strstr(err, "--curve-secret needs --authorized-keys"));
     unsetenv("FASA_CURVE_SECRET");
+    /* And the config file (names as the long options). */
+    const char *conf = s_file("fasa.conf",
+                              "bind = tcp://0.0.0.0:5555\ncurve-secret = /k/s.key\n"
+                              "authorized_keys = /k/allowed\n",
+                              0644);
+    char *with_conf[] = {"fasa-server", "--config", (char *)conf, NULL};
+    ck_assert_int_eq(server_config_load(&c, 3, with_conf, out, err, sizeof(err)), 0);
+    ck_assert_str_eq(c.curve_secret, "/k/s.key");
+    ck_assert_str_eq(c.authorized_keys, "/k/allowed");
     fclose(out);
 }
 END_TEST
