@@ -371,8 +371,9 @@ static fasa_client_status s_check_events(fasa_client *c, fasa_client_error *err)
                                    : "");
         /* NO_DETAIL: the server dropped the connection mid-handshake. It does that to a
          * plain client (it requires CURVE) and to a CURVE client whose server key is
-         * wrong (it cannot decrypt the hello). */
-        if (ev == ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+         * wrong (it cannot decrypt the hello). After a handshake that worked on this
+         * socket it is rather a server going away: the wait goes on (ZeroMQ retries). */
+        if (ev == ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL && !c->handshaken)
             return s_fail(err, FASA_CLIENT_UNAUTHENTICATED,
                           "%s closed the connection during the security handshake (%s): %s",
                           c->endpoint, zmq_strerror((int)val),

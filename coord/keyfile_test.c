@@ -9,6 +9,7 @@
 #include <unistd.h>
 #include <zmq.h>
 
+#include "fasa_client.h"
 #include "keyfile.h"
 #include "server_config.h"
 #include "zap.h"
@@ -212,7 +213,50 @@ START_TEST(test_bind_rule)
     ck_assert_int_eq(server_config_load(&c, 3, plain, out, err, sizeof(err)), 2);
     ck_assert_ptr_nonnull(strstr(err, "--curve-secret needs --authorized-keys"));
     unsetenv("FASA_CURVE_SECRET");
+    /* And the config file (names as the long options). */
+    const char *conf = s_file("fasa.conf",
+                              "bind = tcp://0.0.0.0:5555\ncurve-secret = /k/s.key\n"
+                              "authorized_keys = /k/allowed\n",
+                              0644);
+    char *with_conf[] = {"fasa-server", "--config", (char *)conf, NULL};
+    ck_assert_int_eq(server_config_load(&c, 3, with_conf, out, err, sizeof(err)), 0);
+    ck_assert_str_eq(c.curve_secret, "/k/s.key");
+    ck_assert_str_eq(c.authorized_keys, "/k/allowed");
     fclose(out);
+}
+END_TEST
+
+/* libfasa's fasa_client_set_curve takes only Z85 keys, naming the bad argument (that the
+ * derived public key is the right one, auth_test.sh shows: its clients give only .key). */
+START_TEST(test_client_set_curve)
+{
+    char server_pub[41], server_secret[41], pub[41], secret[41];
+    ck_assert_int_eq(zmq_curve_keypair(server_pub, server_secret), 0);
+    ck_assert_int_eq(zmq_curve_keypair(pub, secret), 0);
+    fasa_client *c = NULL;
+    fasa_client_error e;
+    ck_assert_int_eq(fasa_client_connect("tcp://127.0.0.1:1", 1000, &c, &e), FASA_CLIENT_OK);
+    char short_key[41];
+    memcpy(short_key, server_pub, 39);
+    short_key[39] = 0;
+    ck_assert_int_eq(fasa_client_set_curve(c, short_key, secret, NULL, &e),
+                     FASA_CLIENT_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(e.msg, "server_key: not a CURVE key"));
+    char bad_char[41];
+    memcpy(bad_char, secret, 41);
+    bad_char[3] = ' ';
+    ck_assert_int_eq(fasa_client_set_curve(c, server_pub, bad_char, NULL, &e),
+                     FASA_CLIENT_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(e.msg, "client_secret: not a CURVE key"));
+    ck_assert_int_eq(fasa_client_set_curve(c, server_pub, secret, "x", &e),
+                     FASA_CLIENT_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(e.msg, "client_public"));
+    ck_assert_int_eq(fasa_client_set_curve(NULL, server_pub, secret, NULL, &e),
+                     FASA_CLIENT_INVALID_ARGUMENT);
+    ck_assert_int_eq(fasa_client_set_curve(c, server_pub, secret, NULL, &e), FASA_CLIENT_OK);
+    ck_assert_int_eq(fasa_client_set_curve(c, server_pub, secret, pub, &e), FASA_CLIENT_OK);
+    fasa_client_close(&c);
+    ck_assert_ptr_null(c);
 }
 END_TEST
 
@@ -225,6 +269,7 @@ int main(void)
     tcase_add_test(tc, test_keyfile_bad);
     tcase_add_test(tc, test_zap_allow_list);
     tcase_add_test(tc, test_bind_rule);
+    tcase_add_test(tc, test_client_set_curve);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);

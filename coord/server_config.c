@@ -19,8 +19,7 @@ typedef struct key {
 
 static const key s_keys[] = {
     {"bind", "FASA_BIND", "tcp://127.0.0.1:5555", "ENDPOINT",
-     "where to listen (port * = any free one); anything but loopback needs --curve-secret",
-     K_STRING, 0, 0},
+     "where to listen (port * = any free one; beyond loopback: CURVE only)", K_STRING, 0, 0},
     {"endpoint-file", "FASA_ENDPOINT_FILE", "", "FILE",
      "write the bound endpoint to FILE once listening", K_STRING, 0, 0},
     {"pid-file", "FASA_PID_FILE", "", "FILE", "write the coordinator's PID to FILE once listening",
@@ -40,11 +39,9 @@ static const key s_keys[] = {
     {"log-level", "FASA_LOG_LEVEL", "info", "LEVEL",
      "error, warn, info (+ start, stop, refusals), debug (+ all)", K_LEVEL, 0, 0},
     {"curve-secret", "FASA_CURVE_SECRET", "", "FILE",
-     "the server's CURVE secret key ('fasa keygen'; mode 0600): encrypt and authenticate "
-     "clients",
-     K_STRING, 0, 0},
+     "CURVE: the server's secret key ('fasa keygen' NAME.key, mode 0600)", K_STRING, 0, 0},
     {"authorized-keys", "FASA_AUTHORIZED_KEYS", "", "DIR",
-     "with --curve-secret: admit only clients whose NAME.pub is in DIR", K_STRING, 0, 0},
+     "CURVE: admit only the clients whose NAME.pub is in DIR", K_STRING, 0, 0},
     {"quiet", "FASA_QUIET", "", "", "the same as --log-level warn", K_FLAG, 0, 0},
     {"state-dir", "FASA_STATE_DIR", "", "DIR",
      "where snapshots go (fasa snapshot, --snapshot-interval); every rank must reach it", K_STRING,

@@ -202,15 +202,16 @@ static void *s_io_main(void *arg)
     io_thread *io = arg;
     int blocked = 0; /* the PAIR was full: wait until it can take a request */
     for (;;) {
-        zmq_pollitem_t it[3] = {{io->router, 0, blocked ? 0 : ZMQ_POLLIN, 0},
+        zmq_pollitem_t it[4] = {{io->router, 0, blocked ? 0 : ZMQ_POLLIN, 0},
                                 {io->pair, 0, ZMQ_POLLIN | (blocked ? ZMQ_POLLOUT : 0), 0},
-                                {fasa_zap_socket(io->zap), 0, ZMQ_POLLIN, 0}};
-        if (zmq_poll(it, io->zap ? 3 : 2, -1) < 0) {
+                                {fasa_zap_socket(io->zap), 0, ZMQ_POLLIN, 0},
+                                {fasa_zap_watch_socket(io->zap), 0, ZMQ_POLLIN, 0}};
+        if (zmq_poll(it, io->zap ? 4 : 2, -1) < 0) {
             if (errno == EINTR) continue;
             fasa_log(FASA_LOG_ERROR, 0, "I/O thread: zmq_poll: %s", zmq_strerror(errno));
             return NULL;
         }
-        if (io->zap && (it[2].revents & ZMQ_POLLIN)) fasa_zap_serve(io->zap);
+        if (io->zap && ((it[2].revents | it[3].revents) & ZMQ_POLLIN)) fasa_zap_serve(io->zap);
         for (int r; (r = s_io_reply(io)) >= 0;)
             if (r == 1) return NULL;
         blocked = 0;
@@ -250,7 +251,8 @@ static int s_curve_setup(void *ctx, void *sock, const server_config *o, fasa_zap
     if (fasa_keyfile_read(o->curve_secret, 1, secret, err, sizeof(err)) ||
         !(zap = fasa_zap_load(o->authorized_keys, err, sizeof(err))) ||
         fasa_zap_bind(zap, ctx, err, sizeof(err)) ||
-        fasa_zap_curve_server(sock, secret, err, sizeof(err))) {
+        fasa_zap_curve_server(sock, secret, err, sizeof(err)) ||
+        fasa_zap_watch(zap, ctx, sock, err, sizeof(err))) {
         fasa_log(FASA_LOG_ERROR, 0, "%s", err);
         fasa_zap_destroy(&zap);
         memset(secret, 0, sizeof(secret));

@@ -25,11 +25,14 @@ typedef struct zap_key {
 
 struct fasa_zap {
     void *sock;
+    void *watch; /* PAIR receiving the CURVE socket's failed-handshake events */
     char dir[512];
     zap_key *keys;
     size_t n_keys;
     uint8_t last_refused[32]; /* the last refused key, and when it was logged */
     time_t last_refused_at;
+    time_t last_failed_at;  /* when a failed handshake was last logged at info level */
+    unsigned long n_failed; /* failed handshakes seen */
 };
 
 static int s_is_pub(const char *name)
@@ -118,9 +121,72 @@ int fasa_zap_bind(fasa_zap *z, void *ctx, char *err, size_t err_len)
     return 0;
 }
 
+int fasa_zap_watch(fasa_zap *z, void *ctx, void *sock, char *err, size_t err_len)
+{
+    static const char addr[] = "inproc://fasa-zap-watch";
+    const int linger = 0;
+    if (zmq_socket_monitor(sock, addr,
+                           ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL |
+                               ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL) ||
+        !(z->watch = zmq_socket(ctx, ZMQ_PAIR)) ||
+        zmq_setsockopt(z->watch, ZMQ_LINGER, &linger, sizeof(linger)) ||
+        zmq_connect(z->watch, addr)) {
+        snprintf(err, err_len, "cannot watch the CURVE handshakes: %s", zmq_strerror(errno));
+        if (z->watch) zmq_close(z->watch);
+        z->watch = NULL;
+        return -1;
+    }
+    return 0;
+}
+
 void *fasa_zap_socket(const fasa_zap *z)
 {
     return z ? z->sock : NULL;
+}
+
+void *fasa_zap_watch_socket(const fasa_zap *z)
+{
+    return z ? z->watch : NULL;
+}
+
+/* Logs the failed handshakes the watch has queued: the client never reached ZAP. */
+static void s_log_failed(fasa_zap *z)
+{
+    for (;;) {
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        if (!z->watch || zmq_msg_recv(&m, z->watch, ZMQ_DONTWAIT) < 0) {
+            zmq_msg_close(&m);
+            return;
+        }
+        uint16_t ev = 0;
+        uint32_t val = 0;
+        if (zmq_msg_size(&m) >= 6) {
+            memcpy(&ev, zmq_msg_data(&m), 2);
+            memcpy(&val, (const uint8_t *)zmq_msg_data(&m) + 2, 4);
+        }
+        while (zmq_msg_more(&m)) { /* the endpoint frame */
+            zmq_msg_close(&m);
+            zmq_msg_init(&m);
+            if (zmq_msg_recv(&m, z->watch, ZMQ_DONTWAIT) < 0) break;
+        }
+        zmq_msg_close(&m);
+        z->n_failed++;
+        const time_t now = time(NULL);
+        const int quiet = z->last_failed_at && now - z->last_failed_at < ZAP_REPEAT_S;
+        if (!quiet) z->last_failed_at = now;
+        const char *why = ev == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL &&
+                                  val == ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+                              ? "it does not use CURVE"
+                          : ev == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL
+                              ? "a CURVE protocol error (a wrong server key?)"
+                              : "it closed the connection or sent what CURVE could not decrypt "
+                                "(no keys, or a wrong server key)";
+        fasa_log(quiet ? FASA_LOG_DEBUG : FASA_LOG_INFO, 0,
+                 "refused a client in the security handshake: %s (event 0x%x value 0x%x; %lu "
+                 "such so far)",
+                 why, (unsigned)ev, (unsigned)val, z->n_failed);
+    }
 }
 
 size_t fasa_zap_n_keys(const fasa_zap *z)
@@ -192,6 +258,7 @@ static void s_log_refusal(fasa_zap *z, const char *addr, const uint8_t *key, con
 
 void fasa_zap_serve(fasa_zap *z)
 {
+    s_log_failed(z);
     for (;;) {
         zap_frame f[ZAP_FRAMES];
         const int n = s_recv_request(z->sock, f);
@@ -229,6 +296,7 @@ void fasa_zap_destroy(fasa_zap **z_p)
 {
     if (!z_p || !*z_p) return;
     fasa_zap *z = *z_p;
+    if (z->watch) zmq_close(z->watch);
     if (z->sock) zmq_close(z->sock);
     free(z->keys);
     free(z);

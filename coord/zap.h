@@ -4,9 +4,9 @@
  *
  * Without a ZAP handler CURVE only checks that a client knows the server's public key
  * (ecosystem-notes.md 1.5), so the handler is bound to inproc://zeromq.zap.01 before the
- * CURVE socket binds and answers in the coordinator's own zmq_poll loop (rank 0 runs
- * ZeroMQ and MPI on one thread). A refused client's handshake fails; it never gets a
- * reply (libfasa reports UNAUTHENTICATED). */
+ * CURVE socket binds and answers in the poll loop of rank 0's I/O thread, which owns the
+ * ROUTER (server_main.c), so clients are admitted while the main thread runs a step. A refused
+ * client's handshake fails; it never gets a reply (libfasa reports UNAUTHENTICATED). */
 #ifndef FASA_COORD_ZAP_H
 #define FASA_COORD_ZAP_H
 
@@ -27,8 +27,15 @@ fasa_zap *fasa_zap_load(const char *dir, char *err, size_t err_len);
  * before any CURVE socket of ctx binds. 0, or -1 with one line in err. */
 int fasa_zap_bind(fasa_zap *z, void *ctx, char *err, size_t err_len);
 
-/* The REP socket, to poll for ZMQ_POLLIN (NULL before fasa_zap_bind). */
+/* Watches the CURVE server socket sock for handshakes that fail before ZAP is asked (a
+ * plain client, a client with the wrong server key) so that fasa_zap_serve logs them too.
+ * Call before sock binds. 0, or -1 with one line in err. */
+int fasa_zap_watch(fasa_zap *z, void *ctx, void *sock, char *err, size_t err_len);
+
+/* The REP socket and the watch socket, to poll for ZMQ_POLLIN (NULL before fasa_zap_bind
+ * and fasa_zap_watch); either one ready: call fasa_zap_serve. */
 void *fasa_zap_socket(const fasa_zap *z);
+void *fasa_zap_watch_socket(const fasa_zap *z);
 
 /* Keys loaded. */
 size_t fasa_zap_n_keys(const fasa_zap *z);
@@ -38,7 +45,8 @@ const char *fasa_zap_lookup(const fasa_zap *z, const uint8_t key[32]);
 
 /* Answers every ZAP request waiting on the socket (never blocks): 200 for a CURVE client
  * whose key is allowed, 400 otherwise; refusals are logged (info, repeats of the same key
- * within a minute at debug level), admissions at debug level. */
+ * within a minute at debug level), admissions at debug level. Then logs the failed
+ * handshakes the watch saw (info, then at most one a minute; the rest at debug level). */
 void fasa_zap_serve(fasa_zap *z);
 
 /* Closes the socket and frees the handler; *z_p becomes NULL. NULL is a no-op. */

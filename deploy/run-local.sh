@@ -74,7 +74,11 @@ for _ in $(seq 1 300); do
         endpoint=$(cat "$endpoint_file")
         if [ ! -x "$client" ] || [ "$no_ping" -eq 1 ] ||
            FASA_TIMEOUT_MS=2000 "$client" ping --server "$endpoint" >/dev/null 2>&1; then
-            echo "fasa-server: $n rank(s) answering on $endpoint"
+            if [ "$no_ping" -eq 1 ]; then
+                echo "fasa-server: $n rank(s) listening on $endpoint (CURVE; not pinged: no FASA_CURVE_CLIENT_SECRET)"
+            else
+                echo "fasa-server: $n rank(s) answering on $endpoint"
+            fi
             echo "endpoint: $endpoint"
             echo "pid file: $pid_file (launcher $launcher_pid_file, log $log)"
             exit 0

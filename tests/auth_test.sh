@@ -107,6 +107,35 @@ kill "$open_pid" 2>/dev/null
 wait "$open_pid" 2>/dev/null
 open_pid=
 
+# A peer that accepts the TCP connection but never speaks ZeroMQ: the client's wait ends
+# with the hint that the handshake did not complete (not a bare "no reply").
+if command -v python3 >/dev/null; then
+    python3 -c '
+import os, socket, sys, time
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(8)
+with open(sys.argv[1] + ".tmp", "w") as f: f.write(str(s.getsockname()[1]))
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+s.settimeout(20)
+held = []
+try:
+    while True: held.append(s.accept()[0])
+except OSError:
+    pass
+' "$tmp/mute.port" &
+    mute_pid=$!
+    for _ in $(seq 1 100); do [ -s "$tmp/mute.port" ] && break; sleep 0.1; done
+    out=$(FASA_TIMEOUT_MS=1500 fasa_c ping --server "tcp://127.0.0.1:$(cat "$tmp/mute.port")" \
+              --curve-server-key "$tmp/server.pub" --curve-secret "$tmp/alice.key" 2>&1); rc=$?
+    kill "$mute_pid" 2>/dev/null
+    wait "$mute_pid" 2>/dev/null
+    [ $rc -ne 0 ] && printf '%s' "$out" | grep -q "within 1500 ms: connected, but the security handshake did not complete (if the server requires CURVE, check --curve-server-key" &&
+        ok "a silent peer: $out" || bad "a silent peer: exit $rc, $out"
+else
+    echo "skip: no python3 for the silent-peer check"
+fi
+
 # ---- a CURVE server with 2 ranks on loopback ----
 export FASA_CURVE_SERVER_KEY=$tmp/server.pub FASA_CURVE_CLIENT_SECRET=$tmp/alice.key  # run-local's ping
 if ! bash "$root/deploy/run-local.sh" 2 --bind 'tcp://127.0.0.1:*' -- --block 64 \
@@ -173,6 +202,10 @@ grep -F "refused a client from 127.0.0.1: its key is not in --authorized-keys $t
 # (the server drops a plain client, or the client sees the mechanism mismatch first)
 expect_refused "plain client" "the server (probably )?requires CURVE: give --curve-server-key FILE" \
     ping --server "$ep"
+# (rank 0 logs it when its poll loop reads the socket's event: wait for the line)
+for _ in $(seq 1 100); do grep -q "refused a client in the security handshake" "$log" && break; sleep 0.1; done
+line=$(grep -m1 "refused a client in the security handshake" "$log")
+[ -n "$line" ] && ok "server log: ${line#* req=- }" || bad "no handshake refusal in the server log"
 expect_refused "wrong server key" "check --curve-server-key: it must be the server's public key" \
     ping --server "$ep" --curve-server-key "$tmp/alice.pub" --curve-secret "$tmp/alice.key"
 expect_refused "half the client flags" "--curve-server-key needs --curve-secret too" \
