@@ -60,6 +60,7 @@ struct fasa_service {
         uint64_t rev;
     } * revs;
     int n_revs, cap_revs;
+    int profiles_dirty; /* a named profile changed since they were last saved */
     /* Sessions a restore refused, so requests for them say why instead of NOT_FOUND (until
      * a session of that id is created). */
     struct refused_session {
@@ -573,6 +574,7 @@ static fasa_status s_calibrate(fasa_service *s, const edge_calibrate *c, reply *
             fasa_profile_destroy(&np->profile);
         }
         np->profile = p;
+        s->profiles_dirty = 1; /* for --snapshot-interval */
     } else {
         fasa_profile_destroy(&p);
     }
@@ -826,6 +828,7 @@ static int s_save_profiles(fasa_service *s, fasa_error *fe)
         if (fasa_snapshot_save_profile(s->state_dir, s->profiles[i].name, s->profiles[i].profile,
                                        fe))
             return -1;
+    s->profiles_dirty = 0;
     return 0;
 }
 
@@ -969,7 +972,7 @@ int fasa_service_snapshot_changed(fasa_service *s)
     }
     free(ids);
     fasa_error fe;
-    if (s->n_profiles && s_save_profiles(s, &fe)) {
+    if (s->profiles_dirty && s_save_profiles(s, &fe)) {
         fasa_log(FASA_LOG_WARN, 0, "snapshot: %s", fe.msg);
         failed = 1;
     }
