@@ -919,9 +919,13 @@ static void s_refused_reply(fasa_service *s, reply *r)
         if (r->code == FASA_OK && fasa_engine_config(s->engine, id)) {
             s->refused[i] = s->refused[--s->n_refused];
         } else if (r->code == FASA_NOT_FOUND) {
-            char why[sizeof(s->refused[i].why)];
-            snprintf(why, sizeof(why), "%s", s->refused[i].why);
-            s_fail(r, FASA_FAILED_PRECONDITION, "session '%s' could not be restored: %s", id, why);
+            /* Keep the field the message named ("stats.session_id: ..."). */
+            char field[64] = "";
+            const char *colon = strstr(r->msg, ": ");
+            if (colon && colon - r->msg < (int)sizeof(field) - 2)
+                snprintf(field, sizeof(field), "%.*s", (int)(colon - r->msg + 2), r->msg);
+            s_fail(r, FASA_FAILED_PRECONDITION, "%ssession '%s' could not be restored: %s", field,
+                   id, s->refused[i].why);
         }
         return;
     }
