@@ -63,6 +63,7 @@ struct fasa_service {
         uint64_t rev;
     } * revs;
     int n_revs, cap_revs;
+    int profiles_dirty; /* a named profile changed since they were last saved */
     /* Sessions a restore refused, so requests for them say why instead of NOT_FOUND (until
      * a session of that id is created). */
     struct refused_session {
@@ -672,6 +673,7 @@ static fasa_status s_calibrate(fasa_service *s, const edge_calibrate *c, reply *
             fasa_profile_destroy(&np->profile);
         }
         np->profile = p;
+        s->profiles_dirty = 1; /* for --snapshot-interval */
     } else {
         fasa_profile_destroy(&p);
     }
@@ -925,6 +927,7 @@ static int s_save_profiles(fasa_service *s, fasa_error *fe)
         if (fasa_snapshot_save_profile(s->state_dir, s->profiles[i].name, s->profiles[i].profile,
                                        fe))
             return -1;
+    s->profiles_dirty = 0;
     return 0;
 }
 
@@ -1015,9 +1018,13 @@ static void s_refused_reply(fasa_service *s, reply *r)
         if (r->code == FASA_OK && fasa_engine_config(s->engine, id)) {
             s->refused[i] = s->refused[--s->n_refused];
         } else if (r->code == FASA_NOT_FOUND) {
-            char why[sizeof(s->refused[i].why)];
-            snprintf(why, sizeof(why), "%s", s->refused[i].why);
-            s_fail(r, FASA_FAILED_PRECONDITION, "session '%s' could not be restored: %s", id, why);
+            /* Keep the field the message named ("stats.session_id: ..."). */
+            char field[64] = "";
+            const char *colon = strstr(r->msg, ": ");
+            if (colon && colon - r->msg < (int)sizeof(field) - 2)
+                snprintf(field, sizeof(field), "%.*s", (int)(colon - r->msg + 2), r->msg);
+            s_fail(r, FASA_FAILED_PRECONDITION, "%ssession '%s' could not be restored: %s", field,
+                   id, s->refused[i].why);
         }
         return;
     }
@@ -1068,7 +1075,7 @@ int fasa_service_snapshot_changed(fasa_service *s)
     }
     free(ids);
     fasa_error fe;
-    if (s->n_profiles && s_save_profiles(s, &fe)) {
+    if (s->profiles_dirty && s_save_profiles(s, &fe)) {
         fasa_log(FASA_LOG_WARN, 0, "snapshot: %s", fe.msg);
         failed = 1;
     }

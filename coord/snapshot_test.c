@@ -9,6 +9,7 @@
 
 #include "ca.h"
 #include "engine.h"
+#include "shard.h"
 #include "shard_snap.h"
 #include "snapshot.h"
 #include "test_util.h"
@@ -286,11 +287,57 @@ START_TEST(test_snapshot_damage)
 }
 END_TEST
 
+/* shard_read_rows gives back what was appended: positions, and K in the original dim order
+ * whatever the packing (dominant dims tiled, the rest row-major), across chunk boundaries. */
+START_TEST(test_shard_read_rows)
+{
+    enum { L = 2, HQ = 4, HK = 2, DD = 16, N = SHARD_CHUNK + 700 };
+    shard_layout lay;
+    ck_assert_int_eq(shard_layout_plain(&lay, L, HQ, HK, DD), 0);
+    /* Layer 1: KV head 0 packs dims 3, 4, 9, 12 first, KV head 1 packs none. */
+    const int dom[4] = {3, 4, 9, 12};
+    int *perm = lay.perm + (size_t)(1 * HK + 0) * DD, r = 4;
+    for (int i = 0; i < 4; i++) perm[i] = dom[i];
+    for (int x = 0; x < DD; x++)
+        if (x != 3 && x != 4 && x != 9 && x != 12) perm[r++] = x;
+    lay.n_dom[1 * HK + 0] = 4;
+    shard_t *sh = shard_new(&lay);
+    ck_assert_ptr_nonnull(sh);
+    float *k = test_alloc((size_t)N * HK * DD * 4), *v = test_alloc((size_t)N * HK * DD * 4);
+    float *k2 = test_alloc((size_t)N * HK * DD * 4), *v2 = test_alloc((size_t)N * HK * DD * 4);
+    int32_t *pos = test_alloc((size_t)N * 4), *pos2 = test_alloc((size_t)N * 4);
+    test_rng rng = {3};
+    test_fill(&rng, (size_t)N * HK * DD, k, 1.0f);
+    test_fill(&rng, (size_t)N * HK * DD, v, 1.0f);
+    for (int i = 0; i < N; i++) pos[i] = 3 * i + i / 64;
+    for (int l = 0; l < L; l++) {
+        ck_assert_int_eq(shard_append(sh, l, 1000, pos, k, v), 0);
+        ck_assert_int_eq(shard_append(sh, l, N - 1000, pos + 1000, k + (size_t)1000 * HK * DD,
+                                      v + (size_t)1000 * HK * DD),
+                         0);
+        memset(k2, 0, (size_t)N * HK * DD * 4);
+        ck_assert_int_eq(shard_read_rows(sh, l, 0, N, pos2, k2, v2), 0);
+        ck_assert_mem_eq(pos2, pos, (size_t)N * 4);
+        ck_assert_mem_eq(k2, k, (size_t)N * HK * DD * 4);
+        ck_assert_mem_eq(v2, v, (size_t)N * HK * DD * 4);
+        /* A window inside, one part at a time. */
+        ck_assert_int_eq(shard_read_rows(sh, l, 4090, 10, NULL, k2, NULL), 0);
+        ck_assert_mem_eq(k2, k + (size_t)4090 * HK * DD, (size_t)10 * HK * DD * 4);
+        ck_assert_int_eq(shard_read_rows(sh, l, N - 5, 6, pos2, NULL, NULL), -1);
+        ck_assert_int_eq(shard_read_rows(sh, l, -1, 1, pos2, NULL, NULL), -1);
+    }
+    shard_destroy(&sh);
+    shard_layout_cleanup(&lay);
+    free(k), free(v), free(k2), free(v2), free(pos), free(pos2);
+}
+END_TEST
+
 Suite *snapshot_suite(void)
 {
     Suite *s = suite_create("snapshot");
     TCase *tc = tcase_create("snapshot");
     tcase_set_timeout(tc, 300);
+    tcase_add_test(tc, test_shard_read_rows);
     tcase_add_test(tc, test_snapshot_reshard);
     tcase_add_test(tc, test_snapshot_damage);
     suite_add_tcase(s, tc);

@@ -1010,7 +1010,7 @@ START_TEST(test_snapshot_requests)
     sr.body_case = FASA__V1__REQUEST__BODY_STATS;
     sr.stats = &sb;
     wire_expect_error(wire_send(&sr), FASA__V1__STATUS__FAILED_PRECONDITION,
-                      "session 'bad' could not be restored: ");
+                      "stats.session_id: session 'bad' could not be restored: ");
     sb.session_id = "other";
     wire_expect_error(wire_send(&sr), FASA__V1__STATUS__NOT_FOUND, "'other' not found");
     wire_make_session(); /* creates "bad" afresh */

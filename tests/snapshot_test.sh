@@ -199,5 +199,24 @@ attends s1 "$tmp/e"
 r=$(same "$tmp/e" "$tmp/a" 0) && ok "s1 restored beside the refused s2: $r" || bad "s1 beside refused s2: $r"
 kill9
 
+# ---- without --state-dir: Snapshot is refused naming the flag, --restore does not start ----
+if bash "$root/deploy/run-local.sh" 1 --bind 'tcp://127.0.0.1:*' >/dev/null; then
+    ep=$(cat "$FASA_RUN_DIR/endpoint")
+    f snapshot --all >/dev/null 2>"$tmp/err" && bad "snapshot without --state-dir succeeded" ||
+        { grep -q "FAILED_PRECONDITION\|--state-dir" "$tmp/err" && ok "no --state-dir: $(cat "$tmp/err")" ||
+            bad "no --state-dir: $(cat "$tmp/err")"; }
+    kill9
+else
+    bad "the 1-rank server did not start"
+fi
+"$build/fasa-server" --restore >/dev/null 2>"$tmp/err"
+rc=$?
+[ $rc -eq 2 ] && grep -q -- "--restore needs --state-dir" "$tmp/err" && ok "--restore alone: $(cat "$tmp/err")" ||
+    bad "--restore alone: rc $rc, $(cat "$tmp/err")"
+"$build/fasa-server" --state-dir "$tmp/none" >/dev/null 2>"$tmp/err"
+rc=$?
+[ $rc -eq 2 ] && grep -q "not a directory" "$tmp/err" && ok "a missing state dir is refused" ||
+    bad "missing state dir: rc $rc, $(cat "$tmp/err")"
+
 echo "snapshot_test: $pass passed, $fail failed"
 [ $fail -eq 0 ]
