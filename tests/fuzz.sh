@@ -2,7 +2,7 @@
 # Fuzzes the server's request path (fuzz/fuzz_request.c: proto/edge.c + coord/service.c over
 # an embedded 2-shard engine) with libFuzzer for a fixed number of executions.
 #
-#   tests/fuzz.sh [RUNS]     RUNS executions (default 1000000, about a minute on one core)
+#   tests/fuzz.sh [RUNS]     RUNS executions (default 1500000, about a minute of one core)
 #
 # Configures build-fuzz with clang (-DFASA_FUZZ=ON: libFuzzer + ASan + UBSan), builds only
 # fuzz_request and gen_corpus, writes the seed corpus into a temporary directory, runs the
@@ -17,7 +17,7 @@ if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then
     sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
-runs=${1:-1000000}
+runs=${1:-1500000}
 case "$runs" in
 '' | *[!0-9]*)
     echo "fuzz: RUNS must be a number of executions, got '$runs'" >&2
