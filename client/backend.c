@@ -249,7 +249,8 @@ fasa_status backend_create(backend *b, const char *id, const fasa_session_config
         .gqa = cfg->gqa == FASA_GQA_SHARED ? FASA_CLIENT_GQA_SHARED : FASA_CLIENT_GQA_PER_HEAD,
         .dense_layers_set = cfg->dense_layers != NULL,
         .dense_layers = dense,
-        .n_dense_layers = n_dense};
+        .n_dense_layers = n_dense,
+        .dtype = (fasa_client_dtype)(cfg->dtype + 1)};
     fasa_client_error ce;
     const fasa_client_status cst = fasa_client_create_session(b->cli, rs.wire_id, &cc, NULL, &ce);
     free(text);

@@ -16,6 +16,7 @@
 #include "backend.h"
 #include "calib.h"
 #include "cli.h"
+#include "dtype.h"
 #include "engine.h"
 #include "progress.h"
 #include "score.h"
@@ -31,7 +32,8 @@ static const char usage[] =
     "streams the context into a fasa, a dense and an oracle (exact top-B) session, then runs\n"
     "decode steps and prints per step: fasa and dense step time, speedup, KV bytes read,\n"
     "recall of the exact top-B and the relative L2 error of the output against dense.\n"
-    "Memory: about 3 x tokens x kv-heads x head-dim x 8 bytes (6 GiB at the defaults).\n"
+    "Memory: about 3 x tokens x kv-heads x head-dim x 8 bytes (6 GiB at the defaults; half\n"
+    "with --dtype f16 or bf16).\n"
     "\n"
     "  --tokens N      context length (default 262144, or 32768 with --server;\n"
     "                  1024 .. 16777216)\n"
@@ -43,6 +45,8 @@ static const char usage[] =
     "  --budget B      tokens attended per query head (default 256); also the CA window\n"
     "  --shards N      in-process shards (default 1)\n"
     "  --seed S        generator seed (default 1)\n"
+    "  --dtype T       key/value storage of the three sessions: f32 (default), f16 or bf16\n"
+    "                  (f16/bf16 halve their memory and the KV bytes read)\n"
     "  --server E      run the three sessions on a fasa-server at endpoint E instead of the\n"
     "                  embedded engine (calibration stays local; the profile travels with\n"
     "                  the session). Step times then include the round trip, and the context\n"
@@ -55,17 +59,24 @@ static const char usage[] =
 typedef struct demo_opts {
     long tokens, steps, heads, kv_heads, head_dim, ntip, budget, shards, seed;
     const char *server;
+    fasa_dtype dtype;
 } demo_opts;
 
 static int s_parse(int argc, char **argv, demo_opts *o)
 {
-    static const struct option opts[] = {
-        {"tokens", required_argument, 0, 't'},   {"steps", required_argument, 0, 's'},
-        {"heads", required_argument, 0, 'H'},    {"kv-heads", required_argument, 0, 'G'},
-        {"head-dim", required_argument, 0, 'D'}, {"ntip", required_argument, 0, 'n'},
-        {"budget", required_argument, 0, 'b'},   {"shards", required_argument, 0, 'S'},
-        {"seed", required_argument, 0, 'r'},     {"server", required_argument, 0, 'E'},
-        {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
+    static const struct option opts[] = {{"tokens", required_argument, 0, 't'},
+                                         {"steps", required_argument, 0, 's'},
+                                         {"heads", required_argument, 0, 'H'},
+                                         {"kv-heads", required_argument, 0, 'G'},
+                                         {"head-dim", required_argument, 0, 'D'},
+                                         {"ntip", required_argument, 0, 'n'},
+                                         {"budget", required_argument, 0, 'b'},
+                                         {"shards", required_argument, 0, 'S'},
+                                         {"seed", required_argument, 0, 'r'},
+                                         {"server", required_argument, 0, 'E'},
+                                         {"dtype", required_argument, 0, 'T'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
     *o = (demo_opts){.tokens = 262144,
                      .steps = 8,
                      .heads = 32,
@@ -87,6 +98,10 @@ static int s_parse(int argc, char **argv, demo_opts *o)
             break;
         case 'E':
             o->server = optarg;
+            break;
+        case 'T':
+            if (fasa_dtype_parse(optarg, &o->dtype))
+                return cli_usage_error("demo", "--dtype '%s' is not f32, f16 or bf16", optarg);
             break;
         case 's':
             if (cli_parse_int(optarg, 1, 4096, &o->steps))
@@ -333,7 +348,8 @@ int cmd_demo(int argc, char **argv)
                                    .method = (fasa_method)i,
                                    .budget = B,
                                    .gqa = FASA_GQA_PER_HEAD,
-                                   .dense_layers = dense_layers};
+                                   .dense_layers = dense_layers,
+                                   .dtype = o.dtype};
         if (backend_create(eng, ids[i], &cfg, &fe)) {
             cli_fail("demo", "%s", fe.msg);
             goto done;

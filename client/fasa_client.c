@@ -502,6 +502,9 @@ fasa_client_status fasa_client_create_session(fasa_client *c, const char *sessio
                       (int)cfg->gqa);
     if (cfg->dense_layers_set && cfg->n_dense_layers && !cfg->dense_layers)
         return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "create_session.dense_layers: NULL");
+    if ((unsigned)cfg->dtype > FASA_CLIENT_DTYPE_BF16)
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "create_session.dtype: %d unknown",
+                      (int)cfg->dtype);
     Fasa__V1__CreateSession cs = FASA__V1__CREATE_SESSION__INIT;
     Fasa__V1__DenseLayers dl = FASA__V1__DENSE_LAYERS__INIT;
     cs.session_id = (char *)(uintptr_t)session_id;
@@ -514,7 +517,7 @@ fasa_client_status fasa_client_create_session(fasa_client *c, const char *sessio
         cs.pairing = (Fasa__V1__Pairing)cfg->pairing;
     }
     cs.has_dtype = 1;
-    cs.dtype = FASA__V1__DTYPE__F32;
+    cs.dtype = cfg->dtype ? (Fasa__V1__DType)cfg->dtype : FASA__V1__DTYPE__F32;
     cs.profile_text = (char *)(uintptr_t)cfg->profile_text;
     cs.profile_name = (char *)(uintptr_t)cfg->profile_name;
     if (cfg->method) {

@@ -9,6 +9,7 @@
 
 #include "attn.h"
 #include "dtype.h"
+#include "simd.h"
 #include "topk.h"
 
 #define MAX_LAYERS 1024
@@ -190,7 +191,7 @@ static int64_t s_kv_bytes(const session *s)
 {
     int64_t rows = 0;
     for (int l = 0; l < s->cfg.n_layers; l++) rows += s->n_appended[l];
-    return rows * 2 * s->cfg.n_kv_heads * s->cfg.head_dim * (int64_t)sizeof(float);
+    return rows * 2 * s->cfg.n_kv_heads * s->cfg.head_dim * (int64_t)fasa_dtype_size(s->cfg.dtype);
 }
 
 int64_t fasa_engine_kv_bytes(const fasa_engine_t *e, const char *id)
@@ -219,6 +220,7 @@ static int s_layout_from_profile(shard_layout *lay, const fasa_session_config *c
                                  const fasa_profile *p)
 {
     if (shard_layout_plain(lay, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim)) return -1;
+    lay->dtype = c->dtype;
     if (!p) return 0;
     const int d = c->head_dim, grp = c->n_heads / c->n_kv_heads;
     uint8_t in_union[MAX_HEAD_DIM], own[MAX_HEAD_DIM];
@@ -280,9 +282,6 @@ static fasa_status s_check_config(const fasa_session_config *c, fasa_error *err)
         return s_fail(err, FASA_INVALID_ARGUMENT, "method sparq supports gqa per-head only");
     if (!fasa_dtype_name(c->dtype))
         return s_fail(err, FASA_INVALID_ARGUMENT, "dtype %d is not f32, f16 or bf16", c->dtype);
-    if (c->dtype != FASA_DTYPE_F32)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "dtype %s is not supported yet (f32 only)",
-                      fasa_dtype_name(c->dtype));
     if (c->budget < 1 || c->budget > MAX_BUDGET)
         return s_fail(err, FASA_INVALID_ARGUMENT, "budget %d out of range [1, %d]", c->budget,
                       MAX_BUDGET);
@@ -425,6 +424,21 @@ static long s_nonfinite(size_t n, const float *x)
     return -1;
 }
 
+/* Index of the first value that overflows the storage dtype (rounds to infinity: f16
+ * |x| >= 65520, bf16 |x| >= 0x1.fefp127 = 3.3961e38), or -1. Such values are rejected, not
+ * stored as inf. x is finite. */
+static long s_overflow(int dtype, size_t n, const float *x)
+{
+    if (dtype == FASA_DTYPE_F32) return -1;
+    const float lim = dtype == FASA_DTYPE_F16 ? 65520.0f : 0x1.fefp127f;
+    uint32_t bad = 0;
+    for (size_t i = 0; i < n; i++) bad |= fabsf(x[i]) >= lim;
+    if (!bad) return -1;
+    for (size_t i = 0; i < n; i++)
+        if (fasa_dtype_overflows(dtype, x[i])) return (long)i;
+    return -1;
+}
+
 /* Hands rows pos0 .. pos0 + n - 1 of one layer to their shards, one block run at a time.
  * Each run is added whole or not at all, so on failure the rows placed so far (*placed_p)
  * are a prefix, and the session stays consistent once its length counts them. */
@@ -476,6 +490,12 @@ fasa_status fasa_engine_append(fasa_engine_t *e, const char *id, int layer, int3
         return s_fail(err, FASA_INVALID_ARGUMENT, "k[%ld] is not finite", bad);
     if ((bad = s_nonfinite(total, v)) >= 0)
         return s_fail(err, FASA_INVALID_ARGUMENT, "v[%ld] is not finite", bad);
+    if ((bad = s_overflow(c->dtype, total, k)) >= 0)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "k[%ld] value %g overflows %s", bad,
+                      (double)k[bad], fasa_dtype_name(c->dtype));
+    if ((bad = s_overflow(c->dtype, total, v)) >= 0)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "v[%ld] value %g overflows %s", bad,
+                      (double)v[bad], fasa_dtype_name(c->dtype));
     for (int l = l0; l < l1; l++) {
         const size_t off = per_layer * (size_t)(l - l0);
         int placed;
@@ -565,6 +585,12 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
         return s_fail(err, FASA_INVALID_ARGUMENT, "k_new[%ld] is not finite", bad);
     if (req->v_new && (bad = s_nonfinite(kv_row, req->v_new)) >= 0)
         return s_fail(err, FASA_INVALID_ARGUMENT, "v_new[%ld] is not finite", bad);
+    if (req->k_new && (bad = s_overflow(s->cfg.dtype, kv_row, req->k_new)) >= 0)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "k_new[%ld] value %g overflows %s", bad,
+                      (double)req->k_new[bad], fasa_dtype_name(s->cfg.dtype));
+    if (req->v_new && (bad = s_overflow(s->cfg.dtype, kv_row, req->v_new)) >= 0)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "v_new[%ld] value %g overflows %s", bad,
+                      (double)req->v_new[bad], fasa_dtype_name(s->cfg.dtype));
     const int32_t length = s->n_appended[req->layer] + (req->k_new ? 1 : 0);
     const int32_t max_pos = req->max_pos < 0 ? length - 1 : req->max_pos;
     if (max_pos >= length)

@@ -269,7 +269,8 @@ static fasa_status s_create(fasa_service *s, const edge_create *c, reply *r)
                                                      : FASA_METHOD_DENSE,
                                .budget = c->budget ? c->budget : 256,
                                .gqa = gqa >= 0 ? (fasa_gqa)gqa : FASA_GQA_PER_HEAD,
-                               .dense_layers = dense};
+                               .dense_layers = dense,
+                               .dtype = c->dtype};
     fasa_error fe;
     fasa_status st = fasa_engine_create(s->engine, c->session_id, &cfg, &fe);
     free(dense);

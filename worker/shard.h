@@ -9,6 +9,11 @@
  *   v     the values, row-major, in the original dim order.
  * Key dims are stored in a permuted order: perm[0..n_dom) are the dominant dims and
  * perm[n_dom..d) the rest, each ascending. Queries are permuted the same way.
+ * kdom, krest and v hold elements of the layout's dtype (f32, f16 or bf16, kernels/simd.h):
+ * append rounds to it (nearest even; the caller rejects values that would overflow it), and
+ * every read converts back to f32 on the fly; the QUEST page bounds and the SPARQ value sums
+ * are f32 of the rounded values. So a shard of any dtype answers exactly as an f32 shard fed
+ * the rounded keys and values would (scores bit for bit), with half the bytes at f16/bf16.
  *
  * A step runs in two phases, as it does across ranks (DESIGN.md "One decode step"):
  * shard_score returns each selection unit's local top-B candidates and keeps them;
@@ -81,6 +86,7 @@ typedef struct shard_layout {
     int *perm;      /* (n_layers, n_kv_heads, head_dim) stored dim order, see above */
     uint8_t *qmask; /* (n_layers, n_heads, head_dim) 1 where packed dim p < n_dom of the
                        head's KV head belongs to one of the head's own FCs */
+    int dtype;      /* fasa_dtype (dtype.h) kdom, krest and v are stored in; 0 = f32 */
 } shard_layout;
 
 /* One step as the shard sees it. */
@@ -101,7 +107,7 @@ typedef struct shard shard_t;
  * shard_layout_cleanup). Returns 0, or -1 when out of memory. */
 int shard_layout_copy(shard_layout *dst, const shard_layout *src);
 void shard_layout_cleanup(shard_layout *layout);
-/* The layout that packs nothing (no profile yet): every dim in the rest part. */
+/* The layout that packs nothing (no profile yet): every dim in the rest part; dtype f32. */
 int shard_layout_plain(shard_layout *dst, int n_layers, int n_heads, int n_kv_heads, int head_dim);
 
 /* A new empty shard with its own copy of layout; NULL when out of memory. */
@@ -147,7 +153,7 @@ int64_t shard_bytes_read(const shard_t *shard);
 size_t shard_bytes_held(const shard_t *shard);
 /* Bytes of the rows held, all layers, by part (the layout above): kdom (the dominant key
  * dims), krest (the other key dims) and v (the values). They count stored elements, not
- * chunk capacity, so kdom + krest = v = rows x n_kv_heads x head_dim x 4 bytes. */
+ * chunk capacity, so kdom + krest = v = rows x n_kv_heads x head_dim x the dtype's size. */
 void shard_bytes_by_kind(const shard_t *shard, int64_t *kdom_p, int64_t *krest_p, int64_t *v_p);
 
 #endif

@@ -5,6 +5,7 @@
 
 #include "attn.h"
 #include "shard.h"
+#include "simd.h"
 #include "test_util.h"
 
 /* A layout packing dims {1, 2, 5} of every KV head, head h owning {1, 2} or {2, 5}. */
@@ -445,6 +446,98 @@ START_TEST(test_shard_sparq)
 }
 END_TEST
 
+/* A shard storing f16 or bf16 answers exactly (candidates, scores, partials, SPARQ aux:
+ * bit for bit) as an f32 shard fed the same rows rounded to that dtype, for every method
+ * and GQA mode; the stored and read bytes halve. d = 40 runs the conversions' vector
+ * bodies and tails. */
+START_TEST(test_shard_dtype)
+{
+    const int nh = 4, nkv = 2, d = 40, n = SHARD_CHUNK + 300, B = 24;
+    const size_t kv = (size_t)n * nkv * d;
+    test_rng r = {41};
+    float *k = test_alloc(kv * 4), *v = test_alloc(kv * 4), *kr = test_alloc(kv * 4),
+          *vr = test_alloc(kv * 4), q[4 * 40];
+    int32_t *pos = test_alloc((size_t)n * 4);
+    test_fill(&r, kv, k, 3.0f);
+    test_fill(&r, kv, v, 3.0f);
+    test_fill(&r, sizeof(q) / 4, q, 1.0f);
+    for (int i = 0; i < n; i++) pos[i] = (i / 32) * 64 + i % 32;
+    for (int dt = FASA_DTYPE_F16; dt <= FASA_DTYPE_BF16; dt++) {
+        for (size_t i = 0; i < kv; i++) {
+            kr[i] = dt == FASA_DTYPE_F16 ? fasa_f16_to_f32(fasa_f32_to_f16(k[i]))
+                                         : fasa_bf16_to_f32(fasa_f32_to_bf16(k[i]));
+            vr[i] = dt == FASA_DTYPE_F16 ? fasa_f16_to_f32(fasa_f32_to_f16(v[i]))
+                                         : fasa_bf16_to_f32(fasa_f32_to_bf16(v[i]));
+        }
+        shard_layout lay;
+        s_layout(&lay, 1, nh, nkv, d);
+        shard_t *ref = shard_new(&lay);
+        lay.dtype = dt;
+        shard_t *sh = shard_new(&lay);
+        ck_assert_ptr_nonnull(ref);
+        ck_assert_ptr_nonnull(sh);
+        ck_assert_int_eq(shard_layout_of(sh)->dtype, dt);
+        for (int i0 = 0; i0 < n; i0 += 333) {
+            const int m = n - i0 < 333 ? n - i0 : 333;
+            const size_t o = (size_t)i0 * nkv * d;
+            ck_assert_int_eq(shard_append(sh, 0, m, pos + i0, k + o, v + o), 0);
+            ck_assert_int_eq(shard_append(ref, 0, m, pos + i0, kr + o, vr + o), 0);
+        }
+        int64_t a[3], b[3];
+        shard_bytes_by_kind(sh, &a[0], &a[1], &a[2]);
+        shard_bytes_by_kind(ref, &b[0], &b[1], &b[2]);
+        for (int i = 0; i < 3; i++) ck_assert_int_eq(2 * a[i], b[i]);
+        ck_assert_int_eq(b[2], (int64_t)n * nkv * d * 4);
+        /* Two chunks per KV head, each K and V at half size; positions and bounds as before. */
+        ck_assert_uint_eq(shard_bytes_held(ref) - shard_bytes_held(sh),
+                          (size_t)2 * nkv * SHARD_CHUNK * d * 2 * 2);
+        for (int method = 0; method <= SHARD_METHOD_LAST; method++)
+            for (int shared = 0; shared < 2; shared++) {
+                if (method == SHARD_SPARQ && shared) continue;
+                const int32_t max_pos = pos[4100];
+                shard_step st = {0,       method,          shared, B,
+                                 max_pos, 1.0f / sqrtf(d), q,      method == SHARD_SPARQ ? 7 : 0};
+                const int units = shard_units(sh, shared);
+                topk_cand ca[4 * 24], cb[4 * 24], thr[4];
+                int na[4] = {0}, nb[4] = {0};
+                uint8_t have[4] = {0};
+                if (method != SHARD_DENSE) {
+                    ck_assert_int_eq(shard_score(sh, &st, ca, na), 0);
+                    ck_assert_int_eq(shard_score(ref, &st, cb, nb), 0);
+                    for (int u = 0; u < units; u++) {
+                        ck_assert_int_eq(na[u], nb[u]);
+                        ck_assert_mem_eq(ca + u * B, cb + u * B, (size_t)na[u] * sizeof(*ca));
+                        if (nb[u]) thr[u] = cb[u * B + nb[u] - 1], have[u] = 1;
+                    }
+                }
+                if (method == SHARD_SPARQ) {
+                    double xa[4 * SHARD_SPARQ_AUX(40)], xb[4 * SHARD_SPARQ_AUX(40)];
+                    shard_sparq_aux(sh, &st, xa);
+                    shard_sparq_aux(ref, &st, xb);
+                    ck_assert_mem_eq(xa, xb, sizeof(xa));
+                }
+                float ma[4], mb[4];
+                double la[4], lb[4], oa[4 * 40], ob[4 * 40];
+                ck_assert_int_eq(shard_attend(sh, &st, thr, have, ma, la, oa), 0);
+                ck_assert_int_eq(shard_attend(ref, &st, thr, have, mb, lb, ob), 0);
+                ck_assert_mem_eq(ma, mb, sizeof(ma));
+                ck_assert_mem_eq(la, lb, sizeof(la));
+                ck_assert_mem_eq(oa, ob, sizeof(oa));
+                /* QUEST also reads its page bounds, which stay f32. */
+                if (method == SHARD_QUEST)
+                    ck_assert_int_lt(shard_bytes_read(sh), shard_bytes_read(ref));
+                else
+                    ck_assert_int_eq(2 * shard_bytes_read(sh), shard_bytes_read(ref));
+                ck_assert_int_gt(shard_bytes_read(sh), 0);
+            }
+        shard_destroy(&sh);
+        shard_destroy(&ref);
+        shard_layout_cleanup(&lay);
+    }
+    free(k), free(v), free(kr), free(vr), free(pos);
+}
+END_TEST
+
 Suite *shard_suite(void)
 {
     Suite *s = suite_create("shard");
@@ -455,6 +548,7 @@ Suite *shard_suite(void)
     tcase_add_test(tc, test_shard_stream);
     tcase_add_test(tc, test_shard_quest);
     tcase_add_test(tc, test_shard_sparq);
+    tcase_add_test(tc, test_shard_dtype);
     suite_add_tcase(s, tc);
     return s;
 }
