@@ -1,7 +1,8 @@
 /* bench_kernels: the storage dtypes' kernels on every SIMD path, and OpenBLAS against the
  * hand-written loops, for one decode step of a 32-query-head, 8-KV-head (GQA 4), head_dim
- * 128 layer over N tokens, one thread. Figures are medians of --repeats runs; each section
- * prints ratios against its first line.
+ * 128 layer over N tokens, one thread. The figures of a section are timed interleaved
+ * (one run of each, --repeats times) and each is the best of its runs, so that load from
+ * other processes moves them alike; each section prints ratios.
  *
  *   convert  dtype_to_f32 of the whole K block (GB/s of f32 written);
  *   scan     the FASA scoring scan: score_tiles_dt over 32 packed dominant dims (ntip 16)
@@ -36,25 +37,27 @@ static const char usage[] =
     "usage: bench_kernels [--tokens N] [--block B] [--repeats R] [--help]\n"
     "  --tokens N    context tokens (default 131072; memory about 4 x N KiB)\n"
     "  --block B     rows per dense block for logits/attend (default 256, the engine's)\n"
-    "  --repeats R   runs per figure, the median is printed (default 5)\n"
+    "  --repeats R   runs per figure, interleaved; the best is printed (default 7)\n"
     "FASA_SIMD=portable|avx2|avx512 changes only the engine's default path; every path the\n"
     "CPU has is measured here.\n";
 
-static long g_tokens = 131072, g_block = ATTN_BLOCK, g_repeats = 5;
+static long g_tokens = 131072, g_block = ATTN_BLOCK, g_repeats = 7;
 static volatile float g_sink;
 
 typedef void (*bench_fn)(void *arg);
 
-static double s_time(bench_fn fn, void *arg)
+/* Times n jobs interleaved: a warm-up of each, then --repeats rounds of one run of each;
+ * best[i] gets job i's fastest run in seconds. */
+static void s_time_all(int n, const bench_fn *fn, void *const *arg, double *best)
 {
-    double t[1000];
-    fn(arg); /* warm */
-    for (long i = 0; i < g_repeats; i++) {
-        const double t0 = timing_now();
-        fn(arg);
-        t[i] = timing_now() - t0;
-    }
-    return timing_median((int)g_repeats, t);
+    for (int i = 0; i < n; i++) fn[i](arg[i]), best[i] = INFINITY;
+    for (long r = 0; r < g_repeats; r++)
+        for (int i = 0; i < n; i++) {
+            const double t0 = timing_now();
+            fn[i](arg[i]);
+            const double t = timing_now() - t0;
+            if (t < best[i]) best[i] = t;
+        }
 }
 
 static void s_fill(size_t n, float *x, uint64_t seed)
@@ -218,7 +221,7 @@ int main(int argc, char **argv)
     openblas_set_num_threads(1);
     const size_t n = (size_t)g_tokens, nk = n * D;
     printf("bench_kernels: %ld tokens, %d query heads, %d KV heads, head_dim %d, 1 thread, "
-           "median of %ld; default path %s\n",
+           "best of %ld interleaved runs; default path %s\n",
            g_tokens, NQ, NKV, D, g_repeats, simd_path_name(simd_path_default()));
     int paths[3], np = 0;
     for (int p = 0; p <= SIMD_PATH_LAST; p++)
@@ -250,30 +253,51 @@ int main(int argc, char **argv)
 
     printf("\n[convert] dtype_to_f32 of %zu elements (64 Ki at a time)\n", nk);
     printf("%-10s %-6s %10s %10s\n", "path", "dtype", "ms", "GB/s out");
-    for (int t = 0; t < 2; t++)
-        for (int pi = 0; pi < np; pi++) {
-            conv_arg c = {paths[pi], FASA_DTYPE_F16 + t, nk, k16[t], scratch};
-            const double s = s_time(s_conv, &c);
-            printf("%-10s %-6s %10.2f %10.2f\n", simd_path_name(paths[pi]),
-                   fasa_dtype_name(FASA_DTYPE_F16 + t), 1e3 * s, nk * 4 / s / 1e9);
-        }
+    {
+        conv_arg c[6];
+        bench_fn fn[6] = {0};
+        void *arg[6] = {0};
+        double best[6];
+        int nj = 0;
+        for (int t = 0; t < 2; t++)
+            for (int pi = 0; pi < np; pi++, nj++) {
+                c[nj] = (conv_arg){paths[pi], FASA_DTYPE_F16 + t, nk, k16[t], scratch};
+                fn[nj] = s_conv, arg[nj] = &c[nj];
+            }
+        s_time_all(nj, fn, arg, best);
+        for (int j = 0; j < nj; j++)
+            printf("%-10s %-6s %10.2f %10.2f\n",
+                   simd_path_name(c[j].path) ? simd_path_name(c[j].path) : "?",
+                   fasa_dtype_name(c[j].dtype) ? fasa_dtype_name(c[j].dtype) : "?", 1e3 * best[j],
+                   nk * 4 / best[j] / 1e9);
+    }
 
     printf("\n[scan] score_tiles_dt: %d KV heads x %ld tokens x %d dims, %d query heads each\n",
            NKV, g_tokens, DOM, GRP);
-    printf("%-10s %-6s %10s %10s %12s\n", "path", "dtype", "ms", "GB/s read", "vs f32 same");
-    for (int pi = 0; pi < np; pi++) {
-        double t32 = 0;
-        for (int dt = 0; dt <= FASA_DTYPE_LAST; dt++) {
-            scan_arg s = {.path = paths[pi], .dtype = dt, .q = q, .scores = scratch};
-            for (int g = 0; g < NKV; g++)
-                s.tiles[g] = dt ? (const void *)(dom16[dt - 1] + (size_t)g * n * DOM)
-                                : (const void *)(dom + (size_t)g * n * DOM);
-            const double sec = s_time(s_scan, &s);
-            if (!dt) t32 = sec;
-            printf("%-10s %-6s %10.2f %10.2f %11.2fx\n", dt ? simd_path_name(paths[pi]) : "clones",
-                   fasa_dtype_name(dt), 1e3 * sec,
-                   (double)NKV * n * DOM * fasa_dtype_size(dt) / sec / 1e9, t32 / sec);
-        }
+    printf("%-10s %-6s %10s %10s %12s\n", "path", "dtype", "ms", "GB/s read", "f32 / this");
+    {
+        /* f32 runs score_tiles (target_clones) whatever the path: measured once. */
+        scan_arg sa[7];
+        bench_fn fn[7] = {0};
+        void *arg[7] = {0};
+        double best[7];
+        int nj = 0;
+        for (int pi = -1; pi < np; pi++)
+            for (int dt = pi < 0 ? 0 : 1; dt <= (pi < 0 ? 0 : FASA_DTYPE_LAST); dt++, nj++) {
+                sa[nj] = (scan_arg){
+                    .path = pi < 0 ? SIMD_AUTO : paths[pi], .dtype = dt, .q = q, .scores = scratch};
+                for (int g = 0; g < NKV; g++)
+                    sa[nj].tiles[g] = dt ? (const void *)(dom16[dt - 1] + (size_t)g * n * DOM)
+                                         : (const void *)(dom + (size_t)g * n * DOM);
+                fn[nj] = s_scan, arg[nj] = &sa[nj];
+            }
+        s_time_all(nj, fn, arg, best);
+        for (int j = 0; j < nj; j++)
+            printf("%-10s %-6s %10.2f %10.2f %11.2fx\n",
+                   sa[j].dtype ? simd_path_name(sa[j].path) : "clones",
+                   fasa_dtype_name(sa[j].dtype), 1e3 * best[j],
+                   (double)NKV * n * DOM * fasa_dtype_size(sa[j].dtype) / best[j] / 1e9,
+                   best[0] / best[j]);
     }
 
     dense_arg da = {.q = q,
@@ -287,23 +311,29 @@ int main(int argc, char **argv)
                sec ? "dense attention (logits, online softmax, P.V)" : "dense logits q.K^T",
                g_block);
         printf("%-6s %-12s %10s %10s %14s\n", "dtype", "impl", "ms", "GB/s read", "blas / loops");
-        for (int dt = 0; dt <= FASA_DTYPE_LAST; dt++) {
-            double t[2];
-            for (int blas = 0; blas < 2; blas++) {
-                da.dtype = dt, da.blas = blas;
-                for (int g = 0; g < NKV; g++) {
-                    da.k[g] = dt ? (const void *)k16[dt - 1] : kf;
-                    da.v[g] = dt ? (const void *)v16[dt - 1] : vf;
-                }
-                t[blas] = s_time(sec ? s_attend : s_logits, &da);
-                const double bytes = (double)NKV * nk * fasa_dtype_size(dt) * (sec ? 2 : 1);
-                printf("%-6s %-12s %10.2f %10.2f", fasa_dtype_name(dt),
-                       blas ? "cblas_sgemm" : "loops", 1e3 * t[blas], bytes / t[blas] / 1e9);
-                if (blas)
-                    printf(" %13.2fx\n", t[1] / t[0]);
-                else
-                    printf("\n");
+        dense_arg dj[6];
+        bench_fn fn[6] = {0};
+        void *arg[6] = {0};
+        double best[6];
+        for (int j = 0; j < 6; j++) {
+            const int dt = j / 2;
+            dj[j] = da;
+            dj[j].dtype = dt, dj[j].blas = j % 2;
+            for (int g = 0; g < NKV; g++) {
+                dj[j].k[g] = dt ? (const void *)k16[dt - 1] : kf;
+                dj[j].v[g] = dt ? (const void *)v16[dt - 1] : vf;
             }
+            fn[j] = sec ? s_attend : s_logits, arg[j] = &dj[j];
+        }
+        s_time_all(6, fn, arg, best);
+        for (int j = 0; j < 6; j++) {
+            const double bytes = (double)NKV * nk * fasa_dtype_size(j / 2) * (sec ? 2 : 1);
+            printf("%-6s %-12s %10.2f %10.2f", fasa_dtype_name(j / 2),
+                   j % 2 ? "cblas_sgemm" : "loops", 1e3 * best[j], bytes / best[j] / 1e9);
+            if (j % 2)
+                printf(" %13.2fx\n", best[j] / best[j - 1]);
+            else
+                printf("\n");
         }
     }
     printf("\n(blas / loops > 1: the hand loops are faster)\n");

@@ -245,8 +245,9 @@ START_TEST(test_dtype_rounding)
 }
 END_TEST
 
-/* The f16/bf16 tile scan on every path: bit for bit score_tiles on the decoded keys, and
- * within f32 summation error of the naive double reference. */
+/* The f16/bf16 tile scan on every path (9 tiles: the 1, 2 and 4 tile blocks): bit for bit
+ * score_tiles on the decoded keys, and within f32 summation error of the naive double
+ * reference. */
 START_TEST(test_score_tiles_dt)
 {
     simd_path paths[3];
@@ -256,7 +257,7 @@ START_TEST(test_score_tiles_dt)
     for (int dt = FASA_DTYPE_F16; dt <= FASA_DTYPE_BF16; dt++)
         for (size_t di = 0; di < sizeof(dims) / sizeof(*dims); di++)
             for (int n_q = 1; n_q <= 9; n_q++) {
-                const int nd = dims[di], n_tiles = 3, ld = n_tiles * SCORE_TILE + 3;
+                const int nd = dims[di], n_tiles = 9, ld = n_tiles * SCORE_TILE + 3;
                 const size_t nk = (size_t)n_tiles * nd * SCORE_TILE;
                 float *q = test_alloc((size_t)n_q * nd * 4 + 4), *kf = test_alloc(nk * 4 + 4);
                 uint16_t *kh = test_alloc(nk * 2 + 2);

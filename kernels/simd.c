@@ -331,71 +331,95 @@ static void s_tiles_port(int dtype, int n_tiles, int n_dims, int n_q, float *res
 }
 
 #if FASA_X86
-/* One tile against NQ heads (a constant once inlined, so the accumulators stay in
- * registers). AVX2: a tile row is two 8-lane halves. */
-T_AVX2 static inline __attribute__((always_inline)) void s_tile8(int dtype, int nq, int n_dims,
-                                                                 const float *restrict qh,
-                                                                 const uint16_t *restrict tile,
-                                                                 float *restrict o, int ld_out)
+/* NT consecutive tiles against NQ heads (constants once inlined, so the NT x NQ
+ * accumulators stay in registers). Several tiles at once give the adds independent chains
+ * when there are few heads: one chain per tile row and head, at most 8 live. Every row
+ * is still summed in dim order, so the scores do not depend on NT.
+ * AVX2: a tile row is two 8-lane halves. */
+T_AVX2 static inline __attribute__((always_inline)) void
+s_tile8(int dtype, int nt, int nq, int n_dims, const float *restrict qh,
+        const uint16_t *restrict tile, float *restrict o, int ld_out)
 {
-    __m256 a0[4], a1[4];
-    for (int i = 0; i < nq; i++) a0[i] = a1[i] = _mm256_setzero_ps();
-    for (int c = 0; c < n_dims; c++) {
-        const __m256 k0 = s_ld8(dtype, tile + (size_t)c * SCORE_TILE);
-        const __m256 k1 = s_ld8(dtype, tile + (size_t)c * SCORE_TILE + 8);
-        for (int i = 0; i < nq; i++) {
-            const __m256 qc = _mm256_set1_ps(qh[(size_t)i * n_dims + c]);
-            a0[i] = _mm256_add_ps(a0[i], _mm256_mul_ps(qc, k0));
-            a1[i] = _mm256_add_ps(a1[i], _mm256_mul_ps(qc, k1));
+    const size_t ts = (size_t)n_dims * SCORE_TILE;
+    __m256 a0[4][4], a1[4][4];
+    for (int t = 0; t < nt; t++)
+        for (int i = 0; i < nq; i++) a0[t][i] = a1[t][i] = _mm256_setzero_ps();
+    for (int c = 0; c < n_dims; c++)
+        for (int t = 0; t < nt; t++) {
+            const uint16_t *p = tile + t * ts + (size_t)c * SCORE_TILE;
+            const __m256 k0 = s_ld8(dtype, p), k1 = s_ld8(dtype, p + 8);
+            for (int i = 0; i < nq; i++) {
+                const __m256 qc = _mm256_set1_ps(qh[(size_t)i * n_dims + c]);
+                a0[t][i] = _mm256_add_ps(a0[t][i], _mm256_mul_ps(qc, k0));
+                a1[t][i] = _mm256_add_ps(a1[t][i], _mm256_mul_ps(qc, k1));
+            }
         }
-    }
-    for (int i = 0; i < nq; i++) {
-        _mm256_storeu_ps(o + (size_t)i * ld_out, a0[i]);
-        _mm256_storeu_ps(o + (size_t)i * ld_out + 8, a1[i]);
-    }
+    for (int t = 0; t < nt; t++)
+        for (int i = 0; i < nq; i++) {
+            _mm256_storeu_ps(o + (size_t)i * ld_out + t * SCORE_TILE, a0[t][i]);
+            _mm256_storeu_ps(o + (size_t)i * ld_out + t * SCORE_TILE + 8, a1[t][i]);
+        }
 }
 
-/* AVX-512: a tile row is one register; up to 8 heads at once. */
-T_AVX512 static inline __attribute__((always_inline)) void s_tile16(int dtype, int nq, int n_dims,
-                                                                    const float *restrict qh,
-                                                                    const uint16_t *restrict tile,
-                                                                    float *restrict o, int ld_out)
+/* AVX-512: a tile row is one register. */
+T_AVX512 static inline __attribute__((always_inline)) void
+s_tile16(int dtype, int nt, int nq, int n_dims, const float *restrict qh,
+         const uint16_t *restrict tile, float *restrict o, int ld_out)
 {
-    __m512 a[8];
-    for (int i = 0; i < nq; i++) a[i] = _mm512_setzero_ps();
-    for (int c = 0; c < n_dims; c++) {
-        const __m512 k = s_ld16(dtype, tile + (size_t)c * SCORE_TILE);
+    const size_t ts = (size_t)n_dims * SCORE_TILE;
+    __m512 a[4][8];
+    for (int t = 0; t < nt; t++)
+        for (int i = 0; i < nq; i++) a[t][i] = _mm512_setzero_ps();
+    for (int c = 0; c < n_dims; c++)
+        for (int t = 0; t < nt; t++) {
+            const __m512 k = s_ld16(dtype, tile + t * ts + (size_t)c * SCORE_TILE);
+            for (int i = 0; i < nq; i++)
+                a[t][i] = _mm512_add_ps(
+                    a[t][i], _mm512_mul_ps(_mm512_set1_ps(qh[(size_t)i * n_dims + c]), k));
+        }
+    for (int t = 0; t < nt; t++)
         for (int i = 0; i < nq; i++)
-            a[i] =
-                _mm512_add_ps(a[i], _mm512_mul_ps(_mm512_set1_ps(qh[(size_t)i * n_dims + c]), k));
-    }
-    for (int i = 0; i < nq; i++) _mm512_storeu_ps(o + (size_t)i * ld_out, a[i]);
+            _mm512_storeu_ps(o + (size_t)i * ld_out + t * SCORE_TILE, a[t][i]);
 }
 
-#define S_TILES(NAME, ATTR, ONE, GROUP, DT)                                                        \
+/* Tiles per call for NQ heads: AVX2 about 8 accumulator chains (2 per tile row); AVX-512
+ * at least 4 (with 4 heads, 2 tiles at once measured slower in bench_kernels). */
+#define S_NT8(NQ) ((NQ) >= 4 ? 1 : (NQ) == 2 ? 2 : 4)
+#define S_NT16(NQ) ((NQ) >= 4 ? 1 : (NQ) == 2 ? 2 : 4)
+
+/* Heads NQ at a time over the block of nb tiles at t0, NT tiles per call. */
+#define S_RUN(ONE, DT, NQ, NT)                                                                     \
+    for (; h + (NQ) <= n_q; h += (NQ)) {                                                           \
+        int t = 0;                                                                                 \
+        for (; t + (NT) <= nb; t += (NT))                                                          \
+            ONE(DT, NT, NQ, n_dims, q + (size_t)h * n_dims, tiles + (size_t)(t0 + t) * ts,         \
+                out + (size_t)h * ld_out + (size_t)(t0 + t) * SCORE_TILE, ld_out);                 \
+        for (; t < nb; t++)                                                                        \
+            ONE(DT, 1, NQ, n_dims, q + (size_t)h * n_dims, tiles + (size_t)(t0 + t) * ts,          \
+                out + (size_t)h * ld_out + (size_t)(t0 + t) * SCORE_TILE, ld_out);                 \
+    }
+
+/* Blocks of 4 tiles (they stay in L1 across head groups), heads in groups of GROUP, 4, 2
+ * and 1. */
+#define S_TILES(NAME, ATTR, ONE, NTF, GROUP, DT)                                                   \
     ATTR static void NAME(int n_tiles, int n_dims, int n_q, float *restrict out, int ld_out,       \
                           const float *restrict q, const uint16_t *restrict tiles)                 \
     {                                                                                              \
-        for (int t = 0; t < n_tiles; t++) {                                                        \
-            const uint16_t *tile = tiles + (size_t)t * n_dims * SCORE_TILE;                        \
-            float *o = out + (size_t)t * SCORE_TILE;                                               \
+        const size_t ts = (size_t)n_dims * SCORE_TILE;                                             \
+        for (int t0 = 0; t0 < n_tiles; t0 += 4) {                                                  \
+            const int nb = n_tiles - t0 < 4 ? n_tiles - t0 : 4;                                    \
             int h = 0;                                                                             \
-            for (; h + GROUP <= n_q; h += GROUP)                                                   \
-                ONE(DT, GROUP, n_dims, q + (size_t)h * n_dims, tile, o + (size_t)h * ld_out,       \
-                    ld_out);                                                                       \
-            for (; h + 4 <= n_q; h += 4)                                                           \
-                ONE(DT, 4, n_dims, q + (size_t)h * n_dims, tile, o + (size_t)h * ld_out, ld_out);  \
-            for (; h + 2 <= n_q; h += 2)                                                           \
-                ONE(DT, 2, n_dims, q + (size_t)h * n_dims, tile, o + (size_t)h * ld_out, ld_out);  \
-            for (; h < n_q; h++)                                                                   \
-                ONE(DT, 1, n_dims, q + (size_t)h * n_dims, tile, o + (size_t)h * ld_out, ld_out);  \
+            S_RUN(ONE, DT, GROUP, NTF(GROUP))                                                      \
+            S_RUN(ONE, DT, 4, NTF(4))                                                              \
+            S_RUN(ONE, DT, 2, NTF(2))                                                              \
+            S_RUN(ONE, DT, 1, NTF(1))                                                              \
         }                                                                                          \
     }
 
-S_TILES(s_tiles_avx2_f16, T_AVX2, s_tile8, 4, FASA_DTYPE_F16)
-S_TILES(s_tiles_avx2_bf16, T_AVX2, s_tile8, 4, FASA_DTYPE_BF16)
-S_TILES(s_tiles_avx512_f16, T_AVX512, s_tile16, 8, FASA_DTYPE_F16)
-S_TILES(s_tiles_avx512_bf16, T_AVX512, s_tile16, 8, FASA_DTYPE_BF16)
+S_TILES(s_tiles_avx2_f16, T_AVX2, s_tile8, S_NT8, 4, FASA_DTYPE_F16)
+S_TILES(s_tiles_avx2_bf16, T_AVX2, s_tile8, S_NT8, 4, FASA_DTYPE_BF16)
+S_TILES(s_tiles_avx512_f16, T_AVX512, s_tile16, S_NT16, 8, FASA_DTYPE_F16)
+S_TILES(s_tiles_avx512_bf16, T_AVX512, s_tile16, S_NT16, 8, FASA_DTYPE_BF16)
 #endif
 
 void score_tiles_dt(int path, int dtype, int n_tiles, int n_dims, int n_q, float *restrict out,
