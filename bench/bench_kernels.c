@@ -10,9 +10,10 @@
  *   logits   dense logits of a GQA group against its KV head's row-major keys, in blocks
  *            of --block rows: score_rows (the hand loop the engine uses) vs cblas_sgemm
  *            (M = 4 query heads, N = block rows, K = 128); f16 converts each block first;
- *   attend   the whole dense step (logits, online softmax, P.V): the engine's loops
+ *   attend   the whole dense step (logits, online softmax, P.V): the hand loops
  *            (score_rows + attn_accum, double accumulation) vs sgemm for the logits and
- *            for P.V (f32 accumulation per block, folded into double partials). */
+ *            attn_accum_blas for P.V (f32 per block, folded into double partials; what
+ *            the engine's dense path now uses). */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -111,7 +112,7 @@ static void s_scan(void *a)
 
 /* ---- logits and attend ---- */
 typedef struct dense_arg {
-    int dtype, blas;
+    int dtype, blas;             /* blas: 0 loops, 1 sgemm logits and P.V, 2 loops + sgemm P.V */
     const void *k[NKV], *v[NKV]; /* (N, D) row-major per KV head, stored dtype */
     const float *q;              /* (NQ, D) */
     float *lg, *kb, *vb, *pv;    /* scratch: (GRP, block), (block, D) x 2, (GRP, D) */
@@ -128,7 +129,7 @@ static const float *s_block(int dtype, const void *base, long r0, int nb, float 
 
 static void s_logits_block(const dense_arg *a, const float *q, const float *k, int nb)
 {
-    if (a->blas)
+    if (a->blas == 1)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, GRP, nb, D, 1.0f, q, D, k, D, 0.0f,
                     a->lg, (int)g_block);
     else
@@ -166,23 +167,7 @@ static void s_attend(void *p)
                 attn_accum(nb, D, GRP, a->lg, (int)g_block, v, D, m, l, o);
                 continue;
             }
-            /* Online softmax with the block's P.V as one sgemm. */
-            for (int i = 0; i < GRP; i++) {
-                float *s = a->lg + (size_t)i * g_block, mb = s[0];
-                for (int j = 1; j < nb; j++) mb = s[j] > mb ? s[j] : mb;
-                if (mb > m[i]) {
-                    const double r = m[i] == -INFINITY ? 0.0 : exp((double)m[i] - mb);
-                    l[i] *= r;
-                    for (int c = 0; c < D; c++) o[i * D + c] *= r;
-                    m[i] = mb;
-                }
-                double ls = 0;
-                for (int j = 0; j < nb; j++) ls += s[j] = expf(s[j] - m[i]);
-                l[i] += ls;
-            }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, GRP, D, nb, 1.0f, a->lg,
-                        (int)g_block, v, D, 0.0f, a->pv, D);
-            for (int c = 0; c < GRP * D; c++) o[c] += a->pv[c];
+            attn_accum_blas(nb, D, GRP, a->lg, (int)g_block, v, D, m, l, o, a->pv);
         }
         for (int i = 0; i < GRP; i++)
             attn_finalize(D, l[i], o + (size_t)i * D, a->out + (size_t)(g * GRP + i) * D);
@@ -310,33 +295,36 @@ int main(int argc, char **argv)
         printf("\n[%s] %s, blocks of %ld rows, default path\n", sec ? "attend" : "logits",
                sec ? "dense attention (logits, online softmax, P.V)" : "dense logits q.K^T",
                g_block);
-        printf("%-6s %-12s %10s %10s %14s\n", "dtype", "impl", "ms", "GB/s read", "blas / loops");
-        dense_arg dj[6];
-        bench_fn fn[6] = {0};
-        void *arg[6] = {0};
-        double best[6];
-        for (int j = 0; j < 6; j++) {
-            const int dt = j / 2;
+        printf("%-6s %-22s %10s %10s %14s\n", "dtype", "impl", "ms", "GB/s read", "this / loops");
+        /* attend also times the engine's mix: loop logits, sgemm P.V (attn_accum_blas). */
+        const int ni = sec ? 3 : 2;
+        static const char *const names[3] = {"loops", "cblas_sgemm", "loops + sgemm P.V"};
+        dense_arg dj[9];
+        bench_fn fn[9] = {0};
+        void *arg[9] = {0};
+        double best[9];
+        for (int j = 0; j < 3 * ni; j++) {
+            const int dt = j / ni;
             dj[j] = da;
-            dj[j].dtype = dt, dj[j].blas = j % 2;
+            dj[j].dtype = dt, dj[j].blas = j % ni;
             for (int g = 0; g < NKV; g++) {
                 dj[j].k[g] = dt ? (const void *)k16[dt - 1] : kf;
                 dj[j].v[g] = dt ? (const void *)v16[dt - 1] : vf;
             }
             fn[j] = sec ? s_attend : s_logits, arg[j] = &dj[j];
         }
-        s_time_all(6, fn, arg, best);
-        for (int j = 0; j < 6; j++) {
-            const double bytes = (double)NKV * nk * fasa_dtype_size(j / 2) * (sec ? 2 : 1);
-            printf("%-6s %-12s %10.2f %10.2f", fasa_dtype_name(j / 2),
-                   j % 2 ? "cblas_sgemm" : "loops", 1e3 * best[j], bytes / best[j] / 1e9);
-            if (j % 2)
-                printf(" %13.2fx\n", best[j] / best[j - 1]);
+        s_time_all(3 * ni, fn, arg, best);
+        for (int j = 0; j < 3 * ni; j++) {
+            const double bytes = (double)NKV * nk * fasa_dtype_size(j / ni) * (sec ? 2 : 1);
+            printf("%-6s %-22s %10.2f %10.2f", fasa_dtype_name(j / ni), names[j % ni],
+                   1e3 * best[j], bytes / best[j] / 1e9);
+            if (j % ni)
+                printf(" %13.2fx\n", best[j] / best[j - j % ni]);
             else
                 printf("\n");
         }
     }
-    printf("\n(blas / loops > 1: the hand loops are faster)\n");
+    printf("\n(this / loops > 1: the hand loops are faster)\n");
     free(q), free(kf), free(vf), free(dom), free(scratch);
     for (int t = 0; t < 2; t++) free(k16[t]), free(v16[t]), free(dom16[t]);
     return 0;

@@ -418,6 +418,44 @@ START_TEST(test_attn_dense)
 END_TEST
 
 /* Logits of +-1e30 and a single row: no overflow, NaN or division by zero. */
+/* attn_accum_blas over blocks (one sgemm per block, or several when n_q x d is large)
+ * against the naive reference. */
+START_TEST(test_attn_accum_blas)
+{
+    test_rng r = {6};
+    const int cfg[][3] = {{1, 2, 1}, {257, 8, 3}, {1000, 128, 4}, {300, 128, 1}, {37, 1024, 8}};
+    for (size_t ci = 0; ci < sizeof(cfg) / sizeof(*cfg); ci++)
+        for (int peaky = 0; peaky < 2; peaky++) {
+            const int n = cfg[ci][0], d = cfg[ci][1], n_q = cfg[ci][2], blk = 256;
+            float *q = test_alloc((size_t)n_q * d * 4), *k = test_alloc((size_t)n * d * 4);
+            float *v = test_alloc((size_t)n * d * 4), *lg = test_alloc((size_t)n_q * blk * 4);
+            float *pv = test_alloc((size_t)n_q * d * 4), *out = test_alloc((size_t)d * 4),
+                  *ref = test_alloc((size_t)d * 4);
+            double *l = test_alloc((size_t)n_q * 8), *o = test_alloc((size_t)n_q * d * 8);
+            float *m = test_alloc((size_t)n_q * 4);
+            test_fill(&r, (size_t)n_q * d, q, peaky ? 30.0f : 1.0f);
+            test_fill(&r, (size_t)n * d, k, 1.0f);
+            test_fill(&r, (size_t)n * d, v, 1.0f);
+            const float scale = 1.0f / sqrtf((float)d);
+            attn_state_init(n_q, d, m, l, o);
+            for (int j0 = 0; j0 < n; j0 += blk) {
+                const int nb = n - j0 < blk ? n - j0 : blk;
+                score_rows_ref(nb, d, n_q, lg, blk, q, k + (size_t)j0 * d, d, 0);
+                for (int h = 0; h < n_q; h++)
+                    for (int j = 0; j < nb; j++) lg[h * blk + j] *= scale;
+                attn_accum_blas(nb, d, n_q, lg, blk, v + (size_t)j0 * d, d, m, l, o, pv);
+            }
+            for (int h = 0; h < n_q; h++) {
+                attn_finalize(d, l[h], o + (size_t)h * d, out);
+                attn_ref(n, d, scale, q + (size_t)h * d, k, d, v, d, ref);
+                ck_assert_double_le(test_max_abs_diff((size_t)d, out, ref), 2e-5);
+            }
+            free(q), free(k), free(v), free(lg), free(pv), free(out), free(ref), free(l), free(o),
+                free(m);
+        }
+}
+END_TEST
+
 START_TEST(test_attn_extreme_logits)
 {
     const int d = 2;
@@ -554,6 +592,7 @@ Suite *kernels_suite(void)
     tcase_add_test(tc, test_topk_cases);
     tcase_add_test(tc, test_topk_acc);
     tcase_add_test(tc, test_attn_dense);
+    tcase_add_test(tc, test_attn_accum_blas);
     tcase_add_test(tc, test_attn_extreme_logits);
     tcase_add_test(tc, test_attn_merge);
     tcase_add_test(tc, test_ca);

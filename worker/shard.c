@@ -47,6 +47,7 @@ struct shard {
     double *aux; /* (n_heads, SHARD_SPARQ_AUX(head_dim)) of the last SPARQ score */
     size_t aux_cap;
     float *conv; /* f16/bf16: (2, ATTN_BLOCK, head_dim) rows converted to f32 for a kernel */
+    float *pv;   /* (n_heads / n_kv_heads, head_dim) dense P.V of one block (attn.h) */
     int64_t bytes_read_last; /* KV bytes read by the last score + attend */
     float scores[];          /* flexible tail: see shard_new */
 };
@@ -151,12 +152,16 @@ shard_t *shard_new(const shard_layout *layout)
     s->n_kept = calloc((size_t)layout->n_heads, sizeof(int));
     if (layout->dtype != FASA_DTYPE_F32)
         s->conv = malloc((size_t)2 * ATTN_BLOCK * layout->head_dim * sizeof(float));
-    if (!s->layers || !s->n_kept || (layout->dtype != FASA_DTYPE_F32 && !s->conv)) goto err_layout;
+    s->pv =
+        malloc((size_t)(layout->n_heads / layout->n_kv_heads) * layout->head_dim * sizeof(float));
+    if (!s->layers || !s->n_kept || !s->pv || (layout->dtype != FASA_DTYPE_F32 && !s->conv))
+        goto err_layout;
     return s;
 err_layout:
     free(s->layers);
     free(s->n_kept);
     free(s->conv);
+    free(s->pv);
     shard_layout_cleanup(&s->lay);
 err_free:
     free(s);
@@ -191,6 +196,7 @@ void shard_destroy(shard_t **shard_p)
     free(s->gather);
     free(s->aux);
     free(s->conv);
+    free(s->pv);
     shard_layout_cleanup(&s->lay);
     free(s);
     *shard_p = NULL;
@@ -687,7 +693,8 @@ static int s_row_of(const layer_store *ls, int32_t pos)
     return lo;
 }
 
-/* Dense phase 2 for KV head g: every visible row, in blocks of ATTN_BLOCK, online softmax. */
+/* Dense phase 2 for KV head g: every visible row, in blocks of ATTN_BLOCK, online softmax;
+ * P.V by sgemm (attn_accum_blas: faster than the loops in bench_kernels). */
 static void s_attend_dense(shard_t *s, const shard_step *st, int g, int n_vis, const float *qf,
                            float *m, double *l, double *o)
 {
@@ -716,7 +723,7 @@ static void s_attend_dense(shard_t *s, const shard_step *st, int g, int n_vis, c
             for (int j = 0; j < nb; j++) lg[i * ATTN_BLOCK + j] *= st->scale;
         const float *vx = s_rows_f32(s, ch->v, (size_t)rr * d, (size_t)nb * d,
                                      s->conv ? s->conv + (size_t)ATTN_BLOCK * d : NULL);
-        attn_accum(nb, d, grp, lg, ATTN_BLOCK, vx, d, m, l, o);
+        attn_accum_blas(nb, d, grp, lg, ATTN_BLOCK, vx, d, m, l, o, s->pv);
     }
     s->bytes_read_last += (int64_t)n_vis * 2 * d * (int64_t)s_esz(s);
 }
