@@ -398,6 +398,9 @@ static void s_print_text(const char *server, const fasa_client_stats *st)
                s->session_id, s->n_layers, s->n_heads, s->n_kv_heads, s->head_dim,
                (unsigned long long)s->length, (unsigned long long)s->kv_bytes,
                s->has_profile ? "yes" : "no", s_method_name(s->method), s->budget);
+        printf("session.dtype %s\n", s->dtype == FASA_CLIENT_DTYPE_F16    ? "f16"
+                                     : s->dtype == FASA_CLIENT_DTYPE_BF16 ? "bf16"
+                                                                          : "f32");
         s_print_ranks("session.rank", s->n_rank_stats, s->rank_stats);
     }
 }

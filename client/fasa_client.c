@@ -955,6 +955,7 @@ fasa_client_status fasa_client_get_stats(fasa_client *c, const char *session_id,
         o->has_profile = s->has_profile != 0;
         o->method = (fasa_client_method)s->method;
         o->budget = s->budget;
+        o->dtype = s->has_dtype ? (fasa_client_dtype)s->dtype : FASA_CLIENT_DTYPE_F32;
         if (s_rank_stats(s->n_rank_stats, s->rank_stats, &o->n_rank_stats, &o->rank_stats))
             st = s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED, "stats: out of memory");
     }

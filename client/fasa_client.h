@@ -293,6 +293,7 @@ typedef struct fasa_client_session_info {
     size_t n_rank_stats;                /* entries of rank_stats */
     fasa_client_rank_stats *rank_stats; /* what each rank holds of the session, by rank
                                            (malloc'd: fasa_client_stats_free) */
+    fasa_client_dtype dtype;            /* storage dtype of keys and values */
 } fasa_client_session_info;
 
 /* Server-wide statistics, and one session's when asked for. */
