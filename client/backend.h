@@ -58,5 +58,8 @@ fasa_status backend_append(backend *b, const char *id, int layer, int32_t pos0, 
 fasa_status backend_attend(backend *b, const char *id, const fasa_attend_req *req, float *out,
                            int32_t *selected, fasa_step_stats *stats, fasa_error *err);
 int32_t backend_length(const backend *b, const char *id, int layer);
+/* Bytes session id's shards hold in RAM (transport.h alloc_bytes, summed; in-process
+ * engine only): 0 with *out set, or -1. */
+int backend_ram_bytes(backend *b, const char *id, int64_t *out);
 
 #endif

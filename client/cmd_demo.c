@@ -47,6 +47,11 @@ static const char usage[] =
     "  --seed S        generator seed (default 1)\n"
     "  --dtype T       key/value storage of the three sessions: f32 (default), f16 or bf16\n"
     "                  (f16/bf16 halve their memory and the KV bytes read)\n"
+    "  --tier T        where the fasa session keeps K and V: ram (default) or disk: only the\n"
+    "                  dominant key dims in RAM, the rest of K and V in unlinked files under\n"
+    "                  --state-dir, of which a step reads only the selected rows (the dense\n"
+    "                  and oracle sessions stay in RAM; embedded engine only)\n"
+    "  --state-dir D   directory for --tier disk's files\n"
     "  --server E      run the three sessions on a fasa-server at endpoint E instead of the\n"
     "                  embedded engine (calibration stays local; the profile travels with\n"
     "                  the session). Step times then include the round trip, and the context\n"
@@ -58,8 +63,9 @@ static const char usage[] =
 
 typedef struct demo_opts {
     long tokens, steps, heads, kv_heads, head_dim, ntip, budget, shards, seed;
-    const char *server;
+    const char *server, *state_dir;
     fasa_dtype dtype;
+    int tier; /* 0 ram, 1 disk */
 } demo_opts;
 
 static int s_parse(int argc, char **argv, demo_opts *o)
@@ -75,6 +81,8 @@ static int s_parse(int argc, char **argv, demo_opts *o)
                                          {"seed", required_argument, 0, 'r'},
                                          {"server", required_argument, 0, 'E'},
                                          {"dtype", required_argument, 0, 'T'},
+                                         {"tier", required_argument, 0, 'R'},
+                                         {"state-dir", required_argument, 0, 'd'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     *o = (demo_opts){.tokens = 262144,
@@ -102,6 +110,14 @@ static int s_parse(int argc, char **argv, demo_opts *o)
         case 'T':
             if (fasa_dtype_parse(optarg, &o->dtype))
                 return cli_usage_error("demo", "--dtype '%s' is not f32, f16 or bf16", optarg);
+            break;
+        case 'R':
+            if (strcmp(optarg, "ram") && strcmp(optarg, "disk"))
+                return cli_usage_error("demo", "--tier '%s' is not ram or disk", optarg);
+            o->tier = optarg[0] == 'd';
+            break;
+        case 'd':
+            o->state_dir = optarg;
             break;
         case 's':
             if (cli_parse_int(optarg, 1, 4096, &o->steps))
@@ -145,6 +161,11 @@ static int s_parse(int argc, char **argv, demo_opts *o)
     }
     if (optind < argc) return cli_usage_error("demo", "unexpected argument '%s'", argv[optind]);
     if (o->server && !have_tokens) o->tokens = 32768;
+    if (o->tier && o->server)
+        return cli_usage_error("demo",
+                               "--tier disk runs on the embedded engine only, not --server");
+    if (o->tier && !o->state_dir)
+        return cli_usage_error("demo", "--tier disk needs --state-dir DIR");
     if (o->heads % o->kv_heads)
         return cli_usage_error("demo", "--heads %ld must be a multiple of --kv-heads %ld", o->heads,
                                o->kv_heads);
@@ -349,7 +370,9 @@ int cmd_demo(int argc, char **argv)
                                    .budget = B,
                                    .gqa = FASA_GQA_PER_HEAD,
                                    .dense_layers = dense_layers,
-                                   .dtype = o.dtype};
+                                   .dtype = o.dtype,
+                                   .tier = i == 0 ? o.tier : 0,
+                                   .tier_dir = i == 0 && o.tier ? o.state_dir : NULL};
         if (backend_create(eng, ids[i], &cfg, &fe)) {
             cli_fail("demo", "%s", fe.msg);
             goto done;
@@ -386,6 +409,14 @@ int cmd_demo(int argc, char **argv)
     printf("context: %d tokens generated in %.2f s, appended to 3 sessions in %.2f s (exact "
            "logits of step 1 in %.2f s)\n",
            n_ctx, t_gen, t_app, t_log);
+    int64_t ram = 0;
+    if (!backend_ram_bytes(eng, ids[0], &ram)) {
+        const double per_tok = (double)ram / n_ctx, f16_kv = (double)G * d * 2 * 2;
+        printf("fasa session (%s, %s tier): %.1f bytes of RAM per token = %.1f%% of f16 K+V "
+               "(%.0f bytes per token)%s\n",
+               fasa_dtype_name(o.dtype), o.tier ? "disk" : "ram", per_tok, 100.0 * per_tok / f16_kv,
+               f16_kv, o.tier ? "; the rest of K and V is in files under --state-dir" : "");
+    }
     double mass_sum = 0.0, mass_min = 1.0;
     for (int h = 0; h < H; h++) {
         float *lh = logit + (size_t)h * (n_ctx + 1);

@@ -6,6 +6,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "attn.h"
 #include "dtype.h"
@@ -31,6 +33,7 @@ typedef struct session {
     fasa_profile *profile;   /* owned copy or NULL */
     uint8_t *dense_layers;   /* (n_layers) */
     int32_t *n_appended;     /* (n_layers) */
+    char *tier_dir;          /* owned copy of cfg.tier_dir or NULL */
     struct session *next;
 } session;
 
@@ -132,6 +135,7 @@ static void s_session_free(session *s)
     fasa_profile_destroy(&s->profile);
     free(s->dense_layers);
     free(s->n_appended);
+    free(s->tier_dir);
     free(s);
 }
 
@@ -221,6 +225,11 @@ static int s_layout_from_profile(shard_layout *lay, const fasa_session_config *c
 {
     if (shard_layout_plain(lay, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim)) return -1;
     lay->dtype = c->dtype;
+    lay->tier = c->tier;
+    if (c->tier == SHARD_TIER_DISK && !(lay->tier_dir = strdup(c->tier_dir))) {
+        shard_layout_cleanup(lay);
+        return -1;
+    }
     if (!p) return 0;
     const int d = c->head_dim, grp = c->n_heads / c->n_kv_heads;
     uint8_t in_union[MAX_HEAD_DIM], own[MAX_HEAD_DIM];
@@ -282,6 +291,16 @@ static fasa_status s_check_config(const fasa_session_config *c, fasa_error *err)
         return s_fail(err, FASA_INVALID_ARGUMENT, "method sparq supports gqa per-head only");
     if (!fasa_dtype_name(c->dtype))
         return s_fail(err, FASA_INVALID_ARGUMENT, "dtype %d is not f32, f16 or bf16", c->dtype);
+    if (c->tier != SHARD_TIER_RAM && c->tier != SHARD_TIER_DISK)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "tier %d is not ram (0) or disk (1)", c->tier);
+    if (c->tier == SHARD_TIER_DISK) {
+        struct stat sb;
+        if (!c->tier_dir || stat(c->tier_dir, &sb) || !S_ISDIR(sb.st_mode) ||
+            access(c->tier_dir, W_OK))
+            return s_fail(err, FASA_INVALID_ARGUMENT,
+                          "tier disk: tier_dir '%s' is not a writable directory",
+                          c->tier_dir ? c->tier_dir : "(none)");
+    }
     if (c->budget < 1 || c->budget > MAX_BUDGET)
         return s_fail(err, FASA_INVALID_ARGUMENT, "budget %d out of range [1, %d]", c->budget,
                       MAX_BUDGET);
@@ -343,6 +362,8 @@ fasa_status fasa_engine_create(fasa_engine_t *e, const char *id, const fasa_sess
     if (cfg->profile && !(s->profile = fasa_profile_clone(cfg->profile))) goto oom;
     s->cfg.profile = s->profile;
     s->cfg.dense_layers = s->dense_layers;
+    if (cfg->tier_dir && !(s->tier_dir = strdup(cfg->tier_dir))) goto oom;
+    s->cfg.tier_dir = s->tier_dir;
     if (s_layout_from_profile(&lay, cfg, s->profile)) goto oom;
     s->sid = e->next_sid++;
     if (e->tr.session_new(e->tr.ctx, s->sid, &lay)) goto oom;

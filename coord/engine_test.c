@@ -1,5 +1,6 @@
 /* The engine: shard-count independence, bad input, profiles; and the same on the recorded
  * stories260K activations (golden suite) against exact attention computed here. */
+#define _DEFAULT_SOURCE /* mkdtemp */
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -43,8 +44,10 @@ typedef struct run_cfg {
     int pos_step;
 } run_cfg;
 
-/* The fasa_dtype s_run creates its sessions with (test_engine_dtype sets it; 0 = f32). */
+/* The fasa_dtype s_run creates its sessions with (test_engine_dtype sets it; 0 = f32), and
+ * with a directory the disk tier (test_engine_disk_tier). */
 static int s_run_dtype;
+static const char *s_run_tier_dir;
 
 /* Replays positions prefix..T-1 (step pos_step) on an engine with n_shards; writes outputs
  * (n_steps, nl, nh, d) and selections (n_steps, nl, nh, budget). */
@@ -61,7 +64,9 @@ static void s_run(const run_cfg *c, int n_shards, float *out, int32_t *sel)
                                .method = c->method,
                                .budget = c->budget,
                                .gqa = c->gqa,
-                               .dtype = s_run_dtype};
+                               .dtype = s_run_dtype,
+                               .tier = s_run_tier_dir ? 1 : 0,
+                               .tier_dir = s_run_tier_dir};
     fasa_error err;
     ck_assert_int_eq(fasa_engine_create(e, "s", &cfg, &err), FASA_OK);
     const size_t row = (size_t)c->nkv * c->d;
@@ -451,6 +456,77 @@ START_TEST(test_engine_dtype)
 }
 END_TEST
 
+/* A disk-tier session answers exactly as a RAM one (every method, f16), and refuses a
+ * directory it cannot use. */
+START_TEST(test_engine_disk_tier)
+{
+    enum { NL = 2, NH = 8, NKV = 2, D = 16, T = 500 };
+    test_rng r = {29};
+    float *buf[3][NL];
+    for (int l = 0; l < NL; l++)
+        for (int x = 0; x < 3; x++) {
+            const size_t n = (size_t)T * (x ? NKV : NH) * D;
+            buf[x][l] = test_alloc(n * 4);
+            test_fill(&r, n, buf[x][l], 1.0f);
+        }
+    char dir[] = "/tmp/fasa-engine-tier-XXXXXX";
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    fasa_profile *p = s_random_profile(NL, NH, NKV, D, 3, 0, 13);
+    s_run_dtype = FASA_DTYPE_F16;
+    for (int m = 0; m <= FASA_METHOD_LAST; m++) {
+        run_cfg c = {NL,
+                     NH,
+                     NKV,
+                     D,
+                     T,
+                     450,
+                     16,
+                     (fasa_method)m,
+                     FASA_GQA_PER_HEAD,
+                     20,
+                     p,
+                     (const float *const *)buf[0],
+                     (const float *const *)buf[1],
+                     (const float *const *)buf[2],
+                     5};
+        const int steps = (T - c.prefix + c.pos_step - 1) / c.pos_step;
+        const size_t no = (size_t)steps * NL * NH * D, ns = (size_t)steps * NL * NH * c.budget;
+        float *oa = test_alloc(no * 4), *ob = test_alloc(no * 4);
+        int32_t *sa = test_alloc(ns * 4), *sb = test_alloc(ns * 4);
+        s_run_tier_dir = dir;
+        s_run(&c, 2, oa, sa);
+        s_run_tier_dir = NULL;
+        s_run(&c, 2, ob, sb);
+        ck_assert_mem_eq(oa, ob, no * 4);
+        ck_assert_mem_eq(sa, sb, ns * 4);
+        free(oa), free(ob), free(sa), free(sb);
+    }
+    s_run_dtype = FASA_DTYPE_F32;
+    fasa_profile_destroy(&p);
+    fasa_engine_t *e = fasa_engine_new(1, 8);
+    fasa_session_config cfg = {.n_layers = 1,
+                               .n_heads = 2,
+                               .n_kv_heads = 1,
+                               .head_dim = 4,
+                               .method = FASA_METHOD_DENSE,
+                               .budget = 4,
+                               .tier = 1};
+    fasa_error err;
+    ck_assert_int_eq(fasa_engine_create(e, "t", &cfg, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "tier_dir"));
+    cfg.tier_dir = "/nonexistent/fasa";
+    ck_assert_int_eq(fasa_engine_create(e, "t", &cfg, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "/nonexistent/fasa"));
+    cfg.tier = 2;
+    ck_assert_int_eq(fasa_engine_create(e, "t", &cfg, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "tier"));
+    fasa_engine_destroy(&e);
+    ck_assert_int_eq(rmdir(dir), 0); /* no file left behind */
+    for (int l = 0; l < NL; l++)
+        for (int x = 0; x < 3; x++) free(buf[x][l]);
+}
+END_TEST
+
 /* Bad input gets the right status and a message naming the field, and changes nothing. */
 START_TEST(test_engine_bad_input)
 {
@@ -630,6 +706,7 @@ Suite *engine_suite(void)
     tcase_add_test(tc, test_engine_baselines_ref);
     tcase_add_test(tc, test_engine_bad_input);
     tcase_add_test(tc, test_engine_dtype);
+    tcase_add_test(tc, test_engine_disk_tier);
     tcase_add_test(tc, test_profile_roundtrip);
     suite_add_tcase(s, tc);
     return s;

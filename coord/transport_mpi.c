@@ -133,6 +133,7 @@ static int s_session_new(void *ctx, int sid, const shard_layout *lay)
 {
     mpi_ctx *c = ctx;
     if (sid < 0 || sid >= WMPI_MAX_SID || s_session(c, sid)) return -1;
+    if (lay->tier != SHARD_TIER_RAM) return -1; /* the disk tier is in-process only */
     if (sid >= c->cap) {
         int cap = c->cap ? c->cap : 8;
         while (cap <= sid) cap *= 2;

@@ -1,9 +1,13 @@
 /* Shard store and the two local phases of a step. See shard.h for the layout. */
+#define _DEFAULT_SOURCE /* madvise */
 #include "shard.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "attn.h"
 #include "score.h"
@@ -14,6 +18,10 @@ typedef struct kv_chunk {
     void *kdom;  /* (SHARD_CHUNK / SCORE_TILE, n_dom, SCORE_TILE) */
     void *krest; /* (SHARD_CHUNK, head_dim - n_dom) */
     void *v;     /* (SHARD_CHUNK, head_dim) */
+    /* SHARD_TIER_DISK, in the chunk's first KV head only: the one mapping that holds every
+     * KV head's krest and v, and its size. NULL in RAM. */
+    void *map;
+    size_t map_bytes;
 } kv_chunk;
 
 typedef struct layer_store {
@@ -100,6 +108,8 @@ void shard_layout_cleanup(shard_layout *lay)
     free(lay->n_dom);
     free(lay->perm);
     free(lay->qmask);
+    free(lay->tier_dir);
+    lay->tier_dir = NULL;
     lay->n_dom = NULL;
     lay->perm = NULL;
     lay->qmask = NULL;
@@ -113,6 +123,8 @@ static int s_layout_alloc(shard_layout *dst, int n_layers, int n_heads, int n_kv
     dst->n_kv_heads = n_kv_heads;
     dst->head_dim = head_dim;
     dst->dtype = FASA_DTYPE_F32;
+    dst->tier = SHARD_TIER_RAM;
+    dst->tier_dir = NULL;
     dst->n_dom = calloc((size_t)n_layers * n_kv_heads, sizeof(int));
     dst->perm = calloc((size_t)n_layers * n_kv_heads * head_dim, sizeof(int));
     dst->qmask = calloc((size_t)n_layers * n_heads * head_dim, 1);
@@ -131,6 +143,11 @@ int shard_layout_copy(shard_layout *dst, const shard_layout *src)
     memcpy(dst->perm, src->perm, lk * src->head_dim * sizeof(int));
     memcpy(dst->qmask, src->qmask, (size_t)src->n_layers * src->n_heads * src->head_dim);
     dst->dtype = src->dtype;
+    dst->tier = src->tier;
+    if (src->tier_dir && !(dst->tier_dir = strdup(src->tier_dir))) {
+        shard_layout_cleanup(dst);
+        return -1;
+    }
     return 0;
 }
 
@@ -145,6 +162,8 @@ int shard_layout_plain(shard_layout *dst, int n_layers, int n_heads, int n_kv_he
 shard_t *shard_new(const shard_layout *layout)
 {
     if (!fasa_dtype_size(layout->dtype)) return NULL;
+    if (layout->tier == SHARD_TIER_DISK ? !layout->tier_dir : layout->tier != SHARD_TIER_RAM)
+        return NULL;
     shard_t *s = calloc(1, sizeof(*s) + s_tail_floats(layout) * sizeof(float));
     if (!s) return NULL;
     if (shard_layout_copy(&s->lay, layout)) goto err_free;
@@ -177,9 +196,11 @@ void shard_destroy(shard_t **shard_p)
         for (int c = 0; c < ls->n_chunks; c++) {
             for (int g = 0; g < s->lay.n_kv_heads; g++) {
                 free(ls->chunks[c][g].kdom);
+                if (ls->chunks[c][0].map) continue;
                 free(ls->chunks[c][g].krest);
                 free(ls->chunks[c][g].v);
             }
+            if (ls->chunks[c][0].map) munmap(ls->chunks[c][0].map, ls->chunks[c][0].map_bytes);
             free(ls->chunks[c]);
         }
         free(ls->chunks);
@@ -202,30 +223,73 @@ void shard_destroy(shard_t **shard_p)
     *shard_p = NULL;
 }
 
+/* SHARD_TIER_DISK: a zero-filled shared mapping of bytes backed by a fresh file in dir,
+ * unlinked at once (the mapping keeps it alive). NULL on failure. */
+static void *s_map_file(const char *dir, size_t bytes)
+{
+    char path[4096];
+    if (snprintf(path, sizeof(path), "%s/fasa-kv-XXXXXX", dir) >= (int)sizeof(path)) return NULL;
+    const int fd = mkstemp(path);
+    if (fd < 0) return NULL;
+    unlink(path);
+    void *p = ftruncate(fd, (off_t)bytes)
+                  ? MAP_FAILED
+                  : mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    return p == MAP_FAILED ? NULL : p;
+}
+
 static kv_chunk *s_chunk_new(const shard_layout *lay, int layer)
 {
-    const int d = lay->head_dim;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads;
     const size_t esz = fasa_dtype_size(lay->dtype);
-    kv_chunk *ch = calloc((size_t)lay->n_kv_heads, sizeof(*ch));
+    kv_chunk *ch = calloc((size_t)hkv, sizeof(*ch));
     if (!ch) return NULL;
-    for (int g = 0; g < lay->n_kv_heads; g++) {
-        const int u = lay->n_dom[layer * lay->n_kv_heads + g];
+    if (lay->tier == SHARD_TIER_DISK) {
+        /* krest and v of every KV head in one mapping: hkv x (krest, v), each page-aligned. */
+        const size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+        size_t off[2 * 1024 + 1], total = 0; /* n_kv_heads <= 1024 (engine limits) */
+        if (hkv > 1024) goto fail;
+        for (int g = 0; g < hkv; g++) {
+            const int u = lay->n_dom[layer * hkv + g];
+            off[2 * g] = total;
+            total += ((size_t)SHARD_CHUNK * (d - u ? d - u : 1) * esz + pg - 1) / pg * pg;
+            off[2 * g + 1] = total;
+            total += ((size_t)SHARD_CHUNK * d * esz + pg - 1) / pg * pg;
+        }
+        char *m = s_map_file(lay->tier_dir, total);
+        if (!m) goto fail;
+        ch[0].map = m;
+        ch[0].map_bytes = total;
+        for (int g = 0; g < hkv; g++) {
+            ch[g].krest = m + off[2 * g];
+            ch[g].v = m + off[2 * g + 1];
+        }
+    }
+    for (int g = 0; g < hkv; g++) {
+        const int u = lay->n_dom[layer * hkv + g];
         /* calloc: padding rows of a partial tile must score as zeros, not garbage (all-zero
          * bits are +0 in every dtype). */
         ch[g].kdom = calloc((size_t)SHARD_CHUNK * (u ? u : 1), esz);
-        ch[g].krest = calloc((size_t)SHARD_CHUNK * (d - u ? d - u : 1), esz);
-        ch[g].v = malloc((size_t)SHARD_CHUNK * d * esz);
+        if (!ch[0].map) {
+            ch[g].krest = calloc((size_t)SHARD_CHUNK * (d - u ? d - u : 1), esz);
+            ch[g].v = malloc((size_t)SHARD_CHUNK * d * esz);
+        }
         if (!ch[g].kdom || !ch[g].krest || !ch[g].v) {
             for (int i = 0; i <= g; i++) {
                 free(ch[i].kdom);
+                if (ch[0].map) continue;
                 free(ch[i].krest);
                 free(ch[i].v);
             }
-            free(ch);
-            return NULL;
+            if (ch[0].map) munmap(ch[0].map, ch[0].map_bytes);
+            goto fail;
         }
     }
     return ch;
+fail:
+    free(ch);
+    return NULL;
 }
 
 /* Pages that n new rows at pos[n] (ascending) would start in a layer. */
@@ -351,6 +415,11 @@ int shard_append(shard_t *s, int layer, int n, const int32_t *pos, const float *
             }
         }
     }
+    /* Disk tier: hand the chunks just written back to the page cache (their pages stay in
+     * the file; only the rows a step selects come back into memory). */
+    for (int c = ls->n_rows / SHARD_CHUNK;
+         c <= (ls->n_rows + n - 1) / SHARD_CHUNK && ls->chunks[c][0].map; c++)
+        madvise(ls->chunks[c][0].map, ls->chunks[c][0].map_bytes, MADV_DONTNEED);
     ls->n_rows += n;
     return 0;
 }
@@ -839,12 +908,30 @@ size_t shard_bytes_held(const shard_t *s)
 {
     size_t total = 0;
     const size_t per_chunk = (size_t)SHARD_CHUNK * s->lay.head_dim * 2 * s_esz(s);
-    for (int l = 0; l < s->lay.n_layers; l++)
-        total += (size_t)s->layers[l].n_chunks * s->lay.n_kv_heads * per_chunk +
+    for (int l = 0; l < s->lay.n_layers; l++) {
+        size_t chunk = (size_t)s->lay.n_kv_heads * per_chunk;
+        if (s->lay.tier == SHARD_TIER_DISK) { /* kdom only */
+            chunk = 0;
+            for (int g = 0; g < s->lay.n_kv_heads; g++) {
+                const int u = s->lay.n_dom[l * s->lay.n_kv_heads + g];
+                chunk += (size_t)SHARD_CHUNK * (u ? u : 1) * s_esz(s);
+            }
+        }
+        total += (size_t)s->layers[l].n_chunks * chunk +
                  (size_t)s->layers[l].pos_cap * sizeof(int32_t) +
                  (size_t)s->layers[l].page_cap *
                      (sizeof(int32_t) + sizeof(int) +
                       (size_t)s->lay.n_kv_heads * 2 * s->lay.head_dim * sizeof(float));
+    }
+    return total;
+}
+
+size_t shard_bytes_mapped(const shard_t *s)
+{
+    size_t total = 0;
+    for (int l = 0; l < s->lay.n_layers; l++)
+        for (int c = 0; c < s->layers[l].n_chunks; c++)
+            total += s->layers[l].chunks[c][0].map_bytes;
     return total;
 }
 

@@ -87,7 +87,20 @@ typedef struct shard_layout {
     uint8_t *qmask; /* (n_layers, n_heads, head_dim) 1 where packed dim p < n_dom of the
                        head's KV head belongs to one of the head's own FCs */
     int dtype;      /* fasa_dtype (dtype.h) kdom, krest and v are stored in; 0 = f32 */
+    int tier;       /* SHARD_TIER_RAM (0) or SHARD_TIER_DISK */
+    char *tier_dir; /* SHARD_TIER_DISK: directory of the backing files (owned, freed by
+                       shard_layout_cleanup); NULL otherwise */
 } shard_layout;
+
+/* Where krest and v live (the CPU analogue of FASA-M). RAM: heap chunks. DISK: kdom, the
+ * positions and the QUEST bounds stay in RAM; krest and v of each chunk live in a shared
+ * mapping of a file created in tier_dir and unlinked at once (nothing is left behind, even
+ * on a crash). Appended rows are handed back to the page cache (madvise DONTNEED), so they
+ * stay out of the process's resident set until read: the FASA step reads only the
+ * selected rows' pages; dense, oracle, quest and sparq steps read them all. The kernel may
+ * keep the written pages in its (reclaimable) page cache. */
+#define SHARD_TIER_RAM 0
+#define SHARD_TIER_DISK 1
 
 /* One step as the shard sees it. */
 typedef struct shard_step {
@@ -149,8 +162,11 @@ void shard_sparq_aux(const shard_t *shard, const shard_step *step, double *aux);
 /* Bytes the last shard_score + shard_attend read from the KV store (for stats); for QUEST
  * the page bounds read count too. */
 int64_t shard_bytes_read(const shard_t *shard);
-/* Bytes held in the KV store (chunks, position tables and the QUEST page bounds). */
+/* Bytes held in the KV store in RAM (chunks, position tables and the QUEST page bounds;
+ * with SHARD_TIER_DISK not the mapped krest and v, which shard_bytes_mapped counts). */
 size_t shard_bytes_held(const shard_t *shard);
+/* Bytes of file-backed mappings (SHARD_TIER_DISK), 0 in RAM. */
+size_t shard_bytes_mapped(const shard_t *shard);
 /* Bytes of the rows held, all layers, by part (the layout above): kdom (the dominant key
  * dims), krest (the other key dims) and v (the values). They count stored elements, not
  * chunk capacity, so kdom + krest = v = rows x n_kv_heads x head_dim x the dtype's size. */

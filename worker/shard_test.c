@@ -1,7 +1,9 @@
 /* The shard store against brute force over the same rows. */
+#define _DEFAULT_SOURCE /* mkdtemp */
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "attn.h"
 #include "shard.h"
@@ -538,6 +540,88 @@ START_TEST(test_shard_dtype)
 }
 END_TEST
 
+/* The disk tier answers bit for bit as the RAM tier (every method, f32 and f16), holds
+ * only kdom, positions and bounds in RAM, and leaves no file behind. */
+START_TEST(test_shard_disk_tier)
+{
+    const int nh = 4, nkv = 2, d = 40, n = SHARD_CHUNK + 300, B = 24;
+    const size_t kv = (size_t)n * nkv * d;
+    test_rng r = {43};
+    float *k = test_alloc(kv * 4), *v = test_alloc(kv * 4), q[4 * 40];
+    int32_t *pos = test_alloc((size_t)n * 4);
+    test_fill(&r, kv, k, 3.0f);
+    test_fill(&r, kv, v, 3.0f);
+    test_fill(&r, sizeof(q) / 4, q, 1.0f);
+    for (int i = 0; i < n; i++) pos[i] = (i / 32) * 64 + i % 32;
+    char dir[] = "/tmp/fasa-tier-test-XXXXXX";
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    for (int dt = FASA_DTYPE_F32; dt <= FASA_DTYPE_F16; dt++) {
+        shard_layout lay;
+        s_layout(&lay, 1, nh, nkv, d);
+        lay.dtype = dt;
+        shard_t *ram = shard_new(&lay);
+        lay.tier = SHARD_TIER_DISK;
+        ck_assert_ptr_null(shard_new(&lay)); /* disk needs a directory */
+        lay.tier_dir = strdup(dir);
+        shard_t *disk = shard_new(&lay);
+        ck_assert_ptr_nonnull(ram);
+        ck_assert_ptr_nonnull(disk);
+        for (int i0 = 0; i0 < n; i0 += 333) {
+            const int m = n - i0 < 333 ? n - i0 : 333;
+            const size_t o = (size_t)i0 * nkv * d;
+            ck_assert_int_eq(shard_append(ram, 0, m, pos + i0, k + o, v + o), 0);
+            ck_assert_int_eq(shard_append(disk, 0, m, pos + i0, k + o, v + o), 0);
+        }
+        ck_assert_uint_eq(shard_bytes_mapped(ram), 0);
+        ck_assert_uint_ge(shard_bytes_mapped(disk),
+                          (size_t)2 * nkv * SHARD_CHUNK * (2 * d - 3) * fasa_dtype_size(dt));
+        /* RAM: kdom (3 dims) instead of 2 d dims per row. */
+        ck_assert_uint_eq(shard_bytes_held(ram) - shard_bytes_held(disk),
+                          (size_t)2 * nkv * SHARD_CHUNK * (2 * d - 3) * fasa_dtype_size(dt));
+        for (int method = 0; method <= SHARD_METHOD_LAST; method++)
+            for (int shared = 0; shared < 2; shared++) {
+                if (method == SHARD_SPARQ && shared) continue;
+                shard_step st = {0,         method,          shared, B,
+                                 pos[4100], 1.0f / sqrtf(d), q,      method == SHARD_SPARQ ? 7 : 0};
+                const int units = shard_units(ram, shared);
+                topk_cand ca[4 * 24], cb[4 * 24], thr[4];
+                int na[4] = {0}, nb[4] = {0};
+                uint8_t have[4] = {0};
+                if (method != SHARD_DENSE) {
+                    ck_assert_int_eq(shard_score(disk, &st, ca, na), 0);
+                    ck_assert_int_eq(shard_score(ram, &st, cb, nb), 0);
+                    for (int u = 0; u < units; u++) {
+                        ck_assert_int_eq(na[u], nb[u]);
+                        ck_assert_mem_eq(ca + u * B, cb + u * B, (size_t)na[u] * sizeof(*ca));
+                        if (nb[u]) thr[u] = cb[u * B + nb[u] - 1], have[u] = 1;
+                    }
+                }
+                float ma[4], mb[4];
+                double la[4], lb[4], oa[4 * 40], ob[4 * 40];
+                ck_assert_int_eq(shard_attend(disk, &st, thr, have, ma, la, oa), 0);
+                ck_assert_int_eq(shard_attend(ram, &st, thr, have, mb, lb, ob), 0);
+                ck_assert_mem_eq(ma, mb, sizeof(ma));
+                ck_assert_mem_eq(la, lb, sizeof(la));
+                ck_assert_mem_eq(oa, ob, sizeof(oa));
+                ck_assert_int_eq(shard_bytes_read(disk), shard_bytes_read(ram));
+            }
+        shard_destroy(&disk);
+        shard_destroy(&ram);
+        /* A directory that does not exist: the append fails and adds nothing. */
+        free(lay.tier_dir);
+        lay.tier_dir = strdup("/nonexistent/fasa-tier");
+        disk = shard_new(&lay);
+        ck_assert_ptr_nonnull(disk);
+        ck_assert_int_eq(shard_append(disk, 0, 1, pos, k, v), -1);
+        ck_assert_int_eq(shard_rows(disk, 0), 0);
+        shard_destroy(&disk);
+        shard_layout_cleanup(&lay);
+    }
+    ck_assert_int_eq(rmdir(dir), 0); /* empty: every backing file was unlinked */
+    free(k), free(v), free(pos);
+}
+END_TEST
+
 Suite *shard_suite(void)
 {
     Suite *s = suite_create("shard");
@@ -549,6 +633,7 @@ Suite *shard_suite(void)
     tcase_add_test(tc, test_shard_quest);
     tcase_add_test(tc, test_shard_sparq);
     tcase_add_test(tc, test_shard_dtype);
+    tcase_add_test(tc, test_shard_disk_tier);
     suite_add_tcase(s, tc);
     return s;
 }
