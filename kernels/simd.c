@@ -43,9 +43,9 @@ simd_path simd_path_default(void)
     static int chosen = -1;
     int p = __atomic_load_n(&chosen, __ATOMIC_RELAXED);
     if (p >= 0) return (simd_path)p;
-    /* AVX2 first: on the development machine (AVX-512 with one 512-bit FMA port) the
-     * f16/bf16 scan ran 1.5x faster with AVX2 than with AVX-512 (bench_kernels), and the
-     * conversions alike; AVX-512 is there to be forced and compared. */
+    /* AVX2 first: on the development machine AVX-512 was never faster for the conversions
+     * and the f16/bf16 scan, and in loaded runs up to 1.5x slower (bench_kernels);
+     * AVX-512 is there to be forced and compared. */
     p = simd_path_supported(SIMD_AVX2) ? SIMD_AVX2 : SIMD_PORTABLE;
     const char *env = getenv("FASA_SIMD");
     if (env && *env) {

@@ -8,8 +8,8 @@
  *   avx512    AVX-512F (16 lanes).
  * The SIMD paths are compiled with function target attributes, so the build itself stays
  * portable (no -march), and are used only where the CPU has them (__builtin_cpu_supports).
- * The default path is avx2 where the CPU has it (it measured faster than avx512 for the
- * scan in bench_kernels), else portable; the environment variable FASA_SIMD
+ * The default path is avx2 where the CPU has it (avx512 measured no faster in
+ * bench_kernels), else portable; the environment variable FASA_SIMD
  * (portable | avx2 | avx512) forces one for tests and benchmarks (a path the CPU lacks, or
  * an unknown name, falls back to the default with a note on stderr). Every path converts
  * bit-identically (the same rounding); the f16/bf16 scans differ between paths only by the

@@ -9,6 +9,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <cblas.h>
+
 #include "attn.h"
 #include "score.h"
 #include "simd.h"
@@ -787,7 +789,13 @@ static void s_attend_dense(shard_t *s, const shard_step *st, int g, int n_vis, c
                        s_at(s, ch->kdom, (size_t)(rr / SCORE_TILE) * u * SCORE_TILE));
         const float *kx =
             s_rows_f32(s, ch->krest, (size_t)rr * (d - u), (size_t)nb * (d - u), s->conv);
-        score_rows(nb, d - u, grp, lg, ATTN_BLOCK, qrp, kx, d - u, 1);
+        /* f16/bf16: sgemm over the converted block (2x the loops in bench_kernels); f32:
+         * the loops (faster than sgemm straight from memory). */
+        if (lay->dtype != FASA_DTYPE_F32 && d > u && (int64_t)grp * nb * (d - u) <= ATTN_BLAS_MNK)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, grp, nb, d - u, 1.0f, qrp, d - u,
+                        kx, d - u, 1.0f, lg, ATTN_BLOCK);
+        else
+            score_rows(nb, d - u, grp, lg, ATTN_BLOCK, qrp, kx, d - u, 1);
         for (int i = 0; i < grp; i++)
             for (int j = 0; j < nb; j++) lg[i * ATTN_BLOCK + j] *= st->scale;
         const float *vx = s_rows_f32(s, ch->v, (size_t)rr * d, (size_t)nb * d,

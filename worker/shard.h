@@ -12,8 +12,10 @@
  * kdom, krest and v hold elements of the layout's dtype (f32, f16 or bf16, kernels/simd.h):
  * append rounds to it (nearest even; the caller rejects values that would overflow it), and
  * every read converts back to f32 on the fly; the QUEST page bounds and the SPARQ value sums
- * are f32 of the rounded values. So a shard of any dtype answers exactly as an f32 shard fed
- * the rounded keys and values would (scores bit for bit), with half the bytes at f16/bf16.
+ * are f32 of the rounded values. So a shard of any dtype answers as an f32 shard fed the
+ * rounded keys and values would (selection scores and sparse attention bit for bit; the
+ * dense path's f16/bf16 logits run as sgemm over converted blocks, equal to f32 rounding),
+ * with half the bytes at f16/bf16.
  *
  * A step runs in two phases, as it does across ranks (DESIGN.md "One decode step"):
  * shard_score returns each selection unit's local top-B candidates and keeps them;
