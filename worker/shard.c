@@ -56,8 +56,10 @@ struct shard {
     size_t gather_cap;
     double *aux; /* (n_heads, SHARD_SPARQ_AUX(head_dim)) of the last SPARQ score */
     size_t aux_cap;
-    float *conv; /* f16/bf16: (2, ATTN_BLOCK, head_dim) rows converted to f32 for a kernel */
-    float *pv;   /* (n_heads / n_kv_heads, head_dim) dense P.V of one block (attn.h) */
+    float *conv;     /* f16/bf16: (2, ATTN_BLOCK, head_dim) rows converted to f32 for a kernel */
+    float *pv;       /* (n_heads / n_kv_heads, head_dim) dense P.V of one block (attn.h) */
+    uint16_t *stage; /* f16/bf16: (2, rows, head_dim) gathered K and V rows before conversion */
+    size_t stage_cap;
     int64_t bytes_read_last; /* KV bytes read by the last score + attend */
     float scores[];          /* flexible tail: see shard_new */
 };
@@ -220,6 +222,7 @@ void shard_destroy(shard_t **shard_p)
     free(s->aux);
     free(s->conv);
     free(s->pv);
+    free(s->stage);
     shard_layout_cleanup(&s->lay);
     free(s);
     *shard_p = NULL;
@@ -853,18 +856,33 @@ static void s_attend_rows(shard_t *s, const shard_step *st, int g, int unit, top
         }
         for (int r = r0; r < r1; r++) {
             const kv_chunk *ch = &ls->chunks[r / SHARD_CHUNK][g];
-            const int rr = r % SHARD_CHUNK, dt = lay->dtype;
+            const int rr = r % SHARD_CHUNK;
             const size_t kd0 = (size_t)(rr / SCORE_TILE) * u * SCORE_TILE + rr % SCORE_TILE;
-            float *krow = kg + (size_t)n * d;
-            for (int p = 0; p < u; p++) krow[p] = s_get(dt, ch->kdom, kd0 + (size_t)p * SCORE_TILE);
-            dtype_to_f32(SIMD_AUTO, dt, (size_t)(d - u), s_at(s, ch->krest, (size_t)rr * (d - u)),
-                         krow + u);
-            dtype_to_f32(SIMD_AUTO, dt, (size_t)d, s_at(s, ch->v, (size_t)rr * d),
-                         vg + (size_t)n * d);
+            if (lay->dtype == FASA_DTYPE_F32) {
+                float *krow = kg + (size_t)n * d;
+                const float *kd = (const float *)ch->kdom + kd0;
+                for (int p = 0; p < u; p++) krow[p] = kd[(size_t)p * SCORE_TILE];
+                memcpy(krow + u, (const float *)ch->krest + (size_t)rr * (d - u),
+                       (size_t)(d - u) * sizeof(float));
+                memcpy(vg + (size_t)n * d, (const float *)ch->v + (size_t)rr * d,
+                       (size_t)d * sizeof(float));
+            } else { /* raw rows now, one conversion of all of them below */
+                uint16_t *krow = s->stage + (size_t)n * d;
+                const uint16_t *kd = (const uint16_t *)ch->kdom + kd0;
+                for (int p = 0; p < u; p++) krow[p] = kd[(size_t)p * SCORE_TILE];
+                memcpy(krow + u, (const uint16_t *)ch->krest + (size_t)rr * (d - u),
+                       (size_t)(d - u) * 2);
+                memcpy(s->stage + (cap + n) * d, (const uint16_t *)ch->v + (size_t)rr * d,
+                       (size_t)d * 2);
+            }
             n++;
         }
     }
     if (n == 0) return;
+    if (lay->dtype != FASA_DTYPE_F32) {
+        dtype_to_f32(SIMD_AUTO, lay->dtype, (size_t)n * d, s->stage, kg);
+        dtype_to_f32(SIMD_AUTO, lay->dtype, (size_t)n * d, s->stage + cap * d, vg);
+    }
     score_rows(n, d, n_q, lg, (int)cap, qf, kg, d, 0);
     for (int i = 0; i < n_q; i++)
         for (int j = 0; j < n; j++) lg[(size_t)i * cap + j] *= st->scale;
@@ -881,7 +899,10 @@ int shard_attend(shard_t *s, const shard_step *st, const topk_cand *thr, const u
     if (st->method == SHARD_DENSE)
         s->bytes_read_last = 0;
     else if (s_grow((void **)&s->gather, &s->gather_cap,
-                    ((size_t)2 * d + grp) * s->kept_budget * s_rows_per_cand(st) * sizeof(float)))
+                    ((size_t)2 * d + grp) * s->kept_budget * s_rows_per_cand(st) * sizeof(float)) ||
+             (lay->dtype != FASA_DTYPE_F32 &&
+              s_grow((void **)&s->stage, &s->stage_cap,
+                     (size_t)2 * d * s->kept_budget * s_rows_per_cand(st) * sizeof(uint16_t))))
         return -1;
     const int n_vis = shard_visible(s, st->layer, st->max_pos);
     float qf[grp * d];
