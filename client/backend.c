@@ -28,6 +28,7 @@ struct backend {
     struct sigaction old_int, old_term;
     int handlers;
     char desc[256];
+    int n_shards; /* in-process engine */
 };
 
 static volatile sig_atomic_t s_interrupted;
@@ -154,6 +155,7 @@ backend *backend_open(const char *server, int shards, int block, fasa_error *err
         return NULL;
     }
     if (!server) {
+        b->n_shards = shards;
         if (!(b->eng = fasa_engine_new(shards, block))) {
             free(b);
             s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory for the embedded engine");
@@ -310,7 +312,8 @@ fasa_status backend_create(backend *b, const char *id, const fasa_session_config
         .gqa = cfg->gqa == FASA_GQA_SHARED ? FASA_CLIENT_GQA_SHARED : FASA_CLIENT_GQA_PER_HEAD,
         .dense_layers_set = cfg->dense_layers != NULL,
         .dense_layers = dense,
-        .n_dense_layers = n_dense};
+        .n_dense_layers = n_dense,
+        .dtype = (fasa_client_dtype)(cfg->dtype + 1)};
     fasa_client_error ce;
     const fasa_client_status cst = fasa_client_create_session(b->cli, rs.wire_id, &cc, NULL, &ce);
     free(text);
@@ -395,6 +398,21 @@ fasa_status backend_attend(backend *b, const char *id, const fasa_attend_req *re
         stats->bytes_read = (int64_t)cs.bytes_read;
     }
     return FASA_OK;
+}
+
+int backend_ram_bytes(backend *b, const char *id, int64_t *out)
+{
+    if (!b->eng || b->n_shards < 1) return -1;
+    fasa_shard_stats *st = calloc((size_t)b->n_shards, sizeof(*st));
+    fasa_error err;
+    if (!st || fasa_engine_shard_stats(b->eng, id, st, &err)) {
+        free(st);
+        return -1;
+    }
+    *out = 0;
+    for (int i = 0; i < b->n_shards; i++) *out += st[i].alloc_bytes;
+    free(st);
+    return 0;
 }
 
 int32_t backend_length(const backend *b, const char *id, int layer)

@@ -16,6 +16,7 @@
 #include "backend.h"
 #include "calib.h"
 #include "cli.h"
+#include "dtype.h"
 #include "engine.h"
 #include "progress.h"
 #include "score.h"
@@ -31,7 +32,8 @@ static const char usage[] =
     "streams the context into a fasa, a dense and an oracle (exact top-B) session, then runs\n"
     "decode steps and prints per step: fasa and dense step time, speedup, KV bytes read,\n"
     "recall of the exact top-B and the relative L2 error of the output against dense.\n"
-    "Memory: about 3 x tokens x kv-heads x head-dim x 8 bytes (6 GiB at the defaults).\n"
+    "Memory: about 3 x tokens x kv-heads x head-dim x 8 bytes (6 GiB at the defaults; half\n"
+    "with --dtype f16 or bf16).\n"
     "\n"
     "  --tokens N      context length (default 262144, or 32768 with --server;\n"
     "                  1024 .. 16777216)\n"
@@ -43,6 +45,13 @@ static const char usage[] =
     "  --budget B      tokens attended per query head (default 256); also the CA window\n"
     "  --shards N      in-process shards (default 1)\n"
     "  --seed S        generator seed (default 1)\n"
+    "  --dtype T       key/value storage of the three sessions: f32 (default), f16 or bf16\n"
+    "                  (f16/bf16 halve their memory and the KV bytes read)\n"
+    "  --tier T        where the fasa session keeps K and V: ram (default) or disk: only the\n"
+    "                  dominant key dims in RAM, the rest of K and V in unlinked files under\n"
+    "                  --state-dir, of which a step reads only the selected rows (the dense\n"
+    "                  and oracle sessions stay in RAM; embedded engine only)\n"
+    "  --state-dir D   directory for --tier disk's files\n"
     "  --server E      run the three sessions on a fasa-server at endpoint E instead of the\n"
     "                  embedded engine (calibration stays local; the profile travels with\n"
     "                  the session). Step times then include the round trip, and the context\n"
@@ -54,18 +63,28 @@ static const char usage[] =
 
 typedef struct demo_opts {
     long tokens, steps, heads, kv_heads, head_dim, ntip, budget, shards, seed;
-    const char *server;
+    const char *server, *state_dir;
+    fasa_dtype dtype;
+    int tier; /* 0 ram, 1 disk */
 } demo_opts;
 
 static int s_parse(int argc, char **argv, demo_opts *o)
 {
-    static const struct option opts[] = {
-        {"tokens", required_argument, 0, 't'},   {"steps", required_argument, 0, 's'},
-        {"heads", required_argument, 0, 'H'},    {"kv-heads", required_argument, 0, 'G'},
-        {"head-dim", required_argument, 0, 'D'}, {"ntip", required_argument, 0, 'n'},
-        {"budget", required_argument, 0, 'b'},   {"shards", required_argument, 0, 'S'},
-        {"seed", required_argument, 0, 'r'},     {"server", required_argument, 0, 'E'},
-        {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
+    static const struct option opts[] = {{"tokens", required_argument, 0, 't'},
+                                         {"steps", required_argument, 0, 's'},
+                                         {"heads", required_argument, 0, 'H'},
+                                         {"kv-heads", required_argument, 0, 'G'},
+                                         {"head-dim", required_argument, 0, 'D'},
+                                         {"ntip", required_argument, 0, 'n'},
+                                         {"budget", required_argument, 0, 'b'},
+                                         {"shards", required_argument, 0, 'S'},
+                                         {"seed", required_argument, 0, 'r'},
+                                         {"server", required_argument, 0, 'E'},
+                                         {"dtype", required_argument, 0, 'T'},
+                                         {"tier", required_argument, 0, 'R'},
+                                         {"state-dir", required_argument, 0, 'd'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
     *o = (demo_opts){.tokens = 262144,
                      .steps = 8,
                      .heads = 32,
@@ -87,6 +106,18 @@ static int s_parse(int argc, char **argv, demo_opts *o)
             break;
         case 'E':
             o->server = optarg;
+            break;
+        case 'T':
+            if (fasa_dtype_parse(optarg, &o->dtype))
+                return cli_usage_error("demo", "--dtype '%s' is not f32, f16 or bf16", optarg);
+            break;
+        case 'R':
+            if (strcmp(optarg, "ram") && strcmp(optarg, "disk"))
+                return cli_usage_error("demo", "--tier '%s' is not ram or disk", optarg);
+            o->tier = optarg[0] == 'd';
+            break;
+        case 'd':
+            o->state_dir = optarg;
             break;
         case 's':
             if (cli_parse_int(optarg, 1, 4096, &o->steps))
@@ -130,6 +161,11 @@ static int s_parse(int argc, char **argv, demo_opts *o)
     }
     if (optind < argc) return cli_usage_error("demo", "unexpected argument '%s'", argv[optind]);
     if (o->server && !have_tokens) o->tokens = 32768;
+    if (o->tier && o->server)
+        return cli_usage_error("demo",
+                               "--tier disk runs on the embedded engine only, not --server");
+    if (o->tier && !o->state_dir)
+        return cli_usage_error("demo", "--tier disk needs --state-dir DIR");
     if (o->heads % o->kv_heads)
         return cli_usage_error("demo", "--heads %ld must be a multiple of --kv-heads %ld", o->heads,
                                o->kv_heads);
@@ -333,7 +369,10 @@ int cmd_demo(int argc, char **argv)
                                    .method = (fasa_method)i,
                                    .budget = B,
                                    .gqa = FASA_GQA_PER_HEAD,
-                                   .dense_layers = dense_layers};
+                                   .dense_layers = dense_layers,
+                                   .dtype = o.dtype,
+                                   .tier = i == 0 ? o.tier : 0,
+                                   .tier_dir = i == 0 && o.tier ? o.state_dir : NULL};
         if (backend_create(eng, ids[i], &cfg, &fe)) {
             cli_fail("demo", "%s", fe.msg);
             goto done;
@@ -370,6 +409,14 @@ int cmd_demo(int argc, char **argv)
     printf("context: %d tokens generated in %.2f s, appended to 3 sessions in %.2f s (exact "
            "logits of step 1 in %.2f s)\n",
            n_ctx, t_gen, t_app, t_log);
+    int64_t ram = 0;
+    if (!backend_ram_bytes(eng, ids[0], &ram)) {
+        const double per_tok = (double)ram / n_ctx, f16_kv = (double)G * d * 2 * 2;
+        printf("fasa session (%s, %s tier): %.1f bytes of RAM per token = %.1f%% of f16 K+V "
+               "(%.0f bytes per token)%s\n",
+               fasa_dtype_name(o.dtype), o.tier ? "disk" : "ram", per_tok, 100.0 * per_tok / f16_kv,
+               f16_kv, o.tier ? "; the rest of K and V is in files under --state-dir" : "");
+    }
     double mass_sum = 0.0, mass_min = 1.0;
     for (int h = 0; h < H; h++) {
         float *lh = logit + (size_t)h * (n_ctx + 1);

@@ -8,6 +8,7 @@
 
 #include "backend.h"
 #include "cli.h"
+#include "dtype.h"
 #include "engine.h"
 #include "npy.h"
 #include "progress.h"
@@ -34,6 +35,8 @@ static const char usage[] =
     "  --positions A:B[:S]  decode positions (default: the last quarter of the dump)\n"
     "  --gqa G              per-head (default) or shared: one token set per KV head\n"
     "  --pairing P          interleaved (default) or half; taken from the profile if given\n"
+    "  --dtype T            key/value storage: f32 (default), f16 or bf16 (--compare's dense\n"
+    "                       and oracle sessions use it too)\n"
     "  --selected SEL.npy   int32 (n_positions, n_layers, n_heads, B): chosen positions,\n"
     "                       best first, -1 padded; all -1 where a layer ran dense\n"
     "  --compare            also print per layer the recall of the exact top-B and the\n"
@@ -53,6 +56,7 @@ typedef struct replay_opts {
     long budget, shards, block;
     fasa_gqa gqa;
     fc_pairing pairing;
+    fasa_dtype dtype;
 } replay_opts;
 
 static int s_parse(int argc, char **argv, replay_opts *o)
@@ -71,6 +75,7 @@ static int s_parse(int argc, char **argv, replay_opts *o)
                                          {"shards", required_argument, 0, 'S'},
                                          {"block", required_argument, 0, 'B'},
                                          {"server", required_argument, 0, 'E'},
+                                         {"dtype", required_argument, 0, 'T'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     memset(o, 0, sizeof(*o));
@@ -128,6 +133,10 @@ static int s_parse(int argc, char **argv, replay_opts *o)
         case 'S':
             if (cli_parse_int(optarg, 1, 1024, &o->shards))
                 return cli_usage_error("replay", "--shards '%s' must be in [1, 1024]", optarg);
+            break;
+        case 'T':
+            if (fasa_dtype_parse(optarg, &o->dtype))
+                return cli_usage_error("replay", "--dtype '%s' is not f32, f16 or bf16", optarg);
             break;
         case 'B':
             if (cli_parse_int(optarg, 1, 1 << 30, &o->block))
@@ -255,7 +264,8 @@ int cmd_replay(int argc, char **argv)
                                .method = o.method,
                                .budget = B,
                                .gqa = o.gqa,
-                               .dense_layers = dense};
+                               .dense_layers = dense,
+                               .dtype = o.dtype};
     static const char *const ids[3] = {"replay", "dense", "oracle"};
     const int n_sessions = o.compare ? 3 : 1;
     for (int i = 0; i < n_sessions; i++) {

@@ -9,6 +9,7 @@
 
 #include "backend.h"
 #include "cli.h"
+#include "dtype.h"
 #include "engine.h"
 #include "fasa_client.h"
 #include "npy.h"
@@ -74,7 +75,10 @@ static const char create_usage[] =
     "  --budget B          default tokens kept per selection unit (default 256)\n"
     "  --gqa G             per-head (default) or shared\n"
     "  --dense-layers LIST comma-separated layers kept dense under fasa, or none (default "
-    "0)\n" COMMON_HELP;
+    "0)\n"
+    "  --dtype T           how keys and values are stored: f32 (default), f16 or bf16 (half\n"
+    "                      the memory and bytes read; values beyond f16's range are "
+    "refused)\n" COMMON_HELP;
 
 static const char append_usage[] =
     "usage: fasa append --server ENDPOINT --session ID [--layer N] --k K.npy --v V.npy\n"
@@ -143,8 +147,9 @@ typedef struct srv_opts {
     int have_gqa;
     fc_pairing pairing;
     int have_pairing;
-    int prometheus; /* stats --format prometheus */
-    int all;        /* snapshot --all */
+    int prometheus;   /* stats --format prometheus */
+    int all;          /* snapshot --all */
+    fasa_dtype dtype; /* create --dtype */
 } srv_opts;
 
 /* Parses argv for cmd, accepting only the options whose codes are in allowed. Returns 0,
@@ -178,6 +183,7 @@ static int s_parse(const char *cmd, const char *usage, const char *allowed, int 
                                          {"stats", no_argument, 0, 't'},
                                          {"format", required_argument, 0, 'F'},
                                          {"all", no_argument, 0, 'A'},
+                                         {"dtype", required_argument, 0, 'T'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     memset(o, 0, sizeof(*o));
@@ -230,6 +236,10 @@ static int s_parse(const char *cmd, const char *usage, const char *allowed, int 
             break;
         case 'A':
             o->all = 1;
+            break;
+        case 'T':
+            if (fasa_dtype_parse(optarg, &o->dtype))
+                return cli_usage_error(cmd, "--dtype '%s' is not f32, f16 or bf16", optarg);
             break;
         case 'F':
             if (strcmp(optarg, "text") && strcmp(optarg, "prometheus"))
@@ -414,6 +424,9 @@ static void s_print_text(const char *server, const fasa_client_stats *st)
                s->session_id, s->n_layers, s->n_heads, s->n_kv_heads, s->head_dim,
                (unsigned long long)s->length, (unsigned long long)s->kv_bytes,
                s->has_profile ? "yes" : "no", s_method_name(s->method), s->budget);
+        printf("session.dtype %s\n", s->dtype == FASA_CLIENT_DTYPE_F16    ? "f16"
+                                     : s->dtype == FASA_CLIENT_DTYPE_BF16 ? "bf16"
+                                                                          : "f32");
         s_print_ranks("session.rank", s->n_rank_stats, s->rank_stats);
     }
 }
@@ -624,7 +637,7 @@ static char *s_read_text(const char *path, char *err, size_t err_len)
 int cmd_create(int argc, char **argv)
 {
     srv_opts o;
-    int rc = s_parse("create", create_usage, "EiLHKDPpnmbgd", argc, argv, &o);
+    int rc = s_parse("create", create_usage, "EiLHKDPpnmbgdT", argc, argv, &o);
     if (rc) return rc < 0 ? 0 : rc;
     if (!o.session) return cli_usage_error("create", "--session ID is required");
     if (!o.layers || !o.heads || !o.kv_heads || !o.head_dim)
@@ -663,7 +676,8 @@ int cmd_create(int argc, char **argv)
         .gqa = o.have_gqa ? (fasa_client_gqa)(o.gqa + 1) : FASA_CLIENT_GQA_DEFAULT,
         .dense_layers_set = o.dense_layers != NULL,
         .dense_layers = dense,
-        .n_dense_layers = n_dense};
+        .n_dense_layers = n_dense,
+        .dtype = (fasa_client_dtype)(o.dtype + 1)};
     fasa_client *c = s_connect("create", o.server, BACKEND_TIMEOUT_MS);
     if (!c) {
         free(text);

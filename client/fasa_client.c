@@ -698,6 +698,9 @@ fasa_client_status fasa_client_create_session(fasa_client *c, const char *sessio
                       (int)cfg->gqa);
     if (cfg->dense_layers_set && cfg->n_dense_layers && !cfg->dense_layers)
         return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "create_session.dense_layers: NULL");
+    if ((unsigned)cfg->dtype > FASA_CLIENT_DTYPE_BF16)
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "create_session.dtype: %d unknown",
+                      (int)cfg->dtype);
     Fasa__V1__CreateSession cs = FASA__V1__CREATE_SESSION__INIT;
     Fasa__V1__DenseLayers dl = FASA__V1__DENSE_LAYERS__INIT;
     cs.session_id = (char *)(uintptr_t)session_id;
@@ -710,7 +713,7 @@ fasa_client_status fasa_client_create_session(fasa_client *c, const char *sessio
         cs.pairing = (Fasa__V1__Pairing)cfg->pairing;
     }
     cs.has_dtype = 1;
-    cs.dtype = FASA__V1__DTYPE__F32;
+    cs.dtype = cfg->dtype ? (Fasa__V1__DType)cfg->dtype : FASA__V1__DTYPE__F32;
     cs.profile_text = (char *)(uintptr_t)cfg->profile_text;
     cs.profile_name = (char *)(uintptr_t)cfg->profile_name;
     if (cfg->method) {
@@ -1148,6 +1151,7 @@ fasa_client_status fasa_client_get_stats(fasa_client *c, const char *session_id,
         o->has_profile = s->has_profile != 0;
         o->method = (fasa_client_method)s->method;
         o->budget = s->budget;
+        o->dtype = s->has_dtype ? (fasa_client_dtype)s->dtype : FASA_CLIENT_DTYPE_F32;
         if (s_rank_stats(s->n_rank_stats, s->rank_stats, &o->n_rank_stats, &o->rank_stats))
             st = s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED, "stats: out of memory");
     }

@@ -84,6 +84,16 @@ typedef enum fasa_client_pairing {
     FASA_CLIENT_PAIRING_HALF = 2,        /* FC i = dims (i, i + head_dim/2) */
 } fasa_client_pairing;
 
+/* Storage dtype of a session's keys and values; DEFAULT is F32. F16 and BF16 halve the
+ * memory held and the bytes read per step; tensors still travel as float and are rounded on
+ * append (a value that would overflow F16, |x| >= 65520, is refused: INVALID_ARGUMENT). */
+typedef enum fasa_client_dtype {
+    FASA_CLIENT_DTYPE_DEFAULT = 0,
+    FASA_CLIENT_DTYPE_F32 = 1,
+    FASA_CLIENT_DTYPE_F16 = 2,
+    FASA_CLIENT_DTYPE_BF16 = 3,
+} fasa_client_dtype;
+
 /* A session's geometry: it sizes every tensor the client sends or receives. */
 typedef struct fasa_client_geometry {
     uint32_t n_layers, n_heads, n_kv_heads, head_dim;
@@ -163,6 +173,7 @@ typedef struct fasa_client_session_config {
     int dense_layers_set;         /* 0: the server's default dense layers (layer 0 only) */
     const uint32_t *dense_layers; /* with dense_layers_set: n_dense_layers layer indices */
     size_t n_dense_layers;        /* (0 with dense_layers_set: no layer stays dense) */
+    fasa_client_dtype dtype;      /* DEFAULT: f32 */
 } fasa_client_session_config;
 
 /* Creates session session_id (1..128 printable ASCII bytes). n_shards_p, if not NULL, gets
@@ -307,6 +318,7 @@ typedef struct fasa_client_session_info {
     size_t n_rank_stats;                /* entries of rank_stats */
     fasa_client_rank_stats *rank_stats; /* what each rank holds of the session, by rank
                                            (malloc'd: fasa_client_stats_free) */
+    fasa_client_dtype dtype;            /* storage dtype of keys and values */
 } fasa_client_session_info;
 
 /* Server-wide statistics, and one session's when asked for. */

@@ -7,9 +7,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "attn.h"
 #include "dtype.h"
+#include "simd.h"
 #include "topk.h"
 
 #define MAX_LAYERS 1024
@@ -41,6 +44,8 @@ typedef struct session {
     uint8_t *dense_layers;   /* (n_layers) */
     int32_t *n_appended;     /* (n_layers) */
     acct *held;              /* (n_shards, n_layers) what each shard holds of each layer */
+    int *n_dom;              /* (n_layers, n_kv_heads) the layout's packed dims, for held */
+    char *tier_dir;          /* owned copy of cfg.tier_dir or NULL */
     struct session *next;
 } session;
 
@@ -155,6 +160,8 @@ static void s_session_free(session *s)
     free(s->dense_layers);
     free(s->n_appended);
     free(s->held);
+    free(s->n_dom);
+    free(s->tier_dir);
     free(s);
 }
 
@@ -217,7 +224,7 @@ static int64_t s_kv_bytes(const session *s)
 {
     int64_t rows = 0;
     for (int l = 0; l < s->cfg.n_layers; l++) rows += s->n_appended[l];
-    return rows * 2 * s->cfg.n_kv_heads * s->cfg.head_dim * (int64_t)sizeof(float);
+    return rows * 2 * s->cfg.n_kv_heads * s->cfg.head_dim * (int64_t)fasa_dtype_size(s->cfg.dtype);
 }
 
 int64_t fasa_engine_kv_bytes(const fasa_engine_t *e, const char *id)
@@ -246,6 +253,12 @@ static int s_layout_from_profile(shard_layout *lay, const fasa_session_config *c
                                  const fasa_profile *p)
 {
     if (shard_layout_plain(lay, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim)) return -1;
+    lay->dtype = c->dtype;
+    lay->tier = c->tier;
+    if (c->tier == SHARD_TIER_DISK && !(lay->tier_dir = strdup(c->tier_dir))) {
+        shard_layout_cleanup(lay);
+        return -1;
+    }
     if (!p) return 0;
     const int d = c->head_dim, grp = c->n_heads / c->n_kv_heads;
     uint8_t in_union[MAX_HEAD_DIM], own[MAX_HEAD_DIM];
@@ -307,9 +320,16 @@ static fasa_status s_check_config(const fasa_session_config *c, fasa_error *err)
         return s_fail(err, FASA_INVALID_ARGUMENT, "method sparq supports gqa per-head only");
     if (!fasa_dtype_name(c->dtype))
         return s_fail(err, FASA_INVALID_ARGUMENT, "dtype %d is not f32, f16 or bf16", c->dtype);
-    if (c->dtype != FASA_DTYPE_F32)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "dtype %s is not supported yet (f32 only)",
-                      fasa_dtype_name(c->dtype));
+    if (c->tier != SHARD_TIER_RAM && c->tier != SHARD_TIER_DISK)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "tier %d is not ram (0) or disk (1)", c->tier);
+    if (c->tier == SHARD_TIER_DISK) {
+        struct stat sb;
+        if (!c->tier_dir || stat(c->tier_dir, &sb) || !S_ISDIR(sb.st_mode) ||
+            access(c->tier_dir, W_OK))
+            return s_fail(err, FASA_INVALID_ARGUMENT,
+                          "tier disk: tier_dir '%s' is not a writable directory",
+                          c->tier_dir ? c->tier_dir : "(none)");
+    }
     if (c->budget < 1 || c->budget > MAX_BUDGET)
         return s_fail(err, FASA_INVALID_ARGUMENT, "budget %d out of range [1, %d]", c->budget,
                       MAX_BUDGET);
@@ -373,7 +393,12 @@ fasa_status fasa_engine_create(fasa_engine_t *e, const char *id, const fasa_sess
     if (cfg->profile && !(s->profile = fasa_profile_clone(cfg->profile))) goto oom;
     s->cfg.profile = s->profile;
     s->cfg.dense_layers = s->dense_layers;
+    if (cfg->tier_dir && !(s->tier_dir = strdup(cfg->tier_dir))) goto oom;
+    s->cfg.tier_dir = s->tier_dir;
     if (s_layout_from_profile(&lay, cfg, s->profile)) goto oom;
+    const size_t n_dom_bytes = (size_t)cfg->n_layers * cfg->n_kv_heads * sizeof(int);
+    if (!(s->n_dom = malloc(n_dom_bytes))) goto oom;
+    memcpy(s->n_dom, lay.n_dom, n_dom_bytes);
     s->sid = e->next_sid++;
     if (e->tr.session_new(e->tr.ctx, s->sid, &lay)) goto oom;
     shard_layout_cleanup(&lay);
@@ -412,6 +437,7 @@ fasa_status fasa_engine_set_profile(fasa_engine_t *e, const char *id, const fasa
     /* A fresh transport session with the new layout; the old one goes once it exists. */
     const int sid = e->next_sid++;
     if (e->tr.session_new(e->tr.ctx, sid, &lay)) goto oom;
+    memcpy(s->n_dom, lay.n_dom, (size_t)c.n_layers * c.n_kv_heads * sizeof(int));
     shard_layout_cleanup(&lay);
     e->tr.session_drop(e->tr.ctx, s->sid);
     s->sid = sid;
@@ -425,10 +451,16 @@ oom:
     return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory setting the profile of '%s'", id);
 }
 
-static int64_t s_acct_bytes(const session *s, const acct *a)
+static int64_t s_acct_bytes(const session *s, int layer, const acct *a)
 {
-    const shard_layout lay = {.n_kv_heads = s->cfg.n_kv_heads, .head_dim = s->cfg.head_dim};
-    return (int64_t)shard_layer_bytes(&lay, a->rows, a->pages);
+    const shard_layout lay = {.n_layers = s->cfg.n_layers,
+                              .n_heads = s->cfg.n_heads,
+                              .n_kv_heads = s->cfg.n_kv_heads,
+                              .head_dim = s->cfg.head_dim,
+                              .n_dom = s->n_dom,
+                              .dtype = s->cfg.dtype,
+                              .tier = s->cfg.tier};
+    return (int64_t)shard_layer_bytes(&lay, layer, a->rows, a->pages);
 }
 
 /* Rows p0 .. p0 + n - 1 join a shard's layer (as shard.c's s_new_pages counts pages). */
@@ -460,7 +492,7 @@ static fasa_status s_check_limit(fasa_engine_t *e, const session *s, int l0, int
         /* Each shard's rows change once per run; simulate on copies, shard by shard. */
         for (int sh = 0; sh < S; sh++) {
             acct a = s->held[sh * L + l];
-            const int64_t before = s_acct_bytes(s, &a);
+            const int64_t before = s_acct_bytes(s, l, &a);
             int touched = 0;
             for (int i = 0; i < n;) {
                 const int32_t p = pos0 + i;
@@ -468,7 +500,7 @@ static fasa_status s_check_limit(fasa_engine_t *e, const session *s, int l0, int
                 if ((int)((p / e->block) % S) == sh) s_acct_add(&a, p, run), touched = 1;
                 i += run;
             }
-            if (touched) grow[sh] += s_acct_bytes(s, &a) - before;
+            if (touched) grow[sh] += s_acct_bytes(s, l, &a) - before;
         }
     }
     fasa_status st = FASA_OK;
@@ -502,7 +534,7 @@ fasa_status fasa_engine_drop(fasa_engine_t *e, const char *id, fasa_error *err)
             e->tr.session_drop(e->tr.ctx, s->sid);
             for (int sh = 0; sh < e->tr.n_shards; sh++)
                 for (int l = 0; l < s->cfg.n_layers; l++)
-                    e->shard_bytes[sh] -= s_acct_bytes(s, &s->held[sh * s->cfg.n_layers + l]);
+                    e->shard_bytes[sh] -= s_acct_bytes(s, l, &s->held[sh * s->cfg.n_layers + l]);
             s_session_free(s);
             return FASA_OK;
         }
@@ -522,6 +554,21 @@ static long s_nonfinite(size_t n, const float *x)
     if (!bad) return -1;
     for (size_t i = 0; i < n; i++)
         if (!isfinite(x[i])) return (long)i;
+    return -1;
+}
+
+/* Index of the first value that overflows the storage dtype (rounds to infinity: f16
+ * |x| >= 65520, bf16 |x| >= 0x1.fefp127 = 3.3961e38), or -1. Such values are rejected, not
+ * stored as inf. x is finite. */
+static long s_overflow(int dtype, size_t n, const float *x)
+{
+    if (dtype == FASA_DTYPE_F32) return -1;
+    const float lim = dtype == FASA_DTYPE_F16 ? 65520.0f : 0x1.fefp127f;
+    uint32_t bad = 0;
+    for (size_t i = 0; i < n; i++) bad |= fabsf(x[i]) >= lim;
+    if (!bad) return -1;
+    for (size_t i = 0; i < n; i++)
+        if (fasa_dtype_overflows(dtype, x[i])) return (long)i;
     return -1;
 }
 
@@ -545,9 +592,9 @@ static int s_place(fasa_engine_t *e, session *s, int layer, int32_t pos0, int n,
                          v + (size_t)i * row))
             return -1;
         acct *a = &s->held[shard * s->cfg.n_layers + layer];
-        const int64_t before = s_acct_bytes(s, a);
+        const int64_t before = s_acct_bytes(s, layer, a);
         s_acct_add(a, p, run);
-        e->shard_bytes[shard] += s_acct_bytes(s, a) - before;
+        e->shard_bytes[shard] += s_acct_bytes(s, layer, a) - before;
         i += run;
         *placed_p = i;
     }
@@ -580,6 +627,12 @@ fasa_status fasa_engine_append(fasa_engine_t *e, const char *id, int layer, int3
         return s_fail(err, FASA_INVALID_ARGUMENT, "k[%ld] is not finite", bad);
     if ((bad = s_nonfinite(total, v)) >= 0)
         return s_fail(err, FASA_INVALID_ARGUMENT, "v[%ld] is not finite", bad);
+    if ((bad = s_overflow(c->dtype, total, k)) >= 0)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "k[%ld] value %g overflows %s", bad,
+                      (double)k[bad], fasa_dtype_name(c->dtype));
+    if ((bad = s_overflow(c->dtype, total, v)) >= 0)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "v[%ld] value %g overflows %s", bad,
+                      (double)v[bad], fasa_dtype_name(c->dtype));
     fasa_status st = s_check_limit(e, s, l0, l1, pos0, n, err);
     if (st) return st;
     for (int l = l0; l < l1; l++) {
@@ -690,6 +743,12 @@ static fasa_status s_plan_check(fasa_engine_t *e, const char *id, const fasa_att
         return s_fail(err, FASA_INVALID_ARGUMENT, "k_new[%ld] is not finite", bad);
     if (req->v_new && (bad = s_nonfinite(kv_row, req->v_new)) >= 0)
         return s_fail(err, FASA_INVALID_ARGUMENT, "v_new[%ld] is not finite", bad);
+    if (req->k_new && (bad = s_overflow(s->cfg.dtype, kv_row, req->k_new)) >= 0)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "k_new[%ld] value %g overflows %s", bad,
+                      (double)req->k_new[bad], fasa_dtype_name(s->cfg.dtype));
+    if (req->v_new && (bad = s_overflow(s->cfg.dtype, kv_row, req->v_new)) >= 0)
+        return s_fail(err, FASA_INVALID_ARGUMENT, "v_new[%ld] value %g overflows %s", bad,
+                      (double)req->v_new[bad], fasa_dtype_name(s->cfg.dtype));
     const int32_t length = s->n_appended[req->layer] + (req->k_new ? 1 : 0);
     const int32_t max_pos = req->max_pos < 0 ? length - 1 : req->max_pos;
     if (max_pos >= length)

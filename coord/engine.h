@@ -80,6 +80,11 @@ typedef struct fasa_session_config {
     const uint8_t *dense_layers; /* (n_layers) 1 = always dense under fasa; NULL: layer 0 */
     int dtype;                   /* fasa_dtype (kernels/dtype.h) of the stored keys and values;
                                     0 = f32 */
+    int tier;                    /* 0: keys and values in RAM; 1 (disk): only the dominant key
+                                    dims in RAM, the rest of K and V in unlinked files under
+                                    tier_dir (worker/shard.h SHARD_TIER_DISK; in-process
+                                    shards only) */
+    const char *tier_dir;        /* with tier 1: an existing directory (copied) */
 } fasa_session_config;
 
 typedef struct fasa_attend_req {

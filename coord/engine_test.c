@@ -1,5 +1,6 @@
 /* The engine: shard-count independence, bad input, profiles; and the same on the recorded
  * stories260K activations (golden suite) against exact attention computed here. */
+#define _DEFAULT_SOURCE /* mkdtemp */
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -9,6 +10,7 @@
 #include "ca.h"
 #include "calib.h"
 #include "engine.h"
+#include "simd.h"
 #include "qkv.h"
 #include "test_util.h"
 
@@ -42,6 +44,11 @@ typedef struct run_cfg {
     int pos_step;
 } run_cfg;
 
+/* The fasa_dtype s_run creates its sessions with (test_engine_dtype sets it; 0 = f32), and
+ * with a directory the disk tier (test_engine_disk_tier). */
+static int s_run_dtype;
+static const char *s_run_tier_dir;
+
 /* Replays positions prefix..T-1 (step pos_step) on an engine with n_shards; writes outputs
  * (n_steps, nl, nh, d) and selections (n_steps, nl, nh, budget). */
 static void s_run(const run_cfg *c, int n_shards, float *out, int32_t *sel)
@@ -56,7 +63,10 @@ static void s_run(const run_cfg *c, int n_shards, float *out, int32_t *sel)
                                .profile = c->profile,
                                .method = c->method,
                                .budget = c->budget,
-                               .gqa = c->gqa};
+                               .gqa = c->gqa,
+                               .dtype = s_run_dtype,
+                               .tier = s_run_tier_dir ? 1 : 0,
+                               .tier_dir = s_run_tier_dir};
     fasa_error err;
     ck_assert_int_eq(fasa_engine_create(e, "s", &cfg, &err), FASA_OK);
     const size_t row = (size_t)c->nkv * c->d;
@@ -527,6 +537,187 @@ START_TEST(test_engine_batch)
 }
 END_TEST
 
+/* An f16 or bf16 session answers as an f32 session fed the keys and values rounded to that
+ * dtype (queries stay f32): the same selections and outputs to float rounding, every method;
+ * values that would overflow the dtype are refused, naming the field, and change nothing. */
+START_TEST(test_engine_dtype)
+{
+    enum { NL = 2, NH = 8, NKV = 2, D = 16, T = 500 };
+    test_rng r = {23};
+    float *buf[3][NL], *rnd[2][NL];
+    for (int l = 0; l < NL; l++) {
+        buf[0][l] = test_alloc((size_t)T * NH * D * 4);
+        test_fill(&r, (size_t)T * NH * D, buf[0][l], 1.0f);
+        for (int x = 1; x < 3; x++) {
+            buf[x][l] = test_alloc((size_t)T * NKV * D * 4);
+            rnd[x - 1][l] = test_alloc((size_t)T * NKV * D * 4);
+            test_fill(&r, (size_t)T * NKV * D, buf[x][l], 2.0f);
+        }
+    }
+    for (int dt = FASA_DTYPE_F16; dt <= FASA_DTYPE_BF16; dt++) {
+        for (int x = 0; x < 2; x++)
+            for (int l = 0; l < NL; l++)
+                for (size_t i = 0; i < (size_t)T * NKV * D; i++) {
+                    const float v = buf[x + 1][l][i];
+                    rnd[x][l][i] = dt == FASA_DTYPE_F16 ? fasa_f16_to_f32(fasa_f32_to_f16(v))
+                                                        : fasa_bf16_to_f32(fasa_f32_to_bf16(v));
+                }
+        for (int shared = 0; shared < 2; shared++) {
+            fasa_profile *p = s_random_profile(NL, NH, NKV, D, 3, shared, 9 + shared);
+            for (int m = 0; m <= FASA_METHOD_LAST; m++) {
+                if (m == FASA_METHOD_SPARQ && shared) continue;
+                run_cfg c = {NL,
+                             NH,
+                             NKV,
+                             D,
+                             T,
+                             450,
+                             16,
+                             (fasa_method)m,
+                             (fasa_gqa)shared,
+                             20,
+                             p,
+                             (const float *const *)buf[0],
+                             (const float *const *)buf[1],
+                             (const float *const *)buf[2],
+                             5};
+                run_cfg c32 = c;
+                c32.k = (const float *const *)rnd[0], c32.v = (const float *const *)rnd[1];
+                const int steps = (T - c.prefix + c.pos_step - 1) / c.pos_step;
+                const size_t no = (size_t)steps * NL * NH * D,
+                             ns = (size_t)steps * NL * NH * c.budget;
+                float *oa = test_alloc(no * 4), *ob = test_alloc(no * 4);
+                int32_t *sa = test_alloc(ns * 4), *sb = test_alloc(ns * 4);
+                s_run_dtype = dt;
+                s_run(&c, 2, oa, sa);
+                s_run_dtype = FASA_DTYPE_F32;
+                s_run(&c32, 3, ob, sb);
+                ck_assert_double_le(test_max_abs_diff(no, oa, ob), 1e-6);
+                ck_assert_mem_eq(sa, sb, ns * 4);
+                free(oa), free(ob), free(sa), free(sb);
+            }
+            fasa_profile_destroy(&p);
+        }
+    }
+    /* Overflow: refused with the field and value named, nothing appended. */
+    fasa_engine_t *e = fasa_engine_new(2, 8);
+    fasa_session_config cfg = {.n_layers = 1,
+                               .n_heads = 2,
+                               .n_kv_heads = 1,
+                               .head_dim = 4,
+                               .method = FASA_METHOD_DENSE,
+                               .budget = 4,
+                               .dtype = FASA_DTYPE_F16};
+    fasa_error err;
+    ck_assert_int_eq(fasa_engine_create(e, "h", &cfg, &err), FASA_OK);
+    cfg.dtype = FASA_DTYPE_BF16;
+    ck_assert_int_eq(fasa_engine_create(e, "b", &cfg, &err), FASA_OK);
+    cfg.dtype = 3;
+    ck_assert_int_eq(fasa_engine_create(e, "x", &cfg, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "dtype"));
+    float k[8] = {1, 2, 3, 4, 65519.0f, -1, 0, 0}, v[8] = {0};
+    ck_assert_int_eq(fasa_engine_append(e, "h", 0, 0, 2, k, v, &err),
+                     FASA_OK); /* rounds to 65504 */
+    k[6] = -65520.0f;
+    ck_assert_int_eq(fasa_engine_append(e, "h", 0, 2, 2, k, v, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "k[6] value -65520 overflows f16"));
+    ck_assert_int_eq(fasa_engine_append(e, "h", 0, 2, 2, v, k, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "v[6]"));
+    ck_assert_int_eq(fasa_engine_append(e, "b", 0, 0, 2, k, v, &err), FASA_OK); /* fits bf16 */
+    ck_assert_int_eq(fasa_engine_kv_bytes(e, "h"), 2 * 2 * 4 * 2);
+    float q[8] = {1, 0, 0, 0, 0, 1, 0, 0}, out[8];
+    fasa_attend_req req = {
+        .layer = 0, .q = q, .k_new = k + 4, .v_new = v, .method = -1, .gqa = -1, .max_pos = -1};
+    ck_assert_int_eq(fasa_engine_attend(e, "h", &req, out, NULL, NULL, &err),
+                     FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "k_new[2] value -65520 overflows f16"));
+    req.k_new = v, req.v_new = k + 4;
+    ck_assert_int_eq(fasa_engine_attend(e, "h", &req, out, NULL, NULL, &err),
+                     FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "v_new[2]"));
+    /* Nothing was appended: the next position is still 2, and the stored 65519 reads 65504. */
+    req.k_new = req.v_new = NULL;
+    ck_assert_int_eq(fasa_engine_attend(e, "h", &req, out, NULL, NULL, &err), FASA_OK);
+    ck_assert_int_eq(fasa_engine_append(e, "h", 0, 2, 1, v, v, &err), FASA_OK);
+    fasa_engine_destroy(&e);
+    for (int l = 0; l < NL; l++) {
+        free(buf[0][l]);
+        for (int x = 0; x < 2; x++) free(buf[x + 1][l]), free(rnd[x][l]);
+    }
+}
+END_TEST
+
+/* A disk-tier session answers exactly as a RAM one (every method, f16), and refuses a
+ * directory it cannot use. */
+START_TEST(test_engine_disk_tier)
+{
+    enum { NL = 2, NH = 8, NKV = 2, D = 16, T = 500 };
+    test_rng r = {29};
+    float *buf[3][NL];
+    for (int l = 0; l < NL; l++)
+        for (int x = 0; x < 3; x++) {
+            const size_t n = (size_t)T * (x ? NKV : NH) * D;
+            buf[x][l] = test_alloc(n * 4);
+            test_fill(&r, n, buf[x][l], 1.0f);
+        }
+    char dir[] = "/tmp/fasa-engine-tier-XXXXXX";
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    fasa_profile *p = s_random_profile(NL, NH, NKV, D, 3, 0, 13);
+    s_run_dtype = FASA_DTYPE_F16;
+    for (int m = 0; m <= FASA_METHOD_LAST; m++) {
+        run_cfg c = {NL,
+                     NH,
+                     NKV,
+                     D,
+                     T,
+                     450,
+                     16,
+                     (fasa_method)m,
+                     FASA_GQA_PER_HEAD,
+                     20,
+                     p,
+                     (const float *const *)buf[0],
+                     (const float *const *)buf[1],
+                     (const float *const *)buf[2],
+                     5};
+        const int steps = (T - c.prefix + c.pos_step - 1) / c.pos_step;
+        const size_t no = (size_t)steps * NL * NH * D, ns = (size_t)steps * NL * NH * c.budget;
+        float *oa = test_alloc(no * 4), *ob = test_alloc(no * 4);
+        int32_t *sa = test_alloc(ns * 4), *sb = test_alloc(ns * 4);
+        s_run_tier_dir = dir;
+        s_run(&c, 2, oa, sa);
+        s_run_tier_dir = NULL;
+        s_run(&c, 2, ob, sb);
+        ck_assert_mem_eq(oa, ob, no * 4);
+        ck_assert_mem_eq(sa, sb, ns * 4);
+        free(oa), free(ob), free(sa), free(sb);
+    }
+    s_run_dtype = FASA_DTYPE_F32;
+    fasa_profile_destroy(&p);
+    fasa_engine_t *e = fasa_engine_new(1, 8);
+    fasa_session_config cfg = {.n_layers = 1,
+                               .n_heads = 2,
+                               .n_kv_heads = 1,
+                               .head_dim = 4,
+                               .method = FASA_METHOD_DENSE,
+                               .budget = 4,
+                               .tier = 1};
+    fasa_error err;
+    ck_assert_int_eq(fasa_engine_create(e, "t", &cfg, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "tier_dir"));
+    cfg.tier_dir = "/nonexistent/fasa";
+    ck_assert_int_eq(fasa_engine_create(e, "t", &cfg, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "/nonexistent/fasa"));
+    cfg.tier = 2;
+    ck_assert_int_eq(fasa_engine_create(e, "t", &cfg, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "tier"));
+    fasa_engine_destroy(&e);
+    ck_assert_int_eq(rmdir(dir), 0); /* no file left behind */
+    for (int l = 0; l < NL; l++)
+        for (int x = 0; x < 3; x++) free(buf[x][l]);
+}
+END_TEST
+
 /* Bad input gets the right status and a message naming the field, and changes nothing. */
 START_TEST(test_engine_bad_input)
 {
@@ -707,6 +898,8 @@ Suite *engine_suite(void)
     tcase_add_test(tc, test_engine_bad_input);
     tcase_add_test(tc, test_engine_batch);
     tcase_add_test(tc, test_engine_memory_limit);
+    tcase_add_test(tc, test_engine_dtype);
+    tcase_add_test(tc, test_engine_disk_tier);
     tcase_add_test(tc, test_profile_roundtrip);
     suite_add_tcase(s, tc);
     return s;

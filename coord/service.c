@@ -305,7 +305,8 @@ static fasa_status s_create(fasa_service *s, const edge_create *c, reply *r)
                                                      : FASA_METHOD_DENSE,
                                .budget = c->budget ? c->budget : 256,
                                .gqa = gqa >= 0 ? (fasa_gqa)gqa : FASA_GQA_PER_HEAD,
-                               .dense_layers = dense};
+                               .dense_layers = dense,
+                               .dtype = c->dtype};
     fasa_error fe;
     fasa_status st = fasa_engine_create(s->engine, c->session_id, &cfg, &fe);
     free(dense);
@@ -812,6 +813,8 @@ static fasa_status s_stats(fasa_service *s, const char *id, reply *r)
         info.has_profile = c->profile != NULL;
         info.method = s_method_out(c->method);
         info.budget = (uint32_t)c->budget;
+        info.has_dtype = 1;
+        info.dtype = (Fasa__V1__DType)(FASA__V1__DTYPE__F32 + c->dtype);
         if (s_ranks(s, id, s->rank_msgs + n_ranks, s->rank_ptrs + n_ranks, r)) return r->code;
         info.n_rank_stats = (size_t)n_ranks;
         info.rank_stats = s->rank_ptrs + n_ranks;

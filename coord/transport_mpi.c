@@ -149,6 +149,7 @@ static int s_session_new(void *ctx, int sid, const shard_layout *lay)
 {
     mpi_ctx *c = ctx;
     if (sid < 0 || sid >= WMPI_MAX_SID || s_session(c, sid)) return -1;
+    if (lay->tier != SHARD_TIER_RAM) return -1; /* the disk tier is in-process only */
     if (sid >= c->cap) {
         int cap = c->cap ? c->cap : 8;
         while (cap <= sid) cap *= 2;
@@ -166,6 +167,7 @@ static int s_session_new(void *ctx, int sid, const shard_layout *lay)
     memcpy(p, lay->n_dom, (size_t)lk * 4);
     memcpy(p + lk * 4, lay->perm, (size_t)(lk * d) * 4);
     memcpy(p + lk * 4 + lk * d * 4, lay->qmask, (size_t)mask_bytes);
+    s_cmd_header(c)->n = lay->dtype; /* SESSION_NEW: the storage dtype */
     if (s_exchange(c, 0, c->n_shards, 0) == 0) {
         c->sessions[sid] = s;
         return 0;

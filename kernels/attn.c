@@ -1,7 +1,10 @@
 #include "attn.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
+
+#include <cblas.h>
 
 #include "score.h"
 
@@ -49,6 +52,40 @@ void attn_accum(int n, int d, int n_q, const float *restrict logits, int ld_logi
             for (int c = 0; c < d; c++) oh[c] += p * vj[c];
         }
     }
+}
+
+void attn_accum_blas(int n, int d, int n_q, float *restrict logits, int ld_logit,
+                     const float *restrict v, int ld_v, float *restrict m, double *restrict l,
+                     double *restrict o, float *restrict pv)
+{
+    if (n <= 0) return;
+    if ((int64_t)n_q * d > ATTN_BLAS_MNK) {
+        attn_accum(n, d, n_q, logits, ld_logit, v, ld_v, m, l, o);
+        return;
+    }
+    for (int h = 0; h < n_q; h++) {
+        float *s = logits + (size_t)h * ld_logit;
+        float mb = s[0];
+        for (int j = 1; j < n; j++) mb = s[j] > mb ? s[j] : mb;
+        if (mb > m[h]) {
+            const double r = m[h] == -INFINITY ? 0.0 : exp((double)m[h] - mb);
+            l[h] *= r;
+            double *oh = o + (size_t)h * d;
+            for (int c = 0; c < d; c++) oh[c] *= r;
+            m[h] = mb;
+        }
+        double ls = 0;
+        for (int j = 0; j < n; j++) ls += s[j] = expf(s[j] - m[h]);
+        l[h] += ls;
+    }
+    /* Rows per sgemm so that n_q x d x rows stays within ATTN_BLAS_MNK. */
+    const int step = (int)(ATTN_BLAS_MNK / ((int64_t)n_q * d));
+    for (int j0 = 0; j0 < n; j0 += step) {
+        const int nj = n - j0 < step ? n - j0 : step;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n_q, d, nj, 1.0f, logits + j0,
+                    ld_logit, v + (size_t)j0 * ld_v, ld_v, j0 ? 1.0f : 0.0f, pv, d);
+    }
+    for (size_t i = 0; i < (size_t)n_q * d; i++) o[i] += pv[i];
 }
 
 void attn_merge(int n_parts, int d, const float *m, const double *l, const double *o, float *m_p,

@@ -24,6 +24,18 @@ void attn_accum(int n, int d, int n_q, const float *restrict logits, int ld_logi
                 const float *restrict v, int ld_v, float *restrict m, double *restrict l,
                 double *restrict o);
 
+/* As attn_accum, with the block's P.V as OpenBLAS sgemm: exp(logit - m) in f32 into
+ * logits (overwritten), then sum_j p_j v_j in f32 for the whole block, folded into the
+ * double o once per block. Chosen by bench_kernels for the dense path (sgemm P.V beats the
+ * double-precision loop of attn_accum); rounding differs from attn_accum by f32 sums over
+ * one block. Each sgemm stays at most ATTN_BLAS_MNK multiply-adds so that OpenBLAS runs it
+ * on the calling thread; shapes where even one row exceeds that use attn_accum.
+ * Scratch: pv[n_q * d]. */
+#define ATTN_BLAS_MNK 131072
+void attn_accum_blas(int n, int d, int n_q, float *restrict logits, int ld_logit,
+                     const float *restrict v, int ld_v, float *restrict m, double *restrict l,
+                     double *restrict o, float *restrict pv);
+
 /* Merges n_parts partials of one head (m[i], l[i], o[i * d ..]) into one (*m_p, *l_p,
  * o_out[d]); empty parts are skipped, and all-empty gives the empty partial. */
 void attn_merge(int n_parts, int d, const float *m, const double *l, const double *o, float *m_p,

@@ -1,10 +1,12 @@
 /* Every optimised kernel against its naive reference. */
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "attn.h"
 #include "ca.h"
 #include "score.h"
+#include "simd.h"
 #include "test_util.h"
 #include "topk.h"
 
@@ -50,6 +52,239 @@ START_TEST(test_score_rows)
                 score_rows_ref(n, nd, n_q, b, ld, q, rows, ldr, acc);
                 ck_assert_double_le(test_max_abs_diff((size_t)n_q * ld, a, b), 1e-5 * (nd + 1));
                 free(q), free(rows), free(a), free(b);
+            }
+}
+END_TEST
+
+/* ---- storage dtypes: every SIMD path against naive converters ---- */
+
+static uint32_t s_fbits(float x)
+{
+    uint32_t b;
+    memcpy(&b, &x, 4);
+    return b;
+}
+
+/* Naive f16 decode straight from the definition. */
+static float s_naive_f16(uint16_t h)
+{
+    const int sign = h >> 15, e = (h >> 10) & 31, m = h & 1023;
+    double v;
+    if (e == 31)
+        v = m ? NAN : INFINITY;
+    else if (e == 0)
+        v = ldexp(m, -24);
+    else
+        v = ldexp(1024 + m, e - 25);
+    return (float)(sign ? -v : v);
+}
+
+/* Naive f32 -> f16: the nearest finite f16 value (positive patterns are ordered like their
+ * values, so a binary search finds the two around |x|), ties to the even pattern; inf when
+ * |x| is at least halfway from 65504 to 2^16. */
+static uint16_t s_naive_to_f16(float x)
+{
+    const double a = fabs((double)x);
+    const uint16_t sign = signbit(x) ? 0x8000 : 0;
+    if (a >= 65520.0) return sign | 0x7c00;
+    int lo = 0, hi = 0x7bff; /* largest pattern with value <= a */
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if ((double)s_naive_f16((uint16_t)mid) <= a)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    if (lo == 0x7bff) return sign | 0x7bff;
+    const double dl = a - s_naive_f16((uint16_t)lo), dh = s_naive_f16((uint16_t)(lo + 1)) - a;
+    return sign | (uint16_t)(dl < dh || (dl == dh && (lo & 1) == 0) ? lo : lo + 1);
+}
+
+/* Naive f32 -> bf16: the nearer of the two bf16 values around x (ties: even), where the
+ * pattern past the largest finite one stands for 2^128 (it decodes as inf). */
+static uint16_t s_naive_to_bf16(float x)
+{
+    const uint32_t b = s_fbits(x), lo = b >> 16, hi = lo + 1;
+    const uint32_t blo = lo << 16, bhi = hi << 16;
+    float flo, fhi;
+    memcpy(&flo, &blo, 4), memcpy(&fhi, &bhi, 4);
+    const double vh = isinf(fhi) ? copysign(ldexp(1, 128), fhi) : fhi;
+    const double dl = fabs((double)x - flo), dh = fabs(vh - x);
+    if (dl < dh || (dl == dh && (lo & 1) == 0)) return (uint16_t)lo;
+    return (uint16_t)hi;
+}
+
+static int s_paths(simd_path *out)
+{
+    int n = 0;
+    for (int p = 0; p <= SIMD_PATH_LAST; p++) {
+        if (simd_path_supported((simd_path)p))
+            out[n++] = (simd_path)p;
+        else
+            printf("kernels: simd path %s not on this CPU, skipped\n", simd_path_name(p));
+    }
+    return n;
+}
+
+/* Every f16 and bf16 bit pattern decodes as the naive decoder says and encodes back to
+ * itself (NaN: to a NaN), on every path; n = 65536 covers the vector bodies, 13 the tails. */
+START_TEST(test_dtype_roundtrip)
+{
+    simd_path paths[3];
+    const int np = s_paths(paths);
+    uint16_t *h = test_alloc(65536 * 2), *back = test_alloc(65536 * 2);
+    float *f = test_alloc(65536 * 4);
+    for (int i = 0; i < 65536; i++) h[i] = (uint16_t)i;
+    for (int pi = 0; pi < np; pi++)
+        for (int dt = FASA_DTYPE_F16; dt <= FASA_DTYPE_BF16; dt++)
+            for (int tail = 0; tail < 2; tail++) {
+                const size_t n = tail ? 13 : 65536, off = tail ? 0x3c00 : 0;
+                dtype_to_f32(paths[pi], dt, n, h + off, f);
+                dtype_from_f32(paths[pi], dt, n, f, back);
+                for (size_t j = 0; j < n; j++) {
+                    const uint16_t x = (uint16_t)(j + off);
+                    const float want = dt == FASA_DTYPE_F16 ? s_naive_f16(x) : 0;
+                    const uint32_t wb = dt == FASA_DTYPE_F16 ? s_fbits(want) : (uint32_t)x << 16;
+                    const int nan = dt == FASA_DTYPE_F16 ? (x & 0x7c00) == 0x7c00 && (x & 0x3ff)
+                                                         : (x & 0x7f80) == 0x7f80 && (x & 0x7f);
+                    if (nan) {
+                        ck_assert(isnan(f[j]));
+                        ck_assert(dt == FASA_DTYPE_F16
+                                      ? (back[j] & 0x7c00) == 0x7c00 && (back[j] & 0x3ff)
+                                      : (back[j] & 0x7f80) == 0x7f80 && (back[j] & 0x7f));
+                        continue;
+                    }
+                    ck_assert_msg(s_fbits(f[j]) == wb, "%s %s 0x%04x -> 0x%08x, want 0x%08x",
+                                  simd_path_name(paths[pi]), fasa_dtype_name(dt), x, s_fbits(f[j]),
+                                  wb);
+                    ck_assert_msg(back[j] == x, "%s %s 0x%04x back as 0x%04x",
+                                  simd_path_name(paths[pi]), fasa_dtype_name(dt), x, back[j]);
+                    /* The scalar converters agree too. */
+                    ck_assert_uint_eq(
+                        s_fbits(dt == FASA_DTYPE_F16 ? fasa_f16_to_f32(x) : fasa_bf16_to_f32(x)),
+                        wb);
+                }
+            }
+    free(h), free(back), free(f);
+}
+END_TEST
+
+/* f32 -> f16/bf16 rounding on every path against the naive nearest-even converters: random
+ * values over every exponent, exact ties, the subnormal and overflow edges. */
+START_TEST(test_dtype_rounding)
+{
+    simd_path paths[3];
+    const int np = s_paths(paths);
+    enum { N = 4096 };
+    float *x = test_alloc(N * 4);
+    uint16_t *got = test_alloc(N * 2), *want16 = test_alloc(N * 2), *wantb = test_alloc(N * 2);
+    test_rng r = {77};
+    const float edges[] = {0.0f,
+                           -0.0f,
+                           65504.0f,
+                           65519.99f,
+                           65520.0f,
+                           -65520.0f,
+                           65536.0f,
+                           1e30f,
+                           0x1p-24f,
+                           0x1p-25f,
+                           0x1.0001p-25f,
+                           0x1.8p-24f,
+                           0x1p-14f,
+                           0x1.ffcp-15f,
+                           0x1.ffep-15f,
+                           1.0f + 0x1p-11f,
+                           1.0f + 0x3p-11f,
+                           1.0f + 0x1p-8f,
+                           1.0f + 0x3p-8f,
+                           0x1.fefp127f,
+                           0x1.feep127f,
+                           3.4e38f,
+                           -3.4e38f,
+                           1e-40f};
+    const int ne = (int)(sizeof(edges) / sizeof(*edges));
+    for (int i = 0; i < N; i++) {
+        if (i < ne) {
+            x[i] = edges[i];
+        } else {
+            /* Random sign and mantissa; exponents across f16's range and a little beyond,
+             * every 8th value a tie for f16 or bf16 (low 13 or 16 bits 1000...). */
+            uint32_t b = (uint32_t)test_next(&r);
+            const uint32_t e = 100 + (uint32_t)(test_next(&r) % 45);
+            b = (b & 0x807fffffu) | (e << 23);
+            if (i % 8 == 1) b = (b & ~0x1fffu) | 0x1000u;
+            if (i % 8 == 2) b = (b & ~0xffffu) | 0x8000u;
+            if (i % 8 == 3) b = (uint32_t)test_next(&r) & 0xff7fffffu; /* any finite f32 */
+            memcpy(&x[i], &b, 4);
+        }
+        want16[i] = s_naive_to_f16(x[i]);
+        wantb[i] = s_naive_to_bf16(x[i]);
+        ck_assert_uint_eq(fasa_f32_to_f16(x[i]), want16[i]);
+        ck_assert_uint_eq(fasa_f32_to_bf16(x[i]), wantb[i]);
+        ck_assert_int_eq(fasa_dtype_overflows(FASA_DTYPE_F16, x[i]),
+                         (want16[i] & 0x7fff) == 0x7c00);
+    }
+    ck_assert_uint_eq(want16[2], 0x7bff);  /* 65504 */
+    ck_assert_uint_eq(want16[3], 0x7bff);  /* 65519.99 rounds down */
+    ck_assert_uint_eq(want16[4], 0x7c00);  /* 65520 ties to even: inf */
+    ck_assert_uint_eq(want16[9], 0x0000);  /* 2^-25 ties to even: 0 */
+    ck_assert_uint_eq(want16[10], 0x0001); /* just above: the smallest subnormal */
+    ck_assert_uint_eq(want16[11], 0x0002); /* 1.5 * 2^-24 ties to even: 2 */
+    for (int pi = 0; pi < np; pi++) {
+        dtype_from_f32(paths[pi], FASA_DTYPE_F16, N, x, got);
+        for (int i = 0; i < N; i++)
+            ck_assert_msg(got[i] == want16[i], "%s f16 of %a: 0x%04x want 0x%04x",
+                          simd_path_name(paths[pi]), (double)x[i], got[i], want16[i]);
+        dtype_from_f32(paths[pi], FASA_DTYPE_BF16, N, x, got);
+        for (int i = 0; i < N; i++)
+            ck_assert_msg(got[i] == wantb[i], "%s bf16 of %a: 0x%04x want 0x%04x",
+                          simd_path_name(paths[pi]), (double)x[i], got[i], wantb[i]);
+    }
+    free(x), free(got), free(want16), free(wantb);
+}
+END_TEST
+
+/* The f16/bf16 tile scan on every path (9 tiles: the 1, 2 and 4 tile blocks): bit for bit
+ * score_tiles on the decoded keys, and within f32 summation error of the naive double
+ * reference. */
+START_TEST(test_score_tiles_dt)
+{
+    simd_path paths[3];
+    const int np = s_paths(paths);
+    test_rng r = {5};
+    const int dims[] = {0, 2, 8, 32, 33, 128};
+    for (int dt = FASA_DTYPE_F16; dt <= FASA_DTYPE_BF16; dt++)
+        for (size_t di = 0; di < sizeof(dims) / sizeof(*dims); di++)
+            for (int n_q = 1; n_q <= 9; n_q++) {
+                const int nd = dims[di], n_tiles = 9, ld = n_tiles * SCORE_TILE + 3;
+                const size_t nk = (size_t)n_tiles * nd * SCORE_TILE;
+                float *q = test_alloc((size_t)n_q * nd * 4 + 4), *kf = test_alloc(nk * 4 + 4);
+                uint16_t *kh = test_alloc(nk * 2 + 2);
+                float *a = test_alloc((size_t)n_q * ld * 4), *b = test_alloc((size_t)n_q * ld * 4),
+                      *c = test_alloc((size_t)n_q * ld * 4);
+                test_fill(&r, (size_t)n_q * nd, q, 2.0f);
+                test_fill(&r, nk, kf, 3.0f);
+                for (size_t i = 0; i < nk; i++) {
+                    kh[i] = dt == FASA_DTYPE_F16 ? s_naive_to_f16(kf[i]) : s_naive_to_bf16(kf[i]);
+                    kf[i] = dt == FASA_DTYPE_F16 ? s_naive_f16(kh[i]) : fasa_bf16_to_f32(kh[i]);
+                }
+                score_tiles_ref(n_tiles, nd, n_q, b, ld, q, kf);
+                score_tiles(n_tiles, nd, n_q, c, ld, q, kf);
+                for (int pi = 0; pi < np; pi++) {
+                    memset(a, 0, (size_t)n_q * ld * 4);
+                    score_tiles_dt(paths[pi], dt, n_tiles, nd, n_q, a, ld, q, kh);
+                    for (int h = 0; h < n_q; h++)
+                        for (int j = 0; j < n_tiles * SCORE_TILE; j++) {
+                            ck_assert_float_eq_tol(a[h * ld + j], b[h * ld + j],
+                                                   1e-5f * (nd + 1) * 6);
+                            ck_assert_msg(s_fbits(a[h * ld + j]) == s_fbits(c[h * ld + j]),
+                                          "%s %s nd %d n_q %d: %a vs f32 kernel %a",
+                                          simd_path_name(paths[pi]), fasa_dtype_name(dt), nd, n_q,
+                                          (double)a[h * ld + j], (double)c[h * ld + j]);
+                        }
+                }
+                free(q), free(kf), free(kh), free(a), free(b), free(c);
             }
 }
 END_TEST
@@ -183,6 +418,44 @@ START_TEST(test_attn_dense)
 END_TEST
 
 /* Logits of +-1e30 and a single row: no overflow, NaN or division by zero. */
+/* attn_accum_blas over blocks (one sgemm per block, or several when n_q x d is large)
+ * against the naive reference. */
+START_TEST(test_attn_accum_blas)
+{
+    test_rng r = {6};
+    const int cfg[][3] = {{1, 2, 1}, {257, 8, 3}, {1000, 128, 4}, {300, 128, 1}, {37, 1024, 8}};
+    for (size_t ci = 0; ci < sizeof(cfg) / sizeof(*cfg); ci++)
+        for (int peaky = 0; peaky < 2; peaky++) {
+            const int n = cfg[ci][0], d = cfg[ci][1], n_q = cfg[ci][2], blk = 256;
+            float *q = test_alloc((size_t)n_q * d * 4), *k = test_alloc((size_t)n * d * 4);
+            float *v = test_alloc((size_t)n * d * 4), *lg = test_alloc((size_t)n_q * blk * 4);
+            float *pv = test_alloc((size_t)n_q * d * 4), *out = test_alloc((size_t)d * 4),
+                  *ref = test_alloc((size_t)d * 4);
+            double *l = test_alloc((size_t)n_q * 8), *o = test_alloc((size_t)n_q * d * 8);
+            float *m = test_alloc((size_t)n_q * 4);
+            test_fill(&r, (size_t)n_q * d, q, peaky ? 30.0f : 1.0f);
+            test_fill(&r, (size_t)n * d, k, 1.0f);
+            test_fill(&r, (size_t)n * d, v, 1.0f);
+            const float scale = 1.0f / sqrtf((float)d);
+            attn_state_init(n_q, d, m, l, o);
+            for (int j0 = 0; j0 < n; j0 += blk) {
+                const int nb = n - j0 < blk ? n - j0 : blk;
+                score_rows_ref(nb, d, n_q, lg, blk, q, k + (size_t)j0 * d, d, 0);
+                for (int h = 0; h < n_q; h++)
+                    for (int j = 0; j < nb; j++) lg[h * blk + j] *= scale;
+                attn_accum_blas(nb, d, n_q, lg, blk, v + (size_t)j0 * d, d, m, l, o, pv);
+            }
+            for (int h = 0; h < n_q; h++) {
+                attn_finalize(d, l[h], o + (size_t)h * d, out);
+                attn_ref(n, d, scale, q + (size_t)h * d, k, d, v, d, ref);
+                ck_assert_double_le(test_max_abs_diff((size_t)d, out, ref), 2e-5);
+            }
+            free(q), free(k), free(v), free(lg), free(pv), free(out), free(ref), free(l), free(o),
+                free(m);
+        }
+}
+END_TEST
+
 START_TEST(test_attn_extreme_logits)
 {
     const int d = 2;
@@ -313,9 +586,13 @@ Suite *kernels_suite(void)
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_score_tiles);
     tcase_add_test(tc, test_score_rows);
+    tcase_add_test(tc, test_dtype_roundtrip);
+    tcase_add_test(tc, test_dtype_rounding);
+    tcase_add_test(tc, test_score_tiles_dt);
     tcase_add_test(tc, test_topk_cases);
     tcase_add_test(tc, test_topk_acc);
     tcase_add_test(tc, test_attn_dense);
+    tcase_add_test(tc, test_attn_accum_blas);
     tcase_add_test(tc, test_attn_extreme_logits);
     tcase_add_test(tc, test_attn_merge);
     tcase_add_test(tc, test_ca);

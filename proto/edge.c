@@ -238,10 +238,17 @@ static int s_create(const Fasa__V1__CreateSession *c, edge_create *o, char *msg,
                      c->n_kv_heads);
     if (c->head_dim % 2)
         return s_err(msg, len, ST_INVALID, "create_session.head_dim %u must be even", c->head_dim);
-    if (c->has_dtype && c->dtype != FASA__V1__DTYPE__F32)
-        return s_err(msg, len, ST_INVALID,
-                     "create_session.dtype %s is not supported yet: sessions store F32",
-                     s_dtype_name(c->dtype));
+    o->dtype = 0;
+    if (c->has_dtype && c->dtype != FASA__V1__DTYPE__DTYPE_UNSPECIFIED) {
+        if (c->dtype != FASA__V1__DTYPE__F32 && c->dtype != FASA__V1__DTYPE__F16 &&
+            c->dtype != FASA__V1__DTYPE__BF16)
+            return s_err(msg, len, ST_INVALID,
+                         "create_session.dtype %s (%d) is not a storage dtype: send F32, F16 "
+                         "or BF16",
+                         s_dtype_name(c->dtype), (int)c->dtype);
+        /* The proto numbers F32, F16, BF16 = 1, 2, 3; fasa_dtype numbers them 0, 1, 2. */
+        o->dtype = (int)c->dtype - FASA__V1__DTYPE__F32;
+    }
     if ((st = s_enum(c->has_pairing, c->pairing, 2, "create_session.pairing", &o->pairing, msg,
                      len)) ||
         (st = s_enum(c->has_method, c->method, FASA__V1__METHOD__SPARQ, "create_session.method",

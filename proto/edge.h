@@ -58,6 +58,7 @@ typedef struct edge_create {
     const char *profile_text, *profile_name; /* each NULL when absent */
     int method, gqa;
     int budget; /* 0: unspecified */
+    int dtype;  /* fasa_dtype (kernels/dtype.h): 0 f32 (also when unspecified), 1 f16, 2 bf16 */
     int has_dense_layers;
     int n_dense_layers;
     const uint32_t *dense_layers; /* each < n_layers */

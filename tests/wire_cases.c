@@ -390,8 +390,42 @@ START_TEST(test_bad_fields)
 }
 END_TEST
 
+/* CreateSession.dtype: F16 and BF16 are storage dtypes, I32 and unknown numbers are not. */
+START_TEST(test_create_dtype)
+{
+    Fasa__V1__Request req;
+    Fasa__V1__CreateSession c;
+    const int bad[2] = {FASA__V1__DTYPE__I32, 9};
+    for (int i = 0; i < 2; i++) {
+        wire_create_init(&req, &c, "dt-bad");
+        c.has_dtype = 1;
+        c.dtype = (Fasa__V1__DType)bad[i];
+        wire_expect_error(wire_send(&req), FASA__V1__STATUS__INVALID_ARGUMENT,
+                          "create_session.dtype");
+    }
+    const char *ids[2] = {"dt-f16", "dt-bf16"};
+    for (int i = 0; i < 2; i++) {
+        wire_create_init(&req, &c, ids[i]);
+        c.has_dtype = 1;
+        c.dtype = i ? FASA__V1__DTYPE__BF16 : FASA__V1__DTYPE__F16;
+        Fasa__V1__Response *r = wire_send(&req);
+        ck_assert_int_eq(r->status, 0);
+        fasa__v1__response__free_unpacked(r, NULL);
+        Fasa__V1__DropSession ds = FASA__V1__DROP_SESSION__INIT;
+        ds.session_id = (char *)ids[i];
+        Fasa__V1__Request dr = FASA__V1__REQUEST__INIT;
+        dr.body_case = FASA__V1__REQUEST__BODY_DROP_SESSION;
+        dr.drop_session = &ds;
+        r = wire_send(&dr);
+        ck_assert_int_eq(r->status, 0);
+        fasa__v1__response__free_unpacked(r, NULL);
+    }
+}
+END_TEST
+
 void wire_cases_add(TCase *tc)
 {
     tcase_add_test(tc, test_bad_bytes);
     tcase_add_test(tc, test_bad_fields);
+    tcase_add_test(tc, test_create_dtype);
 }

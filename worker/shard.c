@@ -1,17 +1,29 @@
 /* Shard store and the two local phases of a step. See shard.h for the layout. */
+#define _DEFAULT_SOURCE /* madvise */
 #include "shard.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cblas.h>
 
 #include "attn.h"
 #include "score.h"
+#include "simd.h"
 
+/* Elements of the layout's dtype (see the esz helpers below). */
 typedef struct kv_chunk {
-    float *kdom;  /* (SHARD_CHUNK / SCORE_TILE, n_dom, SCORE_TILE) */
-    float *krest; /* (SHARD_CHUNK, head_dim - n_dom) */
-    float *v;     /* (SHARD_CHUNK, head_dim) */
+    void *kdom;  /* (SHARD_CHUNK / SCORE_TILE, n_dom, SCORE_TILE) */
+    void *krest; /* (SHARD_CHUNK, head_dim - n_dom) */
+    void *v;     /* (SHARD_CHUNK, head_dim) */
+    /* SHARD_TIER_DISK, in the chunk's first KV head only: the one mapping that holds every
+     * KV head's krest and v, and its size. NULL in RAM. */
+    void *map;
+    size_t map_bytes;
 } kv_chunk;
 
 typedef struct layer_store {
@@ -44,6 +56,10 @@ struct shard {
     size_t gather_cap;
     double *aux; /* (n_heads, SHARD_SPARQ_AUX(head_dim)) of the last SPARQ score */
     size_t aux_cap;
+    float *conv;     /* f16/bf16: (2, ATTN_BLOCK, head_dim) rows converted to f32 for a kernel */
+    float *pv;       /* (n_heads / n_kv_heads, head_dim) dense P.V of one block (attn.h) */
+    uint16_t *stage; /* f16/bf16: (2, rows, head_dim) gathered K and V rows before conversion */
+    size_t stage_cap;
     int64_t bytes_read_last; /* KV bytes read by the last score + attend */
     float scores[];          /* flexible tail: see shard_new */
 };
@@ -62,11 +78,42 @@ static void *s_xrealloc(void *p, size_t bytes)
     return realloc(p, bytes ? bytes : 1);
 }
 
+/* Bytes per stored element, and element e of a stored array. */
+static size_t s_esz(const shard_t *s)
+{
+    return fasa_dtype_size(s->lay.dtype);
+}
+
+static void *s_at(const shard_t *s, const void *base, size_t e)
+{
+    return (char *)base + e * s_esz(s);
+}
+
+/* One stored element as f32 (the gather of kdom lanes). */
+static float s_get(int dtype, const void *base, size_t e)
+{
+    if (dtype == FASA_DTYPE_F32) return ((const float *)base)[e];
+    const uint16_t h = ((const uint16_t *)base)[e];
+    return dtype == FASA_DTYPE_F16 ? fasa_f16_to_f32(h) : fasa_bf16_to_f32(h);
+}
+
+/* n rows of ld elements from stored base + e0 as f32: the stored f32 rows themselves, or
+ * a conversion into buf. */
+static const float *s_rows_f32(const shard_t *s, const void *base, size_t e0, size_t n_elems,
+                               float *buf)
+{
+    if (s->lay.dtype == FASA_DTYPE_F32) return (const float *)base + e0;
+    dtype_to_f32(SIMD_AUTO, s->lay.dtype, n_elems, s_at(s, base, e0), buf);
+    return buf;
+}
+
 void shard_layout_cleanup(shard_layout *lay)
 {
     free(lay->n_dom);
     free(lay->perm);
     free(lay->qmask);
+    free(lay->tier_dir);
+    lay->tier_dir = NULL;
     lay->n_dom = NULL;
     lay->perm = NULL;
     lay->qmask = NULL;
@@ -79,6 +126,9 @@ static int s_layout_alloc(shard_layout *dst, int n_layers, int n_heads, int n_kv
     dst->n_heads = n_heads;
     dst->n_kv_heads = n_kv_heads;
     dst->head_dim = head_dim;
+    dst->dtype = FASA_DTYPE_F32;
+    dst->tier = SHARD_TIER_RAM;
+    dst->tier_dir = NULL;
     dst->n_dom = calloc((size_t)n_layers * n_kv_heads, sizeof(int));
     dst->perm = calloc((size_t)n_layers * n_kv_heads * head_dim, sizeof(int));
     dst->qmask = calloc((size_t)n_layers * n_heads * head_dim, 1);
@@ -96,6 +146,12 @@ int shard_layout_copy(shard_layout *dst, const shard_layout *src)
     memcpy(dst->n_dom, src->n_dom, lk * sizeof(int));
     memcpy(dst->perm, src->perm, lk * src->head_dim * sizeof(int));
     memcpy(dst->qmask, src->qmask, (size_t)src->n_layers * src->n_heads * src->head_dim);
+    dst->dtype = src->dtype;
+    dst->tier = src->tier;
+    if (src->tier_dir && !(dst->tier_dir = strdup(src->tier_dir))) {
+        shard_layout_cleanup(dst);
+        return -1;
+    }
     return 0;
 }
 
@@ -109,16 +165,26 @@ int shard_layout_plain(shard_layout *dst, int n_layers, int n_heads, int n_kv_he
 
 shard_t *shard_new(const shard_layout *layout)
 {
+    if (!fasa_dtype_size(layout->dtype)) return NULL;
+    if (layout->tier == SHARD_TIER_DISK ? !layout->tier_dir : layout->tier != SHARD_TIER_RAM)
+        return NULL;
     shard_t *s = calloc(1, sizeof(*s) + s_tail_floats(layout) * sizeof(float));
     if (!s) return NULL;
     if (shard_layout_copy(&s->lay, layout)) goto err_free;
     s->layers = calloc((size_t)layout->n_layers, sizeof(*s->layers));
     s->n_kept = calloc((size_t)layout->n_heads, sizeof(int));
-    if (!s->layers || !s->n_kept) goto err_layout;
+    if (layout->dtype != FASA_DTYPE_F32)
+        s->conv = malloc((size_t)2 * ATTN_BLOCK * layout->head_dim * sizeof(float));
+    s->pv =
+        malloc((size_t)(layout->n_heads / layout->n_kv_heads) * layout->head_dim * sizeof(float));
+    if (!s->layers || !s->n_kept || !s->pv || (layout->dtype != FASA_DTYPE_F32 && !s->conv))
+        goto err_layout;
     return s;
 err_layout:
     free(s->layers);
     free(s->n_kept);
+    free(s->conv);
+    free(s->pv);
     shard_layout_cleanup(&s->lay);
 err_free:
     free(s);
@@ -134,9 +200,11 @@ void shard_destroy(shard_t **shard_p)
         for (int c = 0; c < ls->n_chunks; c++) {
             for (int g = 0; g < s->lay.n_kv_heads; g++) {
                 free(ls->chunks[c][g].kdom);
+                if (ls->chunks[c][0].map) continue;
                 free(ls->chunks[c][g].krest);
                 free(ls->chunks[c][g].v);
             }
+            if (ls->chunks[c][0].map) munmap(ls->chunks[c][0].map, ls->chunks[c][0].map_bytes);
             free(ls->chunks[c]);
         }
         free(ls->chunks);
@@ -152,33 +220,81 @@ void shard_destroy(shard_t **shard_p)
     free(s->acc_buf);
     free(s->gather);
     free(s->aux);
+    free(s->conv);
+    free(s->pv);
+    free(s->stage);
     shard_layout_cleanup(&s->lay);
     free(s);
     *shard_p = NULL;
 }
 
+/* SHARD_TIER_DISK: a zero-filled shared mapping of bytes backed by a fresh file in dir,
+ * unlinked at once (the mapping keeps it alive). NULL on failure. */
+static void *s_map_file(const char *dir, size_t bytes)
+{
+    char path[4096];
+    if (snprintf(path, sizeof(path), "%s/fasa-kv-XXXXXX", dir) >= (int)sizeof(path)) return NULL;
+    const int fd = mkstemp(path);
+    if (fd < 0) return NULL;
+    unlink(path);
+    void *p = ftruncate(fd, (off_t)bytes)
+                  ? MAP_FAILED
+                  : mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    return p == MAP_FAILED ? NULL : p;
+}
+
 static kv_chunk *s_chunk_new(const shard_layout *lay, int layer)
 {
-    const int d = lay->head_dim;
-    kv_chunk *ch = calloc((size_t)lay->n_kv_heads, sizeof(*ch));
+    const int d = lay->head_dim, hkv = lay->n_kv_heads;
+    const size_t esz = fasa_dtype_size(lay->dtype);
+    kv_chunk *ch = calloc((size_t)hkv, sizeof(*ch));
     if (!ch) return NULL;
-    for (int g = 0; g < lay->n_kv_heads; g++) {
-        const int u = lay->n_dom[layer * lay->n_kv_heads + g];
-        /* calloc: padding rows of a partial tile must score as zeros, not garbage. */
-        ch[g].kdom = calloc((size_t)SHARD_CHUNK * (u ? u : 1), sizeof(float));
-        ch[g].krest = calloc((size_t)SHARD_CHUNK * (d - u ? d - u : 1), sizeof(float));
-        ch[g].v = malloc((size_t)SHARD_CHUNK * d * sizeof(float));
+    if (lay->tier == SHARD_TIER_DISK) {
+        /* krest and v of every KV head in one mapping: hkv x (krest, v), each page-aligned. */
+        const size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+        size_t off[2 * 1024 + 1], total = 0; /* n_kv_heads <= 1024 (engine limits) */
+        if (hkv > 1024) goto fail;
+        for (int g = 0; g < hkv; g++) {
+            const int u = lay->n_dom[layer * hkv + g];
+            off[2 * g] = total;
+            total += ((size_t)SHARD_CHUNK * (d - u ? d - u : 1) * esz + pg - 1) / pg * pg;
+            off[2 * g + 1] = total;
+            total += ((size_t)SHARD_CHUNK * d * esz + pg - 1) / pg * pg;
+        }
+        char *m = s_map_file(lay->tier_dir, total);
+        if (!m) goto fail;
+        ch[0].map = m;
+        ch[0].map_bytes = total;
+        for (int g = 0; g < hkv; g++) {
+            ch[g].krest = m + off[2 * g];
+            ch[g].v = m + off[2 * g + 1];
+        }
+    }
+    for (int g = 0; g < hkv; g++) {
+        const int u = lay->n_dom[layer * hkv + g];
+        /* calloc: padding rows of a partial tile must score as zeros, not garbage (all-zero
+         * bits are +0 in every dtype). */
+        ch[g].kdom = calloc((size_t)SHARD_CHUNK * (u ? u : 1), esz);
+        if (!ch[0].map) {
+            ch[g].krest = calloc((size_t)SHARD_CHUNK * (d - u ? d - u : 1), esz);
+            ch[g].v = malloc((size_t)SHARD_CHUNK * d * esz);
+        }
         if (!ch[g].kdom || !ch[g].krest || !ch[g].v) {
             for (int i = 0; i <= g; i++) {
                 free(ch[i].kdom);
+                if (ch[0].map) continue;
                 free(ch[i].krest);
                 free(ch[i].v);
             }
-            free(ch);
-            return NULL;
+            if (ch[0].map) munmap(ch[0].map, ch[0].map_bytes);
+            goto fail;
         }
     }
     return ch;
+fail:
+    free(ch);
+    return NULL;
 }
 
 /* Pages that n new rows at pos[n] (ascending) would start in a layer. */
@@ -247,23 +363,43 @@ int shard_append(shard_t *s, int layer, int n, const int32_t *pos, const float *
     if (n <= 0) return 0;
     if (s_reserve(s, layer, n, pos)) return -1;
     const shard_layout *lay = &s->lay;
-    const int d = lay->head_dim, hkv = lay->n_kv_heads;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads, dt = lay->dtype;
     layer_store *ls = &s->layers[layer];
+    /* Rows rounded to the dtype (f32: copies), so the page bounds and value sums below see
+     * exactly what is stored. */
+    float kq[hkv * d], kp[d], vq[d];
+    uint16_t tmp[d];
     for (int i = 0; i < n; i++) {
         const int r = ls->n_rows + i;
         kv_chunk *ch = ls->chunks[r / SHARD_CHUNK];
         const int rr = r % SHARD_CHUNK, tile = rr / SCORE_TILE, lane = rr % SCORE_TILE;
+        const float *krow = k + (size_t)i * hkv * d;
+        if (dt != FASA_DTYPE_F32) {
+            uint16_t kt[hkv * d];
+            dtype_from_f32(SIMD_AUTO, dt, (size_t)hkv * d, krow, kt);
+            dtype_to_f32(SIMD_AUTO, dt, (size_t)hkv * d, kt, kq);
+            krow = kq;
+        }
         for (int g = 0; g < hkv; g++) {
             const int u = lay->n_dom[layer * hkv + g];
             const int *perm = lay->perm + ((size_t)layer * hkv + g) * d;
-            const float *kr = k + ((size_t)i * hkv + g) * d;
-            float *kd = ch[g].kdom + (size_t)tile * u * SCORE_TILE + lane;
-            for (int p = 0; p < u; p++) kd[(size_t)p * SCORE_TILE] = kr[perm[p]];
-            float *kx = ch[g].krest + (size_t)rr * (d - u);
-            for (int p = u; p < d; p++) kx[p - u] = kr[perm[p]];
-            memcpy(ch[g].v + (size_t)rr * d, v + ((size_t)i * hkv + g) * d, (size_t)d * 4);
-            for (int c = 0; c < d; c++)
-                ls->vsum[(size_t)g * d + c] += v[((size_t)i * hkv + g) * d + c];
+            const float *kr = krow + (size_t)g * d;
+            for (int p = 0; p < d; p++) kp[p] = kr[perm[p]];
+            const size_t kd0 = (size_t)tile * u * SCORE_TILE + lane;
+            if (dt == FASA_DTYPE_F32) {
+                float *kd = (float *)ch[g].kdom + kd0;
+                for (int p = 0; p < u; p++) kd[(size_t)p * SCORE_TILE] = kp[p];
+            } else {
+                dtype_from_f32(SIMD_AUTO, dt, (size_t)d, kp, tmp);
+                uint16_t *kd = (uint16_t *)ch[g].kdom + kd0;
+                for (int p = 0; p < u; p++) kd[(size_t)p * SCORE_TILE] = tmp[p];
+            }
+            dtype_from_f32(SIMD_AUTO, dt, (size_t)(d - u), kp + u,
+                           s_at(s, ch[g].krest, (size_t)rr * (d - u)));
+            void *vdst = s_at(s, ch[g].v, (size_t)rr * d);
+            dtype_from_f32(SIMD_AUTO, dt, (size_t)d, v + ((size_t)i * hkv + g) * d, vdst);
+            dtype_to_f32(SIMD_AUTO, dt, (size_t)d, vdst, vq);
+            for (int c = 0; c < d; c++) ls->vsum[(size_t)g * d + c] += vq[c];
         }
         ls->pos[r] = pos[i];
         /* QUEST page bounds: a new page starts at its first row here. */
@@ -276,7 +412,7 @@ int shard_append(shard_t *s, int layer, int n, const int32_t *pos, const float *
         }
         float *pb = ls->pbound + (size_t)(ls->n_pages - 1) * hkv * 2 * d;
         for (int g = 0; g < hkv; g++) {
-            const float *kr = k + ((size_t)i * hkv + g) * d;
+            const float *kr = krow + (size_t)g * d;
             float *mn = pb + (size_t)g * 2 * d, *mx = mn + d;
             for (int c = 0; c < d; c++) {
                 if (fresh || kr[c] < mn[c]) mn[c] = kr[c];
@@ -284,6 +420,11 @@ int shard_append(shard_t *s, int layer, int n, const int32_t *pos, const float *
             }
         }
     }
+    /* Disk tier: hand the chunks just written back to the page cache (their pages stay in
+     * the file; only the rows a step selects come back into memory). */
+    for (int c = ls->n_rows / SHARD_CHUNK;
+         c <= (ls->n_rows + n - 1) / SHARD_CHUNK && ls->chunks[c][0].map; c++)
+        madvise(ls->chunks[c][0].map, ls->chunks[c][0].map_bytes, MADV_DONTNEED);
     ls->n_rows += n;
     return 0;
 }
@@ -361,11 +502,11 @@ static void s_row_key(const shard_t *s, int layer, int g, int r, float *out)
     const int *perm = lay->perm + ((size_t)layer * lay->n_kv_heads + g) * d;
     const layer_store *ls = &s->layers[layer];
     const kv_chunk *ch = &ls->chunks[r / SHARD_CHUNK][g];
-    const int rr = r % SHARD_CHUNK;
-    const float *kd = ch->kdom + (size_t)(rr / SCORE_TILE) * u * SCORE_TILE + rr % SCORE_TILE;
-    const float *kx = ch->krest + (size_t)rr * (d - u);
-    for (int p = 0; p < u; p++) out[perm[p]] = kd[(size_t)p * SCORE_TILE];
-    for (int p = u; p < d; p++) out[perm[p]] = kx[p - u];
+    const int rr = r % SHARD_CHUNK, dt = lay->dtype;
+    const size_t kd0 = (size_t)(rr / SCORE_TILE) * u * SCORE_TILE + rr % SCORE_TILE;
+    const size_t kx0 = (size_t)rr * (d - u);
+    for (int p = 0; p < u; p++) out[perm[p]] = s_get(dt, ch->kdom, kd0 + (size_t)p * SCORE_TILE);
+    for (int p = u; p < d; p++) out[perm[p]] = s_get(dt, ch->krest, kx0 + (size_t)(p - u));
 }
 
 /* STREAM phase 1: the sinks and the last B visible rows are the only rows that can make a
@@ -532,8 +673,9 @@ static void s_sparq_aux_of(shard_t *s, const shard_step *st, int g, int n_vis, c
         a[2] = n_vis;
         for (int c = 0; c < d; c++) a[3 + c] = ls->vsum ? ls->vsum[(size_t)g * d + c] : 0;
         for (int r = n_vis; r < ls->n_rows; r++) {
-            const float *v = ls->chunks[r / SHARD_CHUNK][g].v + (size_t)(r % SHARD_CHUNK) * d;
-            for (int c = 0; c < d; c++) a[3 + c] -= v[c];
+            const void *v = ls->chunks[r / SHARD_CHUNK][g].v;
+            const size_t e0 = (size_t)(r % SHARD_CHUNK) * d;
+            for (int c = 0; c < d; c++) a[3 + c] -= s_get(lay->dtype, v, e0 + (size_t)c);
         }
     }
 }
@@ -582,14 +724,20 @@ int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands
         for (int r0 = 0; st->method != SHARD_QUEST && r0 < n_vis; r0 += SHARD_CHUNK) {
             const int nr = n_vis - r0 < SHARD_CHUNK ? n_vis - r0 : SHARD_CHUNK;
             const kv_chunk *ch = &ls->chunks[r0 / SHARD_CHUNK][g];
-            score_tiles((nr + SCORE_TILE - 1) / SCORE_TILE, u, n_q, sc, SHARD_CHUNK, qd, ch->kdom);
-            if (oracle) score_rows(nr, d - u, n_q, sc, SHARD_CHUNK, qr, ch->krest, d - u, 1);
+            score_tiles_dt(SIMD_AUTO, lay->dtype, (nr + SCORE_TILE - 1) / SCORE_TILE, u, n_q, sc,
+                           SHARD_CHUNK, qd, ch->kdom);
+            for (int j0 = 0; oracle && j0 < nr; j0 += ATTN_BLOCK) {
+                const int nj = nr - j0 < ATTN_BLOCK ? nr - j0 : ATTN_BLOCK;
+                const float *kx =
+                    s_rows_f32(s, ch->krest, (size_t)j0 * (d - u), (size_t)nj * (d - u), s->conv);
+                score_rows(nj, d - u, n_q, sc + j0, SHARD_CHUNK, qr, kx, d - u, 1);
+            }
             if (sparq) s_sparq_fold(n_q, nr, sc, inv_tau, zm, zs);
             for (int i = 0; i < n_q; i++)
                 topk_acc_push(&acc[i], nr, sc + (size_t)i * SHARD_CHUNK, ls->pos + r0, 0);
         }
         if (st->method != SHARD_QUEST)
-            bytes += (int64_t)n_vis * (oracle ? d : u) * (int64_t)sizeof(float);
+            bytes += (int64_t)n_vis * (oracle ? d : u) * (int64_t)s_esz(s);
         if (sparq) s_sparq_aux_of(s, st, g, n_vis, zm, zs);
         for (int i = 0; i < n_q; i++) {
             const int unit = st->gqa == SHARD_GQA_SHARED ? g : g * grp + i;
@@ -619,7 +767,8 @@ static int s_row_of(const layer_store *ls, int32_t pos)
     return lo;
 }
 
-/* Dense phase 2 for KV head g: every visible row, in blocks of ATTN_BLOCK, online softmax. */
+/* Dense phase 2 for KV head g: every visible row, in blocks of ATTN_BLOCK, online softmax;
+ * P.V by sgemm (attn_accum_blas: faster than the loops in bench_kernels). */
 static void s_attend_dense(shard_t *s, const shard_step *st, int g, int n_vis, const float *qf,
                            float *m, double *l, double *o)
 {
@@ -638,14 +787,25 @@ static void s_attend_dense(shard_t *s, const shard_step *st, int g, int n_vis, c
         const int nb = n_vis - r0 < ATTN_BLOCK ? n_vis - r0 : ATTN_BLOCK;
         const kv_chunk *ch = &ls->chunks[r0 / SHARD_CHUNK][g];
         const int rr = r0 % SHARD_CHUNK;
-        score_tiles((nb + SCORE_TILE - 1) / SCORE_TILE, u, grp, lg, ATTN_BLOCK, qdp,
-                    ch->kdom + (size_t)(rr / SCORE_TILE) * u * SCORE_TILE);
-        score_rows(nb, d - u, grp, lg, ATTN_BLOCK, qrp, ch->krest + (size_t)rr * (d - u), d - u, 1);
+        score_tiles_dt(SIMD_AUTO, lay->dtype, (nb + SCORE_TILE - 1) / SCORE_TILE, u, grp, lg,
+                       ATTN_BLOCK, qdp,
+                       s_at(s, ch->kdom, (size_t)(rr / SCORE_TILE) * u * SCORE_TILE));
+        const float *kx =
+            s_rows_f32(s, ch->krest, (size_t)rr * (d - u), (size_t)nb * (d - u), s->conv);
+        /* f16/bf16: sgemm over the converted block (2x the loops in bench_kernels); f32:
+         * the loops (faster than sgemm straight from memory). */
+        if (lay->dtype != FASA_DTYPE_F32 && d > u && (int64_t)grp * nb * (d - u) <= ATTN_BLAS_MNK)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, grp, nb, d - u, 1.0f, qrp, d - u,
+                        kx, d - u, 1.0f, lg, ATTN_BLOCK);
+        else
+            score_rows(nb, d - u, grp, lg, ATTN_BLOCK, qrp, kx, d - u, 1);
         for (int i = 0; i < grp; i++)
             for (int j = 0; j < nb; j++) lg[i * ATTN_BLOCK + j] *= st->scale;
-        attn_accum(nb, d, grp, lg, ATTN_BLOCK, ch->v + (size_t)rr * d, d, m, l, o);
+        const float *vx = s_rows_f32(s, ch->v, (size_t)rr * d, (size_t)nb * d,
+                                     s->conv ? s->conv + (size_t)ATTN_BLOCK * d : NULL);
+        attn_accum_blas(nb, d, grp, lg, ATTN_BLOCK, vx, d, m, l, o, s->pv);
     }
-    s->bytes_read_last += (int64_t)n_vis * 2 * d * (int64_t)sizeof(float);
+    s->bytes_read_last += (int64_t)n_vis * 2 * d * (int64_t)s_esz(s);
 }
 
 /* Rows a sparse step may attend per kept candidate (a QUEST candidate is a page). */
@@ -697,21 +857,37 @@ static void s_attend_rows(shard_t *s, const shard_step *st, int g, int unit, top
         for (int r = r0; r < r1; r++) {
             const kv_chunk *ch = &ls->chunks[r / SHARD_CHUNK][g];
             const int rr = r % SHARD_CHUNK;
-            const float *kd =
-                ch->kdom + (size_t)(rr / SCORE_TILE) * u * SCORE_TILE + rr % SCORE_TILE;
-            float *krow = kg + (size_t)n * d;
-            for (int p = 0; p < u; p++) krow[p] = kd[(size_t)p * SCORE_TILE];
-            memcpy(krow + u, ch->krest + (size_t)rr * (d - u), (size_t)(d - u) * sizeof(float));
-            memcpy(vg + (size_t)n * d, ch->v + (size_t)rr * d, (size_t)d * sizeof(float));
+            const size_t kd0 = (size_t)(rr / SCORE_TILE) * u * SCORE_TILE + rr % SCORE_TILE;
+            if (lay->dtype == FASA_DTYPE_F32) {
+                float *krow = kg + (size_t)n * d;
+                const float *kd = (const float *)ch->kdom + kd0;
+                for (int p = 0; p < u; p++) krow[p] = kd[(size_t)p * SCORE_TILE];
+                memcpy(krow + u, (const float *)ch->krest + (size_t)rr * (d - u),
+                       (size_t)(d - u) * sizeof(float));
+                memcpy(vg + (size_t)n * d, (const float *)ch->v + (size_t)rr * d,
+                       (size_t)d * sizeof(float));
+            } else { /* raw rows now, one conversion of all of them below */
+                uint16_t *krow = s->stage + (size_t)n * d;
+                const uint16_t *kd = (const uint16_t *)ch->kdom + kd0;
+                for (int p = 0; p < u; p++) krow[p] = kd[(size_t)p * SCORE_TILE];
+                memcpy(krow + u, (const uint16_t *)ch->krest + (size_t)rr * (d - u),
+                       (size_t)(d - u) * 2);
+                memcpy(s->stage + (cap + n) * d, (const uint16_t *)ch->v + (size_t)rr * d,
+                       (size_t)d * 2);
+            }
             n++;
         }
     }
     if (n == 0) return;
+    if (lay->dtype != FASA_DTYPE_F32) {
+        dtype_to_f32(SIMD_AUTO, lay->dtype, (size_t)n * d, s->stage, kg);
+        dtype_to_f32(SIMD_AUTO, lay->dtype, (size_t)n * d, s->stage + cap * d, vg);
+    }
     score_rows(n, d, n_q, lg, (int)cap, qf, kg, d, 0);
     for (int i = 0; i < n_q; i++)
         for (int j = 0; j < n; j++) lg[(size_t)i * cap + j] *= st->scale;
     attn_accum(n, d, n_q, lg, (int)cap, vg, d, m, l, o);
-    s->bytes_read_last += (int64_t)n * 2 * d * (int64_t)sizeof(float);
+    s->bytes_read_last += (int64_t)n * 2 * d * (int64_t)s_esz(s);
 }
 
 int shard_attend(shard_t *s, const shard_step *st, const topk_cand *thr, const uint8_t *have_thr,
@@ -723,7 +899,10 @@ int shard_attend(shard_t *s, const shard_step *st, const topk_cand *thr, const u
     if (st->method == SHARD_DENSE)
         s->bytes_read_last = 0;
     else if (s_grow((void **)&s->gather, &s->gather_cap,
-                    ((size_t)2 * d + grp) * s->kept_budget * s_rows_per_cand(st) * sizeof(float)))
+                    ((size_t)2 * d + grp) * s->kept_budget * s_rows_per_cand(st) * sizeof(float)) ||
+             (lay->dtype != FASA_DTYPE_F32 &&
+              s_grow((void **)&s->stage, &s->stage_cap,
+                     (size_t)2 * d * s->kept_budget * s_rows_per_cand(st) * sizeof(uint16_t))))
         return -1;
     const int n_vis = shard_visible(s, st->layer, st->max_pos);
     float qf[grp * d];
@@ -763,19 +942,37 @@ static int64_t s_cap(int64_t need, int64_t first)
     return cap;
 }
 
-size_t shard_layer_bytes(const shard_layout *lay, int64_t rows, int64_t pages)
+size_t shard_layer_bytes(const shard_layout *lay, int layer, int64_t rows, int64_t pages)
 {
     const int64_t chunks = (rows + SHARD_CHUNK - 1) / SHARD_CHUNK;
-    const int64_t row = (int64_t)lay->n_kv_heads * lay->head_dim * 2 * (int64_t)sizeof(float);
-    return (size_t)(chunks * SHARD_CHUNK * row + s_cap(rows, 1024) * (int64_t)sizeof(int32_t) +
-                    s_cap(pages, 64) * ((int64_t)sizeof(int32_t) + (int64_t)sizeof(int) + row));
+    const int64_t esz = (int64_t)fasa_dtype_size(lay->dtype);
+    int64_t chunk = (int64_t)lay->n_kv_heads * SHARD_CHUNK * lay->head_dim * 2 * esz;
+    if (lay->tier == SHARD_TIER_DISK) { /* kdom only: krest and v are file-backed */
+        chunk = 0;
+        for (int g = 0; g < lay->n_kv_heads; g++) {
+            const int u = lay->n_dom[layer * lay->n_kv_heads + g];
+            chunk += (int64_t)SHARD_CHUNK * (u ? u : 1) * esz;
+        }
+    }
+    const int64_t bound = (int64_t)lay->n_kv_heads * 2 * lay->head_dim * (int64_t)sizeof(float);
+    return (size_t)(chunks * chunk + s_cap(rows, 1024) * (int64_t)sizeof(int32_t) +
+                    s_cap(pages, 64) * ((int64_t)sizeof(int32_t) + (int64_t)sizeof(int) + bound));
 }
 
 size_t shard_bytes_held(const shard_t *s)
 {
     size_t total = 0;
     for (int l = 0; l < s->lay.n_layers; l++)
-        total += shard_layer_bytes(&s->lay, s->layers[l].n_rows, s->layers[l].n_pages);
+        total += shard_layer_bytes(&s->lay, l, s->layers[l].n_rows, s->layers[l].n_pages);
+    return total;
+}
+
+size_t shard_bytes_mapped(const shard_t *s)
+{
+    size_t total = 0;
+    for (int l = 0; l < s->lay.n_layers; l++)
+        for (int c = 0; c < s->layers[l].n_chunks; c++)
+            total += s->layers[l].chunks[c][0].map_bytes;
     return total;
 }
 
@@ -788,9 +985,10 @@ void shard_bytes_by_kind(const shard_t *s, int64_t *kdom_p, int64_t *krest_p, in
         for (int g = 0; g < hkv; g++) dom += rows * s->lay.n_dom[l * hkv + g];
         all += rows * hkv * d;
     }
-    *kdom_p = dom * (int64_t)sizeof(float);
-    *krest_p = (all - dom) * (int64_t)sizeof(float);
-    *v_p = all * (int64_t)sizeof(float);
+    const int64_t esz = (int64_t)s_esz(s);
+    *kdom_p = dom * esz;
+    *krest_p = (all - dom) * esz;
+    *v_p = all * esz;
 }
 
 int shard_read_rows(const shard_t *s, int layer, int row0, int n, int32_t *pos, float *k, float *v)
@@ -798,24 +996,27 @@ int shard_read_rows(const shard_t *s, int layer, int row0, int n, int32_t *pos, 
     const layer_store *ls = &s->layers[layer];
     if (row0 < 0 || n < 0 || row0 > ls->n_rows || n > ls->n_rows - row0) return -1;
     const shard_layout *lay = &s->lay;
-    const int d = lay->head_dim, hkv = lay->n_kv_heads;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads, dt = lay->dtype;
     for (int i = 0; i < n; i++) {
         const int r = row0 + i;
         const kv_chunk *ch = ls->chunks[r / SHARD_CHUNK];
         const int rr = r % SHARD_CHUNK, tile = rr / SCORE_TILE, lane = rr % SCORE_TILE;
         if (pos) pos[i] = ls->pos[r];
         for (int g = 0; k && g < hkv; g++) {
-            /* Undo the packing of shard_append: dims perm[p] back to their places. */
+            /* Undo the packing of shard_append: dims perm[p] back to their places, as f32
+             * (exact: every stored f16/bf16 value is an f32). */
             const int u = lay->n_dom[layer * hkv + g];
             const int *perm = lay->perm + ((size_t)layer * hkv + g) * d;
             float *kr = k + ((size_t)i * hkv + g) * d;
-            const float *kd = ch[g].kdom + (size_t)tile * u * SCORE_TILE + lane;
-            for (int p = 0; p < u; p++) kr[perm[p]] = kd[(size_t)p * SCORE_TILE];
-            const float *kx = ch[g].krest + (size_t)rr * (d - u);
-            for (int p = u; p < d; p++) kr[perm[p]] = kx[p - u];
+            const size_t kd0 = (size_t)tile * u * SCORE_TILE + lane;
+            for (int p = 0; p < u; p++)
+                kr[perm[p]] = s_get(dt, ch[g].kdom, kd0 + (size_t)p * SCORE_TILE);
+            for (int p = u; p < d; p++)
+                kr[perm[p]] = s_get(dt, ch[g].krest, (size_t)rr * (d - u) + (size_t)(p - u));
         }
         for (int g = 0; v && g < hkv; g++)
-            memcpy(v + ((size_t)i * hkv + g) * d, ch[g].v + (size_t)rr * d, (size_t)d * 4);
+            for (int c = 0; c < d; c++)
+                v[((size_t)i * hkv + g) * d + c] = s_get(dt, ch[g].v, (size_t)rr * d + c);
     }
     return 0;
 }

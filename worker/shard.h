@@ -9,6 +9,13 @@
  *   v     the values, row-major, in the original dim order.
  * Key dims are stored in a permuted order: perm[0..n_dom) are the dominant dims and
  * perm[n_dom..d) the rest, each ascending. Queries are permuted the same way.
+ * kdom, krest and v hold elements of the layout's dtype (f32, f16 or bf16, kernels/simd.h):
+ * append rounds to it (nearest even; the caller rejects values that would overflow it), and
+ * every read converts back to f32 on the fly; the QUEST page bounds and the SPARQ value sums
+ * are f32 of the rounded values. So a shard of any dtype answers as an f32 shard fed the
+ * rounded keys and values would (selection scores and sparse attention bit for bit; the
+ * dense path's f16/bf16 logits run as sgemm over converted blocks, equal to f32 rounding),
+ * with half the bytes at f16/bf16.
  *
  * A step runs in two phases, as it does across ranks (DESIGN.md "One decode step"):
  * shard_score returns each selection unit's local top-B candidates and keeps them;
@@ -81,7 +88,21 @@ typedef struct shard_layout {
     int *perm;      /* (n_layers, n_kv_heads, head_dim) stored dim order, see above */
     uint8_t *qmask; /* (n_layers, n_heads, head_dim) 1 where packed dim p < n_dom of the
                        head's KV head belongs to one of the head's own FCs */
+    int dtype;      /* fasa_dtype (dtype.h) kdom, krest and v are stored in; 0 = f32 */
+    int tier;       /* SHARD_TIER_RAM (0) or SHARD_TIER_DISK */
+    char *tier_dir; /* SHARD_TIER_DISK: directory of the backing files (owned, freed by
+                       shard_layout_cleanup); NULL otherwise */
 } shard_layout;
+
+/* Where krest and v live (the CPU analogue of FASA-M). RAM: heap chunks. DISK: kdom, the
+ * positions and the QUEST bounds stay in RAM; krest and v of each chunk live in a shared
+ * mapping of a file created in tier_dir and unlinked at once (nothing is left behind, even
+ * on a crash). Appended rows are handed back to the page cache (madvise DONTNEED), so they
+ * stay out of the process's resident set until read: the FASA step reads only the
+ * selected rows' pages; dense, oracle, quest and sparq steps read them all. The kernel may
+ * keep the written pages in its (reclaimable) page cache. */
+#define SHARD_TIER_RAM 0
+#define SHARD_TIER_DISK 1
 
 /* One step as the shard sees it. */
 typedef struct shard_step {
@@ -101,7 +122,7 @@ typedef struct shard shard_t;
  * shard_layout_cleanup). Returns 0, or -1 when out of memory. */
 int shard_layout_copy(shard_layout *dst, const shard_layout *src);
 void shard_layout_cleanup(shard_layout *layout);
-/* The layout that packs nothing (no profile yet): every dim in the rest part. */
+/* The layout that packs nothing (no profile yet): every dim in the rest part; dtype f32. */
 int shard_layout_plain(shard_layout *dst, int n_layers, int n_heads, int n_kv_heads, int head_dim);
 
 /* A new empty shard with its own copy of layout; NULL when out of memory. */
@@ -151,16 +172,19 @@ int shard_read_rows(const shard_t *shard, int layer, int row0, int n, int32_t *p
 /* Bytes the last shard_score + shard_attend read from the KV store (for stats); for QUEST
  * the page bounds read count too. */
 int64_t shard_bytes_read(const shard_t *shard);
-/* Bytes held in the KV store (chunks, position tables and the QUEST page bounds). */
+/* Bytes held in the KV store in RAM (chunks, position tables and the QUEST page bounds;
+ * with SHARD_TIER_DISK not the mapped krest and v, which shard_bytes_mapped counts). */
 size_t shard_bytes_held(const shard_t *shard);
-/* What one layer's store allocates once it holds `rows` rows on `pages` distinct QUEST pages
- * (pages of SHARD_QUEST_PAGE aligned positions); shard_bytes_held is its sum over the layers.
- * It depends on nothing else, so the coordinator can account a shard's memory before it
- * sends rows there (the engine's --memory-limit). */
-size_t shard_layer_bytes(const shard_layout *layout, int64_t rows, int64_t pages);
+/* What layer `layer`'s store allocates in RAM once it holds `rows` rows on `pages` distinct
+ * QUEST pages (pages of SHARD_QUEST_PAGE aligned positions); shard_bytes_held is its sum over
+ * the layers. It reads only the layout's geometry, dtype, tier and n_dom, so the coordinator
+ * can account a shard's memory before it sends rows there (the engine's --memory-limit). */
+size_t shard_layer_bytes(const shard_layout *layout, int layer, int64_t rows, int64_t pages);
+/* Bytes of file-backed mappings (SHARD_TIER_DISK), 0 in RAM. */
+size_t shard_bytes_mapped(const shard_t *shard);
 /* Bytes of the rows held, all layers, by part (the layout above): kdom (the dominant key
  * dims), krest (the other key dims) and v (the values). They count stored elements, not
- * chunk capacity, so kdom + krest = v = rows x n_kv_heads x head_dim x 4 bytes. */
+ * chunk capacity, so kdom + krest = v = rows x n_kv_heads x head_dim x the dtype's size. */
 void shard_bytes_by_kind(const shard_t *shard, int64_t *kdom_p, int64_t *krest_p, int64_t *v_p);
 
 #endif

@@ -1,10 +1,13 @@
 /* The shard store against brute force over the same rows. */
+#define _DEFAULT_SOURCE /* mkdtemp */
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "attn.h"
 #include "shard.h"
+#include "simd.h"
 #include "test_util.h"
 
 /* A layout packing dims {1, 2, 5} of every KV head, head h owning {1, 2} or {2, 5}. */
@@ -445,6 +448,192 @@ START_TEST(test_shard_sparq)
 }
 END_TEST
 
+/* A shard storing f16 or bf16 answers exactly (candidates, scores, partials, SPARQ aux:
+ * bit for bit; dense to f32 rounding) as an f32 shard fed the same rows rounded to that
+ * dtype, for every method and GQA mode; the stored and read bytes halve. d = 40 runs the
+ * conversions' vector bodies and tails. */
+START_TEST(test_shard_dtype)
+{
+    const int nh = 4, nkv = 2, d = 40, n = SHARD_CHUNK + 300, B = 24;
+    const size_t kv = (size_t)n * nkv * d;
+    test_rng r = {41};
+    float *k = test_alloc(kv * 4), *v = test_alloc(kv * 4), *kr = test_alloc(kv * 4),
+          *vr = test_alloc(kv * 4), q[4 * 40];
+    int32_t *pos = test_alloc((size_t)n * 4);
+    test_fill(&r, kv, k, 3.0f);
+    test_fill(&r, kv, v, 3.0f);
+    test_fill(&r, sizeof(q) / 4, q, 1.0f);
+    for (int i = 0; i < n; i++) pos[i] = (i / 32) * 64 + i % 32;
+    for (int dt = FASA_DTYPE_F16; dt <= FASA_DTYPE_BF16; dt++) {
+        for (size_t i = 0; i < kv; i++) {
+            kr[i] = dt == FASA_DTYPE_F16 ? fasa_f16_to_f32(fasa_f32_to_f16(k[i]))
+                                         : fasa_bf16_to_f32(fasa_f32_to_bf16(k[i]));
+            vr[i] = dt == FASA_DTYPE_F16 ? fasa_f16_to_f32(fasa_f32_to_f16(v[i]))
+                                         : fasa_bf16_to_f32(fasa_f32_to_bf16(v[i]));
+        }
+        shard_layout lay;
+        s_layout(&lay, 1, nh, nkv, d);
+        shard_t *ref = shard_new(&lay);
+        lay.dtype = dt;
+        shard_t *sh = shard_new(&lay);
+        ck_assert_ptr_nonnull(ref);
+        ck_assert_ptr_nonnull(sh);
+        ck_assert_int_eq(shard_layout_of(sh)->dtype, dt);
+        for (int i0 = 0; i0 < n; i0 += 333) {
+            const int m = n - i0 < 333 ? n - i0 : 333;
+            const size_t o = (size_t)i0 * nkv * d;
+            ck_assert_int_eq(shard_append(sh, 0, m, pos + i0, k + o, v + o), 0);
+            ck_assert_int_eq(shard_append(ref, 0, m, pos + i0, kr + o, vr + o), 0);
+        }
+        int64_t a[3], b[3];
+        shard_bytes_by_kind(sh, &a[0], &a[1], &a[2]);
+        shard_bytes_by_kind(ref, &b[0], &b[1], &b[2]);
+        for (int i = 0; i < 3; i++) ck_assert_int_eq(2 * a[i], b[i]);
+        ck_assert_int_eq(b[2], (int64_t)n * nkv * d * 4);
+        /* Two chunks per KV head, each K and V at half size; positions and bounds as before. */
+        ck_assert_uint_eq(shard_bytes_held(ref) - shard_bytes_held(sh),
+                          (size_t)2 * nkv * SHARD_CHUNK * d * 2 * 2);
+        for (int method = 0; method <= SHARD_METHOD_LAST; method++)
+            for (int shared = 0; shared < 2; shared++) {
+                if (method == SHARD_SPARQ && shared) continue;
+                const int32_t max_pos = pos[4100];
+                shard_step st = {0,       method,          shared, B,
+                                 max_pos, 1.0f / sqrtf(d), q,      method == SHARD_SPARQ ? 7 : 0};
+                const int units = shard_units(sh, shared);
+                topk_cand ca[4 * 24], cb[4 * 24], thr[4];
+                int na[4] = {0}, nb[4] = {0};
+                uint8_t have[4] = {0};
+                if (method != SHARD_DENSE) {
+                    ck_assert_int_eq(shard_score(sh, &st, ca, na), 0);
+                    ck_assert_int_eq(shard_score(ref, &st, cb, nb), 0);
+                    for (int u = 0; u < units; u++) {
+                        ck_assert_int_eq(na[u], nb[u]);
+                        ck_assert_mem_eq(ca + u * B, cb + u * B, (size_t)na[u] * sizeof(*ca));
+                        if (nb[u]) thr[u] = cb[u * B + nb[u] - 1], have[u] = 1;
+                    }
+                }
+                if (method == SHARD_SPARQ) {
+                    double xa[4 * SHARD_SPARQ_AUX(40)], xb[4 * SHARD_SPARQ_AUX(40)];
+                    shard_sparq_aux(sh, &st, xa);
+                    shard_sparq_aux(ref, &st, xb);
+                    ck_assert_mem_eq(xa, xb, sizeof(xa));
+                }
+                float ma[4], mb[4];
+                double la[4], lb[4], oa[4 * 40], ob[4 * 40];
+                ck_assert_int_eq(shard_attend(sh, &st, thr, have, ma, la, oa), 0);
+                ck_assert_int_eq(shard_attend(ref, &st, thr, have, mb, lb, ob), 0);
+                if (method == SHARD_DENSE) {
+                    /* f16/bf16 dense logits run as sgemm over converted blocks, f32 as the
+                     * loops: equal to f32 rounding. */
+                    for (int h = 0; h < nh; h++) {
+                        ck_assert_float_eq_tol(ma[h], mb[h], 1e-5f);
+                        ck_assert_double_eq_tol(la[h] * exp(ma[h] - mb[h]), lb[h], 1e-5 * lb[h]);
+                        for (int c = 0; c < d; c++)
+                            ck_assert_double_eq_tol(oa[h * d + c] * exp(ma[h] - mb[h]),
+                                                    ob[h * d + c], 1e-5 * lb[h]);
+                    }
+                } else {
+                    ck_assert_mem_eq(ma, mb, sizeof(ma));
+                    ck_assert_mem_eq(la, lb, sizeof(la));
+                    ck_assert_mem_eq(oa, ob, sizeof(oa));
+                }
+                /* QUEST also reads its page bounds, which stay f32. */
+                if (method == SHARD_QUEST)
+                    ck_assert_int_lt(shard_bytes_read(sh), shard_bytes_read(ref));
+                else
+                    ck_assert_int_eq(2 * shard_bytes_read(sh), shard_bytes_read(ref));
+                ck_assert_int_gt(shard_bytes_read(sh), 0);
+            }
+        shard_destroy(&sh);
+        shard_destroy(&ref);
+        shard_layout_cleanup(&lay);
+    }
+    free(k), free(v), free(kr), free(vr), free(pos);
+}
+END_TEST
+
+/* The disk tier answers bit for bit as the RAM tier (every method, f32 and f16), holds
+ * only kdom, positions and bounds in RAM, and leaves no file behind. */
+START_TEST(test_shard_disk_tier)
+{
+    const int nh = 4, nkv = 2, d = 40, n = SHARD_CHUNK + 300, B = 24;
+    const size_t kv = (size_t)n * nkv * d;
+    test_rng r = {43};
+    float *k = test_alloc(kv * 4), *v = test_alloc(kv * 4), q[4 * 40];
+    int32_t *pos = test_alloc((size_t)n * 4);
+    test_fill(&r, kv, k, 3.0f);
+    test_fill(&r, kv, v, 3.0f);
+    test_fill(&r, sizeof(q) / 4, q, 1.0f);
+    for (int i = 0; i < n; i++) pos[i] = (i / 32) * 64 + i % 32;
+    char dir[] = "/tmp/fasa-tier-test-XXXXXX";
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    for (int dt = FASA_DTYPE_F32; dt <= FASA_DTYPE_F16; dt++) {
+        shard_layout lay;
+        s_layout(&lay, 1, nh, nkv, d);
+        lay.dtype = dt;
+        shard_t *ram = shard_new(&lay);
+        lay.tier = SHARD_TIER_DISK;
+        ck_assert_ptr_null(shard_new(&lay)); /* disk needs a directory */
+        lay.tier_dir = strdup(dir);
+        shard_t *disk = shard_new(&lay);
+        ck_assert_ptr_nonnull(ram);
+        ck_assert_ptr_nonnull(disk);
+        for (int i0 = 0; i0 < n; i0 += 333) {
+            const int m = n - i0 < 333 ? n - i0 : 333;
+            const size_t o = (size_t)i0 * nkv * d;
+            ck_assert_int_eq(shard_append(ram, 0, m, pos + i0, k + o, v + o), 0);
+            ck_assert_int_eq(shard_append(disk, 0, m, pos + i0, k + o, v + o), 0);
+        }
+        ck_assert_uint_eq(shard_bytes_mapped(ram), 0);
+        ck_assert_uint_ge(shard_bytes_mapped(disk),
+                          (size_t)2 * nkv * SHARD_CHUNK * (2 * d - 3) * fasa_dtype_size(dt));
+        /* RAM: kdom (3 dims) instead of 2 d dims per row. */
+        ck_assert_uint_eq(shard_bytes_held(ram) - shard_bytes_held(disk),
+                          (size_t)2 * nkv * SHARD_CHUNK * (2 * d - 3) * fasa_dtype_size(dt));
+        for (int method = 0; method <= SHARD_METHOD_LAST; method++)
+            for (int shared = 0; shared < 2; shared++) {
+                if (method == SHARD_SPARQ && shared) continue;
+                shard_step st = {0,         method,          shared, B,
+                                 pos[4100], 1.0f / sqrtf(d), q,      method == SHARD_SPARQ ? 7 : 0};
+                const int units = shard_units(ram, shared);
+                topk_cand ca[4 * 24], cb[4 * 24], thr[4];
+                int na[4] = {0}, nb[4] = {0};
+                uint8_t have[4] = {0};
+                if (method != SHARD_DENSE) {
+                    ck_assert_int_eq(shard_score(disk, &st, ca, na), 0);
+                    ck_assert_int_eq(shard_score(ram, &st, cb, nb), 0);
+                    for (int u = 0; u < units; u++) {
+                        ck_assert_int_eq(na[u], nb[u]);
+                        ck_assert_mem_eq(ca + u * B, cb + u * B, (size_t)na[u] * sizeof(*ca));
+                        if (nb[u]) thr[u] = cb[u * B + nb[u] - 1], have[u] = 1;
+                    }
+                }
+                float ma[4], mb[4];
+                double la[4], lb[4], oa[4 * 40], ob[4 * 40];
+                ck_assert_int_eq(shard_attend(disk, &st, thr, have, ma, la, oa), 0);
+                ck_assert_int_eq(shard_attend(ram, &st, thr, have, mb, lb, ob), 0);
+                ck_assert_mem_eq(ma, mb, sizeof(ma));
+                ck_assert_mem_eq(la, lb, sizeof(la));
+                ck_assert_mem_eq(oa, ob, sizeof(oa));
+                ck_assert_int_eq(shard_bytes_read(disk), shard_bytes_read(ram));
+            }
+        shard_destroy(&disk);
+        shard_destroy(&ram);
+        /* A directory that does not exist: the append fails and adds nothing. */
+        free(lay.tier_dir);
+        lay.tier_dir = strdup("/nonexistent/fasa-tier");
+        disk = shard_new(&lay);
+        ck_assert_ptr_nonnull(disk);
+        ck_assert_int_eq(shard_append(disk, 0, 1, pos, k, v), -1);
+        ck_assert_int_eq(shard_rows(disk, 0), 0);
+        shard_destroy(&disk);
+        shard_layout_cleanup(&lay);
+    }
+    ck_assert_int_eq(rmdir(dir), 0); /* empty: every backing file was unlinked */
+    free(k), free(v), free(pos);
+}
+END_TEST
+
 Suite *shard_suite(void)
 {
     Suite *s = suite_create("shard");
@@ -455,6 +644,8 @@ Suite *shard_suite(void)
     tcase_add_test(tc, test_shard_stream);
     tcase_add_test(tc, test_shard_quest);
     tcase_add_test(tc, test_shard_sparq);
+    tcase_add_test(tc, test_shard_dtype);
+    tcase_add_test(tc, test_shard_disk_tier);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -86,7 +86,7 @@ typedef struct wmpi_cmd {
     int32_t sid;                                     /* the engine's session number */
     int32_t n_layers, n_heads, n_kv_heads, head_dim; /* session geometry */
     int32_t layer;                                   /* APPEND, SCORE, ATTEND */
-    int32_t n;                                       /* APPEND: rows */
+    int32_t n;                                       /* APPEND: rows; SESSION_NEW: fasa_dtype */
     int32_t method;                                  /* SCORE, ATTEND: shard_method */
     int32_t gqa;                                     /* shard_gqa */
     int32_t budget;                                  /* tokens per unit */
