@@ -718,6 +718,59 @@ START_TEST(test_engine_disk_tier)
 }
 END_TEST
 
+/* The largest group the limits allow (1024 query heads on one KV head of 1024 dims) runs
+ * every method without exhausting the stack (such a step once crashed the server). The
+ * dense output checks against exact attention in double on a few heads. */
+START_TEST(test_engine_big_group)
+{
+    enum { NH = 1024, NKV = 1, D = 1024, N = 40, B = 8 };
+    fasa_profile *prof = s_random_profile(1, NH, NKV, D, 8, 0, 3);
+    fasa_engine_t *e = fasa_engine_new(2, 16);
+    fasa_session_config cfg = {.n_layers = 1,
+                               .n_heads = NH,
+                               .n_kv_heads = NKV,
+                               .head_dim = D,
+                               .profile = prof,
+                               .method = FASA_METHOD_FASA,
+                               .budget = B,
+                               .dense_layers = (const uint8_t[]){0}};
+    fasa_error err;
+    ck_assert_int_eq(fasa_engine_create(e, "g", &cfg, &err), FASA_OK);
+    test_rng r = {41};
+    float *k = test_alloc(sizeof(float) * N * D), *v = test_alloc(sizeof(float) * N * D);
+    float *q = test_alloc(sizeof(float) * NH * D), *o = test_alloc(sizeof(float) * NH * D);
+    test_fill(&r, N * D, k, 0.05f);
+    test_fill(&r, N * D, v, 1.0f);
+    test_fill(&r, NH * D, q, 0.05f);
+    ck_assert_int_eq(fasa_engine_append(e, "g", 0, 0, N, k, v, &err), FASA_OK);
+    for (int m = FASA_METHOD_FASA; m <= FASA_METHOD_SPARQ; m++) {
+        fasa_attend_req req = {.layer = 0, .q = q, .method = m, .gqa = -1, .max_pos = -1};
+        ck_assert_msg(fasa_engine_attend(e, "g", &req, o, NULL, NULL, &err) == FASA_OK, "%s: %s",
+                      fasa_method_name((fasa_method)m), err.msg);
+        for (int i = 0; i < NH * D; i++) ck_assert(isfinite(o[i]));
+        if (m != FASA_METHOD_DENSE) continue;
+        for (int h = 0; h < NH; h += 341) {
+            double z[N], mx = -INFINITY, l = 0;
+            for (int j = 0; j < N; j++) {
+                z[j] = 0;
+                for (int c = 0; c < D; c++) z[j] += (double)q[h * D + c] * k[j * D + c];
+                z[j] /= sqrt((double)D);
+                if (z[j] > mx) mx = z[j];
+            }
+            for (int j = 0; j < N; j++) l += exp(z[j] - mx);
+            for (int c = 0; c < D; c += 97) {
+                double want = 0;
+                for (int j = 0; j < N; j++) want += exp(z[j] - mx) / l * v[j * D + c];
+                ck_assert_double_le(fabs(want - o[h * D + c]), 1e-5);
+            }
+        }
+    }
+    free(k), free(v), free(q), free(o);
+    fasa_engine_destroy(&e);
+    fasa_profile_destroy(&prof);
+}
+END_TEST
+
 /* Bad input gets the right status and a message naming the field, and changes nothing. */
 START_TEST(test_engine_bad_input)
 {
@@ -897,6 +950,7 @@ Suite *engine_suite(void)
     tcase_add_test(tc, test_engine_baselines_ref);
     tcase_add_test(tc, test_engine_bad_input);
     tcase_add_test(tc, test_engine_batch);
+    tcase_add_test(tc, test_engine_big_group);
     tcase_add_test(tc, test_engine_memory_limit);
     tcase_add_test(tc, test_engine_dtype);
     tcase_add_test(tc, test_engine_disk_tier);

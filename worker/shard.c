@@ -56,8 +56,13 @@ struct shard {
     size_t gather_cap;
     double *aux; /* (n_heads, SHARD_SPARQ_AUX(head_dim)) of the last SPARQ score */
     size_t aux_cap;
-    float *conv;     /* f16/bf16: (2, ATTN_BLOCK, head_dim) rows converted to f32 for a kernel */
-    float *pv;       /* (n_heads / n_kv_heads, head_dim) dense P.V of one block (attn.h) */
+    float *conv; /* f16/bf16: (2, ATTN_BLOCK, head_dim) rows converted to f32 for a kernel */
+    float *pv;   /* (n_heads / n_kv_heads, head_dim) dense P.V of one block (attn.h) */
+    /* On the heap, not the stack: with the largest geometry (1024 query heads on one KV
+     * head of 1024 dims) each is 2 to 4 MiB. */
+    float *qf;       /* (n_heads / n_kv_heads, head_dim) a group's queries, permuted */
+    float *rowf;     /* (n_kv_heads, head_dim) an appended key row rounded to the dtype */
+    uint16_t *rowh;  /* (n_kv_heads, head_dim) the same in f16/bf16 (those dtypes only) */
     uint16_t *stage; /* f16/bf16: (2, rows, head_dim) gathered K and V rows before conversion */
     size_t stage_cap;
     int64_t bytes_read_last; /* KV bytes read by the last score + attend */
@@ -175,9 +180,14 @@ shard_t *shard_new(const shard_layout *layout)
     s->n_kept = calloc((size_t)layout->n_heads, sizeof(int));
     if (layout->dtype != FASA_DTYPE_F32)
         s->conv = malloc((size_t)2 * ATTN_BLOCK * layout->head_dim * sizeof(float));
-    s->pv =
-        malloc((size_t)(layout->n_heads / layout->n_kv_heads) * layout->head_dim * sizeof(float));
-    if (!s->layers || !s->n_kept || !s->pv || (layout->dtype != FASA_DTYPE_F32 && !s->conv))
+    const size_t gd = (size_t)(layout->n_heads / layout->n_kv_heads) * layout->head_dim;
+    const size_t kd = (size_t)layout->n_kv_heads * layout->head_dim;
+    s->pv = malloc(gd * sizeof(float));
+    s->qf = malloc(gd * sizeof(float));
+    s->rowf = malloc(kd * sizeof(float));
+    if (layout->dtype != FASA_DTYPE_F32) s->rowh = malloc(kd * sizeof(uint16_t));
+    if (!s->layers || !s->n_kept || !s->pv || !s->qf || !s->rowf ||
+        (layout->dtype != FASA_DTYPE_F32 && (!s->conv || !s->rowh)))
         goto err_layout;
     return s;
 err_layout:
@@ -185,6 +195,9 @@ err_layout:
     free(s->n_kept);
     free(s->conv);
     free(s->pv);
+    free(s->qf);
+    free(s->rowf);
+    free(s->rowh);
     shard_layout_cleanup(&s->lay);
 err_free:
     free(s);
@@ -222,6 +235,9 @@ void shard_destroy(shard_t **shard_p)
     free(s->aux);
     free(s->conv);
     free(s->pv);
+    free(s->qf);
+    free(s->rowf);
+    free(s->rowh);
     free(s->stage);
     shard_layout_cleanup(&s->lay);
     free(s);
@@ -367,7 +383,7 @@ int shard_append(shard_t *s, int layer, int n, const int32_t *pos, const float *
     layer_store *ls = &s->layers[layer];
     /* Rows rounded to the dtype (f32: copies), so the page bounds and value sums below see
      * exactly what is stored. */
-    float kq[hkv * d], kp[d], vq[d];
+    float *kq = s->rowf, kp[d], vq[d];
     uint16_t tmp[d];
     for (int i = 0; i < n; i++) {
         const int r = ls->n_rows + i;
@@ -375,7 +391,7 @@ int shard_append(shard_t *s, int layer, int n, const int32_t *pos, const float *
         const int rr = r % SHARD_CHUNK, tile = rr / SCORE_TILE, lane = rr % SCORE_TILE;
         const float *krow = k + (size_t)i * hkv * d;
         if (dt != FASA_DTYPE_F32) {
-            uint16_t kt[hkv * d];
+            uint16_t *kt = s->rowh;
             dtype_from_f32(SIMD_AUTO, dt, (size_t)hkv * d, krow, kt);
             dtype_to_f32(SIMD_AUTO, dt, (size_t)hkv * d, kt, kq);
             krow = kq;
@@ -778,7 +794,7 @@ static void s_attend_dense(shard_t *s, const shard_step *st, int g, int n_vis, c
     const layer_store *ls = &s->layers[st->layer];
     float *lg = s->scores + (size_t)grp * SHARD_CHUNK + 2 * (size_t)grp * d;
     /* qf is (grp, d) in permuted order: the dominant part first, then the rest. */
-    float qdp[grp * (u ? u : 1)], qrp[grp * (d - u ? d - u : 1)];
+    float *qdp = s->scores + (size_t)grp * SHARD_CHUNK, *qrp = qdp + (size_t)grp * d; /* qd, qr */
     for (int i = 0; i < grp; i++) {
         memcpy(qdp + i * u, qf + (size_t)i * d, (size_t)u * sizeof(float));
         memcpy(qrp + i * (d - u), qf + (size_t)i * d + u, (size_t)(d - u) * sizeof(float));
@@ -905,7 +921,7 @@ int shard_attend(shard_t *s, const shard_step *st, const topk_cand *thr, const u
                      (size_t)2 * d * s->kept_budget * s_rows_per_cand(st) * sizeof(uint16_t))))
         return -1;
     const int n_vis = shard_visible(s, st->layer, st->max_pos);
-    float qf[grp * d];
+    float *qf = s->qf;
     for (int g = 0; g < hkv; g++) {
         const int *perm = lay->perm + ((size_t)st->layer * hkv + g) * d;
         for (int i = 0; i < grp; i++)
