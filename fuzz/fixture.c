@@ -98,28 +98,36 @@ static void s_calibrate(fuzz_fixture *fx, uint64_t *rng)
     if (!fx->profile_text) s_die("strdup", NULL);
 }
 
+/* A session's geometry: layers, query heads, KV heads, head_dim, pairing (proto enum). */
+typedef struct geometry {
+    int l, h, hkv, d, pairing;
+} geometry;
+
 /* Creates session id (with profile "p" when profile is set) and appends n tokens to every
  * layer. */
-static void s_session(fuzz_fixture *fx, const char *id, int profile, int n, uint64_t *rng)
+static void s_session(fuzz_fixture *fx, const char *id, const geometry *g, int profile, int n,
+                      uint64_t *rng)
 {
     Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
     Fasa__V1__CreateSession c = FASA__V1__CREATE_SESSION__INIT;
     c.session_id = (char *)id;
-    c.n_layers = FUZZ_L;
-    c.n_heads = FUZZ_H;
-    c.n_kv_heads = FUZZ_HKV;
-    c.head_dim = FUZZ_D;
+    c.n_layers = (uint32_t)g->l;
+    c.n_heads = (uint32_t)g->h;
+    c.n_kv_heads = (uint32_t)g->hkv;
+    c.head_dim = (uint32_t)g->d;
+    c.has_pairing = 1;
+    c.pairing = (Fasa__V1__Pairing)g->pairing;
     if (profile) c.profile_name = "p";
     req.body_case = FASA__V1__REQUEST__BODY_CREATE_SESSION;
     req.create_session = &c;
     fasa__v1__response__free_unpacked(s_send_ok(fx, &req, "create_session"), NULL);
     if (n == 0) return;
 
-    const size_t nf = (size_t)FUZZ_L * n * FUZZ_HKV * FUZZ_D;
+    const size_t nf = (size_t)g->l * n * g->hkv * g->d;
     float *k = malloc(2 * nf * sizeof(float));
     if (!k) s_die("malloc", NULL);
     fuzz_fill(rng, 2 * nf, k, 1.0f);
-    uint64_t shape[4] = {FUZZ_L, (uint64_t)n, FUZZ_HKV, FUZZ_D};
+    uint64_t shape[4] = {(uint64_t)g->l, (uint64_t)n, (uint64_t)g->hkv, (uint64_t)g->d};
     Fasa__V1__Request ar = FASA__V1__REQUEST__INIT;
     Fasa__V1__Append a = FASA__V1__APPEND__INIT;
     Fasa__V1__Tensor tk, tv;
@@ -146,9 +154,12 @@ fuzz_fixture *fuzz_fixture_new(void)
     if (!fx->svc) s_die("fasa_service_new", NULL);
     uint64_t rng = 1234;
     s_calibrate(fx, &rng);
-    s_session(fx, "d", 0, FUZZ_N, &rng);
-    s_session(fx, "f", 1, FUZZ_N, &rng);
-    s_session(fx, "e", 0, 0, &rng);
+    const geometry std = {FUZZ_L, FUZZ_H, FUZZ_HKV, FUZZ_D, FASA__V1__PAIRING__INTERLEAVED};
+    const geometry small = {1, 2, 2, 2, FASA__V1__PAIRING__HALF};
+    s_session(fx, "d", &std, 0, FUZZ_N, &rng);
+    s_session(fx, "f", &std, 1, FUZZ_N, &rng);
+    s_session(fx, "e", &std, 0, 0, &rng);
+    s_session(fx, "g", &small, 0, FUZZ_N_G, &rng);
     return fx;
 }
 

@@ -7,10 +7,12 @@
  *   profile "p"   stored by a Calibrate of FUZZ_L x FUZZ_T random activations;
  *   session "d"   dense (no profile), FUZZ_N tokens in every layer;
  *   session "f"   with profile "p" (method fasa), FUZZ_N tokens in every layer;
- *   session "e"   no profile and no tokens (SetProfile is allowed on it).
+ *   session "e"   no profile and no tokens (SetProfile is allowed on it);
+ *   session "g"   the smallest geometry: 1 layer, 2 query heads each with its own KV head,
+ *                 head_dim 2 (one FC), HALF pairing, dense, FUZZ_N_G tokens.
  *
- * Every session has the geometry FUZZ_L layers, FUZZ_H query heads, FUZZ_HKV KV heads,
- * head_dim FUZZ_D. Seeds name these ids so that a single request already reaches the engine. */
+ * "d", "f" and "e" have FUZZ_L layers, FUZZ_H query heads, FUZZ_HKV KV heads, head_dim
+ * FUZZ_D. Seeds name these ids so that a single request already reaches the engine. */
 #ifndef FASA_FUZZ_FIXTURE_H
 #define FASA_FUZZ_FIXTURE_H
 
@@ -26,8 +28,9 @@
 #define FUZZ_H 4
 #define FUZZ_HKV 2
 #define FUZZ_D 8
-#define FUZZ_N 40 /* tokens of "d" and "f": blocks of 16 on shards 0, 1, 0 */
-#define FUZZ_T 48 /* tokens of the calibration sample of profile "p" */
+#define FUZZ_N 40   /* tokens of "d" and "f": blocks of 16 on shards 0, 1, 0 */
+#define FUZZ_T 48   /* tokens of the calibration sample of profile "p" */
+#define FUZZ_N_G 24 /* tokens of "g" */
 
 typedef struct fuzz_fixture {
     fasa_service *svc;     /* owns engine */

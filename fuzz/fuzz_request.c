@@ -296,7 +296,9 @@ static void s_check_ok(const fasa_engine_t *e, const Fasa__V1__Request *m,
               "calibrate OK without a profile");
         break;
     case FASA__V1__REQUEST__BODY_SET_PROFILE:
-        CHECK(b->sess_exists && b->sess_len[0] == 0, "set_profile OK on a session with tokens");
+        CHECK(b->sess_exists, "set_profile OK on no session");
+        for (int l = 0; l < b->sess_layers; l++)
+            CHECK(b->sess_len[l] == 0, "set_profile OK on a session with tokens in layer %d", l);
         want_profile = 1;
         break;
     case FASA__V1__REQUEST__BODY_DROP_SESSION:
@@ -308,9 +310,14 @@ static void s_check_ok(const fasa_engine_t *e, const Fasa__V1__Request *m,
         break;
     case FASA__V1__REQUEST__BODY_STATS: {
         const Fasa__V1__StatsResult *st = r->stats;
+        /* errors counts failed BatchAttend items too (errors_by_code adds up to it). */
         CHECK(st->n_sessions == (uint32_t)a->n_sessions && st->kv_bytes == (uint64_t)a->kv_bytes &&
-                  st->errors <= st->requests && st->n_shards == FUZZ_SHARDS,
-              "stats disagree with the engine");
+                  st->errors <= st->requests + st->batch_items && st->n_shards == FUZZ_SHARDS,
+              "stats disagree with the engine: sessions %u (engine %d), kv_bytes %llu (engine "
+              "%lld), errors %llu of %llu requests and %llu batch items, n_shards %u",
+              st->n_sessions, a->n_sessions, (unsigned long long)st->kv_bytes,
+              (long long)a->kv_bytes, (unsigned long long)st->errors,
+              (unsigned long long)st->requests, (unsigned long long)st->batch_items, st->n_shards);
         uint64_t errs = 0;
         for (size_t i = 0; i < st->n_errors_by_code; i++) errs += st->errors_by_code[i]->count;
         CHECK(errs == st->errors, "stats: errors_by_code add up to %llu, errors %llu",

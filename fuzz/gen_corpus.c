@@ -231,6 +231,24 @@ static void s_attends(void)
         s_emit(methods[i].name, &x.req, 0);
     }
 
+    /* Session "g" (1 layer, 2 heads, head_dim 2, HALF): layer 0, several methods. */
+    static const Fasa__V1__Method g_methods[] = {FASA__V1__METHOD__SPARQ, FASA__V1__METHOD__QUEST,
+                                                 FASA__V1__METHOD__STREAM};
+    for (size_t i = 0; i < sizeof(g_methods) / sizeof(g_methods[0]); i++) {
+        char name[32];
+        snprintf(name, sizeof(name), "attend-small-%zu", i);
+        s_attend_init(&x, "g", 1);
+        x.qs[0] = x.ks[0] = 2;
+        x.qs[1] = x.ks[1] = 2;
+        x.tq.data.len = x.tk.data.len = x.tv.data.len = 4 * sizeof(float);
+        x.a.layer = 0;
+        x.a.has_method = x.a.has_budget = x.a.has_return_selected = 1;
+        x.a.method = g_methods[i];
+        x.a.budget = 3;
+        x.a.return_selected = 1;
+        s_emit(name, &x.req, 0);
+    }
+
     /* Bad: NaN in q, a q shape of the wrong head_dim, k_new without v_new. */
     s_attend_init(&x, "f", 0);
     x.q[5] = NAN;
