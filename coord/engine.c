@@ -541,19 +541,29 @@ fasa_status fasa_engine_drop(fasa_engine_t *e, const char *id, fasa_error *err)
     return s_fail(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
 }
 
-/* Index of the first non-finite value, or -1. The first pass only tests the exponent bits
- * (all ones for NaN and infinity) and vectorises; the index is looked for only on failure. */
+/* Keys, values and queries must be finite and below 2^50 (about 1.1e15) in magnitude: then
+ * no dot product of head_dim <= 1024 terms (2^110) or sum of them overflows a float, where
+ * a huge but finite input would silently give a wrong step (or NaN under sparq). */
+#define MAX_ABS_EXP (127 + 50) /* biased exponent of 2^50 */
+#define MAX_ABS_TEXT "2^50 (1.1e15)"
+
+/* Index of the first value that is not finite or is at least 2^50 in magnitude, or -1. The
+ * first pass only compares exponent bits and vectorises; the index is looked for only on
+ * failure. */
 static long s_nonfinite(size_t n, const float *x)
 {
     uint32_t bad = 0;
     for (size_t i = 0; i < n; i++) {
         uint32_t b;
         memcpy(&b, x + i, sizeof(b));
-        bad |= (b & 0x7f800000u) == 0x7f800000u;
+        bad |= (b & 0x7f800000u) >= ((uint32_t)MAX_ABS_EXP << 23);
     }
     if (!bad) return -1;
-    for (size_t i = 0; i < n; i++)
-        if (!isfinite(x[i])) return (long)i;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t b;
+        memcpy(&b, x + i, sizeof(b));
+        if ((b & 0x7f800000u) >= ((uint32_t)MAX_ABS_EXP << 23)) return (long)i;
+    }
     return -1;
 }
 
@@ -624,9 +634,13 @@ fasa_status fasa_engine_append(fasa_engine_t *e, const char *id, int layer, int3
     const size_t total = per_layer * (size_t)(l1 - l0);
     long bad;
     if ((bad = s_nonfinite(total, k)) >= 0)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "k[%ld] is not finite", bad);
+        return s_fail(err, FASA_INVALID_ARGUMENT,
+                      "k[%ld] = %g: values must be finite and below " MAX_ABS_TEXT, bad,
+                      (double)k[bad]);
     if ((bad = s_nonfinite(total, v)) >= 0)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "v[%ld] is not finite", bad);
+        return s_fail(err, FASA_INVALID_ARGUMENT,
+                      "v[%ld] = %g: values must be finite and below " MAX_ABS_TEXT, bad,
+                      (double)v[bad]);
     if ((bad = s_overflow(c->dtype, total, k)) >= 0)
         return s_fail(err, FASA_INVALID_ARGUMENT, "k[%ld] value %g overflows %s", bad,
                       (double)k[bad], fasa_dtype_name(c->dtype));
@@ -735,14 +749,20 @@ static fasa_status s_plan_check(fasa_engine_t *e, const char *id, const fasa_att
     if (!req->q) return s_fail(err, FASA_INVALID_ARGUMENT, "q is missing");
     long bad;
     if ((bad = s_nonfinite((size_t)nh * d, req->q)) >= 0)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "q[%ld] is not finite", bad);
+        return s_fail(err, FASA_INVALID_ARGUMENT,
+                      "q[%ld] = %g: values must be finite and below " MAX_ABS_TEXT, bad,
+                      (double)req->q[bad]);
     if (!req->k_new != !req->v_new)
         return s_fail(err, FASA_INVALID_ARGUMENT, "k_new and v_new come together");
     const size_t kv_row = (size_t)c->n_kv_heads * d;
     if (req->k_new && (bad = s_nonfinite(kv_row, req->k_new)) >= 0)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "k_new[%ld] is not finite", bad);
+        return s_fail(err, FASA_INVALID_ARGUMENT,
+                      "k_new[%ld] = %g: values must be finite and below " MAX_ABS_TEXT, bad,
+                      (double)req->k_new[bad]);
     if (req->v_new && (bad = s_nonfinite(kv_row, req->v_new)) >= 0)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "v_new[%ld] is not finite", bad);
+        return s_fail(err, FASA_INVALID_ARGUMENT,
+                      "v_new[%ld] = %g: values must be finite and below " MAX_ABS_TEXT, bad,
+                      (double)req->v_new[bad]);
     if (req->k_new && (bad = s_overflow(s->cfg.dtype, kv_row, req->k_new)) >= 0)
         return s_fail(err, FASA_INVALID_ARGUMENT, "k_new[%ld] value %g overflows %s", bad,
                       (double)req->k_new[bad], fasa_dtype_name(s->cfg.dtype));

@@ -837,6 +837,16 @@ START_TEST(test_engine_bad_input)
     br.q = qn;
     ck_assert_int_eq(fasa_engine_attend(e, "a", &br, o2, NULL, NULL, &err), FASA_INVALID_ARGUMENT);
     ck_assert_ptr_nonnull(strstr(err.msg, "q[9]"));
+    /* Huge but finite values would overflow q.k silently: refused from 2^50 on. */
+    qn[9] = 0x1p50f;
+    ck_assert_int_eq(fasa_engine_attend(e, "a", &br, o2, NULL, NULL, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "q[9] = 1.1259e+15"));
+    qn[9] = -0x1.fffffep49f; /* the largest magnitude accepted */
+    ck_assert_int_eq(fasa_engine_attend(e, "a", &br, o2, NULL, NULL, &err), FASA_OK);
+    kn[5] = 3e38f;
+    ck_assert_int_eq(fasa_engine_append(e, "a", 0, N, 1, kn, v, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "k[5] = 3e+38"));
+    ck_assert_int_eq(fasa_engine_length(e, "a", 0), N);
     br = req;
     br.budget = -3;
     ck_assert_int_eq(fasa_engine_attend(e, "a", &br, o2, NULL, NULL, &err), FASA_INVALID_ARGUMENT);
