@@ -118,7 +118,7 @@ int fasa_gqa_parse(const char *name, fasa_gqa *out_p)
     return 0;
 }
 
-static fasa_status s_fail(fasa_error *err, fasa_status code, const char *fmt, ...)
+fasa_status fasa_error_set(fasa_error *err, fasa_status code, const char *fmt, ...)
 {
     if (err) {
         err->code = code;
@@ -242,9 +242,9 @@ fasa_status fasa_engine_shard_stats(fasa_engine_t *e, const char *id, fasa_shard
                                     fasa_error *err)
 {
     const session *s = id ? s_find(e, id) : NULL;
-    if (id && !s) return s_fail(err, FASA_NOT_FOUND, "session '%s' not found", id);
+    if (id && !s) return fasa_error_set(err, FASA_NOT_FOUND, "session '%s' not found", id);
     if (!e->tr.shard_stats || e->tr.shard_stats(e->tr.ctx, s ? s->sid : -1, out))
-        return s_fail(err, FASA_INTERNAL, "a shard did not report what it holds");
+        return fasa_error_set(err, FASA_INTERNAL, "a shard did not report what it holds");
     return FASA_OK;
 }
 
@@ -297,59 +297,63 @@ static int s_layout_from_profile(shard_layout *lay, const fasa_session_config *c
 static fasa_status s_check_config(const fasa_session_config *c, fasa_error *err)
 {
     if (c->n_layers < 1 || c->n_layers > MAX_LAYERS)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "n_layers %d out of range [1, %d]", c->n_layers,
-                      MAX_LAYERS);
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "n_layers %d out of range [1, %d]",
+                              c->n_layers, MAX_LAYERS);
     if (c->n_kv_heads < 1 || c->n_kv_heads > MAX_HEADS)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "n_kv_heads %d out of range [1, %d]",
-                      c->n_kv_heads, MAX_HEADS);
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "n_kv_heads %d out of range [1, %d]",
+                              c->n_kv_heads, MAX_HEADS);
     if (c->n_heads < c->n_kv_heads || c->n_heads > MAX_HEADS || c->n_heads % c->n_kv_heads)
-        return s_fail(err, FASA_INVALID_ARGUMENT,
-                      "n_heads %d must be a multiple of n_kv_heads %d and at most %d", c->n_heads,
-                      c->n_kv_heads, MAX_HEADS);
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT,
+                              "n_heads %d must be a multiple of n_kv_heads %d and at most %d",
+                              c->n_heads, c->n_kv_heads, MAX_HEADS);
     if (c->head_dim < 2 || c->head_dim > MAX_HEAD_DIM || c->head_dim % 2)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "head_dim %d must be even and in [2, %d]",
-                      c->head_dim, MAX_HEAD_DIM);
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "head_dim %d must be even and in [2, %d]",
+                              c->head_dim, MAX_HEAD_DIM);
     if (!fc_pairing_name(c->pairing))
-        return s_fail(err, FASA_INVALID_ARGUMENT, "pairing %d is not interleaved or half",
-                      (int)c->pairing);
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "pairing %d is not interleaved or half",
+                              (int)c->pairing);
     if ((unsigned)c->method > FASA_METHOD_LAST)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "method %d is unknown", (int)c->method);
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "method %d is unknown", (int)c->method);
     if (c->gqa != FASA_GQA_PER_HEAD && c->gqa != FASA_GQA_SHARED)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "gqa %d is unknown", (int)c->gqa);
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "gqa %d is unknown", (int)c->gqa);
     if (c->method == FASA_METHOD_SPARQ && c->gqa == FASA_GQA_SHARED)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "method sparq supports gqa per-head only");
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT,
+                              "method sparq supports gqa per-head only");
     if (!fasa_dtype_name(c->dtype))
-        return s_fail(err, FASA_INVALID_ARGUMENT, "dtype %d is not f32, f16 or bf16", c->dtype);
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "dtype %d is not f32, f16 or bf16",
+                              c->dtype);
     if (c->tier != SHARD_TIER_RAM && c->tier != SHARD_TIER_DISK)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "tier %d is not ram (0) or disk (1)", c->tier);
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "tier %d is not ram (0) or disk (1)",
+                              c->tier);
     if (c->tier == SHARD_TIER_DISK) {
         struct stat sb;
         if (!c->tier_dir || stat(c->tier_dir, &sb) || !S_ISDIR(sb.st_mode) ||
             access(c->tier_dir, W_OK))
-            return s_fail(err, FASA_INVALID_ARGUMENT,
-                          "tier disk: tier_dir '%s' is not a writable directory",
-                          c->tier_dir ? c->tier_dir : "(none)");
+            return fasa_error_set(err, FASA_INVALID_ARGUMENT,
+                                  "tier disk: tier_dir '%s' is not a writable directory",
+                                  c->tier_dir ? c->tier_dir : "(none)");
     }
     if (c->budget < 1 || c->budget > MAX_BUDGET)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "budget %d out of range [1, %d]", c->budget,
-                      MAX_BUDGET);
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "budget %d out of range [1, %d]",
+                              c->budget, MAX_BUDGET);
     const int64_t cells = (int64_t)c->n_layers * c->n_heads * c->head_dim;
     if (cells > MAX_LAYOUT_CELLS)
-        return s_fail(err, FASA_RESOURCE_EXHAUSTED,
-                      "n_layers x n_heads x head_dim = %lld is over the limit of %d",
-                      (long long)cells, MAX_LAYOUT_CELLS);
+        return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED,
+                              "n_layers x n_heads x head_dim = %lld is over the limit of %d",
+                              (long long)cells, MAX_LAYOUT_CELLS);
     if ((int64_t)c->n_heads * c->budget > MAX_STEP_CANDS)
-        return s_fail(err, FASA_RESOURCE_EXHAUSTED,
-                      "budget %d x n_heads %d = %lld candidates per step is over the limit of %d",
-                      c->budget, c->n_heads, (long long)c->n_heads * c->budget, MAX_STEP_CANDS);
+        return fasa_error_set(
+            err, FASA_RESOURCE_EXHAUSTED,
+            "budget %d x n_heads %d = %lld candidates per step is over the limit of %d", c->budget,
+            c->n_heads, (long long)c->n_heads * c->budget, MAX_STEP_CANDS);
     if (c->method == FASA_METHOD_FASA && !c->profile)
-        return s_fail(err, FASA_FAILED_PRECONDITION,
-                      "method fasa needs a calibration profile (fasa calibrate)");
+        return fasa_error_set(err, FASA_FAILED_PRECONDITION,
+                              "method fasa needs a calibration profile (fasa calibrate)");
     if (c->profile) {
         char why[200];
         if (fasa_profile_check(c->profile, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim,
                                c->pairing, why, sizeof(why)))
-            return s_fail(err, FASA_INVALID_ARGUMENT, "%s", why);
+            return fasa_error_set(err, FASA_INVALID_ARGUMENT, "%s", why);
     }
     return FASA_OK;
 }
@@ -359,22 +363,25 @@ fasa_status fasa_engine_create(fasa_engine_t *e, const char *id, const fasa_sess
 {
     const size_t id_len = id ? strlen(id) : 0;
     if (id_len == 0 || id_len > FASA_ID_MAX)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "session id must be 1..%d bytes", FASA_ID_MAX);
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "session id must be 1..%d bytes",
+                              FASA_ID_MAX);
     for (size_t i = 0; i < id_len; i++)
         if (id[i] < 0x21 || id[i] > 0x7e)
-            return s_fail(err, FASA_INVALID_ARGUMENT, "session id must be printable ASCII");
+            return fasa_error_set(err, FASA_INVALID_ARGUMENT, "session id must be printable ASCII");
     fasa_status st = s_check_config(cfg, err);
     if (st) return st;
     if (cfg->method == FASA_METHOD_QUEST && e->block % FASA_QUEST_PAGE)
-        return s_fail(err, FASA_FAILED_PRECONDITION,
-                      "method quest needs a placement block that is a multiple of %d tokens "
-                      "(this engine places blocks of %d)",
-                      FASA_QUEST_PAGE, e->block);
-    if (s_find(e, id)) return s_fail(err, FASA_ALREADY_EXISTS, "session '%s' already exists", id);
+        return fasa_error_set(
+            err, FASA_FAILED_PRECONDITION,
+            "method quest needs a placement block that is a multiple of %d tokens "
+            "(this engine places blocks of %d)",
+            FASA_QUEST_PAGE, e->block);
+    if (s_find(e, id))
+        return fasa_error_set(err, FASA_ALREADY_EXISTS, "session '%s' already exists", id);
     if (e->next_sid >= MAX_SESSION_NUMBERS)
-        return s_fail(err, FASA_RESOURCE_EXHAUSTED,
-                      "this engine has used all its %d session numbers; restart it",
-                      MAX_SESSION_NUMBERS);
+        return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED,
+                              "this engine has used all its %d session numbers; restart it",
+                              MAX_SESSION_NUMBERS);
 
     session *s = calloc(1, sizeof(*s));
     shard_layout lay = {0};
@@ -408,24 +415,24 @@ fasa_status fasa_engine_create(fasa_engine_t *e, const char *id, const fasa_sess
 oom:
     shard_layout_cleanup(&lay);
     if (s) s_session_free(s);
-    return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory creating session '%s'", id);
+    return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED, "out of memory creating session '%s'", id);
 }
 
 fasa_status fasa_engine_set_profile(fasa_engine_t *e, const char *id, const fasa_profile *profile,
                                     fasa_error *err)
 {
     session *s = s_find(e, id);
-    if (!s) return s_fail(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
+    if (!s) return fasa_error_set(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
     for (int l = 0; l < s->cfg.n_layers; l++)
         if (s->n_appended[l])
-            return s_fail(err, FASA_FAILED_PRECONDITION,
-                          "session '%s' already holds tokens; its profile can only be set "
-                          "before the first append",
-                          id);
+            return fasa_error_set(err, FASA_FAILED_PRECONDITION,
+                                  "session '%s' already holds tokens; its profile can only be set "
+                                  "before the first append",
+                                  id);
     if (e->next_sid >= MAX_SESSION_NUMBERS)
-        return s_fail(err, FASA_RESOURCE_EXHAUSTED,
-                      "this engine has used all its %d session numbers; restart it",
-                      MAX_SESSION_NUMBERS);
+        return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED,
+                              "this engine has used all its %d session numbers; restart it",
+                              MAX_SESSION_NUMBERS);
     fasa_session_config c = s->cfg;
     c.profile = profile;
     fasa_status st = s_check_config(&c, err);
@@ -448,7 +455,8 @@ fasa_status fasa_engine_set_profile(fasa_engine_t *e, const char *id, const fasa
 oom:
     shard_layout_cleanup(&lay);
     fasa_profile_destroy(&copy);
-    return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory setting the profile of '%s'", id);
+    return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED, "out of memory setting the profile of '%s'",
+                          id);
 }
 
 static int64_t s_acct_bytes(const session *s, int layer, const acct *a)
@@ -487,7 +495,7 @@ static fasa_status s_check_limit(fasa_engine_t *e, const session *s, int l0, int
     if (e->mem_limit <= 0) return FASA_OK;
     const int S = e->tr.n_shards, L = s->cfg.n_layers;
     int64_t *grow = calloc((size_t)S, sizeof(int64_t));
-    if (!grow) return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory");
+    if (!grow) return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED, "out of memory");
     for (int l = l0; l < l1; l++) {
         /* Each shard's rows change once per run; simulate on copies, shard by shard. */
         for (int sh = 0; sh < S; sh++) {
@@ -506,11 +514,12 @@ static fasa_status s_check_limit(fasa_engine_t *e, const session *s, int l0, int
     fasa_status st = FASA_OK;
     for (int sh = 0; sh < S && !st; sh++)
         if (grow[sh] > 0 && e->shard_bytes[sh] + grow[sh] > e->mem_limit)
-            st = s_fail(err, FASA_RESOURCE_EXHAUSTED,
-                        "memory limit: %d tokens would take shard %d to %lld bytes, "
-                        "over the limit of %lld bytes per shard (--memory-limit; it holds %lld)",
-                        n, sh, (long long)(e->shard_bytes[sh] + grow[sh]), (long long)e->mem_limit,
-                        (long long)e->shard_bytes[sh]);
+            st = fasa_error_set(
+                err, FASA_RESOURCE_EXHAUSTED,
+                "memory limit: %d tokens would take shard %d to %lld bytes, "
+                "over the limit of %lld bytes per shard (--memory-limit; it holds %lld)",
+                n, sh, (long long)(e->shard_bytes[sh] + grow[sh]), (long long)e->mem_limit,
+                (long long)e->shard_bytes[sh]);
     free(grow);
     return st;
 }
@@ -538,7 +547,7 @@ fasa_status fasa_engine_drop(fasa_engine_t *e, const char *id, fasa_error *err)
             s_session_free(s);
             return FASA_OK;
         }
-    return s_fail(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
+    return fasa_error_set(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
 }
 
 /* Keys, values and queries must be finite and below 2^50 (about 1.1e15) in magnitude: then
@@ -615,38 +624,40 @@ fasa_status fasa_engine_append(fasa_engine_t *e, const char *id, int layer, int3
                                const float *k, const float *v, fasa_error *err)
 {
     session *s = s_find(e, id);
-    if (!s) return s_fail(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
+    if (!s) return fasa_error_set(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
     const fasa_session_config *c = &s->cfg;
     if (layer < -1 || layer >= c->n_layers)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "layer %d out of range [-1, %d)", layer,
-                      c->n_layers);
-    if (n < 1) return s_fail(err, FASA_INVALID_ARGUMENT, "n_tokens %d must be at least 1", n);
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "layer %d out of range [-1, %d)", layer,
+                              c->n_layers);
+    if (n < 1)
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "n_tokens %d must be at least 1", n);
     const int l0 = layer < 0 ? 0 : layer, l1 = layer < 0 ? c->n_layers : layer + 1;
     for (int l = l0; l < l1; l++)
         if (pos0 != s->n_appended[l])
-            return s_fail(err, FASA_INVALID_ARGUMENT,
-                          "start_pos %d: layer %d expects position %d next (appends are in order)",
-                          (int)pos0, l, (int)s->n_appended[l]);
+            return fasa_error_set(
+                err, FASA_INVALID_ARGUMENT,
+                "start_pos %d: layer %d expects position %d next (appends are in order)", (int)pos0,
+                l, (int)s->n_appended[l]);
     if ((int64_t)pos0 + n > INT32_MAX)
-        return s_fail(err, FASA_RESOURCE_EXHAUSTED, "n_tokens: a session holds at most %d tokens",
-                      INT32_MAX);
+        return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED,
+                              "n_tokens: a session holds at most %d tokens", INT32_MAX);
     const size_t per_layer = (size_t)n * c->n_kv_heads * c->head_dim;
     const size_t total = per_layer * (size_t)(l1 - l0);
     long bad;
     if ((bad = s_nonfinite(total, k)) >= 0)
-        return s_fail(err, FASA_INVALID_ARGUMENT,
-                      "k[%ld] = %g: values must be finite and below " MAX_ABS_TEXT, bad,
-                      (double)k[bad]);
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT,
+                              "k[%ld] = %g: values must be finite and below " MAX_ABS_TEXT, bad,
+                              (double)k[bad]);
     if ((bad = s_nonfinite(total, v)) >= 0)
-        return s_fail(err, FASA_INVALID_ARGUMENT,
-                      "v[%ld] = %g: values must be finite and below " MAX_ABS_TEXT, bad,
-                      (double)v[bad]);
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT,
+                              "v[%ld] = %g: values must be finite and below " MAX_ABS_TEXT, bad,
+                              (double)v[bad]);
     if ((bad = s_overflow(c->dtype, total, k)) >= 0)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "k[%ld] value %g overflows %s", bad,
-                      (double)k[bad], fasa_dtype_name(c->dtype));
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "k[%ld] value %g overflows %s", bad,
+                              (double)k[bad], fasa_dtype_name(c->dtype));
     if ((bad = s_overflow(c->dtype, total, v)) >= 0)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "v[%ld] value %g overflows %s", bad,
-                      (double)v[bad], fasa_dtype_name(c->dtype));
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "v[%ld] value %g overflows %s", bad,
+                              (double)v[bad], fasa_dtype_name(c->dtype));
     fasa_status st = s_check_limit(e, s, l0, l1, pos0, n, err);
     if (st) return st;
     for (int l = l0; l < l1; l++) {
@@ -655,11 +666,12 @@ fasa_status fasa_engine_append(fasa_engine_t *e, const char *id, int layer, int3
         const int failed = s_place(e, s, l, pos0, n, k + off, v + off, &placed);
         s->n_appended[l] += placed;
         if (failed)
-            return s_fail(err, FASA_RESOURCE_EXHAUSTED,
-                          "out of memory appending to '%s': layer %d now holds %d tokens (%d of "
-                          "the %d sent)%s",
-                          id, l, (int)s->n_appended[l], placed, n,
-                          l > l0 ? "; the layers before it took them all" : "");
+            return fasa_error_set(
+                err, FASA_RESOURCE_EXHAUSTED,
+                "out of memory appending to '%s': layer %d now holds %d tokens (%d of "
+                "the %d sent)%s",
+                id, l, (int)s->n_appended[l], placed, n,
+                l > l0 ? "; the layers before it took them all" : "");
     }
     return FASA_OK;
 }
@@ -714,69 +726,73 @@ static fasa_status s_plan_check(fasa_engine_t *e, const char *id, const fasa_att
 {
     memset(p, 0, sizeof(*p));
     session *s = s_find(e, id);
-    if (!s) return s_fail(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
+    if (!s) return fasa_error_set(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
     const fasa_session_config *c = &s->cfg;
     const int d = c->head_dim, nh = c->n_heads;
 
     /* Validate everything before touching state. */
     if (req->layer < 0 || req->layer >= c->n_layers)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "layer %d out of range [0, %d)", req->layer,
-                      c->n_layers);
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "layer %d out of range [0, %d)",
+                              req->layer, c->n_layers);
     const fasa_method method = req->method < 0 ? c->method : (fasa_method)req->method;
     if ((unsigned)method > FASA_METHOD_LAST)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "method %d is unknown", req->method);
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "method %d is unknown", req->method);
     if (method == FASA_METHOD_QUEST && e->block % FASA_QUEST_PAGE)
-        return s_fail(err, FASA_FAILED_PRECONDITION,
-                      "method quest needs a placement block that is a multiple of %d tokens "
-                      "(this engine places blocks of %d)",
-                      FASA_QUEST_PAGE, e->block);
+        return fasa_error_set(
+            err, FASA_FAILED_PRECONDITION,
+            "method quest needs a placement block that is a multiple of %d tokens "
+            "(this engine places blocks of %d)",
+            FASA_QUEST_PAGE, e->block);
     if (method == FASA_METHOD_FASA && !s->profile)
-        return s_fail(err, FASA_FAILED_PRECONDITION,
-                      "method fasa: session '%s' has no calibration profile", id);
+        return fasa_error_set(err, FASA_FAILED_PRECONDITION,
+                              "method fasa: session '%s' has no calibration profile", id);
     const int budget = req->budget ? req->budget : c->budget;
     if (budget < 1 || budget > MAX_BUDGET)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "budget %d out of range [1, %d]", budget,
-                      MAX_BUDGET);
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "budget %d out of range [1, %d]", budget,
+                              MAX_BUDGET);
     if ((int64_t)nh * budget > MAX_STEP_CANDS)
-        return s_fail(err, FASA_RESOURCE_EXHAUSTED,
-                      "budget %d x n_heads %d = %lld candidates per step is over the limit of %d",
-                      budget, nh, (long long)nh * budget, MAX_STEP_CANDS);
+        return fasa_error_set(
+            err, FASA_RESOURCE_EXHAUSTED,
+            "budget %d x n_heads %d = %lld candidates per step is over the limit of %d", budget, nh,
+            (long long)nh * budget, MAX_STEP_CANDS);
     const fasa_gqa gqa = req->gqa < 0 ? c->gqa : (fasa_gqa)req->gqa;
     if (gqa != FASA_GQA_PER_HEAD && gqa != FASA_GQA_SHARED)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "gqa %d is unknown", req->gqa);
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "gqa %d is unknown", req->gqa);
     if (method == FASA_METHOD_SPARQ && gqa == FASA_GQA_SHARED)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "method sparq supports gqa per-head only");
-    if (!req->q) return s_fail(err, FASA_INVALID_ARGUMENT, "q is missing");
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT,
+                              "method sparq supports gqa per-head only");
+    if (!req->q) return fasa_error_set(err, FASA_INVALID_ARGUMENT, "q is missing");
     long bad;
     if ((bad = s_nonfinite((size_t)nh * d, req->q)) >= 0)
-        return s_fail(err, FASA_INVALID_ARGUMENT,
-                      "q[%ld] = %g: values must be finite and below " MAX_ABS_TEXT, bad,
-                      (double)req->q[bad]);
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT,
+                              "q[%ld] = %g: values must be finite and below " MAX_ABS_TEXT, bad,
+                              (double)req->q[bad]);
     if (!req->k_new != !req->v_new)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "k_new and v_new come together");
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "k_new and v_new come together");
     const size_t kv_row = (size_t)c->n_kv_heads * d;
     if (req->k_new && (bad = s_nonfinite(kv_row, req->k_new)) >= 0)
-        return s_fail(err, FASA_INVALID_ARGUMENT,
-                      "k_new[%ld] = %g: values must be finite and below " MAX_ABS_TEXT, bad,
-                      (double)req->k_new[bad]);
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT,
+                              "k_new[%ld] = %g: values must be finite and below " MAX_ABS_TEXT, bad,
+                              (double)req->k_new[bad]);
     if (req->v_new && (bad = s_nonfinite(kv_row, req->v_new)) >= 0)
-        return s_fail(err, FASA_INVALID_ARGUMENT,
-                      "v_new[%ld] = %g: values must be finite and below " MAX_ABS_TEXT, bad,
-                      (double)req->v_new[bad]);
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT,
+                              "v_new[%ld] = %g: values must be finite and below " MAX_ABS_TEXT, bad,
+                              (double)req->v_new[bad]);
     if (req->k_new && (bad = s_overflow(s->cfg.dtype, kv_row, req->k_new)) >= 0)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "k_new[%ld] value %g overflows %s", bad,
-                      (double)req->k_new[bad], fasa_dtype_name(s->cfg.dtype));
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "k_new[%ld] value %g overflows %s", bad,
+                              (double)req->k_new[bad], fasa_dtype_name(s->cfg.dtype));
     if (req->v_new && (bad = s_overflow(s->cfg.dtype, kv_row, req->v_new)) >= 0)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "v_new[%ld] value %g overflows %s", bad,
-                      (double)req->v_new[bad], fasa_dtype_name(s->cfg.dtype));
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "v_new[%ld] value %g overflows %s", bad,
+                              (double)req->v_new[bad], fasa_dtype_name(s->cfg.dtype));
     const int32_t length = s->n_appended[req->layer] + (req->k_new ? 1 : 0);
     const int32_t max_pos = req->max_pos < 0 ? length - 1 : req->max_pos;
     if (max_pos >= length)
-        return s_fail(err, FASA_INVALID_ARGUMENT, "max_pos %d beyond the %d tokens appended",
-                      (int)max_pos, (int)length);
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT,
+                              "max_pos %d beyond the %d tokens appended", (int)max_pos,
+                              (int)length);
     if (length == 0)
-        return s_fail(err, FASA_FAILED_PRECONDITION, "layer %d of '%s' holds no tokens yet",
-                      req->layer, id);
+        return fasa_error_set(err, FASA_FAILED_PRECONDITION, "layer %d of '%s' holds no tokens yet",
+                              req->layer, id);
     if (req->k_new) {
         fasa_status st = s_check_limit(e, s, req->layer, req->layer + 1, length - 1, 1, err);
         if (st) return st;
@@ -820,7 +836,8 @@ static fasa_status s_plan_commit(fasa_engine_t *e, step_plan *p, fasa_error *err
     const int failed = s_place(e, p->s, req->layer, pos, 1, req->k_new, req->v_new, &placed);
     p->s->n_appended[req->layer] += placed;
     if (failed)
-        return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory appending k_new to '%s'", p->id);
+        return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED, "out of memory appending k_new to '%s'",
+                              p->id);
     return FASA_OK;
 }
 
@@ -926,9 +943,9 @@ static int s_plan_finish(fasa_engine_t *e, const step_plan *p, float *out, fasa_
 
 static fasa_status s_step_failed(const step_plan *p, fasa_error *err)
 {
-    return s_fail(err, FASA_RESOURCE_EXHAUSTED,
-                  "a shard failed (out of memory) during a step of '%s'%s", p->id,
-                  p->req->k_new ? "; k_new and v_new were appended before the step" : "");
+    return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED,
+                          "a shard failed (out of memory) during a step of '%s'%s", p->id,
+                          p->req->k_new ? "; k_new and v_new were appended before the step" : "");
 }
 
 fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_attend_req *req,
@@ -939,8 +956,8 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
     fasa_status st = s_plan_check(e, id, req, &p, err);
     if (st) return st;
     if (s_scratch(e, p.units, p.sbudget, p.s->cfg.n_heads, p.s->cfg.head_dim))
-        return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory for a step of budget %d",
-                      p.budget);
+        return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED, "out of memory for a step of budget %d",
+                              p.budget);
     p.cands = e->cands, p.merged = e->merged, p.thr = e->thr, p.n_cands = e->n_cands;
     p.n_sel = e->n_sel, p.have_thr = e->have_thr, p.m = e->m, p.l = e->l, p.o = e->o;
     p.aux = e->aux;
@@ -951,7 +968,8 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
     if (e->tr.attend(e->tr.ctx, p.s->sid, &p.st, p.thr, p.have_thr, p.m, p.l, p.o, p.aux, &p.bytes))
         return s_step_failed(&p, err);
     if (s_plan_finish(e, &p, out, stats))
-        return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory merging a step of '%s'", id);
+        return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED, "out of memory merging a step of '%s'",
+                              id);
     return FASA_OK;
 }
 
@@ -1016,8 +1034,8 @@ int fasa_engine_attend_batch(fasa_engine_t *e, int n, const char *const *ids,
             step_plan *p = &plans[nw];
             if ((errs[j].code = s_plan_check(e, ids[j], &reqs[j], p, &errs[j]))) continue;
             if (!(mem[nw] = s_plan_alloc(e, p))) {
-                s_fail(&errs[j], FASA_RESOURCE_EXHAUSTED, "out of memory for a step of budget %d",
-                       p->budget);
+                fasa_error_set(&errs[j], FASA_RESOURCE_EXHAUSTED,
+                               "out of memory for a step of budget %d", p->budget);
                 continue;
             }
             if ((errs[j].code = s_plan_commit(e, p, &errs[j]))) {
@@ -1055,8 +1073,8 @@ int fasa_engine_attend_batch(fasa_engine_t *e, int n, const char *const *ids,
                 if (e->tr.wait(e->tr.ctx)) {
                     s_step_failed(p, &errs[idx[w]]);
                 } else if (s_plan_finish(e, p, outs[idx[w]], stats ? &stats[idx[w]] : NULL)) {
-                    s_fail(&errs[idx[w]], FASA_RESOURCE_EXHAUSTED,
-                           "out of memory merging a step of '%s'", p->id);
+                    fasa_error_set(&errs[idx[w]], FASA_RESOURCE_EXHAUSTED,
+                                   "out of memory merging a step of '%s'", p->id);
                 } else {
                     errs[idx[w]].code = FASA_OK;
                     errs[idx[w]].msg[0] = 0;
@@ -1108,16 +1126,18 @@ fasa_status fasa_engine_write_shards(fasa_engine_t *e, const char *id, const cha
                                      shard_snap_info *out, fasa_error *err)
 {
     const session *s = s_find(e, id);
-    if (!s) return s_fail(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
+    if (!s) return fasa_error_set(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
     if (!e->tr.snapshot)
-        return s_fail(err, FASA_FAILED_PRECONDITION, "this engine's transport cannot snapshot");
+        return fasa_error_set(err, FASA_FAILED_PRECONDITION,
+                              "this engine's transport cannot snapshot");
     for (int i = 0; i < e->tr.n_shards; i++) out[i] = (shard_snap_info){.err_no = EIO};
     if (e->tr.snapshot(e->tr.ctx, s->sid, path_prefix, id, s->cfg.dtype, out)) {
         for (int i = 0; i < e->tr.n_shards; i++)
             if (out[i].err_no)
-                return s_fail(err, FASA_INTERNAL, "shard %d could not write %s.s%d.shard: %s", i,
-                              path_prefix, i, strerror(out[i].err_no));
-        return s_fail(err, FASA_INTERNAL, "a shard could not write its snapshot file");
+                return fasa_error_set(err, FASA_INTERNAL,
+                                      "shard %d could not write %s.s%d.shard: %s", i, path_prefix,
+                                      i, strerror(out[i].err_no));
+        return fasa_error_set(err, FASA_INTERNAL, "a shard could not write its snapshot file");
     }
     return FASA_OK;
 }

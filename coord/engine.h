@@ -66,6 +66,9 @@ typedef enum fasa_method {
 typedef enum fasa_gqa { FASA_GQA_PER_HEAD = 0, FASA_GQA_SHARED = 1 } fasa_gqa;
 
 const char *fasa_status_name(fasa_status code);
+/* Fills err (when not NULL) with code and a printf-formatted one-line message; returns code. */
+fasa_status fasa_error_set(fasa_error *err, fasa_status code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 const char *fasa_method_name(fasa_method m);
 int fasa_method_parse(const char *name, fasa_method *out_p);
 int fasa_gqa_parse(const char *name, fasa_gqa *out_p);

@@ -25,20 +25,6 @@
 #define RESTORE_RUN 1024
 #define PROGRESS_ROWS (1 << 20) /* a restore logs its progress every this many rows */
 
-static fasa_status s_fail(fasa_error *err, fasa_status code, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static fasa_status s_fail(fasa_error *err, fasa_status code, const char *fmt, ...)
-{
-    if (err) {
-        err->code = code;
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
-        va_end(ap);
-    }
-    return code;
-}
-
 void fasa_snapshot_stem(const char *id, char *stem, size_t len)
 {
     char safe[41];
@@ -373,8 +359,9 @@ fasa_status fasa_snapshot_session(fasa_engine_t *e, const char *dir, const char 
                                   fasa_snapshot_result *res, fasa_error *err)
 {
     if (!id || !fasa_engine_config(e, id))
-        return s_fail(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
-    if (strlen(dir) > 3000) return s_fail(err, FASA_INVALID_ARGUMENT, "state dir path too long");
+        return fasa_error_set(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
+    if (strlen(dir) > 3000)
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "state dir path too long");
     char stem[64], prefix[4096], mpath[4200];
     fasa_snapshot_stem(id, stem, sizeof(stem));
     snprintf(mpath, sizeof(mpath), "%s/%s.manifest", dir, stem);
@@ -392,7 +379,7 @@ fasa_status fasa_snapshot_session(fasa_engine_t *e, const char *dir, const char 
     if (have_old && gen <= old.generation) gen = old.generation + 1;
     if (snprintf(prefix, sizeof(prefix), "%s/%s.g%llu", dir, stem, gen) >= (int)sizeof(prefix)) {
         s_manifest_cleanup(&old);
-        return s_fail(err, FASA_INVALID_ARGUMENT, "state dir path too long");
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "state dir path too long");
     }
 
     const int ns = fasa_engine_n_shards(e);
@@ -401,7 +388,8 @@ fasa_status fasa_snapshot_session(fasa_engine_t *e, const char *dir, const char 
     char *text = NULL;
     fasa_status st = FASA_OK;
     if (!info || !files) {
-        st = s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory for a snapshot of '%s'", id);
+        st = fasa_error_set(err, FASA_RESOURCE_EXHAUSTED, "out of memory for a snapshot of '%s'",
+                            id);
         goto out;
     }
     for (int i = 0; i < ns; i++)
@@ -409,11 +397,12 @@ fasa_status fasa_snapshot_session(fasa_engine_t *e, const char *dir, const char 
     if ((st = fasa_engine_write_shards(e, id, prefix, info, err))) goto out_unlink;
     size_t len;
     if (!(text = s_manifest_text(e, id, gen, (const char(*)[256])files, info, ns, &len))) {
-        st = s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory writing the manifest of '%s'", id);
+        st = fasa_error_set(err, FASA_RESOURCE_EXHAUSTED,
+                            "out of memory writing the manifest of '%s'", id);
         goto out_unlink;
     }
     if (s_write_atomic(dir, mpath, text, len)) {
-        st = s_fail(err, FASA_INTERNAL, "cannot write %s: %s", mpath, strerror(errno));
+        st = fasa_error_set(err, FASA_INTERNAL, "cannot write %s: %s", mpath, strerror(errno));
         goto out_unlink;
     }
     /* The new snapshot is in place: the old generation's files can go. */
@@ -476,26 +465,26 @@ static fasa_status s_open_shards(restore *r, const char *dir, fasa_error *err)
         snprintf(path, sizeof(path), "%s/%s", dir, m->files[i]);
         shard_snap_file *f = &r->sf[i];
         if (shard_snap_open(f, path, why, sizeof(why)))
-            return s_fail(err, FASA_FAILED_PRECONDITION, "%s", why);
+            return fasa_error_set(err, FASA_FAILED_PRECONDITION, "%s", why);
         r->n_open++;
         if (f->file_bytes != m->bytes[i] || f->checksum != m->sums[i])
-            return s_fail(err, FASA_FAILED_PRECONDITION,
-                          "%s: size or checksum differs from the manifest's (another generation?)",
-                          path);
+            return fasa_error_set(
+                err, FASA_FAILED_PRECONDITION,
+                "%s: size or checksum differs from the manifest's (another generation?)", path);
         if (strcmp(f->id, m->id) || f->shard_index != i || f->n_shards != m->n_shards ||
             f->n_layers != c->n_layers || f->n_heads != c->n_heads ||
             f->n_kv_heads != c->n_kv_heads || f->head_dim != c->head_dim)
-            return s_fail(err, FASA_FAILED_PRECONDITION,
-                          "%s: header (session, shard, geometry) disagrees with the manifest",
-                          path);
+            return fasa_error_set(
+                err, FASA_FAILED_PRECONDITION,
+                "%s: header (session, shard, geometry) disagrees with the manifest", path);
     }
     for (int l = 0; l < c->n_layers; l++) {
         int64_t total = 0;
         for (int i = 0; i < m->n_shards; i++) total += r->sf[i].n_rows[l];
         if (total != m->lengths[l])
-            return s_fail(err, FASA_FAILED_PRECONDITION,
-                          "layer %d: the shard files hold %lld rows, the manifest says %d", l,
-                          (long long)total, (int)m->lengths[l]);
+            return fasa_error_set(err, FASA_FAILED_PRECONDITION,
+                                  "layer %d: the shard files hold %lld rows, the manifest says %d",
+                                  l, (long long)total, (int)m->lengths[l]);
     }
     return FASA_OK;
 }
@@ -514,29 +503,30 @@ static fasa_status s_restore_layer(fasa_engine_t *e, restore *r, int l, int64_t 
     }
     free(r->pos);
     r->pos = malloc((size_t)(total ? total : 1) * sizeof(int32_t));
-    if (!r->pos) return s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory restoring layer %d", l);
+    if (!r->pos)
+        return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED, "out of memory restoring layer %d", l);
     for (int i = 0; i < ns; i++)
         if (shard_snap_read(&r->sf[i], l, 0, (int)r->sf[i].n_rows[l], r->pos + r->pos_off[i], NULL,
                             NULL))
-            return s_fail(err, FASA_FAILED_PRECONDITION, "%s: read error", m->files[i]);
+            return fasa_error_set(err, FASA_FAILED_PRECONDITION, "%s: read error", m->files[i]);
     for (int32_t p = 0; p < m->lengths[l];) {
         int i = 0;
         while (i < ns &&
                !(r->next[i] < r->sf[i].n_rows[l] && r->pos[r->pos_off[i] + r->next[i]] == p))
             i++;
         if (i == ns)
-            return s_fail(err, FASA_FAILED_PRECONDITION,
-                          "layer %d: no shard file holds position %d", l, (int)p);
+            return fasa_error_set(err, FASA_FAILED_PRECONDITION,
+                                  "layer %d: no shard file holds position %d", l, (int)p);
         const int32_t *pp = r->pos + r->pos_off[i];
         int n = 1;
         while (n < RESTORE_RUN && r->next[i] + n < r->sf[i].n_rows[l] &&
                pp[r->next[i] + n] == p + n)
             n++;
         if (shard_snap_read(&r->sf[i], l, r->next[i], n, NULL, r->k, r->v))
-            return s_fail(err, FASA_FAILED_PRECONDITION, "%s: read error", m->files[i]);
+            return fasa_error_set(err, FASA_FAILED_PRECONDITION, "%s: read error", m->files[i]);
         fasa_error ae;
         const fasa_status st = fasa_engine_append(e, m->id, l, p, n, r->k, r->v, &ae);
-        if (st) return s_fail(err, st, "layer %d position %d: %s", l, (int)p, ae.msg);
+        if (st) return fasa_error_set(err, st, "layer %d position %d: %s", l, (int)p, ae.msg);
         r->next[i] += n;
         p += n;
         if ((*done_p + n) / PROGRESS_ROWS != *done_p / PROGRESS_ROWS)
@@ -556,14 +546,15 @@ fasa_status fasa_snapshot_restore(fasa_engine_t *e, const char *path, char *id_o
     size_t len;
     char *text = s_slurp(path, MANIFEST_MAX_BYTES, &len), why[256];
     if (!text)
-        return s_fail(err, FASA_FAILED_PRECONDITION, "cannot read %s: %s", path, strerror(errno));
+        return fasa_error_set(err, FASA_FAILED_PRECONDITION, "cannot read %s: %s", path,
+                              strerror(errno));
     /* The id for messages, even from a manifest that turns out damaged. */
     const char *sl = strstr(text, "\nsession ");
     if (id_out && sl) snprintf(id_out, FASA_ID_MAX + 1, "%.*s", (int)strcspn(sl + 9, "\n"), sl + 9);
     manifest m;
     const int bad = s_manifest_parse(&m, text, len, why, sizeof(why));
     free(text);
-    if (bad) return s_fail(err, FASA_FAILED_PRECONDITION, "%s: %s", path, why);
+    if (bad) return fasa_error_set(err, FASA_FAILED_PRECONDITION, "%s: %s", path, why);
     if (id_out) strcpy(id_out, m.id);
     restore r = {.m = &m};
     const fasa_session_config *c = &m.cfg;
@@ -575,7 +566,7 @@ fasa_status fasa_snapshot_restore(fasa_engine_t *e, const char *path, char *id_o
     r.v = malloc(RESTORE_RUN * row * sizeof(float));
     fasa_status st;
     if (!r.sf || !r.pos_off || !r.next || !r.k || !r.v) {
-        st = s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory restoring '%s'", m.id);
+        st = fasa_error_set(err, FASA_RESOURCE_EXHAUSTED, "out of memory restoring '%s'", m.id);
         goto out;
     }
     if ((st = s_open_shards(&r, dir, err))) goto out;
@@ -678,9 +669,10 @@ fasa_status fasa_snapshot_save_profile(const char *dir, const char *name, const 
     free(pt);
     fasa_status st = FASA_OK;
     if (bad || !f)
-        st = s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory saving profile '%s'", name);
+        st =
+            fasa_error_set(err, FASA_RESOURCE_EXHAUSTED, "out of memory saving profile '%s'", name);
     else if (s_write_atomic(dir, path, buf, bl))
-        st = s_fail(err, FASA_INTERNAL, "cannot write %s: %s", path, strerror(errno));
+        st = fasa_error_set(err, FASA_INTERNAL, "cannot write %s: %s", path, strerror(errno));
     free(buf);
     return st;
 }
