@@ -565,6 +565,10 @@ static void s_batch(fasa_service *s, const edge_attend *items_in, int n, attend_
         char f[48];
         snprintf(f, sizeof(f), "batch_attend.items[%d]", i);
         ri[i] = (reply){.code = FASA_OK, .resp = top->resp};
+        if (items_in[i].item_status) {
+            s_fail(&ri[i], (fasa_status)items_in[i].item_status, "%s", items_in[i].item_msg);
+            continue;
+        }
         if (s_attend_prepare(s, &items_in[i], f, &many[i], &left, &ri[i])) continue;
         left -= many[i].out_bytes;
         go[i] = 1;

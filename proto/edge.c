@@ -430,8 +430,11 @@ static int s_body(const Fasa__V1__Request *m, edge_request *r, char *msg, size_t
         for (size_t i = 0; i < n; i++) {
             char f[48];
             snprintf(f, sizeof(f), "batch_attend.items[%zu]", i);
-            const int st = s_attend(m->batch_attend->items[i], f, &r->u.batch.items[i], msg, len);
-            if (st) return st;
+            /* A bad item gets its own status and the others still run ("each item gets its
+             * own status", fasa.proto). */
+            edge_attend *it = &r->u.batch.items[i];
+            it->item_status =
+                s_attend(m->batch_attend->items[i], f, it, it->item_msg, sizeof(it->item_msg));
         }
         return ST_OK;
     }

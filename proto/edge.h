@@ -80,6 +80,11 @@ typedef struct edge_attend {
     int budget;      /* 0: unspecified */
     int64_t max_pos; /* -1: all appended */
     int return_selected;
+    /* A BatchAttend item that failed the edge's checks: its own status (the other items
+     * run) and message; 0 for a good item (and always for a plain Attend, which fails the
+     * request instead). */
+    int item_status;
+    char item_msg[200];
 } edge_attend;
 
 typedef struct edge_calibrate {

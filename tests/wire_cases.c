@@ -385,6 +385,20 @@ START_TEST(test_bad_fields)
     ck_assert_int_eq(r->batch_attend->items[1]->status, FASA__V1__STATUS__INVALID_ARGUMENT);
     ck_assert_ptr_nonnull(strstr(r->batch_attend->items[1]->message, "batch_attend.items[1].q"));
     fasa__v1__response__free_unpacked(r, NULL);
+    /* A NaN in one item (an edge check, unlike the shape above) fails that item alone too. */
+    float qnan[H * D];
+    memcpy(qnan, &s_q[0][0], sizeof(qnan));
+    qnan[3] = NAN;
+    wire_tensor(&tq_bad, good, 2, qnan, H * D);
+    r = wire_send(&br);
+    ck_assert_int_eq(r->status, 0);
+    ck_assert_int_eq(r->batch_attend->items[0]->status, 0);
+    ck_assert_int_eq(
+        memcmp(r->batch_attend->items[0]->result->out->data.data, s_base, sizeof(s_base)), 0);
+    ck_assert_int_eq(r->batch_attend->items[1]->status, FASA__V1__STATUS__INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(r->batch_attend->items[1]->message, "batch_attend.items[1].q"));
+    ck_assert_ptr_nonnull(strstr(r->batch_attend->items[1]->message, "NaN"));
+    fasa__v1__response__free_unpacked(r, NULL);
 
     wire_check_unchanged();
 }
