@@ -12,6 +12,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define FASA_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
 #define T_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define T_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
@@ -25,13 +26,22 @@ const char *simd_path_name(int path)
     return path >= 0 && path <= SIMD_PATH_LAST ? names[path] : NULL;
 }
 
+#if FASA_X86
+/* F16C from CPUID leaf 1 (ECX bit 29): clang's __builtin_cpu_supports does not know "f16c". */
+static int s_has_f16c(void)
+{
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+}
+#endif
+
 int simd_path_supported(simd_path path)
 {
     if (path == SIMD_PORTABLE) return 1;
 #if FASA_X86
     __builtin_cpu_init();
-    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                     __builtin_cpu_supports("f16c");
+    const int avx2 =
+        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && s_has_f16c();
     if (path == SIMD_AVX2) return avx2;
     if (path == SIMD_AVX512) return avx2 && __builtin_cpu_supports("avx512f");
 #endif
