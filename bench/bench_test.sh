@@ -85,13 +85,22 @@ if "$fasa" bench attend --tokens 2K,4096 --reps 1 --methods fasa --csv "$tmp/two
    [ "$(tail -n +2 "$tmp/two.csv" | cut -d, -f1,6 | tr '\n' ' ')" = "2048,fasa 4096,fasa " ]; then ok
 else bad "attend --tokens 2K,4096 --methods fasa: $(cat "$tmp/two.out" "$tmp/two.csv")"; fi
 
-# A dtype the engine does not support (yet) is a clear one-line error; once it is
-# supported the run must succeed with its figure lines.
-"$fasa" bench attend --tokens 2048 --reps 1 --dtype f16 >"$tmp/f16.out" 2>"$tmp/f16.err"
-rc=$?
-if [ $rc -eq 0 ]; then has f16 "$tmp/f16.out" '^attend: 2048 tokens on the embedded engine, 1 shard\(s\), dtype f16'
-elif [ $rc -eq 1 ] && [ "$(wc -l <"$tmp/f16.err")" -eq 1 ] && grep -q "dtype f16" "$tmp/f16.err"; then ok
-else bad "--dtype f16: exit $rc: $(cat "$tmp/f16.err")"; fi
+# f16 storage: the run succeeds with its figure lines.
+if "$fasa" bench attend --tokens 2048 --reps 1 --dtype f16 >"$tmp/f16.out" 2>"$tmp/f16.err"; then
+    has f16 "$tmp/f16.out" '^attend: 2048 tokens on the embedded engine, 1 shard\(s\), dtype f16'
+else bad "--dtype f16: $(cat "$tmp/f16.err")"; fi
+
+# The disk tier: RAM per token is what the shards allocate in RAM, against f16 K+V (the
+# dominant dims, 32 of 128, in f16 plus positions and page bounds), and the CSV says disk.
+if "$fasa" bench attend --tokens 8192 --reps 1 --dtype f16 --tier disk --methods fasa \
+    --csv "$tmp/disk.csv" >"$tmp/disk.out" 2>"$tmp/disk.err"; then
+    has "disk tier rows" "$tmp/disk.out" '^tier disk fasa '
+    has "disk tier RAM" "$tmp/disk.out" '^RAM per token: tier disk [0-9]+ B \(f16; [0-9.]+% of f16 K\+V = 4096 B; target <= 30%: met\)'
+    [ "$(tail -n +2 "$tmp/disk.csv" | cut -d, -f4,5,6)" = "f16,disk,fasa" ] && ok ||
+        bad "disk tier csv: $(cat "$tmp/disk.csv")"
+else bad "--tier disk: $(cat "$tmp/disk.err")"; fi
+expect_error "disk tier on a server" "embedded engine only" "$fasa" bench attend --tier disk --server tcp://127.0.0.1:1
+expect_error "bad tier" "\-\-tier 'tape'" "$fasa" bench attend --tier tape
 
 expect_error "bad benchmark" "unknown benchmark 'nope'" "$fasa" bench nope
 expect_error "bad tokens" "\-\-tokens '12x'" "$fasa" bench scan --tokens 12x
