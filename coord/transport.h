@@ -10,15 +10,8 @@
 #include "shard.h"
 #include "shard_snap.h"
 
-/* What one shard holds (for Stats): sessions with a shard here, tokens (rows of layer 0)
- * and rows (all layers) held, the bytes of those rows by part (shard.h: kdom the dominant
- * key dims, krest the other key dims, v the values; stored elements, so kdom + krest = v),
- * and the bytes allocated for them (whole chunks and position tables). */
-typedef struct fasa_shard_stats {
-    int64_t sessions, tokens, rows;
-    int64_t kdom_bytes, krest_bytes, v_bytes;
-    int64_t alloc_bytes;
-} fasa_shard_stats;
+/* What one shard holds (for Stats): shard.h's shard_holdings. */
+typedef shard_holdings fasa_shard_stats;
 
 #define FASA_PIPE_MAX 64 /* phases in flight at once (score_start / attend_start) */
 

@@ -121,20 +121,6 @@ static int s_wait(void *ctx)
     return rc;
 }
 
-static void s_add_shard(fasa_shard_stats *st, const shard_t *sh)
-{
-    int64_t kdom, krest, v;
-    shard_bytes_by_kind(sh, &kdom, &krest, &v);
-    const shard_layout *lay = shard_layout_of(sh);
-    st->sessions++;
-    st->tokens += shard_rows(sh, 0);
-    for (int l = 0; l < lay->n_layers; l++) st->rows += shard_rows(sh, l);
-    st->kdom_bytes += kdom;
-    st->krest_bytes += krest;
-    st->v_bytes += v;
-    st->alloc_bytes += (int64_t)shard_bytes_held(sh);
-}
-
 static int s_shard_stats(void *ctx, int sid, fasa_shard_stats *out)
 {
     local_ctx *c = ctx;
@@ -142,7 +128,7 @@ static int s_shard_stats(void *ctx, int sid, fasa_shard_stats *out)
     for (int i = 0; i < c->n_shards; i++) {
         out[i] = (fasa_shard_stats){0};
         for (int s = sid >= 0 ? sid : 0; s < (sid >= 0 ? sid + 1 : c->cap); s++)
-            if (c->sessions[s]) s_add_shard(&out[i], c->sessions[s][i]);
+            if (c->sessions[s]) shard_holdings_add(&out[i], c->sessions[s][i]);
     }
     return 0;
 }

@@ -419,17 +419,8 @@ static int s_shard_stats(void *ctx, int sid, fasa_shard_stats *out)
     if (!s_cmd_begin(c, WMPI_STATS, sid >= 0 ? sid : -1, s, 0) ||
         s_exchange(c, 0, c->n_shards, (int64_t)sizeof(wmpi_stats)))
         return -1;
-    for (int i = 0; i < c->n_shards; i++) {
-        wmpi_stats w;
-        memcpy(&w, c->reply[i] + sizeof(wmpi_reply), sizeof(w));
-        out[i] = (fasa_shard_stats){.sessions = w.sessions,
-                                    .tokens = w.tokens,
-                                    .rows = w.rows,
-                                    .kdom_bytes = w.kdom_bytes,
-                                    .krest_bytes = w.krest_bytes,
-                                    .v_bytes = w.v_bytes,
-                                    .alloc_bytes = w.alloc_bytes};
-    }
+    for (int i = 0; i < c->n_shards; i++)
+        memcpy(&out[i], c->reply[i] + sizeof(wmpi_reply), sizeof(out[i]));
     return 0;
 }
 

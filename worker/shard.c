@@ -983,6 +983,19 @@ size_t shard_bytes_held(const shard_t *s)
     return total;
 }
 
+void shard_holdings_add(shard_holdings *h, const shard_t *s)
+{
+    int64_t kdom, krest, v;
+    shard_bytes_by_kind(s, &kdom, &krest, &v);
+    h->sessions++;
+    h->tokens += shard_rows(s, 0);
+    for (int l = 0; l < s->lay.n_layers; l++) h->rows += shard_rows(s, l);
+    h->kdom_bytes += kdom;
+    h->krest_bytes += krest;
+    h->v_bytes += v;
+    h->alloc_bytes += (int64_t)shard_bytes_held(s);
+}
+
 size_t shard_bytes_mapped(const shard_t *s)
 {
     size_t total = 0;

@@ -172,6 +172,20 @@ int shard_read_rows(const shard_t *shard, int layer, int row0, int n, int32_t *p
 /* Bytes the last shard_score + shard_attend read from the KV store (for stats); for QUEST
  * the page bounds read count too. */
 int64_t shard_bytes_read(const shard_t *shard);
+/* What shards hold (for Stats): sessions with a shard here, tokens (rows of layer 0) and
+ * rows (all layers) held, the bytes of those rows by part (kdom the dominant key dims, krest
+ * the other key dims, v the values; stored elements, so kdom + krest = v), and the bytes
+ * allocated for them (shard_bytes_held). The in-process transport reports it as
+ * fasa_shard_stats and an MPI worker sends it as its STATS reply. */
+typedef struct shard_holdings {
+    int64_t sessions, tokens, rows;
+    int64_t kdom_bytes, krest_bytes, v_bytes;
+    int64_t alloc_bytes;
+} shard_holdings;
+
+/* Adds what one session's shard holds to *h (one more session). */
+void shard_holdings_add(shard_holdings *h, const shard_t *shard);
+
 /* Bytes held in the KV store in RAM (chunks, position tables and the QUEST page bounds;
  * with SHARD_TIER_DISK not the mapped krest and v, which shard_bytes_mapped counts). */
 size_t shard_bytes_held(const shard_t *shard);

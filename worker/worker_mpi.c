@@ -284,21 +284,6 @@ static wmpi_status s_attend(worker *w, const wmpi_cmd *h, const uint8_t *p, size
     return WMPI_OK;
 }
 
-/* Adds what one session's shard holds to *st. */
-static void s_stats_add(wmpi_stats *st, const shard_t *sh)
-{
-    int64_t kdom, krest, v;
-    shard_bytes_by_kind(sh, &kdom, &krest, &v);
-    const shard_layout *lay = shard_layout_of(sh);
-    st->sessions++;
-    st->tokens += shard_rows(sh, 0);
-    for (int l = 0; l < lay->n_layers; l++) st->rows += shard_rows(sh, l);
-    st->kdom_bytes += kdom;
-    st->krest_bytes += krest;
-    st->v_bytes += v;
-    st->alloc_bytes += (int64_t)shard_bytes_held(sh);
-}
-
 /* What this worker holds for one session (sid >= 0) or every one (sid -1); the reply
  * payload (one wmpi_stats) is written in place in w->tx. */
 static wmpi_status s_stats(worker *w, const wmpi_cmd *h, size_t *payload_p)
@@ -307,13 +292,13 @@ static wmpi_status s_stats(worker *w, const wmpi_cmd *h, size_t *payload_p)
     wmpi_stats st = {0};
     if (h->sid == -1) {
         for (int i = 0; i < w->cap; i++)
-            if (w->table[i].shard) s_stats_add(&st, w->table[i].shard);
+            if (w->table[i].shard) shard_holdings_add(&st, w->table[i].shard);
     } else {
         const worker_session *s = s_find(w, h);
         if (!s) return s_reject(w, WMPI_ENOENT, h, "no such session");
         if (!s_same_geometry(shard_layout_of(s->shard), h))
             return s_reject(w, WMPI_EINVAL, h, "geometry differs");
-        s_stats_add(&st, s->shard);
+        shard_holdings_add(&st, s->shard);
     }
     if (s_grow(&w->tx, &w->tx_cap, sizeof(wmpi_reply) + sizeof(st)))
         return s_reject(w, WMPI_ENOMEM, h, "out of memory for the reply");

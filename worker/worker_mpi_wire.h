@@ -42,6 +42,7 @@
 
 #include <mpi.h>
 
+#include "shard.h"
 #include "topk.h"
 
 #define WMPI_TAG_CMD 0x4641    /* rank 0 -> worker */
@@ -103,14 +104,9 @@ typedef struct wmpi_reply {
     int64_t bytes_read; /* ATTEND: KV bytes the shard read for this step (score + attend) */
 } wmpi_reply;
 
-/* The STATS reply payload (coord/transport.h fasa_shard_stats, field for field): sessions
- * with a shard here, tokens (rows of layer 0) and rows (all layers) held, the bytes of those
- * rows by part (shard.h), and the bytes allocated for them. */
-typedef struct wmpi_stats {
-    int64_t sessions, tokens, rows;
-    int64_t kdom_bytes, krest_bytes, v_bytes;
-    int64_t alloc_bytes;
-} wmpi_stats;
+/* The STATS reply payload: what the worker's shards hold (shard.h shard_holdings, the same
+ * struct the coordinator reports as fasa_shard_stats). */
+typedef shard_holdings wmpi_stats;
 
 /* The SNAPSHOT payload's head. */
 typedef struct wmpi_snap {
