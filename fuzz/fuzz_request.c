@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "dtype.h"
 #include "edge.h"
 #include "fixture.h"
 
@@ -92,7 +93,8 @@ static void s_snap(fasa_engine_t *e, const char *id, snap *s)
     }
     CHECK(s->sess_tokens == s->sess_len[0], "session '%s' holds %lld tokens, length %d", id,
           (long long)s->sess_tokens, (int)s->sess_len[0]);
-    CHECK(s->sess_kv_bytes == 2 * s->sess_rows * c->n_kv_heads * c->head_dim * (int64_t)4,
+    CHECK(s->sess_kv_bytes ==
+              2 * s->sess_rows * c->n_kv_heads * c->head_dim * (int64_t)fasa_dtype_size(c->dtype),
           "session '%s': %lld kv bytes for %lld rows", id, (long long)s->sess_kv_bytes,
           (long long)s->sess_rows);
 }
