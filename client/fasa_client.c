@@ -37,6 +37,7 @@ struct fasa_client {
     char public_key[KEY_Z85_LEN + 1]; /* this client's */
     char secret_key[KEY_Z85_LEN + 1]; /* this client's */
     int connected, handshaken;        /* seen on the current socket (monitor events) */
+    int lost;                         /* the connection dropped since the request was sent */
     unsigned serial;                  /* numbers the monitor endpoints */
 };
 
@@ -86,10 +87,13 @@ static void s_ok(fasa_client_error *err)
 static void s_close_socket(fasa_client *c);
 
 /* The events the client watches: whether a connection was made and how its security
- * handshake went, to tell "no server" from "the server does not let us in". */
+ * handshake went, to tell "no server" from "the server does not let us in"; and whether
+ * it dropped while a reply was awaited (a server that stopped or died), to say so at once
+ * instead of waiting out the timeout. */
 #define MON_EVENTS                                                                                 \
     (ZMQ_EVENT_CONNECTED | ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL |  \
-     ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH)
+     ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH |                       \
+     ZMQ_EVENT_DISCONNECTED | ZMQ_EVENT_CONNECT_RETRIED)
 
 /* Starts the monitor of c->sock on a PAIR socket (before the socket connects, so that no
  * event is missed). Without it the client still works, with plainer messages. */
@@ -348,6 +352,16 @@ static fasa_client_status s_check_events(fasa_client *c, fasa_client_error *err)
     while (s_read_event(c, &ev, &val)) {
         if (ev == ZMQ_EVENT_CONNECTED) c->connected = 1;
         if (ev == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) c->handshaken = 1;
+        /* After a handshake that worked: the server went away (a refusal mid-handshake is
+         * told apart below). */
+        if (ev == ZMQ_EVENT_DISCONNECTED && c->handshaken) c->lost = 1;
+        /* A connect that failed before any worked on this socket: nothing listens there
+         * (no server, or one that died or is restarting): say so now, not at the timeout. */
+        if (ev == ZMQ_EVENT_CONNECT_RETRIED && !c->connected)
+            return s_fail(err, FASA_CLIENT_UNAVAILABLE,
+                          "cannot connect to %s: nothing accepts connections there (no server, "
+                          "or it stopped or is restarting)",
+                          c->endpoint);
         if (ev == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH)
             return s_fail(err, FASA_CLIENT_UNAUTHENTICATED,
                           "%s refused this client (ZAP status %u): %s", c->endpoint, (unsigned)val,
@@ -398,6 +412,14 @@ static fasa_client_status s_call(fasa_client *c, Fasa__V1__Request *req,
     if (!c->sock && s_open_socket(c))
         return s_fail(err, FASA_CLIENT_UNAVAILABLE, "cannot reconnect to %s: %s", c->endpoint,
                       zmq_strerror(errno));
+    /* Events from before this request (an idle connection that dropped and came back)
+     * say nothing about it: only a drop after the send loses its reply. */
+    const fasa_client_status stale = s_check_events(c, err);
+    if (stale != FASA_CLIENT_OK) {
+        s_reconnect(c);
+        return stale;
+    }
+    c->lost = 0;
     req->protocol_version = PROTOCOL_VERSION;
     req->request_id = c->next_id++;
     req->has_deadline_ms = c->deadline_ms > 0;
@@ -455,6 +477,19 @@ static fasa_client_status s_call(fasa_client *c, Fasa__V1__Request *req,
             if (st != FASA_CLIENT_OK) {
                 s_reconnect(c);
                 return st;
+            }
+            /* A reply that came in before the drop is still read. */
+            if (c->lost && !(items[0].revents & ZMQ_POLLIN)) {
+                zmq_pollitem_t again = {c->sock, 0, ZMQ_POLLIN, 0};
+                if (zmq_poll(&again, 1, 0) <= 0) {
+                    s_reconnect(c);
+                    return s_fail(err, FASA_CLIENT_UNAVAILABLE,
+                                  "the connection to %s was lost while waiting for the %s reply "
+                                  "(the server stopped or died; the request may or may not "
+                                  "have run)",
+                                  c->endpoint, what);
+                }
+                items[0].revents = ZMQ_POLLIN;
             }
             if (!(items[0].revents & ZMQ_POLLIN)) continue;
         }

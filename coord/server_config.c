@@ -51,6 +51,10 @@ static const key s_keys[] = {
     {"snapshot-interval", "FASA_SNAPSHOT_INTERVAL", "0", "SECONDS",
      "snapshot every changed session this often (0: only on request); needs --state-dir", K_INT, 0,
      1 << 30},
+    {"stop-grace", "FASA_STOP_GRACE", "60", "SECONDS",
+     "on SIGTERM or Shutdown, with --state-dir: the final snapshot must finish within this "
+     "(else exit 1)",
+     K_INT, 1, 86400},
 };
 #define N_KEYS (sizeof(s_keys) / sizeof(*s_keys))
 
@@ -112,6 +116,8 @@ static int s_set(server_config *c, const key *k, const char *value, const char *
             c->deadline_ms = (long)v;
         else if (strcmp(k->name, "snapshot-interval") == 0)
             c->snapshot_interval = (long)v;
+        else if (strcmp(k->name, "stop-grace") == 0)
+            c->stop_grace = (long)v;
         else
             c->max_message = v;
         return 0;
@@ -346,6 +352,7 @@ void server_config_describe(const server_config *c, char *buf, size_t len)
                      c->config, *c->curve_secret ? " curve-secret=" : "", c->curve_secret,
                      *c->authorized_keys ? " authorized-keys=" : "", c->authorized_keys);
     if (*c->state_dir && n >= 0 && (size_t)n < len)
-        snprintf(buf + n, len - (size_t)n, " state-dir=%s restore=%d snapshot-interval=%ld",
-                 c->state_dir, c->restore, c->snapshot_interval);
+        snprintf(buf + n, len - (size_t)n,
+                 " state-dir=%s restore=%d snapshot-interval=%ld stop-grace=%ld", c->state_dir,
+                 c->restore, c->snapshot_interval, c->stop_grace);
 }

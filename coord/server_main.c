@@ -15,6 +15,7 @@
 #include <pthread.h>
 #include <mpi.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,9 +26,11 @@
 
 #include "edge.h"
 #include "keyfile.h"
+#include "liveness.h"
 #include "log.h"
 #include "server_config.h"
 #include "service.h"
+#include "snapshot.h"
 #include "transport_mpi.h"
 #include "worker_mpi.h"
 #include "zap.h"
@@ -135,16 +138,94 @@ static double s_now_ms(void)
 /* The I/O thread: the ROUTER (clients), its end of the PAIR to the main thread, and the
  * ZAP handler. Requests go to the main thread only while the PAIR can take them (its
  * high-water mark, IO_HWM, bounds what waits there; beyond it ZeroMQ's own queue on the
- * ROUTER does, and then TCP backpressure), so memory stays bounded. */
+ * ROUTER does, and then TCP backpressure), so memory stays bounded.
+ *
+ * It also remembers every request handed over and not yet answered (the peer and the
+ * request id), so that it can answer them itself when the main thread cannot:
+ *   - stopping (SIGTERM/SIGINT, or after a Shutdown): every new request gets UNAVAILABLE
+ *     at once, while the main thread finishes its request, answers those already handed
+ *     over (UNAVAILABLE, in order) and writes the final snapshot; should it make no
+ *     progress for IO_STUCK_MS (stuck in an exchange with a rank that died on another
+ *     host: mpirun sends SIGTERM then), every waiting request but the one it runs gets
+ *     UNAVAILABLE here; past --stop-grace the job is given up as failed;
+ *   - failed (a dead or hung rank, an MPI error: liveness.h): every waiting request and
+ *     every new one gets UNAVAILABLE with the reason, and IO_FAIL_EXIT_MS later the
+ *     process exits 1 (the main thread may be stuck in an exchange with the dead rank;
+ *     mpirun then ends the other ranks, and the scheduler restarts the job: --restore). */
 #define IO_ENDPOINT "inproc://fasa-io"
 #define IO_HWM 16
+#define IO_PENDING_MAX 4096
+#define IO_FAIL_EXIT_MS 500
+#define IO_STUCK_MS 1000
+#define IO_ID_MAX 255
+typedef struct io_pending {
+    uint64_t rid;
+    unsigned char id[IO_ID_MAX];
+    size_t id_len;
+    int delim;
+} io_pending;
+enum { IO_NORMAL, IO_STOPPING, IO_FAILED };
 typedef struct io_thread {
     void *router, *pair;
     fasa_zap *zap;
     pthread_t th;
+    io_pending *pend; /* (IO_PENDING_MAX) in arrival order */
+    int n_pend, mode;
+    double mode_since_ms, progress_ms; /* when the mode began; the main thread's last reply */
+    long stop_grace_s;
 } io_thread;
 
-/* One request from the ROUTER to the main thread, stamped; -1 when none is waiting. */
+/* Set by the main thread once its loop ends (a signal or a Shutdown). */
+static atomic_int s_stopping;
+
+/* Answers one peer with UNAVAILABLE msg, without the main thread. */
+static void s_io_refuse(io_thread *io, const unsigned char *id, size_t id_len, int delim,
+                        uint64_t rid, const char *msg)
+{
+    uint8_t *reply = NULL;
+    size_t len = 0;
+    if (fasa_service_error(rid, FASA_UNAVAILABLE, msg, &reply, &len)) return;
+    if (zmq_send(io->router, id, id_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0 &&
+        (!delim || zmq_send(io->router, "", 0, ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0))
+        zmq_send(io->router, reply, len, ZMQ_DONTWAIT);
+    free(reply);
+}
+
+/* The reason given to clients in the current mode. */
+static void s_io_reason(const io_thread *io, char *buf, size_t len)
+{
+    if (io->mode == IO_FAILED)
+        snprintf(buf, len,
+                 "the server cannot go on: %s; it exits so that its job is restarted (with "
+                 "--restore from its state dir)",
+                 fasa_liveness_failure() ? fasa_liveness_failure() : "a rank failed");
+    else
+        snprintf(buf, len, "the server is shutting down");
+}
+
+/* Answers the pending requests from index `from` on, and forgets them. */
+static void s_io_refuse_pending(io_thread *io, int from)
+{
+    char why[700];
+    s_io_reason(io, why, sizeof(why));
+    for (int i = from; i < io->n_pend; i++) {
+        const io_pending *p = &io->pend[i];
+        s_io_refuse(io, p->id, p->id_len, p->delim, p->rid, why);
+    }
+    if (from < io->n_pend) io->n_pend = from;
+}
+
+/* Enters a mode (once), answering what it says to answer. */
+static void s_io_mode(io_thread *io, int mode)
+{
+    if (mode <= io->mode) return;
+    io->mode = mode;
+    io->mode_since_ms = s_now_ms();
+    if (mode == IO_FAILED) s_io_refuse_pending(io, 0);
+}
+
+/* One request from the ROUTER to the main thread, stamped (or, when stopping or failed,
+ * answered UNAVAILABLE here); -1 when none is waiting. */
 static int s_io_request(io_thread *io)
 {
     zmq_msg_t m;
@@ -154,47 +235,101 @@ static int s_io_request(io_thread *io)
         return -1;
     }
     const double at = s_now_ms();
-    zmq_send(io->pair, &at, sizeof(at), ZMQ_SNDMORE);
-    for (;;) {
+    const int forward = io->mode == IO_NORMAL;
+    if (forward) zmq_send(io->pair, &at, sizeof(at), ZMQ_SNDMORE);
+    io_pending p = {0};
+    int tracked = 1;
+    for (int frame = 0;; frame++) {
         const int more = zmq_msg_more(&m);
-        zmq_msg_send(&m, io->pair, more ? ZMQ_SNDMORE : 0);
+        const size_t n = zmq_msg_size(&m);
+        if (frame == 0) {
+            if (n > IO_ID_MAX)
+                tracked = 0;
+            else
+                memcpy(p.id, zmq_msg_data(&m), p.id_len = n);
+        } else if (frame == 1 && more && n == 0) {
+            p.delim = 1;
+        } else if (!more) {
+            p.rid = fasa_service_request_id(zmq_msg_data(&m), n);
+        }
+        if (forward) zmq_msg_send(&m, io->pair, more ? ZMQ_SNDMORE : 0);
         zmq_msg_close(&m);
-        if (!more) return 0;
+        if (!more) break;
         zmq_msg_init(&m);
         if (zmq_msg_recv(&m, io->router, 0) < 0) {
             zmq_msg_close(&m);
-            zmq_send(io->pair, "", 0, 0); /* ends the message; the main thread refuses it */
-            return 0;
+            if (forward) zmq_send(io->pair, "", 0, 0); /* ends the message; refused there */
+            break;
         }
     }
+    if (!tracked) return 0;
+    if (!forward) {
+        char why[700];
+        s_io_reason(io, why, sizeof(why));
+        s_io_refuse(io, p.id, p.id_len, p.delim, p.rid, why);
+    } else if (io->n_pend < IO_PENDING_MAX) {
+        io->pend[io->n_pend++] = p;
+    }
+    return 0;
+}
+
+/* Forgets the pending request a reply answers: 1 when it was pending. */
+static int s_io_answered(io_thread *io, const void *id, size_t id_len, uint64_t rid)
+{
+    for (int i = 0; i < io->n_pend; i++) {
+        io_pending *p = &io->pend[i];
+        if (p->rid == rid && p->id_len == id_len && memcmp(p->id, id, id_len) == 0) {
+            memmove(p, p + 1, (size_t)(io->n_pend - i - 1) * sizeof(*p));
+            io->n_pend--;
+            return 1;
+        }
+    }
+    return 0;
 }
 
 /* One reply from the main thread to the ROUTER: 0; 1 for the stop message (one empty
- * frame); -1 when none is waiting. A peer gone away or too slow loses its reply. */
+ * frame); -1 when none is waiting. A peer gone away or too slow loses its reply; so does
+ * one already answered here (stopping or failed). The main thread's replies are [routing
+ * id][empty delimiter, REQ peers only][payload]. */
+#define IO_REPLY_FRAMES 3
 static int s_io_reply(io_thread *io)
 {
-    zmq_msg_t m;
-    zmq_msg_init(&m);
-    if (zmq_msg_recv(&m, io->pair, ZMQ_DONTWAIT) < 0) {
-        zmq_msg_close(&m);
+    zmq_msg_t f[IO_REPLY_FRAMES];
+    zmq_msg_init(&f[0]);
+    if (zmq_msg_recv(&f[0], io->pair, ZMQ_DONTWAIT) < 0) {
+        zmq_msg_close(&f[0]);
         return -1;
     }
-    if (!zmq_msg_more(&m) && zmq_msg_size(&m) == 0) {
-        zmq_msg_close(&m);
+    if (!zmq_msg_more(&f[0]) && zmq_msg_size(&f[0]) == 0) {
+        zmq_msg_close(&f[0]);
         return 1;
     }
-    int ok = 1;
-    for (;;) {
-        const int more = zmq_msg_more(&m);
-        if (ok && zmq_msg_send(&m, io->router, (more ? ZMQ_SNDMORE : 0) | ZMQ_DONTWAIT) < 0) ok = 0;
-        zmq_msg_close(&m);
-        if (!more) return 0;
+    int n = 1, extra = 0, more = zmq_msg_more(&f[0]);
+    while (more) {
+        zmq_msg_t m;
         zmq_msg_init(&m);
         if (zmq_msg_recv(&m, io->pair, 0) < 0) {
             zmq_msg_close(&m);
-            return 0;
+            break;
+        }
+        more = zmq_msg_more(&m);
+        if (n < IO_REPLY_FRAMES) {
+            f[n++] = m;
+        } else {
+            zmq_msg_close(&m);
+            extra = 1;
         }
     }
+    const uint64_t rid = fasa_service_request_id(zmq_msg_data(&f[n - 1]), zmq_msg_size(&f[n - 1]));
+    const int was_pending = s_io_answered(io, zmq_msg_data(&f[0]), zmq_msg_size(&f[0]), rid);
+    io->progress_ms = s_now_ms();
+    int ok = !extra && (io->mode == IO_NORMAL || was_pending);
+    for (int i = 0; i < n; i++) {
+        if (ok && zmq_msg_send(&f[i], io->router, (i + 1 < n ? ZMQ_SNDMORE : 0) | ZMQ_DONTWAIT) < 0)
+            ok = 0;
+        zmq_msg_close(&f[i]);
+    }
+    return 0;
 }
 
 static void *s_io_main(void *arg)
@@ -206,20 +341,38 @@ static void *s_io_main(void *arg)
                                 {io->pair, 0, ZMQ_POLLIN | (blocked ? ZMQ_POLLOUT : 0), 0},
                                 {fasa_zap_socket(io->zap), 0, ZMQ_POLLIN, 0},
                                 {fasa_zap_watch_socket(io->zap), 0, ZMQ_POLLIN, 0}};
-        if (zmq_poll(it, io->zap ? 4 : 2, -1) < 0) {
+        if (zmq_poll(it, io->zap ? 4 : 2, LIVENESS_POLL_MS) < 0) {
             if (errno == EINTR) continue;
             fasa_log(FASA_LOG_ERROR, 0, "I/O thread: zmq_poll: %s", zmq_strerror(errno));
             return NULL;
         }
         if (io->zap && ((it[2].revents | it[3].revents) & ZMQ_POLLIN)) fasa_zap_serve(io->zap);
+        /* Replies first: one the main thread sent before a stop still goes out in order. */
         for (int r; (r = s_io_reply(io)) >= 0;)
             if (r == 1) return NULL;
+        if (fasa_liveness_failure()) s_io_mode(io, IO_FAILED);
+        if (s_stop || atomic_load(&s_stopping)) s_io_mode(io, IO_STOPPING);
+        const double now = s_now_ms();
+        if (io->mode == IO_STOPPING) {
+            const double since =
+                io->progress_ms > io->mode_since_ms ? io->progress_ms : io->mode_since_ms;
+            if (io->n_pend > 1 && now - since > IO_STUCK_MS) s_io_refuse_pending(io, 1);
+            if (now - io->mode_since_ms > 1e3 * io->stop_grace_s)
+                fasa_liveness_fail("the stop did not finish within --stop-grace %ld s",
+                                   io->stop_grace_s);
+            if (fasa_liveness_failure()) s_io_mode(io, IO_FAILED);
+        }
+        if (io->mode == IO_FAILED && now - io->mode_since_ms > IO_FAIL_EXIT_MS) {
+            fasa_log(FASA_LOG_ERROR, 0, "fasa-server: exiting with status 1: %s",
+                     fasa_liveness_failure());
+            _exit(1);
+        }
         blocked = 0;
         for (;;) {
             int ev = 0;
             size_t ev_len = sizeof(ev);
             zmq_getsockopt(io->pair, ZMQ_EVENTS, &ev, &ev_len);
-            if (!(ev & ZMQ_POLLOUT)) {
+            if (io->mode == IO_NORMAL && !(ev & ZMQ_POLLOUT)) {
                 blocked = 1;
                 break;
             }
@@ -240,6 +393,26 @@ static void s_snapshot_due(fasa_service *svc, const server_config *o, struct tim
     const int n = fasa_service_snapshot_changed(svc);
     if (n > 0)
         fasa_log(FASA_LOG_INFO, 0, "snapshot: %d changed session%s written", n, n > 1 ? "s" : "");
+}
+
+/* A stop with --state-dir writes every session changed since its last snapshot (all of
+ * them without --snapshot-interval) and the named profiles, so that a restart with
+ * --restore finds what was acknowledged. The I/O thread gives up on it past --stop-grace.
+ * 0, or -1 when a snapshot failed (logged) or a rank is gone (nothing can be written). */
+static int s_final_snapshot(fasa_service *svc, const server_config *o)
+{
+    if (!*o->state_dir) return 0;
+    if (fasa_liveness_failure()) {
+        fasa_log(FASA_LOG_ERROR, 0, "stop: no final snapshot: %s", fasa_liveness_failure());
+        return -1;
+    }
+    const double t0 = s_now_ms();
+    const int n = fasa_service_snapshot_changed(svc);
+    fasa_log(n < 0 ? FASA_LOG_ERROR : FASA_LOG_INFO, 0,
+             "stop: final snapshot %s: %d session%s written in %.3f s (--stop-grace %ld s)",
+             n < 0 ? "FAILED" : "done", n < 0 ? 0 : n, n == 1 ? "" : "s", 1e-3 * (s_now_ms() - t0),
+             o->stop_grace);
+    return n < 0 ? -1 : 0;
 }
 
 /* Reads the secret key and the allow-list, starts the ZAP handler and makes sock a CURVE
@@ -315,7 +488,10 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
 
     /* The I/O thread takes the ROUTER and the ZAP handler from here on; it never sees
      * SIGTERM or SIGINT (they stop this thread's loop). */
-    io_thread io = {.router = sock, .zap = zap};
+    io_thread io = {.router = sock,
+                    .zap = zap,
+                    .pend = calloc(IO_PENDING_MAX, sizeof(io_pending)),
+                    .stop_grace_s = o->stop_grace};
     void *pair = zmq_socket(ctx, ZMQ_PAIR);
     io.pair = zmq_socket(ctx, ZMQ_PAIR);
     const int io_hwm = IO_HWM, zero = 0;
@@ -328,7 +504,7 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
     sigaddset(&block, SIGTERM);
     sigaddset(&block, SIGINT);
     pthread_sigmask(SIG_BLOCK, &block, &old);
-    const int started = pair && io.pair && zmq_bind(pair, IO_ENDPOINT) == 0 &&
+    const int started = io.pend && pair && io.pair && zmq_bind(pair, IO_ENDPOINT) == 0 &&
                         zmq_connect(io.pair, IO_ENDPOINT) == 0 &&
                         pthread_create(&io.th, NULL, s_io_main, &io) == 0;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
@@ -376,6 +552,7 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
     }
     fasa_log(FASA_LOG_INFO, 0, "fasa-server: stopping (%s)",
              s_stop ? "signal" : "shutdown request");
+    atomic_store(&s_stopping, 1); /* the I/O thread answers new requests from now on */
     /* Requests already queued get UNAVAILABLE rather than silence, so clients retry
      * elsewhere instead of waiting out their timeout: whatever the I/O thread hands over
      * until none has come for 100 ms. */
@@ -394,10 +571,12 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
         free(reply);
         s_inbound_close(&in);
     }
+    if (s_final_snapshot(svc, o)) rc = 1;
     zmq_send(pair, "", 0, 0); /* stop */
     pthread_join(io.th, NULL);
     zmq_close(pair);
     zmq_close(io.pair);
+    free(io.pend);
 done:
     zmq_close(sock);
     fasa_zap_destroy(&zap);
@@ -435,6 +614,11 @@ int main(int argc, char **argv)
         return go[0] == 1 ? 0 : 2;
     }
     fasa_log_setup(rank, (fasa_log_level)go[1]);
+    /* Every rank tells rank 0 where it runs, for the watchdog (liveness.h). */
+    if (size > 1 && fasa_liveness_gather(MPI_COMM_WORLD) && rank == 0)
+        fasa_log(FASA_LOG_WARN, 0,
+                 "liveness: cannot gather the ranks' PIDs; dead ranks are "
+                 "seen only through MPI errors");
 
     if (rank != 0) {
         /* Workers leave signals to rank 0, which stops them in order. */
@@ -503,6 +687,14 @@ int main(int argc, char **argv)
         MPI_Finalize();
         return 2;
     }
+    if (*o.state_dir) {
+        long long bytes = 0;
+        const int gone = fasa_snapshot_clean(o.state_dir, NULL, &bytes);
+        if (gone > 0)
+            fasa_log(FASA_LOG_INFO, 0,
+                     "state dir: removed %d file%s (%lld bytes) left by an unfinished snapshot",
+                     gone, gone == 1 ? "" : "s", bytes);
+    }
     if (o.restore) {
         int failed = 0;
         const int n = fasa_service_restore(svc, &failed);
@@ -511,8 +703,11 @@ int main(int argc, char **argv)
                  n == 1 ? "" : "s", o.state_dir, size == 1 ? 1 : size - 1, size <= 2 ? "" : "s",
                  failed);
     }
+    if (size > 1 && fasa_liveness_start())
+        fasa_log(FASA_LOG_WARN, 0, "liveness: cannot start the watchdog thread");
     const int rc = s_serve(svc, &o, size);
     fasa_service_destroy(&svc); /* the engine's transport tells the workers to stop */
+    fasa_liveness_stop();
     MPI_Finalize();
     return rc;
 }

@@ -405,12 +405,14 @@ fasa_status fasa_snapshot_session(fasa_engine_t *e, const char *dir, const char 
         st = fasa_error_set(err, FASA_INTERNAL, "cannot write %s: %s", mpath, strerror(errno));
         goto out_unlink;
     }
-    /* The new snapshot is in place: the old generation's files can go. */
+    /* The new snapshot is in place: the old generation's files can go, and any other
+     * file of this session's that no manifest lists (a snapshot killed half way). */
     for (int i = 0; have_old && i < old.n_shards; i++) {
         char p[4400];
         snprintf(p, sizeof(p), "%s/%s", dir, old.files[i]);
         unlink(p);
     }
+    fasa_snapshot_clean(dir, stem, NULL);
     if (res) {
         res->length = fasa_engine_length(e, id, 0);
         res->bytes = 0;
@@ -625,6 +627,73 @@ int fasa_snapshot_restore_all_cb(fasa_engine_t *e, const char *dir, int *n_faile
     }
     closedir(d);
     return n_ok;
+}
+
+/* The stem of one of our file names (see snapshot.h): its length, or 0 when name is not
+ * <stem>.<something>. */
+static size_t s_stem_len(const char *name)
+{
+    const char *dot = strchr(name, '.');
+    const size_t n = dot ? (size_t)(dot - name) : 0;
+    if (n < 17 || n > 57 || name[n - 17] != '-') return 0;
+    for (size_t i = 0; i < n; i++) {
+        const char c = name[i];
+        const int hex = (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+        if (i >= n - 16 ? !hex
+                        : !((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || hex ||
+                            (c >= '0' && c <= '9') || c == '_' || c == '-'))
+            return 0;
+    }
+    return n;
+}
+
+/* Whether the shard file `name` (of stem[0..stem_len)) is one its session's manifest lists;
+ * also 1 when the manifest exists but cannot be read or parsed (its files are left for
+ * the operator to look at: a restore names them). */
+static int s_listed(const char *dir, const char *name, size_t stem_len)
+{
+    char mpath[4400], why[200];
+    snprintf(mpath, sizeof(mpath), "%.3000s/%.*s.manifest", dir, (int)stem_len, name);
+    size_t len;
+    char *text = s_slurp(mpath, MANIFEST_MAX_BYTES, &len);
+    if (!text) return errno != ENOENT;
+    manifest m;
+    const int bad = s_manifest_parse(&m, text, len, why, sizeof(why));
+    free(text);
+    if (bad) return 1;
+    int listed = 0;
+    for (int i = 0; i < m.n_shards && !listed; i++) listed = strcmp(m.files[i], name) == 0;
+    s_manifest_cleanup(&m);
+    return listed;
+}
+
+int fasa_snapshot_clean(const char *dir, const char *only_stem, long long *bytes_p)
+{
+    if (bytes_p) *bytes_p = 0;
+    DIR *d = opendir(dir);
+    if (!d) return -1;
+    int n = 0;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        const char *name = de->d_name;
+        const size_t sl = s_stem_len(name);
+        if (!sl || (only_stem && (strlen(only_stem) != sl || strncmp(name, only_stem, sl))))
+            continue;
+        const int tmp = s_has_suffix(name, ".manifest.tmp") || s_has_suffix(name, ".shard.tmp") ||
+                        s_has_suffix(name, ".profile.tmp");
+        const int shard = s_has_suffix(name, ".shard");
+        if (!tmp && !(shard && !s_listed(dir, name, sl))) continue;
+        char path[4400];
+        struct stat st;
+        snprintf(path, sizeof(path), "%.3000s/%s", dir, name);
+        const long long bytes = stat(path, &st) == 0 ? (long long)st.st_size : 0;
+        if (unlink(path) == 0) {
+            n++;
+            if (bytes_p) *bytes_p += bytes;
+        }
+    }
+    closedir(d);
+    return n;
 }
 
 void fasa_snapshot_remove(const char *dir, const char *id)

@@ -28,11 +28,13 @@
  *
  * Writing a snapshot: the shards write new files under a new generation, then the manifest
  * is written to a temporary name, fsync'ed and renamed over the old one, and only then are
- * the previous generation's files removed. A crash at any point leaves the previous
- * snapshot whole. Restoring: the manifest's checksum, every shard file's header, size and
- * checksum (against the file and the manifest) are checked before the session is created;
- * then every row is appended again in position order through the engine, so the placement
- * follows the restoring engine's shard count (re-shard on load). */
+ * the previous generation's files removed (and any stray file of the session:
+ * fasa_snapshot_clean). A crash at any point leaves the previous snapshot whole, and the
+ * next start (or the session's next snapshot) removes what the crash left. Restoring: the
+ * manifest's checksum, every shard file's header, size and checksum (against the file and the
+ * manifest) are checked before the session is created; then every row is appended again in position
+ * order through the engine, so the placement follows the restoring engine's shard count (re-shard
+ * on load). */
 #ifndef FASA_COORD_SNAPSHOT_H
 #define FASA_COORD_SNAPSHOT_H
 
@@ -77,6 +79,15 @@ void fasa_snapshot_stem(const char *id, char *stem, size_t len);
 /* Removes the snapshot of session id from dir (its manifest and the shard files it lists);
  * nothing to remove is not an error. */
 void fasa_snapshot_remove(const char *dir, const char *id);
+
+/* Removes the files a killed snapshot leaves behind: every <stem>.*.tmp (manifest, shard
+ * or profile), and every shard file that its session's manifest does not list (another
+ * generation, or no manifest at all). A manifest that exists but is damaged keeps its
+ * files (a restore names them). Only names of the form above are touched. only_stem
+ * (NULL: every session) limits it to one session's files, as after each snapshot of it.
+ * Returns the count of files removed (*bytes_p their bytes; may be NULL), -1 when dir
+ * cannot be read. */
+int fasa_snapshot_clean(const char *dir, const char *only_stem, long long *bytes_p);
 
 /* Named calibration profiles, one file each: <dir>/<stem of the name>.profile holding
  *   fasa-profile-snapshot 1

@@ -16,11 +16,35 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "liveness.h"
 #include "worker_mpi_wire.h"
 
 /* The coordinator's wait sleeps at most this long between polls: a step's phases are
  * short, so it must notice replies quickly. */
 #define COORD_MAX_SLEEP_NS 100000L
+
+/* wmpi_waitall that gives up on a failed rank: an MPI error (the communicator returns
+ * errors, see fasa_transport_mpi) or a rank the watchdog found dead (liveness.h) ends the
+ * wait with -1 instead of waiting forever for a reply that will not come. */
+static int s_waitall(int n, MPI_Request *reqs, MPI_Status *statuses)
+{
+    wmpi_backoff b;
+    wmpi_backoff_reset(&b);
+    for (;;) {
+        int done = 0;
+        const int rc = MPI_Testall(n, reqs, &done, statuses);
+        if (rc != MPI_SUCCESS) {
+            char why[MPI_MAX_ERROR_STRING] = "";
+            int len = 0;
+            MPI_Error_string(rc, why, &len);
+            fasa_liveness_fail("MPI error waiting for the workers: %s", why);
+            return -1;
+        }
+        if (done) return 0;
+        if (fasa_liveness_failure()) return -1;
+        wmpi_backoff_pause(&b, COORD_MAX_SLEEP_NS);
+    }
+}
 
 typedef struct mpi_session {
     int live;                                    /* 1 between session_new and session_drop */
@@ -128,7 +152,7 @@ static int s_exchange(mpi_ctx *c, int s0, int s1, int64_t reply_payload)
     /* Every send reads the same buffer, which MPI-3 allows while they are pending. */
     for (int i = s0; i < s1; i++)
         MPI_Isend(c->cmd, cmd_bytes, MPI_BYTE, i + 1, WMPI_TAG_CMD, c->comm, &sreq[i - s0]);
-    wmpi_waitall(2 * n, c->reqs, c->stats, COORD_MAX_SLEEP_NS);
+    if (s_waitall(2 * n, c->reqs, c->stats)) return -1;
     if (!want_reply) return 0;
 
     int rc = 0;
@@ -352,7 +376,7 @@ static int s_wait(void *ctx)
     c->op_head = (c->op_head + 1) % FASA_PIPE_MAX;
     c->op_len--;
     const int n = c->n_shards;
-    wmpi_waitall(2 * n, op->reqs, op->stats, COORD_MAX_SLEEP_NS);
+    if (s_waitall(2 * n, op->reqs, op->stats)) return -1;
     int rc = 0;
     for (int i = 0; i < n; i++) {
         int count = 0;
@@ -489,6 +513,8 @@ int fasa_transport_mpi(fasa_transport *t, MPI_Comm comm)
     int size = 0;
     MPI_Comm_size(comm, &size);
     if (size < 2) return -1;
+    /* A failed exchange returns to rank 0 (which reports it) instead of aborting the job. */
+    MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
     mpi_ctx *c = calloc(1, sizeof(*c));
     if (!c) return -1;
     c->comm = comm;

@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# Nothing acknowledged is lost, end to end, on a 3-rank fasa-server (mpirun) with --state-dir:
+#   1. SIGTERM: after acknowledged appends (no snapshot requested), SIGTERM to rank 0 writes a
+#      final snapshot and the job exits 0; a restart with --restore gives bit-identical
+#      outputs (cmp against the outputs before the stop) and every appended token (stats).
+#   2. Shutdown: the same through `fasa shutdown` after more appends.
+#   3. Snapshot generations: stray files a killed snapshot leaves (a .tmp manifest, a .tmp
+#      shard, a shard of another generation, a shard of a session with no manifest) are gone
+#      after the next start; the live generation is kept (the restore is bit-identical).
+#   4. A dead rank: kill -9 of a worker while clients attend in a loop: every client gets an
+#      error (UNAVAILABLE naming the rank, or the connection lost) within 2 s of the kill, not
+#      a timeout; the log names the rank and its PID; the job exits non-zero.
+#   5. kill -9 of rank 0 under load: every client gets an error within 2 s.
+# usage: durable_test.sh BUILD_DIR
+set -u
+build=$1
+fasa=$build/fasa
+tmp=$(mktemp -d)
+state=$tmp/state
+mkdir -p "$state" "$tmp/run"
+export LC_ALL=C OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export OMPI_MCA_rmaps_base_oversubscribe=1 OPENBLAS_NUM_THREADS=1
+# Clients wait long: an error within 2 s is the server's doing, not the timeout's.
+export FASA_TIMEOUT_MS=60000
+pass=0
+fail=0
+ok() { pass=$((pass + 1)); echo "ok: $*"; }
+bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
+now() { date +%s.%N; }
+log=$tmp/run/server.log
+launcher=
+cleanup() {
+    [ -n "$launcher" ] && kill -KILL "$launcher" $(pgrep -P "$launcher" 2>/dev/null) 2>/dev/null
+    jobs -p | xargs -r kill 2>/dev/null
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+# start [server options]: 3 ranks under mpirun in the background (launcher = its PID), ep.
+start() {
+    rm -f "$tmp/run/endpoint" "$tmp/run/pid"
+    setsid mpirun -n 3 -x OPENBLAS_NUM_THREADS "$build/fasa-server" --bind 'tcp://127.0.0.1:*' \
+        --block 256 --state-dir "$state" --endpoint-file "$tmp/run/endpoint" \
+        --pid-file "$tmp/run/pid" "$@" >"$log" 2>&1 </dev/null &
+    launcher=$!
+    for _ in $(seq 1 300); do
+        if [ -s "$tmp/run/endpoint" ] && [ -s "$tmp/run/pid" ]; then
+            ep=$(cat "$tmp/run/endpoint")
+            FASA_TIMEOUT_MS=2000 "$fasa" ping --server "$ep" >/dev/null 2>&1 && return 0
+        fi
+        kill -0 "$launcher" 2>/dev/null || break
+        sleep 0.1
+    done
+    bad "the server did not start: $(cat "$log")"
+    exit 1
+}
+# stopped: waits for the launcher to exit (at most 60 s); rc = its exit status.
+stopped() {
+    local t
+    for t in $(seq 1 600); do kill -0 "$launcher" 2>/dev/null || break; sleep 0.1; done
+    wait "$launcher" 2>/dev/null
+    rc=$?
+    launcher=
+}
+f() { "$fasa" "$@" --server "$ep"; }
+
+# rnd_npy FILE SHAPE N: a float32 .npy of N pseudo-random finite values (see snapshot_test.sh).
+set2=$(for _ in $(seq 32); do printf '\\074\\075\\076\\077\\274\\275\\276\\277'; done)
+rnd_npy() {
+    local hdr="{'descr': '<f4', 'fortran_order': False, 'shape': ($2), }"
+    while [ $(((10 + ${#hdr} + 1) % 64)) -ne 0 ]; do hdr="$hdr "; done
+    local len=$((${#hdr} + 1))
+    { printf '\x93NUMPY\x01\x00'; printf "\\x$(printf %02x $((len & 255)))\\x$(printf %02x $((len >> 8)))"
+      printf '%s\n' "$hdr"; head -c $((4 * $3)) /dev/urandom | tr '\000-\377' "$set2"; } >"$1"
+}
+L=2 H=4 HKV=2 D=16
+for n in 1000 300 50; do
+    rnd_npy "$tmp/k$n.npy" "$L, $n, $HKV, $D" $((L * n * HKV * D))
+    rnd_npy "$tmp/v$n.npy" "$L, $n, $HKV, $D" $((L * n * HKV * D))
+done
+for i in 0 1; do rnd_npy "$tmp/q$i.npy" "$H, $D" $((H * D)); done
+
+# attends PREFIX: dense and quest on both layers with both queries of s1 and s2.
+attends() {
+    local s m l i
+    for s in s1 s2; do for m in dense quest; do for l in 0 1; do for i in 0 1; do
+        f attend --session $s --layer $l --q "$tmp/q$i.npy" --method $m \
+            --out "$1_${s}_${m}_${l}_$i.npy" >/dev/null 2>"$tmp/err" ||
+            { bad "attend $s $m $l: $(cat "$tmp/err")"; return 1; }
+    done; done; done; done
+}
+# same A B: every output A_* equals B_* bit for bit.
+same() {
+    local a n=0 d=0
+    for a in "$1"_*.npy; do
+        n=$((n + 1))
+        cmp -s "$a" "$2${a#$1}" || { d=$((d + 1)); echo "  differs: $a"; }
+    done
+    [ $n -eq 16 ] && [ $d -eq 0 ] && echo "$n outputs bit-identical"
+}
+# length S: tokens of session S (layer 0), from stats.
+length() { f stats --session "$1" 2>/dev/null | awk '$1 == "session.length" { print $2; exit }'; }
+
+# ---- 1. SIGTERM writes a final snapshot ----
+start
+f create --session s1 --layers $L --heads $H --kv-heads $HKV --head-dim $D >/dev/null &&
+    f create --session s2 --layers $L --heads $H --kv-heads $HKV --head-dim $D >/dev/null &&
+    f append --session s1 --k "$tmp/k1000.npy" --v "$tmp/v1000.npy" >/dev/null &&
+    f append --session s1 --k "$tmp/k300.npy" --v "$tmp/v300.npy" >/dev/null &&
+    f append --session s2 --k "$tmp/k300.npy" --v "$tmp/v300.npy" >/dev/null ||
+    bad "sessions and appends"
+attends "$tmp/a"
+kill -TERM "$(cat "$tmp/run/pid")"
+stopped
+[ $rc -eq 0 ] && ok "SIGTERM: the job exited 0" || bad "SIGTERM: exit status $rc: $(tail -5 "$log")"
+grep -q "stop: final snapshot done: 2 sessions written" "$log" &&
+    ok "SIGTERM: $(grep -o 'final snapshot done.*' "$log")" || bad "no final snapshot: $(grep stop "$log")"
+start --restore
+[ "$(length s1)" = 1300 ] && [ "$(length s2)" = 300 ] && ok "restored after SIGTERM: s1 1300 tokens, s2 300" ||
+    bad "lengths after SIGTERM: s1 $(length s1), s2 $(length s2): $(f stats --session s1 2>&1 | head -20)"
+attends "$tmp/b" && r=$(same "$tmp/b" "$tmp/a") && ok "after SIGTERM + --restore: $r" || bad "after SIGTERM: $r"
+
+# ---- 2. Shutdown writes a final snapshot ----
+f append --session s1 --k "$tmp/k50.npy" --v "$tmp/v50.npy" >/dev/null || bad "append before shutdown"
+attends "$tmp/c"
+f shutdown >/dev/null 2>&1
+stopped
+[ $rc -eq 0 ] && ok "Shutdown: the job exited 0" || bad "Shutdown: exit status $rc"
+grep -q "stop: final snapshot done: 1 session written" "$log" &&
+    ok "Shutdown: only the changed session written" || bad "Shutdown snapshot: $(grep stop "$log")"
+
+# ---- 3. stray files of killed snapshots are removed at start ----
+s1stem=$(basename "$(ls "$state"/s1-*.manifest)" .manifest)
+live=$(ls "$state" | sort)
+touch "$state/$s1stem.manifest.tmp" "$state/$s1stem.g1.s0.shard.tmp" "$state/$s1stem.g1.s1.shard"
+head -c 100000 /dev/zero >"$state/gone-0123456789abcdef.g5.s0.shard"
+touch "$state/notes.txt"
+start --restore
+now_files=$(ls "$state" | sort)
+[ "$now_files" = "$(printf '%s\nnotes.txt' "$live" | sort)" ] &&
+    ok "stray snapshot files removed at start, the live generation and other files kept" ||
+    bad "state dir after start: $now_files (expected the live files $live + notes.txt)"
+grep -q "state dir: removed 4 files (100000 bytes)" "$log" && ok "$(grep -o 'state dir: removed.*' "$log")" ||
+    bad "no removal logged: $(grep 'state dir' "$log")"
+[ "$(length s1)" = 1350 ] && ok "restored after Shutdown: s1 1350 tokens" || bad "s1 length $(length s1)"
+attends "$tmp/d" && r=$(same "$tmp/d" "$tmp/c") && ok "after Shutdown + --restore: $r" || bad "after Shutdown: $r"
+
+# ---- 4. kill -9 of a worker under load ----
+# clients N: N loops of attends in the background; each writes its first error and when.
+clients() {
+    local i
+    for i in $(seq 1 "$1"); do
+        ( while "$fasa" attend --server "$ep" --session s1 --layer $((i % 2)) --q "$tmp/q0.npy" \
+                --method dense --out "$tmp/cl$i.npy" >/dev/null 2>"$tmp/clerr$i"; do :; done
+          now >"$tmp/clt$i" ) &
+    done
+    sleep 1
+}
+# errors_within N T0: every client's first error came within 2 s of T0, and none is a timeout.
+errors_within() {
+    local i worst=0 t missing=0
+    for _ in $(seq 1 100); do
+        local all=1
+        for i in $(seq 1 "$1"); do [ -s "$tmp/clt$i" ] || all=0; done
+        [ $all -eq 1 ] && break
+        sleep 0.1
+    done
+    for i in $(seq 1 "$1"); do
+        [ -s "$tmp/clt$i" ] || { bad "client $i got no error within 10 s"; missing=$((missing + 1)); continue; }
+        t=$(awk -v a="$(cat "$tmp/clt$i")" -v b="$2" 'BEGIN { printf "%.3f", a - b }')
+        worst=$(awk -v w="$worst" -v t="$t" 'BEGIN { print (t > w) ? t : w }')
+        grep -q "within .* ms" "$tmp/clerr$i" && bad "client $i timed out: $(cat "$tmp/clerr$i")"
+        echo "  client $i after $t s: $(cat "$tmp/clerr$i")"
+    done
+    [ $missing -eq 0 ] && awk -v w="$worst" 'BEGIN { exit !(w < 2.0) }' && ok "$3: every client ($1) got an error within 2 s (slowest $worst s)" ||
+        bad "$3: slowest client error after $worst s"
+    rm -f "$tmp"/clt* "$tmp"/clerr*
+}
+rank0=$(cat "$tmp/run/pid")
+victim=$(pgrep -P "$launcher" | grep -vx "$rank0" | head -1)
+clients 4
+t0=$(now)
+kill -KILL "$victim"
+errors_within 4 "$t0" "kill -9 of worker pid $victim"
+stopped
+[ $rc -ne 0 ] && ok "the job exited non-zero ($rc)" || bad "the job exited 0 after a dead rank"
+grep -Eq "ERROR rank=0 .*rank [12] \(pid $victim on host .*\) died" "$log" &&
+    ok "the log names the rank: $(grep -Eo "rank [12] \(pid $victim.*died" "$log" | head -1)" ||
+    bad "the log does not name rank pid $victim: $(grep -E 'ERROR|died' "$log" | head -5)"
+grep -q "UNAVAILABLE" "$tmp"/clerr* 2>/dev/null; wait 2>/dev/null
+
+# ---- 5. kill -9 of rank 0 under load ----
+start --restore
+clients 4
+t0=$(now)
+kill -KILL "$(cat "$tmp/run/pid")"
+errors_within 4 "$t0" "kill -9 of rank 0"
+stopped
+wait 2>/dev/null
+
+echo "durable_test: $pass passed, $fail failed"
+[ $fail -eq 0 ]
