@@ -8,6 +8,7 @@
 
 #include "edge.h"
 #include "service.h"
+#include "wal.h"
 
 typedef enum { K_STRING, K_INT, K_LEVEL, K_FLAG } key_kind;
 
@@ -55,6 +56,10 @@ static const key s_keys[] = {
      "on SIGTERM or Shutdown, with --state-dir: the final snapshot must finish within this "
      "(else exit 1)",
      K_INT, 1, 86400},
+    {"wal", "FASA_WAL", "write", "MODE",
+     "with --state-dir, log every append before its reply: write (survives kill -9), fsync "
+     "(+ node crash), off",
+     K_STRING, 0, 0},
 };
 #define N_KEYS (sizeof(s_keys) / sizeof(*s_keys))
 
@@ -140,6 +145,13 @@ static int s_set(server_config *c, const key *k, const char *value, const char *
     if (strcmp(k->name, "bind") == 0) {
         if (!*value) return s_err(err, len, "%s: the endpoint is empty", where);
         return s_copy(c->bind, sizeof(c->bind), value, where, err, len);
+    }
+    if (strcmp(k->name, "wal") == 0) {
+        fasa_wal_mode m;
+        if (fasa_wal_mode_parse(value, &m))
+            return s_err(err, len, "%s: '%s' is not write, fsync or off", where, value);
+        c->wal = (int)m;
+        return 0;
     }
     if (strcmp(k->name, "curve-secret") == 0)
         return s_copy(c->curve_secret, sizeof(c->curve_secret), value, where, err, len);
@@ -353,6 +365,7 @@ void server_config_describe(const server_config *c, char *buf, size_t len)
                      *c->authorized_keys ? " authorized-keys=" : "", c->authorized_keys);
     if (*c->state_dir && n >= 0 && (size_t)n < len)
         snprintf(buf + n, len - (size_t)n,
-                 " state-dir=%s restore=%d snapshot-interval=%ld stop-grace=%ld", c->state_dir,
-                 c->restore, c->snapshot_interval, c->stop_grace);
+                 " state-dir=%s restore=%d snapshot-interval=%ld stop-grace=%ld wal=%s",
+                 c->state_dir, c->restore, c->snapshot_interval, c->stop_grace,
+                 fasa_wal_mode_name((fasa_wal_mode)c->wal));
 }

@@ -28,6 +28,7 @@ typedef struct server_config {
     int restore;            /* 1: reload every snapshotted session at start */
     long snapshot_interval; /* seconds between snapshots of changed sessions; 0 = never */
     long stop_grace;        /* seconds the final snapshot of a stop may take */
+    int wal;                /* fasa_wal_mode (coord/wal.h) */
 } server_config;
 
 /* Fills c from defaults, the config file, env (getenv) and argv. Returns 0 to run, 1 when

@@ -673,7 +673,8 @@ int main(int argc, char **argv)
                                   .max_message = (size_t)o.max_message,
                                   .max_sessions = o.max_sessions,
                                   .deadline_ms = (uint32_t)o.deadline_ms,
-                                  .state_dir = o.state_dir};
+                                  .state_dir = o.state_dir,
+                                  .wal = o.wal};
     fasa_service *svc = fasa_service_new(engine, size == 1 ? 1 : size - 1, &so);
     if (!svc) {
         fasa_log(FASA_LOG_ERROR, 0, "out of memory starting the service");

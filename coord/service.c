@@ -1,6 +1,7 @@
 /* Requests to engine calls and back. See service.h. */
 #include "service.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -13,6 +14,7 @@
 #include "fasa.pb-c.h"
 #include "log.h"
 #include "snapshot.h"
+#include "wal.h"
 
 #define VERSION_STRING "fasa-server 0.1.0"
 /* Calibration cost bound: multiply-adds of the sample positions' score rows. */
@@ -64,6 +66,7 @@ struct fasa_service {
     } * revs;
     int n_revs, cap_revs;
     int profiles_dirty; /* a named profile changed since they were last saved */
+    fasa_wal_mode wal;  /* the write-ahead log of appends (wal.h), with a state dir */
     /* Sessions a restore refused, so requests for them say why instead of NOT_FOUND (until
      * a session of that id is created). */
     struct refused_session {
@@ -143,6 +146,72 @@ static fasa_status s_fail(reply *r, fasa_status code, const char *fmt, ...)
     return code;
 }
 
+static void s_rev_note(fasa_service *s, const char *id);
+
+/* Makes an append the engine applied durable before its reply: a record in the session's
+ * write-ahead log (wal.h), or, when that cannot be written, a snapshot of the session. 0,
+ * or -1 (logged) when neither could be written. */
+static int s_wal_log(fasa_service *s, const char *id, int layer, int32_t pos0, int n,
+                     const float *k, const float *v)
+{
+    if (s->wal == FASA_WAL_OFF) return 0;
+    const fasa_session_config *c = fasa_engine_config(s->engine, id);
+    if (!c) return 0;
+    if (!fasa_wal_append(s->state_dir, s->wal, id, layer, c->n_layers, pos0, n,
+                         c->n_kv_heads * c->head_dim, k, v))
+        return 0;
+    const int e = errno;
+    fasa_error fe;
+    if (fasa_snapshot_session(s->engine, s->state_dir, id, NULL, &fe) == FASA_OK) {
+        fasa_log(FASA_LOG_WARN, 0,
+                 "wal: session %s: cannot log an append (%s); wrote a snapshot instead", id,
+                 strerror(e));
+        s_rev_note(s, id);
+        return 0;
+    }
+    fasa_log(FASA_LOG_ERROR, 0,
+             "wal: session %s: neither the log (%s) nor a snapshot (%s) could be written: what "
+             "was appended since its last snapshot is lost if the server dies",
+             id, strerror(e), fe.msg);
+    return -1;
+}
+
+/* A snapshot of a session whose state the log cannot describe (a new one, a new profile,
+ * a step that failed after its k_new was appended), so that its log starts from it. */
+static void s_wal_rebase(fasa_service *s, const char *id)
+{
+    if (s->wal == FASA_WAL_OFF) return;
+    fasa_error fe;
+    if (fasa_snapshot_session(s->engine, s->state_dir, id, NULL, &fe) == FASA_OK)
+        s_rev_note(s, id);
+    else
+        fasa_log(FASA_LOG_ERROR, 0, "wal: session %s: snapshot: %s", id, fe.msg);
+}
+
+/* The k_new rows of m steps that ran (codes: their statuses; kpos: each step's layer
+ * length before the request), logged in order. A session with a failed step that had a
+ * k_new (it may or may not have been appended) is snapshotted instead. */
+static void s_wal_k_new(fasa_service *s, int m, const char *const *ids, const fasa_attend_req *reqs,
+                        const fasa_error *errs, const int32_t *kpos)
+{
+    if (s->wal == FASA_WAL_OFF) return;
+    for (int i = 0; i < m; i++) {
+        if (!reqs[i].k_new) continue;
+        int failed = 0, ord = 0, first = 1;
+        for (int j = 0; j < m; j++) {
+            if (!reqs[j].k_new || strcmp(ids[j], ids[i])) continue;
+            if (j < i) first = 0;
+            if (errs[j].code) failed = 1;
+            if (j < i && reqs[j].layer == reqs[i].layer) ord++;
+        }
+        if (failed) {
+            if (first) s_wal_rebase(s, ids[i]);
+            continue;
+        }
+        s_wal_log(s, ids[i], reqs[i].layer, kpos[i] + ord, 1, reqs[i].k_new, reqs[i].v_new);
+    }
+}
+
 static double s_now(void)
 {
     struct timespec t;
@@ -187,6 +256,7 @@ fasa_service *fasa_service_new(fasa_engine_t *engine, int n_shards, const fasa_s
                           ? o->max_sessions
                           : FASA_SERVICE_MAX_SESSIONS;
     if (o->state_dir) snprintf(s->state_dir, sizeof(s->state_dir), "%.3000s", o->state_dir);
+    s->wal = *s->state_dir ? o->wal : FASA_WAL_OFF;
     clock_gettime(CLOCK_MONOTONIC, &s->start);
     return s;
 }
@@ -312,6 +382,7 @@ static fasa_status s_create(fasa_service *s, const edge_create *c, reply *r)
     free(dense);
     fasa_profile_destroy(&owned);
     if (st) return s_fail(r, st, "create_session: %s", fe.msg);
+    s_wal_rebase(s, c->session_id); /* its log starts from a manifest */
     static Fasa__V1__CreateSessionResult res;
     fasa__v1__create_session_result__init(&res);
     res.n_shards = (uint32_t)s->n_shards;
@@ -367,6 +438,11 @@ static fasa_status s_append(fasa_service *s, const edge_append *a, reply *r)
         fasa_engine_append(s->engine, a->session_id, a->layer, (int32_t)a->start_pos, (int)sh[off],
                            a->k.data, a->v.data, &fe);
     if (st) return s_fail(r, st, "append: %s", fe.msg);
+    if (s_wal_log(s, a->session_id, a->layer, (int32_t)a->start_pos, (int)sh[off], a->k.data,
+                  a->v.data))
+        return s_fail(r, FASA_INTERNAL,
+                      "append: applied, but neither the write-ahead log nor a snapshot could be "
+                      "written in the state dir (see the server log)");
     static Fasa__V1__AppendResult res;
     fasa__v1__append_result__init(&res);
     res.length =
@@ -417,6 +493,7 @@ typedef struct attend_out {
     const fasa_session_config *cfg;
     int budget;
     size_t out_bytes;
+    int32_t kpos; /* the layer's length before the request (for the log of k_new) */
 } attend_out;
 
 static void s_attend_free(attend_out *a)
@@ -478,6 +555,7 @@ static fasa_status s_attend_prepare(fasa_service *s, const edge_attend *a, const
     ao->cfg = c;
     ao->budget = budget;
     ao->out_bytes = out_bytes;
+    ao->kpos = fasa_engine_length(s->engine, a->session_id, a->layer);
     return FASA_OK;
 }
 
@@ -535,6 +613,8 @@ static fasa_status s_attend(fasa_service *s, const edge_attend *a, const char *f
     const double t0 = s_now();
     const fasa_status code =
         fasa_engine_attend(s->engine, a->session_id, &ao->req, ao->o, ao->selected, &st, &fe);
+    fe.code = code;
+    s_wal_k_new(s, 1, &a->session_id, &ao->req, &fe, &ao->kpos);
     return s_attend_finish(s, field, ao, code, &fe, &st, (s_now() - t0) * 1e6, reply_left, r);
 }
 
@@ -554,7 +634,8 @@ static void s_batch(fasa_service *s, const edge_attend *items_in, int n, attend_
     int32_t **sels = calloc((size_t)n, sizeof(*sels));
     fasa_step_stats *st = calloc((size_t)n, sizeof(*st));
     fasa_error *errs = calloc((size_t)n, sizeof(*errs));
-    if (!ri || !go || !ids || !reqs || !outs || !sels || !st || !errs) {
+    int32_t *kpos = calloc((size_t)n, sizeof(*kpos));
+    if (!ri || !go || !ids || !reqs || !outs || !sels || !st || !errs || !kpos) {
         s_fail(top, FASA_RESOURCE_EXHAUSTED, "batch_attend: out of memory");
         goto done;
     }
@@ -576,10 +657,12 @@ static void s_batch(fasa_service *s, const edge_attend *items_in, int n, attend_
         reqs[m] = many[i].req;
         outs[m] = many[i].o;
         sels[m] = many[i].selected;
+        kpos[m] = many[i].kpos;
         m++;
     }
     const double t0 = s_now();
     fasa_engine_attend_batch(s->engine, m, ids, reqs, outs, sels, st, errs);
+    s_wal_k_new(s, m, ids, reqs, errs, kpos);
     const double us = m ? (s_now() - t0) * 1e6 / m : 0;
     for (int i = 0, j = 0; i < n; i++) {
         char f[48];
@@ -600,6 +683,7 @@ static void s_batch(fasa_service *s, const edge_attend *items_in, int n, attend_
     }
 done:
     free(ri), free(go), free(ids), free(reqs), free(outs), free(sels), free(st), free(errs);
+    free(kpos);
 }
 
 static fasa_status s_calibrate(fasa_service *s, const edge_calibrate *c, reply *r, char **text_p)
@@ -704,6 +788,7 @@ static fasa_status s_set_profile(fasa_service *s, const edge_set_profile *p, rep
     const fasa_status st = fasa_engine_set_profile(s->engine, p->session_id, prof, &fe);
     fasa_profile_destroy(&owned);
     if (st) return s_fail(r, st, "set_profile: %s", fe.msg);
+    s_wal_rebase(s, p->session_id); /* the key layout follows the profile */
     return FASA_OK;
 }
 
@@ -1045,6 +1130,12 @@ int fasa_service_restore(fasa_service *s, int *n_failed_p)
     if (fasa_snapshot_load_profiles(s->state_dir, s_add_profile, s, &pf) < 0) return -1;
     const int n =
         fasa_snapshot_restore_all_cb(s->engine, s->state_dir, n_failed_p, s_on_refused, s);
+    /* Then what was appended after each session's snapshot (wal.h). */
+    long long rows = 0;
+    const int recs = fasa_wal_replay_all(s->engine, s->state_dir, &rows);
+    if (recs > 0)
+        fasa_log(FASA_LOG_INFO, 0, "wal: replayed %d record%s, %lld rows", recs,
+                 recs == 1 ? "" : "s", rows);
     *n_failed_p += pf;
     /* What was just loaded is what is on disk: the interval need not write it again. */
     const int count = fasa_engine_count(s->engine);

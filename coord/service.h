@@ -24,6 +24,7 @@ typedef struct fasa_service_opts {
     int max_sessions;      /* sessions held at once, 1..FASA_SERVICE_MAX_SESSIONS; 0 = the most */
     uint32_t deadline_ms;  /* queue deadline of requests that give none; 0 = none */
     const char *state_dir; /* where Snapshot writes and restore reads; NULL or "": none */
+    int wal;               /* fasa_wal_mode (wal.h) of the appends' log, with a state dir */
 } fasa_service_opts;
 
 /* A service over engine (which it owns from now on). NULL when out of memory. */

@@ -19,6 +19,7 @@
 #include "dtype.h"
 #include "log.h"
 #include "shard_snap.h"
+#include "wal.h"
 
 #define MANIFEST_MAX_BYTES ((size_t)64 << 20)
 #define MAX_SHARDS 4096
@@ -413,6 +414,7 @@ fasa_status fasa_snapshot_session(fasa_engine_t *e, const char *dir, const char 
         unlink(p);
     }
     fasa_snapshot_clean(dir, stem, NULL);
+    fasa_wal_truncate(dir, id); /* the snapshot holds every append logged so far */
     if (res) {
         res->length = fasa_engine_length(e, id, 0);
         res->bytes = 0;
@@ -682,7 +684,11 @@ int fasa_snapshot_clean(const char *dir, const char *only_stem, long long *bytes
         const int tmp = s_has_suffix(name, ".manifest.tmp") || s_has_suffix(name, ".shard.tmp") ||
                         s_has_suffix(name, ".profile.tmp");
         const int shard = s_has_suffix(name, ".shard");
-        if (!tmp && !(shard && !s_listed(dir, name, sl))) continue;
+        /* A log whose session has no manifest belongs to no session a restore can load. */
+        char mp[4400];
+        snprintf(mp, sizeof(mp), "%.3000s/%.*s.manifest", dir, (int)sl, name);
+        const int orphan_wal = s_has_suffix(name, ".wal") && access(mp, F_OK) != 0;
+        if (!tmp && !orphan_wal && !(shard && !s_listed(dir, name, sl))) continue;
         char path[4400];
         struct stat st;
         snprintf(path, sizeof(path), "%.3000s/%s", dir, name);
@@ -698,6 +704,7 @@ int fasa_snapshot_clean(const char *dir, const char *only_stem, long long *bytes
 
 void fasa_snapshot_remove(const char *dir, const char *id)
 {
+    fasa_wal_remove(dir, id);
     char stem[64], mpath[4200];
     fasa_snapshot_stem(id, stem, sizeof(stem));
     snprintf(mpath, sizeof(mpath), "%.3000s/%s.manifest", dir, stem);
