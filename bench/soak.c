@@ -43,6 +43,8 @@
 #include <zmq.h>
 
 #include "engine.h"
+
+#define SOAK_RSS_SLACK_MIB 64
 #include "fasa.pb-c.h"
 #include "fasa_client.h"
 #include "synth.h"
@@ -1127,6 +1129,31 @@ int main(int argc, char **argv)
         extra_unexpected++;
     }
     for (int i = 0; i < o->clients; i++) pthread_join(th[i], NULL);
+    /* Flat RSS: over the soak the ranks may grow by what they were given to hold (the KV
+     * bytes appended, twice over for the shards' growth-by-doubling buffers) plus a fixed
+     * SOAK_RSS_SLACK_MIB for the allocator's arenas and the ZeroMQ buffers of the clients'
+     * connections (bounded by the server's queue: 64 requests of --max-message). More is a
+     * leak; so is memory still held after every session was dropped beyond the warm-up's
+     * level plus the same slack. */
+    if (o->n_pids && tot[0] > 0 && !fasa_client_get_stats(c, NULL, &st2, &e)) {
+        const long slack_kb = SOAK_RSS_SLACK_MIB * 1024L;
+        const long held_kb =
+            st1.kv_bytes > st0.kv_bytes ? (long)((st1.kv_bytes - st0.kv_bytes) / 1024) : 0;
+        const long bound_kb = tot[0] + 2 * held_kb + slack_kb;
+        printf("flat RSS: after the soak %.1f MiB <= %.1f MiB (warm-up %.1f + 2 x %.1f MiB KV "
+               "added + %d MiB slack): %s; after the drops %.1f MiB <= %.1f MiB: %s\n",
+               tot[1] / 1024.0, bound_kb / 1024.0, tot[0] / 1024.0, held_kb / 1024.0,
+               SOAK_RSS_SLACK_MIB, tot[1] <= bound_kb ? "ok" : "EXCEEDED", tot[2] / 1024.0,
+               (tot[0] + slack_kb) / 1024.0, tot[2] <= tot[0] + slack_kb ? "ok" : "EXCEEDED");
+        if (tot[1] > bound_kb) {
+            printf("unexpected: server RSS grew past its bound during the soak\n");
+            extra_unexpected++;
+        }
+        if (tot[2] > tot[0] + slack_kb) {
+            printf("unexpected: server RSS after the drops is past the warm-up's + slack\n");
+            extra_unexpected++;
+        }
+    }
     if (o->n_pids && tot[0] > 0) {
         printf("server RSS after the soak / after warm-up: %.3f; after the drops / after warm-up: "
                "%.3f\n",

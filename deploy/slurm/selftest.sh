@@ -10,11 +10,15 @@
 # 3. Runs, with 3 ranks (coordinator + 2 workers, --overcommit), under sbatch --wait:
 #    a. fasa-server.sbatch: waits for its endpoint file, pings it, replays a workload against
 #       it, compares with the embedded engine, stops it with `fasa shutdown`;
-#    b. fasa-server.sbatch with --time=1: the time-limit signal (--signal=B:TERM@60) must stop
+#    b. fasa-server.sbatch with --time=1: the time-limit signal (--signal=B:TERM@120) must stop
 #       it cleanly (job COMPLETED, exit 0, not TIMEOUT);
 #    c. fasa-job.sbatch with workload.example: every result must match the same lines run on
 #       the embedded engine (float outputs within 1e-6 by npy_diff, selections and profiles
-#       byte for byte).
+#       byte for byte);
+#    d. fasa-server.sbatch with FASA_STATE_DIR: a session with acknowledged appends (no
+#       snapshot requested), then `scontrol requeue` (what preemption does): the job is
+#       stopped (TERM: final snapshot), requeued, restores, and gives bit-identical outputs
+#       with every acknowledged token; then `fasa shutdown` completes it.
 # 4. Cancels what is left, stops every daemon by its PID, waits until all of them (and every
 #    process of the jobs) are gone and removes the scratch directory, also on failure.
 #
@@ -451,7 +455,7 @@ outputs_of() {
 expand() { local s=$1; echo "${s//'{out}'/"$2"}"; }
 
 # --- 3b. started first: the time-limit job (its TERM comes from slurmctld within ~30 s) -------
-say "submitting the time-limit job (fasa-server.sbatch --time=1, --signal=B:TERM@60)"
+say "submitting the time-limit job (fasa-server.sbatch --time=1, --signal=B:TERM@120)"
 submit timelimit --time=1 --ntasks=$ranks --overcommit --export=ALL,FASA_ENDPOINT_FILE="$S/timelimit.endpoint",FASA_RUN_DIR="$S/timelimit-run" \
     "$here/fasa-server.sbatch"
 tl_pid=$last_bg
@@ -573,7 +577,7 @@ fi
 
 # --- 3b. the time-limit job, continued ---------------------------------------------------------
 say "waiting for the time-limit job (slurmctld sends TERM to its batch shell)"
-check_job timelimit "$tl_pid" "time-limit job stopped by --signal=B:TERM@60"
+check_job timelimit "$tl_pid" "time-limit job stopped by --signal=B:TERM@120"
 tl_out=$(ls "$S"/jobs/timelimit-*.out 2>/dev/null | head -n 1)
 if [ -n "$tl_out" ] && grep -q 'TERM received' "$tl_out" && grep -q 'srun exit status 0' "$tl_out"; then
     ok "time-limit job: the trap sent TERM to rank 0, every rank stopped, srun exit 0"
@@ -582,5 +586,86 @@ else
 fi
 [ -z "$(fasa_pids_of_job timelimit)" ] && ok "no fasa-server process left after the time-limit job" ||
     bad "fasa-server processes left after the time-limit job"
+
+# --- 3d. durable: a job holding sessions is requeued (as preemption does) and restores ------
+# rnd_npy FILE SHAPE N: float32 .npy of N pseudo-random finite values (tests/durable_test.sh)
+set2=$(for _ in $(seq 32); do printf '\\074\\075\\076\\077\\274\\275\\276\\277'; done)
+rnd_npy() {
+    local hdr="{'descr': '<f4', 'fortran_order': False, 'shape': ($2), }"
+    while [ $(((10 + ${#hdr} + 1) % 64)) -ne 0 ]; do hdr="$hdr "; done
+    local len=$((${#hdr} + 1))
+    { printf '\x93NUMPY\x01\x00'; printf "\\x$(printf %02x $((len & 255)))\\x$(printf %02x $((len >> 8)))"
+      printf '%s\n' "$hdr"; head -c $((4 * $3)) /dev/urandom | tr '\000-\377' "$set2"; } >"$1"
+}
+D="$S/durable-data"
+mkdir -p "$D" "$S/durable-state"
+rnd_npy "$D/k.npy" "2, 600, 2, 16" 38400
+rnd_npy "$D/v.npy" "2, 600, 2, 16" 38400
+rnd_npy "$D/k2.npy" "2, 40, 2, 16" 2560
+rnd_npy "$D/v2.npy" "2, 40, 2, 16" 2560
+rnd_npy "$D/q.npy" "4, 16" 64
+d_attends() {   # PREFIX: dense and quest on both layers
+    local m l
+    for m in dense quest; do for l in 0 1; do
+        FASA_TIMEOUT_MS=20000 "$build/fasa" attend --server "$ep" --session d1 --layer $l --q "$D/q.npy" \
+            --method $m --out "$1_${m}_$l.npy" >/dev/null 2>>"$D/err" || return 1
+    done; done
+}
+d_length() { "$build/fasa" stats --server "$ep" --session d1 2>/dev/null | awk '$1 == "session.length" { print $2 }'; }
+say "submitting the durable job (fasa-server.sbatch with FASA_STATE_DIR, --requeue)"
+submit durable --ntasks=$ranks --overcommit --export=ALL,FASA_ENDPOINT_FILE="$S/durable.endpoint",FASA_RUN_DIR="$S/durable-run",FASA_STATE_DIR="$S/durable-state" \
+    "$here/fasa-server.sbatch"
+d_pid=$last_bg
+if wait_endpoint "$S/durable.endpoint" "$d_pid"; then
+    ep=$(cat "$S/durable.endpoint")
+    if "$build/fasa" create --server "$ep" --session d1 --layers 2 --heads 4 --kv-heads 2 --head-dim 16 >/dev/null 2>>"$D/err" &&
+       "$build/fasa" append --server "$ep" --session d1 --k "$D/k.npy" --v "$D/v.npy" >/dev/null 2>>"$D/err" &&
+       "$build/fasa" append --server "$ep" --session d1 --k "$D/k2.npy" --v "$D/v2.npy" >/dev/null 2>>"$D/err" &&
+       d_attends "$D/a"; then
+        ok "durable job: session d1 with 640 acknowledged tokens, no snapshot requested"
+    else
+        bad "durable job: session: $(cat "$D/err")"
+    fi
+    d_id=$(job_id durable)
+    old_ep=$ep
+    scontrol requeue "$d_id" 2>>"$D/err" && ok "scontrol requeue $d_id (what preemption with PreemptMode=REQUEUE does)" ||
+        bad "scontrol requeue $d_id: $(cat "$D/err")"
+    back=0
+    for ((i = 0; i < 2400; i++)); do   # up to 240 s: a requeued job may wait out a BeginTime
+        if [ -s "$S/durable.endpoint" ] && [ "$(cat "$S/durable.endpoint")" != "$old_ep" ]; then
+            ep=$(cat "$S/durable.endpoint")
+            FASA_TIMEOUT_MS=5000 "$build/fasa" ping --server "$ep" >/dev/null 2>&1 && { back=1; break; }
+        fi
+        sleep 0.1
+    done
+    if [ $back -eq 1 ]; then
+        rc_n=$(scontrol show job -o "$d_id" | sed -n 's/.*Restarts=\([0-9]*\).*/\1/p')
+        ok "durable job requeued and serving again on $ep (Restarts=$rc_n)"
+        [ "$(d_length)" = 640 ] && ok "after the requeue: every acknowledged append is there (640 tokens)" ||
+            bad "after the requeue: d1 holds '$(d_length)' tokens, not 640"
+        if d_attends "$D/b"; then
+            nd=0
+            for f in "$D"/a_*.npy; do cmp -s "$f" "$D/b${f#"$D"/a}" || nd=$((nd + 1)); done
+            [ $nd -eq 0 ] && ok "after the requeue: 4 outputs bit-identical to before" || bad "after the requeue: $nd outputs differ"
+        else
+            bad "attends after the requeue: $(cat "$D/err")"
+        fi
+        d_out=$(ls "$S"/jobs/durable-*.out 2>/dev/null | head -n 1)
+        grep -q "final snapshot done: 1 session written" "$d_out" && grep -q "restore: 1 session" "$d_out" &&
+            ok "the first run wrote a final snapshot on TERM, the second restored it" ||
+            bad "no final snapshot / restore in $d_out"
+        FASA_TIMEOUT_MS=10000 "$build/fasa" shutdown --server "$ep" >/dev/null 2>&1
+    else
+        bad "the durable job did not come back after the requeue: $(scontrol show job -o "$d_id" | tr ' ' '\n' | grep -E 'JobState|Reason|BeginTime|Restarts' | tr '\n' ' ')"
+        scancel "$d_id" 2>/dev/null
+    fi
+    for ((i = 0; i < 600; i++)); do kill -0 "$d_pid" 2>/dev/null || break; sleep 0.1; done
+    st=$(scontrol show job -o "$d_id" | sed -n 's/.*JobState=\([A-Z]*\).*/\1/p')
+    [ "$st" = COMPLETED ] && ok "durable job COMPLETED after its shutdown" || bad "durable job state $st"
+else
+    bad "durable job: no endpoint file"
+fi
+[ -z "$(fasa_pids_of_job durable)" ] && ok "no fasa-server process left after the durable job" ||
+    bad "fasa-server processes left after the durable job"
 
 finish
