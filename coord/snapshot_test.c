@@ -13,6 +13,7 @@
 #include "shard_snap.h"
 #include "snapshot.h"
 #include "test_util.h"
+#include "wal.h"
 
 #define NL 3
 #define NH 4
@@ -332,6 +333,173 @@ START_TEST(test_shard_read_rows)
 }
 END_TEST
 
+/* Rows [p0, p0 + n) of every layer, packed (NL, n, row) as an append of every layer. */
+static void s_pack(int p0, int n, float *k, float *v)
+{
+    for (int l = 0; l < NL; l++) {
+        memcpy(k + (size_t)l * n * NKV * D, &s_k[l][p0][0], (size_t)n * NKV * D * sizeof(float));
+        memcpy(v + (size_t)l * n * NKV * D, &s_v[l][p0][0], (size_t)n * NKV * D * sizeof(float));
+    }
+}
+
+/* Appends to e and logs it, as the service does. */
+static void s_logged(fasa_engine_t *e, int layer, int p0, int n, const float *k, const float *v)
+{
+    fasa_error err;
+    ck_assert_msg(fasa_engine_append(e, "plain", layer, p0, n, k, v, &err) == FASA_OK, "%s",
+                  err.msg);
+    ck_assert_int_eq(
+        fasa_wal_append(s_dir, FASA_WAL_WRITE, "plain", layer, NL, p0, n, NKV * D, k, v), 0);
+}
+
+static long long s_size(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) ? -1 : (long long)st.st_size;
+}
+
+START_TEST(test_wal_replay)
+{
+    /* Engine A: session "plain" snapshotted after 200 rows of every layer; then, logged only:
+     * 100 more rows of every layer, 37 of layer 1 alone, 5 single rows of layer 0 (as an
+     * Attend's k_new logs them) and a record the log already holds (replay skips it). An
+     * engine restored from the snapshot and then the log holds the same rows and answers
+     * every method bit for bit as A; a torn tail is cut off and the rest replays. */
+    test_rng r = {17};
+    for (int l = 0; l < NL; l++) {
+        test_fill(&r, (size_t)(T0 + T1) * NKV * D, &s_k[l][0][0], 1.0f);
+        test_fill(&r, (size_t)(T0 + T1) * NKV * D, &s_v[l][0][0], 1.0f);
+    }
+    s_mkdir();
+    fasa_engine_t *a = fasa_engine_new(2, BLOCK);
+    fasa_session_config c = {.n_layers = NL,
+                             .n_heads = NH,
+                             .n_kv_heads = NKV,
+                             .head_dim = D,
+                             .method = FASA_METHOD_DENSE,
+                             .budget = 40};
+    fasa_error err;
+    ck_assert_int_eq(fasa_engine_create(a, "plain", &c, &err), FASA_OK);
+    float *k = malloc((size_t)NL * 200 * NKV * D * sizeof(float));
+    float *v = malloc((size_t)NL * 200 * NKV * D * sizeof(float));
+    ck_assert_ptr_nonnull(k);
+    ck_assert_ptr_nonnull(v);
+    s_pack(0, 200, k, v);
+    s_logged(a, -1, 0, 200, k, v);
+    ck_assert_int_eq(fasa_snapshot_session(a, s_dir, "plain", NULL, &err), FASA_OK);
+    char stem[64], wal[200];
+    fasa_snapshot_stem("plain", stem, sizeof(stem));
+    snprintf(wal, sizeof(wal), "%s/%s.wal", s_dir, stem);
+    ck_assert_int_eq(s_size(wal), 8 + 4 + 5); /* the snapshot truncated it to its header */
+    s_pack(200, 100, k, v);
+    s_logged(a, -1, 200, 100, k, v);
+    s_logged(a, 1, 300, T1, &s_k[1][300][0], &s_v[1][300][0]);
+    for (int i = 0; i < 5; i++)
+        s_logged(a, 0, 300 + i, 1, &s_k[0][300 + i][0], &s_v[0][300 + i][0]);
+    s_pack(200, 100, k, v);
+    ck_assert_int_eq(
+        fasa_wal_append(s_dir, FASA_WAL_FSYNC, "plain", -1, NL, 200, 100, NKV * D, k, v), 0);
+    const long long good = s_size(wal);
+
+    const size_t n_out = (size_t)N_METHODS * NL * NH * D, n_sel = (size_t)N_METHODS * NL * NH * 40;
+    float *oa = malloc(n_out * sizeof(float)), *ob = malloc(n_out * sizeof(float));
+    int32_t *sa = malloc(n_sel * sizeof(int32_t)), *sb = malloc(n_sel * sizeof(int32_t));
+    ck_assert(oa && ob && sa && sb);
+    s_attend_all(a, "plain", oa, sa);
+    for (int torn = 0; torn < 2; torn++) {
+        if (torn) { /* a record cut short by a kill: its header and part of its rows */
+            FILE *f = fopen(wal, "ab");
+            ck_assert_ptr_nonnull(f);
+            fwrite(k, 1, 40, f);
+            fclose(f);
+            ck_assert_int_eq(s_size(wal), good + 40);
+        }
+        fasa_engine_t *b = fasa_engine_new(torn ? 3 : 2, BLOCK);
+        int failed = 0;
+        ck_assert_int_eq(fasa_snapshot_restore_all(b, s_dir, &failed), 1);
+        ck_assert_int_eq(fasa_engine_length(b, "plain", 0), 200);
+        long long rows = 0;
+        ck_assert_int_eq(fasa_wal_replay_all(b, s_dir, &rows), 8);
+        ck_assert_int_eq(rows, 3 * 100 + T1 + 5);
+        ck_assert_int_eq(fasa_engine_length(b, "plain", 0), 305);
+        ck_assert_int_eq(fasa_engine_length(b, "plain", 1), 300 + T1);
+        ck_assert_int_eq(fasa_engine_length(b, "plain", 2), 300);
+        ck_assert_int_eq(s_size(wal), good); /* the torn tail is cut off */
+        s_attend_all(b, "plain", ob, sb);
+        if (!torn) { /* the same shard count: bit for bit */
+            ck_assert_int_eq(memcmp(oa, ob, n_out * sizeof(float)), 0);
+            ck_assert_int_eq(memcmp(sa, sb, n_sel * sizeof(int32_t)), 0);
+        } else { /* another shard count: to float rounding (the merge order follows it) */
+            for (size_t i = 0; i < n_out; i++) ck_assert_float_eq_tol(ob[i], oa[i], 1e-6f);
+        }
+        fasa_engine_destroy(&b);
+    }
+    /* A log for a session the engine does not hold is left alone. */
+    fasa_engine_t *e = fasa_engine_new(1, BLOCK);
+    ck_assert_int_eq(fasa_wal_replay_all(e, s_dir, NULL), 0);
+    ck_assert_int_eq(s_size(wal), good);
+    fasa_engine_destroy(&e);
+    fasa_snapshot_remove(s_dir, "plain");
+    ck_assert_int_eq(s_size(wal), -1); /* a drop removes the log with the snapshot */
+    fasa_engine_destroy(&a);
+    free(k), free(v), free(oa), free(ob), free(sa), free(sb);
+    s_rmdir();
+}
+END_TEST
+
+START_TEST(test_snapshot_clean)
+{
+    /* What a snapshot killed half way leaves goes; the live generation and other files stay. */
+    s_mkdir();
+    fasa_engine_t *a = fasa_engine_new(2, BLOCK);
+    fasa_session_config c = {.n_layers = NL,
+                             .n_heads = NH,
+                             .n_kv_heads = NKV,
+                             .head_dim = D,
+                             .method = FASA_METHOD_DENSE,
+                             .budget = 40};
+    fasa_error err;
+    ck_assert_int_eq(fasa_engine_create(a, "s", &c, &err), FASA_OK);
+    ck_assert_int_eq(fasa_snapshot_session(a, s_dir, "s", NULL, &err), FASA_OK);
+    char stem[64];
+    fasa_snapshot_stem("s", stem, sizeof(stem));
+    const char *stray[] = {".manifest.tmp", ".g1.s0.shard", ".g1.s1.shard.tmp", ".profile.tmp"};
+    char p[300];
+    for (int i = 0; i < 4; i++) {
+        snprintf(p, sizeof(p), "%s/%s%s", s_dir, stem, stray[i]);
+        FILE *f = fopen(p, "w");
+        ck_assert_ptr_nonnull(f);
+        fputs("x", f);
+        fclose(f);
+    }
+    const char *other[] = {"zz-0123456789abcdef.g2.s0.shard", "zz-0123456789abcdef.wal",
+                           "notes.txt", "zz.g1.s0.shard"};
+    for (int i = 0; i < 4; i++) {
+        snprintf(p, sizeof(p), "%s/%s", s_dir, other[i]);
+        FILE *f = fopen(p, "w");
+        ck_assert_ptr_nonnull(f);
+        fputs("yy", f);
+        fclose(f);
+    }
+    long long bytes = 0;
+    ck_assert_int_eq(fasa_snapshot_clean(s_dir, NULL, &bytes), 6);
+    ck_assert_int_eq(bytes, 4 + 2 * 2);
+    snprintf(p, sizeof(p), "%s/notes.txt", s_dir);
+    ck_assert_int_eq(access(p, F_OK), 0); /* not one of ours */
+    snprintf(p, sizeof(p), "%s/zz.g1.s0.shard", s_dir);
+    ck_assert_int_eq(access(p, F_OK), 0); /* not a stem of ours */
+    /* The live generation is kept: the session restores. */
+    fasa_engine_t *b = fasa_engine_new(2, BLOCK);
+    int failed = 0;
+    ck_assert_int_eq(fasa_snapshot_restore_all(b, s_dir, &failed), 1);
+    ck_assert_int_eq(failed, 0);
+    ck_assert_int_eq(fasa_snapshot_clean(s_dir, NULL, NULL), 0);
+    fasa_engine_destroy(&a);
+    fasa_engine_destroy(&b);
+    s_rmdir();
+}
+END_TEST
+
 Suite *snapshot_suite(void)
 {
     Suite *s = suite_create("snapshot");
@@ -340,6 +508,8 @@ Suite *snapshot_suite(void)
     tcase_add_test(tc, test_shard_read_rows);
     tcase_add_test(tc, test_snapshot_reshard);
     tcase_add_test(tc, test_snapshot_damage);
+    tcase_add_test(tc, test_wal_replay);
+    tcase_add_test(tc, test_snapshot_clean);
     suite_add_tcase(s, tc);
     return s;
 }
