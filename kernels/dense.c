@@ -183,7 +183,7 @@ T_AVX2 static inline __m256 s_hsum8x8(const __m256 *a)
  * lg rows DENSE_BLOCK apart. */
 T_AVX2 static inline __attribute__((always_inline)) void
 s_logits_avx2(const int NH, int dtype, int n, int d, int u, const float *q, const void *kdom,
-              const void *krest, float *lg)
+              const void *krest, float *lg, const char *pf)
 {
     const int n_tiles = (n + SCORE_TILE - 1) / SCORE_TILE, w = d - u;
     for (int t = 0; t < n_tiles; t++) {
@@ -208,19 +208,29 @@ s_logits_avx2(const int NH, int dtype, int n, int d, int u, const float *q, cons
     __m256 part[4][8];
     for (int j0 = 0; j0 < n; j0 += 8) {
         const int nj = n - j0 < 8 ? n - j0 : 8;
-        for (int r = 0; r < 8; r++) {
-            __m256 acc[4];
-            for (int h = 0; h < NH; h++) acc[h] = _mm256_setzero_ps();
+        /* Two rows at a time: 2 x NH independent FMA chains hide the FMA latency. */
+        for (int r = 0; r < 8; r += 2) {
+            __m256 acc[4], acc2[4];
+            for (int h = 0; h < NH; h++) acc[h] = acc2[h] = _mm256_setzero_ps();
             if (r < nj) {
-                const size_t e = (size_t)(j0 + r) * w;
+                const size_t e = (size_t)(j0 + r) * w, e2 = r + 1 < nj ? e + w : e;
+                /* pf: the same rows of V, fetched now for the p.V pass (memory-bound
+                 * otherwise: the prefetchers start each stream cold). */
+                if (pf)
+                    for (size_t b = 0; b < 2 * (size_t)d * fasa_dtype_size(dtype); b += 64)
+                        _mm_prefetch(pf + (size_t)(j0 + r) * d * fasa_dtype_size(dtype) + b,
+                                     _MM_HINT_T0);
                 for (int c = 0; c < w8; c += 8) {
                     const __m256 k = s_load8(dtype, krest, e + c);
-                    for (int h = 0; h < NH; h++)
-                        acc[h] =
-                            _mm256_fmadd_ps(k, _mm256_loadu_ps(q + (size_t)h * d + u + c), acc[h]);
+                    const __m256 k2 = s_load8(dtype, krest, e2 + c);
+                    for (int h = 0; h < NH; h++) {
+                        const __m256 qv = _mm256_loadu_ps(q + (size_t)h * d + u + c);
+                        acc[h] = _mm256_fmadd_ps(k, qv, acc[h]);
+                        acc2[h] = _mm256_fmadd_ps(k2, qv, acc2[h]);
+                    }
                 }
             }
-            for (int h = 0; h < NH; h++) part[h][r] = acc[h];
+            for (int h = 0; h < NH; h++) part[h][r] = acc[h], part[h][r + 1] = acc2[h];
         }
         for (int h = 0; h < NH; h++) {
             float *s = lg + (size_t)h * DENSE_BLOCK + j0;
@@ -270,11 +280,10 @@ s_pv_avx2(const int NH, int dtype, int j0, int j1, int d, const float *p, const 
     }
 }
 
-T_AVX2 static void s_block_avx2(int dtype, int n, int d, int u, int n_q, float scale,
-                                const float *restrict q, const void *restrict kdom,
-                                const void *restrict krest, const void *restrict v,
-                                float *restrict m, double *restrict l, double *restrict o,
-                                float *restrict scratch)
+T_AVX2 static inline __attribute__((always_inline)) void
+s_block_avx2_dt(const int dtype, int n, int d, int u, int n_q, float scale, const float *restrict q,
+                const void *restrict kdom, const void *restrict krest, const void *restrict v,
+                float *restrict m, double *restrict l, double *restrict o, float *restrict scratch)
 {
     float *lg = scratch, *ob = scratch + (size_t)n_q * DENSE_BLOCK;
     for (int h0 = 0; h0 < n_q; h0 += 4) {
@@ -283,16 +292,16 @@ T_AVX2 static void s_block_avx2(int dtype, int n, int d, int u, int n_q, float s
         float *lh = lg + (size_t)h0 * DENSE_BLOCK;
         switch (nh) {
         case 4:
-            s_logits_avx2(4, dtype, n, d, u, qh, kdom, krest, lh);
+            s_logits_avx2(4, dtype, n, d, u, qh, kdom, krest, lh, h0 ? NULL : (const char *)v);
             break;
         case 3:
-            s_logits_avx2(3, dtype, n, d, u, qh, kdom, krest, lh);
+            s_logits_avx2(3, dtype, n, d, u, qh, kdom, krest, lh, h0 ? NULL : (const char *)v);
             break;
         case 2:
-            s_logits_avx2(2, dtype, n, d, u, qh, kdom, krest, lh);
+            s_logits_avx2(2, dtype, n, d, u, qh, kdom, krest, lh, h0 ? NULL : (const char *)v);
             break;
         default:
-            s_logits_avx2(1, dtype, n, d, u, qh, kdom, krest, lh);
+            s_logits_avx2(1, dtype, n, d, u, qh, kdom, krest, lh, h0 ? NULL : (const char *)v);
             break;
         }
     }
@@ -335,30 +344,51 @@ T_AVX2 static void s_block_avx2(int dtype, int n, int d, int u, int n_q, float s
     double rb[n_q];
     for (int h = 0; h < n_q; h++)
         rb[h] = lb[h] > 0 ? s_raise(d, mb[h], lb[h], m + h, l + h, o + (size_t)h * d) : 0.0;
+    /* p.V per sub-block: its V rows converted front to back into vb (a sequential read the
+     * hardware prefetchers follow; the dim-chunk walk below then stays in L1). */
+    float *vb = ob + (size_t)n_q * d;
     for (int j0 = 0; j0 < n; j0 += DENSE_SUB) {
         const int j1 = n - j0 < DENSE_SUB ? n : j0 + DENSE_SUB;
+        const size_t ne = (size_t)(j1 - j0) * d, e0 = (size_t)j0 * d;
+        size_t i = 0;
+        for (; i + 8 <= ne; i += 8) _mm256_storeu_ps(vb + i, s_load8(dtype, v, e0 + i));
+        for (; i < ne; i++) vb[i] = s_get(dtype, v, e0 + i);
         for (int h0 = 0; h0 < n_q; h0 += 4) {
             const int nh = n_q - h0 < 4 ? n_q - h0 : 4;
-            const float *ph = lg + (size_t)h0 * DENSE_BLOCK;
+            const float *ph = lg + (size_t)h0 * DENSE_BLOCK + j0;
             float *oh = ob + (size_t)h0 * d;
             switch (nh) {
             case 4:
-                s_pv_avx2(4, dtype, j0, j1, d, ph, v, oh);
+                s_pv_avx2(4, FASA_DTYPE_F32, 0, j1 - j0, d, ph, vb, oh);
                 break;
             case 3:
-                s_pv_avx2(3, dtype, j0, j1, d, ph, v, oh);
+                s_pv_avx2(3, FASA_DTYPE_F32, 0, j1 - j0, d, ph, vb, oh);
                 break;
             case 2:
-                s_pv_avx2(2, dtype, j0, j1, d, ph, v, oh);
+                s_pv_avx2(2, FASA_DTYPE_F32, 0, j1 - j0, d, ph, vb, oh);
                 break;
             default:
-                s_pv_avx2(1, dtype, j0, j1, d, ph, v, oh);
+                s_pv_avx2(1, FASA_DTYPE_F32, 0, j1 - j0, d, ph, vb, oh);
                 break;
             }
         }
         for (int h = 0; h < n_q; h++)
             if (rb[h] > 0) s_add(d, rb[h], ob + (size_t)h * d, o + (size_t)h * d);
     }
+}
+/* One copy per dtype, so that the loads' dtype test folds away. */
+T_AVX2 static void s_block_avx2(int dtype, int n, int d, int u, int n_q, float scale,
+                                const float *restrict q, const void *restrict kdom,
+                                const void *restrict krest, const void *restrict v,
+                                float *restrict m, double *restrict l, double *restrict o,
+                                float *restrict scratch)
+{
+    if (dtype == FASA_DTYPE_F16)
+        s_block_avx2_dt(FASA_DTYPE_F16, n, d, u, n_q, scale, q, kdom, krest, v, m, l, o, scratch);
+    else if (dtype == FASA_DTYPE_BF16)
+        s_block_avx2_dt(FASA_DTYPE_BF16, n, d, u, n_q, scale, q, kdom, krest, v, m, l, o, scratch);
+    else
+        s_block_avx2_dt(FASA_DTYPE_F32, n, d, u, n_q, scale, q, kdom, krest, v, m, l, o, scratch);
 }
 #endif
 

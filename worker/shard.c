@@ -9,8 +9,6 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include <cblas.h>
-
 #include "attn.h"
 #include "dense.h"
 #include "pool.h"
@@ -59,7 +57,6 @@ struct shard {
     double *aux; /* (n_heads, SHARD_SPARQ_AUX(head_dim)) of the last SPARQ score */
     size_t aux_cap;
     float *conv; /* f16/bf16: (2, ATTN_BLOCK, head_dim) rows converted to f32 for a kernel */
-    float *pv;   /* (n_heads / n_kv_heads, head_dim) dense P.V of one block (attn.h) */
     /* On the heap, not the stack: with the largest geometry (1024 query heads on one KV
      * head of 1024 dims) each is 2 to 4 MiB. */
     float *qf;       /* (n_heads / n_kv_heads, head_dim) a group's queries, permuted */
@@ -68,6 +65,8 @@ struct shard {
     uint16_t *stage; /* f16/bf16: (2, rows, head_dim) gathered K and V rows before conversion */
     size_t stage_cap;
     int64_t bytes_read_last; /* KV bytes read by the last score + attend */
+    float *dscr;             /* (DENSE_SCRATCH(group, head_dim)) the dense kernel's scratch */
+    size_t dscr_cap;
     /* Threads (pool.h): a step runs its KV groups as tasks of the pool; a task on thread t
      * >= 1 works in views[t - 1], a shallow copy of this shard with scratch of its own that
      * shares the store and the per-step results (kept, n_kept, aux). Thread 0 uses the
@@ -192,11 +191,10 @@ shard_t *shard_new(const shard_layout *layout)
         s->conv = malloc((size_t)2 * ATTN_BLOCK * layout->head_dim * sizeof(float));
     const size_t gd = (size_t)(layout->n_heads / layout->n_kv_heads) * layout->head_dim;
     const size_t kd = (size_t)layout->n_kv_heads * layout->head_dim;
-    s->pv = malloc(gd * sizeof(float));
     s->qf = malloc(gd * sizeof(float));
     s->rowf = malloc(kd * sizeof(float));
     if (layout->dtype != FASA_DTYPE_F32) s->rowh = malloc(kd * sizeof(uint16_t));
-    if (!s->layers || !s->n_kept || !s->pv || !s->qf || !s->rowf ||
+    if (!s->layers || !s->n_kept || !s->qf || !s->rowf ||
         (layout->dtype != FASA_DTYPE_F32 && (!s->conv || !s->rowh)))
         goto err_layout;
     return s;
@@ -204,7 +202,6 @@ err_layout:
     free(s->layers);
     free(s->n_kept);
     free(s->conv);
-    free(s->pv);
     free(s->qf);
     free(s->rowf);
     free(s->rowh);
@@ -220,9 +217,9 @@ static void s_view_destroy(shard_t *v)
     free(v->acc_buf);
     free(v->gather);
     free(v->conv);
-    free(v->pv);
     free(v->qf);
     free(v->stage);
+    free(v->dscr);
     free(v);
 }
 
@@ -258,11 +255,11 @@ void shard_destroy(shard_t **shard_p)
     free(s->gather);
     free(s->aux);
     free(s->conv);
-    free(s->pv);
     free(s->qf);
     free(s->rowf);
     free(s->rowh);
     free(s->stage);
+    free(s->dscr);
     shard_layout_cleanup(&s->lay);
     free(s);
     *shard_p = NULL;
@@ -549,9 +546,8 @@ static shard_t *s_view_new(const shard_t *s)
     const size_t gd = (size_t)(s->lay.n_heads / s->lay.n_kv_heads) * s->lay.head_dim;
     if (s->lay.dtype != FASA_DTYPE_F32)
         v->conv = malloc((size_t)2 * ATTN_BLOCK * s->lay.head_dim * sizeof(float));
-    v->pv = malloc(gd * sizeof(float));
     v->qf = malloc(gd * sizeof(float));
-    if ((s->lay.dtype != FASA_DTYPE_F32 && !v->conv) || !v->pv || !v->qf) {
+    if ((s->lay.dtype != FASA_DTYPE_F32 && !v->conv) || !v->qf) {
         s_view_destroy(v);
         return NULL;
     }
@@ -911,8 +907,7 @@ static void s_attend_dense(shard_t *s, const shard_step *st, int g, int n_vis, c
     const int d = lay->head_dim, hkv = lay->n_kv_heads, grp = lay->n_heads / hkv;
     const int u = lay->n_dom[st->layer * hkv + g];
     const layer_store *ls = &s->layers[st->layer];
-    /* Scratch: the logits part of the tail (grp x SHARD_CHUNK >= DENSE_SCRATCH floats). */
-    float *scr = s->scores + (size_t)grp * SHARD_CHUNK + 2 * (size_t)grp * d;
+    float *scr = s->dscr;
     for (int r0 = 0; r0 < n_vis; r0 += DENSE_BLOCK) {
         const int nb = n_vis - r0 < DENSE_BLOCK ? n_vis - r0 : DENSE_BLOCK;
         const kv_chunk *ch = &ls->chunks[r0 / SHARD_CHUNK][g];
@@ -1069,6 +1064,10 @@ int shard_attend(shard_t *s, const shard_step *st, const topk_cand *thr, const u
     attn_state_init(lay->n_heads, d, m, l, o);
     if (s_views_ready(s)) return -1;
     if (st->method == SHARD_DENSE) {
+        const size_t need = DENSE_SCRATCH(lay->n_heads / hkv, d) * sizeof(float);
+        if (s_grow((void **)&s->dscr, &s->dscr_cap, need)) return -1;
+        for (int i = 0; i < s->n_views; i++)
+            if (s_grow((void **)&s->views[i]->dscr, &s->views[i]->dscr_cap, need)) return -1;
         s->bytes_read_last = 0;
     } else {
         if (s_attend_grow(s, st, s->kept_budget)) return -1;
