@@ -11,6 +11,7 @@
 
 #include "attn.h"
 #include "dense.h"
+#include "phase.h"
 #include "pool.h"
 #include "score.h"
 #include "simd.h"
@@ -908,6 +909,7 @@ static void s_attend_dense(shard_t *s, const shard_step *st, int g, int n_vis, c
     const int u = lay->n_dom[st->layer * hkv + g];
     const layer_store *ls = &s->layers[st->layer];
     float *scr = s->dscr;
+    const double t = fasa_phase_now();
     for (int r0 = 0; r0 < n_vis; r0 += DENSE_BLOCK) {
         const int nb = n_vis - r0 < DENSE_BLOCK ? n_vis - r0 : DENSE_BLOCK;
         const kv_chunk *ch = &ls->chunks[r0 / SHARD_CHUNK][g];
@@ -917,6 +919,7 @@ static void s_attend_dense(shard_t *s, const shard_step *st, int g, int n_vis, c
                     s_at(s, ch->krest, (size_t)rr * (d - u)), s_at(s, ch->v, (size_t)rr * d), m, l,
                     o, scr);
     }
+    fasa_phase_add(FASA_PHASE_KERNEL, t);
     s->bytes_read_last += (int64_t)n_vis * 2 * d * (int64_t)s_esz(s);
 }
 
@@ -953,6 +956,7 @@ static void s_attend_rows(shard_t *s, const shard_step *st, int g, int unit, top
     const size_t cap = (size_t)s->kept_budget * s_rows_per_cand(st);
     float *kg = s->gather, *vg = kg + cap * d;
     float *lg = vg + cap * d;
+    double t = fasa_phase_now(); /* phase.h: 0 unless a benchmark times phases */
     int n = 0;
     for (int i = 0; i < s->n_kept[unit]; i++) {
         if (topk_better(thr, kept[i])) continue;
@@ -990,15 +994,20 @@ static void s_attend_rows(shard_t *s, const shard_step *st, int g, int unit, top
             n++;
         }
     }
-    if (n == 0) return;
+    if (n == 0) {
+        fasa_phase_add(FASA_PHASE_GATHER, t);
+        return;
+    }
     if (lay->dtype != FASA_DTYPE_F32) {
         dtype_to_f32(SIMD_AUTO, lay->dtype, (size_t)n * d, s->stage, kg);
         dtype_to_f32(SIMD_AUTO, lay->dtype, (size_t)n * d, s->stage + cap * d, vg);
     }
+    t = fasa_phase_add(FASA_PHASE_GATHER, t);
     score_rows(n, d, n_q, lg, (int)cap, qf, kg, d, 0);
     for (int i = 0; i < n_q; i++)
         for (int j = 0; j < n; j++) lg[(size_t)i * cap + j] *= st->scale;
     attn_accum(n, d, n_q, lg, (int)cap, vg, d, m, l, o);
+    fasa_phase_add(FASA_PHASE_KERNEL, t);
     s->bytes_read_last += (int64_t)n * 2 * d * (int64_t)s_esz(s);
 }
 
