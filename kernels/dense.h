@@ -25,7 +25,8 @@
 #define DENSE_BLOCK 256
 
 /* Floats of scratch dense_block needs for n_q heads of head_dim dims. */
-#define DENSE_SCRATCH(n_q, head_dim) ((size_t)(n_q) * (DENSE_BLOCK + (head_dim)) + 32 * (size_t)(head_dim))
+#define DENSE_SCRATCH(n_q, head_dim)                                                               \
+    ((size_t)(n_q) * (DENSE_BLOCK + (head_dim)) + 32 * (size_t)(head_dim))
 
 /* Folds rows 0 .. n_rows - 1 (1 .. DENSE_BLOCK) into m[n_q], l[n_q], o[n_q][head_dim]:
  * logits scale * q_h . k_j, k_j's dominant dims at element (t * n_dom + c) * SCORE_TILE + l
