@@ -102,6 +102,43 @@ else bad "--tier disk: $(cat "$tmp/disk.err")"; fi
 expect_error "disk tier on a server" "embedded engine only" "$fasa" bench attend --tier disk --server tcp://127.0.0.1:1
 expect_error "bad tier" "\-\-tier 'tape'" "$fasa" bench attend --tier tape
 
+# The roofline (issue 13): CPU and ceilings, the fasa and dense steps by phase, and --json
+# with its stable names; byte figures against the geometry (f16: 2 bytes per element).
+T=4096
+if "$fasa" bench attend --tokens 4K --reps 1 --dtype f16 --methods dense,fasa --threads 2 \
+    --json "$tmp/roof.json" >"$tmp/roof.out" 2>"$tmp/roof.err"; then
+    has roofline "$tmp/roof.out" '^cpu: .+; simd: [a-z0-9. ]+; kernels. path (portable|avx2|avx512); threads 2 '
+    has roofline "$tmp/roof.out" '^roofline: read 1 thread [0-9.]+ GB/s, 2 threads [0-9.]+ GB/s; compute \(one core, L1\): f16 to f32 [0-9.e+]+ conversions/s, f32 FMA [0-9.e+]+/s$'
+    for ph in scan gather attend; do
+        has roofline "$tmp/roof.out" "^phase fasa +$ph +[0-9.]+ ms +[0-9.]+ GB/s +[0-9.]+ of roofline [0-9.]+ GB/s \((read|compute)\)$"
+    done
+    for ph in select merge other; do has roofline "$tmp/roof.out" "^phase fasa +$ph +[0-9.]+ ms$"; done
+    has roofline "$tmp/roof.out" '^phase dense +attend +[0-9.]+ ms +[0-9.]+ GB/s +[0-9.]+ of roofline'
+    has roofline "$tmp/roof.out" '^dense: kernel [0-9.]+ of its roofline \([0-9.]+ GB/s\), whole step [0-9.]+ \(target >= 0\.80 applies at 1M f16: (met|not met)\)$'
+    has roofline "$tmp/roof.out" '^fasa: scan [0-9.]+ of its roofline \(target >= 0\.85\); step = [0-9.]+x the time its [0-9.]+ MiB take at the read bandwidth \(target <= 1\.3\)'
+    for key in cpu simd threads dtype read_gbs read_gbs_by_threads cvt_per_s fma_per_s runs tokens \
+        fasa_ms fasa_bytes dense_ms dense_bytes scan_roofline dense_roofline scan_bytes \
+        fasa_over_read phases_ms; do
+        grep -q "\"$key\": " "$tmp/roof.json" && ok || bad "json lacks $key: $(cat "$tmp/roof.json")"
+    done
+    for ph in scan select gather attend merge other; do
+        grep -q "\"phases_ms\": {.*\"$ph\": [0-9.]" "$tmp/roof.json" && ok || bad "json phases_ms lacks $ph"
+    done
+    grep -q '"threads": 2,' "$tmp/roof.json" && ok || bad "json threads: $(cat "$tmp/roof.json")"
+    # The last run is also at the top level: dense reads all of K and V, the scan 32 of 128
+    # key dims.
+    grep -q "^  \"tokens\": $T, .*\"dense_bytes\": $((T * 8 * 128 * 2 * 2)), " "$tmp/roof.json" && ok ||
+        bad "json dense_bytes: $(cat "$tmp/roof.json")"
+    grep -q "\"scan_bytes\": $((T * 8 * 32 * 2)), " "$tmp/roof.json" && ok || bad "json scan_bytes"
+    if command -v python3 >/dev/null; then
+        python3 -m json.tool "$tmp/roof.json" >/dev/null && ok || bad "json does not parse: $(cat "$tmp/roof.json")"
+    fi
+else bad "attend --json: $(cat "$tmp/roof.err")"; fi
+expect_error "bad threads" "\-\-threads '0'" "$fasa" bench attend --threads 0
+expect_error "scan takes no --json" "'--json' is for 'fasa bench attend'" "$fasa" bench scan --json x
+FASA_THREADS=x "$fasa" bench attend --help >/dev/null 2>"$tmp/err"
+[ $? -eq 2 ] && grep -q "FASA_THREADS 'x' must be a thread count" "$tmp/err" && ok || bad "FASA_THREADS=x: $(cat "$tmp/err")"
+
 expect_error "bad benchmark" "unknown benchmark 'nope'" "$fasa" bench nope
 expect_error "bad tokens" "\-\-tokens '12x'" "$fasa" bench scan --tokens 12x
 expect_error "tokens too small" "\-\-tokens '100'" "$fasa" bench attend --tokens 100

@@ -11,6 +11,7 @@
 
 #include "fasa_client.h"
 #include "keyfile.h"
+#include "pool.h"
 
 typedef struct remote_session {
     char id[FASA_ID_MAX + 1];      /* the command's name for it */
@@ -147,6 +148,19 @@ fasa_client *backend_connect(const char *server, int timeout_ms, fasa_client_ser
     return c;
 }
 
+static int s_threads = 1;
+
+int backend_set_threads(int n_threads)
+{
+    if (n_threads >= 1 && n_threads <= FASA_POOL_MAX) s_threads = n_threads;
+    return s_threads;
+}
+
+int backend_threads(void)
+{
+    return s_threads;
+}
+
 backend *backend_open(const char *server, int shards, int block, fasa_error *err)
 {
     backend *b = calloc(1, sizeof(*b));
@@ -156,7 +170,10 @@ backend *backend_open(const char *server, int shards, int block, fasa_error *err
     }
     if (!server) {
         b->n_shards = shards;
-        if (!(b->eng = fasa_engine_new(shards, block))) {
+        fasa_transport t;
+        const int made = shards >= 1 && !fasa_transport_local_threads(&t, shards, s_threads);
+        if (made && !(b->eng = fasa_engine_new_with(&t, block))) t.destroy(t.ctx);
+        if (!b->eng) {
             free(b);
             s_fail(err, FASA_RESOURCE_EXHAUSTED, "out of memory for the embedded engine");
             return NULL;

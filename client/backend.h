@@ -53,6 +53,11 @@ int backend_take_curve_args(int *argc_p, char **argv);
  * fault in msg. */
 int backend_client_curve(struct fasa_client *c, char *msg, size_t msg_len);
 
+/* Threads of every embedded engine opened after this (1 .. FASA_POOL_MAX, worker/pool.h;
+ * default 1): the program's settings, set once at start-up; returns the count in force. */
+int backend_set_threads(int n_threads);
+int backend_threads(void);
+
 /* Opens a backend: server == NULL runs an embedded engine over shards in-process shards
  * and block-token placement blocks; otherwise connects to server (a ZeroMQ endpoint) and
  * checks that it answers a ping. NULL with err filled on failure. */

@@ -29,8 +29,12 @@
 #include "engine.h"
 #include "fasa_client.h"
 #include "progress.h"
+#include "phase.h"
+#include "pool.h"
 #include "readbw.h"
+#include "roofline.h"
 #include "shard.h"
+#include "simd.h"
 #include "synth.h"
 #include "timing.h"
 
@@ -40,6 +44,16 @@
 #define BENCH_MIN_TOKENS 1024
 #define BENCH_MAX_TOKENS (1L << 24)
 #define BENCH_1M 1048576L
+#define BENCH_N_PHASES 6
+#define BENCH_MAX_THREADS 64 /* read bandwidth measured on 1 .. this many threads */
+
+/* Targets of issue 13 (the roofline). */
+#define TARGET_SCAN_ROOFLINE 0.85
+#define TARGET_DENSE_ROOFLINE 0.80
+#define TARGET_FASA_OVER_READ 1.3
+
+static const char *const s_phase_names[BENCH_N_PHASES] = {"scan",   "select", "gather",
+                                                          "attend", "merge",  "other"};
 
 /* Targets (shared/docs/targets.md). */
 #define TARGET_SCAN_OVER_READ 0.80
@@ -124,6 +138,23 @@ static const char usage_attend[] =
     "                     (max_err: dense against the naive reference, the others against dense)\n"
     "  --png FILE         plot p50 step time against context length per method (log-log),\n"
     "                     with gnuplot where installed (otherwise a note, and no file)\n"
+    "  --threads T        threads of the embedded engine's steps (default FASA_THREADS, else\n"
+    "                     SLURM_CPUS_PER_TASK, else the CPUs this process may use)\n"
+    "  --json FILE        also write every figure as JSON under stable names: cpu, simd,\n"
+    "                     threads, dtype, read_gbs (T threads), read_gbs_by_threads, cvt_per_s,\n"
+    "                     fma_per_s, and per context length (\"runs\"; the last also at the top)\n"
+    "                     tokens, fasa_ms, fasa_bytes, dense_ms, dense_bytes, oracle_ms,\n"
+    "                     phases_ms {scan, select, gather, attend, merge, other},\n"
+    "                     scan_roofline, dense_roofline, fasa_over_read\n"
+    "\n"
+    "Roofline (embedded engine): the fasa and dense steps split into phases (scan = phase 1\n"
+    "on the shards, select = the candidate merge, gather and attend = phase 2, merge = the\n"
+    "partial merge, other = the rest of the step), each in ms (mean of R steps) and GB/s,\n"
+    "against ceilings measured in the same run: the streaming read bandwidth on 1 .. T\n"
+    "threads and the compute ceiling of each phase's inner loop from micro-probes of\n"
+    "conversions/s (the dtype to f32) and FMA/s (bench/roofline.h); a phase's fraction is of\n"
+    "the lower of the two (targets: scan >= 0.85, dense >= 0.80, fasa step <= 1.3x its\n"
+    "bytes at the read bandwidth, at 1M tokens f16).\n"
     "  --help             this text\n";
 
 static const char *const s_method_names[BENCH_N_METHODS] = {"dense", "fasa", "oracle"};
@@ -142,7 +173,8 @@ typedef struct bench_opts {
     char *servers[BENCH_MAX_SERVERS];
     int n_servers;
     char server_buf[1024];
-    const char *csv, *png;
+    const char *csv, *png, *json;
+    long threads; /* 0: the setting read at start-up (FASA_THREADS, ...) */
 } bench_opts;
 
 static const char *s_dtype(const bench_opts *o)
@@ -202,6 +234,8 @@ static int s_parse(const char *cmd, int argc, char **argv, bench_opts *o)
                                          {"server", required_argument, 0, 'E'},
                                          {"budget", required_argument, 0, 'b'},
                                          {"chunk", required_argument, 0, 'C'},
+                                         {"json", required_argument, 0, 'J'},
+                                         {"threads", required_argument, 0, 'N'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     const int scan = strcmp(cmd, "bench scan") == 0;
@@ -220,16 +254,14 @@ static int s_parse(const char *cmd, int argc, char **argv, bench_opts *o)
     const struct {
         int c;
         long *field, lo, hi;
-    } ints[] = {{'r', &o->reps, 1, 1000},
-                {'s', &o->seed, 0, 0x7fffffffL},
-                {'S', &o->shards, 1, 64},
-                {'C', &o->chunk, 1, 65536},
-                {'b', &o->budget, 1, 65536}};
+    } ints[] = {{'r', &o->reps, 1, 1000},    {'s', &o->seed, 0, 0x7fffffffL},
+                {'S', &o->shards, 1, 64},    {'C', &o->chunk, 1, 65536},
+                {'b', &o->budget, 1, 65536}, {'N', &o->threads, 1, FASA_POOL_MAX}};
     int c, li = -1;
     while ((c = getopt_long(argc, argv, "", opts, &li)) != -1) {
         /* scan takes only --tokens (one size), --reps, --seed and --csv. */
-        if (scan &&
-            (c == 'p' || c == 'm' || c == 'd' || c == 'S' || c == 'E' || c == 'b' || c == 'C'))
+        if (scan && (c == 'p' || c == 'm' || c == 'd' || c == 'S' || c == 'E' || c == 'b' ||
+                     c == 'C' || c == 'J' || c == 'N'))
             return cli_usage_error(cmd, "option '--%s' is for 'fasa bench attend'", opts[li].name);
         for (size_t i = 0; i < sizeof(ints) / sizeof(*ints); i++)
             if (c == ints[i].c && cli_parse_int(optarg, ints[i].lo, ints[i].hi, ints[i].field))
@@ -259,6 +291,10 @@ static int s_parse(const char *cmd, int argc, char **argv, bench_opts *o)
         case 'S':
         case 'C':
         case 'b':
+        case 'N':
+            break;
+        case 'J':
+            o->json = optarg;
             break;
         case 'c':
             o->csv = optarg;
@@ -542,7 +578,19 @@ typedef struct bench_row {
     double p50_ms, min_ms, max_err;
     int64_t bytes_read;
     double kv_per_token;
+    double phase_ms[BENCH_N_PHASES]; /* embedded engine: mean per step (s_phase_names) */
+    double mean_ms;                  /* mean step time (the phases' whole) */
+    double roofline;                 /* the step's GB/s over its ceiling (scan for fasa) */
+    int64_t scan_bytes;              /* fasa: the bytes phase 1 read */
 } bench_row;
+
+/* The machine's ceilings, measured once per run (bench/roofline.h). */
+typedef struct bench_roof {
+    char model[160], simd[160];
+    int threads;
+    double read[BENCH_MAX_THREADS + 1]; /* read[t]: GB/s on t threads, 1 .. threads */
+    double cvt, fma;                    /* conversions/s of the dtype, FMA/s, one core */
+} bench_roof;
 
 typedef struct bench_target {
     const char *server; /* NULL: embedded */
@@ -626,10 +674,90 @@ static int s_step(backend *b, const char *where, int m, const float *q, float *o
                     fasa_status_name(fe.code), fe.msg);
 }
 
+/* The read bandwidth at the threads the steps use. */
+static double s_read_gbs(const bench_roof *rf)
+{
+    return rf->read[rf->threads];
+}
+
+/* A method's phases (sum over R steps in ph, seconds; step times ms[R]) into row and
+ * printed in ms and GB/s against the roofline; row->roofline gets the figure its target
+ * reads: dense over the dense ceiling, fasa's scan over the scan ceiling. */
+static void s_phases(const bench_opts *o, const bench_roof *rf, const synth_cfg *c, bench_row *row,
+                     const double *ph, const double *ms, int R)
+{
+    const int G = c->n_kv_heads, grp = c->n_heads / G, u = 32; /* ntip 16: 32 packed dims */
+    const size_t esz = fasa_dtype_size(o->dtype);
+    const double read = s_read_gbs(rf), thr = rf->threads;
+    double mean = 0;
+    for (int r = 0; r < R; r++) mean += ms[r] / R;
+    /* gather and attend split phase 2's wall time by the shards' own sums of the two. */
+    const double inner = ph[FASA_PHASE_GATHER] + ph[FASA_PHASE_KERNEL];
+    const double gshare = inner > 0 ? ph[FASA_PHASE_GATHER] / inner : 0;
+    double *p = row->phase_ms;
+    p[0] = 1e3 * ph[FASA_PHASE_SCAN] / R;
+    p[1] = 1e3 * ph[FASA_PHASE_SELECT] / R;
+    p[2] = 1e3 * ph[FASA_PHASE_ATTEND] * gshare / R;
+    p[3] = 1e3 * ph[FASA_PHASE_ATTEND] * (1 - gshare) / R;
+    p[4] = 1e3 * ph[FASA_PHASE_MERGE] / R;
+    p[5] = fmax(0, mean - (p[0] + p[1] + p[2] + p[3] + p[4]));
+    row->mean_ms = mean;
+    const int dense = row->method == 0;
+    /* Bytes per phase: the scan reads the packed dims of every token, phase 2 the rest. */
+    const int64_t scan_b = dense ? 0 : (int64_t)row->tokens * G * u * (int64_t)esz;
+    const int64_t p2_b = row->bytes_read - scan_b;
+    row->scan_bytes = scan_b;
+    /* Compute ceilings (GB/s, T threads): the scan converts each packed element once for
+     * grp heads (per-head GQA: grp FMA each); dense converts K and V once for grp heads;
+     * phase 2 of a sparse step gathers rows for one head each. */
+    const double c_scan = thr * roofline_compute_gbs(esz, grp, rf->cvt, rf->fma);
+    const double c_p2 = thr * roofline_compute_gbs(esz, dense ? grp : 1, rf->cvt, rf->fma);
+    const double roof_scan = fmin(read, c_scan), roof_p2 = fmin(read, c_p2);
+    for (int i = 0; i < BENCH_N_PHASES; i++) {
+        if (dense && i < 3) continue; /* no scan, select or gather */
+        /* Bytes per phase for fasa and dense (oracle's scan reads whole rows: ms only). */
+        const int64_t by = row->method > 1 ? 0 : i == 0 ? scan_b : i == 2 || i == 3 ? p2_b : 0;
+        /* gather and attend are one pass over the rows phase 2 reads: both get its GB/s. */
+        const double t_ms = i == 2 || i == 3 ? p[2] + p[3] : p[i];
+        if (by > 0 && t_ms > 0) {
+            const double gbs = by / (t_ms * 1e6), roof = i == 0 ? roof_scan : roof_p2;
+            printf("phase %-6s %-6s %9.3f ms  %6.2f GB/s  %.2f of roofline %.2f GB/s (%s)\n",
+                   s_method_names[row->method], s_phase_names[i], p[i], gbs, gbs / roof, roof,
+                   roof == read ? "read" : "compute");
+        } else {
+            printf("phase %-6s %-6s %9.3f ms\n", s_method_names[row->method], s_phase_names[i],
+                   p[i]);
+        }
+    }
+    const double t_scan = p[0], t_p2 = p[2] + p[3];
+    if (dense) {
+        row->roofline = t_p2 > 0 ? p2_b / (t_p2 * 1e6) / roof_p2 : 0;
+        const double step = row->bytes_read / (mean * 1e6) / roof_p2;
+        printf("dense: kernel %.2f of its roofline (%.2f GB/s), whole step %.2f (target >= %.2f "
+               "%s: %s)\n",
+               row->roofline, roof_p2, step, TARGET_DENSE_ROOFLINE,
+               row->tokens >= BENCH_1M && o->dtype == FASA_DTYPE_F16 ? "at 1M f16"
+                                                                     : "applies at 1M f16",
+               s_met(step, TARGET_DENSE_ROOFLINE));
+    } else if (row->method == 1) {
+        row->roofline = t_scan > 0 ? scan_b / (t_scan * 1e6) / roof_scan : 0;
+        const double over = mean / (row->bytes_read / (read * 1e6));
+        printf("fasa: scan %.2f of its roofline (target >= %.2f); step = %.2fx the time its %.1f "
+               "MiB take at the read bandwidth (target <= %.1f); %s at 1M f16\n",
+               row->roofline, TARGET_SCAN_ROOFLINE, over, row->bytes_read / 1048576.0,
+               TARGET_FASA_OVER_READ,
+               row->tokens >= BENCH_1M && o->dtype == FASA_DTYPE_F16
+                   ? (row->roofline >= TARGET_SCAN_ROOFLINE && over <= TARGET_FASA_OVER_READ
+                          ? "met"
+                          : "not met")
+                   : "targets apply");
+    }
+}
+
 /* Runs one context length on one target: appends rows (one per timed method) to rows. */
-static int s_attend_one(const bench_opts *o, const bench_target *tg, int ti, const synth_t *sy,
-                        const fasa_profile *prof, naive_ref *nr, int fill_ref, bench_row *rows,
-                        int *n_rows)
+static int s_attend_one(const bench_opts *o, const bench_roof *rf, const bench_target *tg, int ti,
+                        const synth_t *sy, const fasa_profile *prof, naive_ref *nr, int fill_ref,
+                        bench_row *rows, int *n_rows)
 {
     static const char *const cmd = "bench attend";
     const synth_cfg *c = &sy->cfg;
@@ -723,18 +851,27 @@ static int s_attend_one(const bench_opts *o, const bench_target *tg, int ti, con
         goto done;
     }
 
-    /* Timed steps: rep r uses the query of position T - 2 - r, over the whole context. */
+    /* Timed steps: rep r uses the query of position T - 2 - r, over the whole context.
+     * On the embedded engine each step's phases are timed too (worker/phase.h: a few
+     * timestamps per step): ph[m] sums them per method. */
+    double ph[BENCH_N_METHODS][FASA_PHASE_N] = {{0}};
+    fasa_phase_enable(!tg->server);
     for (int r = 0; r < R; r++) {
         synth_query(sy, T - 2 - r, q);
         for (int m = 0; m < BENCH_N_METHODS; m++) {
             if (!o->timed[m]) continue;
             fasa_step_stats st;
+            double p0[FASA_PHASE_N], p1[FASA_PHASE_N];
+            fasa_phase_get(p0);
             const double t0 = timing_now();
             if (s_step(b, where, m, q, out, &st)) goto done;
             ms[m * R + r] = 1e3 * (timing_now() - t0);
+            fasa_phase_get(p1);
+            for (int i = 0; i < FASA_PHASE_N; i++) ph[m][i] += p1[i] - p0[i];
             bytes[m] = st.bytes_read;
         }
     }
+    fasa_phase_enable(0);
     double p50[BENCH_N_METHODS] = {0};
     for (int m = 0; m < BENCH_N_METHODS; m++) {
         if (!o->timed[m]) continue;
@@ -752,6 +889,7 @@ static int s_attend_one(const bench_opts *o, const bench_target *tg, int ti, con
         printf("tier %-4s %-6s  p50 %10.3f ms  min %10.3f ms  read %9.1f MiB  %6.2f GB/s\n",
                o->tier ? "disk" : "ram", s_method_names[m], p50[m], mn, bytes[m] / 1048576.0,
                bytes[m] / (p50[m] * 1e6));
+        if (!tg->server) s_phases(o, rf, c, &rows[*n_rows], ph[m], ms + m * R, R);
         (*n_rows)++;
     }
     if (o->timed[0] && o->timed[1]) {
@@ -832,6 +970,99 @@ static void s_plot(const bench_opts *o, const bench_target *tg, int n_targets,
         printf("png: %s\n", o->png);
 }
 
+/* Measures the ceilings (bench/roofline.h) and prints them with the CPU and its SIMD. The
+ * read buffer is 128 MiB, far above any last-level cache. 0, or -1 out of memory. */
+static int s_roofline(const bench_opts *o, bench_roof *rf)
+{
+    memset(rf, 0, sizeof(*rf));
+    roofline_cpu(rf->model, sizeof(rf->model), rf->simd, sizeof(rf->simd));
+    rf->threads = backend_threads() > BENCH_MAX_THREADS ? BENCH_MAX_THREADS : backend_threads();
+    const size_t n = (size_t)32 << 20;
+    float *buf = aligned_alloc(64, n * sizeof(float));
+    if (!buf) return -1;
+    for (size_t i = 0; i < n; i++) buf[i] = 1.0f + (float)(i & 7);
+    for (int t = 1; t <= rf->threads; t++) rf->read[t] = roofline_read_gbs(buf, n, t, 3);
+    free(buf);
+    rf->cvt = roofline_cvt_per_s(o->dtype);
+    rf->fma = roofline_fma_per_s();
+    printf("cpu: %s; simd: %s; kernels' path %s; threads %d (--threads, FASA_THREADS)\n", rf->model,
+           rf->simd, simd_path_name(simd_path_default()), rf->threads);
+    printf("roofline: read");
+    for (int t = 1; t <= rf->threads; t++)
+        printf("%s %d thread%s %.2f GB/s", t > 1 ? "," : "", t, t > 1 ? "s" : "", rf->read[t]);
+    printf("; compute (one core, L1): %s to f32 %.3g conversions/s, f32 FMA %.3g/s\n", s_dtype(o),
+           rf->cvt, rf->fma);
+    return 0;
+}
+
+/* Writes every figure under stable names (see usage_attend). 0, or 1 with the error. */
+static int s_json(const bench_opts *o, const bench_roof *rf, const bench_row *rows, int n_rows)
+{
+    FILE *f = fopen(o->json, "w");
+    if (!f) return cli_fail("bench attend", "--json '%s': cannot open for writing", o->json);
+    char model[sizeof(rf->model)];
+    size_t k = 0;
+    for (const char *c = rf->model; *c && k + 1 < sizeof(model); c++)
+        if (*c != '"' && *c != '\\') model[k++] = *c;
+    model[k] = '\0';
+    fprintf(f, "{\n  \"cpu\": \"%s\",\n  \"simd\": \"%s\",\n  \"simd_path\": \"%s\",\n", model,
+            rf->simd, simd_path_name(simd_path_default()));
+    fprintf(f, "  \"threads\": %d,\n  \"dtype\": \"%s\",\n  \"read_gbs\": %.4f,\n", rf->threads,
+            s_dtype(o), s_read_gbs(rf));
+    fprintf(f, "  \"read_gbs_by_threads\": [");
+    for (int t = 1; t <= rf->threads; t++) fprintf(f, "%s%.4f", t > 1 ? ", " : "", rf->read[t]);
+    fprintf(f, "],\n  \"cvt_per_s\": %.6g,\n  \"fma_per_s\": %.6g,\n", rf->cvt, rf->fma);
+    /* One run per (context length, target), embedded targets first; the last is also at the
+     * top level. */
+    char last[2048] = "";
+    fprintf(f, "  \"runs\": [");
+    int first = 1;
+    for (int i = 0; i < n_rows;) {
+        int j = i;
+        char one[2048];
+        size_t at = (size_t)snprintf(one, sizeof(one), "\"tokens\": %ld", rows[i].tokens);
+        for (; j < n_rows && rows[j].tokens == rows[i].tokens && rows[j].target == rows[i].target;
+             j++) {
+            const bench_row *r = &rows[j];
+            const char *m = s_method_names[r->method];
+            at += (size_t)snprintf(one + at, sizeof(one) - at,
+                                   ", \"%s_ms\": %.4f, \"%s_min_ms\": %.4f, \"%s_bytes\": %lld", m,
+                                   r->p50_ms, m, r->min_ms, m, (long long)r->bytes_read);
+            if (r->method == 1 || r->method == 0) {
+                at += (size_t)snprintf(one + at, sizeof(one) - at, ", \"%s_phases_ms\": {", m);
+                for (int p = 0; p < BENCH_N_PHASES; p++)
+                    at += (size_t)snprintf(one + at, sizeof(one) - at, "%s\"%s\": %.4f",
+                                           p ? ", " : "", s_phase_names[p], r->phase_ms[p]);
+                at += (size_t)snprintf(one + at, sizeof(one) - at, "}");
+            }
+            if (r->method == 1) {
+                at += (size_t)snprintf(
+                    one + at, sizeof(one) - at,
+                    ", \"scan_roofline\": %.4f, \"scan_bytes\": %lld, \"fasa_over_read\": %.4f",
+                    r->roofline, (long long)r->scan_bytes,
+                    r->mean_ms > 0 ? r->mean_ms / (r->bytes_read / (s_read_gbs(rf) * 1e6)) : 0);
+                at += (size_t)snprintf(one + at, sizeof(one) - at, ", \"phases_ms\": {");
+                for (int p = 0; p < BENCH_N_PHASES; p++)
+                    at += (size_t)snprintf(one + at, sizeof(one) - at, "%s\"%s\": %.4f",
+                                           p ? ", " : "", s_phase_names[p], r->phase_ms[p]);
+                at += (size_t)snprintf(one + at, sizeof(one) - at, "}");
+            }
+            if (r->method == 0)
+                at += (size_t)snprintf(one + at, sizeof(one) - at, ", \"dense_roofline\": %.4f",
+                                       r->roofline);
+            if (at >= sizeof(one)) at = sizeof(one) - 1;
+        }
+        fprintf(f, "%s\n    {%s}", first ? "" : ",", one);
+        snprintf(last, sizeof(last), "%s", one);
+        first = 0;
+        i = j;
+    }
+    fprintf(f, "\n  ]%s%s\n}\n", last[0] ? ",\n  " : "", last);
+    if (fclose(f)) return cli_fail("bench attend", "--json '%s': write failed", o->json);
+    printf("json: %s\n", o->json);
+    return 0;
+}
+
 static int s_attend(const bench_opts *o)
 {
     static const char *const cmd = "bench attend";
@@ -856,6 +1087,11 @@ static int s_attend(const bench_opts *o)
     FILE *csv = NULL;
     int rc = 1, n_rows = 0;
     if (!rows) return cli_fail(cmd, "out of memory");
+    bench_roof roof, *rf = &roof;
+    if (s_roofline(o, rf)) {
+        free(rows);
+        return cli_fail(cmd, "out of memory for the read-bandwidth buffer");
+    }
     for (int si = 0; si < o->n_sizes; si++) {
         char err[256];
         synth_cfg sc = synth_cfg_default((int)o->sizes[si]);
@@ -872,7 +1108,7 @@ static int s_attend(const bench_opts *o)
         int fail = !prof || !nr.o;
         if (fail) cli_fail(cmd, "out of memory");
         for (int t = 0; t < n_targets && !fail; t++)
-            fail = s_attend_one(o, &tg[t], t, &sy, prof, &nr, t == 0, rows, &n_rows);
+            fail = s_attend_one(o, rf, &tg[t], t, &sy, prof, &nr, t == 0, rows, &n_rows);
         free(nr.o);
         fasa_profile_destroy(&prof);
         synth_free(&sy);
@@ -922,6 +1158,7 @@ static int s_attend(const bench_opts *o)
         printf("csv: %s\n", o->csv);
     }
     if (o->png) s_plot(o, tg, n_targets, rows, n_rows);
+    if (o->json && s_json(o, rf, rows, n_rows)) goto done;
     rc = 0;
 done:
     if (csv) fclose(csv);
@@ -950,6 +1187,7 @@ int cmd_bench(int argc, char **argv)
         if (!mkdtemp(o.tmp_dir)) return cli_fail("bench attend", "cannot make a directory in /tmp");
         o.state_dir = o.tmp_dir;
     }
+    if (o.threads) backend_set_threads((int)o.threads);
     const int rc = s_attend(&o);
     if (*o.tmp_dir) rmdir(o.tmp_dir);
     return rc;

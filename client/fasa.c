@@ -10,6 +10,7 @@
 
 #include "backend.h"
 #include "cli.h"
+#include "pool.h"
 
 static const char usage[] =
     "usage: fasa COMMAND [OPTIONS]\n"
@@ -46,6 +47,8 @@ static const char usage[] =
     "5000 for the ping that first checks the server answers). FASA_DEADLINE_MS: a deadline\n"
     "sent with each request; one that waits longer in the server's queue is not run\n"
     "(UNAVAILABLE).\n"
+    "FASA_THREADS: threads of the embedded engine's steps (default SLURM_CPUS_PER_TASK when\n"
+    "set, else the CPUs this process may run on; the outputs do not depend on it).\n"
     "Run 'fasa COMMAND --help' for a command's options.\n";
 
 int cli_fail(const char *cmd, const char *fmt, ...)
@@ -134,6 +137,14 @@ int main(int argc, char **argv)
         puts("fasa 0.1.0");
         return 0;
     }
+    /* Settings read once at start-up: the embedded engine's threads. */
+    char why[128];
+    const int n_threads = fasa_threads_from_env(why, sizeof(why));
+    if (n_threads < 1) {
+        fprintf(stderr, "fasa: %s\n", why);
+        return 2;
+    }
+    backend_set_threads(n_threads);
     if (strcmp(argv[1], "bench") == 0) return cmd_bench(argc - 1, argv + 1);
     static const struct {
         const char *name;

@@ -1,5 +1,6 @@
 /* Sessions, placement and the step plan. See engine.h. */
 #include "engine.h"
+#include "phase.h"
 
 #include <errno.h>
 #include <math.h>
@@ -962,14 +963,19 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
     p.n_sel = e->n_sel, p.have_thr = e->have_thr, p.m = e->m, p.l = e->l, p.o = e->o;
     p.aux = e->aux;
     if ((st = s_plan_commit(e, &p, err))) return st;
+    double t = fasa_phase_now(); /* 0 unless a benchmark times the phases (phase.h) */
     if (!p.dense && e->tr.score(e->tr.ctx, p.s->sid, &p.st, p.cands, p.n_cands))
         return s_step_failed(&p, err);
+    t = fasa_phase_add(FASA_PHASE_SCAN, t);
     s_plan_select(e, &p, selected);
+    t = fasa_phase_add(FASA_PHASE_SELECT, t);
     if (e->tr.attend(e->tr.ctx, p.s->sid, &p.st, p.thr, p.have_thr, p.m, p.l, p.o, p.aux, &p.bytes))
         return s_step_failed(&p, err);
+    t = fasa_phase_add(FASA_PHASE_ATTEND, t);
     if (s_plan_finish(e, &p, out, stats))
         return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED, "out of memory merging a step of '%s'",
                               id);
+    fasa_phase_add(FASA_PHASE_MERGE, t);
     return FASA_OK;
 }
 

@@ -28,6 +28,7 @@
 #include "keyfile.h"
 #include "liveness.h"
 #include "log.h"
+#include "pool.h"
 #include "server_config.h"
 #include "service.h"
 #include "snapshot.h"
@@ -619,13 +620,22 @@ int main(int argc, char **argv)
         fasa_log(FASA_LOG_WARN, 0,
                  "liveness: cannot gather the ranks' PIDs; dead ranks are "
                  "seen only through MPI errors");
+    /* Threads per rank for the shards' steps, read once here (worker/pool.h): FASA_THREADS,
+     * else SLURM_CPUS_PER_TASK, else the CPUs this rank may run on. */
+    char why[128];
+    const int n_threads = fasa_threads_from_env(why, sizeof(why));
+    if (n_threads < 1) {
+        fasa_log(FASA_LOG_ERROR, 0, "%s", why);
+        MPI_Abort(MPI_COMM_WORLD, 2);
+    }
 
     if (rank != 0) {
         /* Workers leave signals to rank 0, which stops them in order. */
         signal(SIGTERM, SIG_IGN);
         signal(SIGINT, SIG_IGN);
         fasa_log(FASA_LOG_DEBUG, 0, "worker up");
-        const int rc = worker_mpi_loop(MPI_COMM_WORLD);
+        fasa_log(FASA_LOG_DEBUG, 0, "worker: %d thread(s)", n_threads);
+        const int rc = worker_mpi_loop_threads(MPI_COMM_WORLD, n_threads);
         if (rc) {
             fasa_log(FASA_LOG_ERROR, 0, "worker protocol failure; aborting the job");
             MPI_Abort(MPI_COMM_WORLD, 1);
@@ -650,7 +660,11 @@ int main(int argc, char **argv)
 
     fasa_engine_t *engine = NULL;
     if (size == 1) {
-        engine = fasa_engine_new(1, (int)o.block);
+        fasa_transport t;
+        if (fasa_transport_local_threads(&t, 1, n_threads) == 0) {
+            engine = fasa_engine_new_with(&t, (int)o.block);
+            if (!engine) t.destroy(t.ctx);
+        }
     } else {
         fasa_transport t;
         if (fasa_transport_mpi(&t, MPI_COMM_WORLD) == 0) {

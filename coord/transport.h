@@ -58,7 +58,12 @@ typedef struct fasa_transport {
     void (*destroy)(void *ctx);
 } fasa_transport;
 
-/* In-process shards: n_shards shard_t per session. Returns 0, or -1 out of memory. */
+/* In-process shards: n_shards shard_t per session, one thread. Returns 0, or -1 out of
+ * memory. */
 int fasa_transport_local(fasa_transport *t, int n_shards);
+/* The same on n_threads threads (1 .. FASA_POOL_MAX, worker/pool.h): a pool made once,
+ * here, and used by every step; outputs are the same bits for any n_threads. Returns 0, or
+ * -1 out of memory or when a thread cannot be started. */
+int fasa_transport_local_threads(fasa_transport *t, int n_shards, int n_threads);
 
 #endif

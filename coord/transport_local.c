@@ -1,8 +1,13 @@
-/* The in-process transport of the embedded engine: shards are plain shard_t objects
- * called one after another. */
+/* The in-process transport of the embedded engine: shards are plain shard_t objects.
+ * With T > 1 threads a phase runs its shards in parallel (one pool task per shard, each
+ * shard's KV groups then inline on that thread) when there are at least T shards, else
+ * the shards one after another, each running its KV groups on all T threads. Either way
+ * every output is computed by the same code on the same rows, so it is the same bits for
+ * any T. */
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "pool.h"
 #include "transport.h"
 
 typedef struct local_ctx {
@@ -11,6 +16,7 @@ typedef struct local_ctx {
     shard_t ***sessions; /* (cap) each NULL or (n_shards) shards */
     /* Pipelined phases run at once; their results wait here for wait(), oldest first. */
     int done[FASA_PIPE_MAX], head, len;
+    fasa_pool_t *pool; /* NULL: one thread */
 } local_ctx;
 
 static int s_session_new(void *ctx, int sid, const shard_layout *layout)
@@ -29,6 +35,7 @@ static int s_session_new(void *ctx, int sid, const shard_layout *layout)
     if (!sh) return -1;
     for (int i = 0; i < c->n_shards; i++) {
         sh[i] = shard_new(layout);
+        if (sh[i]) shard_set_pool(sh[i], c->pool);
         if (!sh[i]) {
             for (int j = 0; j < i; j++) shard_destroy(&sh[j]);
             free(sh);
@@ -55,15 +62,66 @@ static int s_append(void *ctx, int sid, int shard, int layer, int n, const int32
     return shard_append(c->sessions[sid][shard], layer, n, pos, k, v);
 }
 
+/* One phase over every shard of a session: a pool task per shard. */
+typedef struct local_phase {
+    shard_t **sh;
+    const shard_step *st;
+    int units;
+    topk_cand *cands;
+    int *n_cands;
+    const topk_cand *thr;
+    const uint8_t *have_thr;
+    float *m;
+    double *l, *o, *aux;
+    size_t nh, d;
+    int rc[]; /* (n_shards) */
+} local_phase;
+
+static void s_score_one(void *ctx, int i, int tid)
+{
+    (void)tid;
+    local_phase *p = ctx;
+    p->rc[i] = shard_score(p->sh[i], p->st, p->cands + (size_t)i * p->units * p->st->budget,
+                           p->n_cands + i * p->units);
+}
+
+static void s_attend_one(void *ctx, int i, int tid)
+{
+    (void)tid;
+    local_phase *p = ctx;
+    /* Shard i writes block i of (m, l, o). */
+    p->rc[i] = shard_attend(p->sh[i], p->st, p->thr, p->have_thr, p->m + i * p->nh,
+                            p->l + i * p->nh, p->o + i * p->nh * p->d);
+    if (!p->rc[i] && p->st->method == SHARD_SPARQ)
+        shard_sparq_aux(p->sh[i], p->st, p->aux + i * p->nh * SHARD_SPARQ_AUX(p->d));
+}
+
+/* Runs fn over the shards (see the top of the file); 0, or -1 when one failed. */
+static int s_phase(local_ctx *c, local_phase *p, fasa_pool_fn fn)
+{
+    if (c->n_shards >= fasa_pool_threads(c->pool))
+        fasa_pool_run(c->pool, c->n_shards, fn, p);
+    else
+        for (int i = 0; i < c->n_shards; i++) fn(p, i, 0);
+    for (int i = 0; i < c->n_shards; i++)
+        if (p->rc[i]) return -1;
+    return 0;
+}
+
 static int s_score(void *ctx, int sid, const shard_step *st, topk_cand *cands, int *n_cands)
 {
     local_ctx *c = ctx;
     shard_t **sh = c->sessions[sid];
-    const int units = shard_units(sh[0], st->gqa);
-    for (int i = 0; i < c->n_shards; i++)
-        if (shard_score(sh[i], st, cands + (size_t)i * units * st->budget, n_cands + i * units))
-            return -1;
-    return 0;
+    local_phase *p = calloc(1, sizeof(*p) + (size_t)c->n_shards * sizeof(int));
+    if (!p) return -1;
+    *p = (local_phase){.sh = sh,
+                       .st = st,
+                       .units = shard_units(sh[0], st->gqa),
+                       .cands = cands,
+                       .n_cands = n_cands};
+    const int rc = s_phase(c, p, s_score_one);
+    free(p);
+    return rc;
 }
 
 static int s_attend(void *ctx, int sid, const shard_step *st, const topk_cand *thr,
@@ -72,17 +130,24 @@ static int s_attend(void *ctx, int sid, const shard_step *st, const topk_cand *t
 {
     local_ctx *c = ctx;
     shard_t **sh = c->sessions[sid];
-    int64_t bytes = 0;
     const shard_layout *lay = shard_layout_of(sh[0]);
-    const size_t nh = (size_t)lay->n_heads, d = (size_t)lay->head_dim;
-    for (int i = 0; i < c->n_shards; i++) {
-        /* Shard i writes block i of (m, l, o). */
-        if (shard_attend(sh[i], st, thr, have_thr, m + i * nh, l + i * nh, o + i * nh * d))
-            return -1;
-        if (st->method == SHARD_SPARQ)
-            shard_sparq_aux(sh[i], st, aux + i * nh * SHARD_SPARQ_AUX(d));
-        bytes += shard_bytes_read(sh[i]);
-    }
+    local_phase *p = calloc(1, sizeof(*p) + (size_t)c->n_shards * sizeof(int));
+    if (!p) return -1;
+    *p = (local_phase){.sh = sh,
+                       .st = st,
+                       .thr = thr,
+                       .have_thr = have_thr,
+                       .m = m,
+                       .l = l,
+                       .o = o,
+                       .aux = aux,
+                       .nh = (size_t)lay->n_heads,
+                       .d = (size_t)lay->head_dim};
+    const int rc = s_phase(c, p, s_attend_one);
+    free(p);
+    if (rc) return -1;
+    int64_t bytes = 0;
+    for (int i = 0; i < c->n_shards; i++) bytes += shard_bytes_read(sh[i]);
     *bytes_p = bytes;
     return 0;
 }
@@ -154,13 +219,23 @@ static void s_destroy(void *ctx)
     local_ctx *c = ctx;
     for (int sid = 0; sid < c->cap; sid++) s_session_drop(c, sid);
     free(c->sessions);
+    fasa_pool_destroy(&c->pool);
     free(c);
 }
 
 int fasa_transport_local(fasa_transport *t, int n_shards)
 {
+    return fasa_transport_local_threads(t, n_shards, 1);
+}
+
+int fasa_transport_local_threads(fasa_transport *t, int n_shards, int n_threads)
+{
     local_ctx *c = calloc(1, sizeof(*c));
     if (!c) return -1;
+    if (n_threads > 1 && !(c->pool = fasa_pool_new(n_threads))) {
+        free(c);
+        return -1;
+    }
     c->n_shards = n_shards;
     *t = (fasa_transport){.ctx = c,
                           .n_shards = n_shards,

@@ -1131,7 +1131,7 @@ int main(int argc, char **argv)
         s_idle_run(rank, atof(idle));
     else if (rank == 0)
         failed = s_run_suite();
-    else if (worker_mpi_loop(s_comm))
+    else if (worker_mpi_loop_threads(s_comm, rank % 2 ? 2 : 1)) /* threaded and not */
         MPI_Abort(MPI_COMM_WORLD, 2);
     /* Every rank exits with the suite's verdict. */
     MPI_Allreduce(MPI_IN_PLACE, &failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);

@@ -9,9 +9,10 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include <cblas.h>
-
 #include "attn.h"
+#include "dense.h"
+#include "phase.h"
+#include "pool.h"
 #include "score.h"
 #include "simd.h"
 
@@ -57,7 +58,6 @@ struct shard {
     double *aux; /* (n_heads, SHARD_SPARQ_AUX(head_dim)) of the last SPARQ score */
     size_t aux_cap;
     float *conv; /* f16/bf16: (2, ATTN_BLOCK, head_dim) rows converted to f32 for a kernel */
-    float *pv;   /* (n_heads / n_kv_heads, head_dim) dense P.V of one block (attn.h) */
     /* On the heap, not the stack: with the largest geometry (1024 query heads on one KV
      * head of 1024 dims) each is 2 to 4 MiB. */
     float *qf;       /* (n_heads / n_kv_heads, head_dim) a group's queries, permuted */
@@ -66,7 +66,17 @@ struct shard {
     uint16_t *stage; /* f16/bf16: (2, rows, head_dim) gathered K and V rows before conversion */
     size_t stage_cap;
     int64_t bytes_read_last; /* KV bytes read by the last score + attend */
-    float scores[];          /* flexible tail: see shard_new */
+    float *dscr;             /* (DENSE_SCRATCH(group, head_dim)) the dense kernel's scratch */
+    size_t dscr_cap;
+    /* Threads (pool.h): a step runs its KV groups as tasks of the pool; a task on thread t
+     * >= 1 works in views[t - 1], a shallow copy of this shard with scratch of its own that
+     * shares the store and the per-step results (kept, n_kept, aux). Thread 0 uses the
+     * shard itself. A view owns only its grow-only scratch and bytes_read_last (freed by
+     * s_view_destroy); everything else it borrows. */
+    fasa_pool_t *pool; /* borrowed; NULL: one thread */
+    shard_t **views;   /* (n_views) */
+    int n_views;
+    float scores[]; /* flexible tail: see shard_new */
 };
 
 /* The per-step query scratch that lives in the flexible tail of struct shard:
@@ -182,11 +192,10 @@ shard_t *shard_new(const shard_layout *layout)
         s->conv = malloc((size_t)2 * ATTN_BLOCK * layout->head_dim * sizeof(float));
     const size_t gd = (size_t)(layout->n_heads / layout->n_kv_heads) * layout->head_dim;
     const size_t kd = (size_t)layout->n_kv_heads * layout->head_dim;
-    s->pv = malloc(gd * sizeof(float));
     s->qf = malloc(gd * sizeof(float));
     s->rowf = malloc(kd * sizeof(float));
     if (layout->dtype != FASA_DTYPE_F32) s->rowh = malloc(kd * sizeof(uint16_t));
-    if (!s->layers || !s->n_kept || !s->pv || !s->qf || !s->rowf ||
+    if (!s->layers || !s->n_kept || !s->qf || !s->rowf ||
         (layout->dtype != FASA_DTYPE_F32 && (!s->conv || !s->rowh)))
         goto err_layout;
     return s;
@@ -194,7 +203,6 @@ err_layout:
     free(s->layers);
     free(s->n_kept);
     free(s->conv);
-    free(s->pv);
     free(s->qf);
     free(s->rowf);
     free(s->rowh);
@@ -204,10 +212,24 @@ err_free:
     return NULL;
 }
 
+/* Frees a view: its own scratch only. */
+static void s_view_destroy(shard_t *v)
+{
+    free(v->acc_buf);
+    free(v->gather);
+    free(v->conv);
+    free(v->qf);
+    free(v->stage);
+    free(v->dscr);
+    free(v);
+}
+
 void shard_destroy(shard_t **shard_p)
 {
     shard_t *s = *shard_p;
     if (!s) return;
+    for (int i = 0; i < s->n_views; i++) s_view_destroy(s->views[i]);
+    free(s->views);
     for (int l = 0; l < s->lay.n_layers; l++) {
         layer_store *ls = &s->layers[l];
         for (int c = 0; c < ls->n_chunks; c++) {
@@ -234,11 +256,11 @@ void shard_destroy(shard_t **shard_p)
     free(s->gather);
     free(s->aux);
     free(s->conv);
-    free(s->pv);
     free(s->qf);
     free(s->rowf);
     free(s->rowh);
     free(s->stage);
+    free(s->dscr);
     shard_layout_cleanup(&s->lay);
     free(s);
     *shard_p = NULL;
@@ -510,6 +532,60 @@ static int s_grow(void **buf, size_t *cap, size_t bytes)
     return 0;
 }
 
+void shard_set_pool(shard_t *s, fasa_pool_t *pool)
+{
+    s->pool = pool;
+}
+
+/* A view of s for one more thread (see struct shard); NULL when out of memory. */
+static shard_t *s_view_new(const shard_t *s)
+{
+    shard_t *v = calloc(1, sizeof(*v) + s_tail_floats(&s->lay) * sizeof(float));
+    if (!v) return NULL;
+    v->lay = s->lay; /* borrowed arrays */
+    v->layers = s->layers;
+    const size_t gd = (size_t)(s->lay.n_heads / s->lay.n_kv_heads) * s->lay.head_dim;
+    if (s->lay.dtype != FASA_DTYPE_F32)
+        v->conv = malloc((size_t)2 * ATTN_BLOCK * s->lay.head_dim * sizeof(float));
+    v->qf = malloc(gd * sizeof(float));
+    if ((s->lay.dtype != FASA_DTYPE_F32 && !v->conv) || !v->qf) {
+        s_view_destroy(v);
+        return NULL;
+    }
+    return v;
+}
+
+/* Makes the views a step on the pool needs and points their shared fields at the shard's
+ * (after the shard grew them); resets their byte counts. 0, or -1 out of memory. */
+static int s_views_ready(shard_t *s)
+{
+    const int need = fasa_pool_threads(s->pool) - 1;
+    if (need > s->n_views) {
+        shard_t **p = realloc(s->views, (size_t)need * sizeof(*p));
+        if (!p) return -1;
+        s->views = p;
+        while (s->n_views < need) {
+            if (!(p[s->n_views] = s_view_new(s))) return -1;
+            s->n_views++;
+        }
+    }
+    for (int i = 0; i < s->n_views; i++) {
+        shard_t *v = s->views[i];
+        v->kept = s->kept;
+        v->n_kept = s->n_kept;
+        v->kept_budget = s->kept_budget;
+        v->aux = s->aux;
+        v->bytes_read_last = 0;
+    }
+    return 0;
+}
+
+/* The shard a task on thread tid works in. */
+static shard_t *s_view(shard_t *s, int tid)
+{
+    return tid == 0 ? s : s->views[tid - 1];
+}
+
 /* Key row r of KV head g of a layer in the original dim order. */
 static void s_row_key(const shard_t *s, int layer, int g, int r, float *out)
 {
@@ -702,31 +778,21 @@ void shard_sparq_aux(const shard_t *s, const shard_step *st, double *aux)
     memcpy(aux, s->aux, (size_t)s->lay.n_heads * SHARD_SPARQ_AUX(s->lay.head_dim) * sizeof(double));
 }
 
-int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands)
+/* Phase 1 for KV heads g0 .. g1 - 1 in s (the shard or a view; its acc_buf grown for the
+ * step); returns the KV bytes read. */
+static int64_t s_score_groups(shard_t *s, const shard_step *st, int g0, int g1, topk_cand *cands,
+                              int *n_cands)
 {
     const shard_layout *lay = &s->lay;
     const int d = lay->head_dim, hkv = lay->n_kv_heads, grp = lay->n_heads / hkv;
-    const int units = shard_units(s, st->gqa), b = st->budget;
+    const int b = st->budget;
     const layer_store *ls = &s->layers[st->layer];
     const int n_vis = shard_visible(s, st->layer, st->max_pos);
     const size_t acc_one = 2 * (size_t)b + SHARD_CHUNK;
-    if (s_grow((void **)&s->kept, &s->kept_cap, (size_t)units * b * sizeof(topk_cand)) ||
-        s_grow((void **)&s->acc_buf, &s->acc_cap, (size_t)grp * acc_one * sizeof(topk_cand)))
-        return -1;
-    s->kept_budget = b;
     const int sparq = st->method == SHARD_SPARQ;
-    if (sparq && s_grow((void **)&s->aux, &s->aux_cap,
-                        (size_t)lay->n_heads * SHARD_SPARQ_AUX(d) * sizeof(double)))
-        return -1;
-
-    if (st->method == SHARD_STREAM) {
-        s_score_stream(s, st, units, n_vis, cands, n_cands);
-        return 0;
-    }
-
     float *sc = s->scores, *qd = sc + (size_t)grp * SHARD_CHUNK, *qr = qd + (size_t)grp * d;
     int64_t bytes = 0;
-    for (int g = 0; g < hkv; g++) {
+    for (int g = g0; g < g1; g++) {
         const int u = lay->n_dom[st->layer * hkv + g];
         const int n_q = s_pack_queries(s, st, g, qd, qr);
         const int oracle = st->method == SHARD_ORACLE || sparq;
@@ -765,6 +831,54 @@ int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands
             if (n_cands) n_cands[unit] = n;
         }
     }
+    return bytes;
+}
+
+typedef struct s_score_task {
+    shard_t *s;
+    const shard_step *st;
+    topk_cand *cands;
+    int *n_cands;
+    int64_t *bytes; /* (n_kv_heads) */
+} s_score_task;
+
+static void s_score_run(void *ctx, int g, int tid)
+{
+    s_score_task *t = ctx;
+    t->bytes[g] = s_score_groups(s_view(t->s, tid), t->st, g, g + 1, t->cands, t->n_cands);
+}
+
+int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads, grp = lay->n_heads / hkv;
+    const int units = shard_units(s, st->gqa), b = st->budget;
+    const int n_vis = shard_visible(s, st->layer, st->max_pos);
+    const size_t acc_one = 2 * (size_t)b + SHARD_CHUNK;
+    if (s_grow((void **)&s->kept, &s->kept_cap, (size_t)units * b * sizeof(topk_cand)) ||
+        s_grow((void **)&s->acc_buf, &s->acc_cap, (size_t)grp * acc_one * sizeof(topk_cand)))
+        return -1;
+    s->kept_budget = b;
+    const int sparq = st->method == SHARD_SPARQ;
+    if (sparq && s_grow((void **)&s->aux, &s->aux_cap,
+                        (size_t)lay->n_heads * SHARD_SPARQ_AUX(d) * sizeof(double)))
+        return -1;
+
+    if (st->method == SHARD_STREAM) {
+        s_score_stream(s, st, units, n_vis, cands, n_cands);
+        return 0;
+    }
+
+    /* Every thread's accumulators (views: pool.h); the KV groups as tasks. */
+    if (s_views_ready(s)) return -1;
+    for (int i = 0; i < s->n_views; i++)
+        if (s_grow((void **)&s->views[i]->acc_buf, &s->views[i]->acc_cap,
+                   (size_t)grp * acc_one * sizeof(topk_cand)))
+            return -1;
+    int64_t bytes_g[hkv], bytes = 0;
+    s_score_task task = {s, st, cands, n_cands, bytes_g};
+    fasa_pool_run(s->pool, hkv, s_score_run, &task);
+    for (int g = 0; g < hkv; g++) bytes += bytes_g[g];
     s->bytes_read_last = bytes;
     return 0;
 }
@@ -783,8 +897,10 @@ static int s_row_of(const layer_store *ls, int32_t pos)
     return lo;
 }
 
-/* Dense phase 2 for KV head g: every visible row, in blocks of ATTN_BLOCK, online softmax;
- * P.V by sgemm (attn_accum_blas: faster than the loops in bench_kernels). */
+/* Dense phase 2 for KV head g: every visible row, in blocks of DENSE_BLOCK rows, each
+ * folded into the group's partials by the fused kernel (kernels/dense.h: one pass over the
+ * block's K and V, converting as it reads; faster than the earlier convert + sgemm blocks
+ * in bench_kernels and `fasa bench attend`). */
 static void s_attend_dense(shard_t *s, const shard_step *st, int g, int n_vis, const float *qf,
                            float *m, double *l, double *o)
 {
@@ -792,35 +908,18 @@ static void s_attend_dense(shard_t *s, const shard_step *st, int g, int n_vis, c
     const int d = lay->head_dim, hkv = lay->n_kv_heads, grp = lay->n_heads / hkv;
     const int u = lay->n_dom[st->layer * hkv + g];
     const layer_store *ls = &s->layers[st->layer];
-    float *lg = s->scores + (size_t)grp * SHARD_CHUNK + 2 * (size_t)grp * d;
-    /* qf is (grp, d) in permuted order: the dominant part first, then the rest. */
-    float *qdp = s->scores + (size_t)grp * SHARD_CHUNK, *qrp = qdp + (size_t)grp * d; /* qd, qr */
-    for (int i = 0; i < grp; i++) {
-        memcpy(qdp + i * u, qf + (size_t)i * d, (size_t)u * sizeof(float));
-        memcpy(qrp + i * (d - u), qf + (size_t)i * d + u, (size_t)(d - u) * sizeof(float));
-    }
-    for (int r0 = 0; r0 < n_vis; r0 += ATTN_BLOCK) {
-        const int nb = n_vis - r0 < ATTN_BLOCK ? n_vis - r0 : ATTN_BLOCK;
+    float *scr = s->dscr;
+    const double t = fasa_phase_now();
+    for (int r0 = 0; r0 < n_vis; r0 += DENSE_BLOCK) {
+        const int nb = n_vis - r0 < DENSE_BLOCK ? n_vis - r0 : DENSE_BLOCK;
         const kv_chunk *ch = &ls->chunks[r0 / SHARD_CHUNK][g];
         const int rr = r0 % SHARD_CHUNK;
-        score_tiles_dt(SIMD_AUTO, lay->dtype, (nb + SCORE_TILE - 1) / SCORE_TILE, u, grp, lg,
-                       ATTN_BLOCK, qdp,
-                       s_at(s, ch->kdom, (size_t)(rr / SCORE_TILE) * u * SCORE_TILE));
-        const float *kx =
-            s_rows_f32(s, ch->krest, (size_t)rr * (d - u), (size_t)nb * (d - u), s->conv);
-        /* f16/bf16: sgemm over the converted block (2x the loops in bench_kernels); f32:
-         * the loops (faster than sgemm straight from memory). */
-        if (lay->dtype != FASA_DTYPE_F32 && d > u && (int64_t)grp * nb * (d - u) <= ATTN_BLAS_MNK)
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, grp, nb, d - u, 1.0f, qrp, d - u,
-                        kx, d - u, 1.0f, lg, ATTN_BLOCK);
-        else
-            score_rows(nb, d - u, grp, lg, ATTN_BLOCK, qrp, kx, d - u, 1);
-        for (int i = 0; i < grp; i++)
-            for (int j = 0; j < nb; j++) lg[i * ATTN_BLOCK + j] *= st->scale;
-        const float *vx = s_rows_f32(s, ch->v, (size_t)rr * d, (size_t)nb * d,
-                                     s->conv ? s->conv + (size_t)ATTN_BLOCK * d : NULL);
-        attn_accum_blas(nb, d, grp, lg, ATTN_BLOCK, vx, d, m, l, o, s->pv);
+        dense_block(SIMD_AUTO, lay->dtype, nb, d, u, grp, st->scale, qf,
+                    s_at(s, ch->kdom, (size_t)(rr / SCORE_TILE) * u * SCORE_TILE),
+                    s_at(s, ch->krest, (size_t)rr * (d - u)), s_at(s, ch->v, (size_t)rr * d), m, l,
+                    o, scr);
     }
+    fasa_phase_add(FASA_PHASE_KERNEL, t);
     s->bytes_read_last += (int64_t)n_vis * 2 * d * (int64_t)s_esz(s);
 }
 
@@ -857,6 +956,7 @@ static void s_attend_rows(shard_t *s, const shard_step *st, int g, int unit, top
     const size_t cap = (size_t)s->kept_budget * s_rows_per_cand(st);
     float *kg = s->gather, *vg = kg + cap * d;
     float *lg = vg + cap * d;
+    double t = fasa_phase_now(); /* phase.h: 0 unless a benchmark times phases */
     int n = 0;
     for (int i = 0; i < s->n_kept[unit]; i++) {
         if (topk_better(thr, kept[i])) continue;
@@ -894,53 +994,98 @@ static void s_attend_rows(shard_t *s, const shard_step *st, int g, int unit, top
             n++;
         }
     }
-    if (n == 0) return;
+    if (n == 0) {
+        fasa_phase_add(FASA_PHASE_GATHER, t);
+        return;
+    }
     if (lay->dtype != FASA_DTYPE_F32) {
         dtype_to_f32(SIMD_AUTO, lay->dtype, (size_t)n * d, s->stage, kg);
         dtype_to_f32(SIMD_AUTO, lay->dtype, (size_t)n * d, s->stage + cap * d, vg);
     }
+    t = fasa_phase_add(FASA_PHASE_GATHER, t);
     score_rows(n, d, n_q, lg, (int)cap, qf, kg, d, 0);
     for (int i = 0; i < n_q; i++)
         for (int j = 0; j < n; j++) lg[(size_t)i * cap + j] *= st->scale;
     attn_accum(n, d, n_q, lg, (int)cap, vg, d, m, l, o);
+    fasa_phase_add(FASA_PHASE_KERNEL, t);
     s->bytes_read_last += (int64_t)n * 2 * d * (int64_t)s_esz(s);
+}
+
+/* Phase 2 for KV head g in s (the shard or a view, its gather and stage grown). */
+static void s_attend_group(shard_t *s, const shard_step *st, int g, int n_vis, const topk_cand *thr,
+                           const uint8_t *have_thr, float *m, double *l, double *o)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads, grp = lay->n_heads / hkv;
+    float *qf = s->qf;
+    const int *perm = lay->perm + ((size_t)st->layer * hkv + g) * d;
+    for (int i = 0; i < grp; i++)
+        for (int p = 0; p < d; p++) qf[i * d + p] = st->q[(size_t)(g * grp + i) * d + perm[p]];
+    float *mg = m + g * grp;
+    double *lgp = l + g * grp, *og = o + (size_t)g * grp * d;
+    if (st->method == SHARD_DENSE) {
+        s_attend_dense(s, st, g, n_vis, qf, mg, lgp, og);
+    } else if (st->gqa == SHARD_GQA_SHARED) {
+        if (have_thr[g]) s_attend_rows(s, st, g, g, thr[g], grp, n_vis, qf, mg, lgp, og);
+    } else {
+        for (int i = 0; i < grp; i++) {
+            const int h = g * grp + i;
+            if (have_thr[h])
+                s_attend_rows(s, st, g, h, thr[h], 1, n_vis, qf + (size_t)i * d, mg + i, lgp + i,
+                              og + (size_t)i * d);
+        }
+    }
+}
+
+typedef struct s_attend_task {
+    shard_t *s;
+    const shard_step *st;
+    int n_vis;
+    const topk_cand *thr;
+    const uint8_t *have_thr;
+    float *m;
+    double *l, *o;
+} s_attend_task;
+
+static void s_attend_run(void *ctx, int g, int tid)
+{
+    s_attend_task *t = ctx;
+    s_attend_group(s_view(t->s, tid), t->st, g, t->n_vis, t->thr, t->have_thr, t->m, t->l, t->o);
+}
+
+/* Grows the gather and stage buffers of a sparse step in s (the shard or a view). */
+static int s_attend_grow(shard_t *s, const shard_step *st, int kept_budget)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, grp = lay->n_heads / lay->n_kv_heads;
+    return s_grow((void **)&s->gather, &s->gather_cap,
+                  ((size_t)2 * d + grp) * kept_budget * s_rows_per_cand(st) * sizeof(float)) ||
+           (lay->dtype != FASA_DTYPE_F32 &&
+            s_grow((void **)&s->stage, &s->stage_cap,
+                   (size_t)2 * d * kept_budget * s_rows_per_cand(st) * sizeof(uint16_t)));
 }
 
 int shard_attend(shard_t *s, const shard_step *st, const topk_cand *thr, const uint8_t *have_thr,
                  float *m, double *l, double *o)
 {
     const shard_layout *lay = &s->lay;
-    const int d = lay->head_dim, hkv = lay->n_kv_heads, grp = lay->n_heads / hkv;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads;
     attn_state_init(lay->n_heads, d, m, l, o);
-    if (st->method == SHARD_DENSE)
+    if (s_views_ready(s)) return -1;
+    if (st->method == SHARD_DENSE) {
+        const size_t need = DENSE_SCRATCH(lay->n_heads / hkv, d) * sizeof(float);
+        if (s_grow((void **)&s->dscr, &s->dscr_cap, need)) return -1;
+        for (int i = 0; i < s->n_views; i++)
+            if (s_grow((void **)&s->views[i]->dscr, &s->views[i]->dscr_cap, need)) return -1;
         s->bytes_read_last = 0;
-    else if (s_grow((void **)&s->gather, &s->gather_cap,
-                    ((size_t)2 * d + grp) * s->kept_budget * s_rows_per_cand(st) * sizeof(float)) ||
-             (lay->dtype != FASA_DTYPE_F32 &&
-              s_grow((void **)&s->stage, &s->stage_cap,
-                     (size_t)2 * d * s->kept_budget * s_rows_per_cand(st) * sizeof(uint16_t))))
-        return -1;
-    const int n_vis = shard_visible(s, st->layer, st->max_pos);
-    float *qf = s->qf;
-    for (int g = 0; g < hkv; g++) {
-        const int *perm = lay->perm + ((size_t)st->layer * hkv + g) * d;
-        for (int i = 0; i < grp; i++)
-            for (int p = 0; p < d; p++) qf[i * d + p] = st->q[(size_t)(g * grp + i) * d + perm[p]];
-        float *mg = m + g * grp;
-        double *lgp = l + g * grp, *og = o + (size_t)g * grp * d;
-        if (st->method == SHARD_DENSE) {
-            s_attend_dense(s, st, g, n_vis, qf, mg, lgp, og);
-        } else if (st->gqa == SHARD_GQA_SHARED) {
-            if (have_thr[g]) s_attend_rows(s, st, g, g, thr[g], grp, n_vis, qf, mg, lgp, og);
-        } else {
-            for (int i = 0; i < grp; i++) {
-                const int h = g * grp + i;
-                if (have_thr[h])
-                    s_attend_rows(s, st, g, h, thr[h], 1, n_vis, qf + (size_t)i * d, mg + i,
-                                  lgp + i, og + (size_t)i * d);
-            }
-        }
+    } else {
+        if (s_attend_grow(s, st, s->kept_budget)) return -1;
+        for (int i = 0; i < s->n_views; i++)
+            if (s_attend_grow(s->views[i], st, s->kept_budget)) return -1;
     }
+    s_attend_task task = {s, st, shard_visible(s, st->layer, st->max_pos), thr, have_thr, m, l, o};
+    fasa_pool_run(s->pool, hkv, s_attend_run, &task);
+    for (int i = 0; i < s->n_views; i++) s->bytes_read_last += s->views[i]->bytes_read_last;
     return 0;
 }
 

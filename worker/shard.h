@@ -22,7 +22,7 @@
  * shard_attend then attends over the kept candidates that are not worse than the
  * coordinator's global threshold, returning exact partials (attn.h). A unit is one query
  * head (GQA per-head) or one KV head whose query heads share a token set (GQA shared).
- * Not thread-safe: one caller at a time. */
+ * Not thread-safe: one caller at a time (a step may use a pool's threads: shard_set_pool). */
 #ifndef FASA_WORKER_SHARD_H
 #define FASA_WORKER_SHARD_H
 
@@ -133,6 +133,13 @@ void shard_destroy(shard_t **shard_p);
  * k and v (n, n_kv_heads, head_dim). Returns 0, or -1 when out of memory (nothing added). */
 int shard_append(shard_t *shard, int layer, int n, const int32_t *pos, const float *k,
                  const float *v);
+
+/* Runs the shard's steps (shard_score, shard_attend) on a thread pool (pool.h), the KV
+ * groups as tasks, each thread with scratch of its own: outputs are the same bits for any
+ * pool. The pool is borrowed and must outlive the shard's steps; NULL (the default) is one
+ * thread. Appends, reads and snapshots stay on the calling thread. */
+typedef struct fasa_pool fasa_pool_t;
+void shard_set_pool(shard_t *shard, fasa_pool_t *pool);
 
 /* The shard's key layout (borrowed, valid while the shard lives). */
 const shard_layout *shard_layout_of(const shard_t *shard);

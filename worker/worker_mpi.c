@@ -19,6 +19,7 @@
 
 #include "dtype.h"
 #include "log.h"
+#include "pool.h"
 
 #include "shard.h"
 #include "shard_snap.h"
@@ -47,6 +48,7 @@ typedef struct worker {
     size_t rx_cap;
     uint8_t *tx; /* the reply being built: header, then payload built in place */
     size_t tx_cap;
+    fasa_pool_t *pool; /* every shard's steps run on it (NULL: one thread) */
 } worker;
 
 static int s_grow(uint8_t **buf, size_t *cap, size_t bytes)
@@ -140,6 +142,7 @@ static wmpi_status s_session_new(worker *w, const wmpi_cmd *h, const uint8_t *p)
     }
     shard_t *sh = shard_new(&lay);
     if (!sh) return s_reject(w, WMPI_ENOMEM, h, "out of memory for a shard");
+    shard_set_pool(sh, w->pool);
     w->table[h->sid] = (worker_session){.shard = sh};
     return WMPI_OK;
 }
@@ -393,12 +396,22 @@ static int s_serve(worker *w, int count)
 
 int worker_mpi_loop(MPI_Comm comm)
 {
+    return worker_mpi_loop_threads(comm, 1);
+}
+
+int worker_mpi_loop_threads(MPI_Comm comm, int n_threads)
+{
     worker w = {.comm = comm};
     int rc = 0;
     MPI_Comm_rank(comm, &w.rank);
     MPI_Comm_size(comm, &w.size);
+    if (n_threads > 1 && !(w.pool = fasa_pool_new(n_threads))) {
+        fasa_log(FASA_LOG_ERROR, 0, "worker: cannot start %d threads", n_threads);
+        return -1;
+    }
     if (s_grow(&w.tx, &w.tx_cap, WORKER_REPLY0)) {
         fasa_log(FASA_LOG_ERROR, 0, "worker: out of memory starting");
+        fasa_pool_destroy(&w.pool);
         return -1;
     }
     wmpi_backoff idle;
@@ -428,5 +441,6 @@ int worker_mpi_loop(MPI_Comm comm)
     free(w.table);
     free(w.rx);
     free(w.tx);
+    fasa_pool_destroy(&w.pool);
     return rc;
 }

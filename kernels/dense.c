@@ -1,0 +1,410 @@
+/* The fused dense block kernel, one implementation per SIMD path. See dense.h. */
+#include "dense.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "dtype.h"
+#include "simd.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DENSE_X86 1
+#include <immintrin.h>
+#define T_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define DENSE_X86 0
+#endif
+
+/* One stored element as f32 (the scalar conversions of simd.h). */
+static inline float s_get(int dtype, const void *base, size_t e)
+{
+    if (dtype == FASA_DTYPE_F32) return ((const float *)base)[e];
+    const uint16_t h = ((const uint16_t *)base)[e];
+    return dtype == FASA_DTYPE_F16 ? fasa_f16_to_f32(h) : fasa_bf16_to_f32(h);
+}
+
+/* Rows per sub-block of p.V: each sub-block's f32 sums are added to the double o, so no
+ * f32 sum runs over more than DENSE_SUB rows (and the sub-block's V stays in L1). */
+#define DENSE_SUB 32
+
+/* Raises the running partial (m, l, o[d]) to cover a block of maximum mb and sum of
+ * exponentials lb (relative to mb): rescales what it holds, adds lb, and returns the factor
+ * exp(mb - m_new) the block's sums of p_j v_j are to be added to o with. */
+static double s_raise(int d, float mb, double lb, float *m, double *l, double *o)
+{
+    if (mb > *m) {
+        const double r = *m == -INFINITY ? 0.0 : exp((double)*m - mb);
+        if (r != 1.0) {
+            *l *= r;
+            for (int c = 0; c < d; c++) o[c] *= r;
+        }
+        *m = mb;
+        *l += lb;
+        return 1.0;
+    }
+    const double r = exp((double)mb - *m);
+    *l += lb * r;
+    return r;
+}
+
+/* o[d] += r * ob[d]. */
+static void s_add(int d, double r, const float *ob, double *o)
+{
+    for (int c = 0; c < d; c++) o[c] += r * ob[c];
+}
+
+/* ---- naive reference ---- */
+
+void dense_block_ref(int dtype, int n, int d, int u, int n_q, float scale, const float *q,
+                     const void *kdom, const void *krest, const void *v, float *m, double *l,
+                     double *o)
+{
+    if (n <= 0) return;
+    for (int h = 0; h < n_q; h++) {
+        const float *qh = q + (size_t)h * d;
+        double s[DENSE_BLOCK], mb = -INFINITY;
+        for (int j = 0; j < n; j++) {
+            const size_t t = (size_t)(j / SCORE_TILE), lane = (size_t)(j % SCORE_TILE);
+            double acc = 0;
+            for (int c = 0; c < u; c++)
+                acc += (double)qh[c] * s_get(dtype, kdom, (t * u + c) * SCORE_TILE + lane);
+            for (int c = u; c < d; c++)
+                acc += (double)qh[c] * s_get(dtype, krest, (size_t)j * (d - u) + (c - u));
+            s[j] = acc * scale;
+            if (s[j] > mb) mb = s[j];
+        }
+        double lb = 0, ob[d];
+        for (int c = 0; c < d; c++) ob[c] = 0;
+        for (int j = 0; j < n; j++) {
+            const double p = exp(s[j] - mb);
+            lb += p;
+            for (int c = 0; c < d; c++) ob[c] += p * s_get(dtype, v, (size_t)j * d + c);
+        }
+        /* attn_merge of (m, l, o) and (mb, lb, ob). */
+        double *oh = o + (size_t)h * d;
+        const double mx = mb > m[h] ? mb : m[h];
+        const double r0 = m[h] == -INFINITY ? 0.0 : exp(m[h] - mx), r1 = exp(mb - mx);
+        l[h] = l[h] * r0 + lb * r1;
+        for (int c = 0; c < d; c++) oh[c] = oh[c] * r0 + ob[c] * r1;
+        m[h] = (float)mx;
+    }
+}
+
+/* ---- portable ---- */
+
+static void s_block_portable(int dtype, int n, int d, int u, int n_q, float scale,
+                             const float *restrict q, const void *restrict kdom,
+                             const void *restrict krest, const void *restrict v, float *restrict m,
+                             double *restrict l, double *restrict o, float *restrict scratch)
+{
+    float *lg = scratch, *ob = scratch + (size_t)n_q * DENSE_BLOCK;
+    const int n_tiles = (n + SCORE_TILE - 1) / SCORE_TILE;
+    for (int h = 0; h < n_q; h++) {
+        const float *qh = q + (size_t)h * d;
+        float *s = lg + (size_t)h * DENSE_BLOCK;
+        for (int t = 0; t < n_tiles; t++) {
+            float acc[SCORE_TILE] = {0};
+            for (int c = 0; c < u; c++)
+                for (int x = 0; x < SCORE_TILE; x++)
+                    acc[x] += qh[c] * s_get(dtype, kdom, ((size_t)t * u + c) * SCORE_TILE + x);
+            for (int x = 0; x < SCORE_TILE && t * SCORE_TILE + x < n; x++)
+                s[t * SCORE_TILE + x] = acc[x];
+        }
+        for (int j = 0; j < n; j++) {
+            float acc = 0;
+            for (int c = u; c < d; c++)
+                acc += qh[c] * s_get(dtype, krest, (size_t)j * (d - u) + (c - u));
+            s[j] = (s[j] + acc) * scale;
+        }
+    }
+    for (int h = 0; h < n_q; h++) {
+        float *s = lg + (size_t)h * DENSE_BLOCK, mb = -INFINITY;
+        for (int j = 0; j < n; j++) mb = s[j] > mb ? s[j] : mb;
+        float lb = 0;
+        for (int j = 0; j < n; j++) lb += s[j] = expf(s[j] - mb);
+        if (!(lb > 0)) continue;
+        double *oh = o + (size_t)h * d;
+        const double r = s_raise(d, mb, lb, m + h, l + h, oh);
+        float *obh = ob + (size_t)h * d;
+        for (int j0 = 0; j0 < n; j0 += DENSE_SUB) {
+            const int j1 = n - j0 < DENSE_SUB ? n : j0 + DENSE_SUB;
+            memset(obh, 0, (size_t)d * sizeof(float));
+            for (int j = j0; j < j1; j++)
+                for (int c = 0; c < d; c++) obh[c] += s[j] * s_get(dtype, v, (size_t)j * d + c);
+            s_add(d, r, obh, oh);
+        }
+    }
+}
+
+/* ---- avx2 ---- */
+
+#if DENSE_X86
+/* 8 stored elements from base + e as f32. */
+T_AVX2 static inline __m256 s_load8(int dtype, const void *base, size_t e)
+{
+    if (dtype == FASA_DTYPE_F32) return _mm256_loadu_ps((const float *)base + e);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + e));
+    if (dtype == FASA_DTYPE_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* exp(x) for x <= 0 (Cephes' expf polynomial; below -87.3 it gives about 2^-126). */
+T_AVX2 static inline __m256 s_exp8(__m256 x)
+{
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i e =
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* The 8 lane sums of a[0..7] as one vector (lane r = sum of a[r]). */
+T_AVX2 static inline __m256 s_hsum8x8(const __m256 *a)
+{
+    const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 s0 = _mm256_hadd_ps(s01, s23), s1 = _mm256_hadd_ps(s45, s67);
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20),
+                         _mm256_permute2f128_ps(s0, s1, 0x31));
+}
+
+/* Logits of NH (1 .. 4) heads q[0 .. NH) (rows of d floats) over the block, unscaled, into
+ * lg rows DENSE_BLOCK apart. */
+T_AVX2 static inline __attribute__((always_inline)) void
+s_logits_avx2(const int NH, int dtype, int n, int d, int u, const float *q, const void *kdom,
+              const void *krest, float *lg, const char *pf)
+{
+    const int n_tiles = (n + SCORE_TILE - 1) / SCORE_TILE, w = d - u;
+    for (int t = 0; t < n_tiles; t++) {
+        __m256 a0[4], a1[4];
+        for (int h = 0; h < NH; h++) a0[h] = a1[h] = _mm256_setzero_ps();
+        for (int c = 0; c < u; c++) {
+            const size_t e = ((size_t)t * u + c) * SCORE_TILE;
+            const __m256 k0 = s_load8(dtype, kdom, e), k1 = s_load8(dtype, kdom, e + 8);
+            for (int h = 0; h < NH; h++) {
+                const __m256 qb = _mm256_broadcast_ss(q + (size_t)h * d + c);
+                a0[h] = _mm256_fmadd_ps(k0, qb, a0[h]);
+                a1[h] = _mm256_fmadd_ps(k1, qb, a1[h]);
+            }
+        }
+        for (int h = 0; h < NH; h++) { /* the block's scratch has room for whole tiles */
+            _mm256_storeu_ps(lg + (size_t)h * DENSE_BLOCK + t * SCORE_TILE, a0[h]);
+            _mm256_storeu_ps(lg + (size_t)h * DENSE_BLOCK + t * SCORE_TILE + 8, a1[h]);
+        }
+    }
+    if (w == 0) return;
+    const int w8 = w & ~7;
+    __m256 part[4][8];
+    for (int j0 = 0; j0 < n; j0 += 8) {
+        const int nj = n - j0 < 8 ? n - j0 : 8;
+        /* Two rows at a time: 2 x NH independent FMA chains hide the FMA latency. */
+        for (int r = 0; r < 8; r += 2) {
+            __m256 acc[4], acc2[4];
+            for (int h = 0; h < NH; h++) acc[h] = acc2[h] = _mm256_setzero_ps();
+            if (r < nj) {
+                const size_t e = (size_t)(j0 + r) * w, e2 = r + 1 < nj ? e + w : e;
+                /* pf: the same rows of V, fetched now for the p.V pass (memory-bound
+                 * otherwise: the prefetchers start each stream cold). */
+                if (pf)
+                    for (size_t b = 0; b < 2 * (size_t)d * fasa_dtype_size(dtype); b += 64)
+                        _mm_prefetch(pf + (size_t)(j0 + r) * d * fasa_dtype_size(dtype) + b,
+                                     _MM_HINT_T0);
+                for (int c = 0; c < w8; c += 8) {
+                    const __m256 k = s_load8(dtype, krest, e + c);
+                    const __m256 k2 = s_load8(dtype, krest, e2 + c);
+                    for (int h = 0; h < NH; h++) {
+                        const __m256 qv = _mm256_loadu_ps(q + (size_t)h * d + u + c);
+                        acc[h] = _mm256_fmadd_ps(k, qv, acc[h]);
+                        acc2[h] = _mm256_fmadd_ps(k2, qv, acc2[h]);
+                    }
+                }
+            }
+            for (int h = 0; h < NH; h++) part[h][r] = acc[h], part[h][r + 1] = acc2[h];
+        }
+        for (int h = 0; h < NH; h++) {
+            float *s = lg + (size_t)h * DENSE_BLOCK + j0;
+            float sum[8];
+            _mm256_storeu_ps(sum, s_hsum8x8(part[h]));
+            for (int r = 0; r < nj; r++) {
+                float tail = 0;
+                for (int c = w8; c < w; c++)
+                    tail +=
+                        q[(size_t)h * d + u + c] * s_get(dtype, krest, (size_t)(j0 + r) * w + c);
+                s[r] += sum[r] + tail;
+            }
+        }
+    }
+}
+
+/* ob[h][0 .. d) = sum_{j0 <= j < j1} p[h][j] v_j for NH heads (p rows DENSE_BLOCK apart,
+ * ob rows d apart), 16 dims at a time (2 x NH accumulators in registers). */
+T_AVX2 static inline __attribute__((always_inline)) void
+s_pv_avx2(const int NH, int dtype, int j0, int j1, int d, const float *p, const void *v, float *ob)
+{
+    const int d16 = d & ~15;
+    for (int c = 0; c < d16; c += 16) {
+        __m256 a0[4], a1[4];
+        for (int h = 0; h < NH; h++) a0[h] = a1[h] = _mm256_setzero_ps();
+        for (int j = j0; j < j1; j++) {
+            const size_t e = (size_t)j * d + c;
+            const __m256 v0 = s_load8(dtype, v, e), v1 = s_load8(dtype, v, e + 8);
+            for (int h = 0; h < NH; h++) {
+                const __m256 pb = _mm256_broadcast_ss(p + (size_t)h * DENSE_BLOCK + j);
+                a0[h] = _mm256_fmadd_ps(v0, pb, a0[h]);
+                a1[h] = _mm256_fmadd_ps(v1, pb, a1[h]);
+            }
+        }
+        for (int h = 0; h < NH; h++) {
+            _mm256_storeu_ps(ob + (size_t)h * d + c, a0[h]);
+            _mm256_storeu_ps(ob + (size_t)h * d + c + 8, a1[h]);
+        }
+    }
+    for (int c = d16; c < d; c++) {
+        float acc[4] = {0, 0, 0, 0};
+        for (int j = j0; j < j1; j++) {
+            const float x = s_get(dtype, v, (size_t)j * d + c);
+            for (int h = 0; h < NH; h++) acc[h] += p[(size_t)h * DENSE_BLOCK + j] * x;
+        }
+        for (int h = 0; h < NH; h++) ob[(size_t)h * d + c] = acc[h];
+    }
+}
+
+T_AVX2 static inline __attribute__((always_inline)) void
+s_block_avx2_dt(const int dtype, int n, int d, int u, int n_q, float scale, const float *restrict q,
+                const void *restrict kdom, const void *restrict krest, const void *restrict v,
+                float *restrict m, double *restrict l, double *restrict o, float *restrict scratch)
+{
+    float *lg = scratch, *ob = scratch + (size_t)n_q * DENSE_BLOCK;
+    for (int h0 = 0; h0 < n_q; h0 += 4) {
+        const int nh = n_q - h0 < 4 ? n_q - h0 : 4;
+        const float *qh = q + (size_t)h0 * d;
+        float *lh = lg + (size_t)h0 * DENSE_BLOCK;
+        switch (nh) {
+        case 4:
+            s_logits_avx2(4, dtype, n, d, u, qh, kdom, krest, lh, h0 ? NULL : (const char *)v);
+            break;
+        case 3:
+            s_logits_avx2(3, dtype, n, d, u, qh, kdom, krest, lh, h0 ? NULL : (const char *)v);
+            break;
+        case 2:
+            s_logits_avx2(2, dtype, n, d, u, qh, kdom, krest, lh, h0 ? NULL : (const char *)v);
+            break;
+        default:
+            s_logits_avx2(1, dtype, n, d, u, qh, kdom, krest, lh, h0 ? NULL : (const char *)v);
+            break;
+        }
+    }
+    const int n8 = n & ~7;
+    float mb[n_q], lb[n_q];
+    const __m256 sc = _mm256_set1_ps(scale);
+    for (int h = 0; h < n_q; h++) {
+        float *s = lg + (size_t)h * DENSE_BLOCK;
+        __m256 mx = _mm256_set1_ps(-INFINITY);
+        for (int j = 0; j < n8; j += 8) {
+            const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + j), sc);
+            _mm256_storeu_ps(s + j, x);
+            mx = _mm256_max_ps(mx, x);
+        }
+        float mxs[8], mh = -INFINITY;
+        _mm256_storeu_ps(mxs, mx);
+        for (int i = 0; i < 8; i++) mh = mxs[i] > mh ? mxs[i] : mh;
+        for (int j = n8; j < n; j++) {
+            s[j] *= scale;
+            mh = s[j] > mh ? s[j] : mh;
+        }
+        /* exp over whole vectors; lanes past n are zeroed so p.V and l ignore them. */
+        const __m256 mv = _mm256_set1_ps(mh);
+        __m256 sum = _mm256_setzero_ps();
+        for (int j = 0; j < n; j += 8) {
+            __m256 e = s_exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+            if (j + 8 > n) {
+                const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                const __m256i lim = _mm256_set1_epi32(n - j);
+                e = _mm256_and_ps(e, _mm256_castsi256_ps(_mm256_cmpgt_epi32(lim, idx)));
+            }
+            _mm256_storeu_ps(s + j, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        float ss[8];
+        _mm256_storeu_ps(ss, sum);
+        lb[h] = ((ss[0] + ss[4]) + (ss[1] + ss[5])) + ((ss[2] + ss[6]) + (ss[3] + ss[7]));
+        mb[h] = mh;
+    }
+    double rb[n_q];
+    for (int h = 0; h < n_q; h++)
+        rb[h] = lb[h] > 0 ? s_raise(d, mb[h], lb[h], m + h, l + h, o + (size_t)h * d) : 0.0;
+    /* p.V per sub-block: its V rows converted front to back into vb (a sequential read the
+     * hardware prefetchers follow; the dim-chunk walk below then stays in L1). */
+    float *vb = ob + (size_t)n_q * d;
+    for (int j0 = 0; j0 < n; j0 += DENSE_SUB) {
+        const int j1 = n - j0 < DENSE_SUB ? n : j0 + DENSE_SUB;
+        const size_t ne = (size_t)(j1 - j0) * d, e0 = (size_t)j0 * d;
+        size_t i = 0;
+        for (; i + 8 <= ne; i += 8) _mm256_storeu_ps(vb + i, s_load8(dtype, v, e0 + i));
+        for (; i < ne; i++) vb[i] = s_get(dtype, v, e0 + i);
+        for (int h0 = 0; h0 < n_q; h0 += 4) {
+            const int nh = n_q - h0 < 4 ? n_q - h0 : 4;
+            const float *ph = lg + (size_t)h0 * DENSE_BLOCK + j0;
+            float *oh = ob + (size_t)h0 * d;
+            switch (nh) {
+            case 4:
+                s_pv_avx2(4, FASA_DTYPE_F32, 0, j1 - j0, d, ph, vb, oh);
+                break;
+            case 3:
+                s_pv_avx2(3, FASA_DTYPE_F32, 0, j1 - j0, d, ph, vb, oh);
+                break;
+            case 2:
+                s_pv_avx2(2, FASA_DTYPE_F32, 0, j1 - j0, d, ph, vb, oh);
+                break;
+            default:
+                s_pv_avx2(1, FASA_DTYPE_F32, 0, j1 - j0, d, ph, vb, oh);
+                break;
+            }
+        }
+        for (int h = 0; h < n_q; h++)
+            if (rb[h] > 0) s_add(d, rb[h], ob + (size_t)h * d, o + (size_t)h * d);
+    }
+}
+/* One copy per dtype, so that the loads' dtype test folds away. */
+T_AVX2 static void s_block_avx2(int dtype, int n, int d, int u, int n_q, float scale,
+                                const float *restrict q, const void *restrict kdom,
+                                const void *restrict krest, const void *restrict v,
+                                float *restrict m, double *restrict l, double *restrict o,
+                                float *restrict scratch)
+{
+    if (dtype == FASA_DTYPE_F16)
+        s_block_avx2_dt(FASA_DTYPE_F16, n, d, u, n_q, scale, q, kdom, krest, v, m, l, o, scratch);
+    else if (dtype == FASA_DTYPE_BF16)
+        s_block_avx2_dt(FASA_DTYPE_BF16, n, d, u, n_q, scale, q, kdom, krest, v, m, l, o, scratch);
+    else
+        s_block_avx2_dt(FASA_DTYPE_F32, n, d, u, n_q, scale, q, kdom, krest, v, m, l, o, scratch);
+}
+#endif
+
+void dense_block(int path, int dtype, int n, int d, int u, int n_q, float scale,
+                 const float *restrict q, const void *restrict kdom, const void *restrict krest,
+                 const void *restrict v, float *restrict m, double *restrict l, double *restrict o,
+                 float *restrict scratch)
+{
+    if (n <= 0 || n_q <= 0) return;
+    if (path < 0 || path > SIMD_PATH_LAST || !simd_path_supported((simd_path)path))
+        path = (int)simd_path_default();
+#if DENSE_X86
+    if (path != SIMD_PORTABLE) {
+        s_block_avx2(dtype, n, d, u, n_q, scale, q, kdom, krest, v, m, l, o, scratch);
+        return;
+    }
+#endif
+    s_block_portable(dtype, n, d, u, n_q, scale, q, kdom, krest, v, m, l, o, scratch);
+}

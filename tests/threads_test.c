@@ -1,0 +1,405 @@
+/* Issue 13: the fused dense kernel against its naive reference on every SIMD path, the
+ * thread pool, and outputs bit for bit independent of the thread count (shards and the
+ * embedded engine, every method). */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "attn.h"
+#include "ca.h"
+#include "engine.h"
+#include "dense.h"
+#include "dtype.h"
+#include "pool.h"
+#include "shard.h"
+#include "simd.h"
+#include "test_util.h"
+
+/* Stores rows (n, d) of f32 (values in the permuted order: dominant dims first) as the
+ * shard does: kdom tiles of the first u dims, krest rows of the rest, in dtype. */
+static void s_pack(int dtype, int n, int d, int u, const float *k, void *kdom, void *krest)
+{
+    const size_t esz = fasa_dtype_size(dtype);
+    const int n_tiles = (n + SCORE_TILE - 1) / SCORE_TILE;
+    float *td = test_alloc((size_t)n_tiles * SCORE_TILE * (u ? u : 1) * 4);
+    float *tr = test_alloc((size_t)n * (d - u ? d - u : 1) * 4);
+    for (int j = 0; j < n; j++) {
+        for (int c = 0; c < u; c++)
+            td[((size_t)(j / SCORE_TILE) * u + c) * SCORE_TILE + j % SCORE_TILE] =
+                k[(size_t)j * d + c];
+        for (int c = u; c < d; c++) tr[(size_t)j * (d - u) + c - u] = k[(size_t)j * d + c];
+    }
+    dtype_from_f32(SIMD_PORTABLE, dtype, (size_t)n_tiles * SCORE_TILE * u, td, kdom);
+    dtype_from_f32(SIMD_PORTABLE, dtype, (size_t)n * (d - u), tr, krest);
+    (void)esz;
+    free(td), free(tr);
+}
+
+/* dense_block over blocks of a context on path `path` against dense_block_ref and, as an
+ * independent check of both, attn_ref on the rounded rows. */
+START_TEST(test_dense_block_paths)
+{
+    test_rng r = {13};
+    const int cfg[][4] = {/* n, d, u, n_q */
+                          {1, 8, 0, 1},       {17, 16, 4, 3},   {256, 128, 32, 4}, {300, 128, 0, 4},
+                          {700, 128, 128, 5}, {513, 64, 20, 8}, {40, 42, 10, 2}};
+    for (size_t ci = 0; ci < sizeof(cfg) / sizeof(*cfg); ci++)
+        for (int dt = 0; dt <= FASA_DTYPE_LAST; dt++)
+            for (int peaky = 0; peaky < 2; peaky++) {
+                const int n = cfg[ci][0], d = cfg[ci][1], u = cfg[ci][2], n_q = cfg[ci][3];
+                const size_t esz = fasa_dtype_size(dt);
+                const int n_pad = (n + SCORE_TILE - 1) / SCORE_TILE * SCORE_TILE;
+                float *q = test_alloc((size_t)n_q * d * 4), *k = test_alloc((size_t)n_pad * d * 4);
+                float *v = test_alloc((size_t)n * d * 4), *kr = test_alloc((size_t)n * d * 4);
+                float *vr = test_alloc((size_t)n * d * 4);
+                void *kdom = test_alloc((size_t)n_pad * (u ? u : 1) * esz);
+                void *krest = test_alloc((size_t)n * (d - u ? d - u : 1) * esz);
+                void *vs = test_alloc((size_t)n * d * esz);
+                float *scr = test_alloc(DENSE_SCRATCH(n_q, d) * 4);
+                test_fill(&r, (size_t)n_q * d, q, peaky ? 8.0f : 1.0f);
+                test_fill(&r, (size_t)n * d, k, 1.0f);
+                test_fill(&r, (size_t)n * d, v, 1.0f);
+                s_pack(dt, n, d, u, k, kdom, krest);
+                dtype_from_f32(SIMD_PORTABLE, dt, (size_t)n * d, v, vs);
+                /* The rounded rows, for attn_ref. */
+                dtype_to_f32(SIMD_PORTABLE, dt, (size_t)n * d, vs, vr);
+                for (int j = 0; j < n; j++)
+                    for (int c = 0; c < d; c++) {
+                        uint16_t h;
+                        float x = k[(size_t)j * d + c];
+                        if (dt == FASA_DTYPE_F16) h = fasa_f32_to_f16(x), x = fasa_f16_to_f32(h);
+                        if (dt == FASA_DTYPE_BF16) h = fasa_f32_to_bf16(x), x = fasa_bf16_to_f32(h);
+                        kr[(size_t)j * d + c] = x;
+                    }
+                const float scale = 1.0f / sqrtf((float)d);
+                float mr[8], mp[8], out[128], ref[128];
+                double lr[8], lp[8], *orf = test_alloc((size_t)n_q * d * 8),
+                                     *op = test_alloc((size_t)n_q * d * 8);
+                attn_state_init(n_q, d, mr, lr, orf);
+                for (int j0 = 0; j0 < n; j0 += DENSE_BLOCK) {
+                    const int nb = n - j0 < DENSE_BLOCK ? n - j0 : DENSE_BLOCK;
+                    dense_block_ref(dt, nb, d, u, n_q, scale, q,
+                                    (char *)kdom + (size_t)j0 * u * esz,
+                                    (char *)krest + (size_t)j0 * (d - u) * esz,
+                                    (char *)vs + (size_t)j0 * d * esz, mr, lr, orf);
+                }
+                for (int h = 0; h < n_q; h++) { /* the reference against attn_ref */
+                    attn_finalize(d, lr[h], orf + (size_t)h * d, out);
+                    attn_ref(n, d, scale, q + (size_t)h * d, kr, d, vr, d, ref);
+                    ck_assert_double_le(test_max_abs_diff((size_t)d, out, ref), 1e-6);
+                }
+                for (int path = 0; path <= SIMD_PATH_LAST; path++) {
+                    if (!simd_path_supported((simd_path)path)) continue;
+                    attn_state_init(n_q, d, mp, lp, op);
+                    for (int j0 = 0; j0 < n; j0 += DENSE_BLOCK) {
+                        const int nb = n - j0 < DENSE_BLOCK ? n - j0 : DENSE_BLOCK;
+                        dense_block(path, dt, nb, d, u, n_q, scale, q,
+                                    (char *)kdom + (size_t)j0 * u * esz,
+                                    (char *)krest + (size_t)j0 * (d - u) * esz,
+                                    (char *)vs + (size_t)j0 * d * esz, mp, lp, op, scr);
+                    }
+                    for (int h = 0; h < n_q; h++) {
+                        attn_finalize(d, lp[h], op + (size_t)h * d, out);
+                        attn_finalize(d, lr[h], orf + (size_t)h * d, ref);
+                        const double err = test_max_abs_diff((size_t)d, out, ref);
+                        if (err > 2e-5)
+                            ck_abort_msg("dense_block path %s dtype %s n %d d %d u %d n_q %d "
+                                         "head %d: error %g",
+                                         simd_path_name(path), fasa_dtype_name(dt), n, d, u, n_q, h,
+                                         err);
+                        /* The partial itself, not only its ratio: m within f32 rounding. */
+                        ck_assert_float_eq_tol(mp[h], mr[h], 1e-5f * (1 + fabsf(mr[h])));
+                        ck_assert_double_le(fabs(lp[h] - lr[h] * exp((double)mr[h] - mp[h])),
+                                            1e-5 * lp[h]);
+                    }
+                }
+                free(q), free(k), free(v), free(kr), free(vr), free(kdom), free(krest), free(vs),
+                    free(scr), free(orf), free(op);
+            }
+}
+END_TEST
+
+/* ---- the pool ---- */
+
+typedef struct s_pool_ctx {
+    int *hits;   /* (n_tasks) times each task ran */
+    int *tid_of; /* (n_tasks) the thread id it ran with */
+    int n_threads;
+    fasa_pool_t *inner; /* nested runs go here */
+    int *inner_hits;    /* (n_tasks, 4) */
+} s_pool_ctx;
+
+static void s_inner(void *ctx, int task, int tid)
+{
+    int *slot = ctx;
+    __atomic_fetch_add(&slot[task], 1 + tid * 0, __ATOMIC_RELAXED);
+}
+
+static void s_task(void *ctx, int task, int tid)
+{
+    s_pool_ctx *c = ctx;
+    __atomic_fetch_add(&c->hits[task], 1, __ATOMIC_RELAXED);
+    c->tid_of[task] = tid;
+    if (c->inner) fasa_pool_run(c->inner, 4, s_inner, c->inner_hits + (size_t)task * 4);
+}
+
+START_TEST(test_pool_runs_each_task_once)
+{
+    for (int T = 1; T <= 4; T++) {
+        fasa_pool_t *p = fasa_pool_new(T);
+        ck_assert_ptr_nonnull(p);
+        ck_assert_int_eq(fasa_pool_threads(p), T);
+        for (int rep = 0; rep < 50; rep++) {
+            const int n = rep % 9; /* 0 .. 8 tasks, fewer and more than threads */
+            int hits[8] = {0}, tid_of[8], inner_hits[32] = {0};
+            s_pool_ctx c = {hits, tid_of, T, rep % 2 ? p : NULL, inner_hits};
+            fasa_pool_run(p, n, s_task, &c);
+            for (int t = 0; t < n; t++) {
+                ck_assert_int_eq(hits[t], 1);
+                ck_assert(tid_of[t] >= 0 && tid_of[t] < T);
+                for (int i = 0; c.inner && i < 4; i++) ck_assert_int_eq(inner_hits[t * 4 + i], 1);
+            }
+        }
+        fasa_pool_destroy(&p);
+        ck_assert_ptr_null(p);
+    }
+    int hits[3] = {0}, tid_of[3];
+    s_pool_ctx c = {hits, tid_of, 1, NULL, NULL};
+    fasa_pool_run(NULL, 3, s_task, &c); /* NULL: inline, thread 0 */
+    for (int t = 0; t < 3; t++) ck_assert_int_eq(hits[t] * 10 + tid_of[t], 10);
+    ck_assert_ptr_null(fasa_pool_new(0));
+    ck_assert_ptr_null(fasa_pool_new(FASA_POOL_MAX + 1));
+}
+END_TEST
+
+START_TEST(test_threads_from_env)
+{
+    char why[128] = "";
+    setenv("FASA_THREADS", "3", 1);
+    setenv("SLURM_CPUS_PER_TASK", "5", 1);
+    ck_assert_int_eq(fasa_threads_from_env(why, sizeof(why)), 3);
+    unsetenv("FASA_THREADS");
+    ck_assert_int_eq(fasa_threads_from_env(why, sizeof(why)), 5);
+    setenv("SLURM_CPUS_PER_TASK", "0", 1);
+    ck_assert_int_eq(fasa_threads_from_env(why, sizeof(why)), -1);
+    ck_assert_ptr_nonnull(strstr(why, "SLURM_CPUS_PER_TASK"));
+    setenv("FASA_THREADS", "2x", 1);
+    ck_assert_int_eq(fasa_threads_from_env(why, sizeof(why)), -1);
+    ck_assert_ptr_nonnull(strstr(why, "FASA_THREADS '2x'"));
+    unsetenv("FASA_THREADS");
+    unsetenv("SLURM_CPUS_PER_TASK");
+    const int n = fasa_threads_from_env(why, sizeof(why));
+    ck_assert(n >= 1 && n <= FASA_POOL_MAX);
+}
+END_TEST
+
+/* ---- outputs independent of the thread count ---- */
+
+#define TT_L 2
+#define TT_H 8
+#define TT_KV 2
+#define TT_D 32
+#define TT_N 1500 /* tokens: several dense blocks and a partial SHARD_CHUNK */
+#define TT_B 40
+
+/* A profile with pseudo-random FCs per head (per KV head when shared). */
+static fasa_profile *s_profile(int shared)
+{
+    fasa_profile *p = fasa_profile_new(TT_L, TT_H, TT_KV, TT_D, 4);
+    ck_assert_ptr_nonnull(p);
+    const int n_fc = TT_D / 2, grp = TT_H / TT_KV;
+    for (int l = 0; l < TT_L; l++)
+        for (int h = 0; h < TT_H; h++) {
+            double *ca = p->ca + ((size_t)l * TT_H + h) * n_fc;
+            test_rng rr = {1000u + (unsigned)l * 64 + (unsigned)(shared ? h / grp : h)};
+            for (int i = 0; i < n_fc; i++) ca[i] = (double)(test_next(&rr) % 1000) / 1000.0;
+            ca_select(n_fc, 4, ca, p->fcs + ((size_t)l * TT_H + h) * 4);
+        }
+    p->gqa_shared = shared;
+    p->window = 32;
+    return p;
+}
+
+/* Every method and GQA mode on an engine of n_shards shards and n_threads threads: the
+ * outputs of a few steps per layer into out (n_cases, TT_L, steps, TT_H, TT_D) and the
+ * selections into sel. Returns the number of floats written. */
+static size_t s_engine_run(int n_shards, int n_threads, int dtype, const float *k, const float *v,
+                           const float *q, float *out, int32_t *sel)
+{
+    fasa_transport t;
+    ck_assert_int_eq(fasa_transport_local_threads(&t, n_shards, n_threads), 0);
+    fasa_engine_t *e = fasa_engine_new_with(&t, 64);
+    ck_assert_ptr_nonnull(e);
+    size_t no = 0, ns = 0;
+    for (int shared = 0; shared < 2; shared++) {
+        fasa_profile *p = s_profile(shared);
+        const fasa_session_config cfg = {.n_layers = TT_L,
+                                         .n_heads = TT_H,
+                                         .n_kv_heads = TT_KV,
+                                         .head_dim = TT_D,
+                                         .pairing = FC_PAIRING_INTERLEAVED,
+                                         .profile = p,
+                                         .method = FASA_METHOD_FASA,
+                                         .budget = TT_B,
+                                         .gqa = (fasa_gqa)shared,
+                                         .dtype = dtype};
+        fasa_error err;
+        ck_assert_int_eq(fasa_engine_create(e, "s", &cfg, &err), FASA_OK);
+        ck_assert_int_eq(fasa_engine_append(e, "s", -1, 0, TT_N, k, v, &err), FASA_OK);
+        for (int m = 0; m <= FASA_METHOD_LAST; m++) {
+            if (shared && m == FASA_METHOD_SPARQ) continue; /* per-head only */
+            for (int l = 0; l < TT_L; l++)
+                for (int step = 0; step < 3; step++) {
+                    const fasa_attend_req req = {.layer = l,
+                                                 .q = q + ((size_t)l * 3 + step) * TT_H * TT_D,
+                                                 .method = m,
+                                                 .gqa = -1,
+                                                 .max_pos = TT_N - 1 - 311 * step};
+                    ck_assert_msg(
+                        fasa_engine_attend(e, "s", &req, out + no, sel + ns, NULL, &err) == FASA_OK,
+                        "%s", err.msg);
+                    no += (size_t)TT_H * TT_D;
+                    ns += (size_t)TT_H * TT_B;
+                }
+        }
+        ck_assert_int_eq(fasa_engine_drop(e, "s", &err), FASA_OK);
+        fasa_profile_destroy(&p);
+    }
+    fasa_engine_destroy(&e);
+    return no;
+}
+
+/* T = 1, 2, 3 threads, 1 and 3 shards, f32 and f16: the same bits as T = 1. */
+START_TEST(test_engine_threads_identical)
+{
+    test_rng r = {77};
+    const size_t nkv = (size_t)TT_L * TT_N * TT_KV * TT_D;
+    float *k = test_alloc(nkv * 4), *v = test_alloc(nkv * 4);
+    float *q = test_alloc((size_t)TT_L * 3 * TT_H * TT_D * 4);
+    test_fill(&r, nkv, k, 1.0f);
+    test_fill(&r, nkv, v, 1.0f);
+    test_fill(&r, (size_t)TT_L * 3 * TT_H * TT_D, q, 3.0f);
+    const size_t cap = (size_t)2 * (FASA_METHOD_LAST + 1) * TT_L * 3 * TT_H;
+    float *o1 = test_alloc(cap * TT_D * 4), *ot = test_alloc(cap * TT_D * 4);
+    int32_t *s1 = test_alloc(cap * TT_B * 4), *st = test_alloc(cap * TT_B * 4);
+    const int dtypes[2] = {FASA_DTYPE_F32, FASA_DTYPE_F16}, shards[2] = {1, 3};
+    for (int di = 0; di < 2; di++)
+        for (int si = 0; si < 2; si++) {
+            const size_t no = s_engine_run(shards[si], 1, dtypes[di], k, v, q, o1, s1);
+            ck_assert(no > 0);
+            for (int T = 2; T <= 3; T++) {
+                memset(ot, 0xff, no * 4);
+                const size_t nt = s_engine_run(shards[si], T, dtypes[di], k, v, q, ot, st);
+                ck_assert_int_eq(nt, no);
+                if (memcmp(o1, ot, no * 4) || memcmp(s1, st, no / TT_D * TT_B * 4))
+                    ck_abort_msg("%d threads, %d shards, %s: outputs differ from 1 thread", T,
+                                 shards[si], fasa_dtype_name(dtypes[di]));
+            }
+        }
+    free(k), free(v), free(q), free(o1), free(ot), free(s1), free(st);
+}
+END_TEST
+
+/* One shard on pools of 1, 2 and 3 threads: shard_score's candidates and shard_attend's
+ * partials bit for bit equal to no pool, for every method (and the partial of dense equal
+ * to exact attention, so the comparison is of right answers). */
+START_TEST(test_shard_threads_identical)
+{
+    test_rng r = {78};
+    shard_layout lay;
+    ck_assert_int_eq(shard_layout_plain(&lay, 1, TT_H, TT_KV, TT_D), 0);
+    for (int g = 0; g < TT_KV; g++) { /* 8 dominant dims per KV head */
+        lay.n_dom[g] = 8;
+        for (int i = 0; i < TT_H / TT_KV; i++)
+            memset(lay.qmask + (size_t)(g * (TT_H / TT_KV) + i) * TT_D, 1, 8);
+    }
+    const size_t nkv = (size_t)TT_N * TT_KV * TT_D;
+    float *k = test_alloc(nkv * 4), *v = test_alloc(nkv * 4), *q = test_alloc(TT_H * TT_D * 4);
+    int32_t *pos = test_alloc(TT_N * 4);
+    test_fill(&r, nkv, k, 1.0f);
+    test_fill(&r, nkv, v, 1.0f);
+    test_fill(&r, TT_H * TT_D, q, 3.0f);
+    for (int i = 0; i < TT_N; i++) pos[i] = 3 * i;
+    shard_t *sh[4];
+    /* sh[0] without a pool, sh[i] on a pool of i threads. */
+    fasa_pool_t *pools[4] = {NULL, fasa_pool_new(1), fasa_pool_new(2), fasa_pool_new(3)};
+    for (int i = 0; i < 4; i++) {
+        ck_assert_ptr_nonnull(sh[i] = shard_new(&lay));
+        ck_assert_int_eq(shard_append(sh[i], 0, TT_N, pos, k, v), 0);
+        if (i) {
+            ck_assert_ptr_nonnull(pools[i]);
+            shard_set_pool(sh[i], pools[i]);
+        }
+    }
+    const size_t nc = (size_t)TT_H * TT_B;
+    topk_cand *c0 = test_alloc(nc * sizeof(topk_cand)), *ci = test_alloc(nc * sizeof(topk_cand));
+    topk_cand thr[TT_H];
+    uint8_t have[TT_H];
+    int n0[TT_H], ni[TT_H];
+    float m0[TT_H], mi[TT_H];
+    double l0[TT_H], li[TT_H], o0[TT_H * TT_D], oi[TT_H * TT_D];
+    for (int method = 0; method <= SHARD_METHOD_LAST; method++)
+        for (int gqa = 0; gqa < 2; gqa++) {
+            if (gqa && method == SHARD_SPARQ) continue;
+            const shard_step st = {.layer = 0,
+                                   .method = (shard_method)method,
+                                   .gqa = (shard_gqa)gqa,
+                                   .budget = TT_B,
+                                   .max_pos = 3 * (TT_N - 7),
+                                   .scale = 1.0f / sqrtf((float)TT_D),
+                                   .q = q,
+                                   .sparq_r = method == SHARD_SPARQ ? 8 : 0};
+            const int units = shard_units(sh[0], st.gqa);
+            if (method != SHARD_DENSE) {
+                ck_assert_int_eq(shard_score(sh[0], &st, c0, n0), 0);
+                for (int u = 0; u < units; u++) { /* a threshold inside each unit's list */
+                    have[u] = n0[u] > 0;
+                    thr[u] = n0[u] > 0 ? c0[(size_t)u * TT_B + n0[u] / 2] : (topk_cand){0, 0};
+                }
+            }
+            ck_assert_int_eq(shard_attend(sh[0], &st, thr, have, m0, l0, o0), 0);
+            const int64_t b0 = shard_bytes_read(sh[0]);
+            for (int i = 1; i < 4; i++) {
+                if (method != SHARD_DENSE) {
+                    ck_assert_int_eq(shard_score(sh[i], &st, ci, ni), 0);
+                    ck_assert_mem_eq(ni, n0, (size_t)units * sizeof(int));
+                    for (int u = 0; u < units; u++)
+                        ck_assert_mem_eq(ci + (size_t)u * TT_B, c0 + (size_t)u * TT_B,
+                                         (size_t)n0[u] * sizeof(topk_cand));
+                }
+                ck_assert_int_eq(shard_attend(sh[i], &st, thr, have, mi, li, oi), 0);
+                ck_assert_mem_eq(mi, m0, sizeof(m0));
+                ck_assert_mem_eq(li, l0, sizeof(l0));
+                ck_assert_mem_eq(oi, o0, sizeof(o0));
+                ck_assert_int_eq(shard_bytes_read(sh[i]), b0);
+            }
+            if (method == SHARD_DENSE) /* against exact attention over the visible rows */
+                for (int h = 0; h < TT_H; h++) {
+                    float out[TT_D], want[TT_D];
+                    attn_finalize(TT_D, l0[h], o0 + h * TT_D, out);
+                    attn_ref(TT_N - 6, TT_D, st.scale, q + h * TT_D,
+                             k + (h / (TT_H / TT_KV)) * TT_D, TT_KV * TT_D,
+                             v + (h / (TT_H / TT_KV)) * TT_D, TT_KV * TT_D, want);
+                    ck_assert_double_le(test_max_abs_diff(TT_D, out, want), 2e-6);
+                }
+        }
+    for (int i = 0; i < 4; i++) shard_destroy(&sh[i]);
+    for (int i = 1; i < 4; i++) fasa_pool_destroy(&pools[i]);
+    shard_layout_cleanup(&lay);
+    free(k), free(v), free(q), free(pos), free(c0), free(ci);
+}
+END_TEST
+
+Suite *threads_suite(void)
+{
+    Suite *s = suite_create("threads");
+    TCase *tc = tcase_create("core");
+    tcase_set_timeout(tc, 300);
+    tcase_add_test(tc, test_dense_block_paths);
+    tcase_add_test(tc, test_pool_runs_each_task_once);
+    tcase_add_test(tc, test_threads_from_env);
+    tcase_add_test(tc, test_engine_threads_identical);
+    tcase_add_test(tc, test_shard_threads_identical);
+    suite_add_tcase(s, tc);
+    return s;
+}
