@@ -22,6 +22,9 @@ int cmd_attend(int argc, char **argv);
 int cmd_drop(int argc, char **argv);
 int cmd_shutdown(int argc, char **argv);
 int cmd_snapshot(int argc, char **argv);
+/* What a server holds, and deleting a stored profile (client/cmd_admin.c). */
+int cmd_sessions(int argc, char **argv);
+int cmd_profile(int argc, char **argv);
 /* A CURVE key pair for the server and its clients (client/cmd_keygen.c). */
 int cmd_keygen(int argc, char **argv);
 

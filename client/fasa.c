@@ -143,7 +143,8 @@ int main(int argc, char **argv)
         {"ppl", cmd_ppl},           {"generate", cmd_generate},   {"ping", cmd_ping},
         {"stats", cmd_stats},       {"create", cmd_create},       {"append", cmd_append},
         {"attend", cmd_attend},     {"drop", cmd_drop},           {"shutdown", cmd_shutdown},
-        {"snapshot", cmd_snapshot}, {"keygen", cmd_keygen}};
+        {"snapshot", cmd_snapshot}, {"keygen", cmd_keygen},       {"sessions", cmd_sessions},
+        {"profile", cmd_profile}};
     const int rc = backend_take_curve_args(&argc, argv); /* CURVE flags, for every command */
     if (rc) return rc;
     if (argc < 2) {

@@ -27,6 +27,7 @@ typedef struct server_config {
     char state_dir[512];    /* snapshots go here and --restore reads them; "" = none */
     int restore;            /* 1: reload every snapshotted session at start */
     long snapshot_interval; /* seconds between snapshots of changed sessions; 0 = never */
+    char metrics_bind[256]; /* ADDR:PORT of the HTTP metrics endpoint, "" = none */
 } server_config;
 
 /* Fills c from defaults, the config file, env (getenv) and argv. Returns 0 to run, 1 when
