@@ -53,6 +53,10 @@ int backend_take_curve_args(int *argc_p, char **argv);
  * fault in msg. */
 int backend_client_curve(struct fasa_client *c, char *msg, size_t msg_len);
 
+/* A command's exit status: 128 + the signal (130 for SIGINT, 143 for SIGTERM, as a shell
+ * reports them) when one interrupted a wait for the server, else rc. */
+int backend_exit_status(int rc);
+
 /* Opens a backend: server == NULL runs an embedded engine over shards in-process shards
  * and block-token placement blocks; otherwise connects to server (a ZeroMQ endpoint) and
  * checks that it answers a ping. NULL with err filled on failure. */

@@ -46,13 +46,14 @@ static const char stats_usage[] =
     "items, KV bytes held, uptime, then requests.TYPE (requests by type, failed ones included;\n"
     "a batch counts once as batch_attend, its items in batch_items and, when they ran, in\n"
     "attend_steps) and errors.CODE (responses and batch items by status); then two tables:\n"
-    "the server-side step times per method actually run (steps, p50/p90/p99/max/mean in\n"
-    "microseconds; percentiles within about 2%), and what each MPI rank holds (shards,\n"
+    "the server-side step times by the method each step actually ran, one row per method\n"
+    "(FASA .. SPARQ; a method no step ran has 0 steps and zeros; p50/p90/p99/max/mean in\n"
+    "microseconds, percentiles within about 2%), and what each MPI rank holds (shards,\n"
     "sessions, tokens of layer 0, rows of every layer, bytes of the dominant key dims (kdom),\n"
     "the other key dims (krest) and the values (v), and bytes allocated). Rank 0 of a\n"
     "multi-rank server is the coordinator and holds no shard. With --session also that\n"
-    "session's geometry, length, KV bytes, profile, default method and budget, and what each\n"
-    "rank holds of it.\n"
+    "session's geometry, length, KV bytes, profile, default method and budget, storage dtype,\n"
+    "pairing, GQA mode and dense layers, and what each rank holds of it.\n"
     "The prometheus format prints the same numbers in the Prometheus text exposition format\n"
     "(metrics named fasa_*; step times as the summary fasa_step_seconds).\n"
     "\n" SERVER_HELP "  --session ID        also report this session\n"
@@ -116,10 +117,13 @@ static const char attend_usage[] =
     "                      -1 padded; all -1 when the step ran dense\n"
     "  --stats             print the step's statistics as 'key value' lines\n" COMMON_HELP;
 
-static const char drop_usage[] = "usage: fasa drop --server ENDPOINT --session ID\n"
-                                 "\n"
-                                 "Drops a session and frees its keys and values on the server.\n"
-                                 "\n" SERVER_HELP "  --session ID        the session\n" COMMON_HELP;
+static const char drop_usage[] =
+    "usage: fasa drop --server ENDPOINT SESSION\n"
+    "       fasa drop --server ENDPOINT --session ID\n"
+    "\n"
+    "Drops a session and frees its keys and values on the server (and its snapshot in the\n"
+    "server's --state-dir, if any).\n"
+    "\n" SERVER_HELP "  SESSION, --session ID  the session\n" COMMON_HELP;
 
 static const char shutdown_usage[] = "usage: fasa shutdown --server ENDPOINT\n"
                                      "\n"
@@ -421,6 +425,12 @@ static void s_print_text(const char *server, const fasa_client_stats *st)
         printf("session.dtype %s\n", s->dtype == FASA_CLIENT_DTYPE_F16    ? "f16"
                                      : s->dtype == FASA_CLIENT_DTYPE_BF16 ? "bf16"
                                                                           : "f32");
+        printf("session.pairing %s\nsession.gqa %s\nsession.dense_layers",
+               s->pairing == FASA_CLIENT_PAIRING_HALF ? "half" : "interleaved",
+               s->gqa == FASA_CLIENT_GQA_SHARED ? "shared" : "per-head");
+        for (size_t i = 0; i < s->n_dense_layers && i < 64; i++)
+            printf("%s%u", i ? "," : " ", s->dense_layers[i]);
+        printf("%s%s\n", s->n_dense_layers ? "" : " none", s->n_dense_layers > 64 ? ",..." : "");
         s_print_ranks("session.rank", s->n_rank_stats, s->rank_stats);
     }
 }
@@ -723,12 +733,29 @@ done:
     return rc;
 }
 
+/* A SESSION given first, before the options, taken out of argv (NULL when none). */
+static const char *s_positional(int *argc_p, char ***argv_p)
+{
+    char **argv = *argv_p;
+    if (*argc_p < 2 || argv[1][0] == '-') return NULL;
+    const char *p = argv[1];
+    argv[1] = argv[0];
+    (*argv_p)++;
+    (*argc_p)--;
+    return p;
+}
+
 int cmd_drop(int argc, char **argv)
 {
+    /* fasa drop SESSION [options], as fasa snapshot SESSION. */
+    const char *positional = s_positional(&argc, &argv);
     srv_opts o;
     int rc = s_parse("drop", drop_usage, "Ei", argc, argv, &o);
     if (rc) return rc < 0 ? 0 : rc;
-    if (!o.session) return cli_usage_error("drop", "--session ID is required");
+    if (positional && o.session)
+        return cli_usage_error("drop", "give the session once (SESSION or --session ID)");
+    if (positional) o.session = positional;
+    if (!o.session) return cli_usage_error("drop", "SESSION (or --session ID) is required");
     fasa_client *c = s_connect("drop", o.server, BACKEND_TIMEOUT_MS);
     if (!c) return 1;
     fasa_client_error ce;
@@ -759,13 +786,7 @@ int cmd_shutdown(int argc, char **argv)
 int cmd_snapshot(int argc, char **argv)
 {
     /* fasa snapshot SESSION [options]: the session may come first, without --session. */
-    const char *positional = NULL;
-    if (argc >= 2 && argv[1][0] != '-') {
-        positional = argv[1];
-        argv[1] = argv[0];
-        argv++;
-        argc--;
-    }
+    const char *positional = s_positional(&argc, &argv);
     srv_opts o;
     int rc = s_parse("snapshot", snapshot_usage, "EiA", argc, argv, &o);
     if (rc) return rc < 0 ? 0 : rc;

@@ -89,7 +89,8 @@ static void s_close_socket(fasa_client *c);
  * handshake went, to tell "no server" from "the server does not let us in". */
 #define MON_EVENTS                                                                                 \
     (ZMQ_EVENT_CONNECTED | ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL |  \
-     ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH)
+     ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH |                       \
+     ZMQ_EVENT_CONNECT_RETRIED)
 
 /* Starts the monitor of c->sock on a PAIR socket (before the socket connects, so that no
  * event is missed). Without it the client still works, with plainer messages. */
@@ -195,6 +196,10 @@ fasa_client_status fasa_client_connect(const char *endpoint, int timeout_ms, fas
     *client_p = NULL;
     if (!endpoint || !*endpoint)
         return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "endpoint: empty");
+    if (!strstr(endpoint, "://"))
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT,
+                      "endpoint '%s' names no transport: write tcp://%s (or ipc://PATH)", endpoint,
+                      endpoint);
     fasa_client *c = calloc(1, sizeof(*c));
     if (!c || !(c->endpoint = strdup(endpoint)) || !(c->ctx = zmq_ctx_new())) {
         if (c) free(c->endpoint);
@@ -351,6 +356,14 @@ static fasa_client_status s_check_events(fasa_client *c, fasa_client_error *err)
     uint32_t val;
     while (s_read_event(c, &ev, &val)) {
         if (ev == ZMQ_EVENT_CONNECTED) c->connected = 1;
+        /* The first connection attempt failed (nothing listens there: refused, or no such
+         * ipc path): say so now rather than wait out the timeout. Once connected, a lost
+         * server is retried as before. */
+        if (ev == ZMQ_EVENT_CONNECT_RETRIED && !c->connected)
+            return s_fail(err, FASA_CLIENT_UNAVAILABLE,
+                          "no server answered at %s: the connection was refused (is fasa-server "
+                          "running there?)",
+                          c->endpoint);
         if (ev == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) c->handshaken = 1;
         if (ev == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH)
             return s_fail(err, FASA_CLIENT_UNAUTHENTICATED,

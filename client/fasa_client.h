@@ -104,11 +104,13 @@ typedef struct fasa_client fasa_client;
 /* "OK", "INVALID_ARGUMENT", ... for a status; "UNKNOWN" for anything else. */
 const char *fasa_client_status_name(fasa_client_status status);
 
-/* Connects a DEALER socket to endpoint (e.g. "tcp://127.0.0.1:5555"). timeout_ms bounds the
- * wait for each reply (<= 0: wait forever); a request unanswered in time fails with
- * UNAVAILABLE "no reply from ENDPOINT within N ms" and the socket is reconnected (by the next
- * request), so a late reply is never taken for the next one. Connecting does not contact the server
- * (use fasa_client_ping). On success *client_p is a new handle; free it with fasa_client_close. */
+/* Connects a DEALER socket to endpoint (e.g. "tcp://127.0.0.1:5555"; INVALID_ARGUMENT without
+ * the transport). timeout_ms bounds the wait for each reply (<= 0: wait forever); a request
+ * unanswered in time fails with UNAVAILABLE "no reply from ENDPOINT within N ms" and the socket
+ * is reconnected (by the next request), so a late reply is never taken for the next one. A
+ * request whose first connection attempt is refused (no server listens there) fails at once
+ * with UNAVAILABLE "no server answered at ENDPOINT: the connection was refused ...".
+ * Connecting does not contact the server (use fasa_client_ping). On success *client_p is a new handle; free it with fasa_client_close. */
 fasa_client_status fasa_client_connect(const char *endpoint, int timeout_ms, fasa_client **client_p,
                                        fasa_client_error *err);
 
