@@ -273,7 +273,8 @@ fasa_client_status fasa_client_set_profile(fasa_client *c, const char *session_i
 /* What one server rank holds (of every session, or of one: fasa_client_stats). Shard i of
  * every session lives on rank i + 1 of a multi-rank server, whose rank 0 (the coordinator)
  * holds no shard; a one-rank server is rank 0 holding the shard. Bytes count the rows
- * stored, by part: kdom_bytes + krest_bytes = v_bytes = rows x n_kv_heads x head_dim x 4,
+ * stored, by part: kdom_bytes + krest_bytes = v_bytes = rows x n_kv_heads x head_dim x the
+ * storage dtype's size (4 for f32, 2 for f16 and bf16),
  * and summed over the ranks they equal kv_bytes. */
 typedef struct fasa_client_rank_stats {
     uint32_t rank;

@@ -160,5 +160,28 @@ fi
 grep -q 'f16 K+V: 0.00 GiB each' "$tmp/f16.out" && ok "demo --dtype f16 names its bytes" || bad "demo f16: $(grep sessions: "$tmp/f16.out")"
 "$fasa" stats --help | grep -q 'a method no step ran has 0 steps' && ok "stats --help" || bad "stats --help"
 
+out=$(FASA_SIMD=bogus timeout 20 "$build/fasa-server" --bind "tcp://127.0.0.1:*" 2>&1); rc=$?
+[ $rc -eq 2 ] && [ "$out" = "fasa-server: FASA_SIMD='bogus' is not portable, avx2 or avx512" ] &&
+    ok "fasa-server refuses FASA_SIMD=bogus" || bad "fasa-server FASA_SIMD=bogus: exit $rc, $out"
+
+# FASA_TEST_PORTS keeps a script's server inside the range.
+lo=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+hi=$((lo + 3))
+if FASA_TEST_PORTS=$lo-$hi FASA_RUN_DIR=$tmp/ranged bash "$root/deploy/run-local.sh" 1 \
+       --bind 'tcp://127.0.0.1:*' >"$tmp/ranged.out" 2>&1; then
+    p=$(cat "$tmp/ranged/endpoint")
+    p=${p##*:}
+    [ "$p" -ge "$lo" ] && [ "$p" -le "$hi" ] && ok "FASA_TEST_PORTS=$lo-$hi: the server bound port $p" ||
+        bad "FASA_TEST_PORTS=$lo-$hi: port $p"
+    FASA_RUN_DIR=$tmp/ranged bash "$root/deploy/stop-local.sh" >/dev/null 2>&1
+else
+    bad "run-local with FASA_TEST_PORTS: $(cat "$tmp/ranged.out")"
+fi
+FASA_TEST_PORTS=abc FASA_RUN_DIR=$tmp/ranged bash "$root/deploy/run-local.sh" 1 --bind 'tcp://127.0.0.1:*' \
+    >"$tmp/out" 2>"$tmp/err"
+rc=$?
+[ $rc -eq 2 ] && grep -q "FASA_TEST_PORTS='abc' must be LO-HI" "$tmp/err" && ok "FASA_TEST_PORTS=abc refused" ||
+    bad "FASA_TEST_PORTS=abc: exit $rc, $(cat "$tmp/err")"
+
 echo "ux_test: $pass passed, $fail failed"
 [ $fail -eq 0 ]
