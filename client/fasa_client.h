@@ -110,7 +110,8 @@ const char *fasa_client_status_name(fasa_client_status status);
  * is reconnected (by the next request), so a late reply is never taken for the next one. A
  * request whose first connection attempt is refused (no server listens there) fails at once
  * with UNAVAILABLE "no server answered at ENDPOINT: the connection was refused ...".
- * Connecting does not contact the server (use fasa_client_ping). On success *client_p is a new handle; free it with fasa_client_close. */
+ * Connecting does not contact the server (use fasa_client_ping). On success *client_p is a new
+ * handle; free it with fasa_client_close. */
 fasa_client_status fasa_client_connect(const char *endpoint, int timeout_ms, fasa_client **client_p,
                                        fasa_client_error *err);
 

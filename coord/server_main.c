@@ -50,9 +50,9 @@ static int s_write_file(const char *path, const char *text)
 }
 
 /* Receives one request from the I/O thread (all its frames): [arrival time, 8 bytes, then
- * who sent it][routing id][empty delimiter, REQ peers only][payload]. Returns 0 with the parts filled (payload
- * may be NULL when the shape is wrong: bad_shape is then 1), or -1 when nothing could be
- * read. */
+ * who sent it][routing id][empty delimiter, REQ peers only][payload]. Returns 0 with the parts
+ * filled (payload may be NULL when the shape is wrong: bad_shape is then 1), or -1 when nothing
+ * could be read. */
 #define WHO_MAX 160
 typedef struct inbound {
     zmq_msg_t id, payload;

@@ -45,8 +45,8 @@ void fasa_service_set_wait(fasa_service *s, double waited_ms);
 
 /* What the last fasa_service_handle did, for the server's log. */
 typedef struct fasa_service_event {
-    uint64_t request_id; /* the client's (per connection) */
-    uint64_t seq;        /* the server's: 1 for the first request handled since start */
+    uint64_t request_id;    /* the client's (per connection) */
+    uint64_t seq;           /* the server's: 1 for the first request handled since start */
     const char *kind;       /* "ping", "create_session", ..., or "undecodable" */
     const char *session_id; /* the request's session, "" when none (valid until the next call) */
     fasa_status status;
