@@ -148,5 +148,27 @@ expect_error "bad dtype" "\-\-dtype 'f8'" "$fasa" bench attend --dtype f8
 expect_error "attend-only option" "'--png' is for 'fasa bench attend'" "$fasa" bench scan --png x.png
 expect_error "bad reps" "\-\-reps '0'" "$fasa" bench attend --reps 0
 
+# --png: a PNG with gnuplot (deploy/install-deps.sh installs it); without gnuplot, or to a
+# place it cannot write, a one-line error (exit 1) before anything is measured.
+if command -v gnuplot >/dev/null; then
+    if "$fasa" bench attend --tokens 1K,2K --reps 1 --methods dense --png "$tmp/a.png" \
+           >"$tmp/png.out" 2>"$tmp/png.err" &&
+       [ "$(head -c 8 "$tmp/a.png" | od -An -tx1 | tr -d ' \n')" = 89504e470d0a1a0a ]; then ok
+    else bad "--png: $(cat "$tmp/png.err") $(ls -l "$tmp/a.png" 2>&1)"; fi
+else
+    bad "--png: gnuplot is not installed (deploy/install-deps.sh installs gnuplot-nox)"
+fi
+mkdir -p "$tmp/nognuplot"
+for t in bash cat; do ln -sf "$(command -v $t)" "$tmp/nognuplot/$t"; done
+PATH=$tmp/nognuplot "$fasa" bench attend --tokens 1K --reps 1 --png "$tmp/b.png" >"$tmp/out" 2>"$tmp/err"
+rc=$?
+if [ $rc -eq 1 ] && [ "$(wc -l <"$tmp/err")" -eq 1 ] && grep -q "gnuplot is not installed" "$tmp/err" &&
+   ! grep -q "p50" "$tmp/out"; then ok
+else bad "--png without gnuplot: exit $rc, $(cat "$tmp/err")"; fi
+"$fasa" bench attend --tokens 1K --reps 1 --png "$tmp/no/such/dir/c.png" >"$tmp/out" 2>"$tmp/err"
+rc=$?
+if [ $rc -eq 1 ] && grep -q "\-\-png $tmp/no/such/dir/c.png: cannot write it" "$tmp/err" && ! grep -q "p50" "$tmp/out"; then ok
+else bad "--png to a missing dir: exit $rc, $(cat "$tmp/err")"; fi
+
 echo "bench_test: $pass passed, $fail failed"
 [ $fail -eq 0 ]

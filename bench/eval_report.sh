@@ -331,6 +331,6 @@ plot for [i=2:$((${#plot_rows[@]} + 1))] "$work/ppl.dat" using 1:i with linespoi
 GP
     say "wrote $out/recall.png and $out/ppl.png"
 else
-    say "gnuplot not installed: no PNG plots"
+    say "gnuplot not installed (deploy/install-deps.sh installs gnuplot-nox): no PNG plots"
 fi
 say "wrote $report (raw outputs in $work/res)"

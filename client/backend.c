@@ -34,10 +34,14 @@ struct backend {
 
 static volatile sig_atomic_t s_interrupted;
 
+int backend_exit_status(int rc)
+{
+    return s_interrupted ? 128 + (int)s_interrupted : rc;
+}
+
 static void s_on_signal(int sig)
 {
-    (void)sig;
-    s_interrupted = 1;
+    s_interrupted = sig;
 }
 
 __attribute__((format(printf, 3, 4))) static fasa_status s_fail(fasa_error *err, fasa_status code,

@@ -57,6 +57,9 @@ int backend_client_curve(struct fasa_client *c, char *msg, size_t msg_len);
  * default 1): the program's settings, set once at start-up; returns the count in force. */
 int backend_set_threads(int n_threads);
 int backend_threads(void);
+/* A command's exit status: 128 + the signal (130 for SIGINT, 143 for SIGTERM, as a shell
+ * reports them) when one interrupted a wait for the server, else rc. */
+int backend_exit_status(int rc);
 
 /* Opens a backend: server == NULL runs an embedded engine over shards in-process shards
  * and block-token placement blocks; otherwise connects to server (a ZeroMQ endpoint) and

@@ -3,6 +3,7 @@
 #ifndef FASA_CLIENT_CLI_H
 #define FASA_CLIENT_CLI_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 int cmd_calibrate(int argc, char **argv);
@@ -22,12 +23,23 @@ int cmd_attend(int argc, char **argv);
 int cmd_drop(int argc, char **argv);
 int cmd_shutdown(int argc, char **argv);
 int cmd_snapshot(int argc, char **argv);
+/* What a server holds, and deleting a stored profile (client/cmd_admin.c). */
+int cmd_sessions(int argc, char **argv);
+int cmd_profile(int argc, char **argv);
 /* A CURVE key pair for the server and its clients (client/cmd_keygen.c). */
 int cmd_keygen(int argc, char **argv);
 
 /* Prints "fasa CMD: message" to stderr (one line) and returns 2 (usage) or 1 (failure). */
 int cli_fail(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 int cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* 0 when path can be written (it exists and is writable, or its directory is), so that a
+ * command finds a bad --out before computing; -1 with "--out PATH: why" style text in err. */
+int cli_check_writable(const char *path, char *err, size_t err_len);
+/* The environment settings every command reads, checked once at start: FASA_TIMEOUT_MS and
+ * FASA_DEADLINE_MS (milliseconds), FASA_SIMD (portable, avx2 or avx512). 0, or 2 after
+ * printing one line naming the variable. */
+int cli_check_env(void);
 
 /* Parses a decimal integer in [lo, hi] from text; 0 on success, -1 otherwise. */
 int cli_parse_int(const char *text, long lo, long hi, long *out_p);

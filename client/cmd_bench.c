@@ -14,6 +14,7 @@
  * per KV head); the fasa profile names the generator's true signal FCs. `attend` checks its
  * own work before timing it: every output finite, and dense equal to a naive attention in
  * double on a few heads. */
+#include <errno.h>
 #include <getopt.h>
 #include <math.h>
 #include <stdio.h>
@@ -136,8 +137,9 @@ static const char usage_attend[] =
     "  --csv FILE         also write every row as CSV: tokens,backend,workers,dtype,tier,method,\n"
     "                     reps,p50_ms,min_ms,bytes_read,gb_s,kv_bytes_per_token,max_err\n"
     "                     (max_err: dense against the naive reference, the others against dense)\n"
-    "  --png FILE         plot p50 step time against context length per method (log-log),\n"
-    "                     with gnuplot where installed (otherwise a note, and no file)\n"
+    "  --png FILE         plot p50 step time against context length per method (log-log)\n"
+    "                     with gnuplot (deploy/install-deps.sh installs gnuplot-nox); an\n"
+    "                     error, before anything runs, when gnuplot is missing\n"
     "  --threads T        threads of the embedded engine's steps (default FASA_THREADS, else\n"
     "                     SLURM_CPUS_PER_TASK, else the CPUs this process may use)\n"
     "  --json FILE        also write every figure as JSON under stable names: cpu, simd,\n"
@@ -926,22 +928,40 @@ done:
     return rc;
 }
 
-/* p50 step time against context length, one line per (target, method), log-log. */
-static void s_plot(const bench_opts *o, const bench_target *tg, int n_targets,
-                   const bench_row *rows, int n_rows)
+/* A context length as an axis label: 4096 -> "4K", 1048576 -> "1M". */
+static void s_tokens_label(long n, char *buf, size_t len)
 {
-    if (system("command -v gnuplot >/dev/null 2>&1") != 0) {
-        printf("png: gnuplot is not installed; no plot written (the CSV has the figures)\n");
-        return;
-    }
+    if (n >= 1048576 && n % 1048576 == 0)
+        snprintf(buf, len, "%ldM", n / 1048576);
+    else if (n >= 1024 && n % 1024 == 0)
+        snprintf(buf, len, "%ldK", n / 1024);
+    else
+        snprintf(buf, len, "%ld", n);
+}
+
+/* p50 step time against context length, one line per (target, method), log-log, the x
+ * axis spanning just the lengths measured (a tic at each). 0, or 1 after a one-line error:
+ * a plot asked for and not made is a failure. */
+static int s_plot(const bench_opts *o, const bench_target *tg, int n_targets, const bench_row *rows,
+                  int n_rows)
+{
     FILE *gp = popen("gnuplot", "w");
-    if (!gp) {
-        printf("png: cannot run gnuplot; no plot written\n");
-        return;
+    if (!gp) return cli_fail("bench attend", "--png %s: cannot run gnuplot", o->png);
+    long lo = 0, hi = 0;
+    for (int i = 0; i < n_rows; i++) {
+        if (!lo || rows[i].tokens < lo) lo = rows[i].tokens;
+        if (rows[i].tokens > hi) hi = rows[i].tokens;
     }
     fprintf(gp, "set terminal pngcairo size 900,600 noenhanced\nset output '%s'\n", o->png);
     fprintf(gp, "set logscale xy\nset grid\nset key top left\nset xlabel 'context length "
-                "(tokens)'\nset ylabel 'p50 step time (ms)'\n");
+                "(tokens)'\nset ylabel 'p50 step time (ms)'\nset rmargin 4\n");
+    fprintf(gp, "set xrange [%g:%g]\nset xtics (", lo / 1.3, hi * 1.3);
+    for (int si = 0; si < o->n_sizes; si++) {
+        char label[32];
+        s_tokens_label(o->sizes[si], label, sizeof(label));
+        fprintf(gp, "%s'%s' %ld", si ? ", " : "", label, o->sizes[si]);
+    }
+    fprintf(gp, ")\n");
     fprintf(gp,
             "set title 'fasa bench attend: one decode step, 32 query / 8 KV heads, "
             "head_dim 128, B %ld, dtype %s'\n",
@@ -965,9 +985,9 @@ static void s_plot(const bench_opts *o, const bench_target *tg, int n_targets,
             fprintf(gp, "e\n");
         }
     if (pclose(gp) != 0)
-        printf("png: gnuplot failed; see its message above\n");
-    else
-        printf("png: %s\n", o->png);
+        return cli_fail("bench attend", "--png %s: gnuplot failed (its message is above)", o->png);
+    printf("png: %s\n", o->png);
+    return 0;
 }
 
 /* Measures the ceilings (bench/roofline.h) and prints them with the CPU and its SIMD. The
@@ -1066,6 +1086,17 @@ static int s_json(const bench_opts *o, const bench_roof *rf, const bench_row *ro
 static int s_attend(const bench_opts *o)
 {
     static const char *const cmd = "bench attend";
+    /* A plot that cannot be made fails now, not after the measurements. */
+    if (o->png && system("command -v gnuplot >/dev/null 2>&1") != 0)
+        return cli_fail(cmd,
+                        "--png %s: gnuplot is not installed (deploy/install-deps.sh "
+                        "installs gnuplot-nox)",
+                        o->png);
+    if (o->png) {
+        FILE *f = fopen(o->png, "w");
+        if (!f) return cli_fail(cmd, "--png %s: cannot write it: %s", o->png, strerror(errno));
+        fclose(f);
+    }
     bench_target tg[BENCH_MAX_SERVERS];
     int n_targets = 0;
     if (o->n_servers == 0) {
@@ -1157,7 +1188,7 @@ static int s_attend(const bench_opts *o)
         }
         printf("csv: %s\n", o->csv);
     }
-    if (o->png) s_plot(o, tg, n_targets, rows, n_rows);
+    if (o->png && s_plot(o, tg, n_targets, rows, n_rows)) goto done;
     if (o->json && s_json(o, rf, rows, n_rows)) goto done;
     rc = 0;
 done:

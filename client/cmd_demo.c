@@ -32,8 +32,10 @@ static const char usage[] =
     "streams the context into a fasa, a dense and an oracle (exact top-B) session, then runs\n"
     "decode steps and prints per step: fasa and dense step time, speedup, KV bytes read,\n"
     "recall of the exact top-B and the relative L2 error of the output against dense.\n"
-    "Memory: about 3 x tokens x kv-heads x head-dim x 8 bytes (6 GiB at the defaults; half\n"
-    "with --dtype f16 or bf16).\n"
+    "Memory: 3 sessions of tokens x kv-heads x head-dim x 8 bytes of f32 keys and values (6.0\n"
+    "GiB at the defaults; half with --dtype f16 or bf16) plus working buffers: a peak RSS of\n"
+    "about 6.5 GiB (7 GB) at the defaults, from 0.84 GiB at --tokens 32768 and 1.65 GiB at\n"
+    "65536.\n"
     "\n"
     "  --tokens N      context length (default 262144, or 32768 with --server;\n"
     "                  1024 .. 16777216)\n"
@@ -269,16 +271,16 @@ int cmd_demo(int argc, char **argv)
     }
 
     const double gib = 1024.0 * 1024.0 * 1024.0;
-    const double sess_bytes = (double)T * G * d * 2 * sizeof(float);
+    const double sess_bytes = (double)T * G * d * 2 * (double)fasa_dtype_size(o.dtype);
     printf("fasa demo: %d tokens, %d query heads / %d KV heads, head_dim %d, ntip %ld, budget %d, "
            "%s, seed %ld\n",
            T, H, G, d, o.ntip, B, backend_describe(eng), o.seed);
     printf("synthetic context: RoPE base 10000, interleaved pairs; %d of %d FCs per KV head carry "
            "the signal (low-frequency half), ~1 needle per 2048 tokens per KV head\n",
            sc.n_signal, n_fc);
-    printf("sessions: fasa + dense + oracle (exact top-B, for recall), %.2f GiB each, %.2f GiB "
-           "in all\n",
-           sess_bytes / gib, 3 * sess_bytes / gib);
+    printf("sessions: fasa + dense + oracle (exact top-B, for recall), %s K+V: %.2f GiB each, "
+           "%.2f GiB in all\n",
+           fasa_dtype_name(o.dtype), sess_bytes / gib, 3 * sess_bytes / gib);
 
     /* 1. Calibration on a short sample of the same stream. */
     int n_sample = 16 * B > 4096 ? 16 * B : 4096;

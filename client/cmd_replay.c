@@ -28,7 +28,7 @@ static const char usage[] =
     "                       --block must be a multiple of 16) and sparq (r = 2 ntip\n"
     "                       dims with --profile, else head_dim/4; per-head gqa only)\n"
     "  --budget B           tokens kept per query head (per KV head with --gqa shared); when\n"
-    "                       t+1 <= B every token is used\n"
+    "                       t+1 <= B every token is used (not needed with --method dense)\n"
     "  --out OUT.npy        attention outputs\n"
     "  --profile PROFILE    calibration profile from 'fasa calibrate'\n"
     "  --dense-layers LIST  comma-separated layers kept dense under fasa, or none (default 0)\n"
@@ -61,6 +61,7 @@ typedef struct replay_opts {
 
 static int s_parse(int argc, char **argv, replay_opts *o)
 {
+    char err[600];
     static const struct option opts[] = {{"qkv", required_argument, 0, 'q'},
                                          {"method", required_argument, 0, 'm'},
                                          {"budget", required_argument, 0, 'b'},
@@ -152,8 +153,13 @@ static int s_parse(int argc, char **argv, replay_opts *o)
     if (optind < argc) return cli_usage_error("replay", "unexpected argument '%s'", argv[optind]);
     if (!o->qkv) return cli_usage_error("replay", "--qkv FILE is required");
     if (!o->have_method) return cli_usage_error("replay", "--method is required");
+    /* Dense attends to every token: its budget only sizes --selected (all -1). */
+    if (!o->budget && o->method == FASA_METHOD_DENSE) o->budget = 256;
     if (!o->budget) return cli_usage_error("replay", "--budget B is required (B >= 1)");
     if (!o->out) return cli_usage_error("replay", "--out OUT.npy is required");
+    if (cli_check_writable(o->out, err, sizeof(err)) ||
+        (o->selected && cli_check_writable(o->selected, err, sizeof(err))))
+        return cli_usage_error("replay", "%s", err);
     if (o->method == FASA_METHOD_FASA && !o->profile)
         return cli_usage_error("replay", "--method fasa needs --profile (see 'fasa calibrate')");
     return 0;

@@ -13,6 +13,7 @@
 #include "engine.h"
 #include "fasa_client.h"
 #include "npy.h"
+#include "prom.h"
 #include "timing.h"
 
 #define SERVER_HELP                                                                                \
@@ -45,13 +46,14 @@ static const char stats_usage[] =
     "items, KV bytes held, uptime, then requests.TYPE (requests by type, failed ones included;\n"
     "a batch counts once as batch_attend, its items in batch_items and, when they ran, in\n"
     "attend_steps) and errors.CODE (responses and batch items by status); then two tables:\n"
-    "the server-side step times per method actually run (steps, p50/p90/p99/max/mean in\n"
-    "microseconds; percentiles within about 2%), and what each MPI rank holds (shards,\n"
+    "the server-side step times by the method each step actually ran, one row per method\n"
+    "(FASA .. SPARQ; a method no step ran has 0 steps and zeros; p50/p90/p99/max/mean in\n"
+    "microseconds, percentiles within about 2%), and what each MPI rank holds (shards,\n"
     "sessions, tokens of layer 0, rows of every layer, bytes of the dominant key dims (kdom),\n"
     "the other key dims (krest) and the values (v), and bytes allocated). Rank 0 of a\n"
     "multi-rank server is the coordinator and holds no shard. With --session also that\n"
-    "session's geometry, length, KV bytes, profile, default method and budget, and what each\n"
-    "rank holds of it.\n"
+    "session's geometry, length, KV bytes, profile, default method and budget, storage dtype,\n"
+    "pairing, GQA mode and dense layers, and what each rank holds of it.\n"
     "The prometheus format prints the same numbers in the Prometheus text exposition format\n"
     "(metrics named fasa_*; step times as the summary fasa_step_seconds).\n"
     "\n" SERVER_HELP "  --session ID        also report this session\n"
@@ -115,10 +117,13 @@ static const char attend_usage[] =
     "                      -1 padded; all -1 when the step ran dense\n"
     "  --stats             print the step's statistics as 'key value' lines\n" COMMON_HELP;
 
-static const char drop_usage[] = "usage: fasa drop --server ENDPOINT --session ID\n"
-                                 "\n"
-                                 "Drops a session and frees its keys and values on the server.\n"
-                                 "\n" SERVER_HELP "  --session ID        the session\n" COMMON_HELP;
+static const char drop_usage[] =
+    "usage: fasa drop --server ENDPOINT SESSION\n"
+    "       fasa drop --server ENDPOINT --session ID\n"
+    "\n"
+    "Drops a session and frees its keys and values on the server (and its snapshot in the\n"
+    "server's --state-dir, if any).\n"
+    "\n" SERVER_HELP "  SESSION, --session ID  the session\n" COMMON_HELP;
 
 static const char shutdown_usage[] = "usage: fasa shutdown --server ENDPOINT\n"
                                      "\n"
@@ -369,13 +374,6 @@ int cmd_ping(int argc, char **argv)
     return rc;
 }
 
-static const char *const s_kinds[] = {"kdom", "krest", "v"};
-
-static uint64_t s_kind_bytes(const fasa_client_rank_stats *r, int kind)
-{
-    return kind == 0 ? r->kdom_bytes : kind == 1 ? r->krest_bytes : r->v_bytes;
-}
-
 /* The step times and rank holdings tables of the text format. */
 static void s_print_latency(const fasa_client_stats *st)
 {
@@ -427,143 +425,13 @@ static void s_print_text(const char *server, const fasa_client_stats *st)
         printf("session.dtype %s\n", s->dtype == FASA_CLIENT_DTYPE_F16    ? "f16"
                                      : s->dtype == FASA_CLIENT_DTYPE_BF16 ? "bf16"
                                                                           : "f32");
+        printf("session.pairing %s\nsession.gqa %s\nsession.dense_layers",
+               s->pairing == FASA_CLIENT_PAIRING_HALF ? "half" : "interleaved",
+               s->gqa == FASA_CLIENT_GQA_SHARED ? "shared" : "per-head");
+        for (size_t i = 0; i < s->n_dense_layers && i < 64; i++)
+            printf("%s%u", i ? "," : " ", s->dense_layers[i]);
+        printf("%s%s\n", s->n_dense_layers ? "" : " none", s->n_dense_layers > 64 ? ",..." : "");
         s_print_ranks("session.rank", s->n_rank_stats, s->rank_stats);
-    }
-}
-
-/* A Prometheus metric family's HELP and TYPE lines. */
-static void s_prom_family(const char *name, const char *type, const char *help)
-{
-    printf("# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
-}
-
-/* A label value with \, " and newline escaped (text exposition format). */
-static void s_prom_escaped(const char *v)
-{
-    for (; *v; v++) {
-        if (*v == '\\' || *v == '"')
-            printf("\\%c", *v);
-        else if (*v == '\n')
-            fputs("\\n", stdout);
-        else
-            putchar(*v);
-    }
-}
-
-/* One per-rank number: 0 shards, 1 sessions, 2 tokens, 3 rows, 4 bytes of kind (s_kinds),
- * 5 allocated bytes. */
-static uint64_t s_rank_value(const fasa_client_rank_stats *r, int field, int kind)
-{
-    const uint64_t v[] = {r->shards, r->sessions,           r->tokens,
-                          r->rows,   s_kind_bytes(r, kind), r->alloc_bytes};
-    return v[field];
-}
-
-/* The per-rank gauges of a holdings array, named PREFIX_*; with a session label (and the
- * help text prefixed by what) when session is not NULL. */
-static void s_prom_ranks(const char *prefix, const char *what, const char *session, size_t n,
-                         const fasa_client_rank_stats *r)
-{
-    static const struct {
-        const char *name, *help;
-    } g[] = {{"shards", "Shards the rank holds (0: the coordinator of a multi-rank server)"},
-             {"sessions", "Sessions with a shard on the rank"},
-             {"tokens", "Token positions of layer 0 held on the rank"},
-             {"rows", "Rows held on the rank, every layer"},
-             {"kv_bytes",
-              "Bytes of the rows held on the rank by kind: kdom (the dominant key dims), "
-              "krest (the other key dims), v (the values)"},
-             {"alloc_bytes", "Bytes allocated on the rank for the rows (whole chunks)"}};
-    char name[96], help[256];
-    for (int f = 0; f < 6; f++) {
-        if (session && f == 1) continue; /* 1 on every rank holding a shard of it */
-        snprintf(name, sizeof(name), "%s_%s", prefix, g[f].name);
-        snprintf(help, sizeof(help), "%s%s", what, g[f].help);
-        s_prom_family(name, "gauge", help);
-        for (size_t i = 0; i < n; i++)
-            for (int kind = 0; kind < (f == 4 ? 3 : 1); kind++) {
-                printf("%s{", name);
-                if (session) {
-                    fputs("session=\"", stdout);
-                    s_prom_escaped(session);
-                    fputs("\",", stdout);
-                }
-                printf("rank=\"%u\"", r[i].rank);
-                if (f == 4) printf(",kind=\"%s\"", s_kinds[kind]);
-                printf("} %llu\n", (unsigned long long)s_rank_value(&r[i], f, kind));
-            }
-    }
-}
-
-static void s_print_prometheus(const fasa_client_stats *st)
-{
-    s_prom_family("fasa_ranks", "gauge", "MPI ranks in the job");
-    printf("fasa_ranks %u\n", st->n_ranks);
-    s_prom_family("fasa_shards", "gauge", "Shards each session is spread over");
-    printf("fasa_shards %u\n", st->n_shards);
-    s_prom_family("fasa_sessions", "gauge", "Sessions held");
-    printf("fasa_sessions %u\n", st->n_sessions);
-    s_prom_family("fasa_profiles", "gauge", "Profiles stored on the server");
-    printf("fasa_profiles %u\n", st->n_profiles);
-    s_prom_family("fasa_kv_bytes", "gauge", "Bytes of keys and values held, every session");
-    printf("fasa_kv_bytes %llu\n", (unsigned long long)st->kv_bytes);
-    s_prom_family("fasa_uptime_seconds", "gauge", "Seconds since the server started");
-    printf("fasa_uptime_seconds %.3f\n", st->uptime_s);
-    s_prom_family("fasa_requests_total", "counter",
-                  "Requests answered by type, failed ones included (a batch counts once as "
-                  "batch_attend)");
-    for (size_t i = 0; i < st->n_request_types; i++) {
-        fputs("fasa_requests_total{type=\"", stdout);
-        s_prom_escaped(st->requests_by_type[i].type);
-        printf("\"} %llu\n", (unsigned long long)st->requests_by_type[i].count);
-    }
-    s_prom_family("fasa_errors_total", "counter",
-                  "Responses and batch items with a status other than OK, by status");
-    for (int c = FASA_CLIENT_INVALID_ARGUMENT; c <= FASA_CLIENT_UNAVAILABLE; c++)
-        printf("fasa_errors_total{code=\"%s\"} %llu\n",
-               fasa_client_status_name((fasa_client_status)c),
-               (unsigned long long)st->errors_by_code[c]);
-    s_prom_family("fasa_attend_steps_total", "counter",
-                  "Attend steps run (Attend requests and batch items)");
-    printf("fasa_attend_steps_total %llu\n", (unsigned long long)st->attend_steps);
-    s_prom_family("fasa_batch_items_total", "counter", "BatchAttend items received");
-    printf("fasa_batch_items_total %llu\n", (unsigned long long)st->batch_items);
-    s_prom_family("fasa_step_seconds", "summary",
-                  "Server-side time of attend steps by the method run (quantiles within about "
-                  "2%)");
-    static const double qs[] = {0.5, 0.9, 0.99};
-    for (int m = FASA_CLIENT_METHOD_FASA; m <= FASA_CLIENT_METHOD_LAST; m++) {
-        const fasa_client_latency *l = &st->latency[m];
-        const double v[] = {l->p50_us, l->p90_us, l->p99_us};
-        const char *name = s_method_name((fasa_client_method)m);
-        for (int q = 0; q < 3; q++) {
-            printf("fasa_step_seconds{method=\"%s\",quantile=\"%g\"} ", name, qs[q]);
-            if (l->count)
-                printf("%.9g\n", v[q] * 1e-6);
-            else
-                puts("NaN");
-        }
-        printf("fasa_step_seconds_sum{method=\"%s\"} %.9g\n", name, l->sum_us * 1e-6);
-        printf("fasa_step_seconds_count{method=\"%s\"} %llu\n", name, (unsigned long long)l->count);
-    }
-    s_prom_family("fasa_step_seconds_max", "gauge", "Longest attend step by the method run");
-    for (int m = FASA_CLIENT_METHOD_FASA; m <= FASA_CLIENT_METHOD_LAST; m++)
-        printf("fasa_step_seconds_max{method=\"%s\"} %.9g\n", s_method_name((fasa_client_method)m),
-               st->latency[m].max_us * 1e-6);
-    s_prom_ranks("fasa_rank", "", NULL, st->n_rank_stats, st->rank_stats);
-    if (st->has_session) {
-        const fasa_client_session_info *s = &st->session;
-        s_prom_family("fasa_session_tokens", "gauge", "Tokens held by layer 0 of the session");
-        fputs("fasa_session_tokens{session=\"", stdout);
-        s_prom_escaped(s->session_id);
-        printf("\"} %llu\n", (unsigned long long)s->length);
-        s_prom_family("fasa_session_kv_bytes", "gauge",
-                      "Bytes of keys and values the session holds");
-        fputs("fasa_session_kv_bytes{session=\"", stdout);
-        s_prom_escaped(s->session_id);
-        printf("\"} %llu\n", (unsigned long long)s->kv_bytes);
-        s_prom_ranks("fasa_session_rank", "Of the session: ", s->session_id, s->n_rank_stats,
-                     s->rank_stats);
     }
 }
 
@@ -582,7 +450,7 @@ int cmd_stats(int argc, char **argv)
     }
     fasa_client_close(&c);
     if (o.prometheus)
-        s_print_prometheus(&st);
+        fasa_prom_write(stdout, &st);
     else
         s_print_text(o.server, &st);
     fasa_client_stats_free(&st);
@@ -865,12 +733,29 @@ done:
     return rc;
 }
 
+/* A SESSION given first, before the options, taken out of argv (NULL when none). */
+static const char *s_positional(int *argc_p, char ***argv_p)
+{
+    char **argv = *argv_p;
+    if (*argc_p < 2 || argv[1][0] == '-') return NULL;
+    const char *p = argv[1];
+    argv[1] = argv[0];
+    (*argv_p)++;
+    (*argc_p)--;
+    return p;
+}
+
 int cmd_drop(int argc, char **argv)
 {
+    /* fasa drop SESSION [options], as fasa snapshot SESSION. */
+    const char *positional = s_positional(&argc, &argv);
     srv_opts o;
     int rc = s_parse("drop", drop_usage, "Ei", argc, argv, &o);
     if (rc) return rc < 0 ? 0 : rc;
-    if (!o.session) return cli_usage_error("drop", "--session ID is required");
+    if (positional && o.session)
+        return cli_usage_error("drop", "give the session once (SESSION or --session ID)");
+    if (positional) o.session = positional;
+    if (!o.session) return cli_usage_error("drop", "SESSION (or --session ID) is required");
     fasa_client *c = s_connect("drop", o.server, BACKEND_TIMEOUT_MS);
     if (!c) return 1;
     fasa_client_error ce;
@@ -901,13 +786,7 @@ int cmd_shutdown(int argc, char **argv)
 int cmd_snapshot(int argc, char **argv)
 {
     /* fasa snapshot SESSION [options]: the session may come first, without --session. */
-    const char *positional = NULL;
-    if (argc >= 2 && argv[1][0] != '-') {
-        positional = argv[1];
-        argv[1] = argv[0];
-        argv++;
-        argc--;
-    }
+    const char *positional = s_positional(&argc, &argv);
     srv_opts o;
     int rc = s_parse("snapshot", snapshot_usage, "EiA", argc, argv, &o);
     if (rc) return rc < 0 ? 0 : rc;

@@ -7,10 +7,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "backend.h"
 #include "cli.h"
 #include "pool.h"
+#include "simd.h"
 
 static const char usage[] =
     "usage: fasa COMMAND [OPTIONS]\n"
@@ -71,6 +73,76 @@ int cli_usage_error(const char *cmd, const char *fmt, ...)
     fprintf(stderr, " (see 'fasa %s --help')\n", cmd);
     va_end(ap);
     return 2;
+}
+
+int cli_check_writable(const char *path, char *err, size_t err_len)
+{
+    if (access(path, F_OK) == 0) {
+        if (access(path, W_OK) == 0) return 0;
+        snprintf(err, err_len, "%s: cannot write it: %s", path, strerror(errno));
+        return -1;
+    }
+    char dir[4096];
+    snprintf(dir, sizeof(dir), "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (!slash)
+        snprintf(dir, sizeof(dir), ".");
+    else if (slash == dir)
+        dir[1] = 0;
+    else
+        *slash = 0;
+    if (access(dir, W_OK) == 0) return 0;
+    snprintf(err, err_len, "%s: cannot write it: directory %s: %s", path, dir, strerror(errno));
+    return -1;
+}
+
+int cli_check_env(void)
+{
+    static const char *const ms[] = {"FASA_TIMEOUT_MS", "FASA_DEADLINE_MS"};
+    for (int i = 0; i < 2; i++) {
+        const char *v = getenv(ms[i]);
+        long x;
+        if (v && *v && cli_parse_int(v, i == 0 ? 1 : 0, 0x7fffffffL, &x)) {
+            fprintf(stderr, "fasa: %s='%s' must be a whole number of milliseconds in [%d, %ld]\n",
+                    ms[i], v, i == 0 ? 1 : 0, 0x7fffffffL);
+            return 2;
+        }
+    }
+    const char *simd = getenv("FASA_SIMD");
+    if (simd && *simd) {
+        int known = 0;
+        for (int p = 0; p <= SIMD_PATH_LAST; p++) known |= !strcmp(simd, simd_path_name(p));
+        if (!known) {
+            fprintf(stderr, "fasa: FASA_SIMD='%s' is not portable, avx2 or avx512\n", simd);
+            return 2;
+        }
+    }
+    return 0;
+}
+
+/* FASA_SERVER for the commands that run in-process without --server: it is their --server
+ * (README: every command takes --server ENDPOINT or FASA_SERVER). A new argv, or argv. */
+static char **s_server_from_env(int *argc_p, char **argv)
+{
+    static const char *const cmds[] = {"demo", "calibrate", "replay", "ppl", "generate", "bench"};
+    const char *env = getenv("FASA_SERVER");
+    if (!env || !*env || *argc_p < 2) return argv;
+    int takes = 0;
+    for (size_t i = 0; i < sizeof(cmds) / sizeof(*cmds); i++) takes |= !strcmp(argv[1], cmds[i]);
+    /* bench: only bench attend runs on a server. */
+    if (!takes || (!strcmp(argv[1], "bench") && (*argc_p < 3 || strcmp(argv[2], "attend"))))
+        return argv;
+    for (int i = 2; i < *argc_p; i++)
+        if (!strcmp(argv[i], "--server") || !strncmp(argv[i], "--server=", 9) ||
+            !strcmp(argv[i], "--help") || !strcmp(argv[i], "-h"))
+            return argv;
+    static char *grown[512];
+    if (*argc_p + 3 > (int)(sizeof(grown) / sizeof(*grown))) return argv;
+    for (int i = 0; i < *argc_p; i++) grown[i] = argv[i];
+    grown[(*argc_p)++] = "--server";
+    grown[(*argc_p)++] = (char *)env;
+    grown[*argc_p] = NULL;
+    return grown;
 }
 
 int cli_parse_int(const char *text, long lo, long hi, long *out_p)
@@ -137,6 +209,8 @@ int main(int argc, char **argv)
         puts("fasa 0.1.0");
         return 0;
     }
+    int rc = cli_check_env();
+    if (rc) return rc;
     /* Settings read once at start-up: the embedded engine's threads. */
     char why[128];
     const int n_threads = fasa_threads_from_env(why, sizeof(why));
@@ -145,7 +219,8 @@ int main(int argc, char **argv)
         return 2;
     }
     backend_set_threads(n_threads);
-    if (strcmp(argv[1], "bench") == 0) return cmd_bench(argc - 1, argv + 1);
+    argv = s_server_from_env(&argc, argv);
+    if (strcmp(argv[1], "bench") == 0) return backend_exit_status(cmd_bench(argc - 1, argv + 1));
     static const struct {
         const char *name;
         int (*fn)(int, char **);
@@ -154,15 +229,17 @@ int main(int argc, char **argv)
         {"ppl", cmd_ppl},           {"generate", cmd_generate},   {"ping", cmd_ping},
         {"stats", cmd_stats},       {"create", cmd_create},       {"append", cmd_append},
         {"attend", cmd_attend},     {"drop", cmd_drop},           {"shutdown", cmd_shutdown},
-        {"snapshot", cmd_snapshot}, {"keygen", cmd_keygen}};
-    const int rc = backend_take_curve_args(&argc, argv); /* CURVE flags, for every command */
+        {"snapshot", cmd_snapshot}, {"keygen", cmd_keygen},       {"sessions", cmd_sessions},
+        {"profile", cmd_profile}};
+    rc = backend_take_curve_args(&argc, argv); /* CURVE flags, for every command */
     if (rc) return rc;
     if (argc < 2) {
         fputs(usage, stderr);
         return 2;
     }
     for (size_t i = 0; i < sizeof(cmds) / sizeof(*cmds); i++)
-        if (strcmp(argv[1], cmds[i].name) == 0) return cmds[i].fn(argc - 1, argv + 1);
+        if (strcmp(argv[1], cmds[i].name) == 0)
+            return backend_exit_status(cmds[i].fn(argc - 1, argv + 1));
     fprintf(stderr, "fasa: unknown command '%s' (see 'fasa --help')\n", argv[1]);
     return 2;
 }

@@ -199,6 +199,10 @@ fasa_client_status fasa_client_connect(const char *endpoint, int timeout_ms, fas
     *client_p = NULL;
     if (!endpoint || !*endpoint)
         return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "endpoint: empty");
+    if (!strstr(endpoint, "://"))
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT,
+                      "endpoint '%s' names no transport: write tcp://%s (or ipc://PATH)", endpoint,
+                      endpoint);
     fasa_client *c = calloc(1, sizeof(*c));
     if (!c || !(c->endpoint = strdup(endpoint)) || !(c->ctx = zmq_ctx_new())) {
         if (c) free(c->endpoint);
@@ -337,6 +341,10 @@ static const char *s_body_name(Fasa__V1__Request__BodyCase body)
         return "shutdown";
     case FASA__V1__REQUEST__BODY_SNAPSHOT:
         return "snapshot";
+    case FASA__V1__REQUEST__BODY_LIST_SESSIONS:
+        return "list_sessions";
+    case FASA__V1__REQUEST__BODY_DELETE_PROFILE:
+        return "delete_profile";
     default:
         return "request";
     }
@@ -351,17 +359,18 @@ static fasa_client_status s_check_events(fasa_client *c, fasa_client_error *err)
     uint32_t val;
     while (s_read_event(c, &ev, &val)) {
         if (ev == ZMQ_EVENT_CONNECTED) c->connected = 1;
+        /* The first connection attempt failed (nothing listens there: refused, or no such
+         * ipc path): say so now rather than wait out the timeout. Once connected, a lost
+         * server is retried as before. */
+        if (ev == ZMQ_EVENT_CONNECT_RETRIED && !c->connected)
+            return s_fail(err, FASA_CLIENT_UNAVAILABLE,
+                          "no server answered at %s: the connection was refused (is fasa-server "
+                          "running there?)",
+                          c->endpoint);
         if (ev == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) c->handshaken = 1;
         /* After a handshake that worked: the server went away (a refusal mid-handshake is
          * told apart below). */
         if (ev == ZMQ_EVENT_DISCONNECTED && c->handshaken) c->lost = 1;
-        /* A connect that failed before any worked on this socket: nothing listens there
-         * (no server, or one that died or is restarting): say so now, not at the timeout. */
-        if (ev == ZMQ_EVENT_CONNECT_RETRIED && !c->connected)
-            return s_fail(err, FASA_CLIENT_UNAVAILABLE,
-                          "cannot connect to %s: nothing accepts connections there (no server, "
-                          "or it stopped or is restarting)",
-                          c->endpoint);
         if (ev == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH)
             return s_fail(err, FASA_CLIENT_UNAUTHENTICATED,
                           "%s refused this client (ZAP status %u): %s", c->endpoint, (unsigned)val,
@@ -1122,20 +1131,12 @@ static int s_rank_stats(size_t n, Fasa__V1__RankStats *const *in, size_t *n_p,
     return 0;
 }
 
-fasa_client_status fasa_client_get_stats(fasa_client *c, const char *session_id,
-                                         fasa_client_stats *stats, fasa_client_error *err)
+/* A StatsResult into *stats (zeroed by the caller); session_id: the session asked for. */
+static fasa_client_status s_stats_from(const Fasa__V1__StatsResult *r, const char *session_id,
+                                       const char *from, fasa_client_stats *stats,
+                                       fasa_client_error *err)
 {
-    if (!stats) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "stats: NULL");
-    memset(stats, 0, sizeof(*stats));
-    Fasa__V1__Stats sm = FASA__V1__STATS__INIT;
-    sm.session_id = (char *)(uintptr_t)session_id;
-    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
-    req.body_case = FASA__V1__REQUEST__BODY_STATS;
-    req.stats = &sm;
-    Fasa__V1__Response *resp;
-    fasa_client_status st = s_call(c, &req, FASA__V1__RESPONSE__BODY_STATS, &resp, err);
-    if (st) return st;
-    const Fasa__V1__StatsResult *r = resp->stats;
+    fasa_client_status st = FASA_CLIENT_OK;
     stats->n_ranks = r->n_ranks;
     stats->n_shards = r->n_shards;
     stats->n_sessions = r->n_sessions;
@@ -1170,8 +1171,8 @@ fasa_client_status fasa_client_get_stats(fasa_client *c, const char *session_id,
     if (s_rank_stats(r->n_rank_stats, r->rank_stats, &stats->n_rank_stats, &stats->rank_stats))
         st = s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED, "stats: out of memory");
     else if (session_id && !r->session)
-        st = s_fail(err, FASA_CLIENT_INTERNAL, "bad reply from %s: no stats.session for '%s'",
-                    c->endpoint, session_id);
+        st = s_fail(err, FASA_CLIENT_INTERNAL, "bad reply from %s: no stats.session for '%s'", from,
+                    session_id);
     else if (r->session) {
         const Fasa__V1__SessionInfo *s = r->session;
         fasa_client_session_info *o = &stats->session;
@@ -1187,11 +1188,54 @@ fasa_client_status fasa_client_get_stats(fasa_client *c, const char *session_id,
         o->method = (fasa_client_method)s->method;
         o->budget = s->budget;
         o->dtype = s->has_dtype ? (fasa_client_dtype)s->dtype : FASA_CLIENT_DTYPE_F32;
+        o->pairing = s->has_pairing ? (fasa_client_pairing)s->pairing : FASA_CLIENT_PAIRING_DEFAULT;
+        o->gqa = s->has_gqa ? (fasa_client_gqa)s->gqa : FASA_CLIENT_GQA_DEFAULT;
+        if (s->dense_layers) {
+            o->n_dense_layers = s->dense_layers->n_layers;
+            for (size_t i = 0; i < o->n_dense_layers && i < 64; i++)
+                o->dense_layers[i] = s->dense_layers->layers[i];
+        }
         if (s_rank_stats(s->n_rank_stats, s->rank_stats, &o->n_rank_stats, &o->rank_stats))
             st = s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED, "stats: out of memory");
     }
-    fasa__v1__response__free_unpacked(resp, NULL);
     if (st) fasa_client_stats_free(stats);
+    return st;
+}
+
+fasa_client_status fasa_client_get_stats(fasa_client *c, const char *session_id,
+                                         fasa_client_stats *stats, fasa_client_error *err)
+{
+    if (!stats) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "stats: NULL");
+    memset(stats, 0, sizeof(*stats));
+    Fasa__V1__Stats sm = FASA__V1__STATS__INIT;
+    sm.session_id = (char *)(uintptr_t)session_id;
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    req.body_case = FASA__V1__REQUEST__BODY_STATS;
+    req.stats = &sm;
+    Fasa__V1__Response *resp;
+    fasa_client_status st = s_call(c, &req, FASA__V1__RESPONSE__BODY_STATS, &resp, err);
+    if (st) return st;
+    st = s_stats_from(resp->stats, session_id, c->endpoint, stats, err);
+    fasa__v1__response__free_unpacked(resp, NULL);
+    return st;
+}
+
+fasa_client_status fasa_client_stats_decode(const void *response, size_t len,
+                                            fasa_client_stats *stats, fasa_client_error *err)
+{
+    if (!stats) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "stats: NULL");
+    memset(stats, 0, sizeof(*stats));
+    Fasa__V1__Response *resp = fasa__v1__response__unpack(NULL, len, response);
+    if (!resp)
+        return s_fail(err, FASA_CLIENT_INTERNAL, "%zu bytes that do not decode as a Response", len);
+    fasa_client_status st;
+    if (resp->status != FASA__V1__STATUS__OK || resp->body_case != FASA__V1__RESPONSE__BODY_STATS)
+        st = s_fail(err, FASA_CLIENT_INTERNAL, "a Response with status %u and body %d, not stats",
+                    (unsigned)resp->status, (int)resp->body_case);
+    else
+        st = s_stats_from(resp->stats, NULL, "the server", stats, err);
+    fasa__v1__response__free_unpacked(resp, NULL);
+    if (!st) s_ok(err);
     return st;
 }
 
@@ -1239,4 +1283,71 @@ fasa_client_status fasa_client_snapshot(fasa_client *c, const char *session_id,
     if (n_profiles_p) *n_profiles_p = r->n_profiles;
     fasa__v1__response__free_unpacked(resp, NULL);
     return FASA_CLIENT_OK;
+}
+
+void fasa_client_list_free(fasa_client_session_summary *sessions, char **profile_names,
+                           size_t n_profiles)
+{
+    free(sessions);
+    for (size_t i = 0; profile_names && i < n_profiles; i++) free(profile_names[i]);
+    free(profile_names);
+}
+
+fasa_client_status fasa_client_list_sessions(fasa_client *c,
+                                             fasa_client_session_summary **sessions_p,
+                                             size_t *n_sessions_p, char ***profile_names_p,
+                                             size_t *n_profiles_p, fasa_client_error *err)
+{
+    if (!sessions_p || !n_sessions_p || !profile_names_p != !n_profiles_p)
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT,
+                      "sessions_p and n_sessions_p: NULL (or only one of the profile outputs)");
+    *sessions_p = NULL;
+    *n_sessions_p = 0;
+    if (profile_names_p) *profile_names_p = NULL, *n_profiles_p = 0;
+    Fasa__V1__ListSessions ls = FASA__V1__LIST_SESSIONS__INIT;
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    req.body_case = FASA__V1__REQUEST__BODY_LIST_SESSIONS;
+    req.list_sessions = &ls;
+    Fasa__V1__Response *resp;
+    fasa_client_status st = s_call(c, &req, FASA__V1__RESPONSE__BODY_LIST_SESSIONS, &resp, err);
+    if (st) return st;
+    const Fasa__V1__ListSessionsResult *r = resp->list_sessions;
+    const size_t n = r->n_sessions, np = profile_names_p ? r->n_profile_names : 0;
+    fasa_client_session_summary *out = n ? calloc(n, sizeof(*out)) : NULL;
+    char **names = np ? calloc(np, sizeof(*names)) : NULL;
+    int oom = (n && !out) || (np && !names);
+    for (size_t i = 0; !oom && i < n; i++) {
+        const Fasa__V1__SessionSummary *m = r->sessions[i];
+        fasa_client_session_summary *o = &out[i];
+        snprintf(o->session_id, sizeof(o->session_id), "%s", m->session_id);
+        o->geom = (fasa_client_geometry){m->n_layers, m->n_heads, m->n_kv_heads, m->head_dim};
+        o->length = m->length;
+        o->kv_bytes = m->kv_bytes;
+        o->dtype = m->has_dtype ? (fasa_client_dtype)m->dtype : FASA_CLIENT_DTYPE_F32;
+        o->has_profile = m->has_profile != 0;
+    }
+    for (size_t i = 0; !oom && i < np; i++)
+        if (!(names[i] = strdup(r->profile_names[i]))) oom = 1;
+    fasa__v1__response__free_unpacked(resp, NULL);
+    if (oom) {
+        fasa_client_list_free(out, names, np);
+        return s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED, "list_sessions: out of memory");
+    }
+    *sessions_p = out;
+    *n_sessions_p = n;
+    if (profile_names_p) *profile_names_p = names, *n_profiles_p = np;
+    return FASA_CLIENT_OK;
+}
+
+fasa_client_status fasa_client_delete_profile(fasa_client *c, const char *profile_name,
+                                              fasa_client_error *err)
+{
+    fasa_client_status st = s_check_id(profile_name, "profile_name", err);
+    if (st) return st;
+    Fasa__V1__DeleteProfile dp = FASA__V1__DELETE_PROFILE__INIT;
+    dp.profile_name = (char *)(uintptr_t)profile_name;
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    req.body_case = FASA__V1__REQUEST__BODY_DELETE_PROFILE;
+    req.delete_profile = &dp;
+    return s_call_no_body(c, &req, err);
 }

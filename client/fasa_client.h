@@ -104,11 +104,14 @@ typedef struct fasa_client fasa_client;
 /* "OK", "INVALID_ARGUMENT", ... for a status; "UNKNOWN" for anything else. */
 const char *fasa_client_status_name(fasa_client_status status);
 
-/* Connects a DEALER socket to endpoint (e.g. "tcp://127.0.0.1:5555"). timeout_ms bounds the
- * wait for each reply (<= 0: wait forever); a request unanswered in time fails with
- * UNAVAILABLE "no reply from ENDPOINT within N ms" and the socket is reconnected (by the next
- * request), so a late reply is never taken for the next one. Connecting does not contact the server
- * (use fasa_client_ping). On success *client_p is a new handle; free it with fasa_client_close. */
+/* Connects a DEALER socket to endpoint (e.g. "tcp://127.0.0.1:5555"; INVALID_ARGUMENT without
+ * the transport). timeout_ms bounds the wait for each reply (<= 0: wait forever); a request
+ * unanswered in time fails with UNAVAILABLE "no reply from ENDPOINT within N ms" and the socket
+ * is reconnected (by the next request), so a late reply is never taken for the next one. A
+ * request whose first connection attempt is refused (no server listens there) fails at once
+ * with UNAVAILABLE "no server answered at ENDPOINT: the connection was refused ...".
+ * Connecting does not contact the server (use fasa_client_ping). On success *client_p is a new
+ * handle; free it with fasa_client_close. */
 fasa_client_status fasa_client_connect(const char *endpoint, int timeout_ms, fasa_client **client_p,
                                        fasa_client_error *err);
 
@@ -271,7 +274,8 @@ fasa_client_status fasa_client_set_profile(fasa_client *c, const char *session_i
 /* What one server rank holds (of every session, or of one: fasa_client_stats). Shard i of
  * every session lives on rank i + 1 of a multi-rank server, whose rank 0 (the coordinator)
  * holds no shard; a one-rank server is rank 0 holding the shard. Bytes count the rows
- * stored, by part: kdom_bytes + krest_bytes = v_bytes = rows x n_kv_heads x head_dim x 4,
+ * stored, by part: kdom_bytes + krest_bytes = v_bytes = rows x n_kv_heads x head_dim x the
+ * storage dtype's size (4 for f32, 2 for f16 and bf16),
  * and summed over the ranks they equal kv_bytes. */
 typedef struct fasa_client_rank_stats {
     uint32_t rank;
@@ -295,15 +299,16 @@ typedef struct fasa_client_latency {
 } fasa_client_latency;
 
 /* Requests answered since start of one type: "ping", "create_session", "append", "attend",
- * "batch_attend", "calibrate", "set_profile", "drop_session", "stats", "shutdown", "snapshot", or
- * "undecodable" (bytes whose request type could not be told). Failed requests count too; a
+ * "batch_attend", "calibrate", "set_profile", "drop_session", "stats", "shutdown", "snapshot",
+ * "list_sessions", "delete_profile", or "undecodable" (bytes that are not a Request, or not
+ * one payload frame). Failed requests count too; a
  * batch counts once as "batch_attend" (its items: fasa_client_stats.batch_items). */
 typedef struct fasa_client_request_count {
     char type[32]; /* NUL-terminated */
     uint64_t count;
 } fasa_client_request_count;
 
-#define FASA_CLIENT_STATS_MAX_TYPES 32 /* request types kept (the server sends 12) */
+#define FASA_CLIENT_STATS_MAX_TYPES 32 /* request types kept (the server sends 14) */
 #define FASA_CLIENT_STATS_MAX_CODES 16 /* status codes counted (the protocol has 0..8) */
 
 /* One session as the server holds it. */
@@ -319,6 +324,10 @@ typedef struct fasa_client_session_info {
     fasa_client_rank_stats *rank_stats; /* what each rank holds of the session, by rank
                                            (malloc'd: fasa_client_stats_free) */
     fasa_client_dtype dtype;            /* storage dtype of keys and values */
+    fasa_client_pairing pairing;        /* the pairing it got (a profile's, if given) */
+    fasa_client_gqa gqa;                /* default token selection */
+    size_t n_dense_layers;              /* layers always dense under fasa (ascending): */
+    uint32_t dense_layers[64];          /* the first 64 of them */
 } fasa_client_session_info;
 
 /* Server-wide statistics, and one session's when asked for. */
@@ -357,6 +366,38 @@ fasa_client_status fasa_client_get_stats(fasa_client *c, const char *session_id,
 /* Frees the arrays fasa_client_get_stats allocated in stats and zeroes their counts; stats
  * stays usable otherwise. NULL, a zeroed stats or one already freed is a no-op. */
 void fasa_client_stats_free(fasa_client_stats *stats);
+
+/* Decodes a serialised fasa.v1 Response carrying a StatsResult (bytes as the server sends
+ * them) into *stats, as fasa_client_get_stats would; free with fasa_client_stats_free. For
+ * programs that get the bytes another way (fasa-server's metrics endpoint). */
+fasa_client_status fasa_client_stats_decode(const void *response, size_t len,
+                                            fasa_client_stats *stats, fasa_client_error *err);
+
+/* One session as fasa_client_list_sessions reports it. */
+typedef struct fasa_client_session_summary {
+    char session_id[129];
+    fasa_client_geometry geom;
+    uint64_t length;   /* tokens held by layer 0 */
+    uint64_t kv_bytes; /* bytes of keys and values, all layers */
+    fasa_client_dtype dtype;
+    int has_profile;
+} fasa_client_session_summary;
+
+/* Every session the server holds (ordered by id) and the names of its stored profiles,
+ * without asking the shards or writing anything. *sessions_p (n_sessions_p entries) and
+ * *profile_names_p (n_profiles_p strings) are malloc'd, or NULL when empty: free them with
+ * fasa_client_list_free. profile_names_p and n_profiles_p may be NULL. */
+fasa_client_status fasa_client_list_sessions(fasa_client *c,
+                                             fasa_client_session_summary **sessions_p,
+                                             size_t *n_sessions_p, char ***profile_names_p,
+                                             size_t *n_profiles_p, fasa_client_error *err);
+void fasa_client_list_free(fasa_client_session_summary *sessions, char **profile_names,
+                           size_t n_profiles);
+
+/* Deletes a profile stored on the server (fasa_client_calib_opts.profile_name), and its
+ * saved file under the server's --state-dir; NOT_FOUND when there is none by that name. */
+fasa_client_status fasa_client_delete_profile(fasa_client *c, const char *profile_name,
+                                              fasa_client_error *err);
 
 /* Asks the server to stop cleanly (every rank) once it has answered. */
 fasa_client_status fasa_client_shutdown(fasa_client *c, fasa_client_error *err);

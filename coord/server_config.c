@@ -9,6 +9,7 @@
 #include "edge.h"
 #include "service.h"
 #include "wal.h"
+#include "simd.h"
 
 typedef enum { K_STRING, K_INT, K_LEVEL, K_FLAG } key_kind;
 
@@ -49,6 +50,10 @@ static const key s_keys[] = {
      0, 0},
     {"restore", "FASA_RESTORE", "", "",
      "at start, reload every session snapshotted in --state-dir (any rank count)", K_FLAG, 0, 0},
+    {"metrics-bind", "FASA_METRICS_BIND", "", "ADDR:PORT",
+     "serve Prometheus metrics at http://ADDR:PORT/metrics (port 0: any free one; beyond "
+     "loopback: CURVE only); off by default",
+     K_STRING, 0, 0},
     {"snapshot-interval", "FASA_SNAPSHOT_INTERVAL", "0", "SECONDS",
      "snapshot every changed session this often (0: only on request); needs --state-dir", K_INT, 0,
      1 << 30},
@@ -152,6 +157,15 @@ static int s_set(server_config *c, const key *k, const char *value, const char *
             return s_err(err, len, "%s: '%s' is not write, fsync or off", where, value);
         c->wal = (int)m;
         return 0;
+    }
+    if (strcmp(k->name, "metrics-bind") == 0) {
+        int port = -1, n = -1;
+        const char *colon = strrchr(value, ':');
+        if (*value && (!colon || colon == value || sscanf(colon + 1, "%d%n", &port, &n) != 1 ||
+                       colon[1 + n] || port < 0 || port > 65535))
+            return s_err(err, len, "%s: '%s' must be ADDR:PORT (e.g. 127.0.0.1:9464)", where,
+                         value);
+        return s_copy(c->metrics_bind, sizeof(c->metrics_bind), value, where, err, len);
     }
     if (strcmp(k->name, "curve-secret") == 0)
         return s_copy(c->curve_secret, sizeof(c->curve_secret), value, where, err, len);
@@ -276,6 +290,13 @@ static int s_check_auth(const server_config *c, char *err, size_t len)
                      "--bind %s is not loopback: to serve other hosts give --curve-secret FILE "
                      "and --authorized-keys DIR (see 'fasa keygen'), or bind tcp://127.0.0.1",
                      c->bind);
+    char ep[300];
+    snprintf(ep, sizeof(ep), "tcp://%s", c->metrics_bind);
+    if (!secret && *c->metrics_bind && !server_config_bind_is_loopback(ep))
+        return s_err(err, len,
+                     "--metrics-bind %s is not loopback: metrics beyond this host need CURVE on "
+                     "(--curve-secret, --authorized-keys), or bind 127.0.0.1:PORT",
+                     c->metrics_bind);
     return 0;
 }
 
@@ -349,6 +370,15 @@ int server_config_load(server_config *c, int argc, char **argv, FILE *out, char 
     if ((c->restore || c->snapshot_interval) && !*c->state_dir)
         return s_err(err, err_len, "%s needs --state-dir DIR",
                      c->restore ? "--restore" : "--snapshot-interval");
+    /* The kernels read FASA_SIMD lazily; a name they do not know is an error now, not a
+     * warning at the first step. */
+    const char *simd = getenv("FASA_SIMD");
+    if (simd && *simd) {
+        int known = 0;
+        for (int p = 0; p <= SIMD_PATH_LAST; p++) known |= !strcmp(simd, simd_path_name(p));
+        if (!known)
+            return s_err(err, err_len, "FASA_SIMD='%s' is not portable, avx2 or avx512", simd);
+    }
     return s_check_auth(c, err, err_len);
 }
 
@@ -363,6 +393,8 @@ void server_config_describe(const server_config *c, char *buf, size_t len)
                      *c->pid_file ? " pid-file=" : "", c->pid_file, *c->config ? " config=" : "",
                      c->config, *c->curve_secret ? " curve-secret=" : "", c->curve_secret,
                      *c->authorized_keys ? " authorized-keys=" : "", c->authorized_keys);
+    if (*c->metrics_bind && n >= 0 && (size_t)n < len)
+        n += snprintf(buf + n, len - (size_t)n, " metrics-bind=%s", c->metrics_bind);
     if (*c->state_dir && n >= 0 && (size_t)n < len)
         snprintf(buf + n, len - (size_t)n,
                  " state-dir=%s restore=%d snapshot-interval=%ld stop-grace=%ld wal=%s",

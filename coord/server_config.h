@@ -29,6 +29,7 @@ typedef struct server_config {
     long snapshot_interval; /* seconds between snapshots of changed sessions; 0 = never */
     long stop_grace;        /* seconds the final snapshot of a stop may take */
     int wal;                /* fasa_wal_mode (coord/wal.h) */
+    char metrics_bind[256]; /* ADDR:PORT of the HTTP metrics endpoint, "" = none */
 } server_config;
 
 /* Fills c from defaults, the config file, env (getenv) and argv. Returns 0 to run, 1 when

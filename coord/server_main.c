@@ -28,6 +28,7 @@
 #include "keyfile.h"
 #include "liveness.h"
 #include "log.h"
+#include "metrics_http.h"
 #include "pool.h"
 #include "server_config.h"
 #include "service.h"
@@ -52,21 +53,27 @@ static int s_write_file(const char *path, const char *text)
     return fclose(f) || bad ? -1 : 0;
 }
 
-/* Receives one request from the I/O thread (all its frames): [arrival time, 8 bytes][routing
- * id][empty delimiter, REQ peers only][payload]. Returns 0 with the parts filled (payload
- * may be NULL when the shape is wrong: bad_shape is then 1), or -1 when nothing could be
- * read. */
+/* Receives one request from the I/O thread (all its frames): [arrival time, 8 bytes, then
+ * who sent it][routing id][empty delimiter, REQ peers only][payload]. Returns 0 with the parts
+ * filled (payload may be NULL when the shape is wrong: bad_shape is then 1), or -1 when nothing
+ * could be read. */
+#define WHO_MAX 160
 typedef struct inbound {
     zmq_msg_t id, payload;
     int has_id, has_payload, has_delim, bad_shape;
-    double at_ms; /* when the I/O thread read it (CLOCK_MONOTONIC) */
+    double at_ms;      /* when the I/O thread read it (CLOCK_MONOTONIC) */
+    char who[WHO_MAX]; /* the client, for the log: "key=NAME" (CURVE) or "peer=ADDRESS" */
 } inbound;
 
 static int s_recv(void *sock, inbound *in)
 {
     memset(in, 0, sizeof(*in));
-    if (zmq_recv(sock, &in->at_ms, sizeof(in->at_ms), ZMQ_DONTWAIT) != (int)sizeof(in->at_ms))
-        return -1;
+    char stamp[sizeof(double) + WHO_MAX];
+    const int got = zmq_recv(sock, stamp, sizeof(stamp), ZMQ_DONTWAIT);
+    if (got < (int)sizeof(double)) return -1;
+    memcpy(&in->at_ms, stamp, sizeof(double));
+    const int who_len = (got < (int)sizeof(stamp) ? got : (int)sizeof(stamp)) - (int)sizeof(double);
+    snprintf(in->who, sizeof(in->who), "%.*s", who_len, stamp + sizeof(double));
     int frame = 0, more = 1;
     while (more) {
         zmq_msg_t m;
@@ -113,20 +120,37 @@ static void s_send(void *sock, inbound *in, const uint8_t *buf, size_t len)
     zmq_send(sock, buf, len, ZMQ_DONTWAIT);
 }
 
-/* One line per request: debug when it went well, info when the client's request was
- * refused, warn when the server could not do it. */
-static void s_log_event(const fasa_service_event *ev)
+/* Requests that change stored state: logged at info when they succeed. */
+static int s_changes_state(const char *kind)
 {
-    const fasa_log_level level = ev->status == FASA_OK ? FASA_LOG_DEBUG
-                                 : ev->status == FASA_RESOURCE_EXHAUSTED ||
-                                         ev->status == FASA_INTERNAL ||
-                                         ev->status == FASA_UNAVAILABLE
-                                     ? FASA_LOG_WARN
-                                     : FASA_LOG_INFO;
+    /* An attend with k_new appends too, but stays at debug: a line per decode step and
+     * layer would flood the log. */
+    static const char *const kinds[] = {"create_session", "append",    "drop_session",
+                                        "set_profile",    "calibrate", "delete_profile"};
+    for (int i = 0; i < (int)(sizeof(kinds) / sizeof(*kinds)); i++)
+        if (strcmp(kind, kinds[i]) == 0) return 1;
+    return 0;
+}
+
+/* One line per request, naming the client (who), the server's request number and the
+ * client's request id: info when it changed stored state (create, append, drop, a profile)
+ * or when the client's request was refused, warn when the server could not do it, debug
+ * for the other requests that went well. */
+static void s_log_event(const fasa_service_event *ev, const char *who)
+{
+    const fasa_log_level level =
+        ev->status == FASA_OK ? (s_changes_state(ev->kind) ? FASA_LOG_INFO : FASA_LOG_DEBUG)
+        : ev->status == FASA_RESOURCE_EXHAUSTED || ev->status == FASA_INTERNAL ||
+                ev->status == FASA_UNAVAILABLE
+            ? FASA_LOG_WARN
+            : FASA_LOG_INFO;
     if (!fasa_log_enabled(level)) return;
-    fasa_log(level, ev->request_id, "%s%s%s %s %.3f ms in=%zu out=%zu%s%s", ev->kind,
-             *ev->session_id ? " session=" : "", ev->session_id, fasa_status_name(ev->status),
-             ev->ms, ev->bytes_in, ev->bytes_out, *ev->msg ? ": " : "", ev->msg);
+    fasa_log(level, ev->request_id, "n=%llu %s %s%s%s %s %.3f ms in=%zu out=%zu%s%s",
+             (unsigned long long)ev->seq, *who ? who : "client=?", ev->kind,
+             *ev->session_id ? (strcmp(ev->kind, "delete_profile") ? " session=" : " profile=")
+                             : "",
+             ev->session_id, fasa_status_name(ev->status), ev->ms, ev->bytes_in, ev->bytes_out,
+             *ev->msg ? ": " : "", ev->msg);
 }
 
 static double s_now_ms(void)
@@ -235,13 +259,40 @@ static int s_io_request(io_thread *io)
         zmq_msg_close(&m);
         return -1;
     }
+    /* The stamp: the arrival time, then who sent it (the ZAP user id is the client key's
+     * name under CURVE; otherwise the peer's address). ZeroMQ attaches them to the frames
+     * the peer sent, not to the routing id the ROUTER adds: the next frame is read first. */
     const double at = s_now_ms();
+    zmq_msg_t next;
+    zmq_msg_init(&next);
+    int has_next = 0;
+    if (zmq_msg_more(&m)) {
+        if (zmq_msg_recv(&next, io->router, 0) < 0) {
+            zmq_msg_close(&next);
+            zmq_msg_init(&next); /* an empty last frame: the main thread refuses it */
+        }
+        has_next = 1;
+    }
+    const zmq_msg_t *src = has_next ? &next : &m;
+    const char *user = zmq_msg_gets((zmq_msg_t *)src, "User-Id");
+    const char *peer = zmq_msg_gets((zmq_msg_t *)src, "Peer-Address");
+    char stamp[sizeof(double) + WHO_MAX];
+    memcpy(stamp, &at, sizeof(at));
+    const int who =
+        snprintf(stamp + sizeof(at), WHO_MAX, "%s%.120s", user && *user ? "key=" : "peer=",
+                 user && *user ? user
+                 : peer        ? peer
+                               : "?");
     const int forward = io->mode == IO_NORMAL;
-    if (forward) zmq_send(io->pair, &at, sizeof(at), ZMQ_SNDMORE);
+    if (forward)
+        zmq_send(io->pair, stamp, sizeof(at) + (size_t)(who < WHO_MAX ? who : WHO_MAX - 1),
+                 ZMQ_SNDMORE);
+    /* Forward the frames (or, stopping, only note them) and remember who waits for a reply,
+     * so that a stop or a dead rank can answer every request in flight. */
     io_pending p = {0};
     int tracked = 1;
     for (int frame = 0;; frame++) {
-        const int more = zmq_msg_more(&m);
+        const int more = frame == 0 ? has_next : zmq_msg_more(&m);
         const size_t n = zmq_msg_size(&m);
         if (frame == 0) {
             if (n > IO_ID_MAX)
@@ -257,12 +308,17 @@ static int s_io_request(io_thread *io)
         zmq_msg_close(&m);
         if (!more) break;
         zmq_msg_init(&m);
+        if (frame == 0) {
+            zmq_msg_move(&m, &next);
+            continue;
+        }
         if (zmq_msg_recv(&m, io->router, 0) < 0) {
             zmq_msg_close(&m);
             if (forward) zmq_send(io->pair, "", 0, 0); /* ends the message; refused there */
             break;
         }
     }
+    zmq_msg_close(&next);
     if (!tracked) return 0;
     if (!forward) {
         char why[700];
@@ -439,6 +495,17 @@ static int s_curve_setup(void *ctx, void *sock, const server_config *o, fasa_zap
     return 0;
 }
 
+/* Stops the I/O thread and closes both ends of the PAIR. */
+static void s_stop_io(void *pair, io_thread *io)
+{
+    zmq_send(pair, "", 0, 0); /* stop */
+    pthread_join(io->th, NULL);
+    zmq_close(pair);
+    zmq_close(io->pair);
+    free(io->pend);
+    io->pend = NULL;
+}
+
 static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
 {
     void *ctx = zmq_ctx_new();
@@ -517,39 +584,57 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
         goto done;
     }
 
+    /* --metrics-bind: the HTTP thread asks this one for the numbers (metrics_http.h). */
+    fasa_metrics *metrics = NULL;
+    if (*o->metrics_bind) {
+        char err[600];
+        if (!(metrics = fasa_metrics_start(ctx, o->metrics_bind, err, sizeof(err)))) {
+            fasa_log(FASA_LOG_ERROR, 0, "%s", err);
+            s_stop_io(pair, &io);
+            rc = 1;
+            goto done;
+        }
+        fasa_log(FASA_LOG_INFO, 0, "metrics: http://%.*s:%d/metrics",
+                 (int)(strrchr(o->metrics_bind, ':') - o->metrics_bind), o->metrics_bind,
+                 fasa_metrics_port(metrics));
+    }
     int shutdown = 0;
     struct timespec last_snap;
     clock_gettime(CLOCK_MONOTONIC, &last_snap);
     while (!shutdown && !s_stop) {
         s_snapshot_due(svc, o, &last_snap);
-        zmq_pollitem_t item = {pair, 0, ZMQ_POLLIN, 0};
-        /* Blocks (no spinning) until a request or a signal arrives. */
-        if (zmq_poll(&item, 1, 1000) < 0) {
+        zmq_pollitem_t items[2] = {
+            {pair, 0, ZMQ_POLLIN, 0},
+            {metrics ? fasa_metrics_socket(metrics) : NULL, 0, ZMQ_POLLIN, 0}};
+        /* Blocks (no spinning) until a request, a scrape or a signal arrives. */
+        if (zmq_poll(items, metrics ? 2 : 1, 1000) < 0) {
             if (errno == EINTR) continue;
             fasa_log(FASA_LOG_ERROR, 0, "zmq_poll: %s", zmq_strerror(errno));
             rc = 1;
             break;
         }
+        if (metrics && (items[1].revents & ZMQ_POLLIN)) fasa_metrics_answer(metrics, svc);
         inbound in;
-        if (!(item.revents & ZMQ_POLLIN) || s_recv(pair, &in)) continue;
+        if (!(items[0].revents & ZMQ_POLLIN) || s_recv(pair, &in)) continue;
         fasa_service_set_wait(svc, s_now_ms() - in.at_ms);
         uint8_t *reply = NULL;
         size_t reply_len = 0;
         int failed;
         if (in.bad_shape)
-            failed = fasa_service_error(0, FASA_INVALID_ARGUMENT,
-                                        "request: expected exactly one payload frame", &reply,
-                                        &reply_len);
+            failed = fasa_service_refuse(
+                svc,
+                in.has_payload
+                    ? fasa_service_request_id(zmq_msg_data(&in.payload), zmq_msg_size(&in.payload))
+                    : 0,
+                FASA_INVALID_ARGUMENT, "request: expected exactly one payload frame",
+                in.has_payload ? zmq_msg_size(&in.payload) : 0, &reply, &reply_len);
         else
             failed = fasa_service_handle(svc, zmq_msg_data(&in.payload), zmq_msg_size(&in.payload),
                                          &reply, &reply_len, &shutdown);
         if (!failed) s_send(pair, &in, reply, reply_len);
         free(reply);
         s_inbound_close(&in);
-        if (in.bad_shape)
-            fasa_log(FASA_LOG_INFO, 0, "refused a message that is not one payload frame");
-        else
-            s_log_event(fasa_service_last_event(svc));
+        s_log_event(fasa_service_last_event(svc), in.who);
     }
     fasa_log(FASA_LOG_INFO, 0, "fasa-server: stopping (%s)",
              s_stop ? "signal" : "shutdown request");
@@ -572,12 +657,9 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
         free(reply);
         s_inbound_close(&in);
     }
+    fasa_metrics_stop(&metrics);
     if (s_final_snapshot(svc, o)) rc = 1;
-    zmq_send(pair, "", 0, 0); /* stop */
-    pthread_join(io.th, NULL);
-    zmq_close(pair);
-    zmq_close(io.pair);
-    free(io.pend);
+    s_stop_io(pair, &io);
 done:
     zmq_close(sock);
     fasa_zap_destroy(&zap);

@@ -89,8 +89,9 @@ const fasa_service_event *fasa_service_last_event(const fasa_service *s)
 static const char *s_kind_name(int kind)
 {
     static const char *const names[] = {
-        "undecodable", "ping",        "create_session", "append", "attend",   "batch_attend",
-        "calibrate",   "set_profile", "drop_session",   "stats",  "shutdown", "snapshot"};
+        "undecodable",  "ping",      "create_session", "append",        "attend",
+        "batch_attend", "calibrate", "set_profile",    "drop_session",  "stats",
+        "shutdown",     "snapshot",  "list_sessions",  "delete_profile"};
     return kind >= 0 && kind <= EDGE_KIND_LAST ? names[kind] : "undecodable";
 }
 
@@ -120,6 +121,9 @@ static const char *s_session_of(const edge_request *q)
         break;
     case EDGE_SNAPSHOT:
         id = q->u.snapshot.session_id;
+        break;
+    case EDGE_DELETE_PROFILE:
+        id = q->u.profile_name; /* the log names the profile */
         break;
     default:
         break;
@@ -792,56 +796,6 @@ static fasa_status s_set_profile(fasa_service *s, const edge_set_profile *p, rep
     return FASA_OK;
 }
 
-/* Reads a varint at *i; -1 when the bytes end first or it is over 64 bits. */
-static int s_varint(const uint8_t *p, size_t len, size_t *i, uint64_t *v_p)
-{
-    uint64_t v = 0;
-    for (int shift = 0; shift < 64; shift += 7) {
-        if (*i >= len) return -1;
-        const uint8_t b = p[(*i)++];
-        v |= (uint64_t)(b & 0x7f) << shift;
-        if (!(b & 0x80)) {
-            *v_p = v;
-            return 0;
-        }
-    }
-    return -1;
-}
-
-/* The body a request's bytes name (its top-level field 10..19 as an edge_kind), read
- * without decoding them, to count by type the requests the edge refused; 0 when none. */
-static int s_body_kind(const void *buf, size_t len)
-{
-    const uint8_t *p = buf;
-    size_t i = 0;
-    int kind = 0;
-    uint64_t key, v;
-    while (i < len && s_varint(p, len, &i, &key) == 0) {
-        const uint64_t field = key >> 3;
-        switch (key & 7) {
-        case 0:
-            if (s_varint(p, len, &i, &v)) return kind;
-            break;
-        case 1:
-            if (len - i < 8) return kind;
-            i += 8;
-            break;
-        case 2:
-            if (field >= 10 && field <= 9 + EDGE_KIND_LAST) kind = (int)field - 9;
-            if (s_varint(p, len, &i, &v) || v > len - i) return kind;
-            i += (size_t)v;
-            break;
-        case 5:
-            if (len - i < 4) return kind;
-            i += 4;
-            break;
-        default:
-            return kind;
-        }
-    }
-    return kind;
-}
-
 static void s_count_error(fasa_service *s, fasa_status code)
 {
     if ((unsigned)code <= FASA_UNAVAILABLE) s->by_code[code]++;
@@ -882,6 +836,9 @@ static fasa_status s_stats(fasa_service *s, const char *id, reply *r)
     static Fasa__V1__StatsResult res;
     static Fasa__V1__SessionInfo info;
     static char id_copy[EDGE_MAX_ID + 1];
+    static uint32_t dense[EDGE_MAX_LAYERS];
+    static size_t n_dense;
+    static Fasa__V1__DenseLayers dense_msg;
     static Fasa__V1__RequestCount req_msgs[EDGE_KIND_LAST + 1], *req_ptrs[EDGE_KIND_LAST + 1];
     static Fasa__V1__ErrorCount err_msgs[FASA_UNAVAILABLE], *err_ptrs[FASA_UNAVAILABLE];
     static Fasa__V1__LatencySummary lat_msgs[FASA_METHOD_LAST + 1], *lat_ptrs[FASA_METHOD_LAST + 1];
@@ -904,6 +861,18 @@ static fasa_status s_stats(fasa_service *s, const char *id, reply *r)
         info.budget = (uint32_t)c->budget;
         info.has_dtype = 1;
         info.dtype = (Fasa__V1__DType)(FASA__V1__DTYPE__F32 + c->dtype);
+        info.has_pairing = 1;
+        info.pairing = c->pairing == FC_PAIRING_HALF ? FASA__V1__PAIRING__HALF
+                                                     : FASA__V1__PAIRING__INTERLEAVED;
+        info.has_gqa = 1;
+        info.gqa = c->gqa == FASA_GQA_SHARED ? FASA__V1__GQA__SHARED : FASA__V1__GQA__PER_HEAD;
+        n_dense = 0;
+        for (int l = 0; l < c->n_layers && l < EDGE_MAX_LAYERS; l++)
+            if (c->dense_layers ? c->dense_layers[l] : l == 0) dense[n_dense++] = (uint32_t)l;
+        fasa__v1__dense_layers__init(&dense_msg);
+        dense_msg.n_layers = n_dense;
+        dense_msg.layers = dense;
+        info.dense_layers = &dense_msg;
         if (s_ranks(s, id, s->rank_msgs + n_ranks, s->rank_ptrs + n_ranks, r)) return r->code;
         info.n_rank_stats = (size_t)n_ranks;
         info.rank_stats = s->rank_ptrs + n_ranks;
@@ -961,6 +930,86 @@ static fasa_status s_stats(fasa_service *s, const char *id, reply *r)
     r->resp->stats = &res;
     return FASA_OK;
 }
+
+/* ListSessions: the engine's own bookkeeping (no shard is asked), ordered by id. */
+static int s_cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+typedef struct list_out {
+    Fasa__V1__ListSessionsResult res;
+    Fasa__V1__SessionSummary *sums, **ptrs;
+    const char **ids;
+    char **names;
+} list_out;
+
+static void s_list_free(list_out *l)
+{
+    free(l->sums);
+    free(l->ptrs);
+    free(l->ids);
+    free(l->names);
+}
+
+static fasa_status s_list_sessions(fasa_service *s, list_out *l, reply *r)
+{
+    const int n = fasa_engine_count(s->engine);
+    l->sums = calloc((size_t)(n ? n : 1), sizeof(*l->sums));
+    l->ptrs = calloc((size_t)(n ? n : 1), sizeof(*l->ptrs));
+    l->ids = calloc((size_t)(n ? n : 1), sizeof(*l->ids));
+    l->names = calloc((size_t)(s->n_profiles ? s->n_profiles : 1), sizeof(*l->names));
+    if (!l->sums || !l->ptrs || !l->ids || !l->names)
+        return s_fail(r, FASA_RESOURCE_EXHAUSTED, "list_sessions: out of memory");
+    fasa_engine_ids(s->engine, l->ids, n);
+    qsort(l->ids, (size_t)n, sizeof(*l->ids), s_cmp_str);
+    for (int i = 0; i < n; i++) {
+        const fasa_session_config *c = fasa_engine_config(s->engine, l->ids[i]);
+        Fasa__V1__SessionSummary *m = &l->sums[i];
+        fasa__v1__session_summary__init(m);
+        m->session_id = (char *)l->ids[i];
+        m->n_layers = (uint32_t)c->n_layers;
+        m->n_heads = (uint32_t)c->n_heads;
+        m->n_kv_heads = (uint32_t)c->n_kv_heads;
+        m->head_dim = (uint32_t)c->head_dim;
+        m->length = (uint64_t)fasa_engine_length(s->engine, l->ids[i], 0);
+        m->kv_bytes = (uint64_t)fasa_engine_kv_bytes(s->engine, l->ids[i]);
+        m->has_dtype = 1;
+        m->dtype = (Fasa__V1__DType)(FASA__V1__DTYPE__F32 + c->dtype);
+        m->has_profile = c->profile != NULL;
+        l->ptrs[i] = m;
+    }
+    for (int i = 0; i < s->n_profiles; i++) l->names[i] = s->profiles[i].name;
+    qsort(l->names, (size_t)s->n_profiles, sizeof(*l->names), s_cmp_str);
+    fasa__v1__list_sessions_result__init(&l->res);
+    l->res.n_sessions = (size_t)n;
+    l->res.sessions = l->ptrs;
+    l->res.n_profile_names = (size_t)s->n_profiles;
+    l->res.profile_names = l->names;
+    r->resp->body_case = FASA__V1__RESPONSE__BODY_LIST_SESSIONS;
+    r->resp->list_sessions = &l->res;
+    return FASA_OK;
+}
+
+/* DeleteProfile: out of the store and, with a state dir, off the disk (so --restore does not
+ * bring it back). Sessions made from it hold their own copy. */
+static fasa_status s_delete_profile(fasa_service *s, const char *name, reply *r)
+{
+    named_profile *np = s_find_profile(s, name);
+    if (!np)
+        return s_fail(r, FASA_NOT_FOUND, "delete_profile.profile_name: no profile '%s' is stored",
+                      name);
+    if (*s->state_dir) {
+        fasa_error fe;
+        if (fasa_snapshot_remove_profile(s->state_dir, name, &fe))
+            return s_fail(r, fe.code, "delete_profile: %s", fe.msg);
+    }
+    fasa_profile_destroy(&np->profile);
+    *np = s->profiles[--s->n_profiles];
+    return FASA_OK;
+}
+
+static int s_pack(Fasa__V1__Response *resp, uint8_t **reply_p, size_t *reply_len_p);
 
 static int s_pack(Fasa__V1__Response *resp, uint8_t **reply_p, size_t *reply_len_p)
 {
@@ -1197,6 +1246,37 @@ int fasa_service_error(uint64_t request_id, fasa_status code, const char *msg, u
     return s_pack(&resp, reply_p, reply_len_p);
 }
 
+int fasa_service_refuse(fasa_service *s, uint64_t request_id, fasa_status code, const char *msg,
+                        size_t bytes_in, uint8_t **reply_p, size_t *reply_len_p)
+{
+    s->requests++;
+    s->by_kind[0]++;
+    s->errors++;
+    s_count_error(s, code);
+    s->waited_ms = 0;
+    s->last = (fasa_service_event){.request_id = request_id,
+                                   .seq = s->requests,
+                                   .kind = s_kind_name(0),
+                                   .session_id = "",
+                                   .status = code,
+                                   .bytes_in = bytes_in};
+    snprintf(s->last.msg, sizeof(s->last.msg), "%s", msg);
+    const int rc = fasa_service_error(request_id, code, msg, reply_p, reply_len_p);
+    s->last.bytes_out = rc ? 0 : *reply_len_p;
+    return rc;
+}
+
+int fasa_service_stats_reply(fasa_service *s, uint8_t **reply_p, size_t *reply_len_p)
+{
+    Fasa__V1__Response resp;
+    fasa__v1__response__init(&resp);
+    reply r = {.code = FASA_OK, .resp = &resp};
+    if (s_stats(s, NULL, &r)) return -1;
+    resp.protocol_version = EDGE_PROTOCOL_VERSION;
+    resp.status = FASA__V1__STATUS__OK;
+    return s_pack(&resp, reply_p, reply_len_p);
+}
+
 int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **reply_p,
                         size_t *reply_len_p, int *shutdown_p)
 {
@@ -1214,13 +1294,17 @@ int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **
     Fasa__V1__SnapshotResult snap_res;
     snap_out *snaps = NULL;
     Fasa__V1__SnapshotInfo **snap_ptrs = NULL;
+    list_out list = {0};
     size_t reply_left = s->max_message - 1024;
 
     const double t_start = s_now();
     s->requests++;
     const int code = edge_decode(buf, len, s->max_message, &req, &rid, r.msg, sizeof(r.msg));
-    s->by_kind[code ? s_body_kind(buf, len) : (int)req.kind]++;
-    s->last.kind = s_kind_name(code ? 0 : (int)req.kind);
+    /* A request the edge refused counts under its body when the bytes parsed as a Request,
+     * else as undecodable (req.kind 0), in the log as in Stats. */
+    s->by_kind[req.kind]++;
+    s->last.kind = s_kind_name((int)req.kind);
+    s->last.seq = s->requests;
     snprintf(s->last_session, sizeof(s->last_session), "%s", code ? "" : s_session_of(&req));
     const double waited = s->waited_ms;
     s->waited_ms = 0;
@@ -1309,6 +1393,12 @@ int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **
     case EDGE_SHUTDOWN:
         *shutdown_p = 1;
         break;
+    case EDGE_LIST_SESSIONS:
+        s_list_sessions(s, &list, &r);
+        break;
+    case EDGE_DELETE_PROFILE:
+        s_delete_profile(s, req.u.profile_name, &r);
+        break;
     case EDGE_SNAPSHOT:
         if (s_snapshot(s, req.u.snapshot.session_id, &r, &snap_res, &snaps, &snap_ptrs) ==
             FASA_OK) {
@@ -1349,6 +1439,7 @@ reply:
     free(text);
     free(snaps);
     free(snap_ptrs);
+    s_list_free(&list);
     if (code == 0) edge_request_free(&req);
     s->last.bytes_out = rc ? 0 : *reply_len_p;
     s->last.ms = 1e3 * (s_now() - t_start);

@@ -46,7 +46,8 @@ void fasa_service_set_wait(fasa_service *s, double waited_ms);
 
 /* What the last fasa_service_handle did, for the server's log. */
 typedef struct fasa_service_event {
-    uint64_t request_id;
+    uint64_t request_id;    /* the client's (per connection) */
+    uint64_t seq;           /* the server's: 1 for the first request handled since start */
     const char *kind;       /* "ping", "create_session", ..., or "undecodable" */
     const char *session_id; /* the request's session, "" when none (valid until the next call) */
     fasa_status status;
@@ -61,9 +62,21 @@ const fasa_service_event *fasa_service_last_event(const fasa_service *s);
 uint64_t fasa_service_request_id(const void *req, size_t len);
 
 /* A serialised error Response (for a request the caller refused before decoding it, e.g.
- * a malformed envelope). Same ownership as above; -1 when out of memory. */
+ * a malformed envelope). Same ownership as above; -1 when out of memory. It counts nothing:
+ * fasa_service_refuse does. */
 int fasa_service_error(uint64_t request_id, fasa_status code, const char *msg, uint8_t **reply_p,
                        size_t *reply_len_p);
+
+/* Refuses a request the caller could not hand over whole (e.g. not one payload frame): the
+ * error Response as fasa_service_error, counted like a request the edge could not decode
+ * (requests, "undecodable", errors, errors_by_code) and recorded as the last event. */
+int fasa_service_refuse(fasa_service *s, uint64_t request_id, fasa_status code, const char *msg,
+                        size_t bytes_in, uint8_t **reply_p, size_t *reply_len_p);
+
+/* A serialised Response holding the server-wide StatsResult, as a Stats request without a
+ * session would get, but not counted as a request (for the metrics endpoint). -1 when out
+ * of memory or the engine failed to report. */
+int fasa_service_stats_reply(fasa_service *s, uint8_t **reply_p, size_t *reply_len_p);
 
 /* Snapshots (coord/snapshot.h) in the state dir. fasa_service_restore loads the saved
  * named profiles and every snapshotted session, logging each one refused (a damaged or

@@ -725,6 +725,17 @@ void fasa_snapshot_remove(const char *dir, const char *id)
     if (ok) s_manifest_cleanup(&m);
 }
 
+fasa_status fasa_snapshot_remove_profile(const char *dir, const char *name, fasa_error *err)
+{
+    char stem[64], path[4200];
+    fasa_snapshot_stem(name, stem, sizeof(stem));
+    snprintf(path, sizeof(path), "%.3000s/%s.profile", dir, stem);
+    if (unlink(path) && errno != ENOENT)
+        return fasa_error_set(err, FASA_INTERNAL, "cannot remove %s: %s", path, strerror(errno));
+    s_sync_dir(dir);
+    return FASA_OK;
+}
+
 fasa_status fasa_snapshot_save_profile(const char *dir, const char *name, const fasa_profile *p,
                                        fasa_error *err)
 {

@@ -97,6 +97,8 @@ int fasa_snapshot_clean(const char *dir, const char *only_stem, long long *bytes
  * written atomically like a manifest. */
 fasa_status fasa_snapshot_save_profile(const char *dir, const char *name, const fasa_profile *p,
                                        fasa_error *err);
+/* Removes the saved file of profile name from dir; none there is not an error. */
+fasa_status fasa_snapshot_remove_profile(const char *dir, const char *name, fasa_error *err);
 /* Loads every *.profile in dir, handing each to add (which takes the profile, returning 0,
  * or -1 to refuse it: then it is freed). A damaged file is logged and skipped. Returns the
  * count loaded (*n_failed_p the count skipped), or -1 when dir cannot be read. */

@@ -8,7 +8,9 @@ pkgs=(build-essential cmake pkg-config
       libopenblas-dev check
       libopenmpi-dev openmpi-bin
       libzmq3-dev libprotobuf-c-dev protobuf-c-compiler
-      clang clang-14 libclang-rt-14-dev)  # clang + libFuzzer for tests/fuzz.sh
+      clang clang-14 libclang-rt-14-dev   # clang + libFuzzer for tests/fuzz.sh
+      gnuplot-nox                          # fasa bench --png, bench/eval_report.sh
+      libmicrohttpd-dev curl)              # fasa-server --metrics-bind and its test
 
 missing=()
 for p in "${pkgs[@]}"; do

@@ -6,14 +6,16 @@
 #   deploy/run-local.sh N [--bind ENDPOINT] [--run-dir DIR] [-- extra fasa-server options]
 #
 # Environment: FASA_BUILD (build directory, default ./build), FASA_RUN_DIR (where the PID,
-# endpoint and log files go, default /tmp/fasa-local). Root-safe: sets Open MPI's
+# endpoint and log files go, default /tmp/fasa-local), FASA_TEST_PORTS=LO-HI (a --bind
+# ending in :* takes a free port of that range instead, retried when it is taken meanwhile). Root-safe: sets Open MPI's
 # run-as-root and oversubscription variables, and one OpenBLAS thread per rank.
 # CURVE: pass -- --curve-secret FILE --authorized-keys DIR (needed for a --bind beyond
 # loopback); the start-up ping then uses FASA_CURVE_SERVER_KEY and FASA_CURVE_CLIENT_SECRET,
 # and without them the script only waits for the endpoint file (the server is bound).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+source "$here/deploy/ports.sh"
 
 [ $# -ge 1 ] || { usage >&2; exit 2; }
 case "$1" in -h|--help) usage; exit 0 ;; esac
@@ -48,14 +50,25 @@ rm -f "$pid_file" "$endpoint_file"
 
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_rmaps_base_oversubscribe=1 OPENBLAS_NUM_THREADS=1
-args=(--bind "$bind" --pid-file "$pid_file" --endpoint-file "$endpoint_file" "${extra[@]}")
-if [ "$n" -eq 1 ]; then
-    setsid "$server" "${args[@]}" >"$log" 2>&1 < /dev/null &
-else
-    setsid mpirun -n "$n" -x OPENBLAS_NUM_THREADS "$server" "${args[@]}" >"$log" 2>&1 < /dev/null &
-fi
-launcher=$!
-echo "$launcher" > "$launcher_pid_file"
+ranged=0
+[[ "$bind" == *:\* ]] && [ -n "${FASA_TEST_PORTS:-}" ] && ranged=1
+start() {
+    local b=$bind p
+    if [ "$ranged" -eq 1 ]; then
+        p=$(fasa_pick_port) || exit 2
+        b=${bind%\*}$p
+    fi
+    local args=(--bind "$b" --pid-file "$pid_file" --endpoint-file "$endpoint_file" "${extra[@]}")
+    if [ "$n" -eq 1 ]; then
+        setsid "$server" "${args[@]}" >"$log" 2>&1 < /dev/null &
+    else
+        setsid mpirun -n "$n" -x OPENBLAS_NUM_THREADS "$server" "${args[@]}" >"$log" 2>&1 < /dev/null &
+    fi
+    launcher=$!
+    echo "$launcher" > "$launcher_pid_file"
+}
+start
+tries=1
 
 # Wait for the endpoint file, then for a ping answer (with CURVE and no client key: none).
 curve=0
@@ -65,6 +78,11 @@ no_ping=0
 [ "$curve" -eq 1 ] && [ -z "${FASA_CURVE_CLIENT_SECRET:-}" ] && no_ping=1
 for _ in $(seq 1 300); do
     if ! kill -0 "$launcher" 2>/dev/null; then
+        if [ "$ranged" -eq 1 ] && [ "$tries" -lt 5 ] && grep -q "cannot bind" "$log"; then
+            tries=$((tries + 1)) # the port was taken between the pick and the bind
+            start
+            continue
+        fi
         echo "run-local: fasa-server exited during start-up; its log ($log):" >&2
         cat "$log" >&2
         rm -f "$launcher_pid_file"

@@ -17,7 +17,9 @@
  *     Attend's k_new one row, a Create one session, a Drop removes that session's rows;
  *   - Attend results have the session's shape, the expected number of visible tokens, and
  *     selected positions that are -1 or distinct visible positions; Stats agrees with the
- *     engine; Ping echoes its payload.
+ *     engine (and its requests by type add up to requests); ListSessions lists every session
+ *     in id order with the engine's numbers; DeleteProfile changes no session; Ping echoes
+ *     its payload.
  * State carries over between inputs (sessions grow, profiles get stored), so the fixture is
  * rebuilt every FUZZ_RESET_EVERY inputs, or as soon as it holds more than FUZZ_MAX_SESSIONS
  * sessions or FUZZ_MAX_KV_BYTES of keys and values, which keeps memory flat. With
@@ -148,6 +150,8 @@ static Fasa__V1__Response__BodyCase s_body_for(Fasa__V1__Request__BodyCase bc)
         return FASA__V1__RESPONSE__BODY_CALIBRATE;
     case FASA__V1__REQUEST__BODY_STATS:
         return FASA__V1__RESPONSE__BODY_STATS;
+    case FASA__V1__REQUEST__BODY_LIST_SESSIONS:
+        return FASA__V1__RESPONSE__BODY_LIST_SESSIONS;
     default:
         return FASA__V1__RESPONSE__BODY__NOT_SET;
     }
@@ -324,10 +328,44 @@ static void s_check_ok(const fasa_engine_t *e, const Fasa__V1__Request *m,
         for (size_t i = 0; i < st->n_errors_by_code; i++) errs += st->errors_by_code[i]->count;
         CHECK(errs == st->errors, "stats: errors_by_code add up to %llu, errors %llu",
               (unsigned long long)errs, (unsigned long long)st->errors);
-        if (m->stats->session_id)
-            CHECK(st->session && st->session->length == (uint64_t)b->sess_len[0] &&
-                      st->session->kv_bytes == (uint64_t)b->sess_kv_bytes,
+        uint64_t by_type = 0;
+        for (size_t i = 0; i < st->n_requests_by_type; i++)
+            by_type += st->requests_by_type[i]->count;
+        CHECK(by_type == st->requests, "stats: requests_by_type add up to %llu, requests %llu",
+              (unsigned long long)by_type, (unsigned long long)st->requests);
+        if (m->stats->session_id) {
+            const Fasa__V1__SessionInfo *si = st->session;
+            CHECK(si && si->length == (uint64_t)b->sess_len[0] &&
+                      si->kv_bytes == (uint64_t)b->sess_kv_bytes,
                   "stats.session disagrees with the engine");
+            CHECK(si->has_pairing && si->has_gqa && si->dense_layers,
+                  "stats.session lacks pairing, gqa or dense_layers");
+            for (size_t i = 0; i < si->dense_layers->n_layers; i++)
+                CHECK(si->dense_layers->layers[i] < si->n_layers &&
+                          (i == 0 || si->dense_layers->layers[i] > si->dense_layers->layers[i - 1]),
+                      "stats.session.dense_layers not ascending layers below n_layers");
+        }
+        break;
+    }
+    case FASA__V1__REQUEST__BODY_LIST_SESSIONS: {
+        /* Every session the engine holds, ordered by id, with the engine's numbers. */
+        const Fasa__V1__ListSessionsResult *ls = r->list_sessions;
+        CHECK(ls->n_sessions == (size_t)a->n_sessions, "list_sessions: %zu sessions, engine %d",
+              ls->n_sessions, a->n_sessions);
+        for (size_t i = 0; i < ls->n_sessions; i++) {
+            const Fasa__V1__SessionSummary *ss = ls->sessions[i];
+            const fasa_session_config *c = fasa_engine_config(e, ss->session_id);
+            CHECK(c && ss->n_layers == (uint32_t)c->n_layers &&
+                      ss->n_kv_heads == (uint32_t)c->n_kv_heads &&
+                      ss->length == (uint64_t)fasa_engine_length(e, ss->session_id, 0) &&
+                      ss->kv_bytes == (uint64_t)fasa_engine_kv_bytes(e, ss->session_id),
+                  "list_sessions: '%s' disagrees with the engine", ss->session_id);
+            CHECK(i == 0 || strcmp(ls->sessions[i - 1]->session_id, ss->session_id) < 0,
+                  "list_sessions: not ordered by id");
+        }
+        for (size_t i = 1; i < ls->n_profile_names; i++)
+            CHECK(strcmp(ls->profile_names[i - 1], ls->profile_names[i]) < 0,
+                  "list_sessions: profile names not ordered");
         break;
     }
     default:

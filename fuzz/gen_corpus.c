@@ -357,6 +357,26 @@ static void s_others(void)
     req.drop_session = &dr;
     s_emit("drop", &req, 0);
 
+    Fasa__V1__ListSessions ls = FASA__V1__LIST_SESSIONS__INIT;
+    fasa__v1__request__init(&req);
+    req.body_case = FASA__V1__REQUEST__BODY_LIST_SESSIONS;
+    req.list_sessions = &ls;
+    s_emit("list-sessions", &req, 0);
+
+    Fasa__V1__DeleteProfile dp = FASA__V1__DELETE_PROFILE__INIT;
+    fasa__v1__request__init(&req);
+    dp.profile_name = "p";
+    req.body_case = FASA__V1__REQUEST__BODY_DELETE_PROFILE;
+    req.delete_profile = &dp;
+    s_emit("delete-profile", &req, 0);
+    dp.profile_name = "ghost";
+    s_emit("bad-delete-profile-unknown", &req, FASA__V1__STATUS__NOT_FOUND);
+    dp.profile_name = "two words";
+    s_emit("bad-delete-profile-name", &req, FASA__V1__STATUS__INVALID_ARGUMENT);
+    /* No request_id (a required field): undecodable. */
+    static const uint8_t no_id[] = {0x08, 0x01, 0xaa, 0x01, 0x00};
+    s_write("bad-no-request-id", no_id, sizeof(no_id), FASA__V1__STATUS__INVALID_ARGUMENT);
+
     Fasa__V1__Shutdown sh = FASA__V1__SHUTDOWN__INIT;
     fasa__v1__request__init(&req);
     req.body_case = FASA__V1__REQUEST__BODY_SHUTDOWN;

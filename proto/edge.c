@@ -474,6 +474,13 @@ static int s_body(const Fasa__V1__Request *m, edge_request *r, char *msg, size_t
         r->u.snapshot.all = all;
         return p->session_id ? s_id(p->session_id, "snapshot.session_id", msg, len) : ST_OK;
     }
+    case FASA__V1__REQUEST__BODY_LIST_SESSIONS:
+        r->kind = EDGE_LIST_SESSIONS;
+        return ST_OK;
+    case FASA__V1__REQUEST__BODY_DELETE_PROFILE:
+        r->kind = EDGE_DELETE_PROFILE;
+        r->u.profile_name = m->delete_profile->profile_name;
+        return s_id(r->u.profile_name, "delete_profile.profile_name", msg, len);
     default:
         return s_err(msg, len, ST_INVALID, "request.body is missing or of an unknown kind (%d)",
                      (int)m->body_case);
@@ -521,7 +528,11 @@ int edge_decode(const void *buf, size_t len, size_t max_message, edge_request *r
                    m->protocol_version, EDGE_PROTOCOL_VERSION);
     else
         st = s_body(m, req, msg, msg_len);
-    if (st) edge_request_free(req);
+    if (st) {
+        const edge_kind kind = req->kind; /* set once the bytes parsed as a Request */
+        edge_request_free(req);
+        req->kind = kind;
+    }
     return st;
 }
 

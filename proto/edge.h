@@ -37,9 +37,11 @@ typedef enum edge_kind {
     EDGE_DROP,
     EDGE_STATS,
     EDGE_SHUTDOWN,
-    EDGE_SNAPSHOT
+    EDGE_SNAPSHOT,
+    EDGE_LIST_SESSIONS, /* Request body 21 (edge kinds are the body's field number - 9) */
+    EDGE_DELETE_PROFILE
 } edge_kind;
-#define EDGE_KIND_LAST EDGE_SNAPSHOT
+#define EDGE_KIND_LAST EDGE_DELETE_PROFILE
 
 /* A decoded F32 tensor: data points into the request (4-byte aligned), valid until
  * edge_request_free. rank 0 means absent. */
@@ -118,7 +120,8 @@ typedef struct edge_request {
         } batch;
         edge_calibrate calibrate;
         edge_set_profile set_profile;
-        const char *session_id; /* drop; stats (NULL: server-wide) */
+        const char *session_id;   /* drop; stats (NULL: server-wide) */
+        const char *profile_name; /* delete_profile */
         struct {
             const char *session_id; /* NULL with all */
             int all;
@@ -130,7 +133,9 @@ typedef struct edge_request {
 
 /* Decodes len bytes. Returns 0 and fills req, or a Status number with a one-line message
  * naming the field at fault in msg; *request_id_p gets the request id whenever it could be
- * read (else 0), so the error response can carry it. On failure nothing needs freeing. */
+ * read (else 0), so the error response can carry it. On failure nothing needs freeing, and
+ * req->kind is the request's body when the bytes parsed as a Request with every required
+ * field (a field was refused), else 0 (undecodable). */
 int edge_decode(const void *buf, size_t len, size_t max_message, edge_request *req,
                 uint64_t *request_id_p, char *msg, size_t msg_len);
 void edge_request_free(edge_request *req);

@@ -88,7 +88,10 @@ out=$(timeout 60 "$server" --bind 'tcp://127.0.0.1:*' --curve-secret "$tmp/serve
     ok "an empty --authorized-keys refused" || bad "empty authorized-keys: exit $rc, $out"
 
 # With keys the same bind is accepted; the check goes over loopback only, then it stops.
-"$server" --bind 'tcp://0.0.0.0:*' --endpoint-file "$tmp/open.ep" --curve-secret "$tmp/server.key" \
+# (The processes above exit before binding; from here every bind honours FASA_TEST_PORTS.)
+source "$root/deploy/ports.sh"
+open_bind=$(fasa_bind_endpoint 0.0.0.0) || exit 1
+"$server" --bind "$open_bind" --endpoint-file "$tmp/open.ep" --curve-secret "$tmp/server.key" \
     --authorized-keys "$tmp/keys" >"$tmp/open.log" 2>&1 &
 open_pid=$!
 for _ in $(seq 1 100); do [ -s "$tmp/open.ep" ] && break; kill -0 $open_pid 2>/dev/null || break; sleep 0.1; done
@@ -113,7 +116,7 @@ if command -v python3 >/dev/null; then
     python3 -c '
 import os, socket, sys, time
 s = socket.socket()
-s.bind(("127.0.0.1", 0))
+s.bind(("127.0.0.1", int(sys.argv[2] or 0)))
 s.listen(8)
 with open(sys.argv[1] + ".tmp", "w") as f: f.write(str(s.getsockname()[1]))
 os.rename(sys.argv[1] + ".tmp", sys.argv[1])
@@ -123,7 +126,7 @@ try:
     while True: held.append(s.accept()[0])
 except OSError:
     pass
-' "$tmp/mute.port" &
+' "$tmp/mute.port" "$(fasa_pick_port)" &
     mute_pid=$!
     for _ in $(seq 1 100); do [ -s "$tmp/mute.port" ] && break; sleep 0.1; done
     out=$(FASA_TIMEOUT_MS=1500 fasa_c ping --server "tcp://127.0.0.1:$(cat "$tmp/mute.port")" \

@@ -120,9 +120,32 @@ START_TEST(test_ping_and_pipelining)
 }
 END_TEST
 
+/* The server's counters: requests, errors, undecodable requests, INVALID_ARGUMENT errors. */
+static void s_counters(uint64_t out[4])
+{
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Stats sb = FASA__V1__STATS__INIT;
+    req.body_case = FASA__V1__REQUEST__BODY_STATS;
+    req.stats = &sb;
+    Fasa__V1__Response *r = wire_send(&req);
+    ck_assert_int_eq(r->status, 0);
+    out[0] = r->stats->requests;
+    out[1] = r->stats->errors;
+    out[2] = out[3] = UINT64_MAX;
+    for (size_t i = 0; i < r->stats->n_requests_by_type; i++)
+        if (!strcmp(r->stats->requests_by_type[i]->type, "undecodable"))
+            out[2] = r->stats->requests_by_type[i]->count;
+    for (size_t i = 0; i < r->stats->n_errors_by_code; i++)
+        if (r->stats->errors_by_code[i]->code == FASA__V1__STATUS__INVALID_ARGUMENT)
+            out[3] = r->stats->errors_by_code[i]->count;
+    fasa__v1__response__free_unpacked(r, NULL);
+}
+
 START_TEST(test_frames)
 {
     wire_make_session();
+    uint64_t before[4], after[4];
+    s_counters(before);
     /* Two payload frames. */
     ck_assert_int_ge(zmq_send(s_sock, "a", 1, ZMQ_SNDMORE), 0);
     ck_assert_int_ge(zmq_send(s_sock, "b", 1, 0), 0);
@@ -133,6 +156,13 @@ START_TEST(test_frames)
     zmq_msg_close(&m);
     ck_assert_ptr_nonnull(r);
     wire_expect_error(r, FASA__V1__STATUS__INVALID_ARGUMENT, "frame");
+    /* Counted as a request (undecodable) and an INVALID_ARGUMENT error; the second Stats
+     * counts itself. */
+    s_counters(after);
+    ck_assert_uint_eq(after[0], before[0] + 2);
+    ck_assert_uint_eq(after[1], before[1] + 1);
+    ck_assert_uint_eq(after[2], before[2] + 1);
+    ck_assert_uint_eq(after[3], before[3] + 1);
     wire_check_unchanged();
 }
 END_TEST

@@ -69,6 +69,7 @@ Suite *config_suite(void);
 Suite *model_suite(void);
 Suite *snapshot_suite(void);
 Suite *threads_suite(void);
+Suite *admin_suite(void);
 
 /* ../shared as seen from the source tree (tests may read the recorded data there). */
 const char *test_shared_dir(void);
