@@ -363,7 +363,10 @@ s_tile_avx2(const scan_q *sq, int nq, int h0, int t, int n_valid, const void *ti
 {
     __m256 v[S_NQ_MAX][2];
     const int sd = sq->sd;
-    const size_t tb = scan_tile_bytes(sd, sq->n_dims);
+    const size_t tb = (size_t)SCORE_TILE * (size_t)sq->n_pad *
+                      (sd == SCAN_F32  ? 4
+                       : sd == SCAN_I8 ? 1
+                                       : 2);
     const void *tile = (const char *)tiles + (size_t)t * tb;
     if (sd == SCAN_I8)
         s_tile_i8(nq, sq->n_pad, sq->qi + (size_t)h0 * sq->n_pad, sq->qa + (size_t)h0 * sq->n_pad,
@@ -418,20 +421,64 @@ s_tile_avx2(const scan_q *sq, int nq, int h0, int t, int n_valid, const void *ti
     }
 }
 
-T_AVX2 static void s_run_avx2(const scan_q *sq, int n_rows, const void *tiles,
-                              const float *row_scale, float *out, int ld_out, int32_t pos0,
-                              topk_acc *acc)
+/* The tile loop for one score dtype SD (a constant after inlining, so the inner loops
+ * carry no dtype branch). */
+T_AVX2 static inline __attribute__((always_inline)) void
+s_run_sd(int sd, const scan_q *sq, int n_rows, const void *tiles, const float *row_scale,
+         float *out, int ld_out, int32_t pos0, topk_acc *acc)
 {
     const int n_tiles = (n_rows + SCORE_TILE - 1) / SCORE_TILE;
+    scan_q q = *sq;
+    q.sd = sd;
     for (int t = 0; t < n_tiles; t++) {
         const int nv = n_rows - t * SCORE_TILE;
         int h = 0;
-        for (; h + 4 <= sq->n_q; h += 4)
-            s_tile_avx2(sq, 4, h, t, nv, tiles, row_scale, out, ld_out, pos0, acc);
-        for (; h + 2 <= sq->n_q; h += 2)
-            s_tile_avx2(sq, 2, h, t, nv, tiles, row_scale, out, ld_out, pos0, acc);
-        for (; h < sq->n_q; h++)
-            s_tile_avx2(sq, 1, h, t, nv, tiles, row_scale, out, ld_out, pos0, acc);
+        for (; h + 4 <= q.n_q; h += 4)
+            s_tile_avx2(&q, 4, h, t, nv, tiles, row_scale, out, ld_out, pos0, acc);
+        for (; h + 2 <= q.n_q; h += 2)
+            s_tile_avx2(&q, 2, h, t, nv, tiles, row_scale, out, ld_out, pos0, acc);
+        for (; h < q.n_q; h++)
+            s_tile_avx2(&q, 1, h, t, nv, tiles, row_scale, out, ld_out, pos0, acc);
+    }
+}
+
+T_AVX2 static void s_run_f32(const scan_q *sq, int n, const void *t, const float *rs, float *out,
+                             int ld, int32_t p0, topk_acc *acc)
+{
+    s_run_sd(SCAN_F32, sq, n, t, rs, out, ld, p0, acc);
+}
+T_AVX2 static void s_run_f16(const scan_q *sq, int n, const void *t, const float *rs, float *out,
+                             int ld, int32_t p0, topk_acc *acc)
+{
+    s_run_sd(SCAN_F16, sq, n, t, rs, out, ld, p0, acc);
+}
+T_AVX2 static void s_run_bf16(const scan_q *sq, int n, const void *t, const float *rs, float *out,
+                              int ld, int32_t p0, topk_acc *acc)
+{
+    s_run_sd(SCAN_BF16, sq, n, t, rs, out, ld, p0, acc);
+}
+T_AVX2 static void s_run_i8(const scan_q *sq, int n, const void *t, const float *rs, float *out,
+                            int ld, int32_t p0, topk_acc *acc)
+{
+    s_run_sd(SCAN_I8, sq, n, t, rs, out, ld, p0, acc);
+}
+
+static void s_run_avx2(const scan_q *sq, int n_rows, const void *tiles, const float *row_scale,
+                       float *out, int ld_out, int32_t pos0, topk_acc *acc)
+{
+    switch (sq->sd) {
+    case SCAN_F32:
+        s_run_f32(sq, n_rows, tiles, row_scale, out, ld_out, pos0, acc);
+        return;
+    case SCAN_F16:
+        s_run_f16(sq, n_rows, tiles, row_scale, out, ld_out, pos0, acc);
+        return;
+    case SCAN_BF16:
+        s_run_bf16(sq, n_rows, tiles, row_scale, out, ld_out, pos0, acc);
+        return;
+    default:
+        s_run_i8(sq, n_rows, tiles, row_scale, out, ld_out, pos0, acc);
+        return;
     }
 }
 #endif
