@@ -580,8 +580,8 @@ START_TEST(test_ca_select)
 }
 END_TEST
 
-/* int8 quantisation against its naive reference (same scale, same rounding), and the real
- * bound |x - scale * q| <= scale / 2. */
+/* int8 (keys) and int16 (queries) quantisation against their naive reference (same scale,
+ * same rounding), and the real bound |x - scale * q| <= scale / 2. */
 START_TEST(test_scan_quant_i8)
 {
     test_rng r = {21};
@@ -603,6 +603,16 @@ START_TEST(test_scan_quant_i8)
                               (double)x[i], a[i], b[i]);
                 ck_assert(a[i] >= -127 && a[i] <= 127);
                 ck_assert(fabs((double)x[i] - (double)sa * a[i]) <= 0.5 * sa * (1 + 1e-6) + 1e-30);
+            }
+            int16_t qa[128], qb[128];
+            const float ta = scan_quant_q16(n, x, qa), tb = scan_quant_q16_ref(n, x, qb);
+            ck_assert(ta == tb);
+            for (int i = 0; i < n; i++) {
+                ck_assert_msg(qa[i] == qb[i], "q16 n %d rep %d i %d: %d vs ref %d", n, rep, i,
+                              qa[i], qb[i]);
+                ck_assert(qa[i] >= -SCAN_Q16_MAX && qa[i] <= SCAN_Q16_MAX);
+                /* x / scale in f32 is off by up to 8191 ulps of 1: a looser bound. */
+                ck_assert(fabs((double)x[i] - (double)ta * qa[i]) <= (0.5 + 2e-3) * ta + 1e-30);
             }
         }
 }

@@ -80,7 +80,7 @@ size_t scan_dtype_size(int sd)
 
 int scan_dims_padded(int sd, int n_dims)
 {
-    return sd == SCAN_I8 ? (n_dims + 3) / 4 * 4 : n_dims;
+    return sd == SCAN_I8 ? (n_dims + 1) / 2 * 2 : n_dims;
 }
 
 size_t scan_tile_bytes(int sd, int n_dims)
@@ -100,23 +100,24 @@ static float s_maxabs(int n, const float *x)
     return m;
 }
 
-float scan_quant_i8(int n, const float *x, int8_t *q)
+/* The quantiser of scan.h with limit lim (127 keys, SCAN_Q16_MAX queries). */
+static float s_quant(int n, const float *x, float lim, int32_t *q)
 {
-    const float scale = s_maxabs(n, x) / 127.0f;
+    const float scale = s_maxabs(n, x) / lim;
     for (int i = 0; i < n; i++) {
         float t = scale > 0.0f ? rintf(x[i] / scale) : 0.0f; /* default mode: ties to even */
-        t = t > 127.0f ? 127.0f : t < -127.0f ? -127.0f : t;
-        q[i] = (int8_t)t;
+        t = t > lim ? lim : t < -lim ? -lim : t;
+        q[i] = (int32_t)t;
     }
     return scale;
 }
 
-float scan_quant_i8_ref(int n, const float *x, int8_t *q)
+static float s_quant_ref(int n, const float *x, long lim, int32_t *q)
 {
     float m = 0.0f;
     for (int i = 0; i < n; i++)
         if (fabsf(x[i]) > m) m = fabsf(x[i]);
-    const float scale = m / 127.0f;
+    const float scale = m / (float)lim;
     for (int i = 0; i < n; i++) {
         if (!(scale > 0.0f)) {
             q[i] = 0;
@@ -126,11 +127,43 @@ float scan_quant_i8_ref(int n, const float *x, int8_t *q)
         const float f = floorf(t), diff = t - f;
         long r = (long)f;
         if (diff > 0.5f || (diff == 0.5f && (r % 2 != 0))) r++;
-        if (r > 127) r = 127;
-        if (r < -127) r = -127;
-        q[i] = (int8_t)r;
+        if (r > lim) r = lim;
+        if (r < -lim) r = -lim;
+        q[i] = (int32_t)r;
     }
     return scale;
+}
+
+float scan_quant_i8(int n, const float *x, int8_t *q)
+{
+    int32_t t[n > 0 ? n : 1];
+    const float s = s_quant(n, x, 127.0f, t);
+    for (int i = 0; i < n; i++) q[i] = (int8_t)t[i];
+    return s;
+}
+
+float scan_quant_i8_ref(int n, const float *x, int8_t *q)
+{
+    int32_t t[n > 0 ? n : 1];
+    const float s = s_quant_ref(n, x, 127, t);
+    for (int i = 0; i < n; i++) q[i] = (int8_t)t[i];
+    return s;
+}
+
+float scan_quant_q16(int n, const float *x, int16_t *q)
+{
+    int32_t t[n > 0 ? n : 1];
+    const float s = s_quant(n, x, (float)SCAN_Q16_MAX, t);
+    for (int i = 0; i < n; i++) q[i] = (int16_t)t[i];
+    return s;
+}
+
+float scan_quant_q16_ref(int n, const float *x, int16_t *q)
+{
+    int32_t t[n > 0 ? n : 1];
+    const float s = s_quant_ref(n, x, SCAN_Q16_MAX, t);
+    for (int i = 0; i < n; i++) q[i] = (int16_t)t[i];
+    return s;
 }
 
 /* ---- packing ---- */
@@ -138,8 +171,8 @@ float scan_quant_i8_ref(int n, const float *x, int8_t *q)
 static size_t s_i8_index(int n_pad, int row, int c)
 {
     const int t = row / SCORE_TILE, l = row % SCORE_TILE;
-    return (size_t)t * SCORE_TILE * n_pad + (size_t)(c / 4) * 4 * SCORE_TILE + (size_t)l * 4 +
-           (size_t)(c % 4);
+    return (size_t)t * SCORE_TILE * n_pad + (size_t)(c / 2) * 2 * SCORE_TILE + (size_t)l * 2 +
+           (size_t)(c % 2);
 }
 
 void scan_pack_row(int sd, int n_dims, const float *x, void *tiles, float *row_scale, int row)
@@ -177,7 +210,8 @@ int scan_q_prep(scan_q *sq, int sd, int n_q, int n_dims, const float *q)
 {
     const int n_pad = scan_dims_padded(sd, n_dims);
     const size_t nf = (size_t)n_q * (n_dims > 0 ? n_dims : 1), np = (size_t)n_q * (n_pad + 4);
-    const size_t need = nf * sizeof(float) + 2 * np + (size_t)n_q * sizeof(float) + 64;
+    const size_t need =
+        nf * sizeof(float) + np * sizeof(int16_t) + (size_t)n_q * sizeof(float) + 64;
     if (need > sq->cap) {
         void *m = realloc(sq->mem, need);
         if (!m) return -1;
@@ -187,16 +221,13 @@ int scan_q_prep(scan_q *sq, int sd, int n_q, int n_dims, const float *q)
     sq->sd = sd, sq->n_q = n_q, sq->n_dims = n_dims, sq->n_pad = n_pad;
     sq->qf = sq->mem;
     sq->qscale = sq->qf + nf;
-    sq->qi = (int8_t *)(sq->qscale + n_q);
-    sq->qa = (uint8_t *)(sq->qi + np);
+    sq->qi = (int16_t *)(sq->qscale + n_q);
     memcpy(sq->qf, q, (size_t)n_q * n_dims * sizeof(float));
     if (sd == SCAN_I8)
         for (int h = 0; h < n_q; h++) {
-            int8_t *qi = sq->qi + (size_t)h * n_pad;
-            memset(qi, 0, (size_t)n_pad);
-            sq->qscale[h] = scan_quant_i8(n_dims, q + (size_t)h * n_dims, qi);
-            for (int c = 0; c < n_pad; c++)
-                sq->qa[(size_t)h * n_pad + c] = (uint8_t)(qi[c] < 0 ? -qi[c] : qi[c]);
+            int16_t *qi = sq->qi + (size_t)h * n_pad;
+            memset(qi, 0, (size_t)n_pad * sizeof(*qi));
+            sq->qscale[h] = scan_quant_q16(n_dims, q + (size_t)h * n_dims, qi);
         }
     return 0;
 }
@@ -221,7 +252,7 @@ static float s_score_port(const scan_q *sq, int h, int r, const void *tiles, con
 {
     const int t = r / SCORE_TILE, l = r % SCORE_TILE, nd = sq->n_dims;
     if (sq->sd == SCAN_I8) {
-        const int8_t *qi = sq->qi + (size_t)h * sq->n_pad;
+        const int16_t *qi = sq->qi + (size_t)h * sq->n_pad;
         int32_t acc = 0;
         for (int c = 0; c < sq->n_pad; c++)
             acc += (int32_t)qi[c] * ((const int8_t *)tiles)[s_i8_index(sq->n_pad, r, c)];
@@ -325,27 +356,26 @@ s_tile_float(int sd, int nq, int nd, const float *q, int ld_q, const void *tile,
     }
 }
 
-/* int8 tile: sum_c qi_c ki_c by sign + vpmaddubsw (|q| u8 x sign-adjusted k s8, pairs of at
- * most 2 x 127 x 127: no saturation) + vpmaddwd, then the two scalings in f32. */
+/* int8 tile: sum_c qi_c ki_c with the int16 queries: each pair of dims of 8 rows (16
+ * bytes) sign-extended to int16 once (vpmovsxbw), then per head one vpmaddwd against the
+ * head's broadcast pair of int16 query values (exact int32 products and pair sums; scan.h
+ * bounds the sum), then the two scalings in f32. */
 T_AVX2 static inline __attribute__((always_inline)) void
-s_tile_i8(int nq, int n_pad, const int8_t *qi, const uint8_t *qa, const float *qscale,
-          const void *tile, const float *kscale, __m256 acc[][2])
+s_tile_i8(int nq, int n_pad, const int16_t *qi, const float *qscale, const void *tile,
+          const float *kscale, __m256 acc[][2])
 {
     __m256i ai[S_NQ_MAX][2];
     for (int h = 0; h < nq; h++) ai[h][0] = ai[h][1] = _mm256_setzero_si256();
-    const __m256i ones = _mm256_set1_epi16(1);
-    for (int c4 = 0; c4 < n_pad / 4; c4++) {
-        const __m256i *p = (const __m256i *)((const int8_t *)tile + (size_t)c4 * 4 * SCORE_TILE);
-        const __m256i k0 = _mm256_loadu_si256(p), k1 = _mm256_loadu_si256(p + 1);
+    for (int c2 = 0; c2 < n_pad / 2; c2++) {
+        const int8_t *p = (const int8_t *)tile + (size_t)c2 * 2 * SCORE_TILE;
+        const __m256i k0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+        const __m256i k1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16)));
         for (int h = 0; h < nq; h++) {
-            int32_t sw, aw;
-            memcpy(&sw, qi + (size_t)h * n_pad + 4 * c4, 4);
-            memcpy(&aw, qa + (size_t)h * n_pad + 4 * c4, 4);
-            const __m256i qs = _mm256_set1_epi32(sw), qu = _mm256_set1_epi32(aw);
-            const __m256i p0 = _mm256_maddubs_epi16(qu, _mm256_sign_epi8(k0, qs));
-            const __m256i p1 = _mm256_maddubs_epi16(qu, _mm256_sign_epi8(k1, qs));
-            ai[h][0] = _mm256_add_epi32(ai[h][0], _mm256_madd_epi16(p0, ones));
-            ai[h][1] = _mm256_add_epi32(ai[h][1], _mm256_madd_epi16(p1, ones));
+            int32_t w;
+            memcpy(&w, qi + (size_t)h * n_pad + 2 * c2, 4);
+            const __m256i qq = _mm256_set1_epi32(w);
+            ai[h][0] = _mm256_add_epi32(ai[h][0], _mm256_madd_epi16(k0, qq));
+            ai[h][1] = _mm256_add_epi32(ai[h][1], _mm256_madd_epi16(k1, qq));
         }
     }
     const __m256 ks0 = _mm256_loadu_ps(kscale), ks1 = _mm256_loadu_ps(kscale + 8);
@@ -369,8 +399,8 @@ s_tile_avx2(const scan_q *sq, int nq, int h0, int t, int n_valid, const void *ti
                                        : 2);
     const void *tile = (const char *)tiles + (size_t)t * tb;
     if (sd == SCAN_I8)
-        s_tile_i8(nq, sq->n_pad, sq->qi + (size_t)h0 * sq->n_pad, sq->qa + (size_t)h0 * sq->n_pad,
-                  sq->qscale + h0, tile, row_scale + (size_t)t * SCORE_TILE, v);
+        s_tile_i8(nq, sq->n_pad, sq->qi + (size_t)h0 * sq->n_pad, sq->qscale + h0, tile,
+                  row_scale + (size_t)t * SCORE_TILE, v);
     else
         s_tile_float(sd, nq, sq->n_dims, sq->qf + (size_t)h0 * sq->n_dims, sq->n_dims, tile, v);
     const int8_t *lane_row = sd == SCAN_BF16 ? s_lane_row_bf16 : s_lane_row_id;

@@ -6,13 +6,16 @@
  *        element (c, l) of tile t at (t * n_dims + c) * SCORE_TILE + l;
  *   SCAN_I8  int8 with ONE f32 scale per row (never per tile or block, so that a row's
  *        score does not depend on where placement put it): tiles of SCORE_TILE rows with
- *        the dims padded to a multiple of 4 (zeros) and grouped in fours, so that one
- *        32-bit lane holds 4 dims of one row: byte (c, l) of tile t at
- *        t * SCORE_TILE * n_pad + (c / 4) * 4 * SCORE_TILE + l * 4 + c % 4.
+ *        the dims padded to a multiple of 2 (zeros) and grouped in pairs, so that one
+ *        16-bit lane pair holds 2 dims of one row: byte (c, l) of tile t at
+ *        t * SCORE_TILE * n_pad + (c / 2) * 2 * SCORE_TILE + l * 2 + c % 2.
  * int8 quantisation of a row x (scan_quant_i8): scale = max|x_c| / 127 (f32 division; 0 for
  * a zero row), q_c = x_c / scale (f32 division) rounded to nearest, ties to even, within
- * [-127, 127]; x_c ~ scale * q_c. Queries are quantised per head the same way, and an int8
- * score is (float)(sum_c qi_c ki_c) * qscale * kscale[row] (the integer sum is exact).
+ * [-127, 127]; x_c ~ scale * q_c. Queries are quantised per head the same way to int16
+ * within [-SCAN_Q16_MAX, SCAN_Q16_MAX] (scan_quant_q16: the query's own error is then
+ * negligible next to the keys'), and an int8 score is
+ * (float)(sum_c qi_c ki_c) * qscale * kscale[row]: the int32 sum is exact (at most
+ * 1024 x 8191 x 127 < 2^31), its conversion rounds to nearest even on every path.
  *
  * Scores of the f32/f16/bf16 stores are f32 fused multiply-adds in dim order
  * (acc = fma(q_c, k_c, acc), c = 0, 1, ...), so every SIMD path and the portable one give
@@ -27,8 +30,10 @@
  * order). Rows are offered in ascending position, which the strict compare relies on: an
  * equal score at a higher position never beats the threshold.
  *
- * Paths: portable C, AVX2 (+FMA, F16C). The AVX-512 path runs the AVX2 kernels (untested
- * on an AVX-512 CPU in this tree; the scores are the same bits either way). */
+ * int8 uses vpmovsxbw + vpmaddwd on AVX2 (no VNNI kernel: this tree's development CPU has
+ * none, so vpdpwssd would go untested). Paths: portable C, AVX2 (+FMA, F16C). The AVX-512 path runs
+ * the AVX2 kernels (untested on an AVX-512 CPU in this tree; the scores are the same bits either
+ * way). */
 #ifndef FASA_KERNELS_SCAN_H
 #define FASA_KERNELS_SCAN_H
 
@@ -64,10 +69,16 @@ int scan_dims_padded(int sd, int n_dims);
 /* Bytes of one tile of SCORE_TILE rows. */
 size_t scan_tile_bytes(int sd, int n_dims);
 
+#define SCAN_Q16_MAX 8191
+
 /* int8 quantisation of n values (rule above): q[n], returns the scale. */
 float scan_quant_i8(int n, const float *x, int8_t *q);
 /* Naive reference of scan_quant_i8 (rounding by floor and comparison, not lrintf). */
 float scan_quant_i8_ref(int n, const float *x, int8_t *q);
+
+/* The queries' int16 quantisation (limit SCAN_Q16_MAX), and its naive reference. */
+float scan_quant_q16(int n, const float *x, int16_t *q);
+float scan_quant_q16_ref(int n, const float *x, int16_t *q);
 
 /* Packs row `row` (x[n_dims], f32; f16/bf16 round to nearest even) into a store of sd whose
  * tile 0 is at tiles; row_scale[row] gets the int8 scale (SCAN_I8 only; may be NULL
@@ -79,8 +90,7 @@ void scan_pack_row(int sd, int n_dims, const float *x, void *tiles, float *row_s
 typedef struct scan_q {
     int sd, n_q, n_dims, n_pad;
     float *qf;     /* (n_q, n_dims) */
-    int8_t *qi;    /* SCAN_I8: (n_q, n_pad) quantised queries */
-    uint8_t *qa;   /* SCAN_I8: (n_q, n_pad) |qi| */
+    int16_t *qi;   /* SCAN_I8: (n_q, n_pad) quantised queries */
     float *qscale; /* SCAN_I8: (n_q) */
     void *mem;
     size_t cap;
