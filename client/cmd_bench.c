@@ -539,11 +539,11 @@ static int s_scan(const bench_opts *o)
            "heads per KV head, B %d; %.1f MiB scanned per step; 1 thread, p50 of %d (+1 warm-up); "
            "shard built in %.1f s\n",
            T, G, u0, d, u0 / 2, d / 2, H / G, B, bytes / 1048576.0, R, timing_now() - t_build);
-    printf("dtype %s, score dtype %s (%s store); cpu features: %s; simd path %s\n",
-           fasa_dtype_name(o->dtype),
-           scan_dtype_name(scan_dtype_effective(o->score_dtype, o->dtype)),
-           o->score_dtype == SCAN_AUTO ? "the key store's own dims" : "a packed copy",
-           simd_cpu_features(), simd_path_name(simd_path_default()));
+    printf(
+        "dtype %s, score dtype %s (%s); cpu features: %s; simd path %s\n",
+        fasa_dtype_name(o->dtype), scan_dtype_name(scan_dtype_effective(o->score_dtype, o->dtype)),
+        o->score_dtype == SCAN_AUTO ? "the key store's own dominant dims" : "a packed copy of them",
+        simd_cpu_features(), simd_path_name(simd_path_default()));
     if (bytes < 64L << 20)
         printf("note: %.1f MiB may fit in the last-level cache; use --tokens >= 64K for a "
                "memory bandwidth\n",
