@@ -41,7 +41,7 @@ has scan "$tmp/scan.out" "^bench scan: $T tokens, 8 KV heads x 32 of 128 key dim
 has scan "$tmp/scan.out" '^read bandwidth, SIMD sum \(.*\): p50 +[0-9.]+ GB/s'
 has scan "$tmp/scan.out" '^read bandwidth, OpenBLAS cblas_sasum: p50 +[0-9.]+ GB/s'
 has scan "$tmp/scan.out" '^scoring scan \(shard_score, fasa\): p50 +[0-9.]+ GB/s'
-has scan "$tmp/scan.out" '^scan/read = [0-9]+\.[0-9]+ \(target >= 0\.80: (met|not met)\)$'
+has scan "$tmp/scan.out" '^scan/read = [0-9]+\.[0-9]+ \(target >= 0\.85: (met|not met)\)$'
 if [ "$(head -1 "$tmp/scan.csv")" = "figure,tokens,bytes,reps,p50_ms,min_ms,gb_s" ]; then ok
 else bad "scan csv header: $(head -1 "$tmp/scan.csv")"; fi
 if [ "$(tail -n +2 "$tmp/scan.csv" | cut -d, -f1-4 | tr '\n' ' ')" = \

@@ -334,7 +334,8 @@ fasa_status backend_create(backend *b, const char *id, const fasa_session_config
         .dense_layers_set = cfg->dense_layers != NULL,
         .dense_layers = dense,
         .n_dense_layers = n_dense,
-        .dtype = (fasa_client_dtype)(cfg->dtype + 1)};
+        .dtype = (fasa_client_dtype)(cfg->dtype + 1),
+        .score_dtype = (fasa_client_dtype)cfg->score_dtype}; /* scan_dtype: the wire's numbers */
     fasa_client_error ce;
     const fasa_client_status cst = fasa_client_create_session(b->cli, rs.wire_id, &cc, NULL, &ce);
     free(text);

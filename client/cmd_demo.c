@@ -17,6 +17,7 @@
 #include "calib.h"
 #include "cli.h"
 #include "dtype.h"
+#include "scan.h"
 #include "engine.h"
 #include "progress.h"
 #include "score.h"
@@ -49,6 +50,8 @@ static const char usage[] =
     "  --seed S        generator seed (default 1)\n"
     "  --dtype T       key/value storage of the three sessions: f32 (default), f16 or bf16\n"
     "                  (f16/bf16 halve their memory and the KV bytes read)\n"
+    "  --score-dtype T the fasa session's scoring store: f32, f16, bf16 or int8 (default: the\n"
+    "                  --dtype's own key dims)\n"
     "  --tier T        where the fasa session keeps K and V: ram (default) or disk: only the\n"
     "                  dominant key dims in RAM, the rest of K and V in unlinked files under\n"
     "                  --state-dir, of which a step reads only the selected rows (the dense\n"
@@ -68,25 +71,21 @@ typedef struct demo_opts {
     const char *server, *state_dir;
     fasa_dtype dtype;
     int tier; /* 0 ram, 1 disk */
+    /* scan_dtype of the fasa session, 0 auto */
+    int score_dtype;
 } demo_opts;
 
 static int s_parse(int argc, char **argv, demo_opts *o)
 {
-    static const struct option opts[] = {{"tokens", required_argument, 0, 't'},
-                                         {"steps", required_argument, 0, 's'},
-                                         {"heads", required_argument, 0, 'H'},
-                                         {"kv-heads", required_argument, 0, 'G'},
-                                         {"head-dim", required_argument, 0, 'D'},
-                                         {"ntip", required_argument, 0, 'n'},
-                                         {"budget", required_argument, 0, 'b'},
-                                         {"shards", required_argument, 0, 'S'},
-                                         {"seed", required_argument, 0, 'r'},
-                                         {"server", required_argument, 0, 'E'},
-                                         {"dtype", required_argument, 0, 'T'},
-                                         {"tier", required_argument, 0, 'R'},
-                                         {"state-dir", required_argument, 0, 'd'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
+    static const struct option opts[] = {
+        {"tokens", required_argument, 0, 't'},   {"steps", required_argument, 0, 's'},
+        {"heads", required_argument, 0, 'H'},    {"kv-heads", required_argument, 0, 'G'},
+        {"head-dim", required_argument, 0, 'D'}, {"ntip", required_argument, 0, 'n'},
+        {"budget", required_argument, 0, 'b'},   {"shards", required_argument, 0, 'S'},
+        {"seed", required_argument, 0, 'r'},     {"server", required_argument, 0, 'E'},
+        {"dtype", required_argument, 0, 'T'},    {"score-dtype", required_argument, 0, 'Z'},
+        {"tier", required_argument, 0, 'R'},     {"state-dir", required_argument, 0, 'd'},
+        {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
     *o = (demo_opts){.tokens = 262144,
                      .steps = 8,
                      .heads = 32,
@@ -112,6 +111,11 @@ static int s_parse(int argc, char **argv, demo_opts *o)
         case 'T':
             if (fasa_dtype_parse(optarg, &o->dtype))
                 return cli_usage_error("demo", "--dtype '%s' is not f32, f16 or bf16", optarg);
+            break;
+        case 'Z':
+            if (scan_dtype_parse(optarg, &o->score_dtype))
+                return cli_usage_error("demo", "--score-dtype '%s' is not f32, f16, bf16 or int8",
+                                       optarg);
             break;
         case 'R':
             if (strcmp(optarg, "ram") && strcmp(optarg, "disk"))
@@ -373,6 +377,7 @@ int cmd_demo(int argc, char **argv)
                                    .gqa = FASA_GQA_PER_HEAD,
                                    .dense_layers = dense_layers,
                                    .dtype = o.dtype,
+                                   .score_dtype = i == 0 ? o.score_dtype : 0,
                                    .tier = i == 0 ? o.tier : 0,
                                    .tier_dir = i == 0 && o.tier ? o.state_dir : NULL};
         if (backend_create(eng, ids[i], &cfg, &fe)) {

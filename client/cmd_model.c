@@ -11,6 +11,7 @@
 #include "backend.h"
 #include "calib.h"
 #include "cli.h"
+#include "scan.h"
 #include "engine.h"
 #include "llama.h"
 #include "progress.h"
@@ -47,6 +48,8 @@ static const char common_usage[] =
     "  --save-profile FILE  also write the calibrated profile\n"
     "  --dense-layers LIST  comma-separated layers kept dense under fasa, or none (default 0)\n"
     "  --gqa G              per-head (default) or shared\n"
+    "  --score-dtype T      fasa's scoring store: f32, f16, bf16 or int8 (one scale per row;\n"
+    "                       default: the keys' own dims, f32)\n"
     "  --shards N           in-process shards (default 1; outputs do not depend on it)\n"
     "  --block N            tokens per placement block (default 2048)\n"
     "  --server ENDPOINT    attend on a fasa-server (e.g. tcp://127.0.0.1:5555) instead of the\n"
@@ -77,6 +80,7 @@ typedef struct model_opts {
     fasa_method method;
     fasa_gqa gqa;
     int reference;
+    int score_dtype; /* scan_dtype, 0 auto */
 } model_opts;
 
 static int s_parse(const char *cmd, int argc, char **argv, model_opts *o)
@@ -102,6 +106,7 @@ static int s_parse(const char *cmd, int argc, char **argv, model_opts *o)
                                          {"save-profile", required_argument, 0, 'o'},
                                          {"dense-layers", required_argument, 0, 'D'},
                                          {"gqa", required_argument, 0, 'g'},
+                                         {"score-dtype", required_argument, 0, 'Z'},
                                          {"shards", required_argument, 0, 'S'},
                                          {"block", required_argument, 0, 'B'},
                                          {"server", required_argument, 0, 'E'},
@@ -204,6 +209,11 @@ static int s_parse(const char *cmd, int argc, char **argv, model_opts *o)
         case 'g':
             if (fasa_gqa_parse(optarg, &o->gqa))
                 return cli_usage_error(cmd, "--gqa '%s' is not per-head or shared", optarg);
+            break;
+        case 'Z':
+            if (scan_dtype_parse(optarg, &o->score_dtype))
+                return cli_usage_error(cmd, "--score-dtype '%s' is not f32, f16, bf16 or int8",
+                                       optarg);
             break;
         case 'S':
             if (cli_parse_int(optarg, 1, 1024, &o->shards))
@@ -458,7 +468,8 @@ static int s_run_open(const char *cmd, const model_opts *o, const char *id, mode
                                      .method = o->method,
                                      .budget = (int)o->budget,
                                      .gqa = o->gqa,
-                                     .dense_layers = r->dense};
+                                     .dense_layers = r->dense,
+                                     .score_dtype = o->score_dtype};
     if (backend_create(r->be, id, &cfg, &fe)) return cli_fail(cmd, "%s", fe.msg);
     r->fa.be = r->be, r->fa.id = id;
     r->attn = s_fasa_attend, r->ctx = &r->fa;

@@ -9,6 +9,7 @@
 #include "backend.h"
 #include "cli.h"
 #include "dtype.h"
+#include "scan.h"
 #include "engine.h"
 #include "npy.h"
 #include "progress.h"
@@ -37,6 +38,8 @@ static const char usage[] =
     "  --pairing P          interleaved (default) or half; taken from the profile if given\n"
     "  --dtype T            key/value storage: f32 (default), f16 or bf16 (--compare's dense\n"
     "                       and oracle sessions use it too)\n"
+    "  --score-dtype T      the FASA scan's scoring store: f32, f16, bf16 or int8 (one scale\n"
+    "                       per row; default: the --dtype's own key dims)\n"
     "  --selected SEL.npy   int32 (n_positions, n_layers, n_heads, B): chosen positions,\n"
     "                       best first, -1 padded; all -1 where a layer ran dense\n"
     "  --compare            also print per layer the recall of the exact top-B and the\n"
@@ -57,6 +60,7 @@ typedef struct replay_opts {
     fasa_gqa gqa;
     fc_pairing pairing;
     fasa_dtype dtype;
+    int score_dtype; /* scan_dtype, 0 auto */
 } replay_opts;
 
 static int s_parse(int argc, char **argv, replay_opts *o)
@@ -77,6 +81,7 @@ static int s_parse(int argc, char **argv, replay_opts *o)
                                          {"block", required_argument, 0, 'B'},
                                          {"server", required_argument, 0, 'E'},
                                          {"dtype", required_argument, 0, 'T'},
+                                         {"score-dtype", required_argument, 0, 'Z'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     memset(o, 0, sizeof(*o));
@@ -138,6 +143,11 @@ static int s_parse(int argc, char **argv, replay_opts *o)
         case 'T':
             if (fasa_dtype_parse(optarg, &o->dtype))
                 return cli_usage_error("replay", "--dtype '%s' is not f32, f16 or bf16", optarg);
+            break;
+        case 'Z':
+            if (scan_dtype_parse(optarg, &o->score_dtype))
+                return cli_usage_error("replay", "--score-dtype '%s' is not f32, f16, bf16 or int8",
+                                       optarg);
             break;
         case 'B':
             if (cli_parse_int(optarg, 1, 1 << 30, &o->block))
@@ -271,7 +281,8 @@ int cmd_replay(int argc, char **argv)
                                .budget = B,
                                .gqa = o.gqa,
                                .dense_layers = dense,
-                               .dtype = o.dtype};
+                               .dtype = o.dtype,
+                               .score_dtype = o.score_dtype};
     static const char *const ids[3] = {"replay", "dense", "oracle"};
     const int n_sessions = o.compare ? 3 : 1;
     for (int i = 0; i < n_sessions; i++) {

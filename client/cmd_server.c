@@ -10,6 +10,7 @@
 #include "backend.h"
 #include "cli.h"
 #include "dtype.h"
+#include "scan.h"
 #include "engine.h"
 #include "fasa_client.h"
 #include "npy.h"
@@ -80,7 +81,10 @@ static const char create_usage[] =
     "0)\n"
     "  --dtype T           how keys and values are stored: f32 (default), f16 or bf16 (half\n"
     "                      the memory and bytes read; values beyond f16's range are "
-    "refused)\n" COMMON_HELP;
+    "refused)\n"
+    "  --score-dtype T     the FASA scan's scoring store: f32, f16, bf16 or int8 (one scale\n"
+    "                      per row), a packed copy of the dominant key dims; default: the\n"
+    "                      --dtype's own key dims\n" COMMON_HELP;
 
 static const char append_usage[] =
     "usage: fasa append --server ENDPOINT --session ID [--layer N] --k K.npy --v V.npy\n"
@@ -155,6 +159,7 @@ typedef struct srv_opts {
     int prometheus;   /* stats --format prometheus */
     int all;          /* snapshot --all */
     fasa_dtype dtype; /* create --dtype */
+    int score_dtype;  /* create --score-dtype: scan_dtype (0 auto) */
 } srv_opts;
 
 /* Parses argv for cmd, accepting only the options whose codes are in allowed. Returns 0,
@@ -189,6 +194,7 @@ static int s_parse(const char *cmd, const char *usage, const char *allowed, int 
                                          {"format", required_argument, 0, 'F'},
                                          {"all", no_argument, 0, 'A'},
                                          {"dtype", required_argument, 0, 'T'},
+                                         {"score-dtype", required_argument, 0, 'Z'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     memset(o, 0, sizeof(*o));
@@ -245,6 +251,11 @@ static int s_parse(const char *cmd, const char *usage, const char *allowed, int 
         case 'T':
             if (fasa_dtype_parse(optarg, &o->dtype))
                 return cli_usage_error(cmd, "--dtype '%s' is not f32, f16 or bf16", optarg);
+            break;
+        case 'Z':
+            if (scan_dtype_parse(optarg, &o->score_dtype))
+                return cli_usage_error(cmd, "--score-dtype '%s' is not f32, f16, bf16 or int8",
+                                       optarg);
             break;
         case 'F':
             if (strcmp(optarg, "text") && strcmp(optarg, "prometheus"))
@@ -431,6 +442,7 @@ static void s_print_text(const char *server, const fasa_client_stats *st)
         for (size_t i = 0; i < s->n_dense_layers && i < 64; i++)
             printf("%s%u", i ? "," : " ", s->dense_layers[i]);
         printf("%s%s\n", s->n_dense_layers ? "" : " none", s->n_dense_layers > 64 ? ",..." : "");
+        if (s->score_dtype) printf("session.score_dtype %s\n", scan_dtype_name(s->score_dtype));
         s_print_ranks("session.rank", s->n_rank_stats, s->rank_stats);
     }
 }
@@ -545,7 +557,8 @@ int cmd_create(int argc, char **argv)
         .dense_layers_set = o.dense_layers != NULL,
         .dense_layers = dense,
         .n_dense_layers = n_dense,
-        .dtype = (fasa_client_dtype)(o.dtype + 1)};
+        .dtype = (fasa_client_dtype)(o.dtype + 1),
+        .score_dtype = (fasa_client_dtype)o.score_dtype};
     fasa_client *c = s_connect("create", o.server, BACKEND_TIMEOUT_MS);
     if (!c) {
         free(text);

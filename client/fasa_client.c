@@ -745,6 +745,11 @@ fasa_client_status fasa_client_create_session(fasa_client *c, const char *sessio
     if ((unsigned)cfg->dtype > FASA_CLIENT_DTYPE_BF16)
         return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "create_session.dtype: %d unknown",
                       (int)cfg->dtype);
+    if (cfg->score_dtype != FASA_CLIENT_DTYPE_DEFAULT &&
+        cfg->score_dtype != FASA_CLIENT_DTYPE_F32 && cfg->score_dtype != FASA_CLIENT_DTYPE_F16 &&
+        cfg->score_dtype != FASA_CLIENT_DTYPE_BF16 && cfg->score_dtype != FASA_CLIENT_DTYPE_I8)
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "create_session.score_dtype: %d unknown",
+                      (int)cfg->score_dtype);
     Fasa__V1__CreateSession cs = FASA__V1__CREATE_SESSION__INIT;
     Fasa__V1__DenseLayers dl = FASA__V1__DENSE_LAYERS__INIT;
     cs.session_id = (char *)(uintptr_t)session_id;
@@ -758,6 +763,10 @@ fasa_client_status fasa_client_create_session(fasa_client *c, const char *sessio
     }
     cs.has_dtype = 1;
     cs.dtype = cfg->dtype ? (Fasa__V1__DType)cfg->dtype : FASA__V1__DTYPE__F32;
+    if (cfg->score_dtype) {
+        cs.has_score_dtype = 1;
+        cs.score_dtype = (Fasa__V1__DType)cfg->score_dtype;
+    }
     cs.profile_text = (char *)(uintptr_t)cfg->profile_text;
     cs.profile_name = (char *)(uintptr_t)cfg->profile_name;
     if (cfg->method) {
@@ -1195,6 +1204,8 @@ static fasa_client_status s_stats_from(const Fasa__V1__StatsResult *r, const cha
             for (size_t i = 0; i < o->n_dense_layers && i < 64; i++)
                 o->dense_layers[i] = s->dense_layers->layers[i];
         }
+        o->score_dtype =
+            s->has_score_dtype ? (fasa_client_dtype)s->score_dtype : FASA_CLIENT_DTYPE_DEFAULT;
         if (s_rank_stats(s->n_rank_stats, s->rank_stats, &o->n_rank_stats, &o->rank_stats))
             st = s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED, "stats: out of memory");
     }

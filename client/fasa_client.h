@@ -92,6 +92,7 @@ typedef enum fasa_client_dtype {
     FASA_CLIENT_DTYPE_F32 = 1,
     FASA_CLIENT_DTYPE_F16 = 2,
     FASA_CLIENT_DTYPE_BF16 = 3,
+    FASA_CLIENT_DTYPE_I8 = 5, /* score_dtype only: int8 with one scale per row */
 } fasa_client_dtype;
 
 /* A session's geometry: it sizes every tensor the client sends or receives. */
@@ -177,6 +178,8 @@ typedef struct fasa_client_session_config {
     const uint32_t *dense_layers; /* with dense_layers_set: n_dense_layers layer indices */
     size_t n_dense_layers;        /* (0 with dense_layers_set: no layer stays dense) */
     fasa_client_dtype dtype;      /* DEFAULT: f32 */
+    /* The FASA scan's scoring store: F32, F16, BF16 or I8; DEFAULT: the dtype's key dims. */
+    fasa_client_dtype score_dtype;
 } fasa_client_session_config;
 
 /* Creates session session_id (1..128 printable ASCII bytes). n_shards_p, if not NULL, gets
@@ -328,6 +331,7 @@ typedef struct fasa_client_session_info {
     fasa_client_gqa gqa;                /* default token selection */
     size_t n_dense_layers;              /* layers always dense under fasa (ascending): */
     uint32_t dense_layers[64];          /* the first 64 of them */
+    fasa_client_dtype score_dtype;      /* the scan's score dtype (DEFAULT: not reported) */
 } fasa_client_session_info;
 
 /* Server-wide statistics, and one session's when asked for. */

@@ -13,6 +13,7 @@
 
 #include "attn.h"
 #include "dtype.h"
+#include "scan.h"
 #include "simd.h"
 #include "topk.h"
 
@@ -255,6 +256,7 @@ static int s_layout_from_profile(shard_layout *lay, const fasa_session_config *c
 {
     if (shard_layout_plain(lay, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim)) return -1;
     lay->dtype = c->dtype;
+    lay->score_dtype = c->score_dtype;
     lay->tier = c->tier;
     if (c->tier == SHARD_TIER_DISK && !(lay->tier_dir = strdup(c->tier_dir))) {
         shard_layout_cleanup(lay);
@@ -323,6 +325,9 @@ static fasa_status s_check_config(const fasa_session_config *c, fasa_error *err)
     if (!fasa_dtype_name(c->dtype))
         return fasa_error_set(err, FASA_INVALID_ARGUMENT, "dtype %d is not f32, f16 or bf16",
                               c->dtype);
+    if (!scan_dtype_valid(c->score_dtype))
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT,
+                              "score_dtype %d is not auto, f32, f16, bf16 or int8", c->score_dtype);
     if (c->tier != SHARD_TIER_RAM && c->tier != SHARD_TIER_DISK)
         return fasa_error_set(err, FASA_INVALID_ARGUMENT, "tier %d is not ram (0) or disk (1)",
                               c->tier);

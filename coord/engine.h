@@ -83,6 +83,8 @@ typedef struct fasa_session_config {
     const uint8_t *dense_layers; /* (n_layers) 1 = always dense under fasa; NULL: layer 0 */
     int dtype;                   /* fasa_dtype (kernels/dtype.h) of the stored keys and values;
                                     0 = f32 */
+    int score_dtype;             /* scan_dtype (kernels/scan.h) of the FASA scan's scoring
+                                    store: 0 (auto) = dtype's own; f32, f16, bf16, int8 */
     int tier;                    /* 0: keys and values in RAM; 1 (disk): only the dominant key
                                     dims in RAM, the rest of K and V in unlinked files under
                                     tier_dir (worker/shard.h SHARD_TIER_DISK; in-process

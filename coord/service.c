@@ -13,6 +13,7 @@
 #include "edge.h"
 #include "fasa.pb-c.h"
 #include "log.h"
+#include "scan.h"
 #include "snapshot.h"
 #include "wal.h"
 
@@ -380,7 +381,8 @@ static fasa_status s_create(fasa_service *s, const edge_create *c, reply *r)
                                .budget = c->budget ? c->budget : 256,
                                .gqa = gqa >= 0 ? (fasa_gqa)gqa : FASA_GQA_PER_HEAD,
                                .dense_layers = dense,
-                               .dtype = c->dtype};
+                               .dtype = c->dtype,
+                               .score_dtype = c->score_dtype};
     fasa_error fe;
     fasa_status st = fasa_engine_create(s->engine, c->session_id, &cfg, &fe);
     free(dense);
@@ -873,6 +875,8 @@ static fasa_status s_stats(fasa_service *s, const char *id, reply *r)
         dense_msg.n_layers = n_dense;
         dense_msg.layers = dense;
         info.dense_layers = &dense_msg;
+        info.has_score_dtype = 1; /* the effective one (scan_dtype: the proto's numbers) */
+        info.score_dtype = (Fasa__V1__DType)scan_dtype_effective(c->score_dtype, c->dtype);
         if (s_ranks(s, id, s->rank_msgs + n_ranks, s->rank_ptrs + n_ranks, r)) return r->code;
         info.n_rank_stats = (size_t)n_ranks;
         info.rank_stats = s->rank_ptrs + n_ranks;

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "dtype.h"
+#include "scan.h"
 #include "log.h"
 #include "shard_snap.h"
 #include "wal.h"
@@ -186,6 +187,16 @@ static int s_manifest_parse(manifest *m, char *buf, size_t len, char *why, size_
         goto bad;
     }
     c->dtype = dt;
+    /* Optional (manifests before score dtypes lack it: auto). The scoring store is derived
+     * from the keys, so a restore rebuilds it on append. */
+    c->score_dtype = 0;
+    if (end - cur > 12 && !strncmp(cur, "score_dtype ", 12)) {
+        EXPECT("score_dtype");
+        if (scan_dtype_parse(v, &c->score_dtype)) {
+            snprintf(why, why_len, "score_dtype '%s' unknown", v);
+            goto bad;
+        }
+    }
     EXPECT("method");
     if (fasa_method_parse(v, &c->method)) {
         snprintf(why, why_len, "method '%s' unknown", v);
@@ -291,10 +302,12 @@ static char *s_manifest_text(const fasa_engine_t *e, const char *id, unsigned lo
     if (!f) return NULL;
     fprintf(f,
             "fasa-snapshot %d\nsession %s\nn_layers %d\nn_heads %d\nn_kv_heads %d\nhead_dim "
-            "%d\npairing %s\ndtype %s\nmethod %s\nbudget %d\ngqa %s\ndense_layers",
+            "%d\npairing %s\ndtype %s\nscore_dtype %s\nmethod %s\nbudget %d\ngqa "
+            "%s\ndense_layers",
             FASA_SNAPSHOT_VERSION, id, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim,
-            fc_pairing_name(c->pairing), fasa_dtype_name(c->dtype), fasa_method_name(c->method),
-            c->budget, c->gqa == FASA_GQA_SHARED ? "shared" : "per-head");
+            fc_pairing_name(c->pairing), fasa_dtype_name(c->dtype), scan_dtype_name(c->score_dtype),
+            fasa_method_name(c->method), c->budget,
+            c->gqa == FASA_GQA_SHARED ? "shared" : "per-head");
     for (int l = 0; l < c->n_layers; l++) fprintf(f, " %d", c->dense_layers[l]);
     fputs("\nlengths", f);
     for (int l = 0; l < c->n_layers; l++) fprintf(f, " %d", (int)fasa_engine_length(e, id, l));

@@ -12,6 +12,7 @@
 #include "shard.h"
 #include "shard_snap.h"
 #include "snapshot.h"
+#include "scan.h"
 #include "test_util.h"
 #include "wal.h"
 
@@ -40,6 +41,9 @@ static fasa_profile *s_profile(void)
     return p;
 }
 
+/* The score dtype of session "a/b:c" (scan.h; 0 auto). */
+static int s_score_dtype;
+
 /* Sessions "a/b:c" (fasa with a profile) and "plain" (dense, no profile), the same rows. */
 static fasa_engine_t *s_fed_engine(int n_shards, const fasa_profile *p)
 {
@@ -56,11 +60,13 @@ static fasa_engine_t *s_fed_engine(int n_shards, const fasa_profile *p)
                              .head_dim = D,
                              .profile = p,
                              .method = FASA_METHOD_FASA,
-                             .budget = 40};
+                             .budget = 40,
+                             .score_dtype = s_score_dtype};
     fasa_error err;
     ck_assert_int_eq(fasa_engine_create(e, "a/b:c", &c, &err), FASA_OK);
     c.profile = NULL;
     c.method = FASA_METHOD_DENSE;
+    c.score_dtype = 0;
     ck_assert_int_eq(fasa_engine_create(e, "plain", &c, &err), FASA_OK);
     static float k[NL][T0][NKV * D], v[NL][T0][NKV * D];
     for (int l = 0; l < NL; l++) {
@@ -132,8 +138,11 @@ static int s_count_files(const char *suffix)
     return n;
 }
 
-START_TEST(test_snapshot_reshard)
+/* Snapshot, restore onto 1..4 shards: the same bits as a fresh engine fed the same rows on
+ * that shard count, and to rounding the same as the snapshotted one. */
+static void s_reshard(int score_dtype)
 {
+    s_score_dtype = score_dtype;
     static float out_a[N_METHODS * NL * NH * D], out_b[N_METHODS * NL * NH * D],
         out_c[N_METHODS * NL * NH * D];
     static int32_t sel_a[N_METHODS * NL * NH * 40], sel_b[N_METHODS * NL * NH * 40],
@@ -169,6 +178,7 @@ START_TEST(test_snapshot_reshard)
             const fasa_session_config *cb = fasa_engine_config(b, id);
             ck_assert_int_eq(cb->method, s ? FASA_METHOD_DENSE : FASA_METHOD_FASA);
             ck_assert_int_eq(cb->budget, 40);
+            ck_assert_int_eq(cb->score_dtype, s ? 0 : score_dtype);
             ck_assert_int_eq(cb->dense_layers[0], 1);
             ck_assert_int_eq(cb->dense_layers[1], 0);
             ck_assert(s ? !cb->profile
@@ -190,6 +200,21 @@ START_TEST(test_snapshot_reshard)
     fasa_engine_destroy(&a);
     fasa_profile_destroy(&p);
     s_rmdir();
+    s_score_dtype = 0;
+}
+
+START_TEST(test_snapshot_reshard)
+{
+    s_reshard(SCAN_AUTO);
+}
+END_TEST
+
+/* An int8 scoring store: the manifest keeps the score dtype and the restore rebuilds the
+ * store from the keys (the selections match a fresh engine's bit for bit). */
+START_TEST(test_snapshot_score_dtype)
+{
+    s_reshard(SCAN_I8);
+    s_reshard(SCAN_BF16);
 }
 END_TEST
 
@@ -507,6 +532,7 @@ Suite *snapshot_suite(void)
     tcase_set_timeout(tc, 300);
     tcase_add_test(tc, test_shard_read_rows);
     tcase_add_test(tc, test_snapshot_reshard);
+    tcase_add_test(tc, test_snapshot_score_dtype);
     tcase_add_test(tc, test_snapshot_damage);
     tcase_add_test(tc, test_wal_replay);
     tcase_add_test(tc, test_snapshot_clean);

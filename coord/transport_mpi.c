@@ -191,7 +191,8 @@ static int s_session_new(void *ctx, int sid, const shard_layout *lay)
     memcpy(p, lay->n_dom, (size_t)lk * 4);
     memcpy(p + lk * 4, lay->perm, (size_t)(lk * d) * 4);
     memcpy(p + lk * 4 + lk * d * 4, lay->qmask, (size_t)mask_bytes);
-    s_cmd_header(c)->n = lay->dtype; /* SESSION_NEW: the storage dtype */
+    /* SESSION_NEW: the storage dtype, and the score dtype times 16 */
+    s_cmd_header(c)->n = lay->dtype + 16 * lay->score_dtype;
     if (s_exchange(c, 0, c->n_shards, 0) == 0) {
         c->sessions[sid] = s;
         return 0;

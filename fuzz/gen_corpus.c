@@ -107,6 +107,16 @@ static void s_creates(void)
     c.dense_layers = &dl;
     s_emit("create-profile-text", &req, 0);
 
+    /* An int8 scoring store (the seed of the score_dtype field). */
+    c.session_id = "i8";
+    c.has_score_dtype = 1;
+    c.score_dtype = FASA__V1__DTYPE__I8;
+    s_emit("create-score-i8", &req, 0);
+    c.session_id = "i32";
+    c.score_dtype = FASA__V1__DTYPE__I32;
+    s_emit("bad-create-score-dtype", &req, FASA__V1__STATUS__INVALID_ARGUMENT);
+    c.has_score_dtype = 0;
+
     /* With the stored profile's name. */
     c.session_id = "m";
     c.profile_text = NULL;

@@ -5,6 +5,7 @@
 
 #include "attn.h"
 #include "ca.h"
+#include "scan.h"
 #include "score.h"
 #include "simd.h"
 #include "test_util.h"
@@ -579,6 +580,217 @@ START_TEST(test_ca_select)
 }
 END_TEST
 
+/* int8 (keys) and int16 (queries) quantisation against their naive reference (same scale,
+ * same rounding), and the real bound |x - scale * q| <= scale / 2. */
+START_TEST(test_scan_quant_i8)
+{
+    test_rng r = {21};
+    const int ns[] = {1, 3, 4, 32, 33, 128};
+    for (size_t ni = 0; ni < sizeof(ns) / sizeof(*ns); ni++)
+        for (int rep = 0; rep < 50; rep++) {
+            const int n = ns[ni];
+            float x[128];
+            int8_t a[128], b[128];
+            test_fill(&r, (size_t)n, x, rep % 3 == 0 ? 1e-3f : 5.0f);
+            if (rep == 7) /* exact ties at .5: x = (k + 0.5) * scale */
+                for (int i = 0; i < n; i++) x[i] = (float)(i % 9) - 4.0f + (i == 0 ? 127.0f : 0.5f);
+            if (rep == 8) memset(x, 0, sizeof(x));
+            const float sa = scan_quant_i8(n, x, a), sb = scan_quant_i8_ref(n, x, b);
+            ck_assert_msg(sa == sb, "n %d rep %d: scale %a vs ref %a", n, rep, (double)sa,
+                          (double)sb);
+            for (int i = 0; i < n; i++) {
+                ck_assert_msg(a[i] == b[i], "n %d rep %d i %d: x %a -> %d, ref %d", n, rep, i,
+                              (double)x[i], a[i], b[i]);
+                ck_assert(a[i] >= -127 && a[i] <= 127);
+                ck_assert(fabs((double)x[i] - (double)sa * a[i]) <= 0.5 * sa * (1 + 1e-6) + 1e-30);
+            }
+            int16_t qa[128], qb[128];
+            const float ta = scan_quant_q16(n, x, qa), tb = scan_quant_q16_ref(n, x, qb);
+            ck_assert(ta == tb);
+            for (int i = 0; i < n; i++) {
+                ck_assert_msg(qa[i] == qb[i], "q16 n %d rep %d i %d: %d vs ref %d", n, rep, i,
+                              qa[i], qb[i]);
+                ck_assert(qa[i] >= -SCAN_Q16_MAX && qa[i] <= SCAN_Q16_MAX);
+                /* x / scale in f32 is off by up to 8191 ulps of 1: a looser bound. */
+                ck_assert(fabs((double)x[i] - (double)ta * qa[i]) <= (0.5 + 2e-3) * ta + 1e-30);
+            }
+        }
+}
+END_TEST
+
+/* Fills a store of sd with n_rows random rows (their f32 originals in x) and a query set. */
+static void s_scan_store(test_rng *r, int sd, int n_rows, int nd, float *x, void *tiles, float *rs)
+{
+    test_fill(r, (size_t)n_rows * nd, x, 3.0f);
+    for (int i = 0; i < n_rows; i++) scan_pack_row(sd, nd, x + (size_t)i * nd, tiles, rs, i);
+}
+
+/* scan_scores on every path against the naive reference (int8: exactly; the float stores:
+ * to rounding) and bit-identical across paths; int8 scores near the f32 ones. */
+START_TEST(test_scan_scores)
+{
+    simd_path paths[3];
+    const int np = s_paths(paths);
+    test_rng r = {22};
+    const int sds[] = {SCAN_F32, SCAN_F16, SCAN_BF16, SCAN_I8};
+    const int dims[] = {1, 4, 7, 32, 33, 128};
+    const int rows[] = {1, 15, 16, 17, 100};
+    for (size_t si = 0; si < 4; si++)
+        for (size_t di = 0; di < sizeof(dims) / sizeof(*dims); di++)
+            for (size_t ri = 0; ri < sizeof(rows) / sizeof(*rows); ri++)
+                for (int n_q = 1; n_q <= 7; n_q += 3) {
+                    const int sd = sds[si], nd = dims[di], nr = rows[ri];
+                    const int n_tiles = (nr + SCORE_TILE - 1) / SCORE_TILE, ld = nr + 5;
+                    float *x = test_alloc((size_t)nr * nd * 4),
+                          *q = test_alloc((size_t)n_q * nd * 4);
+                    void *tiles = test_alloc((size_t)n_tiles * scan_tile_bytes(sd, nd));
+                    float *rs = test_alloc((size_t)n_tiles * SCORE_TILE * 4);
+                    float *ref = test_alloc((size_t)n_q * ld * 4),
+                          *got = test_alloc((size_t)n_q * ld * 4),
+                          *first = test_alloc((size_t)n_q * ld * 4);
+                    s_scan_store(&r, sd, nr, nd, x, tiles, rs);
+                    test_fill(&r, (size_t)n_q * nd, q, 2.0f);
+                    scan_q sq = {0};
+                    ck_assert_int_eq(scan_q_prep(&sq, sd, n_q, nd, q), 0);
+                    scan_scores_ref(&sq, nr, tiles, rs, ref, ld);
+                    for (int pi = 0; pi < np; pi++) {
+                        scan_scores(paths[pi], &sq, nr, tiles, rs, got, ld);
+                        for (int h = 0; h < n_q; h++)
+                            for (int j = 0; j < nr; j++) {
+                                const float g = got[h * ld + j], e = ref[h * ld + j];
+                                if (sd == SCAN_I8)
+                                    ck_assert_msg(g == e, "%s int8 nd %d: %a vs ref %a",
+                                                  simd_path_name(paths[pi]), nd, (double)g,
+                                                  (double)e);
+                                else
+                                    ck_assert_float_eq_tol(g, e, 1e-5f * 6 * (nd + 1));
+                                if (pi == 0)
+                                    first[h * ld + j] = g;
+                                else
+                                    ck_assert_msg(s_fbits(g) == s_fbits(first[h * ld + j]),
+                                                  "%s %s nd %d: %a vs %s %a",
+                                                  simd_path_name(paths[pi]), scan_dtype_name(sd),
+                                                  nd, (double)g, simd_path_name(paths[0]),
+                                                  (double)first[h * ld + j]);
+                                /* The store's own precision against the f32 dot product. */
+                                double exact = 0, mag = 0;
+                                for (int c = 0; c < nd; c++) {
+                                    exact += (double)q[h * nd + c] * x[(size_t)j * nd + c];
+                                    mag += fabs((double)q[h * nd + c]) * 3.0;
+                                }
+                                const double tol = sd == SCAN_F32    ? 1e-5
+                                                   : sd == SCAN_F16  ? 2e-3
+                                                   : sd == SCAN_BF16 ? 1e-2
+                                                                     : 2e-2;
+                                ck_assert_msg(fabs(g - exact) <= tol * mag + 1e-6,
+                                              "%s nd %d: %g vs exact %g", scan_dtype_name(sd), nd,
+                                              (double)g, exact);
+                            }
+                    }
+                    scan_q_free(&sq);
+                    free(x), free(q), free(tiles), free(rs), free(ref), free(got), free(first);
+                }
+}
+END_TEST
+
+/* The fused scan + top-k selects exactly what a full selection over the same kernel's
+ * scores selects, on every path, with heavy ties (a coarse int grid) and in several calls
+ * (row offsets as a shard's chunks). */
+START_TEST(test_scan_topk)
+{
+    simd_path paths[3];
+    const int np = s_paths(paths);
+    test_rng r = {23};
+    const int sds[] = {SCAN_F32, SCAN_F16, SCAN_BF16, SCAN_I8};
+    const int nr = 3000, nd = 32, n_q = 5, block = 1024;
+    const int ks[] = {1, 7, 256, 2999, 5000};
+    for (size_t si = 0; si < 4; si++)
+        for (int ties = 0; ties < 2; ties++) {
+            const int sd = sds[si], n_tiles = (nr + SCORE_TILE - 1) / SCORE_TILE;
+            float *x = test_alloc((size_t)nr * nd * 4), q[n_q * nd];
+            void *tiles = test_alloc((size_t)n_tiles * scan_tile_bytes(sd, nd));
+            float *rs = test_alloc((size_t)n_tiles * SCORE_TILE * 4);
+            test_fill(&r, (size_t)nr * nd, x, 3.0f);
+            test_fill(&r, (size_t)n_q * nd, q, 1.0f);
+            if (ties) {
+                for (int i = 0; i < nr * nd; i++) x[i] = roundf(x[i]);
+                for (int i = 0; i < n_q * nd; i++) q[i] = roundf(q[i]);
+                for (int i = 0; i < nd; i++) q[i] = i == 0; /* head 0: 7 distinct scores */
+            }
+            for (int i = 0; i < nr; i++) scan_pack_row(sd, nd, x + (size_t)i * nd, tiles, rs, i);
+            scan_q sq = {0};
+            ck_assert_int_eq(scan_q_prep(&sq, sd, n_q, nd, q), 0);
+            float *sc = test_alloc((size_t)n_q * nr * 4);
+            scan_scores_ref(&sq, nr, tiles, rs, sc, nr);
+            for (size_t ki = 0; ki < sizeof(ks) / sizeof(*ks); ki++)
+                for (int pi = 0; pi < np; pi++) {
+                    const int k = ks[ki], cap = 2 * k + 3;
+                    scan_scores(paths[pi], &sq, nr, tiles, rs, sc, nr);
+                    topk_acc acc[n_q];
+                    topk_cand *buf = test_alloc((size_t)n_q * cap * sizeof(topk_cand));
+                    for (int h = 0; h < n_q; h++)
+                        topk_acc_init(&acc[h], k, buf + (size_t)h * cap, cap);
+                    for (int r0 = 0; r0 < nr; r0 += block) {
+                        const int n = nr - r0 < block ? nr - r0 : block;
+                        scan_topk(paths[pi], &sq, n,
+                                  (const char *)tiles +
+                                      (size_t)(r0 / SCORE_TILE) * scan_tile_bytes(sd, nd),
+                                  rs + r0, 100 + r0, acc);
+                    }
+                    for (int h = 0; h < n_q; h++) {
+                        topk_cand *all = test_alloc((size_t)nr * sizeof(*all)),
+                                  *ref = test_alloc((size_t)(k < nr ? k : nr) * sizeof(*ref));
+                        for (int j = 0; j < nr; j++) all[j] = (topk_cand){sc[h * nr + j], 100 + j};
+                        const int m = topk_ref(nr, k, all, ref);
+                        const int got = topk_acc_finish_unsorted(&acc[h]);
+                        ck_assert_int_eq(got, m);
+                        topk_sort(got, acc[h].items);
+                        for (int i = 0; i < m; i++) {
+                            ck_assert_msg(acc[h].items[i].pos == ref[i].pos,
+                                          "%s %s ties %d k %d head %d: #%d pos %d vs %d",
+                                          simd_path_name(paths[pi]), scan_dtype_name(sd), ties, k,
+                                          h, i, acc[h].items[i].pos, ref[i].pos);
+                            ck_assert(acc[h].items[i].score == ref[i].score);
+                        }
+                        free(all), free(ref);
+                    }
+                    free(buf);
+                }
+            scan_q_free(&sq);
+            free(x), free(tiles), free(rs), free(sc);
+        }
+}
+END_TEST
+
+/* topk_sort (radix keys) against qsort's order (topk_ref) with ties, NaN, +-0 and +-inf. */
+START_TEST(test_topk_sort_keys)
+{
+    test_rng r = {24};
+    const int ns[] = {2, 16, 17, 300, 5000};
+    const float special[] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, 1.0f, -1.0f, 1e-40f, -1e-40f};
+    for (size_t ni = 0; ni < sizeof(ns) / sizeof(*ns); ni++) {
+        const int n = ns[ni];
+        topk_cand *a = test_alloc((size_t)n * sizeof(*a)), *b = test_alloc((size_t)n * sizeof(*b));
+        for (int i = 0; i < n; i++) {
+            const uint64_t z = test_next(&r);
+            a[i] = (topk_cand){z % 3 ? special[z % 9] : test_uniform(&r),
+                               (int32_t)(test_next(&r) % 2000000) - 1000000};
+            a[i].pos = a[i].pos * 4 + i % 4; /* unique positions, negative ones too */
+            a[i].pos = (int32_t)((uint32_t)i * 2654435761u % 1000003u) - 500000;
+        }
+        topk_ref(n, n, a, b);
+        topk_sort(n, a);
+        for (int i = 0; i < n; i++) {
+            ck_assert_int_eq(a[i].pos, b[i].pos);
+            ck_assert(s_fbits(a[i].score) == s_fbits(b[i].score) ||
+                      (a[i].score != a[i].score && b[i].score != b[i].score) ||
+                      a[i].score == b[i].score);
+        }
+        free(a), free(b);
+    }
+}
+END_TEST
+
 Suite *kernels_suite(void)
 {
     Suite *s = suite_create("kernels");
@@ -597,6 +809,10 @@ Suite *kernels_suite(void)
     tcase_add_test(tc, test_attn_merge);
     tcase_add_test(tc, test_ca);
     tcase_add_test(tc, test_ca_select);
+    tcase_add_test(tc, test_scan_quant_i8);
+    tcase_add_test(tc, test_scan_scores);
+    tcase_add_test(tc, test_scan_topk);
+    tcase_add_test(tc, test_topk_sort_keys);
     suite_add_tcase(s, tc);
     return s;
 }

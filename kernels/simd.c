@@ -48,6 +48,37 @@ int simd_path_supported(simd_path path)
     return 0;
 }
 
+const char *simd_cpu_features(void)
+{
+    static char buf[160];
+#if FASA_X86
+    unsigned a, b, c, d, b7 = 0, c7 = 0, d7 = 0, a71 = 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return "none";
+    const unsigned c1 = c;
+    if (__get_cpuid_max(0, NULL) >= 7) {
+        __cpuid_count(7, 0, a, b7, c7, d7);
+        __cpuid_count(7, 1, a71, b, c, d);
+    }
+    const struct {
+        const char *name;
+        int on;
+    } f[] = {{"sse4.2", !!(c1 & (1u << 20))},      {"avx2", !!(b7 & (1u << 5))},
+             {"fma", !!(c1 & (1u << 12))},         {"f16c", !!(c1 & (1u << 29))},
+             {"avx512f", !!(b7 & (1u << 16))},     {"avx512bw", !!(b7 & (1u << 30))},
+             {"avx512_vnni", !!(c7 & (1u << 11))}, {"avx512_fp16", !!(d7 & (1u << 23))},
+             {"avx_vnni", !!(a71 & (1u << 4))}};
+    size_t n = 0;
+    buf[0] = 0;
+    for (size_t i = 0; i < sizeof(f) / sizeof(*f); i++)
+        if (f[i].on)
+            n += (size_t)snprintf(buf + n, sizeof(buf) - n, "%s%s", n ? " " : "", f[i].name);
+    return n ? buf : "none";
+#else
+    (void)buf;
+    return "none";
+#endif
+}
+
 simd_path simd_path_default(void)
 {
     static int chosen = -1;

@@ -37,6 +37,10 @@ int simd_path_supported(simd_path path);
 simd_path simd_path_default(void);
 #define SIMD_AUTO (-1)
 
+/* The CPU's SIMD features as CPUID reports them, space-separated, from: sse4.2 avx2 fma f16c
+ * avx512f avx512bw avx512_vnni avx512_fp16 avx_vnni (a static string; "none" off x86). */
+const char *simd_cpu_features(void);
+
 /* Scalar reference conversions, round to nearest even (subnormals kept; f16 overflow gives
  * inf, NaN stays NaN). */
 uint16_t fasa_f32_to_f16(float x);

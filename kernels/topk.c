@@ -1,6 +1,7 @@
 #include "topk.h"
 
 #include <stdlib.h>
+#include <string.h>
 
 static inline void s_swap(topk_cand *a, topk_cand *b)
 {
@@ -17,9 +18,69 @@ static int s_cmp_best_first(const void *pa, const void *pb)
     return 0;
 }
 
-void topk_sort(int n, topk_cand *items)
+static void s_qsort(int n, topk_cand *items)
 {
     if (n > 1) qsort(items, (size_t)n, sizeof(*items), s_cmp_best_first);
+}
+
+/* A key whose ascending order is the best-first order: the score mapped to an unsigned
+ * that grows with the score (-0 as +0, every NaN below -inf), inverted, then the position
+ * with its sign bit flipped. */
+static uint64_t s_key(topk_cand c)
+{
+    uint32_t b;
+    float x = c.score + 0.0f; /* -0 -> +0 */
+    memcpy(&b, &x, 4);
+    uint32_t ord;
+    if (c.score != c.score)
+        ord = 0;
+    else
+        ord = (b & 0x80000000u) ? ~b : b | 0x80000000u;
+    return (uint64_t)(~ord) << 32 | (uint32_t)((uint32_t)c.pos ^ 0x80000000u);
+}
+
+typedef struct s_keyed {
+    uint64_t key;
+    topk_cand c;
+} s_keyed;
+
+void topk_sort(int n, topk_cand *items)
+{
+    if (n <= 1) return;
+    if (n <= 16) { /* insertion sort */
+        for (int i = 1; i < n; i++) {
+            const topk_cand c = items[i];
+            int j = i;
+            for (; j > 0 && topk_better(c, items[j - 1]); j--) items[j] = items[j - 1];
+            items[j] = c;
+        }
+        return;
+    }
+    s_keyed stack[2 * 1024], *a = stack;
+    if (n > 1024 && !(a = malloc(2 * (size_t)n * sizeof(*a)))) abort();
+    s_keyed *b = a + n;
+    size_t count[8][256];
+    memset(count, 0, sizeof(count));
+    for (int i = 0; i < n; i++) {
+        const uint64_t k = s_key(items[i]);
+        a[i] = (s_keyed){k, items[i]};
+        for (int d = 0; d < 8; d++) count[d][(k >> (8 * d)) & 0xff]++;
+    }
+    for (int d = 0; d < 8; d++) {
+        size_t *cd = count[d];
+        if (cd[(a[0].key >> (8 * d)) & 0xff] == (size_t)n) continue; /* one digit value */
+        size_t sum = 0;
+        for (int v = 0; v < 256; v++) {
+            const size_t c = cd[v];
+            cd[v] = sum;
+            sum += c;
+        }
+        for (int i = 0; i < n; i++) b[cd[(a[i].key >> (8 * d)) & 0xff]++] = a[i];
+        s_keyed *t = a;
+        a = b, b = t;
+    }
+    for (int i = 0; i < n; i++) items[i] = a[i].c;
+    if (n > 1024) free(a < b ? a : b);
 }
 
 /* Lomuto-free Hoare-style partition around the median of three: afterwards
@@ -76,7 +137,7 @@ int topk_ref(int n, int k, const topk_cand *in, topk_cand *out)
     topk_cand *all = malloc((size_t)n * sizeof(*all));
     if (!all) abort();
     for (int i = 0; i < n; i++) all[i] = in[i];
-    topk_sort(n, all);
+    s_qsort(n, all);
     const int m = k < n ? k : n;
     for (int i = 0; i < m; i++) out[i] = all[i];
     free(all);
@@ -93,7 +154,7 @@ void topk_acc_init(topk_acc *acc, int k, topk_cand *buf, int cap)
 }
 
 /* Cuts the held candidates back to the best k and records the k-th as the threshold. */
-static void s_acc_compact(topk_acc *acc)
+void topk_acc_compact(topk_acc *acc)
 {
     topk_select(acc->n, acc->k, acc->items);
     acc->n = acc->k;
@@ -109,7 +170,7 @@ void topk_acc_push(topk_acc *acc, int n, const float *scores, const int32_t *pos
     if (acc->k <= 0) return;
     /* Compacting only when full keeps the cost amortised O(1) per stored candidate: after a
      * compaction k are held, and at least cap - k - n >= k more fit before the next. */
-    if (acc->n + n > acc->cap) s_acc_compact(acc);
+    if (acc->n + n > acc->cap) topk_acc_compact(acc);
     topk_cand *it = acc->items;
     int m = acc->n;
     if (acc->have_thr) {
@@ -124,9 +185,15 @@ void topk_acc_push(topk_acc *acc, int n, const float *scores, const int32_t *pos
     acc->n = m;
 }
 
+int topk_acc_finish_unsorted(topk_acc *acc)
+{
+    if (acc->n > acc->k) topk_acc_compact(acc);
+    return acc->n;
+}
+
 int topk_acc_finish(topk_acc *acc)
 {
-    if (acc->n > acc->k) s_acc_compact(acc);
+    if (acc->n > acc->k) topk_acc_compact(acc);
     topk_sort(acc->n, acc->items);
     return acc->n;
 }

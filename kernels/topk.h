@@ -28,7 +28,8 @@ static inline int topk_better(topk_cand a, topk_cand b)
  * sort when partitions keep coming out lopsided). Returns min(k, n); k <= 0 gives 0. */
 int topk_select(int n, int k, topk_cand *items);
 
-/* Sorts items best-first. */
+/* Sorts items best-first: an LSD radix sort of 64-bit keys that encode the total order
+ * (no comparison callbacks); topk_ref keeps qsort as its independent reference. */
 void topk_sort(int n, topk_cand *items);
 
 /* Naive reference: copies in, sorts it fully, writes the best min(k, n) to out best-first.
@@ -52,6 +53,18 @@ void topk_acc_init(topk_acc *acc, int k, topk_cand *buf, int cap);
 /* Offers n candidates: scores[i] at position pos0 + i (pos == NULL) or pos[i]. n must be
  * at most cap - 2 * k. */
 void topk_acc_push(topk_acc *acc, int n, const float *scores, const int32_t *pos, int32_t pos0);
+/* Offers one candidate (the fused scan's rare insert; scan.h): stores it, compacting to the
+ * best k first when the buffer is full (cap >= k + 1). The caller has already dropped what
+ * cannot beat thr. */
+void topk_acc_compact(topk_acc *acc);
+static inline void topk_acc_offer(topk_acc *acc, topk_cand c)
+{
+    if (acc->n == acc->cap) topk_acc_compact(acc);
+    acc->items[acc->n++] = c;
+}
+/* Leaves the best min(k, seen) candidates in items[0..return) in no particular order (the
+ * merge needs the candidates and the threshold, not a sorted list). */
+int topk_acc_finish_unsorted(topk_acc *acc);
 /* Leaves the best min(k, seen) candidates in items[0..return), sorted best-first. */
 int topk_acc_finish(topk_acc *acc);
 

@@ -139,6 +139,8 @@ static const char *s_dtype_name(int dt)
         return "BF16";
     case FASA__V1__DTYPE__I32:
         return "I32";
+    case FASA__V1__DTYPE__I8:
+        return "I8";
     default:
         return "unknown";
     }
@@ -248,6 +250,16 @@ static int s_create(const Fasa__V1__CreateSession *c, edge_create *o, char *msg,
                          s_dtype_name(c->dtype), (int)c->dtype);
         /* The proto numbers F32, F16, BF16 = 1, 2, 3; fasa_dtype numbers them 0, 1, 2. */
         o->dtype = (int)c->dtype - FASA__V1__DTYPE__F32;
+    }
+    o->score_dtype = 0;
+    if (c->has_score_dtype && c->score_dtype != FASA__V1__DTYPE__DTYPE_UNSPECIFIED) {
+        if (c->score_dtype != FASA__V1__DTYPE__F32 && c->score_dtype != FASA__V1__DTYPE__F16 &&
+            c->score_dtype != FASA__V1__DTYPE__BF16 && c->score_dtype != FASA__V1__DTYPE__I8)
+            return s_err(msg, len, ST_INVALID,
+                         "create_session.score_dtype %s (%d) is not a score dtype: send F32, "
+                         "F16, BF16 or I8",
+                         s_dtype_name(c->score_dtype), (int)c->score_dtype);
+        o->score_dtype = (int)c->score_dtype; /* scan_dtype uses the proto's numbers */
     }
     if ((st = s_enum(c->has_pairing, c->pairing, 2, "create_session.pairing", &o->pairing, msg,
                      len)) ||

@@ -27,6 +27,7 @@
 #include "engine.h"
 #include "qkv.h"
 #include "snapshot.h"
+#include "scan.h"
 #include "test_util.h"
 #include "transport_mpi.h"
 #include "worker_mpi.h"
@@ -129,8 +130,9 @@ typedef struct replay {
     const fasa_profile *profile;                 /* NULL: calibration-free session */
     const float *const *q, *const *k, *const *v; /* (nl) -> (T, heads, d) */
     int prefix;                                  /* positions appended before the first step */
-    int pos_step; /* steps at t = prefix, prefix + pos_step, ... < T */
-    int back;     /* each step also attends with max_pos = t - back, nothing appended */
+    int pos_step;    /* steps at t = prefix, prefix + pos_step, ... < T */
+    int back;        /* each step also attends with max_pos = t - back, nothing appended */
+    int score_dtype; /* scan_dtype (kernels/scan.h), 0 auto */
 } replay;
 
 typedef struct replay_out {
@@ -166,7 +168,8 @@ static void s_create(fasa_engine_t *e, const char *id, const replay *c)
                                      .profile = c->profile,
                                      .method = c->method,
                                      .budget = c->budget,
-                                     .gqa = c->gqa};
+                                     .gqa = c->gqa,
+                                     .score_dtype = c->score_dtype};
     fasa_error err;
     ck_assert_msg(fasa_engine_create(e, id, &cfg, &err) == FASA_OK, "create %s: %s", id, err.msg);
 }
@@ -385,6 +388,25 @@ START_TEST(test_mpi_fasa_agree)
                          shared ? "shared" : "per-head", budget);
                 s_check_agree(&c, what);
             }
+        /* The scoring stores the workers build themselves (SESSION_NEW carries the score
+         * dtype): int8 and bf16 select as in-process. */
+        const int sds[2] = {SCAN_I8, SCAN_BF16};
+        for (int si = 0; si < 2; si++) {
+            replay c = s_replay_of(&ds, NH, NKV, D, T);
+            c.pairing = pairing;
+            c.profile = p;
+            c.method = FASA_METHOD_FASA;
+            c.gqa = (fasa_gqa)shared;
+            c.budget = 20;
+            c.prefix = 450;
+            c.pos_step = 37;
+            c.back = 200;
+            c.score_dtype = sds[si];
+            char what[96];
+            snprintf(what, sizeof(what), "profile fasa %s score dtype %s",
+                     shared ? "shared" : "per-head", scan_dtype_name(sds[si]));
+            s_check_agree(&c, what);
+        }
         fasa_profile_destroy(&p);
     }
     s_data_cleanup(&ds);

@@ -437,9 +437,47 @@ START_TEST(test_create_dtype)
 }
 END_TEST
 
+/* CreateSession.score_dtype: F32, F16, BF16 and I8 are score dtypes (any storage dtype),
+ * I32 and unknown numbers are refused naming the field. */
+START_TEST(test_create_score_dtype)
+{
+    Fasa__V1__Request req;
+    Fasa__V1__CreateSession c;
+    const int bad[2] = {FASA__V1__DTYPE__I32, 9};
+    for (int i = 0; i < 2; i++) {
+        wire_create_init(&req, &c, "sd-bad");
+        c.has_score_dtype = 1;
+        c.score_dtype = (Fasa__V1__DType)bad[i];
+        wire_expect_error(wire_send(&req), FASA__V1__STATUS__INVALID_ARGUMENT,
+                          "create_session.score_dtype");
+    }
+    const int good[4] = {FASA__V1__DTYPE__F32, FASA__V1__DTYPE__F16, FASA__V1__DTYPE__BF16,
+                         FASA__V1__DTYPE__I8};
+    for (int i = 0; i < 4; i++) {
+        wire_create_init(&req, &c, "sd-ok");
+        c.has_dtype = 1;
+        c.dtype = FASA__V1__DTYPE__F16;
+        c.has_score_dtype = 1;
+        c.score_dtype = (Fasa__V1__DType)good[i];
+        Fasa__V1__Response *r = wire_send(&req);
+        ck_assert_int_eq(r->status, 0);
+        fasa__v1__response__free_unpacked(r, NULL);
+        Fasa__V1__DropSession ds = FASA__V1__DROP_SESSION__INIT;
+        ds.session_id = "sd-ok";
+        Fasa__V1__Request dr = FASA__V1__REQUEST__INIT;
+        dr.body_case = FASA__V1__REQUEST__BODY_DROP_SESSION;
+        dr.drop_session = &ds;
+        r = wire_send(&dr);
+        ck_assert_int_eq(r->status, 0);
+        fasa__v1__response__free_unpacked(r, NULL);
+    }
+}
+END_TEST
+
 void wire_cases_add(TCase *tc)
 {
     tcase_add_test(tc, test_bad_bytes);
     tcase_add_test(tc, test_bad_fields);
     tcase_add_test(tc, test_create_dtype);
+    tcase_add_test(tc, test_create_score_dtype);
 }

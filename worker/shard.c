@@ -13,6 +13,7 @@
 #include "dense.h"
 #include "phase.h"
 #include "pool.h"
+#include "scan.h"
 #include "score.h"
 #include "simd.h"
 
@@ -21,6 +22,10 @@ typedef struct kv_chunk {
     void *kdom;  /* (SHARD_CHUNK / SCORE_TILE, n_dom, SCORE_TILE) */
     void *krest; /* (SHARD_CHUNK, head_dim - n_dom) */
     void *v;     /* (SHARD_CHUNK, head_dim) */
+    /* The scoring store when it is not kdom itself (s_sep): SHARD_CHUNK rows of the
+     * dominant dims in the layout's score dtype (scan.h), and for int8 one scale per row. */
+    void *ksc;
+    float *kscale; /* (SHARD_CHUNK) */
     /* SHARD_TIER_DISK, in the chunk's first KV head only: the one mapping that holds every
      * KV head's krest and v, and its size. NULL in RAM. */
     void *map;
@@ -76,6 +81,16 @@ struct shard {
     fasa_pool_t *pool; /* borrowed; NULL: one thread */
     shard_t **views;   /* (n_views) */
     int n_views;
+    scan_q sq; /* the fused scan's prepared queries */
+    /* Phase 2 per KV group: per row a stamp (the group being gathered) and its slot in the
+     * union; per head its members (slots). Grow-only. */
+    uint32_t *stamp;
+    int *slot;
+    size_t stamp_cap; /* rows */
+    uint32_t stamp_gen;
+    int *members; /* (group, budget) */
+    int *urows;   /* (group * budget) rows of the union */
+    size_t members_cap;
     float scores[]; /* flexible tail: see shard_new */
 };
 
@@ -122,6 +137,25 @@ static const float *s_rows_f32(const shard_t *s, const void *base, size_t e0, si
     return buf;
 }
 
+/* The score dtype the FASA scan reads, and whether its store is a copy next to kdom. */
+static int s_sd(const shard_layout *lay)
+{
+    return scan_dtype_effective(lay->score_dtype, lay->dtype);
+}
+
+static int s_sep(const shard_layout *lay)
+{
+    return s_sd(lay) != scan_dtype_effective(SCAN_AUTO, lay->dtype);
+}
+
+/* Bytes of the scoring store copy of SHARD_CHUNK rows of n_dom dims (0 without a copy). */
+static size_t s_ksc_bytes(const shard_layout *lay, int n_dom)
+{
+    if (!s_sep(lay)) return 0;
+    return (size_t)SHARD_CHUNK / SCORE_TILE * scan_tile_bytes(s_sd(lay), n_dom ? n_dom : 1) +
+           (s_sd(lay) == SCAN_I8 ? SHARD_CHUNK * sizeof(float) : 0);
+}
+
 void shard_layout_cleanup(shard_layout *lay)
 {
     free(lay->n_dom);
@@ -142,6 +176,7 @@ static int s_layout_alloc(shard_layout *dst, int n_layers, int n_heads, int n_kv
     dst->n_kv_heads = n_kv_heads;
     dst->head_dim = head_dim;
     dst->dtype = FASA_DTYPE_F32;
+    dst->score_dtype = SCAN_AUTO;
     dst->tier = SHARD_TIER_RAM;
     dst->tier_dir = NULL;
     dst->n_dom = calloc((size_t)n_layers * n_kv_heads, sizeof(int));
@@ -162,6 +197,7 @@ int shard_layout_copy(shard_layout *dst, const shard_layout *src)
     memcpy(dst->perm, src->perm, lk * src->head_dim * sizeof(int));
     memcpy(dst->qmask, src->qmask, (size_t)src->n_layers * src->n_heads * src->head_dim);
     dst->dtype = src->dtype;
+    dst->score_dtype = src->score_dtype;
     dst->tier = src->tier;
     if (src->tier_dir && !(dst->tier_dir = strdup(src->tier_dir))) {
         shard_layout_cleanup(dst);
@@ -180,7 +216,7 @@ int shard_layout_plain(shard_layout *dst, int n_layers, int n_heads, int n_kv_he
 
 shard_t *shard_new(const shard_layout *layout)
 {
-    if (!fasa_dtype_size(layout->dtype)) return NULL;
+    if (!fasa_dtype_size(layout->dtype) || !scan_dtype_valid(layout->score_dtype)) return NULL;
     if (layout->tier == SHARD_TIER_DISK ? !layout->tier_dir : layout->tier != SHARD_TIER_RAM)
         return NULL;
     shard_t *s = calloc(1, sizeof(*s) + s_tail_floats(layout) * sizeof(float));
@@ -221,6 +257,11 @@ static void s_view_destroy(shard_t *v)
     free(v->qf);
     free(v->stage);
     free(v->dscr);
+    free(v->stamp);
+    free(v->slot);
+    free(v->members);
+    free(v->urows);
+    scan_q_free(&v->sq);
     free(v);
 }
 
@@ -235,6 +276,8 @@ void shard_destroy(shard_t **shard_p)
         for (int c = 0; c < ls->n_chunks; c++) {
             for (int g = 0; g < s->lay.n_kv_heads; g++) {
                 free(ls->chunks[c][g].kdom);
+                free(ls->chunks[c][g].ksc);
+                free(ls->chunks[c][g].kscale);
                 if (ls->chunks[c][0].map) continue;
                 free(ls->chunks[c][g].krest);
                 free(ls->chunks[c][g].v);
@@ -261,6 +304,11 @@ void shard_destroy(shard_t **shard_p)
     free(s->rowh);
     free(s->stage);
     free(s->dscr);
+    free(s->stamp);
+    free(s->slot);
+    free(s->members);
+    free(s->urows);
+    scan_q_free(&s->sq);
     shard_layout_cleanup(&s->lay);
     free(s);
     *shard_p = NULL;
@@ -318,9 +366,18 @@ static kv_chunk *s_chunk_new(const shard_layout *lay, int layer)
             ch[g].krest = calloc((size_t)SHARD_CHUNK * (d - u ? d - u : 1), esz);
             ch[g].v = malloc((size_t)SHARD_CHUNK * d * esz);
         }
-        if (!ch[g].kdom || !ch[g].krest || !ch[g].v) {
+        int sc_ok = 1;
+        if (s_sep(lay)) {
+            ch[g].ksc =
+                calloc((size_t)SHARD_CHUNK / SCORE_TILE, scan_tile_bytes(s_sd(lay), u ? u : 1));
+            if (s_sd(lay) == SCAN_I8) ch[g].kscale = calloc(SHARD_CHUNK, sizeof(float));
+            sc_ok = ch[g].ksc && (s_sd(lay) != SCAN_I8 || ch[g].kscale);
+        }
+        if (!ch[g].kdom || !ch[g].krest || !ch[g].v || !sc_ok) {
             for (int i = 0; i <= g; i++) {
                 free(ch[i].kdom);
+                free(ch[i].ksc);
+                free(ch[i].kscale);
                 if (ch[0].map) continue;
                 free(ch[i].krest);
                 free(ch[i].v);
@@ -424,6 +481,7 @@ int shard_append(shard_t *s, int layer, int n, const int32_t *pos, const float *
             const float *kr = krow + (size_t)g * d;
             for (int p = 0; p < d; p++) kp[p] = kr[perm[p]];
             const size_t kd0 = (size_t)tile * u * SCORE_TILE + lane;
+            if (ch[g].ksc) scan_pack_row(s_sd(lay), u, kp, ch[g].ksc, ch[g].kscale, rr);
             if (dt == FASA_DTYPE_F32) {
                 float *kd = (float *)ch[g].kdom + kd0;
                 for (int p = 0; p < u; p++) kd[(size_t)p * SCORE_TILE] = kp[p];
@@ -612,18 +670,19 @@ static void s_score_stream(shard_t *s, const shard_step *st, int units, int n_vi
     topk_cand *buf = s->acc_buf;
     int n = 0;
     const int w0 = n_vis > b ? n_vis - b : 0;
-    for (int r = 0; r < w0 && ls->pos[r] < SHARD_STREAM_SINKS; r++)
-        buf[n++] = (topk_cand){1.0f, ls->pos[r]};
+    /* Candidates by row (kept rows are row indices; rows ascend with positions, so the
+     * order is the same), positions in what is returned. */
+    for (int r = 0; r < w0 && ls->pos[r] < SHARD_STREAM_SINKS; r++) buf[n++] = (topk_cand){1.0f, r};
     for (int r = w0; r < n_vis; r++)
-        buf[n++] =
-            (topk_cand){ls->pos[r] < SHARD_STREAM_SINKS ? 1.0f : -(float)(st->max_pos - ls->pos[r]),
-                        ls->pos[r]};
+        buf[n++] = (topk_cand){
+            ls->pos[r] < SHARD_STREAM_SINKS ? 1.0f : -(float)(st->max_pos - ls->pos[r]), r};
     n = topk_select(n, b, buf);
-    topk_sort(n, buf);
     for (int unit = 0; unit < units; unit++) {
         memcpy(s->kept + (size_t)unit * b, buf, (size_t)n * sizeof(topk_cand));
         s->n_kept[unit] = n;
-        if (cands) memcpy(cands + (size_t)unit * b, buf, (size_t)n * sizeof(topk_cand));
+        for (int i = 0; cands && i < n; i++)
+            cands[(size_t)unit * b + i] = (topk_cand){buf[i].score, ls->pos[buf[i].pos]};
+        if (cands) topk_sort(n, cands + (size_t)unit * b);
         if (n_cands) n_cands[unit] = n;
     }
     s->bytes_read_last = 0;
@@ -803,7 +862,20 @@ static int64_t s_score_groups(shard_t *s, const shard_step *st, int g0, int g1, 
         for (int i = 0; i < n_q; i++)
             topk_acc_init(&acc[i], b, s->acc_buf + i * acc_one, (int)acc_one);
         if (st->method == SHARD_QUEST) bytes += s_score_quest(s, st, g, n_vis, sc, acc);
-        for (int r0 = 0; st->method != SHARD_QUEST && r0 < n_vis; r0 += SHARD_CHUNK) {
+        if (st->method == SHARD_FASA) {
+            /* The fused scan + top-k over the scoring store (scan.h), by row index. */
+            const int sd = s_sd(lay);
+            if (scan_q_prep(&s->sq, sd, n_q, u, qd)) return -1;
+            for (int r0 = 0; r0 < n_vis; r0 += SHARD_CHUNK) {
+                const int nr = n_vis - r0 < SHARD_CHUNK ? n_vis - r0 : SHARD_CHUNK;
+                const kv_chunk *ch = &ls->chunks[r0 / SHARD_CHUNK][g];
+                scan_topk(SIMD_AUTO, &s->sq, nr, ch->ksc ? ch->ksc : ch->kdom, ch->kscale, r0, acc);
+            }
+            bytes += (int64_t)n_vis * (int64_t)(scan_tile_bytes(sd, u) / SCORE_TILE +
+                                                (sd == SCAN_I8 ? sizeof(float) : 0));
+        }
+        for (int r0 = 0; st->method != SHARD_QUEST && st->method != SHARD_FASA && r0 < n_vis;
+             r0 += SHARD_CHUNK) {
             const int nr = n_vis - r0 < SHARD_CHUNK ? n_vis - r0 : SHARD_CHUNK;
             const kv_chunk *ch = &ls->chunks[r0 / SHARD_CHUNK][g];
             score_tiles_dt(SIMD_AUTO, lay->dtype, (nr + SCORE_TILE - 1) / SCORE_TILE, u, n_q, sc,
@@ -816,18 +888,24 @@ static int64_t s_score_groups(shard_t *s, const shard_step *st, int g0, int g1, 
             }
             if (sparq) s_sparq_fold(n_q, nr, sc, inv_tau, zm, zs);
             for (int i = 0; i < n_q; i++)
-                topk_acc_push(&acc[i], nr, sc + (size_t)i * SHARD_CHUNK, ls->pos + r0, 0);
+                topk_acc_push(&acc[i], nr, sc + (size_t)i * SHARD_CHUNK, NULL, r0);
         }
-        if (st->method != SHARD_QUEST)
+        if (st->method != SHARD_QUEST && st->method != SHARD_FASA)
             bytes += (int64_t)n_vis * (oracle ? d : u) * (int64_t)s_esz(s);
         if (sparq) s_sparq_aux_of(s, st, g, n_vis, zm, zs);
         for (int i = 0; i < n_q; i++) {
             const int unit = st->gqa == SHARD_GQA_SHARED ? g : g * grp + i;
-            const int n = topk_acc_finish(&acc[i]);
-            memcpy(s->kept + (size_t)unit * b, acc[i].items, (size_t)n * sizeof(topk_cand));
+            /* Unsorted: the merge needs the candidates and its threshold, not an order. */
+            const int n = topk_acc_finish_unsorted(&acc[i]);
+            const topk_cand *it = acc[i].items;
+            memcpy(s->kept + (size_t)unit * b, it, (size_t)n * sizeof(topk_cand));
             s->n_kept[unit] = n;
-            if (cands)
-                memcpy(cands + (size_t)unit * b, acc[i].items, (size_t)n * sizeof(topk_cand));
+            /* Kept rows are row indices (QUEST: page positions); what is returned has
+             * positions. */
+            for (int j = 0; cands && j < n; j++)
+                cands[(size_t)unit * b + j] = (topk_cand){
+                    it[j].score, st->method == SHARD_QUEST ? it[j].pos : ls->pos[it[j].pos]};
+            if (cands) topk_sort(n, cands + (size_t)unit * b); /* best first (shard.h) */
             if (n_cands) n_cands[unit] = n;
         }
     }
@@ -878,23 +956,12 @@ int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands
     int64_t bytes_g[hkv], bytes = 0;
     s_score_task task = {s, st, cands, n_cands, bytes_g};
     fasa_pool_run(s->pool, hkv, s_score_run, &task);
-    for (int g = 0; g < hkv; g++) bytes += bytes_g[g];
+    for (int g = 0; g < hkv; g++) {
+        if (bytes_g[g] < 0) return -1; /* out of memory in a task */
+        bytes += bytes_g[g];
+    }
     s->bytes_read_last = bytes;
     return 0;
-}
-
-/* Row index of a position this shard holds (binary search; the caller knows it is here). */
-static int s_row_of(const layer_store *ls, int32_t pos)
-{
-    int lo = 0, hi = ls->n_rows - 1;
-    while (lo < hi) {
-        const int mid = lo + (hi - lo) / 2;
-        if (ls->pos[mid] < pos)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo;
 }
 
 /* Dense phase 2 for KV head g: every visible row, in blocks of DENSE_BLOCK rows, each
@@ -943,14 +1010,49 @@ static int s_page_of(const layer_store *ls, int32_t pp)
     return lo;
 }
 
+/* Copies row r of KV head g (key in permuted order, value) into slot n of the gather
+ * buffers: f32 straight into s->gather, f16/bf16 raw into s->stage (s_gather_convert
+ * converts them all at once). cap: the rows the buffers hold. */
+static void s_gather_row(shard_t *s, int layer, int g, int r, int n, size_t cap)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, u = lay->n_dom[layer * lay->n_kv_heads + g];
+    const kv_chunk *ch = &s->layers[layer].chunks[r / SHARD_CHUNK][g];
+    const int rr = r % SHARD_CHUNK;
+    const size_t kd0 = (size_t)(rr / SCORE_TILE) * u * SCORE_TILE + rr % SCORE_TILE;
+    float *kg = s->gather, *vg = kg + cap * d;
+    if (lay->dtype == FASA_DTYPE_F32) {
+        float *krow = kg + (size_t)n * d;
+        const float *kd = (const float *)ch->kdom + kd0;
+        for (int p = 0; p < u; p++) krow[p] = kd[(size_t)p * SCORE_TILE];
+        memcpy(krow + u, (const float *)ch->krest + (size_t)rr * (d - u),
+               (size_t)(d - u) * sizeof(float));
+        memcpy(vg + (size_t)n * d, (const float *)ch->v + (size_t)rr * d,
+               (size_t)d * sizeof(float));
+    } else {
+        uint16_t *krow = s->stage + (size_t)n * d;
+        const uint16_t *kd = (const uint16_t *)ch->kdom + kd0;
+        for (int p = 0; p < u; p++) krow[p] = kd[(size_t)p * SCORE_TILE];
+        memcpy(krow + u, (const uint16_t *)ch->krest + (size_t)rr * (d - u), (size_t)(d - u) * 2);
+        memcpy(s->stage + (cap + n) * d, (const uint16_t *)ch->v + (size_t)rr * d, (size_t)d * 2);
+    }
+}
+
+static void s_gather_convert(shard_t *s, int n, size_t cap)
+{
+    const int d = s->lay.head_dim;
+    if (s->lay.dtype == FASA_DTYPE_F32) return;
+    dtype_to_f32(SIMD_AUTO, s->lay.dtype, (size_t)n * d, s->stage, s->gather);
+    dtype_to_f32(SIMD_AUTO, s->lay.dtype, (size_t)n * d, s->stage + cap * d, s->gather + cap * d);
+}
+
 /* Sparse phase 2 for one unit: gathers the kept rows not worse than thr (QUEST: the visible
  * rows of the kept pages not worse than thr) and attends the unit's n_q heads (queries
  * qf (n_q, d), permuted order) over them. */
 static void s_attend_rows(shard_t *s, const shard_step *st, int g, int unit, topk_cand thr, int n_q,
                           int n_vis, const float *qf, float *m, double *l, double *o)
 {
-    const shard_layout *lay = &s->lay;
-    const int d = lay->head_dim, u = lay->n_dom[st->layer * lay->n_kv_heads + g];
+    const int d = s->lay.head_dim;
     const layer_store *ls = &s->layers[st->layer];
     const topk_cand *kept = s->kept + (size_t)unit * s->kept_budget;
     const size_t cap = (size_t)s->kept_budget * s_rows_per_cand(st);
@@ -959,49 +1061,25 @@ static void s_attend_rows(shard_t *s, const shard_step *st, int g, int unit, top
     double t = fasa_phase_now(); /* phase.h: 0 unless a benchmark times phases */
     int n = 0;
     for (int i = 0; i < s->n_kept[unit]; i++) {
-        if (topk_better(thr, kept[i])) continue;
         int r0, r1;
         if (st->method == SHARD_QUEST) {
+            if (topk_better(thr, kept[i])) continue;
             const int pi = s_page_of(ls, kept[i].pos);
             r0 = ls->page_row0[pi];
             r1 = pi + 1 < ls->n_pages ? ls->page_row0[pi + 1] : ls->n_rows;
             if (r1 > n_vis) r1 = n_vis;
-        } else {
-            r0 = s_row_of(ls, kept[i].pos);
+        } else { /* a kept row index: its position is one load away */
+            r0 = kept[i].pos;
             r1 = r0 + 1;
+            if (topk_better(thr, (topk_cand){kept[i].score, ls->pos[r0]})) continue;
         }
-        for (int r = r0; r < r1; r++) {
-            const kv_chunk *ch = &ls->chunks[r / SHARD_CHUNK][g];
-            const int rr = r % SHARD_CHUNK;
-            const size_t kd0 = (size_t)(rr / SCORE_TILE) * u * SCORE_TILE + rr % SCORE_TILE;
-            if (lay->dtype == FASA_DTYPE_F32) {
-                float *krow = kg + (size_t)n * d;
-                const float *kd = (const float *)ch->kdom + kd0;
-                for (int p = 0; p < u; p++) krow[p] = kd[(size_t)p * SCORE_TILE];
-                memcpy(krow + u, (const float *)ch->krest + (size_t)rr * (d - u),
-                       (size_t)(d - u) * sizeof(float));
-                memcpy(vg + (size_t)n * d, (const float *)ch->v + (size_t)rr * d,
-                       (size_t)d * sizeof(float));
-            } else { /* raw rows now, one conversion of all of them below */
-                uint16_t *krow = s->stage + (size_t)n * d;
-                const uint16_t *kd = (const uint16_t *)ch->kdom + kd0;
-                for (int p = 0; p < u; p++) krow[p] = kd[(size_t)p * SCORE_TILE];
-                memcpy(krow + u, (const uint16_t *)ch->krest + (size_t)rr * (d - u),
-                       (size_t)(d - u) * 2);
-                memcpy(s->stage + (cap + n) * d, (const uint16_t *)ch->v + (size_t)rr * d,
-                       (size_t)d * 2);
-            }
-            n++;
-        }
+        for (int r = r0; r < r1; r++) s_gather_row(s, st->layer, g, r, n++, cap);
     }
     if (n == 0) {
         fasa_phase_add(FASA_PHASE_GATHER, t);
         return;
     }
-    if (lay->dtype != FASA_DTYPE_F32) {
-        dtype_to_f32(SIMD_AUTO, lay->dtype, (size_t)n * d, s->stage, kg);
-        dtype_to_f32(SIMD_AUTO, lay->dtype, (size_t)n * d, s->stage + cap * d, vg);
-    }
+    s_gather_convert(s, n, cap);
     t = fasa_phase_add(FASA_PHASE_GATHER, t);
     score_rows(n, d, n_q, lg, (int)cap, qf, kg, d, 0);
     for (int i = 0; i < n_q; i++)
@@ -1009,6 +1087,90 @@ static void s_attend_rows(shard_t *s, const shard_step *st, int g, int unit, top
     attn_accum(n, d, n_q, lg, (int)cap, vg, d, m, l, o);
     fasa_phase_add(FASA_PHASE_KERNEL, t);
     s->bytes_read_last += (int64_t)n * 2 * d * (int64_t)s_esz(s);
+}
+
+/* Sparse phase 2 of per-head GQA for KV group g (every method but QUEST): gathers the union
+ * of the group's heads' selections once (each row of KV head g read once, however many of
+ * its heads selected it), scores it against the group's queries, and attends each head
+ * over its own rows only, in its kept order: the same arithmetic, row by row, as attending
+ * each head alone (score_rows and one head of attn_accum). */
+static void s_attend_union(shard_t *s, const shard_step *st, int g, const topk_cand *thr,
+                           const uint8_t *have_thr, const float *qf, float *m, double *l, double *o)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, grp = lay->n_heads / lay->n_kv_heads, b = s->kept_budget;
+    const layer_store *ls = &s->layers[st->layer];
+    const size_t cap = (size_t)grp * b;
+    if (++s->stamp_gen == 0) { /* wrapped: no stale stamp may match */
+        memset(s->stamp, 0, s->stamp_cap * sizeof(*s->stamp));
+        s->stamp_gen = 1;
+    }
+    const uint32_t gen = s->stamp_gen;
+    double t = fasa_phase_now(); /* phase.h: 0 unless a benchmark times phases */
+    int n = 0, n_mem[grp];
+    for (int i = 0; i < grp; i++) {
+        const int h = g * grp + i;
+        const topk_cand *kept = s->kept + (size_t)h * b;
+        int *mem = s->members + (size_t)i * b;
+        n_mem[i] = 0;
+        if (!have_thr[h]) continue;
+        for (int j = 0; j < s->n_kept[h]; j++) {
+            const int r = kept[j].pos;
+            if (topk_better(thr[h], (topk_cand){kept[j].score, ls->pos[r]})) continue;
+            if (s->stamp[r] != gen) {
+                s->stamp[r] = gen;
+                s->slot[r] = n;
+                s->urows[n++] = r;
+            }
+            mem[n_mem[i]++] = s->slot[r];
+        }
+    }
+    if (n == 0) {
+        fasa_phase_add(FASA_PHASE_GATHER, t);
+        return;
+    }
+    for (int j = 0; j < n; j++) s_gather_row(s, st->layer, g, s->urows[j], j, cap);
+    s_gather_convert(s, n, cap);
+    t = fasa_phase_add(FASA_PHASE_GATHER, t);
+    const float *kg = s->gather, *vg = kg + cap * d;
+    float *lg = s->gather + 2 * cap * d;
+    score_rows(n, d, grp, lg, (int)cap, qf, kg, d, 0);
+    for (int i = 0; i < grp; i++) {
+        if (n_mem[i] == 0) continue;
+        const int *mem = s->members + (size_t)i * b;
+        const float *lh = lg + (size_t)i * cap;
+        double *oh = o + (size_t)i * d;
+        /* attn_accum for one head over the member rows, in member order. */
+        float mb = lh[mem[0]] * st->scale;
+        for (int j = 1; j < n_mem[i]; j++) {
+            const float z = lh[mem[j]] * st->scale;
+            mb = z > mb ? z : mb;
+        }
+        if (mb > m[i]) {
+            const double r = m[i] == -INFINITY ? 0.0 : exp((double)m[i] - mb);
+            l[i] *= r;
+            for (int c = 0; c < d; c++) oh[c] *= r;
+            m[i] = mb;
+        }
+        for (int j = 0; j < n_mem[i]; j++) {
+            const double p = expf(lh[mem[j]] * st->scale - m[i]);
+            l[i] += p;
+            const float *vj = vg + (size_t)mem[j] * d;
+            for (int c = 0; c < d; c++) oh[c] += p * vj[c];
+        }
+    }
+    s->bytes_read_last += (int64_t)n * 2 * d * (int64_t)s_esz(s);
+    fasa_phase_add(FASA_PHASE_KERNEL, t);
+}
+
+/* Per-head GQA gathers per KV group (s_attend_union) where its buffers stay modest (the
+ * union of grp selections); QUEST and very large groups go a head at a time. */
+static int s_by_group(const shard_t *s, const shard_step *st)
+{
+    const int d = s->lay.head_dim, grp = s->lay.n_heads / s->lay.n_kv_heads;
+    return st->method != SHARD_DENSE && st->method != SHARD_QUEST &&
+           st->gqa == SHARD_GQA_PER_HEAD && grp > 1 &&
+           (size_t)grp * s->kept_budget * (2 * (size_t)d + grp) <= ((size_t)1 << 24);
 }
 
 /* Phase 2 for KV head g in s (the shard or a view, its gather and stage grown). */
@@ -1025,6 +1187,8 @@ static void s_attend_group(shard_t *s, const shard_step *st, int g, int n_vis, c
     double *lgp = l + g * grp, *og = o + (size_t)g * grp * d;
     if (st->method == SHARD_DENSE) {
         s_attend_dense(s, st, g, n_vis, qf, mg, lgp, og);
+    } else if (s_by_group(s, st)) {
+        s_attend_union(s, st, g, thr, have_thr, qf, mg, lgp, og);
     } else if (st->gqa == SHARD_GQA_SHARED) {
         if (have_thr[g]) s_attend_rows(s, st, g, g, thr[g], grp, n_vis, qf, mg, lgp, og);
     } else {
@@ -1053,16 +1217,41 @@ static void s_attend_run(void *ctx, int g, int tid)
     s_attend_group(s_view(t->s, tid), t->st, g, t->n_vis, t->thr, t->have_thr, t->m, t->l, t->o);
 }
 
-/* Grows the gather and stage buffers of a sparse step in s (the shard or a view). */
-static int s_attend_grow(shard_t *s, const shard_step *st, int kept_budget)
+/* Grows the gather and stage buffers of a sparse step in s (the shard or a view) to
+ * rows_cap rows, and with by_group the union's arrays (s_attend_union) for n_rows rows. */
+static int s_attend_grow(shard_t *s, size_t rows_cap, int by_group, int n_rows)
 {
     const shard_layout *lay = &s->lay;
     const int d = lay->head_dim, grp = lay->n_heads / lay->n_kv_heads;
-    return s_grow((void **)&s->gather, &s->gather_cap,
-                  ((size_t)2 * d + grp) * kept_budget * s_rows_per_cand(st) * sizeof(float)) ||
-           (lay->dtype != FASA_DTYPE_F32 &&
-            s_grow((void **)&s->stage, &s->stage_cap,
-                   (size_t)2 * d * kept_budget * s_rows_per_cand(st) * sizeof(uint16_t)));
+    if (s_grow((void **)&s->gather, &s->gather_cap,
+               ((size_t)2 * d + grp) * rows_cap * sizeof(float)) ||
+        (lay->dtype != FASA_DTYPE_F32 &&
+         s_grow((void **)&s->stage, &s->stage_cap, (size_t)2 * d * rows_cap * sizeof(uint16_t))))
+        return -1;
+    if (!by_group) return 0;
+    if ((size_t)n_rows > s->stamp_cap) {
+        size_t cap = s->stamp_cap ? s->stamp_cap : 4096;
+        while (cap < (size_t)n_rows) cap *= 2;
+        uint32_t *stamp = s_xrealloc(s->stamp, cap * sizeof(*stamp));
+        if (!stamp) return -1;
+        memset(stamp + s->stamp_cap, 0, (cap - s->stamp_cap) * sizeof(*stamp));
+        s->stamp = stamp;
+        int *slot = s_xrealloc(s->slot, cap * sizeof(*slot));
+        if (!slot) return -1;
+        s->slot = slot;
+        s->stamp_cap = cap;
+    }
+    if ((size_t)grp * s->kept_budget > s->members_cap) {
+        const size_t cap = (size_t)grp * s->kept_budget;
+        int *mem = s_xrealloc(s->members, cap * sizeof(int));
+        if (!mem) return -1;
+        s->members = mem;
+        int *ur = s_xrealloc(s->urows, cap * sizeof(int));
+        if (!ur) return -1;
+        s->urows = ur;
+        s->members_cap = cap;
+    }
+    return 0;
 }
 
 int shard_attend(shard_t *s, const shard_step *st, const topk_cand *thr, const uint8_t *have_thr,
@@ -1079,9 +1268,12 @@ int shard_attend(shard_t *s, const shard_step *st, const topk_cand *thr, const u
             if (s_grow((void **)&s->views[i]->dscr, &s->views[i]->dscr_cap, need)) return -1;
         s->bytes_read_last = 0;
     } else {
-        if (s_attend_grow(s, st, s->kept_budget)) return -1;
+        const int by_group = s_by_group(s, st), n_rows = s->layers[st->layer].n_rows;
+        const size_t rows_cap = by_group ? (size_t)(lay->n_heads / hkv) * s->kept_budget
+                                         : (size_t)s->kept_budget * s_rows_per_cand(st);
+        if (s_attend_grow(s, rows_cap, by_group, n_rows)) return -1;
         for (int i = 0; i < s->n_views; i++)
-            if (s_attend_grow(s->views[i], st, s->kept_budget)) return -1;
+            if (s_attend_grow(s->views[i], rows_cap, by_group, n_rows)) return -1;
     }
     s_attend_task task = {s, st, shard_visible(s, st->layer, st->max_pos), thr, have_thr, m, l, o};
     fasa_pool_run(s->pool, hkv, s_attend_run, &task);
@@ -1115,6 +1307,8 @@ size_t shard_layer_bytes(const shard_layout *lay, int layer, int64_t rows, int64
             chunk += (int64_t)SHARD_CHUNK * (u ? u : 1) * esz;
         }
     }
+    for (int g = 0; g < lay->n_kv_heads; g++)
+        chunk += (int64_t)s_ksc_bytes(lay, lay->n_dom[layer * lay->n_kv_heads + g]);
     const int64_t bound = (int64_t)lay->n_kv_heads * 2 * lay->head_dim * (int64_t)sizeof(float);
     return (size_t)(chunks * chunk + s_cap(rows, 1024) * (int64_t)sizeof(int32_t) +
                     s_cap(pages, 64) * ((int64_t)sizeof(int32_t) + (int64_t)sizeof(int) + bound));

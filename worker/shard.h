@@ -84,14 +84,17 @@ typedef enum shard_gqa { SHARD_GQA_PER_HEAD = 0, SHARD_GQA_SHARED = 1 } shard_gq
 /* How a session's keys are packed; derived from its calibration profile. Plain value type. */
 typedef struct shard_layout {
     int n_layers, n_heads, n_kv_heads, head_dim;
-    int *n_dom;     /* (n_layers, n_kv_heads) dominant dims packed per KV head; 0 = none */
-    int *perm;      /* (n_layers, n_kv_heads, head_dim) stored dim order, see above */
-    uint8_t *qmask; /* (n_layers, n_heads, head_dim) 1 where packed dim p < n_dom of the
-                       head's KV head belongs to one of the head's own FCs */
-    int dtype;      /* fasa_dtype (dtype.h) kdom, krest and v are stored in; 0 = f32 */
-    int tier;       /* SHARD_TIER_RAM (0) or SHARD_TIER_DISK */
-    char *tier_dir; /* SHARD_TIER_DISK: directory of the backing files (owned, freed by
-                       shard_layout_cleanup); NULL otherwise */
+    int *n_dom;      /* (n_layers, n_kv_heads) dominant dims packed per KV head; 0 = none */
+    int *perm;       /* (n_layers, n_kv_heads, head_dim) stored dim order, see above */
+    uint8_t *qmask;  /* (n_layers, n_heads, head_dim) 1 where packed dim p < n_dom of the
+                        head's KV head belongs to one of the head's own FCs */
+    int dtype;       /* fasa_dtype (dtype.h) kdom, krest and v are stored in; 0 = f32 */
+    int score_dtype; /* scan_dtype (scan.h) of the scoring store the FASA scan reads: a
+                        packed copy of the dominant dims, derived from the stored keys on
+                        append (so a restore rebuilds it); SCAN_AUTO (0): kdom itself */
+    int tier;        /* SHARD_TIER_RAM (0) or SHARD_TIER_DISK */
+    char *tier_dir;  /* SHARD_TIER_DISK: directory of the backing files (owned, freed by
+                        shard_layout_cleanup); NULL otherwise */
 } shard_layout;
 
 /* Where krest and v live (the CPU analogue of FASA-M). RAM: heap chunks. DISK: kdom, the

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include "attn.h"
+#include "scan.h"
 #include "shard.h"
 #include "simd.h"
 #include "test_util.h"
@@ -272,8 +273,10 @@ START_TEST(test_shard_stream)
                 const double e = test_max_abs_diff(d, out, want);
                 if (e > worst) worst = e;
             }
-            /* Scoring reads no key; attention reads the B rows of every unit. */
-            ck_assert_int_eq(shard_bytes_read(x.sh), (int64_t)units * B * 2 * d * 4);
+            /* Scoring reads no key; attention reads the B rows every unit selects once per
+             * KV group (per-head GQA gathers the union of the group's selections). */
+            ck_assert_int_eq(shard_bytes_read(x.sh), (int64_t)x.nkv * B * 2 * d * 4);
+            (void)units;
         }
     printf("shard stream: max abs error vs reference %.3g\n", worst);
     ck_assert_double_le(worst, 1e-6);
@@ -634,6 +637,130 @@ START_TEST(test_shard_disk_tier)
 }
 END_TEST
 
+/* Every score dtype over K/V f32 and f16: the fused scan's candidates equal a selection
+ * over the scan kernel's scores of the rows packed by hand (the shard's packing, chunking
+ * and row -> position mapping), the same rows split over 3 shards select the same, and
+ * phase 2 over the selection matches attention over those rows. */
+START_TEST(test_shard_score_dtype)
+{
+    const int nh = 4, nkv = 2, d = 8, n = SHARD_CHUNK + 700, grp = 2, B = 37, u = 3;
+    const int sds[] = {SCAN_AUTO, SCAN_F32, SCAN_F16, SCAN_BF16, SCAN_I8};
+    test_rng r = {41};
+    float *k = test_alloc((size_t)n * nkv * d * 4), *v = test_alloc((size_t)n * nkv * d * 4);
+    int32_t *pos = test_alloc((size_t)n * 4);
+    test_fill(&r, (size_t)n * nkv * d, k, 1.0f);
+    test_fill(&r, (size_t)n * nkv * d, v, 1.0f);
+    for (int i = 0; i < n; i++) pos[i] = 2 * i + 5;
+    float q[4 * 8];
+    test_fill(&r, sizeof(q) / 4, q, 1.0f);
+    for (int kvd = FASA_DTYPE_F32; kvd <= FASA_DTYPE_F16; kvd++)
+        for (size_t si = 0; si < sizeof(sds) / sizeof(*sds); si++) {
+            shard_layout lay;
+            s_layout(&lay, 1, nh, nkv, d);
+            lay.dtype = kvd;
+            lay.score_dtype = sds[si];
+            const int sd = scan_dtype_effective(sds[si], kvd);
+            shard_t *one = shard_new(&lay), *part[3];
+            ck_assert_ptr_nonnull(one);
+            for (int p = 0; p < 3; p++) part[p] = shard_new(&lay);
+            ck_assert_int_eq(shard_append(one, 0, n, pos, k, v), 0);
+            for (int i0 = 0; i0 < n; i0 += 64) { /* blocks of 64 rows round-robin */
+                const int m = n - i0 < 64 ? n - i0 : 64;
+                ck_assert_int_eq(shard_append(part[(i0 / 64) % 3], 0, m, pos + i0,
+                                              k + (size_t)i0 * nkv * d, v + (size_t)i0 * nkv * d),
+                                 0);
+            }
+            shard_step st = {.layer = 0,
+                             .method = SHARD_FASA,
+                             .gqa = SHARD_GQA_PER_HEAD,
+                             .budget = B,
+                             .max_pos = pos[n - 1] - 100,
+                             .scale = 1.0f / sqrtf(d),
+                             .q = q};
+            const int n_vis = shard_visible(one, 0, st.max_pos);
+            topk_cand c1[4 * 37], cp[3][4 * 37];
+            int n1[4], np[3][4];
+            ck_assert_int_eq(shard_score(one, &st, c1, n1), 0);
+            for (int p = 0; p < 3; p++)
+                ck_assert_int_eq(shard_score(part[p], &st, cp[p], np[p]), 0);
+            /* The reference store: every visible row of KV head g, rounded to the K/V dtype,
+             * packed dims {1, 2, 5}. */
+            const int nt = (n_vis + SCORE_TILE - 1) / SCORE_TILE;
+            void *tiles = test_alloc((size_t)nt * scan_tile_bytes(sd, u));
+            float *rs = test_alloc((size_t)nt * SCORE_TILE * 4),
+                  *sc = test_alloc((size_t)n_vis * 4);
+            topk_cand *all = test_alloc((size_t)n_vis * sizeof(*all)), ref[37], merged[3 * 37];
+            for (int h = 0; h < nh; h++) {
+                const int g = h / grp;
+                memset(tiles, 0, (size_t)nt * scan_tile_bytes(sd, u));
+                for (int j = 0; j < n_vis; j++) {
+                    float x[3];
+                    const int dims[3] = {1, 2, 5};
+                    for (int c = 0; c < 3; c++) {
+                        const float kk = k[((size_t)j * nkv + g) * d + dims[c]];
+                        x[c] = kvd == FASA_DTYPE_F16 ? fasa_f16_to_f32(fasa_f32_to_f16(kk)) : kk;
+                    }
+                    scan_pack_row(sd, u, x, tiles, rs, j);
+                }
+                /* FASA masks head h to its own dims: {1, 2} (even h) or {2, 5}. */
+                const float qd[3] = {h % 2 == 0 ? q[h * d + 1] : 0.0f, q[h * d + 2],
+                                     h % 2 == 1 ? q[h * d + 5] : 0.0f};
+                scan_q sq = {0};
+                ck_assert_int_eq(scan_q_prep(&sq, sd, 1, u, qd), 0);
+                scan_scores(SIMD_AUTO, &sq, n_vis, tiles, rs, sc, n_vis);
+                scan_q_free(&sq);
+                for (int j = 0; j < n_vis; j++) all[j] = (topk_cand){sc[j], pos[j]};
+                const int m = topk_ref(n_vis, B, all, ref);
+                ck_assert_int_eq(n1[h], m);
+                int nm = 0;
+                for (int p = 0; p < 3; p++)
+                    for (int i = 0; i < np[p][h]; i++) merged[nm++] = cp[p][h * B + i];
+                topk_cand mref[37];
+                ck_assert_int_eq(topk_ref(nm, B, merged, mref), m);
+                for (int i = 0; i < m; i++) {
+                    ck_assert_msg(c1[h * B + i].pos == ref[i].pos &&
+                                      c1[h * B + i].score == ref[i].score,
+                                  "kv %d score %s head %d #%d: pos %d %a vs ref %d %a", kvd,
+                                  scan_dtype_name(sd), h, i, c1[h * B + i].pos,
+                                  (double)c1[h * B + i].score, ref[i].pos, (double)ref[i].score);
+                    ck_assert_int_eq(mref[i].pos, ref[i].pos);
+                }
+            }
+            /* Phase 2 over the selection (threshold = the B-th best) against attention over
+             * the selected rows, K and V rounded to the K/V dtype. */
+            topk_cand thr[4];
+            uint8_t have[4] = {1, 1, 1, 1};
+            for (int h = 0; h < nh; h++) thr[h] = c1[h * B + n1[h] - 1];
+            float m[4], out[8], want[8];
+            double l[4], o[32];
+            ck_assert_int_eq(shard_attend(one, &st, thr, have, m, l, o), 0);
+            float *kr = test_alloc((size_t)B * d * 4), *vr = test_alloc((size_t)B * d * 4);
+            for (int h = 0; h < nh; h++) {
+                const int g = h / grp;
+                for (int i = 0; i < n1[h]; i++) {
+                    const int j = (c1[h * B + i].pos - 5) / 2;
+                    for (int c = 0; c < d; c++) {
+                        float kk = k[((size_t)j * nkv + g) * d + c],
+                              vv = v[((size_t)j * nkv + g) * d + c];
+                        if (kvd == FASA_DTYPE_F16)
+                            kk = fasa_f16_to_f32(fasa_f32_to_f16(kk)),
+                            vv = fasa_f16_to_f32(fasa_f32_to_f16(vv));
+                        kr[i * d + c] = kk, vr[i * d + c] = vv;
+                    }
+                }
+                attn_finalize(d, l[h], o + h * d, out);
+                attn_ref(n1[h], d, st.scale, q + h * d, kr, d, vr, d, want);
+                ck_assert_double_le(test_max_abs_diff(d, out, want), 1e-5);
+            }
+            free(kr), free(vr), free(tiles), free(rs), free(sc), free(all);
+            shard_destroy(&one);
+            for (int p = 0; p < 3; p++) shard_destroy(&part[p]);
+            shard_layout_cleanup(&lay);
+        }
+    free(k), free(v), free(pos);
+}
+END_TEST
+
 Suite *shard_suite(void)
 {
     Suite *s = suite_create("shard");
@@ -641,6 +768,7 @@ Suite *shard_suite(void)
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_shard_oracle_dense);
     tcase_add_test(tc, test_shard_fasa_scores);
+    tcase_add_test(tc, test_shard_score_dtype);
     tcase_add_test(tc, test_shard_stream);
     tcase_add_test(tc, test_shard_quest);
     tcase_add_test(tc, test_shard_sparq);

@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "dtype.h"
+#include "scan.h"
 #include "log.h"
 #include "pool.h"
 
@@ -107,7 +108,10 @@ static wmpi_status s_session_new(worker *w, const wmpi_cmd *h, const uint8_t *p)
     const int64_t lk = (int64_t)nl * nkv;
     if (h->payload_bytes != lk * 4 + lk * d * 4 + (int64_t)nl * nh * d)
         return s_reject(w, WMPI_EINVAL, h, "layout size does not match the geometry");
-    if (!fasa_dtype_size(h->n)) return s_reject(w, WMPI_EINVAL, h, "dtype out of range");
+    if (h->n < 0 || !fasa_dtype_size(h->n % 16))
+        return s_reject(w, WMPI_EINVAL, h, "dtype out of range");
+    if (!scan_dtype_valid(h->n / 16))
+        return s_reject(w, WMPI_EINVAL, h, "score dtype out of range");
     if (h->sid < w->cap && w->table[h->sid].shard)
         return s_reject(w, WMPI_EEXIST, h, "session exists");
     shard_layout lay = {.n_layers = nl,
@@ -117,7 +121,8 @@ static wmpi_status s_session_new(worker *w, const wmpi_cmd *h, const uint8_t *p)
                         .n_dom = (int *)p,
                         .perm = (int *)(p + lk * 4),
                         .qmask = (uint8_t *)(p + lk * 4 + lk * d * 4),
-                        .dtype = h->n};
+                        .dtype = h->n % 16,
+                        .score_dtype = h->n / 16};
     /* The shard indexes keys by n_dom and perm: they must be in range and a permutation. */
     uint8_t seen[WMPI_MAX_HEAD_DIM];
     for (int64_t i = 0; i < lk; i++) {

@@ -1,0 +1,551 @@
+/* The scoring store and the fused scan + top-k. See scan.h for the layouts and the
+ * arithmetic every path shares. */
+#include "scan.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "simd.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SCAN_X86 1
+#include <immintrin.h>
+#define T_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define SCAN_X86 0
+#endif
+
+const char *scan_dtype_name(int sd)
+{
+    switch (sd) {
+    case SCAN_AUTO:
+        return "auto";
+    case SCAN_F32:
+        return "f32";
+    case SCAN_F16:
+        return "f16";
+    case SCAN_BF16:
+        return "bf16";
+    case SCAN_I8:
+        return "int8";
+    default:
+        return NULL;
+    }
+}
+
+int scan_dtype_parse(const char *name, int *out)
+{
+    static const int all[] = {SCAN_AUTO, SCAN_F32, SCAN_F16, SCAN_BF16, SCAN_I8};
+    if (!name) return -1;
+    if (!strcmp(name, "i8")) {
+        *out = SCAN_I8;
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof(all) / sizeof(*all); i++)
+        if (!strcmp(name, scan_dtype_name(all[i]))) {
+            *out = all[i];
+            return 0;
+        }
+    return -1;
+}
+
+int scan_dtype_valid(int sd)
+{
+    return sd == SCAN_AUTO || scan_dtype_size(sd) > 0;
+}
+
+int scan_dtype_effective(int sd, int kv_dtype)
+{
+    if (sd != SCAN_AUTO) return sd;
+    return kv_dtype == FASA_DTYPE_F16    ? SCAN_F16
+           : kv_dtype == FASA_DTYPE_BF16 ? SCAN_BF16
+                                         : SCAN_F32;
+}
+
+size_t scan_dtype_size(int sd)
+{
+    switch (sd) {
+    case SCAN_F32:
+        return 4;
+    case SCAN_F16:
+    case SCAN_BF16:
+        return 2;
+    case SCAN_I8:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+int scan_dims_padded(int sd, int n_dims)
+{
+    return sd == SCAN_I8 ? (n_dims + 1) / 2 * 2 : n_dims;
+}
+
+size_t scan_tile_bytes(int sd, int n_dims)
+{
+    return (size_t)SCORE_TILE * (size_t)scan_dims_padded(sd, n_dims) * scan_dtype_size(sd);
+}
+
+/* ---- int8 quantisation ---- */
+
+static float s_maxabs(int n, const float *x)
+{
+    float m = 0.0f;
+    for (int i = 0; i < n; i++) {
+        const float a = fabsf(x[i]);
+        m = a > m ? a : m;
+    }
+    return m;
+}
+
+/* The quantiser of scan.h with limit lim (127 keys, SCAN_Q16_MAX queries). */
+static float s_quant(int n, const float *x, float lim, int32_t *q)
+{
+    const float scale = s_maxabs(n, x) / lim;
+    for (int i = 0; i < n; i++) {
+        float t = scale > 0.0f ? rintf(x[i] / scale) : 0.0f; /* default mode: ties to even */
+        t = t > lim ? lim : t < -lim ? -lim : t;
+        q[i] = (int32_t)t;
+    }
+    return scale;
+}
+
+static float s_quant_ref(int n, const float *x, long lim, int32_t *q)
+{
+    float m = 0.0f;
+    for (int i = 0; i < n; i++)
+        if (fabsf(x[i]) > m) m = fabsf(x[i]);
+    const float scale = m / (float)lim;
+    for (int i = 0; i < n; i++) {
+        if (!(scale > 0.0f)) {
+            q[i] = 0;
+            continue;
+        }
+        const float t = x[i] / scale;
+        const float f = floorf(t), diff = t - f;
+        long r = (long)f;
+        if (diff > 0.5f || (diff == 0.5f && (r % 2 != 0))) r++;
+        if (r > lim) r = lim;
+        if (r < -lim) r = -lim;
+        q[i] = (int32_t)r;
+    }
+    return scale;
+}
+
+float scan_quant_i8(int n, const float *x, int8_t *q)
+{
+    int32_t t[n > 0 ? n : 1];
+    const float s = s_quant(n, x, 127.0f, t);
+    for (int i = 0; i < n; i++) q[i] = (int8_t)t[i];
+    return s;
+}
+
+float scan_quant_i8_ref(int n, const float *x, int8_t *q)
+{
+    int32_t t[n > 0 ? n : 1];
+    const float s = s_quant_ref(n, x, 127, t);
+    for (int i = 0; i < n; i++) q[i] = (int8_t)t[i];
+    return s;
+}
+
+float scan_quant_q16(int n, const float *x, int16_t *q)
+{
+    int32_t t[n > 0 ? n : 1];
+    const float s = s_quant(n, x, (float)SCAN_Q16_MAX, t);
+    for (int i = 0; i < n; i++) q[i] = (int16_t)t[i];
+    return s;
+}
+
+float scan_quant_q16_ref(int n, const float *x, int16_t *q)
+{
+    int32_t t[n > 0 ? n : 1];
+    const float s = s_quant_ref(n, x, SCAN_Q16_MAX, t);
+    for (int i = 0; i < n; i++) q[i] = (int16_t)t[i];
+    return s;
+}
+
+/* ---- packing ---- */
+
+static size_t s_i8_index(int n_pad, int row, int c)
+{
+    const int t = row / SCORE_TILE, l = row % SCORE_TILE;
+    return (size_t)t * SCORE_TILE * n_pad + (size_t)(c / 2) * 2 * SCORE_TILE + (size_t)l * 2 +
+           (size_t)(c % 2);
+}
+
+void scan_pack_row(int sd, int n_dims, const float *x, void *tiles, float *row_scale, int row)
+{
+    const int t = row / SCORE_TILE, l = row % SCORE_TILE;
+    const size_t e0 = (size_t)t * n_dims * SCORE_TILE + (size_t)l;
+    switch (sd) {
+    case SCAN_F32:
+        for (int c = 0; c < n_dims; c++) ((float *)tiles)[e0 + (size_t)c * SCORE_TILE] = x[c];
+        return;
+    case SCAN_F16:
+        for (int c = 0; c < n_dims; c++)
+            ((uint16_t *)tiles)[e0 + (size_t)c * SCORE_TILE] = fasa_f32_to_f16(x[c]);
+        return;
+    case SCAN_BF16:
+        for (int c = 0; c < n_dims; c++)
+            ((uint16_t *)tiles)[e0 + (size_t)c * SCORE_TILE] = fasa_f32_to_bf16(x[c]);
+        return;
+    case SCAN_I8: {
+        int8_t qv[n_dims > 0 ? n_dims : 1];
+        const float s = scan_quant_i8(n_dims, x, qv);
+        const int n_pad = scan_dims_padded(sd, n_dims);
+        for (int c = 0; c < n_dims; c++) ((int8_t *)tiles)[s_i8_index(n_pad, row, c)] = qv[c];
+        row_scale[row] = s;
+        return;
+    }
+    default:
+        return;
+    }
+}
+
+/* ---- queries ---- */
+
+int scan_q_prep(scan_q *sq, int sd, int n_q, int n_dims, const float *q)
+{
+    const int n_pad = scan_dims_padded(sd, n_dims);
+    const size_t nf = (size_t)n_q * (n_dims > 0 ? n_dims : 1), np = (size_t)n_q * (n_pad + 4);
+    const size_t need =
+        nf * sizeof(float) + np * sizeof(int16_t) + (size_t)n_q * sizeof(float) + 64;
+    if (need > sq->cap) {
+        void *m = realloc(sq->mem, need);
+        if (!m) return -1;
+        sq->mem = m;
+        sq->cap = need;
+    }
+    sq->sd = sd, sq->n_q = n_q, sq->n_dims = n_dims, sq->n_pad = n_pad;
+    sq->qf = sq->mem;
+    sq->qscale = sq->qf + nf;
+    sq->qi = (int16_t *)(sq->qscale + n_q);
+    memcpy(sq->qf, q, (size_t)n_q * n_dims * sizeof(float));
+    if (sd == SCAN_I8)
+        for (int h = 0; h < n_q; h++) {
+            int16_t *qi = sq->qi + (size_t)h * n_pad;
+            memset(qi, 0, (size_t)n_pad * sizeof(*qi));
+            sq->qscale[h] = scan_quant_q16(n_dims, q + (size_t)h * n_dims, qi);
+        }
+    return 0;
+}
+
+void scan_q_free(scan_q *sq)
+{
+    free(sq->mem);
+    memset(sq, 0, sizeof(*sq));
+}
+
+/* ---- portable scores (the arithmetic of scan.h, one row at a time) ---- */
+
+static float s_get(int sd, const void *tiles, size_t e)
+{
+    if (sd == SCAN_F32) return ((const float *)tiles)[e];
+    const uint16_t h = ((const uint16_t *)tiles)[e];
+    return sd == SCAN_F16 ? fasa_f16_to_f32(h) : fasa_bf16_to_f32(h);
+}
+
+/* Score of row r for head h: the portable kernel, bit-identical to the SIMD ones. */
+static float s_score_port(const scan_q *sq, int h, int r, const void *tiles, const float *row_scale)
+{
+    const int t = r / SCORE_TILE, l = r % SCORE_TILE, nd = sq->n_dims;
+    if (sq->sd == SCAN_I8) {
+        const int16_t *qi = sq->qi + (size_t)h * sq->n_pad;
+        int32_t acc = 0;
+        for (int c = 0; c < sq->n_pad; c++)
+            acc += (int32_t)qi[c] * ((const int8_t *)tiles)[s_i8_index(sq->n_pad, r, c)];
+        return (float)acc * sq->qscale[h] * row_scale[r];
+    }
+    const float *q = sq->qf + (size_t)h * nd;
+    const size_t e0 = (size_t)t * nd * SCORE_TILE + (size_t)l;
+    float acc = 0.0f;
+    for (int c = 0; c < nd; c++)
+        acc = fmaf(q[c], s_get(sq->sd, tiles, e0 + (size_t)c * SCORE_TILE), acc);
+    return acc;
+}
+
+void scan_scores_ref(const scan_q *sq, int n_rows, const void *tiles, const float *row_scale,
+                     float *out, int ld_out)
+{
+    for (int h = 0; h < sq->n_q; h++)
+        for (int r = 0; r < n_rows; r++) {
+            const int t = r / SCORE_TILE, l = r % SCORE_TILE;
+            float v;
+            if (sq->sd == SCAN_I8) {
+                int64_t acc = 0;
+                for (int c = 0; c < sq->n_dims; c++)
+                    acc += (int64_t)sq->qi[(size_t)h * sq->n_pad + c] *
+                           ((const int8_t *)tiles)[s_i8_index(sq->n_pad, r, c)];
+                v = (float)acc * sq->qscale[h] * row_scale[r];
+            } else {
+                double acc = 0.0;
+                for (int c = 0; c < sq->n_dims; c++)
+                    acc +=
+                        (double)sq->qf[(size_t)h * sq->n_dims + c] *
+                        s_get(sq->sd, tiles, ((size_t)t * sq->n_dims + c) * SCORE_TILE + (size_t)l);
+                v = (float)acc;
+            }
+            out[(size_t)h * ld_out + r] = v;
+        }
+}
+
+/* Offers row scores s[0..n) of head h to acc: the fused insert the SIMD kernels do with a
+ * vector compare, here one compare per row. */
+static inline void s_offer_port(topk_acc *acc, float s, int32_t pos)
+{
+    if (acc->have_thr && acc->thr.score == acc->thr.score && !(s > acc->thr.score)) return;
+    topk_acc_offer(acc, (topk_cand){s, pos});
+}
+
+static void s_scores_port(const scan_q *sq, int n_rows, const void *tiles, const float *row_scale,
+                          float *out, int ld_out)
+{
+    for (int r = 0; r < n_rows; r++)
+        for (int h = 0; h < sq->n_q; h++)
+            out[(size_t)h * ld_out + r] = s_score_port(sq, h, r, tiles, row_scale);
+}
+
+static void s_topk_port(const scan_q *sq, int n_rows, const void *tiles, const float *row_scale,
+                        int32_t pos0, topk_acc *acc)
+{
+    for (int r = 0; r < n_rows; r++)
+        for (int h = 0; h < sq->n_q; h++)
+            s_offer_port(&acc[h], s_score_port(sq, h, r, tiles, row_scale), pos0 + r);
+}
+
+/* ---- AVX2 ---- */
+
+#if SCAN_X86
+/* Row of each of the 16 score lanes (vector 0 lanes 0..7, then vector 1): the bf16 unpack
+ * interleaves the two 128-bit halves. */
+static const int8_t s_lane_row_id[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+static const int8_t s_lane_row_bf16[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+
+#define S_NQ_MAX 4
+
+/* Scores of one tile for nq (1..4, a constant after inlining) heads from q (ld_q apart) into
+ * acc[h][0..1]; lane order as s_lane_row_*. */
+T_AVX2 static inline __attribute__((always_inline)) void
+s_tile_float(int sd, int nq, int nd, const float *q, int ld_q, const void *tile, __m256 acc[][2])
+{
+    for (int h = 0; h < nq; h++) acc[h][0] = acc[h][1] = _mm256_setzero_ps();
+    const __m256i zero = _mm256_setzero_si256();
+    for (int c = 0; c < nd; c++) {
+        __m256 k0, k1;
+        if (sd == SCAN_F32) {
+            const float *p = (const float *)tile + (size_t)c * SCORE_TILE;
+            k0 = _mm256_loadu_ps(p);
+            k1 = _mm256_loadu_ps(p + 8);
+        } else if (sd == SCAN_F16) {
+            const uint16_t *p = (const uint16_t *)tile + (size_t)c * SCORE_TILE;
+            k0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+            k1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
+        } else {
+            const __m256i w = _mm256_loadu_si256(
+                (const __m256i *)((const uint16_t *)tile + (size_t)c * SCORE_TILE));
+            k0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, w));
+            k1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, w));
+        }
+        for (int h = 0; h < nq; h++) {
+            const __m256 qb = _mm256_broadcast_ss(q + (size_t)h * ld_q + c);
+            acc[h][0] = _mm256_fmadd_ps(qb, k0, acc[h][0]);
+            acc[h][1] = _mm256_fmadd_ps(qb, k1, acc[h][1]);
+        }
+    }
+}
+
+/* int8 tile: sum_c qi_c ki_c with the int16 queries: each pair of dims of 8 rows (16
+ * bytes) sign-extended to int16 once (vpmovsxbw), then per head one vpmaddwd against the
+ * head's broadcast pair of int16 query values (exact int32 products and pair sums; scan.h
+ * bounds the sum), then the two scalings in f32. */
+T_AVX2 static inline __attribute__((always_inline)) void
+s_tile_i8(int nq, int n_pad, const int16_t *qi, const float *qscale, const void *tile,
+          const float *kscale, __m256 acc[][2])
+{
+    __m256i ai[S_NQ_MAX][2];
+    for (int h = 0; h < nq; h++) ai[h][0] = ai[h][1] = _mm256_setzero_si256();
+    for (int c2 = 0; c2 < n_pad / 2; c2++) {
+        const int8_t *p = (const int8_t *)tile + (size_t)c2 * 2 * SCORE_TILE;
+        const __m256i k0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+        const __m256i k1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16)));
+        for (int h = 0; h < nq; h++) {
+            int32_t w;
+            memcpy(&w, qi + (size_t)h * n_pad + 2 * c2, 4);
+            const __m256i qq = _mm256_set1_epi32(w);
+            ai[h][0] = _mm256_add_epi32(ai[h][0], _mm256_madd_epi16(k0, qq));
+            ai[h][1] = _mm256_add_epi32(ai[h][1], _mm256_madd_epi16(k1, qq));
+        }
+    }
+    const __m256 ks0 = _mm256_loadu_ps(kscale), ks1 = _mm256_loadu_ps(kscale + 8);
+    for (int h = 0; h < nq; h++) {
+        const __m256 qsc = _mm256_set1_ps(qscale[h]);
+        acc[h][0] = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(ai[h][0]), qsc), ks0);
+        acc[h][1] = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(ai[h][1]), qsc), ks1);
+    }
+}
+
+/* One tile of nq heads starting at head h0, as scores (out != NULL) or offers to acc. */
+T_AVX2 static inline __attribute__((always_inline)) void
+s_tile_avx2(const scan_q *sq, int nq, int h0, int t, int n_valid, const void *tiles,
+            const float *row_scale, float *out, int ld_out, int32_t pos0, topk_acc *acc)
+{
+    __m256 v[S_NQ_MAX][2];
+    const int sd = sq->sd;
+    const size_t tb = (size_t)SCORE_TILE * (size_t)sq->n_pad *
+                      (sd == SCAN_F32  ? 4
+                       : sd == SCAN_I8 ? 1
+                                       : 2);
+    const void *tile = (const char *)tiles + (size_t)t * tb;
+    if (sd == SCAN_I8)
+        s_tile_i8(nq, sq->n_pad, sq->qi + (size_t)h0 * sq->n_pad, sq->qscale + h0, tile,
+                  row_scale + (size_t)t * SCORE_TILE, v);
+    else
+        s_tile_float(sd, nq, sq->n_dims, sq->qf + (size_t)h0 * sq->n_dims, sq->n_dims, tile, v);
+    const int8_t *lane_row = sd == SCAN_BF16 ? s_lane_row_bf16 : s_lane_row_id;
+    unsigned vmask = 0xffffu; /* lanes whose rows are valid */
+    if (n_valid < SCORE_TILE) {
+        vmask = 0;
+        for (int i = 0; i < 16; i++)
+            if (lane_row[i] < n_valid) vmask |= 1u << i;
+    }
+    for (int h = 0; h < nq; h++) {
+        if (out) {
+            float s[16];
+            _mm256_storeu_ps(s, v[h][0]);
+            _mm256_storeu_ps(s + 8, v[h][1]);
+            float *o = out + (size_t)(h0 + h) * ld_out + (size_t)t * SCORE_TILE;
+            for (int i = 0; i < 16; i++)
+                if (lane_row[i] < n_valid) o[lane_row[i]] = s[i];
+            continue;
+        }
+        topk_acc *a = &acc[h0 + h];
+        unsigned mask;
+        if (a->have_thr && a->thr.score == a->thr.score) {
+            const __m256 th = _mm256_set1_ps(a->thr.score);
+            const unsigned m0 =
+                (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v[h][0], th, _CMP_GT_OQ));
+            const unsigned m1 =
+                (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v[h][1], th, _CMP_GT_OQ));
+            mask = m0 | m1 << 8;
+        } else {
+            mask = 0xffffu;
+        }
+        mask &= vmask;
+        if (!mask) continue;
+        float s[16];
+        _mm256_storeu_ps(s, v[h][0]);
+        _mm256_storeu_ps(s + 8, v[h][1]);
+        /* Rows in ascending order within the tile (the strict compare assumes it); the lane
+         * maps are their own inverses. */
+        int order[16], n_ord = 0;
+        for (int r = 0; r < 16; r++)
+            if (mask >> lane_row[r] & 1u) order[n_ord++] = lane_row[r];
+        for (int j = 0; j < n_ord; j++) {
+            const int i = order[j];
+            const float sc = s[i];
+            if (a->have_thr && a->thr.score == a->thr.score && !(sc > a->thr.score)) continue;
+            topk_acc_offer(a, (topk_cand){sc, pos0 + t * SCORE_TILE + lane_row[i]});
+        }
+    }
+}
+
+/* The tile loop for one score dtype SD (a constant after inlining, so the inner loops
+ * carry no dtype branch). */
+T_AVX2 static inline __attribute__((always_inline)) void
+s_run_sd(int sd, const scan_q *sq, int n_rows, const void *tiles, const float *row_scale,
+         float *out, int ld_out, int32_t pos0, topk_acc *acc)
+{
+    const int n_tiles = (n_rows + SCORE_TILE - 1) / SCORE_TILE;
+    scan_q q = *sq;
+    q.sd = sd;
+    for (int t = 0; t < n_tiles; t++) {
+        const int nv = n_rows - t * SCORE_TILE;
+        int h = 0;
+        for (; h + 4 <= q.n_q; h += 4)
+            s_tile_avx2(&q, 4, h, t, nv, tiles, row_scale, out, ld_out, pos0, acc);
+        for (; h + 2 <= q.n_q; h += 2)
+            s_tile_avx2(&q, 2, h, t, nv, tiles, row_scale, out, ld_out, pos0, acc);
+        for (; h < q.n_q; h++)
+            s_tile_avx2(&q, 1, h, t, nv, tiles, row_scale, out, ld_out, pos0, acc);
+    }
+}
+
+T_AVX2 static void s_run_f32(const scan_q *sq, int n, const void *t, const float *rs, float *out,
+                             int ld, int32_t p0, topk_acc *acc)
+{
+    s_run_sd(SCAN_F32, sq, n, t, rs, out, ld, p0, acc);
+}
+T_AVX2 static void s_run_f16(const scan_q *sq, int n, const void *t, const float *rs, float *out,
+                             int ld, int32_t p0, topk_acc *acc)
+{
+    s_run_sd(SCAN_F16, sq, n, t, rs, out, ld, p0, acc);
+}
+T_AVX2 static void s_run_bf16(const scan_q *sq, int n, const void *t, const float *rs, float *out,
+                              int ld, int32_t p0, topk_acc *acc)
+{
+    s_run_sd(SCAN_BF16, sq, n, t, rs, out, ld, p0, acc);
+}
+T_AVX2 static void s_run_i8(const scan_q *sq, int n, const void *t, const float *rs, float *out,
+                            int ld, int32_t p0, topk_acc *acc)
+{
+    s_run_sd(SCAN_I8, sq, n, t, rs, out, ld, p0, acc);
+}
+
+static void s_run_avx2(const scan_q *sq, int n_rows, const void *tiles, const float *row_scale,
+                       float *out, int ld_out, int32_t pos0, topk_acc *acc)
+{
+    switch (sq->sd) {
+    case SCAN_F32:
+        s_run_f32(sq, n_rows, tiles, row_scale, out, ld_out, pos0, acc);
+        return;
+    case SCAN_F16:
+        s_run_f16(sq, n_rows, tiles, row_scale, out, ld_out, pos0, acc);
+        return;
+    case SCAN_BF16:
+        s_run_bf16(sq, n_rows, tiles, row_scale, out, ld_out, pos0, acc);
+        return;
+    default:
+        s_run_i8(sq, n_rows, tiles, row_scale, out, ld_out, pos0, acc);
+        return;
+    }
+}
+#endif
+
+static int s_path(int path)
+{
+    if (path < 0 || path > SIMD_PATH_LAST || !simd_path_supported((simd_path)path))
+        return (int)simd_path_default();
+    return path;
+}
+
+void scan_scores(int path, const scan_q *sq, int n_rows, const void *tiles, const float *row_scale,
+                 float *out, int ld_out)
+{
+    if (n_rows <= 0) return;
+#if SCAN_X86
+    if (s_path(path) != SIMD_PORTABLE) {
+        s_run_avx2(sq, n_rows, tiles, row_scale, out, ld_out, 0, NULL);
+        return;
+    }
+#else
+    (void)path;
+#endif
+    s_scores_port(sq, n_rows, tiles, row_scale, out, ld_out);
+}
+
+void scan_topk(int path, const scan_q *sq, int n_rows, const void *tiles, const float *row_scale,
+               int32_t pos0, topk_acc *acc)
+{
+    if (n_rows <= 0 || (sq->n_q > 0 && acc[0].k <= 0)) return;
+#if SCAN_X86
+    if (s_path(path) != SIMD_PORTABLE) {
+        s_run_avx2(sq, n_rows, tiles, row_scale, NULL, 0, pos0, acc);
+        return;
+    }
+#else
+    (void)path;
+#endif
+    s_topk_port(sq, n_rows, tiles, row_scale, pos0, acc);
+}
