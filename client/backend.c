@@ -2,6 +2,7 @@
 #include "backend.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -99,7 +100,19 @@ int backend_take_curve_args(int *argc_p, char **argv)
 int backend_client_curve(fasa_client *c, char *msg, size_t msg_len)
 {
     const char *dl = getenv("FASA_DEADLINE_MS");
-    if (dl && *dl) fasa_client_set_deadline(c, (uint32_t)strtoul(dl, NULL, 10));
+    if (dl && *dl) {
+        /* Digits only: strtoul would take "-5" as 4294967291 and "abc" as 0 (no deadline). */
+        char *end;
+        errno = 0;
+        const unsigned long long ms = strtoull(dl, &end, 10);
+        if (dl[0] < '0' || dl[0] > '9' || *end || errno || ms > UINT32_MAX) {
+            snprintf(msg, msg_len,
+                     "FASA_DEADLINE_MS '%s' must be an integer in [0, 4294967295] (milliseconds)",
+                     dl);
+            return -1;
+        }
+        fasa_client_set_deadline(c, (uint32_t)ms);
+    }
     const char *server_key = getenv(BACKEND_ENV_SERVER_KEY), *secret = getenv(BACKEND_ENV_SECRET);
     const int has_server = server_key && *server_key, has_secret = secret && *secret;
     if (!has_server && !has_secret) return 0;

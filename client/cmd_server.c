@@ -900,13 +900,20 @@ int cmd_shutdown(int argc, char **argv)
 
 int cmd_snapshot(int argc, char **argv)
 {
-    /* fasa snapshot SESSION [options]: the session may come first, without --session. */
+    /* fasa snapshot [options] SESSION [options]: the session may stand anywhere, without
+     * --session (a value of --server or --session is not it). */
     const char *positional = NULL;
-    if (argc >= 2 && argv[1][0] != '-') {
-        positional = argv[1];
-        argv[1] = argv[0];
-        argv++;
+    for (int i = 1; i < argc; i++) {
+        if (argv[i][0] == '-') {
+            if (!strcmp(argv[i], "--")) break;
+            if (!strcmp(argv[i], "--server") || !strcmp(argv[i], "--session")) i++;
+            continue;
+        }
+        if (positional) break; /* a second one: s_parse names it */
+        positional = argv[i];
+        memmove(&argv[i], &argv[i + 1], (size_t)(argc - i) * sizeof(*argv));
         argc--;
+        i--;
     }
     srv_opts o;
     int rc = s_parse("snapshot", snapshot_usage, "EiA", argc, argv, &o);

@@ -54,6 +54,7 @@ struct fasa_engine {
     int block;            /* placement block, tokens */
     int pipeline;         /* batches pipelined (FASA_PIPELINE=0 in the environment: not) */
     int64_t mem_limit;    /* bytes per shard, 0 = none */
+    int max_sessions;     /* sessions held at once, 0 = no limit (fasa_engine_set_max_sessions) */
     int64_t *shard_bytes; /* (n_shards) KV store bytes each shard allocates */
     int next_sid;
     session *sessions; /* singly linked; a service holds few sessions */
@@ -378,6 +379,10 @@ fasa_status fasa_engine_create(fasa_engine_t *e, const char *id, const fasa_sess
             FASA_QUEST_PAGE, e->block);
     if (s_find(e, id))
         return fasa_error_set(err, FASA_ALREADY_EXISTS, "session '%s' already exists", id);
+    if (e->max_sessions > 0 && fasa_engine_count(e) >= e->max_sessions)
+        return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED,
+                              "the server holds its limit of %d sessions (--max-sessions)",
+                              e->max_sessions);
     if (e->next_sid >= MAX_SESSION_NUMBERS)
         return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED,
                               "this engine has used all its %d session numbers; restart it",
@@ -522,6 +527,11 @@ static fasa_status s_check_limit(fasa_engine_t *e, const session *s, int l0, int
                 (long long)e->shard_bytes[sh]);
     free(grow);
     return st;
+}
+
+void fasa_engine_set_max_sessions(fasa_engine_t *e, int max_sessions)
+{
+    e->max_sessions = max_sessions > 0 ? max_sessions : 0;
 }
 
 void fasa_engine_set_memory_limit(fasa_engine_t *e, int64_t bytes_per_shard)

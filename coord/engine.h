@@ -172,6 +172,9 @@ int64_t fasa_engine_kv_bytes(const fasa_engine_t *e, const char *id);
  * before any row is sent, so it changes nothing. 0 = no limit. In the server a shard is a
  * worker rank (shard i on rank i + 1; with one rank, rank 0 holds shard 0). */
 void fasa_engine_set_memory_limit(fasa_engine_t *e, int64_t bytes_per_shard);
+/* The session limit (--max-sessions): a create (a restore's too) beyond max_sessions held
+ * sessions is refused with RESOURCE_EXHAUSTED. 0 = no limit. */
+void fasa_engine_set_max_sessions(fasa_engine_t *e, int max_sessions);
 /* The KV store bytes shard `shard` allocates, as the engine accounts them (equal to the
  * shard's own shard_bytes_held), or -1 for a shard out of range. */
 int64_t fasa_engine_shard_bytes(const fasa_engine_t *e, int shard);

@@ -20,6 +20,8 @@ typedef struct server_config {
     char authorized_keys[512]; /* directory of the clients' NAME.pub keys, "" = none */
     long block;
     long long max_message;
+    long long max_pending;  /* bytes unfinished requests may hold in rank 0 (conn_guard.h) */
+    long peer_timeout;      /* seconds: heartbeat and handshake timeout, 0 = none */
     long long memory_limit; /* KV store bytes per rank, 0 = none */
     int max_sessions;
     long deadline_ms; /* default queue deadline, 0 = none */

@@ -23,6 +23,7 @@
 #include <unistd.h>
 #include <zmq.h>
 
+#include "conn_guard.h"
 #include "edge.h"
 #include "keyfile.h"
 #include "log.h"
@@ -141,32 +142,85 @@ static double s_now_ms(void)
 typedef struct io_thread {
     void *router, *pair;
     fasa_zap *zap;
+    fasa_guard *guard;     /* the cap on unfinished requests (conn_guard.h) */
+    long long max_message; /* larger requests are refused here (s_io_refuse) */
     pthread_t th;
 } io_thread;
 
-/* One request from the ROUTER to the main thread, stamped; -1 when none is waiting. */
+/* A request over --max-message (which ZeroMQ still reads whole: its ZMQ_MAXMSGSIZE is
+ * --max-message + --max-pending, and the guard bounds what all of them hold) is answered
+ * here, RESOURCE_EXHAUSTED naming the limit, and logged; it never reaches the main thread.
+ * f: the routing id, [the empty delimiter,] the payload. */
+static void s_io_refuse(io_thread *io, zmq_msg_t *f, int n)
+{
+    zmq_msg_t *payload = &f[n - 1];
+    const size_t len = zmq_msg_size(payload);
+    const uint64_t rid = edge_scan_request_id(zmq_msg_data(payload), len);
+    const char *peer = zmq_msg_gets(payload, "Peer-Address");
+    char msg[200];
+    snprintf(msg, sizeof(msg),
+             "request: %zu bytes is over this server's --max-message of %lld bytes (split it, "
+             "or raise the server's --max-message)",
+             len, io->max_message);
+    fasa_log(FASA_LOG_WARN, rid, "refused a request of %zu bytes from %s: over --max-message %lld",
+             len, peer ? peer : "?", io->max_message);
+    uint8_t *buf = NULL;
+    size_t buf_len = 0;
+    if (fasa_service_error(rid, FASA_RESOURCE_EXHAUSTED, msg, &buf, &buf_len)) return;
+    if (zmq_send(io->router, zmq_msg_data(&f[0]), zmq_msg_size(&f[0]),
+                 ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0 &&
+        (n == 2 || zmq_send(io->router, "", 0, ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0))
+        zmq_send(io->router, buf, buf_len, ZMQ_DONTWAIT);
+    free(buf);
+}
+
+/* One request from the ROUTER to the main thread, stamped; -1 when none is waiting. Its
+ * frames are read whole first (a well-formed one has 2 or 3), so that the guard learns it
+ * was taken and an oversized one is refused here. */
+#define IO_MAX_FRAMES 4
 static int s_io_request(io_thread *io)
 {
-    zmq_msg_t m;
-    zmq_msg_init(&m);
-    if (zmq_msg_recv(&m, io->router, ZMQ_DONTWAIT) < 0) {
-        zmq_msg_close(&m);
+    zmq_msg_t f[IO_MAX_FRAMES];
+    zmq_msg_init(&f[0]);
+    if (zmq_msg_recv(&f[0], io->router, ZMQ_DONTWAIT) < 0) {
+        zmq_msg_close(&f[0]);
         return -1;
     }
     const double at = s_now_ms();
-    zmq_send(io->pair, &at, sizeof(at), ZMQ_SNDMORE);
-    for (;;) {
-        const int more = zmq_msg_more(&m);
-        zmq_msg_send(&m, io->pair, more ? ZMQ_SNDMORE : 0);
-        zmq_msg_close(&m);
-        if (!more) return 0;
+    int n = 1, extra = 0, broken = 0, more = zmq_msg_more(&f[0]);
+    int64_t bytes = (int64_t)zmq_msg_size(&f[0]);
+    while (more) {
+        zmq_msg_t m;
         zmq_msg_init(&m);
         if (zmq_msg_recv(&m, io->router, 0) < 0) {
             zmq_msg_close(&m);
-            zmq_send(io->pair, "", 0, 0); /* ends the message; the main thread refuses it */
-            return 0;
+            broken = 1;
+            break;
         }
+        more = zmq_msg_more(&m);
+        bytes += (int64_t)zmq_msg_size(&m);
+        if (n < IO_MAX_FRAMES)
+            f[n++] = m;
+        else
+            zmq_msg_close(&m), extra++;
     }
+    fasa_guard_seen(io->guard, zmq_msg_get(&f[n - 1], ZMQ_SRCFD), bytes, n + extra);
+    if (!broken && !extra && n >= 2 && (long long)zmq_msg_size(&f[n - 1]) > io->max_message &&
+        (n == 2 || (n == 3 && zmq_msg_size(&f[1]) == 0))) {
+        s_io_refuse(io, f, n);
+        for (int i = 0; i < n; i++) zmq_msg_close(&f[i]);
+        return 0;
+    }
+    zmq_send(io->pair, &at, sizeof(at), ZMQ_SNDMORE);
+    for (int i = 0; i < n; i++) {
+        const int last = i == n - 1 && !extra && !broken;
+        zmq_msg_send(&f[i], io->pair, last ? 0 : ZMQ_SNDMORE);
+        zmq_msg_close(&f[i]);
+    }
+    /* Frames beyond IO_MAX_FRAMES were dropped: one more ends the message, so the main
+     * thread still sees too many and refuses it. */
+    if (extra || broken) zmq_send(io->pair, "", 0, 0);
+    return 0;
 }
 
 /* One reply from the main thread to the ROUTER: 0; 1 for the stop message (one empty
@@ -201,17 +255,27 @@ static void *s_io_main(void *arg)
 {
     io_thread *io = arg;
     int blocked = 0; /* the PAIR was full: wait until it can take a request */
+    double next_check = 0;
     for (;;) {
-        zmq_pollitem_t it[4] = {{io->router, 0, blocked ? 0 : ZMQ_POLLIN, 0},
+        zmq_pollitem_t it[5] = {{io->router, 0, blocked ? 0 : ZMQ_POLLIN, 0},
                                 {io->pair, 0, ZMQ_POLLIN | (blocked ? ZMQ_POLLOUT : 0), 0},
+                                {fasa_guard_socket(io->guard), 0, ZMQ_POLLIN, 0},
                                 {fasa_zap_socket(io->zap), 0, ZMQ_POLLIN, 0},
                                 {fasa_zap_watch_socket(io->zap), 0, ZMQ_POLLIN, 0}};
-        if (zmq_poll(it, io->zap ? 4 : 2, -1) < 0) {
+        const int n_items = io->zap && fasa_zap_watch_socket(io->zap) ? 5 : io->zap ? 4 : 3;
+        if (zmq_poll(it, n_items, fasa_guard_interval_ms(io->guard)) < 0) {
             if (errno == EINTR) continue;
             fasa_log(FASA_LOG_ERROR, 0, "I/O thread: zmq_poll: %s", zmq_strerror(errno));
             return NULL;
         }
-        if (io->zap && ((it[2].revents | it[3].revents) & ZMQ_POLLIN)) fasa_zap_serve(io->zap);
+        if (it[2].revents & ZMQ_POLLIN) fasa_guard_events(io->guard);
+        if (io->zap && ((it[3].revents | (n_items > 4 ? it[4].revents : 0)) & ZMQ_POLLIN))
+            fasa_zap_serve(io->zap);
+        const double now = s_now_ms();
+        if (now >= next_check) {
+            fasa_guard_check(io->guard);
+            next_check = now + fasa_guard_interval_ms(io->guard);
+        }
         for (int r; (r = s_io_reply(io)) >= 0;)
             if (r == 1) return NULL;
         blocked = 0;
@@ -243,7 +307,8 @@ static void s_snapshot_due(fasa_service *svc, const server_config *o, struct tim
 }
 
 /* Reads the secret key and the allow-list, starts the ZAP handler and makes sock a CURVE
- * server. 0, or -1 after logging why. */
+ * server (the connection guard, which owns the socket's monitor, passes the failed
+ * handshakes on to it). 0, or -1 after logging why. */
 static int s_curve_setup(void *ctx, void *sock, const server_config *o, fasa_zap **zap_p)
 {
     char err[1200], secret[FASA_KEY_Z85_LEN + 1];
@@ -251,8 +316,7 @@ static int s_curve_setup(void *ctx, void *sock, const server_config *o, fasa_zap
     if (fasa_keyfile_read(o->curve_secret, 1, secret, err, sizeof(err)) ||
         !(zap = fasa_zap_load(o->authorized_keys, err, sizeof(err))) ||
         fasa_zap_bind(zap, ctx, err, sizeof(err)) ||
-        fasa_zap_curve_server(sock, secret, err, sizeof(err)) ||
-        fasa_zap_watch(zap, ctx, sock, err, sizeof(err))) {
+        fasa_zap_curve_server(sock, secret, err, sizeof(err))) {
         fasa_log(FASA_LOG_ERROR, 0, "%s", err);
         fasa_zap_destroy(&zap);
         memset(secret, 0, sizeof(secret));
@@ -274,11 +338,23 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
         if (ctx) zmq_ctx_term(ctx);
         return 1;
     }
-    const int64_t maxmsg = o->max_message;
+    /* Frames up to --max-message + --max-pending are read, so that one over --max-message
+     * still gets an answer (s_io_refuse); the guard caps what all of them hold together. */
+    const int64_t maxmsg = o->max_message + o->max_pending;
     /* A bounded queue: 64 requests of up to --max-message bytes wait at most; beyond that
      * ZeroMQ stops reading from the peers (backpressure) instead of buffering. */
     const int one = 1, linger = 1000, hwm = 64;
     zmq_setsockopt(sock, ZMQ_MAXMSGSIZE, &maxmsg, sizeof(maxmsg));
+    if (o->peer_timeout > 0) {
+        /* A PING every half timeout; a peer that then finishes no message (a PONG, a
+         * request) within the other half is dropped: a stalled or trickling partial frame
+         * cannot be held longer than --peer-timeout. TTL tells clients the same. */
+        const int half = (int)(o->peer_timeout * 500), full = (int)(o->peer_timeout * 1000);
+        zmq_setsockopt(sock, ZMQ_HEARTBEAT_IVL, &half, sizeof(half));
+        zmq_setsockopt(sock, ZMQ_HEARTBEAT_TIMEOUT, &half, sizeof(half));
+        zmq_setsockopt(sock, ZMQ_HEARTBEAT_TTL, &full, sizeof(full));
+        zmq_setsockopt(sock, ZMQ_HANDSHAKE_IVL, &full, sizeof(full));
+    }
     zmq_setsockopt(sock, ZMQ_ROUTER_MANDATORY, &one, sizeof(one));
     zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof(linger));
     zmq_setsockopt(sock, ZMQ_RCVHWM, &hwm, sizeof(hwm));
@@ -286,7 +362,15 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
     int rc = 0;
     /* CURVE: the ZAP handler binds before the ROUTER, so no client slips in unchecked. */
     fasa_zap *zap = NULL;
+    fasa_guard *guard = NULL;
     if (*o->curve_secret && s_curve_setup(ctx, sock, o, &zap)) {
+        rc = 1;
+        goto done;
+    }
+    /* The guard's monitor starts before the bind, so it sees every connection. */
+    guard = fasa_guard_new(ctx, sock, o->max_pending, zap);
+    if (!guard) {
+        fasa_log(FASA_LOG_ERROR, 0, "cannot watch the connections: %s", zmq_strerror(errno));
         rc = 1;
         goto done;
     }
@@ -315,7 +399,7 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
 
     /* The I/O thread takes the ROUTER and the ZAP handler from here on; it never sees
      * SIGTERM or SIGINT (they stop this thread's loop). */
-    io_thread io = {.router = sock, .zap = zap};
+    io_thread io = {.router = sock, .zap = zap, .guard = guard, .max_message = o->max_message};
     void *pair = zmq_socket(ctx, ZMQ_PAIR);
     io.pair = zmq_socket(ctx, ZMQ_PAIR);
     const int io_hwm = IO_HWM, zero = 0;
@@ -399,6 +483,7 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
     zmq_close(pair);
     zmq_close(io.pair);
 done:
+    fasa_guard_destroy(&guard);
     zmq_close(sock);
     fasa_zap_destroy(&zap);
     zmq_ctx_term(ctx);
@@ -479,6 +564,7 @@ int main(int argc, char **argv)
         MPI_Abort(MPI_COMM_WORLD, 1);
     }
     fasa_engine_set_memory_limit(engine, o.memory_limit);
+    fasa_engine_set_max_sessions(engine, o.max_sessions); /* a restore's too */
     /* Workers open the files by the path rank 0 gives them: make it absolute, so a rank
      * started in another directory (srun, a remote host) finds the same place. */
     char cwd[PATH_MAX], abs_dir[sizeof(o.state_dir)];

@@ -8,7 +8,8 @@ pkgs=(build-essential cmake pkg-config
       libopenblas-dev check
       libopenmpi-dev openmpi-bin
       libzmq3-dev libprotobuf-c-dev protobuf-c-compiler
-      clang clang-14 libclang-rt-14-dev)  # clang + libFuzzer for tests/fuzz.sh
+      clang clang-14 libclang-rt-14-dev  # clang + libFuzzer for tests/fuzz.sh
+      python3)  # tests/slow_peers.py: raw ZMTP peers for tests/hold_test.sh
 
 missing=()
 for p in "${pkgs[@]}"; do

