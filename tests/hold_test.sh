@@ -124,5 +124,56 @@ done
 FASA_DEADLINE_MS=5000 f ping >/dev/null 2>&1 && ok "FASA_DEADLINE_MS=5000 works" || bad "FASA_DEADLINE_MS=5000"
 stop
 
+# ---- three ranks: restore over the limits ----
+state=$tmp/state
+mkdir -p "$state"
+npy "$tmp/k.npy" 3000 0.25
+npy "$tmp/v.npy" 3000 0.5
+start 3 --state-dir "$state" --block 64
+for i in 1 2 3 4 5 6; do
+    f create --session s$i "${geom[@]}" >/dev/null &&
+        f append --session s$i --layer 0 --k "$tmp/k.npy" --v "$tmp/v.npy" >/dev/null ||
+        bad "session s$i"
+done
+# The session after the options, as the help's usage says.
+if out=$("$fasa" snapshot --server "$ep" s1 2>&1) && echo "$out" | grep -q "^snapshot s1 tokens 3000 "; then
+    ok "fasa snapshot --server E s1: $out"
+else
+    bad "fasa snapshot --server E s1: $out"
+fi
+f snapshot --all >/dev/null 2>&1 || bad "snapshot --all"
+stop
+# stat_of FIELD: a value of fasa stats; rank_alloc R: rank R's alloc_bytes.
+stat_of() { f stats 2>/dev/null | awk -v k="$1" '$1 == k { print $2 }'; }
+rank_alloc() { f stats 2>/dev/null | awk -v r="$1" 'p && $1 == r { print $9 } /^rank +shards/ { p = 1 }'; }
+
+start 3 --state-dir "$state" --block 64 --restore --max-sessions 3
+n=$(stat_of n_sessions)
+refused=$(grep -o "restore: session s[0-9] refused: the server holds its limit of 3 sessions (--max-sessions)" "$log" | awk '{ print $3 }' | sort | tr '\n' ' ')
+[ "$n" = 3 ] && ok "restore with --max-sessions 3 admitted 3 of 6" || bad "restore with --max-sessions 3 admitted $n"
+[ "$(echo $refused | wc -w)" = 3 ] && ok "the other three refused by name: $refused" ||
+    bad "refusals logged: '$refused'; log: $(grep restore "$log" | tail -8)"
+one=$(echo $refused | awk '{ print $1 }')
+if [ -n "$one" ] && ! f stats --session "$one" >"$tmp/out" 2>&1 &&
+    grep -q "session '$one' could not be restored: the server holds its limit of 3 sessions (--max-sessions)" "$tmp/out"; then
+    ok "a refused session answers why: $(cat "$tmp/out")"
+else
+    bad "stats of refused session '$one': $(cat "$tmp/out")"
+fi
+per=$((($(rank_alloc 1) + 2) / 3)) # what one session takes on rank 1
+stop
+
+limit=$((per * 5 / 2)) # room for two sessions per rank, not three
+start 3 --state-dir "$state" --block 64 --restore --memory-limit $limit
+n=$(stat_of n_sessions)
+a1=$(rank_alloc 1)
+a2=$(rank_alloc 2)
+n_ref=$(grep -c "restore: session s[0-9] refused: .*memory limit" "$log")
+[ "$n" = 2 ] && [ "$n_ref" = 4 ] && ok "restore with --memory-limit $limit (2.5 sessions) admitted 2, refused 4 by name" ||
+    bad "restore with --memory-limit $limit: $n sessions, $n_ref refusals: $(grep refused "$log" | head -3)"
+[ "${a1:-0}" -gt 0 ] && [ "$a1" -le $limit ] && [ "${a2:-0}" -le $limit ] &&
+    ok "every rank under the limit: $a1, $a2 <= $limit bytes" || bad "ranks hold $a1, $a2 bytes, limit $limit"
+stop
+
 echo "hold_test: $pass passed, $fail failed"
 [ $fail -eq 0 ]
