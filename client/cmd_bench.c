@@ -104,10 +104,10 @@ static const char usage_attend[] =
     "  --reps R           timed steps per method (default 5); p50 and min are printed\n"
     "  --dtype T          storage dtype of keys and values: f32 (default), f16, bf16 (the\n"
     "                     engine refuses what it does not support yet, and so does this)\n"
-    "  --tier T           where keys and values live: ram (default) or disk (the embedded\n"
-    "                     engine only: the dominant key dims in RAM, the rest of K and V in\n"
-    "                     file-backed mappings under --state-dir); RAM per token is then the\n"
-    "                     bytes the shards allocate in RAM\n"
+    "  --tier T           where keys and values live: ram (default) or disk (the dominant key\n"
+    "                     dims in RAM, the rest of K and V in file-backed mappings under\n"
+    "                     --state-dir, or with --server under the server's --tier-dir); RAM\n"
+    "                     per token is then the bytes the shards allocate in RAM\n"
     "  --state-dir DIR    directory for the disk tier's files (default: a new one in /tmp,\n"
     "                     removed at exit; the files are unlinked at once anyway)\n"
     "  --shards K         in-process shards of the embedded engine (default 1)\n"
@@ -304,8 +304,9 @@ static int s_parse(const char *cmd, int argc, char **argv, bench_opts *o)
         }
     }
     if (optind < argc) return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
-    if (!scan && o->n_servers > 0 && o->tier)
-        return cli_usage_error(cmd, "--tier disk runs on the embedded engine only (no --server)");
+    if (!scan && o->n_servers > 0 && o->state_dir)
+        return cli_usage_error(cmd, "--state-dir is for the embedded engine: with --server the "
+                                    "disk tier's files go to the server's --tier-dir");
     if (!scan && o->state_dir && !o->tier)
         return cli_usage_error(cmd, "--state-dir is for --tier disk");
     return 0;
@@ -943,7 +944,7 @@ int cmd_bench(int argc, char **argv)
     if (prc) return prc < 0 ? 0 : prc;
     openblas_set_num_threads(1);
     if (scan) return s_scan(&o);
-    if (o.tier && !o.state_dir) {
+    if (o.tier && !o.state_dir && o.n_servers == 0) {
         /* The disk tier's files are unlinked as soon as they are made: the directory stays
          * empty and goes at exit. */
         snprintf(o.tmp_dir, sizeof(o.tmp_dir), "/tmp/fasa-bench-XXXXXX");

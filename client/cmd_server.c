@@ -78,7 +78,10 @@ static const char create_usage[] =
     "0)\n"
     "  --dtype T           how keys and values are stored: f32 (default), f16 or bf16 (half\n"
     "                      the memory and bytes read; values beyond f16's range are "
-    "refused)\n" COMMON_HELP;
+    "refused)\n"
+    "  --tier T            ram or disk: only the scoring data in RAM, the rest of K and V in\n"
+    "                      files under the server's --tier-dir (default: the server's "
+    "--tier)\n" COMMON_HELP;
 
 static const char append_usage[] =
     "usage: fasa append --server ENDPOINT --session ID [--layer N] --k K.npy --v V.npy\n"
@@ -150,6 +153,7 @@ typedef struct srv_opts {
     int prometheus;   /* stats --format prometheus */
     int all;          /* snapshot --all */
     fasa_dtype dtype; /* create --dtype */
+    int tier;         /* create --tier: 0 the server's, 1 ram, 2 disk */
 } srv_opts;
 
 /* Parses argv for cmd, accepting only the options whose codes are in allowed. Returns 0,
@@ -184,6 +188,7 @@ static int s_parse(const char *cmd, const char *usage, const char *allowed, int 
                                          {"format", required_argument, 0, 'F'},
                                          {"all", no_argument, 0, 'A'},
                                          {"dtype", required_argument, 0, 'T'},
+                                         {"tier", required_argument, 0, 'R'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     memset(o, 0, sizeof(*o));
@@ -236,6 +241,11 @@ static int s_parse(const char *cmd, const char *usage, const char *allowed, int 
             break;
         case 'A':
             o->all = 1;
+            break;
+        case 'R':
+            if (strcmp(optarg, "ram") && strcmp(optarg, "disk"))
+                return cli_usage_error(cmd, "--tier '%s' is not ram or disk", optarg);
+            o->tier = optarg[0] == 'd' ? 2 : 1;
             break;
         case 'T':
             if (fasa_dtype_parse(optarg, &o->dtype))
@@ -398,6 +408,13 @@ static void s_print_ranks(const char *title, size_t n, const fasa_client_rank_st
                r[i].sessions, (unsigned long long)r[i].tokens, (unsigned long long)r[i].rows,
                (unsigned long long)r[i].kdom_bytes, (unsigned long long)r[i].krest_bytes,
                (unsigned long long)r[i].v_bytes, (unsigned long long)r[i].alloc_bytes);
+    /* Resident memory beside what the limit counts, one line per rank (it changes from
+     * request to request, so it stays out of the holdings table). */
+    const char *prefix = strncmp(title, "session.", 8) ? "" : "session.";
+    for (size_t i = 0; i < n; i++)
+        if (r[i].rss_bytes)
+            printf("%srss_bytes.rank %u %llu (alloc_bytes %llu)\n", prefix, r[i].rank,
+                   (unsigned long long)r[i].rss_bytes, (unsigned long long)r[i].alloc_bytes);
 }
 
 static void s_print_text(const char *server, const fasa_client_stats *st)
@@ -427,6 +444,7 @@ static void s_print_text(const char *server, const fasa_client_stats *st)
         printf("session.dtype %s\n", s->dtype == FASA_CLIENT_DTYPE_F16    ? "f16"
                                      : s->dtype == FASA_CLIENT_DTYPE_BF16 ? "bf16"
                                                                           : "f32");
+        if (s->tier) printf("session.tier %s\n", s->tier == 2 ? "disk" : "ram");
         s_print_ranks("session.rank", s->n_rank_stats, s->rank_stats);
     }
 }
@@ -451,11 +469,11 @@ static void s_prom_escaped(const char *v)
 }
 
 /* One per-rank number: 0 shards, 1 sessions, 2 tokens, 3 rows, 4 bytes of kind (s_kinds),
- * 5 allocated bytes. */
+ * 5 allocated bytes, 6 resident bytes. */
 static uint64_t s_rank_value(const fasa_client_rank_stats *r, int field, int kind)
 {
-    const uint64_t v[] = {r->shards, r->sessions,           r->tokens,
-                          r->rows,   s_kind_bytes(r, kind), r->alloc_bytes};
+    const uint64_t v[] = {r->shards,      r->sessions, r->tokens, r->rows, s_kind_bytes(r, kind),
+                          r->alloc_bytes, r->rss_bytes};
     return v[field];
 }
 
@@ -466,17 +484,19 @@ static void s_prom_ranks(const char *prefix, const char *what, const char *sessi
 {
     static const struct {
         const char *name, *help;
-    } g[] = {{"shards", "Shards the rank holds (0: the coordinator of a multi-rank server)"},
-             {"sessions", "Sessions with a shard on the rank"},
-             {"tokens", "Token positions of layer 0 held on the rank"},
-             {"rows", "Rows held on the rank, every layer"},
-             {"kv_bytes",
-              "Bytes of the rows held on the rank by kind: kdom (the dominant key dims), "
-              "krest (the other key dims), v (the values)"},
-             {"alloc_bytes", "Bytes allocated on the rank for the rows (whole chunks)"}};
+    } g[] = {
+        {"shards", "Shards the rank holds (0: the coordinator of a multi-rank server)"},
+        {"sessions", "Sessions with a shard on the rank"},
+        {"tokens", "Token positions of layer 0 held on the rank"},
+        {"rows", "Rows held on the rank, every layer"},
+        {"kv_bytes", "Bytes of the rows held on the rank by kind: kdom (the dominant key dims), "
+                     "krest (the other key dims), v (the values)"},
+        {"alloc_bytes", "Bytes allocated on the rank for the rows (what --memory-limit counts)"},
+        {"rss_bytes", "Resident memory of the rank's process"}};
     char name[96], help[256];
-    for (int f = 0; f < 6; f++) {
+    for (int f = 0; f < 7; f++) {
         if (session && f == 1) continue; /* 1 on every rank holding a shard of it */
+        if (session && f == 6) continue; /* the whole rank's, not the session's */
         snprintf(name, sizeof(name), "%s_%s", prefix, g[f].name);
         snprintf(help, sizeof(help), "%s%s", what, g[f].help);
         s_prom_family(name, "gauge", help);
@@ -637,7 +657,7 @@ static char *s_read_text(const char *path, char *err, size_t err_len)
 int cmd_create(int argc, char **argv)
 {
     srv_opts o;
-    int rc = s_parse("create", create_usage, "EiLHKDPpnmbgdT", argc, argv, &o);
+    int rc = s_parse("create", create_usage, "EiLHKDPpnmbgdTR", argc, argv, &o);
     if (rc) return rc < 0 ? 0 : rc;
     if (!o.session) return cli_usage_error("create", "--session ID is required");
     if (!o.layers || !o.heads || !o.kv_heads || !o.head_dim)
@@ -677,7 +697,8 @@ int cmd_create(int argc, char **argv)
         .dense_layers_set = o.dense_layers != NULL,
         .dense_layers = dense,
         .n_dense_layers = n_dense,
-        .dtype = (fasa_client_dtype)(o.dtype + 1)};
+        .dtype = (fasa_client_dtype)(o.dtype + 1),
+        .tier = o.tier};
     fasa_client *c = s_connect("create", o.server, BACKEND_TIMEOUT_MS);
     if (!c) {
         free(text);

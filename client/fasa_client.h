@@ -174,6 +174,7 @@ typedef struct fasa_client_session_config {
     const uint32_t *dense_layers; /* with dense_layers_set: n_dense_layers layer indices */
     size_t n_dense_layers;        /* (0 with dense_layers_set: no layer stays dense) */
     fasa_client_dtype dtype;      /* DEFAULT: f32 */
+    int tier;                     /* 0: the server's --tier, 1: ram, 2: disk (proto Tier) */
 } fasa_client_session_config;
 
 /* Creates session session_id (1..128 printable ASCII bytes). n_shards_p, if not NULL, gets
@@ -282,7 +283,8 @@ typedef struct fasa_client_rank_stats {
     uint64_t kdom_bytes;  /* the profile's dominant key dims (what a fasa step scans) */
     uint64_t krest_bytes; /* the other key dims (all of K without a profile) */
     uint64_t v_bytes;     /* the values */
-    uint64_t alloc_bytes; /* memory allocated for them (whole chunks of rows) */
+    uint64_t alloc_bytes; /* memory allocated for them (what --memory-limit counts) */
+    uint64_t rss_bytes;   /* the rank's resident memory (0: not reported) */
 } fasa_client_rank_stats;
 
 /* Server-side times of the attend steps that ran one method (the method actually run, as
@@ -319,6 +321,7 @@ typedef struct fasa_client_session_info {
     fasa_client_rank_stats *rank_stats; /* what each rank holds of the session, by rank
                                            (malloc'd: fasa_client_stats_free) */
     fasa_client_dtype dtype;            /* storage dtype of keys and values */
+    int tier;                           /* 1 ram, 2 disk (0: not reported) */
 } fasa_client_session_info;
 
 /* Server-wide statistics, and one session's when asked for. */

@@ -52,6 +52,14 @@ static const key s_keys[] = {
     {"authorized-keys", "FASA_AUTHORIZED_KEYS", "", "DIR",
      "CURVE: admit only the clients whose NAME.pub is in DIR", K_STRING, 0, 0},
     {"quiet", "FASA_QUIET", "", "", "the same as --log-level warn", K_FLAG, 0, 0},
+    {"tier", "FASA_TIER", "ram", "TIER",
+     "where sessions that ask for no tier keep K and V: ram, or disk (only the scoring data in "
+     "RAM, the rest in files under --tier-dir)",
+     K_STRING, 0, 0},
+    {"tier-dir", "FASA_TIER_DIR", "", "DIR",
+     "directory of the disk tier's files on every rank's node (node-local; files are unlinked "
+     "at once); needed for disk-tier sessions",
+     K_STRING, 0, 0},
     {"state-dir", "FASA_STATE_DIR", "", "DIR",
      "where snapshots go (fasa snapshot, --snapshot-interval); every rank must reach it", K_STRING,
      0, 0},
@@ -148,6 +156,14 @@ static int s_set(server_config *c, const key *k, const char *value, const char *
         if (!*value) return s_err(err, len, "%s: the endpoint is empty", where);
         return s_copy(c->bind, sizeof(c->bind), value, where, err, len);
     }
+    if (strcmp(k->name, "tier") == 0) {
+        if (strcmp(value, "ram") && strcmp(value, "disk"))
+            return s_err(err, len, "%s: '%s' is not ram or disk", where, value);
+        c->tier = value[0] == 'd';
+        return 0;
+    }
+    if (strcmp(k->name, "tier-dir") == 0)
+        return s_copy(c->tier_dir, sizeof(c->tier_dir), value, where, err, len);
     if (strcmp(k->name, "curve-secret") == 0)
         return s_copy(c->curve_secret, sizeof(c->curve_secret), value, where, err, len);
     if (strcmp(k->name, "authorized-keys") == 0)
@@ -341,6 +357,7 @@ int server_config_load(server_config *c, int argc, char **argv, FILE *out, char 
         snprintf(where, sizeof(where), "--%s", k->name);
         if ((rc = s_set(c, k, value, where, err, err_len))) return rc;
     }
+    if (c->tier && !*c->tier_dir) return s_err(err, err_len, "--tier disk needs --tier-dir DIR");
     if (c->max_pending == 0)
         c->max_pending = 2 * c->max_message > (1LL << 30) ? 2 * c->max_message : 1LL << 30;
     if (c->max_pending / 2 < c->max_message)
@@ -368,6 +385,9 @@ void server_config_describe(const server_config *c, char *buf, size_t len)
                      *c->curve_secret ? " curve-secret=" : "", c->curve_secret,
                      *c->authorized_keys ? " authorized-keys=" : "", c->authorized_keys);
     if (*c->state_dir && n >= 0 && (size_t)n < len)
-        snprintf(buf + n, len - (size_t)n, " state-dir=%s restore=%d snapshot-interval=%ld",
-                 c->state_dir, c->restore, c->snapshot_interval);
+        n += snprintf(buf + n, len - (size_t)n, " state-dir=%s restore=%d snapshot-interval=%ld",
+                      c->state_dir, c->restore, c->snapshot_interval);
+    if ((c->tier || *c->tier_dir) && n >= 0 && (size_t)n < len)
+        snprintf(buf + n, len - (size_t)n, " tier=%s tier-dir=%s", c->tier ? "disk" : "ram",
+                 c->tier_dir);
 }

@@ -29,6 +29,8 @@ typedef struct server_config {
     char state_dir[512];    /* snapshots go here and --restore reads them; "" = none */
     int restore;            /* 1: reload every snapshotted session at start */
     long snapshot_interval; /* seconds between snapshots of changed sessions; 0 = never */
+    int tier;               /* default tier of new sessions: 0 ram, 1 disk */
+    char tier_dir[512];     /* the disk tier's directory on every node, "" = none */
 } server_config;
 
 /* Fills c from defaults, the config file, env (getenv) and argv. Returns 0 to run, 1 when

@@ -571,7 +571,16 @@ int main(int argc, char **argv)
     if (*o.state_dir && o.state_dir[0] != '/' && getcwd(cwd, sizeof(cwd)) &&
         snprintf(abs_dir, sizeof(abs_dir), "%s/%s", cwd, o.state_dir) < (int)sizeof(abs_dir))
         memcpy(o.state_dir, abs_dir, sizeof(abs_dir));
-    const fasa_service_opts so = {.n_ranks = size,
+    if (*o.tier_dir && o.tier_dir[0] != '/' && getcwd(cwd, sizeof(cwd)) &&
+        snprintf(abs_dir, sizeof(abs_dir), "%s/%s", cwd, o.tier_dir) < (int)sizeof(o.tier_dir))
+        memcpy(o.tier_dir, abs_dir, sizeof(o.tier_dir));
+    if (fasa_engine_set_tier_dir(engine, o.tier_dir)) {
+        fasa_log(FASA_LOG_ERROR, 0, "out of memory starting the engine");
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    const fasa_service_opts so = {.tier = o.tier,
+                                  .has_tier_dir = *o.tier_dir != 0,
+                                  .n_ranks = size,
                                   .max_message = (size_t)o.max_message,
                                   .max_sessions = o.max_sessions,
                                   .deadline_ms = (uint32_t)o.deadline_ms,
@@ -585,6 +594,14 @@ int main(int argc, char **argv)
     if (*o.state_dir && (stat(o.state_dir, &sd) || !S_ISDIR(sd.st_mode))) {
         fasa_log(FASA_LOG_ERROR, 0, "--state-dir %s: not a directory (create it first)",
                  o.state_dir);
+        fasa_service_destroy(&svc);
+        MPI_Finalize();
+        return 2;
+    }
+    if (*o.tier_dir &&
+        (stat(o.tier_dir, &sd) || !S_ISDIR(sd.st_mode) || access(o.tier_dir, W_OK))) {
+        fasa_log(FASA_LOG_ERROR, 0, "--tier-dir %s: not a writable directory (create it first)",
+                 o.tier_dir);
         fasa_service_destroy(&svc);
         MPI_Finalize();
         return 2;

@@ -24,6 +24,8 @@ typedef struct fasa_service_opts {
     int max_sessions;      /* sessions held at once, 1..FASA_SERVICE_MAX_SESSIONS; 0 = the most */
     uint32_t deadline_ms;  /* queue deadline of requests that give none; 0 = none */
     const char *state_dir; /* where Snapshot writes and restore reads; NULL or "": none */
+    int tier;              /* sessions that ask for no tier: 0 ram, 1 disk (--tier) */
+    int has_tier_dir;      /* the engine has a disk-tier directory (--tier-dir) */
 } fasa_service_opts;
 
 /* A service over engine (which it owns from now on). NULL when out of memory. */

@@ -256,6 +256,8 @@ static int s_create(const Fasa__V1__CreateSession *c, edge_create *o, char *msg,
     }
     if ((st = s_enum(c->has_pairing, c->pairing, 2, "create_session.pairing", &o->pairing, msg,
                      len)) ||
+        (st = s_enum(c->has_tier, c->tier, FASA__V1__TIER__DISK, "create_session.tier", &o->tier,
+                     msg, len)) ||
         (st = s_enum(c->has_method, c->method, FASA__V1__METHOD__SPARQ, "create_session.method",
                      &o->method, msg, len)) ||
         (st = s_enum(c->has_gqa, c->gqa, 2, "create_session.gqa", &o->gqa, msg, len)) ||

@@ -59,6 +59,24 @@ with open(path, "wb") as f:
 EOF
 }
 geom=(--layers 1 --heads 2 --kv-heads 1 --head-dim 8 --method dense --budget 16)
+# rnd FILE SHAPE SEED: a float32 .npy of that shape (a Python tuple), uniform in [-2, 2).
+rnd() {
+    python3 - "$@" <<'EOF'
+import random, struct, sys
+path, shape, seed = sys.argv[1], eval(sys.argv[2]), int(sys.argv[3])
+n = 1
+for d in shape:
+    n *= d
+rng = random.Random(seed)
+hdr = "{'descr': '<f4', 'fortran_order': False, 'shape': %s, }" % (str(tuple(shape)),)
+while (10 + len(hdr) + 1) % 64:
+    hdr += " "
+hdr += "\n"
+with open(path, "wb") as f:
+    f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(hdr)) + hdr.encode())
+    f.write(struct.pack("<%df" % n, *[rng.uniform(-2, 2) for _ in range(n)]))
+EOF
+}
 
 # ---- one rank: the wire limits ----
 cap=$((64 << 20))
@@ -160,6 +178,16 @@ if [ -n "$one" ] && ! f stats --session "$one" >"$tmp/out" 2>&1 &&
 else
     bad "stats of refused session '$one': $(cat "$tmp/out")"
 fi
+# Each rank's resident memory beside what the limit counts (RankStats.rss_bytes).
+f stats >"$tmp/stats" 2>&1
+n_rss=$(awk '$1 == "rss_bytes.rank" && $3 > 1048576 { n++ } END { print n + 0 }' "$tmp/stats")
+[ "$n_rss" = 3 ] && ok "stats report 3 ranks' RSS: $(grep rss_bytes "$tmp/stats" | tr '\n' ';')" ||
+    bad "rank RSS: $(grep -A4 '^rank ' "$tmp/stats")"
+w1=$(awk '$1 == "rss_bytes.rank" && $2 == 1 { print $3 }' "$tmp/stats")
+[ "${w1:-0}" -ge "$(rank_alloc 1)" ] && ok "rank 1's RSS $w1 >= its alloc_bytes $(rank_alloc 1)" ||
+    bad "rank 1's RSS ${w1:-none} below its alloc_bytes"
+f stats --format prometheus 2>&1 | grep -q '^fasa_rank_rss_bytes{rank="2"} [1-9]' &&
+    ok "prometheus: fasa_rank_rss_bytes" || bad "no fasa_rank_rss_bytes in the prometheus stats"
 per=$((($(rank_alloc 1) + 2) / 3)) # what one session takes on rank 1
 stop
 
@@ -173,6 +201,81 @@ n_ref=$(grep -c "restore: session s[0-9] refused: .*memory limit" "$log")
     bad "restore with --memory-limit $limit: $n sessions, $n_ref refusals: $(grep refused "$log" | head -3)"
 [ "${a1:-0}" -gt 0 ] && [ "$a1" -le $limit ] && [ "${a2:-0}" -le $limit ] &&
     ok "every rank under the limit: $a1, $a2 <= $limit bytes" || bad "ranks hold $a1, $a2 bytes, limit $limit"
+stop
+
+# ---- three ranks: the disk tier on the server ----
+tdir=$tmp/tier
+mkdir -p "$tdir" "$tmp/state2"
+T=5000
+rnd "$tmp/rk.npy" "($T, 2, 16)" 1
+rnd "$tmp/rv.npy" "($T, 2, 16)" 2
+rnd "$tmp/rq.npy" "(4, 16)" 3
+dgeom=(--layers 1 --heads 4 --kv-heads 2 --head-dim 16 --budget 64)
+start 3 --state-dir "$tmp/state2" --block 256 --tier-dir "$tdir"
+f create --session ram "${dgeom[@]}" --tier ram >/dev/null 2>"$tmp/err" || bad "create ram: $(cat "$tmp/err")"
+f create --session disk "${dgeom[@]}" --tier disk >/dev/null 2>"$tmp/err" || bad "create disk: $(cat "$tmp/err")"
+for s in ram disk; do
+    f append --session $s --layer 0 --k "$tmp/rk.npy" --v "$tmp/rv.npy" >/dev/null 2>"$tmp/err" ||
+        bad "append $s: $(cat "$tmp/err")"
+done
+f stats --session disk 2>&1 | grep -q "^session.tier disk$" && ok "session disk reports tier disk" ||
+    bad "session disk's tier: $(f stats --session disk 2>&1 | grep tier)"
+# attends TAG: every method but fasa and sparq (no profile) on both sessions into TAG_S_M.npy.
+attends() {
+    local s m
+    for s in ram disk; do
+        for m in dense oracle stream quest; do
+            f attend --session $s --layer 0 --q "$tmp/rq.npy" --method $m --out "$tmp/$1_${s}_$m.npy" \
+                >/dev/null 2>"$tmp/err" || bad "attend $s $m: $(cat "$tmp/err")"
+        done
+    done
+}
+same_tiers() {
+    local m n=0
+    for m in dense oracle stream quest; do
+        cmp -s "$tmp/$1_ram_$m.npy" "$tmp/$1_disk_$m.npy" && n=$((n + 1))
+    done
+    [ $n = 4 ]
+}
+attends a
+same_tiers a && ok "disk tier over 2 workers: 4 methods bit-identical to the RAM tier" ||
+    bad "disk tier answers differ from RAM"
+# The rank table's rows 1 and 2 (the workers), alloc_bytes (column 9), summed.
+held_of() { f stats --session "$1" 2>/dev/null | awk 'p && ($1 == 1 || $1 == 2) { s += $9 } /^session.rank +shards/ { p = 1 } END { print s + 0 }'; }
+ar=$(held_of ram)
+ad=$(held_of disk)
+[ "$ad" -gt 0 ] && [ $((ad * 2)) -lt "$ar" ] && ok "disk tier holds $ad bytes in the workers' RAM, ram tier $ar" ||
+    bad "RAM held: disk $ad ram $ar"
+[ -z "$(ls -A "$tdir")" ] && ok "the tier dir stays empty (files unlinked at once)" || bad "files left in $tdir: $(ls "$tdir")"
+# The benchmark's RAM per token through the server (target <= 30% of f16 K+V).
+if "$fasa" bench attend --server "$ep" --tier disk --dtype f16 --tokens 4096 --reps 1 >"$tmp/bench" 2>&1 &&
+    grep -q "^RAM per token: tier disk .*target <= 30%: met)$" "$tmp/bench"; then
+    ok "$(grep '^RAM per token' "$tmp/bench")"
+else
+    bad "bench attend --server --tier disk: $(tail -3 "$tmp/bench")"
+fi
+f snapshot --all >/dev/null 2>"$tmp/err" || bad "snapshot of a disk-tier session: $(cat "$tmp/err")"
+stop
+start 3 --state-dir "$tmp/state2" --block 256 --tier-dir "$tdir" --restore
+f stats --session disk 2>&1 | grep -q "^session.tier disk$" && ok "restored as a disk-tier session" ||
+    bad "restored tier: $(f stats --session disk 2>&1 | grep -E 'tier|length')"
+attends b
+same_tiers b && cmp -s "$tmp/a_disk_quest.npy" "$tmp/b_disk_quest.npy" &&
+    cmp -s "$tmp/a_disk_dense.npy" "$tmp/b_disk_dense.npy" &&
+    ok "after restore: still bit-identical to RAM and to before" || bad "answers changed across the restore"
+stop
+# Without --tier-dir a disk-tier session is refused, naming it; so is a restore of one.
+start 1 --state-dir "$tmp/state2" --restore
+if ! f create --session x "${dgeom[@]}" --tier disk >"$tmp/out" 2>&1 && grep -q "tier-dir" "$tmp/out"; then
+    ok "no --tier-dir: $(cat "$tmp/out")"
+else
+    bad "create --tier disk without --tier-dir: $(cat "$tmp/out")"
+fi
+if ! f stats --session disk >"$tmp/out" 2>&1 && grep -q "could not be restored: .*tier" "$tmp/out"; then
+    ok "restore without --tier-dir refuses the disk-tier session: $(head -c 200 "$tmp/out")"
+else
+    bad "disk session restored without --tier-dir: $(head -c 300 "$tmp/out")"
+fi
 stop
 
 echo "hold_test: $pass passed, $fail failed"
