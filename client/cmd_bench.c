@@ -116,7 +116,7 @@ static const char usage_attend[] =
     "                     1-worker and a 2-worker server and runs this with both\n"
     "  --chunk N          tokens per append request (default 2048: 16 MiB of f32 keys and\n"
     "                     values; keep N x 8 KiB under a server's --max-message, which\n"
-    "                     otherwise drops the request and the append times out)\n"
+    "                     otherwise refuses the append: RESOURCE_EXHAUSTED)\n"
     "  --budget B         tokens kept per query head (default 256)\n"
     "  --seed S           generator seed (default 1)\n"
     "  --csv FILE         also write every row as CSV: tokens,backend,workers,dtype,tier,method,\n"
