@@ -30,10 +30,6 @@ def ready():
     return b"\x04" + bytes([len(body)]) + body
 
 
-def whole_done(live):
-    return False
-
-
 def main():
     host, port, n, frame, send, hold = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
                                         int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6]))
@@ -53,8 +49,6 @@ def main():
         if not live:
             break
         want_w = [c["s"] for c in live if c["head"] or c["left"] > 0]
-        if not want_w and whole_done(live):
-            break
         r, w, _ = select.select([c["s"] for c in live], want_w, [], 0.05)
         for c in live:
             s = c["s"]
