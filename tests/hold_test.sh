@@ -90,8 +90,20 @@ python3 "$root/tests/slow_peers.py" 127.0.0.1 "$port" 30 15000000 14000000 10 >"
 peak=$(kib VmHWM)
 grown=$(((peak - before) * 1024))
 echo "slow peers: $(cat "$tmp/slow"); rank 0 RSS before ${before} KiB, peak ${peak} KiB: grew $grown bytes, cap $cap ($(awk -v g=$grown -v c=$cap 'BEGIN { printf "%.2f", g / c }') of it)"
-[ $grown -le $cap ] && ok "30 slow peers grew rank 0 by $grown bytes <= --max-pending $cap" ||
+# Under a sanitizer the allocator keeps freed buffers (ASan's quarantine; no malloc_trim), so
+# RSS says nothing about what the guard holds there: the release build asserts it.
+if ldd "$build/fasa-server" 2>/dev/null | grep -q "libasan\|libtsan"; then
+    ok "sanitizer build: rank 0's RSS not asserted (grew $grown bytes; the release build checks it)"
+elif [ $grown -le $cap ]; then
+    ok "30 slow peers grew rank 0 by $grown bytes <= --max-pending $cap"
+else
     bad "30 slow peers grew rank 0 by $grown bytes > --max-pending $cap"
+fi
+# What the guard measured when it closed connections (every build): never past the cap.
+most=$(grep -o "unfinished requests held [0-9]* bytes in all" "$log" | awk '$4 > m { m = $4 } END { print m + 0 }')
+[ "$most" -gt $((cap / 2)) ] && [ "$most" -le $cap ] &&
+    ok "the guard closed connections at $most bytes held in all (over half of, and within, the cap $cap)" ||
+    bad "the guard closed connections at $most bytes held in all (cap $cap)"
 grep -q "^clients 30 sent [0-9]* closed 30 " "$tmp/slow" && ok "all 30 slow peers were closed" ||
     bad "slow peers: $(cat "$tmp/slow")"
 sent=$(awk '{ print $4 }' "$tmp/slow")
