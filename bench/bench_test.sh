@@ -99,7 +99,7 @@ if "$fasa" bench attend --tokens 8192 --reps 1 --dtype f16 --tier disk --methods
     [ "$(tail -n +2 "$tmp/disk.csv" | cut -d, -f4,5,6)" = "f16,disk,fasa" ] && ok ||
         bad "disk tier csv: $(cat "$tmp/disk.csv")"
 else bad "--tier disk: $(cat "$tmp/disk.err")"; fi
-expect_error "disk tier on a server" "embedded engine only" "$fasa" bench attend --tier disk --server tcp://127.0.0.1:1
+expect_error "disk tier's --state-dir on a server" "tier-dir" "$fasa" bench attend --tier disk --state-dir /tmp --server tcp://127.0.0.1:1
 expect_error "bad tier" "\-\-tier 'tape'" "$fasa" bench attend --tier tape
 
 # The roofline (issue 13): CPU and ceilings, the fasa and dense steps by phase, and --json

@@ -2,6 +2,7 @@
 #include "backend.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -103,6 +104,7 @@ int backend_take_curve_args(int *argc_p, char **argv)
 
 int backend_client_curve(fasa_client *c, char *msg, size_t msg_len)
 {
+    /* FASA_DEADLINE_MS was checked at start-up (cli_check_env: digits, at most 2^31 - 1). */
     const char *dl = getenv("FASA_DEADLINE_MS");
     if (dl && *dl) fasa_client_set_deadline(c, (uint32_t)strtoul(dl, NULL, 10));
     const char *server_key = getenv(BACKEND_ENV_SERVER_KEY), *secret = getenv(BACKEND_ENV_SECRET);
@@ -335,7 +337,10 @@ fasa_status backend_create(backend *b, const char *id, const fasa_session_config
         .dense_layers = dense,
         .n_dense_layers = n_dense,
         .dtype = (fasa_client_dtype)(cfg->dtype + 1),
-        .score_dtype = (fasa_client_dtype)cfg->score_dtype}; /* scan_dtype: the wire's numbers */
+        .score_dtype = (fasa_client_dtype)cfg->score_dtype, /* scan_dtype: the wire's numbers */
+
+        /* The server keeps a disk-tier session's files in its own --tier-dir. */
+        .tier = cfg->tier == SHARD_TIER_DISK ? 2 : 0};
     fasa_client_error ce;
     const fasa_client_status cst = fasa_client_create_session(b->cli, rs.wire_id, &cc, NULL, &ce);
     free(text);
@@ -424,7 +429,19 @@ fasa_status backend_attend(backend *b, const char *id, const fasa_attend_req *re
 
 int backend_ram_bytes(backend *b, const char *id, int64_t *out)
 {
-    if (!b->eng || b->n_shards < 1) return -1;
+    if (!b->eng) { /* a server: its ranks' alloc_bytes for the session, from Stats */
+        const remote_session *s = s_find(b, id);
+        fasa_client_stats st;
+        fasa_client_error ce;
+        if (!s || fasa_client_get_stats(b->cli, s->wire_id, &st, &ce)) return -1;
+        int rc = st.has_session ? 0 : -1;
+        *out = 0;
+        for (size_t i = 0; !rc && i < st.session.n_rank_stats; i++)
+            *out += (int64_t)st.session.rank_stats[i].alloc_bytes;
+        fasa_client_stats_free(&st);
+        return rc;
+    }
+    if (b->n_shards < 1) return -1;
     fasa_shard_stats *st = calloc((size_t)b->n_shards, sizeof(*st));
     fasa_error err;
     if (!st || fasa_engine_shard_stats(b->eng, id, st, &err)) {

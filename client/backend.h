@@ -88,8 +88,8 @@ int32_t backend_length(const backend *b, const char *id, int layer);
 /* Bytes of keys and values a session holds, all layers (fasa_engine_kv_bytes; on a server
  * its Stats), or -1 with err filled. */
 int64_t backend_kv_bytes(backend *b, const char *id, fasa_error *err);
-/* Bytes session id's shards hold in RAM (transport.h alloc_bytes, summed; in-process
- * engine only): 0 with *out set, or -1. */
+/* Bytes session id's shards hold in RAM (transport.h alloc_bytes, summed over the shards,
+ * or a server's ranks): 0 with *out set, or -1. */
 int backend_ram_bytes(backend *b, const char *id, int64_t *out);
 
 #endif

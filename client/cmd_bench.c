@@ -130,10 +130,10 @@ static const char usage_attend[] =
     "                     engine refuses what it does not support yet, and so does this)\n"
     "  --score-dtype T    the FASA scan's scoring store: f32, f16, bf16 or int8 (default:\n"
     "                     the --dtype's own key dims)\n"
-    "  --tier T           where keys and values live: ram (default) or disk (the embedded\n"
-    "                     engine only: the dominant key dims in RAM, the rest of K and V in\n"
-    "                     file-backed mappings under --state-dir); RAM per token is then the\n"
-    "                     bytes the shards allocate in RAM\n"
+    "  --tier T           where keys and values live: ram (default) or disk (the dominant key\n"
+    "                     dims in RAM, the rest of K and V in file-backed mappings under\n"
+    "                     --state-dir, or with --server under the server's --tier-dir); RAM\n"
+    "                     per token is then the bytes the shards allocate in RAM\n"
     "  --state-dir DIR    directory for the disk tier's files (default: a new one in /tmp,\n"
     "                     removed at exit; the files are unlinked at once anyway)\n"
     "  --shards K         in-process shards of the embedded engine (default 1)\n"
@@ -142,7 +142,7 @@ static const char usage_attend[] =
     "                     1-worker and a 2-worker server and runs this with both\n"
     "  --chunk N          tokens per append request (default 2048: 16 MiB of f32 keys and\n"
     "                     values; keep N x 8 KiB under a server's --max-message, which\n"
-    "                     otherwise drops the request and the append times out)\n"
+    "                     otherwise refuses the append: RESOURCE_EXHAUSTED)\n"
     "  --budget B         tokens kept per query head (default 256)\n"
     "  --seed S           generator seed (default 1)\n"
     "  --csv FILE         also write every row as CSV: tokens,backend,workers,dtype,tier,method,\n"
@@ -360,8 +360,9 @@ static int s_parse(const char *cmd, int argc, char **argv, bench_opts *o)
         }
     }
     if (optind < argc) return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
-    if (!scan && o->n_servers > 0 && o->tier)
-        return cli_usage_error(cmd, "--tier disk runs on the embedded engine only (no --server)");
+    if (!scan && o->n_servers > 0 && o->state_dir)
+        return cli_usage_error(cmd, "--state-dir is for the embedded engine: with --server the "
+                                    "disk tier's files go to the server's --tier-dir");
     if (!scan && o->state_dir && !o->tier)
         return cli_usage_error(cmd, "--state-dir is for --tier disk");
     return 0;
@@ -1287,7 +1288,7 @@ int cmd_bench(int argc, char **argv)
     if (prc) return prc < 0 ? 0 : prc;
     openblas_set_num_threads(1);
     if (scan) return s_scan(&o);
-    if (o.tier && !o.state_dir) {
+    if (o.tier && !o.state_dir && o.n_servers == 0) {
         /* The disk tier's files are unlinked as soon as they are made: the directory stays
          * empty and goes at exit. */
         snprintf(o.tmp_dir, sizeof(o.tmp_dir), "/tmp/fasa-bench-XXXXXX");

@@ -84,7 +84,10 @@ static const char create_usage[] =
     "refused)\n"
     "  --score-dtype T     the FASA scan's scoring store: f32, f16, bf16 or int8 (one scale\n"
     "                      per row), a packed copy of the dominant key dims; default: the\n"
-    "                      --dtype's own key dims\n" COMMON_HELP;
+    "                      --dtype's own key dims\n"
+    "  --tier T            ram or disk: only the scoring data in RAM, the rest of K and V in\n"
+    "                      files under the server's --tier-dir (default: the server's "
+    "--tier)\n" COMMON_HELP;
 
 static const char append_usage[] =
     "usage: fasa append --server ENDPOINT --session ID [--layer N] --k K.npy --v V.npy\n"
@@ -160,6 +163,7 @@ typedef struct srv_opts {
     int all;          /* snapshot --all */
     fasa_dtype dtype; /* create --dtype */
     int score_dtype;  /* create --score-dtype: scan_dtype (0 auto) */
+    int tier;         /* create --tier: 0 the server's, 1 ram, 2 disk */
 } srv_opts;
 
 /* Parses argv for cmd, accepting only the options whose codes are in allowed. Returns 0,
@@ -195,6 +199,7 @@ static int s_parse(const char *cmd, const char *usage, const char *allowed, int 
                                          {"all", no_argument, 0, 'A'},
                                          {"dtype", required_argument, 0, 'T'},
                                          {"score-dtype", required_argument, 0, 'Z'},
+                                         {"tier", required_argument, 0, 'R'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     memset(o, 0, sizeof(*o));
@@ -247,6 +252,11 @@ static int s_parse(const char *cmd, const char *usage, const char *allowed, int 
             break;
         case 'A':
             o->all = 1;
+            break;
+        case 'R':
+            if (strcmp(optarg, "ram") && strcmp(optarg, "disk"))
+                return cli_usage_error(cmd, "--tier '%s' is not ram or disk", optarg);
+            o->tier = optarg[0] == 'd' ? 2 : 1;
             break;
         case 'T':
             if (fasa_dtype_parse(optarg, &o->dtype))
@@ -407,6 +417,13 @@ static void s_print_ranks(const char *title, size_t n, const fasa_client_rank_st
                r[i].sessions, (unsigned long long)r[i].tokens, (unsigned long long)r[i].rows,
                (unsigned long long)r[i].kdom_bytes, (unsigned long long)r[i].krest_bytes,
                (unsigned long long)r[i].v_bytes, (unsigned long long)r[i].alloc_bytes);
+    /* Resident memory beside what the limit counts, one line per rank (it changes from
+     * request to request, so it stays out of the holdings table). */
+    const char *prefix = strncmp(title, "session.", 8) ? "" : "session.";
+    for (size_t i = 0; i < n; i++)
+        if (r[i].rss_bytes)
+            printf("%srss_bytes.rank %u %llu (alloc_bytes %llu)\n", prefix, r[i].rank,
+                   (unsigned long long)r[i].rss_bytes, (unsigned long long)r[i].alloc_bytes);
 }
 
 static void s_print_text(const char *server, const fasa_client_stats *st)
@@ -443,6 +460,7 @@ static void s_print_text(const char *server, const fasa_client_stats *st)
             printf("%s%u", i ? "," : " ", s->dense_layers[i]);
         printf("%s%s\n", s->n_dense_layers ? "" : " none", s->n_dense_layers > 64 ? ",..." : "");
         if (s->score_dtype) printf("session.score_dtype %s\n", scan_dtype_name(s->score_dtype));
+        if (s->tier) printf("session.tier %s\n", s->tier == 2 ? "disk" : "ram");
         s_print_ranks("session.rank", s->n_rank_stats, s->rank_stats);
     }
 }
@@ -517,7 +535,7 @@ static char *s_read_text(const char *path, char *err, size_t err_len)
 int cmd_create(int argc, char **argv)
 {
     srv_opts o;
-    int rc = s_parse("create", create_usage, "EiLHKDPpnmbgdT", argc, argv, &o);
+    int rc = s_parse("create", create_usage, "EiLHKDPpnmbgdTR", argc, argv, &o);
     if (rc) return rc < 0 ? 0 : rc;
     if (!o.session) return cli_usage_error("create", "--session ID is required");
     if (!o.layers || !o.heads || !o.kv_heads || !o.head_dim)
@@ -558,7 +576,9 @@ int cmd_create(int argc, char **argv)
         .dense_layers = dense,
         .n_dense_layers = n_dense,
         .dtype = (fasa_client_dtype)(o.dtype + 1),
-        .score_dtype = (fasa_client_dtype)o.score_dtype};
+        .score_dtype = (fasa_client_dtype)o.score_dtype,
+
+        .tier = o.tier};
     fasa_client *c = s_connect("create", o.server, BACKEND_TIMEOUT_MS);
     if (!c) {
         free(text);
@@ -746,16 +766,28 @@ done:
     return rc;
 }
 
-/* A SESSION given first, before the options, taken out of argv (NULL when none). */
+/* A SESSION given anywhere among the options, taken out of argv (NULL when none). */
 static const char *s_positional(int *argc_p, char ***argv_p)
 {
+    /* A word that follows an option is taken as that option's value (so `--layers 3` is
+     * left to the parser, which names the option), unless the option is a known flag. */
+    static const char *const flags[] = {"--all", "--help", "-h"};
     char **argv = *argv_p;
-    if (*argc_p < 2 || argv[1][0] == '-') return NULL;
-    const char *p = argv[1];
-    argv[1] = argv[0];
-    (*argv_p)++;
-    (*argc_p)--;
-    return p;
+    const int argc = *argc_p;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--")) break;
+        if (argv[i][0] == '-') continue;
+        const char *prev = argv[i - 1];
+        int after_value_option = i > 1 && prev[0] == '-' && !strchr(prev, '=');
+        for (size_t k = 0; k < sizeof(flags) / sizeof(*flags); k++)
+            if (!strcmp(prev, flags[k])) after_value_option = 0;
+        if (after_value_option) continue;
+        const char *p = argv[i];
+        memmove(&argv[i], &argv[i + 1], (size_t)(argc - i) * sizeof(*argv));
+        (*argc_p)--;
+        return p;
+    }
+    return NULL;
 }
 
 int cmd_drop(int argc, char **argv)

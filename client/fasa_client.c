@@ -750,8 +750,15 @@ fasa_client_status fasa_client_create_session(fasa_client *c, const char *sessio
         cfg->score_dtype != FASA_CLIENT_DTYPE_BF16 && cfg->score_dtype != FASA_CLIENT_DTYPE_I8)
         return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "create_session.score_dtype: %d unknown",
                       (int)cfg->score_dtype);
+    if (cfg->tier < 0 || cfg->tier > FASA__V1__TIER__DISK)
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "create_session.tier: %d unknown",
+                      cfg->tier);
     Fasa__V1__CreateSession cs = FASA__V1__CREATE_SESSION__INIT;
     Fasa__V1__DenseLayers dl = FASA__V1__DENSE_LAYERS__INIT;
+    if (cfg->tier) {
+        cs.has_tier = 1;
+        cs.tier = (Fasa__V1__Tier)cfg->tier;
+    }
     cs.session_id = (char *)(uintptr_t)session_id;
     cs.n_layers = cfg->geom.n_layers;
     cs.n_heads = cfg->geom.n_heads;
@@ -1134,7 +1141,8 @@ static int s_rank_stats(size_t n, Fasa__V1__RankStats *const *in, size_t *n_p,
                                         .kdom_bytes = in[i]->kdom_bytes,
                                         .krest_bytes = in[i]->krest_bytes,
                                         .v_bytes = in[i]->v_bytes,
-                                        .alloc_bytes = in[i]->alloc_bytes};
+                                        .alloc_bytes = in[i]->alloc_bytes,
+                                        .rss_bytes = in[i]->rss_bytes};
     *n_p = n;
     *out_p = o;
     return 0;
@@ -1206,6 +1214,7 @@ static fasa_client_status s_stats_from(const Fasa__V1__StatsResult *r, const cha
         }
         o->score_dtype =
             s->has_score_dtype ? (fasa_client_dtype)s->score_dtype : FASA_CLIENT_DTYPE_DEFAULT;
+        o->tier = s->has_tier ? (int)s->tier : 0;
         if (s_rank_stats(s->n_rank_stats, s->rank_stats, &o->n_rank_stats, &o->rank_stats))
             st = s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED, "stats: out of memory");
     }

@@ -180,6 +180,7 @@ typedef struct fasa_client_session_config {
     fasa_client_dtype dtype;      /* DEFAULT: f32 */
     /* The FASA scan's scoring store: F32, F16, BF16 or I8; DEFAULT: the dtype's key dims. */
     fasa_client_dtype score_dtype;
+    int tier; /* 0: the server's --tier, 1: ram, 2: disk (proto Tier) */
 } fasa_client_session_config;
 
 /* Creates session session_id (1..128 printable ASCII bytes). n_shards_p, if not NULL, gets
@@ -289,7 +290,8 @@ typedef struct fasa_client_rank_stats {
     uint64_t kdom_bytes;  /* the profile's dominant key dims (what a fasa step scans) */
     uint64_t krest_bytes; /* the other key dims (all of K without a profile) */
     uint64_t v_bytes;     /* the values */
-    uint64_t alloc_bytes; /* memory allocated for them (whole chunks of rows) */
+    uint64_t alloc_bytes; /* memory allocated for them (what --memory-limit counts) */
+    uint64_t rss_bytes;   /* the rank's resident memory (0: not reported) */
 } fasa_client_rank_stats;
 
 /* Server-side times of the attend steps that ran one method (the method actually run, as
@@ -332,6 +334,7 @@ typedef struct fasa_client_session_info {
     size_t n_dense_layers;              /* layers always dense under fasa (ascending): */
     uint32_t dense_layers[64];          /* the first 64 of them */
     fasa_client_dtype score_dtype;      /* the scan's score dtype (DEFAULT: not reported) */
+    int tier;                           /* 1 ram, 2 disk (0: not reported) */
 } fasa_client_session_info;
 
 /* Server-wide statistics, and one session's when asked for. */

@@ -105,6 +105,20 @@ START_TEST(test_qkv_dump)
     fclose(f);
     ck_assert_int_eq(fasa_qkv_load(tmp, &y, err, sizeof(err)), -1);
     ck_assert_ptr_nonnull(strstr(err, "magic"));
+    /* A whole copy whose header says one token fewer than the file holds: the layers would
+     * be read from the wrong offsets, so it is refused, naming n_tokens. */
+    in = fopen(path, "rb");
+    f = fopen(tmp, "wb");
+    while ((n = fread(buf, 1, sizeof(buf), in)) > 0) ck_assert_uint_eq(fwrite(buf, 1, n, f), n);
+    fclose(in);
+    fclose(f);
+    f = fopen(tmp, "r+b");
+    int32_t t_less = x.act.n_tokens - 1;
+    ck_assert_int_eq(fseek(f, 8, SEEK_SET), 0);
+    ck_assert_uint_eq(fwrite(&t_less, 4, 1, f), 1);
+    fclose(f);
+    ck_assert_int_eq(fasa_qkv_load(tmp, &y, err, sizeof(err)), -1);
+    ck_assert_msg(strstr(err, "n_tokens") != NULL, "%s", err);
     unlink(tmp);
     ck_assert_int_eq(fasa_qkv_load("/nonexistent/x.qkv", &y, err, sizeof(err)), -1);
     ck_assert_ptr_nonnull(strstr(err, "cannot open"));

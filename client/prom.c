@@ -38,11 +38,11 @@ static void s_prom_escaped(FILE *f, const char *v)
 }
 
 /* One per-rank number: 0 shards, 1 sessions, 2 tokens, 3 rows, 4 bytes of kind (s_kinds),
- * 5 allocated bytes. */
+ * 5 allocated bytes, 6 resident bytes. */
 static uint64_t s_rank_value(const fasa_client_rank_stats *r, int field, int kind)
 {
-    const uint64_t v[] = {r->shards, r->sessions,           r->tokens,
-                          r->rows,   s_kind_bytes(r, kind), r->alloc_bytes};
+    const uint64_t v[] = {r->shards,      r->sessions, r->tokens, r->rows, s_kind_bytes(r, kind),
+                          r->alloc_bytes, r->rss_bytes};
     return v[field];
 }
 
@@ -53,17 +53,19 @@ static void s_prom_ranks(FILE *f, const char *prefix, const char *what, const ch
 {
     static const struct {
         const char *name, *help;
-    } g[] = {{"shards", "Shards the rank holds (0: the coordinator of a multi-rank server)"},
-             {"sessions", "Sessions with a shard on the rank"},
-             {"tokens", "Token positions of layer 0 held on the rank"},
-             {"rows", "Rows held on the rank, every layer"},
-             {"kv_bytes",
-              "Bytes of the rows held on the rank by kind: kdom (the dominant key dims), "
-              "krest (the other key dims), v (the values)"},
-             {"alloc_bytes", "Bytes allocated on the rank for the rows (whole chunks)"}};
+    } g[] = {
+        {"shards", "Shards the rank holds (0: the coordinator of a multi-rank server)"},
+        {"sessions", "Sessions with a shard on the rank"},
+        {"tokens", "Token positions of layer 0 held on the rank"},
+        {"rows", "Rows held on the rank, every layer"},
+        {"kv_bytes", "Bytes of the rows held on the rank by kind: kdom (the dominant key dims), "
+                     "krest (the other key dims), v (the values)"},
+        {"alloc_bytes", "Bytes allocated on the rank for the rows (what --memory-limit counts)"},
+        {"rss_bytes", "Resident memory of the rank's process"}};
     char name[96], help[256];
-    for (int g_i = 0; g_i < 6; g_i++) {
+    for (int g_i = 0; g_i < 7; g_i++) {
         if (session && g_i == 1) continue; /* 1 on every rank holding a shard of it */
+        if (session && g_i == 6) continue; /* the whole rank's, not the session's */
         snprintf(name, sizeof(name), "%s_%s", prefix, g[g_i].name);
         snprintf(help, sizeof(help), "%s%s", what, g[g_i].help);
         s_prom_family(f, name, "gauge", help);

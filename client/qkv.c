@@ -86,6 +86,15 @@ static int s_load_dump(const char *path, fasa_qkv *x, char *err, size_t err_len)
     struct stat stt;
     const size_t want = 40 + 4 * (T + (size_t)x->vocab) + 4 * (nq + 2 * nk) * a->n_layers;
     if (fstat(fileno(f), &stt) == 0 && (size_t)stt.st_size < want) goto truncated;
+    /* A file longer than its header says would be read from the wrong offsets (the layers
+     * follow the tokens): refuse it rather than read garbage. */
+    if (fstat(fileno(f), &stt) == 0 && S_ISREG(stt.st_mode) && (size_t)stt.st_size != want) {
+        snprintf(err, err_len,
+                 "%s: the header's n_tokens %d, vocab %d and geometry make %zu bytes, but the "
+                 "file has %lld (a wrong n_tokens in the header?)",
+                 path, a->n_tokens, x->vocab, want, (long long)stt.st_size);
+        goto fail;
+    }
     x->tokens = malloc(T * sizeof(int32_t));
     x->buf[0] = malloc(nq * a->n_layers * sizeof(float));
     x->buf[1] = malloc(nk * a->n_layers * sizeof(float));

@@ -56,6 +56,8 @@ struct fasa_engine {
     int block;            /* placement block, tokens */
     int pipeline;         /* batches pipelined (FASA_PIPELINE=0 in the environment: not) */
     int64_t mem_limit;    /* bytes per shard, 0 = none */
+    int max_sessions;     /* sessions held at once, 0 = no limit (fasa_engine_set_max_sessions) */
+    char *tier_dir;       /* disk tier sessions that name none (fasa_engine_set_tier_dir) */
     int64_t *shard_bytes; /* (n_shards) KV store bytes each shard allocates */
     int next_sid;
     session *sessions; /* singly linked; a service holds few sessions */
@@ -189,6 +191,7 @@ void fasa_engine_destroy(fasa_engine_t **engine_p)
     free(e->aux);
     free(e->n_sel);
     free(e->shard_bytes);
+    free(e->tier_dir);
     free(e->merge);
     free(e->merge_m);
     free(e);
@@ -238,6 +241,11 @@ int64_t fasa_engine_kv_bytes(const fasa_engine_t *e, const char *id)
     int64_t total = 0;
     for (const session *s = e->sessions; s; s = s->next) total += s_kv_bytes(s);
     return total;
+}
+
+int fasa_engine_shard_rss(fasa_engine_t *e, int64_t *out)
+{
+    return e->tr.shard_rss ? e->tr.shard_rss(e->tr.ctx, out) : -1;
 }
 
 fasa_status fasa_engine_shard_stats(fasa_engine_t *e, const char *id, fasa_shard_stats *out,
@@ -367,6 +375,14 @@ static fasa_status s_check_config(const fasa_session_config *c, fasa_error *err)
 fasa_status fasa_engine_create(fasa_engine_t *e, const char *id, const fasa_session_config *cfg,
                                fasa_error *err)
 {
+    /* A disk-tier session that names no directory uses the engine's (the server's
+     * --tier-dir). */
+    fasa_session_config with_dir;
+    if (cfg && cfg->tier == SHARD_TIER_DISK && !cfg->tier_dir && e->tier_dir) {
+        with_dir = *cfg;
+        with_dir.tier_dir = e->tier_dir;
+        cfg = &with_dir;
+    }
     const size_t id_len = id ? strlen(id) : 0;
     if (id_len == 0 || id_len > FASA_ID_MAX)
         return fasa_error_set(err, FASA_INVALID_ARGUMENT, "session id must be 1..%d bytes",
@@ -384,6 +400,10 @@ fasa_status fasa_engine_create(fasa_engine_t *e, const char *id, const fasa_sess
             FASA_QUEST_PAGE, e->block);
     if (s_find(e, id))
         return fasa_error_set(err, FASA_ALREADY_EXISTS, "session '%s' already exists", id);
+    if (e->max_sessions > 0 && fasa_engine_count(e) >= e->max_sessions)
+        return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED,
+                              "the server holds its limit of %d sessions (--max-sessions)",
+                              e->max_sessions);
     if (e->next_sid >= MAX_SESSION_NUMBERS)
         return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED,
                               "this engine has used all its %d session numbers; restart it",
@@ -528,6 +548,20 @@ static fasa_status s_check_limit(fasa_engine_t *e, const session *s, int l0, int
                 (long long)e->shard_bytes[sh]);
     free(grow);
     return st;
+}
+
+int fasa_engine_set_tier_dir(fasa_engine_t *e, const char *dir)
+{
+    char *copy = dir && *dir ? strdup(dir) : NULL;
+    if (dir && *dir && !copy) return -1;
+    free(e->tier_dir);
+    e->tier_dir = copy;
+    return 0;
+}
+
+void fasa_engine_set_max_sessions(fasa_engine_t *e, int max_sessions)
+{
+    e->max_sessions = max_sessions > 0 ? max_sessions : 0;
 }
 
 void fasa_engine_set_memory_limit(fasa_engine_t *e, int64_t bytes_per_shard)

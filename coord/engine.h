@@ -88,8 +88,9 @@ typedef struct fasa_session_config {
     int tier;                    /* 0: keys and values in RAM; 1 (disk): only the dominant key
                                     dims in RAM, the rest of K and V in unlinked files under
                                     tier_dir (worker/shard.h SHARD_TIER_DISK; in-process
-                                    shards only) */
-    const char *tier_dir;        /* with tier 1: an existing directory (copied) */
+                                    shards and MPI workers, each in its own tier_dir) */
+    const char *tier_dir;        /* with tier 1: an existing directory (copied); NULL: the
+                                    engine's (fasa_engine_set_tier_dir) */
 } fasa_session_config;
 
 typedef struct fasa_attend_req {
@@ -174,9 +175,19 @@ int64_t fasa_engine_kv_bytes(const fasa_engine_t *e, const char *id);
  * before any row is sent, so it changes nothing. 0 = no limit. In the server a shard is a
  * worker rank (shard i on rank i + 1; with one rank, rank 0 holds shard 0). */
 void fasa_engine_set_memory_limit(fasa_engine_t *e, int64_t bytes_per_shard);
+/* The session limit (--max-sessions): a create (a restore's too) beyond max_sessions held
+ * sessions is refused with RESOURCE_EXHAUSTED. 0 = no limit. */
+void fasa_engine_set_max_sessions(fasa_engine_t *e, int max_sessions);
+/* The directory of disk-tier sessions whose config names none (a server's --tier-dir, and
+ * disk-tier sessions a restore brings back); NULL or "" for none. 0, or -1 out of memory. */
+int fasa_engine_set_tier_dir(fasa_engine_t *e, const char *dir);
 /* The KV store bytes shard `shard` allocates, as the engine accounts them (equal to the
  * shard's own shard_bytes_held), or -1 for a shard out of range. */
 int64_t fasa_engine_shard_bytes(const fasa_engine_t *e, int shard);
+
+/* The resident memory of each shard's process, out[n_shards] (shards on MPI workers): 0, or
+ * -1 when the transport cannot say (in-process: they are all this process). */
+int fasa_engine_shard_rss(fasa_engine_t *e, int64_t *out);
 
 /* What every shard holds (transport.h fasa_shard_stats): out has one entry per shard of the
  * engine (shard i in out[i]), for session id, or summed over every session (id NULL).

@@ -33,6 +33,15 @@ static const key s_keys[] = {
     {"memory-limit", "FASA_MEMORY_LIMIT", "0", "BYTES",
      "KV store bytes per rank (suffix K, M, G, T: powers of 1024); 0 = no limit", K_INT, 0,
      1LL << 50},
+    {"max-pending", "FASA_MAX_PENDING", "0", "BYTES",
+     "bytes that unfinished requests (partial frames, queued requests) may hold in rank 0, over "
+     "every connection; past half of it the connection holding most is closed (at least 2 x "
+     "--max-message; 0 = the larger of 1G and 2 x --max-message)",
+     K_INT, 0, 1LL << 50},
+    {"peer-timeout", "FASA_PEER_TIMEOUT", "60", "SECONDS",
+     "close a connection that finishes no message (request or heartbeat) for this long, or "
+     "whose handshake takes longer; 0 = never",
+     K_INT, 0, 86400},
     {"max-sessions", "FASA_MAX_SESSIONS", "1024", "N", "sessions held at once", K_INT, 1,
      FASA_SERVICE_MAX_SESSIONS},
     {"deadline", "FASA_DEADLINE", "0", "MS",
@@ -45,6 +54,14 @@ static const key s_keys[] = {
     {"authorized-keys", "FASA_AUTHORIZED_KEYS", "", "DIR",
      "CURVE: admit only the clients whose NAME.pub is in DIR", K_STRING, 0, 0},
     {"quiet", "FASA_QUIET", "", "", "the same as --log-level warn", K_FLAG, 0, 0},
+    {"tier", "FASA_TIER", "ram", "TIER",
+     "where sessions that ask for no tier keep K and V: ram, or disk (only the scoring data in "
+     "RAM, the rest in files under --tier-dir)",
+     K_STRING, 0, 0},
+    {"tier-dir", "FASA_TIER_DIR", "", "DIR",
+     "directory of the disk tier's files on every rank's node (node-local; files are unlinked "
+     "at once); needed for disk-tier sessions",
+     K_STRING, 0, 0},
     {"state-dir", "FASA_STATE_DIR", "", "DIR",
      "where snapshots go (fasa snapshot, --snapshot-interval); every rank must reach it", K_STRING,
      0, 0},
@@ -128,6 +145,10 @@ static int s_set(server_config *c, const key *k, const char *value, const char *
             c->snapshot_interval = (long)v;
         else if (strcmp(k->name, "stop-grace") == 0)
             c->stop_grace = (long)v;
+        else if (strcmp(k->name, "max-pending") == 0)
+            c->max_pending = v;
+        else if (strcmp(k->name, "peer-timeout") == 0)
+            c->peer_timeout = (long)v;
         else
             c->max_message = v;
         return 0;
@@ -167,6 +188,14 @@ static int s_set(server_config *c, const key *k, const char *value, const char *
                          value);
         return s_copy(c->metrics_bind, sizeof(c->metrics_bind), value, where, err, len);
     }
+    if (strcmp(k->name, "tier") == 0) {
+        if (strcmp(value, "ram") && strcmp(value, "disk"))
+            return s_err(err, len, "%s: '%s' is not ram or disk", where, value);
+        c->tier = value[0] == 'd';
+        return 0;
+    }
+    if (strcmp(k->name, "tier-dir") == 0)
+        return s_copy(c->tier_dir, sizeof(c->tier_dir), value, where, err, len);
     if (strcmp(k->name, "curve-secret") == 0)
         return s_copy(c->curve_secret, sizeof(c->curve_secret), value, where, err, len);
     if (strcmp(k->name, "authorized-keys") == 0)
@@ -367,6 +396,14 @@ int server_config_load(server_config *c, int argc, char **argv, FILE *out, char 
         snprintf(where, sizeof(where), "--%s", k->name);
         if ((rc = s_set(c, k, value, where, err, err_len))) return rc;
     }
+    if (c->tier && !*c->tier_dir) return s_err(err, err_len, "--tier disk needs --tier-dir DIR");
+    if (c->max_pending == 0)
+        c->max_pending = 2 * c->max_message > (1LL << 30) ? 2 * c->max_message : 1LL << 30;
+    if (c->max_pending / 2 < c->max_message)
+        return s_err(err, err_len,
+                     "--max-pending %lld is below 2 x --max-message %lld: a request of the "
+                     "largest size could never arrive (connections are closed at half of it)",
+                     c->max_pending, c->max_message);
     if ((c->restore || c->snapshot_interval) && !*c->state_dir)
         return s_err(err, err_len, "%s needs --state-dir DIR",
                      c->restore ? "--restore" : "--snapshot-interval");
@@ -385,19 +422,24 @@ int server_config_load(server_config *c, int argc, char **argv, FILE *out, char 
 void server_config_describe(const server_config *c, char *buf, size_t len)
 {
     int n = snprintf(buf, len,
-                     "bind=%s block=%ld max-message=%lld memory-limit=%lld max-sessions=%d "
+                     "bind=%s block=%ld max-message=%lld max-pending=%lld peer-timeout=%ld "
+                     "memory-limit=%lld max-sessions=%d "
                      "deadline=%ld log-level=%s%s%s%s%s%s%s%s%s%s%s",
-                     c->bind, c->block, c->max_message, c->memory_limit, c->max_sessions,
-                     c->deadline_ms, fasa_log_level_name(c->log_level),
-                     *c->endpoint_file ? " endpoint-file=" : "", c->endpoint_file,
-                     *c->pid_file ? " pid-file=" : "", c->pid_file, *c->config ? " config=" : "",
-                     c->config, *c->curve_secret ? " curve-secret=" : "", c->curve_secret,
+                     c->bind, c->block, c->max_message, c->max_pending, c->peer_timeout,
+                     c->memory_limit, c->max_sessions, c->deadline_ms,
+                     fasa_log_level_name(c->log_level), *c->endpoint_file ? " endpoint-file=" : "",
+                     c->endpoint_file, *c->pid_file ? " pid-file=" : "", c->pid_file,
+                     *c->config ? " config=" : "", c->config,
+                     *c->curve_secret ? " curve-secret=" : "", c->curve_secret,
                      *c->authorized_keys ? " authorized-keys=" : "", c->authorized_keys);
     if (*c->metrics_bind && n >= 0 && (size_t)n < len)
         n += snprintf(buf + n, len - (size_t)n, " metrics-bind=%s", c->metrics_bind);
     if (*c->state_dir && n >= 0 && (size_t)n < len)
-        snprintf(buf + n, len - (size_t)n,
-                 " state-dir=%s restore=%d snapshot-interval=%ld stop-grace=%ld wal=%s",
-                 c->state_dir, c->restore, c->snapshot_interval, c->stop_grace,
-                 fasa_wal_mode_name((fasa_wal_mode)c->wal));
+        n += snprintf(buf + n, len - (size_t)n,
+                      " state-dir=%s restore=%d snapshot-interval=%ld stop-grace=%ld wal=%s",
+                      c->state_dir, c->restore, c->snapshot_interval, c->stop_grace,
+                      fasa_wal_mode_name((fasa_wal_mode)c->wal));
+    if ((c->tier || *c->tier_dir) && n >= 0 && (size_t)n < len)
+        snprintf(buf + n, len - (size_t)n, " tier=%s tier-dir=%s", c->tier ? "disk" : "ram",
+                 c->tier_dir);
 }

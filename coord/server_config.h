@@ -20,6 +20,8 @@ typedef struct server_config {
     char authorized_keys[512]; /* directory of the clients' NAME.pub keys, "" = none */
     long block;
     long long max_message;
+    long long max_pending;  /* bytes unfinished requests may hold in rank 0 (conn_guard.h) */
+    long peer_timeout;      /* seconds: heartbeat and handshake timeout, 0 = none */
     long long memory_limit; /* KV store bytes per rank, 0 = none */
     int max_sessions;
     long deadline_ms; /* default queue deadline, 0 = none */
@@ -30,6 +32,8 @@ typedef struct server_config {
     long stop_grace;        /* seconds the final snapshot of a stop may take */
     int wal;                /* fasa_wal_mode (coord/wal.h) */
     char metrics_bind[256]; /* ADDR:PORT of the HTTP metrics endpoint, "" = none */
+    int tier;               /* default tier of new sessions: 0 ram, 1 disk */
+    char tier_dir[512];     /* the disk tier's directory on every node, "" = none */
 } server_config;
 
 /* Fills c from defaults, the config file, env (getenv) and argv. Returns 0 to run, 1 when

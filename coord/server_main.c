@@ -24,6 +24,7 @@
 #include <unistd.h>
 #include <zmq.h>
 
+#include "conn_guard.h"
 #include "edge.h"
 #include "keyfile.h"
 #include "liveness.h"
@@ -193,6 +194,8 @@ enum { IO_NORMAL, IO_STOPPING, IO_FAILED };
 typedef struct io_thread {
     void *router, *pair;
     fasa_zap *zap;
+    fasa_guard *guard;     /* the cap on unfinished requests (conn_guard.h) */
+    long long max_message; /* larger requests are refused here (s_io_refuse) */
     pthread_t th;
     io_pending *pend; /* (IO_PENDING_MAX) in arrival order */
     int n_pend, mode;
@@ -249,33 +252,93 @@ static void s_io_mode(io_thread *io, int mode)
     if (mode == IO_FAILED) s_io_refuse_pending(io, 0);
 }
 
-/* One request from the ROUTER to the main thread, stamped (or, when stopping or failed,
- * answered UNAVAILABLE here); -1 when none is waiting. */
+/* A request over --max-message (which ZeroMQ still reads whole: its ZMQ_MAXMSGSIZE is
+ * --max-message + --max-pending, and the guard bounds what all of them hold) is answered
+ * here, RESOURCE_EXHAUSTED naming the limit, and logged; it never reaches the main thread.
+ * f: the routing id, [the empty delimiter,] the payload. */
+static void s_io_refuse_oversized(io_thread *io, zmq_msg_t *f, int n)
+{
+    zmq_msg_t *payload = &f[n - 1];
+    const size_t len = zmq_msg_size(payload);
+    const uint64_t rid = edge_scan_request_id(zmq_msg_data(payload), len);
+    const char *peer = zmq_msg_gets(payload, "Peer-Address");
+    char msg[200];
+    snprintf(msg, sizeof(msg),
+             "request: %zu bytes is over this server's --max-message of %lld bytes (split it, "
+             "or raise the server's --max-message)",
+             len, io->max_message);
+    fasa_log(FASA_LOG_WARN, rid, "refused a request of %zu bytes from %s: over --max-message %lld",
+             len, peer ? peer : "?", io->max_message);
+    uint8_t *buf = NULL;
+    size_t buf_len = 0;
+    if (fasa_service_error(rid, FASA_RESOURCE_EXHAUSTED, msg, &buf, &buf_len)) return;
+    if (zmq_send(io->router, zmq_msg_data(&f[0]), zmq_msg_size(&f[0]),
+                 ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0 &&
+        (n == 2 || zmq_send(io->router, "", 0, ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0))
+        zmq_send(io->router, buf, buf_len, ZMQ_DONTWAIT);
+    free(buf);
+}
+
+/* One request from the ROUTER to the main thread, stamped with its arrival time and its
+ * sender (or, when stopping or failed, answered UNAVAILABLE here); -1 when none is waiting.
+ * Its frames are read whole first (a well-formed one has 2 or 3), so that the guard learns
+ * it was taken and an oversized one is refused here. */
+#define IO_MAX_FRAMES 4
 static int s_io_request(io_thread *io)
 {
-    zmq_msg_t m;
-    zmq_msg_init(&m);
-    if (zmq_msg_recv(&m, io->router, ZMQ_DONTWAIT) < 0) {
-        zmq_msg_close(&m);
+    zmq_msg_t f[IO_MAX_FRAMES];
+    zmq_msg_init(&f[0]);
+    if (zmq_msg_recv(&f[0], io->router, ZMQ_DONTWAIT) < 0) {
+        zmq_msg_close(&f[0]);
         return -1;
+    }
+    const double at = s_now_ms();
+    int n = 1, extra = 0, broken = 0, more = zmq_msg_more(&f[0]);
+    int64_t bytes = (int64_t)zmq_msg_size(&f[0]);
+    while (more) {
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        if (zmq_msg_recv(&m, io->router, 0) < 0) {
+            zmq_msg_close(&m);
+            broken = 1;
+            break;
+        }
+        more = zmq_msg_more(&m);
+        bytes += (int64_t)zmq_msg_size(&m);
+        if (n < IO_MAX_FRAMES)
+            f[n++] = m;
+        else
+            zmq_msg_close(&m), extra++;
+    }
+    fasa_guard_seen(io->guard, zmq_msg_get(&f[n - 1], ZMQ_SRCFD), bytes, n + extra);
+    if (!broken && !extra && n >= 2 && (long long)zmq_msg_size(&f[n - 1]) > io->max_message &&
+        (n == 2 || (n == 3 && zmq_msg_size(&f[1]) == 0))) {
+        s_io_refuse_oversized(io, f, n);
+        for (int i = 0; i < n; i++) zmq_msg_close(&f[i]);
+        return 0;
+    }
+    /* Who waits for the reply (routing id, delimiter, request id), so that a stop or a dead
+     * rank can answer every request in flight. */
+    io_pending p = {0};
+    const int tracked = zmq_msg_size(&f[0]) <= IO_ID_MAX;
+    if (tracked) memcpy(p.id, zmq_msg_data(&f[0]), p.id_len = zmq_msg_size(&f[0]));
+    p.delim = n >= 3 && zmq_msg_size(&f[1]) == 0;
+    if (n >= 2) p.rid = fasa_service_request_id(zmq_msg_data(&f[n - 1]), zmq_msg_size(&f[n - 1]));
+    if (io->mode != IO_NORMAL) {
+        for (int i = 0; i < n; i++) zmq_msg_close(&f[i]);
+        if (tracked) {
+            char why[700];
+            s_io_reason(io, why, sizeof(why));
+            s_io_refuse(io, p.id, p.id_len, p.delim, p.rid, why);
+        }
+        return 0;
     }
     /* The stamp: the arrival time, then who sent it (the ZAP user id is the client key's
      * name under CURVE; otherwise the peer's address). ZeroMQ attaches them to the frames
-     * the peer sent, not to the routing id the ROUTER adds: the next frame is read first. */
-    const double at = s_now_ms();
-    zmq_msg_t next;
-    zmq_msg_init(&next);
-    int has_next = 0;
-    if (zmq_msg_more(&m)) {
-        if (zmq_msg_recv(&next, io->router, 0) < 0) {
-            zmq_msg_close(&next);
-            zmq_msg_init(&next); /* an empty last frame: the main thread refuses it */
-        }
-        has_next = 1;
-    }
-    const zmq_msg_t *src = has_next ? &next : &m;
-    const char *user = zmq_msg_gets((zmq_msg_t *)src, "User-Id");
-    const char *peer = zmq_msg_gets((zmq_msg_t *)src, "Peer-Address");
+     * the peer sent, not to the routing id the ROUTER adds. */
+    zmq_msg_t *src = n >= 2 ? &f[1] : &f[0];
+    const char *user = zmq_msg_gets(src, "User-Id");
+    const char *peer = zmq_msg_gets(src, "Peer-Address");
     char stamp[sizeof(double) + WHO_MAX];
     memcpy(stamp, &at, sizeof(at));
     const int who =
@@ -283,50 +346,17 @@ static int s_io_request(io_thread *io)
                  user && *user ? user
                  : peer        ? peer
                                : "?");
-    const int forward = io->mode == IO_NORMAL;
-    if (forward)
-        zmq_send(io->pair, stamp, sizeof(at) + (size_t)(who < WHO_MAX ? who : WHO_MAX - 1),
-                 ZMQ_SNDMORE);
-    /* Forward the frames (or, stopping, only note them) and remember who waits for a reply,
-     * so that a stop or a dead rank can answer every request in flight. */
-    io_pending p = {0};
-    int tracked = 1;
-    for (int frame = 0;; frame++) {
-        const int more = frame == 0 ? has_next : zmq_msg_more(&m);
-        const size_t n = zmq_msg_size(&m);
-        if (frame == 0) {
-            if (n > IO_ID_MAX)
-                tracked = 0;
-            else
-                memcpy(p.id, zmq_msg_data(&m), p.id_len = n);
-        } else if (frame == 1 && more && n == 0) {
-            p.delim = 1;
-        } else if (!more) {
-            p.rid = fasa_service_request_id(zmq_msg_data(&m), n);
-        }
-        if (forward) zmq_msg_send(&m, io->pair, more ? ZMQ_SNDMORE : 0);
-        zmq_msg_close(&m);
-        if (!more) break;
-        zmq_msg_init(&m);
-        if (frame == 0) {
-            zmq_msg_move(&m, &next);
-            continue;
-        }
-        if (zmq_msg_recv(&m, io->router, 0) < 0) {
-            zmq_msg_close(&m);
-            if (forward) zmq_send(io->pair, "", 0, 0); /* ends the message; refused there */
-            break;
-        }
+    zmq_send(io->pair, stamp, sizeof(at) + (size_t)(who < WHO_MAX ? who : WHO_MAX - 1),
+             ZMQ_SNDMORE);
+    for (int i = 0; i < n; i++) {
+        const int last = i == n - 1 && !extra && !broken;
+        zmq_msg_send(&f[i], io->pair, last ? 0 : ZMQ_SNDMORE);
+        zmq_msg_close(&f[i]);
     }
-    zmq_msg_close(&next);
-    if (!tracked) return 0;
-    if (!forward) {
-        char why[700];
-        s_io_reason(io, why, sizeof(why));
-        s_io_refuse(io, p.id, p.id_len, p.delim, p.rid, why);
-    } else if (io->n_pend < IO_PENDING_MAX) {
-        io->pend[io->n_pend++] = p;
-    }
+    /* Frames beyond IO_MAX_FRAMES were dropped: one more ends the message, so the main
+     * thread still sees too many and refuses it. */
+    if (extra || broken) zmq_send(io->pair, "", 0, 0);
+    if (tracked && io->n_pend < IO_PENDING_MAX) io->pend[io->n_pend++] = p;
     return 0;
 }
 
@@ -393,23 +423,36 @@ static void *s_io_main(void *arg)
 {
     io_thread *io = arg;
     int blocked = 0; /* the PAIR was full: wait until it can take a request */
+    double next_check = 0;
     for (;;) {
-        zmq_pollitem_t it[4] = {{io->router, 0, blocked ? 0 : ZMQ_POLLIN, 0},
+        zmq_pollitem_t it[5] = {{io->router, 0, blocked ? 0 : ZMQ_POLLIN, 0},
                                 {io->pair, 0, ZMQ_POLLIN | (blocked ? ZMQ_POLLOUT : 0), 0},
+                                {fasa_guard_socket(io->guard), 0, ZMQ_POLLIN, 0},
                                 {fasa_zap_socket(io->zap), 0, ZMQ_POLLIN, 0},
                                 {fasa_zap_watch_socket(io->zap), 0, ZMQ_POLLIN, 0}};
-        if (zmq_poll(it, io->zap ? 4 : 2, LIVENESS_POLL_MS) < 0) {
+        const int n_items = io->zap && fasa_zap_watch_socket(io->zap) ? 5 : io->zap ? 4 : 3;
+        const int wait_ms = fasa_guard_interval_ms(io->guard) < LIVENESS_POLL_MS
+                                ? fasa_guard_interval_ms(io->guard)
+                                : LIVENESS_POLL_MS;
+        if (zmq_poll(it, n_items, wait_ms) < 0) {
             if (errno == EINTR) continue;
             fasa_log(FASA_LOG_ERROR, 0, "I/O thread: zmq_poll: %s", zmq_strerror(errno));
             return NULL;
         }
-        if (io->zap && ((it[2].revents | it[3].revents) & ZMQ_POLLIN)) fasa_zap_serve(io->zap);
+        if (it[2].revents & ZMQ_POLLIN) fasa_guard_events(io->guard);
+        if (io->zap && ((it[3].revents | (n_items > 4 ? it[4].revents : 0)) & ZMQ_POLLIN))
+            fasa_zap_serve(io->zap);
+        double now = s_now_ms();
+        if (now >= next_check) {
+            fasa_guard_check(io->guard);
+            next_check = now + fasa_guard_interval_ms(io->guard);
+        }
         /* Replies first: one the main thread sent before a stop still goes out in order. */
         for (int r; (r = s_io_reply(io)) >= 0;)
             if (r == 1) return NULL;
         if (fasa_liveness_failure()) s_io_mode(io, IO_FAILED);
         if (s_stop || atomic_load(&s_stopping)) s_io_mode(io, IO_STOPPING);
-        const double now = s_now_ms();
+        now = s_now_ms();
         if (io->mode == IO_STOPPING) {
             const double since =
                 io->progress_ms > io->mode_since_ms ? io->progress_ms : io->mode_since_ms;
@@ -473,7 +516,8 @@ static int s_final_snapshot(fasa_service *svc, const server_config *o)
 }
 
 /* Reads the secret key and the allow-list, starts the ZAP handler and makes sock a CURVE
- * server. 0, or -1 after logging why. */
+ * server (the connection guard, which owns the socket's monitor, passes the failed
+ * handshakes on to it). 0, or -1 after logging why. */
 static int s_curve_setup(void *ctx, void *sock, const server_config *o, fasa_zap **zap_p)
 {
     char err[1200], secret[FASA_KEY_Z85_LEN + 1];
@@ -481,8 +525,7 @@ static int s_curve_setup(void *ctx, void *sock, const server_config *o, fasa_zap
     if (fasa_keyfile_read(o->curve_secret, 1, secret, err, sizeof(err)) ||
         !(zap = fasa_zap_load(o->authorized_keys, err, sizeof(err))) ||
         fasa_zap_bind(zap, ctx, err, sizeof(err)) ||
-        fasa_zap_curve_server(sock, secret, err, sizeof(err)) ||
-        fasa_zap_watch(zap, ctx, sock, err, sizeof(err))) {
+        fasa_zap_curve_server(sock, secret, err, sizeof(err))) {
         fasa_log(FASA_LOG_ERROR, 0, "%s", err);
         fasa_zap_destroy(&zap);
         memset(secret, 0, sizeof(secret));
@@ -515,11 +558,23 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
         if (ctx) zmq_ctx_term(ctx);
         return 1;
     }
-    const int64_t maxmsg = o->max_message;
+    /* Frames up to --max-message + --max-pending are read, so that one over --max-message
+     * still gets an answer (s_io_refuse); the guard caps what all of them hold together. */
+    const int64_t maxmsg = o->max_message + o->max_pending;
     /* A bounded queue: 64 requests of up to --max-message bytes wait at most; beyond that
      * ZeroMQ stops reading from the peers (backpressure) instead of buffering. */
     const int one = 1, linger = 1000, hwm = 64;
     zmq_setsockopt(sock, ZMQ_MAXMSGSIZE, &maxmsg, sizeof(maxmsg));
+    if (o->peer_timeout > 0) {
+        /* A PING every half timeout; a peer that then finishes no message (a PONG, a
+         * request) within the other half is dropped: a stalled or trickling partial frame
+         * cannot be held longer than --peer-timeout. TTL tells clients the same. */
+        const int half = (int)(o->peer_timeout * 500), full = (int)(o->peer_timeout * 1000);
+        zmq_setsockopt(sock, ZMQ_HEARTBEAT_IVL, &half, sizeof(half));
+        zmq_setsockopt(sock, ZMQ_HEARTBEAT_TIMEOUT, &half, sizeof(half));
+        zmq_setsockopt(sock, ZMQ_HEARTBEAT_TTL, &full, sizeof(full));
+        zmq_setsockopt(sock, ZMQ_HANDSHAKE_IVL, &full, sizeof(full));
+    }
     zmq_setsockopt(sock, ZMQ_ROUTER_MANDATORY, &one, sizeof(one));
     zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof(linger));
     zmq_setsockopt(sock, ZMQ_RCVHWM, &hwm, sizeof(hwm));
@@ -527,7 +582,15 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
     int rc = 0;
     /* CURVE: the ZAP handler binds before the ROUTER, so no client slips in unchecked. */
     fasa_zap *zap = NULL;
+    fasa_guard *guard = NULL;
     if (*o->curve_secret && s_curve_setup(ctx, sock, o, &zap)) {
+        rc = 1;
+        goto done;
+    }
+    /* The guard's monitor starts before the bind, so it sees every connection. */
+    guard = fasa_guard_new(ctx, sock, o->max_pending, zap);
+    if (!guard) {
+        fasa_log(FASA_LOG_ERROR, 0, "cannot watch the connections: %s", zmq_strerror(errno));
         rc = 1;
         goto done;
     }
@@ -558,6 +621,8 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
      * SIGTERM or SIGINT (they stop this thread's loop). */
     io_thread io = {.router = sock,
                     .zap = zap,
+                    .guard = guard,
+                    .max_message = o->max_message,
                     .pend = calloc(IO_PENDING_MAX, sizeof(io_pending)),
                     .stop_grace_s = o->stop_grace};
     void *pair = zmq_socket(ctx, ZMQ_PAIR);
@@ -661,6 +726,7 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
     if (s_final_snapshot(svc, o)) rc = 1;
     s_stop_io(pair, &io);
 done:
+    fasa_guard_destroy(&guard);
     zmq_close(sock);
     fasa_zap_destroy(&zap);
     zmq_ctx_term(ctx);
@@ -759,13 +825,23 @@ int main(int argc, char **argv)
         MPI_Abort(MPI_COMM_WORLD, 1);
     }
     fasa_engine_set_memory_limit(engine, o.memory_limit);
+    fasa_engine_set_max_sessions(engine, o.max_sessions); /* a restore's too */
     /* Workers open the files by the path rank 0 gives them: make it absolute, so a rank
      * started in another directory (srun, a remote host) finds the same place. */
     char cwd[PATH_MAX], abs_dir[sizeof(o.state_dir)];
     if (*o.state_dir && o.state_dir[0] != '/' && getcwd(cwd, sizeof(cwd)) &&
         snprintf(abs_dir, sizeof(abs_dir), "%s/%s", cwd, o.state_dir) < (int)sizeof(abs_dir))
         memcpy(o.state_dir, abs_dir, sizeof(abs_dir));
-    const fasa_service_opts so = {.n_ranks = size,
+    if (*o.tier_dir && o.tier_dir[0] != '/' && getcwd(cwd, sizeof(cwd)) &&
+        snprintf(abs_dir, sizeof(abs_dir), "%s/%s", cwd, o.tier_dir) < (int)sizeof(o.tier_dir))
+        memcpy(o.tier_dir, abs_dir, sizeof(o.tier_dir));
+    if (fasa_engine_set_tier_dir(engine, o.tier_dir)) {
+        fasa_log(FASA_LOG_ERROR, 0, "out of memory starting the engine");
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    const fasa_service_opts so = {.tier = o.tier,
+                                  .has_tier_dir = *o.tier_dir != 0,
+                                  .n_ranks = size,
                                   .max_message = (size_t)o.max_message,
                                   .max_sessions = o.max_sessions,
                                   .deadline_ms = (uint32_t)o.deadline_ms,
@@ -791,6 +867,14 @@ int main(int argc, char **argv)
             fasa_log(FASA_LOG_INFO, 0,
                      "state dir: removed %d file%s (%lld bytes) left by an unfinished snapshot",
                      gone, gone == 1 ? "" : "s", bytes);
+    }
+    if (*o.tier_dir &&
+        (stat(o.tier_dir, &sd) || !S_ISDIR(sd.st_mode) || access(o.tier_dir, W_OK))) {
+        fasa_log(FASA_LOG_ERROR, 0, "--tier-dir %s: not a writable directory (create it first)",
+                 o.tier_dir);
+        fasa_service_destroy(&svc);
+        MPI_Finalize();
+        return 2;
     }
     if (o.restore) {
         int failed = 0;

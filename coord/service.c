@@ -44,8 +44,9 @@ struct fasa_service {
     int n_ranks, n_shards;
     size_t max_message;
     int max_sessions;
-    uint32_t deadline_ms; /* default queue deadline, 0 = none */
-    double waited_ms;     /* of the next request (fasa_service_set_wait) */
+    uint32_t deadline_ms;   /* default queue deadline, 0 = none */
+    int tier, has_tier_dir; /* fasa_service_opts */
+    double waited_ms;       /* of the next request (fasa_service_set_wait) */
     struct timespec start;
     uint64_t requests, errors, steps;
     named_profile profiles[FASA_SERVICE_MAX_PROFILES];
@@ -257,6 +258,8 @@ fasa_service *fasa_service_new(fasa_engine_t *engine, int n_shards, const fasa_s
     }
     s->max_message = o->max_message ? o->max_message : EDGE_DEFAULT_MAX_MESSAGE;
     s->deadline_ms = o->deadline_ms;
+    s->tier = o->tier;
+    s->has_tier_dir = o->has_tier_dir;
     s->max_sessions = o->max_sessions > 0 && o->max_sessions < FASA_SERVICE_MAX_SESSIONS
                           ? o->max_sessions
                           : FASA_SERVICE_MAX_SESSIONS;
@@ -355,6 +358,14 @@ static fasa_status s_create(fasa_service *s, const edge_create *c, reply *r)
         return s_fail(r, FASA_RESOURCE_EXHAUSTED,
                       "create_session: the server holds its limit of %d sessions (--max-sessions)",
                       s->max_sessions);
+    /* The tier: as asked, else the server's; disk needs the server's --tier-dir. */
+    const int tier = c->tier == FASA__V1__TIER__DISK  ? SHARD_TIER_DISK
+                     : c->tier == FASA__V1__TIER__RAM ? SHARD_TIER_RAM
+                     : s->tier                        ? SHARD_TIER_DISK
+                                                      : SHARD_TIER_RAM;
+    if (tier == SHARD_TIER_DISK && !s->has_tier_dir)
+        return s_fail(r, FASA_FAILED_PRECONDITION,
+                      "create_session.tier: DISK needs a server started with --tier-dir DIR");
     fasa_profile *owned;
     const fasa_profile *prof =
         s_profile_of(s, c->profile_text, c->profile_name, "create_session", &owned, r);
@@ -382,7 +393,9 @@ static fasa_status s_create(fasa_service *s, const edge_create *c, reply *r)
                                .gqa = gqa >= 0 ? (fasa_gqa)gqa : FASA_GQA_PER_HEAD,
                                .dense_layers = dense,
                                .dtype = c->dtype,
-                               .score_dtype = c->score_dtype};
+                               .score_dtype = c->score_dtype,
+
+                               .tier = tier};
     fasa_error fe;
     fasa_status st = fasa_engine_create(s->engine, c->session_id, &cfg, &fe);
     free(dense);
@@ -830,6 +843,16 @@ static fasa_status s_ranks(fasa_service *s, const char *id, Fasa__V1__RankStats 
         m->v_bytes += (uint64_t)x->v_bytes;
         m->alloc_bytes += (uint64_t)x->alloc_bytes;
     }
+    /* Each worker's resident memory, beside what it holds. */
+    int64_t rss[s->n_shards > 0 ? s->n_shards : 1];
+    if (workers && fasa_engine_shard_rss(s->engine, rss) == 0)
+        for (int i = 0; i < s->n_shards; i++) {
+            msgs[i + 1].has_rss_bytes = 1;
+            msgs[i + 1].rss_bytes = (uint64_t)rss[i];
+        }
+    /* Rank 0 measures its own (it holds the shards itself when there are no workers). */
+    msgs[0].has_rss_bytes = 1;
+    msgs[0].rss_bytes = (uint64_t)fasa_rss_bytes();
     return FASA_OK;
 }
 
@@ -877,6 +900,8 @@ static fasa_status s_stats(fasa_service *s, const char *id, reply *r)
         info.dense_layers = &dense_msg;
         info.has_score_dtype = 1; /* the effective one (scan_dtype: the proto's numbers) */
         info.score_dtype = (Fasa__V1__DType)scan_dtype_effective(c->score_dtype, c->dtype);
+        info.has_tier = 1;
+        info.tier = c->tier == SHARD_TIER_DISK ? FASA__V1__TIER__DISK : FASA__V1__TIER__RAM;
         if (s_ranks(s, id, s->rank_msgs + n_ranks, s->rank_ptrs + n_ranks, r)) return r->code;
         info.n_rank_stats = (size_t)n_ranks;
         info.rank_stats = s->rank_ptrs + n_ranks;

@@ -25,6 +25,8 @@ typedef struct fasa_service_opts {
     uint32_t deadline_ms;  /* queue deadline of requests that give none; 0 = none */
     const char *state_dir; /* where Snapshot writes and restore reads; NULL or "": none */
     int wal;               /* fasa_wal_mode (wal.h) of the appends' log, with a state dir */
+    int tier;              /* sessions that ask for no tier: 0 ram, 1 disk (--tier) */
+    int has_tier_dir;      /* the engine has a disk-tier directory (--tier-dir) */
 } fasa_service_opts;
 
 /* A service over engine (which it owns from now on). NULL when out of memory. */

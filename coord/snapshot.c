@@ -225,6 +225,14 @@ static int s_manifest_parse(manifest *m, char *buf, size_t len, char *why, size_
         snprintf(why, why_len, "dense_layers: expected %d values 0 or 1", L);
         goto bad;
     }
+    if (end - cur > 5 && strncmp(cur, "tier ", 5) == 0) {
+        EXPECT("tier"); /* a disk-tier session comes back in the restoring server's tier dir */
+        if (strcmp(v, "disk")) {
+            snprintf(why, why_len, "tier '%s' unknown", v);
+            goto bad;
+        }
+        c->tier = SHARD_TIER_DISK;
+    }
     EXPECT("lengths");
     if (s_ints(v, L, 0, INT32_MAX, m->lengths)) {
         snprintf(why, why_len, "lengths: expected %d token counts", L);
@@ -309,6 +317,7 @@ static char *s_manifest_text(const fasa_engine_t *e, const char *id, unsigned lo
             fasa_method_name(c->method), c->budget,
             c->gqa == FASA_GQA_SHARED ? "shared" : "per-head");
     for (int l = 0; l < c->n_layers; l++) fprintf(f, " %d", c->dense_layers[l]);
+    if (c->tier == SHARD_TIER_DISK) fputs("\ntier disk", f); /* RAM: no line, as before */
     fputs("\nlengths", f);
     for (int l = 0; l < c->n_layers; l++) fprintf(f, " %d", (int)fasa_engine_length(e, id, l));
     fprintf(f, "\nblock %d\ngeneration %llu\nn_shards %d\n", fasa_engine_block(e), gen, n_shards);

@@ -55,6 +55,9 @@ typedef struct fasa_transport {
      * or EIO when it did not say). The prefix must name a place every shard can reach. */
     int (*snapshot)(void *ctx, int sid, const char *path_prefix, const char *id, int dtype,
                     shard_snap_info *out);
+    /* Optional (NULL in-process, where every shard is in this process): each shard's
+     * holder's resident memory in bytes, out[n_shards]. 0, or -1. */
+    int (*shard_rss)(void *ctx, int64_t *out);
     void (*destroy)(void *ctx);
 } fasa_transport;
 

@@ -173,7 +173,11 @@ static int s_session_new(void *ctx, int sid, const shard_layout *lay)
 {
     mpi_ctx *c = ctx;
     if (sid < 0 || sid >= WMPI_MAX_SID || s_session(c, sid)) return -1;
-    if (lay->tier != SHARD_TIER_RAM) return -1; /* the disk tier is in-process only */
+    if (lay->tier != SHARD_TIER_RAM && lay->tier != SHARD_TIER_DISK) return -1;
+    /* Disk tier: the directory travels after qmask; each worker makes its files there. */
+    const int64_t dir_len =
+        lay->tier == SHARD_TIER_DISK && lay->tier_dir ? (int64_t)strlen(lay->tier_dir) : 0;
+    if (lay->tier == SHARD_TIER_DISK && (dir_len < 1 || dir_len > WMPI_MAX_DIR)) return -1;
     if (sid >= c->cap) {
         int cap = c->cap ? c->cap : 8;
         while (cap <= sid) cap *= 2;
@@ -186,13 +190,17 @@ static int s_session_new(void *ctx, int sid, const shard_layout *lay)
     const mpi_session s = {1, lay->n_layers, lay->n_heads, lay->n_kv_heads, lay->head_dim};
     const int64_t lk = (int64_t)s.n_layers * s.n_kv_heads, d = s.head_dim;
     const int64_t mask_bytes = (int64_t)s.n_layers * s.n_heads * d;
-    uint8_t *p = s_cmd_begin(c, WMPI_SESSION_NEW, sid, &s, lk * 4 + lk * d * 4 + mask_bytes);
+    uint8_t *p =
+        s_cmd_begin(c, WMPI_SESSION_NEW, sid, &s, lk * 4 + lk * d * 4 + mask_bytes + dir_len);
     if (!p) return -1;
     memcpy(p, lay->n_dom, (size_t)lk * 4);
     memcpy(p + lk * 4, lay->perm, (size_t)(lk * d) * 4);
     memcpy(p + lk * 4 + lk * d * 4, lay->qmask, (size_t)mask_bytes);
+    if (dir_len) memcpy(p + lk * 4 + lk * d * 4 + mask_bytes, lay->tier_dir, (size_t)dir_len);
     /* SESSION_NEW: the storage dtype, and the score dtype times 16 */
     s_cmd_header(c)->n = lay->dtype + 16 * lay->score_dtype;
+    s_cmd_header(c)->method = lay->tier;        /* the tier */
+    s_cmd_header(c)->budget = (int32_t)dir_len; /* bytes of tier_dir after qmask */
     if (s_exchange(c, 0, c->n_shards, 0) == 0) {
         c->sessions[sid] = s;
         return 0;
@@ -444,8 +452,24 @@ static int s_shard_stats(void *ctx, int sid, fasa_shard_stats *out)
     if (!s_cmd_begin(c, WMPI_STATS, sid >= 0 ? sid : -1, s, 0) ||
         s_exchange(c, 0, c->n_shards, (int64_t)sizeof(wmpi_stats)))
         return -1;
-    for (int i = 0; i < c->n_shards; i++)
+    for (int i = 0; i < c->n_shards; i++) {
         memcpy(&out[i], c->reply[i] + sizeof(wmpi_reply), sizeof(out[i]));
+        out[i].rss_bytes = 0; /* the holdings alone, as in-process; s_shard_rss has it */
+    }
+    return 0;
+}
+
+static int s_shard_rss(void *ctx, int64_t *out)
+{
+    mpi_ctx *c = ctx;
+    if (!s_cmd_begin(c, WMPI_STATS, -1, NULL, 0) ||
+        s_exchange(c, 0, c->n_shards, (int64_t)sizeof(wmpi_stats)))
+        return -1;
+    for (int i = 0; i < c->n_shards; i++) {
+        wmpi_stats st;
+        memcpy(&st, c->reply[i] + sizeof(wmpi_reply), sizeof(st));
+        out[i] = st.rss_bytes;
+    }
     return 0;
 }
 
@@ -538,6 +562,7 @@ int fasa_transport_mpi(fasa_transport *t, MPI_Comm comm)
                           .attend_start = s_attend_start,
                           .wait = s_wait,
                           .snapshot = s_snapshot,
+                          .shard_rss = s_shard_rss,
                           .destroy = s_destroy};
     return 0;
 err_free:

@@ -149,6 +149,25 @@ void *fasa_zap_watch_socket(const fasa_zap *z)
     return z ? z->watch : NULL;
 }
 
+void fasa_zap_note_failed(fasa_zap *z, uint16_t ev, uint32_t val)
+{
+    z->n_failed++;
+    const time_t now = time(NULL);
+    const int quiet = z->last_failed_at && now - z->last_failed_at < ZAP_REPEAT_S;
+    if (!quiet) z->last_failed_at = now;
+    const char *why = ev == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL &&
+                              val == ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+                          ? "it does not use CURVE"
+                      : ev == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL
+                          ? "a CURVE protocol error (a wrong server key?)"
+                          : "it closed the connection or sent what CURVE could not decrypt "
+                            "(no keys, or a wrong server key)";
+    fasa_log(quiet ? FASA_LOG_DEBUG : FASA_LOG_INFO, 0,
+             "refused a client in the security handshake: %s (event 0x%x value 0x%x; %lu "
+             "such so far)",
+             why, (unsigned)ev, (unsigned)val, z->n_failed);
+}
+
 /* Logs the failed handshakes the watch has queued: the client never reached ZAP. */
 static void s_log_failed(fasa_zap *z)
 {
@@ -171,21 +190,7 @@ static void s_log_failed(fasa_zap *z)
             if (zmq_msg_recv(&m, z->watch, ZMQ_DONTWAIT) < 0) break;
         }
         zmq_msg_close(&m);
-        z->n_failed++;
-        const time_t now = time(NULL);
-        const int quiet = z->last_failed_at && now - z->last_failed_at < ZAP_REPEAT_S;
-        if (!quiet) z->last_failed_at = now;
-        const char *why = ev == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL &&
-                                  val == ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
-                              ? "it does not use CURVE"
-                          : ev == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL
-                              ? "a CURVE protocol error (a wrong server key?)"
-                              : "it closed the connection or sent what CURVE could not decrypt "
-                                "(no keys, or a wrong server key)";
-        fasa_log(quiet ? FASA_LOG_DEBUG : FASA_LOG_INFO, 0,
-                 "refused a client in the security handshake: %s (event 0x%x value 0x%x; %lu "
-                 "such so far)",
-                 why, (unsigned)ev, (unsigned)val, z->n_failed);
+        fasa_zap_note_failed(z, ev, val);
     }
 }
 

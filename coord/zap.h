@@ -31,6 +31,9 @@ int fasa_zap_bind(fasa_zap *z, void *ctx, char *err, size_t err_len);
  * plain client, a client with the wrong server key) so that fasa_zap_serve logs them too.
  * Call before sock binds. 0, or -1 with one line in err. */
 int fasa_zap_watch(fasa_zap *z, void *ctx, void *sock, char *err, size_t err_len);
+/* Logs one failed handshake (a monitor event and its value) as the watch would: for a
+ * caller that owns the socket's monitor itself (conn_guard.h). */
+void fasa_zap_note_failed(fasa_zap *z, uint16_t ev, uint32_t val);
 
 /* The REP socket and the watch socket, to poll for ZMQ_POLLIN (NULL before fasa_zap_bind
  * and fasa_zap_watch); either one ready: call fasa_zap_serve. */

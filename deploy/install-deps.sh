@@ -10,7 +10,8 @@ pkgs=(build-essential cmake pkg-config
       libzmq3-dev libprotobuf-c-dev protobuf-c-compiler
       clang clang-14 libclang-rt-14-dev   # clang + libFuzzer for tests/fuzz.sh
       gnuplot-nox                          # fasa bench --png, bench/eval_report.sh
-      libmicrohttpd-dev curl)              # fasa-server --metrics-bind and its test
+      libmicrohttpd-dev curl               # fasa-server --metrics-bind and its test
+      python3)                             # tests/slow_peers.py: raw ZMTP peers (hold_test.sh)
 
 missing=()
 for p in "${pkgs[@]}"; do

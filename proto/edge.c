@@ -177,9 +177,14 @@ static int s_tensor(const Fasa__V1__Tensor *t, const char *field, int rank_lo, i
      * one at a time against what the data could hold, so the product cannot overflow. */
     uint64_t elems = 1;
     const uint64_t have = t->data.len / sizeof(float);
+    /* A 0 anywhere first: otherwise a dim before it would "claim more than 0 bytes". */
+    for (size_t i = 0; i < t->n_shape; i++)
+        if (t->shape[i] == 0)
+            return s_err(msg, len, ST_INVALID,
+                         "%s.shape[%zu] is 0 (nothing to send: every dim must be at least 1)",
+                         field, i);
     for (size_t i = 0; i < t->n_shape; i++) {
         const uint64_t dim = t->shape[i];
-        if (dim == 0) return s_err(msg, len, ST_INVALID, "%s.shape[%zu] is 0", field, i);
         if (dim > have || elems > have / dim) {
             char dims[160];
             size_t o = 0;
@@ -263,6 +268,8 @@ static int s_create(const Fasa__V1__CreateSession *c, edge_create *o, char *msg,
     }
     if ((st = s_enum(c->has_pairing, c->pairing, 2, "create_session.pairing", &o->pairing, msg,
                      len)) ||
+        (st = s_enum(c->has_tier, c->tier, FASA__V1__TIER__DISK, "create_session.tier", &o->tier,
+                     msg, len)) ||
         (st = s_enum(c->has_method, c->method, FASA__V1__METHOD__SPARQ, "create_session.method",
                      &o->method, msg, len)) ||
         (st = s_enum(c->has_gqa, c->gqa, 2, "create_session.gqa", &o->gqa, msg, len)) ||

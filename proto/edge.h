@@ -62,6 +62,7 @@ typedef struct edge_create {
     int budget; /* 0: unspecified */
     int dtype;  /* fasa_dtype (kernels/dtype.h): 0 f32 (also when unspecified), 1 f16, 2 bf16 */
     int score_dtype; /* scan_dtype (kernels/scan.h, the proto's numbers): 0 unspecified */
+    int tier;        /* 0 unspecified (the server's --tier), 1 ram, 2 disk */
     int has_dense_layers;
     int n_dense_layers;
     const uint32_t *dense_layers; /* each < n_layers */

@@ -120,6 +120,36 @@ START_TEST(test_precedence)
     char *lim0[] = {"fasa-server", "--max-sessions", "0", NULL};
     ck_assert_int_eq(s_load(&c, lim0, err), 2);
     ck_assert_ptr_nonnull(strstr(err, "--max-sessions"));
+    /* --max-pending: by default the larger of 1G and 2 x --max-message; below 2 x
+     * --max-message refused; --peer-timeout in [0, 86400]. */
+    ck_assert_int_eq(s_load(&c, plain, err), 0);
+    ck_assert_int_eq(c.max_pending, 1LL << 30);
+    ck_assert_int_eq(c.peer_timeout, 60);
+    char *pend[] = {"fasa-server", "--max-message", "1G", NULL};
+    ck_assert_int_eq(s_load(&c, pend, err), 0);
+    ck_assert_int_eq(c.max_pending, 2LL << 30);
+    char *pend_low[] = {"fasa-server", "--max-message", "16M", "--max-pending", "20M", NULL};
+    ck_assert_int_eq(s_load(&c, pend_low, err), 2);
+    ck_assert_ptr_nonnull(strstr(err, "--max-pending"));
+    char *pend_ok[] = {"fasa-server", "--max-message",  "16M", "--max-pending",
+                       "32M",         "--peer-timeout", "0",   NULL};
+    ck_assert_int_eq(s_load(&c, pend_ok, err), 0);
+    ck_assert_int_eq(c.max_pending, 32LL << 20);
+    ck_assert_int_eq(c.peer_timeout, 0);
+    char *pt_bad[] = {"fasa-server", "--peer-timeout", "-1", NULL};
+    ck_assert_int_eq(s_load(&c, pt_bad, err), 2);
+    ck_assert_ptr_nonnull(strstr(err, "--peer-timeout"));
+    /* --tier disk needs --tier-dir; the tier is ram or disk. */
+    char *tier_nodir[] = {"fasa-server", "--tier", "disk", NULL};
+    ck_assert_int_eq(s_load(&c, tier_nodir, err), 2);
+    ck_assert_ptr_nonnull(strstr(err, "--tier-dir"));
+    char *tier_bad[] = {"fasa-server", "--tier", "tape", NULL};
+    ck_assert_int_eq(s_load(&c, tier_bad, err), 2);
+    ck_assert_ptr_nonnull(strstr(err, "--tier"));
+    char *tier_ok[] = {"fasa-server", "--tier", "disk", "--tier-dir", "/tmp", NULL};
+    ck_assert_int_eq(s_load(&c, tier_ok, err), 0);
+    ck_assert_int_eq(c.tier, 1);
+    ck_assert_str_eq(c.tier_dir, "/tmp");
     char *help[] = {"fasa-server", "--block", "3", "--help", NULL};
     ck_assert_int_eq(s_load(&c, help, err), 1);
 }

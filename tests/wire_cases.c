@@ -334,6 +334,12 @@ START_TEST(test_bad_fields)
     kv[1][0][1][3] = NAN;
     wire_expect_error(s_append("bad", N, ashape, 4, &kv[0][0][0][0], &kv[0][0][0][0], L * HKV * D),
                       FASA__V1__STATUS__INVALID_ARGUMENT, "append.k[");
+    /* A 0-row append (shape [L, 0, HKV, D], no data): named as 0 rows, not as a shape that
+     * "claims more than the 0 data bytes". */
+    uint64_t zshape[4] = {L, 0, HKV, D};
+    Fasa__V1__Response *zr = s_append("bad", N, zshape, 4, &s_k[0][0][0][0], &s_v[0][0][0][0], 0);
+    ck_assert_msg(zr->message && !strstr(zr->message, "claims more"), "%s", zr->message);
+    wire_expect_error(zr, FASA__V1__STATUS__INVALID_ARGUMENT, "append.k.shape[1] is 0");
     /* An append to an unknown session. */
     wire_expect_error(
         s_append("ghost", 0, ashape, 4, &s_k[0][0][0][0], &s_v[0][0][0][0], L * HKV * D),

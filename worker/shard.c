@@ -30,6 +30,7 @@ typedef struct kv_chunk {
      * KV head's krest and v, and its size. NULL in RAM. */
     void *map;
     size_t map_bytes;
+    int cap; /* rows allocated in kdom, krest and v (s_chunk_cap): a chunk grows as it fills */
 } kv_chunk;
 
 typedef struct layer_store {
@@ -148,12 +149,13 @@ static int s_sep(const shard_layout *lay)
     return s_sd(lay) != scan_dtype_effective(SCAN_AUTO, lay->dtype);
 }
 
-/* Bytes of the scoring store copy of SHARD_CHUNK rows of n_dom dims (0 without a copy). */
-static size_t s_ksc_bytes(const shard_layout *lay, int n_dom)
+/* Bytes of the scoring store copy of rows rows (a multiple of SCORE_TILE) of n_dom dims,
+ * tiles and (int8) row scales; 0 without a copy. */
+static size_t s_ksc_bytes(const shard_layout *lay, int n_dom, size_t rows)
 {
     if (!s_sep(lay)) return 0;
-    return (size_t)SHARD_CHUNK / SCORE_TILE * scan_tile_bytes(s_sd(lay), n_dom ? n_dom : 1) +
-           (s_sd(lay) == SCAN_I8 ? SHARD_CHUNK * sizeof(float) : 0);
+    return rows / SCORE_TILE * scan_tile_bytes(s_sd(lay), n_dom ? n_dom : 1) +
+           (s_sd(lay) == SCAN_I8 ? rows * sizeof(float) : 0);
 }
 
 void shard_layout_cleanup(shard_layout *lay)
@@ -330,7 +332,55 @@ static void *s_map_file(const char *dir, size_t bytes)
     return p == MAP_FAILED ? NULL : p;
 }
 
-static kv_chunk *s_chunk_new(const shard_layout *lay, int layer)
+/* The rows a chunk holding rows rows allocates: SHARD_CHUNK_MIN doubled until they fit, at
+ * most SHARD_CHUNK (a multiple of SCORE_TILE, so partial tiles stay inside). So a small
+ * session pays for what it holds, not for a whole chunk. */
+static int s_chunk_cap(int64_t rows)
+{
+    int cap = SHARD_CHUNK_MIN;
+    while (cap < rows && cap < SHARD_CHUNK) cap *= 2;
+    return cap < SHARD_CHUNK ? cap : SHARD_CHUNK;
+}
+
+/* Grows one KV head's array of cap rows of width elements to new_cap rows; the new rows are
+ * zeroed when zero (calloc's promise: padding rows of a partial tile score as zeros). */
+static int s_grow_rows(void **p, size_t width, size_t esz, int cap, int new_cap, int zero)
+{
+    void *q = realloc(*p, (size_t)new_cap * width * esz);
+    if (!q) return -1;
+    if (zero)
+        memset((char *)q + (size_t)cap * width * esz, 0, (size_t)(new_cap - cap) * width * esz);
+    *p = q;
+    return 0;
+}
+
+/* Grows a chunk's RAM arrays to new_cap rows (a disk-tier chunk's krest and v are mapped
+ * whole from the start). On failure the chunk keeps its rows and its cap. */
+static int s_chunk_grow(const shard_layout *lay, int layer, kv_chunk *ch, int new_cap)
+{
+    const int d = lay->head_dim, hkv = lay->n_kv_heads, cap = ch[0].cap;
+    const size_t esz = fasa_dtype_size(lay->dtype);
+    if (new_cap <= cap) return 0;
+    for (int g = 0; g < hkv; g++) {
+        const int u = lay->n_dom[layer * hkv + g];
+        /* kdom tiles are laid out tile after tile, so growing keeps every tile in place. */
+        if (s_grow_rows(&ch[g].kdom, (size_t)(u ? u : 1), esz, cap, new_cap, 1)) return -1;
+        /* The scoring store's copy: tile after tile too, and one scale per row (int8). */
+        if (ch[g].ksc && s_grow_rows(&ch[g].ksc, scan_tile_bytes(s_sd(lay), u ? u : 1), 1,
+                                     cap / SCORE_TILE, new_cap / SCORE_TILE, 1))
+            return -1;
+        if (ch[g].kscale && s_grow_rows((void **)&ch[g].kscale, 1, sizeof(float), cap, new_cap, 1))
+            return -1;
+        if (ch[0].map) continue;
+        if (s_grow_rows(&ch[g].krest, (size_t)(d - u ? d - u : 1), esz, cap, new_cap, 1) ||
+            s_grow_rows(&ch[g].v, (size_t)d, esz, cap, new_cap, 0))
+            return -1;
+    }
+    for (int g = 0; g < hkv; g++) ch[g].cap = new_cap;
+    return 0;
+}
+
+static kv_chunk *s_chunk_new(const shard_layout *lay, int layer, int cap)
 {
     const int d = lay->head_dim, hkv = lay->n_kv_heads;
     const size_t esz = fasa_dtype_size(lay->dtype);
@@ -359,18 +409,18 @@ static kv_chunk *s_chunk_new(const shard_layout *lay, int layer)
     }
     for (int g = 0; g < hkv; g++) {
         const int u = lay->n_dom[layer * hkv + g];
+        ch[g].cap = cap;
         /* calloc: padding rows of a partial tile must score as zeros, not garbage (all-zero
          * bits are +0 in every dtype). */
-        ch[g].kdom = calloc((size_t)SHARD_CHUNK * (u ? u : 1), esz);
+        ch[g].kdom = calloc((size_t)cap * (u ? u : 1), esz);
         if (!ch[0].map) {
-            ch[g].krest = calloc((size_t)SHARD_CHUNK * (d - u ? d - u : 1), esz);
-            ch[g].v = malloc((size_t)SHARD_CHUNK * d * esz);
+            ch[g].krest = calloc((size_t)cap * (d - u ? d - u : 1), esz);
+            ch[g].v = malloc((size_t)cap * d * esz);
         }
         int sc_ok = 1;
         if (s_sep(lay)) {
-            ch[g].ksc =
-                calloc((size_t)SHARD_CHUNK / SCORE_TILE, scan_tile_bytes(s_sd(lay), u ? u : 1));
-            if (s_sd(lay) == SCAN_I8) ch[g].kscale = calloc(SHARD_CHUNK, sizeof(float));
+            ch[g].ksc = calloc((size_t)cap / SCORE_TILE, scan_tile_bytes(s_sd(lay), u ? u : 1));
+            if (s_sd(lay) == SCAN_I8) ch[g].kscale = calloc((size_t)cap, sizeof(float));
             sc_ok = ch[g].ksc && (s_sd(lay) != SCAN_I8 || ch[g].kscale);
         }
         if (!ch[g].kdom || !ch[g].krest || !ch[g].v || !sc_ok) {
@@ -445,9 +495,17 @@ static int s_reserve(shard_t *s, int layer, int n, const int32_t *pos)
         ls->chunks = c;
         ls->cap_chunks = cap;
     }
-    while (ls->n_chunks < need_chunks) {
-        kv_chunk *ch = s_chunk_new(&s->lay, layer);
-        if (!ch) return -1; /* chunks made so far stay for later appends */
+    /* The chunks the new rows land in: the last one grown, new ones made, each to the
+     * capacity its rows need. What was made or grown so far stays for later appends. */
+    for (int c = ls->n_rows / SHARD_CHUNK; c < need_chunks; c++) {
+        const int64_t in_chunk = need_rows - (int64_t)c * SHARD_CHUNK;
+        const int want = s_chunk_cap(in_chunk < SHARD_CHUNK ? in_chunk : SHARD_CHUNK);
+        if (c < ls->n_chunks) {
+            if (s_chunk_grow(&s->lay, layer, ls->chunks[c], want)) return -1;
+            continue;
+        }
+        kv_chunk *ch = s_chunk_new(&s->lay, layer, want);
+        if (!ch) return -1;
         ls->chunks[ls->n_chunks++] = ch;
     }
     return 0;
@@ -1297,20 +1355,23 @@ static int64_t s_cap(int64_t need, int64_t first)
 
 size_t shard_layer_bytes(const shard_layout *lay, int layer, int64_t rows, int64_t pages)
 {
-    const int64_t chunks = (rows + SHARD_CHUNK - 1) / SHARD_CHUNK;
-    const int64_t esz = (int64_t)fasa_dtype_size(lay->dtype);
-    int64_t chunk = (int64_t)lay->n_kv_heads * SHARD_CHUNK * lay->head_dim * 2 * esz;
-    if (lay->tier == SHARD_TIER_DISK) { /* kdom only: krest and v are file-backed */
-        chunk = 0;
-        for (int g = 0; g < lay->n_kv_heads; g++) {
-            const int u = lay->n_dom[layer * lay->n_kv_heads + g];
-            chunk += (int64_t)SHARD_CHUNK * (u ? u : 1) * esz;
-        }
+    /* Full chunks, and the last one at the capacity its rows need (s_chunk_cap). */
+    const int64_t full = rows / SHARD_CHUNK, rest = rows % SHARD_CHUNK;
+    const int64_t esz = (int64_t)fasa_dtype_size(lay->dtype), d = lay->head_dim;
+    int64_t per_row = 0; /* bytes of one row over every KV head */
+    for (int g = 0; g < lay->n_kv_heads; g++) {
+        const int64_t u = lay->n_dom[layer * lay->n_kv_heads + g];
+        per_row += (u ? u : 1) * esz;
+        /* Disk tier: kdom only in RAM; krest and v are file-backed. */
+        if (lay->tier != SHARD_TIER_DISK) per_row += ((d - u ? d - u : 1) + d) * esz;
     }
+    const int64_t chunk_rows = full * SHARD_CHUNK + (rest ? s_chunk_cap(rest) : 0);
+    int64_t ksc = 0; /* the scoring store's copy, linear in the rows allocated */
     for (int g = 0; g < lay->n_kv_heads; g++)
-        chunk += (int64_t)s_ksc_bytes(lay, lay->n_dom[layer * lay->n_kv_heads + g]);
+        ksc +=
+            (int64_t)s_ksc_bytes(lay, lay->n_dom[layer * lay->n_kv_heads + g], (size_t)chunk_rows);
     const int64_t bound = (int64_t)lay->n_kv_heads * 2 * lay->head_dim * (int64_t)sizeof(float);
-    return (size_t)(chunks * chunk + s_cap(rows, 1024) * (int64_t)sizeof(int32_t) +
+    return (size_t)(chunk_rows * per_row + ksc + s_cap(rows, 1024) * (int64_t)sizeof(int32_t) +
                     s_cap(pages, 64) * ((int64_t)sizeof(int32_t) + (int64_t)sizeof(int) + bound));
 }
 
@@ -1333,6 +1394,35 @@ void shard_holdings_add(shard_holdings *h, const shard_t *s)
     h->krest_bytes += krest;
     h->v_bytes += v;
     h->alloc_bytes += (int64_t)shard_bytes_held(s);
+}
+
+int64_t fasa_rss_bytes(void)
+{
+    FILE *f = fopen("/proc/self/statm", "r");
+    long long size = 0, rss = 0;
+    const int got = f ? fscanf(f, "%lld %lld", &size, &rss) : 0;
+    if (f) fclose(f);
+    return got == 2 ? (int64_t)rss * sysconf(_SC_PAGESIZE) : 0;
+}
+
+size_t shard_bytes_allocated(const shard_t *s)
+{
+    const int hkv = s->lay.n_kv_heads, d = s->lay.head_dim;
+    const size_t esz = s_esz(s), bound = (size_t)hkv * 2 * d * sizeof(float);
+    size_t total = 0;
+    for (int l = 0; l < s->lay.n_layers; l++) {
+        const layer_store *ls = &s->layers[l];
+        for (int c = 0; c < ls->n_chunks; c++)
+            for (int g = 0; g < hkv; g++) {
+                const size_t u = (size_t)s->lay.n_dom[l * hkv + g],
+                             cap = (size_t)ls->chunks[c][g].cap;
+                total += cap * (u ? u : 1) * esz + s_ksc_bytes(&s->lay, (int)u, cap);
+                if (!ls->chunks[c][0].map) total += cap * ((d - u ? d - u : 1) + (size_t)d) * esz;
+            }
+        total += (size_t)ls->pos_cap * sizeof(int32_t) +
+                 (size_t)ls->page_cap * (sizeof(int32_t) + sizeof(int) + bound);
+    }
+    return total;
 }
 
 size_t shard_bytes_mapped(const shard_t *s)

@@ -1,7 +1,8 @@
 /* A shard of one session's KV cache: the rows (token positions) that placement gave this
  * shard, for every layer and KV head, and the two local halves of a FASA step.
  *
- * Layout per (layer, KV head), in chunks of SHARD_CHUNK rows so that growth never copies:
+ * Layout per (layer, KV head), in chunks of SHARD_CHUNK rows so that growth copies at most
+ * one chunk (a chunk's arrays start at SHARD_CHUNK_MIN rows and double as it fills):
  *   kdom  the dominant key dims (the union of the FCs the group's query heads use), packed
  *         in row tiles of SCORE_TILE rows, dim-major (score.h): the only bytes the TIP scan
  *         reads;
@@ -32,6 +33,9 @@
 #include "topk.h"
 
 #define SHARD_CHUNK 4096
+/* A chunk's arrays start at SHARD_CHUNK_MIN rows and double as rows arrive, up to
+ * SHARD_CHUNK: memory follows the rows held (shard_layer_bytes counts exactly that). */
+#define SHARD_CHUNK_MIN 64
 
 /* Methods (fasa-algorithm.md §6 for the baselines):
  *   FASA    dominant-FC partial scores, top-B tokens, exact attention over them;
@@ -191,7 +195,12 @@ typedef struct shard_holdings {
     int64_t sessions, tokens, rows;
     int64_t kdom_bytes, krest_bytes, v_bytes;
     int64_t alloc_bytes;
+    int64_t rss_bytes; /* a worker's STATS reply: its resident memory (transport shard_rss);
+                          0 everywhere else, so holdings compare equal across transports */
 } shard_holdings;
+
+/* This process's resident memory in bytes (/proc/self/statm), 0 when unknown. */
+int64_t fasa_rss_bytes(void);
 
 /* Adds what one session's shard holds to *h (one more session). */
 void shard_holdings_add(shard_holdings *h, const shard_t *shard);
@@ -204,6 +213,9 @@ size_t shard_bytes_held(const shard_t *shard);
  * the layers. It reads only the layout's geometry, dtype, tier and n_dom, so the coordinator
  * can account a shard's memory before it sends rows there (the engine's --memory-limit). */
 size_t shard_layer_bytes(const shard_layout *layout, int layer, int64_t rows, int64_t pages);
+/* The KV store bytes s has allocated, counted from its arrays' actual capacities (chunks,
+ * position table, page bounds): what shard_bytes_held computes from the rows alone. */
+size_t shard_bytes_allocated(const shard_t *s);
 /* Bytes of file-backed mappings (SHARD_TIER_DISK), 0 in RAM. */
 size_t shard_bytes_mapped(const shard_t *shard);
 /* Bytes of the rows held, all layers, by part (the layout above): kdom (the dominant key

@@ -493,9 +493,10 @@ START_TEST(test_shard_dtype)
         shard_bytes_by_kind(ref, &b[0], &b[1], &b[2]);
         for (int i = 0; i < 3; i++) ck_assert_int_eq(2 * a[i], b[i]);
         ck_assert_int_eq(b[2], (int64_t)n * nkv * d * 4);
-        /* Two chunks per KV head, each K and V at half size; positions and bounds as before. */
+        /* A full chunk and one of 512 rows (300 held) per KV head, each K and V at half
+         * size; positions and bounds as before. */
         ck_assert_uint_eq(shard_bytes_held(ref) - shard_bytes_held(sh),
-                          (size_t)2 * nkv * SHARD_CHUNK * d * 2 * 2);
+                          (size_t)(SHARD_CHUNK + 512) * nkv * d * 2 * 2);
         for (int method = 0; method <= SHARD_METHOD_LAST; method++)
             for (int shared = 0; shared < 2; shared++) {
                 if (method == SHARD_SPARQ && shared) continue;
@@ -590,9 +591,11 @@ START_TEST(test_shard_disk_tier)
         ck_assert_uint_eq(shard_bytes_mapped(ram), 0);
         ck_assert_uint_ge(shard_bytes_mapped(disk),
                           (size_t)2 * nkv * SHARD_CHUNK * (2 * d - 3) * fasa_dtype_size(dt));
-        /* RAM: kdom (3 dims) instead of 2 d dims per row. */
+        /* RAM: kdom (3 dims) instead of 2 d dims per row, over a full chunk and one of 512
+         * rows (300 held). */
         ck_assert_uint_eq(shard_bytes_held(ram) - shard_bytes_held(disk),
-                          (size_t)2 * nkv * SHARD_CHUNK * (2 * d - 3) * fasa_dtype_size(dt));
+                          (size_t)(SHARD_CHUNK + 512) * nkv * (2 * d - 3) * fasa_dtype_size(dt));
+        ck_assert_uint_eq(shard_bytes_held(disk), shard_bytes_allocated(disk));
         for (int method = 0; method <= SHARD_METHOD_LAST; method++)
             for (int shared = 0; shared < 2; shared++) {
                 if (method == SHARD_SPARQ && shared) continue;
@@ -757,6 +760,78 @@ START_TEST(test_shard_score_dtype)
             for (int p = 0; p < 3; p++) shard_destroy(&part[p]);
             shard_layout_cleanup(&lay);
         }
+}
+END_TEST
+
+/* Memory follows the rows held: after appends of uneven sizes the bytes the shard counts
+ * (shard_bytes_held, from the rows alone, which the engine's memory limit mirrors) equal
+ * what its arrays hold (shard_bytes_allocated), 100 rows cost a small part of a chunk, and
+ * a store grown a few rows at a time answers bit for bit as one filled in a single append
+ * (whose chunks never grow). */
+START_TEST(test_shard_bytes_exact)
+{
+    const int nh = 4, nkv = 2, d = 40, n = 2 * SHARD_CHUNK + 700;
+    const size_t kv = (size_t)n * nkv * d;
+    test_rng r = {47};
+    float *k = test_alloc(kv * 4), *v = test_alloc(kv * 4), q[4 * 40];
+    int32_t *pos = test_alloc((size_t)n * 4);
+    test_fill(&r, kv, k, 3.0f);
+    test_fill(&r, kv, v, 3.0f);
+    test_fill(&r, sizeof(q) / 4, q, 1.0f);
+    for (int i = 0; i < n; i++) pos[i] = i;
+    for (int dt = FASA_DTYPE_F32; dt <= FASA_DTYPE_F16; dt++) {
+        shard_layout lay;
+        s_layout(&lay, 1, nh, nkv, d);
+        lay.dtype = dt;
+        shard_t *grown = shard_new(&lay), *once = shard_new(&lay);
+        ck_assert_ptr_nonnull(grown);
+        ck_assert_ptr_nonnull(once);
+        ck_assert_uint_eq(shard_bytes_held(grown), shard_bytes_allocated(grown));
+        const size_t esz = fasa_dtype_size(dt), row = (size_t)nkv * 2 * d * esz;
+        static const int runs[] = {1, 7, 56, 36, 100, 900, 3000, 1, 4095, 700};
+        int i0 = 0;
+        for (size_t j = 0; j < sizeof(runs) / sizeof(*runs) && i0 < n; j++) {
+            const int m = i0 + runs[j] <= n ? runs[j] : n - i0;
+            const size_t o = (size_t)i0 * nkv * d;
+            ck_assert_int_eq(shard_append(grown, 0, m, pos + i0, k + o, v + o), 0);
+            i0 += m;
+            ck_assert_uint_eq(shard_bytes_held(grown), shard_bytes_allocated(grown));
+            if (i0 == 100) /* 128 rows' arrays, not 4096: well under a tenth of a chunk */
+                ck_assert_uint_lt(shard_bytes_held(grown), (size_t)SHARD_CHUNK / 10 * row);
+        }
+        ck_assert_int_eq(i0, n);
+        ck_assert_int_eq(shard_append(once, 0, n, pos, k, v), 0);
+        ck_assert_uint_eq(shard_bytes_held(once), shard_bytes_allocated(once));
+        ck_assert_uint_eq(shard_bytes_held(once), shard_bytes_held(grown));
+        /* Two full chunks and one of 1024 rows (700 held), K and V of every head. */
+        ck_assert_uint_le((size_t)(2 * SHARD_CHUNK + 1024) * row, shard_bytes_held(once));
+        for (int method = 0; method <= SHARD_METHOD_LAST; method++) {
+            if (method == SHARD_SPARQ) continue;
+            shard_step st = {0, method, 0, 32, n - 1, 1.0f / sqrtf(d), q, 0};
+            topk_cand ca[4 * 32], cb[4 * 32], thr[4];
+            int na[4] = {0}, nb[4] = {0};
+            uint8_t have[4] = {0};
+            if (method != SHARD_DENSE) {
+                ck_assert_int_eq(shard_score(grown, &st, ca, na), 0);
+                ck_assert_int_eq(shard_score(once, &st, cb, nb), 0);
+                for (int u = 0; u < 4; u++) {
+                    ck_assert_int_eq(na[u], nb[u]);
+                    ck_assert_mem_eq(ca + u * 32, cb + u * 32, (size_t)na[u] * sizeof(*ca));
+                    if (nb[u]) thr[u] = cb[u * 32 + nb[u] - 1], have[u] = 1;
+                }
+            }
+            float ma[4], mb[4];
+            double la[4], lb[4], oa[4 * 40], ob[4 * 40];
+            ck_assert_int_eq(shard_attend(grown, &st, thr, have, ma, la, oa), 0);
+            ck_assert_int_eq(shard_attend(once, &st, thr, have, mb, lb, ob), 0);
+            ck_assert_mem_eq(ma, mb, sizeof(ma));
+            ck_assert_mem_eq(la, lb, sizeof(la));
+            ck_assert_mem_eq(oa, ob, sizeof(oa));
+        }
+        shard_destroy(&grown);
+        shard_destroy(&once);
+        shard_layout_cleanup(&lay);
+    }
     free(k), free(v), free(pos);
 }
 END_TEST
@@ -774,6 +849,7 @@ Suite *shard_suite(void)
     tcase_add_test(tc, test_shard_sparq);
     tcase_add_test(tc, test_shard_dtype);
     tcase_add_test(tc, test_shard_disk_tier);
+    tcase_add_test(tc, test_shard_bytes_exact);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "dtype.h"
 #include "scan.h"
@@ -105,8 +106,12 @@ static wmpi_status s_session_new(worker *w, const wmpi_cmd *h, const uint8_t *p)
     if (nl < 1 || nl > WMPI_MAX_LAYERS || nkv < 1 || nh < nkv || nh > WMPI_MAX_HEADS || nh % nkv ||
         d < 1 || d > WMPI_MAX_HEAD_DIM)
         return s_reject(w, WMPI_EINVAL, h, "bad geometry");
-    const int64_t lk = (int64_t)nl * nkv;
-    if (h->payload_bytes != lk * 4 + lk * d * 4 + (int64_t)nl * nh * d)
+    const int64_t lk = (int64_t)nl * nkv, mask_end = lk * 4 + lk * d * 4 + (int64_t)nl * nh * d;
+    const int disk = h->method == SHARD_TIER_DISK;
+    if ((h->method != SHARD_TIER_RAM && !disk) ||
+        (disk ? h->budget < 1 || h->budget > WMPI_MAX_DIR : h->budget != 0))
+        return s_reject(w, WMPI_EINVAL, h, "tier or tier_dir length out of range");
+    if (h->payload_bytes != mask_end + h->budget)
         return s_reject(w, WMPI_EINVAL, h, "layout size does not match the geometry");
     if (h->n < 0 || !fasa_dtype_size(h->n % 16))
         return s_reject(w, WMPI_EINVAL, h, "dtype out of range");
@@ -122,7 +127,15 @@ static wmpi_status s_session_new(worker *w, const wmpi_cmd *h, const uint8_t *p)
                         .perm = (int *)(p + lk * 4),
                         .qmask = (uint8_t *)(p + lk * 4 + lk * d * 4),
                         .dtype = h->n % 16,
-                        .score_dtype = h->n / 16};
+                        .score_dtype = h->n / 16,
+                        .tier = disk ? SHARD_TIER_DISK : SHARD_TIER_RAM};
+    char dir[WMPI_MAX_DIR + 1];
+    if (disk) {
+        snprintf(dir, sizeof(dir), "%.*s", (int)h->budget, (const char *)p + mask_end);
+        if (strlen(dir) != (size_t)h->budget || access(dir, W_OK))
+            return s_reject(w, WMPI_EINVAL, h, "tier_dir is not a writable directory on this node");
+        lay.tier_dir = dir; /* shard_new copies it */
+    }
     /* The shard indexes keys by n_dom and perm: they must be in range and a permutation. */
     uint8_t seen[WMPI_MAX_HEAD_DIM];
     for (int64_t i = 0; i < lk; i++) {
@@ -308,6 +321,7 @@ static wmpi_status s_stats(worker *w, const wmpi_cmd *h, size_t *payload_p)
             return s_reject(w, WMPI_EINVAL, h, "geometry differs");
         shard_holdings_add(&st, s->shard);
     }
+    st.rss_bytes = fasa_rss_bytes();
     if (s_grow(&w->tx, &w->tx_cap, sizeof(wmpi_reply) + sizeof(st)))
         return s_reject(w, WMPI_ENOMEM, h, "out of memory for the reply");
     memcpy(w->tx + sizeof(wmpi_reply), &st, sizeof(st));

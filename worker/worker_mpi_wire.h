@@ -8,7 +8,9 @@
  * A command (tag WMPI_TAG_CMD, from rank 0) is a wmpi_cmd header followed by payload_bytes
  * of payload, whose sections depend on the command:
  *   SESSION_NEW  n_dom int32 (n_layers, n_kv_heads), perm int32 (n_layers, n_kv_heads,
- *                head_dim), qmask uint8 (n_layers, n_heads, head_dim)
+ *                head_dim), qmask uint8 (n_layers, n_heads, head_dim), then for the disk
+ *                tier (method = SHARD_TIER_DISK) the directory of its files, budget bytes
+ *                (no NUL; each worker uses that path on its own node)
  *   DROP, STOP   nothing
  *   APPEND       pos int32 (n), k float (n, n_kv_heads, head_dim), v float (the same)
  *   SCORE        q float (n_heads, head_dim)
@@ -59,6 +61,8 @@
 #define WMPI_MAX_HEADS 1024
 #define WMPI_MAX_HEAD_DIM 1024
 #define WMPI_MAX_BUDGET (1 << 20)
+/* Longest disk-tier directory a SESSION_NEW carries. */
+#define WMPI_MAX_DIR 4000
 
 typedef enum wmpi_cmd_code {
     WMPI_STOP = 1,
@@ -119,7 +123,7 @@ typedef struct wmpi_snap {
 _Static_assert(sizeof(wmpi_snap) == 16, "wmpi_snap layout");
 _Static_assert(sizeof(wmpi_cmd) == 72 && sizeof(wmpi_cmd) % 8 == 0, "wmpi_cmd layout");
 _Static_assert(sizeof(wmpi_reply) == 16, "wmpi_reply layout");
-_Static_assert(sizeof(wmpi_stats) == 56, "wmpi_stats layout");
+_Static_assert(sizeof(wmpi_stats) == 64, "wmpi_stats layout");
 _Static_assert(sizeof(topk_cand) == 8, "topk_cand travels as 8 raw bytes");
 
 /* Waiting without holding a core. Open MPI's blocking calls busy-poll, and it has no
