@@ -79,7 +79,7 @@ static int s_attend(void *ctx, int sid, const shard_step *st, const topk_cand *t
         /* Shard i writes block i of (m, l, o). */
         if (shard_attend(sh[i], st, thr, have_thr, m + i * nh, l + i * nh, o + i * nh * d))
             return -1;
-        if (st->method == SHARD_SPARQ)
+        if (st->method == SHARD_SPARQ || st->method == SHARD_FASA_PLUS)
             shard_sparq_aux(sh[i], st, aux + i * nh * SHARD_SPARQ_AUX(d));
         bytes += shard_bytes_read(sh[i]);
     }

@@ -40,6 +40,7 @@ typedef struct layer_store {
     int *page_row0;    /* (page_cap) first row of the page here */
     float *pbound;     /* (page_cap, n_kv_heads, 2, head_dim) min then max, original dims */
     double *vsum;      /* (n_kv_heads, head_dim) SPARQ: sum of every row's value */
+    double *ksum;      /* (n_kv_heads, head_dim) FASA_PLUS: sum of every row's key */
 } layer_store;
 
 struct shard {
@@ -56,6 +57,8 @@ struct shard {
     size_t gather_cap;
     double *aux; /* (n_heads, SHARD_SPARQ_AUX(head_dim)) of the last SPARQ score */
     size_t aux_cap;
+    double *plus_aux; /* the same for the last FASA_PLUS attend (aux less its rows) */
+    size_t plus_aux_cap;
     float *conv; /* f16/bf16: (2, ATTN_BLOCK, head_dim) rows converted to f32 for a kernel */
     float *pv;   /* (n_heads / n_kv_heads, head_dim) dense P.V of one block (attn.h) */
     /* On the heap, not the stack: with the largest geometry (1024 query heads on one KV
@@ -226,6 +229,7 @@ void shard_destroy(shard_t **shard_p)
         free(ls->page_row0);
         free(ls->pbound);
         free(ls->vsum);
+        free(ls->ksum);
     }
     free(s->layers);
     free(s->kept);
@@ -233,6 +237,7 @@ void shard_destroy(shard_t **shard_p)
     free(s->acc_buf);
     free(s->gather);
     free(s->aux);
+    free(s->plus_aux);
     free(s->conv);
     free(s->pv);
     free(s->qf);
@@ -332,6 +337,9 @@ static int s_reserve(shard_t *s, int layer, int n, const int32_t *pos)
     if (!ls->vsum &&
         !(ls->vsum = calloc((size_t)s->lay.n_kv_heads * s->lay.head_dim, sizeof(double))))
         return -1;
+    if (!ls->ksum &&
+        !(ls->ksum = calloc((size_t)s->lay.n_kv_heads * s->lay.head_dim, sizeof(double))))
+        return -1;
     const int need_pages = ls->n_pages + s_new_pages(ls, n, pos);
     if (need_pages > ls->page_cap) {
         int cap = ls->page_cap ? ls->page_cap : 64;
@@ -416,6 +424,7 @@ int shard_append(shard_t *s, int layer, int n, const int32_t *pos, const float *
             dtype_from_f32(SIMD_AUTO, dt, (size_t)d, v + ((size_t)i * hkv + g) * d, vdst);
             dtype_to_f32(SIMD_AUTO, dt, (size_t)d, vdst, vq);
             for (int c = 0; c < d; c++) ls->vsum[(size_t)g * d + c] += vq[c];
+            for (int c = 0; c < d; c++) ls->ksum[(size_t)g * d + c] += kr[c];
         }
         ls->pos[r] = pos[i];
         /* QUEST page bounds: a new page starts at its first row here. */
@@ -696,10 +705,96 @@ static void s_sparq_aux_of(shard_t *s, const shard_step *st, int g, int n_vis, c
     }
 }
 
+/* FASA_PLUS (per-head GQA; shard.h): starts each head's running normaliser of z. */
+static void s_plus_begin(int n_q, float *zm, double *zs)
+{
+    for (int i = 0; i < n_q; i++) zm[i] = -INFINITY, zs[i] = 0;
+}
+
+/* FASA_PLUS: folds n rows of raw partial scores (positions pos) into each head's running
+ * max zm and sum of exp(z - zm), z = scale * score, then gives the forced rows (the sinks
+ * and the recent window) the score +inf, so that they rank before every scored row. */
+static void s_plus_fold(const shard_step *st, int n_q, int n, const int32_t *pos, float *sc,
+                        float *zm, double *zs)
+{
+    const int32_t recent0 = st->max_pos - st->sparq_r + 1; /* first forced recent pos */
+    for (int i = 0; i < n_q; i++) {
+        float *z = sc + (size_t)i * SHARD_CHUNK, cm = -INFINITY;
+        for (int j = 0; j < n; j++)
+            if (z[j] * st->scale > cm) cm = z[j] * st->scale;
+        if (cm > zm[i]) {
+            zs[i] *= exp((double)zm[i] - cm);
+            zm[i] = cm;
+        }
+        for (int j = 0; j < n; j++) {
+            zs[i] += exp((double)(z[j] * st->scale) - zm[i]);
+            if (pos[j] < SHARD_PLUS_SINKS || pos[j] >= recent0) z[j] = INFINITY;
+        }
+    }
+}
+
+/* FASA_PLUS: the aux entries of KV head g's heads after the scan (shard_attend then takes
+ * the selected rows out): the normaliser of z over the visible rows, q_rest . (sum of the
+ * visible keys) over the dims not packed in kdom (qr, packed order), and the visible
+ * values' sum. Returns the bytes read: the two running sums, and the rows past max_pos
+ * (taken out of them). */
+static int64_t s_plus_aux_of(shard_t *s, const shard_step *st, int g, int n_vis, const float *qr,
+                             const float *zm, const double *zs)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads, grp = lay->n_heads / hkv;
+    const int u = lay->n_dom[st->layer * hkv + g];
+    const int *perm = lay->perm + ((size_t)st->layer * hkv + g) * d;
+    const layer_store *ls = &s->layers[st->layer];
+    double ks[d], vs[d];
+    float krow[d];
+    for (int c = 0; c < d; c++) {
+        ks[c] = ls->ksum ? ls->ksum[(size_t)g * d + c] : 0;
+        vs[c] = ls->vsum ? ls->vsum[(size_t)g * d + c] : 0;
+    }
+    for (int r = n_vis; r < ls->n_rows; r++) {
+        s_row_key(s, st->layer, g, r, krow);
+        const void *v = ls->chunks[r / SHARD_CHUNK][g].v;
+        const size_t e0 = (size_t)(r % SHARD_CHUNK) * d;
+        for (int c = 0; c < d; c++) {
+            ks[c] -= krow[c];
+            vs[c] -= s_get(lay->dtype, v, e0 + (size_t)c);
+        }
+    }
+    for (int i = 0; i < grp; i++) {
+        double *a = s->aux + (size_t)(g * grp + i) * SHARD_SPARQ_AUX(d);
+        a[0] = zm[i];
+        a[1] = zs[i];
+        a[2] = 0;
+        for (int p = u; p < d; p++) a[2] += (double)qr[(size_t)i * (d - u) + p - u] * ks[perm[p]];
+        for (int c = 0; c < d; c++) a[3 + c] = vs[c];
+    }
+    return (int64_t)grp * 2 * d * (int64_t)sizeof(double) +
+           (int64_t)(ls->n_rows - n_vis) * 2 * d * (int64_t)s_esz(s);
+}
+
+/* FASA_PLUS phase 2: takes the n gathered rows (kg permuted keys, vg values) that head h
+ * attends out of its aux: their exp(z - zm) from the normaliser and their values from the
+ * sum, so that the aux covers the unselected rows only (the normaliser floored at 0
+ * against rounding). qf is the head's query in permuted order. */
+static void s_plus_take(shard_t *s, const shard_step *st, int h, int u, int n, const float *qf,
+                        const float *kg, const float *vg)
+{
+    const int d = s->lay.head_dim;
+    double *a = s->plus_aux + (size_t)h * SHARD_SPARQ_AUX(d);
+    for (int j = 0; j < n; j++) {
+        float z = 0;
+        for (int p = 0; p < u; p++) z += qf[p] * kg[(size_t)j * d + p];
+        a[1] -= exp((double)(z * st->scale) - a[0]);
+        for (int c = 0; c < d; c++) a[3 + c] -= vg[(size_t)j * d + c];
+    }
+    if (a[1] < 0) a[1] = 0;
+}
+
 void shard_sparq_aux(const shard_t *s, const shard_step *st, double *aux)
 {
-    (void)st;
-    memcpy(aux, s->aux, (size_t)s->lay.n_heads * SHARD_SPARQ_AUX(s->lay.head_dim) * sizeof(double));
+    memcpy(aux, st->method == SHARD_FASA_PLUS ? s->plus_aux : s->aux,
+           (size_t)s->lay.n_heads * SHARD_SPARQ_AUX(s->lay.head_dim) * sizeof(double));
 }
 
 int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands)
@@ -714,9 +809,9 @@ int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands
         s_grow((void **)&s->acc_buf, &s->acc_cap, (size_t)grp * acc_one * sizeof(topk_cand)))
         return -1;
     s->kept_budget = b;
-    const int sparq = st->method == SHARD_SPARQ;
-    if (sparq && s_grow((void **)&s->aux, &s->aux_cap,
-                        (size_t)lay->n_heads * SHARD_SPARQ_AUX(d) * sizeof(double)))
+    const int sparq = st->method == SHARD_SPARQ, plus = st->method == SHARD_FASA_PLUS;
+    if ((sparq || plus) && s_grow((void **)&s->aux, &s->aux_cap,
+                                  (size_t)lay->n_heads * SHARD_SPARQ_AUX(d) * sizeof(double)))
         return -1;
 
     if (st->method == SHARD_STREAM) {
@@ -733,6 +828,7 @@ int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands
         float inv_tau[n_q], zm[n_q];
         double zs[n_q];
         if (sparq) s_sparq_queries(s, st, g, qd, qr, inv_tau, zm, zs);
+        if (plus) s_plus_begin(n_q, zm, zs);
         topk_acc acc[n_q];
         for (int i = 0; i < n_q; i++)
             topk_acc_init(&acc[i], b, s->acc_buf + i * acc_one, (int)acc_one);
@@ -749,12 +845,14 @@ int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands
                 score_rows(nj, d - u, n_q, sc + j0, SHARD_CHUNK, qr, kx, d - u, 1);
             }
             if (sparq) s_sparq_fold(n_q, nr, sc, inv_tau, zm, zs);
+            if (plus) s_plus_fold(st, n_q, nr, ls->pos + r0, sc, zm, zs);
             for (int i = 0; i < n_q; i++)
                 topk_acc_push(&acc[i], nr, sc + (size_t)i * SHARD_CHUNK, ls->pos + r0, 0);
         }
         if (st->method != SHARD_QUEST)
             bytes += (int64_t)n_vis * (oracle ? d : u) * (int64_t)s_esz(s);
         if (sparq) s_sparq_aux_of(s, st, g, n_vis, zm, zs);
+        if (plus) bytes += s_plus_aux_of(s, st, g, n_vis, qr, zm, zs);
         for (int i = 0; i < n_q; i++) {
             const int unit = st->gqa == SHARD_GQA_SHARED ? g : g * grp + i;
             const int n = topk_acc_finish(&acc[i]);
@@ -899,6 +997,7 @@ static void s_attend_rows(shard_t *s, const shard_step *st, int g, int unit, top
         dtype_to_f32(SIMD_AUTO, lay->dtype, (size_t)n * d, s->stage, kg);
         dtype_to_f32(SIMD_AUTO, lay->dtype, (size_t)n * d, s->stage + cap * d, vg);
     }
+    if (st->method == SHARD_FASA_PLUS) s_plus_take(s, st, unit, u, n, qf, kg, vg);
     score_rows(n, d, n_q, lg, (int)cap, qf, kg, d, 0);
     for (int i = 0; i < n_q; i++)
         for (int j = 0; j < n; j++) lg[(size_t)i * cap + j] *= st->scale;
@@ -921,6 +1020,11 @@ int shard_attend(shard_t *s, const shard_step *st, const topk_cand *thr, const u
                      (size_t)2 * d * s->kept_budget * s_rows_per_cand(st) * sizeof(uint16_t))))
         return -1;
     const int n_vis = shard_visible(s, st->layer, st->max_pos);
+    if (st->method == SHARD_FASA_PLUS) { /* the score's aux, less the rows attended below */
+        const size_t na = (size_t)lay->n_heads * SHARD_SPARQ_AUX(d) * sizeof(double);
+        if (s_grow((void **)&s->plus_aux, &s->plus_aux_cap, na)) return -1;
+        memcpy(s->plus_aux, s->aux, na);
+    }
     float *qf = s->qf;
     for (int g = 0; g < hkv; g++) {
         const int *perm = lay->perm + ((size_t)st->layer * hkv + g) * d;
