@@ -34,7 +34,8 @@ static const char ppl_usage[] =
     "                       (the independent reference for --method dense)\n";
 static const char common_usage[] =
     "  --method M           fasa (needs --profile or --calibrate-on), dense (default), oracle\n"
-    "                       (exact top-B), stream, quest or sparq (see 'fasa replay --help')\n"
+    "                       (exact top-B), stream, quest, sparq or fasa-plus (see 'fasa replay "
+    "--help')\n"
     "  --budget B           tokens kept per query head (per KV head with --gqa shared);\n"
     "                       required unless the method is dense\n"
     "  --profile PROFILE    calibration profile from 'fasa calibrate' (interleaved pairing)\n"
@@ -186,7 +187,8 @@ static int s_parse(const char *cmd, int argc, char **argv, model_opts *o)
         case 'm':
             if (fasa_method_parse(optarg, &o->method))
                 return cli_usage_error(
-                    cmd, "--method '%s' is not fasa, dense, oracle, stream, quest or sparq",
+                    cmd,
+                    "--method '%s' is not fasa, dense, oracle, stream, quest, sparq or fasa-plus",
                     optarg);
             break;
         case 'b':
@@ -237,8 +239,10 @@ static int s_parse(const char *cmd, int argc, char **argv, model_opts *o)
     if (o->method != FASA_METHOD_DENSE && !o->budget)
         return cli_usage_error(cmd, "--method %s needs --budget B (B >= 1)",
                                fasa_method_name(o->method));
-    if (o->method == FASA_METHOD_FASA && !o->profile && !o->calib_text)
-        return cli_usage_error(cmd, "--method fasa needs --profile or --calibrate-on FILE");
+    if ((o->method == FASA_METHOD_FASA || o->method == FASA_METHOD_FASA_PLUS) && !o->profile &&
+        !o->calib_text)
+        return cli_usage_error(cmd, "--method %s needs --profile or --calibrate-on FILE",
+                               fasa_method_name(o->method));
     if (!o->budget) o->budget = 1; /* dense: unused */
     return 0;
 }
@@ -474,7 +478,7 @@ static void s_describe(const model_opts *o, const model_run *r, char *buf, size_
     }
     char b[32] = "", dl[160] = "";
     if (o->method != FASA_METHOD_DENSE) snprintf(b, sizeof(b), ", budget %ld", o->budget);
-    if (o->method == FASA_METHOD_FASA) {
+    if (o->method == FASA_METHOD_FASA || o->method == FASA_METHOD_FASA_PLUS) {
         size_t n = (size_t)snprintf(dl, sizeof(dl), ", dense layers:");
         for (int l = 0; l < r->m.cfg.n_layers && n < sizeof(dl); l++)
             if (r->dense[l]) n += (size_t)snprintf(dl + n, sizeof(dl) - n, " %d", l);

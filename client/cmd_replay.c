@@ -26,12 +26,16 @@ static const char usage[] =
     "  --method M           fasa (needs --profile), dense, oracle (exact top-B), or the\n"
     "                       baselines stream (8 sinks + recent), quest (pages of 16;\n"
     "                       --block must be a multiple of 16) and sparq (r = 2 ntip\n"
-    "                       dims with --profile, else head_dim/4; per-head gqa only)\n"
+    "                       dims with --profile, else head_dim/4; per-head gqa only), or\n"
+    "                       ours, fasa-plus (needs --profile; per-head gqa only: fasa's\n"
+    "                       scan plus a sink and a recent window of B/(2 ntip) - 1 tokens,\n"
+    "                       and the unselected tokens' mass estimated from their scores)\n"
     "  --budget B           tokens kept per query head (per KV head with --gqa shared); when\n"
     "                       t+1 <= B every token is used\n"
     "  --out OUT.npy        attention outputs\n"
     "  --profile PROFILE    calibration profile from 'fasa calibrate'\n"
-    "  --dense-layers LIST  comma-separated layers kept dense under fasa, or none (default 0)\n"
+    "  --dense-layers LIST  comma-separated layers kept dense under fasa and fasa-plus, or\n"
+    "                       none (default 0)\n"
     "  --positions A:B[:S]  decode positions (default: the last quarter of the dump)\n"
     "  --gqa G              per-head (default) or shared: one token set per KV head\n"
     "  --pairing P          interleaved (default) or half; taken from the profile if given\n"
@@ -113,7 +117,8 @@ static int s_parse(int argc, char **argv, replay_opts *o)
         case 'm':
             if (fasa_method_parse(optarg, &o->method))
                 return cli_usage_error(
-                    "replay", "--method '%s' is not fasa, dense, oracle, stream, quest or sparq",
+                    "replay",
+                    "--method '%s' is not fasa, dense, oracle, stream, quest, sparq or fasa-plus",
                     optarg);
             o->have_method = 1;
             break;
@@ -154,7 +159,7 @@ static int s_parse(int argc, char **argv, replay_opts *o)
     if (!o->have_method) return cli_usage_error("replay", "--method is required");
     if (!o->budget) return cli_usage_error("replay", "--budget B is required (B >= 1)");
     if (!o->out) return cli_usage_error("replay", "--out OUT.npy is required");
-    if (o->method == FASA_METHOD_FASA && !o->profile)
+    if ((o->method == FASA_METHOD_FASA || o->method == FASA_METHOD_FASA_PLUS) && !o->profile)
         return cli_usage_error("replay", "--method fasa needs --profile (see 'fasa calibrate')");
     return 0;
 }
@@ -360,7 +365,8 @@ int cmd_replay(int argc, char **argv)
                "rel_err_max");
         for (int l = 0; l < L; l++) {
             const int is_dense =
-                o.method == FASA_METHOD_DENSE || (o.method == FASA_METHOD_FASA && dense[l]);
+                o.method == FASA_METHOD_DENSE ||
+                ((o.method == FASA_METHOD_FASA || o.method == FASA_METHOD_FASA_PLUS) && dense[l]);
             printf("%-6d %-8s %-10.4f %-14.3e %-14.3e\n", l, is_dense ? "dense" : "sparse",
                    cmp[l].recall_sum / cmp[l].n, cmp[l].err_sum / cmp[l].n, cmp[l].err_max);
         }

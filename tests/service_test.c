@@ -679,7 +679,7 @@ START_TEST(test_stats_counts)
     ck_assert_int_eq(seen.n[FASA__V1__METHOD__STREAM], 0);
     ck_assert_int_eq(seen.n[FASA__V1__METHOD__QUEST], 0);
     ck_assert_int_eq(seen.n[FASA__V1__METHOD__SPARQ], 0);
-    ck_assert_uint_eq(res->n_latency, 6); /* FASA, DENSE, ORACLE, STREAM, QUEST, SPARQ */
+    ck_assert_uint_eq(res->n_latency, 7); /* FASA, DENSE, ORACLE, STREAM, QUEST, SPARQ, FASA_PLUS */
     for (size_t i = 0; i < res->n_latency; i++) {
         const int m = (int)res->latency[i]->method;
         ck_assert_int_eq(m, (int)i + 1);
