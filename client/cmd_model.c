@@ -31,7 +31,12 @@ static const char ppl_usage[] =
     "  --tokens N           tokens to decode, BOS included (default 512; RoPE runs past the\n"
     "                       model's seq_len, as extrapolation)\n"
     "  --reference          use the runner's built-in full attention instead of fasa\n"
-    "                       (the independent reference for --method dense)\n";
+    "                       (the independent reference for --method dense)\n"
+    "  --vs-dense           also decode with the built-in full attention in lockstep and\n"
+    "                       print the mean KL divergence KL(dense || method) of the\n"
+    "                       next-token distributions and how often both argmaxes agree\n"
+    "                       (perplexity alone misleads: past the model's training length\n"
+    "                       a sparse method can score below dense); no per-bucket lines\n";
 static const char common_usage[] =
     "  --method M           fasa (needs --profile or --calibrate-on), dense (default), oracle\n"
     "                       (exact top-B), stream, quest, sparq or fasa-plus (see 'fasa replay "
@@ -77,7 +82,7 @@ typedef struct model_opts {
     double temperature;
     fasa_method method;
     fasa_gqa gqa;
-    int reference;
+    int reference, vs_dense;
 } model_opts;
 
 static int s_parse(const char *cmd, int argc, char **argv, model_opts *o)
@@ -93,6 +98,7 @@ static int s_parse(const char *cmd, int argc, char **argv, model_opts *o)
                                          {"temperature", required_argument, 0, 't'},
                                          {"seed", required_argument, 0, 'r'},
                                          {"reference", no_argument, 0, 'R'},
+                                         {"vs-dense", no_argument, 0, 'V'},
                                          {"method", required_argument, 0, 'm'},
                                          {"budget", required_argument, 0, 'b'},
                                          {"profile", required_argument, 0, 'P'},
@@ -123,11 +129,14 @@ static int s_parse(const char *cmd, int argc, char **argv, model_opts *o)
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         /* Options that belong to the other command. */
         if ((gen && (c == 'x' || c == 'n' || c == 'O')) ||
-            (!gen && (c == 'p' || c == 's' || c == 't' || c == 'r')))
+            (!gen && (c == 'p' || c == 's' || c == 't' || c == 'r')) || (gen && c == 'V'))
             return cli_usage_error(cmd, "option '%s' does not apply to %s", argv[optind - 1], cmd);
         switch (c) {
         case 'M':
             o->model = optarg;
+            break;
+        case 'V':
+            o->vs_dense = 1;
             break;
         case 'T':
             o->tokenizer = optarg;
@@ -518,10 +527,21 @@ int cmd_ppl(int argc, char **argv)
     }
     progress bar;
     progress_init(&bar, "ppl", n);
-    const int prc = llama_perplexity(&r.m, tokens, n, r.attn, r.ctx, progress_callback, &bar, &ppl);
+    llama_vs vs = {0};
+    llama_ref_attn dense = {0};
+    if (o.vs_dense && llama_ref_attn_init(&dense, &r.m.cfg)) {
+        cli_fail("ppl", "out of memory");
+        goto done;
+    }
+    const int prc =
+        o.vs_dense
+            ? llama_perplexity_vs(&r.m, tokens, n, r.attn, r.ctx, llama_ref_attend, &dense,
+                                  progress_callback, &bar, &ppl, &vs)
+            : llama_perplexity(&r.m, tokens, n, r.attn, r.ctx, progress_callback, &bar, &ppl);
+    llama_ref_attn_free(&dense);
     progress_done(&bar);
     if (prc) {
-        if (ppl.n_buckets == 0)
+        if (ppl.n_buckets == 0 && !o.vs_dense)
             cli_fail("ppl", "out of memory");
         else
             s_attn_fail("ppl", &o, &r);
@@ -535,11 +555,20 @@ int cmd_ppl(int argc, char **argv)
            c->seq_len);
     char from[48] = "";
     if (o.offset) snprintf(from, sizeof(from), " from byte %ld", o.offset);
-    printf("text %s%s: %d tokens (BOS + %ld predicted)%s\n", o.text, from, n, ppl.n,
-           n < o.tokens ? ", all of the text" : "");
+    printf("text %s%s: %d tokens (BOS + %ld predicted)%s\n", o.text, from, n,
+           o.vs_dense ? vs.n : ppl.n, n < o.tokens ? ", all of the text" : "");
     printf("attention: %s\n", what);
-    printf("perplexity %.6f (mean nll %.6f nats/token over %ld tokens)\n",
-           exp(ppl.total / (double)ppl.n), ppl.total / (double)ppl.n, ppl.n);
+    if (o.vs_dense) {
+        printf("perplexity %.6f (mean nll %.6f nats/token over %ld tokens)\n",
+               exp(vs.nll_method / (double)vs.n), vs.nll_method / (double)vs.n, vs.n);
+        printf("dense perplexity %.6f (built-in full attention, the same tokens)\n",
+               exp(vs.nll_ref / (double)vs.n));
+        printf("vs dense: mean KL %.6f nats/token, top-1 agreement %.4f (%ld of %ld)\n",
+               vs.kl / (double)vs.n, (double)vs.agree / (double)vs.n, vs.agree, vs.n);
+    }
+    if (!o.vs_dense)
+        printf("perplexity %.6f (mean nll %.6f nats/token over %ld tokens)\n",
+               exp(ppl.total / (double)ppl.n), ppl.total / (double)ppl.n, ppl.n);
     for (int b = 0; b < ppl.n_buckets; b++)
         if (ppl.count[b])
             printf("positions %d-%d: perplexity %.6f over %ld tokens\n", b * LLAMA_PPL_BUCKET,
