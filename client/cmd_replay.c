@@ -186,7 +186,8 @@ static fasa_status s_append_range(backend *be, const char *id, const fasa_activa
 }
 
 typedef struct layer_cmp {
-    double recall_sum, err_sum, err_max;
+    double recall_sum, err_sum, err_max, bytes_sum;
+    long steps;
     long n;
 } layer_cmp;
 
@@ -306,11 +307,14 @@ int cmd_replay(int argc, char **argv)
                                    .max_pos = -1};
             float *o_t = out + ((size_t)k * L + l) * H * d;
             int32_t *s_t = sel ? sel + ((size_t)k * L + l) * H * B : stepsel;
-            if (backend_attend(eng, ids[0], &req, o_t, s_t, NULL, &fe)) {
+            fasa_step_stats sst = {0};
+            if (backend_attend(eng, ids[0], &req, o_t, s_t, &sst, &fe)) {
                 cli_fail("replay", "position %ld layer %d: %s", t, l, fe.msg);
                 goto done;
             }
             if (!o.compare) continue;
+            cmp[l].bytes_sum += (double)sst.bytes_read;
+            cmp[l].steps++;
             if (backend_attend(eng, ids[1], &req, ref, NULL, NULL, &fe) ||
                 backend_attend(eng, ids[2], &req, ref + (size_t)H * d, osel, NULL, &fe)) {
                 cli_fail("replay", "position %ld layer %d: %s", t, l, fe.msg);
@@ -361,14 +365,15 @@ int cmd_replay(int argc, char **argv)
            n_pos, pa, pb, ps, L, fasa_method_name(o.method), B,
            o.gqa == FASA_GQA_SHARED ? "shared" : "per-head", backend_describe(eng), o.out);
     if (o.compare) {
-        printf("%-6s %-8s %-10s %-14s %-14s\n", "layer", "mode", "recall", "rel_err_mean",
-               "rel_err_max");
+        printf("%-6s %-8s %-10s %-14s %-14s %s\n", "layer", "mode", "recall", "rel_err_mean",
+               "rel_err_max", "bytes_per_step");
         for (int l = 0; l < L; l++) {
             const int is_dense =
                 o.method == FASA_METHOD_DENSE ||
                 ((o.method == FASA_METHOD_FASA || o.method == FASA_METHOD_FASA_PLUS) && dense[l]);
-            printf("%-6d %-8s %-10.4f %-14.3e %-14.3e\n", l, is_dense ? "dense" : "sparse",
-                   cmp[l].recall_sum / cmp[l].n, cmp[l].err_sum / cmp[l].n, cmp[l].err_max);
+            printf("%-6d %-8s %-10.4f %-14.3e %-14.3e %.0f\n", l, is_dense ? "dense" : "sparse",
+                   cmp[l].recall_sum / cmp[l].n, cmp[l].err_sum / cmp[l].n, cmp[l].err_max,
+                   cmp[l].bytes_sum / (double)cmp[l].steps);
         }
     }
     rc = 0;

@@ -990,6 +990,9 @@ static int s_plan_finish(fasa_engine_t *e, const step_plan *p, float *out, fasa_
         stats->method_used = p->dense ? FASA_METHOD_DENSE : p->method;
         stats->n_visible = p->n_vis;
         stats->bytes_read = p->bytes;
+        /* fasa-plus also reads the running key and value sums, head_dim doubles each. */
+        if (p->st.method == SHARD_FASA_PLUS)
+            stats->bytes_read += (int64_t)nh * 2 * d * (int64_t)sizeof(double);
     }
     return 0;
 }

@@ -736,8 +736,8 @@ static void s_plus_fold(const shard_step *st, int n_q, int n, const int32_t *pos
 /* FASA_PLUS: the aux entries of KV head g's heads after the scan (shard_attend then takes
  * the selected rows out): the normaliser of z over the visible rows, q_rest . (sum of the
  * visible keys) over the dims not packed in kdom (qr, packed order), and the visible
- * values' sum. Returns the bytes read: the two running sums, and the rows past max_pos
- * (taken out of them). */
+ * values' sum. Returns the bytes read of the rows past max_pos (taken out of them); the
+ * engine counts the two running sums (2 head_dim doubles per query head). */
 static int64_t s_plus_aux_of(shard_t *s, const shard_step *st, int g, int n_vis, const float *qr,
                              const float *zm, const double *zs)
 {
@@ -769,8 +769,7 @@ static int64_t s_plus_aux_of(shard_t *s, const shard_step *st, int g, int n_vis,
         for (int p = u; p < d; p++) a[2] += (double)qr[(size_t)i * (d - u) + p - u] * ks[perm[p]];
         for (int c = 0; c < d; c++) a[3 + c] = vs[c];
     }
-    return (int64_t)grp * 2 * d * (int64_t)sizeof(double) +
-           (int64_t)(ls->n_rows - n_vis) * 2 * d * (int64_t)s_esz(s);
+    return (int64_t)(ls->n_rows - n_vis) * 2 * d * (int64_t)s_esz(s);
 }
 
 /* FASA_PLUS phase 2: takes the n gathered rows (kg permuted keys, vg values) that head h

@@ -76,8 +76,8 @@
  *           gathered keys), q_rest . (sum of the visible keys) over the dims not packed, and
  *           the sum of the values of the visible rows not attended. The coordinator
  *           estimates the unselected tokens' softmax mass from them (coord/engine.h). The
- *           store keeps a running sum of each layer's keys per KV head for this; the two
- *           sums count as 2 head_dim doubles read per query head. */
+ *           store keeps a running sum of each layer's keys per KV head for this; the engine
+ *           counts the two sums as 2 head_dim doubles read per query head. */
 typedef enum shard_method {
     SHARD_FASA = 0,
     SHARD_DENSE = 1,
