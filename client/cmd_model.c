@@ -36,14 +36,18 @@ static const char ppl_usage[] =
     "                       print the mean KL divergence KL(dense || method) of the\n"
     "                       next-token distributions and how often both argmaxes agree\n"
     "                       (perplexity alone misleads: past the model's training length\n"
-    "                       a sparse method can score below dense); no per-bucket lines\n";
+    "                       a sparse method can score below dense)\n";
 static const char common_usage[] =
     "  --method M           fasa (needs --profile or --calibrate-on), dense (default), oracle\n"
     "                       (exact top-B), stream, quest, sparq or fasa-plus (see 'fasa replay "
     "--help')\n"
     "  --budget B           tokens kept per query head (per KV head with --gqa shared);\n"
     "                       required unless the method is dense\n"
-    "  --profile PROFILE    calibration profile from 'fasa calibrate' (interleaved pairing)\n"
+    "  --profile PROFILE    calibration profile from 'fasa calibrate' (either pairing)\n"
+    "  --pairing P          FC pairing: interleaved (dims 2i, 2i+1, the model's RoPE pairs;\n"
+    "                       the default) or half (dims i, i + head_dim/2: the grouping of\n"
+    "                       FASA's reference code); taken from --profile if given, and\n"
+    "                       what --calibrate-on calibrates with\n"
     "  --calibrate-on FILE  calibrate a profile first: run the model with full attention over\n"
     "                       the first --calib-tokens tokens of FILE, record q and k, and\n"
     "                       choose each head's dominant FCs\n"
@@ -82,7 +86,8 @@ typedef struct model_opts {
     double temperature;
     fasa_method method;
     fasa_gqa gqa;
-    int reference, vs_dense;
+    fc_pairing pairing;
+    int reference, vs_dense, have_pairing;
 } model_opts;
 
 static int s_parse(const char *cmd, int argc, char **argv, model_opts *o)
@@ -99,6 +104,7 @@ static int s_parse(const char *cmd, int argc, char **argv, model_opts *o)
                                          {"seed", required_argument, 0, 'r'},
                                          {"reference", no_argument, 0, 'R'},
                                          {"vs-dense", no_argument, 0, 'V'},
+                                         {"pairing", required_argument, 0, 'A'},
                                          {"method", required_argument, 0, 'm'},
                                          {"budget", required_argument, 0, 'b'},
                                          {"profile", required_argument, 0, 'P'},
@@ -137,6 +143,11 @@ static int s_parse(const char *cmd, int argc, char **argv, model_opts *o)
             break;
         case 'V':
             o->vs_dense = 1;
+            break;
+        case 'A':
+            if (fc_pairing_parse(optarg, &o->pairing))
+                return cli_usage_error(cmd, "--pairing '%s' is not interleaved or half", optarg);
+            o->have_pairing = 1;
             break;
         case 'T':
             o->tokenizer = optarg;
@@ -388,7 +399,7 @@ static fasa_profile *s_calibrate(const model_opts *o, const llama_model *m,
                           .pos_begin = (int)o->window,
                           .pos_end = n,
                           .pos_step = 1,
-                          .pairing = FC_PAIRING_INTERLEAVED,
+                          .pairing = o->pairing,
                           .gqa_shared = o->gqa == FASA_GQA_SHARED};
     progress_init(&bar, "calibrate", n - o->window);
     co.progress = progress_callback;
@@ -454,9 +465,11 @@ static int s_run_open(const char *cmd, const model_opts *o, const char *id, mode
     if (o->profile) {
         if (!(r->prof = fasa_profile_load(o->profile, err, sizeof(err))))
             return cli_fail(cmd, "%s", err);
-        if (fasa_profile_check(r->prof, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim,
-                               FC_PAIRING_INTERLEAVED, err, sizeof(err)))
-            return cli_fail(cmd, "%s (model %s, RoPE pairs interleaved)", err, o->model);
+        const fc_pairing want = o->have_pairing ? o->pairing : r->prof->pairing;
+        if (fasa_profile_check(r->prof, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, want,
+                               err, sizeof(err)))
+            return cli_fail(cmd, "%s (model %s, --pairing %s)", err, o->model,
+                            fc_pairing_name(want));
     } else if (o->calib_text && !(r->prof = s_calibrate(o, &r->m, &r->tok, err, sizeof(err))))
         return cli_fail(cmd, "%s", err);
     fasa_error fe;
@@ -466,7 +479,7 @@ static int s_run_open(const char *cmd, const model_opts *o, const char *id, mode
                                      .n_heads = c->n_heads,
                                      .n_kv_heads = c->n_kv_heads,
                                      .head_dim = c->head_dim,
-                                     .pairing = FC_PAIRING_INTERLEAVED,
+                                     .pairing = r->prof ? r->prof->pairing : o->pairing,
                                      .profile = r->prof,
                                      .method = o->method,
                                      .budget = (int)o->budget,
@@ -541,7 +554,7 @@ int cmd_ppl(int argc, char **argv)
     llama_ref_attn_free(&dense);
     progress_done(&bar);
     if (prc) {
-        if (ppl.n_buckets == 0 && !o.vs_dense)
+        if (ppl.n_buckets == 0)
             cli_fail("ppl", "out of memory");
         else
             s_attn_fail("ppl", &o, &r);
@@ -555,20 +568,17 @@ int cmd_ppl(int argc, char **argv)
            c->seq_len);
     char from[48] = "";
     if (o.offset) snprintf(from, sizeof(from), " from byte %ld", o.offset);
-    printf("text %s%s: %d tokens (BOS + %ld predicted)%s\n", o.text, from, n,
-           o.vs_dense ? vs.n : ppl.n, n < o.tokens ? ", all of the text" : "");
+    printf("text %s%s: %d tokens (BOS + %ld predicted)%s\n", o.text, from, n, ppl.n,
+           n < o.tokens ? ", all of the text" : "");
     printf("attention: %s\n", what);
+    printf("perplexity %.6f (mean nll %.6f nats/token over %ld tokens)\n",
+           exp(ppl.total / (double)ppl.n), ppl.total / (double)ppl.n, ppl.n);
     if (o.vs_dense) {
-        printf("perplexity %.6f (mean nll %.6f nats/token over %ld tokens)\n",
-               exp(vs.nll_method / (double)vs.n), vs.nll_method / (double)vs.n, vs.n);
         printf("dense perplexity %.6f (built-in full attention, the same tokens)\n",
                exp(vs.nll_ref / (double)vs.n));
         printf("vs dense: mean KL %.6f nats/token, top-1 agreement %.4f (%ld of %ld)\n",
                vs.kl / (double)vs.n, (double)vs.agree / (double)vs.n, vs.agree, vs.n);
     }
-    if (!o.vs_dense)
-        printf("perplexity %.6f (mean nll %.6f nats/token over %ld tokens)\n",
-               exp(ppl.total / (double)ppl.n), ppl.total / (double)ppl.n, ppl.n);
     for (int b = 0; b < ppl.n_buckets; b++)
         if (ppl.count[b])
             printf("positions %d-%d: perplexity %.6f over %ld tokens\n", b * LLAMA_PPL_BUCKET,

@@ -612,6 +612,16 @@ int llama_perplexity_vs(const llama_model *m, const int *tokens, int n, llama_at
         return -1;
     }
     memset(out, 0, sizeof(*out));
+    const int nb = (n - 1) / LLAMA_PPL_BUCKET + 1;
+    out->nll = calloc((size_t)nb, sizeof(double));
+    out->count = calloc((size_t)nb, sizeof(long));
+    if (!out->nll || !out->count) {
+        llama_ppl_free(out);
+        llama_state_free(&s);
+        llama_state_free(&r);
+        return -1;
+    }
+    out->n_buckets = nb;
     const int V = m->cfg.vocab_size;
     int rc = 0;
     for (int t = 0; t + 1 < n; t++) { /* the last token predicts nothing */
@@ -629,7 +639,13 @@ int llama_perplexity_vs(const llama_model *m, const int *tokens, int n, llama_at
         }
         vs->kl += kl;
         vs->agree += s_argmax(V, s.logits) == s_argmax(V, r.logits);
-        vs->nll_method += zs - s.logits[tokens[t + 1]];
+        const double nll = zs - s.logits[tokens[t + 1]];
+        const int b = (t + 1) / LLAMA_PPL_BUCKET;
+        out->nll[b] += nll;
+        out->count[b]++;
+        out->total += nll;
+        out->n++;
+        vs->nll_method += nll;
         vs->nll_ref += zr - r.logits[tokens[t + 1]];
         vs->n++;
         if (progress) progress(progress_arg, t + 1, n);

@@ -147,8 +147,9 @@ typedef struct llama_vs {
 
 /* Decodes tokens[0..n-1] twice in lockstep, with attn (the method) and with ref_attn (the
  * reference, e.g. llama_ref_attend), and compares the next-token distributions at each
- * position t < n - 1 (the last token is not run). out is left empty (n_buckets 0). 0, or
- * -1 (an attention failed, or out of memory). */
+ * position t < n - 1 (the last token is not run); out gets the method's perplexity as
+ * llama_perplexity gives it. 0, or -1 (an attention failed, or out of memory: out->n_buckets
+ * is 0 then). */
 int llama_perplexity_vs(const llama_model *m, const int *tokens, int n, llama_attn_fn attn,
                         void *ctx, llama_attn_fn ref_attn, void *ref_ctx,
                         void (*progress)(void *arg, long done, long total), void *progress_arg,
