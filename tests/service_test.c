@@ -353,8 +353,8 @@ static void s_attend_init(Fasa__V1__Attend *a, Fasa__V1__Tensor *tq, Fasa__V1__T
 
 /* Step times seen in the replies, by method_used. */
 typedef struct seen_steps {
-    int n[7];
-    uint64_t us[7][64];
+    int n[FASA__V1__METHOD__FASA_PLUS + 1];
+    uint64_t us[FASA__V1__METHOD__FASA_PLUS + 1][64];
 } seen_steps;
 
 static void s_seen(seen_steps *st, const Fasa__V1__AttendResult *res)
