@@ -101,8 +101,7 @@ rows=()
 for n in 1 2; do
     for g in per-head shared; do
         for p in interleaved half; do
-            ppl=yes
-            [ $p = half ] && ppl=no # the model's RoPE pairs are interleaved: 'ppl' takes no half profile
+            ppl=yes # half profiles too: 'fasa ppl' takes the pairing from the profile
             rows+=("fasa-$n-$g-$p|fasa ntip $n, $g, $p|fasa|$g|${n}_${g}_${p}|none|yes|$ppl")
         done
     done
@@ -115,6 +114,9 @@ for g in per-head shared; do
 done
 rows+=("sparq-2|sparq r=2 (of 8 dims), per-head|sparq|per-head|||yes|yes")
 rows+=("sparq-4|sparq r=4 (of 8 dims), per-head|sparq|per-head|2_per-head_interleaved||yes|yes")
+for n in 1 2; do # ours (README "Our method: fasa-plus")
+    rows+=("fasa-plus-$n|fasa-plus ntip $n, per-head (ours)|fasa-plus|per-head|${n}_per-head_interleaved|none|yes|yes")
+done
 
 args_for() { # row fields -> the method's arguments of replay / ppl, in $margs
     margs=(--method "$1" --gqa "$2")
@@ -142,7 +144,7 @@ for r in "${rows[@]}"; do
     for B in $BUDGETS; do
         i=$((i + 1))
         args_for "$method" "$gqa" "$prof" "$dl"
-        task "ppl_${id}_$B" "$fasa" ppl "${ppl_common[@]}" --budget "$B" "${margs[@]}"
+        task "ppl_${id}_$B" "$fasa" ppl "${ppl_common[@]}" --budget "$B" "${margs[@]}" --vs-dense
     done
     say "  ppl $i/$n_ppl queued ($label)"
 done
@@ -188,8 +190,11 @@ ppl_of() { # file bucket(all|512) -> perplexity
         awk '$1 == "positions" && $2 == "0-511:" { printf "%.2f", $4 }' "$1"
     fi
 }
-rec_of() { # file col(3 recall | 4 err) -> mean over the layers
-    awk -v c="$2" '$1 ~ /^[0-9]+$/ && NF >= 5 { s += $c; n++ } END { if (n) printf (c == 3 ? "%.3f" : "%.3f"), s / n }' "$1"
+kl_of() { # file -> mean KL from dense / top-1 agreement (fasa ppl --vs-dense)
+    awk '$1 == "vs" && $2 == "dense:" { printf "%.4f / %.3f", $5, $9 }' "$1"
+}
+rec_of() { # file col(3 recall | 4 err | 6 bytes per step) -> mean over the layers
+    awk -v c="$2" '$1 ~ /^[0-9]+$/ && NF >= 5 { s += $c; n++ } END { if (n) printf (c == 6 ? "%.0f" : "%.3f"), s / n }' "$1"
 }
 report=$out/report.md
 {
@@ -206,8 +211,10 @@ report=$out/report.md
     echo "  \"CHAPTER I.\", byte 573), never seen by calibration; the first 512 and $T tokens."
     echo "- Perplexity: \`fasa ppl\` decoding the held-out text token by token with the method"
     echo "  doing every attention (positions 1..N-1 predicted). The 512 column is the 0-511"
-    echo "  bucket of the $T-token decode, which equals a 512-token run. Only interleaved"
-    echo "  profiles run here (the model's own pairing; \`fasa ppl\` refuses half)."
+    echo "  bucket of the $T-token decode, which equals a 512-token run. Half profiles group"
+    echo "  dims i and i+4, which are not the model's RoPE pairs (FASA's reference code's grouping)."
+    echo "- KL: \`fasa ppl --vs-dense\`: the mean KL(dense || method) of the next-token"
+    echo "  distribution over the $T-token decode, and the share of positions whose argmax agrees."
     echo "- Recall: share of the exact top-B (per query head; per KV head under shared GQA)"
     echo "  that the method selected, and the mean relative L2 error of the attention output"
     echo "  against dense, from \`fasa replay --compare\` on the recorded held-out activations,"
@@ -239,6 +246,32 @@ report=$out/report.md
             for B in $BUDGETS; do printf ' %s |' "$(ppl_of "$work/res/ppl_${id}_$B.txt" $bucket)"; done
             echo
         done
+        if [ "$len" = "$T" ]; then
+            echo
+            echo "### Mean KL divergence of the next-token distribution from dense's / top-1 agreement ($T tokens)"
+            echo
+            printf '| method |'; for B in $BUDGETS; do printf ' B=%s |' "$B"; done; echo
+            printf '|---|'; for B in $BUDGETS; do printf -- '---:|'; done; echo
+            for r in "${rows[@]}"; do
+                IFS='|' read -r id label method gqa prof dl rep ppl <<<"$r"
+                [ "$ppl" = yes ] || continue
+                printf '| %s |' "$label"
+                for B in $BUDGETS; do printf ' %s |' "$(kl_of "$work/res/ppl_${id}_$B.txt")"; done
+                echo
+            done
+            echo
+            echo "### KV bytes read per step (one layer, all heads; the engine's bytes_read)"
+            echo
+            printf '| method |'; for B in $BUDGETS; do printf ' B=%s |' "$B"; done; echo
+            printf '|---|'; for B in $BUDGETS; do printf -- '---:|'; done; echo
+            for r in "${rows[@]}"; do
+                IFS='|' read -r id label method gqa prof dl rep ppl <<<"$r"
+                [ "$rep" = yes ] || continue
+                printf '| %s |' "$label"
+                for B in $BUDGETS; do printf ' %s |' "$(rec_of "$work/res/rep_${len}_${id}_$B.txt" 6)"; done
+                echo
+            done
+        fi
         echo
         echo "### Recall of the exact top-B / mean relative output error"
         echo
@@ -281,7 +314,7 @@ report=$out/report.md
 } >"$report"
 
 # 7. Plots (gnuplot only): recall and perplexity against B at $T tokens, per-head rows.
-plot_rows=(oracle-per-head fasa-1-per-head-interleaved fasa-2-per-head-interleaved fasa-1-shared-interleaved fasa-2-shared-interleaved stream-per-head quest-per-head sparq-2 sparq-4)
+plot_rows=(oracle-per-head fasa-plus-1 fasa-plus-2 fasa-1-per-head-interleaved fasa-2-per-head-interleaved fasa-1-shared-interleaved fasa-2-shared-interleaved stream-per-head quest-per-head sparq-2 sparq-4)
 if command -v gnuplot >/dev/null; then
     for what in recall ppl; do
         dat=$work/$what.dat

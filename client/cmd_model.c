@@ -32,13 +32,23 @@ static const char ppl_usage[] =
     "  --tokens N           tokens to decode, BOS included (default 512; RoPE runs past the\n"
     "                       model's seq_len, as extrapolation)\n"
     "  --reference          use the runner's built-in full attention instead of fasa\n"
-    "                       (the independent reference for --method dense)\n";
+    "                       (the independent reference for --method dense)\n"
+    "  --vs-dense           also decode with the built-in full attention in lockstep and\n"
+    "                       print the mean KL divergence KL(dense || method) of the\n"
+    "                       next-token distributions and how often both argmaxes agree\n"
+    "                       (perplexity alone misleads: past the model's training length\n"
+    "                       a sparse method can score below dense)\n";
 static const char common_usage[] =
     "  --method M           fasa (needs --profile or --calibrate-on), dense (default), oracle\n"
-    "                       (exact top-B), stream, quest or sparq (see 'fasa replay --help')\n"
+    "                       (exact top-B), stream, quest, sparq or fasa-plus (see 'fasa replay "
+    "--help')\n"
     "  --budget B           tokens kept per query head (per KV head with --gqa shared);\n"
     "                       required unless the method is dense\n"
-    "  --profile PROFILE    calibration profile from 'fasa calibrate' (interleaved pairing)\n"
+    "  --profile PROFILE    calibration profile from 'fasa calibrate' (either pairing)\n"
+    "  --pairing P          FC pairing: interleaved (dims 2i, 2i+1, the model's RoPE pairs;\n"
+    "                       the default) or half (dims i, i + head_dim/2: the grouping of\n"
+    "                       FASA's reference code); taken from --profile if given, and\n"
+    "                       what --calibrate-on calibrates with\n"
     "  --calibrate-on FILE  calibrate a profile first: run the model with full attention over\n"
     "                       the first --calib-tokens tokens of FILE, record q and k, and\n"
     "                       choose each head's dominant FCs\n"
@@ -79,7 +89,8 @@ typedef struct model_opts {
     double temperature;
     fasa_method method;
     fasa_gqa gqa;
-    int reference;
+    fc_pairing pairing;
+    int reference, vs_dense, have_pairing;
     int score_dtype; /* scan_dtype, 0 auto */
 } model_opts;
 
@@ -96,6 +107,8 @@ static int s_parse(const char *cmd, int argc, char **argv, model_opts *o)
                                          {"temperature", required_argument, 0, 't'},
                                          {"seed", required_argument, 0, 'r'},
                                          {"reference", no_argument, 0, 'R'},
+                                         {"vs-dense", no_argument, 0, 'V'},
+                                         {"pairing", required_argument, 0, 'A'},
                                          {"method", required_argument, 0, 'm'},
                                          {"budget", required_argument, 0, 'b'},
                                          {"profile", required_argument, 0, 'P'},
@@ -127,11 +140,19 @@ static int s_parse(const char *cmd, int argc, char **argv, model_opts *o)
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         /* Options that belong to the other command. */
         if ((gen && (c == 'x' || c == 'n' || c == 'O')) ||
-            (!gen && (c == 'p' || c == 's' || c == 't' || c == 'r')))
+            (!gen && (c == 'p' || c == 's' || c == 't' || c == 'r')) || (gen && c == 'V'))
             return cli_usage_error(cmd, "option '%s' does not apply to %s", argv[optind - 1], cmd);
         switch (c) {
         case 'M':
             o->model = optarg;
+            break;
+        case 'V':
+            o->vs_dense = 1;
+            break;
+        case 'A':
+            if (fc_pairing_parse(optarg, &o->pairing))
+                return cli_usage_error(cmd, "--pairing '%s' is not interleaved or half", optarg);
+            o->have_pairing = 1;
             break;
         case 'T':
             o->tokenizer = optarg;
@@ -191,7 +212,8 @@ static int s_parse(const char *cmd, int argc, char **argv, model_opts *o)
         case 'm':
             if (fasa_method_parse(optarg, &o->method))
                 return cli_usage_error(
-                    cmd, "--method '%s' is not fasa, dense, oracle, stream, quest or sparq",
+                    cmd,
+                    "--method '%s' is not fasa, dense, oracle, stream, quest, sparq or fasa-plus",
                     optarg);
             break;
         case 'b':
@@ -247,8 +269,10 @@ static int s_parse(const char *cmd, int argc, char **argv, model_opts *o)
     if (o->method != FASA_METHOD_DENSE && !o->budget)
         return cli_usage_error(cmd, "--method %s needs --budget B (B >= 1)",
                                fasa_method_name(o->method));
-    if (o->method == FASA_METHOD_FASA && !o->profile && !o->calib_text)
-        return cli_usage_error(cmd, "--method fasa needs --profile or --calibrate-on FILE");
+    if ((o->method == FASA_METHOD_FASA || o->method == FASA_METHOD_FASA_PLUS) && !o->profile &&
+        !o->calib_text)
+        return cli_usage_error(cmd, "--method %s needs --profile or --calibrate-on FILE",
+                               fasa_method_name(o->method));
     if (!o->budget) o->budget = 1; /* dense: unused */
     return 0;
 }
@@ -385,7 +409,7 @@ static fasa_profile *s_calibrate(const model_opts *o, const llama_model *m,
                           .pos_begin = (int)o->window,
                           .pos_end = n,
                           .pos_step = 1,
-                          .pairing = FC_PAIRING_INTERLEAVED,
+                          .pairing = o->pairing,
                           .gqa_shared = o->gqa == FASA_GQA_SHARED};
     progress_init(&bar, "calibrate", n - o->window);
     co.progress = progress_callback;
@@ -451,9 +475,11 @@ static int s_run_open(const char *cmd, const model_opts *o, const char *id, mode
     if (o->profile) {
         if (!(r->prof = fasa_profile_load(o->profile, err, sizeof(err))))
             return cli_fail(cmd, "%s", err);
-        if (fasa_profile_check(r->prof, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim,
-                               FC_PAIRING_INTERLEAVED, err, sizeof(err)))
-            return cli_fail(cmd, "%s (model %s, RoPE pairs interleaved)", err, o->model);
+        const fc_pairing want = o->have_pairing ? o->pairing : r->prof->pairing;
+        if (fasa_profile_check(r->prof, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, want,
+                               err, sizeof(err)))
+            return cli_fail(cmd, "%s (model %s, --pairing %s)", err, o->model,
+                            fc_pairing_name(want));
     } else if (o->calib_text && !(r->prof = s_calibrate(o, &r->m, &r->tok, err, sizeof(err))))
         return cli_fail(cmd, "%s", err);
     fasa_error fe;
@@ -463,7 +489,7 @@ static int s_run_open(const char *cmd, const model_opts *o, const char *id, mode
                                      .n_heads = c->n_heads,
                                      .n_kv_heads = c->n_kv_heads,
                                      .head_dim = c->head_dim,
-                                     .pairing = FC_PAIRING_INTERLEAVED,
+                                     .pairing = r->prof ? r->prof->pairing : o->pairing,
                                      .profile = r->prof,
                                      .method = o->method,
                                      .budget = (int)o->budget,
@@ -485,7 +511,7 @@ static void s_describe(const model_opts *o, const model_run *r, char *buf, size_
     }
     char b[32] = "", dl[160] = "";
     if (o->method != FASA_METHOD_DENSE) snprintf(b, sizeof(b), ", budget %ld", o->budget);
-    if (o->method == FASA_METHOD_FASA) {
+    if (o->method == FASA_METHOD_FASA || o->method == FASA_METHOD_FASA_PLUS) {
         size_t n = (size_t)snprintf(dl, sizeof(dl), ", dense layers:");
         for (int l = 0; l < r->m.cfg.n_layers && n < sizeof(dl); l++)
             if (r->dense[l]) n += (size_t)snprintf(dl + n, sizeof(dl) - n, " %d", l);
@@ -525,7 +551,18 @@ int cmd_ppl(int argc, char **argv)
     }
     progress bar;
     progress_init(&bar, "ppl", n);
-    const int prc = llama_perplexity(&r.m, tokens, n, r.attn, r.ctx, progress_callback, &bar, &ppl);
+    llama_vs vs = {0};
+    llama_ref_attn dense = {0};
+    if (o.vs_dense && llama_ref_attn_init(&dense, &r.m.cfg)) {
+        cli_fail("ppl", "out of memory");
+        goto done;
+    }
+    const int prc =
+        o.vs_dense
+            ? llama_perplexity_vs(&r.m, tokens, n, r.attn, r.ctx, llama_ref_attend, &dense,
+                                  progress_callback, &bar, &ppl, &vs)
+            : llama_perplexity(&r.m, tokens, n, r.attn, r.ctx, progress_callback, &bar, &ppl);
+    llama_ref_attn_free(&dense);
     progress_done(&bar);
     if (prc) {
         if (ppl.n_buckets == 0)
@@ -547,6 +584,12 @@ int cmd_ppl(int argc, char **argv)
     printf("attention: %s\n", what);
     printf("perplexity %.6f (mean nll %.6f nats/token over %ld tokens)\n",
            exp(ppl.total / (double)ppl.n), ppl.total / (double)ppl.n, ppl.n);
+    if (o.vs_dense) {
+        printf("dense perplexity %.6f (built-in full attention, the same tokens)\n",
+               exp(vs.nll_ref / (double)vs.n));
+        printf("vs dense: mean KL %.6f nats/token, top-1 agreement %.4f (%ld of %ld)\n",
+               vs.kl / (double)vs.n, (double)vs.agree / (double)vs.n, vs.agree, vs.n);
+    }
     for (int b = 0; b < ppl.n_buckets; b++)
         if (ppl.count[b])
             printf("positions %d-%d: perplexity %.6f over %ld tokens\n", b * LLAMA_PPL_BUCKET,

@@ -27,12 +27,16 @@ static const char usage[] =
     "  --method M           fasa (needs --profile), dense, oracle (exact top-B), or the\n"
     "                       baselines stream (8 sinks + recent), quest (pages of 16;\n"
     "                       --block must be a multiple of 16) and sparq (r = 2 ntip\n"
-    "                       dims with --profile, else head_dim/4; per-head gqa only)\n"
+    "                       dims with --profile, else head_dim/4; per-head gqa only), or\n"
+    "                       ours, fasa-plus (needs --profile; per-head gqa only: fasa's\n"
+    "                       scan plus a sink and a recent window of B/(2 ntip) - 1 tokens,\n"
+    "                       and the unselected tokens' mass estimated from their scores)\n"
     "  --budget B           tokens kept per query head (per KV head with --gqa shared); when\n"
     "                       t+1 <= B every token is used (not needed with --method dense)\n"
     "  --out OUT.npy        attention outputs\n"
     "  --profile PROFILE    calibration profile from 'fasa calibrate'\n"
-    "  --dense-layers LIST  comma-separated layers kept dense under fasa, or none (default 0)\n"
+    "  --dense-layers LIST  comma-separated layers kept dense under fasa and fasa-plus, or\n"
+    "                       none (default 0)\n"
     "  --positions A:B[:S]  decode positions (default: the last quarter of the dump)\n"
     "  --gqa G              per-head (default) or shared: one token set per KV head\n"
     "  --pairing P          interleaved (default) or half; taken from the profile if given\n"
@@ -42,8 +46,9 @@ static const char usage[] =
     "                       per row; default: the --dtype's own key dims)\n"
     "  --selected SEL.npy   int32 (n_positions, n_layers, n_heads, B): chosen positions,\n"
     "                       best first, -1 padded; all -1 where a layer ran dense\n"
-    "  --compare            also print per layer the recall of the exact top-B and the\n"
-    "                       relative error of the output against dense attention\n"
+    "  --compare            also print per layer the recall of the exact top-B, the\n"
+    "                       relative error of the output against dense attention and the\n"
+    "                       KV bytes the method read per step (the engine's bytes_read)\n"
     "  --shards N           in-process shards (default 1; outputs do not depend on it)\n"
     "  --block N            tokens per placement block (default 2048)\n"
     "  --server ENDPOINT    run the sessions on a fasa-server (e.g. tcp://127.0.0.1:5555)\n"
@@ -119,7 +124,8 @@ static int s_parse(int argc, char **argv, replay_opts *o)
         case 'm':
             if (fasa_method_parse(optarg, &o->method))
                 return cli_usage_error(
-                    "replay", "--method '%s' is not fasa, dense, oracle, stream, quest or sparq",
+                    "replay",
+                    "--method '%s' is not fasa, dense, oracle, stream, quest, sparq or fasa-plus",
                     optarg);
             o->have_method = 1;
             break;
@@ -170,7 +176,7 @@ static int s_parse(int argc, char **argv, replay_opts *o)
     if (cli_check_writable(o->out, err, sizeof(err)) ||
         (o->selected && cli_check_writable(o->selected, err, sizeof(err))))
         return cli_usage_error("replay", "%s", err);
-    if (o->method == FASA_METHOD_FASA && !o->profile)
+    if ((o->method == FASA_METHOD_FASA || o->method == FASA_METHOD_FASA_PLUS) && !o->profile)
         return cli_usage_error("replay", "--method fasa needs --profile (see 'fasa calibrate')");
     return 0;
 }
@@ -197,7 +203,8 @@ static fasa_status s_append_range(backend *be, const char *id, const fasa_activa
 }
 
 typedef struct layer_cmp {
-    double recall_sum, err_sum, err_max;
+    double recall_sum, err_sum, err_max, bytes_sum;
+    long steps;
     long n;
 } layer_cmp;
 
@@ -318,11 +325,14 @@ int cmd_replay(int argc, char **argv)
                                    .max_pos = -1};
             float *o_t = out + ((size_t)k * L + l) * H * d;
             int32_t *s_t = sel ? sel + ((size_t)k * L + l) * H * B : stepsel;
-            if (backend_attend(eng, ids[0], &req, o_t, s_t, NULL, &fe)) {
+            fasa_step_stats sst = {0};
+            if (backend_attend(eng, ids[0], &req, o_t, s_t, &sst, &fe)) {
                 cli_fail("replay", "position %ld layer %d: %s", t, l, fe.msg);
                 goto done;
             }
             if (!o.compare) continue;
+            cmp[l].bytes_sum += (double)sst.bytes_read;
+            cmp[l].steps++;
             if (backend_attend(eng, ids[1], &req, ref, NULL, NULL, &fe) ||
                 backend_attend(eng, ids[2], &req, ref + (size_t)H * d, osel, NULL, &fe)) {
                 cli_fail("replay", "position %ld layer %d: %s", t, l, fe.msg);
@@ -373,13 +383,15 @@ int cmd_replay(int argc, char **argv)
            n_pos, pa, pb, ps, L, fasa_method_name(o.method), B,
            o.gqa == FASA_GQA_SHARED ? "shared" : "per-head", backend_describe(eng), o.out);
     if (o.compare) {
-        printf("%-6s %-8s %-10s %-14s %-14s\n", "layer", "mode", "recall", "rel_err_mean",
-               "rel_err_max");
+        printf("%-6s %-8s %-10s %-14s %-14s %s\n", "layer", "mode", "recall", "rel_err_mean",
+               "rel_err_max", "bytes_per_step");
         for (int l = 0; l < L; l++) {
             const int is_dense =
-                o.method == FASA_METHOD_DENSE || (o.method == FASA_METHOD_FASA && dense[l]);
-            printf("%-6d %-8s %-10.4f %-14.3e %-14.3e\n", l, is_dense ? "dense" : "sparse",
-                   cmp[l].recall_sum / cmp[l].n, cmp[l].err_sum / cmp[l].n, cmp[l].err_max);
+                o.method == FASA_METHOD_DENSE ||
+                ((o.method == FASA_METHOD_FASA || o.method == FASA_METHOD_FASA_PLUS) && dense[l]);
+            printf("%-6d %-8s %-10.4f %-14.3e %-14.3e %.0f\n", l, is_dense ? "dense" : "sparse",
+                   cmp[l].recall_sum / cmp[l].n, cmp[l].err_sum / cmp[l].n, cmp[l].err_max,
+                   cmp[l].bytes_sum / (double)cmp[l].steps);
         }
     }
     rc = 0;

@@ -73,7 +73,7 @@ static const char create_usage[] =
     "  --pairing P         interleaved (default) or half\n"
     "  --profile FILE      calibration profile from 'fasa calibrate' (sent as text)\n"
     "  --profile-name NAME a profile stored on the server ('fasa calibrate --profile-name')\n"
-    "  --method M          default method: fasa, dense, oracle, stream, quest or sparq\n"
+    "  --method M          default method: fasa, dense, oracle, stream, quest, sparq or fasa-plus\n"
     "                      (default: fasa with a profile, else dense)\n"
     "  --budget B          default tokens kept per selection unit (default 256)\n"
     "  --gqa G             per-head (default) or shared\n"
@@ -114,7 +114,7 @@ static const char attend_usage[] =
     "  --q Q.npy           post-RoPE queries, (heads, head_dim)\n"
     "  --k-new K.npy       key of the new position, (kv_heads, head_dim), appended first\n"
     "  --v-new V.npy       its value (with --k-new)\n"
-    "  --method M          fasa, dense, oracle, stream, quest or sparq (default: the\n"
+    "  --method M          fasa, dense, oracle, stream, quest, sparq or fasa-plus (default: the\n"
     "                      session's)\n"
     "  --budget B          tokens kept per selection unit (default: the session's)\n"
     "  --gqa G             per-head or shared (default: the session's)\n"
@@ -310,7 +310,8 @@ static int s_parse(const char *cmd, const char *usage, const char *allowed, int 
         case 'm':
             if (fasa_method_parse(optarg, &o->method))
                 return cli_usage_error(
-                    cmd, "--method '%s' is not fasa, dense, oracle, stream, quest or sparq",
+                    cmd,
+                    "--method '%s' is not fasa, dense, oracle, stream, quest, sparq or fasa-plus",
                     optarg);
             o->have_method = 1;
             break;
@@ -357,7 +358,7 @@ static fasa_client *s_connect(const char *cmd, const char *server, int timeout_m
 static const char *s_method_name(fasa_client_method m)
 {
     static const char *const names[] = {"default", "fasa",  "dense", "oracle",
-                                        "stream",  "quest", "sparq"};
+                                        "stream",  "quest", "sparq", "fasa-plus"};
     return (unsigned)m <= FASA_CLIENT_METHOD_LAST ? names[m] : "unknown";
 }
 

@@ -61,14 +61,15 @@ typedef struct fasa_client_error {
 /* Attention methods; DEFAULT means the session's default (or the server's, at create). */
 typedef enum fasa_client_method {
     FASA_CLIENT_METHOD_DEFAULT = 0,
-    FASA_CLIENT_METHOD_FASA = 1,   /* dominant-FC scoring, top-B, exact attention */
-    FASA_CLIENT_METHOD_DENSE = 2,  /* exact attention over every visible key */
-    FASA_CLIENT_METHOD_ORACLE = 3, /* exact top-B by the full score */
-    FASA_CLIENT_METHOD_STREAM = 4, /* baseline: 8 sink tokens + the B - 8 most recent */
-    FASA_CLIENT_METHOD_QUEST = 5,  /* baseline: top ceil(B/16) pages of 16 by key min/max */
-    FASA_CLIENT_METHOD_SPARQ = 6,  /* baseline: top-B by the r largest |q| dims, mean value */
+    FASA_CLIENT_METHOD_FASA = 1,      /* dominant-FC scoring, top-B, exact attention */
+    FASA_CLIENT_METHOD_DENSE = 2,     /* exact attention over every visible key */
+    FASA_CLIENT_METHOD_ORACLE = 3,    /* exact top-B by the full score */
+    FASA_CLIENT_METHOD_STREAM = 4,    /* baseline: 8 sink tokens + the B - 8 most recent */
+    FASA_CLIENT_METHOD_QUEST = 5,     /* baseline: top ceil(B/16) pages of 16 by key min/max */
+    FASA_CLIENT_METHOD_SPARQ = 6,     /* baseline: top-B by the r largest |q| dims, mean value */
+    FASA_CLIENT_METHOD_FASA_PLUS = 7, /* ours: fasa + sink, recent window, unselected mass */
 } fasa_client_method;
-#define FASA_CLIENT_METHOD_LAST FASA_CLIENT_METHOD_SPARQ
+#define FASA_CLIENT_METHOD_LAST FASA_CLIENT_METHOD_FASA_PLUS
 
 /* Token selection under GQA; DEFAULT means the session's (per-head at create). */
 typedef enum fasa_client_gqa {

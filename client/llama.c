@@ -580,6 +580,81 @@ int llama_forward(llama_state *s, int token, int pos, llama_attn_fn attn, void *
 
 /* ---- perplexity and sampling ---------------------------------------------------- */
 
+/* ln sum_i exp(logits[i]) in double. */
+static double s_logsumexp(int V, const float *logits)
+{
+    double mx = -INFINITY, sum = 0;
+    for (int i = 0; i < V; i++)
+        if (logits[i] > mx) mx = logits[i];
+    for (int i = 0; i < V; i++) sum += exp((double)logits[i] - mx);
+    return log(sum) + mx;
+}
+
+/* The first index of the largest logit. */
+static int s_argmax(int V, const float *logits)
+{
+    int best = 0;
+    for (int i = 1; i < V; i++)
+        if (logits[i] > logits[best]) best = i;
+    return best;
+}
+
+int llama_perplexity_vs(const llama_model *m, const int *tokens, int n, llama_attn_fn attn,
+                        void *ctx, llama_attn_fn ref_attn, void *ref_ctx,
+                        void (*progress)(void *arg, long done, long total), void *progress_arg,
+                        llama_ppl *out, llama_vs *vs)
+{
+    memset(vs, 0, sizeof(*vs));
+    llama_state s, r;
+    if (n < 1 || llama_state_init(&r, m)) return -1;
+    if (llama_state_init(&s, m)) {
+        llama_state_free(&r);
+        return -1;
+    }
+    memset(out, 0, sizeof(*out));
+    const int nb = (n - 1) / LLAMA_PPL_BUCKET + 1;
+    out->nll = calloc((size_t)nb, sizeof(double));
+    out->count = calloc((size_t)nb, sizeof(long));
+    if (!out->nll || !out->count) {
+        llama_ppl_free(out);
+        llama_state_free(&s);
+        llama_state_free(&r);
+        return -1;
+    }
+    out->n_buckets = nb;
+    const int V = m->cfg.vocab_size;
+    int rc = 0;
+    for (int t = 0; t + 1 < n; t++) { /* the last token predicts nothing */
+        if (llama_forward(&s, tokens[t], t, attn, ctx) ||
+            llama_forward(&r, tokens[t], t, ref_attn, ref_ctx)) {
+            rc = -1;
+            break;
+        }
+        /* KL(dense || method) = sum_i p_i (ln p_i - ln q_i), p the reference's softmax. */
+        const double zs = s_logsumexp(V, s.logits), zr = s_logsumexp(V, r.logits);
+        double kl = 0;
+        for (int i = 0; i < V; i++) {
+            const double lp = r.logits[i] - zr, lq = s.logits[i] - zs;
+            kl += exp(lp) * (lp - lq);
+        }
+        vs->kl += kl;
+        vs->agree += s_argmax(V, s.logits) == s_argmax(V, r.logits);
+        const double nll = zs - s.logits[tokens[t + 1]];
+        const int b = (t + 1) / LLAMA_PPL_BUCKET;
+        out->nll[b] += nll;
+        out->count[b]++;
+        out->total += nll;
+        out->n++;
+        vs->nll_method += nll;
+        vs->nll_ref += zr - r.logits[tokens[t + 1]];
+        vs->n++;
+        if (progress) progress(progress_arg, t + 1, n);
+    }
+    llama_state_free(&s);
+    llama_state_free(&r);
+    return rc;
+}
+
 int llama_perplexity(const llama_model *m, const int *tokens, int n, llama_attn_fn attn, void *ctx,
                      void (*progress)(void *arg, long done, long total), void *progress_arg,
                      llama_ppl *out)

@@ -136,6 +136,25 @@ int llama_perplexity(const llama_model *m, const int *tokens, int n, llama_attn_
                      llama_ppl *out);
 void llama_ppl_free(llama_ppl *p);
 
+/* How a decode's next-token distributions compare with a reference decode's. */
+typedef struct llama_vs {
+    double kl;         /* summed KL(reference || method) in nats */
+    long agree;        /* positions where both argmaxes (first index of the largest) agree */
+    double nll_method; /* summed -ln p of the next token, method and reference */
+    double nll_ref;
+    long n; /* positions compared: n_tokens - 1 */
+} llama_vs;
+
+/* Decodes tokens[0..n-1] twice in lockstep, with attn (the method) and with ref_attn (the
+ * reference, e.g. llama_ref_attend), and compares the next-token distributions at each
+ * position t < n - 1 (the last token is not run); out gets the method's perplexity as
+ * llama_perplexity gives it. 0, or -1 (an attention failed, or out of memory: out->n_buckets
+ * is 0 then). */
+int llama_perplexity_vs(const llama_model *m, const int *tokens, int n, llama_attn_fn attn,
+                        void *ctx, llama_attn_fn ref_attn, void *ref_ctx,
+                        void (*progress)(void *arg, long done, long total), void *progress_arg,
+                        llama_ppl *out, llama_vs *vs);
+
 /* Picks the next token from logits (vocab_size): the argmax when temperature <= 0 (the
  * lowest id on ties), else a sample of softmax(logits / temperature) drawn with *rng
  * (xorshift64*, any nonzero seed). logits is overwritten. */

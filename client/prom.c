@@ -7,7 +7,7 @@
 static const char *s_method_name(fasa_client_method m)
 {
     static const char *const names[] = {"default", "fasa",  "dense", "oracle",
-                                        "stream",  "quest", "sparq"};
+                                        "stream",  "quest", "sparq", "fasa-plus"};
     return (unsigned)m <= FASA_CLIENT_METHOD_LAST ? names[m] : "unknown";
 }
 

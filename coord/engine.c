@@ -94,7 +94,8 @@ const char *fasa_status_name(fasa_status code)
                                                                              : "UNKNOWN";
 }
 
-static const char *const s_method_names[] = {"fasa", "dense", "oracle", "stream", "quest", "sparq"};
+static const char *const s_method_names[] = {"fasa",  "dense", "oracle",   "stream",
+                                             "quest", "sparq", "fasa-plus"};
 
 const char *fasa_method_name(fasa_method m)
 {
@@ -330,6 +331,9 @@ static fasa_status s_check_config(const fasa_session_config *c, fasa_error *err)
     if (c->method == FASA_METHOD_SPARQ && c->gqa == FASA_GQA_SHARED)
         return fasa_error_set(err, FASA_INVALID_ARGUMENT,
                               "method sparq supports gqa per-head only");
+    if (c->method == FASA_METHOD_FASA_PLUS && c->gqa == FASA_GQA_SHARED)
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT,
+                              "method fasa-plus supports gqa per-head only");
     if (!fasa_dtype_name(c->dtype))
         return fasa_error_set(err, FASA_INVALID_ARGUMENT, "dtype %d is not f32, f16 or bf16",
                               c->dtype);
@@ -760,6 +764,13 @@ typedef struct step_plan {
     int64_t bytes;
 } step_plan;
 
+/* fasa-plus's recent window (engine.h): budget / (2 ntip) - 1 tokens, in [0, budget - 1]. */
+static int s_plus_recent(const session *s, int budget)
+{
+    const int w = budget / (2 * s->profile->ntip) - SHARD_PLUS_SINKS;
+    return w < 0 ? 0 : w > budget - 1 ? budget - 1 : w;
+}
+
 /* Checks a step and fills the plan; changes nothing (k_new is appended by s_plan_commit). */
 static fasa_status s_plan_check(fasa_engine_t *e, const char *id, const fasa_attend_req *req,
                                 step_plan *p, fasa_error *err)
@@ -783,9 +794,10 @@ static fasa_status s_plan_check(fasa_engine_t *e, const char *id, const fasa_att
             "method quest needs a placement block that is a multiple of %d tokens "
             "(this engine places blocks of %d)",
             FASA_QUEST_PAGE, e->block);
-    if (method == FASA_METHOD_FASA && !s->profile)
+    if ((method == FASA_METHOD_FASA || method == FASA_METHOD_FASA_PLUS) && !s->profile)
         return fasa_error_set(err, FASA_FAILED_PRECONDITION,
-                              "method fasa: session '%s' has no calibration profile", id);
+                              "method %s: session '%s' has no calibration profile",
+                              fasa_method_name(method), id);
     const int budget = req->budget ? req->budget : c->budget;
     if (budget < 1 || budget > MAX_BUDGET)
         return fasa_error_set(err, FASA_INVALID_ARGUMENT, "budget %d out of range [1, %d]", budget,
@@ -801,6 +813,9 @@ static fasa_status s_plan_check(fasa_engine_t *e, const char *id, const fasa_att
     if (method == FASA_METHOD_SPARQ && gqa == FASA_GQA_SHARED)
         return fasa_error_set(err, FASA_INVALID_ARGUMENT,
                               "method sparq supports gqa per-head only");
+    if (method == FASA_METHOD_FASA_PLUS && gqa == FASA_GQA_SHARED)
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT,
+                              "method fasa-plus supports gqa per-head only");
     if (!req->q) return fasa_error_set(err, FASA_INVALID_ARGUMENT, "q is missing");
     long bad;
     if ((bad = s_nonfinite((size_t)nh * d, req->q)) >= 0)
@@ -849,9 +864,12 @@ static fasa_status s_plan_check(fasa_engine_t *e, const char *id, const fasa_att
         method == FASA_METHOD_QUEST ? (budget + FASA_QUEST_PAGE - 1) / FASA_QUEST_PAGE : budget;
     p->n_vis = max_pos + 1;
     p->dense = method == FASA_METHOD_DENSE ||
-               (method == FASA_METHOD_FASA && s->dense_layers[req->layer]) || p->n_vis <= budget;
-    static const shard_method s_shard_methods[] = {SHARD_FASA,   SHARD_DENSE, SHARD_ORACLE,
-                                                   SHARD_STREAM, SHARD_QUEST, SHARD_SPARQ};
+               ((method == FASA_METHOD_FASA || method == FASA_METHOD_FASA_PLUS) &&
+                s->dense_layers[req->layer]) ||
+               p->n_vis <= budget;
+    static const shard_method s_shard_methods[] = {SHARD_FASA,     SHARD_DENSE, SHARD_ORACLE,
+                                                   SHARD_STREAM,   SHARD_QUEST, SHARD_SPARQ,
+                                                   SHARD_FASA_PLUS};
     /* sparq's r: the dims fasa would use (2 ntip) with a profile, else head_dim / 4. */
     int sparq_r = s->profile ? 2 * s->profile->ntip : d / 4;
     sparq_r = sparq_r < 1 ? 1 : sparq_r > d ? d : sparq_r;
@@ -862,7 +880,10 @@ static fasa_status s_plan_check(fasa_engine_t *e, const char *id, const fasa_att
                          .max_pos = max_pos,
                          .scale = 1.0f / sqrtf((float)d),
                          .q = req->q,
-                         .sparq_r = !p->dense && method == FASA_METHOD_SPARQ ? sparq_r : 0};
+                         .sparq_r = p->dense                          ? 0
+                                    : method == FASA_METHOD_SPARQ     ? sparq_r
+                                    : method == FASA_METHOD_FASA_PLUS ? s_plus_recent(s, budget)
+                                                                      : 0};
     return FASA_OK;
 }
 
@@ -929,6 +950,37 @@ static void s_plan_select(const fasa_engine_t *e, step_plan *p, int32_t *selecte
     }
 }
 
+/* fasa-plus's output of head h (engine.h) from the merged exact partials (mh, lh, oh over
+ * the selected tokens) and the shards' aux: the unselected tokens' mass estimated as
+ * sum exp(scale (s_j + mu)) with mu = q_rest . mean of the visible keys, attending to the
+ * mean of their values. vbar is scratch (head_dim). */
+static void s_plus_finish(const step_plan *p, int h, int ns, const double *oh, float mh, double lh,
+                          float *out, double *vbar)
+{
+    const int nh = p->s->cfg.n_heads, d = p->s->cfg.head_dim;
+    const size_t na = SHARD_SPARQ_AUX(d);
+    const int n_unsel = p->n_vis - p->n_sel[h];
+    double zmax = -INFINITY, z = 0, qk = 0;
+    for (int sh = 0; sh < ns; sh++) {
+        const double *a = p->aux + ((size_t)sh * nh + h) * na;
+        if (a[1] > 0 && a[0] > zmax) zmax = a[0];
+    }
+    for (int c = 0; c < d; c++) vbar[c] = 0;
+    for (int sh = 0; sh < ns; sh++) {
+        const double *a = p->aux + ((size_t)sh * nh + h) * na;
+        if (a[1] > 0) z += a[1] * exp(a[0] - zmax);
+        qk += a[2];
+        for (int c = 0; c < d; c++) vbar[c] += a[3 + c];
+    }
+    if (n_unsel <= 0 || !(z > 0) || !(lh > 0)) return; /* nothing unselected: exact */
+    /* log of the unselected mass, and the common frame F of both masses. */
+    const double lu = log(z) + zmax + (double)p->st.scale * qk / p->n_vis;
+    const double f = lu > mh ? lu : mh, ws = lh * exp(mh - f), wu = exp(lu - f);
+    for (int c = 0; c < d; c++)
+        out[(size_t)h * d + c] =
+            (float)((oh[c] * exp(mh - f) + wu * vbar[c] / n_unsel) / (ws + wu));
+}
+
 /* Phase 2's merge (after the shards' partials are in p->m, l, o, aux): the outputs. */
 static int s_plan_finish(fasa_engine_t *e, const step_plan *p, float *out, fasa_step_stats *stats)
 {
@@ -950,6 +1002,7 @@ static int s_plan_finish(fasa_engine_t *e, const step_plan *p, float *out, fasa_
         }
         attn_merge(ns, d, mp, lp, op, &mh, &lh, oh);
         attn_finalize(d, lh, oh, out + (size_t)h * d);
+        if (p->st.method == SHARD_FASA_PLUS) s_plus_finish(p, h, ns, oh, mh, lh, out, vbar);
         if (p->st.method == SHARD_SPARQ) {
             /* Mean-value reallocation: the global softmax normaliser of z, the selected
              * tokens' share alpha of it, and the mean of every visible value. */
@@ -977,6 +1030,9 @@ static int s_plan_finish(fasa_engine_t *e, const step_plan *p, float *out, fasa_
         stats->method_used = p->dense ? FASA_METHOD_DENSE : p->method;
         stats->n_visible = p->n_vis;
         stats->bytes_read = p->bytes;
+        /* fasa-plus also reads the running key and value sums, head_dim doubles each. */
+        if (p->st.method == SHARD_FASA_PLUS)
+            stats->bytes_read += (int64_t)nh * 2 * d * (int64_t)sizeof(double);
     }
     return 0;
 }

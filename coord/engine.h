@@ -52,16 +52,30 @@ typedef struct fasa_error {
  *           the top B, output alpha * attn + (1 - alpha) * mean of the visible values with
  *           alpha the approximate softmax mass of the selected tokens. Per-head GQA only
  *           (INVALID_ARGUMENT with shared).
- * Like oracle, the baselines ignore dense_layers (that applies to fasa only). */
+ * Like oracle, the baselines ignore dense_layers (that applies to fasa and fasa-plus only).
+ *
+ * Our own method:
+ *   fasa-plus  needs a profile, per-head GQA only (INVALID_ARGUMENT with shared). Per query
+ *           head: fasa's scan over the stored dominant dims, scored with every dim the KV
+ *           head stores (the union of its query heads' FCs: the bytes fasa's scan reads
+ *           anyway); position 0 (a sink) and the R = B / (2 ntip) - 1 most recent visible
+ *           tokens (at least 0) are always among the top B; exact attention over the top B.
+ *           Then the mass of the tokens not selected is estimated from their partial scores
+ *           s_j already computed: M = sum_unselected exp(scale (s_j + mu)), mu = q_rest .
+ *           the mean of the visible keys over the dims not scored, and they attend to the
+ *           mean of their values: out = (sum_sel e^{f_j} v_j + M vbar_unsel) /
+ *           (sum_sel e^{f_j} + M), f_j the exact logits. Reads fasa's bytes plus two running
+ *           sums of head_dim doubles per query head. */
 typedef enum fasa_method {
     FASA_METHOD_FASA = 0,
     FASA_METHOD_DENSE,
     FASA_METHOD_ORACLE,
     FASA_METHOD_STREAM,
     FASA_METHOD_QUEST,
-    FASA_METHOD_SPARQ
+    FASA_METHOD_SPARQ,
+    FASA_METHOD_FASA_PLUS
 } fasa_method;
-#define FASA_METHOD_LAST FASA_METHOD_SPARQ
+#define FASA_METHOD_LAST FASA_METHOD_FASA_PLUS
 #define FASA_QUEST_PAGE 16 /* tokens per quest page (SHARD_QUEST_PAGE) */
 typedef enum fasa_gqa { FASA_GQA_PER_HEAD = 0, FASA_GQA_SHARED = 1 } fasa_gqa;
 

@@ -101,6 +101,76 @@ static void s_run(const run_cfg *c, int n_shards, float *out, int32_t *sel)
     fasa_engine_destroy(&e);
 }
 
+/* Naive reference of one fasa-plus step (engine.h), head h at position t of layer l (keys
+ * 0..t visible, layer 0 dense), over all keys of the layer in one array, in double: the
+ * scores over the union of the group's FCs (interleaved pairing), position 0 and the R most
+ * recent positions first, the exact attention over the top B and the unselected tokens'
+ * mass estimated as sum exp(scale (s_j + mu)) attending to the mean of their values. */
+static void s_ref_plus(const run_cfg *c, int l, int t, int h, float *out, int32_t *sel)
+{
+    const int d = c->d, nkv = c->nkv, grp = c->nh / nkv, g = h / grp, B = c->budget;
+    const int n_vis = t + 1, ntip = c->profile->ntip;
+    const float *K = c->k[l], *V = c->v[l], *q = c->q[l] + ((size_t)t * c->nh + h) * d;
+    const double scale = 1.0f / sqrtf((float)d);
+    uint8_t dom[d], *use = test_alloc((size_t)n_vis);
+    memset(dom, 0, sizeof(dom));
+    for (int hh = g * grp; hh < g * grp + grp; hh++)
+        for (int i = 0; i < ntip; i++) {
+            const int fc = c->profile->fcs[((size_t)l * c->nh + hh) * ntip + i];
+            dom[2 * fc] = dom[2 * fc + 1] = 1;
+        }
+    int R = B / (2 * ntip) - 1;
+    R = R < 0 ? 0 : R > B - 1 ? B - 1 : R;
+    double *sj = test_alloc((size_t)n_vis * sizeof(double)), mu = 0;
+    topk_cand *all = test_alloc((size_t)n_vis * sizeof(topk_cand));
+    topk_cand *best = test_alloc((size_t)B * sizeof(topk_cand));
+    for (int j = 0; j < n_vis; j++) {
+        sj[j] = 0;
+        for (int cc = 0; cc < d; cc++) {
+            const double x = (double)q[cc] * K[((size_t)j * nkv + g) * d + cc];
+            if (dom[cc])
+                sj[j] += x;
+            else
+                mu += x / n_vis;
+        }
+        all[j] = (topk_cand){j == 0 || j > t - R ? INFINITY : (float)sj[j], j};
+    }
+    const int sparse = l != 0 && n_vis > B;
+    if (!sparse) {
+        for (int j = 0; j < n_vis; j++) use[j] = 1;
+        if (n_vis <= B)
+            for (int j = 0; j < n_vis; j++) sel[j] = j;
+    } else {
+        ck_assert_int_eq(topk_ref(n_vis, B, all, best), B);
+        for (int i = 0; i < B; i++) use[best[i].pos] = 1, sel[i] = best[i].pos;
+    }
+    double mx = -INFINITY, den = 0, acc[d], mass = 0, vbar[d];
+    for (int j = 0; j < n_vis; j++) {
+        double x = 0;
+        for (int cc = 0; cc < d; cc++) x += (double)q[cc] * K[((size_t)j * nkv + g) * d + cc];
+        if (use[j]) mx = x * scale > mx ? x * scale : mx;
+    }
+    for (int cc = 0; cc < d; cc++) acc[cc] = vbar[cc] = 0;
+    int n_unsel = 0;
+    for (int j = 0; j < n_vis; j++) {
+        const float *vj = V + ((size_t)j * nkv + g) * d;
+        if (use[j]) {
+            double x = 0;
+            for (int cc = 0; cc < d; cc++) x += (double)q[cc] * K[((size_t)j * nkv + g) * d + cc];
+            const double w = exp(x * scale - mx);
+            den += w;
+            for (int cc = 0; cc < d; cc++) acc[cc] += w * vj[cc];
+        } else {
+            mass += exp(scale * (sj[j] + mu) - mx);
+            for (int cc = 0; cc < d; cc++) vbar[cc] += vj[cc];
+            n_unsel++;
+        }
+    }
+    for (int cc = 0; cc < d; cc++)
+        out[cc] = (float)((acc[cc] + (n_unsel ? mass * vbar[cc] / n_unsel : 0)) / (den + mass));
+    free(use), free(sj), free(all), free(best);
+}
+
 /* Naive reference of one stream, quest or sparq step, straight from fasa-algorithm.md §6 over all
  * keys of the layer in one array: head h at position t of layer l (keys 0..t visible).
  * sel (budget) gets the positions as the engine reports them, -1 padded; out (d) the
@@ -112,6 +182,11 @@ static void s_ref_baseline(const run_cfg *c, int l, int t, int h, float *out, in
     const float *K = c->k[l], *V = c->v[l], *q = c->q[l] + ((size_t)t * c->nh + h) * d;
     uint8_t *use = test_alloc((size_t)n_vis);
     for (int i = 0; i < B; i++) sel[i] = -1;
+    if (c->method == FASA_METHOD_FASA_PLUS) {
+        free(use);
+        s_ref_plus(c, l, t, h, out, sel);
+        return;
+    }
     double alpha = 1, vbar[d]; /* sparq's mean-value reallocation */
     if (n_vis <= B) {
         for (int i = 0; i < n_vis; i++) use[i] = 1, sel[i] = i;
@@ -289,6 +364,83 @@ START_TEST(test_engine_baselines_ref)
 }
 END_TEST
 
+/* fasa-plus through the engine against its naive reference (s_ref_plus), on 1, 2, 3 and 7
+ * shards (blocks of 16 and 48 tokens), budgets 5, 24 and 64 (recent windows 0, 3 and 9 at
+ * ntip 3), layer 0 dense; and its refusals (shared GQA, no profile). */
+START_TEST(test_engine_plus_ref)
+{
+    enum { NL = 2, NH = 8, NKV = 2, D = 16, T = 700 };
+    test_rng r = {29};
+    float *buf[3][NL];
+    for (int l = 0; l < NL; l++) {
+        buf[0][l] = test_alloc((size_t)T * NH * D * 4);
+        buf[1][l] = test_alloc((size_t)T * NKV * D * 4);
+        buf[2][l] = test_alloc((size_t)T * NKV * D * 4);
+        test_fill(&r, (size_t)T * NH * D, buf[0][l], 1.0f);
+        test_fill(&r, (size_t)T * NKV * D, buf[1][l], 1.0f);
+        test_fill(&r, (size_t)T * NKV * D, buf[2][l], 1.0f);
+    }
+    const int counts[4] = {1, 2, 3, 7}, budgets[3] = {5, 24, 64}, blocks[2] = {16, 48};
+    double worst = 0;
+    fasa_profile *p = s_random_profile(NL, NH, NKV, D, 3, 0, 8);
+    for (int bi = 0; bi < 3; bi++)
+        for (int bl = 0; bl < 2; bl++) {
+            run_cfg c = {NL,
+                         NH,
+                         NKV,
+                         D,
+                         T,
+                         600,
+                         blocks[bl],
+                         FASA_METHOD_FASA_PLUS,
+                         FASA_GQA_PER_HEAD,
+                         budgets[bi],
+                         p,
+                         (const float *const *)buf[0],
+                         (const float *const *)buf[1],
+                         (const float *const *)buf[2],
+                         13};
+            const double e = s_check_baseline(&c, counts, 4, 1e-5);
+            if (e > worst) worst = e;
+        }
+    printf("engine fasa-plus: max abs error vs reference %.3g\n", worst);
+    /* Refusals: shared GQA at create and per step, and no profile. */
+    fasa_engine_t *e = fasa_engine_new(2, 16);
+    fasa_error err;
+    fasa_session_config cfg = {.n_layers = NL,
+                               .n_heads = NH,
+                               .n_kv_heads = NKV,
+                               .head_dim = D,
+                               .pairing = FC_PAIRING_INTERLEAVED,
+                               .profile = p,
+                               .method = FASA_METHOD_FASA_PLUS,
+                               .budget = 8,
+                               .gqa = FASA_GQA_SHARED};
+    ck_assert_int_eq(fasa_engine_create(e, "x", &cfg, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(err.msg, "fasa-plus"));
+    cfg.gqa = FASA_GQA_PER_HEAD;
+    cfg.profile = NULL;
+    ck_assert_int_eq(fasa_engine_create(e, "x", &cfg, &err), FASA_OK);
+    ck_assert_int_eq(fasa_engine_append(e, "x", 1, 0, 20, buf[1][1], buf[2][1], &err), FASA_OK);
+    fasa_attend_req req = {.layer = 1, .q = buf[0][1], .method = -1, .gqa = -1, .max_pos = -1};
+    float o[NH * D];
+    ck_assert_int_eq(fasa_engine_attend(e, "x", &req, o, NULL, NULL, &err),
+                     FASA_FAILED_PRECONDITION);
+    ck_assert_ptr_nonnull(strstr(err.msg, "fasa-plus"));
+    ck_assert_int_eq(fasa_engine_set_profile(e, "y", p, &err), FASA_NOT_FOUND);
+    ck_assert_int_eq(fasa_engine_drop(e, "x", &err), FASA_OK);
+    cfg.profile = p;
+    ck_assert_int_eq(fasa_engine_create(e, "x", &cfg, &err), FASA_OK);
+    ck_assert_int_eq(fasa_engine_append(e, "x", 1, 0, 20, buf[1][1], buf[2][1], &err), FASA_OK);
+    req.gqa = FASA_GQA_SHARED;
+    ck_assert_int_eq(fasa_engine_attend(e, "x", &req, o, NULL, NULL, &err), FASA_INVALID_ARGUMENT);
+    ck_assert_int_eq(fasa_engine_length(e, "x", 1), 20); /* nothing changed */
+    fasa_engine_destroy(&e);
+    fasa_profile_destroy(&p);
+    for (int l = 0; l < NL; l++) free(buf[0][l]), free(buf[1][l]), free(buf[2][l]);
+}
+END_TEST
+
 /* 1, 2, 3 and 7 shards agree: selections exactly, outputs to rounding. */
 START_TEST(test_engine_shards_agree)
 {
@@ -309,7 +461,8 @@ START_TEST(test_engine_shards_agree)
     for (int shared = 0; shared < 2; shared++) {
         fasa_profile *p = s_random_profile(NL, NH, NKV, D, 3, shared, 5 + shared);
         for (int m = 0; m <= FASA_METHOD_LAST; m++) {
-            if (m == FASA_METHOD_SPARQ && shared) continue; /* sparq: per-head only */
+            if ((m == FASA_METHOD_SPARQ || m == FASA_METHOD_FASA_PLUS) && shared)
+                continue; /* sparq, fasa-plus: per-head only */
             run_cfg c = {NL,
                          NH,
                          NKV,
@@ -565,7 +718,7 @@ START_TEST(test_engine_dtype)
         for (int shared = 0; shared < 2; shared++) {
             fasa_profile *p = s_random_profile(NL, NH, NKV, D, 3, shared, 9 + shared);
             for (int m = 0; m <= FASA_METHOD_LAST; m++) {
-                if (m == FASA_METHOD_SPARQ && shared) continue;
+                if ((m == FASA_METHOD_SPARQ || m == FASA_METHOD_FASA_PLUS) && shared) continue;
                 run_cfg c = {NL,
                              NH,
                              NKV,
@@ -958,6 +1111,7 @@ Suite *engine_suite(void)
     tcase_set_timeout(tc, 300);
     tcase_add_test(tc, test_engine_shards_agree);
     tcase_add_test(tc, test_engine_baselines_ref);
+    tcase_add_test(tc, test_engine_plus_ref);
     tcase_add_test(tc, test_engine_bad_input);
     tcase_add_test(tc, test_engine_batch);
     tcase_add_test(tc, test_engine_big_group);

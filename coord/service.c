@@ -287,23 +287,25 @@ void fasa_service_destroy(fasa_service **service_p)
 /* Proto enums to engine values; 0 (unspecified) becomes -1, the session default. */
 static int s_method(int m)
 {
-    return m == FASA__V1__METHOD__FASA     ? FASA_METHOD_FASA
-           : m == FASA__V1__METHOD__DENSE  ? FASA_METHOD_DENSE
-           : m == FASA__V1__METHOD__ORACLE ? FASA_METHOD_ORACLE
-           : m == FASA__V1__METHOD__STREAM ? FASA_METHOD_STREAM
-           : m == FASA__V1__METHOD__QUEST  ? FASA_METHOD_QUEST
-           : m == FASA__V1__METHOD__SPARQ  ? FASA_METHOD_SPARQ
-                                           : -1;
+    return m == FASA__V1__METHOD__FASA        ? FASA_METHOD_FASA
+           : m == FASA__V1__METHOD__DENSE     ? FASA_METHOD_DENSE
+           : m == FASA__V1__METHOD__ORACLE    ? FASA_METHOD_ORACLE
+           : m == FASA__V1__METHOD__STREAM    ? FASA_METHOD_STREAM
+           : m == FASA__V1__METHOD__QUEST     ? FASA_METHOD_QUEST
+           : m == FASA__V1__METHOD__SPARQ     ? FASA_METHOD_SPARQ
+           : m == FASA__V1__METHOD__FASA_PLUS ? FASA_METHOD_FASA_PLUS
+                                              : -1;
 }
 
 static Fasa__V1__Method s_method_out(int m)
 {
-    return m == FASA_METHOD_FASA     ? FASA__V1__METHOD__FASA
-           : m == FASA_METHOD_DENSE  ? FASA__V1__METHOD__DENSE
-           : m == FASA_METHOD_STREAM ? FASA__V1__METHOD__STREAM
-           : m == FASA_METHOD_QUEST  ? FASA__V1__METHOD__QUEST
-           : m == FASA_METHOD_SPARQ  ? FASA__V1__METHOD__SPARQ
-                                     : FASA__V1__METHOD__ORACLE;
+    return m == FASA_METHOD_FASA        ? FASA__V1__METHOD__FASA
+           : m == FASA_METHOD_DENSE     ? FASA__V1__METHOD__DENSE
+           : m == FASA_METHOD_STREAM    ? FASA__V1__METHOD__STREAM
+           : m == FASA_METHOD_QUEST     ? FASA__V1__METHOD__QUEST
+           : m == FASA_METHOD_SPARQ     ? FASA__V1__METHOD__SPARQ
+           : m == FASA_METHOD_FASA_PLUS ? FASA__V1__METHOD__FASA_PLUS
+                                        : FASA__V1__METHOD__ORACLE;
 }
 
 static int s_gqa(int g)

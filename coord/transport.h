@@ -27,7 +27,7 @@ typedef struct fasa_transport {
     /* Phase 1 on every shard: cands (n_shards, units, budget), n_cands (n_shards, units). */
     int (*score)(void *ctx, int sid, const shard_step *step, topk_cand *cands, int *n_cands);
     /* Phase 2 on every shard: m, l (n_shards, n_heads), o (n_shards, n_heads, head_dim);
-     * for a SPARQ step also aux (n_shards, n_heads, SHARD_SPARQ_AUX(head_dim)), each
+     * for a SPARQ or FASA_PLUS step also aux (n_shards, n_heads, SHARD_SPARQ_AUX(head_dim)), each
      * shard's shard_sparq_aux (aux is not touched for other methods and may be NULL);
      * bytes_p gets the KV bytes all shards read for this step. */
     int (*attend)(void *ctx, int sid, const shard_step *step, const topk_cand *thr,

@@ -92,7 +92,7 @@ static void s_attend_one(void *ctx, int i, int tid)
     /* Shard i writes block i of (m, l, o). */
     p->rc[i] = shard_attend(p->sh[i], p->st, p->thr, p->have_thr, p->m + i * p->nh,
                             p->l + i * p->nh, p->o + i * p->nh * p->d);
-    if (!p->rc[i] && p->st->method == SHARD_SPARQ)
+    if (!p->rc[i] && (p->st->method == SHARD_SPARQ || p->st->method == SHARD_FASA_PLUS))
         shard_sparq_aux(p->sh[i], p->st, p->aux + i * p->nh * SHARD_SPARQ_AUX(p->d));
 }
 

@@ -370,7 +370,8 @@ static int s_attend_start(void *ctx, int sid, const shard_step *st, const topk_c
     const size_t nh = (size_t)s->n_heads, d = (size_t)s->head_dim;
     op->n_heads = s->n_heads;
     op->head_dim = s->head_dim;
-    op->aux_n = st->method == SHARD_SPARQ ? nh * SHARD_SPARQ_AUX(d) : 0;
+    op->aux_n =
+        st->method == SHARD_SPARQ || st->method == SHARD_FASA_PLUS ? nh * SHARD_SPARQ_AUX(d) : 0;
     op->m = m, op->l = l, op->o = o, op->aux = aux, op->bytes_p = bytes_p;
     return s_op_post(c, op, (int64_t)(nh * 8 + nh * d * 8 + op->aux_n * 8 + nh * 4));
 }

@@ -176,7 +176,7 @@ static void s_check_attend(const fasa_engine_t *e, const Fasa__V1__Attend *a, co
               o->data.len == (size_t)c->n_heads * c->head_dim * 4,
           "attend.out is not F32 [n_heads %d, head_dim %d]", c->n_heads, c->head_dim);
     CHECK(res->stats->method_used >= FASA__V1__METHOD__FASA &&
-              res->stats->method_used <= FASA__V1__METHOD__SPARQ,
+              res->stats->method_used <= FASA__V1__METHOD__FASA_PLUS,
           "stats.method_used %d", (int)res->stats->method_used);
     if (len) {
         /* Visible: positions 0..max_pos of the layer, k_new appended first. */

@@ -231,7 +231,8 @@ static void s_attends(void)
                    {FASA__V1__METHOD__STREAM, "attend-stream"},
                    {FASA__V1__METHOD__QUEST, "attend-quest"},
                    {FASA__V1__METHOD__SPARQ, "attend-sparq"},
-                   {FASA__V1__METHOD__DENSE, "attend-dense-method"}};
+                   {FASA__V1__METHOD__DENSE, "attend-dense-method"},
+                   {FASA__V1__METHOD__FASA_PLUS, "attend-fasa-plus"}};
     for (size_t i = 0; i < sizeof(methods) / sizeof(methods[0]); i++) {
         s_attend_init(&x, "f", i % 2);
         x.a.has_method = x.a.has_budget = x.a.has_return_selected = 1;

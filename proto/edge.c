@@ -270,7 +270,7 @@ static int s_create(const Fasa__V1__CreateSession *c, edge_create *o, char *msg,
                      len)) ||
         (st = s_enum(c->has_tier, c->tier, FASA__V1__TIER__DISK, "create_session.tier", &o->tier,
                      msg, len)) ||
-        (st = s_enum(c->has_method, c->method, FASA__V1__METHOD__SPARQ, "create_session.method",
+        (st = s_enum(c->has_method, c->method, FASA__V1__METHOD__FASA_PLUS, "create_session.method",
                      &o->method, msg, len)) ||
         (st = s_enum(c->has_gqa, c->gqa, 2, "create_session.gqa", &o->gqa, msg, len)) ||
         (st = s_profile_source(c->profile_text, c->profile_name, "create_session", 0, msg, len)))
@@ -350,7 +350,8 @@ static int s_attend(const Fasa__V1__Attend *a, const char *field, edge_attend *o
             return s_err(msg, len, ST_INVALID, "%s.v_new.shape differs from k_new's", field);
     }
     snprintf(f, sizeof(f), "%s.method", field);
-    if ((st = s_enum(a->has_method, a->method, FASA__V1__METHOD__SPARQ, f, &o->method, msg, len)))
+    if ((st = s_enum(a->has_method, a->method, FASA__V1__METHOD__FASA_PLUS, f, &o->method, msg,
+                     len)))
         return st;
     snprintf(f, sizeof(f), "%s.gqa", field);
     if ((st = s_enum(a->has_gqa, a->gqa, 2, f, &o->gqa, msg, len))) return st;

@@ -94,6 +94,33 @@ if $fasa generate --model "$model" --tokenizer "$tokz" --steps 20 --method dense
 else bad "generate: $(cat "$tmp/gen")"; fi
 head -c 1000 "$model" >"$tmp/trunc.bin"
 mg=(--model "$model" --tokenizer "$tokz")
+# --vs-dense: dense against the built-in reference has KL ~0 and full agreement; a sparse
+# method's own perplexity is the same with and without the reference decode beside it.
+if $fasa ppl "${mg[@]}" --text "$text" --tokens 128 --method dense --vs-dense >"$tmp/vs_d" 2>&1 &&
+   awk '/^vs dense/ { k = $5; a = $9 } END { exit !(k >= 0 && k < 1e-6 && a == 1) }' "$tmp/vs_d"; then ok
+else bad "ppl --vs-dense dense: $(cat "$tmp/vs_d")"; fi
+$fasa calibrate --qkv "$dump" --ntip 1 --window 32 --out "$tmp/p1.profile" >/dev/null 2>&1 || bad "calibrate ntip 1"
+if $fasa ppl "${mg[@]}" --text "$text" --tokens 128 --method fasa-plus --budget 8 --profile "$tmp/p1.profile" --vs-dense >"$tmp/vs_p" 2>&1 &&
+   $fasa ppl "${mg[@]}" --text "$text" --tokens 128 --method fasa-plus --budget 8 --profile "$tmp/p1.profile" >"$tmp/vs_q" 2>&1 &&
+   awk 'FNR == 1 { f++ } /^perplexity/ { p[f] = $2 } /^vs dense/ { k = $5; a = $9 }
+        END { exit !(p[1] == p[2] && k > 0 && a > 0 && a <= 1) }' "$tmp/vs_p" "$tmp/vs_q"; then ok
+else bad "ppl --vs-dense fasa-plus: $(cat "$tmp/vs_p" "$tmp/vs_q")"; fi
+# Half pairing in ppl: with every FC dominant, fasa ranks by the full score, as oracle does.
+$fasa calibrate --qkv "$dump" --ntip 4 --pairing half --out "$tmp/half4.profile" >/dev/null 2>&1 || bad "calibrate half"
+if $fasa ppl "${mg[@]}" --text "$text" --tokens 128 --method fasa --budget 8 --dense-layers none --profile "$tmp/half4.profile" >"$tmp/ph_f" 2>&1 &&
+   $fasa ppl "${mg[@]}" --text "$text" --tokens 128 --method oracle --budget 8 >"$tmp/ph_o" 2>&1 &&
+   grep -q 'pairing\|perplexity' "$tmp/ph_f" &&
+   awk 'FNR == 1 { f++ } /^perplexity/ { p[f] = $2 }
+        END { d = p[1] - p[2]; if (d < 0) d = -d; exit !(p[2] > 2 && d <= 1e-3 * p[2]) }' "$tmp/ph_f" "$tmp/ph_o"; then ok
+else bad "ppl half pairing vs oracle: $(cat "$tmp/ph_f" "$tmp/ph_o")"; fi
+if $fasa generate "${mg[@]}" --steps 20 --method fasa --budget 8 --profile "$tmp/half4.profile" >"$tmp/gen_h" 2>&1 &&
+   grep -q '^Once upon a time' "$tmp/gen_h"; then ok
+else bad "generate half pairing: $(cat "$tmp/gen_h")"; fi
+expect_error "ppl pairing mismatch" "pairing is half in the profile" $fasa ppl "${mg[@]}" --text "$text" --method fasa --budget 8 --profile "$tmp/half4.profile" --pairing interleaved
+expect_error "ppl bad pairing" "--pairing" $fasa ppl "${mg[@]}" --text "$text" --pairing diagonal
+expect_error "ppl fasa-plus without profile" "needs --profile or --calibrate-on" $fasa ppl "${mg[@]}" --text "$text" --method fasa-plus --budget 8
+expect_error "ppl fasa-plus shared" "per-head only" $fasa ppl "${mg[@]}" --text "$text" --method fasa-plus --budget 8 --profile "$tmp/p1.profile" --gqa shared
+expect_error "generate vs-dense" "does not apply" $fasa generate "${mg[@]}" --steps 3 --vs-dense
 expect_error "ppl without --model" "--model CKPT is required" $fasa ppl --tokenizer "$tokz" --text "$text"
 expect_error "ppl without --text" "--text FILE is required" $fasa ppl "${mg[@]}"
 expect_error "ppl missing model" "cannot open model" $fasa ppl --model "$tmp/none.bin" --tokenizer "$tokz" --text "$text"

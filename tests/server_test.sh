@@ -59,9 +59,9 @@ else bad "socket_test"; fi
 # replay --server equals the embedded engine.
 if [ -f "$dump" ]; then
     if "$fasa" calibrate --qkv "$dump" --ntip 2 --window 32 --out "$tmp/p.profile" >/dev/null 2>&1; then
-        for m in fasa dense oracle; do
+        for m in fasa dense oracle fasa-plus; do
             prof=()
-            [ $m = fasa ] && prof=(--profile "$tmp/p.profile")
+            case $m in fasa | fasa-plus) prof=(--profile "$tmp/p.profile") ;; esac
             common=(replay --qkv "$dump" --method $m --budget 32 --positions 1024:2048:64 "${prof[@]}")
             if ! "$fasa" "${common[@]}" --out "$tmp/e_$m.npy" --selected "$tmp/e_$m.sel.npy" >/dev/null 2>"$tmp/err"; then
                 bad "embedded replay $m: $(cat "$tmp/err")"; continue

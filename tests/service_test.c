@@ -353,8 +353,8 @@ static void s_attend_init(Fasa__V1__Attend *a, Fasa__V1__Tensor *tq, Fasa__V1__T
 
 /* Step times seen in the replies, by method_used. */
 typedef struct seen_steps {
-    int n[7];
-    uint64_t us[7][64];
+    int n[FASA__V1__METHOD__FASA_PLUS + 1];
+    uint64_t us[FASA__V1__METHOD__FASA_PLUS + 1][64];
 } seen_steps;
 
 static void s_seen(seen_steps *st, const Fasa__V1__AttendResult *res)
@@ -680,7 +680,7 @@ START_TEST(test_stats_counts)
     ck_assert_int_eq(seen.n[FASA__V1__METHOD__STREAM], 0);
     ck_assert_int_eq(seen.n[FASA__V1__METHOD__QUEST], 0);
     ck_assert_int_eq(seen.n[FASA__V1__METHOD__SPARQ], 0);
-    ck_assert_uint_eq(res->n_latency, 6); /* FASA, DENSE, ORACLE, STREAM, QUEST, SPARQ */
+    ck_assert_uint_eq(res->n_latency, 7); /* FASA, DENSE, ORACLE, STREAM, QUEST, SPARQ, FASA_PLUS */
     for (size_t i = 0; i < res->n_latency; i++) {
         const int m = (int)res->latency[i]->method;
         ck_assert_int_eq(m, (int)i + 1);

@@ -247,7 +247,8 @@ static size_t s_engine_run(int n_shards, int n_threads, int dtype, const float *
         ck_assert_int_eq(fasa_engine_create(e, "s", &cfg, &err), FASA_OK);
         ck_assert_int_eq(fasa_engine_append(e, "s", -1, 0, TT_N, k, v, &err), FASA_OK);
         for (int m = 0; m <= FASA_METHOD_LAST; m++) {
-            if (shared && m == FASA_METHOD_SPARQ) continue; /* per-head only */
+            if (shared && (m == FASA_METHOD_SPARQ || m == FASA_METHOD_FASA_PLUS))
+                continue; /* per-head only */
             for (int l = 0; l < TT_L; l++)
                 for (int step = 0; step < 3; step++) {
                     const fasa_attend_req req = {.layer = l,

@@ -47,6 +47,7 @@ typedef struct layer_store {
     int *page_row0;    /* (page_cap) first row of the page here */
     float *pbound;     /* (page_cap, n_kv_heads, 2, head_dim) min then max, original dims */
     double *vsum;      /* (n_kv_heads, head_dim) SPARQ: sum of every row's value */
+    double *ksum;      /* (n_kv_heads, head_dim) FASA_PLUS: sum of every row's key */
 } layer_store;
 
 struct shard {
@@ -63,6 +64,8 @@ struct shard {
     size_t gather_cap;
     double *aux; /* (n_heads, SHARD_SPARQ_AUX(head_dim)) of the last SPARQ score */
     size_t aux_cap;
+    double *plus_aux; /* the same for the last FASA_PLUS attend (aux less its rows) */
+    size_t plus_aux_cap;
     float *conv; /* f16/bf16: (2, ATTN_BLOCK, head_dim) rows converted to f32 for a kernel */
     /* On the heap, not the stack: with the largest geometry (1024 query heads on one KV
      * head of 1024 dims) each is 2 to 4 MiB. */
@@ -293,6 +296,7 @@ void shard_destroy(shard_t **shard_p)
         free(ls->page_row0);
         free(ls->pbound);
         free(ls->vsum);
+        free(ls->ksum);
     }
     free(s->layers);
     free(s->kept);
@@ -300,6 +304,7 @@ void shard_destroy(shard_t **shard_p)
     free(s->acc_buf);
     free(s->gather);
     free(s->aux);
+    free(s->plus_aux);
     free(s->conv);
     free(s->qf);
     free(s->rowf);
@@ -461,6 +466,9 @@ static int s_reserve(shard_t *s, int layer, int n, const int32_t *pos)
     if (!ls->vsum &&
         !(ls->vsum = calloc((size_t)s->lay.n_kv_heads * s->lay.head_dim, sizeof(double))))
         return -1;
+    if (!ls->ksum &&
+        !(ls->ksum = calloc((size_t)s->lay.n_kv_heads * s->lay.head_dim, sizeof(double))))
+        return -1;
     const int need_pages = ls->n_pages + s_new_pages(ls, n, pos);
     if (need_pages > ls->page_cap) {
         int cap = ls->page_cap ? ls->page_cap : 64;
@@ -554,6 +562,7 @@ int shard_append(shard_t *s, int layer, int n, const int32_t *pos, const float *
             dtype_from_f32(SIMD_AUTO, dt, (size_t)d, v + ((size_t)i * hkv + g) * d, vdst);
             dtype_to_f32(SIMD_AUTO, dt, (size_t)d, vdst, vq);
             for (int c = 0; c < d; c++) ls->vsum[(size_t)g * d + c] += vq[c];
+            for (int c = 0; c < d; c++) ls->ksum[(size_t)g * d + c] += kr[c];
         }
         ls->pos[r] = pos[i];
         /* QUEST page bounds: a new page starts at its first row here. */
@@ -691,6 +700,7 @@ static int s_views_ready(shard_t *s)
         v->n_kept = s->n_kept;
         v->kept_budget = s->kept_budget;
         v->aux = s->aux;
+        v->plus_aux = s->plus_aux;
         v->bytes_read_last = 0;
     }
     return 0;
@@ -889,10 +899,95 @@ static void s_sparq_aux_of(shard_t *s, const shard_step *st, int g, int n_vis, c
     }
 }
 
+/* FASA_PLUS (per-head GQA; shard.h): starts each head's running normaliser of z. */
+static void s_plus_begin(int n_q, float *zm, double *zs)
+{
+    for (int i = 0; i < n_q; i++) zm[i] = -INFINITY, zs[i] = 0;
+}
+
+/* FASA_PLUS: folds n rows of raw partial scores (positions pos) into each head's running
+ * max zm and sum of exp(z - zm), z = scale * score, then gives the forced rows (the sinks
+ * and the recent window) the score +inf, so that they rank before every scored row. */
+static void s_plus_fold(const shard_step *st, int n_q, int n, const int32_t *pos, float *sc,
+                        float *zm, double *zs)
+{
+    const int32_t recent0 = st->max_pos - st->sparq_r + 1; /* first forced recent pos */
+    for (int i = 0; i < n_q; i++) {
+        float *z = sc + (size_t)i * SHARD_CHUNK, cm = -INFINITY;
+        for (int j = 0; j < n; j++)
+            if (z[j] * st->scale > cm) cm = z[j] * st->scale;
+        if (cm > zm[i]) {
+            zs[i] *= exp((double)zm[i] - cm);
+            zm[i] = cm;
+        }
+        for (int j = 0; j < n; j++) {
+            zs[i] += exp((double)(z[j] * st->scale) - zm[i]);
+            if (pos[j] < SHARD_PLUS_SINKS || pos[j] >= recent0) z[j] = INFINITY;
+        }
+    }
+}
+
+/* FASA_PLUS: the aux entries of KV head g's heads after the scan (shard_attend then takes
+ * the selected rows out): the normaliser of z over the visible rows, q_rest . (sum of the
+ * visible keys) over the dims not packed in kdom (qr, packed order), and the visible
+ * values' sum. Returns the bytes read of the rows past max_pos (taken out of them); the
+ * engine counts the two running sums (2 head_dim doubles per query head). */
+static int64_t s_plus_aux_of(shard_t *s, const shard_step *st, int g, int n_vis, const float *qr,
+                             const float *zm, const double *zs)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads, grp = lay->n_heads / hkv;
+    const int u = lay->n_dom[st->layer * hkv + g];
+    const int *perm = lay->perm + ((size_t)st->layer * hkv + g) * d;
+    const layer_store *ls = &s->layers[st->layer];
+    double ks[d], vs[d];
+    float krow[d];
+    for (int c = 0; c < d; c++) {
+        ks[c] = ls->ksum ? ls->ksum[(size_t)g * d + c] : 0;
+        vs[c] = ls->vsum ? ls->vsum[(size_t)g * d + c] : 0;
+    }
+    for (int r = n_vis; r < ls->n_rows; r++) {
+        s_row_key(s, st->layer, g, r, krow);
+        const void *v = ls->chunks[r / SHARD_CHUNK][g].v;
+        const size_t e0 = (size_t)(r % SHARD_CHUNK) * d;
+        for (int c = 0; c < d; c++) {
+            ks[c] -= krow[c];
+            vs[c] -= s_get(lay->dtype, v, e0 + (size_t)c);
+        }
+    }
+    for (int i = 0; i < grp; i++) {
+        double *a = s->aux + (size_t)(g * grp + i) * SHARD_SPARQ_AUX(d);
+        a[0] = zm[i];
+        a[1] = zs[i];
+        a[2] = 0;
+        for (int p = u; p < d; p++) a[2] += (double)qr[(size_t)i * (d - u) + p - u] * ks[perm[p]];
+        for (int c = 0; c < d; c++) a[3 + c] = vs[c];
+    }
+    return (int64_t)(ls->n_rows - n_vis) * 2 * d * (int64_t)s_esz(s);
+}
+
+/* FASA_PLUS phase 2: takes the n gathered rows (kg permuted keys, vg values) that head h
+ * attends out of its aux: their exp(z - zm) from the normaliser and their values from the
+ * sum, so that the aux covers the unselected rows only (the normaliser floored at 0
+ * against rounding). qf is the head's query in permuted order. */
+static void s_plus_take(shard_t *s, const shard_step *st, int h, int u, int n, const float *qf,
+                        const float *kg, const float *vg)
+{
+    const int d = s->lay.head_dim;
+    double *a = s->plus_aux + (size_t)h * SHARD_SPARQ_AUX(d);
+    for (int j = 0; j < n; j++) {
+        float z = 0;
+        for (int p = 0; p < u; p++) z += qf[p] * kg[(size_t)j * d + p];
+        a[1] -= exp((double)(z * st->scale) - a[0]);
+        for (int c = 0; c < d; c++) a[3 + c] -= vg[(size_t)j * d + c];
+    }
+    if (a[1] < 0) a[1] = 0;
+}
+
 void shard_sparq_aux(const shard_t *s, const shard_step *st, double *aux)
 {
-    (void)st;
-    memcpy(aux, s->aux, (size_t)s->lay.n_heads * SHARD_SPARQ_AUX(s->lay.head_dim) * sizeof(double));
+    memcpy(aux, st->method == SHARD_FASA_PLUS ? s->plus_aux : s->aux,
+           (size_t)s->lay.n_heads * SHARD_SPARQ_AUX(s->lay.head_dim) * sizeof(double));
 }
 
 /* Phase 1 for KV heads g0 .. g1 - 1 in s (the shard or a view; its acc_buf grown for the
@@ -906,7 +1001,7 @@ static int64_t s_score_groups(shard_t *s, const shard_step *st, int g0, int g1, 
     const layer_store *ls = &s->layers[st->layer];
     const int n_vis = shard_visible(s, st->layer, st->max_pos);
     const size_t acc_one = 2 * (size_t)b + SHARD_CHUNK;
-    const int sparq = st->method == SHARD_SPARQ;
+    const int sparq = st->method == SHARD_SPARQ, plus = st->method == SHARD_FASA_PLUS;
     float *sc = s->scores, *qd = sc + (size_t)grp * SHARD_CHUNK, *qr = qd + (size_t)grp * d;
     int64_t bytes = 0;
     for (int g = g0; g < g1; g++) {
@@ -916,6 +1011,7 @@ static int64_t s_score_groups(shard_t *s, const shard_step *st, int g0, int g1, 
         float inv_tau[n_q], zm[n_q];
         double zs[n_q];
         if (sparq) s_sparq_queries(s, st, g, qd, qr, inv_tau, zm, zs);
+        if (plus) s_plus_begin(n_q, zm, zs);
         topk_acc acc[n_q];
         for (int i = 0; i < n_q; i++)
             topk_acc_init(&acc[i], b, s->acc_buf + i * acc_one, (int)acc_one);
@@ -945,12 +1041,14 @@ static int64_t s_score_groups(shard_t *s, const shard_step *st, int g0, int g1, 
                 score_rows(nj, d - u, n_q, sc + j0, SHARD_CHUNK, qr, kx, d - u, 1);
             }
             if (sparq) s_sparq_fold(n_q, nr, sc, inv_tau, zm, zs);
+            if (plus) s_plus_fold(st, n_q, nr, ls->pos + r0, sc, zm, zs);
             for (int i = 0; i < n_q; i++)
                 topk_acc_push(&acc[i], nr, sc + (size_t)i * SHARD_CHUNK, NULL, r0);
         }
         if (st->method != SHARD_QUEST && st->method != SHARD_FASA)
             bytes += (int64_t)n_vis * (oracle ? d : u) * (int64_t)s_esz(s);
         if (sparq) s_sparq_aux_of(s, st, g, n_vis, zm, zs);
+        if (plus) bytes += s_plus_aux_of(s, st, g, n_vis, qr, zm, zs);
         for (int i = 0; i < n_q; i++) {
             const int unit = st->gqa == SHARD_GQA_SHARED ? g : g * grp + i;
             /* Unsorted: the merge needs the candidates and its threshold, not an order. */
@@ -995,9 +1093,9 @@ int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands
         s_grow((void **)&s->acc_buf, &s->acc_cap, (size_t)grp * acc_one * sizeof(topk_cand)))
         return -1;
     s->kept_budget = b;
-    const int sparq = st->method == SHARD_SPARQ;
-    if (sparq && s_grow((void **)&s->aux, &s->aux_cap,
-                        (size_t)lay->n_heads * SHARD_SPARQ_AUX(d) * sizeof(double)))
+    const int sparq = st->method == SHARD_SPARQ, plus = st->method == SHARD_FASA_PLUS;
+    if ((sparq || plus) && s_grow((void **)&s->aux, &s->aux_cap,
+                                  (size_t)lay->n_heads * SHARD_SPARQ_AUX(d) * sizeof(double)))
         return -1;
 
     if (st->method == SHARD_STREAM) {
@@ -1138,6 +1236,8 @@ static void s_attend_rows(shard_t *s, const shard_step *st, int g, int unit, top
         return;
     }
     s_gather_convert(s, n, cap);
+    if (st->method == SHARD_FASA_PLUS)
+        s_plus_take(s, st, unit, s->lay.n_dom[st->layer * s->lay.n_kv_heads + g], n, qf, kg, vg);
     t = fasa_phase_add(FASA_PHASE_GATHER, t);
     score_rows(n, d, n_q, lg, (int)cap, qf, kg, d, 0);
     for (int i = 0; i < n_q; i++)
@@ -1227,6 +1327,7 @@ static int s_by_group(const shard_t *s, const shard_step *st)
 {
     const int d = s->lay.head_dim, grp = s->lay.n_heads / s->lay.n_kv_heads;
     return st->method != SHARD_DENSE && st->method != SHARD_QUEST &&
+           st->method != SHARD_FASA_PLUS && /* it takes each head's rows out of its aux */
            st->gqa == SHARD_GQA_PER_HEAD && grp > 1 &&
            (size_t)grp * s->kept_budget * (2 * (size_t)d + grp) <= ((size_t)1 << 24);
 }
@@ -1318,6 +1419,11 @@ int shard_attend(shard_t *s, const shard_step *st, const topk_cand *thr, const u
     const shard_layout *lay = &s->lay;
     const int d = lay->head_dim, hkv = lay->n_kv_heads;
     attn_state_init(lay->n_heads, d, m, l, o);
+    if (st->method == SHARD_FASA_PLUS) { /* the score's aux, less the rows attended below */
+        const size_t na = (size_t)lay->n_heads * SHARD_SPARQ_AUX(d) * sizeof(double);
+        if (s_grow((void **)&s->plus_aux, &s->plus_aux_cap, na)) return -1;
+        memcpy(s->plus_aux, s->aux, na);
+    }
     if (s_views_ready(s)) return -1;
     if (st->method == SHARD_DENSE) {
         const size_t need = DENSE_SCRATCH(lay->n_heads / hkv, d) * sizeof(float);

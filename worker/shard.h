@@ -68,18 +68,35 @@
  *           sum of each layer's values per KV head for this. i1 is found by counting, per
  *           dim, the dims ranking before it (O(head_dim^2) per head and step). This store
  *           keeps keys by rows, so scoring reads (and shard_bytes_read counts) whole key
- *           rows, as oracle does; SparQ's column-major copy would read r dims of each. */
+ *           rows, as oracle does; SparQ's column-major copy would read r dims of each.
+ *   FASA_PLUS (per-head GQA only) FASA's scan, scored with every packed dominant dim of the
+ *           KV head (the union of its query heads' FCs, the bytes FASA's scan reads
+ *           anyway), where the SHARD_PLUS_SINKS first positions and the step's
+ *           sparq_r most recent visible positions (max_pos - sparq_r < pos) score
+ *           +inf (ties: lower position first), so they are always selected. The scan also
+ *           folds z_j = scale * score_j of every visible row into a softmax normaliser (max
+ *           and sum of exponentials). shard_sparq_aux after shard_attend gives per query
+ *           head that normaliser less the rows the head attended (z recomputed from their
+ *           gathered keys), q_rest . (sum of the visible keys) over the dims not packed, and
+ *           the sum of the values of the visible rows not attended. The coordinator
+ *           estimates the unselected tokens' softmax mass from them (coord/engine.h). The
+ *           store keeps a running sum of each layer's keys per KV head for this; the engine
+ *           counts the two sums as 2 head_dim doubles read per query head. */
 typedef enum shard_method {
     SHARD_FASA = 0,
     SHARD_DENSE = 1,
     SHARD_ORACLE = 2,
     SHARD_STREAM = 3,
     SHARD_QUEST = 4,
-    SHARD_SPARQ = 5
+    SHARD_SPARQ = 5,
+    SHARD_FASA_PLUS = 6
 } shard_method;
-#define SHARD_METHOD_LAST SHARD_SPARQ
+#define SHARD_METHOD_LAST SHARD_FASA_PLUS
+#define SHARD_PLUS_SINKS 1 /* FASA_PLUS: positions below this are always selected */
 /* Doubles per query head that shard_sparq_aux writes: z max, sum of exp(z - max) over the
- * visible rows, their count, then the sum of their values (head_dim). */
+ * visible rows, their count, then the sum of their values (head_dim). FASA_PLUS: z max,
+ * the sum of exp(z - max) over the visible rows the head did not attend, q_rest . sum of
+ * the visible keys, then the sum of the values of the rows not attended. */
 #define SHARD_SPARQ_AUX(head_dim) (3 + (head_dim))
 #define SHARD_STREAM_SINKS 8
 #define SHARD_QUEST_PAGE 16
@@ -120,7 +137,9 @@ typedef struct shard_step {
     int32_t max_pos; /* highest visible position (inclusive) */
     float scale;     /* logit scale, 1/sqrt(head_dim) */
     const float *q;  /* (n_heads, head_dim) queries, original dim order */
-    int sparq_r;     /* SPARQ: query dims kept per head, 1..head_dim; 0 otherwise */
+    int sparq_r;     /* SPARQ: query dims kept per head, 1..head_dim; FASA_PLUS: the most
+                        recent visible positions always selected, 0..budget - 1 (its
+                        "plus_recent"); 0 otherwise */
 } shard_step;
 
 typedef struct shard shard_t;
@@ -171,8 +190,9 @@ int shard_score(shard_t *shard, const shard_step *step, topk_cand *cands, int *n
 int shard_attend(shard_t *shard, const shard_step *step, const topk_cand *thr,
                  const uint8_t *have_thr, float *m, double *l, double *o);
 
-/* After shard_score of a SPARQ step: aux (n_heads, SHARD_SPARQ_AUX(head_dim)) for the
- * visible rows of this shard (an empty shard gives max -inf and zero sums). */
+/* After shard_score of a SPARQ step (or shard_attend of a FASA_PLUS step): aux (n_heads,
+ * SHARD_SPARQ_AUX(head_dim)) for the visible rows of this shard (an empty shard gives max
+ * -inf and zero sums). */
 void shard_sparq_aux(const shard_t *shard, const shard_step *step, double *aux);
 
 /* Reads rows row0 .. row0 + n - 1 of a layer back as appended: pos[n] their positions,

@@ -49,8 +49,9 @@ uint64_t shard_snap_fnv(uint64_t h, const void *data, size_t n);
 
 /* Writes shard's rows to path atomically (see above). The body is written as f32 (dtype 0)
  * whatever the session's storage dtype (passed for the record; the manifest keeps it):
- * f16/bf16 values convert to f32 exactly and back to the same bits on restore. Returns 0 and fills *info_p, or -1 with a one-line reason in why naming
- * the file and info_p->err_no set (a partial temp file is removed). */
+ * f16/bf16 values convert to f32 exactly and back to the same bits on restore. Returns 0 and fills
+ * *info_p, or -1 with a one-line reason in why naming the file and info_p->err_no set (a partial
+ * temp file is removed). */
 int shard_snap_write(const shard_t *shard, const char *path, const char *session_id,
                      int shard_index, int n_shards, int dtype, shard_snap_info *info_p, char *why,
                      size_t why_len);

@@ -227,6 +227,9 @@ static worker_session *s_step_check(worker *w, const wmpi_cmd *h, shard_step *st
     } else if (h->method == SHARD_SPARQ &&
                (h->sparq_r < 1 || h->sparq_r > h->head_dim || h->gqa != SHARD_GQA_PER_HEAD)) {
         why = "sparq needs r in [1, head_dim] and per-head gqa";
+    } else if (h->method == SHARD_FASA_PLUS &&
+               (h->sparq_r < 0 || h->sparq_r >= h->budget || h->gqa != SHARD_GQA_PER_HEAD)) {
+        why = "fasa-plus needs a recent window in [0, budget) and per-head gqa";
     }
     if (why) {
         s_reject(w, *status_p, h, why);
@@ -288,7 +291,8 @@ static wmpi_status s_attend(worker *w, const wmpi_cmd *h, const uint8_t *p, size
                    s->last.gqa != st.gqa || s->last.budget != st.budget ||
                    s->last.max_pos != st.max_pos || s->last.sparq_r != st.sparq_r))
         return s_reject(w, WMPI_EINVAL, h, "sparse attend without its score");
-    const size_t aux_n = st.method == SHARD_SPARQ ? nh * SHARD_SPARQ_AUX(d) : 0;
+    const size_t aux_n =
+        st.method == SHARD_SPARQ || st.method == SHARD_FASA_PLUS ? nh * SHARD_SPARQ_AUX(d) : 0;
     const size_t payload = nh * 8 + nh * d * 8 + aux_n * 8 + nh * 4;
     if (s_grow(&w->tx, &w->tx_cap, sizeof(wmpi_reply) + payload))
         return s_reject(w, WMPI_ENOMEM, h, "out of memory for the reply");

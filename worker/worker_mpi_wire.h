@@ -29,7 +29,7 @@
  * and, when status is WMPI_OK,
  *   SCORE   cands topk_cand (n_units, budget) (the first n_cands[u] of unit u are valid),
  *           n_cands int32 (n_units)
- *   ATTEND  l double (n_heads), o double (n_heads, head_dim), for SPARQ aux double
+ *   ATTEND  l double (n_heads), o double (n_heads, head_dim), for SPARQ and FASA_PLUS aux double
  *           (n_heads, SHARD_SPARQ_AUX(head_dim)) (shard_sparq_aux), m float (n_heads)
  *   STATS   one wmpi_stats: what the worker's shard of sid (or of every session) holds
  *   SNAPSHOT  one shard_snap_info: the file's checksum and size, or err_no != 0 when the
