@@ -760,6 +760,7 @@ START_TEST(test_shard_score_dtype)
             for (int p = 0; p < 3; p++) shard_destroy(&part[p]);
             shard_layout_cleanup(&lay);
         }
+    free(k), free(v), free(pos);
 }
 END_TEST
 
