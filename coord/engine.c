@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "attn.h"
@@ -1030,6 +1031,7 @@ static int s_plan_finish(fasa_engine_t *e, const step_plan *p, float *out, fasa_
         stats->method_used = p->dense ? FASA_METHOD_DENSE : p->method;
         stats->n_visible = p->n_vis;
         stats->bytes_read = p->bytes;
+        stats->score_us = stats->merge_us = stats->attend_us = 0;
         /* fasa-plus also reads the running key and value sums, head_dim doubles each. */
         if (p->st.method == SHARD_FASA_PLUS)
             stats->bytes_read += (int64_t)nh * 2 * d * (int64_t)sizeof(double);
@@ -1042,6 +1044,40 @@ static fasa_status s_step_failed(const step_plan *p, fasa_error *err)
     return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED,
                           "a shard failed (out of memory) during a step of '%s'%s", p->id,
                           p->req->k_new ? "; k_new and v_new were appended before the step" : "");
+}
+
+static double s_clock_us(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return 1e6 * (double)t.tv_sec + 1e-3 * (double)t.tv_nsec;
+}
+
+/* A step's k_new handed to the transport to ride along with the step's first phase
+ * (transport.h stage_append) instead of an append exchange of its own: the same checks
+ * and accounting as s_plan_commit, which s_plan_check's limit check already passed. */
+static int s_plan_stage(fasa_engine_t *e, const step_plan *p, int *shard_p, int32_t *pos_p)
+{
+    const fasa_attend_req *req = p->req;
+    const int32_t pos = p->s->n_appended[req->layer];
+    const int shard = (int)((pos / e->block) % e->tr.n_shards);
+    *shard_p = shard;
+    *pos_p = pos;
+    return e->tr.stage_append(e->tr.ctx, p->s->sid, shard, req->layer, pos, req->k_new, req->v_new);
+}
+
+/* After the phase that carried a staged k_new: the row counted where it landed. Returns 1
+ * when it was appended. */
+static int s_plan_staged(fasa_engine_t *e, step_plan *p, int shard, int32_t pos)
+{
+    if (!e->tr.staged_appended(e->tr.ctx)) return 0;
+    const int layer = p->req->layer;
+    acct *a = &p->s->held[shard * p->s->cfg.n_layers + layer];
+    const int64_t before = s_acct_bytes(p->s, layer, a);
+    s_acct_add(a, pos, 1);
+    e->shard_bytes[shard] += s_acct_bytes(p->s, layer, a) - before;
+    p->s->n_appended[layer]++;
+    return 1;
 }
 
 fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_attend_req *req,
@@ -1057,20 +1093,50 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
     p.cands = e->cands, p.merged = e->merged, p.thr = e->thr, p.n_cands = e->n_cands;
     p.n_sel = e->n_sel, p.have_thr = e->have_thr, p.m = e->m, p.l = e->l, p.o = e->o;
     p.aux = e->aux;
-    if ((st = s_plan_commit(e, &p, err))) return st;
+    /* k_new rides along with the first phase where the transport can carry it. */
+    int staged = 0, k_shard = 0;
+    int32_t k_pos = 0;
+    if (req->k_new && e->tr.stage_append && e->tr.staged_appended) {
+        if (s_plan_stage(e, &p, &k_shard, &k_pos))
+            return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED,
+                                  "out of memory staging k_new for '%s'", p.id);
+        staged = 1;
+    } else if ((st = s_plan_commit(e, &p, err))) {
+        return st;
+    }
+    const double t0 = s_clock_us();
     double t = fasa_phase_now(); /* 0 unless a benchmark times the phases (phase.h) */
-    if (!p.dense && e->tr.score(e->tr.ctx, p.s->sid, &p.st, p.cands, p.n_cands))
-        return s_step_failed(&p, err);
+    int failed = !p.dense && e->tr.score(e->tr.ctx, p.s->sid, &p.st, p.cands, p.n_cands);
+    if (staged && !p.dense && !s_plan_staged(e, &p, k_shard, k_pos))
+        return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED,
+                              "a shard failed (out of memory) appending k_new to '%s'; nothing "
+                              "was appended",
+                              p.id);
+    if (failed) return s_step_failed(&p, err);
+    const double t1 = s_clock_us();
     t = fasa_phase_add(FASA_PHASE_SCAN, t);
     s_plan_select(e, &p, selected);
     t = fasa_phase_add(FASA_PHASE_SELECT, t);
-    if (e->tr.attend(e->tr.ctx, p.s->sid, &p.st, p.thr, p.have_thr, p.m, p.l, p.o, p.aux, &p.bytes))
-        return s_step_failed(&p, err);
+    const double t2 = s_clock_us();
+    failed =
+        e->tr.attend(e->tr.ctx, p.s->sid, &p.st, p.thr, p.have_thr, p.m, p.l, p.o, p.aux, &p.bytes);
+    if (staged && p.dense && !s_plan_staged(e, &p, k_shard, k_pos))
+        return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED,
+                              "a shard failed (out of memory) appending k_new to '%s'; nothing "
+                              "was appended",
+                              p.id);
+    if (failed) return s_step_failed(&p, err);
+    const double t3 = s_clock_us();
     t = fasa_phase_add(FASA_PHASE_ATTEND, t);
     if (s_plan_finish(e, &p, out, stats))
         return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED, "out of memory merging a step of '%s'",
                               id);
     fasa_phase_add(FASA_PHASE_MERGE, t);
+    if (stats) {
+        stats->score_us = t1 - t0;
+        stats->attend_us = t3 - t2;
+        stats->merge_us = (t2 - t1) + (s_clock_us() - t3);
+    }
     return FASA_OK;
 }
 

@@ -122,6 +122,11 @@ typedef struct fasa_step_stats {
     int method_used;    /* fasa_method actually run (dense when every token fits B) */
     int n_visible;      /* tokens visible to the step */
     int64_t bytes_read; /* KV bytes read on all shards */
+    /* fasa_engine_attend only (0 from a batch): the step's wall time on the calling thread
+     * in phase 1 (the shards' scoring, with the k_new append when the transport carries it
+     * along), the merges (global top-B and log-sum-exp) and phase 2 (the shards' attention;
+     * for a dense step the only phase, then with the k_new). Microseconds. */
+    double score_us, merge_us, attend_us;
 } fasa_step_stats;
 
 typedef struct fasa_engine fasa_engine_t;

@@ -58,6 +58,17 @@ typedef struct fasa_transport {
     /* Optional (NULL in-process, where every shard is in this process): each shard's
      * holder's resident memory in bytes, out[n_shards]. 0, or -1. */
     int (*shard_rss)(void *ctx, int64_t *out);
+    /* Optional (NULL: not offered; the engine then appends a step's k_new with append, an
+     * exchange of its own). stage_append hands over one row (position pos of layer, k and v
+     * (n_kv_heads, head_dim), read before it returns) for shard `shard` to append before the
+     * next phase it runs: the next score, or attend when no score comes first (a dense step),
+     * so a decode step with k_new costs the shards one exchange less. After that phase
+     * staged_appended says whether the row landed: 1, or 0 (the shard was out of memory, or
+     * the phase never started; nothing changed there). stage_append returns 0, or -1 (nothing
+     * staged). Not for pipelined phases. */
+    int (*stage_append)(void *ctx, int sid, int shard, int layer, int32_t pos, const float *k,
+                        const float *v);
+    int (*staged_appended)(void *ctx);
     void (*destroy)(void *ctx);
 } fasa_transport;
 

@@ -65,6 +65,10 @@ typedef struct mpi_ctx {
     MPI_Status *stats;   /* (2 * n_shards) */
     struct pipe_op *ops; /* (FASA_PIPE_MAX) a ring of phases in flight, made on first use */
     int op_head, op_len;
+    /* A step's k_new staged for the next phase (stage_append), and how that went. */
+    int staged, staged_sid, staged_shard, staged_layer, staged_appended;
+    int32_t staged_pos;
+    const float *staged_k, *staged_v;
 } mpi_ctx;
 
 /* A SCORE or ATTEND in flight: its own command and reply buffers and requests, and where
@@ -78,6 +82,7 @@ typedef struct pipe_op {
     size_t reply_bytes;
     MPI_Request *reqs; /* (2 * n_shards) receives then sends */
     MPI_Status *stats; /* (2 * n_shards) */
+    int knew_shard;    /* the shard that appends the k_new a *_KNEW carries, else -1 */
     int units, budget, n_heads, head_dim;
     size_t aux_n;
     topk_cand *cands;
@@ -259,13 +264,30 @@ static int s_append(void *ctx, int sid, int shard, int layer, int n, const int32
     return 0;
 }
 
-/* Packs a SCORE or ATTEND header and the queries; returns the payload pointer after q. */
+/* Packs a SCORE or ATTEND header and the queries; returns the payload pointer after q.
+ * With a k_new staged for this session the command becomes SCORE_KNEW or ATTEND_KNEW, the
+ * row in front of the queries (worker_mpi_wire.h), and the staging is used up: *knew_p gets
+ * the shard that appends it (else -1). */
 static uint8_t *s_step_begin(mpi_ctx *c, wmpi_cmd_code code, int sid, const mpi_session *s,
-                             const shard_step *st, int units, int64_t extra)
+                             const shard_step *st, int units, int64_t extra, int *knew_p)
 {
     const size_t q_bytes = (size_t)s->n_heads * s->head_dim * sizeof(float);
-    uint8_t *p = s_cmd_begin(c, code, sid, s, (int64_t)q_bytes + extra);
+    const int knew = c->staged && c->staged_sid == sid && c->staged_layer == st->layer;
+    const size_t row = (size_t)s->n_kv_heads * s->head_dim * sizeof(float);
+    const size_t knew_bytes = knew ? sizeof(wmpi_knew) + 2 * row : 0;
+    c->staged = 0;
+    *knew_p = -1;
+    if (knew) code = code == WMPI_SCORE ? WMPI_SCORE_KNEW : WMPI_ATTEND_KNEW;
+    uint8_t *p = s_cmd_begin(c, code, sid, s, (int64_t)(knew_bytes + q_bytes) + extra);
     if (!p) return NULL;
+    if (knew) {
+        const wmpi_knew kh = {.shard = c->staged_shard, .pos = c->staged_pos};
+        memcpy(p, &kh, sizeof(kh));
+        memcpy(p + sizeof(kh), c->staged_k, row);
+        memcpy(p + sizeof(kh) + row, c->staged_v, row);
+        p += knew_bytes;
+        *knew_p = c->staged_shard;
+    }
     wmpi_cmd *h = s_cmd_header(c);
     h->layer = st->layer;
     h->method = st->method;
@@ -338,10 +360,10 @@ static int s_score_start(void *ctx, int sid, const shard_step *st, topk_cand *ca
     mpi_ctx *c = ctx;
     const mpi_session *s = s_session(c, sid);
     pipe_op *op = s ? s_op_slot(c) : NULL;
-    if (!op) return -1;
+    if (!op) return c->staged = 0, -1;
     const int units = st->gqa == SHARD_GQA_SHARED ? s->n_kv_heads : s->n_heads, b = st->budget;
     const int64_t cand_bytes = (int64_t)units * b * (int64_t)sizeof(topk_cand);
-    if (!s_step_begin(c, WMPI_SCORE, sid, s, st, units, 0)) return -1;
+    if (!s_step_begin(c, WMPI_SCORE, sid, s, st, units, 0, &op->knew_shard)) return -1;
     op->units = units;
     op->budget = b;
     op->cands = cands;
@@ -356,12 +378,12 @@ static int s_attend_start(void *ctx, int sid, const shard_step *st, const topk_c
     mpi_ctx *c = ctx;
     const mpi_session *s = s_session(c, sid);
     pipe_op *op = s ? s_op_slot(c) : NULL;
-    if (!op) return -1;
+    if (!op) return c->staged = 0, -1;
     const int units = st->gqa == SHARD_GQA_SHARED ? s->n_kv_heads : s->n_heads;
     /* A dense step reads no thresholds (the engine leaves them unset), so none are sent. */
     const int64_t thr_bytes =
         st->method == SHARD_DENSE ? 0 : (int64_t)units * (int64_t)(sizeof(topk_cand) + 1);
-    uint8_t *p = s_step_begin(c, WMPI_ATTEND, sid, s, st, units, thr_bytes);
+    uint8_t *p = s_step_begin(c, WMPI_ATTEND, sid, s, st, units, thr_bytes, &op->knew_shard);
     if (!p) return -1;
     if (thr_bytes) {
         memcpy(p, thr, (size_t)units * sizeof(topk_cand));
@@ -386,6 +408,7 @@ static int s_wait(void *ctx)
     c->op_head = (c->op_head + 1) % FASA_PIPE_MAX;
     c->op_len--;
     const int n = c->n_shards;
+    c->staged_appended = 0;
     if (s_waitall(2 * n, op->reqs, op->stats)) return -1;
     int rc = 0;
     for (int i = 0; i < n; i++) {
@@ -393,11 +416,15 @@ static int s_wait(void *ctx)
         MPI_Get_count(&op->stats[i], MPI_BYTE, &count);
         wmpi_reply r = {.status = WMPI_EINVAL};
         if ((size_t)count >= sizeof(r)) memcpy(&r, op->reply[i], sizeof(r));
-        if (r.cmd != (int)op->code || r.status != WMPI_OK || (size_t)count != op->reply_bytes)
-            rc = -1;
+        const int ok =
+            r.cmd == (int)op->code && r.status == WMPI_OK && (size_t)count == op->reply_bytes;
+        /* The shard holding a carried k_new says whether it appended it, even on failure. */
+        if (i == op->knew_shard && r.cmd == (int)op->code)
+            c->staged_appended = ok || (r.status != WMPI_OK && r.bytes_read == 1);
+        if (!ok) rc = -1;
     }
     if (rc) return -1;
-    if (op->code == WMPI_SCORE) {
+    if (op->code == WMPI_SCORE || op->code == WMPI_SCORE_KNEW) {
         const int units = op->units, b = op->budget;
         const size_t cand_bytes = (size_t)units * b * sizeof(topk_cand);
         for (int i = 0; i < n; i++) {
@@ -443,6 +470,33 @@ static int s_attend(void *ctx, int sid, const shard_step *st, const topk_cand *t
 {
     if (s_attend_start(ctx, sid, st, thr, have_thr, m, l, o, aux, bytes_p)) return -1;
     return s_wait(ctx);
+}
+
+static int s_stage_append(void *ctx, int sid, int shard, int layer, int32_t pos, const float *k,
+                          const float *v)
+{
+    mpi_ctx *c = ctx;
+    if (!s_session(c, sid) || shard < 0 || shard >= c->n_shards) return -1;
+    /* The pointers stay valid until the phase that carries the row has been packed: the
+     * engine stages and starts that phase within one call. */
+    c->staged = 1;
+    c->staged_sid = sid;
+    c->staged_shard = shard;
+    c->staged_layer = layer;
+    c->staged_pos = pos;
+    c->staged_k = k;
+    c->staged_v = v;
+    c->staged_appended = 0;
+    return 0;
+}
+
+static int s_staged_appended(void *ctx)
+{
+    mpi_ctx *c = ctx;
+    const int appended = c->staged_appended;
+    c->staged = 0;
+    c->staged_appended = 0;
+    return appended;
 }
 
 static int s_shard_stats(void *ctx, int sid, fasa_shard_stats *out)
@@ -564,6 +618,8 @@ int fasa_transport_mpi(fasa_transport *t, MPI_Comm comm)
                           .wait = s_wait,
                           .snapshot = s_snapshot,
                           .shard_rss = s_shard_rss,
+                          .stage_append = s_stage_append,
+                          .staged_appended = s_staged_appended,
                           .destroy = s_destroy};
     return 0;
 err_free:

@@ -309,6 +309,52 @@ static wmpi_status s_attend(worker *w, const wmpi_cmd *h, const uint8_t *p, size
     return WMPI_OK;
 }
 
+/* SCORE_KNEW, ATTEND_KNEW: a decode step's k_new (wmpi_knew, k, v) in front of a SCORE or
+ * ATTEND payload. Every check of the phase is made first (on a header describing just the
+ * phase), then the shard named appends the row and runs the phase; the others run the phase.
+ * *appended_p: 1 once the row was appended here. */
+static wmpi_status s_knew_step(worker *w, const wmpi_cmd *h, const uint8_t *p, size_t *payload_p,
+                               int64_t *bytes_p, int *appended_p)
+{
+    shard_step st;
+    wmpi_status status;
+    worker_session *s = s_step_check(w, h, &st, &status);
+    if (!s) return status;
+    const size_t row = (size_t)h->n_kv_heads * h->head_dim * sizeof(float);
+    const size_t knew_bytes = sizeof(wmpi_knew) + 2 * row;
+    if (h->payload_bytes < (int64_t)knew_bytes)
+        return s_reject(w, WMPI_EINVAL, h, "k_new section shorter than its row");
+    wmpi_knew kh;
+    memcpy(&kh, p, sizeof(kh));
+    if (kh.shard < 0 || kh.shard >= w->size - 1)
+        return s_reject(w, WMPI_EINVAL, h, "k_new shard out of range");
+    wmpi_cmd ph = *h;
+    ph.cmd = h->cmd == WMPI_SCORE_KNEW ? WMPI_SCORE : WMPI_ATTEND;
+    ph.payload_bytes = h->payload_bytes - (int64_t)knew_bytes;
+    const uint8_t *pp = p + knew_bytes;
+    /* The phase's own size checks, before anything changes (they return before using
+     * the shard when the sizes are wrong). */
+    const size_t units = (size_t)h->n_units, q_bytes = (size_t)h->n_heads * h->head_dim * 4;
+    const size_t thr_bytes =
+        ph.cmd == WMPI_SCORE || st.method == SHARD_DENSE ? 0 : units * (sizeof(topk_cand) + 1);
+    if (ph.payload_bytes != (int64_t)(q_bytes + thr_bytes))
+        return s_reject(w, WMPI_EINVAL, h, "step size does not match the geometry");
+    if (ph.cmd == WMPI_ATTEND && st.method != SHARD_DENSE)
+        return s_reject(w, WMPI_EINVAL, h, "a sparse attend carries no k_new (its score did)");
+    if (kh.shard == w->rank - 1) {
+        const int rows = shard_rows(s->shard, h->layer);
+        if (kh.pos < 0 || shard_visible(s->shard, h->layer, kh.pos - 1) != rows)
+            return s_reject(w, WMPI_EINVAL, h, "k_new position not above the rows held");
+        const float *k = (const float *)(p + sizeof(kh)),
+                    *v = (const float *)(p + sizeof(kh) + row);
+        if (shard_append(s->shard, h->layer, 1, &kh.pos, k, v))
+            return s_reject(w, WMPI_ENOMEM, h, "out of memory appending k_new");
+        *appended_p = 1;
+    }
+    return ph.cmd == WMPI_SCORE ? s_score(w, &ph, pp, payload_p)
+                                : s_attend(w, &ph, pp, payload_p, bytes_p);
+}
+
 /* What this worker holds for one session (sid >= 0) or every one (sid -1); the reply
  * payload (one wmpi_stats) is written in place in w->tx. */
 static wmpi_status s_stats(worker *w, const wmpi_cmd *h, size_t *payload_p)
@@ -402,6 +448,13 @@ static int s_serve(worker *w, int count)
         case WMPI_ATTEND:
             st = s_attend(w, &h, p, &payload, &bytes_read);
             break;
+        case WMPI_SCORE_KNEW:
+        case WMPI_ATTEND_KNEW: {
+            int appended = 0;
+            st = s_knew_step(w, &h, p, &payload, &bytes_read, &appended);
+            if (st != WMPI_OK) bytes_read = appended; /* worker_mpi_wire.h */
+            break;
+        }
         case WMPI_STATS:
             st = s_stats(w, &h, &payload);
             break;

@@ -21,6 +21,11 @@
  *   SNAPSHOT     one wmpi_snap, then the path prefix (prefix_len bytes) and the session id
  *                (id_len bytes), no NULs: the worker writes its shard of sid to
  *                prefix + ".s<rank - 1>.shard" (worker/shard_snap.h)
+ *   SCORE_KNEW,  a decode step's k_new riding along with its first phase (one exchange instead
+ *   ATTEND_KNEW  of an APPEND and then the phase): one wmpi_knew, k float (n_kv_heads,
+ *                head_dim), v float (the same), then the SCORE or ATTEND payload. Every worker
+ *                gets the same bytes; only shard wmpi_knew.shard appends the row (position pos
+ *                of the header's layer) before running the phase, the others run the phase.
  * Sections follow each other unpadded in that order. The header is a multiple of 8 bytes
  * and the byte-sized sections come last, so every section is aligned for its type in a
  * malloc'd buffer and the receiver uses the payload in place.
@@ -34,6 +39,8 @@
  *   STATS   one wmpi_stats: what the worker's shard of sid (or of every session) holds
  *   SNAPSHOT  one shard_snap_info: the file's checksum and size, or err_no != 0 when the
  *           file could not be written (the worker logs why)
+ *   SCORE_KNEW, ATTEND_KNEW  as SCORE, ATTEND. On a status other than OK, bytes_read is 1
+ *           when the worker holding the row appended it (the phase failed after), else 0.
  * A worker serves commands in order and sends nothing else, so the coordinator has at most
  * one reply outstanding per worker and MPI's non-overtaking rule pairs them up. */
 #ifndef FASA_WORKER_WORKER_MPI_WIRE_H
@@ -73,6 +80,8 @@ typedef enum wmpi_cmd_code {
     WMPI_ATTEND = 6,
     WMPI_STATS = 7,
     WMPI_SNAPSHOT = 8,
+    WMPI_SCORE_KNEW = 9,  /* SCORE after appending a step's k_new on one shard */
+    WMPI_ATTEND_KNEW = 10 /* ATTEND (a dense step's only phase) after the same */
 } wmpi_cmd_code;
 
 typedef enum wmpi_status {
@@ -112,6 +121,12 @@ typedef struct wmpi_reply {
  * struct the coordinator reports as fasa_shard_stats). */
 typedef shard_holdings wmpi_stats;
 
+/* The head of a *_KNEW payload. */
+typedef struct wmpi_knew {
+    int32_t shard; /* the shard that appends the row (rank shard + 1) */
+    int32_t pos;   /* its position */
+} wmpi_knew;
+
 /* The SNAPSHOT payload's head. */
 typedef struct wmpi_snap {
     int32_t dtype;      /* the session's storage dtype (kernels/dtype.h) */
@@ -121,6 +136,7 @@ typedef struct wmpi_snap {
 } wmpi_snap;
 
 _Static_assert(sizeof(wmpi_snap) == 16, "wmpi_snap layout");
+_Static_assert(sizeof(wmpi_knew) == 8, "wmpi_knew keeps the sections after it aligned");
 _Static_assert(sizeof(wmpi_cmd) == 72 && sizeof(wmpi_cmd) % 8 == 0, "wmpi_cmd layout");
 _Static_assert(sizeof(wmpi_reply) == 16, "wmpi_reply layout");
 _Static_assert(sizeof(wmpi_stats) == 64, "wmpi_stats layout");
@@ -129,24 +145,56 @@ _Static_assert(sizeof(topk_cand) == 8, "topk_cand travels as 8 raw bytes");
 /* Waiting without holding a core. Open MPI's blocking calls busy-poll, and it has no
  * progress thread, so something must keep calling into MPI; on a box with fewer cores than
  * ranks a spinning rank takes the CPU from the ranks doing the work (ecosystem-notes §1.3:
- * 5.1 s vs 0.8 s of CPU per idle worker). So: poll freely for WMPI_SPIN_NS after the last
- * activity (back-to-back commands stay fast), then sleep between polls, doubling the sleep
- * from WMPI_SLEEP0_NS up to a cap. */
-#define WMPI_SPIN_NS 50000L
+ * 5.1 s vs 0.8 s of CPU per idle worker). So: poll for the spin window after the last
+ * activity, giving the core away between polls (sched_yield: a rank sharing its core with
+ * one that computes lets that one run), so the commands and replies of a decode loop are
+ * seen within microseconds; past the window sleep between polls, doubling the sleep from
+ * WMPI_SLEEP0_NS up to a cap, so an idle rank costs next to no CPU. The window is
+ * FASA_SPIN_US in the environment (microseconds, 0 .. 10^7; default WMPI_SPIN_US): 0 sleeps
+ * at once, a large one busy-polls. Sleeps use a 1 us timer slack (Linux's default of 50 us
+ * would make every short sleep a long one). README "Decode latency" has the measurements. */
+#define WMPI_SPIN_US 2000L
 #define WMPI_SLEEP0_NS 2000L
+
+#include <sched.h>
+#include <stdlib.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
+
+/* The spin window in nanoseconds (FASA_SPIN_US, read once per process). */
+static inline long wmpi_spin_ns(void)
+{
+    static long spin_ns = -1;
+    if (spin_ns < 0) {
+        const char *v = getenv("FASA_SPIN_US");
+        char *end = NULL;
+        const long us = v && *v ? strtol(v, &end, 10) : WMPI_SPIN_US;
+        spin_ns = 1000L * (end && *end      ? WMPI_SPIN_US
+                           : us < 0         ? 0
+                           : us > 10000000L ? 10000000L
+                                            : us);
+#ifdef __linux__
+        prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
+#endif
+    }
+    return spin_ns;
+}
 
 typedef struct wmpi_backoff {
     struct timespec since; /* last activity */
-    long sleep_ns;         /* next sleep, once past the spin phase */
+    long sleep_ns;         /* next sleep, once past the spin window */
+    long spin_ns;          /* the spin window */
 } wmpi_backoff;
 
 static inline void wmpi_backoff_reset(wmpi_backoff *b)
 {
     clock_gettime(CLOCK_MONOTONIC, &b->since);
     b->sleep_ns = WMPI_SLEEP0_NS;
+    b->spin_ns = wmpi_spin_ns();
 }
 
-/* Called between two polls that found nothing: returns at once during the spin phase,
+/* Called between two polls that found nothing: yields the core during the spin window,
  * otherwise sleeps and lengthens the next sleep up to max_sleep_ns. */
 static inline void wmpi_backoff_pause(wmpi_backoff *b, long max_sleep_ns)
 {
@@ -154,7 +202,10 @@ static inline void wmpi_backoff_pause(wmpi_backoff *b, long max_sleep_ns)
     clock_gettime(CLOCK_MONOTONIC, &now);
     const long spent =
         (long)(now.tv_sec - b->since.tv_sec) * 1000000000L + (now.tv_nsec - b->since.tv_nsec);
-    if (spent < WMPI_SPIN_NS) return;
+    if (spent < b->spin_ns) {
+        sched_yield();
+        return;
+    }
     const struct timespec ts = {0, b->sleep_ns};
     nanosleep(&ts, NULL);
     b->sleep_ns = b->sleep_ns * 2 < max_sleep_ns ? b->sleep_ns * 2 : max_sleep_ns;
