@@ -11,6 +11,8 @@ int cmd_replay(int argc, char **argv);
 int cmd_demo(int argc, char **argv);
 /* fasa bench scan|attend (client/cmd_bench.c). */
 int cmd_bench(int argc, char **argv);
+/* fasa bench latency (client/cmd_latency.c, bench/latency.c). */
+int cmd_bench_latency(int argc, char **argv);
 /* A llama2.c-format model with fasa attention (client/cmd_model.c). */
 int cmd_ppl(int argc, char **argv);
 int cmd_generate(int argc, char **argv);

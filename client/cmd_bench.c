@@ -65,7 +65,7 @@ static const char *const s_phase_names[BENCH_N_PHASES] = {"scan",   "select", "g
 #define TARGET_DISK_OVER_F16 0.30
 
 static const char usage_bench[] =
-    "usage: fasa bench scan|attend [options]\n"
+    "usage: fasa bench scan|attend|latency [options]\n"
     "\n"
     "Benchmarks that print each figure next to its target (shared/docs/targets.md) and\n"
     "whether it is met, on synthetic data (32 query heads, 8 KV heads, head_dim 128, ntip 16\n"
@@ -73,8 +73,10 @@ static const char usage_bench[] =
     "\n"
     "  scan     the scoring scan's GB/s against the machine's read bandwidth of the same bytes\n"
     "  attend   decode step time per method (dense, fasa, oracle), dense/fasa, RAM per token\n"
+    "  latency  the service's round trip per Attend in a decode loop, against embedded\n"
     "\n"
-    "Run 'fasa bench scan --help' or 'fasa bench attend --help' for the options.\n";
+    "Run 'fasa bench scan --help', 'fasa bench attend --help' or 'fasa bench latency --help'\n"
+    "for the options.\n";
 
 static const char usage_scan[] =
     "usage: fasa bench scan [--tokens N] [--reps R] [--seed S] [--dtype T] [--score-dtype T]\n"
@@ -1280,9 +1282,14 @@ int cmd_bench(int argc, char **argv)
         fputs(usage_bench, argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
+    if (strcmp(argv[1], "latency") == 0) {
+        openblas_set_num_threads(1);
+        return cmd_bench_latency(argc - 1, argv + 1);
+    }
     const int scan = strcmp(argv[1], "scan") == 0;
     if (!scan && strcmp(argv[1], "attend") != 0)
-        return cli_usage_error("bench", "unknown benchmark '%s' (scan or attend)", argv[1]);
+        return cli_usage_error("bench", "unknown benchmark '%s' (scan, attend or latency)",
+                               argv[1]);
     bench_opts o;
     const int prc = s_parse(scan ? "bench scan" : "bench attend", argc - 1, argv + 1, &o);
     if (prc) return prc < 0 ? 0 : prc;

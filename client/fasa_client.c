@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,6 +40,21 @@ struct fasa_client {
     int connected, handshaken;        /* seen on the current socket (monitor events) */
     int lost;                         /* the connection dropped since the request was sent */
     unsigned serial;                  /* numbers the monitor endpoints */
+    /* The attend hot path: reused buffers, so a decode loop allocates nothing here. */
+    struct tx_slot {
+        uint8_t *buf;
+        size_t cap;
+        atomic_int busy; /* 1 while ZeroMQ still holds buf (it clears it when sent) */
+    } tx[2];
+    struct arena {
+        uint8_t *buf;
+        size_t cap, used, spill; /* spill: bytes malloc'd past cap during one unpack */
+    } arena;
+    int pending;               /* an attend sent (fasa_client_attend_send) awaits its wait */
+    uint64_t pending_rid;      /* its request_id */
+    size_t pending_size;       /* its bytes */
+    double t_sent;             /* when it went out (microseconds, CLOCK_MONOTONIC) */
+    fasa_client_timing timing; /* of the last attend */
 };
 
 static const char *const s_status_names[] = {"OK",
@@ -230,9 +246,11 @@ void fasa_client_close(fasa_client **client_p)
     if (!client_p || !*client_p) return;
     fasa_client *c = *client_p;
     s_close_socket(c);
-    zmq_ctx_term(c->ctx);
+    zmq_ctx_term(c->ctx); /* after it, ZeroMQ holds none of the tx buffers */
     memset(c->secret_key, 0, sizeof(c->secret_key));
     free(c->endpoint);
+    for (int i = 0; i < 2; i++) free(c->tx[i].buf);
+    free(c->arena.buf);
     free(c);
     *client_p = NULL;
 }
@@ -408,16 +426,82 @@ static fasa_client_status s_check_events(fasa_client *c, fasa_client_error *err)
     return FASA_CLIENT_OK;
 }
 
-/* Sends req (version and id filled here) and waits for its reply. On OK, *resp_p is the
- * unpacked Response (status OK, body == want; want NOT_SET accepts any body), to be freed
- * with fasa__v1__response__free_unpacked. */
-static fasa_client_status s_call(fasa_client *c, Fasa__V1__Request *req,
-                                 Fasa__V1__Response__BodyCase want, Fasa__V1__Response **resp_p,
-                                 fasa_client_error *err)
+static double s_now_us(void)
 {
-    *resp_p = NULL;
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return 1e6 * (double)t.tv_sec + 1e-3 * (double)t.tv_nsec;
+}
+
+/* ZeroMQ is done with a tx buffer (it may call this from its I/O thread). */
+static void s_tx_done(void *data, void *hint)
+{
+    (void)data;
+    atomic_store((atomic_int *)hint, 0);
+}
+
+/* A reused buffer of at least size bytes that ZeroMQ does not hold, or NULL (then the
+ * caller mallocs). Grown only while free. */
+static struct tx_slot *s_tx_slot(fasa_client *c, size_t size)
+{
+    for (int i = 0; i < 2; i++) {
+        struct tx_slot *t = &c->tx[i];
+        if (atomic_load(&t->busy)) continue;
+        if (t->cap < size) {
+            uint8_t *b = realloc(t->buf, size);
+            if (!b) return NULL;
+            t->buf = b;
+            t->cap = size;
+        }
+        return t;
+    }
+    return NULL;
+}
+
+/* The unpack allocator of the attend path: a bump arena reset per reply; what does not fit
+ * is malloc'd and counted, and the arena grows by that much for the next reply. */
+static void *s_arena_alloc(void *data, size_t size)
+{
+    struct arena *a = data;
+    const size_t n = (size + 15) & ~(size_t)15;
+    if (a->used + n <= a->cap) {
+        void *p = a->buf + a->used;
+        a->used += n;
+        return p;
+    }
+    a->spill += n;
+    return malloc(size ? size : 1);
+}
+
+static void s_arena_free(void *data, void *p)
+{
+    const struct arena *a = data;
+    if (p && !((uint8_t *)p >= a->buf && (uint8_t *)p < a->buf + a->cap)) free(p);
+}
+
+/* After a reply unpacked into the arena is freed: room for a bigger one next time. */
+static void s_arena_reset(struct arena *a)
+{
+    if (a->spill) {
+        const size_t cap = a->cap + a->spill + 1024;
+        uint8_t *b = realloc(a->buf, cap);
+        if (b) a->buf = b, a->cap = cap;
+    }
+    a->used = a->spill = 0;
+}
+
+/* Sends req (version and id filled here); *size_p gets its bytes. With reuse, the request
+ * is packed into one of the client's buffers that ZeroMQ sends without a copy. */
+static fasa_client_status s_send_req(fasa_client *c, Fasa__V1__Request *req, int reuse,
+                                     size_t *size_p, fasa_client_error *err)
+{
     const char *what = s_body_name(req->body_case);
     if (!c) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "client: NULL");
+    if (c->pending)
+        return s_fail(err, FASA_CLIENT_FAILED_PRECONDITION,
+                      "%s: an attend sent with fasa_client_attend_send awaits "
+                      "fasa_client_attend_wait",
+                      what);
     if (!c->sock && s_open_socket(c))
         return s_fail(err, FASA_CLIENT_UNAVAILABLE, "cannot reconnect to %s: %s", c->endpoint,
                       zmq_strerror(errno));
@@ -434,19 +518,26 @@ static fasa_client_status s_call(fasa_client *c, Fasa__V1__Request *req,
     req->has_deadline_ms = c->deadline_ms > 0;
     req->deadline_ms = c->deadline_ms;
     const size_t size = fasa__v1__request__get_packed_size(req);
+    *size_p = size;
     if ((uint64_t)size > CLIENT_MAX_BYTES)
         return s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED,
                       "%s: request of %zu bytes exceeds the client limit of 2 GiB; send less "
                       "per request",
                       what, size);
-    uint8_t *buf = malloc(size ? size : 1);
+    struct tx_slot *slot = reuse ? s_tx_slot(c, size ? size : 1) : NULL;
+    uint8_t *buf = slot ? slot->buf : malloc(size ? size : 1);
     if (!buf)
         return s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED, "%s: out of memory for %zu bytes", what,
                       size);
     fasa__v1__request__pack(req, buf);
     zmq_msg_t msg;
-    if (zmq_msg_init_data(&msg, buf, size, s_free_buf, NULL)) {
-        free(buf);
+    if (slot) atomic_store(&slot->busy, 1);
+    if (slot ? zmq_msg_init_data(&msg, buf, size, s_tx_done, &slot->busy)
+             : zmq_msg_init_data(&msg, buf, size, s_free_buf, NULL)) {
+        if (slot)
+            atomic_store(&slot->busy, 0);
+        else
+            free(buf);
         return s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED, "%s: out of memory for %zu bytes", what,
                       size);
     }
@@ -457,7 +548,18 @@ static fasa_client_status s_call(fasa_client *c, Fasa__V1__Request *req,
         return s_fail(err, FASA_CLIENT_UNAVAILABLE, "cannot send to %s: %s", c->endpoint,
                       zmq_strerror(e));
     }
+    return FASA_CLIENT_OK;
+}
 
+/* Waits for the reply to request rid (what: its body's name; size: its bytes). On OK,
+ * *resp_p is the unpacked Response (status OK, body == want; want NOT_SET accepts any
+ * body), unpacked with alloc (NULL: malloc) and to be freed with
+ * fasa__v1__response__free_unpacked(resp, alloc). */
+static fasa_client_status s_recv_resp(fasa_client *c, uint64_t rid, const char *what, size_t size,
+                                      Fasa__V1__Response__BodyCase want, ProtobufCAllocator *alloc,
+                                      Fasa__V1__Response **resp_p, fasa_client_error *err)
+{
+    *resp_p = NULL;
     const int64_t deadline = c->timeout_ms > 0 ? s_now_ms() + c->timeout_ms : 0;
     for (;;) {
         long wait = -1;
@@ -542,7 +644,7 @@ static fasa_client_status s_call(fasa_client *c, Fasa__V1__Request *req,
                           zmq_strerror(failed));
         }
         Fasa__V1__Response *resp =
-            fasa__v1__response__unpack(NULL, zmq_msg_size(&part), zmq_msg_data(&part));
+            fasa__v1__response__unpack(alloc, zmq_msg_size(&part), zmq_msg_data(&part));
         const size_t got = zmq_msg_size(&part);
         zmq_msg_close(&part);
         if (!resp) {
@@ -553,14 +655,14 @@ static fasa_client_status s_call(fasa_client *c, Fasa__V1__Request *req,
         }
         /* A reply to an earlier request (given up on, then answered late): drop it. Id 0
          * is the server's answer to bytes it could not read, and only ours are in flight. */
-        if (resp->request_id != req->request_id &&
+        if (resp->request_id != rid &&
             !(resp->request_id == 0 && resp->status != FASA__V1__STATUS__OK)) {
-            fasa__v1__response__free_unpacked(resp, NULL);
+            fasa__v1__response__free_unpacked(resp, alloc);
             continue;
         }
         if (resp->protocol_version != PROTOCOL_VERSION) {
             const unsigned v = resp->protocol_version;
-            fasa__v1__response__free_unpacked(resp, NULL);
+            fasa__v1__response__free_unpacked(resp, alloc);
             return s_fail(err, FASA_CLIENT_INTERNAL,
                           "bad reply from %s: protocol_version %u, expected %d", c->endpoint, v,
                           PROTOCOL_VERSION);
@@ -575,12 +677,12 @@ static fasa_client_status s_call(fasa_client *c, Fasa__V1__Request *req,
             else
                 s_fail(err, code, "%s from %s (no message)",
                        fasa_client_status_name((fasa_client_status)st), c->endpoint);
-            fasa__v1__response__free_unpacked(resp, NULL);
+            fasa__v1__response__free_unpacked(resp, alloc);
             return code;
         }
         if (want != FASA__V1__RESPONSE__BODY__NOT_SET && resp->body_case != want) {
             const int bc = (int)resp->body_case;
-            fasa__v1__response__free_unpacked(resp, NULL);
+            fasa__v1__response__free_unpacked(resp, alloc);
             return s_fail(err, FASA_CLIENT_INTERNAL,
                           "bad reply from %s: body %d answers the %s request (expected %d)",
                           c->endpoint, bc, what, (int)want);
@@ -589,6 +691,21 @@ static fasa_client_status s_call(fasa_client *c, Fasa__V1__Request *req,
         s_ok(err);
         return FASA_CLIENT_OK;
     }
+}
+
+/* Sends req (version and id filled here) and waits for its reply. On OK, *resp_p is the
+ * unpacked Response (status OK, body == want; want NOT_SET accepts any body), to be freed
+ * with fasa__v1__response__free_unpacked. */
+static fasa_client_status s_call(fasa_client *c, Fasa__V1__Request *req,
+                                 Fasa__V1__Response__BodyCase want, Fasa__V1__Response **resp_p,
+                                 fasa_client_error *err)
+{
+    *resp_p = NULL;
+    size_t size = 0;
+    const fasa_client_status st = s_send_req(c, req, 0, &size, err);
+    if (st) return st;
+    return s_recv_resp(c, req->request_id, s_body_name(req->body_case), size, want, NULL, resp_p,
+                       err);
 }
 
 /* A request whose OK response carries no body (DropSession, SetProfile, Shutdown). */
@@ -956,9 +1073,10 @@ static fasa_client_status s_attend_out(const fasa_client *c, const fasa_client_a
     return FASA_CLIENT_OK;
 }
 
-fasa_client_status fasa_client_attend(fasa_client *c, const fasa_client_attend_req *r,
-                                      fasa_client_error *err)
+fasa_client_status fasa_client_attend_send(fasa_client *c, const fasa_client_attend_req *r,
+                                           fasa_client_error *err)
 {
+    const double t0 = s_now_us();
     Fasa__V1__Attend m;
     tensor_buf tq, tk, tv;
     fasa_client_status st = s_attend_msg(r, &m, &tq, &tk, &tv, "attend", err);
@@ -966,11 +1084,66 @@ fasa_client_status fasa_client_attend(fasa_client *c, const fasa_client_attend_r
     Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
     req.body_case = FASA__V1__REQUEST__BODY_ATTEND;
     req.attend = &m;
+    size_t size = 0;
+    if ((st = s_send_req(c, &req, 1, &size, err))) return st;
+    c->pending = 1;
+    c->pending_rid = req.request_id;
+    c->pending_size = size;
+    c->t_sent = s_now_us();
+    c->timing.encode_us = c->t_sent - t0;
+    s_ok(err);
+    return FASA_CLIENT_OK;
+}
+
+fasa_client_status fasa_client_attend_wait(fasa_client *c, const fasa_client_attend_req *r,
+                                           fasa_client_error *err)
+{
+    if (!c) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "client: NULL");
+    if (!c->pending)
+        return s_fail(err, FASA_CLIENT_FAILED_PRECONDITION,
+                      "attend_wait: no attend was sent (fasa_client_attend_send)");
+    if (!r || !r->out) {
+        /* The reply still has to be taken off the socket: wait with nowhere to write. */
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "attend_wait: req or req->out NULL");
+    }
+    c->pending = 0;
+    ProtobufCAllocator alloc = {s_arena_alloc, s_arena_free, &c->arena};
     Fasa__V1__Response *resp;
-    if ((st = s_call(c, &req, FASA__V1__RESPONSE__BODY_ATTEND, &resp, err))) return st;
+    fasa_client_status st = s_recv_resp(c, c->pending_rid, "attend", c->pending_size,
+                                        FASA__V1__RESPONSE__BODY_ATTEND, &alloc, &resp, err);
+    const double t1 = s_now_us();
+    if (st) {
+        s_arena_reset(&c->arena);
+        return st;
+    }
     st = s_attend_out(c, r, resp->attend, "attend", err);
-    fasa__v1__response__free_unpacked(resp, NULL);
+    if (st == FASA_CLIENT_OK) {
+        fasa_client_timing *t = &c->timing;
+        const Fasa__V1__StepStats *ss = resp->attend->stats;
+        t->wait_us = t1 - c->t_sent;
+        t->queue_us = resp->has_queue_us ? (double)resp->queue_us : 0;
+        t->server_decode_us = resp->has_decode_us ? (double)resp->decode_us : 0;
+        t->server_us = (double)ss->server_us;
+        t->score_us = ss->has_score_us ? (double)ss->score_us : 0;
+        t->merge_us = ss->has_merge_us ? (double)ss->merge_us : 0;
+        t->attend_us = ss->has_attend_us ? (double)ss->attend_us : 0;
+    }
+    fasa__v1__response__free_unpacked(resp, &alloc);
+    s_arena_reset(&c->arena);
+    if (st == FASA_CLIENT_OK) c->timing.decode_us = s_now_us() - t1;
     return st;
+}
+
+fasa_client_status fasa_client_attend(fasa_client *c, const fasa_client_attend_req *r,
+                                      fasa_client_error *err)
+{
+    const fasa_client_status st = fasa_client_attend_send(c, r, err);
+    return st ? st : fasa_client_attend_wait(c, r, err);
+}
+
+void fasa_client_last_timing(const fasa_client *c, fasa_client_timing *out)
+{
+    if (c && out) *out = c->timing;
 }
 
 fasa_client_status fasa_client_batch_attend(fasa_client *c, size_t n_items,

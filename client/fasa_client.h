@@ -242,6 +242,36 @@ typedef struct fasa_client_attend_req {
 fasa_client_status fasa_client_attend(fasa_client *c, const fasa_client_attend_req *req,
                                       fasa_client_error *err);
 
+/* The same step in two halves, so that an engine can do its own work while the service
+ * runs it: fasa_client_attend_send checks and sends the request and returns at once;
+ * fasa_client_attend_wait (with the same req, whose buffers must stay valid until then)
+ * waits for the reply and writes the outputs into req->out (and selected, stats). Until the
+ * wait returns, no other call may be made on this client (they fail with
+ * FAILED_PRECONDITION); a failed send needs no wait. fasa_client_attend is send then wait.
+ *
+ * The hot path allocates nothing in libfasa once warm (ZeroMQ's own message buffers
+ * aside): the request is packed into one of two buffers the client reuses, which ZeroMQ
+ * sends without copying, and the reply is unpacked into an arena the client reuses; the
+ * outputs are copied from there into req->out once. On a failed wait the outputs are not
+ * written. */
+fasa_client_status fasa_client_attend_send(fasa_client *c, const fasa_client_attend_req *req,
+                                           fasa_client_error *err);
+fasa_client_status fasa_client_attend_wait(fasa_client *c, const fasa_client_attend_req *req,
+                                           fasa_client_error *err);
+
+/* Where the last successful attend's time went, in microseconds: this client packing and
+ * sending it (encode_us), waiting for the reply (wait_us: the network, ZeroMQ and the whole
+ * server), and unpacking and checking it and copying the outputs (decode_us); then the
+ * server's own figures (0 from a server that does not send them): queue_us (its I/O thread
+ * to its main thread), server_decode_us (decoding and checking the request), server_us (the
+ * engine's step), and inside it score_us (phase 1 on the shards, with k_new), merge_us (the
+ * merges on rank 0) and attend_us (phase 2; a dense step's only phase, then with k_new). */
+typedef struct fasa_client_timing {
+    double encode_us, wait_us, decode_us;
+    double queue_us, server_decode_us, server_us, score_us, merge_us, attend_us;
+} fasa_client_timing;
+void fasa_client_last_timing(const fasa_client *c, fasa_client_timing *out);
+
 /* Runs n_items steps (1..4096, e.g. the layers of one step) in one round trip, in order.
  * Returns the status of the round trip; each item's own status and message go to
  * item_errs[i] (code FASA_CLIENT_OK and an empty message on success). A failed item writes

@@ -26,11 +26,11 @@
 /* wmpi_waitall that gives up on a failed rank: an MPI error (the communicator returns
  * errors, see fasa_transport_mpi) or a rank the watchdog found dead (liveness.h) ends the
  * wait with -1 instead of waiting forever for a reply that will not come. */
-static int s_waitall(int n, MPI_Request *reqs, MPI_Status *statuses)
+static int s_waitall(int n, MPI_Request *reqs, MPI_Status *statuses, wmpi_kick *kick, int s0)
 {
     wmpi_backoff b;
     wmpi_backoff_reset(&b);
-    for (;;) {
+    for (int polls = 0;; polls++) {
         int done = 0;
         const int rc = MPI_Testall(n, reqs, &done, statuses);
         if (rc != MPI_SUCCESS) {
@@ -42,7 +42,14 @@ static int s_waitall(int n, MPI_Request *reqs, MPI_Status *statuses)
         }
         if (done) return 0;
         if (fasa_liveness_failure()) return -1;
-        wmpi_backoff_pause(&b, COORD_MAX_SLEEP_NS);
+        /* reqs is n / 2 receives, then the sends to ranks s0 + 1 ..: once the first poll
+         * has put the sends on their way, wake the workers again (a large message may
+         * only show after it); while a send is incomplete, keep calling into MPI. */
+        int sent = 1;
+        MPI_Testall(n / 2, reqs + n / 2, &sent, MPI_STATUSES_IGNORE);
+        if (polls == 0)
+            for (int i = 0; i < n / 2; i++) wmpi_kick_send(kick, s0 + i + 1);
+        wmpi_backoff_pause(&b, COORD_MAX_SLEEP_NS, kick, !sent);
     }
 }
 
@@ -69,6 +76,7 @@ typedef struct mpi_ctx {
     int staged, staged_sid, staged_shard, staged_layer, staged_appended;
     int32_t staged_pos;
     const float *staged_k, *staged_v;
+    wmpi_kick kick; /* wake-ups from the workers' replies (kick.h) */
 } mpi_ctx;
 
 /* A SCORE or ATTEND in flight: its own command and reply buffers and requests, and where
@@ -155,9 +163,11 @@ static int s_exchange(mpi_ctx *c, int s0, int s1, int64_t reply_payload)
     }
     const int cmd_bytes = (int)(sizeof(wmpi_cmd) + (size_t)h->payload_bytes);
     /* Every send reads the same buffer, which MPI-3 allows while they are pending. */
-    for (int i = s0; i < s1; i++)
+    for (int i = s0; i < s1; i++) {
         MPI_Isend(c->cmd, cmd_bytes, MPI_BYTE, i + 1, WMPI_TAG_CMD, c->comm, &sreq[i - s0]);
-    if (s_waitall(2 * n, c->reqs, c->stats)) return -1;
+        wmpi_kick_send(&c->kick, i + 1);
+    }
+    if (s_waitall(2 * n, c->reqs, c->stats, &c->kick, s0)) return -1;
     if (!want_reply) return 0;
 
     int rc = 0;
@@ -349,8 +359,10 @@ static int s_op_post(mpi_ctx *c, pipe_op *op, int64_t reply_payload)
         MPI_Irecv(op->reply[i], (int)op->reply_bytes, MPI_BYTE, i + 1, WMPI_TAG_REPLY, c->comm,
                   &op->reqs[i]);
     const int cmd_bytes = (int)(sizeof(wmpi_cmd) + (size_t)h->payload_bytes);
-    for (int i = 0; i < n; i++)
+    for (int i = 0; i < n; i++) {
         MPI_Isend(op->cmd, cmd_bytes, MPI_BYTE, i + 1, WMPI_TAG_CMD, c->comm, &op->reqs[n + i]);
+        wmpi_kick_send(&c->kick, i + 1);
+    }
     c->op_len++;
     return 0;
 }
@@ -409,7 +421,7 @@ static int s_wait(void *ctx)
     c->op_len--;
     const int n = c->n_shards;
     c->staged_appended = 0;
-    if (s_waitall(2 * n, op->reqs, op->stats)) return -1;
+    if (s_waitall(2 * n, op->reqs, op->stats, &c->kick, 0)) return -1;
     int rc = 0;
     for (int i = 0; i < n; i++) {
         int count = 0;
@@ -558,6 +570,7 @@ static int s_snapshot(void *ctx, int sid, const char *prefix, const char *id, in
 
 static void s_ctx_free(mpi_ctx *c)
 {
+    wmpi_kick_close(&c->kick);
     if (c->reply)
         for (int i = 0; i < c->n_shards; i++) free(c->reply[i]);
     free(c->reply);
@@ -582,8 +595,10 @@ static void s_destroy(void *ctx)
     } else {
         /* No memory even for a header: send one from the stack so the workers still stop. */
         const wmpi_cmd h = {.magic = WMPI_MAGIC, .cmd = WMPI_STOP, .sid = -1};
-        for (int i = 0; i < c->n_shards; i++)
+        for (int i = 0; i < c->n_shards; i++) {
             MPI_Send(&h, (int)sizeof(h), MPI_BYTE, i + 1, WMPI_TAG_CMD, c->comm);
+            wmpi_kick_send(&c->kick, i + 1);
+        }
     }
     s_ctx_free(c);
 }
@@ -599,6 +614,9 @@ int fasa_transport_mpi(fasa_transport *t, MPI_Comm comm)
     if (!c) return -1;
     c->comm = comm;
     c->n_shards = size - 1;
+    int rank = 0;
+    MPI_Comm_rank(comm, &rank);
+    wmpi_kick_open(&c->kick, rank);
     c->reply = calloc((size_t)c->n_shards, sizeof(*c->reply));
     c->reply_cap = calloc((size_t)c->n_shards, sizeof(*c->reply_cap));
     c->status = calloc((size_t)c->n_shards, sizeof(*c->status));

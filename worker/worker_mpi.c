@@ -50,7 +50,10 @@ typedef struct worker {
     size_t rx_cap;
     uint8_t *tx; /* the reply being built: header, then payload built in place */
     size_t tx_cap;
-    fasa_pool_t *pool; /* every shard's steps run on it (NULL: one thread) */
+    fasa_pool_t *pool;     /* every shard's steps run on it (NULL: one thread) */
+    wmpi_kick kick;        /* wake-ups from rank 0 while idle (kick.h) */
+    MPI_Request reply_req; /* the last reply's send, completed before tx is reused */
+    int reply_pending;
 } worker;
 
 static int s_grow(uint8_t **buf, size_t *cap, size_t bytes)
@@ -74,15 +77,30 @@ static wmpi_status s_reject(const worker *w, wmpi_status st, const wmpi_cmd *h, 
     return st;
 }
 
-/* Sends the reply header in w->tx with payload bytes after it, without spinning. */
+/* Completes the last reply's send (rank 0 has usually taken it long before). */
+static void s_reply_done(worker *w)
+{
+    if (!w->reply_pending) return;
+    wmpi_waitall(1, &w->reply_req, MPI_STATUSES_IGNORE, WORKER_MAX_SLEEP_NS, NULL);
+    w->reply_pending = 0;
+}
+
+/* Sends the reply header in w->tx with payload bytes after it and wakes rank 0; the send
+ * completes in the background (s_reply_done, before w->tx is written again), so the
+ * worker goes back to its loop at once. */
 static void s_reply(worker *w, wmpi_status status, int cmd, int64_t bytes_read, size_t payload)
 {
     const wmpi_reply r = {.status = status, .cmd = cmd, .bytes_read = bytes_read};
     memcpy(w->tx, &r, sizeof(r));
     if (status != WMPI_OK) payload = 0;
-    MPI_Request req;
-    MPI_Isend(w->tx, (int)(sizeof(r) + payload), MPI_BYTE, 0, WMPI_TAG_REPLY, w->comm, &req);
-    wmpi_waitall(1, &req, MPI_STATUSES_IGNORE, WORKER_MAX_SLEEP_NS);
+    MPI_Isend(w->tx, (int)(sizeof(r) + payload), MPI_BYTE, 0, WMPI_TAG_REPLY, w->comm,
+              &w->reply_req);
+    w->reply_pending = 1;
+    /* One call into MPI first, so that the reply shows before rank 0 looks for it. */
+    int done = 0;
+    MPI_Test(&w->reply_req, &done, MPI_STATUS_IGNORE);
+    if (done) w->reply_pending = 0;
+    wmpi_kick_send(&w->kick, 0);
 }
 
 /* The live session a command names whose geometry matches the header, or NULL. */
@@ -412,6 +430,7 @@ static wmpi_status s_snapshot(worker *w, const wmpi_cmd *h, const uint8_t *p, si
 /* Serves one received command of count bytes in w->rx. Returns 1 on a valid STOP. */
 static int s_serve(worker *w, int count)
 {
+    s_reply_done(w); /* every handler may write or grow w->tx */
     wmpi_cmd h;
     if ((size_t)count < sizeof(h)) {
         s_reject(w, WMPI_EINVAL, NULL, "message shorter than a header");
@@ -490,6 +509,7 @@ int worker_mpi_loop_threads(MPI_Comm comm, int n_threads)
         fasa_pool_destroy(&w.pool);
         return -1;
     }
+    wmpi_kick_open(&w.kick, w.rank);
     wmpi_backoff idle;
     wmpi_backoff_reset(&idle);
     for (;;) {
@@ -497,7 +517,13 @@ int worker_mpi_loop_threads(MPI_Comm comm, int n_threads)
         MPI_Status status;
         MPI_Iprobe(0, WMPI_TAG_CMD, comm, &flag, &status);
         if (!flag) {
-            wmpi_backoff_pause(&idle, WORKER_MAX_SLEEP_NS);
+            /* A reply still going out needs this rank to keep calling into MPI. */
+            if (w.reply_pending) {
+                int done = 0;
+                MPI_Test(&w.reply_req, &done, MPI_STATUS_IGNORE);
+                if (done) w.reply_pending = 0;
+            }
+            wmpi_backoff_pause(&idle, WORKER_MAX_SLEEP_NS, &w.kick, w.reply_pending);
             continue;
         }
         int count = 0;
@@ -513,6 +539,8 @@ int worker_mpi_loop_threads(MPI_Comm comm, int n_threads)
         if (s_serve(&w, count)) break;
         wmpi_backoff_reset(&idle);
     }
+    s_reply_done(&w);
+    wmpi_kick_close(&w.kick);
     for (int i = 0; i < w.cap; i++) shard_destroy(&w.table[i].shard);
     free(w.table);
     free(w.rx);

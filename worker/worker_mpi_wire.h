@@ -145,22 +145,30 @@ _Static_assert(sizeof(topk_cand) == 8, "topk_cand travels as 8 raw bytes");
 /* Waiting without holding a core. Open MPI's blocking calls busy-poll, and it has no
  * progress thread, so something must keep calling into MPI; on a box with fewer cores than
  * ranks a spinning rank takes the CPU from the ranks doing the work (ecosystem-notes §1.3:
- * 5.1 s vs 0.8 s of CPU per idle worker). So: poll for the spin window after the last
- * activity, giving the core away between polls (sched_yield: a rank sharing its core with
- * one that computes lets that one run), so the commands and replies of a decode loop are
- * seen within microseconds; past the window sleep between polls, doubling the sleep from
- * WMPI_SLEEP0_NS up to a cap, so an idle rank costs next to no CPU. The window is
- * FASA_SPIN_US in the environment (microseconds, 0 .. 10^7; default WMPI_SPIN_US): 0 sleeps
- * at once, a large one busy-polls. Sleeps use a 1 us timer slack (Linux's default of 50 us
- * would make every short sleep a long one). README "Decode latency" has the measurements. */
-#define WMPI_SPIN_US 2000L
+ * 5.1 s vs 0.8 s of CPU per idle worker). So a waiting rank polls MPI for a short spin
+ * window after its last activity (back-to-back messages are seen at once), then sleeps in
+ * the kernel between polls until a peer's wake-up (kick.h: the sender of every command and
+ * reply also kicks the receiver on the same node) or a timeout, doubling from
+ * WMPI_SLEEP0_NS up to a cap; the cap is long once wake-ups are known to arrive (a peer on
+ * this node) and short otherwise (polling between nodes). So the round trips of a decode
+ * loop pay a kernel wake-up rather than a sleep, whether or not ranks share cores, and an
+ * idle rank costs next to no CPU. The spin window is FASA_SPIN_US in the environment
+ * (microseconds, 0 .. 10^7, default WMPI_SPIN_US; a large one busy-polls). Sleeps use a
+ * 1 us timer slack (Linux's 50 us default would lengthen every short one). README "Decode
+ * latency" has the measurements. */
+#define WMPI_SPIN_US 1000L
+#define WMPI_SPIN_ALONE_NS 20000L /* the first 20 us of a spin never yield */
 #define WMPI_SLEEP0_NS 2000L
+#define WMPI_KICKED_SLEEP_NS 20000000L /* the cap once wake-ups arrive: 20 ms */
 
 #include <sched.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef __linux__
 #include <sys/prctl.h>
 #endif
+
+#include "kick.h"
 
 /* The spin window in nanoseconds (FASA_SPIN_US, read once per process). */
 static inline long wmpi_spin_ns(void)
@@ -181,6 +189,17 @@ static inline long wmpi_spin_ns(void)
     return spin_ns;
 }
 
+/* FASA_SPIN_YIELD=0 in the environment: spin without yielding (for comparisons). */
+static inline int wmpi_spin_alone(void)
+{
+    static int alone = -1;
+    if (alone < 0) {
+        const char *v = getenv("FASA_SPIN_YIELD");
+        alone = v && !strcmp(v, "0");
+    }
+    return alone;
+}
+
 typedef struct wmpi_backoff {
     struct timespec since; /* last activity */
     long sleep_ns;         /* next sleep, once past the spin window */
@@ -194,25 +213,41 @@ static inline void wmpi_backoff_reset(wmpi_backoff *b)
     b->spin_ns = wmpi_spin_ns();
 }
 
-/* Called between two polls that found nothing: yields the core during the spin window,
- * otherwise sleeps and lengthens the next sleep up to max_sleep_ns. */
-static inline void wmpi_backoff_pause(wmpi_backoff *b, long max_sleep_ns)
+/* Called between two polls that found nothing: returns at once during the spin window,
+ * otherwise sleeps until kick (may be NULL) is woken or the sleep passes, lengthening the
+ * next sleep up to max_sleep_ns (WMPI_KICKED_SLEEP_NS once kick has been woken). A wake-up
+ * starts the spin window again (the message it announces may take a moment to show). With
+ * own_sends set (this rank's own sends are not complete: a large message needs its sender
+ * to keep calling into MPI) it only yields the core. */
+static inline void wmpi_backoff_pause(wmpi_backoff *b, long max_sleep_ns, wmpi_kick *kick,
+                                      int own_sends)
 {
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
     const long spent =
         (long)(now.tv_sec - b->since.tv_sec) * 1000000000L + (now.tv_nsec - b->since.tv_nsec);
-    if (spent < b->spin_ns) {
-        sched_yield();
+    if (spent < b->spin_ns || own_sends) {
+        /* Spinning, but a rank that shares its core with one that computes lets it run. */
+        if (spent >= WMPI_SPIN_ALONE_NS && !wmpi_spin_alone()) sched_yield();
         return;
     }
-    const struct timespec ts = {0, b->sleep_ns};
-    nanosleep(&ts, NULL);
+    if (kick) {
+        if (wmpi_kick_wait(kick, b->sleep_ns)) {
+            wmpi_backoff_reset(b);
+            return;
+        }
+        if (kick->kicks && max_sleep_ns < WMPI_KICKED_SLEEP_NS) max_sleep_ns = WMPI_KICKED_SLEEP_NS;
+    } else {
+        const struct timespec ts = {0, b->sleep_ns};
+        nanosleep(&ts, NULL);
+    }
     b->sleep_ns = b->sleep_ns * 2 < max_sleep_ns ? b->sleep_ns * 2 : max_sleep_ns;
 }
 
-/* MPI_Waitall that polls with wmpi_backoff instead of spinning. */
-static inline void wmpi_waitall(int n, MPI_Request *reqs, MPI_Status *statuses, long max_sleep_ns)
+/* MPI_Waitall of this rank's own sends: polls, yielding the core between polls (a large
+ * send completes only while its sender calls into MPI). */
+static inline void wmpi_waitall(int n, MPI_Request *reqs, MPI_Status *statuses, long max_sleep_ns,
+                                wmpi_kick *kick)
 {
     wmpi_backoff b;
     wmpi_backoff_reset(&b);
@@ -220,7 +255,7 @@ static inline void wmpi_waitall(int n, MPI_Request *reqs, MPI_Status *statuses, 
         int done = 0;
         MPI_Testall(n, reqs, &done, statuses);
         if (done) return;
-        wmpi_backoff_pause(&b, max_sleep_ns);
+        wmpi_backoff_pause(&b, max_sleep_ns, kick, 1);
     }
 }
 
