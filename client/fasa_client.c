@@ -53,7 +53,7 @@ struct fasa_client {
     int pending;               /* an attend sent (fasa_client_attend_send) awaits its wait */
     uint64_t pending_rid;      /* its request_id */
     size_t pending_size;       /* its bytes */
-    double t_sent;             /* when it went out (microseconds, CLOCK_MONOTONIC) */
+    double t_sent;             /* when the last request went to ZeroMQ (us, monotonic) */
     fasa_client_timing timing; /* of the last attend */
 };
 
@@ -541,6 +541,7 @@ static fasa_client_status s_send_req(fasa_client *c, Fasa__V1__Request *req, int
         return s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED, "%s: out of memory for %zu bytes", what,
                       size);
     }
+    c->t_sent = s_now_us(); /* the wait counts from here: the server cannot answer earlier */
     if (zmq_msg_send(&msg, c->sock, 0) < 0) {
         const int e = errno;
         zmq_msg_close(&msg);
@@ -1089,7 +1090,6 @@ fasa_client_status fasa_client_attend_send(fasa_client *c, const fasa_client_att
     c->pending = 1;
     c->pending_rid = req.request_id;
     c->pending_size = size;
-    c->t_sent = s_now_us();
     c->timing.encode_us = c->t_sent - t0;
     s_ok(err);
     return FASA_CLIENT_OK;

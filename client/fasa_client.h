@@ -260,9 +260,9 @@ fasa_client_status fasa_client_attend_wait(fasa_client *c, const fasa_client_att
                                            fasa_client_error *err);
 
 /* Where the last successful attend's time went, in microseconds: this client packing and
- * sending it (encode_us), waiting for the reply (wait_us: the network, ZeroMQ and the whole
- * server), and unpacking and checking it and copying the outputs (decode_us); then the
- * server's own figures (0 from a server that does not send them): queue_us (its I/O thread
+ * packing it (encode_us), waiting for the reply from handing it to ZeroMQ (wait_us: the network,
+ * ZeroMQ and the whole server), and unpacking and checking it and copying the outputs (decode_us);
+ * then the server's own figures (0 from a server that does not send them): queue_us (its I/O thread
  * to its main thread), server_decode_us (decoding and checking the request), server_us (the
  * engine's step), and inside it score_us (phase 1 on the shards, with k_new), merge_us (the
  * merges on rank 0) and attend_us (phase 2; a dense step's only phase, then with k_new). */

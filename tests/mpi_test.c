@@ -50,6 +50,10 @@ static double s_worst_n, s_worst_1; /* largest output differences seen, for the 
 typedef struct counted {
     fasa_transport inner; /* the MPI transport, owned */
     long ops;             /* operations forwarded so far */
+    /* stage_off: a step's k_new goes as an APPEND of its own (the engine's path without
+     * stage_append: two exchanges for a dense step, three for a sparse one) instead of riding
+     * along with the step's first phase (SCORE_KNEW / ATTEND_KNEW). */
+    int stage_off, staged_ok;
 } counted;
 
 static counted s_counted;
@@ -105,6 +109,25 @@ static int s_c_snapshot(void *ctx, int sid, const char *prefix, const char *id, 
     counted *c = ctx;
     c->ops++;
     return c->inner.snapshot(c->inner.ctx, sid, prefix, id, dtype, out);
+}
+
+static int s_c_stage_append(void *ctx, int sid, int shard, int layer, int32_t pos, const float *k,
+                            const float *v)
+{
+    counted *c = ctx;
+    if (!c->stage_off) return c->inner.stage_append(c->inner.ctx, sid, shard, layer, pos, k, v);
+    c->ops++;
+    c->staged_ok = c->inner.append(c->inner.ctx, sid, shard, layer, 1, &pos, k, v) == 0;
+    return 0;
+}
+
+static int s_c_staged_appended(void *ctx)
+{
+    counted *c = ctx;
+    if (!c->stage_off) return c->inner.staged_appended(c->inner.ctx);
+    const int ok = c->staged_ok;
+    c->staged_ok = 0;
+    return ok;
 }
 
 static void s_c_destroy(void *ctx)
@@ -414,6 +437,80 @@ START_TEST(test_mpi_fasa_agree)
         }
         fasa_profile_destroy(&p);
     }
+    s_data_cleanup(&ds);
+}
+END_TEST
+
+/* (b2) A decode step's k_new riding along with its first phase (SCORE_KNEW, ATTEND_KNEW:
+ * one exchange for a dense step, two for a sparse one) against the same steps with k_new
+ * appended by an exchange of its own: the same bits (outputs, selections, bytes read), and
+ * both as in-process (s_check_agree). And the exchanges a step costs either way. */
+START_TEST(test_mpi_knew_one_exchange)
+{
+    enum { NL = 2, NH = 4, NKV = 2, D = 16, T = 500 };
+    dataset ds;
+    s_data_init(&ds, NL, NH, NKV, D, T, 47);
+    fasa_profile *p = s_profile(NL, NH, NKV, D, 3, FC_PAIRING_INTERLEAVED, 0, 11);
+    const fasa_method methods[] = {FASA_METHOD_DENSE, FASA_METHOD_FASA, FASA_METHOD_ORACLE,
+                                   FASA_METHOD_STREAM};
+    for (int mi = 0; mi < 4; mi++)
+        for (int budget = 24; budget <= 600; budget += 576) {
+            replay c = s_replay_of(&ds, NH, NKV, D, T);
+            c.profile = p;
+            c.method = methods[mi];
+            c.budget = budget; /* 600: every step dense (all visible tokens fit) */
+            c.prefix = 380;
+            c.pos_step = 7;
+            c.back = 150;
+            replay_out on, off;
+            s_out_init(&c, &on);
+            s_out_init(&c, &off);
+            s_replay(s_mpi, "knew", &c, &on);
+            s_counted.stage_off = 1;
+            s_replay(s_mpi, "knew", &c, &off);
+            s_counted.stage_off = 0;
+            const size_t no = (size_t)on.n_att * c.nh * c.d,
+                         ns = (size_t)on.n_att * c.nh * c.budget;
+            ck_assert_mem_eq(on.out, off.out, no * sizeof(float));
+            ck_assert_mem_eq(on.sel, off.sel, ns * sizeof(int32_t));
+            ck_assert_mem_eq(on.bytes, off.bytes, (size_t)on.n_att * sizeof(int64_t));
+            s_out_cleanup(&on);
+            s_out_cleanup(&off);
+            char what[96];
+            snprintf(what, sizeof(what), "k_new with the phase, %s B=%d",
+                     fasa_method_name(c.method), budget);
+            s_check_agree(&c, what);
+        }
+    /* Exchanges per step with k_new: dense 1 (2 without), sparse 2 (3 without). */
+    replay c = s_replay_of(&ds, NH, NKV, D, T);
+    c.profile = p;
+    c.method = FASA_METHOD_FASA;
+    c.budget = 24;
+    s_create(s_mpi, "count", &c);
+    s_append(s_mpi, "count", &c, 1, 0, 300);
+    const size_t row = (size_t)NKV * D;
+    float out[NH * D];
+    fasa_error err;
+    for (int off = 0; off < 2; off++)
+        for (int dense = 0; dense < 2; dense++) {
+            s_counted.stage_off = off;
+            const int32_t t = fasa_engine_length(s_mpi, "count", 1);
+            const fasa_attend_req req = {.layer = 1,
+                                         .q = c.q[1] + (size_t)t * NH * D,
+                                         .k_new = c.k[1] + t * row,
+                                         .v_new = c.v[1] + t * row,
+                                         .method = dense ? FASA_METHOD_DENSE : -1,
+                                         .gqa = -1,
+                                         .max_pos = -1};
+            const long ops = s_counted.ops;
+            ck_assert_int_eq(fasa_engine_attend(s_mpi, "count", &req, out, NULL, NULL, &err),
+                             FASA_OK);
+            ck_assert_int_eq(s_counted.ops - ops, (dense ? 1 : 2) + off);
+            ck_assert_int_eq(fasa_engine_length(s_mpi, "count", 1), t + 1);
+        }
+    s_counted.stage_off = 0;
+    ck_assert_int_eq(fasa_engine_drop(s_mpi, "count", &err), FASA_OK);
+    fasa_profile_destroy(&p);
     s_data_cleanup(&ds);
 }
 END_TEST
@@ -1059,6 +1156,7 @@ static Suite *s_mpi_suite(void)
     TCase *tc = tcase_create("mpi");
     tcase_add_test(tc, test_mpi_plain_agree);
     tcase_add_test(tc, test_mpi_fasa_agree);
+    tcase_add_test(tc, test_mpi_knew_one_exchange);
     tcase_add_test(tc, test_mpi_golden);
     tcase_add_test(tc, test_mpi_sessions_interleaved);
     tcase_add_test(tc, test_mpi_batch);
@@ -1086,6 +1184,8 @@ static int s_run_suite(void)
                               .attend = s_c_attend,
                               .shard_stats = s_c_shard_stats,
                               .snapshot = s_c_snapshot,
+                              .stage_append = s_c_stage_append,
+                              .staged_appended = s_c_staged_appended,
                               .destroy = s_c_destroy};
     s_mpi = fasa_engine_new_with(&t, MPI_TEST_BLOCK);
     if (!s_mpi) {
