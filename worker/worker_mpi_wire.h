@@ -156,7 +156,7 @@ _Static_assert(sizeof(topk_cand) == 8, "topk_cand travels as 8 raw bytes");
  * (microseconds, 0 .. 10^7, default WMPI_SPIN_US; a large one busy-polls). Sleeps use a
  * 1 us timer slack (Linux's 50 us default would lengthen every short one). README "Decode
  * latency" has the measurements. */
-#define WMPI_SPIN_US 1000L
+#define WMPI_SPIN_US 50L
 #define WMPI_SPIN_ALONE_NS 20000L /* the first 20 us of a spin never yield */
 #define WMPI_SLEEP0_NS 2000L
 #define WMPI_KICKED_SLEEP_NS 20000000L /* the cap once wake-ups arrive: 20 ms */
