@@ -4,11 +4,13 @@
  * results in the same caller arrays, -1 where a shard runs out of memory.
  *
  * An operation on all shards packs its command once, pre-posts every worker's reply
- * receive, sends the command to all workers and then waits for everything, so the workers
- * compute in parallel. The wait polls with short sleeps (wmpi_waitall): on a machine with
- * fewer cores than ranks, a coordinator spinning in a blocking MPI wait would take the CPU
- * from the workers it is waiting for. Appends go to one shard and wait for their reply, so
- * a worker out of memory fails the append that hit it. All MPI calls happen on the calling
+ * receive, sends the command to all workers (and wakes them: kick.h) and then waits for
+ * everything, so the workers compute in parallel. The wait polls briefly, then sleeps in
+ * the kernel until a worker's reply wakes it (worker_mpi_wire.h wmpi_backoff): on a machine
+ * with fewer cores than ranks, a coordinator spinning in a blocking MPI wait would take the
+ * CPU from the workers it is waiting for. A decode step's k_new rides along with its first
+ * phase (stage_append: SCORE_KNEW / ATTEND_KNEW). Appends go to one shard and wait for their reply,
+ * so a worker out of memory fails the append that hit it. All MPI calls happen on the calling
  * thread (MPI_THREAD_FUNNELED is enough). */
 #include "transport_mpi.h"
 

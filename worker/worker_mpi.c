@@ -5,7 +5,8 @@
  * The loop spends most of its life idle between decode steps, so it must not hold a core:
  * a blocking MPI_Recv busy-polls in Open MPI, so it polls with MPI_Iprobe and sleeps
  * between polls instead (wmpi_backoff: a short spin after each command, so the next
- * command of a burst is picked up at once, then sleeps growing to WORKER_MAX_SLEEP_NS).
+ * command of a burst is picked up at once, then sleeps in ppoll until rank 0's wake-up
+ * (kick.h) or a timeout growing to WORKER_MAX_SLEEP_NS, longer once wake-ups arrive).
  *
  * Every command is checked before it is used: its size against its header, the header's
  * geometry against the session it names, positions against the rows held. A bad command
