@@ -1048,6 +1048,48 @@ START_TEST(test_mpi_bad_commands)
     h.payload_bytes = 4;
     ck_assert_int_eq(s_raw_cmd(&h, &ws, 4), WMPI_EINVAL);
 
+    /* SCORE_KNEW / ATTEND_KNEW: the row (for shard 0, this worker) is checked like an
+     * append and with the phase before anything changes; only a valid one adds it. */
+    struct {
+        wmpi_knew kh;
+        float k[D], v[D], q[D];
+        topk_cand thr;
+        uint8_t have;
+    } kn = {{0, 13}, {1, 1}, {2, 2}, {1, 0}, {0, 0}, 1};
+    h = sh;
+    h.cmd = WMPI_ATTEND_KNEW;
+    h.method = SHARD_DENSE;
+    h.budget = 2;
+    h.max_pos = 100;
+    h.scale = 1;
+    h.n_units = 1;
+    h.payload_bytes = 8 + 4 * D * 3;
+    ck_assert_int_eq(s_raw_cmd(&h, &kn, h.payload_bytes), WMPI_EINVAL); /* 13 is held */
+    kn.kh.shard = 5;
+    kn.kh.pos = 20;
+    ck_assert_int_eq(s_raw_cmd(&h, &kn, h.payload_bytes), WMPI_EINVAL); /* no shard 5 */
+    kn.kh.shard = 0;
+    h.payload_bytes = 8 + 4 * D * 2;
+    ck_assert_int_eq(s_raw_cmd(&h, &kn, h.payload_bytes), WMPI_EINVAL); /* no q */
+    h.payload_bytes = 8 + 4 * D * 3 + 9;
+    h.method = SHARD_ORACLE;
+    ck_assert_int_eq(s_raw_cmd(&h, &kn, h.payload_bytes), WMPI_EINVAL); /* a sparse attend */
+    ck_assert_int_eq(s_raw_reply(&sh, sizeof(sh), NULL, &ws, sizeof(ws)), WMPI_OK);
+    ck_assert_int_eq(ws.tokens, 4); /* none of those appended */
+    h.method = SHARD_DENSE;
+    h.payload_bytes = 8 + 4 * D * 3;
+    ck_assert_int_eq(s_raw_cmd(&h, &kn, h.payload_bytes), WMPI_OK);
+    h.cmd = WMPI_SCORE_KNEW;
+    h.method = SHARD_ORACLE;
+    ck_assert_int_eq(s_raw_cmd(&h, &kn, h.payload_bytes), WMPI_EINVAL); /* 20 is held now */
+    kn.kh.pos = 21;
+    ck_assert_int_eq(s_raw_cmd(&h, &kn, h.payload_bytes), WMPI_OK);
+    h.cmd = WMPI_ATTEND; /* the second half of that score */
+    h.payload_bytes = 4 * D + 9;
+    ck_assert_int_eq(s_raw_cmd(&h, kn.q, h.payload_bytes), WMPI_OK);
+    ck_assert_int_eq(s_raw_reply(&sh, sizeof(sh), NULL, &ws, sizeof(ws)), WMPI_OK);
+    ck_assert_int_eq(ws.tokens, 6);
+
     h = (wmpi_cmd){.magic = WMPI_MAGIC, .cmd = WMPI_SESSION_DROP, .sid = SID};
     ck_assert_int_eq(s_raw_cmd(&h, NULL, 0), WMPI_OK);
     ck_assert_int_eq(s_raw_cmd(&h, NULL, 0), WMPI_ENOENT);
