@@ -10,7 +10,7 @@
  *           each step reads, the RAM per token each storage tier holds, and (with a 1- and a
  *           2-worker server) the dense scaling from 1 to 2 workers. CSV and a gnuplot PNG.
  *
- * Both run on client/synth.h data (32 query heads, 8 KV heads, head_dim 128, 16 signal FCs
+ * Both run on data/synth.h data (32 query heads, 8 KV heads, head_dim 128, 16 signal FCs
  * per KV head); the fasa profile names the generator's true signal FCs. `attend` checks its
  * own work before timing it: every output finite, and dense equal to a naive attention in
  * double on a few heads. */

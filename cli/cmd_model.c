@@ -1,4 +1,4 @@
-/* fasa ppl and fasa generate: a llama2.c-format model (client/llama.h) decoding token by
+/* fasa ppl and fasa generate: a llama2.c-format model (model/llama.h) decoding token by
  * token with its attention done by fasa, on the embedded engine or a server: one attend
  * per layer per token, carrying that token's key and value. */
 #include <errno.h>
