@@ -1,6 +1,5 @@
 /* fasa bench scan|attend: the option-parsing front; the measuring code is in
  * bench/measure.c. */
-#include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +11,7 @@
 #include "cli.h"
 #include "engine.h"
 #include "measure.h"
+#include "opts.h"
 #include "pool.h"
 #include "scan.h"
 
@@ -45,18 +45,7 @@ static const char usage_scan[] =
     "recall of the f32 selection (each head's top-B by f32 dot products of the stored keys'\n"
     "dominant dims) by the scan's selection.\n"
     "Memory: about N x 9 KiB (the shard's keys and values, and the reference buffer).\n"
-    "\n"
-    "  --tokens N   tokens (default 131072; 1024 .. 16777216; suffixes K = 1024, M = 1048576,\n"
-    "               e.g. 128K, 1M). Keep N x 1 KiB (the bytes scanned) well above the last-level\n"
-    "               cache, or the reference is not a memory bandwidth\n"
-    "  --reps R     timed runs per figure (default 7)\n"
-    "  --seed S     generator seed (default 1)\n"
-    "  --dtype T    storage dtype of keys and values: f32 (default), f16 or bf16\n"
-    "  --score-dtype T  the scoring store: f32, f16, bf16 or int8 (one scale per row); default:\n"
-    "               the key store's own dominant dims (the --dtype)\n"
-    "  --csv FILE   also write the figures as CSV: figure,tokens,bytes,reps,p50_ms,min_ms,gb_s\n"
-    "               (figures read_simd, read_sasum, read (the faster), scan)\n"
-    "  --help       this text\n";
+    "\n";
 
 static const char usage_attend[] =
     "usage: fasa bench attend [--tokens N[,N...]] [options]\n"
@@ -72,44 +61,9 @@ static const char usage_attend[] =
     "server: the dense step's speed-up from 1 to 2 workers (target >= 1.7 at 1M tokens).\n"
     "One session exists at a time. Memory (f32): tokens x 8 KiB on the engine or the server\n"
     "(8 GiB at 1M); the client holds one chunk of tokens at a time.\n"
-    "\n"
-    "  --tokens N[,N...]  context lengths (default 131072); suffixes K and M, e.g. the sweep\n"
-    "                     --tokens 128K,512K,1M (1024 .. 16777216 each, at most 16)\n"
-    "  --methods LIST     timed methods, comma-separated, of dense, fasa, oracle (default all)\n"
-    "  --reps R           timed steps per method (default 5); p50 and min are printed\n"
-    "  --dtype T          storage dtype of keys and values: f32 (default), f16, bf16 (the\n"
-    "                     engine refuses what it does not support yet, and so does this)\n"
-    "  --score-dtype T    the FASA scan's scoring store: f32, f16, bf16 or int8 (default:\n"
-    "                     the --dtype's own key dims)\n"
-    "  --tier T           where keys and values live: ram (default) or disk (the dominant key\n"
-    "                     dims in RAM, the rest of K and V in file-backed mappings under\n"
-    "                     --state-dir, or with --server under the server's --tier-dir); RAM\n"
-    "                     per token is then the bytes the shards allocate in RAM\n"
-    "  --state-dir DIR    directory for the disk tier's files (default: a new one in /tmp,\n"
-    "                     removed at exit; the files are unlinked at once anyway)\n"
-    "  --shards K         in-process shards of the embedded engine (default 1)\n"
-    "  --server E[,E...]  run on fasa-servers at these endpoints instead, one after another\n"
-    "                     (step times are round trips); bench/attend_bench.sh starts a\n"
-    "                     1-worker and a 2-worker server and runs this with both\n"
-    "  --chunk N          tokens per append request (default 2048: 16 MiB of f32 keys and\n"
-    "                     values; keep N x 8 KiB under a server's --max-message, which\n"
-    "                     otherwise refuses the append: RESOURCE_EXHAUSTED)\n"
-    "  --budget B         tokens kept per query head (default 256)\n"
-    "  --seed S           generator seed (default 1)\n"
-    "  --csv FILE         also write every row as CSV: tokens,backend,workers,dtype,tier,method,\n"
-    "                     reps,p50_ms,min_ms,bytes_read,gb_s,kv_bytes_per_token,max_err\n"
-    "                     (max_err: dense against the naive reference, the others against dense)\n"
-    "  --png FILE         plot p50 step time against context length per method (log-log)\n"
-    "                     with gnuplot (deploy/install-deps.sh installs gnuplot-nox); an\n"
-    "                     error, before anything runs, when gnuplot is missing\n"
-    "  --threads T        threads of the embedded engine's steps (default FASA_THREADS, else\n"
-    "                     SLURM_CPUS_PER_TASK, else the CPUs this process may use)\n"
-    "  --json FILE        also write every figure as JSON under stable names: cpu, simd,\n"
-    "                     threads, dtype, read_gbs (T threads), read_gbs_by_threads, cvt_per_s,\n"
-    "                     fma_per_s, and per context length (\"runs\"; the last also at the top)\n"
-    "                     tokens, fasa_ms, fasa_bytes, dense_ms, dense_bytes, oracle_ms,\n"
-    "                     phases_ms {scan, select, gather, attend, merge, other},\n"
-    "                     scan_roofline, dense_roofline, fasa_over_read\n"
+    "\n";
+
+static const char usage_attend_tail[] =
     "\n"
     "Roofline (embedded engine): the fasa and dense steps split into phases (scan = phase 1\n"
     "on the shards, select = the candidate merge, gather and attend = phase 2, merge = the\n"
@@ -118,27 +72,12 @@ static const char usage_attend[] =
     "threads and the compute ceiling of each phase's inner loop from micro-probes of\n"
     "conversions/s (the dtype to f32) and FMA/s (bench/roofline.h); a phase's fraction is of\n"
     "the lower of the two (targets: scan >= 0.85, dense >= 0.80, fasa step <= 1.3x its\n"
-    "bytes at the read bandwidth, at 1M tokens f16).\n"
-    "  --help             this text\n";
+    "bytes at the read bandwidth, at 1M tokens f16).\n";
 
 /* One token count: decimal, with an optional K (x 1024) or M (x 1048576) suffix. */
 static int s_parse_tokens(const char *text, long *out_p)
 {
-    char buf[32];
-    const size_t n = strlen(text);
-    if (n == 0 || n >= sizeof(buf)) return -1;
-    memcpy(buf, text, n + 1);
-    long mul = 1;
-    const char last = buf[n - 1];
-    if (last == 'K' || last == 'k') mul = 1024;
-    if (last == 'M' || last == 'm') mul = 1048576;
-    if (mul > 1) buf[n - 1] = '\0';
-    long v;
-    if (cli_parse_int(buf, 1, BENCH_MAX_TOKENS, &v) || v > BENCH_MAX_TOKENS / mul) return -1;
-    v *= mul;
-    if (v < BENCH_MIN_TOKENS) return -1;
-    *out_p = v;
-    return 0;
+    return cli_parse_size(text, BENCH_MIN_TOKENS, BENCH_MAX_TOKENS, out_p) ? -1 : 0;
 }
 
 /* Splits text (copied into buf) at commas into at most max parts; the count, or -1. */
@@ -159,24 +98,6 @@ static int s_split(const char *text, char *buf, size_t buf_len, char **parts, in
  * exit status of an error (printed). */
 static int s_parse(const char *cmd, int argc, char **argv, bench_opts *o)
 {
-    static const struct option opts[] = {{"tokens", required_argument, 0, 't'},
-                                         {"reps", required_argument, 0, 'r'},
-                                         {"seed", required_argument, 0, 's'},
-                                         {"csv", required_argument, 0, 'c'},
-                                         {"png", required_argument, 0, 'p'},
-                                         {"methods", required_argument, 0, 'm'},
-                                         {"dtype", required_argument, 0, 'd'},
-                                         {"tier", required_argument, 0, 'T'},
-                                         {"state-dir", required_argument, 0, 'D'},
-                                         {"shards", required_argument, 0, 'S'},
-                                         {"server", required_argument, 0, 'E'},
-                                         {"budget", required_argument, 0, 'b'},
-                                         {"chunk", required_argument, 0, 'C'},
-                                         {"json", required_argument, 0, 'J'},
-                                         {"threads", required_argument, 0, 'N'},
-                                         {"score-dtype", required_argument, 0, 'Z'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
     const int scan = strcmp(cmd, "bench scan") == 0;
     memset(o, 0, sizeof(*o));
     o->sizes[0] = 131072;
@@ -187,33 +108,109 @@ static int s_parse(const char *cmd, int argc, char **argv, bench_opts *o)
     o->seed = 1;
     o->chunk = 2048;
     for (int m = 0; m < BENCH_N_METHODS; m++) o->timed[m] = 1;
-    optind = 1;
-    opterr = 0;
-    /* The integer options: their field and range. */
-    const struct {
-        int c;
-        long *field, lo, hi;
-    } ints[] = {{'r', &o->reps, 1, 1000},    {'s', &o->seed, 0, 0x7fffffffL},
-                {'S', &o->shards, 1, 64},    {'C', &o->chunk, 1, 65536},
-                {'b', &o->budget, 1, 65536}, {'N', &o->threads, 1, FASA_POOL_MAX}};
-    int c, li = -1;
-    while ((c = getopt_long(argc, argv, "", opts, &li)) != -1) {
-        /* scan takes only --tokens (one size), --reps, --seed and --csv. */
+    const cli_opt scan_opts[] = {
+        {"tokens", CLI_T_VALUE, 't', 0, 0, 0, 0, 0, "N", NULL,
+         "tokens (default 131072; 1024 .. 16777216; suffixes K = 1024, M = 1048576,\n"
+         "e.g. 128K, 1M). Keep N x 1 KiB (the bytes scanned) well above the last-level\n"
+         "cache, or the reference is not a memory bandwidth"},
+        {"reps", CLI_T_INT, 'r', 0, 0, &o->reps, 1, 1000, "R", NULL,
+         "timed runs per figure (default 7)"},
+        {"seed", CLI_T_INT, 's', 0, 0, &o->seed, 0, 0x7fffffffL, "S", NULL,
+         "generator seed (default 1)"},
+        {"dtype", CLI_T_VALUE, 'd', 0, 0, 0, 0, 0, "T", NULL,
+         "storage dtype of keys and values: f32 (default), f16 or bf16"},
+        {"score-dtype", CLI_T_VALUE, 'Z', 0, 0, 0, 0, 0, "T", NULL,
+         "the scoring store: f32, f16, bf16 or int8 (one scale per row); default:\n"
+         "the key store's own dominant dims (the --dtype)"},
+        {"csv", CLI_T_STR, 'c', 0, &o->csv, 0, 0, 0, "FILE", NULL,
+         "also write the figures as CSV: figure,tokens,bytes,reps,p50_ms,min_ms,gb_s\n"
+         "(figures read_simd, read_sasum, read (the faster), scan)"},
+        /* attend's: --tier and --state-dir are taken and unused, the others refused. */
+        {"methods", CLI_T_VALUE, 'm', 0, 0, 0, 0, 0, "LIST", NULL, NULL},
+        {"tier", CLI_T_VALUE, 'T', 0, 0, 0, 0, 0, "T", NULL, NULL},
+        {"state-dir", CLI_T_STR, 'D', 0, &o->state_dir, 0, 0, 0, "DIR", NULL, NULL},
+        {"shards", CLI_T_INT, 'S', 0, 0, &o->shards, 1, 64, "K", NULL, NULL},
+        {"server", CLI_T_VALUE, 'E', 0, 0, 0, 0, 0, "E[,E...]", NULL, NULL},
+        {"chunk", CLI_T_INT, 'C', 0, 0, &o->chunk, 1, 65536, "N", NULL, NULL},
+        {"budget", CLI_T_INT, 'b', 0, 0, &o->budget, 1, 65536, "B", NULL, NULL},
+        {"png", CLI_T_STR, 'p', 0, &o->png, 0, 0, 0, "FILE", NULL, NULL},
+        {"threads", CLI_T_INT, 'N', 0, 0, &o->threads, 1, FASA_POOL_MAX, "T", NULL, NULL},
+        {"json", CLI_T_STR, 'J', 0, &o->json, 0, 0, 0, "FILE", NULL, NULL},
+        CLI_END};
+    const cli_opt attend_opts[] = {
+        {"tokens", CLI_T_VALUE, 't', 0, 0, 0, 0, 0, "N[,N...]", NULL,
+         "context lengths (default 131072); suffixes K and M, e.g. the sweep\n"
+         "--tokens 128K,512K,1M (1024 .. 16777216 each, at most 16)"},
+        {"methods", CLI_T_VALUE, 'm', 0, 0, 0, 0, 0, "LIST", NULL,
+         "timed methods, comma-separated, of dense, fasa, oracle (default all)"},
+        {"reps", CLI_T_INT, 'r', 0, 0, &o->reps, 1, 1000, "R", NULL,
+         "timed steps per method (default 5); p50 and min are printed"},
+        {"dtype", CLI_T_VALUE, 'd', 0, 0, 0, 0, 0, "T", NULL,
+         "storage dtype of keys and values: f32 (default), f16, bf16 (the\n"
+         "engine refuses what it does not support yet, and so does this)"},
+        {"score-dtype", CLI_T_VALUE, 'Z', 0, 0, 0, 0, 0, "T", NULL,
+         "the FASA scan's scoring store: f32, f16, bf16 or int8 (default:\n"
+         "the --dtype's own key dims)"},
+        {"tier", CLI_T_VALUE, 'T', 0, 0, 0, 0, 0, "T", NULL,
+         "where keys and values live: ram (default) or disk (the dominant key\n"
+         "dims in RAM, the rest of K and V in file-backed mappings under\n"
+         "--state-dir, or with --server under the server's --tier-dir); RAM\n"
+         "per token is then the bytes the shards allocate in RAM"},
+        {"state-dir", CLI_T_STR, 'D', 0, &o->state_dir, 0, 0, 0, "DIR", NULL,
+         "directory for the disk tier's files (default: a new one in /tmp,\n"
+         "removed at exit; the files are unlinked at once anyway)"},
+        {"shards", CLI_T_INT, 'S', 0, 0, &o->shards, 1, 64, "K", NULL,
+         "in-process shards of the embedded engine (default 1)"},
+        {"server", CLI_T_VALUE, 'E', 0, 0, 0, 0, 0, "E[,E...]", NULL,
+         "run on fasa-servers at these endpoints instead, one after another\n"
+         "(step times are round trips); bench/attend_bench.sh starts a\n"
+         "1-worker and a 2-worker server and runs this with both"},
+        {"chunk", CLI_T_INT, 'C', 0, 0, &o->chunk, 1, 65536, "N", NULL,
+         "tokens per append request (default 2048: 16 MiB of f32 keys and\n"
+         "values; keep N x 8 KiB under a server's --max-message, which\n"
+         "otherwise refuses the append: RESOURCE_EXHAUSTED)"},
+        {"budget", CLI_T_INT, 'b', 0, 0, &o->budget, 1, 65536, "B", NULL,
+         "tokens kept per query head (default 256)"},
+        {"seed", CLI_T_INT, 's', 0, 0, &o->seed, 0, 0x7fffffffL, "S", NULL,
+         "generator seed (default 1)"},
+        {"csv", CLI_T_STR, 'c', 0, &o->csv, 0, 0, 0, "FILE", NULL,
+         "also write every row as CSV: tokens,backend,workers,dtype,tier,method,\n"
+         "reps,p50_ms,min_ms,bytes_read,gb_s,kv_bytes_per_token,max_err\n"
+         "(max_err: dense against the naive reference, the others against dense)"},
+        {"png", CLI_T_STR, 'p', 0, &o->png, 0, 0, 0, "FILE", NULL,
+         "plot p50 step time against context length per method (log-log)\n"
+         "with gnuplot (deploy/install-deps.sh installs gnuplot-nox); an\n"
+         "error, before anything runs, when gnuplot is missing"},
+        {"threads", CLI_T_INT, 'N', 0, 0, &o->threads, 1, FASA_POOL_MAX, "T", NULL,
+         "threads of the embedded engine's steps (default FASA_THREADS, else\n"
+         "SLURM_CPUS_PER_TASK, else the CPUs this process may use)"},
+        {"json", CLI_T_STR, 'J', 0, &o->json, 0, 0, 0, "FILE", NULL,
+         "also write every figure as JSON under stable names: cpu, simd,\n"
+         "threads, dtype, read_gbs (T threads), read_gbs_by_threads, cvt_per_s,\n"
+         "fma_per_s, and per context length (\"runs\"; the last also at the top)\n"
+         "tokens, fasa_ms, fasa_bytes, dense_ms, "
+         "dense_bytes, oracle_ms,\n"
+         "phases_ms {scan, select, gather, attend, "
+         "merge, other},\n"
+         "scan_roofline, dense_roofline, "
+         "fasa_over_read"},
+        CLI_END};
+    cli_parser p;
+    cli_begin(&p, cmd, scan ? usage_scan : usage_attend, scan ? scan_opts : attend_opts, argc,
+              argv);
+    if (!scan) p.tail = usage_attend_tail;
+    int c;
+    while ((c = cli_next(&p)) > 0) {
+        const char *arg = p.arg;
+        /* scan takes only --tokens (one size), --reps, --seed, --dtype, --score-dtype, --csv. */
         if (scan && (c == 'p' || c == 'm' || c == 'S' || c == 'E' || c == 'b' || c == 'C' ||
                      c == 'J' || c == 'N'))
-            return cli_usage_error(cmd, "option '--%s' is for 'fasa bench attend'", opts[li].name);
-        for (size_t i = 0; i < sizeof(ints) / sizeof(*ints); i++)
-            if (c == ints[i].c && cli_parse_int(optarg, ints[i].lo, ints[i].hi, ints[i].field))
-                return cli_usage_error(cmd, "--%s '%s' must be in [%ld, %ld]", opts[li].name,
-                                       optarg, ints[i].lo, ints[i].hi);
+            return cli_usage_error(cmd, "option '--%s' is for 'fasa bench attend'", p.opt->name);
         char buf[512], *parts[BENCH_MAX_SIZES];
         int n;
         switch (c) {
-        case 'h':
-            fputs(scan ? usage_scan : usage_attend, stdout);
-            return -1;
         case 't':
-            n = s_split(optarg, buf, sizeof(buf), parts, scan ? 1 : BENCH_MAX_SIZES);
+            n = s_split(arg, buf, sizeof(buf), parts, scan ? 1 : BENCH_MAX_SIZES);
             for (int i = 0; i < n; i++)
                 if (s_parse_tokens(parts[i], &o->sizes[i])) n = -1;
             if (n < 1)
@@ -222,28 +219,12 @@ static int s_parse(const char *cmd, int argc, char **argv, bench_opts *o)
                                               "16777216] (suffix K or M allowed)"
                                             : "--tokens '%s' must be up to 16 comma-separated "
                                               "counts in [1024, 16777216] (suffix K or M allowed)",
-                                       optarg);
+                                       arg);
             o->n_sizes = n;
-            break;
-        case 'r': /* the integer options, parsed above */
-        case 's':
-        case 'S':
-        case 'C':
-        case 'b':
-        case 'N':
-            break;
-        case 'J':
-            o->json = optarg;
-            break;
-        case 'c':
-            o->csv = optarg;
-            break;
-        case 'p':
-            o->png = optarg;
             break;
         case 'm':
             memset(o->timed, 0, sizeof(o->timed));
-            n = s_split(optarg, buf, sizeof(buf), parts, BENCH_MAX_SIZES);
+            n = s_split(arg, buf, sizeof(buf), parts, BENCH_MAX_SIZES);
             for (int i = 0; i < n; i++) {
                 int found = 0;
                 for (int m = 0; m < BENCH_N_METHODS; m++)
@@ -253,37 +234,32 @@ static int s_parse(const char *cmd, int argc, char **argv, bench_opts *o)
             if (n < 1)
                 return cli_usage_error(
                     cmd, "--methods '%s' must be a comma-separated list of dense, fasa, oracle",
-                    optarg);
+                    arg);
             break;
         case 'd':
-            if (fasa_dtype_parse(optarg, &o->dtype))
-                return cli_usage_error(cmd, "--dtype '%s' must be f32, f16 or bf16", optarg);
+            if (fasa_dtype_parse(arg, &o->dtype))
+                return cli_usage_error(cmd, "--dtype '%s' must be f32, f16 or bf16", arg);
             break;
         case 'Z':
-            if (scan_dtype_parse(optarg, &o->score_dtype))
+            if (scan_dtype_parse(arg, &o->score_dtype))
                 return cli_usage_error(cmd, "--score-dtype '%s' must be f32, f16, bf16 or int8",
-                                       optarg);
+                                       arg);
             break;
         case 'T':
-            if (strcmp(optarg, "ram") && strcmp(optarg, "disk"))
-                return cli_usage_error(cmd, "--tier '%s' must be ram or disk", optarg);
-            o->tier = optarg[0] == 'd';
-            break;
-        case 'D':
-            o->state_dir = optarg;
+            if (strcmp(arg, "ram") && strcmp(arg, "disk"))
+                return cli_usage_error(cmd, "--tier '%s' must be ram or disk", arg);
+            o->tier = arg[0] == 'd';
             break;
         case 'E':
-            o->n_servers = s_split(optarg, o->server_buf, sizeof(o->server_buf), o->servers,
-                                   BENCH_MAX_SERVERS);
+            o->n_servers =
+                s_split(arg, o->server_buf, sizeof(o->server_buf), o->servers, BENCH_MAX_SERVERS);
             if (o->n_servers < 1)
                 return cli_usage_error(
-                    cmd, "--server '%s' must be 1 to 8 comma-separated endpoints", optarg);
+                    cmd, "--server '%s' must be 1 to 8 comma-separated endpoints", arg);
             break;
-        default:
-            return cli_usage_error(cmd, "unknown or incomplete option '%s'", argv[optind - 1]);
         }
     }
-    if (optind < argc) return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
+    if (c < 0) return cli_status(c);
     if (!scan && o->n_servers > 0 && o->state_dir)
         return cli_usage_error(cmd, "--state-dir is for the embedded engine: with --server the "
                                     "disk tier's files go to the server's --tier-dir");

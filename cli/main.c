@@ -2,15 +2,13 @@
  * embedded in-process engine (the same worker and coordinator code the server runs); with
  * --server ENDPOINT they run against a fasa-server. The remaining commands always talk to a
  * server. */
-#include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "backend.h"
 #include "cli.h"
+#include "opts.h"
 #include "pool.h"
 #include "simd.h"
 
@@ -78,6 +76,77 @@ static char **s_server_from_env(int *argc_p, char **argv)
     return grown;
 }
 
+/* Global options given before the command (--server E, --server=E; the CURVE keys are taken
+ * out of argv wherever they are, backend_take_curve_args) move after it, where every
+ * command's own parser reads them: `fasa --server E ping` is `fasa ping --server E`. 0, or
+ * 2 after printing one line. */
+static int s_move_global_options(int argc, char **argv)
+{
+    int n_global = 1; /* argv[1 .. n_global) are global options and their values */
+    while (n_global < argc && argv[n_global][0] == '-') {
+        const char *a = argv[n_global];
+        if (!strcmp(a, "--server") && n_global + 1 < argc)
+            n_global += 2;
+        else if (!strncmp(a, "--server=", 9))
+            n_global += 1;
+        else if (!strcmp(a, "--server")) {
+            fprintf(stderr, "fasa: option '--server' needs a value (ENDPOINT)\n");
+            return 2;
+        } else {
+            fprintf(stderr, "fasa: unknown option '%s' before the command (see 'fasa --help')\n",
+                    a);
+            return 2;
+        }
+    }
+    if (n_global == 1) return 0;
+    if (n_global >= argc) {
+        fprintf(stderr, "fasa: no command after the options (see 'fasa --help')\n");
+        return 2;
+    }
+    /* Rotate: the command and its arguments first, then the global options. */
+    char *moved[8];
+    const int k = n_global - 1;
+    if (k > (int)(sizeof(moved) / sizeof(*moved))) {
+        fprintf(stderr, "fasa: too many options before the command\n");
+        return 2;
+    }
+    memcpy(moved, argv + 1, (size_t)k * sizeof(*argv));
+    memmove(argv + 1, argv + n_global, (size_t)(argc - n_global) * sizeof(*argv));
+    memcpy(argv + argc - k, moved, (size_t)k * sizeof(*argv));
+    return 0;
+}
+
+typedef struct cli_command {
+    const char *name;
+    int (*fn)(int, char **);
+} cli_command;
+
+static const cli_command s_commands[] = {
+    {"demo", cmd_demo},         {"calibrate", cmd_calibrate}, {"replay", cmd_replay},
+    {"ppl", cmd_ppl},           {"generate", cmd_generate},   {"bench", cmd_bench},
+    {"ping", cmd_ping},         {"stats", cmd_stats},         {"create", cmd_create},
+    {"append", cmd_append},     {"attend", cmd_attend},       {"drop", cmd_drop},
+    {"shutdown", cmd_shutdown}, {"snapshot", cmd_snapshot},   {"keygen", cmd_keygen},
+    {"sessions", cmd_sessions}, {"profile", cmd_profile}};
+#define N_COMMANDS (sizeof(s_commands) / sizeof(*s_commands))
+
+/* Runs argv[1]'s command, or says which one was probably meant. */
+static int s_dispatch(int argc, char **argv)
+{
+    for (size_t i = 0; i < N_COMMANDS; i++)
+        if (strcmp(argv[1], s_commands[i].name) == 0)
+            return backend_exit_status(s_commands[i].fn(argc - 1, argv + 1));
+    const char *names[N_COMMANDS];
+    for (size_t i = 0; i < N_COMMANDS; i++) names[i] = s_commands[i].name;
+    const char *near = cli_did_you_mean(argv[1], names, (int)N_COMMANDS);
+    if (near)
+        fprintf(stderr, "fasa: unknown command '%s' (did you mean '%s'? see 'fasa --help')\n",
+                argv[1], near);
+    else
+        fprintf(stderr, "fasa: unknown command '%s' (see 'fasa --help')\n", argv[1]);
+    return 2;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
@@ -99,27 +168,14 @@ int main(int argc, char **argv)
         return 2;
     }
     backend_set_threads(n_threads);
-    argv = s_server_from_env(&argc, argv);
-    if (strcmp(argv[1], "bench") == 0) return backend_exit_status(cmd_bench(argc - 1, argv + 1));
-    static const struct {
-        const char *name;
-        int (*fn)(int, char **);
-    } cmds[] = {
-        {"demo", cmd_demo},         {"calibrate", cmd_calibrate}, {"replay", cmd_replay},
-        {"ppl", cmd_ppl},           {"generate", cmd_generate},   {"ping", cmd_ping},
-        {"stats", cmd_stats},       {"create", cmd_create},       {"append", cmd_append},
-        {"attend", cmd_attend},     {"drop", cmd_drop},           {"shutdown", cmd_shutdown},
-        {"snapshot", cmd_snapshot}, {"keygen", cmd_keygen},       {"sessions", cmd_sessions},
-        {"profile", cmd_profile}};
     rc = backend_take_curve_args(&argc, argv); /* CURVE flags, for every command */
     if (rc) return rc;
     if (argc < 2) {
         fputs(usage, stderr);
         return 2;
     }
-    for (size_t i = 0; i < sizeof(cmds) / sizeof(*cmds); i++)
-        if (strcmp(argv[1], cmds[i].name) == 0)
-            return backend_exit_status(cmds[i].fn(argc - 1, argv + 1));
-    fprintf(stderr, "fasa: unknown command '%s' (see 'fasa --help')\n", argv[1]);
-    return 2;
+    rc = s_move_global_options(argc, argv);
+    if (rc) return rc;
+    argv = s_server_from_env(&argc, argv);
+    return s_dispatch(argc, argv);
 }
