@@ -278,7 +278,8 @@ int cmd_bench(int argc, char **argv)
     }
     if (strcmp(argv[1], "latency") == 0) {
         openblas_set_num_threads(1);
-        return cmd_bench_latency(argc - 1, argv + 1);
+        const int rc = cmd_bench_latency(argc - 1, argv + 1);
+        return rc < 0 ? 0 : rc; /* -1: help printed */
     }
     const int scan = strcmp(argv[1], "scan") == 0;
     if (!scan && strcmp(argv[1], "attend") != 0)
