@@ -24,6 +24,10 @@
 /* The coordinator's wait sleeps at most this long between polls: a step's phases are
  * short, so it must notice replies quickly. */
 #define COORD_MAX_SLEEP_NS 100000L
+/* ... and at most this long once the workers' wake-ups arrive (kick.h): a reply too large
+ * for one shared-memory fragment (where single-copy is not available) comes in pieces that
+ * each need a call into MPI here, and only the first is announced. */
+#define COORD_KICKED_SLEEP_NS 1000000L
 
 /* wmpi_waitall that gives up on a failed rank: an MPI error (the communicator returns
  * errors, see fasa_transport_mpi) or a rank the watchdog found dead (liveness.h) ends the
@@ -51,7 +55,7 @@ static int s_waitall(int n, MPI_Request *reqs, MPI_Status *statuses, wmpi_kick *
         MPI_Testall(n / 2, reqs + n / 2, &sent, MPI_STATUSES_IGNORE);
         if (polls == 0)
             for (int i = 0; i < n / 2; i++) wmpi_kick_send(kick, s0 + i + 1);
-        wmpi_backoff_pause(&b, COORD_MAX_SLEEP_NS, kick, !sent);
+        wmpi_backoff_pause(&b, COORD_MAX_SLEEP_NS, COORD_KICKED_SLEEP_NS, kick, !sent);
     }
 }
 

@@ -524,7 +524,8 @@ int worker_mpi_loop_threads(MPI_Comm comm, int n_threads)
                 MPI_Test(&w.reply_req, &done, MPI_STATUS_IGNORE);
                 if (done) w.reply_pending = 0;
             }
-            wmpi_backoff_pause(&idle, WORKER_MAX_SLEEP_NS, &w.kick, w.reply_pending);
+            wmpi_backoff_pause(&idle, WORKER_MAX_SLEEP_NS, WMPI_KICKED_SLEEP_NS, &w.kick,
+                               w.reply_pending);
             continue;
         }
         int count = 0;

@@ -159,7 +159,7 @@ _Static_assert(sizeof(topk_cand) == 8, "topk_cand travels as 8 raw bytes");
 #define WMPI_SPIN_US 50L
 #define WMPI_SPIN_ALONE_NS 20000L /* the first 20 us of a spin never yield */
 #define WMPI_SLEEP0_NS 2000L
-#define WMPI_KICKED_SLEEP_NS 20000000L /* the cap once wake-ups arrive: 20 ms */
+#define WMPI_KICKED_SLEEP_NS 20000000L /* an idle worker's cap once wake-ups arrive: 20 ms */
 
 #include <sched.h>
 #include <stdlib.h>
@@ -215,12 +215,12 @@ static inline void wmpi_backoff_reset(wmpi_backoff *b)
 
 /* Called between two polls that found nothing: returns at once during the spin window,
  * otherwise sleeps until kick (may be NULL) is woken or the sleep passes, lengthening the
- * next sleep up to max_sleep_ns (WMPI_KICKED_SLEEP_NS once kick has been woken). A wake-up
+ * next sleep up to max_sleep_ns (kicked_max_ns once kick has been woken). A wake-up
  * starts the spin window again (the message it announces may take a moment to show). With
  * own_sends set (this rank's own sends are not complete: a large message needs its sender
  * to keep calling into MPI) it only yields the core. */
-static inline void wmpi_backoff_pause(wmpi_backoff *b, long max_sleep_ns, wmpi_kick *kick,
-                                      int own_sends)
+static inline void wmpi_backoff_pause(wmpi_backoff *b, long max_sleep_ns, long kicked_max_ns,
+                                      wmpi_kick *kick, int own_sends)
 {
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
@@ -236,7 +236,7 @@ static inline void wmpi_backoff_pause(wmpi_backoff *b, long max_sleep_ns, wmpi_k
             wmpi_backoff_reset(b);
             return;
         }
-        if (kick->kicks && max_sleep_ns < WMPI_KICKED_SLEEP_NS) max_sleep_ns = WMPI_KICKED_SLEEP_NS;
+        if (kick->kicks && max_sleep_ns < kicked_max_ns) max_sleep_ns = kicked_max_ns;
     } else {
         const struct timespec ts = {0, b->sleep_ns};
         nanosleep(&ts, NULL);
@@ -255,7 +255,7 @@ static inline void wmpi_waitall(int n, MPI_Request *reqs, MPI_Status *statuses, 
         int done = 0;
         MPI_Testall(n, reqs, &done, statuses);
         if (done) return;
-        wmpi_backoff_pause(&b, max_sleep_ns, kick, 1);
+        wmpi_backoff_pause(&b, max_sleep_ns, max_sleep_ns, kick, 1);
     }
 }
 
