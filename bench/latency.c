@@ -300,7 +300,11 @@ static const char *s_met(double v, double target)
 /* The targets, for the rows at 4K tokens. Returns the number printed. */
 static int s_targets(const lat_row *rows, int n_rows)
 {
-    int printed = 0;
+    int printed = 0, negative = 0;
+    for (int i = 0; i < n_rows; i++) negative |= rows[i].ovh[0] < 0 || rows[i].ovh[2] < 0;
+    if (negative)
+        printf("note: a negative overhead means the embedded and server calls' own times varied "
+               "more than the overhead (a loaded machine): rerun on a quiet one\n");
     for (int i = 0; i < n_rows; i++) {
         const lat_row *r = &rows[i];
         if (r->tokens != TARGET_TOKENS) continue;
