@@ -1331,6 +1331,7 @@ int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **
     const double t_start = s_now();
     s->requests++;
     const int code = edge_decode(buf, len, s->max_message, &req, &rid, r.msg, sizeof(r.msg));
+    fasa_log_set_request(rid); /* this thread's lines, and the workers', name the request */
     /* A request the edge refused counts under its body when the bytes parsed as a Request,
      * else as undecodable (req.kind 0), in the log as in Stats. */
     s->by_kind[req.kind]++;
@@ -1474,5 +1475,6 @@ reply:
     if (code == 0) edge_request_free(&req);
     s->last.bytes_out = rc ? 0 : *reply_len_p;
     s->last.ms = 1e3 * (s_now() - t_start);
+    fasa_log_set_request(0);
     return rc;
 }
