@@ -11,6 +11,7 @@
 
 #include "calib.h"
 #include "edge.h"
+#include "reply.h"
 #include "fasa.pb-c.h"
 #include "log.h"
 #include "scan.h"
@@ -1044,13 +1045,7 @@ static int s_pack(Fasa__V1__Response *resp, uint8_t **reply_p, size_t *reply_len
 
 static int s_pack(Fasa__V1__Response *resp, uint8_t **reply_p, size_t *reply_len_p)
 {
-    const size_t n = fasa__v1__response__get_packed_size(resp);
-    uint8_t *buf = malloc(n ? n : 1);
-    if (!buf) return -1;
-    fasa__v1__response__pack(resp, buf);
-    *reply_p = buf;
-    *reply_len_p = n;
-    return 0;
+    return edge_reply_pack(resp, reply_p, reply_len_p);
 }
 
 /* Snapshots (coord/snapshot.h). */
@@ -1268,13 +1263,7 @@ uint64_t fasa_service_request_id(const void *req, size_t len)
 int fasa_service_error(uint64_t request_id, fasa_status code, const char *msg, uint8_t **reply_p,
                        size_t *reply_len_p)
 {
-    Fasa__V1__Response resp;
-    fasa__v1__response__init(&resp);
-    resp.protocol_version = EDGE_PROTOCOL_VERSION;
-    resp.request_id = request_id;
-    resp.status = (Fasa__V1__Status)code;
-    resp.message = (char *)msg;
-    return s_pack(&resp, reply_p, reply_len_p);
+    return edge_reply_error(request_id, (int)code, msg, reply_p, reply_len_p);
 }
 
 int fasa_service_refuse(fasa_service *s, uint64_t request_id, fasa_status code, const char *msg,
