@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "env.h"
 #include "fasa_client.h"
 #include "synth.h"
 #include "timing.h"
@@ -29,6 +30,7 @@ static void s_die(const char *what, const fasa_client_error *e)
 
 int main(int argc, char **argv)
 {
+    fasa_env_init(NULL, 0); /* FASA_SIMD, read once at start-up */
     const char *server = "tcp://127.0.0.1:5555", *method = "fasa";
     long K = 8, T = 65536, R = 20, budget = 256;
     static const struct option opts[] = {

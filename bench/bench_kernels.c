@@ -22,6 +22,7 @@
 
 #include <cblas.h>
 
+#include "env.h"
 #include "attn.h"
 #include "score.h"
 #include "simd.h"
@@ -190,6 +191,7 @@ static int s_arg(int argc, char **argv, int *i, const char *name, long lo, long 
 
 int main(int argc, char **argv)
 {
+    fasa_env_init(NULL, 0); /* FASA_SIMD, read once at start-up */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help")) {
             fputs(usage, stdout);

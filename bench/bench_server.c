@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "env.h"
 #include "engine.h"
 #include "fasa_client.h"
 #include "synth.h"
@@ -91,6 +92,7 @@ static void s_attend_series(fasa_client *c, const char *id, const synth_t *sy,
 
 int main(int argc, char **argv)
 {
+    fasa_env_init(NULL, 0); /* FASA_SIMD, read once at start-up */
     bench_opts o = {.server = "tcp://127.0.0.1:5555",
                     .tokens = 1L << 20,
                     .steps = 50,

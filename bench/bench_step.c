@@ -11,6 +11,7 @@
 
 #include <cblas.h>
 
+#include "env.h"
 #include "calib.h"
 #include "engine.h"
 #include "synth.h"
@@ -35,6 +36,7 @@ static int s_arg_long(const char *text, long lo, long hi, long *out)
 
 int main(int argc, char **argv)
 {
+    fasa_env_init(NULL, 0); /* FASA_SIMD, read once at start-up */
     long tokens = 131072, steps = 9, shards = 1;
     int calibrate = 0;
     for (int i = 1; i < argc; i++) {

@@ -43,6 +43,7 @@
 #include <string.h>
 #include <zmq.h>
 
+#include "env.h"
 #include "engine.h"
 
 #define SOAK_RSS_SLACK_MIB 64
@@ -933,6 +934,7 @@ static void s_usage(FILE *f)
 
 int main(int argc, char **argv)
 {
+    fasa_env_init(NULL, 0); /* FASA_SIMD, read once at start-up */
     static soak_shared sh;
     soak_opts *o = &sh.o;
     *o = (soak_opts){.clients = 8,

@@ -8,7 +8,7 @@
 #include <unistd.h>
 
 #include "cli.h"
-#include "simd.h"
+#include "env.h"
 
 int cli_fail(const char *cmd, const char *fmt, ...)
 {
@@ -65,14 +65,11 @@ int cli_check_env(void)
             return 2;
         }
     }
-    const char *simd = getenv("FASA_SIMD");
-    if (simd && *simd) {
-        int known = 0;
-        for (int p = 0; p <= SIMD_PATH_LAST; p++) known |= !strcmp(simd, simd_path_name(p));
-        if (!known) {
-            fprintf(stderr, "fasa: FASA_SIMD='%s' is not portable, avx2 or avx512\n", simd);
-            return 2;
-        }
+    /* The environment, read once (FASA_SIMD sets the kernels' path). */
+    char why[200];
+    if (fasa_env_init(why, sizeof(why))) {
+        fprintf(stderr, "fasa: %s\n", why);
+        return 2;
     }
     return 0;
 }

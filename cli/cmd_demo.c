@@ -195,174 +195,220 @@ static double s_top_mass(int n, int B, const float *logit, topk_cand *cand)
 
 #define GEN_CHUNK 4096
 
-int cmd_demo(int argc, char **argv)
-{
+/* One demo run: the options, the generator, the three sessions and the buffers. */
+typedef struct demo_run {
     demo_opts o;
-    int rc = s_parse(argc, argv, &o);
-    if (rc) return rc < 0 ? 0 : rc;
-
-    const int T = (int)o.tokens, S = (int)o.steps, H = (int)o.heads, G = (int)o.kv_heads;
-    const int d = (int)o.head_dim, B = (int)o.budget, grp = H / G, n_fc = d / 2;
-    const int n_ctx = T - S; /* appended in bulk; each step appends one more */
-    char err[512];
+    int T, S, H, G, d, B, grp, n_fc;
+    int n_ctx;     /* tokens appended in bulk; each step appends one more */
+    size_t kv_row; /* G * d */
+    synth_cfg sc;
     synth_t syn;
     synth_sample sample;
-    memset(&sample, 0, sizeof(sample));
-    fasa_profile *prof = NULL;
-    backend *eng = NULL;
-    float *kbuf = NULL, *vbuf = NULL, *q = NULL, *out_f = NULL, *out_d = NULL, *out_o = NULL;
-    float *logit = NULL;
-    int32_t *sel_f = NULL, *sel_o = NULL;
-    uint8_t *mark = NULL, *dense_layers = NULL;
-    topk_cand *cand = NULL;
-    double *st = NULL;
-    rc = 1;
+    fasa_profile *prof; /* owned */
+    backend *eng;       /* owned */
+    float *kbuf, *vbuf; /* (GEN_CHUNK, G, d) a chunk of keys and values */
+    float *q;           /* (H, d) */
+    float *out[3];      /* (H, d) outputs of fasa, dense, oracle */
+    int32_t *sel[3];    /* (H, B) selections of fasa and oracle (dense: NULL) */
+    float *logit;       /* (H, n_ctx + 1) step 1's exact logits */
+    topk_cand *cand;    /* (n_ctx + 1) */
+    uint8_t *mark;      /* (T) recall scratch */
+    uint8_t *dense_layers;
+    double *st; /* (8, S) per-step figures */
+} demo_run;
 
-    synth_cfg sc = synth_cfg_default(T);
-    sc.n_heads = H;
-    sc.n_kv_heads = G;
-    sc.head_dim = d;
-    sc.seed = (uint64_t)o.seed;
-    sc.n_signal = d / 8; /* a quarter of the FCs: 16 of 64 at head_dim 128 */
-    if (synth_init(&syn, &sc, err, sizeof(err))) return cli_fail("demo", "%s", err);
-    fasa_error fe;
-    if (!(eng = backend_open(o.server, (int)o.shards, FASA_DEFAULT_BLOCK, &fe))) {
-        synth_free(&syn);
-        return cli_fail("demo", "%s", fe.msg);
+static const char *const s_ids[3] = {"fasa", "dense", "oracle"};
+
+static void s_run_cleanup(demo_run *r)
+{
+    backend_close(&r->eng);
+    fasa_profile_destroy(&r->prof);
+    synth_sample_free(&r->sample);
+    synth_free(&r->syn);
+    free(r->kbuf);
+    free(r->vbuf);
+    free(r->q);
+    for (int i = 0; i < 3; i++) {
+        free(r->out[i]);
+        free(r->sel[i]);
     }
+    free(r->mark);
+    free(r->dense_layers);
+    free(r->logit);
+    free(r->cand);
+    free(r->st);
+}
 
+/* The generator and the backend; prints what the run is. 0, or 1 after printing why. */
+static int s_run_open(demo_run *r)
+{
+    const demo_opts *o = &r->o;
+    r->T = (int)o->tokens;
+    r->S = (int)o->steps;
+    r->H = (int)o->heads;
+    r->G = (int)o->kv_heads;
+    r->d = (int)o->head_dim;
+    r->B = (int)o->budget;
+    r->grp = r->H / r->G;
+    r->n_fc = r->d / 2;
+    r->n_ctx = r->T - r->S;
+    r->kv_row = (size_t)r->G * r->d;
+    char err[512];
+    r->sc = synth_cfg_default(r->T);
+    r->sc.n_heads = r->H;
+    r->sc.n_kv_heads = r->G;
+    r->sc.head_dim = r->d;
+    r->sc.seed = (uint64_t)o->seed;
+    r->sc.n_signal = r->d / 8; /* a quarter of the FCs: 16 of 64 at head_dim 128 */
+    if (synth_init(&r->syn, &r->sc, err, sizeof(err))) return cli_fail("demo", "%s", err);
+    fasa_error fe;
+    if (!(r->eng = backend_open(o->server, (int)o->shards, FASA_DEFAULT_BLOCK, &fe)))
+        return cli_fail("demo", "%s", fe.msg);
     const double gib = 1024.0 * 1024.0 * 1024.0;
-    const double sess_bytes = (double)T * G * d * 2 * (double)fasa_dtype_size(o.dtype);
+    const double sess_bytes = (double)r->T * r->G * r->d * 2 * (double)fasa_dtype_size(o->dtype);
     printf("fasa demo: %d tokens, %d query heads / %d KV heads, head_dim %d, ntip %ld, budget %d, "
            "%s, seed %ld\n",
-           T, H, G, d, o.ntip, B, backend_describe(eng), o.seed);
+           r->T, r->H, r->G, r->d, o->ntip, r->B, backend_describe(r->eng), o->seed);
     printf("synthetic context: RoPE base 10000, interleaved pairs; %d of %d FCs per KV head carry "
            "the signal (low-frequency half), ~1 needle per 2048 tokens per KV head\n",
-           sc.n_signal, n_fc);
+           r->sc.n_signal, r->n_fc);
     printf("sessions: fasa + dense + oracle (exact top-B, for recall), %s K+V: %.2f GiB each, "
            "%.2f GiB in all\n",
-           fasa_dtype_name(o.dtype), sess_bytes / gib, 3 * sess_bytes / gib);
+           fasa_dtype_name(o->dtype), sess_bytes / gib, 3 * sess_bytes / gib);
+    return 0;
+}
 
-    /* 1. Calibration on a short sample of the same stream. */
-    int n_sample = 16 * B > 4096 ? 16 * B : 4096;
-    if (n_sample > n_ctx) n_sample = n_ctx;
-    double t0 = timing_now();
-    if (synth_sample_make(&syn, n_sample, 16, &sample, err, sizeof(err))) {
-        cli_fail("demo", "%s", err);
-        goto done;
+/* How many of the chosen FCs are the generator's signal FCs. */
+static void s_report_profile(const demo_run *r, int n_sample)
+{
+    const fasa_profile *prof = r->prof;
+    const int H = r->H, B = r->B;
+    int hits = 0, exact = 0;
+    for (int h = 0; h < H; h++) {
+        int hh = 0;
+        for (int i = 0; i < prof->ntip; i++)
+            hh += synth_is_signal(&r->syn, h / r->grp, prof->fcs[(size_t)h * prof->ntip + i]);
+        hits += hh;
+        exact += hh == (prof->ntip < r->sc.n_signal ? prof->ntip : r->sc.n_signal);
     }
+    printf("  head 0 found FCs:");
+    for (int i = 0; i < prof->ntip; i++) {
+        const int fc = prof->fcs[i];
+        printf(" %d%s", fc, synth_is_signal(&r->syn, 0, fc) ? "" : "(x)");
+    }
+    printf("\n  head 0 true FCs: ");
+    for (int i = 0; i < r->sc.n_signal; i++) printf(" %d", r->syn.signal[i]);
+    printf("\n  all heads: %d of %d chosen FCs are true signal FCs (%.1f%%); %d of %d heads "
+           "fully right ((x) = not a signal FC)\n",
+           hits, H * prof->ntip, 100.0 * hits / (H * prof->ntip), exact, H);
+    if (4 * B > n_sample)
+        printf("  note: the window (budget %d) covers over a quarter of the %d-token sample, "
+               "so agreement cannot tell FCs apart well; use a longer --tokens or a smaller "
+               "--budget\n",
+               B, n_sample);
+}
+
+/* 1. Calibration on a short sample of the same stream. 0, or 1 after printing why. */
+static int s_calibrate(demo_run *r)
+{
+    char err[512];
+    int n_sample = 16 * r->B > 4096 ? 16 * r->B : 4096;
+    if (n_sample > r->n_ctx) n_sample = r->n_ctx;
+    double t0 = timing_now();
+    if (synth_sample_make(&r->syn, n_sample, 16, &r->sample, err, sizeof(err)))
+        return cli_fail("demo", "%s", err);
     const double t_sample = timing_now() - t0;
     progress bar;
     progress_init(&bar, "calibrate", 16);
-    fasa_calib_opts co = {.ntip = (int)o.ntip,
-                          .window = B,
-                          .pos_begin = sample.pos_begin,
-                          .pos_end = sample.pos_end,
-                          .pos_step = sample.pos_step,
-                          .pairing = sc.pairing,
+    fasa_calib_opts co = {.ntip = (int)r->o.ntip,
+                          .window = r->B,
+                          .pos_begin = r->sample.pos_begin,
+                          .pos_end = r->sample.pos_end,
+                          .pos_step = r->sample.pos_step,
+                          .pairing = r->sc.pairing,
                           .gqa_shared = 0,
                           .progress = progress_callback,
                           .progress_arg = &bar};
     t0 = timing_now();
-    prof = fasa_calibrate(&sample.act, &co, err, sizeof(err));
+    r->prof = fasa_calibrate(&r->sample.act, &co, err, sizeof(err));
     progress_done(&bar);
-    if (!prof) {
-        cli_fail("demo", "calibration: %s", err);
-        goto done;
-    }
+    if (!r->prof) return cli_fail("demo", "calibration: %s", err);
     const double t_calib = timing_now() - t0;
-    synth_sample_free(&sample);
+    synth_sample_free(&r->sample);
     printf("calibrate: sample of %d tokens, positions %s, window %d: generated in %.2f s, "
            "calibrated in %.2f s\n",
-           n_sample, prof->samples, B, t_sample, t_calib);
-    {
-        int hits = 0, exact = 0;
-        for (int h = 0; h < H; h++) {
-            int hh = 0;
-            for (int i = 0; i < prof->ntip; i++)
-                hh += synth_is_signal(&syn, h / grp, prof->fcs[(size_t)h * prof->ntip + i]);
-            hits += hh;
-            exact += hh == (prof->ntip < sc.n_signal ? prof->ntip : sc.n_signal);
-        }
-        printf("  head 0 found FCs:");
-        for (int i = 0; i < prof->ntip; i++) {
-            const int fc = prof->fcs[i];
-            printf(" %d%s", fc, synth_is_signal(&syn, 0, fc) ? "" : "(x)");
-        }
-        printf("\n  head 0 true FCs: ");
-        for (int i = 0; i < sc.n_signal; i++) printf(" %d", syn.signal[i]);
-        printf("\n  all heads: %d of %d chosen FCs are true signal FCs (%.1f%%); %d of %d heads "
-               "fully right ((x) = not a signal FC)\n",
-               hits, H * prof->ntip, 100.0 * hits / (H * prof->ntip), exact, H);
-        if (4 * B > n_sample)
-            printf("  note: the window (budget %d) covers over a quarter of the %d-token sample, "
-                   "so agreement cannot tell FCs apart well; use a longer --tokens or a smaller "
-                   "--budget\n",
-                   B, n_sample);
-    }
+           n_sample, r->prof->samples, r->B, t_sample, t_calib);
+    s_report_profile(r, n_sample);
+    return 0;
+}
 
-    /* 2. Three sessions; stream the context into all of them. */
-    dense_layers = calloc(1, 1);
-    const size_t kv_row = (size_t)G * d;
-    kbuf = malloc(GEN_CHUNK * kv_row * sizeof(float));
-    vbuf = malloc(GEN_CHUNK * kv_row * sizeof(float));
-    q = malloc((size_t)H * d * sizeof(float));
-    out_f = malloc((size_t)H * d * sizeof(float));
-    out_d = malloc((size_t)H * d * sizeof(float));
-    out_o = malloc((size_t)H * d * sizeof(float));
-    sel_f = malloc((size_t)H * B * sizeof(int32_t));
-    sel_o = malloc((size_t)H * B * sizeof(int32_t));
-    mark = calloc((size_t)T, 1);
-    logit = malloc((size_t)H * (n_ctx + 1) * sizeof(float));
-    cand = malloc((size_t)(n_ctx + 1) * sizeof(topk_cand));
-    st = malloc((size_t)8 * S * sizeof(double));
-    if (!dense_layers || !kbuf || !vbuf || !q || !out_f || !out_d || !out_o || !sel_f || !sel_o ||
-        !mark || !logit || !cand || !st) {
-        cli_fail("demo", "out of memory");
-        goto done;
+/* 2a. The buffers and the three sessions (fasa with the profile, dense, oracle). */
+static int s_create_sessions(demo_run *r)
+{
+    const int H = r->H, d = r->d, B = r->B;
+    r->dense_layers = calloc(1, 1);
+    r->kbuf = malloc(GEN_CHUNK * r->kv_row * sizeof(float));
+    r->vbuf = malloc(GEN_CHUNK * r->kv_row * sizeof(float));
+    r->q = malloc((size_t)H * d * sizeof(float));
+    int ok = r->dense_layers && r->kbuf && r->vbuf && r->q;
+    for (int i = 0; i < 3; i++) {
+        r->out[i] = malloc((size_t)H * d * sizeof(float));
+        if (i != 1) r->sel[i] = malloc((size_t)H * B * sizeof(int32_t));
+        ok = ok && r->out[i] && (i == 1 || r->sel[i]);
     }
-    static const char *const ids[3] = {"fasa", "dense", "oracle"};
+    r->mark = calloc((size_t)r->T, 1);
+    r->logit = malloc((size_t)H * (r->n_ctx + 1) * sizeof(float));
+    r->cand = malloc((size_t)(r->n_ctx + 1) * sizeof(topk_cand));
+    r->st = malloc((size_t)8 * r->S * sizeof(double));
+    if (!ok || !r->mark || !r->logit || !r->cand || !r->st)
+        return cli_fail("demo", "out of memory");
+    const demo_opts *o = &r->o;
     for (int i = 0; i < 3; i++) {
         fasa_session_config cfg = {.n_layers = 1,
                                    .n_heads = H,
-                                   .n_kv_heads = G,
+                                   .n_kv_heads = r->G,
                                    .head_dim = d,
-                                   .pairing = sc.pairing,
-                                   .profile = i == 0 ? prof : NULL,
+                                   .pairing = r->sc.pairing,
+                                   .profile = i == 0 ? r->prof : NULL,
                                    .method = (fasa_method)i,
                                    .budget = B,
                                    .gqa = FASA_GQA_PER_HEAD,
-                                   .dense_layers = dense_layers,
-                                   .dtype = o.dtype,
-                                   .score_dtype = i == 0 ? o.score_dtype : 0,
-                                   .tier = i == 0 ? o.tier : 0,
-                                   .tier_dir = i == 0 && o.tier ? o.state_dir : NULL};
-        if (backend_create(eng, ids[i], &cfg, &fe)) {
-            cli_fail("demo", "%s", fe.msg);
-            goto done;
-        }
+                                   .dense_layers = r->dense_layers,
+                                   .dtype = o->dtype,
+                                   .score_dtype = i == 0 ? o->score_dtype : 0,
+                                   .tier = i == 0 ? o->tier : 0,
+                                   .tier_dir = i == 0 && o->tier ? o->state_dir : NULL};
+        fasa_error fe;
+        if (backend_create(r->eng, s_ids[i], &cfg, &fe)) return cli_fail("demo", "%s", fe.msg);
     }
-    /* The first step's exact logits, computed while the keys stream past, give the softmax
-     * mass that the exact top-B holds (how peaky the synthetic attention is). */
-    const float scale = 1.0f / sqrtf((float)d);
-    synth_query(&syn, n_ctx, q);
+    return 0;
+}
+
+/* 2b. Streams the context into the three sessions. The first step's exact logits, computed
+ * while the keys stream past, give the softmax mass that the exact top-B holds (how peaky
+ * the synthetic attention is). */
+static int s_stream_context(demo_run *r)
+{
+    const int n_ctx = r->n_ctx, d = r->d, grp = r->grp;
+    synth_query(&r->syn, n_ctx, r->q);
     double t_gen = 0.0, t_app = 0.0, t_log = 0.0;
+    progress bar;
     progress_init(&bar, "context", n_ctx + 1);
     for (int p0 = 0; p0 <= n_ctx; p0 += GEN_CHUNK) {
         const int n = n_ctx + 1 - p0 < GEN_CHUNK ? n_ctx + 1 - p0 : GEN_CHUNK;
-        t0 = timing_now();
-        synth_kv(&syn, p0, n, kbuf, vbuf);
+        const double t0 = timing_now();
+        synth_kv(&r->syn, p0, n, r->kbuf, r->vbuf);
         const double t1 = timing_now();
-        for (int g = 0; g < G; g++)
-            score_rows(n, d, grp, logit + (size_t)g * grp * (n_ctx + 1) + p0, n_ctx + 1,
-                       q + (size_t)g * grp * d, kbuf + (size_t)g * d, (int)kv_row, 0);
+        for (int g = 0; g < r->G; g++)
+            score_rows(n, d, grp, r->logit + (size_t)g * grp * (n_ctx + 1) + p0, n_ctx + 1,
+                       r->q + (size_t)g * grp * d, r->kbuf + (size_t)g * d, (int)r->kv_row, 0);
         const double t2 = timing_now();
         const int n_app = p0 + n > n_ctx ? n_ctx - p0 : n; /* position n_ctx is step 0's */
+        fasa_error fe;
         for (int i = 0; i < 3 && n_app > 0; i++)
-            if (backend_append(eng, ids[i], 0, p0, n_app, kbuf, vbuf, &fe)) {
+            if (backend_append(r->eng, s_ids[i], 0, p0, n_app, r->kbuf, r->vbuf, &fe)) {
                 progress_done(&bar);
-                cli_fail("demo", "appending to '%s': %s", ids[i], fe.msg);
-                goto done;
+                return cli_fail("demo", "appending to '%s': %s", s_ids[i], fe.msg);
             }
         t_gen += t1 - t0;
         t_log += t2 - t1;
@@ -373,75 +419,87 @@ int cmd_demo(int argc, char **argv)
     printf("context: %d tokens generated in %.2f s, appended to 3 sessions in %.2f s (exact "
            "logits of step 1 in %.2f s)\n",
            n_ctx, t_gen, t_app, t_log);
+    return 0;
+}
+
+/* 2c. The fasa session's RAM per token and the exact top-B's share of the softmax mass. */
+static void s_report_context(demo_run *r)
+{
+    const demo_opts *o = &r->o;
+    const int n_ctx = r->n_ctx, H = r->H, B = r->B;
     int64_t ram = 0;
-    if (!backend_ram_bytes(eng, ids[0], &ram)) {
-        const double per_tok = (double)ram / n_ctx, f16_kv = (double)G * d * 2 * 2;
+    if (!backend_ram_bytes(r->eng, s_ids[0], &ram)) {
+        const double per_tok = (double)ram / n_ctx, f16_kv = (double)r->G * r->d * 2 * 2;
         printf("fasa session (%s, %s tier): %.1f bytes of RAM per token = %.1f%% of f16 K+V "
                "(%.0f bytes per token)%s\n",
-               fasa_dtype_name(o.dtype), o.tier ? "disk" : "ram", per_tok, 100.0 * per_tok / f16_kv,
-               f16_kv, o.tier ? "; the rest of K and V is in files under --state-dir" : "");
+               fasa_dtype_name(o->dtype), o->tier ? "disk" : "ram", per_tok,
+               100.0 * per_tok / f16_kv, f16_kv,
+               o->tier ? "; the rest of K and V is in files under --state-dir" : "");
     }
+    const float scale = 1.0f / sqrtf((float)r->d);
     double mass_sum = 0.0, mass_min = 1.0;
     for (int h = 0; h < H; h++) {
-        float *lh = logit + (size_t)h * (n_ctx + 1);
+        float *lh = r->logit + (size_t)h * (n_ctx + 1);
         for (int j = 0; j <= n_ctx; j++) lh[j] *= scale;
-        const double m = s_top_mass(n_ctx + 1, B, lh, cand);
+        const double m = s_top_mass(n_ctx + 1, B, lh, r->cand);
         mass_sum += m;
         if (m < mass_min) mass_min = m;
     }
     printf("exact attention at step 1: the top-%d of %d tokens hold %.3f of the softmax mass "
            "(mean over heads; min %.3f)\n",
            B, n_ctx + 1, mass_sum / H, mass_min);
-    free(logit);
-    logit = NULL;
-    free(cand);
-    cand = NULL;
+    free(r->logit);
+    r->logit = NULL;
+    free(r->cand);
+    r->cand = NULL;
+}
 
-    /* 3. Decode steps. */
+/* 3. Decode steps: each appends its token and attends in the three sessions; one line per
+ * step and the medians. */
+static int s_decode(demo_run *r)
+{
+    const int S = r->S, H = r->H, d = r->d, B = r->B;
+    double *st = r->st;
     double *ms_f = st, *ms_d = st + S, *ms_o = st + 2 * S, *mb_f = st + 3 * S, *mb_d = st + 4 * S;
     double *rec = st + 5 * S, *err_f = st + 6 * S, *err_o = st + 7 * S;
     printf("\n%-5s %-8s %9s %9s %8s %10s %10s %7s %9s %10s %9s\n", "step", "pos", "fasa_ms",
            "dense_ms", "speedup", "fasa_MiB", "dense_MiB", "recall", "err_fasa", "err_oracle",
            "oracle_ms");
     for (int s = 0; s < S; s++) {
-        const int t = n_ctx + s;
-        synth_query(&syn, t, q);
-        synth_kv(&syn, t, 1, kbuf, vbuf);
+        const int t = r->n_ctx + s;
+        synth_query(&r->syn, t, r->q);
+        synth_kv(&r->syn, t, 1, r->kbuf, r->vbuf);
         fasa_attend_req req = {.layer = 0,
-                               .q = q,
-                               .k_new = kbuf,
-                               .v_new = vbuf,
+                               .q = r->q,
+                               .k_new = r->kbuf,
+                               .v_new = r->vbuf,
                                .method = -1,
                                .budget = 0,
                                .gqa = -1,
                                .max_pos = -1};
-        fasa_step_stats sf, sd, so;
-        float *outs[3] = {out_f, out_d, out_o};
-        int32_t *sels[3] = {sel_f, NULL, sel_o};
-        fasa_step_stats *sts[3] = {&sf, &sd, &so};
+        fasa_step_stats sts[3];
         double ms[3];
         for (int i = 0; i < 3; i++) {
-            t0 = timing_now();
-            if (backend_attend(eng, ids[i], &req, outs[i], sels[i], sts[i], &fe)) {
-                cli_fail("demo", "step %d (%s): %s", s + 1, ids[i], fe.msg);
-                goto done;
-            }
+            fasa_error fe;
+            const double t0 = timing_now();
+            if (backend_attend(r->eng, s_ids[i], &req, r->out[i], r->sel[i], &sts[i], &fe))
+                return cli_fail("demo", "step %d (%s): %s", s + 1, s_ids[i], fe.msg);
             ms[i] = 1e3 * (timing_now() - t0);
         }
         ms_f[s] = ms[0];
         ms_d[s] = ms[1];
         ms_o[s] = ms[2];
-        mb_f[s] = (double)sf.bytes_read / (1024.0 * 1024.0);
-        mb_d[s] = (double)sd.bytes_read / (1024.0 * 1024.0);
-        rec[s] = s_recall(H, B, sel_f, sel_o, mark);
-        err_f[s] = s_rel_err(H, d, out_f, out_d);
-        err_o[s] = s_rel_err(H, d, out_o, out_d);
+        mb_f[s] = (double)sts[0].bytes_read / (1024.0 * 1024.0);
+        mb_d[s] = (double)sts[1].bytes_read / (1024.0 * 1024.0);
+        rec[s] = s_recall(H, B, r->sel[0], r->sel[2], r->mark);
+        err_f[s] = s_rel_err(H, d, r->out[0], r->out[1]);
+        err_o[s] = s_rel_err(H, d, r->out[2], r->out[1]);
         printf("%-5d %-8d %9.2f %9.2f %7.1fx %10.1f %10.1f %7.4f %9.2e %10.2e %9.2f\n", s + 1, t,
                ms_f[s], ms_d[s], ms_d[s] / ms_f[s], mb_f[s], mb_d[s], rec[s], err_f[s], err_o[s],
                ms_o[s]);
-        if (sf.method_used != FASA_METHOD_FASA)
+        if (sts[0].method_used != FASA_METHOD_FASA)
             printf("      (fasa ran %s: every visible token fits the budget)\n",
-                   fasa_method_name((fasa_method)sf.method_used));
+                   fasa_method_name((fasa_method)sts[0].method_used));
         fflush(stdout);
     }
     const double mf = timing_median(S, ms_f), md = timing_median(S, ms_d);
@@ -452,24 +510,18 @@ int cmd_demo(int argc, char **argv)
            "heads; err_*: relative L2 error of the output against dense, mean over heads "
            "(err_oracle is what the exact top-%d itself loses).\n",
            B, B);
-    rc = 0;
-done:
-    backend_close(&eng);
-    fasa_profile_destroy(&prof);
-    synth_sample_free(&sample);
-    synth_free(&syn);
-    free(kbuf);
-    free(vbuf);
-    free(q);
-    free(out_f);
-    free(out_d);
-    free(out_o);
-    free(sel_f);
-    free(sel_o);
-    free(mark);
-    free(dense_layers);
-    free(logit);
-    free(cand);
-    free(st);
+    return 0;
+}
+
+int cmd_demo(int argc, char **argv)
+{
+    demo_run r;
+    memset(&r, 0, sizeof(r));
+    int rc = s_parse(argc, argv, &r.o);
+    if (rc) return rc < 0 ? 0 : rc;
+    rc = s_run_open(&r) || s_calibrate(&r) || s_create_sessions(&r) || s_stream_context(&r);
+    if (!rc) s_report_context(&r);
+    if (!rc) rc = s_decode(&r);
+    s_run_cleanup(&r);
     return rc;
 }

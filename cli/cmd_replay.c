@@ -161,206 +161,256 @@ typedef struct layer_cmp {
     long n;
 } layer_cmp;
 
-int cmd_replay(int argc, char **argv)
-{
+/* One replay: the options, the dump, the sessions and the outputs. */
+typedef struct replay_run {
     replay_opts o;
-    int rc = s_parse(argc, argv, &o);
-    if (rc) return rc < 0 ? 0 : rc;
-
-    char err[512];
     fasa_qkv x;
-    if (fasa_qkv_load(o.qkv, &x, err, sizeof(err))) return cli_fail("replay", "%s", err);
-    const fasa_activations *a = &x.act;
-    const int L = a->n_layers, H = a->n_heads, d = a->head_dim, T = a->n_tokens;
-    const int B = (int)o.budget;
-    fasa_profile *prof = NULL;
-    backend *eng = NULL;
-    float *out = NULL, *ref = NULL, *kbuf = NULL, *vbuf = NULL;
-    int32_t *sel = NULL, *osel = NULL, *stepsel = NULL;
-    uint8_t *dense = NULL, *mark = NULL;
-    layer_cmp *cmp = NULL;
-    rc = 1;
+    const fasa_activations *a; /* &x.act */
+    int L, H, d, T, B;
+    long pa, pb, ps, n_pos; /* the positions pa:pb:ps, n_pos of them */
+    size_t row;             /* n_kv_heads * d */
+    fasa_profile *prof;     /* owned; NULL without --profile */
+    backend *eng;           /* owned */
+    int n_sessions;         /* 1, or 3 with --compare (the method, dense, oracle) */
+    float *out;             /* (n_pos, L, H, d) */
+    int32_t *sel;           /* (n_pos, L, H, B) with --selected or --compare, else NULL */
+    int32_t *stepsel;       /* (H, B) one step's selection when sel is NULL */
+    float *kbuf, *vbuf;     /* (L, max(pa, ps), row) appends */
+    float *ref;             /* (2, H, d) --compare: dense, then oracle outputs */
+    int32_t *osel;          /* (H, B) --compare: the oracle's selection */
+    uint8_t *dense;         /* (L) layers kept dense */
+    uint8_t *mark;          /* (T) recall scratch */
+    layer_cmp *cmp;         /* (L) --compare figures */
+} replay_run;
 
-    long pa = T - T / 4, pb = T, ps = 1;
-    if (pa >= pb) pa = 0;
-    if (o.positions && (cli_parse_range(o.positions, &pa, &pb, &ps) || pb > T)) {
-        rc = cli_usage_error("replay", "--positions '%s' must be A:B[:S] with 0 <= A < B <= %d",
-                             o.positions, T);
-        goto done;
-    }
-    if (o.profile) {
-        if (!(prof = fasa_profile_load(o.profile, err, sizeof(err)))) {
-            cli_fail("replay", "%s", err);
-            goto done;
-        }
-        if (fasa_profile_check(prof, L, H, a->n_kv_heads, d, prof->pairing, err, sizeof(err))) {
-            cli_fail("replay", "%s (dump %s)", err, o.qkv);
-            goto done;
-        }
-        o.pairing = prof->pairing;
-    }
-    dense = malloc((size_t)L);
-    if (!dense || cli_parse_dense_layers(o.dense_layers, L, dense)) {
-        rc = cli_usage_error("replay", "--dense-layers '%s' must be none or layers in [0, %d)",
-                             o.dense_layers, L);
-        goto done;
-    }
+static const char *const s_ids[3] = {"replay", "dense", "oracle"};
 
-    const long n_pos = (pb - pa + ps - 1) / ps;
-    const size_t out_n = (size_t)n_pos * L * H * d, sel_n = (size_t)n_pos * L * H * B;
-    const size_t row = (size_t)a->n_kv_heads * d;
-    out = malloc(out_n * sizeof(float));
-    kbuf = malloc((size_t)L * (pa > ps ? pa : ps) * row * sizeof(float));
-    vbuf = malloc((size_t)L * (pa > ps ? pa : ps) * row * sizeof(float));
-    stepsel = malloc((size_t)H * B * sizeof(int32_t));
-    if (o.selected || o.compare) sel = malloc(sel_n * sizeof(int32_t));
-    if (o.compare) {
-        ref = malloc(2 * (size_t)H * d * sizeof(float)); /* dense, then oracle */
-        osel = malloc((size_t)H * B * sizeof(int32_t));
-        mark = calloc((size_t)T, 1);
-        cmp = calloc((size_t)L, sizeof(*cmp));
+static void s_run_cleanup(replay_run *r)
+{
+    backend_close(&r->eng);
+    fasa_profile_destroy(&r->prof);
+    if (r->a) fasa_qkv_cleanup(&r->x);
+    free(r->out);
+    free(r->ref);
+    free(r->kbuf);
+    free(r->vbuf);
+    free(r->sel);
+    free(r->osel);
+    free(r->stepsel);
+    free(r->dense);
+    free(r->mark);
+    free(r->cmp);
+}
+
+/* The dump, the positions, the profile and the dense layers. 0, or the exit status after
+ * printing why. */
+static int s_run_load(replay_run *r)
+{
+    char err[512];
+    replay_opts *o = &r->o;
+    if (fasa_qkv_load(o->qkv, &r->x, err, sizeof(err))) return cli_fail("replay", "%s", err);
+    const fasa_activations *a = r->a = &r->x.act;
+    r->L = a->n_layers;
+    r->H = a->n_heads;
+    r->d = a->head_dim;
+    r->T = a->n_tokens;
+    r->B = (int)o->budget;
+    r->row = (size_t)a->n_kv_heads * r->d;
+    r->pa = r->T - r->T / 4;
+    r->pb = r->T;
+    r->ps = 1;
+    if (r->pa >= r->pb) r->pa = 0;
+    if (o->positions && (cli_parse_range(o->positions, &r->pa, &r->pb, &r->ps) || r->pb > r->T))
+        return cli_usage_error("replay", "--positions '%s' must be A:B[:S] with 0 <= A < B <= %d",
+                               o->positions, r->T);
+    r->n_pos = (r->pb - r->pa + r->ps - 1) / r->ps;
+    if (o->profile) {
+        if (!(r->prof = fasa_profile_load(o->profile, err, sizeof(err))))
+            return cli_fail("replay", "%s", err);
+        if (fasa_profile_check(r->prof, r->L, r->H, a->n_kv_heads, r->d, r->prof->pairing, err,
+                               sizeof(err)))
+            return cli_fail("replay", "%s (dump %s)", err, o->qkv);
+        o->pairing = r->prof->pairing;
     }
-    if (!out || !kbuf || !vbuf || !stepsel || ((o.selected || o.compare) && !sel) ||
-        (o.compare && (!ref || !osel || !mark || !cmp))) {
-        cli_fail("replay", "out of memory for %ld positions", n_pos);
-        goto done;
+    r->dense = malloc((size_t)r->L);
+    if (!r->dense || cli_parse_dense_layers(o->dense_layers, r->L, r->dense))
+        return cli_usage_error("replay", "--dense-layers '%s' must be none or layers in [0, %d)",
+                               o->dense_layers, r->L);
+    return 0;
+}
+
+/* The output and scratch buffers. 0, or 1 after printing why. */
+static int s_run_alloc(replay_run *r)
+{
+    const replay_opts *o = &r->o;
+    const int L = r->L, H = r->H, d = r->d, B = r->B;
+    const size_t out_n = (size_t)r->n_pos * L * H * d, sel_n = (size_t)r->n_pos * L * H * B;
+    const long chunk = r->pa > r->ps ? r->pa : r->ps;
+    r->out = malloc(out_n * sizeof(float));
+    r->kbuf = malloc((size_t)L * chunk * r->row * sizeof(float));
+    r->vbuf = malloc((size_t)L * chunk * r->row * sizeof(float));
+    r->stepsel = malloc((size_t)H * B * sizeof(int32_t));
+    if (o->selected || o->compare) r->sel = malloc(sel_n * sizeof(int32_t));
+    if (o->compare) {
+        r->ref = malloc(2 * (size_t)H * d * sizeof(float)); /* dense, then oracle */
+        r->osel = malloc((size_t)H * B * sizeof(int32_t));
+        r->mark = calloc((size_t)r->T, 1);
+        r->cmp = calloc((size_t)L, sizeof(*r->cmp));
     }
+    if (!r->out || !r->kbuf || !r->vbuf || !r->stepsel ||
+        ((o->selected || o->compare) && !r->sel) ||
+        (o->compare && (!r->ref || !r->osel || !r->mark || !r->cmp)))
+        return cli_fail("replay", "out of memory for %ld positions", r->n_pos);
+    return 0;
+}
+
+/* The backend and the sessions (the method's; with --compare also dense and oracle), each
+ * holding the positions below pa. 0, or 1 after printing why. */
+static int s_run_sessions(replay_run *r)
+{
+    const replay_opts *o = &r->o;
     fasa_error fe;
-    if (!(eng = backend_open(o.server, (int)o.shards, (int)o.block, &fe))) {
-        cli_fail("replay", "%s", fe.msg);
-        goto done;
-    }
-
-    fasa_session_config cfg = {.n_layers = L,
-                               .n_heads = H,
-                               .n_kv_heads = a->n_kv_heads,
-                               .head_dim = d,
-                               .pairing = o.pairing,
-                               .profile = prof,
-                               .method = o.method,
-                               .budget = B,
-                               .gqa = o.gqa,
-                               .dense_layers = dense,
-                               .dtype = o.dtype,
-                               .score_dtype = o.score_dtype};
-    static const char *const ids[3] = {"replay", "dense", "oracle"};
-    const int n_sessions = o.compare ? 3 : 1;
-    for (int i = 0; i < n_sessions; i++) {
+    if (!(r->eng = backend_open(o->server, (int)o->shards, (int)o->block, &fe)))
+        return cli_fail("replay", "%s", fe.msg);
+    const fasa_session_config cfg = {.n_layers = r->L,
+                                     .n_heads = r->H,
+                                     .n_kv_heads = r->a->n_kv_heads,
+                                     .head_dim = r->d,
+                                     .pairing = o->pairing,
+                                     .profile = r->prof,
+                                     .method = o->method,
+                                     .budget = r->B,
+                                     .gqa = o->gqa,
+                                     .dense_layers = r->dense,
+                                     .dtype = o->dtype,
+                                     .score_dtype = o->score_dtype};
+    r->n_sessions = o->compare ? 3 : 1;
+    for (int i = 0; i < r->n_sessions; i++) {
         fasa_session_config c = cfg;
         if (i > 0) c.method = i == 1 ? FASA_METHOD_DENSE : FASA_METHOD_ORACLE;
-        if (backend_create(eng, ids[i], &c, &fe) ||
-            s_append_range(eng, ids[i], a, 0, (int)pa, kbuf, vbuf, &fe)) {
-            cli_fail("replay", "%s", fe.msg);
-            goto done;
-        }
+        if (backend_create(r->eng, s_ids[i], &c, &fe) ||
+            s_append_range(r->eng, s_ids[i], r->a, 0, (int)r->pa, r->kbuf, r->vbuf, &fe))
+            return cli_fail("replay", "%s", fe.msg);
     }
+    return 0;
+}
 
+/* --compare for one step of layer l: the output's error against dense (ref) and the
+ * selection's recall of the oracle's exact top-B (osel), per head. */
+static void s_compare(replay_run *r, int l, const float *o_t, const int32_t *s_t)
+{
+    const int H = r->H, d = r->d, B = r->B;
+    layer_cmp *cmp = &r->cmp[l];
+    for (int h = 0; h < H; h++) {
+        double num = 0, den = 0;
+        for (int c = 0; c < d; c++) {
+            const double diff = o_t[h * d + c] - r->ref[h * d + c];
+            num += diff * diff;
+            den += (double)r->ref[h * d + c] * r->ref[h * d + c];
+        }
+        const double rel = den > 0 ? sqrt(num / den) : sqrt(num);
+        cmp->err_sum += rel;
+        if (rel > cmp->err_max) cmp->err_max = rel;
+        /* Recall of the exact top-B: a step that used every token recalls all. */
+        const int32_t *mine = s_t + (size_t)h * B, *best = r->osel + (size_t)h * B;
+        double recall = 1.0;
+        if (mine[0] >= 0 && best[0] >= 0) {
+            int n_best = 0, hit = 0;
+            for (int i = 0; i < B && mine[i] >= 0; i++) r->mark[mine[i]] = 1;
+            for (int i = 0; i < B && best[i] >= 0; i++) n_best++, hit += r->mark[best[i]];
+            for (int i = 0; i < B && mine[i] >= 0; i++) r->mark[mine[i]] = 0;
+            recall = n_best ? (double)hit / n_best : 1.0;
+        }
+        cmp->recall_sum += recall;
+        cmp->n++;
+    }
+}
+
+/* The decode loop: for each position t, append what the sessions lack below t, then attend
+ * with q[t] in every layer (and, with --compare, in dense and oracle too). 0, or 1. */
+static int s_run_steps(replay_run *r)
+{
+    const fasa_activations *a = r->a;
+    const int L = r->L, H = r->H, d = r->d, B = r->B;
+    fasa_error fe;
     progress bar;
-    progress_init(&bar, "replay", n_pos);
+    progress_init(&bar, "replay", r->n_pos);
     long k = 0;
-    for (long t = pa; t < pb; t += ps, k++) {
-        for (int i = 0; i < n_sessions; i++) {
+    for (long t = r->pa; t < r->pb; t += r->ps, k++) {
+        for (int i = 0; i < r->n_sessions; i++) {
             /* Positions the step skipped over still belong to the context. */
-            const int32_t have = backend_length(eng, ids[i], 0);
-            if (s_append_range(eng, ids[i], a, have, (int)t, kbuf, vbuf, &fe)) {
-                cli_fail("replay", "%s", fe.msg);
-                goto done;
-            }
+            const int32_t have = backend_length(r->eng, s_ids[i], 0);
+            if (s_append_range(r->eng, s_ids[i], a, have, (int)t, r->kbuf, r->vbuf, &fe))
+                return cli_fail("replay", "%s", fe.msg);
         }
         for (int l = 0; l < L; l++) {
             fasa_attend_req req = {.layer = l,
                                    .q = a->q[l] + (size_t)t * H * d,
-                                   .k_new = a->k[l] + (size_t)t * row,
-                                   .v_new = a->v[l] + (size_t)t * row,
+                                   .k_new = a->k[l] + (size_t)t * r->row,
+                                   .v_new = a->v[l] + (size_t)t * r->row,
                                    .method = -1,
                                    .budget = 0,
                                    .gqa = -1,
                                    .max_pos = -1};
-            float *o_t = out + ((size_t)k * L + l) * H * d;
-            int32_t *s_t = sel ? sel + ((size_t)k * L + l) * H * B : stepsel;
+            float *o_t = r->out + ((size_t)k * L + l) * H * d;
+            int32_t *s_t = r->sel ? r->sel + ((size_t)k * L + l) * H * B : r->stepsel;
             fasa_step_stats sst = {0};
-            if (backend_attend(eng, ids[0], &req, o_t, s_t, &sst, &fe)) {
-                cli_fail("replay", "position %ld layer %d: %s", t, l, fe.msg);
-                goto done;
-            }
-            if (!o.compare) continue;
-            cmp[l].bytes_sum += (double)sst.bytes_read;
-            cmp[l].steps++;
-            if (backend_attend(eng, ids[1], &req, ref, NULL, NULL, &fe) ||
-                backend_attend(eng, ids[2], &req, ref + (size_t)H * d, osel, NULL, &fe)) {
-                cli_fail("replay", "position %ld layer %d: %s", t, l, fe.msg);
-                goto done;
-            }
-            for (int h = 0; h < H; h++) {
-                double num = 0, den = 0;
-                for (int c = 0; c < d; c++) {
-                    const double diff = o_t[h * d + c] - ref[h * d + c];
-                    num += diff * diff;
-                    den += (double)ref[h * d + c] * ref[h * d + c];
-                }
-                const double rel = den > 0 ? sqrt(num / den) : sqrt(num);
-                cmp[l].err_sum += rel;
-                if (rel > cmp[l].err_max) cmp[l].err_max = rel;
-                /* Recall of the exact top-B: a step that used every token recalls all. */
-                const int32_t *mine = s_t + (size_t)h * B, *best = osel + (size_t)h * B;
-                double recall = 1.0;
-                if (mine[0] >= 0 && best[0] >= 0) {
-                    int n_best = 0, hit = 0;
-                    for (int i = 0; i < B && mine[i] >= 0; i++) mark[mine[i]] = 1;
-                    for (int i = 0; i < B && best[i] >= 0; i++) n_best++, hit += mark[best[i]];
-                    for (int i = 0; i < B && mine[i] >= 0; i++) mark[mine[i]] = 0;
-                    recall = n_best ? (double)hit / n_best : 1.0;
-                }
-                cmp[l].recall_sum += recall;
-                cmp[l].n++;
-            }
+            if (backend_attend(r->eng, s_ids[0], &req, o_t, s_t, &sst, &fe))
+                return cli_fail("replay", "position %ld layer %d: %s", t, l, fe.msg);
+            if (!r->o.compare) continue;
+            r->cmp[l].bytes_sum += (double)sst.bytes_read;
+            r->cmp[l].steps++;
+            if (backend_attend(r->eng, s_ids[1], &req, r->ref, NULL, NULL, &fe) ||
+                backend_attend(r->eng, s_ids[2], &req, r->ref + (size_t)H * d, r->osel, NULL, &fe))
+                return cli_fail("replay", "position %ld layer %d: %s", t, l, fe.msg);
+            s_compare(r, l, o_t, s_t);
         }
         progress_update(&bar, k + 1);
     }
     progress_done(&bar);
+    return 0;
+}
 
-    int64_t shape[4] = {n_pos, L, H, d};
-    if (npy_write(o.out, "<f4", 4, shape, out, err, sizeof(err))) {
-        cli_fail("replay", "%s", err);
-        goto done;
-    }
-    if (o.selected) {
-        shape[3] = B;
-        if (npy_write(o.selected, "<i4", 4, shape, sel, err, sizeof(err))) {
-            cli_fail("replay", "%s", err);
-            goto done;
-        }
+/* Writes --out (and --selected) and prints the summary (and the --compare table). */
+static int s_run_report(replay_run *r)
+{
+    const replay_opts *o = &r->o;
+    char err[512];
+    int64_t shape[4] = {r->n_pos, r->L, r->H, r->d};
+    if (npy_write(o->out, "<f4", 4, shape, r->out, err, sizeof(err)))
+        return cli_fail("replay", "%s", err);
+    if (o->selected) {
+        shape[3] = r->B;
+        if (npy_write(o->selected, "<i4", 4, shape, r->sel, err, sizeof(err)))
+            return cli_fail("replay", "%s", err);
     }
     printf("replayed %ld positions (%ld:%ld:%ld) x %d layers, method %s, budget %d, gqa %s, "
            "%s: wrote %s\n",
-           n_pos, pa, pb, ps, L, fasa_method_name(o.method), B,
-           o.gqa == FASA_GQA_SHARED ? "shared" : "per-head", backend_describe(eng), o.out);
-    if (o.compare) {
-        printf("%-6s %-8s %-10s %-14s %-14s %s\n", "layer", "mode", "recall", "rel_err_mean",
-               "rel_err_max", "bytes_per_step");
-        for (int l = 0; l < L; l++) {
-            const int is_dense =
-                o.method == FASA_METHOD_DENSE ||
-                ((o.method == FASA_METHOD_FASA || o.method == FASA_METHOD_FASA_PLUS) && dense[l]);
-            printf("%-6d %-8s %-10.4f %-14.3e %-14.3e %.0f\n", l, is_dense ? "dense" : "sparse",
-                   cmp[l].recall_sum / cmp[l].n, cmp[l].err_sum / cmp[l].n, cmp[l].err_max,
-                   cmp[l].bytes_sum / (double)cmp[l].steps);
-        }
+           r->n_pos, r->pa, r->pb, r->ps, r->L, fasa_method_name(o->method), r->B,
+           o->gqa == FASA_GQA_SHARED ? "shared" : "per-head", backend_describe(r->eng), o->out);
+    if (!o->compare) return 0;
+    printf("%-6s %-8s %-10s %-14s %-14s %s\n", "layer", "mode", "recall", "rel_err_mean",
+           "rel_err_max", "bytes_per_step");
+    for (int l = 0; l < r->L; l++) {
+        const layer_cmp *c = &r->cmp[l];
+        const int is_dense =
+            o->method == FASA_METHOD_DENSE ||
+            ((o->method == FASA_METHOD_FASA || o->method == FASA_METHOD_FASA_PLUS) && r->dense[l]);
+        printf("%-6d %-8s %-10.4f %-14.3e %-14.3e %.0f\n", l, is_dense ? "dense" : "sparse",
+               c->recall_sum / c->n, c->err_sum / c->n, c->err_max,
+               c->bytes_sum / (double)c->steps);
     }
-    rc = 0;
-done:
-    backend_close(&eng);
-    fasa_profile_destroy(&prof);
-    fasa_qkv_cleanup(&x);
-    free(out);
-    free(ref);
-    free(kbuf);
-    free(vbuf);
-    free(sel);
-    free(osel);
-    free(stepsel);
-    free(dense);
-    free(mark);
-    free(cmp);
+    return 0;
+}
+
+int cmd_replay(int argc, char **argv)
+{
+    replay_run r;
+    memset(&r, 0, sizeof(r));
+    int rc = s_parse(argc, argv, &r.o);
+    if (rc) return rc < 0 ? 0 : rc;
+    rc = s_run_load(&r);
+    if (!rc) rc = s_run_alloc(&r) || s_run_sessions(&r) || s_run_steps(&r) || s_run_report(&r);
+    s_run_cleanup(&r);
     return rc;
 }

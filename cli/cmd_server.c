@@ -9,6 +9,7 @@
 #include "backend.h"
 #include "cli.h"
 #include "dtype.h"
+#include "names.h"
 #include "scan.h"
 #include "engine.h"
 #include "fasa_client.h"
@@ -309,9 +310,7 @@ static fasa_client *s_connect(const char *cmd, const char *server, int timeout_m
 
 static const char *s_method_name(fasa_client_method m)
 {
-    static const char *const names[] = {"default", "fasa",  "dense", "oracle",
-                                        "stream",  "quest", "sparq", "fasa-plus"};
-    return (unsigned)m <= FASA_CLIENT_METHOD_LAST ? names[m] : "unknown";
+    return fasa_names_wire_method((int)m);
 }
 
 int cmd_ping(int argc, char **argv)

@@ -14,6 +14,7 @@
 #include <zmq.h>
 
 #include "fasa.pb-c.h"
+#include "names.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "libfasa sends tensors in host byte order and supports little-endian hosts only"
@@ -57,21 +58,9 @@ struct fasa_client {
     fasa_client_timing timing; /* of the last attend */
 };
 
-static const char *const s_status_names[] = {"OK",
-                                             "INVALID_ARGUMENT",
-                                             "NOT_FOUND",
-                                             "ALREADY_EXISTS",
-                                             "RESOURCE_EXHAUSTED",
-                                             "UNAUTHENTICATED",
-                                             "FAILED_PRECONDITION",
-                                             "INTERNAL",
-                                             "UNAVAILABLE"};
-
 const char *fasa_client_status_name(fasa_client_status status)
 {
-    return (unsigned)status < sizeof(s_status_names) / sizeof(*s_status_names)
-               ? s_status_names[status]
-               : "UNKNOWN";
+    return fasa_names_status((int)status);
 }
 
 __attribute__((format(printf, 3, 4))) static fasa_client_status

@@ -14,6 +14,8 @@
 
 #include "attn.h"
 #include "dtype.h"
+#include "env.h"
+#include "names.h"
 #include "scan.h"
 #include "simd.h"
 #include "topk.h"
@@ -79,38 +81,22 @@ struct fasa_engine {
     size_t cap_merge, cap_merge_m;
 };
 
-static const char *const s_status_names[] = {"OK",
-                                             "INVALID_ARGUMENT",
-                                             "NOT_FOUND",
-                                             "ALREADY_EXISTS",
-                                             "RESOURCE_EXHAUSTED",
-                                             "UNAUTHENTICATED",
-                                             "FAILED_PRECONDITION",
-                                             "INTERNAL",
-                                             "UNAVAILABLE"};
-
 const char *fasa_status_name(fasa_status code)
 {
-    return (unsigned)code < sizeof(s_status_names) / sizeof(*s_status_names) ? s_status_names[code]
-                                                                             : "UNKNOWN";
+    return fasa_names_status((int)code);
 }
-
-static const char *const s_method_names[] = {"fasa",  "dense", "oracle",   "stream",
-                                             "quest", "sparq", "fasa-plus"};
 
 const char *fasa_method_name(fasa_method m)
 {
-    return (unsigned)m <= FASA_METHOD_LAST ? s_method_names[m] : "unknown";
+    return fasa_names_method((int)m);
 }
 
 int fasa_method_parse(const char *name, fasa_method *out_p)
 {
-    for (int i = 0; i <= FASA_METHOD_LAST; i++)
-        if (strcmp(name, s_method_names[i]) == 0) {
-            *out_p = (fasa_method)i;
-            return 0;
-        }
-    return -1;
+    const int m = fasa_names_method_parse(name);
+    if (m < 0) return -1;
+    *out_p = (fasa_method)m;
+    return 0;
 }
 
 int fasa_gqa_parse(const char *name, fasa_gqa *out_p)
@@ -142,8 +128,7 @@ fasa_engine_t *fasa_engine_new_with(const fasa_transport *transport, int block_t
     if (!e) return NULL;
     e->tr = *transport;
     e->block = block_tokens > 0 ? block_tokens : FASA_DEFAULT_BLOCK;
-    const char *pipe = getenv("FASA_PIPELINE");
-    e->pipeline = !(pipe && !strcmp(pipe, "0"));
+    e->pipeline = fasa_env_get()->pipeline;
     if (!(e->shard_bytes = calloc((size_t)transport->n_shards, sizeof(int64_t)))) {
         free(e);
         return NULL;

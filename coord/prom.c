@@ -4,11 +4,11 @@
 
 #include <stdio.h>
 
+#include "names.h"
+
 static const char *s_method_name(fasa_client_method m)
 {
-    static const char *const names[] = {"default", "fasa",  "dense", "oracle",
-                                        "stream",  "quest", "sparq", "fasa-plus"};
-    return (unsigned)m <= FASA_CLIENT_METHOD_LAST ? names[m] : "unknown";
+    return fasa_names_wire_method((int)m);
 }
 
 static const char *const s_kinds[] = {"kdom", "krest", "v"};

@@ -9,7 +9,7 @@
 #include "edge.h"
 #include "service.h"
 #include "wal.h"
-#include "simd.h"
+#include "env.h"
 
 typedef enum { K_STRING, K_INT, K_LEVEL, K_FLAG } key_kind;
 
@@ -407,15 +407,10 @@ int server_config_load(server_config *c, int argc, char **argv, FILE *out, char 
     if ((c->restore || c->snapshot_interval) && !*c->state_dir)
         return s_err(err, err_len, "%s needs --state-dir DIR",
                      c->restore ? "--restore" : "--snapshot-interval");
-    /* The kernels read FASA_SIMD lazily; a name they do not know is an error now, not a
-     * warning at the first step. */
-    const char *simd = getenv("FASA_SIMD");
-    if (simd && *simd) {
-        int known = 0;
-        for (int p = 0; p <= SIMD_PATH_LAST; p++) known |= !strcmp(simd, simd_path_name(p));
-        if (!known)
-            return s_err(err, err_len, "FASA_SIMD='%s' is not portable, avx2 or avx512", simd);
-    }
+    /* The environment, read once (FASA_SIMD sets the kernels' path): a SIMD path name
+     * they do not know is an error now. */
+    char why[200];
+    if (fasa_env_init(why, sizeof(why))) return s_err(err, err_len, "%s", why);
     return s_check_auth(c, err, err_len);
 }
 

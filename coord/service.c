@@ -11,6 +11,7 @@
 
 #include "calib.h"
 #include "edge.h"
+#include "reply.h"
 #include "fasa.pb-c.h"
 #include "log.h"
 #include "scan.h"
@@ -1056,13 +1057,7 @@ static int s_pack(Fasa__V1__Response *resp, uint8_t **reply_p, size_t *reply_len
 
 static int s_pack(Fasa__V1__Response *resp, uint8_t **reply_p, size_t *reply_len_p)
 {
-    const size_t n = fasa__v1__response__get_packed_size(resp);
-    uint8_t *buf = malloc(n ? n : 1);
-    if (!buf) return -1;
-    fasa__v1__response__pack(resp, buf);
-    *reply_p = buf;
-    *reply_len_p = n;
-    return 0;
+    return edge_reply_pack(resp, reply_p, reply_len_p);
 }
 
 /* Snapshots (coord/snapshot.h). */
@@ -1280,13 +1275,7 @@ uint64_t fasa_service_request_id(const void *req, size_t len)
 int fasa_service_error(uint64_t request_id, fasa_status code, const char *msg, uint8_t **reply_p,
                        size_t *reply_len_p)
 {
-    Fasa__V1__Response resp;
-    fasa__v1__response__init(&resp);
-    resp.protocol_version = EDGE_PROTOCOL_VERSION;
-    resp.request_id = request_id;
-    resp.status = (Fasa__V1__Status)code;
-    resp.message = (char *)msg;
-    return s_pack(&resp, reply_p, reply_len_p);
+    return edge_reply_error(request_id, (int)code, msg, reply_p, reply_len_p);
 }
 
 int fasa_service_refuse(fasa_service *s, uint64_t request_id, fasa_status code, const char *msg,
@@ -1344,6 +1333,7 @@ int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **
     s->t_handle = t_start;
     s->requests++;
     const int code = edge_decode(buf, len, s->max_message, &req, &rid, r.msg, sizeof(r.msg));
+    fasa_log_set_request(rid); /* this thread's lines, and the workers', name the request */
     /* A request the edge refused counts under its body when the bytes parsed as a Request,
      * else as undecodable (req.kind 0), in the log as in Stats. */
     s->by_kind[req.kind]++;
@@ -1490,5 +1480,6 @@ reply:
     if (code == 0) edge_request_free(&req);
     s->last.bytes_out = rc ? 0 : *reply_len_p;
     s->last.ms = 1e3 * (s_now() - t_start);
+    fasa_log_set_request(0);
     return rc;
 }

@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "liveness.h"
+#include "log.h"
 #include "worker_mpi_wire.h"
 
 /* The coordinator's wait sleeps at most this long between polls: a step's phases are
@@ -128,7 +129,11 @@ static uint8_t *s_cmd_begin(mpi_ctx *c, wmpi_cmd_code code, int sid, const mpi_s
 {
     if (payload < 0 || payload > WMPI_MAX_MSG - (int64_t)sizeof(wmpi_cmd)) return NULL;
     if (s_grow(&c->cmd, &c->cmd_cap, sizeof(wmpi_cmd) + (size_t)payload)) return NULL;
-    wmpi_cmd h = {.magic = WMPI_MAGIC, .cmd = code, .sid = sid, .payload_bytes = payload};
+    wmpi_cmd h = {.magic = WMPI_MAGIC,
+                  .cmd = code,
+                  .sid = sid,
+                  .payload_bytes = payload,
+                  .request_id = fasa_log_request()};
     if (s) {
         h.n_layers = s->n_layers;
         h.n_heads = s->n_heads;

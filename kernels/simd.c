@@ -79,31 +79,38 @@ const char *simd_cpu_features(void)
 #endif
 }
 
-simd_path simd_path_default(void)
+static int s_chosen = -1;
+
+static simd_path s_best(void)
 {
-    static int chosen = -1;
-    int p = __atomic_load_n(&chosen, __ATOMIC_RELAXED);
-    if (p >= 0) return (simd_path)p;
     /* AVX2 first: on the development machine AVX-512 was never faster for the conversions
      * and the f16/bf16 scan, and in loaded runs up to 1.5x slower (bench_kernels);
      * AVX-512 is there to be forced and compared. */
-    p = simd_path_supported(SIMD_AVX2) ? SIMD_AVX2 : SIMD_PORTABLE;
-    const char *env = getenv("FASA_SIMD");
-    if (env && *env) {
-        int want = -1;
+    return simd_path_supported(SIMD_AVX2) ? SIMD_AVX2 : SIMD_PORTABLE;
+}
+
+simd_path simd_path_default(void)
+{
+    const int p = __atomic_load_n(&s_chosen, __ATOMIC_RELAXED);
+    return p >= 0 ? (simd_path)p : s_best();
+}
+
+int simd_path_choose(const char *name)
+{
+    int want = s_best(), rc = 0;
+    if (name && *name) {
+        int named = -1;
         for (int i = 0; i <= SIMD_PATH_LAST; i++)
-            if (!strcmp(env, simd_path_name(i))) want = i;
-        if (want < 0)
-            fprintf(stderr, "fasa: FASA_SIMD=%s is not portable, avx2 or avx512; using %s\n", env,
-                    simd_path_name(p));
-        else if (!simd_path_supported((simd_path)want))
-            fprintf(stderr, "fasa: FASA_SIMD=%s: this CPU lacks it; using %s\n", env,
-                    simd_path_name(p));
+            if (!strcmp(name, simd_path_name(i))) named = i;
+        if (named < 0)
+            rc = -1;
+        else if (!simd_path_supported((simd_path)named))
+            rc = -2;
         else
-            p = want;
+            want = named;
     }
-    __atomic_store_n(&chosen, p, __ATOMIC_RELAXED);
-    return (simd_path)p;
+    __atomic_store_n(&s_chosen, want, __ATOMIC_RELAXED);
+    return rc;
 }
 
 static int s_path(int path)

@@ -33,8 +33,14 @@ typedef enum simd_path { SIMD_PORTABLE = 0, SIMD_AVX2 = 1, SIMD_AVX512 = 2 } sim
 const char *simd_path_name(int path);
 /* 1 when this CPU (and compiler) can run the path; portable always can. */
 int simd_path_supported(simd_path path);
-/* The path used by the kernels below when given SIMD_AUTO: FASA_SIMD or the best one. */
+/* The path used by the kernels below when given SIMD_AUTO: the one simd_path_choose set, else
+ * the best one. */
 simd_path simd_path_default(void);
+/* Sets the path SIMD_AUTO means, by name ("portable", "avx2", "avx512"; NULL or "": the best
+ * one). Called once at start-up (worker/env.h reads FASA_SIMD), before the kernels run; the
+ * kernels read no environment. 0; -1 for an unknown name, -2 when this CPU lacks the path
+ * (then the best one is used). */
+int simd_path_choose(const char *name);
 #define SIMD_AUTO (-1)
 
 /* The CPU's SIMD features as CPUID reports them, space-separated, from: sse4.2 avx2 fma f16c

@@ -22,6 +22,7 @@
 
 #include <mpi.h>
 
+#include "env.h"
 #include "attn.h"
 #include "ca.h"
 #include "engine.h"
@@ -1278,6 +1279,7 @@ static void s_idle_run(int rank, double seconds)
 
 int main(int argc, char **argv)
 {
+    fasa_env_init(NULL, 0); /* FASA_SIMD, read once at start-up */
     int provided = 0, rank = 0, size = 0;
     MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
     if (provided < MPI_THREAD_FUNNELED) {

@@ -2,6 +2,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "env.h"
 #include "test_util.h"
 
 #ifndef FASA_SHARED_DIR
@@ -16,9 +17,10 @@ const char *test_shared_dir(void)
 
 int main(void)
 {
+    fasa_env_init(NULL, 0); /* FASA_SIMD, read once at start-up */
     Suite *(*const suites[])(void) = {kernels_suite,  shard_suite,   engine_suite, golden_suite,
                                       io_suite,       service_suite, config_suite, model_suite,
-                                      snapshot_suite, threads_suite, admin_suite};
+                                      snapshot_suite, threads_suite, admin_suite,  base_suite};
     SRunner *sr = srunner_create(NULL);
     for (size_t i = 0; i < sizeof(suites) / sizeof(*suites); i++)
         srunner_add_suite(sr, suites[i]());

@@ -439,6 +439,7 @@ static int s_serve(worker *w, int count)
         return 0;
     }
     memcpy(&h, w->rx, sizeof(h));
+    fasa_log_set_request(h.request_id); /* the worker's lines name the client's request */
     const uint8_t *p = w->rx + sizeof(h);
     size_t payload = 0;
     int64_t bytes_read = 0;

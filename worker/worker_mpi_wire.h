@@ -109,6 +109,7 @@ typedef struct wmpi_cmd {
     int32_t n_units;                                 /* the step's selection units */
     int32_t sparq_r;                                 /* SCORE, ATTEND: SPARQ's r, else 0 */
     int64_t payload_bytes;                           /* bytes after this header */
+    uint64_t request_id;                             /* the client request it serves (log) */
 } wmpi_cmd;
 
 typedef struct wmpi_reply {
@@ -137,7 +138,7 @@ typedef struct wmpi_snap {
 
 _Static_assert(sizeof(wmpi_snap) == 16, "wmpi_snap layout");
 _Static_assert(sizeof(wmpi_knew) == 8, "wmpi_knew keeps the sections after it aligned");
-_Static_assert(sizeof(wmpi_cmd) == 72 && sizeof(wmpi_cmd) % 8 == 0, "wmpi_cmd layout");
+_Static_assert(sizeof(wmpi_cmd) == 80 && sizeof(wmpi_cmd) % 8 == 0, "wmpi_cmd layout");
 _Static_assert(sizeof(wmpi_reply) == 16, "wmpi_reply layout");
 _Static_assert(sizeof(wmpi_stats) == 64, "wmpi_stats layout");
 _Static_assert(sizeof(topk_cand) == 8, "topk_cand travels as 8 raw bytes");

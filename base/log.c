@@ -10,6 +10,17 @@ static int s_rank;
 static fasa_log_level s_level = FASA_LOG_INFO;
 static const char *const s_names[] = {"error", "warn", "info", "debug"};
 static const char *const s_tags[] = {"ERROR", "WARN", "INFO", "DEBUG"};
+static _Thread_local uint64_t s_request;
+
+void fasa_log_set_request(uint64_t request_id)
+{
+    s_request = request_id;
+}
+
+uint64_t fasa_log_request(void)
+{
+    return s_request;
+}
 
 void fasa_log_setup(int rank, fasa_log_level level)
 {
@@ -45,6 +56,7 @@ void fasa_log(fasa_log_level level, uint64_t request_id, const char *fmt, ...)
     struct tm tm;
     gmtime_r(&ts.tv_sec, &tm);
     char line[1024], id[24] = "-";
+    if (!request_id) request_id = s_request;
     if (request_id) snprintf(id, sizeof(id), "%llu", (unsigned long long)request_id);
     int n = snprintf(line, sizeof(line), "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ %s rank=%d req=%s ",
                      tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
