@@ -95,7 +95,8 @@ struct shard {
     int *members; /* (group, budget) */
     int *urows;   /* (group * budget) rows of the union */
     size_t members_cap;
-    float scores[]; /* flexible tail: see shard_new */
+    int gather_per_head; /* shard_set_gather_per_head: the reference phase 2, head by head */
+    float scores[];      /* flexible tail: see shard_new */
 };
 
 /* The per-step query scratch that lives in the flexible tail of struct shard:
@@ -662,6 +663,11 @@ void shard_set_pool(shard_t *s, fasa_pool_t *pool)
     s->pool = pool;
 }
 
+void shard_set_gather_per_head(shard_t *s, int on)
+{
+    s->gather_per_head = on != 0;
+}
+
 /* A view of s for one more thread (see struct shard); NULL when out of memory. */
 static shard_t *s_view_new(const shard_t *s)
 {
@@ -701,6 +707,7 @@ static int s_views_ready(shard_t *s)
         v->kept_budget = s->kept_budget;
         v->aux = s->aux;
         v->plus_aux = s->plus_aux;
+        v->gather_per_head = s->gather_per_head;
         v->bytes_read_last = 0;
     }
     return 0;
@@ -969,17 +976,20 @@ static int64_t s_plus_aux_of(shard_t *s, const shard_step *st, int g, int n_vis,
 /* FASA_PLUS phase 2: takes the n gathered rows (kg permuted keys, vg values) that head h
  * attends out of its aux: their exp(z - zm) from the normaliser and their values from the
  * sum, so that the aux covers the unselected rows only (the normaliser floored at 0
- * against rounding). qf is the head's query in permuted order. */
-static void s_plus_take(shard_t *s, const shard_step *st, int h, int u, int n, const float *qf,
-                        const float *kg, const float *vg)
+ * against rounding). qf is the head's query in permuted order. mem: the rows' slots in kg
+ * and vg, in the head's kept order (the union gather, s_attend_union), or NULL for slots
+ * 0 .. n - 1 (the reference, head by head): the same arithmetic in the same order. */
+static void s_plus_take(shard_t *s, const shard_step *st, int h, int u, int n, const int *mem,
+                        const float *qf, const float *kg, const float *vg)
 {
     const int d = s->lay.head_dim;
     double *a = s->plus_aux + (size_t)h * SHARD_SPARQ_AUX(d);
     for (int j = 0; j < n; j++) {
+        const size_t r = (size_t)(mem ? mem[j] : j) * d;
         float z = 0;
-        for (int p = 0; p < u; p++) z += qf[p] * kg[(size_t)j * d + p];
+        for (int p = 0; p < u; p++) z += qf[p] * kg[r + p];
         a[1] -= exp((double)(z * st->scale) - a[0]);
-        for (int c = 0; c < d; c++) a[3 + c] -= vg[(size_t)j * d + c];
+        for (int c = 0; c < d; c++) a[3 + c] -= vg[r + c];
     }
     if (a[1] < 0) a[1] = 0;
 }
@@ -1237,7 +1247,8 @@ static void s_attend_rows(shard_t *s, const shard_step *st, int g, int unit, top
     }
     s_gather_convert(s, n, cap);
     if (st->method == SHARD_FASA_PLUS)
-        s_plus_take(s, st, unit, s->lay.n_dom[st->layer * s->lay.n_kv_heads + g], n, qf, kg, vg);
+        s_plus_take(s, st, unit, s->lay.n_dom[st->layer * s->lay.n_kv_heads + g], n, NULL, qf, kg,
+                    vg);
     t = fasa_phase_add(FASA_PHASE_GATHER, t);
     score_rows(n, d, n_q, lg, (int)cap, qf, kg, d, 0);
     for (int i = 0; i < n_q; i++)
@@ -1289,8 +1300,13 @@ static void s_attend_union(shard_t *s, const shard_step *st, int g, const topk_c
     }
     for (int j = 0; j < n; j++) s_gather_row(s, st->layer, g, s->urows[j], j, cap);
     s_gather_convert(s, n, cap);
-    t = fasa_phase_add(FASA_PHASE_GATHER, t);
     const float *kg = s->gather, *vg = kg + cap * d;
+    if (st->method == SHARD_FASA_PLUS) /* each head's rows out of its aux (s_plus_take) */
+        for (int i = 0; i < grp; i++)
+            if (n_mem[i] > 0)
+                s_plus_take(s, st, g * grp + i, lay->n_dom[st->layer * lay->n_kv_heads + g],
+                            n_mem[i], s->members + (size_t)i * b, qf + (size_t)i * d, kg, vg);
+    t = fasa_phase_add(FASA_PHASE_GATHER, t);
     float *lg = s->gather + 2 * cap * d;
     score_rows(n, d, grp, lg, (int)cap, qf, kg, d, 0);
     for (int i = 0; i < grp; i++) {
@@ -1322,12 +1338,12 @@ static void s_attend_union(shard_t *s, const shard_step *st, int g, const topk_c
 }
 
 /* Per-head GQA gathers per KV group (s_attend_union) where its buffers stay modest (the
- * union of grp selections); QUEST and very large groups go a head at a time. */
+ * union of grp selections); QUEST, very large groups and the reference
+ * (shard_set_gather_per_head) go a head at a time. */
 static int s_by_group(const shard_t *s, const shard_step *st)
 {
     const int d = s->lay.head_dim, grp = s->lay.n_heads / s->lay.n_kv_heads;
-    return st->method != SHARD_DENSE && st->method != SHARD_QUEST &&
-           st->method != SHARD_FASA_PLUS && /* it takes each head's rows out of its aux */
+    return st->method != SHARD_DENSE && st->method != SHARD_QUEST && !s->gather_per_head &&
            st->gqa == SHARD_GQA_PER_HEAD && grp > 1 &&
            (size_t)grp * s->kept_budget * (2 * (size_t)d + grp) <= ((size_t)1 << 24);
 }

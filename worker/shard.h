@@ -167,6 +167,12 @@ int shard_append(shard_t *shard, int layer, int n, const int32_t *pos, const flo
 typedef struct fasa_pool fasa_pool_t;
 void shard_set_pool(shard_t *shard, fasa_pool_t *pool);
 
+/* Per-head GQA's phase 2 gathers the union of each KV group's selections once (each row
+ * read once however many of its heads select it). on != 0 makes it gather head by head
+ * instead: the reference the union is tested against (the same output bits, more bytes
+ * read). Default 0. */
+void shard_set_gather_per_head(shard_t *shard, int on);
+
 /* The shard's key layout (borrowed, valid while the shard lives). */
 const shard_layout *shard_layout_of(const shard_t *shard);
 
