@@ -937,34 +937,53 @@ static void s_plan_select(const fasa_engine_t *e, step_plan *p, int32_t *selecte
 }
 
 /* fasa-plus's output of head h (engine.h) from the merged exact partials (mh, lh, oh over
- * the selected tokens) and the shards' aux: the unselected tokens' mass estimated as
- * sum exp(scale (s_j + mu)) with mu = q_rest . mean of the visible keys, attending to the
- * mean of their values. vbar is scratch (head_dim). */
+ * the selected tokens) and the shards' aux (shard.h). The unselected tokens U:
+ * - their mass: sum over U of exp(z_j) (z the partial score, scaled) times the factor
+ *   that turns partial into full scores, the geometric mean of exp(scale mu), mu =
+ *   q_rest . mean of the visible keys, and of the selected tokens' ratio sum exp(full) /
+ *   sum exp(z) (the first ignores the spread of q_rest . k_rest, the second the bias of a
+ *   set chosen for high z);
+ * - their value: the mean of their values moved along the regression of v on z over U,
+ *   vbar_U + cov(v, z) / var(z) (zhat - zbar_U), zhat the exp(z)-weighted mean of z over U.
+ * vbar is scratch (2 head_dim). */
 static void s_plus_finish(const step_plan *p, int h, int ns, const double *oh, float mh, double lh,
                           float *out, double *vbar)
 {
     const int nh = p->s->cfg.n_heads, d = p->s->cfg.head_dim;
     const size_t na = SHARD_SPARQ_AUX(d);
     const int n_unsel = p->n_vis - p->n_sel[h];
-    double zmax = -INFINITY, z = 0, qk = 0;
+    double zmax = -INFINITY, z = 0, qk = 0, e1 = 0, e2 = 0, z1 = 0, z2 = 0, zw = 0;
+    double *vz = vbar + d;
     for (int sh = 0; sh < ns; sh++) {
         const double *a = p->aux + ((size_t)sh * nh + h) * na;
-        if (a[1] > 0 && a[0] > zmax) zmax = a[0];
+        if ((a[1] > 0 || a[SHARD_PLUS_E1(d)] > 0) && a[0] > zmax) zmax = a[0];
     }
-    for (int c = 0; c < d; c++) vbar[c] = 0;
+    for (int c = 0; c < d; c++) vbar[c] = vz[c] = 0;
     for (int sh = 0; sh < ns; sh++) {
         const double *a = p->aux + ((size_t)sh * nh + h) * na;
-        if (a[1] > 0) z += a[1] * exp(a[0] - zmax);
+        const double f = a[0] > -INFINITY ? exp(a[0] - zmax) : 0;
+        if (a[1] > 0) z += a[1] * f, zw += a[SHARD_PLUS_ZW(d)] * f;
+        e1 += a[SHARD_PLUS_E1(d)] * f;
+        e2 += a[SHARD_PLUS_E2(d)] * f;
         qk += a[2];
-        for (int c = 0; c < d; c++) vbar[c] += a[3 + c];
+        z1 += a[SHARD_PLUS_Z1(d)];
+        z2 += a[SHARD_PLUS_Z2(d)];
+        for (int c = 0; c < d; c++) vbar[c] += a[3 + c], vz[c] += a[SHARD_PLUS_VZ(d) + c];
     }
     if (n_unsel <= 0 || !(z > 0) || !(lh > 0)) return; /* nothing unselected: exact */
     /* log of the unselected mass, and the common frame F of both masses. */
-    const double lu = log(z) + zmax + (double)p->st.scale * qk / p->n_vis;
+    double lconv = (double)p->st.scale * qk / p->n_vis;
+    if (e1 > 0 && e2 > 0) lconv = 0.5 * (lconv + log(e2 / e1));
+    const double lu = log(z) + zmax + lconv;
     const double f = lu > mh ? lu : mh, ws = lh * exp(mh - f), wu = exp(lu - f);
-    for (int c = 0; c < d; c++)
-        out[(size_t)h * d + c] =
-            (float)((oh[c] * exp(mh - f) + wu * vbar[c] / n_unsel) / (ws + wu));
+    /* The unselected tokens' value (the regression needs a spread of z). */
+    const double zbar = z1 / n_unsel, varz = z2 / n_unsel - zbar * zbar, zhat = zw / z;
+    const int reg = n_unsel > 1 && varz > 1e-12 && isfinite(zhat);
+    for (int c = 0; c < d; c++) {
+        const double vb = vbar[c] / n_unsel;
+        const double vu = reg ? vb + (vz[c] / n_unsel - vb * zbar) / varz * (zhat - zbar) : vb;
+        out[(size_t)h * d + c] = (float)((oh[c] * exp(mh - f) + wu * vu) / (ws + wu));
+    }
 }
 
 /* Phase 2's merge (after the shards' partials are in p->m, l, o, aux): the outputs. */
@@ -974,7 +993,7 @@ static int s_plan_finish(fasa_engine_t *e, const step_plan *p, float *out, fasa_
     const size_t na = SHARD_SPARQ_AUX(d);
     /* On the heap: with many shards and a large head_dim these would not fit a stack. */
     if (s_grow((void **)&e->merge, &e->cap_merge,
-               ((size_t)ns + (size_t)ns * d + 2 * (size_t)d) * sizeof(double)) ||
+               ((size_t)ns + (size_t)ns * d + 3 * (size_t)d) * sizeof(double)) ||
         s_grow((void **)&e->merge_m, &e->cap_merge_m, (size_t)ns * sizeof(float)))
         return -1;
     float *mp = e->merge_m, mh;
@@ -1017,9 +1036,15 @@ static int s_plan_finish(fasa_engine_t *e, const step_plan *p, float *out, fasa_
         stats->n_visible = p->n_vis;
         stats->bytes_read = p->bytes;
         stats->score_us = stats->merge_us = stats->attend_us = 0;
-        /* fasa-plus also reads the running key and value sums, head_dim doubles each. */
-        if (p->st.method == SHARD_FASA_PLUS)
+        /* fasa-plus also reads the running key and value sums, head_dim doubles each, and
+         * each KV head's sum of v kdom^T (head_dim x its packed dims). */
+        if (p->st.method == SHARD_FASA_PLUS) {
             stats->bytes_read += (int64_t)nh * 2 * d * (int64_t)sizeof(double);
+            const int hkv = p->s->cfg.n_kv_heads;
+            for (int g = 0; g < hkv; g++)
+                stats->bytes_read +=
+                    (int64_t)d * p->s->n_dom[p->st.layer * hkv + g] * (int64_t)sizeof(double);
+        }
     }
     return 0;
 }

@@ -60,12 +60,17 @@ typedef struct fasa_error {
  *           head stores (the union of its query heads' FCs: the bytes fasa's scan reads
  *           anyway); position 0 (a sink) and the R = B / (2 ntip) - 1 most recent visible
  *           tokens (at least 0) are always among the top B; exact attention over the top B.
- *           Then the mass of the tokens not selected is estimated from their partial scores
- *           s_j already computed: M = sum_unselected exp(scale (s_j + mu)), mu = q_rest .
- *           the mean of the visible keys over the dims not scored, and they attend to the
- *           mean of their values: out = (sum_sel e^{f_j} v_j + M vbar_unsel) /
- *           (sum_sel e^{f_j} + M), f_j the exact logits. Reads fasa's bytes plus two running
- *           sums of head_dim doubles per query head. */
+ *           Then the tokens not selected (U) are estimated from their partial scores s_j
+ *           already computed, z_j = scale s_j: their mass M = sum_U e^{z_j} e^c, where c is
+ *           the mean of scale mu (mu = q_rest . the mean of the visible keys over the dims
+ *           not scored) and of log(sum_sel e^{f_j} / sum_sel e^{z_j}); and their value
+ *           vhat = vbar_U + cov_U(v, z) / var_U(z) (zhat - zbar_U), zhat the e^z-weighted
+ *           mean of z over U (the regression of v on z; sum v z over U comes from a
+ *           running sum of v kdom^T per KV head). out = (sum_sel e^{f_j} v_j + M vhat) /
+ *           (sum_sel e^{f_j} + M), f_j the exact logits. Reads fasa's bytes (phase 2 gathers
+ *           each KV group's rows once, as fasa does) plus two running sums of head_dim
+ *           doubles per query head, head_dim x u doubles per KV head (the sum of v kdom^T)
+ *           and the rows appended since the last step (folded into that sum). */
 typedef enum fasa_method {
     FASA_METHOD_FASA = 0,
     FASA_METHOD_DENSE,

@@ -104,8 +104,10 @@ static void s_run(const run_cfg *c, int n_shards, float *out, int32_t *sel)
 /* Naive reference of one fasa-plus step (engine.h), head h at position t of layer l (keys
  * 0..t visible, layer 0 dense), over all keys of the layer in one array, in double: the
  * scores over the union of the group's FCs (interleaved pairing), position 0 and the R most
- * recent positions first, the exact attention over the top B and the unselected tokens'
- * mass estimated as sum exp(scale (s_j + mu)) attending to the mean of their values. */
+ * recent positions first, the exact attention over the top B and the unselected tokens U:
+ * their mass sum exp(z_j) exp(c), z_j = scale s_j, c the mean of scale mu and of the log of
+ * the selected tokens' sum exp(scale x_j) / sum exp(z_j) (x_j the full score), attending to
+ * vbar_U + cov_U(v, z) / var_U(z) (zhat - zbar_U), zhat the exp(z)-weighted mean of z. */
 static void s_ref_plus(const run_cfg *c, int l, int t, int h, float *out, int32_t *sel)
 {
     const int d = c->d, nkv = c->nkv, grp = c->nh / nkv, g = h / grp, B = c->budget;
@@ -144,30 +146,46 @@ static void s_ref_plus(const run_cfg *c, int l, int t, int h, float *out, int32_
         ck_assert_int_eq(topk_ref(n_vis, B, all, best), B);
         for (int i = 0; i < B; i++) use[best[i].pos] = 1, sel[i] = best[i].pos;
     }
-    double mx = -INFINITY, den = 0, acc[d], mass = 0, vbar[d];
+    double mx = -INFINITY, den = 0, acc[d], mass = 0, vbar[d], vz[d];
+    double e1 = 0, e2 = 0, z1 = 0, z2 = 0, zw = 0;
     for (int j = 0; j < n_vis; j++) {
         double x = 0;
         for (int cc = 0; cc < d; cc++) x += (double)q[cc] * K[((size_t)j * nkv + g) * d + cc];
         if (use[j]) mx = x * scale > mx ? x * scale : mx;
     }
-    for (int cc = 0; cc < d; cc++) acc[cc] = vbar[cc] = 0;
+    for (int cc = 0; cc < d; cc++) acc[cc] = vbar[cc] = vz[cc] = 0;
     int n_unsel = 0;
     for (int j = 0; j < n_vis; j++) {
         const float *vj = V + ((size_t)j * nkv + g) * d;
+        const double z = scale * sj[j];
         if (use[j]) {
             double x = 0;
             for (int cc = 0; cc < d; cc++) x += (double)q[cc] * K[((size_t)j * nkv + g) * d + cc];
             const double w = exp(x * scale - mx);
             den += w;
             for (int cc = 0; cc < d; cc++) acc[cc] += w * vj[cc];
+            e1 += exp(z - mx), e2 += w;
         } else {
-            mass += exp(scale * (sj[j] + mu) - mx);
-            for (int cc = 0; cc < d; cc++) vbar[cc] += vj[cc];
+            const double w = exp(z - mx);
+            mass += w;
+            z1 += z, z2 += z * z, zw += w * z;
+            for (int cc = 0; cc < d; cc++) vbar[cc] += vj[cc], vz[cc] += z * vj[cc];
             n_unsel++;
         }
     }
-    for (int cc = 0; cc < d; cc++)
-        out[cc] = (float)((acc[cc] + (n_unsel ? mass * vbar[cc] / n_unsel : 0)) / (den + mass));
+    if (n_unsel > 0 && mass > 0) {
+        const double c0 = 0.5 * (scale * mu + log(e2 / e1)), zbar = z1 / n_unsel;
+        const double varz = z2 / n_unsel - zbar * zbar, zhat = zw / mass;
+        for (int cc = 0; cc < d; cc++) {
+            const double vb = vbar[cc] / n_unsel;
+            const double vu = n_unsel > 1 && varz > 1e-12
+                                  ? vb + (vz[cc] / n_unsel - vb * zbar) / varz * (zhat - zbar)
+                                  : vb;
+            acc[cc] += mass * exp(c0) * vu;
+        }
+        den += mass * exp(c0);
+    }
+    for (int cc = 0; cc < d; cc++) out[cc] = (float)(acc[cc] / den);
     free(use), free(sj), free(all), free(best);
 }
 

@@ -392,6 +392,155 @@ START_TEST(test_shard_threads_identical)
 }
 END_TEST
 
+/* Per-head GQA's phase 2 gathers each KV group's union once (s_attend_union); the reference
+ * gathers head by head (shard_set_gather_per_head). On 1, 2 and 3 shards (rows dealt in
+ * blocks) and pools of 1, 2 and 3 threads, for every sparse method and f32/f16: each
+ * shard's partials (and fasa-plus's aux, less the attended rows) are bit for bit the
+ * reference's, and the union reads exactly the reference's bytes less the rows it did not
+ * read twice (counted from the candidates). The group's queries are correlated, so that
+ * their selections overlap. */
+START_TEST(test_shard_union_gather)
+{
+    enum { NS = 3, BLK = 96, GRP = TT_H / TT_KV };
+    test_rng r = {91};
+    shard_layout lay;
+    ck_assert_int_eq(shard_layout_plain(&lay, 1, TT_H, TT_KV, TT_D), 0);
+    for (int g = 0; g < TT_KV; g++) {
+        lay.n_dom[g] = 8;
+        for (int i = 0; i < GRP; i++) memset(lay.qmask + (size_t)(g * GRP + i) * TT_D, 1, 8);
+    }
+    const size_t nkv = (size_t)TT_N * TT_KV * TT_D;
+    float *k = test_alloc(nkv * 4), *v = test_alloc(nkv * 4), *q = test_alloc(TT_H * TT_D * 4);
+    float *base = test_alloc(TT_KV * TT_D * 4), *noise = test_alloc(TT_H * TT_D * 4);
+    int32_t *pos = test_alloc(TT_N * 4), *spos = test_alloc(TT_N * 4);
+    float *sk = test_alloc(nkv * 4), *sv = test_alloc(nkv * 4);
+    test_fill(&r, nkv, k, 1.0f);
+    test_fill(&r, nkv, v, 1.0f);
+    test_fill(&r, TT_KV * TT_D, base, 3.0f);
+    test_fill(&r, TT_H * TT_D, noise, 1.0f);
+    for (int h = 0; h < TT_H; h++)
+        for (int c = 0; c < TT_D; c++)
+            q[h * TT_D + c] = base[(h / GRP) * TT_D + c] + noise[h * TT_D + c];
+    for (int i = 0; i < TT_N; i++) pos[i] = 3 * i;
+    fasa_pool_t *pools[4] = {NULL, NULL, fasa_pool_new(2), fasa_pool_new(3)};
+    ck_assert_ptr_nonnull(pools[2]);
+    ck_assert_ptr_nonnull(pools[3]);
+    const int dtypes[2] = {FASA_DTYPE_F32, FASA_DTYPE_F16};
+    const int methods[] = {SHARD_FASA, SHARD_FASA_PLUS, SHARD_SPARQ, SHARD_ORACLE, SHARD_STREAM};
+    const size_t na = (size_t)TT_H * SHARD_SPARQ_AUX(TT_D);
+    const size_t nc = (size_t)NS * TT_H * TT_B;
+    topk_cand *cands = test_alloc(nc * sizeof(topk_cand)),
+              *all = test_alloc(nc * sizeof(topk_cand));
+    double *aux_u = test_alloc(na * 8), *aux_h = test_alloc(na * 8);
+    int n_cands[NS * TT_H], checked_shared = 0;
+    for (int di = 0; di < 2; di++)
+        for (int ns = 1; ns <= NS; ns++) {
+            shard_t *uni[NS], *ref[NS];
+            for (int si = 0; si < ns; si++) { /* rows in blocks of BLK, dealt round robin */
+                int n = 0;
+                for (int i = 0; i < TT_N; i++)
+                    if ((i / BLK) % ns == si) {
+                        spos[n] = pos[i];
+                        memcpy(sk + (size_t)n * TT_KV * TT_D, k + (size_t)i * TT_KV * TT_D,
+                               TT_KV * TT_D * 4);
+                        memcpy(sv + (size_t)n * TT_KV * TT_D, v + (size_t)i * TT_KV * TT_D,
+                               TT_KV * TT_D * 4);
+                        n++;
+                    }
+                lay.dtype = dtypes[di];
+                ck_assert_ptr_nonnull(uni[si] = shard_new(&lay));
+                ck_assert_ptr_nonnull(ref[si] = shard_new(&lay));
+                ck_assert_int_eq(shard_append(uni[si], 0, n, spos, sk, sv), 0);
+                ck_assert_int_eq(shard_append(ref[si], 0, n, spos, sk, sv), 0);
+                shard_set_gather_per_head(ref[si], 1);
+            }
+            for (size_t mi = 0; mi < sizeof(methods) / sizeof(*methods); mi++)
+                for (int T = 1; T <= 3; T++) {
+                    const int method = methods[mi];
+                    const shard_step st = {.layer = 0,
+                                           .method = (shard_method)method,
+                                           .gqa = SHARD_GQA_PER_HEAD,
+                                           .budget = TT_B,
+                                           .max_pos = 3 * (TT_N - 7),
+                                           .scale = 1.0f / sqrtf((float)TT_D),
+                                           .q = q,
+                                           .sparq_r = method == SHARD_SPARQ       ? 8
+                                                      : method == SHARD_FASA_PLUS ? 5
+                                                                                  : 0};
+                    for (int si = 0; si < ns; si++) { /* both score the same */
+                        int n_ref[TT_H];
+                        topk_cand *c = cands + (size_t)si * TT_H * TT_B;
+                        shard_set_pool(uni[si], pools[T]);
+                        shard_set_pool(ref[si], pools[T]);
+                        ck_assert_int_eq(shard_score(uni[si], &st, c, n_cands + si * TT_H), 0);
+                        ck_assert_int_eq(shard_score(ref[si], &st, all, n_ref), 0);
+                        ck_assert_mem_eq(n_ref, n_cands + si * TT_H, sizeof(n_ref));
+                        for (int h = 0; h < TT_H; h++)
+                            ck_assert_mem_eq(all + (size_t)h * TT_B, c + (size_t)h * TT_B,
+                                             (size_t)n_ref[h] * sizeof(topk_cand));
+                    }
+                    /* The global threshold of each head, as the merge finds it: the B-th
+                     * best of every shard's candidates. Head 1 selects nothing. */
+                    topk_cand thr[TT_H];
+                    uint8_t have[TT_H];
+                    for (int h = 0; h < TT_H; h++) {
+                        int n = 0;
+                        for (int si = 0; si < ns; si++)
+                            for (int j = 0; j < n_cands[si * TT_H + h]; j++)
+                                all[n++] = cands[((size_t)si * TT_H + h) * TT_B + j];
+                        topk_sort(n, all);
+                        have[h] = n > 0 && h != 1;
+                        thr[h] = n > 0 ? all[(n < TT_B ? n : TT_B) - 1] : (topk_cand){0, 0};
+                    }
+                    for (int si = 0; si < ns; si++) {
+                        float mu[TT_H], mh[TT_H];
+                        double lu[TT_H], lh[TT_H], ou[TT_H * TT_D], oh[TT_H * TT_D];
+                        ck_assert_int_eq(shard_attend(ref[si], &st, thr, have, mh, lh, oh), 0);
+                        ck_assert_int_eq(shard_attend(uni[si], &st, thr, have, mu, lu, ou), 0);
+                        ck_assert_mem_eq(mu, mh, sizeof(mu));
+                        ck_assert_mem_eq(lu, lh, sizeof(lu));
+                        ck_assert_mem_eq(ou, oh, sizeof(ou));
+                        if (method == SHARD_FASA_PLUS) {
+                            shard_sparq_aux(uni[si], &st, aux_u);
+                            shard_sparq_aux(ref[si], &st, aux_h);
+                            ck_assert_mem_eq(aux_u, aux_h, na * 8);
+                        }
+                        /* Rows each head attends, and rows each group's union holds. */
+                        int64_t twice = 0;
+                        for (int g = 0; g < TT_KV; g++) {
+                            int32_t seen[GRP * TT_B];
+                            int n_seen = 0;
+                            for (int i = 0; i < GRP; i++) {
+                                const int h = g * GRP + i;
+                                const topk_cand *c = cands + ((size_t)si * TT_H + h) * TT_B;
+                                for (int j = 0; have[h] && j < n_cands[si * TT_H + h]; j++) {
+                                    if (topk_better(thr[h], c[j])) continue;
+                                    int dup = 0;
+                                    for (int x = 0; x < n_seen && !dup; x++)
+                                        dup = seen[x] == c[j].pos;
+                                    if (dup)
+                                        twice++;
+                                    else
+                                        seen[n_seen++] = c[j].pos;
+                                }
+                            }
+                        }
+                        checked_shared += twice > 0;
+                        ck_assert_int_eq(shard_bytes_read(ref[si]) - shard_bytes_read(uni[si]),
+                                         twice * 2 * TT_D * (int64_t)fasa_dtype_size(dtypes[di]));
+                    }
+                }
+            for (int si = 0; si < ns; si++) shard_destroy(&uni[si]), shard_destroy(&ref[si]);
+        }
+    ck_assert_int_gt(checked_shared, 0); /* the unions did share rows */
+    fasa_pool_destroy(&pools[2]);
+    fasa_pool_destroy(&pools[3]);
+    shard_layout_cleanup(&lay);
+    free(k), free(v), free(q), free(base), free(noise), free(pos), free(spos), free(sk), free(sv);
+    free(cands), free(all), free(aux_u), free(aux_h);
+}
+END_TEST
+
 Suite *threads_suite(void)
 {
     Suite *s = suite_create("threads");
@@ -402,6 +551,7 @@ Suite *threads_suite(void)
     tcase_add_test(tc, test_threads_from_env);
     tcase_add_test(tc, test_engine_threads_identical);
     tcase_add_test(tc, test_shard_threads_identical);
+    tcase_add_test(tc, test_shard_union_gather);
     suite_add_tcase(s, tc);
     return s;
 }

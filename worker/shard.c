@@ -48,6 +48,11 @@ typedef struct layer_store {
     float *pbound;     /* (page_cap, n_kv_heads, 2, head_dim) min then max, original dims */
     double *vsum;      /* (n_kv_heads, head_dim) SPARQ: sum of every row's value */
     double *ksum;      /* (n_kv_heads, head_dim) FASA_PLUS: sum of every row's key */
+    /* FASA_PLUS: per KV head g the sum of v kdom^T (head_dim, n_dom[g]; packed order) over
+     * its first vk_rows[g] rows, at offset head_dim * (n_dom of the KV heads before g);
+     * brought up to date by the plus steps (s_plus_vk), allocated by the first. */
+    double *vk;
+    int *vk_rows; /* (n_kv_heads) */
 } layer_store;
 
 struct shard {
@@ -95,7 +100,8 @@ struct shard {
     int *members; /* (group, budget) */
     int *urows;   /* (group * budget) rows of the union */
     size_t members_cap;
-    float scores[]; /* flexible tail: see shard_new */
+    int gather_per_head; /* shard_set_gather_per_head: the reference phase 2, head by head */
+    float scores[];      /* flexible tail: see shard_new */
 };
 
 /* The per-step query scratch that lives in the flexible tail of struct shard:
@@ -297,6 +303,8 @@ void shard_destroy(shard_t **shard_p)
         free(ls->pbound);
         free(ls->vsum);
         free(ls->ksum);
+        free(ls->vk);
+        free(ls->vk_rows);
     }
     free(s->layers);
     free(s->kept);
@@ -662,6 +670,11 @@ void shard_set_pool(shard_t *s, fasa_pool_t *pool)
     s->pool = pool;
 }
 
+void shard_set_gather_per_head(shard_t *s, int on)
+{
+    s->gather_per_head = on != 0;
+}
+
 /* A view of s for one more thread (see struct shard); NULL when out of memory. */
 static shard_t *s_view_new(const shard_t *s)
 {
@@ -701,6 +714,7 @@ static int s_views_ready(shard_t *s)
         v->kept_budget = s->kept_budget;
         v->aux = s->aux;
         v->plus_aux = s->plus_aux;
+        v->gather_per_head = s->gather_per_head;
         v->bytes_read_last = 0;
     }
     return 0;
@@ -891,6 +905,7 @@ static void s_sparq_aux_of(shard_t *s, const shard_step *st, int g, int n_vis, c
         a[1] = zs[i];
         a[2] = n_vis;
         for (int c = 0; c < d; c++) a[3 + c] = ls->vsum ? ls->vsum[(size_t)g * d + c] : 0;
+        for (int c = 3 + d; c < SHARD_SPARQ_AUX(d); c++) a[c] = 0;
         for (int r = n_vis; r < ls->n_rows; r++) {
             const void *v = ls->chunks[r / SHARD_CHUNK][g].v;
             const size_t e0 = (size_t)(r % SHARD_CHUNK) * d;
@@ -899,48 +914,91 @@ static void s_sparq_aux_of(shard_t *s, const shard_step *st, int g, int n_vis, c
     }
 }
 
-/* FASA_PLUS (per-head GQA; shard.h): starts each head's running normaliser of z. */
+/* FASA_PLUS (per-head GQA; shard.h): starts each head's running sums of z: zs[0] the
+ * normaliser (with the max zm), zs[1] and zs[2] of z and z^2, zs[3] of exp(z - zm) z. */
 static void s_plus_begin(int n_q, float *zm, double *zs)
 {
-    for (int i = 0; i < n_q; i++) zm[i] = -INFINITY, zs[i] = 0;
+    for (int i = 0; i < n_q; i++) {
+        zm[i] = -INFINITY;
+        for (int c = 0; c < 4; c++) zs[4 * i + c] = 0;
+    }
 }
 
 /* FASA_PLUS: folds n rows of raw partial scores (positions pos) into each head's running
- * max zm and sum of exp(z - zm), z = scale * score, then gives the forced rows (the sinks
- * and the recent window) the score +inf, so that they rank before every scored row. */
+ * max zm and sums zs (s_plus_begin), z = scale * score, then gives the forced rows (the
+ * sinks and the recent window) the score +inf, so that they rank before every scored row. */
 static void s_plus_fold(const shard_step *st, int n_q, int n, const int32_t *pos, float *sc,
                         float *zm, double *zs)
 {
     const int32_t recent0 = st->max_pos - st->sparq_r + 1; /* first forced recent pos */
     for (int i = 0; i < n_q; i++) {
         float *z = sc + (size_t)i * SHARD_CHUNK, cm = -INFINITY;
+        double *a = zs + 4 * i;
         for (int j = 0; j < n; j++)
             if (z[j] * st->scale > cm) cm = z[j] * st->scale;
         if (cm > zm[i]) {
-            zs[i] *= exp((double)zm[i] - cm);
+            const double r = exp((double)zm[i] - cm);
+            a[0] *= r;
+            a[3] *= r;
             zm[i] = cm;
         }
         for (int j = 0; j < n; j++) {
-            zs[i] += exp((double)(z[j] * st->scale) - zm[i]);
+            const double x = (double)(z[j] * st->scale), w = exp(x - zm[i]);
+            a[0] += w;
+            a[1] += x;
+            a[2] += x * x;
+            a[3] += w * x;
             if (pos[j] < SHARD_PLUS_SINKS || pos[j] >= recent0) z[j] = INFINITY;
         }
     }
 }
 
+/* FASA_PLUS: brings KV head g's sum of v kdom^T (layer_store.vk) up to the layer's rows;
+ * returns the KV bytes read (the rows folded in). */
+static int64_t s_plus_vk(shard_t *s, int layer, int g)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads, u = lay->n_dom[layer * hkv + g];
+    const int *perm = lay->perm + ((size_t)layer * hkv + g) * d;
+    layer_store *ls = &s->layers[layer];
+    size_t off = 0;
+    for (int x = 0; x < g; x++) off += (size_t)d * lay->n_dom[layer * hkv + x];
+    double *m = ls->vk + off;
+    float krow[d];
+    const int r0 = ls->vk_rows[g];
+    for (int r = r0; r < ls->n_rows; r++) {
+        s_row_key(s, layer, g, r, krow);
+        const void *v = ls->chunks[r / SHARD_CHUNK][g].v;
+        const size_t e0 = (size_t)(r % SHARD_CHUNK) * d;
+        for (int c = 0; c < d; c++) {
+            const double vc = s_get(lay->dtype, v, e0 + (size_t)c);
+            for (int p = 0; p < u; p++) m[(size_t)c * u + p] += vc * krow[perm[p]];
+        }
+    }
+    ls->vk_rows[g] = ls->n_rows;
+    return (int64_t)(ls->n_rows - r0) * (u + d) * (int64_t)s_esz(s);
+}
+
 /* FASA_PLUS: the aux entries of KV head g's heads after the scan (shard_attend then takes
  * the selected rows out): the normaliser of z over the visible rows, q_rest . (sum of the
- * visible keys) over the dims not packed in kdom (qr, packed order), and the visible
- * values' sum. Returns the bytes read of the rows past max_pos (taken out of them); the
- * engine counts the two running sums (2 head_dim doubles per query head). */
-static int64_t s_plus_aux_of(shard_t *s, const shard_step *st, int g, int n_vis, const float *qr,
-                             const float *zm, const double *zs)
+ * visible keys) over the dims not packed in kdom (qr, packed order), the visible values'
+ * sum, the sums of z, z^2 and exp(z - max) z (zs), and the sum of v z from the sum of
+ * v kdom^T and the packed queries qd. Returns the KV bytes read: the rows past max_pos (taken out
+ * of them) and the rows s_plus_vk folds in; the engine counts the running sums it reads (2 head_dim
+ * doubles per query head, head_dim x u per KV head). */
+static int64_t s_plus_aux_of(shard_t *s, const shard_step *st, int g, int n_vis, const float *qd,
+                             const float *qr, const float *zm, const double *zs)
 {
     const shard_layout *lay = &s->lay;
     const int d = lay->head_dim, hkv = lay->n_kv_heads, grp = lay->n_heads / hkv;
     const int u = lay->n_dom[st->layer * hkv + g];
     const int *perm = lay->perm + ((size_t)st->layer * hkv + g) * d;
+    int64_t bytes = s_plus_vk(s, st->layer, g);
     const layer_store *ls = &s->layers[st->layer];
-    double ks[d], vs[d];
+    size_t off = 0;
+    for (int x = 0; x < g; x++) off += (size_t)d * lay->n_dom[st->layer * hkv + x];
+    double ks[d], vs[d], vk[(size_t)d * (u ? u : 1)];
+    memcpy(vk, ls->vk + off, (size_t)d * u * sizeof(double));
     float krow[d];
     for (int c = 0; c < d; c++) {
         ks[c] = ls->ksum ? ls->ksum[(size_t)g * d + c] : 0;
@@ -951,35 +1009,60 @@ static int64_t s_plus_aux_of(shard_t *s, const shard_step *st, int g, int n_vis,
         const void *v = ls->chunks[r / SHARD_CHUNK][g].v;
         const size_t e0 = (size_t)(r % SHARD_CHUNK) * d;
         for (int c = 0; c < d; c++) {
+            const double vc = s_get(lay->dtype, v, e0 + (size_t)c);
             ks[c] -= krow[c];
-            vs[c] -= s_get(lay->dtype, v, e0 + (size_t)c);
+            vs[c] -= vc;
+            for (int p = 0; p < u; p++) vk[(size_t)c * u + p] -= vc * krow[perm[p]];
         }
     }
     for (int i = 0; i < grp; i++) {
         double *a = s->aux + (size_t)(g * grp + i) * SHARD_SPARQ_AUX(d);
+        const double *z = zs + 4 * i;
+        const float *qdi = qd + (size_t)i * u;
         a[0] = zm[i];
-        a[1] = zs[i];
+        a[1] = z[0];
         a[2] = 0;
         for (int p = u; p < d; p++) a[2] += (double)qr[(size_t)i * (d - u) + p - u] * ks[perm[p]];
         for (int c = 0; c < d; c++) a[3 + c] = vs[c];
+        a[SHARD_PLUS_E1(d)] = a[SHARD_PLUS_E2(d)] = 0;
+        a[SHARD_PLUS_Z1(d)] = z[1];
+        a[SHARD_PLUS_Z2(d)] = z[2];
+        a[SHARD_PLUS_ZW(d)] = z[3];
+        for (int c = 0; c < d; c++) { /* sum of v z = scale * (sum v kdom^T) qdom */
+            double x = 0;
+            for (int p = 0; p < u; p++) x += vk[(size_t)c * u + p] * qdi[p];
+            a[SHARD_PLUS_VZ(d) + c] = x * st->scale;
+        }
     }
-    return (int64_t)(ls->n_rows - n_vis) * 2 * d * (int64_t)s_esz(s);
+    return bytes + (int64_t)(ls->n_rows - n_vis) * 2 * d * (int64_t)s_esz(s);
 }
 
 /* FASA_PLUS phase 2: takes the n gathered rows (kg permuted keys, vg values) that head h
  * attends out of its aux: their exp(z - zm) from the normaliser and their values from the
  * sum, so that the aux covers the unselected rows only (the normaliser floored at 0
- * against rounding). qf is the head's query in permuted order. */
-static void s_plus_take(shard_t *s, const shard_step *st, int h, int u, int n, const float *qf,
-                        const float *kg, const float *vg)
+ * against rounding). qf is the head's query in permuted order. mem: the rows' slots in kg
+ * and vg, in the head's kept order (the union gather, s_attend_union), or NULL for slots
+ * 0 .. n - 1 (the reference, head by head): the same arithmetic in the same order. */
+static void s_plus_take(shard_t *s, const shard_step *st, int h, int u, int n, const int *mem,
+                        const float *qf, const float *kg, const float *vg)
 {
     const int d = s->lay.head_dim;
     double *a = s->plus_aux + (size_t)h * SHARD_SPARQ_AUX(d);
     for (int j = 0; j < n; j++) {
+        const size_t r = (size_t)(mem ? mem[j] : j) * d;
         float z = 0;
-        for (int p = 0; p < u; p++) z += qf[p] * kg[(size_t)j * d + p];
-        a[1] -= exp((double)(z * st->scale) - a[0]);
-        for (int c = 0; c < d; c++) a[3 + c] -= vg[(size_t)j * d + c];
+        for (int p = 0; p < u; p++) z += qf[p] * kg[r + p];
+        float zf = z; /* the full score */
+        for (int p = u; p < d; p++) zf += qf[p] * kg[r + p];
+        const double x = (double)(z * st->scale), w = exp(x - a[0]);
+        a[1] -= w;
+        for (int c = 0; c < d; c++) a[3 + c] -= vg[r + c];
+        a[SHARD_PLUS_E1(d)] += w;
+        a[SHARD_PLUS_E2(d)] += exp((double)(zf * st->scale) - a[0]);
+        a[SHARD_PLUS_Z1(d)] -= x;
+        a[SHARD_PLUS_Z2(d)] -= x * x;
+        a[SHARD_PLUS_ZW(d)] -= w * x;
+        for (int c = 0; c < d; c++) a[SHARD_PLUS_VZ(d) + c] -= x * vg[r + c];
     }
     if (a[1] < 0) a[1] = 0;
 }
@@ -1009,7 +1092,7 @@ static int64_t s_score_groups(shard_t *s, const shard_step *st, int g0, int g1, 
         const int n_q = s_pack_queries(s, st, g, qd, qr);
         const int oracle = st->method == SHARD_ORACLE || sparq;
         float inv_tau[n_q], zm[n_q];
-        double zs[n_q];
+        double zs[4 * n_q]; /* SPARQ: the normaliser; FASA_PLUS: s_plus_begin */
         if (sparq) s_sparq_queries(s, st, g, qd, qr, inv_tau, zm, zs);
         if (plus) s_plus_begin(n_q, zm, zs);
         topk_acc acc[n_q];
@@ -1048,7 +1131,7 @@ static int64_t s_score_groups(shard_t *s, const shard_step *st, int g0, int g1, 
         if (st->method != SHARD_QUEST && st->method != SHARD_FASA)
             bytes += (int64_t)n_vis * (oracle ? d : u) * (int64_t)s_esz(s);
         if (sparq) s_sparq_aux_of(s, st, g, n_vis, zm, zs);
-        if (plus) bytes += s_plus_aux_of(s, st, g, n_vis, qr, zm, zs);
+        if (plus) bytes += s_plus_aux_of(s, st, g, n_vis, qd, qr, zm, zs);
         for (int i = 0; i < n_q; i++) {
             const int unit = st->gqa == SHARD_GQA_SHARED ? g : g * grp + i;
             /* Unsorted: the merge needs the candidates and its threshold, not an order. */
@@ -1097,6 +1180,18 @@ int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands
     if ((sparq || plus) && s_grow((void **)&s->aux, &s->aux_cap,
                                   (size_t)lay->n_heads * SHARD_SPARQ_AUX(d) * sizeof(double)))
         return -1;
+    layer_store *ls = &s->layers[st->layer];
+    if (plus && !ls->vk) { /* the sums of v kdom^T (s_plus_vk), at the first plus step */
+        size_t n = 0;
+        for (int g = 0; g < hkv; g++) n += (size_t)d * lay->n_dom[st->layer * hkv + g];
+        ls->vk_rows = calloc((size_t)hkv, sizeof(int));
+        ls->vk = calloc(n ? n : 1, sizeof(double));
+        if (!ls->vk || !ls->vk_rows) {
+            free(ls->vk), free(ls->vk_rows);
+            ls->vk = NULL, ls->vk_rows = NULL;
+            return -1;
+        }
+    }
 
     if (st->method == SHARD_STREAM) {
         s_score_stream(s, st, units, n_vis, cands, n_cands);
@@ -1237,7 +1332,8 @@ static void s_attend_rows(shard_t *s, const shard_step *st, int g, int unit, top
     }
     s_gather_convert(s, n, cap);
     if (st->method == SHARD_FASA_PLUS)
-        s_plus_take(s, st, unit, s->lay.n_dom[st->layer * s->lay.n_kv_heads + g], n, qf, kg, vg);
+        s_plus_take(s, st, unit, s->lay.n_dom[st->layer * s->lay.n_kv_heads + g], n, NULL, qf, kg,
+                    vg);
     t = fasa_phase_add(FASA_PHASE_GATHER, t);
     score_rows(n, d, n_q, lg, (int)cap, qf, kg, d, 0);
     for (int i = 0; i < n_q; i++)
@@ -1289,8 +1385,13 @@ static void s_attend_union(shard_t *s, const shard_step *st, int g, const topk_c
     }
     for (int j = 0; j < n; j++) s_gather_row(s, st->layer, g, s->urows[j], j, cap);
     s_gather_convert(s, n, cap);
-    t = fasa_phase_add(FASA_PHASE_GATHER, t);
     const float *kg = s->gather, *vg = kg + cap * d;
+    if (st->method == SHARD_FASA_PLUS) /* each head's rows out of its aux (s_plus_take) */
+        for (int i = 0; i < grp; i++)
+            if (n_mem[i] > 0)
+                s_plus_take(s, st, g * grp + i, lay->n_dom[st->layer * lay->n_kv_heads + g],
+                            n_mem[i], s->members + (size_t)i * b, qf + (size_t)i * d, kg, vg);
+    t = fasa_phase_add(FASA_PHASE_GATHER, t);
     float *lg = s->gather + 2 * cap * d;
     score_rows(n, d, grp, lg, (int)cap, qf, kg, d, 0);
     for (int i = 0; i < grp; i++) {
@@ -1322,12 +1423,12 @@ static void s_attend_union(shard_t *s, const shard_step *st, int g, const topk_c
 }
 
 /* Per-head GQA gathers per KV group (s_attend_union) where its buffers stay modest (the
- * union of grp selections); QUEST and very large groups go a head at a time. */
+ * union of grp selections); QUEST, very large groups and the reference
+ * (shard_set_gather_per_head) go a head at a time. */
 static int s_by_group(const shard_t *s, const shard_step *st)
 {
     const int d = s->lay.head_dim, grp = s->lay.n_heads / s->lay.n_kv_heads;
-    return st->method != SHARD_DENSE && st->method != SHARD_QUEST &&
-           st->method != SHARD_FASA_PLUS && /* it takes each head's rows out of its aux */
+    return st->method != SHARD_DENSE && st->method != SHARD_QUEST && !s->gather_per_head &&
            st->gqa == SHARD_GQA_PER_HEAD && grp > 1 &&
            (size_t)grp * s->kept_budget * (2 * (size_t)d + grp) <= ((size_t)1 << 24);
 }

@@ -78,10 +78,15 @@
  *           and sum of exponentials). shard_sparq_aux after shard_attend gives per query
  *           head that normaliser less the rows the head attended (z recomputed from their
  *           gathered keys), q_rest . (sum of the visible keys) over the dims not packed, and
- *           the sum of the values of the visible rows not attended. The coordinator
- *           estimates the unselected tokens' softmax mass from them (coord/engine.h). The
- *           store keeps a running sum of each layer's keys per KV head for this; the engine
- *           counts the two sums as 2 head_dim doubles read per query head. */
+ *           the sum of the values of the visible rows not attended; and, for the value
+ *           estimate, the not-attended rows' sums of z, z^2, exp(z - max) z and v z, and
+ *           the attended rows' exp(z - max) and exp(scale * full score - max). The
+ *           coordinator estimates the unselected tokens' softmax mass and mean value from
+ *           them (coord/engine.h). The store keeps a running sum of each layer's keys per
+ *           KV head for this (the engine counts it and the values' sum as 2 head_dim
+ *           doubles read per query head), and, per KV head, the sum of v kdom^T over its
+ *           rows (head_dim x u doubles, brought up to date by the step that needs it;
+ *           shard_bytes_read counts its read and the rows it folds in). */
 typedef enum shard_method {
     SHARD_FASA = 0,
     SHARD_DENSE = 1,
@@ -94,10 +99,19 @@ typedef enum shard_method {
 #define SHARD_METHOD_LAST SHARD_FASA_PLUS
 #define SHARD_PLUS_SINKS 1 /* FASA_PLUS: positions below this are always selected */
 /* Doubles per query head that shard_sparq_aux writes: z max, sum of exp(z - max) over the
- * visible rows, their count, then the sum of their values (head_dim). FASA_PLUS: z max,
- * the sum of exp(z - max) over the visible rows the head did not attend, q_rest . sum of
- * the visible keys, then the sum of the values of the rows not attended. */
-#define SHARD_SPARQ_AUX(head_dim) (3 + (head_dim))
+ * visible rows, their count, then the sum of their values (head_dim), then zeros.
+ * FASA_PLUS: z max, the sum of exp(z - max) over the visible rows the head did not
+ * attend, q_rest . sum of the visible keys, the sum of the values of the rows not attended
+ * (head_dim); then SHARD_PLUS_* below: over the attended rows the sums of exp(z - max) and
+ * of exp(scale * full score - max); over the rows not attended the sums of z, z^2 and
+ * exp(z - max) z, and of v z (head_dim). z = scale * partial score. */
+#define SHARD_SPARQ_AUX(head_dim) (8 + 2 * (head_dim))
+#define SHARD_PLUS_E1(head_dim) (3 + (head_dim))
+#define SHARD_PLUS_E2(head_dim) (4 + (head_dim))
+#define SHARD_PLUS_Z1(head_dim) (5 + (head_dim))
+#define SHARD_PLUS_Z2(head_dim) (6 + (head_dim))
+#define SHARD_PLUS_ZW(head_dim) (7 + (head_dim))
+#define SHARD_PLUS_VZ(head_dim) (8 + (head_dim))
 #define SHARD_STREAM_SINKS 8
 #define SHARD_QUEST_PAGE 16
 typedef enum shard_gqa { SHARD_GQA_PER_HEAD = 0, SHARD_GQA_SHARED = 1 } shard_gqa;
@@ -166,6 +180,12 @@ int shard_append(shard_t *shard, int layer, int n, const int32_t *pos, const flo
  * thread. Appends, reads and snapshots stay on the calling thread. */
 typedef struct fasa_pool fasa_pool_t;
 void shard_set_pool(shard_t *shard, fasa_pool_t *pool);
+
+/* Per-head GQA's phase 2 gathers the union of each KV group's selections once (each row
+ * read once however many of its heads select it). on != 0 makes it gather head by head
+ * instead: the reference the union is tested against (the same output bits, more bytes
+ * read). Default 0. */
+void shard_set_gather_per_head(shard_t *shard, int on);
 
 /* The shard's key layout (borrowed, valid while the shard lives). */
 const shard_layout *shard_layout_of(const shard_t *shard);
