@@ -26,6 +26,8 @@ int cmd_snapshot(int argc, char **argv);
 /* What a server holds, and deleting a stored profile (client/cmd_admin.c). */
 int cmd_sessions(int argc, char **argv);
 int cmd_profile(int argc, char **argv);
+/* Bulk load from files the server's workers read (client/cmd_load.c). */
+int cmd_load(int argc, char **argv);
 /* A CURVE key pair for the server and its clients (client/cmd_keygen.c). */
 int cmd_keygen(int argc, char **argv);
 

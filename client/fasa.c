@@ -34,6 +34,7 @@ static const char usage[] =
     "  stats      server statistics, and one session's with --session\n"
     "  create     create a session with its geometry (and profile, method, budget)\n"
     "  append     append keys and values from .npy files to a session\n"
+    "  load       fill a session from files the server's workers read themselves (bulk load)\n"
     "  attend     one decode step of one layer: queries from .npy, outputs to .npy\n"
     "  drop       drop a session\n"
     "  shutdown   stop the server\n"
@@ -224,13 +225,15 @@ int main(int argc, char **argv)
     static const struct {
         const char *name;
         int (*fn)(int, char **);
-    } cmds[] = {
-        {"demo", cmd_demo},         {"calibrate", cmd_calibrate}, {"replay", cmd_replay},
-        {"ppl", cmd_ppl},           {"generate", cmd_generate},   {"ping", cmd_ping},
-        {"stats", cmd_stats},       {"create", cmd_create},       {"append", cmd_append},
-        {"attend", cmd_attend},     {"drop", cmd_drop},           {"shutdown", cmd_shutdown},
-        {"snapshot", cmd_snapshot}, {"keygen", cmd_keygen},       {"sessions", cmd_sessions},
-        {"profile", cmd_profile}};
+    } cmds[] = {{"demo", cmd_demo},         {"calibrate", cmd_calibrate},
+                {"replay", cmd_replay},     {"ppl", cmd_ppl},
+                {"generate", cmd_generate}, {"ping", cmd_ping},
+                {"stats", cmd_stats},       {"create", cmd_create},
+                {"append", cmd_append},     {"attend", cmd_attend},
+                {"drop", cmd_drop},         {"shutdown", cmd_shutdown},
+                {"snapshot", cmd_snapshot}, {"keygen", cmd_keygen},
+                {"sessions", cmd_sessions}, {"profile", cmd_profile},
+                {"load", cmd_load}};
     rc = backend_take_curve_args(&argc, argv); /* CURVE flags, for every command */
     if (rc) return rc;
     if (argc < 2) {

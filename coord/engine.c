@@ -1,5 +1,6 @@
 /* Sessions, placement and the step plan. See engine.h. */
 #include "engine.h"
+#include "load.h"
 #include "phase.h"
 
 #include <errno.h>
@@ -9,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "attn.h"
@@ -1239,6 +1241,123 @@ fasa_status fasa_engine_write_shards(fasa_engine_t *e, const char *id, const cha
                                       "shard %d could not write %s.s%d.shard: %s", i, path_prefix,
                                       i, strerror(out[i].err_no));
         return fasa_error_set(err, FASA_INTERNAL, "a shard could not write its snapshot file");
+    }
+    return FASA_OK;
+}
+
+/* Bulk load (load.h) */
+
+/* Gives session s fresh, empty shards (a failed load's undo): a new transport session with
+ * the same layout, the old one dropped, its accounting cleared. */
+static fasa_status s_load_undo(fasa_engine_t *e, session *s, fasa_error *err)
+{
+    const int S = e->tr.n_shards, L = s->cfg.n_layers;
+    shard_layout lay = {0};
+    const int sid = e->next_sid < MAX_SESSION_NUMBERS ? e->next_sid++ : -1;
+    const int ok = sid >= 0 && !s_layout_from_profile(&lay, &s->cfg, s->profile) &&
+                   !e->tr.session_new(e->tr.ctx, sid, &lay);
+    shard_layout_cleanup(&lay);
+    if (!ok) /* no fresh shards: the old ones stay, holding part of the load */
+        return fasa_error_set(err, FASA_INTERNAL,
+                              "the failed load of '%s' could not be undone (out of memory); "
+                              "drop the session",
+                              s->id);
+    for (int sh = 0; sh < S; sh++)
+        for (int l = 0; l < L; l++) {
+            acct *a = &s->held[sh * L + l];
+            e->shard_bytes[sh] -= s_acct_bytes(s, l, a);
+            *a = (acct){.last_page = -1};
+        }
+    for (int l = 0; l < L; l++) s->n_appended[l] = 0;
+    e->tr.session_drop(e->tr.ctx, s->sid);
+    s->sid = sid;
+    return FASA_OK;
+}
+
+fasa_status fasa_engine_load(fasa_engine_t *e, const char *id, const fasa_load_plan *plan,
+                             int check_only, fasa_load_progress progress, void *progress_ctx,
+                             fasa_load_result *res, load_report *per_shard, fasa_error *err)
+{
+    session *s = s_find(e, id);
+    if (!s) return fasa_error_set(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
+    const int S = e->tr.n_shards, L = s->cfg.n_layers;
+    if (!e->tr.load)
+        return fasa_error_set(err, FASA_FAILED_PRECONDITION,
+                              "this engine's transport cannot load files");
+    if (plan->n_layers != L)
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "load: %d layers, the session has %d",
+                              plan->n_layers, L);
+    if (plan->T < 1 || plan->T > INT32_MAX)
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "load: T %lld out of range [1, %d]",
+                              (long long)plan->T, INT32_MAX);
+    for (int l = 0; l < L && !check_only; l++)
+        if (s->n_appended[l])
+            return fasa_error_set(err, FASA_FAILED_PRECONDITION,
+                                  "session '%s' already holds tokens (layer %d: %d); a load "
+                                  "fills an empty session",
+                                  id, l, (int)s->n_appended[l]);
+    const int n = (int)plan->T;
+    fasa_status st = check_only ? FASA_OK : s_check_limit(e, s, 0, L, 0, n, err);
+    if (st) return st;
+    load_report *rep = calloc((size_t)S, sizeof(*rep));
+    if (!rep) return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED, "load: out of memory");
+    if (per_shard) memset(per_shard, 0, (size_t)S * sizeof(*per_shard));
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int64_t file_bytes = 0;
+    for (int l = 0; l < L; l++) {
+        load_job job = {.layer = l,
+                        .block = e->block,
+                        .n_shards = S,
+                        .T = plan->T,
+                        .check_only = check_only,
+                        .k = plan->k[l],
+                        .v = plan->v[l]};
+        const int failed = e->tr.load(e->tr.ctx, s->sid, &job, rep);
+        for (int sh = 0; sh < S; sh++) {
+            file_bytes += rep[sh].file_bytes;
+            if (per_shard) {
+                per_shard[sh].rows += rep[sh].rows;
+                per_shard[sh].file_bytes += rep[sh].file_bytes;
+                per_shard[sh].read_s += rep[sh].read_s;
+                per_shard[sh].total_s += rep[sh].total_s;
+            }
+        }
+        if (failed) {
+            int bad = 0;
+            while (bad < S - 1 && rep[bad].err == LOAD_OK) bad++;
+            char why[400];
+            load_report_text(&job, &rep[bad], s->cfg.dtype, why, sizeof(why));
+            const fasa_status code = rep[bad].err == LOAD_ENOMEM ? FASA_RESOURCE_EXHAUSTED
+                                     : rep[bad].err == LOAD_EJOB ? FASA_INTERNAL
+                                     : rep[bad].err == LOAD_EIO && rep[bad].err_no == ENOENT
+                                         ? FASA_NOT_FOUND
+                                         : FASA_INVALID_ARGUMENT;
+            free(rep);
+            if (!check_only && (st = s_load_undo(e, s, err))) return st;
+            return fasa_error_set(err, code, "load of '%s' failed, nothing stored: %s", id, why);
+        }
+        if (!check_only) {
+            /* The engine's accounting, as s_place keeps it for appends. */
+            for (int32_t p = 0; p < n;) {
+                const int run = s_run_len(e, p, n - p), sh = (int)((p / e->block) % S);
+                acct *a = &s->held[sh * L + l];
+                const int64_t before = s_acct_bytes(s, l, a);
+                s_acct_add(a, p, run);
+                e->shard_bytes[sh] += s_acct_bytes(s, l, a) - before;
+                p += run;
+            }
+            s->n_appended[l] = n;
+        }
+        if (progress) progress(progress_ctx, l + 1, L, file_bytes);
+    }
+    free(rep);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    if (res) {
+        res->length = check_only ? plan->T : s->n_appended[0];
+        res->stored_bytes = check_only ? 0 : s_kv_bytes(s);
+        res->file_bytes = file_bytes;
+        res->seconds = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
     }
     return FASA_OK;
 }

@@ -7,6 +7,7 @@
 
 #include <stdint.h>
 
+#include "load_rows.h"
 #include "shard.h"
 #include "shard_snap.h"
 
@@ -58,6 +59,10 @@ typedef struct fasa_transport {
     /* Optional (NULL in-process, where every shard is in this process): each shard's
      * holder's resident memory in bytes, out[n_shards]. 0, or -1. */
     int (*shard_rss)(void *ctx, int64_t *out);
+    /* Optional (NULL: the engine cannot bulk-load): every shard of session sid runs job
+     * (worker/load_rows.h) with its own index in job->shard, out (n_shards) getting each
+     * one's report. 0, or -1 when a shard failed (out[i].err says which and why). */
+    int (*load)(void *ctx, int sid, const load_job *job, load_report *out);
     void (*destroy)(void *ctx);
 } fasa_transport;
 

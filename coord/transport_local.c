@@ -214,6 +214,21 @@ static int s_snapshot(void *ctx, int sid, const char *prefix, const char *id, in
     return rc;
 }
 
+/* Bulk load of one layer: the shards one after another, on this thread. */
+static int s_load(void *ctx, int sid, const load_job *job, load_report *out)
+{
+    local_ctx *c = ctx;
+    if (sid < 0 || sid >= c->cap || !c->sessions[sid]) return -1;
+    int rc = 0;
+    for (int i = 0; i < c->n_shards; i++) {
+        load_job j = *job;
+        j.shard = i;
+        j.n_shards = c->n_shards;
+        if (shard_load_layer(c->sessions[sid][i], &j, &out[i])) rc = -1;
+    }
+    return rc;
+}
+
 static void s_destroy(void *ctx)
 {
     local_ctx *c = ctx;
@@ -249,6 +264,7 @@ int fasa_transport_local_threads(fasa_transport *t, int n_shards, int n_threads)
                           .attend_start = s_attend_start,
                           .wait = s_wait,
                           .snapshot = s_snapshot,
+                          .load = s_load,
                           .destroy = s_destroy};
     return 0;
 }

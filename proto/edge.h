@@ -39,9 +39,10 @@ typedef enum edge_kind {
     EDGE_SHUTDOWN,
     EDGE_SNAPSHOT,
     EDGE_LIST_SESSIONS, /* Request body 21 (edge kinds are the body's field number - 9) */
-    EDGE_DELETE_PROFILE
+    EDGE_DELETE_PROFILE,
+    EDGE_LOAD_SESSION /* Request body 23 */
 } edge_kind;
-#define EDGE_KIND_LAST EDGE_DELETE_PROFILE
+#define EDGE_KIND_LAST EDGE_LOAD_SESSION
 
 /* A decoded F32 tensor: data points into the request (4-byte aligned), valid until
  * edge_request_free. rank 0 means absent. */
@@ -104,6 +105,11 @@ typedef struct edge_set_profile {
     const char *profile_text, *profile_name; /* exactly one */
 } edge_set_profile;
 
+typedef struct edge_load {
+    const char *session_id, *path; /* path: 1..1000 bytes, no control characters */
+    int check_only;
+} edge_load;
+
 typedef struct edge_request {
     uint64_t request_id;
     uint32_t deadline_ms; /* 0: none given */
@@ -124,6 +130,7 @@ typedef struct edge_request {
         edge_set_profile set_profile;
         const char *session_id;   /* drop; stats (NULL: server-wide) */
         const char *profile_name; /* delete_profile */
+        edge_load load;           /* load_session */
         struct {
             const char *session_id; /* NULL with all */
             int all;

@@ -70,6 +70,7 @@ Suite *model_suite(void);
 Suite *snapshot_suite(void);
 Suite *threads_suite(void);
 Suite *admin_suite(void);
+Suite *load_suite(void);
 
 /* ../shared as seen from the source tree (tests may read the recorded data there). */
 const char *test_shared_dir(void);

@@ -23,6 +23,7 @@
 #include "log.h"
 #include "pool.h"
 
+#include "load_rows.h"
 #include "shard.h"
 #include "shard_snap.h"
 #include "worker_mpi_wire.h"
@@ -363,6 +364,33 @@ static wmpi_status s_snapshot(worker *w, const wmpi_cmd *h, const uint8_t *p, si
     return WMPI_OK;
 }
 
+/* Loads this worker's rows of one layer from files (load_rows.h); the reply payload (one
+ * load_report, err set when the files failed) is written in place in w->tx. */
+static wmpi_status s_load(worker *w, const wmpi_cmd *h, const uint8_t *p, size_t *payload_p)
+{
+    worker_session *s = s_find(w, h);
+    if (!s) return s_reject(w, WMPI_ENOENT, h, "no such session");
+    if (!s_same_geometry(shard_layout_of(s->shard), h))
+        return s_reject(w, WMPI_EINVAL, h, "geometry differs");
+    if (h->payload_bytes != (int64_t)sizeof(load_job))
+        return s_reject(w, WMPI_EINVAL, h, "load size does not match");
+    load_job job;
+    memcpy(&job, p, sizeof(job));
+    if (job.shard != w->rank - 1 || job.n_shards != w->size - 1)
+        return s_reject(w, WMPI_EINVAL, h, "load job for another shard");
+    if (s_grow(&w->tx, &w->tx_cap, sizeof(wmpi_reply) + sizeof(load_report)))
+        return s_reject(w, WMPI_ENOMEM, h, "out of memory for the reply");
+    load_report rep;
+    if (shard_load_layer(s->shard, &job, &rep)) {
+        char why[400];
+        load_report_text(&job, &rep, shard_layout_of(s->shard)->dtype, why, sizeof(why));
+        fasa_log(FASA_LOG_WARN, 0, "worker %d: load: %s", w->rank, why);
+    }
+    memcpy(w->tx + sizeof(wmpi_reply), &rep, sizeof(rep));
+    *payload_p = sizeof(rep);
+    return WMPI_OK;
+}
+
 /* Serves one received command of count bytes in w->rx. Returns 1 on a valid STOP. */
 static int s_serve(worker *w, int count)
 {
@@ -407,6 +435,9 @@ static int s_serve(worker *w, int count)
             break;
         case WMPI_SNAPSHOT:
             st = s_snapshot(w, &h, p, &payload);
+            break;
+        case WMPI_LOAD:
+            st = s_load(w, &h, p, &payload);
             break;
         default:
             st = s_reject(w, WMPI_EINVAL, &h, "unknown command");

@@ -21,6 +21,8 @@
  *   SNAPSHOT     one wmpi_snap, then the path prefix (prefix_len bytes) and the session id
  *                (id_len bytes), no NULs: the worker writes its shard of sid to
  *                prefix + ".s<rank - 1>.shard" (worker/shard_snap.h)
+ *   LOAD         one load_job (worker/load_rows.h; its shard is rank - 1): the worker reads
+ *                its rows of one layer from the files the job names and appends them
  * Sections follow each other unpadded in that order. The header is a multiple of 8 bytes
  * and the byte-sized sections come last, so every section is aligned for its type in a
  * malloc'd buffer and the receiver uses the payload in place.
@@ -34,6 +36,7 @@
  *   STATS   one wmpi_stats: what the worker's shard of sid (or of every session) holds
  *   SNAPSHOT  one shard_snap_info: the file's checksum and size, or err_no != 0 when the
  *           file could not be written (the worker logs why)
+ *   LOAD    one load_report: rows stored and bytes read, or err != LOAD_OK and where
  * A worker serves commands in order and sends nothing else, so the coordinator has at most
  * one reply outstanding per worker and MPI's non-overtaking rule pairs them up. */
 #ifndef FASA_WORKER_WORKER_MPI_WIRE_H
@@ -73,6 +76,7 @@ typedef enum wmpi_cmd_code {
     WMPI_ATTEND = 6,
     WMPI_STATS = 7,
     WMPI_SNAPSHOT = 8,
+    WMPI_LOAD = 9,
 } wmpi_cmd_code;
 
 typedef enum wmpi_status {
