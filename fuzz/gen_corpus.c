@@ -384,6 +384,25 @@ static void s_others(void)
     s_emit("bad-delete-profile-unknown", &req, FASA__V1__STATUS__NOT_FOUND);
     dp.profile_name = "two words";
     s_emit("bad-delete-profile-name", &req, FASA__V1__STATUS__INVALID_ARGUMENT);
+    Fasa__V1__LoadSession ld = FASA__V1__LOAD_SESSION__INIT;
+    fasa__v1__request__init(&req);
+    ld.session_id = "e";
+    ld.path = "kv";
+    req.body_case = FASA__V1__REQUEST__BODY_LOAD_SESSION;
+    req.load_session = &ld;
+    s_emit("load-session", &req, 0);
+    ld.has_check_only = 1, ld.check_only = 1;
+    s_emit("load-session-check", &req, 0);
+    ld.has_check_only = 0, ld.check_only = 0;
+    ld.path = "bad";
+    s_emit("bad-load-session-nan", &req, FASA__V1__STATUS__INVALID_ARGUMENT);
+    ld.path = "/etc";
+    s_emit("bad-load-session-outside", &req, FASA__V1__STATUS__INVALID_ARGUMENT);
+    ld.path = "kv";
+    ld.session_id = "d";
+    s_emit("bad-load-session-full", &req, FASA__V1__STATUS__FAILED_PRECONDITION);
+    ld.session_id = "g";
+    s_emit("bad-load-session-geometry", &req, FASA__V1__STATUS__INVALID_ARGUMENT);
     /* No request_id (a required field): undecodable. */
     static const uint8_t no_id[] = {0x08, 0x01, 0xaa, 0x01, 0x00};
     s_write("bad-no-request-id", no_id, sizeof(no_id), FASA__V1__STATUS__INVALID_ARGUMENT);
