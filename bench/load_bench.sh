@@ -54,7 +54,7 @@ for ranks in 2 3; do
             sub(/:$/, "", $2)
             r = mb / 1000 / rs; l = mb / 1000 / ls
             printf "  worker %s: %.1f MB; read %.3f GB/s (check-only pass %.3f s), load %.3f GB/s (%.3f s): load/read %.2f (target >= 0.7: %s)\n",
-                $2, mb, r, rs, l, ls, l / r, l / r >= 0.7 ? "met" : "not met"
+                $2, mb, r, rs, l, ls, l / r, ((l / r >= 0.7) ? "met" : "not met")
             mb = 0
         }'
     _stop_servers

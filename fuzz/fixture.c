@@ -147,6 +147,12 @@ static void s_session(fuzz_fixture *fx, const char *id, const geometry *g, int p
     free(k);
 }
 
+static void s_die_path(const char *what, const char *path)
+{
+    fprintf(stderr, "fuzz fixture: %s: %s\n", what, path);
+    abort();
+}
+
 /* One (FUZZ_LOAD_T, FUZZ_HKV, FUZZ_D) float32 .npy file. */
 static void s_npy(const char *path, const float *x)
 {
@@ -161,20 +167,20 @@ static void s_npy(const char *path, const float *x)
     FILE *f = fopen(path, "wb");
     if (!f || fwrite(pre, 1, 10, f) != 10 || fwrite(h, 1, (size_t)n, f) != (size_t)n ||
         fwrite(x, sizeof(float), cnt, f) != cnt || fclose(f))
-        s_die("writing a load file", path);
+        s_die_path("writing a load file", path);
 }
 
 /* The load root's directories "kv" and "bad" (fixture.h). */
 static void s_load_dirs(fuzz_fixture *fx, uint64_t *rng)
 {
     snprintf(fx->load_root, sizeof(fx->load_root), "/tmp/fasa-fuzz-load.XXXXXX");
-    if (!mkdtemp(fx->load_root)) s_die("mkdtemp", fx->load_root);
+    if (!mkdtemp(fx->load_root)) s_die_path("mkdtemp", fx->load_root);
     const size_t cnt = (size_t)FUZZ_LOAD_T * FUZZ_HKV * FUZZ_D;
     float x[FUZZ_LOAD_T * FUZZ_HKV * FUZZ_D];
     char p[128];
     for (int bad = 0; bad < 2; bad++) {
         snprintf(p, sizeof(p), "%s/%s", fx->load_root, bad ? "bad" : "kv");
-        if (mkdir(p, 0755)) s_die("mkdir", p);
+        if (mkdir(p, 0755)) s_die_path("mkdir", p);
         for (int l = 0; l < FUZZ_L; l++)
             for (int kv = 0; kv < 2; kv++) {
                 fuzz_fill(rng, cnt, x, 1.0f);
@@ -218,7 +224,7 @@ void fuzz_fixture_destroy(fuzz_fixture **fx_p)
     free(fx->profile_text);
     char cmd[128];
     snprintf(cmd, sizeof(cmd), "rm -rf '%s'", fx->load_root);
-    if (fx->load_root[0] && system(cmd)) s_die("removing", fx->load_root);
+    if (fx->load_root[0] && system(cmd)) s_die_path("removing", fx->load_root);
     free(fx);
     *fx_p = NULL;
 }
