@@ -9,6 +9,9 @@ measures (bench/perfmodel_run.sh runs the measurements and this in one go):
                    select cost per candidate, the merge cost per partial, the fixed rest
                    of a step, and the node's read bandwidth on 1..T threads
   --pingpong FILE  bench/pingpong --json: MPI latency, bandwidth and fan-in into rank 0
+  --merge-cost F   bench/merge_cost --json: rank 0's candidate select and partial merge
+                   by the number of shards P (interpolated; without it, the --attend file's
+                   one-shard costs times P)
   --ingest FILE    {"load_gbs_per_worker": x, "append_gbs": y, "alloc_over_kv": z,
                     "service_ms": s}: bulk load per worker (bench/load_bench.sh), appends
                    through the server, the shards' allocated bytes over K and V bytes, the
@@ -54,19 +57,22 @@ def load(path):
 class Figures:
     """The measured inputs, per thread of the measuring machine."""
 
-    def __init__(self, attend, pingpong, ingest, like=None):
+    def __init__(self, attend, pingpong, ingest, like=None, merge_cost=None):
+        self.mc = merge_cost
         run = attend["runs"][-1] if attend.get("runs") else attend
         ph = dict(run["phases_ms"])
         if "rest_ms" in run:
-            # Only the scan and the whole step were measured there: split the rest of the
-            # step in the proportions of another run's phases (--split-like).
+            # Only the scan and the whole step were measured there (the device log): rank 0's
+            # select and merge and the step's other time come from another run (--split-like,
+            # this machine's, at the same geometry and budget), the gather and attention are
+            # the rest of that step.
             if not like:
                 sys.exit("perfmodel: this --attend file needs --split-like FILE")
             lk = (like["runs"][-1] if like.get("runs") else like)["phases_ms"]
-            rest = sum(v for k, v in lk.items() if k != "scan")
-            for k in lk:
-                if k != "scan":
-                    ph[k] = run["rest_ms"] * lk[k] / rest
+            for k in ("select", "merge", "other"):
+                ph[k] = lk[k]
+            ph["gather"] = max(0.0, run["rest_ms"] - lk["select"] - lk["merge"] - lk["other"])
+            ph["attend"] = 0.0
         self.n0 = run["tokens"]
         self.scan_bytes = run["scan_bytes"]
         self.fasa_bytes = run["fasa_bytes"]
@@ -91,6 +97,21 @@ class Figures:
         self.append_gbs = ingest.get("append_gbs", 0)
         self.alloc_over_kv = ingest.get("alloc_over_kv", 1.0)
         self.service_ms = ingest.get("service_ms", 0.0)
+
+    def rank0_ms(self, key, P, scale):
+        """Rank 0's select or merge ms at P shards: the merge_cost figures interpolated
+        (linear in P between measured P, and beyond the last), else the attend file's
+        one-shard cost times P. scale: units x budget (select) or heads x head_dim (merge)
+        relative to the measured ones."""
+        if not self.mc:
+            per = self.sel_ns * self.units0 * self.b0 if key == "select_ms" else self.merge_ns * self.nh0
+            return per * P * scale / 1e6
+        pts = sorted((int(k), v) for k, v in self.mc[key].items())
+        for (p0, t0), (p1, t1) in zip(pts, pts[1:]):
+            if P <= p1:
+                return scale * (t0 + (t1 - t0) * (P - p0) / (p1 - p0)) if P >= p0 else scale * t0
+        (p0, t0), (p1, t1) = pts[-2], pts[-1]
+        return scale * (t1 + (t1 - t0) * (P - p1) / (p1 - p0))
 
     def node_read_gbs(self, threads):
         """The measuring machine's read bandwidth on this many threads (its ceiling)."""
@@ -126,11 +147,11 @@ def step_ms(f, *, tokens, workers, threads=1, cores=None, workers_per_node=None,
     p = {}
     p["scan"] = tokens / P * sb_tok / (scan_rate * 1e6)
     p["fixed"] = f.other_ms + f.service_ms
-    p["merge"] = f.merge_ns * n_heads * P / 1e6
+    p["merge"] = f.rank0_ms("merge_ms", P, (n_heads * head_dim) / (f.nh0 * f.d0))
     reply = P * n_heads * (8 * head_dim + 12)
     if merge == "exact":
         p["gather"] = g_bytes / P / (gather_rate * 1e6)
-        p["select"] = f.sel_ns * P * units * budget / 1e6
+        p["select"] = f.rank0_ms("select_ms", P, (units * budget) / (f.units0 * f.b0))
         cand = P * units * budget * 8
         p["net"] = 2 * 2 * f.lat_us / 1e3 + (cand + reply) / (fan * 1e6)
     else:
@@ -145,7 +166,8 @@ def step_ms(f, *, tokens, workers, threads=1, cores=None, workers_per_node=None,
 
 def s_figures(args):
     return Figures(load(args.attend), load(args.pingpong), load(args.ingest) if args.ingest else {},
-                   load(args.split_like) if args.split_like else None)
+                   load(args.split_like) if args.split_like else None,
+                   load(args.merge_cost) if args.merge_cost else None)
 
 
 def predict(args):
@@ -226,6 +248,8 @@ def main():
         s.add_argument("--attend", required=True)
         s.add_argument("--pingpong", required=True)
         s.add_argument("--ingest")
+        s.add_argument("--merge-cost", help="bench/merge_cost --json: rank 0's select and merge "
+                       "ms by shards")
         s.add_argument("--split-like", help="an --attend file whose phase proportions split a "
                        "step measured only as scan + rest (the device log's)")
     p = sub.choices["predict"]

@@ -7,6 +7,7 @@
 #   bench/perfmodel_run.sh [--tokens N] [--out DIR]
 # Default 256K tokens (f16: 1 GiB of K and V per session). Needs a built tree ($FASA_BUILD,
 # default build/). Every figure goes to DIR (default a new temporary directory) as JSON.
+# The servers' workers run one thread each (FASA_THREADS=1), as the embedded inputs do.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 tokens=256K out=
@@ -23,11 +24,12 @@ mkdir -p "$out"
 source "$root/bench/local_servers.sh"
 B=$FASA_BUILD
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
-export OPENBLAS_NUM_THREADS=1
+export OPENBLAS_NUM_THREADS=1 FASA_THREADS=1
 echo "== inputs (this machine; $(nproc) cores, load average $(cut -d' ' -f1 /proc/loadavg))"
 "$B/fasa" bench attend --tokens "$tokens" --dtype f16 --methods fasa --threads 1 --reps 5 \
     --json "$out/attend.json" | grep -E "attend:|fasa "
 mpirun -n 4 "$B/bench/pingpong" --json "$out/pingpong.json"
+"$B/bench/merge_cost" --json "$out/merge_cost.json"
 # Bulk load per worker and the service's round trip, on a 1-worker server.
 data=$(mktemp -d)
 trap '_stop_servers; rm -rf "$data"' EXIT
@@ -71,7 +73,8 @@ PY
 _stop_servers
 _server_dirs=()
 M="python3 $root/bench/perfmodel.py"
-$M validate --attend "$out/attend.json" --pingpong "$out/pingpong.json" --ingest "$out/ingest.json" \
+MC="--merge-cost $out/merge_cost.json"
+$M validate $MC --attend "$out/attend.json" --pingpong "$out/pingpong.json" --ingest "$out/ingest.json" \
     --points "$out/points-here.json"
 # The device run's workers scanned on one thread each (its commit predates the threaded
 # shard: its 1-worker step, 257 ms, is the 1-thread scan's 194 ms plus the rest).
@@ -84,13 +87,13 @@ cat >"$out/points-device.json" <<'JS'
  {"name": "device-16w", "tokens": 1048576, "workers": 16, "cores": 16, "dtype_bytes": 4, "measured_ms": 31.59}]
 JS
 echo '{"service_ms": 0.592}' >"$out/ingest-device.json"
-$M validate --attend "$root/bench/results/device-h200-16core-model.json" --split-like "$out/attend.json" \
+$M validate $MC --attend "$root/bench/results/device-h200-16core-model.json" --split-like "$out/attend.json" \
     --pingpong "$out/pingpong.json" --ingest "$out/ingest-device.json" --points "$out/points-device.json"
 echo "== prediction: 10M tokens, Llama-3.1-8B geometry, f16, 16 nodes x 300 GB/s, 100 Gb/s"
 # A shard uses at most n_kv_heads (8) threads: a node's cores go to cores / 8 workers.
 for cores in 16 64; do
     echo "-- per-thread rates of the device (16-core Xeon); $cores cores per node: $((cores / 8)) workers x 8 threads"
-    $M predict --attend "$root/bench/results/device-h200-16core-model.json" --split-like "$out/attend.json" \
+    $M predict $MC --attend "$root/bench/results/device-h200-16core-model.json" --split-like "$out/attend.json" \
         --pingpong "$out/pingpong.json" --ingest "$out/ingest.json" --tokens 10e6 --layers 32 \
         --nodes 16 --workers-per-node $((cores / 8)) --threads 8 --cores "$cores" --mem-gbs 300 \
         --net-gbps 100 --dtype-bytes 2 --json "$out/predict-$cores.json"
