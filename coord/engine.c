@@ -57,6 +57,7 @@ struct fasa_engine {
     fasa_transport tr;
     int block;            /* placement block, tokens */
     int pipeline;         /* batches pipelined (FASA_PIPELINE=0 in the environment: not) */
+    double merge_eps;     /* local merge's eps (fasa_engine_set_merge_eps) */
     int64_t mem_limit;    /* bytes per shard, 0 = none */
     int max_sessions;     /* sessions held at once, 0 = no limit (fasa_engine_set_max_sessions) */
     char *tier_dir;       /* disk tier sessions that name none (fasa_engine_set_tier_dir) */
@@ -145,6 +146,7 @@ fasa_engine_t *fasa_engine_new_with(const fasa_transport *transport, int block_t
     e->block = block_tokens > 0 ? block_tokens : FASA_DEFAULT_BLOCK;
     const char *pipe = getenv("FASA_PIPELINE");
     e->pipeline = !(pipe && !strcmp(pipe, "0"));
+    e->merge_eps = FASA_MERGE_EPS_DEFAULT;
     if (!(e->shard_bytes = calloc((size_t)transport->n_shards, sizeof(int64_t)))) {
         free(e);
         return NULL;
@@ -342,6 +344,9 @@ static fasa_status s_check_config(const fasa_session_config *c, fasa_error *err)
     if (!scan_dtype_valid(c->score_dtype))
         return fasa_error_set(err, FASA_INVALID_ARGUMENT,
                               "score_dtype %d is not auto, f32, f16, bf16 or int8", c->score_dtype);
+    if (c->merge != FASA_MERGE_EXACT && c->merge != FASA_MERGE_LOCAL)
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "merge %d is not exact (0) or local (1)",
+                              c->merge);
     if (c->tier != SHARD_TIER_RAM && c->tier != SHARD_TIER_DISK)
         return fasa_error_set(err, FASA_INVALID_ARGUMENT, "tier %d is not ram (0) or disk (1)",
                               c->tier);
@@ -757,6 +762,7 @@ typedef struct step_plan {
     fasa_method method;
     fasa_gqa gqa;
     int budget, sbudget, units, n_vis, dense;
+    int local; /* local merge (engine.h fasa_merge): one phase, no global select */
     shard_step st;
     topk_cand *cands, *merged, *thr; /* (ns, units, sbudget), (units, ns * sbudget), (units) */
     int *n_cands, *n_sel;            /* (ns, units), (units) */
@@ -818,6 +824,17 @@ static fasa_status s_plan_check(fasa_engine_t *e, const char *id, const fasa_att
     if (method == FASA_METHOD_FASA_PLUS && gqa == FASA_GQA_SHARED)
         return fasa_error_set(err, FASA_INVALID_ARGUMENT,
                               "method fasa-plus supports gqa per-head only");
+    const int merge = req->merge < 0 ? c->merge : req->merge;
+    if (merge != FASA_MERGE_EXACT && merge != FASA_MERGE_LOCAL)
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "merge %d is unknown", req->merge);
+    if (merge == FASA_MERGE_LOCAL && method != FASA_METHOD_FASA && method != FASA_METHOD_ORACLE &&
+        method != FASA_METHOD_DENSE)
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT,
+                              "merge local supports methods fasa and oracle (not %s)",
+                              fasa_method_name(method));
+    if (merge == FASA_MERGE_LOCAL && !e->tr.attend_local)
+        return fasa_error_set(err, FASA_FAILED_PRECONDITION,
+                              "merge local: this engine's transport cannot run it");
     if (!req->q) return fasa_error_set(err, FASA_INVALID_ARGUMENT, "q is missing");
     long bad;
     if ((bad = s_nonfinite((size_t)nh * d, req->q)) >= 0)
@@ -869,6 +886,8 @@ static fasa_status s_plan_check(fasa_engine_t *e, const char *id, const fasa_att
                ((method == FASA_METHOD_FASA || method == FASA_METHOD_FASA_PLUS) &&
                 s->dense_layers[req->layer]) ||
                p->n_vis <= budget;
+    p->local = merge == FASA_MERGE_LOCAL && !p->dense;
+    if (p->local) p->sbudget = fasa_engine_local_budget(e, budget);
     static const shard_method s_shard_methods[] = {SHARD_FASA,     SHARD_DENSE, SHARD_ORACLE,
                                                    SHARD_STREAM,   SHARD_QUEST, SHARD_SPARQ,
                                                    SHARD_FASA_PLUS};
@@ -1029,6 +1048,8 @@ static int s_plan_finish(fasa_engine_t *e, const step_plan *p, float *out, fasa_
         }
     }
     if (stats) {
+        stats->merge_used = p->local ? FASA_MERGE_LOCAL : FASA_MERGE_EXACT;
+        stats->local_budget = p->local ? p->sbudget : 0;
         stats->method_used = p->dense ? FASA_METHOD_DENSE : p->method;
         stats->n_visible = p->n_vis;
         stats->bytes_read = p->bytes;
@@ -1060,6 +1081,17 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
     p.n_sel = e->n_sel, p.have_thr = e->have_thr, p.m = e->m, p.l = e->l, p.o = e->o;
     p.aux = e->aux;
     if ((st = s_plan_commit(e, &p, err))) return st;
+    if (p.local) {
+        /* One phase on the shards, then the exact merge of their partials. */
+        if (selected)
+            for (size_t i = 0; i < (size_t)p.s->cfg.n_heads * p.budget; i++) selected[i] = -1;
+        if (e->tr.attend_local(e->tr.ctx, p.s->sid, &p.st, p.m, p.l, p.o, &p.bytes))
+            return s_step_failed(&p, err);
+        if (s_plan_finish(e, &p, out, stats))
+            return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED,
+                                  "out of memory merging a step of '%s'", id);
+        return FASA_OK;
+    }
     double t = fasa_phase_now(); /* 0 unless a benchmark times the phases (phase.h) */
     if (!p.dense && e->tr.score(e->tr.ctx, p.s->sid, &p.st, p.cands, p.n_cands))
         return s_step_failed(&p, err);
@@ -1110,8 +1142,15 @@ int fasa_engine_attend_batch(fasa_engine_t *e, int n, const char *const *ids,
                              const fasa_attend_req *reqs, float *const *outs,
                              int32_t *const *selected, fasa_step_stats *stats, fasa_error *errs)
 {
-    int n_ok = 0;
-    if (!e->pipeline || !e->tr.score_start || !e->tr.attend_start || !e->tr.wait || n <= 1) {
+    int n_ok = 0, any_local = 0;
+    for (int i = 0; i < n && !any_local; i++) {
+        const session *s = s_find(e, ids[i]);
+        any_local = reqs[i].merge == FASA_MERGE_LOCAL ||
+                    (reqs[i].merge < 0 && s && s->cfg.merge == FASA_MERGE_LOCAL);
+    }
+    /* Local merge has one phase, which the pipeline does not interleave: one by one. */
+    if (!e->pipeline || !e->tr.score_start || !e->tr.attend_start || !e->tr.wait || n <= 1 ||
+        any_local) {
         for (int i = 0; i < n; i++) {
             errs[i].code =
                 fasa_engine_attend(e, ids[i], &reqs[i], outs[i], selected ? selected[i] : NULL,
@@ -1360,4 +1399,21 @@ fasa_status fasa_engine_load(fasa_engine_t *e, const char *id, const fasa_load_p
         res->seconds = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
     }
     return FASA_OK;
+}
+
+/* Local merge (engine.h fasa_merge) */
+
+int fasa_engine_set_merge_eps(fasa_engine_t *e, double eps)
+{
+    if (!(eps >= 0 && eps <= 64)) return -1;
+    e->merge_eps = eps;
+    return 0;
+}
+
+int fasa_engine_local_budget(const fasa_engine_t *e, int budget)
+{
+    const int S = e->tr.n_shards;
+    if (S <= 1) return budget;
+    const double b = ceil((double)budget * (1.0 + e->merge_eps) / S);
+    return b >= budget ? budget : b < 1 ? 1 : (int)b;
 }

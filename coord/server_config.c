@@ -62,6 +62,10 @@ static const key s_keys[] = {
      "directory of the disk tier's files on every rank's node (node-local; files are unlinked "
      "at once); needed for disk-tier sessions",
      K_STRING, 0, 0},
+    {"merge-eps", "FASA_MERGE_EPS", "0.25", "EPS",
+     "local merge (merge LOCAL): each of S shards keeps its top ceil(B (1 + EPS) / S), "
+     "EPS in [0, 64]",
+     K_STRING, 0, 0},
     {"load-root", "FASA_LOAD_ROOT", "", "DIR",
      "LoadSession (fasa load) may read files only inside DIR, a filesystem every rank sees; "
      "without it the server loads no files",
@@ -200,6 +204,14 @@ static int s_set(server_config *c, const key *k, const char *value, const char *
     }
     if (strcmp(k->name, "tier-dir") == 0)
         return s_copy(c->tier_dir, sizeof(c->tier_dir), value, where, err, len);
+    if (strcmp(k->name, "merge-eps") == 0) {
+        char *end;
+        const double x = strtod(value, &end);
+        if (end == value || *end || !(x >= 0 && x <= 64))
+            return s_err(err, len, "%s: '%s' must be a number in [0, 64]", where, value);
+        c->merge_eps = x;
+        return 0;
+    }
     if (strcmp(k->name, "load-root") == 0)
         return s_copy(c->load_root, sizeof(c->load_root), value, where, err, len);
     if (strcmp(k->name, "curve-secret") == 0)

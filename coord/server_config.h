@@ -34,6 +34,7 @@ typedef struct server_config {
     char metrics_bind[256]; /* ADDR:PORT of the HTTP metrics endpoint, "" = none */
     int tier;               /* default tier of new sessions: 0 ram, 1 disk */
     char tier_dir[512];     /* the disk tier's directory on every node, "" = none */
+    double merge_eps;       /* local merge's eps (--merge-eps) */
     char load_root[512];    /* LoadSession reads only inside it, "" = no loads (--load-root) */
 } server_config;
 

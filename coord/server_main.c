@@ -835,6 +835,7 @@ int main(int argc, char **argv)
     if (*o.tier_dir && o.tier_dir[0] != '/' && getcwd(cwd, sizeof(cwd)) &&
         snprintf(abs_dir, sizeof(abs_dir), "%s/%s", cwd, o.tier_dir) < (int)sizeof(o.tier_dir))
         memcpy(o.tier_dir, abs_dir, sizeof(o.tier_dir));
+    fasa_engine_set_merge_eps(engine, o.merge_eps);
     if (fasa_engine_set_tier_dir(engine, o.tier_dir)) {
         fasa_log(FASA_LOG_ERROR, 0, "out of memory starting the engine");
         MPI_Abort(MPI_COMM_WORLD, 1);

@@ -402,7 +402,7 @@ static fasa_status s_create(fasa_service *s, const edge_create *c, reply *r)
                                .dense_layers = dense,
                                .dtype = c->dtype,
                                .score_dtype = c->score_dtype,
-
+                               .merge = c->merge == 2 ? FASA_MERGE_LOCAL : FASA_MERGE_EXACT,
                                .tier = tier};
     fasa_error fe;
     fasa_status st = fasa_engine_create(s->engine, c->session_id, &cfg, &fe);
@@ -578,7 +578,10 @@ static fasa_status s_attend_prepare(fasa_service *s, const edge_attend *a, const
                                 .method = s_method(a->method),
                                 .budget = a->budget,
                                 .gqa = s_gqa(a->gqa),
-                                .max_pos = (int32_t)a->max_pos};
+                                .max_pos = (int32_t)a->max_pos,
+                                .merge = a->merge == 2   ? FASA_MERGE_LOCAL
+                                         : a->merge == 1 ? FASA_MERGE_EXACT
+                                                         : -1};
     ao->cfg = c;
     ao->budget = budget;
     ao->out_bytes = out_bytes;
@@ -627,6 +630,11 @@ static fasa_status s_attend_finish(fasa_service *s, const char *field, attend_ou
     ao->stats.n_visible = (uint32_t)st->n_visible;
     ao->stats.bytes_read = (uint64_t)st->bytes_read;
     ao->stats.server_us = (uint64_t)us;
+    ao->stats.has_merge_used = 1;
+    ao->stats.merge_used =
+        st->merge_used == FASA_MERGE_LOCAL ? FASA__V1__MERGE__LOCAL : FASA__V1__MERGE__EXACT;
+    ao->stats.has_local_budget = st->merge_used == FASA_MERGE_LOCAL;
+    ao->stats.local_budget = (uint32_t)st->local_budget;
     ao->res.stats = &ao->stats;
     return FASA_OK;
 }

@@ -376,6 +376,28 @@ static int s_attend_start(void *ctx, int sid, const shard_step *st, const topk_c
     return s_op_post(c, op, (int64_t)(nh * 8 + nh * d * 8 + op->aux_n * 8 + nh * 4));
 }
 
+static int s_wait(void *ctx);
+
+/* A local-merge step (transport.h attend_local): one command, one reply per worker, the
+ * partials unpacked as ATTEND's. */
+static int s_attend_local(void *ctx, int sid, const shard_step *st, float *m, double *l, double *o,
+                          int64_t *bytes_p)
+{
+    mpi_ctx *c = ctx;
+    const mpi_session *s = s_session(c, sid);
+    pipe_op *op = s ? s_op_slot(c) : NULL;
+    if (!op) return -1;
+    const int units = st->gqa == SHARD_GQA_SHARED ? s->n_kv_heads : s->n_heads;
+    if (!s_step_begin(c, WMPI_ATTEND_LOCAL, sid, s, st, units, 0)) return -1;
+    const size_t nh = (size_t)s->n_heads, d = (size_t)s->head_dim;
+    op->n_heads = s->n_heads;
+    op->head_dim = s->head_dim;
+    op->aux_n = 0;
+    op->m = m, op->l = l, op->o = o, op->aux = NULL, op->bytes_p = bytes_p;
+    if (s_op_post(c, op, (int64_t)(nh * 8 + nh * d * 8 + nh * 4))) return -1;
+    return s_wait(ctx);
+}
+
 /* Completes the oldest phase in flight: every reply checked as s_exchange checks them,
  * then unpacked into the outputs given to its start. */
 static int s_wait(void *ctx)
@@ -625,6 +647,7 @@ int fasa_transport_mpi(fasa_transport *t, MPI_Comm comm)
                           .snapshot = s_snapshot,
                           .shard_rss = s_shard_rss,
                           .load = s_load,
+                          .attend_local = s_attend_local,
                           .destroy = s_destroy};
     return 0;
 err_free:

@@ -273,6 +273,8 @@ static int s_create(const Fasa__V1__CreateSession *c, edge_create *o, char *msg,
         (st = s_enum(c->has_method, c->method, FASA__V1__METHOD__FASA_PLUS, "create_session.method",
                      &o->method, msg, len)) ||
         (st = s_enum(c->has_gqa, c->gqa, 2, "create_session.gqa", &o->gqa, msg, len)) ||
+        (st = s_enum(c->has_merge, c->merge, FASA__V1__MERGE__LOCAL, "create_session.merge",
+                     &o->merge, msg, len)) ||
         (st = s_profile_source(c->profile_text, c->profile_name, "create_session", 0, msg, len)))
         return st;
     if (c->has_budget &&
@@ -355,6 +357,9 @@ static int s_attend(const Fasa__V1__Attend *a, const char *field, edge_attend *o
         return st;
     snprintf(f, sizeof(f), "%s.gqa", field);
     if ((st = s_enum(a->has_gqa, a->gqa, 2, f, &o->gqa, msg, len))) return st;
+    snprintf(f, sizeof(f), "%s.merge", field);
+    if ((st = s_enum(a->has_merge, a->merge, FASA__V1__MERGE__LOCAL, f, &o->merge, msg, len)))
+        return st;
     if (a->has_budget) {
         snprintf(f, sizeof(f), "%s.budget", field);
         if ((st = s_range(a->budget, 1, EDGE_MAX_BUDGET, f, msg, len))) return st;

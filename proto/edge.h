@@ -64,6 +64,7 @@ typedef struct edge_create {
     int dtype;  /* fasa_dtype (kernels/dtype.h): 0 f32 (also when unspecified), 1 f16, 2 bf16 */
     int score_dtype; /* scan_dtype (kernels/scan.h, the proto's numbers): 0 unspecified */
     int tier;        /* 0 unspecified (the server's --tier), 1 ram, 2 disk */
+    int merge;       /* 0 unspecified, 1 exact, 2 local */
     int has_dense_layers;
     int n_dense_layers;
     const uint32_t *dense_layers; /* each < n_layers */
@@ -85,6 +86,7 @@ typedef struct edge_attend {
     int budget;      /* 0: unspecified */
     int64_t max_pos; /* -1: all appended */
     int return_selected;
+    int merge; /* 0 unspecified (the session's), 1 exact, 2 local */
     /* A BatchAttend item that failed the edge's checks: its own status (the other items
      * run) and message; 0 for a good item (and always for a plain Attend, which fails the
      * request instead). */

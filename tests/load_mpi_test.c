@@ -22,6 +22,19 @@
 #define BLOCK 32
 
 static MPI_Comm s_comm;
+/* One MPI engine for every test: destroying it stops the workers. */
+static fasa_engine_t *s_mpi;
+
+static fasa_engine_t *s_mpi_engine(void)
+{
+    if (!s_mpi) {
+        fasa_transport t;
+        ck_assert_int_eq(fasa_transport_mpi(&t, s_comm), 0);
+        s_mpi = fasa_engine_new_with(&t, BLOCK);
+        ck_assert_ptr_nonnull(s_mpi);
+    }
+    return s_mpi;
+}
 static int s_n_workers;
 static char s_dir[256];
 
@@ -56,9 +69,7 @@ START_TEST(test_mpi_load)
     lt_write_npy(p, 1, 3, shape, bk);
     free(bk);
 
-    fasa_transport t;
-    ck_assert_int_eq(fasa_transport_mpi(&t, s_comm), 0);
-    fasa_engine_t *m = fasa_engine_new_with(&t, BLOCK), *a = fasa_engine_new(s_n_workers, BLOCK);
+    fasa_engine_t *m = s_mpi_engine(), *a = fasa_engine_new(s_n_workers, BLOCK);
     const fasa_session_config c = {.n_layers = L,
                                    .n_heads = NH,
                                    .n_kv_heads = NKV,
@@ -96,7 +107,47 @@ START_TEST(test_mpi_load)
         ck_assert_int_eq(st[i].alloc_bytes, sa[i].alloc_bytes);
     }
     ck_assert_int_gt(lt_same_steps(a, m, "s", L, T, NH, D, 9), 0);
-    fasa_engine_destroy(&m);
+    ck_assert_int_eq(fasa_engine_drop(m, "s", &err), FASA_OK);
+    fasa_engine_destroy(&a);
+    free(k);
+    free(v);
+}
+END_TEST
+
+/* Local merge over MPI (one ATTEND_LOCAL per worker) equals the in-process engine's. */
+START_TEST(test_mpi_local_merge)
+{
+    const size_t n = (size_t)T * NKV * D;
+    float *k = test_alloc(n * 4), *v = test_alloc(n * 4), q[NH * D], om[NH * D], oa[NH * D];
+    test_rng r = {71};
+    test_fill(&r, n, k, 2.0f);
+    test_fill(&r, n, v, 1.0f);
+    fasa_engine_t *m = s_mpi_engine(), *a = fasa_engine_new(s_n_workers, BLOCK);
+    const fasa_session_config c = {.n_layers = 1,
+                                   .n_heads = NH,
+                                   .n_kv_heads = NKV,
+                                   .head_dim = D,
+                                   .method = FASA_METHOD_ORACLE,
+                                   .budget = 24,
+                                   .merge = FASA_MERGE_LOCAL};
+    fasa_error err;
+    ck_assert_int_eq(fasa_engine_create(m, "s", &c, &err), FASA_OK);
+    ck_assert_int_eq(fasa_engine_create(a, "s", &c, &err), FASA_OK);
+    ck_assert_int_eq(fasa_engine_append(m, "s", 0, 0, T, k, v, &err), FASA_OK);
+    ck_assert_int_eq(fasa_engine_append(a, "s", 0, 0, T, k, v, &err), FASA_OK);
+    for (int it = 0; it < 8; it++) {
+        test_fill(&r, NH * D, q, 1.5f);
+        const fasa_attend_req req = {
+            .q = q, .method = -1, .gqa = it % 2, .max_pos = -1, .merge = -1};
+        fasa_step_stats sm, sa;
+        ck_assert_msg(fasa_engine_attend(m, "s", &req, om, NULL, &sm, &err) == FASA_OK, "%s",
+                      err.msg);
+        ck_assert_int_eq(fasa_engine_attend(a, "s", &req, oa, NULL, &sa, &err), FASA_OK);
+        ck_assert(!memcmp(om, oa, sizeof(om)));
+        ck_assert_int_eq(sm.merge_used, FASA_MERGE_LOCAL);
+        ck_assert_int_eq(sm.bytes_read, sa.bytes_read);
+    }
+    ck_assert_int_eq(fasa_engine_drop(m, "s", &err), FASA_OK);
     fasa_engine_destroy(&a);
     free(k);
     free(v);
@@ -124,12 +175,21 @@ int main(int argc, char **argv)
         TCase *tc = tcase_create("load_mpi");
         tcase_set_timeout(tc, 300);
         tcase_add_test(tc, test_mpi_load);
+        tcase_add_test(tc, test_mpi_local_merge);
         suite_add_tcase(s, tc);
         SRunner *sr = srunner_create(s);
         srunner_set_fork_status(sr, CK_NOFORK);
         srunner_run_all(sr, CK_NORMAL);
         failed = srunner_ntests_failed(sr) != 0;
         srunner_free(sr);
+        /* Stops the workers; when no test made the engine, stop them by hand. */
+        if (s_mpi) {
+            fasa_engine_destroy(&s_mpi);
+        } else {
+            fasa_transport t;
+            if (fasa_transport_mpi(&t, s_comm)) MPI_Abort(MPI_COMM_WORLD, 1);
+            t.destroy(t.ctx);
+        }
         char cmd[300];
         snprintf(cmd, sizeof(cmd), "rm -rf '%s'", s_dir);
         if (system(cmd)) failed = 1;

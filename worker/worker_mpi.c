@@ -24,6 +24,7 @@
 #include "pool.h"
 
 #include "load_rows.h"
+#include "local_merge.h"
 #include "shard.h"
 #include "shard_snap.h"
 #include "worker_mpi_wire.h"
@@ -364,6 +365,33 @@ static wmpi_status s_snapshot(worker *w, const wmpi_cmd *h, const uint8_t *p, si
     return WMPI_OK;
 }
 
+/* A local-merge step: score and attend in one; the reply payload (l, o, m) as ATTEND's. */
+static wmpi_status s_attend_local(worker *w, const wmpi_cmd *h, const uint8_t *p, size_t *payload_p,
+                                  int64_t *bytes_p)
+{
+    shard_step st;
+    wmpi_status status;
+    worker_session *s = s_step_check(w, h, &st, &status);
+    if (!s) return status;
+    const size_t nh = (size_t)h->n_heads, d = (size_t)h->head_dim;
+    if (h->payload_bytes != (int64_t)(nh * d * 4))
+        return s_reject(w, WMPI_EINVAL, h, "attend_local size does not match the geometry");
+    if (st.method != SHARD_FASA && st.method != SHARD_ORACLE)
+        return s_reject(w, WMPI_EINVAL, h, "attend_local needs method fasa or oracle");
+    const size_t payload = nh * 8 + nh * d * 8 + nh * 4;
+    if (s_grow(&w->tx, &w->tx_cap, sizeof(wmpi_reply) + payload))
+        return s_reject(w, WMPI_ENOMEM, h, "out of memory for the reply");
+    st.q = (const float *)p;
+    s->scored = 0;
+    uint8_t *r = w->tx + sizeof(wmpi_reply);
+    if (shard_attend_local(s->shard, &st, (float *)(r + nh * 8 + nh * d * 8), (double *)r,
+                           (double *)(r + nh * 8)))
+        return s_reject(w, WMPI_ENOMEM, h, "out of memory attending");
+    *bytes_p = shard_bytes_read(s->shard);
+    *payload_p = payload;
+    return WMPI_OK;
+}
+
 /* Loads this worker's rows of one layer from files (load_rows.h); the reply payload (one
  * load_report, err set when the files failed) is written in place in w->tx. */
 static wmpi_status s_load(worker *w, const wmpi_cmd *h, const uint8_t *p, size_t *payload_p)
@@ -438,6 +466,9 @@ static int s_serve(worker *w, int count)
             break;
         case WMPI_LOAD:
             st = s_load(w, &h, p, &payload);
+            break;
+        case WMPI_ATTEND_LOCAL:
+            st = s_attend_local(w, &h, p, &payload, &bytes_read);
             break;
         default:
             st = s_reject(w, WMPI_EINVAL, &h, "unknown command");

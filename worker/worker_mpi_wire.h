@@ -21,6 +21,8 @@
  *   SNAPSHOT     one wmpi_snap, then the path prefix (prefix_len bytes) and the session id
  *                (id_len bytes), no NULs: the worker writes its shard of sid to
  *                prefix + ".s<rank - 1>.shard" (worker/shard_snap.h)
+ *   ATTEND_LOCAL q float (n_heads, head_dim): a local-merge step (worker/local_merge.h),
+ *                SCORE and ATTEND in one with the worker's own candidates as thresholds
  *   LOAD         one load_job (worker/load_rows.h; its shard is rank - 1): the worker reads
  *                its rows of one layer from the files the job names and appends them
  * Sections follow each other unpadded in that order. The header is a multiple of 8 bytes
@@ -36,6 +38,7 @@
  *   STATS   one wmpi_stats: what the worker's shard of sid (or of every session) holds
  *   SNAPSHOT  one shard_snap_info: the file's checksum and size, or err_no != 0 when the
  *           file could not be written (the worker logs why)
+ *   ATTEND_LOCAL  as ATTEND (no aux: methods FASA and ORACLE only)
  *   LOAD    one load_report: rows stored and bytes read, or err != LOAD_OK and where
  * A worker serves commands in order and sends nothing else, so the coordinator has at most
  * one reply outstanding per worker and MPI's non-overtaking rule pairs them up. */
@@ -77,6 +80,7 @@ typedef enum wmpi_cmd_code {
     WMPI_STATS = 7,
     WMPI_SNAPSHOT = 8,
     WMPI_LOAD = 9,
+    WMPI_ATTEND_LOCAL = 10,
 } wmpi_cmd_code;
 
 typedef enum wmpi_status {
