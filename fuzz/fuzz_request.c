@@ -192,6 +192,13 @@ static void s_check_attend(const fasa_engine_t *e, const Fasa__V1__Attend *a, co
               (long long)a->max_pos);
     }
     const uint32_t n_vis = res->stats->n_visible;
+    const Fasa__V1__StepStats *ss = res->stats;
+    if (ss->has_merge_used && ss->merge_used == FASA__V1__MERGE__LOCAL)
+        CHECK((ss->method_used == FASA__V1__METHOD__FASA ||
+               ss->method_used == FASA__V1__METHOD__ORACLE) &&
+                  ss->has_local_budget && ss->local_budget >= 1,
+              "a local-merge step of method %d with local_budget %u", (int)ss->method_used,
+              ss->local_budget);
     if (!(a->has_return_selected && a->return_selected)) {
         CHECK(!res->selected, "selected without return_selected");
         return;

@@ -224,6 +224,17 @@ static void s_attends(void)
     x.a.gqa = FASA__V1__GQA__SHARED;
     s_emit("attend-fasa-shared-max-pos", &x.req, 0);
 
+    /* Local merge: one phase per shard; refused for the baselines. */
+    s_attend_init(&x, "f", 0);
+    x.a.has_budget = x.a.has_return_selected = x.a.has_merge = 1;
+    x.a.budget = 8;
+    x.a.return_selected = 1;
+    x.a.merge = FASA__V1__MERGE__LOCAL;
+    s_emit("attend-fasa-local", &x.req, 0);
+    x.a.has_method = 1;
+    x.a.method = FASA__V1__METHOD__STREAM;
+    s_emit("bad-attend-stream-local", &x.req, FASA__V1__STATUS__INVALID_ARGUMENT);
+
     static const struct {
         Fasa__V1__Method m;
         const char *name;
