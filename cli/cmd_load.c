@@ -1,6 +1,5 @@
 /* fasa load: fills an empty session on a server from files its workers read themselves
  * (LoadSession; README "Bulk load"). The logic is load_run; cmd_load only parses options. */
-#include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -8,6 +7,7 @@
 #include "backend.h"
 #include "cli.h"
 #include "fasa_client.h"
+#include "opts.h"
 
 /* Loads (or with check_only reads and checks) path into session on server and prints the
  * figures: the whole load, then each worker's file bytes, its read bandwidth (bytes over
@@ -62,50 +62,30 @@ static const char load_usage[] =
     "  a QKV1 dump file (its k and v; see shared/data/models/stories260K/README.md).\n"
     "Shapes, dtypes and sizes are checked before anything is stored and values as they are\n"
     "read; a bad file stores nothing and the error names the file and the field or row. The\n"
-    "rows land where appends would have put them. The server logs progress per layer.\n"
-    "\n"
-    "  --session ID        the session (created with 'fasa create', holding no tokens)\n"
-    "  --from PATH         the directory or QKV1 file\n"
-    "  --check-only        read and check every worker's rows, store nothing\n"
-    "  --server ENDPOINT   the server, e.g. tcp://127.0.0.1:5555 (default: $FASA_SERVER)\n"
-    "  --curve-server-key FILE, --curve-secret FILE  a server with CURVE (see 'fasa --help')\n"
-    "  --help              this text\n"
-    "\n"
-    "Prints the load's figures and, per worker, its file bytes, read bandwidth (over its time\n"
-    "in file reads) and load bandwidth (over the whole load).\n";
+    "rows land where appends would have put them. The server logs progress per layer. Prints\n"
+    "the load's figures and, per worker, its file bytes, read bandwidth (over its time in\n"
+    "file reads) and load bandwidth (over the whole load).\n"
+    "\n";
 
 int cmd_load(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"server", required_argument, 0, 'E'}, {"session", required_argument, 0, 'i'},
-        {"from", required_argument, 0, 'f'},   {"check-only", no_argument, 0, 'c'},
-        {"help", no_argument, 0, 'h'},         {0, 0, 0, 0}};
     const char *server = NULL, *session = NULL, *from = NULL;
-    int check_only = 0, c;
-    optind = 1;
-    opterr = 0;
-    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        switch (c) {
-        case 'h':
-            fputs(load_usage, stdout);
-            return 0;
-        case 'E':
-            server = optarg;
-            break;
-        case 'i':
-            session = optarg;
-            break;
-        case 'f':
-            from = optarg;
-            break;
-        case 'c':
-            check_only = 1;
-            break;
-        default:
-            return cli_usage_error("load", "unknown or incomplete option '%s'", argv[optind - 1]);
-        }
-    }
-    if (optind < argc) return cli_usage_error("load", "unexpected argument '%s'", argv[optind]);
+    int check_only = 0;
+    const cli_opt opts[] = {
+        CLI_STR("session", &session, "ID", NULL,
+                "the session (created with 'fasa create', holding no tokens)"),
+        CLI_STR("from", &from, "PATH", NULL, "the directory or QKV1 file"),
+        CLI_FLAG("check-only", &check_only, "read and check every worker's rows, store nothing"),
+        CLI_STR("server", &server, "ENDPOINT", NULL,
+                "the server, e.g. tcp://127.0.0.1:5555 (default: $FASA_SERVER)"),
+        /* Taken out of argv by main for every command (backend_take_curve_args). */
+        CLI_STR("curve-server-key", NULL, "FILE", NULL,
+                "with --curve-secret FILE: a server with CURVE (see 'fasa --help')"),
+        CLI_END};
+    cli_parser p;
+    cli_begin(&p, "load", load_usage, opts, argc, argv);
+    const int rc = cli_parse_all(&p);
+    if (rc) return cli_status(rc) < 0 ? 0 : cli_status(rc);
     if (!server) server = getenv("FASA_SERVER");
     if (!server || !*server)
         return cli_usage_error("load", "'fasa load' talks to a server: give --server ENDPOINT");
