@@ -185,7 +185,8 @@ def predict(args):
           f"select {f.sel_ns:.2f} ns per candidate, merge {f.merge_ns:.1f} ns per partial, "
           f"step rest {f.other_ms:.3f} ms, service {f.service_ms:.3f} ms, MPI latency "
           f"{f.lat_us:.2f} us, fan-in {f.fanin_gbs:.2f} GB/s, load {f.load_gbs:.3f} GB/s per "
-          f"worker, append {f.append_gbs:.3f} GB/s")
+          f"worker, append {f.append_gbs:.3f} GB/s" +
+          ("; rank 0's select and merge by shards from --merge-cost" if f.mc else ""))
     out = {}
     for merge in ("exact", "local"):
         parts = {}
