@@ -11,12 +11,12 @@ _stop_servers() {
     done
 }
 trap _stop_servers EXIT
-# start_server N: N ranks (N - 1 workers; 1 = one process holding the shard); sets
-# SERVER_ENDPOINT.
+# start_server N [-- fasa-server options]: N ranks (N - 1 workers; 1 = one process holding
+# the shard); sets SERVER_ENDPOINT.
 start_server() {
     local d
     d=$(mktemp -d)
     _server_dirs+=("$d")
-    bash "$root/deploy/run-local.sh" "$1" --bind 'tcp://127.0.0.1:*' --run-dir "$d" >&2
+    bash "$root/deploy/run-local.sh" "$1" --bind 'tcp://127.0.0.1:*' --run-dir "$d" "${@:2}" >&2
     SERVER_ENDPOINT=$(cat "$d/endpoint")
 }

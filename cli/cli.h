@@ -28,6 +28,8 @@ int cmd_snapshot(int argc, char **argv);
 /* What a server holds, and deleting a stored profile (cli/cmd_admin.c). */
 int cmd_sessions(int argc, char **argv);
 int cmd_profile(int argc, char **argv);
+/* Bulk load from files the server's workers read (cli/cmd_load.c). */
+int cmd_load(int argc, char **argv);
 /* A CURVE key pair for the server and its clients (cli/cmd_keygen.c). */
 int cmd_keygen(int argc, char **argv);
 

@@ -32,6 +32,7 @@ static const char usage[] =
     "  stats      server statistics, and one session's with --session\n"
     "  create     create a session with its geometry (and profile, method, budget)\n"
     "  append     append keys and values from .npy files to a session\n"
+    "  load       fill a session from files the server's workers read themselves (bulk load)\n"
     "  attend     one decode step of one layer: queries from .npy, outputs to .npy\n"
     "  drop       drop a session\n"
     "  shutdown   stop the server\n"
@@ -127,7 +128,7 @@ static const cli_command s_commands[] = {
     {"ping", cmd_ping},         {"stats", cmd_stats},         {"create", cmd_create},
     {"append", cmd_append},     {"attend", cmd_attend},       {"drop", cmd_drop},
     {"shutdown", cmd_shutdown}, {"snapshot", cmd_snapshot},   {"keygen", cmd_keygen},
-    {"sessions", cmd_sessions}, {"profile", cmd_profile}};
+    {"sessions", cmd_sessions}, {"profile", cmd_profile},     {"load", cmd_load}};
 #define N_COMMANDS (sizeof(s_commands) / sizeof(*s_commands))
 
 /* Runs argv[1]'s command, or says which one was probably meant. */

@@ -352,6 +352,8 @@ static const char *s_body_name(Fasa__V1__Request__BodyCase body)
         return "list_sessions";
     case FASA__V1__REQUEST__BODY_DELETE_PROFILE:
         return "delete_profile";
+    case FASA__V1__REQUEST__BODY_LOAD_SESSION:
+        return "load_session";
     default:
         return "request";
     }
@@ -1532,4 +1534,45 @@ fasa_client_status fasa_client_delete_profile(fasa_client *c, const char *profil
     req.body_case = FASA__V1__REQUEST__BODY_DELETE_PROFILE;
     req.delete_profile = &dp;
     return s_call_no_body(c, &req, err);
+}
+
+fasa_client_status fasa_client_load_session(fasa_client *c, const char *session_id,
+                                            const char *path, int check_only,
+                                            fasa_client_load_result *res,
+                                            fasa_client_shard_load *shards, size_t cap,
+                                            fasa_client_error *err)
+{
+    const fasa_client_status st0 = s_check_id(session_id, "load_session.session_id", err);
+    if (st0) return st0;
+    if (!path || !*path)
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "load_session.path: empty");
+    if (!res) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "load_session: res NULL");
+    Fasa__V1__LoadSession ls = FASA__V1__LOAD_SESSION__INIT;
+    ls.session_id = (char *)(uintptr_t)session_id;
+    ls.path = (char *)(uintptr_t)path;
+    ls.has_check_only = check_only != 0;
+    ls.check_only = check_only != 0;
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    req.body_case = FASA__V1__REQUEST__BODY_LOAD_SESSION;
+    req.load_session = &ls;
+    Fasa__V1__Response *resp;
+    const fasa_client_status st =
+        s_call(c, &req, FASA__V1__RESPONSE__BODY_LOAD_SESSION, &resp, err);
+    if (st) return st;
+    const Fasa__V1__LoadSessionResult *r = resp->load_session;
+    memset(res, 0, sizeof(*res));
+    res->length = r->length;
+    res->stored_bytes = r->stored_bytes;
+    res->file_bytes = r->file_bytes;
+    res->seconds = r->seconds;
+    snprintf(res->format, sizeof(res->format), "%s", r->format ? r->format : "");
+    res->n_shards = r->n_shards;
+    for (size_t i = 0; i < r->n_shards && i < cap; i++)
+        shards[i] = (fasa_client_shard_load){.shard = r->shards[i]->shard,
+                                             .rows = r->shards[i]->rows,
+                                             .file_bytes = r->shards[i]->file_bytes,
+                                             .read_s = r->shards[i]->read_s,
+                                             .total_s = r->shards[i]->total_s};
+    fasa__v1__response__free_unpacked(resp, NULL);
+    return FASA_CLIENT_OK;
 }

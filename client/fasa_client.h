@@ -456,6 +456,35 @@ fasa_client_status fasa_client_snapshot(fasa_client *c, const char *session_id,
                                         fasa_client_snapshot_info *infos, size_t cap, size_t *n_p,
                                         uint32_t *n_profiles_p, fasa_client_error *err);
 
+/* What one worker (shard) did in fasa_client_load_session. */
+typedef struct fasa_client_shard_load {
+    uint32_t shard;
+    uint64_t rows;       /* rows it stored (or checked), summed over layers */
+    uint64_t file_bytes; /* bytes it read from the files */
+    double read_s;       /* seconds it spent in file reads */
+    double total_s;      /* seconds its part took */
+} fasa_client_shard_load;
+
+typedef struct fasa_client_load_result {
+    uint64_t length;       /* tokens every layer holds now */
+    uint64_t stored_bytes; /* K and V bytes stored (0 with check_only) */
+    uint64_t file_bytes;   /* bytes read from the files, all workers */
+    double seconds;        /* the load's wall time at the server's coordinator */
+    char format[16];       /* "npy", "stacked" or "qkv1" */
+    size_t n_shards;       /* shards reported (the first min(n, cap) are in shards[]) */
+} fasa_client_load_result;
+
+/* Fills the empty session session_id from files the server's workers read themselves
+ * (LoadSession, README "Bulk load"): path is a directory (k_L.npy, v_L.npy per layer, or
+ * k.npy, v.npy) or a QKV1 dump inside the server's --load-root, relative paths taken under
+ * it. With check_only the files are read and checked and nothing is stored. shards (cap
+ * entries, may be NULL with cap 0) gets each worker's figures. A failure stores nothing. */
+fasa_client_status fasa_client_load_session(fasa_client *c, const char *session_id,
+                                            const char *path, int check_only,
+                                            fasa_client_load_result *res,
+                                            fasa_client_shard_load *shards, size_t cap,
+                                            fasa_client_error *err);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,5 +1,6 @@
 /* Sessions, placement and the step plan. See engine.h. */
 #include "engine.h"
+#include "load.h"
 #include "phase.h"
 
 #include <errno.h>
@@ -58,6 +59,7 @@ struct fasa_engine {
     fasa_transport tr;
     int block;            /* placement block, tokens */
     int pipeline;         /* batches pipelined (FASA_PIPELINE=0 in the environment: not) */
+    double merge_eps;     /* local merge's eps (fasa_engine_set_merge_eps) */
     int64_t mem_limit;    /* bytes per shard, 0 = none */
     int max_sessions;     /* sessions held at once, 0 = no limit (fasa_engine_set_max_sessions) */
     char *tier_dir;       /* disk tier sessions that name none (fasa_engine_set_tier_dir) */
@@ -129,6 +131,7 @@ fasa_engine_t *fasa_engine_new_with(const fasa_transport *transport, int block_t
     e->tr = *transport;
     e->block = block_tokens > 0 ? block_tokens : FASA_DEFAULT_BLOCK;
     e->pipeline = fasa_env_get()->pipeline;
+    e->merge_eps = FASA_MERGE_EPS_DEFAULT;
     if (!(e->shard_bytes = calloc((size_t)transport->n_shards, sizeof(int64_t)))) {
         free(e);
         return NULL;
@@ -326,6 +329,9 @@ static fasa_status s_check_config(const fasa_session_config *c, fasa_error *err)
     if (!scan_dtype_valid(c->score_dtype))
         return fasa_error_set(err, FASA_INVALID_ARGUMENT,
                               "score_dtype %d is not auto, f32, f16, bf16 or int8", c->score_dtype);
+    if (c->merge != FASA_MERGE_EXACT && c->merge != FASA_MERGE_LOCAL)
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "merge %d is not exact (0) or local (1)",
+                              c->merge);
     if (c->tier != SHARD_TIER_RAM && c->tier != SHARD_TIER_DISK)
         return fasa_error_set(err, FASA_INVALID_ARGUMENT, "tier %d is not ram (0) or disk (1)",
                               c->tier);
@@ -741,6 +747,7 @@ typedef struct step_plan {
     fasa_method method;
     fasa_gqa gqa;
     int budget, sbudget, units, n_vis, dense;
+    int local; /* local merge (engine.h fasa_merge): one phase, no global select */
     shard_step st;
     topk_cand *cands, *merged, *thr; /* (ns, units, sbudget), (units, ns * sbudget), (units) */
     int *n_cands, *n_sel;            /* (ns, units), (units) */
@@ -802,6 +809,17 @@ static fasa_status s_plan_check(fasa_engine_t *e, const char *id, const fasa_att
     if (method == FASA_METHOD_FASA_PLUS && gqa == FASA_GQA_SHARED)
         return fasa_error_set(err, FASA_INVALID_ARGUMENT,
                               "method fasa-plus supports gqa per-head only");
+    const int merge = req->merge < 0 ? c->merge : req->merge;
+    if (merge != FASA_MERGE_EXACT && merge != FASA_MERGE_LOCAL)
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "merge %d is unknown", req->merge);
+    if (merge == FASA_MERGE_LOCAL && method != FASA_METHOD_FASA && method != FASA_METHOD_ORACLE &&
+        method != FASA_METHOD_DENSE)
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT,
+                              "merge local supports methods fasa and oracle (not %s)",
+                              fasa_method_name(method));
+    if (merge == FASA_MERGE_LOCAL && !e->tr.attend_local)
+        return fasa_error_set(err, FASA_FAILED_PRECONDITION,
+                              "merge local: this engine's transport cannot run it");
     if (!req->q) return fasa_error_set(err, FASA_INVALID_ARGUMENT, "q is missing");
     long bad;
     if ((bad = s_nonfinite((size_t)nh * d, req->q)) >= 0)
@@ -853,6 +871,8 @@ static fasa_status s_plan_check(fasa_engine_t *e, const char *id, const fasa_att
                ((method == FASA_METHOD_FASA || method == FASA_METHOD_FASA_PLUS) &&
                 s->dense_layers[req->layer]) ||
                p->n_vis <= budget;
+    p->local = merge == FASA_MERGE_LOCAL && !p->dense;
+    if (p->local) p->sbudget = fasa_engine_local_budget(e, budget);
     static const shard_method s_shard_methods[] = {SHARD_FASA,     SHARD_DENSE, SHARD_ORACLE,
                                                    SHARD_STREAM,   SHARD_QUEST, SHARD_SPARQ,
                                                    SHARD_FASA_PLUS};
@@ -1032,6 +1052,8 @@ static int s_plan_finish(fasa_engine_t *e, const step_plan *p, float *out, fasa_
         }
     }
     if (stats) {
+        stats->merge_used = p->local ? FASA_MERGE_LOCAL : FASA_MERGE_EXACT;
+        stats->local_budget = p->local ? p->sbudget : 0;
         stats->method_used = p->dense ? FASA_METHOD_DENSE : p->method;
         stats->n_visible = p->n_vis;
         stats->bytes_read = p->bytes;
@@ -1103,16 +1125,28 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
     p.cands = e->cands, p.merged = e->merged, p.thr = e->thr, p.n_cands = e->n_cands;
     p.n_sel = e->n_sel, p.have_thr = e->have_thr, p.m = e->m, p.l = e->l, p.o = e->o;
     p.aux = e->aux;
-    /* k_new rides along with the first phase where the transport can carry it. */
+    /* k_new rides along with the first phase where the transport can carry it (not under a
+     * local merge, whose one phase appends nothing). */
     int staged = 0, k_shard = 0;
     int32_t k_pos = 0;
-    if (req->k_new && e->tr.stage_append && e->tr.staged_appended) {
+    if (req->k_new && !p.local && e->tr.stage_append && e->tr.staged_appended) {
         if (s_plan_stage(e, &p, &k_shard, &k_pos))
             return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED,
                                   "out of memory staging k_new for '%s'", p.id);
         staged = 1;
     } else if ((st = s_plan_commit(e, &p, err))) {
         return st;
+    }
+    if (p.local) {
+        /* One phase on the shards, then the exact merge of their partials. */
+        if (selected)
+            for (size_t i = 0; i < (size_t)p.s->cfg.n_heads * p.budget; i++) selected[i] = -1;
+        if (e->tr.attend_local(e->tr.ctx, p.s->sid, &p.st, p.m, p.l, p.o, &p.bytes))
+            return s_step_failed(&p, err);
+        if (s_plan_finish(e, &p, out, stats))
+            return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED,
+                                  "out of memory merging a step of '%s'", id);
+        return FASA_OK;
     }
     const double t0 = s_clock_us();
     double t = fasa_phase_now(); /* 0 unless a benchmark times the phases (phase.h) */
@@ -1184,8 +1218,15 @@ int fasa_engine_attend_batch(fasa_engine_t *e, int n, const char *const *ids,
                              const fasa_attend_req *reqs, float *const *outs,
                              int32_t *const *selected, fasa_step_stats *stats, fasa_error *errs)
 {
-    int n_ok = 0;
-    if (!e->pipeline || !e->tr.score_start || !e->tr.attend_start || !e->tr.wait || n <= 1) {
+    int n_ok = 0, any_local = 0;
+    for (int i = 0; i < n && !any_local; i++) {
+        const session *s = s_find(e, ids[i]);
+        any_local = reqs[i].merge == FASA_MERGE_LOCAL ||
+                    (reqs[i].merge < 0 && s && s->cfg.merge == FASA_MERGE_LOCAL);
+    }
+    /* Local merge has one phase, which the pipeline does not interleave: one by one. */
+    if (!e->pipeline || !e->tr.score_start || !e->tr.attend_start || !e->tr.wait || n <= 1 ||
+        any_local) {
         for (int i = 0; i < n; i++) {
             errs[i].code =
                 fasa_engine_attend(e, ids[i], &reqs[i], outs[i], selected ? selected[i] : NULL,
@@ -1317,4 +1358,138 @@ fasa_status fasa_engine_write_shards(fasa_engine_t *e, const char *id, const cha
         return fasa_error_set(err, FASA_INTERNAL, "a shard could not write its snapshot file");
     }
     return FASA_OK;
+}
+
+/* Bulk load (load.h) */
+
+/* Gives session s fresh, empty shards (a failed load's undo): a new transport session with
+ * the same layout, the old one dropped, its accounting cleared. */
+static fasa_status s_load_undo(fasa_engine_t *e, session *s, fasa_error *err)
+{
+    const int S = e->tr.n_shards, L = s->cfg.n_layers;
+    shard_layout lay = {0};
+    const int sid = e->next_sid < MAX_SESSION_NUMBERS ? e->next_sid++ : -1;
+    const int ok = sid >= 0 && !s_layout_from_profile(&lay, &s->cfg, s->profile) &&
+                   !e->tr.session_new(e->tr.ctx, sid, &lay);
+    shard_layout_cleanup(&lay);
+    if (!ok) /* no fresh shards: the old ones stay, holding part of the load */
+        return fasa_error_set(err, FASA_INTERNAL,
+                              "the failed load of '%s' could not be undone (out of memory); "
+                              "drop the session",
+                              s->id);
+    for (int sh = 0; sh < S; sh++)
+        for (int l = 0; l < L; l++) {
+            acct *a = &s->held[sh * L + l];
+            e->shard_bytes[sh] -= s_acct_bytes(s, l, a);
+            *a = (acct){.last_page = -1};
+        }
+    for (int l = 0; l < L; l++) s->n_appended[l] = 0;
+    e->tr.session_drop(e->tr.ctx, s->sid);
+    s->sid = sid;
+    return FASA_OK;
+}
+
+fasa_status fasa_engine_load(fasa_engine_t *e, const char *id, const fasa_load_plan *plan,
+                             int check_only, fasa_load_progress progress, void *progress_ctx,
+                             fasa_load_result *res, load_report *per_shard, fasa_error *err)
+{
+    session *s = s_find(e, id);
+    if (!s) return fasa_error_set(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
+    const int S = e->tr.n_shards, L = s->cfg.n_layers;
+    if (!e->tr.load)
+        return fasa_error_set(err, FASA_FAILED_PRECONDITION,
+                              "this engine's transport cannot load files");
+    if (plan->n_layers != L)
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "load: %d layers, the session has %d",
+                              plan->n_layers, L);
+    if (plan->T < 1 || plan->T > INT32_MAX)
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "load: T %lld out of range [1, %d]",
+                              (long long)plan->T, INT32_MAX);
+    for (int l = 0; l < L && !check_only; l++)
+        if (s->n_appended[l])
+            return fasa_error_set(err, FASA_FAILED_PRECONDITION,
+                                  "session '%s' already holds tokens (layer %d: %d); a load "
+                                  "fills an empty session",
+                                  id, l, (int)s->n_appended[l]);
+    const int n = (int)plan->T;
+    fasa_status st = check_only ? FASA_OK : s_check_limit(e, s, 0, L, 0, n, err);
+    if (st) return st;
+    load_report *rep = calloc((size_t)S, sizeof(*rep));
+    if (!rep) return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED, "load: out of memory");
+    if (per_shard) memset(per_shard, 0, (size_t)S * sizeof(*per_shard));
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int64_t file_bytes = 0;
+    for (int l = 0; l < L; l++) {
+        load_job job = {.layer = l,
+                        .block = e->block,
+                        .n_shards = S,
+                        .T = plan->T,
+                        .check_only = check_only,
+                        .k = plan->k[l],
+                        .v = plan->v[l]};
+        const int failed = e->tr.load(e->tr.ctx, s->sid, &job, rep);
+        for (int sh = 0; sh < S; sh++) {
+            file_bytes += rep[sh].file_bytes;
+            if (per_shard) {
+                per_shard[sh].rows += rep[sh].rows;
+                per_shard[sh].file_bytes += rep[sh].file_bytes;
+                per_shard[sh].read_s += rep[sh].read_s;
+                per_shard[sh].total_s += rep[sh].total_s;
+            }
+        }
+        if (failed) {
+            int bad = 0;
+            while (bad < S - 1 && rep[bad].err == LOAD_OK) bad++;
+            char why[400];
+            load_report_text(&job, &rep[bad], s->cfg.dtype, why, sizeof(why));
+            const fasa_status code = rep[bad].err == LOAD_ENOMEM ? FASA_RESOURCE_EXHAUSTED
+                                     : rep[bad].err == LOAD_EJOB ? FASA_INTERNAL
+                                     : rep[bad].err == LOAD_EIO && rep[bad].err_no == ENOENT
+                                         ? FASA_NOT_FOUND
+                                         : FASA_INVALID_ARGUMENT;
+            free(rep);
+            if (!check_only && (st = s_load_undo(e, s, err))) return st;
+            return fasa_error_set(err, code, "load of '%s' failed, nothing stored: %s", id, why);
+        }
+        if (!check_only) {
+            /* The engine's accounting, as s_place keeps it for appends. */
+            for (int32_t p = 0; p < n;) {
+                const int run = s_run_len(e, p, n - p), sh = (int)((p / e->block) % S);
+                acct *a = &s->held[sh * L + l];
+                const int64_t before = s_acct_bytes(s, l, a);
+                s_acct_add(a, p, run);
+                e->shard_bytes[sh] += s_acct_bytes(s, l, a) - before;
+                p += run;
+            }
+            s->n_appended[l] = n;
+        }
+        if (progress) progress(progress_ctx, l + 1, L, file_bytes);
+    }
+    free(rep);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    if (res) {
+        res->length = check_only ? plan->T : s->n_appended[0];
+        res->stored_bytes = check_only ? 0 : s_kv_bytes(s);
+        res->file_bytes = file_bytes;
+        res->seconds = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    }
+    return FASA_OK;
+}
+
+/* Local merge (engine.h fasa_merge) */
+
+int fasa_engine_set_merge_eps(fasa_engine_t *e, double eps)
+{
+    if (!(eps >= 0 && eps <= 64)) return -1;
+    e->merge_eps = eps;
+    return 0;
+}
+
+int fasa_engine_local_budget(const fasa_engine_t *e, int budget)
+{
+    const int S = e->tr.n_shards;
+    if (S <= 1) return budget;
+    const double b = ceil((double)budget * (1.0 + e->merge_eps) / S);
+    return b >= budget ? budget : b < 1 ? 1 : (int)b;
 }

@@ -110,6 +110,7 @@ typedef struct fasa_session_config {
                                     shards and MPI workers, each in its own tier_dir) */
     const char *tier_dir;        /* with tier 1: an existing directory (copied); NULL: the
                                     engine's (fasa_engine_set_tier_dir) */
+    int merge;                   /* fasa_merge of sparse steps: 0 exact (default), 1 local */
 } fasa_session_config;
 
 typedef struct fasa_attend_req {
@@ -121,6 +122,8 @@ typedef struct fasa_attend_req {
     int budget;         /* B, or 0 for the session default */
     int gqa;            /* fasa_gqa, or -1 for the session default */
     int32_t max_pos;    /* highest visible position, or -1 for all appended */
+    int merge;          /* fasa_merge, or -1 for the session default (0 in a zeroed struct
+                           is exact) */
 } fasa_attend_req;
 
 typedef struct fasa_step_stats {
@@ -132,9 +135,26 @@ typedef struct fasa_step_stats {
      * along), the merges (global top-B and log-sum-exp) and phase 2 (the shards' attention;
      * for a dense step the only phase, then with the k_new). Microseconds. */
     double score_us, merge_us, attend_us;
+    int merge_used;     /* fasa_merge run (a dense step: exact) */
+    int local_budget;   /* local merge: tokens each shard kept per unit; else 0 */
 } fasa_step_stats;
 
+/* How a sparse step's shards combine (fasa.proto Merge):
+ *   exact  the default: every shard's top-B candidates to the coordinator, the global top-B
+ *          per unit, then every shard's attention over its part of them (two phases);
+ *   local  one phase: each of the S shards scores and attends over its own top
+ *          ceil(B (1 + eps) / S) per unit (its top B with one shard, so the same as exact),
+ *          and the partials are merged exactly by their log-sum-exp. Methods fasa and
+ *          oracle only; selected is all -1. eps: fasa_engine_set_merge_eps (default 0.25). */
+typedef enum fasa_merge { FASA_MERGE_EXACT = 0, FASA_MERGE_LOCAL = 1 } fasa_merge;
+#define FASA_MERGE_EPS_DEFAULT 0.25
+
 typedef struct fasa_engine fasa_engine_t;
+
+/* The local merge's eps, in [0, 64]; -1 when out of range (unchanged). */
+int fasa_engine_set_merge_eps(fasa_engine_t *e, double eps);
+/* Tokens each of the engine's shards keeps per unit under local merge for budget B. */
+int fasa_engine_local_budget(const fasa_engine_t *e, int budget);
 
 /* A new engine over in-process shards. n_shards >= 1; block_tokens >= 1 tokens per
  * placement block (block-cyclic). NULL when out of memory. */

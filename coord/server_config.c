@@ -62,6 +62,14 @@ static const key s_keys[] = {
      "directory of the disk tier's files on every rank's node (node-local; files are unlinked "
      "at once); needed for disk-tier sessions",
      K_STRING, 0, 0},
+    {"merge-eps", "FASA_MERGE_EPS", "0.25", "EPS",
+     "local merge (merge LOCAL): each of S shards keeps its top ceil(B (1 + EPS) / S), "
+     "EPS in [0, 64]",
+     K_STRING, 0, 0},
+    {"load-root", "FASA_LOAD_ROOT", "", "DIR",
+     "LoadSession (fasa load) may read files only inside DIR, a filesystem every rank sees; "
+     "without it the server loads no files",
+     K_STRING, 0, 0},
     {"state-dir", "FASA_STATE_DIR", "", "DIR",
      "where snapshots go (fasa snapshot, --snapshot-interval); every rank must reach it", K_STRING,
      0, 0},
@@ -196,6 +204,16 @@ static int s_set(server_config *c, const key *k, const char *value, const char *
     }
     if (strcmp(k->name, "tier-dir") == 0)
         return s_copy(c->tier_dir, sizeof(c->tier_dir), value, where, err, len);
+    if (strcmp(k->name, "merge-eps") == 0) {
+        char *end;
+        const double x = strtod(value, &end);
+        if (end == value || *end || !(x >= 0 && x <= 64))
+            return s_err(err, len, "%s: '%s' must be a number in [0, 64]", where, value);
+        c->merge_eps = x;
+        return 0;
+    }
+    if (strcmp(k->name, "load-root") == 0)
+        return s_copy(c->load_root, sizeof(c->load_root), value, where, err, len);
     if (strcmp(k->name, "curve-secret") == 0)
         return s_copy(c->curve_secret, sizeof(c->curve_secret), value, where, err, len);
     if (strcmp(k->name, "authorized-keys") == 0)
@@ -434,6 +452,8 @@ void server_config_describe(const server_config *c, char *buf, size_t len)
                       " state-dir=%s restore=%d snapshot-interval=%ld stop-grace=%ld wal=%s",
                       c->state_dir, c->restore, c->snapshot_interval, c->stop_grace,
                       fasa_wal_mode_name((fasa_wal_mode)c->wal));
+    if (*c->load_root && n >= 0 && (size_t)n < len)
+        n += snprintf(buf + n, len - (size_t)n, " load-root=%s", c->load_root);
     if ((c->tier || *c->tier_dir) && n >= 0 && (size_t)n < len)
         snprintf(buf + n, len - (size_t)n, " tier=%s tier-dir=%s", c->tier ? "disk" : "ram",
                  c->tier_dir);

@@ -34,6 +34,8 @@ typedef struct server_config {
     char metrics_bind[256]; /* ADDR:PORT of the HTTP metrics endpoint, "" = none */
     int tier;               /* default tier of new sessions: 0 ram, 1 disk */
     char tier_dir[512];     /* the disk tier's directory on every node, "" = none */
+    double merge_eps;       /* local merge's eps (--merge-eps) */
+    char load_root[512];    /* LoadSession reads only inside it, "" = no loads (--load-root) */
 } server_config;
 
 /* Fills c from defaults, the config file, env (getenv) and argv. Returns 0 to run, 1 when

@@ -835,6 +835,7 @@ int main(int argc, char **argv)
     if (*o.tier_dir && o.tier_dir[0] != '/' && getcwd(cwd, sizeof(cwd)) &&
         snprintf(abs_dir, sizeof(abs_dir), "%s/%s", cwd, o.tier_dir) < (int)sizeof(o.tier_dir))
         memcpy(o.tier_dir, abs_dir, sizeof(o.tier_dir));
+    fasa_engine_set_merge_eps(engine, o.merge_eps);
     if (fasa_engine_set_tier_dir(engine, o.tier_dir)) {
         fasa_log(FASA_LOG_ERROR, 0, "out of memory starting the engine");
         MPI_Abort(MPI_COMM_WORLD, 1);
@@ -846,6 +847,7 @@ int main(int argc, char **argv)
                                   .max_sessions = o.max_sessions,
                                   .deadline_ms = (uint32_t)o.deadline_ms,
                                   .state_dir = o.state_dir,
+                                  .load_root = o.load_root,
                                   .wal = o.wal};
     fasa_service *svc = fasa_service_new(engine, size == 1 ? 1 : size - 1, &so);
     if (!svc) {
@@ -872,6 +874,12 @@ int main(int argc, char **argv)
         (stat(o.tier_dir, &sd) || !S_ISDIR(sd.st_mode) || access(o.tier_dir, W_OK))) {
         fasa_log(FASA_LOG_ERROR, 0, "--tier-dir %s: not a writable directory (create it first)",
                  o.tier_dir);
+        fasa_service_destroy(&svc);
+        MPI_Finalize();
+        return 2;
+    }
+    if (*o.load_root && (stat(o.load_root, &sd) || !S_ISDIR(sd.st_mode))) {
+        fasa_log(FASA_LOG_ERROR, 0, "--load-root %s: not a directory", o.load_root);
         fasa_service_destroy(&svc);
         MPI_Finalize();
         return 2;

@@ -13,6 +13,7 @@
 #include "edge.h"
 #include "reply.h"
 #include "fasa.pb-c.h"
+#include "load.h"
 #include "log.h"
 #include "scan.h"
 #include "snapshot.h"
@@ -47,6 +48,7 @@ struct fasa_service {
     int max_sessions;
     uint32_t deadline_ms;   /* default queue deadline, 0 = none */
     int tier, has_tier_dir; /* fasa_service_opts */
+    char load_root[4096];   /* LoadSession's directory ("" = no loads) */
     double waited_ms;       /* of the next request (fasa_service_set_wait) */
     double t_handle;        /* when fasa_service_handle began the request in hand */
     struct timespec start;
@@ -93,9 +95,9 @@ const fasa_service_event *fasa_service_last_event(const fasa_service *s)
 static const char *s_kind_name(int kind)
 {
     static const char *const names[] = {
-        "undecodable",  "ping",      "create_session", "append",        "attend",
-        "batch_attend", "calibrate", "set_profile",    "drop_session",  "stats",
-        "shutdown",     "snapshot",  "list_sessions",  "delete_profile"};
+        "undecodable",  "ping",      "create_session", "append",         "attend",
+        "batch_attend", "calibrate", "set_profile",    "drop_session",   "stats",
+        "shutdown",     "snapshot",  "list_sessions",  "delete_profile", "load_session"};
     return kind >= 0 && kind <= EDGE_KIND_LAST ? names[kind] : "undecodable";
 }
 
@@ -128,6 +130,9 @@ static const char *s_session_of(const edge_request *q)
         break;
     case EDGE_DELETE_PROFILE:
         id = q->u.profile_name; /* the log names the profile */
+        break;
+    case EDGE_LOAD_SESSION:
+        id = q->u.load.session_id;
         break;
     default:
         break;
@@ -262,6 +267,7 @@ fasa_service *fasa_service_new(fasa_engine_t *engine, int n_shards, const fasa_s
     s->deadline_ms = o->deadline_ms;
     s->tier = o->tier;
     s->has_tier_dir = o->has_tier_dir;
+    snprintf(s->load_root, sizeof(s->load_root), "%s", o->load_root ? o->load_root : "");
     s->max_sessions = o->max_sessions > 0 && o->max_sessions < FASA_SERVICE_MAX_SESSIONS
                           ? o->max_sessions
                           : FASA_SERVICE_MAX_SESSIONS;
@@ -398,7 +404,7 @@ static fasa_status s_create(fasa_service *s, const edge_create *c, reply *r)
                                .dense_layers = dense,
                                .dtype = c->dtype,
                                .score_dtype = c->score_dtype,
-
+                               .merge = c->merge == 2 ? FASA_MERGE_LOCAL : FASA_MERGE_EXACT,
                                .tier = tier};
     fasa_error fe;
     fasa_status st = fasa_engine_create(s->engine, c->session_id, &cfg, &fe);
@@ -575,7 +581,10 @@ static fasa_status s_attend_prepare(fasa_service *s, const edge_attend *a, const
                                 .method = s_method(a->method),
                                 .budget = a->budget,
                                 .gqa = s_gqa(a->gqa),
-                                .max_pos = (int32_t)a->max_pos};
+                                .max_pos = (int32_t)a->max_pos,
+                                .merge = a->merge == 2   ? FASA_MERGE_LOCAL
+                                         : a->merge == 1 ? FASA_MERGE_EXACT
+                                                         : -1};
     ao->cfg = c;
     ao->budget = budget;
     ao->out_bytes = out_bytes;
@@ -624,6 +633,11 @@ static fasa_status s_attend_finish(fasa_service *s, const char *field, attend_ou
     ao->stats.n_visible = (uint32_t)st->n_visible;
     ao->stats.bytes_read = (uint64_t)st->bytes_read;
     ao->stats.server_us = (uint64_t)us;
+    ao->stats.has_merge_used = 1;
+    ao->stats.merge_used =
+        st->merge_used == FASA_MERGE_LOCAL ? FASA__V1__MERGE__LOCAL : FASA__V1__MERGE__EXACT;
+    ao->stats.has_local_budget = st->merge_used == FASA_MERGE_LOCAL;
+    ao->stats.local_budget = (uint32_t)st->local_budget;
     ao->res.stats = &ao->stats;
     return FASA_OK;
 }
@@ -1055,6 +1069,74 @@ static fasa_status s_delete_profile(fasa_service *s, const char *name, reply *r)
 
 static int s_pack(Fasa__V1__Response *resp, uint8_t **reply_p, size_t *reply_len_p);
 
+/* A LoadSession's result and the storage its repeated field points at. */
+typedef struct load_out {
+    Fasa__V1__LoadSessionResult res;
+    Fasa__V1__ShardLoad *shards, **shard_ptrs;
+} load_out;
+
+static void s_load_progress(void *ctx, int done, int n_layers, int64_t bytes)
+{
+    const char *id = ctx;
+    fasa_log(done == n_layers ? FASA_LOG_INFO : FASA_LOG_DEBUG, 0,
+             "load %s: %d/%d layers, %.1f MB read", id, done, n_layers, (double)bytes / 1e6);
+}
+
+static fasa_status s_load(fasa_service *s, const edge_load *q, load_out *o, reply *r)
+{
+    const fasa_session_config *c = fasa_engine_config(s->engine, q->session_id);
+    if (!c)
+        return s_fail(r, FASA_NOT_FOUND, "load_session.session_id: session '%s' not found",
+                      q->session_id);
+    char path[LOAD_MAX_PATH];
+    fasa_error fe;
+    fasa_load_plan plan;
+    fasa_status st = fasa_load_resolve(s->load_root, q->path, path, sizeof(path), &fe);
+    if (st) return s_fail(r, st, "%s", fe.msg);
+    st = fasa_load_plan_open(path, s->load_root, c->n_layers, c->n_kv_heads, c->head_dim, &plan,
+                             &fe);
+    if (st) return s_fail(r, st, "load_session.path: %s", fe.msg);
+    const int ns = s->n_shards;
+    load_report *rep = calloc((size_t)ns, sizeof(*rep));
+    o->shards = calloc((size_t)ns, sizeof(*o->shards));
+    o->shard_ptrs = calloc((size_t)ns, sizeof(*o->shard_ptrs));
+    fasa_load_result lr = {0};
+    if (!rep || !o->shards || !o->shard_ptrs) {
+        st = s_fail(r, FASA_RESOURCE_EXHAUSTED, "load_session: out of memory");
+    } else {
+        st = fasa_engine_load(s->engine, q->session_id, &plan, q->check_only, s_load_progress,
+                              (void *)q->session_id, &lr, rep, &fe);
+        if (st) s_fail(r, st, "load_session: %s", fe.msg);
+    }
+    if (!st) {
+        if (!q->check_only) {
+            s_rev_note(s, q->session_id);
+            s_wal_rebase(s, q->session_id); /* the log cannot hold a load: a snapshot does */
+        }
+        fasa__v1__load_session_result__init(&o->res);
+        o->res.length = (uint64_t)lr.length;
+        o->res.stored_bytes = (uint64_t)lr.stored_bytes;
+        o->res.file_bytes = (uint64_t)lr.file_bytes;
+        o->res.seconds = lr.seconds;
+        o->res.format = (char *)plan.format;
+        for (int i = 0; i < ns; i++) {
+            Fasa__V1__ShardLoad *m = &o->shards[i];
+            fasa__v1__shard_load__init(m);
+            m->shard = (uint32_t)i;
+            m->rows = (uint64_t)rep[i].rows;
+            m->file_bytes = (uint64_t)rep[i].file_bytes;
+            m->read_s = rep[i].read_s;
+            m->total_s = rep[i].total_s;
+            o->shard_ptrs[i] = m;
+        }
+        o->res.n_shards = (size_t)ns;
+        o->res.shards = o->shard_ptrs;
+    }
+    free(rep);
+    fasa_load_plan_free(&plan);
+    return st;
+}
+
 static int s_pack(Fasa__V1__Response *resp, uint8_t **reply_p, size_t *reply_len_p)
 {
     return edge_reply_pack(resp, reply_p, reply_len_p);
@@ -1327,6 +1409,7 @@ int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **
     snap_out *snaps = NULL;
     Fasa__V1__SnapshotInfo **snap_ptrs = NULL;
     list_out list = {0};
+    load_out load = {0};
     size_t reply_left = s->max_message - 1024;
 
     const double t_start = s_now();
@@ -1436,6 +1519,12 @@ int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **
     case EDGE_DELETE_PROFILE:
         s_delete_profile(s, req.u.profile_name, &r);
         break;
+    case EDGE_LOAD_SESSION:
+        if (s_load(s, &req.u.load, &load, &r) == FASA_OK) {
+            resp.body_case = FASA__V1__RESPONSE__BODY_LOAD_SESSION;
+            resp.load_session = &load.res;
+        }
+        break;
     case EDGE_SNAPSHOT:
         if (s_snapshot(s, req.u.snapshot.session_id, &r, &snap_res, &snaps, &snap_ptrs) ==
             FASA_OK) {
@@ -1477,6 +1566,8 @@ reply:
     free(snaps);
     free(snap_ptrs);
     s_list_free(&list);
+    free(load.shards);
+    free(load.shard_ptrs);
     if (code == 0) edge_request_free(&req);
     s->last.bytes_out = rc ? 0 : *reply_len_p;
     s->last.ms = 1e3 * (s_now() - t_start);

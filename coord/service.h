@@ -27,6 +27,7 @@ typedef struct fasa_service_opts {
     int wal;               /* fasa_wal_mode (wal.h) of the appends' log, with a state dir */
     int tier;              /* sessions that ask for no tier: 0 ram, 1 disk (--tier) */
     int has_tier_dir;      /* the engine has a disk-tier directory (--tier-dir) */
+    const char *load_root; /* LoadSession reads only inside it (--load-root); NULL or "": none */
 } fasa_service_opts;
 
 /* A service over engine (which it owns from now on). NULL when out of memory. */

@@ -7,6 +7,7 @@
 
 #include <stdint.h>
 
+#include "load_rows.h"
 #include "shard.h"
 #include "shard_snap.h"
 
@@ -49,6 +50,11 @@ typedef struct fasa_transport {
                         const uint8_t *have_thr, float *m, double *l, double *o, double *aux,
                         int64_t *bytes_p);
     int (*wait)(void *ctx);
+    /* Optional (NULL: no local merge): phase 1 and phase 2 of a sparse step in one, on every
+     * shard: each scores with step->budget and attends over its own candidates (its
+     * threshold: its last one kept per unit), filling m, l, o as attend does. 0, or -1. */
+    int (*attend_local)(void *ctx, int sid, const shard_step *step, float *m, double *l, double *o,
+                        int64_t *bytes_p);
     /* Every shard of session sid writes its snapshot file (shard_snap.h): shard i to
      * path_prefix + ".s<i>.shard", naming session id and storage dtype; out (n_shards) gets
      * each file's checksum and size. 0, or -1 when a shard failed (out[i].err_no: its errno,
@@ -69,6 +75,10 @@ typedef struct fasa_transport {
     int (*stage_append)(void *ctx, int sid, int shard, int layer, int32_t pos, const float *k,
                         const float *v);
     int (*staged_appended)(void *ctx);
+    /* Optional (NULL: the engine cannot bulk-load): every shard of session sid runs job
+     * (worker/load_rows.h) with its own index in job->shard, out (n_shards) getting each
+     * one's report. 0, or -1 when a shard failed (out[i].err says which and why). */
+    int (*load)(void *ctx, int sid, const load_job *job, load_report *out);
     void (*destroy)(void *ctx);
 } fasa_transport;
 

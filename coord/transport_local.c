@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "local_merge.h"
 #include "pool.h"
 #include "transport.h"
 
@@ -214,6 +215,54 @@ static int s_snapshot(void *ctx, int sid, const char *prefix, const char *id, in
     return rc;
 }
 
+static void s_local_one(void *ctx, int i, int tid)
+{
+    (void)tid;
+    local_phase *p = ctx;
+    p->rc[i] = shard_attend_local(p->sh[i], p->st, p->m + i * p->nh, p->l + i * p->nh,
+                                  p->o + i * p->nh * p->d);
+}
+
+/* A local-merge step (transport.h attend_local): both phases on every shard at once. */
+static int s_attend_local(void *ctx, int sid, const shard_step *st, float *m, double *l, double *o,
+                          int64_t *bytes_p)
+{
+    local_ctx *c = ctx;
+    shard_t **sh = c->sessions[sid];
+    const shard_layout *lay = shard_layout_of(sh[0]);
+    local_phase *p = calloc(1, sizeof(*p) + (size_t)c->n_shards * sizeof(int));
+    if (!p) return -1;
+    *p = (local_phase){.sh = sh,
+                       .st = st,
+                       .m = m,
+                       .l = l,
+                       .o = o,
+                       .nh = (size_t)lay->n_heads,
+                       .d = (size_t)lay->head_dim};
+    const int rc = s_phase(c, p, s_local_one);
+    free(p);
+    if (rc) return -1;
+    int64_t bytes = 0;
+    for (int i = 0; i < c->n_shards; i++) bytes += shard_bytes_read(sh[i]);
+    *bytes_p = bytes;
+    return 0;
+}
+
+/* Bulk load of one layer: the shards one after another, on this thread. */
+static int s_load(void *ctx, int sid, const load_job *job, load_report *out)
+{
+    local_ctx *c = ctx;
+    if (sid < 0 || sid >= c->cap || !c->sessions[sid]) return -1;
+    int rc = 0;
+    for (int i = 0; i < c->n_shards; i++) {
+        load_job j = *job;
+        j.shard = i;
+        j.n_shards = c->n_shards;
+        if (shard_load_layer(c->sessions[sid][i], &j, &out[i])) rc = -1;
+    }
+    return rc;
+}
+
 static void s_destroy(void *ctx)
 {
     local_ctx *c = ctx;
@@ -249,6 +298,8 @@ int fasa_transport_local_threads(fasa_transport *t, int n_shards, int n_threads)
                           .attend_start = s_attend_start,
                           .wait = s_wait,
                           .snapshot = s_snapshot,
+                          .load = s_load,
+                          .attend_local = s_attend_local,
                           .destroy = s_destroy};
     return 0;
 }

@@ -421,6 +421,28 @@ static int s_attend_start(void *ctx, int sid, const shard_step *st, const topk_c
     return s_op_post(c, op, (int64_t)(nh * 8 + nh * d * 8 + op->aux_n * 8 + nh * 4));
 }
 
+static int s_wait(void *ctx);
+
+/* A local-merge step (transport.h attend_local): one command, one reply per worker, the
+ * partials unpacked as ATTEND's. */
+static int s_attend_local(void *ctx, int sid, const shard_step *st, float *m, double *l, double *o,
+                          int64_t *bytes_p)
+{
+    mpi_ctx *c = ctx;
+    const mpi_session *s = s_session(c, sid);
+    pipe_op *op = s ? s_op_slot(c) : NULL;
+    if (!op) return -1;
+    const int units = st->gqa == SHARD_GQA_SHARED ? s->n_kv_heads : s->n_heads;
+    if (!s_step_begin(c, WMPI_ATTEND_LOCAL, sid, s, st, units, 0, &op->knew_shard)) return -1;
+    const size_t nh = (size_t)s->n_heads, d = (size_t)s->head_dim;
+    op->n_heads = s->n_heads;
+    op->head_dim = s->head_dim;
+    op->aux_n = 0;
+    op->m = m, op->l = l, op->o = o, op->aux = NULL, op->bytes_p = bytes_p;
+    if (s_op_post(c, op, (int64_t)(nh * 8 + nh * d * 8 + nh * 4))) return -1;
+    return s_wait(ctx);
+}
+
 /* Completes the oldest phase in flight: every reply checked as s_exchange checks them,
  * then unpacked into the outputs given to its start. */
 static int s_wait(void *ctx)
@@ -579,6 +601,68 @@ static int s_snapshot(void *ctx, int sid, const char *prefix, const char *id, in
     return failed ? -1 : rc;
 }
 
+/* Bulk load of one layer: every worker reads its own rows (load_rows.h), in parallel. */
+static int s_load(void *ctx, int sid, const load_job *job, load_report *out)
+{
+    mpi_ctx *c = ctx;
+    const mpi_session *s = s_session(c, sid);
+    if (!s) return -1;
+    int rc = 0;
+    /* Each worker's job names its own shard: one command per worker, sent together. */
+    uint8_t **cmds = calloc((size_t)c->n_shards, sizeof(*cmds));
+    MPI_Request *rreq = c->reqs, *sreq = c->reqs + c->n_shards;
+    const size_t reply_bytes = sizeof(wmpi_reply) + sizeof(load_report);
+    const int cmd_bytes = (int)(sizeof(wmpi_cmd) + sizeof(load_job));
+    if (!cmds) return -1;
+    for (int i = 0; i < c->n_shards; i++)
+        if (!(cmds[i] = malloc((size_t)cmd_bytes)) ||
+            s_grow(&c->reply[i], &c->reply_cap[i], reply_bytes))
+            rc = -1;
+    if (rc) goto out;
+    for (int i = 0; i < c->n_shards; i++) {
+        wmpi_cmd h = {.magic = WMPI_MAGIC,
+                      .cmd = WMPI_LOAD,
+                      .sid = sid,
+                      .n_layers = s->n_layers,
+                      .n_heads = s->n_heads,
+                      .n_kv_heads = s->n_kv_heads,
+                      .head_dim = s->head_dim,
+                      .layer = job->layer,
+                      .payload_bytes = (int64_t)sizeof(load_job)};
+        load_job j = *job;
+        j.shard = i;
+        j.n_shards = c->n_shards;
+        memcpy(cmds[i], &h, sizeof(h));
+        memcpy(cmds[i] + sizeof(h), &j, sizeof(j));
+        MPI_Irecv(c->reply[i], (int)reply_bytes, MPI_BYTE, i + 1, WMPI_TAG_REPLY, c->comm,
+                  &rreq[i]);
+    }
+    for (int i = 0; i < c->n_shards; i++) {
+        MPI_Isend(cmds[i], cmd_bytes, MPI_BYTE, i + 1, WMPI_TAG_CMD, c->comm, &sreq[i]);
+        wmpi_kick_send(&c->kick, i + 1);
+    }
+    if (s_waitall(2 * c->n_shards, c->reqs, c->stats, &c->kick, 0)) {
+        rc = -1;
+        for (int i = 0; i < c->n_shards; i++) out[i] = (load_report){.err = LOAD_EJOB};
+        goto out;
+    }
+    for (int i = 0; i < c->n_shards; i++) {
+        int count = 0;
+        MPI_Get_count(&c->stats[i], MPI_BYTE, &count);
+        wmpi_reply r = {.status = WMPI_EINVAL};
+        if ((size_t)count >= sizeof(r)) memcpy(&r, c->reply[i], sizeof(r));
+        if (r.cmd != WMPI_LOAD || r.status != WMPI_OK || (size_t)count != reply_bytes)
+            out[i] = (load_report){.err = r.status == WMPI_ENOMEM ? LOAD_ENOMEM : LOAD_EJOB};
+        else
+            memcpy(&out[i], c->reply[i] + sizeof(wmpi_reply), sizeof(out[i]));
+        if (out[i].err != LOAD_OK) rc = -1;
+    }
+out:
+    for (int i = 0; i < c->n_shards; i++) free(cmds[i]);
+    free(cmds);
+    return rc;
+}
+
 static void s_ctx_free(mpi_ctx *c)
 {
     wmpi_kick_close(&c->kick);
@@ -649,6 +733,8 @@ int fasa_transport_mpi(fasa_transport *t, MPI_Comm comm)
                           .shard_rss = s_shard_rss,
                           .stage_append = s_stage_append,
                           .staged_appended = s_staged_appended,
+                          .load = s_load,
+                          .attend_local = s_attend_local,
                           .destroy = s_destroy};
     return 0;
 err_free:

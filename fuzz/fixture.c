@@ -1,5 +1,9 @@
 /* The fuzz target's starting state. See fixture.h. */
+#define _GNU_SOURCE /* mkdtemp */
 #include "fixture.h"
+
+#include <math.h>
+#include <sys/stat.h>
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -143,13 +147,62 @@ static void s_session(fuzz_fixture *fx, const char *id, const geometry *g, int p
     free(k);
 }
 
+static void s_die_path(const char *what, const char *path)
+{
+    fprintf(stderr, "fuzz fixture: %s: %s\n", what, path);
+    abort();
+}
+
+/* One (FUZZ_LOAD_T, FUZZ_HKV, FUZZ_D) float32 .npy file. */
+static void s_npy(const char *path, const float *x)
+{
+    char h[128];
+    int n =
+        snprintf(h, sizeof(h), "{'descr': '<f4', 'fortran_order': False, 'shape': (%d, %d, %d), }",
+                 FUZZ_LOAD_T, FUZZ_HKV, FUZZ_D);
+    while ((10 + n + 1) % 64) h[n++] = ' ';
+    h[n++] = '\n';
+    const unsigned char pre[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, (unsigned char)n, 0};
+    const size_t cnt = (size_t)FUZZ_LOAD_T * FUZZ_HKV * FUZZ_D;
+    FILE *f = fopen(path, "wb");
+    if (!f || fwrite(pre, 1, 10, f) != 10 || fwrite(h, 1, (size_t)n, f) != (size_t)n ||
+        fwrite(x, sizeof(float), cnt, f) != cnt || fclose(f))
+        s_die_path("writing a load file", path);
+}
+
+/* The load root's directories "kv" and "bad" (fixture.h). */
+static void s_load_dirs(fuzz_fixture *fx, uint64_t *rng)
+{
+    snprintf(fx->load_root, sizeof(fx->load_root), "/tmp/fasa-fuzz-load.XXXXXX");
+    if (!mkdtemp(fx->load_root)) s_die_path("mkdtemp", fx->load_root);
+    const size_t cnt = (size_t)FUZZ_LOAD_T * FUZZ_HKV * FUZZ_D;
+    float x[FUZZ_LOAD_T * FUZZ_HKV * FUZZ_D];
+    char p[128];
+    for (int bad = 0; bad < 2; bad++) {
+        snprintf(p, sizeof(p), "%s/%s", fx->load_root, bad ? "bad" : "kv");
+        if (mkdir(p, 0755)) s_die_path("mkdir", p);
+        for (int l = 0; l < FUZZ_L; l++)
+            for (int kv = 0; kv < 2; kv++) {
+                fuzz_fill(rng, cnt, x, 1.0f);
+                if (bad && l == 1 && kv) x[20 * FUZZ_HKV * FUZZ_D + 3] = NAN;
+                snprintf(p, sizeof(p), "%s/%s/%c_%d.npy", fx->load_root, bad ? "bad" : "kv",
+                         kv ? 'v' : 'k', l);
+                s_npy(p, x);
+            }
+    }
+}
+
 fuzz_fixture *fuzz_fixture_new(void)
 {
     fuzz_fixture *fx = calloc(1, sizeof(*fx));
     if (!fx) s_die("calloc", NULL);
     fx->engine = fasa_engine_new(FUZZ_SHARDS, FUZZ_BLOCK);
     if (!fx->engine) s_die("fasa_engine_new", NULL);
-    const fasa_service_opts o = {.n_ranks = 1, .max_message = 0}; /* 0: the default limit */
+    uint64_t load_rng = 99;
+    s_load_dirs(fx, &load_rng);
+    const fasa_service_opts o = {.n_ranks = 1,
+                                 .max_message = 0, /* 0: the default limit */
+                                 .load_root = fx->load_root};
     fx->svc = fasa_service_new(fx->engine, FUZZ_SHARDS, &o);
     if (!fx->svc) s_die("fasa_service_new", NULL);
     uint64_t rng = 1234;
@@ -169,6 +222,9 @@ void fuzz_fixture_destroy(fuzz_fixture **fx_p)
     if (!fx) return;
     fasa_service_destroy(&fx->svc);
     free(fx->profile_text);
+    char cmd[128];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", fx->load_root);
+    if (fx->load_root[0] && system(cmd)) s_die_path("removing", fx->load_root);
     free(fx);
     *fx_p = NULL;
 }

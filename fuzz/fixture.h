@@ -28,14 +28,19 @@
 #define FUZZ_H 4
 #define FUZZ_HKV 2
 #define FUZZ_D 8
-#define FUZZ_N 40   /* tokens of "d" and "f": blocks of 16 on shards 0, 1, 0 */
-#define FUZZ_T 48   /* tokens of the calibration sample of profile "p" */
-#define FUZZ_N_G 24 /* tokens of "g" */
+#define FUZZ_N 40      /* tokens of "d" and "f": blocks of 16 on shards 0, 1, 0 */
+#define FUZZ_T 48      /* tokens of the calibration sample of profile "p" */
+#define FUZZ_N_G 24    /* tokens of "g" */
+#define FUZZ_LOAD_T 24 /* tokens of the load directories under the fixture's load root */
 
 typedef struct fuzz_fixture {
     fasa_service *svc;     /* owns engine */
     fasa_engine_t *engine; /* borrowed from svc, for the target's state checks */
     char *profile_text;    /* (malloc'd) the text of profile "p", as Calibrate returned it */
+    /* The service's --load-root, a fresh temporary directory holding "kv" (k_L.npy, v_L.npy
+     * of FUZZ_LOAD_T tokens in the geometry of "d": a good LoadSession for "e") and "bad"
+     * (the same with a NaN in v_1.npy): removed with the fixture. */
+    char load_root[64];
 } fuzz_fixture;
 
 /* A fixture as described above. Aborts with a message when any step fails (the service is

@@ -127,6 +127,8 @@ static const char *s_session_of(const Fasa__V1__Request *m)
         return m->drop_session->session_id;
     case FASA__V1__REQUEST__BODY_STATS:
         return m->stats->session_id;
+    case FASA__V1__REQUEST__BODY_LOAD_SESSION:
+        return m->load_session->session_id;
     default:
         return NULL;
     }
@@ -152,6 +154,8 @@ static Fasa__V1__Response__BodyCase s_body_for(Fasa__V1__Request__BodyCase bc)
         return FASA__V1__RESPONSE__BODY_STATS;
     case FASA__V1__REQUEST__BODY_LIST_SESSIONS:
         return FASA__V1__RESPONSE__BODY_LIST_SESSIONS;
+    case FASA__V1__REQUEST__BODY_LOAD_SESSION:
+        return FASA__V1__RESPONSE__BODY_LOAD_SESSION;
     default:
         return FASA__V1__RESPONSE__BODY__NOT_SET;
     }
@@ -188,6 +192,13 @@ static void s_check_attend(const fasa_engine_t *e, const Fasa__V1__Attend *a, co
               (long long)a->max_pos);
     }
     const uint32_t n_vis = res->stats->n_visible;
+    const Fasa__V1__StepStats *ss = res->stats;
+    if (ss->has_merge_used && ss->merge_used == FASA__V1__MERGE__LOCAL)
+        CHECK((ss->method_used == FASA__V1__METHOD__FASA ||
+               ss->method_used == FASA__V1__METHOD__ORACLE) &&
+                  ss->has_local_budget && ss->local_budget >= 1,
+              "a local-merge step of method %d with local_budget %u", (int)ss->method_used,
+              ss->local_budget);
     if (!(a->has_return_selected && a->return_selected)) {
         CHECK(!res->selected, "selected without return_selected");
         return;
@@ -261,6 +272,33 @@ static void s_check_ok(const fasa_engine_t *e, const Fasa__V1__Request *m,
         CHECK(r->append->length == (uint64_t)want_len[all ? 0 : ap->layer],
               "append.length %llu, expected %d", (unsigned long long)r->append->length,
               (int)want_len[all ? 0 : ap->layer]);
+        break;
+    }
+    case FASA__V1__REQUEST__BODY_LOAD_SESSION: {
+        /* An empty session filled (or, check_only, nothing changed), every layer alike. */
+        const Fasa__V1__LoadSessionResult *lr = r->load_session;
+        const int check = m->load_session->has_check_only && m->load_session->check_only;
+        CHECK(b->sess_exists, "load_session OK on no session");
+        CHECK(lr->n_shards == FUZZ_SHARDS && lr->length > 0,
+              "load_session: %zu shards, length %llu", lr->n_shards,
+              (unsigned long long)lr->length);
+        uint64_t rows = 0, bytes = 0;
+        for (size_t i = 0; i < lr->n_shards; i++)
+            rows += lr->shards[i]->rows, bytes += lr->shards[i]->file_bytes;
+        CHECK(rows == lr->length * (uint64_t)b->sess_layers && bytes == lr->file_bytes,
+              "load_session: shards report %llu rows, %llu bytes", (unsigned long long)rows,
+              (unsigned long long)bytes);
+        if (check) {
+            CHECK(lr->stored_bytes == 0, "load_session check_only stored %llu bytes",
+                  (unsigned long long)lr->stored_bytes);
+            break;
+        }
+        for (int l = 0; l < b->sess_layers; l++) {
+            CHECK(b->sess_len[l] == 0, "load_session OK on a session with tokens in layer %d", l);
+            want_len[l] = (int32_t)lr->length;
+        }
+        d_rows = (int64_t)lr->length * b->sess_layers;
+        d_tokens = (int64_t)lr->length;
         break;
     }
     case FASA__V1__REQUEST__BODY_ATTEND: {

@@ -224,6 +224,17 @@ static void s_attends(void)
     x.a.gqa = FASA__V1__GQA__SHARED;
     s_emit("attend-fasa-shared-max-pos", &x.req, 0);
 
+    /* Local merge: one phase per shard; refused for the baselines. */
+    s_attend_init(&x, "f", 0);
+    x.a.has_budget = x.a.has_return_selected = x.a.has_merge = 1;
+    x.a.budget = 8;
+    x.a.return_selected = 1;
+    x.a.merge = FASA__V1__MERGE__LOCAL;
+    s_emit("attend-fasa-local", &x.req, 0);
+    x.a.has_method = 1;
+    x.a.method = FASA__V1__METHOD__STREAM;
+    s_emit("bad-attend-stream-local", &x.req, FASA__V1__STATUS__INVALID_ARGUMENT);
+
     static const struct {
         Fasa__V1__Method m;
         const char *name;
@@ -384,6 +395,25 @@ static void s_others(void)
     s_emit("bad-delete-profile-unknown", &req, FASA__V1__STATUS__NOT_FOUND);
     dp.profile_name = "two words";
     s_emit("bad-delete-profile-name", &req, FASA__V1__STATUS__INVALID_ARGUMENT);
+    Fasa__V1__LoadSession ld = FASA__V1__LOAD_SESSION__INIT;
+    fasa__v1__request__init(&req);
+    ld.session_id = "e";
+    ld.path = "kv";
+    req.body_case = FASA__V1__REQUEST__BODY_LOAD_SESSION;
+    req.load_session = &ld;
+    s_emit("load-session", &req, 0);
+    ld.has_check_only = 1, ld.check_only = 1;
+    s_emit("load-session-check", &req, 0);
+    ld.has_check_only = 0, ld.check_only = 0;
+    ld.path = "bad";
+    s_emit("bad-load-session-nan", &req, FASA__V1__STATUS__INVALID_ARGUMENT);
+    ld.path = "/etc";
+    s_emit("bad-load-session-outside", &req, FASA__V1__STATUS__INVALID_ARGUMENT);
+    ld.path = "kv";
+    ld.session_id = "d";
+    s_emit("bad-load-session-full", &req, FASA__V1__STATUS__FAILED_PRECONDITION);
+    ld.session_id = "g";
+    s_emit("bad-load-session-geometry", &req, FASA__V1__STATUS__INVALID_ARGUMENT);
     /* No request_id (a required field): undecodable. */
     static const uint8_t no_id[] = {0x08, 0x01, 0xaa, 0x01, 0x00};
     s_write("bad-no-request-id", no_id, sizeof(no_id), FASA__V1__STATUS__INVALID_ARGUMENT);

@@ -273,6 +273,8 @@ static int s_create(const Fasa__V1__CreateSession *c, edge_create *o, char *msg,
         (st = s_enum(c->has_method, c->method, FASA__V1__METHOD__FASA_PLUS, "create_session.method",
                      &o->method, msg, len)) ||
         (st = s_enum(c->has_gqa, c->gqa, 2, "create_session.gqa", &o->gqa, msg, len)) ||
+        (st = s_enum(c->has_merge, c->merge, FASA__V1__MERGE__LOCAL, "create_session.merge",
+                     &o->merge, msg, len)) ||
         (st = s_profile_source(c->profile_text, c->profile_name, "create_session", 0, msg, len)))
         return st;
     if (c->has_budget &&
@@ -355,6 +357,9 @@ static int s_attend(const Fasa__V1__Attend *a, const char *field, edge_attend *o
         return st;
     snprintf(f, sizeof(f), "%s.gqa", field);
     if ((st = s_enum(a->has_gqa, a->gqa, 2, f, &o->gqa, msg, len))) return st;
+    snprintf(f, sizeof(f), "%s.merge", field);
+    if ((st = s_enum(a->has_merge, a->merge, FASA__V1__MERGE__LOCAL, f, &o->merge, msg, len)))
+        return st;
     if (a->has_budget) {
         snprintf(f, sizeof(f), "%s.budget", field);
         if ((st = s_range(a->budget, 1, EDGE_MAX_BUDGET, f, msg, len))) return st;
@@ -501,6 +506,24 @@ static int s_body(const Fasa__V1__Request *m, edge_request *r, char *msg, size_t
         r->kind = EDGE_DELETE_PROFILE;
         r->u.profile_name = m->delete_profile->profile_name;
         return s_id(r->u.profile_name, "delete_profile.profile_name", msg, len);
+    case FASA__V1__REQUEST__BODY_LOAD_SESSION: {
+        r->kind = EDGE_LOAD_SESSION;
+        const Fasa__V1__LoadSession *p = m->load_session;
+        r->u.load.session_id = p->session_id;
+        r->u.load.path = p->path;
+        r->u.load.check_only = p->has_check_only && p->check_only;
+        const int st = s_id(p->session_id, "load_session.session_id", msg, len);
+        if (st) return st;
+        const size_t n = strlen(p->path);
+        int ctl = 0;
+        for (size_t i = 0; i < n; i++) ctl |= (unsigned char)p->path[i] < 0x20;
+        if (n < 1 || n > 1000 || ctl)
+            return s_err(msg, len, ST_INVALID,
+                         "load_session.path must be 1..1000 bytes without control characters "
+                         "(got %zu bytes)",
+                         n);
+        return ST_OK;
+    }
     default:
         return s_err(msg, len, ST_INVALID, "request.body is missing or of an unknown kind (%d)",
                      (int)m->body_case);

@@ -39,9 +39,10 @@ typedef enum edge_kind {
     EDGE_SHUTDOWN,
     EDGE_SNAPSHOT,
     EDGE_LIST_SESSIONS, /* Request body 21 (edge kinds are the body's field number - 9) */
-    EDGE_DELETE_PROFILE
+    EDGE_DELETE_PROFILE,
+    EDGE_LOAD_SESSION /* Request body 23 */
 } edge_kind;
-#define EDGE_KIND_LAST EDGE_DELETE_PROFILE
+#define EDGE_KIND_LAST EDGE_LOAD_SESSION
 
 /* A decoded F32 tensor: data points into the request (4-byte aligned), valid until
  * edge_request_free. rank 0 means absent. */
@@ -63,6 +64,7 @@ typedef struct edge_create {
     int dtype;  /* fasa_dtype (kernels/dtype.h): 0 f32 (also when unspecified), 1 f16, 2 bf16 */
     int score_dtype; /* scan_dtype (kernels/scan.h, the proto's numbers): 0 unspecified */
     int tier;        /* 0 unspecified (the server's --tier), 1 ram, 2 disk */
+    int merge;       /* 0 unspecified, 1 exact, 2 local */
     int has_dense_layers;
     int n_dense_layers;
     const uint32_t *dense_layers; /* each < n_layers */
@@ -84,6 +86,7 @@ typedef struct edge_attend {
     int budget;      /* 0: unspecified */
     int64_t max_pos; /* -1: all appended */
     int return_selected;
+    int merge; /* 0 unspecified (the session's), 1 exact, 2 local */
     /* A BatchAttend item that failed the edge's checks: its own status (the other items
      * run) and message; 0 for a good item (and always for a plain Attend, which fails the
      * request instead). */
@@ -103,6 +106,11 @@ typedef struct edge_set_profile {
     const char *session_id;
     const char *profile_text, *profile_name; /* exactly one */
 } edge_set_profile;
+
+typedef struct edge_load {
+    const char *session_id, *path; /* path: 1..1000 bytes, no control characters */
+    int check_only;
+} edge_load;
 
 typedef struct edge_request {
     uint64_t request_id;
@@ -124,6 +132,7 @@ typedef struct edge_request {
         edge_set_profile set_profile;
         const char *session_id;   /* drop; stats (NULL: server-wide) */
         const char *profile_name; /* delete_profile */
+        edge_load load;           /* load_session */
         struct {
             const char *session_id; /* NULL with all */
             int all;

@@ -645,8 +645,9 @@ START_TEST(test_stats_counts)
     const Fasa__V1__StatsResult *res = r->stats;
 
     /* Requests by type, errors by code: exact, and adding up to the totals. */
-    ck_assert_uint_eq(res->n_requests_by_type,
-                      14); /* 11 bodies + undecodable, list_sessions, delete_profile */
+    ck_assert_uint_eq(
+        res->n_requests_by_type,
+        15); /* 11 bodies + undecodable, list_sessions, delete_profile, load_session */
     ck_assert_uint_eq(s_count_of(res, "undecodable"), 1);
     ck_assert_uint_eq(s_count_of(res, "ping"), 2);
     ck_assert_uint_eq(s_count_of(res, "calibrate"), 1);

@@ -20,7 +20,8 @@ int main(void)
     fasa_env_init(NULL, 0); /* FASA_SIMD, read once at start-up */
     Suite *(*const suites[])(void) = {kernels_suite,  shard_suite,   engine_suite, golden_suite,
                                       io_suite,       service_suite, config_suite, model_suite,
-                                      snapshot_suite, threads_suite, admin_suite,  base_suite};
+                                      snapshot_suite, threads_suite, admin_suite,  base_suite,
+                                      load_suite,     merge_suite};
     SRunner *sr = srunner_create(NULL);
     for (size_t i = 0; i < sizeof(suites) / sizeof(*suites); i++)
         srunner_add_suite(sr, suites[i]());

@@ -71,6 +71,8 @@ Suite *snapshot_suite(void);
 Suite *threads_suite(void);
 Suite *admin_suite(void);
 Suite *base_suite(void);
+Suite *load_suite(void);
+Suite *merge_suite(void);
 
 /* ../shared as seen from the source tree (tests may read the recorded data there). */
 const char *test_shared_dir(void);

@@ -24,6 +24,8 @@
 #include "log.h"
 #include "pool.h"
 
+#include "load_rows.h"
+#include "local_merge.h"
 #include "shard.h"
 #include "shard_snap.h"
 #include "worker_mpi_wire.h"
@@ -428,6 +430,60 @@ static wmpi_status s_snapshot(worker *w, const wmpi_cmd *h, const uint8_t *p, si
     return WMPI_OK;
 }
 
+/* A local-merge step: score and attend in one; the reply payload (l, o, m) as ATTEND's. */
+static wmpi_status s_attend_local(worker *w, const wmpi_cmd *h, const uint8_t *p, size_t *payload_p,
+                                  int64_t *bytes_p)
+{
+    shard_step st;
+    wmpi_status status;
+    worker_session *s = s_step_check(w, h, &st, &status);
+    if (!s) return status;
+    const size_t nh = (size_t)h->n_heads, d = (size_t)h->head_dim;
+    if (h->payload_bytes != (int64_t)(nh * d * 4))
+        return s_reject(w, WMPI_EINVAL, h, "attend_local size does not match the geometry");
+    if (st.method != SHARD_FASA && st.method != SHARD_ORACLE)
+        return s_reject(w, WMPI_EINVAL, h, "attend_local needs method fasa or oracle");
+    const size_t payload = nh * 8 + nh * d * 8 + nh * 4;
+    if (s_grow(&w->tx, &w->tx_cap, sizeof(wmpi_reply) + payload))
+        return s_reject(w, WMPI_ENOMEM, h, "out of memory for the reply");
+    st.q = (const float *)p;
+    s->scored = 0;
+    uint8_t *r = w->tx + sizeof(wmpi_reply);
+    if (shard_attend_local(s->shard, &st, (float *)(r + nh * 8 + nh * d * 8), (double *)r,
+                           (double *)(r + nh * 8)))
+        return s_reject(w, WMPI_ENOMEM, h, "out of memory attending");
+    *bytes_p = shard_bytes_read(s->shard);
+    *payload_p = payload;
+    return WMPI_OK;
+}
+
+/* Loads this worker's rows of one layer from files (load_rows.h); the reply payload (one
+ * load_report, err set when the files failed) is written in place in w->tx. */
+static wmpi_status s_load(worker *w, const wmpi_cmd *h, const uint8_t *p, size_t *payload_p)
+{
+    worker_session *s = s_find(w, h);
+    if (!s) return s_reject(w, WMPI_ENOENT, h, "no such session");
+    if (!s_same_geometry(shard_layout_of(s->shard), h))
+        return s_reject(w, WMPI_EINVAL, h, "geometry differs");
+    if (h->payload_bytes != (int64_t)sizeof(load_job))
+        return s_reject(w, WMPI_EINVAL, h, "load size does not match");
+    load_job job;
+    memcpy(&job, p, sizeof(job));
+    if (job.shard != w->rank - 1 || job.n_shards != w->size - 1)
+        return s_reject(w, WMPI_EINVAL, h, "load job for another shard");
+    if (s_grow(&w->tx, &w->tx_cap, sizeof(wmpi_reply) + sizeof(load_report)))
+        return s_reject(w, WMPI_ENOMEM, h, "out of memory for the reply");
+    load_report rep;
+    if (shard_load_layer(s->shard, &job, &rep)) {
+        char why[400];
+        load_report_text(&job, &rep, shard_layout_of(s->shard)->dtype, why, sizeof(why));
+        fasa_log(FASA_LOG_WARN, 0, "worker %d: load: %s", w->rank, why);
+    }
+    memcpy(w->tx + sizeof(wmpi_reply), &rep, sizeof(rep));
+    *payload_p = sizeof(rep);
+    return WMPI_OK;
+}
+
 /* Serves one received command of count bytes in w->rx. Returns 1 on a valid STOP. */
 static int s_serve(worker *w, int count)
 {
@@ -481,6 +537,12 @@ static int s_serve(worker *w, int count)
             break;
         case WMPI_SNAPSHOT:
             st = s_snapshot(w, &h, p, &payload);
+            break;
+        case WMPI_LOAD:
+            st = s_load(w, &h, p, &payload);
+            break;
+        case WMPI_ATTEND_LOCAL:
+            st = s_attend_local(w, &h, p, &payload, &bytes_read);
             break;
         default:
             st = s_reject(w, WMPI_EINVAL, &h, "unknown command");

@@ -26,6 +26,10 @@
  *                head_dim), v float (the same), then the SCORE or ATTEND payload. Every worker
  *                gets the same bytes; only shard wmpi_knew.shard appends the row (position pos
  *                of the header's layer) before running the phase, the others run the phase.
+ *   ATTEND_LOCAL q float (n_heads, head_dim): a local-merge step (worker/local_merge.h),
+ *                SCORE and ATTEND in one with the worker's own candidates as thresholds
+ *   LOAD         one load_job (worker/load_rows.h; its shard is rank - 1): the worker reads
+ *                its rows of one layer from the files the job names and appends them
  * Sections follow each other unpadded in that order. The header is a multiple of 8 bytes
  * and the byte-sized sections come last, so every section is aligned for its type in a
  * malloc'd buffer and the receiver uses the payload in place.
@@ -41,6 +45,8 @@
  *           file could not be written (the worker logs why)
  *   SCORE_KNEW, ATTEND_KNEW  as SCORE, ATTEND. On a status other than OK, bytes_read is 1
  *           when the worker holding the row appended it (the phase failed after), else 0.
+ *   ATTEND_LOCAL  as ATTEND (no aux: methods FASA and ORACLE only)
+ *   LOAD    one load_report: rows stored and bytes read, or err != LOAD_OK and where
  * A worker serves commands in order and sends nothing else, so the coordinator has at most
  * one reply outstanding per worker and MPI's non-overtaking rule pairs them up. */
 #ifndef FASA_WORKER_WORKER_MPI_WIRE_H
@@ -80,8 +86,10 @@ typedef enum wmpi_cmd_code {
     WMPI_ATTEND = 6,
     WMPI_STATS = 7,
     WMPI_SNAPSHOT = 8,
-    WMPI_SCORE_KNEW = 9,  /* SCORE after appending a step's k_new on one shard */
-    WMPI_ATTEND_KNEW = 10 /* ATTEND (a dense step's only phase) after the same */
+    WMPI_SCORE_KNEW = 9,   /* SCORE after appending a step's k_new on one shard */
+    WMPI_ATTEND_KNEW = 10, /* ATTEND (a dense step's only phase) after the same */
+    WMPI_LOAD = 11,
+    WMPI_ATTEND_LOCAL = 12,
 } wmpi_cmd_code;
 
 typedef enum wmpi_status {
