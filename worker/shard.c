@@ -519,7 +519,8 @@ static int s_reserve(shard_t *s, int layer, int n, const int32_t *pos)
     return 0;
 }
 
-int shard_append(shard_t *s, int layer, int n, const int32_t *pos, const float *k, const float *v)
+int shard_append_naive(shard_t *s, int layer, int n, const int32_t *pos, const float *k,
+                       const float *v)
 {
     if (n <= 0) return 0;
     if (s_reserve(s, layer, n, pos)) return -1;
@@ -590,6 +591,183 @@ int shard_append(shard_t *s, int layer, int n, const int32_t *pos, const float *
         madvise(ls->chunks[c][0].map, ls->chunks[c][0].map_bytes, MADV_DONTNEED);
     ls->n_rows += n;
     return 0;
+}
+
+
+/* Converts n elements of dtype from to dtype to (f16 <-> bf16 through an exact f32
+ * widening, then one rounding, as an f32 append of the widened values would). */
+static void s_convert(int from, int to, size_t n, const void *src, void *dst, float *tmp)
+{
+    if (from == to)
+        memcpy(dst, src, n * fasa_dtype_size(to));
+    else if (from == FASA_DTYPE_F32)
+        dtype_from_f32(SIMD_AUTO, to, n, src, dst);
+    else if (to == FASA_DTYPE_F32)
+        dtype_to_f32(SIMD_AUTO, from, n, src, dst);
+    else {
+        dtype_to_f32(SIMD_AUTO, from, n, src, tmp);
+        dtype_from_f32(SIMD_AUTO, to, n, tmp, dst);
+    }
+}
+
+/* sum[c] += x[c] in double, and the running page bounds: vectorisable loops. */
+static void s_sum(int n, double *restrict sum, const float *restrict x)
+{
+    for (int c = 0; c < n; c++) sum[c] += x[c];
+}
+
+static void s_bounds(int n, float *restrict mn, float *restrict mx, const float *restrict x)
+{
+    /* x < m ? x : m keeps m on ties (+0 against -0), as the reference's strict compares. */
+    for (int c = 0; c < n; c++) mn[c] = x[c] < mn[c] ? x[c] : mn[c];
+    for (int c = 0; c < n; c++) mx[c] = x[c] > mx[c] ? x[c] : mx[c];
+}
+
+int shard_append_dt(shard_t *s, int layer, int n, const int32_t *pos, int in_dt, const void *k,
+                    const void *v)
+{
+    if (n <= 0) return 0;
+    if (!fasa_dtype_size(in_dt)) return -1;
+    if (s_reserve(s, layer, n, pos)) return -1;
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads, dt = lay->dtype;
+    const size_t row = (size_t)hkv * d, ein = fasa_dtype_size(in_dt);
+    layer_store *ls = &s->layers[layer];
+    /* Per row: the key row in the stored dtype (the input itself when the dtypes match, else
+     * converted once) and as f32 (for the page bounds, the key sums and a scoring copy);
+     * per KV head the permuted stored elements, copied into the tiles and krest. */
+    float vq[d], kpf[d], tmpf[d];
+    uint16_t kp16[d];
+    for (int i = 0; i < n; i++) {
+        const int r = ls->n_rows + i;
+        kv_chunk *ch = ls->chunks[r / SHARD_CHUNK];
+        const int rr = r % SHARD_CHUNK, tile = rr / SCORE_TILE, lane = rr % SCORE_TILE;
+        const char *kin = (const char *)k + (size_t)i * row * ein;
+        const char *vin = (const char *)v + (size_t)i * row * ein;
+        const void *ks; /* row elements of dt */
+        const float *kf;
+        if (dt == FASA_DTYPE_F32) {
+            if (in_dt == FASA_DTYPE_F32)
+                kf = (const float *)kin;
+            else
+                dtype_to_f32(SIMD_AUTO, in_dt, row, kin, s->rowf), kf = s->rowf;
+            ks = kf;
+        } else {
+            if (in_dt == dt)
+                ks = kin;
+            else
+                s_convert(in_dt, dt, row, kin, s->rowh, s->rowf), ks = s->rowh;
+            dtype_to_f32(SIMD_AUTO, dt, row, ks, s->rowf);
+            kf = s->rowf;
+        }
+        for (int g = 0; g < hkv; g++) {
+            const int u = lay->n_dom[layer * hkv + g];
+            const int *perm = lay->perm + ((size_t)layer * hkv + g) * d;
+            const float *kr = kf + (size_t)g * d;
+            const size_t kd0 = (size_t)tile * u * SCORE_TILE + lane;
+            if (dt == FASA_DTYPE_F32 || ch[g].ksc)
+                for (int p = 0; p < d; p++) kpf[p] = kr[perm[p]];
+            if (ch[g].ksc) scan_pack_row(s_sd(lay), u, kpf, ch[g].ksc, ch[g].kscale, rr);
+            if (dt == FASA_DTYPE_F32) {
+                float *kd = (float *)ch[g].kdom + kd0;
+                for (int p = 0; p < u; p++) kd[(size_t)p * SCORE_TILE] = kpf[p];
+                memcpy((float *)ch[g].krest + (size_t)rr * (d - u), kpf + u,
+                       (size_t)(d - u) * sizeof(float));
+            } else {
+                const uint16_t *kh = (const uint16_t *)ks + (size_t)g * d;
+                for (int p = 0; p < d; p++) kp16[p] = kh[perm[p]];
+                uint16_t *kd = (uint16_t *)ch[g].kdom + kd0;
+                for (int p = 0; p < u; p++) kd[(size_t)p * SCORE_TILE] = kp16[p];
+                memcpy((uint16_t *)ch[g].krest + (size_t)rr * (d - u), kp16 + u,
+                       (size_t)(d - u) * sizeof(uint16_t));
+            }
+            void *vdst = s_at(s, ch[g].v, (size_t)rr * d);
+            s_convert(in_dt, dt, (size_t)d, vin + (size_t)g * d * ein, vdst, tmpf);
+            const float *vf = (const float *)vdst;
+            if (dt != FASA_DTYPE_F32) dtype_to_f32(SIMD_AUTO, dt, (size_t)d, vdst, vq), vf = vq;
+            s_sum(d, ls->vsum + (size_t)g * d, vf);
+            s_sum(d, ls->ksum + (size_t)g * d, kr);
+        }
+        ls->pos[r] = pos[i];
+        const int32_t pp = pos[i] - pos[i] % SHARD_QUEST_PAGE;
+        const int fresh = ls->n_pages == 0 || ls->page_pos[ls->n_pages - 1] != pp;
+        if (fresh) {
+            ls->page_pos[ls->n_pages] = pp;
+            ls->page_row0[ls->n_pages] = r;
+            ls->n_pages++;
+        }
+        float *pb = ls->pbound + (size_t)(ls->n_pages - 1) * hkv * 2 * d;
+        for (int g = 0; g < hkv; g++) {
+            float *mn = pb + (size_t)g * 2 * d, *mx = mn + d;
+            const float *kr = kf + (size_t)g * d;
+            if (fresh) {
+                memcpy(mn, kr, (size_t)d * sizeof(float));
+                memcpy(mx, kr, (size_t)d * sizeof(float));
+            } else {
+                s_bounds(d, mn, mx, kr);
+            }
+        }
+    }
+    for (int c = ls->n_rows / SHARD_CHUNK;
+         c <= (ls->n_rows + n - 1) / SHARD_CHUNK && ls->chunks[c][0].map; c++)
+        madvise(ls->chunks[c][0].map, ls->chunks[c][0].map_bytes, MADV_DONTNEED);
+    ls->n_rows += n;
+    return 0;
+}
+
+int shard_append(shard_t *s, int layer, int n, const int32_t *pos, const float *k, const float *v)
+{
+    return shard_append_dt(s, layer, n, pos, FASA_DTYPE_F32, k, v);
+}
+
+/* 1 when bytes bytes at a and b are equal (none are always). */
+static int s_mem_eq(const void *a, const void *b, size_t bytes)
+{
+    return bytes == 0 || (a && b && memcmp(a, b, bytes) == 0);
+}
+
+int shard_store_equal(const shard_t *a, const shard_t *b)
+{
+    const shard_layout *la = &a->lay, *lb = &b->lay;
+    if (la->n_layers != lb->n_layers || la->n_kv_heads != lb->n_kv_heads ||
+        la->head_dim != lb->head_dim || la->dtype != lb->dtype ||
+        la->score_dtype != lb->score_dtype)
+        return 0;
+    const int d = la->head_dim, hkv = la->n_kv_heads;
+    const size_t esz = s_esz(a);
+    for (int l = 0; l < la->n_layers; l++) {
+        const layer_store *x = &a->layers[l], *y = &b->layers[l];
+        if (x->n_rows != y->n_rows || x->n_pages != y->n_pages) return 0;
+        if (!s_mem_eq(x->pos, y->pos, (size_t)x->n_rows * sizeof(int32_t)) ||
+            !s_mem_eq(x->page_pos, y->page_pos, (size_t)x->n_pages * sizeof(int32_t)) ||
+            !s_mem_eq(x->page_row0, y->page_row0, (size_t)x->n_pages * sizeof(int)) ||
+            !s_mem_eq(x->pbound, y->pbound, (size_t)x->n_pages * hkv * 2 * d * sizeof(float)))
+            return 0;
+        if (x->n_rows && (!s_mem_eq(x->vsum, y->vsum, (size_t)hkv * d * sizeof(double)) ||
+                          !s_mem_eq(x->ksum, y->ksum, (size_t)hkv * d * sizeof(double))))
+            return 0;
+        for (int c = 0; c * SHARD_CHUNK < x->n_rows; c++) {
+            const int rows = x->n_rows - c * SHARD_CHUNK < SHARD_CHUNK ? x->n_rows - c * SHARD_CHUNK
+                                                                      : SHARD_CHUNK;
+            const size_t tiles = ((size_t)rows + SCORE_TILE - 1) / SCORE_TILE;
+            for (int g = 0; g < hkv; g++) {
+                const kv_chunk *p = &x->chunks[c][g], *q = &y->chunks[c][g];
+                const int u = la->n_dom[l * hkv + g];
+                if (u != lb->n_dom[l * hkv + g] ||
+                    memcmp(la->perm + ((size_t)l * hkv + g) * d,
+                           lb->perm + ((size_t)l * hkv + g) * d, (size_t)d * sizeof(int)))
+                    return 0;
+                if (!s_mem_eq(p->kdom, q->kdom, tiles * SCORE_TILE * u * esz) ||
+                    !s_mem_eq(p->krest, q->krest, (size_t)rows * (d - u) * esz) ||
+                    !s_mem_eq(p->v, q->v, (size_t)rows * d * esz) ||
+                    !s_mem_eq(p->ksc, q->ksc, s_ksc_bytes(la, u, tiles * SCORE_TILE) -
+                                                  (s_sd(la) == SCAN_I8 ? tiles * SCORE_TILE * 4 : 0)) ||
+                    !s_mem_eq(p->kscale, q->kscale, p->kscale ? (size_t)rows * sizeof(float) : 0))
+                    return 0;
+            }
+        }
+    }
+    return 1;
 }
 
 const shard_layout *shard_layout_of(const shard_t *s)

@@ -159,6 +159,19 @@ void shard_destroy(shard_t **shard_p);
  * k and v (n, n_kv_heads, head_dim). Returns 0, or -1 when out of memory (nothing added). */
 int shard_append(shard_t *shard, int layer, int n, const int32_t *pos, const float *k,
                  const float *v);
+/* The same with k and v of in_dtype (fasa_dtype: f32, f16 or bf16) elements. The stored
+ * bits equal those of shard_append fed the values widened to f32 (so rows whose dtype is
+ * the session's are copied as they are, without a round trip through f32). -1 also for an
+ * unknown in_dtype (nothing added). */
+int shard_append_dt(shard_t *shard, int layer, int n, const int32_t *pos, int in_dtype,
+                    const void *k, const void *v);
+/* The reference of shard_append (one row at a time, every row converted per use, the
+ * page bounds by scalar compares), kept for tests: the same store, bit for bit. */
+int shard_append_naive(shard_t *shard, int layer, int n, const int32_t *pos, const float *k,
+                       const float *v);
+/* 1 when two shards of the same layout hold bitwise the same store: rows, positions, key
+ * tiles, krest, values, scoring copy, QUEST page bounds and the SPARQ/FASA_PLUS sums. */
+int shard_store_equal(const shard_t *a, const shard_t *b);
 
 /* Runs the shard's steps (shard_score, shard_attend) on a thread pool (pool.h), the KV
  * groups as tasks, each thread with scratch of its own: outputs are the same bits for any
