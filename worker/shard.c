@@ -48,10 +48,17 @@ typedef struct layer_store {
     float *pbound;     /* (page_cap, n_kv_heads, 2, head_dim) min then max, original dims */
     double *vsum;      /* (n_kv_heads, head_dim) SPARQ: sum of every row's value */
     double *ksum;      /* (n_kv_heads, head_dim) FASA_PLUS: sum of every row's key */
+    /* shard_txn_begin: the layer as it was before the transaction's first append to it
+     * (mark_txn): its rows, pages, the last page's bounds and the two sums. */
+    uint32_t mark_txn;
+    int mark_rows, mark_pages;
+    float *mark_bound; /* (n_kv_heads, 2, head_dim) */
+    double *mark_sum;  /* (2, n_kv_heads, head_dim) vsum then ksum */
 } layer_store;
 
 struct shard {
     shard_layout lay;
+    uint32_t txn; /* shard_txn_begin's transaction, 0: none */
     layer_store *layers; /* (n_layers) */
     /* Per-step state and grow-only scratch; the hot path allocates only on growth. */
     topk_cand *kept; /* (units, kept_budget) candidates of the last shard_score */
@@ -297,6 +304,8 @@ void shard_destroy(shard_t **shard_p)
         free(ls->pbound);
         free(ls->vsum);
         free(ls->ksum);
+        free(ls->mark_bound);
+        free(ls->mark_sum);
     }
     free(s->layers);
     free(s->kept);
@@ -594,6 +603,74 @@ int shard_append_naive(shard_t *s, int layer, int n, const int32_t *pos, const f
 }
 
 
+/* Under a transaction, the layer's state before its first append in it (shard_txn_begin). */
+static int s_mark(shard_t *s, int layer)
+{
+    layer_store *ls = &s->layers[layer];
+    if (!s->txn || ls->mark_txn == s->txn) return 0;
+    const size_t kd = (size_t)s->lay.n_kv_heads * s->lay.head_dim;
+    if (!ls->mark_bound && !(ls->mark_bound = malloc(2 * kd * sizeof(float)))) return -1;
+    if (!ls->mark_sum && !(ls->mark_sum = malloc(2 * kd * sizeof(double)))) return -1;
+    ls->mark_txn = s->txn;
+    ls->mark_rows = ls->n_rows;
+    ls->mark_pages = ls->n_pages;
+    if (ls->n_pages)
+        memcpy(ls->mark_bound, ls->pbound + (size_t)(ls->n_pages - 1) * 2 * kd,
+               2 * kd * sizeof(float));
+    memcpy(ls->mark_sum, ls->vsum, kd * sizeof(double));
+    memcpy(ls->mark_sum + kd, ls->ksum, kd * sizeof(double));
+    return 0;
+}
+
+void shard_txn_begin(shard_t *s, uint32_t txn)
+{
+    s->txn = txn;
+}
+
+/* Rows [row0, row1) of a layer back to what a fresh store holds there: zero key tiles,
+ * scoring copy and krest (the padding of a partial tile must score as zeros). */
+static void s_rows_clear(shard_t *s, int layer, int row0, int row1)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads;
+    const size_t esz = s_esz(s);
+    layer_store *ls = &s->layers[layer];
+    float zero[d];
+    memset(zero, 0, sizeof(zero));
+    for (int r = row0; r < row1; r++) {
+        kv_chunk *ch = ls->chunks[r / SHARD_CHUNK];
+        const int rr = r % SHARD_CHUNK, tile = rr / SCORE_TILE, lane = rr % SCORE_TILE;
+        for (int g = 0; g < hkv; g++) {
+            const int u = lay->n_dom[layer * hkv + g];
+            char *kd = (char *)ch[g].kdom + ((size_t)tile * u * SCORE_TILE + lane) * esz;
+            for (int p = 0; p < u; p++) memset(kd + (size_t)p * SCORE_TILE * esz, 0, esz);
+            if (ch[g].ksc) {
+                scan_pack_row(s_sd(lay), u, zero, ch[g].ksc, ch[g].kscale, rr);
+                if (ch[g].kscale) ch[g].kscale[rr] = 0.0f;
+            }
+            if (!ch[0].map) memset(s_at(s, ch[g].krest, (size_t)rr * (d - u)), 0, (d - u) * esz);
+        }
+    }
+}
+
+void shard_txn_undo(shard_t *s, uint32_t txn)
+{
+    const size_t kd = (size_t)s->lay.n_kv_heads * s->lay.head_dim;
+    for (int l = 0; txn && l < s->lay.n_layers; l++) {
+        layer_store *ls = &s->layers[l];
+        if (ls->mark_txn != txn) continue;
+        s_rows_clear(s, l, ls->mark_rows, ls->n_rows);
+        ls->n_rows = ls->mark_rows;
+        ls->n_pages = ls->mark_pages;
+        if (ls->n_pages)
+            memcpy(ls->pbound + (size_t)(ls->n_pages - 1) * 2 * kd, ls->mark_bound,
+                   2 * kd * sizeof(float));
+        memcpy(ls->vsum, ls->mark_sum, kd * sizeof(double));
+        memcpy(ls->ksum, ls->mark_sum + kd, kd * sizeof(double));
+        ls->mark_txn = 0;
+    }
+}
+
 /* Converts n elements of dtype from to dtype to (f16 <-> bf16 through an exact f32
  * widening, then one rounding, as an f32 append of the widened values would). */
 static void s_convert(int from, int to, size_t n, const void *src, void *dst, float *tmp)
@@ -628,7 +705,7 @@ int shard_append_dt(shard_t *s, int layer, int n, const int32_t *pos, int in_dt,
 {
     if (n <= 0) return 0;
     if (!fasa_dtype_size(in_dt)) return -1;
-    if (s_reserve(s, layer, n, pos)) return -1;
+    if (s_reserve(s, layer, n, pos) || s_mark(s, layer)) return -1;
     const shard_layout *lay = &s->lay;
     const int d = lay->head_dim, hkv = lay->n_kv_heads, dt = lay->dtype;
     const size_t row = (size_t)hkv * d, ein = fasa_dtype_size(in_dt);

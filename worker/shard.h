@@ -165,6 +165,14 @@ int shard_append(shard_t *shard, int layer, int n, const int32_t *pos, const flo
  * unknown in_dtype (nothing added). */
 int shard_append_dt(shard_t *shard, int layer, int n, const int32_t *pos, int in_dtype,
                     const void *k, const void *v);
+/* Appends that can be taken back. After shard_txn_begin(shard, txn) (txn != 0) the first
+ * append to each layer saves what the layer holds; shard_txn_undo(shard, txn) puts every
+ * layer appended to since back as it was, bit for bit (rows, key tiles and their padding,
+ * page bounds, sums; the capacity grown stays allocated). shard_txn_begin(shard, 0) ends
+ * the transaction (appends save nothing). A mark costs a copy of 2 sums and one page's
+ * bounds per layer touched. */
+void shard_txn_begin(shard_t *shard, uint32_t txn);
+void shard_txn_undo(shard_t *shard, uint32_t txn);
 /* The reference of shard_append (one row at a time, every row converted per use, the
  * page bounds by scalar compares), kept for tests: the same store, bit for bit. */
 int shard_append_naive(shard_t *shard, int layer, int n, const int32_t *pos, const float *k,

@@ -949,6 +949,64 @@ START_TEST(test_shard_append_fast)
 }
 END_TEST
 
+/* shard_txn_undo: a shard that took appends under a transaction and undid them holds
+ * bitwise what one that never took them holds, and both take the next rows the same. */
+START_TEST(test_shard_txn_undo)
+{
+    const int nl = 2, nh = 6, nkv = 3, d = 10, n = 2 * SHARD_CHUNK + 300;
+    const int sds[] = {SCAN_AUTO, SCAN_BF16, SCAN_I8};
+    test_rng r = {78};
+    const size_t row = (size_t)nkv * d;
+    float *k = test_alloc((size_t)n * row * 4), *v = test_alloc((size_t)n * row * 4);
+    int32_t *pos = test_alloc((size_t)n * 4);
+    test_fill(&r, (size_t)n * row, k, 2.0f);
+    test_fill(&r, (size_t)n * row, v, 2.0f);
+    for (int i = 0; i < n; i++) pos[i] = 3 * i + 1;
+    /* cut: the rows kept; then undone appends of rows cut .. cut2 (layer 0 in two appends
+     * crossing a tile, a page and a chunk; layer 1 in one); then cut .. n kept. */
+    const int cuts[][2] = {{0, 40}, {37, SHARD_CHUNK + 9}, {SHARD_CHUNK - 5, SHARD_CHUNK + 700}};
+    for (int dt = FASA_DTYPE_F32; dt <= FASA_DTYPE_BF16; dt++)
+        for (size_t si = 0; si < sizeof(sds) / sizeof(*sds); si++)
+            for (int ci = 0; ci < 3; ci++) {
+                const int cut = cuts[ci][0], cut2 = cuts[ci][1], mid = (cut + cut2) / 2;
+                shard_layout lay;
+                s_layout_random(&lay, &r, nl, nh, nkv, d);
+                lay.dtype = dt;
+                lay.score_dtype = sds[si];
+                shard_t *a = shard_new(&lay), *b = shard_new(&lay);
+                for (int l = 0; l < nl; l++) {
+                    ck_assert_int_eq(shard_append(a, l, cut, pos, k, v), 0);
+                    ck_assert_int_eq(shard_append(b, l, cut, pos, k, v), 0);
+                }
+                shard_txn_begin(a, 7);
+                const size_t o = (size_t)cut * row, om = (size_t)mid * row;
+                ck_assert_int_eq(shard_append(a, 0, mid - cut, pos + cut, k + o, v + o), 0);
+                ck_assert_int_eq(shard_append(a, 0, cut2 - mid, pos + mid, k + om, v + om), 0);
+                ck_assert_int_eq(shard_append(a, 1, cut2 - cut, pos + cut, k + o, v + o), 0);
+                ck_assert_int_eq(shard_rows(a, 0), cut2);
+                ck_assert(!shard_store_equal(a, b));
+                shard_txn_undo(a, 8); /* another transaction: nothing */
+                ck_assert_int_eq(shard_rows(a, 0), cut2);
+                shard_txn_undo(a, 7);
+                shard_txn_begin(a, 0);
+                ck_assert_int_eq(shard_rows(a, 0), cut);
+                ck_assert_int_eq(shard_rows(a, 1), cut);
+                ck_assert_msg(shard_store_equal(a, b), "undo: dtype %d score %d cut %d", dt,
+                              sds[si], ci);
+                for (int l = 0; l < nl; l++) {
+                    ck_assert_int_eq(shard_append(a, l, n - cut, pos + cut, k + o, v + o), 0);
+                    ck_assert_int_eq(shard_append(b, l, n - cut, pos + cut, k + o, v + o), 0);
+                }
+                ck_assert_msg(shard_store_equal(a, b), "after: dtype %d score %d cut %d", dt,
+                              sds[si], ci);
+                shard_destroy(&a);
+                shard_destroy(&b);
+                shard_layout_cleanup(&lay);
+            }
+    free(k), free(v), free(pos);
+}
+END_TEST
+
 Suite *shard_suite(void)
 {
     Suite *s = suite_create("shard");
@@ -964,6 +1022,7 @@ Suite *shard_suite(void)
     tcase_add_test(tc, test_shard_disk_tier);
     tcase_add_test(tc, test_shard_bytes_exact);
     tcase_add_test(tc, test_shard_append_fast);
+    tcase_add_test(tc, test_shard_txn_undo);
     suite_add_tcase(s, tc);
     return s;
 }
