@@ -58,7 +58,7 @@ typedef struct layer_store {
 
 struct shard {
     shard_layout lay;
-    uint32_t txn; /* shard_txn_begin's transaction, 0: none */
+    uint32_t txn;        /* shard_txn_begin's transaction, 0: none */
     layer_store *layers; /* (n_layers) */
     /* Per-step state and grow-only scratch; the hot path allocates only on growth. */
     topk_cand *kept; /* (units, kept_budget) candidates of the last shard_score */
@@ -602,7 +602,6 @@ int shard_append_naive(shard_t *s, int layer, int n, const int32_t *pos, const f
     return 0;
 }
 
-
 /* Under a transaction, the layer's state before its first append in it (shard_txn_begin). */
 static int s_mark(shard_t *s, int layer)
 {
@@ -825,7 +824,7 @@ int shard_store_equal(const shard_t *a, const shard_t *b)
             return 0;
         for (int c = 0; c * SHARD_CHUNK < x->n_rows; c++) {
             const int rows = x->n_rows - c * SHARD_CHUNK < SHARD_CHUNK ? x->n_rows - c * SHARD_CHUNK
-                                                                      : SHARD_CHUNK;
+                                                                       : SHARD_CHUNK;
             const size_t tiles = ((size_t)rows + SCORE_TILE - 1) / SCORE_TILE;
             for (int g = 0; g < hkv; g++) {
                 const kv_chunk *p = &x->chunks[c][g], *q = &y->chunks[c][g];
@@ -837,8 +836,9 @@ int shard_store_equal(const shard_t *a, const shard_t *b)
                 if (!s_mem_eq(p->kdom, q->kdom, tiles * SCORE_TILE * u * esz) ||
                     !s_mem_eq(p->krest, q->krest, (size_t)rows * (d - u) * esz) ||
                     !s_mem_eq(p->v, q->v, (size_t)rows * d * esz) ||
-                    !s_mem_eq(p->ksc, q->ksc, s_ksc_bytes(la, u, tiles * SCORE_TILE) -
-                                                  (s_sd(la) == SCAN_I8 ? tiles * SCORE_TILE * 4 : 0)) ||
+                    !s_mem_eq(p->ksc, q->ksc,
+                              s_ksc_bytes(la, u, tiles * SCORE_TILE) -
+                                  (s_sd(la) == SCAN_I8 ? tiles * SCORE_TILE * 4 : 0)) ||
                     !s_mem_eq(p->kscale, q->kscale, p->kscale ? (size_t)rows * sizeof(float) : 0))
                     return 0;
             }

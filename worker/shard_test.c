@@ -902,8 +902,8 @@ START_TEST(test_shard_append_fast)
                         int m = steps[si2 % 6];
                         if (m > n - i0) m = n - i0;
                         const size_t o = (size_t)i0 * row;
-                        ck_assert_int_eq(
-                            shard_append_naive(ref, l, m, pos + i0, kin + o, vin + o), 0);
+                        ck_assert_int_eq(shard_append_naive(ref, l, m, pos + i0, kin + o, vin + o),
+                                         0);
                         if (in == FASA_DTYPE_F32)
                             ck_assert_int_eq(shard_append(fast, l, m, pos + i0, k + o, v + o), 0);
                         else
@@ -911,8 +911,8 @@ START_TEST(test_shard_append_fast)
                                 shard_append_dt(fast, l, m, pos + i0, in, kh + o, vh + o), 0);
                         i0 += m;
                     }
-                ck_assert_msg(shard_store_equal(ref, fast), "dtype %d score %d in %d", dt,
-                              sds[si], in);
+                ck_assert_msg(shard_store_equal(ref, fast), "dtype %d score %d in %d", dt, sds[si],
+                              in);
                 /* The steps that read the bounds and sums answer the same bits. */
                 float q[6 * 10], m1[6], m2[6];
                 double l1[6], l2[6], o1[6 * 10], o2[6 * 10];
@@ -932,7 +932,8 @@ START_TEST(test_shard_append_fast)
                     uint8_t have[6] = {1, 1, 1, 1, 1, 1};
                     ck_assert_int_eq(shard_score(ref, &st, c1, n1), 0);
                     ck_assert_int_eq(shard_score(fast, &st, c2, n2), 0);
-                    ck_assert_msg(!memcmp(n1, n2, sizeof(n1)), "method %d dt %d sd %d in %d", ms[mi], dt, sds[si], in);
+                    ck_assert_msg(!memcmp(n1, n2, sizeof(n1)), "method %d dt %d sd %d in %d",
+                                  ms[mi], dt, sds[si], in);
                     ck_assert_mem_eq(c1, c2, sizeof(c1));
                     for (int h = 0; h < 6; h++) thr[h] = c1[h * 9 + n1[h] - 1];
                     ck_assert_int_eq(shard_attend(ref, &st, thr, have, m1, l1, o1), 0);
