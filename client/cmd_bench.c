@@ -34,6 +34,7 @@
 #include "progress.h"
 #include "phase.h"
 #include "pool.h"
+#include "ingest.h"
 #include "readbw.h"
 #include "roofline.h"
 #include "shard.h"
@@ -65,7 +66,7 @@ static const char *const s_phase_names[BENCH_N_PHASES] = {"scan",   "select", "g
 #define TARGET_DISK_OVER_F16 0.30
 
 static const char usage_bench[] =
-    "usage: fasa bench scan|attend [options]\n"
+    "usage: fasa bench scan|attend|ingest [options]\n"
     "\n"
     "Benchmarks that print each figure next to its target (shared/docs/targets.md) and\n"
     "whether it is met, on synthetic data (32 query heads, 8 KV heads, head_dim 128, ntip 16\n"
@@ -73,6 +74,7 @@ static const char usage_bench[] =
     "\n"
     "  scan     the scoring scan's GB/s against the machine's read bandwidth of the same bytes\n"
     "  attend   decode step time per method (dense, fasa, oracle), dense/fasa, RAM per token\n"
+    "  ingest   a server's append bandwidth (stored GB/s) against the read bandwidth\n"
     "\n"
     "Run 'fasa bench scan --help' or 'fasa bench attend --help' for the options.\n";
 
@@ -1280,9 +1282,10 @@ int cmd_bench(int argc, char **argv)
         fputs(usage_bench, argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
+    if (strcmp(argv[1], "ingest") == 0) return bench_ingest_main(argc - 1, argv + 1);
     const int scan = strcmp(argv[1], "scan") == 0;
     if (!scan && strcmp(argv[1], "attend") != 0)
-        return cli_usage_error("bench", "unknown benchmark '%s' (scan or attend)", argv[1]);
+        return cli_usage_error("bench", "unknown benchmark '%s' (scan, attend or ingest)", argv[1]);
     bench_opts o;
     const int prc = s_parse(scan ? "bench scan" : "bench attend", argc - 1, argv + 1, &o);
     if (prc) return prc < 0 ? 0 : prc;

@@ -615,7 +615,7 @@ static fasa_client_status s_tensor(tensor_buf *tb, Fasa__V1__DType dtype, int n_
                                    fasa_client_error *err)
 {
     fasa__v1__tensor__init(&tb->t);
-    uint64_t bytes = 4;
+    uint64_t bytes = dtype == FASA__V1__DTYPE__F16 || dtype == FASA__V1__DTYPE__BF16 ? 2 : 4;
     for (int i = 0; i < n_dims; i++) {
         tb->shape[i] = shape[i];
         if (shape[i] && bytes > CLIENT_MAX_BYTES / shape[i])
@@ -823,6 +823,21 @@ fasa_client_status fasa_client_append(fasa_client *c, const char *session_id,
                                       uint64_t start_pos, uint64_t n, const float *k,
                                       const float *v, uint64_t *length_p, fasa_client_error *err)
 {
+    return fasa_client_append_dt(c, session_id, geom, layer, start_pos, n, FASA_CLIENT_DTYPE_F32, k,
+                                 v, length_p, err);
+}
+
+fasa_client_status fasa_client_append_dt(fasa_client *c, const char *session_id,
+                                         const fasa_client_geometry *geom, int32_t layer,
+                                         uint64_t start_pos, uint64_t n, fasa_client_dtype dtype,
+                                         const void *k, const void *v, uint64_t *length_p,
+                                         fasa_client_error *err)
+{
+    if (dtype == FASA_CLIENT_DTYPE_DEFAULT) dtype = FASA_CLIENT_DTYPE_F32;
+    if (dtype != FASA_CLIENT_DTYPE_F32 && dtype != FASA_CLIENT_DTYPE_F16 &&
+        dtype != FASA_CLIENT_DTYPE_BF16)
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "append: dtype %d is not F32, F16 or BF16",
+                      (int)dtype);
     const fasa_client_status st0 = s_check_id(session_id, "append.session_id", err);
     if (st0) return st0;
     if (!geom) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "append: geometry NULL");
@@ -835,8 +850,8 @@ fasa_client_status fasa_client_append(fasa_client *c, const char *session_id,
     shape[nd++] = geom->head_dim;
     tensor_buf tk, tv;
     fasa_client_status st;
-    if ((st = s_tensor(&tk, FASA__V1__DTYPE__F32, nd, shape, k, "append.k", err)) ||
-        (st = s_tensor(&tv, FASA__V1__DTYPE__F32, nd, shape, v, "append.v", err)))
+    if ((st = s_tensor(&tk, (Fasa__V1__DType)dtype, nd, shape, k, "append.k", err)) ||
+        (st = s_tensor(&tv, (Fasa__V1__DType)dtype, nd, shape, v, "append.v", err)))
         return st;
     Fasa__V1__Append ap = FASA__V1__APPEND__INIT;
     ap.session_id = (char *)(uintptr_t)session_id;

@@ -202,6 +202,14 @@ fasa_client_status fasa_client_append(fasa_client *c, const char *session_id,
                                       const fasa_client_geometry *geom, int32_t layer,
                                       uint64_t start_pos, uint64_t n, const float *k,
                                       const float *v, uint64_t *length_p, fasa_client_error *err);
+/* The same with k and v of dtype F32, F16 or BF16 (uint16_t elements, IEEE binary16 or
+ * bfloat16, little-endian): half the bytes on the wire, and rows of the session's own
+ * dtype are stored as sent (bit for bit what an F32 append of the same values stores). */
+fasa_client_status fasa_client_append_dt(fasa_client *c, const char *session_id,
+                                         const fasa_client_geometry *geom, int32_t layer,
+                                         uint64_t start_pos, uint64_t n, fasa_client_dtype dtype,
+                                         const void *k, const void *v, uint64_t *length_p,
+                                         fasa_client_error *err);
 
 /* Statistics of one attention step. */
 typedef struct fasa_client_step_stats {

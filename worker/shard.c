@@ -30,8 +30,19 @@ typedef struct kv_chunk {
      * KV head's krest and v, and its size. NULL in RAM. */
     void *map;
     size_t map_bytes;
-    int cap; /* rows allocated in kdom, krest and v (s_chunk_cap): a chunk grows as it fills */
+    int cap;    /* rows allocated in kdom, krest and v (s_chunk_cap): a chunk grows as it fills */
+    int pooled; /* its arrays live in the shard's arena (s_chunk_full): not freed one by one */
 } kv_chunk;
+
+/* A shard's arena of full chunks: 2 MiB-aligned anonymous mappings asked for transparent
+ * huge pages, carved front to back and unmapped with the shard. On a machine where a fresh
+ * 4 KiB page costs microseconds to fault in, that is most of what storing a row costs. */
+typedef struct s_arena {
+    struct s_arena *next;
+    size_t size, used; /* bytes mapped (the header included) and handed out */
+} s_arena;
+#define SHARD_ARENA_BYTES ((size_t)32 << 20)
+#define SHARD_HUGE_PAGE ((size_t)2 << 20)
 
 typedef struct layer_store {
     int n_rows;        /* rows held */
@@ -48,10 +59,14 @@ typedef struct layer_store {
     float *pbound;     /* (page_cap, n_kv_heads, 2, head_dim) min then max, original dims */
     double *vsum;      /* (n_kv_heads, head_dim) SPARQ: sum of every row's value */
     double *ksum;      /* (n_kv_heads, head_dim) FASA_PLUS: sum of every row's key */
+    /* The page bounds and the two sums are brought up to date lazily (s_sums_catch_up, by
+     * the first step that reads them): they hold rows 0 .. sums_rows - 1, the last of them
+     * on page sums_page. Appends only store rows and list their pages. */
+    int sums_rows, sums_page;
     /* shard_txn_begin: the layer as it was before the transaction's first append to it
      * (mark_txn): its rows, pages, the last page's bounds and the two sums. */
     uint32_t mark_txn;
-    int mark_rows, mark_pages;
+    int mark_rows, mark_pages, mark_sums_rows, mark_sums_page;
     float *mark_bound; /* (n_kv_heads, 2, head_dim) */
     double *mark_sum;  /* (2, n_kv_heads, head_dim) vsum then ksum */
 } layer_store;
@@ -59,6 +74,7 @@ typedef struct layer_store {
 struct shard {
     shard_layout lay;
     uint32_t txn;        /* shard_txn_begin's transaction, 0: none */
+    s_arena *arena;      /* newest first */
     layer_store *layers; /* (n_layers) */
     /* Per-step state and grow-only scratch; the hot path allocates only on growth. */
     topk_cand *kept; /* (units, kept_budget) candidates of the last shard_score */
@@ -286,7 +302,7 @@ void shard_destroy(shard_t **shard_p)
     for (int l = 0; l < s->lay.n_layers; l++) {
         layer_store *ls = &s->layers[l];
         for (int c = 0; c < ls->n_chunks; c++) {
-            for (int g = 0; g < s->lay.n_kv_heads; g++) {
+            for (int g = 0; g < s->lay.n_kv_heads && !ls->chunks[c][0].pooled; g++) {
                 free(ls->chunks[c][g].kdom);
                 free(ls->chunks[c][g].ksc);
                 free(ls->chunks[c][g].kscale);
@@ -306,6 +322,11 @@ void shard_destroy(shard_t **shard_p)
         free(ls->ksum);
         free(ls->mark_bound);
         free(ls->mark_sum);
+    }
+    while (s->arena) {
+        s_arena *next = s->arena->next;
+        munmap(s->arena, s->arena->size);
+        s->arena = next;
     }
     free(s->layers);
     free(s->kept);
@@ -456,6 +477,93 @@ fail:
     return NULL;
 }
 
+/* bytes (a multiple of 64) of zeroed memory from the shard's arena; NULL when out of
+ * memory. */
+static void *s_pool_get(shard_t *s, size_t bytes)
+{
+    s_arena *a = s->arena;
+    if (!a || a->size - a->used < bytes) {
+        size_t size = bytes + 64 > SHARD_ARENA_BYTES ? bytes + 64 : SHARD_ARENA_BYTES;
+        size = (size + SHARD_HUGE_PAGE - 1) / SHARD_HUGE_PAGE * SHARD_HUGE_PAGE;
+        char *m = mmap(NULL, size + SHARD_HUGE_PAGE, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) return NULL;
+        char *b = (char *)(((uintptr_t)m + SHARD_HUGE_PAGE - 1) & ~(SHARD_HUGE_PAGE - 1));
+        if (b > m) munmap(m, (size_t)(b - m));
+        if (b + size < m + size + SHARD_HUGE_PAGE)
+            munmap(b + size, (size_t)(m + size + SHARD_HUGE_PAGE - (b + size)));
+        madvise(b, size, MADV_HUGEPAGE);
+        a = (s_arena *)(void *)b;
+        a->next = s->arena;
+        a->size = size;
+        a->used = 64;
+        s->arena = a;
+    }
+    void *p = (char *)a + a->used;
+    a->used += bytes;
+    return p;
+}
+
+static size_t s_up64(size_t x)
+{
+    return (x + 63) / 64 * 64;
+}
+
+/* A RAM chunk at its full SHARD_CHUNK rows, its arrays in the arena: a new one (old NULL)
+ * or old grown, its rows copied and its heap arrays freed. NULL (old unchanged) when out
+ * of memory. */
+static kv_chunk *s_chunk_full(shard_t *s, int layer, kv_chunk *old)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads;
+    const size_t C = SHARD_CHUNK, esz = s_esz(s);
+    kv_chunk *ch = old ? old : calloc((size_t)hkv, sizeof(*ch));
+    if (!ch) return NULL;
+    size_t total = 0;
+    for (int g = 0; g < hkv; g++) {
+        const size_t u = (size_t)lay->n_dom[layer * hkv + g];
+        total += s_up64(C * (u ? u : 1) * esz) + s_up64(C * (d - u ? d - u : 1) * esz) +
+                 s_up64(C * d * esz) + s_up64(s_ksc_bytes(lay, (int)u, C));
+    }
+    char *m = s_pool_get(s, total);
+    if (!m) {
+        if (!old) free(ch);
+        return NULL;
+    }
+    for (int g = 0; g < hkv; g++) {
+        const size_t u = (size_t)lay->n_dom[layer * hkv + g], cap = old ? (size_t)ch[g].cap : 0;
+        const size_t wk = (u ? u : 1) * esz, wr = (d - u ? d - u : 1) * esz, wv = (size_t)d * esz;
+        char *kd = m, *kr = kd + s_up64(C * wk), *vv = kr + s_up64(C * wr);
+        char *sc = vv + s_up64(C * wv);
+        m = sc + s_up64(s_ksc_bytes(lay, (int)u, C));
+        const size_t tb = s_sep(lay) ? scan_tile_bytes(s_sd(lay), u ? (int)u : 1) : 0;
+        float *ks =
+            s_sep(lay) && s_sd(lay) == SCAN_I8 ? (float *)(void *)(sc + C / SCORE_TILE * tb) : NULL;
+        if (old) {
+            memcpy(kd, ch[g].kdom, cap * wk);
+            memcpy(kr, ch[g].krest, cap * wr);
+            memcpy(vv, ch[g].v, cap * wv);
+            if (ch[g].ksc) memcpy(sc, ch[g].ksc, cap / SCORE_TILE * tb);
+            if (ch[g].kscale) memcpy(ks, ch[g].kscale, cap * sizeof(float));
+            free(ch[g].kdom);
+            free(ch[g].krest);
+            free(ch[g].v);
+            free(ch[g].ksc);
+            free(ch[g].kscale);
+        }
+        ch[g].kdom = kd;
+        ch[g].krest = kr;
+        ch[g].v = vv;
+        ch[g].ksc = s_sep(lay) ? sc : NULL;
+        ch[g].kscale = ks;
+        ch[g].cap = (int)C;
+        ch[g].pooled = 1;
+    }
+    return ch;
+}
+
+static void s_sums_catch_up(shard_t *s, int layer);
+
 /* Pages that n new rows at pos[n] (ascending) would start in a layer. */
 static int s_new_pages(const layer_store *ls, int n, const int32_t *pos)
 {
@@ -517,11 +625,16 @@ static int s_reserve(shard_t *s, int layer, int n, const int32_t *pos)
     for (int c = ls->n_rows / SHARD_CHUNK; c < need_chunks; c++) {
         const int64_t in_chunk = need_rows - (int64_t)c * SHARD_CHUNK;
         const int want = s_chunk_cap(in_chunk < SHARD_CHUNK ? in_chunk : SHARD_CHUNK);
+        const int full = want == SHARD_CHUNK && s->lay.tier == SHARD_TIER_RAM;
         if (c < ls->n_chunks) {
-            if (s_chunk_grow(&s->lay, layer, ls->chunks[c], want)) return -1;
+            if (full && ls->chunks[c][0].cap < SHARD_CHUNK) {
+                if (!s_chunk_full(s, layer, ls->chunks[c])) return -1;
+            } else if (s_chunk_grow(&s->lay, layer, ls->chunks[c], want)) {
+                return -1;
+            }
             continue;
         }
-        kv_chunk *ch = s_chunk_new(&s->lay, layer, want);
+        kv_chunk *ch = full ? s_chunk_full(s, layer, NULL) : s_chunk_new(&s->lay, layer, want);
         if (!ch) return -1;
         ls->chunks[ls->n_chunks++] = ch;
     }
@@ -533,6 +646,7 @@ int shard_append_naive(shard_t *s, int layer, int n, const int32_t *pos, const f
 {
     if (n <= 0) return 0;
     if (s_reserve(s, layer, n, pos)) return -1;
+    s_sums_catch_up(s, layer); /* the reference keeps them up to date on every append */
     const shard_layout *lay = &s->lay;
     const int d = lay->head_dim, hkv = lay->n_kv_heads, dt = lay->dtype;
     layer_store *ls = &s->layers[layer];
@@ -599,6 +713,8 @@ int shard_append_naive(shard_t *s, int layer, int n, const int32_t *pos, const f
          c <= (ls->n_rows + n - 1) / SHARD_CHUNK && ls->chunks[c][0].map; c++)
         madvise(ls->chunks[c][0].map, ls->chunks[c][0].map_bytes, MADV_DONTNEED);
     ls->n_rows += n;
+    ls->sums_rows = ls->n_rows;
+    ls->sums_page = ls->n_pages - 1;
     return 0;
 }
 
@@ -613,6 +729,8 @@ static int s_mark(shard_t *s, int layer)
     ls->mark_txn = s->txn;
     ls->mark_rows = ls->n_rows;
     ls->mark_pages = ls->n_pages;
+    ls->mark_sums_rows = ls->sums_rows;
+    ls->mark_sums_page = ls->sums_page;
     if (ls->n_pages)
         memcpy(ls->mark_bound, ls->pbound + (size_t)(ls->n_pages - 1) * 2 * kd,
                2 * kd * sizeof(float));
@@ -661,6 +779,8 @@ void shard_txn_undo(shard_t *s, uint32_t txn)
         s_rows_clear(s, l, ls->mark_rows, ls->n_rows);
         ls->n_rows = ls->mark_rows;
         ls->n_pages = ls->mark_pages;
+        ls->sums_rows = ls->mark_sums_rows;
+        ls->sums_page = ls->mark_sums_page;
         if (ls->n_pages)
             memcpy(ls->pbound + (size_t)(ls->n_pages - 1) * 2 * kd, ls->mark_bound,
                    2 * kd * sizeof(float));
@@ -710,9 +830,10 @@ int shard_append_dt(shard_t *s, int layer, int n, const int32_t *pos, int in_dt,
     const size_t row = (size_t)hkv * d, ein = fasa_dtype_size(in_dt);
     layer_store *ls = &s->layers[layer];
     /* Per row: the key row in the stored dtype (the input itself when the dtypes match, else
-     * converted once) and as f32 (for the page bounds, the key sums and a scoring copy);
-     * per KV head the permuted stored elements, copied into the tiles and krest. */
-    float vq[d], kpf[d], tmpf[d];
+     * converted once), as f32 only where an f32 store or a scoring copy needs it; per KV
+     * head the permuted stored elements, copied into the tiles and krest. The page bounds
+     * and sums wait for the first step that reads them (s_sums_catch_up). */
+    float kpf[d], tmpf[d];
     uint16_t kp16[d];
     for (int i = 0; i < n; i++) {
         const int r = ls->n_rows + i;
@@ -721,20 +842,19 @@ int shard_append_dt(shard_t *s, int layer, int n, const int32_t *pos, int in_dt,
         const char *kin = (const char *)k + (size_t)i * row * ein;
         const char *vin = (const char *)v + (size_t)i * row * ein;
         const void *ks; /* row elements of dt */
-        const float *kf;
+        const float *kf = s->rowf;
         if (dt == FASA_DTYPE_F32) {
             if (in_dt == FASA_DTYPE_F32)
                 kf = (const float *)kin;
             else
-                dtype_to_f32(SIMD_AUTO, in_dt, row, kin, s->rowf), kf = s->rowf;
+                dtype_to_f32(SIMD_AUTO, in_dt, row, kin, s->rowf);
             ks = kf;
         } else {
             if (in_dt == dt)
                 ks = kin;
             else
                 s_convert(in_dt, dt, row, kin, s->rowh, s->rowf), ks = s->rowh;
-            dtype_to_f32(SIMD_AUTO, dt, row, ks, s->rowf);
-            kf = s->rowf;
+            if (s_sep(lay)) dtype_to_f32(SIMD_AUTO, dt, row, ks, s->rowf);
         }
         for (int g = 0; g < hkv; g++) {
             const int u = lay->n_dom[layer * hkv + g];
@@ -759,29 +879,13 @@ int shard_append_dt(shard_t *s, int layer, int n, const int32_t *pos, int in_dt,
             }
             void *vdst = s_at(s, ch[g].v, (size_t)rr * d);
             s_convert(in_dt, dt, (size_t)d, vin + (size_t)g * d * ein, vdst, tmpf);
-            const float *vf = (const float *)vdst;
-            if (dt != FASA_DTYPE_F32) dtype_to_f32(SIMD_AUTO, dt, (size_t)d, vdst, vq), vf = vq;
-            s_sum(d, ls->vsum + (size_t)g * d, vf);
-            s_sum(d, ls->ksum + (size_t)g * d, kr);
         }
         ls->pos[r] = pos[i];
         const int32_t pp = pos[i] - pos[i] % SHARD_QUEST_PAGE;
-        const int fresh = ls->n_pages == 0 || ls->page_pos[ls->n_pages - 1] != pp;
-        if (fresh) {
+        if (ls->n_pages == 0 || ls->page_pos[ls->n_pages - 1] != pp) {
             ls->page_pos[ls->n_pages] = pp;
             ls->page_row0[ls->n_pages] = r;
             ls->n_pages++;
-        }
-        float *pb = ls->pbound + (size_t)(ls->n_pages - 1) * hkv * 2 * d;
-        for (int g = 0; g < hkv; g++) {
-            float *mn = pb + (size_t)g * 2 * d, *mx = mn + d;
-            const float *kr = kf + (size_t)g * d;
-            if (fresh) {
-                memcpy(mn, kr, (size_t)d * sizeof(float));
-                memcpy(mx, kr, (size_t)d * sizeof(float));
-            } else {
-                s_bounds(d, mn, mx, kr);
-            }
         }
     }
     for (int c = ls->n_rows / SHARD_CHUNK;
@@ -802,8 +906,12 @@ static int s_mem_eq(const void *a, const void *b, size_t bytes)
     return bytes == 0 || (a && b && memcmp(a, b, bytes) == 0);
 }
 
-int shard_store_equal(const shard_t *a, const shard_t *b)
+int shard_store_equal(shard_t *a, shard_t *b)
 {
+    for (int l = 0; l < a->lay.n_layers && l < b->lay.n_layers; l++) {
+        s_sums_catch_up(a, l);
+        s_sums_catch_up(b, l);
+    }
     const shard_layout *la = &a->lay, *lb = &b->lay;
     if (la->n_layers != lb->n_layers || la->n_kv_heads != lb->n_kv_heads ||
         la->head_dim != lb->head_dim || la->dtype != lb->dtype ||
@@ -980,6 +1088,41 @@ static void s_row_key(const shard_t *s, int layer, int g, int r, float *out)
     const size_t kx0 = (size_t)rr * (d - u);
     for (int p = 0; p < u; p++) out[perm[p]] = s_get(dt, ch->kdom, kd0 + (size_t)p * SCORE_TILE);
     for (int p = u; p < d; p++) out[perm[p]] = s_get(dt, ch->krest, kx0 + (size_t)(p - u));
+}
+
+/* Brings a layer's page bounds and value and key sums up to its rows, from the stored rows
+ * in row order: the same additions and compares, so the same bits, as if every append had
+ * made them. */
+static void s_sums_catch_up(shard_t *s, int layer)
+{
+    layer_store *ls = &s->layers[layer];
+    if (ls->sums_rows >= ls->n_rows) return;
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads;
+    float kr[d], vq[d];
+    int p = ls->sums_page;
+    for (int r = ls->sums_rows; r < ls->n_rows; r++) {
+        while (p + 1 < ls->n_pages && ls->page_row0[p + 1] <= r) p++;
+        const int fresh = ls->page_row0[p] == r;
+        float *pb = ls->pbound + (size_t)p * hkv * 2 * d;
+        const int rr = r % SHARD_CHUNK;
+        for (int g = 0; g < hkv; g++) {
+            s_row_key(s, layer, g, r, kr);
+            const kv_chunk *ch = &ls->chunks[r / SHARD_CHUNK][g];
+            const float *vf = s_rows_f32(s, ch->v, (size_t)rr * d, (size_t)d, vq);
+            s_sum(d, ls->vsum + (size_t)g * d, vf);
+            s_sum(d, ls->ksum + (size_t)g * d, kr);
+            float *mn = pb + (size_t)g * 2 * d, *mx = mn + d;
+            if (fresh) {
+                memcpy(mn, kr, (size_t)d * sizeof(float));
+                memcpy(mx, kr, (size_t)d * sizeof(float));
+            } else {
+                s_bounds(d, mn, mx, kr);
+            }
+        }
+    }
+    ls->sums_rows = ls->n_rows;
+    ls->sums_page = p;
 }
 
 /* STREAM phase 1: the sinks and the last B visible rows are the only rows that can make a
@@ -1349,6 +1492,7 @@ int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands
         return -1;
     s->kept_budget = b;
     const int sparq = st->method == SHARD_SPARQ, plus = st->method == SHARD_FASA_PLUS;
+    if (sparq || plus || st->method == SHARD_QUEST) s_sums_catch_up(s, st->layer);
     if ((sparq || plus) && s_grow((void **)&s->aux, &s->aux_cap,
                                   (size_t)lay->n_heads * SHARD_SPARQ_AUX(d) * sizeof(double)))
         return -1;
@@ -1674,6 +1818,8 @@ int shard_attend(shard_t *s, const shard_step *st, const topk_cand *thr, const u
     const shard_layout *lay = &s->lay;
     const int d = lay->head_dim, hkv = lay->n_kv_heads;
     attn_state_init(lay->n_heads, d, m, l, o);
+    if (st->method == SHARD_SPARQ || st->method == SHARD_FASA_PLUS || st->method == SHARD_QUEST)
+        s_sums_catch_up(s, st->layer);
     if (st->method == SHARD_FASA_PLUS) { /* the score's aux, less the rows attended below */
         const size_t na = (size_t)lay->n_heads * SHARD_SPARQ_AUX(d) * sizeof(double);
         if (s_grow((void **)&s->plus_aux, &s->plus_aux_cap, na)) return -1;

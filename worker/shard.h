@@ -13,7 +13,8 @@
  * kdom, krest and v hold elements of the layout's dtype (f32, f16 or bf16, kernels/simd.h):
  * append rounds to it (nearest even; the caller rejects values that would overflow it), and
  * every read converts back to f32 on the fly; the QUEST page bounds and the SPARQ value sums
- * are f32 of the rounded values. So a shard of any dtype answers as an f32 shard fed the
+ * are f32 of the rounded values (made from the stored rows by the first step that reads
+ * them, so an append only stores rows). So a shard of any dtype answers as an f32 shard fed the
  * rounded keys and values would (selection scores and sparse attention bit for bit; the
  * dense path's f16/bf16 logits run as sgemm over converted blocks, equal to f32 rounding),
  * with half the bytes at f16/bf16.
@@ -178,8 +179,11 @@ void shard_txn_undo(shard_t *shard, uint32_t txn);
 int shard_append_naive(shard_t *shard, int layer, int n, const int32_t *pos, const float *k,
                        const float *v);
 /* 1 when two shards of the same layout hold bitwise the same store: rows, positions, key
- * tiles, krest, values, scoring copy, QUEST page bounds and the SPARQ/FASA_PLUS sums. */
-int shard_store_equal(const shard_t *a, const shard_t *b);
+ * tiles, krest, values, scoring copy, QUEST page bounds and the SPARQ/FASA_PLUS sums (both
+ * brought up to date first: appends leave the bounds and sums to the first QUEST, SPARQ or
+ * FASA_PLUS step, which computes them from the stored rows in row order, the same bits as
+ * the reference's per-append updates). */
+int shard_store_equal(shard_t *a, shard_t *b);
 
 /* Runs the shard's steps (shard_score, shard_attend) on a thread pool (pool.h), the KV
  * groups as tasks, each thread with scratch of its own: outputs are the same bits for any

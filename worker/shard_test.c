@@ -910,6 +910,9 @@ START_TEST(test_shard_append_fast)
                             ck_assert_int_eq(
                                 shard_append_dt(fast, l, m, pos + i0, in, kh + o, vh + o), 0);
                         i0 += m;
+                        /* Bounds and sums brought up to date part-way (a page half full),
+                         * then appended to again. */
+                        if (si2 % 4 == 1) ck_assert(shard_store_equal(ref, fast));
                     }
                 ck_assert_msg(shard_store_equal(ref, fast), "dtype %d score %d in %d", dt, sds[si],
                               in);
@@ -979,6 +982,7 @@ START_TEST(test_shard_txn_undo)
                     ck_assert_int_eq(shard_append(a, l, cut, pos, k, v), 0);
                     ck_assert_int_eq(shard_append(b, l, cut, pos, k, v), 0);
                 }
+                if (ci == 1) ck_assert(shard_store_equal(a, b)); /* sums up to date */
                 shard_txn_begin(a, 7);
                 const size_t o = (size_t)cut * row, om = (size_t)mid * row;
                 ck_assert_int_eq(shard_append(a, 0, mid - cut, pos + cut, k + o, v + o), 0);
