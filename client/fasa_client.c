@@ -39,6 +39,10 @@ struct fasa_client {
     int connected, handshaken;        /* seen on the current socket (monitor events) */
     int lost;                         /* the connection dropped since the request was sent */
     unsigned serial;                  /* numbers the monitor endpoints */
+    /* fasa_client_append_send: the appends in flight, oldest first (a ring). */
+    uint64_t pend_id[FASA_CLIENT_APPEND_WINDOW];
+    size_t pend_size[FASA_CLIENT_APPEND_WINDOW];
+    int pend_head, n_pend;
 };
 
 static const char *const s_status_names[] = {"OK",
@@ -190,6 +194,7 @@ static void s_close_socket(fasa_client *c)
 static void s_reconnect(fasa_client *c)
 {
     s_close_socket(c);
+    c->n_pend = 0; /* the replies of appends in flight are lost with the socket */
 }
 
 fasa_client_status fasa_client_connect(const char *endpoint, int timeout_ms, fasa_client **client_p,
@@ -411,11 +416,14 @@ static fasa_client_status s_check_events(fasa_client *c, fasa_client_error *err)
 /* Sends req (version and id filled here) and waits for its reply. On OK, *resp_p is the
  * unpacked Response (status OK, body == want; want NOT_SET accepts any body), to be freed
  * with fasa__v1__response__free_unpacked. */
-static fasa_client_status s_call(fasa_client *c, Fasa__V1__Request *req,
+static fasa_client_status s_wait(fasa_client *c, uint64_t request_id, size_t size, const char *what,
                                  Fasa__V1__Response__BodyCase want, Fasa__V1__Response **resp_p,
+                                 fasa_client_error *err);
+
+/* Sends req (version and id filled here) without waiting; *size_p gets its bytes. */
+static fasa_client_status s_send(fasa_client *c, Fasa__V1__Request *req, size_t *size_p,
                                  fasa_client_error *err)
 {
-    *resp_p = NULL;
     const char *what = s_body_name(req->body_case);
     if (!c) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "client: NULL");
     if (!c->sock && s_open_socket(c))
@@ -457,7 +465,32 @@ static fasa_client_status s_call(fasa_client *c, Fasa__V1__Request *req,
         return s_fail(err, FASA_CLIENT_UNAVAILABLE, "cannot send to %s: %s", c->endpoint,
                       zmq_strerror(e));
     }
+    *size_p = size;
+    return FASA_CLIENT_OK;
+}
 
+static fasa_client_status s_call(fasa_client *c, Fasa__V1__Request *req,
+                                 Fasa__V1__Response__BodyCase want, Fasa__V1__Response **resp_p,
+                                 fasa_client_error *err)
+{
+    *resp_p = NULL;
+    if (c && c->n_pend)
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT,
+                      "%s: %d appends are in flight: collect them with fasa_client_append_recv "
+                      "first",
+                      s_body_name(req->body_case), c->n_pend);
+    size_t size = 0;
+    const fasa_client_status st = s_send(c, req, &size, err);
+    if (st) return st;
+    return s_wait(c, req->request_id, size, s_body_name(req->body_case), want, resp_p, err);
+}
+
+/* Waits for the reply to request request_id (of size bytes, a what request). */
+static fasa_client_status s_wait(fasa_client *c, uint64_t request_id, size_t size, const char *what,
+                                 Fasa__V1__Response__BodyCase want, Fasa__V1__Response **resp_p,
+                                 fasa_client_error *err)
+{
+    *resp_p = NULL;
     const int64_t deadline = c->timeout_ms > 0 ? s_now_ms() + c->timeout_ms : 0;
     for (;;) {
         long wait = -1;
@@ -553,7 +586,7 @@ static fasa_client_status s_call(fasa_client *c, Fasa__V1__Request *req,
         }
         /* A reply to an earlier request (given up on, then answered late): drop it. Id 0
          * is the server's answer to bytes it could not read, and only ours are in flight. */
-        if (resp->request_id != req->request_id &&
+        if (resp->request_id != request_id &&
             !(resp->request_id == 0 && resp->status != FASA__V1__STATUS__OK)) {
             fasa__v1__response__free_unpacked(resp, NULL);
             continue;
@@ -827,11 +860,64 @@ fasa_client_status fasa_client_append(fasa_client *c, const char *session_id,
                                  v, length_p, err);
 }
 
+/* The Append request of fasa_client_append_dt, sent (async) or sent and answered. */
+static fasa_client_status s_append(fasa_client *c, const char *session_id,
+                                   const fasa_client_geometry *geom, int32_t layer,
+                                   uint64_t start_pos, uint64_t n, fasa_client_dtype dtype,
+                                   const void *k, const void *v, uint64_t *length_p, int async,
+                                   fasa_client_error *err);
+
 fasa_client_status fasa_client_append_dt(fasa_client *c, const char *session_id,
                                          const fasa_client_geometry *geom, int32_t layer,
                                          uint64_t start_pos, uint64_t n, fasa_client_dtype dtype,
                                          const void *k, const void *v, uint64_t *length_p,
                                          fasa_client_error *err)
+{
+    return s_append(c, session_id, geom, layer, start_pos, n, dtype, k, v, length_p, 0, err);
+}
+
+fasa_client_status fasa_client_append_send(fasa_client *c, const char *session_id,
+                                           const fasa_client_geometry *geom, int32_t layer,
+                                           uint64_t start_pos, uint64_t n, fasa_client_dtype dtype,
+                                           const void *k, const void *v, fasa_client_error *err)
+{
+    if (!c) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "client: NULL");
+    if (c->n_pend == FASA_CLIENT_APPEND_WINDOW)
+        return s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED,
+                      "append: %d appends in flight already (FASA_CLIENT_APPEND_WINDOW): receive "
+                      "one first",
+                      c->n_pend);
+    return s_append(c, session_id, geom, layer, start_pos, n, dtype, k, v, NULL, 1, err);
+}
+
+fasa_client_status fasa_client_append_recv(fasa_client *c, uint64_t *length_p,
+                                           fasa_client_error *err)
+{
+    if (!c) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "client: NULL");
+    if (!c->n_pend) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "append: none in flight");
+    const uint64_t id = c->pend_id[c->pend_head];
+    const size_t size = c->pend_size[c->pend_head];
+    c->pend_head = (c->pend_head + 1) % FASA_CLIENT_APPEND_WINDOW;
+    c->n_pend--;
+    Fasa__V1__Response *resp;
+    const fasa_client_status st =
+        s_wait(c, id, size, "append", FASA__V1__RESPONSE__BODY_APPEND, &resp, err);
+    if (st) return st;
+    if (length_p) *length_p = resp->append->length;
+    fasa__v1__response__free_unpacked(resp, NULL);
+    return FASA_CLIENT_OK;
+}
+
+int fasa_client_append_pending(const fasa_client *c)
+{
+    return c ? c->n_pend : 0;
+}
+
+static fasa_client_status s_append(fasa_client *c, const char *session_id,
+                                   const fasa_client_geometry *geom, int32_t layer,
+                                   uint64_t start_pos, uint64_t n, fasa_client_dtype dtype,
+                                   const void *k, const void *v, uint64_t *length_p, int async,
+                                   fasa_client_error *err)
 {
     if (dtype == FASA_CLIENT_DTYPE_DEFAULT) dtype = FASA_CLIENT_DTYPE_F32;
     if (dtype != FASA_CLIENT_DTYPE_F32 && dtype != FASA_CLIENT_DTYPE_F16 &&
@@ -863,6 +949,16 @@ fasa_client_status fasa_client_append_dt(fasa_client *c, const char *session_id,
     Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
     req.body_case = FASA__V1__REQUEST__BODY_APPEND;
     req.append = &ap;
+    if (async) {
+        size_t size = 0;
+        if ((st = s_send(c, &req, &size, err))) return st;
+        const int slot = (c->pend_head + c->n_pend) % FASA_CLIENT_APPEND_WINDOW;
+        c->pend_id[slot] = req.request_id;
+        c->pend_size[slot] = size;
+        c->n_pend++;
+        s_ok(err);
+        return FASA_CLIENT_OK;
+    }
     Fasa__V1__Response *resp;
     if ((st = s_call(c, &req, FASA__V1__RESPONSE__BODY_APPEND, &resp, err))) return st;
     if (length_p) *length_p = resp->append->length;
