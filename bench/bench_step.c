@@ -1,5 +1,5 @@
 /* bench_step: one decode step through the engine (fasa_engine_attend), fasa against dense,
- * on synthetic data (client/synth.h): 32 query heads, 8 KV heads, head_dim 128, ntip 16,
+ * on synthetic data (data/synth.h): 32 query heads, 8 KV heads, head_dim 128, ntip 16,
  * B 256, one layer, 128K tokens by default. The fasa profile names the true signal FCs
  * (--calibrate: found by fasa_calibrate on a 4096-token sample instead). Prints the median
  * step time of each, the ratio dense/fasa and the KV bytes each step reads. */

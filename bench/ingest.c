@@ -10,7 +10,6 @@
 #define _GNU_SOURCE
 #include "ingest.h"
 
-#include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,24 +23,6 @@
 #include "simd.h"
 
 #define INGEST_TARGET_GBS 1.0
-
-static const char usage_ingest[] =
-    "usage: fasa bench ingest --server ENDPOINT [options]\n"
-    "\n"
-    "Appends synthetic keys and values to a new session on a running fasa-server and prints\n"
-    "the stored bytes per second over the whole load (ingest_gbs), next to this machine's\n"
-    "read bandwidth and the in-process shard_append rate measured in the same run. Target\n"
-    "(issue 14): f16 through a 2-worker server >= 1.0 GB/s of stored bytes.\n"
-    "\n"
-    "  --server E      the server (required; or FASA_SERVER)\n"
-    "  --tokens N      tokens to load (default 32768)\n"
-    "  --chunk T       tokens per Append request of one layer (default 4096: 16.8 MB of f16,\n"
-    "                  two placement blocks, so two workers store each request at once)\n"
-    "  --layers L      layers of the session (default 4)\n"
-    "  --window W      appends in flight at once (libfasa's append window; default 4)\n"
-    "  --dtype D       f16, bf16 or f32: the session's storage dtype and the wire's (default f16)\n"
-    "  --json FILE     also write the figures as JSON\n"
-    "  -h, --help      this text\n";
 
 static double s_now(void)
 {
@@ -121,61 +102,11 @@ done:
     free(k), free(v), free(kh), free(vh), free(pos);
 }
 
-int bench_ingest_main(int argc, char **argv)
+int bench_ingest(const bench_ingest_opts *o)
 {
-    const char *server = getenv("FASA_SERVER"), *json = NULL, *dname = "f16";
-    long tokens = 32768, chunk = 4096, layers = 4, window = 4;
-    static const struct option opts[] = {{"server", required_argument, 0, 's'},
-                                         {"tokens", required_argument, 0, 'n'},
-                                         {"chunk", required_argument, 0, 'c'},
-                                         {"layers", required_argument, 0, 'l'},
-                                         {"dtype", required_argument, 0, 'd'},
-                                         {"json", required_argument, 0, 'j'},
-                                         {"window", required_argument, 0, 'w'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
-    optind = 1;
-    for (int ch; (ch = getopt_long(argc, argv, "h", opts, NULL)) != -1;) {
-        char *end = NULL;
-        switch (ch) {
-        case 's':
-            server = optarg;
-            break;
-        case 'j':
-            json = optarg;
-            break;
-        case 'd':
-            dname = optarg;
-            break;
-        case 'n':
-            tokens = strtol(optarg, &end, 10);
-            break;
-        case 'c':
-            chunk = strtol(optarg, &end, 10);
-            break;
-        case 'l':
-            layers = strtol(optarg, &end, 10);
-            break;
-        case 'w':
-            window = strtol(optarg, &end, 10);
-            break;
-        case 'h':
-            fputs(usage_ingest, stdout);
-            return 0;
-        default:
-            fputs(usage_ingest, stderr);
-            return 2;
-        }
-        if (end && (*end || end == optarg)) {
-            fprintf(stderr, "fasa bench ingest: --%s '%s' is not a number\n",
-                    ch == 'n'   ? "tokens"
-                    : ch == 'c' ? "chunk"
-                    : ch == 'w' ? "window"
-                                : "layers",
-                    optarg);
-            return 2;
-        }
-    }
+    const char *server = o->server && *o->server ? o->server : getenv("FASA_SERVER");
+    const char *json = o->json, *dname = o->dtype ? o->dtype : "f16";
+    const long tokens = o->tokens, chunk = o->chunk, layers = o->layers, window = o->window;
     fasa_dtype dt;
     if (!strcmp(dname, "f16"))
         dt = FASA_DTYPE_F16;

@@ -1,4 +1,4 @@
-/* record_qkv: runs a llama2.c-format model (client/llama.h) with its built-in full
+/* record_qkv: runs a llama2.c-format model (model/llama.h) with its built-in full
  * attention over the first N tokens of a text and writes the post-RoPE q, k and v of
  * every layer and token as a QKV1 dump (format in
  * shared/data/models/stories260K/README.md), readable by 'fasa calibrate' and

@@ -24,7 +24,7 @@
  *               BatchAttend in four has an item that must fail alone.
  * An unexpected error is any status other than the one expected, a timeout, or a wrong
  * result. The sessions use a real calibration profile: Calibrate on the server over a
- * synthetic sample (client/synth.h, one generator per layer), stored there as "soak".
+ * synthetic sample (data/synth.h, one generator per layer), stored there as "soak".
  *
  * Phases: warm-up (--warmup requests per client, checked, not timed), then the soak
  * (timed), then every client drops its sessions. The resident memory (VmRSS) of every

@@ -1,4 +1,4 @@
-/* synth_qkv: writes the synthetic long-context stream of client/synth.h (32 query heads,
+/* synth_qkv: writes the synthetic long-context stream of data/synth.h (32 query heads,
  * 8 KV heads, head_dim 128, 16 signal FCs per KV head: FASA's dominant FCs are real here)
  * as a one-layer QKV1 dump (format in shared/data/models/stories260K/README.md: tokens all
  * 0, logits none), readable by 'fasa calibrate' and 'fasa replay'. */
@@ -13,7 +13,7 @@
 static const char usage[] = "usage: synth_qkv --tokens N --out DUMP.qkv [--seed S]\n"
                             "\n"
                             "Writes N positions (256 .. 262144) of the synthetic d128 stream "
-                            "(client/synth.h)\n"
+                            "(data/synth.h)\n"
                             "as a one-layer QKV1 dump: q, k, v of every position.\n";
 
 int main(int argc, char **argv)

@@ -1,6 +1,6 @@
 /* fasa-server's metrics endpoint (--metrics-bind ADDR:PORT): an HTTP server (libmicrohttpd,
  * one thread of its own) answering GET /metrics with the Prometheus text of
- * client/prom.h, the same text as `fasa stats --format prometheus`.
+ * coord/prom.h, the same text as `fasa stats --format prometheus`.
  *
  * The HTTP thread never touches the service: for each scrape it asks the main thread over
  * an inproc REQ/REP pair, and the main thread (which owns the service and drives MPI)

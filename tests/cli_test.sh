@@ -150,5 +150,60 @@ if [ $? -eq 2 ]; then ok; else bad "attend without --server: exit status not 2";
 expect_error "option of another command" "does not apply" $fasa drop --server tcp://127.0.0.1:1 --session s --layers 3
 expect_error "profile-name without server" "needs --server" $fasa calibrate --qkv "$dump" --ntip 2 --out "$tmp/x" --profile-name p
 
+
+# One set of conventions (issue 17, cli/opts.h). -h is --help on every command.
+for cmd in demo calibrate replay ppl generate ping stats create append attend drop shutdown \
+           snapshot keygen sessions "profile" "profile delete" bench "bench scan" "bench attend"; do
+    # shellcheck disable=SC2086
+    if $fasa $cmd -h >"$tmp/h1" 2>&1 && grep -q usage "$tmp/h1" && $fasa $cmd --help >"$tmp/h2" 2>&1 &&
+        cmp -s "$tmp/h1" "$tmp/h2"; then ok; else bad "fasa $cmd -h: $(head -2 "$tmp/h1")"; fi
+done
+# Every option a command's --help lists is one its parser takes (the help is printed from the
+# parser's table): each listed --NAME, given with no value, is never 'unknown'.
+for cmd in demo calibrate replay ppl generate create attend append stats "bench attend"; do
+    # shellcheck disable=SC2086
+    for opt in $($fasa $cmd --help | grep -oE '^  --[a-z][a-z0-9-]*' | sed 's/^  //'); do
+        case $opt in --curve-server-key | --curve-secret) continue ;; esac
+        # shellcheck disable=SC2086
+        env -u FASA_SERVER $fasa $cmd $opt >/dev/null 2>"$tmp/e"
+        if grep -q "unknown option" "$tmp/e"; then bad "fasa $cmd: $opt is listed but unknown"; else ok; fi
+    done
+done
+# Sizes: K and M wherever a count is taken; 'not a number' when it is not one.
+expect_error "size out of range" "--tokens '1G' must be in \[1024, 16777216\]" $fasa demo --tokens 1G
+expect_error "not a number" "--steps 'abc' is not a number" $fasa demo --steps abc
+expect_error "not a number, replay" "--budget '12x' is not a number" $fasa replay --qkv "$dump" --method dense --budget 12x --out "$tmp/x.npy"
+expect_error "not a number, create" "--layers 'two' is not a number" $fasa create --server tcp://127.0.0.1:1 --session s --layers two
+expect_error "size suffix, create" "--layers '2K' must be in \[1, 1024\]" $fasa create --server tcp://127.0.0.1:1 --session s --layers 2K
+if $fasa demo --tokens 2K --steps 1 --heads 4 --kv-heads 1 --head-dim 32 --ntip 4 --budget 32 >"$tmp/d2k" 2>&1 &&
+    grep -q '^fasa demo: 2048 tokens' "$tmp/d2k"; then ok; else bad "demo --tokens 2K: $(head -1 "$tmp/d2k")"; fi
+# (oracle keeps the exact top-B: 1024 of 2040+ tokens, so B changes the outputs.)
+$fasa replay --qkv "$dump" --method oracle --positions 2040:2048 --budget 1000 --out "$tmp/r1000.npy" >/dev/null 2>&1
+if $fasa replay --qkv "$dump" --method oracle --positions 2040:2048 --budget 1k --out "$tmp/r1k.npy" >/dev/null 2>&1 &&
+    $fasa replay --qkv "$dump" --method oracle --positions 2040:2048 --budget 1024 --out "$tmp/r1024.npy" >/dev/null 2>&1 &&
+    cmp -s "$tmp/r1k.npy" "$tmp/r1024.npy" && ! cmp -s "$tmp/r1k.npy" "$tmp/r1000.npy"; then ok
+else bad "replay --budget 1k differs from 1024 (or B does not matter)"; fi
+# --name=value is --name value.
+if $fasa replay --qkv="$dump" --method=oracle --budget=1024 --positions=2040:2048 --out="$tmp/req.npy" >/dev/null 2>&1 &&
+    cmp -s "$tmp/req.npy" "$tmp/r1024.npy"; then ok; else bad "replay --name=value"; fi
+# Did you mean: a mistyped command or option.
+expect_error "did you mean a command" "unknown command 'pnig' (did you mean 'ping'?" $fasa pnig
+expect_error "did you mean a command 2" "did you mean 'calibrate'" $fasa calibrat --qkv x
+expect_error "did you mean an option" "unknown option '--tokns' (did you mean '--tokens'?)" $fasa demo --tokns 3
+expect_error "did you mean, server command" "did you mean '--session'" $fasa drop --server tcp://127.0.0.1:1 --sesion s
+expect_error "no suggestion" "unknown command 'xyzzy' (see 'fasa --help')" $fasa xyzzy
+expect_error "an option needs its value" "option '--out' needs a value" $fasa replay --qkv "$dump" --out
+# Global options before or after the command: the same error from the same (dead) server.
+for order in before after; do
+    if [ $order = before ]; then set -- --server tcp://127.0.0.1:1 ping; else set -- ping --server tcp://127.0.0.1:1; fi
+    expect_error "--server $order ping" "no server answered at tcp://127.0.0.1:1" env -u FASA_SERVER FASA_TIMEOUT_MS=2000 $fasa "$@"
+done
+expect_error "--server before drop SESSION" "no server answered at tcp://127.0.0.1:1" env -u FASA_SERVER FASA_TIMEOUT_MS=2000 $fasa --server tcp://127.0.0.1:1 drop s1
+expect_error "unknown global option" "unknown option '--bogus' before the command" $fasa --bogus ping
+expect_error "global option, no command" "no command after the options" $fasa --server tcp://127.0.0.1:1
+# bench attend takes the CURVE keys, before or after the command (it reads the key files).
+expect_error "bench attend --curve-server-key" "public key file $tmp/none.pub" $fasa bench attend --server tcp://127.0.0.1:1 --curve-server-key "$tmp/none.pub" --curve-secret "$tmp/none.key"
+expect_error "--curve-server-key before bench" "public key file $tmp/none.pub" $fasa --server tcp://127.0.0.1:1 --curve-server-key "$tmp/none.pub" --curve-secret "$tmp/none.key" bench attend
+
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]

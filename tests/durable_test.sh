@@ -52,7 +52,7 @@ start() {
         --block 256 --state-dir "$state" --endpoint-file "$tmp/run/endpoint" \
         --pid-file "$tmp/run/pid" "$@" >"$log" 2>&1 </dev/null &
     launcher=$!
-    for _ in $(seq 1 300); do
+    for _ in $(seq 1 600); do
         if [ -s "$tmp/run/endpoint" ] && [ -s "$tmp/run/pid" ]; then
             ep=$(cat "$tmp/run/endpoint")
             FASA_TIMEOUT_MS=2000 "$fasa" ping --server "$ep" >/dev/null 2>&1 && return 0
@@ -60,7 +60,7 @@ start() {
         kill -0 "$launcher" 2>/dev/null || break
         sleep 0.1
     done
-    bad "the server did not start: $(cat "$log")"
+    bad "the server did not start within 60 s (launcher $(kill -0 "$launcher" 2>/dev/null && echo alive || echo gone)): $(cat "$log")"
     exit 1
 }
 # stopped: waits for the launcher to exit (at most 60 s); rc = its exit status.

@@ -86,6 +86,24 @@ fi
 "$fasa" demo --tokens 1024 --steps 1 >"$tmp/demo.out" 2>&1 && grep -q "server $ep" "$tmp/demo.out" &&
     ok "demo ran on \$FASA_SERVER" || bad "demo with FASA_SERVER: $(tail -3 "$tmp/demo.out")"
 
+# Global options before or after the command (issue 17): --server, also with create and
+# attend-like commands whose own options follow; both orders reach the same server.
+"$fasa" --server "$ep" ping >"$tmp/g1" 2>&1 && grep -q " at $ep: " "$tmp/g1" &&
+    env -u FASA_SERVER "$fasa" --server "$ep" ping >"$tmp/g1" 2>&1 && grep -q " at $ep: " "$tmp/g1" &&
+    env -u FASA_SERVER "$fasa" ping --server "$ep" >"$tmp/g2" 2>&1 && grep -q " at $ep: " "$tmp/g2" &&
+    env -u FASA_SERVER "$fasa" --server="$ep" ping >/dev/null 2>&1 &&
+    ok "fasa --server E ping and fasa ping --server E both answer" ||
+    bad "global --server: $(cat "$tmp/g1" "$tmp/g2")"
+env -u FASA_SERVER "$fasa" --server "$ep" create --session g1 --layers 1 --heads 2 --kv-heads 1 \
+    --head-dim 4 >/dev/null 2>&1 && env -u FASA_SERVER "$fasa" --server "$ep" sessions 2>&1 | grep -q '^g1 ' &&
+    env -u FASA_SERVER "$fasa" drop g1 --server "$ep" >/dev/null 2>&1 &&
+    ! env -u FASA_SERVER "$fasa" sessions --server "$ep" 2>&1 | grep -q '^g1 ' &&
+    ok "--server before create/sessions, after drop SESSION" || bad "global --server with create/drop"
+# A size with a suffix is the same number: --budget 1K is --budget 1024.
+env -u FASA_SERVER "$fasa" create --server "$ep" --session g2 --layers 1 --heads 2 --kv-heads 1 \
+    --head-dim 4 --budget 1K >/dev/null 2>&1 && "$fasa" stats --session g2 2>&1 | grep -q '^session.budget 1024$' &&
+    ok "create --budget 1K stores 1024" || bad "create --budget 1K: $("$fasa" stats --session g2 2>&1 | grep budget)"
+"$fasa" drop g2 >/dev/null 2>&1
 # sessions, profile delete, drop SESSION.
 "$fasa" create --session u1 --layers 1 --heads 2 --kv-heads 1 --head-dim 4 --dtype bf16 >/dev/null
 "$fasa" sessions >"$tmp/ls" 2>&1

@@ -2,15 +2,13 @@
  * embedded in-process engine (the same worker and coordinator code the server runs); with
  * --server ENDPOINT they run against a fasa-server. The remaining commands always talk to a
  * server. */
-#include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "backend.h"
 #include "cli.h"
+#include "opts.h"
 #include "pool.h"
 #include "simd.h"
 
@@ -53,73 +51,6 @@ static const char usage[] =
     "set, else the CPUs this process may run on; the outputs do not depend on it).\n"
     "Run 'fasa COMMAND --help' for a command's options.\n";
 
-int cli_fail(const char *cmd, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    fprintf(stderr, "fasa %s: ", cmd);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-    return 1;
-}
-
-int cli_usage_error(const char *cmd, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    fprintf(stderr, "fasa %s: ", cmd);
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, " (see 'fasa %s --help')\n", cmd);
-    va_end(ap);
-    return 2;
-}
-
-int cli_check_writable(const char *path, char *err, size_t err_len)
-{
-    if (access(path, F_OK) == 0) {
-        if (access(path, W_OK) == 0) return 0;
-        snprintf(err, err_len, "%s: cannot write it: %s", path, strerror(errno));
-        return -1;
-    }
-    char dir[4096];
-    snprintf(dir, sizeof(dir), "%s", path);
-    char *slash = strrchr(dir, '/');
-    if (!slash)
-        snprintf(dir, sizeof(dir), ".");
-    else if (slash == dir)
-        dir[1] = 0;
-    else
-        *slash = 0;
-    if (access(dir, W_OK) == 0) return 0;
-    snprintf(err, err_len, "%s: cannot write it: directory %s: %s", path, dir, strerror(errno));
-    return -1;
-}
-
-int cli_check_env(void)
-{
-    static const char *const ms[] = {"FASA_TIMEOUT_MS", "FASA_DEADLINE_MS"};
-    for (int i = 0; i < 2; i++) {
-        const char *v = getenv(ms[i]);
-        long x;
-        if (v && *v && cli_parse_int(v, i == 0 ? 1 : 0, 0x7fffffffL, &x)) {
-            fprintf(stderr, "fasa: %s='%s' must be a whole number of milliseconds in [%d, %ld]\n",
-                    ms[i], v, i == 0 ? 1 : 0, 0x7fffffffL);
-            return 2;
-        }
-    }
-    const char *simd = getenv("FASA_SIMD");
-    if (simd && *simd) {
-        int known = 0;
-        for (int p = 0; p <= SIMD_PATH_LAST; p++) known |= !strcmp(simd, simd_path_name(p));
-        if (!known) {
-            fprintf(stderr, "fasa: FASA_SIMD='%s' is not portable, avx2 or avx512\n", simd);
-            return 2;
-        }
-    }
-    return 0;
-}
-
 /* FASA_SERVER for the commands that run in-process without --server: it is their --server
  * (README: every command takes --server ENDPOINT or FASA_SERVER). A new argv, or argv. */
 static char **s_server_from_env(int *argc_p, char **argv)
@@ -146,57 +77,75 @@ static char **s_server_from_env(int *argc_p, char **argv)
     return grown;
 }
 
-int cli_parse_int(const char *text, long lo, long hi, long *out_p)
+/* Global options given before the command (--server E, --server=E; the CURVE keys are taken
+ * out of argv wherever they are, backend_take_curve_args) move after it, where every
+ * command's own parser reads them: `fasa --server E ping` is `fasa ping --server E`. 0, or
+ * 2 after printing one line. */
+static int s_move_global_options(int argc, char **argv)
 {
-    if (!text || !*text) return -1;
-    char *end;
-    errno = 0;
-    const long v = strtol(text, &end, 10);
-    if (errno || *end || v < lo || v > hi) return -1;
-    *out_p = v;
+    int n_global = 1; /* argv[1 .. n_global) are global options and their values */
+    while (n_global < argc && argv[n_global][0] == '-') {
+        const char *a = argv[n_global];
+        if (!strcmp(a, "--server") && n_global + 1 < argc)
+            n_global += 2;
+        else if (!strncmp(a, "--server=", 9))
+            n_global += 1;
+        else if (!strcmp(a, "--server")) {
+            fprintf(stderr, "fasa: option '--server' needs a value (ENDPOINT)\n");
+            return 2;
+        } else {
+            fprintf(stderr, "fasa: unknown option '%s' before the command (see 'fasa --help')\n",
+                    a);
+            return 2;
+        }
+    }
+    if (n_global == 1) return 0;
+    if (n_global >= argc) {
+        fprintf(stderr, "fasa: no command after the options (see 'fasa --help')\n");
+        return 2;
+    }
+    /* Rotate: the command and its arguments first, then the global options. */
+    char *moved[8];
+    const int k = n_global - 1;
+    if (k > (int)(sizeof(moved) / sizeof(*moved))) {
+        fprintf(stderr, "fasa: too many options before the command\n");
+        return 2;
+    }
+    memcpy(moved, argv + 1, (size_t)k * sizeof(*argv));
+    memmove(argv + 1, argv + n_global, (size_t)(argc - n_global) * sizeof(*argv));
+    memcpy(argv + argc - k, moved, (size_t)k * sizeof(*argv));
     return 0;
 }
 
-/* Parses "none" or a comma-separated list of layers into flags; -1 on a bad entry. */
-int cli_parse_dense_layers(const char *text, int n_layers, uint8_t *flags)
-{
-    memset(flags, 0, (size_t)n_layers);
-    if (!text) {
-        flags[0] = 1;
-        return 0;
-    }
-    if (strcmp(text, "none") == 0) return 0;
-    char buf[1024];
-    snprintf(buf, sizeof(buf), "%s", text);
-    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok;
-         tok = strtok_r(NULL, ",", &save)) {
-        long l;
-        if (cli_parse_int(tok, 0, n_layers - 1, &l)) return -1;
-        flags[l] = 1;
-    }
-    return 0;
-}
+typedef struct cli_command {
+    const char *name;
+    int (*fn)(int, char **);
+} cli_command;
 
-int cli_parse_range(const char *text, long *a_p, long *b_p, long *s_p)
+static const cli_command s_commands[] = {
+    {"demo", cmd_demo},         {"calibrate", cmd_calibrate}, {"replay", cmd_replay},
+    {"ppl", cmd_ppl},           {"generate", cmd_generate},   {"bench", cmd_bench},
+    {"ping", cmd_ping},         {"stats", cmd_stats},         {"create", cmd_create},
+    {"append", cmd_append},     {"attend", cmd_attend},       {"drop", cmd_drop},
+    {"shutdown", cmd_shutdown}, {"snapshot", cmd_snapshot},   {"keygen", cmd_keygen},
+    {"sessions", cmd_sessions}, {"profile", cmd_profile}};
+#define N_COMMANDS (sizeof(s_commands) / sizeof(*s_commands))
+
+/* Runs argv[1]'s command, or says which one was probably meant. */
+static int s_dispatch(int argc, char **argv)
 {
-    char *end;
-    errno = 0;
-    const long a = strtol(text, &end, 10);
-    if (end == text || *end != ':') return -1;
-    const char *t = end + 1;
-    const long b = strtol(t, &end, 10);
-    if (end == t) return -1;
-    long s = 1;
-    if (*end == ':') {
-        t = end + 1;
-        s = strtol(t, &end, 10);
-        if (end == t) return -1;
-    }
-    if (*end || errno || a < 0 || b <= a || s < 1) return -1;
-    *a_p = a;
-    *b_p = b;
-    *s_p = s;
-    return 0;
+    for (size_t i = 0; i < N_COMMANDS; i++)
+        if (strcmp(argv[1], s_commands[i].name) == 0)
+            return backend_exit_status(s_commands[i].fn(argc - 1, argv + 1));
+    const char *names[N_COMMANDS];
+    for (size_t i = 0; i < N_COMMANDS; i++) names[i] = s_commands[i].name;
+    const char *near = cli_did_you_mean(argv[1], names, (int)N_COMMANDS);
+    if (near)
+        fprintf(stderr, "fasa: unknown command '%s' (did you mean '%s'? see 'fasa --help')\n",
+                argv[1], near);
+    else
+        fprintf(stderr, "fasa: unknown command '%s' (see 'fasa --help')\n", argv[1]);
+    return 2;
 }
 
 int main(int argc, char **argv)
@@ -220,27 +169,14 @@ int main(int argc, char **argv)
         return 2;
     }
     backend_set_threads(n_threads);
-    argv = s_server_from_env(&argc, argv);
-    if (strcmp(argv[1], "bench") == 0) return backend_exit_status(cmd_bench(argc - 1, argv + 1));
-    static const struct {
-        const char *name;
-        int (*fn)(int, char **);
-    } cmds[] = {
-        {"demo", cmd_demo},         {"calibrate", cmd_calibrate}, {"replay", cmd_replay},
-        {"ppl", cmd_ppl},           {"generate", cmd_generate},   {"ping", cmd_ping},
-        {"stats", cmd_stats},       {"create", cmd_create},       {"append", cmd_append},
-        {"attend", cmd_attend},     {"drop", cmd_drop},           {"shutdown", cmd_shutdown},
-        {"snapshot", cmd_snapshot}, {"keygen", cmd_keygen},       {"sessions", cmd_sessions},
-        {"profile", cmd_profile}};
     rc = backend_take_curve_args(&argc, argv); /* CURVE flags, for every command */
     if (rc) return rc;
     if (argc < 2) {
         fputs(usage, stderr);
         return 2;
     }
-    for (size_t i = 0; i < sizeof(cmds) / sizeof(*cmds); i++)
-        if (strcmp(argv[1], cmds[i].name) == 0)
-            return backend_exit_status(cmds[i].fn(argc - 1, argv + 1));
-    fprintf(stderr, "fasa: unknown command '%s' (see 'fasa --help')\n", argv[1]);
-    return 2;
+    rc = s_move_global_options(argc, argv);
+    if (rc) return rc;
+    argv = s_server_from_env(&argc, argv);
+    return s_dispatch(argc, argv);
 }

@@ -1,6 +1,5 @@
 /* fasa sessions and fasa profile delete: what a server holds, and removing a stored
  * profile (ListSessions and DeleteProfile requests). */
-#include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -8,11 +7,7 @@
 #include "backend.h"
 #include "cli.h"
 #include "fasa_client.h"
-
-#define ADMIN_SERVER_HELP                                                                          \
-    "  --server ENDPOINT   the server, e.g. tcp://127.0.0.1:5555 (default: $FASA_SERVER)\n"        \
-    "  --curve-server-key FILE, --curve-secret FILE  a server with CURVE (see 'fasa --help')\n"    \
-    "  --help              this text\n"
+#include "opts.h"
 
 static const char sessions_usage[] =
     "usage: fasa sessions --server ENDPOINT\n"
@@ -22,7 +17,7 @@ static const char sessions_usage[] =
     "(tokens: held by layer 0; kv_bytes: keys and values, every layer), then one line\n"
     "'profiles N: NAME...' naming the profiles stored on the server. Asks no shard and writes\n"
     "nothing (unlike 'fasa snapshot').\n"
-    "\n" ADMIN_SERVER_HELP;
+    "\n";
 
 static const char profile_usage[] =
     "usage: fasa profile delete NAME --server ENDPOINT\n"
@@ -31,28 +26,24 @@ static const char profile_usage[] =
     "and its saved file in the server's --state-dir, so that a restart with --restore does\n"
     "not bring it back. Sessions created from it keep their own copy. A server stores at most\n"
     "256 profiles; 'fasa sessions' lists them.\n"
-    "\n" ADMIN_SERVER_HELP;
+    "\n";
 
 /* --server and --help (after the positional arguments have been taken out). 0, -1 after
  * --help, or 2. */
 static int s_parse(const char *cmd, const char *usage, int argc, char **argv, const char **server)
 {
-    static const struct option opts[] = {
-        {"server", required_argument, 0, 'E'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     *server = NULL;
-    optind = 1;
-    opterr = 0;
-    int c;
-    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        if (c == 'h') {
-            fputs(usage, stdout);
-            return -1;
-        }
-        if (c != 'E')
-            return cli_usage_error(cmd, "unknown or incomplete option '%s'", argv[optind - 1]);
-        *server = optarg;
-    }
-    if (optind < argc) return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
+    const cli_opt opts[] = {
+        CLI_STR("server", server, "ENDPOINT", NULL,
+                "the server, e.g. tcp://127.0.0.1:5555 (default: $FASA_SERVER)"),
+        /* Taken out of argv by main for every command (backend_take_curve_args). */
+        CLI_STR("curve-server-key", NULL, "FILE", NULL,
+                "with --curve-secret FILE: a server with CURVE (see 'fasa --help')"),
+        CLI_END};
+    cli_parser p;
+    cli_begin(&p, cmd, usage, opts, argc, argv);
+    const int rc = cli_parse_all(&p);
+    if (rc) return cli_status(rc);
     if (!*server) *server = getenv("FASA_SERVER");
     if (!*server || !**server)
         return cli_usage_error(
@@ -98,8 +89,8 @@ int cmd_sessions(int argc, char **argv)
 int cmd_profile(int argc, char **argv)
 {
     if (argc >= 2 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h"))) {
-        fputs(profile_usage, stdout);
-        return 0;
+        const char *server;
+        return s_parse("profile", profile_usage, argc, argv, &server) < 0 ? 0 : 2;
     }
     if (argc < 2 || strcmp(argv[1], "delete"))
         return cli_usage_error("profile", "expected 'fasa profile delete NAME'");

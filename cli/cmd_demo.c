@@ -6,7 +6,6 @@
  *    to measure recall and the error any top-B selection would have);
  * 3. decode: each step appends its own token and attends with fasa, dense and oracle, and
  *    prints step times, bytes read, recall of the exact top-B and output errors. */
-#include <getopt.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,6 +18,7 @@
 #include "dtype.h"
 #include "scan.h"
 #include "engine.h"
+#include "opts.h"
 #include "progress.h"
 #include "score.h"
 #include "synth.h"
@@ -37,34 +37,7 @@ static const char usage[] =
     "GiB at the defaults; half with --dtype f16 or bf16) plus working buffers: a peak RSS of\n"
     "about 6.5 GiB (7 GB) at the defaults, from 0.84 GiB at --tokens 32768 and 1.65 GiB at\n"
     "65536.\n"
-    "\n"
-    "  --tokens N      context length (default 262144, or 32768 with --server;\n"
-    "                  1024 .. 16777216)\n"
-    "  --steps S       decode steps (default 8)\n"
-    "  --heads H       query heads (default 32)\n"
-    "  --kv-heads G    KV heads (default 8; must divide --heads)\n"
-    "  --head-dim D    head dim (default 128; a multiple of 8)\n"
-    "  --ntip N        dominant chunks per head to calibrate (default 16)\n"
-    "  --budget B      tokens attended per query head (default 256); also the CA window\n"
-    "  --shards N      in-process shards (default 1)\n"
-    "  --seed S        generator seed (default 1)\n"
-    "  --dtype T       key/value storage of the three sessions: f32 (default), f16 or bf16\n"
-    "                  (f16/bf16 halve their memory and the KV bytes read)\n"
-    "  --score-dtype T the fasa session's scoring store: f32, f16, bf16 or int8 (default: the\n"
-    "                  --dtype's own key dims)\n"
-    "  --tier T        where the fasa session keeps K and V: ram (default) or disk: only the\n"
-    "                  dominant key dims in RAM, the rest of K and V in unlinked files under\n"
-    "                  --state-dir, of which a step reads only the selected rows (the dense\n"
-    "                  and oracle sessions stay in RAM; embedded engine only)\n"
-    "  --state-dir D   directory for --tier disk's files\n"
-    "  --server E      run the three sessions on a fasa-server at endpoint E instead of the\n"
-    "                  embedded engine (calibration stays local; the profile travels with\n"
-    "                  the session). Step times then include the round trip, and the context\n"
-    "                  crosses the socket (3 x tokens x kv-heads x head-dim x 8 bytes), hence\n"
-    "                  the smaller default --tokens. Sessions are named cli-<pid>-fasa etc.\n"
-    "                  and dropped at exit (FASA_TIMEOUT_MS: the wait per reply, default\n"
-    "                  120000)\n"
-    "  --help          this text\n";
+    "\n";
 
 typedef struct demo_opts {
     long tokens, steps, heads, kv_heads, head_dim, ntip, budget, shards, seed;
@@ -77,15 +50,6 @@ typedef struct demo_opts {
 
 static int s_parse(int argc, char **argv, demo_opts *o)
 {
-    static const struct option opts[] = {
-        {"tokens", required_argument, 0, 't'},   {"steps", required_argument, 0, 's'},
-        {"heads", required_argument, 0, 'H'},    {"kv-heads", required_argument, 0, 'G'},
-        {"head-dim", required_argument, 0, 'D'}, {"ntip", required_argument, 0, 'n'},
-        {"budget", required_argument, 0, 'b'},   {"shards", required_argument, 0, 'S'},
-        {"seed", required_argument, 0, 'r'},     {"server", required_argument, 0, 'E'},
-        {"dtype", required_argument, 0, 'T'},    {"score-dtype", required_argument, 0, 'Z'},
-        {"tier", required_argument, 0, 'R'},     {"state-dir", required_argument, 0, 'd'},
-        {"help", no_argument, 0, 'h'},           {0, 0, 0, 0}};
     *o = (demo_opts){.tokens = 262144,
                      .steps = 8,
                      .heads = 32,
@@ -95,77 +59,70 @@ static int s_parse(int argc, char **argv, demo_opts *o)
                      .budget = 256,
                      .shards = 1,
                      .seed = 1};
-    optind = 1;
-    opterr = 0;
+    const cli_opt opts[] = {
+        CLI_INT_KEY("tokens", 't', &o->tokens, 1024, 1L << 24, "N",
+                    "262144, or 32768 with --server", "context length (1024 .. 16777216)"),
+        CLI_INT("steps", &o->steps, 1, 4096, "S", "8", "decode steps"),
+        CLI_INT("heads", &o->heads, 1, 1024, "H", "32", "query heads"),
+        CLI_INT("kv-heads", &o->kv_heads, 1, 1024, "G", "8", "KV heads (must divide --heads)"),
+        CLI_INT_KEY("head-dim", 'D', &o->head_dim, 8, 1024, "D", "128",
+                    "head dim (a multiple of 8)"),
+        CLI_INT("ntip", &o->ntip, 1, 512, "N", "16", "dominant chunks per head to calibrate"),
+        CLI_INT("budget", &o->budget, 1, 1 << 20, "B", "256",
+                "tokens attended per query head; also the CA window"),
+        CLI_INT("shards", &o->shards, 1, 64, "N", "1", "in-process shards"),
+        CLI_INT("seed", &o->seed, 0, 0x7fffffffL, "S", "1", "generator seed"),
+        CLI_KEY("dtype", 'T', "T", NULL,
+                "key/value storage of the three sessions: f32 (default), f16 or bf16\n"
+                "(f16/bf16 halve their memory and the KV bytes read)"),
+        CLI_KEY("score-dtype", 'Z', "T", NULL,
+                "the fasa session's scoring store: f32, f16, bf16 or int8 (default: the\n"
+                "--dtype's own key dims)"),
+        CLI_KEY("tier", 'R', "T", NULL,
+                "where the fasa session keeps K and V: ram (default) or disk: only the\n"
+                "dominant key dims in RAM, the rest of K and V in unlinked files under\n"
+                "--state-dir, of which a step reads only the selected rows (the dense\n"
+                "and oracle sessions stay in RAM; embedded engine only)"),
+        CLI_STR("state-dir", &o->state_dir, "D", NULL, "directory for --tier disk's files"),
+        CLI_STR("server", &o->server, "E", NULL,
+                "run the three sessions on a fasa-server at endpoint E instead of the\n"
+                "embedded engine (calibration stays local; the profile travels with\n"
+                "the session). Step times then include the round trip, and the context\n"
+                "crosses the socket (3 x tokens x kv-heads x head-dim x 8 bytes), hence\n"
+                "the smaller default --tokens. Sessions are named cli-<pid>-fasa etc.\n"
+                "and dropped at exit (FASA_TIMEOUT_MS: the wait per reply, default\n"
+                "120000)"),
+        CLI_END};
+    cli_parser p;
+    cli_begin(&p, "demo", usage, opts, argc, argv);
     int c, have_tokens = 0;
-    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+    while ((c = cli_next(&p)) > 0) {
         switch (c) {
         case 't':
-            if (cli_parse_int(optarg, 1024, 1L << 24, &o->tokens))
-                return cli_usage_error("demo", "--tokens '%s' must be in [1024, 16777216]", optarg);
             have_tokens = 1;
             break;
-        case 'E':
-            o->server = optarg;
-            break;
         case 'T':
-            if (fasa_dtype_parse(optarg, &o->dtype))
-                return cli_usage_error("demo", "--dtype '%s' is not f32, f16 or bf16", optarg);
+            if (fasa_dtype_parse(p.arg, &o->dtype))
+                return cli_usage_error("demo", "--dtype '%s' is not f32, f16 or bf16", p.arg);
             break;
         case 'Z':
-            if (scan_dtype_parse(optarg, &o->score_dtype))
+            if (scan_dtype_parse(p.arg, &o->score_dtype))
                 return cli_usage_error("demo", "--score-dtype '%s' is not f32, f16, bf16 or int8",
-                                       optarg);
+                                       p.arg);
             break;
         case 'R':
-            if (strcmp(optarg, "ram") && strcmp(optarg, "disk"))
-                return cli_usage_error("demo", "--tier '%s' is not ram or disk", optarg);
-            o->tier = optarg[0] == 'd';
-            break;
-        case 'd':
-            o->state_dir = optarg;
-            break;
-        case 's':
-            if (cli_parse_int(optarg, 1, 4096, &o->steps))
-                return cli_usage_error("demo", "--steps '%s' must be in [1, 4096]", optarg);
-            break;
-        case 'H':
-            if (cli_parse_int(optarg, 1, 1024, &o->heads))
-                return cli_usage_error("demo", "--heads '%s' must be in [1, 1024]", optarg);
-            break;
-        case 'G':
-            if (cli_parse_int(optarg, 1, 1024, &o->kv_heads))
-                return cli_usage_error("demo", "--kv-heads '%s' must be in [1, 1024]", optarg);
+            if (strcmp(p.arg, "ram") && strcmp(p.arg, "disk"))
+                return cli_usage_error("demo", "--tier '%s' is not ram or disk", p.arg);
+            o->tier = p.arg[0] == 'd';
             break;
         case 'D':
-            if (cli_parse_int(optarg, 8, 1024, &o->head_dim) || o->head_dim % 8)
+            if (o->head_dim % 8)
                 return cli_usage_error(
-                    "demo", "--head-dim '%s' must be a multiple of 8 in [8, 1024]", optarg);
+                    "demo", "--head-dim '%s' must be a multiple of 8 in [8, 1024]", p.arg);
             break;
-        case 'n':
-            if (cli_parse_int(optarg, 1, 512, &o->ntip))
-                return cli_usage_error("demo", "--ntip '%s' must be in [1, head-dim/2]", optarg);
-            break;
-        case 'b':
-            if (cli_parse_int(optarg, 1, 1 << 20, &o->budget))
-                return cli_usage_error("demo", "--budget '%s' must be in [1, 1048576]", optarg);
-            break;
-        case 'S':
-            if (cli_parse_int(optarg, 1, 64, &o->shards))
-                return cli_usage_error("demo", "--shards '%s' must be in [1, 64]", optarg);
-            break;
-        case 'r':
-            if (cli_parse_int(optarg, 0, 0x7fffffffL, &o->seed))
-                return cli_usage_error("demo", "--seed '%s' must be in [0, 2147483647]", optarg);
-            break;
-        case 'h':
-            fputs(usage, stdout);
-            return -1;
-        default:
-            return cli_usage_error("demo", "unknown or incomplete option '%s'", argv[optind - 1]);
         }
     }
-    if (optind < argc) return cli_usage_error("demo", "unexpected argument '%s'", argv[optind]);
+    if (c < 0) return cli_status(c);
     if (o->server && !have_tokens) o->tokens = 32768;
     if (o->tier && o->server)
         return cli_usage_error("demo",

@@ -9,12 +9,12 @@
 int cmd_calibrate(int argc, char **argv);
 int cmd_replay(int argc, char **argv);
 int cmd_demo(int argc, char **argv);
-/* fasa bench scan|attend (client/cmd_bench.c). */
+/* fasa bench scan|attend (cli/cmd_bench.c). */
 int cmd_bench(int argc, char **argv);
-/* A llama2.c-format model with fasa attention (client/cmd_model.c). */
+/* A llama2.c-format model with fasa attention (cli/cmd_model.c). */
 int cmd_ppl(int argc, char **argv);
 int cmd_generate(int argc, char **argv);
-/* Commands that need a server (client/cmd_server.c). */
+/* Commands that need a server (cli/cmd_server.c). */
 int cmd_ping(int argc, char **argv);
 int cmd_stats(int argc, char **argv);
 int cmd_create(int argc, char **argv);
@@ -23,10 +23,10 @@ int cmd_attend(int argc, char **argv);
 int cmd_drop(int argc, char **argv);
 int cmd_shutdown(int argc, char **argv);
 int cmd_snapshot(int argc, char **argv);
-/* What a server holds, and deleting a stored profile (client/cmd_admin.c). */
+/* What a server holds, and deleting a stored profile (cli/cmd_admin.c). */
 int cmd_sessions(int argc, char **argv);
 int cmd_profile(int argc, char **argv);
-/* A CURVE key pair for the server and its clients (client/cmd_keygen.c). */
+/* A CURVE key pair for the server and its clients (cli/cmd_keygen.c). */
 int cmd_keygen(int argc, char **argv);
 
 /* Prints "fasa CMD: message" to stderr (one line) and returns 2 (usage) or 1 (failure). */

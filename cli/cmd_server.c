@@ -2,7 +2,6 @@
  * create, append, attend, drop, shutdown, snapshot. Session ids are used as given (no prefix):
  * these commands manage sessions that outlive the command. */
 #include <errno.h>
-#include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,31 +13,24 @@
 #include "engine.h"
 #include "fasa_client.h"
 #include "npy.h"
+#include "opts.h"
 #include "progress.h"
 #include "prom.h"
 #include "timing.h"
 
-#define SERVER_HELP                                                                                \
-    "  --server ENDPOINT   the server, e.g. tcp://127.0.0.1:5555 (default: $FASA_SERVER)\n"        \
-    "  --curve-server-key FILE  a server with CURVE: its public key ('fasa keygen' NAME.pub;\n"    \
-    "                      default: $FASA_CURVE_SERVER_KEY)\n"                                     \
-    "  --curve-secret FILE this client's secret key (NAME.key, mode 0600; its NAME.pub must\n"     \
-    "                      be in the server's --authorized-keys; default:\n"                       \
-    "                      $FASA_CURVE_CLIENT_SECRET)\n"
-
-#define COMMON_HELP                                                                                \
-    "  --help              this text\n"                                                            \
-    "\n"                                                                                           \
-    "FASA_TIMEOUT_MS sets the wait for each reply (default 120000; 5000 for the ping that\n"       \
-    "first checks the server answers). Errors print 'fasa CMD: message' (the server's\n"           \
-    "message) and exit 1; usage errors exit 2.\n"
+/* --help's text after the option list of every server command. */
+static const char common_tail[] =
+    "\n"
+    "FASA_TIMEOUT_MS sets the wait for each reply (default 120000; 5000 for the ping that\n"
+    "first checks the server answers). Errors print 'fasa CMD: message' (the server's\n"
+    "message) and exit 1; usage errors exit 2.\n";
 
 static const char ping_usage[] =
     "usage: fasa ping --server ENDPOINT\n"
     "\n"
     "Checks that a fasa-server answers; prints its version, MPI ranks, shards per session and\n"
     "the round trip of a ping (the first one includes connecting).\n"
-    "\n" SERVER_HELP COMMON_HELP;
+    "\n";
 
 static const char stats_usage[] =
     "usage: fasa stats --server ENDPOINT [--session ID] [--format text|prometheus]\n"
@@ -58,37 +50,14 @@ static const char stats_usage[] =
     "pairing, GQA mode and dense layers, and what each rank holds of it.\n"
     "The prometheus format prints the same numbers in the Prometheus text exposition format\n"
     "(metrics named fasa_*; step times as the summary fasa_step_seconds).\n"
-    "\n" SERVER_HELP "  --session ID        also report this session\n"
-    "  --format F          text (default) or prometheus\n" COMMON_HELP;
+    "\n";
 
 static const char create_usage[] =
     "usage: fasa create --server ENDPOINT --session ID --layers L --heads H --kv-heads K\n"
     "                   --head-dim D [options]\n"
     "\n"
     "Creates a session (one sequence) on the server with this geometry.\n"
-    "\n" SERVER_HELP "  --session ID        1..128 printable ASCII bytes, unique on the server\n"
-    "  --layers L          layers (1..1024)\n"
-    "  --heads H           query heads, a multiple of --kv-heads\n"
-    "  --kv-heads K        KV heads\n"
-    "  --head-dim D        head dim (even)\n"
-    "  --pairing P         interleaved (default) or half\n"
-    "  --profile FILE      calibration profile from 'fasa calibrate' (sent as text)\n"
-    "  --profile-name NAME a profile stored on the server ('fasa calibrate --profile-name')\n"
-    "  --method M          default method: fasa, dense, oracle, stream, quest, sparq or fasa-plus\n"
-    "                      (default: fasa with a profile, else dense)\n"
-    "  --budget B          default tokens kept per selection unit (default 256)\n"
-    "  --gqa G             per-head (default) or shared\n"
-    "  --dense-layers LIST comma-separated layers kept dense under fasa, or none (default "
-    "0)\n"
-    "  --dtype T           how keys and values are stored: f32 (default), f16 or bf16 (half\n"
-    "                      the memory and bytes read; values beyond f16's range are "
-    "refused)\n"
-    "  --score-dtype T     the FASA scan's scoring store: f32, f16, bf16 or int8 (one scale\n"
-    "                      per row), a packed copy of the dominant key dims; default: the\n"
-    "                      --dtype's own key dims\n"
-    "  --tier T            ram or disk: only the scoring data in RAM, the rest of K and V in\n"
-    "                      files under the server's --tier-dir (default: the server's "
-    "--tier)\n" COMMON_HELP;
+    "\n";
 
 static const char append_usage[] =
     "usage: fasa append --server ENDPOINT --session ID [--layer N] --k K.npy --v V.npy\n"
@@ -97,14 +66,10 @@ static const char append_usage[] =
     "Appends post-RoPE keys and values to a session: float32 or float16 .npy arrays of shape\n"
     "(n, kv_heads, head_dim) for one layer (--layer N), or (layers, n, kv_heads, head_dim) for\n"
     "every layer (no --layer). float16 travels as F16 (half the bytes; stored as sent in an\n"
-    "f16 session). Large files go in requests of at most 32 MiB, each all or nothing, with a\n"
-    "progress bar on a terminal; on a failure the positions stored so far are printed.\n"
-    "\n" SERVER_HELP "  --session ID        the session\n"
-    "  --layer N           the layer (default: every layer)\n"
-    "  --k K.npy           keys\n"
-    "  --v V.npy           values (the same shape)\n"
-    "  --start-pos P       the first position (default: the session's current length, that\n"
-    "                      of layer 0; give it when the layers' lengths differ)\n" COMMON_HELP;
+    "f16 session). Large files go in requests of at most 32 MiB, each all or nothing, up to 4\n"
+    "in flight, with a progress bar on a terminal; on a failure the positions stored are\n"
+    "printed.\n"
+    "\n";
 
 static const char attend_usage[] =
     "usage: fasa attend --server ENDPOINT --session ID --layer N --q Q.npy --out OUT.npy\n"
@@ -112,20 +77,7 @@ static const char attend_usage[] =
     "\n"
     "One decode step of one layer: attends with the queries Q (float32 (heads, head_dim)) over\n"
     "the session's keys and writes the outputs, float32 (heads, head_dim), to OUT.npy.\n"
-    "\n" SERVER_HELP "  --session ID        the session\n"
-    "  --layer N           the layer\n"
-    "  --q Q.npy           post-RoPE queries, (heads, head_dim)\n"
-    "  --k-new K.npy       key of the new position, (kv_heads, head_dim), appended first\n"
-    "  --v-new V.npy       its value (with --k-new)\n"
-    "  --method M          fasa, dense, oracle, stream, quest, sparq or fasa-plus (default: the\n"
-    "                      session's)\n"
-    "  --budget B          tokens kept per selection unit (default: the session's)\n"
-    "  --gqa G             per-head or shared (default: the session's)\n"
-    "  --max-pos P         highest visible key position (default: every appended one)\n"
-    "  --out OUT.npy       the attention outputs\n"
-    "  --selected SEL.npy  int32 (heads, budget): each head's chosen positions, best first,\n"
-    "                      -1 padded; all -1 when the step ran dense\n"
-    "  --stats             print the step's statistics as 'key value' lines\n" COMMON_HELP;
+    "\n";
 
 static const char drop_usage[] =
     "usage: fasa drop --server ENDPOINT SESSION\n"
@@ -133,12 +85,12 @@ static const char drop_usage[] =
     "\n"
     "Drops a session and frees its keys and values on the server (and its snapshot in the\n"
     "server's --state-dir, if any).\n"
-    "\n" SERVER_HELP "  SESSION, --session ID  the session\n" COMMON_HELP;
+    "\n";
 
 static const char shutdown_usage[] = "usage: fasa shutdown --server ENDPOINT\n"
                                      "\n"
                                      "Stops the server cleanly (every rank) after it answers.\n"
-                                     "\n" SERVER_HELP COMMON_HELP;
+                                     "\n";
 
 static const char snapshot_usage[] =
     "usage: fasa snapshot --server ENDPOINT SESSION\n"
@@ -148,8 +100,7 @@ static const char snapshot_usage[] =
     "server's --state-dir: each rank its shard files, then a manifest. A server started later\n"
     "with --state-dir DIR --restore loads them back, on any number of ranks. Prints one line\n"
     "per session: id, tokens, bytes, manifest file.\n"
-    "\n" SERVER_HELP "  SESSION, --session ID  the session\n"
-    "  --all               every session and the named profiles\n" COMMON_HELP;
+    "\n";
 
 typedef struct srv_opts {
     const char *server, *session, *profile, *profile_name, *k, *v, *q, *k_new, *v_new, *out,
@@ -169,173 +120,175 @@ typedef struct srv_opts {
     int tier;         /* create --tier: 0 the server's, 1 ram, 2 disk */
 } srv_opts;
 
-/* Parses argv for cmd, accepting only the options whose codes are in allowed. Returns 0,
- * -1 after printing --help, or the usage error status. */
+/* The help line of an option that differs between commands. */
+static const char *s_help(const char *cmd, int key, const char *dflt)
+{
+    if (key == 'i' && !strcmp(cmd, "create"))
+        return "1..128 printable ASCII bytes, unique on the server";
+    if (key == 'i' && !strcmp(cmd, "stats")) return "also report this session";
+    if (key == 'i' && (!strcmp(cmd, "drop") || !strcmp(cmd, "snapshot")))
+        return "the session (or SESSION, anywhere among the options)";
+    if (key == 'l' && !strcmp(cmd, "append")) return "the layer (default: every layer)";
+    if (!strcmp(cmd, "attend")) {
+        if (key == 'm')
+            return "fasa, dense, oracle, stream, quest, sparq or fasa-plus (default: the\n"
+                   "session's)";
+        if (key == 'b') return "tokens kept per selection unit (default: the session's)";
+        if (key == 'g') return "per-head or shared (default: the session's)";
+    }
+    return dflt;
+}
+
+/* Parses argv for cmd, accepting only the options whose keys are in allowed (listed by
+ * --help in that order, after --server and the CURVE keys); the others are known and
+ * refused ("does not apply"). Returns 0, -1 after printing --help, or the usage error
+ * status. */
 static int s_parse(const char *cmd, const char *usage, const char *allowed, int argc, char **argv,
                    srv_opts *o)
 {
-    static const struct option opts[] = {{"server", required_argument, 0, 'E'},
-                                         {"session", required_argument, 0, 'i'},
-                                         {"layers", required_argument, 0, 'L'},
-                                         {"heads", required_argument, 0, 'H'},
-                                         {"kv-heads", required_argument, 0, 'K'},
-                                         {"head-dim", required_argument, 0, 'D'},
-                                         {"pairing", required_argument, 0, 'P'},
-                                         {"profile", required_argument, 0, 'p'},
-                                         {"profile-name", required_argument, 0, 'n'},
-                                         {"method", required_argument, 0, 'm'},
-                                         {"budget", required_argument, 0, 'b'},
-                                         {"gqa", required_argument, 0, 'g'},
-                                         {"dense-layers", required_argument, 0, 'd'},
-                                         {"layer", required_argument, 0, 'l'},
-                                         {"k", required_argument, 0, 'k'},
-                                         {"v", required_argument, 0, 'v'},
-                                         {"start-pos", required_argument, 0, 's'},
-                                         {"q", required_argument, 0, 'q'},
-                                         {"k-new", required_argument, 0, 'a'},
-                                         {"v-new", required_argument, 0, 'w'},
-                                         {"max-pos", required_argument, 0, 'x'},
-                                         {"out", required_argument, 0, 'o'},
-                                         {"selected", required_argument, 0, 'S'},
-                                         {"stats", no_argument, 0, 't'},
-                                         {"format", required_argument, 0, 'F'},
-                                         {"all", no_argument, 0, 'A'},
-                                         {"dtype", required_argument, 0, 'T'},
-                                         {"score-dtype", required_argument, 0, 'Z'},
-                                         {"tier", required_argument, 0, 'R'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
     memset(o, 0, sizeof(*o));
     o->max_pos = -1;
-    optind = 1;
-    opterr = 0;
-    int c, li = 0;
-    while ((c = getopt_long(argc, argv, "", opts, &li)) != -1) {
-        if (c != 'h' && c != '?' && c != ':' && !strchr(allowed, c))
-            return cli_usage_error(cmd, "option '--%s' does not apply to '%s'", opts[li].name, cmd);
+    const cli_opt all[] = {
+        CLI_STR("server", &o->server, "ENDPOINT", NULL,
+                "the server, e.g. tcp://127.0.0.1:5555 (default: $FASA_SERVER)"),
+        /* Taken out of argv by main for every command (backend_take_curve_args). */
+        CLI_STR("curve-server-key", NULL, "FILE", NULL,
+                "a server with CURVE: its public key ('fasa keygen' NAME.pub;\n"
+                "default: $FASA_CURVE_SERVER_KEY)"),
+        CLI_STR("curve-secret", NULL, "FILE", NULL,
+                "this client's secret key (NAME.key, mode 0600; its NAME.pub must\n"
+                "be in the server's --authorized-keys; default:\n"
+                "$FASA_CURVE_CLIENT_SECRET)"),
+        {"session", CLI_T_STR, 'i', 0, &o->session, 0, 0, 0, "ID", NULL, "the session"},
+        {"layers", CLI_T_INT, 'L', 0, 0, &o->layers, 1, 1024, "L", NULL, "layers (1..1024)"},
+        {"heads", CLI_T_INT, 'H', 0, 0, &o->heads, 1, 1024, "H", NULL,
+         "query heads, a multiple of --kv-heads"},
+        {"kv-heads", CLI_T_INT, 'K', 0, 0, &o->kv_heads, 1, 1024, "K", NULL, "KV heads"},
+        CLI_INT_KEY("head-dim", 'D', &o->head_dim, 2, 1024, "D", NULL, "head dim (even)"),
+        CLI_KEY("pairing", 'P', "P", NULL, "interleaved (default) or half"),
+        {"profile", CLI_T_STR, 'p', 0, &o->profile, 0, 0, 0, "FILE", NULL,
+         "calibration profile from 'fasa calibrate' (sent as text)"},
+        {"profile-name", CLI_T_STR, 'n', 0, &o->profile_name, 0, 0, 0, "NAME", NULL,
+         "a profile stored on the server ('fasa calibrate --profile-name')"},
+        CLI_KEY("method", 'm', "M", NULL,
+                "default method: fasa, dense, oracle, stream, quest, sparq or fasa-plus\n"
+                "(default: fasa with a profile, else dense)"),
+        {"budget", CLI_T_INT, 'b', 0, 0, &o->budget, 1, 1 << 20, "B", NULL,
+         "default tokens kept per selection unit (default 256)"},
+        CLI_KEY("gqa", 'g', "G", NULL, "per-head (default) or shared"),
+        {"dense-layers", CLI_T_STR, 'd', 0, &o->dense_layers, 0, 0, 0, "LIST", "0",
+         "comma-separated layers kept dense under fasa, or none"},
+        CLI_KEY("dtype", 'T', "T", NULL,
+                "how keys and values are stored: f32 (default), f16 or bf16 (half\n"
+                "the memory and bytes read; values beyond f16's range are refused)"),
+        CLI_KEY("score-dtype", 'Z', "T", NULL,
+                "the FASA scan's scoring store: f32, f16, bf16 or int8 (one scale\n"
+                "per row), a packed copy of the dominant key dims; default: the\n"
+                "--dtype's own key dims"),
+        CLI_KEY("tier", 'R', "T", NULL,
+                "ram or disk: only the scoring data in RAM, the rest of K and V in\n"
+                "files under the server's --tier-dir (default: the server's --tier)"),
+        CLI_INT_KEY("layer", 'l', &o->layer, 0, 1023, "N", NULL, "the layer"),
+        {"k", CLI_T_STR, 'k', 0, &o->k, 0, 0, 0, "K.npy", NULL, "keys"},
+        {"v", CLI_T_STR, 'v', 0, &o->v, 0, 0, 0, "V.npy", NULL, "values (the same shape)"},
+        CLI_INT_KEY("start-pos", 's', &o->start_pos, 0, 1L << 40, "P", NULL,
+                    "the first position (default: the session's current length, that\n"
+                    "of layer 0; give it when the layers' lengths differ)"),
+        {"q", CLI_T_STR, 'q', 0, &o->q, 0, 0, 0, "Q.npy", NULL,
+         "post-RoPE queries, (heads, head_dim)"},
+        {"k-new", CLI_T_STR, 'a', 0, &o->k_new, 0, 0, 0, "K.npy", NULL,
+         "key of the new position, (kv_heads, head_dim), appended first"},
+        {"v-new", CLI_T_STR, 'w', 0, &o->v_new, 0, 0, 0, "V.npy", NULL, "its value (with --k-new)"},
+        {"max-pos", CLI_T_INT, 'x', 0, 0, &o->max_pos, -1, 1L << 40, "P", NULL,
+         "highest visible key position (default: every appended one)"},
+        {"out", CLI_T_STR, 'o', 0, &o->out, 0, 0, 0, "OUT.npy", NULL, "the attention outputs"},
+        {"selected", CLI_T_STR, 'S', 0, &o->selected, 0, 0, 0, "SEL.npy", NULL,
+         "int32 (heads, budget): each head's chosen positions, best first,\n"
+         "-1 padded; all -1 when the step ran dense"},
+        {"stats", CLI_T_FLAG, 't', &o->stats, 0, 0, 0, 0, NULL, NULL,
+         "print the step's statistics as 'key value' lines"},
+        CLI_KEY("format", 'F', "F", NULL, "text (default) or prometheus"),
+        {"all", CLI_T_FLAG, 'A', &o->all, 0, 0, 0, 0, NULL, NULL,
+         "every session and the named profiles"},
+    };
+    const size_t n_all = sizeof(all) / sizeof(*all);
+    /* This command's rows in the order of allowed (--server and CURVE first), then the
+     * others, hidden and refused. */
+    cli_opt opts[sizeof(all) / sizeof(*all) + 1];
+    size_t n = 0;
+    for (size_t r = 0; r < 3; r++) opts[n++] = all[r];
+    for (const char *a = allowed; *a; a++)
+        for (size_t r = 3; r < n_all; r++)
+            if (all[r].key == *a) {
+                opts[n] = all[r];
+                opts[n++].help = s_help(cmd, *a, all[r].help);
+            }
+    for (size_t r = 3; r < n_all; r++)
+        if (!strchr(allowed, all[r].key)) {
+            opts[n] = (cli_opt)CLI_KEY(all[r].name, 1, all[r].meta, NULL, NULL);
+            if (all[r].type == CLI_T_FLAG) opts[n].type = CLI_T_FLAG;
+            n++;
+        }
+    opts[n] = (cli_opt)CLI_END;
+    cli_parser p;
+    cli_begin(&p, cmd, usage, opts, argc, argv);
+    p.tail = common_tail;
+    int c;
+    while ((c = cli_next(&p)) > 0) {
+        const char *arg = p.arg;
         switch (c) {
-        case 'E':
-            o->server = optarg;
-            break;
-        case 'i':
-            o->session = optarg;
-            break;
-        case 'p':
-            o->profile = optarg;
-            break;
-        case 'n':
-            o->profile_name = optarg;
-            break;
-        case 'd':
-            o->dense_layers = optarg;
-            break;
-        case 'k':
-            o->k = optarg;
-            break;
-        case 'v':
-            o->v = optarg;
-            break;
-        case 'q':
-            o->q = optarg;
-            break;
-        case 'a':
-            o->k_new = optarg;
-            break;
-        case 'w':
-            o->v_new = optarg;
-            break;
-        case 'o':
-            o->out = optarg;
-            break;
-        case 'S':
-            o->selected = optarg;
-            break;
-        case 't':
-            o->stats = 1;
-            break;
-        case 'A':
-            o->all = 1;
-            break;
+        case 1:
+            return cli_usage_error(cmd, "option '--%s' does not apply to '%s'", p.opt->name, cmd);
         case 'R':
-            if (strcmp(optarg, "ram") && strcmp(optarg, "disk"))
-                return cli_usage_error(cmd, "--tier '%s' is not ram or disk", optarg);
-            o->tier = optarg[0] == 'd' ? 2 : 1;
+            if (strcmp(arg, "ram") && strcmp(arg, "disk"))
+                return cli_usage_error(cmd, "--tier '%s' is not ram or disk", arg);
+            o->tier = arg[0] == 'd' ? 2 : 1;
             break;
         case 'T':
-            if (fasa_dtype_parse(optarg, &o->dtype))
-                return cli_usage_error(cmd, "--dtype '%s' is not f32, f16 or bf16", optarg);
+            if (fasa_dtype_parse(arg, &o->dtype))
+                return cli_usage_error(cmd, "--dtype '%s' is not f32, f16 or bf16", arg);
             break;
         case 'Z':
-            if (scan_dtype_parse(optarg, &o->score_dtype))
+            if (scan_dtype_parse(arg, &o->score_dtype))
                 return cli_usage_error(cmd, "--score-dtype '%s' is not f32, f16, bf16 or int8",
-                                       optarg);
+                                       arg);
             break;
         case 'F':
-            if (strcmp(optarg, "text") && strcmp(optarg, "prometheus"))
-                return cli_usage_error(cmd, "--format '%s' is not text or prometheus", optarg);
-            o->prometheus = optarg[0] == 'p';
-            break;
-        case 'L':
-            if (cli_parse_int(optarg, 1, 1024, &o->layers))
-                return cli_usage_error(cmd, "--layers '%s' must be in [1, 1024]", optarg);
-            break;
-        case 'H':
-            if (cli_parse_int(optarg, 1, 1024, &o->heads))
-                return cli_usage_error(cmd, "--heads '%s' must be in [1, 1024]", optarg);
-            break;
-        case 'K':
-            if (cli_parse_int(optarg, 1, 1024, &o->kv_heads))
-                return cli_usage_error(cmd, "--kv-heads '%s' must be in [1, 1024]", optarg);
+            if (strcmp(arg, "text") && strcmp(arg, "prometheus"))
+                return cli_usage_error(cmd, "--format '%s' is not text or prometheus", arg);
+            o->prometheus = arg[0] == 'p';
             break;
         case 'D':
-            if (cli_parse_int(optarg, 2, 1024, &o->head_dim) || o->head_dim % 2)
-                return cli_usage_error(cmd, "--head-dim '%s' must be even, in [2, 1024]", optarg);
-            break;
-        case 'b':
-            if (cli_parse_int(optarg, 1, 1 << 20, &o->budget))
-                return cli_usage_error(cmd, "--budget '%s' must be in [1, 1048576]", optarg);
+            if (o->head_dim % 2)
+                return cli_usage_error(cmd, "--head-dim '%s' must be even, in [2, 1024]", arg);
             break;
         case 'l':
-            if (cli_parse_int(optarg, 0, 1023, &o->layer))
-                return cli_usage_error(cmd, "--layer '%s' must be in [0, 1023]", optarg);
             o->have_layer = 1;
             break;
         case 's':
-            if (cli_parse_int(optarg, 0, 1L << 40, &o->start_pos))
-                return cli_usage_error(cmd, "--start-pos '%s' must be a position >= 0", optarg);
             o->have_start_pos = 1;
             break;
-        case 'x':
-            if (cli_parse_int(optarg, -1, 1L << 40, &o->max_pos))
-                return cli_usage_error(cmd, "--max-pos '%s' must be a position >= 0 (or -1)",
-                                       optarg);
-            break;
         case 'm':
-            if (fasa_method_parse(optarg, &o->method))
+            if (fasa_method_parse(arg, &o->method))
                 return cli_usage_error(
                     cmd,
                     "--method '%s' is not fasa, dense, oracle, stream, quest, sparq or fasa-plus",
-                    optarg);
+                    arg);
             o->have_method = 1;
             break;
         case 'g':
-            if (fasa_gqa_parse(optarg, &o->gqa))
-                return cli_usage_error(cmd, "--gqa '%s' is not per-head or shared", optarg);
+            if (fasa_gqa_parse(arg, &o->gqa))
+                return cli_usage_error(cmd, "--gqa '%s' is not per-head or shared", arg);
             o->have_gqa = 1;
             break;
         case 'P':
-            if (fc_pairing_parse(optarg, &o->pairing))
-                return cli_usage_error(cmd, "--pairing '%s' is not interleaved or half", optarg);
+            if (fc_pairing_parse(arg, &o->pairing))
+                return cli_usage_error(cmd, "--pairing '%s' is not interleaved or half", arg);
             o->have_pairing = 1;
             break;
-        case 'h':
-            fputs(usage, stdout);
-            return -1;
-        default:
-            return cli_usage_error(cmd, "unknown or incomplete option '%s'", argv[optind - 1]);
         }
     }
-    if (optind < argc) return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
+    if (c < 0) return cli_status(c);
     if (!o->server) {
         const char *env = getenv("FASA_SERVER");
         if (env && *env) o->server = env;
@@ -539,7 +492,7 @@ static char *s_read_text(const char *path, char *err, size_t err_len)
 int cmd_create(int argc, char **argv)
 {
     srv_opts o;
-    int rc = s_parse("create", create_usage, "EiLHKDPpnmbgdTR", argc, argv, &o);
+    int rc = s_parse("create", create_usage, "EiLHKDPpnmbgdTZR", argc, argv, &o);
     if (rc) return rc < 0 ? 0 : rc;
     if (!o.session) return cli_usage_error("create", "--session ID is required");
     if (!o.layers || !o.heads || !o.kv_heads || !o.head_dim)

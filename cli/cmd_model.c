@@ -1,8 +1,7 @@
-/* fasa ppl and fasa generate: a llama2.c-format model (client/llama.h) decoding token by
+/* fasa ppl and fasa generate: a llama2.c-format model (model/llama.h) decoding token by
  * token with its attention done by fasa, on the embedded engine or a server: one attend
  * per layer per token, carrying that token's key and value. */
 #include <errno.h>
-#include <getopt.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,6 +13,7 @@
 #include "scan.h"
 #include "engine.h"
 #include "llama.h"
+#include "opts.h"
 #include "progress.h"
 
 static const char ppl_usage[] =
@@ -23,64 +23,14 @@ static const char ppl_usage[] =
     "tokens 1..N-1 are predicted), decoding one token at a time: every layer of every token\n"
     "is one fasa attend carrying that token's key and value. Prints the overall perplexity\n"
     "and one line per 512-position bucket (by the position of the predicted token).\n"
-    "\n"
-    "  --model CKPT         llama2.c legacy (version 0) checkpoint, e.g. stories260K.bin\n"
-    "  --tokenizer TOK      llama2.c tokenizer.bin, e.g. tok512.bin\n"
-    "  --text FILE          UTF-8 text (fewer than N tokens: all of it)\n"
-    "  --offset BYTES       start the text at this byte (moved on to a character start),\n"
-    "                       e.g. 573 to skip the Gutenberg header and contents of Alice\n"
-    "  --tokens N           tokens to decode, BOS included (default 512; RoPE runs past the\n"
-    "                       model's seq_len, as extrapolation)\n"
-    "  --reference          use the runner's built-in full attention instead of fasa\n"
-    "                       (the independent reference for --method dense)\n"
-    "  --vs-dense           also decode with the built-in full attention in lockstep and\n"
-    "                       print the mean KL divergence KL(dense || method) of the\n"
-    "                       next-token distributions and how often both argmaxes agree\n"
-    "                       (perplexity alone misleads: past the model's training length\n"
-    "                       a sparse method can score below dense)\n";
-static const char common_usage[] =
-    "  --method M           fasa (needs --profile or --calibrate-on), dense (default), oracle\n"
-    "                       (exact top-B), stream, quest, sparq or fasa-plus (see 'fasa replay "
-    "--help')\n"
-    "  --budget B           tokens kept per query head (per KV head with --gqa shared);\n"
-    "                       required unless the method is dense\n"
-    "  --profile PROFILE    calibration profile from 'fasa calibrate' (either pairing)\n"
-    "  --pairing P          FC pairing: interleaved (dims 2i, 2i+1, the model's RoPE pairs;\n"
-    "                       the default) or half (dims i, i + head_dim/2: the grouping of\n"
-    "                       FASA's reference code); taken from --profile if given, and\n"
-    "                       what --calibrate-on calibrates with\n"
-    "  --calibrate-on FILE  calibrate a profile first: run the model with full attention over\n"
-    "                       the first --calib-tokens tokens of FILE, record q and k, and\n"
-    "                       choose each head's dominant FCs\n"
-    "  --calib-tokens N     tokens for --calibrate-on (default 512)\n"
-    "  --ntip N             dominant FCs per head for --calibrate-on (default 2)\n"
-    "  --window K           agreement window for --calibrate-on (default 32)\n"
-    "  --save-profile FILE  also write the calibrated profile\n"
-    "  --dense-layers LIST  comma-separated layers kept dense under fasa, or none (default 0)\n"
-    "  --gqa G              per-head (default) or shared\n"
-    "  --score-dtype T      fasa's scoring store: f32, f16, bf16 or int8 (one scale per row;\n"
-    "                       default: the keys' own dims, f32)\n"
-    "  --shards N           in-process shards (default 1; outputs do not depend on it)\n"
-    "  --block N            tokens per placement block (default 2048)\n"
-    "  --server ENDPOINT    attend on a fasa-server (e.g. tcp://127.0.0.1:5555) instead of the\n"
-    "                       embedded engine: the same numbers; the session is named\n"
-    "                       cli-<pid>-... and dropped at exit (FASA_TIMEOUT_MS: the wait for\n"
-    "                       each reply, default 120000)\n"
-    "  --help               this text\n";
+    "\n";
 static const char gen_usage[] =
     "usage: fasa generate --model CKPT --tokenizer TOK --steps N [options]\n"
     "\n"
     "Generates N tokens with a llama2.c-format model after BOS and the prompt, one token at a\n"
     "time with fasa doing the attention (one attend per layer per token), and prints the\n"
     "text. Stops early at BOS or EOS.\n"
-    "\n"
-    "  --model CKPT         llama2.c legacy (version 0) checkpoint\n"
-    "  --tokenizer TOK      llama2.c tokenizer.bin\n"
-    "  --prompt TEXT        text to start from (default: none, BOS only)\n"
-    "  --steps N            tokens to generate\n"
-    "  --temperature T      0 (default): greedy; else sample softmax(logits / T)\n"
-    "  --seed S             seed for sampling (default 1)\n"
-    "  --reference          use the runner's built-in full attention instead of fasa\n";
+    "\n";
 
 typedef struct model_opts {
     const char *model, *tokenizer, *text, *prompt, *profile, *calib_text, *save_profile;
@@ -97,34 +47,6 @@ typedef struct model_opts {
 static int s_parse(const char *cmd, int argc, char **argv, model_opts *o)
 {
     const int gen = strcmp(cmd, "generate") == 0;
-    static const struct option opts[] = {{"model", required_argument, 0, 'M'},
-                                         {"tokenizer", required_argument, 0, 'T'},
-                                         {"text", required_argument, 0, 'x'},
-                                         {"tokens", required_argument, 0, 'n'},
-                                         {"offset", required_argument, 0, 'O'},
-                                         {"prompt", required_argument, 0, 'p'},
-                                         {"steps", required_argument, 0, 's'},
-                                         {"temperature", required_argument, 0, 't'},
-                                         {"seed", required_argument, 0, 'r'},
-                                         {"reference", no_argument, 0, 'R'},
-                                         {"vs-dense", no_argument, 0, 'V'},
-                                         {"pairing", required_argument, 0, 'A'},
-                                         {"method", required_argument, 0, 'm'},
-                                         {"budget", required_argument, 0, 'b'},
-                                         {"profile", required_argument, 0, 'P'},
-                                         {"calibrate-on", required_argument, 0, 'c'},
-                                         {"calib-tokens", required_argument, 0, 'C'},
-                                         {"ntip", required_argument, 0, 'i'},
-                                         {"window", required_argument, 0, 'w'},
-                                         {"save-profile", required_argument, 0, 'o'},
-                                         {"dense-layers", required_argument, 0, 'D'},
-                                         {"gqa", required_argument, 0, 'g'},
-                                         {"score-dtype", required_argument, 0, 'Z'},
-                                         {"shards", required_argument, 0, 'S'},
-                                         {"block", required_argument, 0, 'B'},
-                                         {"server", required_argument, 0, 'E'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
     memset(o, 0, sizeof(*o));
     o->method = FASA_METHOD_DENSE;
     o->tokens = 512;
@@ -134,126 +56,133 @@ static int s_parse(const char *cmd, int argc, char **argv, model_opts *o)
     o->shards = 1;
     o->block = FASA_DEFAULT_BLOCK;
     o->seed = 1;
-    optind = 1;
-    opterr = 0;
+    /* The other command's options are known, hidden, and refused (key 1). */
+    const cli_opt ppl_opts[] = {
+        CLI_STR("text", &o->text, "FILE", NULL, "UTF-8 text (fewer than N tokens: all of it)"),
+        CLI_INT("offset", &o->offset, 0, 1L << 30, "BYTES", NULL,
+                "start the text at this byte (moved on to a character start),\n"
+                "e.g. 573 to skip the Gutenberg header and contents of Alice"),
+        CLI_INT("tokens", &o->tokens, 2, 1 << 24, "N", NULL,
+                "tokens to decode, BOS included (default 512; RoPE runs past the\n"
+                "model's seq_len, as extrapolation)"),
+        CLI_FLAG("reference", &o->reference,
+                 "use the runner's built-in full attention instead of fasa\n"
+                 "(the independent reference for --method dense)"),
+        CLI_FLAG("vs-dense", &o->vs_dense,
+                 "also decode with the built-in full attention in lockstep and\n"
+                 "print the mean KL divergence KL(dense || method) of the\n"
+                 "next-token distributions and how often both argmaxes agree\n"
+                 "(perplexity alone misleads: past the model's training length\n"
+                 "a sparse method can score below dense)")};
+    const cli_opt gen_opts[] = {
+        CLI_STR("prompt", &o->prompt, "TEXT", NULL, "text to start from (default: none, BOS only)"),
+        CLI_INT("steps", &o->steps, 1, 1 << 24, "N", NULL, "tokens to generate"),
+        CLI_KEY("temperature", 't', "T", NULL,
+                "0 (default): greedy; else sample softmax(logits / T)"),
+        CLI_INT("seed", &o->seed, 0, 0x7fffffffL, "S", "1", "seed for sampling"),
+        CLI_FLAG("reference", &o->reference,
+                 "use the runner's built-in full attention instead of fasa")};
+    const cli_opt common[] = {
+        CLI_STR("model", &o->model, "CKPT", NULL,
+                gen ? "llama2.c legacy (version 0) checkpoint"
+                    : "llama2.c legacy (version 0) checkpoint, e.g. stories260K.bin"),
+        CLI_STR("tokenizer", &o->tokenizer, "TOK", NULL,
+                gen ? "llama2.c tokenizer.bin" : "llama2.c tokenizer.bin, e.g. tok512.bin"),
+        CLI_KEY("method", 'm', "M", NULL,
+                "fasa (needs --profile or --calibrate-on), dense (default), oracle\n"
+                "(exact top-B), stream, quest, sparq or fasa-plus (see 'fasa replay --help')"),
+        CLI_INT("budget", &o->budget, 1, 1 << 20, "B", NULL,
+                "tokens kept per query head (per KV head with --gqa shared);\n"
+                "required unless the method is dense"),
+        CLI_STR("profile", &o->profile, "PROFILE", NULL,
+                "calibration profile from 'fasa calibrate' (either pairing)"),
+        CLI_KEY("pairing", 'A', "P", NULL,
+                "FC pairing: interleaved (dims 2i, 2i+1, the model's RoPE pairs;\n"
+                "the default) or half (dims i, i + head_dim/2: the grouping of\n"
+                "FASA's reference code); taken from --profile if given, and\n"
+                "what --calibrate-on calibrates with"),
+        CLI_STR("calibrate-on", &o->calib_text, "FILE", NULL,
+                "calibrate a profile first: run the model with full attention over\n"
+                "the first --calib-tokens tokens of FILE, record q and k, and\n"
+                "choose each head's dominant FCs"),
+        CLI_INT("calib-tokens", &o->calib_tokens, 2, 1 << 24, "N", "512",
+                "tokens for --calibrate-on"),
+        CLI_INT("ntip", &o->ntip, 1, 1 << 20, "N", "2", "dominant FCs per head for --calibrate-on"),
+        CLI_INT("window", &o->window, 1, 1 << 30, "K", "32", "agreement window for --calibrate-on"),
+        CLI_STR("save-profile", &o->save_profile, "FILE", NULL,
+                "also write the calibrated profile"),
+        CLI_STR("dense-layers", &o->dense_layers, "LIST", "0",
+                "comma-separated layers kept dense under fasa, or none"),
+        CLI_KEY("gqa", 'g', "G", NULL, "per-head (default) or shared"),
+        CLI_KEY("score-dtype", 'Z', "T", NULL,
+                "fasa's scoring store: f32, f16, bf16 or int8 (one scale per row;\n"
+                "default: the keys' own dims, f32)"),
+        CLI_INT("shards", &o->shards, 1, 1024, "N", NULL,
+                "in-process shards (default 1; outputs do not depend on it)"),
+        CLI_INT("block", &o->block, 1, 1 << 30, "N", "2048", "tokens per placement block"),
+        CLI_STR("server", &o->server, "ENDPOINT", NULL,
+                "attend on a fasa-server (e.g. tcp://127.0.0.1:5555) instead of the\n"
+                "embedded engine: the same numbers; the session is named\n"
+                "cli-<pid>-... and dropped at exit (FASA_TIMEOUT_MS: the wait for\n"
+                "each reply, default 120000)")};
+    /* This command's rows (shown), then the other's (hidden, refused). */
+    cli_opt opts[48];
+    size_t n = 0;
+    const cli_opt *mine = gen ? gen_opts : ppl_opts, *other = gen ? ppl_opts : gen_opts;
+    const size_t n_mine = gen ? sizeof(gen_opts) / sizeof(*gen_opts)
+                              : sizeof(ppl_opts) / sizeof(*ppl_opts),
+                 n_other = gen ? sizeof(ppl_opts) / sizeof(*ppl_opts)
+                               : sizeof(gen_opts) / sizeof(*gen_opts);
+    opts[n++] = common[0];
+    opts[n++] = common[1];
+    for (size_t i = 0; i < n_mine; i++) opts[n++] = mine[i];
+    for (size_t i = 2; i < sizeof(common) / sizeof(*common); i++) opts[n++] = common[i];
+    for (size_t i = 0; i < n_other; i++) {
+        if (!strcmp(other[i].name, "reference")) continue;
+        opts[n] = (cli_opt)CLI_KEY(other[i].name, 1, other[i].meta, NULL, NULL);
+        if (other[i].type == CLI_T_FLAG) opts[n].type = CLI_T_FLAG;
+        n++;
+    }
+    opts[n] = (cli_opt)CLI_END;
+    cli_parser p;
+    cli_begin(&p, cmd, gen ? gen_usage : ppl_usage, opts, argc, argv);
     int c;
-    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        /* Options that belong to the other command. */
-        if ((gen && (c == 'x' || c == 'n' || c == 'O')) ||
-            (!gen && (c == 'p' || c == 's' || c == 't' || c == 'r')) || (gen && c == 'V'))
-            return cli_usage_error(cmd, "option '%s' does not apply to %s", argv[optind - 1], cmd);
+    while ((c = cli_next(&p)) > 0) {
         switch (c) {
-        case 'M':
-            o->model = optarg;
-            break;
-        case 'V':
-            o->vs_dense = 1;
-            break;
+        case 1:
+            return cli_usage_error(cmd, "option '--%s' does not apply to %s", p.opt->name, cmd);
         case 'A':
-            if (fc_pairing_parse(optarg, &o->pairing))
-                return cli_usage_error(cmd, "--pairing '%s' is not interleaved or half", optarg);
+            if (fc_pairing_parse(p.arg, &o->pairing))
+                return cli_usage_error(cmd, "--pairing '%s' is not interleaved or half", p.arg);
             o->have_pairing = 1;
-            break;
-        case 'T':
-            o->tokenizer = optarg;
-            break;
-        case 'x':
-            o->text = optarg;
-            break;
-        case 'p':
-            o->prompt = optarg;
-            break;
-        case 'P':
-            o->profile = optarg;
-            break;
-        case 'c':
-            o->calib_text = optarg;
-            break;
-        case 'o':
-            o->save_profile = optarg;
-            break;
-        case 'D':
-            o->dense_layers = optarg;
-            break;
-        case 'E':
-            o->server = optarg;
-            break;
-        case 'R':
-            o->reference = 1;
-            break;
-        case 'O':
-            if (cli_parse_int(optarg, 0, 1L << 30, &o->offset))
-                return cli_usage_error(cmd, "--offset '%s' must be a byte offset >= 0", optarg);
-            break;
-        case 'n':
-            if (cli_parse_int(optarg, 2, 1 << 24, &o->tokens))
-                return cli_usage_error(cmd, "--tokens '%s' must be an integer >= 2", optarg);
-            break;
-        case 's':
-            if (cli_parse_int(optarg, 1, 1 << 24, &o->steps))
-                return cli_usage_error(cmd, "--steps '%s' must be an integer >= 1", optarg);
-            break;
-        case 'C':
-            if (cli_parse_int(optarg, 2, 1 << 24, &o->calib_tokens))
-                return cli_usage_error(cmd, "--calib-tokens '%s' must be an integer >= 2", optarg);
-            break;
-        case 'r':
-            if (cli_parse_int(optarg, 0, 0x7fffffffL, &o->seed))
-                return cli_usage_error(cmd, "--seed '%s' must be a non-negative integer", optarg);
             break;
         case 't': {
             char *end;
             errno = 0;
-            o->temperature = strtod(optarg, &end);
-            if (!*optarg || *end || errno || !(o->temperature >= 0) || o->temperature > 1e6)
-                return cli_usage_error(cmd, "--temperature '%s' must be a number >= 0", optarg);
+            o->temperature = strtod(p.arg, &end);
+            if (!*p.arg || *end || errno || !(o->temperature >= 0) || o->temperature > 1e6)
+                return cli_usage_error(cmd, "--temperature '%s' must be a number >= 0", p.arg);
             break;
         }
         case 'm':
-            if (fasa_method_parse(optarg, &o->method))
+            if (fasa_method_parse(p.arg, &o->method))
                 return cli_usage_error(
                     cmd,
                     "--method '%s' is not fasa, dense, oracle, stream, quest, sparq or fasa-plus",
-                    optarg);
-            break;
-        case 'b':
-            if (cli_parse_int(optarg, 1, 1 << 20, &o->budget))
-                return cli_usage_error(cmd, "--budget '%s' must be an integer >= 1", optarg);
-            break;
-        case 'i':
-            if (cli_parse_int(optarg, 1, 1 << 20, &o->ntip))
-                return cli_usage_error(cmd, "--ntip '%s' is not a positive integer", optarg);
-            break;
-        case 'w':
-            if (cli_parse_int(optarg, 1, 1 << 30, &o->window))
-                return cli_usage_error(cmd, "--window '%s' is not a positive integer", optarg);
+                    p.arg);
             break;
         case 'g':
-            if (fasa_gqa_parse(optarg, &o->gqa))
-                return cli_usage_error(cmd, "--gqa '%s' is not per-head or shared", optarg);
+            if (fasa_gqa_parse(p.arg, &o->gqa))
+                return cli_usage_error(cmd, "--gqa '%s' is not per-head or shared", p.arg);
             break;
         case 'Z':
-            if (scan_dtype_parse(optarg, &o->score_dtype))
+            if (scan_dtype_parse(p.arg, &o->score_dtype))
                 return cli_usage_error(cmd, "--score-dtype '%s' is not f32, f16, bf16 or int8",
-                                       optarg);
+                                       p.arg);
             break;
-        case 'S':
-            if (cli_parse_int(optarg, 1, 1024, &o->shards))
-                return cli_usage_error(cmd, "--shards '%s' must be in [1, 1024]", optarg);
-            break;
-        case 'B':
-            if (cli_parse_int(optarg, 1, 1 << 30, &o->block))
-                return cli_usage_error(cmd, "--block '%s' must be a positive integer", optarg);
-            break;
-        case 'h':
-            fputs(gen ? gen_usage : ppl_usage, stdout);
-            fputs(common_usage, stdout);
-            return -1;
-        default:
-            return cli_usage_error(cmd, "unknown or incomplete option '%s'", argv[optind - 1]);
         }
     }
-    if (optind < argc) return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
+    if (c < 0) return cli_status(c);
     if (!o->model) return cli_usage_error(cmd, "--model CKPT is required");
     if (!o->tokenizer) return cli_usage_error(cmd, "--tokenizer TOK is required");
     if (!gen && !o->text) return cli_usage_error(cmd, "--text FILE is required");

@@ -1,6 +1,5 @@
 /* fasa keygen: a new CURVE key pair for fasa-server (--curve-secret, --authorized-keys) and
  * its clients (--curve-server-key, --curve-secret), from libzmq's zmq_curve_keypair. */
-#include <getopt.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -9,6 +8,7 @@
 
 #include "cli.h"
 #include "keyfile.h"
+#include "opts.h"
 
 static const char keygen_usage[] =
     "usage: fasa keygen [--force] NAME\n"
@@ -20,30 +20,22 @@ static const char keygen_usage[] =
     "For the server: fasa-server --curve-secret SERVER.key --authorized-keys DIR, where DIR\n"
     "holds a copy of each client's NAME.pub. For a client: --curve-server-key SERVER.pub\n"
     "--curve-secret NAME.key (its public key is derived from the secret one).\n"
-    "\n"
-    "  --force   overwrite NAME.key and NAME.pub if they exist\n"
-    "  --help    this text\n";
+    "\n";
 
 int cmd_keygen(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"force", no_argument, 0, 'f'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
-    int force = 0, ch;
-    optind = 1;
-    opterr = 0;
-    while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        if (ch == 'f') {
-            force = 1;
-        } else if (ch == 'h') {
-            fputs(keygen_usage, stdout);
-            return 0;
-        } else {
-            return cli_usage_error("keygen", "unknown option '%s'", argv[optind - 1]);
-        }
-    }
-    if (optind != argc - 1)
+    int force = 0;
+    const cli_opt opts[] = {
+        CLI_FLAG("force", &force, "overwrite NAME.key and NAME.pub if they exist"), CLI_END};
+    cli_parser p;
+    cli_begin(&p, "keygen", keygen_usage, opts, argc, argv);
+    p.max_pos = 1;
+    const int prc = cli_parse_all(&p);
+    if (prc == CLI_HELP) return 0;
+    if (prc) return cli_status(prc);
+    if (p.n_pos != 1)
         return cli_usage_error("keygen", "give one NAME (the files are NAME.key and NAME.pub)");
-    const char *name = argv[optind];
+    const char *name = p.pos[0];
     char pub_path[4096], key_path[4096], err[4400];
     if (!*name || (size_t)snprintf(pub_path, sizeof(pub_path), "%s.pub", name) >= sizeof(pub_path))
         return cli_usage_error("keygen", "NAME: empty or too long");

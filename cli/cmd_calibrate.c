@@ -1,6 +1,5 @@
 /* fasa calibrate: dominant FCs per head from recorded activations (FASA Eq. 4-5). */
 #include <errno.h>
-#include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,6 +8,7 @@
 #include "backend.h"
 #include "cli.h"
 #include "fasa_client.h"
+#include "opts.h"
 #include "progress.h"
 #include "qkv.h"
 
@@ -19,22 +19,7 @@ static const char usage[] =
     "measures, per (layer, query head, frequency chunk), the contextual agreement: the share of\n"
     "the head's top-K keys that the chunk alone also ranks in its top K. Keeps the N chunks with\n"
     "the highest mean agreement per head and writes them as a text profile.\n"
-    "\n"
-    "  --qkv FILE          a QKV1 dump, or a directory with q.npy k.npy v.npy\n"
-    "                      (float32, shape (n_layers, T, heads, head_dim))\n"
-    "  --ntip N            dominant chunks per head (1 .. head_dim/2)\n"
-    "  --out PROFILE       where to write the profile\n"
-    "  --window K          agreement window K (default 256; K_eff = min(K, t+1))\n"
-    "  --positions A:B[:S] sample positions t in [A, B) by S (default: every position)\n"
-    "  --pairing P         interleaved (dims 2i,2i+1; default) or half (dims i, i+d/2)\n"
-    "  --gqa G             per-head (default: each query head its own chunks) or shared\n"
-    "                      (one set per KV head, by the mean agreement of its query heads)\n"
-    "  --server ENDPOINT   calibrate on a fasa-server instead of in-process: sends the q and\n"
-    "                      k of every layer for tokens [0, B) and writes the profile it returns\n"
-    "                      (FASA_TIMEOUT_MS: the wait for the reply, default 120000)\n"
-    "  --profile-name NAME with --server: also store the profile on the server by this name\n"
-    "                      (for 'fasa create --profile-name NAME')\n"
-    "  --help              this text\n";
+    "\n";
 
 /* Sends the activations of tokens [0, co->pos_end) to a server, writes the profile text it
  * returns to out. Returns 0, or -1 with the reason in err. */
@@ -90,70 +75,51 @@ done:
 
 int cmd_calibrate(int argc, char **argv)
 {
-    static const struct option opts[] = {{"qkv", required_argument, 0, 'q'},
-                                         {"ntip", required_argument, 0, 'n'},
-                                         {"out", required_argument, 0, 'o'},
-                                         {"window", required_argument, 0, 'w'},
-                                         {"positions", required_argument, 0, 'p'},
-                                         {"pairing", required_argument, 0, 'P'},
-                                         {"gqa", required_argument, 0, 'g'},
-                                         {"server", required_argument, 0, 'E'},
-                                         {"profile-name", required_argument, 0, 'N'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
     const char *qkv_path = NULL, *out = NULL, *positions = NULL, *server = NULL, *name = NULL;
     long ntip = 0, window = 256;
     fasa_calib_opts co = {.pairing = FC_PAIRING_INTERLEAVED};
-    optind = 1;
-    opterr = 0;
+    const cli_opt opts[] = {
+        CLI_STR("qkv", &qkv_path, "FILE", NULL,
+                "a QKV1 dump, or a directory with q.npy k.npy v.npy\n"
+                "(float32, shape (n_layers, T, heads, head_dim))"),
+        CLI_INT("ntip", &ntip, 1, 1 << 20, "N", NULL, "dominant chunks per head (1 .. head_dim/2)"),
+        CLI_STR("out", &out, "PROFILE", NULL, "where to write the profile"),
+        CLI_INT("window", &window, 1, 1 << 30, "K", NULL,
+                "agreement window K (default 256; K_eff = min(K, t+1))"),
+        CLI_STR("positions", &positions, "A:B[:S]", NULL,
+                "sample positions t in [A, B) by S (default: every position)"),
+        CLI_KEY("pairing", 'P', "P", NULL,
+                "interleaved (dims 2i,2i+1; default) or half (dims i, i+d/2)"),
+        CLI_KEY("gqa", 'g', "G", NULL,
+                "per-head (default: each query head its own chunks) or shared\n"
+                "(one set per KV head, by the mean agreement of its query heads)"),
+        CLI_STR("server", &server, "ENDPOINT", NULL,
+                "calibrate on a fasa-server instead of in-process: sends the q and\n"
+                "k of every layer for tokens [0, B) and writes the profile it returns\n"
+                "(FASA_TIMEOUT_MS: the wait for the reply, default 120000)"),
+        CLI_STR("profile-name", &name, "NAME", NULL,
+                "with --server: also store the profile on the server by this name\n"
+                "(for 'fasa create --profile-name NAME')"),
+        CLI_END};
+    cli_parser ap;
+    cli_begin(&ap, "calibrate", usage, opts, argc, argv);
     int c;
-    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+    while ((c = cli_next(&ap)) > 0) {
         switch (c) {
-        case 'q':
-            qkv_path = optarg;
-            break;
-        case 'o':
-            out = optarg;
-            break;
-        case 'p':
-            positions = optarg;
-            break;
-        case 'E':
-            server = optarg;
-            break;
-        case 'N':
-            name = optarg;
-            break;
-        case 'n':
-            if (cli_parse_int(optarg, 1, 1 << 20, &ntip))
-                return cli_usage_error("calibrate", "--ntip '%s' is not a positive integer",
-                                       optarg);
-            break;
-        case 'w':
-            if (cli_parse_int(optarg, 1, 1 << 30, &window))
-                return cli_usage_error("calibrate", "--window '%s' is not a positive integer",
-                                       optarg);
-            break;
         case 'P':
-            if (fc_pairing_parse(optarg, &co.pairing))
+            if (fc_pairing_parse(ap.arg, &co.pairing))
                 return cli_usage_error("calibrate", "--pairing '%s' is not interleaved or half",
-                                       optarg);
+                                       ap.arg);
             break;
         case 'g':
-            if (strcmp(optarg, "per-head") && strcmp(optarg, "shared"))
-                return cli_usage_error("calibrate", "--gqa '%s' is not per-head or shared", optarg);
-            co.gqa_shared = strcmp(optarg, "shared") == 0;
+            if (strcmp(ap.arg, "per-head") && strcmp(ap.arg, "shared"))
+                return cli_usage_error("calibrate", "--gqa '%s' is not per-head or shared", ap.arg);
+            co.gqa_shared = strcmp(ap.arg, "shared") == 0;
             break;
-        case 'h':
-            fputs(usage, stdout);
-            return 0;
-        default:
-            return cli_usage_error("calibrate", "unknown or incomplete option '%s'",
-                                   argv[optind - 1]);
         }
     }
-    if (optind < argc)
-        return cli_usage_error("calibrate", "unexpected argument '%s'", argv[optind]);
+    if (c == CLI_HELP) return 0;
+    if (c < 0) return cli_status(c);
     if (!qkv_path) return cli_usage_error("calibrate", "--qkv FILE is required");
     if (!ntip) return cli_usage_error("calibrate", "--ntip N is required");
     if (!out) return cli_usage_error("calibrate", "--out PROFILE is required");

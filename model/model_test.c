@@ -1,4 +1,4 @@
-/* The llama2.c-format model runner (client/llama.h) on the real stories260K model: the
+/* The llama2.c-format model runner (model/llama.h) on the real stories260K model: the
  * tokenizer, the forward pass against the golden dump, perplexity with fasa's dense
  * attention (embedded engine) against the runner's built-in full attention, greedy
  * decoding, and fasa with a calibrated profile. Skips when the shared data is missing.

@@ -1,6 +1,5 @@
 /* fasa replay: the real decode loop over recorded activations. For each position t in the
  * range, in every layer, append k[t], v[t] and attend with q[t] over keys 0..t. */
-#include <getopt.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,6 +11,7 @@
 #include "scan.h"
 #include "engine.h"
 #include "npy.h"
+#include "opts.h"
 #include "progress.h"
 #include "qkv.h"
 
@@ -22,40 +22,7 @@ static const char usage[] =
     "below A in one bulk append, then for each position t in A:B:S appends position t (and the\n"
     "positions skipped by S) and attends with q[t] over keys 0..t in every layer.\n"
     "OUT.npy is float32 (n_positions, n_layers, n_heads, head_dim).\n"
-    "\n"
-    "  --qkv FILE           a QKV1 dump or a directory with q.npy k.npy v.npy\n"
-    "  --method M           fasa (needs --profile), dense, oracle (exact top-B), or the\n"
-    "                       baselines stream (8 sinks + recent), quest (pages of 16;\n"
-    "                       --block must be a multiple of 16) and sparq (r = 2 ntip\n"
-    "                       dims with --profile, else head_dim/4; per-head gqa only), or\n"
-    "                       ours, fasa-plus (needs --profile; per-head gqa only: fasa's\n"
-    "                       scan plus a sink and a recent window of B/(2 ntip) - 1 tokens,\n"
-    "                       and the unselected tokens' mass estimated from their scores)\n"
-    "  --budget B           tokens kept per query head (per KV head with --gqa shared); when\n"
-    "                       t+1 <= B every token is used (not needed with --method dense)\n"
-    "  --out OUT.npy        attention outputs\n"
-    "  --profile PROFILE    calibration profile from 'fasa calibrate'\n"
-    "  --dense-layers LIST  comma-separated layers kept dense under fasa and fasa-plus, or\n"
-    "                       none (default 0)\n"
-    "  --positions A:B[:S]  decode positions (default: the last quarter of the dump)\n"
-    "  --gqa G              per-head (default) or shared: one token set per KV head\n"
-    "  --pairing P          interleaved (default) or half; taken from the profile if given\n"
-    "  --dtype T            key/value storage: f32 (default), f16 or bf16 (--compare's dense\n"
-    "                       and oracle sessions use it too)\n"
-    "  --score-dtype T      the FASA scan's scoring store: f32, f16, bf16 or int8 (one scale\n"
-    "                       per row; default: the --dtype's own key dims)\n"
-    "  --selected SEL.npy   int32 (n_positions, n_layers, n_heads, B): chosen positions,\n"
-    "                       best first, -1 padded; all -1 where a layer ran dense\n"
-    "  --compare            also print per layer the recall of the exact top-B, the\n"
-    "                       relative error of the output against dense attention and the\n"
-    "                       KV bytes the method read per step (the engine's bytes_read)\n"
-    "  --shards N           in-process shards (default 1; outputs do not depend on it)\n"
-    "  --block N            tokens per placement block (default 2048)\n"
-    "  --server ENDPOINT    run the sessions on a fasa-server (e.g. tcp://127.0.0.1:5555)\n"
-    "                       instead of the embedded engine: the same numbers, over the wire;\n"
-    "                       the sessions are named cli-<pid>-... and dropped at exit\n"
-    "                       (FASA_TIMEOUT_MS: the wait for each reply, default 120000)\n"
-    "  --help               this text\n";
+    "\n";
 
 typedef struct replay_opts {
     const char *qkv, *out, *profile, *selected, *dense_layers, *positions, *server;
@@ -71,102 +38,88 @@ typedef struct replay_opts {
 static int s_parse(int argc, char **argv, replay_opts *o)
 {
     char err[600];
-    static const struct option opts[] = {{"qkv", required_argument, 0, 'q'},
-                                         {"method", required_argument, 0, 'm'},
-                                         {"budget", required_argument, 0, 'b'},
-                                         {"out", required_argument, 0, 'o'},
-                                         {"profile", required_argument, 0, 'p'},
-                                         {"dense-layers", required_argument, 0, 'D'},
-                                         {"positions", required_argument, 0, 'r'},
-                                         {"gqa", required_argument, 0, 'g'},
-                                         {"pairing", required_argument, 0, 'P'},
-                                         {"selected", required_argument, 0, 's'},
-                                         {"compare", no_argument, 0, 'c'},
-                                         {"shards", required_argument, 0, 'S'},
-                                         {"block", required_argument, 0, 'B'},
-                                         {"server", required_argument, 0, 'E'},
-                                         {"dtype", required_argument, 0, 'T'},
-                                         {"score-dtype", required_argument, 0, 'Z'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
     memset(o, 0, sizeof(*o));
     o->shards = 1;
     o->block = FASA_DEFAULT_BLOCK;
-    optind = 1;
-    opterr = 0;
+    const cli_opt opts[] = {
+        CLI_STR("qkv", &o->qkv, "FILE", NULL, "a QKV1 dump or a directory with q.npy k.npy v.npy"),
+        CLI_KEY("method", 'm', "M", NULL,
+                "fasa (needs --profile), dense, oracle (exact top-B), or the\n"
+                "baselines stream (8 sinks + recent), quest (pages of 16;\n"
+                "--block must be a multiple of 16) and sparq (r = 2 ntip\n"
+                "dims with --profile, else head_dim/4; per-head gqa only), or\n"
+                "ours, fasa-plus (needs --profile; per-head gqa only: fasa's\n"
+                "scan plus a sink and a recent window of B/(2 ntip) - 1 tokens,\n"
+                "and the unselected tokens' mass estimated from their scores)"),
+        CLI_INT("budget", &o->budget, 1, 1 << 20, "B", NULL,
+                "tokens kept per query head (per KV head with --gqa shared); when\n"
+                "t+1 <= B every token is used (not needed with --method dense)"),
+        CLI_STR("out", &o->out, "OUT.npy", NULL, "attention outputs"),
+        CLI_STR("profile", &o->profile, "PROFILE", NULL,
+                "calibration profile from 'fasa calibrate'"),
+        CLI_STR("dense-layers", &o->dense_layers, "LIST", "0",
+                "comma-separated layers kept dense under fasa and fasa-plus, or\nnone"),
+        CLI_STR("positions", &o->positions, "A:B[:S]", NULL,
+                "decode positions (default: the last quarter of the dump)"),
+        CLI_KEY("gqa", 'g', "G", NULL, "per-head (default) or shared: one token set per KV head"),
+        CLI_KEY("pairing", 'P', "P", NULL,
+                "interleaved (default) or half; taken from the profile if given"),
+        CLI_KEY("dtype", 'T', "T", NULL,
+                "key/value storage: f32 (default), f16 or bf16 (--compare's dense\n"
+                "and oracle sessions use it too)"),
+        CLI_KEY("score-dtype", 'Z', "T", NULL,
+                "the FASA scan's scoring store: f32, f16, bf16 or int8 (one scale\n"
+                "per row; default: the --dtype's own key dims)"),
+        CLI_STR("selected", &o->selected, "SEL.npy", NULL,
+                "int32 (n_positions, n_layers, n_heads, B): chosen positions,\n"
+                "best first, -1 padded; all -1 where a layer ran dense"),
+        CLI_FLAG("compare", &o->compare,
+                 "also print per layer the recall of the exact top-B, the\n"
+                 "relative error of the output against dense attention and the\n"
+                 "KV bytes the method read per step (the engine's bytes_read)"),
+        CLI_INT("shards", &o->shards, 1, 1024, "N", NULL,
+                "in-process shards (default 1; outputs do not depend on it)"),
+        CLI_INT("block", &o->block, 1, 1 << 30, "N", "2048", "tokens per placement block"),
+        CLI_STR("server", &o->server, "ENDPOINT", NULL,
+                "run the sessions on a fasa-server (e.g. tcp://127.0.0.1:5555)\n"
+                "instead of the embedded engine: the same numbers, over the wire;\n"
+                "the sessions are named cli-<pid>-... and dropped at exit\n"
+                "(FASA_TIMEOUT_MS: the wait for each reply, default 120000)"),
+        CLI_END};
+    cli_parser p;
+    cli_begin(&p, "replay", usage, opts, argc, argv);
     int c;
-    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+    while ((c = cli_next(&p)) > 0) {
         switch (c) {
-        case 'q':
-            o->qkv = optarg;
-            break;
-        case 'o':
-            o->out = optarg;
-            break;
-        case 'p':
-            o->profile = optarg;
-            break;
-        case 's':
-            o->selected = optarg;
-            break;
-        case 'D':
-            o->dense_layers = optarg;
-            break;
-        case 'r':
-            o->positions = optarg;
-            break;
-        case 'E':
-            o->server = optarg;
-            break;
-        case 'c':
-            o->compare = 1;
-            break;
         case 'm':
-            if (fasa_method_parse(optarg, &o->method))
+            if (fasa_method_parse(p.arg, &o->method))
                 return cli_usage_error(
                     "replay",
                     "--method '%s' is not fasa, dense, oracle, stream, quest, sparq or fasa-plus",
-                    optarg);
+                    p.arg);
             o->have_method = 1;
             break;
-        case 'b':
-            if (cli_parse_int(optarg, 1, 1 << 20, &o->budget))
-                return cli_usage_error("replay", "--budget '%s' must be an integer >= 1", optarg);
-            break;
         case 'g':
-            if (fasa_gqa_parse(optarg, &o->gqa))
-                return cli_usage_error("replay", "--gqa '%s' is not per-head or shared", optarg);
+            if (fasa_gqa_parse(p.arg, &o->gqa))
+                return cli_usage_error("replay", "--gqa '%s' is not per-head or shared", p.arg);
             break;
         case 'P':
-            if (fc_pairing_parse(optarg, &o->pairing))
+            if (fc_pairing_parse(p.arg, &o->pairing))
                 return cli_usage_error("replay", "--pairing '%s' is not interleaved or half",
-                                       optarg);
-            break;
-        case 'S':
-            if (cli_parse_int(optarg, 1, 1024, &o->shards))
-                return cli_usage_error("replay", "--shards '%s' must be in [1, 1024]", optarg);
+                                       p.arg);
             break;
         case 'T':
-            if (fasa_dtype_parse(optarg, &o->dtype))
-                return cli_usage_error("replay", "--dtype '%s' is not f32, f16 or bf16", optarg);
+            if (fasa_dtype_parse(p.arg, &o->dtype))
+                return cli_usage_error("replay", "--dtype '%s' is not f32, f16 or bf16", p.arg);
             break;
         case 'Z':
-            if (scan_dtype_parse(optarg, &o->score_dtype))
+            if (scan_dtype_parse(p.arg, &o->score_dtype))
                 return cli_usage_error("replay", "--score-dtype '%s' is not f32, f16, bf16 or int8",
-                                       optarg);
+                                       p.arg);
             break;
-        case 'B':
-            if (cli_parse_int(optarg, 1, 1 << 30, &o->block))
-                return cli_usage_error("replay", "--block '%s' must be a positive integer", optarg);
-            break;
-        case 'h':
-            fputs(usage, stdout);
-            return -1;
-        default:
-            return cli_usage_error("replay", "unknown or incomplete option '%s'", argv[optind - 1]);
         }
     }
-    if (optind < argc) return cli_usage_error("replay", "unexpected argument '%s'", argv[optind]);
+    if (c < 0) return cli_status(c);
     if (!o->qkv) return cli_usage_error("replay", "--qkv FILE is required");
     if (!o->have_method) return cli_usage_error("replay", "--method is required");
     /* Dense attends to every token: its budget only sizes --selected (all -1). */

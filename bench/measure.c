@@ -10,12 +10,11 @@
  *           each step reads, the RAM per token each storage tier holds, and (with a 1- and a
  *           2-worker server) the dense scaling from 1 to 2 workers. CSV and a gnuplot PNG.
  *
- * Both run on client/synth.h data (32 query heads, 8 KV heads, head_dim 128, 16 signal FCs
+ * Both run on data/synth.h data (32 query heads, 8 KV heads, head_dim 128, 16 signal FCs
  * per KV head); the fasa profile names the generator's true signal FCs. `attend` checks its
  * own work before timing it: every output finite, and dense equal to a naive attention in
  * double on a few heads. */
 #include <errno.h>
-#include <getopt.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,19 +33,14 @@
 #include "progress.h"
 #include "phase.h"
 #include "pool.h"
-#include "ingest.h"
 #include "readbw.h"
 #include "roofline.h"
 #include "shard.h"
 #include "simd.h"
 #include "synth.h"
+#include "measure.h"
 #include "timing.h"
 
-#define BENCH_MAX_SIZES 16
-#define BENCH_MAX_SERVERS 8
-#define BENCH_N_METHODS 3
-#define BENCH_MIN_TOKENS 1024
-#define BENCH_MAX_TOKENS (1L << 24)
 #define BENCH_1M 1048576L
 #define BENCH_N_PHASES 6
 #define BENCH_MAX_THREADS 64 /* read bandwidth measured on 1 .. this many threads */
@@ -65,309 +59,14 @@ static const char *const s_phase_names[BENCH_N_PHASES] = {"scan",   "select", "g
 #define TARGET_TWO_OVER_ONE 1.7
 #define TARGET_DISK_OVER_F16 0.30
 
-static const char usage_bench[] =
-    "usage: fasa bench scan|attend|ingest [options]\n"
-    "\n"
-    "Benchmarks that print each figure next to its target (shared/docs/targets.md) and\n"
-    "whether it is met, on synthetic data (32 query heads, 8 KV heads, head_dim 128, ntip 16\n"
-    "of 64 FCs, B 256). One OpenBLAS thread.\n"
-    "\n"
-    "  scan     the scoring scan's GB/s against the machine's read bandwidth of the same bytes\n"
-    "  attend   decode step time per method (dense, fasa, oracle), dense/fasa, RAM per token\n"
-    "  ingest   a server's append bandwidth (stored GB/s) against the read bandwidth\n"
-    "\n"
-    "Run 'fasa bench scan --help' or 'fasa bench attend --help' for the options.\n";
-
-static const char usage_scan[] =
-    "usage: fasa bench scan [--tokens N] [--reps R] [--seed S] [--dtype T] [--score-dtype T]\n"
-    "                       [--csv FILE]\n"
-    "\n"
-    "Builds one shard (worker/shard.h) of N synthetic tokens whose key layout packs each KV\n"
-    "head's 16 signal FCs (32 of 128 key dims: ntip 16 of 64 FCs), and times its scoring scan,\n"
-    "shard_score with method fasa and B 256 (the fused scan + top-B over the scoring store,\n"
-    "kernels/scan.h, exactly what a fasa step's first phase runs), as GB/s = the bytes the scan "
-    "reads\n"
-    "(shard_bytes_read) / time. The read-bandwidth reference reads as many bytes from a buffer\n"
-    "of that size with a SIMD streaming sum with independent accumulators (AVX2 where the CPU\n"
-    "has it, portable C otherwise) and with OpenBLAS cblas_sasum, and takes the faster. The\n"
-    "three are interleaved, one thread; each figure is the median (p50) of R runs after a\n"
-    "warm-up, with the fastest run (min). The sums are checked against a sum in double.\n"
-    "Prints 'scan/read = X (target >= 0.85: met|not met)', the CPU's SIMD features, and the\n"
-    "recall of the f32 selection (each head's top-B by f32 dot products of the stored keys'\n"
-    "dominant dims) by the scan's selection.\n"
-    "Memory: about N x 9 KiB (the shard's keys and values, and the reference buffer).\n"
-    "\n"
-    "  --tokens N   tokens (default 131072; 1024 .. 16777216; suffixes K = 1024, M = 1048576,\n"
-    "               e.g. 128K, 1M). Keep N x 1 KiB (the bytes scanned) well above the last-level\n"
-    "               cache, or the reference is not a memory bandwidth\n"
-    "  --reps R     timed runs per figure (default 7)\n"
-    "  --seed S     generator seed (default 1)\n"
-    "  --dtype T    storage dtype of keys and values: f32 (default), f16 or bf16\n"
-    "  --score-dtype T  the scoring store: f32, f16, bf16 or int8 (one scale per row); default:\n"
-    "               the key store's own dominant dims (the --dtype)\n"
-    "  --csv FILE   also write the figures as CSV: figure,tokens,bytes,reps,p50_ms,min_ms,gb_s\n"
-    "               (figures read_simd, read_sasum, read (the faster), scan)\n"
-    "  --help       this text\n";
-
-static const char usage_attend[] =
-    "usage: fasa bench attend [--tokens N[,N...]] [options]\n"
-    "\n"
-    "For each context length: creates one session (32 query heads, 8 KV heads, head_dim 128,\n"
-    "1 layer, profile = the generator's 16 signal FCs per KV head, no dense layer), appends\n"
-    "the synthetic context in chunks (--chunk), checks the outputs (finite; dense equal\n"
-    "to a naive attention in double on query heads 0, 17 and 31, max error printed; the run\n"
-    "fails above 1e-4 for f32), then times R decode steps per method over the whole context\n"
-    "(after one warm-up) and prints p50 and min step time, the bytes each step reads and\n"
-    "their GB/s, dense/fasa (target >= 5 at 1M tokens) and the RAM per token of each storage\n"
-    "tier (target for a disk tier: <= 30% of f16 K+V). With a 1-worker and a 2-worker\n"
-    "server: the dense step's speed-up from 1 to 2 workers (target >= 1.7 at 1M tokens).\n"
-    "One session exists at a time. Memory (f32): tokens x 8 KiB on the engine or the server\n"
-    "(8 GiB at 1M); the client holds one chunk of tokens at a time.\n"
-    "\n"
-    "  --tokens N[,N...]  context lengths (default 131072); suffixes K and M, e.g. the sweep\n"
-    "                     --tokens 128K,512K,1M (1024 .. 16777216 each, at most 16)\n"
-    "  --methods LIST     timed methods, comma-separated, of dense, fasa, oracle (default all)\n"
-    "  --reps R           timed steps per method (default 5); p50 and min are printed\n"
-    "  --dtype T          storage dtype of keys and values: f32 (default), f16, bf16 (the\n"
-    "                     engine refuses what it does not support yet, and so does this)\n"
-    "  --score-dtype T    the FASA scan's scoring store: f32, f16, bf16 or int8 (default:\n"
-    "                     the --dtype's own key dims)\n"
-    "  --tier T           where keys and values live: ram (default) or disk (the dominant key\n"
-    "                     dims in RAM, the rest of K and V in file-backed mappings under\n"
-    "                     --state-dir, or with --server under the server's --tier-dir); RAM\n"
-    "                     per token is then the bytes the shards allocate in RAM\n"
-    "  --state-dir DIR    directory for the disk tier's files (default: a new one in /tmp,\n"
-    "                     removed at exit; the files are unlinked at once anyway)\n"
-    "  --shards K         in-process shards of the embedded engine (default 1)\n"
-    "  --server E[,E...]  run on fasa-servers at these endpoints instead, one after another\n"
-    "                     (step times are round trips); bench/attend_bench.sh starts a\n"
-    "                     1-worker and a 2-worker server and runs this with both\n"
-    "  --chunk N          tokens per append request (default 2048: 16 MiB of f32 keys and\n"
-    "                     values; keep N x 8 KiB under a server's --max-message, which\n"
-    "                     otherwise refuses the append: RESOURCE_EXHAUSTED)\n"
-    "  --budget B         tokens kept per query head (default 256)\n"
-    "  --seed S           generator seed (default 1)\n"
-    "  --csv FILE         also write every row as CSV: tokens,backend,workers,dtype,tier,method,\n"
-    "                     reps,p50_ms,min_ms,bytes_read,gb_s,kv_bytes_per_token,max_err\n"
-    "                     (max_err: dense against the naive reference, the others against dense)\n"
-    "  --png FILE         plot p50 step time against context length per method (log-log)\n"
-    "                     with gnuplot (deploy/install-deps.sh installs gnuplot-nox); an\n"
-    "                     error, before anything runs, when gnuplot is missing\n"
-    "  --threads T        threads of the embedded engine's steps (default FASA_THREADS, else\n"
-    "                     SLURM_CPUS_PER_TASK, else the CPUs this process may use)\n"
-    "  --json FILE        also write every figure as JSON under stable names: cpu, simd,\n"
-    "                     threads, dtype, read_gbs (T threads), read_gbs_by_threads, cvt_per_s,\n"
-    "                     fma_per_s, and per context length (\"runs\"; the last also at the top)\n"
-    "                     tokens, fasa_ms, fasa_bytes, dense_ms, dense_bytes, oracle_ms,\n"
-    "                     phases_ms {scan, select, gather, attend, merge, other},\n"
-    "                     scan_roofline, dense_roofline, fasa_over_read\n"
-    "\n"
-    "Roofline (embedded engine): the fasa and dense steps split into phases (scan = phase 1\n"
-    "on the shards, select = the candidate merge, gather and attend = phase 2, merge = the\n"
-    "partial merge, other = the rest of the step), each in ms (mean of R steps) and GB/s,\n"
-    "against ceilings measured in the same run: the streaming read bandwidth on 1 .. T\n"
-    "threads and the compute ceiling of each phase's inner loop from micro-probes of\n"
-    "conversions/s (the dtype to f32) and FMA/s (bench/roofline.h); a phase's fraction is of\n"
-    "the lower of the two (targets: scan >= 0.85, dense >= 0.80, fasa step <= 1.3x its\n"
-    "bytes at the read bandwidth, at 1M tokens f16).\n"
-    "  --help             this text\n";
-
-static const char *const s_method_names[BENCH_N_METHODS] = {"dense", "fasa", "oracle"};
+const char *const bench_method_names[BENCH_N_METHODS] = {"dense", "fasa", "oracle"};
 static const fasa_method s_method_ids[BENCH_N_METHODS] = {FASA_METHOD_DENSE, FASA_METHOD_FASA,
                                                           FASA_METHOD_ORACLE};
-
-typedef struct bench_opts {
-    long sizes[BENCH_MAX_SIZES];
-    int n_sizes;
-    long reps, shards, budget, seed, chunk;
-    fasa_dtype dtype;
-    int score_dtype;            /* scan_dtype (kernels/scan.h), 0 auto */
-    int tier;                   /* 0 ram, 1 disk */
-    const char *state_dir;      /* disk tier: where; NULL: a temporary directory */
-    char tmp_dir[64];           /* that temporary directory, removed at exit */
-    int timed[BENCH_N_METHODS]; /* 1: time this method */
-    char *servers[BENCH_MAX_SERVERS];
-    int n_servers;
-    char server_buf[1024];
-    const char *csv, *png, *json;
-    long threads; /* 0: the setting read at start-up (FASA_THREADS, ...) */
-} bench_opts;
 
 static const char *s_dtype(const bench_opts *o)
 {
     const char *name = fasa_dtype_name(o->dtype);
     return name ? name : "?";
-}
-
-/* One token count: decimal, with an optional K (x 1024) or M (x 1048576) suffix. */
-static int s_parse_tokens(const char *text, long *out_p)
-{
-    char buf[32];
-    const size_t n = strlen(text);
-    if (n == 0 || n >= sizeof(buf)) return -1;
-    memcpy(buf, text, n + 1);
-    long mul = 1;
-    const char last = buf[n - 1];
-    if (last == 'K' || last == 'k') mul = 1024;
-    if (last == 'M' || last == 'm') mul = 1048576;
-    if (mul > 1) buf[n - 1] = '\0';
-    long v;
-    if (cli_parse_int(buf, 1, BENCH_MAX_TOKENS, &v) || v > BENCH_MAX_TOKENS / mul) return -1;
-    v *= mul;
-    if (v < BENCH_MIN_TOKENS) return -1;
-    *out_p = v;
-    return 0;
-}
-
-/* Splits text (copied into buf) at commas into at most max parts; the count, or -1. */
-static int s_split(const char *text, char *buf, size_t buf_len, char **parts, int max)
-{
-    if (strlen(text) >= buf_len) return -1;
-    strcpy(buf, text);
-    int n = 0;
-    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok;
-         tok = strtok_r(NULL, ",", &save)) {
-        if (n == max) return -1;
-        parts[n++] = tok;
-    }
-    return n;
-}
-
-/* Parses the options of `bench CMD` (argv[0] is CMD). 0, -1 for --help (printed), or the
- * exit status of an error (printed). */
-static int s_parse(const char *cmd, int argc, char **argv, bench_opts *o)
-{
-    static const struct option opts[] = {{"tokens", required_argument, 0, 't'},
-                                         {"reps", required_argument, 0, 'r'},
-                                         {"seed", required_argument, 0, 's'},
-                                         {"csv", required_argument, 0, 'c'},
-                                         {"png", required_argument, 0, 'p'},
-                                         {"methods", required_argument, 0, 'm'},
-                                         {"dtype", required_argument, 0, 'd'},
-                                         {"tier", required_argument, 0, 'T'},
-                                         {"state-dir", required_argument, 0, 'D'},
-                                         {"shards", required_argument, 0, 'S'},
-                                         {"server", required_argument, 0, 'E'},
-                                         {"budget", required_argument, 0, 'b'},
-                                         {"chunk", required_argument, 0, 'C'},
-                                         {"json", required_argument, 0, 'J'},
-                                         {"threads", required_argument, 0, 'N'},
-                                         {"score-dtype", required_argument, 0, 'Z'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
-    const int scan = strcmp(cmd, "bench scan") == 0;
-    memset(o, 0, sizeof(*o));
-    o->sizes[0] = 131072;
-    o->n_sizes = 1;
-    o->reps = scan ? 7 : 5;
-    o->shards = 1;
-    o->budget = 256;
-    o->seed = 1;
-    o->chunk = 2048;
-    for (int m = 0; m < BENCH_N_METHODS; m++) o->timed[m] = 1;
-    optind = 1;
-    opterr = 0;
-    /* The integer options: their field and range. */
-    const struct {
-        int c;
-        long *field, lo, hi;
-    } ints[] = {{'r', &o->reps, 1, 1000},    {'s', &o->seed, 0, 0x7fffffffL},
-                {'S', &o->shards, 1, 64},    {'C', &o->chunk, 1, 65536},
-                {'b', &o->budget, 1, 65536}, {'N', &o->threads, 1, FASA_POOL_MAX}};
-    int c, li = -1;
-    while ((c = getopt_long(argc, argv, "", opts, &li)) != -1) {
-        /* scan takes only --tokens (one size), --reps, --seed and --csv. */
-        if (scan && (c == 'p' || c == 'm' || c == 'S' || c == 'E' || c == 'b' || c == 'C' ||
-                     c == 'J' || c == 'N'))
-            return cli_usage_error(cmd, "option '--%s' is for 'fasa bench attend'", opts[li].name);
-        for (size_t i = 0; i < sizeof(ints) / sizeof(*ints); i++)
-            if (c == ints[i].c && cli_parse_int(optarg, ints[i].lo, ints[i].hi, ints[i].field))
-                return cli_usage_error(cmd, "--%s '%s' must be in [%ld, %ld]", opts[li].name,
-                                       optarg, ints[i].lo, ints[i].hi);
-        char buf[512], *parts[BENCH_MAX_SIZES];
-        int n;
-        switch (c) {
-        case 'h':
-            fputs(scan ? usage_scan : usage_attend, stdout);
-            return -1;
-        case 't':
-            n = s_split(optarg, buf, sizeof(buf), parts, scan ? 1 : BENCH_MAX_SIZES);
-            for (int i = 0; i < n; i++)
-                if (s_parse_tokens(parts[i], &o->sizes[i])) n = -1;
-            if (n < 1)
-                return cli_usage_error(cmd,
-                                       scan ? "--tokens '%s' must be one count in [1024, "
-                                              "16777216] (suffix K or M allowed)"
-                                            : "--tokens '%s' must be up to 16 comma-separated "
-                                              "counts in [1024, 16777216] (suffix K or M allowed)",
-                                       optarg);
-            o->n_sizes = n;
-            break;
-        case 'r': /* the integer options, parsed above */
-        case 's':
-        case 'S':
-        case 'C':
-        case 'b':
-        case 'N':
-            break;
-        case 'J':
-            o->json = optarg;
-            break;
-        case 'c':
-            o->csv = optarg;
-            break;
-        case 'p':
-            o->png = optarg;
-            break;
-        case 'm':
-            memset(o->timed, 0, sizeof(o->timed));
-            n = s_split(optarg, buf, sizeof(buf), parts, BENCH_MAX_SIZES);
-            for (int i = 0; i < n; i++) {
-                int found = 0;
-                for (int m = 0; m < BENCH_N_METHODS; m++)
-                    if (strcmp(parts[i], s_method_names[m]) == 0) o->timed[m] = found = 1;
-                if (!found) n = -1;
-            }
-            if (n < 1)
-                return cli_usage_error(
-                    cmd, "--methods '%s' must be a comma-separated list of dense, fasa, oracle",
-                    optarg);
-            break;
-        case 'd':
-            if (fasa_dtype_parse(optarg, &o->dtype))
-                return cli_usage_error(cmd, "--dtype '%s' must be f32, f16 or bf16", optarg);
-            break;
-        case 'Z':
-            if (scan_dtype_parse(optarg, &o->score_dtype))
-                return cli_usage_error(cmd, "--score-dtype '%s' must be f32, f16, bf16 or int8",
-                                       optarg);
-            break;
-        case 'T':
-            if (strcmp(optarg, "ram") && strcmp(optarg, "disk"))
-                return cli_usage_error(cmd, "--tier '%s' must be ram or disk", optarg);
-            o->tier = optarg[0] == 'd';
-            break;
-        case 'D':
-            o->state_dir = optarg;
-            break;
-        case 'E':
-            o->n_servers = s_split(optarg, o->server_buf, sizeof(o->server_buf), o->servers,
-                                   BENCH_MAX_SERVERS);
-            if (o->n_servers < 1)
-                return cli_usage_error(
-                    cmd, "--server '%s' must be 1 to 8 comma-separated endpoints", optarg);
-            break;
-        default:
-            return cli_usage_error(cmd, "unknown or incomplete option '%s'", argv[optind - 1]);
-        }
-    }
-    if (optind < argc) return cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
-    if (!scan && o->n_servers > 0 && o->state_dir)
-        return cli_usage_error(cmd, "--state-dir is for the embedded engine: with --server the "
-                                    "disk tier's files go to the server's --tier-dir");
-    if (!scan && o->state_dir && !o->tier)
-        return cli_usage_error(cmd, "--state-dir is for --tier disk");
-    return 0;
 }
 
 static FILE *s_open_csv(const char *cmd, const char *path, const char *header)
@@ -415,7 +114,7 @@ static int s_signal_layout(const synth_t *sy, shard_layout *lay)
     return 0;
 }
 
-static int s_scan(const bench_opts *o)
+int bench_scan(const bench_opts *o)
 {
     static const char *const cmd = "bench scan";
     const int T = (int)o->sizes[0], B = 256;
@@ -654,7 +353,7 @@ done:
 typedef struct bench_row {
     long tokens;
     int target; /* index into the targets */
-    int method; /* index into s_method_names */
+    int method; /* index into bench_method_names */
     double p50_ms, min_ms, max_err;
     int64_t bytes_read;
     double kv_per_token;
@@ -750,7 +449,7 @@ static int s_step(backend *b, const char *where, int m, const float *q, float *o
         .layer = 0, .q = q, .method = (int)s_method_ids[m], .budget = 0, .gqa = -1, .max_pos = -1};
     fasa_error fe;
     if (!backend_attend(b, "bench", &req, out, NULL, st, &fe)) return 0;
-    return cli_fail("bench attend", "attend %s (%s): %s: %s", s_method_names[m], where,
+    return cli_fail("bench attend", "attend %s (%s): %s: %s", bench_method_names[m], where,
                     fasa_status_name(fe.code), fe.msg);
 }
 
@@ -802,10 +501,10 @@ static void s_phases(const bench_opts *o, const bench_roof *rf, const synth_cfg 
         if (by > 0 && t_ms > 0) {
             const double gbs = by / (t_ms * 1e6), roof = i == 0 ? roof_scan : roof_p2;
             printf("phase %-6s %-6s %9.3f ms  %6.2f GB/s  %.2f of roofline %.2f GB/s (%s)\n",
-                   s_method_names[row->method], s_phase_names[i], p[i], gbs, gbs / roof, roof,
+                   bench_method_names[row->method], s_phase_names[i], p[i], gbs, gbs / roof, roof,
                    roof == read ? "read" : "compute");
         } else {
-            printf("phase %-6s %-6s %9.3f ms\n", s_method_names[row->method], s_phase_names[i],
+            printf("phase %-6s %-6s %9.3f ms\n", bench_method_names[row->method], s_phase_names[i],
                    p[i]);
         }
     }
@@ -904,8 +603,8 @@ static int s_attend_one(const bench_opts *o, const bench_roof *rf, const bench_t
         if (s_step(b, where, m, q, out + m * qn, NULL)) goto done;
         for (size_t i = 0; i < qn; i++)
             if (!isfinite(out[m * qn + i])) {
-                cli_fail(cmd, "attend %s (%s): output %zu is not finite", s_method_names[m], where,
-                         i);
+                cli_fail(cmd, "attend %s (%s): output %zu is not finite", bench_method_names[m],
+                         where, i);
                 goto done;
             }
     }
@@ -968,7 +667,7 @@ static int s_attend_one(const bench_opts *o, const bench_roof *rf, const bench_t
                                     .bytes_read = bytes[m],
                                     .kv_per_token = (double)kv / T};
         printf("tier %-4s %-6s  p50 %10.3f ms  min %10.3f ms  read %9.1f MiB  %6.2f GB/s\n",
-               o->tier ? "disk" : "ram", s_method_names[m], p50[m], mn, bytes[m] / 1048576.0,
+               o->tier ? "disk" : "ram", bench_method_names[m], p50[m], mn, bytes[m] / 1048576.0,
                bytes[m] / (p50[m] * 1e6));
         if (!tg->server) s_phases(o, rf, c, &rows[*n_rows], ph[m], ms + m * R, R);
         (*n_rows)++;
@@ -1050,7 +749,7 @@ static int s_plot(const bench_opts *o, const bench_target *tg, int n_targets, co
         for (int m = 0; m < BENCH_N_METHODS; m++) {
             if (!o->timed[m]) continue;
             fprintf(gp, "%s'-' using 1:2 with linespoints title '%s, %s (%d shard%s)'",
-                    first ? "plot " : ", ", s_method_names[m], tg[t].label, tg[t].workers,
+                    first ? "plot " : ", ", bench_method_names[m], tg[t].label, tg[t].workers,
                     tg[t].workers == 1 ? "" : "s");
             first = 0;
         }
@@ -1123,7 +822,7 @@ static int s_json(const bench_opts *o, const bench_roof *rf, const bench_row *ro
         for (; j < n_rows && rows[j].tokens == rows[i].tokens && rows[j].target == rows[i].target;
              j++) {
             const bench_row *r = &rows[j];
-            const char *m = s_method_names[r->method];
+            const char *m = bench_method_names[r->method];
             at += (size_t)snprintf(one + at, sizeof(one) - at,
                                    ", \"%s_ms\": %.4f, \"%s_min_ms\": %.4f, \"%s_bytes\": %lld", m,
                                    r->p50_ms, m, r->min_ms, m, (long long)r->bytes_read);
@@ -1162,7 +861,7 @@ static int s_json(const bench_opts *o, const bench_roof *rf, const bench_row *ro
     return 0;
 }
 
-static int s_attend(const bench_opts *o)
+int bench_attend(const bench_opts *o)
 {
     static const char *const cmd = "bench attend";
     /* A plot that cannot be made fails now, not after the measurements. */
@@ -1255,7 +954,7 @@ static int s_attend(const bench_opts *o)
             const bench_row *r = &rows[i];
             fprintf(csv, "%ld,%s,%d,%s,%s,%s,%ld,%.4f,%.4f,%lld,%.3f,%.1f,%.3g\n", r->tokens,
                     tg[r->target].label, tg[r->target].workers, s_dtype(o),
-                    o->tier ? "disk" : "ram", s_method_names[r->method], o->reps, r->p50_ms,
+                    o->tier ? "disk" : "ram", bench_method_names[r->method], o->reps, r->p50_ms,
                     r->min_ms, (long long)r->bytes_read, r->bytes_read / (r->p50_ms * 1e6),
                     r->kv_per_token, r->max_err);
         }
@@ -1273,33 +972,5 @@ static int s_attend(const bench_opts *o)
 done:
     if (csv) fclose(csv);
     free(rows);
-    return rc;
-}
-
-int cmd_bench(int argc, char **argv)
-{
-    if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
-        fputs(usage_bench, argc < 2 ? stderr : stdout);
-        return argc < 2 ? 2 : 0;
-    }
-    if (strcmp(argv[1], "ingest") == 0) return bench_ingest_main(argc - 1, argv + 1);
-    const int scan = strcmp(argv[1], "scan") == 0;
-    if (!scan && strcmp(argv[1], "attend") != 0)
-        return cli_usage_error("bench", "unknown benchmark '%s' (scan, attend or ingest)", argv[1]);
-    bench_opts o;
-    const int prc = s_parse(scan ? "bench scan" : "bench attend", argc - 1, argv + 1, &o);
-    if (prc) return prc < 0 ? 0 : prc;
-    openblas_set_num_threads(1);
-    if (scan) return s_scan(&o);
-    if (o.tier && !o.state_dir && o.n_servers == 0) {
-        /* The disk tier's files are unlinked as soon as they are made: the directory stays
-         * empty and goes at exit. */
-        snprintf(o.tmp_dir, sizeof(o.tmp_dir), "/tmp/fasa-bench-XXXXXX");
-        if (!mkdtemp(o.tmp_dir)) return cli_fail("bench attend", "cannot make a directory in /tmp");
-        o.state_dir = o.tmp_dir;
-    }
-    if (o.threads) backend_set_threads((int)o.threads);
-    const int rc = s_attend(&o);
-    if (*o.tmp_dir) rmdir(o.tmp_dir);
     return rc;
 }
