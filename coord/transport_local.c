@@ -18,6 +18,7 @@ typedef struct local_ctx {
     /* Pipelined phases run at once; their results wait here for wait(), oldest first. */
     int done[FASA_PIPE_MAX], head, len;
     fasa_pool_t *pool; /* NULL: one thread */
+    uint32_t txn;      /* append_runs: the last shard transaction's number */
 } local_ctx;
 
 static int s_session_new(void *ctx, int sid, const shard_layout *layout)
@@ -68,8 +69,8 @@ static int s_append(void *ctx, int sid, int shard, int layer, int n, const int32
 static int s_append_runs(void *ctx, int sid, int dtype, int n_runs, const fasa_append_run *runs)
 {
     local_ctx *c = ctx;
-    static uint32_t txn;
-    if (++txn == 0) txn = 1;
+    if (++c->txn == 0) c->txn = 1;
+    const uint32_t txn = c->txn;
     shard_t **sh = c->sessions[sid];
     for (int i = 0; i < c->n_shards; i++) shard_txn_begin(sh[i], txn);
     int rc = 0;
