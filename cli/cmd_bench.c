@@ -10,13 +10,15 @@
 #include "backend.h"
 #include "cli.h"
 #include "engine.h"
+#include "fasa_client.h"
+#include "ingest.h"
 #include "measure.h"
 #include "opts.h"
 #include "pool.h"
 #include "scan.h"
 
 static const char usage_bench[] =
-    "usage: fasa bench scan|attend|latency [options]\n"
+    "usage: fasa bench scan|attend|latency|ingest [options]\n"
     "\n"
     "Benchmarks that print each figure next to its target (shared/docs/targets.md) and\n"
     "whether it is met, on synthetic data (32 query heads, 8 KV heads, head_dim 128, ntip 16\n"
@@ -25,9 +27,45 @@ static const char usage_bench[] =
     "  scan     the scoring scan's GB/s against the machine's read bandwidth of the same bytes\n"
     "  attend   decode step time per method (dense, fasa, oracle), dense/fasa, RAM per token\n"
     "  latency  the service's round trip per Attend in a decode loop, against embedded\n"
+    "  ingest   a server's append bandwidth (stored GB/s) against the read bandwidth\n"
     "\n"
-    "Run 'fasa bench scan --help', 'fasa bench attend --help' or 'fasa bench latency --help'\n"
-    "for the options.\n";
+    "Run 'fasa bench scan --help' (attend, latency, ingest) for the options.\n";
+
+static const char usage_ingest[] =
+    "usage: fasa bench ingest --server ENDPOINT [options]\n"
+    "\n"
+    "Appends synthetic keys and values (32 query heads, 8 KV heads, head_dim 128) to a new\n"
+    "session on a running fasa-server, one layer per Append request, and prints the stored\n"
+    "bytes per second over the whole load (ingest_gbs), next to this machine's read\n"
+    "bandwidth and the in-process shard_append rate (fast path and naive reference) measured\n"
+    "in the same run. Target (issue 14): f16 through a 2-worker server >= 1.0 GB/s of stored\n"
+    "bytes.\n"
+    "\n";
+
+/* fasa bench ingest: the options; the load is bench/ingest.c's. */
+static int s_ingest(int argc, char **argv)
+{
+    bench_ingest_opts o = {.tokens = 32768, .chunk = 4096, .layers = 4, .window = 4};
+    const cli_opt opts[] = {
+        CLI_STR("server", &o.server, "E", NULL, "the server (required; or FASA_SERVER)"),
+        CLI_INT("tokens", &o.tokens, 1, 1L << 24, "N", "32768", "tokens to load"),
+        CLI_INT("chunk", &o.chunk, 1, 1L << 24, "T", "4096",
+                "tokens per Append request of one layer (4096: 16.8 MB of f16,\n"
+                "two placement blocks, so two workers store each request at once)"),
+        CLI_INT("layers", &o.layers, 1, 64, "L", "4", "layers of the session"),
+        CLI_INT("window", &o.window, 1, FASA_CLIENT_APPEND_WINDOW, "W", "4",
+                "appends in flight at once (libfasa's append window)"),
+        CLI_STR("dtype", &o.dtype, "D", "f16",
+                "f16, bf16 or f32: the session's storage dtype and the wire's"),
+        CLI_STR("json", &o.json, "FILE", NULL,
+                "also write the figures as JSON (ingest_gbs, read_gbs, cpu_features, ...)"),
+        CLI_END};
+    cli_parser p;
+    cli_begin(&p, "bench ingest", usage_ingest, opts, argc, argv);
+    const int c = cli_parse_all(&p);
+    if (c) return cli_status(c) < 0 ? 0 : cli_status(c);
+    return bench_ingest(&o);
+}
 
 static const char usage_scan[] =
     "usage: fasa bench scan [--tokens N] [--reps R] [--seed S] [--dtype T] [--score-dtype T]\n"
@@ -276,6 +314,7 @@ int cmd_bench(int argc, char **argv)
         fputs(usage_bench, argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
+    if (strcmp(argv[1], "ingest") == 0) return s_ingest(argc - 1, argv + 1);
     if (strcmp(argv[1], "latency") == 0) {
         openblas_set_num_threads(1);
         const int rc = cmd_bench_latency(argc - 1, argv + 1);
@@ -283,7 +322,7 @@ int cmd_bench(int argc, char **argv)
     }
     const int scan = strcmp(argv[1], "scan") == 0;
     if (!scan && strcmp(argv[1], "attend") != 0)
-        return cli_usage_error("bench", "unknown benchmark '%s' (scan, attend or latency)",
+        return cli_usage_error("bench", "unknown benchmark '%s' (scan, attend, latency or ingest)",
                                argv[1]);
     bench_opts o;
     const int prc = s_parse(scan ? "bench scan" : "bench attend", argc - 1, argv + 1, &o);

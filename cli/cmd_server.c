@@ -15,6 +15,7 @@
 #include "fasa_client.h"
 #include "npy.h"
 #include "opts.h"
+#include "progress.h"
 #include "prom.h"
 #include "timing.h"
 
@@ -63,9 +64,12 @@ static const char append_usage[] =
     "usage: fasa append --server ENDPOINT --session ID [--layer N] --k K.npy --v V.npy\n"
     "                   [--start-pos P]\n"
     "\n"
-    "Appends post-RoPE keys and values to a session: float32 .npy arrays of shape\n"
+    "Appends post-RoPE keys and values to a session: float32 or float16 .npy arrays of shape\n"
     "(n, kv_heads, head_dim) for one layer (--layer N), or (layers, n, kv_heads, head_dim) for\n"
-    "every layer (no --layer).\n"
+    "every layer (no --layer). float16 travels as F16 (half the bytes; stored as sent in an\n"
+    "f16 session). Large files go in requests of at most 32 MiB, each all or nothing, up to 4\n"
+    "in flight, with a progress bar on a terminal; on a failure the positions stored are\n"
+    "printed.\n"
     "\n";
 
 static const char attend_usage[] =
@@ -560,14 +564,19 @@ int cmd_append(int argc, char **argv)
     const int layer = o.have_layer ? (int)o.layer : -1;
     const int want_dims = o.have_layer ? 3 : 4;
     char err[512];
-    float *k = NULL, *v = NULL;
+    void *k = NULL, *v = NULL;
     int64_t ks[NPY_MAX_DIMS], vs[NPY_MAX_DIMS];
-    int knd = 0, vnd = 0;
+    int knd = 0, vnd = 0, kf16 = 0, vf16 = 0;
     fasa_client *c = NULL;
     rc = 1;
-    if (npy_read_f32(o.k, &k, &knd, ks, err, sizeof(err)) ||
-        npy_read_f32(o.v, &v, &vnd, vs, err, sizeof(err))) {
+    if (npy_read_f32_f16(o.k, &k, &kf16, &knd, ks, err, sizeof(err)) ||
+        npy_read_f32_f16(o.v, &v, &vf16, &vnd, vs, err, sizeof(err))) {
         cli_fail("append", "%s", err);
+        goto done;
+    }
+    if (kf16 != vf16) {
+        cli_fail("append", "--v %s is %s but --k %s is %s: give both the same dtype", o.v,
+                 vf16 ? "float16" : "float32", o.k, kf16 ? "float16" : "float32");
         goto done;
     }
     if (knd != want_dims) {
@@ -596,8 +605,65 @@ int cmd_append(int argc, char **argv)
         start = st.session.length;
         fasa_client_stats_free(&st);
     }
-    if (fasa_client_append(c, o.session, &g, layer, start, n, k, v, &length, &ce)) {
+    /* Requests of at most 32 MiB (whole tokens of every layer the file holds). */
+    const size_t esz = kf16 ? 2 : 4, layers = o.have_layer ? 1 : (size_t)ks[0];
+    const size_t tok_bytes = 2 * layers * (size_t)ks[off + 1] * (size_t)ks[off + 2] * esz;
+    const uint64_t per =
+        tok_bytes && ((size_t)32 << 20) / tok_bytes ? ((size_t)32 << 20) / tok_bytes : 1;
+    const fasa_client_dtype dt = kf16 ? FASA_CLIENT_DTYPE_F16 : FASA_CLIENT_DTYPE_F32;
+    const size_t row = (size_t)ks[off + 1] * (size_t)ks[off + 2] * esz; /* bytes per token */
+    void *bk = NULL, *bv = NULL;
+    if (layers > 1 && n > per) { /* a request's tokens gathered from every layer */
+        bk = malloc(layers * per * row);
+        bv = malloc(layers * per * row);
+        if (!bk || !bv) {
+            free(bk), free(bv);
+            cli_fail("append", "out of memory for a request of %llu tokens",
+                     (unsigned long long)per);
+            goto done;
+        }
+    }
+    /* Up to 4 requests in flight (libfasa's append window): the next is read and packed
+     * while the server stores the one before. Each is acknowledged once stored. */
+    progress pr;
+    progress_init(&pr, "append", (long)n);
+    uint64_t acked = 0, sent = 0;
+    int failed = 0;
+    while (!failed && acked < n) {
+        if (sent < n && fasa_client_append_pending(c) < 4) {
+            const uint64_t m = n - sent < per ? n - sent : per;
+            const void *pk = (const char *)k + sent * row, *pv = (const char *)v + sent * row;
+            if (bk) {
+                for (size_t l = 0; l < layers; l++) {
+                    memcpy((char *)bk + l * m * row, (const char *)k + (l * n + sent) * row,
+                           m * row);
+                    memcpy((char *)bv + l * m * row, (const char *)v + (l * n + sent) * row,
+                           m * row);
+                }
+                pk = bk, pv = bv;
+            }
+            failed = fasa_client_append_send(c, o.session, &g, layer, start + sent, m, dt, pk, pv,
+                                             &ce) != FASA_CLIENT_OK;
+            if (!failed) sent += m;
+            continue;
+        }
+        failed = fasa_client_append_recv(c, &length, &ce) != FASA_CLIENT_OK;
+        if (!failed) {
+            acked += n - acked < per ? n - acked : per;
+            progress_update(&pr, (long)acked);
+        }
+    }
+    progress_done(&pr);
+    while (fasa_client_append_pending(c)) { /* the ones after a failure: refused in order */
+        fasa_client_error ignored;
+        fasa_client_append_recv(c, NULL, &ignored);
+    }
+    free(bk), free(bv);
+    if (failed) {
         cli_fail("append", "%s", ce.msg);
+        if (acked)
+            fprintf(stderr, "append: positions %llu..%llu were stored, the rest not\n",
+                    (unsigned long long)start, (unsigned long long)(start + acked - 1));
         goto done;
     }
     if (o.have_layer)

@@ -23,7 +23,7 @@ static const char usage[] =
     "  replay     re-run recorded activations with fasa, dense, oracle or a baseline\n"
     "  ppl        perplexity of a llama2.c-format model over a text, attention by fasa\n"
     "  generate   text from a llama2.c-format model, attention by fasa\n"
-    "  bench      benchmarks printed with their targets: bench scan, bench attend\n"
+    "  bench      benchmarks printed with their targets: bench scan, bench attend, bench ingest\n"
     "\n"
     "These run in-process, or on a fasa-server with --server ENDPOINT (same numbers).\n"
     "\n"
@@ -62,7 +62,8 @@ static char **s_server_from_env(int *argc_p, char **argv)
     int takes = 0;
     for (size_t i = 0; i < sizeof(cmds) / sizeof(*cmds); i++) takes |= !strcmp(argv[1], cmds[i]);
     /* bench: only bench attend runs on a server. */
-    if (!takes || (!strcmp(argv[1], "bench") && (*argc_p < 3 || strcmp(argv[2], "attend"))))
+    if (!takes || (!strcmp(argv[1], "bench") &&
+                   (*argc_p < 3 || (strcmp(argv[2], "attend") && strcmp(argv[2], "ingest")))))
         return argv;
     for (int i = 2; i < *argc_p; i++)
         if (!strcmp(argv[i], "--server") || !strncmp(argv[i], "--server=", 9) ||

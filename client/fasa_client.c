@@ -56,6 +56,10 @@ struct fasa_client {
     size_t pending_size;       /* its bytes */
     double t_sent;             /* when the last request went to ZeroMQ (us, monotonic) */
     fasa_client_timing timing; /* of the last attend */
+    /* fasa_client_append_send: the appends in flight, oldest first (a ring). */
+    uint64_t pend_id[FASA_CLIENT_APPEND_WINDOW];
+    size_t pend_size[FASA_CLIENT_APPEND_WINDOW];
+    int pend_head, n_pend;
 };
 
 const char *fasa_client_status_name(fasa_client_status status)
@@ -195,6 +199,7 @@ static void s_close_socket(fasa_client *c)
 static void s_reconnect(fasa_client *c)
 {
     s_close_socket(c);
+    c->n_pend = 0; /* the replies of appends in flight are lost with the socket */
 }
 
 fasa_client_status fasa_client_connect(const char *endpoint, int timeout_ms, fasa_client **client_p,
@@ -493,6 +498,11 @@ static fasa_client_status s_send_req(fasa_client *c, Fasa__V1__Request *req, int
                       "%s: an attend sent with fasa_client_attend_send awaits "
                       "fasa_client_attend_wait",
                       what);
+    if (c->n_pend && req->body_case != FASA__V1__REQUEST__BODY_APPEND)
+        return s_fail(err, FASA_CLIENT_FAILED_PRECONDITION,
+                      "%s: %d appends are in flight: collect them with fasa_client_append_recv "
+                      "first",
+                      what, c->n_pend);
     if (!c->sock && s_open_socket(c))
         return s_fail(err, FASA_CLIENT_UNAVAILABLE, "cannot reconnect to %s: %s", c->endpoint,
                       zmq_strerror(errno));
@@ -693,6 +703,11 @@ static fasa_client_status s_call(fasa_client *c, Fasa__V1__Request *req,
                                  fasa_client_error *err)
 {
     *resp_p = NULL;
+    if (c && c->n_pend)
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT,
+                      "%s: %d appends are in flight: collect them with fasa_client_append_recv "
+                      "first",
+                      s_body_name(req->body_case), c->n_pend);
     size_t size = 0;
     const fasa_client_status st = s_send_req(c, req, 0, &size, err);
     if (st) return st;
@@ -724,7 +739,7 @@ static fasa_client_status s_tensor(tensor_buf *tb, Fasa__V1__DType dtype, int n_
                                    fasa_client_error *err)
 {
     fasa__v1__tensor__init(&tb->t);
-    uint64_t bytes = 4;
+    uint64_t bytes = dtype == FASA__V1__DTYPE__F16 || dtype == FASA__V1__DTYPE__BF16 ? 2 : 4;
     for (int i = 0; i < n_dims; i++) {
         tb->shape[i] = shape[i];
         if (shape[i] && bytes > CLIENT_MAX_BYTES / shape[i])
@@ -932,6 +947,74 @@ fasa_client_status fasa_client_append(fasa_client *c, const char *session_id,
                                       uint64_t start_pos, uint64_t n, const float *k,
                                       const float *v, uint64_t *length_p, fasa_client_error *err)
 {
+    return fasa_client_append_dt(c, session_id, geom, layer, start_pos, n, FASA_CLIENT_DTYPE_F32, k,
+                                 v, length_p, err);
+}
+
+/* The Append request of fasa_client_append_dt, sent (async) or sent and answered. */
+static fasa_client_status s_append(fasa_client *c, const char *session_id,
+                                   const fasa_client_geometry *geom, int32_t layer,
+                                   uint64_t start_pos, uint64_t n, fasa_client_dtype dtype,
+                                   const void *k, const void *v, uint64_t *length_p, int async,
+                                   fasa_client_error *err);
+
+fasa_client_status fasa_client_append_dt(fasa_client *c, const char *session_id,
+                                         const fasa_client_geometry *geom, int32_t layer,
+                                         uint64_t start_pos, uint64_t n, fasa_client_dtype dtype,
+                                         const void *k, const void *v, uint64_t *length_p,
+                                         fasa_client_error *err)
+{
+    return s_append(c, session_id, geom, layer, start_pos, n, dtype, k, v, length_p, 0, err);
+}
+
+fasa_client_status fasa_client_append_send(fasa_client *c, const char *session_id,
+                                           const fasa_client_geometry *geom, int32_t layer,
+                                           uint64_t start_pos, uint64_t n, fasa_client_dtype dtype,
+                                           const void *k, const void *v, fasa_client_error *err)
+{
+    if (!c) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "client: NULL");
+    if (c->n_pend == FASA_CLIENT_APPEND_WINDOW)
+        return s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED,
+                      "append: %d appends in flight already (FASA_CLIENT_APPEND_WINDOW): receive "
+                      "one first",
+                      c->n_pend);
+    return s_append(c, session_id, geom, layer, start_pos, n, dtype, k, v, NULL, 1, err);
+}
+
+fasa_client_status fasa_client_append_recv(fasa_client *c, uint64_t *length_p,
+                                           fasa_client_error *err)
+{
+    if (!c) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "client: NULL");
+    if (!c->n_pend) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "append: none in flight");
+    const uint64_t id = c->pend_id[c->pend_head];
+    const size_t size = c->pend_size[c->pend_head];
+    c->pend_head = (c->pend_head + 1) % FASA_CLIENT_APPEND_WINDOW;
+    c->n_pend--;
+    Fasa__V1__Response *resp;
+    const fasa_client_status st =
+        s_recv_resp(c, id, "append", size, FASA__V1__RESPONSE__BODY_APPEND, NULL, &resp, err);
+    if (st) return st;
+    if (length_p) *length_p = resp->append->length;
+    fasa__v1__response__free_unpacked(resp, NULL);
+    return FASA_CLIENT_OK;
+}
+
+int fasa_client_append_pending(const fasa_client *c)
+{
+    return c ? c->n_pend : 0;
+}
+
+static fasa_client_status s_append(fasa_client *c, const char *session_id,
+                                   const fasa_client_geometry *geom, int32_t layer,
+                                   uint64_t start_pos, uint64_t n, fasa_client_dtype dtype,
+                                   const void *k, const void *v, uint64_t *length_p, int async,
+                                   fasa_client_error *err)
+{
+    if (dtype == FASA_CLIENT_DTYPE_DEFAULT) dtype = FASA_CLIENT_DTYPE_F32;
+    if (dtype != FASA_CLIENT_DTYPE_F32 && dtype != FASA_CLIENT_DTYPE_F16 &&
+        dtype != FASA_CLIENT_DTYPE_BF16)
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "append: dtype %d is not F32, F16 or BF16",
+                      (int)dtype);
     const fasa_client_status st0 = s_check_id(session_id, "append.session_id", err);
     if (st0) return st0;
     if (!geom) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "append: geometry NULL");
@@ -944,8 +1027,8 @@ fasa_client_status fasa_client_append(fasa_client *c, const char *session_id,
     shape[nd++] = geom->head_dim;
     tensor_buf tk, tv;
     fasa_client_status st;
-    if ((st = s_tensor(&tk, FASA__V1__DTYPE__F32, nd, shape, k, "append.k", err)) ||
-        (st = s_tensor(&tv, FASA__V1__DTYPE__F32, nd, shape, v, "append.v", err)))
+    if ((st = s_tensor(&tk, (Fasa__V1__DType)dtype, nd, shape, k, "append.k", err)) ||
+        (st = s_tensor(&tv, (Fasa__V1__DType)dtype, nd, shape, v, "append.v", err)))
         return st;
     Fasa__V1__Append ap = FASA__V1__APPEND__INIT;
     ap.session_id = (char *)(uintptr_t)session_id;
@@ -957,6 +1040,16 @@ fasa_client_status fasa_client_append(fasa_client *c, const char *session_id,
     Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
     req.body_case = FASA__V1__REQUEST__BODY_APPEND;
     req.append = &ap;
+    if (async) {
+        size_t size = 0;
+        if ((st = s_send_req(c, &req, 0, &size, err))) return st;
+        const int slot = (c->pend_head + c->n_pend) % FASA_CLIENT_APPEND_WINDOW;
+        c->pend_id[slot] = req.request_id;
+        c->pend_size[slot] = size;
+        c->n_pend++;
+        s_ok(err);
+        return FASA_CLIENT_OK;
+    }
     Fasa__V1__Response *resp;
     if ((st = s_call(c, &req, FASA__V1__RESPONSE__BODY_APPEND, &resp, err))) return st;
     if (length_p) *length_p = resp->append->length;

@@ -202,6 +202,34 @@ fasa_client_status fasa_client_append(fasa_client *c, const char *session_id,
                                       const fasa_client_geometry *geom, int32_t layer,
                                       uint64_t start_pos, uint64_t n, const float *k,
                                       const float *v, uint64_t *length_p, fasa_client_error *err);
+/* The same with k and v of dtype F32, F16 or BF16 (uint16_t elements, IEEE binary16 or
+ * bfloat16, little-endian): half the bytes on the wire, and rows of the session's own
+ * dtype are stored as sent (bit for bit what an F32 append of the same values stores). */
+fasa_client_status fasa_client_append_dt(fasa_client *c, const char *session_id,
+                                         const fasa_client_geometry *geom, int32_t layer,
+                                         uint64_t start_pos, uint64_t n, fasa_client_dtype dtype,
+                                         const void *k, const void *v, uint64_t *length_p,
+                                         fasa_client_error *err);
+
+/* Appends in flight: fasa_client_append_send sends an append and returns without waiting
+ * for its reply, so the client prepares the next request while the server stores this one;
+ * fasa_client_append_recv waits for the oldest one's reply (length_p: the layer's length
+ * after it, may be NULL). At most FASA_CLIENT_APPEND_WINDOW may be in flight (send refuses
+ * more with RESOURCE_EXHAUSTED), the caller's k and v are read before send returns, and
+ * every other call is refused (INVALID_ARGUMENT) until they are all received. Each append
+ * is acknowledged only once every worker holds its rows, and all or nothing: when one
+ * fails, recv returns its error; the appends sent after it still get their replies
+ * (appends are in order, so they fail on start_pos). fasa_client_append_pending says how
+ * many are in flight. A lost connection abandons them all (the failing call says so; then
+ * none is pending). */
+#define FASA_CLIENT_APPEND_WINDOW 16
+fasa_client_status fasa_client_append_send(fasa_client *c, const char *session_id,
+                                           const fasa_client_geometry *geom, int32_t layer,
+                                           uint64_t start_pos, uint64_t n, fasa_client_dtype dtype,
+                                           const void *k, const void *v, fasa_client_error *err);
+fasa_client_status fasa_client_append_recv(fasa_client *c, uint64_t *length_p,
+                                           fasa_client_error *err);
+int fasa_client_append_pending(const fasa_client *c);
 
 /* Statistics of one attention step. */
 typedef struct fasa_client_step_stats {

@@ -656,9 +656,152 @@ static int s_place(fasa_engine_t *e, session *s, int layer, int32_t pos0, int n,
     return 0;
 }
 
+/* Index of the first f16/bf16 value that is not finite, is at least 2^50 in magnitude or
+ * overflows the storage dtype, or -1: one vectorisable pass over the bits (an f16 is
+ * always below 2^50 and fits f16, bf16 and f32). */
+static long s_bad_half(int in_dt, int store_dt, size_t n, const uint16_t *x)
+{
+    /* bf16: biased exponent >= MAX_ABS_EXP (NaN and inf included), or |x| >= 65536 (the
+     * first bf16 at or above 65520) into f16. */
+    const uint16_t lim = in_dt == FASA_DTYPE_F16      ? 0x7c00u
+                         : store_dt == FASA_DTYPE_F16 ? 0x4780u
+                                                      : (uint16_t)(MAX_ABS_EXP << 7);
+    uint16_t bad = 0;
+    for (size_t i = 0; i < n; i++) bad |= (uint16_t)((x[i] & 0x7fffu) >= lim);
+    if (!bad) return -1;
+    for (size_t i = 0; i < n; i++)
+        if ((x[i] & 0x7fffu) >= lim) return (long)i;
+    return -1;
+}
+
+/* The f32 checks of an append in one pass per tensor: the index of the first value that
+ * is not finite, at least 2^50, or overflows the storage dtype, or -1. */
+static long s_bad_f32(int store_dt, size_t n, const float *x)
+{
+    const float lim = store_dt == FASA_DTYPE_F16    ? 65520.0f
+                      : store_dt == FASA_DTYPE_BF16 ? 0x1.fefp127f
+                                                    : INFINITY;
+    uint32_t bad = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t b;
+        memcpy(&b, x + i, sizeof(b));
+        bad |= ((b & 0x7f800000u) >= ((uint32_t)MAX_ABS_EXP << 23)) | (fabsf(x[i]) >= lim);
+    }
+    if (!bad) return -1;
+    const long a = s_nonfinite(n, x), o = s_overflow(store_dt, n, x);
+    return a >= 0 && (o < 0 || a <= o) ? a : o;
+}
+
+/* One value's error: k[i] of an append of dtype in_dt into a session of store_dt. */
+static fasa_status s_bad_value(fasa_error *err, const char *name, long i, int in_dt, int store_dt,
+                               const void *x)
+{
+    float f;
+    if (in_dt == FASA_DTYPE_F32)
+        f = ((const float *)x)[i];
+    else {
+        const uint16_t h = ((const uint16_t *)x)[i];
+        f = in_dt == FASA_DTYPE_F16 ? fasa_f16_to_f32(h) : fasa_bf16_to_f32(h);
+    }
+    uint32_t b;
+    memcpy(&b, &f, sizeof(b));
+    if ((b & 0x7f800000u) >= ((uint32_t)MAX_ABS_EXP << 23))
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT,
+                              "%s[%ld] = %g: values must be finite and below " MAX_ABS_TEXT, name,
+                              i, (double)f);
+    return fasa_error_set(err, FASA_INVALID_ARGUMENT, "%s[%ld] value %g overflows %s", name, i,
+                          (double)f, fasa_dtype_name(store_dt));
+}
+
+/* Hands every row of an append (layers l0 .. l1 - 1) to its shards in one transport call,
+ * all or nothing, and accounts them on success. */
+static int s_place_runs(fasa_engine_t *e, session *s, int l0, int l1, int32_t pos0, int n,
+                        int dtype, const void *k, const void *v)
+{
+    const size_t row = (size_t)s->cfg.n_kv_heads * s->cfg.head_dim * fasa_dtype_size(dtype);
+    int n_runs = 0;
+    for (int i = 0; i < n; i += s_run_len(e, pos0 + i, n - i)) n_runs++;
+    fasa_append_run *runs = malloc((size_t)n_runs * (size_t)(l1 - l0) * sizeof(*runs));
+    if (!runs) return -1;
+    int m = 0;
+    for (int l = l0; l < l1; l++) {
+        const size_t off = (size_t)(l - l0) * n * row;
+        for (int i = 0; i < n;) {
+            const int32_t p = pos0 + i;
+            const int run = s_run_len(e, p, n - i);
+            runs[m++] = (fasa_append_run){.shard = (int)((p / e->block) % e->tr.n_shards),
+                                          .layer = l,
+                                          .n = run,
+                                          .pos0 = p,
+                                          .k = (const char *)k + off + (size_t)i * row,
+                                          .v = (const char *)v + off + (size_t)i * row};
+            i += run;
+        }
+    }
+    const int rc = e->tr.append_runs(e->tr.ctx, s->sid, dtype, m, runs);
+    for (int i = 0; !rc && i < m; i++) {
+        acct *a = &s->held[runs[i].shard * s->cfg.n_layers + runs[i].layer];
+        const int64_t before = s_acct_bytes(s, runs[i].layer, a);
+        s_acct_add(a, runs[i].pos0, runs[i].n);
+        e->shard_bytes[runs[i].shard] += s_acct_bytes(s, runs[i].layer, a) - before;
+    }
+    free(runs);
+    return rc;
+}
+
+fasa_status fasa_engine_append_dt(fasa_engine_t *e, const char *id, int layer, int32_t pos0, int n,
+                                  int dtype, const void *k, const void *v, fasa_error *err)
+{
+    session *s = s_find(e, id);
+    if (!s) return fasa_error_set(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
+    if (dtype != FASA_DTYPE_F32 && dtype != FASA_DTYPE_F16 && dtype != FASA_DTYPE_BF16)
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "dtype %d is not f32, f16 or bf16",
+                              dtype);
+    if (!e->tr.append_runs) {
+        if (dtype == FASA_DTYPE_F32) return fasa_engine_append(e, id, layer, pos0, n, k, v, err);
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT,
+                              "this transport takes f32 appends only (dtype %s)",
+                              fasa_dtype_name(dtype));
+    }
+    const fasa_session_config *c = &s->cfg;
+    if (layer < -1 || layer >= c->n_layers)
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "layer %d out of range [-1, %d)", layer,
+                              c->n_layers);
+    if (n < 1)
+        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "n_tokens %d must be at least 1", n);
+    const int l0 = layer < 0 ? 0 : layer, l1 = layer < 0 ? c->n_layers : layer + 1;
+    for (int l = l0; l < l1; l++)
+        if (pos0 != s->n_appended[l])
+            return fasa_error_set(
+                err, FASA_INVALID_ARGUMENT,
+                "start_pos %d: layer %d expects position %d next (appends are in order)", (int)pos0,
+                l, (int)s->n_appended[l]);
+    if ((int64_t)pos0 + n > INT32_MAX)
+        return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED,
+                              "n_tokens: a session holds at most %d tokens", INT32_MAX);
+    const size_t total = (size_t)n * c->n_kv_heads * c->head_dim * (size_t)(l1 - l0);
+    const void *kv[2] = {k, v};
+    for (int t = 0; t < 2; t++) {
+        const long bad = dtype == FASA_DTYPE_F32 ? s_bad_f32(c->dtype, total, kv[t])
+                                                 : s_bad_half(dtype, c->dtype, total, kv[t]);
+        if (bad >= 0) return s_bad_value(err, t ? "v" : "k", bad, dtype, c->dtype, kv[t]);
+    }
+    fasa_status st = s_check_limit(e, s, l0, l1, pos0, n, err);
+    if (st) return st;
+    if (s_place_runs(e, s, l0, l1, pos0, n, dtype, k, v))
+        return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED,
+                              "out of memory appending %d tokens to '%s' (a shard ran out of "
+                              "memory or failed): nothing was stored, the session still holds %d",
+                              n, id, (int)s->n_appended[l0]);
+    for (int l = l0; l < l1; l++) s->n_appended[l] += n;
+    return FASA_OK;
+}
+
 fasa_status fasa_engine_append(fasa_engine_t *e, const char *id, int layer, int32_t pos0, int n,
                                const float *k, const float *v, fasa_error *err)
 {
+    if (e->tr.append_runs)
+        return fasa_engine_append_dt(e, id, layer, pos0, n, FASA_DTYPE_F32, k, v, err);
     session *s = s_find(e, id);
     if (!s) return fasa_error_set(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
     const fasa_session_config *c = &s->cfg;

@@ -172,6 +172,14 @@ fasa_status fasa_engine_drop(fasa_engine_t *e, const char *id, fasa_error *err);
  * (n_layers, n, n_kv_heads, head_dim) for every layer, which must all be at pos0. */
 fasa_status fasa_engine_append(fasa_engine_t *e, const char *id, int layer, int32_t pos0, int n,
                                const float *k, const float *v, fasa_error *err);
+/* The same with k and v of dtype (fasa_dtype: f32, f16 or bf16) elements: the rows are
+ * stored as an f32 append of the values widened to f32 would store them (rows of the
+ * session's dtype are copied as they are). Values must be finite (and below 2^50 and not
+ * overflow the session's dtype, as for f32). All or nothing: on any failure (a bad value,
+ * the memory limit, a shard out of memory or a worker error) no shard holds any of the
+ * rows. */
+fasa_status fasa_engine_append_dt(fasa_engine_t *e, const char *id, int layer, int32_t pos0, int n,
+                                  int dtype, const void *k, const void *v, fasa_error *err);
 
 /* One decode step of one layer. out (n_heads, head_dim) gets the attention outputs.
  * selected, if not NULL, is (n_heads, budget): each head's chosen positions best-first

@@ -1122,6 +1122,104 @@ START_TEST(test_profile_roundtrip)
 }
 END_TEST
 
+/* Appends sent as f16 or bf16 (fasa_engine_append_dt) against f32 appends of the same
+ * values widened: every session dtype (f32, f16, bf16) over 3 shards answers dense, quest
+ * and sparq steps with the same bits and holds the same bytes; bad half values (NaN, inf,
+ * bf16 >= 2^50, bf16 overflowing an f16 session) are refused naming k or v, nothing stored;
+ * k and v travel in one request of every layer, all or nothing. */
+START_TEST(test_engine_append_half)
+{
+    enum { NL = 2, NH = 4, NKV = 2, D = 16, T = 700 };
+    const size_t row = (size_t)NKV * D, n = (size_t)NL * T * row;
+    test_rng r = {91};
+    float *k = test_alloc(n * 4), *v = test_alloc(n * 4), *kw = test_alloc(n * 4),
+          *vw = test_alloc(n * 4), *q = test_alloc((size_t)NH * D * 4);
+    uint16_t *kh = test_alloc(n * 2), *vh = test_alloc(n * 2);
+    test_fill(&r, n, k, 3.0f);
+    test_fill(&r, n, v, 3.0f);
+    test_fill(&r, (size_t)NH * D, q, 1.0f);
+    fasa_error err;
+    for (int in = FASA_DTYPE_F16; in <= FASA_DTYPE_BF16; in++) {
+        dtype_from_f32(SIMD_PORTABLE, in, n, k, kh);
+        dtype_from_f32(SIMD_PORTABLE, in, n, v, vh);
+        dtype_to_f32(SIMD_PORTABLE, in, n, kh, kw);
+        dtype_to_f32(SIMD_PORTABLE, in, n, vh, vw);
+        for (int dt = FASA_DTYPE_F32; dt <= FASA_DTYPE_BF16; dt++) {
+            fasa_engine_t *e = fasa_engine_new(3, 64);
+            ck_assert_ptr_nonnull(e);
+            const fasa_session_config cfg = {.n_layers = NL,
+                                             .n_heads = NH,
+                                             .n_kv_heads = NKV,
+                                             .head_dim = D,
+                                             .method = FASA_METHOD_DENSE,
+                                             .budget = 48,
+                                             .dtype = dt};
+            ck_assert_int_eq(fasa_engine_create(e, "h", &cfg, &err), FASA_OK);
+            ck_assert_int_eq(fasa_engine_create(e, "w", &cfg, &err), FASA_OK);
+            /* Half: every layer at once, in two requests; widened f32: layer by layer. */
+            const size_t half = (size_t)T / 2;
+            for (int part = 0; part < 2; part++) {
+                const size_t t0 = part ? half : 0, m = part ? T - half : half;
+                uint16_t *bk = test_alloc(NL * m * row * 2), *bv = test_alloc(NL * m * row * 2);
+                for (int l = 0; l < NL; l++) {
+                    memcpy(bk + l * m * row, kh + ((size_t)l * T + t0) * row, m * row * 2);
+                    memcpy(bv + l * m * row, vh + ((size_t)l * T + t0) * row, m * row * 2);
+                }
+                ck_assert_msg(fasa_engine_append_dt(e, "h", -1, (int32_t)t0, (int)m, in, bk, bv,
+                                                    &err) == FASA_OK,
+                              "%s", err.msg);
+                free(bk), free(bv);
+            }
+            for (int l = 0; l < NL; l++)
+                ck_assert_int_eq(fasa_engine_append(e, "w", l, 0, T, kw + (size_t)l * T * row,
+                                                    vw + (size_t)l * T * row, &err),
+                                 FASA_OK);
+            fasa_shard_stats sh[3], sw[3];
+            ck_assert_int_eq(fasa_engine_shard_stats(e, "h", sh, &err), FASA_OK);
+            ck_assert_int_eq(fasa_engine_shard_stats(e, "w", sw, &err), FASA_OK);
+            ck_assert_mem_eq(sh, sw, sizeof(sh));
+            const int methods[] = {FASA_METHOD_DENSE, FASA_METHOD_QUEST, FASA_METHOD_SPARQ};
+            for (int mi = 0; mi < 3; mi++)
+                for (int l = 0; l < NL; l++) {
+                    float oh[NH * D], ow[NH * D];
+                    int32_t selh[NH * 48], selw[NH * 48];
+                    fasa_attend_req req = {
+                        .layer = l, .q = q, .method = methods[mi], .gqa = -1, .max_pos = 650};
+                    ck_assert_int_eq(fasa_engine_attend(e, "h", &req, oh, selh, NULL, &err),
+                                     FASA_OK);
+                    ck_assert_int_eq(fasa_engine_attend(e, "w", &req, ow, selw, NULL, &err),
+                                     FASA_OK);
+                    ck_assert_mem_eq(oh, ow, sizeof(oh));
+                    ck_assert_mem_eq(selh, selw, sizeof(selh));
+                }
+            /* Refused, naming the value; nothing stored. */
+            uint16_t bad[2 * row];
+            memcpy(bad, kh, sizeof(bad));
+            const uint16_t nan = in == FASA_DTYPE_F16 ? 0x7e00 : 0x7fc0;
+            const uint16_t inf = in == FASA_DTYPE_F16 ? 0xfc00 : 0xff80;
+            const uint16_t big = in == FASA_DTYPE_F16 ? 0 : 0x5900;  /* bf16 2^51 */
+            const uint16_t over = in == FASA_DTYPE_F16 ? 0 : 0x4780; /* bf16 65536 */
+            const uint16_t vals[] = {nan, inf, big, over};
+            for (int b = 0; b < 4; b++) {
+                if (!vals[b] || (b == 3 && dt != FASA_DTYPE_F16)) continue;
+                memcpy(bad, kh, sizeof(bad));
+                bad[row + 5] = vals[b];
+                ck_assert_int_eq(fasa_engine_append_dt(e, "h", 0, T, 2, in, kh, bad, &err),
+                                 FASA_INVALID_ARGUMENT);
+                ck_assert_msg(strstr(err.msg, "v[") != NULL, "%s", err.msg);
+                ck_assert_msg(strstr(err.msg, b == 3 ? "overflows" : "finite") != NULL, "%s",
+                              err.msg);
+                ck_assert_int_eq(fasa_engine_length(e, "h", 0), T);
+            }
+            ck_assert_int_eq(fasa_engine_append_dt(e, "h", 0, T, 2, 7, kh, kh, &err),
+                             FASA_INVALID_ARGUMENT);
+            fasa_engine_destroy(&e);
+        }
+    }
+    free(k), free(v), free(kw), free(vw), free(q), free(kh), free(vh);
+}
+END_TEST
+
 Suite *engine_suite(void)
 {
     Suite *s = suite_create("engine");
@@ -1135,6 +1233,7 @@ Suite *engine_suite(void)
     tcase_add_test(tc, test_engine_big_group);
     tcase_add_test(tc, test_engine_memory_limit);
     tcase_add_test(tc, test_engine_dtype);
+    tcase_add_test(tc, test_engine_append_half);
     tcase_add_test(tc, test_engine_disk_tier);
     tcase_add_test(tc, test_profile_roundtrip);
     suite_add_tcase(s, tc);

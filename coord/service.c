@@ -16,6 +16,7 @@
 #include "load.h"
 #include "log.h"
 #include "scan.h"
+#include "simd.h"
 #include "snapshot.h"
 #include "wal.h"
 
@@ -187,6 +188,27 @@ static int s_wal_log(fasa_service *s, const char *id, int layer, int32_t pos0, i
              "was appended since its last snapshot is lost if the server dies",
              id, strerror(e), fe.msg);
     return -1;
+}
+
+/* s_wal_log of an append sent as dtype (n elements in each of k and v): the log holds
+ * f32, so F16 and BF16 are widened for it (exactly: a replay stores the same bits). */
+static int s_wal_log_dt(fasa_service *s, const char *id, int layer, int32_t pos0, int n, int dtype,
+                        const void *k, const void *v, size_t elems)
+{
+    if (s->wal == FASA_WAL_OFF || dtype == FASA_DTYPE_F32)
+        return s_wal_log(s, id, layer, pos0, n, k, v);
+    float *w = malloc(2 * elems * sizeof(float));
+    if (!w) { /* no room to widen: a snapshot holds the rows instead */
+        fasa_error fe;
+        if (fasa_snapshot_session(s->engine, s->state_dir, id, NULL, &fe) != FASA_OK) return -1;
+        s_rev_note(s, id);
+        return 0;
+    }
+    dtype_to_f32(SIMD_AUTO, dtype, elems, k, w);
+    dtype_to_f32(SIMD_AUTO, dtype, elems, v, w + elems);
+    const int rc = s_wal_log(s, id, layer, pos0, n, w, w + elems);
+    free(w);
+    return rc;
 }
 
 /* A snapshot of a session whose state the log cannot describe (a new one, a new profile,
@@ -464,11 +486,11 @@ static fasa_status s_append(fasa_service *s, const edge_append *a, reply *r)
                       (int)have);
     fasa_error fe;
     const fasa_status st =
-        fasa_engine_append(s->engine, a->session_id, a->layer, (int32_t)a->start_pos, (int)sh[off],
-                           a->k.data, a->v.data, &fe);
+        fasa_engine_append_dt(s->engine, a->session_id, a->layer, (int32_t)a->start_pos,
+                              (int)sh[off], a->k.dtype, a->k.raw, a->v.raw, &fe);
     if (st) return s_fail(r, st, "append: %s", fe.msg);
-    if (s_wal_log(s, a->session_id, a->layer, (int32_t)a->start_pos, (int)sh[off], a->k.data,
-                  a->v.data))
+    if (s_wal_log_dt(s, a->session_id, a->layer, (int32_t)a->start_pos, (int)sh[off], a->k.dtype,
+                     a->k.raw, a->v.raw, a->k.n))
         return s_fail(r, FASA_INTERNAL,
                       "append: applied, but neither the write-ahead log nor a snapshot could be "
                       "written in the state dir (see the server log)");
@@ -524,14 +546,17 @@ typedef struct attend_out {
     size_t out_bytes;
     int32_t kpos;     /* the layer's length before the request (for the log of k_new) */
     double decode_us; /* from the request's start to the engine call (single Attend) */
+    float *knew;      /* k_new and v_new sent as F16 or BF16, widened to f32 (exact) */
 } attend_out;
 
 static void s_attend_free(attend_out *a)
 {
     free(a->o);
     free(a->selected);
+    free(a->knew);
     a->o = NULL;
     a->selected = NULL;
+    a->knew = NULL;
 }
 
 /* reply_left: bytes the reply may still grow by; the step's outputs are charged to it. */
@@ -570,14 +595,24 @@ static fasa_status s_attend_prepare(fasa_service *s, const edge_attend *a, const
     memset(ao, 0, sizeof(*ao));
     ao->o = malloc((size_t)c->n_heads * c->head_dim * sizeof(float));
     if (a->return_selected) ao->selected = malloc((size_t)c->n_heads * budget * sizeof(int32_t));
-    if (!ao->o || (a->return_selected && !ao->selected)) {
+    const size_t kn = a->k_new.rank && a->k_new.dtype ? a->k_new.n : 0;
+    if (kn) ao->knew = malloc(2 * kn * sizeof(float));
+    if (!ao->o || (a->return_selected && !ao->selected) || (kn && !ao->knew)) {
         s_attend_free(ao);
         return s_fail(r, FASA_RESOURCE_EXHAUSTED, "%s: out of memory for the outputs", field);
     }
+    if (kn) { /* one row: widened (exactly), it is stored as the same bits as sent */
+        dtype_to_f32(SIMD_AUTO, a->k_new.dtype, kn, a->k_new.raw, ao->knew);
+        dtype_to_f32(SIMD_AUTO, a->v_new.dtype, kn, a->v_new.raw, ao->knew + kn);
+    }
     ao->req = (fasa_attend_req){.layer = a->layer,
                                 .q = a->q.data,
-                                .k_new = a->k_new.rank ? a->k_new.data : NULL,
-                                .v_new = a->v_new.rank ? a->v_new.data : NULL,
+                                .k_new = !a->k_new.rank ? NULL
+                                         : kn           ? ao->knew
+                                                        : a->k_new.data,
+                                .v_new = !a->v_new.rank ? NULL
+                                         : kn           ? ao->knew + kn
+                                                        : a->v_new.data,
                                 .method = s_method(a->method),
                                 .budget = a->budget,
                                 .gqa = s_gqa(a->gqa),

@@ -16,6 +16,14 @@ typedef shard_holdings fasa_shard_stats;
 
 #define FASA_PIPE_MAX 64 /* phases in flight at once (score_start / attend_start) */
 
+/* One run of an append: rows pos0 .. pos0 + n - 1 of a layer for one shard, k and v
+ * (n, n_kv_heads, head_dim) elements of the request's dtype. */
+typedef struct fasa_append_run {
+    int shard, layer, n;
+    int32_t pos0;
+    const void *k, *v;
+} fasa_append_run;
+
 typedef struct fasa_transport {
     void *ctx;
     int n_shards;
@@ -25,6 +33,12 @@ typedef struct fasa_transport {
     /* Appends n rows (positions pos[n], k and v (n, n_kv_heads, head_dim)) to one shard. */
     int (*append)(void *ctx, int sid, int shard, int layer, int n, const int32_t *pos,
                   const float *k, const float *v);
+    /* Optional (NULL: the engine sends f32 runs one by one through append): every run of
+     * one request, k and v of dtype (fasa_dtype), all or nothing: 0 when every shard took
+     * its runs, -1 when one failed (out of memory, or a worker error), and then no shard
+     * holds any of them (each is put back as it was, bit for bit). The shards store their
+     * runs in parallel. */
+    int (*append_runs)(void *ctx, int sid, int dtype, int n_runs, const fasa_append_run *runs);
     /* Phase 1 on every shard: cands (n_shards, units, budget), n_cands (n_shards, units). */
     int (*score)(void *ctx, int sid, const shard_step *step, topk_cand *cands, int *n_cands);
     /* Phase 2 on every shard: m, l (n_shards, n_heads), o (n_shards, n_heads, head_dim);

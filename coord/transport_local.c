@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "dtype.h"
 #include "local_merge.h"
 #include "pool.h"
 #include "transport.h"
@@ -18,6 +19,7 @@ typedef struct local_ctx {
     /* Pipelined phases run at once; their results wait here for wait(), oldest first. */
     int done[FASA_PIPE_MAX], head, len;
     fasa_pool_t *pool; /* NULL: one thread */
+    uint32_t txn;      /* append_runs: the last shard transaction's number */
 } local_ctx;
 
 static int s_session_new(void *ctx, int sid, const shard_layout *layout)
@@ -61,6 +63,35 @@ static int s_append(void *ctx, int sid, int shard, int layer, int n, const int32
 {
     local_ctx *c = ctx;
     return shard_append(c->sessions[sid][shard], layer, n, pos, k, v);
+}
+
+/* Every run, one shard after the other, under one shard transaction each (undone on every
+ * shard touched when one fails). */
+static int s_append_runs(void *ctx, int sid, int dtype, int n_runs, const fasa_append_run *runs)
+{
+    local_ctx *c = ctx;
+    if (++c->txn == 0) c->txn = 1;
+    const uint32_t txn = c->txn;
+    shard_t **sh = c->sessions[sid];
+    for (int i = 0; i < c->n_shards; i++) shard_txn_begin(sh[i], txn);
+    int rc = 0;
+    for (int i = 0; i < n_runs && !rc; i++) {
+        const fasa_append_run *r = &runs[i];
+        int32_t pos[1024];
+        for (int j = 0; j < r->n && !rc; j += 1024) {
+            const int m = r->n - j < 1024 ? r->n - j : 1024;
+            const size_t off = (size_t)j * shard_layout_of(sh[r->shard])->n_kv_heads *
+                               shard_layout_of(sh[r->shard])->head_dim * fasa_dtype_size(dtype);
+            for (int t = 0; t < m; t++) pos[t] = r->pos0 + j + t;
+            rc = shard_append_dt(sh[r->shard], r->layer, m, pos, dtype, (const char *)r->k + off,
+                                 (const char *)r->v + off);
+        }
+    }
+    for (int i = 0; i < c->n_shards; i++) {
+        if (rc) shard_txn_undo(sh[i], txn);
+        shard_txn_begin(sh[i], 0);
+    }
+    return rc;
 }
 
 /* One phase over every shard of a session: a pool task per shard. */
@@ -291,6 +322,7 @@ int fasa_transport_local_threads(fasa_transport *t, int n_shards, int n_threads)
                           .session_new = s_session_new,
                           .session_drop = s_session_drop,
                           .append = s_append,
+                          .append_runs = s_append_runs,
                           .score = s_score,
                           .attend = s_attend,
                           .shard_stats = s_shard_stats,

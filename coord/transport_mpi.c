@@ -84,6 +84,10 @@ typedef struct mpi_ctx {
     int32_t staged_pos;
     const float *staged_k, *staged_v;
     wmpi_kick kick; /* wake-ups from the workers' replies (kick.h) */
+    /* append_runs: each shard's APPEND_RUNS command, grow-only, and the transaction count */
+    uint8_t **ap_cmd;
+    size_t *ap_cap;
+    uint32_t txn;
 } mpi_ctx;
 
 /* A SCORE or ATTEND in flight: its own command and reply buffers and requests, and where
@@ -283,6 +287,168 @@ static int s_append(void *ctx, int sid, int shard, int layer, int n, const int32
             return -1;
     }
     return 0;
+}
+
+/* Sends the command c->ap_cmd[i] to every shard i with want[i] set (or, with code not 0,
+ * a bare command of that code to them), every reply receive posted first and every send
+ * at once, then waits for all: the workers work in parallel. want[i] becomes 0 where the
+ * reply was WMPI_OK. Returns 0 when every reply was WMPI_OK. */
+static int s_ap_exchange(mpi_ctx *c, int sid, const mpi_session *s, uint8_t *want, int code,
+                         uint32_t txn)
+{
+    const int S = c->n_shards;
+    int idx[S], m = 0;
+    for (int i = 0; i < S; i++)
+        if (want[i]) idx[m++] = i;
+    if (!m) return 0;
+    wmpi_cmd bare = {.magic = WMPI_MAGIC, .cmd = code, .sid = sid, .max_pos = (int32_t)txn};
+    bare.n_layers = s->n_layers, bare.n_heads = s->n_heads, bare.n_kv_heads = s->n_kv_heads;
+    bare.head_dim = s->head_dim;
+    MPI_Request *rreq = c->reqs, *sreq = c->reqs + m;
+    for (int j = 0; j < m; j++) {
+        const int i = idx[j];
+        if (s_grow(&c->reply[i], &c->reply_cap[i], sizeof(wmpi_reply))) return -1;
+    }
+    for (int j = 0; j < m; j++)
+        MPI_Irecv(c->reply[idx[j]], (int)sizeof(wmpi_reply), MPI_BYTE, idx[j] + 1, WMPI_TAG_REPLY,
+                  c->comm, &rreq[j]);
+    for (int j = 0; j < m; j++) {
+        const uint8_t *buf = code ? (const uint8_t *)&bare : c->ap_cmd[idx[j]];
+        const wmpi_cmd *h = (const wmpi_cmd *)buf;
+        MPI_Isend(buf, (int)(sizeof(wmpi_cmd) + (size_t)h->payload_bytes), MPI_BYTE, idx[j] + 1,
+                  WMPI_TAG_CMD, c->comm, &sreq[j]);
+        wmpi_kick_send(&c->kick, idx[j] + 1);
+    }
+    /* s_waitall wakes ranks s0 + 1 .. s0 + m again after its first poll: right when the
+     * shards taking part are consecutive (every shard, as a request of a block per worker
+     * or more gives); otherwise some get only the wake-up above and their own polls. */
+    const int s0 = idx[m - 1] - idx[0] == m - 1 ? idx[0] : 0;
+    if (s_waitall(2 * m, c->reqs, c->stats, &c->kick, s0)) return -1;
+    int rc = 0;
+    for (int j = 0; j < m; j++) {
+        const int i = idx[j];
+        int count = 0;
+        MPI_Get_count(&c->stats[j], MPI_BYTE, &count);
+        wmpi_reply r = {.status = WMPI_EINVAL};
+        if ((size_t)count == sizeof(r)) memcpy(&r, c->reply[i], sizeof(r));
+        const int32_t want_cmd = code ? code : WMPI_APPEND_RUNS;
+        if (r.cmd != want_cmd) r.status = WMPI_EINVAL;
+        c->status[i] = r.status;
+        if (r.status == WMPI_OK)
+            want[i] = 0;
+        else
+            rc = -1;
+    }
+    return rc;
+}
+
+/* Every run of a request as one APPEND_RUNS command per shard (more only where a shard's
+ * part is over WMPI_MAX_MSG), all posted at once; when any shard fails, APPEND_UNDO of the
+ * transaction to every shard that took part puts them all back. */
+static int s_append_runs(void *ctx, int sid, int dtype, int n_runs, const fasa_append_run *runs)
+{
+    mpi_ctx *c = ctx;
+    const mpi_session *s = s_session(c, sid);
+    if (!s || (dtype != 0 && dtype != 1 && dtype != 2)) return -1;
+    const int S = c->n_shards;
+    if (!c->ap_cmd) {
+        c->ap_cmd = calloc((size_t)S, sizeof(*c->ap_cmd));
+        c->ap_cap = calloc((size_t)S, sizeof(*c->ap_cap));
+        if (!c->ap_cmd || !c->ap_cap) {
+            free(c->ap_cmd), free(c->ap_cap);
+            c->ap_cmd = NULL, c->ap_cap = NULL;
+            return -1;
+        }
+    }
+    if (++c->txn == 0) c->txn = 1;
+    const uint32_t txn = c->txn;
+    const int64_t row = (int64_t)s->n_kv_heads * s->head_dim * (dtype ? 2 : 4);
+    const int64_t room = WMPI_MAX_MSG - (int64_t)sizeof(wmpi_cmd);
+    uint8_t touched[S], want[S];
+    memset(touched, 0, sizeof(touched));
+    int next = 0, rc = 0, split = 0; /* next: the first run (or part of it) not sent yet */
+    int64_t done_rows = 0;           /* rows of runs[next] already sent */
+    while (next < n_runs && !rc) {
+        /* One round: each shard's runs from next on, as far as one message holds. */
+        int64_t used[S];
+        int sections[S];
+        memset(want, 0, sizeof(want));
+        for (int i = 0; i < S; i++) used[i] = 0, sections[i] = 0;
+        int stop = n_runs;
+        for (int r = next; r < n_runs; r++) {
+            const int sh = runs[r].shard;
+            if (sh < 0 || sh >= S) return -1;
+            const int64_t left = runs[r].n - (r == next ? done_rows : 0);
+            if (used[sh] + (int64_t)sizeof(wmpi_run) + 2 * row * left > room) {
+                stop = r;
+                break;
+            }
+            used[sh] += (int64_t)sizeof(wmpi_run) + 2 * row * left;
+            sections[sh]++;
+        }
+        int64_t part = 0; /* rows of runs[stop] that fit after all (a run over the limit) */
+        if (stop == next) {
+            part = (room - (int64_t)sizeof(wmpi_run)) / (2 * row);
+            if (part > runs[stop].n - done_rows) part = runs[stop].n - done_rows;
+            used[runs[stop].shard] = (int64_t)sizeof(wmpi_run) + 2 * row * part;
+            sections[runs[stop].shard] = 1;
+            split = 1;
+        }
+        for (int i = 0; i < S; i++) {
+            if (!sections[i]) continue;
+            if (s_grow(&c->ap_cmd[i], &c->ap_cap[i], sizeof(wmpi_cmd) + (size_t)used[i])) {
+                rc = -1;
+                break;
+            }
+            const wmpi_cmd h = {.magic = WMPI_MAGIC,
+                                .cmd = WMPI_APPEND_RUNS,
+                                .sid = sid,
+                                .n_layers = s->n_layers,
+                                .n_heads = s->n_heads,
+                                .n_kv_heads = s->n_kv_heads,
+                                .head_dim = s->head_dim,
+                                .n = sections[i],
+                                .method = dtype,
+                                .max_pos = (int32_t)txn,
+                                .payload_bytes = used[i]};
+            memcpy(c->ap_cmd[i], &h, sizeof(h));
+            used[i] = 0; /* now the write offset */
+            want[i] = touched[i] = 1;
+        }
+        const int end = split ? next + 1 : stop;
+        for (int r = next; r < end && !rc; r++) {
+            const fasa_append_run *x = &runs[r];
+            const int64_t skip = r == next ? done_rows : 0;
+            const int64_t nr = split ? part : x->n - skip;
+            uint8_t *p = c->ap_cmd[x->shard] + sizeof(wmpi_cmd) + used[x->shard];
+            const wmpi_run hr = {x->layer, (int32_t)nr, x->pos0 + (int32_t)skip, 0};
+            memcpy(p, &hr, sizeof(hr));
+            memcpy(p + sizeof(hr), (const uint8_t *)x->k + skip * row, (size_t)(nr * row));
+            memcpy(p + sizeof(hr) + nr * row, (const uint8_t *)x->v + skip * row,
+                   (size_t)(nr * row));
+            used[x->shard] += (int64_t)sizeof(hr) + 2 * nr * row;
+        }
+        if (!rc) rc = s_ap_exchange(c, sid, s, want, 0, txn);
+        if (split) {
+            done_rows += part;
+            if (done_rows == runs[next].n) next++, done_rows = 0;
+            split = 0;
+        } else {
+            next = stop, done_rows = 0;
+        }
+    }
+    if (rc) s_ap_exchange(c, sid, s, touched, WMPI_APPEND_UNDO, txn);
+    return rc;
+}
+
+/* Tests only: shard's worker fails the nth APPEND_RUNS section from now (0: never). */
+int fasa_transport_mpi_test_fault(void *ctx, int shard, int nth)
+{
+    mpi_ctx *c = ctx;
+    if (shard < 0 || shard >= c->n_shards) return -1;
+    if (!s_cmd_begin(c, WMPI_TEST_FAULT, -1, NULL, 0)) return -1;
+    s_cmd_header(c)->n = nth;
+    return s_exchange(c, shard, shard + 1, 0);
 }
 
 /* Packs a SCORE or ATTEND header and the queries; returns the payload pointer after q.
@@ -678,6 +844,10 @@ static void s_ctx_free(mpi_ctx *c)
     if (c->ops)
         for (int i = 0; i < FASA_PIPE_MAX; i++) s_op_free(&c->ops[i], c->n_shards);
     free(c->ops);
+    if (c->ap_cmd)
+        for (int i = 0; i < c->n_shards; i++) free(c->ap_cmd[i]);
+    free(c->ap_cmd);
+    free(c->ap_cap);
     free(c);
 }
 
@@ -723,6 +893,7 @@ int fasa_transport_mpi(fasa_transport *t, MPI_Comm comm)
                           .session_new = s_session_new,
                           .session_drop = s_session_drop,
                           .append = s_append,
+                          .append_runs = s_append_runs,
                           .score = s_score,
                           .attend = s_attend,
                           .shard_stats = s_shard_stats,

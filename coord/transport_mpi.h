@@ -12,4 +12,8 @@
  * destroy() tells every worker to stop. Returns 0, or -1 when out of memory. */
 int fasa_transport_mpi(fasa_transport *t, MPI_Comm comm);
 
+/* Tests only (a fault hook): the worker of shard makes the nth APPEND_RUNS section it gets
+ * from now fail as out of memory (nth 0: never); ctx is the transport's. 0, or -1. */
+int fasa_transport_mpi_test_fault(void *ctx, int shard, int nth);
+
 #endif

@@ -47,8 +47,28 @@ int npy_write(const char *path, const char *dtype, int n_dims, const int64_t *sh
     return 0;
 }
 
+/* npy_read_f32, or with f16_ok also "<f2" (*f16_p says which). */
+static int s_read(const char *path, int f16_ok, void **data_p, int *f16_p, int *n_dims_p,
+                  int64_t *shape_p, char *err, size_t err_len);
+
 int npy_read_f32(const char *path, float **data_p, int *n_dims_p, int64_t *shape_p, char *err,
                  size_t err_len)
+{
+    int f16 = 0;
+    void *d = NULL;
+    const int rc = s_read(path, 0, &d, &f16, n_dims_p, shape_p, err, err_len);
+    *data_p = d;
+    return rc;
+}
+
+int npy_read_f32_f16(const char *path, void **data_p, int *f16_p, int *n_dims_p, int64_t *shape_p,
+                     char *err, size_t err_len)
+{
+    return s_read(path, 1, data_p, f16_p, n_dims_p, shape_p, err, err_len);
+}
+
+static int s_read(const char *path, int f16_ok, void **data_p, int *f16_p, int *n_dims_p,
+                  int64_t *shape_p, char *err, size_t err_len)
 {
     FILE *f = fopen(path, "rb");
     if (!f) {
@@ -57,7 +77,7 @@ int npy_read_f32(const char *path, float **data_p, int *n_dims_p, int64_t *shape
     }
     unsigned char pre[12];
     char *hdr = NULL;
-    float *data = NULL;
+    void *data = NULL;
     if (fread(pre, 1, 10, f) != 10 || memcmp(pre, "\x93NUMPY", 6) != 0) {
         snprintf(err, err_len, "%s: not a .npy file (bad magic)", path);
         goto fail;
@@ -73,8 +93,11 @@ int npy_read_f32(const char *path, float **data_p, int *n_dims_p, int64_t *shape
     }
     hdr = calloc(hlen + 1, 1);
     if (!hdr || fread(hdr, 1, hlen, f) != hlen) goto truncated;
-    if (!strstr(hdr, "'descr': '<f4'")) {
-        snprintf(err, err_len, "%s: dtype must be little-endian float32 ('<f4')", path);
+    const int f16 = f16_ok && strstr(hdr, "'descr': '<f2'") != NULL;
+    const size_t esz = f16 ? 2 : sizeof(float);
+    if (!f16 && !strstr(hdr, "'descr': '<f4'")) {
+        snprintf(err, err_len, "%s: dtype must be little-endian float32 ('<f4')%s", path,
+                 f16_ok ? " or float16 ('<f2')" : "");
         goto fail;
     }
     if (strstr(hdr, "'fortran_order': True")) {
@@ -102,15 +125,16 @@ int npy_read_f32(const char *path, float **data_p, int *n_dims_p, int64_t *shape
         s = end;
         while (*s == ',' || *s == ' ') s++;
     }
-    data = malloc(n ? n * sizeof(float) : 1);
+    data = malloc(n ? n * esz : 1);
     if (!data) {
-        snprintf(err, err_len, "%s: out of memory for %zu floats", path, n);
+        snprintf(err, err_len, "%s: out of memory for %zu elements", path, n);
         goto fail;
     }
-    if (fread(data, sizeof(float), n, f) != n) goto truncated;
+    if (fread(data, esz, n, f) != n) goto truncated;
     free(hdr);
     fclose(f);
     *data_p = data;
+    *f16_p = f16;
     *n_dims_p = nd;
     return 0;
 truncated:

@@ -17,5 +17,9 @@ int npy_write(const char *path, const char *dtype, int n_dims, const int64_t *sh
  * truncated data). */
 int npy_read_f32(const char *path, float **data_p, int *n_dims_p, int64_t *shape_p, char *err,
                  size_t err_len);
+/* The same for a "<f4" or "<f2" (IEEE float16) array: *f16_p is 1 for float16, whose
+ * elements (uint16_t) *data_p then holds. */
+int npy_read_f32_f16(const char *path, void **data_p, int *f16_p, int *n_dims_p, int64_t *shape_p,
+                     char *err, size_t err_len);
 
 #endif

@@ -66,6 +66,27 @@ static void s_tensor(Fasa__V1__Tensor *t, uint64_t *shape, int rank, float *data
     fuzz_fill(&s_rng, n, data, 1.0f);
 }
 
+/* A tensor of n F16 (or BF16) elements: finite values near 1 (bits from the seed). */
+static void s_tensor_half(Fasa__V1__Tensor *t, uint64_t *shape, int rank, uint16_t *data, size_t n,
+                          int bf16)
+{
+    fasa__v1__tensor__init(t);
+    t->dtype = bf16 ? FASA__V1__DTYPE__BF16 : FASA__V1__DTYPE__F16;
+    t->n_shape = (size_t)rank;
+    t->shape = shape;
+    t->data.data = (uint8_t *)data;
+    t->data.len = n * sizeof(uint16_t);
+    float f[n];
+    fuzz_fill(&s_rng, n, f, 1.0f);
+    for (size_t i = 0; i < n; i++) {
+        uint32_t b;
+        memcpy(&b, &f[i], sizeof(b));
+        /* f32 -> bf16 by truncation, or an f16 of the same sign with 10 mantissa bits. */
+        data[i] = bf16 ? (uint16_t)(b >> 16)
+                       : (uint16_t)(((b >> 16) & 0x8000u) | 0x3800u | ((b >> 13) & 0x3ffu));
+    }
+}
+
 static void s_ping(void)
 {
     Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
@@ -167,6 +188,23 @@ static void s_appends(void)
     a.session_id = "e";
     a.start_pos = 0;
     s_emit("append-empty-session", &req, 0);
+
+    /* F16 and BF16 on the wire (stored as sent where the session's dtype matches). */
+    static uint16_t kh[L * 2 * HKV * D], vh[L * 2 * HKV * D];
+    a.session_id = "d";
+    a.start_pos = N;
+    s_tensor_half(&tk, one, 3, kh, 2 * HKV * D, 0);
+    s_tensor_half(&tv, one, 3, vh, 2 * HKV * D, 0);
+    s_emit("append-layer-f16", &req, 0);
+    s_tensor(&tv, one, 3, v, 2 * HKV * D);
+    s_emit("bad-append-f16-v-f32", &req, FASA__V1__STATUS__INVALID_ARGUMENT);
+    s_tensor_half(&tv, one, 3, vh, 2 * HKV * D, 0);
+    vh[5] = 0x7e00; /* NaN */
+    s_emit("bad-append-f16-nan", &req, FASA__V1__STATUS__INVALID_ARGUMENT);
+    a.has_layer = 0;
+    s_tensor_half(&tk, all, 4, kh, L * HKV * D, 1);
+    s_tensor_half(&tv, all, 4, vh, L * HKV * D, 1);
+    s_emit("append-all-layers-bf16", &req, 0);
 }
 
 /* One Attend on session id, layer 1. */
@@ -215,6 +253,10 @@ static void s_attends(void)
     x.a.budget = 8;
     x.a.return_selected = 1;
     s_emit("attend-fasa-k-new", &x.req, 0);
+    static uint16_t knh[HKV * D], vnh[HKV * D];
+    s_tensor_half(&x.tk, x.ks, 2, knh, HKV * D, 0);
+    s_tensor_half(&x.tv, x.ks, 2, vnh, HKV * D, 0);
+    s_emit("attend-fasa-k-new-f16", &x.req, 0);
 
     s_attend_init(&x, "f", 0);
     x.a.has_budget = x.a.has_return_selected = x.a.has_max_pos = x.a.has_gqa = 1;

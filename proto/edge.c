@@ -161,14 +161,37 @@ static int s_all_finite(const float *x, uint64_t n)
 
 /* Checks a tensor: F32, rank in [rank_lo, rank_hi], a shape whose size matches the data
  * exactly (without overflow), finite values. t == NULL gives rank 0 (absent). */
+/* 1 when every f16 (exponent all ones: NaN or inf) or bf16 value is finite: one
+ * vectorisable pass over the bits. */
+static int s_all_finite_half(const uint16_t *x, uint64_t n, uint16_t exp_mask)
+{
+    uint16_t bad = 0;
+    for (uint64_t i = 0; i < n; i++) bad |= (uint16_t)((x[i] & exp_mask) == exp_mask);
+    return !bad;
+}
+
+static int s_tensor_dt(const Fasa__V1__Tensor *t, const char *field, int rank_lo, int rank_hi,
+                       int half_ok, edge_tensor *out, char *msg, size_t len);
+
 static int s_tensor(const Fasa__V1__Tensor *t, const char *field, int rank_lo, int rank_hi,
                     edge_tensor *out, char *msg, size_t len)
 {
+    return s_tensor_dt(t, field, rank_lo, rank_hi, 0, out, msg, len);
+}
+
+/* s_tensor that also takes F16 and BF16 when half_ok (append k and v, attend k_new and
+ * v_new): out->dtype and out->raw say which; out->data is then NULL. */
+static int s_tensor_dt(const Fasa__V1__Tensor *t, const char *field, int rank_lo, int rank_hi,
+                       int half_ok, edge_tensor *out, char *msg, size_t len)
+{
     memset(out, 0, sizeof(*out));
     if (!t) return s_err(msg, len, ST_INVALID, "%s is missing", field);
-    if (t->dtype != FASA__V1__DTYPE__F32)
-        return s_err(msg, len, ST_INVALID, "%s.dtype %s (%d) is not supported: send F32", field,
-                     s_dtype_name(t->dtype), (int)t->dtype);
+    const int half =
+        half_ok && (t->dtype == FASA__V1__DTYPE__F16 || t->dtype == FASA__V1__DTYPE__BF16);
+    if (t->dtype != FASA__V1__DTYPE__F32 && !half)
+        return s_err(msg, len, ST_INVALID, "%s.dtype %s (%d) is not supported: send F32%s", field,
+                     s_dtype_name(t->dtype), (int)t->dtype, half_ok ? ", F16 or BF16" : "");
+    const size_t esz = half ? 2 : sizeof(float);
     if (t->n_shape < (size_t)rank_lo || t->n_shape > (size_t)rank_hi)
         return s_err(msg, len, ST_INVALID, "%s.shape has %zu dims, expected %d%s%.0d", field,
                      t->n_shape, rank_lo, rank_hi > rank_lo ? " or " : "",
@@ -176,7 +199,7 @@ static int s_tensor(const Fasa__V1__Tensor *t, const char *field, int rank_lo, i
     /* Every dim at least 1; the product, in bytes, must equal data.len. Dims are checked
      * one at a time against what the data could hold, so the product cannot overflow. */
     uint64_t elems = 1;
-    const uint64_t have = t->data.len / sizeof(float);
+    const uint64_t have = t->data.len / esz;
     /* A 0 anywhere first: otherwise a dim before it would "claim more than 0 bytes". */
     for (size_t i = 0; i < t->n_shape; i++)
         if (t->shape[i] == 0)
@@ -197,11 +220,27 @@ static int s_tensor(const Fasa__V1__Tensor *t, const char *field, int rank_lo, i
         elems *= dim;
         out->shape[i] = (int64_t)dim;
     }
-    if (elems * sizeof(float) != t->data.len)
-        return s_err(msg, len, ST_INVALID, "%s.shape holds %llu floats but data has %zu bytes",
-                     field, (unsigned long long)elems, t->data.len);
-    if ((uintptr_t)t->data.data % sizeof(float))
+    if (elems * esz != t->data.len)
+        return s_err(msg, len, ST_INVALID, "%s.shape holds %llu %s but data has %zu bytes", field,
+                     (unsigned long long)elems, half ? "elements of 2 bytes" : "floats",
+                     t->data.len);
+    if ((uintptr_t)t->data.data % esz)
         return s_err(msg, len, ST_INTERNAL, "%s.data is not aligned", field);
+    if (half) {
+        const uint16_t *h = (const uint16_t *)(const void *)t->data.data;
+        const uint16_t em = t->dtype == FASA__V1__DTYPE__F16 ? 0x7c00u : 0x7f80u;
+        if (!s_all_finite_half(h, elems, em))
+            for (uint64_t i = 0; i < elems; i++)
+                if ((h[i] & em) == em)
+                    return s_err(msg, len, ST_INVALID, "%s[%llu] is %s", field,
+                                 (unsigned long long)i,
+                                 (h[i] & (em ^ 0x7fffu)) ? "NaN" : "infinite");
+        out->rank = (int)t->n_shape;
+        out->dtype = t->dtype == FASA__V1__DTYPE__F16 ? 1 : 2;
+        out->raw = h;
+        out->n = (size_t)elems;
+        return ST_OK;
+    }
     const float *x = (const float *)(const void *)t->data.data;
     if (!s_all_finite(x, elems))
         for (uint64_t i = 0; i < elems; i++)
@@ -210,6 +249,7 @@ static int s_tensor(const Fasa__V1__Tensor *t, const char *field, int rank_lo, i
                              isnan(x[i]) ? "NaN" : "infinite");
     out->rank = (int)t->n_shape;
     out->data = x;
+    out->raw = x;
     out->n = (size_t)elems;
     return ST_OK;
 }
@@ -314,9 +354,12 @@ static int s_append(const Fasa__V1__Append *a, edge_append *o, char *msg, size_t
         return s_err(msg, len, ST_INVALID, "append.start_pos %llu out of range [0, %d]",
                      (unsigned long long)a->start_pos, INT32_MAX);
     const int rank = a->layer < 0 ? 4 : 3;
-    if ((st = s_tensor(a->k, "append.k", rank, rank, &o->k, msg, len)) ||
-        (st = s_tensor(a->v, "append.v", rank, rank, &o->v, msg, len)))
+    if ((st = s_tensor_dt(a->k, "append.k", rank, rank, 1, &o->k, msg, len)) ||
+        (st = s_tensor_dt(a->v, "append.v", rank, rank, 1, &o->v, msg, len)))
         return st;
+    if (o->k.dtype != o->v.dtype)
+        return s_err(msg, len, ST_INVALID, "append.v.dtype %s differs from k's %s",
+                     s_dtype_name(a->v->dtype), s_dtype_name(a->k->dtype));
     for (int i = 0; i < rank; i++)
         if (o->k.shape[i] != o->v.shape[i])
             return s_err(msg, len, ST_INVALID, "append.v.shape[%d] %lld differs from k's %lld", i,
@@ -345,9 +388,12 @@ static int s_attend(const Fasa__V1__Attend *a, const char *field, edge_attend *o
         return s_err(msg, len, ST_INVALID, "%s.k_new and %s.v_new come together", field, field);
     if (a->k_new) {
         snprintf(f, sizeof(f), "%s.k_new", field);
-        if ((st = s_tensor(a->k_new, f, 2, 2, &o->k_new, msg, len))) return st;
+        if ((st = s_tensor_dt(a->k_new, f, 2, 2, 1, &o->k_new, msg, len))) return st;
         snprintf(f, sizeof(f), "%s.v_new", field);
-        if ((st = s_tensor(a->v_new, f, 2, 2, &o->v_new, msg, len))) return st;
+        if ((st = s_tensor_dt(a->v_new, f, 2, 2, 1, &o->v_new, msg, len))) return st;
+        if (o->k_new.dtype != o->v_new.dtype)
+            return s_err(msg, len, ST_INVALID, "%s.v_new.dtype %s differs from k_new's %s", field,
+                         s_dtype_name(a->v_new->dtype), s_dtype_name(a->k_new->dtype));
         if (o->k_new.shape[0] != o->v_new.shape[0] || o->k_new.shape[1] != o->v_new.shape[1])
             return s_err(msg, len, ST_INVALID, "%s.v_new.shape differs from k_new's", field);
     }

@@ -3,7 +3,8 @@
  * Every client-controlled size is bounded before anything is allocated: the message length
  * (checked before unpacking), the memory protobuf-c may use while unpacking (a bounded
  * allocator), and after decoding every count, dimension and string. Tensors must be F32
- * (I32 never comes from clients), with a shape whose element count matches the bytes, and
+ * (append k and v and attend k_new and v_new may also be F16 or BF16; I32 never comes from
+ * clients), with a shape whose element count matches the bytes, and
  * finite values. Checks that need a session's geometry (shapes against the session, the
  * next position of an append) belong to the service, which has the session.
  *
@@ -49,8 +50,12 @@ typedef enum edge_kind {
 typedef struct edge_tensor {
     int rank;
     int64_t shape[4];
-    const float *data;
-    size_t n; /* elements */
+    const float *data; /* F32 only (NULL for F16 and BF16) */
+    size_t n;          /* elements */
+    /* Where a tensor may also be F16 or BF16 (append k and v, attend k_new and v_new):
+     * its fasa_dtype (0 f32, 1 f16, 2 bf16) and elements (aligned for it, finite). */
+    int dtype;
+    const void *raw;
 } edge_tensor;
 
 /* Options use the proto's enum numbers; 0 = unspecified (the session's default). */

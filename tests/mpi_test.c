@@ -29,6 +29,7 @@
 #include "qkv.h"
 #include "snapshot.h"
 #include "scan.h"
+#include "simd.h"
 #include "test_util.h"
 #include "transport_mpi.h"
 #include "worker_mpi.h"
@@ -79,6 +80,13 @@ static int s_c_append(void *ctx, int sid, int shard, int layer, int n, const int
     counted *c = ctx;
     c->ops++;
     return c->inner.append(c->inner.ctx, sid, shard, layer, n, pos, k, v);
+}
+
+static int s_c_append_runs(void *ctx, int sid, int dtype, int n_runs, const fasa_append_run *runs)
+{
+    counted *c = ctx;
+    c->ops++;
+    return c->inner.append_runs(c->inner.ctx, sid, dtype, n_runs, runs);
 }
 
 static int s_c_score(void *ctx, int sid, const shard_step *st, topk_cand *cands, int *n_cands)
@@ -1193,6 +1201,117 @@ START_TEST(test_mpi_snapshot)
 }
 END_TEST
 
+/* Every shard's rows and bytes of session id on the MPI engine equal loc's (the capacity
+ * a failed append grew may stay allocated, so alloc_bytes is not compared). */
+static void s_held_agree(fasa_engine_t *loc, const char *id)
+{
+    fasa_shard_stats got[s_n_workers], want[s_n_workers];
+    fasa_error err;
+    ck_assert_msg(fasa_engine_shard_stats(s_mpi, id, got, &err) == FASA_OK, "%s", err.msg);
+    ck_assert_msg(fasa_engine_shard_stats(loc, id, want, &err) == FASA_OK, "%s", err.msg);
+    for (int i = 0; i < s_n_workers; i++) {
+        ck_assert_int_eq(got[i].tokens, want[i].tokens);
+        ck_assert_int_eq(got[i].rows, want[i].rows);
+        ck_assert_int_eq(got[i].kdom_bytes, want[i].kdom_bytes);
+        ck_assert_int_eq(got[i].krest_bytes, want[i].krest_bytes);
+        ck_assert_int_eq(got[i].v_bytes, want[i].v_bytes);
+    }
+}
+
+/* A quest step (page bounds) of every layer at the last position, no k_new, on both. */
+static void s_steps_agree(fasa_engine_t *loc, const char *id, const replay *c, int t)
+{
+    replay_out om = {.n_att = 1}, ol = {.n_att = 1};
+    om.out = test_alloc((size_t)c->nh * c->d * sizeof(float));
+    ol.out = test_alloc((size_t)c->nh * c->d * sizeof(float));
+    om.sel = test_alloc((size_t)c->nh * c->budget * sizeof(int32_t));
+    ol.sel = test_alloc((size_t)c->nh * c->budget * sizeof(int32_t));
+    om.bytes = test_alloc(sizeof(int64_t));
+    ol.bytes = test_alloc(sizeof(int64_t));
+    for (int l = 0; l < c->nl; l++) {
+        s_attend(s_mpi, id, c, l, t, 0, -1, &om, 0);
+        s_attend(loc, id, c, l, t, 0, -1, &ol, 0);
+        ck_assert_mem_eq(om.out, ol.out, (size_t)c->nh * c->d * sizeof(float));
+        ck_assert_mem_eq(om.sel, ol.sel, (size_t)c->nh * c->budget * sizeof(int32_t));
+        ck_assert_int_eq(om.bytes[0], ol.bytes[0]);
+    }
+    s_out_cleanup(&om);
+    s_out_cleanup(&ol);
+}
+
+/* (j) Atomic appends: an append of every layer that fails on one worker part-way (the
+ * test fault hook: its 1st, 2nd or 3rd run of the request fails as out of memory, after the
+ * runs before it were stored and while the other workers store theirs) leaves no row on
+ * any shard: every layer's length, every shard's rows and bytes, and quest steps (page
+ * bounds included) equal those of an in-process engine that never got it. Then the same
+ * rows go in (f32, and f16 for the next ones) and the two still agree. */
+START_TEST(test_mpi_atomic_append)
+{
+    enum { NL = 2, NH = 4, NKV = 2, D = 16, T = 1300, P0 = 200, N = 500 };
+    dataset ds;
+    s_data_init(&ds, NL, NH, NKV, D, T, 47);
+    replay c = s_replay_of(&ds, NH, NKV, D, T);
+    c.method = FASA_METHOD_QUEST;
+    c.budget = 64;
+    fasa_engine_t *loc = fasa_engine_new(s_n_workers, MPI_TEST_BLOCK);
+    ck_assert_ptr_nonnull(loc);
+    s_create(s_mpi, "at", &c);
+    s_create(loc, "at", &c);
+    for (int l = 0; l < NL; l++) {
+        s_append(s_mpi, "at", &c, l, 0, P0);
+        s_append(loc, "at", &c, l, 0, P0);
+    }
+    const size_t row = (size_t)NKV * D;
+    float *k = test_alloc((size_t)NL * N * row * 4), *v = test_alloc((size_t)NL * N * row * 4);
+    uint16_t *kh = test_alloc((size_t)NL * N * row * 2), *vh = test_alloc((size_t)NL * N * row * 2);
+    fasa_error err;
+    for (int fault = 1; fault <= 3; fault++) {
+        for (int l = 0; l < NL; l++) {
+            memcpy(k + (size_t)l * N * row, ds.k[l] + (size_t)P0 * row, N * row * 4);
+            memcpy(v + (size_t)l * N * row, ds.v[l] + (size_t)P0 * row, N * row * 4);
+        }
+        ck_assert_int_eq(fasa_transport_mpi_test_fault(s_counted.inner.ctx, s_n_workers - 1, fault),
+                         0);
+        ck_assert_int_eq(fasa_engine_append(s_mpi, "at", -1, P0, N, k, v, &err),
+                         FASA_RESOURCE_EXHAUSTED);
+        ck_assert_msg(strstr(err.msg, "nothing was stored"), "%s", err.msg);
+        for (int l = 0; l < NL; l++) ck_assert_int_eq(fasa_engine_length(s_mpi, "at", l), P0);
+        s_held_agree(loc, "at");
+        s_steps_agree(loc, "at", &c, P0 - 1);
+    }
+    ck_assert_int_eq(fasa_transport_mpi_test_fault(s_counted.inner.ctx, s_n_workers - 1, 0), 0);
+    ck_assert_int_eq(fasa_engine_append(s_mpi, "at", -1, P0, N, k, v, &err), FASA_OK);
+    ck_assert_int_eq(fasa_engine_append(loc, "at", -1, P0, N, k, v, &err), FASA_OK);
+    s_held_agree(loc, "at");
+    s_steps_agree(loc, "at", &c, P0 + N - 1);
+    /* The next rows as f16 on the wire (the data rounded to f16 first on both). */
+    for (int l = 0; l < NL; l++) {
+        dtype_from_f32(SIMD_PORTABLE, FASA_DTYPE_F16, N * row, ds.k[l] + (size_t)(P0 + N) * row,
+                       kh + (size_t)l * N * row);
+        dtype_from_f32(SIMD_PORTABLE, FASA_DTYPE_F16, N * row, ds.v[l] + (size_t)(P0 + N) * row,
+                       vh + (size_t)l * N * row);
+    }
+    ck_assert_int_eq(fasa_transport_mpi_test_fault(s_counted.inner.ctx, 0, 2), 0);
+    ck_assert_int_eq(
+        fasa_engine_append_dt(s_mpi, "at", -1, P0 + N, N, FASA_DTYPE_F16, kh, vh, &err),
+        FASA_RESOURCE_EXHAUSTED);
+    s_held_agree(loc, "at");
+    ck_assert_int_eq(fasa_transport_mpi_test_fault(s_counted.inner.ctx, 0, 0), 0);
+    for (fasa_engine_t *e = s_mpi;; e = loc) {
+        ck_assert_msg(fasa_engine_append_dt(e, "at", -1, P0 + N, N, FASA_DTYPE_F16, kh, vh, &err) ==
+                          FASA_OK,
+                      "%s", err.msg);
+        if (e == loc) break;
+    }
+    s_held_agree(loc, "at");
+    s_steps_agree(loc, "at", &c, P0 + 2 * N - 1);
+    ck_assert_int_eq(fasa_engine_drop(s_mpi, "at", &err), FASA_OK);
+    fasa_engine_destroy(&loc);
+    free(k), free(v), free(kh), free(vh);
+    s_data_cleanup(&ds);
+}
+END_TEST
+
 static Suite *s_mpi_suite(void)
 {
     Suite *s = suite_create("mpi_transport");
@@ -1207,6 +1326,7 @@ static Suite *s_mpi_suite(void)
     tcase_add_test(tc, test_mpi_stats);
     tcase_add_test(tc, test_mpi_bad_commands);
     tcase_add_test(tc, test_mpi_snapshot);
+    tcase_add_test(tc, test_mpi_atomic_append);
     suite_add_tcase(s, tc);
     return s;
 }
@@ -1223,6 +1343,7 @@ static int s_run_suite(void)
                               .session_new = s_c_session_new,
                               .session_drop = s_c_session_drop,
                               .append = s_c_append,
+                              .append_runs = s_c_append_runs,
                               .score = s_c_score,
                               .attend = s_c_attend,
                               .shard_stats = s_c_shard_stats,

@@ -30,8 +30,19 @@ typedef struct kv_chunk {
      * KV head's krest and v, and its size. NULL in RAM. */
     void *map;
     size_t map_bytes;
-    int cap; /* rows allocated in kdom, krest and v (s_chunk_cap): a chunk grows as it fills */
+    int cap;    /* rows allocated in kdom, krest and v (s_chunk_cap): a chunk grows as it fills */
+    int pooled; /* its arrays live in the shard's arena (s_chunk_full): not freed one by one */
 } kv_chunk;
+
+/* A shard's arena of full chunks: 2 MiB-aligned anonymous mappings asked for transparent
+ * huge pages, carved front to back and unmapped with the shard. On a machine where a fresh
+ * 4 KiB page costs microseconds to fault in, that is most of what storing a row costs. */
+typedef struct s_arena {
+    struct s_arena *next;
+    size_t size, used; /* bytes mapped (the header included) and handed out */
+} s_arena;
+#define SHARD_ARENA_BYTES ((size_t)32 << 20)
+#define SHARD_HUGE_PAGE ((size_t)2 << 20)
 
 typedef struct layer_store {
     int n_rows;        /* rows held */
@@ -53,10 +64,22 @@ typedef struct layer_store {
      * brought up to date by the plus steps (s_plus_vk), allocated by the first. */
     double *vk;
     int *vk_rows; /* (n_kv_heads) */
+    /* The page bounds and the two sums are brought up to date lazily (s_sums_catch_up, by
+     * the first step that reads them): they hold rows 0 .. sums_rows - 1, the last of them
+     * on page sums_page. Appends only store rows and list their pages. */
+    int sums_rows, sums_page;
+    /* shard_txn_begin: the layer as it was before the transaction's first append to it
+     * (mark_txn): its rows, pages, the last page's bounds and the two sums. */
+    uint32_t mark_txn;
+    int mark_rows, mark_pages, mark_sums_rows, mark_sums_page;
+    float *mark_bound; /* (n_kv_heads, 2, head_dim) */
+    double *mark_sum;  /* (2, n_kv_heads, head_dim) vsum then ksum */
 } layer_store;
 
 struct shard {
     shard_layout lay;
+    uint32_t txn;        /* shard_txn_begin's transaction, 0: none */
+    s_arena *arena;      /* newest first */
     layer_store *layers; /* (n_layers) */
     /* Per-step state and grow-only scratch; the hot path allocates only on growth. */
     topk_cand *kept; /* (units, kept_budget) candidates of the last shard_score */
@@ -285,7 +308,7 @@ void shard_destroy(shard_t **shard_p)
     for (int l = 0; l < s->lay.n_layers; l++) {
         layer_store *ls = &s->layers[l];
         for (int c = 0; c < ls->n_chunks; c++) {
-            for (int g = 0; g < s->lay.n_kv_heads; g++) {
+            for (int g = 0; g < s->lay.n_kv_heads && !ls->chunks[c][0].pooled; g++) {
                 free(ls->chunks[c][g].kdom);
                 free(ls->chunks[c][g].ksc);
                 free(ls->chunks[c][g].kscale);
@@ -305,6 +328,13 @@ void shard_destroy(shard_t **shard_p)
         free(ls->ksum);
         free(ls->vk);
         free(ls->vk_rows);
+        free(ls->mark_bound);
+        free(ls->mark_sum);
+    }
+    while (s->arena) {
+        s_arena *next = s->arena->next;
+        munmap(s->arena, s->arena->size);
+        s->arena = next;
     }
     free(s->layers);
     free(s->kept);
@@ -455,6 +485,93 @@ fail:
     return NULL;
 }
 
+/* bytes (a multiple of 64) of zeroed memory from the shard's arena; NULL when out of
+ * memory. */
+static void *s_pool_get(shard_t *s, size_t bytes)
+{
+    s_arena *a = s->arena;
+    if (!a || a->size - a->used < bytes) {
+        size_t size = bytes + 64 > SHARD_ARENA_BYTES ? bytes + 64 : SHARD_ARENA_BYTES;
+        size = (size + SHARD_HUGE_PAGE - 1) / SHARD_HUGE_PAGE * SHARD_HUGE_PAGE;
+        char *m = mmap(NULL, size + SHARD_HUGE_PAGE, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) return NULL;
+        char *b = (char *)(((uintptr_t)m + SHARD_HUGE_PAGE - 1) & ~(SHARD_HUGE_PAGE - 1));
+        if (b > m) munmap(m, (size_t)(b - m));
+        if (b + size < m + size + SHARD_HUGE_PAGE)
+            munmap(b + size, (size_t)(m + size + SHARD_HUGE_PAGE - (b + size)));
+        madvise(b, size, MADV_HUGEPAGE);
+        a = (s_arena *)(void *)b;
+        a->next = s->arena;
+        a->size = size;
+        a->used = 64;
+        s->arena = a;
+    }
+    void *p = (char *)a + a->used;
+    a->used += bytes;
+    return p;
+}
+
+static size_t s_up64(size_t x)
+{
+    return (x + 63) / 64 * 64;
+}
+
+/* A RAM chunk at its full SHARD_CHUNK rows, its arrays in the arena: a new one (old NULL)
+ * or old grown, its rows copied and its heap arrays freed. NULL (old unchanged) when out
+ * of memory. */
+static kv_chunk *s_chunk_full(shard_t *s, int layer, kv_chunk *old)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads;
+    const size_t C = SHARD_CHUNK, esz = s_esz(s);
+    kv_chunk *ch = old ? old : calloc((size_t)hkv, sizeof(*ch));
+    if (!ch) return NULL;
+    size_t total = 0;
+    for (int g = 0; g < hkv; g++) {
+        const size_t u = (size_t)lay->n_dom[layer * hkv + g];
+        total += s_up64(C * (u ? u : 1) * esz) + s_up64(C * (d - u ? d - u : 1) * esz) +
+                 s_up64(C * d * esz) + s_up64(s_ksc_bytes(lay, (int)u, C));
+    }
+    char *m = s_pool_get(s, total);
+    if (!m) {
+        if (!old) free(ch);
+        return NULL;
+    }
+    for (int g = 0; g < hkv; g++) {
+        const size_t u = (size_t)lay->n_dom[layer * hkv + g], cap = old ? (size_t)ch[g].cap : 0;
+        const size_t wk = (u ? u : 1) * esz, wr = (d - u ? d - u : 1) * esz, wv = (size_t)d * esz;
+        char *kd = m, *kr = kd + s_up64(C * wk), *vv = kr + s_up64(C * wr);
+        char *sc = vv + s_up64(C * wv);
+        m = sc + s_up64(s_ksc_bytes(lay, (int)u, C));
+        const size_t tb = s_sep(lay) ? scan_tile_bytes(s_sd(lay), u ? (int)u : 1) : 0;
+        float *ks =
+            s_sep(lay) && s_sd(lay) == SCAN_I8 ? (float *)(void *)(sc + C / SCORE_TILE * tb) : NULL;
+        if (old) {
+            memcpy(kd, ch[g].kdom, cap * wk);
+            memcpy(kr, ch[g].krest, cap * wr);
+            memcpy(vv, ch[g].v, cap * wv);
+            if (ch[g].ksc) memcpy(sc, ch[g].ksc, cap / SCORE_TILE * tb);
+            if (ch[g].kscale) memcpy(ks, ch[g].kscale, cap * sizeof(float));
+            free(ch[g].kdom);
+            free(ch[g].krest);
+            free(ch[g].v);
+            free(ch[g].ksc);
+            free(ch[g].kscale);
+        }
+        ch[g].kdom = kd;
+        ch[g].krest = kr;
+        ch[g].v = vv;
+        ch[g].ksc = s_sep(lay) ? sc : NULL;
+        ch[g].kscale = ks;
+        ch[g].cap = (int)C;
+        ch[g].pooled = 1;
+    }
+    return ch;
+}
+
+static void s_sums_catch_up(shard_t *s, int layer);
+
 /* Pages that n new rows at pos[n] (ascending) would start in a layer. */
 static int s_new_pages(const layer_store *ls, int n, const int32_t *pos)
 {
@@ -516,21 +633,28 @@ static int s_reserve(shard_t *s, int layer, int n, const int32_t *pos)
     for (int c = ls->n_rows / SHARD_CHUNK; c < need_chunks; c++) {
         const int64_t in_chunk = need_rows - (int64_t)c * SHARD_CHUNK;
         const int want = s_chunk_cap(in_chunk < SHARD_CHUNK ? in_chunk : SHARD_CHUNK);
+        const int full = want == SHARD_CHUNK && s->lay.tier == SHARD_TIER_RAM;
         if (c < ls->n_chunks) {
-            if (s_chunk_grow(&s->lay, layer, ls->chunks[c], want)) return -1;
+            if (full && ls->chunks[c][0].cap < SHARD_CHUNK) {
+                if (!s_chunk_full(s, layer, ls->chunks[c])) return -1;
+            } else if (s_chunk_grow(&s->lay, layer, ls->chunks[c], want)) {
+                return -1;
+            }
             continue;
         }
-        kv_chunk *ch = s_chunk_new(&s->lay, layer, want);
+        kv_chunk *ch = full ? s_chunk_full(s, layer, NULL) : s_chunk_new(&s->lay, layer, want);
         if (!ch) return -1;
         ls->chunks[ls->n_chunks++] = ch;
     }
     return 0;
 }
 
-int shard_append(shard_t *s, int layer, int n, const int32_t *pos, const float *k, const float *v)
+int shard_append_naive(shard_t *s, int layer, int n, const int32_t *pos, const float *k,
+                       const float *v)
 {
     if (n <= 0) return 0;
     if (s_reserve(s, layer, n, pos)) return -1;
+    s_sums_catch_up(s, layer); /* the reference keeps them up to date on every append */
     const shard_layout *lay = &s->lay;
     const int d = lay->head_dim, hkv = lay->n_kv_heads, dt = lay->dtype;
     layer_store *ls = &s->layers[layer];
@@ -597,7 +721,246 @@ int shard_append(shard_t *s, int layer, int n, const int32_t *pos, const float *
          c <= (ls->n_rows + n - 1) / SHARD_CHUNK && ls->chunks[c][0].map; c++)
         madvise(ls->chunks[c][0].map, ls->chunks[c][0].map_bytes, MADV_DONTNEED);
     ls->n_rows += n;
+    ls->sums_rows = ls->n_rows;
+    ls->sums_page = ls->n_pages - 1;
     return 0;
+}
+
+/* Under a transaction, the layer's state before its first append in it (shard_txn_begin). */
+static int s_mark(shard_t *s, int layer)
+{
+    layer_store *ls = &s->layers[layer];
+    if (!s->txn || ls->mark_txn == s->txn) return 0;
+    const size_t kd = (size_t)s->lay.n_kv_heads * s->lay.head_dim;
+    if (!ls->mark_bound && !(ls->mark_bound = malloc(2 * kd * sizeof(float)))) return -1;
+    if (!ls->mark_sum && !(ls->mark_sum = malloc(2 * kd * sizeof(double)))) return -1;
+    ls->mark_txn = s->txn;
+    ls->mark_rows = ls->n_rows;
+    ls->mark_pages = ls->n_pages;
+    ls->mark_sums_rows = ls->sums_rows;
+    ls->mark_sums_page = ls->sums_page;
+    if (ls->n_pages)
+        memcpy(ls->mark_bound, ls->pbound + (size_t)(ls->n_pages - 1) * 2 * kd,
+               2 * kd * sizeof(float));
+    memcpy(ls->mark_sum, ls->vsum, kd * sizeof(double));
+    memcpy(ls->mark_sum + kd, ls->ksum, kd * sizeof(double));
+    return 0;
+}
+
+void shard_txn_begin(shard_t *s, uint32_t txn)
+{
+    s->txn = txn;
+}
+
+/* Rows [row0, row1) of a layer back to what a fresh store holds there: zero key tiles,
+ * scoring copy and krest (the padding of a partial tile must score as zeros). */
+static void s_rows_clear(shard_t *s, int layer, int row0, int row1)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads;
+    const size_t esz = s_esz(s);
+    layer_store *ls = &s->layers[layer];
+    float zero[d];
+    memset(zero, 0, sizeof(zero));
+    for (int r = row0; r < row1; r++) {
+        kv_chunk *ch = ls->chunks[r / SHARD_CHUNK];
+        const int rr = r % SHARD_CHUNK, tile = rr / SCORE_TILE, lane = rr % SCORE_TILE;
+        for (int g = 0; g < hkv; g++) {
+            const int u = lay->n_dom[layer * hkv + g];
+            char *kd = (char *)ch[g].kdom + ((size_t)tile * u * SCORE_TILE + lane) * esz;
+            for (int p = 0; p < u; p++) memset(kd + (size_t)p * SCORE_TILE * esz, 0, esz);
+            if (ch[g].ksc) {
+                scan_pack_row(s_sd(lay), u, zero, ch[g].ksc, ch[g].kscale, rr);
+                if (ch[g].kscale) ch[g].kscale[rr] = 0.0f;
+            }
+            if (!ch[0].map) memset(s_at(s, ch[g].krest, (size_t)rr * (d - u)), 0, (d - u) * esz);
+        }
+    }
+}
+
+void shard_txn_undo(shard_t *s, uint32_t txn)
+{
+    const size_t kd = (size_t)s->lay.n_kv_heads * s->lay.head_dim;
+    for (int l = 0; txn && l < s->lay.n_layers; l++) {
+        layer_store *ls = &s->layers[l];
+        if (ls->mark_txn != txn) continue;
+        s_rows_clear(s, l, ls->mark_rows, ls->n_rows);
+        ls->n_rows = ls->mark_rows;
+        ls->n_pages = ls->mark_pages;
+        ls->sums_rows = ls->mark_sums_rows;
+        ls->sums_page = ls->mark_sums_page;
+        if (ls->n_pages)
+            memcpy(ls->pbound + (size_t)(ls->n_pages - 1) * 2 * kd, ls->mark_bound,
+                   2 * kd * sizeof(float));
+        memcpy(ls->vsum, ls->mark_sum, kd * sizeof(double));
+        memcpy(ls->ksum, ls->mark_sum + kd, kd * sizeof(double));
+        ls->mark_txn = 0;
+    }
+}
+
+/* Converts n elements of dtype from to dtype to (f16 <-> bf16 through an exact f32
+ * widening, then one rounding, as an f32 append of the widened values would). */
+static void s_convert(int from, int to, size_t n, const void *src, void *dst, float *tmp)
+{
+    if (from == to)
+        memcpy(dst, src, n * fasa_dtype_size(to));
+    else if (from == FASA_DTYPE_F32)
+        dtype_from_f32(SIMD_AUTO, to, n, src, dst);
+    else if (to == FASA_DTYPE_F32)
+        dtype_to_f32(SIMD_AUTO, from, n, src, dst);
+    else {
+        dtype_to_f32(SIMD_AUTO, from, n, src, tmp);
+        dtype_from_f32(SIMD_AUTO, to, n, tmp, dst);
+    }
+}
+
+/* sum[c] += x[c] in double, and the running page bounds: vectorisable loops. */
+static void s_sum(int n, double *restrict sum, const float *restrict x)
+{
+    for (int c = 0; c < n; c++) sum[c] += x[c];
+}
+
+static void s_bounds(int n, float *restrict mn, float *restrict mx, const float *restrict x)
+{
+    /* x < m ? x : m keeps m on ties (+0 against -0), as the reference's strict compares. */
+    for (int c = 0; c < n; c++) mn[c] = x[c] < mn[c] ? x[c] : mn[c];
+    for (int c = 0; c < n; c++) mx[c] = x[c] > mx[c] ? x[c] : mx[c];
+}
+
+int shard_append_dt(shard_t *s, int layer, int n, const int32_t *pos, int in_dt, const void *k,
+                    const void *v)
+{
+    if (n <= 0) return 0;
+    if (!fasa_dtype_size(in_dt)) return -1;
+    if (s_reserve(s, layer, n, pos) || s_mark(s, layer)) return -1;
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads, dt = lay->dtype;
+    const size_t row = (size_t)hkv * d, ein = fasa_dtype_size(in_dt);
+    layer_store *ls = &s->layers[layer];
+    /* Per row: the key row in the stored dtype (the input itself when the dtypes match, else
+     * converted once), as f32 only where an f32 store or a scoring copy needs it; per KV
+     * head the permuted stored elements, copied into the tiles and krest. The page bounds
+     * and sums wait for the first step that reads them (s_sums_catch_up). */
+    float kpf[d], tmpf[d];
+    uint16_t kp16[d];
+    for (int i = 0; i < n; i++) {
+        const int r = ls->n_rows + i;
+        kv_chunk *ch = ls->chunks[r / SHARD_CHUNK];
+        const int rr = r % SHARD_CHUNK, tile = rr / SCORE_TILE, lane = rr % SCORE_TILE;
+        const char *kin = (const char *)k + (size_t)i * row * ein;
+        const char *vin = (const char *)v + (size_t)i * row * ein;
+        const void *ks; /* row elements of dt */
+        const float *kf = s->rowf;
+        if (dt == FASA_DTYPE_F32) {
+            if (in_dt == FASA_DTYPE_F32)
+                kf = (const float *)kin;
+            else
+                dtype_to_f32(SIMD_AUTO, in_dt, row, kin, s->rowf);
+            ks = kf;
+        } else {
+            if (in_dt == dt)
+                ks = kin;
+            else
+                s_convert(in_dt, dt, row, kin, s->rowh, s->rowf), ks = s->rowh;
+            if (s_sep(lay)) dtype_to_f32(SIMD_AUTO, dt, row, ks, s->rowf);
+        }
+        for (int g = 0; g < hkv; g++) {
+            const int u = lay->n_dom[layer * hkv + g];
+            const int *perm = lay->perm + ((size_t)layer * hkv + g) * d;
+            const float *kr = kf + (size_t)g * d;
+            const size_t kd0 = (size_t)tile * u * SCORE_TILE + lane;
+            if (dt == FASA_DTYPE_F32 || ch[g].ksc)
+                for (int p = 0; p < d; p++) kpf[p] = kr[perm[p]];
+            if (ch[g].ksc) scan_pack_row(s_sd(lay), u, kpf, ch[g].ksc, ch[g].kscale, rr);
+            if (dt == FASA_DTYPE_F32) {
+                float *kd = (float *)ch[g].kdom + kd0;
+                for (int p = 0; p < u; p++) kd[(size_t)p * SCORE_TILE] = kpf[p];
+                memcpy((float *)ch[g].krest + (size_t)rr * (d - u), kpf + u,
+                       (size_t)(d - u) * sizeof(float));
+            } else {
+                const uint16_t *kh = (const uint16_t *)ks + (size_t)g * d;
+                for (int p = 0; p < d; p++) kp16[p] = kh[perm[p]];
+                uint16_t *kd = (uint16_t *)ch[g].kdom + kd0;
+                for (int p = 0; p < u; p++) kd[(size_t)p * SCORE_TILE] = kp16[p];
+                memcpy((uint16_t *)ch[g].krest + (size_t)rr * (d - u), kp16 + u,
+                       (size_t)(d - u) * sizeof(uint16_t));
+            }
+            void *vdst = s_at(s, ch[g].v, (size_t)rr * d);
+            s_convert(in_dt, dt, (size_t)d, vin + (size_t)g * d * ein, vdst, tmpf);
+        }
+        ls->pos[r] = pos[i];
+        const int32_t pp = pos[i] - pos[i] % SHARD_QUEST_PAGE;
+        if (ls->n_pages == 0 || ls->page_pos[ls->n_pages - 1] != pp) {
+            ls->page_pos[ls->n_pages] = pp;
+            ls->page_row0[ls->n_pages] = r;
+            ls->n_pages++;
+        }
+    }
+    for (int c = ls->n_rows / SHARD_CHUNK;
+         c <= (ls->n_rows + n - 1) / SHARD_CHUNK && ls->chunks[c][0].map; c++)
+        madvise(ls->chunks[c][0].map, ls->chunks[c][0].map_bytes, MADV_DONTNEED);
+    ls->n_rows += n;
+    return 0;
+}
+
+int shard_append(shard_t *s, int layer, int n, const int32_t *pos, const float *k, const float *v)
+{
+    return shard_append_dt(s, layer, n, pos, FASA_DTYPE_F32, k, v);
+}
+
+/* 1 when bytes bytes at a and b are equal (none are always). */
+static int s_mem_eq(const void *a, const void *b, size_t bytes)
+{
+    return bytes == 0 || (a && b && memcmp(a, b, bytes) == 0);
+}
+
+int shard_store_equal(shard_t *a, shard_t *b)
+{
+    for (int l = 0; l < a->lay.n_layers && l < b->lay.n_layers; l++) {
+        s_sums_catch_up(a, l);
+        s_sums_catch_up(b, l);
+    }
+    const shard_layout *la = &a->lay, *lb = &b->lay;
+    if (la->n_layers != lb->n_layers || la->n_kv_heads != lb->n_kv_heads ||
+        la->head_dim != lb->head_dim || la->dtype != lb->dtype ||
+        la->score_dtype != lb->score_dtype)
+        return 0;
+    const int d = la->head_dim, hkv = la->n_kv_heads;
+    const size_t esz = s_esz(a);
+    for (int l = 0; l < la->n_layers; l++) {
+        const layer_store *x = &a->layers[l], *y = &b->layers[l];
+        if (x->n_rows != y->n_rows || x->n_pages != y->n_pages) return 0;
+        if (!s_mem_eq(x->pos, y->pos, (size_t)x->n_rows * sizeof(int32_t)) ||
+            !s_mem_eq(x->page_pos, y->page_pos, (size_t)x->n_pages * sizeof(int32_t)) ||
+            !s_mem_eq(x->page_row0, y->page_row0, (size_t)x->n_pages * sizeof(int)) ||
+            !s_mem_eq(x->pbound, y->pbound, (size_t)x->n_pages * hkv * 2 * d * sizeof(float)))
+            return 0;
+        if (x->n_rows && (!s_mem_eq(x->vsum, y->vsum, (size_t)hkv * d * sizeof(double)) ||
+                          !s_mem_eq(x->ksum, y->ksum, (size_t)hkv * d * sizeof(double))))
+            return 0;
+        for (int c = 0; c * SHARD_CHUNK < x->n_rows; c++) {
+            const int rows = x->n_rows - c * SHARD_CHUNK < SHARD_CHUNK ? x->n_rows - c * SHARD_CHUNK
+                                                                       : SHARD_CHUNK;
+            const size_t tiles = ((size_t)rows + SCORE_TILE - 1) / SCORE_TILE;
+            for (int g = 0; g < hkv; g++) {
+                const kv_chunk *p = &x->chunks[c][g], *q = &y->chunks[c][g];
+                const int u = la->n_dom[l * hkv + g];
+                if (u != lb->n_dom[l * hkv + g] ||
+                    memcmp(la->perm + ((size_t)l * hkv + g) * d,
+                           lb->perm + ((size_t)l * hkv + g) * d, (size_t)d * sizeof(int)))
+                    return 0;
+                if (!s_mem_eq(p->kdom, q->kdom, tiles * SCORE_TILE * u * esz) ||
+                    !s_mem_eq(p->krest, q->krest, (size_t)rows * (d - u) * esz) ||
+                    !s_mem_eq(p->v, q->v, (size_t)rows * d * esz) ||
+                    !s_mem_eq(p->ksc, q->ksc,
+                              s_ksc_bytes(la, u, tiles * SCORE_TILE) -
+                                  (s_sd(la) == SCAN_I8 ? tiles * SCORE_TILE * 4 : 0)) ||
+                    !s_mem_eq(p->kscale, q->kscale, p->kscale ? (size_t)rows * sizeof(float) : 0))
+                    return 0;
+            }
+        }
+    }
+    return 1;
 }
 
 const shard_layout *shard_layout_of(const shard_t *s)
@@ -739,6 +1102,41 @@ static void s_row_key(const shard_t *s, int layer, int g, int r, float *out)
     const size_t kx0 = (size_t)rr * (d - u);
     for (int p = 0; p < u; p++) out[perm[p]] = s_get(dt, ch->kdom, kd0 + (size_t)p * SCORE_TILE);
     for (int p = u; p < d; p++) out[perm[p]] = s_get(dt, ch->krest, kx0 + (size_t)(p - u));
+}
+
+/* Brings a layer's page bounds and value and key sums up to its rows, from the stored rows
+ * in row order: the same additions and compares, so the same bits, as if every append had
+ * made them. */
+static void s_sums_catch_up(shard_t *s, int layer)
+{
+    layer_store *ls = &s->layers[layer];
+    if (ls->sums_rows >= ls->n_rows) return;
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, hkv = lay->n_kv_heads;
+    float kr[d], vq[d];
+    int p = ls->sums_page;
+    for (int r = ls->sums_rows; r < ls->n_rows; r++) {
+        while (p + 1 < ls->n_pages && ls->page_row0[p + 1] <= r) p++;
+        const int fresh = ls->page_row0[p] == r;
+        float *pb = ls->pbound + (size_t)p * hkv * 2 * d;
+        const int rr = r % SHARD_CHUNK;
+        for (int g = 0; g < hkv; g++) {
+            s_row_key(s, layer, g, r, kr);
+            const kv_chunk *ch = &ls->chunks[r / SHARD_CHUNK][g];
+            const float *vf = s_rows_f32(s, ch->v, (size_t)rr * d, (size_t)d, vq);
+            s_sum(d, ls->vsum + (size_t)g * d, vf);
+            s_sum(d, ls->ksum + (size_t)g * d, kr);
+            float *mn = pb + (size_t)g * 2 * d, *mx = mn + d;
+            if (fresh) {
+                memcpy(mn, kr, (size_t)d * sizeof(float));
+                memcpy(mx, kr, (size_t)d * sizeof(float));
+            } else {
+                s_bounds(d, mn, mx, kr);
+            }
+        }
+    }
+    ls->sums_rows = ls->n_rows;
+    ls->sums_page = p;
 }
 
 /* STREAM phase 1: the sinks and the last B visible rows are the only rows that can make a
@@ -1177,6 +1575,7 @@ int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands
         return -1;
     s->kept_budget = b;
     const int sparq = st->method == SHARD_SPARQ, plus = st->method == SHARD_FASA_PLUS;
+    if (sparq || plus || st->method == SHARD_QUEST) s_sums_catch_up(s, st->layer);
     if ((sparq || plus) && s_grow((void **)&s->aux, &s->aux_cap,
                                   (size_t)lay->n_heads * SHARD_SPARQ_AUX(d) * sizeof(double)))
         return -1;
@@ -1520,6 +1919,8 @@ int shard_attend(shard_t *s, const shard_step *st, const topk_cand *thr, const u
     const shard_layout *lay = &s->lay;
     const int d = lay->head_dim, hkv = lay->n_kv_heads;
     attn_state_init(lay->n_heads, d, m, l, o);
+    if (st->method == SHARD_SPARQ || st->method == SHARD_FASA_PLUS || st->method == SHARD_QUEST)
+        s_sums_catch_up(s, st->layer);
     if (st->method == SHARD_FASA_PLUS) { /* the score's aux, less the rows attended below */
         const size_t na = (size_t)lay->n_heads * SHARD_SPARQ_AUX(d) * sizeof(double);
         if (s_grow((void **)&s->plus_aux, &s->plus_aux_cap, na)) return -1;

@@ -13,7 +13,8 @@
  * kdom, krest and v hold elements of the layout's dtype (f32, f16 or bf16, kernels/simd.h):
  * append rounds to it (nearest even; the caller rejects values that would overflow it), and
  * every read converts back to f32 on the fly; the QUEST page bounds and the SPARQ value sums
- * are f32 of the rounded values. So a shard of any dtype answers as an f32 shard fed the
+ * are f32 of the rounded values (made from the stored rows by the first step that reads
+ * them, so an append only stores rows). So a shard of any dtype answers as an f32 shard fed the
  * rounded keys and values would (selection scores and sparse attention bit for bit; the
  * dense path's f16/bf16 logits run as sgemm over converted blocks, equal to f32 rounding),
  * with half the bytes at f16/bf16.
@@ -173,6 +174,30 @@ void shard_destroy(shard_t **shard_p);
  * k and v (n, n_kv_heads, head_dim). Returns 0, or -1 when out of memory (nothing added). */
 int shard_append(shard_t *shard, int layer, int n, const int32_t *pos, const float *k,
                  const float *v);
+/* The same with k and v of in_dtype (fasa_dtype: f32, f16 or bf16) elements. The stored
+ * bits equal those of shard_append fed the values widened to f32 (so rows whose dtype is
+ * the session's are copied as they are, without a round trip through f32). -1 also for an
+ * unknown in_dtype (nothing added). */
+int shard_append_dt(shard_t *shard, int layer, int n, const int32_t *pos, int in_dtype,
+                    const void *k, const void *v);
+/* Appends that can be taken back. After shard_txn_begin(shard, txn) (txn != 0) the first
+ * append to each layer saves what the layer holds; shard_txn_undo(shard, txn) puts every
+ * layer appended to since back as it was, bit for bit (rows, key tiles and their padding,
+ * page bounds, sums; the capacity grown stays allocated). shard_txn_begin(shard, 0) ends
+ * the transaction (appends save nothing). A mark costs a copy of 2 sums and one page's
+ * bounds per layer touched. */
+void shard_txn_begin(shard_t *shard, uint32_t txn);
+void shard_txn_undo(shard_t *shard, uint32_t txn);
+/* The reference of shard_append (one row at a time, every row converted per use, the
+ * page bounds by scalar compares), kept for tests: the same store, bit for bit. */
+int shard_append_naive(shard_t *shard, int layer, int n, const int32_t *pos, const float *k,
+                       const float *v);
+/* 1 when two shards of the same layout hold bitwise the same store: rows, positions, key
+ * tiles, krest, values, scoring copy, QUEST page bounds and the SPARQ/FASA_PLUS sums (both
+ * brought up to date first: appends leave the bounds and sums to the first QUEST, SPARQ or
+ * FASA_PLUS step, which computes them from the stored rows in row order, the same bits as
+ * the reference's per-append updates). */
+int shard_store_equal(shard_t *a, shard_t *b);
 
 /* Runs the shard's steps (shard_score, shard_attend) on a thread pool (pool.h), the KV
  * groups as tasks, each thread with scratch of its own: outputs are the same bits for any

@@ -837,6 +837,181 @@ START_TEST(test_shard_bytes_exact)
 }
 END_TEST
 
+/* A layout with a shuffled dim order per (layer, KV head) and n_dom from 0 to d. */
+static void s_layout_random(shard_layout *lay, test_rng *r, int nl, int nh, int nkv, int d)
+{
+    ck_assert_int_eq(shard_layout_plain(lay, nl, nh, nkv, d), 0);
+    for (int i = 0; i < nl * nkv; i++) {
+        int *perm = lay->perm + (size_t)i * d;
+        for (int c = d - 1; c > 0; c--) {
+            const int j = (int)(test_next(r) % (uint64_t)(c + 1)), t = perm[c];
+            perm[c] = perm[j], perm[j] = t;
+        }
+        lay->n_dom[i] = i == 0 ? 0 : i == 1 ? d : (int)(test_next(r) % (uint64_t)(d + 1));
+    }
+    for (size_t i = 0; i < (size_t)nl * nh * d; i++) lay->qmask[i] = test_next(r) % 2;
+}
+
+/* shard_append (and shard_append_dt from f16/bf16/f32 rows) against the reference
+ * shard_append_naive: bitwise the same store, for every storage and score dtype, appends
+ * of 1 row to more than a chunk, position gaps (QUEST pages), signed zeros and repeats
+ * (min/max ties). Rows sent as the session's dtype equal an f32 append of the same values
+ * rounded; then QUEST, SPARQ and FASA steps on both answer the same bits. */
+START_TEST(test_shard_append_fast)
+{
+    const int nl = 2, nh = 6, nkv = 3, d = 10, n = SHARD_CHUNK + 900;
+    const int sds[] = {SCAN_AUTO, SCAN_F16, SCAN_I8};
+    test_rng r = {77};
+    const size_t row = (size_t)nkv * d;
+    float *k = test_alloc((size_t)n * row * 4), *v = test_alloc((size_t)n * row * 4);
+    float *kw = test_alloc((size_t)n * row * 4), *vw = test_alloc((size_t)n * row * 4);
+    uint16_t *kh = test_alloc((size_t)n * row * 2), *vh = test_alloc((size_t)n * row * 2);
+    int32_t *pos = test_alloc((size_t)n * 4);
+    test_fill(&r, (size_t)n * row, k, 3.0f);
+    test_fill(&r, (size_t)n * row, v, 3.0f);
+    for (size_t i = 0; i < (size_t)n * row; i++) {
+        const uint64_t x = test_next(&r) % 16;
+        if (x == 0) k[i] = 0.0f;
+        if (x == 1) k[i] = -0.0f;
+        if (x == 2 && i >= row) k[i] = k[i - row]; /* the row before's value: a tie */
+        if (x == 3) v[i] = -0.0f;
+    }
+    for (int i = 0, p = 3; i < n; i++) pos[i] = p, p += 1 + (int)(test_next(&r) % 5 == 0) * 20;
+    const int steps[] = {1, 7, 16, 100, 1000, SHARD_CHUNK + 5};
+    for (int dt = FASA_DTYPE_F32; dt <= FASA_DTYPE_BF16; dt++)
+        for (size_t si = 0; si < sizeof(sds) / sizeof(*sds); si++)
+            for (int in = FASA_DTYPE_F32; in <= FASA_DTYPE_BF16; in++) {
+                shard_layout lay;
+                s_layout_random(&lay, &r, nl, nh, nkv, d);
+                lay.dtype = dt;
+                lay.score_dtype = sds[si];
+                /* The values as the input dtype carries them (f32: themselves). */
+                const float *kin = k, *vin = v;
+                if (in != FASA_DTYPE_F32) {
+                    dtype_from_f32(SIMD_PORTABLE, in, (size_t)n * row, k, kh);
+                    dtype_from_f32(SIMD_PORTABLE, in, (size_t)n * row, v, vh);
+                    dtype_to_f32(SIMD_PORTABLE, in, (size_t)n * row, kh, kw);
+                    dtype_to_f32(SIMD_PORTABLE, in, (size_t)n * row, vh, vw);
+                    kin = kw, vin = vw;
+                }
+                shard_t *ref = shard_new(&lay), *fast = shard_new(&lay);
+                ck_assert_ptr_nonnull(ref);
+                ck_assert_ptr_nonnull(fast);
+                for (int l = 0; l < nl; l++)
+                    for (int i0 = 0, si2 = l; i0 < n; si2++) {
+                        int m = steps[si2 % 6];
+                        if (m > n - i0) m = n - i0;
+                        const size_t o = (size_t)i0 * row;
+                        ck_assert_int_eq(shard_append_naive(ref, l, m, pos + i0, kin + o, vin + o),
+                                         0);
+                        if (in == FASA_DTYPE_F32)
+                            ck_assert_int_eq(shard_append(fast, l, m, pos + i0, k + o, v + o), 0);
+                        else
+                            ck_assert_int_eq(
+                                shard_append_dt(fast, l, m, pos + i0, in, kh + o, vh + o), 0);
+                        i0 += m;
+                        /* Bounds and sums brought up to date part-way (a page half full),
+                         * then appended to again. */
+                        if (si2 % 4 == 1) ck_assert(shard_store_equal(ref, fast));
+                    }
+                ck_assert_msg(shard_store_equal(ref, fast), "dtype %d score %d in %d", dt, sds[si],
+                              in);
+                /* The steps that read the bounds and sums answer the same bits. */
+                float q[6 * 10], m1[6], m2[6];
+                double l1[6], l2[6], o1[6 * 10], o2[6 * 10];
+                test_fill(&r, sizeof(q) / 4, q, 1.0f);
+                const shard_method ms[] = {SHARD_QUEST, SHARD_SPARQ, SHARD_FASA};
+                for (int mi = 0; mi < 3; mi++) {
+                    shard_step st = {.layer = 1,
+                                     .method = ms[mi],
+                                     .gqa = SHARD_GQA_PER_HEAD,
+                                     .budget = 9,
+                                     .max_pos = pos[n - 1] - 50,
+                                     .scale = 0.3f,
+                                     .q = q,
+                                     .sparq_r = ms[mi] == SHARD_SPARQ ? 4 : 0};
+                    topk_cand c1[6 * 9] = {{0}}, c2[6 * 9] = {{0}}, thr[6];
+                    int n1[6], n2[6];
+                    uint8_t have[6] = {1, 1, 1, 1, 1, 1};
+                    ck_assert_int_eq(shard_score(ref, &st, c1, n1), 0);
+                    ck_assert_int_eq(shard_score(fast, &st, c2, n2), 0);
+                    ck_assert_msg(!memcmp(n1, n2, sizeof(n1)), "method %d dt %d sd %d in %d",
+                                  ms[mi], dt, sds[si], in);
+                    ck_assert_mem_eq(c1, c2, sizeof(c1));
+                    for (int h = 0; h < 6; h++) thr[h] = c1[h * 9 + n1[h] - 1];
+                    ck_assert_int_eq(shard_attend(ref, &st, thr, have, m1, l1, o1), 0);
+                    ck_assert_int_eq(shard_attend(fast, &st, thr, have, m2, l2, o2), 0);
+                    ck_assert_mem_eq(m1, m2, sizeof(m1));
+                    ck_assert_mem_eq(l1, l2, sizeof(l1));
+                    ck_assert_mem_eq(o1, o2, sizeof(o1));
+                }
+                shard_destroy(&ref);
+                shard_destroy(&fast);
+                shard_layout_cleanup(&lay);
+            }
+    free(k), free(v), free(kw), free(vw), free(kh), free(vh), free(pos);
+}
+END_TEST
+
+/* shard_txn_undo: a shard that took appends under a transaction and undid them holds
+ * bitwise what one that never took them holds, and both take the next rows the same. */
+START_TEST(test_shard_txn_undo)
+{
+    const int nl = 2, nh = 6, nkv = 3, d = 10, n = 2 * SHARD_CHUNK + 300;
+    const int sds[] = {SCAN_AUTO, SCAN_BF16, SCAN_I8};
+    test_rng r = {78};
+    const size_t row = (size_t)nkv * d;
+    float *k = test_alloc((size_t)n * row * 4), *v = test_alloc((size_t)n * row * 4);
+    int32_t *pos = test_alloc((size_t)n * 4);
+    test_fill(&r, (size_t)n * row, k, 2.0f);
+    test_fill(&r, (size_t)n * row, v, 2.0f);
+    for (int i = 0; i < n; i++) pos[i] = 3 * i + 1;
+    /* cut: the rows kept; then undone appends of rows cut .. cut2 (layer 0 in two appends
+     * crossing a tile, a page and a chunk; layer 1 in one); then cut .. n kept. */
+    const int cuts[][2] = {{0, 40}, {37, SHARD_CHUNK + 9}, {SHARD_CHUNK - 5, SHARD_CHUNK + 700}};
+    for (int dt = FASA_DTYPE_F32; dt <= FASA_DTYPE_BF16; dt++)
+        for (size_t si = 0; si < sizeof(sds) / sizeof(*sds); si++)
+            for (int ci = 0; ci < 3; ci++) {
+                const int cut = cuts[ci][0], cut2 = cuts[ci][1], mid = (cut + cut2) / 2;
+                shard_layout lay;
+                s_layout_random(&lay, &r, nl, nh, nkv, d);
+                lay.dtype = dt;
+                lay.score_dtype = sds[si];
+                shard_t *a = shard_new(&lay), *b = shard_new(&lay);
+                for (int l = 0; l < nl; l++) {
+                    ck_assert_int_eq(shard_append(a, l, cut, pos, k, v), 0);
+                    ck_assert_int_eq(shard_append(b, l, cut, pos, k, v), 0);
+                }
+                if (ci == 1) ck_assert(shard_store_equal(a, b)); /* sums up to date */
+                shard_txn_begin(a, 7);
+                const size_t o = (size_t)cut * row, om = (size_t)mid * row;
+                ck_assert_int_eq(shard_append(a, 0, mid - cut, pos + cut, k + o, v + o), 0);
+                ck_assert_int_eq(shard_append(a, 0, cut2 - mid, pos + mid, k + om, v + om), 0);
+                ck_assert_int_eq(shard_append(a, 1, cut2 - cut, pos + cut, k + o, v + o), 0);
+                ck_assert_int_eq(shard_rows(a, 0), cut2);
+                ck_assert(!shard_store_equal(a, b));
+                shard_txn_undo(a, 8); /* another transaction: nothing */
+                ck_assert_int_eq(shard_rows(a, 0), cut2);
+                shard_txn_undo(a, 7);
+                shard_txn_begin(a, 0);
+                ck_assert_int_eq(shard_rows(a, 0), cut);
+                ck_assert_int_eq(shard_rows(a, 1), cut);
+                ck_assert_msg(shard_store_equal(a, b), "undo: dtype %d score %d cut %d", dt,
+                              sds[si], ci);
+                for (int l = 0; l < nl; l++) {
+                    ck_assert_int_eq(shard_append(a, l, n - cut, pos + cut, k + o, v + o), 0);
+                    ck_assert_int_eq(shard_append(b, l, n - cut, pos + cut, k + o, v + o), 0);
+                }
+                ck_assert_msg(shard_store_equal(a, b), "after: dtype %d score %d cut %d", dt,
+                              sds[si], ci);
+                shard_destroy(&a);
+                shard_destroy(&b);
+                shard_layout_cleanup(&lay);
+            }
+    free(k), free(v), free(pos);
+}
+END_TEST
+
 Suite *shard_suite(void)
 {
     Suite *s = suite_create("shard");
@@ -851,6 +1026,8 @@ Suite *shard_suite(void)
     tcase_add_test(tc, test_shard_dtype);
     tcase_add_test(tc, test_shard_disk_tier);
     tcase_add_test(tc, test_shard_bytes_exact);
+    tcase_add_test(tc, test_shard_append_fast);
+    tcase_add_test(tc, test_shard_txn_undo);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -57,6 +57,9 @@ typedef struct worker {
     wmpi_kick kick;        /* wake-ups from rank 0 while idle (kick.h) */
     MPI_Request reply_req; /* the last reply's send, completed before tx is reused */
     int reply_pending;
+    int fault_in;    /* WMPI_TEST_FAULT: sections until one fails, 0: never */
+    int32_t *runpos; /* APPEND_RUNS: one section's positions, grow-only */
+    size_t runpos_cap;
 } worker;
 
 static int s_grow(uint8_t **buf, size_t *cap, size_t bytes)
@@ -218,6 +221,73 @@ static wmpi_status s_append(worker *w, const wmpi_cmd *h, const uint8_t *p)
     const float *v = (const float *)(p + (size_t)h->n * 4 + (size_t)kv);
     if (shard_append(s->shard, h->layer, h->n, pos, k, v))
         return s_reject(w, WMPI_ENOMEM, h, "out of memory appending");
+    return WMPI_OK;
+}
+
+/* APPEND_RUNS: every section checked first (sizes, layers, positions above the rows held
+ * and ascending), then stored under the header's transaction; a section that fails puts
+ * back every one before it. */
+static wmpi_status s_append_runs(worker *w, const wmpi_cmd *h, const uint8_t *p)
+{
+    worker_session *s = s_find(w, h);
+    if (!s) return s_reject(w, WMPI_ENOENT, h, "no such session");
+    const shard_layout *lay = shard_layout_of(s->shard);
+    if (!s_same_geometry(lay, h)) return s_reject(w, WMPI_EINVAL, h, "geometry differs");
+    if (h->method < FASA_DTYPE_F32 || h->method > FASA_DTYPE_BF16 || h->max_pos == 0 || h->n < 1)
+        return s_reject(w, WMPI_EINVAL, h, "append runs: dtype, transaction or count out of range");
+    const int64_t row = (int64_t)lay->n_kv_heads * lay->head_dim * fasa_dtype_size(h->method);
+    int32_t next[WMPI_MAX_LAYERS]; /* per layer: the lowest position the next run may take */
+    for (int l = 0; l < lay->n_layers; l++) next[l] = -1;
+    int64_t off = 0, max_n = 0;
+    for (int i = 0; i < h->n; i++) {
+        wmpi_run r;
+        if (h->payload_bytes - off < (int64_t)sizeof(r))
+            return s_reject(w, WMPI_EINVAL, h, "append runs: payload too short");
+        memcpy(&r, p + off, sizeof(r));
+        if (r.layer < 0 || r.layer >= lay->n_layers || r.n < 1 || r.pos0 < 0 ||
+            (int64_t)r.pos0 + r.n > INT32_MAX ||
+            h->payload_bytes - off - (int64_t)sizeof(r) < 2 * row * r.n)
+            return s_reject(w, WMPI_EINVAL, h, "append runs: a section is out of range");
+        if (next[r.layer] < 0 &&
+            shard_visible(s->shard, r.layer, r.pos0 - 1) != shard_rows(s->shard, r.layer))
+            return s_reject(w, WMPI_EINVAL, h, "positions not above the rows held");
+        if (r.pos0 < next[r.layer]) return s_reject(w, WMPI_EINVAL, h, "positions not ascending");
+        next[r.layer] = r.pos0 + r.n;
+        if (r.n > max_n) max_n = r.n;
+        off += (int64_t)sizeof(r) + 2 * row * r.n;
+    }
+    if (off != h->payload_bytes) return s_reject(w, WMPI_EINVAL, h, "append runs: size mismatch");
+    if ((size_t)max_n > w->runpos_cap) {
+        int32_t *q = realloc(w->runpos, (size_t)max_n * sizeof(int32_t));
+        if (!q) return s_reject(w, WMPI_ENOMEM, h, "out of memory appending");
+        w->runpos = q;
+        w->runpos_cap = (size_t)max_n;
+    }
+    const uint32_t txn = (uint32_t)h->max_pos;
+    shard_txn_begin(s->shard, txn);
+    int failed = 0;
+    off = 0;
+    for (int i = 0; i < h->n && !failed; i++) {
+        wmpi_run r;
+        memcpy(&r, p + off, sizeof(r));
+        const uint8_t *k = p + off + sizeof(r), *v = k + row * r.n;
+        for (int j = 0; j < r.n; j++) w->runpos[j] = r.pos0 + j;
+        failed = (w->fault_in > 0 && --w->fault_in == 0) ||
+                 shard_append_dt(s->shard, r.layer, r.n, w->runpos, h->method, k, v);
+        off += (int64_t)sizeof(r) + 2 * row * r.n;
+    }
+    if (failed) shard_txn_undo(s->shard, txn);
+    shard_txn_begin(s->shard, 0);
+    return failed ? s_reject(w, WMPI_ENOMEM, h, "out of memory appending") : WMPI_OK;
+}
+
+static wmpi_status s_append_undo(worker *w, const wmpi_cmd *h)
+{
+    worker_session *s = s_find(w, h);
+    if (!s) return s_reject(w, WMPI_ENOENT, h, "no such session");
+    if (h->payload_bytes != 0 || h->max_pos == 0)
+        return s_reject(w, WMPI_EINVAL, h, "append undo: payload or transaction");
+    shard_txn_undo(s->shard, (uint32_t)h->max_pos);
     return WMPI_OK;
 }
 
@@ -519,6 +589,16 @@ static int s_serve(worker *w, int count)
         case WMPI_APPEND:
             st = s_append(w, &h, p);
             break;
+        case WMPI_APPEND_RUNS:
+            st = s_append_runs(w, &h, p);
+            break;
+        case WMPI_APPEND_UNDO:
+            st = s_append_undo(w, &h);
+            break;
+        case WMPI_TEST_FAULT:
+            w->fault_in = h.n > 0 ? h.n : 0;
+            st = h.payload_bytes ? s_reject(w, WMPI_EINVAL, &h, "payload on a fault") : WMPI_OK;
+            break;
         case WMPI_SCORE:
             st = s_score(w, &h, p, &payload);
             break;
@@ -610,6 +690,7 @@ int worker_mpi_loop_threads(MPI_Comm comm, int n_threads)
     free(w.table);
     free(w.rx);
     free(w.tx);
+    free(w.runpos);
     fasa_pool_destroy(&w.pool);
     return rc;
 }

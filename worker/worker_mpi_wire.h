@@ -13,6 +13,10 @@
  *                (no NUL; each worker uses that path on its own node)
  *   DROP, STOP   nothing
  *   APPEND       pos int32 (n), k float (n, n_kv_heads, head_dim), v float (the same)
+ *   APPEND_RUNS  n sections, each a wmpi_run then k and v (run.n, n_kv_heads, head_dim) of
+ *                the header's dtype (method): rows run.pos0 .. run.pos0 + run.n - 1 of
+ *                run.layer, positions ascending within each layer (head_dim is even, so
+ *                every section stays 4-byte aligned)
  *   SCORE        q float (n_heads, head_dim)
  *   ATTEND       q float (n_heads, head_dim), then unless method is dense thr topk_cand
  *                (n_units) and have_thr uint8 (n_units)
@@ -90,6 +94,14 @@ typedef enum wmpi_cmd_code {
     WMPI_ATTEND_KNEW = 10, /* ATTEND (a dense step's only phase) after the same */
     WMPI_LOAD = 11,
     WMPI_ATTEND_LOCAL = 12,
+    /* The runs of one append request for this shard, under a transaction (max_pos: its
+     * number, != 0; method: the fasa_dtype of k and v; n: the sections). All or nothing
+     * on this shard; the layers it changed stay undoable until APPEND_UNDO of the same
+     * transaction or the next transaction. */
+    WMPI_APPEND_RUNS = 16,
+    WMPI_APPEND_UNDO = 17, /* max_pos: the transaction to put back; no payload */
+    /* Tests only: the n-th APPEND_RUNS section from now fails as out of memory (n 0: off). */
+    WMPI_TEST_FAULT = 18,
 } wmpi_cmd_code;
 
 typedef enum wmpi_status {
@@ -144,6 +156,12 @@ typedef struct wmpi_snap {
     int32_t id_len;     /* bytes of the session id after it */
 } wmpi_snap;
 
+/* One APPEND_RUNS section's head. */
+typedef struct wmpi_run {
+    int32_t layer, n, pos0, pad;
+} wmpi_run;
+
+_Static_assert(sizeof(wmpi_run) == 16, "wmpi_run layout");
 _Static_assert(sizeof(wmpi_snap) == 16, "wmpi_snap layout");
 _Static_assert(sizeof(wmpi_knew) == 8, "wmpi_knew keeps the sections after it aligned");
 _Static_assert(sizeof(wmpi_cmd) == 80 && sizeof(wmpi_cmd) % 8 == 0, "wmpi_cmd layout");
