@@ -39,6 +39,7 @@ struct fasa_client {
     char public_key[KEY_Z85_LEN + 1]; /* this client's */
     char secret_key[KEY_Z85_LEN + 1]; /* this client's */
     int connected, handshaken;        /* seen on the current socket (monitor events) */
+    int up;                           /* connected now: no drop since the last connect */
     int lost;                         /* the connection dropped since the request was sent */
     unsigned serial;                  /* numbers the monitor endpoints */
     /* The attend hot path: reused buffers, so a decode loop allocates nothing here. */
@@ -125,7 +126,7 @@ static int s_open_socket(fasa_client *c)
 {
     c->sock = zmq_socket(c->ctx, ZMQ_DEALER);
     if (!c->sock) return -1;
-    c->connected = c->handshaken = 0;
+    c->connected = c->handshaken = c->up = 0;
     const int linger = 0;
     const int rcvtimeo = c->timeout_ms > 0 ? c->timeout_ms : -1;
     const int sndtimeo = c->timeout_ms > 0 ? c->timeout_ms : -1;
@@ -366,24 +367,35 @@ static const char *s_body_name(Fasa__V1__Request__BodyCase body)
 
 /* Reads the monitor's events; a handshake the server refused (or one between a CURVE and
  * a plain peer) fails the request at once, with UNAUTHENTICATED, instead of waiting out
- * the timeout while ZeroMQ retries. */
-static fasa_client_status s_check_events(fasa_client *c, fasa_client_error *err)
+ * the timeout while ZeroMQ retries; so does a server gone before the request reached it.
+ * sent: 0 for the events from before the request is sent, 1 while its reply is awaited. */
+static fasa_client_status s_check_events(fasa_client *c, int sent, fasa_client_error *err)
 {
     uint16_t ev;
     uint32_t val;
     while (s_read_event(c, &ev, &val)) {
-        if (ev == ZMQ_EVENT_CONNECTED) c->connected = 1;
+        if (ev == ZMQ_EVENT_CONNECTED) c->connected = c->up = 1;
         /* The first connection attempt failed (nothing listens there: refused, or no such
-         * ipc path): say so now rather than wait out the timeout. Once connected, a lost
-         * server is retried as before. */
+         * ipc path): say so now rather than wait out the timeout. */
         if (ev == ZMQ_EVENT_CONNECT_RETRIED && !c->connected)
             return s_fail(err, FASA_CLIENT_UNAVAILABLE,
                           "no server answered at %s: the connection was refused (is fasa-server "
                           "running there?)",
                           c->endpoint);
+        /* The connection dropped before this request was sent (an idle client whose server
+         * died) and the attempt to connect again failed: the request waits in ZeroMQ's
+         * queue for a server that is gone. Before the send (sent 0) the drop is only
+         * noted: a server that came back takes the request. */
+        if (ev == ZMQ_EVENT_CONNECT_RETRIED && !c->up && sent && !c->lost)
+            return s_fail(err, FASA_CLIENT_UNAVAILABLE,
+                          "the connection to %s dropped before the request was sent and the "
+                          "server does not answer again (the connection was refused): it "
+                          "stopped or died; the request did not run",
+                          c->endpoint);
         if (ev == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) c->handshaken = 1;
         /* After a handshake that worked: the server went away (a refusal mid-handshake is
          * told apart below). */
+        if (ev == ZMQ_EVENT_DISCONNECTED) c->up = 0;
         if (ev == ZMQ_EVENT_DISCONNECTED && c->handshaken) c->lost = 1;
         if (ev == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH)
             return s_fail(err, FASA_CLIENT_UNAUTHENTICATED,
@@ -508,7 +520,7 @@ static fasa_client_status s_send_req(fasa_client *c, Fasa__V1__Request *req, int
                       zmq_strerror(errno));
     /* Events from before this request (an idle connection that dropped and came back)
      * say nothing about it: only a drop after the send loses its reply. */
-    const fasa_client_status stale = s_check_events(c, err);
+    const fasa_client_status stale = s_check_events(c, 0, err);
     if (stale != FASA_CLIENT_OK) {
         s_reconnect(c);
         return stale;
@@ -586,7 +598,7 @@ static fasa_client_status s_recv_resp(fasa_client *c, uint64_t rid, const char *
                           zmq_strerror(e));
         }
         if (c->mon && (items[1].revents & ZMQ_POLLIN)) {
-            const fasa_client_status st = s_check_events(c, err);
+            const fasa_client_status st = s_check_events(c, 1, err);
             if (st != FASA_CLIENT_OK) {
                 s_reconnect(c);
                 return st;
