@@ -757,53 +757,10 @@ fasa_status fasa_engine_append_dt(fasa_engine_t *e, const char *id, int layer, i
     if (dtype != FASA_DTYPE_F32 && dtype != FASA_DTYPE_F16 && dtype != FASA_DTYPE_BF16)
         return fasa_error_set(err, FASA_INVALID_ARGUMENT, "dtype %d is not f32, f16 or bf16",
                               dtype);
-    if (!e->tr.append_runs) {
-        if (dtype == FASA_DTYPE_F32) return fasa_engine_append(e, id, layer, pos0, n, k, v, err);
+    if (!e->tr.append_runs && dtype != FASA_DTYPE_F32)
         return fasa_error_set(err, FASA_INVALID_ARGUMENT,
                               "this transport takes f32 appends only (dtype %s)",
                               fasa_dtype_name(dtype));
-    }
-    const fasa_session_config *c = &s->cfg;
-    if (layer < -1 || layer >= c->n_layers)
-        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "layer %d out of range [-1, %d)", layer,
-                              c->n_layers);
-    if (n < 1)
-        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "n_tokens %d must be at least 1", n);
-    const int l0 = layer < 0 ? 0 : layer, l1 = layer < 0 ? c->n_layers : layer + 1;
-    for (int l = l0; l < l1; l++)
-        if (pos0 != s->n_appended[l])
-            return fasa_error_set(
-                err, FASA_INVALID_ARGUMENT,
-                "start_pos %d: layer %d expects position %d next (appends are in order)", (int)pos0,
-                l, (int)s->n_appended[l]);
-    if ((int64_t)pos0 + n > INT32_MAX)
-        return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED,
-                              "n_tokens: a session holds at most %d tokens", INT32_MAX);
-    const size_t total = (size_t)n * c->n_kv_heads * c->head_dim * (size_t)(l1 - l0);
-    const void *kv[2] = {k, v};
-    for (int t = 0; t < 2; t++) {
-        const long bad = dtype == FASA_DTYPE_F32 ? s_bad_f32(c->dtype, total, kv[t])
-                                                 : s_bad_half(dtype, c->dtype, total, kv[t]);
-        if (bad >= 0) return s_bad_value(err, t ? "v" : "k", bad, dtype, c->dtype, kv[t]);
-    }
-    fasa_status st = s_check_limit(e, s, l0, l1, pos0, n, err);
-    if (st) return st;
-    if (s_place_runs(e, s, l0, l1, pos0, n, dtype, k, v))
-        return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED,
-                              "out of memory appending %d tokens to '%s' (a shard ran out of "
-                              "memory or failed): nothing was stored, the session still holds %d",
-                              n, id, (int)s->n_appended[l0]);
-    for (int l = l0; l < l1; l++) s->n_appended[l] += n;
-    return FASA_OK;
-}
-
-fasa_status fasa_engine_append(fasa_engine_t *e, const char *id, int layer, int32_t pos0, int n,
-                               const float *k, const float *v, fasa_error *err)
-{
-    if (e->tr.append_runs)
-        return fasa_engine_append_dt(e, id, layer, pos0, n, FASA_DTYPE_F32, k, v, err);
-    session *s = s_find(e, id);
-    if (!s) return fasa_error_set(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
     const fasa_session_config *c = &s->cfg;
     if (layer < -1 || layer >= c->n_layers)
         return fasa_error_set(err, FASA_INVALID_ARGUMENT, "layer %d out of range [-1, %d)", layer,
@@ -822,27 +779,30 @@ fasa_status fasa_engine_append(fasa_engine_t *e, const char *id, int layer, int3
                               "n_tokens: a session holds at most %d tokens", INT32_MAX);
     const size_t per_layer = (size_t)n * c->n_kv_heads * c->head_dim;
     const size_t total = per_layer * (size_t)(l1 - l0);
-    long bad;
-    if ((bad = s_nonfinite(total, k)) >= 0)
-        return fasa_error_set(err, FASA_INVALID_ARGUMENT,
-                              "k[%ld] = %g: values must be finite and below " MAX_ABS_TEXT, bad,
-                              (double)k[bad]);
-    if ((bad = s_nonfinite(total, v)) >= 0)
-        return fasa_error_set(err, FASA_INVALID_ARGUMENT,
-                              "v[%ld] = %g: values must be finite and below " MAX_ABS_TEXT, bad,
-                              (double)v[bad]);
-    if ((bad = s_overflow(c->dtype, total, k)) >= 0)
-        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "k[%ld] value %g overflows %s", bad,
-                              (double)k[bad], fasa_dtype_name(c->dtype));
-    if ((bad = s_overflow(c->dtype, total, v)) >= 0)
-        return fasa_error_set(err, FASA_INVALID_ARGUMENT, "v[%ld] value %g overflows %s", bad,
-                              (double)v[bad], fasa_dtype_name(c->dtype));
+    const void *kv[2] = {k, v};
+    for (int t = 0; t < 2; t++) {
+        const long bad = dtype == FASA_DTYPE_F32 ? s_bad_f32(c->dtype, total, kv[t])
+                                                 : s_bad_half(dtype, c->dtype, total, kv[t]);
+        if (bad >= 0) return s_bad_value(err, t ? "v" : "k", bad, dtype, c->dtype, kv[t]);
+    }
     fasa_status st = s_check_limit(e, s, l0, l1, pos0, n, err);
     if (st) return st;
+    if (e->tr.append_runs) {
+        if (s_place_runs(e, s, l0, l1, pos0, n, dtype, k, v))
+            return fasa_error_set(
+                err, FASA_RESOURCE_EXHAUSTED,
+                "out of memory appending %d tokens to '%s' (a shard ran out of "
+                "memory or failed): nothing was stored, the session still holds %d",
+                n, id, (int)s->n_appended[l0]);
+        for (int l = l0; l < l1; l++) s->n_appended[l] += n;
+        return FASA_OK;
+    }
+    /* A transport without append_runs: f32 rows layer by layer, each layer's taken part kept. */
     for (int l = l0; l < l1; l++) {
         const size_t off = per_layer * (size_t)(l - l0);
         int placed;
-        const int failed = s_place(e, s, l, pos0, n, k + off, v + off, &placed);
+        const int failed =
+            s_place(e, s, l, pos0, n, (const float *)k + off, (const float *)v + off, &placed);
         s->n_appended[l] += placed;
         if (failed)
             return fasa_error_set(
@@ -853,6 +813,12 @@ fasa_status fasa_engine_append(fasa_engine_t *e, const char *id, int layer, int3
                 l > l0 ? "; the layers before it took them all" : "");
     }
     return FASA_OK;
+}
+
+fasa_status fasa_engine_append(fasa_engine_t *e, const char *id, int layer, int32_t pos0, int n,
+                               const float *k, const float *v, fasa_error *err)
+{
+    return fasa_engine_append_dt(e, id, layer, pos0, n, FASA_DTYPE_F32, k, v, err);
 }
 
 static int s_grow(void **buf, size_t *cap, size_t bytes)
