@@ -140,48 +140,51 @@ static int s_phase(local_ctx *c, local_phase *p, fasa_pool_fn fn)
     return 0;
 }
 
+/* Runs fn over every shard of session sid (see s_phase) with the phase's fields from *f;
+ * sh, nh and d are filled in here. 0, or -1 when one failed. */
+static int s_run(local_ctx *c, int sid, const local_phase *f, fasa_pool_fn fn)
+{
+    shard_t **sh = c->sessions[sid];
+    const shard_layout *lay = shard_layout_of(sh[0]);
+    local_phase *p = calloc(1, sizeof(*p) + (size_t)c->n_shards * sizeof(int));
+    if (!p) return -1;
+    *p = *f;
+    p->sh = sh;
+    p->nh = (size_t)lay->n_heads;
+    p->d = (size_t)lay->head_dim;
+    const int rc = s_phase(c, p, fn);
+    free(p);
+    return rc;
+}
+
+/* s_run for a phase that reads rows, then the bytes every shard read into *bytes_p. */
+static int s_run_read(local_ctx *c, int sid, const local_phase *f, fasa_pool_fn fn,
+                      int64_t *bytes_p)
+{
+    if (s_run(c, sid, f, fn)) return -1;
+    int64_t bytes = 0;
+    for (int i = 0; i < c->n_shards; i++) bytes += shard_bytes_read(c->sessions[sid][i]);
+    *bytes_p = bytes;
+    return 0;
+}
+
 static int s_score(void *ctx, int sid, const shard_step *st, topk_cand *cands, int *n_cands)
 {
     local_ctx *c = ctx;
-    shard_t **sh = c->sessions[sid];
-    local_phase *p = calloc(1, sizeof(*p) + (size_t)c->n_shards * sizeof(int));
-    if (!p) return -1;
-    *p = (local_phase){.sh = sh,
-                       .st = st,
-                       .units = shard_units(sh[0], st->gqa),
-                       .cands = cands,
-                       .n_cands = n_cands};
-    const int rc = s_phase(c, p, s_score_one);
-    free(p);
-    return rc;
+    const local_phase f = {.st = st,
+                           .units = shard_units(c->sessions[sid][0], st->gqa),
+                           .cands = cands,
+                           .n_cands = n_cands};
+    return s_run(c, sid, &f, s_score_one);
 }
 
 static int s_attend(void *ctx, int sid, const shard_step *st, const topk_cand *thr,
                     const uint8_t *have_thr, float *m, double *l, double *o, double *aux,
                     int64_t *bytes_p)
 {
-    local_ctx *c = ctx;
-    shard_t **sh = c->sessions[sid];
-    const shard_layout *lay = shard_layout_of(sh[0]);
-    local_phase *p = calloc(1, sizeof(*p) + (size_t)c->n_shards * sizeof(int));
-    if (!p) return -1;
-    *p = (local_phase){.sh = sh,
-                       .st = st,
-                       .thr = thr,
-                       .have_thr = have_thr,
-                       .m = m,
-                       .l = l,
-                       .o = o,
-                       .aux = aux,
-                       .nh = (size_t)lay->n_heads,
-                       .d = (size_t)lay->head_dim};
-    const int rc = s_phase(c, p, s_attend_one);
-    free(p);
-    if (rc) return -1;
-    int64_t bytes = 0;
-    for (int i = 0; i < c->n_shards; i++) bytes += shard_bytes_read(sh[i]);
-    *bytes_p = bytes;
-    return 0;
+    const local_phase f = {
+        .st = st, .thr = thr, .have_thr = have_thr, .m = m, .l = l, .o = o, .aux = aux};
+    return s_run_read(ctx, sid, &f, s_attend_one, bytes_p);
 }
 
 /* Adds what one shard of a session holds to *st. */
@@ -258,25 +261,8 @@ static void s_local_one(void *ctx, int i, int tid)
 static int s_attend_local(void *ctx, int sid, const shard_step *st, float *m, double *l, double *o,
                           int64_t *bytes_p)
 {
-    local_ctx *c = ctx;
-    shard_t **sh = c->sessions[sid];
-    const shard_layout *lay = shard_layout_of(sh[0]);
-    local_phase *p = calloc(1, sizeof(*p) + (size_t)c->n_shards * sizeof(int));
-    if (!p) return -1;
-    *p = (local_phase){.sh = sh,
-                       .st = st,
-                       .m = m,
-                       .l = l,
-                       .o = o,
-                       .nh = (size_t)lay->n_heads,
-                       .d = (size_t)lay->head_dim};
-    const int rc = s_phase(c, p, s_local_one);
-    free(p);
-    if (rc) return -1;
-    int64_t bytes = 0;
-    for (int i = 0; i < c->n_shards; i++) bytes += shard_bytes_read(sh[i]);
-    *bytes_p = bytes;
-    return 0;
+    const local_phase f = {.st = st, .m = m, .l = l, .o = o};
+    return s_run_read(ctx, sid, &f, s_local_one, bytes_p);
 }
 
 /* Bulk load of one layer: the shards one after another, on this thread. */
