@@ -14,25 +14,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "engine.h"
 #include "synth.h"
+#include "timing.h"
 
 #define B 256
-
-static double s_now(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
-static int s_cmp(const void *a, const void *b)
-{
-    const double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
 
 static void s_die(const char *what, const fasa_error *e)
 {
@@ -123,13 +110,13 @@ int main(int argc, char **argv)
             synth_query(&syn, (int)(N - R + it), q);
             fasa_attend_req req = {.q = q, .method = -1, .gqa = -1, .max_pos = -1};
             req.merge = FASA_MERGE_EXACT;
-            double t0 = s_now();
+            double t0 = timing_now();
             if (fasa_engine_attend(e, "s", &req, oe, sel, NULL, &fe)) s_die("exact", &fe);
-            te[it] = 1e3 * (s_now() - t0);
+            te[it] = 1e3 * (timing_now() - t0);
             req.merge = FASA_MERGE_LOCAL;
-            t0 = s_now();
+            t0 = timing_now();
             if (fasa_engine_attend(e, "s", &req, ol, NULL, NULL, &fe)) s_die("local", &fe);
-            tl[it] = 1e3 * (s_now() - t0);
+            tl[it] = 1e3 * (timing_now() - t0);
             double mx = 0, md = 0;
             for (int i = 0; i < H * d; i++) {
                 mx = fabs(oe[i]) > mx ? fabs(oe[i]) : mx;
@@ -166,9 +153,9 @@ int main(int argc, char **argv)
             free(mark);
             rsum += total > 0 ? hits / total : 1;
         }
-        qsort(te, (size_t)R, 8, s_cmp);
-        qsort(tl, (size_t)R, 8, s_cmp);
-        qsort(er, (size_t)R, 8, s_cmp);
+        qsort(te, (size_t)R, 8, timing_cmp);
+        qsort(tl, (size_t)R, 8, timing_cmp);
+        qsort(er, (size_t)R, 8, timing_cmp);
         printf("%6d  %7d  %12.4f  %11.4f  %10.3g  %10.3g  %8.3f  %8.3f  %11.2f\n", S, bl,
                rsum / (double)R, rmin, er[R / 2], er[R - 1], te[R / 2], tl[R / 2],
                te[R / 2] / tl[R / 2]);

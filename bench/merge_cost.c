@@ -10,27 +10,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "attn.h"
+#include "timing.h"
 #include "topk.h"
 
 #define UNITS 32
 #define BUDGET 256
 #define HEAD_DIM 128
-
-static double s_now(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
-static int s_cmp(const void *a, const void *b)
-{
-    const double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
 
 static uint64_t s_rng = 88172645463325252ull;
 static float s_uniform(void)
@@ -76,24 +63,24 @@ int main(int argc, char **argv)
         double ts[21], tm[21];
         float sink = 0;
         for (int r = 0; r < reps; r++) {
-            double t0 = s_now();
+            double t0 = timing_now();
             for (int u = 0; u < UNITS; u++) {
                 memcpy(mu, cands + (size_t)u * nc, nc * sizeof(*mu));
                 const int n = topk_select((int)nc, BUDGET, mu);
                 topk_sort(n, mu);
                 sink += mu[0].score;
             }
-            ts[r] = s_now() - t0;
-            t0 = s_now();
+            ts[r] = timing_now() - t0;
+            t0 = timing_now();
             for (int h = 0; h < UNITS; h++) {
                 attn_merge(P, HEAD_DIM, m, l, o, &mh, &lh, oh);
                 attn_finalize(HEAD_DIM, lh, oh, out);
                 sink += out[0];
             }
-            tm[r] = s_now() - t0;
+            tm[r] = timing_now() - t0;
         }
-        qsort(ts, (size_t)reps, sizeof(double), s_cmp);
-        qsort(tm, (size_t)reps, sizeof(double), s_cmp);
+        qsort(ts, (size_t)reps, sizeof(double), timing_cmp);
+        qsort(tm, (size_t)reps, sizeof(double), timing_cmp);
         printf("shards %4d: select %8.3f ms (%.2f ns per candidate), merge %7.3f ms%s\n", P,
                1e3 * ts[reps / 2], 1e9 * ts[reps / 2] / ((double)UNITS * (double)nc),
                1e3 * tm[reps / 2], sink == 12345.f ? " " : "");
