@@ -105,6 +105,19 @@ int cli_parse_dense_layers(const char *text, int n_layers, uint8_t *flags)
     return 0;
 }
 
+int cli_split(const char *text, char *buf, size_t buf_len, char **parts, int max)
+{
+    if (strlen(text) >= buf_len) return -1;
+    strcpy(buf, text);
+    int n = 0;
+    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok;
+         tok = strtok_r(NULL, ",", &save)) {
+        if (n == max) return -1;
+        parts[n++] = tok;
+    }
+    return n;
+}
+
 int cli_parse_range(const char *text, long *a_p, long *b_p, long *s_p)
 {
     char *end;

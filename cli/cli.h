@@ -50,6 +50,9 @@ int cli_parse_int(const char *text, long lo, long hi, long *out_p);
 /* Parses "none" or a comma-separated list of layers below n_layers into flags[n_layers];
  * NULL means layer 0 only (the default). 0, or -1 on a bad entry. */
 int cli_parse_dense_layers(const char *text, int n_layers, uint8_t *flags);
+/* Splits text (copied into buf, buf_len bytes) at commas into at most max parts, each
+ * pointing into buf; the count, or -1 when text does not fit buf or has more parts. */
+int cli_split(const char *text, char *buf, size_t buf_len, char **parts, int max);
 /* Parses "A:B" or "A:B:S" (S defaults to 1); 0 on success, -1 otherwise. */
 int cli_parse_range(const char *text, long *a_p, long *b_p, long *s_p);
 

@@ -120,20 +120,6 @@ static int s_parse_tokens(const char *text, long *out_p)
     return cli_parse_size(text, BENCH_MIN_TOKENS, BENCH_MAX_TOKENS, out_p) ? -1 : 0;
 }
 
-/* Splits text (copied into buf) at commas into at most max parts; the count, or -1. */
-static int s_split(const char *text, char *buf, size_t buf_len, char **parts, int max)
-{
-    if (strlen(text) >= buf_len) return -1;
-    strcpy(buf, text);
-    int n = 0;
-    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok;
-         tok = strtok_r(NULL, ",", &save)) {
-        if (n == max) return -1;
-        parts[n++] = tok;
-    }
-    return n;
-}
-
 /* Parses the options of `bench CMD` (argv[0] is CMD). 0, -1 for --help (printed), or the
  * exit status of an error (printed). */
 static int s_parse(const char *cmd, int argc, char **argv, bench_opts *o)
@@ -250,7 +236,7 @@ static int s_parse(const char *cmd, int argc, char **argv, bench_opts *o)
         int n;
         switch (c) {
         case 't':
-            n = s_split(arg, buf, sizeof(buf), parts, scan ? 1 : BENCH_MAX_SIZES);
+            n = cli_split(arg, buf, sizeof(buf), parts, scan ? 1 : BENCH_MAX_SIZES);
             for (int i = 0; i < n; i++)
                 if (s_parse_tokens(parts[i], &o->sizes[i])) n = -1;
             if (n < 1)
@@ -264,7 +250,7 @@ static int s_parse(const char *cmd, int argc, char **argv, bench_opts *o)
             break;
         case 'm':
             memset(o->timed, 0, sizeof(o->timed));
-            n = s_split(arg, buf, sizeof(buf), parts, BENCH_MAX_SIZES);
+            n = cli_split(arg, buf, sizeof(buf), parts, BENCH_MAX_SIZES);
             for (int i = 0; i < n; i++) {
                 int found = 0;
                 for (int m = 0; m < BENCH_N_METHODS; m++)
@@ -292,7 +278,7 @@ static int s_parse(const char *cmd, int argc, char **argv, bench_opts *o)
             break;
         case 'E':
             o->n_servers =
-                s_split(arg, o->server_buf, sizeof(o->server_buf), o->servers, BENCH_MAX_SERVERS);
+                cli_split(arg, o->server_buf, sizeof(o->server_buf), o->servers, BENCH_MAX_SERVERS);
             if (o->n_servers < 1)
                 return cli_usage_error(
                     cmd, "--server '%s' must be 1 to 8 comma-separated endpoints", arg);

@@ -20,20 +20,6 @@ static const char usage_latency[] =
     "dense. bench/latency_run.sh starts the servers and prints every figure.\n"
     "\n";
 
-/* Splits text at commas into at most max parts of buf; the count, or -1. */
-static int s_split(const char *text, char *buf, size_t buf_len, char **parts, int max)
-{
-    if (strlen(text) >= buf_len) return -1;
-    strcpy(buf, text);
-    int n = 0;
-    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok;
-         tok = strtok_r(NULL, ",", &save)) {
-        if (n == max) return -1;
-        parts[n++] = tok;
-    }
-    return n;
-}
-
 int cmd_bench_latency(int argc, char **argv)
 {
     const char *cmd = "bench latency";
@@ -67,8 +53,8 @@ int cmd_bench_latency(int argc, char **argv)
         case 'E':
             if (o.n_servers == BENCH_LATENCY_MAX)
                 return cli_usage_error(cmd, "--server: at most %d endpoints", BENCH_LATENCY_MAX);
-            n = s_split(p.arg, server_buf[o.n_servers], sizeof(server_buf[0]), parts,
-                        BENCH_LATENCY_MAX - o.n_servers);
+            n = cli_split(p.arg, server_buf[o.n_servers], sizeof(server_buf[0]), parts,
+                          BENCH_LATENCY_MAX - o.n_servers);
             if (n < 1)
                 return cli_usage_error(cmd, "--server '%s': at most %d endpoints in all", p.arg,
                                        BENCH_LATENCY_MAX);
@@ -76,7 +62,7 @@ int cmd_bench_latency(int argc, char **argv)
             break;
         case 't':
             if (first_tokens) o.n_tokens = 0, first_tokens = 0;
-            n = s_split(p.arg, buf, sizeof(buf), parts, BENCH_LATENCY_MAX - o.n_tokens);
+            n = cli_split(p.arg, buf, sizeof(buf), parts, BENCH_LATENCY_MAX - o.n_tokens);
             for (int i = 0; i < n; i++)
                 if (cli_parse_size(parts[i], 1024, 1048576, &o.tokens[o.n_tokens + i])) n = -1;
             if (n < 1)
