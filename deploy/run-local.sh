@@ -7,14 +7,15 @@
 #
 # Environment: FASA_BUILD (build directory, default ./build), FASA_RUN_DIR (where the PID,
 # endpoint and log files go, default /tmp/fasa-local), FASA_TEST_PORTS=LO-HI (a --bind
-# ending in :* takes a free port of that range instead, retried when it is taken meanwhile). Root-safe: sets Open MPI's
+# ending in :* takes a free port of that range instead, retried when it is taken meanwhile),
+# FASA_START_TIMEOUT_S (how long to wait for the first ping answer, default 30). Root-safe: sets Open MPI's
 # run-as-root and oversubscription variables, and one OpenBLAS thread per rank.
 # CURVE: pass -- --curve-secret FILE --authorized-keys DIR (needed for a --bind beyond
 # loopback); the start-up ping then uses FASA_CURVE_SERVER_KEY and FASA_CURVE_CLIENT_SECRET,
 # and without them the script only waits for the endpoint file (the server is bound).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 source "$here/deploy/ports.sh"
 
 [ $# -ge 1 ] || { usage >&2; exit 2; }
@@ -33,6 +34,8 @@ while [ $# -gt 0 ]; do
         *) echo "run-local: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
+start_timeout=${FASA_START_TIMEOUT_S:-30}
+[[ "$start_timeout" =~ ^[1-9][0-9]*$ ]] || { echo "run-local: FASA_START_TIMEOUT_S must be a positive number of seconds, got '$start_timeout'" >&2; exit 2; }
 build=${FASA_BUILD:-$here/build}
 server=$build/fasa-server
 client=$build/fasa
@@ -76,7 +79,7 @@ curve=0
 for a in "${extra[@]}"; do case "$a" in --curve-secret|--curve-secret=*) curve=1 ;; esac; done
 no_ping=0
 [ "$curve" -eq 1 ] && [ -z "${FASA_CURVE_CLIENT_SECRET:-}" ] && no_ping=1
-for _ in $(seq 1 300); do
+for _ in $(seq 1 $((10 * start_timeout))); do
     if ! kill -0 "$launcher" 2>/dev/null; then
         if [ "$ranged" -eq 1 ] && [ "$tries" -lt 5 ] && grep -q "cannot bind" "$log"; then
             tries=$((tries + 1)) # the port was taken between the pick and the bind
@@ -104,6 +107,6 @@ for _ in $(seq 1 300); do
     fi
     sleep 0.1
 done
-echo "run-local: fasa-server did not answer within 30 s; see $log" >&2
+echo "run-local: fasa-server did not answer within $start_timeout s; see $log" >&2
 [ "$curve" -eq 1 ] && echo "run-local: (CURVE is on: FASA_CURVE_SERVER_KEY and FASA_CURVE_CLIENT_SECRET must name the server's public key and an authorised client's secret key)" >&2
 exit 1

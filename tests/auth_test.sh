@@ -9,27 +9,19 @@
 set -u
 build=$1
 shared=$2
-root=$(cd "$(dirname "$0")/.." && pwd)
-fasa=$build/fasa
+source "$(dirname "$0")/server_util.sh"
 server=$build/fasa-server
 dump=$shared/data/models/stories260K/golden/tinystories_T2048.qkv
-tmp=$(mktemp -d)
-export FASA_BUILD=$build FASA_RUN_DIR=$tmp/run
 unset FASA_CURVE_SECRET FASA_AUTHORIZED_KEYS FASA_CURVE_SERVER_KEY FASA_CURVE_CLIENT_SECRET \
       FASA_BIND FASA_CONFIG FASA_SERVER
 client_asan=${ASAN_OPTIONS:-}
 client_asan=${client_asan//detect_leaks=0/detect_leaks=1}
-pass=0
-fail=0
-ok() { pass=$((pass + 1)); echo "ok: $*"; }
-bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
 open_pid=
 cleanup() {
     bash "$root/deploy/stop-local.sh" >/dev/null 2>&1 || true
     [ -n "$open_pid" ] && kill "$open_pid" 2>/dev/null
     rm -rf "$tmp"
 }
-trap cleanup EXIT
 fasa_c() { ASAN_OPTIONS=$client_asan "$fasa" "$@"; }
 
 # ---- keygen ----
@@ -141,13 +133,9 @@ fi
 
 # ---- a CURVE server with 2 ranks on loopback ----
 export FASA_CURVE_SERVER_KEY=$tmp/server.pub FASA_CURVE_CLIENT_SECRET=$tmp/alice.key  # run-local's ping
-if ! bash "$root/deploy/run-local.sh" 2 --bind 'tcp://127.0.0.1:*' -- --block 64 \
-        --curve-secret "$tmp/server.key" --authorized-keys "$tmp/keys" >/dev/null; then
-    echo "FAIL: the CURVE server did not start"
-    exit 1
-fi
+start_local 2 --bind 'tcp://127.0.0.1:*' -- --block 64 --curve-secret "$tmp/server.key" \
+    --authorized-keys "$tmp/keys" || exit 1
 unset FASA_CURVE_SERVER_KEY FASA_CURVE_CLIENT_SECRET
-ep=$(cat "$FASA_RUN_DIR/endpoint")
 log=$FASA_RUN_DIR/fasa-server.log
 launcher=$(cat "$FASA_RUN_DIR/launcher.pid")
 ranks=$(pgrep -P "$launcher" | tr '\n' ' ')

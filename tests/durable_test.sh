@@ -23,18 +23,13 @@
 # usage: durable_test.sh BUILD_DIR
 set -u
 build=$1
-fasa=$build/fasa
-tmp=$(mktemp -d)
+source "$(dirname "$0")/server_util.sh"
 state=$tmp/state
 mkdir -p "$state" "$tmp/run"
 export LC_ALL=C OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_rmaps_base_oversubscribe=1 OPENBLAS_NUM_THREADS=1
 # Clients wait long: an error within 2 s is the server's doing, not the timeout's.
 export FASA_TIMEOUT_MS=60000
-pass=0
-fail=0
-ok() { pass=$((pass + 1)); echo "ok: $*"; }
-bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
 now() { date +%s.%N; }
 log=$tmp/run/server.log
 launcher=
@@ -43,25 +38,11 @@ cleanup() {
     jobs -p | xargs -r kill 2>/dev/null
     rm -rf "$tmp"
 }
-trap cleanup EXIT
 
 # start [server options]: 3 ranks under mpirun in the background (launcher = its PID), ep.
 start() {
-    rm -f "$tmp/run/endpoint" "$tmp/run/pid"
-    setsid mpirun -n 3 -x OPENBLAS_NUM_THREADS "$build/fasa-server" --bind 'tcp://127.0.0.1:*' \
-        --block 256 --state-dir "$state" --endpoint-file "$tmp/run/endpoint" \
-        --pid-file "$tmp/run/pid" "$@" >"$log" 2>&1 </dev/null &
-    launcher=$!
-    for _ in $(seq 1 600); do
-        if [ -s "$tmp/run/endpoint" ] && [ -s "$tmp/run/pid" ]; then
-            ep=$(cat "$tmp/run/endpoint")
-            FASA_TIMEOUT_MS=2000 "$fasa" ping --server "$ep" >/dev/null 2>&1 && return 0
-        fi
-        kill -0 "$launcher" 2>/dev/null || break
-        sleep 0.1
-    done
-    bad "the server did not start within 60 s (launcher $(kill -0 "$launcher" 2>/dev/null && echo alive || echo gone)): $(cat "$log")"
-    exit 1
+    start_mpi 3 "$log" "$tmp/run" --bind 'tcp://127.0.0.1:*' --block 256 --state-dir "$state" \
+        "$@" || exit 1
 }
 # stopped: waits for the launcher to exit (at most 60 s); rc = its exit status.
 stopped() {

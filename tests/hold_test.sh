@@ -13,31 +13,14 @@
 # usage: hold_test.sh BUILD_DIR
 set -u
 build=$1
-root=$(cd "$(dirname "$0")/.." && pwd)
-fasa=$build/fasa
-tmp=$(mktemp -d)
-export FASA_BUILD=$build FASA_RUN_DIR=$tmp/run
-pass=0
-fail=0
-ok() { pass=$((pass + 1)); echo "ok: $*"; }
-bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
-cleanup() {
-    bash "$root/deploy/stop-local.sh" >/dev/null 2>&1 || true
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
+source "$(dirname "$0")/server_util.sh"
 log=$FASA_RUN_DIR/fasa-server.log
 
 # start N [fasa-server options]: sets ep and pid (rank 0).
 start() {
     local n=$1
     shift
-    if ! bash "$root/deploy/run-local.sh" "$n" --bind 'tcp://127.0.0.1:*' -- "$@" >"$tmp/start" 2>&1; then
-        cat "$tmp/start"
-        echo "FAIL: the server did not start"
-        exit 1
-    fi
-    ep=$(cat "$FASA_RUN_DIR/endpoint")
+    start_local "$n" --bind 'tcp://127.0.0.1:*' -- "$@" || exit 1
     pid=$(cat "$FASA_RUN_DIR/fasa-server.pid")
 }
 stop() { bash "$root/deploy/stop-local.sh" >/dev/null 2>&1 || true; }

@@ -11,39 +11,20 @@
 # usage: ingest_test.sh BUILD_DIR
 set -u
 build=$1
-fasa=$build/fasa
-tmp=$(mktemp -d)
+source "$(dirname "$0")/server_util.sh"
 state=$tmp/state
 mkdir -p "$state" "$tmp/run"
 export LC_ALL=C OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_rmaps_base_oversubscribe=1 OPENBLAS_NUM_THREADS=1 FASA_TIMEOUT_MS=60000
-pass=0
-fail=0
-ok() { pass=$((pass + 1)); echo "ok: $*"; }
-bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
 log=$tmp/run/server.log
 launcher=
 cleanup() {
     [ -n "$launcher" ] && kill -KILL "$launcher" $(pgrep -P "$launcher" 2>/dev/null) 2>/dev/null
     rm -rf "$tmp"
 }
-trap cleanup EXIT
 start() {
-    rm -f "$tmp/run/endpoint" "$tmp/run/pid"
-    setsid mpirun -n 3 -x OPENBLAS_NUM_THREADS "$build/fasa-server" --bind 'tcp://127.0.0.1:*' \
-        --block 64 --state-dir "$state" --endpoint-file "$tmp/run/endpoint" \
-        --pid-file "$tmp/run/pid" "$@" >"$log" 2>&1 </dev/null &
-    launcher=$!
-    for _ in $(seq 1 600); do
-        if [ -s "$tmp/run/endpoint" ] && [ -s "$tmp/run/pid" ]; then
-            ep=$(cat "$tmp/run/endpoint")
-            FASA_TIMEOUT_MS=2000 "$fasa" ping --server "$ep" >/dev/null 2>&1 && return 0
-        fi
-        kill -0 "$launcher" 2>/dev/null || break
-        sleep 0.1
-    done
-    echo "FAIL: the server did not start: $(cat "$log")"
-    exit 1
+    start_mpi 3 "$log" "$tmp/run" --bind 'tcp://127.0.0.1:*' --block 64 --state-dir "$state" "$@" ||
+        exit 1
 }
 f() { "$fasa" "$@" --server "$ep"; }
 

@@ -8,25 +8,9 @@
 set -u
 build=$1
 shared=$2
-root=$(cd "$(dirname "$0")/.." && pwd)
-fasa=$build/fasa
-tmp=$(mktemp -d)
-export FASA_BUILD=$build FASA_RUN_DIR=$tmp/run
-pass=0
-fail=0
-ok() { pass=$((pass + 1)); echo "ok: $*"; }
-bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
-cleanup() {
-    bash "$root/deploy/stop-local.sh" >/dev/null 2>&1 || true
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
+source "$(dirname "$0")/server_util.sh"
 
-if ! bash "$root/deploy/run-local.sh" 2 --bind "ipc://$tmp/fasa.sock"; then
-    echo "FAIL: the server did not start on ipc://$tmp/fasa.sock"
-    exit 1
-fi
-ep=$(cat "$FASA_RUN_DIR/endpoint")
+start_local 2 --bind "ipc://$tmp/fasa.sock" || exit 1
 [ "$ep" = "ipc://$tmp/fasa.sock" ] && ok "bound $ep" || bad "endpoint '$ep'"
 
 if out=$("$build/latency_client" "$ep" 1 2>&1); then ok "$out"; else bad "$out"; fi

@@ -7,19 +7,7 @@
 set -u
 n=$1
 build=$2
-root=$(cd "$(dirname "$0")/.." && pwd)
-fasa=$build/fasa
-tmp=$(mktemp -d)
-export FASA_BUILD=$build FASA_RUN_DIR=$tmp/run
-pass=0
-fail=0
-ok() { pass=$((pass + 1)); echo "ok: $*"; }
-bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
-cleanup() {
-    bash "$root/deploy/stop-local.sh" >/dev/null 2>&1 || true
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
+source "$(dirname "$0")/server_util.sh"
 
 # A float32 .npy of the given shape with every value the same (4 little-endian bytes as
 # printf escapes): npy FILE 'SHAPE' COUNT BYTES.
@@ -44,13 +32,9 @@ npy "$tmp/q.npy" "2, 8" 16 '\x00\x00\x80\x3f'                   # 1.0
 npy "$tmp/want.npy" "2, 8" 16 '\x00\x00\x00\x3f'                # dense output: 0.5
 
 # One chunk of 4096 rows of this geometry is 4096 x 8 x 2 x 4 = 256 KiB, plus small tables.
-if ! bash "$root/deploy/run-local.sh" "$n" --bind 'tcp://127.0.0.1:*' -- --memory-limit 700K \
-    --max-sessions 2 --block 64 >"$tmp/start" 2>&1; then
-    cat "$tmp/start"
-    echo "FAIL: the server did not start"
+start_local "$n" --bind 'tcp://127.0.0.1:*' -- --memory-limit 700K --max-sessions 2 --block 64 ||
     exit 1
-fi
-export FASA_SERVER=$(cat "$FASA_RUN_DIR/endpoint")
+export FASA_SERVER=$ep
 geom=(--layers 1 --heads 2 --kv-heads 1 --head-dim 8 --method dense --budget 16)
 "$fasa" create --session a "${geom[@]}" >/dev/null || bad "create a"
 
@@ -113,10 +97,8 @@ done
 # minutes is served. Replies may take long here, so the clients wait up to ten minutes.
 export FASA_TIMEOUT_MS=600000
 bash "$root/deploy/stop-local.sh" >/dev/null 2>&1
-if ! bash "$root/deploy/run-local.sh" "$n" --bind 'tcp://127.0.0.1:*' >"$tmp/start" 2>&1; then
-    bad "the second server did not start: $(cat "$tmp/start")"
-else
-    export FASA_SERVER=$(cat "$FASA_RUN_DIR/endpoint")
+if start_local "$n" --bind 'tcp://127.0.0.1:*'; then
+    export FASA_SERVER=$ep
     npyz() { # a float32 .npy of zeros: npyz FILE 'SHAPE' BYTES
         local hdr="{'descr': '<f4', 'fortran_order': False, 'shape': ($2), }"
         while [ $(( (10 + ${#hdr} + 1) % 64 )) -ne 0 ]; do hdr="$hdr "; done

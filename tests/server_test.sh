@@ -9,30 +9,14 @@ set -u
 n=$1
 build=$2
 shared=$3
-root=$(cd "$(dirname "$0")/.." && pwd)
-fasa=$build/fasa
+source "$(dirname "$0")/server_util.sh"
 dump=$shared/data/models/stories260K/golden/tinystories_T2048.qkv
-tmp=$(mktemp -d)
-export FASA_BUILD=$build FASA_RUN_DIR=$tmp/run
 # The server (MPI) runs with the environment's ASAN_OPTIONS; clients check leaks.
 client_asan=${ASAN_OPTIONS:-}
 client_asan=${client_asan//detect_leaks=0/detect_leaks=1}
-pass=0
-fail=0
-ok() { pass=$((pass + 1)); echo "ok: $*"; }
-bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
-cleanup() {
-    bash "$root/deploy/stop-local.sh" >/dev/null 2>&1 || true
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
 
 max_message=8388608
-if ! bash "$root/deploy/run-local.sh" "$n" --bind 'tcp://127.0.0.1:*' -- --max-message $max_message --block 64; then
-    echo "FAIL: the server did not start"
-    exit 1
-fi
-ep=$(cat "$FASA_RUN_DIR/endpoint")
+start_local "$n" --bind 'tcp://127.0.0.1:*' -- --max-message $max_message --block 64 || exit 1
 launcher=$(cat "$FASA_RUN_DIR/launcher.pid")
 ranks=$(pgrep -P "$launcher" | tr '\n' ' ')
 [ "$n" -eq 1 ] && ranks=$launcher

@@ -15,16 +15,10 @@
 # usage: snapshot_test.sh BUILD_DIR
 set -u
 build=$1
-root=$(cd "$(dirname "$0")/.." && pwd)
-fasa=$build/fasa
-tmp=$(mktemp -d)
+source "$(dirname "$0")/server_util.sh"
 state=$tmp/state
 mkdir -p "$state"
-export FASA_BUILD=$build FASA_RUN_DIR=$tmp/run LC_ALL=C
-pass=0
-fail=0
-ok() { pass=$((pass + 1)); echo "ok: $*"; }
-bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
+export LC_ALL=C
 
 # Every process of the job: the launcher and its children (the ranks).
 job_pids() {
@@ -50,18 +44,12 @@ cleanup() {
     kill9 >/dev/null 2>&1
     rm -rf "$tmp"
 }
-trap cleanup EXIT
 
 # start N [server options]: starts the server, sets ep.
 start() {
     local n=$1
     shift
-    if ! bash "$root/deploy/run-local.sh" "$n" --bind 'tcp://127.0.0.1:*' -- --block 256 \
-        --state-dir "$state" "$@" >/dev/null; then
-        bad "the $n-rank server did not start: $(cat "$FASA_RUN_DIR/fasa-server.log")"
-        exit 1
-    fi
-    ep=$(cat "$FASA_RUN_DIR/endpoint")
+    start_local "$n" --bind 'tcp://127.0.0.1:*' -- --block 256 --state-dir "$state" "$@" || exit 1
     local got
     got=$(job_pids | wc -w)
     [ "$got" -eq $((n + 1)) ] && ok "$n ranks up (+ mpirun)" || bad "expected $n ranks + mpirun, found $got processes"
@@ -200,14 +188,11 @@ r=$(same "$tmp/e" "$tmp/a" 0) && ok "s1 restored beside the refused s2: $r" || b
 kill9
 
 # ---- without --state-dir: Snapshot is refused naming the flag, --restore does not start ----
-if bash "$root/deploy/run-local.sh" 1 --bind 'tcp://127.0.0.1:*' >/dev/null; then
-    ep=$(cat "$FASA_RUN_DIR/endpoint")
+if start_local 1 --bind 'tcp://127.0.0.1:*'; then
     f snapshot --all >/dev/null 2>"$tmp/err" && bad "snapshot without --state-dir succeeded" ||
         { grep -q "FAILED_PRECONDITION\|--state-dir" "$tmp/err" && ok "no --state-dir: $(cat "$tmp/err")" ||
             bad "no --state-dir: $(cat "$tmp/err")"; }
     kill9
-else
-    bad "the 1-rank server did not start"
 fi
 "$build/fasa-server" --restore >/dev/null 2>"$tmp/err"
 rc=$?

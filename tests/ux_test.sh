@@ -11,20 +11,8 @@
 set -u
 build=$(cd "$1" && pwd)
 shared=$2
-root=$(cd "$(dirname "$0")/.." && pwd)
-fasa=$build/fasa
+source "$(dirname "$0")/server_util.sh"
 dump=$shared/data/models/stories260K/golden/tinystories_T2048.qkv
-tmp=$(mktemp -d)
-export FASA_BUILD=$build FASA_RUN_DIR=$tmp/run
-pass=0
-fail=0
-ok() { pass=$((pass + 1)); echo "ok: $*"; }
-bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
-cleanup() {
-    bash "$root/deploy/stop-local.sh" >/dev/null 2>&1 || true
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
 source "$root/deploy/ports.sh"
 # expect_fail NAME PATTERN CMD...: non-zero exit, exactly one stderr line matching PATTERN.
 expect_fail() {
@@ -61,12 +49,10 @@ grep -q '^seq-1 layers 2 heads 4 kv_heads 2 head_dim 8 dtype f32 tokens 0 kv_byt
     ok "after the restore, fasa sessions lists seq-1" || bad "seq-1 not listed after the restore: $(cat "$tmp/block.out")"
 
 # ---- a 2-rank server for the rest ----
-if ! bash "$root/deploy/run-local.sh" 2 --bind 'tcp://127.0.0.1:*' -- --state-dir "$tmp/state" >"$tmp/start" 2>&1; then
-    bad "the server did not start: $(cat "$tmp/start")"
+if ! start_local 2 --bind 'tcp://127.0.0.1:*' -- --state-dir "$tmp/state"; then
     echo "ux_test: $pass passed, $fail failed"
     exit 1
 fi
-ep=$(cat "$FASA_RUN_DIR/endpoint")
 log=$FASA_RUN_DIR/fasa-server.log
 export FASA_SERVER=$ep
 
