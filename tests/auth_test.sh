@@ -210,14 +210,7 @@ chmod 600 "$tmp/alice.key"
 fasa_c ping --server "$ep" "${good[@]}" >/dev/null 2>"$tmp/err" && ok "authorised client still served" ||
     bad "ping after the refusals: $(cat "$tmp/err")"
 fasa_c shutdown --server "$ep" "${good[@]}" >/dev/null 2>"$tmp/err" || bad "shutdown: $(cat "$tmp/err")"
-gone=0
-for _ in $(seq 1 200); do
-    alive=0
-    for p in $launcher $ranks; do kill -0 "$p" 2>/dev/null && alive=1; done
-    [ $alive -eq 0 ] && { gone=1; break; }
-    sleep 0.1
-done
-[ $gone -eq 1 ] && ok "every rank gone after a Shutdown over CURVE" || bad "ranks still running after the shutdown"
+wait_gone $launcher $ranks && ok "every rank gone after a Shutdown over CURVE" || bad "ranks still running after the shutdown"
 
 echo "auth_test: $pass passed, $fail failed"
 [ $fail -eq 0 ]

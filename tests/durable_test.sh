@@ -54,15 +54,6 @@ stopped() {
 }
 f() { "$fasa" "$@" --server "$ep"; }
 
-# rnd_npy FILE SHAPE N: a float32 .npy of N pseudo-random finite values (see snapshot_test.sh).
-set2=$(for _ in $(seq 32); do printf '\\074\\075\\076\\077\\274\\275\\276\\277'; done)
-rnd_npy() {
-    local hdr="{'descr': '<f4', 'fortran_order': False, 'shape': ($2), }"
-    while [ $(((10 + ${#hdr} + 1) % 64)) -ne 0 ]; do hdr="$hdr "; done
-    local len=$((${#hdr} + 1))
-    { printf '\x93NUMPY\x01\x00'; printf "\\x$(printf %02x $((len & 255)))\\x$(printf %02x $((len >> 8)))"
-      printf '%s\n' "$hdr"; head -c $((4 * $3)) /dev/urandom | tr '\000-\377' "$set2"; } >"$1"
-}
 L=2 H=4 HKV=2 D=16
 for n in 1000 300 50; do
     rnd_npy "$tmp/k$n.npy" "$L, $n, $HKV, $D" $((L * n * HKV * D))

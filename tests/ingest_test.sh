@@ -30,14 +30,6 @@ f() { "$fasa" "$@" --server "$ep"; }
 
 # npy_pair F16 F32 SHAPE N: N random float16 values in +-[0.5, 2) into F16 ('<f2') and the
 # same values as float32 into F32 ('<f4').
-npy_head() {
-    local hdr="{'descr': '$1', 'fortran_order': False, 'shape': ($2), }"
-    while [ $(((10 + ${#hdr} + 1) % 64)) -ne 0 ]; do hdr="$hdr "; done
-    local len=$((${#hdr} + 1))
-    printf '\x93NUMPY\x01\x00'
-    printf "\\x$(printf %02x $((len & 255)))\\x$(printf %02x $((len >> 8)))"
-    printf '%s\n' "$hdr"
-}
 npy_pair() {
     local h16="" h32="" lo hi e m s b x i=0
     local -a r
@@ -54,8 +46,8 @@ npy_pair() {
         h32+=$x
         i=$((i + 2))
     done
-    { npy_head '<f2' "$3"; printf "$h16"; } >"$1"
-    { npy_head '<f4' "$3"; printf "$h32"; } >"$2"
+    { npy_header '<f2' "$3"; printf "$h16"; } >"$1"
+    { npy_header '<f4' "$3"; printf "$h32"; } >"$2"
 }
 L=2 H=4 HKV=2 D=16 N=200
 npy_pair "$tmp/k16.npy" "$tmp/k32.npy" "$L, $N, $HKV, $D" $((L * N * HKV * D))

@@ -12,13 +12,8 @@ source "$(dirname "$0")/server_util.sh"
 # A float32 .npy of the given shape with every value the same (4 little-endian bytes as
 # printf escapes): npy FILE 'SHAPE' COUNT BYTES.
 npy() {
-    local hdr="{'descr': '<f4', 'fortran_order': False, 'shape': ($2), }"
-    while [ $(( (10 + ${#hdr} + 1) % 64 )) -ne 0 ]; do hdr="$hdr "; done
-    local hl=$((${#hdr} + 1))
     {
-        printf '\x93NUMPY\x01\x00'
-        printf "\\x$(printf %02x $((hl % 256)))\\x$(printf %02x $((hl / 256)))"
-        printf '%s\n' "$hdr"
+        npy_header '<f4' "$2"
         local one=$4 block="" i
         for i in $(seq 64); do block="$block$one"; done
         for i in $(seq $(($3 / 64))); do printf "$block"; done
@@ -100,11 +95,7 @@ bash "$root/deploy/stop-local.sh" >/dev/null 2>&1
 if start_local "$n" --bind 'tcp://127.0.0.1:*'; then
     export FASA_SERVER=$ep
     npyz() { # a float32 .npy of zeros: npyz FILE 'SHAPE' BYTES
-        local hdr="{'descr': '<f4', 'fortran_order': False, 'shape': ($2), }"
-        while [ $(( (10 + ${#hdr} + 1) % 64 )) -ne 0 ]; do hdr="$hdr "; done
-        local hl=$((${#hdr} + 1))
-        { printf '\x93NUMPY\x01\x00'; printf "\\x$(printf %02x $((hl % 256)))\\x$(printf %02x $((hl / 256)))"
-          printf '%s\n' "$hdr"; head -c "$3" /dev/zero; } >"$1"
+        { npy_header '<f4' "$2"; head -c "$3" /dev/zero; } >"$1"
     }
     npyz "$tmp/bk.npy" "4096, 1, 512" $((4096 * 512 * 4))
     npyz "$tmp/bq.npy" "1024, 512" $((1024 * 512 * 4))

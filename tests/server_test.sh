@@ -141,14 +141,7 @@ else
     how="SIGTERM (stop-local.sh)"
     bash "$root/deploy/stop-local.sh" >/dev/null || bad "stop-local.sh"
 fi
-gone=0
-for _ in $(seq 1 200); do
-    alive=0
-    for p in $launcher $ranks; do kill -0 "$p" 2>/dev/null && alive=1; done
-    [ $alive -eq 0 ] && { gone=1; break; }
-    sleep 0.1
-done
-[ $gone -eq 1 ] && ok "every rank gone after a $how" || bad "ranks still running after a $how"
+wait_gone $launcher $ranks && ok "every rank gone after a $how" || bad "ranks still running after a $how"
 grep -q "fasa-server: stopping" "$FASA_RUN_DIR/fasa-server.log" && ok "clean stop logged" ||
     bad "no clean stop in the log: $(tail -5 "$FASA_RUN_DIR/fasa-server.log")"
 

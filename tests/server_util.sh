@@ -59,3 +59,35 @@ start_mpi() {
     bad "the server did not start within $FASA_START_TIMEOUT_S s (launcher $(kill -0 "$launcher" 2>/dev/null && echo alive || echo gone)): $(cat "$log")"
     return 1
 }
+
+# npy_header DESCR SHAPE: the header of a version 1.0 .npy file of that dtype ('<f4', '<f2')
+# and shape (a Python tuple's inside, "2, 8"), padded to 64 bytes; the data follows it.
+npy_header() {
+    local hdr="{'descr': '$1', 'fortran_order': False, 'shape': ($2), }"
+    while [ $(((10 + ${#hdr} + 1) % 64)) -ne 0 ]; do hdr="$hdr "; done
+    local len=$((${#hdr} + 1))
+    printf '\x93NUMPY\x01\x00'
+    printf "\\x$(printf %02x $((len & 255)))\\x$(printf %02x $((len >> 8)))"
+    printf '%s\n' "$hdr"
+}
+
+# rnd_npy FILE SHAPE N: a float32 .npy of N pseudo-random finite values, |x| in [2^-7, 2):
+# every byte is one of 0x3c..0x3f, 0xbc..0xbf, so the exponent stays in 120..127.
+rnd_npy() {
+    local set2
+    set2=$(for _ in $(seq 32); do printf '\\074\\075\\076\\077\\274\\275\\276\\277'; done)
+    { npy_header '<f4' "$2"; head -c $((4 * $3)) /dev/urandom | tr '\000-\377' "$set2"; } >"$1"
+}
+
+# wait_gone PID...: waits up to 20 s for every one of the processes to exit; 0 when they
+# all have, else 1.
+wait_gone() {
+    local p alive
+    for _ in $(seq 1 200); do
+        alive=0
+        for p in "$@"; do kill -0 "$p" 2>/dev/null && alive=1; done
+        [ $alive -eq 0 ] && return 0
+        sleep 0.1
+    done
+    return 1
+}

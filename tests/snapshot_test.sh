@@ -56,17 +56,6 @@ start() {
 }
 f() { "$fasa" "$@" --server "$ep"; }
 
-# rnd_npy FILE SHAPE N: a float32 .npy of N pseudo-random finite values, |x| in [2^-7, 2):
-# every byte is one of 0x3c..0x3f, 0xbc..0xbf, so the exponent stays in 120..127.
-set2=$(for _ in $(seq 32); do printf '\\074\\075\\076\\077\\274\\275\\276\\277'; done)
-rnd_npy() {
-    local hdr="{'descr': '<f4', 'fortran_order': False, 'shape': ($2), }"
-    while [ $(((10 + ${#hdr} + 1) % 64)) -ne 0 ]; do hdr="$hdr "; done
-    local len=$((${#hdr} + 1))
-    { printf '\x93NUMPY\x01\x00'; printf "\\x$(printf %02x $((len & 255)))\\x$(printf %02x $((len >> 8)))"
-      printf '%s\n' "$hdr"; head -c $((4 * $3)) /dev/urandom | tr '\000-\377' "$set2"; } >"$1"
-}
-
 L=2 H=4 HKV=2 D=16 T=3000
 mkdir -p "$tmp/qkv"
 rnd_npy "$tmp/qkv/q.npy" "$L, $T, $H, $D" $((L * T * H * D))
