@@ -166,25 +166,9 @@ void *fasa_guard_socket(const fasa_guard *g)
 
 void fasa_guard_events(fasa_guard *g)
 {
-    for (int i = 0; g && i < 4096; i++) {
-        zmq_msg_t m;
-        zmq_msg_init(&m);
-        if (zmq_msg_recv(&m, g->mon, ZMQ_DONTWAIT) < 0) {
-            zmq_msg_close(&m);
-            return;
-        }
-        uint16_t ev = 0;
-        uint32_t val = 0;
-        if (zmq_msg_size(&m) >= 6) {
-            memcpy(&ev, zmq_msg_data(&m), 2);
-            memcpy(&val, (const uint8_t *)zmq_msg_data(&m) + 2, 4);
-        }
-        while (zmq_msg_more(&m)) { /* the endpoint frame */
-            zmq_msg_close(&m);
-            zmq_msg_init(&m);
-            if (zmq_msg_recv(&m, g->mon, ZMQ_DONTWAIT) < 0) break;
-        }
-        zmq_msg_close(&m);
+    uint16_t ev;
+    uint32_t val;
+    for (int i = 0; g && i < 4096 && !fasa_monitor_next(g->mon, &ev, &val); i++) {
         if (ev == ZMQ_EVENT_ACCEPTED)
             s_add(g, (int)val);
         else if (ev == ZMQ_EVENT_DISCONNECTED || ev == ZMQ_EVENT_CLOSED)

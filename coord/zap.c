@@ -168,30 +168,37 @@ void fasa_zap_note_failed(fasa_zap *z, uint16_t ev, uint32_t val)
              why, (unsigned)ev, (unsigned)val, z->n_failed);
 }
 
+int fasa_monitor_next(void *mon, uint16_t *ev_p, uint32_t *val_p)
+{
+    zmq_msg_t m;
+    zmq_msg_init(&m);
+    if (zmq_msg_recv(&m, mon, ZMQ_DONTWAIT) < 0) {
+        zmq_msg_close(&m);
+        return -1;
+    }
+    uint16_t ev = 0;
+    uint32_t val = 0;
+    if (zmq_msg_size(&m) >= 6) {
+        memcpy(&ev, zmq_msg_data(&m), 2);
+        memcpy(&val, (const uint8_t *)zmq_msg_data(&m) + 2, 4);
+    }
+    while (zmq_msg_more(&m)) { /* the endpoint frame */
+        zmq_msg_close(&m);
+        zmq_msg_init(&m);
+        if (zmq_msg_recv(&m, mon, ZMQ_DONTWAIT) < 0) break;
+    }
+    zmq_msg_close(&m);
+    *ev_p = ev;
+    *val_p = val;
+    return 0;
+}
+
 /* Logs the failed handshakes the watch has queued: the client never reached ZAP. */
 static void s_log_failed(fasa_zap *z)
 {
-    for (;;) {
-        zmq_msg_t m;
-        zmq_msg_init(&m);
-        if (!z->watch || zmq_msg_recv(&m, z->watch, ZMQ_DONTWAIT) < 0) {
-            zmq_msg_close(&m);
-            return;
-        }
-        uint16_t ev = 0;
-        uint32_t val = 0;
-        if (zmq_msg_size(&m) >= 6) {
-            memcpy(&ev, zmq_msg_data(&m), 2);
-            memcpy(&val, (const uint8_t *)zmq_msg_data(&m) + 2, 4);
-        }
-        while (zmq_msg_more(&m)) { /* the endpoint frame */
-            zmq_msg_close(&m);
-            zmq_msg_init(&m);
-            if (zmq_msg_recv(&m, z->watch, ZMQ_DONTWAIT) < 0) break;
-        }
-        zmq_msg_close(&m);
-        fasa_zap_note_failed(z, ev, val);
-    }
+    uint16_t ev;
+    uint32_t val;
+    while (z->watch && !fasa_monitor_next(z->watch, &ev, &val)) fasa_zap_note_failed(z, ev, val);
 }
 
 size_t fasa_zap_n_keys(const fasa_zap *z)

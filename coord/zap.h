@@ -34,6 +34,9 @@ int fasa_zap_watch(fasa_zap *z, void *ctx, void *sock, char *err, size_t err_len
 /* Logs one failed handshake (a monitor event and its value) as the watch would: for a
  * caller that owns the socket's monitor itself (conn_guard.h). */
 void fasa_zap_note_failed(fasa_zap *z, uint16_t ev, uint32_t val);
+/* Reads the next event queued on a socket monitor's PAIR socket mon without waiting: its
+ * event number and value (both frames consumed). 0, or -1 when none is queued. */
+int fasa_monitor_next(void *mon, uint16_t *ev_p, uint32_t *val_p);
 
 /* The REP socket and the watch socket, to poll for ZMQ_POLLIN (NULL before fasa_zap_bind
  * and fasa_zap_watch); either one ready: call fasa_zap_serve. */
