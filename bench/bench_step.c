@@ -133,14 +133,7 @@ int main(int argc, char **argv)
         synth_query(&syn, t, q);
         synth_kv(&syn, t, 1, k, v);
         for (int i = 0; i < 2; i++) {
-            fasa_attend_req req = {.layer = 0,
-                                   .q = q,
-                                   .k_new = k,
-                                   .v_new = v,
-                                   .method = -1,
-                                   .budget = 0,
-                                   .gqa = -1,
-                                   .max_pos = -1};
+            fasa_attend_req req = fasa_attend_step(0, q, k, v);
             fasa_step_stats st;
             t0 = timing_now();
             if (fasa_engine_attend(eng, ids[i], &req, out, NULL, &st, &fe)) goto engine_err;

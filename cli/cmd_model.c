@@ -206,43 +206,13 @@ static int s_parse(const char *cmd, int argc, char **argv, model_opts *o)
     return 0;
 }
 
-/* Reads a whole file (NUL-terminated). NULL with err on failure. */
-static char *s_read_file(const char *path, size_t *len_p, char *err, size_t err_len)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        snprintf(err, err_len, "cannot open text %s: %s", path, strerror(errno));
-        return NULL;
-    }
-    size_t cap = 1 << 16, len = 0;
-    char *buf = malloc(cap + 1);
-    while (buf) {
-        len += fread(buf + len, 1, cap - len, f);
-        if (len < cap) break;
-        if (cap >= ((size_t)1 << 30)) break; /* 1 GiB is plenty */
-        char *nb = realloc(buf, 2 * cap + 1);
-        if (!nb) free(buf);
-        buf = nb, cap *= 2;
-    }
-    const int bad = ferror(f);
-    fclose(f);
-    if (!buf || bad) {
-        snprintf(err, err_len, "cannot read text %s: %s", path, buf ? "read error" : "no memory");
-        free(buf);
-        return NULL;
-    }
-    buf[len] = 0;
-    *len_p = len;
-    return buf;
-}
-
 /* The first (up to) max_tokens tokens of a text file from byte offset, BOS first
  * (llama_encode_prefix). */
 static int s_encode_file(const llama_tokenizer *tok, const char *path, long offset, long max_tokens,
                          int **tokens_p, int *n_p, char *err, size_t err_len)
 {
     size_t len;
-    char *buf = s_read_file(path, &len, err, err_len);
+    char *buf = llama_read_text(path, &len, err, err_len);
     if (!buf) return -1;
     if ((size_t)offset > len) {
         snprintf(err, err_len, "--offset %ld is past the end of %s (%zu bytes)", offset, path, len);
@@ -274,14 +244,7 @@ static int s_fasa_attend(void *ctx, int layer, int pos, const float *q, const fl
                          const float *v, float *out)
 {
     fasa_attn *a = ctx;
-    const fasa_attend_req req = {.layer = layer,
-                                 .q = q,
-                                 .k_new = k,
-                                 .v_new = v,
-                                 .method = -1,
-                                 .budget = 0,
-                                 .gqa = -1,
-                                 .max_pos = -1};
+    const fasa_attend_req req = fasa_attend_step(layer, q, k, v);
     if (backend_attend(a->be, a->id, &req, out, NULL, NULL, &a->fe)) {
         a->failed_layer = layer, a->failed_pos = pos;
         return -1;

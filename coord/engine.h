@@ -126,6 +126,22 @@ typedef struct fasa_attend_req {
                            is exact) */
 } fasa_attend_req;
 
+/* A decode step of layer with the session's defaults (method, budget, token selection, the
+ * exact merge) over every appended position: q, with k_new and v_new (or NULL) appended
+ * first. */
+static inline fasa_attend_req fasa_attend_step(int layer, const float *q, const float *k_new,
+                                               const float *v_new)
+{
+    return (fasa_attend_req){.layer = layer,
+                             .q = q,
+                             .k_new = k_new,
+                             .v_new = v_new,
+                             .method = -1,
+                             .budget = 0,
+                             .gqa = -1,
+                             .max_pos = -1};
+}
+
 typedef struct fasa_step_stats {
     int method_used;    /* fasa_method actually run (dense when every token fits B) */
     int n_visible;      /* tokens visible to the step */
@@ -135,8 +151,8 @@ typedef struct fasa_step_stats {
      * along), the merges (global top-B and log-sum-exp) and phase 2 (the shards' attention;
      * for a dense step the only phase, then with the k_new). Microseconds. */
     double score_us, merge_us, attend_us;
-    int merge_used;     /* fasa_merge run (a dense step: exact) */
-    int local_budget;   /* local merge: tokens each shard kept per unit; else 0 */
+    int merge_used;   /* fasa_merge run (a dense step: exact) */
+    int local_budget; /* local merge: tokens each shard kept per unit; else 0 */
 } fasa_step_stats;
 
 /* How a sparse step's shards combine (fasa.proto Merge):

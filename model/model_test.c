@@ -69,14 +69,7 @@ static int s_engine_attend(void *ctx, int layer, int pos, const float *q, const 
 {
     engine_attn *a = ctx;
     (void)pos;
-    const fasa_attend_req req = {.layer = layer,
-                                 .q = q,
-                                 .k_new = k,
-                                 .v_new = v,
-                                 .method = -1,
-                                 .budget = 0,
-                                 .gqa = -1,
-                                 .max_pos = -1};
+    const fasa_attend_req req = fasa_attend_step(layer, q, k, v);
     return fasa_engine_attend(a->e, "m", &req, out, NULL, NULL, &a->fe) ? -1 : 0;
 }
 
