@@ -22,35 +22,6 @@ static const char usage[] =
     "v of every layer and position, the tokens and the logits at the last position as a\n"
     "QKV1 dump.\n";
 
-/* Reads a whole file, NUL-terminated. NULL on failure (message printed). */
-static char *s_read_file(const char *path, size_t *len_p)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        fprintf(stderr, "record_qkv: cannot open %s: %s\n", path, strerror(errno));
-        return NULL;
-    }
-    size_t cap = 1 << 16, len = 0;
-    char *buf = malloc(cap + 1);
-    while (buf) {
-        len += fread(buf + len, 1, cap - len, f);
-        if (len < cap || cap >= ((size_t)1 << 30)) break;
-        char *nb = realloc(buf, 2 * cap + 1);
-        if (!nb) free(buf);
-        buf = nb, cap *= 2;
-    }
-    const int bad = ferror(f);
-    fclose(f);
-    if (!buf || bad) {
-        fprintf(stderr, "record_qkv: cannot read %s\n", path);
-        free(buf);
-        return NULL;
-    }
-    buf[len] = 0;
-    *len_p = len;
-    return buf;
-}
-
 int main(int argc, char **argv)
 {
     static const struct option opts[] = {{"model", required_argument, 0, 'm'},
@@ -125,7 +96,10 @@ int main(int argc, char **argv)
         goto done;
     }
     size_t len;
-    if (!(text = s_read_file(textp, &len))) goto done;
+    if (!(text = llama_read_text(textp, &len, err, sizeof(err)))) {
+        fprintf(stderr, "record_qkv: %s\n", err);
+        goto done;
+    }
     if (llama_encode_prefix(&tok, text, len, n_tokens, &tokens, &n)) {
         fprintf(stderr, "record_qkv: out of memory encoding %s\n", textp);
         goto done;

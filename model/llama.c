@@ -725,3 +725,32 @@ int llama_sample(float *logits, int vocab_size, float temperature, unsigned long
     }
     return best;
 }
+
+char *llama_read_text(const char *path, size_t *len_p, char *err, size_t err_len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        snprintf(err, err_len, "cannot open text %s: %s", path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 1 << 16, len = 0;
+    char *buf = malloc(cap + 1);
+    while (buf) {
+        len += fread(buf + len, 1, cap - len, f);
+        if (len < cap) break;
+        if (cap >= ((size_t)1 << 30)) break; /* 1 GiB is plenty */
+        char *nb = realloc(buf, 2 * cap + 1);
+        if (!nb) free(buf);
+        buf = nb, cap *= 2;
+    }
+    const int bad = ferror(f);
+    fclose(f);
+    if (!buf || bad) {
+        snprintf(err, err_len, "cannot read text %s: %s", path, buf ? "read error" : "no memory");
+        free(buf);
+        return NULL;
+    }
+    buf[len] = 0;
+    *len_p = len;
+    return buf;
+}
