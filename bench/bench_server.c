@@ -33,19 +33,6 @@ static void s_die(const char *what, const fasa_client_error *e)
     exit(1);
 }
 
-static double s_pct(int n, const double *x, double p)
-{
-    double *t = malloc((size_t)n * sizeof(double));
-    if (!t) abort();
-    memcpy(t, x, (size_t)n * sizeof(double));
-    qsort(t, (size_t)n, sizeof(double), timing_cmp);
-    int i = (int)ceil(p * n) - 1;
-    if (i < 0) i = 0;
-    const double v = t[i];
-    free(t);
-    return v;
-}
-
 static char *s_profile_text(const fasa_profile *p)
 {
     char *text = NULL;
@@ -208,12 +195,13 @@ int main(int argc, char **argv)
     s_attend_series(c, "bench-long", &sy, &g, FASA_CLIENT_METHOD_FASA, (int)o.steps, rt, sv, NULL);
     const double f50 = timing_median((int)o.steps, rt);
     printf("attend fasa  @%ld: p50 %.2f ms, p99 %.2f ms (server p50 %.2f ms), %ld steps\n",
-           o.tokens, f50, s_pct((int)o.steps, rt, 0.99), timing_median((int)o.steps, sv), o.steps);
+           o.tokens, f50, timing_pct((int)o.steps, rt, 0.99), timing_median((int)o.steps, sv),
+           o.steps);
     s_attend_series(c, "bench-long", &sy, &g, FASA_CLIENT_METHOD_DENSE, (int)o.dense_steps, rt, sv,
                     NULL);
     const double d50 = timing_median((int)o.dense_steps, rt);
     printf("attend dense @%ld: p50 %.2f ms, p99 %.2f ms (server p50 %.2f ms), %ld steps\n",
-           o.tokens, d50, s_pct((int)o.dense_steps, rt, 0.99),
+           o.tokens, d50, timing_pct((int)o.dense_steps, rt, 0.99),
            timing_median((int)o.dense_steps, sv), o.dense_steps);
     printf("dense / fasa at %ld tokens: %.1fx\n", o.tokens, d50 / f50);
     fasa_client_drop_session(c, "bench-long", NULL);
@@ -302,8 +290,8 @@ int main(int argc, char **argv)
         printf("overhead %-5s @%ld: server round trip p50 %.3f ms (p99 %.3f), server engine "
                "p50 %.3f ms, embedded p50 %.3f ms -> overhead %.3f ms per Attend "
                "(%.3f ms of it outside the engine); max |server - embedded| %.2g\n",
-               methods[mi].name, o.small, s50, s_pct(n, rt2, 0.99), v50, e50, s50 - e50, s50 - v50,
-               worst);
+               methods[mi].name, o.small, s50, timing_pct(n, rt2, 0.99), v50, e50, s50 - e50,
+               s50 - v50, worst);
     }
     fasa_client_drop_session(c, "bench-small", NULL);
     fasa_engine_destroy(&eng);

@@ -67,19 +67,6 @@ void bench_latency_defaults(bench_latency_opts *o)
     o->methods = 3;
 }
 
-static double s_pct(int n, const double *x, double p)
-{
-    double *t = malloc((size_t)n * sizeof(double));
-    if (!t) abort();
-    memcpy(t, x, (size_t)n * sizeof(double));
-    qsort(t, (size_t)n, sizeof(double), timing_cmp);
-    int i = (int)ceil(p * n) - 1;
-    i = i < 0 ? 0 : i >= n ? n - 1 : i;
-    const double v = t[i];
-    free(t);
-    return v;
-}
-
 /* The generator's true profile (1 layer) for every layer. */
 static fasa_profile *s_profile(const synth_t *sy, int layers)
 {
@@ -257,8 +244,8 @@ static int s_run_one(lat_ctx *x, fasa_client *c, int workers, long tokens, int m
     }
     static const double ps[3] = {0.5, 0.9, 0.99};
     for (int k = 0; k < 3; k++) {
-        row->emb[k] = s_pct(n, t[C_EMB], ps[k]);
-        row->srv[k] = s_pct(n, t[C_RT], ps[k]);
+        row->emb[k] = timing_pct(n, t[C_EMB], ps[k]);
+        row->srv[k] = timing_pct(n, t[C_RT], ps[k]);
         row->ovh[k] = row->srv[k] - row->emb[k];
     }
     for (int k = 0; k < C_N; k++) row->comp[k] = timing_median(n, t[k]);
