@@ -84,10 +84,6 @@ END_TEST
 
 Suite *base_suite(void)
 {
-    Suite *s = suite_create("base");
-    TCase *tc = tcase_create("base");
-    tcase_add_test(tc, test_log_request_id);
-    tcase_add_test(tc, test_names_match_the_wire);
-    suite_add_tcase(s, tc);
-    return s;
+    const TTest *tests[] = {test_log_request_id, test_names_match_the_wire, NULL};
+    return test_suite("base", "base", 0, tests);
 }

@@ -527,15 +527,12 @@ END_TEST
 
 Suite *snapshot_suite(void)
 {
-    Suite *s = suite_create("snapshot");
-    TCase *tc = tcase_create("snapshot");
-    tcase_set_timeout(tc, 300);
-    tcase_add_test(tc, test_shard_read_rows);
-    tcase_add_test(tc, test_snapshot_reshard);
-    tcase_add_test(tc, test_snapshot_score_dtype);
-    tcase_add_test(tc, test_snapshot_damage);
-    tcase_add_test(tc, test_wal_replay);
-    tcase_add_test(tc, test_snapshot_clean);
-    suite_add_tcase(s, tc);
-    return s;
+    const TTest *tests[] = {test_shard_read_rows,
+                            test_snapshot_reshard,
+                            test_snapshot_score_dtype,
+                            test_snapshot_damage,
+                            test_wal_replay,
+                            test_snapshot_clean,
+                            NULL};
+    return test_suite("snapshot", "snapshot", 300, tests);
 }

@@ -128,10 +128,6 @@ END_TEST
 
 Suite *io_suite(void)
 {
-    Suite *s = suite_create("io");
-    TCase *tc = tcase_create("files");
-    tcase_add_test(tc, test_npy_roundtrip);
-    tcase_add_test(tc, test_qkv_dump);
-    suite_add_tcase(s, tc);
-    return s;
+    const TTest *tests[] = {test_npy_roundtrip, test_qkv_dump, NULL};
+    return test_suite("io", "files", 0, tests);
 }

@@ -371,15 +371,12 @@ END_TEST
 
 Suite *model_suite(void)
 {
-    Suite *s = suite_create("model");
-    TCase *tc = tcase_create("stories260K");
-    tcase_set_timeout(tc, 300);
-    tcase_add_test(tc, test_tokenizer);
-    tcase_add_test(tc, test_forward_golden);
-    tcase_add_test(tc, test_ppl_dense_equals_reference);
-    tcase_add_test(tc, test_greedy_generation);
-    tcase_add_test(tc, test_fasa_calibrated);
-    tcase_add_test(tc, test_bad_files);
-    suite_add_tcase(s, tc);
-    return s;
+    const TTest *tests[] = {test_tokenizer,
+                            test_forward_golden,
+                            test_ppl_dense_equals_reference,
+                            test_greedy_generation,
+                            test_fasa_calibrated,
+                            test_bad_files,
+                            NULL};
+    return test_suite("model", "stories260K", 300, tests);
 }

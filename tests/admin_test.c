@@ -383,13 +383,9 @@ END_TEST
 
 Suite *admin_suite(void)
 {
+    const TTest *tests[] = {test_list_and_delete, test_session_info_settings,
+                            test_refused_requests_counted, NULL};
     Suite *s = suite_create("admin");
-    TCase *tc = tcase_create("admin");
-    tcase_add_checked_fixture(tc, s_setup, s_teardown);
-    tcase_set_timeout(tc, 120);
-    tcase_add_test(tc, test_list_and_delete);
-    tcase_add_test(tc, test_session_info_settings);
-    tcase_add_test(tc, test_refused_requests_counted);
-    suite_add_tcase(s, tc);
+    tcase_add_checked_fixture(test_add_case(s, "admin", 120, tests), s_setup, s_teardown);
     return s;
 }

@@ -157,9 +157,6 @@ END_TEST
 
 Suite *config_suite(void)
 {
-    Suite *s = suite_create("config");
-    TCase *tc = tcase_create("config");
-    tcase_add_test(tc, test_precedence);
-    suite_add_tcase(s, tc);
-    return s;
+    const TTest *tests[] = {test_precedence, NULL};
+    return test_suite("config", "config", 0, tests);
 }

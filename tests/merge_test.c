@@ -195,12 +195,7 @@ END_TEST
 
 Suite *merge_suite(void)
 {
-    Suite *s = suite_create("merge");
-    TCase *tc = tcase_create("merge");
-    tcase_set_timeout(tc, 120);
-    tcase_add_test(tc, test_local_one_shard_is_exact);
-    tcase_add_test(tc, test_local_matches_reference);
-    tcase_add_test(tc, test_local_refused);
-    suite_add_tcase(s, tc);
-    return s;
+    const TTest *tests[] = {test_local_one_shard_is_exact, test_local_matches_reference,
+                            test_local_refused, NULL};
+    return test_suite("merge", "merge", 120, tests);
 }

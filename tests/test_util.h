@@ -59,6 +59,27 @@ static inline double test_rel_err(size_t n, const float *a, const float *b)
     return mb > 0 ? d / mb : d;
 }
 
+/* Adds a test case named name to s with the tests of a NULL-ended list, under a timeout of
+ * timeout_s seconds (0: Check's default, CK_DEFAULT_TIMEOUT); returns it (for fixtures). */
+static inline TCase *test_add_case(Suite *s, const char *name, int timeout_s,
+                                   const TTest *const *tests)
+{
+    TCase *tc = tcase_create(name);
+    if (timeout_s > 0) tcase_set_timeout(tc, timeout_s);
+    for (; *tests; tests++) tcase_add_test(tc, *tests);
+    suite_add_tcase(s, tc);
+    return tc;
+}
+
+/* A suite of one test case (test_add_case). */
+static inline Suite *test_suite(const char *name, const char *tcase, int timeout_s,
+                                const TTest *const *tests)
+{
+    Suite *s = suite_create(name);
+    test_add_case(s, tcase, timeout_s, tests);
+    return s;
+}
+
 Suite *kernels_suite(void);
 Suite *shard_suite(void);
 Suite *engine_suite(void);

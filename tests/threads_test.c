@@ -543,15 +543,12 @@ END_TEST
 
 Suite *threads_suite(void)
 {
-    Suite *s = suite_create("threads");
-    TCase *tc = tcase_create("core");
-    tcase_set_timeout(tc, 300);
-    tcase_add_test(tc, test_dense_block_paths);
-    tcase_add_test(tc, test_pool_runs_each_task_once);
-    tcase_add_test(tc, test_threads_from_env);
-    tcase_add_test(tc, test_engine_threads_identical);
-    tcase_add_test(tc, test_shard_threads_identical);
-    tcase_add_test(tc, test_shard_union_gather);
-    suite_add_tcase(s, tc);
-    return s;
+    const TTest *tests[] = {test_dense_block_paths,
+                            test_pool_runs_each_task_once,
+                            test_threads_from_env,
+                            test_engine_threads_identical,
+                            test_shard_threads_identical,
+                            test_shard_union_gather,
+                            NULL};
+    return test_suite("threads", "core", 300, tests);
 }
