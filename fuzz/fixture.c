@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "tensor.h"
+
 static void s_die(const char *what, const Fasa__V1__Response *r)
 {
     fprintf(stderr, "fuzz fixture: %s failed: status %d %s\n", what, r ? (int)r->status : -1,
@@ -65,16 +67,6 @@ static Fasa__V1__Response *s_send_ok(fuzz_fixture *fx, Fasa__V1__Request *req, c
     return r;
 }
 
-static void s_tensor(Fasa__V1__Tensor *t, uint64_t *shape, int rank, const float *data, size_t n)
-{
-    fasa__v1__tensor__init(t);
-    t->dtype = FASA__V1__DTYPE__F32;
-    t->n_shape = (size_t)rank;
-    t->shape = shape;
-    t->data.data = (uint8_t *)data;
-    t->data.len = n * sizeof(float);
-}
-
 /* Calibrates profile "p" from random activations; keeps its text. */
 static void s_calibrate(fuzz_fixture *fx, uint64_t *rng)
 {
@@ -86,8 +78,8 @@ static void s_calibrate(fuzz_fixture *fx, uint64_t *rng)
     Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
     Fasa__V1__Calibrate c = FASA__V1__CALIBRATE__INIT;
     Fasa__V1__Tensor tq, tk;
-    s_tensor(&tq, qs, 4, q, NQ);
-    s_tensor(&tk, ks, 4, k, NK);
+    edge_tensor_f32(&tq, qs, 4, q, NQ);
+    edge_tensor_f32(&tk, ks, 4, k, NK);
     c.q = &tq;
     c.k = &tk;
     c.has_window = c.has_pos_step = 1;
@@ -135,8 +127,8 @@ static void s_session(fuzz_fixture *fx, const char *id, const geometry *g, int p
     Fasa__V1__Request ar = FASA__V1__REQUEST__INIT;
     Fasa__V1__Append a = FASA__V1__APPEND__INIT;
     Fasa__V1__Tensor tk, tv;
-    s_tensor(&tk, shape, 4, k, nf);
-    s_tensor(&tv, shape, 4, k + nf, nf);
+    edge_tensor_f32(&tk, shape, 4, k, nf);
+    edge_tensor_f32(&tv, shape, 4, k + nf, nf);
     a.session_id = (char *)id;
     a.start_pos = 0;
     a.k = &tk;

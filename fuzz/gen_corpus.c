@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "fixture.h"
+#include "tensor.h"
 
 enum { L = FUZZ_L, H = FUZZ_H, HKV = FUZZ_HKV, D = FUZZ_D, N = FUZZ_N };
 
@@ -57,12 +58,7 @@ static void s_emit(const char *name, Fasa__V1__Request *req, int want)
 
 static void s_tensor(Fasa__V1__Tensor *t, uint64_t *shape, int rank, float *data, size_t n)
 {
-    fasa__v1__tensor__init(t);
-    t->dtype = FASA__V1__DTYPE__F32;
-    t->n_shape = (size_t)rank;
-    t->shape = shape;
-    t->data.data = (uint8_t *)data;
-    t->data.len = n * sizeof(float);
+    edge_tensor_f32(t, shape, rank, data, n);
     fuzz_fill(&s_rng, n, data, 1.0f);
 }
 

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "tensor.h"
 #include "test_util.h"
 
 #define L WIRE_L
@@ -71,12 +72,7 @@ void wire_expect_error(Fasa__V1__Response *r, Fasa__V1__Status code, const char 
 
 void wire_tensor(Fasa__V1__Tensor *t, uint64_t *shape, int rank, const float *data, size_t n)
 {
-    fasa__v1__tensor__init(t);
-    t->dtype = FASA__V1__DTYPE__F32;
-    t->n_shape = (size_t)rank;
-    t->shape = shape;
-    t->data.data = (uint8_t *)data;
-    t->data.len = n * sizeof(float);
+    edge_tensor_f32(t, shape, rank, data, n);
 }
 
 static Fasa__V1__Response *s_attend_q(const char *id, const float *q, uint64_t *shape, int budget)
