@@ -599,6 +599,31 @@ static int s_argmax(int V, const float *logits)
     return best;
 }
 
+/* Zeroes *out and gives it the buckets of n tokens. 0, or -1 out of memory (nothing held). */
+static int s_ppl_alloc(llama_ppl *out, int n)
+{
+    memset(out, 0, sizeof(*out));
+    const int nb = (n - 1) / LLAMA_PPL_BUCKET + 1;
+    out->nll = calloc((size_t)nb, sizeof(double));
+    out->count = calloc((size_t)nb, sizeof(long));
+    if (!out->nll || !out->count) {
+        llama_ppl_free(out);
+        return -1;
+    }
+    out->n_buckets = nb;
+    return 0;
+}
+
+/* Adds the negative log-likelihood of token t (t >= 1) to *out. */
+static void s_ppl_add(llama_ppl *out, int t, double nll)
+{
+    const int b = t / LLAMA_PPL_BUCKET;
+    out->nll[b] += nll;
+    out->count[b]++;
+    out->total += nll;
+    out->n++;
+}
+
 int llama_perplexity_vs(const llama_model *m, const int *tokens, int n, llama_attn_fn attn,
                         void *ctx, llama_attn_fn ref_attn, void *ref_ctx,
                         void (*progress)(void *arg, long done, long total), void *progress_arg,
@@ -611,17 +636,11 @@ int llama_perplexity_vs(const llama_model *m, const int *tokens, int n, llama_at
         llama_state_free(&r);
         return -1;
     }
-    memset(out, 0, sizeof(*out));
-    const int nb = (n - 1) / LLAMA_PPL_BUCKET + 1;
-    out->nll = calloc((size_t)nb, sizeof(double));
-    out->count = calloc((size_t)nb, sizeof(long));
-    if (!out->nll || !out->count) {
-        llama_ppl_free(out);
+    if (s_ppl_alloc(out, n)) {
         llama_state_free(&s);
         llama_state_free(&r);
         return -1;
     }
-    out->n_buckets = nb;
     const int V = m->cfg.vocab_size;
     int rc = 0;
     for (int t = 0; t + 1 < n; t++) { /* the last token predicts nothing */
@@ -640,11 +659,7 @@ int llama_perplexity_vs(const llama_model *m, const int *tokens, int n, llama_at
         vs->kl += kl;
         vs->agree += s_argmax(V, s.logits) == s_argmax(V, r.logits);
         const double nll = zs - s.logits[tokens[t + 1]];
-        const int b = (t + 1) / LLAMA_PPL_BUCKET;
-        out->nll[b] += nll;
-        out->count[b]++;
-        out->total += nll;
-        out->n++;
+        s_ppl_add(out, t + 1, nll);
         vs->nll_method += nll;
         vs->nll_ref += zr - r.logits[tokens[t + 1]];
         vs->n++;
@@ -662,15 +677,10 @@ int llama_perplexity(const llama_model *m, const int *tokens, int n, llama_attn_
     memset(out, 0, sizeof(*out));
     llama_state s;
     if (n < 1 || llama_state_init(&s, m)) return -1;
-    const int nb = (n - 1) / LLAMA_PPL_BUCKET + 1;
-    out->nll = calloc((size_t)nb, sizeof(double));
-    out->count = calloc((size_t)nb, sizeof(long));
-    if (!out->nll || !out->count) {
-        llama_ppl_free(out);
+    if (s_ppl_alloc(out, n)) {
         llama_state_free(&s);
         return -1;
     }
-    out->n_buckets = nb;
     const int V = m->cfg.vocab_size;
     int rc = 0;
     for (int t = 0; t < n; t++) {
@@ -679,18 +689,7 @@ int llama_perplexity(const llama_model *m, const int *tokens, int n, llama_attn_
             rc = -1;
             break;
         }
-        if (t + 1 < n) {
-            double mx = -INFINITY, sum = 0;
-            for (int i = 0; i < V; i++)
-                if (s.logits[i] > mx) mx = s.logits[i];
-            for (int i = 0; i < V; i++) sum += exp((double)s.logits[i] - mx);
-            const double nll = log(sum) + mx - s.logits[tokens[t + 1]];
-            const int b = (t + 1) / LLAMA_PPL_BUCKET;
-            out->nll[b] += nll;
-            out->count[b]++;
-            out->total += nll;
-            out->n++;
-        }
+        if (t + 1 < n) s_ppl_add(out, t + 1, s_logsumexp(V, s.logits) - s.logits[tokens[t + 1]]);
         if (progress) progress(progress_arg, t + 1, n);
     }
     llama_state_free(&s);
