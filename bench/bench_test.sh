@@ -15,16 +15,8 @@ bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
 # has NAME FILE REGEX: FILE has a line matching the extended REGEX.
 has() { if grep -Eq -- "$3" "$2"; then ok; else bad "$1: no line matching '$3' in: $(cat "$2")"; fi; }
 # expect_error NAME PATTERN CMD...: exit 2, one stderr line matching PATTERN.
-expect_error() {
-    local name=$1 pattern=$2
-    shift 2
-    "$@" >"$tmp/out" 2>"$tmp/err"
-    local rc=$?
-    if [ $rc -ne 2 ]; then bad "$name: exit $rc, want 2"; return; fi
-    if [ "$(wc -l <"$tmp/err")" -ne 1 ]; then bad "$name: stderr: $(cat "$tmp/err")"; return; fi
-    if ! grep -q -- "$pattern" "$tmp/err"; then bad "$name: '$(cat "$tmp/err")' lacks '$pattern'"; return; fi
-    ok
-}
+source "$(dirname "$0")/../tests/expect.sh"
+expect_rc=2
 
 # --help everywhere.
 for c in "bench --help" "bench scan --help" "bench attend --help"; do

@@ -38,12 +38,15 @@ start_local() {
 }
 
 # start_mpi N LOG DIR [fasa-server options]: fasa-server on N ranks under setsid mpirun in
-# the background (launcher = mpirun's PID, its output in LOG), writing DIR/endpoint and
-# DIR/pid; waits up to FASA_START_TIMEOUT_S for both files and an answer to ping, and sets
-# ep. 0, or 1 after bad "the server did not start within T s (launcher alive|gone): LOG".
+# the background (launcher = mpirun's PID, its output in LOG; Open MPI allowed to run as root
+# and with more ranks than cores), writing DIR/endpoint and DIR/pid; waits up to
+# FASA_START_TIMEOUT_S for both files and an answer to ping, and sets ep. 0, or 1 after bad
+# "the server did not start within T s (launcher alive|gone): LOG".
 start_mpi() {
     local n=$1 log=$2 dir=$3 i
     shift 3
+    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+    export OMPI_MCA_rmaps_base_oversubscribe=1
     rm -f "$dir/endpoint" "$dir/pid"
     setsid mpirun -n "$n" -x OPENBLAS_NUM_THREADS "$build/fasa-server" \
         --endpoint-file "$dir/endpoint" --pid-file "$dir/pid" "$@" >"$log" 2>&1 </dev/null &

@@ -14,17 +14,8 @@ shared=$2
 source "$(dirname "$0")/server_util.sh"
 dump=$shared/data/models/stories260K/golden/tinystories_T2048.qkv
 source "$root/deploy/ports.sh"
-# expect_fail NAME PATTERN CMD...: non-zero exit, exactly one stderr line matching PATTERN.
-expect_fail() {
-    local name=$1 pattern=$2
-    shift 2
-    "$@" >"$tmp/out" 2>"$tmp/err"
-    local rc=$?
-    if [ $rc -eq 0 ]; then bad "$name: exit 0"; return; fi
-    if [ "$(wc -l <"$tmp/err")" -ne 1 ]; then bad "$name: stderr: $(cat "$tmp/err")"; return; fi
-    if ! grep -q -- "$pattern" "$tmp/err"; then bad "$name: '$(cat "$tmp/err")' lacks '$pattern'"; return; fi
-    ok "$name: $(cat "$tmp/err")"
-}
+# expect_error NAME PATTERN CMD...: non-zero exit, exactly one stderr line matching PATTERN.
+source "$(dirname "$0")/expect.sh"
 
 # ---- the README's snapshot block, as written but for the endpoint and paths ----
 ep=$(fasa_bind_endpoint 127.0.0.1) || exit 1
@@ -101,12 +92,12 @@ ls "$tmp/state"/*.profile >/dev/null 2>&1 && ok "the profile is saved" || bad "n
 "$fasa" profile delete stories >"$tmp/pd" 2>&1 && grep -q 'deleted profile stories' "$tmp/pd" &&
     ! ls "$tmp/state"/*.profile >/dev/null 2>&1 && ok "fasa profile delete: the profile and its file are gone" ||
     bad "profile delete: $(cat "$tmp/pd") $(ls "$tmp/state")"
-expect_fail "profile delete again" "no profile 'stories' is stored" "$fasa" profile delete stories
+expect_error "profile delete again" "no profile 'stories' is stored" "$fasa" profile delete stories
 "$fasa" profile --help | grep -q 'usage: fasa profile delete NAME' && ok "profile --help" || bad "profile --help"
 "$fasa" sessions --help | grep -q 'usage: fasa sessions' && ok "sessions --help" || bad "sessions --help"
 "$fasa" drop u1 >"$tmp/drop" 2>&1 && grep -q 'dropped session u1' "$tmp/drop" && ok "fasa drop u1" ||
     bad "fasa drop u1: $(cat "$tmp/drop")"
-expect_fail "drop twice named" "give the session once" "$fasa" drop u1 --session u2
+expect_error "drop twice named" "give the session once" "$fasa" drop u1 --session u2
 
 # Ctrl-C during a long command: exit 130, and its sessions are dropped on the way out.
 "$fasa" demo --tokens 262144 --steps 50 >"$tmp/int.out" 2>&1 &
@@ -136,9 +127,9 @@ bash "$root/deploy/stop-local.sh" >/dev/null 2>&1
 unset FASA_SERVER
 
 # ---- without a server ----
-expect_fail "no tcp://" "names no transport: write tcp://127.0.0.1:6501" "$fasa" ping --server 127.0.0.1:6501
+expect_error "no tcp://" "names no transport: write tcp://127.0.0.1:6501" "$fasa" ping --server 127.0.0.1:6501
 dead=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-expect_fail "a dead port" "no server answered at tcp://127.0.0.1:$dead: the connection was refused" \
+expect_error "a dead port" "no server answered at tcp://127.0.0.1:$dead: the connection was refused" \
     env FASA_TIMEOUT_MS=60000 timeout 20 "$fasa" ping --server "tcp://127.0.0.1:$dead"
 model=$shared/data/models/stories260K/stories260K.bin
 tokz=$shared/data/models/stories260K/tok512.bin
@@ -148,12 +139,12 @@ for c in "replay --qkv $dump --method dense --out $tmp/y.npy" "demo" \
          "ppl --model $model --tokenizer $tokz --text $text --method dense" \
          "generate --model $model --tokenizer $tokz --steps 1"; do
     # shellcheck disable=SC2086
-    expect_fail "FASA_SERVER for ${c%% *}" "tcp://127.0.0.1:$dead" env FASA_SERVER="tcp://127.0.0.1:$dead" "$fasa" $c
+    expect_error "FASA_SERVER for ${c%% *}" "tcp://127.0.0.1:$dead" env FASA_SERVER="tcp://127.0.0.1:$dead" "$fasa" $c
 done
-expect_fail "FASA_TIMEOUT_MS=abc" "FASA_TIMEOUT_MS='abc' must be a whole number" env FASA_TIMEOUT_MS=abc "$fasa" ping --server tcp://127.0.0.1:1
-expect_fail "FASA_SIMD=bogus" "FASA_SIMD='bogus' is not portable, avx2 or avx512" env FASA_SIMD=bogus "$fasa" demo --tokens 1024
+expect_error "FASA_TIMEOUT_MS=abc" "FASA_TIMEOUT_MS='abc' must be a whole number" env FASA_TIMEOUT_MS=abc "$fasa" ping --server tcp://127.0.0.1:1
+expect_error "FASA_SIMD=bogus" "FASA_SIMD='bogus' is not portable, avx2 or avx512" env FASA_SIMD=bogus "$fasa" demo --tokens 1024
 if [ -f "$dump" ]; then
-    expect_fail "replay --out unwritable" "--out\|cannot write it" "$fasa" replay --qkv "$dump" --method dense --out "$tmp/no/dir/o.npy"
+    expect_error "replay --out unwritable" "--out\|cannot write it" "$fasa" replay --qkv "$dump" --method dense --out "$tmp/no/dir/o.npy"
     "$fasa" replay --qkv "$dump" --method dense --positions 2000:2048:16 --out "$tmp/d1.npy" >/dev/null 2>&1 &&
     "$fasa" replay --qkv "$dump" --method dense --budget 7 --positions 2000:2048:16 --out "$tmp/d2.npy" >/dev/null 2>&1 &&
         cmp -s "$tmp/d1.npy" "$tmp/d2.npy" && cmp -s "$tmp/d1.npy" "$tmp/o.npy" &&
