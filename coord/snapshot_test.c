@@ -44,6 +44,22 @@ static fasa_profile *s_profile(void)
 /* The score dtype of session "a/b:c" (scan.h; 0 auto). */
 static int s_score_dtype;
 
+/* A 2-shard engine holding one empty dense session, id (budget 40, the tests' geometry). */
+static fasa_engine_t *s_dense_engine(const char *id)
+{
+    fasa_engine_t *e = fasa_engine_new(2, BLOCK);
+    ck_assert_ptr_nonnull(e);
+    const fasa_session_config c = {.n_layers = NL,
+                                   .n_heads = NH,
+                                   .n_kv_heads = NKV,
+                                   .head_dim = D,
+                                   .method = FASA_METHOD_DENSE,
+                                   .budget = 40};
+    fasa_error err;
+    ck_assert_int_eq(fasa_engine_create(e, id, &c, &err), FASA_OK);
+    return e;
+}
+
 /* Sessions "a/b:c" (fasa with a profile) and "plain" (dense, no profile), the same rows. */
 static fasa_engine_t *s_fed_engine(int n_shards, const fasa_profile *p)
 {
@@ -396,15 +412,8 @@ START_TEST(test_wal_replay)
         test_fill(&r, (size_t)(T0 + T1) * NKV * D, &s_v[l][0][0], 1.0f);
     }
     s_mkdir();
-    fasa_engine_t *a = fasa_engine_new(2, BLOCK);
-    fasa_session_config c = {.n_layers = NL,
-                             .n_heads = NH,
-                             .n_kv_heads = NKV,
-                             .head_dim = D,
-                             .method = FASA_METHOD_DENSE,
-                             .budget = 40};
+    fasa_engine_t *a = s_dense_engine("plain");
     fasa_error err;
-    ck_assert_int_eq(fasa_engine_create(a, "plain", &c, &err), FASA_OK);
     float *k = malloc((size_t)NL * 200 * NKV * D * sizeof(float));
     float *v = malloc((size_t)NL * 200 * NKV * D * sizeof(float));
     ck_assert_ptr_nonnull(k);
@@ -476,15 +485,8 @@ START_TEST(test_snapshot_clean)
 {
     /* What a snapshot killed half way leaves goes; the live generation and other files stay. */
     s_mkdir();
-    fasa_engine_t *a = fasa_engine_new(2, BLOCK);
-    fasa_session_config c = {.n_layers = NL,
-                             .n_heads = NH,
-                             .n_kv_heads = NKV,
-                             .head_dim = D,
-                             .method = FASA_METHOD_DENSE,
-                             .budget = 40};
+    fasa_engine_t *a = s_dense_engine("s");
     fasa_error err;
-    ck_assert_int_eq(fasa_engine_create(a, "s", &c, &err), FASA_OK);
     ck_assert_int_eq(fasa_snapshot_session(a, s_dir, "s", NULL, &err), FASA_OK);
     char stem[64];
     fasa_snapshot_stem("s", stem, sizeof(stem));
