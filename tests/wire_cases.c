@@ -149,6 +149,17 @@ static void s_reference(float out[H][D])
 static float s_base[H][D];
 
 /* Creates session "bad" (dense, 40 tokens in both layers) and records its attend output. */
+/* The reply to a DropSession of id (caller frees). */
+static Fasa__V1__Response *s_drop(const char *id)
+{
+    Fasa__V1__DropSession ds = FASA__V1__DROP_SESSION__INIT;
+    ds.session_id = (char *)id;
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    req.body_case = FASA__V1__REQUEST__BODY_DROP_SESSION;
+    req.drop_session = &ds;
+    return wire_send(&req);
+}
+
 void wire_make_session(void)
 {
     test_rng rng = {42};
@@ -156,12 +167,7 @@ void wire_make_session(void)
     test_fill(&rng, sizeof(s_v) / sizeof(float), &s_v[0][0][0][0], 1.0f);
     test_fill(&rng, sizeof(s_q) / sizeof(float), &s_q[0][0], 2.0f);
 
-    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
-    Fasa__V1__DropSession drop = FASA__V1__DROP_SESSION__INIT;
-    drop.session_id = "bad";
-    req.body_case = FASA__V1__REQUEST__BODY_DROP_SESSION;
-    req.drop_session = &drop;
-    fasa__v1__response__free_unpacked(wire_send(&req), NULL); /* from an earlier run */
+    fasa__v1__response__free_unpacked(s_drop("bad"), NULL); /* from an earlier run */
 
     Fasa__V1__Request cr;
     Fasa__V1__CreateSession c;
@@ -355,12 +361,7 @@ START_TEST(test_bad_fields)
     c.head_dim = D;
     c.profile_text = "fasa-profile 1\nn_layers 99999999\n";
     wire_expect_error(wire_send(&cr), FASA__V1__STATUS__INVALID_ARGUMENT, "profile_text");
-    Fasa__V1__Request dr = FASA__V1__REQUEST__INIT;
-    Fasa__V1__DropSession d = FASA__V1__DROP_SESSION__INIT;
-    d.session_id = "ghost";
-    dr.body_case = FASA__V1__REQUEST__BODY_DROP_SESSION;
-    dr.drop_session = &d;
-    wire_expect_error(wire_send(&dr), FASA__V1__STATUS__NOT_FOUND, "ghost");
+    wire_expect_error(s_drop("ghost"), FASA__V1__STATUS__NOT_FOUND, "ghost");
 
     /* A batch: one good item and one bad; the good one runs, the bad one names itself. */
     Fasa__V1__Request br = FASA__V1__REQUEST__INIT;
@@ -427,12 +428,7 @@ START_TEST(test_create_dtype)
         Fasa__V1__Response *r = wire_send(&req);
         ck_assert_int_eq(r->status, 0);
         fasa__v1__response__free_unpacked(r, NULL);
-        Fasa__V1__DropSession ds = FASA__V1__DROP_SESSION__INIT;
-        ds.session_id = (char *)ids[i];
-        Fasa__V1__Request dr = FASA__V1__REQUEST__INIT;
-        dr.body_case = FASA__V1__REQUEST__BODY_DROP_SESSION;
-        dr.drop_session = &ds;
-        r = wire_send(&dr);
+        r = s_drop(ids[i]);
         ck_assert_int_eq(r->status, 0);
         fasa__v1__response__free_unpacked(r, NULL);
     }
@@ -464,12 +460,7 @@ START_TEST(test_create_score_dtype)
         Fasa__V1__Response *r = wire_send(&req);
         ck_assert_int_eq(r->status, 0);
         fasa__v1__response__free_unpacked(r, NULL);
-        Fasa__V1__DropSession ds = FASA__V1__DROP_SESSION__INIT;
-        ds.session_id = "sd-ok";
-        Fasa__V1__Request dr = FASA__V1__REQUEST__INIT;
-        dr.body_case = FASA__V1__REQUEST__BODY_DROP_SESSION;
-        dr.drop_session = &ds;
-        r = wire_send(&dr);
+        r = s_drop("sd-ok");
         ck_assert_int_eq(r->status, 0);
         fasa__v1__response__free_unpacked(r, NULL);
     }
