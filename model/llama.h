@@ -63,7 +63,7 @@ int llama_encode(const llama_tokenizer *t, const char *text, size_t len, int bos
 const char *llama_decode(const llama_tokenizer *t, int prev, int token, size_t *len_p);
 
 /* Reads a whole text file (at most 1 GiB of it) into a NUL-terminated string, its length in
- * *len_p; caller frees. NULL with one line in err ("cannot open text PATH: why"). */
+ * *len_p; caller owns it (free). NULL with one line in err ("cannot open text PATH: why"). */
 char *llama_read_text(const char *path, size_t *len_p, char *err, size_t err_len);
 
 /* The first (up to) max_tokens tokens of text, BOS first. Encodes a prefix only (a piece
