@@ -517,24 +517,29 @@ T_AVX2 static void s_run_bf16(const scan_q *sq, int n, const void *t, const floa
 {
     s_run_sd(SCAN_BF16, sq, n, t, rs, out, ld, p0, acc);
 }
-/* The int8 scan proper. Its cost was instructions, not multiplies or memory: the generic
- * tile path kept the scores of a tile in a stack array and loaded each head's threshold and
- * reformatted its mask for every tile, about as many instructions again as the multiply-adds.
- * Here a tile is NQ (1 or 2) heads at a time over all 16 rows, with named accumulators (no
- * register spills), the thresholds held in registers between inserts, and one branch per
- * tile and head pair; scores reach memory only to be inserted or stored (out != NULL).
- * The integer sums are exact, so the scores are the same bits as every other path's. */
+/* The int8 scan proper, nq (1, 2; up to S_NQ_MAX) heads at a time over all the rows of a
+ * call. Its cost was instructions, not multiplies or memory: the generic tile path kept the
+ * scores of a tile in a stack array and loaded each head's threshold and reformatted its
+ * mask for every tile. Here the accumulators are named (no register spills; with 4 heads at
+ * once GCC spills, and 2 measured as fast or faster in an in-cache A/B), the thresholds stay
+ * in registers between inserts, one branch per tile covers all nq heads, and scores reach
+ * memory only to be inserted or stored (out != NULL). A second pair of heads re-reads a
+ * call's rows (a 4096-row shard chunk) from L2. The integer sums are exact, so the scores
+ * are the same bits as every other path's. */
 T_AVX2 static inline __attribute__((always_inline)) void
 s_i8_heads(int nq, const scan_q *sq, int h0, int n_rows, const int8_t *tiles,
            const float *row_scale, float *out, int ld_out, int32_t pos0, topk_acc *acc)
 {
     const int n_pad = sq->n_pad, n2 = n_pad / 2, n_tiles = (n_rows + SCORE_TILE - 1) / SCORE_TILE;
     const size_t tb = (size_t)SCORE_TILE * (size_t)n_pad;
-    const int16_t *q0 = sq->qi + (size_t)h0 * n_pad, *q1 = nq > 1 ? q0 + n_pad : q0;
-    const __m256 qs0 = _mm256_set1_ps(sq->qscale[h0]),
-                 qs1 = _mm256_set1_ps(sq->qscale[nq > 1 ? h0 + 1 : h0]);
+    const int16_t *qh[S_NQ_MAX];
+    __m256 qs[S_NQ_MAX], th[S_NQ_MAX];
+    for (int h = 0; h < nq; h++) {
+        qh[h] = sq->qi + (size_t)(h0 + h) * n_pad;
+        qs[h] = _mm256_set1_ps(sq->qscale[h0 + h]);
+        th[h] = _mm256_setzero_ps();
+    }
     /* Thresholds: a head without one (or with a NaN one) takes every row (force). */
-    __m256 th0 = _mm256_setzero_ps(), th1 = _mm256_setzero_ps();
     int force = 0;
 #define S_I8_THR()                                                                                 \
     do {                                                                                           \
@@ -543,40 +548,47 @@ s_i8_heads(int nq, const scan_q *sq, int h0, int n_rows, const int8_t *tiles,
             const topk_acc *a_ = &acc[h0 + h];                                                     \
             const int f_ = !(a_->have_thr && a_->thr.score == a_->thr.score);                      \
             force |= f_;                                                                           \
-            const __m256 t_ = _mm256_set1_ps(f_ ? 0.0f : a_->thr.score);                           \
-            if (h == 0)                                                                            \
-                th0 = t_;                                                                          \
-            else                                                                                   \
-                th1 = t_;                                                                          \
+            th[h] = _mm256_set1_ps(f_ ? 0.0f : a_->thr.score);                                     \
         }                                                                                          \
     } while (0)
     if (!out) S_I8_THR();
     for (int t = 0; t < n_tiles; t++) {
         const int8_t *p = tiles + (size_t)t * tb;
-        __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00;
+        const __m256i z = _mm256_setzero_si256();
+        __m256i a00 = z, a01 = z, a10 = z, a11 = z, a20 = z, a21 = z, a30 = z, a31 = z;
         for (int c2 = 0; c2 < n2; c2++, p += 2 * SCORE_TILE) {
             const __m256i k0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
             const __m256i k1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16)));
-            int32_t w0;
-            memcpy(&w0, q0 + 2 * c2, 4);
-            const __m256i b0 = _mm256_set1_epi32(w0);
-            a00 = _mm256_add_epi32(a00, _mm256_madd_epi16(k0, b0));
-            a01 = _mm256_add_epi32(a01, _mm256_madd_epi16(k1, b0));
+            int32_t w;
+            memcpy(&w, qh[0] + 2 * c2, 4);
+            __m256i b = _mm256_set1_epi32(w);
+            a00 = _mm256_add_epi32(a00, _mm256_madd_epi16(k0, b));
+            a01 = _mm256_add_epi32(a01, _mm256_madd_epi16(k1, b));
             if (nq > 1) {
-                int32_t w1;
-                memcpy(&w1, q1 + 2 * c2, 4);
-                const __m256i b1 = _mm256_set1_epi32(w1);
-                a10 = _mm256_add_epi32(a10, _mm256_madd_epi16(k0, b1));
-                a11 = _mm256_add_epi32(a11, _mm256_madd_epi16(k1, b1));
+                memcpy(&w, qh[1] + 2 * c2, 4);
+                b = _mm256_set1_epi32(w);
+                a10 = _mm256_add_epi32(a10, _mm256_madd_epi16(k0, b));
+                a11 = _mm256_add_epi32(a11, _mm256_madd_epi16(k1, b));
+            }
+            if (nq > 2) {
+                memcpy(&w, qh[2] + 2 * c2, 4);
+                b = _mm256_set1_epi32(w);
+                a20 = _mm256_add_epi32(a20, _mm256_madd_epi16(k0, b));
+                a21 = _mm256_add_epi32(a21, _mm256_madd_epi16(k1, b));
+                memcpy(&w, qh[3] + 2 * c2, 4);
+                b = _mm256_set1_epi32(w);
+                a30 = _mm256_add_epi32(a30, _mm256_madd_epi16(k0, b));
+                a31 = _mm256_add_epi32(a31, _mm256_madd_epi16(k1, b));
             }
         }
         const float *ks = row_scale + (size_t)t * SCORE_TILE;
         const __m256 ks0 = _mm256_loadu_ps(ks), ks1 = _mm256_loadu_ps(ks + 8);
-        __m256 f[2][2];
-        f[0][0] = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a00), qs0), ks0);
-        f[0][1] = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a01), qs0), ks1);
-        f[1][0] = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a10), qs1), ks0);
-        f[1][1] = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a11), qs1), ks1);
+        const __m256i ai[S_NQ_MAX][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+        __m256 f[S_NQ_MAX][2];
+        for (int h = 0; h < nq; h++) {
+            f[h][0] = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(ai[h][0]), qs[h]), ks0);
+            f[h][1] = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(ai[h][1]), qs[h]), ks1);
+        }
         const int nv = n_rows - t * SCORE_TILE;
         if (out) {
             for (int h = 0; h < nq; h++) {
@@ -593,20 +605,18 @@ s_i8_heads(int nq, const scan_q *sq, int h0, int n_rows, const int8_t *tiles,
             }
             continue;
         }
-        __m256 c = _mm256_or_ps(_mm256_cmp_ps(f[0][0], th0, _CMP_GT_OQ),
-                                _mm256_cmp_ps(f[0][1], th0, _CMP_GT_OQ));
-        if (nq > 1)
-            c = _mm256_or_ps(c, _mm256_or_ps(_mm256_cmp_ps(f[1][0], th1, _CMP_GT_OQ),
-                                             _mm256_cmp_ps(f[1][1], th1, _CMP_GT_OQ)));
+        __m256 c = _mm256_setzero_ps();
+        for (int h = 0; h < nq; h++)
+            c = _mm256_or_ps(c, _mm256_or_ps(_mm256_cmp_ps(f[h][0], th[h], _CMP_GT_OQ),
+                                             _mm256_cmp_ps(f[h][1], th[h], _CMP_GT_OQ)));
         if (__builtin_expect(!(force | _mm256_movemask_ps(c)), 1)) continue;
         const unsigned vmask = nv >= SCORE_TILE ? 0xffffu : (1u << nv) - 1u;
         for (int h = 0; h < nq; h++) {
             const topk_acc *a = &acc[h0 + h];
-            const __m256 th = h == 0 ? th0 : th1;
             unsigned m = 0xffffu;
             if (a->have_thr && a->thr.score == a->thr.score)
-                m = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(f[h][0], th, _CMP_GT_OQ)) |
-                    (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(f[h][1], th, _CMP_GT_OQ)) << 8;
+                m = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(f[h][0], th[h], _CMP_GT_OQ)) |
+                    (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(f[h][1], th[h], _CMP_GT_OQ)) << 8;
             m &= vmask;
             if (!m) continue;
             float sc[16];
