@@ -722,9 +722,11 @@ START_TEST(test_scan_topk)
             ck_assert_int_eq(scan_q_prep(&sq, sd, n_q, nd, q), 0);
             float *sc = test_alloc((size_t)n_q * nr * 4);
             scan_scores_ref(&sq, nr, tiles, rs, sc, nr);
-            for (size_t ki = 0; ki < sizeof(ks) / sizeof(*ks); ki++)
+            /* cap 2k + 3: compactions when the buffer is full; 5k + 1: at 4k held (the
+             * fused scan's early compaction, scan.c s_insert). */
+            for (size_t ki = 0; ki < 2 * sizeof(ks) / sizeof(*ks); ki++)
                 for (int pi = 0; pi < np; pi++) {
-                    const int k = ks[ki], cap = 2 * k + 3;
+                    const int k = ks[ki / 2], cap = ki % 2 ? 5 * k + 1 : 2 * k + 3;
                     scan_scores(paths[pi], &sq, nr, tiles, rs, sc, nr);
                     topk_acc acc[n_q];
                     topk_cand *buf = test_alloc((size_t)n_q * cap * sizeof(topk_cand));

@@ -291,12 +291,30 @@ void scan_scores_ref(const scan_q *sq, int n_rows, const void *tiles, const floa
         }
 }
 
-/* Offers row scores s[0..n) of head h to acc: the fused insert the SIMD kernels do with a
- * vector compare, here one compare per row. */
+/* The fused scan's rare insert, shared by every path: stores c, compacting to the best k
+ * first once 4k candidates are held (or the buffer is full). Compacting early keeps the
+ * threshold near the running k-th best, so that far fewer rows beat it (about k ln(n / k)
+ * plus 3k per compaction, against the whole buffer's worth per compaction when it waited
+ * for the buffer to fill); the selection is the exact top-k either way. */
+static inline void s_insert(topk_acc *acc, topk_cand c)
+{
+    const int lim = acc->cap / 4 < acc->k ? acc->cap : 4 * acc->k;
+    if (acc->n >= lim) topk_acc_compact(acc);
+    acc->items[acc->n++] = c;
+}
+
+/* 1 when score s may enter acc: no threshold yet (or a NaN one), or s beats it (rows come
+ * in ascending position, so an equal score never does). */
+static inline int s_beats(const topk_acc *acc, float s)
+{
+    return !acc->have_thr || acc->thr.score != acc->thr.score || s > acc->thr.score;
+}
+
+/* Offers row score s of one head: the fused insert the SIMD kernels do with a vector
+ * compare, here one compare per row. */
 static inline void s_offer_port(topk_acc *acc, float s, int32_t pos)
 {
-    if (acc->have_thr && acc->thr.score == acc->thr.score && !(s > acc->thr.score)) return;
-    topk_acc_offer(acc, (topk_cand){s, pos});
+    if (s_beats(acc, s)) s_insert(acc, (topk_cand){s, pos});
 }
 
 static void s_scores_port(const scan_q *sq, int n_rows, const void *tiles, const float *row_scale,
@@ -330,7 +348,11 @@ static const int8_t s_lane_row_bf16[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7,
 T_AVX2 static inline __attribute__((always_inline)) void
 s_tile_float(int sd, int nq, int nd, const float *q, int ld_q, const void *tile, __m256 acc[][2])
 {
-    for (int h = 0; h < nq; h++) acc[h][0] = acc[h][1] = _mm256_setzero_ps();
+    /* Local accumulators, copied out at the end: accumulating into acc itself (a caller's
+     * array) made GCC store all of them to the stack in every iteration, 8 stores per dim and
+     * 16 rows, which bounded the float scans. */
+    __m256 r[S_NQ_MAX][2];
+    for (int h = 0; h < nq; h++) r[h][0] = r[h][1] = _mm256_setzero_ps();
     const __m256i zero = _mm256_setzero_si256();
     for (int c = 0; c < nd; c++) {
         __m256 k0, k1;
@@ -350,39 +372,53 @@ s_tile_float(int sd, int nq, int nd, const float *q, int ld_q, const void *tile,
         }
         for (int h = 0; h < nq; h++) {
             const __m256 qb = _mm256_broadcast_ss(q + (size_t)h * ld_q + c);
-            acc[h][0] = _mm256_fmadd_ps(qb, k0, acc[h][0]);
-            acc[h][1] = _mm256_fmadd_ps(qb, k1, acc[h][1]);
+            r[h][0] = _mm256_fmadd_ps(qb, k0, r[h][0]);
+            r[h][1] = _mm256_fmadd_ps(qb, k1, r[h][1]);
         }
     }
+    for (int h = 0; h < nq; h++) acc[h][0] = r[h][0], acc[h][1] = r[h][1];
 }
 
 /* int8 tile: sum_c qi_c ki_c with the int16 queries: each pair of dims of 8 rows (16
  * bytes) sign-extended to int16 once (vpmovsxbw), then per head one vpmaddwd against the
  * head's broadcast pair of int16 query values (exact int32 products and pair sums; scan.h
- * bounds the sum), then the two scalings in f32. */
+ * bounds the sum), then the two scalings in f32. The two halves of the tile (rows 0..7, then
+ * 8..15) run one after the other, so that the nq accumulators, the key vector and a
+ * broadcast query pair stay in registers (both halves at once spilled an accumulator to the
+ * stack, a store-to-load chain in every iteration); integer sums make the order moot. */
 T_AVX2 static inline __attribute__((always_inline)) void
 s_tile_i8(int nq, int n_pad, const int16_t *qi, const float *qscale, const void *tile,
           const float *kscale, __m256 acc[][2])
 {
-    __m256i ai[S_NQ_MAX][2];
-    for (int h = 0; h < nq; h++) ai[h][0] = ai[h][1] = _mm256_setzero_si256();
-    for (int c2 = 0; c2 < n_pad / 2; c2++) {
-        const int8_t *p = (const int8_t *)tile + (size_t)c2 * 2 * SCORE_TILE;
-        const __m256i k0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
-        const __m256i k1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16)));
-        for (int h = 0; h < nq; h++) {
-            int32_t w;
-            memcpy(&w, qi + (size_t)h * n_pad + 2 * c2, 4);
-            const __m256i qq = _mm256_set1_epi32(w);
-            ai[h][0] = _mm256_add_epi32(ai[h][0], _mm256_madd_epi16(k0, qq));
-            ai[h][1] = _mm256_add_epi32(ai[h][1], _mm256_madd_epi16(k1, qq));
+    const int n2 = n_pad / 2;
+    for (int half = 0; half < 2; half++) {
+        __m256i ai[S_NQ_MAX];
+        for (int h = 0; h < nq; h++) ai[h] = _mm256_setzero_si256();
+        const int8_t *p = (const int8_t *)tile + 16 * half;
+        for (int c2 = 0; c2 < n2; c2++, p += 2 * SCORE_TILE) {
+            const __m256i kk = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+            for (int h = 0; h < nq; h++) {
+                int32_t w;
+                memcpy(&w, qi + (size_t)h * n_pad + 2 * c2, 4);
+                ai[h] = _mm256_add_epi32(ai[h], _mm256_madd_epi16(kk, _mm256_set1_epi32(w)));
+            }
         }
+        const __m256 ks = _mm256_loadu_ps(kscale + 8 * half);
+        for (int h = 0; h < nq; h++)
+            acc[h][half] = _mm256_mul_ps(
+                _mm256_mul_ps(_mm256_cvtepi32_ps(ai[h]), _mm256_set1_ps(qscale[h])), ks);
     }
-    const __m256 ks0 = _mm256_loadu_ps(kscale), ks1 = _mm256_loadu_ps(kscale + 8);
-    for (int h = 0; h < nq; h++) {
-        const __m256 qsc = _mm256_set1_ps(qscale[h]);
-        acc[h][0] = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(ai[h][0]), qsc), ks0);
-        acc[h][1] = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(ai[h][1]), qsc), ks1);
+}
+
+/* The rare inserts of one tile and head: the lanes in mask (scores s[16], lane order
+ * lane_row), in ascending row order (the strict compare assumes it; the lane maps are their
+ * own inverses), each checked again against the threshold an insert may have raised. */
+__attribute__((noinline, cold)) static void
+s_tile_offer(topk_acc *a, const float *s, const int8_t *lane_row, unsigned mask, int32_t p0)
+{
+    for (int r = 0; r < 16; r++) {
+        const int i = lane_row[r];
+        if ((mask >> i & 1u) && s_beats(a, s[i])) s_insert(a, (topk_cand){s[i], p0 + r});
     }
 }
 
@@ -410,44 +446,38 @@ s_tile_avx2(const scan_q *sq, int nq, int h0, int t, int n_valid, const void *ti
         for (int i = 0; i < 16; i++)
             if (lane_row[i] < n_valid) vmask |= 1u << i;
     }
-    for (int h = 0; h < nq; h++) {
-        if (out) {
+    if (out) {
+        for (int h = 0; h < nq; h++) {
             float s[16];
             _mm256_storeu_ps(s, v[h][0]);
             _mm256_storeu_ps(s + 8, v[h][1]);
             float *o = out + (size_t)(h0 + h) * ld_out + (size_t)t * SCORE_TILE;
             for (int i = 0; i < 16; i++)
                 if (lane_row[i] < n_valid) o[lane_row[i]] = s[i];
-            continue;
         }
-        topk_acc *a = &acc[h0 + h];
-        unsigned mask;
+        return;
+    }
+    /* One vector compare per 8 rows and head against the head's threshold, one branch per
+     * tile for all nq heads: the inserts are rare. */
+    unsigned m[S_NQ_MAX], any = 0;
+    for (int h = 0; h < nq; h++) {
+        const topk_acc *a = &acc[h0 + h];
+        unsigned mh = 0xffffu;
         if (a->have_thr && a->thr.score == a->thr.score) {
             const __m256 th = _mm256_set1_ps(a->thr.score);
-            const unsigned m0 =
-                (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v[h][0], th, _CMP_GT_OQ));
-            const unsigned m1 =
-                (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v[h][1], th, _CMP_GT_OQ));
-            mask = m0 | m1 << 8;
-        } else {
-            mask = 0xffffu;
+            mh = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v[h][0], th, _CMP_GT_OQ)) |
+                 (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v[h][1], th, _CMP_GT_OQ)) << 8;
         }
-        mask &= vmask;
-        if (!mask) continue;
+        m[h] = mh & vmask;
+        any |= m[h];
+    }
+    if (__builtin_expect(!any, 1)) return;
+    for (int h = 0; h < nq; h++) {
+        if (!m[h]) continue;
         float s[16];
         _mm256_storeu_ps(s, v[h][0]);
         _mm256_storeu_ps(s + 8, v[h][1]);
-        /* Rows in ascending order within the tile (the strict compare assumes it); the lane
-         * maps are their own inverses. */
-        int order[16], n_ord = 0;
-        for (int r = 0; r < 16; r++)
-            if (mask >> lane_row[r] & 1u) order[n_ord++] = lane_row[r];
-        for (int j = 0; j < n_ord; j++) {
-            const int i = order[j];
-            const float sc = s[i];
-            if (a->have_thr && a->thr.score == a->thr.score && !(sc > a->thr.score)) continue;
-            topk_acc_offer(a, (topk_cand){sc, pos0 + t * SCORE_TILE + lane_row[i]});
-        }
+        s_tile_offer(&acc[h0 + h], s, lane_row, m[h], pos0 + t * SCORE_TILE);
     }
 }
 
@@ -487,10 +517,124 @@ T_AVX2 static void s_run_bf16(const scan_q *sq, int n, const void *t, const floa
 {
     s_run_sd(SCAN_BF16, sq, n, t, rs, out, ld, p0, acc);
 }
+/* The int8 scan proper, nq (1, 2; up to S_NQ_MAX) heads at a time over all the rows of a
+ * call. Its cost was instructions, not multiplies or memory: the generic tile path kept the
+ * scores of a tile in a stack array and loaded each head's threshold and reformatted its
+ * mask for every tile. Here the accumulators are named (no register spills; with 4 heads at
+ * once GCC spills, and 2 measured as fast or faster in an in-cache A/B), the thresholds stay
+ * in registers between inserts, one branch per tile covers all nq heads, and scores reach
+ * memory only to be inserted or stored (out != NULL). A second pair of heads re-reads a
+ * call's rows (a 4096-row shard chunk) from L2. The integer sums are exact, so the scores
+ * are the same bits as every other path's. */
+T_AVX2 static inline __attribute__((always_inline)) void
+s_i8_heads(int nq, const scan_q *sq, int h0, int n_rows, const int8_t *tiles,
+           const float *row_scale, float *out, int ld_out, int32_t pos0, topk_acc *acc)
+{
+    const int n_pad = sq->n_pad, n2 = n_pad / 2, n_tiles = (n_rows + SCORE_TILE - 1) / SCORE_TILE;
+    const size_t tb = (size_t)SCORE_TILE * (size_t)n_pad;
+    const int16_t *qh[S_NQ_MAX];
+    __m256 qs[S_NQ_MAX], th[S_NQ_MAX];
+    for (int h = 0; h < nq; h++) {
+        qh[h] = sq->qi + (size_t)(h0 + h) * n_pad;
+        qs[h] = _mm256_set1_ps(sq->qscale[h0 + h]);
+        th[h] = _mm256_setzero_ps();
+    }
+    /* Thresholds: a head without one (or with a NaN one) takes every row (force). */
+    int force = 0;
+#define S_I8_THR()                                                                                 \
+    do {                                                                                           \
+        force = 0;                                                                                 \
+        for (int h = 0; h < nq; h++) {                                                             \
+            const topk_acc *a_ = &acc[h0 + h];                                                     \
+            const int f_ = !(a_->have_thr && a_->thr.score == a_->thr.score);                      \
+            force |= f_;                                                                           \
+            th[h] = _mm256_set1_ps(f_ ? 0.0f : a_->thr.score);                                     \
+        }                                                                                          \
+    } while (0)
+    if (!out) S_I8_THR();
+    for (int t = 0; t < n_tiles; t++) {
+        const int8_t *p = tiles + (size_t)t * tb;
+        const __m256i z = _mm256_setzero_si256();
+        __m256i a00 = z, a01 = z, a10 = z, a11 = z, a20 = z, a21 = z, a30 = z, a31 = z;
+        for (int c2 = 0; c2 < n2; c2++, p += 2 * SCORE_TILE) {
+            const __m256i k0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+            const __m256i k1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16)));
+            int32_t w;
+            memcpy(&w, qh[0] + 2 * c2, 4);
+            __m256i b = _mm256_set1_epi32(w);
+            a00 = _mm256_add_epi32(a00, _mm256_madd_epi16(k0, b));
+            a01 = _mm256_add_epi32(a01, _mm256_madd_epi16(k1, b));
+            if (nq > 1) {
+                memcpy(&w, qh[1] + 2 * c2, 4);
+                b = _mm256_set1_epi32(w);
+                a10 = _mm256_add_epi32(a10, _mm256_madd_epi16(k0, b));
+                a11 = _mm256_add_epi32(a11, _mm256_madd_epi16(k1, b));
+            }
+            if (nq > 2) {
+                memcpy(&w, qh[2] + 2 * c2, 4);
+                b = _mm256_set1_epi32(w);
+                a20 = _mm256_add_epi32(a20, _mm256_madd_epi16(k0, b));
+                a21 = _mm256_add_epi32(a21, _mm256_madd_epi16(k1, b));
+                memcpy(&w, qh[3] + 2 * c2, 4);
+                b = _mm256_set1_epi32(w);
+                a30 = _mm256_add_epi32(a30, _mm256_madd_epi16(k0, b));
+                a31 = _mm256_add_epi32(a31, _mm256_madd_epi16(k1, b));
+            }
+        }
+        const float *ks = row_scale + (size_t)t * SCORE_TILE;
+        const __m256 ks0 = _mm256_loadu_ps(ks), ks1 = _mm256_loadu_ps(ks + 8);
+        const __m256i ai[S_NQ_MAX][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+        __m256 f[S_NQ_MAX][2];
+        for (int h = 0; h < nq; h++) {
+            f[h][0] = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(ai[h][0]), qs[h]), ks0);
+            f[h][1] = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(ai[h][1]), qs[h]), ks1);
+        }
+        const int nv = n_rows - t * SCORE_TILE;
+        if (out) {
+            for (int h = 0; h < nq; h++) {
+                float *o = out + (size_t)(h0 + h) * ld_out + (size_t)t * SCORE_TILE;
+                if (nv >= SCORE_TILE) {
+                    _mm256_storeu_ps(o, f[h][0]);
+                    _mm256_storeu_ps(o + 8, f[h][1]);
+                } else {
+                    float sc[16];
+                    _mm256_storeu_ps(sc, f[h][0]);
+                    _mm256_storeu_ps(sc + 8, f[h][1]);
+                    memcpy(o, sc, (size_t)nv * sizeof(float));
+                }
+            }
+            continue;
+        }
+        __m256 c = _mm256_setzero_ps();
+        for (int h = 0; h < nq; h++)
+            c = _mm256_or_ps(c, _mm256_or_ps(_mm256_cmp_ps(f[h][0], th[h], _CMP_GT_OQ),
+                                             _mm256_cmp_ps(f[h][1], th[h], _CMP_GT_OQ)));
+        if (__builtin_expect(!(force | _mm256_movemask_ps(c)), 1)) continue;
+        const unsigned vmask = nv >= SCORE_TILE ? 0xffffu : (1u << nv) - 1u;
+        for (int h = 0; h < nq; h++) {
+            const topk_acc *a = &acc[h0 + h];
+            unsigned m = 0xffffu;
+            if (a->have_thr && a->thr.score == a->thr.score)
+                m = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(f[h][0], th[h], _CMP_GT_OQ)) |
+                    (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(f[h][1], th[h], _CMP_GT_OQ)) << 8;
+            m &= vmask;
+            if (!m) continue;
+            float sc[16];
+            _mm256_storeu_ps(sc, f[h][0]);
+            _mm256_storeu_ps(sc + 8, f[h][1]);
+            s_tile_offer(&acc[h0 + h], sc, s_lane_row_id, m, pos0 + t * SCORE_TILE);
+        }
+        S_I8_THR();
+    }
+#undef S_I8_THR
+}
+
 T_AVX2 static void s_run_i8(const scan_q *sq, int n, const void *t, const float *rs, float *out,
                             int ld, int32_t p0, topk_acc *acc)
 {
-    s_run_sd(SCAN_I8, sq, n, t, rs, out, ld, p0, acc);
+    int h = 0;
+    for (; h + 2 <= sq->n_q; h += 2) s_i8_heads(2, sq, h, n, t, rs, out, ld, p0, acc);
+    if (h < sq->n_q) s_i8_heads(1, sq, h, n, t, rs, out, ld, p0, acc);
 }
 
 static void s_run_avx2(const scan_q *sq, int n_rows, const void *tiles, const float *row_scale,

@@ -26,9 +26,10 @@
  * scan_topk fuses the scan with the running top-k: no per-token score buffer; each tile's
  * scores stay in registers, are compared (one vector compare per 8 rows) against each
  * head's running threshold (the k-th best so far under the order of topk.h) and only the
- * rows that beat it are inserted (rare: about k ln(n / k) of n rows for data in random
- * order). Rows are offered in ascending position, which the strict compare relies on: an
- * equal score at a higher position never beats the threshold.
+ * rows that beat it are inserted (rare: the threshold is refreshed by a compaction to the
+ * best k once 4k candidates are held, about 2.2 k ln(n / k) inserts of n rows for data in
+ * random order, a fixed cost per step). Rows are offered in ascending position, which the strict
+ * compare relies on: an equal score at a higher position never beats the threshold.
  *
  * int8 uses vpmovsxbw + vpmaddwd on AVX2 (no VNNI kernel: this tree's development CPU has
  * none, so vpdpwssd would go untested). Paths: portable C, AVX2 (+FMA, F16C). The AVX-512 path runs
