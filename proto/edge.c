@@ -43,9 +43,9 @@ static void *s_alloc(void *data, size_t size)
     a->used += size;
     edge_arena *ar = a->arena;
     if (ar) {
-        const size_t piece = (size + 15) & ~(size_t)15;
+        const size_t piece = size ? (size + 15) & ~(size_t)15 : 16;
         ar->want += piece;
-        if (piece <= ar->cap - ar->off) {
+        if (ar->buf && piece <= ar->cap - ar->off) {
             void *p = ar->buf + ar->off;
             ar->off += piece;
             return p;
@@ -58,7 +58,8 @@ static void s_free(void *data, void *p)
 {
     const bounded_alloc *a = data;
     const edge_arena *ar = a->arena;
-    if (ar && (const uint8_t *)p >= ar->buf && (const uint8_t *)p < ar->buf + ar->cap) return;
+    if (ar && ar->buf && (const uint8_t *)p >= ar->buf && (const uint8_t *)p < ar->buf + ar->cap)
+        return;
     free(p);
 }
 
