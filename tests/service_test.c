@@ -1094,7 +1094,8 @@ START_TEST(test_edge_arena)
     for (int k = 0; k < 6; k++) {
         const int h = sizes[k];
         float *q = test_alloc((size_t)h * d * sizeof(float)), kv[2 * 64];
-        for (int i = 0; i < h * d; i++) q[i] = (float)((i * 7919 + k) % 1000) / 7.0f;
+        for (int i = 0; i < h * d; i++)
+            q[i] = (float)(((unsigned)i * 7919u + (unsigned)k) % 1000u) / 7.0f;
         for (int i = 0; i < 2 * d; i++) kv[i] = (float)(i - k);
         size_t len;
         uint8_t *buf = s_pack_attend(h, d, q, kv, &len);
