@@ -121,6 +121,29 @@ static void s_send(void *sock, inbound *in, const uint8_t *buf, size_t len)
     zmq_send(sock, buf, len, ZMQ_DONTWAIT);
 }
 
+static void s_free_reply(void *data, void *hint)
+{
+    (void)hint;
+    free(data);
+}
+
+/* s_send that hands buf (malloc'd) to ZeroMQ instead of copying it: ZeroMQ frees it once
+ * the reply is on its way, and *buf_p is then NULL; still the caller's to free otherwise. */
+static void s_send_take(void *sock, inbound *in, uint8_t **buf_p, size_t len)
+{
+    if (zmq_send(sock, zmq_msg_data(&in->id), zmq_msg_size(&in->id), ZMQ_SNDMORE | ZMQ_DONTWAIT) <
+        0)
+        return;
+    if (in->has_delim && zmq_send(sock, "", 0, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0) return;
+    zmq_msg_t m;
+    if (zmq_msg_init_data(&m, *buf_p, len, s_free_reply, NULL)) {
+        zmq_send(sock, *buf_p, len, ZMQ_DONTWAIT);
+        return;
+    }
+    *buf_p = NULL; /* ZeroMQ's now, sent or not */
+    if (zmq_msg_send(&m, sock, ZMQ_DONTWAIT) < 0) zmq_msg_close(&m);
+}
+
 /* Requests that change stored state: logged at info when they succeed. */
 static int s_changes_state(const char *kind)
 {
@@ -696,7 +719,7 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
         else
             failed = fasa_service_handle(svc, zmq_msg_data(&in.payload), zmq_msg_size(&in.payload),
                                          &reply, &reply_len, &shutdown);
-        if (!failed) s_send(pair, &in, reply, reply_len);
+        if (!failed) s_send_take(pair, &in, &reply, reply_len);
         free(reply);
         s_inbound_close(&in);
         s_log_event(fasa_service_last_event(svc), in.who);

@@ -81,6 +81,12 @@ struct fasa_service {
         char why[200];
     } * refused;
     int n_refused;
+    /* A single Attend's memory, reused from request to request (grow-only): the decoded
+     * request (edge.h's arena), the outputs, k_new/v_new widened to f32. */
+    edge_arena *arena;
+    float *one_o, *one_knew;
+    int32_t *one_sel;
+    size_t cap_o, cap_knew, cap_sel;
 };
 
 void fasa_service_set_wait(fasa_service *s, double waited_ms)
@@ -310,6 +316,10 @@ void fasa_service_destroy(fasa_service **service_p)
     free(s->rank_ptrs);
     free(s->revs);
     free(s->refused);
+    edge_arena_destroy(&s->arena);
+    free(s->one_o);
+    free(s->one_knew);
+    free(s->one_sel);
     free(s);
     *service_p = NULL;
 }
@@ -547,23 +557,52 @@ typedef struct attend_out {
     int32_t kpos;     /* the layer's length before the request (for the log of k_new) */
     double decode_us; /* from the request's start to the engine call (single Attend) */
     float *knew;      /* k_new and v_new sent as F16 or BF16, widened to f32 (exact) */
+    int borrowed;     /* o, selected and knew are the service's own (s_attend_mem) */
 } attend_out;
 
 static void s_attend_free(attend_out *a)
 {
-    free(a->o);
-    free(a->selected);
-    free(a->knew);
+    if (!a->borrowed) {
+        free(a->o);
+        free(a->selected);
+        free(a->knew);
+    }
     a->o = NULL;
     a->selected = NULL;
     a->knew = NULL;
 }
 
+static int s_grow_mem(void **buf, size_t *cap, size_t bytes)
+{
+    if (bytes <= *cap) return 0;
+    void *p = malloc(bytes);
+    if (!p) return -1;
+    free(*buf);
+    *buf = p;
+    *cap = bytes;
+    return 0;
+}
+
+/* A single Attend's outputs in the service's own buffers, which only grow (the reply is
+ * packed before the next request reuses them). 0, or -1 when memory is short. */
+static int s_attend_mem(fasa_service *s, attend_out *ao, size_t o_n, size_t sel_n, size_t kn_n)
+{
+    if (s_grow_mem((void **)&s->one_o, &s->cap_o, o_n * sizeof(float)) ||
+        (sel_n && s_grow_mem((void **)&s->one_sel, &s->cap_sel, sel_n * sizeof(int32_t))) ||
+        (kn_n && s_grow_mem((void **)&s->one_knew, &s->cap_knew, kn_n * sizeof(float))))
+        return -1;
+    ao->o = s->one_o;
+    ao->selected = sel_n ? s->one_sel : NULL;
+    ao->knew = kn_n ? s->one_knew : NULL;
+    ao->borrowed = 1;
+    return 0;
+}
+
 /* reply_left: bytes the reply may still grow by; the step's outputs are charged to it. */
-/* The service's checks of one Attend (against its session) and its outputs' memory;
- * ao->req is then the engine's request. */
+/* The service's checks of one Attend (against its session) and its outputs' memory (the
+ * service's own with reuse: a single Attend); ao->req is then the engine's request. */
 static fasa_status s_attend_prepare(fasa_service *s, const edge_attend *a, const char *field,
-                                    attend_out *ao, const size_t *reply_left, reply *r)
+                                    attend_out *ao, const size_t *reply_left, int reuse, reply *r)
 {
     const fasa_session_config *c = fasa_engine_config(s->engine, a->session_id);
     if (!c)
@@ -593,10 +632,17 @@ static fasa_status s_attend_prepare(fasa_service *s, const edge_attend *a, const
                       "positions%s); ask for fewer",
                       field, s->max_message, a->return_selected ? " with return_selected" : "");
     memset(ao, 0, sizeof(*ao));
-    ao->o = malloc((size_t)c->n_heads * c->head_dim * sizeof(float));
-    if (a->return_selected) ao->selected = malloc((size_t)c->n_heads * budget * sizeof(int32_t));
     const size_t kn = a->k_new.rank && a->k_new.dtype ? a->k_new.n : 0;
-    if (kn) ao->knew = malloc(2 * kn * sizeof(float));
+    const size_t o_n = (size_t)c->n_heads * c->head_dim;
+    const size_t sel_n = a->return_selected ? (size_t)c->n_heads * budget : 0;
+    if (reuse) {
+        if (s_attend_mem(s, ao, o_n, sel_n, 2 * kn))
+            return s_fail(r, FASA_RESOURCE_EXHAUSTED, "%s: out of memory for the outputs", field);
+    } else {
+        ao->o = malloc(o_n * sizeof(float));
+        if (sel_n) ao->selected = malloc(sel_n * sizeof(int32_t));
+        if (kn) ao->knew = malloc(2 * kn * sizeof(float));
+    }
     if (!ao->o || (a->return_selected && !ao->selected) || (kn && !ao->knew)) {
         s_attend_free(ao);
         return s_fail(r, FASA_RESOURCE_EXHAUSTED, "%s: out of memory for the outputs", field);
@@ -680,7 +726,7 @@ static fasa_status s_attend_finish(fasa_service *s, const char *field, attend_ou
 static fasa_status s_attend(fasa_service *s, const edge_attend *a, const char *field,
                             attend_out *ao, size_t *reply_left, reply *r)
 {
-    if (s_attend_prepare(s, a, field, ao, reply_left, r)) return r->code;
+    if (s_attend_prepare(s, a, field, ao, reply_left, 1, r)) return r->code;
     fasa_step_stats st;
     fasa_error fe;
     const double t0 = s_now();
@@ -733,7 +779,7 @@ static void s_batch(fasa_service *s, const edge_attend *items_in, int n, attend_
             s_fail(&ri[i], (fasa_status)items_in[i].item_status, "%s", items_in[i].item_msg);
             continue;
         }
-        if (s_attend_prepare(s, &items_in[i], f, &many[i], &left, &ri[i])) continue;
+        if (s_attend_prepare(s, &items_in[i], f, &many[i], &left, 0, &ri[i])) continue;
         left -= many[i].out_bytes;
         go[i] = 1;
         ids[m] = items_in[i].session_id;
@@ -1450,7 +1496,9 @@ int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **
     const double t_start = s_now();
     s->t_handle = t_start;
     s->requests++;
-    const int code = edge_decode(buf, len, s->max_message, &req, &rid, r.msg, sizeof(r.msg));
+    if (!s->arena) s->arena = edge_arena_new(); /* NULL: edge_decode_in mallocs */
+    const int code =
+        edge_decode_in(s->arena, buf, len, s->max_message, &req, &rid, r.msg, sizeof(r.msg));
     fasa_log_set_request(rid); /* this thread's lines, and the workers', name the request */
     /* A request the edge refused counts under its body when the bytes parsed as a Request,
      * else as undecodable (req.kind 0), in the log as in Stats. */

@@ -32,9 +32,13 @@
 
 /* wmpi_waitall that gives up on a failed rank: an MPI error (the communicator returns
  * errors, see fasa_transport_mpi) or a rank the watchdog found dead (liveness.h) ends the
- * wait with -1 instead of waiting forever for a reply that will not come. */
-static int s_waitall(int n, MPI_Request *reqs, MPI_Status *statuses, wmpi_kick *kick, int s0)
+ * wait with -1 instead of waiting forever for a reply that will not come. reqs is m
+ * receives, then the m sends, to the workers of shards[0 .. m) (NULL: shards first ..
+ * first + m - 1, consecutive); those are the ranks it wakes again. */
+static int s_waitall(int m, MPI_Request *reqs, MPI_Status *statuses, wmpi_kick *kick, int first,
+                     const int *shards)
 {
+    const int n = 2 * m;
     wmpi_backoff b;
     wmpi_backoff_reset(&b);
     for (int polls = 0;; polls++) {
@@ -49,13 +53,13 @@ static int s_waitall(int n, MPI_Request *reqs, MPI_Status *statuses, wmpi_kick *
         }
         if (done) return 0;
         if (fasa_liveness_failure()) return -1;
-        /* reqs is n / 2 receives, then the sends to ranks s0 + 1 ..: once the first poll
-         * has put the sends on their way, wake the workers again (a large message may
-         * only show after it); while a send is incomplete, keep calling into MPI. */
+        /* Once the first poll has put the sends on their way, wake the same workers again
+         * (a large message may only show after it); while a send is incomplete, keep
+         * calling into MPI. */
         int sent = 1;
-        MPI_Testall(n / 2, reqs + n / 2, &sent, MPI_STATUSES_IGNORE);
+        MPI_Testall(m, reqs + m, &sent, MPI_STATUSES_IGNORE);
         if (polls == 0)
-            for (int i = 0; i < n / 2; i++) wmpi_kick_send(kick, s0 + i + 1);
+            for (int i = 0; i < m; i++) wmpi_kick_send(kick, (shards ? shards[i] : first + i) + 1);
         wmpi_backoff_pause(&b, COORD_MAX_SLEEP_NS, COORD_KICKED_SLEEP_NS, kick, !sent);
     }
 }
@@ -182,7 +186,7 @@ static int s_exchange(mpi_ctx *c, int s0, int s1, int64_t reply_payload)
         MPI_Isend(c->cmd, cmd_bytes, MPI_BYTE, i + 1, WMPI_TAG_CMD, c->comm, &sreq[i - s0]);
         wmpi_kick_send(&c->kick, i + 1);
     }
-    if (s_waitall(2 * n, c->reqs, c->stats, &c->kick, s0)) return -1;
+    if (s_waitall(n, c->reqs, c->stats, &c->kick, s0, NULL)) return -1;
     if (!want_reply) return 0;
 
     int rc = 0;
@@ -319,11 +323,7 @@ static int s_ap_exchange(mpi_ctx *c, int sid, const mpi_session *s, uint8_t *wan
                   WMPI_TAG_CMD, c->comm, &sreq[j]);
         wmpi_kick_send(&c->kick, idx[j] + 1);
     }
-    /* s_waitall wakes ranks s0 + 1 .. s0 + m again after its first poll: right when the
-     * shards taking part are consecutive (every shard, as a request of a block per worker
-     * or more gives); otherwise some get only the wake-up above and their own polls. */
-    const int s0 = idx[m - 1] - idx[0] == m - 1 ? idx[0] : 0;
-    if (s_waitall(2 * m, c->reqs, c->stats, &c->kick, s0)) return -1;
+    if (s_waitall(m, c->reqs, c->stats, &c->kick, 0, idx)) return -1;
     int rc = 0;
     for (int j = 0; j < m; j++) {
         const int i = idx[j];
@@ -620,7 +620,7 @@ static int s_wait(void *ctx)
     c->op_len--;
     const int n = c->n_shards;
     c->staged_appended = 0;
-    if (s_waitall(2 * n, op->reqs, op->stats, &c->kick, 0)) return -1;
+    if (s_waitall(n, op->reqs, op->stats, &c->kick, 0, NULL)) return -1;
     int rc = 0;
     for (int i = 0; i < n; i++) {
         int count = 0;
@@ -807,7 +807,7 @@ static int s_load(void *ctx, int sid, const load_job *job, load_report *out)
         MPI_Isend(cmds[i], cmd_bytes, MPI_BYTE, i + 1, WMPI_TAG_CMD, c->comm, &sreq[i]);
         wmpi_kick_send(&c->kick, i + 1);
     }
-    if (s_waitall(2 * c->n_shards, c->reqs, c->stats, &c->kick, 0)) {
+    if (s_waitall(c->n_shards, c->reqs, c->stats, &c->kick, 0, NULL)) {
         rc = -1;
         for (int i = 0; i < c->n_shards; i++) out[i] = (load_report){.err = LOAD_EJOB};
         goto out;

@@ -21,7 +21,17 @@ typedef struct bounded_alloc {
     ProtobufCAllocator base;
     size_t used, budget;
     int exceeded;
+    struct edge_arena *arena; /* where the memory comes from first (NULL: malloc) */
 } bounded_alloc;
+
+/* edge.h: a block carved in order, 16-byte aligned pieces; the allocator a decode in it
+ * uses lives here too. */
+struct edge_arena {
+    bounded_alloc a;
+    uint8_t *buf;
+    size_t cap, off, want; /* want: what the decode in hand asked for, in pieces */
+    int busy;
+};
 
 static void *s_alloc(void *data, size_t size)
 {
@@ -31,13 +41,58 @@ static void *s_alloc(void *data, size_t size)
         return NULL;
     }
     a->used += size;
+    edge_arena *ar = a->arena;
+    if (ar) {
+        const size_t piece = size ? (size + 15) & ~(size_t)15 : 16;
+        ar->want += piece;
+        if (ar->buf && piece <= ar->cap - ar->off) {
+            void *p = ar->buf + ar->off;
+            ar->off += piece;
+            return p;
+        }
+    }
     return malloc(size ? size : 1);
 }
 
 static void s_free(void *data, void *p)
 {
-    (void)data;
+    const bounded_alloc *a = data;
+    const edge_arena *ar = a->arena;
+    if (ar && ar->buf && (const uint8_t *)p >= ar->buf && (const uint8_t *)p < ar->buf + ar->cap)
+        return;
     free(p);
+}
+
+edge_arena *edge_arena_new(void)
+{
+    return calloc(1, sizeof(edge_arena));
+}
+
+void edge_arena_destroy(edge_arena **arena_p)
+{
+    edge_arena *ar = *arena_p;
+    if (!ar) return;
+    free(ar->buf);
+    free(ar);
+    *arena_p = NULL;
+}
+
+/* After a decode's memory came back: the arena is free again, and grown (when it may) to
+ * what that decode wanted, so that the next one like it needs no malloc. */
+static void s_arena_release(edge_arena *ar)
+{
+    ar->busy = 0;
+    ar->off = 0;
+    if (ar->want > ar->cap && ar->want <= EDGE_ARENA_MAX) {
+        const size_t cap = ar->want < 4096 ? 4096 : ar->want;
+        uint8_t *p = malloc(cap);
+        if (p) {
+            free(ar->buf);
+            ar->buf = p;
+            ar->cap = cap;
+        }
+    }
+    ar->want = 0;
 }
 
 static int s_err(char *msg, size_t len, int code, const char *fmt, ...)
@@ -579,6 +634,12 @@ static int s_body(const Fasa__V1__Request *m, edge_request *r, char *msg, size_t
 int edge_decode(const void *buf, size_t len, size_t max_message, edge_request *req,
                 uint64_t *request_id_p, char *msg, size_t msg_len)
 {
+    return edge_decode_in(NULL, buf, len, max_message, req, request_id_p, msg, msg_len);
+}
+
+int edge_decode_in(edge_arena *arena, const void *buf, size_t len, size_t max_message,
+                   edge_request *req, uint64_t *request_id_p, char *msg, size_t msg_len)
+{
     memset(req, 0, sizeof(*req));
     *request_id_p = 0;
     if (len > max_message)
@@ -587,15 +648,25 @@ int edge_decode(const void *buf, size_t len, size_t max_message, edge_request *r
     if (!buf || len == 0) return s_err(msg, msg_len, ST_INVALID, "request: empty message");
     *request_id_p = edge_scan_request_id(buf, len);
 
-    bounded_alloc *a = calloc(1, sizeof(*a));
+    if (arena && arena->busy) arena = NULL; /* one request at a time: the other mallocs */
+    bounded_alloc *a = arena ? &arena->a : calloc(1, sizeof(*a));
     if (!a) return s_err(msg, msg_len, ST_EXHAUSTED, "request: out of memory");
+    memset(a, 0, sizeof(*a));
+    if (arena) {
+        a->arena = arena;
+        arena->busy = 1;
+        arena->off = arena->want = 0;
+    }
     const size_t small = len < ((size_t)8 << 20) ? len : ((size_t)8 << 20);
     a->base = (ProtobufCAllocator){s_alloc, s_free, a};
     a->budget = 2 * len + 128 * small + ((size_t)1 << 20);
     Fasa__V1__Request *m = fasa__v1__request__unpack(&a->base, len, buf);
     if (!m) {
         const int exceeded = a->exceeded;
-        free(a);
+        if (arena)
+            s_arena_release(arena);
+        else
+            free(a);
         if (exceeded)
             return s_err(msg, msg_len, ST_EXHAUSTED,
                          "request: decoding it would take more memory than allowed");
@@ -629,6 +700,10 @@ void edge_request_free(edge_request *req)
 {
     if (req->kind == EDGE_BATCH_ATTEND) free(req->u.batch.items);
     if (req->msg_) fasa__v1__request__free_unpacked(req->msg_, req->alloc_);
-    free(req->alloc_);
+    bounded_alloc *a = req->alloc_;
+    if (a && a->arena)
+        s_arena_release(a->arena);
+    else
+        free(a);
     memset(req, 0, sizeof(*req));
 }

@@ -156,6 +156,20 @@ int edge_decode(const void *buf, size_t len, size_t max_message, edge_request *r
                 uint64_t *request_id_p, char *msg, size_t msg_len);
 void edge_request_free(edge_request *req);
 
+/* A reusable arena for edge_decode_in: a decode takes what it unpacks from one block
+ * carved in order (no malloc once the block is large enough), and edge_request_free
+ * hands it back. The block grows, at most to EDGE_ARENA_MAX bytes, to what the largest
+ * request decoded so far needed; anything beyond comes from malloc as in edge_decode. One
+ * request at a time per arena. */
+#define EDGE_ARENA_MAX ((size_t)4 << 20)
+typedef struct edge_arena edge_arena;
+edge_arena *edge_arena_new(void);
+void edge_arena_destroy(edge_arena **arena_p);
+/* edge_decode with its memory from arena (NULL: edge_decode itself); the same limits,
+ * results and messages. */
+int edge_decode_in(edge_arena *arena, const void *buf, size_t len, size_t max_message,
+                   edge_request *req, uint64_t *request_id_p, char *msg, size_t msg_len);
+
 /* The request id (field 2) of bytes that may not decode as a whole; 0 when not found. */
 uint64_t edge_scan_request_id(const void *buf, size_t len);
 

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "calib.h"
+#include "edge.h"
 #include "fc.h"
 #include "service.h"
 #include "snapshot.h"
@@ -1034,6 +1035,102 @@ START_TEST(test_snapshot_requests)
 }
 END_TEST
 
+/* An Attend of h x d floats for session "arena", packed (test_alloc'd) into *len_p bytes. */
+static uint8_t *s_pack_attend(int h, int d, float *q, float *kv, size_t *len_p)
+{
+    Fasa__V1__Request req;
+    Fasa__V1__Attend at;
+    Fasa__V1__Tensor tq, tk, tv;
+    uint64_t sq[2] = {(uint64_t)h, (uint64_t)d}, skv[2] = {1, (uint64_t)d};
+    fasa__v1__request__init(&req);
+    fasa__v1__attend__init(&at);
+    Fasa__V1__Tensor *ts[3] = {&tq, &tk, &tv};
+    for (int i = 0; i < 3; i++) {
+        fasa__v1__tensor__init(ts[i]);
+        ts[i]->dtype = FASA__V1__DTYPE__F32;
+        ts[i]->n_shape = 2;
+        ts[i]->shape = i ? skv : sq;
+        ts[i]->data.data = (uint8_t *)(i ? kv + (i - 1) * d : q);
+        ts[i]->data.len = (size_t)(i ? 1 : h) * d * sizeof(float);
+    }
+    at.session_id = "arena";
+    at.layer = 1;
+    at.q = &tq;
+    at.k_new = &tk;
+    at.v_new = &tv;
+    req.protocol_version = 1;
+    req.request_id = 77;
+    req.body_case = FASA__V1__REQUEST__BODY_ATTEND;
+    req.attend = &at;
+    *len_p = fasa__v1__request__get_packed_size(&req);
+    uint8_t *buf = test_alloc(*len_p);
+    fasa__v1__request__pack(&req, buf);
+    return buf;
+}
+
+static void s_check_attend(const edge_request *r, int h, int d, const float *q, const float *kv)
+{
+    ck_assert_int_eq(r->kind, EDGE_ATTEND);
+    ck_assert_uint_eq(r->request_id, 77);
+    ck_assert_str_eq(r->u.attend.session_id, "arena");
+    ck_assert_int_eq(r->u.attend.layer, 1);
+    ck_assert_int_eq(r->u.attend.q.shape[0], h);
+    ck_assert_uint_eq(r->u.attend.q.n, (size_t)h * d);
+    ck_assert_int_eq(memcmp(r->u.attend.q.data, q, (size_t)h * d * sizeof(float)), 0);
+    ck_assert_int_eq(memcmp(r->u.attend.k_new.data, kv, (size_t)d * sizeof(float)), 0);
+    ck_assert_int_eq(memcmp(r->u.attend.v_new.data, kv + d, (size_t)d * sizeof(float)), 0);
+}
+
+/* edge_decode_in (the service's reused arena) decodes what edge_decode decodes, to the
+ * same bits: a first request (the arena empty), the same again (from the arena), one while
+ * another still holds the arena (malloc), one larger than EDGE_ARENA_MAX (malloc past the
+ * arena) and again after it, a smaller one, and a truncated one, refused with the same
+ * message. */
+START_TEST(test_edge_arena)
+{
+    edge_arena *ar = edge_arena_new();
+    ck_assert_ptr_nonnull(ar);
+    const int d = 64, sizes[] = {32, 32, 32, 20000, 20000, 4};
+    for (int k = 0; k < 6; k++) {
+        const int h = sizes[k];
+        float *q = test_alloc((size_t)h * d * sizeof(float)), kv[2 * 64];
+        for (int i = 0; i < h * d; i++)
+            q[i] = (float)(((unsigned)i * 7919u + (unsigned)k) % 1000u) / 7.0f;
+        for (int i = 0; i < 2 * d; i++) kv[i] = (float)(i - k);
+        size_t len;
+        uint8_t *buf = s_pack_attend(h, d, q, kv, &len);
+        edge_request plain, in, other;
+        uint64_t rid;
+        char m1[256], m2[256];
+        ck_assert_int_eq(edge_decode(buf, len, (size_t)64 << 20, &plain, &rid, m1, sizeof(m1)), 0);
+        ck_assert_int_eq(edge_decode_in(ar, buf, len, (size_t)64 << 20, &in, &rid, m2, sizeof(m2)),
+                         0);
+        s_check_attend(&plain, h, d, q, kv);
+        s_check_attend(&in, h, d, q, kv);
+        if (k == 2) { /* the arena is held by `in`: this one mallocs, and both stay intact */
+            ck_assert_int_eq(
+                edge_decode_in(ar, buf, len, (size_t)64 << 20, &other, &rid, m2, sizeof(m2)), 0);
+            s_check_attend(&other, h, d, q, kv);
+            s_check_attend(&in, h, d, q, kv);
+            edge_request_free(&other);
+        }
+        edge_request_free(&in);
+        edge_request_free(&plain);
+        /* Truncated: the same refusal either way, and nothing left held. */
+        const int c1 = edge_decode(buf, len / 2, (size_t)64 << 20, &plain, &rid, m1, sizeof(m1));
+        const int c2 =
+            edge_decode_in(ar, buf, len / 2, (size_t)64 << 20, &in, &rid, m2, sizeof(m2));
+        ck_assert_int_ne(c1, 0);
+        ck_assert_int_eq(c1, c2);
+        ck_assert_str_eq(m1, m2);
+        free(buf);
+        free(q);
+    }
+    edge_arena_destroy(&ar);
+    ck_assert_ptr_null(ar);
+}
+END_TEST
+
 Suite *service_suite(void)
 {
     Suite *s = suite_create("service");
@@ -1048,6 +1145,7 @@ Suite *service_suite(void)
     tcase_add_test(tc, test_stats_counts);
     tcase_add_test(tc, test_stats_ranks);
     tcase_add_test(tc, test_snapshot_requests);
+    tcase_add_test(tc, test_edge_arena);
     suite_add_tcase(s, tc);
     return s;
 }
