@@ -357,6 +357,11 @@ fasa_status backend_create(backend *b, const char *id, const fasa_session_config
     return FASA_OK;
 }
 
+int backend_set_merge_eps(backend *b, double eps)
+{
+    return b->eng ? fasa_engine_set_merge_eps(b->eng, eps) : -1;
+}
+
 fasa_status backend_drop(backend *b, const char *id, fasa_error *err)
 {
     if (b->eng) return fasa_engine_drop(b->eng, id, err);

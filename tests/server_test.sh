@@ -74,6 +74,25 @@ if [ -f "$dump" ]; then
             if cmp -s "$tmp/e_$m.sel.npy" "$tmp/s_$m.sel.npy"; then ok "replay $m: identical selections"
             else bad "replay $m: selections differ"; fi
         done
+        # replay --merge local: the server (its shards, block 64) equals the embedded engine
+        # with as many shards; in process, --merge-eps 0.25 is the default and a larger eps
+        # keeps more tokens per shard (from 2 shards on, other outputs).
+        common=(replay --qkv "$dump" --method oracle --budget 32 --positions 1024:2048:256 --merge local)
+        if "$fasa" "${common[@]}" --shards "$((n > 1 ? n - 1 : 1))" --block 64 --out "$tmp/e_loc.npy" >/dev/null 2>"$tmp/err" &&
+           "$fasa" "${common[@]}" --shards "$((n > 1 ? n - 1 : 1))" --block 64 --merge-eps 0.25 --out "$tmp/e_loc25.npy" >/dev/null 2>"$tmp/err" &&
+           "$fasa" "${common[@]}" --shards "$((n > 1 ? n - 1 : 1))" --block 64 --merge-eps 2 --out "$tmp/e_loc2.npy" >/dev/null 2>"$tmp/err" &&
+           ASAN_OPTIONS=$client_asan "$fasa" "${common[@]}" --server "$ep" --out "$tmp/s_loc.npy" >/dev/null 2>"$tmp/err"; then
+            if d=$("$build/npy_diff" "$tmp/e_loc.npy" "$tmp/s_loc.npy" 1e-6); then ok "replay --merge local server vs embedded: $d"
+            else bad "replay --merge local server vs embedded: $d"; fi
+            cmp -s "$tmp/e_loc.npy" "$tmp/e_loc25.npy" && ok "replay --merge-eps 0.25 is the default" ||
+                bad "replay --merge-eps 0.25 differs from the default"
+            if [ "$n" -gt 2 ]; then
+                cmp -s "$tmp/e_loc.npy" "$tmp/e_loc2.npy" && bad "replay --merge-eps 2 changed nothing at $((n - 1)) shards" ||
+                    ok "replay --merge-eps 2 keeps other tokens at $((n - 1)) shards"
+            fi
+        else
+            bad "replay --merge local: $(cat "$tmp/err")"
+        fi
     else
         bad "calibrate failed"
     fi
