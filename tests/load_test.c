@@ -475,14 +475,13 @@ END_TEST
 /* Writes n elements of x to path raw, as f32 or (f16 nonzero) f16, and the source. */
 static load_src s_raw_src(const char *path, int f16, size_t n, size_t row, const float *x)
 {
+    uint16_t *h = f16 ? test_alloc(n * 2 + 2) : NULL;
+    for (size_t i = 0; f16 && i < n; i++) h[i] = fasa_f32_to_f16(x[i]);
     FILE *f = fopen(path, "wb");
     ck_assert_ptr_nonnull(f);
-    for (size_t i = 0; i < n; i++) {
-        const uint16_t h = fasa_f32_to_f16(x[i]);
-        ck_assert_uint_eq(fwrite(f16 ? (const void *)&h : (const void *)(x + i), f16 ? 2 : 4, 1, f),
-                          1);
-    }
+    ck_assert_uint_eq(fwrite(f16 ? (const void *)h : (const void *)x, f16 ? 2 : 4, n, f), n);
     ck_assert_int_eq(fclose(f), 0);
+    free(h);
     load_src src = {.offset = 0,
                     .stride = (int64_t)row * (f16 ? 2 : 4),
                     .dtype = f16 ? FASA_DTYPE_F16 : FASA_DTYPE_F32};
@@ -537,7 +536,7 @@ static void s_fast_vs_naive(const shard_layout *lay, const load_job *job, int wa
 }
 
 /* Every file dtype pair into every store dtype, plain and packed layouts (with an int8
- * scoring copy), 1 and 3 shards, chunks that end inside blocks; then bad values, short
+ * scoring copy), 1 and 3 shards; blocks read in several chunks; then bad values, short
  * files and a missing file, reported alike. */
 START_TEST(test_load_fast_vs_naive)
 {
@@ -613,6 +612,39 @@ START_TEST(test_load_fast_vs_naive)
                 shard_layout_cleanup(&lay);
             }
         }
+    /* Rows of 1 KB (f32) and 512 B (f16): chunks of 512 and 1024 rows, so blocks of 1200
+     * are read in several chunks, the last one short. */
+    {
+        enum { H2 = 2, D2 = 128, T2 = 3000, B2 = 1200 };
+        const size_t row2 = (size_t)H2 * D2, n2 = (size_t)T2 * row2;
+        float *k2 = test_alloc(n2 * 4), *v2 = test_alloc(n2 * 4);
+        test_fill(&rng, n2, k2, 2.0f);
+        test_fill(&rng, n2, v2, 2.0f);
+        for (int f16 = 0; f16 < 2; f16++) {
+            snprintf(pk, sizeof(pk), "%s/wk", s_root);
+            snprintf(pv, sizeof(pv), "%s/wv", s_root);
+            const load_src ks = s_raw_src(pk, f16, n2, row2, k2),
+                           vs = s_raw_src(pv, f16, n2, row2, v2);
+            for (int packed = 0; packed < 2; packed++) {
+                shard_layout lay;
+                s_layout(&lay, 1, H2, D2, FASA_DTYPE_F16, packed, SCAN_AUTO);
+                for (int S = 1; S <= 3; S += 2)
+                    for (int sh = 0; sh < S; sh++) {
+                        const load_job job = {.layer = 0,
+                                              .block = B2,
+                                              .n_shards = S,
+                                              .shard = sh,
+                                              .T = T2,
+                                              .k = ks,
+                                              .v = vs};
+                        s_fast_vs_naive(&lay, &job, LOAD_OK);
+                    }
+                shard_layout_cleanup(&lay);
+            }
+        }
+        free(k2);
+        free(v2);
+    }
     /* A file shorter than T rows, and one that is not there. */
     snprintf(pk, sizeof(pk), "%s/sk", s_root);
     snprintf(pv, sizeof(pv), "%s/sv", s_root);
