@@ -66,8 +66,7 @@ int main(int argc, char **argv)
                                         .merge = s ? FASA_MERGE_LOCAL : FASA_MERGE_EXACT};
         fasa_error fe;
         fasa_client_drop_session(c, ids[s], NULL);
-        if (fasa_client_create_session(c, ids[s], &cc, NULL, &ce))
-            return s_fail("create", ce.msg);
+        if (fasa_client_create_session(c, ids[s], &cc, NULL, &ce)) return s_fail("create", ce.msg);
         if (fasa_engine_create(e, ids[s], &ec, &fe)) return s_fail("embedded create", fe.msg);
         for (int l = 0; l < NL; l++) {
             if (fasa_client_append(c, ids[s], &g, l, 0, T, k, v, NULL, &ce))
