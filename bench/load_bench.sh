@@ -5,9 +5,15 @@
 #   fasa load --check-only (a warm-up: the files in the page cache),
 #   fasa load --check-only (the read bandwidth: every worker reads and checks its blocks,
 #                           storing nothing),
-#   fasa load              (the load),
+#   fasa load              (a first load into memory the workers never held: on a virtual
+#                           machine whose memory is touched for the first time this costs
+#                           what the host takes to back the pages, printed as "cold"),
+#   fasa drop, fasa load   (the load, into memory the workers held before),
 # and prints per worker: its read GB/s (its bytes over the check-only pass), its load GB/s
-# (its bytes over the load) and their ratio (target >= 0.7), and the whole load's GB/s.
+# (its bytes over the load) and their ratio (target >= 0.7), its file reads alone (the
+# seconds its reader spent in pread), and the whole load's GB/s, cold and warm. Then
+# bench/load_rows (the same worker path in process, shard 0 of 1 and of 2) for the parts:
+# file read, store from memory, check-only pass and load.
 #   bench/load_bench.sh [--tokens T] [--layers L] [--kv-heads K] [--head-dim D] [--f32]
 # Defaults: 16384 tokens, 4 layers, 8 KV heads, head_dim 128, float16 files into an f16
 # session (268 MB of K and V). Both passes read from the page cache here (a local disk): on
@@ -17,7 +23,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 T=16384 L=4 K=8 D=128 F16=--f16 DT=f16
 while [ $# -gt 0 ]; do
     case "$1" in
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --tokens) T=$2; shift 2 ;;
     --layers) L=$2; shift 2 ;;
     --kv-heads) K=$2; shift 2 ;;
@@ -42,9 +48,13 @@ for ranks in 2 3; do
     }
     run warm --check-only >/dev/null
     read_out=$(run read --check-only)
+    cold_out=$(run cold)
+    "$FASA_BUILD/fasa" drop --server "$E" --session cold >/dev/null
     load_out=$(run load)
     echo "-- $((ranks - 1)) worker(s)"
+    echo "$cold_out" | head -1 | sed 's/^/  cold: /'
     echo "$load_out" | head -1 | sed 's/^/  /'
+    echo "$load_out" | tail -n +2 | sed -E 's/.*shard ([0-9]+):.* file reads ([0-9.]+) s \(([0-9.]+) GB\/s\).*/  worker \1: file reads alone \2 s (\3 GB\/s)/'
     # Per worker: bytes and the two passes' wall times (the whole pass, at the coordinator).
     rs=$(echo "$read_out" | head -1 | sed -E 's/.* ([0-9.]+) s: .*/\1/')
     ls=$(echo "$load_out" | head -1 | sed -E 's/.* ([0-9.]+) s: .*/\1/')
@@ -59,4 +69,9 @@ for ranks in 2 3; do
         }'
     _stop_servers
     _server_dirs=()
+done
+echo "-- the worker path in process (bench/load_rows), median of 5"
+for S in 1 2; do
+    "$FASA_BUILD/bench/load_rows" --from "$data/kv" --layers "$L" --kv-heads "$K" --head-dim "$D" \
+        --dtype "$DT" --shards "$S" --no-naive | sed 's/^/  /'
 done

@@ -19,6 +19,7 @@ typedef struct remote_session {
     char wire_id[FASA_ID_MAX + 1]; /* "cli-<pid>-ID" on the server */
     fasa_client_geometry geom;
     int budget;   /* the session's default budget */
+    int merge;    /* the session's fasa_merge */
     int32_t *len; /* (n_layers) tokens appended, tracked here */
 } remote_session;
 
@@ -286,6 +287,7 @@ fasa_status backend_create(backend *b, const char *id, const fasa_session_config
     rs.geom = (fasa_client_geometry){(uint32_t)cfg->n_layers, (uint32_t)cfg->n_heads,
                                      (uint32_t)cfg->n_kv_heads, (uint32_t)cfg->head_dim};
     rs.budget = cfg->budget;
+    rs.merge = cfg->merge;
 
     /* The profile travels as the text of its file. */
     char *text = NULL;
@@ -340,7 +342,9 @@ fasa_status backend_create(backend *b, const char *id, const fasa_session_config
         .score_dtype = (fasa_client_dtype)cfg->score_dtype, /* scan_dtype: the wire's numbers */
 
         /* The server keeps a disk-tier session's files in its own --tier-dir. */
-        .tier = cfg->tier == SHARD_TIER_DISK ? 2 : 0};
+        .tier = cfg->tier == SHARD_TIER_DISK ? 2 : 0,
+        .merge =
+            cfg->merge == FASA_MERGE_LOCAL ? FASA_CLIENT_MERGE_LOCAL : FASA_CLIENT_MERGE_DEFAULT};
     fasa_client_error ce;
     const fasa_client_status cst = fasa_client_create_session(b->cli, rs.wire_id, &cc, NULL, &ce);
     free(text);
@@ -351,6 +355,11 @@ fasa_status backend_create(backend *b, const char *id, const fasa_session_config
     }
     b->s[b->n_s++] = rs;
     return FASA_OK;
+}
+
+int backend_set_merge_eps(backend *b, double eps)
+{
+    return b->eng ? fasa_engine_set_merge_eps(b->eng, eps) : -1;
 }
 
 fasa_status backend_drop(backend *b, const char *id, fasa_error *err)
@@ -411,6 +420,11 @@ fasa_status backend_attend(backend *b, const char *id, const fasa_attend_req *re
     r.budget = (uint32_t)req->budget;
     r.gqa = req->gqa < 0 ? FASA_CLIENT_GQA_DEFAULT : (fasa_client_gqa)(req->gqa + 1);
     r.max_pos = req->max_pos;
+    /* The engine's merge (0 exact in a zeroed request), sent only where it is not the
+     * session's own. */
+    if (req->merge >= 0 && req->merge != s->merge)
+        r.merge =
+            req->merge == FASA_MERGE_LOCAL ? FASA_CLIENT_MERGE_LOCAL : FASA_CLIENT_MERGE_EXACT;
     r.out = out;
     r.selected = selected;
     r.selected_budget = (uint32_t)(req->budget > 0 ? req->budget : s->budget);

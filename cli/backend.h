@@ -66,6 +66,10 @@ int backend_exit_status(int rc);
  * checks that it answers a ping. NULL with err filled on failure. */
 backend *backend_open(const char *server, int shards, int block, fasa_error *err);
 
+/* The local merge's eps of the embedded engine (fasa_engine_set_merge_eps): 0, or -1 for an
+ * eps outside [0, 64] or a backend on a server (whose eps is its own --merge-eps). */
+int backend_set_merge_eps(backend *b, double eps);
+
 /* Drops every session this backend created on a server, then frees it. NULL is a no-op. */
 void backend_close(backend **b_p);
 

@@ -33,6 +33,9 @@ typedef struct replay_opts {
     fc_pairing pairing;
     fasa_dtype dtype;
     int score_dtype; /* scan_dtype, 0 auto */
+    int merge;       /* fasa_merge of the method's session */
+    double merge_eps;
+    int have_eps;
 } replay_opts;
 
 static int s_parse(int argc, char **argv, replay_opts *o)
@@ -77,6 +80,13 @@ static int s_parse(int argc, char **argv, replay_opts *o)
                  "also print per layer the recall of the exact top-B, the\n"
                  "relative error of the output against dense attention and the\n"
                  "KV bytes the method read per step (the engine's bytes_read)"),
+        CLI_KEY("merge", 'M', "M", NULL,
+                "exact (default) or local: each shard attends over its own top\n"
+                "ceil(B (1 + eps) / S) in one round trip (fasa and oracle only;\n"
+                "--selected all -1; --compare's sessions stay exact)"),
+        CLI_KEY("merge-eps", 'E', "EPS", NULL,
+                "the local merge's eps, 0..64 (default 0.25); in process only: a\n"
+                "server uses its own (fasa-server --merge-eps)"),
         CLI_INT("shards", &o->shards, 1, 1024, "N", NULL,
                 "in-process shards (default 1; outputs do not depend on it)"),
         CLI_INT("block", &o->block, 1, 1 << 30, "N", "2048", "tokens per placement block"),
@@ -117,10 +127,27 @@ static int s_parse(int argc, char **argv, replay_opts *o)
                 return cli_usage_error("replay", "--score-dtype '%s' is not f32, f16, bf16 or int8",
                                        p.arg);
             break;
+        case 'M':
+            if (strcmp(p.arg, "exact") && strcmp(p.arg, "local"))
+                return cli_usage_error("replay", "--merge '%s' is not exact or local", p.arg);
+            o->merge = p.arg[0] == 'l' ? FASA_MERGE_LOCAL : FASA_MERGE_EXACT;
+            break;
+        case 'E': {
+            char *end = NULL;
+            o->merge_eps = strtod(p.arg, &end);
+            if (!*p.arg || *end || !(o->merge_eps >= 0 && o->merge_eps <= 64))
+                return cli_usage_error("replay", "--merge-eps '%s' must be a number in [0, 64]",
+                                       p.arg);
+            o->have_eps = 1;
+            break;
+        }
         }
     }
     if (c < 0) return cli_status(c);
     if (!o->qkv) return cli_usage_error("replay", "--qkv FILE is required");
+    if (o->have_eps && o->server)
+        return cli_usage_error("replay", "--merge-eps is in process only: a server uses its own "
+                                         "(fasa-server --merge-eps)");
     if (!o->have_method) return cli_usage_error("replay", "--method is required");
     /* Dense attends to every token: its budget only sizes --selected (all -1). */
     if (!o->budget && o->method == FASA_METHOD_DENSE) o->budget = 256;
@@ -272,6 +299,8 @@ static int s_run_sessions(replay_run *r)
     fasa_error fe;
     if (!(r->eng = backend_open(o->server, (int)o->shards, (int)o->block, &fe)))
         return cli_fail("replay", "%s", fe.msg);
+    if (o->have_eps && backend_set_merge_eps(r->eng, o->merge_eps))
+        return cli_fail("replay", "--merge-eps %g: not in [0, 64]", o->merge_eps);
     const fasa_session_config cfg = {.n_layers = r->L,
                                      .n_heads = r->H,
                                      .n_kv_heads = r->a->n_kv_heads,
@@ -283,11 +312,13 @@ static int s_run_sessions(replay_run *r)
                                      .gqa = o->gqa,
                                      .dense_layers = r->dense,
                                      .dtype = o->dtype,
-                                     .score_dtype = o->score_dtype};
+                                     .score_dtype = o->score_dtype,
+                                     .merge = o->merge};
     r->n_sessions = o->compare ? 3 : 1;
     for (int i = 0; i < r->n_sessions; i++) {
         fasa_session_config c = cfg;
         if (i > 0) c.method = i == 1 ? FASA_METHOD_DENSE : FASA_METHOD_ORACLE;
+        if (i > 0) c.merge = FASA_MERGE_EXACT;
         if (backend_create(r->eng, s_ids[i], &c, &fe) ||
             s_append_range(r->eng, s_ids[i], r->a, 0, (int)r->pa, r->kbuf, r->vbuf, &fe))
             return cli_fail("replay", "%s", fe.msg);
@@ -351,7 +382,8 @@ static int s_run_steps(replay_run *r)
                                    .method = -1,
                                    .budget = 0,
                                    .gqa = -1,
-                                   .max_pos = -1};
+                                   .max_pos = -1,
+                                   .merge = -1};
             float *o_t = r->out + ((size_t)k * L + l) * H * d;
             int32_t *s_t = r->sel ? r->sel + ((size_t)k * L + l) * H * B : r->stepsel;
             fasa_step_stats sst = {0};

@@ -119,6 +119,7 @@ typedef struct srv_opts {
     fasa_dtype dtype; /* create --dtype */
     int score_dtype;  /* create --score-dtype: scan_dtype (0 auto) */
     int tier;         /* create --tier: 0 the server's, 1 ram, 2 disk */
+    int merge;        /* create and attend --merge: 0 not given, 1 exact, 2 local */
 } srv_opts;
 
 /* The help line of an option that differs between commands. */
@@ -136,6 +137,7 @@ static const char *s_help(const char *cmd, int key, const char *dflt)
                    "session's)";
         if (key == 'b') return "tokens kept per selection unit (default: the session's)";
         if (key == 'g') return "per-head or shared (default: the session's)";
+        if (key == 'M') return "exact or local, as for create (default: the session's)";
     }
     return dflt;
 }
@@ -189,6 +191,11 @@ static int s_parse(const char *cmd, const char *usage, const char *allowed, int 
         CLI_KEY("tier", 'R', "T", NULL,
                 "ram or disk: only the scoring data in RAM, the rest of K and V in\n"
                 "files under the server's --tier-dir (default: the server's --tier)"),
+        CLI_KEY("merge", 'M', "M", NULL,
+                "how a sparse step's shards combine: exact (default: the global\n"
+                "top-B, two round trips) or local (one round trip: each of the S\n"
+                "shards attends over its own top ceil(B (1 + eps) / S), eps the\n"
+                "server's --merge-eps; fasa and oracle only, selected all -1)"),
         CLI_INT_KEY("layer", 'l', &o->layer, 0, 1023, "N", NULL, "the layer"),
         {"k", CLI_T_STR, 'k', 0, &o->k, 0, 0, 0, "K.npy", NULL, "keys"},
         {"v", CLI_T_STR, 'v', 0, &o->v, 0, 0, 0, "V.npy", NULL, "values (the same shape)"},
@@ -253,6 +260,11 @@ static int s_parse(const char *cmd, const char *usage, const char *allowed, int 
             if (scan_dtype_parse(arg, &o->score_dtype))
                 return cli_usage_error(cmd, "--score-dtype '%s' is not f32, f16, bf16 or int8",
                                        arg);
+            break;
+        case 'M':
+            if (strcmp(arg, "exact") && strcmp(arg, "local"))
+                return cli_usage_error(cmd, "--merge '%s' is not exact or local", arg);
+            o->merge = arg[0] == 'l' ? 2 : 1;
             break;
         case 'F':
             if (strcmp(arg, "text") && strcmp(arg, "prometheus"))
@@ -491,7 +503,7 @@ static char *s_read_text(const char *path, char *err, size_t err_len)
 int cmd_create(int argc, char **argv)
 {
     srv_opts o;
-    int rc = s_parse("create", create_usage, "EiLHKDPpnmbgdTZR", argc, argv, &o);
+    int rc = s_parse("create", create_usage, "EiLHKDPpnmbgMdTZR", argc, argv, &o);
     if (rc) return rc < 0 ? 0 : rc;
     if (!o.session) return cli_usage_error("create", "--session ID is required");
     if (!o.layers || !o.heads || !o.kv_heads || !o.head_dim)
@@ -534,7 +546,8 @@ int cmd_create(int argc, char **argv)
         .dtype = (fasa_client_dtype)(o.dtype + 1),
         .score_dtype = (fasa_client_dtype)o.score_dtype,
 
-        .tier = o.tier};
+        .tier = o.tier,
+        .merge = (fasa_client_merge)o.merge};
     fasa_client *c = s_connect("create", o.server, BACKEND_TIMEOUT_MS);
     if (!c) {
         free(text);
@@ -685,7 +698,7 @@ done:
 int cmd_attend(int argc, char **argv)
 {
     srv_opts o;
-    int rc = s_parse("attend", attend_usage, "EilqawmbgxoSt", argc, argv, &o);
+    int rc = s_parse("attend", attend_usage, "EilqawmbgMxoSt", argc, argv, &o);
     if (rc) return rc < 0 ? 0 : rc;
     if (!o.session) return cli_usage_error("attend", "--session ID is required");
     if (!o.have_layer) return cli_usage_error("attend", "--layer N is required");
@@ -747,6 +760,7 @@ int cmd_attend(int argc, char **argv)
     r.budget = (uint32_t)o.budget;
     r.gqa = o.have_gqa ? (fasa_client_gqa)(o.gqa + 1) : FASA_CLIENT_GQA_DEFAULT;
     r.max_pos = o.max_pos;
+    r.merge = (fasa_client_merge)o.merge;
     r.out = out;
     r.selected = sel;
     r.selected_budget = B;

@@ -824,6 +824,10 @@ static int s_gqa_ok(fasa_client_gqa g)
 {
     return (unsigned)g <= FASA_CLIENT_GQA_SHARED;
 }
+static int s_merge_ok(fasa_client_merge m)
+{
+    return (unsigned)m <= FASA_CLIENT_MERGE_LOCAL;
+}
 static int s_pairing_ok(fasa_client_pairing p)
 {
     return (unsigned)p <= FASA_CLIENT_PAIRING_HALF;
@@ -889,8 +893,15 @@ fasa_client_status fasa_client_create_session(fasa_client *c, const char *sessio
     if (cfg->tier < 0 || cfg->tier > FASA__V1__TIER__DISK)
         return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "create_session.tier: %d unknown",
                       cfg->tier);
+    if (!s_merge_ok(cfg->merge))
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "create_session.merge: %d unknown",
+                      (int)cfg->merge);
     Fasa__V1__CreateSession cs = FASA__V1__CREATE_SESSION__INIT;
     Fasa__V1__DenseLayers dl = FASA__V1__DENSE_LAYERS__INIT;
+    if (cfg->merge) {
+        cs.has_merge = 1;
+        cs.merge = (Fasa__V1__Merge)cfg->merge;
+    }
     if (cfg->tier) {
         cs.has_tier = 1;
         cs.tier = (Fasa__V1__Tier)cfg->tier;
@@ -1089,6 +1100,9 @@ static fasa_client_status s_attend_msg(const fasa_client_attend_req *r, Fasa__V1
                       (int)r->method);
     if (!s_gqa_ok(r->gqa))
         return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "%s.gqa: %d unknown", field, (int)r->gqa);
+    if (!s_merge_ok(r->merge))
+        return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "%s.merge: %d unknown", field,
+                      (int)r->merge);
     if (r->max_pos < -1)
         return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "%s.max_pos: %lld (-1 for all)", field,
                       (long long)r->max_pos);
@@ -1125,6 +1139,10 @@ static fasa_client_status s_attend_msg(const fasa_client_attend_req *r, Fasa__V1
     if (r->gqa) {
         m->has_gqa = 1;
         m->gqa = (Fasa__V1__Gqa)r->gqa;
+    }
+    if (r->merge) {
+        m->has_merge = 1;
+        m->merge = (Fasa__V1__Merge)r->merge;
     }
     if (r->max_pos != -1) {
         m->has_max_pos = 1;

@@ -78,6 +78,19 @@ typedef enum fasa_client_gqa {
     FASA_CLIENT_GQA_SHARED = 2,   /* one token set per KV head */
 } fasa_client_gqa;
 
+/* How a sparse step's shards combine (README "Local merge"). DEFAULT: an attend takes the
+ * session's, a session EXACT. */
+typedef enum fasa_client_merge {
+    FASA_CLIENT_MERGE_DEFAULT = 0,
+    /* Two round trips to the shards: the exact global top-B of each selection unit. */
+    FASA_CLIENT_MERGE_EXACT = 1,
+    /* One round trip: each of the S shards attends over its own top ceil(B (1 + eps) / S)
+     * (eps: the server's --merge-eps, default 0.25) and the partial outputs are merged
+     * exactly by their log-sum-exp. Methods FASA and ORACLE only (other methods run as
+     * EXACT); selected positions are not returned (all -1). With 1 shard the same as EXACT. */
+    FASA_CLIENT_MERGE_LOCAL = 2,
+} fasa_client_merge;
+
 /* RoPE pairing of a head's dims into frequency chunks; DEFAULT is INTERLEAVED. */
 typedef enum fasa_client_pairing {
     FASA_CLIENT_PAIRING_DEFAULT = 0,
@@ -182,6 +195,9 @@ typedef struct fasa_client_session_config {
     /* The FASA scan's scoring store: F32, F16, BF16 or I8; DEFAULT: the dtype's key dims. */
     fasa_client_dtype score_dtype;
     int tier; /* 0: the server's --tier, 1: ram, 2: disk (proto Tier) */
+    /* The merge of the session's sparse steps (an attend may ask for another); DEFAULT:
+     * EXACT. Added after tier: a zeroed struct keeps the old behaviour. */
+    fasa_client_merge merge;
 } fasa_client_session_config;
 
 /* Creates session session_id (1..128 printable ASCII bytes). n_shards_p, if not NULL, gets
@@ -256,12 +272,13 @@ typedef struct fasa_client_attend_req {
     int32_t *selected;             /* NULL, or [n_heads, selected_budget]: chosen positions */
     uint32_t selected_budget;      /* columns of selected; 0: budget (then budget must be set) */
     fasa_client_step_stats *stats; /* NULL, or the step's statistics */
+    fasa_client_merge merge;       /* DEFAULT: the session's (added last) */
 } fasa_client_attend_req;
 
 #define FASA_CLIENT_ATTEND_REQ_INIT                                                                \
     {                                                                                              \
         NULL, {0, 0, 0, 0}, 0, NULL, NULL, NULL, FASA_CLIENT_METHOD_DEFAULT, 0,                    \
-            FASA_CLIENT_GQA_DEFAULT, -1, NULL, NULL, 0, NULL                                       \
+            FASA_CLIENT_GQA_DEFAULT, -1, NULL, NULL, 0, NULL, FASA_CLIENT_MERGE_DEFAULT            \
     }
 
 /* Runs one step (see fasa_client_attend_req). selected gets each head's positions best

@@ -167,6 +167,12 @@ expect_error "not a number" "--steps 'abc' is not a number" $fasa demo --steps a
 expect_error "not a number, replay" "--budget '12x' is not a number" $fasa replay --qkv "$dump" --method dense --budget 12x --out "$tmp/x.npy"
 expect_error "not a number, create" "--layers 'two' is not a number" $fasa create --server tcp://127.0.0.1:1 --session s --layers two
 expect_error "size suffix, create" "--layers '2K' must be in \[1, 1024\]" $fasa create --server tcp://127.0.0.1:1 --session s --layers 2K
+# --merge: exact or local on create and attend, and nowhere else.
+expect_error "create --merge" "--merge 'fast' is not exact or local" $fasa create --server tcp://127.0.0.1:1 --session s --merge fast
+expect_error "attend --merge" "--merge 'LOCAL' is not exact or local" $fasa attend --server tcp://127.0.0.1:1 --session s --merge LOCAL
+expect_error "append --merge" "option '--merge' does not apply to 'append'" $fasa append --server tcp://127.0.0.1:1 --session s --merge local
+expect_error "replay --merge-eps" "--merge-eps 'x' must be a number in \[0, 64\]" $fasa replay --qkv "$dump" --method oracle --budget 8 --out "$tmp/x.npy" --merge local --merge-eps x
+expect_error "replay --merge-eps --server" "--merge-eps is in process only" $fasa replay --qkv "$dump" --method oracle --budget 8 --out "$tmp/x.npy" --merge-eps 1 --server tcp://127.0.0.1:1
 if $fasa demo --tokens 2K --steps 1 --heads 4 --kv-heads 1 --head-dim 32 --ntip 4 --budget 32 >"$tmp/d2k" 2>&1 &&
     grep -q '^fasa demo: 2048 tokens' "$tmp/d2k"; then ok; else bad "demo --tokens 2K: $(head -1 "$tmp/d2k")"; fi
 # (oracle keeps the exact top-B: 1024 of 2040+ tokens, so B changes the outputs.)

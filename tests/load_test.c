@@ -3,6 +3,7 @@
  * are refused with the file and field named and leave nothing stored; paths outside the
  * load root are refused. The MPI transport's load: tests/load_mpi_test.c. */
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +13,7 @@
 #include "load.h"
 #include "load_util.h"
 #include "qkv.h"
+#include "scan.h"
 #include "service.h"
 
 #define LT_L 3
@@ -468,6 +470,198 @@ START_TEST(test_load_service)
 }
 END_TEST
 
+/* ---- shard_load_layer against its reference, shard by shard ---- */
+
+/* Writes n elements of x to path raw, as f32 or (f16 nonzero) f16, and the source. */
+static load_src s_raw_src(const char *path, int f16, size_t n, size_t row, const float *x)
+{
+    uint16_t *h = f16 ? test_alloc(n * 2 + 2) : NULL;
+    for (size_t i = 0; f16 && i < n; i++) h[i] = fasa_f32_to_f16(x[i]);
+    FILE *f = fopen(path, "wb");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_uint_eq(fwrite(f16 ? (const void *)h : (const void *)x, f16 ? 2 : 4, n, f), n);
+    ck_assert_int_eq(fclose(f), 0);
+    free(h);
+    load_src src = {.offset = 0,
+                    .stride = (int64_t)row * (f16 ? 2 : 4),
+                    .dtype = f16 ? FASA_DTYPE_F16 : FASA_DTYPE_F32};
+    snprintf(src.path, sizeof(src.path), "%s", path);
+    return src;
+}
+
+/* A layout of L layers, H KV heads (one query head each), head_dim D in dtype dt: plain,
+ * or (packed) each KV head's dims reversed with the first 5 dominant, and a scoring copy
+ * of score_dtype sd. */
+static void s_layout(shard_layout *lay, int L, int H, int D, int dt, int packed, int sd)
+{
+    ck_assert_int_eq(shard_layout_plain(lay, L, H, H, D), 0);
+    lay->dtype = dt;
+    lay->score_dtype = sd;
+    if (!packed) return;
+    for (int i = 0; i < L * H; i++) {
+        lay->n_dom[i] = 5;
+        for (int p = 0; p < D; p++) lay->perm[(size_t)i * D + p] = D - 1 - p;
+    }
+    for (size_t i = 0; i < (size_t)L * H * D; i++) lay->qmask[i] = (i % D) < 5;
+}
+
+/* Runs job on two fresh shards of lay, fast and naive: both succeed or both fail the same
+ * way, with the same store and the same figures. */
+static void s_fast_vs_naive(const shard_layout *lay, const load_job *job, int want_err)
+{
+    shard_t *a = shard_new(lay), *b = shard_new(lay);
+    ck_assert_ptr_nonnull(a);
+    ck_assert_ptr_nonnull(b);
+    load_report ra, rb;
+    const int rca = shard_load_layer(a, job, &ra), rcb = shard_load_layer_naive(b, job, &rb);
+    ck_assert_int_eq(rca, rcb);
+    ck_assert_int_eq(ra.err, want_err);
+    ck_assert_int_eq(ra.err, rb.err);
+    if (want_err == LOAD_OK) {
+        ck_assert_int_eq(ra.rows, rb.rows);
+        ck_assert_int_eq(ra.file_bytes, rb.file_bytes);
+        ck_assert_int_eq(shard_rows(a, job->layer), job->check_only ? 0 : (int)ra.rows);
+        ck_assert_msg(shard_store_equal(a, b), "fast and naive loads stored different bits");
+    } else {
+        ck_assert_int_eq(ra.which, rb.which);
+        ck_assert_int_eq(ra.row, rb.row);
+        if (want_err == LOAD_EVALUE) {
+            ck_assert_int_eq(ra.elem, rb.elem);
+            ck_assert_int_eq(isnan(ra.value), isnan(rb.value));
+            if (!isnan(ra.value)) ck_assert_float_eq(ra.value, rb.value);
+        }
+    }
+    shard_destroy(&a);
+    shard_destroy(&b);
+}
+
+/* Every file dtype pair into every store dtype, plain and packed layouts (with an int8
+ * scoring copy), 1 and 3 shards; blocks read in several chunks; then bad values, short
+ * files and a missing file, reported alike. */
+START_TEST(test_load_fast_vs_naive)
+{
+    enum { L = 2, H = 3, D = 16, T = 1500, B = 160 };
+    const size_t row = (size_t)H * D, n = (size_t)T * row;
+    float *k = test_alloc(n * 4), *v = test_alloc(n * 4);
+    test_rng rng = {77};
+    test_fill(&rng, n, k, 2.0f);
+    test_fill(&rng, n, v, 2.0f);
+    char pk[320], pv[320];
+    for (int kf = 0; kf < 2; kf++)
+        for (int vf = 0; vf < 2; vf++) {
+            snprintf(pk, sizeof(pk), "%s/fk%d", s_root, kf);
+            snprintf(pv, sizeof(pv), "%s/fv%d", s_root, vf);
+            const load_src ks = s_raw_src(pk, kf, n, row, k), vs = s_raw_src(pv, vf, n, row, v);
+            for (int dt = 0; dt <= FASA_DTYPE_LAST; dt++)
+                for (int packed = 0; packed < 2; packed++) {
+                    shard_layout lay;
+                    s_layout(&lay, L, H, D, dt, packed, packed ? SCAN_I8 : SCAN_AUTO);
+                    for (int S = 1; S <= 3; S += 2)
+                        for (int sh = 0; sh < S; sh++)
+                            for (int co = 0; co < 2; co++) {
+                                const load_job job = {.layer = 1,
+                                                      .block = B,
+                                                      .n_shards = S,
+                                                      .shard = sh,
+                                                      .T = T,
+                                                      .check_only = co,
+                                                      .k = ks,
+                                                      .v = vs};
+                                s_fast_vs_naive(&lay, &job, LOAD_OK);
+                            }
+                    shard_layout_cleanup(&lay);
+                }
+        }
+    /* Bad values: nan in the keys, inf in the values, 2^51, and 70000 (overflows f16, not
+     * bf16 or f32), in rows of the second shard of 3. */
+    const struct {
+        int which;
+        size_t at;
+        float x;
+    } bad[] = {{0, 700 * row + 7, NAN},
+               {1, 650 * row + 3, INFINITY},
+               {0, 1200 * row + 40, 0x1p51f},
+               {1, 170 * row + 1, 70000.0f}};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+        for (int f16 = 0; f16 < 2; f16++) {
+            float *x = bad[i].which ? v : k, keep = x[bad[i].at];
+            x[bad[i].at] = bad[i].x;
+            snprintf(pk, sizeof(pk), "%s/bk", s_root);
+            snprintf(pv, sizeof(pv), "%s/bv", s_root);
+            const load_src ks = s_raw_src(pk, f16, n, row, k), vs = s_raw_src(pv, f16, n, row, v);
+            x[bad[i].at] = keep;
+            for (int dt = 0; dt <= FASA_DTYPE_LAST; dt++) {
+                shard_layout lay;
+                s_layout(&lay, L, H, D, dt, 0, SCAN_AUTO);
+                /* The value the file holds, and the rule (finite, below 2^50, no overflow
+                 * of the store) applied to it. */
+                const float fv = f16 ? fasa_f16_to_f32(fasa_f32_to_f16(bad[i].x)) : bad[i].x;
+                const int refused = !isfinite(fv) || fabsf(fv) >= 0x1p50f ||
+                                    (dt == FASA_DTYPE_F16 && fabsf(fv) >= 65520.0f);
+                for (int co = 0; co < 2; co++) {
+                    const load_job job = {.layer = 0,
+                                          .block = B,
+                                          .n_shards = 3,
+                                          .shard = 1,
+                                          .T = T,
+                                          .check_only = co,
+                                          .k = ks,
+                                          .v = vs};
+                    s_fast_vs_naive(&lay, &job, refused ? LOAD_EVALUE : LOAD_OK);
+                }
+                shard_layout_cleanup(&lay);
+            }
+        }
+    /* Rows of 1 KB (f32) and 512 B (f16): chunks of 512 and 1024 rows, so blocks of 1200
+     * are read in several chunks, the last one short. */
+    {
+        enum { H2 = 2, D2 = 128, T2 = 3000, B2 = 1200 };
+        const size_t row2 = (size_t)H2 * D2, n2 = (size_t)T2 * row2;
+        float *k2 = test_alloc(n2 * 4), *v2 = test_alloc(n2 * 4);
+        test_fill(&rng, n2, k2, 2.0f);
+        test_fill(&rng, n2, v2, 2.0f);
+        for (int f16 = 0; f16 < 2; f16++) {
+            snprintf(pk, sizeof(pk), "%s/wk", s_root);
+            snprintf(pv, sizeof(pv), "%s/wv", s_root);
+            const load_src ks = s_raw_src(pk, f16, n2, row2, k2),
+                           vs = s_raw_src(pv, f16, n2, row2, v2);
+            for (int packed = 0; packed < 2; packed++) {
+                shard_layout lay;
+                s_layout(&lay, 1, H2, D2, FASA_DTYPE_F16, packed, SCAN_AUTO);
+                for (int S = 1; S <= 3; S += 2)
+                    for (int sh = 0; sh < S; sh++) {
+                        const load_job job = {.layer = 0,
+                                              .block = B2,
+                                              .n_shards = S,
+                                              .shard = sh,
+                                              .T = T2,
+                                              .k = ks,
+                                              .v = vs};
+                        s_fast_vs_naive(&lay, &job, LOAD_OK);
+                    }
+                shard_layout_cleanup(&lay);
+            }
+        }
+        free(k2);
+        free(v2);
+    }
+    /* A file shorter than T rows, and one that is not there. */
+    snprintf(pk, sizeof(pk), "%s/sk", s_root);
+    snprintf(pv, sizeof(pv), "%s/sv", s_root);
+    const load_src ks = s_raw_src(pk, 1, n, row, k),
+                   vs = s_raw_src(pv, 1, n - 900 * row + 5, row, v);
+    shard_layout lay;
+    s_layout(&lay, L, H, D, FASA_DTYPE_F16, 0, SCAN_AUTO);
+    load_job job = {.layer = 0, .block = B, .n_shards = 2, .shard = 1, .T = T, .k = ks, .v = vs};
+    s_fast_vs_naive(&lay, &job, LOAD_ESHORT);
+    snprintf(job.k.path, sizeof(job.k.path), "%s/none", s_root);
+    s_fast_vs_naive(&lay, &job, LOAD_EIO);
+    shard_layout_cleanup(&lay);
+    free(k);
+    free(v);
+}
+END_TEST
+
 Suite *load_suite(void)
 {
     Suite *s = suite_create("load");
@@ -480,6 +674,7 @@ Suite *load_suite(void)
     tcase_add_test(tc, test_load_bad_files);
     tcase_add_test(tc, test_load_resolve);
     tcase_add_test(tc, test_load_service);
+    tcase_add_test(tc, test_load_fast_vs_naive);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -58,6 +58,25 @@ if [ -f "$dump" ]; then
             if cmp -s "$tmp/e_$m.sel.npy" "$tmp/s_$m.sel.npy"; then ok "replay $m: identical selections"
             else bad "replay $m: selections differ"; fi
         done
+        # replay --merge local: the server (its shards, block 64) equals the embedded engine
+        # with as many shards; in process, --merge-eps 0.25 is the default and a larger eps
+        # keeps more tokens per shard (from 2 shards on, other outputs).
+        common=(replay --qkv "$dump" --method oracle --budget 32 --positions 1024:2048:256 --merge local)
+        if "$fasa" "${common[@]}" --shards "$((n > 1 ? n - 1 : 1))" --block 64 --out "$tmp/e_loc.npy" >/dev/null 2>"$tmp/err" &&
+           "$fasa" "${common[@]}" --shards "$((n > 1 ? n - 1 : 1))" --block 64 --merge-eps 0.25 --out "$tmp/e_loc25.npy" >/dev/null 2>"$tmp/err" &&
+           "$fasa" "${common[@]}" --shards "$((n > 1 ? n - 1 : 1))" --block 64 --merge-eps 2 --out "$tmp/e_loc2.npy" >/dev/null 2>"$tmp/err" &&
+           ASAN_OPTIONS=$client_asan "$fasa" "${common[@]}" --server "$ep" --out "$tmp/s_loc.npy" >/dev/null 2>"$tmp/err"; then
+            if d=$("$build/npy_diff" "$tmp/e_loc.npy" "$tmp/s_loc.npy" 1e-6); then ok "replay --merge local server vs embedded: $d"
+            else bad "replay --merge local server vs embedded: $d"; fi
+            cmp -s "$tmp/e_loc.npy" "$tmp/e_loc25.npy" && ok "replay --merge-eps 0.25 is the default" ||
+                bad "replay --merge-eps 0.25 differs from the default"
+            if [ "$n" -gt 2 ]; then
+                cmp -s "$tmp/e_loc.npy" "$tmp/e_loc2.npy" && bad "replay --merge-eps 2 changed nothing at $((n - 1)) shards" ||
+                    ok "replay --merge-eps 2 keeps other tokens at $((n - 1)) shards"
+            fi
+        else
+            bad "replay --merge local: $(cat "$tmp/err")"
+        fi
     else
         bad "calibrate failed"
     fi
@@ -127,6 +146,47 @@ else
 fi
 st_run drop --session st-stats >/dev/null 2>&1 || bad "drop st-stats"
 # ---- end of the stats checks ----
+
+# ---- --merge: libfasa's options against the embedded engine (merge_client), then the CLI's
+# create --merge local and attend --merge over random keys (bench/gen_load). ----
+shards=$((n > 1 ? n - 1 : 1))
+if out=$(ASAN_OPTIONS=$client_asan "$build/merge_client" "$ep" $shards 64 2>&1); then ok "$out"; else bad "$out"; fi
+# npy_from FILE SHAPE N SRC: a float32 .npy of shape SHAPE holding the last N values of the
+# float32 .npy SRC.
+npy_from() {
+    local hdr="{'descr': '<f4', 'fortran_order': False, 'shape': ($2), }"
+    while [ $(((10 + ${#hdr} + 1) % 64)) -ne 0 ]; do hdr="$hdr "; done
+    local len=$((${#hdr} + 1))
+    { printf '\x93NUMPY\x01\x00'; printf "\\x$(printf %02x $((len & 255)))\\x$(printf %02x $((len >> 8)))"
+      printf '%s\n' "$hdr"; tail -c $((4 * $3)) "$4"; } >"$1"
+}
+if "$build/bench/gen_load" --out "$tmp/mg" --tokens 600 --layers 1 --kv-heads 2 --head-dim 8 >/dev/null 2>"$tmp/err" &&
+   "$build/bench/gen_load" --out "$tmp/mq" --tokens 1 --layers 1 --kv-heads 4 --head-dim 8 --seed 5 >/dev/null 2>"$tmp/err"; then
+    npy_from "$tmp/mq.npy" "4, 8" 32 "$tmp/mq/k_0.npy"
+    mg_attend() { # SESSION OUT [--merge M]
+        st_run attend --session "$1" --layer 0 --q "$tmp/mq.npy" --out "$2" --selected "$2.sel" "${@:3}" >/dev/null 2>"$tmp/err"
+    }
+    if st_run create --session mg-l --layers 1 --heads 4 --kv-heads 2 --head-dim 8 --method oracle --budget 16 --merge local >/dev/null 2>"$tmp/err" &&
+       st_run append --session mg-l --layer 0 --k "$tmp/mg/k_0.npy" --v "$tmp/mg/v_0.npy" >/dev/null 2>"$tmp/err" &&
+       mg_attend mg-l "$tmp/ml.npy" && mg_attend mg-l "$tmp/mll.npy" --merge local && mg_attend mg-l "$tmp/mle.npy" --merge exact; then
+        cmp -s "$tmp/ml.npy" "$tmp/mll.npy" && ok "create --merge local: an attend's default is local" ||
+            bad "create --merge local: attend and attend --merge local differ"
+        if [ $shards -ge 2 ]; then
+            cmp -s "$tmp/ml.npy" "$tmp/mle.npy" && bad "attend --merge exact on a local session gave the local outputs" ||
+                ok "attend --merge exact differs from local ($shards shards)"
+        else
+            cmp -s "$tmp/ml.npy" "$tmp/mle.npy" && ok "one shard: local is exact" || bad "one shard: local and exact differ"
+        fi
+        # Local returns no selected positions: the int32 array is all -1 (0xff bytes).
+        [ -z "$(tail -c $((4 * 16 * 4)) "$tmp/ml.npy.sel" | tr -d '\377')" ] && ok "attend under a local merge: selected all -1" ||
+            bad "attend under a local merge returned selected positions"
+    else
+        bad "create --merge local / attend --merge: $(cat "$tmp/err")"
+    fi
+    st_run drop --session mg-l >/dev/null 2>&1 || bad "drop mg-l"
+else
+    bad "gen_load: $(cat "$tmp/err")"
+fi
 
 # The server is still serving, then it stops cleanly and every rank goes.
 "$fasa" ping --server "$ep" >/dev/null 2>&1 && ok "still answering ping" || bad "ping after the tests"

@@ -6,6 +6,11 @@
  * dtype). A shard that finds a bad value stops and reports where; the engine then drops
  * every shard of the session and starts them afresh, so a failed load stores nothing.
  *
+ * shard_load_layer reads each placement block in chunks of about 512 KB per tensor (one
+ * pread each), checks the file's own bits, converts a chunk once where the file's dtype is
+ * not the store's, and stores it with shard_append_dt; a reader thread keeps up to two
+ * chunks ahead of the store, so file reads overlap the store where a core is free.
+ *
  * The job and the report are fixed-size structs of plain fields, so they travel over MPI
  * as raw bytes (worker_mpi_wire.h WMPI_LOAD). */
 #ifndef FASA_WORKER_LOAD_ROWS_H
@@ -73,6 +78,11 @@ _Static_assert(sizeof(load_report) == 64, "load_report travels as raw bytes");
  * check_only). Returns 0, or -1 with rep->err saying what and where. On failure the rows
  * already appended stay (the engine drops the shard). */
 int shard_load_layer(shard_t *shard, const load_job *job, load_report *rep);
+/* The reference of shard_load_layer, kept for tests: chunks read, widened to f32 and
+ * checked there, and appended as f32 one after the other (no reader thread); the same
+ * store, bit for bit, and the same report (rows, file_bytes, and a failure's err, which,
+ * row, elem and value). */
+int shard_load_layer_naive(shard_t *shard, const load_job *job, load_report *rep);
 
 /* One line describing a failed report of job, e.g. "k_3.npy: row 517 element 12 = nan: values
  * must be finite and below 2^50 (1.1e15)" (the path as the job names it). */

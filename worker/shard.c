@@ -74,6 +74,7 @@ typedef struct layer_store {
     int mark_rows, mark_pages, mark_sums_rows, mark_sums_page;
     float *mark_bound; /* (n_kv_heads, 2, head_dim) */
     double *mark_sum;  /* (2, n_kv_heads, head_dim) vsum then ksum */
+    int expect_rows;   /* shard_expect_rows: chunks are sized for this many rows at once */
 } layer_store;
 
 struct shard {
@@ -630,8 +631,9 @@ static int s_reserve(shard_t *s, int layer, int n, const int32_t *pos)
     }
     /* The chunks the new rows land in: the last one grown, new ones made, each to the
      * capacity its rows need. What was made or grown so far stays for later appends. */
+    const int64_t sized = need_rows > ls->expect_rows ? need_rows : ls->expect_rows;
     for (int c = ls->n_rows / SHARD_CHUNK; c < need_chunks; c++) {
-        const int64_t in_chunk = need_rows - (int64_t)c * SHARD_CHUNK;
+        const int64_t in_chunk = sized - (int64_t)c * SHARD_CHUNK;
         const int want = s_chunk_cap(in_chunk < SHARD_CHUNK ? in_chunk : SHARD_CHUNK);
         const int full = want == SHARD_CHUNK && s->lay.tier == SHARD_TIER_RAM;
         if (c < ls->n_chunks) {
@@ -827,6 +829,11 @@ static void s_bounds(int n, float *restrict mn, float *restrict mx, const float 
     for (int c = 0; c < n; c++) mx[c] = x[c] > mx[c] ? x[c] : mx[c];
 }
 
+void shard_expect_rows(shard_t *s, int layer, int rows)
+{
+    if (layer >= 0 && layer < s->lay.n_layers) s->layers[layer].expect_rows = rows > 0 ? rows : 0;
+}
+
 int shard_append_dt(shard_t *s, int layer, int n, const int32_t *pos, int in_dt, const void *k,
                     const void *v)
 {
@@ -843,6 +850,13 @@ int shard_append_dt(shard_t *s, int layer, int n, const int32_t *pos, int in_dt,
      * and sums wait for the first step that reads them (s_sums_catch_up). */
     float kpf[d], tmpf[d];
     uint16_t kp16[d];
+    /* KV heads whose packing order is the original one (no profile): rows copied whole. */
+    unsigned char ident[hkv];
+    for (int g = 0; g < hkv; g++) {
+        const int *perm = lay->perm + ((size_t)layer * hkv + g) * d;
+        ident[g] = 1;
+        for (int p = 0; p < d; p++) ident[g] &= perm[p] == p;
+    }
     for (int i = 0; i < n; i++) {
         const int r = ls->n_rows + i;
         kv_chunk *ch = ls->chunks[r / SHARD_CHUNK];
@@ -869,20 +883,26 @@ int shard_append_dt(shard_t *s, int layer, int n, const int32_t *pos, int in_dt,
             const int *perm = lay->perm + ((size_t)layer * hkv + g) * d;
             const float *kr = kf + (size_t)g * d;
             const size_t kd0 = (size_t)tile * u * SCORE_TILE + lane;
-            if (dt == FASA_DTYPE_F32 || ch[g].ksc)
+            const float *kpp = kr; /* the row in packing order, as f32 */
+            if (!ident[g] && (dt == FASA_DTYPE_F32 || ch[g].ksc)) {
                 for (int p = 0; p < d; p++) kpf[p] = kr[perm[p]];
-            if (ch[g].ksc) scan_pack_row(s_sd(lay), u, kpf, ch[g].ksc, ch[g].kscale, rr);
+                kpp = kpf;
+            }
+            if (ch[g].ksc) scan_pack_row(s_sd(lay), u, kpp, ch[g].ksc, ch[g].kscale, rr);
             if (dt == FASA_DTYPE_F32) {
                 float *kd = (float *)ch[g].kdom + kd0;
-                for (int p = 0; p < u; p++) kd[(size_t)p * SCORE_TILE] = kpf[p];
-                memcpy((float *)ch[g].krest + (size_t)rr * (d - u), kpf + u,
+                for (int p = 0; p < u; p++) kd[(size_t)p * SCORE_TILE] = kpp[p];
+                memcpy((float *)ch[g].krest + (size_t)rr * (d - u), kpp + u,
                        (size_t)(d - u) * sizeof(float));
             } else {
-                const uint16_t *kh = (const uint16_t *)ks + (size_t)g * d;
-                for (int p = 0; p < d; p++) kp16[p] = kh[perm[p]];
+                const uint16_t *kh = (const uint16_t *)ks + (size_t)g * d, *kph = kh;
+                if (!ident[g]) {
+                    for (int p = 0; p < d; p++) kp16[p] = kh[perm[p]];
+                    kph = kp16;
+                }
                 uint16_t *kd = (uint16_t *)ch[g].kdom + kd0;
-                for (int p = 0; p < u; p++) kd[(size_t)p * SCORE_TILE] = kp16[p];
-                memcpy((uint16_t *)ch[g].krest + (size_t)rr * (d - u), kp16 + u,
+                for (int p = 0; p < u; p++) kd[(size_t)p * SCORE_TILE] = kph[p];
+                memcpy((uint16_t *)ch[g].krest + (size_t)rr * (d - u), kph + u,
                        (size_t)(d - u) * sizeof(uint16_t));
             }
             void *vdst = s_at(s, ch[g].v, (size_t)rr * d);

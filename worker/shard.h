@@ -180,6 +180,10 @@ int shard_append(shard_t *shard, int layer, int n, const int32_t *pos, const flo
  * unknown in_dtype (nothing added). */
 int shard_append_dt(shard_t *shard, int layer, int n, const int32_t *pos, int in_dtype,
                     const void *k, const void *v);
+/* A hint: appends to come bring layer to about rows rows (a bulk load knows its count), so
+ * its chunks are made at their final size at once instead of grown and copied. The stored
+ * rows are the same; the capacity is that of rows rows (0: no hint). */
+void shard_expect_rows(shard_t *shard, int layer, int rows);
 /* Appends that can be taken back. After shard_txn_begin(shard, txn) (txn != 0) the first
  * append to each layer saves what the layer holds; shard_txn_undo(shard, txn) puts every
  * layer appended to since back as it was, bit for bit (rows, key tiles and their padding,

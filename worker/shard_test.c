@@ -885,6 +885,10 @@ START_TEST(test_shard_append_fast)
                 s_layout_random(&lay, &r, nl, nh, nkv, d);
                 lay.dtype = dt;
                 lay.score_dtype = sds[si];
+                /* Without a scoring copy, layer 1 keeps the original dim order (as a
+                 * session without a profile): shard_append_dt copies such rows whole. */
+                for (int g = 0; g < nkv && sds[si] == SCAN_AUTO; g++)
+                    for (int p = 0; p < d; p++) lay.perm[((size_t)nkv + g) * d + p] = p;
                 /* The values as the input dtype carries them (f32: themselves). */
                 const float *kin = k, *vin = v;
                 if (in != FASA_DTYPE_F32) {
