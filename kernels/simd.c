@@ -35,17 +35,31 @@ static int s_has_f16c(void)
 }
 #endif
 
-int simd_path_supported(simd_path path)
+/* Bit p: path p runs on this CPU; -1 until first asked. CPUID is asked once: under a
+ * hypervisor each CPUID traps, and the conversions check their path on every call. */
+static int s_supported = -1;
+
+static int s_probe(void)
 {
-    if (path == SIMD_PORTABLE) return 1;
+    int mask = 1 << SIMD_PORTABLE;
 #if FASA_X86
     __builtin_cpu_init();
     const int avx2 =
         __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && s_has_f16c();
-    if (path == SIMD_AVX2) return avx2;
-    if (path == SIMD_AVX512) return avx2 && __builtin_cpu_supports("avx512f");
+    if (avx2) mask |= 1 << SIMD_AVX2;
+    if (avx2 && __builtin_cpu_supports("avx512f")) mask |= 1 << SIMD_AVX512;
 #endif
-    return 0;
+    return mask;
+}
+
+int simd_path_supported(simd_path path)
+{
+    int mask = __atomic_load_n(&s_supported, __ATOMIC_RELAXED);
+    if (mask < 0) {
+        mask = s_probe(); /* the same answer on every thread: a race only repeats it */
+        __atomic_store_n(&s_supported, mask, __ATOMIC_RELAXED);
+    }
+    return (int)path >= 0 && (int)path <= SIMD_PATH_LAST && ((mask >> (int)path) & 1);
 }
 
 const char *simd_cpu_features(void)
