@@ -1472,26 +1472,194 @@ int fasa_service_stats_reply(fasa_service *s, uint8_t **reply_p, size_t *reply_l
     return s_pack(&resp, reply_p, reply_len_p);
 }
 
+/* What one request's reply points into, freed once the reply is packed (s_handled_free). */
+typedef struct handled {
+    Fasa__V1__Response resp;
+    attend_out one;
+    attend_out *many; /* BatchAttend: n_many outputs, items and item pointers */
+    int n_many;
+    Fasa__V1__BatchAttendItem *items, **item_ptrs;
+    Fasa__V1__BatchAttendResult batch_res;
+    Fasa__V1__PingResult ping_res;
+    char *text; /* Calibrate's profile text */
+    Fasa__V1__SnapshotResult snap_res;
+    snap_out *snaps;
+    Fasa__V1__SnapshotInfo **snap_ptrs;
+    list_out list;
+    load_out load;
+} handled;
+
+static void s_handled_free(handled *h)
+{
+    s_attend_free(&h->one);
+    for (int i = 0; i < h->n_many; i++) {
+        s_attend_free(&h->many[i]);
+        free(h->items[i].message);
+    }
+    free(h->many);
+    free(h->items);
+    free(h->item_ptrs);
+    free(h->text);
+    free(h->snaps);
+    free(h->snap_ptrs);
+    s_list_free(&h->list);
+    free(h->load.shards);
+    free(h->load.shard_ptrs);
+}
+
+static void s_ping(const fasa_service *s, const edge_request *req, handled *h)
+{
+    fasa__v1__ping_result__init(&h->ping_res);
+    if (req->u.ping.payload) {
+        h->ping_res.has_payload = 1;
+        h->ping_res.payload.data = (uint8_t *)req->u.ping.payload;
+        h->ping_res.payload.len = req->u.ping.len;
+    }
+    h->ping_res.n_ranks = (uint32_t)s->n_ranks;
+    h->ping_res.n_shards = (uint32_t)s->n_shards;
+    h->ping_res.version = (char *)VERSION_STRING;
+    h->resp.body_case = FASA__V1__RESPONSE__BODY_PING;
+    h->resp.ping = &h->ping_res;
+}
+
+static void s_batch_attend(fasa_service *s, const edge_request *req, handled *h, size_t *reply_left,
+                           reply *r)
+{
+    const int n = req->u.batch.n;
+    s->batch_items += (uint64_t)n;
+    h->many = calloc((size_t)n, sizeof(*h->many));
+    h->items = calloc((size_t)n, sizeof(*h->items));
+    h->item_ptrs = calloc((size_t)n, sizeof(*h->item_ptrs));
+    if (!h->many || !h->items || !h->item_ptrs) {
+        s_fail(r, FASA_RESOURCE_EXHAUSTED, "batch_attend: out of memory");
+        return;
+    }
+    h->n_many = n;
+    for (int i = 0; i < n; i++) h->item_ptrs[i] = &h->items[i];
+    s_batch(s, req->u.batch.items, n, h->many, h->items, reply_left, r);
+    if (r->code) {
+        h->n_many = 0;
+        return;
+    }
+    fasa__v1__batch_attend_result__init(&h->batch_res);
+    h->batch_res.n_items = (size_t)n;
+    h->batch_res.items = h->item_ptrs;
+    h->resp.body_case = FASA__V1__RESPONSE__BODY_BATCH_ATTEND;
+    h->resp.batch_attend = &h->batch_res;
+}
+
+static void s_drop(fasa_service *s, const char *session_id, reply *r)
+{
+    fasa_error fe;
+    const fasa_status st = fasa_engine_drop(s->engine, session_id, &fe);
+    if (st) s_fail(r, st, "drop_session.session_id: %s", fe.msg);
+    /* A dropped session must not come back on the next restore. */
+    if (!st && *s->state_dir) {
+        fasa_snapshot_remove(s->state_dir, session_id);
+        s_rev_forget(s, session_id);
+    }
+}
+
+/* Runs a decoded request (waited: ms in the server's queue) into h->resp or r's error. */
+static void s_dispatch(fasa_service *s, const edge_request *req, double waited, handled *h,
+                       reply *r, int *shutdown_p)
+{
+    size_t reply_left = s->max_message - 1024;
+    Fasa__V1__Response *resp = &h->resp;
+    switch (req->kind) {
+    case EDGE_PING:
+        s_ping(s, req, h);
+        break;
+    case EDGE_CREATE:
+        s_create(s, &req->u.create, r);
+        break;
+    case EDGE_APPEND:
+        s_append(s, &req->u.append, r);
+        break;
+    case EDGE_ATTEND:
+        if (s_attend(s, &req->u.attend, "attend", &h->one, &reply_left, r) == FASA_OK) {
+            resp->body_case = FASA__V1__RESPONSE__BODY_ATTEND;
+            resp->attend = &h->one.res;
+            resp->has_queue_us = resp->has_decode_us = 1;
+            resp->queue_us = (uint64_t)(waited * 1e3);
+            resp->decode_us = (uint64_t)h->one.decode_us;
+        }
+        break;
+    case EDGE_BATCH_ATTEND:
+        s_batch_attend(s, req, h, &reply_left, r);
+        break;
+    case EDGE_CALIBRATE:
+        s_calibrate(s, &req->u.calibrate, r, &h->text);
+        break;
+    case EDGE_SET_PROFILE:
+        s_set_profile(s, &req->u.set_profile, r);
+        break;
+    case EDGE_DROP:
+        s_drop(s, req->u.session_id, r);
+        break;
+    case EDGE_STATS:
+        s_stats(s, req->u.session_id, r);
+        break;
+    case EDGE_SHUTDOWN:
+        *shutdown_p = 1;
+        break;
+    case EDGE_LIST_SESSIONS:
+        s_list_sessions(s, &h->list, r);
+        break;
+    case EDGE_DELETE_PROFILE:
+        s_delete_profile(s, req->u.profile_name, r);
+        break;
+    case EDGE_LOAD_SESSION:
+        if (s_load(s, &req->u.load, &h->load, r) == FASA_OK) {
+            resp->body_case = FASA__V1__RESPONSE__BODY_LOAD_SESSION;
+            resp->load_session = &h->load.res;
+        }
+        break;
+    case EDGE_SNAPSHOT:
+        if (s_snapshot(s, req->u.snapshot.session_id, r, &h->snap_res, &h->snaps, &h->snap_ptrs) ==
+            FASA_OK) {
+            resp->body_case = FASA__V1__RESPONSE__BODY_SNAPSHOT;
+            resp->snapshot = &h->snap_res;
+        }
+        break;
+    }
+    if (s->n_refused) s_refused_reply(s, r);
+}
+
+/* Packs h->resp (or r's error) for request rid of len bytes, and counts it. */
+static int s_reply(fasa_service *s, uint64_t rid, size_t len, handled *h, reply *r,
+                   uint8_t **reply_p, size_t *reply_len_p)
+{
+    Fasa__V1__Response *resp = &h->resp;
+    resp->protocol_version = EDGE_PROTOCOL_VERSION;
+    resp->request_id = rid;
+    resp->status = (Fasa__V1__Status)r->code;
+    if (r->code) {
+        s->errors++;
+        s_count_error(s, r->code);
+        resp->body_case = FASA__V1__RESPONSE__BODY__NOT_SET;
+        resp->message = r->msg;
+    }
+    s->last.request_id = rid;
+    s->last.session_id = s->last_session;
+    s->last.status = r->code;
+    snprintf(s->last.msg, sizeof(s->last.msg), "%s", r->code ? r->msg : "");
+    s->last.bytes_in = len;
+    int rc = s_pack(resp, reply_p, reply_len_p);
+    if (rc) /* the full reply did not fit in memory: a short one still tells the client */
+        rc = fasa_service_error(rid, FASA_RESOURCE_EXHAUSTED, "out of memory building the reply",
+                                reply_p, reply_len_p);
+    return rc;
+}
+
 int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **reply_p,
                         size_t *reply_len_p, int *shutdown_p)
 {
-    Fasa__V1__Response resp;
-    fasa__v1__response__init(&resp);
-    reply r = {.code = FASA_OK, .resp = &resp};
+    handled h = {0};
+    fasa__v1__response__init(&h.resp);
+    reply r = {.code = FASA_OK, .resp = &h.resp};
     edge_request req;
     uint64_t rid;
-    attend_out one = {0}, *many = NULL;
-    Fasa__V1__BatchAttendResult batch_res;
-    Fasa__V1__BatchAttendItem *items = NULL, **item_ptrs = NULL;
-    Fasa__V1__PingResult ping_res;
-    char *text = NULL;
-    int n_many = 0;
-    Fasa__V1__SnapshotResult snap_res;
-    snap_out *snaps = NULL;
-    Fasa__V1__SnapshotInfo **snap_ptrs = NULL;
-    list_out list = {0};
-    load_out load = {0};
-    size_t reply_left = s->max_message - 1024;
 
     const double t_start = s_now();
     s->t_handle = t_start;
@@ -1508,149 +1676,18 @@ int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **
     snprintf(s->last_session, sizeof(s->last_session), "%s", code ? "" : s_session_of(&req));
     const double waited = s->waited_ms;
     s->waited_ms = 0;
-    if (code) {
+    const uint32_t deadline = code ? 0 : req.deadline_ms ? req.deadline_ms : s->deadline_ms;
+    if (code)
         r.code = (fasa_status)code;
-        goto reply;
-    }
-    const uint32_t deadline = req.deadline_ms ? req.deadline_ms : s->deadline_ms;
-    if (deadline && req.kind != EDGE_SHUTDOWN && waited > deadline) {
+    else if (deadline && req.kind != EDGE_SHUTDOWN && waited > deadline)
         s_fail(&r, FASA_UNAVAILABLE,
                "deadline_ms: the request waited %.0f ms in the server's queue, past its "
                "deadline of %u ms, and did not run",
                waited, deadline);
-        goto reply;
-    }
-    switch (req.kind) {
-    case EDGE_PING:
-        fasa__v1__ping_result__init(&ping_res);
-        if (req.u.ping.payload) {
-            ping_res.has_payload = 1;
-            ping_res.payload.data = (uint8_t *)req.u.ping.payload;
-            ping_res.payload.len = req.u.ping.len;
-        }
-        ping_res.n_ranks = (uint32_t)s->n_ranks;
-        ping_res.n_shards = (uint32_t)s->n_shards;
-        ping_res.version = (char *)VERSION_STRING;
-        resp.body_case = FASA__V1__RESPONSE__BODY_PING;
-        resp.ping = &ping_res;
-        break;
-    case EDGE_CREATE:
-        s_create(s, &req.u.create, &r);
-        break;
-    case EDGE_APPEND:
-        s_append(s, &req.u.append, &r);
-        break;
-    case EDGE_ATTEND:
-        if (s_attend(s, &req.u.attend, "attend", &one, &reply_left, &r) == FASA_OK) {
-            resp.body_case = FASA__V1__RESPONSE__BODY_ATTEND;
-            resp.attend = &one.res;
-            resp.has_queue_us = resp.has_decode_us = 1;
-            resp.queue_us = (uint64_t)(waited * 1e3);
-            resp.decode_us = (uint64_t)one.decode_us;
-        }
-        break;
-    case EDGE_BATCH_ATTEND: {
-        n_many = req.u.batch.n;
-        s->batch_items += (uint64_t)n_many;
-        many = calloc((size_t)n_many, sizeof(*many));
-        items = calloc((size_t)n_many, sizeof(*items));
-        item_ptrs = calloc((size_t)n_many, sizeof(*item_ptrs));
-        if (!many || !items || !item_ptrs) {
-            n_many = 0;
-            s_fail(&r, FASA_RESOURCE_EXHAUSTED, "batch_attend: out of memory");
-            break;
-        }
-        for (int i = 0; i < n_many; i++) item_ptrs[i] = &items[i];
-        s_batch(s, req.u.batch.items, n_many, many, items, &reply_left, &r);
-        if (r.code) {
-            n_many = 0;
-            break;
-        }
-        fasa__v1__batch_attend_result__init(&batch_res);
-        batch_res.n_items = (size_t)n_many;
-        batch_res.items = item_ptrs;
-        resp.body_case = FASA__V1__RESPONSE__BODY_BATCH_ATTEND;
-        resp.batch_attend = &batch_res;
-        break;
-    }
-    case EDGE_CALIBRATE:
-        s_calibrate(s, &req.u.calibrate, &r, &text);
-        break;
-    case EDGE_SET_PROFILE:
-        s_set_profile(s, &req.u.set_profile, &r);
-        break;
-    case EDGE_DROP: {
-        fasa_error fe;
-        const fasa_status st = fasa_engine_drop(s->engine, req.u.session_id, &fe);
-        if (st) s_fail(&r, st, "drop_session.session_id: %s", fe.msg);
-        /* A dropped session must not come back on the next restore. */
-        if (!st && *s->state_dir) {
-            fasa_snapshot_remove(s->state_dir, req.u.session_id);
-            s_rev_forget(s, req.u.session_id);
-        }
-        break;
-    }
-    case EDGE_STATS:
-        s_stats(s, req.u.session_id, &r);
-        break;
-    case EDGE_SHUTDOWN:
-        *shutdown_p = 1;
-        break;
-    case EDGE_LIST_SESSIONS:
-        s_list_sessions(s, &list, &r);
-        break;
-    case EDGE_DELETE_PROFILE:
-        s_delete_profile(s, req.u.profile_name, &r);
-        break;
-    case EDGE_LOAD_SESSION:
-        if (s_load(s, &req.u.load, &load, &r) == FASA_OK) {
-            resp.body_case = FASA__V1__RESPONSE__BODY_LOAD_SESSION;
-            resp.load_session = &load.res;
-        }
-        break;
-    case EDGE_SNAPSHOT:
-        if (s_snapshot(s, req.u.snapshot.session_id, &r, &snap_res, &snaps, &snap_ptrs) ==
-            FASA_OK) {
-            resp.body_case = FASA__V1__RESPONSE__BODY_SNAPSHOT;
-            resp.snapshot = &snap_res;
-        }
-        break;
-    }
-
-    if (s->n_refused) s_refused_reply(s, &r);
-reply:
-    resp.protocol_version = EDGE_PROTOCOL_VERSION;
-    resp.request_id = rid;
-    resp.status = (Fasa__V1__Status)r.code;
-    if (r.code) {
-        s->errors++;
-        s_count_error(s, r.code);
-        resp.body_case = FASA__V1__RESPONSE__BODY__NOT_SET;
-        resp.message = r.msg;
-    }
-    s->last.request_id = rid;
-    s->last.session_id = s->last_session;
-    s->last.status = r.code;
-    snprintf(s->last.msg, sizeof(s->last.msg), "%s", r.code ? r.msg : "");
-    s->last.bytes_in = len;
-    int rc = s_pack(&resp, reply_p, reply_len_p);
-    if (rc) /* the full reply did not fit in memory: a short one still tells the client */
-        rc = fasa_service_error(rid, FASA_RESOURCE_EXHAUSTED, "out of memory building the reply",
-                                reply_p, reply_len_p);
-    s_attend_free(&one);
-    for (int i = 0; i < n_many; i++) {
-        s_attend_free(&many[i]);
-        free(items[i].message);
-    }
-    free(many);
-    free(items);
-    free(item_ptrs);
-    free(text);
-    free(snaps);
-    free(snap_ptrs);
-    s_list_free(&list);
-    free(load.shards);
-    free(load.shard_ptrs);
+    else
+        s_dispatch(s, &req, waited, &h, &r, shutdown_p);
+    const int rc = s_reply(s, rid, len, &h, &r, reply_p, reply_len_p);
+    s_handled_free(&h);
     if (code == 0) edge_request_free(&req);
     s->last.bytes_out = rc ? 0 : *reply_len_p;
     s->last.ms = 1e3 * (s_now() - t_start);
