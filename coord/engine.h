@@ -233,8 +233,9 @@ int32_t fasa_engine_length(const fasa_engine_t *e, const char *id, int layer);
  * copies), or NULL if there is no such session. */
 const fasa_session_config *fasa_engine_config(const fasa_engine_t *e, const char *id);
 
-/* Replaces a session's profile (NULL: none). The key layout depends on the profile, so
- * this is allowed only while the session holds no tokens (FAILED_PRECONDITION). */
+/* Replaces a session's profile (borrowed: the engine keeps a copy; NULL: none). The key layout
+ * depends on the profile, so this is allowed only while the session holds no tokens
+ * (FAILED_PRECONDITION). */
 fasa_status fasa_engine_set_profile(fasa_engine_t *e, const char *id, const fasa_profile *profile,
                                     fasa_error *err);
 

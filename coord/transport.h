@@ -55,10 +55,10 @@ typedef struct fasa_transport {
      * by one). score_start and attend_start begin what score and attend do (everything they
      * read, the step, its queries and the thresholds, is read before they return) and
      * wait completes the oldest phase begun and not yet completed, filling the outputs
-     * given to its start. So the coordinator can merge one step's candidates while the
-     * shards work on the next. Phases in flight together are of different sessions, and
-     * at most FASA_PIPE_MAX are in flight. Each returns 0, or -1 when that phase failed
-     * (a start that fails begins nothing). */
+     * given to its start (borrowed: they stay the caller's and must stay valid until then). So the
+     * coordinator can merge one step's candidates while the shards work on the next. Phases in
+     * flight together are of different sessions, and at most FASA_PIPE_MAX are in flight. Each
+     * returns 0, or -1 when that phase failed (a start that fails begins nothing). */
     int (*score_start)(void *ctx, int sid, const shard_step *step, topk_cand *cands, int *n_cands);
     int (*attend_start)(void *ctx, int sid, const shard_step *step, const topk_cand *thr,
                         const uint8_t *have_thr, float *m, double *l, double *o, double *aux,
