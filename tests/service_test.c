@@ -1131,6 +1131,32 @@ START_TEST(test_edge_arena)
 }
 END_TEST
 
+/* Ownership in the signature (house style rule 6): fasa_service_new takes the engine over
+ * and nulls the caller's pointer, and serves over that engine; the destructor nulls the
+ * pointer and accepts NULL. */
+START_TEST(test_service_owns_engine)
+{
+    fasa_service_destroy(&s_svc);
+    ck_assert_ptr_null(s_svc);
+    fasa_service_destroy(&s_svc);
+    fasa_service_destroy(NULL);
+    fasa_engine_t *e = fasa_engine_new(3, 16);
+    ck_assert_ptr_nonnull(e);
+    const fasa_service_opts o = {.n_ranks = 1, .max_message = 1 << 20};
+    s_svc = fasa_service_new(&e, 3, &o);
+    ck_assert_ptr_nonnull(s_svc);
+    ck_assert_ptr_null(e);
+    Fasa__V1__Request pr = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Ping ping = FASA__V1__PING__INIT;
+    pr.body_case = FASA__V1__REQUEST__BODY_PING;
+    pr.ping = &ping;
+    Fasa__V1__Response *r = wire_send(&pr);
+    ck_assert_int_eq(r->status, 0);
+    ck_assert_uint_eq(r->ping->n_shards, 3); /* this service, not the fixture's 2 */
+    fasa__v1__response__free_unpacked(r, NULL);
+}
+END_TEST
+
 Suite *service_suite(void)
 {
     Suite *s = suite_create("service");
@@ -1146,6 +1172,7 @@ Suite *service_suite(void)
     tcase_add_test(tc, test_stats_ranks);
     tcase_add_test(tc, test_snapshot_requests);
     tcase_add_test(tc, test_edge_arena);
+    tcase_add_test(tc, test_service_owns_engine);
     suite_add_tcase(s, tc);
     return s;
 }
