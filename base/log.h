@@ -18,6 +18,7 @@ typedef enum fasa_log_level {
 void fasa_log_setup(int rank, fasa_log_level level);
 /* "error", "warn", "info", "debug"; 0, or -1 for anything else. */
 int fasa_log_level_parse(const char *name, fasa_log_level *out_p);
+/* The level's name: a static string (borrowed, never freed). */
 const char *fasa_log_level_name(fasa_log_level level);
 int fasa_log_enabled(fasa_log_level level);
 /* Logs one line. request_id 0: the calling thread's current request (fasa_log_set_request),

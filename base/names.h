@@ -5,6 +5,8 @@
 #ifndef FASA_BASE_NAMES_H
 #define FASA_BASE_NAMES_H
 
+/* Every name returned below is a static string: borrowed, never freed. */
+
 /* "OK", "INVALID_ARGUMENT", ... "UNAVAILABLE"; "UNKNOWN" out of range. */
 const char *fasa_names_status(int code);
 /* "fasa", "dense", "oracle", "stream", "quest", "sparq", "fasa-plus"; "unknown" out of range. */

@@ -116,7 +116,8 @@ typedef struct fasa_client_geometry {
 
 typedef struct fasa_client fasa_client;
 
-/* "OK", "INVALID_ARGUMENT", ... for a status; "UNKNOWN" for anything else. */
+/* "OK", "INVALID_ARGUMENT", ... for a status; "UNKNOWN" for anything else (static strings,
+ * borrowed). */
 const char *fasa_client_status_name(fasa_client_status status);
 
 /* Connects a DEALER socket to endpoint (e.g. "tcp://127.0.0.1:5555"; INVALID_ARGUMENT without
@@ -126,7 +127,7 @@ const char *fasa_client_status_name(fasa_client_status status);
  * request whose first connection attempt is refused (no server listens there) fails at once
  * with UNAVAILABLE "no server answered at ENDPOINT: the connection was refused ...".
  * Connecting does not contact the server (use fasa_client_ping). On success *client_p is a new
- * handle; free it with fasa_client_close. */
+ * handle: caller owns it (free with fasa_client_close). endpoint is borrowed (copied). */
 fasa_client_status fasa_client_connect(const char *endpoint, int timeout_ms, fasa_client **client_p,
                                        fasa_client_error *err);
 
@@ -165,7 +166,7 @@ void fasa_client_close(fasa_client **client_p);
  * reconnected). Without a flag (NULL, the default) interrupted waits simply go on. */
 void fasa_client_set_interrupt_flag(fasa_client *c, volatile sig_atomic_t *flag);
 
-/* The endpoint the handle was connected to. */
+/* The endpoint the handle was connected to (borrowed: valid while the handle lives). */
 const char *fasa_client_endpoint(const fasa_client *c);
 
 /* What a server says about itself. */
@@ -339,7 +340,7 @@ typedef struct fasa_client_calib_opts {
 
 /* Computes a profile from sample activations: q [n_layers, n_tokens, n_heads, head_dim]
  * and k [n_layers, n_tokens, n_kv_heads, head_dim]. On success *profile_text_p is the
- * profile file's text (malloc'd, NUL-terminated; the caller frees it). opts may be NULL. */
+ * profile file's text, NUL-terminated: caller owns it (free with free()). opts may be NULL. */
 fasa_client_status fasa_client_calibrate(fasa_client *c, const fasa_client_geometry *geom,
                                          uint32_t n_tokens, const float *q, const float *k,
                                          const fasa_client_calib_opts *opts, char **profile_text_p,
@@ -441,8 +442,8 @@ typedef struct fasa_client_stats {
 
 /* Server statistics into *stats; with session_id (or NULL), also that session's geometry,
  * length and holdings per rank (NOT_FOUND when there is no such session). The per-rank
- * arrays are allocated: release them with fasa_client_stats_free once done, whatever the
- * call returned (stats is zeroed first, so that is always safe). */
+ * arrays are allocated: caller owns them (free with fasa_client_stats_free once done, whatever
+ * the call returned: stats is zeroed first, so that is always safe). */
 fasa_client_status fasa_client_get_stats(fasa_client *c, const char *session_id,
                                          fasa_client_stats *stats, fasa_client_error *err);
 
@@ -451,7 +452,8 @@ fasa_client_status fasa_client_get_stats(fasa_client *c, const char *session_id,
 void fasa_client_stats_free(fasa_client_stats *stats);
 
 /* Decodes a serialised fasa.v1 Response carrying a StatsResult (bytes as the server sends
- * them) into *stats, as fasa_client_get_stats would; free with fasa_client_stats_free. For
+ * them) into *stats, as fasa_client_get_stats would: caller owns its arrays (free with
+ * fasa_client_stats_free). For
  * programs that get the bytes another way (fasa-server's metrics endpoint). */
 fasa_client_status fasa_client_stats_decode(const void *response, size_t len,
                                             fasa_client_stats *stats, fasa_client_error *err);
@@ -468,12 +470,13 @@ typedef struct fasa_client_session_summary {
 
 /* Every session the server holds (ordered by id) and the names of its stored profiles,
  * without asking the shards or writing anything. *sessions_p (n_sessions_p entries) and
- * *profile_names_p (n_profiles_p strings) are malloc'd, or NULL when empty: free them with
- * fasa_client_list_free. profile_names_p and n_profiles_p may be NULL. */
+ * *profile_names_p (n_profiles_p strings) are malloc'd, or NULL when empty: caller owns them
+ * (free with fasa_client_list_free). profile_names_p and n_profiles_p may be NULL. */
 fasa_client_status fasa_client_list_sessions(fasa_client *c,
                                              fasa_client_session_summary **sessions_p,
                                              size_t *n_sessions_p, char ***profile_names_p,
                                              size_t *n_profiles_p, fasa_client_error *err);
+/* Frees what fasa_client_list_sessions returned; either array may be NULL. */
 void fasa_client_list_free(fasa_client_session_summary *sessions, char **profile_names,
                            size_t n_profiles);
 

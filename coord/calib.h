@@ -26,7 +26,8 @@ typedef struct fasa_calib_opts {
     void *progress_arg;
 } fasa_calib_opts;
 
-/* Builds a profile (caller owns) or returns NULL with a reason in err. Query t attends to
+/* Builds a profile or returns NULL with a reason in err; a and o are borrowed. Caller owns
+ * the profile (free with fasa_profile_destroy). Query t attends to
  * keys 0..t, as at decode time once t is appended. */
 fasa_profile *fasa_calibrate(const fasa_activations *a, const fasa_calib_opts *o, char *err,
                              size_t err_len);

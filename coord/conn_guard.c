@@ -150,7 +150,7 @@ fasa_guard *fasa_guard_new(void *ctx, void *router, int64_t cap_bytes, fasa_zap 
 
 void fasa_guard_destroy(fasa_guard **g_p)
 {
-    fasa_guard *g = *g_p;
+    fasa_guard *g = g_p ? *g_p : NULL;
     if (!g) return;
     zmq_socket_monitor(g->router, NULL, 0);
     zmq_close(g->mon);

@@ -29,8 +29,11 @@
 typedef struct fasa_guard fasa_guard;
 
 /* Starts watching router (a bound or about-to-bind ROUTER of ctx); cap_bytes > 0. zap, when
- * not NULL, is told of failed CURVE handshakes. NULL (errno set) on failure. */
+ * not NULL, is told of failed CURVE handshakes: it is borrowed (never freed here) and must
+ * outlive the guard, as must ctx and router. NULL (errno set) on failure. Caller owns the
+ * guard (free with fasa_guard_destroy). */
 fasa_guard *fasa_guard_new(void *ctx, void *router, int64_t cap_bytes, fasa_zap *zap);
+/* Closes the monitor and frees the guard; *g_p becomes NULL. NULL is a no-op. */
 void fasa_guard_destroy(fasa_guard **g_p);
 
 /* The monitor's socket, for zmq_poll (ZMQ_POLLIN), and what to call when it is readable. */

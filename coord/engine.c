@@ -124,7 +124,7 @@ fasa_status fasa_error_set(fasa_error *err, fasa_status code, const char *fmt, .
     return code;
 }
 
-fasa_engine_t *fasa_engine_new_with(const fasa_transport *transport, int block_tokens)
+fasa_engine_t *fasa_engine_new_with(fasa_transport *transport, int block_tokens)
 {
     fasa_engine_t *e = calloc(1, sizeof(*e));
     if (!e) return NULL;
@@ -136,6 +136,7 @@ fasa_engine_t *fasa_engine_new_with(const fasa_transport *transport, int block_t
         free(e);
         return NULL;
     }
+    *transport = (fasa_transport){0}; /* the engine's now */
     return e;
 }
 
@@ -161,7 +162,7 @@ static void s_session_free(session *s)
 
 void fasa_engine_destroy(fasa_engine_t **engine_p)
 {
-    fasa_engine_t *e = *engine_p;
+    fasa_engine_t *e = engine_p ? *engine_p : NULL;
     if (!e) return;
     while (e->sessions) {
         session *s = e->sessions;

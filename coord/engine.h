@@ -173,10 +173,16 @@ int fasa_engine_set_merge_eps(fasa_engine_t *e, double eps);
 int fasa_engine_local_budget(const fasa_engine_t *e, int budget);
 
 /* A new engine over in-process shards. n_shards >= 1; block_tokens >= 1 tokens per
- * placement block (block-cyclic). NULL when out of memory. */
+ * placement block (block-cyclic). NULL when out of memory. Caller owns the engine (free with
+ * fasa_engine_destroy). */
 fasa_engine_t *fasa_engine_new(int n_shards, int block_tokens);
-/* An engine over a caller-made transport (the engine owns it from now on). */
-fasa_engine_t *fasa_engine_new_with(const fasa_transport *transport, int block_tokens);
+/* An engine over a caller-made transport. On success the engine takes the transport over
+ * (its destroy runs in fasa_engine_destroy) and *transport is cleared (ctx and destroy NULL:
+ * the caller holds nothing to destroy twice); on NULL (out of memory) *transport is left as
+ * it was and is still the caller's. Caller owns the engine (free with fasa_engine_destroy). */
+fasa_engine_t *fasa_engine_new_with(fasa_transport *transport, int block_tokens);
+/* Frees the engine, its sessions and its transport; *engine_p becomes NULL. NULL (or *engine_p
+ * NULL) is a no-op. */
 void fasa_engine_destroy(fasa_engine_t **engine_p);
 
 fasa_status fasa_engine_create(fasa_engine_t *e, const char *id, const fasa_session_config *cfg,
@@ -227,8 +233,9 @@ int32_t fasa_engine_length(const fasa_engine_t *e, const char *id, int layer);
  * copies), or NULL if there is no such session. */
 const fasa_session_config *fasa_engine_config(const fasa_engine_t *e, const char *id);
 
-/* Replaces a session's profile (NULL: none). The key layout depends on the profile, so
- * this is allowed only while the session holds no tokens (FAILED_PRECONDITION). */
+/* Replaces a session's profile (borrowed: the engine keeps a copy; NULL: none). The key layout
+ * depends on the profile, so this is allowed only while the session holds no tokens
+ * (FAILED_PRECONDITION). */
 fasa_status fasa_engine_set_profile(fasa_engine_t *e, const char *id, const fasa_profile *profile,
                                     fasa_error *err);
 

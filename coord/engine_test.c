@@ -1220,6 +1220,58 @@ START_TEST(test_engine_append_half)
 }
 END_TEST
 
+/* Ownership in the signatures (house style rule 6): fasa_engine_new_with takes the
+ * transport over and clears the caller's copy; the engine then still runs on it (a dense
+ * step over every appended row equals exact attention, computed here); the destructor nulls
+ * the pointer and accepts NULL. */
+START_TEST(test_engine_owns_transport)
+{
+    enum { OT = 37, OH = 2, OD = 4 };
+    fasa_transport t;
+    ck_assert_int_eq(fasa_transport_local(&t, 2), 0);
+    fasa_engine_t *e = fasa_engine_new_with(&t, 16);
+    ck_assert_ptr_nonnull(e);
+    ck_assert_ptr_null(t.ctx);
+    ck_assert_ptr_null((void *)t.destroy);
+    ck_assert_int_eq(fasa_engine_n_shards(e), 2);
+    fasa_error err;
+    fasa_session_config cfg = {.n_layers = 1,
+                               .n_heads = OH,
+                               .n_kv_heads = OH,
+                               .head_dim = OD,
+                               .pairing = FC_PAIRING_INTERLEAVED,
+                               .method = FASA_METHOD_DENSE,
+                               .budget = 8};
+    const fasa_status st = fasa_engine_create(e, "own", &cfg, &err);
+    ck_assert_msg(st == FASA_OK, "%s", err.msg);
+    float k[OT * OH * OD], v[OT * OH * OD], q[OH * OD], o[OH * OD];
+    for (int i = 0; i < OT * OH * OD; i++) k[i] = sinf(0.37f * i), v[i] = cosf(0.11f * i);
+    for (int i = 0; i < OH * OD; i++) q[i] = 0.5f - 0.13f * i;
+    ck_assert_int_eq(fasa_engine_append(e, "own", 0, 0, OT, k, v, &err), FASA_OK);
+    fasa_attend_req req = {.layer = 0, .q = q, .method = -1, .gqa = -1, .max_pos = -1};
+    ck_assert_int_eq(fasa_engine_attend(e, "own", &req, o, NULL, NULL, &err), FASA_OK);
+    for (int h = 0; h < OH; h++) {
+        double m = -INFINITY, l = 0, acc[OD] = {0}, sc[OT];
+        for (int r = 0; r < OT; r++) {
+            double dot = 0;
+            for (int c = 0; c < OD; c++) dot += (double)q[h * OD + c] * k[(r * OH + h) * OD + c];
+            sc[r] = dot / sqrt((double)OD);
+            if (sc[r] > m) m = sc[r];
+        }
+        for (int r = 0; r < OT; r++) {
+            const double w = exp(sc[r] - m);
+            l += w;
+            for (int c = 0; c < OD; c++) acc[c] += w * v[(r * OH + h) * OD + c];
+        }
+        for (int c = 0; c < OD; c++) ck_assert_double_eq_tol(o[h * OD + c], acc[c] / l, 1e-5);
+    }
+    fasa_engine_destroy(&e);
+    ck_assert_ptr_null(e);
+    fasa_engine_destroy(&e);
+    fasa_engine_destroy(NULL);
+}
+END_TEST
+
 Suite *engine_suite(void)
 {
     Suite *s = suite_create("engine");
@@ -1236,6 +1288,7 @@ Suite *engine_suite(void)
     tcase_add_test(tc, test_engine_append_half);
     tcase_add_test(tc, test_engine_disk_tier);
     tcase_add_test(tc, test_profile_roundtrip);
+    tcase_add_test(tc, test_engine_owns_transport);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -69,6 +69,7 @@ fasa_status fasa_load_resolve(const char *root, const char *path, char *out, siz
 
 void fasa_load_plan_free(fasa_load_plan *plan)
 {
+    if (!plan) return;
     free(plan->k);
     free(plan->v);
     memset(plan, 0, sizeof(*plan));

@@ -36,7 +36,8 @@ fasa_status fasa_load_resolve(const char *root, const char *path, char *out, siz
 
 /* Reads the headers at path (a directory or a QKV1 file, resolved) and checks them against
  * the geometry; with root, every file (symbolic links resolved) must lie inside it. Fills
- * plan (free it with fasa_load_plan_free). 0, or INVALID_ARGUMENT / NOT_FOUND with one line
+ * plan; the caller owns its arrays (free with fasa_load_plan_free, which accepts a NULL or
+ * zeroed plan). 0, or INVALID_ARGUMENT / NOT_FOUND with one line
  * naming the file and the field. */
 fasa_status fasa_load_plan_open(const char *path, const char *root, int n_layers, int n_kv_heads,
                                 int head_dim, fasa_load_plan *plan, fasa_error *err);

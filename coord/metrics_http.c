@@ -231,7 +231,7 @@ void fasa_metrics_answer(fasa_metrics *m, fasa_service *svc)
 
 void fasa_metrics_stop(fasa_metrics **m_p)
 {
-    fasa_metrics *m = *m_p;
+    fasa_metrics *m = m_p ? *m_p : NULL;
     if (!m) return;
     if (m->daemon) {
         /* A scrape waiting for the main thread (which is here now) gets an empty answer, so

@@ -16,7 +16,8 @@
 typedef struct fasa_metrics fasa_metrics;
 
 /* Binds the REP end in ctx and starts the HTTP server on bind ("ADDR:PORT", port 0: any
- * free one). NULL with err filled when it cannot (bad address, port taken). */
+ * free one). NULL with err filled when it cannot (bad address, port taken). Caller owns it
+ * (free with fasa_metrics_stop). */
 fasa_metrics *fasa_metrics_start(void *zmq_ctx, const char *bind, char *err, size_t err_len);
 
 /* The port the HTTP server listens on. */
@@ -25,10 +26,11 @@ int fasa_metrics_port(const fasa_metrics *m);
 /* The main thread's socket: poll it for ZMQ_POLLIN and then call fasa_metrics_answer. */
 void *fasa_metrics_socket(const fasa_metrics *m);
 
-/* Answers the scrape waiting on the socket, if any, from svc. */
+/* Answers the scrape waiting on the socket, if any, from svc (borrowed). */
 void fasa_metrics_answer(fasa_metrics *m, fasa_service *svc);
 
-/* Stops the HTTP server and closes both sockets. NULL is a no-op. */
+/* Stops the HTTP server, closes both sockets and frees m; *m_p becomes NULL. NULL is a
+ * no-op. */
 void fasa_metrics_stop(fasa_metrics **m_p);
 
 #endif

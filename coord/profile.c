@@ -23,7 +23,7 @@ fasa_profile *fasa_profile_new(int n_layers, int n_heads, int n_kv_heads, int he
 
 void fasa_profile_destroy(fasa_profile **profile_p)
 {
-    fasa_profile *p = *profile_p;
+    fasa_profile *p = profile_p ? *profile_p : NULL;
     if (!p) return;
     free(p->fcs);
     free(p->ca);

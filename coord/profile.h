@@ -35,16 +35,20 @@ typedef struct fasa_profile {
 } fasa_profile;
 
 /* Allocates the arrays of a profile with the given geometry (fields set, fcs and ca
- * zeroed). Returns NULL when out of memory. Free with fasa_profile_destroy. */
+ * zeroed). Returns NULL when out of memory. Caller owns it (free with fasa_profile_destroy). */
 fasa_profile *fasa_profile_new(int n_layers, int n_heads, int n_kv_heads, int head_dim, int ntip);
+/* Frees the profile; *profile_p becomes NULL. NULL (or *profile_p NULL) is a no-op. */
 void fasa_profile_destroy(fasa_profile **profile_p);
+/* A deep copy of src (borrowed), or NULL when out of memory. Caller owns it (free with
+ * fasa_profile_destroy). */
 fasa_profile *fasa_profile_clone(const fasa_profile *src);
 
 /* Writes a profile as text. Returns 0, or -1 on a write error. */
 int fasa_profile_write(const fasa_profile *p, FILE *f);
 int fasa_profile_save(const fasa_profile *p, const char *path, char *err, size_t err_len);
 
-/* Reads a profile file; NULL with a one-line reason in err (naming the line) on failure. */
+/* Reads a profile file; NULL with a one-line reason in err (naming the line) on failure.
+ * Caller owns the profile (free with fasa_profile_destroy), as with fasa_profile_read. */
 fasa_profile *fasa_profile_load(const char *path, char *err, size_t err_len);
 /* Reads a profile from a stream; name is for messages. A profile whose header claims more
  * than max_cells FC and CA values is refused before anything is allocated (a text of n

@@ -872,7 +872,7 @@ int main(int argc, char **argv)
                                   .state_dir = o.state_dir,
                                   .load_root = o.load_root,
                                   .wal = o.wal};
-    fasa_service *svc = fasa_service_new(engine, size == 1 ? 1 : size - 1, &so);
+    fasa_service *svc = fasa_service_new(&engine, size == 1 ? 1 : size - 1, &so);
     if (!svc) {
         fasa_log(FASA_LOG_ERROR, 0, "out of memory starting the service");
         MPI_Abort(MPI_COMM_WORLD, 1);

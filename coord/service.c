@@ -273,11 +273,11 @@ static int s_rank_entries(const fasa_service *s)
     return s_on_workers(s) ? s->n_ranks : 1;
 }
 
-fasa_service *fasa_service_new(fasa_engine_t *engine, int n_shards, const fasa_service_opts *o)
+fasa_service *fasa_service_new(fasa_engine_t **engine_p, int n_shards, const fasa_service_opts *o)
 {
     fasa_service *s = calloc(1, sizeof(*s));
     if (!s) return NULL;
-    s->engine = engine;
+    s->engine = *engine_p;
     s->n_ranks = o->n_ranks;
     s->n_shards = n_shards;
     const size_t n_rank_msgs = 2 * (size_t)s_rank_entries(s);
@@ -302,12 +302,13 @@ fasa_service *fasa_service_new(fasa_engine_t *engine, int n_shards, const fasa_s
     if (o->state_dir) snprintf(s->state_dir, sizeof(s->state_dir), "%.3000s", o->state_dir);
     s->wal = *s->state_dir ? o->wal : FASA_WAL_OFF;
     clock_gettime(CLOCK_MONOTONIC, &s->start);
+    *engine_p = NULL; /* the service's now */
     return s;
 }
 
 void fasa_service_destroy(fasa_service **service_p)
 {
-    fasa_service *s = *service_p;
+    fasa_service *s = service_p ? *service_p : NULL;
     if (!s) return;
     fasa_engine_destroy(&s->engine);
     for (int i = 0; i < s->n_profiles; i++) fasa_profile_destroy(&s->profiles[i].profile);
@@ -1329,13 +1330,14 @@ static fasa_status s_snapshot(fasa_service *s, const char *id, reply *r,
     return FASA_OK;
 }
 
-static int s_add_profile(void *ctx, const char *name, fasa_profile *p)
+static int s_add_profile(void *ctx, const char *name, fasa_profile **profile_p)
 {
     fasa_service *s = ctx;
     if (s_find_profile(s, name) || s->n_profiles >= FASA_SERVICE_MAX_PROFILES) return -1;
     named_profile *np = &s->profiles[s->n_profiles++];
     snprintf(np->name, sizeof(np->name), "%s", name);
-    np->profile = p;
+    np->profile = *profile_p;
+    *profile_p = NULL;
     return 0;
 }
 

@@ -30,13 +30,18 @@ typedef struct fasa_service_opts {
     const char *load_root; /* LoadSession reads only inside it (--load-root); NULL or "": none */
 } fasa_service_opts;
 
-/* A service over engine (which it owns from now on). NULL when out of memory. */
-fasa_service *fasa_service_new(fasa_engine_t *engine, int n_shards, const fasa_service_opts *o);
+/* A service over *engine_p. On success the service takes the engine over (it is destroyed
+ * with the service) and *engine_p becomes NULL; on NULL (out of memory) *engine_p is left
+ * as it was and is still the caller's. o is borrowed. Caller owns the service (free with
+ * fasa_service_destroy). */
+fasa_service *fasa_service_new(fasa_engine_t **engine_p, int n_shards, const fasa_service_opts *o);
+/* Frees the service and its engine; *service_p becomes NULL. NULL (or *service_p NULL) is a
+ * no-op. */
 void fasa_service_destroy(fasa_service **service_p);
 
-/* Handles one request of len bytes. *reply_p gets a malloc'd serialised Response of
- * *reply_len_p bytes (the caller frees it). *shutdown_p is set to 1 when the request was a
- * Shutdown. Returns 0, or -1 when not even an error response could be built (out of
+/* Handles one request of len bytes (req borrowed). Caller owns *reply_p: a malloc'd
+ * serialised Response of *reply_len_p bytes (free with free()). *shutdown_p is set to 1 when the
+ * request was a Shutdown. Returns 0, or -1 when not even an error response could be built (out of
  * memory). */
 int fasa_service_handle(fasa_service *s, const void *req, size_t len, uint8_t **reply_p,
                         size_t *reply_len_p, int *shutdown_p);
@@ -65,8 +70,8 @@ const fasa_service_event *fasa_service_last_event(const fasa_service *s);
 uint64_t fasa_service_request_id(const void *req, size_t len);
 
 /* A serialised error Response (for a request the caller refused before decoding it, e.g.
- * a malformed envelope). Same ownership as above; -1 when out of memory. It counts nothing:
- * fasa_service_refuse does. */
+ * a malformed envelope). Caller owns *reply_p (free with free()), as above; -1 when out of memory.
+ * It counts nothing: fasa_service_refuse does. */
 int fasa_service_error(uint64_t request_id, fasa_status code, const char *msg, uint8_t **reply_p,
                        size_t *reply_len_p);
 
@@ -77,7 +82,8 @@ int fasa_service_refuse(fasa_service *s, uint64_t request_id, fasa_status code, 
                         size_t bytes_in, uint8_t **reply_p, size_t *reply_len_p);
 
 /* A serialised Response holding the server-wide StatsResult, as a Stats request without a
- * session would get, but not counted as a request (for the metrics endpoint). -1 when out
+ * session would get, but not counted as a request (for the metrics endpoint). Caller owns
+ * *reply_p (free with free()). -1 when out
  * of memory or the engine failed to report. */
 int fasa_service_stats_reply(fasa_service *s, uint8_t **reply_p, size_t *reply_len_p);
 

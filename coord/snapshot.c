@@ -832,8 +832,8 @@ out:
 }
 
 int fasa_snapshot_load_profiles(const char *dir,
-                                int (*add)(void *ctx, const char *name, fasa_profile *p), void *ctx,
-                                int *n_failed_p)
+                                int (*add)(void *ctx, const char *name, fasa_profile **profile_p),
+                                void *ctx, int *n_failed_p)
 {
     *n_failed_p = 0;
     DIR *d = opendir(dir);
@@ -853,7 +853,7 @@ int fasa_snapshot_load_profiles(const char *dir,
             (*n_failed_p)++;
             continue;
         }
-        if (add(ctx, name, p)) {
+        if (add(ctx, name, &p)) {
             fasa_profile_destroy(&p);
             fasa_log(FASA_LOG_ERROR, 0, "restore: profile %s (%s) not added", name, path);
             (*n_failed_p)++;

@@ -99,11 +99,12 @@ fasa_status fasa_snapshot_save_profile(const char *dir, const char *name, const 
                                        fasa_error *err);
 /* Removes the saved file of profile name from dir; none there is not an error. */
 fasa_status fasa_snapshot_remove_profile(const char *dir, const char *name, fasa_error *err);
-/* Loads every *.profile in dir, handing each to add (which takes the profile, returning 0,
- * or -1 to refuse it: then it is freed). A damaged file is logged and skipped. Returns the
- * count loaded (*n_failed_p the count skipped), or -1 when dir cannot be read. */
+/* Loads every *.profile in dir, handing each to add: add takes *profile_p over (setting it
+ * NULL) and returns 0, or returns -1 to refuse it, leaving it to be freed here. A damaged
+ * file is logged and skipped. Returns the count loaded (*n_failed_p the count skipped), or
+ * -1 when dir cannot be read. */
 int fasa_snapshot_load_profiles(const char *dir,
-                                int (*add)(void *ctx, const char *name, fasa_profile *p), void *ctx,
-                                int *n_failed_p);
+                                int (*add)(void *ctx, const char *name, fasa_profile **profile_p),
+                                void *ctx, int *n_failed_p);
 
 #endif

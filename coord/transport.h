@@ -55,10 +55,10 @@ typedef struct fasa_transport {
      * by one). score_start and attend_start begin what score and attend do (everything they
      * read, the step, its queries and the thresholds, is read before they return) and
      * wait completes the oldest phase begun and not yet completed, filling the outputs
-     * given to its start. So the coordinator can merge one step's candidates while the
-     * shards work on the next. Phases in flight together are of different sessions, and
-     * at most FASA_PIPE_MAX are in flight. Each returns 0, or -1 when that phase failed
-     * (a start that fails begins nothing). */
+     * given to its start (borrowed: they stay the caller's and must stay valid until then). So the
+     * coordinator can merge one step's candidates while the shards work on the next. Phases in
+     * flight together are of different sessions, and at most FASA_PIPE_MAX are in flight. Each
+     * returns 0, or -1 when that phase failed (a start that fails begins nothing). */
     int (*score_start)(void *ctx, int sid, const shard_step *step, topk_cand *cands, int *n_cands);
     int (*attend_start)(void *ctx, int sid, const shard_step *step, const topk_cand *thr,
                         const uint8_t *have_thr, float *m, double *l, double *o, double *aux,
@@ -93,11 +93,14 @@ typedef struct fasa_transport {
      * (worker/load_rows.h) with its own index in job->shard, out (n_shards) getting each
      * one's report. 0, or -1 when a shard failed (out[i].err says which and why). */
     int (*load)(void *ctx, int sid, const load_job *job, load_report *out);
+    /* Frees ctx and everything the transport holds. */
     void (*destroy)(void *ctx);
 } fasa_transport;
 
 /* In-process shards: n_shards shard_t per session, one thread. Returns 0, or -1 out of
- * memory. */
+ * memory. On 0 the caller owns *t: free it with t->destroy(t->ctx), or hand it to
+ * fasa_engine_new_with (engine.h), which takes it over. Likewise for
+ * fasa_transport_local_threads below and fasa_transport_mpi (transport_mpi.h). */
 int fasa_transport_local(fasa_transport *t, int n_shards);
 /* The same on n_threads threads (1 .. FASA_POOL_MAX, worker/pool.h): a pool made once,
  * here, and used by every step; outputs are the same bits for any n_threads. Returns 0, or

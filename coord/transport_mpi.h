@@ -9,7 +9,8 @@
 #include "transport.h"
 
 /* At rank 0 of comm (size >= 2): a transport over the comm's size - 1 worker ranks.
- * destroy() tells every worker to stop. Returns 0, or -1 when out of memory. */
+ * destroy() tells every worker to stop. Returns 0, or -1 when out of memory. On 0 the caller
+ * owns *t, as with fasa_transport_local (transport.h). */
 int fasa_transport_mpi(fasa_transport *t, MPI_Comm comm);
 
 /* Tests only (a fault hook): the worker of shard makes the nth APPEND_RUNS section it gets

@@ -20,7 +20,8 @@ typedef struct fasa_zap fasa_zap;
 /* Reads every `*.pub` file in dir (each one Z85 key, keyfile.h) as an allowed client; the
  * file name without .pub names the client in the log. Fails, naming the file, on a bad
  * key file, and when dir holds no key at all. Returns NULL with one line in err on failure.
- * The keys are read once: restart the server to change them. */
+ * The keys are read once: restart the server to change them. Caller owns the handler
+ * (free with fasa_zap_destroy). */
 fasa_zap *fasa_zap_load(const char *dir, char *err, size_t err_len);
 
 /* Binds the handler's REP socket to inproc://zeromq.zap.01 in the ZeroMQ context ctx. Call

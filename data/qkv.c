@@ -10,6 +10,7 @@
 
 void fasa_qkv_cleanup(fasa_qkv *x)
 {
+    if (!x) return;
     for (int i = 0; i < 3; i++) free(x->buf[i]);
     free(x->tokens);
     free(x->ptrs);

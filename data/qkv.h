@@ -17,9 +17,11 @@ typedef struct fasa_qkv {
     const float **ptrs;   /* (3, n_layers) layer pointers behind act.q, act.k, act.v */
 } fasa_qkv;
 
-/* Loads path (a QKV1 file or an .npy directory). Returns 0, or -1 with one line naming the
- * problem in err (missing file, wrong magic, truncated data, odd head_dim, bad geometry). */
+/* Loads path (a QKV1 file or an .npy directory). Returns 0, and the caller owns out's buffers
+ * (free with fasa_qkv_cleanup), or -1 with one line naming the problem in err (missing file,
+ * wrong magic, truncated data, odd head_dim, bad geometry). */
 int fasa_qkv_load(const char *path, fasa_qkv *out, char *err, size_t err_len);
+/* Frees qkv's buffers (the struct is the caller's); NULL is a no-op. */
 void fasa_qkv_cleanup(fasa_qkv *qkv);
 
 #endif

@@ -175,6 +175,7 @@ synth_cfg synth_cfg_default(int n_tokens)
 
 void synth_free(synth_t *s)
 {
+    if (!s) return;
     free(s->signal);
     free(s->dir);
     free(s->qturn);
@@ -402,6 +403,7 @@ fasa_profile *synth_true_profile(const synth_t *s, int window)
 
 void synth_sample_free(synth_sample *x)
 {
+    if (!x) return;
     free(x->q);
     free(x->k);
     free(x->v);

@@ -51,8 +51,10 @@ typedef struct synth {
     double *theta; /* (head_dim / 2) RoPE frequency of FC i: base^(-2i/d) */
 } synth_t;
 
-/* 0, or -1 with a reason in err (bad geometry, out of memory). Free with synth_free. */
+/* 0, and the caller owns s's arrays (free with synth_free), or -1 with a reason in err (bad
+ * geometry, out of memory). cfg is borrowed. */
 int synth_init(synth_t *s, const synth_cfg *cfg, char *err, int err_len);
+/* Frees s's arrays (the struct is the caller's); NULL is a no-op. */
 void synth_free(synth_t *s);
 
 /* Post-RoPE keys and values of positions pos0 .. pos0 + n - 1, each (n, n_kv_heads,
@@ -66,7 +68,8 @@ void synth_query(const synth_t *s, int t, float *q);
 int synth_is_signal(const synth_t *s, int g, int fc);
 
 /* A profile (1 layer, per-head, ntip = n_signal) naming the true signal FCs of every
- * head, as a perfect calibration would; NULL when out of memory. */
+ * head, as a perfect calibration would; NULL when out of memory. Caller owns it (free with
+ * fasa_profile_destroy). */
 fasa_profile *synth_true_profile(const synth_t *s, int window);
 
 /* A short calibration sample: the first n_tokens of the same stream (keys, values) and
@@ -80,8 +83,11 @@ typedef struct synth_sample {
     int pos_begin, pos_end, pos_step;
 } synth_sample;
 
+/* 0, and the caller owns out's arrays (free with synth_sample_free), or -1 with a reason in
+ * err. */
 int synth_sample_make(const synth_t *s, int n_tokens, int n_positions, synth_sample *out, char *err,
                       int err_len);
+/* Frees x's arrays (the struct is the caller's); NULL is a no-op. */
 void synth_sample_free(synth_sample *x);
 
 #endif

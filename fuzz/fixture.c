@@ -195,7 +195,8 @@ fuzz_fixture *fuzz_fixture_new(void)
     const fasa_service_opts o = {.n_ranks = 1,
                                  .max_message = 0, /* 0: the default limit */
                                  .load_root = fx->load_root};
-    fx->svc = fasa_service_new(fx->engine, FUZZ_SHARDS, &o);
+    fasa_engine_t *owned = fx->engine; /* the service's from here; fx->engine stays a borrow */
+    fx->svc = fasa_service_new(&owned, FUZZ_SHARDS, &o);
     if (!fx->svc) s_die("fasa_service_new", NULL);
     uint64_t rng = 1234;
     s_calibrate(fx, &rng);

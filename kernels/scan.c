@@ -234,6 +234,7 @@ int scan_q_prep(scan_q *sq, int sd, int n_q, int n_dims, const float *q)
 
 void scan_q_free(scan_q *sq)
 {
+    if (!sq) return;
     free(sq->mem);
     memset(sq, 0, sizeof(*sq));
 }

@@ -87,7 +87,8 @@ float scan_quant_q16_ref(int n, const float *x, int16_t *q);
 void scan_pack_row(int sd, int n_dims, const float *x, void *tiles, float *row_scale, int row);
 
 /* Queries prepared for a scan: f32 for the f32/f16/bf16 stores, int8 + scale per head for
- * SCAN_I8. Grow-only memory; zero-initialise, free with scan_q_free. */
+ * SCAN_I8. Grow-only memory; zero-initialise; the caller owns what scan_q_prep allocates
+ * in it (free with scan_q_free). */
 typedef struct scan_q {
     int sd, n_q, n_dims, n_pad;
     float *qf;     /* (n_q, n_dims) */
@@ -98,6 +99,7 @@ typedef struct scan_q {
 } scan_q;
 /* Prepares n_q queries q (n_q, n_dims) for a store of sd. Returns 0, or -1 out of memory. */
 int scan_q_prep(scan_q *sq, int sd, int n_q, int n_dims, const float *q);
+/* Frees sq's memory (the struct is the caller's, zeroed after); NULL is a no-op. */
 void scan_q_free(scan_q *sq);
 
 /* out[h * ld_out + r] = score of row r (r < n_rows) for head h < sq->n_q, over the store

@@ -29,7 +29,7 @@ typedef enum simd_path { SIMD_PORTABLE = 0, SIMD_AVX2 = 1, SIMD_AVX512 = 2 } sim
 /* Largest finite f16. */
 #define FASA_F16_MAX 65504.0f
 
-/* "portable", "avx2", "avx512", or NULL out of range. */
+/* "portable", "avx2", "avx512" (static strings, borrowed), or NULL out of range. */
 const char *simd_path_name(int path);
 /* 1 when this CPU (and compiler) can run the path; portable always can. */
 int simd_path_supported(simd_path path);

@@ -49,6 +49,8 @@ typedef struct topk_acc {
     topk_cand thr;    /* the k-th best so far, valid when have_thr */
 } topk_acc;
 
+/* Starts an empty accumulator over buf (cap candidates): buf stays the caller's (acc keeps
+ * it in items and never frees it), so it must outlive every use of acc. */
 void topk_acc_init(topk_acc *acc, int k, topk_cand *buf, int cap);
 /* Offers n candidates: scores[i] at position pos0 + i (pos == NULL) or pos[i]. n must be
  * at most cap - 2 * k. */

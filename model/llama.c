@@ -122,6 +122,7 @@ int llama_model_load(const char *path, llama_model *m, char *err, size_t err_len
 
 void llama_model_free(llama_model *m)
 {
+    if (!m) return;
     free(m->data);
     memset(m, 0, sizeof(*m));
 }
@@ -200,6 +201,7 @@ fail:
 
 void llama_tokenizer_free(llama_tokenizer *t)
 {
+    if (!t) return;
     if (t->vocab)
         for (int i = 0; i < t->vocab_size; i++) free(t->vocab[i]);
     free(t->vocab);
@@ -372,6 +374,7 @@ int llama_ref_attn_init(llama_ref_attn *r, const llama_config *c)
 
 void llama_ref_attn_free(llama_ref_attn *r)
 {
+    if (!r) return;
     for (int l = 0; l < r->n_layers && r->k; l++) free(r->k[l]);
     for (int l = 0; l < r->n_layers && r->v; l++) free(r->v[l]);
     free(r->k);
@@ -454,6 +457,7 @@ int llama_rec_attn_init(llama_rec_attn *r, const llama_config *c, int T)
 
 void llama_rec_attn_free(llama_rec_attn *r)
 {
+    if (!r) return;
     for (int l = 0; l < r->n_layers; l++) {
         if (r->q) free(r->q[l]);
         if (r->k) free(r->k[l]);
@@ -507,6 +511,7 @@ int llama_state_init(llama_state *s, const llama_model *m)
 
 void llama_state_free(llama_state *s)
 {
+    if (!s) return;
     free(s->x), free(s->xb), free(s->xb2), free(s->hb), free(s->hb2);
     free(s->q), free(s->k), free(s->v), free(s->att), free(s->logits), free(s->rope_freq);
     memset(s, 0, sizeof(*s));
@@ -698,6 +703,7 @@ int llama_perplexity(const llama_model *m, const int *tokens, int n, llama_attn_
 
 void llama_ppl_free(llama_ppl *p)
 {
+    if (!p) return;
     free(p->nll);
     free(p->count);
     memset(p, 0, sizeof(*p));

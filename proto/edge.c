@@ -70,7 +70,7 @@ edge_arena *edge_arena_new(void)
 
 void edge_arena_destroy(edge_arena **arena_p)
 {
-    edge_arena *ar = *arena_p;
+    edge_arena *ar = arena_p ? *arena_p : NULL;
     if (!ar) return;
     free(ar->buf);
     free(ar);
@@ -698,6 +698,7 @@ int edge_decode_in(edge_arena *arena, const void *buf, size_t len, size_t max_me
 
 void edge_request_free(edge_request *req)
 {
+    if (!req) return;
     if (req->kind == EDGE_BATCH_ATTEND) free(req->u.batch.items);
     if (req->msg_) fasa__v1__request__free_unpacked(req->msg_, req->alloc_);
     bounded_alloc *a = req->alloc_;

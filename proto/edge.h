@@ -147,13 +147,17 @@ typedef struct edge_request {
     void *alloc_; /* its bounded allocator */
 } edge_request;
 
-/* Decodes len bytes. Returns 0 and fills req, or a Status number with a one-line message
- * naming the field at fault in msg; *request_id_p gets the request id whenever it could be
- * read (else 0), so the error response can carry it. On failure nothing needs freeing, and
- * req->kind is the request's body when the bytes parsed as a Request with every required
- * field (a field was refused), else 0 (undecodable). */
+/* Decodes len bytes (buf borrowed, read only during the call: req's tensors point into
+ * the unpacked message it holds). Returns 0 and fills req, whose memory the caller then owns
+ * (free with edge_request_free), or a Status number with a one-line message naming the field at
+ * fault in msg; *request_id_p gets the request id whenever it could be read (else 0), so the error
+ * response can carry it. On failure nothing needs freeing, and req->kind is the request's body when
+ * the bytes parsed as a Request with every required field (a field was refused), else 0
+ * (undecodable). */
 int edge_decode(const void *buf, size_t len, size_t max_message, edge_request *req,
                 uint64_t *request_id_p, char *msg, size_t msg_len);
+/* Frees what a decode unpacked into req (the struct itself is the caller's); NULL is a
+ * no-op. */
 void edge_request_free(edge_request *req);
 
 /* A reusable arena for edge_decode_in: a decode takes what it unpacks from one block
@@ -163,10 +167,13 @@ void edge_request_free(edge_request *req);
  * request at a time per arena. */
 #define EDGE_ARENA_MAX ((size_t)4 << 20)
 typedef struct edge_arena edge_arena;
+/* Caller owns the arena (free with edge_arena_destroy, after the last request decoded in it
+ * is freed); NULL when out of memory. */
 edge_arena *edge_arena_new(void);
+/* Frees the arena; *arena_p becomes NULL. NULL is a no-op. */
 void edge_arena_destroy(edge_arena **arena_p);
-/* edge_decode with its memory from arena (NULL: edge_decode itself); the same limits,
- * results and messages. */
+/* edge_decode with its memory from arena (borrowed; NULL: edge_decode itself); the same
+ * limits, results and messages. */
 int edge_decode_in(edge_arena *arena, const void *buf, size_t len, size_t max_message,
                    edge_request *req, uint64_t *request_id_p, char *msg, size_t msg_len);
 

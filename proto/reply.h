@@ -8,7 +8,7 @@
 
 #include "fasa.pb-c.h"
 
-/* Packs resp (borrowed) into a new buffer: *reply_p is the caller's, freed with free().
+/* Packs resp (borrowed) into a new buffer: caller owns *reply_p (free with free()).
  * 0, or -1 when memory is short (nothing allocated). */
 int edge_reply_pack(const Fasa__V1__Response *resp, uint8_t **reply_p, size_t *reply_len_p);
 /* An error reply: request_id, status code (a Status number) and msg (borrowed), no body.

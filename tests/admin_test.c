@@ -38,7 +38,7 @@ static void s_new_service(void)
     fasa_engine_t *e = fasa_engine_new(2, 16);
     ck_assert_ptr_nonnull(e);
     const fasa_service_opts o = {.n_ranks = 1, .max_message = 1 << 22, .state_dir = s_dir};
-    s_svc = fasa_service_new(e, 2, &o);
+    s_svc = fasa_service_new(&e, 2, &o);
     ck_assert_ptr_nonnull(s_svc);
 }
 

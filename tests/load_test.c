@@ -418,7 +418,8 @@ START_TEST(test_load_service)
     for (int with_root = 0; with_root < 2; with_root++) {
         const fasa_service_opts o = {
             .n_ranks = 1, .max_message = 1 << 20, .load_root = with_root ? s_root : NULL};
-        fasa_service *svc = fasa_service_new(fasa_engine_new(2, LT_BLOCK), 2, &o);
+        fasa_engine_t *e = fasa_engine_new(2, LT_BLOCK);
+        fasa_service *svc = fasa_service_new(&e, 2, &o);
         ck_assert_ptr_nonnull(svc);
         Fasa__V1__CreateSession cs = FASA__V1__CREATE_SESSION__INIT;
         cs.session_id = "s";

@@ -1338,19 +1338,19 @@ static int s_run_suite(void)
         fprintf(stderr, "rank 0: out of memory making the MPI transport\n");
         MPI_Abort(MPI_COMM_WORLD, 1);
     }
-    const fasa_transport t = {.ctx = &s_counted,
-                              .n_shards = s_counted.inner.n_shards,
-                              .session_new = s_c_session_new,
-                              .session_drop = s_c_session_drop,
-                              .append = s_c_append,
-                              .append_runs = s_c_append_runs,
-                              .score = s_c_score,
-                              .attend = s_c_attend,
-                              .shard_stats = s_c_shard_stats,
-                              .snapshot = s_c_snapshot,
-                              .stage_append = s_c_stage_append,
-                              .staged_appended = s_c_staged_appended,
-                              .destroy = s_c_destroy};
+    fasa_transport t = {.ctx = &s_counted,
+                        .n_shards = s_counted.inner.n_shards,
+                        .session_new = s_c_session_new,
+                        .session_drop = s_c_session_drop,
+                        .append = s_c_append,
+                        .append_runs = s_c_append_runs,
+                        .score = s_c_score,
+                        .attend = s_c_attend,
+                        .shard_stats = s_c_shard_stats,
+                        .snapshot = s_c_snapshot,
+                        .stage_append = s_c_stage_append,
+                        .staged_appended = s_c_staged_appended,
+                        .destroy = s_c_destroy};
     s_mpi = fasa_engine_new_with(&t, MPI_TEST_BLOCK);
     if (!s_mpi) {
         t.destroy(t.ctx);

@@ -34,7 +34,7 @@ static void s_setup(void)
     fasa_engine_t *e = fasa_engine_new(2, 16);
     ck_assert_ptr_nonnull(e);
     const fasa_service_opts o = {.n_ranks = 1, .max_message = 1 << 20};
-    s_svc = fasa_service_new(e, 2, &o);
+    s_svc = fasa_service_new(&e, 2, &o);
     ck_assert_ptr_nonnull(s_svc);
     s_shutdown = 0;
     wire_set_roundtrip(s_rt);
@@ -747,7 +747,7 @@ START_TEST(test_stats_ranks)
     fasa_engine_t *e = fasa_engine_new(2, 16);
     ck_assert_ptr_nonnull(e);
     const fasa_service_opts o = {.n_ranks = 3, .max_message = 1 << 20};
-    s_svc = fasa_service_new(e, 2, &o);
+    s_svc = fasa_service_new(&e, 2, &o);
     ck_assert_ptr_nonnull(s_svc);
     wire_make_session();
     Fasa__V1__Response *r = s_stats_of("bad");
@@ -861,7 +861,7 @@ START_TEST(test_deadline)
     fasa_engine_t *e = fasa_engine_new(1, 16);
     const fasa_service_opts o = {.n_ranks = 1, .max_message = 1 << 20, .deadline_ms = 100};
     fasa_service *keep = s_svc;
-    s_svc = fasa_service_new(e, 1, &o);
+    s_svc = fasa_service_new(&e, 1, &o);
     pr.has_deadline_ms = 0;
     fasa_service_set_wait(s_svc, 150);
     wire_expect_error(wire_send(&pr), FASA__V1__STATUS__UNAVAILABLE, "deadline of 100 ms");
@@ -906,7 +906,7 @@ static void s_service_with(const char *dir, int n_shards)
     fasa_engine_t *e = fasa_engine_new(n_shards, 16);
     ck_assert_ptr_nonnull(e);
     const fasa_service_opts o = {.n_ranks = 1, .max_message = 1 << 20, .state_dir = dir};
-    s_svc = fasa_service_new(e, n_shards, &o);
+    s_svc = fasa_service_new(&e, n_shards, &o);
     ck_assert_ptr_nonnull(s_svc);
 }
 
@@ -1131,6 +1131,32 @@ START_TEST(test_edge_arena)
 }
 END_TEST
 
+/* Ownership in the signature (house style rule 6): fasa_service_new takes the engine over
+ * and nulls the caller's pointer, and serves over that engine; the destructor nulls the
+ * pointer and accepts NULL. */
+START_TEST(test_service_owns_engine)
+{
+    fasa_service_destroy(&s_svc);
+    ck_assert_ptr_null(s_svc);
+    fasa_service_destroy(&s_svc);
+    fasa_service_destroy(NULL);
+    fasa_engine_t *e = fasa_engine_new(3, 16);
+    ck_assert_ptr_nonnull(e);
+    const fasa_service_opts o = {.n_ranks = 1, .max_message = 1 << 20};
+    s_svc = fasa_service_new(&e, 3, &o);
+    ck_assert_ptr_nonnull(s_svc);
+    ck_assert_ptr_null(e);
+    Fasa__V1__Request pr = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Ping ping = FASA__V1__PING__INIT;
+    pr.body_case = FASA__V1__REQUEST__BODY_PING;
+    pr.ping = &ping;
+    Fasa__V1__Response *r = wire_send(&pr);
+    ck_assert_int_eq(r->status, 0);
+    ck_assert_uint_eq(r->ping->n_shards, 3); /* this service, not the fixture's 2 */
+    fasa__v1__response__free_unpacked(r, NULL);
+}
+END_TEST
+
 Suite *service_suite(void)
 {
     Suite *s = suite_create("service");
@@ -1146,6 +1172,7 @@ Suite *service_suite(void)
     tcase_add_test(tc, test_stats_ranks);
     tcase_add_test(tc, test_snapshot_requests);
     tcase_add_test(tc, test_edge_arena);
+    tcase_add_test(tc, test_service_owns_engine);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -94,7 +94,7 @@ fasa_pool_t *fasa_pool_new(int n_threads)
 
 void fasa_pool_destroy(fasa_pool_t **pool_p)
 {
-    fasa_pool_t *p = *pool_p;
+    fasa_pool_t *p = pool_p ? *pool_p : NULL;
     if (!p) return;
     pthread_mutex_lock(&p->mu);
     p->stop = 1;

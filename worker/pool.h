@@ -20,8 +20,9 @@ typedef struct fasa_pool fasa_pool_t;
 #define FASA_POOL_MAX 256
 
 /* A pool of n_threads (1 .. FASA_POOL_MAX) threads, the caller's included; NULL when a
- * thread cannot be started or out of memory. */
+ * thread cannot be started or out of memory. Caller owns it (free with fasa_pool_destroy). */
 fasa_pool_t *fasa_pool_new(int n_threads);
+/* Stops and joins the threads and frees the pool; *pool_p becomes NULL. NULL is a no-op. */
 void fasa_pool_destroy(fasa_pool_t **pool_p);
 
 /* Threads of the pool (1 for NULL). */

@@ -193,6 +193,7 @@ static size_t s_ksc_bytes(const shard_layout *lay, int n_dom, size_t rows)
 
 void shard_layout_cleanup(shard_layout *lay)
 {
+    if (!lay) return;
     free(lay->n_dom);
     free(lay->perm);
     free(lay->qmask);
@@ -302,7 +303,7 @@ static void s_view_destroy(shard_t *v)
 
 void shard_destroy(shard_t **shard_p)
 {
-    shard_t *s = *shard_p;
+    shard_t *s = shard_p ? *shard_p : NULL;
     if (!s) return;
     for (int i = 0; i < s->n_views; i++) s_view_destroy(s->views[i]);
     free(s->views);

@@ -159,15 +159,19 @@ typedef struct shard_step {
 
 typedef struct shard shard_t;
 
-/* Deep-copies a layout into freshly allocated arrays (caller owns, free with
- * shard_layout_cleanup). Returns 0, or -1 when out of memory. */
+/* Deep-copies a layout (src borrowed) into freshly allocated arrays: caller owns dst's arrays
+ * (free with shard_layout_cleanup). Returns 0, or -1 when out of memory. */
 int shard_layout_copy(shard_layout *dst, const shard_layout *src);
+/* Frees a layout's arrays and nulls them (the struct is the caller's); NULL is a no-op. */
 void shard_layout_cleanup(shard_layout *layout);
-/* The layout that packs nothing (no profile yet): every dim in the rest part; dtype f32. */
+/* The layout that packs nothing (no profile yet): every dim in the rest part; dtype f32.
+ * Caller owns dst's arrays (free with shard_layout_cleanup). */
 int shard_layout_plain(shard_layout *dst, int n_layers, int n_heads, int n_kv_heads, int head_dim);
 
-/* A new empty shard with its own copy of layout; NULL when out of memory. */
+/* A new empty shard with its own copy of layout (borrowed); NULL when out of memory. Caller
+ * owns the shard (free with shard_destroy). */
 shard_t *shard_new(const shard_layout *layout);
+/* Frees the shard and every row it holds; *shard_p becomes NULL. NULL is a no-op. */
 void shard_destroy(shard_t **shard_p);
 
 /* Appends n rows to a layer: positions pos[n] (ascending, above every row held),

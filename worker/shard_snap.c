@@ -349,6 +349,7 @@ int shard_snap_read(shard_snap_file *sf, int layer, int64_t row0, int n, int32_t
 
 void shard_snap_close(shard_snap_file *sf)
 {
+    if (!sf) return;
     if (sf->f) fclose(sf->f);
     free(sf->n_rows);
     free(sf->layer_off);

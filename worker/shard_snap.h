@@ -69,14 +69,16 @@ typedef struct shard_snap_file {
 } shard_snap_file;
 
 /* Opens path, checks the header (magic, version, bounds, sizes against the file's size) and
- * the checksum over the whole file. Returns 0, or -1 with a one-line reason in why (nothing
- * to close). */
+ * the checksum over the whole file. Returns 0 (the caller owns what sf holds: free it with
+ * shard_snap_close), or -1 with a one-line reason in why (nothing to close). */
 int shard_snap_open(shard_snap_file *sf, const char *path, char *why, size_t why_len);
 
 /* Reads rows row0 .. row0 + n - 1 of a layer: pos[n], k and v (n, n_kv_heads, head_dim) as
  * f32 in the original dim order (any may be NULL). Returns 0, or -1 on a read error. */
 int shard_snap_read(shard_snap_file *sf, int layer, int64_t row0, int n, int32_t *pos, float *k,
                     float *v);
+/* Closes the file and frees the arrays shard_snap_open made (sf is the caller's, zeroed
+ * after); NULL is a no-op. */
 void shard_snap_close(shard_snap_file *sf);
 
 #endif
