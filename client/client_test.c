@@ -124,22 +124,37 @@ static void s_teardown(void)
 /* The client's timeout: far above what any case below may take. */
 #define TIMEOUT_MS 20000
 
-START_TEST(test_dies_while_waiting)
+/* A client of f that got one ping answered (the version checked). */
+static fasa_client *s_client_pinged(const struct fake *f)
 {
-    struct fake f;
-    s_fake_start(&f, NULL, 1, 1);
     fasa_client *c;
     fasa_client_error err;
     fasa_client_server_info info;
-    ck_assert_int_eq(fasa_client_connect(f.endpoint, TIMEOUT_MS, &c, &err), FASA_CLIENT_OK);
+    ck_assert_int_eq(fasa_client_connect(f->endpoint, TIMEOUT_MS, &c, &err), FASA_CLIENT_OK);
     ck_assert_int_eq(fasa_client_ping(c, &info, &err), FASA_CLIENT_OK);
     ck_assert_str_eq(info.version, "fake");
+    return c;
+}
+
+/* The next ping fails with UNAVAILABLE, an error naming why, long before the timeout. */
+static void s_ping_fails_fast(fasa_client *c, const char *why)
+{
+    fasa_client_error err;
+    fasa_client_server_info info;
     const double t0 = s_now();
     const fasa_client_status st = fasa_client_ping(c, &info, &err);
     const double took = s_now() - t0;
     ck_assert_int_eq(st, FASA_CLIENT_UNAVAILABLE);
-    ck_assert_msg(strstr(err.msg, "was lost while waiting for the ping reply"), "%s", err.msg);
-    ck_assert_msg(took < 5.0, "the error came after %.3f s", took);
+    ck_assert_msg(strstr(err.msg, why), "%s", err.msg);
+    ck_assert_msg(took < 5.0, "the error came after %.3f s (timeout %d ms)", took, TIMEOUT_MS);
+}
+
+START_TEST(test_dies_while_waiting)
+{
+    struct fake f;
+    s_fake_start(&f, NULL, 1, 1);
+    fasa_client *c = s_client_pinged(&f);
+    s_ping_fails_fast(c, "was lost while waiting for the ping reply");
     pthread_join(f.thread, NULL);
     fasa_client_close(&c);
 }
@@ -149,19 +164,10 @@ START_TEST(test_dies_while_idle)
 {
     struct fake f;
     s_fake_start(&f, NULL, 1, 0);
-    fasa_client *c;
-    fasa_client_error err;
-    fasa_client_server_info info;
-    ck_assert_int_eq(fasa_client_connect(f.endpoint, TIMEOUT_MS, &c, &err), FASA_CLIENT_OK);
-    ck_assert_int_eq(fasa_client_ping(c, &info, &err), FASA_CLIENT_OK);
+    fasa_client *c = s_client_pinged(&f);
     pthread_join(f.thread, NULL); /* dead after its one answer */
     s_sleep_ms(300);              /* the client notices the drop while idle */
-    const double t0 = s_now();
-    const fasa_client_status st = fasa_client_ping(c, &info, &err);
-    const double took = s_now() - t0;
-    ck_assert_int_eq(st, FASA_CLIENT_UNAVAILABLE);
-    ck_assert_msg(strstr(err.msg, "dropped before the request was sent"), "%s", err.msg);
-    ck_assert_msg(took < 5.0, "the error came after %.3f s (timeout %d ms)", took, TIMEOUT_MS);
+    s_ping_fails_fast(c, "dropped before the request was sent");
     fasa_client_close(&c);
 }
 END_TEST
@@ -170,15 +176,13 @@ START_TEST(test_comes_back)
 {
     struct fake f, g;
     s_fake_start(&f, NULL, 1, 0);
-    fasa_client *c;
-    fasa_client_error err;
-    fasa_client_server_info info;
-    ck_assert_int_eq(fasa_client_connect(f.endpoint, TIMEOUT_MS, &c, &err), FASA_CLIENT_OK);
-    ck_assert_int_eq(fasa_client_ping(c, &info, &err), FASA_CLIENT_OK);
+    fasa_client *c = s_client_pinged(&f);
     pthread_join(f.thread, NULL);
     s_sleep_ms(300); /* down long enough for refused reconnects */
     s_fake_start(&g, f.endpoint, 1, 0);
     s_sleep_ms(300); /* back */
+    fasa_client_error err;
+    fasa_client_server_info info;
     ck_assert_msg(fasa_client_ping(c, &info, &err) == FASA_CLIENT_OK, "%s", err.msg);
     pthread_join(g.thread, NULL);
     fasa_client_close(&c);
