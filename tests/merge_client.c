@@ -13,24 +13,15 @@
 #include "engine.h"
 #include "fasa_client.h"
 
+#define CLIENT_PROG "merge_client"
+#include "client_util.h"
+
 #define NL 2
 #define NH 8
 #define NKV 2
 #define D 16
 #define T 600
 #define BUDGET 32
-
-static int s_fail(const char *what, const char *msg)
-{
-    fprintf(stderr, "merge_client: FAIL: %s%s%s\n", what, msg ? ": " : "", msg ? msg : "");
-    return 1;
-}
-
-static float s_rand(unsigned *state)
-{
-    *state = *state * 1664525u + 1013904223u;
-    return (float)((*state >> 8) & 0xffff) / 65536.0f - 0.5f;
-}
 
 int main(int argc, char **argv)
 {
