@@ -11,6 +11,7 @@
 #include "dense.h"
 #include "dtype.h"
 #include "pool.h"
+#include "scan.h"
 #include "shard.h"
 #include "simd.h"
 #include "test_util.h"
@@ -541,14 +542,112 @@ START_TEST(test_shard_union_gather)
 }
 END_TEST
 
+/* The FASA scan split into row parts (when that cuts the rounds of work: s_score_n_parts):
+ * over 4 chunks and a partial one, pools of 3, 5 and 16 threads (2 KV heads: 3 parts, 3,
+ * and one per chunk) give the candidates, phase 2's partials and the bytes read of no pool,
+ * bit for bit, for f32 and f16, per-head and shared GQA, three visible lengths (5, 3 and 2
+ * chunks, the last partial); and per-head f32 candidates equal the best budget of the scan
+ * kernel's scores of the rows packed by hand (topk_ref). */
+START_TEST(test_shard_scan_parts)
+{
+    enum { H = 4, KV = 2, D = 16, U = 8, B = 33, N = 4 * SHARD_CHUNK + 321 };
+    test_rng r = {79};
+    const size_t nkv = (size_t)N * KV * D;
+    float *k = test_alloc(nkv * 4), *v = test_alloc(nkv * 4), q[H * D];
+    int32_t *pos = test_alloc(N * 4);
+    test_fill(&r, nkv, k, 1.0f);
+    test_fill(&r, nkv, v, 1.0f);
+    test_fill(&r, H * D, q, 2.0f);
+    for (int i = 0; i < N; i++) pos[i] = 2 * i + 1;
+    void *tiles = test_alloc((size_t)(N / SCORE_TILE + 1) * scan_tile_bytes(SCAN_F32, U));
+    float *sc = test_alloc((size_t)N * 4);
+    topk_cand *all = test_alloc((size_t)N * sizeof(topk_cand)), ref[B];
+    const int threads[3] = {3, 5, 16};
+    for (int dtype = FASA_DTYPE_F32; dtype <= FASA_DTYPE_F16; dtype++) {
+        shard_layout lay;
+        ck_assert_int_eq(shard_layout_plain(&lay, 1, H, KV, D), 0);
+        lay.dtype = dtype;
+        for (int g = 0; g < KV; g++) lay.n_dom[g] = U;
+        memset(lay.qmask, 0, (size_t)H * D);
+        for (int h = 0; h < H; h++) memset(lay.qmask + (size_t)h * D, 1, U);
+        shard_t *sh[4];
+        fasa_pool_t *pools[4] = {NULL};
+        for (int i = 0; i < 4; i++) {
+            ck_assert_ptr_nonnull(sh[i] = shard_new(&lay));
+            ck_assert_int_eq(shard_append(sh[i], 0, N, pos, k, v), 0);
+            if (i) {
+                ck_assert_ptr_nonnull(pools[i] = fasa_pool_new(threads[i - 1]));
+                shard_set_pool(sh[i], pools[i]);
+            }
+        }
+        const int max_pos[3] = {pos[N - 1], pos[2 * SHARD_CHUNK + 5], pos[SHARD_CHUNK]};
+        for (int vi = 0; vi < 3; vi++)
+            for (int gqa = 0; gqa < 2; gqa++) {
+                const shard_step st = {.layer = 0,
+                                       .method = SHARD_FASA,
+                                       .gqa = (shard_gqa)gqa,
+                                       .budget = B,
+                                       .max_pos = max_pos[vi],
+                                       .scale = 1.0f / sqrtf((float)D),
+                                       .q = q};
+                const int units = shard_units(sh[0], st.gqa);
+                const int n_vis = shard_visible(sh[0], 0, st.max_pos);
+                topk_cand c[4][H * B], thr[H];
+                int nc[4][H];
+                uint8_t have[H];
+                float m[4][H];
+                double l[4][H], o[4][H * D];
+                int64_t bytes[4];
+                for (int i = 0; i < 4; i++) {
+                    ck_assert_int_eq(shard_score(sh[i], &st, c[i], nc[i]), 0);
+                    if (i == 0)
+                        for (int u = 0; u < units; u++) {
+                            have[u] = nc[0][u] > 0;
+                            thr[u] = c[0][u * B + nc[0][u] - 1];
+                        }
+                    ck_assert_int_eq(shard_attend(sh[i], &st, thr, have, m[i], l[i], o[i]), 0);
+                    bytes[i] = shard_bytes_read(sh[i]);
+                }
+                for (int i = 1; i < 4; i++) {
+                    ck_assert_mem_eq(nc[i], nc[0], (size_t)units * sizeof(int));
+                    for (int u = 0; u < units; u++)
+                        ck_assert_mem_eq(c[i] + u * B, c[0] + u * B,
+                                         (size_t)nc[0][u] * sizeof(topk_cand));
+                    ck_assert_mem_eq(m[i], m[0], (size_t)units * sizeof(float));
+                    ck_assert_mem_eq(l[i], l[0], (size_t)units * sizeof(double));
+                    ck_assert_mem_eq(o[i], o[0], (size_t)units * D * sizeof(double));
+                    ck_assert_int_eq(bytes[i], bytes[0]);
+                }
+                if (dtype != FASA_DTYPE_F32 || gqa) continue;
+                for (int h = 0; h < H; h++) { /* the reference selection */
+                    const int g = h / (H / KV);
+                    memset(tiles, 0, (size_t)(N / SCORE_TILE + 1) * scan_tile_bytes(SCAN_F32, U));
+                    for (int j = 0; j < n_vis; j++)
+                        scan_pack_row(SCAN_F32, U, k + ((size_t)j * KV + g) * D, tiles, NULL, j);
+                    scan_q sq = {0};
+                    ck_assert_int_eq(scan_q_prep(&sq, SCAN_F32, 1, U, q + h * D), 0);
+                    scan_scores(SIMD_AUTO, &sq, n_vis, tiles, NULL, sc, n_vis);
+                    scan_q_free(&sq);
+                    for (int j = 0; j < n_vis; j++) all[j] = (topk_cand){sc[j], pos[j]};
+                    const int want = topk_ref(n_vis, B, all, ref);
+                    ck_assert_int_eq(nc[0][h], want);
+                    for (int i = 0; i < 4; i++)
+                        ck_assert_mem_eq(c[i] + h * B, ref, (size_t)want * sizeof(topk_cand));
+                }
+            }
+        for (int i = 0; i < 4; i++) shard_destroy(&sh[i]);
+        for (int i = 1; i < 4; i++) fasa_pool_destroy(&pools[i]);
+        shard_layout_cleanup(&lay);
+    }
+    free(k), free(v), free(pos), free(tiles), free(sc), free(all);
+}
+END_TEST
+
 Suite *threads_suite(void)
 {
-    const TTest *tests[] = {test_dense_block_paths,
-                            test_pool_runs_each_task_once,
-                            test_threads_from_env,
-                            test_engine_threads_identical,
-                            test_shard_threads_identical,
-                            test_shard_union_gather,
-                            NULL};
+    const TTest *tests[] = {test_dense_block_paths,       test_pool_runs_each_task_once,
+                            test_threads_from_env,        test_engine_threads_identical,
+                            test_shard_threads_identical, test_shard_union_gather,
+                            test_shard_scan_parts,        NULL};
     return test_suite("threads", "core", 300, tests);
 }

@@ -116,6 +116,11 @@ int fasa_pool_threads(const fasa_pool_t *p)
     return p ? p->n_threads : 1;
 }
 
+int fasa_pool_width(const fasa_pool_t *p)
+{
+    return s_tid >= 0 ? 1 : fasa_pool_threads(p);
+}
+
 void fasa_pool_run(fasa_pool_t *p, int n_tasks, fasa_pool_fn fn, void *ctx)
 {
     if (n_tasks <= 0) return;

@@ -27,6 +27,9 @@ void fasa_pool_destroy(fasa_pool_t **pool_p);
 
 /* Threads of the pool (1 for NULL). */
 int fasa_pool_threads(const fasa_pool_t *pool);
+/* Threads a run started here would use: 1 for NULL or inside a task of a pool (a nested
+ * run is inline), else fasa_pool_threads. */
+int fasa_pool_width(const fasa_pool_t *pool);
 
 typedef void (*fasa_pool_fn)(void *ctx, int task, int tid);
 

@@ -115,6 +115,12 @@ struct shard {
     shard_t **views;   /* (n_views) */
     int n_views;
     scan_q sq; /* the fused scan's prepared queries */
+    /* A FASA scan split into row parts (s_score_parts): each part's best budget per unit,
+     * (units, parts, budget), and their counts (units, parts). Grow-only, shard only. */
+    topk_cand *part_buf;
+    size_t part_cap;
+    int *part_n;
+    size_t part_n_cap;
     /* Phase 2 per KV group: per row a stamp (the group being gathered) and its slot in the
      * union; per head its members (slots). Grow-only. */
     uint32_t *stamp;
@@ -341,6 +347,8 @@ void shard_destroy(shard_t **shard_p)
     free(s->layers);
     free(s->kept);
     free(s->n_kept);
+    free(s->part_buf);
+    free(s->part_n);
     free(s->acc_buf);
     free(s->gather);
     free(s->aux);
@@ -1555,7 +1563,10 @@ static int64_t s_score_groups(shard_t *s, const shard_step *st, int g0, int g1, 
             const int unit = st->gqa == SHARD_GQA_SHARED ? g : g * grp + i;
             /* Unsorted: the merge needs the candidates and its threshold, not an order. */
             const int n = topk_acc_finish_unsorted(&acc[i]);
-            const topk_cand *it = acc[i].items;
+            topk_cand *it = acc[i].items;
+            /* FASA keeps its rows best first: phase 2 sums in kept order, and this order is
+             * the same however the rows were split over tasks (s_score_parts). */
+            if (st->method == SHARD_FASA) topk_sort(n, it);
             memcpy(s->kept + (size_t)unit * b, it, (size_t)n * sizeof(topk_cand));
             s->n_kept[unit] = n;
             /* Kept rows are row indices (QUEST: page positions); what is returned has
@@ -1563,7 +1574,8 @@ static int64_t s_score_groups(shard_t *s, const shard_step *st, int g0, int g1, 
             for (int j = 0; cands && j < n; j++)
                 cands[(size_t)unit * b + j] = (topk_cand){
                     it[j].score, st->method == SHARD_QUEST ? it[j].pos : ls->pos[it[j].pos]};
-            if (cands) topk_sort(n, cands + (size_t)unit * b); /* best first (shard.h) */
+            if (cands && st->method != SHARD_FASA) /* best first (shard.h) */
+                topk_sort(n, cands + (size_t)unit * b);
             if (n_cands) n_cands[unit] = n;
         }
     }
@@ -1582,6 +1594,128 @@ static void s_score_run(void *ctx, int g, int tid)
 {
     s_score_task *t = ctx;
     t->bytes[g] = s_score_groups(s_view(t->s, tid), t->st, g, g + 1, t->cands, t->n_cands);
+}
+
+/* The FASA scan split into tasks of (KV head, part of the rows), so that T threads share
+ * the work evenly whatever the number of KV heads (and a thread that is held up leaves
+ * less of it undone): part p of n_parts scans whole chunks [p * C / n_parts, (p + 1) * C /
+ * n_parts) of the C visible ones into its own best budget per unit; a second run merges
+ * each unit's parts into its best budget (the total order of topk.h: the same set as one
+ * scan of all the rows) and keeps them best first, as s_score_groups does, so the kept
+ * rows, the candidates and phase 2 are the same bits for any split and any T. */
+typedef struct s_parts_task {
+    shard_t *s;
+    const shard_step *st;
+    topk_cand *cands;
+    int *n_cands;
+    int n_parts, n_vis;
+    int64_t *bytes; /* (n_kv_heads * n_parts), -1 out of memory */
+} s_parts_task;
+
+static void s_part_run(void *ctx, int task, int tid)
+{
+    const s_parts_task *t = ctx;
+    shard_t *s = t->s, *v = s_view(s, tid);
+    const shard_layout *lay = &s->lay;
+    const shard_step *st = t->st;
+    const int hkv = lay->n_kv_heads, grp = lay->n_heads / hkv, b = st->budget;
+    const int g = task / t->n_parts, p = task % t->n_parts, P = t->n_parts;
+    const int u = lay->n_dom[st->layer * hkv + g], sd = s_sd(lay);
+    const int n_ch = (t->n_vis + SHARD_CHUNK - 1) / SHARD_CHUNK;
+    const int r_lo = (int)((int64_t)p * n_ch / P) * SHARD_CHUNK;
+    const int r_hi_c = (int)((int64_t)(p + 1) * n_ch / P) * SHARD_CHUNK;
+    const int r_hi = r_hi_c < t->n_vis ? r_hi_c : t->n_vis;
+    const layer_store *ls = &s->layers[st->layer];
+    float *qd = v->scores + (size_t)grp * SHARD_CHUNK, *qr = qd + (size_t)grp * lay->head_dim;
+    const int n_q = s_pack_queries(v, st, g, qd, qr);
+    if (scan_q_prep(&v->sq, sd, n_q, u, qd)) {
+        t->bytes[task] = -1;
+        return;
+    }
+    const size_t acc_one = 2 * (size_t)b + SHARD_CHUNK;
+    topk_acc acc[n_q];
+    for (int i = 0; i < n_q; i++) topk_acc_init(&acc[i], b, v->acc_buf + i * acc_one, (int)acc_one);
+    for (int r0 = r_lo; r0 < r_hi; r0 += SHARD_CHUNK) {
+        const int nr = r_hi - r0 < SHARD_CHUNK ? r_hi - r0 : SHARD_CHUNK;
+        const kv_chunk *ch = &ls->chunks[r0 / SHARD_CHUNK][g];
+        scan_topk(SIMD_AUTO, &v->sq, nr, ch->ksc ? ch->ksc : ch->kdom, ch->kscale, r0, acc);
+    }
+    for (int i = 0; i < n_q; i++) {
+        const int unit = st->gqa == SHARD_GQA_SHARED ? g : g * grp + i;
+        const int n = topk_acc_finish_unsorted(&acc[i]);
+        memcpy(s->part_buf + ((size_t)unit * P + p) * b, acc[i].items,
+               (size_t)n * sizeof(topk_cand));
+        s->part_n[(size_t)unit * P + p] = n;
+    }
+    t->bytes[task] =
+        (int64_t)(r_hi > r_lo ? r_hi - r_lo : 0) *
+        (int64_t)(scan_tile_bytes(sd, u) / SCORE_TILE + (sd == SCAN_I8 ? sizeof(float) : 0));
+}
+
+static void s_part_merge_run(void *ctx, int g, int tid)
+{
+    (void)tid;
+    const s_parts_task *t = ctx;
+    shard_t *s = t->s;
+    const shard_step *st = t->st;
+    const int hkv = s->lay.n_kv_heads, grp = s->lay.n_heads / hkv, b = st->budget, P = t->n_parts;
+    const layer_store *ls = &s->layers[st->layer];
+    const int n_q = st->gqa == SHARD_GQA_SHARED ? 1 : grp; /* as s_pack_queries */
+    for (int i = 0; i < n_q; i++) {
+        const int unit = st->gqa == SHARD_GQA_SHARED ? g : g * grp + i;
+        topk_cand *all = s->part_buf + (size_t)unit * P * b;
+        int n = 0;
+        for (int p = 0; p < P; p++) {
+            const int np = s->part_n[(size_t)unit * P + p];
+            memmove(all + n, all + (size_t)p * b, (size_t)np * sizeof(topk_cand));
+            n += np;
+        }
+        n = topk_select(n, b, all);
+        topk_sort(n, all);
+        memcpy(s->kept + (size_t)unit * b, all, (size_t)n * sizeof(topk_cand));
+        s->n_kept[unit] = n;
+        for (int j = 0; t->cands && j < n; j++)
+            t->cands[(size_t)unit * b + j] = (topk_cand){all[j].score, ls->pos[all[j].pos]};
+        if (t->n_cands) t->n_cands[unit] = n;
+    }
+}
+
+/* Parts per KV head for a FASA scan of n_vis rows on T threads: 1 (the scan by KV head
+ * alone, s_score_groups) unless more parts cut the rounds of work (in units of one KV
+ * head's scan: ceil(hkv P / T) / P) by a fifth or more; each part pays its own running
+ * top-k's warm-up (about 10% of a step at 2 parts per KV head in `fasa bench attend`), so
+ * 2 threads over 8 KV heads stay at 1 and 16 threads over 8 take 2. */
+static int s_score_n_parts(int hkv, int T, int n_vis)
+{
+    const int n_ch = (n_vis + SHARD_CHUNK - 1) / SHARD_CHUNK;
+    int best = 1;
+    double best_t = (double)((hkv + T - 1) / T);
+    for (int P = 2; P <= n_ch && P <= 8 && T > 1; P++) {
+        const double t = (double)((hkv * P + T - 1) / T) / P;
+        if (t <= 0.8 * best_t) best = P, best_t = t;
+    }
+    return best;
+}
+
+static int s_score_parts(shard_t *s, const shard_step *st, int n_parts, int n_vis, topk_cand *cands,
+                         int *n_cands)
+{
+    const shard_layout *lay = &s->lay;
+    const int hkv = lay->n_kv_heads, units = shard_units(s, st->gqa), b = st->budget;
+    if (s_grow((void **)&s->part_buf, &s->part_cap,
+               (size_t)units * n_parts * b * sizeof(topk_cand)) ||
+        s_grow((void **)&s->part_n, &s->part_n_cap, (size_t)units * n_parts * sizeof(int)))
+        return -1;
+    int64_t bytes_t[hkv * n_parts], bytes = 0;
+    s_parts_task task = {s, st, cands, n_cands, n_parts, n_vis, bytes_t};
+    fasa_pool_run(s->pool, hkv * n_parts, s_part_run, &task);
+    for (int i = 0; i < hkv * n_parts; i++) {
+        if (bytes_t[i] < 0) return -1; /* out of memory in a task */
+        bytes += bytes_t[i];
+    }
+    fasa_pool_run(s->pool, hkv, s_part_merge_run, &task);
+    s->bytes_read_last = bytes;
+    return 0;
 }
 
 int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands)
@@ -1624,6 +1758,9 @@ int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands
         if (s_grow((void **)&s->views[i]->acc_buf, &s->views[i]->acc_cap,
                    (size_t)grp * acc_one * sizeof(topk_cand)))
             return -1;
+    const int n_parts =
+        st->method == SHARD_FASA ? s_score_n_parts(hkv, fasa_pool_width(s->pool), n_vis) : 1;
+    if (n_parts > 1) return s_score_parts(s, st, n_parts, n_vis, cands, n_cands);
     int64_t bytes_g[hkv], bytes = 0;
     s_score_task task = {s, st, cands, n_cands, bytes_g};
     fasa_pool_run(s->pool, hkv, s_score_run, &task);

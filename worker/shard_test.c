@@ -764,6 +764,80 @@ START_TEST(test_shard_score_dtype)
 }
 END_TEST
 
+/* The score dtype of the session's own K/V dtype (f32, f16, bf16) is the unset one: the scan
+ * reads the key store's dominant dims in place (they are already packed in tiles, scan.h's
+ * layout), so no copy is made and memory, bytes read, selections and outputs are the same bits
+ * as the unset dtype's, on one shard and on the rows split over 3. */
+START_TEST(test_shard_score_own_dtype)
+{
+    const int nh = 4, nkv = 2, d = 8, n = SHARD_CHUNK + 700, B = 37;
+    test_rng r = {43};
+    float *k = test_alloc((size_t)n * nkv * d * 4), *v = test_alloc((size_t)n * nkv * d * 4);
+    int32_t *pos = test_alloc((size_t)n * 4);
+    test_fill(&r, (size_t)n * nkv * d, k, 1.0f);
+    test_fill(&r, (size_t)n * nkv * d, v, 1.0f);
+    for (int i = 0; i < n; i++) pos[i] = 3 * i + 1;
+    float q[4 * 8];
+    test_fill(&r, sizeof(q) / 4, q, 1.0f);
+    const int own[3] = {SCAN_F32, SCAN_F16, SCAN_BF16};
+    for (int kvd = FASA_DTYPE_F32; kvd <= FASA_DTYPE_BF16; kvd++) {
+        ck_assert_int_eq(scan_dtype_effective(SCAN_AUTO, kvd), own[kvd]);
+        shard_t *sh[2][4]; /* [auto, own][one shard, 3 parts] */
+        for (int w = 0; w < 2; w++) {
+            shard_layout lay;
+            s_layout(&lay, 1, nh, nkv, d);
+            lay.dtype = kvd;
+            lay.score_dtype = w ? own[kvd] : SCAN_AUTO;
+            for (int p = 0; p < 4; p++) ck_assert_ptr_nonnull(sh[w][p] = shard_new(&lay));
+            shard_layout_cleanup(&lay);
+            ck_assert_int_eq(shard_append(sh[w][0], 0, n, pos, k, v), 0);
+            for (int i0 = 0; i0 < n; i0 += 64) {
+                const int m = n - i0 < 64 ? n - i0 : 64;
+                ck_assert_int_eq(shard_append(sh[w][1 + (i0 / 64) % 3], 0, m, pos + i0,
+                                              k + (size_t)i0 * nkv * d, v + (size_t)i0 * nkv * d),
+                                 0);
+            }
+        }
+        const shard_step st = {.layer = 0,
+                               .method = SHARD_FASA,
+                               .gqa = SHARD_GQA_PER_HEAD,
+                               .budget = B,
+                               .max_pos = pos[n - 1] - 50,
+                               .scale = 1.0f / sqrtf(d),
+                               .q = q};
+        for (int p = 0; p < 4; p++) {
+            ck_assert_uint_eq(shard_bytes_held(sh[0][p]), shard_bytes_held(sh[1][p]));
+            ck_assert_uint_eq(shard_bytes_allocated(sh[0][p]), shard_bytes_allocated(sh[1][p]));
+            topk_cand c[2][4 * 37];
+            int nc[2][4];
+            float m[2][4];
+            double l[2][4], o[2][4 * 8];
+            for (int w = 0; w < 2; w++) {
+                ck_assert_int_eq(shard_score(sh[w][p], &st, c[w], nc[w]), 0);
+                topk_cand thr[4];
+                uint8_t have[4];
+                for (int h = 0; h < nh; h++) {
+                    ck_assert_int_gt(nc[w][h], 0);
+                    thr[h] = c[w][h * B + nc[w][h] - 1], have[h] = 1;
+                }
+                ck_assert_int_eq(shard_attend(sh[w][p], &st, thr, have, m[w], l[w], o[w]), 0);
+            }
+            ck_assert_int_eq(shard_bytes_read(sh[0][p]), shard_bytes_read(sh[1][p]));
+            for (int h = 0; h < nh; h++) {
+                ck_assert_int_eq(nc[0][h], nc[1][h]);
+                ck_assert_mem_eq(c[0] + h * B, c[1] + h * B, (size_t)nc[0][h] * sizeof(topk_cand));
+            }
+            ck_assert_mem_eq(m[0], m[1], sizeof(m[0]));
+            ck_assert_mem_eq(l[0], l[1], sizeof(l[0]));
+            ck_assert_mem_eq(o[0], o[1], sizeof(o[0]));
+        }
+        for (int w = 0; w < 2; w++)
+            for (int p = 0; p < 4; p++) shard_destroy(&sh[w][p]);
+    }
+    free(k), free(v), free(pos);
+}
+END_TEST
+
 /* Memory follows the rows held: after appends of uneven sizes the bytes the shard counts
  * (shard_bytes_held, from the rows alone, which the engine's memory limit mirrors) equal
  * what its arrays hold (shard_bytes_allocated), 100 rows cost a small part of a chunk, and
@@ -1024,6 +1098,7 @@ Suite *shard_suite(void)
     tcase_add_test(tc, test_shard_oracle_dense);
     tcase_add_test(tc, test_shard_fasa_scores);
     tcase_add_test(tc, test_shard_score_dtype);
+    tcase_add_test(tc, test_shard_score_own_dtype);
     tcase_add_test(tc, test_shard_stream);
     tcase_add_test(tc, test_shard_quest);
     tcase_add_test(tc, test_shard_sparq);
