@@ -1168,14 +1168,18 @@ static int s_plan_finish(fasa_engine_t *e, const step_plan *p, float *out, fasa_
         stats->n_visible = p->n_vis;
         stats->bytes_read = p->bytes;
         stats->score_us = stats->merge_us = stats->attend_us = 0;
-        /* fasa-plus also reads the running key and value sums, head_dim doubles each, and
-         * each KV head's sum of v kdom^T (head_dim x its packed dims). */
+        /* fasa-plus also reads, on each shard holding rows of the layer and once per KV
+         * head g (u its packed dims), its running sums in f32: the values' (head_dim), the
+         * keys' over the dims not packed (head_dim - u) and v kdom^T (head_dim x u). */
         if (p->st.method == SHARD_FASA_PLUS) {
-            stats->bytes_read += (int64_t)nh * 2 * d * (int64_t)sizeof(double);
-            const int hkv = p->s->cfg.n_kv_heads;
-            for (int g = 0; g < hkv; g++)
-                stats->bytes_read +=
-                    (int64_t)d * p->s->n_dom[p->st.layer * hkv + g] * (int64_t)sizeof(double);
+            const int hkv = p->s->cfg.n_kv_heads, nl = p->s->cfg.n_layers;
+            int64_t per = 0;
+            for (int g = 0; g < hkv; g++) {
+                const int u = p->s->n_dom[p->st.layer * hkv + g];
+                per += (int64_t)(2 * d - u + d * u) * (int64_t)sizeof(float);
+            }
+            for (int sh = 0; sh < ns; sh++)
+                if (p->s->held[sh * nl + p->st.layer].rows > 0) stats->bytes_read += per;
         }
     }
     return 0;

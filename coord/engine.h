@@ -68,9 +68,10 @@ typedef struct fasa_error {
  *           mean of z over U (the regression of v on z; sum v z over U comes from a
  *           running sum of v kdom^T per KV head). out = (sum_sel e^{f_j} v_j + M vhat) /
  *           (sum_sel e^{f_j} + M), f_j the exact logits. Reads fasa's bytes (phase 2 gathers
- *           each KV group's rows once, as fasa does) plus two running sums of head_dim
- *           doubles per query head, head_dim x u doubles per KV head (the sum of v kdom^T)
- *           and the rows appended since the last step (folded into that sum). */
+ *           each KV group's rows once, as fasa does; the forced rows are common to the
+ *           group's heads) plus, per KV head and shard, its running sums in f32: the
+ *           values' (head_dim), the keys' over the dims not scored (head_dim - u) and
+ *           v kdom^T (head_dim x u), all kept up to date as append work (not counted). */
 typedef enum fasa_method {
     FASA_METHOD_FASA = 0,
     FASA_METHOD_DENSE,

@@ -60,9 +60,13 @@ typedef struct layer_store {
     double *vsum;      /* (n_kv_heads, head_dim) SPARQ: sum of every row's value */
     double *ksum;      /* (n_kv_heads, head_dim) FASA_PLUS: sum of every row's key */
     /* FASA_PLUS: per KV head g the sum of v kdom^T (head_dim, n_dom[g]; packed order) over
-     * its first vk_rows[g] rows, at offset head_dim * (n_dom of the KV heads before g);
-     * brought up to date by the plus steps (s_plus_vk), allocated by the first. */
+     * its first vk_rows[g] rows, at offset head_dim * (n_dom of the KV heads before g), in
+     * double, and what a step reads: its f32 rounding vkf (same layout) and sumf (n_kv_heads,
+     * 2, head_dim), the f32 roundings of vsum then ksum at those rows. Append work, like the
+     * sums: brought up to the rows by s_plus_catch_up before a plus step's scan (the same
+     * bits as if every append had folded its rows), allocated by the first plus step. */
     double *vk;
+    float *vkf, *sumf;
     int *vk_rows; /* (n_kv_heads) */
     /* The page bounds and the two sums are brought up to date lazily (s_sums_catch_up, by
      * the first step that reads them): they hold rows 0 .. sums_rows - 1, the last of them
@@ -329,6 +333,8 @@ void shard_destroy(shard_t **shard_p)
         free(ls->vsum);
         free(ls->ksum);
         free(ls->vk);
+        free(ls->vkf);
+        free(ls->sumf);
         free(ls->vk_rows);
         free(ls->mark_bound);
         free(ls->mark_sum);
@@ -797,6 +803,17 @@ void shard_txn_undo(shard_t *s, uint32_t txn)
                    2 * kd * sizeof(float));
         memcpy(ls->vsum, ls->mark_sum, kd * sizeof(double));
         memcpy(ls->ksum, ls->mark_sum + kd, kd * sizeof(double));
+        /* FASA_PLUS: a v kdom^T sum holding rows taken back starts again from row 0 (the
+         * next plus step folds the rows in again, in row order: the same bits). */
+        for (int g = 0; ls->vk && g < s->lay.n_kv_heads; g++)
+            if (ls->vk_rows[g] > ls->n_rows) {
+                const int d = s->lay.head_dim, hkv = s->lay.n_kv_heads;
+                size_t off = 0;
+                for (int x = 0; x < g; x++) off += (size_t)d * s->lay.n_dom[l * hkv + x];
+                const size_t n = (size_t)d * s->lay.n_dom[l * hkv + g];
+                memset(ls->vk + off, 0, n * sizeof(double));
+                ls->vk_rows[g] = 0;
+            }
         ls->mark_txn = 0;
     }
 }
@@ -1372,19 +1389,32 @@ static void s_plus_fold(const shard_step *st, int n_q, int n, const int32_t *pos
     }
 }
 
-/* FASA_PLUS: brings KV head g's sum of v kdom^T (layer_store.vk) up to the layer's rows;
- * returns the KV bytes read (the rows folded in). */
-static int64_t s_plus_vk(shard_t *s, int layer, int g)
+/* Offset of KV head g's block in a layer's v kdom^T sums (layer_store.vk). */
+static size_t s_plus_vk_off(const shard_layout *lay, int layer, int g)
+{
+    size_t off = 0;
+    for (int x = 0; x < g; x++)
+        off += (size_t)lay->head_dim * lay->n_dom[layer * lay->n_kv_heads + x];
+    return off;
+}
+
+/* FASA_PLUS: brings KV head g's sum of v kdom^T (layer_store.vk) up to the layer's rows, in
+ * row order, and its f32 copies vkf and sumf (the key and value sums caught up first, by
+ * s_sums_catch_up). Append work, as for the key and value sums: a decode step finds one
+ * new row per layer here (each append's rows, folded by the next step rather than by the
+ * append, so that sessions that never run fasa-plus do not pay for it); not counted in the
+ * step's bytes_read. */
+static void s_plus_catch_up(shard_t *s, int layer, int g)
 {
     const shard_layout *lay = &s->lay;
     const int d = lay->head_dim, hkv = lay->n_kv_heads, u = lay->n_dom[layer * hkv + g];
     const int *perm = lay->perm + ((size_t)layer * hkv + g) * d;
     layer_store *ls = &s->layers[layer];
-    size_t off = 0;
-    for (int x = 0; x < g; x++) off += (size_t)d * lay->n_dom[layer * hkv + x];
+    const size_t off = s_plus_vk_off(lay, layer, g);
     double *m = ls->vk + off;
     float krow[d];
     const int r0 = ls->vk_rows[g];
+    if (r0 == ls->n_rows) return;
     for (int r = r0; r < ls->n_rows; r++) {
         s_row_key(s, layer, g, r, krow);
         const void *v = ls->chunks[r / SHARD_CHUNK][g].v;
@@ -1395,16 +1425,33 @@ static int64_t s_plus_vk(shard_t *s, int layer, int g)
         }
     }
     ls->vk_rows[g] = ls->n_rows;
-    return (int64_t)(ls->n_rows - r0) * (u + d) * (int64_t)s_esz(s);
+    for (size_t i = 0; i < (size_t)d * u; i++) ls->vkf[off + i] = (float)m[i];
+    float *sf = ls->sumf + (size_t)g * 2 * d;
+    for (int c = 0; c < d; c++) {
+        sf[c] = ls->vsum ? (float)ls->vsum[(size_t)g * d + c] : 0.0f;
+        sf[d + c] = ls->ksum ? (float)ls->ksum[(size_t)g * d + c] : 0.0f;
+    }
+}
+
+typedef struct s_plus_task {
+    shard_t *s;
+    int layer;
+} s_plus_task;
+
+static void s_plus_catch_up_run(void *ctx, int g, int tid)
+{
+    s_plus_task *t = ctx;
+    s_plus_catch_up(s_view(t->s, tid), t->layer, g);
 }
 
 /* FASA_PLUS: the aux entries of KV head g's heads after the scan (shard_attend then takes
  * the selected rows out): the normaliser of z over the visible rows, q_rest . (sum of the
  * visible keys) over the dims not packed in kdom (qr, packed order), the visible values'
  * sum, the sums of z, z^2 and exp(z - max) z (zs), and the sum of v z from the sum of
- * v kdom^T and the packed queries qd. Returns the KV bytes read: the rows past max_pos (taken out
- * of them) and the rows s_plus_vk folds in; the engine counts the running sums it reads (2 head_dim
- * doubles per query head, head_dim x u per KV head). */
+ * v kdom^T and the packed queries qd; the three sums read in f32 (vkf and sumf, caught up
+ * by s_plus_catch_up). Returns the KV bytes read: the rows past max_pos (taken out of them);
+ * the engine counts the f32 sums (head_dim x (n_dom + 2) - n_dom floats per KV head and
+ * shard). */
 static int64_t s_plus_aux_of(shard_t *s, const shard_step *st, int g, int n_vis, const float *qd,
                              const float *qr, const float *zm, const double *zs)
 {
@@ -1412,16 +1459,18 @@ static int64_t s_plus_aux_of(shard_t *s, const shard_step *st, int g, int n_vis,
     const int d = lay->head_dim, hkv = lay->n_kv_heads, grp = lay->n_heads / hkv;
     const int u = lay->n_dom[st->layer * hkv + g];
     const int *perm = lay->perm + ((size_t)st->layer * hkv + g) * d;
-    int64_t bytes = s_plus_vk(s, st->layer, g);
     const layer_store *ls = &s->layers[st->layer];
-    size_t off = 0;
-    for (int x = 0; x < g; x++) off += (size_t)d * lay->n_dom[st->layer * hkv + x];
-    double ks[d], vs[d], vk[(size_t)d * (u ? u : 1)];
-    memcpy(vk, ls->vk + off, (size_t)d * u * sizeof(double));
+    const float *vkf = ls->vkf + s_plus_vk_off(lay, st->layer, g);
+    const float *sf = ls->sumf + (size_t)g * 2 * d;
+    double ks[d], vs[d];
     float krow[d];
-    for (int c = 0; c < d; c++) {
-        ks[c] = ls->ksum ? ls->ksum[(size_t)g * d + c] : 0;
-        vs[c] = ls->vsum ? ls->vsum[(size_t)g * d + c] : 0;
+    for (int c = 0; c < d; c++) ks[c] = sf[d + c], vs[c] = sf[c];
+    /* Rows past max_pos: out of the sums (their v kdom^T in double, as the reference's
+     * difference of the two sums; none in a decode). */
+    double *dvk = NULL;
+    if (n_vis < ls->n_rows && u > 0) {
+        dvk = calloc((size_t)d * u, sizeof(double));
+        if (!dvk) return -1;
     }
     for (int r = n_vis; r < ls->n_rows; r++) {
         s_row_key(s, st->layer, g, r, krow);
@@ -1431,7 +1480,7 @@ static int64_t s_plus_aux_of(shard_t *s, const shard_step *st, int g, int n_vis,
             const double vc = s_get(lay->dtype, v, e0 + (size_t)c);
             ks[c] -= krow[c];
             vs[c] -= vc;
-            for (int p = 0; p < u; p++) vk[(size_t)c * u + p] -= vc * krow[perm[p]];
+            for (int p = 0; dvk && p < u; p++) dvk[(size_t)c * u + p] += vc * krow[perm[p]];
         }
     }
     for (int i = 0; i < grp; i++) {
@@ -1449,11 +1498,13 @@ static int64_t s_plus_aux_of(shard_t *s, const shard_step *st, int g, int n_vis,
         a[SHARD_PLUS_ZW(d)] = z[3];
         for (int c = 0; c < d; c++) { /* sum of v z = scale * (sum v kdom^T) qdom */
             double x = 0;
-            for (int p = 0; p < u; p++) x += vk[(size_t)c * u + p] * qdi[p];
+            for (int p = 0; p < u; p++)
+                x += ((double)vkf[(size_t)c * u + p] - (dvk ? dvk[(size_t)c * u + p] : 0)) * qdi[p];
             a[SHARD_PLUS_VZ(d) + c] = x * st->scale;
         }
     }
-    return bytes + (int64_t)(ls->n_rows - n_vis) * 2 * d * (int64_t)s_esz(s);
+    free(dvk);
+    return (int64_t)(ls->n_rows - n_vis) * 2 * d * (int64_t)s_esz(s);
 }
 
 /* FASA_PLUS phase 2: takes the n gathered rows (kg permuted keys, vg values) that head h
@@ -1550,7 +1601,11 @@ static int64_t s_score_groups(shard_t *s, const shard_step *st, int g0, int g1, 
         if (st->method != SHARD_QUEST && st->method != SHARD_FASA)
             bytes += (int64_t)n_vis * (oracle ? d : u) * (int64_t)s_esz(s);
         if (sparq) s_sparq_aux_of(s, st, g, n_vis, zm, zs);
-        if (plus) bytes += s_plus_aux_of(s, st, g, n_vis, qd, qr, zm, zs);
+        if (plus) {
+            const int64_t x = s_plus_aux_of(s, st, g, n_vis, qd, qr, zm, zs);
+            if (x < 0) return -1;
+            bytes += x;
+        }
         for (int i = 0; i < n_q; i++) {
             const int unit = st->gqa == SHARD_GQA_SHARED ? g : g * grp + i;
             /* Unsorted: the merge needs the candidates and its threshold, not an order. */
@@ -1601,14 +1656,16 @@ int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands
                                   (size_t)lay->n_heads * SHARD_SPARQ_AUX(d) * sizeof(double)))
         return -1;
     layer_store *ls = &s->layers[st->layer];
-    if (plus && !ls->vk) { /* the sums of v kdom^T (s_plus_vk), at the first plus step */
+    if (plus && !ls->vk) { /* the sums of v kdom^T (s_plus_catch_up), at the first plus step */
         size_t n = 0;
         for (int g = 0; g < hkv; g++) n += (size_t)d * lay->n_dom[st->layer * hkv + g];
         ls->vk_rows = calloc((size_t)hkv, sizeof(int));
         ls->vk = calloc(n ? n : 1, sizeof(double));
-        if (!ls->vk || !ls->vk_rows) {
-            free(ls->vk), free(ls->vk_rows);
-            ls->vk = NULL, ls->vk_rows = NULL;
+        ls->vkf = calloc(n ? n : 1, sizeof(float));
+        ls->sumf = calloc((size_t)hkv * 2 * d, sizeof(float));
+        if (!ls->vk || !ls->vk_rows || !ls->vkf || !ls->sumf) {
+            free(ls->vk), free(ls->vk_rows), free(ls->vkf), free(ls->sumf);
+            ls->vk = NULL, ls->vk_rows = NULL, ls->vkf = NULL, ls->sumf = NULL;
             return -1;
         }
     }
@@ -1624,6 +1681,10 @@ int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands
         if (s_grow((void **)&s->views[i]->acc_buf, &s->views[i]->acc_cap,
                    (size_t)grp * acc_one * sizeof(topk_cand)))
             return -1;
+    if (plus) { /* the rows appended since the last plus step into the v kdom^T sums */
+        s_plus_task pt = {s, st->layer};
+        fasa_pool_run(s->pool, hkv, s_plus_catch_up_run, &pt);
+    }
     int64_t bytes_g[hkv], bytes = 0;
     s_score_task task = {s, st, cands, n_cands, bytes_g};
     fasa_pool_run(s->pool, hkv, s_score_run, &task);

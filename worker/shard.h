@@ -84,10 +84,12 @@
  *           the attended rows' exp(z - max) and exp(scale * full score - max). The
  *           coordinator estimates the unselected tokens' softmax mass and mean value from
  *           them (coord/engine.h). The store keeps a running sum of each layer's keys per
- *           KV head for this (the engine counts it and the values' sum as 2 head_dim
- *           doubles read per query head), and, per KV head, the sum of v kdom^T over its
- *           rows (head_dim x u doubles, brought up to date by the step that needs it;
- *           shard_bytes_read counts its read and the rows it folds in). */
+ *           KV head for this, and, per KV head, the sum of v kdom^T over its rows (head_dim
+ *           x u, in double; append work like the key and value sums: the rows appended
+ *           since the last FASA_PLUS step are folded in, in row order, before its scan, and
+ *           not counted). The step reads the three sums' f32 roundings (the engine counts
+ *           2 head_dim - u + head_dim x u floats per KV head and shard); shard_bytes_read
+ *           counts the rows past max_pos taken out of them. */
 typedef enum shard_method {
     SHARD_FASA = 0,
     SHARD_DENSE = 1,
