@@ -1081,7 +1081,10 @@ static void s_plus_finish(const step_plan *p, int h, int ns, const double *oh, f
 {
     const int nh = p->s->cfg.n_heads, d = p->s->cfg.head_dim;
     const size_t na = SHARD_SPARQ_AUX(d);
-    const int n_unsel = p->n_vis - p->n_sel[h];
+    int n_att = 0; /* the rows the head attended: its group's union of selections */
+    for (int sh = 0; sh < ns; sh++)
+        n_att += (int)p->aux[((size_t)sh * nh + h) * na + SHARD_PLUS_NA(d)];
+    const int n_unsel = p->n_vis - n_att;
     double zmax = -INFINITY, z = 0, qk = 0, e1 = 0, e2 = 0, z1 = 0, z2 = 0, zw = 0;
     double *vz = vbar + d;
     for (int sh = 0; sh < ns; sh++) {

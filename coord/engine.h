@@ -59,7 +59,10 @@ typedef struct fasa_error {
  *           head: fasa's scan over the stored dominant dims, scored with every dim the KV
  *           head stores (the union of its query heads' FCs: the bytes fasa's scan reads
  *           anyway); position 0 (a sink) and the R = B / (2 ntip) - 1 most recent visible
- *           tokens (at least 0) are always among the top B; exact attention over the top B.
+ *           tokens (at least 0) are always among the top B; exact attention over the union
+ *           of the top B of every head of its KV group (at most group x B rows: the rows
+ *           phase 2 gathers once for the group anyway, so no more bytes than the head's own
+ *           B; the selection reported is the head's own top B).
  *           Then the tokens not selected (U) are estimated from their partial scores s_j
  *           already computed, z_j = scale s_j: their mass M = sum_U e^{z_j} e^c, where c is
  *           the mean of scale mu (mu = q_rest . the mean of the visible keys over the dims

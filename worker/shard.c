@@ -127,6 +127,7 @@ struct shard {
     uint32_t stamp_gen;
     int *members; /* (group, budget) */
     int *urows;   /* (group * budget) rows of the union */
+    int *slot_id; /* (group * budget) 0, 1, ...: FASA_PLUS heads attend every union slot */
     size_t members_cap;
     int gather_per_head; /* shard_set_gather_per_head: the reference phase 2, head by head */
     float scores[];      /* flexible tail: see shard_new */
@@ -301,6 +302,7 @@ static void s_view_destroy(shard_t *v)
     free(v->slot);
     free(v->members);
     free(v->urows);
+    free(v->slot_id);
     scan_q_free(&v->sq);
     free(v);
 }
@@ -361,6 +363,7 @@ void shard_destroy(shard_t **shard_p)
     free(s->slot);
     free(s->members);
     free(s->urows);
+    free(s->slot_id);
     scan_q_free(&s->sq);
     shard_layout_cleanup(&s->lay);
     free(s);
@@ -1496,6 +1499,7 @@ static int64_t s_plus_aux_of(shard_t *s, const shard_step *st, int g, int n_vis,
         a[SHARD_PLUS_Z1(d)] = z[1];
         a[SHARD_PLUS_Z2(d)] = z[2];
         a[SHARD_PLUS_ZW(d)] = z[3];
+        a[SHARD_PLUS_NA(d)] = 0;
         for (int c = 0; c < d; c++) { /* sum of v z = scale * (sum v kdom^T) qdom */
             double x = 0;
             for (int p = 0; p < u; p++)
@@ -1534,6 +1538,7 @@ static void s_plus_take(shard_t *s, const shard_step *st, int h, int u, int n, c
         a[SHARD_PLUS_ZW(d)] -= w * x;
         for (int c = 0; c < d; c++) a[SHARD_PLUS_VZ(d) + c] -= x * vg[r + c];
     }
+    a[SHARD_PLUS_NA(d)] += n;
     if (a[1] < 0) a[1] = 0;
 }
 
@@ -1827,8 +1832,9 @@ static void s_attend_rows(shard_t *s, const shard_step *st, int g, int unit, top
 /* Sparse phase 2 of per-head GQA for KV group g (every method but QUEST): gathers the union
  * of the group's heads' selections once (each row of KV head g read once, however many of
  * its heads selected it), scores it against the group's queries, and attends each head
- * over its own rows only, in its kept order: the same arithmetic, row by row, as attending
- * each head alone (score_rows and one head of attn_accum). */
+ * over its own rows only, in its kept order (FASA_PLUS: each head with a selection over the
+ * whole union, in union order): the same arithmetic, row by row, as attending each head
+ * alone (score_rows and one head of attn_accum). */
 static void s_attend_union(shard_t *s, const shard_step *st, int g, const topk_cand *thr,
                            const uint8_t *have_thr, const float *qf, float *m, double *l, double *o)
 {
@@ -1867,17 +1873,24 @@ static void s_attend_union(shard_t *s, const shard_step *st, int g, const topk_c
     for (int j = 0; j < n; j++) s_gather_row(s, st->layer, g, s->urows[j], j, cap);
     s_gather_convert(s, n, cap);
     const float *kg = s->gather, *vg = kg + cap * d;
-    if (st->method == SHARD_FASA_PLUS) /* each head's rows out of its aux (s_plus_take) */
-        for (int i = 0; i < grp; i++)
-            if (n_mem[i] > 0)
-                s_plus_take(s, st, g * grp + i, lay->n_dom[st->layer * lay->n_kv_heads + g],
-                            n_mem[i], s->members + (size_t)i * b, qf + (size_t)i * d, kg, vg);
+    /* FASA_PLUS: each head with a selection attends every row of the union, in union
+     * order (the rows were read for the group anyway), and takes them out of its aux. */
+    const int plus = st->method == SHARD_FASA_PLUS;
+    const int *memp[grp];
+    for (int i = 0; i < grp; i++) {
+        memp[i] = plus ? s->slot_id : s->members + (size_t)i * b;
+        if (plus && have_thr[g * grp + i]) n_mem[i] = n;
+    }
+    for (int i = 0; plus && i < grp; i++)
+        if (n_mem[i] > 0)
+            s_plus_take(s, st, g * grp + i, lay->n_dom[st->layer * lay->n_kv_heads + g], n, memp[i],
+                        qf + (size_t)i * d, kg, vg);
     t = fasa_phase_add(FASA_PHASE_GATHER, t);
     float *lg = s->gather + 2 * cap * d;
     score_rows(n, d, grp, lg, (int)cap, qf, kg, d, 0);
     for (int i = 0; i < grp; i++) {
         if (n_mem[i] == 0) continue;
-        const int *mem = s->members + (size_t)i * b;
+        const int *mem = memp[i];
         const float *lh = lg + (size_t)i * cap;
         double *oh = o + (size_t)i * d;
         /* attn_accum for one head over the member rows, in member order. */
@@ -1909,9 +1922,49 @@ static void s_attend_union(shard_t *s, const shard_step *st, int g, const topk_c
 static int s_by_group(const shard_t *s, const shard_step *st)
 {
     const int d = s->lay.head_dim, grp = s->lay.n_heads / s->lay.n_kv_heads;
+    if (st->method == SHARD_FASA_PLUS) return !s->gather_per_head && grp > 1; /* the union */
     return st->method != SHARD_DENSE && st->method != SHARD_QUEST && !s->gather_per_head &&
            st->gqa == SHARD_GQA_PER_HEAD && grp > 1 &&
            (size_t)grp * s->kept_budget * (2 * (size_t)d + grp) <= ((size_t)1 << 24);
+}
+
+/* FASA_PLUS's reference phase 2 (shard_set_gather_per_head) for head i of KV group g: the
+ * group's union of selections (s_attend_union's rows, in its order) gathered for this head
+ * alone, taken out of its aux and attended by score_rows and attn_accum. */
+static void s_attend_plus_ref(shard_t *s, const shard_step *st, int g, int i, const topk_cand *thr,
+                              const uint8_t *have_thr, const float *qf, float *m, double *l,
+                              double *o)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, grp = lay->n_heads / lay->n_kv_heads, b = s->kept_budget;
+    const layer_store *ls = &s->layers[st->layer];
+    const size_t cap = (size_t)grp * b;
+    if (!have_thr[g * grp + i]) return;
+    if (++s->stamp_gen == 0) {
+        memset(s->stamp, 0, s->stamp_cap * sizeof(*s->stamp));
+        s->stamp_gen = 1;
+    }
+    const uint32_t gen = s->stamp_gen;
+    int n = 0;
+    for (int x = 0; x < grp; x++) {
+        const int h = g * grp + x;
+        const topk_cand *kept = s->kept + (size_t)h * b;
+        for (int j = 0; have_thr[h] && j < s->n_kept[h]; j++) {
+            const int r = kept[j].pos;
+            if (topk_better(thr[h], (topk_cand){kept[j].score, ls->pos[r]})) continue;
+            if (s->stamp[r] != gen) s->stamp[r] = gen, s->urows[n++] = r;
+        }
+    }
+    if (n == 0) return;
+    for (int j = 0; j < n; j++) s_gather_row(s, st->layer, g, s->urows[j], j, cap);
+    s_gather_convert(s, n, cap);
+    float *kg = s->gather, *vg = kg + cap * d, *lg = vg + cap * d;
+    s_plus_take(s, st, g * grp + i, lay->n_dom[st->layer * lay->n_kv_heads + g], n, NULL, qf, kg,
+                vg);
+    score_rows(n, d, 1, lg, (int)cap, qf, kg, d, 0);
+    for (int j = 0; j < n; j++) lg[j] *= st->scale;
+    attn_accum(n, d, 1, lg, (int)cap, vg, d, m, l, o);
+    s->bytes_read_last += (int64_t)n * 2 * d * (int64_t)s_esz(s);
 }
 
 /* Phase 2 for KV head g in s (the shard or a view, its gather and stage grown). */
@@ -1932,6 +1985,10 @@ static void s_attend_group(shard_t *s, const shard_step *st, int g, int n_vis, c
         s_attend_union(s, st, g, thr, have_thr, qf, mg, lgp, og);
     } else if (st->gqa == SHARD_GQA_SHARED) {
         if (have_thr[g]) s_attend_rows(s, st, g, g, thr[g], grp, n_vis, qf, mg, lgp, og);
+    } else if (st->method == SHARD_FASA_PLUS && grp > 1) {
+        for (int i = 0; i < grp; i++)
+            s_attend_plus_ref(s, st, g, i, thr, have_thr, qf + (size_t)i * d, mg + i, lgp + i,
+                              og + (size_t)i * d);
     } else {
         for (int i = 0; i < grp; i++) {
             const int h = g * grp + i;
@@ -1990,6 +2047,10 @@ static int s_attend_grow(shard_t *s, size_t rows_cap, int by_group, int n_rows)
         int *ur = s_xrealloc(s->urows, cap * sizeof(int));
         if (!ur) return -1;
         s->urows = ur;
+        int *id = s_xrealloc(s->slot_id, cap * sizeof(int));
+        if (!id) return -1;
+        s->slot_id = id;
+        for (size_t i = 0; i < cap; i++) id[i] = (int)i;
         s->members_cap = cap;
     }
     return 0;
@@ -2016,7 +2077,8 @@ int shard_attend(shard_t *s, const shard_step *st, const topk_cand *thr, const u
             if (s_grow((void **)&s->views[i]->dscr, &s->views[i]->dscr_cap, need)) return -1;
         s->bytes_read_last = 0;
     } else {
-        const int by_group = s_by_group(s, st), n_rows = s->layers[st->layer].n_rows;
+        const int n_rows = s->layers[st->layer].n_rows;
+        const int by_group = s_by_group(s, st) || st->method == SHARD_FASA_PLUS;
         const size_t rows_cap = by_group ? (size_t)(lay->n_heads / hkv) * s->kept_budget
                                          : (size_t)s->kept_budget * s_rows_per_cand(st);
         if (s_attend_grow(s, rows_cap, by_group, n_rows)) return -1;

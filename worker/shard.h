@@ -74,7 +74,10 @@
  *           KV head (the union of its query heads' FCs, the bytes FASA's scan reads
  *           anyway), where the SHARD_PLUS_SINKS first positions and the step's
  *           sparq_r most recent visible positions (max_pos - sparq_r < pos) score
- *           +inf (ties: lower position first), so they are always selected. The scan also
+ *           +inf (ties: lower position first), so they are always selected. In phase 2
+ *           every head with a selection attends the union of its KV group's selections
+ *           (the rows gathered once for the group; shard_set_gather_per_head's reference
+ *           gathers that union for each head). The scan also
  *           folds z_j = scale * score_j of every visible row into a softmax normaliser (max
  *           and sum of exponentials). shard_sparq_aux after shard_attend gives per query
  *           head that normaliser less the rows the head attended (z recomputed from their
@@ -107,13 +110,15 @@ typedef enum shard_method {
  * attend, q_rest . sum of the visible keys, the sum of the values of the rows not attended
  * (head_dim); then SHARD_PLUS_* below: over the attended rows the sums of exp(z - max) and
  * of exp(scale * full score - max); over the rows not attended the sums of z, z^2 and
- * exp(z - max) z, and of v z (head_dim). z = scale * partial score. */
-#define SHARD_SPARQ_AUX(head_dim) (8 + 2 * (head_dim))
+ * exp(z - max) z, and of v z (head_dim); and the count of rows the head attended.
+ * z = scale * partial score. */
+#define SHARD_SPARQ_AUX(head_dim) (9 + 2 * (head_dim))
 #define SHARD_PLUS_E1(head_dim) (3 + (head_dim))
 #define SHARD_PLUS_E2(head_dim) (4 + (head_dim))
 #define SHARD_PLUS_Z1(head_dim) (5 + (head_dim))
 #define SHARD_PLUS_Z2(head_dim) (6 + (head_dim))
 #define SHARD_PLUS_ZW(head_dim) (7 + (head_dim))
+#define SHARD_PLUS_NA(head_dim) (8 + 2 * (head_dim)) /* rows attended (after the v z sums) */
 #define SHARD_PLUS_VZ(head_dim) (8 + (head_dim))
 #define SHARD_STREAM_SINKS 8
 #define SHARD_QUEST_PAGE 16

@@ -1091,8 +1091,12 @@ START_TEST(test_shard_plus_fold)
             for (int h = 0; h < nh; h++) { /* the reference over the rows not attended */
                 const int g = h / grp, u = lay.n_dom[g];
                 const int *perm = lay.perm + (size_t)g * d;
-                uint8_t *sel = calloc((size_t)n_vis, 1);
-                for (int j = 0; j < nc[0][h]; j++) sel[c[0][h * B + j].pos / 2] = 1;
+                uint8_t *sel = calloc((size_t)n_vis, 1); /* the group's union */
+                int n_sel = 0;
+                for (int hh = g * grp; hh < g * grp + grp; hh++)
+                    for (int j = 0; j < nc[0][hh]; j++)
+                        if (!sel[c[0][hh * B + j].pos / 2])
+                            sel[c[0][hh * B + j].pos / 2] = 1, n_sel++;
                 double vs[10] = {0}, vz[10] = {0}, mag[10] = {0};
                 for (int j = 0; j < n_vis; j++) {
                     if (sel[j]) continue;
@@ -1106,6 +1110,7 @@ START_TEST(test_shard_plus_fold)
                 }
                 free(sel);
                 const double *a = aux[0] + (size_t)h * na;
+                ck_assert_double_eq(a[SHARD_PLUS_NA(10)], n_sel);
                 for (int cc = 0; cc < d; cc++) {
                     ck_assert_double_eq_tol(a[3 + cc], vs[cc], 1e-6 * n_vis);
                     const double e = fabs(a[SHARD_PLUS_VZ(10) + cc] - vz[cc]);
