@@ -1081,7 +1081,10 @@ static void s_plus_finish(const step_plan *p, int h, int ns, const double *oh, f
 {
     const int nh = p->s->cfg.n_heads, d = p->s->cfg.head_dim;
     const size_t na = SHARD_SPARQ_AUX(d);
-    const int n_unsel = p->n_vis - p->n_sel[h];
+    int n_att = 0; /* the rows the head attended: its group's union of selections */
+    for (int sh = 0; sh < ns; sh++)
+        n_att += (int)p->aux[((size_t)sh * nh + h) * na + SHARD_PLUS_NA(d)];
+    const int n_unsel = p->n_vis - n_att;
     double zmax = -INFINITY, z = 0, qk = 0, e1 = 0, e2 = 0, z1 = 0, z2 = 0, zw = 0;
     double *vz = vbar + d;
     for (int sh = 0; sh < ns; sh++) {
@@ -1168,14 +1171,18 @@ static int s_plan_finish(fasa_engine_t *e, const step_plan *p, float *out, fasa_
         stats->n_visible = p->n_vis;
         stats->bytes_read = p->bytes;
         stats->score_us = stats->merge_us = stats->attend_us = 0;
-        /* fasa-plus also reads the running key and value sums, head_dim doubles each, and
-         * each KV head's sum of v kdom^T (head_dim x its packed dims). */
+        /* fasa-plus also reads, on each shard holding rows of the layer and once per KV
+         * head g (u its packed dims), its running sums in f32: the values' (head_dim), the
+         * keys' over the dims not packed (head_dim - u) and v kdom^T (head_dim x u). */
         if (p->st.method == SHARD_FASA_PLUS) {
-            stats->bytes_read += (int64_t)nh * 2 * d * (int64_t)sizeof(double);
-            const int hkv = p->s->cfg.n_kv_heads;
-            for (int g = 0; g < hkv; g++)
-                stats->bytes_read +=
-                    (int64_t)d * p->s->n_dom[p->st.layer * hkv + g] * (int64_t)sizeof(double);
+            const int hkv = p->s->cfg.n_kv_heads, nl = p->s->cfg.n_layers;
+            int64_t per = 0;
+            for (int g = 0; g < hkv; g++) {
+                const int u = p->s->n_dom[p->st.layer * hkv + g];
+                per += (int64_t)(2 * d - u + d * u) * (int64_t)sizeof(float);
+            }
+            for (int sh = 0; sh < ns; sh++)
+                if (p->s->held[sh * nl + p->st.layer].rows > 0) stats->bytes_read += per;
         }
     }
     return 0;

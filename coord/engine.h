@@ -59,7 +59,10 @@ typedef struct fasa_error {
  *           head: fasa's scan over the stored dominant dims, scored with every dim the KV
  *           head stores (the union of its query heads' FCs: the bytes fasa's scan reads
  *           anyway); position 0 (a sink) and the R = B / (2 ntip) - 1 most recent visible
- *           tokens (at least 0) are always among the top B; exact attention over the top B.
+ *           tokens (at least 0) are always among the top B; exact attention over the union
+ *           of the top B of every head of its KV group (at most group x B rows: the rows
+ *           phase 2 gathers once for the group anyway, so no more bytes than the head's own
+ *           B; the selection reported is the head's own top B).
  *           Then the tokens not selected (U) are estimated from their partial scores s_j
  *           already computed, z_j = scale s_j: their mass M = sum_U e^{z_j} e^c, where c is
  *           the mean of scale mu (mu = q_rest . the mean of the visible keys over the dims
@@ -68,9 +71,10 @@ typedef struct fasa_error {
  *           mean of z over U (the regression of v on z; sum v z over U comes from a
  *           running sum of v kdom^T per KV head). out = (sum_sel e^{f_j} v_j + M vhat) /
  *           (sum_sel e^{f_j} + M), f_j the exact logits. Reads fasa's bytes (phase 2 gathers
- *           each KV group's rows once, as fasa does) plus two running sums of head_dim
- *           doubles per query head, head_dim x u doubles per KV head (the sum of v kdom^T)
- *           and the rows appended since the last step (folded into that sum). */
+ *           each KV group's rows once, as fasa does; the forced rows are common to the
+ *           group's heads) plus, per KV head and shard, its running sums in f32: the
+ *           values' (head_dim), the keys' over the dims not scored (head_dim - u) and
+ *           v kdom^T (head_dim x u), all kept up to date as append work (not counted). */
 typedef enum fasa_method {
     FASA_METHOD_FASA = 0,
     FASA_METHOD_DENSE,

@@ -104,7 +104,8 @@ static void s_run(const run_cfg *c, int n_shards, float *out, int32_t *sel)
 /* Naive reference of one fasa-plus step (engine.h), head h at position t of layer l (keys
  * 0..t visible, layer 0 dense), over all keys of the layer in one array, in double: the
  * scores over the union of the group's FCs (interleaved pairing), position 0 and the R most
- * recent positions first, the exact attention over the top B and the unselected tokens U:
+ * recent positions first, each head of the group's top B (h's the selection it reports),
+ * the exact attention over the union of the group's top B and the unselected tokens U:
  * their mass sum exp(z_j) exp(c), z_j = scale s_j, c the mean of scale mu and of the log of
  * the selected tokens' sum exp(scale x_j) / sum exp(z_j) (x_j the full score), attending to
  * vbar_U + cov_U(v, z) / var_U(z) (zhat - zbar_U), zhat the exp(z)-weighted mean of z. */
@@ -126,25 +127,32 @@ static void s_ref_plus(const run_cfg *c, int l, int t, int h, float *out, int32_
     double *sj = test_alloc((size_t)n_vis * sizeof(double)), mu = 0;
     topk_cand *all = test_alloc((size_t)n_vis * sizeof(topk_cand));
     topk_cand *best = test_alloc((size_t)B * sizeof(topk_cand));
-    for (int j = 0; j < n_vis; j++) {
-        sj[j] = 0;
-        for (int cc = 0; cc < d; cc++) {
-            const double x = (double)q[cc] * K[((size_t)j * nkv + g) * d + cc];
-            if (dom[cc])
-                sj[j] += x;
-            else
-                mu += x / n_vis;
-        }
-        all[j] = (topk_cand){j == 0 || j > t - R ? INFINITY : (float)sj[j], j};
-    }
     const int sparse = l != 0 && n_vis > B;
-    if (!sparse) {
+    if (!sparse)
         for (int j = 0; j < n_vis; j++) use[j] = 1;
-        if (n_vis <= B)
-            for (int j = 0; j < n_vis; j++) sel[j] = j;
-    } else {
+    if (n_vis <= B)
+        for (int j = 0; j < n_vis; j++) sel[j] = j;
+    /* Every head of the group selects its top B; head h attends their union. */
+    for (int hh = g * grp; hh < g * grp + grp; hh++) {
+        const float *qh = c->q[l] + ((size_t)t * c->nh + hh) * d;
+        for (int j = 0; j < n_vis; j++) {
+            double sh = 0;
+            for (int cc = 0; cc < d; cc++) {
+                const double x = (double)qh[cc] * K[((size_t)j * nkv + g) * d + cc];
+                if (dom[cc])
+                    sh += x;
+                else if (hh == h)
+                    mu += x / n_vis;
+            }
+            if (hh == h) sj[j] = sh;
+            all[j] = (topk_cand){j == 0 || j > t - R ? INFINITY : (float)sh, j};
+        }
+        if (!sparse) continue;
         ck_assert_int_eq(topk_ref(n_vis, B, all, best), B);
-        for (int i = 0; i < B; i++) use[best[i].pos] = 1, sel[i] = best[i].pos;
+        for (int i = 0; i < B; i++) {
+            use[best[i].pos] = 1;
+            if (hh == h) sel[i] = best[i].pos;
+        }
     }
     double mx = -INFINITY, den = 0, acc[d], mass = 0, vbar[d], vz[d];
     double e1 = 0, e2 = 0, z1 = 0, z2 = 0, zw = 0;

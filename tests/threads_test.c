@@ -398,8 +398,9 @@ END_TEST
  * blocks) and pools of 1, 2 and 3 threads, for every sparse method and f32/f16: each
  * shard's partials (and fasa-plus's aux, less the attended rows) are bit for bit the
  * reference's, and the union reads exactly the reference's bytes less the rows it did not
- * read twice (counted from the candidates). The group's queries are correlated, so that
- * their selections overlap. */
+ * read twice (counted from the candidates; fasa-plus, whose heads attend the group's
+ * union: less the union once per head with a selection but one). The group's queries are
+ * correlated, so that their selections overlap. */
 START_TEST(test_shard_union_gather)
 {
     enum { NS = 3, BLK = 96, GRP = TT_H / TT_KV };
@@ -506,13 +507,16 @@ START_TEST(test_shard_union_gather)
                             shard_sparq_aux(ref[si], &st, aux_h);
                             ck_assert_mem_eq(aux_u, aux_h, na * 8);
                         }
-                        /* Rows each head attends, and rows each group's union holds. */
-                        int64_t twice = 0;
+                        /* Rows each head attends, and rows each group's union holds
+                         * (fasa-plus: each head with a selection attends its group's
+                         * union, which the reference gathers for each of them). */
+                        int64_t twice = 0, plus_again = 0;
                         for (int g = 0; g < TT_KV; g++) {
                             int32_t seen[GRP * TT_B];
-                            int n_seen = 0;
+                            int n_seen = 0, n_have = 0;
                             for (int i = 0; i < GRP; i++) {
                                 const int h = g * GRP + i;
+                                n_have += have[h];
                                 const topk_cand *c = cands + ((size_t)si * TT_H + h) * TT_B;
                                 for (int j = 0; have[h] && j < n_cands[si * TT_H + h]; j++) {
                                     if (topk_better(thr[h], c[j])) continue;
@@ -525,10 +529,12 @@ START_TEST(test_shard_union_gather)
                                         seen[n_seen++] = c[j].pos;
                                 }
                             }
+                            if (n_have > 0) plus_again += (int64_t)(n_have - 1) * n_seen;
                         }
                         checked_shared += twice > 0;
                         ck_assert_int_eq(shard_bytes_read(ref[si]) - shard_bytes_read(uni[si]),
-                                         twice * 2 * TT_D * (int64_t)fasa_dtype_size(dtypes[di]));
+                                         (method == SHARD_FASA_PLUS ? plus_again : twice) * 2 *
+                                             TT_D * (int64_t)fasa_dtype_size(dtypes[di]));
                     }
                 }
             for (int si = 0; si < ns; si++) shard_destroy(&uni[si]), shard_destroy(&ref[si]);

@@ -60,9 +60,13 @@ typedef struct layer_store {
     double *vsum;      /* (n_kv_heads, head_dim) SPARQ: sum of every row's value */
     double *ksum;      /* (n_kv_heads, head_dim) FASA_PLUS: sum of every row's key */
     /* FASA_PLUS: per KV head g the sum of v kdom^T (head_dim, n_dom[g]; packed order) over
-     * its first vk_rows[g] rows, at offset head_dim * (n_dom of the KV heads before g);
-     * brought up to date by the plus steps (s_plus_vk), allocated by the first. */
+     * its first vk_rows[g] rows, at offset head_dim * (n_dom of the KV heads before g), in
+     * double, and what a step reads: its f32 rounding vkf (same layout) and sumf (n_kv_heads,
+     * 2, head_dim), the f32 roundings of vsum then ksum at those rows. Append work, like the
+     * sums: brought up to the rows by s_plus_catch_up before a plus step's scan (the same
+     * bits as if every append had folded its rows), allocated by the first plus step. */
     double *vk;
+    float *vkf, *sumf;
     int *vk_rows; /* (n_kv_heads) */
     /* The page bounds and the two sums are brought up to date lazily (s_sums_catch_up, by
      * the first step that reads them): they hold rows 0 .. sums_rows - 1, the last of them
@@ -129,6 +133,7 @@ struct shard {
     uint32_t stamp_gen;
     int *members; /* (group, budget) */
     int *urows;   /* (group * budget) rows of the union */
+    int *slot_id; /* (group * budget) 0, 1, ...: FASA_PLUS heads attend every union slot */
     size_t members_cap;
     int gather_per_head; /* shard_set_gather_per_head: the reference phase 2, head by head */
     float scores[];      /* flexible tail: see shard_new */
@@ -303,6 +308,7 @@ static void s_view_destroy(shard_t *v)
     free(v->slot);
     free(v->members);
     free(v->urows);
+    free(v->slot_id);
     scan_q_free(&v->sq);
     free(v);
 }
@@ -335,6 +341,8 @@ void shard_destroy(shard_t **shard_p)
         free(ls->vsum);
         free(ls->ksum);
         free(ls->vk);
+        free(ls->vkf);
+        free(ls->sumf);
         free(ls->vk_rows);
         free(ls->mark_bound);
         free(ls->mark_sum);
@@ -363,6 +371,7 @@ void shard_destroy(shard_t **shard_p)
     free(s->slot);
     free(s->members);
     free(s->urows);
+    free(s->slot_id);
     scan_q_free(&s->sq);
     shard_layout_cleanup(&s->lay);
     free(s);
@@ -805,6 +814,17 @@ void shard_txn_undo(shard_t *s, uint32_t txn)
                    2 * kd * sizeof(float));
         memcpy(ls->vsum, ls->mark_sum, kd * sizeof(double));
         memcpy(ls->ksum, ls->mark_sum + kd, kd * sizeof(double));
+        /* FASA_PLUS: a v kdom^T sum holding rows taken back starts again from row 0 (the
+         * next plus step folds the rows in again, in row order: the same bits). */
+        for (int g = 0; ls->vk && g < s->lay.n_kv_heads; g++)
+            if (ls->vk_rows[g] > ls->n_rows) {
+                const int d = s->lay.head_dim, hkv = s->lay.n_kv_heads;
+                size_t off = 0;
+                for (int x = 0; x < g; x++) off += (size_t)d * s->lay.n_dom[l * hkv + x];
+                const size_t n = (size_t)d * s->lay.n_dom[l * hkv + g];
+                memset(ls->vk + off, 0, n * sizeof(double));
+                ls->vk_rows[g] = 0;
+            }
         ls->mark_txn = 0;
     }
 }
@@ -1380,19 +1400,32 @@ static void s_plus_fold(const shard_step *st, int n_q, int n, const int32_t *pos
     }
 }
 
-/* FASA_PLUS: brings KV head g's sum of v kdom^T (layer_store.vk) up to the layer's rows;
- * returns the KV bytes read (the rows folded in). */
-static int64_t s_plus_vk(shard_t *s, int layer, int g)
+/* Offset of KV head g's block in a layer's v kdom^T sums (layer_store.vk). */
+static size_t s_plus_vk_off(const shard_layout *lay, int layer, int g)
+{
+    size_t off = 0;
+    for (int x = 0; x < g; x++)
+        off += (size_t)lay->head_dim * lay->n_dom[layer * lay->n_kv_heads + x];
+    return off;
+}
+
+/* FASA_PLUS: brings KV head g's sum of v kdom^T (layer_store.vk) up to the layer's rows, in
+ * row order, and its f32 copies vkf and sumf (the key and value sums caught up first, by
+ * s_sums_catch_up). Append work, as for the key and value sums: a decode step finds one
+ * new row per layer here (each append's rows, folded by the next step rather than by the
+ * append, so that sessions that never run fasa-plus do not pay for it); not counted in the
+ * step's bytes_read. */
+static void s_plus_catch_up(shard_t *s, int layer, int g)
 {
     const shard_layout *lay = &s->lay;
     const int d = lay->head_dim, hkv = lay->n_kv_heads, u = lay->n_dom[layer * hkv + g];
     const int *perm = lay->perm + ((size_t)layer * hkv + g) * d;
     layer_store *ls = &s->layers[layer];
-    size_t off = 0;
-    for (int x = 0; x < g; x++) off += (size_t)d * lay->n_dom[layer * hkv + x];
+    const size_t off = s_plus_vk_off(lay, layer, g);
     double *m = ls->vk + off;
     float krow[d];
     const int r0 = ls->vk_rows[g];
+    if (r0 == ls->n_rows) return;
     for (int r = r0; r < ls->n_rows; r++) {
         s_row_key(s, layer, g, r, krow);
         const void *v = ls->chunks[r / SHARD_CHUNK][g].v;
@@ -1403,16 +1436,33 @@ static int64_t s_plus_vk(shard_t *s, int layer, int g)
         }
     }
     ls->vk_rows[g] = ls->n_rows;
-    return (int64_t)(ls->n_rows - r0) * (u + d) * (int64_t)s_esz(s);
+    for (size_t i = 0; i < (size_t)d * u; i++) ls->vkf[off + i] = (float)m[i];
+    float *sf = ls->sumf + (size_t)g * 2 * d;
+    for (int c = 0; c < d; c++) {
+        sf[c] = ls->vsum ? (float)ls->vsum[(size_t)g * d + c] : 0.0f;
+        sf[d + c] = ls->ksum ? (float)ls->ksum[(size_t)g * d + c] : 0.0f;
+    }
+}
+
+typedef struct s_plus_task {
+    shard_t *s;
+    int layer;
+} s_plus_task;
+
+static void s_plus_catch_up_run(void *ctx, int g, int tid)
+{
+    s_plus_task *t = ctx;
+    s_plus_catch_up(s_view(t->s, tid), t->layer, g);
 }
 
 /* FASA_PLUS: the aux entries of KV head g's heads after the scan (shard_attend then takes
  * the selected rows out): the normaliser of z over the visible rows, q_rest . (sum of the
  * visible keys) over the dims not packed in kdom (qr, packed order), the visible values'
  * sum, the sums of z, z^2 and exp(z - max) z (zs), and the sum of v z from the sum of
- * v kdom^T and the packed queries qd. Returns the KV bytes read: the rows past max_pos (taken out
- * of them) and the rows s_plus_vk folds in; the engine counts the running sums it reads (2 head_dim
- * doubles per query head, head_dim x u per KV head). */
+ * v kdom^T and the packed queries qd; the three sums read in f32 (vkf and sumf, caught up
+ * by s_plus_catch_up). Returns the KV bytes read: the rows past max_pos (taken out of them);
+ * the engine counts the f32 sums (head_dim x (n_dom + 2) - n_dom floats per KV head and
+ * shard). */
 static int64_t s_plus_aux_of(shard_t *s, const shard_step *st, int g, int n_vis, const float *qd,
                              const float *qr, const float *zm, const double *zs)
 {
@@ -1420,16 +1470,18 @@ static int64_t s_plus_aux_of(shard_t *s, const shard_step *st, int g, int n_vis,
     const int d = lay->head_dim, hkv = lay->n_kv_heads, grp = lay->n_heads / hkv;
     const int u = lay->n_dom[st->layer * hkv + g];
     const int *perm = lay->perm + ((size_t)st->layer * hkv + g) * d;
-    int64_t bytes = s_plus_vk(s, st->layer, g);
     const layer_store *ls = &s->layers[st->layer];
-    size_t off = 0;
-    for (int x = 0; x < g; x++) off += (size_t)d * lay->n_dom[st->layer * hkv + x];
-    double ks[d], vs[d], vk[(size_t)d * (u ? u : 1)];
-    memcpy(vk, ls->vk + off, (size_t)d * u * sizeof(double));
+    const float *vkf = ls->vkf + s_plus_vk_off(lay, st->layer, g);
+    const float *sf = ls->sumf + (size_t)g * 2 * d;
+    double ks[d], vs[d];
     float krow[d];
-    for (int c = 0; c < d; c++) {
-        ks[c] = ls->ksum ? ls->ksum[(size_t)g * d + c] : 0;
-        vs[c] = ls->vsum ? ls->vsum[(size_t)g * d + c] : 0;
+    for (int c = 0; c < d; c++) ks[c] = sf[d + c], vs[c] = sf[c];
+    /* Rows past max_pos: out of the sums (their v kdom^T in double, as the reference's
+     * difference of the two sums; none in a decode). */
+    double *dvk = NULL;
+    if (n_vis < ls->n_rows && u > 0) {
+        dvk = calloc((size_t)d * u, sizeof(double));
+        if (!dvk) return -1;
     }
     for (int r = n_vis; r < ls->n_rows; r++) {
         s_row_key(s, st->layer, g, r, krow);
@@ -1439,7 +1491,7 @@ static int64_t s_plus_aux_of(shard_t *s, const shard_step *st, int g, int n_vis,
             const double vc = s_get(lay->dtype, v, e0 + (size_t)c);
             ks[c] -= krow[c];
             vs[c] -= vc;
-            for (int p = 0; p < u; p++) vk[(size_t)c * u + p] -= vc * krow[perm[p]];
+            for (int p = 0; dvk && p < u; p++) dvk[(size_t)c * u + p] += vc * krow[perm[p]];
         }
     }
     for (int i = 0; i < grp; i++) {
@@ -1455,13 +1507,16 @@ static int64_t s_plus_aux_of(shard_t *s, const shard_step *st, int g, int n_vis,
         a[SHARD_PLUS_Z1(d)] = z[1];
         a[SHARD_PLUS_Z2(d)] = z[2];
         a[SHARD_PLUS_ZW(d)] = z[3];
+        a[SHARD_PLUS_NA(d)] = 0;
         for (int c = 0; c < d; c++) { /* sum of v z = scale * (sum v kdom^T) qdom */
             double x = 0;
-            for (int p = 0; p < u; p++) x += vk[(size_t)c * u + p] * qdi[p];
+            for (int p = 0; p < u; p++)
+                x += ((double)vkf[(size_t)c * u + p] - (dvk ? dvk[(size_t)c * u + p] : 0)) * qdi[p];
             a[SHARD_PLUS_VZ(d) + c] = x * st->scale;
         }
     }
-    return bytes + (int64_t)(ls->n_rows - n_vis) * 2 * d * (int64_t)s_esz(s);
+    free(dvk);
+    return (int64_t)(ls->n_rows - n_vis) * 2 * d * (int64_t)s_esz(s);
 }
 
 /* FASA_PLUS phase 2: takes the n gathered rows (kg permuted keys, vg values) that head h
@@ -1491,6 +1546,7 @@ static void s_plus_take(shard_t *s, const shard_step *st, int h, int u, int n, c
         a[SHARD_PLUS_ZW(d)] -= w * x;
         for (int c = 0; c < d; c++) a[SHARD_PLUS_VZ(d) + c] -= x * vg[r + c];
     }
+    a[SHARD_PLUS_NA(d)] += n;
     if (a[1] < 0) a[1] = 0;
 }
 
@@ -1558,7 +1614,11 @@ static int64_t s_score_groups(shard_t *s, const shard_step *st, int g0, int g1, 
         if (st->method != SHARD_QUEST && st->method != SHARD_FASA)
             bytes += (int64_t)n_vis * (oracle ? d : u) * (int64_t)s_esz(s);
         if (sparq) s_sparq_aux_of(s, st, g, n_vis, zm, zs);
-        if (plus) bytes += s_plus_aux_of(s, st, g, n_vis, qd, qr, zm, zs);
+        if (plus) {
+            const int64_t x = s_plus_aux_of(s, st, g, n_vis, qd, qr, zm, zs);
+            if (x < 0) return -1;
+            bytes += x;
+        }
         for (int i = 0; i < n_q; i++) {
             const int unit = st->gqa == SHARD_GQA_SHARED ? g : g * grp + i;
             /* Unsorted: the merge needs the candidates and its threshold, not an order. */
@@ -1735,14 +1795,16 @@ int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands
                                   (size_t)lay->n_heads * SHARD_SPARQ_AUX(d) * sizeof(double)))
         return -1;
     layer_store *ls = &s->layers[st->layer];
-    if (plus && !ls->vk) { /* the sums of v kdom^T (s_plus_vk), at the first plus step */
+    if (plus && !ls->vk) { /* the sums of v kdom^T (s_plus_catch_up), at the first plus step */
         size_t n = 0;
         for (int g = 0; g < hkv; g++) n += (size_t)d * lay->n_dom[st->layer * hkv + g];
         ls->vk_rows = calloc((size_t)hkv, sizeof(int));
         ls->vk = calloc(n ? n : 1, sizeof(double));
-        if (!ls->vk || !ls->vk_rows) {
-            free(ls->vk), free(ls->vk_rows);
-            ls->vk = NULL, ls->vk_rows = NULL;
+        ls->vkf = calloc(n ? n : 1, sizeof(float));
+        ls->sumf = calloc((size_t)hkv * 2 * d, sizeof(float));
+        if (!ls->vk || !ls->vk_rows || !ls->vkf || !ls->sumf) {
+            free(ls->vk), free(ls->vk_rows), free(ls->vkf), free(ls->sumf);
+            ls->vk = NULL, ls->vk_rows = NULL, ls->vkf = NULL, ls->sumf = NULL;
             return -1;
         }
     }
@@ -1758,6 +1820,10 @@ int shard_score(shard_t *s, const shard_step *st, topk_cand *cands, int *n_cands
         if (s_grow((void **)&s->views[i]->acc_buf, &s->views[i]->acc_cap,
                    (size_t)grp * acc_one * sizeof(topk_cand)))
             return -1;
+    if (plus) { /* the rows appended since the last plus step into the v kdom^T sums */
+        s_plus_task pt = {s, st->layer};
+        fasa_pool_run(s->pool, hkv, s_plus_catch_up_run, &pt);
+    }
     const int n_parts =
         st->method == SHARD_FASA ? s_score_n_parts(hkv, fasa_pool_width(s->pool), n_vis) : 1;
     if (n_parts > 1) return s_score_parts(s, st, n_parts, n_vis, cands, n_cands);
@@ -1903,8 +1969,9 @@ static void s_attend_rows(shard_t *s, const shard_step *st, int g, int unit, top
 /* Sparse phase 2 of per-head GQA for KV group g (every method but QUEST): gathers the union
  * of the group's heads' selections once (each row of KV head g read once, however many of
  * its heads selected it), scores it against the group's queries, and attends each head
- * over its own rows only, in its kept order: the same arithmetic, row by row, as attending
- * each head alone (score_rows and one head of attn_accum). */
+ * over its own rows only, in its kept order (FASA_PLUS: each head with a selection over the
+ * whole union, in union order): the same arithmetic, row by row, as attending each head
+ * alone (score_rows and one head of attn_accum). */
 static void s_attend_union(shard_t *s, const shard_step *st, int g, const topk_cand *thr,
                            const uint8_t *have_thr, const float *qf, float *m, double *l, double *o)
 {
@@ -1943,17 +2010,24 @@ static void s_attend_union(shard_t *s, const shard_step *st, int g, const topk_c
     for (int j = 0; j < n; j++) s_gather_row(s, st->layer, g, s->urows[j], j, cap);
     s_gather_convert(s, n, cap);
     const float *kg = s->gather, *vg = kg + cap * d;
-    if (st->method == SHARD_FASA_PLUS) /* each head's rows out of its aux (s_plus_take) */
-        for (int i = 0; i < grp; i++)
-            if (n_mem[i] > 0)
-                s_plus_take(s, st, g * grp + i, lay->n_dom[st->layer * lay->n_kv_heads + g],
-                            n_mem[i], s->members + (size_t)i * b, qf + (size_t)i * d, kg, vg);
+    /* FASA_PLUS: each head with a selection attends every row of the union, in union
+     * order (the rows were read for the group anyway), and takes them out of its aux. */
+    const int plus = st->method == SHARD_FASA_PLUS;
+    const int *memp[grp];
+    for (int i = 0; i < grp; i++) {
+        memp[i] = plus ? s->slot_id : s->members + (size_t)i * b;
+        if (plus && have_thr[g * grp + i]) n_mem[i] = n;
+    }
+    for (int i = 0; plus && i < grp; i++)
+        if (n_mem[i] > 0)
+            s_plus_take(s, st, g * grp + i, lay->n_dom[st->layer * lay->n_kv_heads + g], n, memp[i],
+                        qf + (size_t)i * d, kg, vg);
     t = fasa_phase_add(FASA_PHASE_GATHER, t);
     float *lg = s->gather + 2 * cap * d;
     score_rows(n, d, grp, lg, (int)cap, qf, kg, d, 0);
     for (int i = 0; i < grp; i++) {
         if (n_mem[i] == 0) continue;
-        const int *mem = s->members + (size_t)i * b;
+        const int *mem = memp[i];
         const float *lh = lg + (size_t)i * cap;
         double *oh = o + (size_t)i * d;
         /* attn_accum for one head over the member rows, in member order. */
@@ -1985,9 +2059,49 @@ static void s_attend_union(shard_t *s, const shard_step *st, int g, const topk_c
 static int s_by_group(const shard_t *s, const shard_step *st)
 {
     const int d = s->lay.head_dim, grp = s->lay.n_heads / s->lay.n_kv_heads;
+    if (st->method == SHARD_FASA_PLUS) return !s->gather_per_head && grp > 1; /* the union */
     return st->method != SHARD_DENSE && st->method != SHARD_QUEST && !s->gather_per_head &&
            st->gqa == SHARD_GQA_PER_HEAD && grp > 1 &&
            (size_t)grp * s->kept_budget * (2 * (size_t)d + grp) <= ((size_t)1 << 24);
+}
+
+/* FASA_PLUS's reference phase 2 (shard_set_gather_per_head) for head i of KV group g: the
+ * group's union of selections (s_attend_union's rows, in its order) gathered for this head
+ * alone, taken out of its aux and attended by score_rows and attn_accum. */
+static void s_attend_plus_ref(shard_t *s, const shard_step *st, int g, int i, const topk_cand *thr,
+                              const uint8_t *have_thr, const float *qf, float *m, double *l,
+                              double *o)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, grp = lay->n_heads / lay->n_kv_heads, b = s->kept_budget;
+    const layer_store *ls = &s->layers[st->layer];
+    const size_t cap = (size_t)grp * b;
+    if (!have_thr[g * grp + i]) return;
+    if (++s->stamp_gen == 0) {
+        memset(s->stamp, 0, s->stamp_cap * sizeof(*s->stamp));
+        s->stamp_gen = 1;
+    }
+    const uint32_t gen = s->stamp_gen;
+    int n = 0;
+    for (int x = 0; x < grp; x++) {
+        const int h = g * grp + x;
+        const topk_cand *kept = s->kept + (size_t)h * b;
+        for (int j = 0; have_thr[h] && j < s->n_kept[h]; j++) {
+            const int r = kept[j].pos;
+            if (topk_better(thr[h], (topk_cand){kept[j].score, ls->pos[r]})) continue;
+            if (s->stamp[r] != gen) s->stamp[r] = gen, s->urows[n++] = r;
+        }
+    }
+    if (n == 0) return;
+    for (int j = 0; j < n; j++) s_gather_row(s, st->layer, g, s->urows[j], j, cap);
+    s_gather_convert(s, n, cap);
+    float *kg = s->gather, *vg = kg + cap * d, *lg = vg + cap * d;
+    s_plus_take(s, st, g * grp + i, lay->n_dom[st->layer * lay->n_kv_heads + g], n, NULL, qf, kg,
+                vg);
+    score_rows(n, d, 1, lg, (int)cap, qf, kg, d, 0);
+    for (int j = 0; j < n; j++) lg[j] *= st->scale;
+    attn_accum(n, d, 1, lg, (int)cap, vg, d, m, l, o);
+    s->bytes_read_last += (int64_t)n * 2 * d * (int64_t)s_esz(s);
 }
 
 /* Phase 2 for KV head g in s (the shard or a view, its gather and stage grown). */
@@ -2008,6 +2122,10 @@ static void s_attend_group(shard_t *s, const shard_step *st, int g, int n_vis, c
         s_attend_union(s, st, g, thr, have_thr, qf, mg, lgp, og);
     } else if (st->gqa == SHARD_GQA_SHARED) {
         if (have_thr[g]) s_attend_rows(s, st, g, g, thr[g], grp, n_vis, qf, mg, lgp, og);
+    } else if (st->method == SHARD_FASA_PLUS && grp > 1) {
+        for (int i = 0; i < grp; i++)
+            s_attend_plus_ref(s, st, g, i, thr, have_thr, qf + (size_t)i * d, mg + i, lgp + i,
+                              og + (size_t)i * d);
     } else {
         for (int i = 0; i < grp; i++) {
             const int h = g * grp + i;
@@ -2066,6 +2184,10 @@ static int s_attend_grow(shard_t *s, size_t rows_cap, int by_group, int n_rows)
         int *ur = s_xrealloc(s->urows, cap * sizeof(int));
         if (!ur) return -1;
         s->urows = ur;
+        int *id = s_xrealloc(s->slot_id, cap * sizeof(int));
+        if (!id) return -1;
+        s->slot_id = id;
+        for (size_t i = 0; i < cap; i++) id[i] = (int)i;
         s->members_cap = cap;
     }
     return 0;
@@ -2092,7 +2214,8 @@ int shard_attend(shard_t *s, const shard_step *st, const topk_cand *thr, const u
             if (s_grow((void **)&s->views[i]->dscr, &s->views[i]->dscr_cap, need)) return -1;
         s->bytes_read_last = 0;
     } else {
-        const int by_group = s_by_group(s, st), n_rows = s->layers[st->layer].n_rows;
+        const int n_rows = s->layers[st->layer].n_rows;
+        const int by_group = s_by_group(s, st) || st->method == SHARD_FASA_PLUS;
         const size_t rows_cap = by_group ? (size_t)(lay->n_heads / hkv) * s->kept_budget
                                          : (size_t)s->kept_budget * s_rows_per_cand(st);
         if (s_attend_grow(s, rows_cap, by_group, n_rows)) return -1;

@@ -74,7 +74,10 @@
  *           KV head (the union of its query heads' FCs, the bytes FASA's scan reads
  *           anyway), where the SHARD_PLUS_SINKS first positions and the step's
  *           sparq_r most recent visible positions (max_pos - sparq_r < pos) score
- *           +inf (ties: lower position first), so they are always selected. The scan also
+ *           +inf (ties: lower position first), so they are always selected. In phase 2
+ *           every head with a selection attends the union of its KV group's selections
+ *           (the rows gathered once for the group; shard_set_gather_per_head's reference
+ *           gathers that union for each head). The scan also
  *           folds z_j = scale * score_j of every visible row into a softmax normaliser (max
  *           and sum of exponentials). shard_sparq_aux after shard_attend gives per query
  *           head that normaliser less the rows the head attended (z recomputed from their
@@ -84,10 +87,12 @@
  *           the attended rows' exp(z - max) and exp(scale * full score - max). The
  *           coordinator estimates the unselected tokens' softmax mass and mean value from
  *           them (coord/engine.h). The store keeps a running sum of each layer's keys per
- *           KV head for this (the engine counts it and the values' sum as 2 head_dim
- *           doubles read per query head), and, per KV head, the sum of v kdom^T over its
- *           rows (head_dim x u doubles, brought up to date by the step that needs it;
- *           shard_bytes_read counts its read and the rows it folds in). */
+ *           KV head for this, and, per KV head, the sum of v kdom^T over its rows (head_dim
+ *           x u, in double; append work like the key and value sums: the rows appended
+ *           since the last FASA_PLUS step are folded in, in row order, before its scan, and
+ *           not counted). The step reads the three sums' f32 roundings (the engine counts
+ *           2 head_dim - u + head_dim x u floats per KV head and shard); shard_bytes_read
+ *           counts the rows past max_pos taken out of them. */
 typedef enum shard_method {
     SHARD_FASA = 0,
     SHARD_DENSE = 1,
@@ -105,13 +110,15 @@ typedef enum shard_method {
  * attend, q_rest . sum of the visible keys, the sum of the values of the rows not attended
  * (head_dim); then SHARD_PLUS_* below: over the attended rows the sums of exp(z - max) and
  * of exp(scale * full score - max); over the rows not attended the sums of z, z^2 and
- * exp(z - max) z, and of v z (head_dim). z = scale * partial score. */
-#define SHARD_SPARQ_AUX(head_dim) (8 + 2 * (head_dim))
+ * exp(z - max) z, and of v z (head_dim); and the count of rows the head attended.
+ * z = scale * partial score. */
+#define SHARD_SPARQ_AUX(head_dim) (9 + 2 * (head_dim))
 #define SHARD_PLUS_E1(head_dim) (3 + (head_dim))
 #define SHARD_PLUS_E2(head_dim) (4 + (head_dim))
 #define SHARD_PLUS_Z1(head_dim) (5 + (head_dim))
 #define SHARD_PLUS_Z2(head_dim) (6 + (head_dim))
 #define SHARD_PLUS_ZW(head_dim) (7 + (head_dim))
+#define SHARD_PLUS_NA(head_dim) (8 + 2 * (head_dim)) /* rows attended (after the v z sums) */
 #define SHARD_PLUS_VZ(head_dim) (8 + (head_dim))
 #define SHARD_STREAM_SINKS 8
 #define SHARD_QUEST_PAGE 16

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include "attn.h"
+#include "pool.h"
 #include "scan.h"
 #include "shard.h"
 #include "simd.h"
@@ -1090,6 +1091,120 @@ START_TEST(test_shard_txn_undo)
 }
 END_TEST
 
+/* FASA_PLUS's running v kdom^T sums (folded by the step after the appends, read in f32):
+ * after bulk and single-row appends, steps with rows past max_pos, on one thread and on
+ * three, and on a shard whose transactions appended other rows, ran a step on them (the
+ * sums fold them in) and were undone: the three answer the same bits (candidates,
+ * partials, aux, bytes); and the aux after phase 2 holds, over the visible rows not
+ * attended, the value sum and scale * sum of (q_dom . k_dom) v against a double reference
+ * (relative 1e-6 of the sum of |terms|). KV heads packing 0, all and some dims. */
+START_TEST(test_shard_plus_fold)
+{
+    const int nh = 6, nkv = 3, d = 10, grp = nh / nkv, n = SHARD_CHUNK + 300, B = 16;
+    const size_t row = (size_t)nkv * d, na = SHARD_SPARQ_AUX(10);
+    test_rng r = {91};
+    float *k = test_alloc((size_t)n * row * 4), *v = test_alloc((size_t)n * row * 4);
+    float *junk = test_alloc(64 * row * 4), q[6 * 10];
+    int32_t *pos = test_alloc((size_t)n * 4);
+    test_fill(&r, (size_t)n * row, k, 2.0f);
+    test_fill(&r, (size_t)n * row, v, 2.0f);
+    test_fill(&r, 64 * row, junk, 5.0f);
+    for (int i = 0; i < n; i++) pos[i] = 2 * i;
+    shard_layout lay;
+    s_layout_random(&lay, &r, 1, nh, nkv, d);
+    fasa_pool_t *pool = fasa_pool_new(3);
+    ck_assert_ptr_nonnull(pool);
+    shard_t *sh[3] = {shard_new(&lay), shard_new(&lay), shard_new(&lay)};
+    shard_set_pool(sh[1], pool);
+    double worst = 0;
+    int at = 0, steps = 0;
+    const int adds[] = {700, 1, 1, 13, 1, SHARD_CHUNK - 600, 1, 57, 1, 1};
+    for (size_t ai = 0; ai < sizeof(adds) / sizeof(*adds); ai++) {
+        const int m = adds[ai];
+        if (ai % 2 == 1) { /* sh[2]: other rows under a transaction, a step, undone */
+            shard_txn_begin(sh[2], (uint32_t)ai);
+            ck_assert_int_eq(shard_append(sh[2], 0, 5, pos + at, junk, junk + 5 * row), 0);
+            test_fill(&r, sizeof(q) / 4, q, 1.0f);
+            shard_step st = {0, SHARD_FASA_PLUS, 0, B, pos[at + 4], 1.0f / sqrtf(d), q, 3};
+            ck_assert_int_eq(shard_score(sh[2], &st, NULL, NULL), 0);
+            shard_txn_undo(sh[2], (uint32_t)ai);
+            shard_txn_begin(sh[2], 0);
+        }
+        for (int x = 0; x < 3; x++)
+            ck_assert_int_eq(shard_append(sh[x], 0, m, pos + at, k + at * row, v + at * row), 0);
+        at += m;
+        for (int back = 0; back < 3; back += 2) { /* max_pos the last row, then 2 rows back */
+            test_fill(&r, sizeof(q) / 4, q, 1.0f);
+            const int n_vis = at - back;
+            shard_step st = {0, SHARD_FASA_PLUS, 0, B, pos[n_vis - 1], 1.0f / sqrtf(d), q, 3};
+            topk_cand c[3][6 * 16], thr[6];
+            int nc[3][6];
+            uint8_t have[6];
+            float mm[3][6];
+            double l[3][6], o[3][6 * 10], aux[3][6 * SHARD_SPARQ_AUX(10)];
+            int64_t bytes[3];
+            for (int x = 0; x < 3; x++) {
+                ck_assert_int_eq(shard_score(sh[x], &st, c[x], nc[x]), 0);
+                for (int h = 0; h < nh; h++) {
+                    ck_assert_int_eq(nc[x][h], nc[0][h]);
+                    have[h] = nc[x][h] > 0;
+                    if (have[h]) thr[h] = c[x][h * B + nc[x][h] - 1];
+                }
+                ck_assert_int_eq(shard_attend(sh[x], &st, thr, have, mm[x], l[x], o[x]), 0);
+                shard_sparq_aux(sh[x], &st, aux[x]);
+                bytes[x] = shard_bytes_read(sh[x]);
+            }
+            for (int x = 1; x < 3; x++) {
+                ck_assert_mem_eq(c[x], c[0], sizeof(c[0]));
+                ck_assert_mem_eq(mm[x], mm[0], sizeof(mm[0]));
+                ck_assert_mem_eq(l[x], l[0], sizeof(l[0]));
+                ck_assert_mem_eq(o[x], o[0], sizeof(o[0]));
+                ck_assert_mem_eq(aux[x], aux[0], sizeof(aux[0]));
+                ck_assert_int_eq(bytes[x], bytes[0]);
+            }
+            for (int h = 0; h < nh; h++) { /* the reference over the rows not attended */
+                const int g = h / grp, u = lay.n_dom[g];
+                const int *perm = lay.perm + (size_t)g * d;
+                uint8_t *sel = calloc((size_t)n_vis, 1); /* the group's union */
+                int n_sel = 0;
+                for (int hh = g * grp; hh < g * grp + grp; hh++)
+                    for (int j = 0; j < nc[0][hh]; j++)
+                        if (!sel[c[0][hh * B + j].pos / 2])
+                            sel[c[0][hh * B + j].pos / 2] = 1, n_sel++;
+                double vs[10] = {0}, vz[10] = {0}, mag[10] = {0};
+                for (int j = 0; j < n_vis; j++) {
+                    if (sel[j]) continue;
+                    const float *kj = k + (size_t)j * row + (size_t)g * d;
+                    const float *vj = v + (size_t)j * row + (size_t)g * d;
+                    double z = 0;
+                    for (int p = 0; p < u; p++) z += (double)q[h * d + perm[p]] * kj[perm[p]];
+                    z *= (double)(1.0f / sqrtf(d));
+                    for (int cc = 0; cc < d; cc++)
+                        vs[cc] += vj[cc], vz[cc] += z * vj[cc], mag[cc] += fabs(z * vj[cc]);
+                }
+                free(sel);
+                const double *a = aux[0] + (size_t)h * na;
+                ck_assert_double_eq(a[SHARD_PLUS_NA(10)], n_sel);
+                for (int cc = 0; cc < d; cc++) {
+                    ck_assert_double_eq_tol(a[3 + cc], vs[cc], 1e-6 * n_vis);
+                    const double e = fabs(a[SHARD_PLUS_VZ(10) + cc] - vz[cc]);
+                    ck_assert_msg(e <= 1e-6 * (mag[cc] + 1e-3), "head %d dim %d: vz %g want %g", h,
+                                  cc, a[SHARD_PLUS_VZ(10) + cc], vz[cc]);
+                    if (mag[cc] > 0 && e / mag[cc] > worst) worst = e / mag[cc];
+                }
+            }
+            steps++;
+        }
+    }
+    ck_assert_int_eq(steps, 20);
+    printf("shard fasa-plus: v z sums, max error relative to the sum of |terms| %.3g\n", worst);
+    for (int x = 0; x < 3; x++) shard_destroy(&sh[x]);
+    fasa_pool_destroy(&pool);
+    shard_layout_cleanup(&lay);
+    free(k), free(v), free(junk), free(pos);
+}
+END_TEST
+
 Suite *shard_suite(void)
 {
     Suite *s = suite_create("shard");
@@ -1107,6 +1222,7 @@ Suite *shard_suite(void)
     tcase_add_test(tc, test_shard_bytes_exact);
     tcase_add_test(tc, test_shard_append_fast);
     tcase_add_test(tc, test_shard_txn_undo);
+    tcase_add_test(tc, test_shard_plus_fold);
     suite_add_tcase(s, tc);
     return s;
 }
