@@ -32,6 +32,12 @@
  *                of the header's layer) before running the phase, the others run the phase.
  *   ATTEND_LOCAL q float (n_heads, head_dim): a local-merge step (worker/local_merge.h),
  *                SCORE and ATTEND in one with the worker's own candidates as thresholds
+ *   SCORE_ATTEND q float (n_heads, head_dim): an exact sparse step whose visible rows are
+ *                all on one shard (coord/engine.c), SCORE and ATTEND in one with the worker's
+ *                own worst candidate kept per unit as the threshold (worker/local_merge.h
+ *                shard_score_attend); any method but dense
+ *   SCORE_ATTEND_KNEW  the same with a decode step's k_new in front (wmpi_knew, k, v), as
+ *                SCORE_KNEW
  *   LOAD         one load_job (worker/load_rows.h; its shard is rank - 1): the worker reads
  *                its rows of one layer from the files the job names and appends them
  * Sections follow each other unpadded in that order. The header is a multiple of 8 bytes
@@ -50,6 +56,8 @@
  *   SCORE_KNEW, ATTEND_KNEW  as SCORE, ATTEND. On a status other than OK, bytes_read is 1
  *           when the worker holding the row appended it (the phase failed after), else 0.
  *   ATTEND_LOCAL  as ATTEND (no aux: methods FASA and ORACLE only)
+ *   SCORE_ATTEND, SCORE_ATTEND_KNEW  ATTEND's payload (l, o, aux, m), then SCORE's (cands,
+ *           n_cands); bytes_read as ATTEND's, or on failure as SCORE_KNEW's
  *   LOAD    one load_report: rows stored and bytes read, or err != LOAD_OK and where
  * A worker serves commands in order and sends nothing else, so the coordinator has at most
  * one reply outstanding per worker and MPI's non-overtaking rule pairs them up. */
@@ -102,6 +110,8 @@ typedef enum wmpi_cmd_code {
     WMPI_APPEND_UNDO = 17, /* max_pos: the transaction to put back; no payload */
     /* Tests only: the n-th APPEND_RUNS section from now fails as out of memory (n 0: off). */
     WMPI_TEST_FAULT = 18,
+    WMPI_SCORE_ATTEND = 19,      /* SCORE and ATTEND in one (a one-shard exact step) */
+    WMPI_SCORE_ATTEND_KNEW = 20, /* the same after appending a step's k_new on one shard */
 } wmpi_cmd_code;
 
 typedef enum wmpi_status {
