@@ -174,8 +174,9 @@ int fasa_engine_set_merge_eps(fasa_engine_t *e, double eps);
 int fasa_engine_local_budget(const fasa_engine_t *e, int budget);
 /* An exact sparse step whose visible rows are all on one shard (one shard, or every visible
  * position in the first placement block) scores and attends in one exchange when on (the
- * default; FASA_ONE_EXCHANGE=0 in the environment turns it off), in two (score, then attend
- * over the global top-B) when off. The same outputs, selections and stats either way but
+ * default; FASA_ONE_EXCHANGE=0 in the environment turns it off) and the transport offers it
+ * (transport.h score_attend: the MPI one), in two (score, then attend over the global top-B)
+ * when off. The same outputs, selections and stats either way but
  * the phase times: the one exchange counts as attend_us. For tests and measurements. */
 void fasa_engine_set_one_exchange(fasa_engine_t *e, int on);
 

@@ -48,9 +48,6 @@ typedef struct run_cfg {
  * with a directory the disk tier (test_engine_disk_tier). */
 static int s_run_dtype;
 static const char *s_run_tier_dir;
-/* 0: s_run's engines take two exchanges for every sparse step (fasa_engine_set_one_exchange;
- * test_golden_one_exchange). */
-static int s_run_one = 1;
 
 /* Replays positions prefix..T-1 (step pos_step) on an engine with n_shards; writes outputs
  * (n_steps, nl, nh, d) and selections (n_steps, nl, nh, budget). */
@@ -58,7 +55,6 @@ static void s_run(const run_cfg *c, int n_shards, float *out, int32_t *sel)
 {
     fasa_engine_t *e = fasa_engine_new(n_shards, c->block);
     ck_assert_ptr_nonnull(e);
-    fasa_engine_set_one_exchange(e, s_run_one);
     fasa_session_config cfg = {.n_layers = c->nl,
                                .n_heads = c->nh,
                                .n_kv_heads = c->nkv,
@@ -1452,53 +1448,6 @@ START_TEST(test_golden_baselines)
 }
 END_TEST
 
-/* A sparse step whose visible rows are all on one shard (one shard; or three with a
- * placement block longer than the context, so two hold nothing) runs score and attend in one
- * exchange: the same outputs and selections, bit for bit, as the two-exchange path, for every
- * sparse method, on the recorded activations. */
-START_TEST(test_golden_one_exchange)
-{
-    const fasa_activations *a = &s_dump.act;
-    char err[256];
-    const size_t no = (size_t)16 * a->n_layers * a->n_heads * a->head_dim;
-    const size_t ns = (size_t)16 * a->n_layers * a->n_heads * 32;
-    float *o1 = test_alloc(no * 4), *o2 = test_alloc(no * 4);
-    int32_t *s1 = test_alloc(ns * 4), *s2 = test_alloc(ns * 4);
-    for (int shared = 0; shared < 2; shared++) {
-        fasa_calib_opts co = {.ntip = 2,
-                              .window = 32,
-                              .pos_begin = 256,
-                              .pos_end = 2048,
-                              .pos_step = 128,
-                              .pairing = FC_PAIRING_INTERLEAVED,
-                              .gqa_shared = shared};
-        fasa_profile *p = fasa_calibrate(a, &co, err, sizeof(err));
-        ck_assert_msg(p != NULL, "%s", err);
-        for (int m = FASA_METHOD_FASA; m <= FASA_METHOD_LAST; m++) {
-            if (m == FASA_METHOD_DENSE) continue;
-            if (shared && (m == FASA_METHOD_SPARQ || m == FASA_METHOD_FASA_PLUS)) continue;
-            for (int k = 0; k < 2; k++) {
-                run_cfg c = s_dump_cfg((fasa_method)m, 32, p, (fasa_gqa)shared);
-                const int n_shards = k ? 3 : 1;
-                if (k) c.block = 4096; /* every position on shard 0 */
-                s_run(&c, n_shards, o1, s1);
-                s_run_one = 0;
-                s_run(&c, n_shards, o2, s2);
-                s_run_one = 1;
-                ck_assert_msg(!memcmp(o1, o2, no * 4), "%s %d shards: outputs differ",
-                              fasa_method_name((fasa_method)m), n_shards);
-                ck_assert_mem_eq(s1, s2, ns * 4);
-                int selected = 0;
-                for (size_t i = 0; i < ns; i++) selected += s1[i] >= 0;
-                ck_assert_int_gt(selected, 0);
-            }
-        }
-        fasa_profile_destroy(&p);
-    }
-    free(o1), free(o2), free(s1), free(s2);
-}
-END_TEST
-
 /* The profile's mean CA equals the naive CA kernel averaged by hand. */
 START_TEST(test_golden_calibration)
 {
@@ -1542,7 +1491,6 @@ Suite *golden_suite(void)
     tcase_add_test(tc, test_golden_dense_exact);
     tcase_add_test(tc, test_golden_oracle_full_budget);
     tcase_add_test(tc, test_golden_shards_agree);
-    tcase_add_test(tc, test_golden_one_exchange);
     tcase_add_test(tc, test_golden_baselines);
     tcase_add_test(tc, test_golden_calibration);
     suite_add_tcase(s, tc);

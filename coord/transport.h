@@ -76,7 +76,9 @@ typedef struct fasa_transport {
      * (worker/local_merge.h shard_score_attend), filling m, l, o, aux and bytes_p as attend
      * does. With one shard holding the visible rows its candidates are the global top-B, so
      * the results are the bits of score, the engine's select and attend. A staged k_new
-     * (stage_append) rides along as with score. 0, or -1. */
+     * (stage_append) rides along as with score. 0, or -1. The in-process transport leaves
+     * it NULL: its phases cost no exchange, and the embedded engine's phase timers (scan,
+     * attend: worker/phase.h) keep their meaning. */
     int (*score_attend)(void *ctx, int sid, const shard_step *step, topk_cand *cands, int *n_cands,
                         float *m, double *l, double *o, double *aux, int64_t *bytes_p);
     /* Every shard of session sid writes its snapshot file (shard_snap.h): shard i to

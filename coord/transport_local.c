@@ -103,8 +103,6 @@ typedef struct local_phase {
     int *n_cands;
     const topk_cand *thr;
     const uint8_t *have_thr;
-    topk_cand *own_thr; /* score_attend: each shard's own thresholds (n_shards, units) */
-    uint8_t *own_have;  /* and whether it has one (n_shards, units) */
     float *m;
     double *l, *o, *aux;
     size_t nh, d;
@@ -267,45 +265,6 @@ static int s_attend_local(void *ctx, int sid, const shard_step *st, float *m, do
     return s_run_read(ctx, sid, &f, s_local_one, bytes_p);
 }
 
-static void s_score_attend_one(void *ctx, int i, int tid)
-{
-    (void)tid;
-    local_phase *p = ctx;
-    const size_t nu = (size_t)p->units;
-    topk_cand *thr = p->own_thr + (size_t)i * nu;
-    uint8_t *have = p->own_have + (size_t)i * nu;
-    double *aux = p->st->method == SHARD_SPARQ || p->st->method == SHARD_FASA_PLUS
-                      ? p->aux + i * p->nh * SHARD_SPARQ_AUX(p->d)
-                      : NULL;
-    p->rc[i] = shard_score_attend(p->sh[i], p->st, p->cands + (size_t)i * nu * p->st->budget,
-                                  p->n_cands + i * p->units, thr, have, p->m + i * p->nh,
-                                  p->l + i * p->nh, p->o + i * p->nh * p->d, aux);
-}
-
-/* Both phases of a step in one (transport.h score_attend), every shard at once. */
-static int s_score_attend(void *ctx, int sid, const shard_step *st, topk_cand *cands, int *n_cands,
-                          float *m, double *l, double *o, double *aux, int64_t *bytes_p)
-{
-    local_ctx *c = ctx;
-    const int units = shard_units(c->sessions[sid][0], st->gqa);
-    const size_t n = (size_t)c->n_shards * (size_t)units;
-    uint8_t *scratch = malloc(n * (sizeof(topk_cand) + 1));
-    if (!scratch) return -1;
-    const local_phase f = {.st = st,
-                           .units = units,
-                           .cands = cands,
-                           .n_cands = n_cands,
-                           .own_thr = (topk_cand *)(void *)scratch,
-                           .own_have = scratch + n * sizeof(topk_cand),
-                           .m = m,
-                           .l = l,
-                           .o = o,
-                           .aux = aux};
-    const int rc = s_run_read(ctx, sid, &f, s_score_attend_one, bytes_p);
-    free(scratch);
-    return rc;
-}
-
 /* Bulk load of one layer: the shards one after another, on this thread. */
 static int s_load(void *ctx, int sid, const load_job *job, load_report *out)
 {
@@ -359,7 +318,6 @@ int fasa_transport_local_threads(fasa_transport *t, int n_shards, int n_threads)
                           .snapshot = s_snapshot,
                           .load = s_load,
                           .attend_local = s_attend_local,
-                          .score_attend = s_score_attend,
                           .destroy = s_destroy};
     return 0;
 }

@@ -561,7 +561,8 @@ static void s_same_bits(const replay *c, const replay_out *a, const replay_out *
  * SCORE_ATTEND_KNEW): the same bits (outputs, selections, stats) as the two-exchange path
  * (fasa_engine_set_one_exchange off), for every method, on the workers and in process, a
  * short context (every step on shard 0 whatever the workers) and a long one (one shard only
- * with one worker), and the exchanges a step costs. */
+ * with one worker, or when max_pos is cut back into the first block), and the exchanges a
+ * step costs. */
 START_TEST(test_mpi_one_exchange)
 {
     enum { NL = 2, NH = 4, NKV = 2, D = 16, T = 420 };
@@ -585,23 +586,26 @@ START_TEST(test_mpi_one_exchange)
                 c.budget = 24;
                 c.prefix = len ? 380 : 30;
                 c.pos_step = len ? 9 : 4;
-                c.back = len ? 150 : 10;
+                /* Long: the cut-back steps see positions up to 30 .. 66, so most are on shard
+                 * 0 while the other shards hold rows past max_pos. */
+                c.back = len ? 350 : 10;
                 char what[96];
                 snprintf(what, sizeof(what), "one exchange, %s %s, %d tokens",
                          fasa_method_name(c.method), g ? "shared" : "per-head", c.T);
+                /* The workers with it on and off; in process (two phases, the in-process
+                 * transport has no score_attend) with 1 and with as many shards. */
                 fasa_engine_t *engines[3] = {s_mpi, loc, locn};
-                replay_out on[3];
+                replay_out on[3], off;
                 for (int i = 0; i < 3; i++) {
-                    replay_out off;
                     s_out_init(&c, &on[i]);
-                    s_out_init(&c, &off);
                     s_replay(engines[i], "one", &c, &on[i]);
-                    fasa_engine_set_one_exchange(engines[i], 0);
-                    s_replay(engines[i], "one", &c, &off);
-                    fasa_engine_set_one_exchange(engines[i], 1);
-                    s_same_bits(&c, &on[i], &off, what);
-                    s_out_cleanup(&off);
                 }
+                s_out_init(&c, &off);
+                fasa_engine_set_one_exchange(s_mpi, 0);
+                s_replay(s_mpi, "one", &c, &off);
+                fasa_engine_set_one_exchange(s_mpi, 1);
+                s_same_bits(&c, &on[0], &off, what);
+                s_out_cleanup(&off);
                 /* And the workers as in process, within float rounding. */
                 const size_t no = (size_t)on[0].n_att * c.nh * c.d;
                 ck_assert_double_le(test_max_abs_diff(no, on[0].out, on[1].out), 1e-6);
@@ -610,6 +614,7 @@ START_TEST(test_mpi_one_exchange)
                                  (size_t)on[0].n_att * c.nh * c.budget * sizeof(int32_t));
                 ck_assert_mem_eq(on[0].sel, on[2].sel,
                                  (size_t)on[0].n_att * c.nh * c.budget * sizeof(int32_t));
+                ck_assert_mem_eq(on[0].bytes, on[2].bytes, (size_t)on[0].n_att * sizeof(int64_t));
                 int selected = 0;
                 for (size_t i = 0; i < (size_t)on[0].n_att * c.nh * c.budget; i++)
                     selected += on[0].sel[i] >= 0;
@@ -695,6 +700,20 @@ START_TEST(test_mpi_golden)
         char what[64];
         snprintf(what, sizeof(what), "golden %s B=32", fasa_method_name(c.method));
         s_check_agree(&c, what);
+        if (m == FASA_METHOD_DENSE) continue;
+        /* One exchange against two on the recorded data: the same bits (with one worker
+         * every step is on one shard; with more, the steps cut back into the first block). */
+        c.back = 2048 - 64 + 1;
+        replay_out on, off;
+        s_out_init(&c, &on);
+        s_out_init(&c, &off);
+        s_replay(s_mpi, "golden-one", &c, &on);
+        fasa_engine_set_one_exchange(s_mpi, 0);
+        s_replay(s_mpi, "golden-one", &c, &off);
+        fasa_engine_set_one_exchange(s_mpi, 1);
+        s_same_bits(&c, &on, &off, what);
+        s_out_cleanup(&on);
+        s_out_cleanup(&off);
     }
     fasa_qkv_cleanup(&dump);
 }
