@@ -905,6 +905,7 @@ int fasa_transport_mpi(fasa_transport *t, MPI_Comm comm)
 {
     int size = 0;
     MPI_Comm_size(comm, &size);
+    wmpi_spin_set_ranks(size);
     if (size < 2) return -1;
     /* A failed exchange returns to rank 0 (which reports it) instead of aborting the job. */
     MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);

@@ -695,6 +695,7 @@ int worker_mpi_loop_threads(MPI_Comm comm, int n_threads)
     int rc = 0;
     MPI_Comm_rank(comm, &w.rank);
     MPI_Comm_size(comm, &w.size);
+    wmpi_spin_set_ranks(w.size);
     if (n_threads > 1 && !(w.pool = fasa_pool_new(n_threads))) {
         fasa_log(FASA_LOG_ERROR, 0, "worker: cannot start %d threads", n_threads);
         return -1;
