@@ -231,9 +231,12 @@ static int s_run_one(lat_ctx *x, fasa_client *c, int workers, long tokens, int m
             t[C_ZMQ][i] = tm.wait_us - tm.queue_us - tm.server_decode_us - tm.server_us;
             t[C_QUEUE][i] = tm.queue_us;
             t[C_SDEC][i] = tm.server_decode_us;
-            t[C_SCORE][i] = tm.score_us - est.score_us;
+            /* A server step run in one exchange (coord/engine.h fasa_engine_set_one_exchange:
+             * score 0, both phases timed as attend) against both embedded phases. */
+            const int one = tm.score_us == 0 && est.score_us > 0;
+            t[C_SCORE][i] = one ? 0 : tm.score_us - est.score_us;
             t[C_MERGE][i] = tm.merge_us - est.merge_us;
-            t[C_ATT][i] = tm.attend_us - est.attend_us;
+            t[C_ATT][i] = tm.attend_us - est.attend_us - (one ? est.score_us : 0);
             t[C_REST][i] = (tm.server_us - tm.score_us - tm.merge_us - tm.attend_us) -
                            (t[C_EMB][i] - est.score_us - est.merge_us - est.attend_us);
             for (size_t j = 0; j < (size_t)nh * d; j++) {

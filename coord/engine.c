@@ -57,12 +57,13 @@ typedef struct session {
 
 struct fasa_engine {
     fasa_transport tr;
-    int block;            /* placement block, tokens */
-    int pipeline;         /* batches pipelined (FASA_PIPELINE=0 in the environment: not) */
-    double merge_eps;     /* local merge's eps (fasa_engine_set_merge_eps) */
-    int64_t mem_limit;    /* bytes per shard, 0 = none */
-    int max_sessions;     /* sessions held at once, 0 = no limit (fasa_engine_set_max_sessions) */
-    char *tier_dir;       /* disk tier sessions that name none (fasa_engine_set_tier_dir) */
+    int block;         /* placement block, tokens */
+    int pipeline;      /* batches pipelined (FASA_PIPELINE=0 in the environment: not) */
+    int one_exchange;  /* one-shard sparse steps in one exchange (fasa_engine_set_one_exchange) */
+    double merge_eps;  /* local merge's eps (fasa_engine_set_merge_eps) */
+    int64_t mem_limit; /* bytes per shard, 0 = none */
+    int max_sessions;  /* sessions held at once, 0 = no limit (fasa_engine_set_max_sessions) */
+    char *tier_dir;    /* disk tier sessions that name none (fasa_engine_set_tier_dir) */
     int64_t *shard_bytes; /* (n_shards) KV store bytes each shard allocates */
     int next_sid;
     session *sessions; /* singly linked; a service holds few sessions */
@@ -131,6 +132,7 @@ fasa_engine_t *fasa_engine_new_with(fasa_transport *transport, int block_tokens)
     e->tr = *transport;
     e->block = block_tokens > 0 ? block_tokens : FASA_DEFAULT_BLOCK;
     e->pipeline = fasa_env_get()->pipeline;
+    e->one_exchange = fasa_env_get()->one_exchange;
     e->merge_eps = FASA_MERGE_EPS_DEFAULT;
     if (!(e->shard_bytes = calloc((size_t)transport->n_shards, sizeof(int64_t)))) {
         free(e);
@@ -858,6 +860,7 @@ typedef struct step_plan {
     fasa_gqa gqa;
     int budget, sbudget, units, n_vis, dense;
     int local; /* local merge (engine.h fasa_merge): one phase, no global select */
+    int one;   /* exact, and every visible row on one shard: score and attend in one exchange */
     shard_step st;
     topk_cand *cands, *merged, *thr; /* (ns, units, sbudget), (units, ns * sbudget), (units) */
     int *n_cands, *n_sel;            /* (ns, units), (units) */
@@ -983,6 +986,12 @@ static fasa_status s_plan_check(fasa_engine_t *e, const char *id, const fasa_att
                p->n_vis <= budget;
     p->local = merge == FASA_MERGE_LOCAL && !p->dense;
     if (p->local) p->sbudget = fasa_engine_local_budget(e, budget);
+    /* Position p is on shard (p / block) mod n_shards (s_place, s_place_runs, the loads), and
+     * a layer holds positions 0 .. length - 1, so with one shard, or every visible position
+     * in the first block, shard 0 holds every visible row: its top-B is the global top-B,
+     * and it can attend over it in the same exchange (transport.h score_attend). */
+    p->one = !p->dense && !p->local && e->one_exchange && e->tr.score_attend &&
+             (e->tr.n_shards == 1 || max_pos < e->block);
     static const shard_method s_shard_methods[] = {SHARD_FASA,     SHARD_DENSE, SHARD_ORACLE,
                                                    SHARD_STREAM,   SHARD_QUEST, SHARD_SPARQ,
                                                    SHARD_FASA_PLUS};
@@ -1253,6 +1262,32 @@ fasa_status fasa_engine_attend(fasa_engine_t *e, const char *id, const fasa_atte
         staged = 1;
     } else if ((st = s_plan_commit(e, &p, err))) {
         return st;
+    }
+    if (p.one) {
+        /* One exchange: each shard's candidates and its attention over them, then the same
+         * select and merge as two phases have (the same bits: transport.h score_attend). */
+        const double t0 = s_clock_us();
+        double t = fasa_phase_now();
+        const int failed = e->tr.score_attend(e->tr.ctx, p.s->sid, &p.st, p.cands, p.n_cands, p.m,
+                                              p.l, p.o, p.aux, &p.bytes);
+        if (staged && !s_plan_staged(e, &p, k_shard, k_pos))
+            return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED,
+                                  "a shard failed (out of memory) appending k_new to '%s'; "
+                                  "nothing was appended",
+                                  p.id);
+        if (failed) return s_step_failed(&p, err);
+        const double t1 = s_clock_us();
+        t = fasa_phase_add(FASA_PHASE_ATTEND, t);
+        s_plan_select(e, &p, selected);
+        if (s_plan_finish(e, &p, out, stats))
+            return fasa_error_set(err, FASA_RESOURCE_EXHAUSTED,
+                                  "out of memory merging a step of '%s'", id);
+        fasa_phase_add(FASA_PHASE_MERGE, t);
+        if (stats) {
+            stats->attend_us = t1 - t0; /* the one phase, as for a dense step */
+            stats->merge_us = s_clock_us() - t1;
+        }
+        return FASA_OK;
     }
     if (p.local) {
         /* One phase on the shards, then the exact merge of their partials. */
@@ -1595,6 +1630,11 @@ fasa_status fasa_engine_load(fasa_engine_t *e, const char *id, const fasa_load_p
 }
 
 /* Local merge (engine.h fasa_merge) */
+
+void fasa_engine_set_one_exchange(fasa_engine_t *e, int on)
+{
+    e->one_exchange = on != 0;
+}
 
 int fasa_engine_set_merge_eps(fasa_engine_t *e, double eps)
 {

@@ -153,7 +153,8 @@ typedef struct fasa_step_stats {
     /* fasa_engine_attend only (0 from a batch): the step's wall time on the calling thread
      * in phase 1 (the shards' scoring, with the k_new append when the transport carries it
      * along), the merges (global top-B and log-sum-exp) and phase 2 (the shards' attention;
-     * for a dense step the only phase, then with the k_new). Microseconds. */
+     * for a dense step the only phase, then with the k_new, and likewise for a sparse step
+     * run in one exchange, fasa_engine_set_one_exchange). Microseconds. */
     double score_us, merge_us, attend_us;
     int merge_used;   /* fasa_merge run (a dense step: exact) */
     int local_budget; /* local merge: tokens each shard kept per unit; else 0 */
@@ -175,6 +176,13 @@ typedef struct fasa_engine fasa_engine_t;
 int fasa_engine_set_merge_eps(fasa_engine_t *e, double eps);
 /* Tokens each of the engine's shards keeps per unit under local merge for budget B. */
 int fasa_engine_local_budget(const fasa_engine_t *e, int budget);
+/* An exact sparse step whose visible rows are all on one shard (one shard, or every visible
+ * position in the first placement block) scores and attends in one exchange when on (the
+ * default; FASA_ONE_EXCHANGE=0 in the environment turns it off) and the transport offers it
+ * (transport.h score_attend: the MPI one), in two (score, then attend over the global top-B)
+ * when off. The same outputs, selections and stats either way but
+ * the phase times: the one exchange counts as attend_us. For tests and measurements. */
+void fasa_engine_set_one_exchange(fasa_engine_t *e, int on);
 
 /* A new engine over in-process shards. n_shards >= 1; block_tokens >= 1 tokens per
  * placement block (block-cyclic). NULL when out of memory. Caller owns the engine (free with

@@ -69,6 +69,18 @@ typedef struct fasa_transport {
      * threshold: its last one kept per unit), filling m, l, o as attend does. 0, or -1. */
     int (*attend_local)(void *ctx, int sid, const shard_step *step, float *m, double *l, double *o,
                         int64_t *bytes_p);
+    /* Optional (NULL: the engine runs score and attend): both phases of an exact sparse step
+     * in one exchange, for a step whose visible rows are all on one shard (the others hold
+     * none at or below max_pos): every shard scores as score does (filling cands, n_cands)
+     * and attends over its own candidates, each unit's threshold its worst one kept
+     * (worker/local_merge.h shard_score_attend), filling m, l, o, aux and bytes_p as attend
+     * does. With one shard holding the visible rows its candidates are the global top-B, so
+     * the results are the bits of score, the engine's select and attend. A staged k_new
+     * (stage_append) rides along as with score. 0, or -1. The in-process transport leaves
+     * it NULL: its phases cost no exchange, and the embedded engine's phase timers (scan,
+     * attend: worker/phase.h) keep their meaning. */
+    int (*score_attend)(void *ctx, int sid, const shard_step *step, topk_cand *cands, int *n_cands,
+                        float *m, double *l, double *o, double *aux, int64_t *bytes_p);
     /* Every shard of session sid writes its snapshot file (shard_snap.h): shard i to
      * path_prefix + ".s<i>.shard", naming session id and storage dtype; out (n_shards) gets
      * each file's checksum and size. 0, or -1 when a shard failed (out[i].err_no: its errno,

@@ -464,7 +464,10 @@ static uint8_t *s_step_begin(mpi_ctx *c, wmpi_cmd_code code, int sid, const mpi_
     const size_t knew_bytes = knew ? sizeof(wmpi_knew) + 2 * row : 0;
     c->staged = 0;
     *knew_p = -1;
-    if (knew) code = code == WMPI_SCORE ? WMPI_SCORE_KNEW : WMPI_ATTEND_KNEW;
+    if (knew)
+        code = code == WMPI_SCORE          ? WMPI_SCORE_KNEW
+               : code == WMPI_SCORE_ATTEND ? WMPI_SCORE_ATTEND_KNEW
+                                           : WMPI_ATTEND_KNEW;
     uint8_t *p = s_cmd_begin(c, code, sid, s, (int64_t)(knew_bytes + q_bytes) + extra);
     if (!p) return NULL;
     if (knew) {
@@ -609,6 +612,33 @@ static int s_attend_local(void *ctx, int sid, const shard_step *st, float *m, do
     return s_wait(ctx);
 }
 
+/* Both phases of a step in one command (transport.h score_attend), a staged k_new riding
+ * along; each reply is ATTEND's payload, then SCORE's (worker_mpi_wire.h SCORE_ATTEND). */
+static int s_score_attend(void *ctx, int sid, const shard_step *st, topk_cand *cands, int *n_cands,
+                          float *m, double *l, double *o, double *aux, int64_t *bytes_p)
+{
+    mpi_ctx *c = ctx;
+    const mpi_session *s = s_session(c, sid);
+    pipe_op *op = s ? s_op_slot(c) : NULL;
+    if (!op) return c->staged = 0, -1;
+    const int units = st->gqa == SHARD_GQA_SHARED ? s->n_kv_heads : s->n_heads, b = st->budget;
+    if (!s_step_begin(c, WMPI_SCORE_ATTEND, sid, s, st, units, 0, &op->knew_shard)) return -1;
+    const size_t nh = (size_t)s->n_heads, d = (size_t)s->head_dim;
+    op->units = units;
+    op->budget = b;
+    op->cands = cands;
+    op->n_cands = n_cands;
+    op->n_heads = s->n_heads;
+    op->head_dim = s->head_dim;
+    op->aux_n =
+        st->method == SHARD_SPARQ || st->method == SHARD_FASA_PLUS ? nh * SHARD_SPARQ_AUX(d) : 0;
+    op->m = m, op->l = l, op->o = o, op->aux = aux, op->bytes_p = bytes_p;
+    const int64_t att = (int64_t)(nh * 8 + nh * d * 8 + op->aux_n * 8 + nh * 4);
+    if (s_op_post(c, op, att + (int64_t)units * b * (int64_t)sizeof(topk_cand) + units * 4))
+        return -1;
+    return s_wait(ctx);
+}
+
 /* Completes the oldest phase in flight: every reply checked as s_exchange checks them,
  * then unpacked into the outputs given to its start. */
 static int s_wait(void *ctx)
@@ -635,12 +665,16 @@ static int s_wait(void *ctx)
         if (!ok) rc = -1;
     }
     if (rc) return -1;
-    if (op->code == WMPI_SCORE || op->code == WMPI_SCORE_KNEW) {
+    const size_t nh = (size_t)op->n_heads, d = (size_t)op->head_dim, aux_n = op->aux_n;
+    const int both = op->code == WMPI_SCORE_ATTEND || op->code == WMPI_SCORE_ATTEND_KNEW;
+    if (both || op->code == WMPI_SCORE || op->code == WMPI_SCORE_KNEW) {
         const int units = op->units, b = op->budget;
         const size_t cand_bytes = (size_t)units * b * sizeof(topk_cand);
+        /* SCORE_ATTEND: the candidates after ATTEND's payload. */
+        const size_t at = both ? nh * 8 + nh * d * 8 + aux_n * 8 + nh * 4 : 0;
         for (int i = 0; i < n; i++) {
             /* Shard i fills block i, as in-process: n_cands[i][u] best-first candidates. */
-            const uint8_t *r = op->reply[i] + sizeof(wmpi_reply);
+            const uint8_t *r = op->reply[i] + sizeof(wmpi_reply) + at;
             int *nc = op->n_cands + (size_t)i * units;
             memcpy(nc, r + cand_bytes, (size_t)units * sizeof(int));
             for (int u = 0; u < units; u++) {
@@ -649,9 +683,8 @@ static int s_wait(void *ctx)
                        r + (size_t)u * b * sizeof(topk_cand), (size_t)nc[u] * sizeof(topk_cand));
             }
         }
-        return 0;
+        if (!both) return 0;
     }
-    const size_t nh = (size_t)op->n_heads, d = (size_t)op->head_dim, aux_n = op->aux_n;
     int64_t bytes = 0;
     for (int i = 0; i < n; i++) {
         /* Shard i writes block i of (m, l, o). */
@@ -872,6 +905,7 @@ int fasa_transport_mpi(fasa_transport *t, MPI_Comm comm)
 {
     int size = 0;
     MPI_Comm_size(comm, &size);
+    wmpi_spin_set_ranks(size);
     if (size < 2) return -1;
     /* A failed exchange returns to rank 0 (which reports it) instead of aborting the job. */
     MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
@@ -906,6 +940,7 @@ int fasa_transport_mpi(fasa_transport *t, MPI_Comm comm)
                           .staged_appended = s_staged_appended,
                           .load = s_load,
                           .attend_local = s_attend_local,
+                          .score_attend = s_score_attend,
                           .destroy = s_destroy};
     return 0;
 err_free:

@@ -105,6 +105,15 @@ static int s_c_attend(void *ctx, int sid, const shard_step *st, const topk_cand 
     return c->inner.attend(c->inner.ctx, sid, st, thr, have_thr, m, l, o, aux, bytes_p);
 }
 
+static int s_c_score_attend(void *ctx, int sid, const shard_step *st, topk_cand *cands,
+                            int *n_cands, float *m, double *l, double *o, double *aux,
+                            int64_t *bytes_p)
+{
+    counted *c = ctx;
+    c->ops++;
+    return c->inner.score_attend(c->inner.ctx, sid, st, cands, n_cands, m, l, o, aux, bytes_p);
+}
+
 static int s_c_shard_stats(void *ctx, int sid, fasa_shard_stats *out)
 {
     counted *c = ctx;
@@ -168,10 +177,11 @@ typedef struct replay {
 } replay;
 
 typedef struct replay_out {
-    int n_att;      /* attends recorded: steps * nl * 2 */
-    float *out;     /* (n_att, nh, d) */
-    int32_t *sel;   /* (n_att, nh, budget) */
-    int64_t *bytes; /* (n_att) KV bytes read */
+    int n_att;              /* attends recorded: steps * nl * 2 */
+    float *out;             /* (n_att, nh, d) */
+    int32_t *sel;           /* (n_att, nh, budget) */
+    int64_t *bytes;         /* (n_att) KV bytes read */
+    fasa_step_stats *stats; /* (n_att) each step's stats, the phase times zeroed, or NULL */
 } replay_out;
 
 static void s_out_init(const replay *c, replay_out *o)
@@ -181,6 +191,7 @@ static void s_out_init(const replay *c, replay_out *o)
     o->out = test_alloc((size_t)o->n_att * c->nh * c->d * sizeof(float));
     o->sel = test_alloc((size_t)o->n_att * c->nh * c->budget * sizeof(int32_t));
     o->bytes = test_alloc((size_t)o->n_att * sizeof(int64_t));
+    o->stats = test_alloc((size_t)o->n_att * sizeof(fasa_step_stats));
 }
 
 static void s_out_cleanup(replay_out *o)
@@ -188,6 +199,7 @@ static void s_out_cleanup(replay_out *o)
     free(o->out);
     free(o->sel);
     free(o->bytes);
+    free(o->stats);
 }
 
 static void s_create(fasa_engine_t *e, const char *id, const replay *c)
@@ -237,6 +249,8 @@ static void s_attend(fasa_engine_t *e, const char *id, const replay *c, int l, i
                                      &err) == FASA_OK,
                   "attend %s layer %d t %d: %s", id, l, t, err.msg);
     o->bytes[a] = stats.bytes_read;
+    stats.score_us = stats.merge_us = stats.attend_us = 0;
+    if (o->stats) o->stats[a] = stats; /* NULL in a one-step replay_out */
 }
 
 /* Creates session id, replays c's steps into o, drops the session. */
@@ -514,12 +528,142 @@ START_TEST(test_mpi_knew_one_exchange)
             const long ops = s_counted.ops;
             ck_assert_int_eq(fasa_engine_attend(s_mpi, "count", &req, out, NULL, NULL, &err),
                              FASA_OK);
-            ck_assert_int_eq(s_counted.ops - ops, (dense ? 1 : 2) + off);
+            /* One worker: a sparse step is one exchange too (score and attend in one). */
+            ck_assert_int_eq(s_counted.ops - ops, (dense || s_n_workers == 1 ? 1 : 2) + off);
             ck_assert_int_eq(fasa_engine_length(s_mpi, "count", 1), t + 1);
         }
     s_counted.stage_off = 0;
     ck_assert_int_eq(fasa_engine_drop(s_mpi, "count", &err), FASA_OK);
     fasa_profile_destroy(&p);
+    s_data_cleanup(&ds);
+}
+END_TEST
+
+/* Every output, selection and stat of two replays the same bits. */
+static void s_same_bits(const replay *c, const replay_out *a, const replay_out *b, const char *what)
+{
+    const size_t no = (size_t)a->n_att * c->nh * c->d, ns = (size_t)a->n_att * c->nh * c->budget;
+    ck_assert_msg(!memcmp(a->out, b->out, no * sizeof(float)), "%s: outputs differ", what);
+    ck_assert_msg(!memcmp(a->sel, b->sel, ns * sizeof(int32_t)), "%s: selections differ", what);
+    for (int i = 0; i < a->n_att; i++) {
+        const fasa_step_stats *x = &a->stats[i], *y = &b->stats[i];
+        ck_assert_msg(x->bytes_read == y->bytes_read && x->method_used == y->method_used &&
+                          x->n_visible == y->n_visible && x->merge_used == y->merge_used &&
+                          x->local_budget == y->local_budget,
+                      "%s: stats of step %d differ", what, i);
+        ck_assert_int_eq(x->merge_used, FASA_MERGE_EXACT);
+        ck_assert_int_eq(x->local_budget, 0);
+    }
+}
+
+/* (b3) A sparse step whose visible rows are all on one shard (one worker, or every visible
+ * position in the first placement block) scores and attends in one exchange (SCORE_ATTEND,
+ * SCORE_ATTEND_KNEW): the same bits (outputs, selections, stats) as the two-exchange path
+ * (fasa_engine_set_one_exchange off), for every method, on the workers and in process, a
+ * short context (every step on shard 0 whatever the workers) and a long one (one shard only
+ * with one worker, or when max_pos is cut back into the first block), and the exchanges a
+ * step costs. */
+START_TEST(test_mpi_one_exchange)
+{
+    enum { NL = 2, NH = 4, NKV = 2, D = 16, T = 420 };
+    dataset ds;
+    s_data_init(&ds, NL, NH, NKV, D, T, 53);
+    fasa_profile *prof[2] = {s_profile(NL, NH, NKV, D, 3, FC_PAIRING_INTERLEAVED, 0, 13),
+                             s_profile(NL, NH, NKV, D, 3, FC_PAIRING_INTERLEAVED, 1, 17)};
+    fasa_engine_t *loc = fasa_engine_new(1, MPI_TEST_BLOCK);
+    fasa_engine_t *locn = fasa_engine_new(s_n_workers, MPI_TEST_BLOCK);
+    ck_assert_ptr_nonnull(loc);
+    ck_assert_ptr_nonnull(locn);
+    int runs = 0;
+    for (int m = FASA_METHOD_FASA; m <= FASA_METHOD_LAST; m++)
+        for (int g = 0; g < 2; g++)
+            for (int len = 0; len < 2; len++) {
+                if ((m == FASA_METHOD_SPARQ || m == FASA_METHOD_FASA_PLUS) && g) continue;
+                replay c = s_replay_of(&ds, NH, NKV, D, len ? T : MPI_TEST_BLOCK);
+                c.profile = prof[g];
+                c.method = (fasa_method)m;
+                c.gqa = (fasa_gqa)g;
+                c.budget = 24;
+                c.prefix = len ? 380 : 30;
+                c.pos_step = len ? 9 : 4;
+                /* Long: the cut-back steps see positions up to 30 .. 66, so most are on shard
+                 * 0 while the other shards hold rows past max_pos. */
+                c.back = len ? 350 : 10;
+                char what[96];
+                snprintf(what, sizeof(what), "one exchange, %s %s, %d tokens",
+                         fasa_method_name(c.method), g ? "shared" : "per-head", c.T);
+                /* The workers with it on and off; in process (two phases, the in-process
+                 * transport has no score_attend) with 1 and with as many shards. */
+                fasa_engine_t *engines[3] = {s_mpi, loc, locn};
+                replay_out on[3], off;
+                for (int i = 0; i < 3; i++) {
+                    s_out_init(&c, &on[i]);
+                    s_replay(engines[i], "one", &c, &on[i]);
+                }
+                s_out_init(&c, &off);
+                fasa_engine_set_one_exchange(s_mpi, 0);
+                s_replay(s_mpi, "one", &c, &off);
+                fasa_engine_set_one_exchange(s_mpi, 1);
+                s_same_bits(&c, &on[0], &off, what);
+                s_out_cleanup(&off);
+                /* And the workers as in process, within float rounding. */
+                const size_t no = (size_t)on[0].n_att * c.nh * c.d;
+                ck_assert_double_le(test_max_abs_diff(no, on[0].out, on[1].out), 1e-6);
+                ck_assert_double_le(test_max_abs_diff(no, on[0].out, on[2].out), 1e-6);
+                ck_assert_mem_eq(on[0].sel, on[1].sel,
+                                 (size_t)on[0].n_att * c.nh * c.budget * sizeof(int32_t));
+                ck_assert_mem_eq(on[0].sel, on[2].sel,
+                                 (size_t)on[0].n_att * c.nh * c.budget * sizeof(int32_t));
+                ck_assert_mem_eq(on[0].bytes, on[2].bytes, (size_t)on[0].n_att * sizeof(int64_t));
+                int selected = 0;
+                for (size_t i = 0; i < (size_t)on[0].n_att * c.nh * c.budget; i++)
+                    selected += on[0].sel[i] >= 0;
+                if (m != FASA_METHOD_DENSE) ck_assert_int_gt(selected, 0);
+                for (int i = 0; i < 3; i++) s_out_cleanup(&on[i]);
+                runs++;
+            }
+    ck_assert_int_eq(runs, 2 * (2 * 5 + 2));
+    fasa_engine_destroy(&loc);
+    fasa_engine_destroy(&locn);
+
+    /* Exchanges per sparse step with k_new: 1 while every visible row is in the first block
+     * (or there is one worker), 2 once a second shard holds one; 2 and 2 with it off. */
+    replay c = s_replay_of(&ds, NH, NKV, D, T);
+    c.profile = prof[0];
+    c.method = FASA_METHOD_FASA;
+    c.budget = 8;
+    s_create(s_mpi, "count1", &c);
+    const size_t row = (size_t)NKV * D;
+    float out[NH * D];
+    fasa_error err;
+    for (int32_t t = 0; t < 2 * MPI_TEST_BLOCK + 2; t++)
+        for (int on = 1; on >= 0; on--) {
+            if (on == 0 && t % 16) continue;
+            fasa_engine_set_one_exchange(s_mpi, on);
+            const int32_t len = fasa_engine_length(s_mpi, "count1", 1);
+            const fasa_attend_req req = {.layer = 1,
+                                         .q = c.q[1] + (size_t)len * NH * D,
+                                         .k_new = c.k[1] + len * row,
+                                         .v_new = c.v[1] + len * row,
+                                         .method = -1,
+                                         .gqa = -1,
+                                         .max_pos = -1};
+            fasa_step_stats st;
+            const long ops = s_counted.ops;
+            ck_assert_int_eq(fasa_engine_attend(s_mpi, "count1", &req, out, NULL, &st, &err),
+                             FASA_OK);
+            const int sparse = len + 1 > c.budget;
+            const int one = sparse && on && (s_n_workers == 1 || len < MPI_TEST_BLOCK);
+            ck_assert_int_eq(st.method_used, sparse ? FASA_METHOD_FASA : FASA_METHOD_DENSE);
+            ck_assert_int_eq(st.merge_used, FASA_MERGE_EXACT);
+            ck_assert_msg(s_counted.ops - ops == (one || !sparse ? 1 : 2),
+                          "t %d on %d: %ld exchanges", (int)t, on, s_counted.ops - ops);
+            ck_assert_int_eq(fasa_engine_length(s_mpi, "count1", 1), len + 1);
+        }
+    fasa_engine_set_one_exchange(s_mpi, 1);
+    ck_assert_int_eq(fasa_engine_drop(s_mpi, "count1", &err), FASA_OK);
+    fasa_profile_destroy(&prof[0]);
+    fasa_profile_destroy(&prof[1]);
     s_data_cleanup(&ds);
 }
 END_TEST
@@ -556,6 +700,20 @@ START_TEST(test_mpi_golden)
         char what[64];
         snprintf(what, sizeof(what), "golden %s B=32", fasa_method_name(c.method));
         s_check_agree(&c, what);
+        if (m == FASA_METHOD_DENSE) continue;
+        /* One exchange against two on the recorded data: the same bits (with one worker
+         * every step is on one shard; with more, the steps cut back into the first block). */
+        c.back = 2048 - 64 + 1;
+        replay_out on, off;
+        s_out_init(&c, &on);
+        s_out_init(&c, &off);
+        s_replay(s_mpi, "golden-one", &c, &on);
+        fasa_engine_set_one_exchange(s_mpi, 0);
+        s_replay(s_mpi, "golden-one", &c, &off);
+        fasa_engine_set_one_exchange(s_mpi, 1);
+        s_same_bits(&c, &on, &off, what);
+        s_out_cleanup(&on);
+        s_out_cleanup(&off);
     }
     fasa_qkv_cleanup(&dump);
 }
@@ -1319,6 +1477,7 @@ static Suite *s_mpi_suite(void)
     tcase_add_test(tc, test_mpi_plain_agree);
     tcase_add_test(tc, test_mpi_fasa_agree);
     tcase_add_test(tc, test_mpi_knew_one_exchange);
+    tcase_add_test(tc, test_mpi_one_exchange);
     tcase_add_test(tc, test_mpi_golden);
     tcase_add_test(tc, test_mpi_sessions_interleaved);
     tcase_add_test(tc, test_mpi_batch);
@@ -1346,6 +1505,7 @@ static int s_run_suite(void)
                         .append_runs = s_c_append_runs,
                         .score = s_c_score,
                         .attend = s_c_attend,
+                        .score_attend = s_c_score_attend,
                         .shard_stats = s_c_shard_stats,
                         .snapshot = s_c_snapshot,
                         .stage_append = s_c_stage_append,

@@ -17,6 +17,8 @@ int fasa_env_init(char *why, size_t why_len)
         s_done = 1;
         const char *pipe = getenv("FASA_PIPELINE");
         s_env.pipeline = !(pipe && !strcmp(pipe, "0"));
+        const char *one = getenv("FASA_ONE_EXCHANGE");
+        s_env.one_exchange = !(one && !strcmp(one, "0"));
         const char *simd = getenv("FASA_SIMD");
         const int rc = simd_path_choose(simd);
         s_env.simd_path = (int)simd_path_default();

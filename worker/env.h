@@ -1,7 +1,8 @@
 /* The environment, read once at start-up into settings: no room reads getenv later, and the
  * kernels never do. FASA_SIMD (portable, avx2 or avx512) is the kernels' default SIMD path
  * (kernels/simd.h simd_path_choose); FASA_PIPELINE=0 turns off the engine's overlap of a
- * step's phases (coord/engine.c). FASA_THREADS is read by worker/pool.h
+ * step's phases (coord/engine.c); FASA_ONE_EXCHANGE=0 makes a one-shard sparse step take two
+ * exchanges (coord/engine.h fasa_engine_set_one_exchange). FASA_THREADS is read by worker/pool.h
  * fasa_threads_from_env. */
 #ifndef FASA_WORKER_ENV_H
 #define FASA_WORKER_ENV_H
@@ -9,8 +10,9 @@
 #include <stddef.h>
 
 typedef struct fasa_env {
-    int simd_path; /* the kernels' default path (simd_path) after FASA_SIMD */
-    int pipeline;  /* 1 unless FASA_PIPELINE=0 */
+    int simd_path;    /* the kernels' default path (simd_path) after FASA_SIMD */
+    int pipeline;     /* 1 unless FASA_PIPELINE=0 */
+    int one_exchange; /* 1 unless FASA_ONE_EXCHANGE=0 */
 } fasa_env;
 
 /* Reads the variables and applies FASA_SIMD. 0; -1 with one line in why (naming the

@@ -400,6 +400,48 @@ static wmpi_status s_attend(worker *w, const wmpi_cmd *h, const uint8_t *p, size
     return WMPI_OK;
 }
 
+/* SCORE_ATTEND: both phases of an exact sparse step whose visible rows are all on one
+ * shard; the reply payload (l, o, aux, m, then cands, n_cands) is written in place in w->tx,
+ * the thresholds' scratch after it. */
+static wmpi_status s_score_attend(worker *w, const wmpi_cmd *h, const uint8_t *p, size_t *payload_p,
+                                  int64_t *bytes_p)
+{
+    shard_step st;
+    wmpi_status status;
+    worker_session *s = s_step_check(w, h, &st, &status);
+    if (!s) return status;
+    const size_t units = (size_t)h->n_units, nh = (size_t)h->n_heads, d = (size_t)h->head_dim;
+    if (h->payload_bytes != (int64_t)(nh * d * 4))
+        return s_reject(w, WMPI_EINVAL, h, "score_attend size does not match the geometry");
+    if (st.method == SHARD_DENSE)
+        return s_reject(w, WMPI_EINVAL, h, "score_attend of a dense step");
+    const size_t aux_n =
+        st.method == SHARD_SPARQ || st.method == SHARD_FASA_PLUS ? nh * SHARD_SPARQ_AUX(d) : 0;
+    const size_t att = nh * 8 + nh * d * 8 + aux_n * 8 + nh * 4;
+    const size_t cand_bytes = units * (size_t)st.budget * sizeof(topk_cand);
+    const size_t payload = att + cand_bytes + units * sizeof(int);
+    if ((int64_t)payload > WMPI_MAX_MSG - (int64_t)sizeof(wmpi_reply))
+        return s_reject(w, WMPI_ENOMEM, h, "candidates too big for one reply");
+    if (s_grow(&w->tx, &w->tx_cap, sizeof(wmpi_reply) + payload + units * (sizeof(topk_cand) + 1)))
+        return s_reject(w, WMPI_ENOMEM, h, "out of memory for the reply");
+    st.q = (const float *)p;
+    s->scored = 0;
+    uint8_t *r = w->tx + sizeof(wmpi_reply);
+    /* Every section is 4-byte aligned (att is a multiple of 4), as topk_cand needs. */
+    topk_cand *thr = (topk_cand *)(void *)(r + payload);
+    if (shard_score_attend(s->shard, &st, (topk_cand *)(void *)(r + att),
+                           (int *)(void *)(r + att + cand_bytes), thr, (uint8_t *)(thr + units),
+                           (float *)(void *)(r + att - nh * 4), (double *)(void *)r,
+                           (double *)(void *)(r + nh * 8),
+                           aux_n ? (double *)(void *)(r + nh * 8 + nh * d * 8) : NULL))
+        return s_reject(w, WMPI_ENOMEM, h, "out of memory scoring and attending");
+    s->scored = 1;
+    s->last = st;
+    *bytes_p = shard_bytes_read(s->shard);
+    *payload_p = payload;
+    return WMPI_OK;
+}
+
 /* SCORE_KNEW, ATTEND_KNEW: a decode step's k_new (wmpi_knew, k, v) in front of a SCORE or
  * ATTEND payload. Every check of the phase is made first (on a header describing just the
  * phase), then the shard named appends the row and runs the phase; the others run the phase.
@@ -420,18 +462,22 @@ static wmpi_status s_knew_step(worker *w, const wmpi_cmd *h, const uint8_t *p, s
     if (kh.shard < 0 || kh.shard >= w->size - 1)
         return s_reject(w, WMPI_EINVAL, h, "k_new shard out of range");
     wmpi_cmd ph = *h;
-    ph.cmd = h->cmd == WMPI_SCORE_KNEW ? WMPI_SCORE : WMPI_ATTEND;
+    ph.cmd = h->cmd == WMPI_SCORE_KNEW          ? WMPI_SCORE
+             : h->cmd == WMPI_SCORE_ATTEND_KNEW ? WMPI_SCORE_ATTEND
+                                                : WMPI_ATTEND;
     ph.payload_bytes = h->payload_bytes - (int64_t)knew_bytes;
     const uint8_t *pp = p + knew_bytes;
     /* The phase's own size checks, before anything changes (they return before using
      * the shard when the sizes are wrong). */
     const size_t units = (size_t)h->n_units, q_bytes = (size_t)h->n_heads * h->head_dim * 4;
     const size_t thr_bytes =
-        ph.cmd == WMPI_SCORE || st.method == SHARD_DENSE ? 0 : units * (sizeof(topk_cand) + 1);
+        ph.cmd != WMPI_ATTEND || st.method == SHARD_DENSE ? 0 : units * (sizeof(topk_cand) + 1);
     if (ph.payload_bytes != (int64_t)(q_bytes + thr_bytes))
         return s_reject(w, WMPI_EINVAL, h, "step size does not match the geometry");
     if (ph.cmd == WMPI_ATTEND && st.method != SHARD_DENSE)
         return s_reject(w, WMPI_EINVAL, h, "a sparse attend carries no k_new (its score did)");
+    if (ph.cmd == WMPI_SCORE_ATTEND && st.method == SHARD_DENSE)
+        return s_reject(w, WMPI_EINVAL, h, "score_attend of a dense step");
     if (kh.shard == w->rank - 1) {
         const int rows = shard_rows(s->shard, h->layer);
         if (kh.pos < 0 || shard_visible(s->shard, h->layer, kh.pos - 1) != rows)
@@ -442,8 +488,9 @@ static wmpi_status s_knew_step(worker *w, const wmpi_cmd *h, const uint8_t *p, s
             return s_reject(w, WMPI_ENOMEM, h, "out of memory appending k_new");
         *appended_p = 1;
     }
-    return ph.cmd == WMPI_SCORE ? s_score(w, &ph, pp, payload_p)
-                                : s_attend(w, &ph, pp, payload_p, bytes_p);
+    return ph.cmd == WMPI_SCORE          ? s_score(w, &ph, pp, payload_p)
+           : ph.cmd == WMPI_SCORE_ATTEND ? s_score_attend(w, &ph, pp, payload_p, bytes_p)
+                                         : s_attend(w, &ph, pp, payload_p, bytes_p);
 }
 
 /* What this worker holds for one session (sid >= 0) or every one (sid -1); the reply
@@ -605,7 +652,11 @@ static int s_serve(worker *w, int count)
         case WMPI_ATTEND:
             st = s_attend(w, &h, p, &payload, &bytes_read);
             break;
+        case WMPI_SCORE_ATTEND:
+            st = s_score_attend(w, &h, p, &payload, &bytes_read);
+            break;
         case WMPI_SCORE_KNEW:
+        case WMPI_SCORE_ATTEND_KNEW:
         case WMPI_ATTEND_KNEW: {
             int appended = 0;
             st = s_knew_step(w, &h, p, &payload, &bytes_read, &appended);
@@ -644,6 +695,7 @@ int worker_mpi_loop_threads(MPI_Comm comm, int n_threads)
     int rc = 0;
     MPI_Comm_rank(comm, &w.rank);
     MPI_Comm_size(comm, &w.size);
+    wmpi_spin_set_ranks(w.size);
     if (n_threads > 1 && !(w.pool = fasa_pool_new(n_threads))) {
         fasa_log(FASA_LOG_ERROR, 0, "worker: cannot start %d threads", n_threads);
         return -1;

@@ -32,6 +32,12 @@
  *                of the header's layer) before running the phase, the others run the phase.
  *   ATTEND_LOCAL q float (n_heads, head_dim): a local-merge step (worker/local_merge.h),
  *                SCORE and ATTEND in one with the worker's own candidates as thresholds
+ *   SCORE_ATTEND q float (n_heads, head_dim): an exact sparse step whose visible rows are
+ *                all on one shard (coord/engine.c), SCORE and ATTEND in one with the worker's
+ *                own worst candidate kept per unit as the threshold (worker/local_merge.h
+ *                shard_score_attend); any method but dense
+ *   SCORE_ATTEND_KNEW  the same with a decode step's k_new in front (wmpi_knew, k, v), as
+ *                SCORE_KNEW
  *   LOAD         one load_job (worker/load_rows.h; its shard is rank - 1): the worker reads
  *                its rows of one layer from the files the job names and appends them
  * Sections follow each other unpadded in that order. The header is a multiple of 8 bytes
@@ -50,6 +56,8 @@
  *   SCORE_KNEW, ATTEND_KNEW  as SCORE, ATTEND. On a status other than OK, bytes_read is 1
  *           when the worker holding the row appended it (the phase failed after), else 0.
  *   ATTEND_LOCAL  as ATTEND (no aux: methods FASA and ORACLE only)
+ *   SCORE_ATTEND, SCORE_ATTEND_KNEW  ATTEND's payload (l, o, aux, m), then SCORE's (cands,
+ *           n_cands); bytes_read as ATTEND's, or on failure as SCORE_KNEW's
  *   LOAD    one load_report: rows stored and bytes read, or err != LOAD_OK and where
  * A worker serves commands in order and sends nothing else, so the coordinator has at most
  * one reply outstanding per worker and MPI's non-overtaking rule pairs them up. */
@@ -102,6 +110,8 @@ typedef enum wmpi_cmd_code {
     WMPI_APPEND_UNDO = 17, /* max_pos: the transaction to put back; no payload */
     /* Tests only: the n-th APPEND_RUNS section from now fails as out of memory (n 0: off). */
     WMPI_TEST_FAULT = 18,
+    WMPI_SCORE_ATTEND = 19,      /* SCORE and ATTEND in one (a one-shard exact step) */
+    WMPI_SCORE_ATTEND_KNEW = 20, /* the same after appending a step's k_new on one shard */
 } wmpi_cmd_code;
 
 typedef enum wmpi_status {
@@ -184,13 +194,14 @@ _Static_assert(sizeof(topk_cand) == 8, "topk_cand travels as 8 raw bytes");
  * 1 us timer slack (Linux's 50 us default would lengthen every short one). README "Decode
  * latency" has the measurements. */
 #define WMPI_SPIN_US 50L
-#define WMPI_SPIN_ALONE_NS 20000L /* the first 20 us of a spin never yield */
+#define WMPI_SPIN_ALONE_NS 20000L /* FASA_SPIN_YIELD=1: the first 20 us of a spin never yield */
 #define WMPI_SLEEP0_NS 2000L
 #define WMPI_KICKED_SLEEP_NS 20000000L /* an idle worker's cap once wake-ups arrive: 20 ms */
 
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #ifdef __linux__
 #include <sys/prctl.h>
 #endif
@@ -216,15 +227,24 @@ static inline long wmpi_spin_ns(void)
     return spin_ns;
 }
 
-/* FASA_SPIN_YIELD=0 in the environment: spin without yielding (for comparisons). */
-static inline int wmpi_spin_alone(void)
+/* Whether a spinning rank yields its core (sched_yield) after the first WMPI_SPIN_ALONE_NS
+ * of a spin: FASA_SPIN_YIELD=1 in the environment, always; 0, never; unset, only when the
+ * job has more ranks than this machine has CPUs online (a spinning rank would hold a core
+ * a computing one needs). A yielding rank stays runnable, so on a busy machine the message
+ * it waits for finds it queued behind the other runnable tasks for a time slice instead of
+ * waking it: with ranks <= cores not yielding was as fast or much faster (README "Decode
+ * latency"). Each file that waits calls wmpi_spin_set_ranks once with the job's size
+ * (until then a spin yields, as with 1). Returns the ns after which a spin yields, or -1. */
+static long wmpi_spin_yield_after = WMPI_SPIN_ALONE_NS;
+
+static inline void wmpi_spin_set_ranks(int n_ranks)
 {
-    static int alone = -1;
-    if (alone < 0) {
-        const char *v = getenv("FASA_SPIN_YIELD");
-        alone = v && !strcmp(v, "0");
-    }
-    return alone;
+    const char *v = getenv("FASA_SPIN_YIELD");
+    const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    const int yield = v && !strcmp(v, "1")   ? 1
+                      : v && !strcmp(v, "0") ? 0
+                                             : cpus > 0 && n_ranks > cpus;
+    wmpi_spin_yield_after = yield ? WMPI_SPIN_ALONE_NS : -1;
 }
 
 typedef struct wmpi_backoff {
@@ -254,8 +274,9 @@ static inline void wmpi_backoff_pause(wmpi_backoff *b, long max_sleep_ns, long k
     const long spent =
         (long)(now.tv_sec - b->since.tv_sec) * 1000000000L + (now.tv_nsec - b->since.tv_nsec);
     if (spent < b->spin_ns || own_sends) {
-        /* Spinning, but a rank that shares its core with one that computes lets it run. */
-        if (spent >= WMPI_SPIN_ALONE_NS && !wmpi_spin_alone()) sched_yield();
+        /* Spinning (also while this rank's own sends are unfinished: a large message needs
+         * its peer to match it), yielding the core where ranks outnumber CPUs. */
+        if (wmpi_spin_yield_after >= 0 && spent >= wmpi_spin_yield_after) sched_yield();
         return;
     }
     if (kick) {
