@@ -282,6 +282,17 @@ static int s_tensor_bytes(const Fasa__V1__Tensor *t, const char *field, frames_c
 static int s_tensor_dt(const Fasa__V1__Tensor *t, const char *field, int rank_lo, int rank_hi,
                        int half_ok, frames_ctx *fr, edge_tensor *out, char *msg, size_t len);
 
+/* A BatchAttend item refused before its tensors were read still names its frames: they
+ * are its own (it fails alone), not frames that no tensor names. */
+static void s_claim_frames(frames_ctx *fr, const Fasa__V1__Attend *a)
+{
+    const Fasa__V1__Tensor *t[3] = {a->q, a->k_new, a->v_new};
+    for (int i = 0; fr && i < 3; i++)
+        if (t[i] && t[i]->has_data_frame && t[i]->data_frame >= 1 &&
+            t[i]->data_frame <= (uint32_t)fr->n)
+            fr->used[t[i]->data_frame - 1] = 1;
+}
+
 static int s_tensor(const Fasa__V1__Tensor *t, const char *field, int rank_lo, int rank_hi,
                     frames_ctx *fr, edge_tensor *out, char *msg, size_t len)
 {
@@ -632,6 +643,7 @@ static int s_body(const Fasa__V1__Request *m, frames_ctx *fr, edge_request *r, c
             edge_attend *it = &r->u.batch.items[i];
             it->item_status =
                 s_attend(m->batch_attend->items[i], f, fr, it, it->item_msg, sizeof(it->item_msg));
+            if (it->item_status) s_claim_frames(fr, m->batch_attend->items[i]);
         }
         return ST_OK;
     }

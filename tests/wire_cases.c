@@ -585,6 +585,39 @@ START_TEST(test_raw_frames)
     wire_expect_error(s_rt_frames("", 0, fr, 2), FASA__V1__STATUS__INVALID_ARGUMENT, "first frame");
     wire_expect_error(s_rt_frames("\xff\xff\xff", 3, fr, 2), FASA__V1__STATUS__INVALID_ARGUMENT,
                       "first frame is not a valid fasa.v1.Request");
+    /* Attend q as a raw frame, in a BatchAttend whose first item the edge refuses (a session
+     * id with spaces, before its q is read) alone, its frame still its own: the second gets
+     * "bad"'s output. */
+    {
+        Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+        Fasa__V1__BatchAttend b = FASA__V1__BATCH_ATTEND__INIT;
+        Fasa__V1__Attend it[2] = {FASA__V1__ATTEND__INIT, FASA__V1__ATTEND__INIT};
+        Fasa__V1__Attend *items[2] = {&it[0], &it[1]};
+        Fasa__V1__Tensor tq[2];
+        uint64_t qs[2] = {H, D};
+        const edge_frame qf[2] = {{s_q, sizeof(s_q)}, {s_q, sizeof(s_q)}};
+        for (int i = 0; i < 2; i++) {
+            wire_tensor(&tq[i], qs, 2, &s_q[0][0], H * D);
+            tq[i].data.len = 0;
+            tq[i].has_data_frame = 1;
+            tq[i].data_frame = (uint32_t)i + 1;
+            it[i].session_id = i ? "bad" : "no such session";
+            it[i].layer = 1;
+            it[i].q = &tq[i];
+        }
+        b.n_items = 2;
+        b.items = items;
+        req.body_case = FASA__V1__REQUEST__BODY_BATCH_ATTEND;
+        req.batch_attend = &b;
+        Fasa__V1__Response *br = s_send_frames(&req, qf, 2);
+        ck_assert_msg(br->status == 0, "batch: %s", br->message);
+        ck_assert_uint_eq(br->batch_attend->n_items, 2);
+        ck_assert_int_eq(br->batch_attend->items[0]->status, FASA__V1__STATUS__INVALID_ARGUMENT);
+        ck_assert_int_eq(br->batch_attend->items[1]->status, FASA__V1__STATUS__OK);
+        ck_assert_int_eq(
+            memcmp(br->batch_attend->items[1]->result->out->data.data, s_base, sizeof(s_base)), 0);
+        fasa__v1__response__free_unpacked(br, NULL);
+    }
     /* More frames than a message may carry. */
     for (int i = 0; i <= EDGE_MAX_FRAMES; i++) fr[i] = (edge_frame){vb, 4};
     wire_expect_error(s_send_frames(&x.req, fr, EDGE_MAX_FRAMES + 1),
