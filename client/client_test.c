@@ -5,7 +5,11 @@
  * - the server dies while the client is idle, then the client sends: the request fails at
  *   once (it must not sit in ZeroMQ's queue until the timeout);
  * - the server comes back on the same endpoint while the client is idle: the request
- *   goes through. */
+ *   goes through;
+ * - an append of 64 KiB or more arrives as the Request and two raw data frames holding the
+ *   caller's k and v bytes (data empty, data_frame 1 and 2), a small one inline, both by
+ *   the synchronous call and the window; with no server there the call gives up after its
+ *   timeout and the caller's memory is its own again. */
 #include <check.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -189,6 +193,124 @@ START_TEST(test_comes_back)
 }
 END_TEST
 
+/* The fake's side of test_append_frames: reads n appends (all frames), checks each against
+ * the caller's bytes, answers its length. */
+struct fake_append {
+    struct fake f;
+    int n, ok;
+    const uint8_t *k, *v;
+    size_t big, small; /* bytes of k of the big and the small appends */
+};
+
+static void *s_fake_append_main(void *arg)
+{
+    struct fake_append *fa = arg;
+    fa->ok = 1;
+    for (int i = 0; i < fa->n; i++) {
+        zmq_msg_t part[4];
+        int np = 0, more = 1;
+        while (more && np < 4) {
+            zmq_msg_init(&part[np]);
+            if (zmq_msg_recv(&part[np], fa->f.sock, 0) < 0) {
+                fa->ok = 0;
+                break;
+            }
+            more = zmq_msg_more(&part[np++]);
+        }
+        Fasa__V1__Request *req = np >= 2 ? fasa__v1__request__unpack(NULL, zmq_msg_size(&part[1]),
+                                                                     zmq_msg_data(&part[1]))
+                                         : NULL;
+        const Fasa__V1__Append *a = req ? req->append : NULL;
+        const int big = i % 2 == 0; /* big, small, big, ... */
+        if (!a || more)
+            fa->ok = 0;
+        else if (big) {
+            const size_t b = fa->big;
+            fa->ok &= np == 4 && a->k->data.len == 0 && a->v->data.len == 0 &&
+                      a->k->has_data_frame && a->k->data_frame == 1 && a->v->has_data_frame &&
+                      a->v->data_frame == 2 && zmq_msg_size(&part[2]) == b &&
+                      zmq_msg_size(&part[3]) == b && !memcmp(zmq_msg_data(&part[2]), fa->k, b) &&
+                      !memcmp(zmq_msg_data(&part[3]), fa->v, b);
+        } else {
+            const size_t b = fa->small;
+            fa->ok &= np == 2 && !a->k->has_data_frame && !a->v->has_data_frame &&
+                      a->k->data.len == b && !memcmp(a->k->data.data, fa->k, b) &&
+                      a->v->data.len == b && !memcmp(a->v->data.data, fa->v, b);
+        }
+        if (req) {
+            Fasa__V1__AppendResult ar = FASA__V1__APPEND_RESULT__INIT;
+            ar.length = a ? a->start_pos + a->k->shape[0] : 0;
+            Fasa__V1__Response resp = FASA__V1__RESPONSE__INIT;
+            resp.protocol_version = 1;
+            resp.request_id = req->request_id;
+            resp.status = FASA__V1__STATUS__OK;
+            resp.body_case = FASA__V1__RESPONSE__BODY_APPEND;
+            resp.append = &ar;
+            uint8_t buf[64];
+            const size_t n = fasa__v1__response__pack(&resp, buf);
+            zmq_send(fa->f.sock, zmq_msg_data(&part[0]), zmq_msg_size(&part[0]), ZMQ_SNDMORE);
+            zmq_send(fa->f.sock, buf, n, 0);
+            fasa__v1__request__free_unpacked(req, NULL);
+        }
+        for (int j = 0; j < np; j++) zmq_msg_close(&part[j]);
+    }
+    zmq_close(fa->f.sock);
+    return NULL;
+}
+
+START_TEST(test_append_frames)
+{
+    const fasa_client_geometry g = {1, 4, 2, 128};
+    const uint64_t big_n = 256, small_n = 2; /* 128 KiB and 1 KiB of f16 per tensor */
+    const size_t row = 2 * 128 * 2;
+    uint8_t *k = malloc(big_n * row), *v = malloc(big_n * row);
+    ck_assert_ptr_nonnull(k);
+    ck_assert_ptr_nonnull(v);
+    for (size_t i = 0; i < big_n * row; i++) k[i] = (uint8_t)(i * 7 + 1), v[i] = (uint8_t)(i * 13);
+    struct fake_append fa = {.n = 6, .k = k, .v = v, .big = big_n * row, .small = small_n * row};
+    s_fake_bind(&fa.f, NULL);
+    ck_assert_int_eq(pthread_create(&fa.f.thread, NULL, s_fake_append_main, &fa), 0);
+    fasa_client *c;
+    fasa_client_error err;
+    ck_assert_int_eq(fasa_client_connect(fa.f.endpoint, TIMEOUT_MS, &c, &err), FASA_CLIENT_OK);
+    uint64_t len = 0, pos = 0;
+    for (int i = 0; i < 2; i++) {
+        ck_assert_msg(fasa_client_append_dt(c, "s", &g, 0, pos, big_n, FASA_CLIENT_DTYPE_F16, k, v,
+                                            &len, &err) == FASA_CLIENT_OK,
+                      "%s", err.msg);
+        ck_assert_uint_eq(len, pos += big_n);
+        ck_assert_msg(fasa_client_append_dt(c, "s", &g, 0, pos, small_n, FASA_CLIENT_DTYPE_F16, k,
+                                            v, &len, &err) == FASA_CLIENT_OK,
+                      "%s", err.msg);
+        ck_assert_uint_eq(len, pos += small_n);
+    }
+    /* The window: sent, the caller's buffers reusable at once, then the replies. */
+    ck_assert_int_eq(
+        fasa_client_append_send(c, "s", &g, 0, pos, big_n, FASA_CLIENT_DTYPE_F16, k, v, &err),
+        FASA_CLIENT_OK);
+    ck_assert_int_eq(fasa_client_append_send(c, "s", &g, 0, pos + big_n, small_n,
+                                             FASA_CLIENT_DTYPE_F16, k, v, &err),
+                     FASA_CLIENT_OK);
+    ck_assert_int_eq(fasa_client_append_recv(c, &len, &err), FASA_CLIENT_OK);
+    ck_assert_int_eq(fasa_client_append_recv(c, &len, &err), FASA_CLIENT_OK);
+    ck_assert_uint_eq(len, pos + big_n + small_n);
+    pthread_join(fa.f.thread, NULL);
+    ck_assert_msg(fa.ok, "the fake server did not get the appends as sent");
+    fasa_client_close(&c);
+
+    /* Nobody there: the frames never leave; the call fails after its timeout, and k and v
+     * are free to go (ASan would see ZeroMQ reading them later). */
+    ck_assert_int_eq(fasa_client_connect("tcp://127.0.0.1:1", 1000, &c, &err), FASA_CLIENT_OK);
+    const fasa_client_status st =
+        fasa_client_append_dt(c, "s", &g, 0, 0, big_n, FASA_CLIENT_DTYPE_F16, k, v, NULL, &err);
+    ck_assert_int_eq(st, FASA_CLIENT_UNAVAILABLE);
+    memset(k, 0, big_n * row);
+    free(k);
+    free(v);
+    fasa_client_close(&c);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("client");
@@ -198,6 +320,7 @@ int main(void)
     tcase_add_test(tc, test_dies_while_waiting);
     tcase_add_test(tc, test_dies_while_idle);
     tcase_add_test(tc, test_comes_back);
+    tcase_add_test(tc, test_append_frames);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);

@@ -4,6 +4,7 @@
 #include "fasa_client.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -25,6 +26,10 @@
 #define SERVER_DEFAULT_MAX ((uint64_t)256 << 20)
 
 #define KEY_Z85_LEN 40 /* a Z85-encoded CURVE key */
+/* Tensors of at least this many bytes travel as raw data frames (fasa.proto
+ * Tensor.data_frame): sent from the caller's memory without a copy. Smaller ones are packed
+ * into the Request, which costs less than waiting for ZeroMQ to let go of a frame. */
+#define CLIENT_FRAME_MIN ((size_t)64 << 10)
 
 struct fasa_client {
     void *ctx, *sock;
@@ -61,7 +66,18 @@ struct fasa_client {
     uint64_t pend_id[FASA_CLIENT_APPEND_WINDOW];
     size_t pend_size[FASA_CLIENT_APPEND_WINDOW];
     int pend_head, n_pend;
+    /* Raw data frames ZeroMQ still holds (the caller's memory, sent without a copy): a
+     * request that sent some returns only once ZeroMQ let go of them all (s_frames_wait). */
+    pthread_mutex_t held_mu;
+    pthread_cond_t held_cv; /* on CLOCK_MONOTONIC */
+    int held;
 };
+
+/* A raw data frame to send after the Request: the caller's bytes, borrowed. */
+typedef struct raw_frame {
+    const void *data;
+    size_t len;
+} raw_frame;
 
 const char *fasa_client_status_name(fasa_client_status status)
 {
@@ -223,9 +239,17 @@ fasa_client_status fasa_client_connect(const char *endpoint, int timeout_ms, fas
     }
     c->timeout_ms = timeout_ms > 0 ? timeout_ms : 0;
     c->next_id = 1;
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_mutex_init(&c->held_mu, NULL);
+    pthread_cond_init(&c->held_cv, &ca);
+    pthread_condattr_destroy(&ca);
     if (s_open_socket(c)) {
         const int e = errno;
         zmq_ctx_term(c->ctx);
+        pthread_cond_destroy(&c->held_cv);
+        pthread_mutex_destroy(&c->held_mu);
         free(c->endpoint);
         free(c);
         return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "cannot connect to '%s': %s", endpoint,
@@ -242,6 +266,8 @@ void fasa_client_close(fasa_client **client_p)
     fasa_client *c = *client_p;
     s_close_socket(c);
     zmq_ctx_term(c->ctx); /* after it, ZeroMQ holds none of the tx buffers */
+    pthread_cond_destroy(&c->held_cv);
+    pthread_mutex_destroy(&c->held_mu);
     memset(c->secret_key, 0, sizeof(c->secret_key));
     free(c->endpoint);
     for (int i = 0; i < 2; i++) free(c->tx[i].buf);
@@ -448,6 +474,46 @@ static void s_tx_done(void *data, void *hint)
     atomic_store((atomic_int *)hint, 0);
 }
 
+/* ZeroMQ is done with a raw data frame (from its I/O thread, or from the send's own close). */
+static void s_frame_done(void *data, void *hint)
+{
+    (void)data;
+    fasa_client *c = hint;
+    pthread_mutex_lock(&c->held_mu);
+    c->held--;
+    pthread_cond_broadcast(&c->held_cv);
+    pthread_mutex_unlock(&c->held_mu);
+}
+
+/* Waits until ZeroMQ holds none of the caller's frames (it lets go of a frame once its
+ * last byte is written to the connection). 0, or -1 when that took longer than the
+ * client's timeout, or the caller interrupted it: then the socket was closed, which makes
+ * ZeroMQ drop what it still held, and this waited until it had (so the caller's memory is
+ * its own again either way). */
+static int s_frames_wait(fasa_client *c)
+{
+    int rc = 0, closed = 0;
+    const int64_t deadline = c->timeout_ms > 0 ? s_now_ms() + c->timeout_ms : 0;
+    pthread_mutex_lock(&c->held_mu);
+    while (c->held > 0) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        ts.tv_nsec += 100 * 1000000L; /* in slices, to see an interrupt */
+        if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
+        pthread_cond_timedwait(&c->held_cv, &c->held_mu, &ts);
+        if (c->held > 0 && !closed &&
+            ((deadline && s_now_ms() > deadline) || (c->interrupt && *c->interrupt))) {
+            pthread_mutex_unlock(&c->held_mu);
+            s_reconnect(c); /* linger 0: ZeroMQ discards the frames, and lets go of them */
+            pthread_mutex_lock(&c->held_mu);
+            closed = 1;
+            rc = -1;
+        }
+    }
+    pthread_mutex_unlock(&c->held_mu);
+    return rc;
+}
+
 /* A reused buffer of at least size bytes that ZeroMQ does not hold, or NULL (then the
  * caller mallocs). Grown only while free. */
 static struct tx_slot *s_tx_slot(fasa_client *c, size_t size)
@@ -498,10 +564,13 @@ static void s_arena_reset(struct arena *a)
     a->used = a->spill = 0;
 }
 
-/* Sends req (version and id filled here); *size_p gets its bytes. With reuse, the request
- * is packed into one of the client's buffers that ZeroMQ sends without a copy. */
+/* Sends req (version and id filled here), then the n_frames raw data frames its tensors
+ * name (borrowed: sent from where they are, and ZeroMQ has let go of them when this
+ * returns); *size_p gets the bytes of all. With reuse, the request is packed into one of the
+ * client's buffers that ZeroMQ sends without a copy. */
 static fasa_client_status s_send_req(fasa_client *c, Fasa__V1__Request *req, int reuse,
-                                     size_t *size_p, fasa_client_error *err)
+                                     const raw_frame *frames, int n_frames, size_t *size_p,
+                                     fasa_client_error *err)
 {
     const char *what = s_body_name(req->body_case);
     if (!c) return s_fail(err, FASA_CLIENT_INVALID_ARGUMENT, "client: NULL");
@@ -531,12 +600,14 @@ static fasa_client_status s_send_req(fasa_client *c, Fasa__V1__Request *req, int
     req->has_deadline_ms = c->deadline_ms > 0;
     req->deadline_ms = c->deadline_ms;
     const size_t size = fasa__v1__request__get_packed_size(req);
-    *size_p = size;
-    if ((uint64_t)size > CLIENT_MAX_BYTES)
+    uint64_t total = size;
+    for (int i = 0; i < n_frames; i++) total += frames[i].len;
+    *size_p = (size_t)total;
+    if (total > CLIENT_MAX_BYTES)
         return s_fail(err, FASA_CLIENT_RESOURCE_EXHAUSTED,
-                      "%s: request of %zu bytes exceeds the client limit of 2 GiB; send less "
+                      "%s: request of %llu bytes exceeds the client limit of 2 GiB; send less "
                       "per request",
-                      what, size);
+                      what, (unsigned long long)total);
     struct tx_slot *slot = reuse ? s_tx_slot(c, size ? size : 1) : NULL;
     uint8_t *buf = slot ? slot->buf : malloc(size ? size : 1);
     if (!buf)
@@ -555,13 +626,39 @@ static fasa_client_status s_send_req(fasa_client *c, Fasa__V1__Request *req, int
                       size);
     }
     c->t_sent = s_now_us(); /* the wait counts from here: the server cannot answer earlier */
-    if (zmq_msg_send(&msg, c->sock, 0) < 0) {
-        const int e = errno;
+    int e = 0;
+    if (zmq_msg_send(&msg, c->sock, n_frames ? ZMQ_SNDMORE : 0) < 0) {
+        e = errno;
         zmq_msg_close(&msg);
-        s_reconnect(c);
+    }
+    /* The frames after it, each from the caller's memory; a frame that cannot be sent is
+     * closed (ZeroMQ lets go of it at once) and the socket with the rest of the message. */
+    for (int i = 0; i < n_frames && !e; i++) {
+        zmq_msg_t f;
+        pthread_mutex_lock(&c->held_mu);
+        c->held++;
+        pthread_mutex_unlock(&c->held_mu);
+        if (zmq_msg_init_data(&f, (void *)(uintptr_t)frames[i].data, frames[i].len, s_frame_done,
+                              c)) {
+            e = errno ? errno : ENOMEM;
+            s_frame_done(NULL, c);
+            break;
+        }
+        if (zmq_msg_send(&f, c->sock, i + 1 < n_frames ? ZMQ_SNDMORE : 0) < 0) {
+            e = errno;
+            zmq_msg_close(&f);
+        }
+    }
+    if (e) s_reconnect(c);
+    const int stuck = n_frames ? s_frames_wait(c) : 0;
+    if (e)
         return s_fail(err, FASA_CLIENT_UNAVAILABLE, "cannot send to %s: %s", c->endpoint,
                       zmq_strerror(e));
-    }
+    if (stuck)
+        return s_fail(err, FASA_CLIENT_UNAVAILABLE,
+                      "%s: the %llu bytes of the request could not be sent to %s within %d ms "
+                      "(or the wait was interrupted); the connection was dropped",
+                      what, (unsigned long long)total, c->endpoint, c->timeout_ms);
     return FASA_CLIENT_OK;
 }
 
@@ -710,9 +807,22 @@ static fasa_client_status s_recv_resp(fasa_client *c, uint64_t rid, const char *
 /* Sends req (version and id filled here) and waits for its reply. On OK, *resp_p is the
  * unpacked Response (status OK, body == want; want NOT_SET accepts any body), to be freed
  * with fasa__v1__response__free_unpacked. */
+static fasa_client_status s_call_frames(fasa_client *c, Fasa__V1__Request *req,
+                                        const raw_frame *frames, int n_frames,
+                                        Fasa__V1__Response__BodyCase want,
+                                        Fasa__V1__Response **resp_p, fasa_client_error *err);
 static fasa_client_status s_call(fasa_client *c, Fasa__V1__Request *req,
                                  Fasa__V1__Response__BodyCase want, Fasa__V1__Response **resp_p,
                                  fasa_client_error *err)
+{
+    return s_call_frames(c, req, NULL, 0, want, resp_p, err);
+}
+
+/* s_call of a request followed by raw data frames (s_send_req). */
+static fasa_client_status s_call_frames(fasa_client *c, Fasa__V1__Request *req,
+                                        const raw_frame *frames, int n_frames,
+                                        Fasa__V1__Response__BodyCase want,
+                                        Fasa__V1__Response **resp_p, fasa_client_error *err)
 {
     *resp_p = NULL;
     if (c && c->n_pend)
@@ -721,7 +831,7 @@ static fasa_client_status s_call(fasa_client *c, Fasa__V1__Request *req,
                       "first",
                       s_body_name(req->body_case), c->n_pend);
     size_t size = 0;
-    const fasa_client_status st = s_send_req(c, req, 0, &size, err);
+    const fasa_client_status st = s_send_req(c, req, 0, frames, n_frames, &size, err);
     if (st) return st;
     return s_recv_resp(c, req->request_id, s_body_name(req->body_case), size, want, NULL, resp_p,
                        err);
@@ -1063,9 +1173,22 @@ static fasa_client_status s_append(fasa_client *c, const char *session_id,
     Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
     req.body_case = FASA__V1__REQUEST__BODY_APPEND;
     req.append = &ap;
+    /* Large k and v go as raw data frames 1 and 2, straight from the caller's memory. */
+    raw_frame fr[2];
+    int n_fr = 0;
+    if (tk.t.data.len >= CLIENT_FRAME_MIN) {
+        tensor_buf *t[2] = {&tk, &tv};
+        for (int i = 0; i < 2; i++) {
+            fr[n_fr] = (raw_frame){t[i]->t.data.data, t[i]->t.data.len};
+            t[i]->t.has_data_frame = 1;
+            t[i]->t.data_frame = (uint32_t)++n_fr;
+            t[i]->t.data.data = NULL;
+            t[i]->t.data.len = 0;
+        }
+    }
     if (async) {
         size_t size = 0;
-        if ((st = s_send_req(c, &req, 0, &size, err))) return st;
+        if ((st = s_send_req(c, &req, 1, fr, n_fr, &size, err))) return st;
         const int slot = (c->pend_head + c->n_pend) % FASA_CLIENT_APPEND_WINDOW;
         c->pend_id[slot] = req.request_id;
         c->pend_size[slot] = size;
@@ -1074,7 +1197,8 @@ static fasa_client_status s_append(fasa_client *c, const char *session_id,
         return FASA_CLIENT_OK;
     }
     Fasa__V1__Response *resp;
-    if ((st = s_call(c, &req, FASA__V1__RESPONSE__BODY_APPEND, &resp, err))) return st;
+    if ((st = s_call_frames(c, &req, fr, n_fr, FASA__V1__RESPONSE__BODY_APPEND, &resp, err)))
+        return st;
     if (length_p) *length_p = resp->append->length;
     fasa__v1__response__free_unpacked(resp, NULL);
     return FASA_CLIENT_OK;
@@ -1200,7 +1324,7 @@ fasa_client_status fasa_client_attend_send(fasa_client *c, const fasa_client_att
     req.body_case = FASA__V1__REQUEST__BODY_ATTEND;
     req.attend = &m;
     size_t size = 0;
-    if ((st = s_send_req(c, &req, 1, &size, err))) return st;
+    if ((st = s_send_req(c, &req, 1, NULL, 0, &size, err))) return st;
     c->pending = 1;
     c->pending_rid = req.request_id;
     c->pending_size = size;

@@ -221,7 +221,12 @@ fasa_client_status fasa_client_append(fasa_client *c, const char *session_id,
                                       const float *v, uint64_t *length_p, fasa_client_error *err);
 /* The same with k and v of dtype F32, F16 or BF16 (uint16_t elements, IEEE binary16 or
  * bfloat16, little-endian): half the bytes on the wire, and rows of the session's own
- * dtype are stored as sent (bit for bit what an F32 append of the same values stores). */
+ * dtype are stored as sent (bit for bit what an F32 append of the same values stores).
+ * Every append's k and v of 64 KiB or more go as raw data frames (fasa.proto
+ * Tensor.data_frame, which a server of this version or later takes): ZeroMQ sends them from
+ * the caller's memory, without a copy, and the call returns only once ZeroMQ has let go of
+ * them (or, past the timeout, after dropping the connection), so k and v are the caller's
+ * again as soon as it returns. */
 fasa_client_status fasa_client_append_dt(fasa_client *c, const char *session_id,
                                          const fasa_client_geometry *geom, int32_t layer,
                                          uint64_t start_pos, uint64_t n, fasa_client_dtype dtype,

@@ -55,12 +55,15 @@ static int s_write_file(const char *path, const char *text)
 }
 
 /* Receives one request from the I/O thread (all its frames): [arrival time, 8 bytes, then
- * who sent it][routing id][empty delimiter, REQ peers only][payload]. Returns 0 with the parts
- * filled (payload may be NULL when the shape is wrong: bad_shape is then 1), or -1 when nothing
- * could be read. */
+ * who sent it][routing id][empty delimiter, REQ peers only][payload: the Request][raw data
+ * frames its tensors name, at most EDGE_MAX_FRAMES]. Returns 0 with the parts filled (payload
+ * may be NULL when the shape is wrong: bad_shape is then 1), or -1 when nothing could be
+ * read. */
 #define WHO_MAX 160
 typedef struct inbound {
     zmq_msg_t id, payload;
+    zmq_msg_t data[EDGE_MAX_FRAMES]; /* (n_data) */
+    int n_data;
     int has_id, has_payload, has_delim, bad_shape;
     double at_ms;      /* when the I/O thread read it (CLOCK_MONOTONIC) */
     char who[WHO_MAX]; /* the client, for the log: "key=NAME" (CURVE) or "peer=ADDRESS" */
@@ -91,11 +94,13 @@ static int s_recv(void *sock, inbound *in)
         } else if (frame == 1 && more && zmq_msg_size(&m) == 0) {
             in->has_delim = 1;
             zmq_msg_close(&m);
-        } else if (!in->has_payload && !more) {
+        } else if (!in->has_payload) {
             in->payload = m;
             in->has_payload = 1;
+        } else if (in->n_data < EDGE_MAX_FRAMES) {
+            in->data[in->n_data++] = m;
         } else {
-            in->bad_shape = 1; /* extra frames: drained and refused */
+            in->bad_shape = 1; /* too many frames: drained and refused */
             zmq_msg_close(&m);
         }
         frame++;
@@ -108,6 +113,7 @@ static void s_inbound_close(inbound *in)
 {
     if (in->has_id) zmq_msg_close(&in->id);
     if (in->has_payload) zmq_msg_close(&in->payload);
+    for (int i = 0; i < in->n_data; i++) zmq_msg_close(&in->data[i]);
 }
 
 /* Sends a reply in the envelope the request came in. A peer that has gone away
@@ -278,12 +284,12 @@ static void s_io_mode(io_thread *io, int mode)
 /* A request over --max-message (which ZeroMQ still reads whole: its ZMQ_MAXMSGSIZE is
  * --max-message + --max-pending, and the guard bounds what all of them hold) is answered
  * here, RESOURCE_EXHAUSTED naming the limit, and logged; it never reaches the main thread.
- * f: the routing id, [the empty delimiter,] the payload. */
-static void s_io_refuse_oversized(io_thread *io, zmq_msg_t *f, int n)
+ * f: the routing id, [the empty delimiter,] the payload (f[h]) [, its data frames]; len: the
+ * payload's bytes and its data frames'. */
+static void s_io_refuse_oversized(io_thread *io, zmq_msg_t *f, int h, size_t len)
 {
-    zmq_msg_t *payload = &f[n - 1];
-    const size_t len = zmq_msg_size(payload);
-    const uint64_t rid = edge_scan_request_id(zmq_msg_data(payload), len);
+    zmq_msg_t *payload = &f[h];
+    const uint64_t rid = edge_scan_request_id(zmq_msg_data(payload), zmq_msg_size(payload));
     const char *peer = zmq_msg_gets(payload, "Peer-Address");
     char msg[200];
     snprintf(msg, sizeof(msg),
@@ -297,16 +303,16 @@ static void s_io_refuse_oversized(io_thread *io, zmq_msg_t *f, int n)
     if (fasa_service_error(rid, FASA_RESOURCE_EXHAUSTED, msg, &buf, &buf_len)) return;
     if (zmq_send(io->router, zmq_msg_data(&f[0]), zmq_msg_size(&f[0]),
                  ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0 &&
-        (n == 2 || zmq_send(io->router, "", 0, ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0))
+        (h == 1 || zmq_send(io->router, "", 0, ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0))
         zmq_send(io->router, buf, buf_len, ZMQ_DONTWAIT);
     free(buf);
 }
 
 /* One request from the ROUTER to the main thread, stamped with its arrival time and its
  * sender (or, when stopping or failed, answered UNAVAILABLE here); -1 when none is waiting.
- * Its frames are read whole first (a well-formed one has 2 or 3), so that the guard learns
- * it was taken and an oversized one is refused here. */
-#define IO_MAX_FRAMES 4
+ * Its frames are read whole first (a well-formed one has 2 or 3, and its raw data frames),
+ * so that the guard learns it was taken and an oversized one is refused here. */
+#define IO_MAX_FRAMES (3 + EDGE_MAX_FRAMES)
 static int s_io_request(io_thread *io)
 {
     zmq_msg_t f[IO_MAX_FRAMES];
@@ -334,9 +340,12 @@ static int s_io_request(io_thread *io)
             zmq_msg_close(&m), extra++;
     }
     fasa_guard_seen(io->guard, zmq_msg_get(&f[n - 1], ZMQ_SRCFD), bytes, n + extra);
-    if (!broken && !extra && n >= 2 && (long long)zmq_msg_size(&f[n - 1]) > io->max_message &&
-        (n == 2 || (n == 3 && zmq_msg_size(&f[1]) == 0))) {
-        s_io_refuse_oversized(io, f, n);
+    /* f[h]: the Request (after the REQ delimiter, if any), then its data frames. */
+    const int h = n >= 3 && zmq_msg_size(&f[1]) == 0 ? 2 : 1;
+    size_t payload_bytes = 0;
+    for (int i = h; i < n; i++) payload_bytes += zmq_msg_size(&f[i]);
+    if (!broken && !extra && n > h && (long long)payload_bytes > io->max_message) {
+        s_io_refuse_oversized(io, f, h, payload_bytes);
         for (int i = 0; i < n; i++) zmq_msg_close(&f[i]);
         return 0;
     }
@@ -345,8 +354,8 @@ static int s_io_request(io_thread *io)
     io_pending p = {0};
     const int tracked = zmq_msg_size(&f[0]) <= IO_ID_MAX;
     if (tracked) memcpy(p.id, zmq_msg_data(&f[0]), p.id_len = zmq_msg_size(&f[0]));
-    p.delim = n >= 3 && zmq_msg_size(&f[1]) == 0;
-    if (n >= 2) p.rid = fasa_service_request_id(zmq_msg_data(&f[n - 1]), zmq_msg_size(&f[n - 1]));
+    p.delim = h == 2;
+    if (n > h) p.rid = fasa_service_request_id(zmq_msg_data(&f[h]), zmq_msg_size(&f[h]));
     if (io->mode != IO_NORMAL) {
         for (int i = 0; i < n; i++) zmq_msg_close(&f[i]);
         if (tracked) {
@@ -708,17 +717,25 @@ static int s_serve(fasa_service *svc, const server_config *o, int n_ranks)
         uint8_t *reply = NULL;
         size_t reply_len = 0;
         int failed;
-        if (in.bad_shape)
+        if (in.bad_shape) {
             failed = fasa_service_refuse(
                 svc,
                 in.has_payload
                     ? fasa_service_request_id(zmq_msg_data(&in.payload), zmq_msg_size(&in.payload))
                     : 0,
-                FASA_INVALID_ARGUMENT, "request: expected exactly one payload frame",
+                FASA_INVALID_ARGUMENT,
+                in.has_payload ? "request: more than " EDGE_MAX_FRAMES_TEXT
+                                 " data frames after the Request"
+                               : "request: expected a payload frame (the Request)",
                 in.has_payload ? zmq_msg_size(&in.payload) : 0, &reply, &reply_len);
-        else
-            failed = fasa_service_handle(svc, zmq_msg_data(&in.payload), zmq_msg_size(&in.payload),
-                                         &reply, &reply_len, &shutdown);
+        } else {
+            edge_frame fr[EDGE_MAX_FRAMES];
+            for (int i = 0; i < in.n_data; i++)
+                fr[i] = (edge_frame){zmq_msg_data(&in.data[i]), zmq_msg_size(&in.data[i])};
+            failed = fasa_service_handle_frames(svc, zmq_msg_data(&in.payload),
+                                                zmq_msg_size(&in.payload), fr, in.n_data, &reply,
+                                                &reply_len, &shutdown);
+        }
         if (!failed) s_send_take(pair, &in, &reply, reply_len);
         free(reply);
         s_inbound_close(&in);

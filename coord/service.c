@@ -1657,6 +1657,13 @@ static int s_reply(fasa_service *s, uint64_t rid, size_t len, handled *h, reply 
 int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **reply_p,
                         size_t *reply_len_p, int *shutdown_p)
 {
+    return fasa_service_handle_frames(s, buf, len, NULL, 0, reply_p, reply_len_p, shutdown_p);
+}
+
+int fasa_service_handle_frames(fasa_service *s, const void *buf, size_t len,
+                               const edge_frame *frames, int n_frames, uint8_t **reply_p,
+                               size_t *reply_len_p, int *shutdown_p)
+{
     handled h = {0};
     fasa__v1__response__init(&h.resp);
     reply r = {.code = FASA_OK, .resp = &h.resp};
@@ -1667,8 +1674,9 @@ int fasa_service_handle(fasa_service *s, const void *buf, size_t len, uint8_t **
     s->t_handle = t_start;
     s->requests++;
     if (!s->arena) s->arena = edge_arena_new(); /* NULL: edge_decode_in mallocs */
-    const int code =
-        edge_decode_in(s->arena, buf, len, s->max_message, &req, &rid, r.msg, sizeof(r.msg));
+    const int code = edge_decode_frames(s->arena, buf, len, frames, n_frames, s->max_message, &req,
+                                        &rid, r.msg, sizeof(r.msg));
+    for (int i = 0; i < n_frames && frames; i++) len += frames[i].len; /* bytes in, all frames */
     fasa_log_set_request(rid); /* this thread's lines, and the workers', name the request */
     /* A request the edge refused counts under its body when the bytes parsed as a Request,
      * else as undecodable (req.kind 0), in the log as in Stats. */

@@ -11,6 +11,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "edge.h"
 #include "engine.h"
 
 #define FASA_SERVICE_MAX_SESSIONS 1024
@@ -45,6 +46,13 @@ void fasa_service_destroy(fasa_service **service_p);
  * memory). */
 int fasa_service_handle(fasa_service *s, const void *req, size_t len, uint8_t **reply_p,
                         size_t *reply_len_p, int *shutdown_p);
+
+/* fasa_service_handle of a Request (req, len) followed by n_frames raw data frames (its
+ * tensors' elements: fasa.proto Tensor.data_frame), all borrowed for the call and used where
+ * they are; n_frames 0 is fasa_service_handle. At most EDGE_MAX_FRAMES (proto/edge.h). */
+int fasa_service_handle_frames(fasa_service *s, const void *req, size_t len,
+                               const edge_frame *frames, int n_frames, uint8_t **reply_p,
+                               size_t *reply_len_p, int *shutdown_p);
 
 /* How long the next request handled has waited in the server's queue, in milliseconds
  * (the server measures it from when it read the request off the socket). The request's

@@ -41,12 +41,72 @@ uint8_t *fuzz_pack(const Fasa__V1__Request *req, size_t *len_p)
     return buf;
 }
 
+void fuzz_split(const uint8_t *data, size_t size, const uint8_t **req_p, size_t *len_p,
+                edge_frame *frames, int *n_frames_p)
+{
+    *req_p = data;
+    *len_p = size;
+    *n_frames_p = 0;
+    if (size < 4 || memcmp(data, "FRM", 3) != 0) return;
+    const int n = data[3];
+    size_t at = 4;
+    if (size - at < (size_t)n * 4) return; /* no room for the lengths: one frame */
+    size_t lens[FUZZ_MAX_FRAMES];
+    for (int i = 0; i < n; i++, at += 4)
+        lens[i] = (size_t)data[at] | (size_t)data[at + 1] << 8 | (size_t)data[at + 2] << 16 |
+                  (size_t)data[at + 3] << 24;
+    size_t avail = size - at;
+    for (int i = 0; i < n; i++) {
+        if (lens[i] > avail) lens[i] = avail;
+        avail -= lens[i];
+    }
+    *req_p = data + at;
+    *len_p = avail;
+    at += avail;
+    for (int i = 0; i < n; i++) {
+        frames[i] = (edge_frame){data + at, lens[i]};
+        at += lens[i];
+    }
+    *n_frames_p = n;
+}
+
+uint8_t *fuzz_join(const uint8_t *req, size_t len, const edge_frame *frames, int n_frames,
+                   size_t *out_len_p)
+{
+    size_t total = 4 + 4 * (size_t)n_frames + len;
+    for (int i = 0; i < n_frames; i++) total += frames[i].len;
+    uint8_t *b = malloc(total);
+    if (!b || n_frames < 0 || n_frames > FUZZ_MAX_FRAMES) {
+        fprintf(stderr, "fuzz: cannot join %d frames\n", n_frames);
+        abort();
+    }
+    memcpy(b, "FRM", 3);
+    b[3] = (uint8_t)n_frames;
+    size_t at = 4;
+    for (int i = 0; i < n_frames; i++, at += 4)
+        for (int j = 0; j < 4; j++) b[at + j] = (uint8_t)(frames[i].len >> (8 * j));
+    memcpy(b + at, req, len);
+    at += len;
+    for (int i = 0; i < n_frames; i++) {
+        memcpy(b + at, frames[i].data, frames[i].len);
+        at += frames[i].len;
+    }
+    *out_len_p = total;
+    return b;
+}
+
 Fasa__V1__Response *fuzz_roundtrip(fuzz_fixture *fx, const void *buf, size_t len)
 {
     uint8_t *reply = NULL;
     size_t n = 0;
     int shutdown = 0;
-    if (fasa_service_handle(fx->svc, buf, len, &reply, &n, &shutdown)) s_die("handle", NULL);
+    const uint8_t *req;
+    size_t req_len;
+    edge_frame frames[FUZZ_MAX_FRAMES];
+    int n_frames;
+    fuzz_split(buf, len, &req, &req_len, frames, &n_frames);
+    if (fasa_service_handle_frames(fx->svc, req, req_len, frames, n_frames, &reply, &n, &shutdown))
+        s_die("handle", NULL);
     Fasa__V1__Response *r = fasa__v1__response__unpack(NULL, n, reply);
     free(reply);
     if (!r) s_die("decoding the response", NULL);

@@ -51,9 +51,23 @@ void fuzz_fixture_destroy(fuzz_fixture **fx_p);
 /* Packs req (malloc'd bytes, caller frees) into *len_p. Aborts when out of memory. */
 uint8_t *fuzz_pack(const Fasa__V1__Request *req, size_t *len_p);
 
-/* Sends len bytes through the service; returns the decoded Response (caller frees it with
- * fasa__v1__response__free_unpacked). Aborts when no decodable response comes back. */
+/* Sends len bytes (one input: fuzz_split) through the service; returns the decoded Response (caller
+ * frees it with fasa__v1__response__free_unpacked). Aborts when no decodable response comes back.
+ */
 Fasa__V1__Response *fuzz_roundtrip(fuzz_fixture *fx, const void *buf, size_t len);
+
+/* Multipart inputs (a Request followed by raw data frames, fasa.proto Tensor.data_frame):
+ * an input that starts with the 3 bytes "FRM" is byte 3 = n (0..255 data frames), n
+ * little-endian uint32 frame lengths, then the Request's bytes, then the frames' bytes in
+ * order; the lengths are clipped, first to last, to the bytes there are, and what they leave
+ * first is the Request. Any other input is one frame (the Request). fuzz_split reads one
+ * (frames: FUZZ_MAX_FRAMES entries; all pointers into data); fuzz_join writes one (caller
+ * frees; aborts when out of memory). */
+#define FUZZ_MAX_FRAMES 255
+void fuzz_split(const uint8_t *data, size_t size, const uint8_t **req_p, size_t *len_p,
+                edge_frame *frames, int *n_frames_p);
+uint8_t *fuzz_join(const uint8_t *req, size_t len, const edge_frame *frames, int n_frames,
+                   size_t *out_len_p);
 
 /* Fills n floats with deterministic values in [-scale, scale) from *state. */
 void fuzz_fill(uint64_t *state, size_t n, float *x, float scale);

@@ -4,6 +4,9 @@
  * engine of 2 in-process shards with a 16-token placement block (fixture.h), with the
  * service's default limits.
  *
+ * An input that starts with "FRM" is a multipart message instead: the Request and raw data
+ * frames after it (fixture.h's fuzz_split), handed over as rank 0 hands them over.
+ *
  * Beyond the sanitizers (ASan, UBSan), every input must keep these invariants, or the target
  * aborts with a line saying which:
  *   - a response always comes back, decodes as a Response, carries protocol_version 1 and a
@@ -467,8 +470,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (!s_fx) s_fx = fuzz_fixture_new();
     s_inputs++;
 
+    /* A multipart input: the Request, then raw data frames (fixture.h). */
+    const uint8_t *req;
+    size_t req_len;
+    static edge_frame frames[FUZZ_MAX_FRAMES];
+    int n_frames;
+    fuzz_split(data, size, &req, &req_len, frames, &n_frames);
     /* An independent reading of the bytes (protobuf-c without the edge's limits). */
-    Fasa__V1__Request *m = fasa__v1__request__unpack(NULL, size, data);
+    Fasa__V1__Request *m = fasa__v1__request__unpack(NULL, req_len, req);
     const char *tracked = m ? s_session_of(m) : NULL;
     static snap before, after;
     s_snap(s_fx->engine, tracked, &before);
@@ -476,8 +485,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint8_t *reply = NULL;
     size_t n = 0;
     int shutdown = 0;
-    CHECK(fasa_service_handle(s_fx->svc, data, size, &reply, &n, &shutdown) == 0,
-          "no response (fasa_service_handle failed)");
+    CHECK(fasa_service_handle_frames(s_fx->svc, req, req_len, frames, n_frames, &reply, &n,
+                                     &shutdown) == 0,
+          "no response (fasa_service_handle_frames failed)");
     CHECK(reply != NULL, "no response bytes");
     Fasa__V1__Response *r = fasa__v1__response__unpack(NULL, n, reply);
     CHECK(r, "the response (%zu bytes) does not decode", n);

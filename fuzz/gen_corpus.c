@@ -56,6 +56,20 @@ static void s_emit(const char *name, Fasa__V1__Request *req, int want)
     free(buf);
 }
 
+/* s_emit of a Request followed by raw data frames (fixture.h's multipart inputs). */
+static void s_emit_frames(const char *name, Fasa__V1__Request *req, const edge_frame *frames,
+                          int n_frames, int want)
+{
+    if (!req->protocol_version) req->protocol_version = 1;
+    req->request_id = 1000 + (uint64_t)s_count;
+    size_t len, all;
+    uint8_t *buf = fuzz_pack(req, &len);
+    uint8_t *joined = fuzz_join(buf, len, frames, n_frames, &all);
+    s_write(name, joined, all, want);
+    free(joined);
+    free(buf);
+}
+
 static void s_tensor(Fasa__V1__Tensor *t, uint64_t *shape, int rank, float *data, size_t n)
 {
     edge_tensor_f32(t, shape, rank, data, n);
@@ -184,6 +198,26 @@ static void s_appends(void)
     a.session_id = "e";
     a.start_pos = 0;
     s_emit("append-empty-session", &req, 0);
+
+    /* k and v as raw data frames 1 and 2 after the Request; then a frame a byte short, a
+     * frame too many, one missing, and one named twice. */
+    a.session_id = "d";
+    a.start_pos = N;
+    const edge_frame fr[3] = {
+        {k, sizeof(float) * 2 * HKV * D}, {v, sizeof(float) * 2 * HKV * D}, {v, 8}};
+    tk.data.len = tv.data.len = 0;
+    tk.has_data_frame = tv.has_data_frame = 1;
+    tk.data_frame = 1;
+    tv.data_frame = 2;
+    s_emit_frames("append-layer-frames", &req, fr, 2, 0);
+    const edge_frame shorter[2] = {fr[0], {v, fr[1].len - 1}};
+    s_emit_frames("bad-append-frame-size", &req, shorter, 2, FASA__V1__STATUS__INVALID_ARGUMENT);
+    s_emit_frames("bad-append-frame-extra", &req, fr, 3, FASA__V1__STATUS__INVALID_ARGUMENT);
+    s_emit_frames("bad-append-frame-missing", &req, fr, 1, FASA__V1__STATUS__INVALID_ARGUMENT);
+    tv.data_frame = 1;
+    s_emit_frames("bad-append-frame-twice", &req, fr, 2, FASA__V1__STATUS__INVALID_ARGUMENT);
+    s_tensor(&tk, one, 3, k, 2 * HKV * D);
+    s_tensor(&tv, one, 3, v, 2 * HKV * D);
 
     /* F16 and BF16 on the wire (stored as sent where the session's dtype matches). */
     static uint16_t kh[L * 2 * HKV * D], vh[L * 2 * HKV * D];

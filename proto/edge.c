@@ -225,22 +225,92 @@ static int s_all_finite_half(const uint16_t *x, uint64_t n, uint16_t exp_mask)
     return !bad;
 }
 
+/* The raw data frames of a request (edge_decode_frames): which are taken, and the aligned
+ * copies of those that were not aligned for their elements. NULL: none came. */
+typedef struct frames_ctx {
+    const edge_frame *f;
+    int n;
+    uint8_t used[EDGE_MAX_FRAMES];
+    void *copy[EDGE_MAX_FRAMES];
+} frames_ctx;
+
+static void s_frames_free(frames_ctx *fr)
+{
+    if (!fr) return;
+    for (int i = 0; i < fr->n; i++) free(fr->copy[i]);
+    free(fr);
+}
+
+/* Where a tensor's elements are: its data, or the raw frame it names (then *data_p and
+ * *len_p are the frame's, taken so that no other tensor names it). src gets "data" or
+ * "data frame N", for messages. */
+static int s_tensor_bytes(const Fasa__V1__Tensor *t, const char *field, frames_ctx *fr,
+                          const uint8_t **data_p, size_t *len_p, char *src, size_t src_len,
+                          char *msg, size_t len)
+{
+    *data_p = t->data.data;
+    *len_p = t->data.len;
+    snprintf(src, src_len, "data");
+    if (!t->has_data_frame || t->data_frame == 0) return ST_OK;
+    const uint32_t i = t->data_frame;
+    if (!fr || fr->n == 0)
+        return s_err(msg, len, ST_INVALID,
+                     "%s.data_frame %u: the message has no data frames after the Request (send "
+                     "the elements in data, or as frame %u of the same message)",
+                     field, i, i);
+    if (i > (uint32_t)fr->n)
+        return s_err(msg, len, ST_INVALID,
+                     "%s.data_frame %u: the message has only %d data frame%s after the Request",
+                     field, i, fr->n, fr->n == 1 ? "" : "s");
+    if (t->data.len)
+        return s_err(msg, len, ST_INVALID,
+                     "%s: data (%zu bytes) and data_frame %u are both given: send one or the "
+                     "other",
+                     field, t->data.len, i);
+    if (fr->used[i - 1])
+        return s_err(msg, len, ST_INVALID,
+                     "%s.data_frame %u is already the data of another tensor: each frame is "
+                     "one tensor's",
+                     field, i);
+    fr->used[i - 1] = 1;
+    *data_p = fr->f[i - 1].data;
+    *len_p = fr->f[i - 1].len;
+    snprintf(src, src_len, "data frame %u", i);
+    return ST_OK;
+}
+
 static int s_tensor_dt(const Fasa__V1__Tensor *t, const char *field, int rank_lo, int rank_hi,
-                       int half_ok, edge_tensor *out, char *msg, size_t len);
+                       int half_ok, frames_ctx *fr, edge_tensor *out, char *msg, size_t len);
+
+/* A BatchAttend item refused before its tensors were read still names its frames: they
+ * are its own (it fails alone), not frames that no tensor names. */
+static void s_claim_frames(frames_ctx *fr, const Fasa__V1__Attend *a)
+{
+    const Fasa__V1__Tensor *t[3] = {a->q, a->k_new, a->v_new};
+    for (int i = 0; fr && i < 3; i++)
+        if (t[i] && t[i]->has_data_frame && t[i]->data_frame >= 1 &&
+            t[i]->data_frame <= (uint32_t)fr->n)
+            fr->used[t[i]->data_frame - 1] = 1;
+}
 
 static int s_tensor(const Fasa__V1__Tensor *t, const char *field, int rank_lo, int rank_hi,
-                    edge_tensor *out, char *msg, size_t len)
+                    frames_ctx *fr, edge_tensor *out, char *msg, size_t len)
 {
-    return s_tensor_dt(t, field, rank_lo, rank_hi, 0, out, msg, len);
+    return s_tensor_dt(t, field, rank_lo, rank_hi, 0, fr, out, msg, len);
 }
 
 /* s_tensor that also takes F16 and BF16 when half_ok (append k and v, attend k_new and
  * v_new): out->dtype and out->raw say which; out->data is then NULL. */
 static int s_tensor_dt(const Fasa__V1__Tensor *t, const char *field, int rank_lo, int rank_hi,
-                       int half_ok, edge_tensor *out, char *msg, size_t len)
+                       int half_ok, frames_ctx *fr, edge_tensor *out, char *msg, size_t len)
 {
     memset(out, 0, sizeof(*out));
     if (!t) return s_err(msg, len, ST_INVALID, "%s is missing", field);
+    const uint8_t *data;
+    size_t dlen;
+    char src[32];
+    const int sb = s_tensor_bytes(t, field, fr, &data, &dlen, src, sizeof(src), msg, len);
+    if (sb) return sb;
     const int half =
         half_ok && (t->dtype == FASA__V1__DTYPE__F16 || t->dtype == FASA__V1__DTYPE__BF16);
     if (t->dtype != FASA__V1__DTYPE__F32 && !half)
@@ -254,7 +324,7 @@ static int s_tensor_dt(const Fasa__V1__Tensor *t, const char *field, int rank_lo
     /* Every dim at least 1; the product, in bytes, must equal data.len. Dims are checked
      * one at a time against what the data could hold, so the product cannot overflow. */
     uint64_t elems = 1;
-    const uint64_t have = t->data.len / esz;
+    const uint64_t have = dlen / esz;
     /* A 0 anywhere first: otherwise a dim before it would "claim more than 0 bytes". */
     for (size_t i = 0; i < t->n_shape; i++)
         if (t->shape[i] == 0)
@@ -269,20 +339,29 @@ static int s_tensor_dt(const Fasa__V1__Tensor *t, const char *field, int rank_lo
             for (size_t j = 0; j < t->n_shape && o < sizeof(dims) - 24; j++)
                 o += (size_t)snprintf(dims + o, sizeof(dims) - o, "%s%llu", j ? ", " : "",
                                       (unsigned long long)t->shape[j]);
-            return s_err(msg, len, ST_INVALID, "%s.shape [%s] claims more than the %zu data bytes",
-                         field, dims, t->data.len);
+            return s_err(msg, len, ST_INVALID, "%s.shape [%s] claims more than the %zu bytes of %s",
+                         field, dims, dlen, src);
         }
         elems *= dim;
         out->shape[i] = (int64_t)dim;
     }
-    if (elems * esz != t->data.len)
-        return s_err(msg, len, ST_INVALID, "%s.shape holds %llu %s but data has %zu bytes", field,
-                     (unsigned long long)elems, half ? "elements of 2 bytes" : "floats",
-                     t->data.len);
-    if ((uintptr_t)t->data.data % esz)
-        return s_err(msg, len, ST_INTERNAL, "%s.data is not aligned", field);
+    if (elems * esz != dlen)
+        return s_err(msg, len, ST_INVALID, "%s.shape holds %llu %s but %s has %zu bytes", field,
+                     (unsigned long long)elems, half ? "elements of 2 bytes" : "floats", src, dlen);
+    if ((uintptr_t)data % esz) {
+        /* A frame lands where ZeroMQ put it (small ones inside its receive buffer): one
+         * not aligned for its elements is copied. protobuf-c's bytes always are. */
+        const uint32_t i = t->has_data_frame ? t->data_frame : 0;
+        if (!i) return s_err(msg, len, ST_INTERNAL, "%s.data is not aligned", field);
+        void *c = malloc(dlen);
+        if (!c)
+            return s_err(msg, len, ST_EXHAUSTED, "%s: out of memory for %zu bytes", field, dlen);
+        memcpy(c, data, dlen);
+        fr->copy[i - 1] = c;
+        data = c;
+    }
     if (half) {
-        const uint16_t *h = (const uint16_t *)(const void *)t->data.data;
+        const uint16_t *h = (const uint16_t *)(const void *)data;
         const uint16_t em = t->dtype == FASA__V1__DTYPE__F16 ? 0x7c00u : 0x7f80u;
         if (!s_all_finite_half(h, elems, em))
             for (uint64_t i = 0; i < elems; i++)
@@ -296,7 +375,7 @@ static int s_tensor_dt(const Fasa__V1__Tensor *t, const char *field, int rank_lo
         out->n = (size_t)elems;
         return ST_OK;
     }
-    const float *x = (const float *)(const void *)t->data.data;
+    const float *x = (const float *)(const void *)data;
     if (!s_all_finite(x, elems))
         for (uint64_t i = 0; i < elems; i++)
             if (!isfinite(x[i]))
@@ -399,7 +478,8 @@ static int s_create(const Fasa__V1__CreateSession *c, edge_create *o, char *msg,
     return ST_OK;
 }
 
-static int s_append(const Fasa__V1__Append *a, edge_append *o, char *msg, size_t len)
+static int s_append(const Fasa__V1__Append *a, frames_ctx *fr, edge_append *o, char *msg,
+                    size_t len)
 {
     int st;
     if ((st = s_id(a->session_id, "append.session_id", msg, len)) ||
@@ -409,8 +489,8 @@ static int s_append(const Fasa__V1__Append *a, edge_append *o, char *msg, size_t
         return s_err(msg, len, ST_INVALID, "append.start_pos %llu out of range [0, %d]",
                      (unsigned long long)a->start_pos, INT32_MAX);
     const int rank = a->layer < 0 ? 4 : 3;
-    if ((st = s_tensor_dt(a->k, "append.k", rank, rank, 1, &o->k, msg, len)) ||
-        (st = s_tensor_dt(a->v, "append.v", rank, rank, 1, &o->v, msg, len)))
+    if ((st = s_tensor_dt(a->k, "append.k", rank, rank, 1, fr, &o->k, msg, len)) ||
+        (st = s_tensor_dt(a->v, "append.v", rank, rank, 1, fr, &o->v, msg, len)))
         return st;
     if (o->k.dtype != o->v.dtype)
         return s_err(msg, len, ST_INVALID, "append.v.dtype %s differs from k's %s",
@@ -428,8 +508,8 @@ static int s_append(const Fasa__V1__Append *a, edge_append *o, char *msg, size_t
     return ST_OK;
 }
 
-static int s_attend(const Fasa__V1__Attend *a, const char *field, edge_attend *o, char *msg,
-                    size_t len)
+static int s_attend(const Fasa__V1__Attend *a, const char *field, frames_ctx *fr, edge_attend *o,
+                    char *msg, size_t len)
 {
     char f[96];
     int st;
@@ -438,14 +518,14 @@ static int s_attend(const Fasa__V1__Attend *a, const char *field, edge_attend *o
     snprintf(f, sizeof(f), "%s.layer", field);
     if ((st = s_range(a->layer, 0, EDGE_MAX_LAYERS - 1, f, msg, len))) return st;
     snprintf(f, sizeof(f), "%s.q", field);
-    if ((st = s_tensor(a->q, f, 2, 2, &o->q, msg, len))) return st;
+    if ((st = s_tensor(a->q, f, 2, 2, fr, &o->q, msg, len))) return st;
     if (!a->k_new != !a->v_new)
         return s_err(msg, len, ST_INVALID, "%s.k_new and %s.v_new come together", field, field);
     if (a->k_new) {
         snprintf(f, sizeof(f), "%s.k_new", field);
-        if ((st = s_tensor_dt(a->k_new, f, 2, 2, 1, &o->k_new, msg, len))) return st;
+        if ((st = s_tensor_dt(a->k_new, f, 2, 2, 1, fr, &o->k_new, msg, len))) return st;
         snprintf(f, sizeof(f), "%s.v_new", field);
-        if ((st = s_tensor_dt(a->v_new, f, 2, 2, 1, &o->v_new, msg, len))) return st;
+        if ((st = s_tensor_dt(a->v_new, f, 2, 2, 1, fr, &o->v_new, msg, len))) return st;
         if (o->k_new.dtype != o->v_new.dtype)
             return s_err(msg, len, ST_INVALID, "%s.v_new.dtype %s differs from k_new's %s", field,
                          s_dtype_name(a->v_new->dtype), s_dtype_name(a->k_new->dtype));
@@ -475,11 +555,12 @@ static int s_attend(const Fasa__V1__Attend *a, const char *field, edge_attend *o
     return ST_OK;
 }
 
-static int s_calibrate(const Fasa__V1__Calibrate *c, edge_calibrate *o, char *msg, size_t len)
+static int s_calibrate(const Fasa__V1__Calibrate *c, frames_ctx *fr, edge_calibrate *o, char *msg,
+                       size_t len)
 {
     int st;
-    if ((st = s_tensor(c->q, "calibrate.q", 4, 4, &o->q, msg, len)) ||
-        (st = s_tensor(c->k, "calibrate.k", 4, 4, &o->k, msg, len)))
+    if ((st = s_tensor(c->q, "calibrate.q", 4, 4, fr, &o->q, msg, len)) ||
+        (st = s_tensor(c->k, "calibrate.k", 4, 4, fr, &o->k, msg, len)))
         return st;
     if (o->q.shape[0] != o->k.shape[0] || o->q.shape[1] != o->k.shape[1] ||
         o->q.shape[3] != o->k.shape[3])
@@ -521,7 +602,8 @@ static int s_calibrate(const Fasa__V1__Calibrate *c, edge_calibrate *o, char *ms
     return ST_OK;
 }
 
-static int s_body(const Fasa__V1__Request *m, edge_request *r, char *msg, size_t len)
+static int s_body(const Fasa__V1__Request *m, frames_ctx *fr, edge_request *r, char *msg,
+                  size_t len)
 {
     switch (m->body_case) {
     case FASA__V1__REQUEST__BODY_PING:
@@ -539,10 +621,10 @@ static int s_body(const Fasa__V1__Request *m, edge_request *r, char *msg, size_t
         return s_create(m->create_session, &r->u.create, msg, len);
     case FASA__V1__REQUEST__BODY_APPEND:
         r->kind = EDGE_APPEND;
-        return s_append(m->append, &r->u.append, msg, len);
+        return s_append(m->append, fr, &r->u.append, msg, len);
     case FASA__V1__REQUEST__BODY_ATTEND:
         r->kind = EDGE_ATTEND;
-        return s_attend(m->attend, "attend", &r->u.attend, msg, len);
+        return s_attend(m->attend, "attend", fr, &r->u.attend, msg, len);
     case FASA__V1__REQUEST__BODY_BATCH_ATTEND: {
         r->kind = EDGE_BATCH_ATTEND;
         const size_t n = m->batch_attend->n_items;
@@ -560,13 +642,14 @@ static int s_body(const Fasa__V1__Request *m, edge_request *r, char *msg, size_t
              * own status", fasa.proto). */
             edge_attend *it = &r->u.batch.items[i];
             it->item_status =
-                s_attend(m->batch_attend->items[i], f, it, it->item_msg, sizeof(it->item_msg));
+                s_attend(m->batch_attend->items[i], f, fr, it, it->item_msg, sizeof(it->item_msg));
+            if (it->item_status) s_claim_frames(fr, m->batch_attend->items[i]);
         }
         return ST_OK;
     }
     case FASA__V1__REQUEST__BODY_CALIBRATE:
         r->kind = EDGE_CALIBRATE;
-        return s_calibrate(m->calibrate, &r->u.calibrate, msg, len);
+        return s_calibrate(m->calibrate, fr, &r->u.calibrate, msg, len);
     case FASA__V1__REQUEST__BODY_SET_PROFILE: {
         r->kind = EDGE_SET_PROFILE;
         const Fasa__V1__SetProfile *p = m->set_profile;
@@ -640,17 +723,53 @@ int edge_decode(const void *buf, size_t len, size_t max_message, edge_request *r
 int edge_decode_in(edge_arena *arena, const void *buf, size_t len, size_t max_message,
                    edge_request *req, uint64_t *request_id_p, char *msg, size_t msg_len)
 {
+    return edge_decode_frames(arena, buf, len, NULL, 0, max_message, req, request_id_p, msg,
+                              msg_len);
+}
+
+int edge_decode_frames(edge_arena *arena, const void *buf, size_t len, const edge_frame *frames,
+                       int n_frames, size_t max_message, edge_request *req, uint64_t *request_id_p,
+                       char *msg, size_t msg_len)
+{
     memset(req, 0, sizeof(*req));
     *request_id_p = 0;
     if (len > max_message)
         return s_err(msg, msg_len, ST_INVALID, "request: %zu bytes is over the %zu-byte limit", len,
                      max_message);
-    if (!buf || len == 0) return s_err(msg, msg_len, ST_INVALID, "request: empty message");
+    if (!buf || len == 0)
+        return s_err(msg, msg_len, ST_INVALID,
+                     n_frames ? "request: the first frame is empty (the Request comes first, "
+                                "then its data frames)"
+                              : "request: empty message");
     *request_id_p = edge_scan_request_id(buf, len);
+    if (n_frames < 0 || n_frames > EDGE_MAX_FRAMES || (n_frames && !frames))
+        return s_err(msg, msg_len, ST_INVALID,
+                     "request: %d data frames after the Request, at most %d (send the other "
+                     "tensors' elements in Tensor.data)",
+                     n_frames, EDGE_MAX_FRAMES);
+    size_t total = len;
+    for (int i = 0; i < n_frames; i++) {
+        if (frames[i].len > max_message - total)
+            return s_err(msg, msg_len, ST_INVALID,
+                         "request: the Request and its %d data frames are over the %zu-byte "
+                         "limit",
+                         n_frames, max_message);
+        total += frames[i].len;
+    }
+    frames_ctx *fr = NULL;
+    if (n_frames) {
+        fr = calloc(1, sizeof(*fr));
+        if (!fr) return s_err(msg, msg_len, ST_EXHAUSTED, "request: out of memory");
+        fr->f = frames;
+        fr->n = n_frames;
+    }
 
     if (arena && arena->busy) arena = NULL; /* one request at a time: the other mallocs */
     bounded_alloc *a = arena ? &arena->a : calloc(1, sizeof(*a));
-    if (!a) return s_err(msg, msg_len, ST_EXHAUSTED, "request: out of memory");
+    if (!a) {
+        s_frames_free(fr);
+        return s_err(msg, msg_len, ST_EXHAUSTED, "request: out of memory");
+    }
     memset(a, 0, sizeof(*a));
     if (arena) {
         a->arena = arena;
@@ -667,15 +786,23 @@ int edge_decode_in(edge_arena *arena, const void *buf, size_t len, size_t max_me
             s_arena_release(arena);
         else
             free(a);
+        s_frames_free(fr);
         if (exceeded)
             return s_err(msg, msg_len, ST_EXHAUSTED,
                          "request: decoding it would take more memory than allowed");
+        if (n_frames)
+            return s_err(msg, msg_len, ST_INVALID,
+                         "request: the first frame is not a valid fasa.v1.Request (malformed or "
+                         "truncated protobuf, or a required field missing; %d data frame%s "
+                         "followed it)",
+                         n_frames, n_frames == 1 ? "" : "s");
         return s_err(msg, msg_len, ST_INVALID,
                      "request: not a valid fasa.v1.Request (malformed or truncated protobuf, or "
                      "a required field missing)");
     }
     req->msg_ = m;
     req->alloc_ = a;
+    req->frames_ = fr;
     req->request_id = m->request_id;
     req->deadline_ms = m->has_deadline_ms ? m->deadline_ms : 0;
     *request_id_p = m->request_id;
@@ -687,7 +814,13 @@ int edge_decode_in(edge_arena *arena, const void *buf, size_t len, size_t max_me
                    "protocol_version %u is not supported (this server speaks %d)",
                    m->protocol_version, EDGE_PROTOCOL_VERSION);
     else
-        st = s_body(m, req, msg, msg_len);
+        st = s_body(m, fr, req, msg, msg_len);
+    for (int i = 0; !st && i < n_frames; i++)
+        if (!fr->used[i])
+            st = s_err(msg, msg_len, ST_INVALID,
+                       "request: data frame %d (%zu bytes) is named by no tensor's data_frame "
+                       "(every frame after the Request must be one tensor's elements)",
+                       i + 1, frames[i].len);
     if (st) {
         const edge_kind kind = req->kind; /* set once the bytes parsed as a Request */
         edge_request_free(req);
@@ -701,6 +834,7 @@ void edge_request_free(edge_request *req)
     if (!req) return;
     if (req->kind == EDGE_BATCH_ATTEND) free(req->u.batch.items);
     if (req->msg_) fasa__v1__request__free_unpacked(req->msg_, req->alloc_);
+    s_frames_free(req->frames_);
     bounded_alloc *a = req->alloc_;
     if (a && a->arena)
         s_arena_release(a->arena);

@@ -143,8 +143,9 @@ typedef struct edge_request {
             int all;
         } snapshot;
     } u;
-    void *msg_;   /* the unpacked message, owner of every pointer above */
-    void *alloc_; /* its bounded allocator */
+    void *msg_;    /* the unpacked message, owner of every pointer above */
+    void *alloc_;  /* its bounded allocator */
+    void *frames_; /* the raw data frames' bookkeeping (and aligned copies), or NULL */
 } edge_request;
 
 /* Decodes len bytes (buf borrowed, read only during the call: req's tensors point into
@@ -176,6 +177,26 @@ void edge_arena_destroy(edge_arena **arena_p);
  * limits, results and messages. */
 int edge_decode_in(edge_arena *arena, const void *buf, size_t len, size_t max_message,
                    edge_request *req, uint64_t *request_id_p, char *msg, size_t msg_len);
+
+/* Raw data frames (fasa.proto Tensor.data_frame, docs/protocol.md): the frames of a
+ * multipart message after the Request's own, each the elements of exactly one Tensor
+ * that names it (1 for the first). At most EDGE_MAX_FRAMES of them. */
+#define EDGE_MAX_FRAMES 64
+#define EDGE_MAX_FRAMES_TEXT "64"
+typedef struct edge_frame {
+    const void *data;
+    size_t len;
+} edge_frame;
+/* edge_decode_in of a Request (buf, len) followed by n_frames raw data frames (frames
+ * borrowed, and so is their memory, which the decoded tensors point into: it must outlive
+ * req; a frame not aligned for its tensor's elements is copied, into memory req owns). The
+ * same checks as inline data, on the frame's bytes: its size must be exactly the shape's,
+ * finite values; a tensor naming a frame must have empty data; every frame must be named by
+ * exactly one tensor; len plus the frames' bytes at most max_message. n_frames 0 is
+ * edge_decode_in. */
+int edge_decode_frames(edge_arena *arena, const void *buf, size_t len, const edge_frame *frames,
+                       int n_frames, size_t max_message, edge_request *req, uint64_t *request_id_p,
+                       char *msg, size_t msg_len);
 
 /* The request id (field 2) of bytes that may not decode as a whole; 0 when not found. */
 uint64_t edge_scan_request_id(const void *buf, size_t len);

@@ -11,6 +11,7 @@
 #include "edge.h"
 #include "fc.h"
 #include "service.h"
+#include "simd.h"
 #include "snapshot.h"
 #include "test_util.h"
 #include "wire_cases.h"
@@ -29,6 +30,18 @@ static Fasa__V1__Response *s_rt(const void *buf, size_t len)
     return r;
 }
 
+static Fasa__V1__Response *s_rt_frames(const void *buf, size_t len, const edge_frame *frames, int n)
+{
+    uint8_t *reply = NULL;
+    size_t rn = 0;
+    ck_assert_int_eq(
+        fasa_service_handle_frames(s_svc, buf, len, frames, n, &reply, &rn, &s_shutdown), 0);
+    Fasa__V1__Response *r = fasa__v1__response__unpack(NULL, rn, reply);
+    free(reply);
+    ck_assert_ptr_nonnull(r);
+    return r;
+}
+
 static void s_setup(void)
 {
     fasa_engine_t *e = fasa_engine_new(2, 16);
@@ -38,6 +51,7 @@ static void s_setup(void)
     ck_assert_ptr_nonnull(s_svc);
     s_shutdown = 0;
     wire_set_roundtrip(s_rt);
+    wire_set_roundtrip_frames(s_rt_frames);
 }
 
 static void s_teardown(void)
@@ -1157,6 +1171,122 @@ START_TEST(test_service_owns_engine)
 }
 END_TEST
 
+/* Raw data frames store what inline data stores: two services (each over its own 2-shard
+ * engine) get the same appends to an F16 session, one with k and v inline, one with them as
+ * raw data frames (an append of every layer in F16, then one of layer 0 in F32 widened and
+ * rounded on the way, its k frame off its alignment so that the edge copies it); every
+ * shard's snapshot file (the stored bytes) has the same checksum and size. And a Request
+ * whose frames together exceed max_message is refused, naming the limit. */
+START_TEST(test_raw_frames_same_bytes)
+{
+    enum { L = WIRE_L, HKV = WIRE_HKV, D = WIRE_D, T = 40, T2 = 24 };
+    const size_t n1 = (size_t)L * T * HKV * D, n2 = (size_t)T2 * HKV * D;
+    test_rng rng = {11};
+    float *kf = test_alloc(n1 * 4), *vf = test_alloc(n1 * 4);
+    test_fill(&rng, n1, kf, 2.0f);
+    test_fill(&rng, n1, vf, 2.0f);
+    uint16_t *kh = test_alloc(n1 * 2), *vh = test_alloc(n1 * 2);
+    dtype_from_f32(SIMD_AUTO, FASA_DTYPE_F16, n1, kf, kh);
+    dtype_from_f32(SIMD_AUTO, FASA_DTYPE_F16, n1, vf, vh);
+    uint8_t *k2 = test_alloc(n2 * 4 + 8);
+    memcpy(k2 + 2, kf, n2 * 4); /* 2 bytes off: not aligned for f32 */
+    char dir[] = "/tmp/fasa-frames-XXXXXX";
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    shard_snap_info info[2][2];
+    for (int way = 0; way < 2; way++) {
+        fasa_engine_t *e = fasa_engine_new(2, 16), *engine = e;
+        ck_assert_ptr_nonnull(e);
+        const fasa_service_opts o = {.n_ranks = 1, .max_message = 1 << 20};
+        fasa_service_destroy(&s_svc);
+        s_svc = fasa_service_new(&e, 2, &o);
+        ck_assert_ptr_nonnull(s_svc);
+        Fasa__V1__Request cr;
+        Fasa__V1__CreateSession c;
+        wire_create_init(&cr, &c, "h");
+        c.has_dtype = 1;
+        c.dtype = FASA__V1__DTYPE__F16;
+        Fasa__V1__Response *r = wire_send(&cr);
+        ck_assert_msg(r->status == 0, "create: %s", r->message);
+        fasa__v1__response__free_unpacked(r, NULL);
+        for (int step = 0; step < 2; step++) {
+            Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+            Fasa__V1__Append a = FASA__V1__APPEND__INIT;
+            Fasa__V1__Tensor tk = FASA__V1__TENSOR__INIT, tv = FASA__V1__TENSOR__INIT;
+            uint64_t all[4] = {L, T, HKV, D}, one[3] = {T2, HKV, D};
+            edge_frame fr[2];
+            if (step == 0) {
+                tk.dtype = tv.dtype = FASA__V1__DTYPE__F16;
+                tk.shape = tv.shape = all;
+                tk.n_shape = tv.n_shape = 4;
+                fr[0] = (edge_frame){kh, n1 * 2};
+                fr[1] = (edge_frame){vh, n1 * 2};
+            } else {
+                tk.dtype = tv.dtype = FASA__V1__DTYPE__F32;
+                tk.shape = tv.shape = one;
+                tk.n_shape = tv.n_shape = 3;
+                a.has_layer = 1;
+                a.layer = 0;
+                a.start_pos = T;
+                fr[0] = (edge_frame){way ? k2 + 2 : (const void *)kf, n2 * 4};
+                fr[1] = (edge_frame){vf, n2 * 4};
+            }
+            if (way == 0) {
+                tk.data = (ProtobufCBinaryData){fr[0].len, (uint8_t *)(uintptr_t)fr[0].data};
+                tv.data = (ProtobufCBinaryData){fr[1].len, (uint8_t *)(uintptr_t)fr[1].data};
+            } else {
+                tk.has_data_frame = tv.has_data_frame = 1;
+                tk.data_frame = 1;
+                tv.data_frame = 2;
+            }
+            a.session_id = "h";
+            a.k = &tk;
+            a.v = &tv;
+            req.body_case = FASA__V1__REQUEST__BODY_APPEND;
+            req.append = &a;
+            req.protocol_version = 1;
+            req.request_id = 7;
+            const size_t len = fasa__v1__request__get_packed_size(&req);
+            uint8_t *buf = test_alloc(len);
+            fasa__v1__request__pack(&req, buf);
+            r = way ? s_rt_frames(buf, len, fr, 2) : s_rt(buf, len);
+            free(buf);
+            ck_assert_msg(r->status == 0, "append %d way %d: %s", step, way, r->message);
+            ck_assert_uint_eq(r->append->length, step ? T + T2 : T);
+            fasa__v1__response__free_unpacked(r, NULL);
+        }
+        ck_assert_int_eq(fasa_engine_length(engine, "h", 0), T + T2);
+        ck_assert_int_eq(fasa_engine_length(engine, "h", 1), T);
+        char prefix[64];
+        snprintf(prefix, sizeof(prefix), "%s/w%d", dir, way);
+        fasa_error fe;
+        ck_assert_msg(fasa_engine_write_shards(engine, "h", prefix, info[way], &fe) == FASA_OK,
+                      "write_shards: %s", fe.msg);
+        for (int i = 0; i < 2; i++) {
+            char path[96];
+            snprintf(path, sizeof(path), "%s.s%d.shard", prefix, i);
+            unlink(path);
+        }
+        if (way == 1) {
+            /* Frames whose bytes with the Request's exceed max_message (1 MiB here). */
+            static uint8_t big[600 << 10];
+            const edge_frame two[2] = {{big, sizeof(big)}, {big, sizeof(big)}};
+            wire_expect_error(s_rt_frames("x", 1, two, 2), FASA__V1__STATUS__INVALID_ARGUMENT,
+                              "over the 1048576-byte limit");
+            ck_assert_int_eq(fasa_engine_length(engine, "h", 0), T + T2);
+        }
+    }
+    rmdir(dir);
+    for (int i = 0; i < 2; i++) {
+        ck_assert_int_gt(info[0][i].rows, 0);
+        ck_assert_int_eq(info[0][i].rows, info[1][i].rows);
+        ck_assert_int_eq(info[0][i].file_bytes, info[1][i].file_bytes);
+        ck_assert_msg(info[0][i].checksum == info[1][i].checksum,
+                      "shard %d: raw frames stored other bytes than inline data", i);
+    }
+    free(kf), free(vf), free(kh), free(vh), free(k2);
+}
+END_TEST
+
 Suite *service_suite(void)
 {
     Suite *s = suite_create("service");
@@ -1173,6 +1303,7 @@ Suite *service_suite(void)
     tcase_add_test(tc, test_snapshot_requests);
     tcase_add_test(tc, test_edge_arena);
     tcase_add_test(tc, test_service_owns_engine);
+    tcase_add_test(tc, test_raw_frames_same_bytes);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -50,6 +50,29 @@ static Fasa__V1__Response *s_rt(const void *buf, size_t len)
     return s_roundtrip_on(s_sock, buf, len);
 }
 
+/* A Request and its raw data frames as one multipart message; the reply's last frame. */
+static Fasa__V1__Response *s_rt_frames(const void *buf, size_t len, const edge_frame *frames, int n)
+{
+    ck_assert_int_ge(zmq_send(s_sock, buf, len, n ? ZMQ_SNDMORE : 0), 0);
+    for (int i = 0; i < n; i++)
+        ck_assert_int_ge(
+            zmq_send(s_sock, frames[i].data, frames[i].len, i + 1 < n ? ZMQ_SNDMORE : 0), 0);
+    zmq_msg_t m;
+    zmq_msg_init(&m);
+    do {
+        zmq_msg_close(&m);
+        zmq_msg_init(&m);
+        if (zmq_msg_recv(&m, s_sock, 0) < 0) {
+            zmq_msg_close(&m);
+            return NULL;
+        }
+    } while (zmq_msg_more(&m));
+    Fasa__V1__Response *r = fasa__v1__response__unpack(NULL, zmq_msg_size(&m), zmq_msg_data(&m));
+    zmq_msg_close(&m);
+    ck_assert_msg(r != NULL, "the server's reply is not a Response");
+    return r;
+}
+
 static void s_setup(void)
 {
     s_endpoint = getenv("FASA_ENDPOINT");
@@ -57,6 +80,7 @@ static void s_setup(void)
     s_ctx = zmq_ctx_new();
     s_sock = s_connect(ZMQ_DEALER);
     wire_set_roundtrip(s_rt);
+    wire_set_roundtrip_frames(s_rt_frames);
 }
 
 static void s_teardown(void)

@@ -24,6 +24,7 @@
 #define N WIRE_N
 
 static wire_rt_fn s_rt;
+static wire_rt_frames_fn s_rt_frames;
 static uint64_t s_next_id = 1;
 static float s_k[L][N][HKV][D], s_v[L][N][HKV][D], s_q[H][D];
 
@@ -43,6 +44,26 @@ void wire_create_init(Fasa__V1__Request *req, Fasa__V1__CreateSession *c, const 
 void wire_set_roundtrip(wire_rt_fn rt)
 {
     s_rt = rt;
+}
+
+void wire_set_roundtrip_frames(wire_rt_frames_fn rt)
+{
+    s_rt_frames = rt;
+}
+
+/* wire_send of a Request followed by n raw data frames. */
+static Fasa__V1__Response *s_send_frames(Fasa__V1__Request *req, const edge_frame *fr, int n)
+{
+    if (!req->request_id) req->request_id = s_next_id++;
+    if (!req->protocol_version) req->protocol_version = 1;
+    const size_t len = fasa__v1__request__get_packed_size(req);
+    uint8_t *buf = test_alloc(len);
+    fasa__v1__request__pack(req, buf);
+    Fasa__V1__Response *r = s_rt_frames(buf, len, fr, n);
+    free(buf);
+    ck_assert_msg(r != NULL, "no reply");
+    ck_assert_uint_eq(r->request_id, req->request_id);
+    return r;
 }
 
 Fasa__V1__Response *wire_send(Fasa__V1__Request *req)
@@ -467,8 +488,149 @@ START_TEST(test_create_score_dtype)
 }
 END_TEST
 
+/* An Append of every layer of id from start with k and v as raw data frames fk and fv (0:
+ * inline) over the frames fr[0..n). */
+typedef struct frames_append {
+    Fasa__V1__Request req;
+    Fasa__V1__Append a;
+    Fasa__V1__Tensor tk, tv;
+    uint64_t shape[4];
+} frames_append;
+
+static void s_frames_append_init(frames_append *x, const char *id, uint64_t start, uint64_t n)
+{
+    fasa__v1__request__init(&x->req);
+    fasa__v1__append__init(&x->a);
+    x->shape[0] = L, x->shape[1] = n, x->shape[2] = HKV, x->shape[3] = D;
+    wire_tensor(&x->tk, x->shape, 4, &s_k[0][0][0][0], (size_t)(L * n * HKV * D));
+    wire_tensor(&x->tv, x->shape, 4, &s_v[0][0][0][0], (size_t)(L * n * HKV * D));
+    x->tk.has_data_frame = x->tv.has_data_frame = 1;
+    x->tk.data_frame = 1;
+    x->tv.data_frame = 2;
+    x->tk.data.len = x->tv.data.len = 0;
+    x->a.session_id = (char *)id;
+    x->a.start_pos = start;
+    x->a.k = &x->tk;
+    x->a.v = &x->tv;
+    x->req.body_case = FASA__V1__REQUEST__BODY_APPEND;
+    x->req.append = &x->a;
+}
+
+START_TEST(test_raw_frames)
+{
+    if (!s_rt_frames) return;
+    wire_make_session();
+    /* The rows of "bad" again, into "frames" as raw data frames (k's 4 bytes off an
+     * 8-byte boundary, v's 2: a misaligned one is copied): the same stored rows, so the
+     * same attend output, bit for bit. */
+    fasa__v1__response__free_unpacked(s_drop("frames"), NULL);
+    Fasa__V1__Request cr;
+    Fasa__V1__CreateSession c;
+    wire_create_init(&cr, &c, "frames");
+    Fasa__V1__Response *r = wire_send(&cr);
+    ck_assert_msg(r->status == 0, "create: %s", r->message);
+    fasa__v1__response__free_unpacked(r, NULL);
+    const size_t bytes = sizeof(s_k);
+    uint8_t *kb = test_alloc(bytes + 8), *vb = test_alloc(bytes + 8);
+    memcpy(kb + 4, s_k, bytes);
+    memcpy(vb + 2, s_v, bytes);
+    frames_append x;
+    s_frames_append_init(&x, "frames", 0, N);
+    edge_frame fr[EDGE_MAX_FRAMES + 1];
+    fr[0] = (edge_frame){kb + 4, bytes};
+    fr[1] = (edge_frame){vb + 2, bytes};
+    r = s_send_frames(&x.req, fr, 2);
+    ck_assert_msg(r->status == 0, "append with raw frames: %s", r->message);
+    ck_assert_uint_eq(r->append->length, N);
+    fasa__v1__response__free_unpacked(r, NULL);
+    uint64_t qs[2] = {H, D};
+    r = s_attend_q("frames", &s_q[0][0], qs, -1);
+    ck_assert_msg(r->status == 0, "attend: %s", r->message);
+    ck_assert_int_eq(memcmp(r->attend->out->data.data, s_base, sizeof(s_base)), 0);
+    fasa__v1__response__free_unpacked(r, NULL);
+    fasa__v1__response__free_unpacked(s_drop("frames"), NULL);
+
+    /* Bad frames, each refused naming what is wrong, "bad" unchanged. One token more. */
+    const size_t one = (size_t)L * HKV * D * sizeof(float);
+    s_frames_append_init(&x, "bad", N, 1);
+    fr[0] = (edge_frame){kb + 4, one};
+    fr[1] = (edge_frame){vb + 2, one};
+    fr[2] = (edge_frame){vb + 2, 8};
+    const edge_frame short_v[2] = {fr[0], {vb + 2, one - 4}}, long_k[2] = {{kb, one + 4}, fr[1]};
+    wire_expect_error(s_send_frames(&x.req, short_v, 2), FASA__V1__STATUS__INVALID_ARGUMENT,
+                      "append.v.shape [2, 1, 2, 8] claims more than the 124 bytes of data frame 2");
+    wire_expect_error(s_send_frames(&x.req, long_k, 2), FASA__V1__STATUS__INVALID_ARGUMENT,
+                      "append.k.shape holds 32 floats but data frame 1 has 132 bytes");
+    wire_expect_error(s_send_frames(&x.req, fr, 1), FASA__V1__STATUS__INVALID_ARGUMENT,
+                      "append.v.data_frame 2: the message has only 1 data frame");
+    wire_expect_error(s_send_frames(&x.req, fr, 3), FASA__V1__STATUS__INVALID_ARGUMENT,
+                      "data frame 3 (8 bytes) is named by no tensor");
+    wire_expect_error(s_send_frames(&x.req, fr, 0), FASA__V1__STATUS__INVALID_ARGUMENT,
+                      "append.k.data_frame 1: the message has no data frames");
+    x.tv.data_frame = 1;
+    wire_expect_error(s_send_frames(&x.req, fr, 2), FASA__V1__STATUS__INVALID_ARGUMENT,
+                      "append.v.data_frame 1 is already the data of another tensor");
+    x.tv.data_frame = 2;
+    x.tv.data.len = one; /* inline data too */
+    wire_expect_error(s_send_frames(&x.req, fr, 2), FASA__V1__STATUS__INVALID_ARGUMENT,
+                      "append.v: data (128 bytes) and data_frame 2 are both given");
+    x.tv.data.len = 0;
+    float nan_v[L * HKV * D];
+    memcpy(nan_v, s_v, sizeof(nan_v));
+    nan_v[5] = NAN;
+    const edge_frame with_nan[2] = {fr[0], {nan_v, sizeof(nan_v)}};
+    wire_expect_error(s_send_frames(&x.req, with_nan, 2), FASA__V1__STATUS__INVALID_ARGUMENT,
+                      "append.v[5] is NaN");
+    /* No Request before the frames (an empty first frame), and garbage there. */
+    wire_expect_error(s_rt_frames("", 0, fr, 2), FASA__V1__STATUS__INVALID_ARGUMENT, "first frame");
+    wire_expect_error(s_rt_frames("\xff\xff\xff", 3, fr, 2), FASA__V1__STATUS__INVALID_ARGUMENT,
+                      "first frame is not a valid fasa.v1.Request");
+    /* Attend q as a raw frame, in a BatchAttend whose first item the edge refuses (a session
+     * id with spaces, before its q is read) alone, its frame still its own: the second gets
+     * "bad"'s output. */
+    {
+        Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+        Fasa__V1__BatchAttend b = FASA__V1__BATCH_ATTEND__INIT;
+        Fasa__V1__Attend it[2] = {FASA__V1__ATTEND__INIT, FASA__V1__ATTEND__INIT};
+        Fasa__V1__Attend *items[2] = {&it[0], &it[1]};
+        Fasa__V1__Tensor tq[2];
+        uint64_t qs[2] = {H, D};
+        const edge_frame qf[2] = {{s_q, sizeof(s_q)}, {s_q, sizeof(s_q)}};
+        for (int i = 0; i < 2; i++) {
+            wire_tensor(&tq[i], qs, 2, &s_q[0][0], H * D);
+            tq[i].data.len = 0;
+            tq[i].has_data_frame = 1;
+            tq[i].data_frame = (uint32_t)i + 1;
+            it[i].session_id = i ? "bad" : "no such session";
+            it[i].layer = 1;
+            it[i].q = &tq[i];
+        }
+        b.n_items = 2;
+        b.items = items;
+        req.body_case = FASA__V1__REQUEST__BODY_BATCH_ATTEND;
+        req.batch_attend = &b;
+        Fasa__V1__Response *br = s_send_frames(&req, qf, 2);
+        ck_assert_msg(br->status == 0, "batch: %s", br->message);
+        ck_assert_uint_eq(br->batch_attend->n_items, 2);
+        ck_assert_int_eq(br->batch_attend->items[0]->status, FASA__V1__STATUS__INVALID_ARGUMENT);
+        ck_assert_int_eq(br->batch_attend->items[1]->status, FASA__V1__STATUS__OK);
+        ck_assert_int_eq(
+            memcmp(br->batch_attend->items[1]->result->out->data.data, s_base, sizeof(s_base)), 0);
+        fasa__v1__response__free_unpacked(br, NULL);
+    }
+    /* More frames than a message may carry. */
+    for (int i = 0; i <= EDGE_MAX_FRAMES; i++) fr[i] = (edge_frame){vb, 4};
+    wire_expect_error(s_send_frames(&x.req, fr, EDGE_MAX_FRAMES + 1),
+                      FASA__V1__STATUS__INVALID_ARGUMENT, "data frames");
+    free(kb);
+    free(vb);
+    wire_check_unchanged();
+}
+END_TEST
+
 void wire_cases_add(TCase *tc)
 {
+    tcase_add_test(tc, test_raw_frames);
     tcase_add_test(tc, test_bad_bytes);
     tcase_add_test(tc, test_bad_fields);
     tcase_add_test(tc, test_create_dtype);

@@ -6,6 +6,7 @@
 
 #include <check.h>
 
+#include "edge.h"
 #include "fasa.pb-c.h"
 
 /* The session the cases use: "bad", dense, WIRE_N tokens in each of WIRE_L layers. */
@@ -20,6 +21,11 @@
 typedef Fasa__V1__Response *(*wire_rt_fn)(const void *buf, size_t len);
 
 void wire_set_roundtrip(wire_rt_fn rt);
+/* Delivers a Request's bytes followed by n raw data frames (fasa.proto Tensor.data_frame) as
+ * one multipart message; without one set, the raw-frame cases are skipped. */
+typedef Fasa__V1__Response *(*wire_rt_frames_fn)(const void *buf, size_t len,
+                                                 const edge_frame *frames, int n);
+void wire_set_roundtrip_frames(wire_rt_frames_fn rt);
 /* An F32 tensor of n floats at data with shape[rank] (borrowed). */
 void wire_tensor(Fasa__V1__Tensor *t, uint64_t *shape, int rank, const float *data, size_t n);
 /* A CreateSession request for id with the geometry above (no profile: dense). */
