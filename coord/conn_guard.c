@@ -41,9 +41,15 @@ struct fasa_guard {
     conn *c;
     int n, cap_c;
     uint64_t n_closed;
-    double trim_at; /* when to give freed buffers back to the system (0: nothing to) */
-    int64_t held;   /* over every connection at the last check */
+    double trim_at;    /* when to give freed buffers back to the system (0: nothing to) */
+    int64_t held;      /* over every connection at the last check */
+    double fast_until; /* checks every 2 ms until then: a connection was just accepted */
 };
+
+/* A new peer usually sends at once, and over loopback a burst of new connections moves tens
+ * of MB in one quiet-time interval (20 ms and more) before the first check sees it: for a
+ * while after each accept the guard checks as often as while something is held. */
+#define GUARD_FAST_AFTER_ACCEPT_MS 500
 
 static double s_now_ms(void)
 {
@@ -75,7 +81,8 @@ static void s_add(fasa_guard *g, int fd)
 {
     uint64_t rx;
     if (s_received(fd, &rx)) return; /* not TCP: not guarded */
-    conn *old = s_find(g, fd);       /* the fd of a connection whose end is still queued */
+    g->fast_until = s_now_ms() + GUARD_FAST_AFTER_ACCEPT_MS;
+    conn *old = s_find(g, fd); /* the fd of a connection whose end is still queued */
     if (old) *old = g->c[--g->n];
     if (g->n == g->cap_c) {
         const int cap = g->cap_c ? 2 * g->cap_c : 64;
@@ -211,10 +218,11 @@ int64_t fasa_guard_check(fasa_guard *g)
         c->last = rx;
         total += s_held(c, rx);
     }
-    /* Closing starts at half the cap: the other half is for what arrives before the next
-     * check and for a closed connection's buffers until they are freed and trimmed (one
-     * large partial frame), so the memory stays under the cap. */
-    const int64_t trigger = g->cap / 2;
+    /* Closing starts at a third of the cap: the rest is for what arrives before the next
+     * check and for the buffers of the connections closed in one check until ZeroMQ has
+     * freed them and the heap is trimmed (a burst closes several, each with a large partial
+     * frame), so the memory stays under the cap. */
+    const int64_t trigger = g->cap / 3;
     while (total > trigger) {
         conn *worst = NULL;
         int64_t most = 0;
@@ -225,7 +233,7 @@ int64_t fasa_guard_check(fasa_guard *g)
         if (!worst) break;
         fasa_log(FASA_LOG_WARN, 0,
                  "closed the connection from %s: it held %lld bytes of unfinished requests, and "
-                 "unfinished requests held %lld bytes in all, over half of --max-pending %lld",
+                 "unfinished requests held %lld bytes in all, over a third of --max-pending %lld",
                  worst->peer, (long long)most, (long long)total, (long long)g->cap);
         shutdown(worst->fd, SHUT_RDWR);
         worst->closed = 1;
@@ -242,7 +250,7 @@ int fasa_guard_interval_ms(const fasa_guard *g)
      * arrives between two checks is what the cap can be overrun by. While all is quiet,
      * rarely when thousands of connections are open (a check is one getsockopt each). */
     if (!g) return 250;
-    if (g->held > 0 || g->trim_at > 0) return 2;
+    if (g->held > 0 || g->trim_at > 0 || s_now_ms() < g->fast_until) return 2;
     const int ms = g->n / 8;
     return ms < 20 ? 20 : ms > 250 ? 250 : ms;
 }

@@ -84,8 +84,8 @@ else
 fi
 # What the guard measured when it closed connections (every build): never past the cap.
 most=$(grep -o "unfinished requests held [0-9]* bytes in all" "$log" | awk '$4 > m { m = $4 } END { print m + 0 }')
-[ "$most" -gt $((cap / 2)) ] && [ "$most" -le $cap ] &&
-    ok "the guard closed connections at $most bytes held in all (over half of, and within, the cap $cap)" ||
+[ "$most" -gt $((cap / 3)) ] && [ "$most" -le $cap ] &&
+    ok "the guard closed connections at $most bytes held in all (over a third of, and within, the cap $cap)" ||
     bad "the guard closed connections at $most bytes held in all (cap $cap)"
 grep -q "^clients 30 sent [0-9]* closed 30 " "$tmp/slow" && ok "all 30 slow peers were closed" ||
     bad "slow peers: $(cat "$tmp/slow")"
