@@ -702,7 +702,7 @@ START_TEST(test_scan_topk)
     const int np = s_paths(paths);
     test_rng r = {23};
     const int sds[] = {SCAN_F32, SCAN_F16, SCAN_BF16, SCAN_I8};
-    const int nr = 3000, nd = 32, n_q = 5, block = 1024;
+    const int nr = 3000, nd = 32, n_q = 7, block = 1024;
     const int ks[] = {1, 7, 256, 2999, 5000};
     for (size_t si = 0; si < 4; si++)
         for (int ties = 0; ties < 2; ties++) {
@@ -720,14 +720,20 @@ START_TEST(test_scan_topk)
             for (int i = 0; i < nr; i++) scan_pack_row(sd, nd, x + (size_t)i * nd, tiles, rs, i);
             scan_q sq = {0};
             ck_assert_int_eq(scan_q_prep(&sq, sd, n_q, nd, q), 0);
-            float *sc = test_alloc((size_t)n_q * nr * 4);
+            float *sc = test_alloc((size_t)n_q * nr * 4), *sc0 = test_alloc((size_t)n_q * nr * 4);
             scan_scores_ref(&sq, nr, tiles, rs, sc, nr);
+            /* paths[0] is portable: every path's scores (so its selection) are its bits. */
+            scan_scores(paths[0], &sq, nr, tiles, rs, sc0, nr);
             /* cap 2k + 3: compactions when the buffer is full; 5k + 1: at 4k held (the
              * fused scan's early compaction, scan.c s_insert). */
             for (size_t ki = 0; ki < 2 * sizeof(ks) / sizeof(*ks); ki++)
                 for (int pi = 0; pi < np; pi++) {
                     const int k = ks[ki / 2], cap = ki % 2 ? 5 * k + 1 : 2 * k + 3;
                     scan_scores(paths[pi], &sq, nr, tiles, rs, sc, nr);
+                    for (int j = 0; j < n_q * nr; j++)
+                        ck_assert_msg(s_fbits(sc[j]) == s_fbits(sc0[j]), "%s %s: score %d %a vs %a",
+                                      simd_path_name(paths[pi]), scan_dtype_name(sd), j,
+                                      (double)sc[j], (double)sc0[j]);
                     topk_acc acc[n_q];
                     topk_cand *buf = test_alloc((size_t)n_q * cap * sizeof(topk_cand));
                     for (int h = 0; h < n_q; h++)
@@ -759,7 +765,7 @@ START_TEST(test_scan_topk)
                     free(buf);
                 }
             scan_q_free(&sq);
-            free(x), free(tiles), free(rs), free(sc);
+            free(x), free(tiles), free(rs), free(sc), free(sc0);
         }
 }
 END_TEST

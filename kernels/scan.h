@@ -31,10 +31,14 @@
  * random order, a fixed cost per step). Rows are offered in ascending position, which the strict
  * compare relies on: an equal score at a higher position never beats the threshold.
  *
- * int8 uses vpmovsxbw + vpmaddwd on AVX2 (no VNNI kernel: this tree's development CPU has
- * none, so vpdpwssd would go untested). Paths: portable C, AVX2 (+FMA, F16C). The AVX-512 path runs
- * the AVX2 kernels (untested on an AVX-512 CPU in this tree; the scores are the same bits either
- * way). */
+ * Paths: portable C; AVX2 (+FMA, F16C): two 8-lane vectors per 16-row tile, int8 by
+ * vpmovsxbw + vpmaddwd; AVX-512 (AVX-512F): one 16-lane vector per tile and dim (lane l is
+ * row l for every dtype), two tiles (32 rows) at once for up to 4 heads, a software prefetch
+ * 8 KiB ahead, int8 by vpdpwssd on the same int16 queries and sign-extended keys (needs
+ * AVX512BW and AVX512-VNNI besides; without them int8 runs the AVX2 kernel). The stored layout
+ * is the same for every path. A scan given SIMD_AUTO runs the path FASA_SIMD named, else
+ * AVX-512 where the CPU has it, else simd_path_default (scan.c s_path). The scores are the
+ * same bits on every path (above), so the selection never depends on it. */
 #ifndef FASA_KERNELS_SCAN_H
 #define FASA_KERNELS_SCAN_H
 

@@ -93,7 +93,7 @@ const char *simd_cpu_features(void)
 #endif
 }
 
-static int s_chosen = -1;
+static int s_chosen = -1, s_named = -1;
 
 static simd_path s_best(void)
 {
@@ -124,7 +124,13 @@ int simd_path_choose(const char *name)
             want = named;
     }
     __atomic_store_n(&s_chosen, want, __ATOMIC_RELAXED);
+    __atomic_store_n(&s_named, name && *name && !rc ? want : -1, __ATOMIC_RELAXED);
     return rc;
+}
+
+int simd_path_named(void)
+{
+    return __atomic_load_n(&s_named, __ATOMIC_RELAXED);
 }
 
 static int s_path(int path)

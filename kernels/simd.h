@@ -14,7 +14,8 @@
  * an unknown name, falls back to the default with a note on stderr). Every path converts
  * bit-identically (the same rounding); the f16/bf16 scans differ between paths only by the
  * order of f32 additions. The f32 kernels (score.c, attn.c) keep their own target_clones
- * dispatch. */
+ * dispatch. The fused scan (scan.h) defaults to avx512 where the CPU has it, unless
+ * FASA_SIMD names a path (simd_path_named). */
 #ifndef FASA_KERNELS_SIMD_H
 #define FASA_KERNELS_SIMD_H
 
@@ -42,6 +43,10 @@ simd_path simd_path_default(void);
  * (then the best one is used). */
 int simd_path_choose(const char *name);
 #define SIMD_AUTO (-1)
+/* The path the last simd_path_choose named (and this CPU has), or -1 when it named none:
+ * kernels whose best path differs from simd_path_default's (the fused scan, scan.h) take
+ * their own best unless a path was named. */
+int simd_path_named(void);
 
 /* The CPU's SIMD features as CPUID reports them, space-separated, from: sse4.2 avx2 fma f16c
  * avx512f avx512bw avx512_vnni avx512_fp16 avx_vnni (a static string; "none" off x86). */
