@@ -369,6 +369,8 @@ typedef struct bench_roof {
     int threads;
     double read[BENCH_MAX_THREADS + 1]; /* read[t]: GB/s on t threads, 1 .. threads */
     double cvt, fma;                    /* conversions/s of the dtype, FMA/s, one core */
+    int scan_path;                      /* the fused scan's SIMD path (scan_path) */
+    double scan_cvt, scan_fma;          /* the same two on the scan's path */
 } bench_roof;
 
 typedef struct bench_target {
@@ -489,7 +491,7 @@ static void s_phases(const bench_opts *o, const bench_roof *rf, const synth_cfg 
     /* Compute ceilings (GB/s, T threads): the scan converts each packed element once for
      * grp heads (per-head GQA: grp FMA each); dense converts K and V once for grp heads;
      * phase 2 of a sparse step gathers rows for one head each. */
-    const double c_scan = thr * roofline_compute_gbs(esz, grp, rf->cvt, rf->fma);
+    const double c_scan = thr * roofline_compute_gbs(esz, grp, rf->scan_cvt, rf->scan_fma);
     const double c_p2 = thr * roofline_compute_gbs(esz, dense ? grp : 1, rf->cvt, rf->fma);
     const double roof_scan = fmin(read, c_scan), roof_p2 = fmin(read, c_p2);
     for (int i = 0; i < BENCH_N_PHASES; i++) {
@@ -783,13 +785,18 @@ static int s_roofline(const bench_opts *o, bench_roof *rf)
     free(buf);
     rf->cvt = roofline_cvt_per_s(o->dtype);
     rf->fma = roofline_fma_per_s();
+    rf->scan_path = scan_path();
+    rf->scan_cvt = roofline_cvt_per_s_on(o->dtype, rf->scan_path);
+    rf->scan_fma = roofline_fma_per_s_on(rf->scan_path);
     printf("cpu: %s; simd: %s; kernels' path %s; threads %d (--threads, FASA_THREADS)\n", rf->model,
            rf->simd, simd_path_name(simd_path_default()), rf->threads);
     printf("roofline: read");
     for (int t = 1; t <= rf->threads; t++)
         printf("%s %d thread%s %.2f GB/s", t > 1 ? "," : "", t, t > 1 ? "s" : "", rf->read[t]);
-    printf("; compute (one core, L1): %s to f32 %.3g conversions/s, f32 FMA %.3g/s\n", s_dtype(o),
+    printf("; compute (one core, L1): %s to f32 %.3g conversions/s, f32 FMA %.3g/s", s_dtype(o),
            rf->cvt, rf->fma);
+    printf("; the scan's path %s: %.3g conversions/s, FMA %.3g/s\n", simd_path_name(rf->scan_path),
+           rf->scan_cvt, rf->scan_fma);
     return 0;
 }
 
@@ -810,6 +817,10 @@ static int s_json(const bench_opts *o, const bench_roof *rf, const bench_row *ro
     fprintf(f, "  \"read_gbs_by_threads\": [");
     for (int t = 1; t <= rf->threads; t++) fprintf(f, "%s%.4f", t > 1 ? ", " : "", rf->read[t]);
     fprintf(f, "],\n  \"cvt_per_s\": %.6g,\n  \"fma_per_s\": %.6g,\n", rf->cvt, rf->fma);
+    fprintf(
+        f,
+        "  \"scan_simd_path\": \"%s\",\n  \"scan_cvt_per_s\": %.6g,\n  \"scan_fma_per_s\": %.6g,\n",
+        simd_path_name(rf->scan_path), rf->scan_cvt, rf->scan_fma);
     /* One run per (context length, target), embedded targets first; the last is also at the
      * top level. */
     char last[2048] = "";

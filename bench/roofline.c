@@ -118,6 +118,11 @@ double roofline_read_gbs(const float *buf, size_t n, int n_threads, int reps)
 
 double roofline_cvt_per_s(int dtype)
 {
+    return roofline_cvt_per_s_on(dtype, SIMD_AUTO);
+}
+
+double roofline_cvt_per_s_on(int dtype, int path)
+{
     enum { N = 2048, REPS = 4000 }; /* 4 KiB of f16 in, 8 KiB of f32 out: L1 */
     static uint16_t in16[N * 2];
     static float out[N];
@@ -127,7 +132,7 @@ double roofline_cvt_per_s(int dtype)
     for (int rep = 0; rep < 3; rep++) {
         const double t0 = s_now();
         for (int r = 0; r < REPS; r++) {
-            dtype_to_f32(SIMD_AUTO, dtype, N, in, out);
+            dtype_to_f32(path, dtype, N, in, out);
             __asm__ volatile("" : : "r"(out) : "memory");
         }
         const double rate = (double)N * REPS / (s_now() - t0);
@@ -150,6 +155,18 @@ __attribute__((target("avx2,fma"))) static double s_fma_avx2(long iters)
     _mm256_storeu_ps(lane, s);
     return lane[0];
 }
+
+__attribute__((target("avx512f"))) static double s_fma_avx512(long iters)
+{
+    __m512 a[10];
+    for (int i = 0; i < 10; i++) a[i] = _mm512_set1_ps(0.001f * (float)i);
+    const __m512 x = _mm512_set1_ps(0.999f), y = _mm512_set1_ps(1e-4f);
+    for (long it = 0; it < iters; it++)
+        for (int i = 0; i < 10; i++) a[i] = _mm512_fmadd_ps(a[i], x, y);
+    __m512 s = a[0];
+    for (int i = 1; i < 10; i++) s = _mm512_add_ps(s, a[i]);
+    return _mm512_reduce_add_ps(s);
+}
 #endif
 
 static double s_fma_portable(long iters)
@@ -163,14 +180,23 @@ static double s_fma_portable(long iters)
 
 double roofline_fma_per_s(void)
 {
+    return roofline_fma_per_s_on(SIMD_AUTO);
+}
+
+double roofline_fma_per_s_on(int path)
+{
     const long iters = 2000000;
+    if (path < 0 || !simd_path_supported((simd_path)path)) path = (int)simd_path_default();
     volatile double sink = 0;
     double best = 0;
     for (int rep = 0; rep < 3; rep++) {
         const double t0 = s_now();
         double lanes;
 #ifdef ROOF_X86
-        if (simd_path_supported(SIMD_AVX2)) {
+        if (path == SIMD_AVX512) {
+            sink += s_fma_avx512(iters);
+            lanes = 160.0 * iters;
+        } else if (path == SIMD_AVX2) {
             sink += s_fma_avx2(iters);
             lanes = 80.0 * iters;
         } else

@@ -21,10 +21,15 @@ double roofline_read_gbs(const float *buf, size_t n, int n_threads, int reps);
 /* Elements per second converted from dtype (fasa_dtype) to f32 on the default SIMD path
  * (simd.h dtype_to_f32; f32 is a copy), one core, buffers in L1. */
 double roofline_cvt_per_s(int dtype);
+/* The same on SIMD path path (a simd_path, or SIMD_AUTO: the default). */
+double roofline_cvt_per_s_on(int dtype, int path);
 
-/* f32 multiply-adds per second (lanes counted), one core: AVX2 FMA with 10 independent
- * accumulators where the CPU has it, else a plain C loop. */
+/* f32 multiply-adds per second (lanes counted), one core: FMA with 10 independent
+ * accumulators on the default SIMD path (AVX2 where the CPU has it), else a plain C loop. */
 double roofline_fma_per_s(void);
+/* The same on SIMD path path (AVX-512: 16 lanes; SIMD_AUTO or a path the CPU lacks: the
+ * default). */
+double roofline_fma_per_s_on(int path);
 
 /* Compute ceiling in GB/s of an inner loop that converts each stored element (esz bytes)
  * once and uses it in fma_per_elem multiply-adds: esz / (1 / cvt + fma_per_elem / fma). */

@@ -906,6 +906,15 @@ static int s_path(int path)
     return simd_path_supported(SIMD_AVX512) ? SIMD_AVX512 : (int)simd_path_default();
 }
 
+int scan_path(void)
+{
+#if SCAN_X86
+    return s_path(SIMD_AUTO);
+#else
+    return SIMD_PORTABLE;
+#endif
+}
+
 void scan_scores(int path, const scan_q *sq, int n_rows, const void *tiles, const float *row_scale,
                  float *out, int ld_out)
 {

@@ -108,6 +108,9 @@ void scan_q_free(scan_q *sq);
 
 /* out[h * ld_out + r] = score of row r (r < n_rows) for head h < sq->n_q, over the store
  * tiles (+ row_scale for SCAN_I8) of sq->sd. path: a simd_path or SIMD_AUTO (simd.h). */
+/* The SIMD path (simd.h) scan_scores and scan_topk take for SIMD_AUTO on this CPU. */
+int scan_path(void);
+
 void scan_scores(int path, const scan_q *sq, int n_rows, const void *tiles, const float *row_scale,
                  float *out, int ld_out);
 /* Naive reference of scan_scores: double sums of the stored values (int8: the exact integer
