@@ -364,6 +364,25 @@ static wmpi_status s_score(worker *w, const wmpi_cmd *h, const uint8_t *p, size_
     return WMPI_OK;
 }
 
+/* Where an attend reply's sections lie, in bytes from its payload's start: l (n_heads
+ * doubles), o (n_heads x head_dim doubles), the SPARQ / FASA_PLUS aux (aux_n doubles, else
+ * none), m (n_heads floats); bytes: the whole. ATTEND and SCORE_ATTEND replies begin so. */
+typedef struct attend_layout {
+    size_t o, aux, m, bytes, aux_n;
+} attend_layout;
+
+static attend_layout s_attend_layout(const shard_step *st, size_t nh, size_t d)
+{
+    attend_layout a;
+    a.aux_n =
+        st->method == SHARD_SPARQ || st->method == SHARD_FASA_PLUS ? nh * SHARD_SPARQ_AUX(d) : 0;
+    a.o = nh * 8;
+    a.aux = a.o + nh * d * 8;
+    a.m = a.aux + a.aux_n * 8;
+    a.bytes = a.m + nh * 4;
+    return a;
+}
+
 /* Phase 2; the reply payload (l, o, m) is written in place in w->tx. */
 static wmpi_status s_attend(worker *w, const wmpi_cmd *h, const uint8_t *p, size_t *payload_p,
                             int64_t *bytes_p)
@@ -382,19 +401,18 @@ static wmpi_status s_attend(worker *w, const wmpi_cmd *h, const uint8_t *p, size
                    s->last.gqa != st.gqa || s->last.budget != st.budget ||
                    s->last.max_pos != st.max_pos || s->last.sparq_r != st.sparq_r))
         return s_reject(w, WMPI_EINVAL, h, "sparse attend without its score");
-    const size_t aux_n =
-        st.method == SHARD_SPARQ || st.method == SHARD_FASA_PLUS ? nh * SHARD_SPARQ_AUX(d) : 0;
-    const size_t payload = nh * 8 + nh * d * 8 + aux_n * 8 + nh * 4;
+    const attend_layout a = s_attend_layout(&st, nh, d);
+    const size_t payload = a.bytes;
     if (s_grow(&w->tx, &w->tx_cap, sizeof(wmpi_reply) + payload))
         return s_reject(w, WMPI_ENOMEM, h, "out of memory for the reply");
     st.q = (const float *)p;
     const topk_cand *thr = dense ? NULL : (const topk_cand *)(p + q_bytes);
     const uint8_t *have_thr = dense ? NULL : p + q_bytes + units * sizeof(topk_cand);
     uint8_t *r = w->tx + sizeof(wmpi_reply);
-    if (shard_attend(s->shard, &st, thr, have_thr, (float *)(r + nh * 8 + nh * d * 8 + aux_n * 8),
-                     (double *)r, (double *)(r + nh * 8)))
+    if (shard_attend(s->shard, &st, thr, have_thr, (float *)(r + a.m), (double *)r,
+                     (double *)(r + a.o)))
         return s_reject(w, WMPI_ENOMEM, h, "out of memory attending");
-    if (aux_n) shard_sparq_aux(s->shard, &st, (double *)(r + nh * 8 + nh * d * 8));
+    if (a.aux_n) shard_sparq_aux(s->shard, &st, (double *)(r + a.aux));
     *bytes_p = shard_bytes_read(s->shard);
     *payload_p = payload;
     return WMPI_OK;
@@ -415,9 +433,8 @@ static wmpi_status s_score_attend(worker *w, const wmpi_cmd *h, const uint8_t *p
         return s_reject(w, WMPI_EINVAL, h, "score_attend size does not match the geometry");
     if (st.method == SHARD_DENSE)
         return s_reject(w, WMPI_EINVAL, h, "score_attend of a dense step");
-    const size_t aux_n =
-        st.method == SHARD_SPARQ || st.method == SHARD_FASA_PLUS ? nh * SHARD_SPARQ_AUX(d) : 0;
-    const size_t att = nh * 8 + nh * d * 8 + aux_n * 8 + nh * 4;
+    const attend_layout a = s_attend_layout(&st, nh, d);
+    const size_t att = a.bytes;
     const size_t cand_bytes = units * (size_t)st.budget * sizeof(topk_cand);
     const size_t payload = att + cand_bytes + units * sizeof(int);
     if ((int64_t)payload > WMPI_MAX_MSG - (int64_t)sizeof(wmpi_reply))
@@ -429,11 +446,10 @@ static wmpi_status s_score_attend(worker *w, const wmpi_cmd *h, const uint8_t *p
     uint8_t *r = w->tx + sizeof(wmpi_reply);
     /* Every section is 4-byte aligned (att is a multiple of 4), as topk_cand needs. */
     topk_cand *thr = (topk_cand *)(void *)(r + payload);
-    if (shard_score_attend(s->shard, &st, (topk_cand *)(void *)(r + att),
-                           (int *)(void *)(r + att + cand_bytes), thr, (uint8_t *)(thr + units),
-                           (float *)(void *)(r + att - nh * 4), (double *)(void *)r,
-                           (double *)(void *)(r + nh * 8),
-                           aux_n ? (double *)(void *)(r + nh * 8 + nh * d * 8) : NULL))
+    if (shard_score_attend(
+            s->shard, &st, (topk_cand *)(void *)(r + att), (int *)(void *)(r + att + cand_bytes),
+            thr, (uint8_t *)(thr + units), (float *)(void *)(r + a.m), (double *)(void *)r,
+            (double *)(void *)(r + a.o), a.aux_n ? (double *)(void *)(r + a.aux) : NULL))
         return s_reject(w, WMPI_ENOMEM, h, "out of memory scoring and attending");
     s->scored = 1;
     s->last = st;
