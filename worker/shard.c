@@ -538,23 +538,27 @@ static char *s_map_aligned(size_t size)
     return b;
 }
 
-/* Takes size bytes from the front of the first free range that holds them; NULL: none does.
- * Called with s_res.mu held. */
-static char *s_res_take(size_t size)
+/* Takes size bytes from the front of a free range that holds them, or when none does all of
+ * the largest range that holds min (*got_p: the bytes taken); NULL: no range holds min. So a
+ * reserve smaller than an arena still serves one. Called with s_res.mu held. */
+static char *s_res_take(size_t size, size_t min, size_t *got_p)
 {
-    for (int i = 0; i < s_res.n; i++) {
-        if (s_res.r[i].size < size) continue;
-        char *p = s_res.r[i].p;
-        s_res.r[i].p += size;
-        s_res.r[i].size -= size;
-        s_res.free -= size;
-        if (!s_res.r[i].size) {
-            memmove(s_res.r + i, s_res.r + i + 1, (size_t)(s_res.n - i - 1) * sizeof(*s_res.r));
-            s_res.n--;
-        }
-        return p;
+    int best = -1; /* a range that holds size, else the largest that holds min */
+    for (int i = 0; i < s_res.n && (best < 0 || s_res.r[best].size < size); i++)
+        if (s_res.r[i].size >= min && (best < 0 || s_res.r[i].size > s_res.r[best].size)) best = i;
+    if (best < 0) return NULL;
+    if (s_res.r[best].size < size) size = s_res.r[best].size;
+    *got_p = size;
+    s_range *r = &s_res.r[best];
+    char *p = r->p;
+    r->p += size;
+    r->size -= size;
+    s_res.free -= size;
+    if (!r->size) {
+        memmove(r, r + 1, (size_t)(s_res.n - best - 1) * sizeof(*r));
+        s_res.n--;
     }
-    return NULL;
+    return p;
 }
 
 /* Puts a zeroed range back among the free ones, merged with its neighbours; -1 (nothing
@@ -669,10 +673,10 @@ static void *s_pool_get(shard_t *s, size_t bytes)
 {
     s_arena *a = s->arena;
     if (!a || a->size - a->used < bytes) {
-        size_t size = bytes + 64 > SHARD_ARENA_BYTES ? bytes + 64 : SHARD_ARENA_BYTES;
-        size = (size + SHARD_HUGE_PAGE - 1) / SHARD_HUGE_PAGE * SHARD_HUGE_PAGE;
+        const size_t min = (bytes + 64 + SHARD_HUGE_PAGE - 1) / SHARD_HUGE_PAGE * SHARD_HUGE_PAGE;
+        size_t size = min > SHARD_ARENA_BYTES ? min : SHARD_ARENA_BYTES;
         pthread_mutex_lock(&s_res.mu);
-        char *b = s_res_take(size);
+        char *b = s_res_take(size, min, &size);
         pthread_mutex_unlock(&s_res.mu);
         if (!b) b = s_map_aligned(size);
         if (!b) return NULL;

@@ -1012,6 +1012,17 @@ START_TEST(test_shard_reserve)
         shard_reserve_stats(&size, &free_b);
         ck_assert_uint_eq(size, 0);
         ck_assert_uint_eq(free_b, 0);
+        /* A reserve smaller than an arena (32 MiB) still serves a chunk. */
+        ck_assert_int_eq(shard_reserve((size_t)18 << 20, NULL), 0);
+        small = shard_new(&lay);
+        ck_assert_int_eq(shard_append(small, 0, m, pos, k, v), 0);
+        shard_reserve_stats(NULL, &free_b);
+        ck_assert_uint_lt(free_b, (size_t)18 << 20);
+        ck_assert(shard_store_equal(ref_small, small));
+        shard_destroy(&small);
+        shard_reserve_stats(NULL, &free_b);
+        ck_assert_uint_eq(free_b, (size_t)18 << 20);
+        ck_assert_int_eq(shard_reserve(0, NULL), 0);
         shard_destroy(&ref);
         shard_destroy(&ref_small);
         shard_layout_cleanup(&lay);
