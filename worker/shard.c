@@ -624,7 +624,51 @@ static void s_prefault(char *p, size_t bytes)
     for (size_t o = 0; o < bytes; o += pg) ((volatile char *)p)[o] = 0;
 }
 
-int shard_reserve(size_t bytes, double *seconds_p)
+typedef struct s_fault_job {
+    char *p;
+    size_t bytes;
+} s_fault_job;
+
+static void *s_prefault_main(void *arg)
+{
+    const s_fault_job *j = arg;
+    s_prefault(j->p, j->bytes);
+    return NULL;
+}
+
+/* s_prefault on up to threads threads at once, each a 2 MiB-aligned slice (a node's cores
+ * fault pages in parallel; the calling thread takes the first slice). */
+static void s_prefault_threads(char *p, size_t bytes, int threads)
+{
+    enum { MAX_T = 256 };
+    if (threads > MAX_T) threads = MAX_T;
+    const size_t slices = bytes / SHARD_HUGE_PAGE;
+    if (threads > (int)slices) threads = (int)slices;
+    if (threads <= 1) {
+        s_prefault(p, bytes);
+        return;
+    }
+    s_fault_job job[MAX_T];
+    pthread_t tid[MAX_T];
+    int started[MAX_T] = {0};
+    size_t off = 0;
+    for (int t = 0; t < threads; t++) {
+        const size_t n = (slices * (size_t)(t + 1) / (size_t)threads) * SHARD_HUGE_PAGE - off;
+        job[t] = (s_fault_job){p + off, t == threads - 1 ? bytes - off : n};
+        off += job[t].bytes;
+    }
+    for (int t = 1; t < threads; t++)
+        started[t] = pthread_create(&tid[t], NULL, s_prefault_main, &job[t]) == 0;
+    s_prefault(job[0].p, job[0].bytes);
+    for (int t = 1; t < threads; t++) {
+        if (started[t])
+            pthread_join(tid[t], NULL);
+        else
+            s_prefault(job[t].p, job[t].bytes); /* no thread: this one does it */
+    }
+}
+
+int shard_reserve(size_t bytes, int threads, double *seconds_p)
 {
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -635,7 +679,7 @@ int shard_reserve(size_t bytes, double *seconds_p)
         /* Grow: one more mapping for what is missing, faulted in now. */
         const size_t more = bytes - s_res.free;
         char *m = s_map_aligned(more);
-        if (m) s_prefault(m, more);
+        if (m) s_prefault_threads(m, more, threads);
         if (!m || s_res_put(m, more)) {
             if (m) munmap(m, more);
             rc = -1;

@@ -189,9 +189,10 @@ void shard_destroy(shard_t **shard_p);
  * free part; 0 unmaps the free memory and ends the reserve (the default: no reserve, chunks
  * of destroyed shards unmapped). What shards hold and account (shard_bytes_held,
  * shard_layer_bytes) does not change with it; the stored bits and every step's output do
- * not either. *seconds_p (if not NULL): the time it took. Returns 0, or -1 when the memory
- * cannot be mapped (the reserve unchanged). Thread-safe. */
-int shard_reserve(size_t bytes, double *seconds_p);
+ * not either. The pages are faulted in on up to threads threads at once. *seconds_p (if not
+ * NULL): the time it took. Returns 0, or -1 when the memory cannot be mapped (the reserve
+ * unchanged). Thread-safe. */
+int shard_reserve(size_t bytes, int threads, double *seconds_p);
 /* The reserve's size (shard_reserve's bytes, rounded) and the bytes of it free now. */
 void shard_reserve_stats(size_t *size_p, size_t *free_p);
 

@@ -971,7 +971,7 @@ START_TEST(test_shard_reserve)
         ck_assert_int_eq(shard_append(ref_small, 0, m, pos, k, v), 0);
         const size_t res = (size_t)64 << 20;
         double sec = -1;
-        ck_assert_int_eq(shard_reserve(res, &sec), 0);
+        ck_assert_int_eq(shard_reserve(res, 3, &sec), 0);
         ck_assert(sec >= 0);
         shard_reserve_stats(&size, &free_b);
         ck_assert_uint_eq(size, res);
@@ -1008,12 +1008,12 @@ START_TEST(test_shard_reserve)
         ck_assert_uint_eq(size, res);
         ck_assert_uint_le(free_b, res);
         ck_assert_uint_ge(free_b, res - ((size_t)32 << 20));
-        ck_assert_int_eq(shard_reserve(0, NULL), 0);
+        ck_assert_int_eq(shard_reserve(0, 1, NULL), 0);
         shard_reserve_stats(&size, &free_b);
         ck_assert_uint_eq(size, 0);
         ck_assert_uint_eq(free_b, 0);
         /* A reserve smaller than an arena (32 MiB) still serves a chunk. */
-        ck_assert_int_eq(shard_reserve((size_t)18 << 20, NULL), 0);
+        ck_assert_int_eq(shard_reserve((size_t)18 << 20, 1, NULL), 0);
         small = shard_new(&lay);
         ck_assert_int_eq(shard_append(small, 0, m, pos, k, v), 0);
         shard_reserve_stats(NULL, &free_b);
@@ -1022,7 +1022,7 @@ START_TEST(test_shard_reserve)
         shard_destroy(&small);
         shard_reserve_stats(NULL, &free_b);
         ck_assert_uint_eq(free_b, (size_t)18 << 20);
-        ck_assert_int_eq(shard_reserve(0, NULL), 0);
+        ck_assert_int_eq(shard_reserve(0, 1, NULL), 0);
         shard_destroy(&ref);
         shard_destroy(&ref_small);
         shard_layout_cleanup(&lay);
