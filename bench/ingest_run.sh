@@ -24,7 +24,13 @@ for r in 0 "$reserve"; do
     else
         echo "== a fresh server, --reserve $r per worker"
         start_server 3 -- --reserve "$r"
-        grep -h "reserve:" "${_server_dirs[-1]}/fasa-server.log" | sed 's/^/  server log: /'
+        # The workers log their reserve once faulted in (rank 0 may answer before): both.
+        log=${_server_dirs[-1]}/fasa-server.log
+        for _ in $(seq 600); do
+            [ "$(grep -c "reserve:" "$log" || true)" -ge 2 ] && break
+            sleep 0.1
+        done
+        grep -h "reserve:" "$log" | sed 's/^/  server log: /' || echo "  server log: no reserve line"
     fi
     for dt in f16 f32; do
         "$FASA_BUILD/fasa" bench ingest --server "$SERVER_ENDPOINT" --tokens "$tokens" --dtype $dt \
