@@ -39,6 +39,10 @@ void dense_block(int path, int dtype, int n_rows, int head_dim, int n_dom, int n
                  const void *restrict v, float *restrict m, double *restrict l, double *restrict o,
                  float *restrict scratch);
 
+/* The path dense_block takes for SIMD_AUTO: the one FASA_SIMD named (simd_path_named), else
+ * avx512 where the CPU has it, else simd_path_default. */
+int dense_path(void);
+
 /* Naive reference of dense_block: every element converted with the scalar conversions,
  * logits, exponentials and sums in double, the block's partial merged as attn_merge does. */
 void dense_block_ref(int dtype, int n_rows, int head_dim, int n_dom, int n_q, float scale,
