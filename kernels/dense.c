@@ -465,12 +465,10 @@ s_logits_avx512(const int NH, const int dtype, int n, int d, int u, const float 
             const int j0 = t * SCORE_TILE + 4 * g, nj = n - j0 < 4 ? n - j0 : 4;
             sg[g] = _mm512_setzero_ps();
             if (nj <= 0) continue;
-            if (pf) {
+            if (pf) { /* the first head group only */
                 const char *pr = pf + (size_t)j0 * vrow;
                 for (size_t b = 0; b < (size_t)nj * vrow; b += 64)
                     _mm_prefetch(pr + b, _MM_HINT_T0);
-            }
-            {
                 /* The keys DENSE_PF_AHEAD rows on (into the next block at the end). */
                 const char *pk = (const char *)krest + (size_t)(j0 + DENSE_PF_AHEAD) * w * esz;
                 for (size_t b = 0; b < 4 * (size_t)w * esz; b += 64)
