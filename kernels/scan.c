@@ -292,15 +292,16 @@ void scan_scores_ref(const scan_q *sq, int n_rows, const void *tiles, const floa
         }
 }
 
-/* The fused scan's rare insert, shared by every path: stores c, compacting to the best k
- * first once 4k candidates are held (or the buffer is full). Compacting early keeps the
- * threshold near the running k-th best, so that far fewer rows beat it (about k ln(n / k)
- * plus 3k per compaction, against the whole buffer's worth per compaction when it waited
- * for the buffer to fill); the selection is the exact top-k either way. */
+/* The fused scan's rare insert, shared by every path: stores c, cutting the held candidates
+ * back first once acc->lim (4k, topk_acc_init) are held (topk_acc_trim: to those at or
+ * above a threshold the best k reach, found by counts, not comparisons). Compacting early
+ * keeps the threshold near the running k-th best, so that far fewer rows beat it (about
+ * k ln(n / k) plus the slack per compaction, against the whole buffer's worth per
+ * compaction when it waited for the buffer to fill); the selection is the exact top-k
+ * either way (the finish cuts to exactly k). */
 static inline void s_insert(topk_acc *acc, topk_cand c)
 {
-    const int lim = acc->cap / 4 < acc->k ? acc->cap : 4 * acc->k;
-    if (acc->n >= lim) topk_acc_compact(acc);
+    if (acc->n >= acc->lim) topk_acc_trim(acc);
     acc->items[acc->n++] = c;
 }
 
@@ -417,9 +418,12 @@ s_tile_i8(int nq, int n_pad, const int16_t *qi, const float *qscale, const void 
 __attribute__((noinline, cold)) static void
 s_tile_offer(topk_acc *a, const float *s, const int8_t *lane_row, unsigned mask, int32_t p0)
 {
-    for (int r = 0; r < 16; r++) {
-        const int i = lane_row[r];
-        if ((mask >> i & 1u) && s_beats(a, s[i])) s_insert(a, (topk_cand){s[i], p0 + r});
+    /* The rows of the lanes in mask, as a mask over rows (ascending row = ascending bit). */
+    unsigned rows = 0;
+    for (unsigned m = mask; m; m &= m - 1) rows |= 1u << lane_row[__builtin_ctz(m)];
+    for (; rows; rows &= rows - 1) {
+        const int r = __builtin_ctz(rows), i = lane_row[r];
+        if (s_beats(a, s[i])) s_insert(a, (topk_cand){s[i], p0 + r});
     }
 }
 
