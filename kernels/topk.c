@@ -460,8 +460,9 @@ void topk_acc_init(topk_acc *acc, int k, topk_cand *buf, int cap)
     acc->k = k;
     acc->have_thr = 0;
     /* The fused scan compacts at lim held (scan.c s_insert): 4 k, within the buffer and
-     * leaving room for the keys of a compaction (half of cap). */
-    const int l4 = 4 * k, l2 = cap / 2;
+     * leaving room for the keys of a compaction (half of cap, less the 16 rows of a tile
+     * that the AVX-512 kernel may insert past lim). */
+    const int l4 = 4 * k, l2 = (cap - 32) / 2;
     acc->lim = l4 < l2 ? l4 : l2;
     if (acc->lim <= k) acc->lim = cap;
 }
