@@ -889,11 +889,14 @@ START_TEST(test_scan_topk)
             scan_scores_ref(&sq, nr, tiles, rs, sc, nr);
             /* paths[0] is portable: every path's scores (so its selection) are its bits. */
             scan_scores(paths[0], &sq, nr, tiles, rs, sc0, nr);
-            /* cap 2k + 3: compactions when the buffer is full; 5k + 1: at 4k held (the
-             * fused scan's early compaction, scan.c s_insert). */
-            for (size_t ki = 0; ki < 2 * sizeof(ks) / sizeof(*ks); ki++)
+            /* cap 2k + 3: compactions when the buffer is full; 5k + 1 and 2k + block (the
+             * shard's): trims at lim held (the fused scan's, scan.c s_insert; the AVX-512
+             * kernel's bulk inserts, s512_offer). */
+            for (size_t ki = 0; ki < 3 * sizeof(ks) / sizeof(*ks); ki++)
                 for (int pi = 0; pi < np; pi++) {
-                    const int k = ks[ki / 2], cap = ki % 2 ? 5 * k + 1 : 2 * k + 3;
+                    const int k = ks[ki / 3], cap = ki % 3 == 0   ? 2 * k + 3
+                                                    : ki % 3 == 1 ? 5 * k + 1
+                                                                  : 2 * k + block;
                     scan_scores(paths[pi], &sq, nr, tiles, rs, sc, nr);
                     for (int j = 0; j < n_q * nr; j++)
                         ck_assert_msg(s_fbits(sc[j]) == s_fbits(sc0[j]), "%s %s: score %d %a vs %a",
