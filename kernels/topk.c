@@ -61,16 +61,27 @@ void topk_sort(int n, topk_cand *items)
     s_keyed stack[2 * 1024], *a = stack;
     if (n > 1024 && !(a = malloc(2 * (size_t)n * sizeof(*a)))) abort();
     s_keyed *b = a + n;
-    size_t count[8][256];
-    memset(count, 0, sizeof(count));
+    /* The digits to sort by: only bytes that differ between keys; none of the position's
+     * when the items are in ascending position already (the passes are stable, so ties of
+     * the score stay in that order, the order of the key); nothing when sorted already. */
+    uint64_t k_or = 0, k_and = ~(uint64_t)0;
+    int pos_up = 1, sorted = 1;
     for (int i = 0; i < n; i++) {
         const uint64_t k = s_key(items[i]);
         a[i] = (s_keyed){k, items[i]};
-        for (int d = 0; d < 8; d++) count[d][(k >> (8 * d)) & 0xff]++;
+        k_or |= k, k_and &= k;
+        if (i) {
+            pos_up &= items[i - 1].pos < items[i].pos;
+            sorted &= a[i - 1].key < k;
+        }
     }
-    for (int d = 0; d < 8; d++) {
-        size_t *cd = count[d];
-        if (cd[(a[0].key >> (8 * d)) & 0xff] == (size_t)n) continue; /* one digit value */
+    uint64_t vary = k_or ^ k_and;
+    if (pos_up) vary &= ~(uint64_t)0xffffffffu;
+    for (int d = 0; d < 8 && !sorted; d++) {
+        if (!((vary >> (8 * d)) & 0xff)) continue; /* one digit value */
+        size_t cd[256];
+        memset(cd, 0, sizeof(cd));
+        for (int i = 0; i < n; i++) cd[(a[i].key >> (8 * d)) & 0xff]++;
         size_t sum = 0;
         for (int v = 0; v < 256; v++) {
             const size_t c = cd[v];
@@ -81,7 +92,8 @@ void topk_sort(int n, topk_cand *items)
         s_keyed *t = a;
         a = b, b = t;
     }
-    for (int i = 0; i < n; i++) items[i] = a[i].c;
+    if (!sorted)
+        for (int i = 0; i < n; i++) items[i] = a[i].c;
     if (n > 1024) free(a < b ? a : b);
 }
 
