@@ -954,6 +954,15 @@ int scan_path(void)
 #endif
 }
 
+void scan_prefetch(const void *tiles, size_t bytes)
+{
+#if SCAN_X86
+    for (size_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)tiles + b, _MM_HINT_T1);
+#else
+    (void)tiles, (void)bytes;
+#endif
+}
+
 void scan_scores(int path, const scan_q *sq, int n_rows, const void *tiles, const float *row_scale,
                  float *out, int ld_out)
 {

@@ -124,4 +124,10 @@ void scan_scores_ref(const scan_q *sq, int n_rows, const void *tiles, const floa
 void scan_topk(int path, const scan_q *sq, int n_rows, const void *tiles, const float *row_scale,
                int32_t pos0, topk_acc *acc);
 
+/* Prefetches the first bytes of a store (the next scan_topk call's rows) into L2: a caller
+ * scanning chunks that are separate allocations issues it for the next chunk before
+ * scanning the current one, so that the next call does not start cold (the kernels prefetch
+ * only inside their own call's tiles). A no-op off x86. */
+void scan_prefetch(const void *tiles, size_t bytes);
+
 #endif
