@@ -845,8 +845,9 @@ s512_tiles_i8(const scan_q *sq, int nq, int nt, int h0, int t, int n_valid, cons
         for (int t = 0; t < n_tiles; t += 2) {                                                     \
             const int nv = n_rows - t * SCORE_TILE;                                                \
             const size_t pf_ = (size_t)t * tb_ + S512_PF;                                          \
-            for (size_t b_ = 0; b_ < 2 * tb_ && pf_ + b_ < end_; b_ += 64)                         \
-                _mm_prefetch((const char *)tiles + pf_ + b_, _MM_HINT_T0);                         \
+            const size_t pe_ = pf_ + 2 * tb_ < end_ ? pf_ + 2 * tb_ : end_;                        \
+            for (size_t b_ = pf_; b_ < pe_; b_ += 64)                                              \
+                _mm_prefetch((const char *)tiles + b_, _MM_HINT_T0);                               \
             int h = 0;                                                                             \
             if (t + 1 < n_tiles) {                                                                 \
                 for (; h + 4 <= sq->n_q; h += 4) CALL(4, 2);                                       \
