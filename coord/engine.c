@@ -1079,10 +1079,19 @@ static void s_plan_select(const fasa_engine_t *e, step_plan *p, int32_t *selecte
             n += nc;
         }
         n = topk_select(n, sbudget, mu);
-        topk_sort(n, mu);
         p->n_sel[u] = n;
         p->have_thr[u] = n > 0;
-        if (n > 0) p->thr[u] = mu[n - 1];
+        /* Best first only where the order is used: selected, and SPARQ's sum over the
+         * selection (s_plan_finish); the threshold is the worst of the selection. */
+        if (selected || p->st.method == SHARD_SPARQ) {
+            topk_sort(n, mu);
+            if (n > 0) p->thr[u] = mu[n - 1];
+        } else if (n > 0) {
+            topk_cand w = mu[0];
+            for (int i = 1; i < n; i++)
+                if (topk_better(w, mu[i])) w = mu[i];
+            p->thr[u] = w;
+        }
         if (selected) {
             const int h0 = p->gqa == FASA_GQA_SHARED ? u * grp : u;
             const int h1 = p->gqa == FASA_GQA_SHARED ? h0 + grp : u + 1;

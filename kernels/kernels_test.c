@@ -389,6 +389,171 @@ START_TEST(test_topk_acc)
 }
 END_TEST
 
+/* A score for the selection tests: clustered values (many share their top key bits), exact
+ * ties, +-0, +-inf and NaN, by mode. */
+static float s_sel_score(test_rng *r, int mode)
+{
+    static const float special[] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, 1.0f, -1.0f};
+    switch (mode) {
+    case 0:
+        return test_uniform(r);
+    case 1:
+        return 1.0f + 1e-6f * (float)(test_next(r) % 5000); /* one exponent, close values */
+    case 2:
+        return (float)(test_next(r) % 3); /* heavy ties */
+    case 3:
+        return test_next(r) % 4 ? test_uniform(r) : special[test_next(r) % 7];
+    default:
+        return -1e-30f * (float)(test_next(r) % 100); /* tiny negatives and -0 */
+    }
+}
+
+/* topk_select on both paths (AVX-512 where the CPU has it, portable) and topk_select_qs
+ * against topk_ref: the same set; topk_select also keeps the chosen ones in their input
+ * order at the front and permutes the rest behind them. */
+START_TEST(test_topk_select_paths)
+{
+    test_rng r = {31};
+    const int ns[] = {2, 9, 63, 64, 65, 300, 1024, 4096, 4097, 6000};
+    for (int use_port = 0; use_port < 2; use_port++) {
+        if (use_port)
+            if ((simd_path_choose("portable")) != (0))
+                ck_abort_msg("simd_path_choose(\"portable\") == 0: %d vs %d",
+                             (int)(simd_path_choose("portable")), (int)(0));
+        for (size_t ni = 0; ni < sizeof(ns) / sizeof(*ns); ni++)
+            for (int mode = 0; mode < 5; mode++) {
+                const int n = ns[ni];
+                topk_cand *in = test_alloc((size_t)n * sizeof(*in)),
+                          *a = test_alloc((size_t)n * sizeof(*a)),
+                          *ref = test_alloc((size_t)n * sizeof(*ref));
+                int32_t *rank = test_alloc((size_t)n * sizeof(*rank));
+                for (int i = 0; i < n; i++) in[i] = (topk_cand){s_sel_score(&r, mode), 0};
+                int32_t *idx = test_alloc((size_t)n * sizeof(*idx)); /* input of a position */
+                for (int i = 0; i < n; i++) {
+                    in[i].pos = (int32_t)(i * 7919 % n) - n / 2;
+                    idx[in[i].pos + n / 2] = i;
+                }
+                const int ks[] = {1, 2, n / 3 + 1, n - 1, n};
+                for (int ki = 0; ki < 5; ki++) {
+                    const int k = ks[ki];
+                    memcpy(a, in, (size_t)n * sizeof(*a));
+                    if ((topk_select(n, k, a)) != (k))
+                        ck_abort_msg("topk_select(n, k, a) == k: %d vs %d",
+                                     (int)(topk_select(n, k, a)), (int)(k));
+                    const int m = topk_ref(n, k, in, ref);
+                    if ((m) != (k)) ck_abort_msg("m == k: %d vs %d", (int)(m), (int)(k));
+                    /* The same set; in input order; every input once (a permutation). */
+                    for (int i = 0; i < n; i++) rank[i] = -1;
+                    int last = -1;
+                    for (int i = 0; i < n; i++) rank[i] = -1;
+                    for (int i = 0; i < n; i++) {
+                        const int at = idx[a[i].pos + n / 2];
+                        if (!(rank[at] < 0))
+                            ck_abort_msg("failed: rank[at] < 0"); /* every input once */
+                        rank[at] = i;
+                        if (i >= k || n > 4096) continue; /* more than 4096: topk_select_qs */
+                        if (!(at > last))
+                            ck_abort_msg("n %d mode %d k %d: #%d out of input order", n, mode, k,
+                                         i);
+                        last = at;
+                    }
+                    topk_sort(k, a);
+                    for (int i = 0; i < k; i++) {
+                        if (!(a[i].pos == ref[i].pos))
+                            ck_abort_msg("%s n %d mode %d k %d: #%d pos %d vs %d",
+                                         use_port ? "portable" : "auto", n, mode, k, i, a[i].pos,
+                                         ref[i].pos);
+                        if (!(s_fbits(a[i].score) == s_fbits(ref[i].score)))
+                            ck_abort_msg("failed: s_fbits(a[i].score) == s_fbits(ref[i].score)");
+                    }
+                    memcpy(a, in, (size_t)n * sizeof(*a));
+                    if ((topk_select_qs(n, k, a)) != (k))
+                        ck_abort_msg("topk_select_qs(n, k, a) == k: %d vs %d",
+                                     (int)(topk_select_qs(n, k, a)), (int)(k));
+                    topk_sort(k, a);
+                    for (int i = 0; i < k; i++)
+                        if ((a[i].pos) != (ref[i].pos))
+                            ck_abort_msg("a[i].pos == ref[i].pos: %d vs %d", (int)(a[i].pos),
+                                         (int)(ref[i].pos));
+                }
+                free(in), free(a), free(ref), free(rank), free(idx);
+            }
+        if (use_port) simd_path_choose(NULL);
+    }
+}
+END_TEST
+
+/* The fused scan's use of the running top-k (scan.c s_insert: offers in ascending position,
+ * topk_acc_trim at lim held, the strict score compare against thr): the exact top-k on both
+ * paths, kept in ascending position, and thr never better than the k-th best seen. */
+START_TEST(test_topk_acc_trim)
+{
+    test_rng r = {37};
+    const int n = 9000;
+    for (int use_port = 0; use_port < 2; use_port++) {
+        if (use_port)
+            if ((simd_path_choose("portable")) != (0))
+                ck_abort_msg("simd_path_choose(\"portable\") == 0: %d vs %d",
+                             (int)(simd_path_choose("portable")), (int)(0));
+        for (int mode = 0; mode < 5; mode++) {
+            topk_cand *all = test_alloc((size_t)n * sizeof(*all));
+            for (int i = 0; i < n; i++) all[i] = (topk_cand){s_sel_score(&r, mode), 50 + i};
+            const int ks[] = {1, 5, 256, 3000, 9000};
+            for (int ki = 0; ki < 5; ki++)
+                for (int big = 0; big < 2; big++) {
+                    const int k = ks[ki], cap = big ? 2 * k + 4096 : k + 1;
+                    topk_cand *buf = test_alloc((size_t)cap * sizeof(*buf)),
+                              *ref = test_alloc((size_t)n * sizeof(*ref));
+                    topk_acc acc;
+                    topk_acc_init(&acc, k, buf, cap);
+                    int trims = 0;
+                    for (int i = 0; i < n; i++) {
+                        const float sc = all[i].score;
+                        if (acc.have_thr && acc.thr.score == acc.thr.score && !(sc > acc.thr.score))
+                            continue; /* as s_beats */
+                        if (acc.n >= acc.lim) {
+                            topk_acc_trim(&acc);
+                            trims++;
+                            if (!(acc.n >= k && acc.n < acc.lim))
+                                ck_abort_msg("failed: acc.n >= k && acc.n < acc.lim");
+                            /* thr is not better than the k-th best of the first i. */
+                            if (trims <= 12) {
+                                topk_ref(i, k, all, ref);
+                                if (!(!topk_better(acc.thr, ref[k - 1])))
+                                    ck_abort_msg("failed: !topk_better(acc.thr, ref[k - 1])");
+                            }
+                            for (int j = 1; j < acc.n; j++)
+                                if (!(acc.items[j - 1].pos < acc.items[j].pos))
+                                    ck_abort_msg("failed: acc.items[j - 1].pos < acc.items[j].pos");
+                        }
+                        if (acc.n == acc.cap) topk_acc_compact(&acc);
+                        acc.items[acc.n++] = all[i];
+                    }
+                    const int got = topk_acc_finish_unsorted(&acc);
+                    const int m = topk_ref(n, k, all, ref);
+                    if ((got) != (m)) ck_abort_msg("got == m: %d vs %d", (int)(got), (int)(m));
+                    for (int j = 1; j < got; j++)
+                        if (!(acc.items[j - 1].pos < acc.items[j].pos))
+                            ck_abort_msg("failed: acc.items[j - 1].pos < acc.items[j].pos");
+                    topk_sort(got, acc.items);
+                    for (int j = 0; j < m; j++) {
+                        if (!(acc.items[j].pos == ref[j].pos))
+                            ck_abort_msg("%s mode %d k %d cap %d (%d trims): #%d pos %d vs %d",
+                                         use_port ? "portable" : "auto", mode, k, cap, trims, j,
+                                         acc.items[j].pos, ref[j].pos);
+                        if (!(s_fbits(acc.items[j].score) == s_fbits(ref[j].score)))
+                            ck_abort_msg(
+                                "failed: s_fbits(acc.items[j].score) == s_fbits(ref[j].score)");
+                    }
+                    free(buf), free(ref);
+                }
+            free(all);
+        }
+        if (use_port) simd_path_choose(NULL);
+    }
+}
+END_TEST
+
 /* Blocked online-softmax attention against the double-precision reference. */
 START_TEST(test_attn_dense)
 {
@@ -724,11 +889,14 @@ START_TEST(test_scan_topk)
             scan_scores_ref(&sq, nr, tiles, rs, sc, nr);
             /* paths[0] is portable: every path's scores (so its selection) are its bits. */
             scan_scores(paths[0], &sq, nr, tiles, rs, sc0, nr);
-            /* cap 2k + 3: compactions when the buffer is full; 5k + 1: at 4k held (the
-             * fused scan's early compaction, scan.c s_insert). */
-            for (size_t ki = 0; ki < 2 * sizeof(ks) / sizeof(*ks); ki++)
+            /* cap 2k + 3: compactions when the buffer is full; 5k + 1 and 2k + block (the
+             * shard's): trims at lim held (the fused scan's, scan.c s_insert; the AVX-512
+             * kernel's bulk inserts, s512_offer). */
+            for (size_t ki = 0; ki < 3 * sizeof(ks) / sizeof(*ks); ki++)
                 for (int pi = 0; pi < np; pi++) {
-                    const int k = ks[ki / 2], cap = ki % 2 ? 5 * k + 1 : 2 * k + 3;
+                    const int k = ks[ki / 3], cap = ki % 3 == 0   ? 2 * k + 3
+                                                    : ki % 3 == 1 ? 5 * k + 1
+                                                                  : 2 * k + block;
                     scan_scores(paths[pi], &sq, nr, tiles, rs, sc, nr);
                     for (int j = 0; j < n_q * nr; j++)
                         ck_assert_msg(s_fbits(sc[j]) == s_fbits(sc0[j]), "%s %s: score %d %a vs %a",
@@ -786,13 +954,21 @@ START_TEST(test_topk_sort_keys)
             a[i].pos = a[i].pos * 4 + i % 4; /* unique positions, negative ones too */
             a[i].pos = (int32_t)((uint32_t)i * 2654435761u % 1000003u) - 500000;
         }
-        topk_ref(n, n, a, b);
-        topk_sort(n, a);
-        for (int i = 0; i < n; i++) {
-            ck_assert_int_eq(a[i].pos, b[i].pos);
-            ck_assert(s_fbits(a[i].score) == s_fbits(b[i].score) ||
+        /* Shuffled positions; ascending positions (the sort then skips the position's
+         * digits); the sorted output again (no pass at all). */
+        for (int round = 0; round < 3; round++) {
+            if (round == 1)
+                for (int i = 0; i < n; i++) a[i].pos = 3 * i - n;
+            topk_ref(n, n, a, b);
+            topk_sort(n, a);
+            int bad = -1;
+            for (int i = 0; i < n && bad < 0; i++)
+                if (a[i].pos != b[i].pos ||
+                    !(s_fbits(a[i].score) == s_fbits(b[i].score) ||
                       (a[i].score != a[i].score && b[i].score != b[i].score) ||
-                      a[i].score == b[i].score);
+                      a[i].score == b[i].score))
+                    bad = i;
+            ck_assert_msg(bad < 0, "n %d round %d: #%d differs", n, round, bad);
         }
         free(a), free(b);
     }
@@ -810,6 +986,8 @@ Suite *kernels_suite(void)
     tcase_add_test(tc, test_dtype_rounding);
     tcase_add_test(tc, test_score_tiles_dt);
     tcase_add_test(tc, test_topk_cases);
+    tcase_add_test(tc, test_topk_select_paths);
+    tcase_add_test(tc, test_topk_acc_trim);
     tcase_add_test(tc, test_topk_acc);
     tcase_add_test(tc, test_attn_dense);
     tcase_add_test(tc, test_attn_accum_blas);

@@ -292,15 +292,16 @@ void scan_scores_ref(const scan_q *sq, int n_rows, const void *tiles, const floa
         }
 }
 
-/* The fused scan's rare insert, shared by every path: stores c, compacting to the best k
- * first once 4k candidates are held (or the buffer is full). Compacting early keeps the
- * threshold near the running k-th best, so that far fewer rows beat it (about k ln(n / k)
- * plus 3k per compaction, against the whole buffer's worth per compaction when it waited
- * for the buffer to fill); the selection is the exact top-k either way. */
+/* The fused scan's rare insert, shared by every path: stores c, cutting the held candidates
+ * back first once acc->lim (4k, topk_acc_init) are held (topk_acc_trim: to those at or
+ * above a threshold the best k reach, found by counts, not comparisons). Compacting early
+ * keeps the threshold near the running k-th best, so that far fewer rows beat it (about
+ * k ln(n / k) plus the slack per compaction, against the whole buffer's worth per
+ * compaction when it waited for the buffer to fill); the selection is the exact top-k
+ * either way (the finish cuts to exactly k). */
 static inline void s_insert(topk_acc *acc, topk_cand c)
 {
-    const int lim = acc->cap / 4 < acc->k ? acc->cap : 4 * acc->k;
-    if (acc->n >= lim) topk_acc_compact(acc);
+    if (acc->n >= acc->lim) topk_acc_trim(acc);
     acc->items[acc->n++] = c;
 }
 
@@ -417,9 +418,12 @@ s_tile_i8(int nq, int n_pad, const int16_t *qi, const float *qscale, const void 
 __attribute__((noinline, cold)) static void
 s_tile_offer(topk_acc *a, const float *s, const int8_t *lane_row, unsigned mask, int32_t p0)
 {
-    for (int r = 0; r < 16; r++) {
-        const int i = lane_row[r];
-        if ((mask >> i & 1u) && s_beats(a, s[i])) s_insert(a, (topk_cand){s[i], p0 + r});
+    /* The rows of the lanes in mask, as a mask over rows (ascending row = ascending bit). */
+    unsigned rows = 0;
+    for (unsigned m = mask; m; m &= m - 1) rows |= 1u << lane_row[__builtin_ctz(m)];
+    for (; rows; rows &= rows - 1) {
+        const int r = __builtin_ctz(rows), i = lane_row[r];
+        if (s_beats(a, s[i])) s_insert(a, (topk_cand){s[i], p0 + r});
     }
 }
 
@@ -730,6 +734,44 @@ s512_i8(int nq, int nt, int n_pad, const int16_t *qi, const float *qscale, const
     }
 }
 
+/* The inserts of one tile and head on the AVX-512 path (lane l is row l): the rows of mask,
+ * trimmed first when lim are held (then checked again against the new threshold), stored
+ * at once in ascending row order by two compressions of (score, position) pairs; a buffer
+ * without room for 16 more takes them one at a time (s_tile_offer). Rows that no longer beat
+ * a threshold raised within the tile may go in: the next trim drops them. */
+T_AVX512 __attribute__((noinline)) static void s512_offer(topk_acc *a, __m512 s, unsigned mask,
+                                                          int32_t p0)
+{
+    if (a->cap - a->n < 2 * SCORE_TILE || a->lim >= a->cap) {
+        float sc[16];
+        _mm512_storeu_ps(sc, s);
+        s_tile_offer(a, sc, s_lane_row_id, mask, p0);
+        return;
+    }
+    if (a->n >= a->lim) {
+        topk_acc_trim(a);
+        if (a->thr.score == a->thr.score)
+            mask &= (unsigned)_mm512_cmp_ps_mask(s, _mm512_set1_ps(a->thr.score), _CMP_GT_OQ);
+    }
+    const __m512i pos =
+        _mm512_add_epi32(_mm512_set1_epi32(p0),
+                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __m512i il = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i ih =
+        _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    const __m512i si = _mm512_castps_si512(s);
+    const __mmask8 m0 = (__mmask8)(mask & 0xffu), m1 = (__mmask8)(mask >> 8);
+    const int c0 = __builtin_popcount(m0), c1 = __builtin_popcount(m1);
+    topk_cand *it = a->items + a->n;
+    _mm512_mask_storeu_epi64(
+        (void *)it, (__mmask8)((1u << c0) - 1u),
+        _mm512_maskz_compress_epi64(m0, _mm512_permutex2var_epi32(si, il, pos)));
+    _mm512_mask_storeu_epi64(
+        (void *)(it + c0), (__mmask8)((1u << c1) - 1u),
+        _mm512_maskz_compress_epi64(m1, _mm512_permutex2var_epi32(si, ih, pos)));
+    a->n += c0 + c1;
+}
+
 /* nt tiles from tile t for nq heads from h0: scores to out, or the fused offers to acc.
  * n_valid: rows of the call from tile t's first row on. */
 #define S512_TILE_BODY(COMPUTE)                                                                    \
@@ -765,10 +807,7 @@ s512_i8(int nq, int nt, int n_pad, const int16_t *qi, const float *qscale, const
         for (int h = 0; h < nq; h++)                                                               \
             for (int tt = 0; tt < nt; tt++) {                                                      \
                 if (!m[h][tt]) continue;                                                           \
-                float s[16];                                                                       \
-                _mm512_storeu_ps(s, v[h][tt]);                                                     \
-                s_tile_offer(&acc[h0 + h], s, s_lane_row_id, m[h][tt],                             \
-                             pos0 + (t + tt) * SCORE_TILE);                                        \
+                s512_offer(&acc[h0 + h], v[h][tt], m[h][tt], pos0 + (t + tt) * SCORE_TILE);        \
             }                                                                                      \
     } while (0)
 
@@ -806,8 +845,9 @@ s512_tiles_i8(const scan_q *sq, int nq, int nt, int h0, int t, int n_valid, cons
         for (int t = 0; t < n_tiles; t += 2) {                                                     \
             const int nv = n_rows - t * SCORE_TILE;                                                \
             const size_t pf_ = (size_t)t * tb_ + S512_PF;                                          \
-            for (size_t b_ = 0; b_ < 2 * tb_ && pf_ + b_ < end_; b_ += 64)                         \
-                _mm_prefetch((const char *)tiles + pf_ + b_, _MM_HINT_T0);                         \
+            const size_t pe_ = pf_ + 2 * tb_ < end_ ? pf_ + 2 * tb_ : end_;                        \
+            for (size_t b_ = pf_; b_ < pe_; b_ += 64)                                              \
+                _mm_prefetch((const char *)tiles + b_, _MM_HINT_T0);                               \
             int h = 0;                                                                             \
             if (t + 1 < n_tiles) {                                                                 \
                 for (; h + 4 <= sq->n_q; h += 4) CALL(4, 2);                                       \
@@ -912,6 +952,15 @@ int scan_path(void)
     return s_path(SIMD_AUTO);
 #else
     return SIMD_PORTABLE;
+#endif
+}
+
+void scan_prefetch(const void *tiles, size_t bytes)
+{
+#if SCAN_X86
+    for (size_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)tiles + b, _MM_HINT_T1);
+#else
+    (void)tiles, (void)bytes;
 #endif
 }
 

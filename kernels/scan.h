@@ -25,11 +25,14 @@
  *
  * scan_topk fuses the scan with the running top-k: no per-token score buffer; each tile's
  * scores stay in registers, are compared (one vector compare per 8 rows) against each
- * head's running threshold (the k-th best so far under the order of topk.h) and only the
- * rows that beat it are inserted (rare: the threshold is refreshed by a compaction to the
- * best k once 4k candidates are held, about 2.2 k ln(n / k) inserts of n rows for data in
- * random order, a fixed cost per step). Rows are offered in ascending position, which the strict
- * compare relies on: an equal score at a higher position never beats the threshold.
+ * head's running threshold (at most the k-th best so far under the order of topk.h) and
+ * only the rows that beat it are inserted (rare: the threshold is refreshed by a trim,
+ * topk_acc_trim, once 4k candidates are held: to those whose score key reaches a 16-bit
+ * threshold the best k all reach, found by vectorised counts, about 2.2 k ln(n / k) inserts
+ * of n rows for data in random order, a fixed cost per step; the AVX-512 kernel stores a
+ * tile's passing rows at once). Rows are offered in ascending position, which the strict
+ * compare relies on: an equal score at a higher position never beats the threshold; the
+ * held candidates stay in that order (the trims and the finish are stable).
  *
  * Paths: portable C; AVX2 (+FMA, F16C): two 8-lane vectors per 16-row tile, int8 by
  * vpmovsxbw + vpmaddwd; AVX-512 (AVX-512F): one 16-lane vector per tile and dim (lane l is
@@ -123,5 +126,11 @@ void scan_scores_ref(const scan_q *sq, int n_rows, const void *tiles, const floa
  * to scan_scores followed by topk_acc_push of all the scores. */
 void scan_topk(int path, const scan_q *sq, int n_rows, const void *tiles, const float *row_scale,
                int32_t pos0, topk_acc *acc);
+
+/* Prefetches the first bytes of a store (the next scan_topk call's rows) into L2: a caller
+ * scanning chunks that are separate allocations issues it for the next chunk before
+ * scanning the current one, so that the next call does not start cold (the kernels prefetch
+ * only inside their own call's tiles). A no-op off x86. */
+void scan_prefetch(const void *tiles, size_t bytes);
 
 #endif

@@ -23,10 +23,14 @@ static inline int topk_better(topk_cand a, topk_cand b)
     return a.pos < b.pos;
 }
 
-/* Reorders items so that items[0..min(k, n)) are the k best (in no particular order).
- * Expected O(n) (quickselect with median-of-three pivots, falling back to a heap-free
- * sort when partitions keep coming out lopsided). Returns min(k, n); k <= 0 gives 0. */
+/* Reorders items (a permutation) so that items[0..min(k, n)) are the k best, in the order
+ * they had among items (a stable partition: candidates given in ascending position stay so).
+ * O(n): the k-th best key is found bit by bit by vectorised counts (topk.c); inputs of more
+ * than 4096 candidates go to topk_select_qs instead. Returns min(k, n); k <= 0 gives 0. */
 int topk_select(int n, int k, topk_cand *items);
+/* The same set by quickselect (median-of-three pivots, a sort when partitions keep coming
+ * out lopsided), in no particular order: the second implementation the tests compare. */
+int topk_select_qs(int n, int k, topk_cand *items);
 
 /* Sorts items best-first: an LSD radix sort of 64-bit keys that encode the total order
  * (no comparison callbacks); topk_ref keeps qsort as its independent reference. */
@@ -45,8 +49,10 @@ typedef struct topk_acc {
     int n;            /* candidates held now */
     int cap;          /* capacity of items */
     int k;            /* how many to keep */
-    int have_thr;     /* 1 once thr is the k-th best of everything seen */
-    topk_cand thr;    /* the k-th best so far, valid when have_thr */
+    int lim;          /* the fused scan compacts (topk_acc_trim) at lim held */
+    int have_thr;     /* 1 once thr is set: at most the k-th best of everything seen */
+    topk_cand thr;    /* the worst candidate held after the last compaction: whatever does
+                       * not beat it is not among the best k, valid when have_thr */
 } topk_acc;
 
 /* Starts an empty accumulator over buf (cap candidates): buf stays the caller's (acc keeps
@@ -57,8 +63,12 @@ void topk_acc_init(topk_acc *acc, int k, topk_cand *buf, int cap);
 void topk_acc_push(topk_acc *acc, int n, const float *scores, const int32_t *pos, int32_t pos0);
 /* Offers one candidate (the fused scan's rare insert; scan.h): stores it, compacting to the
  * best k first when the buffer is full (cap >= k + 1). The caller has already dropped what
- * cannot beat thr. */
+ * cannot beat thr. topk_acc_compact: cuts to the best k. topk_acc_trim: cuts to the
+ * candidates at or above a threshold that the best k all reach (the key's top 16 bits:
+ * between k and k + (lim - k) / 2 of them, else the best k), cheaper; both set thr to the
+ * worst kept and keep the held candidates in the order they came. */
 void topk_acc_compact(topk_acc *acc);
+void topk_acc_trim(topk_acc *acc);
 static inline void topk_acc_offer(topk_acc *acc, topk_cand c)
 {
     if (acc->n == acc->cap) topk_acc_compact(acc);

@@ -1760,6 +1760,19 @@ void shard_sparq_aux(const shard_t *s, const shard_step *st, double *aux)
            (size_t)s->lay.n_heads * SHARD_SPARQ_AUX(s->lay.head_dim) * sizeof(double));
 }
 
+/* The fused scan's hint for chunk c of KV head g, scanned next (each chunk is its own
+ * allocation: scan.h scan_prefetch): its first 8 KiB of the scoring store (and int8's
+ * scales). */
+static void s_scan_prefetch(const layer_store *ls, int c, int g, int sd, int u)
+{
+    const kv_chunk *ch = &ls->chunks[c][g];
+    const size_t tb = scan_tile_bytes(sd, u ? u : 1);
+    const size_t bytes =
+        8192 < (size_t)SHARD_CHUNK / SCORE_TILE * tb ? 8192 : SHARD_CHUNK / SCORE_TILE * tb;
+    scan_prefetch(ch->ksc ? ch->ksc : ch->kdom, bytes);
+    if (ch->kscale) scan_prefetch(ch->kscale, 256);
+}
+
 /* Phase 1 for KV heads g0 .. g1 - 1 in s (the shard or a view; its acc_buf grown for the
  * step); returns the KV bytes read. */
 static int64_t s_score_groups(shard_t *s, const shard_step *st, int g0, int g1, topk_cand *cands,
@@ -1793,6 +1806,7 @@ static int64_t s_score_groups(shard_t *s, const shard_step *st, int g0, int g1, 
             for (int r0 = 0; r0 < n_vis; r0 += SHARD_CHUNK) {
                 const int nr = n_vis - r0 < SHARD_CHUNK ? n_vis - r0 : SHARD_CHUNK;
                 const kv_chunk *ch = &ls->chunks[r0 / SHARD_CHUNK][g];
+                if (r0 + SHARD_CHUNK < n_vis) s_scan_prefetch(ls, r0 / SHARD_CHUNK + 1, g, sd, u);
                 scan_topk(SIMD_AUTO, &s->sq, nr, ch->ksc ? ch->ksc : ch->kdom, ch->kscale, r0, acc);
             }
             bytes += (int64_t)n_vis * (int64_t)(scan_tile_bytes(sd, u) / SCORE_TILE +
@@ -1902,6 +1916,7 @@ static void s_part_run(void *ctx, int task, int tid)
     for (int r0 = r_lo; r0 < r_hi; r0 += SHARD_CHUNK) {
         const int nr = r_hi - r0 < SHARD_CHUNK ? r_hi - r0 : SHARD_CHUNK;
         const kv_chunk *ch = &ls->chunks[r0 / SHARD_CHUNK][g];
+        if (r0 + SHARD_CHUNK < r_hi) s_scan_prefetch(ls, r0 / SHARD_CHUNK + 1, g, sd, u);
         scan_topk(SIMD_AUTO, &v->sq, nr, ch->ksc ? ch->ksc : ch->kdom, ch->kscale, r0, acc);
     }
     for (int i = 0; i < n_q; i++) {
@@ -2116,6 +2131,27 @@ static void s_gather_row(shard_t *s, int layer, int g, int r, int n, size_t cap)
     }
 }
 
+/* Prefetches what s_gather_row of row r reads (its dims in the dim-major tile, the rest of
+ * its key and its value): rows are gathered a few ahead of their copy, so that their cache
+ * misses overlap instead of coming one row at a time. */
+static void s_gather_prefetch(const shard_t *s, int layer, int g, int r)
+{
+    const shard_layout *lay = &s->lay;
+    const int d = lay->head_dim, u = lay->n_dom[layer * lay->n_kv_heads + g];
+    const kv_chunk *ch = &s->layers[layer].chunks[r / SHARD_CHUNK][g];
+    const int rr = r % SHARD_CHUNK;
+    const size_t esz = (size_t)s_esz(s);
+    const char *kd = (const char *)ch->kdom +
+                     ((size_t)(rr / SCORE_TILE) * u * SCORE_TILE + rr % SCORE_TILE) * esz;
+    for (size_t b = 0; b < (size_t)u * SCORE_TILE * esz; b += 64) __builtin_prefetch(kd + b);
+    const char *kr = (const char *)ch->krest + (size_t)rr * (d - u) * esz;
+    for (size_t b = 0; b < (size_t)(d - u) * esz; b += 64) __builtin_prefetch(kr + b);
+    const char *v = (const char *)ch->v + (size_t)rr * d * esz;
+    for (size_t b = 0; b < (size_t)d * esz; b += 64) __builtin_prefetch(v + b);
+}
+
+#define S_GATHER_AHEAD 4
+
 static void s_gather_convert(shard_t *s, int n, size_t cap)
 {
     const int d = s->lay.head_dim;
@@ -2211,7 +2247,13 @@ static void s_attend_union(shard_t *s, const shard_step *st, int g, const topk_c
         fasa_phase_add(FASA_PHASE_GATHER, t);
         return;
     }
-    for (int j = 0; j < n; j++) s_gather_row(s, st->layer, g, s->urows[j], j, cap);
+    for (int j = 0; j < n && j < S_GATHER_AHEAD; j++)
+        s_gather_prefetch(s, st->layer, g, s->urows[j]);
+    for (int j = 0; j < n; j++) {
+        if (j + S_GATHER_AHEAD < n)
+            s_gather_prefetch(s, st->layer, g, s->urows[j + S_GATHER_AHEAD]);
+        s_gather_row(s, st->layer, g, s->urows[j], j, cap);
+    }
     s_gather_convert(s, n, cap);
     const float *kg = s->gather, *vg = kg + cap * d;
     /* FASA_PLUS: each head with a selection attends every row of the union, in union
