@@ -1511,26 +1511,40 @@ START_TEST(test_spin_adapt)
     /* A long spin whose polls come close together keeps spinning; one that found itself
      * 300 us after its last poll (descheduled) sleeps and cools its site down. */
     const long saved = wmpi_spin_max_ns;
-    wmpi_spin_max_ns = cap;
+    wmpi_spin_max_ns = 100000000L; /* 100 ms: a window of 30 ms, past any scheduling delay */
     wmpi_adapt c = {0};
-    for (int i = 0; i < WMPI_ADAPT_N; i++) wmpi_adapt_note(&c, 2000000);
+    for (int i = 0; i < WMPI_ADAPT_N; i++) wmpi_adapt_note(&c, 20000000);
     wmpi_backoff w;
     wmpi_backoff_start(&w, &c);
-    ck_assert_int_eq(w.spin_ns, 3020000);
-    w.since.tv_nsec -= 100000; /* 100 us into the wait, last poll just now */
+    ck_assert_int_eq(w.spin_ns, 30020000);
+    w.since.tv_nsec -= 100000; /* 100 us into the wait */
     if (w.since.tv_nsec < 0) w.since.tv_nsec += 1000000000L, w.since.tv_sec--;
-    w.last_ns = 99000;
+    w.last_ns = 1000000000L; /* the last poll no earlier than this one, however late it runs */
     wmpi_backoff_pause(&w, 100000, 100000, NULL, 0);
-    ck_assert_int_eq(w.spin_ns, 3020000);
+    ck_assert_int_eq(w.spin_ns, 30020000);
     ck_assert_int_eq(c.cool, 0);
     w.since.tv_nsec -= 300000; /* 400 us in, the last poll 300 us ago */
     if (w.since.tv_nsec < 0) w.since.tv_nsec += 1000000000L, w.since.tv_sec--;
     wmpi_backoff_pause(&w, 100000, 100000, NULL, 0);
     ck_assert_int_eq(w.spin_ns, wmpi_spin_ns());
     ck_assert_int_eq(c.cool, WMPI_ADAPT_N);
-    ck_assert_int_eq(wmpi_adapt_window(&c, base, cap), base);
-    for (int i = 0; i < WMPI_ADAPT_N; i++) wmpi_adapt_note(&c, 2000000);
-    ck_assert_int_eq(wmpi_adapt_window(&c, base, cap), 3020000); /* cooled down */
+    ck_assert_int_eq(wmpi_adapt_window(&c, base, wmpi_spin_max_ns), base);
+    for (int i = 0; i < WMPI_ADAPT_N; i++) wmpi_adapt_note(&c, 20000000);
+    ck_assert_int_eq(wmpi_adapt_window(&c, base, wmpi_spin_max_ns), 30020000); /* cooled down */
+    /* Each further loss doubles the cool-down, up to WMPI_ADAPT_COOL_MAX; a long spin that
+     * caught its message halves it. */
+    wmpi_adapt_preempted(&c);
+    ck_assert_int_eq(c.cool, 2 * WMPI_ADAPT_N);
+    for (int i = 0; i < 20; i++) wmpi_adapt_preempted(&c);
+    ck_assert_int_eq(c.cool, WMPI_ADAPT_COOL_MAX);
+    c.cool = 0;
+    wmpi_backoff_start(&w, &c);
+    ck_assert_int_eq(c.armed_ns, 30020000);
+    wmpi_adapt_note(&c, 25000000);
+    ck_assert_int_eq(c.penalty, WMPI_ADAPT_COOL_MAX / 2);
+    ck_assert_int_eq(c.armed_ns, 0);
+    wmpi_adapt_note(&c, 25000000); /* a wait without a long window changes nothing */
+    ck_assert_int_eq(c.penalty, WMPI_ADAPT_COOL_MAX / 2);
     wmpi_spin_max_ns = saved;
 }
 END_TEST

@@ -206,12 +206,14 @@ _Static_assert(sizeof(topk_cand) == 8, "topk_cand travels as 8 raw bytes");
  * plus 20 us (at most the cap) before it sleeps. It does so only while the ranks on this
  * node do not outnumber the CPUs (wmpi_spin_set_ranks): a spinning rank must not take the
  * core of one that computes; and a long spin whose polls come far apart (WMPI_PREEMPTED_NS:
- * another task took its core) goes to sleep, its site back to the base window for a while,
- * since a sleeping rank woken by its message runs at once while a spinning one waits for
- * its next time slice. Its cost: while a decode loop runs, each waiting rank holds a
- * core; once requests stop, the window runs out after at most the cap and the rank sleeps,
- * so an idle server still costs next to no CPU. The node's ranks are the launcher's count
- * (OMPI_COMM_WORLD_LOCAL_SIZE, MPI_LOCALNRANKS, SLURM_STEP_TASKS_PER_NODE), its CPUs
+ * another task took its core) goes to sleep, its site back to the base window for
+ * WMPI_ADAPT_N waits, twice as many after each such loss (up to WMPI_ADAPT_COOL_MAX), half
+ * as many after each long spin that caught its message: a sleeping rank woken by its
+ * message runs at once while a spinning one waits for its next time slice, so on a machine
+ * that other work keeps busy the window stays short. Its cost: while a decode loop runs, each
+ * waiting rank holds a core; once requests stop, the window runs out after at most the cap and the
+ * rank sleeps, so an idle server still costs next to no CPU. The node's ranks are the launcher's
+ * count (OMPI_COMM_WORLD_LOCAL_SIZE, MPI_LOCALNRANKS, SLURM_STEP_TASKS_PER_NODE), its CPUs
  * SLURM_CPUS_ON_NODE or the CPUs online; the same count decides FASA_SPIN_YIELD's default.
  * FASA_SPIN_US=0 FASA_SPIN_MAX_US=0 sleeps at once; FASA_SPIN_MAX_US=0 alone keeps the fixed
  * FASA_SPIN_US window of earlier versions. */
@@ -219,6 +221,7 @@ _Static_assert(sizeof(topk_cand) == 8, "topk_cand travels as 8 raw bytes");
 #define WMPI_SPIN_MAX_US 5000L    /* the adaptive window's default cap (FASA_SPIN_MAX_US) */
 #define WMPI_ADAPT_N 8            /* waits remembered per site */
 #define WMPI_ADAPT_MIN 6          /* of which this many under the cap turn the long window on */
+#define WMPI_ADAPT_COOL_MAX 1024  /* the most waits a site keeps to the base window */
 #define WMPI_SPIN_ALONE_NS 20000L /* FASA_SPIN_YIELD=1: the first 20 us of a spin never yield */
 #define WMPI_SLEEP0_NS 2000L
 #define WMPI_KICKED_SLEEP_NS 20000000L /* an idle worker's cap once wake-ups arrive: 20 ms */
@@ -316,7 +319,10 @@ static inline void wmpi_spin_set_ranks(int n_ranks)
 typedef struct wmpi_adapt {
     long wait_ns[WMPI_ADAPT_N];
     int n, next;
-    int cool; /* waits left with the base window after a long spin lost its core */
+    int cool;      /* waits left with the base window after a long spin lost its core */
+    int penalty;   /* the next such loss's cool: doubles with each loss, halves with each
+                    * long spin that caught its message */
+    long armed_ns; /* the long window of the wait in progress, else 0 */
 } wmpi_adapt;
 
 static inline void wmpi_adapt_note(wmpi_adapt *a, long ns)
@@ -325,6 +331,18 @@ static inline void wmpi_adapt_note(wmpi_adapt *a, long ns)
     a->next = (a->next + 1) % WMPI_ADAPT_N;
     if (a->n < WMPI_ADAPT_N) a->n++;
     if (a->cool > 0) a->cool--;
+    if (a->armed_ns && ns <= a->armed_ns) a->penalty /= 2;
+    a->armed_ns = 0;
+}
+
+/* A long spin at site a lost its core: the next a->penalty waits keep to the base window. */
+static inline void wmpi_adapt_preempted(wmpi_adapt *a)
+{
+    a->penalty = !a->penalty                            ? WMPI_ADAPT_N
+                 : a->penalty < WMPI_ADAPT_COOL_MAX / 2 ? 2 * a->penalty
+                                                        : WMPI_ADAPT_COOL_MAX;
+    a->cool = a->penalty;
+    a->armed_ns = 0;
 }
 
 /* The spin window for the next wait at a site with history a, the base window base_ns and
@@ -366,7 +384,9 @@ static inline void wmpi_backoff_reset(wmpi_backoff *b)
 static inline void wmpi_backoff_start(wmpi_backoff *b, wmpi_adapt *a)
 {
     wmpi_backoff_reset(b);
-    b->spin_ns = wmpi_adapt_window(a, b->spin_ns, wmpi_spin_max_ns);
+    const long base = b->spin_ns;
+    b->spin_ns = wmpi_adapt_window(a, base, wmpi_spin_max_ns);
+    a->armed_ns = b->spin_ns > base ? b->spin_ns : 0;
     b->adapt = a;
 }
 
@@ -400,7 +420,7 @@ static inline void wmpi_backoff_pause(wmpi_backoff *b, long max_sleep_ns, long k
     if (b->spin_ns > base && spent < b->spin_ns && spent > base &&
         spent - b->last_ns > WMPI_PREEMPTED_NS) {
         b->spin_ns = base; /* descheduled during a long spin: sleep from now on */
-        if (b->adapt) b->adapt->cool = WMPI_ADAPT_N;
+        if (b->adapt) wmpi_adapt_preempted(b->adapt);
     }
     b->last_ns = spent;
     if (spent < b->spin_ns || own_sends) {
