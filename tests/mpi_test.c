@@ -1508,6 +1508,22 @@ START_TEST(test_spin_adapt)
     ck_assert_int_eq(wmpi_spin_max_for(2, 2, "999999999"), 100000000L);
     ck_assert_int_eq(wmpi_spin_max_for(1, -1, NULL), 0);
 
+    /* A worker's wait for its next command spins long only with a CPU to spare beyond the
+     * node's ranks (the client's own work runs in that gap), unless FASA_SPIN_GAP says. */
+    const long cpus = wmpi_node_cpus();
+    setenv("FASA_SPIN_MAX_US", "2000", 1);
+    wmpi_spin_set_ranks(1);
+    ck_assert_int_eq(wmpi_spin_max_ns, cpus >= 1 ? 2000000 : 0);
+    ck_assert_int_eq(wmpi_spin_gap_max_ns, cpus >= 2 ? 2000000 : 0);
+    setenv("FASA_SPIN_GAP", "1", 1);
+    wmpi_spin_set_ranks(1);
+    ck_assert_int_eq(wmpi_spin_gap_max_ns, wmpi_spin_max_ns);
+    setenv("FASA_SPIN_GAP", "0", 1);
+    wmpi_spin_set_ranks(1);
+    ck_assert_int_eq(wmpi_spin_gap_max_ns, 0);
+    unsetenv("FASA_SPIN_GAP");
+    unsetenv("FASA_SPIN_MAX_US");
+
     /* A long spin whose polls come close together keeps spinning; one that found itself
      * 300 us after its last poll (descheduled) sleeps and cools its site down. */
     const long saved = wmpi_spin_max_ns;

@@ -5,10 +5,10 @@
  * The loop spends most of its life idle between decode steps, so it must not hold a core:
  * a blocking MPI_Recv busy-polls in Open MPI, so it polls with MPI_Iprobe and sleeps
  * between polls instead (wmpi_backoff: a spin after each command, so the next command of
- * a burst is picked up at once, as long as the recent gaps between commands when they are
- * short (wmpi_adapt: a decode loop's next Attend), then sleeps in ppoll until rank 0's
- * wake-up (kick.h) or a timeout growing to WORKER_MAX_SLEEP_NS, longer once wake-ups
- * arrive).
+ * a burst is picked up at once, where the node has a CPU to spare as long as the recent
+ * gaps between commands (wmpi_adapt: a decode loop's next Attend), then sleeps in ppoll
+ * until rank 0's wake-up (kick.h) or a timeout growing to WORKER_MAX_SLEEP_NS, longer once
+ * wake-ups arrive).
  *
  * Every command is checked before it is used: its size against its header, the header's
  * geometry against the session it names, positions against the rows held. A bad command
@@ -726,7 +726,7 @@ int worker_mpi_loop_threads(MPI_Comm comm, int n_threads)
     wmpi_kick_open(&w.kick, w.rank);
     /* The gaps between commands (from one's reply to the next's arrival) set the spin window
      * (wmpi_adapt): in a decode loop the next command comes while this rank still spins. */
-    wmpi_adapt gaps = {0};
+    wmpi_adapt gaps = {.gap = 1};
     wmpi_backoff idle;
     wmpi_backoff_start(&idle, &gaps);
     struct timespec idle_since = idle.since;

@@ -196,27 +196,36 @@ _Static_assert(sizeof(topk_cand) == 8, "topk_cand travels as 8 raw bytes");
  *
  * The spin window adapts to a decode loop (wmpi_adapt). A kernel wake-up is cheap when the
  * waker runs on the same core, but waking a rank whose core went idle costs tens of
- * microseconds on a VM (its vCPU halted: measured 15-20 us each way on this project's
- * 2-core VM, against 2 us on one core and under 1 us spinning), and a decode loop pays two
- * per Attend (the worker waking for the command, rank 0 for the reply), because the gap
- * between Attends (the engine's own work between layers) is longer than 50 us. So each
- * waiting site remembers how long its last WMPI_ADAPT_N waits took until a message came;
- * while most of them (WMPI_ADAPT_MIN) stayed under the cap FASA_SPIN_MAX_US (default
- * WMPI_SPIN_MAX_US, 0 turns this off), the next wait spins for 1.5 x the longest of those
- * plus 20 us (at most the cap) before it sleeps. It does so only while the ranks on this
- * node do not outnumber the CPUs (wmpi_spin_set_ranks): a spinning rank must not take the
- * core of one that computes; and a long spin whose polls come far apart (WMPI_PREEMPTED_NS:
- * another task took its core) goes to sleep, its site back to the base window for
- * WMPI_ADAPT_N waits, twice as many after each such loss (up to WMPI_ADAPT_COOL_MAX), half
- * as many after each long spin that caught its message: a sleeping rank woken by its
- * message runs at once while a spinning one waits for its next time slice, so on a machine
- * that other work keeps busy the window stays short. Its cost: while a decode loop runs, each
- * waiting rank holds a core; once requests stop, the window runs out after at most the cap and the
- * rank sleeps, so an idle server still costs next to no CPU. The node's ranks are the launcher's
- * count (OMPI_COMM_WORLD_LOCAL_SIZE, MPI_LOCALNRANKS, SLURM_STEP_TASKS_PER_NODE), its CPUs
- * SLURM_CPUS_ON_NODE or the CPUs online; the same count decides FASA_SPIN_YIELD's default.
- * FASA_SPIN_US=0 FASA_SPIN_MAX_US=0 sleeps at once; FASA_SPIN_MAX_US=0 alone keeps the fixed
- * FASA_SPIN_US window of earlier versions. */
+ * microseconds on a VM (its vCPU halted: 15-20 us each way on this project's 2-core VM,
+ * against 2 us on one core and under 1 us spinning), and a decode loop pays two per Attend
+ * (the worker waking for the command, rank 0 for the reply), because the gap between
+ * Attends (the engine's own work between layers) and a step's compute are both longer than
+ * 50 us. So each waiting site remembers how long its last WMPI_ADAPT_N waits took until a
+ * message came; while most of them (WMPI_ADAPT_MIN) stayed under the cap FASA_SPIN_MAX_US
+ * (default WMPI_SPIN_MAX_US, 0 turns this off), the next wait spins for 1.5 x the longest
+ * of those plus 20 us (at most the cap) before it sleeps.
+ *
+ * Where it applies (wmpi_spin_set_ranks): rank 0's wait for a reply, during which the
+ * client waits too, only while the ranks on this node do not outnumber its CPUs (a spinning
+ * rank must not take the core of one that computes). A worker's wait for its next command
+ * spans the client's own work between two Attends, so only where the node has a CPU more
+ * than its ranks (FASA_SPIN_GAP=1: while ranks <= CPUs, as rank 0's; 0: never): on the
+ * 2-core VM with 1 worker (2 ranks) that spin shared a core with the client's own compute,
+ * and 8 interleaved rounds under load put its p90 overhead at 2.7 ms against 1.6 ms
+ * without it. A long spin whose polls come far apart (WMPI_PREEMPTED_NS: another task took
+ * its core) goes to sleep, its site back to the base window for WMPI_ADAPT_N waits, twice
+ * as many after each such loss (up to WMPI_ADAPT_COOL_MAX), half as many after each long
+ * spin that caught its message: a sleeping rank woken by its message runs at once, a
+ * spinning one waits for its next time slice, so where other work keeps the machine busy
+ * the window stays short.
+ *
+ * Its cost: while a decode loop runs, each rank that spins holds a core (rank 0 for as long
+ * as the steps take); once requests stop, the window runs out after at most the cap and the
+ * rank sleeps, so an idle server still costs next to no CPU. The node's ranks are the
+ * launcher's count (OMPI_COMM_WORLD_LOCAL_SIZE, MPI_LOCALNRANKS, SLURM_STEP_TASKS_PER_NODE),
+ * its CPUs SLURM_CPUS_ON_NODE or the CPUs online; the same count decides FASA_SPIN_YIELD's
+ * default. FASA_SPIN_US=0 FASA_SPIN_MAX_US=0 sleeps at once; FASA_SPIN_MAX_US=0 alone keeps
+ * the fixed FASA_SPIN_US window of earlier versions. */
 #define WMPI_SPIN_US 50L
 #define WMPI_SPIN_MAX_US 5000L    /* the adaptive window's default cap (FASA_SPIN_MAX_US) */
 #define WMPI_ADAPT_N 8            /* waits remembered per site */
@@ -264,8 +273,10 @@ static inline long wmpi_spin_ns(void)
  * latency"). Each file that waits calls wmpi_spin_set_ranks once with the job's size
  * (until then a spin yields, as with 1). Returns the ns after which a spin yields, or -1. */
 static long wmpi_spin_yield_after = WMPI_SPIN_ALONE_NS;
-/* The adaptive window's cap in ns (0: off); set by wmpi_spin_set_ranks, off until then. */
+/* The adaptive window's cap in ns (0: off) for waits on a reply, and for a worker's waits
+ * for the next command; set by wmpi_spin_set_ranks, off until then. */
 static long wmpi_spin_max_ns = 0;
+static long wmpi_spin_gap_max_ns = 0;
 
 /* The ranks of this job on this node: the launcher's count (Open MPI, MPICH/Hydra, Slurm's
  * srun) when it gives one, else all n_ranks. */
@@ -312,7 +323,13 @@ static inline void wmpi_spin_set_ranks(int n_ranks)
                       : v && !strcmp(v, "0") ? 0
                                              : cpus > 0 && local > cpus;
     wmpi_spin_yield_after = yield ? WMPI_SPIN_ALONE_NS : -1;
-    wmpi_spin_max_ns = wmpi_spin_max_for(local, cpus, getenv("FASA_SPIN_MAX_US"));
+    const char *max_us = getenv("FASA_SPIN_MAX_US"), *gap = getenv("FASA_SPIN_GAP");
+    wmpi_spin_max_ns = wmpi_spin_max_for(local, cpus, max_us);
+    /* The gap before the next command is the client's own work: spinning through it takes a
+     * CPU that work may need, so by default only where a CPU is left over for it. */
+    wmpi_spin_gap_max_ns = gap && !strcmp(gap, "1")   ? wmpi_spin_max_ns
+                           : gap && !strcmp(gap, "0") ? 0
+                                                      : wmpi_spin_max_for(local + 1, cpus, max_us);
 }
 
 /* One waiting site's recent waits (the time from the start of a wait to its message). */
@@ -323,6 +340,7 @@ typedef struct wmpi_adapt {
     int penalty;   /* the next such loss's cool: doubles with each loss, halves with each
                     * long spin that caught its message */
     long armed_ns; /* the long window of the wait in progress, else 0 */
+    int gap;       /* 1: a worker's wait for its next command (wmpi_spin_gap_max_ns) */
 } wmpi_adapt;
 
 static inline void wmpi_adapt_note(wmpi_adapt *a, long ns)
@@ -385,7 +403,7 @@ static inline void wmpi_backoff_start(wmpi_backoff *b, wmpi_adapt *a)
 {
     wmpi_backoff_reset(b);
     const long base = b->spin_ns;
-    b->spin_ns = wmpi_adapt_window(a, base, wmpi_spin_max_ns);
+    b->spin_ns = wmpi_adapt_window(a, base, a->gap ? wmpi_spin_gap_max_ns : wmpi_spin_max_ns);
     a->armed_ns = b->spin_ns > base ? b->spin_ns : 0;
     b->adapt = a;
 }
