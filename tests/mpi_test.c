@@ -1509,12 +1509,15 @@ START_TEST(test_spin_adapt)
     ck_assert_int_eq(wmpi_spin_max_for(1, -1, NULL), 0);
 
     /* A worker's wait for its next command spins long only with a CPU to spare beyond the
-     * node's ranks (the client's own work runs in that gap), unless FASA_SPIN_GAP says. */
+     * node's ranks (the client's own work runs in that gap), else through short gaps only,
+     * unless FASA_SPIN_GAP says. */
     const long cpus = wmpi_node_cpus();
     setenv("FASA_SPIN_MAX_US", "2000", 1);
     wmpi_spin_set_ranks(1);
     ck_assert_int_eq(wmpi_spin_max_ns, cpus >= 1 ? 2000000 : 0);
-    ck_assert_int_eq(wmpi_spin_gap_max_ns, cpus >= 2 ? 2000000 : 0);
+    ck_assert_int_eq(wmpi_spin_gap_max_ns, cpus >= 2   ? 2000000
+                                           : cpus >= 1 ? 1000L * WMPI_SPIN_GAP_SHARED_US
+                                                       : 0);
     setenv("FASA_SPIN_GAP", "1", 1);
     wmpi_spin_set_ranks(1);
     ck_assert_int_eq(wmpi_spin_gap_max_ns, wmpi_spin_max_ns);

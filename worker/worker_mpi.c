@@ -5,8 +5,9 @@
  * The loop spends most of its life idle between decode steps, so it must not hold a core:
  * a blocking MPI_Recv busy-polls in Open MPI, so it polls with MPI_Iprobe and sleeps
  * between polls instead (wmpi_backoff: a spin after each command, so the next command of
- * a burst is picked up at once, where the node has a CPU to spare as long as the recent
- * gaps between commands (wmpi_adapt: a decode loop's next Attend), then sleeps in ppoll
+ * a burst is picked up at once, as long as the recent gaps between commands (wmpi_adapt: a
+ * decode loop's next Attend; only short gaps where the node has no CPU to spare), then
+ * sleeps in ppoll
  * until rank 0's wake-up (kick.h) or a timeout growing to WORKER_MAX_SLEEP_NS, longer once
  * wake-ups arrive).
  *

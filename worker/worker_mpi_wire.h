@@ -208,16 +208,19 @@ _Static_assert(sizeof(topk_cand) == 8, "topk_cand travels as 8 raw bytes");
  * Where it applies (wmpi_spin_set_ranks): rank 0's wait for a reply, during which the
  * client waits too, only while the ranks on this node do not outnumber its CPUs (a spinning
  * rank must not take the core of one that computes). A worker's wait for its next command
- * spans the client's own work between two Attends, so only where the node has a CPU more
- * than its ranks (FASA_SPIN_GAP=1: while ranks <= CPUs, as rank 0's; 0: never): on the
- * 2-core VM with 1 worker (2 ranks) that spin shared a core with the client's own compute,
- * and 8 interleaved rounds under load put its p90 overhead at 2.7 ms against 1.6 ms
- * without it. A long spin whose polls come far apart (WMPI_PREEMPTED_NS: another task took
- * its core) goes to sleep, its site back to the base window for WMPI_ADAPT_N waits, twice
- * as many after each such loss (up to WMPI_ADAPT_COOL_MAX), half as many after each long
- * spin that caught its message: a sleeping rank woken by its message runs at once, a
- * spinning one waits for its next time slice, so where other work keeps the machine busy
- * the window stays short.
+ * spans the client's own work between two Attends: where the node has a CPU more than its
+ * ranks, up to the cap; otherwise only through short gaps (at most WMPI_SPIN_GAP_SHARED_US:
+ * a tight loop such as `fasa ppl --server`, where the wake-up is a large part of the gap and
+ * the client's work between calls is small), since on the 2-core VM with 1 worker (2
+ * ranks) a spin through the bench's 2.5 ms gaps shared a core with the client's own compute
+ * and 8 interleaved rounds under load put the p90 overhead at 2.7 ms against 1.6 ms
+ * without it. FASA_SPIN_GAP=1 spins through gaps up to the cap while ranks <= CPUs, as rank
+ * 0's wait does; FASA_SPIN_GAP=0 never. A long spin whose polls come far apart (WMPI_PREEMPTED_NS:
+ * another task took its core) goes to sleep, its site back to the base window for WMPI_ADAPT_N
+ * waits, twice as many after each such loss (up to WMPI_ADAPT_COOL_MAX), half as many after each
+ * long spin that caught its message: a sleeping rank woken by its message runs at once, a spinning
+ * one waits for its next time slice, so where other work keeps the machine busy the window stays
+ * short.
  *
  * Its cost: while a decode loop runs, each rank that spins holds a core (rank 0 for as long
  * as the steps take); once requests stop, the window runs out after at most the cap and the
@@ -227,11 +230,12 @@ _Static_assert(sizeof(topk_cand) == 8, "topk_cand travels as 8 raw bytes");
  * default. FASA_SPIN_US=0 FASA_SPIN_MAX_US=0 sleeps at once; FASA_SPIN_MAX_US=0 alone keeps
  * the fixed FASA_SPIN_US window of earlier versions. */
 #define WMPI_SPIN_US 50L
-#define WMPI_SPIN_MAX_US 5000L    /* the adaptive window's default cap (FASA_SPIN_MAX_US) */
-#define WMPI_ADAPT_N 8            /* waits remembered per site */
-#define WMPI_ADAPT_MIN 6          /* of which this many under the cap turn the long window on */
-#define WMPI_ADAPT_COOL_MAX 1024  /* the most waits a site keeps to the base window */
-#define WMPI_SPIN_ALONE_NS 20000L /* FASA_SPIN_YIELD=1: the first 20 us of a spin never yield */
+#define WMPI_SPIN_MAX_US 5000L       /* the adaptive window's default cap (FASA_SPIN_MAX_US) */
+#define WMPI_ADAPT_N 8               /* waits remembered per site */
+#define WMPI_ADAPT_MIN 6             /* of which this many under the cap turn the long window on */
+#define WMPI_ADAPT_COOL_MAX 1024     /* the most waits a site keeps to the base window */
+#define WMPI_SPIN_GAP_SHARED_US 500L /* a worker's cap between commands without a spare CPU */
+#define WMPI_SPIN_ALONE_NS 20000L    /* FASA_SPIN_YIELD=1: the first 20 us of a spin never yield */
 #define WMPI_SLEEP0_NS 2000L
 #define WMPI_KICKED_SLEEP_NS 20000000L /* an idle worker's cap once wake-ups arrive: 20 ms */
 
@@ -326,10 +330,16 @@ static inline void wmpi_spin_set_ranks(int n_ranks)
     const char *max_us = getenv("FASA_SPIN_MAX_US"), *gap = getenv("FASA_SPIN_GAP");
     wmpi_spin_max_ns = wmpi_spin_max_for(local, cpus, max_us);
     /* The gap before the next command is the client's own work: spinning through it takes a
-     * CPU that work may need, so by default only where a CPU is left over for it. */
+     * CPU that work may need, so by default up to the cap only where a CPU is left over for
+     * it, else only through short gaps. */
+    const long spare = wmpi_spin_max_for(local + 1, cpus, max_us),
+               shared = wmpi_spin_max_ns < 1000L * WMPI_SPIN_GAP_SHARED_US
+                            ? wmpi_spin_max_ns
+                            : 1000L * WMPI_SPIN_GAP_SHARED_US;
     wmpi_spin_gap_max_ns = gap && !strcmp(gap, "1")   ? wmpi_spin_max_ns
                            : gap && !strcmp(gap, "0") ? 0
-                                                      : wmpi_spin_max_for(local + 1, cpus, max_us);
+                           : spare                    ? spare
+                                                      : shared;
 }
 
 /* One waiting site's recent waits (the time from the start of a wait to its message). */
