@@ -100,7 +100,7 @@ T=4096
 if "$fasa" bench attend --tokens 4K --reps 1 --dtype f16 --methods dense,fasa --threads 2 \
     --json "$tmp/roof.json" >"$tmp/roof.out" 2>"$tmp/roof.err"; then
     has roofline "$tmp/roof.out" '^cpu: .+; simd: [a-z0-9. ]+; kernels. path (portable|avx2|avx512); threads 2 '
-    has roofline "$tmp/roof.out" '^roofline: read 1 thread [0-9.]+ GB/s, 2 threads [0-9.]+ GB/s; compute \(one core, L1\): f16 to f32 [0-9.e+]+ conversions/s, f32 FMA [0-9.e+]+/s; the scan.s path [a-z0-9]+: [0-9.e+]+ conversions/s, FMA [0-9.e+]+/s$'
+    has roofline "$tmp/roof.out" '^roofline: read 1 thread [0-9.]+ GB/s, 2 threads [0-9.]+ GB/s; compute \(one core, L1\): f16 to f32 [0-9.e+]+ conversions/s, f32 FMA [0-9.e+]+/s; the scan.s path [a-z0-9]+: [0-9.e+]+ conversions/s, FMA [0-9.e+]+/s; dense.s path [a-z0-9]+: [0-9.e+]+ conversions/s, FMA [0-9.e+]+/s$'
     for ph in scan gather attend; do
         has roofline "$tmp/roof.out" "^phase fasa +$ph +[0-9.]+ ms +[0-9.]+ GB/s +[0-9.]+ of roofline [0-9.]+ GB/s \((read|compute)\)$"
     done
@@ -110,7 +110,7 @@ if "$fasa" bench attend --tokens 4K --reps 1 --dtype f16 --methods dense,fasa --
     has roofline "$tmp/roof.out" '^fasa: scan [0-9.]+ of its roofline \(target >= 0\.85\); step = [0-9.]+x the time its [0-9.]+ MiB take at the read bandwidth \(target <= 1\.3\)'
     for key in cpu simd threads dtype read_gbs read_gbs_by_threads cvt_per_s fma_per_s runs tokens \
         fasa_ms fasa_bytes dense_ms dense_bytes scan_roofline dense_roofline scan_bytes \
-        fasa_over_read phases_ms; do
+        fasa_over_read phases_ms dense_simd_path dense_cvt_per_s dense_fma_per_s; do
         grep -q "\"$key\": " "$tmp/roof.json" && ok || bad "json lacks $key: $(cat "$tmp/roof.json")"
     done
     for ph in scan select gather attend merge other; do

@@ -25,6 +25,7 @@
 
 #include "backend.h"
 #include "cli.h"
+#include "dense.h"
 #include "dtype.h"
 #include "scan.h"
 #include "simd.h"
@@ -371,6 +372,8 @@ typedef struct bench_roof {
     double cvt, fma;                    /* conversions/s of the dtype, FMA/s, one core */
     int scan_path;                      /* the fused scan's SIMD path (scan_path) */
     double scan_cvt, scan_fma;          /* the same two on the scan's path */
+    int dense_path;                     /* the dense kernel's SIMD path (dense_path) */
+    double dense_cvt, dense_fma;        /* the same two on the dense kernel's path */
 } bench_roof;
 
 typedef struct bench_target {
@@ -492,7 +495,8 @@ static void s_phases(const bench_opts *o, const bench_roof *rf, const synth_cfg 
      * grp heads (per-head GQA: grp FMA each); dense converts K and V once for grp heads;
      * phase 2 of a sparse step gathers rows for one head each. */
     const double c_scan = thr * roofline_compute_gbs(esz, grp, rf->scan_cvt, rf->scan_fma);
-    const double c_p2 = thr * roofline_compute_gbs(esz, dense ? grp : 1, rf->cvt, rf->fma);
+    const double c_p2 = thr * (dense ? roofline_compute_gbs(esz, grp, rf->dense_cvt, rf->dense_fma)
+                                     : roofline_compute_gbs(esz, 1, rf->cvt, rf->fma));
     const double roof_scan = fmin(read, c_scan), roof_p2 = fmin(read, c_p2);
     for (int i = 0; i < BENCH_N_PHASES; i++) {
         if (dense && i < 3) continue; /* no scan, select or gather */
@@ -788,6 +792,9 @@ static int s_roofline(const bench_opts *o, bench_roof *rf)
     rf->scan_path = scan_path();
     rf->scan_cvt = roofline_cvt_per_s_on(o->dtype, rf->scan_path);
     rf->scan_fma = roofline_fma_per_s_on(rf->scan_path);
+    rf->dense_path = dense_path();
+    rf->dense_cvt = roofline_cvt_per_s_on(o->dtype, rf->dense_path);
+    rf->dense_fma = roofline_fma_per_s_on(rf->dense_path);
     printf("cpu: %s; simd: %s; kernels' path %s; threads %d (--threads, FASA_THREADS)\n", rf->model,
            rf->simd, simd_path_name(simd_path_default()), rf->threads);
     printf("roofline: read");
@@ -795,8 +802,10 @@ static int s_roofline(const bench_opts *o, bench_roof *rf)
         printf("%s %d thread%s %.2f GB/s", t > 1 ? "," : "", t, t > 1 ? "s" : "", rf->read[t]);
     printf("; compute (one core, L1): %s to f32 %.3g conversions/s, f32 FMA %.3g/s", s_dtype(o),
            rf->cvt, rf->fma);
-    printf("; the scan's path %s: %.3g conversions/s, FMA %.3g/s\n", simd_path_name(rf->scan_path),
+    printf("; the scan's path %s: %.3g conversions/s, FMA %.3g/s", simd_path_name(rf->scan_path),
            rf->scan_cvt, rf->scan_fma);
+    printf("; dense's path %s: %.3g conversions/s, FMA %.3g/s\n", simd_path_name(rf->dense_path),
+           rf->dense_cvt, rf->dense_fma);
     return 0;
 }
 
@@ -821,6 +830,10 @@ static int s_json(const bench_opts *o, const bench_roof *rf, const bench_row *ro
         f,
         "  \"scan_simd_path\": \"%s\",\n  \"scan_cvt_per_s\": %.6g,\n  \"scan_fma_per_s\": %.6g,\n",
         simd_path_name(rf->scan_path), rf->scan_cvt, rf->scan_fma);
+    fprintf(f,
+            "  \"dense_simd_path\": \"%s\",\n  \"dense_cvt_per_s\": %.6g,\n  \"dense_fma_per_s\": "
+            "%.6g,\n",
+            simd_path_name(rf->dense_path), rf->dense_cvt, rf->dense_fma);
     /* One run per (context length, target), embedded targets first; the last is also at the
      * top level. */
     char last[2048] = "";

@@ -12,6 +12,10 @@ measures (bench/perfmodel_run.sh runs the measurements and this in one go):
   --merge-cost F   bench/merge_cost --json: rank 0's candidate select and partial merge
                    by the number of shards P (interpolated; without it, the --attend file's
                    one-shard costs times P)
+  --attend-mt F    optional: the same embedded run on T threads of this machine (--threads
+                   T, T = its cores): the per-thread scan rate when T threads scan at once
+                   (cores and memory shared), interpolated by threads between 1 and T;
+                   without it a thread scans as fast whatever the others do
   --ingest FILE    {"load_gbs_per_worker": x, "append_gbs": y, "alloc_over_kv": z,
                     "service_ms": s}: bulk load per worker (bench/load_bench.sh), appends
                    through the server, the shards' allocated bytes over K and V bytes, the
@@ -19,8 +23,11 @@ measures (bench/perfmodel_run.sh runs the measurements and this in one go):
 
 A decode step of one layer, exact merge (the default; two round trips):
   scan    every worker scans its N/P tokens' dominant key dims at its rate: threads x
-          the per-thread scan rate, capped by its share of the node's memory bandwidth
-          (workers on a node share it; more threads than cores time-share)
+          the per-thread scan rate (at that many threads scanning at once on the node,
+          --attend-mt), capped by its share of the node's memory bandwidth (workers on a
+          node share it); when a node's ranks outnumber its cores (its workers' threads,
+          and rank 0 on the first node, which takes a core of its own: it polls for the
+          replies and runs the service) they time-share the cores
   select  rank 0 merges P x units x B candidates (cost per candidate, measured)
   gather  the selected rows' K and V (the bytes phase 2 reads), spread over the workers
   merge   rank 0 merges P partials per head
@@ -57,7 +64,7 @@ def load(path):
 class Figures:
     """The measured inputs, per thread of the measuring machine."""
 
-    def __init__(self, attend, pingpong, ingest, like=None, merge_cost=None):
+    def __init__(self, attend, pingpong, ingest, like=None, merge_cost=None, attend_mt=None):
         self.mc = merge_cost
         run = attend["runs"][-1] if attend.get("runs") else attend
         ph = dict(run["phases_ms"])
@@ -90,6 +97,18 @@ class Figures:
         # A machine whose bandwidth by threads was not measured thread by thread: its
         # one-thread read rate times the threads, capped by its measured node bandwidth.
         self.read_cap = attend.get("node_read_cap_gbs")
+        # --attend-mt: the scan on T threads at once; each thread's rate there over the
+        # one-thread rate (1: not measured).
+        self.mt_threads, self.mt_eff = 1, 1.0
+        if attend_mt:
+            rm = attend_mt["runs"][-1] if attend_mt.get("runs") else attend_mt
+            t = int(attend_mt.get("threads", 1))
+            if t > 1 and rm["tokens"] != self.n0:
+                sys.exit("perfmodel: --attend-mt must be a run of as many tokens as --attend")
+            if t > 1:
+                one = self.scan_bytes / self.n0  # bytes per token, both runs' geometry
+                rate_t = one * rm["tokens"] / (rm["phases_ms"]["scan"] * 1e6) / t
+                self.mt_threads, self.mt_eff = t, rate_t / self.scan_gbs
         self.lat_us = pingpong["lat_us"]
         self.mpi_gbs = pingpong["bw_gbs"]
         self.fanin_gbs = pingpong.get("fanin_gbs") or pingpong["bw_gbs"]
@@ -113,6 +132,16 @@ class Figures:
         (p0, t0), (p1, t1) = pts[-2], pts[-1]
         return scale * (t1 + (t1 - t0) * (P - p1) / (p1 - p0))
 
+    def scan_eff(self, k):
+        """A thread's scan rate, relative to one thread alone, while k threads of the node
+        scan at once: 1 at k = 1, the measured --attend-mt figure at its T, linear between,
+        that figure beyond."""
+        if k <= 1 or self.mt_threads <= 1:
+            return 1.0
+        if k >= self.mt_threads:
+            return self.mt_eff
+        return 1.0 + (self.mt_eff - 1.0) * (k - 1) / (self.mt_threads - 1)
+
     def node_read_gbs(self, threads):
         """The measuring machine's read bandwidth on this many threads (its ceiling)."""
         rb = self.read_by_threads
@@ -123,7 +152,7 @@ class Figures:
 
 def step_ms(f, *, tokens, workers, threads=1, cores=None, workers_per_node=None, mem_gbs=None,
             net_gbs=None, n_heads=32, n_kv_heads=8, head_dim=128, dtype_bytes=2, budget=256,
-            merge="exact", eps=0.25, parts=None):
+            merge="exact", eps=0.25, rank0_core=True, parts=None):
     """Predicted ms of one layer's decode step, and its parts (dict) in parts."""
     P = workers
     wpn = workers_per_node or P
@@ -139,9 +168,13 @@ def step_ms(f, *, tokens, workers, threads=1, cores=None, workers_per_node=None,
     # its share of the node's memory bandwidth.
     # A shard runs its KV groups in parallel, one per thread: threads beyond n_kv_heads idle.
     threads = min(threads, n_kv_heads)
-    share = min(1.0, cores / (wpn * threads))
-    node_bw = mem_gbs if mem_gbs else f.node_read_gbs(min(cores, wpn * threads))
-    scan_rate = min(threads * share * f.scan_gbs, node_bw / wpn)
+    # The first node's ranks: its workers' threads and rank 0 (rank0_core), which takes a
+    # core of its own; the step waits for its slowest worker, so that node sets the pace.
+    ranks = wpn * threads + (1 if rank0_core else 0)
+    share = min(1.0, cores / ranks)
+    running = min(cores, wpn * threads)  # threads scanning at once on the node
+    node_bw = mem_gbs if mem_gbs else f.node_read_gbs(running)
+    scan_rate = min(threads * share * f.scan_eff(running) * f.scan_gbs, node_bw / wpn)
     gather_rate = min(threads * share * f.gather_gbs, node_bw / wpn)
     fan = net_gbs if net_gbs else f.fanin_gbs
     p = {}
@@ -167,7 +200,8 @@ def step_ms(f, *, tokens, workers, threads=1, cores=None, workers_per_node=None,
 def s_figures(args):
     return Figures(load(args.attend), load(args.pingpong), load(args.ingest) if args.ingest else {},
                    load(args.split_like) if args.split_like else None,
-                   load(args.merge_cost) if args.merge_cost else None)
+                   load(args.merge_cost) if args.merge_cost else None,
+                   load(args.attend_mt) if args.attend_mt else None)
 
 
 def predict(args):
@@ -185,7 +219,8 @@ def predict(args):
           f"select {f.sel_ns:.2f} ns per candidate, merge {f.merge_ns:.1f} ns per partial, "
           f"step rest {f.other_ms:.3f} ms, service {f.service_ms:.3f} ms, MPI latency "
           f"{f.lat_us:.2f} us, fan-in {f.fanin_gbs:.2f} GB/s, load {f.load_gbs:.3f} GB/s per "
-          f"worker, append {f.append_gbs:.3f} GB/s" +
+          f"worker, append {f.append_gbs:.3f} GB/s, scan per thread x{f.mt_eff:.2f} at "
+          f"{f.mt_threads} threads at once" +
           ("; rank 0's select and merge by shards from --merge-cost" if f.mc else ""))
     out = {}
     for merge in ("exact", "local"):
@@ -193,7 +228,8 @@ def predict(args):
         t = step_ms(f, tokens=N, workers=P, threads=args.threads, cores=args.cores,
                     workers_per_node=args.workers_per_node, mem_gbs=args.mem_gbs, net_gbs=net,
                     n_heads=args.heads, n_kv_heads=args.kv_heads, head_dim=args.head_dim,
-                    dtype_bytes=es, budget=args.budget, merge=merge, eps=args.eps, parts=parts)
+                    dtype_bytes=es, budget=args.budget, merge=merge, eps=args.eps,
+                    rank0_core=not args.no_rank0_core, parts=parts)
         tok = t * L
         worst = max(parts, key=parts.get)
         verdict = "met" if tok <= args.target_ms else \
@@ -228,7 +264,8 @@ def validate(args):
         t = step_ms(f, tokens=pt["tokens"], workers=pt["workers"], threads=pt.get("threads", 1),
                     cores=pt.get("cores"), workers_per_node=pt["workers"],
                     mem_gbs=pt.get("mem_gbs"), dtype_bytes=pt.get("dtype_bytes", 2),
-                    budget=pt.get("budget", 256), merge=pt.get("merge", "exact"), parts=parts)
+                    budget=pt.get("budget", 256), merge=pt.get("merge", "exact"),
+                    rank0_core=not args.no_rank0_core, parts=parts)
         m = pt["measured_ms"]
         err = (t - m) / m
         worst = max(worst, abs(err))
@@ -251,6 +288,10 @@ def main():
         s.add_argument("--ingest")
         s.add_argument("--merge-cost", help="bench/merge_cost --json: rank 0's select and merge "
                        "ms by shards")
+        s.add_argument("--attend-mt", help="an --attend run of the same machine on T threads "
+                       "(its cores): the per-thread scan rate when T threads scan at once")
+        s.add_argument("--no-rank0-core", action="store_true", help="rank 0 takes no core of the "
+                       "first node (it runs on a node of its own)")
         s.add_argument("--split-like", help="an --attend file whose phase proportions split a "
                        "step measured only as scan + rest (the device log's)")
     p = sub.choices["predict"]

@@ -7,7 +7,8 @@
 #   bench/perfmodel_run.sh [--tokens N] [--out DIR]
 # Default 256K tokens (f16: 1 GiB of K and V per session). Needs a built tree ($FASA_BUILD,
 # default build/). Every figure goes to DIR (default a new temporary directory) as JSON.
-# The servers' workers run one thread each (FASA_THREADS=1), as the embedded inputs do.
+# The servers' workers run one thread each (FASA_THREADS=1), as the embedded inputs do; the
+# model counts rank 0 as a rank of the first node that takes a core of its own.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 tokens=256K out=
@@ -28,6 +29,9 @@ export OPENBLAS_NUM_THREADS=1 FASA_THREADS=1
 echo "== inputs (this machine; $(nproc) cores, load average $(cut -d' ' -f1 /proc/loadavg))"
 "$B/fasa" bench attend --tokens "$tokens" --dtype f16 --methods fasa --threads 1 --reps 5 \
     --json "$out/attend.json" | grep -E "attend:|fasa "
+# The same on every core at once: a thread's scan rate while the node's other cores scan too.
+"$B/fasa" bench attend --tokens "$tokens" --dtype f16 --methods fasa --threads "$(nproc)" --reps 5 \
+    --json "$out/attend-mt.json" | grep -E "fasa "
 mpirun -n 4 "$B/bench/pingpong" --json "$out/pingpong.json"
 "$B/bench/merge_cost" --json "$out/merge_cost.json"
 # Bulk load per worker and the service's round trip, on a 1-worker server.
@@ -74,8 +78,8 @@ _stop_servers
 _server_dirs=()
 M="python3 $root/bench/perfmodel.py"
 MC="--merge-cost $out/merge_cost.json"
-$M validate $MC --attend "$out/attend.json" --pingpong "$out/pingpong.json" --ingest "$out/ingest.json" \
-    --points "$out/points-here.json"
+$M validate $MC --attend "$out/attend.json" --attend-mt "$out/attend-mt.json" \
+    --pingpong "$out/pingpong.json" --ingest "$out/ingest.json" --points "$out/points-here.json"
 # The device run's workers scanned on one thread each (its commit predates the threaded
 # shard: its 1-worker step, 257 ms, is the 1-thread scan's 194 ms plus the rest).
 echo "== validation on the device log (16 cores, 1M tokens f32, 1..16 workers, 1 thread each)"

@@ -752,8 +752,37 @@ static int s_place_runs(fasa_engine_t *e, session *s, int l0, int l1, int32_t po
     return rc;
 }
 
+long fasa_engine_bad_value(int in_dtype, int store_dtype, size_t n, const void *x)
+{
+    return in_dtype == FASA_DTYPE_F32 ? s_bad_f32(store_dtype, n, x)
+                                      : s_bad_half(in_dtype, store_dtype, n, x);
+}
+
+fasa_status fasa_engine_value_error(fasa_error *err, const char *name, long i, int in_dtype,
+                                    int store_dtype, const void *x)
+{
+    return s_bad_value(err, name, i, in_dtype, store_dtype, x);
+}
+
+static fasa_status s_append_dt(fasa_engine_t *e, const char *id, int layer, int32_t pos0, int n,
+                               int dtype, const void *k, const void *v, int check, fasa_error *err);
+
 fasa_status fasa_engine_append_dt(fasa_engine_t *e, const char *id, int layer, int32_t pos0, int n,
                                   int dtype, const void *k, const void *v, fasa_error *err)
+{
+    return s_append_dt(e, id, layer, pos0, n, dtype, k, v, 1, err);
+}
+
+fasa_status fasa_engine_append_checked(fasa_engine_t *e, const char *id, int layer, int32_t pos0,
+                                       int n, int dtype, const void *k, const void *v,
+                                       fasa_error *err)
+{
+    return s_append_dt(e, id, layer, pos0, n, dtype, k, v, 0, err);
+}
+
+/* fasa_engine_append_dt; check 0: the values were checked by the caller. */
+static fasa_status s_append_dt(fasa_engine_t *e, const char *id, int layer, int32_t pos0, int n,
+                               int dtype, const void *k, const void *v, int check, fasa_error *err)
 {
     session *s = s_find(e, id);
     if (!s) return fasa_error_set(err, FASA_NOT_FOUND, "session '%s' not found", id ? id : "");
@@ -783,9 +812,8 @@ fasa_status fasa_engine_append_dt(fasa_engine_t *e, const char *id, int layer, i
     const size_t per_layer = (size_t)n * c->n_kv_heads * c->head_dim;
     const size_t total = per_layer * (size_t)(l1 - l0);
     const void *kv[2] = {k, v};
-    for (int t = 0; t < 2; t++) {
-        const long bad = dtype == FASA_DTYPE_F32 ? s_bad_f32(c->dtype, total, kv[t])
-                                                 : s_bad_half(dtype, c->dtype, total, kv[t]);
+    for (int t = 0; check && t < 2; t++) {
+        const long bad = fasa_engine_bad_value(dtype, c->dtype, total, kv[t]);
         if (bad >= 0) return s_bad_value(err, t ? "v" : "k", bad, dtype, c->dtype, kv[t]);
     }
     fasa_status st = s_check_limit(e, s, l0, l1, pos0, n, err);

@@ -214,6 +214,19 @@ fasa_status fasa_engine_append(fasa_engine_t *e, const char *id, int layer, int3
  * rows. */
 fasa_status fasa_engine_append_dt(fasa_engine_t *e, const char *id, int layer, int32_t pos0, int n,
                                   int dtype, const void *k, const void *v, fasa_error *err);
+/* For a caller that makes the value check itself (the service, one pass over the values
+ * of a request): fasa_engine_bad_value is the check fasa_engine_append_dt makes of k and
+ * of v (n values of in_dtype for a session of store_dtype): the index of the first value
+ * that is not finite, at least 2^50, or overflows store_dtype, or -1; fasa_engine_value_error
+ * sets err to that value's message (name[i] ...) and returns its status; and
+ * fasa_engine_append_checked is fasa_engine_append_dt without that pass: every value of k
+ * and v must already have passed fasa_engine_bad_value with the session's dtype. */
+long fasa_engine_bad_value(int in_dtype, int store_dtype, size_t n, const void *x);
+fasa_status fasa_engine_value_error(fasa_error *err, const char *name, long i, int in_dtype,
+                                    int store_dtype, const void *x);
+fasa_status fasa_engine_append_checked(fasa_engine_t *e, const char *id, int layer, int32_t pos0,
+                                       int n, int dtype, const void *k, const void *v,
+                                       fasa_error *err);
 
 /* One decode step of one layer. out (n_heads, head_dim) gets the attention outputs.
  * selected, if not NULL, is (n_heads, budget): each head's chosen positions best-first

@@ -33,6 +33,10 @@ static const key s_keys[] = {
     {"memory-limit", "FASA_MEMORY_LIMIT", "0", "BYTES",
      "KV store bytes per rank (suffix K, M, G, T: powers of 1024); 0 = no limit", K_INT, 0,
      1LL << 50},
+    {"reserve", "FASA_RESERVE", "0", "BYTES",
+     "memory each shard-holding rank maps and faults in at start for KV chunks (suffix K, M, G, "
+     "T), reused as sessions come and go; growth past it works as without; 0 = none",
+     K_INT, 0, 1LL << 50},
     {"max-pending", "FASA_MAX_PENDING", "0", "BYTES",
      "bytes that unfinished requests (partial frames, queued requests) may hold in rank 0, over "
      "every connection; past half of it the connection holding most is closed (at least 2 x "
@@ -145,6 +149,8 @@ static int s_set(server_config *c, const key *k, const char *value, const char *
             c->block = (long)v;
         else if (strcmp(k->name, "memory-limit") == 0)
             c->memory_limit = v;
+        else if (strcmp(k->name, "reserve") == 0)
+            c->reserve = v;
         else if (strcmp(k->name, "max-sessions") == 0)
             c->max_sessions = (int)v;
         else if (strcmp(k->name, "deadline") == 0)
@@ -436,10 +442,10 @@ void server_config_describe(const server_config *c, char *buf, size_t len)
 {
     int n = snprintf(buf, len,
                      "bind=%s block=%ld max-message=%lld max-pending=%lld peer-timeout=%ld "
-                     "memory-limit=%lld max-sessions=%d "
+                     "memory-limit=%lld reserve=%lld max-sessions=%d "
                      "deadline=%ld log-level=%s%s%s%s%s%s%s%s%s%s%s",
                      c->bind, c->block, c->max_message, c->max_pending, c->peer_timeout,
-                     c->memory_limit, c->max_sessions, c->deadline_ms,
+                     c->memory_limit, c->reserve, c->max_sessions, c->deadline_ms,
                      fasa_log_level_name(c->log_level), *c->endpoint_file ? " endpoint-file=" : "",
                      c->endpoint_file, *c->pid_file ? " pid-file=" : "", c->pid_file,
                      *c->config ? " config=" : "", c->config,

@@ -23,6 +23,7 @@ typedef struct server_config {
     long long max_pending;  /* bytes unfinished requests may hold in rank 0 (conn_guard.h) */
     long peer_timeout;      /* seconds: heartbeat and handshake timeout, 0 = none */
     long long memory_limit; /* KV store bytes per rank, 0 = none */
+    long long reserve;      /* bytes each shard-holding rank pre-faults (shard_reserve), 0 = none */
     int max_sessions;
     long deadline_ms; /* default queue deadline, 0 = none */
     fasa_log_level log_level;

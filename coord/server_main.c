@@ -33,6 +33,7 @@
 #include "pool.h"
 #include "server_config.h"
 #include "service.h"
+#include "shard.h"
 #include "snapshot.h"
 #include "transport_mpi.h"
 #include "worker_mpi.h"
@@ -821,6 +822,21 @@ int main(int argc, char **argv)
     if (n_threads < 1) {
         fasa_log(FASA_LOG_ERROR, 0, "%s", why);
         MPI_Abort(MPI_COMM_WORLD, 2);
+    }
+    /* --reserve: the ranks that hold shards (every worker, or rank 0 alone) map and fault in
+     * their KV memory now, on their threads, before the server answers (shard_reserve). */
+    long long reserve = rank == 0 ? o.reserve : 0;
+    if (size > 1) MPI_Bcast(&reserve, 1, MPI_LONG_LONG, 0, MPI_COMM_WORLD);
+    if (reserve > 0 && (rank != 0 || size == 1)) {
+        double sec = 0;
+        if (shard_reserve((size_t)reserve, n_threads, &sec)) {
+            fasa_log(FASA_LOG_ERROR, 0, "--reserve %lld: cannot map that much memory", reserve);
+            MPI_Abort(MPI_COMM_WORLD, 1);
+        }
+        fasa_log(FASA_LOG_INFO, 0,
+                 "reserve: %.1f MiB mapped and faulted in %.3f s on %d thread%s (%.2f GB/s)",
+                 (double)reserve / 1048576.0, sec, n_threads, n_threads > 1 ? "s" : "",
+                 sec > 0 ? (double)reserve / sec / 1e9 : 0.0);
     }
 
     if (rank != 0) {

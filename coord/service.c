@@ -495,10 +495,33 @@ static fasa_status s_append(fasa_service *s, const edge_append *a, reply *r)
                       "(appends are contiguous and in order)",
                       (long long)a->start_pos, a->session_id, a->layer < 0 ? 0 : a->layer,
                       (int)have);
+    /* The one pass over the values (the edge leaves it to here, where the session's dtype
+     * is known): not finite, at least 2^50, or overflowing the session's dtype. */
     fasa_error fe;
+    const edge_tensor *kv[2] = {&a->k, &a->v};
+    for (int t = 0; t < 2; t++) {
+        const long bad = fasa_engine_bad_value(kv[t]->dtype, c->dtype, kv[t]->n, kv[t]->raw);
+        if (bad < 0) continue;
+        const char *name = t ? "v" : "k";
+        if (kv[t]->dtype == FASA_DTYPE_F32) {
+            const float x = ((const float *)kv[t]->raw)[bad];
+            if (!isfinite(x))
+                return s_fail(r, FASA_INVALID_ARGUMENT, "append.%s[%ld] is %s", name, bad,
+                              isnan(x) ? "NaN" : "infinite");
+        } else {
+            const uint16_t h = ((const uint16_t *)kv[t]->raw)[bad];
+            const uint16_t em = kv[t]->dtype == FASA_DTYPE_F16 ? 0x7c00u : 0x7f80u;
+            if ((h & em) == em)
+                return s_fail(r, FASA_INVALID_ARGUMENT, "append.%s[%ld] is %s", name, bad,
+                              (h & (em ^ 0x7fffu)) ? "NaN" : "infinite");
+        }
+        const fasa_status vs =
+            fasa_engine_value_error(&fe, name, bad, kv[t]->dtype, c->dtype, kv[t]->raw);
+        return s_fail(r, vs, "append: %s", fe.msg);
+    }
     const fasa_status st =
-        fasa_engine_append_dt(s->engine, a->session_id, a->layer, (int32_t)a->start_pos,
-                              (int)sh[off], a->k.dtype, a->k.raw, a->v.raw, &fe);
+        fasa_engine_append_checked(s->engine, a->session_id, a->layer, (int32_t)a->start_pos,
+                                   (int)sh[off], a->k.dtype, a->k.raw, a->v.raw, &fe);
     if (st) return s_fail(r, st, "append: %s", fe.msg);
     if (s_wal_log_dt(s, a->session_id, a->layer, (int32_t)a->start_pos, (int)sh[off], a->k.dtype,
                      a->k.raw, a->v.raw, a->k.n))

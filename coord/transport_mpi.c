@@ -99,6 +99,15 @@ typedef struct mpi_ctx {
     uint8_t **ap_cmd;
     size_t *ap_cap;
     uint32_t txn;
+    /* append_runs' parts (APPEND_PARTS): the k and v pieces of one round, in the order they
+     * are sent, each read straight from the request's memory; their sends. Grow-only. */
+    struct ap_part {
+        int shard;
+        int bytes;
+        const void *p;
+    } * ap_part;
+    int ap_nparts, ap_parts_cap;
+    MPI_Request *ap_req; /* (ap_parts_cap) */
 } mpi_ctx;
 
 /* A SCORE or ATTEND in flight: its own command and reply buffers and requests, and where
@@ -300,6 +309,24 @@ static int s_append(void *ctx, int sid, int shard, int layer, int n, const int32
     return 0;
 }
 
+/* Waits for n sends of this rank (APPEND_PARTS' parts), polling as s_waitall does: they
+ * complete while the workers take them. 0, or -1 when a rank died meanwhile. */
+static int s_wait_sends(int n, MPI_Request *reqs, wmpi_kick *kick)
+{
+    wmpi_backoff b;
+    wmpi_backoff_reset(&b);
+    for (;;) {
+        int done = 0;
+        if (MPI_Testall(n, reqs, &done, MPI_STATUSES_IGNORE) != MPI_SUCCESS) {
+            fasa_liveness_fail("MPI error sending an append to the workers");
+            return -1;
+        }
+        if (done) return 0;
+        if (fasa_liveness_failure()) return -1;
+        wmpi_backoff_pause(&b, COORD_MAX_SLEEP_NS, COORD_KICKED_SLEEP_NS, kick, 1);
+    }
+}
+
 /* Sends the command c->ap_cmd[i] to every shard i with want[i] set (or, with code not 0,
  * a bare command of that code to them), every reply receive posted first and every send
  * at once, then waits for all: the workers work in parallel. want[i] becomes 0 where the
@@ -326,10 +353,20 @@ static int s_ap_exchange(mpi_ctx *c, int sid, const mpi_session *s, uint8_t *wan
     for (int j = 0; j < m; j++) {
         const uint8_t *buf = code ? (const uint8_t *)&bare : c->ap_cmd[idx[j]];
         const wmpi_cmd *h = (const wmpi_cmd *)buf;
-        MPI_Isend(buf, (int)(sizeof(wmpi_cmd) + (size_t)h->payload_bytes), MPI_BYTE, idx[j] + 1,
-                  WMPI_TAG_CMD, c->comm, &sreq[j]);
+        /* APPEND_PARTS: the header and runs only; k and v follow as parts. */
+        const size_t bytes = h->cmd == WMPI_APPEND_PARTS
+                                 ? sizeof(wmpi_cmd) + (size_t)h->n * sizeof(wmpi_run)
+                                 : sizeof(wmpi_cmd) + (size_t)h->payload_bytes;
+        MPI_Isend(buf, (int)bytes, MPI_BYTE, idx[j] + 1, WMPI_TAG_CMD, c->comm, &sreq[j]);
         wmpi_kick_send(&c->kick, idx[j] + 1);
     }
+    int np = 0;
+    for (int i = 0; !code && i < c->ap_nparts; i++) {
+        const struct ap_part *x = &c->ap_part[i];
+        if (!want[x->shard]) continue;
+        MPI_Isend(x->p, x->bytes, MPI_BYTE, x->shard + 1, WMPI_TAG_PART, c->comm, &c->ap_req[np++]);
+    }
+    if (np && s_wait_sends(np, c->ap_req, &c->kick)) return -1;
     if (s_waitall(m, c->reqs, c->stats, &c->kick, 0, idx, &c->waits)) return -1;
     int rc = 0;
     for (int j = 0; j < m; j++) {
@@ -403,12 +440,13 @@ static int s_append_runs(void *ctx, int sid, int dtype, int n_runs, const fasa_a
         }
         for (int i = 0; i < S; i++) {
             if (!sections[i]) continue;
-            if (s_grow(&c->ap_cmd[i], &c->ap_cap[i], sizeof(wmpi_cmd) + (size_t)used[i])) {
+            if (s_grow(&c->ap_cmd[i], &c->ap_cap[i],
+                       sizeof(wmpi_cmd) + (size_t)sections[i] * sizeof(wmpi_run))) {
                 rc = -1;
                 break;
             }
             const wmpi_cmd h = {.magic = WMPI_MAGIC,
-                                .cmd = WMPI_APPEND_RUNS,
+                                .cmd = WMPI_APPEND_PARTS,
                                 .sid = sid,
                                 .n_layers = s->n_layers,
                                 .n_heads = s->n_heads,
@@ -423,6 +461,18 @@ static int s_append_runs(void *ctx, int sid, int dtype, int n_runs, const fasa_a
             want[i] = touched[i] = 1;
         }
         const int end = split ? next + 1 : stop;
+        /* Each section's run header into its shard's command; its k and v stay where the
+         * request holds them and go as two parts (no copy here). */
+        c->ap_nparts = 0;
+        if (!rc && 2 * (end - next) > c->ap_parts_cap) {
+            const int cap =
+                2 * (end - next) > 2 * c->ap_parts_cap ? 2 * (end - next) : 2 * c->ap_parts_cap;
+            struct ap_part *q = realloc(c->ap_part, (size_t)cap * sizeof(*q));
+            MPI_Request *qr = q ? realloc(c->ap_req, (size_t)cap * sizeof(*qr)) : NULL;
+            if (q) c->ap_part = q;
+            if (qr) c->ap_req = qr, c->ap_parts_cap = cap;
+            if (!qr) rc = -1;
+        }
         for (int r = next; r < end && !rc; r++) {
             const fasa_append_run *x = &runs[r];
             const int64_t skip = r == next ? done_rows : 0;
@@ -430,10 +480,11 @@ static int s_append_runs(void *ctx, int sid, int dtype, int n_runs, const fasa_a
             uint8_t *p = c->ap_cmd[x->shard] + sizeof(wmpi_cmd) + used[x->shard];
             const wmpi_run hr = {x->layer, (int32_t)nr, x->pos0 + (int32_t)skip, 0};
             memcpy(p, &hr, sizeof(hr));
-            memcpy(p + sizeof(hr), (const uint8_t *)x->k + skip * row, (size_t)(nr * row));
-            memcpy(p + sizeof(hr) + nr * row, (const uint8_t *)x->v + skip * row,
-                   (size_t)(nr * row));
-            used[x->shard] += (int64_t)sizeof(hr) + 2 * nr * row;
+            c->ap_part[c->ap_nparts++] =
+                (struct ap_part){x->shard, (int)(nr * row), (const uint8_t *)x->k + skip * row};
+            c->ap_part[c->ap_nparts++] =
+                (struct ap_part){x->shard, (int)(nr * row), (const uint8_t *)x->v + skip * row};
+            used[x->shard] += (int64_t)sizeof(hr);
         }
         if (!rc) rc = s_ap_exchange(c, sid, s, want, 0, txn);
         if (split) {
@@ -888,6 +939,8 @@ static void s_ctx_free(mpi_ctx *c)
         for (int i = 0; i < c->n_shards; i++) free(c->ap_cmd[i]);
     free(c->ap_cmd);
     free(c->ap_cap);
+    free(c->ap_part);
+    free(c->ap_req);
     free(c);
 }
 

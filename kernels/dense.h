@@ -11,11 +11,14 @@
  * permuted order (dominant dims first).
  *
  * Paths (simd.h): portable C (expf, plain loops); avx2 (AVX2 + FMA + F16C, 8 lanes, a
- * polynomial exp of a few ulp, accumulators in registers); avx512 runs the avx2 kernel
- * (no AVX-512 CPU was at hand to measure a wider one). Each path is deterministic: the
- * same rows in the same blocks give the same bits, whatever thread runs them; paths
- * differ by rounding (FMA, the exp), within the tolerance the tests check against the
- * naive reference. */
+ * polynomial exp of a few ulp, accumulators in registers); avx512 (AVX-512F, 16 lanes: the
+ * row-major key dims of 4 rows x 4 heads in 16 accumulators reduced together into one
+ * vector, the tile's dominant dims with its 16 rows in the lanes, p.V 64 dims x 4 heads in
+ * registers, the same exp polynomial with vscalefps, keys prefetched 64 rows ahead and the
+ * block's V during its logits). SIMD_AUTO takes dense_path(). Each path is deterministic:
+ * the same rows in the same blocks give the same bits, whatever thread runs them; paths
+ * differ by rounding (FMA, the exp, the order of f32 sums), within the tolerance the tests
+ * check against the naive reference. */
 #ifndef FASA_KERNELS_DENSE_H
 #define FASA_KERNELS_DENSE_H
 
@@ -38,6 +41,10 @@ void dense_block(int path, int dtype, int n_rows, int head_dim, int n_dom, int n
                  const float *restrict q, const void *restrict kdom, const void *restrict krest,
                  const void *restrict v, float *restrict m, double *restrict l, double *restrict o,
                  float *restrict scratch);
+
+/* The path dense_block takes for SIMD_AUTO: the one FASA_SIMD named (simd_path_named), else
+ * avx512 where the CPU has it, else simd_path_default. */
+int dense_path(void);
 
 /* Naive reference of dense_block: every element converted with the scalar conversions,
  * logits, exponentials and sums in double, the block's partial merged as attn_merge does. */

@@ -281,6 +281,7 @@ static int s_tensor_bytes(const Fasa__V1__Tensor *t, const char *field, frames_c
 
 static int s_tensor_dt(const Fasa__V1__Tensor *t, const char *field, int rank_lo, int rank_hi,
                        int half_ok, frames_ctx *fr, edge_tensor *out, char *msg, size_t len);
+#define EDGE_VALUES_LATER 2
 
 /* A BatchAttend item refused before its tensors were read still names its frames: they
  * are its own (it fails alone), not frames that no tensor names. */
@@ -300,7 +301,10 @@ static int s_tensor(const Fasa__V1__Tensor *t, const char *field, int rank_lo, i
 }
 
 /* s_tensor that also takes F16 and BF16 when half_ok (append k and v, attend k_new and
- * v_new): out->dtype and out->raw say which; out->data is then NULL. */
+ * v_new): out->dtype and out->raw say which; out->data is then NULL. half_ok
+ * EDGE_VALUES_LATER (append k and v): the values are not looked at here; the service
+ * checks them in its one pass (finite, below 2^50, within the session's dtype) before
+ * anything is stored. */
 static int s_tensor_dt(const Fasa__V1__Tensor *t, const char *field, int rank_lo, int rank_hi,
                        int half_ok, frames_ctx *fr, edge_tensor *out, char *msg, size_t len)
 {
@@ -360,10 +364,11 @@ static int s_tensor_dt(const Fasa__V1__Tensor *t, const char *field, int rank_lo
         fr->copy[i - 1] = c;
         data = c;
     }
+    const int later = half_ok == EDGE_VALUES_LATER;
     if (half) {
         const uint16_t *h = (const uint16_t *)(const void *)data;
         const uint16_t em = t->dtype == FASA__V1__DTYPE__F16 ? 0x7c00u : 0x7f80u;
-        if (!s_all_finite_half(h, elems, em))
+        if (!later && !s_all_finite_half(h, elems, em))
             for (uint64_t i = 0; i < elems; i++)
                 if ((h[i] & em) == em)
                     return s_err(msg, len, ST_INVALID, "%s[%llu] is %s", field,
@@ -376,7 +381,7 @@ static int s_tensor_dt(const Fasa__V1__Tensor *t, const char *field, int rank_lo
         return ST_OK;
     }
     const float *x = (const float *)(const void *)data;
-    if (!s_all_finite(x, elems))
+    if (!later && !s_all_finite(x, elems))
         for (uint64_t i = 0; i < elems; i++)
             if (!isfinite(x[i]))
                 return s_err(msg, len, ST_INVALID, "%s[%llu] is %s", field, (unsigned long long)i,
@@ -489,8 +494,8 @@ static int s_append(const Fasa__V1__Append *a, frames_ctx *fr, edge_append *o, c
         return s_err(msg, len, ST_INVALID, "append.start_pos %llu out of range [0, %d]",
                      (unsigned long long)a->start_pos, INT32_MAX);
     const int rank = a->layer < 0 ? 4 : 3;
-    if ((st = s_tensor_dt(a->k, "append.k", rank, rank, 1, fr, &o->k, msg, len)) ||
-        (st = s_tensor_dt(a->v, "append.v", rank, rank, 1, fr, &o->v, msg, len)))
+    if ((st = s_tensor_dt(a->k, "append.k", rank, rank, EDGE_VALUES_LATER, fr, &o->k, msg, len)) ||
+        (st = s_tensor_dt(a->v, "append.v", rank, rank, EDGE_VALUES_LATER, fr, &o->v, msg, len)))
         return st;
     if (o->k.dtype != o->v.dtype)
         return s_err(msg, len, ST_INVALID, "append.v.dtype %s differs from k's %s",

@@ -5,7 +5,8 @@
  * allocator), and after decoding every count, dimension and string. Tensors must be F32
  * (append k and v and attend k_new and v_new may also be F16 or BF16; I32 never comes from
  * clients), with a shape whose element count matches the bytes, and
- * finite values. Checks that need a session's geometry (shapes against the session, the
+ * finite values (but append k and v, whose values the service checks in one pass against
+ * the session's dtype). Checks that need a session's geometry (shapes against the session, the
  * next position of an append) belong to the service, which has the session.
  *
  * Status codes are the proto's Status numbers (0 OK, 1 INVALID_ARGUMENT, ...), which are
@@ -53,7 +54,9 @@ typedef struct edge_tensor {
     const float *data; /* F32 only (NULL for F16 and BF16) */
     size_t n;          /* elements */
     /* Where a tensor may also be F16 or BF16 (append k and v, attend k_new and v_new):
-     * its fasa_dtype (0 f32, 1 f16, 2 bf16) and elements (aligned for it, finite). */
+     * its fasa_dtype (0 f32, 1 f16, 2 bf16) and elements (aligned for it, finite; append
+     * k and v: not checked here, the service checks them in one pass with the session's
+     * dtype before anything is stored). */
     int dtype;
     const void *raw;
 } edge_tensor;

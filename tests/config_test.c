@@ -22,7 +22,7 @@ static void s_clear_env(void)
 {
     const char *vars[] = {"FASA_BIND",         "FASA_ENDPOINT_FILE", "FASA_PID_FILE", "FASA_BLOCK",
                           "FASA_MAX_MESSAGE",  "FASA_LOG_LEVEL",     "FASA_QUIET",    "FASA_CONFIG",
-                          "FASA_MEMORY_LIMIT", "FASA_MAX_SESSIONS"};
+                          "FASA_MEMORY_LIMIT", "FASA_MAX_SESSIONS",  "FASA_RESERVE"};
     for (size_t i = 0; i < sizeof(vars) / sizeof(*vars); i++) unsetenv(vars[i]);
 }
 
@@ -116,6 +116,19 @@ START_TEST(test_precedence)
     ck_assert_ptr_nonnull(strstr(err, "FASA_MEMORY_LIMIT"));
     setenv("FASA_MEMORY_LIMIT", "9000T", 1);
     ck_assert_int_eq(s_load(&c, plain, err), 2);
+    s_clear_env();
+    /* --reserve (FASA_RESERVE): bytes, default 0 (none). */
+    ck_assert_int_eq(s_load(&c, plain, err), 0);
+    ck_assert_int_eq(c.reserve, 0);
+    char *res[] = {"fasa-server", "--reserve", "1200M", NULL};
+    ck_assert_int_eq(s_load(&c, res, err), 0);
+    ck_assert_int_eq(c.reserve, 1200LL << 20);
+    setenv("FASA_RESERVE", "2G", 1);
+    ck_assert_int_eq(s_load(&c, plain, err), 0);
+    ck_assert_int_eq(c.reserve, 2LL << 30);
+    setenv("FASA_RESERVE", "-1", 1);
+    ck_assert_int_eq(s_load(&c, plain, err), 2);
+    ck_assert_ptr_nonnull(strstr(err, "FASA_RESERVE"));
     s_clear_env();
     char *lim0[] = {"fasa-server", "--max-sessions", "0", NULL};
     ck_assert_int_eq(s_load(&c, lim0, err), 2);

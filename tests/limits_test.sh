@@ -27,8 +27,23 @@ npy "$tmp/q.npy" "2, 8" 16 '\x00\x00\x80\x3f'                   # 1.0
 npy "$tmp/want.npy" "2, 8" 16 '\x00\x00\x00\x3f'                # dense output: 0.5
 
 # One chunk of 4096 rows of this geometry is 4096 x 8 x 2 x 4 = 256 KiB, plus small tables.
-start_local "$n" --bind 'tcp://127.0.0.1:*' -- --memory-limit 700K --max-sessions 2 --block 64 ||
-    exit 1
+# Twice: without a memory reserve, then with --reserve (the chunks come from memory the
+# workers faulted in at start, and a dropped session's go back there): the same refusal at
+# the same tokens, the same holdings and answers.
+for reserve in 0 64M; do
+bash "$root/deploy/stop-local.sh" >/dev/null 2>&1
+echo "-- --reserve $reserve"
+# Everything but counters of requests and uptime must be unchanged: the rank table and KV bytes.
+keep() { grep -E '^(kv_bytes|n_sessions|rank|[0-9]+ )' "$1" | grep -v rss; }
+start_local "$n" --bind 'tcp://127.0.0.1:*' -- --memory-limit 700K --max-sessions 2 --block 64 \
+    --reserve $reserve || exit 1
+if [ "$reserve" != 0 ]; then
+    log=$FASA_RUN_DIR/fasa-server.log
+    for i in $(seq 100); do grep -q "reserve: 64.0 MiB mapped" "$log" && break; sleep 0.1; done
+    grep -q "reserve: 64.0 MiB mapped and faulted in" "$log" &&
+        ok "the reserve is logged: $(grep -m1 -o 'reserve: .*' "$log")" ||
+        bad "no reserve line in the log: $(tail -3 "$log")"
+fi
 export FASA_SERVER=$ep
 geom=(--layers 1 --heads 2 --kv-heads 1 --head-dim 8 --method dense --budget 16)
 "$fasa" create --session a "${geom[@]}" >/dev/null || bad "create a"
@@ -52,8 +67,15 @@ else
 fi
 [ $held -gt 0 ] && ok "$held tokens fit under the limit" || bad "nothing fit under the limit"
 "$fasa" stats >"$tmp/after" 2>&1
-# Everything but counters of requests and uptime must be unchanged: the rank table and KV bytes.
-keep() { grep -E '^(kv_bytes|n_sessions|rank|[0-9]+ )' "$1"; }
+if [ "$reserve" = 0 ]; then
+    held0=$held
+    keep "$tmp/after" >"$tmp/held0"
+else
+    [ "$held" = "$held0" ] && ok "with the reserve the limit refused at the same $held tokens" ||
+        bad "with the reserve $held tokens fit, without $held0"
+    diff "$tmp/held0" <(keep "$tmp/after") >/dev/null && ok "with the reserve the same holdings" ||
+        bad "holdings with the reserve differ: $(diff "$tmp/held0" <(keep "$tmp/after") | head -5)"
+fi
 if [ -n "$(keep "$tmp/after")" ] && diff <(keep "$tmp/before") <(keep "$tmp/after") >/dev/null; then
     ok "the refused append changed no rank's holdings"
 else
@@ -85,6 +107,8 @@ for i in $(seq $((held / rows))); do
     "$fasa" append --session b --layer 0 --k "$tmp/k.npy" --v "$tmp/v.npy" >"$tmp/out" 2>&1 && got=$((got + rows))
 done
 [ $got = $held ] && ok "after the drop, b took $got tokens" || bad "after the drop b took $got of $held: $(cat "$tmp/out")"
+
+done
 
 # Deadlines: slow dense steps (1024 query heads x 512 dims over 4096 tokens each; as many as
 # keep the server busy for about 4 s) queue up; a ping sent a second later that may

@@ -114,8 +114,22 @@ START_TEST(test_dense_block_paths)
                                             1e-5 * lp[h]);
                     }
                 }
+                /* SIMD_AUTO is dense_path(), bit for bit. */
+                const int dp = dense_path();
+                ck_assert(simd_path_supported((simd_path)dp));
+                float ma[8];
+                double la[8], *oa = test_alloc((size_t)n_q * d * 8);
+                attn_state_init(n_q, d, mp, lp, op);
+                attn_state_init(n_q, d, ma, la, oa);
+                const int nb = n < DENSE_BLOCK ? n : DENSE_BLOCK;
+                dense_block(dp, dt, nb, d, u, n_q, scale, q, kdom, krest, vs, mp, lp, op, scr);
+                dense_block(SIMD_AUTO, dt, nb, d, u, n_q, scale, q, kdom, krest, vs, ma, la, oa,
+                            scr);
+                ck_assert_mem_eq(ma, mp, (size_t)n_q * sizeof(float));
+                ck_assert_mem_eq(la, lp, (size_t)n_q * sizeof(double));
+                ck_assert_mem_eq(oa, op, (size_t)n_q * d * sizeof(double));
                 free(q), free(k), free(v), free(kr), free(vr), free(kdom), free(krest), free(vs),
-                    free(scr), free(orf), free(op);
+                    free(scr), free(orf), free(op), free(oa);
             }
 }
 END_TEST

@@ -3,10 +3,12 @@
 #include "shard.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "attn.h"
@@ -43,6 +45,7 @@ typedef struct s_arena {
 } s_arena;
 #define SHARD_ARENA_BYTES ((size_t)32 << 20)
 #define SHARD_HUGE_PAGE ((size_t)2 << 20)
+static void s_arena_release(s_arena *a);
 
 typedef struct layer_store {
     int n_rows;        /* rows held */
@@ -349,7 +352,7 @@ void shard_destroy(shard_t **shard_p)
     }
     while (s->arena) {
         s_arena *next = s->arena->next;
-        munmap(s->arena, s->arena->size);
+        s_arena_release(s->arena);
         s->arena = next;
     }
     free(s->layers);
@@ -504,22 +507,223 @@ fail:
     return NULL;
 }
 
+/* The process's reserve (shard_reserve): free ranges of zeroed, already faulted anonymous
+ * memory, 2 MiB-aligned and sorted by address, that arenas are taken from before fresh
+ * mappings; a destroyed shard's arenas come back (zeroed again) while the free ranges stay
+ * within the reserve's size, and are unmapped past it. */
+typedef struct s_range {
+    char *p;
+    size_t size;
+} s_range;
+static struct {
+    pthread_mutex_t mu;
+    size_t cap;  /* shard_reserve's bytes: free memory kept at most (0: no reserve) */
+    size_t free; /* bytes in r */
+    int n, n_cap;
+    s_range *r; /* (n_cap) */
+} s_res = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+/* A fresh 2 MiB-aligned anonymous mapping of size bytes (a multiple of 2 MiB) asked for
+ * huge pages; NULL when out of memory. */
+static char *s_map_aligned(size_t size)
+{
+    char *m = mmap(NULL, size + SHARD_HUGE_PAGE, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) return NULL;
+    char *b = (char *)(((uintptr_t)m + SHARD_HUGE_PAGE - 1) & ~(SHARD_HUGE_PAGE - 1));
+    if (b > m) munmap(m, (size_t)(b - m));
+    if (b + size < m + size + SHARD_HUGE_PAGE)
+        munmap(b + size, (size_t)(m + size + SHARD_HUGE_PAGE - (b + size)));
+    madvise(b, size, MADV_HUGEPAGE);
+    return b;
+}
+
+/* Takes size bytes from the front of a free range that holds them, or when none does all of
+ * the largest range that holds min (*got_p: the bytes taken); NULL: no range holds min. So a
+ * reserve smaller than an arena still serves one. Called with s_res.mu held. */
+static char *s_res_take(size_t size, size_t min, size_t *got_p)
+{
+    int best = -1; /* a range that holds size, else the largest that holds min */
+    for (int i = 0; i < s_res.n && (best < 0 || s_res.r[best].size < size); i++)
+        if (s_res.r[i].size >= min && (best < 0 || s_res.r[i].size > s_res.r[best].size)) best = i;
+    if (best < 0) return NULL;
+    if (s_res.r[best].size < size) size = s_res.r[best].size;
+    *got_p = size;
+    s_range *r = &s_res.r[best];
+    char *p = r->p;
+    r->p += size;
+    r->size -= size;
+    s_res.free -= size;
+    if (!r->size) {
+        memmove(r, r + 1, (size_t)(s_res.n - best - 1) * sizeof(*r));
+        s_res.n--;
+    }
+    return p;
+}
+
+/* Puts a zeroed range back among the free ones, merged with its neighbours; -1 (nothing
+ * changed) when the list cannot grow. Called with s_res.mu held. */
+static int s_res_put(char *p, size_t size)
+{
+    int i = 0;
+    while (i < s_res.n && s_res.r[i].p < p) i++;
+    const int left = i > 0 && s_res.r[i - 1].p + s_res.r[i - 1].size == p;
+    const int right = i < s_res.n && p + size == s_res.r[i].p;
+    if (left && right) {
+        s_res.r[i - 1].size += size + s_res.r[i].size;
+        memmove(s_res.r + i, s_res.r + i + 1, (size_t)(s_res.n - i - 1) * sizeof(*s_res.r));
+        s_res.n--;
+    } else if (left) {
+        s_res.r[i - 1].size += size;
+    } else if (right) {
+        s_res.r[i].p = p;
+        s_res.r[i].size += size;
+    } else {
+        if (s_res.n == s_res.n_cap) {
+            const int cap = s_res.n_cap ? 2 * s_res.n_cap : 64;
+            s_range *r = realloc(s_res.r, (size_t)cap * sizeof(*r));
+            if (!r) return -1;
+            s_res.r = r;
+            s_res.n_cap = cap;
+        }
+        memmove(s_res.r + i + 1, s_res.r + i, (size_t)(s_res.n - i) * sizeof(*s_res.r));
+        s_res.r[i] = (s_range){p, size};
+        s_res.n++;
+    }
+    s_res.free += size;
+    return 0;
+}
+
+/* A destroyed shard's arena: back to the reserve (its used bytes zeroed) while the free
+ * ranges stay within the reserve's size, else unmapped. */
+static void s_arena_release(s_arena *a)
+{
+    const size_t size = a->size, used = a->used;
+    pthread_mutex_lock(&s_res.mu);
+    const int keep = s_res.cap && s_res.free + size <= s_res.cap;
+    pthread_mutex_unlock(&s_res.mu);
+    if (!keep) {
+        munmap(a, size);
+        return;
+    }
+    memset(a, 0, used); /* beyond used the arena was never written: still zero */
+    pthread_mutex_lock(&s_res.mu);
+    const int put = s_res.free + size <= s_res.cap && s_res_put((char *)a, size) == 0;
+    pthread_mutex_unlock(&s_res.mu);
+    if (!put) munmap(a, size);
+}
+
+/* Faults in bytes at p for writing: MADV_POPULATE_WRITE where the kernel has it (5.14+),
+ * else a write to every page. */
+static void s_prefault(char *p, size_t bytes)
+{
+#ifdef MADV_POPULATE_WRITE
+    if (madvise(p, bytes, MADV_POPULATE_WRITE) == 0) return;
+#endif
+    const size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+    for (size_t o = 0; o < bytes; o += pg) ((volatile char *)p)[o] = 0;
+}
+
+typedef struct s_fault_job {
+    char *p;
+    size_t bytes;
+} s_fault_job;
+
+static void *s_prefault_main(void *arg)
+{
+    const s_fault_job *j = arg;
+    s_prefault(j->p, j->bytes);
+    return NULL;
+}
+
+/* s_prefault on up to threads threads at once, each a 2 MiB-aligned slice (a node's cores
+ * fault pages in parallel; the calling thread takes the first slice). */
+static void s_prefault_threads(char *p, size_t bytes, int threads)
+{
+    enum { MAX_T = 256 };
+    if (threads > MAX_T) threads = MAX_T;
+    const size_t slices = bytes / SHARD_HUGE_PAGE;
+    if (threads > (int)slices) threads = (int)slices;
+    if (threads <= 1) {
+        s_prefault(p, bytes);
+        return;
+    }
+    s_fault_job job[MAX_T];
+    pthread_t tid[MAX_T];
+    int started[MAX_T] = {0};
+    size_t off = 0;
+    for (int t = 0; t < threads; t++) {
+        const size_t n = (slices * (size_t)(t + 1) / (size_t)threads) * SHARD_HUGE_PAGE - off;
+        job[t] = (s_fault_job){p + off, t == threads - 1 ? bytes - off : n};
+        off += job[t].bytes;
+    }
+    for (int t = 1; t < threads; t++)
+        started[t] = pthread_create(&tid[t], NULL, s_prefault_main, &job[t]) == 0;
+    s_prefault(job[0].p, job[0].bytes);
+    for (int t = 1; t < threads; t++) {
+        if (started[t])
+            pthread_join(tid[t], NULL);
+        else
+            s_prefault(job[t].p, job[t].bytes); /* no thread: this one does it */
+    }
+}
+
+int shard_reserve(size_t bytes, int threads, double *seconds_p)
+{
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    bytes = (bytes + SHARD_HUGE_PAGE - 1) / SHARD_HUGE_PAGE * SHARD_HUGE_PAGE;
+    pthread_mutex_lock(&s_res.mu);
+    int rc = 0;
+    if (bytes > s_res.free) {
+        /* Grow: one more mapping for what is missing, faulted in now. */
+        const size_t more = bytes - s_res.free;
+        char *m = s_map_aligned(more);
+        if (m) s_prefault_threads(m, more, threads);
+        if (!m || s_res_put(m, more)) {
+            if (m) munmap(m, more);
+            rc = -1;
+        }
+    } else {
+        /* Shrink: unmap free ranges (from the highest address) down to bytes. */
+        while (s_res.n && s_res.free > bytes) {
+            s_range *r = &s_res.r[s_res.n - 1];
+            const size_t cut = s_res.free - bytes < r->size ? s_res.free - bytes : r->size;
+            munmap(r->p + r->size - cut, cut);
+            r->size -= cut;
+            s_res.free -= cut;
+            if (!r->size) s_res.n--;
+        }
+    }
+    if (!rc) s_res.cap = bytes;
+    pthread_mutex_unlock(&s_res.mu);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    if (seconds_p)
+        *seconds_p = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    return rc;
+}
+
+void shard_reserve_stats(size_t *size_p, size_t *free_p)
+{
+    pthread_mutex_lock(&s_res.mu);
+    if (size_p) *size_p = s_res.cap;
+    if (free_p) *free_p = s_res.free;
+    pthread_mutex_unlock(&s_res.mu);
+}
+
 /* bytes (a multiple of 64) of zeroed memory from the shard's arena; NULL when out of
- * memory. */
+ * memory. A new arena comes from the reserve when it has room, else from a fresh mapping. */
 static void *s_pool_get(shard_t *s, size_t bytes)
 {
     s_arena *a = s->arena;
     if (!a || a->size - a->used < bytes) {
-        size_t size = bytes + 64 > SHARD_ARENA_BYTES ? bytes + 64 : SHARD_ARENA_BYTES;
-        size = (size + SHARD_HUGE_PAGE - 1) / SHARD_HUGE_PAGE * SHARD_HUGE_PAGE;
-        char *m = mmap(NULL, size + SHARD_HUGE_PAGE, PROT_READ | PROT_WRITE,
-                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (m == MAP_FAILED) return NULL;
-        char *b = (char *)(((uintptr_t)m + SHARD_HUGE_PAGE - 1) & ~(SHARD_HUGE_PAGE - 1));
-        if (b > m) munmap(m, (size_t)(b - m));
-        if (b + size < m + size + SHARD_HUGE_PAGE)
-            munmap(b + size, (size_t)(m + size + SHARD_HUGE_PAGE - (b + size)));
-        madvise(b, size, MADV_HUGEPAGE);
+        const size_t min = (bytes + 64 + SHARD_HUGE_PAGE - 1) / SHARD_HUGE_PAGE * SHARD_HUGE_PAGE;
+        size_t size = min > SHARD_ARENA_BYTES ? min : SHARD_ARENA_BYTES;
+        pthread_mutex_lock(&s_res.mu);
+        char *b = s_res_take(size, min, &size);
+        pthread_mutex_unlock(&s_res.mu);
+        if (!b) b = s_map_aligned(size);
+        if (!b) return NULL;
         a = (s_arena *)(void *)b;
         a->next = s->arena;
         a->size = size;

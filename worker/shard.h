@@ -181,6 +181,21 @@ shard_t *shard_new(const shard_layout *layout);
 /* Frees the shard and every row it holds; *shard_p becomes NULL. NULL is a no-op. */
 void shard_destroy(shard_t **shard_p);
 
+/* The process's memory reserve, as serving systems preallocate their KV cache: bytes
+ * (rounded up to 2 MiB) of anonymous memory mapped and faulted in now, from which the full
+ * chunks of every shard in this process are taken before any fresh mapping (growth past it
+ * works as without it), and to which a destroyed shard's chunks return, zeroed, while the
+ * free memory stays within bytes (past it they are unmapped). Calling it again resizes the
+ * free part; 0 unmaps the free memory and ends the reserve (the default: no reserve, chunks
+ * of destroyed shards unmapped). What shards hold and account (shard_bytes_held,
+ * shard_layer_bytes) does not change with it; the stored bits and every step's output do
+ * not either. The pages are faulted in on up to threads threads at once. *seconds_p (if not
+ * NULL): the time it took. Returns 0, or -1 when the memory cannot be mapped (the reserve
+ * unchanged). Thread-safe. */
+int shard_reserve(size_t bytes, int threads, double *seconds_p);
+/* The reserve's size (shard_reserve's bytes, rounded) and the bytes of it free now. */
+void shard_reserve_stats(size_t *size_p, size_t *free_p);
+
 /* Appends n rows to a layer: positions pos[n] (ascending, above every row held),
  * k and v (n, n_kv_heads, head_dim). Returns 0, or -1 when out of memory (nothing added). */
 int shard_append(shard_t *shard, int layer, int n, const int32_t *pos, const float *k,

@@ -912,6 +912,125 @@ START_TEST(test_shard_bytes_exact)
 }
 END_TEST
 
+/* Runs a FASA and a dense step on layer 0 of a and b and asserts the same bits. */
+static void s_same_steps(shard_t *a, shard_t *b, int nh, int d, int max_pos, const float *q)
+{
+    for (int method = SHARD_FASA; method <= SHARD_DENSE; method += SHARD_DENSE - SHARD_FASA) {
+        shard_step st = {0, method, 0, 32, max_pos, 1.0f / sqrtf((float)d), q, 0};
+        topk_cand ca[8 * 32], cb[8 * 32], thr[8];
+        int na[8] = {0}, nb[8] = {0};
+        uint8_t have[8] = {0};
+        if (method != SHARD_DENSE) {
+            ck_assert_int_eq(shard_score(a, &st, ca, na), 0);
+            ck_assert_int_eq(shard_score(b, &st, cb, nb), 0);
+            for (int u = 0; u < nh; u++) {
+                ck_assert_int_eq(na[u], nb[u]);
+                ck_assert_mem_eq(ca + u * 32, cb + u * 32, (size_t)na[u] * sizeof(*ca));
+                if (nb[u]) thr[u] = cb[u * 32 + nb[u] - 1], have[u] = 1;
+            }
+        }
+        float ma[8], mb[8];
+        double la[8], lb[8], oa[8 * 128], ob[8 * 128];
+        ck_assert_int_eq(shard_attend(a, &st, thr, have, ma, la, oa), 0);
+        ck_assert_int_eq(shard_attend(b, &st, thr, have, mb, lb, ob), 0);
+        ck_assert_mem_eq(ma, mb, (size_t)nh * sizeof(*ma));
+        ck_assert_mem_eq(la, lb, (size_t)nh * sizeof(*la));
+        ck_assert_mem_eq(oa, ob, (size_t)nh * d * sizeof(*oa));
+    }
+}
+
+/* shard_reserve: shards whose chunks come from the reserve (a first one, then one in the
+ * memory a destroyed shard gave back, written with other rows: it must be zeroed again,
+ * partial tiles included) hold bitwise what a shard without a reserve holds, count the
+ * same bytes, answer the same steps; one that outgrows the reserve grows past it; the
+ * reserve keeps at most its size free, and 0 ends it. */
+START_TEST(test_shard_reserve)
+{
+    const int nh = 8, nkv = 4, d = 128, n = 4 * SHARD_CHUNK + 301; /* ~17 MB per chunk (f32) */
+    const size_t kv = (size_t)n * nkv * d;
+    test_rng r = {91};
+    float *k = test_alloc(kv * 4), *v = test_alloc(kv * 4), *k2 = test_alloc(kv * 4), q[8 * 128];
+    int32_t *pos = test_alloc((size_t)n * 4);
+    test_fill(&r, kv, k, 3.0f);
+    test_fill(&r, kv, v, 3.0f);
+    test_fill(&r, kv, k2, 5.0f);
+    test_fill(&r, sizeof(q) / 4, q, 1.0f);
+    for (int i = 0; i < n; i++) pos[i] = 2 * i;
+    size_t size, free_b;
+    shard_reserve_stats(&size, &free_b);
+    ck_assert_uint_eq(size, 0);
+    ck_assert_uint_eq(free_b, 0);
+    for (int dt = FASA_DTYPE_F32; dt <= FASA_DTYPE_F16; dt++) {
+        shard_layout lay;
+        s_layout(&lay, 1, nh, nkv, d);
+        lay.dtype = dt;
+        const int m = SHARD_CHUNK - 13; /* one full chunk, its last tile partial */
+        /* Without a reserve: the reference shards. */
+        shard_t *ref = shard_new(&lay), *ref_small = shard_new(&lay);
+        ck_assert_int_eq(shard_append(ref, 0, n, pos, k, v), 0);
+        ck_assert_int_eq(shard_append(ref_small, 0, m, pos, k, v), 0);
+        const size_t res = (size_t)64 << 20;
+        double sec = -1;
+        ck_assert_int_eq(shard_reserve(res, 3, &sec), 0);
+        ck_assert(sec >= 0);
+        shard_reserve_stats(&size, &free_b);
+        ck_assert_uint_eq(size, res);
+        ck_assert_uint_eq(free_b, res);
+        /* A shard in the reserve, written with other rows and destroyed: dirty memory back. */
+        shard_t *dirty = shard_new(&lay);
+        ck_assert_int_eq(shard_append(dirty, 0, SHARD_CHUNK, pos, k2, k2), 0);
+        shard_reserve_stats(NULL, &free_b);
+        ck_assert_uint_lt(free_b, res);
+        shard_destroy(&dirty);
+        shard_reserve_stats(NULL, &free_b);
+        ck_assert_uint_eq(free_b, res);
+        /* The same rows as ref_small, in that memory. */
+        shard_t *small = shard_new(&lay);
+        ck_assert_int_eq(shard_append(small, 0, m, pos, k, v), 0);
+        shard_reserve_stats(NULL, &free_b);
+        ck_assert_uint_lt(free_b, res);
+        ck_assert(shard_store_equal(ref_small, small));
+        ck_assert_uint_eq(shard_bytes_held(small), shard_bytes_held(ref_small));
+        ck_assert_uint_eq(shard_bytes_allocated(small), shard_bytes_allocated(ref_small));
+        s_same_steps(ref_small, small, nh, d, 2 * m, q);
+        /* More than the reserve holds (f32: five chunks of ~17 MB): grows past it. */
+        shard_t *big = shard_new(&lay);
+        ck_assert_int_eq(shard_append(big, 0, n, pos, k, v), 0);
+        shard_reserve_stats(NULL, &free_b);
+        ck_assert_uint_lt(free_b, res);
+        ck_assert(shard_store_equal(ref, big));
+        ck_assert_uint_eq(shard_bytes_held(big), shard_bytes_held(ref));
+        s_same_steps(ref, big, nh, d, 2 * n, q);
+        /* Everything back: the free memory is at most the reserve. */
+        shard_destroy(&small);
+        shard_destroy(&big);
+        shard_reserve_stats(&size, &free_b);
+        ck_assert_uint_eq(size, res);
+        ck_assert_uint_le(free_b, res);
+        ck_assert_uint_ge(free_b, res - ((size_t)32 << 20));
+        ck_assert_int_eq(shard_reserve(0, 1, NULL), 0);
+        shard_reserve_stats(&size, &free_b);
+        ck_assert_uint_eq(size, 0);
+        ck_assert_uint_eq(free_b, 0);
+        /* A reserve smaller than an arena (32 MiB) still serves a chunk. */
+        ck_assert_int_eq(shard_reserve((size_t)18 << 20, 1, NULL), 0);
+        small = shard_new(&lay);
+        ck_assert_int_eq(shard_append(small, 0, m, pos, k, v), 0);
+        shard_reserve_stats(NULL, &free_b);
+        ck_assert_uint_lt(free_b, (size_t)18 << 20);
+        ck_assert(shard_store_equal(ref_small, small));
+        shard_destroy(&small);
+        shard_reserve_stats(NULL, &free_b);
+        ck_assert_uint_eq(free_b, (size_t)18 << 20);
+        ck_assert_int_eq(shard_reserve(0, 1, NULL), 0);
+        shard_destroy(&ref);
+        shard_destroy(&ref_small);
+        shard_layout_cleanup(&lay);
+    }
+    free(k), free(v), free(k2), free(pos);
+}
+END_TEST
+
 /* A layout with a shuffled dim order per (layer, KV head) and n_dom from 0 to d. */
 static void s_layout_random(shard_layout *lay, test_rng *r, int nl, int nh, int nkv, int d)
 {
@@ -1220,6 +1339,7 @@ Suite *shard_suite(void)
     tcase_add_test(tc, test_shard_dtype);
     tcase_add_test(tc, test_shard_disk_tier);
     tcase_add_test(tc, test_shard_bytes_exact);
+    tcase_add_test(tc, test_shard_reserve);
     tcase_add_test(tc, test_shard_append_fast);
     tcase_add_test(tc, test_shard_txn_undo);
     tcase_add_test(tc, test_shard_plus_fold);

@@ -63,6 +63,10 @@ typedef struct worker {
     int fault_in;    /* WMPI_TEST_FAULT: sections until one fails, 0: never */
     int32_t *runpos; /* APPEND_RUNS: one section's positions, grow-only */
     size_t runpos_cap;
+    uint8_t *parts_hdr; /* APPEND_PARTS: the command's header and runs, grow-only */
+    size_t parts_hdr_cap;
+    MPI_Request *part_req; /* APPEND_PARTS: one receive per part, grow-only */
+    size_t part_req_cap;
 } worker;
 
 static int s_grow(uint8_t **buf, size_t *cap, size_t bytes)
@@ -620,6 +624,70 @@ static wmpi_status s_load(worker *w, const wmpi_cmd *h, const uint8_t *p, size_t
     return WMPI_OK;
 }
 
+/* APPEND_PARTS (worker_mpi_wire.h), received as *count_p bytes in w->rx: receives its 2 n
+ * parts straight into place after the runs, so that w->rx holds the APPEND_RUNS it stands
+ * for (*count_p bytes then). -1 when the counts and sizes do not add up or memory is short:
+ * the parts cannot be placed, so the caller stops (fail-stop). */
+static int s_recv_parts(worker *w, int *count_p)
+{
+    wmpi_cmd h;
+    memcpy(&h, w->rx, sizeof(h));
+    const int64_t nsec = h.n, hdr = (int64_t)sizeof(h) + nsec * (int64_t)sizeof(wmpi_run);
+    const size_t esz = h.method >= 0 && h.method <= 2 ? fasa_dtype_size(h.method) : 0;
+    if (nsec < 1 || hdr != *count_p || !esz || h.payload_bytes < 0 ||
+        h.payload_bytes > WMPI_MAX_MSG - (int64_t)sizeof(h) || h.n_kv_heads < 1 || h.head_dim < 1 ||
+        h.n_kv_heads > WMPI_MAX_HEADS || h.head_dim > WMPI_MAX_HEAD_DIM) {
+        fasa_log(FASA_LOG_ERROR, 0, "worker: APPEND_PARTS header does not add up");
+        return -1;
+    }
+    const int64_t row = (int64_t)h.n_kv_heads * h.head_dim * (int64_t)esz;
+    int64_t total = 0;
+    for (int64_t i = 0; i < nsec; i++) {
+        wmpi_run r;
+        memcpy(&r, w->rx + sizeof(h) + i * (int64_t)sizeof(r), sizeof(r));
+        if (r.n < 1 || r.n > h.payload_bytes / (2 * row)) total = -1;
+        if (total < 0) break;
+        total += (int64_t)sizeof(r) + 2 * row * r.n;
+    }
+    if (total != h.payload_bytes) {
+        fasa_log(FASA_LOG_ERROR, 0, "worker: APPEND_PARTS sections do not add up to the payload");
+        return -1;
+    }
+    /* The header and runs aside, then the whole APPEND_RUNS layout in w->rx. */
+    if (s_grow(&w->parts_hdr, &w->parts_hdr_cap, (size_t)hdr) ||
+        s_grow(&w->rx, &w->rx_cap, sizeof(h) + (size_t)total)) {
+        fasa_log(FASA_LOG_ERROR, 0, "worker: out of memory receiving a %lld-byte append",
+                 (long long)total);
+        return -1;
+    }
+    if ((size_t)(2 * nsec) > w->part_req_cap) {
+        MPI_Request *q = realloc(w->part_req, (size_t)(2 * nsec) * sizeof(*q));
+        if (!q) {
+            fasa_log(FASA_LOG_ERROR, 0, "worker: out of memory receiving an append");
+            return -1;
+        }
+        w->part_req = q;
+        w->part_req_cap = (size_t)(2 * nsec);
+    }
+    memcpy(w->parts_hdr, w->rx, (size_t)hdr);
+    h.cmd = WMPI_APPEND_RUNS;
+    memcpy(w->rx, &h, sizeof(h));
+    int64_t off = sizeof(h);
+    for (int64_t i = 0; i < nsec; i++) {
+        wmpi_run r;
+        memcpy(&r, w->parts_hdr + sizeof(h) + i * (int64_t)sizeof(r), sizeof(r));
+        memcpy(w->rx + off, &r, sizeof(r));
+        uint8_t *k = w->rx + off + sizeof(r);
+        const int bytes = (int)(row * r.n);
+        MPI_Irecv(k, bytes, MPI_BYTE, 0, WMPI_TAG_PART, w->comm, &w->part_req[2 * i]);
+        MPI_Irecv(k + bytes, bytes, MPI_BYTE, 0, WMPI_TAG_PART, w->comm, &w->part_req[2 * i + 1]);
+        off += (int64_t)sizeof(r) + 2 * row * r.n;
+    }
+    wmpi_waitall((int)(2 * nsec), w->part_req, MPI_STATUSES_IGNORE, WORKER_MAX_SLEEP_NS, NULL);
+    *count_p = (int)(sizeof(h) + (size_t)total);
+    return 0;
+}
+
 /* Serves one received command of count bytes in w->rx. Returns 1 on a valid STOP. */
 static int s_serve(worker *w, int count)
 {
@@ -757,6 +825,12 @@ int worker_mpi_loop_threads(MPI_Comm comm, int n_threads)
         }
         wmpi_adapt_note(&gaps, wmpi_since_ns(&idle_since));
         MPI_Recv(w.rx, count, MPI_BYTE, 0, WMPI_TAG_CMD, comm, MPI_STATUS_IGNORE);
+        if ((size_t)count >= sizeof(wmpi_cmd) &&
+            ((const wmpi_cmd *)(void *)w.rx)->cmd == WMPI_APPEND_PARTS &&
+            s_recv_parts(&w, &count)) {
+            rc = -1;
+            break;
+        }
         if (s_serve(&w, count)) break;
         wmpi_backoff_start(&idle, &gaps);
         idle_since = idle.since;
@@ -768,6 +842,8 @@ int worker_mpi_loop_threads(MPI_Comm comm, int n_threads)
     free(w.rx);
     free(w.tx);
     free(w.runpos);
+    free(w.parts_hdr);
+    free(w.part_req);
     fasa_pool_destroy(&w.pool);
     return rc;
 }

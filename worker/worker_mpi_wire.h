@@ -2,8 +2,8 @@
  * and the worker ranks (worker/worker_mpi.c), and the polling wait both ends use.
  *
  * Both ends are the same build on one homogeneous cluster, so headers and arrays travel as
- * raw bytes (MPI_BYTE) in host byte order. Every message is one MPI message, so a command
- * costs one send and (but for STOP) one reply, whatever its size.
+ * raw bytes (MPI_BYTE) in host byte order. Every command but APPEND_PARTS is one MPI
+ * message, so a command costs one send and (but for STOP) one reply, whatever its size.
  *
  * A command (tag WMPI_TAG_CMD, from rank 0) is a wmpi_cmd header followed by payload_bytes
  * of payload, whose sections depend on the command:
@@ -17,6 +17,13 @@
  *                the header's dtype (method): rows run.pos0 .. run.pos0 + run.n - 1 of
  *                run.layer, positions ascending within each layer (head_dim is even, so
  *                every section stays 4-byte aligned)
+ *   APPEND_PARTS an APPEND_RUNS whose k and v do not travel in the command: the command
+ *                holds the header (payload_bytes: the APPEND_RUNS payload it stands for)
+ *                and its n wmpi_runs only, and each section's k then v follow as 2 n
+ *                messages of tag WMPI_TAG_PART, sent by rank 0 straight from the request's
+ *                memory (no copy there). The worker receives them into place, so it serves
+ *                (and answers) the APPEND_RUNS they make; a count or size that does not
+ *                add up is a protocol failure (fail-stop, like a command it cannot hold).
  *   SCORE        q float (n_heads, head_dim)
  *   ATTEND       q float (n_heads, head_dim), then unless method is dense thr topk_cand
  *                (n_units) and have_thr uint8 (n_units)
@@ -74,6 +81,7 @@
 
 #define WMPI_TAG_CMD 0x4641    /* rank 0 -> worker */
 #define WMPI_TAG_REPLY 0x4642  /* worker -> rank 0 */
+#define WMPI_TAG_PART 0x4643   /* rank 0 -> worker: APPEND_PARTS's k and v */
 #define WMPI_MAGIC 0x31414d57u /* "WMA1" little-endian: wire version 1 */
 
 /* Largest message either end builds. MPI counts are int; staying well under INT_MAX also
@@ -112,6 +120,7 @@ typedef enum wmpi_cmd_code {
     WMPI_TEST_FAULT = 18,
     WMPI_SCORE_ATTEND = 19,      /* SCORE and ATTEND in one (a one-shard exact step) */
     WMPI_SCORE_ATTEND_KNEW = 20, /* the same after appending a step's k_new on one shard */
+    WMPI_APPEND_PARTS = 21,      /* APPEND_RUNS with k and v as separate messages (above) */
 } wmpi_cmd_code;
 
 typedef enum wmpi_status {
