@@ -5,10 +5,12 @@
  *
  * An operation on all shards packs its command once, pre-posts every worker's reply
  * receive, sends the command to all workers (and wakes them: kick.h) and then waits for
- * everything, so the workers compute in parallel. The wait polls briefly, then sleeps in
- * the kernel until a worker's reply wakes it (worker_mpi_wire.h wmpi_backoff): on a machine
- * with fewer cores than ranks, a coordinator spinning in a blocking MPI wait would take the
- * CPU from the workers it is waiting for. A decode step's k_new rides along with its first
+ * everything, so the workers compute in parallel. The wait polls for a spin window (50 us,
+ * or in a decode loop as long as the recent exchanges took, capped: wmpi_adapt, only while
+ * this node's ranks do not outnumber its CPUs), then sleeps in the kernel until a worker's
+ * reply wakes it (worker_mpi_wire.h wmpi_backoff): on a machine with fewer cores than
+ * ranks, a coordinator spinning in a blocking MPI wait would take the CPU from the workers
+ * it is waiting for. A decode step's k_new rides along with its first
  * phase (stage_append: SCORE_KNEW / ATTEND_KNEW). Appends go to one shard and wait for their reply,
  * so a worker out of memory fails the append that hit it. All MPI calls happen on the calling
  * thread (MPI_THREAD_FUNNELED is enough). */
@@ -36,11 +38,12 @@
  * receives, then the m sends, to the workers of shards[0 .. m) (NULL: shards first ..
  * first + m - 1, consecutive); those are the ranks it wakes again. */
 static int s_waitall(int m, MPI_Request *reqs, MPI_Status *statuses, wmpi_kick *kick, int first,
-                     const int *shards)
+                     const int *shards, wmpi_adapt *waits)
 {
     const int n = 2 * m;
     wmpi_backoff b;
-    wmpi_backoff_reset(&b);
+    wmpi_backoff_start(&b, waits);
+    const struct timespec t0 = b.since;
     for (int polls = 0;; polls++) {
         int done = 0;
         const int rc = MPI_Testall(n, reqs, &done, statuses);
@@ -51,7 +54,10 @@ static int s_waitall(int m, MPI_Request *reqs, MPI_Status *statuses, wmpi_kick *
             fasa_liveness_fail("MPI error waiting for the workers: %s", why);
             return -1;
         }
-        if (done) return 0;
+        if (done) {
+            wmpi_adapt_note(waits, wmpi_since_ns(&t0));
+            return 0;
+        }
         if (fasa_liveness_failure()) return -1;
         /* Once the first poll has put the sends on their way, wake the same workers again
          * (a large message may only show after it); while a send is incomplete, keep
@@ -87,7 +93,8 @@ typedef struct mpi_ctx {
     int staged, staged_sid, staged_shard, staged_layer, staged_appended;
     int32_t staged_pos;
     const float *staged_k, *staged_v;
-    wmpi_kick kick; /* wake-ups from the workers' replies (kick.h) */
+    wmpi_kick kick;   /* wake-ups from the workers' replies (kick.h) */
+    wmpi_adapt waits; /* how long the last exchanges took: the spin window (wmpi_adapt) */
     /* append_runs: each shard's APPEND_RUNS command, grow-only, and the transaction count */
     uint8_t **ap_cmd;
     size_t *ap_cap;
@@ -195,7 +202,7 @@ static int s_exchange(mpi_ctx *c, int s0, int s1, int64_t reply_payload)
         MPI_Isend(c->cmd, cmd_bytes, MPI_BYTE, i + 1, WMPI_TAG_CMD, c->comm, &sreq[i - s0]);
         wmpi_kick_send(&c->kick, i + 1);
     }
-    if (s_waitall(n, c->reqs, c->stats, &c->kick, s0, NULL)) return -1;
+    if (s_waitall(n, c->reqs, c->stats, &c->kick, s0, NULL, &c->waits)) return -1;
     if (!want_reply) return 0;
 
     int rc = 0;
@@ -360,7 +367,7 @@ static int s_ap_exchange(mpi_ctx *c, int sid, const mpi_session *s, uint8_t *wan
         MPI_Isend(x->p, x->bytes, MPI_BYTE, x->shard + 1, WMPI_TAG_PART, c->comm, &c->ap_req[np++]);
     }
     if (np && s_wait_sends(np, c->ap_req, &c->kick)) return -1;
-    if (s_waitall(m, c->reqs, c->stats, &c->kick, 0, idx)) return -1;
+    if (s_waitall(m, c->reqs, c->stats, &c->kick, 0, idx, &c->waits)) return -1;
     int rc = 0;
     for (int j = 0; j < m; j++) {
         const int i = idx[j];
@@ -701,7 +708,7 @@ static int s_wait(void *ctx)
     c->op_len--;
     const int n = c->n_shards;
     c->staged_appended = 0;
-    if (s_waitall(n, op->reqs, op->stats, &c->kick, 0, NULL)) return -1;
+    if (s_waitall(n, op->reqs, op->stats, &c->kick, 0, NULL, &c->waits)) return -1;
     int rc = 0;
     for (int i = 0; i < n; i++) {
         int count = 0;
@@ -891,7 +898,7 @@ static int s_load(void *ctx, int sid, const load_job *job, load_report *out)
         MPI_Isend(cmds[i], cmd_bytes, MPI_BYTE, i + 1, WMPI_TAG_CMD, c->comm, &sreq[i]);
         wmpi_kick_send(&c->kick, i + 1);
     }
-    if (s_waitall(c->n_shards, c->reqs, c->stats, &c->kick, 0, NULL)) {
+    if (s_waitall(c->n_shards, c->reqs, c->stats, &c->kick, 0, NULL, &c->waits)) {
         rc = -1;
         for (int i = 0; i < c->n_shards; i++) out[i] = (load_report){.err = LOAD_EJOB};
         goto out;

@@ -32,6 +32,7 @@
 #include "simd.h"
 #include "test_util.h"
 #include "transport_mpi.h"
+#include "worker_mpi_wire.h"
 #include "worker_mpi.h"
 #include "worker_mpi_wire.h"
 
@@ -1470,6 +1471,103 @@ START_TEST(test_mpi_atomic_append)
 }
 END_TEST
 
+/* The adaptive spin window (worker_mpi_wire.h wmpi_adapt): its rule on set histories, when it
+ * applies, and a spin that loses its core giving up. No timing is asserted beyond the
+ * order of a few hundred microseconds the test sets up itself. */
+START_TEST(test_spin_adapt)
+{
+    const long base = 50000, cap = 5000000;
+    wmpi_adapt a = {0};
+    ck_assert_int_eq(wmpi_adapt_window(&a, base, cap), base); /* no history */
+    for (int i = 0; i < WMPI_ADAPT_MIN - 1; i++) wmpi_adapt_note(&a, 2000000);
+    ck_assert_int_eq(wmpi_adapt_window(&a, base, cap), base); /* too few waits yet */
+    for (int i = 0; i < WMPI_ADAPT_N; i++) wmpi_adapt_note(&a, 2000000);
+    ck_assert_int_eq(wmpi_adapt_window(&a, base, cap), 3020000);  /* 1.5 x 2 ms + 20 us */
+    ck_assert_int_eq(wmpi_adapt_window(&a, base, 0), base);       /* off */
+    ck_assert_int_eq(wmpi_adapt_window(&a, base, 1000000), base); /* every wait over the cap */
+    for (int i = 0; i < WMPI_ADAPT_N; i++) wmpi_adapt_note(&a, 4000000);
+    ck_assert_int_eq(wmpi_adapt_window(&a, base, cap), cap); /* 6.02 ms, capped */
+    /* The longest wait under the cap counts, those over it do not, while enough stay under. */
+    for (int i = 0; i < WMPI_ADAPT_N - WMPI_ADAPT_MIN; i++) wmpi_adapt_note(&a, 10000000);
+    for (int i = 0; i < WMPI_ADAPT_MIN; i++) wmpi_adapt_note(&a, i == 2 ? 1000000 : 300000);
+    ck_assert_int_eq(wmpi_adapt_window(&a, base, cap), 1520000);
+    /* Three more over the cap: the first two replace the oldest (over the cap too), the third
+     * a short one, so only WMPI_ADAPT_MIN - 1 stay under it. */
+    for (int i = 0; i < 3; i++) wmpi_adapt_note(&a, 10000000);
+    ck_assert_int_eq(wmpi_adapt_window(&a, base, cap), base);
+    wmpi_adapt b = {0};
+    for (int i = 0; i < WMPI_ADAPT_N; i++) wmpi_adapt_note(&b, 10000); /* shorter than base */
+    ck_assert_int_eq(wmpi_adapt_window(&b, base, cap), base);
+
+    /* Only while this node's ranks do not outnumber its CPUs; FASA_SPIN_MAX_US sets the cap. */
+    ck_assert_int_eq(wmpi_spin_max_for(2, 2, NULL), 1000L * WMPI_SPIN_MAX_US);
+    ck_assert_int_eq(wmpi_spin_max_for(3, 2, NULL), 0);
+    ck_assert_int_eq(wmpi_spin_max_for(4, 16, "1000"), 1000000);
+    ck_assert_int_eq(wmpi_spin_max_for(2, 2, "0"), 0);
+    ck_assert_int_eq(wmpi_spin_max_for(2, 2, "12x"), 1000L * WMPI_SPIN_MAX_US);
+    ck_assert_int_eq(wmpi_spin_max_for(2, 2, "999999999"), 100000000L);
+    ck_assert_int_eq(wmpi_spin_max_for(1, -1, NULL), 0);
+
+    /* A worker's wait for its next command spins long only with a CPU to spare beyond the
+     * node's ranks (the client's own work runs in that gap), else through short gaps only,
+     * unless FASA_SPIN_GAP says. */
+    const long cpus = wmpi_node_cpus();
+    setenv("FASA_SPIN_MAX_US", "2000", 1);
+    wmpi_spin_set_ranks(1);
+    ck_assert_int_eq(wmpi_spin_max_ns, cpus >= 1 ? 2000000 : 0);
+    ck_assert_int_eq(wmpi_spin_gap_max_ns, cpus >= 2   ? 2000000
+                                           : cpus >= 1 ? 1000L * WMPI_SPIN_GAP_SHARED_US
+                                                       : 0);
+    setenv("FASA_SPIN_GAP", "1", 1);
+    wmpi_spin_set_ranks(1);
+    ck_assert_int_eq(wmpi_spin_gap_max_ns, wmpi_spin_max_ns);
+    setenv("FASA_SPIN_GAP", "0", 1);
+    wmpi_spin_set_ranks(1);
+    ck_assert_int_eq(wmpi_spin_gap_max_ns, 0);
+    unsetenv("FASA_SPIN_GAP");
+    unsetenv("FASA_SPIN_MAX_US");
+
+    /* A long spin whose polls come close together keeps spinning; one that found itself
+     * 300 us after its last poll (descheduled) sleeps and cools its site down. */
+    const long saved = wmpi_spin_max_ns;
+    wmpi_spin_max_ns = 100000000L; /* 100 ms: a window of 30 ms, past any scheduling delay */
+    wmpi_adapt c = {0};
+    for (int i = 0; i < WMPI_ADAPT_N; i++) wmpi_adapt_note(&c, 20000000);
+    wmpi_backoff w;
+    wmpi_backoff_start(&w, &c);
+    ck_assert_int_eq(w.spin_ns, 30020000);
+    w.since.tv_nsec -= 100000; /* 100 us into the wait */
+    if (w.since.tv_nsec < 0) w.since.tv_nsec += 1000000000L, w.since.tv_sec--;
+    w.last_ns = 1000000000L; /* the last poll no earlier than this one, however late it runs */
+    wmpi_backoff_pause(&w, 100000, 100000, NULL, 0);
+    ck_assert_int_eq(w.spin_ns, 30020000);
+    ck_assert_int_eq(c.cool, 0);
+    w.since.tv_nsec -= 300000; /* 400 us in, the last poll 300 us ago */
+    if (w.since.tv_nsec < 0) w.since.tv_nsec += 1000000000L, w.since.tv_sec--;
+    wmpi_backoff_pause(&w, 100000, 100000, NULL, 0);
+    ck_assert_int_eq(w.spin_ns, wmpi_spin_ns());
+    ck_assert_int_eq(c.cool, WMPI_ADAPT_N);
+    ck_assert_int_eq(wmpi_adapt_window(&c, base, wmpi_spin_max_ns), base);
+    for (int i = 0; i < WMPI_ADAPT_N; i++) wmpi_adapt_note(&c, 20000000);
+    ck_assert_int_eq(wmpi_adapt_window(&c, base, wmpi_spin_max_ns), 30020000); /* cooled down */
+    /* Each further loss doubles the cool-down, up to WMPI_ADAPT_COOL_MAX; a long spin that
+     * caught its message halves it. */
+    wmpi_adapt_preempted(&c);
+    ck_assert_int_eq(c.cool, 2 * WMPI_ADAPT_N);
+    for (int i = 0; i < 20; i++) wmpi_adapt_preempted(&c);
+    ck_assert_int_eq(c.cool, WMPI_ADAPT_COOL_MAX);
+    c.cool = 0;
+    wmpi_backoff_start(&w, &c);
+    ck_assert_int_eq(c.armed_ns, 30020000);
+    wmpi_adapt_note(&c, 25000000);
+    ck_assert_int_eq(c.penalty, WMPI_ADAPT_COOL_MAX / 2);
+    ck_assert_int_eq(c.armed_ns, 0);
+    wmpi_adapt_note(&c, 25000000); /* a wait without a long window changes nothing */
+    ck_assert_int_eq(c.penalty, WMPI_ADAPT_COOL_MAX / 2);
+    wmpi_spin_max_ns = saved;
+}
+END_TEST
+
 static Suite *s_mpi_suite(void)
 {
     Suite *s = suite_create("mpi_transport");
@@ -1486,6 +1584,7 @@ static Suite *s_mpi_suite(void)
     tcase_add_test(tc, test_mpi_bad_commands);
     tcase_add_test(tc, test_mpi_snapshot);
     tcase_add_test(tc, test_mpi_atomic_append);
+    tcase_add_test(tc, test_spin_adapt);
     suite_add_tcase(s, tc);
     return s;
 }

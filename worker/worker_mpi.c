@@ -4,9 +4,12 @@
  *
  * The loop spends most of its life idle between decode steps, so it must not hold a core:
  * a blocking MPI_Recv busy-polls in Open MPI, so it polls with MPI_Iprobe and sleeps
- * between polls instead (wmpi_backoff: a short spin after each command, so the next
- * command of a burst is picked up at once, then sleeps in ppoll until rank 0's wake-up
- * (kick.h) or a timeout growing to WORKER_MAX_SLEEP_NS, longer once wake-ups arrive).
+ * between polls instead (wmpi_backoff: a spin after each command, so the next command of
+ * a burst is picked up at once, as long as the recent gaps between commands (wmpi_adapt: a
+ * decode loop's next Attend; only short gaps where the node has no CPU to spare), then
+ * sleeps in ppoll
+ * until rank 0's wake-up (kick.h) or a timeout growing to WORKER_MAX_SLEEP_NS, longer once
+ * wake-ups arrive).
  *
  * Every command is checked before it is used: its size against its header, the header's
  * geometry against the session it names, positions against the rows held. A bad command
@@ -790,8 +793,12 @@ int worker_mpi_loop_threads(MPI_Comm comm, int n_threads)
         return -1;
     }
     wmpi_kick_open(&w.kick, w.rank);
+    /* The gaps between commands (from one's reply to the next's arrival) set the spin window
+     * (wmpi_adapt): in a decode loop the next command comes while this rank still spins. */
+    wmpi_adapt gaps = {.gap = 1};
     wmpi_backoff idle;
-    wmpi_backoff_reset(&idle);
+    wmpi_backoff_start(&idle, &gaps);
+    struct timespec idle_since = idle.since;
     for (;;) {
         int flag = 0;
         MPI_Status status;
@@ -816,6 +823,7 @@ int worker_mpi_loop_threads(MPI_Comm comm, int n_threads)
             rc = -1;
             break;
         }
+        wmpi_adapt_note(&gaps, wmpi_since_ns(&idle_since));
         MPI_Recv(w.rx, count, MPI_BYTE, 0, WMPI_TAG_CMD, comm, MPI_STATUS_IGNORE);
         if ((size_t)count >= sizeof(wmpi_cmd) &&
             ((const wmpi_cmd *)(void *)w.rx)->cmd == WMPI_APPEND_PARTS &&
@@ -824,7 +832,8 @@ int worker_mpi_loop_threads(MPI_Comm comm, int n_threads)
             break;
         }
         if (s_serve(&w, count)) break;
-        wmpi_backoff_reset(&idle);
+        wmpi_backoff_start(&idle, &gaps);
+        idle_since = idle.since;
     }
     s_reply_done(&w);
     wmpi_kick_close(&w.kick);

@@ -201,9 +201,50 @@ _Static_assert(sizeof(topk_cand) == 8, "topk_cand travels as 8 raw bytes");
  * idle rank costs next to no CPU. The spin window is FASA_SPIN_US in the environment
  * (microseconds, 0 .. 10^7, default WMPI_SPIN_US; a large one busy-polls). Sleeps use a
  * 1 us timer slack (Linux's 50 us default would lengthen every short one). README "Decode
- * latency" has the measurements. */
+ * latency" has the measurements.
+ *
+ * The spin window adapts to a decode loop (wmpi_adapt). A kernel wake-up is cheap when the
+ * waker runs on the same core, but waking a rank whose core went idle costs tens of
+ * microseconds on a VM (its vCPU halted: 15-20 us each way on this project's 2-core VM,
+ * against 2 us on one core and under 1 us spinning), and a decode loop pays two per Attend
+ * (the worker waking for the command, rank 0 for the reply), because the gap between
+ * Attends (the engine's own work between layers) and a step's compute are both longer than
+ * 50 us. So each waiting site remembers how long its last WMPI_ADAPT_N waits took until a
+ * message came; while most of them (WMPI_ADAPT_MIN) stayed under the cap FASA_SPIN_MAX_US
+ * (default WMPI_SPIN_MAX_US, 0 turns this off), the next wait spins for 1.5 x the longest
+ * of those plus 20 us (at most the cap) before it sleeps.
+ *
+ * Where it applies (wmpi_spin_set_ranks): rank 0's wait for a reply, during which the
+ * client waits too, only while the ranks on this node do not outnumber its CPUs (a spinning
+ * rank must not take the core of one that computes). A worker's wait for its next command
+ * spans the client's own work between two Attends: where the node has a CPU more than its
+ * ranks, up to the cap; otherwise only through short gaps (at most WMPI_SPIN_GAP_SHARED_US:
+ * a tight loop such as `fasa ppl --server`, where the wake-up is a large part of the gap and
+ * the client's work between calls is small), since on the 2-core VM with 1 worker (2
+ * ranks) a spin through the bench's 2.5 ms gaps shared a core with the client's own compute
+ * and 8 interleaved rounds under load put the p90 overhead at 2.7 ms against 1.6 ms
+ * without it. FASA_SPIN_GAP=1 spins through gaps up to the cap while ranks <= CPUs, as rank
+ * 0's wait does; FASA_SPIN_GAP=0 never. A long spin whose polls come far apart (WMPI_PREEMPTED_NS:
+ * another task took its core) goes to sleep, its site back to the base window for WMPI_ADAPT_N
+ * waits, twice as many after each such loss (up to WMPI_ADAPT_COOL_MAX), half as many after each
+ * long spin that caught its message: a sleeping rank woken by its message runs at once, a spinning
+ * one waits for its next time slice, so where other work keeps the machine busy the window stays
+ * short.
+ *
+ * Its cost: while a decode loop runs, each rank that spins holds a core (rank 0 for as long
+ * as the steps take); once requests stop, the window runs out after at most the cap and the
+ * rank sleeps, so an idle server still costs next to no CPU. The node's ranks are the
+ * launcher's count (OMPI_COMM_WORLD_LOCAL_SIZE, MPI_LOCALNRANKS, SLURM_STEP_TASKS_PER_NODE),
+ * its CPUs SLURM_CPUS_ON_NODE or the CPUs online; the same count decides FASA_SPIN_YIELD's
+ * default. FASA_SPIN_US=0 FASA_SPIN_MAX_US=0 sleeps at once; FASA_SPIN_MAX_US=0 alone keeps
+ * the fixed FASA_SPIN_US window of earlier versions. */
 #define WMPI_SPIN_US 50L
-#define WMPI_SPIN_ALONE_NS 20000L /* FASA_SPIN_YIELD=1: the first 20 us of a spin never yield */
+#define WMPI_SPIN_MAX_US 5000L       /* the adaptive window's default cap (FASA_SPIN_MAX_US) */
+#define WMPI_ADAPT_N 8               /* waits remembered per site */
+#define WMPI_ADAPT_MIN 6             /* of which this many under the cap turn the long window on */
+#define WMPI_ADAPT_COOL_MAX 1024     /* the most waits a site keeps to the base window */
+#define WMPI_SPIN_GAP_SHARED_US 500L /* a worker's cap between commands without a spare CPU */
+#define WMPI_SPIN_ALONE_NS 20000L    /* FASA_SPIN_YIELD=1: the first 20 us of a spin never yield */
 #define WMPI_SLEEP0_NS 2000L
 #define WMPI_KICKED_SLEEP_NS 20000000L /* an idle worker's cap once wake-ups arrive: 20 ms */
 
@@ -245,21 +286,126 @@ static inline long wmpi_spin_ns(void)
  * latency"). Each file that waits calls wmpi_spin_set_ranks once with the job's size
  * (until then a spin yields, as with 1). Returns the ns after which a spin yields, or -1. */
 static long wmpi_spin_yield_after = WMPI_SPIN_ALONE_NS;
+/* The adaptive window's cap in ns (0: off) for waits on a reply, and for a worker's waits
+ * for the next command; set by wmpi_spin_set_ranks, off until then. */
+static long wmpi_spin_max_ns = 0;
+static long wmpi_spin_gap_max_ns = 0;
+
+/* The ranks of this job on this node: the launcher's count (Open MPI, MPICH/Hydra, Slurm's
+ * srun) when it gives one, else all n_ranks. */
+static inline int wmpi_local_ranks(int n_ranks)
+{
+    static const char *const vars[] = {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                                       "SLURM_STEP_TASKS_PER_NODE"};
+    for (int i = 0; i < (int)(sizeof(vars) / sizeof(*vars)); i++) {
+        const char *v = getenv(vars[i]);
+        char *end = NULL;
+        const long n = v && *v ? strtol(v, &end, 10) : 0;
+        /* Slurm writes "2(x3)" or "2,1" for uneven nodes: the leading count will do. */
+        if (n > 0 && n <= n_ranks && end != v) return (int)n;
+    }
+    return n_ranks;
+}
+
+/* The CPUs this node gives the job: Slurm's SLURM_CPUS_ON_NODE, else the CPUs online. */
+static inline long wmpi_node_cpus(void)
+{
+    const char *v = getenv("SLURM_CPUS_ON_NODE");
+    char *end = NULL;
+    const long n = v && *v ? strtol(v, &end, 10) : 0;
+    if (n > 0 && end && !*end) return n;
+    return sysconf(_SC_NPROCESSORS_ONLN);
+}
+
+/* Whether the adaptive window may apply, given this node's ranks and CPUs (the pure rule,
+ * for tests): FASA_SPIN_MAX_US's cap in ns when local_ranks <= cpus, else 0. */
+static inline long wmpi_spin_max_for(int local_ranks, long cpus, const char *max_us_env)
+{
+    char *end = NULL;
+    const long us = max_us_env && *max_us_env ? strtol(max_us_env, &end, 10) : WMPI_SPIN_MAX_US;
+    const long cap = end && *end ? WMPI_SPIN_MAX_US : us < 0 ? 0 : us > 100000L ? 100000L : us;
+    return cpus > 0 && local_ranks <= cpus ? 1000L * cap : 0;
+}
 
 static inline void wmpi_spin_set_ranks(int n_ranks)
 {
     const char *v = getenv("FASA_SPIN_YIELD");
-    const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    const long cpus = wmpi_node_cpus();
+    const int local = wmpi_local_ranks(n_ranks);
     const int yield = v && !strcmp(v, "1")   ? 1
                       : v && !strcmp(v, "0") ? 0
-                                             : cpus > 0 && n_ranks > cpus;
+                                             : cpus > 0 && local > cpus;
     wmpi_spin_yield_after = yield ? WMPI_SPIN_ALONE_NS : -1;
+    const char *max_us = getenv("FASA_SPIN_MAX_US"), *gap = getenv("FASA_SPIN_GAP");
+    wmpi_spin_max_ns = wmpi_spin_max_for(local, cpus, max_us);
+    /* The gap before the next command is the client's own work: spinning through it takes a
+     * CPU that work may need, so by default up to the cap only where a CPU is left over for
+     * it, else only through short gaps. */
+    const long spare = wmpi_spin_max_for(local + 1, cpus, max_us),
+               shared = wmpi_spin_max_ns < 1000L * WMPI_SPIN_GAP_SHARED_US
+                            ? wmpi_spin_max_ns
+                            : 1000L * WMPI_SPIN_GAP_SHARED_US;
+    wmpi_spin_gap_max_ns = gap && !strcmp(gap, "1")   ? wmpi_spin_max_ns
+                           : gap && !strcmp(gap, "0") ? 0
+                           : spare                    ? spare
+                                                      : shared;
+}
+
+/* One waiting site's recent waits (the time from the start of a wait to its message). */
+typedef struct wmpi_adapt {
+    long wait_ns[WMPI_ADAPT_N];
+    int n, next;
+    int cool;      /* waits left with the base window after a long spin lost its core */
+    int penalty;   /* the next such loss's cool: doubles with each loss, halves with each
+                    * long spin that caught its message */
+    long armed_ns; /* the long window of the wait in progress, else 0 */
+    int gap;       /* 1: a worker's wait for its next command (wmpi_spin_gap_max_ns) */
+} wmpi_adapt;
+
+static inline void wmpi_adapt_note(wmpi_adapt *a, long ns)
+{
+    a->wait_ns[a->next] = ns;
+    a->next = (a->next + 1) % WMPI_ADAPT_N;
+    if (a->n < WMPI_ADAPT_N) a->n++;
+    if (a->cool > 0) a->cool--;
+    if (a->armed_ns && ns <= a->armed_ns) a->penalty /= 2;
+    a->armed_ns = 0;
+}
+
+/* A long spin at site a lost its core: the next a->penalty waits keep to the base window. */
+static inline void wmpi_adapt_preempted(wmpi_adapt *a)
+{
+    a->penalty = !a->penalty                            ? WMPI_ADAPT_N
+                 : a->penalty < WMPI_ADAPT_COOL_MAX / 2 ? 2 * a->penalty
+                                                        : WMPI_ADAPT_COOL_MAX;
+    a->cool = a->penalty;
+    a->armed_ns = 0;
+}
+
+/* The spin window for the next wait at a site with history a, the base window base_ns and
+ * the cap max_ns (0: off): base_ns unless WMPI_ADAPT_MIN of the last WMPI_ADAPT_N waits
+ * took at most max_ns, else 1.5 x the longest of those + 20 us, within [base_ns, max_ns]. */
+static inline long wmpi_adapt_window(const wmpi_adapt *a, long base_ns, long max_ns)
+{
+    if (max_ns <= base_ns || a->n < WMPI_ADAPT_MIN || a->cool > 0) return base_ns;
+    int under = 0;
+    long longest = 0;
+    for (int i = 0; i < a->n; i++)
+        if (a->wait_ns[i] <= max_ns) {
+            under++;
+            if (a->wait_ns[i] > longest) longest = a->wait_ns[i];
+        }
+    if (under < WMPI_ADAPT_MIN) return base_ns;
+    const long w = longest + longest / 2 + 20000L;
+    return w < base_ns ? base_ns : w > max_ns ? max_ns : w;
 }
 
 typedef struct wmpi_backoff {
     struct timespec since; /* last activity */
     long sleep_ns;         /* next sleep, once past the spin window */
     long spin_ns;          /* the spin window */
+    long last_ns;          /* when the last pause was (ns after since) */
+    wmpi_adapt *adapt;     /* the site whose window this is (wmpi_backoff_start), or NULL */
 } wmpi_backoff;
 
 static inline void wmpi_backoff_reset(wmpi_backoff *b)
@@ -267,6 +413,31 @@ static inline void wmpi_backoff_reset(wmpi_backoff *b)
     clock_gettime(CLOCK_MONOTONIC, &b->since);
     b->sleep_ns = WMPI_SLEEP0_NS;
     b->spin_ns = wmpi_spin_ns();
+    b->last_ns = 0;
+    b->adapt = NULL;
+}
+
+/* wmpi_backoff_reset for a wait at the site a remembers: its spin window adapts. */
+static inline void wmpi_backoff_start(wmpi_backoff *b, wmpi_adapt *a)
+{
+    wmpi_backoff_reset(b);
+    const long base = b->spin_ns;
+    b->spin_ns = wmpi_adapt_window(a, base, a->gap ? wmpi_spin_gap_max_ns : wmpi_spin_max_ns);
+    a->armed_ns = b->spin_ns > base ? b->spin_ns : 0;
+    b->adapt = a;
+}
+
+/* A spin whose polls are this far apart lost its core to another task (a poll takes about a
+ * microsecond): spinning on would only queue it behind that task, so it sleeps instead (a
+ * woken task runs at once) and its site keeps to the base window for WMPI_ADAPT_N waits. */
+#define WMPI_PREEMPTED_NS 200000L
+
+/* Nanoseconds since t (CLOCK_MONOTONIC). */
+static inline long wmpi_since_ns(const struct timespec *t)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (long)(now.tv_sec - t->tv_sec) * 1000000000L + (now.tv_nsec - t->tv_nsec);
 }
 
 /* Called between two polls that found nothing: returns at once during the spin window,
@@ -282,6 +453,13 @@ static inline void wmpi_backoff_pause(wmpi_backoff *b, long max_sleep_ns, long k
     clock_gettime(CLOCK_MONOTONIC, &now);
     const long spent =
         (long)(now.tv_sec - b->since.tv_sec) * 1000000000L + (now.tv_nsec - b->since.tv_nsec);
+    const long base = wmpi_spin_ns();
+    if (b->spin_ns > base && spent < b->spin_ns && spent > base &&
+        spent - b->last_ns > WMPI_PREEMPTED_NS) {
+        b->spin_ns = base; /* descheduled during a long spin: sleep from now on */
+        if (b->adapt) wmpi_adapt_preempted(b->adapt);
+    }
+    b->last_ns = spent;
     if (spent < b->spin_ns || own_sends) {
         /* Spinning (also while this rank's own sends are unfinished: a large message needs
          * its peer to match it), yielding the core where ranks outnumber CPUs. */
