@@ -152,7 +152,8 @@ T_AVX2 static inline __m256 s_load8(int dtype, const void *base, size_t e)
 /* exp(x) for x <= 0 (Cephes' expf polynomial; below -87.3 it gives about 2^-126). */
 T_AVX2 static inline __m256 s_exp8(__m256 x)
 {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    x = _mm256_max_ps(_mm256_set1_ps(-87.3f),
+                      x); /* NaN passes through (max returns its 2nd operand) */
     const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
@@ -343,7 +344,10 @@ s_block_avx2_dt(const int dtype, int n, int d, int u, int n_q, float scale, cons
     }
     double rb[n_q];
     for (int h = 0; h < n_q; h++)
-        rb[h] = lb[h] > 0 ? s_raise(d, mb[h], lb[h], m + h, l + h, o + (size_t)h * d) : 0.0;
+        /* A block whose logits are all -inf adds nothing (as on the portable path). */
+        rb[h] = lb[h] > 0 && mb[h] > -INFINITY
+                    ? s_raise(d, mb[h], lb[h], m + h, l + h, o + (size_t)h * d)
+                    : 0.0;
     /* p.V per sub-block: its V rows converted front to back into vb (a sequential read the
      * hardware prefetchers follow; the dim-chunk walk below then stays in L1). */
     float *vb = ob + (size_t)n_q * d;
@@ -413,7 +417,7 @@ T_AVX512 static inline __m512 s_load16(int dtype, const void *base, size_t e)
 /* exp(x) for x <= 0: the polynomial of s_exp8, 2^n applied by vscalefps. */
 T_AVX512 static inline __m512 s_exp16(__m512 x)
 {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x); /* NaN passes through */
     const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
@@ -649,7 +653,8 @@ s_block_avx512_dt(const int dtype, int n, int d, int u, int n_q, float scale,
             sum = _mm512_add_ps(sum, e);
         }
         const float lb = _mm512_reduce_add_ps(sum);
-        rb[h] = lb > 0 ? s_raise(d, mh, lb, m + h, l + h, o + (size_t)h * d) : 0.0;
+        rb[h] =
+            lb > 0 && mh > -INFINITY ? s_raise(d, mh, lb, m + h, l + h, o + (size_t)h * d) : 0.0;
     }
     memset(ob, 0, (size_t)n_q * d * sizeof(float));
     const size_t esz = fasa_dtype_size(dtype);

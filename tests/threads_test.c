@@ -42,8 +42,9 @@ START_TEST(test_dense_block_paths)
 {
     test_rng r = {13};
     const int cfg[][4] = {/* n, d, u, n_q */
-                          {1, 8, 0, 1},       {17, 16, 4, 3},   {256, 128, 32, 4}, {300, 128, 0, 4},
-                          {700, 128, 128, 5}, {513, 64, 20, 8}, {40, 42, 10, 2}};
+                          {1, 8, 0, 1},     {17, 16, 4, 3},     {256, 128, 32, 4},
+                          {300, 128, 0, 4}, {700, 128, 128, 5}, {513, 64, 20, 8},
+                          {40, 42, 10, 2},  {100, 112, 40, 7},  {65, 48, 48, 6}};
     for (size_t ci = 0; ci < sizeof(cfg) / sizeof(*cfg); ci++)
         for (int dt = 0; dt <= FASA_DTYPE_LAST; dt++)
             for (int peaky = 0; peaky < 2; peaky++) {
@@ -114,23 +115,69 @@ START_TEST(test_dense_block_paths)
                                             1e-5 * lp[h]);
                     }
                 }
-                /* SIMD_AUTO is dense_path(), bit for bit. */
-                const int dp = dense_path();
-                ck_assert(simd_path_supported((simd_path)dp));
-                float ma[8];
-                double la[8], *oa = test_alloc((size_t)n_q * d * 8);
-                attn_state_init(n_q, d, mp, lp, op);
-                attn_state_init(n_q, d, ma, la, oa);
-                const int nb = n < DENSE_BLOCK ? n : DENSE_BLOCK;
-                dense_block(dp, dt, nb, d, u, n_q, scale, q, kdom, krest, vs, mp, lp, op, scr);
-                dense_block(SIMD_AUTO, dt, nb, d, u, n_q, scale, q, kdom, krest, vs, ma, la, oa,
-                            scr);
-                ck_assert_mem_eq(ma, mp, (size_t)n_q * sizeof(float));
-                ck_assert_mem_eq(la, lp, (size_t)n_q * sizeof(double));
-                ck_assert_mem_eq(oa, op, (size_t)n_q * d * sizeof(double));
                 free(q), free(k), free(v), free(kr), free(vr), free(kdom), free(krest), free(vs),
-                    free(scr), free(orf), free(op), free(oa);
+                    free(scr), free(orf), free(op);
             }
+}
+END_TEST
+
+/* dense_path(): the path FASA_SIMD named (simd_path_choose), else avx512 where the CPU has
+ * it, else simd_path_default; a named path this CPU lacks falls back. */
+START_TEST(test_dense_path_choice)
+{
+    simd_path_choose(NULL);
+    const int best = simd_path_supported(SIMD_AVX512) ? SIMD_AVX512 : (int)simd_path_default();
+    ck_assert_int_eq(dense_path(), best);
+    ck_assert_int_eq(simd_path_choose("portable"), 0);
+    ck_assert_int_eq(dense_path(), SIMD_PORTABLE);
+    if (simd_path_supported(SIMD_AVX2)) {
+        ck_assert_int_eq(simd_path_choose("avx2"), 0);
+        ck_assert_int_eq(dense_path(), SIMD_AVX2);
+    }
+    if (!simd_path_supported(SIMD_AVX512)) {
+        ck_assert_int_eq(simd_path_choose("avx512"), -2);
+        ck_assert_int_eq(dense_path(), (int)simd_path_default());
+    }
+    simd_path_choose(NULL);
+    ck_assert_int_eq(dense_path(), best);
+}
+END_TEST
+
+/* A first block whose logits all overflow to -inf in f32 (finite keys and queries:
+ * 1e10 * -1e30) adds nothing on every path: after it and a normal block, m, l and o are
+ * those of the normal block alone, bit for bit (the SIMD paths once made l NaN there). */
+START_TEST(test_dense_block_inf_block)
+{
+    test_rng r = {29};
+    enum { N = 40, D = 16, U = 4, NQ = 3 };
+    const int n_pad = (N + SCORE_TILE - 1) / SCORE_TILE * SCORE_TILE;
+    float q[NQ * D], qb[NQ * D], k[n_pad * D], v[N * D], kdom[n_pad * U], krest[N * (D - U)];
+    float kb_dom[n_pad * U], kb_rest[N * (D - U)];
+    float *scr = test_alloc(DENSE_SCRATCH(NQ, D) * 4);
+    test_fill(&r, NQ * D, q, 1.0f);
+    test_fill(&r, (size_t)N * D, k, 1.0f);
+    test_fill(&r, (size_t)N * D, v, 1.0f);
+    s_pack(FASA_DTYPE_F32, N, D, U, k, kdom, krest);
+    for (int i = 0; i < NQ * D; i++) qb[i] = 1e10f;
+    for (int i = 0; i < n_pad * U; i++) kb_dom[i] = -1e30f;
+    for (int i = 0; i < N * (D - U); i++) kb_rest[i] = -1e30f;
+    for (int path = 0; path <= SIMD_PATH_LAST; path++) {
+        if (!simd_path_supported((simd_path)path)) continue;
+        float m0[NQ], m1[NQ];
+        double l0[NQ], l1[NQ], o0[NQ * D], o1[NQ * D];
+        attn_state_init(NQ, D, m0, l0, o0);
+        attn_state_init(NQ, D, m1, l1, o1);
+        dense_block(path, FASA_DTYPE_F32, N, D, U, NQ, 0.25f, q, kdom, krest, v, m0, l0, o0, scr);
+        dense_block(path, FASA_DTYPE_F32, N, D, U, NQ, 0.25f, qb, kb_dom, kb_rest, v, m1, l1, o1,
+                    scr);
+        dense_block(path, FASA_DTYPE_F32, N, D, U, NQ, 0.25f, q, kdom, krest, v, m1, l1, o1, scr);
+        for (int h = 0; h < NQ; h++)
+            if (!isfinite(l1[h]) || l1[h] != l0[h] || m1[h] != m0[h])
+                ck_abort_msg("path %s head %d: l %g m %g with the -inf block first, %g %g without",
+                             simd_path_name(path), h, l1[h], (double)m1[h], l0[h], (double)m0[h]);
+        ck_assert_mem_eq(o1, o0, sizeof(o0));
+    }
+    free(scr);
 }
 END_TEST
 
@@ -665,7 +712,8 @@ END_TEST
 
 Suite *threads_suite(void)
 {
-    const TTest *tests[] = {test_dense_block_paths,       test_pool_runs_each_task_once,
+    const TTest *tests[] = {test_dense_block_paths,       test_dense_path_choice,
+                            test_dense_block_inf_block,   test_pool_runs_each_task_once,
                             test_threads_from_env,        test_engine_threads_identical,
                             test_shard_threads_identical, test_shard_union_gather,
                             test_shard_scan_parts,        NULL};
