@@ -14,8 +14,8 @@
  * an unknown name, falls back to the default with a note on stderr). Every path converts
  * bit-identically (the same rounding); the f16/bf16 scans differ between paths only by the
  * order of f32 additions. The f32 kernels (score.c, attn.c) keep their own target_clones
- * dispatch. The fused scan (scan.h) defaults to avx512 where the CPU has it, unless
- * FASA_SIMD names a path (simd_path_named). */
+ * dispatch. The fused scan (scan.h) and the dense kernel (dense.h) default to avx512 where
+ * the CPU has it, unless FASA_SIMD names a path (simd_path_named). */
 #ifndef FASA_KERNELS_SIMD_H
 #define FASA_KERNELS_SIMD_H
 
