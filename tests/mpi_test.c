@@ -1478,6 +1478,16 @@ START_TEST(test_spin_adapt)
 {
     const long base = 50000, cap = 5000000;
     wmpi_adapt a = {0};
+    /* Slurm's per-node task counts: this node's entry, "(xN)" repeats expanded. */
+    ck_assert_int_eq(wmpi_slurm_node_tasks("2(x3),1", 0), 2);
+    ck_assert_int_eq(wmpi_slurm_node_tasks("2(x3),1", 2), 2);
+    ck_assert_int_eq(wmpi_slurm_node_tasks("2(x3),1", 3), 1);
+    ck_assert_int_eq(wmpi_slurm_node_tasks("1,4", 1), 4);
+    ck_assert_int_eq(wmpi_slurm_node_tasks("1,4", 2), 0);
+    ck_assert_int_eq(wmpi_slurm_node_tasks("4", 0), 4);
+    ck_assert_int_eq(wmpi_slurm_node_tasks("2(3)", 0), 0);
+    ck_assert_int_eq(wmpi_slurm_node_tasks("x", 0), 0);
+    ck_assert_int_eq(wmpi_slurm_node_tasks(NULL, 0), 0);
     ck_assert_int_eq(wmpi_adapt_window(&a, base, cap), base); /* no history */
     for (int i = 0; i < WMPI_ADAPT_MIN - 1; i++) wmpi_adapt_note(&a, 2000000);
     ck_assert_int_eq(wmpi_adapt_window(&a, base, cap), base); /* too few waits yet */

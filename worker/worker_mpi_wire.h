@@ -291,20 +291,47 @@ static long wmpi_spin_yield_after = WMPI_SPIN_ALONE_NS;
 static long wmpi_spin_max_ns = 0;
 static long wmpi_spin_gap_max_ns = 0;
 
-/* The ranks of this job on this node: the launcher's count (Open MPI, MPICH/Hydra, Slurm's
- * srun) when it gives one, else all n_ranks. */
+/* This node's entry of Slurm's SLURM_STEP_TASKS_PER_NODE ("2(x3),1": counts per node, a
+ * "(xN)" repeating one N times), node the index of this node (SLURM_NODEID); 0 when the list
+ * is malformed or shorter. */
+static inline long wmpi_slurm_node_tasks(const char *list, long node)
+{
+    const char *p = list;
+    while (p && *p) {
+        char *end = NULL;
+        const long n = strtol(p, &end, 10);
+        if (end == p || n <= 0) return 0;
+        long reps = 1;
+        if (*end == '(') {
+            if (end[1] != 'x') return 0;
+            char *e2 = NULL;
+            reps = strtol(end + 2, &e2, 10);
+            if (e2 == end + 2 || *e2 != ')' || reps <= 0) return 0;
+            end = e2 + 1;
+        }
+        if (node < reps) return n;
+        node -= reps;
+        if (*end != ',') return 0;
+        p = end + 1;
+    }
+    return 0;
+}
+
+/* The ranks of this job on this node: the launcher's count (Open MPI, MPICH/Hydra, or
+ * Slurm's srun: this node's entry, by SLURM_NODEID) when it gives one, else all n_ranks. */
 static inline int wmpi_local_ranks(int n_ranks)
 {
-    static const char *const vars[] = {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
-                                       "SLURM_STEP_TASKS_PER_NODE"};
+    static const char *const vars[] = {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"};
     for (int i = 0; i < (int)(sizeof(vars) / sizeof(*vars)); i++) {
         const char *v = getenv(vars[i]);
         char *end = NULL;
         const long n = v && *v ? strtol(v, &end, 10) : 0;
-        /* Slurm writes "2(x3)" or "2,1" for uneven nodes: the leading count will do. */
         if (n > 0 && n <= n_ranks && end != v) return (int)n;
     }
-    return n_ranks;
+    const char *node = getenv("SLURM_NODEID");
+    const long n = wmpi_slurm_node_tasks(getenv("SLURM_STEP_TASKS_PER_NODE"),
+                                         node && *node ? strtol(node, NULL, 10) : 0);
+    return n > 0 && n <= n_ranks ? (int)n : n_ranks;
 }
 
 /* The CPUs this node gives the job: Slurm's SLURM_CPUS_ON_NODE, else the CPUs online. */
