@@ -538,16 +538,17 @@ static char *s_map_aligned(size_t size)
     return b;
 }
 
-/* Takes size bytes from the front of a free range that holds them, or when none does all of
- * the largest range that holds min (*got_p: the bytes taken); NULL: no range holds min. So a
- * reserve smaller than an arena still serves one. Called with s_res.mu held. */
+/* Takes size bytes from the front of a free range that holds them, or when none does as many
+ * whole min blocks as the largest range that holds min has (*got_p: the bytes taken); NULL: no
+ * range holds min. So a reserve smaller than an arena still serves one. Called with s_res.mu held.
+ */
 static char *s_res_take(size_t size, size_t min, size_t *got_p)
 {
     int best = -1; /* a range that holds size, else the largest that holds min */
     for (int i = 0; i < s_res.n && (best < 0 || s_res.r[best].size < size); i++)
         if (s_res.r[i].size >= min && (best < 0 || s_res.r[i].size > s_res.r[best].size)) best = i;
     if (best < 0) return NULL;
-    if (s_res.r[best].size < size) size = s_res.r[best].size;
+    if (s_res.r[best].size < size) size = s_res.r[best].size / min * min; /* whole blocks */
     *got_p = size;
     s_range *r = &s_res.r[best];
     char *p = r->p;
@@ -719,8 +720,12 @@ static void *s_pool_get(shard_t *s, size_t bytes)
     if (!a || a->size - a->used < bytes) {
         const size_t min = (bytes + 64 + SHARD_HUGE_PAGE - 1) / SHARD_HUGE_PAGE * SHARD_HUGE_PAGE;
         size_t size = min > SHARD_ARENA_BYTES ? min : SHARD_ARENA_BYTES;
+        /* From the reserve, whole blocks of this size only: its memory is faulted in, so a
+         * tail no block of this size fits in would be idle RSS (an f16 chunk of ~18 MiB in a
+         * 32 MiB arena). min is 2 MiB-aligned, so is any multiple. */
+        size_t want = min * (min < SHARD_ARENA_BYTES ? SHARD_ARENA_BYTES / min : 1);
         pthread_mutex_lock(&s_res.mu);
-        char *b = s_res_take(size, min, &size);
+        char *b = s_res_take(want, min, &size);
         pthread_mutex_unlock(&s_res.mu);
         if (!b) b = s_map_aligned(size);
         if (!b) return NULL;
