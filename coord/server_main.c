@@ -830,7 +830,8 @@ int main(int argc, char **argv)
     if (reserve > 0 && (rank != 0 || size == 1)) {
         double sec = 0;
         if (shard_reserve((size_t)reserve, n_threads, &sec)) {
-            fasa_log(FASA_LOG_ERROR, 0, "--reserve %lld: cannot map that much memory", reserve);
+            fasa_log(FASA_LOG_ERROR, 0, "--reserve %lld: cannot map and fault in that much memory",
+                     reserve);
             MPI_Abort(MPI_COMM_WORLD, 1);
         }
         fasa_log(FASA_LOG_INFO, 0,

@@ -456,6 +456,92 @@ START_TEST(test_create_dtype)
 }
 END_TEST
 
+/* Append values the session's dtype cannot take: inline F16/BF16 NaN and infinity, 70000
+ * (F32) into an f16 session, 2^51 into an f32 session. Each is refused naming the field,
+ * and the session keeps its length (one good row appended first). */
+static Fasa__V1__Response *s_append_dt(const char *id, uint64_t *shape, Fasa__V1__DType dt,
+                                       const void *k, const void *v, size_t bytes)
+{
+    Fasa__V1__Request req = FASA__V1__REQUEST__INIT;
+    Fasa__V1__Append a = FASA__V1__APPEND__INIT;
+    Fasa__V1__Tensor tk, tv;
+    wire_tensor(&tk, shape, 4, k, 0);
+    wire_tensor(&tv, shape, 4, v, 0);
+    tk.dtype = tv.dtype = dt;
+    tk.data.data = (uint8_t *)k, tk.data.len = bytes;
+    tv.data.data = (uint8_t *)v, tv.data.len = bytes;
+    a.session_id = (char *)id;
+    a.start_pos = 1;
+    a.k = &tk;
+    a.v = &tv;
+    req.body_case = FASA__V1__REQUEST__BODY_APPEND;
+    req.append = &a;
+    return wire_send(&req);
+}
+
+START_TEST(test_append_bad_values)
+{
+    uint64_t shape[4] = {L, 1, HKV, D};
+    const char *ids[3] = {"val-f32", "val-f16", "val-bf16"};
+    const Fasa__V1__DType dts[3] = {FASA__V1__DTYPE__F32, FASA__V1__DTYPE__F16,
+                                    FASA__V1__DTYPE__BF16};
+    for (int i = 0; i < 3; i++) {
+        Fasa__V1__Request req;
+        Fasa__V1__CreateSession c;
+        wire_create_init(&req, &c, ids[i]);
+        c.has_dtype = 1;
+        c.dtype = dts[i];
+        Fasa__V1__Response *r = wire_send(&req);
+        ck_assert_int_eq(r->status, 0);
+        fasa__v1__response__free_unpacked(r, NULL);
+        r = s_append(ids[i], 0, shape, 4, &s_k[0][0][0][0], &s_v[0][0][0][0], L * HKV * D);
+        ck_assert_int_eq(r->status, 0);
+        fasa__v1__response__free_unpacked(r, NULL);
+        ck_assert_uint_eq(s_length(ids[i]), 1);
+    }
+    enum { NV = L * HKV * D };
+    static float kf[NV];
+    static uint16_t kh[NV], vh[NV];
+    /* f32: 2^51 in k. */
+    memcpy(kf, s_k, sizeof(kf));
+    kf[5] = 2251799813685248.0f;
+    wire_expect_error(s_append("val-f32", 1, shape, 4, kf, &s_v[0][0][0][0], NV),
+                      FASA__V1__STATUS__INVALID_ARGUMENT, "k[5]");
+    ck_assert_uint_eq(s_length("val-f32"), 1);
+    /* f16 session, F32 tensors: 70000 overflows f16. */
+    kf[5] = 70000.0f;
+    wire_expect_error(s_append("val-f16", 1, shape, 4, kf, &s_v[0][0][0][0], NV),
+                      FASA__V1__STATUS__INVALID_ARGUMENT, "k[5]");
+    ck_assert_uint_eq(s_length("val-f16"), 1);
+    /* Inline F16 / BF16: NaN in k, infinity in v (small finite values elsewhere: 0.5). */
+    for (int i = 1; i < 3; i++) {
+        const uint16_t half = i == 1 ? 0x3800 : 0x3f00, nan = i == 1 ? 0x7e00 : 0x7fc0,
+                       inf = i == 1 ? 0x7c00 : 0x7f80;
+        for (int j = 0; j < NV; j++) kh[j] = vh[j] = half;
+        kh[7] = nan;
+        wire_expect_error(s_append_dt(ids[i], shape, dts[i], kh, vh, sizeof(kh)),
+                          FASA__V1__STATUS__INVALID_ARGUMENT, "k[7]");
+        ck_assert_uint_eq(s_length(ids[i]), 1);
+        kh[7] = half;
+        vh[9] = inf;
+        wire_expect_error(s_append_dt(ids[i], shape, dts[i], kh, vh, sizeof(kh)),
+                          FASA__V1__STATUS__INVALID_ARGUMENT, "v[9]");
+        ck_assert_uint_eq(s_length(ids[i]), 1);
+        /* The same tensors without the bad value are taken. */
+        vh[9] = half;
+        Fasa__V1__Response *r = s_append_dt(ids[i], shape, dts[i], kh, vh, sizeof(kh));
+        ck_assert_msg(r->status == 0, "%s", r->message ? r->message : "");
+        fasa__v1__response__free_unpacked(r, NULL);
+        ck_assert_uint_eq(s_length(ids[i]), 2);
+    }
+    for (int i = 0; i < 3; i++) {
+        Fasa__V1__Response *r = s_drop(ids[i]);
+        ck_assert_int_eq(r->status, 0);
+        fasa__v1__response__free_unpacked(r, NULL);
+    }
+}
+END_TEST
+
 /* CreateSession.score_dtype: F32, F16, BF16 and I8 are score dtypes (any storage dtype),
  * I32 and unknown numbers are refused naming the field. */
 START_TEST(test_create_score_dtype)
@@ -634,5 +720,6 @@ void wire_cases_add(TCase *tc)
     tcase_add_test(tc, test_bad_bytes);
     tcase_add_test(tc, test_bad_fields);
     tcase_add_test(tc, test_create_dtype);
+    tcase_add_test(tc, test_append_bad_values);
     tcase_add_test(tc, test_create_score_dtype);
 }

@@ -2,6 +2,7 @@
 #define _DEFAULT_SOURCE /* madvise */
 #include "shard.h"
 
+#include <errno.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -538,16 +539,17 @@ static char *s_map_aligned(size_t size)
     return b;
 }
 
-/* Takes size bytes from the front of a free range that holds them, or when none does all of
- * the largest range that holds min (*got_p: the bytes taken); NULL: no range holds min. So a
- * reserve smaller than an arena still serves one. Called with s_res.mu held. */
+/* Takes size bytes from the front of a free range that holds them, or when none does as many
+ * whole min blocks as the largest range that holds min has (*got_p: the bytes taken); NULL: no
+ * range holds min. So a reserve smaller than an arena still serves one. Called with s_res.mu held.
+ */
 static char *s_res_take(size_t size, size_t min, size_t *got_p)
 {
     int best = -1; /* a range that holds size, else the largest that holds min */
     for (int i = 0; i < s_res.n && (best < 0 || s_res.r[best].size < size); i++)
         if (s_res.r[i].size >= min && (best < 0 || s_res.r[i].size > s_res.r[best].size)) best = i;
     if (best < 0) return NULL;
-    if (s_res.r[best].size < size) size = s_res.r[best].size;
+    if (s_res.r[best].size < size) size = s_res.r[best].size / min * min; /* whole blocks */
     *got_p = size;
     s_range *r = &s_res.r[best];
     char *p = r->p;
@@ -614,58 +616,61 @@ static void s_arena_release(s_arena *a)
 }
 
 /* Faults in bytes at p for writing: MADV_POPULATE_WRITE where the kernel has it (5.14+),
- * else a write to every page. */
-static void s_prefault(char *p, size_t bytes)
+ * else (EINVAL: the kernel lacks the advice) a write to every page. -1: the kernel could not
+ * back the pages (ENOMEM, EFAULT...): touching them would only call the OOM killer. */
+static int s_prefault(char *p, size_t bytes)
 {
 #ifdef MADV_POPULATE_WRITE
-    if (madvise(p, bytes, MADV_POPULATE_WRITE) == 0) return;
+    if (madvise(p, bytes, MADV_POPULATE_WRITE) == 0) return 0;
+    if (errno != EINVAL) return -1;
 #endif
     const size_t pg = (size_t)sysconf(_SC_PAGESIZE);
     for (size_t o = 0; o < bytes; o += pg) ((volatile char *)p)[o] = 0;
+    return 0;
 }
 
 typedef struct s_fault_job {
     char *p;
     size_t bytes;
+    int rc;
 } s_fault_job;
 
 static void *s_prefault_main(void *arg)
 {
-    const s_fault_job *j = arg;
-    s_prefault(j->p, j->bytes);
+    s_fault_job *j = arg;
+    j->rc = s_prefault(j->p, j->bytes);
     return NULL;
 }
 
 /* s_prefault on up to threads threads at once, each a 2 MiB-aligned slice (a node's cores
  * fault pages in parallel; the calling thread takes the first slice). */
-static void s_prefault_threads(char *p, size_t bytes, int threads)
+static int s_prefault_threads(char *p, size_t bytes, int threads)
 {
     enum { MAX_T = 256 };
     if (threads > MAX_T) threads = MAX_T;
     const size_t slices = bytes / SHARD_HUGE_PAGE;
     if (threads > (int)slices) threads = (int)slices;
-    if (threads <= 1) {
-        s_prefault(p, bytes);
-        return;
-    }
+    if (threads <= 1) return s_prefault(p, bytes);
     s_fault_job job[MAX_T];
     pthread_t tid[MAX_T];
     int started[MAX_T] = {0};
     size_t off = 0;
     for (int t = 0; t < threads; t++) {
         const size_t n = (slices * (size_t)(t + 1) / (size_t)threads) * SHARD_HUGE_PAGE - off;
-        job[t] = (s_fault_job){p + off, t == threads - 1 ? bytes - off : n};
+        job[t] = (s_fault_job){p + off, t == threads - 1 ? bytes - off : n, 0};
         off += job[t].bytes;
     }
     for (int t = 1; t < threads; t++)
         started[t] = pthread_create(&tid[t], NULL, s_prefault_main, &job[t]) == 0;
-    s_prefault(job[0].p, job[0].bytes);
+    int rc = s_prefault(job[0].p, job[0].bytes);
     for (int t = 1; t < threads; t++) {
         if (started[t])
             pthread_join(tid[t], NULL);
         else
-            s_prefault(job[t].p, job[t].bytes); /* no thread: this one does it */
+            job[t].rc = s_prefault(job[t].p, job[t].bytes); /* no thread: this one does it */
+        if (job[t].rc) rc = -1;
     }
+    return rc;
 }
 
 int shard_reserve(size_t bytes, int threads, double *seconds_p)
@@ -679,8 +684,7 @@ int shard_reserve(size_t bytes, int threads, double *seconds_p)
         /* Grow: one more mapping for what is missing, faulted in now. */
         const size_t more = bytes - s_res.free;
         char *m = s_map_aligned(more);
-        if (m) s_prefault_threads(m, more, threads);
-        if (!m || s_res_put(m, more)) {
+        if (!m || s_prefault_threads(m, more, threads) || s_res_put(m, more)) {
             if (m) munmap(m, more);
             rc = -1;
         }
@@ -719,8 +723,12 @@ static void *s_pool_get(shard_t *s, size_t bytes)
     if (!a || a->size - a->used < bytes) {
         const size_t min = (bytes + 64 + SHARD_HUGE_PAGE - 1) / SHARD_HUGE_PAGE * SHARD_HUGE_PAGE;
         size_t size = min > SHARD_ARENA_BYTES ? min : SHARD_ARENA_BYTES;
+        /* From the reserve, whole blocks of this size only: its memory is faulted in, so a
+         * tail no block of this size fits in would be idle RSS (an f16 chunk of ~18 MiB in a
+         * 32 MiB arena). min is 2 MiB-aligned, so is any multiple. */
+        size_t want = min * (min < SHARD_ARENA_BYTES ? SHARD_ARENA_BYTES / min : 1);
         pthread_mutex_lock(&s_res.mu);
-        char *b = s_res_take(size, min, &size);
+        char *b = s_res_take(want, min, &size);
         pthread_mutex_unlock(&s_res.mu);
         if (!b) b = s_map_aligned(size);
         if (!b) return NULL;

@@ -190,8 +190,10 @@ void shard_destroy(shard_t **shard_p);
  * of destroyed shards unmapped). What shards hold and account (shard_bytes_held,
  * shard_layer_bytes) does not change with it; the stored bits and every step's output do
  * not either. The pages are faulted in on up to threads threads at once. *seconds_p (if not
- * NULL): the time it took. Returns 0, or -1 when the memory cannot be mapped (the reserve
- * unchanged). Thread-safe. */
+ * NULL): the time it took. Returns 0, or -1 when the memory cannot be mapped or the kernel
+ * cannot back its pages (MADV_POPULATE_WRITE fails other than EINVAL; the pages are then
+ * not touched one by one, which would call the OOM killer; the reserve unchanged).
+ * Thread-safe. */
 int shard_reserve(size_t bytes, int threads, double *seconds_p);
 /* The reserve's size (shard_reserve's bytes, rounded) and the bytes of it free now. */
 void shard_reserve_stats(size_t *size_p, size_t *free_p);

@@ -1023,6 +1023,23 @@ START_TEST(test_shard_reserve)
         shard_reserve_stats(NULL, &free_b);
         ck_assert_uint_eq(free_b, (size_t)18 << 20);
         ck_assert_int_eq(shard_reserve(0, 1, NULL), 0);
+        /* Chunks over half an arena (f16 with 8 KV heads: ~17 MB) take from the reserve about
+         * what they hold, not a 32 MiB arena each. */
+        if (dt == FASA_DTYPE_F16) {
+            shard_layout lay8;
+            s_layout(&lay8, 1, nh, 8, d);
+            lay8.dtype = dt;
+            ck_assert_int_eq(shard_reserve(res, 1, NULL), 0);
+            shard_t *wide = shard_new(&lay8);
+            ck_assert_int_eq(shard_append(wide, 0, 2 * SHARD_CHUNK, pos, k, v), 0);
+            shard_reserve_stats(NULL, &free_b);
+            const size_t held = shard_bytes_held(wide);
+            ck_assert_uint_gt(held, (size_t)32 << 20);
+            ck_assert_uint_le(res - free_b, held + ((size_t)4 << 20)); /* 2 MiB per chunk */
+            shard_destroy(&wide);
+            shard_layout_cleanup(&lay8);
+            ck_assert_int_eq(shard_reserve(0, 1, NULL), 0);
+        }
         shard_destroy(&ref);
         shard_destroy(&ref_small);
         shard_layout_cleanup(&lay);

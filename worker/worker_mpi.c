@@ -626,15 +626,15 @@ static wmpi_status s_load(worker *w, const wmpi_cmd *h, const uint8_t *p, size_t
 
 /* APPEND_PARTS (worker_mpi_wire.h), received as *count_p bytes in w->rx: receives its 2 n
  * parts straight into place after the runs, so that w->rx holds the APPEND_RUNS it stands
- * for (*count_p bytes then). -1 when the counts and sizes do not add up or memory is short:
- * the parts cannot be placed, so the caller stops (fail-stop). */
+ * for (*count_p bytes then). -1 when the magic, counts or sizes do not add up, memory is
+ * short or a receive fails: the parts cannot be placed, so the caller stops (fail-stop). */
 static int s_recv_parts(worker *w, int *count_p)
 {
     wmpi_cmd h;
     memcpy(&h, w->rx, sizeof(h));
     const int64_t nsec = h.n, hdr = (int64_t)sizeof(h) + nsec * (int64_t)sizeof(wmpi_run);
     const size_t esz = h.method >= 0 && h.method <= 2 ? fasa_dtype_size(h.method) : 0;
-    if (nsec < 1 || hdr != *count_p || !esz || h.payload_bytes < 0 ||
+    if (h.magic != WMPI_MAGIC || nsec < 1 || hdr != *count_p || !esz || h.payload_bytes < 0 ||
         h.payload_bytes > WMPI_MAX_MSG - (int64_t)sizeof(h) || h.n_kv_heads < 1 || h.head_dim < 1 ||
         h.n_kv_heads > WMPI_MAX_HEADS || h.head_dim > WMPI_MAX_HEAD_DIM) {
         fasa_log(FASA_LOG_ERROR, 0, "worker: APPEND_PARTS header does not add up");
@@ -683,7 +683,18 @@ static int s_recv_parts(worker *w, int *count_p)
         MPI_Irecv(k + bytes, bytes, MPI_BYTE, 0, WMPI_TAG_PART, w->comm, &w->part_req[2 * i + 1]);
         off += (int64_t)sizeof(r) + 2 * row * r.n;
     }
-    wmpi_waitall((int)(2 * nsec), w->part_req, MPI_STATUSES_IGNORE, WORKER_MAX_SLEEP_NS, NULL);
+    /* wmpi_waitall, but an MPI error (a truncated part, a failed rank 0) stops the worker. */
+    wmpi_backoff bo;
+    wmpi_backoff_reset(&bo);
+    for (;;) {
+        int done = 0;
+        if (MPI_Testall((int)(2 * nsec), w->part_req, &done, MPI_STATUSES_IGNORE) != MPI_SUCCESS) {
+            fasa_log(FASA_LOG_ERROR, 0, "worker: receiving the parts of an append failed");
+            return -1;
+        }
+        if (done) break;
+        wmpi_backoff_pause(&bo, WORKER_MAX_SLEEP_NS, WORKER_MAX_SLEEP_NS, NULL, 1);
+    }
     *count_p = (int)(sizeof(h) + (size_t)total);
     return 0;
 }
