@@ -7,9 +7,8 @@
  * between polls instead (wmpi_backoff: a spin after each command, so the next command of
  * a burst is picked up at once, as long as the recent gaps between commands (wmpi_adapt: a
  * decode loop's next Attend; only short gaps where the node has no CPU to spare), then
- * sleeps in ppoll
- * until rank 0's wake-up (kick.h) or a timeout growing to WORKER_MAX_SLEEP_NS, longer once
- * wake-ups arrive).
+ * sleeps in ppoll until rank 0's wake-up (kick.h) or a timeout growing to WORKER_MAX_SLEEP_NS,
+ * longer once wake-ups arrive).
  *
  * Every command is checked before it is used: its size against its header, the header's
  * geometry against the session it names, positions against the rows held. A bad command
@@ -683,17 +682,11 @@ static int s_recv_parts(worker *w, int *count_p)
         MPI_Irecv(k + bytes, bytes, MPI_BYTE, 0, WMPI_TAG_PART, w->comm, &w->part_req[2 * i + 1]);
         off += (int64_t)sizeof(r) + 2 * row * r.n;
     }
-    /* wmpi_waitall, but an MPI error (a truncated part, a failed rank 0) stops the worker. */
-    wmpi_backoff bo;
-    wmpi_backoff_reset(&bo);
-    for (;;) {
-        int done = 0;
-        if (MPI_Testall((int)(2 * nsec), w->part_req, &done, MPI_STATUSES_IGNORE) != MPI_SUCCESS) {
-            fasa_log(FASA_LOG_ERROR, 0, "worker: receiving the parts of an append failed");
-            return -1;
-        }
-        if (done) break;
-        wmpi_backoff_pause(&bo, WORKER_MAX_SLEEP_NS, WORKER_MAX_SLEEP_NS, NULL, 1);
+    /* An MPI error (a truncated part, a failed rank 0) stops the worker. */
+    if (wmpi_waitall((int)(2 * nsec), w->part_req, MPI_STATUSES_IGNORE, WORKER_MAX_SLEEP_NS,
+                     NULL) != MPI_SUCCESS) {
+        fasa_log(FASA_LOG_ERROR, 0, "worker: receiving the parts of an append failed");
+        return -1;
     }
     *count_p = (int)(sizeof(h) + (size_t)total);
     return 0;

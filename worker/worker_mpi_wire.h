@@ -506,17 +506,18 @@ static inline void wmpi_backoff_pause(wmpi_backoff *b, long max_sleep_ns, long k
     b->sleep_ns = b->sleep_ns * 2 < max_sleep_ns ? b->sleep_ns * 2 : max_sleep_ns;
 }
 
-/* MPI_Waitall of this rank's own sends: polls, yielding the core between polls (a large
- * send completes only while its sender calls into MPI). */
-static inline void wmpi_waitall(int n, MPI_Request *reqs, MPI_Status *statuses, long max_sleep_ns,
-                                wmpi_kick *kick)
+/* MPI_Waitall of this rank's own sends or receives: polls, yielding the core between polls (a
+ * large send completes only while its sender calls into MPI). Returns MPI_Testall's error
+ * code, MPI_SUCCESS once all are done. */
+static inline int wmpi_waitall(int n, MPI_Request *reqs, MPI_Status *statuses, long max_sleep_ns,
+                               wmpi_kick *kick)
 {
     wmpi_backoff b;
     wmpi_backoff_reset(&b);
     for (;;) {
         int done = 0;
-        MPI_Testall(n, reqs, &done, statuses);
-        if (done) return;
+        const int rc = MPI_Testall(n, reqs, &done, statuses);
+        if (rc != MPI_SUCCESS || done) return rc;
         wmpi_backoff_pause(&b, max_sleep_ns, max_sleep_ns, kick, 1);
     }
 }
